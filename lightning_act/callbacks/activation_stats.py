@@ -1,0 +1,43 @@
+"""General-purpose activation moments: the capture core's own monitor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_act.callbacks.base import ActivationMonitor, Partials
+from lightning_act.capture import ModuleSpec
+from lightning_act.stats import moment_partials, summarize_moments
+
+
+class ActivationStats(ActivationMonitor):
+    """Mean, std, rms, |mean|, |max|, zero fraction and non-finite count per tapped module.
+
+    Logged as ``act/<module>/<stat>``. Default modules: activation functions and the
+    residual stream after each block.
+    """
+
+    prefix = "act"
+    default_modules = ("@activations", "@blocks")
+    heatmap_stat = "rms"
+
+    def __init__(
+        self,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+        every_n_steps: int = 50,
+        zero_threshold: float = 0.0,
+        history_size: int = 512,
+    ) -> None:
+        super().__init__(modules=modules, every_n_steps=every_n_steps, history_size=history_size)
+        self.zero_threshold = zero_threshold
+
+    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+        sums, maxima = moment_partials(x, self.zero_threshold)
+        return Partials(sums=sums, maxima=maxima)
+
+    def summarize(
+        self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        assert maxima is not None
+        return summarize_moments(sums, maxima)

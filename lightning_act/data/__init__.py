@@ -1,0 +1,1 @@
+"""LightningDataModules whose default data ships in a registry package or is generated."""

@@ -1,0 +1,76 @@
+"""Pictures a person would rather look at than CSV columns, saved as PNG and sent to W&B.
+
+matplotlib is imported lazily (Agg backend), so nothing here slows down ``lightning_act --help``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from lightning_act.callbacks.history import BoundedSeries
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """A run's local directory: the CSV/TensorBoard logger's version folder, else the Trainer's."""
+    for logger in trainer.loggers:
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            return Path(logger.log_dir)
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def layer_step_heatmap(series: Mapping[str, BoundedSeries], title: str) -> Figure:
+    """Layers (rows, in module order) × logged steps (columns) of one statistic."""
+    import numpy as np
+
+    names = list(series)
+    steps = sorted({s for one in series.values() for s in one.steps})
+    column = {s: j for j, s in enumerate(steps)}
+    grid = np.full((len(names), len(steps)), np.nan)
+    for i, name in enumerate(names):
+        for s, v in zip(series[name].steps, series[name].values):
+            grid[i, column[s]] = v
+    figure = new_figure(min(14.0, 4.0 + 0.08 * len(steps)), min(12.0, 1.5 + 0.3 * len(names)))
+    axes = figure.add_subplot()
+    image = axes.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    ticks = np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int) if steps else []
+    axes.set_xticks(ticks, [str(steps[t]) for t in ticks])
+    axes.set_xlabel("global step")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes)
+    return figure
+
+
+def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path:
+    """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to any W&B logger."""
+    path = run_dir(trainer) / "plots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=f"plots/{name}", images=[str(path)], step=trainer.global_step)
+    return path
+
+
+def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """Log a table to any W&B logger (other loggers have no table type)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(key=key, columns=columns, data=rows, step=trainer.global_step)

@@ -1,0 +1,1 @@
+"""LightningModules: one task per file."""
