@@ -19,9 +19,10 @@ activations entering a down-projection, for example).
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -155,13 +156,17 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
         names = [n for n, _ in model.named_modules() if n]
         raise ModuleSelectionError(
             f"{owner}: modules={list(specs)!r} matched no module of {type(model).__name__}; "
-            f"use name globs or classes that exist (e.g. {_examples(names)}) or a preset "
+            f"use name globs or classes that exist (e.g. {_examples(names, specs)}) or a preset "
             f"({', '.join(PRESETS)})"
         )
     return taps
 
 
-def _examples(names: Iterable[str], limit: int = 6) -> str:
-    names = list(names)
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (", ..." if len(names) > limit else "") if shown else "the model has no submodules"
+def _examples(names: Sequence[str], specs: Sequence[ModuleSpec], limit: int = 5) -> str:
+    """Module names closest to the string specs given, else the first few names."""
+    if not names:
+        return "the model has no submodules"
+    queries = [s.replace("*", "0") for s in specs if isinstance(s, str)]
+    close = [m for q in queries for m in difflib.get_close_matches(q, names, n=limit, cutoff=0.4)]
+    shown = list(dict.fromkeys(close))[:limit] or list(names[:limit])
+    return ", ".join(repr(n) for n in shown)

@@ -41,11 +41,12 @@ def moment_partials(x: torch.Tensor, zero_threshold: float = 0.0) -> tuple[torch
 
 
 def summarize_moments(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Derive mean, std, rms, abs_mean, abs_max, zero_frac and nonfinite from reduced partials."""
+    """Derive count, mean, std, rms, abs_mean, abs_max, zero_frac and nonfinite from reduced partials."""
     count, nonfinite, zeros, total, sq_total, abs_total = sums.unbind()
     finite = (count - nonfinite).clamp_min(1.0)
     mean = total / finite
     return {
+        "count": count,
         "mean": mean,
         "std": (sq_total / finite - mean.square()).clamp_min(0.0).sqrt(),
         "rms": (sq_total / finite).sqrt(),

@@ -1,0 +1,281 @@
+"""Massive activations in the residual stream, and the emergence model of their growth.
+
+Statistics (Sun et al. 2024, "Massive Activations in Large Language Models", arXiv 2402.17762;
+Gallego-Feliciano et al., "Hidden Dynamics of Massive Activations", arXiv 2508.03616), per block
+output ``h`` of shape ``(B, T, D)`` (tokens × features), ``(B, D)``, or ``(B, C, H, W)`` (features =
+channels, token = flattened spatial position):
+
+- per sample (sequence) ``b``: ``top1_b = max |h_b|``, ``median_b = median |h_b|`` over all of that
+  sample's entries (numpy's median: the mean of the two middle values for an even count) and
+  ``ratio_b = top1_b / median_b``;
+- massive entries: ``|a| > abs_threshold`` (100) and ``|a| / median_b >= ratio_threshold`` (1000);
+- the ``k`` largest ``|a|`` at distinct (token, feature) positions, each position valued by its
+  maximum over the observed samples.
+
+The papers average per-sequence statistics over sequences, so the partials are sums over samples
+(``median`` and ``ratio`` are means of the per-sample values), the overall maximum and the count
+of massive entries; all of them add (or max-reduce) exactly across micro-batches and ranks. The
+top-k candidates are kept per rank, merged by :func:`merge_topk` and merged again after gathering.
+
+The emergence model is the Hidden Dynamics paper's Eq. 9, fitted as the paper describes (see
+:func:`fit_emergence`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+MASSIVE_SUMS = ("samples", "median_sum", "ratio_sum", "count")
+MASSIVE_MAXIMA = ("top1",)
+
+
+def _as_samples_tokens_features(h: torch.Tensor) -> torch.Tensor:
+    """``h`` as ``(B, tokens, features)``: ``(B, D)`` has one token; ``(B, C, *spatial)`` has features ``C``."""
+    if h.dim() == 2:
+        return h[:, None, :]
+    if h.dim() == 3:
+        return h
+    if h.dim() > 3:
+        return h.flatten(2).transpose(1, 2)
+    raise ValueError(f"massive activations need a (batch, ..., features) tensor, got shape {tuple(h.shape)}")
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast low-precision (and integer) tensors to float32 once; float32/float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def has_token_axis(h: torch.Tensor) -> bool:
+    """Whether ``h`` has a token/position axis (anything but ``(B, D)``)."""
+    return h.dim() >= 3
+
+
+def sample_medians(magnitude: torch.Tensor) -> torch.Tensor:
+    """Per-row median of ``(B, n)`` magnitudes, numpy's definition (mean of the two middle values)."""
+    n = magnitude.shape[1]
+    lower = torch.kthvalue(magnitude, (n + 1) // 2, dim=1).values
+    upper = torch.kthvalue(magnitude, n // 2 + 1, dim=1).values
+    return (lower + upper) / 2
+
+
+def massive_partials(
+    h: torch.Tensor, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums, maxima)`` of one block output, laid out as ``MASSIVE_SUMS`` / ``MASSIVE_MAXIMA`` (float64).
+
+    Non-finite entries count as infinitely large, so a blown-up residual stream shows as an
+    infinite ``top1`` and ``ratio`` instead of disappearing.
+    """
+    x = _as_samples_tokens_features(h)
+    magnitude = torch.nan_to_num(_at_least_float32(x).abs(), nan=float("inf")).flatten(1)
+    top1 = magnitude.amax(dim=1)
+    median = sample_medians(magnitude)
+    massive = (magnitude > abs_threshold) & (magnitude >= ratio_threshold * median[:, None])
+    sums = torch.stack(
+        [
+            torch.full((), float(x.shape[0]), dtype=torch.float64, device=h.device),
+            median.sum(dtype=torch.float64),
+            (top1.to(torch.float64) / median.to(torch.float64)).sum(),
+            massive.sum(dtype=torch.float64),
+        ]
+    )
+    return sums, top1.amax().to(torch.float64).reshape(1)
+
+
+def summarize_massive(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``top1`` (max over all entries), ``median`` and ``ratio`` (means over samples), ``count`` (total)."""
+    samples, median_sum, ratio_sum, count = sums.unbind()
+    n = samples.clamp_min(1.0)
+    return {
+        "top1": maxima[0],
+        "median": median_sum / n,
+        "ratio": ratio_sum / n,
+        "count": count,
+        "count_per_sample": count / n,
+    }
+
+
+def topk_positions(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` distinct (token, feature) positions of ``h`` by max ``|a|`` over samples.
+
+    Returns ``[values (k), tokens (k), features (k)]`` as float64; unused slots are NaN.
+    """
+    x = _as_samples_tokens_features(h)
+    features = x.shape[2]
+    magnitude = torch.nan_to_num(_at_least_float32(x).abs(), nan=float("inf")).amax(dim=0).flatten()
+    take = min(k, magnitude.numel())
+    values, index = magnitude.topk(take)
+    out = torch.full((3, k), float("nan"), dtype=torch.float64, device=h.device)
+    out[0, :take] = values.to(torch.float64)
+    out[1, :take] = torch.div(index, features, rounding_mode="floor").to(torch.float64)
+    out[2, :take] = (index % features).to(torch.float64)
+    return out.reshape(-1)
+
+
+def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """Merge stacked top-k buffers ``(m, 3k)`` into one ``(3k,)``: the ``k`` largest distinct positions.
+
+    A position present in several buffers keeps its largest value; NaN slots are absent.
+    """
+    parts = candidates.reshape(-1, 3, k).transpose(0, 1).reshape(3, -1)
+    values, tokens, features = parts[0], parts[1], parts[2]
+    present = ~torch.isnan(values)
+    score = torch.where(present, values, torch.full_like(values, float("-inf")))
+    same = (tokens[:, None] == tokens[None, :]) & (features[:, None] == features[None, :]) & present[None, :]
+    index = torch.arange(values.numel(), device=values.device)
+    beaten = same & ((score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (index[None, :] < index[:, None])))
+    score = torch.where(beaten.any(dim=1), torch.full_like(score, float("-inf")), score)
+    take = min(k, score.numel())
+    best, order = score.topk(take)
+    keep = best > float("-inf")
+    out = torch.full((3, k), float("nan"), dtype=torch.float64, device=values.device)
+    for row, source in enumerate((values, tokens, features)):
+        out[row, :take] = torch.where(keep, source[order], torch.full_like(best, float("nan")))
+    return out.reshape(-1)
+
+
+def topk_stats(merged: torch.Tensor, k: int, with_token: bool = True) -> dict[str, torch.Tensor]:
+    """``top{j}_value``, ``top{j}_token`` (when the input had tokens) and ``top{j}_feature`` for ``j < k``."""
+    values, tokens, features = merged.reshape(3, k).unbind()
+    stats: dict[str, torch.Tensor] = {}
+    for j in range(k):
+        stats[f"top{j}_value"] = values[j]
+        if with_token:
+            stats[f"top{j}_token"] = tokens[j]
+        stats[f"top{j}_feature"] = features[j]
+    return stats
+
+
+# ---------------------------------------------------------------------------------- emergence model
+def emergence_curve(t: np.ndarray, a: float, lam: float, gamma: float, t0: float, k: float) -> np.ndarray:
+    """Hidden Dynamics Eq. 9: ``f(t) = A exp(-lambda x) log(x) + K`` with ``x = gamma t + t0``."""
+    x = gamma * np.asarray(t, dtype=np.float64) + t0
+    return a * np.exp(-lam * x) * np.log(x) + k
+
+
+def emergence_peak(lam: float, gamma: float, t0: float) -> float:
+    """Step of the curve's extremum, ``(exp(W(1/lambda)) - t0) / gamma`` (Lambert W); NaN if none.
+
+    ``d/dx [exp(-lambda x) log x] = 0`` gives ``lambda x log x = 1``, i.e. ``log x = W(1/lambda)``.
+    The extremum (a peak for ``A > 0``) exists for ``lambda > 0`` and is observable when the step
+    is positive.
+    """
+    from scipy.special import lambertw
+
+    if not lam > 0 or gamma == 0:
+        return math.nan
+    x_peak = math.exp(float(lambertw(1.0 / lam).real))
+    step = (x_peak - t0) / gamma
+    return step if step > 0 else math.nan
+
+
+@dataclass
+class EmergenceFit:
+    """Fitted parameters of :func:`emergence_curve` on the original step and value scales."""
+
+    a: float
+    lam: float
+    gamma: float
+    t0: float
+    k: float
+    r2: float
+    peak_step: float
+    points: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def __call__(self, t: np.ndarray) -> np.ndarray:
+        return emergence_curve(t, self.a, self.lam, self.gamma, self.t0, self.k)
+
+
+_X_FLOOR = 1e-12
+
+
+def _normalised_model(t: np.ndarray, a: float, lam: float, gamma: float, t0: float, k: float) -> np.ndarray:
+    x = np.maximum(gamma * t + t0, _X_FLOOR)
+    return a * np.exp(-lam * x) * np.log(x) + k
+
+
+def _normalised_jacobian(t: np.ndarray, a: float, lam: float, gamma: float, t0: float, k: float) -> np.ndarray:
+    """Analytic Jacobian of :func:`_normalised_model` in ``(A, lambda, gamma, t0, K)``."""
+    raw_x = gamma * t + t0
+    inside = raw_x > _X_FLOOR
+    x = np.maximum(raw_x, _X_FLOOR)
+    decay = np.exp(-lam * x)
+    log_x = np.log(x)
+    d_x = np.where(inside, a * decay * (1.0 / x - lam * log_x), 0.0)
+    return np.stack(
+        [decay * log_x, -a * x * decay * log_x, d_x * t, d_x, np.ones_like(t)], axis=1
+    )
+
+
+def fit_emergence(
+    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 500, good_enough: float = 1e-3
+) -> EmergenceFit:
+    """Fit the emergence model to one layer's ratio history, as the Hidden Dynamics paper does.
+
+    ``scipy.optimize.curve_fit`` with the trust-region-reflective method and the analytic
+    Jacobian, ``lambda >= 0`` the only bound, on normalised data (steps divided by the last step,
+    values mapped to [0, 1]) then rescaled: ``lambda`` and ``t0`` are scale-free, ``gamma`` is
+    divided by the step scale, ``A`` multiplied and ``K`` shifted by the value scale. The first
+    start is the paper's initial guess (``A = max - min``, ``K = min + A/2``,
+    ``lambda = 1/std(t)``, ``gamma = 1/range(t)``, ``t0 = 1``, on the normalised data). The model
+    is non-convex, so when that fit leaves more than ``good_enough`` of the variance unexplained,
+    six more fixed starts (``A = +-1``, ``lambda = 0.5``, ``gamma`` in 1, 10, 100; no randomness)
+    are tried, each with at most ``max_evaluations`` evaluations, and the fit with the lowest
+    squared error is kept. ``x = gamma t + t0`` is floored at 1e-12 inside the model so
+    that a trial step never evaluates ``log`` of a non-positive number.
+
+    Raises ``ValueError`` with the reason when the history cannot be fitted.
+    """
+    from scipy.optimize import curve_fit
+
+    t = np.asarray(steps, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(t) & np.isfinite(y)
+    t, y = t[finite], y[finite]
+    if t.size < min_points:
+        raise ValueError(f"{t.size} finite points, the fit needs at least {min_points}")
+    step_scale = float(np.max(np.abs(t)))
+    y_min, y_range = float(np.min(y)), float(np.ptp(y))
+    if step_scale == 0 or np.ptp(t) == 0:
+        raise ValueError("all points are at the same step")
+    if y_range == 0:
+        raise ValueError("the history is constant")
+    tn = t / step_scale
+    yn = (y - y_min) / y_range
+
+    paper_start = [1.0, 1.0 / float(np.std(tn)), 1.0 / float(np.ptp(tn)), 1.0, 0.5]
+    starts = [paper_start] + [[amplitude, 0.5, gamma, 1.0, 0.0] for gamma in (1.0, 10.0, 100.0) for amplitude in (1.0, -1.0)]
+    lower = [-np.inf, 0.0, -np.inf, -np.inf, -np.inf]
+    total = float(np.sum((yn - yn.mean()) ** 2))
+    best: tuple[float, np.ndarray] | None = None
+    for start in starts:
+        try:
+            params, _ = curve_fit(
+                _normalised_model, tn, yn, p0=start, jac=_normalised_jacobian, method="trf",
+                bounds=(lower, [np.inf] * 5), maxfev=max_evaluations,
+            )
+        except (RuntimeError, ValueError, np.linalg.LinAlgError):
+            continue
+        residual = float(np.sum((_normalised_model(tn, *params) - yn) ** 2))
+        if np.isfinite(residual) and (best is None or residual < best[0]):
+            best = (residual, params)
+        if best is not None and best[0] <= good_enough * total:
+            break
+    if best is None:
+        raise ValueError("no start converged")
+    a_n, lam, gamma_n, t0, k_n = (float(p) for p in best[1])
+    fit = EmergenceFit(
+        a=a_n * y_range, lam=lam, gamma=gamma_n / step_scale, t0=t0, k=y_min + k_n * y_range,
+        r2=math.nan, peak_step=math.nan, points=int(t.size),
+    )
+    fitted = y_min + y_range * _normalised_model(tn, *best[1])
+    fit.r2 = 1.0 - float(np.sum((fitted - y) ** 2)) / float(np.sum((y - y.mean()) ** 2))
+    fit.peak_step = emergence_peak(fit.lam, fit.gamma, fit.t0)
+    return fit

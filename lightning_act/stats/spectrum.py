@@ -1,0 +1,135 @@
+"""Spectra of activations and of parameter trajectories (pure tensor functions, no Lightning).
+
+Activations. The effective rank of Roy & Vetterli (2007) is ``exp(H(p))`` with
+``p_k = σ_k / Σ_j σ_j`` over the singular values of the *centred* N×d activation matrix; the
+participation ratio of Gao et al. (2017) is ``(Σ λ)² / Σ λ²`` over covariance eigenvalues. Both
+need only the centred scatter matrix ``S = Σ x xᵀ − (Σ x)(Σ x)ᵀ / N``, whose eigenvalues are
+``λ_k = σ_k²``, and ``N``, ``Σ x``, ``Σ x xᵀ`` add up across micro-batches and data-parallel ranks.
+So each rank sums these over a bounded sample of rows (:func:`covariance_partials`) and the
+spectrum is taken once, on the reduced sums, in float64 (:func:`covariance_spectrum`).
+
+Parameter trajectories. The execution-manifold analysis (Xu 2026, arXiv 2602.10496) flattens
+snapshots ``w_t − w_0`` of weight matrices, centres them across snapshots and runs a PCA;
+``r90`` is the number of components explaining 90% of the variance. With K snapshots of P
+numbers the PCA variances are the eigenvalues of the K×K Gram matrix of the centred snapshots,
+so memory is K·P (:func:`trajectory_r90`), and P can itself be bounded with a seeded
+count-sketch random projection (:func:`sketch_vector`), which preserves inner products in
+expectation and is linear, so a trajectory confined to a subspace stays confined after it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def feature_rows(x: torch.Tensor) -> torch.Tensor:
+    """View an activation as rows × features: features are the channel dim 1 of a 4-D (B, C, H, W)
+    conv map and the last dim otherwise; every other dim is flattened into rows."""
+    if x.dim() == 4:
+        x = x.movedim(1, -1)
+    if x.dim() == 0:
+        x = x.reshape(1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def covariance_partials(rows: torch.Tensor) -> torch.Tensor:
+    """``[N, Σx (d), Σxxᵀ (d·d)]`` of an (N, d) matrix, float64, as one flat SUM-reducible vector."""
+    rows = rows.to(torch.float64)
+    count = torch.full((1,), rows.shape[0], dtype=torch.float64, device=rows.device)
+    return torch.cat([count, rows.sum(0), (rows.T @ rows).reshape(-1)])
+
+
+def covariance_dim(numel: int) -> int:
+    """Feature dimension d of a :func:`covariance_partials` vector of ``numel = 1 + d + d²`` entries."""
+    d = (math.isqrt(4 * numel - 3) - 1) // 2
+    if 1 + d + d * d != numel:
+        raise ValueError(f"{numel} is not 1 + d + d² for any d; pass a vector made by covariance_partials")
+    return d
+
+
+def covariance_spectrum(partials: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending, float64, >= 0) of the centred scatter matrix from summed partials.
+
+    Eigenvalues below ``d · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and
+    are set to 0, as numpy's ``matrix_rank`` does with its tolerance.
+    """
+    partials = partials.to(torch.float64)
+    d = covariance_dim(partials.numel())
+    count, total, raw = partials[0], partials[1 : 1 + d], partials[1 + d :].reshape(d, d)
+    scatter = raw - torch.outer(total, total) / count.clamp_min(1.0)
+    scatter = 0.5 * (scatter + scatter.T)
+    eigenvalues = torch.linalg.eigvalsh(scatter)
+    tolerance = d * torch.finfo(torch.float64).eps * torch.diagonal(raw).sum()
+    return torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
+
+
+def effective_rank(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Roy–Vetterli effective rank from scatter eigenvalues ``λ = σ²``: ``exp(−Σ p log p)``,
+    ``p_k = σ_k / Σ σ``; in [1, rank], and 0 for an all-zero spectrum (constant activations)."""
+    sigma = eigenvalues.to(torch.float64).clamp_min(0.0).sqrt()
+    total = sigma.sum()
+    p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
+    return torch.where(total > 0, entropy.exp(), torch.zeros_like(total))
+
+
+def participation_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Participation ratio ``(Σλ)² / Σλ²`` (Gao et al. 2017); in [1, rank], 0 for an all-zero spectrum."""
+    lam = eigenvalues.to(torch.float64).clamp_min(0.0)
+    square_sum = lam.square().sum()
+    ratio = lam.sum().square() / square_sum.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(square_sum > 0, ratio, torch.zeros_like(ratio))
+
+
+def sketch_vector(x: torch.Tensor, dim: int, seed: int, offset: int = 0, chunk: int = 1 << 20) -> torch.Tensor:
+    """Seeded count-sketch of a flat vector into ``dim`` buckets (float64).
+
+    Entry ``j`` of ``x`` (global position ``offset + j``) is added, with a random sign, to a
+    random bucket; the hash of a position depends only on ``seed`` and the position's chunk, so
+    equal seeds give the same linear map on every call and every rank. ``E[⟨Sx, Sy⟩] = ⟨x, y⟩``.
+    """
+    x = x.reshape(-1)
+    out = torch.zeros(dim, dtype=torch.float64, device=x.device)
+    generator = torch.Generator(device=x.device)
+    start = 0
+    while start < x.numel():
+        position = offset + start
+        block = position // chunk
+        stop = min(x.numel(), start + chunk - position % chunk)
+        generator.manual_seed(seed * 1_000_003 + block)
+        # One draw in [0, 2·dim) per position: the bucket is its remainder, the sign its quotient.
+        draws = torch.randint(0, 2 * dim, (chunk,), generator=generator, device=x.device)
+        lo, hi = position % chunk, position % chunk + (stop - start)
+        draws = draws[lo:hi]
+        signs = torch.div(draws, dim, rounding_mode="floor").to(torch.float64).mul_(2.0).sub_(1.0)
+        out.index_add_(0, draws.remainder(dim), x[start:stop].to(torch.float64) * signs)
+        start = stop
+    return out
+
+
+def trajectory_spectrum(snapshots: torch.Tensor) -> torch.Tensor:
+    """PCA variances (descending, float64) of K snapshots (K, P) centred across snapshots, via the
+    K×K Gram matrix ``Xc Xcᵀ`` (same non-zero eigenvalues as ``Xcᵀ Xc``, up to the 1/(K−1) scale)."""
+    x = snapshots.to(torch.float64)
+    centred = x - x.mean(0, keepdim=True)
+    gram = centred @ centred.T
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).flip(0)
+    return eigenvalues.clamp_min(0.0)
+
+
+def explained_variance_rank(eigenvalues: torch.Tensor, fraction: float = 0.90) -> torch.Tensor:
+    """``min{k : Σ_{i≤k} λ_i / Σ λ_i >= fraction}`` for descending eigenvalues; 0 when all are 0."""
+    lam = eigenvalues.to(torch.float64).clamp_min(0.0)
+    total = lam.sum()
+    cumulative = lam.cumsum(0) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    # A relative slack keeps an exactly-reached 90% from being missed by round-off.
+    reached = cumulative >= fraction - 1e-12
+    k = (~reached).sum() + 1
+    return torch.where(total > 0, k.to(torch.float64), torch.zeros((), dtype=torch.float64, device=lam.device))
+
+
+def trajectory_r90(snapshots: torch.Tensor, fraction: float = 0.90) -> torch.Tensor:
+    """``r90`` of a parameter trajectory: snapshots (K, P) of ``w_t − w_0`` (Xu 2026)."""
+    return explained_variance_rank(trajectory_spectrum(snapshots), fraction)

@@ -1,0 +1,73 @@
+"""Small models, data and trainers shared by the tests (importable from test scripts too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def tiny_vit(num_classes: int = 4, drop: float = 0.0) -> nn.Module:
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, in_chans=1, img_size=16,
+        patch_size=8, embed_dim=16, depth=2, num_heads=2, drop_rate=drop, proj_drop_rate=drop, attn_drop_rate=drop,
+    )
+
+
+def tiny_mlp(num_classes: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, num_classes))
+
+
+class ToyTask(pl.LightningModule):
+    """Classification of ``net``'s logits with SGD + momentum (deterministic on CPU)."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def toy_dataset(n: int = 64, num_classes: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 16, 16, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def toy_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    return DataLoader(toy_dataset(n, seed=seed), batch_size=batch_size, shuffle=False)
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def forward_hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())

@@ -1,0 +1,52 @@
+import numpy as np
+import torch
+
+from lightning_act.stats import moment_partials, summarize_moments
+
+
+def numpy_moments(a: np.ndarray, zero_threshold: float = 0.0) -> dict:
+    a = a.astype(np.float64).ravel()
+    finite = a[np.isfinite(a)]
+    return {
+        "count": float(a.size), "mean": finite.mean(), "std": finite.std(), "rms": np.sqrt((finite**2).mean()),
+        "abs_mean": np.abs(finite).mean(), "abs_max": np.abs(finite).max(),
+        "zero_frac": (np.abs(finite) <= zero_threshold).sum() / a.size, "nonfinite": float((~np.isfinite(a)).sum()),
+    }
+
+
+def summarize(x, zero_threshold=0.0):
+    sums, maxima = moment_partials(x, zero_threshold)
+    return {k: v.item() for k, v in summarize_moments(sums, maxima).items()}
+
+
+def test_moments_match_numpy_with_nonfinite_entries():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 11, 13)).astype(np.float32)
+    a[a < -0.8] = 0.0
+    a[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    got = summarize(torch.from_numpy(a))
+    want = numpy_moments(a)
+    assert got["nonfinite"] == 3.0
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_zero_threshold_and_partials_add_up_across_chunks():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(64, 32)).astype(np.float32)
+    whole = moment_partials(torch.from_numpy(a), 0.25)
+    parts = [moment_partials(torch.from_numpy(c), 0.25) for c in np.split(a, 4)]
+    sums = sum(p[0] for p in parts)
+    maxima = torch.stack([p[1] for p in parts]).amax(0)
+    torch.testing.assert_close(sums, whole[0])
+    torch.testing.assert_close(maxima, whole[1])
+    got = {k: v.item() for k, v in summarize_moments(sums, maxima).items()}
+    np.testing.assert_allclose(got["zero_frac"], numpy_moments(a, 0.25)["zero_frac"])
+
+
+def test_bfloat16_input_is_upcast():
+    x = torch.randn(40, 50).to(torch.bfloat16)
+    got = summarize(x)
+    want = numpy_moments(x.float().numpy())
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-9, err_msg=key)

@@ -1,0 +1,227 @@
+"""The capture core inside real Trainer.fit runs, checked against numpy on recorded activations."""
+
+import copy
+import csv
+import pickle
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from _toy import ToyTask, forward_hook_count, quiet_trainer, tiny_mlp, toy_loader
+from lightning_act.callbacks import ActivationStats
+
+
+class Recorder(Callback):
+    """Records a module's training outputs per global step with a plain hook of the test's own."""
+
+    def __init__(self, module_name: str) -> None:
+        self.module_name = module_name
+        self.outputs: dict[int, list[np.ndarray]] = {}
+        self._step = None
+
+    def on_fit_start(self, trainer, pl_module):
+        module = dict(pl_module.named_modules())[self.module_name]
+        self._handle = module.register_forward_hook(
+            lambda m, a, out: self._step is not None
+            and self.outputs.setdefault(self._step, []).append(out.detach().double().numpy().copy())
+        )
+
+    def on_fit_end(self, trainer, pl_module):
+        self._handle.remove()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step = trainer.global_step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._step = None
+
+
+def numpy_stats(arrays):
+    a = np.concatenate([x.ravel() for x in arrays])
+    f = a[np.isfinite(a)]
+    return {
+        "mean": f.mean(), "std": f.std(), "abs_max": np.abs(f).max(),
+        "zero_frac": (f == 0).sum() / a.size, "nonfinite": float(a.size - f.size), "count": a.size,
+    }
+
+
+def fit(task, callbacks, max_steps, batch_size=8, **trainer_kwargs):
+    pl.seed_everything(0)
+    trainer = quiet_trainer(max_steps=max_steps, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(task, toy_loader(batch_size=batch_size))
+    return trainer
+
+
+def test_logged_values_match_numpy_on_due_steps_only():
+    monitor = ActivationStats(modules=["net.2", "net.4"], every_n_steps=3)
+    recorder = Recorder("net.2")
+    task = ToyTask(tiny_mlp())
+    fit(task, [monitor, recorder], max_steps=8)
+    series = monitor.history["act/net.2/mean"]
+    assert series.steps == [0, 3, 6]
+    for step in (0, 3, 6):
+        want = numpy_stats(recorder.outputs[step])
+        for stat in ("mean", "std", "abs_max", "zero_frac", "nonfinite"):
+            got = monitor.history[f"act/net.2/{stat}"].values[[0, 3, 6].index(step)]
+            np.testing.assert_allclose(got, want[stat], rtol=1e-5, atol=1e-7, err_msg=stat)
+    assert 0.2 < monitor.history["act/net.2/zero_frac"].values[0] < 0.8  # ReLU zeros are counted
+    assert forward_hook_count(task) == 0
+    pickle.dumps(task.net)
+    copy.deepcopy(task)
+
+
+class Exploding(ToyTask):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_hooks_are_removed_when_training_raises():
+    task = Exploding(tiny_mlp())
+    monitor = ActivationStats(every_n_steps=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(task, [monitor], max_steps=5)
+    assert forward_hook_count(task) == 0
+    pickle.dumps(task)
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    accumulated = ActivationStats(modules=["net.2"], every_n_steps=2)
+    fit(ToyTask(tiny_mlp()), [accumulated], max_steps=3, batch_size=8, accumulate_grad_batches=2)
+    single = ActivationStats(modules=["net.2"], every_n_steps=2)
+    fit(ToyTask(tiny_mlp()), [single], max_steps=1, batch_size=16)
+    assert accumulated.history["act/net.2/mean"].steps == [0, 2]
+    assert accumulated.history["act/net.2/count"].values == [16 * 32, 16 * 32]
+    for stat in ("mean", "std", "abs_max", "zero_frac"):
+        np.testing.assert_allclose(
+            accumulated.history[f"act/net.2/{stat}"].values[0], single.history[f"act/net.2/{stat}"].values[0],
+            rtol=1e-6, err_msg=stat,
+        )
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.fc(x))
+
+
+class CheckpointedNet(nn.Module):
+    def __init__(self, use_checkpoint: bool | str) -> None:
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.inp = nn.Sequential(nn.Flatten(), nn.Linear(256, 16))
+        self.blocks = nn.ModuleList([Block(16) for _ in range(2)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            if self.use_checkpoint:
+                x = checkpoint(block, x, use_reentrant=self.use_checkpoint == "reentrant")
+            else:
+                x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_activation_checkpointing_is_not_double_counted(mode):
+    plain = ActivationStats(modules=["@activations", "@blocks"], every_n_steps=1)
+    pl.seed_everything(0)
+    fit(ToyTask(CheckpointedNet(False)), [plain], max_steps=2)
+    ckpt = ActivationStats(modules=["@activations", "@blocks"], every_n_steps=1)
+    pl.seed_everything(0)
+    fit(ToyTask(CheckpointedNet(mode)), [ckpt], max_steps=2)
+    assert set(plain.history) == set(ckpt.history)
+    assert [t.name for t in ckpt.taps] == ["net.blocks.0.act", "net.blocks.1.act", "net.blocks.0", "net.blocks.1"]
+    assert ckpt.history["act/net.blocks.0.act/count"].values == [8 * 16, 8 * 16]
+    for key in plain.history:
+        np.testing.assert_allclose(ckpt.history[key].values, plain.history[key].values, rtol=1e-5, err_msg=key)
+
+
+def test_bf16_autocast_statistics():
+    monitor = ActivationStats(modules=["net.2"], every_n_steps=1)
+    recorder = Recorder("net.2")
+    fit(ToyTask(tiny_mlp()), [monitor, recorder], max_steps=2, precision="bf16-mixed")
+    for index, step in enumerate((0, 1)):
+        assert recorder.outputs[step][0].dtype == np.float64  # recorded as float64 copies of bf16 outputs
+        want = numpy_stats(recorder.outputs[step])
+        np.testing.assert_allclose(monitor.history["act/net.2/mean"].values[index], want["mean"], rtol=1e-5)
+        np.testing.assert_allclose(monitor.history["act/net.2/abs_max"].values[index], want["abs_max"], rtol=1e-6)
+
+
+class PoisonNaN(nn.Module):
+    """Replaces 3 fixed entries of each sample with NaN, +Inf and -Inf (on a detached copy)."""
+
+    def forward(self, x):
+        x = x.clone()
+        x[:, 0], x[:, 1], x[:, 2] = float("nan"), float("inf"), float("-inf")
+        return x
+
+
+class NaNTask(ToyTask):
+    def __init__(self):
+        super().__init__(tiny_mlp())
+        self.poison = PoisonNaN()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.poison(self.net[:3](x))  # observed side branch; the loss stays finite
+        return super().training_step(batch, batch_idx)
+
+
+def test_nonfinite_values_are_counted_not_propagated():
+    monitor = ActivationStats(modules=["poison"], every_n_steps=1)
+    recorder = Recorder("poison")
+    fit(NaNTask(), [monitor, recorder], max_steps=2)
+    assert monitor.history["act/poison/nonfinite"].values == [8 * 3, 8 * 3]
+    want = numpy_stats(recorder.outputs[1])
+    np.testing.assert_allclose(monitor.history["act/poison/mean"].values[1], want["mean"], rtol=1e-6)
+    assert np.isfinite(monitor.history["act/poison/abs_max"].values).all()
+
+
+def test_csv_logger_gets_keys_at_the_global_step(tmp_path):
+    monitor = ActivationStats(modules=["net.2"], every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(ToyTask(tiny_mlp()), [monitor], max_steps=5, logger=logger)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("act/net.2/mean")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    np.testing.assert_allclose([float(r["act/net.2/mean"]) for r in rows], monitor.history["act/net.2/mean"].values)
+
+
+def test_resume_restores_history(tmp_path):
+    first = ActivationStats(modules=["net.2"], every_n_steps=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    fit(ToyTask(tiny_mlp()), [first, ckpt], max_steps=3, enable_checkpointing=True)
+    resumed = ActivationStats(modules=["net.2"], every_n_steps=1)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(max_steps=5, callbacks=[resumed])
+    trainer.fit(ToyTask(tiny_mlp()), toy_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.history["act/net.2/mean"].steps == [0, 1, 2, 3, 4]
+    assert resumed.history["act/net.2/mean"].values[:3] == first.history["act/net.2/mean"].values
+
+
+def test_two_monitors_of_one_class_keep_separate_state():
+    a, b = ActivationStats(modules=["net.2"]), ActivationStats(modules=["net.4"])
+    assert a.state_key != b.state_key
+
+
+def test_history_memory_is_bounded():
+    from lightning_act.callbacks.history import BoundedSeries
+
+    series = BoundedSeries(capacity=8)
+    for step in range(1000):
+        series.append(step, float(step))
+    assert len(series) < 8 and series.steps[0] == 0 and series.steps[-1] >= 1000 - series.stride
+    assert series.steps == sorted(series.steps) and len(set(np.diff(series.steps))) == 1

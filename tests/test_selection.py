@@ -1,0 +1,69 @@
+import pytest
+import torch
+from torch import nn
+
+from _toy import tiny_mlp, tiny_vit
+from lightning_act.capture import select_taps
+from lightning_act.errors import ModuleSelectionError
+
+
+def names(taps):
+    return [t.name for t in taps]
+
+
+def test_presets_on_a_timm_vit():
+    model = tiny_vit()
+    assert names(select_taps(model, "@activations")) == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    assert names(select_taps(model, "@blocks")) == ["blocks.0", "blocks.1"]
+    (penultimate,) = select_taps(model, "@penultimate")
+    assert penultimate.module is model.head and penultimate.point == "input"
+
+
+def test_globs_classes_and_input_taps():
+    model = tiny_vit()
+    assert names(select_taps(model, "blocks.*.attn.qkv")) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert names(select_taps(model, [nn.LayerNorm])) == names(select_taps(model, "torch.nn.LayerNorm"))
+    assert names(select_taps(model, "LayerNorm")) == names(select_taps(model, "torch.nn.LayerNorm"))
+    assert len(names(select_taps(model, "LayerNorm"))) == 5  # 2 per block + final norm
+    (tap,) = select_taps(model, "blocks.0.mlp.fc2:input")
+    assert tap.name == "blocks.0.mlp.fc2:input" and tap.point == "input" and tap.module is model.blocks[0].mlp.fc2
+
+
+def test_duplicates_are_dropped_and_order_is_kept():
+    model = tiny_mlp()
+    assert names(select_taps(model, ["2", "@activations", "4"])) == ["2", "4"]
+
+
+def test_penultimate_falls_back_to_last_linear():
+    model = tiny_mlp()
+    (tap,) = select_taps(model, "@penultimate")
+    assert tap.module is model[5] and tap.point == "input"
+
+
+def test_pattern_that_matches_nothing_is_one_clear_line():
+    with pytest.raises(ModuleSelectionError) as err:
+        select_taps(tiny_vit(), ["blocks.*.mlp.gelu"], owner="ActivationSparsity")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "ActivationSparsity" in message and "matched no module" in message and "'blocks.0.mlp.act'" in message
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ModuleSelectionError, match="unknown module preset '@attention'"):
+        select_taps(tiny_vit(), "@attention")
+
+
+def test_taps_run_on_real_forward():
+    model = tiny_vit()
+    seen = {}
+    from lightning_act.capture import ActivationHooks
+
+    hooks = ActivationHooks(select_taps(model, ["@blocks", "@penultimate"]), lambda i, x: seen.setdefault(i, x.shape))
+    hooks.attach()
+    model(torch.randn(3, 1, 16, 16))
+    assert seen == {}  # attached but not armed
+    hooks.armed = True
+    model(torch.randn(3, 1, 16, 16))
+    hooks.detach()
+    assert seen == {0: torch.Size([3, 5, 16]), 1: torch.Size([3, 5, 16]), 2: torch.Size([3, 16])}
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
