@@ -131,10 +131,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         check_config_files(argv)
         _build_cli_class()(args=None if from_command_line else argv)
-    except LightningActError as err:
-        print(f"lightning_act: error: {err}", file=sys.stderr)
+    except Exception as err:  # jsonargparse wraps errors raised while instantiating classes
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"lightning_act: error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _user_error(err: BaseException) -> LightningActError | None:
+    """The LightningActError behind ``err`` (itself, its cause or its context), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LightningActError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def __getattr__(name: str) -> Any:

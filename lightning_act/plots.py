@@ -19,11 +19,16 @@ if TYPE_CHECKING:
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """A run's local directory: the CSV/TensorBoard logger's version folder, else the Trainer's."""
+    """A run's local directory: the CSV/TensorBoard logger's version folder, else a logger's save
+    directory, else the Trainer's root. (``trainer.log_dir`` is avoided: it broadcasts, and this
+    runs on rank zero only.)"""
     for logger in trainer.loggers:
         if isinstance(logger, (CSVLogger, TensorBoardLogger)):
             return Path(logger.log_dir)
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    for logger in trainer.loggers:
+        if logger.save_dir:
+            return Path(logger.save_dir)
+    return Path(trainer.default_root_dir)
 
 
 def new_figure(width: float, height: float) -> Figure:

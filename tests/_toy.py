@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +23,40 @@ def tiny_vit(num_classes: int = 4, drop: float = 0.0) -> nn.Module:
 
 def tiny_mlp(num_classes: int = 4) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, num_classes))
+
+
+class Block(nn.Module):
+    """A residual MLP block (the unit of ``BlockNet``'s residual stream)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+class BlockNet(nn.Module):
+    """Tokens (B, 4, 16) through a stack of residual blocks, mean-pooled into a linear head."""
+
+    def __init__(self, num_classes: int = 4, depth: int = 2, checkpointing: str | None = None) -> None:
+        super().__init__()
+        self.checkpointing = checkpointing
+        self.embed = nn.Linear(64, 16)
+        self.blocks = nn.ModuleList([Block(16) for _ in range(depth)])
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.embed(x.reshape(x.shape[0], 4, 64))
+        for block in self.blocks:
+            if self.checkpointing:
+                h = checkpoint(block, h, use_reentrant=self.checkpointing == "reentrant")
+            else:
+                h = block(h)
+        return self.head(h.mean(1))
 
 
 class ToyTask(pl.LightningModule):
@@ -60,8 +95,23 @@ def toy_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     return DataLoader(toy_dataset(n, seed=seed), batch_size=batch_size, shuffle=False)
 
 
+class ToyData(pl.LightningDataModule):
+    """``toy_dataset`` for training and a second draw for validation, never shuffled."""
+
+    def __init__(self, batch_size: int = 8, n: int = 64) -> None:
+        super().__init__()
+        self.batch_size, self.n = batch_size, n
+
+    def train_dataloader(self) -> DataLoader:
+        return toy_loader(self.n, self.batch_size, seed=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return toy_loader(32, self.batch_size, seed=1)
+
+
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     options: dict[str, Any] = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="lightning_act_test_"),
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
     )

@@ -11,9 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from _toy import ToyTask, forward_hook_count, quiet_trainer, tiny_mlp, toy_loader
+from _toy import BlockNet, ToyTask, forward_hook_count, quiet_trainer, tiny_mlp, toy_loader
 from lightning_act.callbacks import ActivationStats
 
 
@@ -106,45 +105,17 @@ def test_gradient_accumulation_counts_optimizer_steps():
         )
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-        self.act = nn.GELU()
-
-    def forward(self, x):
-        return x + self.act(self.fc(x))
-
-
-class CheckpointedNet(nn.Module):
-    def __init__(self, use_checkpoint: bool | str) -> None:
-        super().__init__()
-        self.use_checkpoint = use_checkpoint
-        self.inp = nn.Sequential(nn.Flatten(), nn.Linear(256, 16))
-        self.blocks = nn.ModuleList([Block(16) for _ in range(2)])
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = self.inp(x)
-        for block in self.blocks:
-            if self.use_checkpoint:
-                x = checkpoint(block, x, use_reentrant=self.use_checkpoint == "reentrant")
-            else:
-                x = block(x)
-        return self.head(x)
-
-
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
 def test_activation_checkpointing_is_not_double_counted(mode):
     plain = ActivationStats(modules=["@activations", "@blocks"], every_n_steps=1)
     pl.seed_everything(0)
-    fit(ToyTask(CheckpointedNet(False)), [plain], max_steps=2)
+    fit(ToyTask(BlockNet()), [plain], max_steps=2)
     ckpt = ActivationStats(modules=["@activations", "@blocks"], every_n_steps=1)
     pl.seed_everything(0)
-    fit(ToyTask(CheckpointedNet(mode)), [ckpt], max_steps=2)
+    fit(ToyTask(BlockNet(checkpointing=mode)), [ckpt], max_steps=2)
     assert set(plain.history) == set(ckpt.history)
     assert [t.name for t in ckpt.taps] == ["net.blocks.0.act", "net.blocks.1.act", "net.blocks.0", "net.blocks.1"]
-    assert ckpt.history["act/net.blocks.0.act/count"].values == [8 * 16, 8 * 16]
+    assert ckpt.history["act/net.blocks.0.act/count"].values == [8 * 4 * 16, 8 * 4 * 16]
     for key in plain.history:
         np.testing.assert_allclose(ckpt.history[key].values, plain.history[key].values, rtol=1e-5, err_msg=key)
 

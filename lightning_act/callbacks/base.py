@@ -90,6 +90,10 @@ class ActivationMonitor(Callback, ABC):
     ) -> dict[str, torch.Tensor]:
         """Statistics (0-d tensors) of one tap from its reduced buffers; ``samples`` is (world, n)."""
 
+    def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor]:
+        """Statistics not tied to a tap (full keys, e.g. ``collapse/params/r90``), logged with the rest."""
+        return {}
+
     def on_statistics(self, trainer: pl.Trainer, step: int, stats: dict[str, dict[str, float]]) -> None:
         """Called on every rank after a logging step with ``{tap name: {stat: value}}``."""
 
@@ -193,19 +197,25 @@ class ActivationMonitor(Callback, ABC):
         with_samples = [i for i in present if self._samples[i] is not None]
         samples = dict(zip(with_samples, all_gather_packed([self._samples[i] for i in with_samples])))
 
-        names: list[tuple[str, str]] = []
+        names: list[tuple[str | None, str]] = []
         values: list[torch.Tensor] = []
         for i in present:
             for stat, value in self.summarize(i, sums[i], maxima.get(i), samples.get(i)).items():
                 names.append((self.taps[i].name, stat))
                 values.append(value.detach().reshape(()).to(torch.float64))
-        host_values = torch.stack(values).cpu().tolist() if values else []
+        for key, value in self.extra_statistics(trainer, step).items():
+            names.append((None, key))
+            values.append(torch.as_tensor(value).detach().reshape(()).to(torch.float64))
+        host_values = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist() if values else []
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
         for (tap_name, stat), value in zip(names, host_values):
-            stats.setdefault(tap_name, {})[stat] = value
-            key = f"{self.prefix}/{tap_name}/{stat}"
+            if tap_name is None:
+                key = stat
+            else:
+                stats.setdefault(tap_name, {})[stat] = value
+                key = f"{self.prefix}/{tap_name}/{stat}"
             metrics[key] = value
             self.record(key, step, value)
         self.log_metrics(trainer, metrics, step)

@@ -48,14 +48,18 @@ def gershgorin_upper_bound(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.abs().sum(-1).amax(-1)
 
 
-def jackson_damping(num_moments: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> torch.Tensor:
+def jackson_damping(
+    num_moments: int, dtype: torch.dtype = torch.float64, device: torch.device | None = None
+) -> torch.Tensor:
     """Jackson kernel factors ``g_m``, m = 0 … M−1 (Weiße et al. 2006, eq. 71), removing Gibbs ringing."""
     m = torch.arange(num_moments, dtype=dtype, device=device)
     q = math.pi / (num_moments + 1)
     return ((num_moments - m + 1) * torch.cos(q * m) + torch.sin(q * m) / math.tan(q)) / (num_moments + 1)
 
 
-def chebyshev_log_coefficients(lower: torch.Tensor, upper: torch.Tensor, num_moments: int, num_nodes: int | None = None) -> torch.Tensor:
+def chebyshev_log_coefficients(
+    lower: torch.Tensor, upper: torch.Tensor, num_moments: int, num_nodes: int | None = None
+) -> torch.Tensor:
     """Chebyshev coefficients ``c_m`` (…, M) of ``x ↦ log(((b − a) x + b + a) / 2)`` on [−1, 1].
 
     Computed by Chebyshev–Gauss quadrature on ``num_nodes`` nodes (default ``max(256, 4M)``):
@@ -75,7 +79,9 @@ def chebyshev_log_coefficients(lower: torch.Tensor, upper: torch.Tensor, num_mom
     return coefficients
 
 
-def hutchinson_probes(shape: tuple[int, ...], generator: torch.Generator, kind: str = "rademacher", device: torch.device | None = None) -> torch.Tensor:
+def hutchinson_probes(
+    shape: tuple[int, ...], generator: torch.Generator, kind: str = "rademacher", device: torch.device | None = None
+) -> torch.Tensor:
     """Random probes with ``E[z zᵀ] = I`` (Rademacher ±1 or standard Gaussian), from ``generator`` only."""
     if kind == "rademacher":
         bits = torch.randint(0, 2, shape, generator=generator, device=device)
@@ -157,7 +163,7 @@ def top_fraction_indices(values: torch.Tensor, fraction: float) -> torch.Tensor:
     the lower index (stable sort), so every rank and every rerun picks the same set."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"top fraction must be in (0, 1], got {fraction}")
-    k = max(1, int(round(fraction * values.numel())))
+    k = max(1, round(fraction * values.numel()))
     order = torch.sort(values.reshape(-1), descending=True, stable=True).indices
     return order[:k].sort().values.to(torch.int64)
 

@@ -157,16 +157,16 @@ def emergence_curve(t: np.ndarray, a: float, lam: float, gamma: float, t0: float
     return a * np.exp(-lam * x) * np.log(x) + k
 
 
-def emergence_peak(lam: float, gamma: float, t0: float) -> float:
-    """Step of the curve's extremum, ``(exp(W(1/lambda)) - t0) / gamma`` (Lambert W); NaN if none.
+def emergence_peak(a: float, lam: float, gamma: float, t0: float) -> float:
+    """Peak step ``(exp(W(1/lambda)) - t0) / gamma`` (Lambert W), Hidden Dynamics paper; NaN if none.
 
     ``d/dx [exp(-lambda x) log x] = 0`` gives ``lambda x log x = 1``, i.e. ``log x = W(1/lambda)``.
-    The extremum (a peak for ``A > 0``) exists for ``lambda > 0`` and is observable when the step
-    is positive.
+    That extremum is a peak for ``A > 0`` (a trough for ``A < 0``, reported as NaN), exists for
+    ``lambda > 0`` and is observable when the step is positive.
     """
     from scipy.special import lambertw
 
-    if not lam > 0 or gamma == 0:
+    if not (a > 0 and lam > 0) or gamma == 0:
         return math.nan
     x_peak = math.exp(float(lambertw(1.0 / lam).real))
     step = (x_peak - t0) / gamma
@@ -215,7 +215,7 @@ def _normalised_jacobian(t: np.ndarray, a: float, lam: float, gamma: float, t0: 
 
 
 def fit_emergence(
-    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 500, good_enough: float = 1e-3
+    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 200, good_enough: float = 1e-3
 ) -> EmergenceFit:
     """Fit the emergence model to one layer's ratio history, as the Hidden Dynamics paper does.
 
@@ -263,13 +263,15 @@ def fit_emergence(
             )
         except (RuntimeError, ValueError, np.linalg.LinAlgError):
             continue
+        if not np.all(params[2] * tn + params[3] > _X_FLOOR):
+            continue
         residual = float(np.sum((_normalised_model(tn, *params) - yn) ** 2))
         if np.isfinite(residual) and (best is None or residual < best[0]):
             best = (residual, params)
         if best is not None and best[0] <= good_enough * total:
             break
     if best is None:
-        raise ValueError("no start converged")
+        raise ValueError("no start converged to a fit with x = gamma t + t0 > 0 at every step")
     a_n, lam, gamma_n, t0, k_n = (float(p) for p in best[1])
     fit = EmergenceFit(
         a=a_n * y_range, lam=lam, gamma=gamma_n / step_scale, t0=t0, k=y_min + k_n * y_range,
@@ -277,5 +279,5 @@ def fit_emergence(
     )
     fitted = y_min + y_range * _normalised_model(tn, *best[1])
     fit.r2 = 1.0 - float(np.sum((fitted - y) ** 2)) / float(np.sum((y - y.mean()) ** 2))
-    fit.peak_step = emergence_peak(fit.lam, fit.gamma, fit.t0)
+    fit.peak_step = emergence_peak(fit.a, fit.lam, fit.gamma, fit.t0)
     return fit

@@ -156,7 +156,8 @@ def cett_threshold(sums: torch.Tensor, grid: torch.Tensor, target: float) -> dic
     upper = torch.argmax(reached.to(torch.int64))
     lower = (upper - 1).clamp_min(0)
     span = cett[upper] - cett[lower]
-    weight = torch.where(span > 0, (target - cett[lower]) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(span))
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    weight = torch.where(span > 0, (target - cett[lower]) / safe_span, torch.ones_like(span))
     found = reached.any() & (upper > 0) & (tokens > 0)
     nan = torch.full_like(span, float("nan"))
     eps = torch.where(found, (log_eps[lower] + weight * (log_eps[upper] - log_eps[lower])).exp(), nan)

@@ -53,16 +53,19 @@ def covariance_spectrum(partials: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (ascending, float64, >= 0) of the centred scatter matrix from summed partials.
 
     Eigenvalues below ``d · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and
-    are set to 0, as numpy's ``matrix_rank`` does with its tolerance.
+    are set to 0, as numpy's ``matrix_rank`` does with its tolerance. Non-finite sums (NaN/inf
+    activations) give NaN eigenvalues instead of an eigensolver error, without a host sync.
     """
     partials = partials.to(torch.float64)
     d = covariance_dim(partials.numel())
     count, total, raw = partials[0], partials[1 : 1 + d], partials[1 + d :].reshape(d, d)
     scatter = raw - torch.outer(total, total) / count.clamp_min(1.0)
-    scatter = 0.5 * (scatter + scatter.T)
+    finite = torch.isfinite(scatter).all()
+    scatter = torch.where(finite, 0.5 * (scatter + scatter.T), torch.zeros_like(scatter))
     eigenvalues = torch.linalg.eigvalsh(scatter)
     tolerance = d * torch.finfo(torch.float64).eps * torch.diagonal(raw).sum()
-    return torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
+    eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
+    return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -71,8 +74,8 @@ def effective_rank(eigenvalues: torch.Tensor) -> torch.Tensor:
     sigma = eigenvalues.to(torch.float64).clamp_min(0.0).sqrt()
     total = sigma.sum()
     p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny)
-    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
-    return torch.where(total > 0, entropy.exp(), torch.zeros_like(total))
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * p.log()).sum()
+    return torch.where(total == 0, torch.zeros_like(total), entropy.exp())
 
 
 def participation_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -80,7 +83,7 @@ def participation_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
     lam = eigenvalues.to(torch.float64).clamp_min(0.0)
     square_sum = lam.square().sum()
     ratio = lam.sum().square() / square_sum.clamp_min(torch.finfo(torch.float64).tiny)
-    return torch.where(square_sum > 0, ratio, torch.zeros_like(ratio))
+    return torch.where(square_sum == 0, torch.zeros_like(ratio), ratio)
 
 
 def sketch_vector(x: torch.Tensor, dim: int, seed: int, offset: int = 0, chunk: int = 1 << 20) -> torch.Tensor:

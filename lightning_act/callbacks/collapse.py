@@ -1,0 +1,259 @@
+"""Dimensional collapse: effective rank and participation ratio of activations, and the
+dimension of the parameter trajectory.
+
+Per tapped module, on each due step, every rank samples up to ``max_rows`` rows of the activation
+(all leading dims flattened into rows; features are the last dim, or the channel dim 1 of a 4-D
+conv map) with a private ``torch.Generator``, and sums ``N``, ``Σx`` and ``Σxxᵀ`` in float64.
+The sums are added across micro-batches and ranks, and the spectrum of the centred scatter matrix
+is taken once, on the device, in float64 at flush time (:mod:`lightning_act.stats.spectrum`).
+
+Logged (``collapse/<module>/<stat>``): ``erank`` (Roy & Vetterli 2007), ``pr`` (Gao et al. 2017),
+``erank_frac`` and ``pr_frac`` (both divided by the feature dimension d; note that with N sampled
+rows neither can exceed ``min(N − 1, d)``), and, when ``warn_below`` is set, ``collapsed``
+(1.0 when ``erank_frac < warn_below``; a warning is issued on rank zero when a module enters
+that state). ``collapse/params/r90`` is the number of principal components holding 90% of the
+variance of the trajectory of the chosen weights (Xu 2026, arXiv 2602.10496).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_act.callbacks.base import ActivationMonitor, Partials
+from lightning_act.capture import ModuleSpec, select_taps
+from lightning_act.errors import LightningActError, ModuleSelectionError
+from lightning_act.stats.reduce import distributed_world_size
+from lightning_act.stats.spectrum import (
+    covariance_partials,
+    covariance_spectrum,
+    effective_rank,
+    feature_rows,
+    participation_ratio,
+    sketch_vector,
+    trajectory_r90,
+)
+
+
+class DimensionalCollapse(ActivationMonitor):
+    """Effective rank / participation ratio per module and the parameter-trajectory ``r90``.
+
+    Args:
+        modules: module specs (see :mod:`lightning_act.capture.selection`); default the residual
+            stream after each block and the penultimate features.
+        every_n_steps: log every this many optimizer steps (also the snapshot interval of the weights).
+        max_rows: rows sampled per tap per forward (micro-batch) on each rank; bounds the cost.
+        warn_below: log ``collapsed`` and warn when ``erank / d`` falls below this fraction; None: off.
+        param_patterns: name globs of the parameters whose trajectory is analysed (e.g.
+            ``"blocks.*.attn.qkv.weight"``); default every 2-D weight inside the ``@blocks``
+            modules, or every 2-D weight of the model when it has no repeated blocks (trainable
+            ones only: frozen weights add nothing to the trajectory). ``[]`` switches it off.
+        max_snapshots: snapshots kept; when full every other one is dropped and later ones are
+            taken half as often, so the kept ones span the whole run.
+        projection_dim: when the chosen weights hold more numbers than this, each snapshot is
+            count-sketched into this many (seeded, the same map every time); None: never.
+        variance_fraction: the explained-variance level of ``r90``.
+        seed: seed of the row sampler and of the projection.
+    """
+
+    prefix = "collapse"
+    default_modules = ("@blocks", "@penultimate")
+    heatmap_stat = "erank"
+
+    def __init__(
+        self,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+        every_n_steps: int = 50,
+        max_rows: int = 1024,
+        warn_below: float | None = None,
+        param_patterns: Sequence[str] | None = None,
+        max_snapshots: int = 32,
+        projection_dim: int | None = 8192,
+        variance_fraction: float = 0.90,
+        seed: int = 0,
+        history_size: int = 512,
+    ) -> None:
+        super().__init__(modules=modules, every_n_steps=every_n_steps, history_size=history_size)
+        if max_rows < 2:
+            raise LightningActError(f"DimensionalCollapse: max_rows={max_rows} must be >= 2; pass e.g. max_rows=1024")
+        if warn_below is not None and not 0.0 < warn_below <= 1.0:
+            raise LightningActError(
+                f"DimensionalCollapse: warn_below={warn_below} must be in (0, 1]; pass e.g. warn_below=0.05"
+            )
+        if max_snapshots < 2:
+            raise LightningActError(
+                f"DimensionalCollapse: max_snapshots={max_snapshots} must be >= 2; pass e.g. max_snapshots=32"
+            )
+        if projection_dim is not None and projection_dim < 2:
+            raise LightningActError(f"DimensionalCollapse: projection_dim={projection_dim} must be >= 2 or None")
+        if not 0.0 < variance_fraction <= 1.0:
+            raise LightningActError(
+                f"DimensionalCollapse: variance_fraction={variance_fraction} must be in (0, 1]; pass e.g. 0.9"
+            )
+        self.max_rows = max_rows
+        self.warn_below = warn_below
+        self.param_patterns = None if param_patterns is None else list(param_patterns)
+        self.max_snapshots = max_snapshots
+        self.projection_dim = projection_dim
+        self.variance_fraction = variance_fraction
+        self.seed = seed
+        self.param_names: list[str] = []
+        self.collapsed: set[str] = set()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generator_states: dict[str, torch.Tensor] = {}
+        self._snapshots: list[torch.Tensor] = []
+        self._snapshot_steps: list[int] = []
+        self._snapshot_seen = 0
+        self._snapshot_stride = 1
+        self._feature_dims: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ activations
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+            state = self._generator_states.pop(str(device), None)
+            if state is None:
+                generator.manual_seed(self.seed)
+            else:
+                generator.set_state(state)
+        return generator
+
+    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+        rows = feature_rows(x)
+        if rows.shape[0] > self.max_rows:
+            chosen = torch.randperm(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
+            rows = rows.index_select(0, chosen[: self.max_rows])
+        return Partials(sums=covariance_partials(rows))
+
+    def summarize(
+        self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        eigenvalues = covariance_spectrum(sums)
+        d = eigenvalues.numel()
+        self._feature_dims[self.taps[tap_index].name] = d
+        erank, pr = effective_rank(eigenvalues), participation_ratio(eigenvalues)
+        stats = {"erank": erank, "pr": pr, "erank_frac": erank / d, "pr_frac": pr / d}
+        if self.warn_below is not None:
+            stats["collapsed"] = (erank / d < self.warn_below).to(torch.float64)
+        return stats
+
+    def on_statistics(self, trainer: pl.Trainer, step: int, stats: dict[str, dict[str, float]]) -> None:
+        if self.warn_below is None:
+            return
+        for name, values in stats.items():
+            if values.get("collapsed", 0.0) < 0.5:
+                self.collapsed.discard(name)
+            elif name not in self.collapsed:
+                self.collapsed.add(name)
+                rank_zero_warn(
+                    f"DimensionalCollapse: {name} collapsed at step {step}: effective rank {values['erank']:.2f} "
+                    f"of {self._feature_dims.get(name, '?')} features (fraction {values['erank_frac']:.3f}) is below "
+                    f"warn_below={self.warn_below}",
+                    category=UserWarning,
+                )
+
+    # ------------------------------------------------------------------ parameter trajectory
+    def _select_params(self, pl_module: pl.LightningModule) -> list[str]:
+        named = dict(pl_module.named_parameters())
+        if self.param_patterns is not None:
+            names = [n for n in named if any(fnmatch.fnmatchcase(n, p) for p in self.param_patterns)]
+            if self.param_patterns and not names:
+                raise ModuleSelectionError(
+                    f"DimensionalCollapse: param_patterns={self.param_patterns!r} matched no parameter of "
+                    f"{type(pl_module).__name__}; use globs of names from named_parameters() (e.g. "
+                    f"{', '.join(repr(n) for n in list(named)[:4])}) or [] to switch the trajectory off"
+                )
+            return names
+        try:
+            blocks = select_taps(pl_module, "@blocks", owner=type(self).__name__)
+        except ModuleSelectionError:
+            blocks = []
+        block_params = {id(p) for tap in blocks for p in tap.module.parameters()}
+        return [
+            n for n, p in named.items()
+            if p.dim() == 2 and p.requires_grad and (not block_params or id(p) in block_params)
+        ]
+
+    def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        params = dict(pl_module.named_parameters())
+        chosen = [params[n].detach() for n in self.param_names]
+        total = sum(p.numel() for p in chosen)
+        if self.projection_dim is None or total <= self.projection_dim:
+            return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])
+        sketch, offset = None, 0
+        for p in chosen:
+            part = sketch_vector(p, self.projection_dim, self.seed, offset)
+            sketch = part if sketch is None else sketch.add_(part.to(sketch.device))
+            offset += p.numel()
+        assert sketch is not None
+        if distributed_world_size() > 1:
+            # index_add_ on GPU sums in a nondeterministic order; keep every rank's trajectory identical.
+            torch.distributed.broadcast(sketch, src=0)
+        return sketch
+
+    def _add_snapshot(self, step: int, snapshot: torch.Tensor) -> None:
+        keep = self._snapshot_seen % self._snapshot_stride == 0
+        self._snapshot_seen += 1
+        if not keep:
+            return
+        self._snapshots.append(snapshot)
+        self._snapshot_steps.append(step)
+        if len(self._snapshots) >= self.max_snapshots:
+            self._snapshots, self._snapshot_steps = self._snapshots[::2], self._snapshot_steps[::2]
+            self._snapshot_stride *= 2
+
+    def params_r90(self) -> float | None:
+        """``r90`` of the kept weight snapshots (the first one is the weights at fit start)."""
+        if len(self._snapshots) < 2:
+            return None
+        device = self._snapshots[-1].device
+        stacked = torch.stack([s.to(device) for s in self._snapshots])
+        return float(trajectory_r90(stacked, self.variance_fraction))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.param_names = self._select_params(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.param_names and not self._snapshots:
+            self._add_snapshot(trainer.global_step - 1, self._snapshot(pl_module))
+
+    def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor]:
+        """Snapshot the chosen weights at this due step and report the trajectory's r90."""
+        if not self.param_names:
+            return {}
+        self._add_snapshot(step, self._snapshot(trainer.lightning_module))
+        r90 = self.params_r90()
+        return {} if r90 is None else {f"{self.prefix}/params/r90": torch.tensor(r90, dtype=torch.float64)}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["collapsed"] = sorted(self.collapsed)
+        state["row_generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        state["trajectory"] = {
+            "snapshots": [s.detach().cpu() for s in self._snapshots],
+            "steps": list(self._snapshot_steps),
+            "seen": self._snapshot_seen,
+            "stride": self._snapshot_stride,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.collapsed = set(state_dict.get("collapsed", []))
+        self._generators = {}
+        self._generator_states = dict(state_dict.get("row_generators", {}))
+        trajectory = state_dict.get("trajectory", {})
+        self._snapshots = [torch.as_tensor(s, dtype=torch.float64) for s in trajectory.get("snapshots", [])]
+        self._snapshot_steps = [int(s) for s in trajectory.get("steps", [])]
+        self._snapshot_seen = int(trajectory.get("seen", 0))
+        self._snapshot_stride = int(trajectory.get("stride", 1))

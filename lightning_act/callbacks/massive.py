@@ -1,0 +1,189 @@
+"""MassiveActivations: huge residual-stream entries per block, and the fit of their emergence."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from lightning_act.callbacks.base import ActivationMonitor, Partials
+from lightning_act.capture import ModuleSpec
+from lightning_act.errors import LightningActError
+from lightning_act.stats.massive import (
+    EmergenceFit,
+    emergence_curve,
+    fit_emergence,
+    has_token_axis,
+    massive_partials,
+    merge_topk,
+    summarize_massive,
+    topk_positions,
+    topk_stats,
+)
+
+log = logging.getLogger(__name__)
+
+FIT_SCALARS = {"fit_A": "a", "fit_lambda": "lam", "fit_gamma": "gamma", "fit_t0": "t0", "fit_K": "k", "fit_r2": "r2"}
+
+
+class MassiveActivations(ActivationMonitor):
+    """Massive activations (Sun et al. 2024, arXiv 2402.17762) and their emergence (arXiv 2508.03616).
+
+    Per block output (default ``"@blocks"``, the residual stream), logged as
+    ``massive/<module>/<stat>``: ``top1`` (max ``|h|`` over all observed entries), ``median`` and
+    ``ratio`` (per-sample ``median |h|`` and ``max |h| / median |h|``, averaged over samples, as the
+    papers average over sequences), ``count`` (entries with ``|a| > abs_threshold`` and
+    ``|a| / median >= ratio_threshold`` in the step's samples; ``count_per_sample`` divides by the
+    sample count) and, for ``j < top_k``, ``top{j}_value``, ``top{j}_token``, ``top{j}_feature``: the
+    largest ``|a|`` at distinct (token position, feature index) positions.
+
+    At the end of fit, and whenever :meth:`fit_emergence` is called, the Hidden Dynamics
+    emergence model ``f(t) = A exp(-lambda x) log(x) + K``, ``x = gamma t + t0``, is fitted to each
+    layer's ``ratio`` history (at least ``min_fit_points`` points); the fits are kept in
+    :attr:`fits` (saved with the callback state), logged as ``massive/<module>/fit_A``,
+    ``fit_lambda``, ``fit_gamma``, ``fit_t0``, ``fit_K`` (the asymptote), ``fit_r2`` and
+    ``fit_peak_step``, drawn over the measured points and sent to W&B as a table.
+    """
+
+    prefix = "massive"
+    default_modules = ("@blocks",)
+    heatmap_stat = "ratio"
+
+    def __init__(
+        self,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+        every_n_steps: int = 50,
+        abs_threshold: float = 100.0,
+        ratio_threshold: float = 1000.0,
+        top_k: int = 3,
+        min_fit_points: int = 6,
+        history_size: int = 512,
+    ) -> None:
+        if top_k < 1:
+            raise LightningActError(f"top_k={top_k} must be >= 1; pass the number of largest positions to log, e.g. 3")
+        if min_fit_points < 6:
+            raise LightningActError(
+                f"min_fit_points={min_fit_points} is below 6; the five-parameter emergence fit needs at least 6 points"
+            )
+        super().__init__(modules=modules, every_n_steps=every_n_steps, history_size=history_size)
+        self.abs_threshold = abs_threshold
+        self.ratio_threshold = ratio_threshold
+        self.top_k = top_k
+        self.min_fit_points = min_fit_points
+        self.fits: dict[str, EmergenceFit] = {}
+        self.fit_skipped: dict[str, str] = {}
+        self._has_token: dict[int, bool] = {}
+
+    # ------------------------------------------------------------------ statistics
+    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+        if x.dim() < 2:
+            raise LightningActError(
+                f"{self.taps[tap_index].name!r} outputs a {x.dim()}-d tensor; MassiveActivations needs "
+                "(batch, tokens, features) or (batch, features) outputs, pass such modules (e.g. '@blocks')"
+            )
+        self._has_token[tap_index] = has_token_axis(x)
+        sums, maxima = massive_partials(x, self.abs_threshold, self.ratio_threshold)
+        return Partials(sums=sums, maxima=maxima, samples=topk_positions(x, self.top_k))
+
+    def merge_samples(self, tap_index: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return merge_topk(torch.stack([old, new]), self.top_k)
+
+    def summarize(
+        self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        assert maxima is not None and samples is not None
+        stats = summarize_massive(sums, maxima)
+        stats.update(topk_stats(merge_topk(samples, self.top_k), self.top_k, self._has_token.get(tap_index, True)))
+        return stats
+
+    # ------------------------------------------------------------------ emergence fits
+    def fit_emergence(self, trainer: pl.Trainer | None = None) -> dict[str, EmergenceFit]:
+        """Fit the emergence model to every layer's ``ratio`` history; returns ``{module: fit}``.
+
+        Layers with fewer than ``min_fit_points`` points, or whose fit fails, are left out and
+        their reason is logged and kept in :attr:`fit_skipped`. With a ``trainer``, the fits are
+        also logged (scalars, figure, W&B table) from global rank zero.
+        """
+        fits: dict[str, EmergenceFit] = {}
+        skipped: dict[str, str] = {}
+        for layer, series in self.series("ratio").items():
+            if len(series) < self.min_fit_points:
+                skipped[layer] = f"{len(series)} ratio points, the fit needs at least {self.min_fit_points}"
+                continue
+            try:
+                fits[layer] = fit_emergence(np.array(series.steps), np.array(series.values), self.min_fit_points)
+            except ValueError as error:
+                skipped[layer] = str(error)
+        for layer, reason in skipped.items():
+            log.info("MassiveActivations: no emergence fit for %s: %s", layer, reason)
+        self.fits, self.fit_skipped = fits, skipped
+        if trainer is not None and trainer.is_global_zero:
+            self._log_fits(trainer)
+        return fits
+
+    def _log_fits(self, trainer: pl.Trainer) -> None:
+        if not self.fits:
+            return
+        metrics: dict[str, float] = {}
+        for layer, fit in self.fits.items():
+            for name, attribute in FIT_SCALARS.items():
+                metrics[f"{self.prefix}/{layer}/{name}"] = float(getattr(fit, attribute))
+            if not math.isnan(fit.peak_step):
+                metrics[f"{self.prefix}/{layer}/fit_peak_step"] = fit.peak_step
+        self.log_metrics(trainer, metrics, trainer.global_step)
+
+        from lightning_act.plots import log_figure, log_table
+
+        log_figure(trainer, self._fit_figure(), f"{self.prefix}_ratio_emergence_fits")
+        columns = ["module", "A", "lambda", "gamma", "t0", "K", "r2", "peak_step", "points"]
+        rows = [
+            [layer, fit.a, fit.lam, fit.gamma, fit.t0, fit.k, fit.r2, fit.peak_step, fit.points]
+            for layer, fit in self.fits.items()
+        ]
+        log_table(trainer, f"{self.prefix}/emergence_fits", columns, rows)
+
+    def _fit_figure(self) -> Any:
+        from lightning_act.plots import new_figure
+
+        series = self.series("ratio")
+        layers = list(self.fits)
+        columns = min(4, len(layers))
+        rows = -(-len(layers) // columns)
+        figure = new_figure(3.2 * columns, 2.4 * rows)
+        for index, layer in enumerate(layers):
+            axes = figure.add_subplot(rows, columns, index + 1)
+            steps = np.array(series[layer].steps, dtype=np.float64)
+            fit = self.fits[layer]
+            dense = np.linspace(steps.min(), steps.max(), 400)
+            axes.plot(steps, series[layer].values, "o", markersize=3, label="measured")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                axes.plot(dense, emergence_curve(dense, fit.a, fit.lam, fit.gamma, fit.t0, fit.k), "-", label="fit")
+            if not math.isnan(fit.peak_step) and fit.peak_step <= steps.max():
+                axes.axvline(fit.peak_step, color="grey", linestyle=":", linewidth=1)
+            axes.set_title(f"{layer}  R²={fit.r2:.3f}", fontsize=8)
+            axes.set_xlabel("global step", fontsize=7)
+            axes.set_ylabel("top1 / median", fontsize=7)
+            axes.tick_params(labelsize=6)
+        figure.suptitle("massive activations: ratio and emergence fit")
+        return figure
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        self.fit_emergence(trainer)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["fits"] = {layer: fit.as_dict() for layer, fit in self.fits.items()}
+        state["fit_skipped"] = dict(self.fit_skipped)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.fits = {layer: EmergenceFit(**values) for layer, values in state_dict.get("fits", {}).items()}
+        self.fit_skipped = dict(state_dict.get("fit_skipped", {}))

@@ -1,0 +1,441 @@
+"""Sensitive neurons (SeND, Hallucination Detox, arXiv 2410.15460) and EigenScore.
+
+A fixed *tracking set* (the first ``num_samples`` inputs of the validation dataloader at fit
+start, or ``tracking_inputs``) goes through the model's ``forward`` at each due step, a
+*checkpoint*, after that step's optimizer update. Each tapped layer gives one embedding per
+example (2-D (B, D) outputs as they are, (B, T, D) averaged over tokens, (B, C, H, W) averaged over
+space), and the last C + 1 checkpoints of them are kept. Per neuron i,
+``V_i = Var_t(e_i) · Σ_t |Δe_i^t|`` over the last C checkpoints (the variance across checkpoints,
+as the paper's text defines it), computed per tracking example and averaged; the top K% are the
+sensitive neurons, ``callback.sensitive[name]`` (LongTensor of feature indices).
+
+``drop=True`` is the SeND training protocol: once selected, the sensitive features of each
+tapped layer are zeroed for the next T checkpoints, then re-selected. The zeroing is a forward
+hook on the tapped module, active only while that module is in training mode (like dropout): for
+an input tap (``@penultimate`` is the head's input) a pre-hook zeroes those features of the
+head's input, which is the same as zeroing the columns of the head's weight that read them; for
+an output tap it zeroes those features of the module's output.
+
+EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
+tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
+mode, everything else in eval mode), and averaged. With no active dropout in the model the K
+passes are identical, Σ has rank ≤ 1, and the score sits near ``(K − 1)/K · log α``.
+
+No perturbation: the passes run under ``torch.no_grad`` and ``torch.random.fork_rng`` (the
+dropout masks come from a seed that depends only on ``seed`` and the checkpoint index), every
+module's train/eval flag is restored, and BatchNorm statistics are not updated (eval mode). With
+``drop=False`` training is bit-for-bit the same as without the callback.
+
+DDP: the tracking set is taken from the validation dataloader itself (not Lightning's
+distributed copy of it), so every rank holds the same inputs; if the user's loader shards the
+data itself, the ranks' inputs are gathered and interleaved into one set. The weights are the
+same on every rank, and rank 0's embeddings are broadcast anyway, so the windows, sets and drop
+masks are identical on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_act.callbacks.base import ActivationMonitor
+from lightning_act.callbacks.history import BoundedSeries
+from lightning_act.capture import ActivationHooks, ModuleSpec, Tap, select_taps
+from lightning_act.errors import DataFormatError, LightningActError
+from lightning_act.stats.eigenscore import (
+    DEFAULT_ALPHA,
+    efficient_eigenscore,
+    eigenscore,
+    jaccard,
+    send_sensitivity,
+    top_fraction_indices,
+)
+from lightning_act.stats.reduce import distributed_world_size
+
+_STOCHASTIC_CLASS_NAMES = {"DropPath", "DropBlock2d"}
+
+
+def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) embedding of one activation: (B, T, D) → token mean, (B, C, H, W) → spatial mean."""
+    if x.dim() == 2:
+        return x
+    if x.dim() == 3:
+        return x.mean(1)
+    if x.dim() == 4:
+        return x.mean((2, 3))
+    raise DataFormatError(
+        f"SensitiveNeurons: cannot make per-example embeddings from an activation of shape {tuple(x.shape)}; "
+        "tap a module whose output is (B, D), (B, T, D) or (B, C, H, W) via modules=[...]"
+    )
+
+
+def _is_stochastic(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in _STOCHASTIC_CLASS_NAMES
+
+
+class FeatureDrop:
+    """A forward (pre-)hook zeroing fixed feature indices in training mode (picklable).
+
+    Features are the last dim, or dim 1 of a 4-D conv map, matching the embeddings.
+    """
+
+    def __init__(self, indices: torch.Tensor, point: str) -> None:
+        self.indices = indices.to(torch.int64)
+        self.point = point
+
+    def _zero(self, x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if self.indices.device != x.device:
+            self.indices = self.indices.to(x.device)
+        dim = 1 if x.dim() == 4 else x.dim() - 1
+        return x.index_fill(dim, self.indices, 0.0)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any = None) -> Any:
+        if not module.training:
+            return None
+        if self.point == "input":
+            return (self._zero(args[0]), *args[1:]) if args else None
+        if isinstance(output, (tuple, list)) and output:
+            return type(output)([self._zero(output[0]), *output[1:]])
+        return self._zero(output)
+
+
+class SensitiveNeurons(Callback):
+    """SeND sensitive neurons, optional SeND dropping, and (Efficient) EigenScore of a tracking set.
+
+    Args:
+        modules: layers whose per-example features are tracked; default the penultimate features.
+        every_n_steps: a checkpoint every this many optimizer steps.
+        num_samples: size N of the tracking set taken from the validation data.
+        tracking_inputs: the tracking set itself (a tensor of model inputs) instead.
+        window: C, the number of checkpoints of the sensitivity (C + 1 are kept).
+        top_fraction: K, the fraction of neurons called sensitive (0.2 in the paper).
+        drop: run the SeND protocol (zero the sensitive features for ``drop_checkpoints`` checkpoints).
+        drop_checkpoints: T, checkpoints a selected set stays dropped before re-selection.
+        eigenscore_passes: K stochastic passes for EigenScore/EES (0 or 1: off).
+        num_moments, num_probes: Chebyshev moments M and Hutchinson probes N_z of EES.
+        alpha: the EigenScore regulariser α.
+        batch_size: tracking examples per forward pass.
+        input_key: key of the model input when validation batches are dicts.
+        seed: seed of the dropout masks of the passes and of the EES probes.
+    """
+
+    prefix = "sensitive"
+    default_modules: tuple[str, ...] = ("@penultimate",)
+
+    def __init__(
+        self,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+        every_n_steps: int = 50,
+        num_samples: int = 64,
+        tracking_inputs: torch.Tensor | None = None,
+        window: int = 3,
+        top_fraction: float = 0.2,
+        drop: bool = False,
+        drop_checkpoints: int = 3,
+        eigenscore_passes: int = 8,
+        num_moments: int = 20,
+        num_probes: int = 20,
+        alpha: float = DEFAULT_ALPHA,
+        batch_size: int = 64,
+        input_key: str | None = None,
+        seed: int = 0,
+        history_size: int = 512,
+    ) -> None:
+        checks = {
+            "every_n_steps": (every_n_steps, 1), "num_samples": (num_samples, 1), "window": (window, 2),
+            "drop_checkpoints": (drop_checkpoints, 1), "eigenscore_passes": (eigenscore_passes, 0),
+            "num_moments": (num_moments, 1), "num_probes": (num_probes, 1), "batch_size": (batch_size, 1),
+        }
+        for name, (value, low) in checks.items():
+            if value < low:
+                raise LightningActError(f"SensitiveNeurons: {name}={value} must be >= {low}")
+        if not 0.0 < top_fraction <= 1.0:
+            raise LightningActError(f"SensitiveNeurons: top_fraction={top_fraction} must be in (0, 1]; pass e.g. 0.2")
+        self.modules = list(self.default_modules) if modules is None else (
+            [modules] if isinstance(modules, (str, type)) else list(modules)
+        )
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.tracking_inputs = tracking_inputs
+        self.window = window
+        self.top_fraction = top_fraction
+        self.drop = drop
+        self.drop_checkpoints = drop_checkpoints
+        self.eigenscore_passes = eigenscore_passes
+        self.num_moments = num_moments
+        self.num_probes = num_probes
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.input_key = input_key
+        self.seed = seed
+        self.history_size = history_size
+
+        self.taps: list[Tap] = []
+        self.history: dict[str, BoundedSeries] = {}
+        self.embeddings: dict[str, list[torch.Tensor]] = {}
+        self.sensitive: dict[str, torch.Tensor] = {}
+        self.previous: dict[str, torch.Tensor] = {}
+        self.countdown: dict[str, int] = {}
+        self.checkpoints = 0
+        self._inputs: torch.Tensor | None = None
+        self._pending_step: int | None = None
+        self._drop_handles: dict[str, Any] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=[str(m) for m in self.modules], every_n_steps=self.every_n_steps)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.taps = select_taps(pl_module, self.modules, owner=type(self).__name__)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracking_inputs is not None:
+            self._inputs = self.tracking_inputs[: self.num_samples].to(pl_module.device)
+        else:
+            self._inputs = self._union_over_ranks(self._from_validation(trainer).to(pl_module.device))
+        self.embeddings = {name: [e.to(pl_module.device) for e in window] for name, window in self.embeddings.items()}
+        for tap in self.taps:
+            if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive:
+                self._set_drop(tap, self.sensitive[tap.name])
+
+    def _from_validation(self, trainer: pl.Trainer) -> torch.Tensor:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        if source.instance is None or not source.is_defined():
+            raise LightningActError(
+                "SensitiveNeurons needs a tracking set but this fit has no validation data; "
+                "pass val_dataloaders/a datamodule with val_dataloader(), or tracking_inputs=<tensor>"
+            )
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        chunks: list[torch.Tensor] = []
+        count = 0
+        # Creating a DataLoader iterator draws a seed from the global RNG; fork it so training is untouched.
+        with torch.random.fork_rng(devices=devices):
+            loader = source.dataloader()
+            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+            for batch in loader:
+                x = self._batch_inputs(batch)
+                chunks.append(x)
+                count += x.shape[0]
+                if count >= self.num_samples:
+                    break
+        if not chunks:
+            raise LightningActError(
+                "SensitiveNeurons: the validation dataloader is empty; pass tracking_inputs=<tensor>"
+            )
+        return torch.cat(chunks)[: self.num_samples]
+
+    def _union_over_ranks(self, local: torch.Tensor) -> torch.Tensor:
+        """The same tracking set on every rank.
+
+        When every rank read the same inputs (the validation loader is not sharded) they are kept.
+        When the user's own loader shards them (e.g. an unshuffled ``DistributedSampler``), the
+        ranks' inputs are interleaved — rank r's k-th input at position k·W + r, the original order
+        under such a sampler — and the first ``num_samples`` are kept, so the set matches a
+        one-process run.
+        """
+        world = distributed_world_size()
+        if world == 1:
+            return local
+        counts = torch.tensor([local.shape[0]], device=local.device)
+        all_counts = [torch.zeros_like(counts) for _ in range(world)]
+        dist.all_gather(all_counts, counts)
+        sizes = [int(c.item()) for c in all_counts]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded.contiguous())
+        shards = [g[:n] for g, n in zip(gathered, sizes, strict=True)]
+        if all(s.shape == shards[0].shape and torch.equal(s, shards[0]) for s in shards):
+            return local
+        order = [shards[r][k] for k in range(max(sizes)) for r in range(world) if k < sizes[r]]
+        return torch.stack(order[: self.num_samples])
+
+    def _batch_inputs(self, batch: Any) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            return batch[0]
+        if isinstance(batch, dict):
+            if self.input_key is None or self.input_key not in batch:
+                raise DataFormatError(
+                    f"SensitiveNeurons: validation batches are dicts with keys {sorted(batch)}; "
+                    "pass input_key=<the key of the model input>"
+                )
+            return batch[self.input_key]
+        raise DataFormatError(
+            f"SensitiveNeurons: cannot find the model input in a validation batch of type {type(batch).__name__}; "
+            "pass tracking_inputs=<tensor>"
+        )
+
+    # ------------------------------------------------------------------ scheduling
+    def is_due(self, global_step: int) -> bool:
+        return global_step % self.every_n_steps == 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_step is None and self.is_due(trainer.global_step):
+            self._pending_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_step is not None and trainer.global_step > self._pending_step:
+            step, self._pending_step = self._pending_step, None
+            self.checkpoint(trainer, pl_module, step)
+
+    # ------------------------------------------------------------------ passes
+    def _run_passes(
+        self, trainer: pl.Trainer | None, pl_module: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Embeddings (N, D) of the deterministic pass and (N, D, K) of the stochastic passes, per tap."""
+        assert self._inputs is not None
+        collected: dict[int, list[torch.Tensor]] = {}
+
+        def sink(index: int, x: torch.Tensor) -> None:
+            collected.setdefault(index, []).append(per_example_embedding(x).to(torch.float64))
+
+        hooks = ActivationHooks(self.taps, sink)
+        flags = {module: module.training for module in pl_module.modules()}
+        device = self._inputs.device
+        rng_devices = []
+        if device.type == "cuda":
+            rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+        context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+
+        def one_pass() -> dict[str, torch.Tensor]:
+            collected.clear()
+            for chunk in self._inputs.split(self.batch_size):
+                pl_module(chunk)
+            return {tap.name: torch.cat(collected[i]) for i, tap in enumerate(self.taps) if i in collected}
+
+        hooks.attach()
+        hooks.armed = True
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices), context:
+                pl_module.eval()
+                clean = one_pass()
+                passes: list[dict[str, torch.Tensor]] = []
+                if self.eigenscore_passes >= 2:
+                    torch.manual_seed(self.seed * 1_000_003 + self.checkpoints)
+                    for module in pl_module.modules():
+                        if _is_stochastic(module):
+                            module.train()
+                    passes = [one_pass() for _ in range(self.eigenscore_passes)]
+        finally:
+            hooks.detach()
+            for module, flag in flags.items():
+                module.train(flag)
+        stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
+        return clean, stochastic
+
+    @staticmethod
+    def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
+        if distributed_world_size() > 1:
+            tensor = tensor.contiguous()
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    # ------------------------------------------------------------------ one checkpoint
+    def checkpoint(self, trainer: pl.Trainer | None, pl_module: nn.Module, step: int) -> dict[str, float]:
+        """Run the tracking set, update windows and sets, log ``sensitive/<layer>/<stat>`` at ``step``."""
+        clean, stochastic = self._run_passes(trainer, pl_module)
+        metrics: dict[str, float] = {}
+        for tap in self.taps:
+            if tap.name not in clean:
+                continue
+            embedding = self._broadcast(clean[tap.name])
+            window = self.embeddings.setdefault(tap.name, [])
+            window.append(embedding)
+            del window[: max(0, len(window) - (self.window + 1))]
+            stats = self._update_selection(tap, window)
+            if tap.name in stochastic:
+                z = self._broadcast(stochastic[tap.name])
+                generator = torch.Generator(device=z.device).manual_seed(self.seed * 1_000_003 + self.checkpoints)
+                stats["eigenscore"] = float(eigenscore(z, self.alpha).mean())
+                stats["ees"] = float(
+                    efficient_eigenscore(z, self.alpha, self.num_moments, self.num_probes, generator).mean()
+                )
+            for stat, value in stats.items():
+                key = f"{self.prefix}/{tap.name}/{stat}"
+                metrics[key] = value
+                series = self.history.get(key)
+                if series is None:
+                    series = self.history[key] = BoundedSeries(self.history_size)
+                series.append(step, value)
+        self.checkpoints += 1
+        if trainer is not None:
+            ActivationMonitor.log_metrics(trainer, metrics, step)
+        return metrics
+
+    def _update_selection(self, tap: Tap, window: list[torch.Tensor]) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        selected = False
+        if len(window) == self.window + 1:
+            v = send_sensitivity(torch.stack(window))
+            stats["v_mean"], stats["v_max"] = float(v.mean()), float(v.max())
+            countdown = max(0, self.countdown.get(tap.name, 0) - 1)
+            if not self.drop or countdown == 0:
+                indices = top_fraction_indices(v, self.top_fraction).cpu()
+                if tap.name in self.sensitive:
+                    self.previous[tap.name] = self.sensitive[tap.name]
+                    stats["jaccard"] = jaccard(indices, self.previous[tap.name])
+                self.sensitive[tap.name] = indices
+                selected = True
+                if self.drop:
+                    countdown = self.drop_checkpoints
+                    self._set_drop(tap, indices)
+            self.countdown[tap.name] = countdown
+        stats["count"] = float(self.sensitive[tap.name].numel()) if tap.name in self.sensitive else 0.0
+        stats["selected"] = 1.0 if selected else 0.0
+        if self.drop:
+            stats["dropping"] = 1.0 if tap.name in self._drop_handles else 0.0
+        return stats
+
+    def _set_drop(self, tap: Tap, indices: torch.Tensor) -> None:
+        self._remove_drop(tap.name)
+        hook = FeatureDrop(indices, tap.point)
+        if tap.point == "input":
+            self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(hook)
+        else:
+            self._drop_handles[tap.name] = tap.module.register_forward_hook(hook)
+
+    def _remove_drop(self, name: str) -> None:
+        handle = self._drop_handles.pop(name, None)
+        if handle is not None:
+            handle.remove()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for name in list(self._drop_handles):
+            self._remove_drop(name)
+        self._pending_step = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": {key: series.state_dict() for key, series in self.history.items()},
+            "embeddings": {name: [e.detach().cpu() for e in window] for name, window in self.embeddings.items()},
+            "sensitive": {name: s.cpu() for name, s in self.sensitive.items()},
+            "previous": {name: s.cpu() for name, s in self.previous.items()},
+            "countdown": dict(self.countdown),
+            "checkpoints": self.checkpoints,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {key: BoundedSeries.from_state_dict(s) for key, s in state_dict.get("history", {}).items()}
+        self.embeddings = {name: list(window) for name, window in state_dict.get("embeddings", {}).items()}
+        self.sensitive = dict(state_dict.get("sensitive", {}))
+        self.previous = dict(state_dict.get("previous", {}))
+        self.countdown = {name: int(c) for name, c in state_dict.get("countdown", {}).items()}
+        self.checkpoints = int(state_dict.get("checkpoints", 0))

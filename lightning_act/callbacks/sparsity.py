@@ -1,0 +1,155 @@
+"""ActivationSparsity: zero fraction, CETT activation ratio and temporal sparsity per module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_act.callbacks.base import ActivationMonitor, Partials
+from lightning_act.capture import ModuleSpec, select_taps
+from lightning_act.errors import LightningActError
+from lightning_act.stats.sparsity import (
+    TEMPORAL_SUMS,
+    ZERO_SUMS,
+    cett_grid,
+    cett_partials,
+    cett_threshold,
+    has_time_axis,
+    strided_rows,
+    temporal_fraction,
+    temporal_partials,
+    zero_fraction,
+    zero_partials,
+)
+
+
+class ActivationSparsity(ActivationMonitor):
+    """Activation sparsity (Lazy Neuron Phenomenon, arXiv 2210.06313; Sparsing Law, arXiv 2411.02335).
+
+    Logged as ``sparsity/<module>/<stat>``:
+
+    - ``zero_frac``: fraction of entries with ``|a| <= threshold`` (default 0: exact zeros) and
+      ``nonfinite`` (count of NaN/inf entries), for every module in ``modules`` (default: the
+      outputs of activation functions);
+    - ``cett_ratio`` and ``cett_eps`` for each down-projection ``nn.Linear`` matched by
+      ``cett_modules`` (e.g. ``"*.mlp.fc2"``), read at its input (the key's module name ends in
+      ``:input``): the activation ratio (1 - sparsity) at the per-layer threshold ``eps`` where the
+      token-averaged CETT reaches ``target_cett``; see :mod:`lightning_act.stats.sparsity`;
+    - ``temporal_frac`` when ``temporal_dim`` is set: the fraction of ``|a_t - a_{t-1}| <= temporal_eps``
+      along that axis, for modules whose output has it.
+
+    ``target_cett`` defaults to 0.2, a moderate tail error; the Sparsing Law's PPL-1% CETT is
+    found per model by a perplexity search that a monitor cannot run, so set it to that value
+    when you know it. CETT is computed on at most ``cett_max_tokens`` evenly strided tokens per
+    micro-batch, on a grid of ``cett_grid_size`` thresholds spanning ``cett_grid_range`` in units of
+    activation magnitude (times the layer's median down-projection column norm).
+    """
+
+    prefix = "sparsity"
+    default_modules = ("@activations",)
+    heatmap_stat = "zero_frac"
+
+    def __init__(
+        self,
+        modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
+        every_n_steps: int = 50,
+        threshold: float = 0.0,
+        cett_modules: str | Sequence[str] | None = None,
+        target_cett: float = 0.2,
+        cett_max_tokens: int = 256,
+        cett_grid_size: int = 64,
+        cett_grid_range: tuple[float, float] = (1e-6, 1e3),
+        temporal_dim: int | None = None,
+        temporal_eps: float = 0.0,
+        history_size: int = 512,
+    ) -> None:
+        if threshold < 0 or temporal_eps < 0:
+            raise LightningActError(
+                f"threshold={threshold} and temporal_eps={temporal_eps} must be >= 0; pass non-negative magnitudes"
+            )
+        if not 0.0 < target_cett < 1.0:
+            raise LightningActError(f"target_cett={target_cett} is outside (0, 1); pass a CETT such as 0.2")
+        if cett_max_tokens < 1 or cett_grid_size < 2 or not 0.0 < cett_grid_range[0] < cett_grid_range[1]:
+            raise LightningActError(
+                f"cett_max_tokens={cett_max_tokens}, cett_grid_size={cett_grid_size}, cett_grid_range={cett_grid_range} "
+                "are invalid; pass cett_max_tokens >= 1, cett_grid_size >= 2 and 0 < low < high"
+            )
+        zero_modules = list(self.default_modules) if modules is None else (
+            [modules] if isinstance(modules, (str, type)) else list(modules)
+        )
+        globs = [] if cett_modules is None else ([cett_modules] if isinstance(cett_modules, str) else list(cett_modules))
+        self.zero_modules = zero_modules
+        self.cett_modules = [g[: -len(":input")] if g.endswith(":input") else g for g in globs]
+        super().__init__(
+            modules=zero_modules + [f"{g}:input" for g in self.cett_modules],
+            every_n_steps=every_n_steps, history_size=history_size,
+        )
+        self.threshold = threshold
+        self.target_cett = target_cett
+        self.cett_max_tokens = cett_max_tokens
+        self.cett_grid_size = cett_grid_size
+        self.cett_grid_range = (float(cett_grid_range[0]), float(cett_grid_range[1]))
+        self.temporal_dim = temporal_dim
+        self.temporal_eps = temporal_eps
+        self._zero_taps: set[int] = set()
+        self._cett_linear: dict[int, nn.Linear] = {}
+        self._cett_grid: dict[int, torch.Tensor] = {}
+        self._has_time: dict[int, bool] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        index = {tap.name: i for i, tap in enumerate(self.taps)}
+        owner = type(self).__name__
+        zero_taps = select_taps(pl_module, self.zero_modules, owner=owner) if self.zero_modules else []
+        self._zero_taps = {index[tap.name] for tap in zero_taps}
+        self._cett_linear = {}
+        if self.cett_modules:
+            for tap in select_taps(pl_module, [f"{g}:input" for g in self.cett_modules], owner=owner):
+                if not isinstance(tap.module, nn.Linear):
+                    raise LightningActError(
+                        f"cett_modules matched {tap.name!r}, a {type(tap.module).__name__}; CETT needs the MLP's "
+                        "down-projection nn.Linear, pass a glob like '*.mlp.fc2'"
+                    )
+                self._cett_linear[index[tap.name]] = tap.module
+        self._cett_grid = {}
+        self._has_time = {}
+
+    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+        parts = []
+        if tap_index in self._zero_taps:
+            parts.append(zero_partials(x, self.threshold))
+            if self.temporal_dim is not None:
+                self._has_time[tap_index] = has_time_axis(x, self.temporal_dim)
+                if self._has_time[tap_index]:
+                    parts.append(temporal_partials(x, self.temporal_dim, self.temporal_eps))
+        linear = self._cett_linear.get(tap_index)
+        if linear is not None:
+            grid = cett_grid(linear.weight, self.cett_grid_size, *self.cett_grid_range)
+            self._cett_grid[tap_index] = grid
+            rows = strided_rows(x.reshape(-1, x.shape[-1]), self.cett_max_tokens)
+            parts.append(cett_partials(rows, linear.weight, grid))
+        return Partials(sums=torch.cat(parts))
+
+    def summarize(
+        self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        stats: dict[str, torch.Tensor] = {}
+        offset = 0
+        if tap_index in self._zero_taps:
+            offset = len(ZERO_SUMS)
+            stats.update(zero_fraction(sums[:offset]))
+            if self._has_time.get(tap_index, False):
+                stats["temporal_frac"] = temporal_fraction(sums[offset : offset + len(TEMPORAL_SUMS)])
+                offset += len(TEMPORAL_SUMS)
+        if tap_index in self._cett_linear:
+            grid = self._cett_grid.get(tap_index)
+            if grid is None:
+                linear = self._cett_linear[tap_index]
+                grid = cett_grid(linear.weight, self.cett_grid_size, *self.cett_grid_range)
+            stats.update(cett_threshold(sums[offset:], grid, self.target_cett))
+        return stats

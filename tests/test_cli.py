@@ -1,0 +1,106 @@
+"""The lightning_act command: quick top-level help, one-line errors, and a real fit from YAML."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_act.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_act", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def write_config(tmp_path, **overrides):
+    config = yaml.safe_load((ROOT / "recipes" / "vit_demo.yaml").read_text())
+    config["trainer"].update(max_steps=3, max_epochs=1, limit_val_batches=1, enable_progress_bar=False)
+    config["trainer"]["logger"] = [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "csv"}},
+        {"class_path": "lightning.pytorch.loggers.WandbLogger",
+         "init_args": {"project": "test", "save_dir": str(tmp_path / "runs"), "offline": True}},
+    ]
+    config["trainer"]["callbacks"][0]["init_args"] = {"every_n_steps": 1}
+    config["model"]["init_args"]["model_kwargs"].update(embed_dim=16, depth=2, num_heads=2)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_top_level_help_does_not_import_lightning(tmp_path):
+    code = "import sys; from lightning_act.cli import main; main(['--help']); print('lightning' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "fit" in proc.stdout and "report" in proc.stdout
+    assert proc.stdout.strip().endswith("False")
+
+
+def test_fit_from_yaml_logs_monitors_to_csv_and_wandb(tmp_path):
+    proc = run_cli("fit", "--config", str(write_config(tmp_path)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "runs" / "csv" / "version_0" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = set(rows[0])
+    assert "act/model.blocks.0.mlp.act/mean" in keys and "act/model.blocks.0/rms" in keys
+    assert [int(r["step"]) for r in rows if r["act/model.blocks.0/rms"]] == [0, 1, 2]
+    assert (tmp_path / "runs" / "csv" / "version_0" / "config.yaml").is_file()
+    assert (tmp_path / "runs" / "csv" / "version_0" / "plots" / "act_rms_heatmap.png").is_file()
+    assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def one_line_error(tmp_path, *argv):
+    """Run the command as a user would; it must end with exit 2 and one error line, no traceback."""
+    proc = run_cli(*argv, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lightning_act: error: "), proc.stderr[-3000:]
+    return last
+
+
+def test_unknown_class_path_is_one_line(tmp_path):
+    config = write_config(tmp_path, **{"trainer.callbacks.0.class_path": "lightning_act.callbacks.ActivationSparsty"})
+    err = one_line_error(tmp_path, "fit", "--config", str(config))
+    assert "unknown class_path 'lightning_act.callbacks.ActivationSparsty'" in err and "spelling" in err
+
+
+def test_missing_data_directory_is_one_line(tmp_path):
+    config = write_config(tmp_path, **{"data.init_args.data_dir": str(tmp_path / "nowhere")})
+    err = one_line_error(tmp_path, "fit", "--config", str(config))
+    assert f"data directory '{tmp_path / 'nowhere'}' does not exist" in err and "--data.data_dir" in err
+
+
+def test_module_pattern_matching_nothing_is_one_line(tmp_path):
+    config = write_config(tmp_path, **{"trainer.callbacks.0.init_args": {"modules": ["blocks.*.mlp.gelu"]}})
+    err = one_line_error(tmp_path, "fit", "--config", str(config))
+    assert "matched no module" in err and "'model.blocks.0.mlp.act'" in err
+
+
+def test_missing_config_file_and_unknown_command(tmp_path, capsys):
+    assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lightning_act: error: unknown command 'train'; use one of fit, validate, test, predict, report, wandb-dashboard"
+    )
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_recipe_parses_and_names_importable_classes(recipe):
+    from lightning_act.cli import check_config_files
+
+    check_config_files(["fit", "--config", str(ROOT / "recipes" / recipe)])

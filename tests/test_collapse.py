@@ -1,0 +1,203 @@
+"""DimensionalCollapse inside a real Trainer: values against numpy, flag and warning, r90, CSV, resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_act.callbacks.collapse import DimensionalCollapse
+from lightning_act.errors import LightningActError, ModuleSelectionError
+
+
+class Bottleneck(nn.Module):
+    """16 → 3 → 16 with no nonlinearity: its output has rank <= 3 after centring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Linear(16, 3)
+        self.up = nn.Linear(3, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Identity()
+        self.blocks = nn.Sequential(Bottleneck(), Bottleneck())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.inp(x)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 16, generator=generator)
+    return DataLoader(TensorDataset(x, torch.randint(0, 4, (96,), generator=generator)), batch_size=48)
+
+
+class Recorder(Callback):
+    """Independent record: block outputs of the first training forward, weights after each step."""
+
+    def __init__(self) -> None:
+        self.first_output: np.ndarray | None = None
+        self.weights: list[np.ndarray] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.weights.append(self._weights(pl_module))
+
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            if self.first_output is None:
+                self.first_output = output.detach().double().numpy().copy()
+
+        self.handle = pl_module.blocks[1].register_forward_hook(hook)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self.weights.append(self._weights(pl_module))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.handle.remove()
+
+    @staticmethod
+    def _weights(pl_module: pl.LightningModule) -> np.ndarray:
+        chosen = [p for n, p in pl_module.named_parameters() if n.startswith("blocks") and p.dim() == 2]
+        return np.concatenate([p.detach().double().reshape(-1).numpy() for p in chosen])
+
+
+def fit(tmp_path: Path, callbacks: list[Callback], steps: int, ckpt_path: str | None = None) -> pl.Trainer:
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        max_steps=steps, logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks, default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(Net(), loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def numpy_spectrum_stats(data: np.ndarray) -> tuple[float, float]:
+    lam = np.linalg.eigvalsh(np.cov(data, rowvar=False, bias=True))
+    lam = lam[lam > lam.max() * 1e-12]
+    sigma = np.sqrt(lam)
+    p = sigma / sigma.sum()
+    return float(np.exp(-(p * np.log(p)).sum())), float(lam.sum() ** 2 / (lam**2).sum())
+
+
+def numpy_r90(snapshots: np.ndarray) -> int:
+    centred = snapshots - snapshots.mean(0)
+    variance = np.linalg.svd(centred, compute_uv=False) ** 2
+    return int(np.searchsorted(np.cumsum(variance) / variance.sum(), 0.9 - 1e-12) + 1)
+
+
+def test_collapse_in_trainer_values_flag_warning_r90_and_csv(tmp_path: Path) -> None:
+    monitor = DimensionalCollapse(modules=["inp", "@blocks"], every_n_steps=1, warn_below=0.5, projection_dim=None)
+    recorder = Recorder()
+    with pytest.warns(UserWarning, match="blocks.1 collapsed at step 0"):
+        trainer = fit(tmp_path, [monitor, recorder], steps=6)
+
+    assert [t.name for t in monitor.taps] == ["inp", "blocks.0", "blocks.1"]
+    assert recorder.first_output is not None
+    erank, pr = numpy_spectrum_stats(recorder.first_output)
+    assert monitor.history["collapse/blocks.1/erank"].values[0] <= 3.0 + 1e-9
+    assert monitor.history["collapse/blocks.1/erank"].values[0] == pytest.approx(erank, rel=1e-8)
+    assert monitor.history["collapse/blocks.1/pr"].values[0] == pytest.approx(pr, rel=1e-8)
+    assert monitor.history["collapse/blocks.1/erank_frac"].values[0] == pytest.approx(erank / 16, rel=1e-8)
+    assert monitor.history["collapse/blocks.1/collapsed"].values == [1.0] * 6
+    assert monitor.history["collapse/inp/collapsed"].values == [0.0] * 6
+    assert monitor.collapsed == {"blocks.0", "blocks.1"}
+
+    # r90 of the weights (2-D weights inside the blocks) at fit start and after each step.
+    assert monitor.param_names == [f"blocks.{i}.{p}.weight" for i in (0, 1) for p in ("down", "up")]
+    r90 = monitor.history["collapse/params/r90"]
+    assert r90.steps == [0, 1, 2, 3, 4, 5]
+    assert r90.values == [float(numpy_r90(np.stack(recorder.weights[: k + 2]))) for k in range(6)]
+
+    with open(Path(trainer.loggers[0].log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
+    for tap in ("inp", "blocks.0", "blocks.1"):
+        for stat in ("erank", "pr", "erank_frac", "pr_frac", "collapsed"):
+            assert f"collapse/{tap}/{stat}" in columns
+    assert "collapse/params/r90" in columns
+    logged = [row for row in rows if row["collapse/params/r90"]]
+    assert [int(row["step"]) for row in logged] == list(range(6))
+    assert all(row["collapse/blocks.1/erank"] for row in logged)
+    assert (Path(trainer.loggers[0].log_dir) / "plots" / "collapse_erank_heatmap.png").exists()
+
+
+def test_rows_are_sampled_with_a_private_generator() -> None:
+    monitor = DimensionalCollapse(max_rows=10)
+    tokens = torch.randn(4, 7, 5)
+    before = torch.get_rng_state()
+    part = monitor.partials(0, tokens)
+    assert torch.equal(before, torch.get_rng_state())
+    assert part.sums[0].item() == 10
+    assert part.sums.numel() == 1 + 5 + 25
+    conv = monitor.partials(0, torch.randn(2, 3, 2, 2))
+    assert conv.sums[0].item() == 8 and conv.sums.numel() == 1 + 3 + 9
+
+
+@pytest.mark.filterwarnings("ignore:DimensionalCollapse")
+def test_resume_restores_histories_and_trajectory(tmp_path: Path) -> None:
+    def monitor() -> DimensionalCollapse:
+        # 48 rows per batch, 16 sampled: the row sampler's state must survive the resume too.
+        return DimensionalCollapse(every_n_steps=2, warn_below=0.5, projection_dim=64, max_rows=16)
+
+    straight = monitor()
+    fit(tmp_path / "straight", [straight], steps=8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
+    first = monitor()
+    fit(tmp_path, [first, checkpoint], steps=4)
+    saved = first.state_dict()
+    assert first.history["collapse/penultimate/erank"].steps == [0, 2]
+
+    resumed = monitor()
+    again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=4)
+    fit(tmp_path, [resumed, again], steps=8, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.history["collapse/penultimate/erank"].steps == [0, 2, 4, 6]
+    saved_values = saved["history"]["collapse/penultimate/erank"]["values"]
+    assert resumed.history["collapse/penultimate/erank"].values[:2] == saved_values
+    assert resumed.history["collapse/params/r90"].steps == [0, 2, 4, 6]
+    assert len(resumed.state_dict()["trajectory"]["snapshots"]) == 5
+    kept = saved["trajectory"]["snapshots"]
+    for old, new in zip(kept, resumed.state_dict()["trajectory"]["snapshots"][: len(kept)], strict=True):
+        assert torch.equal(old, new)
+    assert resumed.collapsed == set(saved["collapsed"])
+    for key, series in straight.history.items():
+        assert resumed.history[key].steps == series.steps, key
+        assert resumed.history[key].values == pytest.approx(series.values, rel=1e-12), key
+
+
+def test_snapshots_stay_bounded_and_span_the_run() -> None:
+    monitor = DimensionalCollapse(max_snapshots=4)
+    for step in range(10):
+        monitor._add_snapshot(step, torch.full((3,), float(step)))
+    steps = monitor.state_dict()["trajectory"]["steps"]
+    assert len(steps) < 4 and steps[0] == 0 and steps[-1] >= 6
+
+
+def test_bad_arguments_and_patterns() -> None:
+    with pytest.raises(LightningActError, match="warn_below"):
+        DimensionalCollapse(warn_below=1.5)
+    with pytest.raises(LightningActError, match="max_rows"):
+        DimensionalCollapse(max_rows=1)
+    monitor = DimensionalCollapse(param_patterns=["nothing.*"])
+    with pytest.raises(ModuleSelectionError, match="param_patterns"):
+        monitor.setup(None, Net(), "fit")  # type: ignore[arg-type]

@@ -1,0 +1,52 @@
+"""Monitor statistics under DDP (2 CPU processes, gloo) equal a one-process run over the same global batches."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_fit.py")
+MONITORS = ["ActivationStats", "ActivationSparsity", "MassiveActivations", "DimensionalCollapse", "SensitiveNeurons"]
+
+
+def run(mode, out, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), mode, str(out), *MONITORS], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    return run("single", tmp_path / "single.json", tmp_path), run("ddp", tmp_path / "ddp.json", tmp_path)
+
+
+def test_ddp_statistics_equal_single_process(runs):
+    single, ddp = runs
+    assert set(single["history"]) == set(ddp["history"])
+    for monitor in MONITORS:
+        prefix = {"ActivationStats": "act", "ActivationSparsity": "sparsity", "MassiveActivations": "massive",
+                  "DimensionalCollapse": "collapse", "SensitiveNeurons": "sensitive"}[monitor]
+        assert any(k.startswith(prefix + "/") for k in single["history"]), f"{monitor} logged nothing"
+    for key, series in single["history"].items():
+        other = ddp["history"][key]
+        assert series["steps"] == other["steps"], key
+        np.testing.assert_allclose(other["values"], series["values"], rtol=2e-4, atol=1e-6, err_msg=key)
+    counts = single["history"]["act/net.blocks.0/count"]["values"]
+    assert counts == ddp["history"]["act/net.blocks.0/count"]["values"] == [16 * 4 * 16] * 2
+
+
+def test_each_flush_uses_a_few_packed_collectives(runs):
+    _, ddp = runs
+    calls, flushes = ddp["collectives"]["calls"], ddp["collectives"]["flushes"]
+    assert flushes >= 2 * 2
+    # sum + max + gather per flush, plus one layout sync per monitor on its first flush
+    assert calls <= 3 * flushes + len(MONITORS)

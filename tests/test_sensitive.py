@@ -1,0 +1,246 @@
+"""SensitiveNeurons: hand-checked selection, SeND dropping, no perturbation, EigenScore, CSV, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_act.callbacks.sensitive import FeatureDrop, SensitiveNeurons, per_example_embedding
+from lightning_act.errors import DataFormatError, LightningActError
+
+
+class ShiftNet(pl.LightningModule):
+    """Penultimate features ``x @ W + shift``; the test moves ``shift`` between checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Linear(3, 5)
+        self.register_buffer("shift", torch.zeros(5))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x) + self.shift)
+
+
+def test_swinging_neuron_is_picked_and_steady_drift_ranks_below() -> None:
+    model = ShiftNet()
+    monitor = SensitiveNeurons(tracking_inputs=torch.randn(4, 3), window=3, top_fraction=0.2, eigenscore_passes=0)
+    monitor.setup(None, model, "fit")  # type: ignore[arg-type]
+    monitor.on_fit_start(None, model)  # type: ignore[arg-type]
+    swing, drift = [0.0, 2.0, 0.0, 2.0], [0.0, 1.0, 2.0, 3.0]
+    for t in range(4):
+        model.shift = torch.tensor([0.0, drift[t], 0.0, swing[t], 0.0])
+        metrics = monitor.checkpoint(None, model, step=t)  # type: ignore[arg-type]
+        assert metrics["sensitive/penultimate/selected"] == (1.0 if t == 3 else 0.0)
+    # Hand-checked (C = 3): swing V = Var{2,0,2}·(2+2+2) = 8/9·6 = 16/3; drift V = Var{1,2,3}·3 = 2.
+    assert monitor.sensitive["penultimate"].tolist() == [3]
+    assert metrics["sensitive/penultimate/v_max"] == pytest.approx(16 / 3, rel=1e-6)
+    assert metrics["sensitive/penultimate/v_mean"] == pytest.approx((16 / 3 + 2) / 5, rel=1e-6)
+    assert metrics["sensitive/penultimate/count"] == 1.0
+
+    wider = SensitiveNeurons(tracking_inputs=torch.randn(4, 3), window=3, top_fraction=0.4, eigenscore_passes=0)
+    wider.setup(None, model, "fit")  # type: ignore[arg-type]
+    wider.on_fit_start(None, model)  # type: ignore[arg-type]
+    for t in range(4):
+        model.shift = torch.tensor([0.0, drift[t], 0.0, swing[t], 0.0])
+        wider.checkpoint(None, model, step=t)  # type: ignore[arg-type]
+    assert wider.sensitive["penultimate"].tolist() == [1, 3]
+
+
+class Mlp(pl.LightningModule):
+    def __init__(self, dropout: float = 0.0, batchnorm: bool = False) -> None:
+        super().__init__()
+        norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+        self.hidden = nn.Sequential(nn.Linear(6, 8), norm, nn.GELU(), nn.Dropout(dropout))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(x))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
+def loaders() -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, generator=generator), torch.randint(0, 3, (96,), generator=generator)
+    vx, vy = torch.randn(40, 6, generator=generator), torch.randint(0, 3, (40,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=48), DataLoader(TensorDataset(vx, vy), batch_size=16)
+
+
+def fit(
+    tmp_path: Path,
+    model: pl.LightningModule,
+    callbacks: list[Callback],
+    steps: int,
+    ckpt_path: str | None = None,
+    **kwargs: object,
+) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_steps=steps, logger=CSVLogger(tmp_path, name="csv"), callbacks=callbacks, default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    train, val = loaders()
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return trainer
+
+
+class HeadInputs(Callback):
+    """Records the head's input of every training forward (after any pre-hook) and the sets in force."""
+
+    def __init__(self, monitor: SensitiveNeurons) -> None:
+        self.monitor = monitor
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.sets: dict[int, list[int]] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if module.training:
+                self.inputs[trainer.global_step] = args[0].detach().clone()
+
+        pl_module.head.register_forward_hook(hook)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if "penultimate" in self.monitor.sensitive:
+            self.sets[trainer.global_step - 1] = self.monitor.sensitive["penultimate"].tolist()
+
+
+def test_drop_zeroes_exactly_the_sensitive_features_for_t_checkpoints_then_reselects(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitor = SensitiveNeurons(
+        every_n_steps=1, num_samples=16, window=2, top_fraction=0.25, drop=True, drop_checkpoints=2, eigenscore_passes=0
+    )
+    recorder = HeadInputs(monitor)
+    fit(tmp_path, Mlp(), [monitor, recorder], steps=10, limit_val_batches=0)
+
+    selected = monitor.history["sensitive/penultimate/selected"]
+    # The window (C + 1 = 3 checkpoints) is full at step 2; then a new set every T = 2 checkpoints.
+    assert [s for s, v in zip(selected.steps, selected.values, strict=True) if v == 1.0] == [2, 4, 6, 8]
+    assert monitor.history["sensitive/penultimate/dropping"].values == [0.0, 0.0] + [1.0] * 8
+    for step, head_input in recorder.inputs.items():
+        chosen = [s for s in (2, 4, 6, 8) if s < step]
+        expected = recorder.sets[chosen[-1]] if chosen else []
+        zero_columns = (head_input == 0).all(0).nonzero().reshape(-1).tolist()
+        assert zero_columns == expected, f"step {step}"
+        assert len(expected) in (0, 2)
+    assert len(recorder.inputs) == 10
+    assert sum(1 for m in monitor._drop_handles) == 0  # removed at teardown
+
+
+def test_observation_does_not_change_training(tmp_path: Path) -> None:
+    def train(callbacks: list[Callback]) -> dict[str, torch.Tensor]:
+        torch.manual_seed(3)
+        model = Mlp(dropout=0.3, batchnorm=True)
+        fit(tmp_path, model, callbacks, steps=6)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    bare = train([])
+    monitor = SensitiveNeurons(every_n_steps=1, num_samples=24, window=2, eigenscore_passes=3)
+    watched = train([monitor])
+    assert bare.keys() == watched.keys()
+    for key in bare:
+        assert torch.equal(bare[key], watched[key]), key
+    assert "sensitive/penultimate/ees" in monitor.history
+
+
+def test_csv_columns_tracking_set_and_eigenscore_of_identical_passes(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = Mlp()
+    monitor = SensitiveNeurons(every_n_steps=2, num_samples=20, window=2, eigenscore_passes=3)
+    trainer = fit(tmp_path, model, [monitor], steps=7)  # checkpoints 0, 2, 4, 6; the last one sees the final weights
+
+    _, val = loaders()
+    assert torch.equal(monitor._inputs, val.dataset.tensors[0][:20])
+    with open(Path(trainer.loggers[0].log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for stat in ("count", "selected", "v_mean", "v_max", "jaccard", "eigenscore", "ees"):
+        assert f"sensitive/penultimate/{stat}" in rows[0], stat
+    assert [int(r["step"]) for r in rows if r["sensitive/penultimate/count"]] == [0, 2, 4, 6]
+
+    # No dropout: the K = 3 passes are identical, so per example E = (log(K‖c‖² + α) + (K − 1) log α) / K.
+    with torch.no_grad():
+        model.eval()
+        embeddings = model.hidden(val.dataset.tensors[0][:20]).double().numpy()
+    centred = embeddings - embeddings.mean(1, keepdims=True)
+    alpha, k = 1e-3, 3
+    expected = np.mean([(math.log(k * (c @ c) + alpha) + (k - 1) * math.log(alpha)) / k for c in centred])
+    assert monitor.history["sensitive/penultimate/eigenscore"].values[-1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_restores_windows_sets_and_histories(tmp_path: Path) -> None:
+    def monitor() -> SensitiveNeurons:
+        return SensitiveNeurons(
+            every_n_steps=1, num_samples=16, window=2, top_fraction=0.25,
+            drop=True, drop_checkpoints=3, eigenscore_passes=0,
+        )
+
+    torch.manual_seed(2)
+    straight = monitor()
+    fit(tmp_path / "a", Mlp(), [straight], steps=8, limit_val_batches=0)
+
+    torch.manual_seed(2)
+    first = monitor()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
+    fit(tmp_path / "b", Mlp(), [first, saver], steps=4, limit_val_batches=0)
+    state = first.state_dict()
+    assert len(state["embeddings"]["penultimate"]) == 3 and state["countdown"]["penultimate"] == 2
+
+    resumed = monitor()
+    again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=4)
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    fit(tmp_path / "c", Mlp(), [resumed, again], steps=8, ckpt_path=last, limit_val_batches=0)
+    for key in ("v_mean", "selected", "dropping", "count"):
+        series = f"sensitive/penultimate/{key}"
+        first_step = 2 if key == "v_mean" else 0  # V needs C + 1 = 3 checkpoints
+        assert resumed.history[series].steps == straight.history[series].steps == list(range(first_step, 8))
+        assert resumed.history[series].values == straight.history[series].values, key
+    assert torch.equal(resumed.sensitive["penultimate"], straight.sensitive["penultimate"])
+    assert resumed.countdown == straight.countdown
+
+
+def test_embeddings_and_bad_input() -> None:
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    torch.testing.assert_close(per_example_embedding(x), x.mean(1))
+    conv = torch.arange(48.0).reshape(2, 3, 2, 4)
+    torch.testing.assert_close(per_example_embedding(conv), conv.mean((2, 3)))
+    with pytest.raises(DataFormatError, match="modules="):
+        per_example_embedding(torch.zeros(2, 2, 2, 2, 2))
+    with pytest.raises(LightningActError, match="top_fraction"):
+        SensitiveNeurons(top_fraction=0.0)
+    with pytest.raises(DataFormatError, match="input_key"):
+        SensitiveNeurons()._batch_inputs({"image": torch.zeros(1)})
+
+
+def test_feature_drop_on_outputs_acts_only_in_training_mode() -> None:
+    conv = nn.Conv2d(2, 4, 1)
+    handle = conv.register_forward_hook(FeatureDrop(torch.tensor([1, 3]), "output"))
+    x = torch.randn(2, 2, 3, 3)
+    out = conv(x)
+    assert bool((out[:, [1, 3]] == 0).all()) and bool((out[:, [0, 2]] != 0).all())
+    conv.eval()
+    assert bool((conv(x)[:, [1, 3]] != 0).all())
+    handle.remove()
+    linear = nn.Linear(3, 5)
+    linear.register_forward_pre_hook(FeatureDrop(torch.tensor([0]), "input"))
+    inputs = torch.ones(4, 3)
+    expected = inputs.clone()
+    expected[:, 0] = 0.0
+    torch.testing.assert_close(linear(inputs), nn.functional.linear(expected, linear.weight, linear.bias))

@@ -1,0 +1,202 @@
+"""ActivationSparsity: known-answer tests of the zero fraction, CETT and temporal sparsity."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_act.callbacks.sparsity import ActivationSparsity
+from lightning_act.errors import LightningActError
+from lightning_act.stats.sparsity import (
+    cett_grid,
+    cett_partials,
+    cett_threshold,
+    temporal_fraction,
+    temporal_partials,
+    zero_fraction,
+    zero_partials,
+)
+
+
+# ------------------------------------------------------------------------------ zero fraction
+def test_zero_fraction_counts_exact_zeros_threshold_and_nonfinite() -> None:
+    x = torch.tensor([0.0, -0.0, 0.05, -0.2, 3.0, float("nan"), 0.0, 1.0])
+    exact = zero_fraction(zero_partials(x))
+    assert exact["zero_frac"].item() == 3 / 8
+    assert exact["nonfinite"].item() == 1
+    assert zero_fraction(zero_partials(x, threshold=0.1))["zero_frac"].item() == 4 / 8
+
+
+def test_zero_fraction_adds_across_splits() -> None:
+    x = torch.relu(torch.randn(12, 5, 7, generator=torch.Generator().manual_seed(0)))
+    whole = zero_partials(x)
+    parts = zero_partials(x[:5]) + zero_partials(x[5:])
+    assert torch.equal(whole, parts)
+    assert zero_fraction(whole)["zero_frac"].item() == pytest.approx(float((x.numpy() == 0).mean()), abs=1e-15)
+
+
+# ------------------------------------------------------------------------------ temporal sparsity
+def test_temporal_fraction_on_a_hand_built_sequence() -> None:
+    sequence = torch.tensor([[[1.0, 2.0, 3.0], [1.0, 2.0, 4.0], [1.0, 5.0, 4.0], [1.0, 5.0, 4.0]]])
+    # changes between consecutive steps: [0,0,1], [0,3,0], [0,0,0] -> 7 of 9 unchanged
+    assert temporal_fraction(temporal_partials(sequence, dim=1, eps=0.0)).item() == pytest.approx(7 / 9, abs=1e-15)
+    # with eps = 1 the change of 1 also counts as unchanged -> 8 of 9
+    assert temporal_fraction(temporal_partials(sequence, dim=1, eps=1.0)).item() == pytest.approx(8 / 9, abs=1e-15)
+    # along the feature axis the changes are (1,1), (1,2), (4,-1), (4,-1): none unchanged
+    assert temporal_fraction(temporal_partials(sequence, dim=2, eps=0.0)).item() == 0.0
+
+
+# ------------------------------------------------------------------------------ CETT
+def brute_force_cett(a: np.ndarray, w: np.ndarray, target: float) -> tuple[float, float, np.ndarray]:
+    """Exact threshold and activation ratio by enumerating every cut of the sorted ||n_i|| values.
+
+    Returns ``(v, ratio, m)``: the token-averaged CETT first reaches ``target`` for any
+    ``eps`` just above ``v``; ``ratio`` is the fraction of pairs with ``||n_i|| > v`` there.
+    """
+    m = np.abs(a) * np.linalg.norm(w, axis=0)
+    full = np.linalg.norm(a @ w.T, axis=1)
+    for v in np.unique(m):
+        tail = m <= v
+        cett = np.mean(np.linalg.norm(np.where(tail, a, 0.0) @ w.T, axis=1) / full)
+        if cett >= target:
+            return float(v), float(np.mean(m > v)), m
+    raise AssertionError("target not reached")
+
+
+@pytest.mark.parametrize("target", [0.05, 0.2, 0.5])
+def test_cett_ratio_matches_float64_brute_force(target: float) -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((24, 20)) * rng.gamma(0.5, 1.0, size=(24, 20))
+    w = rng.standard_normal((7, 20))
+    v, exact_ratio, m = brute_force_cett(a, w, target)
+
+    grid = cett_grid(torch.from_numpy(w), size=3000, low=1e-5, high=1e2)
+    sums = cett_partials(torch.from_numpy(a), torch.from_numpy(w), grid)
+    result = cett_threshold(sums, grid, target)
+    ratio, eps = result["cett_ratio"].item(), result["cett_eps"].item()
+
+    # the grid points bracketing the exact threshold bound the exact ratio, and so the result
+    eps_grid = grid.numpy()
+    upper = int(np.searchsorted(eps_grid, v, side="right"))
+    ratio_low, ratio_high = np.mean(m >= eps_grid[upper]), np.mean(m >= eps_grid[upper - 1])
+    assert ratio_low <= exact_ratio <= ratio_high
+    assert ratio_low - 1e-12 <= ratio <= ratio_high + 1e-12
+    assert eps_grid[upper - 1] <= eps <= eps_grid[upper]
+    assert ratio == pytest.approx(exact_ratio, abs=2 / m.size)
+
+
+def test_cett_partials_add_across_splits_and_skip_zero_tokens() -> None:
+    generator = torch.Generator().manual_seed(1)
+    a = torch.relu(torch.randn(30, 16, generator=generator, dtype=torch.float64))
+    a[4] = 0.0  # a token with no output has no CETT and must not count
+    w = torch.randn(5, 16, generator=generator, dtype=torch.float64)
+    grid = cett_grid(w, size=32)
+    whole = cett_partials(a, w, grid)
+    split = cett_partials(a[:11], w, grid) + cett_partials(a[11:], w, grid)
+    assert whole[0].item() == 29
+    torch.testing.assert_close(whole, split, rtol=1e-6, atol=1e-6)
+
+
+def test_cett_target_outside_the_grid_is_nan() -> None:
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(10, 8, generator=generator)
+    w = torch.randn(4, 8, generator=generator)
+    grid = cett_grid(w, size=8, low=10.0, high=100.0)  # every neuron is already in the tail
+    result = cett_threshold(cett_partials(a, w, grid), grid, 0.2)
+    assert math.isnan(result["cett_ratio"].item()) and math.isnan(result["cett_eps"].item())
+
+
+# ------------------------------------------------------------------------------ the callback in a Trainer
+class QuarterGate(nn.Module):
+    """Outputs ``mask * (|x| + 1)`` with a fixed mask of exactly 75% zeros: zero_frac is exactly 0.75."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        mask = torch.zeros(width)
+        mask[: width // 4] = 1.0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mask * (x.abs() + 1.0)
+
+
+class TinySequenceMLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.act = nn.ReLU()
+        self.gate = QuarterGate(16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.gate(self.act(self.fc1(x)))).mean(dim=1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def sequence_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, 6, generator=generator)
+    x[:, 2] = x[:, 1]  # one repeated time step: part of the activations does not change
+    y = torch.randint(0, 3, (64,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def read_csv_columns(path: str) -> dict[str, list[float]]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: [float(row[key]) for row in rows if row[key] != ""] for key in rows[0]}
+
+
+def test_sparsity_monitor_in_trainer_fit_logs_to_csv_and_resumes(tmp_path) -> None:
+    pl.seed_everything(0)
+    monitor = ActivationSparsity(
+        modules=["act", "gate"], every_n_steps=2, cett_modules="fc2", temporal_dim=1,
+    )
+    trainer = pl.Trainer(
+        max_steps=6, logger=CSVLogger(tmp_path, name="csv"), callbacks=[monitor], enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", default_root_dir=tmp_path,
+    )
+    trainer.fit(TinySequenceMLP(), sequence_loader())
+    columns = read_csv_columns(trainer.loggers[0].experiment.metrics_file_path)
+
+    assert columns["sparsity/gate/zero_frac"] == [0.75, 0.75, 0.75]
+    relu_zero = columns["sparsity/act/zero_frac"]
+    assert len(relu_zero) == 3 and all(0.0 < v < 1.0 for v in relu_zero)
+    # time step 2 repeats step 1, so at least 1 of 4 consecutive pairs is unchanged, and all of the gate's zeros
+    assert all(v >= 0.25 for v in columns["sparsity/act/temporal_frac"])
+    assert all(0.75 <= v <= 1.0 for v in columns["sparsity/gate/temporal_frac"])
+    cett = columns["sparsity/fc2:input/cett_ratio"]
+    assert len(cett) == 3 and all(0.0 < v <= 0.25 for v in cett)  # only the gate's open quarter is active
+    assert all(v > 0 for v in columns["sparsity/fc2:input/cett_eps"])
+    assert (tmp_path / "csv" / "version_0" / "plots" / "sparsity_zero_frac_heatmap.png").exists()
+
+    restored = ActivationSparsity(modules=["act", "gate"], cett_modules="fc2", temporal_dim=1)
+    restored.load_state_dict(monitor.state_dict())
+    series = restored.series("zero_frac")["gate"]
+    assert series.steps == [0, 2, 4] and series.values == [0.75, 0.75, 0.75]
+
+
+def test_cett_modules_must_be_linear() -> None:
+    monitor = ActivationSparsity(modules=["act"], cett_modules="act")
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(LightningActError, match="down-projection"):
+        monitor.setup(trainer, TinySequenceMLP(), "fit")
+
+
+def test_bad_target_cett_is_a_clear_error() -> None:
+    with pytest.raises(LightningActError, match="target_cett"):
+        ActivationSparsity(target_cett=1.5)

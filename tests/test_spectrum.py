@@ -1,0 +1,154 @@
+"""Known-answer tests of lightning_act.stats.spectrum against numpy float64 computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_act.stats.spectrum import (
+    covariance_dim,
+    covariance_partials,
+    covariance_spectrum,
+    effective_rank,
+    explained_variance_rank,
+    feature_rows,
+    participation_ratio,
+    sketch_vector,
+    trajectory_r90,
+)
+
+
+def numpy_erank(data: np.ndarray) -> float:
+    centred = data - data.mean(0)
+    sigma = np.linalg.svd(centred, compute_uv=False)
+    sigma = sigma[sigma > sigma.max() * 1e-10]
+    p = sigma / sigma.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def numpy_pr(data: np.ndarray) -> float:
+    lam = np.linalg.eigvalsh(np.cov(data, rowvar=False, bias=True))
+    return float(lam.sum() ** 2 / (lam**2).sum())
+
+
+def summed_partials(chunks: list[np.ndarray]) -> torch.Tensor:
+    """Partials of each micro-batch / rank, added up as the SUM all-reduce does."""
+    return torch.stack([covariance_partials(torch.from_numpy(c)) for c in chunks]).sum(0)
+
+
+def test_rank3_activations_erank_at_most_3_and_pr_matches_numpy() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(300, 3)) * np.array([5.0, 2.0, 0.5]) @ rng.normal(size=(3, 24)) + 7.0
+    lam = covariance_spectrum(summed_partials(np.array_split(data, 4)))
+    erank = effective_rank(lam).item()
+    assert erank <= 3.0 + 1e-9
+    assert erank == pytest.approx(numpy_erank(data), rel=1e-9)
+    assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=1e-9)
+    assert int((lam > 0).sum()) == 3
+
+
+def test_erank_matches_numpy_svd_of_centred_data() -> None:
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(200, 12)) * np.geomspace(10.0, 0.1, 12) + rng.normal(size=12)
+    lam = covariance_spectrum(covariance_partials(torch.from_numpy(data)))
+    assert effective_rank(lam).item() == pytest.approx(numpy_erank(data), rel=1e-10)
+    assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=1e-10)
+
+
+def test_covariance_from_sums_equals_numpy_on_concatenated_data() -> None:
+    rng = np.random.default_rng(2)
+    ranks = [rng.normal(loc=3.0, size=(n, 5)) for n in (7, 13, 30)]
+    partials = summed_partials(ranks)
+    assert covariance_dim(partials.numel()) == 5
+    everything = np.concatenate(ranks)
+    count, total, raw = partials[0].item(), partials[1:6].numpy(), partials[6:].reshape(5, 5).numpy()
+    scatter = raw - np.outer(total, total) / count
+    assert count == 50
+    np.testing.assert_allclose(scatter / count, np.cov(everything, rowvar=False, bias=True), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        covariance_spectrum(partials).numpy(),
+        np.linalg.eigvalsh(np.cov(everything, rowvar=False, bias=True) * 50),
+        rtol=1e-9,
+    )
+
+
+def test_constant_activations_have_zero_rank() -> None:
+    lam = covariance_spectrum(covariance_partials(torch.full((10, 4), 2.5)))
+    assert effective_rank(lam).item() == 0.0
+    assert participation_ratio(lam).item() == 0.0
+
+
+def test_feature_rows_uses_channels_of_conv_maps_and_last_dim_otherwise() -> None:
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float64).reshape(2, 3, 4, 5)
+    expected = x.numpy().transpose(0, 2, 3, 1).reshape(-1, 3)
+    np.testing.assert_array_equal(feature_rows(x).numpy(), expected)
+    tokens = torch.randn(2, 7, 6)
+    assert feature_rows(tokens).shape == (14, 6)
+
+
+def test_covariance_dim_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="covariance_partials"):
+        covariance_dim(10)
+
+
+def numpy_r90(snapshots: np.ndarray) -> int:
+    centred = snapshots - snapshots.mean(0)
+    variance = np.linalg.svd(centred, compute_uv=False) ** 2
+    return int(np.searchsorted(np.cumsum(variance) / variance.sum(), 0.9) + 1)
+
+
+def test_explained_variance_rank_hand_worked() -> None:
+    # cumulative fractions 0.5, 0.8, 0.9, 1.0: 90% is reached at k = 3
+    assert explained_variance_rank(torch.tensor([5.0, 3.0, 1.0, 1.0])).item() == 3
+    assert explained_variance_rank(torch.tensor([9.5, 0.5])).item() == 1
+    assert explained_variance_rank(torch.zeros(3)).item() == 0
+
+
+def trajectory_in_plane(steps: int, size: int, second_scale: float) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    basis, _ = np.linalg.qr(rng.normal(size=(size, 2)))
+    t = np.arange(steps, dtype=np.float64)
+    coordinates = np.stack([t, second_scale * np.sin(t)], axis=1)
+    return rng.normal(size=size) + coordinates @ basis.T
+
+
+def test_r90_of_a_trajectory_in_a_known_plane() -> None:
+    planar = trajectory_in_plane(20, 400, second_scale=4.0)
+    assert numpy_r90(planar) == 2
+    assert trajectory_r90(torch.from_numpy(planar)).item() == 2
+    straight = trajectory_in_plane(20, 400, second_scale=0.0)
+    assert trajectory_r90(torch.from_numpy(straight)).item() == 1
+
+
+def test_sketched_trajectory_keeps_r90_and_sketch_is_a_fixed_linear_map() -> None:
+    planar = torch.from_numpy(trajectory_in_plane(20, 50_000, second_scale=4.0))
+    sketched = torch.stack([sketch_vector(w, 512, seed=7, chunk=1 << 14) for w in planar])
+    assert trajectory_r90(sketched).item() == 2
+    x, y = planar[0], planar[1]
+    head = sketch_vector(x[:30_000], 512, 7, chunk=1 << 14)
+    split = head + sketch_vector(x[30_000:], 512, 7, offset=30_000, chunk=1 << 14)
+    torch.testing.assert_close(split, sketch_vector(x, 512, 7, chunk=1 << 14), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(
+        sketch_vector(x + y, 512, 7, chunk=1 << 14),
+        sketch_vector(x, 512, 7, chunk=1 << 14) + sketch_vector(y, 512, 7, chunk=1 << 14),
+        rtol=1e-12, atol=1e-9,
+    )
+    noise = torch.from_numpy(np.random.default_rng(4).normal(size=50_000))
+    ratio = sketch_vector(noise, 4096, 1).square().sum() / noise.square().sum()
+    assert abs(ratio.item() - 1.0) < 0.15
+
+
+def test_sketch_leaves_global_rng_alone() -> None:
+    before = torch.get_rng_state()
+    sketch_vector(torch.ones(1000), 64, seed=0)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_non_finite_activations_give_nan_not_an_error() -> None:
+    rows = torch.randn(6, 3, dtype=torch.float64)
+    rows[2, 1] = float("nan")
+    lam = covariance_spectrum(covariance_partials(rows))
+    assert torch.isnan(lam).all()
+    assert torch.isnan(effective_rank(lam))
+    assert torch.isnan(participation_ratio(lam))
