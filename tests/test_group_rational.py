@@ -1,0 +1,282 @@
+"""GroupRational (GR-KAN activation): reference gradients, shipped fits, layouts, dtypes, Triton kernels.
+
+Values are checked against independent computations: numpy float64 power sums (not Horner), the true
+activations from ``math`` (identity, x * sigmoid(x), erf GELU), and Gauss-Hermite quadrature. There is no
+GPU here: the Triton kernels are checked on CPU under ``TRITON_INTERPRET=1`` in a subprocess, so the
+interpreter flag never leaks into this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_act.errors import LightningActError
+from lightning_act.nn.group_rational import GroupRational, group_rational_reference, rational_gain
+
+# Max |F - f| on [-3, 3] allowed for each shipped init (the fit script reports 1.8e-15, 1.2e-6, 3.7e-3).
+FIT_ERROR_BOUNDS = {"identity": 1e-12, "swish": 2e-6, "gelu": 4e-3}
+
+
+def true_activation(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "identity":
+        return x.copy()
+    if name == "swish":
+        return np.array([v / (1.0 + math.exp(-v)) for v in x])
+    return np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
+
+
+def numpy_group_rational(
+    x: np.ndarray, numerator: np.ndarray, denominator: np.ndarray, channel_dim: int
+) -> np.ndarray:
+    """Independent float64 evaluation: explicit power sums, one channel at a time."""
+    x = np.moveaxis(x.astype(np.float64), channel_dim, -1)
+    channels = x.shape[-1]
+    per_group = channels // numerator.shape[0]
+    out = np.empty_like(x)
+    for channel in range(channels):
+        a = numerator[channel // per_group].astype(np.float64)
+        b = denominator[channel // per_group].astype(np.float64)
+        v = x[..., channel]
+        p = sum(a[j] * v**j for j in range(6))
+        q = 1.0 + sum(abs(b[k]) * np.abs(v) ** (k + 1) for k in range(4))
+        out[..., channel] = p / q
+    return np.moveaxis(out, -1, channel_dim)
+
+
+def random_module(channels: int, groups: int, channel_dim: int, seed: int, **kwargs) -> GroupRational:
+    module = GroupRational(channels, groups, "gelu", channel_dim, implementation="reference", **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.weight_numerator.copy_(0.5 * torch.randn(module.weight_numerator.shape, generator=generator))
+        module.weight_denominator.copy_(torch.randn(module.weight_denominator.shape, generator=generator))
+    return module
+
+
+@pytest.mark.parametrize(("shape", "channel_dim"), [((2, 3, 8), -1), ((2, 8, 2, 3), 1)])
+def test_reference_gradcheck_float64(shape: tuple[int, ...], channel_dim: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, generator=generator)
+    x = (x + 0.1 * torch.sign(x)).requires_grad_()  # keep away from the |x| kink at 0
+    numerator = torch.randn(4, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    denominator = (torch.rand(4, 4, dtype=torch.float64, generator=generator) + 0.1) * torch.tensor(
+        [1.0, -1.0, 1.0, -1.0], dtype=torch.float64
+    )
+    denominator.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x_, a_, b_: group_rational_reference(x_, a_, b_, channel_dim), (x, numerator, denominator)
+    )
+
+
+@pytest.mark.parametrize("init", sorted(FIT_ERROR_BOUNDS))
+def test_shipped_init_fit_error_on_minus3_3(init: str) -> None:
+    module = GroupRational(4, 1, init, implementation="reference").double()
+    grid = np.linspace(-3.0, 3.0, 1201)
+    fitted = module(torch.from_numpy(np.repeat(grid[:, None], 4, axis=1))).detach().numpy()[:, 0]
+    assert np.max(np.abs(fitted - true_activation(init, grid))) < FIT_ERROR_BOUNDS[init]
+
+
+@pytest.mark.parametrize("init", ["identity", "swish", "gelu"])
+def test_rational_gain_matches_gauss_hermite_of_true_activation(init: str) -> None:
+    nodes, weights = np.polynomial.hermite_e.hermegauss(120)  # weight exp(-x^2/2), sum = sqrt(2 pi)
+    true_gain = float(np.sum(weights * true_activation(init, nodes) ** 2) / math.sqrt(2.0 * math.pi))
+    assert rational_gain(init) == pytest.approx(true_gain, abs=1e-3)
+    if init == "identity":
+        assert rational_gain(init) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "channel_dim", "sharing"),
+    [
+        ((2, 5, 16), 8, -1, "per_group"),
+        ((2, 12, 3, 4), 4, 1, "per_group"),
+        ((3, 7, 8), 2, -1, "shared_numerator"),
+        ((2, 6, 2, 2), 3, 1, "shared_denominator"),
+    ],
+)
+def test_reference_matches_numpy_formula(
+    shape: tuple[int, ...], groups: int, channel_dim: int, sharing: str
+) -> None:
+    module = random_module(shape[channel_dim], groups, channel_dim, seed=1, sharing=sharing)
+    x = 2.0 * torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    numerator = np.broadcast_to(module.weight_numerator.detach().numpy(), (groups, 6))
+    denominator = np.broadcast_to(module.weight_denominator.detach().numpy(), (groups, 4))
+    expected = numpy_group_rational(x.numpy(), numerator, denominator, channel_dim)
+    np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_sharing_parameter_shapes_follow_official_layout() -> None:
+    shared = GroupRational(32, 8, "swish", sharing="shared_numerator")
+    assert tuple(shared.weight_numerator.shape) == (1, 6)
+    assert tuple(shared.weight_denominator.shape) == (8, 4)
+    shared(torch.randn(2, 3, 32)).square().sum().backward()
+    assert shared.weight_numerator.grad is not None and shared.weight_numerator.grad.shape == (1, 6)
+
+
+def test_zero_denominator_of_identity_init_receives_gradient() -> None:
+    module = GroupRational(8, 2, "identity", implementation="reference")
+    x = torch.linspace(-2.0, 2.0, 24).reshape(3, 8)
+    module(x).sum().backward()
+    # P = x, Q = 1 and dL/dy = 1, so dL/db_k = -sum x |x|^(k+1) over the group's elements (d|b|/db = +1 at 0).
+    x_groups = x.reshape(3, 2, 4).transpose(0, 1).reshape(2, -1).double().numpy()
+    expected = np.stack([-(np.abs(x_groups) ** (k + 1) * x_groups).sum(axis=1) for k in range(4)], axis=1)
+    np.testing.assert_allclose(module.weight_denominator.grad.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.any(np.abs(expected) > 0.1)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_half_inputs_keep_dtype_and_match_float32(dtype: torch.dtype, tolerance: float) -> None:
+    module = random_module(16, 8, -1, seed=3)
+    x = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = module(x)
+    assert y.dtype == dtype
+    expected = module(x.float())
+    torch.testing.assert_close(y.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_autocast_bfloat16_linear_then_rational() -> None:
+    linear = torch.nn.Linear(8, 16)
+    module = GroupRational(16, 8, "gelu", implementation="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = linear(torch.randn(3, 4, 8))
+        y = module(hidden)
+    assert hidden.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    expected = numpy_group_rational(
+        hidden.float().detach().numpy(),
+        module.weight_numerator.detach().numpy(),
+        module.weight_denominator.detach().numpy(),
+        -1,
+    )
+    np.testing.assert_allclose(y.float().detach().numpy(), expected, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert module.weight_numerator.grad.dtype == torch.float32
+    assert torch.isfinite(module.weight_denominator.grad).all()
+
+
+def test_auto_uses_reference_on_cpu() -> None:
+    assert GroupRational(8).resolved_implementation(torch.randn(2, 8)) == "reference"
+
+
+def test_bad_configuration_raises_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(LightningActError, match="groups"):
+        GroupRational(10, 8)
+    with pytest.raises(LightningActError, match="init"):
+        GroupRational(8, init="relu")
+    with pytest.raises(LightningActError, match="channel_dim"):
+        GroupRational(8)(torch.randn(2, 8, 3))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(LightningActError, match="implementation='reference'|pip install triton"):
+        GroupRational(8, implementation="triton")(torch.randn(2, 8))
+
+
+TRITON_CASES = [
+    # (shape, groups, channel_dim, dtype, sharing, tile); tiles chosen so that no dimension divides evenly
+    ((3, 5, 40), 8, -1, "float32", "per_group", (8, 4)),
+    ((2, 16, 3, 5), 4, 1, "float32", "per_group", (2, 16)),
+    ((7, 24), 8, -1, "float32", "shared_numerator", None),
+    ((3, 5, 40), 8, -1, "bfloat16", "per_group", (16, 2)),
+]
+
+def run_triton_cases(cases: list[tuple], device: str) -> list[dict[str, torch.Tensor]]:
+    """Forward and backward of the Triton implementation on seeded inputs; everything returned on CPU."""
+    results = []
+    for index, (shape, groups, channel_dim, dtype, sharing, tile) in enumerate(cases):
+        generator = torch.Generator().manual_seed(100 + index)
+        module = GroupRational(
+            shape[channel_dim], groups, "gelu", channel_dim, "triton", sharing=sharing, triton_tile=tile
+        )
+        with torch.no_grad():
+            module.weight_numerator.copy_(0.5 * torch.randn(module.weight_numerator.shape, generator=generator))
+            module.weight_denominator.copy_(torch.randn(module.weight_denominator.shape, generator=generator))
+        module.to(device)
+        x = (2.0 * torch.randn(shape, generator=generator)).to(device, getattr(torch, dtype)).requires_grad_()
+        grad_y = torch.randn(shape, generator=generator).to(device, x.dtype)
+        y = module(x)
+        y.backward(grad_y)
+        tensors = {
+            "numerator": module.weight_numerator, "denominator": module.weight_denominator, "x": x,
+            "grad_y": grad_y, "y": y, "grad_x": x.grad, "grad_numerator": module.weight_numerator.grad,
+            "grad_denominator": module.weight_denominator.grad,
+        }
+        results.append({name: tensor.detach().cpu() for name, tensor in tensors.items()})
+    return results
+
+
+def assert_triton_matches_reference(cases: list[tuple], results: list[dict[str, torch.Tensor]]) -> None:
+    for (shape, groups, channel_dim, dtype, sharing, _), result in zip(cases, results, strict=True):
+        module = GroupRational(shape[channel_dim], groups, "gelu", channel_dim, "reference", sharing=sharing)
+        with torch.no_grad():
+            module.weight_numerator.copy_(result["numerator"])
+            module.weight_denominator.copy_(result["denominator"])
+        x = result["x"].clone().requires_grad_()
+        y = module(x)
+        y.backward(result["grad_y"])
+        assert result["y"].dtype == x.dtype and result["grad_x"].dtype == x.dtype
+        # half outputs round at 2^-8 (bf16) / 2^-11 (fp16) relative; coefficient gradients are fp32 sums in
+        # a different order, compared relative to their largest entry
+        tolerance = {"bfloat16": 2e-2, "float16": 2e-3}.get(dtype, 1e-5)
+        torch.testing.assert_close(result["y"].float(), y.detach().float(), rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(result["grad_x"].float(), x.grad.float(), rtol=tolerance, atol=tolerance)
+        for name in ("numerator", "denominator"):
+            expected = getattr(module, f"weight_{name}").grad
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(result[f"grad_{name}"], expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+TRITON_CHECKER = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_group_rational import TRITON_CASES, run_triton_cases
+torch.save(run_triton_cases(TRITON_CASES, "cpu"), sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_match_reference_under_interpreter(tmp_path: Path) -> None:
+    output = tmp_path / "triton_results.pt"
+    environment = {**os.environ, "TRITON_INTERPRET": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECKER, str(Path(__file__).parent), str(output)],
+        env=environment, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert_triton_matches_reference(TRITON_CASES, torch.load(output))
+
+
+CUDA_CASES = [
+    *TRITON_CASES,
+    ((4, 197, 3072), 8, -1, "float32", "per_group", None),
+    ((4, 197, 3072), 8, -1, "bfloat16", "per_group", None),
+    ((2, 256, 14, 14), 8, 1, "float16", "shared_numerator", None),
+]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA and triton"
+)
+def test_triton_kernels_match_reference_on_cuda() -> None:
+    assert_triton_matches_reference(CUDA_CASES, run_triton_cases(CUDA_CASES, "cuda"))
+
+
+def test_coefficient_state_loads_official_shared_numerator_layout() -> None:
+    official_numerator = torch.arange(6, dtype=torch.float32).reshape(1, 6) / 10.0
+    official_denominator = torch.arange(16, dtype=torch.float32).reshape(4, 4) / -20.0
+    per_group = GroupRational(8, 4, sharing="per_group")
+    per_group.load_state_dict(per_group.coefficient_state(official_numerator, official_denominator))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    expected = numpy_group_rational(
+        x.numpy(), np.repeat(official_numerator.numpy(), 4, axis=0), official_denominator.numpy(), -1
+    )
+    np.testing.assert_allclose(per_group(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    shared = GroupRational(8, 4, sharing="shared_denominator")
+    with pytest.raises(LightningActError, match="sharing='per_group'"):
+        shared.coefficient_state(official_numerator, official_denominator)
