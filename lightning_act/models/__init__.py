@@ -1,0 +1,1 @@
+"""Architectures: one file per model (KAT registers with timm on import)."""

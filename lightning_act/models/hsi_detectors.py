@@ -1,0 +1,148 @@
+"""Classical hyperspectral target detectors: SAM, MF, ACE and CEM (batched torch).
+
+Formulas (x pixel spectrum, t target spectrum, μ and Σ background mean and covariance,
+R the uncentred background autocorrelation; the baselines of Lekhak et al., arXiv
+2602.10434; see Manolakis & Shaw, IEEE Signal Processing Magazine 2002, for the detectors):
+
+* SAM  (Kruse et al. 1993): ``−arccos(xᵀt / (‖x‖ ‖t‖))`` (minus the angle, so higher = more target-like)
+* MF:  ``w = Σ⁻¹(t−μ) / ((t−μ)ᵀΣ⁻¹(t−μ))``, score ``wᵀ(x−μ)``
+* ACE: ``[(t−μ)ᵀΣ⁻¹(x−μ)]² / ([(t−μ)ᵀΣ⁻¹(t−μ)] · [(x−μ)ᵀΣ⁻¹(x−μ)])``
+* CEM (Harsanyi 1993): ``R = XᵀX / N``, ``w = R⁻¹t / (tᵀR⁻¹t)``, score ``wᵀx``
+
+Σ and R are estimated from *training* background pixels, never from the scene being scored,
+and regularised with a relative ridge ``M + λ · (tr M / B) · I``. MF, ACE and CEM are invariant to
+rescaling M, so this ridge is the same as shrinkage ``(1 − α) M + α (tr M / B) I`` with
+``λ = α / (1 − α)``. All linear algebra runs in float64; scores are returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DETECTOR_NAMES = ("SAM", "MF", "ACE", "CEM")
+
+
+def regularise(matrix: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``M + ridge · (tr M / B) · I``: a scale-free ridge that keeps M invertible with B ≳ N pixels."""
+    bands = matrix.shape[-1]
+    scale = torch.diagonal(matrix, dim1=-2, dim2=-1).sum(-1) / bands
+    return matrix + ridge * scale * torch.eye(bands, dtype=matrix.dtype, device=matrix.device)
+
+
+def background_covariance(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean μ and maximum-likelihood covariance Σ = (X−μ)ᵀ(X−μ)/N of ``pixels`` (N, B), in float64."""
+    x = pixels.double()
+    mean = x.mean(0)
+    centred = x - mean
+    return mean, centred.T @ centred / x.shape[0]
+
+
+def background_autocorrelation(pixels: torch.Tensor) -> torch.Tensor:
+    """Uncentred autocorrelation R = XᵀX / N of ``pixels`` (N, B), in float64 (used by CEM)."""
+    x = pixels.double()
+    return x.T @ x / x.shape[0]
+
+
+def sam_score(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-300) -> torch.Tensor:
+    """Minus the spectral angle between every pixel in ``x`` (..., B) and ``target`` (B,).
+
+    The angle ``arccos(xᵀt / (‖x‖ ‖t‖))`` is evaluated as ``2·atan2(‖x̂ − t̂‖, ‖x̂ + t̂‖)`` on the unit
+    vectors (Kahan), which equals it exactly in real arithmetic but stays accurate for small angles,
+    where ``arccos`` of a rounded cosine loses half the digits.
+    """
+    x_unit = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(eps)
+    t_unit = target.double() / target.double().norm().clamp_min(eps)
+    angle = 2.0 * torch.atan2((x_unit - t_unit).norm(dim=-1), (x_unit + t_unit).norm(dim=-1))
+    return (-angle).to(x.dtype)
+
+
+def mf_score(x: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """Matched filter ``wᵀ(x−μ)`` with ``w = Σ⁻¹(t−μ) / ((t−μ)ᵀΣ⁻¹(t−μ))``; 1 at x = t, 0 at x = μ."""
+    d = target.double() - mean.double()
+    cov_inv_d = torch.linalg.solve(covariance.double(), d)
+    w = cov_inv_d / (d @ cov_inv_d)
+    return ((x.double() - mean.double()) @ w).to(x.dtype)
+
+
+def ace_score(
+    x: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor, eps: float = 1e-300
+) -> torch.Tensor:
+    """Adaptive coherence estimator: squared cosine between t−μ and x−μ in the Σ⁻¹ metric, in [0, 1]."""
+    d = target.double() - mean.double()
+    centred = x.double() - mean.double()
+    chol = torch.linalg.cholesky(covariance.double())
+    whitened_d = torch.linalg.solve_triangular(chol, d.unsqueeze(-1), upper=False).squeeze(-1)
+    whitened_x = torch.linalg.solve_triangular(chol, centred.reshape(-1, d.shape[0]).T, upper=False).T
+    numerator = (whitened_x @ whitened_d) ** 2
+    denominator = (whitened_d @ whitened_d) * (whitened_x * whitened_x).sum(-1)
+    return (numerator / denominator.clamp_min(eps)).reshape(centred.shape[:-1]).to(x.dtype)
+
+
+def cem_score(x: torch.Tensor, target: torch.Tensor, autocorrelation: torch.Tensor) -> torch.Tensor:
+    """Constrained energy minimisation ``wᵀx`` with ``w = R⁻¹t / (tᵀR⁻¹t)``; 1 at x = t."""
+    t = target.double()
+    r_inv_t = torch.linalg.solve(autocorrelation.double(), t)
+    w = r_inv_t / (t @ r_inv_t)
+    return (x.double() @ w).to(x.dtype)
+
+
+class ClassicalDetectors(nn.Module):
+    """SAM, MF, ACE and CEM with background statistics fitted once from training pixels.
+
+    Call :meth:`fit` with training background pixels (N, B) and the target spectrum (B,), then
+    ``detectors(x)`` returns ``{"SAM": ..., "MF": ..., "ACE": ..., "CEM": ...}``, each a score per
+    pixel of ``x`` (..., B), higher = more target-like. The statistics are buffers, so they move
+    with ``.to(device)`` and are saved in ``state_dict``.
+
+    Args:
+        ridge: relative ridge λ added to Σ and R (see :func:`regularise`); 0 disables it.
+    """
+
+    def __init__(self, ridge: float = 1e-3) -> None:
+        super().__init__()
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}; pass a small non-negative value such as 1e-3")
+        self.ridge = float(ridge)
+        self.register_buffer("target", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("mean", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("covariance", torch.empty(0, 0, dtype=torch.float64))
+        self.register_buffer("autocorrelation", torch.empty(0, 0, dtype=torch.float64))
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean.numel() > 0
+
+    def fit(self, background_pixels: torch.Tensor, target: torch.Tensor) -> ClassicalDetectors:
+        """Estimate μ, Σ + ridge and R + ridge from ``background_pixels`` (N, B); keep ``target`` (B,)."""
+        if background_pixels.ndim != 2 or target.shape != background_pixels.shape[-1:]:
+            raise ValueError(
+                f"expected background pixels (N, B) and a target (B,), got {tuple(background_pixels.shape)} "
+                f"and {tuple(target.shape)}; pass spectra with the same number of bands"
+            )
+        mean, covariance = background_covariance(background_pixels)
+        self.target = target.detach().double().clone()
+        self.mean = mean
+        self.covariance = regularise(covariance, self.ridge)
+        self.autocorrelation = regularise(background_autocorrelation(background_pixels), self.ridge)
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
+        # The buffers are empty until fit(); take the saved shapes so a fitted state loads into a new module.
+        for name in ("target", "mean", "covariance", "autocorrelation"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.fitted:
+            raise RuntimeError("ClassicalDetectors.fit(background_pixels, target) must be called before scoring")
+        return {
+            "SAM": sam_score(x, self.target),
+            "MF": mf_score(x, self.target, self.mean, self.covariance),
+            "ACE": ace_score(x, self.target, self.mean, self.covariance),
+            "CEM": cem_score(x, self.target, self.autocorrelation),
+        }
+
+    def extra_repr(self) -> str:
+        return f"ridge={self.ridge:g}, bands={self.mean.numel()}"

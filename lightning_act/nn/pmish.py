@@ -1,0 +1,55 @@
+"""Parametric Mish (PMish), the activation of Spectral-NN.
+
+``PMish(x) = x · tanh(softplus(β x) / β)`` with one learnable scalar β per module
+(Pulakurthi et al. 2024; used by Lekhak et al., arXiv 2602.10434). β = 1 is Mish
+(``x · tanh(softplus(x))``); β → ∞ tends to ``x · tanh(ReLU(x))``; β → 0 tends to the
+identity, because ``softplus(β x) / β ≈ log(2) / β → ∞`` and ``tanh → 1``.
+
+Numerical safety:
+
+* ``softplus(β x)`` is evaluated as ``logaddexp(β x, 0)``, which never overflows for large
+  ``|β x|`` and has the exact derivative ``sigmoid(β x)`` everywhere (including ``x = 0``).
+* β is clamped to ``[beta_min, ∞)`` before use. A β at or below 0 has no meaning here (the
+  β → 0 limit is the identity) and a β so small that ``β²`` underflows would turn the
+  gradient ``∂/∂β [softplus(β x) / β]`` into ``0 · ∞ = nan``. With the default
+  ``beta_min = 1e-8`` every intermediate stays finite in float32; below the clamp the
+  function equals its value at ``beta_min`` (the identity to float precision for
+  ``|x| ≪ 1 / beta_min``) and β receives no gradient, like any clamped parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def pmish(x: torch.Tensor, beta: torch.Tensor | float, beta_min: float = 1e-8) -> torch.Tensor:
+    """``x · tanh(softplus(β x) / β)`` with β clamped to at least ``beta_min`` (see module docstring)."""
+    beta_t = torch.as_tensor(beta, dtype=x.dtype, device=x.device).clamp_min(beta_min)
+    scaled_softplus = torch.logaddexp(beta_t * x, torch.zeros((), dtype=x.dtype, device=x.device)) / beta_t
+    return x * torch.tanh(scaled_softplus)
+
+
+class PMish(nn.Module):
+    """Parametric Mish with one learnable scalar β (init 1, i.e. Mish at the start of training).
+
+    Args:
+        beta_init: initial β (> 0).
+        learnable: train β (``True``, as in the paper) or keep it fixed.
+        beta_min: smallest β used in the forward pass; keeps gradients finite as β → 0.
+    """
+
+    def __init__(self, beta_init: float = 1.0, learnable: bool = True, beta_min: float = 1e-8) -> None:
+        super().__init__()
+        if not beta_init > 0:
+            raise ValueError(f"PMish beta_init must be > 0, got {beta_init}; pass a positive value such as 1.0")
+        if not beta_min > 0:
+            raise ValueError(f"PMish beta_min must be > 0, got {beta_min}; pass a small positive value such as 1e-8")
+        self.beta_min = float(beta_min)
+        self.beta = nn.Parameter(torch.tensor(float(beta_init)), requires_grad=learnable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pmish(x, self.beta.to(x.dtype), self.beta_min)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta.item():.4g}, learnable={self.beta.requires_grad}, beta_min={self.beta_min:g}"

@@ -1,0 +1,158 @@
+"""Per-pixel spectral target detection with Spectral-NN (Lekhak et al., arXiv 2602.10434).
+
+Targets are a fraction of a percent of the pixels, so the loss is either BCE with ``pos_weight``
+derived from the training class balance (the datamodule's background/target pixel ratio r) or the
+focal loss (Lin et al. 2017). The default weight is √r: on the default synthetic data the full
+ratio r (≈ 176) over-weights the 116 training target pixels and gave a lower validation AP
+(0.82 vs 0.95 after 30 epochs). Average precision is the headline metric: with such sparse targets
+ROC-AUC stays near 1 even for detectors whose top-ranked pixels are mostly false alarms.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryPrecisionRecallCurve,
+)
+from torchvision.ops import sigmoid_focal_loss
+
+from lightning_act.errors import LightningActError
+from lightning_act.models.spectral_nn import SpectralNN
+
+
+class SpectralTargetDetection(pl.LightningModule):
+    """Train :class:`SpectralNN` on (spectrum, 0/1 label) batches; log ROC-AUC and AP.
+
+    Args:
+        in_bands: spectral bands B (must match the datamodule's ``num_bands``).
+        hidden_sizes, dropout, beta_init: Spectral-NN architecture (see :class:`SpectralNN`).
+        loss: ``"bce"`` (BCE with ``pos_weight``) or ``"focal"``.
+        pos_weight: ``"sqrt"`` (√r, default), ``"auto"`` (r), with r the background/target ratio of
+            the training pixels read from the datamodule's ``pos_weight``; a number; or ``None``
+            for plain BCE.
+        focal_alpha, focal_gamma: focal-loss weighting of positives and focusing exponent.
+        lr, weight_decay: AdamW settings (no decay on biases and PMish β).
+
+    Logs ``train/loss``, ``val/loss``, ``val/ap``, ``val/auroc``, ``test/ap``, ``test/auroc``. After
+    testing, ``test_pr_curve`` holds the precision-recall curve (precision, recall, thresholds),
+    also written to ``test_pr_curve.csv`` in the trainer's log directory when there is one.
+    """
+
+    def __init__(
+        self,
+        in_bands: int = 64,
+        hidden_sizes: Sequence[int] = (128, 64),
+        dropout: float = 0.2,
+        beta_init: float = 1.0,
+        loss: Literal["bce", "focal"] = "bce",
+        pos_weight: float | Literal["auto", "sqrt"] | None = "sqrt",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if loss not in ("bce", "focal"):
+            raise LightningActError(f"unknown loss '{loss}'; use --model.loss bce or --model.loss focal")
+        if not (pos_weight is None or pos_weight in ("auto", "sqrt") or float(pos_weight) > 0):
+            raise LightningActError(
+                f"pos_weight must be 'sqrt', 'auto', null or a positive number, got {pos_weight!r}; "
+                "set --model.pos_weight accordingly"
+            )
+        self.save_hyperparameters()
+        self.model = SpectralNN(in_bands, hidden_sizes, dropout, beta_init)
+        initial = 1.0 if pos_weight in (None, "auto", "sqrt") else float(pos_weight)
+        self.register_buffer("pos_weight", torch.tensor(initial))
+        self.val_auroc, self.val_ap = BinaryAUROC(), BinaryAveragePrecision()
+        self.test_auroc, self.test_ap = BinaryAUROC(), BinaryAveragePrecision()
+        self.test_pr = BinaryPrecisionRecallCurve()
+        self.test_pr_curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        bands = getattr(datamodule, "num_bands", None)
+        if bands is not None and bands != self.hparams.in_bands:
+            raise LightningActError(
+                f"the data has {bands} bands but the model was built for {self.hparams.in_bands}; "
+                f"set --model.in_bands {bands}"
+            )
+        if self.hparams.pos_weight in ("auto", "sqrt") and stage == "fit":
+            ratio = getattr(datamodule, "pos_weight", None)
+            if ratio is None:
+                raise LightningActError(
+                    f"pos_weight='{self.hparams.pos_weight}' needs a datamodule with a pos_weight attribute "
+                    "(HyperspectralDataModule); pass --model.pos_weight NUMBER instead"
+                )
+            self.pos_weight.fill_(float(ratio) ** (0.5 if self.hparams.pos_weight == "sqrt" else 1.0))
+
+    def forward(self, spectra: torch.Tensor) -> torch.Tensor:
+        return self.model(spectra)
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """BCE with ``pos_weight`` or the mean focal loss."""
+        if self.hparams.loss == "focal":
+            return sigmoid_focal_loss(
+                logits, labels, alpha=self.hparams.focal_alpha, gamma=self.hparams.focal_gamma, reduction="mean"
+            )
+        weight = None if self.hparams.pos_weight is None else self.pos_weight
+        return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        spectra, labels = batch
+        loss = self.compute_loss(self(spectra), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        spectra, labels = batch
+        logits = self(spectra)
+        self.log("val/loss", self.compute_loss(logits, labels), sync_dist=True)
+        self.val_auroc.update(logits, labels.long())
+        self.val_ap.update(logits, labels.long())
+        self.log("val/auroc", self.val_auroc)
+        self.log("val/ap", self.val_ap, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        spectra, labels = batch
+        logits = self(spectra)
+        self.log("test/loss", self.compute_loss(logits, labels), sync_dist=True)
+        for metric in (self.test_auroc, self.test_ap, self.test_pr):
+            metric.update(logits, labels.long())
+        self.log("test/auroc", self.test_auroc)
+        self.log("test/ap", self.test_ap)
+
+    def on_test_epoch_end(self) -> None:
+        precision, recall, thresholds = self.test_pr.compute()
+        self.test_pr.reset()
+        self.test_pr_curve = (precision.cpu(), recall.cpu(), thresholds.cpu())
+        log_dir = self.trainer.log_dir
+        if log_dir is not None and self.trainer.is_global_zero:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(log_dir) / "test_pr_curve.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["threshold_probability", "precision", "recall"])
+                # precision/recall have one more entry than thresholds: the (1, 0) end point.
+                for p, r, t in zip(precision.tolist(), recall.tolist(), [*thresholds.tolist(), float("nan")]):
+                    writer.writerow([t, p, r])
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return torch.sigmoid(self(batch[0]))
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )

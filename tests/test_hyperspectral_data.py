@@ -1,0 +1,191 @@
+"""Synthetic scene generator, ENVI/.mat loaders and the hyperspectral datamodule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from lightning_act.data.hyperspectral import (
+    HyperspectralDataModule,
+    load_scene,
+    make_synthetic_scene,
+    make_synthetic_scenes,
+    read_envi,
+    read_mat,
+    split_scenes,
+)
+from lightning_act.errors import DataFormatError, DataNotFoundError
+
+SMALL = {"size": 24, "num_bands": 16, "targets_per_scene": (2, 3), "clutter_per_scene": (1, 2)}
+
+
+def test_synthetic_scene_properties() -> None:
+    scenes = make_synthetic_scenes(3, seed=5, **SMALL)
+    for scene in scenes:
+        assert scene.cube.shape == (24, 24, 16) and scene.cube.dtype == np.float32
+        assert scene.mask.shape == (24, 24) and scene.mask.dtype == bool
+        assert np.isfinite(scene.cube).all()
+        # Sparse targets: a handful of pixels, each labelled pixel at least partly covered.
+        assert 2 <= scene.mask.sum() <= 0.05 * scene.mask.size
+        assert (scene.abundance[scene.mask] > 0).all()
+        assert scene.abundance.min() == 0.0 and scene.abundance.max() <= 1.0
+        # Sub-pixel targets: some covered pixels are only partly covered.
+        assert ((scene.abundance > 0) & (scene.abundance < 1)).any()
+    assert len({s.name for s in scenes}) == 3
+    assert not np.allclose(scenes[0].cube, scenes[1].cube[:, :, :])
+
+
+def test_synthetic_scenes_are_deterministic_by_seed() -> None:
+    a = make_synthetic_scene(1, seed=3, **SMALL)
+    b = make_synthetic_scene(1, seed=3, **SMALL)
+    c = make_synthetic_scene(1, seed=4, **SMALL)
+    np.testing.assert_array_equal(a.cube, b.cube)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.cube, c.cube)
+
+
+def test_target_pixels_are_mixtures_towards_the_target_spectrum() -> None:
+    scene = make_synthetic_scene(0, seed=0, noise_std=0.0, **SMALL)
+    pixels = scene.cube.reshape(-1, scene.cube.shape[-1])
+    unit_pixels = pixels / np.linalg.norm(pixels, axis=-1, keepdims=True)
+    cosine = unit_pixels @ (scene.target_spectrum / np.linalg.norm(scene.target_spectrum))
+    labelled = scene.mask.reshape(-1)
+    assert np.median(cosine[labelled]) > np.median(cosine[~labelled])
+
+
+def test_split_scenes_is_disjoint_and_covers_all() -> None:
+    has_target = [True] * 10 + [False] * 6
+    train, val, test = split_scenes(has_target, 0.2, 0.3, seed=0)
+    assert set(train) | set(val) | set(test) == set(range(16))
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    assert sum(has_target[i] for i in test) == 3 and sum(has_target[i] for i in val) == 2
+    assert split_scenes(has_target, 0.2, 0.3, seed=0) == (train, val, test)
+    with pytest.raises(DataFormatError, match="cannot fill"):
+        split_scenes([True, True], 0.2, 0.3, seed=0)
+
+
+def test_datamodule_splits_by_scene_and_standardises_from_train() -> None:
+    dm = HyperspectralDataModule(num_scenes=5, scene_size=16, num_bands=12, val_fraction=0.2, test_fraction=0.2, seed=1)
+    dm.setup("fit")
+    names = {split: {s.name for s in scenes} for split, scenes in dm.scenes.items()}
+    assert [len(names[k]) for k in ("train", "val", "test")] == [3, 1, 1]
+    assert not (names["train"] & names["test"] or names["train"] & names["val"] or names["val"] & names["test"])
+    assert dm.train_pixels.shape == (3 * 16 * 16, 12) and dm.test_pixels.shape == (16 * 16, 12)
+    raw = np.concatenate([s.cube.reshape(-1, 12) for s in dm.scenes["train"]]).astype(np.float64)
+    standardised, labels = dm.train_set.tensors
+    np.testing.assert_allclose(standardised.numpy(), (raw - raw.mean(0)) / raw.std(0, ddof=1), rtol=1e-3, atol=1e-4)
+    positives = sum(int(s.mask.sum()) for s in dm.scenes["train"])
+    assert int(labels.sum()) == positives
+    assert dm.pos_weight == pytest.approx((raw.shape[0] - positives) / positives)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (min(512, len(labels)), 12) and y.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _write_envi(directory: Path, cube: np.ndarray, interleave: str, name: str = "cube") -> Path:
+    """Write ``cube`` (H, W, B) as raw float32 little-endian with a hand-written ENVI header."""
+    lines, samples, bands = cube.shape
+    axes = {"bsq": (2, 0, 1), "bil": (0, 2, 1), "bip": (0, 1, 2)}[interleave]
+    np.ascontiguousarray(cube.transpose(axes)).astype("<f4").tofile(directory / f"{name}.img")
+    header = directory / f"{name}.hdr"
+    header.write_text(
+        "ENVI\n"
+        f"samples = {samples}\nlines = {lines}\nbands = {bands}\nheader offset = 0\n"
+        f"file type = ENVI Standard\ndata type = 4\ninterleave = {interleave}\nbyte order = 0\n"
+        "wavelength = {" + ", ".join(str(400 + 10 * b) for b in range(bands)) + "}\n"
+    )
+    return header
+
+
+@pytest.mark.parametrize("interleave", ["bsq", "bil", "bip"])
+def test_envi_round_trip_each_interleave(tmp_path: Path, interleave: str) -> None:
+    cube = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+    cube[2, 4, 1] = 123.0  # one marked entry: row 2, column 4, band 1
+    read, wavelengths = read_envi(_write_envi(tmp_path, cube, interleave))
+    assert read.shape == (5, 7, 3) and read[2, 4, 1] == 123.0
+    np.testing.assert_array_equal(read, cube)
+    np.testing.assert_array_equal(wavelengths, [400.0, 410.0, 420.0])
+
+
+def test_envi_written_by_spectral_and_mask(tmp_path: Path) -> None:
+    from spectral.io import envi
+
+    cube = np.random.default_rng(1).uniform(size=(6, 4, 5)).astype(np.float32)
+    envi.save_image(str(tmp_path / "scene.hdr"), cube, interleave="bil", dtype=np.float32)
+    mask = np.zeros((6, 4), dtype=np.uint8)
+    mask[1, 2] = 3
+    mask[4, 0] = 1
+    envi.save_image(str(tmp_path / "gt.hdr"), mask[..., None], dtype=np.uint8)
+    scene = load_scene(tmp_path / "scene.hdr", tmp_path / "gt.hdr", target_values=[3])
+    np.testing.assert_array_equal(scene.cube, cube)
+    assert scene.mask.sum() == 1 and scene.mask[1, 2]
+
+
+def test_mat_round_trip(tmp_path: Path) -> None:
+    cube = np.random.default_rng(2).integers(0, 9000, size=(8, 9, 4)).astype(np.uint16)
+    gt = np.zeros((8, 9), dtype=np.uint8)
+    gt[3, 3] = 2
+    gt[5, 1] = 7
+    scipy.io.savemat(tmp_path / "pines.mat", {"indian_pines": cube, "indian_pines_gt": gt})
+    scene = load_scene(tmp_path / "pines.mat")
+    np.testing.assert_array_equal(scene.cube, cube.astype(np.float32))
+    np.testing.assert_array_equal(scene.mask, gt != 0)
+    scipy.io.savemat(tmp_path / "gt.mat", {"gt": gt})
+    separate = load_scene(tmp_path / "pines.mat", tmp_path / "gt.mat", target_values=[7])
+    assert separate.mask.sum() == 1 and separate.mask[5, 1]
+    np.testing.assert_array_equal(read_mat(tmp_path / "pines.mat", "indian_pines_gt"), gt)
+
+
+def test_datamodule_on_a_mat_file_crops_and_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    cube = rng.normal(size=(20, 20, 6)).astype(np.float32)
+    gt = np.zeros((20, 20), dtype=np.uint8)
+    gt[[2, 2, 7, 12, 17, 17], [3, 13, 8, 2, 7, 16]] = 1
+    scipy.io.savemat(tmp_path / "scene.mat", {"cube": cube, "gt": gt})
+    dm = HyperspectralDataModule(path=str(tmp_path / "scene.mat"), crop_size=5, val_fraction=0.2, test_fraction=0.2)
+    dm.setup("fit")
+    assert dm.num_bands == 6
+    sizes = [len(dm.scenes[k]) for k in ("train", "val", "test")]
+    assert sum(sizes) == 16 and min(sizes) >= 1
+    assert len(dm.train_labels) + len(dm.val_labels) + len(dm.test_labels) == 400
+    assert int(dm.train_labels.sum() + dm.val_labels.sum() + dm.test_labels.sum()) == 6
+
+
+def test_missing_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="not found; pass"):
+        read_envi(tmp_path / "nothing.hdr")
+    with pytest.raises(DataNotFoundError, match="not found"):
+        HyperspectralDataModule(path=str(tmp_path / "nothing.mat"))
+    header = _write_envi(tmp_path, np.zeros((2, 2, 2), np.float32), "bsq")
+    (tmp_path / "cube.img").unlink()
+    with pytest.raises(DataNotFoundError, match="data file"):
+        read_envi(header)
+
+
+def test_mismatched_mask_shape_error(tmp_path: Path) -> None:
+    scipy.io.savemat(tmp_path / "scene.mat", {"cube": np.zeros((4, 5, 3)), "gt": np.zeros((5, 4), np.uint8)})
+    with pytest.raises(DataFormatError, match=r"shape \(5, 4\) but cube .* is 4x5"):
+        load_scene(tmp_path / "scene.mat")
+
+
+def test_unknown_interleave_error(tmp_path: Path) -> None:
+    header = _write_envi(tmp_path, np.zeros((2, 3, 4), np.float32), "bsq")
+    header.write_text(header.read_text().replace("interleave = bsq", "interleave = bxq"))
+    with pytest.raises(DataFormatError, match="interleave 'bxq'; set 'interleave' to one of bsq, bil, bip"):
+        read_envi(header)
+
+
+def test_error_messages_are_one_line(tmp_path: Path) -> None:
+    for call in (
+        lambda: read_envi(tmp_path / "x.hdr"),
+        lambda: load_scene(tmp_path / "x.tif"),
+    ):
+        with pytest.raises((DataNotFoundError, DataFormatError)) as info:
+            call()
+        assert "\n" not in str(info.value)

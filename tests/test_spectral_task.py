@@ -1,0 +1,111 @@
+"""Spectral-NN, its LightningModule and the detectors-table script on tiny synthetic data."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import timm
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from lightning_act.data.hyperspectral import HyperspectralDataModule
+from lightning_act.errors import LightningActError
+from lightning_act.models.spectral_nn import SpectralNN
+from lightning_act.nn.pmish import PMish
+from lightning_act.tasks.spectral_detection import SpectralTargetDetection
+
+TINY_DATA = {"num_scenes": 5, "scene_size": 16, "num_bands": 8, "val_fraction": 0.2, "test_fraction": 0.2, "batch_size": 64}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, especially on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_spectral_nn_structure() -> None:
+    model = SpectralNN(in_bands=10, hidden_sizes=(6, 4), dropout=0.0)
+    assert [b.linear.in_features for b in model.blocks] == [10, 6]
+    assert sum(isinstance(m, PMish) for m in model.modules()) == 2
+    assert model(torch.randn(3, 7, 10)).shape == (3, 7)
+    created = timm.create_model("spectral_nn", in_bands=10)
+    assert [b.linear.out_features for b in created.blocks] == [128, 64]
+
+
+def test_losses_match_hand_computation() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    labels = torch.tensor([1.0, 0.0, 0.0])
+    task = SpectralTargetDetection(in_bands=4, pos_weight=3.0)
+    p = 1 / (1 + np.exp(-logits.numpy()))
+    expected_bce = -(3.0 * np.log(p[0]) + np.log(1 - p[1]) + np.log(1 - p[2])) / 3
+    assert task.compute_loss(logits, labels).item() == pytest.approx(expected_bce, rel=1e-6)
+    focal = SpectralTargetDetection(in_bands=4, loss="focal", focal_alpha=0.25, focal_gamma=2.0)
+    p_true = np.array([p[0], 1 - p[1], 1 - p[2]])
+    alpha = np.array([0.25, 0.75, 0.75])
+    expected_focal = np.mean(-alpha * (1 - p_true) ** 2 * np.log(p_true))
+    assert focal.compute_loss(logits, labels).item() == pytest.approx(expected_focal, rel=1e-6)
+
+
+def test_tiny_fit_logs_metrics_and_pr_curve(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    data = HyperspectralDataModule(**TINY_DATA)
+    task = SpectralTargetDetection(in_bands=8, hidden_sizes=(16, 8), pos_weight="auto")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=4,
+        log_every_n_steps=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=data)
+    assert task.pos_weight.item() == pytest.approx(data.pos_weight)
+    for key in ("train/loss", "val/ap", "val/auroc"):
+        assert key in trainer.logged_metrics and math.isfinite(float(trainer.logged_metrics[key]))
+    results = trainer.test(task, datamodule=data, verbose=False)[0]
+
+    task.eval()
+    with torch.no_grad():
+        scores = task(data.test_set.tensors[0]).numpy()
+    labels = data.test_labels.numpy()
+    assert results["test/auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-5)
+    assert results["test/ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-5)
+    precision, recall, _ = task.test_pr_curve
+    assert precision[-1] == 1.0 and recall[-1] == 0.0 and recall[0] == 1.0
+    csv_file = Path(trainer.log_dir) / "test_pr_curve.csv"
+    assert csv_file.read_text().splitlines()[0] == "threshold_probability,precision,recall"
+    metrics_csv = (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert all(key in metrics_csv for key in ("val/ap", "val/auroc", "test/ap", "test/auroc"))
+
+
+def test_band_mismatch_and_bad_arguments_are_clear() -> None:
+    data = HyperspectralDataModule(**TINY_DATA)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(LightningActError, match="set --model.in_bands 8"):
+        trainer.fit(SpectralTargetDetection(in_bands=5), datamodule=data)
+    with pytest.raises(LightningActError, match="unknown loss"):
+        SpectralTargetDetection(loss="hinge")  # type: ignore[arg-type]
+
+
+def test_detectors_table_script_on_tiny_data() -> None:
+    spec = importlib.util.spec_from_file_location("detectors_table", Path(__file__).parents[1] / "scripts" / "detectors_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.detectors_table(TINY_DATA, {"hidden_sizes": (8,)}, max_epochs=1)
+    assert [r["method"] for r in rows] == ["SAM", "MF", "ACE", "CEM", "Spectral-NN"]
+    for row in rows:
+        assert 0.0 <= row["roc_auc"] <= 1.0 and 0.0 < row["ap"] <= 1.0
+    table = module.markdown_table(rows)
+    assert table.splitlines()[0] == "| method | ROC-AUC | AP |" and len(table.splitlines()) == 7
