@@ -1,0 +1,210 @@
+"""A saved W&B workspace that lays out the monitors: ``lightning_act wandb-dashboard --project P``.
+
+Why the keys look the way they do: every monitor logs ``<prefix>/<module>/<stat>`` (e.g.
+``massive/model.blocks.3/ratio``). W&B's default (automatic) workspace puts each key into the
+*panel section* named by the text before its first ``/``, so without any setup a project shows
+one section per monitor (``act``, ``sparsity``, ``massive``, ``collapse``, ``sensitive``) next
+to ``train`` and ``val`` — but with one panel per key, i.e. one per layer and statistic.
+
+This command saves a *view* that is easier to read: per monitor one section, in it one line
+plot per statistic whose y axis is the regex ``^<prefix>/[^/]+/<stat>$`` (every layer of that
+statistic on one panel) over ``trainer/global_step``, and a media panel with the monitor's
+images (``plots/<prefix>_*``, logged by :func:`lightning_act.plots.log_figure`).
+
+The layout is a plain data structure built by :func:`dashboard_spec` (pure, tested offline);
+only :func:`main` talks to W&B, through the maintained ``wandb-workspaces`` package
+(``pip install wandb-workspaces``), imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from lightning_act.errors import LightningActError
+from lightning_act.report.runlog import INDEX_COLUMNS, MONITOR_PREFIXES, split_monitor_key
+
+if TYPE_CHECKING:
+    from wandb_workspaces.workspaces import Workspace
+
+#: Section titles of the monitors (key prefix → title).
+SECTION_TITLES: dict[str, str] = {
+    "act": "act: activation statistics",
+    "sparsity": "sparsity: activation sparsity",
+    "massive": "massive: massive activations",
+    "collapse": "collapse: dimensional collapse",
+    "sensitive": "sensitive: sensitive neurons",
+}
+
+IMAGE_PREFIX = "plots/"
+
+#: The x axis of every line plot: Lightning's WandbLogger logs the global step under this key
+#: and declares it the step metric of all other keys (W&B's own ``Step`` counts ``log`` calls).
+STEP_KEY = "trainer/global_step"
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    """One panel: a line plot of every key matching ``metric_regex`` over ``x``, or a media browser of ``media_keys``."""
+
+    kind: Literal["line", "media"]
+    title: str
+    metric_regex: str | None = None
+    media_keys: tuple[str, ...] = ()
+    x: str | None = None
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    name: str
+    panels: tuple[PanelSpec, ...] = field(default_factory=tuple)
+
+
+def _stat_order(stats: Iterable[str]) -> list[str]:
+    """Statistics first, then the emergence-fit parameters (``fit_*``)."""
+    return sorted(stats, key=lambda s: (s.startswith("fit_"), s))
+
+
+def dashboard_spec(keys: Iterable[str]) -> list[SectionSpec]:
+    """The workspace layout for a project that logged ``keys`` (metric and image keys).
+
+    Sections: ``training`` (one line plot per metric name, e.g. ``train/loss`` and ``val/loss``
+    together), then one per monitor present, in :data:`MONITOR_PREFIXES` order.
+    """
+    keys = [k for k in dict.fromkeys(keys) if k not in (*INDEX_COLUMNS, STEP_KEY) and not k.startswith("_")]
+    monitor_stats: dict[str, set[str]] = {}
+    training: dict[str, list[str]] = {}
+    images: list[str] = []
+    for key in keys:
+        if key.startswith(IMAGE_PREFIX):
+            images.append(key)
+            continue
+        parts = split_monitor_key(key)
+        if parts is not None:
+            monitor_stats.setdefault(parts[0], set()).add(parts[2])
+        else:
+            training.setdefault(key.split("/")[-1], []).append(key)
+
+    sections: list[SectionSpec] = []
+    if training:
+        sections.append(SectionSpec(
+            name="training",
+            panels=tuple(
+                PanelSpec(
+                    kind="line", title=name, x=STEP_KEY,
+                    metric_regex="^(" + "|".join(re.escape(k) for k in sorted(group)) + ")$",
+                )
+                for name, group in sorted(training.items())
+            ),
+        ))
+    for prefix in MONITOR_PREFIXES:
+        if prefix not in monitor_stats:
+            continue
+        panels = [
+            PanelSpec(
+                kind="line",
+                title=f"{prefix}/*/{stat}",
+                x=STEP_KEY,
+                metric_regex=f"^{re.escape(prefix)}/[^/]+/{re.escape(stat)}$",
+            )
+            for stat in _stat_order(monitor_stats[prefix])
+        ]
+        own_images = tuple(sorted(k for k in images if k[len(IMAGE_PREFIX):].startswith(prefix + "_")))
+        if own_images:
+            panels.append(PanelSpec(kind="media", title=f"{prefix} plots", media_keys=own_images))
+        sections.append(SectionSpec(name=SECTION_TITLES[prefix], panels=tuple(panels)))
+    claimed = {k for s in sections for p in s.panels for k in p.media_keys}
+    other_images = tuple(sorted(k for k in images if k not in claimed))
+    if other_images:
+        sections.append(SectionSpec(name="plots", panels=(PanelSpec(kind="media", title="plots", media_keys=other_images),)))
+    return sections
+
+
+def keys_from_run_dir(run_dir: str | Path) -> list[str]:
+    """Metric keys from a local run's ``metrics.csv`` header and image keys from its ``plots/``."""
+    from lightning_act.report.runlog import load_run
+
+    run = load_run(run_dir)
+    return [*run.series, *(IMAGE_PREFIX + p.stem for p in run.plot_files)]
+
+
+def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> list[str]:
+    """Keys in the summaries of up to ``max_runs`` runs of a W&B project (network)."""
+    import wandb
+
+    api = wandb.Api()
+    path = f"{entity or api.default_entity}/{project}"
+    keys: dict[str, None] = {}
+    for index, run in enumerate(api.runs(path)):
+        if index >= max_runs:
+            break
+        keys.update(dict.fromkeys(run.summary.keys()))
+    return list(keys)
+
+
+def build_workspace(sections: Sequence[SectionSpec], entity: str, project: str, name: str) -> Workspace:
+    """Turn the spec into ``wandb_workspaces`` objects (no network until ``.save()``)."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        import wandb_workspaces.workspaces as ws
+    except ImportError as error:
+        raise LightningActError(
+            "the W&B workspace API is not installed; run `pip install wandb-workspaces` and try again"
+        ) from error
+
+    def panel(spec: PanelSpec) -> object:
+        if spec.kind == "media":
+            return wr.MediaBrowser(title=spec.title, media_keys=list(spec.media_keys))
+        return wr.LinePlot(title=spec.title, x=spec.x, metric_regex=spec.metric_regex)
+
+    return ws.Workspace(
+        entity=entity,
+        project=project,
+        name=name,
+        sections=[ws.Section(name=s.name, panels=[panel(p) for p in s.panels], is_open=True) for s in sections],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lightning_act wandb-dashboard --project P [--entity E] [--run-dir DIR] [--name N]``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning_act wandb-dashboard",
+        description="Save a W&B workspace view with one section per activation monitor "
+        "(needs `pip install wandb-workspaces` and `wandb login`).",
+    )
+    parser.add_argument("--project", required=True, help="W&B project (the recipes use lightning_act)")
+    parser.add_argument("--entity", default=None, help="W&B entity (default: your default entity)")
+    parser.add_argument("--run-dir", default=None, help="take the metric keys from this local run instead of the project's runs")
+    parser.add_argument("--name", default="lightning_act monitors", help="name of the saved view")
+    parser.add_argument("--dry-run", action="store_true", help="print the layout and save nothing")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        keys = keys_from_run_dir(args.run_dir) if args.run_dir else keys_from_project(args.entity, args.project)
+        sections = dashboard_spec(keys)
+        if not any(s.name in SECTION_TITLES.values() for s in sections):
+            raise LightningActError(
+                f"no monitor keys (act/, sparsity/, massive/, collapse/, sensitive/) found in "
+                f"{args.run_dir or 'project ' + args.project}; log a run with the monitors attached first"
+            )
+        if args.dry_run:
+            for section in sections:
+                print(section.name)
+                for p in section.panels:
+                    print(f"  {p.kind:5s} {p.title}: {p.metric_regex or ', '.join(p.media_keys)}")
+            return 0
+        entity = args.entity
+        if entity is None:
+            import wandb
+
+            entity = wandb.Api().default_entity
+        workspace = build_workspace(sections, entity, args.project, args.name).save()
+    except LightningActError as error:
+        print(f"lightning_act wandb-dashboard: error: {error}", file=sys.stderr)
+        return 2
+    print(f"saved workspace view: {workspace.url}")
+    return 0

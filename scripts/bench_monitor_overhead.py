@@ -1,0 +1,125 @@
+"""Training-step time with all four monitors vs none, measured side by side in one run.
+
+Three configurations are interleaved round by round (so drift and noise hit all of them alike):
+no monitors, the four monitors at their default interval (every 50 optimizer steps), and the four
+monitors with every step due. Each round fits a fresh copy of the same model for ``--warmup`` + 50
+steps and keeps the mean step time of the last 50 (a window that holds exactly one due step of the
+default interval, so its cost is amortised as in a real run); the printed ratios are medians over
+rounds, relative to no monitors.
+
+    python scripts/bench_monitor_overhead.py                    # ViT-S/16, batch 128, bf16 (GPU)
+    python scripts/bench_monitor_overhead.py --small            # a CPU-sized ViT, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations, SensitiveNeurons
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step (forward, backward, optimizer), synchronised on CUDA."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        return None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+def monitors(every_n_steps: int | None) -> list[pl.Callback]:
+    if every_n_steps is None:
+        return []
+    return [cls(every_n_steps=every_n_steps) for cls in (ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="CPU-sized ViT (img 32, patch 4, dim 192, depth 6)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=5, help="steps before the 50 timed ones")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    import timm
+
+    cuda = torch.cuda.is_available()
+    if args.small:
+        model_kwargs: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)
+        batch, image = args.batch_size or 32, 32
+    else:
+        model_kwargs, batch, image = {}, args.batch_size or 128, 224
+    steps = args.warmup + 50
+    precision = "bf16-mixed" if cuda else "32-true"
+    base = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=100, **model_kwargs)
+    device = "cuda" if cuda else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image, image, generator=generator)
+    y = torch.randint(0, 100, (batch,), generator=generator)
+    train = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=batch)
+    val = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=32)
+
+    configs = {"none": None, "monitors @ default interval (50)": 50, "monitors @ every step": 1}
+    medians: dict[str, list[float]] = {name: [] for name in configs}
+    for round_index in range(args.rounds):
+        for name, every in configs.items():
+            timer = StepTimer()
+            trainer = pl.Trainer(
+                accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps,
+                callbacks=[timer, *monitors(every)], logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            )
+            trainer.fit(Classifier(copy.deepcopy(base)).to(device), train, val)
+            medians[name].append(statistics.fmean(timer.times[args.warmup :]))
+            print(f"round {round_index}: {name:34s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
+
+    bare = statistics.median(medians["none"])
+    print()
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
+          f"lightning {pl.__version__}, precision {precision}, batch {batch}, model vit_small {model_kwargs or '(224, /16)'}")
+    print(f"{'configuration':34s} {'ms/step':>9s} {'ratio':>7s}")
+    for name in configs:
+        value = statistics.median(medians[name])
+        print(f"{name:34s} {value * 1e3:9.2f} {value / bare:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

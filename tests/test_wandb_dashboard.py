@@ -1,0 +1,115 @@
+"""The W&B workspace layout, built and checked offline (nothing is sent to W&B)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lightning_act.report.wandb_dashboard import (
+    PanelSpec,
+    SectionSpec,
+    dashboard_spec,
+    keys_from_run_dir,
+    main,
+)
+
+LAYERS = ["model.blocks.0", "model.blocks.1", "model.blocks.11.mlp.fc2:input"]
+KEYS = (
+    ["epoch", "step", "trainer/global_step", "train/loss", "val/loss", "val/acc", "lr-AdamW", "_runtime"]
+    + [f"sparsity/{layer}/{stat}" for layer in LAYERS for stat in ("zero_frac", "cett")]
+    + [f"massive/{layer}/{stat}" for layer in LAYERS for stat in ("ratio", "top1", "fit_r2")]
+    + [f"act/{layer}/rms" for layer in LAYERS]
+    + ["plots/massive_ratio_heatmap", "plots/sparsity_zero_frac_heatmap", "plots/act_rms_heatmap", "plots/custom"]
+)
+
+
+def line_panels(section: SectionSpec) -> list[PanelSpec]:
+    return [p for p in section.panels if p.kind == "line"]
+
+
+def test_one_section_per_monitor_in_order() -> None:
+    sections = dashboard_spec(KEYS)
+    assert [s.name for s in sections] == [
+        "training", "act: activation statistics", "sparsity: activation sparsity", "massive: massive activations", "plots",
+    ]
+    massive = sections[3]
+    assert [p.title for p in massive.panels] == [
+        "massive/*/ratio", "massive/*/top1", "massive/*/fit_r2", "massive plots",
+    ]
+    assert massive.panels[-1] == PanelSpec(kind="media", title="massive plots", media_keys=("plots/massive_ratio_heatmap",))
+    assert sections[-1].panels == (PanelSpec(kind="media", title="plots", media_keys=("plots/custom",)),)
+
+
+def test_each_metric_key_is_drawn_by_exactly_the_expected_panel() -> None:
+    sections = dashboard_spec(KEYS)
+    panels = [(s.name, p) for s in sections for p in line_panels(s)]
+    index_keys = ("epoch", "step", "trainer/global_step", "_runtime")
+    metric_keys = [k for k in KEYS if k not in index_keys and not k.startswith("plots/")]
+    for key in metric_keys:
+        matching = [(name, p.title) for name, p in panels if re.search(p.metric_regex or "(?!)", key)]
+        parts = key.split("/")
+        if len(parts) == 3:
+            expected_section = {"act": "act: activation statistics", "sparsity": "sparsity: activation sparsity",
+                                "massive": "massive: massive activations"}[parts[0]]
+            assert matching == [(expected_section, f"{parts[0]}/*/{parts[2]}")], key
+        else:
+            assert matching == [("training", parts[-1])], key
+    assert {p.x for _, p in panels} == {"trainer/global_step"}
+    # the loss panel overlays train and val; a per-stat regex does not leak into another stat or monitor
+    loss = next(p for _, p in panels if p.title == "loss")
+    assert re.search(loss.metric_regex or "", "train/loss") and re.search(loss.metric_regex or "", "val/loss")
+    ratio = next(p for _, p in panels if p.title == "massive/*/ratio")
+    for other in ("massive/model.blocks.0/ratio_sum", "sparsity/model.blocks.0/ratio", "massive/a/b/ratio"):
+        assert not re.search(ratio.metric_regex or "", other)
+
+
+def test_no_monitor_keys_gives_only_training() -> None:
+    assert [s.name for s in dashboard_spec(["train/loss", "step"])] == ["training"]
+    assert dashboard_spec([]) == []
+
+
+def test_spec_from_local_run_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    version = tmp_path / "csv" / "version_0"
+    (version / "plots").mkdir(parents=True)
+    (version / "metrics.csv").write_text("collapse/model.norm/erank,epoch,step,train/loss\n3.5,,0,\n,0,0,2.3\n")
+    (version / "plots" / "collapse_erank_heatmap.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert keys_from_run_dir(tmp_path) == ["collapse/model.norm/erank", "train/loss", "plots/collapse_erank_heatmap"]
+    assert main(["--project", "p", "--run-dir", str(tmp_path), "--dry-run"]) == 0
+    assert capsys.readouterr().out == (
+        "training\n"
+        "  line  loss: ^(train/loss)$\n"
+        "collapse: dimensional collapse\n"
+        "  line  collapse/*/erank: ^collapse/[^/]+/erank$\n"
+        "  media collapse plots: plots/collapse_erank_heatmap\n"
+    )
+
+
+def test_run_without_monitors_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n0,0,2.3\n")
+    assert main(["--project", "p", "--run-dir", str(tmp_path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        "lightning_act wandb-dashboard: error: no monitor keys (act/, sparsity/, massive/, collapse/, sensitive/) "
+        f"found in {tmp_path}; log a run with the monitors attached first\n"
+    )
+
+
+def test_workspace_objects_carry_the_spec() -> None:
+    pytest.importorskip("wandb_workspaces", reason="wandb-workspaces is not installed (pip install wandb-workspaces)")
+    import wandb_workspaces.reports.v2 as wr
+
+    from lightning_act.report.wandb_dashboard import build_workspace
+
+    sections = dashboard_spec(KEYS)
+    workspace = build_workspace(sections, entity="someone", project="lightning_act", name="monitors")
+    assert (workspace.entity, workspace.project, workspace.name) == ("someone", "lightning_act", "monitors")
+    assert [s.name for s in workspace.sections] == [s.name for s in sections]
+    for built, spec in zip(workspace.sections, sections, strict=True):
+        assert built.is_open
+        for panel, panel_spec in zip(built.panels, spec.panels, strict=True):
+            if panel_spec.kind == "line":
+                assert isinstance(panel, wr.LinePlot) and panel.metric_regex == panel_spec.metric_regex
+                assert panel.title == panel_spec.title and panel.x == "trainer/global_step"
+            else:
+                assert isinstance(panel, wr.MediaBrowser) and panel.media_keys == list(panel_spec.media_keys)
