@@ -1,0 +1,313 @@
+"""Dopamine / TauGate: activation-space fine-tuning with a per-neuron threshold and gain.
+
+Ghasemlou (2026), "Dopamine" (arXiv 2602.11726): freeze every base weight and learn, at the
+pre-activation ``z`` of chosen hidden layers, a threshold ``τ`` and a gain ``g`` per neuron. The
+gate is smooth during training, ``σ(s (z − τ))`` with slope ``s``, and hardened to ``1[z > τ]``
+at inference, which gives conditional computation and a per-neuron "which neurons fire" read-out.
+
+Exact-identity form used here (the paper's ``h = g ⊙ σ(s(z − τ)) ⊙ act(z)`` cannot equal the
+frozen model at init with a finite ``τ``, because a sigmoid never reaches exactly one):
+
+    h = act(z) ⊙ (1 + g ⊙ (2·gate(z) − 1)),   gate(z) = σ(s (z − τ))  or  1[z > τ]
+
+with ``g`` initialised to zero. Then ``1 + 0·x == 1`` and ``act(z)·1 == act(z)`` in floating
+point, so the adapted model is bit-for-bit the frozen one at init. ``2·gate − 1`` is the gate
+centred on its value at the threshold (½), so a neuron above threshold is scaled by ``1 + g`` and
+one below by ``1 − g``: ``g = 1`` recovers the paper's hard gate ``2·1[z > τ]·act(z)``
+(neurons below ``τ`` switched off), ``g < 0`` suppresses neurons above ``τ``. In smooth mode
+``2σ(x) − 1 = tanh(x/2)``. Two trainable numbers per neuron per adapted layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_act.errors import ModuleSelectionError
+
+ModulePattern = str | type
+
+
+class DopamineGate(nn.Module):
+    """Wrap an activation with a per-neuron threshold ``tau`` and gain ``gain`` at its input ``z``.
+
+    ``feature_dim`` is the axis of ``z`` that indexes neurons (-1 for Linear/MLP and transformer
+    tokens, 1 for conv feature maps). ``hardened`` switches between the smooth training gate and
+    the hard inference gate; :meth:`harden` / :meth:`soften` flip it without touching parameters.
+    """
+
+    def __init__(
+        self,
+        activation: nn.Module,
+        num_features: int,
+        slope: float = 5.0,
+        tau_init: float = 0.0,
+        feature_dim: int = -1,
+    ) -> None:
+        super().__init__()
+        if num_features < 1:
+            raise ModuleSelectionError(f"DopamineGate needs num_features >= 1, got {num_features}; pass the layer width")
+        if slope <= 0:
+            raise ModuleSelectionError(f"DopamineGate slope must be > 0, got {slope}; pass a positive slope such as 5.0")
+        self.activation = activation
+        self.num_features = num_features
+        self.slope = float(slope)
+        self.feature_dim = feature_dim
+        self.tau = nn.Parameter(torch.full((num_features,), float(tau_init)))
+        self.gain = nn.Parameter(torch.zeros(num_features))
+        self.hardened = False
+
+    def extra_repr(self) -> str:
+        return f"num_features={self.num_features}, slope={self.slope}, feature_dim={self.feature_dim}, hardened={self.hardened}"
+
+    def harden(self) -> DopamineGate:
+        """Use the hard gate ``1[z > τ]`` (inference / attribution)."""
+        self.hardened = True
+        return self
+
+    def soften(self) -> DopamineGate:
+        """Use the smooth gate ``σ(s (z − τ))`` again (training)."""
+        self.hardened = False
+        return self
+
+    def _per_neuron(self, values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[self.feature_dim] != self.num_features:
+            raise ModuleSelectionError(
+                f"DopamineGate expects {self.num_features} neurons on dim {self.feature_dim} but got input shape "
+                f"{tuple(z.shape)}; pass num_features/feature_dim matching the wrapped layer"
+            )
+        shape = [1] * z.ndim
+        shape[self.feature_dim] = self.num_features
+        return values.to(z.dtype).view(shape)
+
+    def fires(self, z: torch.Tensor) -> torch.Tensor:
+        """Boolean ``z > τ`` per element: the hard gate, used for attribution."""
+        return z > self._per_neuron(self.tau, z)
+
+    def gate(self, z: torch.Tensor) -> torch.Tensor:
+        """The gate value in [0, 1]: hard ``1[z > τ]`` or smooth ``σ(s (z − τ))``."""
+        if self.hardened:
+            return self.fires(z).to(z.dtype)
+        return torch.sigmoid(self.slope * (z - self._per_neuron(self.tau, z)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        modulation = 1.0 + self._per_neuron(self.gain, z) * (2.0 * self.gate(z) - 1.0)
+        return self.activation(z) * modulation
+
+
+def _resolve_class(path: str) -> type | None:
+    if "." not in path or any(ch in path for ch in "*?["):
+        return None
+    module_name, _, attr = path.rpartition(".")
+    try:
+        candidate = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return candidate if isinstance(candidate, type) and issubclass(candidate, nn.Module) else None
+
+
+def select_modules(model: nn.Module, patterns: Sequence[ModulePattern]) -> list[tuple[str, nn.Module]]:
+    """Modules of ``model`` matched by any pattern, in registration order.
+
+    A pattern is an ``nn.Module`` subclass, a dotted class path (``"torch.nn.GELU"``) or a glob
+    over qualified module names (``"blocks.*.mlp.act"``). Every pattern must match something.
+    """
+    if isinstance(patterns, (str, type)):
+        patterns = [patterns]
+    named = [(name, module) for name, module in model.named_modules() if name]
+    selected: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        cls = pattern if isinstance(pattern, type) else _resolve_class(pattern)
+        if cls is not None:
+            hits = [(n, m) for n, m in named if isinstance(m, cls)]
+        else:
+            hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ModuleSelectionError(
+                f"module pattern {pattern!r} matched no module of {type(model).__name__}; pass a name glob from "
+                "model.named_modules() or an activation class such as 'torch.nn.GELU'"
+            )
+        selected.update(hits)
+    order = {name: i for i, (name, _) in enumerate(named)}
+    return sorted(selected.items(), key=lambda item: order[item[0]])
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze(model: nn.Module) -> None:
+    """Stop gradients to every existing parameter of ``model``."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def infer_widths(
+    model: nn.Module,
+    names: Sequence[str],
+    example_input: Any = None,
+    feature_dim: int = -1,
+) -> dict[str, int]:
+    """Width (neurons) at the input of each named module.
+
+    With ``example_input`` the widths are read from one forward pass; otherwise each module takes
+    the ``out_features`` of the nearest ``nn.Linear`` registered before it (``fc1`` before ``act``
+    in a timm ``Mlp``, the previous Linear in an ``nn.Sequential``).
+    """
+    widths: dict[str, int] = {}
+    if example_input is not None:
+        handles = []
+        for name in names:
+            def record(module: nn.Module, args: tuple, name: str = name) -> None:
+                widths[name] = int(args[0].shape[feature_dim])
+
+            handles.append(model.get_submodule(name).register_forward_pre_hook(record))
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(example_input)
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        missing = [n for n in names if n not in widths]
+        if missing:
+            raise ModuleSelectionError(
+                f"modules {missing} were not called by the example input; select modules that run in forward()"
+            )
+        return widths
+    last_linear: nn.Linear | None = None
+    wanted = set(names)
+    for name, module in model.named_modules():
+        if name in wanted:
+            if last_linear is None:
+                raise ModuleSelectionError(
+                    f"cannot infer the width of {name!r} (no nn.Linear before it); pass example_input= to adapt_model"
+                )
+            widths[name] = last_linear.out_features
+        if isinstance(module, nn.Linear):
+            last_linear = module
+    return widths
+
+
+def adapt_model(
+    model: nn.Module,
+    modules: Sequence[ModulePattern] = ("torch.nn.GELU",),
+    slope: float = 5.0,
+    tau_init: float = 0.0,
+    example_input: Any = None,
+    feature_dim: int = -1,
+) -> dict[str, DopamineGate]:
+    """Freeze every base weight of ``model`` and wrap the chosen activations with :class:`DopamineGate`.
+
+    ``modules`` selects the activations (classes, class paths or name globs). Adapts in place and
+    returns ``{qualified name: gate}``; only the gates' ``tau`` and ``gain`` stay trainable, and
+    the adapted model computes exactly what the frozen model computed.
+    """
+    chosen = [(n, m) for n, m in select_modules(model, modules) if not isinstance(m, DopamineGate)]
+    if not chosen:
+        raise ModuleSelectionError(f"modules {list(modules)} are already adapted; pass the un-adapted model")
+    widths = infer_widths(model, [n for n, _ in chosen], example_input, feature_dim)
+    freeze(model)
+    gates: dict[str, DopamineGate] = {}
+    for name, activation in chosen:
+        gate = DopamineGate(activation, widths[name], slope=slope, tau_init=tau_init, feature_dim=feature_dim)
+        replace_module(model, name, gate)
+        gates[name] = gate
+    return gates
+
+
+def dopamine_gates(model: nn.Module) -> dict[str, DopamineGate]:
+    """All :class:`DopamineGate` modules of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DopamineGate)}
+
+
+def harden(model: nn.Module) -> None:
+    """Switch every gate of ``model`` to the hard gate ``1[z > τ]``."""
+    for gate in dopamine_gates(model).values():
+        gate.harden()
+
+
+def soften(model: nn.Module) -> None:
+    """Switch every gate of ``model`` back to the smooth gate."""
+    for gate in dopamine_gates(model).values():
+        gate.soften()
+
+
+@torch.no_grad()
+def firing_fractions(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_groups: int,
+) -> dict[str, torch.Tensor]:
+    """Fraction of inputs on which each neuron fires (``z > τ``), per class or input set.
+
+    ``batches`` yields ``(x, group)`` with integer group ids in ``[0, num_groups)`` (class labels,
+    or e.g. 0 = upright and 1 = rotated). Returns ``{gate name: (num_groups, num_neurons)}`` float
+    tensors; for token/spatial inputs each sample contributes its mean over positions. Groups with
+    no sample are NaN. The model runs in eval mode and its mode is restored afterwards.
+    """
+    gates = dopamine_gates(model)
+    if not gates:
+        raise ModuleSelectionError("model has no DopamineGate; call adapt_model(model, modules=[...]) first")
+    sums = {name: torch.zeros(num_groups, gate.num_features, dtype=torch.float64) for name, gate in gates.items()}
+    counts = torch.zeros(num_groups, dtype=torch.float64)
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, gate in gates.items():
+        def record(module: DopamineGate, args: tuple, name: str = name) -> None:
+            active = module.fires(args[0]).to(torch.float64).movedim(module.feature_dim, -1)
+            current[name] = active.reshape(active.shape[0], -1, module.num_features).mean(dim=1)
+
+        handles.append(gate.register_forward_pre_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        for x, group in batches:
+            model(x)
+            group = torch.as_tensor(group, dtype=torch.long).cpu()
+            if group.numel() and (group.min() < 0 or group.max() >= num_groups):
+                raise ModuleSelectionError(f"group ids must be in [0, {num_groups}); pass num_groups covering every label")
+            counts.index_add_(0, group, torch.ones(len(group), dtype=torch.float64))
+            for name, active in current.items():
+                sums[name].index_add_(0, group, active.cpu())
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {name: (total / counts[:, None]).float() for name, total in sums.items()}
+
+
+def plot_firing_fractions(
+    fractions: dict[str, torch.Tensor],
+    group_names: Sequence[str] | None = None,
+    title: str = "Dopamine gate firing fraction",
+) -> Any:
+    """Heatmap per adapted layer (groups × neurons, 0..1) as a matplotlib ``Figure``.
+
+    Built without pyplot, so it needs no display and leaves the global backend alone; save it
+    with ``figure.savefig(path)``.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 1.2 + 1.8 * len(fractions)), constrained_layout=True)
+    axes = figure.subplots(len(fractions), 1, squeeze=False)[:, 0]
+    for ax, (name, table) in zip(axes, fractions.items()):
+        image = ax.imshow(table.numpy(), aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("neuron")
+        ax.set_ylabel("group")
+        if group_names is not None:
+            ax.set_yticks(range(len(group_names)), labels=list(group_names), fontsize=7)
+        figure.colorbar(image, ax=ax, label="fraction firing")
+    figure.suptitle(title)
+    return figure

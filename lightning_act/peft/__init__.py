@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning baselines (LoRA, (IA)³) for comparison with Dopamine gates."""

@@ -1,0 +1,112 @@
+"""Small LoRA and (IA)³ baselines for frozen ``nn.Module`` s.
+
+LoRA (Hu et al. 2021, arXiv 2106.09685): a frozen ``nn.Linear`` ``W`` gains a low-rank update,
+``y = W x + b + (α / r) · B A x`` with ``A ∈ R^{r×in}`` (Kaiming-uniform) and ``B ∈ R^{out×r}``
+initialised to zero, so the adapted model starts equal to the frozen one; ``r (in + out)``
+trainable numbers per layer.
+
+(IA)³ (Liu et al. 2022, arXiv 2205.05638): learned vectors, initialised to ones, rescale keys,
+values and the FFN intermediate activation. :func:`apply_ia3` rescales the output of any chosen
+module along its feature axis (FFN activations by default; a fused ``qkv`` Linear can be chosen
+too); one trainable number per feature.
+
+Written here instead of using HF ``peft`` because ``peft`` installs ``transformers``,
+``tokenizers`` and ``accelerate`` for two ~20-line modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_act.errors import ModuleSelectionError
+from lightning_act.nn.dopamine import ModulePattern, freeze, infer_widths, replace_module, select_modules
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update scaled by ``alpha / rank``."""
+
+    def __init__(self, base: nn.Linear, rank: int = 1, alpha: float | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ModuleSelectionError(f"LoRA rank must be >= 1, got {rank}; pass lora_rank >= 1")
+        self.base = base
+        self.rank = rank
+        self.scaling = (float(alpha) if alpha is not None else float(rank)) / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
+
+
+class IA3Scale(nn.Module):
+    """Multiply a module's output by a learned per-feature vector initialised to ones."""
+
+    def __init__(self, module: nn.Module, num_features: int, feature_dim: int = -1) -> None:
+        super().__init__()
+        self.module = module
+        self.num_features = num_features
+        self.feature_dim = feature_dim
+        self.scale = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.module(*args, **kwargs)
+        shape = [1] * out.ndim
+        shape[self.feature_dim] = self.num_features
+        return out * self.scale.to(out.dtype).view(shape)
+
+
+def apply_lora(
+    model: nn.Module,
+    modules: Sequence[ModulePattern] = ("torch.nn.Linear",),
+    rank: int = 1,
+    alpha: float | None = None,
+) -> dict[str, LoRALinear]:
+    """Freeze ``model`` and wrap every selected ``nn.Linear`` with :class:`LoRALinear` (in place)."""
+    chosen = select_modules(model, modules)
+    not_linear = [n for n, m in chosen if not isinstance(m, nn.Linear)]
+    if not_linear:
+        raise ModuleSelectionError(f"LoRA wraps nn.Linear only but {not_linear} are not; select Linear layers")
+    freeze(model)
+    wrapped: dict[str, LoRALinear] = {}
+    for name, linear in chosen:
+        wrapped[name] = LoRALinear(linear, rank=rank, alpha=alpha)
+        replace_module(model, name, wrapped[name])
+    return wrapped
+
+
+def apply_ia3(
+    model: nn.Module,
+    modules: Sequence[ModulePattern] = ("torch.nn.GELU",),
+    example_input: Any = None,
+    feature_dim: int = -1,
+) -> dict[str, IA3Scale]:
+    """Freeze ``model`` and rescale each selected module's output by a ones-initialised vector.
+
+    The width is ``out_features`` for a selected ``nn.Linear``; for an activation it is read from
+    ``example_input`` or the preceding Linear (as in :func:`lightning_act.nn.dopamine.adapt_model`).
+    """
+    chosen = select_modules(model, modules)
+    other = [n for n, m in chosen if not isinstance(m, nn.Linear)]
+    widths = infer_widths(model, other, example_input, feature_dim) if other else {}
+    freeze(model)
+    wrapped: dict[str, IA3Scale] = {}
+    for name, module in chosen:
+        width = module.out_features if isinstance(module, nn.Linear) else widths[name]
+        wrapped[name] = IA3Scale(module, width, feature_dim=feature_dim)
+        replace_module(model, name, wrapped[name])
+    return wrapped
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of scalar parameters that receive gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,246 @@
+"""Dopamine protocol (Ghasemlou 2026, arXiv 2602.11726) as two LightningModules.
+
+Phase 1, :class:`DopamineFoundation`: pretrain a small MLP on a 50/50 mix of upright and
+45°-rotated digits. Phase 2, :class:`DopamineSpecialisation`: load that checkpoint, freeze it and
+specialise to the rotated mode with one of five methods in the same harness:
+
+* ``"dopamine"`` — per-neuron threshold/gain gates at every hidden activation (2 per neuron),
+  hardened at test time; the test also logs which neurons fire per class (tensor + heatmap);
+* ``"frozen"`` — no training (the foundation as is);
+* ``"full"`` — every weight trainable;
+* ``"lora"`` — rank-``lora_rank`` LoRA on every Linear;
+* ``"ia3"`` — (IA)³ ones-initialised rescaling of every hidden activation (1 per neuron).
+
+Every method logs ``trainable_params`` and its test accuracy on the rotated test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
+from lightning_act.nn.dopamine import (
+    adapt_model,
+    dopamine_gates,
+    firing_fractions,
+    harden,
+    plot_firing_fractions,
+    soften,
+)
+from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
+from lightning_act.tasks.image_classification import warmup_cosine
+
+Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
+METHODS: tuple[str, ...] = ("dopamine", "frozen", "full", "lora", "ia3")
+# Chosen on the validation split (seeds 0, 1; 1e-2 / 3e-2 / 1e-1 for the PEFT methods), see docs/dopamine.md.
+DEFAULT_LR: dict[str, float] = {"dopamine": 3e-2, "frozen": 0.0, "full": 1e-3, "lora": 3e-2, "ia3": 3e-2}
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def build_mlp(in_features: int, hidden_sizes: list[int], num_classes: int, activation: str = "gelu") -> nn.Sequential:
+    """``Flatten → (Linear → activation) × len(hidden_sizes) → Linear``."""
+    if activation not in _ACTIVATIONS:
+        raise LightningActError(f"activation {activation!r} is unknown; pass one of {sorted(_ACTIVATIONS)}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(width, hidden), _ACTIVATIONS[activation]()]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class _Classifier(pl.LightningModule):
+    """Shared cross-entropy harness: accuracy per stage, AdamW on trainable parameters, cosine LR."""
+
+    model: nn.Module
+
+    def _init_metrics(self, num_classes: int) -> None:
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss if loss.requires_grad else None
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: torchmetrics.Metric) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y))
+        metric(logits, y)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def _optimizer(self, lr: float, weight_decay: float) -> dict[str, Any] | None:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return None
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, 0, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class DopamineFoundation(_Classifier):
+    """Phase 1: a small MLP pretrained on the 50/50 upright / rotated digit mix."""
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        hidden_sizes: list[int] = [128, 128],  # noqa: B006 - jsonargparse needs a plain default
+        num_classes: int = 10,
+        activation: str = "gelu",
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_mlp(image_size * image_size, list(hidden_sizes), num_classes, activation)
+        self._init_metrics(num_classes)
+
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        return self._optimizer(self.hparams.lr, self.hparams.weight_decay)
+
+
+def load_foundation(foundation_ckpt: str | Path) -> DopamineFoundation:
+    """The phase-1 module from its Lightning checkpoint, on CPU."""
+    path = Path(foundation_ckpt)
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"foundation checkpoint '{path}' not found; run `lightning_act fit --config recipes/dopamine_foundation.yaml` "
+            "first or pass --model.foundation_ckpt to an existing .ckpt"
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise DataFormatError(f"'{path}' is not a Lightning checkpoint with hyper-parameters; pass the phase-1 last.ckpt")
+    # Rebuilt from the saved constructor arguments (LightningCLI adds private "_..." keys).
+    arguments = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    try:
+        foundation = DopamineFoundation(**arguments)
+        foundation.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError) as error:
+        raise DataFormatError(
+            f"'{path}' is not a DopamineFoundation checkpoint ({type(error).__name__}); pass the phase-1 last.ckpt"
+        ) from error
+    return foundation
+
+
+class DopamineSpecialisation(_Classifier):
+    """Phase 2: specialise the frozen foundation to the rotated mode with ``method``.
+
+    ``lr`` defaults per method (:data:`DEFAULT_LR`). For ``"dopamine"`` the test runs with hard
+    gates (``harden_at_test``) and logs the per-class hard-gate firing fractions as a tensor
+    (``dopamine_firing.pt``) and a heatmap (``dopamine_firing.png``, and a W&B image when a
+    WandbLogger is attached) in the run directory; the end of ``fit`` writes the same for the
+    validation set (``dopamine_firing_val``).
+    """
+
+    def __init__(
+        self,
+        foundation_ckpt: str,
+        method: Method = "dopamine",
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        slope: float = 5.0,
+        tau_init: float = 0.0,
+        lora_rank: int = 1,
+        lora_alpha: float | None = None,
+        harden_at_test: bool = True,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise LightningActError(f"method {method!r} is unknown; pass one of {list(METHODS)}")
+        self.save_hyperparameters()
+        foundation = load_foundation(foundation_ckpt)
+        # Read from the network, not foundation.hparams: under LightningCLI a module built inside
+        # another module's __init__ records the outer module's hyper-parameters.
+        self.model = foundation.model
+        self.num_classes = int(self.model[-1].out_features)
+        activation = next(type(m) for m in self.model if isinstance(m, tuple(_ACTIVATIONS.values())))
+        if method == "dopamine":
+            adapt_model(self.model, [activation], slope=slope, tau_init=tau_init)
+        elif method == "lora":
+            apply_lora(self.model, [nn.Linear], rank=lora_rank, alpha=lora_alpha)
+        elif method == "ia3":
+            apply_ia3(self.model, [activation])
+        elif method == "frozen":
+            self.model.requires_grad_(False)
+        self.trainable_params = count_trainable(self.model)
+        self._init_metrics(self.num_classes)
+
+    def on_train_start(self) -> None:
+        self.log("trainable_params", float(self.trainable_params))
+
+    def on_test_start(self) -> None:
+        if self.hparams.method == "dopamine" and self.hparams.harden_at_test:
+            harden(self.model)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/trainable_params", float(self.trainable_params))
+        if self.hparams.method == "dopamine":
+            self.log("test/gate_active_fraction", self._log_attribution(self.trainer.test_dataloaders, "dopamine_firing"))
+
+    def on_test_end(self) -> None:
+        soften(self.model)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.method == "dopamine" and self.trainer.val_dataloaders is not None:
+            self._log_attribution(self.trainer.val_dataloaders, "dopamine_firing_val")
+
+    def _log_attribution(self, loaders: Any, name: str) -> float:
+        """Hard-gate firing fractions per class over ``loaders``: ``<name>.pt`` + heatmap; returns the mean."""
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        hardened = [gate.hardened for gate in dopamine_gates(self.model).values()]
+        harden(self.model)
+        try:
+            batches = ((x.to(self.device), y) for loader in loaders for x, y in loader)
+            fractions = firing_fractions(self, batches, self.num_classes)
+        finally:
+            for gate, was_hard in zip(dopamine_gates(self.model).values(), hardened):
+                gate.hardened = was_hard
+        figure = plot_firing_fractions(fractions, [str(c) for c in range(self.num_classes)], title=f"{name}: fraction of inputs with z > τ per class")
+        log_figure(self.trainer, figure, name)
+        torch.save(fractions, run_dir(self.trainer) / f"{name}.pt")
+        return float(torch.cat([f.nanmean(dim=0) for f in fractions.values()]).mean())
+
+    def configure_optimizers(self) -> dict[str, Any] | None:
+        lr = self.hparams.lr if self.hparams.lr is not None else DEFAULT_LR[self.hparams.method]
+        return self._optimizer(lr, self.hparams.weight_decay)
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The run's directory (the first logger's folder, else ``default_root_dir``), created."""
+    path = Path(trainer.log_dir or trainer.default_root_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def log_figure(trainer: pl.Trainer, figure: Any, name: str) -> Path:
+    """Save ``figure`` as ``<run dir>/<name>.png`` and send it to every logger that takes images."""
+    path = run_dir(trainer) / f"{name}.png"
+    figure.savefig(path, dpi=100)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=name, images=[str(path)])
+    return path

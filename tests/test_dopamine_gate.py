@@ -1,0 +1,179 @@
+"""Dopamine gate: exact identity at init, formula vs numpy, harden/soften, freezing, counts, gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_act.errors import ModuleSelectionError
+from lightning_act.nn.dopamine import (
+    DopamineGate,
+    adapt_model,
+    dopamine_gates,
+    firing_fractions,
+    harden,
+    plot_firing_fractions,
+    soften,
+)
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.GELU(), nn.Linear(7, 5), nn.GELU(), nn.Linear(5, 3))
+
+
+def _numpy_gelu(z: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return 0.5 * z * (1.0 + erf(z / np.sqrt(2.0)))
+
+
+def _numpy_gate_output(z: np.ndarray, tau: np.ndarray, gain: np.ndarray, slope: float, hard: bool) -> np.ndarray:
+    gate = (z > tau).astype(np.float64) if hard else 1.0 / (1.0 + np.exp(-slope * (z - tau)))
+    return _numpy_gelu(z) * (1.0 + gain * (2.0 * gate - 1.0))
+
+
+def test_mlp_identity_at_init_is_bitwise() -> None:
+    model = _mlp()
+    x = torch.randn(9, 12)
+    reference = model(x).detach().clone()
+    gates = adapt_model(model, ["torch.nn.GELU"])
+    assert list(gates) == ["2", "4"]
+    assert torch.equal(model(x), reference)
+    harden(model)
+    assert torch.equal(model(x), reference)
+
+
+def test_timm_vit_identity_at_init_and_count() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x).clone()
+    gates = adapt_model(model, ["blocks.*.mlp.act"])
+    assert set(gates) == {"blocks.0.mlp.act", "blocks.1.mlp.act"}
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+    # vit_tiny: embed 192, mlp_ratio 4 -> 768 hidden neurons per block, 2 numbers per neuron, 2 blocks.
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 768 * 2
+
+
+def test_smooth_and_hard_gate_match_numpy() -> None:
+    gate = DopamineGate(nn.GELU(), num_features=4, slope=3.0).double()
+    tau = np.array([-0.5, 0.0, 0.25, 1.0])
+    gain = np.array([0.5, -0.3, 1.0, 2.0])
+    with torch.no_grad():
+        gate.tau.copy_(torch.from_numpy(tau))
+        gate.gain.copy_(torch.from_numpy(gain))
+    z = np.random.default_rng(1).normal(size=(6, 3, 4))
+    smooth = gate(torch.from_numpy(z)).detach().numpy()
+    np.testing.assert_allclose(smooth, _numpy_gate_output(z, tau, gain, 3.0, hard=False), rtol=1e-12, atol=1e-12)
+    gate.harden()
+    hard = gate(torch.from_numpy(z)).detach().numpy()
+    np.testing.assert_allclose(hard, _numpy_gate_output(z, tau, gain, 3.0, hard=True), rtol=1e-12, atol=1e-12)
+    gate.soften()
+    np.testing.assert_array_equal(gate(torch.from_numpy(z)).detach().numpy(), smooth)
+
+
+def test_hand_worked_hard_gate_switches_neurons_off() -> None:
+    # relu(z) with tau = 1, gain = 1: z = 2 -> 2 * (1 + 1) = 4; z = 0.5 -> 0.5 * (1 - 1) = 0.
+    gate = DopamineGate(nn.ReLU(), num_features=1, tau_init=1.0).harden()
+    with torch.no_grad():
+        gate.gain.fill_(1.0)
+    out = gate(torch.tensor([[2.0], [0.5], [-3.0]]))
+    assert out.flatten().tolist() == [4.0, 0.0, 0.0]
+
+
+def test_feature_dim_for_conv_maps() -> None:
+    gate = DopamineGate(nn.ReLU(), num_features=2, feature_dim=1).harden()
+    with torch.no_grad():
+        gate.tau.copy_(torch.tensor([0.0, 5.0]))
+        gate.gain.fill_(1.0)
+    z = torch.full((1, 2, 2, 2), 3.0)
+    out = gate(z)
+    assert torch.all(out[:, 0] == 6.0) and torch.all(out[:, 1] == 0.0)
+
+
+def test_harden_is_reversible_and_changes_output() -> None:
+    model = _mlp()
+    adapt_model(model, [nn.GELU])
+    for gate in dopamine_gates(model).values():
+        with torch.no_grad():
+            gate.gain.fill_(0.7)
+    x = torch.randn(5, 12)
+    smooth = model(x).detach().clone()
+    harden(model)
+    assert all(g.hardened for g in dopamine_gates(model).values())
+    hard = model(x).detach().clone()
+    assert not torch.allclose(hard, smooth)
+    soften(model)
+    assert torch.equal(model(x), smooth)
+
+
+def test_freezing_param_count_and_gradients_only_to_gates() -> None:
+    model = _mlp()
+    base_names = {n for n, _ in model.named_parameters()}
+    adapt_model(model, ["torch.nn.GELU"], example_input=torch.randn(2, 12))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {"2.tau", "2.gain", "4.tau", "4.gain"}
+    assert sum(p.numel() for p in trainable.values()) == 2 * (7 + 5)
+    # Parameters are renamed by the wrap (e.g. "1.weight" stays), none of the originals trainable.
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n in base_names)
+    for gate in dopamine_gates(model).values():
+        with torch.no_grad():
+            gate.gain.fill_(0.5)
+    model(torch.randn(8, 12)).square().sum().backward()
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+def test_tau_gradient_matches_numpy_derivative() -> None:
+    gate = DopamineGate(nn.GELU(), num_features=3, slope=2.0).double()
+    tau, gain = np.array([0.1, -0.2, 0.3]), np.array([0.4, 0.8, -0.5])
+    with torch.no_grad():
+        gate.tau.copy_(torch.from_numpy(tau))
+        gate.gain.copy_(torch.from_numpy(gain))
+    z = np.random.default_rng(2).normal(size=(5, 3))
+    gate(torch.from_numpy(z)).sum().backward()
+    sig = 1.0 / (1.0 + np.exp(-2.0 * (z - tau)))
+    expected_dtau = (_numpy_gelu(z) * gain * 2.0 * sig * (1.0 - sig) * -2.0).sum(axis=0)
+    expected_dgain = (_numpy_gelu(z) * (2.0 * sig - 1.0)).sum(axis=0)
+    np.testing.assert_allclose(gate.tau.grad.numpy(), expected_dtau, rtol=1e-10)
+    np.testing.assert_allclose(gate.gain.grad.numpy(), expected_dgain, rtol=1e-10)
+
+
+def test_firing_fractions_per_group_and_plot() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+    adapt_model(model, [nn.ReLU], tau_init=0.5)
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 2.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    fractions = firing_fractions(model, [(x[:2], groups[:2]), (x[2:], groups[2:])], num_groups=3)
+    table = fractions["1"]
+    # group 0: neuron 0 fires on both, neuron 1 on one; group 1: neuron 0 never, neuron 1 on one.
+    np.testing.assert_allclose(table[:2].numpy(), [[1.0, 0.5], [0.0, 0.5]])
+    assert torch.isnan(table[2]).all()
+    figure = plot_firing_fractions(fractions, ["a", "b", "c"])
+    assert len(figure.axes) == 2  # heatmap + colorbar
+
+
+def test_selection_errors() -> None:
+    with pytest.raises(ModuleSelectionError, match="matched no module"):
+        adapt_model(_mlp(), ["blocks.*.act"])
+    with pytest.raises(ModuleSelectionError, match="example_input"):
+        adapt_model(nn.Sequential(nn.GELU(), nn.Linear(3, 3)), [nn.GELU])
+    model = _mlp()
+    adapt_model(model, [nn.GELU])
+    with pytest.raises(ModuleSelectionError, match="already adapted"):
+        adapt_model(model, ["2"])
+    with pytest.raises(ModuleSelectionError, match="no DopamineGate"):
+        firing_fractions(_mlp(), [], 2)

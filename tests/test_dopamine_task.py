@@ -1,0 +1,135 @@
+"""Dopamine protocol end to end on a tiny configuration: phase 1 → checkpoint → phase 2."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_act.data.rotated_digits import RotatedDigitsDataModule
+from lightning_act.errors import DataNotFoundError, LightningActError
+from lightning_act.nn.dopamine import DopamineGate
+from lightning_act.tasks.dopamine import DopamineFoundation, DopamineSpecialisation
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(root: Path, epochs: int, **kwargs) -> pl.Trainer:
+    options = {
+        "max_epochs": epochs,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+@pytest.fixture(scope="module")
+def foundation_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("foundation")
+        pl.seed_everything(0, verbose=False)
+        data = RotatedDigitsDataModule("mix", "rotated", image_size=8, max_samples=200, batch_size=64)
+        module = DopamineFoundation(image_size=8, hidden_sizes=[16, 12], lr=1e-2)
+        trainer = _trainer(root, 2)
+        trainer.fit(module, datamodule=data)
+        path = root / "last.ckpt"
+        trainer.save_checkpoint(path)
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
+def _rotated() -> RotatedDigitsDataModule:
+    return RotatedDigitsDataModule("rotated", "rotated", image_size=8, max_samples=200, batch_size=64)
+
+
+@pytest.mark.parametrize(
+    ("method", "trainable"),
+    [("frozen", 0), ("full", 64 * 16 + 16 + 16 * 12 + 12 + 12 * 10 + 10), ("lora", (64 + 16) + (16 + 12) + (12 + 10)), ("ia3", 16 + 12)],
+)
+def test_baselines_train_and_report(foundation_ckpt: Path, tmp_path: Path, method: str, trainable: int) -> None:
+    module = DopamineSpecialisation(str(foundation_ckpt), method=method)
+    assert module.trainable_params == trainable
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module, datamodule=_rotated())
+    metrics = trainer.test(module, datamodule=_rotated(), verbose=False)[0]
+    assert metrics["test/trainable_params"] == trainable
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    changed = {k for k, v in module.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    if method == "frozen":
+        assert not changed
+    elif method == "full":
+        assert "model.1.weight" in changed
+    else:
+        assert changed and all(("lora_" in k) or k.endswith(".scale") for k in changed), changed
+
+
+def test_dopamine_phase_two_logs_attribution(foundation_ckpt: Path, tmp_path: Path) -> None:
+    foundation = DopamineFoundation.load_from_checkpoint(foundation_ckpt, map_location="cpu")
+    module = DopamineSpecialisation(str(foundation_ckpt), method="dopamine", lr=5e-2)
+    assert module.trainable_params == 2 * (16 + 12)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(module(x), foundation(x))  # exact identity at init, loaded from the checkpoint
+    frozen = {k: v.clone() for k, v in module.state_dict().items() if not k.endswith(("tau", "gain"))}
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(tmp_path, 2, logger=logger)
+    trainer.fit(module, datamodule=_rotated())
+    metrics = trainer.test(module, datamodule=_rotated(), verbose=False)[0]
+    assert 0.0 < metrics["test/gate_active_fraction"] < 1.0
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in frozen.items())
+    gates = [m for m in module.modules() if isinstance(m, DopamineGate)]
+    assert len(gates) == 2 and not any(g.hardened for g in gates)  # softened again after the test
+    assert any(float(g.gain.detach().abs().max()) > 0 for g in gates)
+    run = Path(trainer.log_dir)
+    assert (run / "dopamine_firing.png").stat().st_size > 0
+    fractions = torch.load(run / "dopamine_firing.pt")
+    assert {k: tuple(v.shape) for k, v in fractions.items()} == {"model.2": (10, 16), "model.4": (10, 12)}
+    assert float(fractions["model.2"].nan_to_num(0.5).min()) >= 0.0
+
+
+def test_missing_checkpoint_and_bad_method(tmp_path: Path, foundation_ckpt: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="dopamine_foundation.yaml"):
+        DopamineSpecialisation(str(tmp_path / "missing.ckpt"))
+    with pytest.raises(LightningActError, match="method 'prompt' is unknown"):
+        DopamineSpecialisation(str(foundation_ckpt), method="prompt")  # type: ignore[arg-type]
+
+
+def test_table_script_tiny_configuration() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dopamine_table", Path(__file__).parents[1] / "scripts" / "dopamine_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--seeds", "0", "1", "--foundation-epochs", "1", "--epochs", "1", "--image-size", "8", "--hidden-sizes", "8"]
+    table = script.main([*args, "--max-samples", "120"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert list(rows) == ["dopamine", "frozen", "full", "lora", "ia3"]
+    # 8×8 inputs, one hidden layer of 8, 10 classes.
+    expected = {"dopamine": 2 * 8, "frozen": 0, "full": 64 * 8 + 8 + 8 * 10 + 10, "lora": (64 + 8) + (8 + 10), "ia3": 8}
+    assert {m: int(r[2].replace(",", "")) for m, r in rows.items()} == expected
+    assert rows["frozen"][1] == "+0.0 ± 0.0"
+    for method, (accuracy, _, _, firing) in rows.items():
+        mean, std = (float(v) for v in accuracy.split(" ± "))
+        assert 0.0 <= mean <= 100.0 and std >= 0.0
+        assert (firing == "—") == (method != "dopamine")

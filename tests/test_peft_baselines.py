@@ -1,0 +1,87 @@
+"""LoRA and (IA)³ baselines: zero-init identity, trainable counts, forward vs numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_act.errors import ModuleSelectionError
+from lightning_act.peft.lora import IA3Scale, LoRALinear, apply_ia3, apply_lora, count_trainable
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 6), nn.GELU(), nn.Linear(6, 4), nn.GELU(), nn.Linear(4, 3))
+
+
+def test_lora_identity_at_init_and_count() -> None:
+    model = _mlp()
+    x = torch.randn(7, 10)
+    reference = model(x).detach().clone()
+    apply_lora(model, ["torch.nn.Linear"], rank=2)
+    assert torch.equal(model(x), reference)
+    assert count_trainable(model) == 2 * ((10 + 6) + (6 + 4) + (4 + 3))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{i}.lora_{ab}" for i in (0, 2, 4) for ab in "ab"
+    }
+
+
+def test_lora_forward_matches_numpy() -> None:
+    base = nn.Linear(5, 3).double()
+    layer = LoRALinear(base, rank=2, alpha=6.0).double()
+    with torch.no_grad():
+        layer.lora_b.copy_(torch.arange(6, dtype=torch.float64).view(3, 2) / 10)
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    w, b = base.weight.detach().numpy(), base.bias.detach().numpy()
+    a, bb = layer.lora_a.detach().numpy(), layer.lora_b.detach().numpy()
+    expected = x @ w.T + b + (6.0 / 2) * x @ a.T @ bb.T
+    np.testing.assert_allclose(layer(torch.from_numpy(x)).detach().numpy(), expected, rtol=1e-12)
+
+
+def test_ia3_identity_count_and_forward() -> None:
+    model = _mlp()
+    x = torch.randn(7, 10)
+    reference = model(x).detach().clone()
+    wrapped = apply_ia3(model, [nn.GELU])
+    assert torch.equal(model(x), reference)
+    assert count_trainable(model) == 6 + 4
+    with torch.no_grad():
+        wrapped["1"].scale.copy_(torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5, 3.0]))
+    z = np.random.default_rng(1).normal(size=(3, 6))
+    from scipy.special import erf
+
+    gelu = 0.5 * z * (1 + erf(z / np.sqrt(2)))
+    out = wrapped["1"](torch.from_numpy(z)).detach().numpy()
+    np.testing.assert_allclose(out, gelu * np.array([0.0, 1.0, 2.0, -1.0, 0.5, 3.0]), rtol=1e-6, atol=1e-7)
+
+
+def test_ia3_on_linear_and_feature_dim() -> None:
+    model = _mlp()
+    apply_ia3(model, ["4"])
+    assert count_trainable(model) == 3
+    scale = IA3Scale(nn.Identity(), num_features=2, feature_dim=1)
+    with torch.no_grad():
+        scale.scale.copy_(torch.tensor([2.0, -1.0]))
+    out = scale(torch.ones(1, 2, 3, 3))
+    assert torch.all(out[:, 0] == 2.0) and torch.all(out[:, 1] == -1.0)
+
+
+def test_gradients_only_reach_adapters() -> None:
+    model = _mlp()
+    apply_lora(model, [nn.Linear], rank=1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_b.fill_(0.1)
+    model(torch.randn(5, 10)).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == ("lora_" in name), name
+
+
+def test_errors() -> None:
+    with pytest.raises(ModuleSelectionError, match="nn.Linear only"):
+        apply_lora(_mlp(), [nn.GELU])
+    with pytest.raises(ModuleSelectionError, match="rank must be >= 1"):
+        LoRALinear(nn.Linear(2, 2), rank=0)
