@@ -1,0 +1,547 @@
+"""EEG seizure-forecasting data: a synthetic recording generator and a CHB-MIT-style loader.
+
+Both give :class:`EEGRecording` objects (continuous multichannel signal + seizure intervals),
+which are cut into fixed windows labelled for forecasting (Li et al. 2025, STAN, arXiv
+2511.01275; labels as in the seizure-prediction literature):
+
+* preictal (1): the window lies entirely inside the ``horizon`` (15 min) before an onset;
+* interictal (0): the window touches no preictal, ictal or post-ictal period;
+* excluded (-1): ictal, post-ictal, or straddling a boundary. Training and validation drop
+  these; the continuous test stream keeps every window, because a monitor runs all the time.
+
+Splits are by recording, never by window, so neighbouring windows of one recording never sit
+on both sides of a split.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_act.errors import DataFormatError, DataNotFoundError
+
+PREICTAL, INTERICTAL, EXCLUDED = 1, 0, -1
+
+
+@dataclass
+class EEGRecording:
+    """One continuous recording: ``data`` is ``(channels, samples)`` float32 at ``sampling_rate`` Hz."""
+
+    name: str
+    data: np.ndarray
+    sampling_rate: float
+    seizures: list[tuple[float, float]] = field(default_factory=list)
+    channel_names: list[str] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return self.data.shape[1] / self.sampling_rate
+
+    @property
+    def onsets_s(self) -> list[float]:
+        return [start for start, _ in self.seizures]
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic recordings
+# --------------------------------------------------------------------------------------------
+
+
+def _shaped_noise(rng: np.random.Generator, n_signals: int, n_samples: int, gain: np.ndarray) -> np.ndarray:
+    """White Gaussian noise filtered in the frequency domain by ``gain`` (length n_samples//2+1)."""
+    spectrum = np.fft.rfft(rng.standard_normal((n_signals, n_samples)), axis=1) * gain
+    signal = np.fft.irfft(spectrum, n=n_samples, axis=1)
+    return signal / np.maximum(signal.std(axis=1, keepdims=True), 1e-12)
+
+
+def pink_noise(rng: np.random.Generator, n_signals: int, n_samples: int, exponent: float = 1.0) -> np.ndarray:
+    """Unit-variance noise with power spectral density ∝ 1/f^exponent (no DC component)."""
+    freqs = np.fft.rfftfreq(n_samples)
+    gain = np.zeros_like(freqs)
+    gain[1:] = freqs[1:] ** (-exponent / 2.0)
+    return _shaped_noise(rng, n_signals, n_samples, gain)
+
+
+def band_noise(
+    rng: np.random.Generator, n_signals: int, n_samples: int, sampling_rate: float, low_hz: float, high_hz: float
+) -> np.ndarray:
+    """Unit-variance noise whose power lies in ``[low_hz, high_hz]`` (a narrow-band rhythm)."""
+    freqs = np.fft.rfftfreq(n_samples, d=1.0 / sampling_rate)
+    gain = ((freqs >= low_hz) & (freqs <= high_hz)).astype(float)
+    return _shaped_noise(rng, n_signals, n_samples, gain)
+
+
+def _place_seizures(
+    rng: np.random.Generator,
+    duration_s: float,
+    n_seizures: int,
+    horizon_s: float,
+    postictal_s: float,
+    seizure_s: tuple[float, float],
+) -> list[tuple[float, float]]:
+    """Onsets at least a full horizon (+5 min) after the start or the previous post-ictal period."""
+    seizures: list[tuple[float, float]] = []
+    earliest = horizon_s + 300.0
+    for _ in range(n_seizures):
+        length = rng.uniform(*seizure_s)
+        latest = duration_s - length - 60.0
+        if latest <= earliest:
+            break
+        slack = (latest - earliest) / max(1, n_seizures - len(seizures))
+        onset = earliest + rng.uniform(0.0, slack)
+        seizures.append((float(onset), float(onset + length)))
+        earliest = onset + length + postictal_s + horizon_s + 300.0
+    return seizures
+
+
+def generate_recording(
+    seed: int | list[int],
+    name: str = "synthetic",
+    n_channels: int = 8,
+    sampling_rate: float = 64.0,
+    duration_minutes: float = 60.0,
+    n_seizures: int = 1,
+    horizon_minutes: float = 15.0,
+    postictal_minutes: float = 10.0,
+    preictal_change_minutes: tuple[float, float] = (10.0, 15.0),
+    preictal_power: float = 0.8,
+    preictal_synchrony: float = 0.8,
+    distractor_bursts_per_hour: float = 6.0,
+    noise_exponent: float = 1.0,
+) -> EEGRecording:
+    """One synthetic multichannel recording, deterministic given ``seed``.
+
+    Background per channel: 1/f^``noise_exponent`` noise + an alpha rhythm (8-12 Hz) + a weak
+    shared slow component (baseline cross-channel coupling), with a per-channel gain.
+    Preictal: from a change point drawn in ``preictal_change_minutes`` before each onset, a
+    linear ramp r ∈ [0, 1] scales (a) independent theta (4-8 Hz) rhythms on every channel
+    (band power, amplitude ``preictal_power``) and (b) one beta (14-20 Hz) driver shared by all
+    channels with per-channel gains (cross-channel synchrony, amplitude ``preictal_synchrony``).
+    Seizure: 30-90 s high-amplitude rhythmic discharge slowing from 6 to 3 Hz on all channels;
+    post-ictal: background suppressed to 40 % and recovering linearly.  Distractors:
+    30-60 s theta bursts on a few channels at random interictal times (power without
+    synchrony), so that band power alone does not separate the classes.
+    """
+    rng = np.random.default_rng(seed)
+    n = round(duration_minutes * 60.0 * sampling_rate)
+    t = np.arange(n) / sampling_rate
+    horizon_s, postictal_s = horizon_minutes * 60.0, postictal_minutes * 60.0
+    seizures = _place_seizures(rng, n / sampling_rate, n_seizures, horizon_s, postictal_s, (30.0, 90.0))
+
+    channel_gain = rng.uniform(0.8, 1.2, size=(n_channels, 1))
+    shared_slow = band_noise(rng, 1, n, sampling_rate, 0.5, 4.0)
+    data = (
+        pink_noise(rng, n_channels, n, noise_exponent)
+        + 0.6 * band_noise(rng, n_channels, n, sampling_rate, 8.0, 12.0)
+        + 0.3 * shared_slow
+    )
+
+    envelope = np.ones(n)
+    for onset, end in seizures:
+        post = (t >= end) & (t < end + postictal_s)
+        envelope[post] = 0.4 + 0.6 * (t[post] - end) / postictal_s
+    data *= envelope
+
+    theta = band_noise(rng, n_channels, n, sampling_rate, 4.0, 8.0)
+    beta_driver = band_noise(rng, 1, n, sampling_rate, 14.0, 20.0)
+    beta_gain = rng.uniform(0.7, 1.3, size=(n_channels, 1))
+    ramp = np.zeros(n)
+    for onset, end in seizures:
+        change = rng.uniform(*preictal_change_minutes) * 60.0
+        pre = (t >= onset - change) & (t < onset)
+        ramp[pre] = (t[pre] - (onset - change)) / change
+        ictal = (t >= onset) & (t < end)
+        phase = 2 * np.pi * np.cumsum(6.0 - 3.0 * (t[ictal] - onset) / (end - onset)) / sampling_rate
+        discharge = np.sin(phase) + 0.5 * np.sin(2 * phase) + 0.25 * np.sin(3 * phase)
+        data[:, ictal] = 0.3 * data[:, ictal] + 4.0 * rng.uniform(0.7, 1.3, size=(n_channels, 1)) * discharge
+    data += ramp * (preictal_power * theta + preictal_synchrony * beta_gain * beta_driver)
+
+    n_bursts = rng.poisson(distractor_bursts_per_hour * duration_minutes / 60.0)
+    blocked = [(onset - horizon_s, end + postictal_s) for onset, end in seizures]
+    for _ in range(n_bursts):
+        start, length = rng.uniform(0.0, n / sampling_rate - 60.0), rng.uniform(30.0, 60.0)
+        if any(start < b and start + length > a for a, b in blocked):
+            continue
+        span = (t >= start) & (t < start + length)
+        channels = rng.choice(n_channels, size=max(1, n_channels // 3), replace=False)
+        data[np.ix_(channels, np.flatnonzero(span))] += preictal_power * theta[np.ix_(channels, np.flatnonzero(span))]
+
+    data *= channel_gain
+    return EEGRecording(
+        name=name,
+        data=data.astype(np.float32),
+        sampling_rate=sampling_rate,
+        seizures=seizures,
+        channel_names=[f"CH{i + 1}" for i in range(n_channels)],
+    )
+
+
+def generate_split(
+    seed: int,
+    split: str,
+    n_recordings: int,
+    max_seizures_per_recording: int = 2,
+    **recording_kwargs: float,
+) -> list[EEGRecording]:
+    """``n_recordings`` synthetic recordings for ``split``; seeds differ per split and recording.
+
+    The requested number of seizures cycles 1, 2, ..., max, 0 so every split of three or more
+    recordings has seizure-free and seizure-bearing recordings; a seizure that does not fit
+    (each needs a full horizon and post-ictal period of room) is left out.
+    """
+    split_id = {"train": 0, "val": 1, "test": 2}[split]
+    recordings = []
+    for index in range(n_recordings):
+        n_seizures = (index + 1) % (max_seizures_per_recording + 1)
+        recordings.append(
+            generate_recording(
+                [seed, split_id, index], name=f"{split}_{index:02d}", n_seizures=n_seizures, **recording_kwargs
+            )
+        )
+    return recordings
+
+
+# --------------------------------------------------------------------------------------------
+# Window labels
+# --------------------------------------------------------------------------------------------
+
+
+def label_windows(
+    n_samples: int,
+    sampling_rate: float,
+    window_samples: int,
+    stride_samples: int,
+    seizures: list[tuple[float, float]],
+    horizon_s: float = 900.0,
+    postictal_s: float = 600.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Window start samples and labels (1 preictal, 0 interictal, -1 excluded) for one recording.
+
+    Window ``[a, b)`` (seconds) is preictal iff ``[a, b) ⊆ [s - horizon, s)`` for some onset
+    ``s``; interictal iff it overlaps no ``[s - horizon, end + postictal)``; else excluded.
+    """
+    starts = np.arange(0, n_samples - window_samples + 1, stride_samples)
+    a = starts / sampling_rate
+    b = (starts + window_samples) / sampling_rate
+    labels = np.full(len(starts), INTERICTAL, dtype=np.int64)
+    for onset, end in seizures:
+        labels[(a < end + postictal_s) & (b > onset - horizon_s)] = EXCLUDED
+    for onset, _ in seizures:
+        labels[(a >= onset - horizon_s) & (b <= onset)] = PREICTAL
+    return starts, labels
+
+
+class EEGWindows(Dataset):
+    """Windows cut from recordings on the fly, normalised per channel.
+
+    With ``continuous=False`` only labelled windows are kept and items are ``(x, y)``; with
+    ``continuous=True`` every window is kept in time order and items are
+    ``(x, y, recording_index, window_end_s)`` for alarm evaluation.
+    """
+
+    def __init__(
+        self,
+        recordings: list[EEGRecording],
+        window_samples: int,
+        stride_samples: int,
+        horizon_s: float,
+        postictal_s: float,
+        mean: np.ndarray,
+        std: np.ndarray,
+        continuous: bool = False,
+    ) -> None:
+        self.recordings = recordings
+        self.window_samples = window_samples
+        self.continuous = continuous
+        self.mean = mean.astype(np.float32)[:, None]
+        self.std = std.astype(np.float32)[:, None]
+        index = []
+        for r, rec in enumerate(recordings):
+            starts, labels = label_windows(
+                rec.data.shape[1], rec.sampling_rate, window_samples, stride_samples, rec.seizures, horizon_s, postictal_s
+            )
+            keep = np.ones_like(labels, dtype=bool) if continuous else labels != EXCLUDED
+            index.append(np.stack([np.full(keep.sum(), r), starts[keep], labels[keep]], axis=1))
+        self.index = np.concatenate(index) if index else np.zeros((0, 3), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index[:, 2]
+
+    def __getitem__(self, i: int) -> tuple:
+        r, start, label = (int(v) for v in self.index[i])
+        rec = self.recordings[r]
+        x = torch.from_numpy((rec.data[:, start : start + self.window_samples] - self.mean) / self.std)
+        if not self.continuous:
+            return x, torch.tensor(float(label))
+        end_s = (start + self.window_samples) / rec.sampling_rate
+        return x, torch.tensor(float(label)), torch.tensor(r), torch.tensor(end_s, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# CHB-MIT-style files
+# --------------------------------------------------------------------------------------------
+
+_SEIZURE_TIME = re.compile(r"^Seizure(?:\s+(\d+))?\s+(Start|End)\s+Time\s*:\s*(\S+)\s*(?:seconds|secs|s)?\s*$", re.IGNORECASE)
+
+
+def parse_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Seizure intervals (seconds from file start) per EDF file name from a ``chbXX-summary.txt``.
+
+    Accepts both ``Seizure Start Time: 2996 seconds`` and ``Seizure 1 Start Time: 2996 seconds``
+    and checks that the listed times match ``Number of Seizures in File``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"summary file '{path}' not found; pass a folder that holds a chbXX-summary.txt")
+    files: dict[str, list[tuple[float, float]]] = {}
+    expected: dict[str, int] = {}
+    starts: dict[str, list[float]] = {}
+    ends: dict[str, list[float]] = {}
+    current: str | None = None
+
+    def fail(line_no: int, problem: str) -> DataFormatError:
+        return DataFormatError(f"{path.name} line {line_no}: {problem}; fix the summary to the CHB-MIT layout")
+
+    for line_no, raw in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        line = raw.strip()
+        if line.lower().startswith("file name:"):
+            current = line.split(":", 1)[1].strip()
+            if not current:
+                raise fail(line_no, "empty 'File Name:'")
+            files[current], starts[current], ends[current] = [], [], []
+        elif line.lower().startswith("number of seizures in file:"):
+            if current is None:
+                raise fail(line_no, "'Number of Seizures in File' before any 'File Name:'")
+            value = line.split(":", 1)[1].strip()
+            if not value.isdigit():
+                raise fail(line_no, f"seizure count '{value}' is not a whole number")
+            expected[current] = int(value)
+        elif line.lower().startswith("seizure"):
+            match = _SEIZURE_TIME.match(line)
+            if match is None:
+                raise fail(line_no, f"cannot read seizure time from '{line}'")
+            if current is None:
+                raise fail(line_no, "seizure time before any 'File Name:'")
+            try:
+                seconds = float(match.group(3))
+            except ValueError:
+                raise fail(line_no, f"seizure time '{match.group(3)}' is not a number") from None
+            (starts if match.group(2).lower() == "start" else ends)[current].append(seconds)
+    for name in files:
+        n_start, n_end = len(starts[name]), len(ends[name])
+        if n_start != n_end:
+            raise DataFormatError(
+                f"{path.name}: '{name}' lists {n_start} seizure start(s) but {n_end} end(s); "
+                "fix the summary so every start has an end"
+            )
+        if name in expected and expected[name] != n_start:
+            raise DataFormatError(
+                f"{path.name}: '{name}' says {expected[name]} seizure(s) but lists {n_start}; "
+                "fix 'Number of Seizures in File' or the seizure times"
+            )
+        for start, end in zip(starts[name], ends[name]):
+            if end <= start:
+                raise DataFormatError(
+                    f"{path.name}: '{name}' has a seizure ending at {end} s before it starts at {start} s; "
+                    "fix the seizure times"
+                )
+        files[name] = list(zip(starts[name], ends[name]))
+    if not files:
+        raise DataFormatError(f"{path.name}: no 'File Name:' entries; pass a CHB-MIT chbXX-summary.txt")
+    return files
+
+
+def read_edf(path: str | Path, n_channels: int | None = None) -> tuple[np.ndarray, float, list[str]]:
+    """``(data (C, T) float32, sampling_rate, channel_names)`` from an EDF file via pyedflib."""
+    import pyedflib
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"EDF file '{path}' not found; check the file names listed in the summary")
+    with pyedflib.EdfReader(str(path)) as reader:
+        count = reader.signals_in_file
+        if n_channels is not None and count != n_channels:
+            raise DataFormatError(
+                f"'{path.name}' has {count} channels but {n_channels} were expected; "
+                f"pass --data.n_channels {count} or drop recordings with a different montage"
+            )
+        rates = {float(reader.getSampleFrequency(i)) for i in range(count)}
+        if len(rates) != 1:
+            raise DataFormatError(
+                f"'{path.name}' mixes sampling rates {sorted(rates)}; resample it to one rate before loading"
+            )
+        data = np.stack([reader.readSignal(i) for i in range(count)]).astype(np.float32)
+        names = list(reader.getSignalLabels())
+    return data, rates.pop(), names
+
+
+def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGRecording]:
+    """Every EDF file listed in the ``*-summary.txt`` files under ``folder`` (one recording each).
+
+    Each EDF file is its own recording: a preictal period that begins in the previous file is
+    truncated at the file start (files are not concatenated).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataNotFoundError(f"data directory '{folder}' does not exist; pass --data.data_dir with a CHB-MIT folder")
+    summaries = sorted(folder.rglob("*-summary.txt"))
+    if not summaries:
+        raise DataNotFoundError(
+            f"no '*-summary.txt' under '{folder}'; pass a CHB-MIT subject folder (e.g. chb01/ with chb01-summary.txt)"
+        )
+    recordings = []
+    for summary in summaries:
+        for file_name, seizures in parse_chbmit_summary(summary).items():
+            data, rate, names = read_edf(summary.parent / file_name, n_channels)
+            recordings.append(EEGRecording(Path(file_name).stem, data, rate, seizures, names))
+    rates = {rec.sampling_rate for rec in recordings}
+    if len(rates) != 1:
+        raise DataFormatError(f"recordings under '{folder}' have sampling rates {sorted(rates)}; resample them to one rate")
+    return recordings
+
+
+def split_recordings(
+    recordings: list[EEGRecording], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[EEGRecording], list[EEGRecording], list[EEGRecording]]:
+    """Split by recording, stratified so seizure-bearing and seizure-free files spread over splits."""
+    rng = np.random.default_rng(seed)
+    splits: tuple[list[EEGRecording], list[EEGRecording], list[EEGRecording]] = ([], [], [])
+    for group in ([r for r in recordings if r.seizures], [r for r in recordings if not r.seizures]):
+        order = rng.permutation(len(group))
+        n_test = round(test_fraction * len(group))
+        n_val = round(val_fraction * len(group))
+        for rank, i in enumerate(order):
+            target = 2 if rank < n_test else 1 if rank < n_test + n_val else 0
+            splits[target].append(group[i])
+    return splits
+
+
+def channel_statistics(recordings: list[EEGRecording]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over all samples of ``recordings`` (float64 sums)."""
+    count = sum(rec.data.shape[1] for rec in recordings)
+    total = sum(rec.data.sum(axis=1, dtype=np.float64) for rec in recordings)
+    mean = total / count
+    squares = sum(((rec.data - mean[:, None].astype(np.float32)) ** 2).sum(axis=1, dtype=np.float64) for rec in recordings)
+    return mean, np.maximum(np.sqrt(squares / count), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# DataModule
+# --------------------------------------------------------------------------------------------
+
+
+class EEGSeizureDataModule(pl.LightningDataModule):
+    """Preictal-vs-interictal windows, split by recording.
+
+    With ``data_dir=None`` (default) it generates small synthetic recordings (CPU-sized); with
+    ``data_dir`` it reads a CHB-MIT-style folder (EDF files + ``chbXX-summary.txt``), expecting
+    ``n_channels`` channels per file.  Train/val loaders yield ``(x, y)`` of labelled windows;
+    test/predict loaders yield every window of the held-out recordings in time order as
+    ``(x, y, recording_index, window_end_s)`` (``y = -1`` for ictal/post-ictal/boundary windows).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        n_channels: int = 8,
+        sampling_rate: float = 64.0,
+        window_seconds: float = 5.0,
+        stride_seconds: float | None = None,
+        recording_minutes: float = 60.0,
+        n_train_recordings: int = 6,
+        n_val_recordings: int = 3,
+        n_test_recordings: int = 12,
+        max_seizures_per_recording: int = 2,
+        horizon_minutes: float = 15.0,
+        postictal_minutes: float = 10.0,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise DataNotFoundError(
+                f"data directory '{data_dir}' does not exist; pass --data.data_dir with a CHB-MIT-style folder, "
+                "or leave it unset to use synthetic recordings"
+            )
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.n_channels = n_channels
+        self.sampling_rate = sampling_rate
+        self.window_seconds = window_seconds
+        self.stride_seconds = stride_seconds if stride_seconds is not None else window_seconds
+        self.recording_minutes = recording_minutes
+        self.n_recordings = {"train": n_train_recordings, "val": n_val_recordings, "test": n_test_recordings}
+        self.max_seizures_per_recording = max_seizures_per_recording
+        self.horizon_s = horizon_minutes * 60.0
+        self.postictal_s = postictal_minutes * 60.0
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.recordings: dict[str, list[EEGRecording]] = {}
+        self.datasets: dict[str, EEGWindows] = {}
+
+    @property
+    def window_samples(self) -> int:
+        return round(self.window_seconds * self.sampling_rate)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.data_dir is None:
+            for split, count in self.n_recordings.items():
+                self.recordings[split] = generate_split(
+                    self.seed,
+                    split,
+                    count,
+                    self.max_seizures_per_recording,
+                    n_channels=self.n_channels,
+                    sampling_rate=self.sampling_rate,
+                    duration_minutes=self.recording_minutes,
+                    horizon_minutes=self.horizon_s / 60.0,
+                    postictal_minutes=self.postictal_s / 60.0,
+                )
+        else:
+            everything = load_chbmit_folder(self.data_dir, self.n_channels)
+            self.sampling_rate = everything[0].sampling_rate
+            train, val, test = split_recordings(everything, self.val_fraction, self.test_fraction, self.seed)
+            self.recordings = {"train": train, "val": val, "test": test}
+        if not self.recordings["train"]:
+            raise DataFormatError("no training recordings after the split; lower --data.val_fraction/test_fraction")
+        mean, std = channel_statistics(self.recordings["train"])
+        stride = round(self.stride_seconds * self.sampling_rate)
+        for split, recs in self.recordings.items():
+            self.datasets[split] = EEGWindows(
+                recs, self.window_samples, stride, self.horizon_s, self.postictal_s, mean, std, continuous=split == "test"
+            )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,1 @@
+"""Evaluation protocols that turn model outputs into task-level metrics (pure functions)."""

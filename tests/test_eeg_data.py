@@ -1,0 +1,255 @@
+"""Synthetic EEG generator, window labels, CHB-MIT-style EDF + summary loading and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_act.data.eeg import (
+    EEGRecording,
+    EEGSeizureDataModule,
+    channel_statistics,
+    generate_recording,
+    generate_split,
+    label_windows,
+    load_chbmit_folder,
+    parse_chbmit_summary,
+    pink_noise,
+    read_edf,
+)
+from lightning_act.errors import DataFormatError, DataNotFoundError
+
+FS = 64.0
+
+
+def _band_power(x: np.ndarray, low: float, high: float) -> float:
+    """Mean periodogram power in [low, high] Hz over channels (numpy FFT)."""
+    spectrum = np.abs(np.fft.rfft(x - x.mean(axis=1, keepdims=True), axis=1)) ** 2
+    freqs = np.fft.rfftfreq(x.shape[1], d=1.0 / FS)
+    return float(spectrum[:, (freqs >= low) & (freqs <= high)].mean())
+
+
+def _beta_synchrony(x: np.ndarray) -> float:
+    """Mean pairwise correlation between channels after an FFT band-pass to 14-20 Hz."""
+    spectrum = np.fft.rfft(x, axis=1)
+    freqs = np.fft.rfftfreq(x.shape[1], d=1.0 / FS)
+    spectrum[:, (freqs < 14.0) | (freqs > 20.0)] = 0.0
+    corr = np.corrcoef(np.fft.irfft(spectrum, n=x.shape[1], axis=1))
+    return float(corr[np.triu_indices(len(corr), k=1)].mean())
+
+
+@pytest.fixture(scope="module")
+def recording():
+    return generate_recording(7, n_channels=6, sampling_rate=FS, duration_minutes=45.0, n_seizures=1, distractor_bursts_per_hour=0.0)
+
+
+def test_generator_is_deterministic_and_sized(recording) -> None:
+    again = generate_recording(7, n_channels=6, sampling_rate=FS, duration_minutes=45.0, n_seizures=1, distractor_bursts_per_hour=0.0)
+    other = generate_recording(8, n_channels=6, sampling_rate=FS, duration_minutes=45.0, n_seizures=1, distractor_bursts_per_hour=0.0)
+    assert recording.data.shape == (6, 45 * 60 * 64) and recording.data.dtype == np.float32
+    np.testing.assert_array_equal(recording.data, again.data)
+    assert recording.seizures == again.seizures
+    assert not np.array_equal(recording.data, other.data)
+    onset, end = recording.seizures[0]
+    assert onset >= 15 * 60 + 300 and 30.0 <= end - onset <= 90.0
+
+
+def test_pink_noise_has_one_over_f_spectrum() -> None:
+    noise = pink_noise(np.random.default_rng(0), 16, 8192, exponent=1.0)
+    power = (np.abs(np.fft.rfft(noise, axis=1)) ** 2).mean(axis=0)
+    freqs = np.fft.rfftfreq(8192)
+    band = (freqs > 0.005) & (freqs < 0.4)
+    slope = np.polyfit(np.log(freqs[band]), np.log(power[band]), 1)[0]
+    assert slope == pytest.approx(-1.0, abs=0.1)
+
+
+def test_preictal_band_power_and_synchrony_rise_before_onset(recording) -> None:
+    onset, end = recording.seizures[0]
+    x = recording.data.astype(np.float64)
+    late_preictal = x[:, int((onset - 240) * FS) : int(onset * FS)]  # last 4 min before onset (ramp > 0.7)
+    interictal = x[:, : int(240 * FS)]  # first 4 min, far from the seizure
+    assert _band_power(late_preictal, 4.0, 8.0) > 1.5 * _band_power(interictal, 4.0, 8.0)
+    assert _beta_synchrony(late_preictal) > _beta_synchrony(interictal) + 0.3
+    ictal = x[:, int(onset * FS) : int(end * FS)]
+    assert ictal.std() > 2.0 * interictal.std()
+
+
+def test_label_windows_by_hand() -> None:
+    # 1 Hz, 100 samples, windows of 10, seizure [60, 65), horizon 20, post-ictal 10:
+    # blocked [40, 75); preictal windows inside [40, 60): [40,50), [50,60);
+    # [60,70) ictal and [70,80) post-ictal are excluded; the rest interictal.
+    starts, labels = label_windows(100, 1.0, 10, 10, [(60.0, 65.0)], horizon_s=20.0, postictal_s=10.0)
+    np.testing.assert_array_equal(starts, np.arange(0, 100, 10))
+    np.testing.assert_array_equal(labels, [0, 0, 0, 0, 1, 1, -1, -1, 0, 0])
+    # horizon 25: blocked [35, 75); [30,40) straddles the preictal start -> excluded.
+    _, labels = label_windows(100, 1.0, 10, 10, [(60.0, 65.0)], horizon_s=25.0, postictal_s=10.0)
+    np.testing.assert_array_equal(labels, [0, 0, 0, -1, 1, 1, -1, -1, 0, 0])
+
+
+def test_splits_differ_and_cycle_seizure_counts() -> None:
+    kwargs = {"n_channels": 2, "sampling_rate": 16.0, "duration_minutes": 75.0}
+    train = generate_split(0, "train", 3, 2, **kwargs)
+    test = generate_split(0, "test", 3, 2, **kwargs)
+    assert [len(r.seizures) for r in train] == [1, 2, 0]
+    assert not np.array_equal(train[0].data, test[0].data)
+
+
+def test_channel_statistics_pool_all_training_samples() -> None:
+    rng = np.random.default_rng(0)
+    recs = [EEGRecording(str(i), rng.normal(i, i + 1, size=(3, 400 * (i + 1))).astype(np.float32), 1.0) for i in range(2)]
+    pooled = np.concatenate([r.data for r in recs], axis=1).astype(np.float64)
+    mean, std = channel_statistics(recs)
+    np.testing.assert_allclose(mean, pooled.mean(axis=1), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(std, pooled.std(axis=1), rtol=1e-6)
+
+
+def test_datamodule_synthetic_loaders() -> None:
+    dm = EEGSeizureDataModule(
+        n_channels=3, sampling_rate=16.0, recording_minutes=40.0, n_train_recordings=2, n_val_recordings=1, n_test_recordings=2, batch_size=32
+    )
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 3, 80) and set(y.unique().tolist()) <= {0.0, 1.0}
+    assert set(np.unique(dm.datasets["train"].labels)) == {0, 1}
+    xt, yt, rec, end = next(iter(dm.test_dataloader()))
+    assert xt.shape == (32, 3, 80) and set(yt.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.all(rec == 0)
+    # continuous stream: consecutive windows of recording 0, 5 s apart, ending at 5, 10, ... s.
+    torch.testing.assert_close(end, torch.arange(1, 33, dtype=torch.float64) * 5.0)
+    assert len(dm.datasets["test"]) == 2 * (40 * 60 // 5)
+    # normalisation uses training statistics: training windows have ~zero mean, ~unit std per channel.
+    stacked = torch.stack([dm.datasets["train"][i][0] for i in range(0, len(dm.datasets["train"]), 7)])
+    assert stacked.mean().abs() < 0.1 and (stacked.std() - 1.0).abs() < 0.15
+
+
+# ---------------------------------------------------------------------------- CHB-MIT-style files
+
+SUMMARY_PLAIN = """Data Sampling Rate: 32 Hz
+*************************
+
+Channel 1: FP1-F7
+Channel 2: F7-T7
+Channel 3: T7-P7
+
+File Name: chb99_01.edf
+File Start Time: 10:00:00
+File End Time: 10:05:00
+Number of Seizures in File: 0
+
+File Name: chb99_02.edf
+File Start Time: 10:05:00
+File End Time: 10:10:00
+Number of Seizures in File: 1
+Seizure Start Time: 200 seconds
+Seizure End Time: 230 seconds
+"""
+
+SUMMARY_NUMBERED = """File Name: chb98_01.edf
+Number of Seizures in File: 2
+Seizure 1 Start Time: 100 seconds
+Seizure 1 End Time: 120 seconds
+Seizure 2 Start Time: 250 seconds
+Seizure 2 End Time: 260 seconds
+"""
+
+
+def _write_edf(path: Path, signals: np.ndarray, rate: int) -> None:
+    import pyedflib
+
+    headers = pyedflib.highlevel.make_signal_headers(
+        [f"CH{i}" for i in range(len(signals))], sample_frequency=rate, physical_min=-500.0, physical_max=500.0
+    )
+    pyedflib.highlevel.write_edf(str(path), signals, headers)
+
+
+@pytest.fixture()
+def chb_folder(tmp_path: Path) -> tuple[Path, list[np.ndarray]]:
+    subject = tmp_path / "chb99"
+    subject.mkdir()
+    rng = np.random.default_rng(0)
+    signals = [rng.uniform(-200.0, 200.0, size=(3, 300 * 32)) for _ in range(2)]
+    for i, sig in enumerate(signals, start=1):
+        _write_edf(subject / f"chb99_{i:02d}.edf", sig, 32)
+    (subject / "chb99-summary.txt").write_text(SUMMARY_PLAIN)
+    return tmp_path, signals
+
+
+def test_summary_variants(tmp_path: Path) -> None:
+    plain = tmp_path / "chb99-summary.txt"
+    plain.write_text(SUMMARY_PLAIN)
+    assert parse_chbmit_summary(plain) == {"chb99_01.edf": [], "chb99_02.edf": [(200.0, 230.0)]}
+    numbered = tmp_path / "chb98-summary.txt"
+    numbered.write_text(SUMMARY_NUMBERED)
+    assert parse_chbmit_summary(numbered) == {"chb98_01.edf": [(100.0, 120.0), (250.0, 260.0)]}
+
+
+def test_edf_round_trip_and_folder_loading(chb_folder) -> None:
+    folder, signals = chb_folder
+    data, rate, names = read_edf(folder / "chb99" / "chb99_02.edf", n_channels=3)
+    assert rate == 32.0 and names == ["CH0", "CH1", "CH2"] and data.shape == (3, 9600)
+    # EDF stores 16-bit integers over [-500, 500]: resolution 1000 / 65535.
+    np.testing.assert_allclose(data, signals[1], atol=1000.0 / 65535.0)
+    recordings = load_chbmit_folder(folder, n_channels=3)
+    assert [r.name for r in recordings] == ["chb99_01", "chb99_02"]
+    assert recordings[1].seizures == [(200.0, 230.0)] and recordings[1].duration_s == 300.0
+
+
+def test_datamodule_reads_chbmit_folder(chb_folder) -> None:
+    folder, _ = chb_folder
+    dm = EEGSeizureDataModule(
+        data_dir=str(folder), n_channels=3, horizon_minutes=1.0, postictal_minutes=0.5, val_fraction=0.0, test_fraction=0.0
+    )
+    dm.setup()
+    assert dm.sampling_rate == 32.0 and dm.window_samples == 160
+    # seizure at 200 s, horizon 60 s: preictal windows [140,145) .. [195,200) = 12; blocked [140, 260).
+    labels = dm.datasets["train"].labels
+    assert (labels == 1).sum() == 12
+    assert (labels == 0).sum() == 60 + (300 - 120) // 5  # seizure-free file + rest of the seizure file
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file_errors(chb_folder, tmp_path: Path) -> None:
+    folder, _ = chb_folder
+    (folder / "chb99" / "chb99_02.edf").unlink()
+    with pytest.raises(DataNotFoundError) as error:
+        load_chbmit_folder(folder, n_channels=3)
+    assert "chb99_02.edf" in _one_line(error)
+    with pytest.raises(DataNotFoundError):
+        parse_chbmit_summary(tmp_path / "nope-summary.txt")
+    with pytest.raises(DataNotFoundError) as error:
+        EEGSeizureDataModule(data_dir=str(tmp_path / "absent"))
+    assert "--data.data_dir" in _one_line(error)
+
+
+def test_channel_count_mismatch_error(chb_folder) -> None:
+    folder, _ = chb_folder
+    with pytest.raises(DataFormatError) as error:
+        load_chbmit_folder(folder, n_channels=23)
+    assert "has 3 channels but 23 were expected" in _one_line(error)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("File Name: a.edf\nNumber of Seizures in File: 2\nSeizure Start Time: 5 seconds\nSeizure End Time: 9 seconds\n", "says 2"),
+        ("File Name: a.edf\nNumber of Seizures in File: 1\nSeizure Start Time: soon\nSeizure End Time: 9 seconds\n", "not a number"),
+        ("File Name: a.edf\nNumber of Seizures in File: 1\nSeizure 1 Start Time: 5 seconds\n", "1 seizure start(s) but 0"),
+        ("Seizure Start Time: 5 seconds\n", "before any 'File Name:'"),
+        ("File Name: a.edf\nNumber of Seizures in File: 1\nSeizure Start Time: 9 seconds\nSeizure End Time: 5 seconds\n", "before it starts"),
+        ("Data Sampling Rate: 256 Hz\n", "no 'File Name:'"),
+    ],
+)
+def test_malformed_summary_errors(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "chb00-summary.txt"
+    path.write_text(text)
+    with pytest.raises(DataFormatError) as error:
+        parse_chbmit_summary(path)
+    assert problem in _one_line(error)

@@ -1,0 +1,86 @@
+"""STAN architecture: size, shapes, and which axis each attention layer mixes."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from lightning_act.errors import DataFormatError
+from lightning_act.models.stan import STAN, SpatialAttention, TemporalAttention
+
+
+def _expected_parameters(channels: int, window: int, segment: int, d: int, depth: int, mlp_ratio: float) -> int:
+    """Parameter count written out from the architecture description, layer by layer."""
+    hidden = int(d * mlp_ratio)
+    layer = (
+        2 * 2 * d  # two LayerNorms (weight + bias)
+        + 3 * d * d + 3 * d  # attention in-projection (q, k, v)
+        + d * d + d  # attention out-projection
+        + d * hidden + hidden + hidden * d + d  # MLP
+    )
+    embed = segment * d + d + channels * d + (window // segment) * d
+    return embed + depth * 2 * layer + 2 * d + d + 1  # final LayerNorm, head (1 logit)
+
+
+def test_default_size_matches_paper_scale() -> None:
+    model = STAN()
+    count = sum(p.numel() for p in model.parameters())
+    assert count == _expected_parameters(23, 1280, 128, 176, 3, 4.0)
+    assert abs(count - 2.3e6) / 2.3e6 < 0.03  # paper: 2.3M parameters
+
+
+def test_shapes_and_embedding_normalisation() -> None:
+    torch.manual_seed(0)
+    model = STAN(in_chans=4, window_samples=64, segment_samples=16, embed_dim=16, depth=1, num_heads=2).eval()
+    x = torch.randn(5, 4, 64)
+    assert model.forward_features(x).shape == (5, 4, 4, 16)
+    z = model.embed(x)
+    assert z.shape == (5, 16)
+    # LayerNorm without affine: every embedding has zero mean and unit (biased) variance.
+    torch.testing.assert_close(z.mean(-1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(-1, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+    assert model(x).shape == (5,)
+    torch.testing.assert_close(model(x), model.head(z).squeeze(-1))
+    multi = STAN(in_chans=4, window_samples=64, segment_samples=16, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    assert multi(x).shape == (5, 3)
+
+
+def test_spatial_layer_mixes_channels_within_a_segment_only() -> None:
+    torch.manual_seed(0)
+    layer = SpatialAttention(embed_dim=8, num_heads=2, mlp_ratio=2.0, dropout=0.0).eval()
+    grid = torch.randn(1, 3, 4, 8)  # (B, channels, segments, D)
+    changed = grid.clone()
+    changed[0, 0, 1] += torch.randn(8)  # channel 0, segment 1 (not a constant: LayerNorm removes those)
+    delta = (layer(changed) - layer(grid)).abs().sum(-1)[0]  # (channels, segments)
+    assert (delta[:, 1] > 1e-6).all()  # every channel of segment 1 sees it
+    assert torch.all(delta[:, [0, 2, 3]] == 0)  # other segments untouched
+
+
+def test_temporal_layer_mixes_segments_within_a_channel_only() -> None:
+    torch.manual_seed(0)
+    layer = TemporalAttention(embed_dim=8, num_heads=2, mlp_ratio=2.0, dropout=0.0).eval()
+    grid = torch.randn(1, 3, 4, 8)
+    changed = grid.clone()
+    changed[0, 2, 0] += torch.randn(8)  # channel 2, segment 0
+    delta = (layer(changed) - layer(grid)).abs().sum(-1)[0]
+    assert (delta[2, :] > 1e-6).all()  # every segment of channel 2 sees it
+    assert torch.all(delta[[0, 1], :] == 0)  # other channels untouched
+
+
+def test_timm_factories_and_gradients() -> None:
+    model = timm.create_model("stan_tiny", dropout=0.0)
+    assert (model.in_chans, model.window_samples, model.embed_dim) == (8, 320, 32)
+    model(torch.randn(2, 8, 320)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert timm.create_model("stan_base").num_segments == 10
+    assert model.get_classifier() is model.head  # monitors' "@penultimate" taps the head input
+
+
+def test_bad_shapes_raise_one_line_errors() -> None:
+    model = STAN(in_chans=4, window_samples=64, segment_samples=16, embed_dim=16, depth=1, num_heads=2)
+    with pytest.raises(DataFormatError, match=r"\(B, 4, 64\)") as info:
+        model(torch.randn(2, 5, 64))
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataFormatError, match="multiple of segment_samples"):
+        STAN(window_samples=100, segment_samples=16)
