@@ -120,9 +120,9 @@ def rational_value(x: np.ndarray, numerator: np.ndarray, denominator: np.ndarray
 def rational_gain(init: str) -> float:
     """``E[F(x)^2]`` for ``x ~ N(0, 1)`` of the shipped ``init`` rational.
 
-    KAT's variance-preserving init draws the following linear layer's weights from ``N(0, gain / d_in)``
-    (Yang & Wang 2024, arXiv 2409.10594). Trapezoid rule on [-12, 12] (the Gaussian density beyond is
-    below 1e-31).
+    KAT's variance-preserving init (Yang & Wang 2024, arXiv 2409.10594) draws the following linear
+    layer's weights with variance ``1 / (d_in * E[F^2])``, so that its output keeps unit variance.
+    Trapezoid rule on [-12, 12] (the Gaussian density beyond is below 1e-31).
     """
     numerator, denominator = _init_coefficients(init)
     x, step = np.linspace(-12.0, 12.0, 240_001, retstep=True)

@@ -1,0 +1,288 @@
+"""KAT — Kolmogorov-Arnold Transformer (Yang & Wang 2024, arXiv 2409.10594) as timm models.
+
+A KAT is a ViT whose MLP is a GR-KAN: in every pre-norm residual block the MLP becomes
+
+    GroupRational(identity init, D) → fc1 (D → 4D) → GroupRational(swish or GELU init, 4D) → dropout → fc2
+
+Everything else (patch embedding, attention, class token, heads, feature extraction, position
+embedding resampling) is timm's ``VisionTransformer``; only the MLP layer is swapped in through its
+``mlp_layer`` argument. ``timm.create_model("kat_tiny_patch16_224")`` works once this module is
+imported (``import lightning_act`` does it).
+
+Variance-preserving init (the paper's initialisation of GR-KAN): the rationals start as a fit of
+identity / Swish / GELU, and a linear layer that reads a rational's output draws
+``w ~ N(0, 1 / (d_in · E[F(x)²]))`` with ``E[F(x)²]`` for ``x ~ N(0, 1)`` from ``rational_gain``, so that an N(0, 1) input keeps unit variance
+through the layer. (In torch's ``calculate_gain`` convention — which the public code uses — that is
+``gain² / d_in`` with ``gain² = 1 / E[F(x)²]``.) The MLP re-applies this in its own ``init_weights``,
+which timm's ``named_apply`` visits *after* the linear layers' default ``trunc_normal_(std=0.02)``,
+so the ViT init cannot overwrite it (the bug of the public code).
+
+Official checkpoints (Adamdad/kat, trained with ``KAT_Group`` from rational_kat_cu) load through
+:func:`checkpoint_filter_fn`; see ``docs/kat.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from functools import partial
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import (
+    checkpoint_filter_fn as vit_checkpoint_filter_fn,
+)
+from torch import nn
+
+from lightning_act.errors import LightningActError
+from lightning_act.nn.group_rational import GroupRational, rational_gain
+
+__all__ = ["GRKANMlp", "KATVisionTransformer", "checkpoint_filter_fn", "convert_official_rational"]
+
+ACT_INITS = ("swish", "gelu")
+
+
+class GRKANMlp(nn.Module):
+    """GR-KAN layer of a KAT block: ``act1 → fc1 → act2 → drop1 → (norm) → fc2 → drop2``.
+
+    Takes timm's ``Mlp`` constructor arguments so that ``VisionTransformer(mlp_layer=...)`` can build
+    it; ``act_layer`` is accepted and ignored (the activations are the group rationals). Submodule
+    names follow the official code (``act1``, ``fc1``, ``act2``, ``fc2``) so checkpoints map 1:1.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Any = None,
+        norm_layer: Any = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        act_init: str = "swish",
+        rational_groups: int = 8,
+        rational_impl: str = "auto",
+        rational_sharing: str = "per_group",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if act_init not in ACT_INITS:
+            raise LightningActError(f"act_init='{act_init}' is not supported; use one of {ACT_INITS}")
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        bias1, bias2 = bias if isinstance(bias, tuple) else (bias, bias)
+        drop1, drop2 = drop if isinstance(drop, tuple) else (drop, drop)
+        dd = {"device": device, "dtype": dtype}
+        self.act_init = act_init
+        rational = partial(GroupRational, groups=rational_groups, implementation=rational_impl, sharing=rational_sharing)
+        # coefficients stay float32 (GroupRational computes in float32); only the device follows
+        self.act1 = rational(in_features, init="identity").to(device=device)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias1, **dd)
+        self.act2 = rational(hidden_features, init=act_init).to(device=device)
+        self.drop1 = nn.Dropout(drop1)
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2, **dd)
+        self.drop2 = nn.Dropout(drop2)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Variance-preserving init of fc1 / fc2 from the rationals' ``E[F(x)²]`` (Yang & Wang 2024)."""
+        for linear, init in ((self.fc1, "identity"), (self.fc2, self.act_init)):
+            std = math.sqrt(1.0 / (linear.in_features * rational_gain(init)))
+            nn.init.normal_(linear.weight, mean=0.0, std=std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(self.act1(x))
+        x = self.norm(self.drop1(self.act2(x)))
+        return self.drop2(self.fc2(x))
+
+
+class KATVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` with GR-KAN MLPs; only the weight-decay exclusions differ.
+
+    ``rational_weight_decay=False`` (default) keeps AdamW's decay off the rational coefficients:
+    decaying them shrinks the activation functions towards zero rather than regularising a
+    weight. The official training decayed them (timm decays every >1-D tensor); pass ``True`` to
+    reproduce that.
+    """
+
+    def __init__(self, *args: Any, rational_weight_decay: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rational_weight_decay = rational_weight_decay
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        names = set(super().no_weight_decay())
+        if not self.rational_weight_decay:
+            for module_name, module in self.named_modules():
+                if isinstance(module, GroupRational):
+                    names.update(f"{module_name}.{param_name}" for param_name, _ in module.named_parameters())
+        return names
+
+
+def convert_official_rational(numerator: torch.Tensor, denominator: torch.Tensor, module: GroupRational) -> dict[str, torch.Tensor]:
+    """Turn an official ``KAT_Group``'s coefficients into ``module``'s ``GroupRational`` state.
+
+    Official ``KAT_Group`` (rational_kat_cu) stores ``weight_numerator`` (1, 6), one numerator
+    shared by all groups, and ``weight_denominator`` (groups, 4), and its CUDA kernels evaluate
+    ``P(x) / (1 + |b0|·|x| + |b1|·|x|² + |b2|·|x|³ + |b3|·|x|⁴)`` over contiguous channel groups: the
+    form and grouping ``GroupRational`` evaluates, so the function is carried over exactly. Sets
+    are repeated where ``module`` keeps one per group (``sharing="per_group"``); a shared set only
+    takes coefficients that are equal across groups.
+    """
+    groups = module.groups
+    out = {}
+    for name, tensor, terms in (("weight_numerator", numerator, 6), ("weight_denominator", denominator, 4)):
+        target = getattr(module, name)
+        if tensor.ndim != 2 or tensor.shape[1] != terms or tensor.shape[0] not in (1, groups):
+            raise LightningActError(
+                f"official rational {name} of shape {tuple(tensor.shape)} does not fit {groups} groups of {terms} "
+                "coefficients; build the model with rational_groups= equal to the checkpoint's group count"
+            )
+        if target.shape[0] == 1 and tensor.shape[0] > 1:
+            if not torch.equal(tensor, tensor[:1].expand_as(tensor)):
+                raise LightningActError(
+                    f"official rational {name} differs per group but the model shares one set; "
+                    "build the model with rational_sharing='per_group' or 'shared_numerator'"
+                )
+            tensor = tensor[:1]
+        out[name] = tensor.expand(target.shape[0], terms).clone().to(target.dtype)
+    return out
+
+
+_RATIONAL_KEY = re.compile(r"^(blocks\.\d+\.mlp\.act[12])\.weight_(numerator|denominator)$")
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: KATVisionTransformer, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Map an official KAT checkpoint (or one of ours) onto ``model``'s state dict, as timm filters do.
+
+    Unwraps ``{"model": …}`` / ``{"state_dict": …}`` and a DDP ``module.`` prefix, converts each
+    block's ``mlp.act{1,2}.weight_numerator`` / ``weight_denominator`` with
+    :func:`convert_official_rational`, and hands the rest to timm's ViT filter (identical key names;
+    it resamples patch and position embeddings for another image / patch size).
+    """
+    state_dict = state_dict.get("model", state_dict)
+    state_dict = state_dict.get("state_dict", state_dict)
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    modules = dict(model.named_modules())
+    rationals: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        match = _RATIONAL_KEY.match(key)
+        if match:
+            rationals.setdefault(match.group(1), {})[match.group(2)] = value
+        else:
+            plain[key] = value
+    out = vit_checkpoint_filter_fn(plain, model, **kwargs)
+    for prefix, coeffs in rationals.items():
+        if set(coeffs) != {"numerator", "denominator"} or prefix not in modules:
+            raise LightningActError(
+                f"official KAT checkpoint has an incomplete or unknown rational '{prefix}'; "
+                "load it into the kat_* model of the same size"
+            )
+        for name, tensor in convert_official_rational(coeffs["numerator"], coeffs["denominator"], modules[prefix]).items():
+            out[f"{prefix}.{name}"] = tensor
+    return out
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    """Model metadata for timm (no URL: nothing is ever downloaded)."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2409.10594",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "kat_tiny_patch16_224": _cfg(),
+        "kat_small_patch16_224": _cfg(),
+        "kat_base_patch16_224": _cfg(),
+        "kat_tiny_patch4_32": _cfg(input_size=(3, 32, 32), crop_pct=1.0, num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3),
+        "kat_micro_patch4_32": _cfg(input_size=(3, 32, 32), crop_pct=1.0, num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3),
+    }
+)
+
+
+def _create_kat(variant: str, pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
+    """Build a KAT through timm's builder.
+
+    Extra keyword arguments configure the MLPs: ``act_init`` ("swish", the official default, or
+    "gelu"), ``rational_groups`` (8), ``rational_impl`` ("auto") and ``rational_sharing``
+    ("per_group"; "shared_numerator" is the released code's layout, "shared_denominator" the
+    paper's description). ``rational_weight_decay`` is passed to :class:`KATVisionTransformer`.
+    """
+    if pretrained:
+        raise LightningActError(
+            f"{variant}: no weights are downloaded; create it with pretrained=False and load an official checkpoint "
+            "file with --model.checkpoint_path (see docs/kat.md)"
+        )
+    mlp_layer = partial(
+        GRKANMlp,
+        act_init=kwargs.pop("act_init", "swish"),
+        rational_groups=kwargs.pop("rational_groups", 8),
+        rational_impl=kwargs.pop("rational_impl", "auto"),
+        rational_sharing=kwargs.pop("rational_sharing", "per_group"),
+    )
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        KATVisionTransformer,
+        variant,
+        pretrained=False,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
+        mlp_layer=mlp_layer,
+        **kwargs,
+    )
+
+
+@register_model
+def kat_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
+    """KAT-T/16 (5.7M parameters, 74.6% ImageNet top-1 in the paper)."""
+    args = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3}
+    return _create_kat("kat_tiny_patch16_224", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def kat_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
+    """KAT-S/16 (22.1M parameters, 81.2% ImageNet top-1 in the paper)."""
+    args = {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6}
+    return _create_kat("kat_small_patch16_224", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def kat_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
+    """KAT-B/16 (86.6M parameters, 82.3% ImageNet top-1 in the paper)."""
+    args = {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12}
+    return _create_kat("kat_base_patch16_224", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def kat_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
+    """KAT-T width on 32 × 32 images (CIFAR): patch 4 → 8 × 8 tokens, 192 dim, 12 blocks."""
+    args = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3, "num_classes": 10}
+    return _create_kat("kat_tiny_patch4_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def kat_micro_patch4_32(pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
+    """A KAT small enough to train on a laptop CPU in minutes: 32 × 32 input, patch 4, 96 dim, 4 blocks."""
+    args = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "num_classes": 10}
+    return _create_kat("kat_micro_patch4_32", pretrained=pretrained, **dict(args, **kwargs))

@@ -1,0 +1,210 @@
+"""Image classification for any timm model, created by name (no pretrained weights).
+
+The training recipe follows DeiT / KAT (Touvron et al. 2021; Yang & Wang 2024): AdamW, linear
+warm-up then cosine decay, label smoothing, and optionally mixup (Zhang et al. 2018) and cutmix
+(Yun et al. 2019) with a soft-target cross entropy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_path: str) -> None:
+    """Load a local checkpoint into a timm model, remapped by its family's ``checkpoint_filter_fn``.
+
+    The filter of the file that registered ``model_name`` (timm's own, or
+    ``lightning_act.models.kat.checkpoint_filter_fn`` for official KAT weights) is applied, as timm
+    does for pretrained weights. A classifier whose shape differs (e.g. 1000 ImageNet classes into
+    a 10-class model) is left at its fresh init so the weights can be fine-tuned; every other
+    tensor must match (strict).
+    """
+    import timm
+
+    if not Path(checkpoint_path).is_file():
+        raise DataNotFoundError(f"checkpoint '{checkpoint_path}' not found; pass --model.checkpoint_path to an existing file")
+    try:
+        state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise DataFormatError(f"cannot read checkpoint '{checkpoint_path}' ({type(err).__name__}); pass a torch .pth/.pt file") from err
+    if not isinstance(state_dict, dict):
+        raise DataFormatError(f"checkpoint '{checkpoint_path}' holds a {type(state_dict).__name__}, not a state dict")
+    family = importlib.import_module(timm.models.model_entrypoint(model_name).__module__)
+    filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    own = model.state_dict()
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    skipped = [
+        k for k, v in state_dict.items() if k.startswith(f"{classifier}.") and k in own and own[k].shape != v.shape
+    ]
+    for key in skipped:
+        state_dict[key] = own[key]
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or mismatched:
+        raise DataFormatError(
+            f"checkpoint '{checkpoint_path}' does not fit '{model_name}': {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(mismatched)} of other shape {mismatched[:3]}; "
+            "pass the --model.model_name (and model_kwargs) the checkpoint was trained with"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+class ImageClassifier(pl.LightningModule):
+    """Train any ``timm`` model by name with AdamW, warm-up + cosine, label smoothing and mixup/cutmix.
+
+    ``mixup_alpha`` / ``cutmix_alpha`` > 0 switch on timm's batch-wise ``Mixup`` (with probability
+    ``mixup_prob``; when both are on, cutmix is chosen with ``mixup_switch_prob``); the targets then
+    become soft (label smoothing folded in) and the loss a soft-target cross entropy. Mixing pairs
+    sample ``i`` with sample ``B-1-i``, so an odd training batch drops its last sample. Training
+    accuracy is then measured against the dominant label of each mixed target.
+    ``checkpoint_path`` loads weights into the timm model (official KAT checkpoints are remapped by
+    the model's ``checkpoint_filter_fn``); nothing is downloaded.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 20,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        min_lr_ratio: float = 0.0,
+        checkpoint_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise LightningActError(f"label_smoothing={label_smoothing} must be in [0, 1); pass e.g. --model.label_smoothing 0.1")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise LightningActError(
+                f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 (0 switches it off)"
+            )
+        self.save_hyperparameters()
+        import timm
+
+        try:
+            self.model = timm.create_model(
+                model_name,
+                pretrained=False,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                **(model_kwargs or {}),
+            )
+        except RuntimeError as err:
+            if "Unknown model" not in str(err):
+                raise
+            raise LightningActError(
+                f"timm has no model '{model_name}'; pick one from timm.list_models() (KAT models need `import lightning_act`)"
+            ) from err
+        if checkpoint_path:
+            load_timm_checkpoint(self.model, model_name, checkpoint_path)
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                mode="batch",
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.hparams.num_classes:
+            raise LightningActError(
+                f"the data has {data_classes} classes but the model was built for {self.hparams.num_classes}; "
+                f"pass --model.num_classes {data_classes}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.mixup is not None:
+            if len(y) % 2:
+                x, y = x[:-1], y[:-1]
+            x, soft_targets = self.mixup(x.clone(), y)
+            logits = self(x)
+            loss = torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            y = soft_targets.argmax(dim=-1)
+        else:
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: torchmetrics.Metric) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        metric(logits, y)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).softmax(-1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # timm convention: no decay on biases, norms (1-D) and the model's no_weight_decay() names.
+        skip = set(self.model.no_weight_decay()) if hasattr(self.model, "no_weight_decay") else set()
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                exempt = p.ndim <= 1 or name.endswith(".bias") or name.removeprefix("model.") in skip
+                (no_decay if exempt else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,163 @@
+"""ImageClassifier: schedule, mixup/cutmix loss, top-1, weight-decay groups, checkpoints, a tiny KAT fit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+import lightning_act.models.kat  # noqa: F401  (registers the KAT models with timm)
+from lightning_act.data.images import ImageDataModule
+from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
+from lightning_act.tasks.image_classification import ImageClassifier, warmup_cosine
+
+TINY_KAT = {"model_name": "kat_micro_patch4_32", "num_classes": 10, "in_chans": 1,
+                "model_kwargs": {"img_size": 8, "patch_size": 4, "embed_dim": 48, "depth": 1}}
+
+
+def test_warmup_cosine_hand_values() -> None:
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, min_ratio=0.2) == pytest.approx(0.6)  # halfway: (1 + 0.2) / 2
+    assert warmup_cosine(35, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert warmup_cosine(500, 10, 110, min_ratio=0.2) == pytest.approx(0.2)
+
+
+def test_constructor_of_the_vit_demo_recipe_still_works() -> None:
+    model = ImageClassifier(
+        model_name="vit_tiny_patch16_224", num_classes=10, in_chans=1,
+        model_kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 24, "depth": 1, "num_heads": 2},
+        lr=0.002, weight_decay=0.05, warmup_steps=20, label_smoothing=0.1,
+    )
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert model.mixup is None
+
+
+def _numpy_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-(targets * log_probs).sum(-1).mean())
+
+
+def test_mixup_loss_is_soft_target_cross_entropy_and_odd_batches_are_trimmed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = ImageClassifier(**TINY_KAT, mixup_alpha=1.0, label_smoothing=0.0)
+    seen = {}
+    original = model.mixup
+
+    def recording_mixup(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen["x_in"], seen["y"] = x.clone(), y.clone()
+        mixed, targets = original(x, y)
+        seen["x"], seen["targets"] = mixed.clone(), targets.clone()
+        return mixed, targets
+
+    model.mixup = recording_mixup
+    x, y = torch.randn(7, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    model.log = lambda *args, **kwargs: None  # outside a Trainer
+    loss = model.training_step((x, y), 0)
+    assert len(seen["y"]) == 6 and torch.equal(seen["x_in"], x[:6])
+    # mixup: x' = lam x + (1 - lam) x.flip(0), t = lam onehot(y) + (1 - lam) onehot(y.flip(0))
+    lam = float(seen["targets"][0, 0])
+    expected_targets = lam * np.eye(10)[y[:6].numpy()] + (1 - lam) * np.eye(10)[y[:6].flip(0).numpy()]
+    np.testing.assert_allclose(seen["targets"].numpy(), expected_targets, atol=1e-6)
+    np.testing.assert_allclose(seen["x"].numpy(), lam * x[:6].numpy() + (1 - lam) * x[:6].flip(0).numpy(), atol=1e-5)
+    model.eval()  # same forward as training (no dropout in TINY_KAT)
+    with torch.no_grad():
+        logits = model(seen["x"]).double().numpy()
+    assert loss.item() == pytest.approx(_numpy_cross_entropy(logits, expected_targets), rel=1e-5)
+
+
+def test_label_smoothing_without_mixup_matches_hand_formula() -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(**TINY_KAT, label_smoothing=0.1)
+    model.log = lambda *args, **kwargs: None
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 3, 5, 7])
+    loss = model.training_step((x, y), 0)
+    with torch.no_grad():
+        logits = model(x).double().numpy()
+    targets = 0.9 * np.eye(10)[y.numpy()] + 0.1 / 10
+    assert loss.item() == pytest.approx(_numpy_cross_entropy(logits, targets), rel=1e-5)
+
+
+def test_top1_accuracy_is_the_fraction_correct() -> None:
+    model = ImageClassifier(**TINY_KAT)
+    logits = torch.zeros(5, 10)
+    logits[torch.arange(5), torch.tensor([0, 0, 0, 0, 1])] = 1.0
+    model.test_acc(logits, torch.tensor([0, 0, 0, 1, 1]))  # 4 of 5 right; macro averaging would give 0.875
+    assert model.test_acc.compute().item() == pytest.approx(0.8)
+
+
+def test_weight_decay_skips_biases_norms_embeddings_and_rationals() -> None:
+    model = ImageClassifier(**TINY_KAT)
+    model.trainer = pl.Trainer(max_epochs=-1, max_steps=10, logger=False, enable_checkpointing=False)
+    optim = model.configure_optimizers()["optimizer"]
+    decay_ids = {id(p) for p in optim.param_groups[0]["params"]}
+    named = dict(model.named_parameters())
+    assert id(named["model.blocks.0.mlp.fc1.weight"]) in decay_ids
+    assert id(named["model.blocks.0.attn.qkv.weight"]) in decay_ids
+    for name in ("model.pos_embed", "model.cls_token", "model.blocks.0.mlp.act1.weight_numerator",
+                 "model.blocks.0.mlp.act2.weight_denominator", "model.blocks.0.norm1.weight", "model.head.bias"):
+        assert id(named[name]) not in decay_ids, name
+    assert optim.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_tiny_kat_fit_with_cutmix_then_test_reports_top1(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = ImageClassifier(**TINY_KAT, cutmix_alpha=1.0, mixup_alpha=0.2, label_smoothing=0.1, warmup_steps=2)
+    data = ImageDataModule(image_size=8, in_chans=1, batch_size=128, crop_padding=1)
+    trainer = pl.Trainer(max_steps=3, limit_val_batches=1, limit_test_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    result = trainer.test(model, data, verbose=False)[0]
+    assert 0.0 <= result["test/acc"] <= 1.0 and math.isfinite(result["test/loss"])
+
+
+def test_class_count_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    model = ImageClassifier(**{**TINY_KAT, "num_classes": 5})
+    data = ImageDataModule(image_size=8, in_chans=1)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    with pytest.raises(LightningActError, match="--model.num_classes 10"):
+        trainer.fit(model, data)
+
+
+def test_official_kat_checkpoint_loads_and_head_is_reinitialised(tmp_path: Path) -> None:
+    dim, groups = 48, 8
+    generator = torch.Generator().manual_seed(3)
+    shapes = {
+        "cls_token": (1, 1, dim), "pos_embed": (1, 5, dim), "patch_embed.proj.weight": (dim, 1, 4, 4),
+        "patch_embed.proj.bias": (dim,), "norm.weight": (dim,), "norm.bias": (dim,),
+        "head.weight": (1000, dim), "head.bias": (1000,),
+        "blocks.0.norm1.weight": (dim,), "blocks.0.norm1.bias": (dim,),
+        "blocks.0.attn.qkv.weight": (3 * dim, dim), "blocks.0.attn.qkv.bias": (3 * dim,),
+        "blocks.0.attn.proj.weight": (dim, dim), "blocks.0.attn.proj.bias": (dim,),
+        "blocks.0.norm2.weight": (dim,), "blocks.0.norm2.bias": (dim,),
+        "blocks.0.mlp.act1.weight_numerator": (1, 6), "blocks.0.mlp.act1.weight_denominator": (groups, 4),
+        "blocks.0.mlp.fc1.weight": (4 * dim, dim), "blocks.0.mlp.fc1.bias": (4 * dim,),
+        "blocks.0.mlp.act2.weight_numerator": (1, 6), "blocks.0.mlp.act2.weight_denominator": (groups, 4),
+        "blocks.0.mlp.fc2.weight": (dim, 4 * dim), "blocks.0.mlp.fc2.bias": (dim,),
+    }
+    official = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    path = tmp_path / "kat_official.pth"
+    torch.save({"model": official, "epoch": 299}, path)
+    model = ImageClassifier(**TINY_KAT, checkpoint_path=str(path))
+    state = model.model.state_dict()
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], official["blocks.0.attn.qkv.weight"])
+    assert torch.equal(state["blocks.0.mlp.act2.weight_numerator"], official["blocks.0.mlp.act2.weight_numerator"].expand(groups, 6))
+    assert state["head.weight"].shape == (10, dim)
+    with pytest.raises(DataNotFoundError, match="checkpoint_path"):
+        ImageClassifier(**TINY_KAT, checkpoint_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(DataFormatError, match="does not fit"):
+        ImageClassifier(**{**TINY_KAT, "model_kwargs": {**TINY_KAT["model_kwargs"], "depth": 2}}, checkpoint_path=str(path))
+
+
+def test_unknown_model_name_is_a_clear_error() -> None:
+    with pytest.raises(LightningActError, match="timm has no model"):
+        ImageClassifier(model_name="kat_gigantic_patch1_9000")

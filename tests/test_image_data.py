@@ -1,0 +1,167 @@
+"""ImageDataModule: bundled digits, CIFAR-10 python pickles and ImageFolder trees written here, augmentation, errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_act.data.images import ImageAugment, ImageDataModule
+from lightning_act.errors import DataFormatError, DataNotFoundError
+
+
+def _cifar_image(index: int) -> np.ndarray:
+    """A distinct (3, 32, 32) uint8 image per index."""
+    c, r, w = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
+    return ((index * 31 + c * 80 + r * 3 + w * 5) % 256).astype(np.uint8)
+
+
+def _write_cifar(folder: Path, per_batch: int = 4, test_count: int = 3) -> dict[str, list[tuple[np.ndarray, int]]]:
+    """Write CIFAR-10 python-pickle batches the way the official tarball stores them; return what was written."""
+    folder.mkdir(parents=True)
+    written: dict[str, list[tuple[np.ndarray, int]]] = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    index = 0
+    for name in names:
+        count = test_count if name == "test_batch" else per_batch
+        rows, labels, items = [], [], []
+        for _ in range(count):
+            image, label = _cifar_image(index), index % 10
+            # one row = 1024 red values, then 1024 green, then 1024 blue, each plane row-major
+            rows.append(np.concatenate([image[0].ravel(), image[1].ravel(), image[2].ravel()]))
+            labels.append(label)
+            items.append((image, label))
+            index += 1
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"batch_label": name.encode(), b"data": np.stack(rows), b"labels": labels}, handle)
+        written[name] = items
+    return written
+
+
+def test_digits_default_shapes_split_and_normalisation() -> None:
+    data = ImageDataModule(image_size=16, in_chans=3, batch_size=32, val_fraction=0.1, test_fraction=0.15)
+    data.setup("fit")
+    assert data.num_classes == 10
+    sizes = [len(data.train_set), len(data.val_set), len(data.test_set)]
+    assert sum(sizes) == 1797 and sizes[1] == round(1797 * 0.1) and sizes[2] == round(1797 * 0.15)
+    images, labels = next(iter(data.train_dataloader()))
+    assert images.shape == (32, 3, 16, 16) and labels.dtype == torch.int64
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    assert torch.equal(images[:, 0], images[:, 2])  # grey repeated over channels
+
+
+def test_cifar10_pickles_are_read_in_order_with_values_and_labels(tmp_path: Path) -> None:
+    written = _write_cifar(tmp_path / "cifar-10-batches-py")
+    data = ImageDataModule(data_dir=str(tmp_path), image_size=32, in_chans=3, val_fraction=0.25, batch_size=2)
+    assert data.data_format == "cifar10" and data.num_classes == 10
+    data.setup("fit")
+    assert len(data.train_set) + len(data.val_set) == 20 and len(data.val_set) == 5 and len(data.test_set) == 3
+    for i, (image, label) in enumerate(written["test_batch"]):
+        x, y = data.test_set[i]
+        expected = (image.astype(np.float64) / 255.0 - 0.5) / 0.5
+        np.testing.assert_allclose(x.numpy(), expected, atol=1e-6)
+        assert int(y) == label
+    training_images = [(img, lab) for name in written if name != "test_batch" for img, lab in written[name]]
+    seen = set()
+    for dataset in (data.train_set, data.val_set):
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            matches = [j for j, (img, _) in enumerate(training_images)
+                       if np.allclose(x.numpy(), (img / 255.0 - 0.5) / 0.5, atol=1e-6)]
+            assert len(matches) == 1 and int(y) == training_images[matches[0]][1]
+            seen.add(matches[0])
+    assert len(seen) == 20  # train and val together hold every training image once
+
+
+def test_cifar10_greyscale_uses_luma_weights(tmp_path: Path) -> None:
+    written = _write_cifar(tmp_path / "batches")
+    data = ImageDataModule(data_dir=str(tmp_path / "batches"), image_size=32, in_chans=1, mean=[0.0], std=[1.0])
+    data.setup("test")
+    image = written["test_batch"][0][0].astype(np.float64) / 255.0
+    grey = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    np.testing.assert_allclose(data.test_set[0][0][0].numpy(), grey, atol=1e-5)
+
+
+def _write_png(path: Path, colour: tuple[int, int, int], size: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path)
+
+
+COLOURS = {"cat": (200, 40, 10), "dog": (10, 120, 250)}
+
+
+def test_imagefolder_with_train_and_val_splits(tmp_path: Path) -> None:
+    for split, count in (("train", 3), ("val", 2)):
+        for name, colour in COLOURS.items():
+            for i in range(count):
+                _write_png(tmp_path / split / name / f"{i}.png", colour, size=12)
+    data = ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3, batch_size=4)
+    assert data.data_format == "imagefolder"
+    data.setup("fit")
+    assert data.num_classes == 2 and data.classes == ["cat", "dog"]
+    assert len(data.train_set) == 6 and len(data.val_set) == 4 and len(data.test_set) == 4
+    for dataset in (data.train_set, data.val_set):
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            colour = np.array(COLOURS[data.classes[int(y)]], dtype=np.float64) / 255.0
+            assert x.shape == (3, 8, 8)
+            np.testing.assert_allclose(x.numpy(), np.broadcast_to(((colour - 0.5) / 0.5)[:, None, None], (3, 8, 8)), atol=1e-6)
+
+
+def test_imagefolder_single_tree_is_split_by_fractions(tmp_path: Path) -> None:
+    for name, colour in COLOURS.items():
+        for i in range(10):
+            _write_png(tmp_path / name / f"{i}.png", colour)
+    data = ImageDataModule(data_dir=str(tmp_path), image_size=8, val_fraction=0.2, test_fraction=0.2)
+    data.setup("fit")
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (12, 4, 4)
+
+
+def test_wrong_path_and_unknown_format_give_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="--data.data_dir") as missing:
+        ImageDataModule(data_dir=str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("not images")
+    with pytest.raises(DataFormatError, match="neither CIFAR-10") as unknown:
+        ImageDataModule(data_dir=str(tmp_path))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "test_batch").write_bytes(b"this is not a pickle")
+    with pytest.raises(DataNotFoundError, match="data_batch_1' not found") as incomplete:
+        ImageDataModule(data_dir=str(broken)).setup("fit")
+    for i in range(1, 6):
+        (broken / f"data_batch_{i}").write_bytes(b"this is not a pickle either")
+    with pytest.raises(DataFormatError, match="not a CIFAR-10") as corrupt:
+        ImageDataModule(data_dir=str(broken)).setup("fit")
+    for error in (missing, unknown, incomplete, corrupt):
+        assert "\n" not in str(error.value)
+
+
+def test_train_augmentation_translates_flips_and_erases_eval_is_plain() -> None:
+    torch.manual_seed(0)
+    image = torch.rand(1, 8, 8)
+    plain = ImageAugment(8, 1, [0.0], [1.0], train=False, crop_padding=2, hflip=True, random_erasing=1.0)
+    assert torch.equal(plain(image), image)
+    shift = ImageAugment(8, 1, [0.0], [1.0], train=True, crop_padding=2)
+    padded = torch.nn.functional.pad(image, (2, 2, 2, 2))
+    offsets = set()
+    for _ in range(30):
+        out = shift(image)
+        match = [(t, l) for t in range(5) for l in range(5) if torch.equal(out, padded[:, t : t + 8, l : l + 8])]
+        assert match
+        offsets.add(match[0])
+    assert len(offsets) > 3
+    flip = ImageAugment(8, 1, [0.0], [1.0], train=True, hflip=True)
+    outs = [flip(image) for _ in range(30)]
+    assert all(torch.equal(o, image) or torch.equal(o, image.flip(-1)) for o in outs)
+    assert any(torch.equal(o, image.flip(-1)) for o in outs) and any(torch.equal(o, image) for o in outs)
+    erase = ImageAugment(8, 1, [0.0], [1.0], train=True, random_erasing=1.0)
+    erased = erase(image + 1.0)  # all pixels > 0, so erased ones are exactly the zeros
+    zeros = (erased == 0).nonzero()
+    assert len(zeros) > 0
+    rows, cols = zeros[:, 1], zeros[:, 2]
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert len(zeros) == box  # one rectangle

@@ -1,0 +1,184 @@
+"""KAT timm models: registration, sizes, block layout, variance-preserving init, official checkpoint keys."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from lightning_act.errors import LightningActError
+from lightning_act.models.kat import GRKANMlp, checkpoint_filter_fn
+from lightning_act.nn.group_rational import GroupRational
+
+# Parameter counts of the paper (Yang & Wang 2024, Table 3), ImageNet-1k heads.
+PAPER_PARAMS = {"kat_tiny_patch16_224": 5.7e6, "kat_small_patch16_224": 22.1e6, "kat_base_patch16_224": 86.6e6}
+PAPER_WIDTHS = {"kat_tiny_patch16_224": (192, 3), "kat_small_patch16_224": (384, 6), "kat_base_patch16_224": (768, 12)}
+
+
+def test_import_lightning_act_registers_kat_with_timm() -> None:
+    names = [*PAPER_PARAMS, "kat_tiny_patch4_32", "kat_micro_patch4_32"]
+    code = f"import timm, lightning_act; print([timm.is_model(n) for n in {names!r}])"
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == str([True] * len(names)), result.stderr[-500:]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_parameter_counts_and_layout_match_the_paper(name: str) -> None:
+    with torch.device("meta"):  # sizes only: no memory, no init cost
+        model = timm.create_model(name, pretrained=False, num_classes=1000)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.01, count
+    dim, heads = PAPER_WIDTHS[name]
+    assert len(model.blocks) == 12 and model.patch_embed.proj.kernel_size == (16, 16)
+    for block in model.blocks:
+        assert block.attn.num_heads == heads
+        mlp = block.mlp
+        assert isinstance(mlp, GRKANMlp)
+        assert isinstance(mlp.act1, GroupRational) and mlp.act1.init == "identity" and mlp.act1.num_channels == dim
+        assert (mlp.fc1.in_features, mlp.fc1.out_features) == (dim, 4 * dim)
+        assert isinstance(mlp.act2, GroupRational) and mlp.act2.init == "swish" and mlp.act2.num_channels == 4 * dim
+        assert (mlp.fc2.in_features, mlp.fc2.out_features) == (4 * dim, dim)
+        assert mlp.act1.groups == mlp.act2.groups == 8
+
+
+def test_pretrained_true_refuses_to_download() -> None:
+    with pytest.raises(LightningActError, match="checkpoint_path"):
+        timm.create_model("kat_tiny_patch16_224", pretrained=True)
+
+
+def _gaussian_second_moment(rational: GroupRational) -> float:
+    """E[F(x)^2], x ~ N(0, 1), by 80-point Gauss-Hermite quadrature of the module's own output (float64)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)  # weight exp(-x^2 / 2)
+    x = torch.tensor(nodes, dtype=torch.float64)[:, None].expand(-1, rational.num_channels)
+    probe = GroupRational(rational.num_channels, rational.groups, rational.init, implementation="reference")
+    probe.load_state_dict(rational.state_dict())
+    with torch.no_grad():
+        values = probe.double()(x.contiguous())[:, 0].numpy()
+    return float(np.sum(weights * values**2) / math.sqrt(2 * math.pi))
+
+
+@pytest.mark.parametrize("act_init", ["swish", "gelu"])
+def test_variance_preserving_init_survives_timm_init(act_init: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("kat_tiny_patch4_32", depth=2, act_init=act_init)
+    model.init_weights()  # timm's re-init (trunc_normal 0.02 on every Linear) must not undo it
+    dim = model.embed_dim
+    for block in model.blocks:
+        mlp = block.mlp
+        second_moment = _gaussian_second_moment(mlp.act2)
+        assert 0.3 < second_moment < 0.5  # Swish: 0.356, GELU: 0.425 for x ~ N(0, 1)
+        assert mlp.fc1.weight.std().item() == pytest.approx(math.sqrt(1.0 / dim), rel=0.03)
+        assert mlp.fc2.weight.std().item() == pytest.approx(math.sqrt(1.0 / (4 * dim * second_moment)), rel=0.03)
+        assert mlp.fc1.weight.mean().abs() < 0.01 and torch.all(mlp.fc1.bias == 0) and torch.all(mlp.fc2.bias == 0)
+        # the rest of the ViT keeps timm's init
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        # unit-variance input keeps (close to) unit variance through the whole GR-KAN layer
+        x = torch.randn(4096, dim)
+        with torch.no_grad():
+            y = mlp(x)
+        assert y.var().item() == pytest.approx(1.0, rel=0.15)
+
+
+def test_small_image_variant_trains_on_32x32() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("kat_micro_patch4_32", in_chans=1, num_classes=10)
+    assert model.patch_embed.grid_size == (8, 8)
+    logits = model(torch.randn(3, 1, 32, 32))
+    assert logits.shape == (3, 10)
+    logits.logsumexp(-1).mean().backward()
+    rational = model.blocks[0].mlp.act2
+    assert rational.weight_numerator.grad is not None and rational.weight_numerator.grad.abs().sum() > 0
+    assert rational.weight_denominator.grad is not None
+
+
+def _official_state_dict(depth: int, dim: int, groups: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random state dict with the key names and shapes of Adamdad/kat (KAT_Group + timm ViT), 32px, patch 16."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, 5, dim),
+        "patch_embed.proj.weight": (dim, 3, 16, 16),
+        "patch_embed.proj.bias": (dim,),
+        "norm.weight": (dim,),
+        "norm.bias": (dim,),
+        "head.weight": (1000, dim),
+        "head.bias": (1000,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
+            b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
+            b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+            b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+            b + "mlp.act1.weight_numerator": (1, 6), b + "mlp.act1.weight_denominator": (groups, 4),
+            b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+            b + "mlp.act2.weight_numerator": (1, 6), b + "mlp.act2.weight_denominator": (groups, 4),
+            b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,),
+        })
+    return {key: 0.3 * torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+
+
+def _official_rational_numpy(x: np.ndarray, numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """KAT_Group as the public CUDA kernel defines it: shared P, per-group |b|·|x|^k denominator, contiguous groups."""
+    channels, groups = x.shape[-1], denominator.shape[0]
+    group_of_channel = np.arange(channels) // (channels // groups)
+    p = sum(numerator[0, k] * x**k for k in range(6))
+    b = np.abs(denominator[group_of_channel])  # (channels, 4)
+    q = 1.0 + sum(b[:, k] * np.abs(x) ** (k + 1) for k in range(4))
+    return p / q
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "ddp_state_dict"])
+def test_official_checkpoint_keys_load_strictly_into_the_right_tensors(wrap: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    official = _official_state_dict(depth=2, dim=192, groups=8, generator=generator)
+    if wrap == "model":
+        checkpoint = {"model": official}
+    elif wrap == "ddp_state_dict":
+        checkpoint = {"state_dict": {f"module.{k}": v for k, v in official.items()}}
+    else:
+        checkpoint = dict(official)
+    model = timm.create_model("kat_tiny_patch16_224", img_size=32, depth=2, num_classes=1000)
+    model.load_state_dict(checkpoint_filter_fn(checkpoint, model), strict=True)
+    ours = model.state_dict()
+    for key, value in official.items():
+        if "weight_numerator" in key:
+            assert ours[key].shape == (8, 6) and torch.equal(ours[key], value.expand(8, 6))
+        else:
+            assert torch.equal(ours[key], value), key
+    # the loaded rational computes the official function
+    x = 3.0 * torch.randn(5, 768, generator=generator, dtype=torch.float64)
+    act2 = model.blocks[1].mlp.act2
+    with torch.no_grad():
+        y = act2(x.float()).double().numpy()
+    expected = _official_rational_numpy(
+        x.numpy(), official["blocks.1.mlp.act2.weight_numerator"].double().numpy(),
+        official["blocks.1.mlp.act2.weight_denominator"].double().numpy(),
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_official_layout_loads_into_shared_numerator_model_and_rejects_wrong_groups() -> None:
+    generator = torch.Generator().manual_seed(2)
+    official = _official_state_dict(depth=1, dim=192, groups=8, generator=generator)
+    model = timm.create_model(
+        "kat_tiny_patch16_224", img_size=32, depth=1, num_classes=1000, rational_sharing="shared_numerator"
+    )
+    model.load_state_dict(checkpoint_filter_fn(official, model), strict=True)
+    assert torch.equal(model.blocks[0].mlp.act1.weight_numerator, official["blocks.0.mlp.act1.weight_numerator"])
+    four_groups = timm.create_model("kat_tiny_patch16_224", img_size=32, depth=1, num_classes=1000, rational_groups=4)
+    with pytest.raises(LightningActError, match="rational_groups"):
+        checkpoint_filter_fn(official, four_groups)
+
+
+def test_rational_coefficients_are_excluded_from_weight_decay() -> None:
+    model = timm.create_model("kat_micro_patch4_32", depth=1)
+    names = model.no_weight_decay()
+    assert {"pos_embed", "cls_token", "blocks.0.mlp.act1.weight_numerator", "blocks.0.mlp.act2.weight_denominator"} <= names
+    decaying = timm.create_model("kat_micro_patch4_32", depth=1, rational_weight_decay=True).no_weight_decay()
+    assert "blocks.0.mlp.act1.weight_numerator" not in decaying
