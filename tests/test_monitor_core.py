@@ -7,7 +7,6 @@ import pickle
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn

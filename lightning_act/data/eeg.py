@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError
 
 PREICTAL, INTERICTAL, EXCLUDED = 1, 0, -1
@@ -440,7 +440,7 @@ def channel_statistics(recordings: list[EEGRecording]) -> tuple[np.ndarray, np.n
 # --------------------------------------------------------------------------------------------
 
 
-class EEGSeizureDataModule(pl.LightningDataModule):
+class EEGSeizureDataModule(SplitDataModule):
     """Preictal-vs-interictal windows, split by recording.
 
     With ``data_dir=None`` (default) it generates small synthetic recordings (CPU-sized); with
@@ -528,20 +528,4 @@ class EEGSeizureDataModule(pl.LightningDataModule):
             self.datasets[split] = EEGWindows(
                 recs, self.window_samples, stride, self.horizon_s, self.postictal_s, mean, std, continuous=split == "test"
             )
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            self.setup()
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        self.train_set, self.val_set, self.test_set = self.datasets["train"], self.datasets["val"], self.datasets["test"]

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError
 
 ENVI_INTERLEAVES = ("bsq", "bil", "bip")
@@ -404,7 +404,7 @@ def scene_pixels(scenes: Sequence[HyperspectralScene]) -> tuple[torch.Tensor, to
     return torch.from_numpy(np.ascontiguousarray(spectra, dtype=np.float32)), torch.from_numpy(labels)
 
 
-class HyperspectralDataModule(pl.LightningDataModule):
+class HyperspectralDataModule(SplitDataModule):
     """Per-pixel target detection data, split by scene, standardised per band from training pixels.
 
     With ``path=None`` (default) it generates ``num_scenes`` synthetic scenes (see
@@ -486,22 +486,5 @@ class HyperspectralDataModule(pl.LightningDataModule):
         """Per-band z-score with the training-pixel mean and standard deviation."""
         return (spectra - self.band_mean) / self.band_std
 
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("HyperspectralDataModule.setup() must run before its dataloaders are requested")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, generator=generator
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def shuffle_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)

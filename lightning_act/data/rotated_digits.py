@@ -13,13 +13,13 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_act.data.digits import load_digits_arrays, split_indices
+from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError
 
 RotationMode = Literal["upright", "rotated", "mix"]
@@ -158,7 +158,7 @@ class RotatedDigits(Dataset):
         return self.__getitems__([index])[0]
 
 
-class RotatedDigitsDataModule(pl.LightningDataModule):
+class RotatedDigitsDataModule(SplitDataModule):
     """Digits at 0°, at ``degrees``, or a 50/50 per-sample mix; no download needed.
 
     ``train_rotation`` sets the training/validation mode and ``test_rotation`` the test mode.
@@ -189,6 +189,7 @@ class RotatedDigitsDataModule(pl.LightningDataModule):
                 "unset for the bundled digits"
             )
         self.save_hyperparameters()
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.num_classes = 10
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -218,17 +219,3 @@ class RotatedDigitsDataModule(pl.LightningDataModule):
         self.train_set = build(images[train_idx], labels[train_idx], hp.train_rotation, 1)
         self.val_set = build(images[val_idx], labels[val_idx], hp.train_rotation, 2)
         self.test_set = build(test_images, test_labels, hp.test_rotation, 3)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("RotatedDigitsDataModule.setup() must run before its dataloaders are requested")
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
