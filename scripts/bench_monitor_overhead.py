@@ -9,6 +9,7 @@ rounds, relative to no monitors.
 
     python scripts/bench_monitor_overhead.py                    # ViT-S/16, batch 128, bf16 (GPU)
     python scripts/bench_monitor_overhead.py --small            # a CPU-sized ViT, fp32
+    python scripts/bench_monitor_overhead.py --per-monitor      # also each monitor alone, every step due
 """
 
 from __future__ import annotations
@@ -66,10 +67,13 @@ class Classifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
 
-def monitors(every_n_steps: int | None) -> list[pl.Callback]:
+MONITORS = (ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons)
+
+
+def monitors(every_n_steps: int | None, only: type | None = None) -> list[pl.Callback]:
     if every_n_steps is None:
         return []
-    return [cls(every_n_steps=every_n_steps) for cls in (ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons)]
+    return [cls(every_n_steps=every_n_steps) for cls in MONITORS if only is None or cls is only]
 
 
 def main() -> None:
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=5, help="steps before the 50 timed ones")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-monitor", action="store_true", help="also time each monitor alone, every step due")
     args = parser.parse_args()
     import timm
 
@@ -97,28 +102,32 @@ def main() -> None:
     train = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=batch)
     val = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=32)
 
-    configs = {"none": None, "monitors @ default interval (50)": 50, "monitors @ every step": 1}
+    configs: dict[str, tuple[int | None, type | None]] = {
+        "none": (None, None), "monitors @ default interval (50)": (50, None), "monitors @ every step": (1, None),
+    }
+    if args.per_monitor:
+        configs.update({f"{cls.__name__} alone @ every step": (1, cls) for cls in MONITORS})
     medians: dict[str, list[float]] = {name: [] for name in configs}
     for round_index in range(args.rounds):
-        for name, every in configs.items():
+        for name, (every, only) in configs.items():
             timer = StepTimer()
             trainer = pl.Trainer(
                 accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps,
-                callbacks=[timer, *monitors(every)], logger=False, enable_checkpointing=False,
+                callbacks=[timer, *monitors(every, only)], logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             )
             trainer.fit(Classifier(copy.deepcopy(base)).to(device), train, val)
             medians[name].append(statistics.fmean(timer.times[args.warmup :]))
-            print(f"round {round_index}: {name:34s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
+            print(f"round {round_index}: {name:40s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
 
     bare = statistics.median(medians["none"])
     print()
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"lightning {pl.__version__}, precision {precision}, batch {batch}, model vit_small {model_kwargs or '(224, /16)'}")
-    print(f"{'configuration':34s} {'ms/step':>9s} {'ratio':>7s}")
+    print(f"{'configuration':40s} {'ms/step':>9s} {'ratio':>7s}")
     for name in configs:
         value = statistics.median(medians[name])
-        print(f"{name:34s} {value * 1e3:9.2f} {value / bare:7.3f}")
+        print(f"{name:40s} {value * 1e3:9.2f} {value / bare:7.3f}")
 
 
 if __name__ == "__main__":
