@@ -4,8 +4,9 @@ Three configurations are interleaved round by round (so drift and noise hit all 
 no monitors, the four monitors at their default interval (every 50 optimizer steps), and the four
 monitors with every step due. Each round fits a fresh copy of the same model for ``--warmup`` + 50
 steps and keeps the mean step time of the last 50 (a window that holds exactly one due step of the
-default interval, so its cost is amortised as in a real run); the printed ratios are medians over
-rounds, relative to no monitors.
+default interval, so its cost is amortised as in a real run). Each round's times are divided by
+that round's time without monitors, and the printed ratio is the median of those paired ratios
+(robust to drift between rounds).
 
     python scripts/bench_monitor_overhead.py                    # ViT-S/16, batch 128, bf16 (GPU)
     python scripts/bench_monitor_overhead.py --small            # a CPU-sized ViT, fp32
@@ -107,7 +108,7 @@ def main() -> None:
     }
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone @ every step": (1, cls) for cls in MONITORS})
-    medians: dict[str, list[float]] = {name: [] for name in configs}
+    medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
         for name, (every, only) in configs.items():
             timer = StepTimer()
@@ -120,14 +121,13 @@ def main() -> None:
             medians[name].append(statistics.fmean(timer.times[args.warmup :]))
             print(f"round {round_index}: {name:40s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
 
-    bare = statistics.median(medians["none"])
     print()
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"lightning {pl.__version__}, precision {precision}, batch {batch}, model vit_small {model_kwargs or '(224, /16)'}")
     print(f"{'configuration':40s} {'ms/step':>9s} {'ratio':>7s}")
     for name in configs:
-        value = statistics.median(medians[name])
-        print(f"{name:40s} {value * 1e3:9.2f} {value / bare:7.3f}")
+        ratios = [t / bare for t, bare in zip(medians[name], medians["none"])]
+        print(f"{name:40s} {statistics.median(medians[name]) * 1e3:9.2f} {statistics.median(ratios):7.3f}")
 
 
 if __name__ == "__main__":

@@ -179,17 +179,11 @@ class ActivationMonitor(Callback, ABC):
                     buffers[i] = torch.full((size,), fill, dtype=torch.float64, device=device)
         self._layout_synced = True
 
-    def _device(self) -> torch.device:
-        for buffer in self._sums:
-            if buffer is not None:
-                return buffer.device
-        return torch.device("cpu")
-
     # ------------------------------------------------------------------ reduce, summarise, log
     def flush(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
         """Reduce the buffers across ranks, log the statistics at ``step`` and reset the buffers."""
         if not self._layout_synced and distributed_world_size() > 1:
-            self._sync_layout(self._device())
+            self._sync_layout(trainer.strategy.root_device)
         present = [i for i, s in enumerate(self._sums) if s is not None]
         sums = dict(zip(present, all_reduce_packed([self._sums[i] for i in present], "sum")))
         with_max = [i for i in present if self._maxima[i] is not None]
