@@ -283,11 +283,22 @@ def test_newest_version_is_picked(tmp_path: Path, capsys: pytest.CaptureFixture[
     os.utime(newest, (2_000_000_000, 2_000_000_000))
     assert main([str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert captured.err == f"using {newest} (the newest of 3 metrics.csv files under {tmp_path})\n"
+    assert captured.err == f"using {newest} (the newest training log of 3 metrics.csv files under {tmp_path})\n"
     assert captured.out == f"wrote {tmp_path / 'report.html'}\n"
     assert load_run(tmp_path).series["train/loss"].values == [2.0]
     assert load_run(newest.parent).candidates == 1
     assert build_report(newest) == newest.parent / "report.html"
+
+
+def test_a_later_test_only_run_does_not_hide_the_fit(tmp_path: Path) -> None:
+    fit_csv = tmp_path / "csv" / "version_0" / "metrics.csv"
+    write_csv(fit_csv, ["epoch", "step", "train/loss", "act/blocks.0/rms"], [{"step": 0, "train/loss": 1.5}])
+    test_csv = tmp_path / "csv" / "version_1" / "metrics.csv"
+    write_csv(test_csv, ["epoch", "step", "test/acc"], [{"step": 40, "test/acc": 0.9}])
+    os.utime(fit_csv, (1_000_000_000, 1_000_000_000))
+    run = load_run(tmp_path)
+    assert run.metrics_csv == fit_csv and run.candidates == 2
+    assert load_run(test_csv.parent).metrics_csv == test_csv  # asked for by name, it is used
 
 
 def test_layer_colours_run_from_first_to_last_layer() -> None:

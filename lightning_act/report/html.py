@@ -293,7 +293,7 @@ def render_html(run: RunLog) -> str:
     sections.append(("config", "Configuration", config_html))
 
     picked = (
-        f" (the newest of {run.candidates} metrics.csv files under {html.escape(str(run.given_path))})"
+        f" (the newest training log of {run.candidates} metrics.csv files under {html.escape(str(run.given_path))})"
         if run.candidates > 1 else ""
     )
     all_steps = [s for series in run.series.values() for s in series.steps]
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = load_run(args.run_dir)
         if run.candidates > 1:
             print(
-                f"using {run.metrics_csv} (the newest of {run.candidates} metrics.csv files under {args.run_dir})",
+                f"using {run.metrics_csv} (the newest training log of {run.candidates} metrics.csv files under {args.run_dir})",
                 file=sys.stderr,
             )
         for note in run.notes:

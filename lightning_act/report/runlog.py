@@ -104,8 +104,19 @@ def split_monitor_key(key: str) -> tuple[str, str, str] | None:
     return parts[0], "/".join(parts[1:-1]), parts[-1]
 
 
+def _logs_training(path: Path) -> bool:
+    """Whether a ``metrics.csv`` header has training or monitor columns (not only ``test/...``)."""
+    with open(path, newline="", errors="replace") as handle:
+        columns = handle.readline().strip().split(",")
+    return any(c.startswith("train/") or c.split("/", 1)[0] in MONITOR_PREFIXES for c in columns)
+
+
 def find_metrics_csv(path: str | Path) -> tuple[Path, int]:
-    """The run's ``metrics.csv`` (the newest one under ``path``) and how many there were to pick from."""
+    """The run's ``metrics.csv`` and how many there were to pick from.
+
+    Under a parent folder the newest one that logged training wins, so that a ``lightning_act
+    test`` run after ``fit`` (a newer CSV with only ``test/...`` columns) does not hide the fit.
+    """
     given = Path(path)
     hint = "pass the run's folder, e.g. runs/kat"
     if not given.exists():
@@ -119,7 +130,8 @@ def find_metrics_csv(path: str | Path) -> tuple[Path, int]:
     found = [p for p in given.rglob("metrics.csv") if p.is_file()]
     if not found:
         raise DataNotFoundError(f"'{given}' is not a lightning_act run directory (no metrics.csv found under it); {hint}")
-    newest = max(found, key=lambda p: (p.stat().st_mtime, natural_key(str(p))))
+    training = [p for p in found if _logs_training(p)] or found
+    newest = max(training, key=lambda p: (p.stat().st_mtime, natural_key(str(p))))
     return newest, len(found)
 
 
