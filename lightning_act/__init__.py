@@ -1,12 +1,15 @@
 """lightning_act: activation-research callbacks and models for PyTorch Lightning.
 
-Importing the package registers the KAT models with timm (so ``timm.create_model("kat_tiny_patch16_224")``
-works after ``import lightning_act``); Lightning, W&B, scipy and matplotlib are imported only where used.
+After ``import lightning_act``, ``timm.create_model("kat_tiny_patch16_224")`` works: the KAT models
+are registered as soon as timm is imported (see ``_timm_registration``). Heavy libraries (timm,
+Lightning, W&B, scipy, matplotlib) are imported only where used, so ``lightning_act --help`` is quick.
 """
 
 from __future__ import annotations
 
-import lightning_act.models.kat  # noqa: F401  (registers the KAT models with timm)
+from lightning_act._timm_registration import register_kat_with_timm
+
+register_kat_with_timm()
 
 __version__ = "0.1.0"
 

@@ -20,11 +20,18 @@ PAPER_PARAMS = {"kat_tiny_patch16_224": 5.7e6, "kat_small_patch16_224": 22.1e6, 
 PAPER_WIDTHS = {"kat_tiny_patch16_224": (192, 3), "kat_small_patch16_224": (384, 6), "kat_base_patch16_224": (768, 12)}
 
 
-def test_import_lightning_act_registers_kat_with_timm() -> None:
+@pytest.mark.parametrize("order", ["timm, lightning_act", "lightning_act, timm"])
+def test_import_lightning_act_registers_kat_with_timm(order: str) -> None:
     names = [*PAPER_PARAMS, "kat_tiny_patch4_32", "kat_micro_patch4_32"]
-    code = f"import timm, lightning_act; print([timm.is_model(n) for n in {names!r}])"
+    code = f"import {order}; print([timm.is_model(n) for n in {names!r}])"
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == str([True] * len(names)), result.stderr[-500:]
+
+
+def test_import_lightning_act_alone_does_not_import_timm() -> None:
+    code = "import sys, lightning_act; print('timm' in sys.modules, 'torchvision' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False False", result.stderr[-500:]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))

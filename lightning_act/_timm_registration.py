@@ -1,0 +1,47 @@
+"""Register the KAT models with timm once timm is imported, without importing timm ourselves.
+
+``import lightning_act`` must make ``timm.create_model("kat_tiny_patch16_224")`` work, but importing
+timm (and torchvision with it) costs seconds that ``lightning_act --help`` and monitor-only users
+should not pay. So the registration runs right after timm's own import finishes — at once if timm
+is already imported, else from a one-shot import hook.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+
+
+def _register() -> None:
+    import lightning_act.models.kat  # noqa: F401  (its @register_model factories run on import)
+
+
+class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
+    """Finds timm through the other finders and wraps its loader to register KAT afterwards."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            _register()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def register_kat_with_timm() -> None:
+    if "timm" in sys.modules:
+        _register()
+    elif not any(isinstance(finder, _RegisterAfterTimm) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterTimm())
