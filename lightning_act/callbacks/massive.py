@@ -16,13 +16,14 @@ from lightning_act.capture import ModuleSpec
 from lightning_act.errors import LightningActError
 from lightning_act.stats.massive import (
     EmergenceFit,
+    block_magnitude,
     emergence_curve,
     fit_emergence,
     has_token_axis,
-    massive_partials,
+    massive_partials_from_magnitude,
     merge_topk,
     summarize_massive,
-    topk_positions,
+    topk_positions_from_magnitude,
     topk_stats,
 )
 
@@ -87,8 +88,9 @@ class MassiveActivations(ActivationMonitor):
                 "(batch, tokens, features) or (batch, features) outputs, pass such modules (e.g. '@blocks')"
             )
         self._has_token[tap_index] = has_token_axis(x)
-        sums, maxima = massive_partials(x, self.abs_threshold, self.ratio_threshold)
-        return Partials(sums=sums, maxima=maxima, samples=topk_positions(x, self.top_k))
+        magnitude = block_magnitude(x)
+        sums, maxima = massive_partials_from_magnitude(magnitude, self.abs_threshold, self.ratio_threshold)
+        return Partials(sums=sums, maxima=maxima, samples=topk_positions_from_magnitude(magnitude, self.top_k))
 
     def merge_samples(self, tap_index: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return merge_topk(torch.stack([old, new]), self.top_k)

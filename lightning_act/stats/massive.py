@@ -70,14 +70,26 @@ def massive_partials(
     Non-finite entries count as infinitely large, so a blown-up residual stream shows as an
     infinite ``top1`` and ``ratio`` instead of disappearing.
     """
-    x = _as_samples_tokens_features(h)
-    magnitude = torch.nan_to_num(_at_least_float32(x).abs(), nan=float("inf")).flatten(1)
+    return massive_partials_from_magnitude(block_magnitude(h), abs_threshold, ratio_threshold)
+
+
+def block_magnitude(h: torch.Tensor) -> torch.Tensor:
+    """``|h|`` as float32+ ``(B, tokens, features)``, NaN as +inf: the one pass both statistics read."""
+    return torch.nan_to_num(_at_least_float32(_as_samples_tokens_features(h)).abs(), nan=float("inf"))
+
+
+def massive_partials_from_magnitude(
+    magnitude: torch.Tensor, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`massive_partials` of a :func:`block_magnitude` tensor."""
+    samples = magnitude.shape[0]
+    magnitude = magnitude.flatten(1)
     top1 = magnitude.amax(dim=1)
     median = sample_medians(magnitude)
     massive = (magnitude > abs_threshold) & (magnitude >= ratio_threshold * median[:, None])
     sums = torch.stack(
         [
-            torch.full((), float(x.shape[0]), dtype=torch.float64, device=h.device),
+            torch.full((), float(samples), dtype=torch.float64, device=magnitude.device),
             median.sum(dtype=torch.float64),
             (top1.to(torch.float64) / median.to(torch.float64)).sum(),
             massive.sum(dtype=torch.float64),
@@ -104,12 +116,16 @@ def topk_positions(h: torch.Tensor, k: int) -> torch.Tensor:
 
     Returns ``[values (k), tokens (k), features (k)]`` as float64; unused slots are NaN.
     """
-    x = _as_samples_tokens_features(h)
-    features = x.shape[2]
-    magnitude = torch.nan_to_num(_at_least_float32(x).abs(), nan=float("inf")).amax(dim=0).flatten()
+    return topk_positions_from_magnitude(block_magnitude(h), k)
+
+
+def topk_positions_from_magnitude(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_positions` of a :func:`block_magnitude` tensor."""
+    features = magnitude.shape[2]
+    magnitude = magnitude.amax(dim=0).flatten()
     take = min(k, magnitude.numel())
     values, index = magnitude.topk(take)
-    out = torch.full((3, k), float("nan"), dtype=torch.float64, device=h.device)
+    out = torch.full((3, k), float("nan"), dtype=torch.float64, device=magnitude.device)
     out[0, :take] = values.to(torch.float64)
     out[1, :take] = torch.div(index, features, rounding_mode="floor").to(torch.float64)
     out[2, :take] = (index % features).to(torch.float64)
