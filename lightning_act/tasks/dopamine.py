@@ -22,7 +22,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import nn
 
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
@@ -35,6 +34,7 @@ from lightning_act.nn.dopamine import (
     soften,
 )
 from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
+from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.image_classification import warmup_cosine
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
@@ -57,18 +57,8 @@ def build_mlp(in_features: int, hidden_sizes: list[int], num_classes: int, activ
     return nn.Sequential(*layers)
 
 
-class _Classifier(pl.LightningModule):
-    """Shared cross-entropy harness: accuracy per stage, AdamW on trainable parameters, cosine LR."""
-
-    model: nn.Module
-
-    def _init_metrics(self, num_classes: int) -> None:
-        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+class _Classifier(ClassificationTask):
+    """Shared harness of both phases: cross entropy, AdamW on the trainable parameters, cosine LR."""
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
@@ -78,19 +68,6 @@ class _Classifier(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss if loss.requires_grad else None
-
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: torchmetrics.Metric) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y))
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
 
     def _optimizer(self, lr: float, weight_decay: float) -> dict[str, Any] | None:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -117,7 +94,7 @@ class DopamineFoundation(_Classifier):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_mlp(image_size * image_size, list(hidden_sizes), num_classes, activation)
-        self._init_metrics(num_classes)
+        self.init_metrics(num_classes)
 
     def configure_optimizers(self) -> dict[str, Any] | None:
         return self._optimizer(self.hparams.lr, self.hparams.weight_decay)
@@ -187,7 +164,7 @@ class DopamineSpecialisation(_Classifier):
         elif method == "frozen":
             self.model.requires_grad_(False)
         self.trainable_params = count_trainable(self.model)
-        self._init_metrics(self.num_classes)
+        self.init_metrics(self.num_classes)
 
     def on_train_start(self) -> None:
         self.log("trainable_params", float(self.trainable_params))

@@ -12,12 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-import torchmetrics
 
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
+from lightning_act.tasks.classification import ClassificationTask
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -74,7 +73,7 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
     model.load_state_dict(state_dict, strict=True)
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(ClassificationTask):
     """Train any ``timm`` model by name with AdamW, warm-up + cosine, label smoothing and mixup/cutmix.
 
     ``mixup_alpha`` / ``cutmix_alpha`` > 0 switch on timm's batch-wise ``Mixup`` (with probability
@@ -142,9 +141,7 @@ class ImageClassifier(pl.LightningModule):
                 label_smoothing=label_smoothing,
                 num_classes=num_classes,
             )
-        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.init_metrics(num_classes)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -154,9 +151,6 @@ class ImageClassifier(pl.LightningModule):
                 f"the data has {data_classes} classes but the model was built for {self.hparams.num_classes}; "
                 f"pass --model.num_classes {data_classes}"
             )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -174,22 +168,6 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
-
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: torchmetrics.Metric) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
-
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).softmax(-1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # timm convention: no decay on biases, norms (1-D) and the model's no_weight_decay() names.
