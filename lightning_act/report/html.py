@@ -1,38 +1,29 @@
-"""One self-contained HTML page per run: ``lightning_act report RUN_DIR [-o report.html]``.
+"""One self-contained, interactive HTML page comparing runs: ``lightning_act report RUN [RUN ...] [-o OUT]``.
 
-The page is built from the run's local logs only (see :mod:`lightning_act.report.runlog`), so it
-works without W&B, offline and after a crash. Every figure is a PNG drawn with matplotlib (Agg,
-imported lazily) and embedded as a ``data:`` URI; the page loads nothing else (its
-Content-Security-Policy forbids it), needs no server and no JavaScript.
+The page is built from each run's local logs only (see :mod:`lightning_act.report.runlog`), so it
+works without W&B, offline and after a crash. Figures are plotly (zoom, hover values, legend
+clicks that hide a run's layer or a whole run, a linear/log switch); plotly's JavaScript is
+embedded once in the page, which loads nothing else (its Content-Security-Policy forbids it).
+What is drawn for each statistic is decided by :mod:`lightning_act.report.content`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import math
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning_act.errors import LightningActError
-from lightning_act.report.runlog import (
-    FIT_PARAMETERS,
-    EmergenceFit,
-    RunLog,
-    Series,
-    emergence_fits,
-    load_run,
-)
+from lightning_act.report.content import INDEX_STAT, PerRun, StatisticPlan, plan_statistics
+from lightning_act.report.runlog import FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+    import plotly.graph_objects as go
 
 #: What each monitor measures, shown at the top of its section.
 MONITOR_DESCRIPTIONS: dict[str, tuple[str, str]] = {
@@ -70,308 +61,562 @@ MONITOR_DESCRIPTIONS: dict[str, tuple[str, str]] = {
 #: The statistic MassiveActivations fits the emergence model to.
 FITTED_STAT = "ratio"
 
+#: Emergence fits with a lower R² are greyed and hidden until their legend entry is clicked.
+DEFAULT_MIN_R2 = 0.5
+
+#: Line styles that tell runs apart when colour tells layers apart.
+RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": False}
+
 _STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1250px;
 padding:0 20px 40px;color:#222}
-h1{margin-top:24px} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px} h3{margin-bottom:4px}
-nav ul{columns:2;padding-left:18px} .meta td{padding:2px 12px 2px 0;vertical-align:top}
+h1{margin-top:24px;font-size:1.6em} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+h3{margin-bottom:4px}
+nav ul{columns:2;padding-left:18px}
 .notes{background:#fff6e0;border-left:4px solid #e0a000;padding:8px 14px}
-.row{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
-figure{margin:8px 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:90%;color:#555}
-table.fits{border-collapse:collapse;font-size:90%}
-table.fits td,table.fits th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-table.fits td:first-child{text-align:left}
+table.t{border-collapse:collapse;font-size:90%;margin:6px 0}
+table.t td,table.t th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+table.t td:first-child,table.t th:first-child,table.t td.l{text-align:left}
 pre{background:#f6f6f6;padding:10px;overflow:auto;max-height:480px;font-size:85%}
-.muted{color:#777}
+.muted{color:#777} .fig{margin:6px 0 14px} ul.one{margin:4px 0}
 """
 
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-
-
-def _png_data_uri(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _img(uri: str, alt: str, caption: str | None = None) -> str:
-    caption_html = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{uri}" alt="{html.escape(alt)}">{caption_html}</figure>'
-
-
-def _finite(series: Series) -> tuple[list[float], list[float]]:
-    points = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
-    return [s for s, _ in points], [v for _, v in points]
+_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:"
 
 
 def _format(value: float) -> str:
     return "–" if not math.isfinite(value) else f"{value:.4g}"
 
 
-def training_figure(run: RunLog) -> Figure | None:
-    """Losses, accuracies and other non-monitor metrics; ``train/x`` and ``val/x`` share an axis."""
-    from lightning_act.plots import new_figure
+def run_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Short unique names for the runs: the folder name, with parents added until they differ."""
+    parts = [Path(p).resolve().parts for p in paths]
+    depth = 1
+    while True:
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
+            return labels if len(set(labels)) == len(labels) else [f"{label} #{i}" for i, label in enumerate(labels)]
+        depth += 1
 
-    groups: dict[str, list[str]] = {}
-    for key in run.training_keys():
-        if any(math.isfinite(v) for v in run.series[key].values):
-            groups.setdefault(key.split("/")[-1], []).append(key)
-    if not groups:
-        return None
-    columns = min(3, len(groups))
-    rows = math.ceil(len(groups) / columns)
-    figure = new_figure(4.2 * columns, 3.0 * rows)
-    for index, (name, keys) in enumerate(groups.items()):
-        axes = figure.add_subplot(rows, columns, index + 1)
-        for key in keys:
-            steps, values = _finite(run.series[key])
-            axes.plot(steps, values, marker="." if len(steps) < 60 else None, label=key)
-        axes.set_title(name)
-        axes.set_xlabel("global step")
-        axes.legend(fontsize=7)
+
+def _layer_colours(count: int) -> list[str]:
+    from plotly.colors import sample_colorscale
+
+    return sample_colorscale("Viridis", [i / max(1, count - 1) * 0.9 for i in range(count)])
+
+
+def _figure_html(figure: go.Figure, div_id: str) -> str:
+    import plotly.io as pio
+
+    return "<div class='fig'>" + pio.to_html(
+        figure, full_html=False, include_plotlyjs=False, config=PLOTLY_CONFIG, div_id=div_id,
+    ) + "</div>"
+
+
+def _controls(figure: go.Figure, runs: Sequence[str], log_switch: bool = True) -> None:
+    """A linear/log switch and, with several runs, a menu that shows one run or all."""
+    menus: list[dict[str, Any]] = []
+    if log_switch:
+        menus.append(dict(
+            type="buttons", direction="right", x=0.0, xanchor="left", y=1.13, yanchor="bottom", showactive=True,
+            buttons=[
+                dict(label="linear", method="relayout", args=[{"yaxis.type": "linear"}]),
+                dict(label="log", method="relayout", args=[{"yaxis.type": "log"}]),
+            ],
+        ))
+    if len(runs) > 1:
+        groups = [trace.legendgroup for trace in figure.data]
+        menus.append(dict(
+            type="dropdown", x=1.0, xanchor="right", y=1.13, yanchor="bottom",
+            buttons=[dict(label="all runs", method="restyle", args=[{"visible": [True] * len(groups)}])] + [
+                dict(label=f"only {run}", method="restyle", args=[{"visible": [g == run for g in groups]}])
+                for run in runs
+            ],
+        ))
+    figure.update_layout(updatemenus=menus)
+
+
+def _base_layout(figure: go.Figure, title: str, y_title: str, height: int = 380) -> None:
+    figure.update_layout(
+        template="plotly_white", title=dict(text=title, x=0.5, y=0.97), height=height,
+        margin=dict(l=60, r=20, t=80, b=45), hovermode="closest",
+        legend=dict(groupclick="toggleitem", font=dict(size=10)),
+        xaxis_title="global step", yaxis_title=y_title,
+    )
+
+
+def curves_figure(title: str, stat: str, per_run: PerRun) -> go.Figure:
+    """One line per run × layer: colour by layer (first dark, last light), dash by run; legend grouped by run."""
+    import plotly.graph_objects as go
+
+    layers = list(dict.fromkeys(layer for per_layer in per_run.values() for layer in per_layer))
+    colours = dict(zip(layers, _layer_colours(len(layers)), strict=True))
+    figure = go.Figure()
+    for index, (run, per_layer) in enumerate(per_run.items()):
+        for layer, series in per_layer.items():
+            points = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
+            figure.add_trace(go.Scatter(
+                x=[s for s, _ in points], y=[v for _, v in points], name=layer,
+                mode="lines+markers" if len(points) < 40 else "lines",
+                line=dict(color=colours[layer], dash=RUN_DASHES[index % len(RUN_DASHES)], width=1.6),
+                marker=dict(size=4), legendgroup=run, legendgrouptitle_text=run if len(per_run) > 1 else None,
+                hovertemplate=f"{html.escape(run)} · {html.escape(layer)}<br>step %{{x}}<br>{html.escape(stat)} %{{y:.5g}}<extra></extra>",
+            ))
+    _base_layout(figure, title, stat)
+    _controls(figure, list(per_run))
     return figure
 
 
-def layer_curves_figure(prefix: str, stat: str, per_layer: dict[str, Series]) -> Figure:
-    """One line per layer over steps, coloured from the first (dark) to the last layer (light)."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+def heatmap_figure(title: str, stat: str, per_run: PerRun) -> go.Figure | None:
+    """Layers × steps per run, side by side on one colour scale (missing or non-finite cells blank)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
-    from lightning_act.plots import new_figure
-
-    figure = new_figure(6.0, 3.6)
-    axes = figure.add_subplot()
-    colormap = colormaps["viridis"]
-    count = len(per_layer)
-    for index, (layer, series) in enumerate(per_layer.items()):
-        steps, values = _finite(series)
-        color = colormap(index / max(1, count - 1))
-        axes.plot(steps, values, color=color, marker="." if len(steps) < 40 else None, label=layer, linewidth=1.2)
-    axes.set_title(f"{prefix}/*/{stat}")
-    axes.set_xlabel("global step")
-    axes.set_ylabel(stat)
-    if count <= 8:
-        axes.legend(fontsize=6)
-    else:
-        mappable = ScalarMappable(norm=Normalize(0, count - 1), cmap=colormap)
-        figure.colorbar(mappable, ax=axes, label="layer (module order)")
+    runs = [run for run, per_layer in per_run.items() if len(per_layer) > 1]
+    if not runs:
+        return None
+    figure = make_subplots(rows=1, cols=len(runs), shared_yaxes=True, subplot_titles=runs if len(runs) > 1 else None,
+                           horizontal_spacing=0.03)
+    for column, run in enumerate(runs, start=1):
+        per_layer = per_run[run]
+        steps = sorted({s for series in per_layer.values() for s in series.steps})
+        position = {s: j for j, s in enumerate(steps)}
+        grid: list[list[float | None]] = []
+        for series in per_layer.values():
+            row: list[float | None] = [None] * len(steps)
+            for s, v in zip(series.steps, series.values, strict=True):
+                row[position[s]] = v if math.isfinite(v) else None
+            grid.append(row)
+        figure.add_trace(go.Heatmap(
+            z=grid, x=steps, y=list(per_layer), coloraxis="coloraxis", name=run, legendgroup=run,
+            hovertemplate=f"{html.escape(run)}<br>%{{y}}<br>step %{{x}}<br>{html.escape(stat)} %{{z:.5g}}<extra></extra>",
+        ), row=1, col=column)
+        figure.update_xaxes(title_text="global step", row=1, col=column)
+    layers = max(len(per_run[run]) for run in runs)
+    figure.update_layout(
+        template="plotly_white", title=dict(text=title, x=0.5), height=min(900, 160 + 22 * layers),
+        margin=dict(l=60, r=20, t=70, b=45), coloraxis=dict(colorscale="Viridis", colorbar=dict(title=stat)),
+    )
+    figure.update_yaxes(autorange="reversed", automargin=True)
     return figure
 
 
-def heatmap_figure(prefix: str, stat: str, per_layer: dict[str, Series]) -> Figure | None:
-    """Layers × steps of one statistic, via the monitors' own heatmap (non-finite values left blank)."""
-    from lightning_act.plots import layer_step_heatmap
+def positions_figure(prefix: str, kind: str, per_stat: dict[str, PerRun]) -> go.Figure:
+    """Token or feature index of the top-k entries as points (an index has no 'between')."""
+    import plotly.graph_objects as go
 
-    cleaned = {
-        layer: Series(list(series.steps), [v if math.isfinite(v) else math.nan for v in series.values])
-        for layer, series in per_layer.items()
-    }
-    if not any(math.isfinite(v) for series in cleaned.values() for v in series.values):
-        return None
-    return layer_step_heatmap(cleaned, title=f"{prefix}/{stat}: layers × steps")
+    runs = list(dict.fromkeys(run for per_run in per_stat.values() for run in per_run))
+    figure = go.Figure()
+    for run_index, run in enumerate(runs):
+        layers = list(dict.fromkeys(layer for per_run in per_stat.values() for layer in per_run.get(run, {})))
+        colours = dict(zip(layers, _layer_colours(len(layers)), strict=True))
+        for layer in layers:
+            xs: list[float] = []
+            ys: list[float] = []
+            labels: list[str] = []
+            for stat, per_run in per_stat.items():
+                series = per_run.get(run, {}).get(layer)
+                if series is None:
+                    continue
+                rank = INDEX_STAT.match(stat).group(1)  # type: ignore[union-attr]
+                for s, v in zip(series.steps, series.values, strict=True):
+                    if math.isfinite(v):
+                        xs.append(s)
+                        ys.append(v)
+                        labels.append(f"top {rank}")
+            figure.add_trace(go.Scatter(
+                x=xs, y=ys, text=labels, name=layer, mode="markers", legendgroup=run,
+                legendgrouptitle_text=run if len(runs) > 1 else None,
+                marker=dict(color=colours[layer], size=6, symbol=("circle", "x", "diamond", "square")[run_index % 4]),
+                hovertemplate=f"{html.escape(run)} · {html.escape(layer)}<br>step %{{x}}<br>%{{text}}: {kind} %{{y:d}}<extra></extra>",
+            ))
+    _base_layout(figure, f"{prefix}/*/top*_{kind}: {kind} index of the largest entries", f"{kind} index")
+    figure.update_yaxes(tickformat="d")
+    _controls(figure, runs, log_switch=False)
+    return figure
 
 
-def emergence_figure(fits: list[EmergenceFit], points: dict[str, Series], stat: str) -> Figure:
-    """Each layer's fitted statistic over steps with its fitted emergence curve and peak."""
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table class='t'><tr>{head}</tr>{body}</table>"
+
+
+def positions_table(per_stat: dict[str, PerRun]) -> str:
+    """Per run and layer: the top-k positions at the last logged step, and how often top 0 sat there."""
+    by_rank: dict[str, dict[str, str]] = {}
+    for stat in per_stat:
+        match = INDEX_STAT.match(stat)
+        assert match is not None
+        by_rank.setdefault(match.group(1), {})[match.group(2)] = stat
+    rows: list[list[str]] = []
+    runs = list(dict.fromkeys(run for per_run in per_stat.values() for run in per_run))
+    for run in runs:
+        layers = list(dict.fromkeys(layer for per_run in per_stat.values() for layer in per_run.get(run, {})))
+        for layer in layers:
+
+            def positions(rank: str) -> dict[float, tuple[str, ...]]:
+                columns = [per_stat[by_rank[rank][k]].get(run, {}).get(layer, Series()) for k in ("token", "feature") if k in by_rank[rank]]
+                steps = set.intersection(*(set(c.steps) for c in columns)) if columns else set()
+                per_step = [c.last_per_step() for c in columns]
+                return {s: tuple(_format(p[s]) for p in per_step) for s in steps}
+
+            top = positions("0") if "0" in by_rank else {}
+            if not top:
+                continue
+            last = max(top)
+            at_last = [
+                "(" + ", ".join(positions(rank).get(last, ("–",))) + ")" for rank in sorted(by_rank, key=int)
+            ]
+            held = sum(1 for p in top.values() if p == top[last])
+            rows.append([html.escape(run), html.escape(layer), f"{_format(last)}", " ".join(at_last), f"{held} / {len(top)}"])
+    kinds = "(token, feature)" if any("token" in r for r in by_rank.values()) else "(feature)"
+    return _table(["run", "layer", "last step", f"top-k positions {kinds} at the last step", "steps top 0 was there"], rows)
+
+
+def emergence_figure(
+    fits: dict[str, dict[str, EmergenceFit | None]], points: PerRun, min_r2: float,
+) -> go.Figure:
+    """Per layer (one subplot each): every run's logged ratio and its fitted curve labelled with R².
+
+    The y range is the logged points' range, so a failed fit (huge |A|) cannot flatten them;
+    a fit with R² below ``min_r2`` is grey, dotted and hidden until its legend entry is clicked.
+    """
     import numpy as np
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
-    from lightning_act.plots import new_figure
-
-    columns = min(3, len(fits))
-    rows = math.ceil(len(fits) / columns)
-    figure = new_figure(4.2 * columns, 3.0 * rows)
-    for index, fit in enumerate(fits):
-        axes = figure.add_subplot(rows, columns, index + 1)
-        steps, values = _finite(points.get(fit.layer, Series()))
-        if steps:
-            axes.plot(steps, values, "o", markersize=3, color="#1f77b4", label=f"{stat} (logged)")
-        low = min([*steps, fit.step, 0.0])
-        high = max([*steps, fit.step])
-        grid = np.linspace(low, high if high > low else low + 1.0, 400)
-        axes.plot(grid, fit.curve(grid), color="#d62728", label="fit")
-        if math.isfinite(fit.peak_step) and low <= fit.peak_step <= high:
-            axes.axvline(fit.peak_step, color="#777", linestyle="--", linewidth=1, label="peak")
-        axes.set_title(f"{fit.layer}  (R² {_format(fit.r2)})", fontsize=9)
-        axes.set_xlabel("global step")
-        axes.legend(fontsize=6)
+    runs = list(fits)
+    layers = list(dict.fromkeys(layer for per_layer in fits.values() for layer in per_layer))
+    columns = min(3, len(layers))
+    rows = math.ceil(len(layers) / columns)
+    figure = make_subplots(rows=rows, cols=columns, subplot_titles=layers, horizontal_spacing=0.07, vertical_spacing=0.12 if rows > 1 else 0.1)
+    shown_points: set[str] = set()
+    for index, layer in enumerate(layers):
+        row, column = index // columns + 1, index % columns + 1
+        values_in_panel: list[float] = []
+        steps_in_panel: list[float] = []
+        for run_index, run in enumerate(runs):
+            colour = RUN_COLOURS[run_index % len(RUN_COLOURS)]
+            series = points.get(run, {}).get(layer, Series())
+            finite = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
+            values_in_panel += [v for _, v in finite]
+            steps_in_panel += [s for s, _ in finite]
+            figure.add_trace(go.Scatter(
+                x=[s for s, _ in finite], y=[v for _, v in finite], mode="markers", name=f"{run}: {FITTED_STAT}",
+                legendgroup=run, showlegend=run not in shown_points, marker=dict(color=colour, size=5),
+                hovertemplate=f"{html.escape(run)} · {html.escape(layer)}<br>step %{{x}}<br>{FITTED_STAT} %{{y:.5g}}<extra></extra>",
+            ), row=row, col=column)
+            shown_points.add(run)
+            fit = fits[run].get(layer)
+            if fit is None:
+                continue
+            low = min([*steps_in_panel, fit.step, 0.0])
+            high = max([*steps_in_panel, fit.step])
+            grid = np.linspace(low, high if high > low else low + 1.0, 200)
+            curve = fit.curve(grid)
+            good = math.isfinite(fit.r2) and fit.r2 >= min_r2
+            figure.add_trace(go.Scatter(
+                x=grid.tolist(), y=[float(v) if math.isfinite(v) else None for v in curve],
+                mode="lines", name=f"{run} · {layer}: fit R² {_format(fit.r2)}" + ("" if good else f" (< {min_r2:g})"),
+                legendgroup=run, visible=True if good else "legendonly",
+                line=dict(color=colour if good else "#aaaaaa", dash="solid" if good else "dot", width=1.8),
+                hovertemplate=f"{html.escape(run)} · fit R² {_format(fit.r2)}<br>step %{{x:.0f}}<br>f %{{y:.5g}}<extra></extra>",
+            ), row=row, col=column)
+        if values_in_panel:
+            low, high = min(values_in_panel), max(values_in_panel)
+            pad = 0.1 * (high - low) if high > low else max(abs(high) * 0.1, 1e-6)
+            figure.update_yaxes(range=[low - pad, high + pad], row=row, col=column)
+    figure.update_layout(
+        template="plotly_white", height=80 + 260 * rows, margin=dict(l=50, r=20, t=60, b=40),
+        legend=dict(groupclick="toggleitem", font=dict(size=10)), hovermode="closest",
+        title=dict(text=f"massive/*/{FITTED_STAT} and its emergence fit", x=0.5),
+    )
     return figure
 
 
-def _emergence_section(stats: dict[str, dict[str, Series]]) -> str:
-    fits = emergence_fits(stats)
-    if not fits:
-        return ""
-    stat = FITTED_STAT if FITTED_STAT in stats else None
-    points = stats.get(FITTED_STAT, {})
-    drawn = [fit for fit in fits.values() if fit is not None]
-    parts = [
-        "<p>Emergence model of Gallego-Feliciano et al., Hidden Dynamics of Massive Activations "
-        "(arXiv 2508.03616, Eq. 9): "
-        "<code>f(t) = A·exp(−λx)·log(x) + K</code>, <code>x = γt + t0</code>; the last complete fit "
-        "logged for each layer, drawn over the "
-        + (f"logged <code>{html.escape(stat)}</code> points" if stat else "steps (the fitted statistic was not logged)")
-        + ".</p>"
-    ]
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in ("layer", *FIT_PARAMETERS, "R²", "peak step", "fitted at step"))
-    rows = []
-    for layer, fit in fits.items():
-        if fit is None:
-            cells = f"<td>{html.escape(layer)}</td><td colspan='8' class='muted'>no complete fit logged</td>"
-        else:
-            values = [fit.parameters[name] for name in FIT_PARAMETERS] + [fit.r2, fit.peak_step, fit.step]
-            cells = f"<td>{html.escape(layer)}</td>" + "".join(f"<td>{_format(v)}</td>" for v in values)
-        rows.append(f"<tr>{cells}</tr>")
-    parts.append(f"<table class='fits'><tr>{header}</tr>{''.join(rows)}</table>")
-    per_figure = 9
-    for start in range(0, len(drawn), per_figure):
-        chunk = drawn[start : start + per_figure]
-        parts.append(_img(_png_data_uri(emergence_figure(chunk, points, FITTED_STAT)), alt=f"emergence fits {start}"))
+class _Ids:
+    """Unique element ids for the figures of one page."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, hint: str) -> str:
+        self.count += 1
+        return "fig-" + "".join(c if c.isalnum() else "-" for c in hint) + f"-{self.count}"
+
+
+def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
+    """Losses, accuracies and other non-monitor metrics: one figure per metric name, runs overlaid."""
+    import plotly.graph_objects as go
+
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for run, log in runs.items():
+        for key in log.training_keys():
+            if any(math.isfinite(v) for v in log.series[key].values):
+                groups.setdefault(key.split("/")[-1], []).append((run, key))
+    if not groups:
+        return "<p class='muted'>No training metrics were logged.</p>"
+    parts = []
+    labels = list(runs)
+    for name, members in groups.items():
+        figure = go.Figure()
+        for run, key in members:
+            series = runs[run].series[key]
+            points = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
+            split = key.split("/")[0] if "/" in key else ""
+            figure.add_trace(go.Scatter(
+                x=[s for s, _ in points], y=[v for _, v in points], name=key, legendgroup=run,
+                legendgrouptitle_text=run if len(runs) > 1 else None,
+                mode="lines+markers" if len(points) < 60 else "lines",
+                line=dict(color=RUN_COLOURS[labels.index(run) % len(RUN_COLOURS)],
+                          dash={"train": "solid", "val": "dash"}.get(split, "dot")),
+                marker=dict(size=4),
+                hovertemplate=f"{html.escape(run)} · {html.escape(key)}<br>step %{{x}}<br>%{{y:.5g}}<extra></extra>",
+            ))
+        _base_layout(figure, name, name, height=340)
+        _controls(figure, labels)
+        parts.append(_figure_html(figure, ids(f"training-{name}")))
     return "".join(parts)
 
 
-def _monitor_section(prefix: str, stats: dict[str, dict[str, Series]], plot_files: list[Path]) -> str:
+def test_section(runs: dict[str, RunLog]) -> str:
+    metrics = {run: log.test_metrics() for run, log in runs.items()}
+    keys = sorted({k for values in metrics.values() for k in values})
+    if not keys:
+        return "<p class='muted'>No test metrics were logged (run <code>lightning_act test --config ... --ckpt_path ...</code>; its CSV is merged into the run).</p>"
+    rows = [[html.escape(k), *(_format(metrics[run].get(k, math.nan)) for run in runs)] for k in keys]
+    return _table(["metric", *runs], rows)
+
+
+def _per_run(runs: dict[str, RunLog], prefix: str) -> dict[str, PerRun]:
+    """``{stat: {run: {layer: series}}}`` for one monitor."""
+    stats: dict[str, PerRun] = {}
+    for run, log in runs.items():
+        for stat, per_layer in log.monitors().get(prefix, {}).items():
+            stats.setdefault(stat, {})[run] = per_layer
+    return dict(sorted(stats.items()))
+
+
+def monitor_section(prefix: str, stats: dict[str, PerRun], ids: _Ids) -> str:
     title, description = MONITOR_DESCRIPTIONS[prefix]
-    layers = sorted({layer for per_layer in stats.values() for layer in per_layer})
+    plans = plan_statistics(prefix, stats)
+    layers = sorted({layer for per_run in stats.values() for per_layer in per_run.values() for layer in per_layer})
     parts = [
         f"<p>{html.escape(description)}</p>",
-        f"<p class='muted'>{len(layers)} layer(s), statistics: {html.escape(', '.join(stats))}; "
-        f"logged as <code>{prefix}/&lt;module&gt;/&lt;stat&gt;</code>.</p>",
+        f"<p class='muted'>{len(layers)} layer(s), logged as <code>{prefix}/&lt;module&gt;/&lt;stat&gt;</code>. "
+        "Legend: click a layer to hide it, a run's title to hide the run, double-click to show only one.</p>",
     ]
-    for stat, per_layer in stats.items():
-        if stat.startswith("fit_"):
+    lines = [p.text for p in plans if p.kind in ("constant", "no_finite", "duplicate")]
+    if lines:
+        parts.append("<ul class='one'>" + "".join(f"<li>{html.escape(t)}</li>" for t in lines) + "</ul>")
+    for plan in plans:
+        if plan.kind != "curves":
             continue
-        images = [_img(_png_data_uri(layer_curves_figure(prefix, stat, per_layer)), alt=f"{prefix} {stat} per layer")]
-        heatmap = heatmap_figure(prefix, stat, per_layer) if len(per_layer) > 1 else None
+        per_run = stats[plan.stat]
+        also = f" (also {', '.join(plan.duplicates)}: identical)" if plan.duplicates else ""
+        parts.append(f"<h3 id='{prefix}-{html.escape(plan.stat)}'>{html.escape(plan.stat)}{html.escape(also)}</h3>")
+        if plan.non_finite_layers:
+            parts.append(f"<p class='muted'>only non-finite values in: {html.escape(', '.join(plan.non_finite_layers))}</p>")
+        parts.append(_figure_html(curves_figure(f"{prefix}/*/{plan.stat}", plan.stat, per_run), ids(f"{prefix}-{plan.stat}")))
+        heatmap = heatmap_figure(f"{prefix}/{plan.stat}: layers × steps", plan.stat, per_run)
         if heatmap is not None:
-            images.append(_img(_png_data_uri(heatmap), alt=f"{prefix} {stat} heatmap"))
-        parts.append(f"<h3 id='{prefix}-{html.escape(stat)}'>{html.escape(stat)}</h3><div class='row'>{''.join(images)}</div>")
-    saved = [p for p in plot_files if p.name.startswith(prefix + "_")]
-    if saved:
-        parts.append("<h3>Plots saved by the monitor</h3>" + _saved_plots(saved))
+            parts.append(_figure_html(heatmap, ids(f"{prefix}-{plan.stat}-heatmap")))
+    index_stats = {p.stat: stats[p.stat] for p in plans if p.kind == "index"}
+    if index_stats:
+        parts.append(f"<h3 id='{prefix}-positions'>positions of the largest entries</h3>")
+        parts.append(positions_table(index_stats))
+        for kind in ("token", "feature"):
+            of_kind = {s: v for s, v in index_stats.items() if s.endswith("_" + kind)}
+            if of_kind:
+                parts.append(_figure_html(positions_figure(prefix, kind, of_kind), ids(f"{prefix}-{kind}")))
     return "".join(parts)
 
 
-def _saved_plots(paths: list[Path]) -> str:
-    images = []
-    for path in paths:
-        data = path.read_bytes()
-        if data.startswith(PNG_MAGIC):
-            uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-            images.append(_img(uri, alt=path.stem, caption=f"plots/{path.name}"))
-        else:
-            images.append(f"<p class='muted'>plots/{html.escape(path.name)} is not a PNG file; skipped</p>")
-    return f"<div class='row'>{''.join(images)}</div>"
+def emergence_section(runs: dict[str, RunLog], min_r2: float, ids: _Ids) -> str:
+    fits = {run: emergence_fits(log.monitors().get("massive", {})) for run, log in runs.items()}
+    if not any(fits.values()):
+        return ""
+    points = {run: log.monitors().get("massive", {}).get(FITTED_STAT, {}) for run, log in runs.items()}
+    parts = [
+        "<p>Emergence model of Gallego-Feliciano et al., Hidden Dynamics of Massive Activations "
+        "(arXiv 2508.03616, Eq. 9): <code>f(t) = A·exp(−λx)·log(x) + K</code>, <code>x = γt + t0</code>; the last "
+        f"complete fit logged for each layer, over the logged <code>{FITTED_STAT}</code> points. Fits with "
+        f"R² below {min_r2:g} do not describe their layer: they are grey and hidden (click the legend to show them), "
+        "and no fit changes the y range of the data.</p>"
+    ]
+    rows = []
+    for run, per_layer in fits.items():
+        for layer, fit in per_layer.items():
+            if fit is None:
+                rows.append([html.escape(run), html.escape(layer), *(["–"] * 8), "<span class='muted'>no complete fit logged</span>"])
+                continue
+            good = math.isfinite(fit.r2) and fit.r2 >= min_r2
+            values = [fit.parameters[name] for name in FIT_PARAMETERS] + [fit.r2, fit.peak_step, fit.step]
+            rows.append([html.escape(run), html.escape(layer), *(_format(v) for v in values),
+                         "drawn" if good else f"<span class='muted'>R² &lt; {min_r2:g}: hidden</span>"])
+    parts.append(_table(["run", "layer", *FIT_PARAMETERS, "R²", "peak step", "fitted at step", "curve"], rows))
+    drawn = {run: {layer: fit for layer, fit in per_layer.items()} for run, per_layer in fits.items()}
+    parts.append(_figure_html(emergence_figure(drawn, points, min_r2), ids("massive-fits")))
+    return "".join(parts)
 
 
-def render_html(run: RunLog) -> str:
-    """The whole page as a string."""
-    sections: list[tuple[str, str, str]] = []
-    training = training_figure(run)
-    sections.append((
-        "training", "Training curves",
-        _img(_png_data_uri(training), alt="training curves") if training is not None
-        else "<p class='muted'>No training metrics were logged.</p>",
-    ))
-    monitors = run.monitors()
-    for prefix, stats in monitors.items():
-        sections.append((prefix, MONITOR_DESCRIPTIONS[prefix][0], _monitor_section(prefix, stats, run.plot_files)))
+def skipped_section(runs: dict[str, RunLog]) -> str:
+    """Every layer some monitor did not measure, with its reason (recorded, or inferred from the logs)."""
+    rows: list[list[str]] = []
+    for run, log in runs.items():
+        recorded = {(s.monitor, s.what, s.layer) for s in log.skipped}
+        for item in log.skipped:
+            rows.append([html.escape(run), item.monitor, html.escape(item.what), html.escape(item.layer), html.escape(item.reason)])
+        for layer, fit in emergence_fits(log.monitors().get("massive", {})).items():
+            if fit is None and ("massive", "emergence fit", layer) not in recorded:
+                rows.append([html.escape(run), "massive", "emergence fit", html.escape(layer),
+                             "no complete fit in metrics.csv (the fit failed; reason not recorded)"])
+        for prefix, stats in log.monitors().items():
+            for stat, per_layer in stats.items():
+                for layer, series in per_layer.items():
+                    if not any(math.isfinite(v) for v in series.values):
+                        rows.append([html.escape(run), prefix, html.escape(stat), html.escape(layer),
+                                     f"logged only non-finite values ({len(series)} point(s))"])
+    if not rows:
+        return "<p>No layer was skipped: every tapped layer has finite values and every fitted layer a fit.</p>"
+    return _table(["run", "monitor", "what", "layer", "reason"], rows)
+
+
+def config_section(runs: dict[str, RunLog]) -> str:
+    parts = []
+    for run, log in runs.items():
+        if not log.configs:
+            parts.append(f"<h3>{html.escape(run)}</h3><p class='muted'>No config.yaml or hparams.yaml found next to the run.</p>")
+            continue
+        for name, (path, text) in log.configs.items():
+            parts.append(
+                f"<details{' open' if name == 'fit config' and len(runs) == 1 else ''}><summary><b>{html.escape(run)}: "
+                f"{html.escape(name)}</b> <span class='muted'>{html.escape(str(path))}</span></summary>"
+                f"<pre>{html.escape(text)}</pre></details>"
+            )
+    return "".join(parts)
+
+
+def runs_table(runs: dict[str, RunLog]) -> str:
+    rows = []
+    for run, log in runs.items():
+        files = "<br>".join(
+            f"{html.escape(str(part.path))} <span class='muted'>(steps {_format(part.first_step if part.first_step is not None else math.nan)}"
+            f" – {_format(part.last_step if part.last_step is not None else math.nan)}{'' if part.logs_training else ', test/eval only'})</span>"
+            for part in log.parts
+        )
+        monitors = ", ".join(MONITOR_DESCRIPTIONS[p][0] for p in log.monitors()) or "none"
+        steps = [s for series in log.series.values() for s in series.steps]
+        span = f"{_format(min(steps))} – {_format(max(steps))}" if steps else "none"
+        rows.append([html.escape(run), html.escape(str(log.given_path)), files, str(log.rows), span, html.escape(monitors)])
+    return _table(["run", "folder", "metrics.csv merged (oldest first)", "rows", "steps", "monitors"], rows)
+
+
+def render_html(runs: dict[str, RunLog], min_r2: float = DEFAULT_MIN_R2) -> str:
+    """The whole page as a string; ``runs`` maps a short label to each loaded run."""
+    import plotly.offline
+
+    ids = _Ids()
+    sections: list[tuple[str, str, str]] = [
+        ("training", "Training curves", training_section(runs, ids)),
+        ("test", "Test metrics", test_section(runs)),
+    ]
+    present = [p for p in MONITOR_DESCRIPTIONS if any(p in log.monitors() for log in runs.values())]
+    for prefix in present:
+        sections.append((prefix, MONITOR_DESCRIPTIONS[prefix][0], monitor_section(prefix, _per_run(runs, prefix), ids)))
         if prefix == "massive":
-            fits = _emergence_section(stats)
+            fits = emergence_section(runs, min_r2, ids)
             if fits:
                 sections.append(("massive-fits", "Massive-activation emergence fits", fits))
-    absent = [MONITOR_DESCRIPTIONS[p][0] for p in MONITOR_DESCRIPTIONS if p not in monitors]
-    claimed = {p for p in run.plot_files if any(p.name.startswith(prefix + "_") for prefix in monitors)}
-    other_plots = [p for p in run.plot_files if p not in claimed]
-    if other_plots:
-        sections.append(("plots", "Other saved plots", _saved_plots(other_plots)))
-    config_html = "".join(
-        f"<h3>{html.escape(name)}</h3><p class='muted'>{html.escape(str(path))}</p><pre>{html.escape(text)}</pre>"
-        for name, (path, text) in run.configs.items()
-    ) or "<p class='muted'>No config.yaml or hparams.yaml found next to the run.</p>"
-    sections.append(("config", "Configuration", config_html))
-
-    picked = (
-        f" (the newest training log of {run.candidates} metrics.csv files under {html.escape(str(run.given_path))})"
-        if run.candidates > 1 else ""
-    )
-    all_steps = [s for series in run.series.values() for s in series.steps]
-    step_range = f"{int(min(all_steps))} – {int(max(all_steps))}" if all_steps else "none"
-    meta = (
-        "<table class='meta'>"
-        f"<tr><td>run</td><td>{html.escape(str(run.given_path))}</td></tr>"
-        f"<tr><td>metrics</td><td>{html.escape(str(run.metrics_csv))}{picked}</td></tr>"
-        f"<tr><td>rows read</td><td>{run.rows}</td></tr>"
-        f"<tr><td>steps logged</td><td>{step_range}</td></tr>"
-        f"<tr><td>monitors</td><td>{html.escape(', '.join(MONITOR_DESCRIPTIONS[p][0] for p in monitors) or 'none')}"
-        + (f" <span class='muted'>(not in this run: {html.escape(', '.join(absent))})</span>" if absent else "")
-        + "</td></tr>"
-        f"<tr><td>generated</td><td>{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</td></tr>"
-        "</table>"
-    )
-    notes = (
-        "<div class='notes'><b>Reading problems</b><ul>"
-        + "".join(f"<li>{html.escape(n)}</li>" for n in run.notes)
+    if present:
+        sections.append(("skipped", "Skipped layers", skipped_section(runs)))
+    sections.append(("config", "Configuration", config_section(runs)))
+    absent = [MONITOR_DESCRIPTIONS[p][0] for p in MONITOR_DESCRIPTIONS if p not in present]
+    notes = [(run, note) for run, log in runs.items() for note in log.notes]
+    notes_html = (
+        "<div class='notes'><b>Reading problems and choices</b><ul>"
+        + "".join(f"<li>{html.escape(run)}: {html.escape(note)}</li>" for run, note in notes)
         + "</ul></div>"
-    ) if run.notes else ""
+    ) if notes else ""
     toc = "<nav><ul>" + "".join(f"<li><a href='#{sid}'>{html.escape(t)}</a></li>" for sid, t, _ in sections) + "</ul></nav>"
     body = "".join(f"<section><h2 id='{sid}'>{html.escape(t)}</h2>{content}</section>" for sid, t, content in sections)
-    title = f"lightning_act report: {run.given_path}"
+    title = "lightning_act report: " + ", ".join(runs)
+    meta = (
+        runs_table(runs)
+        + (f"<p class='muted'>Not in these runs: {html.escape(', '.join(absent))}.</p>" if absent else "")
+        + f"<p class='muted'>Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.</p>"
+    )
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>{meta}{notes}{toc}{body}</body></html>\n"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1>{meta}{notes_html}{toc}{body}</body></html>\n"
     )
 
 
-def default_output(run_dir: str | Path) -> Path:
-    """``<run dir>/report.html`` (next to ``metrics.csv`` when a file was given)."""
-    path = Path(run_dir)
+def default_output(run_dirs: Sequence[str | Path]) -> Path:
+    """One run: ``<run>/report.html`` (next to ``metrics.csv`` when a file was given); several: ``./report.html``."""
+    if len(run_dirs) != 1:
+        return Path("report.html")
+    path = Path(run_dirs[0])
     return (path.parent if path.is_file() else path) / "report.html"
 
 
-def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the HTML report of the run under ``run_dir`` to ``output`` and return its path.
+def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, RunLog]:
+    """Each run read once, keyed by a short unique label."""
+    return dict(zip(run_labels(run_dirs), (load_run(path) for path in run_dirs), strict=True))
 
-    ``run_dir`` is the CSV version folder, any parent of it (the newest ``metrics.csv`` below is
-    used) or the ``metrics.csv`` file itself.
+
+def build_report(
+    run_dirs: str | Path | Sequence[str | Path], output: str | Path | None = None, min_r2: float = DEFAULT_MIN_R2,
+) -> Path:
+    """Write the HTML page comparing ``run_dirs`` (one run or several) to ``output`` and return its path.
+
+    A run is given by its folder (every ``csv/version_N`` under it is merged), one
+    ``csv/version_N`` folder or one ``metrics.csv``.
     """
-    return write_report(load_run(run_dir), Path(output) if output is not None else default_output(run_dir))
+    paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    return write_report(load_runs(paths), Path(output) if output is not None else default_output(paths), min_r2)
 
 
-def write_report(run: RunLog, output: Path) -> Path:
-    """Render ``run`` and write the page to ``output`` (parent folders created)."""
-    page = render_html(run)
+def write_report(runs: dict[str, RunLog], output: Path, min_r2: float = DEFAULT_MIN_R2) -> Path:
+    """Render ``runs`` and write the page to ``output`` (parent folders created)."""
+    page = render_html(runs, min_r2)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page, encoding="utf-8")
     return output
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lightning_act report RUN_DIR [-o report.html]``; returns the process exit code."""
+    """``lightning_act report RUN [RUN ...] [-o report.html]``; returns the process exit code."""
     parser = argparse.ArgumentParser(
         prog="lightning_act report",
-        description="Write a self-contained HTML report (training curves, monitor curves and heatmaps, "
-        "emergence fits, config) from a run's local logs.",
+        description="Write one self-contained, interactive HTML page comparing runs (training curves, test "
+        "metrics, monitor curves and heatmaps, emergence fits, skipped layers, configs) from their local logs.",
     )
     parser.add_argument(
-        "run_dir", metavar="RUN_DIR", help="the run's folder (e.g. runs/kat), a csv/version_N folder or a metrics.csv"
+        "runs", metavar="RUN", nargs="+",
+        help="a run's folder (e.g. runs/kat; all its csv/version_N are merged), a csv/version_N folder or a metrics.csv",
     )
-    parser.add_argument("-o", "--output", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="HTML file to write (default: RUN/report.html for one run, ./report.html for several)")
+    parser.add_argument("--min-r2", type=float, default=DEFAULT_MIN_R2,
+                        help=f"emergence fits below this R² are greyed and hidden (default {DEFAULT_MIN_R2})")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        run = load_run(args.run_dir)
-        if run.candidates > 1:
-            print(
-                f"using {run.metrics_csv} (the newest training log of {run.candidates} metrics.csv files under {args.run_dir})",
-                file=sys.stderr,
-            )
-        for note in run.notes:
-            print(f"warning: {note}", file=sys.stderr)
-        output = write_report(run, Path(args.output) if args.output else default_output(args.run_dir))
+        runs = load_runs(args.runs)
+        for run, log in runs.items():
+            if len(log.parts) > 1:
+                print(f"{run}: merged {len(log.parts)} metrics.csv files: {', '.join(str(p.path) for p in log.parts)}", file=sys.stderr)
+            for note in log.notes:
+                print(f"warning: {run}: {note}", file=sys.stderr)
+        output = write_report(runs, Path(args.output) if args.output else default_output(args.runs), args.min_r2)
     except LightningActError as error:
         print(f"lightning_act report: error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_act.errors import DataNotFoundError
+from lightning_act.report.skipped import SkippedLayer, read_skipped
 
 #: Key prefixes of the activation monitors, in the order the report shows them.
 MONITOR_PREFIXES: tuple[str, ...] = ("act", "sparsity", "massive", "collapse", "sensitive")
@@ -31,7 +32,12 @@ FIT_PARAMETERS: tuple[str, ...] = ("A", "lambda", "gamma", "t0", "K")
 if TYPE_CHECKING:
     import numpy as np
 
-_CONFIG_NAMES = ("config.yaml", "hparams.yaml")
+#: Metrics of ``lightning_act test`` (shown as a table, not as curves).
+TEST_PREFIX = "test/"
+
+#: Where the CLI keeps the ``fit`` command's config, so a later ``test`` (which overwrites
+#: ``config.yaml``) does not lose it.
+FIT_CONFIG_NAME = "fit_config.yaml"
 _CONFIG_MAX_CHARS = 200_000
 
 
@@ -50,27 +56,56 @@ class Series:
         return dict(zip(self.steps, self.values, strict=True))
 
 
+@dataclass(frozen=True)
+class CsvPart:
+    """One ``metrics.csv`` merged into a run, and the steps it contributed."""
+
+    path: Path
+    rows: int
+    first_step: float | None
+    last_step: float | None
+    logs_training: bool
+
+
 @dataclass
 class RunLog:
-    """Everything the report shows, read from disk once."""
+    """Everything the report shows, read from disk once.
+
+    ``series`` is every ``metrics.csv`` of the run merged in version order (see
+    :func:`merge_parts`), so a resumed run's curves are continuous and a later ``test`` run's
+    metrics are included.
+    """
 
     given_path: Path
-    metrics_csv: Path
-    candidates: int
+    parts: list[CsvPart]
     columns: list[str]
     rows: int
     series: dict[str, Series]
     notes: list[str]
     configs: dict[str, tuple[Path, str]]
     plot_files: list[Path]
+    skipped: list[SkippedLayer] = field(default_factory=list)
+
+    @property
+    def metrics_csv(self) -> Path:
+        """The newest ``metrics.csv`` that logged training (the last one if none did)."""
+        training = [part for part in self.parts if part.logs_training] or self.parts
+        return training[-1].path
 
     @property
     def version_dir(self) -> Path:
         return self.metrics_csv.parent
 
     def training_keys(self) -> list[str]:
-        """Metrics that are not monitor statistics (losses, accuracies, learning rates)."""
-        return [k for k in self.series if k not in INDEX_COLUMNS and split_monitor_key(k) is None]
+        """Metrics that are neither monitor statistics nor test metrics (losses, accuracies, learning rates)."""
+        return [
+            k for k in self.series
+            if k not in INDEX_COLUMNS and split_monitor_key(k) is None and not k.startswith(TEST_PREFIX)
+        ]
+
+    def test_metrics(self) -> dict[str, float]:
+        """The last logged value of every ``test/...`` metric."""
+        return {k: s.values[-1] for k, s in self.series.items() if k.startswith(TEST_PREFIX) and len(s)}
 
     def monitors(self) -> dict[str, dict[str, dict[str, Series]]]:
         """``{prefix: {stat: {layer: series}}}`` for the monitor keys present, layers in module order."""
@@ -104,18 +139,23 @@ def split_monitor_key(key: str) -> tuple[str, str, str] | None:
     return parts[0], "/".join(parts[1:-1]), parts[-1]
 
 
-def _logs_training(path: Path) -> bool:
+def _logs_training(columns: list[str]) -> bool:
     """Whether a ``metrics.csv`` header has training or monitor columns (not only ``test/...``)."""
-    with open(path, newline="", errors="replace") as handle:
-        columns = handle.readline().strip().split(",")
     return any(c.startswith("train/") or c.split("/", 1)[0] in MONITOR_PREFIXES for c in columns)
 
 
-def find_metrics_csv(path: str | Path) -> tuple[Path, int]:
-    """The run's ``metrics.csv`` and how many there were to pick from.
+def _header(path: Path) -> list[str]:
+    with open(path, newline="", errors="replace") as handle:
+        return handle.readline().strip().split(",")
 
-    Under a parent folder the newest one that logged training wins, so that a ``lightning_act
-    test`` run after ``fit`` (a newer CSV with only ``test/...`` columns) does not hide the fit.
+
+def find_metrics_csvs(path: str | Path) -> tuple[list[Path], list[str]]:
+    """The ``metrics.csv`` files of one run, oldest version first, and notes about the choice.
+
+    A ``metrics.csv`` or a folder holding one is used alone. Under a parent folder, every
+    ``<logger>/version_N/metrics.csv`` of one logger folder belongs to the run (a resume or a
+    ``lightning_act test`` starts a new version); if several logger folders are found, the one
+    whose newest file logged training wins and the command says so.
     """
     given = Path(path)
     hint = "pass the run's folder, e.g. runs/kat"
@@ -123,16 +163,28 @@ def find_metrics_csv(path: str | Path) -> tuple[Path, int]:
         raise DataNotFoundError(f"run directory '{given}' does not exist; {hint}")
     if given.is_file():
         if given.name == "metrics.csv":
-            return given, 1
+            return [given], []
         raise DataNotFoundError(f"'{given}' is not a lightning_act run directory (no metrics.csv found under it); {hint}")
     if (given / "metrics.csv").is_file():
-        return given / "metrics.csv", 1
+        return [given / "metrics.csv"], []
     found = [p for p in given.rglob("metrics.csv") if p.is_file()]
     if not found:
         raise DataNotFoundError(f"'{given}' is not a lightning_act run directory (no metrics.csv found under it); {hint}")
-    training = [p for p in found if _logs_training(p)] or found
-    newest = max(training, key=lambda p: (p.stat().st_mtime, natural_key(str(p))))
-    return newest, len(found)
+    groups: dict[Path, list[Path]] = {}
+    for csv_path in found:
+        groups.setdefault(csv_path.parent.parent, []).append(csv_path)
+    for members in groups.values():
+        members.sort(key=lambda p: natural_key(p.parent.name))
+    if len(groups) == 1:
+        return next(iter(groups.values())), []
+
+    def newest_training(members: list[Path]) -> tuple[bool, float]:
+        training = [p for p in members if _logs_training(_header(p))]
+        return bool(training), max(p.stat().st_mtime for p in (training or members))
+
+    chosen = max(groups, key=lambda parent: newest_training(groups[parent]))
+    others = ", ".join(str(parent) for parent in sorted(groups, key=str) if parent != chosen)
+    return groups[chosen], [f"{given} holds several runs; using {chosen} (newest training log), not {others}"]
 
 
 def _to_float(cell: str) -> float:
@@ -150,19 +202,19 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
     text = path.read_text(encoding="utf-8", errors="replace")
     notes: list[str] = []
     if not text.strip():
-        return [], 0, {}, ["metrics.csv is empty: the run stopped before anything was logged"]
+        return [], 0, {}, [f"{path} is empty: the run stopped before anything was logged"]
     lines = text.splitlines(keepends=True)
     if not lines[-1].endswith(("\n", "\r")):
         if len(lines) == 1:
-            return [], 0, {}, ["metrics.csv holds only a truncated header: the run stopped while writing it"]
+            return [], 0, {}, [f"{path} holds only a truncated header: the run stopped while writing it"]
         lines = lines[:-1]
-        notes.append("dropped the truncated last line of metrics.csv (the run stopped while writing it)")
+        notes.append(f"dropped the truncated last line of {path} (the run stopped while writing it)")
     records = list(csv.reader(io.StringIO("".join(lines))))
     columns = records[0]
     series: dict[str, Series] = {name: Series() for name in columns}
     step_index = columns.index("step") if "step" in columns else None
     if step_index is None:
-        notes.append("metrics.csv has no 'step' column; the row number is used as the step")
+        notes.append(f"{path} has no 'step' column; the row number is used as the step")
     malformed = 0
     complete = 0
     for row_number, record in enumerate(records[1:]):
@@ -180,50 +232,139 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
                 series[name].steps.append(step)
                 series[name].values.append(_to_float(cell))
     if malformed:
-        notes.append(f"skipped {malformed} malformed row(s) of metrics.csv (wrong number of fields or no step)")
+        notes.append(f"skipped {malformed} malformed row(s) of {path} (wrong number of fields or no step)")
     if complete == 0:
-        notes.append("metrics.csv has a header but no complete rows yet")
+        notes.append(f"{path} has a header but no complete rows yet")
     return columns, complete, {k: v for k, v in series.items() if k not in INDEX_COLUMNS}, notes
 
 
-def find_configs(version_dir: Path, given: Path) -> dict[str, tuple[Path, str]]:
-    """``config.yaml`` (written by LightningCLI next to the first logger) and ``hparams.yaml``.
+def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict[str, Series], list[str]]:
+    """Merge the series of a run's CSV versions (oldest first) into one continuous history.
 
-    Looked up from the CSV version folder upwards (version_N → csv → run folder) and in the
-    folder the user passed.
+    A later version that logged training (a resumed or restarted fit) starts at some step ``s``;
+    what earlier versions logged at steps ``>= s`` was rolled back by the resume, so it is
+    replaced for every non-test key. A version without training (``lightning_act test``) only
+    adds or overwrites its own keys from its first step on.
     """
-    places = [version_dir, *list(version_dir.parents)[:2]]
+    merged: dict[str, Series] = {}
+    notes: list[str] = []
+    for path, series, logs_training in parts:
+        firsts = {key: s.steps[0] for key, s in series.items() if len(s)}
+        if not firsts:
+            continue
+        start = min(firsts.values())
+        replaced = 0
+        for key, old in merged.items():
+            if logs_training and not key.startswith(TEST_PREFIX):
+                cut = start
+            elif key in firsts:
+                cut = firsts[key]
+            else:
+                continue
+            kept = [(s, v) for s, v in zip(old.steps, old.values, strict=True) if s < cut]
+            replaced += len(old) - len(kept)
+            old.steps, old.values = [s for s, _ in kept], [v for _, v in kept]
+        if replaced and logs_training:
+            notes.append(f"{path} resumes at step {start}: it replaces {replaced} later value(s) of the earlier version(s)")
+        for key, new in series.items():
+            target = merged.setdefault(key, Series())
+            target.steps += new.steps
+            target.values += new.values
+    return {k: v for k, v in merged.items() if len(v)}, notes
+
+
+def _command_of(config_text: str) -> str:
+    """``fit``, or the command a LightningCLI ``config.yaml`` came from if it was not a fit.
+
+    LightningCLI saves the subcommand's own arguments at the top level: ``validate``/``test``
+    have ``verbose``, ``predict`` has ``return_predictions``; ``fit`` has neither.
+    """
+    top = {line.split(":", 1)[0] for line in config_text.splitlines() if line and not line[0].isspace() and ":" in line}
+    if "return_predictions" in top:
+        return "predict"
+    if "verbose" in top:
+        return "test or validate"
+    return "fit"
+
+
+def find_configs(version_dirs: list[Path], given: Path) -> tuple[dict[str, tuple[Path, str]], list[str]]:
+    """The fit's config (:data:`FIT_CONFIG_NAME`, else a ``config.yaml`` saved by ``fit``) and ``hparams.yaml``.
+
+    Looked up in the CSV version folders (newest first), their two parents (``csv`` → the run
+    folder, where LightningCLI writes) and the folder the user passed. A ``config.yaml`` saved
+    by a later ``test``/``validate``/``predict`` is shown with a note, never as the fit's config.
+    """
+    places: list[Path] = []
+    for version_dir in reversed(version_dirs):
+        places += [version_dir, *list(version_dir.parents)[:2]]
     if given.is_dir():
         places.append(given)
+    places = list(dict.fromkeys(places))
     configs: dict[str, tuple[Path, str]] = {}
-    for name in _CONFIG_NAMES:
-        for place in places:
-            candidate = place / name
-            if candidate.is_file():
-                text = candidate.read_text(encoding="utf-8", errors="replace")
-                if len(text) > _CONFIG_MAX_CHARS:
-                    text = text[:_CONFIG_MAX_CHARS] + f"\n... (cut at {_CONFIG_MAX_CHARS} characters)\n"
-                configs[name] = (candidate, text)
-                break
-    return configs
+    notes: list[str] = []
+
+    def read(candidate: Path) -> str:
+        text = candidate.read_text(encoding="utf-8", errors="replace")
+        if len(text) > _CONFIG_MAX_CHARS:
+            text = text[:_CONFIG_MAX_CHARS] + f"\n... (cut at {_CONFIG_MAX_CHARS} characters)\n"
+        return text
+
+    for name in (FIT_CONFIG_NAME, "config.yaml"):
+        candidate = next((place / name for place in places if (place / name).is_file()), None)
+        if candidate is None:
+            continue
+        text = read(candidate)
+        command = _command_of(text)
+        if command == "fit":
+            configs["fit config"] = (candidate, text)
+            break
+        notes.append(
+            f"{candidate} was saved by a later `{command}` command, not by the fit, so the fit's own config is "
+            f"not shown; it is listed as '{command} config' (the fit's config is kept when the CLI saves "
+            f"it as {FIT_CONFIG_NAME})"
+        )
+        configs[f"{command} config"] = (candidate, text)
+    hparams = next((place / "hparams.yaml" for place in places if (place / "hparams.yaml").is_file()), None)
+    if hparams is not None:
+        configs["hparams.yaml"] = (hparams, read(hparams))
+    return configs, notes
 
 
 def load_run(path: str | Path) -> RunLog:
-    """Locate and read a run: metrics, configs and the monitors' saved plots."""
-    metrics_csv, candidates = find_metrics_csv(path)
-    columns, rows, series, notes = read_metrics(metrics_csv)
-    plots_dir = metrics_csv.parent / "plots"
-    plot_files = sorted(plots_dir.glob("*.png"), key=lambda p: natural_key(p.name)) if plots_dir.is_dir() else []
+    """Locate and read a run: every CSV version merged, configs, skipped layers, the monitors' saved plots."""
+    given = Path(path)
+    paths, notes = find_metrics_csvs(given)
+    parts: list[CsvPart] = []
+    to_merge: list[tuple[Path, dict[str, Series], bool]] = []
+    columns: list[str] = []
+    rows = 0
+    for csv_path in paths:
+        file_columns, file_rows, file_series, file_notes = read_metrics(csv_path)
+        notes += file_notes
+        steps = [s for series in file_series.values() for s in series.steps]
+        logs_training = _logs_training(file_columns)
+        parts.append(CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training))
+        to_merge.append((csv_path, file_series, logs_training))
+        columns += [c for c in file_columns if c not in columns]
+        rows += file_rows
+    series, merge_notes = merge_parts(to_merge)
+    version_dirs = [p.parent for p in paths]
+    configs, config_notes = find_configs(version_dirs, given)
+    plot_files = [
+        png for version_dir in version_dirs if (version_dir / "plots").is_dir()
+        for png in sorted((version_dir / "plots").glob("*.png"), key=lambda p: natural_key(p.name))
+    ]
+    skipped, skipped_notes = read_skipped([*version_dirs, given] if given.is_dir() else version_dirs)
     return RunLog(
-        given_path=Path(path),
-        metrics_csv=metrics_csv,
-        candidates=candidates,
+        given_path=given,
+        parts=parts,
         columns=columns,
         rows=rows,
         series=series,
-        notes=notes,
-        configs=find_configs(metrics_csv.parent, Path(path)),
+        notes=notes + merge_notes + config_notes + skipped_notes,
+        configs=configs,
         plot_files=plot_files,
+        skipped=skipped,
     )
 
 

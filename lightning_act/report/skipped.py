@@ -1,0 +1,74 @@
+"""Layers a monitor could not measure, kept next to the run so the report can list them.
+
+A monitor that skips a layer says why once (a log line) — and that line is gone when the
+console is. :func:`record_skipped` also writes the reason to ``<run dir>/monitors/skipped.json``
+(``run dir`` being the CSV logger's version folder, where ``plots/`` lives), which
+:func:`read_skipped` reads back for ``lightning_act report``. The file maps
+``monitor prefix → what was skipped → layer → reason``::
+
+    {"massive": {"emergence fit": {"model.blocks.3": "5 ratio points, the fit needs at least 6"}}}
+
+Writing merges into what is there, so several monitors (and a resumed fit) share one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The file's place under a run's (CSV version) folder.
+SKIPPED_FILE = Path("monitors") / "skipped.json"
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """One layer a monitor did not measure, and why."""
+
+    monitor: str
+    what: str
+    layer: str
+    reason: str
+
+
+def record_skipped(run_dir: str | Path, monitor: str, what: str, reasons: Mapping[str, str]) -> Path:
+    """Merge ``{layer: reason}`` for ``monitor``'s ``what`` into ``run_dir/monitors/skipped.json``.
+
+    ``reasons`` replaces what was recorded before for that monitor and ``what`` (an empty
+    mapping clears it: nothing is skipped any more). The file is replaced atomically, so a
+    crash never leaves it half-written.
+    """
+    path = Path(run_dir) / SKIPPED_FILE
+    content: dict[str, dict[str, dict[str, str]]] = {}
+    if path.is_file():
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            content = {}
+    content.setdefault(monitor, {})[what] = {str(layer): str(reason) for layer, reason in reasons.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def read_skipped(dirs: list[Path]) -> tuple[list[SkippedLayer], list[str]]:
+    """Every skipped layer recorded under ``dirs`` (later folders win) and notes on unreadable files."""
+    found: dict[tuple[str, str, str], str] = {}
+    notes: list[str] = []
+    for directory in dict.fromkeys(dirs):
+        path = directory / SKIPPED_FILE
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+            for monitor, by_what in content.items():
+                for what, layers in by_what.items():
+                    for layer, reason in layers.items():
+                        found[(str(monitor), str(what), str(layer))] = str(reason)
+        except (ValueError, AttributeError) as error:
+            notes.append(f"could not read {path} ({error}); its skipped layers are not listed")
+    return [SkippedLayer(m, w, layer, reason) for (m, w, layer), reason in found.items()], notes
