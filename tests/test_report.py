@@ -1,13 +1,12 @@
-"""The HTML run report: a real tiny run, a crashed run, a run with some monitors, a non-run folder."""
+"""The HTML run report: a real tiny run, a crashed run, the content rules on fixture runs, two runs compared."""
 
 from __future__ import annotations
 
-import base64
 import csv
+import json
 import math
 import os
-import struct
-from html.parser import HTMLParser
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,43 +17,35 @@ from lightning_act.errors import DataNotFoundError
 from lightning_act.report import build_report, load_run
 from lightning_act.report.html import main
 from lightning_act.report.runlog import emergence_fits
+from lightning_act.report.skipped import SKIPPED_FILE, read_skipped, record_skipped
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class _Page(HTMLParser):
-    """Collects ``<img src>``, ``<h2 id>`` and ``<script>`` tags of a page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.images: list[str] = []
-        self.section_ids: list[str] = []
-        self.scripts = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        if tag == "img":
-            self.images.append(values["src"] or "")
-        elif tag == "h2":
-            self.section_ids.append(values.get("id") or "")
-        elif tag == "script":
-            self.scripts += 1
+def figures(text: str) -> dict[str, tuple[list[dict], dict]]:
+    """``{div id: (traces, layout)}`` of every ``Plotly.newPlot`` call on a page."""
+    decoder = json.JSONDecoder()
+    found: dict[str, tuple[list[dict], dict]] = {}
+    position = 0
+    while (position := text.find("Plotly.newPlot(", position)) != -1:
+        values = []
+        cursor = position + len("Plotly.newPlot(")
+        for _ in range(3):
+            while text[cursor] in " \n\t,":
+                cursor += 1
+            value, cursor = decoder.raw_decode(text, cursor)
+            values.append(value)
+        found[values[0]] = (values[1], values[2])
+        position = cursor
+    return found
 
 
-def parse_page(path: Path) -> _Page:
-    page = _Page()
-    page.feed(path.read_text(encoding="utf-8"))
-    return page
+def section_ids(text: str) -> list[str]:
+    return re.findall(r"<h2 id='([^']+)'>", text)
 
 
-def png_size(uri: str) -> tuple[int, int]:
-    """Width and height from the IHDR chunk of a base64 PNG data URI (fails if it is not one)."""
-    head = "data:image/png;base64,"
-    assert uri.startswith(head), uri[:40]
-    data = base64.b64decode(uri[len(head):], validate=True)
-    assert data[:8] == PNG_MAGIC
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
+def figure_for(text: str, prefix: str) -> tuple[list[dict], dict]:
+    """The one figure whose id starts with ``fig-<prefix>-`` followed by its number."""
+    matches = {k: v for k, v in figures(text).items() if re.fullmatch(f"fig-{re.escape(prefix)}-\\d+", k)}
+    assert len(matches) == 1, (prefix, sorted(figures(text)))
+    return next(iter(matches.values()))
 
 
 def write_csv(path: Path, header: list[str], rows: list[dict[str, float]], truncated_tail: str | None = None) -> None:
@@ -137,31 +128,33 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         limit_val_batches=0, log_every_n_steps=1,
     )
     trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=16))
-    (root / "config.yaml").write_text("seed_everything: 0\ntrainer:\n  max_steps: 5\n")
+    (root / "config.yaml").write_text("seed_everything: 0\ntrainer:\n  max_steps: 5\nckpt_path: null\n")
     return root
 
 
 def test_real_run_report(real_run: Path, tmp_path: Path) -> None:
+    import plotly.offline
+
     output = build_report(real_run, tmp_path / "report.html")
-    page = parse_page(output)
+    text = output.read_text()
     with (real_run / "csv" / "version_0" / "metrics.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    act_stats = {c.split("/")[-1] for c in rows[0] if c.startswith("act/")}
-    assert act_stats >= {"rms", "zero_frac", "abs_max"}
-    assert page.section_ids == ["training", "act", "config"]
-    saved = sorted((real_run / "csv" / "version_0" / "plots").glob("*.png"))
-    assert [p.name for p in saved] == ["act_rms_heatmap.png"]
-    # one training figure, per statistic a curves figure and a heatmap, the monitor's own heatmap
-    assert len(page.images) == 1 + 2 * len(act_stats) + len(saved)
-    for uri in page.images:
-        width, height = png_size(uri)
-        assert width > 50 and height > 50
-    text = output.read_text()
-    steps = sorted({int(r["step"]) for r in rows if any(r[c] for c in r if c.startswith("act/"))})
-    assert steps == [0, 2, 4]
-    assert f"<td>steps logged</td><td>0 – {max(int(r['step']) for r in rows)}</td>" in text
-    assert "seed_everything: 0" in text and "hparams.yaml" in text
-    assert page.scripts == 0 and "http://" not in text and "https://" not in text
+    assert section_ids(text) == ["training", "test", "act", "skipped", "config"]
+    # every act statistic that varies has its curves, with exactly the CSV's values per layer
+    key = next(c for c in rows[0] if c.startswith("act/") and c.endswith("/rms"))
+    layer = key.split("/")[1]
+    traces, layout = figure_for(text, "act-rms")
+    trace = next(t for t in traces if t["name"] == layer)
+    expected = [(int(r["step"]), float(r[key])) for r in rows if r[key] != ""]
+    assert list(zip(trace["x"], trace["y"], strict=True)) == expected == [(s, v) for s, v in expected if s in (0, 2, 4)]
+    assert [b["label"] for b in layout["updatemenus"][0]["buttons"]] == ["linear", "log"]
+    # the ViT's activations have no NaN/inf: one line, no panel
+    assert "no non-finite values (NaN/inf) in any layer at any logged step" in text
+    assert not any(k.startswith("fig-act-nonfinite") for k in figures(text))
+    # plotly.js embedded exactly once, nothing fetched
+    assert text.count(plotly.offline.get_plotlyjs()[:300]) == 1
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)
+    assert "seed_everything: 0" in text and "hparams.yaml" in text and "fit config" in text
 
 
 def test_real_run_series_match_csv(real_run: Path) -> None:
@@ -172,7 +165,7 @@ def test_real_run_series_match_csv(real_run: Path) -> None:
     key = next(c for c in rows[0] if c.endswith("/rms"))
     expected = [(int(r["step"]), float(r[key])) for r in rows if r[key] != ""]
     assert list(zip(run.series[key].steps, run.series[key].values, strict=True)) == expected
-    assert run.metrics_csv == path and run.candidates == 1 and run.notes == []
+    assert run.metrics_csv == path and len(run.parts) == 1 and run.notes == []
 
 
 # ---------------------------------------------------------------- (b) a run that crashed half-way
@@ -207,54 +200,191 @@ def test_emergence_fit_is_last_complete_one(tmp_path: Path) -> None:
 
 def test_crashed_run_report(tmp_path: Path) -> None:
     write_crashed_run(tmp_path / "kat")
-    output = build_report(tmp_path / "kat", tmp_path / "out" / "kat.html")
-    page = parse_page(output)
-    assert page.section_ids == ["training", "act", "massive", "massive-fits", "config"]
-    # training (loss and acc groups in one figure), act 2 stats × 2, massive 2 stats × 2, one fit figure
-    assert len(page.images) == 1 + 4 + 4 + 1
-    for uri in page.images:
-        png_size(uri)
-    text = output.read_text()
+    text = build_report(tmp_path / "kat", tmp_path / "out" / "kat.html").read_text()
+    assert section_ids(text) == ["training", "test", "act", "massive", "massive-fits", "skipped", "config"]
     assert "Reading problems" in text and "truncated last line" in text
-    assert "no complete fit logged" in text
+    # blocks.1's fit failed (NaN parameters): listed in the fit table and among the skipped layers
+    assert text.count("no complete fit logged") == 1
+    assert "no complete fit in metrics.csv (the fit failed; reason not recorded)" in text
     assert "<td>0.97</td>" in text and "<td>0.01</td>" in text
+    # zero_frac 0.1·i differs between layers but not over steps: kept; massive/top1 varies: kept
+    figure_for(text, "act-zero-frac")
+    figure_for(text, "massive-top1")
 
 
 def test_empty_metrics_file(tmp_path: Path) -> None:
     (tmp_path / "csv" / "version_0").mkdir(parents=True)
     (tmp_path / "csv" / "version_0" / "metrics.csv").write_text("")
-    page = parse_page(build_report(tmp_path, tmp_path / "r.html"))
-    assert page.images == [] and page.section_ids == ["training", "config"]
-    assert "the run stopped before anything was logged" in (tmp_path / "r.html").read_text()
+    text = build_report(tmp_path, tmp_path / "r.html").read_text()
+    assert figures(text) == {} and section_ids(text) == ["training", "test", "config"]
+    assert "the run stopped before anything was logged" in text
 
 
-# ---------------------------------------------------------------- (c) only some monitors
+# ---------------------------------------------------------------- (c) content rules, each on a fixture run
 
 
-def test_run_with_some_monitors(tmp_path: Path) -> None:
-    header = ["act/blocks.0/rms", "epoch", "sensitive/model.norm/count", "sensitive/model.norm/jaccard", "step", "train/loss"]
-    rows = [
-        {"step": s, "act/blocks.0/rms": 1.0, "sensitive/model.norm/count": 4.0, "sensitive/model.norm/jaccard": s / 40}
-        for s in (0, 10, 20, 30)
-    ]
-    write_csv(tmp_path / "csv" / "version_0" / "metrics.csv", header, rows)
-    plots = tmp_path / "csv" / "version_0" / "plots"
-    plots.mkdir()
-    (plots / "sensitive_jaccard.png").write_bytes(b"not a png")
-    output = build_report(tmp_path, tmp_path / "r.html")
-    page = parse_page(output)
-    assert page.section_ids == ["training", "act", "sensitive", "config"]
+def write_content_run(root: Path) -> Path:
+    """A run whose statistics break every content rule once; returns the version folder."""
+    layers = ["blocks.0", "blocks.1", "blocks.2"]
+    steps = list(range(0, 120, 10))
+    rows: list[dict[str, float]] = []
+    for step in steps:
+        row: dict[str, float] = {"step": step}
+        for i, layer in enumerate(layers):
+            top = 5.0 + i + step / 10
+            row |= {
+                f"sparsity/{layer}/nonfinite": 0.0,                         # all zero → one line
+                f"sparsity/{layer}/zero_frac": 0.1 * i + step / 1000,       # a real curve
+                f"massive/{layer}/count": 0.0,                              # all zero → one line
+                f"massive/{layer}/top1": top,                               # == top0_value → shown once
+                f"massive/{layer}/top0_value": top,
+                f"massive/{layer}/top0_token": float(step % 3),             # positions → table + scatter
+                f"massive/{layer}/top0_feature": float(7 + i),
+                f"massive/{layer}/ratio": 10.0 + i + step / 100,
+                f"act/{layer}/rms": math.nan if layer == "blocks.2" else 1.0 + step / 100,
+            }
+        rows.append(row)
+        rows.append({"step": step, "train/loss": 2.0 - step / 100})
+    bad = {"A": -1500.0, "lambda": 0.3, "gamma": 0.02, "t0": 1.0, "K": 12.0}
+    rows.append(
+        {f"massive/blocks.0/fit_{k}": v for k, v in FIT.items()}
+        | {f"massive/blocks.1/fit_{k}": v for k, v in bad.items()}
+        | {"massive/blocks.0/fit_r2": 0.97, "massive/blocks.1/fit_r2": 0.017, "step": 110}
+    )
+    header = sorted({k for row in rows for k in row} | {"epoch"})
+    version = root / "csv" / "version_0"
+    write_csv(version / "metrics.csv", header, rows)
+    return version
+
+
+def test_constant_and_duplicate_statistics_are_one_line(tmp_path: Path) -> None:
+    write_content_run(tmp_path / "run")
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    ids = set(figures(text))
+    for gone in ("sparsity-nonfinite", "massive-count", "massive-top1-", "massive-top0-token", "massive-top0-feature"):
+        assert not any(i.startswith("fig-" + gone) for i in ids), gone
+    assert "<li>no non-finite values (NaN/inf) in any layer at any logged step</li>" in text
+    assert "<li>no massive activations: the count of massive entries is 0 in every layer at every logged step</li>" in text
+    assert "<li>top1 is identical to top0_value (shown once)</li>" in text
+    assert "top0_value (also top1: identical)</h3>" in text
+    traces, _ = figure_for(text, "massive-top0-value")
+    assert [t["name"] for t in traces] == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_positions_are_a_table_and_points(tmp_path: Path) -> None:
+    write_content_run(tmp_path / "run")
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    traces, layout = figure_for(text, "massive-feature")
+    assert {t["mode"] for t in traces} == {"markers"} and layout["yaxis"]["tickformat"] == "d"
+    assert next(t for t in traces if t["name"] == "blocks.1")["y"] == [8.0] * 12
+    tokens, _ = figure_for(text, "massive-token")
+    assert next(t for t in tokens if t["name"] == "blocks.0")["y"] == [float(s % 3) for s in range(0, 120, 10)]
+    # last step 110: token 110 % 3 = 2, feature 7 + i; top 0 sat at (2, 7) at 4 of the 12 steps (20, 50, 80, 110)
+    assert "<td>run</td><td>blocks.0</td><td>110</td><td>(2, 7)</td><td>4 / 12</td>" in text
+
+
+def test_failed_emergence_fit_is_hidden_and_cannot_squash_the_data(tmp_path: Path) -> None:
+    write_content_run(tmp_path / "run")
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    traces, layout = figure_for(text, "massive-fits")
+    fits = {t["name"]: t for t in traces if t["mode"] == "lines"}
+    good, bad = fits["run · blocks.0: fit R² 0.97"], fits["run · blocks.1: fit R² 0.017 (< 0.5)"]
+    assert good.get("visible", True) is True and good["line"]["dash"] == "solid"
+    assert bad["visible"] == "legendonly" and bad["line"]["color"] == "#aaaaaa"
+    # blocks.1 (second subplot) keeps the logged ratio's range 11 … 12.1, padded by 10 %, although f reaches ~ −1500
+    low, high = layout["yaxis2"]["range"]
+    assert low == pytest.approx(11.0 - 0.11) and high == pytest.approx(12.1 + 0.11)
+    assert min(v for v in bad["y"] if v is not None) < -100
+    assert "R² &lt; 0.5: hidden" in text and text.count("<td>drawn</td>") == 1
+    # the fit curve is the paper's formula, checked against numpy at the drawn grid
+    np.testing.assert_allclose(good["y"], emergence_numpy(np.array(good["x"])), rtol=1e-9)
+
+
+def test_every_skipped_layer_is_listed_with_its_reason(tmp_path: Path) -> None:
+    version = write_content_run(tmp_path / "run")
+    record_skipped(version, "massive", "emergence fit", {"blocks.2": "5 ratio points, the fit needs at least 6"})
+    record_skipped(version, "sparsity", "cett", {"blocks.9": "no down-projection input was seen"})
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    assert "<td>run</td><td>massive</td><td>emergence fit</td><td>blocks.2</td><td>5 ratio points, the fit needs at least 6</td>" in text
+    assert "<td>run</td><td>sparsity</td><td>cett</td><td>blocks.9</td><td>no down-projection input was seen</td>" in text
+    assert "<td>run</td><td>act</td><td>rms</td><td>blocks.2</td><td>logged only non-finite values (12 point(s))</td>" in text
+    assert "only non-finite values in: blocks.2" in text
+
+
+def test_skipped_file_round_trip(tmp_path: Path) -> None:
+    record_skipped(tmp_path, "massive", "emergence fit", {"a": "too few points", "b": "no convergence"})
+    record_skipped(tmp_path, "collapse", "erank", {"c": "1-d output"})
+    record_skipped(tmp_path, "massive", "emergence fit", {"b": "no convergence"})
+    assert json.loads((tmp_path / SKIPPED_FILE).read_text()) == {
+        "collapse": {"erank": {"c": "1-d output"}}, "massive": {"emergence fit": {"b": "no convergence"}},
+    }
+    skipped, notes = read_skipped([tmp_path])
+    assert [(s.monitor, s.layer, s.reason) for s in skipped] == [("collapse", "c", "1-d output"), ("massive", "b", "no convergence")]
+    assert notes == [] and not list(tmp_path.rglob("*.tmp"))
+    (tmp_path / SKIPPED_FILE).write_text("{half")
+    assert read_skipped([tmp_path])[1][0].startswith(f"could not read {tmp_path / SKIPPED_FILE}")
+
+
+def test_resumed_run_is_merged_and_test_metrics_are_shown(tmp_path: Path) -> None:
+    header = ["epoch", "step", "train/loss", "act/blocks.0/rms"]
+    first = [{"step": s, "train/loss": 10.0 + s} for s in range(0, 100, 10)]      # crashed after step 90
+    second = [{"step": s, "train/loss": 20.0 + s} for s in range(60, 150, 10)]    # resumed from the step-60 checkpoint
+    write_csv(tmp_path / "csv" / "version_0" / "metrics.csv", header, first)
+    write_csv(tmp_path / "csv" / "version_1" / "metrics.csv", header, second)
+    write_csv(tmp_path / "csv" / "version_2" / "metrics.csv", ["epoch", "step", "test/acc", "test/loss"],
+              [{"step": 140, "test/acc": 0.875, "test/loss": 0.25}])
+    run = load_run(tmp_path)
+    assert run.series["train/loss"].steps == list(range(0, 150, 10))
+    assert run.series["train/loss"].values == [10.0 + s for s in range(0, 60, 10)] + [20.0 + s for s in range(60, 150, 10)]
+    assert run.test_metrics() == {"test/acc": 0.875, "test/loss": 0.25}
+    assert "train/loss" in run.training_keys() and "test/acc" not in run.training_keys()
+    assert any("version_1/metrics.csv resumes at step 60: it replaces 4 later value(s)" in n for n in run.notes)
+    text = build_report(tmp_path, tmp_path / "r.html").read_text()
+    assert "<tr><td>test/acc</td><td>0.875</td></tr>" in text
+    traces, _ = figure_for(text, "training-loss")
+    assert [t["x"] for t in traces] == [list(range(0, 150, 10))]
+
+
+def test_fit_config_is_shown_not_the_last_commands(tmp_path: Path) -> None:
+    write_csv(tmp_path / "csv" / "version_0" / "metrics.csv", ["epoch", "step", "train/loss"], [{"step": 0, "train/loss": 1.0}])
+    (tmp_path / "config.yaml").write_text("seed_everything: 0\nckpt_path: runs/kat/checkpoints/last.ckpt\nverbose: true\n")
+    run = load_run(tmp_path)
+    assert list(run.configs) == ["test or validate config"]
+    assert any("saved by a later `test or validate` command" in n for n in run.notes)
+    (tmp_path / "fit_config.yaml").write_text("seed_everything: 0\nckpt_path: null\ntrainer:\n  max_epochs: 3\n")
+    run = load_run(tmp_path)
+    assert list(run.configs) == ["fit config"] and run.configs["fit config"][0] == tmp_path / "fit_config.yaml"
+    text = build_report(tmp_path, tmp_path / "r.html").read_text()
+    assert "max_epochs: 3" in text and "verbose: true" not in text
+
+
+# ---------------------------------------------------------------- (d) several runs; not a run
+
+
+def test_two_runs_are_overlaid_with_a_legend_by_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import plotly.offline
+
+    write_crashed_run(tmp_path / "a" / "kat")
+    write_content_run(tmp_path / "b" / "kat")
+    output = tmp_path / "both.html"
+    assert main([str(tmp_path / "a" / "kat"), str(tmp_path / "b" / "kat"), "-o", str(output)]) == 0
+    assert capsys.readouterr().out == f"wrote {output}\n"
     text = output.read_text()
-    assert "not in this run: Activation sparsity, Massive activations, Dimensional collapse" in text
-    assert "No training metrics were logged." in text
-    assert "sensitive_jaccard.png is not a PNG file; skipped" in text
-    # one layer per statistic: curves only (a one-row heatmap adds nothing)
-    assert len(page.images) == 1 + 2
-    for uri in page.images:
-        png_size(uri)
-
-
-# ---------------------------------------------------------------- (d) not a run; several versions
+    assert output.stat().st_size < 15_000_000 and text.count(plotly.offline.get_plotlyjs()[:300]) == 1
+    traces, layout = figure_for(text, "training-loss")
+    assert [(t["legendgroup"], t["legendgrouptitle"]["text"], t["name"]) for t in traces] == [
+        ("a/kat", "a/kat", "train/loss"), ("a/kat", "a/kat", "val/loss"), ("b/kat", "b/kat", "train/loss"),
+    ]
+    assert [t["line"]["dash"] for t in traces] == ["solid", "dash", "solid"]
+    assert layout["legend"]["groupclick"] == "toggleitem"
+    run_menu = layout["updatemenus"][1]["buttons"]
+    assert [b["label"] for b in run_menu] == ["all runs", "only a/kat", "only b/kat"]
+    assert run_menu[1]["args"] == [{"visible": [True, True, False]}]
+    heat, heat_layout = figure_for(text, "massive-ratio-heatmap")
+    assert [t["name"] for t in heat] == ["a/kat", "b/kat"] and [t["xaxis"] for t in heat] == ["x", "x2"]
+    assert heat[0]["y"] == ["model.blocks.0", "model.blocks.1", "model.blocks.10"]
+    assert [row[0] for row in heat[1]["z"]] == [10.0, 11.0, 12.0]
+    assert heat_layout["coloraxis"]["colorscale"] == "Viridis"
 
 
 def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -274,48 +404,17 @@ def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         load_run(tmp_path / "missing")
 
 
-def test_newest_version_is_picked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    header = ["epoch", "step", "train/loss"]
-    for version, loss in ((0, 1.0), (1, 2.0), (2, 3.0)):
-        path = tmp_path / "csv" / f"version_{version}" / "metrics.csv"
-        write_csv(path, header, [{"step": 0, "train/loss": loss}])
-    newest = tmp_path / "csv" / "version_1" / "metrics.csv"
-    os.utime(newest, (2_000_000_000, 2_000_000_000))
-    assert main([str(tmp_path)]) == 0
-    captured = capsys.readouterr()
-    assert captured.err == f"using {newest} (the newest training log of 3 metrics.csv files under {tmp_path})\n"
-    assert captured.out == f"wrote {tmp_path / 'report.html'}\n"
-    assert load_run(tmp_path).series["train/loss"].values == [2.0]
-    assert load_run(newest.parent).candidates == 1
-    assert build_report(newest) == newest.parent / "report.html"
-
-
-def test_a_later_test_only_run_does_not_hide_the_fit(tmp_path: Path) -> None:
-    fit_csv = tmp_path / "csv" / "version_0" / "metrics.csv"
-    write_csv(fit_csv, ["epoch", "step", "train/loss", "act/blocks.0/rms"], [{"step": 0, "train/loss": 1.5}])
-    test_csv = tmp_path / "csv" / "version_1" / "metrics.csv"
-    write_csv(test_csv, ["epoch", "step", "test/acc"], [{"step": 40, "test/acc": 0.9}])
-    os.utime(fit_csv, (1_000_000_000, 1_000_000_000))
+def test_several_logger_folders_pick_the_newest_training_one(tmp_path: Path) -> None:
+    old = tmp_path / "old" / "version_0" / "metrics.csv"
+    new = tmp_path / "new" / "version_0" / "metrics.csv"
+    write_csv(old, ["epoch", "step", "train/loss"], [{"step": 0, "train/loss": 1.0}])
+    write_csv(new, ["epoch", "step", "train/loss"], [{"step": 0, "train/loss": 2.0}])
+    os.utime(old, (1_000_000_000, 1_000_000_000))
     run = load_run(tmp_path)
-    assert run.metrics_csv == fit_csv and run.candidates == 2
-    assert load_run(test_csv.parent).metrics_csv == test_csv  # asked for by name, it is used
-
-
-def test_layer_colours_run_from_first_to_last_layer() -> None:
-    from lightning_act.report.html import layer_curves_figure
-    from lightning_act.report.runlog import Series
-
-    viridis_first, viridis_last = (0.267004, 0.004874, 0.329415), (0.993248, 0.906157, 0.143936)
-    many = {f"blocks.{i}": Series([0, 10], [float(i), float(i)]) for i in range(10)}
-    figure = layer_curves_figure("act", "rms", many)
-    axes, colorbar = figure.axes
-    lines = axes.get_lines()
-    assert [line.get_label() for line in lines] == list(many)
-    assert lines[0].get_color()[:3] == pytest.approx(viridis_first, abs=1e-6)
-    assert lines[-1].get_color()[:3] == pytest.approx(viridis_last, abs=1e-6)
-    assert axes.get_legend() is None and colorbar.get_ylabel() == "layer (module order)"
-    few = layer_curves_figure("act", "rms", dict(list(many.items())[:3]))
-    assert len(few.axes) == 1 and [t.get_text() for t in few.axes[0].get_legend().get_texts()] == list(many)[:3]
+    assert [p.path for p in run.parts] == [new] and run.series["train/loss"].values == [2.0]
+    assert run.notes == [f"{tmp_path} holds several runs; using {new.parent.parent} (newest training log), not {old.parent.parent}"]
+    assert load_run(old.parent).metrics_csv == old  # asked for by name, it is used alone
+    assert build_report(old) == old.parent / "report.html"
 
 
 def test_cli_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -323,6 +422,6 @@ def test_cli_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
     write_csv(tmp_path / "run" / "metrics.csv", ["epoch", "step", "train/loss"], [{"step": 0, "train/loss": 1.5}])
     assert cli_main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "out.html")]) == 0
-    assert parse_page(tmp_path / "out.html").section_ids == ["training", "config"]
+    assert section_ids((tmp_path / "out.html").read_text()) == ["training", "test", "config"]
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.endswith("does not exist; pass the run's folder, e.g. runs/kat\n")

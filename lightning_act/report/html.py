@@ -1,9 +1,11 @@
 """One self-contained, interactive HTML page comparing runs: ``lightning_act report RUN [RUN ...] [-o OUT]``.
 
 The page is built from each run's local logs only (see :mod:`lightning_act.report.runlog`), so it
-works without W&B, offline and after a crash. Figures are plotly (zoom, hover values, legend
-clicks that hide a run's layer or a whole run, a linear/log switch); plotly's JavaScript is
-embedded once in the page, which loads nothing else (its Content-Security-Policy forbids it).
+works without W&B, offline and after a crash. Figures are drawn by plotly.js (zoom, hover values,
+legend clicks that hide a run's layer or a whole run, a linear/log switch); its JavaScript, from
+the ``plotly`` package, is embedded once in the page, which loads nothing else (its
+Content-Security-Policy forbids it). The figures are written as plain JSON data: plotly's Python
+figure objects validate every property and cost about a second per figure on a busy CPU.
 What is drawn for each statistic is decided by :mod:`lightning_act.report.content`.
 """
 
@@ -11,19 +13,20 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import math
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning_act.errors import LightningActError
 from lightning_act.report.content import INDEX_STAT, PerRun, StatisticPlan, plan_statistics
 from lightning_act.report.runlog import FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run
 
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
+#: A plotly figure as plain data (``{"data": [traces], "layout": {...}}``), drawn by plotly.js in the page.
+Figure = dict[str, Any]
 
 #: What each monitor measures, shown at the top of its section.
 MONITOR_DESCRIPTIONS: dict[str, tuple[str, str]] = {
@@ -103,84 +106,135 @@ def run_labels(paths: Sequence[str | Path]) -> list[str]:
 
 
 def _layer_colours(count: int) -> list[str]:
-    from plotly.colors import sample_colorscale
+    """Viridis from the first layer (dark) to the last (light; its yellow end is left out, too pale on white)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
 
-    return sample_colorscale("Viridis", [i / max(1, count - 1) * 0.9 for i in range(count)])
-
-
-def _figure_html(figure: go.Figure, div_id: str) -> str:
-    import plotly.io as pio
-
-    return "<div class='fig'>" + pio.to_html(
-        figure, full_html=False, include_plotlyjs=False, config=PLOTLY_CONFIG, div_id=div_id,
-    ) + "</div>"
+    viridis = colormaps["viridis"]
+    return [to_hex(viridis(0.9 * i / max(1, count - 1))) for i in range(count)]
 
 
-def _controls(figure: go.Figure, runs: Sequence[str], log_switch: bool = True) -> None:
-    """A linear/log switch and, with several runs, a menu that shows one run or all."""
-    menus: list[dict[str, Any]] = []
-    if log_switch:
-        menus.append(dict(
-            type="buttons", direction="right", x=0.0, xanchor="left", y=1.13, yanchor="bottom", showactive=True,
-            buttons=[
-                dict(label="linear", method="relayout", args=[{"yaxis.type": "linear"}]),
-                dict(label="log", method="relayout", args=[{"yaxis.type": "log"}]),
-            ],
-        ))
-    if len(runs) > 1:
-        groups = [trace.legendgroup for trace in figure.data]
-        menus.append(dict(
-            type="dropdown", x=1.0, xanchor="right", y=1.13, yanchor="bottom",
-            buttons=[dict(label="all runs", method="restyle", args=[{"visible": [True] * len(groups)}])] + [
-                dict(label=f"only {run}", method="restyle", args=[{"visible": [g == run for g in groups]}])
-                for run in runs
-            ],
-        ))
-    figure.update_layout(updatemenus=menus)
+def _json(value: object) -> str:
+    """JSON for a ``<script>`` block (no ``</script>`` can end it early)."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
 
 
-def _base_layout(figure: go.Figure, title: str, y_title: str, height: int = 380) -> None:
-    figure.update_layout(
-        template="plotly_white", title=dict(text=title, x=0.5, y=0.97), height=height,
-        margin=dict(l=60, r=20, t=80, b=45), hovermode="closest",
-        legend=dict(groupclick="toggleitem", font=dict(size=10)),
-        xaxis_title="global step", yaxis_title=y_title,
+def _finite_points(series: Series) -> tuple[list[float], list[float]]:
+    points = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _figure_html(figure: Figure, div_id: str) -> str:
+    """A div and the ``Plotly.newPlot`` call that draws ``figure`` into it."""
+    height = figure["layout"].get("height", 380)
+    return (
+        f"<div class='fig'><div id='{div_id}' style='height:{height}px;width:100%'></div><script>"
+        f"Plotly.newPlot({_json(div_id)},{_json(figure['data'])},{_json(figure['layout'])},{_json(PLOTLY_CONFIG)});"
+        "</script></div>"
     )
 
 
-def curves_figure(title: str, stat: str, per_run: PerRun) -> go.Figure:
-    """One line per run × layer: colour by layer (first dark, last light), dash by run; legend grouped by run."""
-    import plotly.graph_objects as go
+def _axis(title: str | None = None, **extra: Any) -> dict[str, Any]:
+    axis: dict[str, Any] = {"gridcolor": "#e5e5e5", "zeroline": False, "linecolor": "#999", "automargin": True}
+    if title:
+        axis["title"] = {"text": title}
+    return axis | extra
 
+
+def _layout(title: str, y_title: str | None, height: int = 380, **extra: Any) -> dict[str, Any]:
+    return {
+        "title": {"text": title, "x": 0.5, "y": 0.97}, "height": height, "hovermode": "closest",
+        "margin": {"l": 60, "r": 20, "t": 80, "b": 45}, "plot_bgcolor": "white", "paper_bgcolor": "white",
+        "legend": {"groupclick": "toggleitem", "font": {"size": 10}},
+        "xaxis": _axis("global step"), "yaxis": _axis(y_title),
+    } | extra
+
+
+def _grid(rows: int, columns: int, titles: Sequence[str], gap: float = 0.06) -> dict[str, Any]:
+    """Axes and title annotations of a ``rows × columns`` grid of subplots (``xaxis``, ``xaxis2`` …)."""
+    layout: dict[str, Any] = {"annotations": []}
+    width = (1.0 - gap * (columns - 1)) / columns
+    height = (1.0 - 2 * gap * (rows - 1)) / rows
+    for index in range(rows * columns):
+        row, column = divmod(index, columns)
+        suffix = "" if index == 0 else str(index + 1)
+        x0 = column * (width + gap)
+        y1 = 1.0 - row * (height + 2 * gap)
+        layout[f"xaxis{suffix}"] = _axis(domain=[x0, x0 + width], anchor=f"y{suffix}")
+        layout[f"yaxis{suffix}"] = _axis(domain=[y1 - height, y1], anchor=f"x{suffix}")
+        if index < len(titles):
+            layout["annotations"].append({
+                "text": titles[index], "showarrow": False, "xref": "paper", "yref": "paper",
+                "x": x0 + width / 2, "y": y1, "xanchor": "center", "yanchor": "bottom", "font": {"size": 12},
+            })
+    return layout
+
+
+def _controls(figure: Figure, runs: Sequence[str], log_switch: bool = True) -> None:
+    """A linear/log switch and, with several runs, a menu that shows one run or all."""
+    menus: list[dict[str, Any]] = []
+    if log_switch:
+        menus.append({
+            "type": "buttons", "direction": "right", "x": 0.0, "xanchor": "left", "y": 1.13, "yanchor": "bottom",
+            "showactive": True, "buttons": [
+                {"label": "linear", "method": "relayout", "args": [{"yaxis.type": "linear"}]},
+                {"label": "log", "method": "relayout", "args": [{"yaxis.type": "log"}]},
+            ],
+        })
+    if len(runs) > 1:
+        groups = [trace.get("legendgroup") for trace in figure["data"]]
+        menus.append({
+            "type": "dropdown", "x": 1.0, "xanchor": "right", "y": 1.13, "yanchor": "bottom",
+            "buttons": [{"label": "all runs", "method": "restyle", "args": [{"visible": [True] * len(groups)}]}] + [
+                {"label": f"only {run}", "method": "restyle", "args": [{"visible": [g == run for g in groups]}]}
+                for run in runs
+            ],
+        })
+    figure["layout"]["updatemenus"] = menus
+
+
+def _hover(*lines: str) -> str:
+    return "<br>".join(lines) + "<extra></extra>"
+
+
+def _line_trace(run: str, name: str, series: Series, several_runs: bool, hover: str, line: dict[str, Any]) -> dict[str, Any]:
+    steps, values = _finite_points(series)
+    trace: dict[str, Any] = {
+        "type": "scatter", "x": steps, "y": values, "name": name, "legendgroup": run,
+        "mode": "lines+markers" if len(steps) < 40 else "lines", "line": line, "marker": {"size": 4},
+        "hovertemplate": hover,
+    }
+    if several_runs:
+        trace["legendgrouptitle"] = {"text": run}
+    return trace
+
+
+def curves_figure(title: str, stat: str, per_run: PerRun) -> Figure:
+    """One line per run × layer: colour by layer (first dark, last light), dash by run; legend grouped by run."""
     layers = list(dict.fromkeys(layer for per_layer in per_run.values() for layer in per_layer))
     colours = dict(zip(layers, _layer_colours(len(layers)), strict=True))
-    figure = go.Figure()
-    for index, (run, per_layer) in enumerate(per_run.items()):
-        for layer, series in per_layer.items():
-            points = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
-            figure.add_trace(go.Scatter(
-                x=[s for s, _ in points], y=[v for _, v in points], name=layer,
-                mode="lines+markers" if len(points) < 40 else "lines",
-                line=dict(color=colours[layer], dash=RUN_DASHES[index % len(RUN_DASHES)], width=1.6),
-                marker=dict(size=4), legendgroup=run, legendgrouptitle_text=run if len(per_run) > 1 else None,
-                hovertemplate=f"{html.escape(run)} · {html.escape(layer)}<br>step %{{x}}<br>{html.escape(stat)} %{{y:.5g}}<extra></extra>",
-            ))
-    _base_layout(figure, title, stat)
+    data = [
+        _line_trace(
+            run, layer, series, len(per_run) > 1,
+            _hover(f"{html.escape(run)} · {html.escape(layer)}", "step %{x}", f"{html.escape(stat)} %{{y:.5g}}"),
+            {"color": colours[layer], "dash": RUN_DASHES[index % len(RUN_DASHES)], "width": 1.6},
+        )
+        for index, (run, per_layer) in enumerate(per_run.items())
+        for layer, series in per_layer.items()
+    ]
+    figure: Figure = {"data": data, "layout": _layout(title, stat)}
     _controls(figure, list(per_run))
     return figure
 
 
-def heatmap_figure(title: str, stat: str, per_run: PerRun) -> go.Figure | None:
+def heatmap_figure(title: str, stat: str, per_run: PerRun) -> Figure | None:
     """Layers × steps per run, side by side on one colour scale (missing or non-finite cells blank)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     runs = [run for run, per_layer in per_run.items() if len(per_layer) > 1]
     if not runs:
         return None
-    figure = make_subplots(rows=1, cols=len(runs), shared_yaxes=True, subplot_titles=runs if len(runs) > 1 else None,
-                           horizontal_spacing=0.03)
-    for column, run in enumerate(runs, start=1):
+    layout = _grid(1, len(runs), runs if len(runs) > 1 else [], gap=0.03)
+    data = []
+    for index, run in enumerate(runs):
         per_layer = per_run[run]
         steps = sorted({s for series in per_layer.values() for s in series.steps})
         position = {s: j for j, s in enumerate(steps)}
@@ -190,26 +244,28 @@ def heatmap_figure(title: str, stat: str, per_run: PerRun) -> go.Figure | None:
             for s, v in zip(series.steps, series.values, strict=True):
                 row[position[s]] = v if math.isfinite(v) else None
             grid.append(row)
-        figure.add_trace(go.Heatmap(
-            z=grid, x=steps, y=list(per_layer), coloraxis="coloraxis", name=run, legendgroup=run,
-            hovertemplate=f"{html.escape(run)}<br>%{{y}}<br>step %{{x}}<br>{html.escape(stat)} %{{z:.5g}}<extra></extra>",
-        ), row=1, col=column)
-        figure.update_xaxes(title_text="global step", row=1, col=column)
+        suffix = "" if index == 0 else str(index + 1)
+        data.append({
+            "type": "heatmap", "z": grid, "x": steps, "y": list(per_layer), "coloraxis": "coloraxis", "name": run,
+            "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
+            "hovertemplate": _hover(html.escape(run), "%{y}", "step %{x}", f"{html.escape(stat)} %{{z:.5g}}"),
+        })
+        layout[f"xaxis{suffix}"]["title"] = {"text": "global step"}
+        layout[f"yaxis{suffix}"] |= {"autorange": "reversed", "showticklabels": index == 0}
+        if index:
+            layout[f"yaxis{suffix}"]["matches"] = "y"
     layers = max(len(per_run[run]) for run in runs)
-    figure.update_layout(
-        template="plotly_white", title=dict(text=title, x=0.5), height=min(900, 160 + 22 * layers),
-        margin=dict(l=60, r=20, t=70, b=45), coloraxis=dict(colorscale="Viridis", colorbar=dict(title=stat)),
-    )
-    figure.update_yaxes(autorange="reversed", automargin=True)
-    return figure
+    layout |= {
+        "title": {"text": title, "x": 0.5}, "height": min(900, 170 + 22 * layers), "plot_bgcolor": "white",
+        "margin": {"l": 60, "r": 20, "t": 70, "b": 45}, "coloraxis": {"colorscale": "Viridis", "colorbar": {"title": {"text": stat}}},
+    }
+    return {"data": data, "layout": layout}
 
 
-def positions_figure(prefix: str, kind: str, per_stat: dict[str, PerRun]) -> go.Figure:
+def positions_figure(prefix: str, kind: str, per_stat: dict[str, PerRun]) -> Figure:
     """Token or feature index of the top-k entries as points (an index has no 'between')."""
-    import plotly.graph_objects as go
-
     runs = list(dict.fromkeys(run for per_run in per_stat.values() for run in per_run))
-    figure = go.Figure()
+    data = []
     for run_index, run in enumerate(runs):
         layers = list(dict.fromkeys(layer for per_run in per_stat.values() for layer in per_run.get(run, {})))
         colours = dict(zip(layers, _layer_colours(len(layers)), strict=True))
@@ -219,22 +275,23 @@ def positions_figure(prefix: str, kind: str, per_stat: dict[str, PerRun]) -> go.
             labels: list[str] = []
             for stat, per_run in per_stat.items():
                 series = per_run.get(run, {}).get(layer)
-                if series is None:
+                match = INDEX_STAT.match(stat)
+                if series is None or match is None:
                     continue
-                rank = INDEX_STAT.match(stat).group(1)  # type: ignore[union-attr]
-                for s, v in zip(series.steps, series.values, strict=True):
-                    if math.isfinite(v):
-                        xs.append(s)
-                        ys.append(v)
-                        labels.append(f"top {rank}")
-            figure.add_trace(go.Scatter(
-                x=xs, y=ys, text=labels, name=layer, mode="markers", legendgroup=run,
-                legendgrouptitle_text=run if len(runs) > 1 else None,
-                marker=dict(color=colours[layer], size=6, symbol=("circle", "x", "diamond", "square")[run_index % 4]),
-                hovertemplate=f"{html.escape(run)} · {html.escape(layer)}<br>step %{{x}}<br>%{{text}}: {kind} %{{y:d}}<extra></extra>",
-            ))
-    _base_layout(figure, f"{prefix}/*/top*_{kind}: {kind} index of the largest entries", f"{kind} index")
-    figure.update_yaxes(tickformat="d")
+                steps, values = _finite_points(series)
+                xs += steps
+                ys += values
+                labels += [f"top {match.group(1)}"] * len(steps)
+            trace: dict[str, Any] = {
+                "type": "scatter", "x": xs, "y": ys, "text": labels, "name": layer, "mode": "markers", "legendgroup": run,
+                "marker": {"color": colours[layer], "size": 6, "symbol": ("circle", "x", "diamond", "square")[run_index % 4]},
+                "hovertemplate": _hover(f"{html.escape(run)} · {html.escape(layer)}", "step %{x}", f"%{{text}}: {kind} %{{y:d}}"),
+            }
+            if len(runs) > 1:
+                trace["legendgrouptitle"] = {"text": run}
+            data.append(trace)
+    figure: Figure = {"data": data, "layout": _layout(f"{prefix}/*/top*_{kind}: {kind} index of the largest entries", f"{kind} index")}
+    figure["layout"]["yaxis"]["tickformat"] = "d"
     _controls(figure, runs, log_switch=False)
     return figure
 
@@ -277,65 +334,58 @@ def positions_table(per_stat: dict[str, PerRun]) -> str:
     return _table(["run", "layer", "last step", f"top-k positions {kinds} at the last step", "steps top 0 was there"], rows)
 
 
-def emergence_figure(
-    fits: dict[str, dict[str, EmergenceFit | None]], points: PerRun, min_r2: float,
-) -> go.Figure:
+def emergence_figure(fits: dict[str, dict[str, EmergenceFit | None]], points: PerRun, min_r2: float) -> Figure:
     """Per layer (one subplot each): every run's logged ratio and its fitted curve labelled with R².
 
     The y range is the logged points' range, so a failed fit (huge |A|) cannot flatten them;
     a fit with R² below ``min_r2`` is grey, dotted and hidden until its legend entry is clicked.
     """
     import numpy as np
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     runs = list(fits)
     layers = list(dict.fromkeys(layer for per_layer in fits.values() for layer in per_layer))
     columns = min(3, len(layers))
     rows = math.ceil(len(layers) / columns)
-    figure = make_subplots(rows=rows, cols=columns, subplot_titles=layers, horizontal_spacing=0.07, vertical_spacing=0.12 if rows > 1 else 0.1)
-    shown_points: set[str] = set()
+    layout = _grid(rows, columns, layers, gap=0.07)
+    data: list[dict[str, Any]] = []
     for index, layer in enumerate(layers):
-        row, column = index // columns + 1, index % columns + 1
-        values_in_panel: list[float] = []
-        steps_in_panel: list[float] = []
+        suffix = "" if index == 0 else str(index + 1)
+        axes = {"xaxis": f"x{suffix}", "yaxis": f"y{suffix}"}
+        panel_steps: list[float] = []
+        panel_values: list[float] = []
         for run_index, run in enumerate(runs):
             colour = RUN_COLOURS[run_index % len(RUN_COLOURS)]
-            series = points.get(run, {}).get(layer, Series())
-            finite = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
-            values_in_panel += [v for _, v in finite]
-            steps_in_panel += [s for s, _ in finite]
-            figure.add_trace(go.Scatter(
-                x=[s for s, _ in finite], y=[v for _, v in finite], mode="markers", name=f"{run}: {FITTED_STAT}",
-                legendgroup=run, showlegend=run not in shown_points, marker=dict(color=colour, size=5),
-                hovertemplate=f"{html.escape(run)} · {html.escape(layer)}<br>step %{{x}}<br>{FITTED_STAT} %{{y:.5g}}<extra></extra>",
-            ), row=row, col=column)
-            shown_points.add(run)
+            steps, values = _finite_points(points.get(run, {}).get(layer, Series()))
+            panel_steps += steps
+            panel_values += values
+            data.append({
+                "type": "scatter", "x": steps, "y": values, "mode": "markers", "name": f"{run}: {FITTED_STAT}",
+                "legendgroup": run, "showlegend": index == 0, "marker": {"color": colour, "size": 5},
+                "hovertemplate": _hover(f"{html.escape(run)} · {html.escape(layer)}", "step %{x}", f"{FITTED_STAT} %{{y:.5g}}"),
+            } | axes)
             fit = fits[run].get(layer)
             if fit is None:
                 continue
-            low = min([*steps_in_panel, fit.step, 0.0])
-            high = max([*steps_in_panel, fit.step])
+            low, high = min([*panel_steps, fit.step, 0.0]), max([*panel_steps, fit.step])
             grid = np.linspace(low, high if high > low else low + 1.0, 200)
-            curve = fit.curve(grid)
             good = math.isfinite(fit.r2) and fit.r2 >= min_r2
-            figure.add_trace(go.Scatter(
-                x=grid.tolist(), y=[float(v) if math.isfinite(v) else None for v in curve],
-                mode="lines", name=f"{run} · {layer}: fit R² {_format(fit.r2)}" + ("" if good else f" (< {min_r2:g})"),
-                legendgroup=run, visible=True if good else "legendonly",
-                line=dict(color=colour if good else "#aaaaaa", dash="solid" if good else "dot", width=1.8),
-                hovertemplate=f"{html.escape(run)} · fit R² {_format(fit.r2)}<br>step %{{x:.0f}}<br>f %{{y:.5g}}<extra></extra>",
-            ), row=row, col=column)
-        if values_in_panel:
-            low, high = min(values_in_panel), max(values_in_panel)
+            data.append({
+                "type": "scatter", "x": grid.tolist(), "y": [float(v) if math.isfinite(v) else None for v in fit.curve(grid)],
+                "mode": "lines", "legendgroup": run, "visible": True if good else "legendonly",
+                "name": f"{run} · {layer}: fit R² {_format(fit.r2)}" + ("" if good else f" (< {min_r2:g})"),
+                "line": {"color": colour if good else "#aaaaaa", "dash": "solid" if good else "dot", "width": 1.8},
+                "hovertemplate": _hover(f"{html.escape(run)} · fit R² {_format(fit.r2)}", "step %{x:.0f}", "f %{y:.5g}"),
+            } | axes)
+        if panel_values:
+            low, high = min(panel_values), max(panel_values)
             pad = 0.1 * (high - low) if high > low else max(abs(high) * 0.1, 1e-6)
-            figure.update_yaxes(range=[low - pad, high + pad], row=row, col=column)
-    figure.update_layout(
-        template="plotly_white", height=80 + 260 * rows, margin=dict(l=50, r=20, t=60, b=40),
-        legend=dict(groupclick="toggleitem", font=dict(size=10)), hovermode="closest",
-        title=dict(text=f"massive/*/{FITTED_STAT} and its emergence fit", x=0.5),
-    )
-    return figure
+            layout[f"yaxis{suffix}"]["range"] = [low - pad, high + pad]
+    layout |= {
+        "title": {"text": f"massive/*/{FITTED_STAT} and its emergence fit", "x": 0.5}, "height": 90 + 260 * rows,
+        "margin": {"l": 50, "r": 20, "t": 70, "b": 40}, "plot_bgcolor": "white", "hovermode": "closest",
+        "legend": {"groupclick": "toggleitem", "font": {"size": 10}},
+    }
+    return {"data": data, "layout": layout}
 
 
 class _Ids:
@@ -351,8 +401,6 @@ class _Ids:
 
 def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
     """Losses, accuracies and other non-monitor metrics: one figure per metric name, runs overlaid."""
-    import plotly.graph_objects as go
-
     groups: dict[str, list[tuple[str, str]]] = {}
     for run, log in runs.items():
         for key in log.training_keys():
@@ -363,21 +411,16 @@ def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
     parts = []
     labels = list(runs)
     for name, members in groups.items():
-        figure = go.Figure()
-        for run, key in members:
-            series = runs[run].series[key]
-            points = [(s, v) for s, v in zip(series.steps, series.values, strict=True) if math.isfinite(v)]
-            split = key.split("/")[0] if "/" in key else ""
-            figure.add_trace(go.Scatter(
-                x=[s for s, _ in points], y=[v for _, v in points], name=key, legendgroup=run,
-                legendgrouptitle_text=run if len(runs) > 1 else None,
-                mode="lines+markers" if len(points) < 60 else "lines",
-                line=dict(color=RUN_COLOURS[labels.index(run) % len(RUN_COLOURS)],
-                          dash={"train": "solid", "val": "dash"}.get(split, "dot")),
-                marker=dict(size=4),
-                hovertemplate=f"{html.escape(run)} · {html.escape(key)}<br>step %{{x}}<br>%{{y:.5g}}<extra></extra>",
-            ))
-        _base_layout(figure, name, name, height=340)
+        data = [
+            _line_trace(
+                run, key, runs[run].series[key], len(runs) > 1,
+                _hover(f"{html.escape(run)} · {html.escape(key)}", "step %{x}", "%{y:.5g}"),
+                {"color": RUN_COLOURS[labels.index(run) % len(RUN_COLOURS)],
+                 "dash": {"train": "solid", "val": "dash"}.get(key.split("/")[0] if "/" in key else "", "dot")},
+            )
+            for run, key in members
+        ]
+        figure: Figure = {"data": data, "layout": _layout(name, name, height=340)}
         _controls(figure, labels)
         parts.append(_figure_html(figure, ids(f"training-{name}")))
     return "".join(parts)
