@@ -8,11 +8,15 @@ to ``train`` and ``val`` — but with one panel per key, i.e. one per layer and 
 
 This command saves a *view* that is easier to read: per monitor one section, in it one line
 plot per statistic whose y axis is the regex ``^<prefix>/[^/]+/<stat>$`` (every layer of that
-statistic on one panel) over ``trainer/global_step``, and a media panel with the monitor's
-images (``plots/<prefix>_*``, logged by :func:`lightning_act.plots.log_figure`).
+statistic on one panel, or the one summary key ``<prefix>/<reduction>/<stat>`` that
+:class:`lightning_act.loggers.CompactWandbLogger` logs instead) over ``trainer/global_step``,
+and a media panel with the monitor's images (``plots/<prefix>_*``, logged by
+:func:`lightning_act.plots.log_figure`). The project defaults to the one the local run
+(``--run-dir``) logged to; ``--dry-run`` prints the layout offline.
 
 The layout is a plain data structure built by :func:`dashboard_spec` (pure, tested offline);
-only :func:`main` talks to W&B, through the maintained ``wandb-workspaces`` package
+only :func:`keys_from_project` and the save talk to W&B (a missing login or network is one
+line, not a traceback), through the maintained ``wandb-workspaces`` package
 (``pip install wandb-workspaces``), imported when the command runs.
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from lightning_act.errors import LightningActError
+from lightning_act.report.content import INDEX_STAT
 from lightning_act.report.runlog import INDEX_COLUMNS, MONITOR_PREFIXES, split_monitor_key
 
 if TYPE_CHECKING:
@@ -74,7 +79,8 @@ def dashboard_spec(keys: Iterable[str]) -> list[SectionSpec]:
     """The workspace layout for a project that logged ``keys`` (metric and image keys).
 
     Sections: ``training`` (one line plot per metric name, e.g. ``train/loss`` and ``val/loss``
-    together), then one per monitor present, in :data:`MONITOR_PREFIXES` order.
+    together), then one per monitor present, in :data:`MONITOR_PREFIXES` order. Token/feature
+    positions get no line plot (an index is not a curve; see ``lightning_act report``).
     """
     keys = [k for k in dict.fromkeys(keys) if k not in (*INDEX_COLUMNS, STEP_KEY) and not k.startswith("_")]
     monitor_stats: dict[str, set[str]] = {}
@@ -86,7 +92,8 @@ def dashboard_spec(keys: Iterable[str]) -> list[SectionSpec]:
             continue
         parts = split_monitor_key(key)
         if parts is not None:
-            monitor_stats.setdefault(parts[0], set()).add(parts[2])
+            if not INDEX_STAT.match(parts[2]):
+                monitor_stats.setdefault(parts[0], set()).add(parts[2])
         else:
             training.setdefault(key.split("/")[-1], []).append(key)
 
@@ -134,16 +141,19 @@ def keys_from_run_dir(run_dir: str | Path) -> list[str]:
 
 
 def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> list[str]:
-    """Keys in the summaries of up to ``max_runs`` runs of a W&B project (network)."""
+    """Keys in the summaries of up to ``max_runs`` runs of a W&B project (network; failures are one line)."""
     import wandb
 
-    api = wandb.Api()
-    path = f"{entity or api.default_entity}/{project}"
     keys: dict[str, None] = {}
-    for index, run in enumerate(api.runs(path)):
-        if index >= max_runs:
-            break
-        keys.update(dict.fromkeys(run.summary.keys()))
+    try:
+        api = wandb.Api()
+        path = f"{entity or api.default_entity}/{project}"
+        for index, run in enumerate(api.runs(path)):
+            if index >= max_runs:
+                break
+            keys.update(dict.fromkeys(run.summary.keys()))
+    except (wandb.errors.Error, OSError) as error:
+        raise LightningActError(_wandb_problem(error)) from None
     return list(keys)
 
 
@@ -170,41 +180,93 @@ def build_workspace(sections: Sequence[SectionSpec], entity: str, project: str, 
     )
 
 
+def project_from_run(run_dir: str | Path) -> str | None:
+    """The W&B project a local run logged to: ``project`` of the W&B logger in the run's fit config."""
+    import yaml
+
+    from lightning_act.report.runlog import load_run
+
+    run = load_run(run_dir)
+    for name, (_, text) in run.configs.items():
+        if not name.endswith("config"):
+            continue
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue
+        loggers = ((config or {}).get("trainer") or {}).get("logger") or []
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger"):
+                project = (logger.get("init_args") or {}).get("project")
+                if project:
+                    return str(project)
+    return None
+
+
+def _wandb_problem(error: Exception) -> str:
+    """One line for a failure to talk to W&B (not logged in, no network, refused)."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if "api key" in first_line.lower() or "wandb login" in first_line.lower():
+        return "not logged in to W&B; run `wandb login` (or set WANDB_API_KEY) and try again, or add --dry-run to print the layout offline"
+    return (
+        f"could not reach W&B ({first_line}); check the network and your login, or add --dry-run to print the "
+        "layout offline"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lightning_act wandb-dashboard --project P [--entity E] [--run-dir DIR] [--name N]``."""
+    """``lightning_act wandb-dashboard [--run-dir DIR] [--project P] [--entity E] [--name N] [--dry-run]``."""
     parser = argparse.ArgumentParser(
         prog="lightning_act wandb-dashboard",
         description="Save a W&B workspace view with one section per activation monitor "
-        "(needs `pip install wandb-workspaces` and `wandb login`).",
+        "(needs `pip install wandb-workspaces` and `wandb login`; --dry-run needs neither).",
     )
-    parser.add_argument("--project", required=True, help="W&B project (the recipes use lightning_act)")
+    parser.add_argument("--run-dir", default=None,
+                        help="a local run (e.g. runs/kat): its metric keys lay out the view, and its W&B project is the default")
+    parser.add_argument("--project", default=None, help="W&B project (default: the one the run in --run-dir logged to)")
     parser.add_argument("--entity", default=None, help="W&B entity (default: your default entity)")
-    parser.add_argument("--run-dir", default=None, help="take the metric keys from this local run instead of the project's runs")
     parser.add_argument("--name", default="lightning_act monitors", help="name of the saved view")
-    parser.add_argument("--dry-run", action="store_true", help="print the layout and save nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the layout and save nothing (offline)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
-        keys = keys_from_run_dir(args.run_dir) if args.run_dir else keys_from_project(args.entity, args.project)
+        project = args.project or (project_from_run(args.run_dir) if args.run_dir else None)
+        if args.run_dir is None and project is None:
+            raise LightningActError("pass --run-dir RUN (a local run, e.g. runs/kat) or --project P (a W&B project)")
+        if args.run_dir is None and args.dry_run:
+            raise LightningActError("--dry-run lays out a local run's keys offline; pass --run-dir RUN (e.g. runs/kat)")
+        if project is None and not args.dry_run:
+            raise LightningActError(
+                f"no W&B logger with a project in the config of {args.run_dir}; pass --project P"
+            )
+        keys = keys_from_run_dir(args.run_dir) if args.run_dir else keys_from_project(args.entity, str(project))
         sections = dashboard_spec(keys)
         if not any(s.name in SECTION_TITLES.values() for s in sections):
             raise LightningActError(
                 f"no monitor keys (act/, sparsity/, massive/, collapse/, sensitive/) found in "
-                f"{args.run_dir or 'project ' + args.project}; log a run with the monitors attached first"
+                f"{args.run_dir or 'project ' + str(project)}; log a run with the monitors attached first"
             )
         if args.dry_run:
+            print(f"project: {project or '(none: pass --project to save)'}")
             for section in sections:
                 print(section.name)
                 for p in section.panels:
                     print(f"  {p.kind:5s} {p.title}: {p.metric_regex or ', '.join(p.media_keys)}")
             return 0
-        entity = args.entity
-        if entity is None:
-            import wandb
-
-            entity = wandb.Api().default_entity
-        workspace = build_workspace(sections, entity, args.project, args.name).save()
+        url = _save(sections, args.entity, str(project), args.name)
     except LightningActError as error:
         print(f"lightning_act wandb-dashboard: error: {error}", file=sys.stderr)
         return 2
-    print(f"saved workspace view: {workspace.url}")
+    print(f"saved workspace view: {url}")
     return 0
+
+
+def _save(sections: Sequence[SectionSpec], entity: str | None, project: str, name: str) -> str:
+    """Save the view (network); W&B failures become one :class:`LightningActError` line."""
+    import wandb
+
+    try:
+        if entity is None:
+            entity = wandb.Api().default_entity
+        return build_workspace(sections, str(entity), project, name).save().url
+    except (wandb.errors.Error, OSError) as error:
+        raise LightningActError(_wandb_problem(error)) from None

@@ -1,0 +1,114 @@
+"""A W&B logger that keeps the monitors' per-layer detail out of the metric keys.
+
+Every monitor logs ``<prefix>/<module>/<stat>``: with 4 blocks that is about a hundred metric
+keys, each its own panel in W&B's default workspace (about four hundred for 12 blocks), and the
+token/feature positions of the largest entries (``top{j}_token``/``top{j}_feature``) are drawn
+as meaningless lines. :class:`CompactWandbLogger` logs instead, per logging step,
+
+* one summary key per monitor statistic, reduced over the layers —
+  ``<prefix>/<reduction>/<stat>``, e.g. ``massive/max/ratio`` (the largest ratio of any block),
+  ``sparsity/mean/zero_frac``, ``collapse/min/erank_frac`` (the most collapsed layer); a
+  statistic logged for one module only keeps its own key (``collapse/params/r90``);
+* the last per-layer value of every key in the run summary (searchable in the runs table);
+* at the end of the fit, per monitor a table ``<prefix>/per_layer`` with every
+  ``(step, layer, stat, value)``, the top-k entries (``top{j}_value``, ``top{j}_token``,
+  ``top{j}_feature``) included — per-layer curves and positions are plotted from it (or from
+  the local report: ``lightning_act report``, which reads the CSV log and keeps every layer).
+
+``per_layer=True`` logs every key as :class:`~lightning.pytorch.loggers.WandbLogger` does.
+Everything that is not a monitor statistic (losses, images, tables) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lightning_act.report.runlog import split_monitor_key
+
+#: The top-k entries of MassiveActivations (value and position of the j-th largest): table only.
+TOPK_STAT = re.compile(r"^top\d+_(value|token|feature)$")
+
+#: How a monitor's statistic is reduced over layers (default: mean), chosen so the summary names
+#: the layer a researcher would look at first: the most massive, the most collapsed.
+MONITOR_REDUCTIONS: dict[str, str] = {"massive": "max", "collapse": "min"}
+
+#: Statistics reduced by max whatever the monitor (counts, flags and maxima: any layer with one shows).
+STAT_REDUCTIONS: dict[str, str] = {"nonfinite": "max", "count": "max", "collapsed": "max", "abs_max": "max"}
+
+_REDUCE = {"mean": lambda values: math.fsum(values) / len(values), "max": max, "min": min}
+
+
+def reduction_of(prefix: str, stat: str) -> str:
+    return STAT_REDUCTIONS.get(stat, MONITOR_REDUCTIONS.get(prefix, "mean"))
+
+
+def compact_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, str, float]]]:
+    """Split one logging call into (keys to log, per-layer detail ``(prefix, layer, stat, value)``).
+
+    Monitor statistics logged for several layers become one ``<prefix>/<reduction>/<stat>`` key
+    (over the finite values; none finite → not logged, never a placeholder); the top-k entries
+    (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) are detail only; all other keys are
+    kept as they are.
+    """
+    kept: dict[str, Any] = {}
+    groups: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
+    detail: list[tuple[str, str, str, float]] = []
+    for key, value in metrics.items():
+        parts = split_monitor_key(key)
+        if parts is None or not isinstance(value, (int, float)):
+            kept[key] = value
+            continue
+        prefix, layer, stat = parts
+        detail.append((prefix, layer, stat, float(value)))
+        if not TOPK_STAT.match(stat):
+            groups.setdefault((prefix, stat), []).append((key, layer, float(value)))
+    for (prefix, stat), members in groups.items():
+        if len(members) == 1:
+            kept[members[0][0]] = members[0][2]
+            continue
+        finite = [value for _, _, value in members if math.isfinite(value)]
+        if finite:
+            reduction = reduction_of(prefix, stat)
+            kept[f"{prefix}/{reduction}/{stat}"] = _REDUCE[reduction](finite)
+    return kept, detail
+
+
+class CompactWandbLogger(WandbLogger):
+    """:class:`~lightning.pytorch.loggers.WandbLogger` with a per-monitor summary instead of per-layer keys.
+
+    Args:
+        per_layer: log every ``<prefix>/<module>/<stat>`` key as well (the plain WandbLogger
+            behaviour); off by default.
+        *args, **kwargs: passed to :class:`~lightning.pytorch.loggers.WandbLogger`.
+    """
+
+    def __init__(self, *args: Any, per_layer: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_layer = per_layer
+        self._layer_rows: dict[str, list[list[Any]]] = {}
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if self.per_layer:
+            super().log_metrics(metrics, step)
+            return
+        kept, detail = compact_metrics(metrics)
+        if detail:
+            for prefix, layer, stat, value in detail:
+                self._layer_rows.setdefault(prefix, []).append([step, layer, stat, value])
+            self.experiment.summary.update({f"{p}/{layer}/{stat}": v for p, layer, stat, v in detail if math.isfinite(v)})
+        if kept:
+            super().log_metrics(kept, step)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        rows, self._layer_rows = self._layer_rows, {}
+        for prefix, prefix_rows in rows.items():
+            self.log_table(key=f"{prefix}/per_layer", columns=["step", "layer", "stat", "value"], data=prefix_rows)
+        super().finalize(status)

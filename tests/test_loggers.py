@@ -1,0 +1,116 @@
+"""CompactWandbLogger: one summary key per monitor statistic, per-layer detail to the summary and a table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lightning_act.loggers import CompactWandbLogger, compact_metrics
+
+
+class FakeRun:
+    """Stands in for ``wandb.Run``: records what the logger sends."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict[str, Any]] = []
+        self.summary: dict[str, float] = {}
+        self.config = self
+
+    def log(self, data: dict[str, Any]) -> None:
+        self.logged.append(dict(data))
+
+    def define_metric(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # config.update
+        pass
+
+    def keys(self) -> set[str]:
+        return {k for row in self.logged for k in row}
+
+
+ZERO_FRAC = [0.1, 0.2, 0.6]
+RATIO = [3.0, 7.0, math.nan]
+ERANK_FRAC = [0.5, 0.2]
+
+
+def monitor_metrics() -> dict[str, float]:
+    metrics = {f"sparsity/blocks.{i}/zero_frac": v for i, v in enumerate(ZERO_FRAC)}
+    metrics |= {f"sparsity/blocks.{i}/nonfinite": v for i, v in enumerate([0.0, 2.0, 0.0])}
+    metrics |= {f"massive/blocks.{i}/ratio": v for i, v in enumerate(RATIO)}
+    metrics |= {f"massive/blocks.{i}/top0_token": float(i) for i in range(3)}
+    metrics |= {f"massive/blocks.{i}/top1_value": 5.0 + i for i in range(3)}
+    metrics |= {f"massive/blocks.{i}/median": math.nan for i in range(3)}
+    metrics |= {f"collapse/blocks.{i}/erank_frac": v for i, v in enumerate(ERANK_FRAC)}
+    metrics |= {"collapse/params/r90": 4.0, "train/loss": 1.25}
+    return metrics
+
+
+def test_compact_metrics_reduce_over_layers() -> None:
+    kept, detail = compact_metrics(monitor_metrics())
+    assert kept == {
+        "sparsity/mean/zero_frac": pytest.approx(float(np.mean(ZERO_FRAC))),
+        "sparsity/max/nonfinite": 2.0,
+        "massive/max/ratio": float(np.nanmax(RATIO)),
+        "collapse/min/erank_frac": 0.2,
+        "collapse/params/r90": 4.0,       # one module: its own key
+        "train/loss": 1.25,
+    }
+    # nothing finite (median) → no key at all, never a placeholder; positions and top-k values are detail only
+    assert len(detail) == len(monitor_metrics()) - 1
+    assert ("massive", "blocks.2", "top0_token", 2.0) in detail
+
+
+def test_logger_sends_summaries_per_step_and_the_layers_to_a_table() -> None:
+    run = FakeRun()
+    logger = CompactWandbLogger(experiment=run)
+    logger.log_metrics(monitor_metrics(), step=10)
+    logger.log_metrics({"train/loss": 1.0}, step=11)
+    assert run.logged[0]["trainer/global_step"] == 10 and run.logged[0]["massive/max/ratio"] == 7.0
+    assert "massive/blocks.0/ratio" not in run.keys()
+    assert run.summary["massive/blocks.1/ratio"] == 7.0 and "massive/blocks.2/ratio" not in run.summary  # NaN
+    logger.finalize("success")
+    tables = {k: v for row in run.logged for k, v in row.items() if k.endswith("/per_layer")}
+    assert sorted(tables) == ["collapse/per_layer", "massive/per_layer", "sparsity/per_layer"]
+    massive = tables["massive/per_layer"]
+    assert massive.columns == ["step", "layer", "stat", "value"]
+    assert [10, "blocks.1", "top0_token", 1.0] in massive.data and len(massive.data) == 12
+
+
+def test_per_layer_logs_everything() -> None:
+    run = FakeRun()
+    CompactWandbLogger(experiment=run, per_layer=True).log_metrics(monitor_metrics(), step=3)
+    assert run.keys() == set(monitor_metrics()) | {"trainer/global_step"}
+
+
+def test_fewer_keys_in_a_real_fit() -> None:
+    """A Lightning demo model with two monitors: the keys W&B receives, per-layer vs compact."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_act.callbacks import ActivationSparsity, ActivationStats
+
+    class TwoLayers(BoringModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = __import__("torch").nn.Sequential(*[__import__("torch").nn.Linear(32, 32) for _ in range(3)])
+
+    keys = {}
+    for per_layer in (True, False):
+        run = FakeRun()
+        pl.seed_everything(0)
+        trainer = pl.Trainer(
+            max_steps=3, logger=CompactWandbLogger(experiment=run, per_layer=per_layer), enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, log_every_n_steps=1,
+            callbacks=[ActivationStats(modules="layer.*", every_n_steps=1), ActivationSparsity(modules="layer.*", every_n_steps=1)],
+        )
+        trainer.fit(TwoLayers())
+        keys[per_layer] = {k for k in run.keys() if k.startswith(("act/", "sparsity/")) and not k.endswith("/per_layer")}
+        assert {"act/per_layer", "sparsity/per_layer"} <= run.keys() or per_layer
+    per_layer_stats = {k.split("/")[0] + "/" + k.split("/")[-1] for k in keys[True]}
+    assert len(keys[True]) == 3 * len(per_layer_stats)     # three Linear layers, every statistic
+    assert len(keys[False]) == len(per_layer_stats)        # one summary key per statistic
+    assert {"act/max/abs_max", "act/mean/rms", "sparsity/mean/zero_frac"} <= keys[False]
