@@ -19,7 +19,7 @@ LAYERS = ["model.blocks.0", "model.blocks.1", "model.blocks.11.mlp.fc2:input"]
 KEYS = (
     ["epoch", "step", "trainer/global_step", "train/loss", "val/loss", "val/acc", "lr-AdamW", "_runtime"]
     + [f"sparsity/{layer}/{stat}" for layer in LAYERS for stat in ("zero_frac", "cett")]
-    + [f"massive/{layer}/{stat}" for layer in LAYERS for stat in ("ratio", "top1", "fit_r2")]
+    + [f"massive/{layer}/{stat}" for layer in LAYERS for stat in ("ratio", "top1", "fit_r2", "top0_token", "top0_feature")]
     + [f"act/{layer}/rms" for layer in LAYERS]
     + ["plots/massive_ratio_heatmap", "plots/sparsity_zero_frac_heatmap", "plots/act_rms_heatmap", "plots/custom"]
 )
@@ -46,7 +46,7 @@ def test_each_metric_key_is_drawn_by_exactly_the_expected_panel() -> None:
     sections = dashboard_spec(KEYS)
     panels = [(s.name, p) for s in sections for p in line_panels(s)]
     index_keys = ("epoch", "step", "trainer/global_step", "_runtime")
-    metric_keys = [k for k in KEYS if k not in index_keys and not k.startswith("plots/")]
+    metric_keys = [k for k in KEYS if k not in index_keys and not k.startswith("plots/") and "/top0_" not in k]
     for key in metric_keys:
         matching = [(name, p.title) for name, p in panels if re.search(p.metric_regex or "(?!)", key)]
         parts = key.split("/")
@@ -78,6 +78,7 @@ def test_spec_from_local_run_and_dry_run(tmp_path: Path, capsys: pytest.CaptureF
     assert keys_from_run_dir(tmp_path) == ["collapse/model.norm/erank", "train/loss", "plots/collapse_erank_heatmap"]
     assert main(["--project", "p", "--run-dir", str(tmp_path), "--dry-run"]) == 0
     assert capsys.readouterr().out == (
+        "project: p\n"
         "training\n"
         "  line  loss: ^(train/loss)$\n"
         "collapse: dimensional collapse\n"
@@ -113,3 +114,77 @@ def test_workspace_objects_carry_the_spec() -> None:
                 assert panel.title == panel_spec.title and panel.x == "trainer/global_step"
             else:
                 assert isinstance(panel, wr.MediaBrowser) and panel.media_keys == list(panel_spec.media_keys)
+
+
+def test_positions_get_no_line_plot_and_compact_keys_share_the_panels() -> None:
+    from lightning_act.loggers import compact_metrics
+
+    sections = dashboard_spec(KEYS)
+    titles = [p.title for s in sections for p in s.panels]
+    assert not any("top0_token" in t or "top0_feature" in t for t in titles)
+    compact, _ = compact_metrics(dict.fromkeys(KEYS, 1.0))
+    assert [[p.title for p in s.panels] for s in dashboard_spec(compact)] == [[p.title for p in s.panels] for s in sections]
+    ratio = next(p for s in sections for p in s.panels if p.title == "massive/*/ratio")
+    assert re.search(ratio.metric_regex or "", "massive/max/ratio")
+
+
+def write_run_with_config(root: Path, logger_class: str = "lightning.pytorch.loggers.WandbLogger") -> Path:
+    version = root / "csv" / "version_0"
+    version.mkdir(parents=True)
+    (version / "metrics.csv").write_text("massive/model.blocks.0/ratio,epoch,step,train/loss\n3.5,,0,\n,0,0,2.3\n")
+    (root / "config.yaml").write_text(
+        "seed_everything: 0\ntrainer:\n  logger:\n"
+        f"    - class_path: {logger_class}\n      init_args: {{project: my-proj, name: kat, save_dir: runs/kat}}\n"
+        "    - class_path: lightning.pytorch.loggers.CSVLogger\n      init_args: {save_dir: runs/kat, name: csv}\n"
+        "ckpt_path: null\n"
+    )
+    return root
+
+
+def test_project_defaults_from_the_run_and_dry_run_needs_no_project(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_act.report.wandb_dashboard import project_from_run
+
+    run = write_run_with_config(tmp_path / "kat", "lightning_act.loggers.CompactWandbLogger")
+    assert project_from_run(run) == "my-proj"
+    assert main(["--run-dir", str(run), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["project: my-proj", "training"]
+    (run / "config.yaml").write_text("trainer:\n  max_epochs: 1\n")
+    assert project_from_run(run) is None
+    assert main(["--run-dir", str(run), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "project: (none: pass --project to save)"
+    assert main(["--run-dir", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"lightning_act wandb-dashboard: error: no W&B logger with a project in the config of {run}; pass --project P\n"
+    )
+    assert main([]) == 2
+    assert capsys.readouterr().err.endswith("pass --run-dir RUN (a local run, e.g. runs/kat) or --project P (a W&B project)\n")
+
+
+def test_no_login_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real wandb client without any API key: one line, no traceback, nothing saved."""
+    pytest.importorskip("wandb_workspaces", reason="wandb-workspaces is not installed (pip install wandb-workspaces)")
+    for name in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = write_run_with_config(tmp_path / "kat")
+    assert main(["--run-dir", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        "lightning_act wandb-dashboard: error: not logged in to W&B; run `wandb login` (or set WANDB_API_KEY) and "
+        "try again, or add --dry-run to print the layout offline\n"
+    )
+
+
+def test_no_network_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import wandb
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise wandb.errors.CommError("Failed to execute API request: connection refused\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(wandb, "Api", unreachable)
+    assert main(["--project", "p"]) == 2
+    assert capsys.readouterr().err == (
+        "lightning_act wandb-dashboard: error: could not reach W&B (Failed to execute API request: connection refused); "
+        "check the network and your login, or add --dry-run to print the layout offline\n"
+    )
