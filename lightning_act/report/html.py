@@ -184,7 +184,7 @@ def _controls(figure: Figure, runs: Sequence[str], log_switch: bool = True) -> N
     if len(runs) > 1:
         groups = [trace.get("legendgroup") for trace in figure["data"]]
         menus.append({
-            "type": "dropdown", "x": 1.0, "xanchor": "right", "y": 1.13, "yanchor": "bottom",
+            "type": "dropdown", "x": 0.16 if log_switch else 0.0, "xanchor": "left", "y": 1.13, "yanchor": "bottom",
             "buttons": [{"label": "all runs", "method": "restyle", "args": [{"visible": [True] * len(groups)}]}] + [
                 {"label": f"only {run}", "method": "restyle", "args": [{"visible": [g == run for g in groups]}]}
                 for run in runs

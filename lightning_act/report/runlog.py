@@ -1,10 +1,11 @@
-"""Read a run's local logs (the CSVLogger's ``metrics.csv``, configs, monitor plots) for a report.
+"""Read a run's local logs (the CSVLogger's ``metrics.csv`` files, configs, skipped layers) for a report.
 
 A run directory is whatever ``save_dir`` the recipe's loggers used (``runs/<recipe>/``); the
-CSVLogger writes ``<run>/csv/version_N/metrics.csv`` and LightningCLI writes ``config.yaml``
-into the first logger's directory, so the reader accepts the version folder or any parent and
-looks upwards for the config. It tolerates what a run that crashed half-way leaves behind: a
-truncated last line, rows with missing fields, columns that appear late or never.
+CSVLogger writes ``<run>/csv/version_N/metrics.csv`` — a new version per command, so a resumed
+fit or a ``lightning_act test`` adds one — and LightningCLI writes ``config.yaml`` into the first
+logger's directory. The reader merges every version of the run (:func:`merge_parts`), picks the
+fit's config (:func:`find_configs`) and tolerates what a run that crashed half-way leaves
+behind: a truncated last line, rows with missing fields, columns that appear late or never.
 """
 
 from __future__ import annotations
