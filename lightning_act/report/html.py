@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_act.errors import LightningActError
-from lightning_act.report.content import INDEX_STAT, PerRun, StatisticPlan, plan_statistics
+from lightning_act.report.content import INDEX_STAT, PerRun, plan_statistics
 from lightning_act.report.runlog import FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run
 
 #: A plotly figure as plain data (``{"data": [traces], "layout": {...}}``), drawn by plotly.js in the page.

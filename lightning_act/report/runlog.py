@@ -93,10 +93,6 @@ class RunLog:
         training = [part for part in self.parts if part.logs_training] or self.parts
         return training[-1].path
 
-    @property
-    def version_dir(self) -> Path:
-        return self.metrics_csv.parent
-
     def training_keys(self) -> list[str]:
         """Metrics that are neither monitor statistics nor test metrics (losses, accuracies, learning rates)."""
         return [
