@@ -9,9 +9,10 @@ as meaningless lines. :class:`CompactWandbLogger` logs instead, per logging step
   ``<prefix>/<reduction>/<stat>``, e.g. ``massive/max/ratio`` (the largest ratio of any block),
   ``sparsity/mean/zero_frac``, ``collapse/min/erank_frac`` (the most collapsed layer); a
   statistic logged for one module only keeps its own key (``collapse/params/r90``);
-* the last per-layer value of every key in the run summary (searchable in the runs table);
+* the last per-layer value of every key it did not log in the run summary (searchable in the
+  runs table);
 * at the end of the fit, per monitor a table ``<prefix>/per_layer`` with every
-  ``(step, layer, stat, value)``, the top-k entries (``top{j}_value``, ``top{j}_token``,
+  ``(step, layer, stat, value)`` it did not log, the top-k entries (``top{j}_value``, ``top{j}_token``,
   ``top{j}_feature``) included — per-layer curves and positions are plotted from it (or from
   the local report: ``lightning_act report``, which reads the CSV log and keeps every layer).
 
@@ -99,10 +100,11 @@ class CompactWandbLogger(WandbLogger):
             super().log_metrics(metrics, step)
             return
         kept, detail = compact_metrics(metrics)
+        detail = [item for item in detail if "/".join(item[:3]) not in kept]  # a kept key is in the history already
         if detail:
             for prefix, layer, stat, value in detail:
                 self._layer_rows.setdefault(prefix, []).append([step, layer, stat, value])
-            self.experiment.summary.update({f"{p}/{layer}/{stat}": v for p, layer, stat, v in detail if math.isfinite(v)})
+            self.experiment.summary.update({"/".join((p, layer, stat)): v for p, layer, stat, v in detail if math.isfinite(v)})
         if kept:
             super().log_metrics(kept, step)
 

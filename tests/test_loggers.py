@@ -78,6 +78,9 @@ def test_logger_sends_summaries_per_step_and_the_layers_to_a_table() -> None:
     massive = tables["massive/per_layer"]
     assert massive.columns == ["step", "layer", "stat", "value"]
     assert [10, "blocks.1", "top0_token", 1.0] in massive.data and len(massive.data) == 12
+    # a key logged as it is (one module) is in neither the table nor the summary a second time
+    assert not any(row[1] == "params" for row in tables["collapse/per_layer"].data)
+    assert "collapse/params/r90" not in run.summary
 
 
 def test_per_layer_logs_everything() -> None:
