@@ -2,7 +2,7 @@
 
 The page is built from each run's local logs only (see :mod:`lightning_act.report.runlog`), so it
 works without W&B, offline and after a crash. Figures are drawn by plotly.js (zoom, hover values,
-legend clicks that hide a run's layer or a whole run, a linear/log switch); its JavaScript, from
+legend clicks that hide a layer, a menu that shows one run, a linear/log switch); its JavaScript, from
 the ``plotly`` package, is embedded once in the page, which loads nothing else (its
 Content-Security-Policy forbids it). The figures are written as plain JSON data: plotly's Python
 figure objects validate every property and cost about a second per figure on a busy CPU.
@@ -451,7 +451,8 @@ def monitor_section(prefix: str, stats: dict[str, PerRun], ids: _Ids) -> str:
     parts = [
         f"<p>{html.escape(description)}</p>",
         f"<p class='muted'>{len(layers)} layer(s), logged as <code>{prefix}/&lt;module&gt;/&lt;stat&gt;</code>. "
-        "Legend: click a layer to hide it, a run's title to hide the run, double-click to show only one.</p>",
+        "Legend: click a layer to hide it, double-click to show only that one; the <i>all runs / only …</i> menu "
+        "picks a run.</p>",
     ]
     lines = [p.text for p in plans if p.kind in ("constant", "no_finite", "duplicate")]
     if lines:
