@@ -4,7 +4,7 @@ Chromium is driven directly (no webdriver): a copy of the page gets a small prob
 collects console errors, JS errors and CSP violations from the start; after ``load`` it counts
 the rendered plotly figures, clicks the first legend entry of the first figure the way a mouse
 does (mousedown and mouseup on whatever is drawn at the entry's centre) and, after plotly's double-click window,
-writes what it saw into the DOM, which ``--dump-dom`` prints.
+clicks the figure's "log" button and writes what it saw into the DOM, which ``--dump-dom`` prints.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ PROBE = (
     "clientX:box.left+box.width/2,clientY:box.top+box.height/2};"
     "const target=document.elementFromPoint(at.clientX,at.clientY);"
     "target.dispatchEvent(new MouseEvent('mousedown',at));target.dispatchEvent(new MouseEvent('mouseup',at));"
-    "setTimeout(()=>__report({clicked:gd.id,before:before,after:gd.data.map(t=>t.visible===undefined?true:t.visible)}),1000);"
+    "setTimeout(()=>{const after=gd.data.map(t=>t.visible===undefined?true:t.visible);"
+    "const log=[...gd.querySelectorAll('.updatemenu-button')].find(b=>b.textContent==='log');"
+    "if(log)log.dispatchEvent(new MouseEvent('click',{bubbles:true}));"
+    "setTimeout(()=>__report({clicked:gd.id,before:before,after:after,yaxis:gd.layout.yaxis.type||null}),500);},1000);"
     "},500));"
     "</script>"
 )
@@ -95,6 +98,7 @@ def test_two_run_report_renders_and_a_legend_click_hides_a_trace(tmp_path: Path)
     # the first training figure: a/kat train/loss is the first legend entry; a click hides only it
     assert before[0] is True and after[0] == "legendonly"
     assert after[1:] == before[1:]
+    assert status["yaxis"] == "log"  # the "log" button switched the y axis
 
     pixels = matplotlib.image.imread(screenshot)
     assert pixels.shape[:2] == (WINDOW[1], WINDOW[0])
