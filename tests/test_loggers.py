@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,7 @@ def test_per_layer_logs_everything() -> None:
     assert run.keys() == set(monitor_metrics()) | {"trainer/global_step"}
 
 
-def test_fewer_keys_in_a_real_fit() -> None:
+def test_fewer_keys_in_a_real_fit(tmp_path: Path) -> None:
     """A Lightning demo model with two monitors: the keys W&B receives, per-layer vs compact."""
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
@@ -106,7 +107,8 @@ def test_fewer_keys_in_a_real_fit() -> None:
         run = FakeRun()
         pl.seed_everything(0)
         trainer = pl.Trainer(
-            max_steps=3, logger=CompactWandbLogger(experiment=run, per_layer=per_layer), enable_progress_bar=False,
+            max_steps=3, logger=CompactWandbLogger(experiment=run, per_layer=per_layer, save_dir=str(tmp_path)),
+            default_root_dir=tmp_path, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, log_every_n_steps=1,
             callbacks=[ActivationStats(modules="layer.*", every_n_steps=1), ActivationSparsity(modules="layer.*", every_n_steps=1)],
         )
