@@ -112,7 +112,8 @@ class KernelConfig(NamedTuple):
     ``block_k``: tile width along a group's channels (0: the power of two that pads the group width least);
     ``forward_tile``: elements per forward program; ``backward_tile``: elements per backward row tile (each
     holds 10 fp32 accumulators per element, so it is smaller than the forward tile); ``backward_row_tiles``:
-    row tiles a backward program accumulates before its one reduction; ``num_warps``: warps per program.
+    row tiles a backward program accumulates before its one reduction (any positive integer; the others are
+    powers of two); ``num_warps``: warps per program.
     """
 
     block_k: int = 0
@@ -129,7 +130,10 @@ PREVIOUS_KERNEL_CONFIG = KernelConfig(forward_tile=4096, backward_tile=4096, bac
 def check_kernel_config(config: KernelConfig) -> None:
     """One clear error for a configuration the kernels cannot launch."""
     for name, value in zip(KernelConfig._fields, config, strict=True):
-        if value < (0 if name == "block_k" else 1) or value & (value - 1):
+        if name == "backward_row_tiles":  # a loop count: any positive integer
+            if value < 1:
+                raise LightningActError(f"kernel_config.backward_row_tiles={value} must be >= 1")
+        elif value < (0 if name == "block_k" else 1) or value & (value - 1):
             raise LightningActError(
                 f"kernel_config.{name}={value} must be a power of two"
                 + (" (or 0 for automatic)" if name == "block_k" else "")
