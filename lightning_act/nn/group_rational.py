@@ -393,7 +393,8 @@ class GroupRational(nn.Module):
             if given.ndim != 2 or given.shape[1] != terms or given.shape[0] not in (1, self.groups):
                 raise LightningActError(
                     f"{name} of shape {tuple(given.shape)} does not fit {self.groups} groups of {terms} terms; "
-                    f"pass a (1, {terms}) or ({self.groups}, {terms}) tensor"
+                    f"pass a (1, {terms}) or ({self.groups}, {terms}) tensor (for a KAT checkpoint: build the model "
+                    "with rational_groups= equal to the checkpoint's group count)"
                 )
             if given.shape[0] == sets:
                 state[name] = given.clone()
@@ -404,9 +405,26 @@ class GroupRational(nn.Module):
             else:
                 raise LightningActError(
                     f"{name} differs between groups but this module shares it (sharing={self.sharing!r}); "
-                    "build the module with sharing='per_group'"
+                    "build the module with sharing='per_group' (KAT models: rational_sharing='per_group')"
                 )
         return state
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """Accept coefficients in any sharing layout (e.g. an official checkpoint's one shared numerator) by
+        converting them with :meth:`coefficient_state`, so every loader (``load_state_dict``, timm's
+        ``checkpoint_path``, Lightning checkpoints) takes them."""
+        keys = (prefix + "weight_numerator", prefix + "weight_denominator")
+        if all(key in state_dict for key in keys):
+            given = [state_dict[key] for key in keys]
+            if [tuple(t.shape) for t in given] != [tuple(self.weight_numerator.shape), tuple(self.weight_denominator.shape)]:
+                for name, tensor in self.coefficient_state(*given).items():
+                    state_dict[prefix + name] = tensor
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def resolved_implementation(self, x: torch.Tensor) -> str:
         """The implementation ``forward`` uses for ``x``."""
