@@ -65,11 +65,12 @@ def check_case(shape: tuple[int, ...], groups: int, channel_dim: int, dtype: tor
     grad_y = torch.randn(shape, generator=generator).to("cuda", dtype)
     y = module(x)
     y.backward(grad_y)
-    ours = [y.detach(), x.grad, module.weight_numerator.grad, module.weight_denominator.grad]
-    first = [t.clone() for t in ours[2:]]
+    ours = [t.detach().clone() for t in (y, x.grad, module.weight_numerator.grad, module.weight_denominator.grad)]
     module.zero_grad()
+    x.grad = None
     module(x).backward(grad_y)
-    deterministic = all(torch.equal(a, b) for a, b in zip(first, [module.weight_numerator.grad, module.weight_denominator.grad]))
+    second = [module.weight_numerator.grad, module.weight_denominator.grad]
+    deterministic = all(torch.equal(a, b) for a, b in zip(ours[2:], second))
 
     x64 = x.detach().double().requires_grad_()
     numerator = module.weight_numerator.detach().double().requires_grad_()
