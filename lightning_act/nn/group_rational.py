@@ -113,7 +113,9 @@ class KernelConfig(NamedTuple):
     ``forward_tile``: elements per forward program; ``backward_tile``: elements per backward row tile (each
     holds 10 fp32 accumulators per element, so it is smaller than the forward tile); ``backward_row_tiles``:
     row tiles a backward program accumulates before its one reduction (any positive integer; the others are
-    powers of two); ``num_warps``: warps per program.
+    powers of two); ``num_warps``: warps per program; ``interleave_groups``: 1 numbers the programs
+    group-fastest, so the tiles in flight cover whole rows (memory order), 0 group by group (each group's
+    column slice of every row, then the next group: ``groups`` strided passes over the tensor).
     """
 
     block_k: int = 0
@@ -121,10 +123,11 @@ class KernelConfig(NamedTuple):
     backward_tile: int = 1024
     backward_row_tiles: int = 8
     num_warps: int = 4
+    interleave_groups: int = 1
 
 
 # The launch configuration before issue 13 (one reduction per 4096-element backward tile), for A/B runs.
-PREVIOUS_KERNEL_CONFIG = KernelConfig(forward_tile=4096, backward_tile=4096, backward_row_tiles=1)
+PREVIOUS_KERNEL_CONFIG = KernelConfig(forward_tile=4096, backward_tile=4096, backward_row_tiles=1, interleave_groups=0)
 
 
 def check_kernel_config(config: KernelConfig) -> None:
@@ -133,6 +136,9 @@ def check_kernel_config(config: KernelConfig) -> None:
         if name == "backward_row_tiles":  # a loop count: any positive integer
             if value < 1:
                 raise LightningActError(f"kernel_config.backward_row_tiles={value} must be >= 1")
+        elif name == "interleave_groups":
+            if value not in (0, 1):
+                raise LightningActError(f"kernel_config.interleave_groups={value} must be 0 or 1")
         elif value < (0 if name == "block_k" else 1) or value & (value - 1):
             raise LightningActError(
                 f"kernel_config.{name}={value} must be a power of two"

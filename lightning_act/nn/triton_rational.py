@@ -6,8 +6,9 @@ CPU tensors, which is how they are tested without a GPU. Design and measurements
 
 Layout: the input is viewed as ``(rows, groups, width)`` (contiguous), so every group is a strided
 ``rows x width`` matrix (channels-last ``(..., C)``: rows = prod(leading dims), width = C / groups;
-``(B, C, H, W)``: rows = B, width = C / groups * H * W). Program ``(tile, group)`` handles ``BLOCK_R x BLOCK_K``
-tiles of one group, so its 10 coefficients are scalars held in registers.
+``(B, C, H, W)``: rows = B, width = C / groups * H * W). Each program handles ``BLOCK_R x BLOCK_K`` tiles of
+one group, so its 10 coefficients are scalars held in registers; the 1-D grid numbers programs group-fastest
+(``INTERLEAVE_GROUPS``) so that the programs in flight sweep memory in order.
 
 Backward (FlashKAT, arXiv 2505.13813, explains why the coefficient reduction matters): each program walks
 ``ROW_TILES`` row tiles, accumulating the 10 coefficient-gradient terms elementwise in registers, and reduces
@@ -48,6 +49,19 @@ def _load_coefficients(numerator_ptr, denominator_ptr):
 
 
 @triton.jit
+def _program_coordinates(tiles, groups, INTERLEAVE_GROUPS: tl.constexpr):
+    """``(tile, group)`` of this program in the 1-D grid of ``tiles * groups`` programs."""
+    program = tl.program_id(0)
+    if INTERLEAVE_GROUPS:  # consecutive programs: the same rows of consecutive groups (memory order)
+        tile = program // groups
+        group = program % groups
+    else:  # group by group: each group's column slice over all rows, then the next group
+        tile = program % tiles
+        group = program // tiles
+    return tile, group
+
+
+@triton.jit
 def _tile(row, col, rows, width, row_stride, group):
     mask = (row[:, None] < rows) & (col[None, :] < width)
     offsets = row[:, None].to(tl.int64) * row_stride + group.to(tl.int64) * width + col[None, :]
@@ -64,14 +78,16 @@ def _group_rational_forward_kernel(
     width,
     row_stride,
     k_blocks,
+    tiles,
+    groups,
     numerator_stride,
     denominator_stride,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
+    INTERLEAVE_GROUPS: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    group = tl.program_id(1)
+    tile, group = _program_coordinates(tiles, groups, INTERLEAVE_GROUPS)
     row = (tile // k_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     col = (tile % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
     offsets, mask = _tile(row, col, rows, width, row_stride, group)
@@ -104,6 +120,7 @@ def _group_rational_backward_kernel(
     width,
     row_stride,
     k_blocks,
+    programs,
     groups,
     numerator_stride,
     denominator_stride,
@@ -111,9 +128,9 @@ def _group_rational_backward_kernel(
     BLOCK_K: tl.constexpr,
     ROW_TILES: tl.constexpr,
     EVEN: tl.constexpr,
+    INTERLEAVE_GROUPS: tl.constexpr,
 ):
-    program = tl.program_id(0)
-    group = tl.program_id(1)
+    program, group = _program_coordinates(programs, groups, INTERLEAVE_GROUPS)
     first_row = (program // k_blocks) * (BLOCK_R * ROW_TILES)
     col = (program % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
     a0, a1, a2, a3, a4, a5, b0, b1, b2, b3 = _load_coefficients(
@@ -230,13 +247,14 @@ class LaunchPlan(NamedTuple):
     block_k: int
     k_blocks: int
     forward_block_r: int
-    forward_grid: tuple[int, int]
+    forward_tiles: int
     forward_even: bool
     backward_block_r: int
     row_tiles: int
     backward_programs: int
     backward_even: bool
     num_warps: int
+    interleave_groups: bool
 
 
 def _next_power_of_2(value: int) -> int:
@@ -264,7 +282,7 @@ def launch_plan(rows: int, groups: int, width: int, config: tuple[int, ...]) -> 
     Cached: the per-call host work is one dictionary lookup (Triton's ``cdiv`` / ``next_power_of_2`` are
     JIT functions costing microseconds each when called from Python).
     """
-    block_k, forward_tile, backward_tile, row_tiles, num_warps = config
+    block_k, forward_tile, backward_tile, row_tiles, num_warps, interleave_groups = config
     block_k = block_k or widest_block(width)
     k_blocks = _ceil_div(width, block_k)
     forward_block_r = max(1, min(_next_power_of_2(rows), forward_tile // block_k))
@@ -276,13 +294,14 @@ def launch_plan(rows: int, groups: int, width: int, config: tuple[int, ...]) -> 
         block_k=block_k,
         k_blocks=k_blocks,
         forward_block_r=forward_block_r,
-        forward_grid=(_ceil_div(rows, forward_block_r) * k_blocks, groups),
+        forward_tiles=_ceil_div(rows, forward_block_r) * k_blocks,
         forward_even=even_width and rows % forward_block_r == 0,
         backward_block_r=backward_block_r,
         row_tiles=row_tiles,
         backward_programs=row_blocks * k_blocks,
         backward_even=even_width and rows % (backward_block_r * row_tiles) == 0,
         num_warps=num_warps,
+        interleave_groups=bool(interleave_groups),
     )
 
 
@@ -299,10 +318,11 @@ def group_rational_forward(
     plan = launch_plan(rows, groups, width, config)
     y = torch.empty_like(x3)
     if rows and width:
-        _group_rational_forward_kernel[plan.forward_grid](
-            x3, y, numerator, denominator, rows, width, groups * width, plan.k_blocks,
+        _group_rational_forward_kernel[(plan.forward_tiles * groups,)](
+            x3, y, numerator, denominator, rows, width, groups * width, plan.k_blocks, plan.forward_tiles, groups,
             _set_stride(numerator), _set_stride(denominator),
-            BLOCK_R=plan.forward_block_r, BLOCK_K=plan.block_k, EVEN=plan.forward_even, num_warps=plan.num_warps,
+            BLOCK_R=plan.forward_block_r, BLOCK_K=plan.block_k, EVEN=plan.forward_even,
+            INTERLEAVE_GROUPS=plan.interleave_groups, num_warps=plan.num_warps,
         )
     return y
 
@@ -324,11 +344,11 @@ def group_rational_backward(
     grad_numerator, grad_denominator = allocate(numerator), allocate(denominator)
     if launch:
         partials = torch.empty((plan.backward_programs, groups, PARTIALS_PER_GROUP), device=x3.device, dtype=torch.float32)
-        _group_rational_backward_kernel[(plan.backward_programs, groups)](
-            x3, grad_y, grad_x, partials, numerator, denominator, rows, width, groups * width, plan.k_blocks, groups,
-            _set_stride(numerator), _set_stride(denominator),
+        _group_rational_backward_kernel[(plan.backward_programs * groups,)](
+            x3, grad_y, grad_x, partials, numerator, denominator, rows, width, groups * width, plan.k_blocks,
+            plan.backward_programs, groups, _set_stride(numerator), _set_stride(denominator),
             BLOCK_R=plan.backward_block_r, BLOCK_K=plan.block_k, ROW_TILES=plan.row_tiles, EVEN=plan.backward_even,
-            num_warps=plan.num_warps,
+            INTERLEAVE_GROUPS=plan.interleave_groups, num_warps=plan.num_warps,
         )
         _coefficient_gradient_kernel[(numerator_sets + denominator_sets,)](
             partials, grad_numerator, grad_denominator, denominator, plan.backward_programs, groups, numerator_sets, denominator_sets,
