@@ -24,7 +24,6 @@ from lightning_act.nn.group_rational import (
     PREVIOUS_KERNEL_CONFIG,
     GroupRational,
     KernelConfig,
-    group_rational_op,
     group_rational_reference,
     rational_gain,
 )
