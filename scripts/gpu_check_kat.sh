@@ -60,7 +60,7 @@ if [ $QUICK = 1 ]; then
 else
   step correctness 80 $PYTHON scripts/check_rational_cuda.py
   step cuda_tests 100 $PYTHON -m pytest -q -p no:cacheprovider tests/test_group_rational.py tests/test_rational_op.py -k cuda
-  step bench_host_activation 60 $PYTHON scripts/bench_rational.py --sections host,activation --rounds 15 --inner 10
+  step bench_host_activation 90 $PYTHON scripts/bench_rational.py --sections host,activation --rounds 15 --inner 10
   step bench_mlp 70 $PYTHON scripts/bench_rational.py --sections mlp --rounds 15 --inner 10
   step bench_step_eager 40 $PYTHON scripts/bench_rational.py --sections step --rounds 12 --inner 4
   step bench_step_compiled 120 $PYTHON scripts/bench_rational.py --sections step_compiled --rounds 10 --inner 4
