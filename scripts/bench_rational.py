@@ -1,40 +1,49 @@
-"""Benchmark GroupRational (GR-KAN) against GELU: activation, ViT MLP block, KAT vs ViT training step.
+"""Benchmark GroupRational (GR-KAN) against GELU: host overhead, activation, ViT-B MLP block, KAT-S vs ViT-S step.
 
-Issue 4 "Performance". Every comparison is measured side by side in one run: candidates are interleaved
-(rotating order each round), each sample times ``--inner`` back-to-back calls between device syncs, and the
-median sample is reported.
+Issue 13. Every comparison is measured side by side in one run: candidates are interleaved (rotating order
+each round), each sample times ``--inner`` back-to-back calls between device syncs, and the median sample is
+reported. Each section (and each candidate) is guarded: a failure is printed and the run goes on.
 
-1. Activation on ``(128, 197, 3072)`` in bfloat16 and float32: forward and forward+backward time of
-   ``F.gelu`` and of ``GroupRational`` (8 groups) per implementation, with the achieved bandwidth
-   (minimal traffic: forward reads x and writes y = 2 N bytes-per-element; backward also reads x and
-   grad_y and writes dx = 3 N more) next to the measured copy bandwidth (``dst.copy_(src)``, 2 N).
-2. ViT-B MLP block (768 -> 3072 -> 768 on 128 x 197 tokens), forward+backward under bfloat16 autocast:
-   fc1-GELU-fc2 vs GR(identity)-fc1-GR(gelu)-fc2.
-3. Training step (forward, backward, AdamW step, bfloat16 autocast) of ``kat_small_patch16_224`` vs
-   ``vit_small_patch16_224`` at batch 128.
+Sections (``--sections``, comma separated):
 
-``--small`` shrinks everything to run on a CPU in a couple of minutes (activation (4, 64, 768), MLP 192 ->
-768 on 4 x 64 tokens, tiny models at batch 2). Usage::
+host        Per-call host time of a forward+backward on a tiny tensor (4 x 64, 8 groups), where the host
+            dominates: the eager path (``GroupRationalFunction``), the registered op through the dispatcher,
+            and the reference. On CPU the Triton launches are replaced by no-ops (``--stub-kernels``, default
+            on CPU), so the number is the Python/PyTorch work around the kernels.
+activation  ``(128, 197, 3072)`` in bfloat16 and float32: forward and forward+backward of ``F.gelu`` and of
+            ``GroupRational`` (8 groups): Triton with the current kernel configuration, with the previous one
+            (``PREVIOUS_KERNEL_CONFIG``, for the A/B) and any ``--configs``, and the reference compiled by
+            Inductor; achieved bandwidth (forward 2 N element-bytes, forward+backward 5 N) as % of the measured
+            copy bandwidth (``dst.copy_(src)``, 2 N).
+mlp         ViT-B MLP block (768 -> 3072 -> 768 on 128 x 197 tokens), forward+backward under bf16 autocast:
+            fc1-GELU-fc2 vs GR(identity)-fc1-GR(swish)-fc2, eager and ``torch.compile``-d.
+step        Training step (forward, backward, AdamW, bf16 autocast) of ``kat_small_patch16_224`` vs
+            ``vit_small_patch16_224`` at batch 128, eager.
+step_compiled  The same with both models ``torch.compile``-d (KAT with ``fullgraph=True``).
 
-    python scripts/bench_rational.py                 # on a GPU machine
-    python scripts/bench_rational.py --small         # anywhere
+``--small`` shrinks every shape to run on a CPU in a few minutes. Usage::
+
+    python scripts/bench_rational.py                               # on a GPU machine, every section
+    python scripts/bench_rational.py --sections host               # CPU: host overhead per call
+    python scripts/bench_rational.py --small --sections activation,mlp
+    python scripts/bench_rational.py --configs 0,4096,2048,4,8     # add a KernelConfig to the A/B
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from lightning_act.nn.group_rational import GroupRational, triton_available
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -44,16 +53,20 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def measure(candidates: dict[str, Callable[[], object]], rounds: int, inner: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each candidate, interleaved round by round."""
+    """Median seconds per call of each candidate, interleaved round by round; a failing candidate is dropped."""
     sync = synchronizer(device)
-    for run in candidates.values():
-        run()
-        run()
-    sync()
+    for name, run in list(candidates.items()):
+        try:
+            run()
+            run()
+            sync()
+        except Exception as error:  # noqa: BLE001  (report and go on: the other candidates still compare)
+            print(f"<!-- {name} failed and is left out: {type(error).__name__}: {str(error)[:300]} -->")
+            del candidates[name]
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
     for round_index in range(rounds):
-        shift = round_index % len(names)
+        shift = round_index % max(1, len(names))
         for name in names[shift:] + names[:shift]:
             run = candidates[name]
             sync()
@@ -65,37 +78,95 @@ def measure(candidates: dict[str, Callable[[], object]], rounds: int, inner: int
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def implementations(device: torch.device) -> tuple[list[str], dict[str, str]]:
-    """Implementations to benchmark on ``device`` and the reasons for those left out."""
-    chosen = ["reference", "compile"]
-    skipped = {}
-    if device.type == "cuda" and triton_available():
-        chosen.append("triton")
-    else:
-        skipped["triton"] = "needs a CUDA device with triton (the CPU interpreter is for testing only)"
-    return chosen, skipped
+def kernel_configs(args: argparse.Namespace) -> dict[str, object]:
+    """The Triton configurations to compare: current default, the previous kernel, and ``--configs``."""
+    from lightning_act.nn.group_rational import PREVIOUS_KERNEL_CONFIG, KernelConfig
+
+    configs: dict[str, object] = {"triton": KernelConfig(), "triton-previous": PREVIOUS_KERNEL_CONFIG}
+    for text in args.configs:
+        configs[f"triton{text}"] = KernelConfig(*(int(v) for v in text.split(",")))
+    return configs
 
 
-def check_against_reference(module: GroupRational, x: torch.Tensor, implementation: str) -> float:
-    with torch.no_grad():
-        module.implementation = "reference"
-        expected = module(x).float()
-        module.implementation = implementation
-        return float((module(x).float() - expected).abs().max())
+def triton_runs(device: torch.device) -> bool:
+    from lightning_act.nn.group_rational import triton_available
+
+    return device.type == "cuda" and triton_available()
 
 
-def bench_activation(args: argparse.Namespace, device: torch.device, names: list[str]) -> None:
+def stub_triton_launches() -> None:
+    """Replace every Triton kernel of ``triton_rational`` by a no-op launcher (host-overhead measurement only)."""
+    import triton.runtime.jit
+
+    import lightning_act.nn.triton_rational as kernels
+
+    class NoLaunch:
+        def __getitem__(self, grid: object) -> Callable[..., None]:
+            return lambda *args, **kwargs: None
+
+    for name, value in list(vars(kernels).items()):
+        if isinstance(value, triton.runtime.jit.KernelInterface):
+            setattr(kernels, name, NoLaunch())
+
+
+def bench_host(args: argparse.Namespace, device: torch.device) -> None:
+    from lightning_act.nn import group_rational as gr
+
+    stub = args.stub_kernels if args.stub_kernels is not None else device.type == "cpu"
+    if stub:
+        os.environ["TRITON_INTERPRET"] = "1"  # lets the Triton path take CPU tensors; every launch is a no-op
+        stub_triton_launches()
+    print(f"\n## Host time per forward+backward call, (4, 64) input, 8 groups"
+          f"{' (Triton launches stubbed: host work only)' if stub else ''} (median of {args.rounds} rounds x 200 calls)")
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    grad_y = torch.randn_like(x)
+    modules = {name: gr.GroupRational(64, 8, "gelu", implementation=name).to(device) for name in ("triton", "reference")}
+
+    def module_step(module: nn.Module) -> Callable[[], object]:
+        params = list(module.parameters())
+        return lambda: torch.autograd.grad(module(x), [x, *params], grad_y)
+
+    candidates = {"eager path (autograd.Function)": module_step(modules["triton"]), "reference": module_step(modules["reference"])}
+    op = getattr(gr, "group_rational_op", None)
+    if op is not None:
+        module = modules["triton"]
+        params = [module.weight_numerator, module.weight_denominator]
+        config = list(module.kernel_config)
+        candidates["registered op via dispatcher"] = lambda: torch.autograd.grad(
+            op(x.view(4, 8, 8), *params, config), [x, *params], grad_y.view(4, 8, 8)
+        )
+    times = measure(candidates, args.rounds, 200, device)
+    print("| path | us / call |")
+    print("|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds * 1e6:.1f} |")
+
+
+def bench_activation(args: argparse.Namespace, device: torch.device) -> None:
     shape = (4, 64, 768) if args.small else (128, 197, 3072)
     print(f"\n## Activation {shape}, 8 groups (median of {args.rounds} rounds x {args.inner} calls)")
     print("| dtype | op | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd % copy | fwd+bwd / GELU |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for dtype_name in DTYPES:
-        bench_activation_dtype(args, device, names, shape, dtype_name)
+    for dtype_name in args.dtypes:
+        guarded(f"activation {dtype_name}", lambda: bench_activation_dtype(args, device, shape, dtype_name))
 
 
-def bench_activation_dtype(
-    args: argparse.Namespace, device: torch.device, names: list[str], shape: tuple[int, ...], dtype_name: str
-) -> None:
+def rational_candidates(args: argparse.Namespace, device: torch.device, channels: int) -> dict[str, nn.Module]:
+    """GroupRational modules to compare: each Triton configuration (on CUDA) and the Inductor-compiled reference."""
+    from lightning_act.nn.group_rational import GroupRational
+
+    modules: dict[str, nn.Module] = {}
+    if triton_runs(device):
+        for name, config in kernel_configs(args).items():
+            modules[name] = GroupRational(channels, 8, "gelu", implementation="triton", kernel_config=config).to(device)
+    if args.compile:
+        reference = GroupRational(channels, 8, "gelu", implementation="reference").to(device)
+        modules["reference+compile"] = torch.compile(reference, dynamic=False)
+    modules["reference"] = GroupRational(channels, 8, "gelu", implementation="reference").to(device)
+    return modules
+
+
+def bench_activation_dtype(args: argparse.Namespace, device: torch.device, shape: tuple[int, ...], dtype_name: str) -> None:
     """One dtype's rows of the activation table."""
     dtype = DTYPES[dtype_name]
     numel = math.prod(shape)
@@ -104,9 +175,14 @@ def bench_activation_dtype(
     grad_y = torch.randn_like(x)
     copy_target = torch.empty_like(x)
     x_grad = x.detach().requires_grad_()
-    modules = {name: GroupRational(shape[-1], 8, "gelu", implementation=name).to(device) for name in names}
-    for name, module in modules.items():
-        print(f"<!-- {dtype_name} {name}: max |y - reference| = {check_against_reference(module, x, name):.2e} -->")
+    modules = rational_candidates(args, device, shape[-1])
+    with torch.no_grad():
+        expected = modules["reference"](x).float()
+        for name, module in modules.items():
+            error = float((module(x).float() - expected).abs().max())
+            print(f"<!-- {dtype_name} {name}: max |y - reference| = {error:.2e} -->")
+    if not args.small:
+        del modules["reference"]  # timing the eager reference at this size (~20 passes over 77M elements) tells nothing
 
     def forward(op: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], object]:
         def run() -> object:
@@ -116,10 +192,7 @@ def bench_activation_dtype(
         return run
 
     def forward_backward(op: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor]) -> Callable[[], object]:
-        def run() -> object:
-            return torch.autograd.grad(op(x_grad), [x_grad, *params], grad_y)
-
-        return run
+        return lambda: torch.autograd.grad(op(x_grad), [x_grad, *params], grad_y)
 
     forward_runs: dict[str, Callable[[], object]] = {"copy": lambda: copy_target.copy_(x), "gelu": forward(F.gelu)}
     backward_runs: dict[str, Callable[[], object]] = {"gelu": forward_backward(F.gelu, [])}
@@ -129,40 +202,59 @@ def bench_activation_dtype(
     forward_times = measure(forward_runs, args.rounds, args.inner, device)
     backward_times = measure(backward_runs, args.rounds, args.inner, device)
     copy_bandwidth = 2 * numel * element_bytes / forward_times["copy"]
-    print(f"| {dtype_name} | copy | {forward_times['copy'] * 1e3:.3f} | {copy_bandwidth / 1e9:.2f} | 100% | | | | |")
+    print(f"| {dtype_name} | copy | {forward_times['copy'] * 1e3:.3f} | {copy_bandwidth / 1e9:.0f} | 100% | | | | |")
     for name in backward_runs:
-        forward_bandwidth = 2 * numel * element_bytes / forward_times[name]
-        backward_bandwidth = 5 * numel * element_bytes / backward_times[name]
-        print(
-            f"| {dtype_name} | {name} | {forward_times[name] * 1e3:.3f} | {forward_bandwidth / 1e9:.2f} | "
-            f"{100 * forward_bandwidth / copy_bandwidth:.0f}% | {backward_times[name] * 1e3:.3f} | "
-            f"{backward_bandwidth / 1e9:.2f} | {100 * backward_bandwidth / copy_bandwidth:.0f}% | "
-            f"{backward_times[name] / backward_times['gelu']:.2f}x |"
-        )
+        cells = [dtype_name, name]
+        if name in forward_times:
+            bandwidth = 2 * numel * element_bytes / forward_times[name]
+            cells += [f"{forward_times[name] * 1e3:.3f}", f"{bandwidth / 1e9:.0f}", f"{100 * bandwidth / copy_bandwidth:.0f}%"]
+        else:
+            cells += ["failed"] * 3
+        if name in backward_times:
+            bandwidth = 5 * numel * element_bytes / backward_times[name]
+            ratio = backward_times[name] / backward_times["gelu"] if "gelu" in backward_times else math.nan
+            cells += [f"{backward_times[name] * 1e3:.3f}", f"{bandwidth / 1e9:.0f}", f"{100 * bandwidth / copy_bandwidth:.0f}%",
+                      f"{ratio:.2f}x"]
+        else:
+            cells += ["failed"] * 4
+        print("| " + " | ".join(cells) + " |")
 
 
 class KANMLP(nn.Module):
-    """GR-KAN MLP of KAT (Yang & Wang 2024): GR(identity) -> fc1 -> GR(gelu) -> fc2."""
+    """GR-KAN MLP of KAT (Yang & Wang 2024): GR(identity) -> fc1 -> GR(swish) -> fc2."""
 
-    def __init__(self, dim: int, hidden: int, implementation: str) -> None:
+    def __init__(self, dim: int, hidden: int, implementation: str, config: object) -> None:
         super().__init__()
-        self.act1 = GroupRational(dim, 8, "identity", implementation=implementation)
+        from lightning_act.nn.group_rational import GroupRational
+
+        self.act1 = GroupRational(dim, 8, "identity", implementation=implementation, kernel_config=config)
         self.fc1 = nn.Linear(dim, hidden)
-        self.act2 = GroupRational(hidden, 8, "gelu", implementation=implementation)
+        self.act2 = GroupRational(hidden, 8, "swish", implementation=implementation, kernel_config=config)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act2(self.fc1(self.act1(x))))
 
 
-def bench_mlp_block(args: argparse.Namespace, device: torch.device, names: list[str]) -> None:
+def bench_mlp_block(args: argparse.Namespace, device: torch.device) -> None:
+    from lightning_act.nn.group_rational import KernelConfig
+
     batch, tokens, dim = (4, 64, 192) if args.small else (128, 197, 768)
     hidden = 4 * dim
     print(f"\n## MLP block {dim} -> {hidden} -> {dim} on ({batch}, {tokens}) tokens, fwd+bwd, bf16 autocast")
     x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
-    gelu_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)).to(device)
-    blocks: dict[str, nn.Module] = {"gelu": gelu_mlp}
-    blocks.update({f"gr-kan[{name}]": KANMLP(dim, hidden, name).to(device) for name in names})
+    blocks: dict[str, nn.Module] = {"gelu": nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))}
+    if triton_runs(device):
+        for name, config in kernel_configs(args).items():
+            blocks[f"gr-kan[{name}]"] = KANMLP(dim, hidden, "triton", config)
+    else:
+        blocks["gr-kan[reference]"] = KANMLP(dim, hidden, "reference", KernelConfig())
+    if args.compile:
+        gr_kan = next(name for name in blocks if name.startswith("gr-kan"))
+        blocks["gelu+compile"] = torch.compile(blocks["gelu"], dynamic=False)
+        blocks[f"{gr_kan}+compile"] = torch.compile(blocks[gr_kan], dynamic=False, fullgraph=True)
+    for block in blocks.values():
+        block.to(device)
 
     def step(block: nn.Module) -> Callable[[], object]:
         def run() -> object:
@@ -174,32 +266,29 @@ def bench_mlp_block(args: argparse.Namespace, device: torch.device, names: list[
         return run
 
     times = measure({name: step(block) for name, block in blocks.items()}, args.rounds, args.inner, device)
-    print("| block | ms | / GELU |")
-    print("|---|---|---|")
+    print("| block | ms | / GELU (eager) | / GELU (same mode) |")
+    print("|---|---|---|---|")
     for name, seconds in times.items():
-        print(f"| {name} | {seconds * 1e3:.3f} | {seconds / times['gelu']:.2f}x |")
+        same_mode = "gelu+compile" if name.endswith("+compile") else "gelu"
+        print(f"| {name} | {seconds * 1e3:.3f} | {seconds / times.get('gelu', math.nan):.2f}x | "
+              f"{seconds / times.get(same_mode, math.nan):.2f}x |")
 
 
-def bench_training_step(args: argparse.Namespace, device: torch.device, names: list[str]) -> None:
+def bench_training_step(args: argparse.Namespace, device: torch.device, compiled: bool = False) -> None:
+    """KAT vs ViT training step, eager models or (``compiled``) ``torch.compile``-d ones (KAT with fullgraph)."""
     import timm
 
-    try:
-        import lightning_act.models.kat  # noqa: F401  (registers the kat_* models with timm)
-    except ImportError as error:
-        print(f"\n## Training step: skipped, lightning_act.models.kat not importable ({error})")
-        return
+    import lightning_act.models.kat  # noqa: F401  (registers the kat_* models with timm)
+
     size = "tiny" if args.small else "small"
-    batch = 2 if args.small else 128
-    print(f"\n## Training step kat_{size} vs vit_{size} (patch16_224), batch {batch}, bf16 autocast, AdamW")
+    batch = 2 if args.small else args.batch
+    mode = "torch.compile" if compiled else "eager"
+    print(f"\n## Training step kat_{size} vs vit_{size} (patch16_224), batch {batch}, bf16 autocast, AdamW, {mode}")
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
 
-    def step(model: nn.Module, optimizer: torch.optim.Optimizer, implementation: str | None) -> Callable[[], object]:
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
         def run() -> object:
-            if implementation is not None:
-                for module in model.modules():
-                    if isinstance(module, GroupRational):
-                        module.implementation = implementation
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = F.cross_entropy(model(images), labels)
@@ -209,18 +298,29 @@ def bench_training_step(args: argparse.Namespace, device: torch.device, names: l
 
         return run
 
-    vit = timm.create_model(f"vit_{size}_patch16_224").to(device)
-    kat = timm.create_model(f"kat_{size}_patch16_224").to(device)
-    candidates = {f"vit_{size}": step(vit, torch.optim.AdamW(vit.parameters()), None)}
-    kat_optimizer = torch.optim.AdamW(kat.parameters())
-    for name in names:
-        candidates[f"kat_{size}[{name}]"] = step(kat, kat_optimizer, name)
+    candidates: dict[str, Callable[[], object]] = {}
+    for family in ("vit", "kat"):
+        model = timm.create_model(f"{family}_{size}_patch16_224").to(device)
+        optimizer = torch.optim.AdamW(model.parameters())
+        if compiled:
+            candidates[f"{family}_{size}+compile"] = step(torch.compile(model, dynamic=False, fullgraph=family == "kat"), optimizer)
+        else:
+            candidates[f"{family}_{size}"] = step(model, optimizer)
     rounds = max(3, args.rounds // 2)
-    times = measure(candidates, rounds, 1 if args.small else args.inner, device)
-    print("| model | ms / step | / ViT |")
+    times = measure(candidates, rounds, 1 if args.small else max(1, args.inner // 2), device)
+    print("| model | ms / step | KAT / ViT (same mode) |")
     print("|---|---|---|")
     for name, seconds in times.items():
-        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / times[f'vit_{size}']:.2f}x |")
+        vit = name.replace("kat_", "vit_")
+        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / times.get(vit, math.nan):.2f}x |")
+
+
+def guarded(what: str, run: Callable[[], None]) -> None:
+    """Run one section; a failure is printed (with its traceback) and the script goes on."""
+    try:
+        run()
+    except Exception:  # noqa: BLE001
+        print(f"\n<!-- {what} FAILED:\n{traceback.format_exc()[-3000:]}-->")
 
 
 def main() -> None:
@@ -229,12 +329,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20, --small 5)")
     parser.add_argument("--inner", type=int, default=None, help="calls per timed sample (default 10, --small 2)")
-    parser.add_argument("--sections", default="activation,mlp,step", help="comma list of activation,mlp,step")
+    parser.add_argument("--sections", default="host,activation,mlp,step,step_compiled",
+                        help="comma list of host,activation,mlp,step,step_compiled")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="activation dtypes, comma list of bf16,fp32")
+    parser.add_argument("--batch", type=int, default=128, help="training-step batch size")
+    parser.add_argument("--configs", nargs="*", default=[], help="extra KernelConfig tuples, e.g. 0,4096,2048,4,8")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile candidates")
+    parser.add_argument("--stub-kernels", dest="stub_kernels", action="store_true", default=None,
+                        help="host section: replace Triton launches by no-ops (default on CPU)")
     args = parser.parse_args()
     args.rounds = args.rounds or (5 if args.small else 20)
     args.inner = args.inner or (2 if args.small else 10)
+    args.dtypes = args.dtypes.split(",")
     device = torch.device(args.device)
-    names, skipped = implementations(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     try:
         import triton
@@ -245,14 +352,15 @@ def main() -> None:
     print(f"# bench_rational: {' '.join(sys.argv)}")
     print(f"device {device} ({device_name}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"triton {triton_version}, python {platform.python_version()}")
-    print(f"implementations: {', '.join(names)}; skipped: {skipped or 'none'}")
-    sections = set(args.sections.split(","))
-    if "activation" in sections:
-        bench_activation(args, device, names)
-    if "mlp" in sections:
-        bench_mlp_block(args, device, names)
-    if "step" in sections:
-        bench_training_step(args, device, names)
+    if not triton_runs(device):
+        print("Triton candidates skipped: they need a CUDA device with triton (the CPU interpreter is for testing)")
+    sections = {
+        "host": bench_host, "activation": bench_activation, "mlp": bench_mlp_block, "step": bench_training_step,
+        "step_compiled": lambda args, device: bench_training_step(args, device, compiled=True),
+    }
+    for name in args.sections.split(","):
+        guarded(name, lambda name=name: sections[name](args, device))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ import pytest
 import torch
 
 from lightning_act.errors import LightningActError
-from lightning_act.nn.group_rational import GroupRational, group_rational_reference, rational_gain
+from lightning_act.nn.group_rational import (
+    PREVIOUS_KERNEL_CONFIG,
+    GroupRational,
+    KernelConfig,
+    group_rational_reference,
+    rational_gain,
+)
 
 # Max |F - f| on [-3, 3] allowed for each shipped init (the fit script reports 1.8e-15, 1.2e-6, 3.7e-3).
 FIT_ERROR_BOUNDS = {"identity": 1e-12, "swish": 2e-6, "gelu": 4e-3}
@@ -165,33 +171,36 @@ def test_auto_uses_reference_on_cpu() -> None:
     assert GroupRational(8).resolved_implementation(torch.randn(2, 8)) == "reference"
 
 
-def test_bad_configuration_raises_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_configuration_raises_one_line_errors() -> None:
     with pytest.raises(LightningActError, match="groups"):
         GroupRational(10, 8)
     with pytest.raises(LightningActError, match="init"):
         GroupRational(8, init="relu")
     with pytest.raises(LightningActError, match="channel_dim"):
         GroupRational(8)(torch.randn(2, 8, 3))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(LightningActError, match="implementation='reference'|pip install triton"):
-        GroupRational(8, implementation="triton")(torch.randn(2, 8))
+    with pytest.raises(LightningActError, match="torch.compile the whole model"):
+        GroupRational(8, implementation="compile")
+    with pytest.raises(LightningActError, match="power of two"):
+        GroupRational(8, kernel_config=KernelConfig(backward_tile=1000))
 
 
 TRITON_CASES = [
-    # (shape, groups, channel_dim, dtype, sharing, tile); tiles chosen so that no dimension divides evenly
-    ((3, 5, 40), 8, -1, "float32", "per_group", (8, 4)),
-    ((2, 16, 3, 5), 4, 1, "float32", "per_group", (2, 16)),
-    ((7, 24), 8, -1, "float32", "shared_numerator", None),
-    ((3, 5, 40), 8, -1, "bfloat16", "per_group", (16, 2)),
+    # (shape, groups, channel_dim, dtype, sharing, KernelConfig); tiles that do not divide either axis, tiles
+    # that do (the unmasked EVEN kernels), several row tiles per backward program, and the previous kernel
+    ((3, 5, 40), 8, -1, "float32", "per_group", KernelConfig(4, 32, 16, 3, 4)),
+    ((2, 16, 3, 5), 4, 1, "float32", "per_group", KernelConfig(16, 32, 32, 2, 4)),
+    ((7, 24), 8, -1, "float32", "shared_numerator", KernelConfig()),
+    ((8, 32), 4, -1, "float32", "shared_denominator", KernelConfig(8, 16, 16, 2, 4)),
+    ((3, 5, 40), 8, -1, "bfloat16", "per_group", PREVIOUS_KERNEL_CONFIG),
 ]
 
 def run_triton_cases(cases: list[tuple], device: str) -> list[dict[str, torch.Tensor]]:
     """Forward and backward of the Triton implementation on seeded inputs; everything returned on CPU."""
     results = []
-    for index, (shape, groups, channel_dim, dtype, sharing, tile) in enumerate(cases):
+    for index, (shape, groups, channel_dim, dtype, sharing, config) in enumerate(cases):
         generator = torch.Generator().manual_seed(100 + index)
         module = GroupRational(
-            shape[channel_dim], groups, "gelu", channel_dim, "triton", sharing=sharing, triton_tile=tile
+            shape[channel_dim], groups, "gelu", channel_dim, "triton", sharing=sharing, kernel_config=config
         )
         with torch.no_grad():
             module.weight_numerator.copy_(0.5 * torch.randn(module.weight_numerator.shape, generator=generator))
@@ -201,9 +210,15 @@ def run_triton_cases(cases: list[tuple], device: str) -> list[dict[str, torch.Te
         grad_y = torch.randn(shape, generator=generator).to(device, x.dtype)
         y = module(x)
         y.backward(grad_y)
+        grad_x = x.grad.clone()
+        first_grads = (module.weight_numerator.grad.clone(), module.weight_denominator.grad.clone())
+        module.zero_grad()
+        module(x).backward(grad_y)  # a second backward must give bitwise the same coefficient gradients
+        assert torch.equal(first_grads[0], module.weight_numerator.grad), "numerator gradient not deterministic"
+        assert torch.equal(first_grads[1], module.weight_denominator.grad), "denominator gradient not deterministic"
         tensors = {
             "numerator": module.weight_numerator, "denominator": module.weight_denominator, "x": x,
-            "grad_y": grad_y, "y": y, "grad_x": x.grad, "grad_numerator": module.weight_numerator.grad,
+            "grad_y": grad_y, "y": y, "grad_x": grad_x, "grad_numerator": module.weight_numerator.grad,
             "grad_denominator": module.weight_denominator.grad,
         }
         results.append({name: tensor.detach().cpu() for name, tensor in tensors.items()})
@@ -254,9 +269,10 @@ def test_triton_kernels_match_reference_under_interpreter(tmp_path: Path) -> Non
 
 CUDA_CASES = [
     *TRITON_CASES,
-    ((4, 197, 3072), 8, -1, "float32", "per_group", None),
-    ((4, 197, 3072), 8, -1, "bfloat16", "per_group", None),
-    ((2, 256, 14, 14), 8, 1, "float16", "shared_numerator", None),
+    ((4, 197, 3072), 8, -1, "float32", "per_group", KernelConfig()),
+    ((4, 197, 3072), 8, -1, "bfloat16", "per_group", KernelConfig()),
+    ((4, 197, 3072), 8, -1, "bfloat16", "per_group", PREVIOUS_KERNEL_CONFIG),
+    ((2, 256, 14, 14), 8, 1, "float16", "shared_numerator", KernelConfig()),
 ]
 
 

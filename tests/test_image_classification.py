@@ -161,3 +161,50 @@ def test_official_kat_checkpoint_loads_and_head_is_reinitialised(tmp_path: Path)
 def test_unknown_model_name_is_a_clear_error() -> None:
     with pytest.raises(LightningActError, match="timm has no model"):
         ImageClassifier(model_name="kat_gigantic_patch1_9000")
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "kat_imagenet.yaml"
+
+
+def _write_tiny_imagefolder(root: Path) -> None:
+    """Two classes, 224 px JPEG and PNG images, train/ and val/ (the ImageNet layout)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 2), ("val", 1)):
+        for label, name in enumerate(("n01440764", "n01443537")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) // (label + 1)
+                Image.fromarray(pixels).save(folder / f"{index}.{'JPEG' if index % 2 else 'png'}")
+
+
+def test_imagenet_recipe_has_the_paper_settings() -> None:
+    import yaml
+
+    config = yaml.safe_load(RECIPE.read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert (model["lr"], model["weight_decay"], model["label_smoothing"]) == (0.001, 0.05, 0.1)
+    assert (model["mixup_alpha"], model["cutmix_alpha"], model["model_kwargs"]["drop_path_rate"]) == (0.8, 1.0, 0.1)
+    assert model["warmup_steps"] == round(5 * 1_281_167 / 1024)  # five epochs at batch 1024
+    assert data["image_size"] == 224 and data["timm_transforms"] and data["random_erasing"] == 0.25
+    assert data["auto_augment"].startswith("rand-m9")
+    callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert "lightning.pytorch.callbacks.EMAWeightAveraging" in callbacks
+    assert config["trainer"]["max_epochs"] == 300
+
+
+def test_imagenet_recipe_fast_dev_run_on_a_tiny_imagefolder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_act.cli import main
+
+    _write_tiny_imagefolder(tmp_path / "imagenet")
+    monkeypatch.chdir(tmp_path)
+    status = main([
+        "fit", "--config", str(RECIPE), "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+        "--trainer.enable_progress_bar", "false",
+        "--data.data_dir", str(tmp_path / "imagenet"), "--data.batch_size", "2", "--data.num_workers", "0",
+        "--model.num_classes", "2", "--model.model_kwargs", "{drop_path_rate: 0.1, depth: 2}",
+    ])
+    assert status == 0

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lightning_act.data.images import ImageAugment, ImageDataModule
-from lightning_act.errors import DataFormatError, DataNotFoundError
+from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
 
 
 def _cifar_image(index: int) -> np.ndarray:
@@ -165,3 +165,38 @@ def test_train_augmentation_translates_flips_and_erases_eval_is_plain() -> None:
     rows, cols = zeros[:, 1], zeros[:, 2]
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     assert len(zeros) == box  # one rectangle
+
+
+def test_timm_transforms_follow_the_kat_recipe(tmp_path: Path) -> None:
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.fromarray(np.full((40, 60, 3), 100 * (label == "a"), dtype=np.uint8)).save(tmp_path / label / "0.png")
+        Image.fromarray(np.full((50, 30, 3), 200, dtype=np.uint8)).save(tmp_path / label / "1.jpg")
+    data = ImageDataModule(
+        str(tmp_path), image_size=32, in_chans=3, timm_transforms=True, auto_augment="rand-m9-mstd0.5-inc1",
+        hflip=True, random_erasing=0.25, crop_pct=0.875, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+        val_fraction=0.25, test_fraction=0.25,
+    )
+    data.setup()
+    train_transform = data.train_set.dataset.pil_transform
+    steps = list(train_transform.transforms)
+    rand_augment = next(t for t in steps if isinstance(t, RandAugment))
+    assert all(op.magnitude == 9 for op in rand_augment.ops)
+    erasing = next(t for t in steps if isinstance(t, RandomErasing))
+    assert erasing.probability == 0.25 and erasing.mode == "pixel"
+    image, label = data.train_set[0]
+    assert image.shape == (3, 32, 32) and label.dtype == torch.int64
+    # evaluation: resize the short side to 32 / 0.875 = 36, centre crop 32, normalise (x / 255 - 0.5) / 0.25
+    eval_image, _ = data.test_set[0]
+    assert eval_image.shape == (3, 32, 32)
+    pixel = float(eval_image[:, 16, 16].mean())
+    assert pixel in (pytest.approx((0 / 255 - 0.5) / 0.25, abs=0.02), pytest.approx((100 / 255 - 0.5) / 0.25, abs=0.02),
+                     pytest.approx((200 / 255 - 0.5) / 0.25, abs=0.05))
+
+
+def test_timm_transforms_refuse_non_rgb_or_non_folder_data() -> None:
+    with pytest.raises(LightningActError, match="ImageFolder"):
+        ImageDataModule(None, timm_transforms=True)

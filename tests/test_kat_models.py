@@ -12,7 +12,7 @@ import timm
 import torch
 
 from lightning_act.errors import LightningActError
-from lightning_act.models.kat import GRKANMlp, checkpoint_filter_fn
+from lightning_act.models.kat import GRKANMlp, checkpoint_filter_fn, official_state_dict
 from lightning_act.nn.group_rational import GroupRational
 
 # Parameter counts of the paper (Yang & Wang 2024, Table 3), ImageNet-1k heads.
@@ -189,3 +189,38 @@ def test_rational_coefficients_are_excluded_from_weight_decay() -> None:
     assert {"pos_embed", "cls_token", "blocks.0.mlp.act1.weight_numerator", "blocks.0.mlp.act2.weight_denominator"} <= names
     decaying = timm.create_model("kat_micro_patch4_32", depth=1, rational_weight_decay=True).no_weight_decay()
     assert "blocks.0.mlp.act1.weight_numerator" not in decaying
+
+
+@pytest.mark.parametrize("loader", ["checkpoint_path", "pretrained_file"])
+def test_official_checkpoint_loads_through_timm_loaders_with_identical_logits(loader: str, tmp_path) -> None:
+    torch.manual_seed(3)
+    kwargs = {"img_size": 32, "depth": 2, "num_classes": 7}
+    official_model = timm.create_model("kat_tiny_patch16_224", rational_sharing="shared_numerator", **kwargs).eval()
+    with torch.no_grad():  # coefficients away from the init, different per group where the layout allows it
+        for module in official_model.modules():
+            if isinstance(module, GroupRational):
+                module.weight_numerator.normal_(0.0, 0.3)
+                module.weight_denominator.normal_(0.0, 1.0)
+    state = official_state_dict(official_model)
+    assert state["blocks.1.mlp.act2.weight_numerator"].shape == (1, 6)
+    assert state["blocks.1.mlp.act2.weight_denominator"].shape == (8, 4)
+    path = tmp_path / "kat_official.pth"
+    torch.save(state if loader == "checkpoint_path" else {"model": state}, path)
+    if loader == "checkpoint_path":
+        loaded = timm.create_model("kat_tiny_patch16_224", checkpoint_path=str(path), **kwargs)
+    else:
+        loaded = timm.create_model(
+            "kat_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(path), "num_classes": 7}, **kwargs
+        )
+    assert loaded.blocks[0].mlp.act1.weight_numerator.shape == (8, 6)  # the default per-group layout
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), official_model(images))
+
+
+def test_official_state_dict_refuses_per_group_numerators() -> None:
+    model = timm.create_model("kat_micro_patch4_32", depth=1)
+    with torch.no_grad():
+        model.blocks[0].mlp.act2.weight_numerator[1, 0] += 1.0
+    with pytest.raises(LightningActError, match="shared_numerator"):
+        official_state_dict(model)

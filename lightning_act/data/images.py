@@ -183,7 +183,8 @@ class ImageFolderDataset(Dataset):
     Images are brought to ``image_size`` with PIL first: a random resized crop (Szegedy et al. 2015,
     the ImageNet training crop) when ``random_resized_crop``, else shorter side resized to
     ``image_size / crop_pct`` and centre-cropped (timm's evaluation crop; 0.875 for ImageNet
-    checkpoints); ``transform`` then augments and normalises the tensor.
+    checkpoints); ``transform`` then augments and normalises the tensor. A ``pil_transform`` (e.g. one
+    from ``timm.data.create_transform``) replaces both: it maps the RGB PIL image to the final tensor.
     """
 
     def __init__(
@@ -194,9 +195,11 @@ class ImageFolderDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor],
         random_resized_crop: bool = False,
         crop_pct: float = 1.0,
+        pil_transform: Callable[[object], torch.Tensor] | None = None,
     ) -> None:
         from torchvision.transforms import v2
 
+        self.pil_transform = pil_transform
         self.root = root
         self.classes = list(classes)
         self.transform = transform
@@ -224,13 +227,17 @@ class ImageFolderDataset(Dataset):
         from PIL import Image, UnidentifiedImageError
 
         path, label = self.samples[index]
+        target = torch.tensor(label, dtype=torch.int64)
         try:
             with Image.open(path) as img:
-                array = np.asarray(self.resize(img.convert("RGB")), dtype=np.uint8)
+                rgb = img.convert("RGB")
+                if self.pil_transform is not None:
+                    return self.pil_transform(rgb), target
+                array = np.asarray(self.resize(rgb), dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as err:
             raise DataFormatError(f"cannot read image '{path}' ({err}); remove or replace the file") from err
         image = torch.from_numpy(array.copy()).permute(2, 0, 1)
-        return self.transform(image), torch.tensor(label, dtype=torch.int64)
+        return self.transform(image), target
 
 
 class ImageDataModule(SplitDataModule):
@@ -250,6 +257,13 @@ class ImageDataModule(SplitDataModule):
     ImageNet crop). ``crop_pct`` is the evaluation centre-crop fraction of ImageFolder images;
     ``mean`` / ``std`` (default 0.5 per channel) normalise, e.g. ImageNet statistics for
     official checkpoints.
+
+    ``timm_transforms=True`` (ImageFolder, 3 channels) builds both pipelines with timm's own
+    ``timm.data.create_transform`` instead, as timm's training script does for the DeiT / KAT recipe
+    (Touvron et al. 2021; Yang & Wang 2024): random resized crop with ``interpolation``, horizontal flip
+    (``hflip``), ``auto_augment`` (e.g. ``"rand-m9-mstd0.5-inc1"``: RandAugment magnitude 9, Cubuk et al.
+    2020), random erasing with per-pixel noise (``random_erasing`` = its probability), normalisation; for
+    evaluation, resize to ``image_size / crop_pct`` and centre crop.
     """
 
     def __init__(
@@ -269,6 +283,9 @@ class ImageDataModule(SplitDataModule):
         crop_pct: float = 1.0,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        timm_transforms: bool = False,
+        auto_augment: str | None = None,
+        interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
         if data_dir is not None and not Path(data_dir).is_dir():
@@ -300,6 +317,16 @@ class ImageDataModule(SplitDataModule):
                 "pass --data.mean / --data.std with one value per channel"
             )
         self.data_format = self._detect_format()
+        if (timm_transforms or auto_augment) and (self.data_format != "imagefolder" or in_chans != 3):
+            raise LightningActError(
+                "timm_transforms / auto_augment work on RGB ImageFolder data; point --data.data_dir at an "
+                "ImageFolder tree with --data.in_chans 3, or leave them unset"
+            )
+        if auto_augment and not timm_transforms:
+            raise LightningActError("auto_augment needs timm's pipeline; pass --data.timm_transforms true as well")
+        self.timm_transforms = timm_transforms
+        self.auto_augment = auto_augment
+        self.interpolation = interpolation
         self.classes: list[str] = [str(i) for i in range(10)] if self.data_format != "imagefolder" else []
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -335,6 +362,18 @@ class ImageDataModule(SplitDataModule):
     def _transform(self, train: bool) -> ImageAugment:
         kwargs = self.augment_kwargs if train else {}
         return ImageAugment(self.image_size, self.in_chans, self.mean, self.std, train=train, **kwargs)
+
+    def _timm_transform(self, train: bool) -> Callable[[object], torch.Tensor]:
+        from timm.data import create_transform
+
+        common = {"interpolation": self.interpolation, "mean": tuple(self.mean), "std": tuple(self.std)}
+        if not train:
+            return create_transform(self.image_size, is_training=False, crop_pct=self.crop_pct, **common)
+        return create_transform(
+            self.image_size, is_training=True, hflip=0.5 if self.augment_kwargs["hflip"] else 0.0,
+            auto_augment=self.auto_augment, re_prob=self.augment_kwargs["random_erasing"], re_mode="pixel",
+            re_count=1, **common,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -374,7 +413,10 @@ class ImageDataModule(SplitDataModule):
         train_tf, eval_tf = self._transform(train=True), self._transform(train=False)
 
         def make(folder: Path, transform: ImageAugment, random_resized_crop: bool = False) -> ImageFolderDataset:
-            return ImageFolderDataset(folder, classes, self.image_size, transform, random_resized_crop, self.crop_pct)
+            pil_transform = self._timm_transform(transform.train) if self.timm_transforms else None
+            return ImageFolderDataset(
+                folder, classes, self.image_size, transform, random_resized_crop, self.crop_pct, pil_transform
+            )
 
         if not _has_class_folders(root / "train"):
             train_full, eval_full = make(root, train_tf, self.random_resized_crop), make(root, eval_tf)

@@ -17,8 +17,10 @@ through the layer. (In torch's ``calculate_gain`` convention — which the publi
 which timm's ``named_apply`` visits *after* the linear layers' default ``trunc_normal_(std=0.02)``,
 so the ViT init cannot overwrite it (the bug of the public code).
 
-Official checkpoints (Adamdad/kat, trained with ``KAT_Group`` from rational_kat_cu) load through
-:func:`checkpoint_filter_fn`; see ``docs/kat.md``.
+Official checkpoints (Adamdad/kat, trained with ``KAT_Group`` from rational_kat_cu: one shared numerator)
+load through timm's own loaders: ``timm.create_model("kat_tiny_patch16_224", checkpoint_path=path)`` and
+``pretrained=True, pretrained_cfg_overlay=dict(file=path)`` (via :func:`checkpoint_filter_fn`); see
+``docs/kat.md``. :func:`official_state_dict` writes that layout.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import nn
 from lightning_act.errors import LightningActError
 from lightning_act.nn.group_rational import GroupRational, rational_gain
 
-__all__ = ["GRKANMlp", "KATVisionTransformer", "checkpoint_filter_fn", "convert_official_rational"]
+__all__ = ["GRKANMlp", "KATVisionTransformer", "checkpoint_filter_fn", "official_state_dict"]
 
 ACT_INITS = ("swish", "gelu")
 
@@ -126,46 +128,20 @@ class KATVisionTransformer(VisionTransformer):
         return names
 
 
-def convert_official_rational(numerator: torch.Tensor, denominator: torch.Tensor, module: GroupRational) -> dict[str, torch.Tensor]:
-    """Turn an official ``KAT_Group``'s coefficients into ``module``'s ``GroupRational`` state.
-
-    Official ``KAT_Group`` (rational_kat_cu) stores ``weight_numerator`` (1, 6), one numerator
-    shared by all groups, and ``weight_denominator`` (groups, 4), and its CUDA kernels evaluate
-    ``P(x) / (1 + |b0|·|x| + |b1|·|x|² + |b2|·|x|³ + |b3|·|x|⁴)`` over contiguous channel groups: the
-    form and grouping ``GroupRational`` evaluates, so the function is carried over exactly. Sets
-    are repeated where ``module`` keeps one per group (``sharing="per_group"``); a shared set only
-    takes coefficients that are equal across groups.
-    """
-    groups = module.groups
-    out = {}
-    for name, tensor, terms in (("weight_numerator", numerator, 6), ("weight_denominator", denominator, 4)):
-        target = getattr(module, name)
-        if tensor.ndim != 2 or tensor.shape[1] != terms or tensor.shape[0] not in (1, groups):
-            raise LightningActError(
-                f"official rational {name} of shape {tuple(tensor.shape)} does not fit {groups} groups of {terms} "
-                "coefficients; build the model with rational_groups= equal to the checkpoint's group count"
-            )
-        if target.shape[0] == 1 and tensor.shape[0] > 1:
-            if not torch.equal(tensor, tensor[:1].expand_as(tensor)):
-                raise LightningActError(
-                    f"official rational {name} differs per group but the model shares one set; "
-                    "build the model with rational_sharing='per_group' or 'shared_numerator'"
-                )
-            tensor = tensor[:1]
-        out[name] = tensor.expand(target.shape[0], terms).clone().to(target.dtype)
-    return out
-
-
 _RATIONAL_KEY = re.compile(r"^(blocks\.\d+\.mlp\.act[12])\.weight_(numerator|denominator)$")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: KATVisionTransformer, **kwargs: Any) -> dict[str, torch.Tensor]:
     """Map an official KAT checkpoint (or one of ours) onto ``model``'s state dict, as timm filters do.
 
-    Unwraps ``{"model": …}`` / ``{"state_dict": …}`` and a DDP ``module.`` prefix, converts each
-    block's ``mlp.act{1,2}.weight_numerator`` / ``weight_denominator`` with
-    :func:`convert_official_rational`, and hands the rest to timm's ViT filter (identical key names;
-    it resamples patch and position embeddings for another image / patch size).
+    timm calls it for ``pretrained=True, pretrained_cfg_overlay=dict(file=...)``. Unwraps ``{"model": …}`` /
+    ``{"state_dict": …}`` and a DDP ``module.`` prefix, converts each block's ``mlp.act{1,2}.weight_numerator``
+    / ``weight_denominator`` to the model's sharing layout with ``GroupRational.coefficient_state`` (official
+    ``KAT_Group``: one numerator (1, 6) for all groups, denominators (groups, 4), evaluated in the same
+    absolute-value form over contiguous channel groups, so the function is carried over exactly), and hands
+    the rest to timm's ViT filter (identical key names; it resamples patch and position embeddings for another
+    image / patch size). ``checkpoint_path=`` loads skip filters; there ``GroupRational`` converts the layout
+    itself when the state dict is loaded.
     """
     state_dict = state_dict.get("model", state_dict)
     state_dict = state_dict.get("state_dict", state_dict)
@@ -186,9 +162,29 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: KATVisionTransformer
                 f"official KAT checkpoint has an incomplete or unknown rational '{prefix}'; "
                 "load it into the kat_* model of the same size"
             )
-        for name, tensor in convert_official_rational(coeffs["numerator"], coeffs["denominator"], modules[prefix]).items():
+        for name, tensor in modules[prefix].coefficient_state(coeffs["numerator"], coeffs["denominator"]).items():
             out[f"{prefix}.{name}"] = tensor
     return out
+
+
+def official_state_dict(model: KATVisionTransformer) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in the official KAT layout (Adamdad/kat ``KAT_Group``: one (1, 6) numerator per
+    rational), e.g. to publish weights that the official code loads. Every rational's numerator must be equal
+    across its groups (``rational_sharing="shared_numerator"`` guarantees it); denominators stay per group."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if _RATIONAL_KEY.match(key) and key.endswith("weight_numerator"):
+            if not torch.equal(value, value[:1].expand_as(value)):
+                raise LightningActError(
+                    f"{key} differs between groups, which the official layout (one shared numerator) cannot hold; "
+                    "train with rational_sharing='shared_numerator' to export official checkpoints"
+                )
+            value = value[:1]
+        if _RATIONAL_KEY.match(key) and key.endswith("weight_denominator") and value.shape[0] == 1:
+            groups = model.get_submodule(key.rsplit(".", 1)[0]).groups
+            value = value.expand(groups, -1)
+        state[key] = value.detach().clone()
+    return state
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -221,6 +217,14 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+def _pretrained_file(kwargs: dict[str, Any]) -> str | None:
+    """The local weights file named by timm's ``pretrained_cfg`` / ``pretrained_cfg_overlay``, if any."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = kwargs.get("pretrained_cfg")
+    cfg_file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
+    return overlay.get("file") or cfg_file
+
+
 def _create_kat(variant: str, pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
     """Build a KAT through timm's builder.
 
@@ -229,10 +233,10 @@ def _create_kat(variant: str, pretrained: bool = False, **kwargs: Any) -> KATVis
     ("per_group"; "shared_numerator" is the released code's layout, "shared_denominator" the
     paper's description). ``rational_weight_decay`` is passed to :class:`KATVisionTransformer`.
     """
-    if pretrained:
+    if pretrained and not _pretrained_file(kwargs):
         raise LightningActError(
-            f"{variant}: no weights are downloaded; create it with pretrained=False and load an official checkpoint "
-            "file with --model.checkpoint_path (see docs/kat.md)"
+            f"{variant}: no weights are downloaded; pass pretrained_cfg_overlay=dict(file='kat.pth') with "
+            "pretrained=True, or checkpoint_path='kat.pth' (see docs/kat.md)"
         )
     mlp_layer = partial(
         GRKANMlp,
@@ -245,7 +249,7 @@ def _create_kat(variant: str, pretrained: bool = False, **kwargs: Any) -> KATVis
     return build_model_with_cfg(
         KATVisionTransformer,
         variant,
-        pretrained=False,
+        pretrained=pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
         mlp_layer=mlp_layer,

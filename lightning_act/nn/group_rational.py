@@ -21,10 +21,15 @@ equal the official ``weight_numerator`` (1, 6) / ``weight_denominator`` (groups,
 (per-group numerators, one denominator: the paper's description).
 
 Implementations (``implementation=``): ``"reference"`` (pure PyTorch, any device, autograd through torch
-ops), ``"compile"`` (``torch.compile`` of the reference), ``"triton"`` (fused Triton kernels of
-:mod:`lightning_act.nn.triton_rational`, CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"auto"`` (Triton on
-CUDA tensors when Triton imports, else the reference). All compute in float32 with autocast disabled and
-return the input dtype (float32, bfloat16, float16).
+ops; under ``torch.compile`` Inductor fuses it), ``"triton"`` (the registered op ``lightning_act::group_rational``
+with its own backward: the fused Triton kernels of :mod:`lightning_act.nn.triton_rational` on CUDA, or on CPU
+under ``TRITON_INTERPRET=1``; on other CPU tensors the op's PyTorch kernel with the same closed-form gradients),
+``"auto"`` (``"triton"`` on CUDA tensors when Triton imports, else ``"reference"``). All compute in float32 with
+autocast disabled and return the input dtype (float32, bfloat16, float16).
+
+The op is what ``torch.compile`` sees (``fullgraph=True`` traces whole KAT models, and CUDA graphs capture the
+launches); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
+about 40% less host time per call (``docs/kat_kernel.md``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +48,7 @@ from lightning_act.nn.rational_coefficients import INIT_COEFFICIENTS
 
 NUMERATOR_TERMS = 6
 DENOMINATOR_TERMS = 4
-IMPLEMENTATIONS = ("auto", "reference", "triton", "compile")
+IMPLEMENTATIONS = ("auto", "reference", "triton")
 SHARINGS = ("per_group", "shared_numerator", "shared_denominator")
 
 
@@ -101,11 +106,195 @@ def triton_available() -> bool:
     return True
 
 
-@functools.cache
-def _compiled_reference() -> Callable[..., torch.Tensor]:
-    """``torch.compile`` of the reference (one fused elementwise kernel per pass); shapes that change after
-    the first call (e.g. a smaller last batch) are recompiled once as dynamic."""
-    return torch.compile(group_rational_reference)
+class KernelConfig(NamedTuple):
+    """Launch configuration of the Triton kernels (powers of two; design in ``docs/kat_kernel.md``).
+
+    ``block_k``: tile width along a group's channels (0: the power of two that pads the group width least);
+    ``forward_tile``: elements per forward program; ``backward_tile``: elements per backward row tile (each
+    holds 10 fp32 accumulators per element, so it is smaller than the forward tile); ``backward_row_tiles``:
+    row tiles a backward program accumulates before its one reduction (any positive integer; the others are
+    powers of two); ``num_warps``: warps per program; ``interleave_groups``: 1 numbers the programs
+    group-fastest, so the tiles in flight cover whole rows (memory order), 0 group by group (each group's
+    column slice of every row, then the next group: ``groups`` strided passes over the tensor).
+    """
+
+    block_k: int = 0
+    forward_tile: int = 4096
+    backward_tile: int = 1024
+    backward_row_tiles: int = 8
+    num_warps: int = 4
+    interleave_groups: int = 1
+
+
+# The launch configuration before issue 13 (one reduction per 4096-element backward tile), for A/B runs.
+PREVIOUS_KERNEL_CONFIG = KernelConfig(forward_tile=4096, backward_tile=4096, backward_row_tiles=1, interleave_groups=0)
+
+
+def check_kernel_config(config: KernelConfig) -> None:
+    """One clear error for a configuration the kernels cannot launch."""
+    for name, value in zip(KernelConfig._fields, config, strict=True):
+        if name == "backward_row_tiles":  # a loop count: any positive integer
+            if value < 1:
+                raise LightningActError(f"kernel_config.backward_row_tiles={value} must be >= 1")
+        elif name == "interleave_groups":
+            if value not in (0, 1):
+                raise LightningActError(f"kernel_config.interleave_groups={value} must be 0 or 1")
+        elif value < (0 if name == "block_k" else 1) or value & (value - 1):
+            raise LightningActError(
+                f"kernel_config.{name}={value} must be a power of two"
+                + (" (or 0 for automatic)" if name == "block_k" else "")
+                + "; pass e.g. KernelConfig(block_k=128)"
+            )
+
+
+def _runs_triton(x3: torch.Tensor) -> bool:
+    return x3.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _per_group(coefficients: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(sets, terms)`` coefficients as ``(terms, 1, groups, 1)`` columns for a ``(rows, groups, width)`` input."""
+    return coefficients.to(dtype).expand(groups, -1).t()[:, None, :, None]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _pytorch_backward(
+    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's CPU kernel for the backward: the closed-form gradients the Triton backward computes.
+
+    ``dx = grad_y (P' Q - P Q') / Q^2``; ``dL/da_j = sum grad_y x^j / Q``; ``dL/d|b_k| = -sum grad_y P |x|^(k+1) / Q^2``,
+    times ``d|b|/db`` (+1 at 0); shared sets sum over their groups.
+    """
+    groups = x3.shape[1]
+    dtype = _compute_dtype(x3, numerator, denominator)
+    x, grad_y = x3.to(dtype), grad_y.to(dtype)
+    a = _per_group(numerator, groups, dtype)
+    b = _per_group(denominator, groups, dtype).abs()
+    ax = x.abs()
+    p, dp = a[5], 5.0 * a[5]
+    for power in range(4, -1, -1):
+        p = p * x + a[power]
+        if power:
+            dp = dp * x + power * a[power]
+    q, dq = b[3], 4.0 * b[3]
+    for power in range(2, -1, -1):
+        q = q * ax + b[power]
+        dq = dq * ax + (power + 1) * b[power]
+    q = q * ax + 1.0
+    dq = dq * torch.sign(x)
+    inv_q = 1.0 / q
+    y = p * inv_q
+    grad_x = (grad_y * (dp - y * dq) * inv_q).to(x3.dtype)
+    grad_p = grad_y * inv_q
+    grad_q = -grad_p * y
+    grad_numerator = torch.stack([(grad_p * x**power).sum((0, 2)) for power in range(NUMERATOR_TERMS)], 1)
+    grad_abs_denominator = torch.stack(
+        [(grad_q * ax ** (power + 1)).sum((0, 2)) for power in range(DENOMINATOR_TERMS)], 1
+    )
+    if numerator.shape[0] == 1:
+        grad_numerator = grad_numerator.sum(0, keepdim=True)
+    if denominator.shape[0] == 1:
+        grad_abs_denominator = grad_abs_denominator.sum(0, keepdim=True)
+    grad_denominator = grad_abs_denominator * torch.where(denominator >= 0, 1.0, -1.0).to(dtype)
+    return grad_x, grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
+
+
+def _forward_kernel(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
+) -> torch.Tensor:
+    if _runs_triton(x3):
+        from lightning_act.nn.triton_rational import group_rational_forward
+
+        return group_rational_forward(x3.contiguous(), numerator.contiguous(), denominator.contiguous(), config)
+    groups = x3.shape[1]
+    return group_rational_reference(x3, numerator.expand(groups, -1), denominator.expand(groups, -1), channel_dim=1)
+
+
+def _backward_kernel(
+    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _runs_triton(x3):
+        from lightning_act.nn.triton_rational import group_rational_backward
+
+        return group_rational_backward(
+            x3.contiguous(), grad_y.contiguous(), numerator.contiguous(), denominator.contiguous(), config
+        )
+    return _pytorch_backward(x3, grad_y, numerator, denominator)
+
+
+@torch.library.custom_op("lightning_act::group_rational", mutates_args=())
+def group_rational_op(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
+) -> torch.Tensor:
+    """The rational on ``x3`` of shape ``(rows, groups, width)`` with coefficient sets ``(1 or groups, 6)`` and
+    ``(1 or groups, 4)``; ``config`` is a :class:`KernelConfig` as a list. Triton on CUDA, PyTorch on CPU."""
+    return _forward_kernel(x3, numerator, denominator, tuple(config))
+
+
+@group_rational_op.register_fake
+def _group_rational_fake(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
+) -> torch.Tensor:
+    return torch.empty_like(x3)
+
+
+@torch.library.custom_op("lightning_act::group_rational_backward", mutates_args=())
+def group_rational_backward_op(
+    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_numerator, grad_denominator)`` of :func:`group_rational_op`, in the inputs' shapes and dtypes."""
+    return _backward_kernel(x3, grad_y, numerator, denominator, tuple(config))
+
+
+@group_rational_backward_op.register_fake
+def _group_rational_backward_fake(
+    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x3), torch.empty_like(numerator), torch.empty_like(denominator)
+
+
+def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x3, numerator, denominator, config = inputs
+    ctx.save_for_backward(x3, numerator, denominator)
+    ctx.config = config
+
+
+def _op_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x3, numerator, denominator = ctx.saved_tensors
+    return *group_rational_backward_op(x3, grad_y, numerator, denominator, ctx.config), None
+
+
+group_rational_op.register_autograd(_op_backward, setup_context=_save_for_backward)
+
+
+class GroupRationalFunction(torch.autograd.Function):
+    """Eager path of :func:`group_rational_op`: the same kernels without the dispatcher's per-call overhead."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x3, numerator, denominator)
+        ctx.config = config
+        return _forward_kernel(x3, numerator, denominator, config)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x3, numerator, denominator = ctx.saved_tensors
+        return *_backward_kernel(x3, grad_y, numerator, denominator, ctx.config), None
+
+
+def group_rational(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: KernelConfig = KernelConfig()
+) -> torch.Tensor:
+    """Differentiable rational of ``x3`` ``(rows, groups, width)``: the registered op while ``torch.compile``
+    traces, :class:`GroupRationalFunction` in eager mode."""
+    if torch.compiler.is_compiling():
+        return group_rational_op(x3, numerator, denominator, list(config))
+    return GroupRationalFunction.apply(x3, numerator, denominator, config)
 
 
 def rational_value(x: np.ndarray, numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -144,9 +333,9 @@ class GroupRational(nn.Module):
         groups: number of contiguous channel groups (KAT uses 8); must divide ``num_channels``.
         init: function the rational starts as: ``"identity"``, ``"gelu"`` (exact erf GELU) or ``"swish"``.
         channel_dim: dimension holding the channels: ``-1`` for ``(B, L, C)``, ``1`` for ``(B, C, H, W)``.
-        implementation: ``"auto"``, ``"reference"``, ``"triton"`` or ``"compile"`` (see module docstring).
+        implementation: ``"auto"``, ``"reference"`` or ``"triton"`` (see module docstring).
         sharing: ``"per_group"``, ``"shared_numerator"`` or ``"shared_denominator"``.
-        triton_tile: optional ``(BLOCK_R, BLOCK_K)`` powers of two for the Triton kernels (default: automatic).
+        kernel_config: launch configuration of the Triton kernels (:class:`KernelConfig`; default tuned a priori).
     """
 
     def __init__(
@@ -157,7 +346,7 @@ class GroupRational(nn.Module):
         channel_dim: int = -1,
         implementation: str = "auto",
         sharing: str = "per_group",
-        triton_tile: tuple[int, int] | None = None,
+        kernel_config: KernelConfig = KernelConfig(),
     ) -> None:
         super().__init__()
         if groups < 1 or num_channels % groups:
@@ -165,10 +354,16 @@ class GroupRational(nn.Module):
                 f"GroupRational: {num_channels} channels cannot be split into {groups} equal groups; "
                 "pass a groups= that divides num_channels"
             )
+        if implementation == "compile":
+            raise LightningActError(
+                "implementation='compile' was removed; torch.compile the whole model instead (the op traces "
+                "without graph breaks) and use implementation='auto'"
+            )
         if implementation not in IMPLEMENTATIONS:
             raise LightningActError(f"unknown implementation {implementation!r}; pass one of {IMPLEMENTATIONS}")
         if sharing not in SHARINGS:
             raise LightningActError(f"unknown sharing {sharing!r}; pass one of {SHARINGS}")
+        check_kernel_config(KernelConfig(*kernel_config))
         numerator, denominator = _init_coefficients(init)
         numerator_sets = 1 if sharing == "shared_numerator" else groups
         denominator_sets = 1 if sharing == "shared_denominator" else groups
@@ -178,7 +373,7 @@ class GroupRational(nn.Module):
         self.channel_dim = channel_dim
         self.implementation = implementation
         self.sharing = sharing
-        self.triton_tile = triton_tile
+        self.kernel_config = KernelConfig(*kernel_config)
         self.weight_numerator = nn.Parameter(torch.tensor(numerator, dtype=torch.float32).repeat(numerator_sets, 1))
         self.weight_denominator = nn.Parameter(
             torch.tensor(denominator, dtype=torch.float32).repeat(denominator_sets, 1)
@@ -204,7 +399,8 @@ class GroupRational(nn.Module):
             if given.ndim != 2 or given.shape[1] != terms or given.shape[0] not in (1, self.groups):
                 raise LightningActError(
                     f"{name} of shape {tuple(given.shape)} does not fit {self.groups} groups of {terms} terms; "
-                    f"pass a (1, {terms}) or ({self.groups}, {terms}) tensor"
+                    f"pass a (1, {terms}) or ({self.groups}, {terms}) tensor (for a KAT checkpoint: build the model "
+                    "with rational_groups= equal to the checkpoint's group count)"
                 )
             if given.shape[0] == sets:
                 state[name] = given.clone()
@@ -215,22 +411,33 @@ class GroupRational(nn.Module):
             else:
                 raise LightningActError(
                     f"{name} differs between groups but this module shares it (sharing={self.sharing!r}); "
-                    "build the module with sharing='per_group'"
+                    "build the module with sharing='per_group' (KAT models: rational_sharing='per_group')"
                 )
         return state
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """Accept coefficients in any sharing layout (e.g. an official checkpoint's one shared numerator) by
+        converting them with :meth:`coefficient_state`, so every loader (``load_state_dict``, timm's
+        ``checkpoint_path``, Lightning checkpoints) takes them."""
+        keys = (prefix + "weight_numerator", prefix + "weight_denominator")
+        if all(key in state_dict for key in keys):
+            given = [state_dict[key] for key in keys]
+            if [tuple(t.shape) for t in given] != [tuple(self.weight_numerator.shape), tuple(self.weight_denominator.shape)]:
+                for name, tensor in self.coefficient_state(*given).items():
+                    state_dict[prefix + name] = tensor
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def resolved_implementation(self, x: torch.Tensor) -> str:
         """The implementation ``forward`` uses for ``x``."""
         if self.implementation == "auto":
             return "triton" if x.is_cuda and triton_available() else "reference"
-        if self.implementation == "triton":
-            if not triton_available():
-                raise LightningActError("implementation='triton' but Triton is not installed; pip install triton")
-            if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise LightningActError(
-                    "implementation='triton' needs a CUDA tensor (or TRITON_INTERPRET=1); "
-                    "use implementation='reference' on CPU"
-                )
+        if self.implementation == "triton" and x.is_cuda and not triton_available():
+            raise LightningActError("implementation='triton' on CUDA needs Triton; pip install triton")
         return self.implementation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,15 +446,11 @@ class GroupRational(nn.Module):
                 f"GroupRational expects {self.num_channels} channels in dim {self.channel_dim}, got input of shape "
                 f"{tuple(x.shape)}; pass channel_dim=1 for (B, C, H, W) or -1 for (B, L, C)"
             )
+        if self.resolved_implementation(x) == "triton":
+            x3 = grouped_view(x, self.groups, self.channel_dim).contiguous()
+            y = group_rational(x3, self.weight_numerator, self.weight_denominator, self.kernel_config)
+            return y.view(x.shape)
         numerator, denominator = self.coefficients()
-        implementation = self.resolved_implementation(x)
-        if implementation == "triton":
-            from lightning_act.nn.triton_rational import group_rational_triton
-
-            x3 = grouped_view(x, self.groups, self.channel_dim)
-            return group_rational_triton(x3, numerator, denominator, self.triton_tile).reshape(x.shape)
-        if implementation == "compile":
-            return _compiled_reference()(x, numerator, denominator, self.channel_dim)
         return group_rational_reference(x, numerator, denominator, self.channel_dim)
 
     def extra_repr(self) -> str:

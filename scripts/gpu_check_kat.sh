@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One command for the GPU side of issue 13 (KAT at ViT speed): correctness of the GR-KAN Triton kernels
+# against float64 on fresh random inputs, the CUDA tests, then every benchmark table of the issue.
+#
+#   bash scripts/gpu_check_kat.sh            # about 8 minutes at most
+#   bash scripts/gpu_check_kat.sh --quick    # about 4 minutes at most (fewer cases, fewer rounds, bf16 only)
+#
+# Every step runs under its own time limit, capped by what is left of the total budget; a failure or
+# timeout is printed (with the end of its log) and the next step runs.
+# Logs go to "$OUT" if set, else ./gpu_out: one log per step plus summary.md (all tables in one file).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step cut by its time limit keeps what it printed
+OUT_DIR="${OUT:-./gpu_out}"
+mkdir -p "$OUT_DIR"
+SUMMARY="$OUT_DIR/summary.md"
+PYTHON="${PYTHON:-python}"
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+START=$(date +%s)
+# seconds for all steps together, below 4 / 8 minutes; GPU_CHECK_BUDGET overrides
+BUDGET=${GPU_CHECK_BUDGET:-$([ $QUICK = 1 ] && echo 210 || echo 450)}
+
+# step NAME SECONDS COMMAND...: run with a limit capped by the time left; output to a log and the summary
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "## $name: SKIPPED (no time left in the ${BUDGET}s budget)" | tee -a "$SUMMARY"
+    return
+  fi
+  echo "## $name (limit ${limit}s): $*" | tee -a "$SUMMARY"
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  grep -v '^\s*$' "$OUT_DIR/$name.log" | grep -E '^(\||#|PASS|FAIL|<!--|device|Triton|[0-9]+ (passed|failed)|=+ .*(passed|failed|error))' >> "$SUMMARY"
+  local status="ok"
+  [ $rc = 124 ] || [ $rc = 137 ] && status="TIMED OUT after ${limit}s"
+  [ $rc != 0 ] && [ "$status" = ok ] && status="FAILED (exit $rc; see $name.log)"
+  echo "-- $name: $status in $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
+  [ "$status" != ok ] && tail -n 25 "$OUT_DIR/$name.log"
+}
+
+: > "$SUMMARY"
+{
+  echo "# gpu_check_kat $([ $QUICK = 1 ] && echo --quick) $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  timeout 15 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/# /'
+  timeout 30 $PYTHON -c "import torch, triton, timm; print('# torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'timm', timm.__version__)" 2>&1
+} | tee -a "$SUMMARY"
+
+if [ $QUICK = 1 ]; then
+  step correctness 50 $PYTHON scripts/check_rational_cuda.py --quick
+  step cuda_tests 30 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_group_rational.py -k cuda
+  step bench_host_activation 40 $PYTHON scripts/bench_rational.py --sections host,activation --dtypes bf16 --rounds 8 --inner 5 --no-compile
+  step bench_mlp 30 $PYTHON scripts/bench_rational.py --sections mlp --rounds 8 --inner 5 --no-compile
+  step bench_step_eager 30 $PYTHON scripts/bench_rational.py --sections step --rounds 8 --inner 4
+  step bench_step_compiled 100 $PYTHON scripts/bench_rational.py --sections step_compiled --rounds 6 --inner 4
+else
+  step correctness 80 $PYTHON scripts/check_rational_cuda.py
+  step cuda_tests 100 $PYTHON -m pytest -q -p no:cacheprovider tests/test_group_rational.py tests/test_rational_op.py -k cuda
+  step bench_host_activation 90 $PYTHON scripts/bench_rational.py --sections host,activation --rounds 15 --inner 10
+  step bench_mlp 70 $PYTHON scripts/bench_rational.py --sections mlp --rounds 15 --inner 10
+  step bench_step_eager 40 $PYTHON scripts/bench_rational.py --sections step --rounds 12 --inner 4
+  step bench_step_compiled 120 $PYTHON scripts/bench_rational.py --sections step_compiled --rounds 10 --inner 4
+fi
+echo "# total $(( $(date +%s) - START ))s; logs in $OUT_DIR" | tee -a "$SUMMARY"
