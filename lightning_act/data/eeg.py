@@ -501,6 +501,22 @@ class EEGWindows(Dataset):
         return x, torch.tensor(float(label)), torch.tensor(r), torch.tensor(end_s, dtype=torch.float64)
 
 
+def band_power_ratio(
+    windows: np.ndarray, sampling_rate: float, band_hz: tuple[float, float] = (13.0, 30.0), total_hz: tuple[float, float] = (0.5, 30.0)
+) -> np.ndarray:
+    """Per window ``(N, C, T)``: mean over channels of periodogram power in ``band_hz`` / power in ``total_hz``.
+
+    With the default beta band this is the one-feature baseline of the seizure benchmark: a
+    rise of beta power relative to the rest of the spectrum, what a clinician's band-power
+    trend shows, with no training beyond a threshold.
+    """
+    spectrum = np.abs(scipy.fft.rfft(windows - windows.mean(axis=-1, keepdims=True), axis=-1)) ** 2
+    freqs = np.fft.rfftfreq(windows.shape[-1], d=1.0 / sampling_rate)
+    band = spectrum[..., (freqs >= band_hz[0]) & (freqs <= band_hz[1])].sum(axis=-1)
+    total = spectrum[..., (freqs >= total_hz[0]) & (freqs <= total_hz[1])].sum(axis=-1)
+    return (band / np.maximum(total, 1e-12)).mean(axis=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # CHB-MIT-style files
 # --------------------------------------------------------------------------------------------
