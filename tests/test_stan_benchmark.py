@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ def test_band_power_ratio_by_hand() -> None:
 def test_quick_benchmark_runs_and_reports_every_method(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("stan_benchmark", Path(__file__).parents[1] / "scripts" / "stan_benchmark.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["stan_benchmark"] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     summary = module.main(["--quick", "--json", str(tmp_path / "summary.json")])
     assert list(summary) == list(module.METHODS)
