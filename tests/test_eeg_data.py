@@ -11,7 +11,10 @@ import torch
 from lightning_act.data.eeg import (
     EEGRecording,
     EEGSeizureDataModule,
+    EEGWindows,
     channel_statistics,
+    draw_subject,
+    generate_subject_recording,
     generate_recording,
     generate_split,
     label_windows,
@@ -89,6 +92,45 @@ def test_label_windows_by_hand() -> None:
     np.testing.assert_array_equal(labels, [0, 0, 0, -1, 1, 1, -1, -1, 0, 0])
 
 
+def _expected(*runs: tuple[int, int]) -> np.ndarray:
+    """Labels written as (label, count) runs."""
+    return np.concatenate([np.full(count, label) for label, count in runs])
+
+
+def test_clustered_seizures_never_label_ictal_or_postictal_windows_preictal() -> None:
+    # 1 Hz, windows of 100 s, seizures [1000, 1060) and [1500, 1560), horizon 900, post-ictal 600.
+    # Seizure 1: preictal [100, 1000) -> windows 100..900 (9); seizure 2's horizon [600, 1500)
+    # reaches into seizure 1 and its recovery [1000, 1660): windows 1000..1400 are excluded, not
+    # preictal. Blocked [100, 2160): windows 1000..2100 excluded (12); 0 and 2200..2900 interictal.
+    starts, labels = label_windows(3000, 1.0, 100, 100, [(1000.0, 1060.0), (1500.0, 1560.0)], 900.0, 600.0)
+    np.testing.assert_array_equal(starts, np.arange(0, 3000, 100))
+    np.testing.assert_array_equal(labels, _expected((0, 1), (1, 9), (-1, 12), (0, 8)))
+    # the order in which seizures are listed does not matter
+    _, swapped = label_windows(3000, 1.0, 100, 100, [(1500.0, 1560.0), (1000.0, 1060.0)], 900.0, 600.0)
+    np.testing.assert_array_equal(swapped, labels)
+
+
+def test_leading_seizure_selection() -> None:
+    # Seizures [1000, 1060) and [2600, 2660): 1540 s from the end of the first to the second onset.
+    # Without selection, windows 1700..2500 (9) are preictal for seizure 2; with a 1800 s leading
+    # gap seizure 2 is not leading and they are excluded; a 1500 s gap keeps it.
+    seizures = [(1000.0, 1060.0), (2600.0, 2660.0)]
+    every = _expected((0, 1), (1, 9), (-1, 7), (1, 9), (-1, 7), (0, 7))
+    _, labels = label_windows(4000, 1.0, 100, 100, seizures, 900.0, 600.0)
+    np.testing.assert_array_equal(labels, every)
+    _, labels = label_windows(4000, 1.0, 100, 100, seizures, 900.0, 600.0, leading_gap_s=1800.0)
+    np.testing.assert_array_equal(labels, _expected((0, 1), (1, 9), (-1, 23), (0, 7)))
+    _, labels = label_windows(4000, 1.0, 100, 100, seizures, 900.0, 600.0, leading_gap_s=1500.0)
+    np.testing.assert_array_equal(labels, every)
+
+
+def test_interictal_distance_convention() -> None:
+    # One seizure [1000, 1060), interictal at least 1000 s away: [0, 2060) blocked, so window 0 and
+    # windows up to 2000 are excluded; 2100..3900 (19) interictal; preictal unchanged (100..900).
+    _, labels = label_windows(4000, 1.0, 100, 100, [(1000.0, 1060.0)], 900.0, 600.0, interictal_distance_s=1000.0)
+    np.testing.assert_array_equal(labels, _expected((-1, 1), (1, 9), (-1, 11), (0, 19)))
+
+
 def test_splits_differ_and_cycle_seizure_counts() -> None:
     kwargs = {"n_channels": 2, "sampling_rate": 16.0, "duration_minutes": 75.0}
     train = generate_split(0, "train", 3, 2, **kwargs)
@@ -111,8 +153,9 @@ def test_datamodule_synthetic_loaders() -> None:
         n_channels=3, sampling_rate=16.0, recording_minutes=40.0, n_train_recordings=2, n_val_recordings=1, n_test_recordings=2, batch_size=32
     )
     dm.setup()
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, domain = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 3, 80) and set(y.unique().tolist()) <= {0.0, 1.0}
+    assert set(domain.unique().tolist()) <= {0, 1}  # synthetic recordings are their own subjects
     assert set(np.unique(dm.datasets["train"].labels)) == {0, 1}
     xt, yt, rec, end = next(iter(dm.test_dataloader()))
     assert xt.shape == (32, 3, 80) and set(yt.unique().tolist()) <= {-1.0, 0.0, 1.0}
@@ -253,3 +296,60 @@ def test_malformed_summary_errors(tmp_path: Path, text: str, problem: str) -> No
     with pytest.raises(DataFormatError) as error:
         parse_chbmit_summary(path)
     assert problem in _one_line(error)
+
+
+def _write_edf_bytes(tmp_path: Path) -> bytes:
+    _write_edf(tmp_path / "whole.edf", np.random.default_rng(0).uniform(-100, 100, size=(3, 32 * 60)), 32)
+    return (tmp_path / "whole.edf").read_bytes()
+
+
+@pytest.mark.parametrize("cut", ["truncated", "garbage", "header only"])
+def test_corrupt_edf_is_one_line_naming_the_file(tmp_path: Path, cut: str) -> None:
+    whole = _write_edf_bytes(tmp_path)
+    content = {"truncated": whole[: len(whole) // 2], "garbage": b"not an edf file " * 64, "header only": whole[:300]}[cut]
+    bad = tmp_path / "chb97_01.edf"
+    bad.write_bytes(content)
+    with pytest.raises(DataFormatError) as error:
+        read_edf(bad)
+    message = _one_line(error)
+    assert "chb97_01.edf" in message and "corrupt or truncated" in message and "download it again" in message
+
+
+def test_summary_with_byte_order_mark_parses(tmp_path: Path) -> None:
+    path = tmp_path / "chb98-summary.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + SUMMARY_NUMBERED.encode())
+    assert parse_chbmit_summary(path) == {"chb98_01.edf": [(100.0, 120.0), (250.0, 260.0)]}
+
+
+def test_seizure_past_the_end_of_the_recording_is_one_clear_error(chb_folder) -> None:
+    folder, _ = chb_folder
+    summary = folder / "chb99" / "chb99-summary.txt"
+    summary.write_text(SUMMARY_PLAIN.replace("Seizure End Time: 230 seconds", "Seizure End Time: 330 seconds"))
+    with pytest.raises(DataFormatError) as error:
+        load_chbmit_folder(folder, n_channels=3)
+    message = _one_line(error)
+    assert "chb99_02.edf" in message and "200-330 s" in message and "ends at 300 s" in message
+
+
+def test_chbmit_subject_folders_are_the_domains(chb_folder) -> None:
+    folder, signals = chb_folder
+    other = folder / "chb98"
+    other.mkdir()
+    _write_edf(other / "chb98_01.edf", signals[0], 32)
+    (other / "chb98-summary.txt").write_text("File Name: chb98_01.edf\nNumber of Seizures in File: 0\n")
+    recordings = load_chbmit_folder(folder, n_channels=3)
+    assert [r.subject for r in recordings] == ["chb98", "chb99", "chb99"]
+    windows = EEGWindows(recordings, 160, 160, 60.0, 30.0, np.zeros(3), np.ones(3))
+    np.testing.assert_array_equal(windows.domains, [0, 1, 1])
+    assert int(windows[0][2]) == 0 and int(windows[len(windows) - 1][2]) == 1
+
+
+def test_subject_generator_is_heterogeneous_and_deterministic() -> None:
+    a, b = draw_subject([1, 0], "a", n_channels=4), draw_subject([1, 1], "b", n_channels=4)
+    assert a.beta_band != b.beta_band and not np.array_equal(a.channel_gain, b.channel_gain)
+    rec = generate_subject_recording(a, [2, 0], "r", 40.0, [(1500.0, 1560.0)], sampling_rate=FS)
+    again = generate_subject_recording(a, [2, 0], "r", 40.0, [(1500.0, 1560.0)], sampling_rate=FS)
+    np.testing.assert_array_equal(rec.data, again.data)
+    assert rec.data.shape == (4, 40 * 60 * 64) and rec.subject == "a" and rec.seizures == [(1500.0, 1560.0)]
+    x = rec.data.astype(np.float64)
+    assert x[:, int(1500 * FS) : int(1560 * FS)].std() > 2.0 * x[:, : int(600 * FS)].std()

@@ -13,7 +13,9 @@ from lightning_act.eval.seizure_alarms import (
     combine_reports,
     evaluate_alarms,
     evaluate_recordings,
+    proportion_interval,
     raise_alarms,
+    rate_interval,
 )
 
 TIMES = np.arange(1, 11) * 10.0  # window end times 10, 20, ..., 100 s
@@ -153,3 +155,18 @@ def test_evaluate_recordings_groups_and_sorts_windows_per_recording() -> None:
     assert report.lead_times_s == [540.0]
     # interictal: rec 0 blocks [2100, 3600) -> 2100 s; rec 1 3600 s.
     assert report.interictal_hours == pytest.approx(5700.0 / 3600.0)
+
+
+def test_exact_intervals_by_hand() -> None:
+    # Clopper-Pearson at 0/n and n/n has closed forms: upper = 1 - (alpha/2)^(1/n), lower = (alpha/2)^(1/n).
+    assert proportion_interval(0, 10) == pytest.approx((0.0, 1 - 0.025 ** (1 / 10)), rel=1e-9)
+    assert proportion_interval(10, 10) == pytest.approx((0.025 ** (1 / 10), 1.0), rel=1e-9)
+    # Poisson: 0 events in 100 h -> upper = -ln(0.025) / 100; 1 event -> lower solves 1 - e^-m = 0.025,
+    # upper solves e^-m (1 + m) = 0.025 (found here by bisection).
+    assert rate_interval(0, 100.0) == pytest.approx((0.0, -math.log(0.025) / 100.0), rel=1e-9)
+    lo, hi = 0.0, 20.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.exp(-mid) * (1 + mid) > 0.025 else (lo, mid)
+    assert rate_interval(1, 2.0) == pytest.approx((-math.log(0.975) / 2.0, lo / 2.0), rel=1e-9)
+    assert all(math.isnan(v) for v in proportion_interval(0, 0) + rate_interval(0, 0.0))

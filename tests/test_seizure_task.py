@@ -1,4 +1,4 @@
-"""Adversarial seizure forecaster: gradient penalty values, manual optimisation, predict path."""
+"""Domain-adversarial seizure forecaster: penalty values, one-vs-rest gaps, min-max signs, manual optimisation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_act.errors import LightningActError
-from lightning_act.tasks.seizure_forecasting import SeizureForecaster, gradient_penalty
+from lightning_act.tasks.seizure_forecasting import DomainCritic, SeizureForecaster, domain_gap, domain_groups, gradient_penalty
 
 TINY = {
     "in_chans": 3, "window_samples": 32, "segment_samples": 8, "embed_dim": 8, "depth": 1, "num_heads": 2,
@@ -47,6 +47,46 @@ def test_gradient_penalty_interpolates_between_real_and_fake() -> None:
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
+def test_gradient_penalty_picks_the_named_output_of_a_multi_output_critic() -> None:
+    # D(z) = W z with rows w_0 = (3, 4), w_1 = (0, 0.5): rows penalised on output 0 give (5 - 1)^2 = 16,
+    # on output 1 (0.5 - 1)^2 = 0.25; mean over the 4 rows (2 of each) = 8.125.
+    critic = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        critic.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 0.5]]))
+    real, fake = torch.randn(4, 2), torch.randn(4, 2)
+    penalty = gradient_penalty(critic, real, fake, output_index=torch.tensor([0, 1, 0, 1]))
+    assert penalty.item() == pytest.approx(8.125, rel=1e-6)
+
+
+def test_domain_groups_and_gap_by_hand() -> None:
+    # classes y and subjects d of 7 windows; subject 2 has only interictal windows, subject 1's
+    # preictal windows have no rival subject in class 1 except subject 0.
+    y = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    d = torch.tensor([0, 1, 2, 0, 1, 2, 1])
+    groups = domain_groups(y, d)
+    assert [(k, m.nonzero().flatten().tolist(), r.nonzero().flatten().tolist()) for k, m, r in groups] == [
+        (0, [0], [1, 2, 5]), (1, [1], [0, 2, 5]), (2, [2, 5], [0, 1]),  # interictal
+        (0, [3], [4, 6]), (1, [4, 6], [3]),  # preictal
+    ]
+    scores = np.random.default_rng(0).uniform(-1, 1, size=(7, 3))
+    expected = np.mean([
+        scores[0, 0] - scores[[1, 2, 5], 0].mean(), scores[1, 1] - scores[[0, 2, 5], 1].mean(),
+        scores[[2, 5], 2].mean() - scores[[0, 1], 2].mean(),
+        scores[3, 0] - scores[[4, 6], 0].mean(), scores[[4, 6], 1].mean() - scores[3, 1],
+    ])
+    assert domain_gap(torch.tensor(scores), groups).item() == pytest.approx(expected, rel=1e-12)
+    assert domain_groups(y, torch.zeros(7, dtype=torch.long)) == []  # one subject: nothing to tell apart
+
+
+def test_critic_is_bounded() -> None:
+    critic = DomainCritic(4, 8, 3)
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.mul_(100.0)
+    scores = critic(torch.randn(64, 4) * 10)
+    assert scores.shape == (64, 3) and scores.abs().max() <= 1.0
+
+
 class _Recorder(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -62,11 +102,13 @@ def _trainer(batches: int, callbacks: list | None = None) -> pl.Trainer:
     )
 
 
-def _batches(n: int, labels: list[float]) -> DataLoader:
+def _batches(n: int, labels: list[float], domains: list[int] | None = None) -> DataLoader:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n * len(labels), 3, 32, generator=gen)
     y = torch.tensor(labels * n)
-    return DataLoader(TensorDataset(x, y), batch_size=len(labels), shuffle=False)
+    if domains is None:
+        return DataLoader(TensorDataset(x, y), batch_size=len(labels), shuffle=False)
+    return DataLoader(TensorDataset(x, y, torch.tensor(domains * n)), batch_size=len(labels), shuffle=False)
 
 
 def test_manual_optimisation_updates_model_and_critic() -> None:
@@ -76,7 +118,7 @@ def test_manual_optimisation_updates_model_and_critic() -> None:
     model_before = [p.detach().clone() for p in task.model.parameters()]
     critic_before = [p.detach().clone() for p in task.critic.parameters()]
     trainer = _trainer(3)
-    trainer.fit(task, _batches(3, [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]))
+    trainer.fit(task, _batches(3, [0.0, 1.0, 0.0, 1.0, 0.0, 0.0], [0, 0, 1, 1, 2, 1]))
     assert trainer.global_step == 6  # Lightning counts one step per optimiser.step(): 2 per batch x 3 batches
     assert all(not torch.equal(a, b) for a, b in zip(model_before, task.model.parameters()) if a.numel() > 1)
     assert all(not torch.equal(a, b) for a, b in zip(critic_before, task.critic.parameters()))
@@ -86,46 +128,104 @@ def test_manual_optimisation_updates_model_and_critic() -> None:
 
 
 def test_encoder_step_adds_no_gradient_to_the_critic() -> None:
-    # After one batch the critic's .grad must be that of L_D alone, so it cannot depend on the
-    # adversarial weight of the encoder loss (same seed -> same weights, pairs and epsilons).
+    # After one batch the critic's .grad must be that of the critic loss alone, so it cannot depend
+    # on the adversarial weight of the encoder loss (same seed -> same weights, pairs and epsilons).
     grads = []
-    for weight in (0.0, 100.0):
+    for weight in (1e-6, 100.0):
         torch.manual_seed(0)
         task = SeizureForecaster(**TINY, adversarial_weight=weight)
-        _trainer(1).fit(task, _batches(1, [0.0, 1.0, 1.0, 0.0]))
+        _trainer(1).fit(task, _batches(1, [0.0, 1.0, 1.0, 0.0], [0, 0, 1, 1]))
         grads.append([p.grad.clone() for p in task.critic.parameters()])
         assert all(p.requires_grad for p in task.critic.parameters())
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     with pytest.raises(LightningActError, match="n_critic"):
         SeizureForecaster(**TINY, n_critic=0)
+    with pytest.raises(LightningActError, match="negative"):
+        SeizureForecaster(**TINY, adversarial_weight=-0.1)
 
 
-def test_single_class_batch_skips_the_critic() -> None:
+@pytest.mark.parametrize("domains", [[0, 0, 0, 0], [0, 1, 0, 1]])
+def test_batches_without_rival_subjects_skip_the_critic(domains: list[int]) -> None:
+    # one subject in the batch, or (second case) one class per subject: no class has two subjects.
     torch.manual_seed(0)
     task = SeizureForecaster(**TINY)
     critic_before = [p.detach().clone() for p in task.critic.parameters()]
-    _trainer(2).fit(task, _batches(2, [0.0, 0.0, 0.0, 0.0]))
+    _trainer(2).fit(task, _batches(2, [0.0, 1.0, 0.0, 1.0], domains))
     assert all(torch.equal(a, b) for a, b in zip(critic_before, task.critic.parameters()))
 
 
-def test_training_loss_is_bce_plus_weighted_critic_gap() -> None:
+def test_batches_without_subject_index_warn_once_and_train_the_classifier() -> None:
+    torch.manual_seed(0)
+    task = SeizureForecaster(**TINY)
+    critic_before = [p.detach().clone() for p in task.critic.parameters()]
+    with pytest.warns(UserWarning, match="no subject index") as record:
+        _trainer(3).fit(task, _batches(3, [0.0, 1.0, 0.0, 1.0]))
+    assert sum("no subject index" in str(w.message) for w in record) == 1
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, task.critic.parameters()))
+
+
+def test_subject_index_beyond_the_critic_is_one_clear_error() -> None:
+    task = SeizureForecaster(**TINY, n_domains=2)
+    with pytest.raises(LightningActError, match="n_domains 4"):
+        _trainer(1).fit(task, _batches(1, [0.0, 1.0, 0.0, 1.0], [0, 3, 1, 2]))
+
+
+def _numpy_gap(scores: np.ndarray, y: np.ndarray, d: np.ndarray) -> float:
+    """One-vs-rest gap written directly from the definition (float64)."""
+    gaps = []
+    for c in (0.0, 1.0):
+        for k in np.unique(d[y == c]):
+            mine, rest = (y == c) & (d == k), (y == c) & (d != k)
+            if rest.any():
+                gaps.append(scores[mine, k].mean() - scores[rest, k].mean())
+    return float(np.mean(gaps))
+
+
+def test_training_loss_is_bce_plus_weighted_domain_gap() -> None:
     # With both learning rates 0 nothing moves, so the step's loss can be recomputed outside:
-    # L = BCE(logit, y) + beta * (mean D(z_interictal) - mean D(z_preictal)).
+    # L = BCE(logit, y) + beta * W, W the one-vs-rest gap of the critic's (bounded) scores.
     torch.manual_seed(0)
     task = SeizureForecaster(**TINY, dropout=0.0, lr=0.0, critic_lr=0.0, weight_decay=0.0, adversarial_weight=0.5)
     recorder = _Recorder()
-    loader = _batches(1, [1.0, 0.0, 0.0, 1.0, 0.0])
+    loader = _batches(1, [1.0, 0.0, 0.0, 1.0, 0.0, 1.0], [0, 0, 1, 1, 2, 2])
     _trainer(1, [recorder]).fit(task, loader)
-    x, y = next(iter(loader))
+    x, y, d = next(iter(loader))
     with torch.no_grad():
         z = task.model.embed(x)
-        d = task.critic(z).squeeze(-1).double()
+        scores = torch.tanh(task.critic.net(z)).double().numpy()
         logit = task.model.head(z).squeeze(-1).double()
     yd = y.double()
     bce = -(yd * torch.log(torch.sigmoid(logit)) + (1 - yd) * torch.log(1 - torch.sigmoid(logit))).mean()
-    expected = bce + 0.5 * (d[y == 0].mean() - d[y == 1].mean())
-    assert recorder.losses[0] == pytest.approx(expected.item(), rel=1e-5)
+    expected = bce.item() + 0.5 * _numpy_gap(scores, y.numpy(), d.numpy())
+    assert recorder.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_players_oppose_each_other() -> None:
+    # Critic step (penalty off) raises the gap W; an encoder step on the adversarial term alone lowers it.
+    torch.manual_seed(0)
+    task = SeizureForecaster(**TINY, dropout=0.0, gp_lambda=0.0)
+    x, y, d = next(iter(_batches(1, [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0], [0, 0, 1, 1, 0, 0, 1, 1])))
+    x = x + d[:, None, None] * 2.0  # make the subjects easy to tell apart
+    groups = domain_groups(y, d)
+    z = task.model.embed(x).detach()
+    critic_opt = torch.optim.SGD(task.critic.parameters(), lr=0.1)
+    before = domain_gap(task.critic(z), groups).item()
+    for _ in range(5):
+        loss, _, _ = task.critic_loss(z, groups)
+        critic_opt.zero_grad()
+        loss.backward()
+        critic_opt.step()
+    trained = domain_gap(task.critic(z), groups).item()
+    assert trained > before + 0.05 and trained < 1.5  # not saturated: the encoder still gets a gradient
+    encoder_opt = torch.optim.SGD(task.model.parameters(), lr=0.1)
+    task.critic.requires_grad_(False)
+    for _ in range(10):
+        gap = domain_gap(task.critic(task.model.embed(x)), groups)
+        encoder_opt.zero_grad()
+        gap.backward()  # the encoder's adversarial term is +beta * W: it descends W
+        encoder_opt.step()
+    assert domain_gap(task.critic(task.model.embed(x)), groups).item() < trained - 0.05
 
 
 def test_predict_returns_probabilities_per_window() -> None:

@@ -4,10 +4,16 @@ Both give :class:`EEGRecording` objects (continuous multichannel signal + seizur
 which are cut into fixed windows labelled for forecasting (Li et al. 2025, STAN, arXiv
 2511.01275; labels as in the seizure-prediction literature):
 
-* preictal (1): the window lies entirely inside the ``horizon`` (15 min) before an onset;
-* interictal (0): the window touches no preictal, ictal or post-ictal period;
+* preictal (1): the window lies entirely inside the ``horizon`` (15 min) before an onset and
+  touches no seizure or post-ictal period (clustered seizures);
+* interictal (0): the window touches no preictal, ictal or post-ictal period (optionally: lies
+  at least ``interictal_distance`` from any seizure, e.g. the common 4 h);
 * excluded (-1): ictal, post-ictal, or straddling a boundary. Training and validation drop
   these; the continuous test stream keeps every window, because a monitor runs all the time.
+
+Two generators: :func:`generate_recording` (homogeneous, the recipe's CPU-sized default) and
+:func:`generate_subject_recording` for patients drawn by :func:`draw_subject` (heterogeneous
+subjects, non-stationary background, artifacts; the benchmark in ``scripts/stan_benchmark.py``).
 
 Splits are by recording, never by window, so neighbouring windows of one recording never sit
 on both sides of a split.
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 import torch
 from torch.utils.data import Dataset
 
@@ -38,6 +45,7 @@ class EEGRecording:
     sampling_rate: float
     seizures: list[tuple[float, float]] = field(default_factory=list)
     channel_names: list[str] = field(default_factory=list)
+    subject: str = ""
 
     @property
     def duration_s(self) -> float:
@@ -53,10 +61,12 @@ class EEGRecording:
 # --------------------------------------------------------------------------------------------
 
 
-def _shaped_noise(rng: np.random.Generator, n_signals: int, n_samples: int, gain: np.ndarray) -> np.ndarray:
+def _shaped_noise(
+    rng: np.random.Generator, n_signals: int, n_samples: int, gain: np.ndarray, dtype: type = np.float64
+) -> np.ndarray:
     """White Gaussian noise filtered in the frequency domain by ``gain`` (length n_samples//2+1)."""
-    spectrum = np.fft.rfft(rng.standard_normal((n_signals, n_samples)), axis=1) * gain
-    signal = np.fft.irfft(spectrum, n=n_samples, axis=1)
+    spectrum = scipy.fft.rfft(rng.standard_normal((n_signals, n_samples), dtype=dtype), axis=1) * gain.astype(dtype)
+    signal = scipy.fft.irfft(spectrum, n=n_samples, axis=1)
     return signal / np.maximum(signal.std(axis=1, keepdims=True), 1e-12)
 
 
@@ -98,6 +108,12 @@ def _place_seizures(
         seizures.append((float(onset), float(onset + length)))
         earliest = onset + length + postictal_s + horizon_s + 300.0
     return seizures
+
+
+def _ictal_discharge(t: np.ndarray, onset: float, end: float, sampling_rate: float) -> np.ndarray:
+    """Rhythmic discharge slowing from 6 to 3 Hz with two harmonics (unit amplitude)."""
+    phase = 2 * np.pi * np.cumsum(6.0 - 3.0 * (t - onset) / (end - onset)) / sampling_rate
+    return np.sin(phase) + 0.5 * np.sin(2 * phase) + 0.25 * np.sin(3 * phase)
 
 
 def generate_recording(
@@ -157,8 +173,7 @@ def generate_recording(
         pre = (t >= onset - change) & (t < onset)
         ramp[pre] = (t[pre] - (onset - change)) / change
         ictal = (t >= onset) & (t < end)
-        phase = 2 * np.pi * np.cumsum(6.0 - 3.0 * (t[ictal] - onset) / (end - onset)) / sampling_rate
-        discharge = np.sin(phase) + 0.5 * np.sin(2 * phase) + 0.25 * np.sin(3 * phase)
+        discharge = _ictal_discharge(t[ictal], onset, end, sampling_rate)
         data[:, ictal] = 0.3 * data[:, ictal] + 4.0 * rng.uniform(0.7, 1.3, size=(n_channels, 1)) * discharge
     data += ramp * (preictal_power * theta + preictal_synchrony * beta_gain * beta_driver)
 
@@ -208,6 +223,175 @@ def generate_split(
 
 
 # --------------------------------------------------------------------------------------------
+# Heterogeneous subjects (the benchmark generator)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubjectProfile:
+    """What differs between synthetic patients (drawn by :func:`draw_subject`).
+
+    ``beta_band`` is the band of the preictal cross-channel driver, ``preictal_theta`` and
+    ``preictal_synchrony`` the amplitudes of its two preictal components, ``change_minutes`` the
+    range of the preictal change point before onset; the artifact rates are per hour.
+    """
+
+    name: str
+    channel_gain: np.ndarray
+    noise_exponent: float
+    alpha_hz: float
+    beta_band: tuple[float, float]
+    preictal_theta: float
+    preictal_synchrony: float
+    change_minutes: tuple[float, float]
+    drowsy_fraction: float
+    muscle_per_hour: float
+    pops_per_hour: float
+    beta_bursts_per_hour: float
+    theta_bursts_per_hour: float
+
+
+def draw_subject(seed: int | list[int], name: str, n_channels: int = 8) -> SubjectProfile:
+    """One synthetic patient: montage gains, background spectrum, preictal signature and artifact rates."""
+    rng = np.random.default_rng(seed)
+    beta_low = rng.uniform(13.0, 18.0)
+    change_low = rng.uniform(4.0, 12.0)
+    return SubjectProfile(
+        name=name,
+        channel_gain=rng.uniform(0.5, 1.5, size=n_channels),
+        noise_exponent=rng.uniform(0.8, 1.6),
+        alpha_hz=rng.uniform(8.5, 11.5),
+        beta_band=(beta_low, beta_low + rng.uniform(3.0, 6.0)),
+        preictal_theta=rng.uniform(0.3, 0.9),
+        preictal_synchrony=rng.uniform(0.4, 0.9),
+        change_minutes=(change_low, min(15.0, change_low + rng.uniform(2.0, 6.0))),
+        drowsy_fraction=rng.uniform(0.1, 0.5),
+        muscle_per_hour=rng.uniform(2.0, 10.0),
+        pops_per_hour=rng.uniform(2.0, 10.0),
+        beta_bursts_per_hour=rng.uniform(0.5, 2.0),
+        theta_bursts_per_hour=rng.uniform(1.0, 4.0),
+    )
+
+
+def _spectrum_gain(freqs: np.ndarray, parts: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    """Amplitude gain whose power is the sum of the unit-power shapes ``parts`` (amplitude, gain)."""
+    power = np.zeros_like(freqs)
+    for amplitude, gain in parts:
+        power += amplitude**2 * gain**2 / np.mean(gain**2)
+    return np.sqrt(power)
+
+
+def _state_weight(rng: np.random.Generator, n: int, sampling_rate: float, drowsy_fraction: float) -> np.ndarray:
+    """0 (awake) / 1 (drowsy) alternation with exponential dwell times and 60 s transitions."""
+    weight = np.zeros(n)
+    position, drowsy = 0, bool(rng.uniform() < drowsy_fraction)
+    while position < n:
+        mean_minutes = 40.0 * (drowsy_fraction if drowsy else 1.0 - drowsy_fraction)
+        length = max(1, round(rng.exponential(mean_minutes) * 60.0 * sampling_rate))
+        weight[position : position + length] = float(drowsy)
+        position, drowsy = position + length, not drowsy
+    ramp = max(1, round(60.0 * sampling_rate))
+    padded = np.concatenate([[0.0], np.cumsum(np.pad(weight, (ramp // 2, ramp - 1 - ramp // 2), mode="edge"))])
+    return (padded[ramp:] - padded[:-ramp]) / ramp
+
+
+def generate_subject_recording(
+    subject: SubjectProfile,
+    seed: int | list[int],
+    name: str,
+    duration_minutes: float,
+    seizures: list[tuple[float, float]],
+    sampling_rate: float = 64.0,
+    postictal_minutes: float = 10.0,
+) -> EEGRecording:
+    """A recording of ``subject`` with seizures at the given ``(onset, end)`` seconds.
+
+    Background: per-channel 1/f^exponent noise plus an alpha rhythm at the subject's frequency
+    (awake) cross-faded with a drowsy spectrum (theta/delta and 12-14 Hz spindles, weak alpha),
+    switching state every few tens of minutes, times a slow amplitude drift (period 1-3 h) —
+    a non-stationary background whose band ratios move on their own.  Preictal: from a change
+    point in ``change_minutes`` before each onset a linear ramp adds independent theta rhythms
+    and a shared driver in the subject's ``beta_band`` (synchrony).  Seizure and post-ictal as in
+    :func:`generate_recording`.  Artifacts at random times: muscle bursts (2-40 s, broadband
+    20-31 Hz, shared by half the channels), electrode pops (one channel, exponential decay),
+    synchronous beta bursts without theta (20-90 s) and theta bursts without synchrony (30-60 s);
+    each imitates one half of the preictal signature or the beta-power rise.
+    """
+    rng = np.random.default_rng(seed)
+    n_channels = len(subject.channel_gain)
+    n = round(duration_minutes * 60.0 * sampling_rate)
+    t = np.arange(n) / sampling_rate
+    freqs = np.fft.rfftfreq(n, d=1.0 / sampling_rate)
+    pink = np.zeros_like(freqs)
+    pink[1:] = freqs[1:] ** (-subject.noise_exponent / 2.0)
+
+    def band(low: float, high: float) -> np.ndarray:
+        return ((freqs >= low) & (freqs <= high)).astype(float)
+
+    awake = _spectrum_gain(freqs, [(1.0, pink), (0.7, band(subject.alpha_hz - 1.5, subject.alpha_hz + 1.5))])
+    drowsy = _spectrum_gain(freqs, [(1.0, pink), (0.2, band(subject.alpha_hz - 1.5, subject.alpha_hz + 1.5)),
+                                    (0.7, band(2.0, 7.0)), (0.35, band(12.0, 14.0))])
+    weight = _state_weight(rng, n, sampling_rate, subject.drowsy_fraction)
+    weight = weight.astype(np.float32)
+    data = (1.0 - weight) * _shaped_noise(rng, n_channels, n, awake, np.float32)
+    data += weight * _shaped_noise(rng, n_channels, n, drowsy, np.float32)
+    data += 0.3 * _shaped_noise(rng, 1, n, band(0.5, 4.0), np.float32)
+    period = rng.uniform(3600.0, 3 * 3600.0)
+    data *= (1.0 + 0.3 * np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))).astype(np.float32)
+
+    postictal_s = postictal_minutes * 60.0
+    for onset, end in seizures:
+        post = (t >= end) & (t < end + postictal_s)
+        data[:, post] *= 0.4 + 0.6 * (t[post] - end) / postictal_s
+
+    def local(low: float, high: float, start: float, length: float, count: int) -> tuple[slice, np.ndarray]:
+        i0, i1 = max(0, round(start * sampling_rate)), min(n, round((start + length) * sampling_rate))
+        return slice(i0, i1), band_noise(rng, count, max(i1 - i0, 2), sampling_rate, low, high)[:, : i1 - i0]
+
+    for onset, end in seizures:
+        change = rng.uniform(*subject.change_minutes) * 60.0
+        span, theta = local(4.0, 8.0, onset - change, change, n_channels)
+        _, beta = local(*subject.beta_band, onset - change, change, 1)
+        ramp = (t[span] - (onset - change)) / change
+        beta_gain = rng.uniform(0.7, 1.3, size=(n_channels, 1))
+        data[:, span] += ramp * (subject.preictal_theta * theta + subject.preictal_synchrony * beta_gain * beta)
+        ictal = (t >= onset) & (t < end)
+        discharge = _ictal_discharge(t[ictal], onset, end, sampling_rate)
+        data[:, ictal] = 0.3 * data[:, ictal] + 4.0 * rng.uniform(0.7, 1.3, size=(n_channels, 1)) * discharge
+
+    hours = duration_minutes / 60.0
+    duration_s = n / sampling_rate
+    for _ in range(rng.poisson(subject.muscle_per_hour * hours)):
+        length = rng.uniform(2.0, 40.0)
+        span, shared = local(20.0, 0.49 * sampling_rate, rng.uniform(0, duration_s - length), length, 1)
+        channels = rng.choice(n_channels, size=max(1, n_channels // 2), replace=False)
+        data[channels, span] += rng.uniform(0.5, 2.0) * shared
+    for _ in range(rng.poisson(subject.pops_per_hour * hours)):
+        i0 = rng.integers(0, n)
+        decay = np.exp(-np.arange(min(n - i0, round(3 * sampling_rate))) / (0.5 * sampling_rate))
+        data[rng.integers(n_channels), i0 : i0 + len(decay)] += rng.uniform(5.0, 20.0) * rng.choice([-1, 1]) * decay
+    for _ in range(rng.poisson(subject.beta_bursts_per_hour * hours)):
+        length = rng.uniform(20.0, 90.0)
+        span, beta = local(*subject.beta_band, rng.uniform(0, duration_s - length), length, 1)
+        data[:, span] += rng.uniform(0.5, 1.0) * subject.preictal_synchrony * rng.uniform(0.7, 1.3, (n_channels, 1)) * beta
+    for _ in range(rng.poisson(subject.theta_bursts_per_hour * hours)):
+        length = rng.uniform(30.0, 60.0)
+        channels = rng.choice(n_channels, size=max(1, n_channels // 3), replace=False)
+        span, theta = local(4.0, 8.0, rng.uniform(0, duration_s - length), length, len(channels))
+        data[channels, span] += subject.preictal_theta * theta
+
+    data *= subject.channel_gain[:, None]
+    return EEGRecording(
+        name=name,
+        data=data.astype(np.float32),
+        sampling_rate=sampling_rate,
+        seizures=list(seizures),
+        channel_names=[f"CH{i + 1}" for i in range(n_channels)],
+        subject=subject.name,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Window labels
 # --------------------------------------------------------------------------------------------
 
@@ -220,29 +404,54 @@ def label_windows(
     seizures: list[tuple[float, float]],
     horizon_s: float = 900.0,
     postictal_s: float = 600.0,
+    interictal_distance_s: float | None = None,
+    leading_gap_s: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Window start samples and labels (1 preictal, 0 interictal, -1 excluded) for one recording.
 
-    Window ``[a, b)`` (seconds) is preictal iff ``[a, b) ⊆ [s - horizon, s)`` for some onset
-    ``s``; interictal iff it overlaps no ``[s - horizon, end + postictal)``; else excluded.
+    With ``s``/``e`` the onset/end of each seizure and window ``[a, b)`` in seconds:
+
+    * preictal iff ``[a, b) ⊆ [s - horizon, s)`` for a *leading* seizure and ``[a, b)`` overlaps
+      no ictal or post-ictal period ``[s', e' + postictal)`` of any seizure — with clustered
+      seizures the horizon before the second onset can reach into the first seizure and its
+      recovery, and those windows are excluded, never preictal;
+    * interictal iff ``[a, b)`` overlaps no ``[s - d_before, e + d_after)``, where
+      ``d_before = horizon``, ``d_after = postictal`` by default, and both equal
+      ``interictal_distance_s`` when given (the common convention is 4 h = 14400 s from any seizure);
+    * excluded otherwise.
+
+    A seizure is *leading* when at least ``leading_gap_s`` seconds separate its onset from the
+    end of the previous seizure (the first seizure always leads).  The default 0 keeps every
+    seizure; a gap of e.g. 1 h keeps only the first seizure of each cluster as a preictal target,
+    the usual selection when clustered seizures would otherwise label recovery as preictal.
     """
     starts = np.arange(0, n_samples - window_samples + 1, stride_samples)
     a = starts / sampling_rate
     b = (starts + window_samples) / sampling_rate
+    ordered = sorted(seizures)
+    before = horizon_s if interictal_distance_s is None else max(horizon_s, interictal_distance_s)
+    after = postictal_s if interictal_distance_s is None else max(postictal_s, interictal_distance_s)
     labels = np.full(len(starts), INTERICTAL, dtype=np.int64)
-    for onset, end in seizures:
-        labels[(a < end + postictal_s) & (b > onset - horizon_s)] = EXCLUDED
-    for onset, _ in seizures:
-        labels[(a >= onset - horizon_s) & (b <= onset)] = PREICTAL
+    for onset, end in ordered:
+        labels[(a < end + after) & (b > onset - before)] = EXCLUDED
+    for i, (onset, _) in enumerate(ordered):
+        if i == 0 or onset - ordered[i - 1][1] >= leading_gap_s:
+            labels[(a >= onset - horizon_s) & (b <= onset)] = PREICTAL
+    for onset, end in ordered:
+        labels[(a < end + postictal_s) & (b > onset)] = EXCLUDED
     return starts, labels
 
 
 class EEGWindows(Dataset):
     """Windows cut from recordings on the fly, normalised per channel.
 
-    With ``continuous=False`` only labelled windows are kept and items are ``(x, y)``; with
+    With ``continuous=False`` only labelled windows are kept and items are ``(x, y, domain)``,
+    ``domain`` being the index of the recording's subject (``EEGRecording.subject``, or its name
+    when unset) among the subjects of ``recordings`` — what the domain-adversarial critic of
+    :class:`~lightning_act.tasks.seizure_forecasting.SeizureForecaster` tells apart.  With
     ``continuous=True`` every window is kept in time order and items are
-    ``(x, y, recording_index, window_end_s)`` for alarm evaluation.
+    ``(x, y, recording_index, window_end_s)`` for alarm evaluation.  ``interictal_distance_s`` and
+    ``leading_gap_s`` are passed to :func:`label_windows`.
     """
 
     def __init__(
@@ -255,16 +464,21 @@ class EEGWindows(Dataset):
         mean: np.ndarray,
         std: np.ndarray,
         continuous: bool = False,
+        interictal_distance_s: float | None = None,
+        leading_gap_s: float = 0.0,
     ) -> None:
         self.recordings = recordings
         self.window_samples = window_samples
         self.continuous = continuous
         self.mean = mean.astype(np.float32)[:, None]
         self.std = std.astype(np.float32)[:, None]
+        subjects = sorted({rec.subject or rec.name for rec in recordings})
+        self.domains = np.array([subjects.index(rec.subject or rec.name) for rec in recordings], dtype=np.int64)
         index = []
         for r, rec in enumerate(recordings):
             starts, labels = label_windows(
-                rec.data.shape[1], rec.sampling_rate, window_samples, stride_samples, rec.seizures, horizon_s, postictal_s
+                rec.data.shape[1], rec.sampling_rate, window_samples, stride_samples, rec.seizures, horizon_s, postictal_s,
+                interictal_distance_s, leading_gap_s,
             )
             keep = np.ones_like(labels, dtype=bool) if continuous else labels != EXCLUDED
             index.append(np.stack([np.full(keep.sum(), r), starts[keep], labels[keep]], axis=1))
@@ -282,9 +496,25 @@ class EEGWindows(Dataset):
         rec = self.recordings[r]
         x = torch.from_numpy((rec.data[:, start : start + self.window_samples] - self.mean) / self.std)
         if not self.continuous:
-            return x, torch.tensor(float(label))
+            return x, torch.tensor(float(label)), torch.tensor(self.domains[r])
         end_s = (start + self.window_samples) / rec.sampling_rate
         return x, torch.tensor(float(label)), torch.tensor(r), torch.tensor(end_s, dtype=torch.float64)
+
+
+def band_power_ratio(
+    windows: np.ndarray, sampling_rate: float, band_hz: tuple[float, float] = (13.0, 30.0), total_hz: tuple[float, float] = (0.5, 30.0)
+) -> np.ndarray:
+    """Per window ``(N, C, T)``: mean over channels of periodogram power in ``band_hz`` / power in ``total_hz``.
+
+    With the default beta band this is the one-feature baseline of the seizure benchmark: a
+    rise of beta power relative to the rest of the spectrum, what a clinician's band-power
+    trend shows, with no training beyond a threshold.
+    """
+    spectrum = np.abs(scipy.fft.rfft(windows - windows.mean(axis=-1, keepdims=True), axis=-1)) ** 2
+    freqs = np.fft.rfftfreq(windows.shape[-1], d=1.0 / sampling_rate)
+    band = spectrum[..., (freqs >= band_hz[0]) & (freqs <= band_hz[1])].sum(axis=-1)
+    total = spectrum[..., (freqs >= total_hz[0]) & (freqs <= total_hz[1])].sum(axis=-1)
+    return (band / np.maximum(total, 1e-12)).mean(axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +542,9 @@ def parse_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]
     def fail(line_no: int, problem: str) -> DataFormatError:
         return DataFormatError(f"{path.name} line {line_no}: {problem}; fix the summary to the CHB-MIT layout")
 
-    for line_no, raw in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    # utf-8-sig drops a byte-order mark (editors on Windows add one), which would otherwise hide
+    # the first 'File Name:' and surface as a misleading error further down the file.
+    for line_no, raw in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1):
         line = raw.strip()
         if line.lower().startswith("file name:"):
             current = line.split(":", 1)[1].strip()
@@ -368,7 +600,15 @@ def read_edf(path: str | Path, n_channels: int | None = None) -> tuple[np.ndarra
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"EDF file '{path}' not found; check the file names listed in the summary")
-    with pyedflib.EdfReader(str(path)) as reader:
+    try:
+        reader = pyedflib.EdfReader(str(path))
+    except OSError as error:
+        problem = str(error).splitlines()[0].split(": ", 1)[-1] if str(error) else type(error).__name__
+        raise DataFormatError(
+            f"'{path}' is not a readable EDF file ({problem}): it is corrupt or truncated; "
+            "download it again or remove its entry from the summary"
+        ) from None
+    with reader:
         count = reader.signals_in_file
         if n_channels is not None and count != n_channels:
             raise DataFormatError(
@@ -403,7 +643,14 @@ def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGReco
     for summary in summaries:
         for file_name, seizures in parse_chbmit_summary(summary).items():
             data, rate, names = read_edf(summary.parent / file_name, n_channels)
-            recordings.append(EEGRecording(Path(file_name).stem, data, rate, seizures, names))
+            recording = EEGRecording(Path(file_name).stem, data, rate, seizures, names, subject=summary.parent.name)
+            for start, end in seizures:
+                if end > recording.duration_s:
+                    raise DataFormatError(
+                        f"{summary.name}: '{file_name}' lists a seizure at {start:g}-{end:g} s but the recording "
+                        f"ends at {recording.duration_s:g} s; fix the seizure times or replace the truncated EDF file"
+                    )
+            recordings.append(recording)
     rates = {rec.sampling_rate for rec in recordings}
     if len(rates) != 1:
         raise DataFormatError(f"recordings under '{folder}' have sampling rates {sorted(rates)}; resample them to one rate")
@@ -445,9 +692,12 @@ class EEGSeizureDataModule(SplitDataModule):
 
     With ``data_dir=None`` (default) it generates small synthetic recordings (CPU-sized); with
     ``data_dir`` it reads a CHB-MIT-style folder (EDF files + ``chbXX-summary.txt``), expecting
-    ``n_channels`` channels per file.  Train/val loaders yield ``(x, y)`` of labelled windows;
-    test/predict loaders yield every window of the held-out recordings in time order as
+    ``n_channels`` channels per file.  Train/val loaders yield ``(x, y, domain)`` of labelled
+    windows (``domain`` = subject index: the ``chbXX`` folder, or the recording for synthetic
+    data); test/predict loaders yield every window of the held-out recordings in time order as
     ``(x, y, recording_index, window_end_s)`` (``y = -1`` for ictal/post-ictal/boundary windows).
+    ``interictal_distance_minutes`` (e.g. 240 for the common >= 4 h convention) and
+    ``leading_gap_minutes`` select interictal windows and leading seizures (:func:`label_windows`).
     """
 
     def __init__(
@@ -464,6 +714,8 @@ class EEGSeizureDataModule(SplitDataModule):
         max_seizures_per_recording: int = 2,
         horizon_minutes: float = 15.0,
         postictal_minutes: float = 10.0,
+        interictal_distance_minutes: float | None = None,
+        leading_gap_minutes: float = 0.0,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         batch_size: int = 64,
@@ -487,6 +739,8 @@ class EEGSeizureDataModule(SplitDataModule):
         self.max_seizures_per_recording = max_seizures_per_recording
         self.horizon_s = horizon_minutes * 60.0
         self.postictal_s = postictal_minutes * 60.0
+        self.interictal_distance_s = None if interictal_distance_minutes is None else interictal_distance_minutes * 60.0
+        self.leading_gap_s = leading_gap_minutes * 60.0
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.batch_size = batch_size
@@ -526,6 +780,7 @@ class EEGSeizureDataModule(SplitDataModule):
         stride = round(self.stride_seconds * self.sampling_rate)
         for split, recs in self.recordings.items():
             self.datasets[split] = EEGWindows(
-                recs, self.window_samples, stride, self.horizon_s, self.postictal_s, mean, std, continuous=split == "test"
+                recs, self.window_samples, stride, self.horizon_s, self.postictal_s, mean, std, continuous=split == "test",
+                interictal_distance_s=self.interictal_distance_s, leading_gap_s=self.leading_gap_s,
             )
         self.train_set, self.val_set, self.test_set = self.datasets["train"], self.datasets["val"], self.datasets["test"]

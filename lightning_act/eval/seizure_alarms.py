@@ -201,3 +201,26 @@ def evaluate_recordings(
             )
         )
     return combine_reports(reports)
+
+
+def proportion_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval for a proportion such as sensitivity (NaNs without trials)."""
+    from scipy.stats import beta
+
+    if trials == 0:
+        return math.nan, math.nan
+    alpha = 1.0 - confidence
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    return low, high
+
+
+def rate_interval(events: int, exposure: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Garwood) Poisson interval for a rate such as false detections per interictal hour."""
+    from scipy.stats import chi2
+
+    if exposure <= 0:
+        return math.nan, math.nan
+    alpha = 1.0 - confidence
+    low = 0.0 if events == 0 else float(chi2.ppf(alpha / 2, 2 * events)) / 2
+    return low / exposure, float(chi2.ppf(1 - alpha / 2, 2 * events + 2)) / 2 / exposure

@@ -1,27 +1,31 @@
-"""Adversarial seizure forecasting with STAN (Li et al. 2025, arXiv 2511.01275).
+"""Domain-adversarial seizure forecasting with STAN (Li et al. 2025, arXiv 2511.01275).
 
-The paper trains STAN with a classifier loss plus an adversarial term from a discriminator
-on the learned representations, stabilised with a gradient penalty, but does not publish the
-exact objective.  Formulation chosen here (WGAN-GP critic, Gulrajani et al. 2017):
+The paper trains STAN with a classifier loss plus an adversarial term from a discriminator on
+the learned preictal and interictal representations, stabilised with a gradient penalty, but
+does not publish the objective.  A min-max in which the critic tells *preictal from interictal*
+can only be cooperative (the encoder helps the critic: a second classifier) or destructive (the
+encoder hides the classes from the critic and so from its own head).  The form used here is the
+one in which the two players oppose each other and the classifier is not undermined: a
+class-conditional, domain-adversarial WGAN-GP (WDGRL, Shen et al. 2018; gradient penalty,
+Gulrajani et al. 2017) — the critic inspects the preictal and the interictal representation
+distributions separately and tries to tell each *subject's* distribution from the others';
+the encoder learns representations in which it cannot, i.e. patient-invariant preictal and
+interictal features.  Justification and caveats: docs/stan.md.
 
-* ``z = STAN.embed(x)`` is the window embedding (LayerNorm without affine parameters, so its
-  scale is fixed and cannot be inflated to game a Lipschitz critic).  ``P`` = embeddings of
-  preictal windows ("real"), ``I`` = embeddings of interictal windows ("fake").
-* Critic ``D`` (MLP) minimises
-  ``L_D = E[D(z_I)] - E[D(z_P)] + λ E[(||∇_ẑ D(ẑ)||_2 - 1)^2]``, ``ẑ = ε z_P + (1-ε) z_I``,
-  ``ε ~ U(0, 1)`` per pair, pairs drawn by sampling each class with replacement up to the larger
-  class size; embeddings are detached for this step.  The penalty is built with
-  ``create_graph=True`` so its gradient reaches the critic's weights.  Thus
-  ``-L_D`` (without penalty) estimates the Wasserstein-1 distance between the class-conditional
-  embedding distributions.
-* Encoder + head minimise ``L = BCE(logit, y) + β (E[D(z_I)] - E[D(z_P)])`` with the freshly
-  updated critic: the encoder is pushed to *increase* the critic's Wasserstein estimate, i.e.
-  to separate preictal from interictal embeddings in every 1-Lipschitz direction the critic
-  finds, not just along the linear head.  (A GAN generator would minimise that gap; doing so
-  here would make the classes indistinguishable and fight the classifier.)  ``β`` is
-  ``adversarial_weight``, ``λ`` is ``gp_lambda``.
-* Per training batch: ``n_critic`` critic updates, then one encoder/head update (manual
-  optimisation, two optimisers).  Batches with only one class skip both adversarial parts.
+* ``z = STAN.embed(x)`` (fixed scale: LayerNorm without affine parameters); each training window
+  carries its class ``y`` and its subject (domain) index ``d``.
+* For every class ``c`` and every subject ``k`` present in the batch with class ``c`` alongside
+  another subject: ``W_kc = E[D_k(z) | d = k, y = c] - E[D_k(z) | d != k, y = c]``, with one
+  critic output ``D_k`` per subject (``n_domains`` outputs), bounded by ``tanh`` to (-1, 1).
+  ``W`` = mean of the ``W_kc`` (a one-vs-rest Wasserstein-1 estimate when ``D_k`` is 1-Lipschitz).
+* Critic maximises ``W - λ GP`` on detached embeddings, with the penalty at ``ẑ = ε z_k + (1-ε) z_rest``
+  over ``gp_pairs`` random pairs per ``(k, c)`` group.
+* Encoder + head minimise ``BCE(logit, y) + β W`` with the freshly updated, frozen critic.  Since
+  ``|D| < 1``, ``|β W| < 2β``: the adversarial term cannot swamp the classification loss.
+* ``n_critic`` critic updates, then one encoder/head update per batch (manual optimisation, two
+  optimisers).  ``adversarial_weight = 0`` trains the plain classifier (no critic work: the
+  ablation).  Batches whose windows all come from one subject, or that carry no subject index
+  (``(x, y)`` batches; warned once), skip the adversarial parts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_act.errors import LightningActError
@@ -39,37 +44,65 @@ from lightning_act.models.stan import STAN
 
 
 def gradient_penalty(
-    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, epsilon: torch.Tensor | None = None
+    critic: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    epsilon: torch.Tensor | None = None,
+    output_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """WGAN-GP penalty ``E[(||∇_x̂ D(x̂)||_2 - 1)^2]`` at ``x̂ = ε real + (1-ε) fake`` (Gulrajani et al. 2017).
 
     ``real`` and ``fake`` are paired row by row; ``epsilon`` (one per row) defaults to U(0, 1).
-    The graph is kept (``create_graph=True``) so the penalty can be back-propagated to ``critic``.
+    With a multi-output critic, ``output_index`` names the output whose gradient row ``i`` is
+    penalised.  The graph is kept (``create_graph=True``) so the penalty reaches ``critic``.
     """
     if epsilon is None:
         epsilon = torch.rand(real.shape[0], 1, device=real.device, dtype=real.dtype)
     mixed = (epsilon * real + (1.0 - epsilon) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
+    scores = critic(mixed)
+    scores = scores.flatten() if output_index is None else scores.gather(1, output_index[:, None])
+    (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
 
 
-def make_critic(embed_dim: int, hidden: int) -> nn.Sequential:
-    """Two-hidden-layer MLP critic.
+class DomainCritic(nn.Module):
+    """MLP critic with one ``tanh``-bounded output per subject.
 
-    No normalisation layers (they would couple samples and break the per-sample penalty) and no
-    output bias (a constant shift cancels in every WGAN-GP term, so it would never be trained).
+    No normalisation layers (they would couple samples and break the per-sample penalty); the
+    bound keeps the adversarial term on the scale of the classification loss.
     """
-    return nn.Sequential(
-        nn.Linear(embed_dim, hidden),
-        nn.LeakyReLU(0.2),
-        nn.Linear(hidden, hidden),
-        nn.LeakyReLU(0.2),
-        nn.Linear(hidden, 1, bias=False),
-    )
+
+    def __init__(self, embed_dim: int, hidden: int, n_domains: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(embed_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, n_domains),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, n_domains)`` scores in (-1, 1)."""
+        return torch.tanh(self.net(z))
+
+
+def domain_groups(y: torch.Tensor, domain: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(k, in_k, rest)`` masks for each class and each subject ``k`` that has a rival in that class."""
+    groups = []
+    for label in (0.0, 1.0):
+        in_class = y == label
+        for k in torch.unique(domain[in_class]).tolist():
+            in_k, rest = in_class & (domain == k), in_class & (domain != k)
+            if rest.any():
+                groups.append((int(k), in_k, rest))
+    return groups
+
+
+def domain_gap(scores: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over groups of ``E[D_k | in_k] - E[D_k | rest]`` (the one-vs-rest Wasserstein estimate)."""
+    return torch.stack([scores[in_k, k].mean() - scores[rest, k].mean() for k, in_k, rest in groups]).mean()
 
 
 class SeizureForecaster(pl.LightningModule):
-    """STAN classifier with a WGAN-GP critic on its embeddings (formulation in the module doc)."""
+    """STAN classifier with a class-conditional domain critic on its embeddings (module doc)."""
 
     def __init__(
         self,
@@ -82,8 +115,10 @@ class SeizureForecaster(pl.LightningModule):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         critic_hidden: int = 128,
+        n_domains: int = 32,
         adversarial_weight: float = 0.1,
         gp_lambda: float = 10.0,
+        gp_pairs: int = 16,
         n_critic: int = 1,
         lr: float = 1e-3,
         critic_lr: float = 1e-3,
@@ -97,6 +132,11 @@ class SeizureForecaster(pl.LightningModule):
         super().__init__()
         if n_critic < 1:
             raise LightningActError(f"n_critic={n_critic} must be at least 1; pass --model.init_args.n_critic 1 or more")
+        if adversarial_weight < 0:
+            raise LightningActError(
+                f"adversarial_weight={adversarial_weight} is negative, which would make the encoder help the critic; "
+                "pass 0 (no adversarial term) or a positive weight"
+            )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = STAN(
@@ -110,10 +150,11 @@ class SeizureForecaster(pl.LightningModule):
             dropout=dropout,
             num_classes=1,
         )
-        self.critic = make_critic(embed_dim, critic_hidden)
+        self.critic = DomainCritic(embed_dim, critic_hidden, n_domains)
         self.val_auroc = torchmetrics.classification.BinaryAUROC()
         self.test_auroc = torchmetrics.classification.BinaryAUROC()
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._warned_no_domain = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Preictal logit per window."""
@@ -123,32 +164,51 @@ class SeizureForecaster(pl.LightningModule):
         pos_weight = None if self.hparams.pos_weight is None else logits.new_tensor(self.hparams.pos_weight)
         return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
 
-    @staticmethod
-    def _paired(pre: torch.Tensor, inter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Resample both classes with replacement to the larger class size, for row-wise pairs."""
-        size = max(len(pre), len(inter))
-        return (
-            pre[torch.randint(len(pre), (size,), device=pre.device)],
-            inter[torch.randint(len(inter), (size,), device=inter.device)],
-        )
-
-    def critic_loss(self, z_pre: torch.Tensor, z_inter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(L_D, Wasserstein estimate, gradient penalty)`` on detached embeddings."""
-        wasserstein = self.critic(z_pre).mean() - self.critic(z_inter).mean()
-        penalty = gradient_penalty(self.critic, *self._paired(z_pre, z_inter))
+    def critic_loss(
+        self, z: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(-W + λ GP, W, GP)`` on detached embeddings ``z``; ``gp_pairs`` random pairs per group."""
+        wasserstein = domain_gap(self.critic(z), groups)
+        m = self.hparams.gp_pairs
+        real, fake, index = [], [], []
+        for k, in_k, rest in groups:
+            z_k, z_rest = z[in_k], z[rest]
+            real.append(z_k[torch.randint(len(z_k), (m,), device=z.device)])
+            fake.append(z_rest[torch.randint(len(z_rest), (m,), device=z.device)])
+            index.append(torch.full((m,), k, device=z.device, dtype=torch.long))
+        penalty = gradient_penalty(self.critic, torch.cat(real), torch.cat(fake), output_index=torch.cat(index))
         return -wasserstein + self.hparams.gp_lambda * penalty, wasserstein, penalty
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        model_opt, critic_opt = self.optimizers()
-        x, y = batch
-        z = self.model.embed(x)
-        pre_mask, inter_mask = y > 0.5, y < 0.5
-        adversarial = bool(pre_mask.any() and inter_mask.any())
+    def _groups(self, batch: tuple[torch.Tensor, ...], y: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Critic groups of this batch; empty when the adversarial term is off or cannot be formed."""
+        if self.hparams.adversarial_weight == 0:
+            return []
+        if len(batch) < 3:
+            if not self._warned_no_domain:
+                rank_zero_warn(
+                    "SeizureForecaster: training batches carry no subject index (x, y), so the adversarial term is off; "
+                    "yield (x, y, domain) as EEGSeizureDataModule does, or set adversarial_weight 0 to silence this"
+                )
+                self._warned_no_domain = True
+            return []
+        domain = batch[2].long()
+        if domain.numel() and int(domain.max()) >= self.hparams.n_domains:
+            raise LightningActError(
+                f"subject index {int(domain.max())} but the critic has n_domains={self.hparams.n_domains} outputs; "
+                f"pass --model.init_args.n_domains {int(domain.max()) + 1} or more"
+            )
+        return domain_groups(y, domain)
 
-        if adversarial:
-            z_pre, z_inter = z[pre_mask].detach(), z[inter_mask].detach()
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        model_opt, critic_opt = self.optimizers()
+        x, y = batch[0], batch[1]
+        z = self.model.embed(x)
+        groups = self._groups(batch, y)
+
+        if groups:
+            z_detached = z.detach()
             for _ in range(self.hparams.n_critic):
-                loss_d, wasserstein, penalty = self.critic_loss(z_pre, z_inter)
+                loss_d, wasserstein, penalty = self.critic_loss(z_detached, groups)
                 critic_opt.zero_grad()
                 self.manual_backward(loss_d)
                 critic_opt.step()
@@ -157,12 +217,8 @@ class SeizureForecaster(pl.LightningModule):
             self.log("train/wasserstein", wasserstein.detach())
 
         self.toggle_optimizer(model_opt)  # critic weights frozen while the encoder uses the critic
-        logits = self.model.forward_head(z)
-        cls_loss = self._classifier_loss(logits, y)
-        if adversarial:
-            adv_loss = self.critic(z[inter_mask]).mean() - self.critic(z[pre_mask]).mean()
-        else:
-            adv_loss = z.new_zeros(())
+        cls_loss = self._classifier_loss(self.model.forward_head(z), y)
+        adv_loss = domain_gap(self.critic(z), groups) if groups else z.new_zeros(())
         loss = cls_loss + self.hparams.adversarial_weight * adv_loss
         model_opt.zero_grad()
         self.manual_backward(loss)
@@ -173,8 +229,8 @@ class SeizureForecaster(pl.LightningModule):
         self.log("train/adv_loss", adv_loss.detach())
         return loss.detach()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
         logits = self(x)
         self.log("val/loss", self._classifier_loss(logits, y), prog_bar=True)
         self.val_auroc(logits.sigmoid(), y.long())
