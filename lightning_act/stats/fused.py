@@ -188,26 +188,35 @@ def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
             clean.square().sum(dtype=torch.float64),
             clean_magnitude.sum(dtype=torch.float64),
         ]
-    ranked = torch.where(torch.isnan(magnitude), torch.full((), float("inf"), dtype=work.dtype, device=work.device), magnitude)
-    if rows.shape[1] == 0:
-        sample_max = torch.zeros(rows.shape[0], dtype=work.dtype, device=work.device)
+    nonfinite = parts[0]
+    if rows.numel() == 0:
         abs_max = torch.zeros((), dtype=work.dtype, device=work.device)
     else:
-        sample_max = ranked.amax(1)
         abs_max = clean_magnitude.amax()
-    outputs = [torch.stack(parts), torch.stack([abs_max.to(torch.float64), sample_max.amax().to(torch.float64)]), sample_max]
+    # Any NaN or inf ranks as +inf, so the overall ranked maximum needs no pass of its own.
+    ranked_max = torch.where(nonfinite > 0, torch.full_like(abs_max, float("inf")), abs_max)
+    outputs = [torch.stack(parts), torch.stack([abs_max.to(torch.float64), ranked_max.to(torch.float64)])]
+    if spec.per_sample:
+        inf = torch.full((), float("inf"), dtype=work.dtype, device=work.device)
+        ranked = torch.where(torch.isnan(magnitude), inf, magnitude)
+        if rows.shape[1] == 0:
+            outputs.append(torch.zeros(rows.shape[0], dtype=work.dtype, device=work.device))
+        else:
+            outputs.append(ranked.amax(1))
+    else:
+        outputs.append(ranked_max.reshape(1))
     if spec.histogram is not None:
         index = log_magnitude_bin(magnitude, spec.histogram)
         counts = torch.zeros(rows.shape[0], spec.histogram.size, dtype=torch.int32, device=work.device)
         outputs.append(counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32)))
     if spec.column_max:
-        outputs.append(ranked.amax(0) if rows.shape[0] else torch.zeros(rows.shape[1], dtype=work.dtype, device=work.device))
+        outputs.append(ranked.amax(0))
     return tuple(outputs)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_pass(spec: FusedSpec):  # noqa: ANN202 - a compiled callable
-    return torch.compile(functools.partial(_torch_pass, spec=spec), dynamic=False)
+    return torch.compile(functools.partial(_torch_pass, spec=spec))
 
 
 def triton_available() -> bool:
