@@ -29,7 +29,8 @@ import triton.language as tl
 
 BLOCK = 1024
 TARGET_PROGRAMS = 1024
-INF_BITS = 0x7F800000
+# A global read inside a compiled (not interpreted) kernel must be a constexpr.
+INF_BITS = tl.constexpr(0x7F800000)
 
 
 @triton.jit
