@@ -128,7 +128,7 @@ class FusedStats:
     sample_magnitude_max: torch.Tensor | None = None
     sample_histogram: torch.Tensor | None = None
     column_max: torch.Tensor | None = None
-    _index: dict[str, int] = field(default_factory=dict, repr=False)
+    _index: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {name: i for i, name in enumerate(self.spec.sum_names)}
