@@ -131,6 +131,16 @@ def test_massive_partials_from_histogram_match_exact_within_the_median_bound() -
     assert torch.equal(maxima, exact_max)
 
 
+def test_rank_partials_reduce_to_the_whole_with_one_sum_and_one_max() -> None:
+    """Two "ranks" holding halves of the batch: SUM of sums and layer histograms, MAX of maxima = the whole."""
+    x = make_input((6, 11, 13), "bfloat16", seed=4)
+    whole = fused_statistics(x, SPEC, "torch")
+    halves = [fused_statistics(part, SPEC, "torch") for part in x.split(3)]
+    np.testing.assert_allclose((halves[0].sums + halves[1].sums).numpy(), whole.sums.numpy(), rtol=1e-12)
+    assert torch.equal(torch.maximum(halves[0].maxima, halves[1].maxima), whole.maxima)
+    assert torch.equal(halves[0].layer_histogram + halves[1].layer_histogram, whole.layer_histogram)
+
+
 @pytest.mark.parametrize("shape", [(5, 40), (3, 6, 10), (2, 4, 3, 5)])
 def test_topk_positions_match_the_monitors_layout(shape: tuple[int, ...]) -> None:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
