@@ -1,0 +1,97 @@
+"""Spectra of wide activations from a sum-reducible row-space Nyström sketch (pure tensor functions).
+
+Why. :mod:`lightning_act.stats.spectrum` sums the full ``d x d`` scatter matrix and takes its eigenvalues:
+for an 8192-wide tap that is a 512 MiB float64 partial (plus its reduction buffer and the eigensolver's
+copies, ~3 GiB) and an ``O(d^3)`` eigendecomposition (minutes on a 2-core CPU), for a matrix whose rank is at
+most ``N - 1``, the number of sampled rows (1024 by default).
+
+What. Rows ``X`` (``N x d``) are projected by a fixed seeded Gaussian ``Ω`` (``d x k``): ``Z = X Ω``. Each
+rank sums ``N``, ``Σ ||x||^2``, ``Σ x``, ``Σ z``, ``Xᵀ Z`` (``d x k``) and ``Zᵀ Z`` (``k x k``); all of them are
+sums over rows, so they add up across micro-batches and ranks exactly as the full covariance does (stacking
+the rows of every batch stacks their ``Z``), in ``d (k + 1) + k (k + 1) + 2`` numbers instead of
+``d^2 + d + 1``. With ``J`` the centring projection over all ``N`` rows, the flush forms ``Y = Xᵀ J Z`` and
+``W = Zᵀ J Z`` from the sums and takes the eigenvalues of the Nyström matrix ``Y W^+ Yᵀ`` as those of the
+``k x k`` matrix ``W^{-1/2} Yᵀ Y W^{-1/2}``, with ``W``'s pseudo-inverse square root from its eigenvalues
+above ``k eps max diag(Zᵀ Z)``: ``W`` is singular (rank ``<= N - 1 < k``), and its null directions, computed
+only to round-off, must be dropped, not damped (a ridge large enough to silence them biases the small
+eigenvalues by percents).
+
+Error. ``Y W^+ Yᵀ = Xᵀ J P J X`` with ``P`` the projection onto ``range(J Z)``. When ``rank(J X) <= k``,
+``range(J Z) = range(J X)`` for almost every ``Ω``, so ``P J X = J X`` and the Nyström matrix *is* the centred
+scatter ``S = Xᵀ J X``: the nonzero eigenvalues, the effective rank and the participation ratio are exact
+up to float64 round-off. This holds for any full-rank ``Z``, which is why ``Z`` may be computed in float32
+(its rounding is just another ``Ω``); ``Xᵀ Z`` and everything after are float64 (a float32 ``Xᵀ Z`` breaks
+the identity and costs tens of percent on steep spectra). ``rank(J X) <= N - 1``, so with ``k >= N - 1``
+(the rows sampled in one due step, over micro-batches and ranks) the wide path is exact; the tests check
+erank and PR against float64 numpy. With more rows than ``k + 1``, ``P`` is a randomized range finder's
+projection: the leading spectrum is kept and tail energy lost, far beyond 2% (tests: PR -19%, erank -62%
+at three times k rows), so ``k`` must be sized to the rows of one due step.
+
+Cost at ``d = 8192, k = 1040, N = 1024`` (``scripts/bench_stat_kernels.py --collapse``): per forward one
+float32 and one float64 ``N x d x k`` matmul, at flush one float64 ``d x k x k`` Gram and two ``k x k``
+eigendecompositions; 177 MiB of extra peak memory measured, independent of ``d^2``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_act.stats.spectrum import effective_rank, participation_ratio
+
+
+def gaussian_test_matrix(d: int, k: int, seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """The seeded ``d x k`` float32 Gaussian ``Ω`` (the same on every rank and every call for one seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(d, k, generator=generator, dtype=torch.float32).to(device)
+
+
+def sketch_size(d: int, k: int) -> int:
+    """Length of a :func:`sketch_partials` vector."""
+    return 2 + d + k + d * k + k * k
+
+
+def sketch_partials(rows: torch.Tensor, test_matrix: torch.Tensor) -> torch.Tensor:
+    """``[N, Σ||x||², Σx (d), Σz (k), XᵀZ (d·k), ZᵀZ (k·k)]`` of ``(N, d)`` rows with ``Z = X Ω``, float64,
+    one flat SUM-reducible vector."""
+    x = rows.to(torch.float64)
+    projected = (rows.to(torch.float32) @ test_matrix.to(device=rows.device, dtype=torch.float32)).to(torch.float64)
+    head = torch.stack([torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device), x.square().sum()])
+    return torch.cat([
+        head, x.sum(0), projected.sum(0), (x.T @ projected).reshape(-1), (projected.T @ projected).reshape(-1)
+    ])
+
+
+def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
+    """Eigenvalues (ascending, float64, >= 0, length ``k``) of the Nyström approximation of the centred
+    scatter matrix of a ``d``-wide tap from reduced :func:`sketch_partials`; exact when ``rank <= k``.
+
+    As :func:`lightning_act.stats.spectrum.covariance_spectrum`: eigenvalues below ``d eps Σ||x||²`` are
+    round-off and set to 0, and non-finite sums give NaN eigenvalues (no host sync, no solver error).
+    """
+    partials = partials.to(torch.float64)
+    if partials.numel() != sketch_size(d, k):
+        raise ValueError(f"{partials.numel()} numbers are not the sketch of a {d}-wide tap with k={k}; pass the d and k it was built with")
+    count, square_total = partials[0].clamp_min(1.0), partials[1]
+    total, projected_total = partials[2 : 2 + d], partials[2 + d : 2 + d + k]
+    cross = partials[2 + d + k : 2 + d + k + d * k].reshape(d, k) - torch.outer(total, projected_total) / count
+    raw_core = partials[2 + d + k + d * k :].reshape(k, k)
+    core = raw_core - torch.outer(projected_total, projected_total) / count
+    finite = torch.isfinite(cross).all() & torch.isfinite(core).all()
+    zero = torch.zeros((), dtype=torch.float64, device=partials.device)
+    cross = torch.where(finite, cross, zero)
+    core = torch.where(finite, 0.5 * (core + core.T), zero)
+    eps = torch.finfo(torch.float64).eps
+    weights, basis = torch.linalg.eigh(core)
+    floor = k * eps * torch.diagonal(raw_core).amax().clamp_min(torch.finfo(torch.float64).tiny)
+    keep = weights > floor
+    whitening = basis * torch.where(keep, weights.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), zero)
+    nystrom = whitening.T @ (cross.T @ cross) @ whitening
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (nystrom + nystrom.T)).clamp_min(0.0)
+    eigenvalues = torch.where(eigenvalues > d * eps * square_total, eigenvalues, zero)
+    return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
+
+
+def sketch_rank_statistics(partials: torch.Tensor, d: int, k: int) -> dict[str, torch.Tensor]:
+    """``erank`` (Roy & Vetterli 2007) and ``pr`` (Gao et al. 2017) from reduced :func:`sketch_partials`."""
+    eigenvalues = sketch_spectrum(partials, d, k)
+    return {"erank": effective_rank(eigenvalues), "pr": participation_ratio(eigenvalues)}

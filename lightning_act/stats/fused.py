@@ -1,0 +1,346 @@
+"""One fused pass per tapped tensor for every sufficient statistic the active monitors need.
+
+Each monitor declares what it needs from a tapped tensor as a :class:`FusedSpec` (``moment_spec``,
+``zero_spec``, ``massive_spec``); the specs of all monitors tapping one module are merged with
+:meth:`FusedSpec.union`, and :func:`fused_statistics` reads the activation once and returns
+:class:`FusedStats`. Small adapters (``moment_partials_from`` ...) turn that into exactly the partial
+buffers each monitor already reduces and summarises, so no statistic changes meaning. Statistics no spec
+asked for are not computed (each is a compile-time switch of the kernel and a Python branch of the
+fallback).
+
+What one pass gives, from an activation of any float dtype (bf16/fp16 are read as is and widened in
+registers; every comparison is made in float32, or float64 for float64 inputs):
+
+- ``count`` and ``nonfinite`` (NaN and inf entries), always;
+- ``at_most``: for each threshold ``t``, the count of entries with ``|x| <= t`` (non-finite entries never
+  count). The threshold is rounded *down* to the input's compute precision, so the float32 comparison
+  gives exactly the answer of comparing with the real number ``t`` (a plain ``x <= 0.1`` on bf16 compares
+  with bf16(0.1) = 0.10009765625 instead);
+- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback) or float32 block
+  sums of at most 1024 terms added in float64 (Triton): relative error of the non-negative sums
+  <= ``11 * 2^-24`` (about 7e-7), of ``sum x`` the same relative to ``sum |x|``;
+- two maxima: ``abs_max`` over finite entries (the moments' convention, 0 when there is none) and
+  ``magnitude_max`` with NaN and inf ranked as ``+inf`` (the massive-activation convention);
+- per sample (row ``b`` of ``x.reshape(x.shape[0], -1)``, when a histogram or the column maximum is asked
+  for): ``sample_magnitude_max`` and the log-magnitude histogram ``sample_histogram``
+  (:mod:`lightning_act.stats.histogram_median`; its sum over samples is the layer's histogram);
+- ``column_max``: per position (flat index within a sample) the maximum ``|x|`` over samples, from which
+  the top-k distinct positions are one small ``topk`` (the full tensor is never sorted).
+
+Reductions across ranks (torchtitan style, no host sync): ``sums`` and ``layer_histogram`` are
+SUM-reducible, ``maxima`` MAX-reducible, all fixed-size float64; per-sample values are consumed locally
+(e.g. medians) and only their sums are reduced.
+
+Implementations: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``;
+:mod:`lightning_act.stats.triton_fused`), ``"torch"`` (the eager fallback), ``"compiled"`` (the same
+fallback through ``torch.compile``, which fuses it into few kernels) and ``"auto"`` (Triton for CUDA
+float16/bfloat16/float32 tensors when Triton is importable, else the eager fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lightning_act.stats.histogram_median import (
+    LogMagnitudeBins,
+    histogram_count_at_least,
+    histogram_median,
+    log_magnitude_bin,
+)
+from lightning_act.stats.massive import MASSIVE_SUMS
+from lightning_act.stats.moments import MOMENT_SUMS
+
+MAX_NAMES = ("abs_max", "magnitude_max")
+IMPLEMENTATIONS = ("auto", "triton", "torch", "compiled")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """What one pass computes: ``thresholds`` for ``|x| <= t`` counts, ``moments`` (sums of x, x², |x|),
+    a per-sample log-magnitude ``histogram`` (its bin layout) and the per-position ``column_max``."""
+
+    thresholds: tuple[float, ...] = ()
+    moments: bool = False
+    histogram: LogMagnitudeBins | None = None
+    column_max: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.thresholds if not (math.isfinite(t) and t >= 0)]
+        if bad:
+            raise ValueError(f"thresholds {bad} must be finite and >= 0; pass magnitudes such as 0.0 or 1e-3")
+        object.__setattr__(self, "thresholds", tuple(sorted(set(float(t) for t in self.thresholds))))
+
+    def union(self, *others: FusedSpec) -> FusedSpec:
+        """The spec computing everything any of ``self`` and ``others`` asks for (one pass for all monitors)."""
+        specs = (self, *others)
+        histograms = {s.histogram for s in specs if s.histogram is not None}
+        if len(histograms) > 1:
+            raise ValueError(f"monitors ask for different histogram layouts {histograms}; use one LogMagnitudeBins")
+        return FusedSpec(
+            thresholds=tuple(t for s in specs for t in s.thresholds),
+            moments=any(s.moments for s in specs),
+            histogram=next(iter(histograms), None),
+            column_max=any(s.column_max for s in specs),
+        )
+
+    @property
+    def per_sample(self) -> bool:
+        return self.histogram is not None or self.column_max
+
+    @property
+    def sum_names(self) -> tuple[str, ...]:
+        """Layout of :attr:`FusedStats.sums`."""
+        names = ["count", "nonfinite", *(f"at_most:{t!r}" for t in self.thresholds)]
+        return tuple(names + (["sum", "sq_sum", "abs_sum"] if self.moments else []))
+
+
+def moment_spec(zero_threshold: float = 0.0) -> FusedSpec:
+    """What :func:`moment_partials_from` needs (``ActivationStats``)."""
+    return FusedSpec(thresholds=(zero_threshold,), moments=True)
+
+
+def zero_spec(threshold: float = 0.0) -> FusedSpec:
+    """What :func:`zero_partials_from` needs (``ActivationSparsity``'s zero fraction)."""
+    return FusedSpec(thresholds=(threshold,))
+
+
+def massive_spec(bins: LogMagnitudeBins = LogMagnitudeBins()) -> FusedSpec:
+    """What :func:`massive_partials_from` and :func:`topk_positions_from` need (``MassiveActivations``)."""
+    return FusedSpec(histogram=bins, column_max=True)
+
+
+@dataclass
+class FusedStats:
+    """Result of one pass; see the module docstring for each field's meaning and reduction."""
+
+    spec: FusedSpec
+    shape: tuple[int, ...]
+    sums: torch.Tensor
+    maxima: torch.Tensor
+    sample_magnitude_max: torch.Tensor | None = None
+    sample_histogram: torch.Tensor | None = None
+    column_max: torch.Tensor | None = None
+    _index: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.spec.sum_names)}
+
+    def value(self, name: str) -> torch.Tensor:
+        """One entry of :attr:`sums` (``count``, ``nonfinite``, ``sum``, ``sq_sum``, ``abs_sum``) or :attr:`maxima`."""
+        if name in MAX_NAMES:
+            return self.maxima[MAX_NAMES.index(name)]
+        if name not in self._index:
+            raise KeyError(f"{name!r} was not computed; the spec has {self.spec.sum_names}")
+        return self.sums[self._index[name]]
+
+    def at_most(self, threshold: float) -> torch.Tensor:
+        """Count of entries with ``|x| <= threshold`` (the threshold must be in the spec)."""
+        return self.value(f"at_most:{float(threshold)!r}")
+
+    @property
+    def layer_histogram(self) -> torch.Tensor | None:
+        """SUM-reducible histogram of the whole tensor (float64)."""
+        return None if self.sample_histogram is None else self.sample_histogram.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+def comparable_threshold(t: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype``'s compute precision (float32, or float64 for float64) that is <= ``t``.
+
+    For an entry ``v`` of that precision, ``v <= comparable_threshold(t)`` exactly when ``v <= t`` as reals.
+    """
+    if dtype == torch.float64:
+        return float(t)
+    rounded = np.float32(t)
+    if float(rounded) > t:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return float(rounded)
+
+
+def _sample_rows(x: torch.Tensor, spec: FusedSpec) -> torch.Tensor:
+    """``x`` as ``(samples, entries)`` when per-sample statistics are asked for, else as one row."""
+    if spec.per_sample and x.dim() >= 2:
+        return x.reshape(x.shape[0], -1)
+    return x.reshape(1, -1)
+
+
+def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
+    """The fallback: one function of elementwise ops and reductions that ``torch.compile`` can fuse."""
+    rows = _sample_rows(x, spec)
+    work = rows if rows.dtype == torch.float64 else rows.float()
+    magnitude = work.abs()
+    finite = torch.isfinite(work)
+    parts = [(~finite).sum(dtype=torch.float64)]
+    parts += [(magnitude <= comparable_threshold(t, work.dtype)).sum(dtype=torch.float64) for t in spec.thresholds]
+    clean_magnitude = torch.where(finite, magnitude, torch.zeros((), dtype=work.dtype, device=work.device))
+    if spec.moments:
+        clean = torch.where(finite, work, torch.zeros((), dtype=work.dtype, device=work.device))
+        parts += [
+            clean.sum(dtype=torch.float64),
+            clean.square().sum(dtype=torch.float64),
+            clean_magnitude.sum(dtype=torch.float64),
+        ]
+    nonfinite = parts[0]
+    if rows.numel() == 0:
+        abs_max = torch.zeros((), dtype=work.dtype, device=work.device)
+    else:
+        abs_max = clean_magnitude.amax()
+    # Any NaN or inf ranks as +inf, so the overall ranked maximum needs no pass of its own.
+    ranked_max = torch.where(nonfinite > 0, torch.full_like(abs_max, float("inf")), abs_max)
+    outputs = [torch.stack(parts), torch.stack([abs_max.to(torch.float64), ranked_max.to(torch.float64)])]
+    if spec.per_sample:
+        inf = torch.full((), float("inf"), dtype=work.dtype, device=work.device)
+        ranked = torch.where(torch.isnan(magnitude), inf, magnitude)
+        if rows.shape[1] == 0:
+            outputs.append(torch.zeros(rows.shape[0], dtype=work.dtype, device=work.device))
+        else:
+            outputs.append(ranked.amax(1))
+    else:
+        outputs.append(ranked_max.reshape(1))
+    if spec.histogram is not None:
+        index = log_magnitude_bin(magnitude, spec.histogram)
+        counts = torch.zeros(rows.shape[0], spec.histogram.size, dtype=torch.int32, device=work.device)
+        outputs.append(counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32)))
+    if spec.column_max:
+        outputs.append(ranked.amax(0))
+    return tuple(outputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_pass(spec: FusedSpec):  # noqa: ANN202 - a compiled callable
+    return torch.compile(functools.partial(_torch_pass, spec=spec))
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
+    from lightning_act.stats.triton_fused import fused_statistics_triton
+
+    rows = _sample_rows(x, spec).contiguous()
+    thresholds = torch.tensor(
+        [comparable_threshold(t, torch.float32) for t in spec.thresholds], dtype=torch.float32, device=x.device
+    )
+    bins = spec.histogram
+    scalars, maxima, histogram, column = fused_statistics_triton(
+        rows, thresholds, spec.moments, None if bins is None else (bins.size, bins.key_shift, bins.low_key), spec.column_max
+    )
+    sample_max = maxima[:, 1]
+    totals = scalars.sum(0)
+    combined = torch.stack([maxima[:, 0].amax().to(torch.float64), sample_max.amax().to(torch.float64)])
+    outputs = [totals, combined, sample_max]
+    if histogram is not None:
+        outputs.append(histogram)
+    if column is not None:
+        outputs.append(column)
+    return tuple(outputs)
+
+
+def _resolve(x: torch.Tensor, implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; pass one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        if implementation == "triton":
+            if not triton_available():
+                raise ValueError("implementation='triton' needs triton installed; pass 'torch' or 'compiled'")
+            if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("implementation='triton' needs a CUDA tensor (or TRITON_INTERPRET=1); pass 'torch'")
+            if x.dtype not in _TRITON_DTYPES:
+                raise ValueError(f"implementation='triton' reads {_TRITON_DTYPES}, got {x.dtype}; pass 'torch'")
+        return implementation
+    if x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available():
+        return "triton"
+    return "torch"
+
+
+def fused_statistics(x: torch.Tensor, spec: FusedSpec, implementation: str = "auto") -> FusedStats:
+    """Every statistic ``spec`` asks for, from one read of ``x`` (no host sync); see the module docstring."""
+    x = x.detach()
+    how = _resolve(x, implementation)
+    if how == "triton" and x.numel() > 0:
+        outputs = _triton_pass(x, spec)
+    elif how == "compiled":
+        outputs = _compiled_pass(spec)(x)
+    else:
+        outputs = _torch_pass(x, spec)
+    scalars, maxima, sample_max, *rest = outputs
+    count = torch.full((1,), float(x.numel()), dtype=torch.float64, device=x.device)
+    stats = FusedStats(spec=spec, shape=tuple(x.shape), sums=torch.cat([count, scalars.to(torch.float64)]), maxima=maxima)
+    if spec.per_sample:
+        stats.sample_magnitude_max = sample_max.to(torch.float64)
+    if spec.histogram is not None:
+        stats.sample_histogram = rest.pop(0).to(torch.float64)
+    if spec.column_max:
+        stats.column_max = rest.pop(0).float()
+    return stats
+
+
+# ---------------------------------------------------------------------------- monitors' partial buffers
+def moment_partials_from(stats: FusedStats, zero_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums, maxima)`` in the layout of :func:`lightning_act.stats.moments.moment_partials`."""
+    sums = torch.stack([stats.value("count"), stats.value("nonfinite"), stats.at_most(zero_threshold),
+                        stats.value("sum"), stats.value("sq_sum"), stats.value("abs_sum")])
+    assert sums.numel() == len(MOMENT_SUMS)
+    return sums, stats.value("abs_max").reshape(1)
+
+
+def zero_partials_from(stats: FusedStats, threshold: float = 0.0) -> torch.Tensor:
+    """``[count, nonfinite, zeros]`` as :func:`lightning_act.stats.sparsity.zero_partials` lays it out."""
+    return torch.stack([stats.value("count"), stats.value("nonfinite"), stats.at_most(threshold)])
+
+
+def massive_partials_from(
+    stats: FusedStats, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums, maxima)`` as :func:`lightning_act.stats.massive.massive_partials` lays them out.
+
+    The per-sample median is the histogram estimate (:func:`histogram_median`, relative error <= the bin
+    width) and the massive count is estimated from the same histogram at the threshold
+    ``max(abs_threshold, ratio_threshold * median)`` (:func:`histogram_count_at_least`).
+    """
+    if stats.sample_histogram is None or stats.sample_magnitude_max is None or len(stats.shape) < 2:
+        raise ValueError("massive partials need a (batch, ...) tensor and a spec from massive_spec()")
+    bins = stats.spec.histogram
+    assert bins is not None
+    median = histogram_median(stats.sample_histogram, bins)
+    top1 = stats.sample_magnitude_max
+    threshold = torch.clamp_min(ratio_threshold * median, abs_threshold)
+    threshold = torch.where(torch.isnan(median), median, threshold)
+    count = histogram_count_at_least(stats.sample_histogram, threshold, bins)
+    samples = torch.full((), float(top1.numel()), dtype=torch.float64, device=top1.device)
+    sums = torch.stack([samples, median.sum(), (top1 / median).sum(), count.sum()])
+    assert sums.numel() == len(MASSIVE_SUMS)
+    return sums, top1.amax().reshape(1)
+
+
+def topk_positions_from(stats: FusedStats, k: int) -> torch.Tensor:
+    """The buffer of :func:`lightning_act.stats.massive.topk_positions`: ``[values, tokens, features]`` (3k).
+
+    Positions follow the massive-activation layout: ``(B, D)`` has one token, ``(B, T, D)`` tokens ``T``,
+    ``(B, C, *spatial)`` features ``C`` and tokens the flattened spatial positions.
+    """
+    if stats.column_max is None or len(stats.shape) < 2:
+        raise ValueError("top-k positions need a (batch, ...) tensor and a spec with column_max=True")
+    shape = stats.shape
+    take = min(k, stats.column_max.numel())
+    values, index = stats.column_max.topk(take)
+    if len(shape) <= 3:
+        features = shape[-1]
+        token, feature = torch.div(index, features, rounding_mode="floor"), index % features
+    else:
+        spatial = math.prod(shape[2:])
+        token, feature = index % spatial, torch.div(index, spatial, rounding_mode="floor")
+    out = torch.full((3, k), float("nan"), dtype=torch.float64, device=values.device)
+    out[0, :take] = values.to(torch.float64)
+    out[1, :take] = token.to(torch.float64)
+    out[2, :take] = feature.to(torch.float64)
+    return out.reshape(-1)

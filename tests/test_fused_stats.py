@@ -1,0 +1,229 @@
+"""The fused statistics pass against independent float64 numpy, and the monitors' existing partials.
+
+Every implementation (eager fallback here; the Triton kernel on CPU under ``TRITON_INTERPRET=1`` in a
+subprocess, so the interpreter flag never leaks into this process) is compared with numpy on inputs with
+NaN, +-inf, exact zeros, odd sizes and bf16/fp16/fp32 dtypes. The adapters are compared with the functions
+the monitors call today (``moment_partials``, ``zero_partials``, ``massive_partials``, ``topk_positions``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_act.stats.fused import (
+    FusedSpec,
+    comparable_threshold,
+    fused_statistics,
+    massive_partials_from,
+    massive_spec,
+    moment_partials_from,
+    moment_spec,
+    topk_positions_from,
+    zero_partials_from,
+    zero_spec,
+)
+from lightning_act.stats.histogram_median import LogMagnitudeBins, log_magnitude_histogram
+from lightning_act.stats.massive import massive_partials, topk_positions
+from lightning_act.stats.moments import moment_partials
+from lightning_act.stats.sparsity import zero_partials
+
+SPEC = moment_spec(0.0).union(zero_spec(0.25), massive_spec())
+# (shape, dtype): odd sizes that leave partial blocks, a 4-D conv map, one sample, fp16/bf16.
+CASES = [((3, 5, 7), "float32"), ((2, 3, 4, 5), "bfloat16"), ((1, 1031), "float16"), ((4, 2053), "float32")]
+
+
+def make_input(shape: tuple[int, ...], dtype: str, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = 2.0 * torch.randn(shape, generator=generator)
+    flat = x.view(-1)
+    flat[:: 7] = 0.0
+    flat[3] = float("nan")
+    flat[-2] = float("inf")
+    flat[-1] = 300.0
+    if flat.numel() > 11:
+        flat[11] = float("-inf")
+        flat[5] = 0.25  # exactly on a threshold
+    return x.to(getattr(torch, dtype))
+
+
+def numpy_reference(x: torch.Tensor, spec: FusedSpec) -> dict[str, np.ndarray]:
+    """Independent float64 statistics of ``x`` (read as float64 exactly from its stored values)."""
+    v = x.double().numpy()
+    rows = v.reshape(v.shape[0], -1)
+    mag = np.abs(rows)
+    finite = np.isfinite(rows)
+    clean = np.where(finite, rows, 0.0)
+    ranked = np.where(np.isnan(mag), np.inf, mag)
+    return {
+        "count": np.array(v.size, dtype=np.float64),
+        "nonfinite": np.array((~finite).sum(), dtype=np.float64),
+        "at_most": np.array([(finite & (mag <= t)).sum() for t in spec.thresholds], dtype=np.float64),
+        "sum": clean.sum(), "sq_sum": (clean**2).sum(), "abs_sum": np.abs(clean).sum(),
+        "abs_max": np.where(finite, mag, 0.0).max(), "magnitude_max": ranked.max(),
+        "sample_max": ranked.max(1), "column_max": ranked.max(0),
+    }
+
+
+def assert_matches_numpy(x: torch.Tensor, stats, spec: FusedSpec) -> None:
+    ref = numpy_reference(x, spec)
+    assert stats.value("count").item() == ref["count"]
+    assert stats.value("nonfinite").item() == ref["nonfinite"]
+    np.testing.assert_array_equal([stats.at_most(t).item() for t in spec.thresholds], ref["at_most"])
+    scale = ref["abs_sum"]
+    # fp32 block sums added in fp64: relative error <= ~11 * 2^-24 of the sum of magnitudes.
+    np.testing.assert_allclose(stats.value("sum").item(), ref["sum"], atol=1e-6 * scale)
+    np.testing.assert_allclose(stats.value("abs_sum").item(), ref["abs_sum"], rtol=1e-6)
+    np.testing.assert_allclose(stats.value("sq_sum").item(), ref["sq_sum"], rtol=1e-6)
+    assert stats.value("abs_max").item() == ref["abs_max"]
+    assert stats.value("magnitude_max").item() == ref["magnitude_max"]
+    np.testing.assert_array_equal(stats.sample_magnitude_max.numpy(), ref["sample_max"])
+    np.testing.assert_array_equal(stats.column_max.double().numpy(), ref["column_max"])
+    expected_hist = log_magnitude_histogram(x.float(), spec.histogram, dim=0)
+    assert torch.equal(stats.sample_histogram, expected_hist)
+
+
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_eager_fallback_matches_float64_numpy(shape: tuple[int, ...], dtype: str) -> None:
+    x = make_input(shape, dtype, seed=len(shape))
+    assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
+
+
+def test_thresholds_compare_as_real_numbers_not_in_the_input_dtype() -> None:
+    """bf16(0.1) = 0.10009765625 > 0.1: it must not count as ``|x| <= 0.1`` (a bf16 comparison says it does)."""
+    x = torch.tensor([0.1, -0.1, 0.09], dtype=torch.bfloat16)
+    stats = fused_statistics(x, zero_spec(0.1), "torch")
+    exact = float((np.abs(x.double().numpy()) <= 0.1).sum())
+    assert stats.at_most(0.1).item() == exact == 1.0
+    assert float((x.abs() <= 0.1).sum()) == 3.0  # what an input-dtype comparison gives
+    assert comparable_threshold(0.1, torch.float32) <= 0.1
+
+
+def test_adapters_reproduce_the_monitors_partials() -> None:
+    x = make_input((4, 9, 16), "float32", seed=1)
+    stats = fused_statistics(x, SPEC, "torch")
+    sums, maxima = moment_partials(x, 0.0)
+    fused_sums, fused_maxima = moment_partials_from(stats, 0.0)
+    np.testing.assert_allclose(fused_sums.numpy(), sums.numpy(), rtol=1e-12)
+    assert torch.equal(fused_maxima, maxima)
+    assert torch.equal(zero_partials_from(stats, 0.25), zero_partials(x, 0.25))
+
+
+def test_massive_partials_from_histogram_match_exact_within_the_median_bound() -> None:
+    generator = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 33, 48, generator=generator)
+    h[:, 0, 7] = 4.0e3  # massive: > 100 and > 1000 x median, in the overflow bin of the default window
+    h[2, 5, 11] = 700.0
+    bins = LogMagnitudeBins()
+    stats = fused_statistics(h, massive_spec(bins), "torch")
+    exact_sums, exact_max = massive_partials(h)
+    sums, maxima = massive_partials_from(stats)
+    assert sums[0] == exact_sums[0]
+    np.testing.assert_allclose(sums[1:3].numpy(), exact_sums[1:3].numpy(), rtol=bins.relative_width)
+    assert sums[3].item() == pytest.approx(exact_sums[3].item(), abs=1e-9) and exact_sums[3] == 7
+    assert torch.equal(maxima, exact_max)
+
+
+def test_rank_partials_reduce_to_the_whole_with_one_sum_and_one_max() -> None:
+    """Two "ranks" holding halves of the batch: SUM of sums and layer histograms, MAX of maxima = the whole."""
+    x = make_input((6, 11, 13), "bfloat16", seed=4)
+    whole = fused_statistics(x, SPEC, "torch")
+    halves = [fused_statistics(part, SPEC, "torch") for part in x.split(3)]
+    np.testing.assert_allclose((halves[0].sums + halves[1].sums).numpy(), whole.sums.numpy(), rtol=1e-12)
+    assert torch.equal(torch.maximum(halves[0].maxima, halves[1].maxima), whole.maxima)
+    assert torch.equal(halves[0].layer_histogram + halves[1].layer_histogram, whole.layer_histogram)
+
+
+@pytest.mark.parametrize("shape", [(5, 40), (3, 6, 10), (2, 4, 3, 5)])
+def test_topk_positions_match_the_monitors_layout(shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    stats = fused_statistics(x, massive_spec(), "torch")
+    assert torch.equal(topk_positions_from(stats, 4), topk_positions(x, 4))
+
+
+def test_spec_union_and_bad_input() -> None:
+    spec = moment_spec(0.0).union(zero_spec(0.0), zero_spec(1e-3))
+    assert spec.thresholds == (0.0, 1e-3) and spec.moments and spec.histogram is None and not spec.per_sample
+    stats = fused_statistics(torch.zeros(0, 3), spec, "torch")
+    assert stats.value("count").item() == 0 and stats.value("abs_max").item() == 0
+    with pytest.raises(KeyError, match="was not computed"):
+        fused_statistics(torch.ones(3), zero_spec(0.0), "torch").value("sum")
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        FusedSpec(thresholds=(-1.0,))
+    with pytest.raises(ValueError, match="different histogram layouts"):
+        massive_spec().union(massive_spec(LogMagnitudeBins(sub_bits=5, size=1024)))
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        if os.environ.get("TRITON_INTERPRET") != "1" and importlib.util.find_spec("triton") is not None:
+            fused_statistics(torch.ones(3), zero_spec(0.0), "triton")
+        else:
+            raise ValueError("needs a CUDA tensor")
+
+
+TRITON_CHECKER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_fused_stats import CASES, SPEC, make_input
+from lightning_act.stats.fused import fused_statistics
+out = []
+for shape, dtype in CASES:
+    x = make_input(shape, dtype, seed=len(shape))
+    s = fused_statistics(x, SPEC, "triton")
+    out.append((x, s.sums, s.maxima, s.sample_magnitude_max, s.sample_histogram, s.column_max))
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernel_matches_float64_numpy_under_interpreter(tmp_path: Path) -> None:
+    from lightning_act.stats.fused import FusedStats
+
+    output = tmp_path / "fused.pt"
+    completed = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECKER, str(Path(__file__).parent), str(output)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for (x, sums, maxima, sample_max, hist, column) in torch.load(output):
+        stats = FusedStats(SPEC, tuple(x.shape), sums, maxima, sample_max, hist, column)
+        assert_matches_numpy(x, stats, SPEC)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernel_matches_float64_numpy_on_cuda() -> None:
+    for shape, dtype in [*CASES, ((128, 197, 384), "bfloat16"), ((16, 197, 1536), "float16")]:
+        x = make_input(shape, dtype, seed=3)
+        stats = fused_statistics(x.cuda(), SPEC, "triton")
+        cpu = type(stats)(SPEC, stats.shape, *(t.cpu() for t in (stats.sums, stats.maxima, stats.sample_magnitude_max,
+                                                                   stats.sample_histogram, stats.column_max)))
+        assert_matches_numpy(x, cpu, SPEC)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernel_compiles_for_hopper_without_spills() -> None:
+    """Ahead-of-time compile to sm_90 (no GPU needed): catches what the interpreter forgives (e.g. globals)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lightning_act.stats.triton_fused import _fused_statistics_kernel as kernel
+
+    pointers = {"x_ptr": "*bf16", "thresholds_ptr": "*fp32", "scalars_ptr": "*fp64", "maxima_ptr": "*fp32",
+                "histogram_ptr": "*i32", "column_max_ptr": "*i32"}
+    scalars = {"cols": "i32", "split_len": "i32", "splits": "i32", "low_key": "i32"}
+    bins = LogMagnitudeBins()
+    constants = {"N_THRESHOLDS": 2, "THRESHOLD_PAD": 2, "MOMENTS": True, "HISTOGRAM": True, "BINS": bins.size,
+                 "KEY_SHIFT": bins.key_shift, "COLUMN_MAX": True, "N_SCALARS": 6, "BLOCK": 1024}
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+    source = ASTSource(
+        fn=kernel, signature=signature,
+        constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert ".local" not in compiled.asm["ptx"]
