@@ -28,8 +28,12 @@ class ActivationStats(ActivationMonitor):
         every_n_steps: int = 50,
         zero_threshold: float = 0.0,
         history_size: int = 512,
+        batch_dim: int | None = None,
+        token_dim: int | None = None,
     ) -> None:
-        super().__init__(modules=modules, every_n_steps=every_n_steps, history_size=history_size)
+        super().__init__(
+            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim
+        )
         self.zero_threshold = zero_threshold
 
     def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
