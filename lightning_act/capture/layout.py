@@ -15,11 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_SEQUENCE_MODULES = (
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention, nn.Transformer,
-)
-
-
 @dataclass(frozen=True)
 class Layout:
     """Axis of the samples and (optionally) of the tokens; ``None``: sample-first as it comes."""
@@ -39,7 +34,9 @@ def declared_batch_first(module: nn.Module) -> bool | None:
     """``batch_first`` of a PyTorch sequence module (a Transformer stack asks its first layer), else None."""
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
         return declared_batch_first(module.layers[0]) if len(module.layers) else None
-    if isinstance(module, _SEQUENCE_MODULES):
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return bool(module.self_attn.batch_first)  # the layers keep the flag on their attention
+    if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
         return bool(module.batch_first)
     return None
 
