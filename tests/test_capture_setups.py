@@ -483,3 +483,30 @@ def test_histories_survive_a_resume_with_another_interval(tmp_path):
         ToyTask(BlockNet()), toy_loader(), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt")
     )
     assert resumed.history["massive/net.blocks.0/ratio"].steps == [0, 2, 6]
+
+
+# ---------------------------------------------------------------------------------------------- shared capture
+class HookCount(Callback):
+    """Counts forward hooks during the fit and copies the model while they are attached."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import copy
+        import pickle
+
+        self.hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pl_module.modules())
+        clone = pickle.loads(pickle.dumps(pl_module))
+        copy.deepcopy(pl_module)(batch[0])  # a copy runs, with inert hooks
+        self.clone_hooks = sum(len(m._forward_hooks) for m in clone.modules())
+
+
+def test_one_hook_per_tapped_module_shared_by_all_monitors_and_the_model_stays_picklable():
+    monitors = [ActivationStats(modules="@blocks", every_n_steps=1), MassiveActivations(every_n_steps=1),
+                DimensionalCollapse(modules="@blocks", every_n_steps=1, param_patterns=[])]
+    counter = HookCount()
+    task = ToyTask(BlockNet())
+    quiet_trainer(max_steps=2, callbacks=[*monitors, counter]).fit(task, toy_loader())
+    assert counter.hooks == 2  # net.blocks.0 and net.blocks.1, once each
+    assert counter.clone_hooks == 2
+    assert all(len(m.history["act/net.blocks.0/count" if isinstance(m, ActivationStats) else next(iter(m.history))]) == 2
+               for m in monitors)
+    assert sum(len(m._forward_hooks) for m in task.modules()) == 0  # removed at the end of fit
