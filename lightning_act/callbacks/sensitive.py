@@ -251,6 +251,14 @@ class SensitiveNeurons(Callback):
         if self.batch_dim is not None or self.token_dim is not None:
             layout = Layout(0 if self.batch_dim is None else self.batch_dim, self.token_dim)
         self.taps, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
+        compiled = getattr(pl_module, "_compiler_ctx", None) or any(
+            isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules()
+        )
+        if self.drop and compiled:
+            raise LightningActError(
+                "SensitiveNeurons(drop=True) cannot zero features of a torch.compile'd model (hooks added after "
+                "compilation are ignored by the compiled code); train the SeND protocol without torch.compile"
+            )
 
     def receive(self, tap_index: int, x: torch.Tensor) -> None:
         """Keep one activation's per-example embedding (called by the capture registry)."""
