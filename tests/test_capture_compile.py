@@ -31,18 +31,18 @@ def fit(wrap, backend, steps=8):
 
     net.blocks[1].register_forward_hook(record)
 
-    class Recording(ToyTask):
-        def training_step(self, batch, batch_idx):
-            state["step"] = self.trainer.global_step
-            loss = super().training_step(batch, batch_idx)
-            state["step"] = None
-            return loss
+    class Steps(pl.Callback):  # outside training_step, which Lightning compiles too
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            state["step"] = trainer.global_step
 
-    task = Recording(torch.compile(net, backend=backend) if wrap == "net" and backend else net)
+        def on_before_backward(self, trainer, pl_module, loss):
+            state["step"] = None
+
+    task = ToyTask(torch.compile(net, backend=backend) if wrap == "net" and backend else net)
     if wrap == "module" and backend:
         task = torch.compile(task, backend=backend)
     monitors = [ActivationStats(modules=["@blocks", "@activations"], every_n_steps=2), MassiveActivations(every_n_steps=2)]
-    quiet_trainer(max_steps=steps, callbacks=monitors).fit(task, toy_loader(batch_size=8))
+    quiet_trainer(max_steps=steps, callbacks=[*monitors, Steps()]).fit(task, toy_loader(batch_size=8))
     return monitors, recorded
 
 

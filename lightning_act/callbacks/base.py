@@ -219,6 +219,11 @@ class ActivationMonitor(Callback, ABC):
         # Not keyed on every_n_steps: histories must survive a resume with another interval.
         return self._generate_state_key(modules=[str(m) for m in self.modules])
 
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # The key of checkpoints written before every_n_steps left the state key (same interval only).
+        return self._generate_state_key(modules=[str(m) for m in self.modules], every_n_steps=self.every_n_steps)
+
     def is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0
 

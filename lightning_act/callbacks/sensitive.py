@@ -243,6 +243,11 @@ class SensitiveNeurons(Callback):
         # Not keyed on every_n_steps: the state must survive a resume with another interval.
         return self._generate_state_key(modules=[str(m) for m in self.modules])
 
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # The key of checkpoints written before every_n_steps left the state key (same interval only).
+        return self._generate_state_key(modules=[str(m) for m in self.modules], every_n_steps=self.every_n_steps)
+
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
