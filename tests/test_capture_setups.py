@@ -510,3 +510,15 @@ def test_one_hook_per_tapped_module_shared_by_all_monitors_and_the_model_stays_p
     assert all(len(m.history["act/net.blocks.0/count" if isinstance(m, ActivationStats) else next(iter(m.history))]) == 2
                for m in monitors)
     assert sum(len(m._forward_hooks) for m in task.modules()) == 0  # removed at the end of fit
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ActivationSparsity(threshold="0.1"), lambda: ActivationSparsity(threshold=-1.0),
+    lambda: MassiveActivations(abs_threshold=None), lambda: MassiveActivations(top_k=2.5),
+    lambda: DimensionalCollapse(max_rows="many"), lambda: ActivationStats(batch_dim="first"),
+    lambda: SensitiveNeurons(forward_fn="no.such.function"), lambda: SensitiveNeurons(forward_fn=3),
+])
+def test_other_bad_arguments_are_one_line(make):
+    with pytest.raises(LightningActError) as error:
+        make()
+    assert "\n" not in str(error.value)

@@ -68,6 +68,13 @@ def check_int(owner: str, name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+def check_number(owner: str, name: str, value: Any, low: float = 0.0) -> float:
+    """``value`` as a float >= ``low``, else a one-line :class:`LightningActError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
+        raise LightningActError(f"{owner}: {name}={value!r} must be a number >= {low:g}")
+    return float(value)
+
+
 def check_dim(owner: str, name: str, value: Any) -> int | None:
     if value is None:
         return None

@@ -13,7 +13,7 @@ import torch
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int, check_number
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
@@ -96,13 +96,8 @@ class MassiveActivations(ActivationMonitor):
         if probe not in (None, "val"):
             raise LightningActError(f"MassiveActivations: probe={probe!r} is not supported; pass probe='val' or leave it unset")
         check_int("MassiveActivations", "probe_batches", probe_batches, 1)
-        if isinstance(abs_threshold, bool) or not isinstance(abs_threshold, (int, float)) or not (
-            isinstance(ratio_threshold, (int, float)) and not isinstance(ratio_threshold, bool)
-        ) or abs_threshold < 0 or ratio_threshold < 0:
-            raise LightningActError(
-                f"MassiveActivations: abs_threshold={abs_threshold!r} and ratio_threshold={ratio_threshold!r} must be "
-                "numbers >= 0; pass e.g. abs_threshold=100, ratio_threshold=1000"
-            )
+        check_number("MassiveActivations", "abs_threshold", abs_threshold)
+        check_number("MassiveActivations", "ratio_threshold", ratio_threshold)
         if top_k < 1:
             raise LightningActError(f"top_k={top_k} must be >= 1; pass the number of largest positions to log, e.g. 3")
         if min_fit_points < 6:

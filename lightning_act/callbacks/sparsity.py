@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials, module_list
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_number, module_list
 from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError
 from lightning_act.stats.sparsity import (
@@ -68,10 +68,9 @@ class ActivationSparsity(ActivationMonitor):
         batch_dim: int | None = None,
         token_dim: int | None = None,
     ) -> None:
-        if threshold < 0 or temporal_eps < 0:
-            raise LightningActError(
-                f"threshold={threshold} and temporal_eps={temporal_eps} must be >= 0; pass non-negative magnitudes"
-            )
+        check_number("ActivationSparsity", "threshold", threshold)
+        check_number("ActivationSparsity", "temporal_eps", temporal_eps)
+        check_number("ActivationSparsity", "target_cett", target_cett)
         if not 0.0 < target_cett < 1.0:
             raise LightningActError(f"target_cett={target_cett} is outside (0, 1); pass a CETT such as 0.2")
         if cett_max_tokens < 1 or cett_grid_size < 2 or not 0.0 < cett_grid_range[0] < cett_grid_range[1]:
