@@ -127,7 +127,10 @@ def subscribe_taps(
     if not defaults:
         missing = unmatched_specs(pl_module, specs)
         if missing:
-            rank_zero_warn(f"{owner}: modules {missing} match nothing in {type(pl_module).__name__}; only the other specs are tapped", category=UserWarning)
+            rank_zero_warn(
+                f"{owner}: modules {missing} match nothing in {type(pl_module).__name__}; only the other specs are tapped",
+                category=UserWarning,
+            )
     if layout is not None:
         layouts = [layout] * len(taps)
     else:

@@ -1,7 +1,7 @@
 """Sensitive neurons (SeND, Hallucination Detox, arXiv 2410.15460) and EigenScore.
 
 A fixed *tracking set* (the first ``num_samples`` inputs of the validation dataloader at fit
-start, or ``tracking_inputs``) goes through the model's ``forward`` at each due step, a
+start, or ``tracking_inputs``) goes through the model (``pl_module(x)``, or ``forward_fn``) at each due step, a
 *checkpoint*, after that step's optimizer update. Each tapped layer gives one embedding per
 example (2-D (B, D) outputs as they are, (B, T, D) averaged over tokens, (B, C, H, W) averaged over
 space), and the last C + 1 checkpoints of them are kept. Per neuron i,

@@ -106,9 +106,10 @@ class CaptureRegistry:
             self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout))
             if key not in self._handles:
                 hook = _CaptureHook(self, key)
-                self._handles[key] = (
-                    tap.module.register_forward_pre_hook(hook) if tap.point == "input" else tap.module.register_forward_hook(hook)
-                )
+                if tap.point == "input":
+                    self._handles[key] = tap.module.register_forward_pre_hook(hook)
+                else:
+                    self._handles[key] = tap.module.register_forward_hook(hook)
         self.refresh()
 
     def unsubscribe(self, subscriber: Subscriber) -> None:

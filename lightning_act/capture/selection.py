@@ -4,8 +4,7 @@ A *module spec* is one of:
 
 - ``"@activations"``: every activation-function module (``nn.ReLU``, ``nn.GELU``, timm's activation
   layers, and the project's ``GroupRational``/``PMish``...); classes can be added with
-  :func:`register_activation_class`;
-  functional activations (``F.gelu`` inside ``forward``) have no module, so for a recognised MLP
+  :func:`register_activation_class`. Functional activations (``F.gelu`` inside ``forward``) have no module, so for a recognised MLP
   without an activation module (timm ``Mlp``-style ``fc1/fc2``, Hugging Face ``up_proj/down_proj``,
   GPT-2 ``c_fc/c_proj``, ``nn.TransformerEncoderLayer``'s ``linear1/linear2``) the
   down-projection's input is tapped instead (``<mlp>.fc2:input``): the activations themselves;
