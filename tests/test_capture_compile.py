@@ -105,3 +105,27 @@ def test_inductor_matches_eager(eager_run, wrap):
     (stats, _), _ = fit(wrap, "inductor")
     for key, series in eager_stats.history.items():
         np.testing.assert_allclose(stats.history[key].values, series.values, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_probe_and_tracking_passes_of_a_compiled_model_equal_eager():
+    from _toy import ToyData
+    from lightning_act.callbacks import SensitiveNeurons
+
+    def run(compiled):
+        torch._dynamo.reset()
+        pl.seed_everything(0)
+        net = BlockNet()
+        monitors = [
+            SensitiveNeurons(modules="@blocks", every_n_steps=2, num_samples=16, window=2, eigenscore_passes=0),
+            MassiveActivations(probe="val", every_n_steps=2),
+        ]
+        task = ToyTask(torch.compile(net, backend="eager") if compiled else net)
+        quiet_trainer(max_steps=5, callbacks=monitors).fit(task, ToyData(batch_size=8))
+        return monitors
+
+    for eager, compiled in zip(run(False), run(True)):
+        assert eager.history and set(compiled.history) == set(eager.history)
+        assert next(iter(compiled.history.values())).steps == [0, 2, 4]
+        for key, series in eager.history.items():
+            assert compiled.history[key].steps == series.steps, key
+            np.testing.assert_allclose(compiled.history[key].values, series.values, rtol=1e-5, atol=1e-6, err_msg=key)
