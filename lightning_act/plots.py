@@ -63,8 +63,14 @@ def layer_step_heatmap(series: Mapping[str, BoundedSeries], title: str) -> Figur
     return figure
 
 
-def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path:
-    """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to any W&B logger."""
+def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
+    """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to any W&B logger.
+
+    With no logger (``Trainer(logger=False)``) nothing is written and None is returned: the user
+    asked for no run folder, so the working directory stays untouched.
+    """
+    if not trainer.loggers:
+        return None
     path = run_dir(trainer) / "plots" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

@@ -63,8 +63,12 @@ class ShardedToyData(ToyData):
 pl.seed_everything(0)
 task = ToyTask(BlockNet())
 # Non-default options switch on the statistics that are off by default (CETT, temporal sparsity).
-options = {"ActivationSparsity": {"cett_modules": "net.blocks.*.fc", "temporal_dim": 1}}
-monitors = [getattr(callbacks, name)(every_n_steps=2, **options.get(name, {})) for name in names]
+# "Class:probe" runs the class on a fixed probe of validation batches.
+options = {
+    "ActivationSparsity": {"cett_modules": "net.blocks.*.fc", "temporal_dim": 1},
+    "MassiveActivations:probe": {"probe": "val", "probe_batches": 2},
+}
+monitors = [getattr(callbacks, name.partition(":")[0])(every_n_steps=2, **options.get(name, {})) for name in names]
 ddp = mode == "ddp"
 trainer = quiet_trainer(
     max_steps=4, callbacks=monitors, devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",

@@ -14,7 +14,8 @@ MONITORS = ["ActivationStats", "ActivationSparsity", "MassiveActivations", "Dime
 
 
 def run(mode, out, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])  # this checkout's lightning_act
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000))
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), mode, str(out), *MONITORS], cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=600,

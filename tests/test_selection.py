@@ -56,14 +56,23 @@ def test_unknown_preset_is_rejected():
 def test_taps_run_on_real_forward():
     model = tiny_vit()
     seen = {}
-    from lightning_act.capture import ActivationHooks
+    from lightning_act.capture import SAMPLE_FIRST, capture_registry
 
-    hooks = ActivationHooks(select_taps(model, ["@blocks", "@penultimate"]), lambda i, x: seen.setdefault(i, x.shape))
-    hooks.attach()
+    class Sink:
+        armed = False
+
+        def receive(self, index, x):
+            seen.setdefault(index, x.shape)
+
+    sink = Sink()
+    taps = select_taps(model, ["@blocks", "@penultimate"])
+    registry = capture_registry(model)
+    registry.subscribe(sink, taps, [SAMPLE_FIRST] * len(taps))
     model(torch.randn(3, 1, 16, 16))
     assert seen == {}  # attached but not armed
-    hooks.armed = True
+    sink.armed = True
+    registry.refresh()
     model(torch.randn(3, 1, 16, 16))
-    hooks.detach()
+    registry.unsubscribe(sink)
     assert seen == {0: torch.Size([3, 5, 16]), 1: torch.Size([3, 5, 16]), 2: torch.Size([3, 16])}
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_number
 from lightning_act.capture import ModuleSpec
 from lightning_act.stats import moment_partials, summarize_moments
 
@@ -28,9 +28,13 @@ class ActivationStats(ActivationMonitor):
         every_n_steps: int = 50,
         zero_threshold: float = 0.0,
         history_size: int = 512,
+        batch_dim: int | None = None,
+        token_dim: int | None = None,
     ) -> None:
-        super().__init__(modules=modules, every_n_steps=every_n_steps, history_size=history_size)
-        self.zero_threshold = zero_threshold
+        super().__init__(
+            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim
+        )
+        self.zero_threshold = check_number("ActivationStats", "zero_threshold", zero_threshold)
 
     def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
         sums, maxima = moment_partials(x, self.zero_threshold)

@@ -1,18 +1,27 @@
 """The monitor base class: scheduling, per-rank buffers, one packed reduction, logging, state.
 
-A monitor taps modules (see :mod:`lightning_act.capture`), and on each *due* optimizer step
-(``global_step % every_n_steps == 0``) it
+A monitor taps modules (see :mod:`lightning_act.capture`): at ``setup`` it subscribes its taps to
+the model's shared :class:`~lightning_act.capture.CaptureRegistry` (one hook per tapped module,
+kept for the whole fit, so ``torch.compile`` sees it), and on each *due* step
+(``step % every_n_steps == 0``) it
 
-1. attaches forward hooks and arms them for the forward passes of that step's micro-batches
-   (all micro-batches under gradient accumulation; disarmed before backward, so the recompute of
-   activation checkpointing is not counted twice);
+1. arms itself for the forward passes of that step: all micro-batches under gradient
+   accumulation (disarmed before backward, so the recompute of activation checkpointing is not
+   counted twice); under manual optimization every forward of the training batch, whatever the
+   number of optimizers and backward calls;
 2. turns each activation into fixed-size *partials* on the activation's device (no host sync):
    ``sums`` (added up), ``maxima`` (max-reduced) and optional ``samples`` (merged by the
    subclass, e.g. a top-k, then gathered across ranks);
-3. after the optimizer step, reduces the packed buffers across data-parallel ranks with one
+3. at the end of the step, reduces the packed buffers across data-parallel ranks with one
    collective per kind, lets the subclass derive its statistics, moves them to the host in one
    transfer, logs them to every logger of the Trainer as ``<prefix>/<module>/<stat>`` at that
-   global step, appends them to bounded histories, and detaches the hooks.
+   step, puts them into ``trainer.callback_metrics`` (so ``EarlyStopping`` and
+   ``ModelCheckpoint(monitor=...)`` can use them) and appends them to bounded histories.
+
+*A step* is an optimizer step (``trainer.global_step``) under automatic optimization, and one
+training batch under manual optimization (Lightning's ``global_step`` there counts every
+``optimizer.step()``, so a GAN with two optimizers would advance it by two per batch); the logging
+step is the same number Lightning's own ``self.log`` uses in each case.
 
 Subclasses implement :meth:`partials` and :meth:`summarize` (pure math lives in
 :mod:`lightning_act.stats`).
@@ -21,6 +30,7 @@ Subclasses implement :meth:`partials` and :meth:`summarize` (pure math lives in
 from __future__ import annotations
 
 import logging
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,12 +39,113 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
 
 from lightning_act.callbacks.history import BoundedSeries
-from lightning_act.capture import ActivationHooks, ModuleSpec, Tap, select_taps
+from lightning_act.capture import (
+    CaptureRegistry,
+    Layout,
+    ModuleSpec,
+    Tap,
+    capture_registry,
+    module_chain,
+    module_layout,
+    select_taps,
+    unmatched_specs,
+)
+from lightning_act.capture.layout import declared_batch_first
+from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.stats import all_gather_packed, all_reduce_packed, distributed_world_size
 
 log = logging.getLogger(__name__)
+
+
+def check_int(owner: str, name: str, value: Any, low: int) -> int:
+    """``value`` as an int >= ``low``, else a one-line :class:`LightningActError` naming the fix."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise LightningActError(f"{owner}: {name}={value!r} must be a whole number >= {low}")
+    return int(value)
+
+
+def check_number(owner: str, name: str, value: Any, low: float = 0.0) -> float:
+    """``value`` as a float >= ``low``, else a one-line :class:`LightningActError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
+        raise LightningActError(f"{owner}: {name}={value!r} must be a number >= {low:g}")
+    return float(value)
+
+
+def check_dim(owner: str, name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise LightningActError(f"{owner}: {name}={value!r} must be an integer axis (e.g. 1) or None")
+    return int(value)
+
+
+def module_list(modules: ModuleSpec | Sequence[ModuleSpec] | None, default: Sequence[str]) -> list[ModuleSpec]:
+    if modules is None:
+        return list(default)
+    return [modules] if isinstance(modules, (str, type)) else list(modules)
+
+
+def training_step_index(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """The monitors' step: ``global_step`` (optimizer steps), or training batches under manual optimization."""
+    if pl_module.automatic_optimization:
+        return trainer.global_step
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def subscribe_taps(
+    subscriber: Any,
+    pl_module: nn.Module,
+    specs: Sequence[ModuleSpec],
+    defaults: bool,
+    layout: Layout | None,
+) -> tuple[list[Tap], CaptureRegistry]:
+    """Select ``specs`` on ``pl_module`` and subscribe ``subscriber`` to them in the shared registry.
+
+    A default spec list that matches nothing warns once (naming the fix) and yields no taps; a
+    user's spec list that matches nothing raises (one line); a part of a user's list that matches
+    nothing warns. The layout of each tap is ``layout`` when given, else inferred from its owners'
+    ``batch_first``; a 3-D tap of undeclared layout in a model with sequence-first modules warns.
+    """
+    owner = type(subscriber).__name__
+    registry = capture_registry(pl_module)
+    try:
+        taps = select_taps(pl_module, specs, owner=owner)
+    except ModuleSelectionError as error:
+        if not defaults:
+            raise
+        rank_zero_warn(
+            f"{owner}: its default modules {list(specs)} match nothing in {type(pl_module).__name__}, so it stays "
+            "idle; pass modules=[...] (functional activations such as F.gelu inside forward are reached through "
+            f"the next layer's input, e.g. modules=['*.fc2:input']). ({error})",
+            category=UserWarning,
+        )
+        return [], registry
+    if not defaults:
+        missing = unmatched_specs(pl_module, specs)
+        if missing:
+            rank_zero_warn(
+                f"{owner}: modules {missing} match nothing in {type(pl_module).__name__}; only the other specs are tapped",
+                category=UserWarning,
+            )
+    if layout is not None:
+        layouts = [layout] * len(taps)
+    else:
+        layouts = [module_layout(module_chain(pl_module, tap.module)) for tap in taps]
+        sequence_first = any(declared_batch_first(m) is False for m in pl_module.modules())
+        undeclared = [tap.name for tap, one in zip(taps, layouts) if not one.declared]
+        if sequence_first and undeclared:
+            rank_zero_warn(
+                f"{owner}: the model has sequence-first (batch_first=False) modules, but the layout of {undeclared} "
+                "is not declared by any owner; they are read as (batch, tokens, features). Pass batch_dim=1 "
+                "(and token_dim=0) if they are (tokens, batch, features)",
+                category=UserWarning,
+            )
+    registry.subscribe(subscriber, taps, layouts)
+    return taps, registry
 
 
 @dataclass
@@ -47,7 +158,17 @@ class Partials:
 
 
 class ActivationMonitor(Callback, ABC):
-    """Base class of the activation monitors; see the module docstring for the protocol."""
+    """Base class of the activation monitors; see the module docstring for the protocol.
+
+    Args:
+        modules: module specs (see :mod:`lightning_act.capture.selection`); None: the monitor's
+            defaults, which warn and stay idle when the model has no such modules.
+        every_n_steps: observe and log every this many steps (see the module docstring).
+        history_size: points kept per key in the bounded histories (>= 2).
+        batch_dim, token_dim: the sample and token axes of every tapped activation, overriding
+            the layout inferred from ``batch_first`` (e.g. ``batch_dim=1, token_dim=0`` for
+            ``(T, B, D)`` outputs of a custom sequence-first model).
+    """
 
     prefix: ClassVar[str] = "act"
     default_modules: ClassVar[tuple[str, ...]] = ("@activations",)
@@ -58,27 +179,32 @@ class ActivationMonitor(Callback, ABC):
         modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
         every_n_steps: int = 50,
         history_size: int = 512,
+        batch_dim: int | None = None,
+        token_dim: int | None = None,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.modules = list(self.default_modules) if modules is None else (
-            [modules] if isinstance(modules, (str, type)) else list(modules)
-        )
-        self.every_n_steps = every_n_steps
-        self.history_size = history_size
+        owner = type(self).__name__
+        self.every_n_steps = check_int(owner, "every_n_steps", every_n_steps, 1)
+        self.history_size = check_int(owner, "history_size", history_size, 2)
+        self.batch_dim = check_dim(owner, "batch_dim", batch_dim)
+        self.token_dim = check_dim(owner, "token_dim", token_dim)
+        self.uses_default_modules = modules is None
+        self.modules = module_list(modules, self.default_modules)
         self.history: dict[str, BoundedSeries] = {}
         self.taps: list[Tap] = []
-        self._hooks: ActivationHooks | None = None
+        self.armed = False
+        self._registry: CaptureRegistry | None = None
         self._pending_step: int | None = None
         self._sums: list[torch.Tensor | None] = []
         self._maxima: list[torch.Tensor | None] = []
         self._samples: list[torch.Tensor | None] = []
         self._layout_synced = False
+        self._unobserved_warned: set[str] = set()
 
     # ------------------------------------------------------------------ for subclasses
     @abstractmethod
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
-        """Fixed-size partial statistics of one activation tensor ``x`` from tap ``tap_index``."""
+    def partials(self, tap_index: int, x: torch.Tensor) -> Partials | None:
+        """Fixed-size partial statistics of one sample-first activation ``x`` from tap ``tap_index``
+        (None: this tensor cannot be measured; the subclass warns once)."""
 
     def merge_samples(self, tap_index: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Combine two same-size sample buffers of one rank (default: keep the newest)."""
@@ -100,52 +226,75 @@ class ActivationMonitor(Callback, ABC):
     # ------------------------------------------------------------------ scheduling
     @property
     def state_key(self) -> str:
+        # Not keyed on every_n_steps: histories must survive a resume with another interval.
+        return self._generate_state_key(modules=[str(m) for m in self.modules])
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # The key of checkpoints written before every_n_steps left the state key (same interval only).
         return self._generate_state_key(modules=[str(m) for m in self.modules], every_n_steps=self.every_n_steps)
 
-    def is_due(self, global_step: int) -> bool:
-        return global_step % self.every_n_steps == 0
+    def is_due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.taps = select_taps(pl_module, self.modules, owner=type(self).__name__)
-        self._hooks = ActivationHooks(self.taps, self._observe)
+        layout = None
+        if self.batch_dim is not None or self.token_dim is not None:
+            layout = Layout(0 if self.batch_dim is None else self.batch_dim, self.token_dim)
+        self.taps, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
         self._reset_buffers(len(self.taps))
 
+    def arm(self, armed: bool) -> None:
+        """Start or stop receiving activations (the registry's hooks stay attached either way)."""
+        self.armed = armed
+        if self._registry is not None:
+            self._registry.refresh()
+
+    def observes_training(self) -> bool:
+        """Whether training forwards are observed (a probing monitor observes its own passes instead)."""
+        return True
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._hooks is None or not self.is_due(trainer.global_step):
+        if not self.taps:
             return
-        self._hooks.attach()
-        self._hooks.armed = True
-        self._pending_step = trainer.global_step
+        step = training_step_index(trainer, pl_module)
+        if self._pending_step is None and self.is_due(step):
+            self._pending_step = step
+        if self._pending_step is not None and self.observes_training():
+            self.arm(True)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self._hooks is not None:
-            self._hooks.armed = False
+        if pl_module.automatic_optimization and self.armed:
+            self.arm(False)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._hooks is not None:
-            self._hooks.armed = False
-        if self._pending_step is not None and trainer.global_step > self._pending_step:
-            step, self._pending_step = self._pending_step, None
-            if self._hooks is not None:
-                self._hooks.detach()
-            self.flush(trainer, step)
+        if self.armed:
+            self.arm(False)
+        if self._pending_step is None:
+            return
+        if pl_module.automatic_optimization and trainer.global_step <= self._pending_step:
+            return  # accumulating: the optimizer step of the due step is still to come
+        step, self._pending_step = self._pending_step, None
+        self.flush(trainer, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
+        self._unsubscribe()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._detach()
+        self._unsubscribe()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._detach()
+        self._unsubscribe()
 
-    def _detach(self) -> None:
-        if self._hooks is not None:
-            self._hooks.detach()
+    def _unsubscribe(self) -> None:
+        self.armed = False
+        if self._registry is not None:
+            self._registry.unsubscribe(self)
+            self._registry = None
         self._pending_step = None
 
     # ------------------------------------------------------------------ buffers
@@ -153,8 +302,11 @@ class ActivationMonitor(Callback, ABC):
         self._sums, self._maxima, self._samples = [None] * n, [None] * n, [None] * n
         self._layout_synced = False
 
-    def _observe(self, tap_index: int, x: torch.Tensor) -> None:
+    def receive(self, tap_index: int, x: torch.Tensor) -> None:
+        """Add one activation's partials to the buffers (called by the capture registry)."""
         part = self.partials(tap_index, x)
+        if part is None:
+            return
         sums = self._sums[tap_index]
         self._sums[tap_index] = part.sums.to(torch.float64) if sums is None else sums.add_(part.sums)
         if part.maxima is not None:
@@ -185,6 +337,7 @@ class ActivationMonitor(Callback, ABC):
         if not self._layout_synced and distributed_world_size() > 1:
             self._sync_layout(trainer.strategy.root_device)
         present = [i for i, s in enumerate(self._sums) if s is not None]
+        self._warn_unobserved(step, present)
         sums = dict(zip(present, all_reduce_packed([self._sums[i] for i in present], "sum")))
         with_max = [i for i in present if self._maxima[i] is not None]
         maxima = dict(zip(with_max, all_reduce_packed([self._maxima[i] for i in with_max], "max")))
@@ -213,9 +366,20 @@ class ActivationMonitor(Callback, ABC):
             metrics[key] = value
             self.record(key, step, value)
         self.log_metrics(trainer, metrics, step)
+        self.publish(trainer, metrics)
         self.on_statistics(trainer, step, stats)
         self._zero_buffers()
         return metrics
+
+    def _warn_unobserved(self, step: int, present: list[int]) -> None:
+        for i, tap in enumerate(self.taps):
+            if i not in present and tap.name not in self._unobserved_warned:
+                self._unobserved_warned.add(tap.name)
+                rank_zero_warn(
+                    f"{type(self).__name__}: {tap.name} produced no activation at step {step} (its module did not run "
+                    "in the observed forwards, or its output is not a tensor); nothing is logged for it",
+                    category=UserWarning,
+                )
 
     def _zero_buffers(self) -> None:
         for buffer in self._sums:
@@ -231,6 +395,11 @@ class ActivationMonitor(Callback, ABC):
         if series is None:
             series = self.history[key] = BoundedSeries(self.history_size)
         series.append(step, value)
+
+    @staticmethod
+    def publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Put ``metrics`` into ``trainer.callback_metrics`` (same values on every rank)."""
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
 
     @staticmethod
     def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:

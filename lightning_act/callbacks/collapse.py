@@ -26,8 +26,8 @@ import torch
 import torch.distributed
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials
-from lightning_act.capture import ModuleSpec, select_taps
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int
+from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
@@ -41,6 +41,11 @@ from lightning_act.stats.spectrum import (
 )
 
 
+def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters under the user's names (without ``_orig_mod.`` and other wrapper parts)."""
+    return {clean_name(name): p for name, p in module.named_parameters()}
+
+
 class DimensionalCollapse(ActivationMonitor):
     """Effective rank / participation ratio per module and the parameter-trajectory ``r90``.
 
@@ -51,9 +56,11 @@ class DimensionalCollapse(ActivationMonitor):
         max_rows: rows sampled per tap per forward (micro-batch) on each rank; bounds the cost.
         warn_below: log ``collapsed`` and warn when ``erank / d`` falls below this fraction; None: off.
         param_patterns: name globs of the parameters whose trajectory is analysed (e.g.
-            ``"blocks.*.attn.qkv.weight"``); default every 2-D weight inside the ``@blocks``
-            modules, or every 2-D weight of the model when it has no repeated blocks (trainable
-            ones only: frozen weights add nothing to the trajectory). ``[]`` switches it off.
+            ``"blocks.*.attn.qkv.weight"``); default every weight of 2 or more dims (linear and
+            conv kernels, flattened) inside the ``@blocks`` modules, or of the whole model when it
+            has no repeated blocks (trainable ones only: frozen weights add nothing to the
+            trajectory). ``[]`` switches it off. Under FSDP (sharded parameters) the trajectory
+            is skipped with a warning.
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
             taken half as often, so the kept ones span the whole run.
         projection_dim: when the chosen weights hold more numbers than this, each snapshot is
@@ -78,10 +85,17 @@ class DimensionalCollapse(ActivationMonitor):
         variance_fraction: float = 0.90,
         seed: int = 0,
         history_size: int = 512,
+        batch_dim: int | None = None,
+        token_dim: int | None = None,
     ) -> None:
-        super().__init__(modules=modules, every_n_steps=every_n_steps, history_size=history_size)
-        if max_rows < 2:
-            raise LightningActError(f"DimensionalCollapse: max_rows={max_rows} must be >= 2; pass e.g. max_rows=1024")
+        super().__init__(
+            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim
+        )
+        check_int("DimensionalCollapse", "max_rows", max_rows, 2)
+        check_int("DimensionalCollapse", "max_snapshots", max_snapshots, 2)
+        check_int("DimensionalCollapse", "seed", seed, 0)
+        if projection_dim is not None:
+            check_int("DimensionalCollapse", "projection_dim", projection_dim, 2)
         if warn_below is not None and not 0.0 < warn_below <= 1.0:
             raise LightningActError(
                 f"DimensionalCollapse: warn_below={warn_below} must be in (0, 1]; pass e.g. warn_below=0.05"
@@ -161,7 +175,7 @@ class DimensionalCollapse(ActivationMonitor):
 
     # ------------------------------------------------------------------ parameter trajectory
     def _select_params(self, pl_module: pl.LightningModule) -> list[str]:
-        named = dict(pl_module.named_parameters())
+        named = _named_parameters(pl_module)
         if self.param_patterns is not None:
             names = [n for n in named if any(fnmatch.fnmatchcase(n, p) for p in self.param_patterns)]
             if self.param_patterns and not names:
@@ -171,18 +185,15 @@ class DimensionalCollapse(ActivationMonitor):
                     f"{', '.join(repr(n) for n in list(named)[:4])}) or [] to switch the trajectory off"
                 )
             return names
-        try:
-            blocks = select_taps(pl_module, "@blocks", owner=type(self).__name__)
-        except ModuleSelectionError:
-            blocks = []
+        blocks = [] if unmatched_specs(pl_module, ["@blocks"]) else select_taps(pl_module, "@blocks", owner=type(self).__name__)
         block_params = {id(p) for tap in blocks for p in tap.module.parameters()}
         return [
             n for n, p in named.items()
-            if p.dim() == 2 and p.requires_grad and (not block_params or id(p) in block_params)
+            if p.dim() >= 2 and p.requires_grad and (not block_params or id(p) in block_params)
         ]
 
     def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor:
-        params = dict(pl_module.named_parameters())
+        params = _named_parameters(pl_module)
         chosen = [params[n].detach() for n in self.param_names]
         total = sum(p.numel() for p in chosen)
         if self.projection_dim is None or total <= self.projection_dim:
@@ -219,8 +230,16 @@ class DimensionalCollapse(ActivationMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self.param_names = self._select_params(pl_module)
+        if stage != "fit":
+            return
+        self.param_names = self._select_params(pl_module)
+        if self.param_names and "FSDP" in type(trainer.strategy).__name__:
+            rank_zero_warn(
+                "DimensionalCollapse: the parameters are sharded (FSDP), so collapse/params/r90 is not computed; "
+                "the activation statistics are. Pass param_patterns=[] to silence this",
+                category=UserWarning,
+            )
+            self.param_names = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.param_names and not self._snapshots:

@@ -11,9 +11,20 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int, check_number
+from lightning_act.callbacks.probe import (
+    ForwardFn,
+    call_forward,
+    probing,
+    resolve_forward_fn,
+    to_device,
+    validation_batches,
+)
 from lightning_act.capture import ModuleSpec
 from lightning_act.errors import LightningActError
+from lightning_act.stats import all_gather_packed, distributed_world_size
 from lightning_act.stats.massive import (
     EmergenceFit,
     block_magnitude,
@@ -28,6 +39,16 @@ from lightning_act.stats.massive import (
 )
 
 log = logging.getLogger(__name__)
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for value in batch.values() for t in _tensors(value)]
+    if isinstance(batch, (list, tuple)):
+        return [t for value in batch for t in _tensors(value)]
+    return []
+
 
 FIT_SCALARS = {"fit_A": "a", "fit_lambda": "lam", "fit_gamma": "gamma", "fit_t0": "t0", "fit_K": "k", "fit_r2": "r2"}
 
@@ -64,14 +85,35 @@ class MassiveActivations(ActivationMonitor):
         top_k: int = 3,
         min_fit_points: int = 6,
         history_size: int = 512,
+        probe: str | None = None,
+        probe_batches: int = 1,
+        forward_fn: ForwardFn | str | None = None,
+        batch_dim: int | None = None,
+        token_dim: int | None = None,
     ) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise LightningActError(f"MassiveActivations: top_k={top_k!r} must be a whole number >= 1")
+        if probe not in (None, "val"):
+            raise LightningActError(f"MassiveActivations: probe={probe!r} is not supported; pass probe='val' or leave it unset")
+        check_int("MassiveActivations", "probe_batches", probe_batches, 1)
+        check_number("MassiveActivations", "abs_threshold", abs_threshold)
+        check_number("MassiveActivations", "ratio_threshold", ratio_threshold)
         if top_k < 1:
             raise LightningActError(f"top_k={top_k} must be >= 1; pass the number of largest positions to log, e.g. 3")
         if min_fit_points < 6:
             raise LightningActError(
                 f"min_fit_points={min_fit_points} is below 6; the five-parameter emergence fit needs at least 6 points"
             )
-        super().__init__(modules=modules, every_n_steps=every_n_steps, history_size=history_size)
+        super().__init__(
+            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim
+        )
+        self.probe = probe
+        self.probe_batches = int(probe_batches)
+        self.forward_fn = resolve_forward_fn("MassiveActivations", forward_fn)
+        self._probe_data: list[Any] = []
+        self._probe_here = True
+        self._probed_step: int | None = None
+        self._low_dim_warned: set[int] = set()
         self.abs_threshold = abs_threshold
         self.ratio_threshold = ratio_threshold
         self.top_k = top_k
@@ -81,12 +123,16 @@ class MassiveActivations(ActivationMonitor):
         self._has_token: dict[int, bool] = {}
 
     # ------------------------------------------------------------------ statistics
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+    def partials(self, tap_index: int, x: torch.Tensor) -> Partials | None:
         if x.dim() < 2:
-            raise LightningActError(
-                f"{self.taps[tap_index].name!r} outputs a {x.dim()}-d tensor; MassiveActivations needs "
-                "(batch, tokens, features) or (batch, features) outputs, pass such modules (e.g. '@blocks')"
-            )
+            if tap_index not in self._low_dim_warned:
+                self._low_dim_warned.add(tap_index)
+                rank_zero_warn(
+                    f"MassiveActivations: {self.taps[tap_index].name} outputs a {x.dim()}-d tensor, not "
+                    "(batch, tokens, features) or (batch, features); nothing is logged for it (tap e.g. '@blocks')",
+                    category=UserWarning,
+                )
+            return None
         self._has_token[tap_index] = has_token_axis(x)
         magnitude = block_magnitude(x)
         sums, maxima = massive_partials_from_magnitude(magnitude, self.abs_threshold, self.ratio_threshold)
@@ -102,6 +148,46 @@ class MassiveActivations(ActivationMonitor):
         stats = summarize_massive(sums, maxima)
         stats.update(topk_stats(merge_topk(samples, self.top_k), self.top_k, self._has_token.get(tap_index, True)))
         return stats
+
+    # ------------------------------------------------------------------ probe
+    def observes_training(self) -> bool:
+        return self.probe is None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is None or not self.taps:
+            return
+        batches = validation_batches(trainer, "MassiveActivations", lambda b: len(b) >= self.probe_batches)
+        self._probe_data = [to_device(batch, pl_module.device) for batch in batches]
+        self._probe_here = self._runs_probe_here(pl_module.device)
+
+    def _runs_probe_here(self, device: torch.device) -> bool:
+        """Whether this rank runs the probe: all ranks when their batches differ, else rank 0 only."""
+        world = distributed_world_size()
+        if world == 1:
+            return True
+        tensors = [t for batch in self._probe_data for t in _tensors(batch)]
+        fingerprint = torch.stack(
+            [torch.tensor(float(sum(t.numel() for t in tensors)), dtype=torch.float64, device=device)]
+            + [t.detach().to(torch.float64).nan_to_num().sum() for t in tensors]
+        ).sum().reshape(1)
+        everyone = all_gather_packed([fingerprint])[0].reshape(-1)
+        same = bool((everyone == everyone[0]).all())
+        return not same or torch.distributed.get_rank() == 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.probe is None or self._pending_step is None or self._probed_step == self._pending_step:
+            return
+        self._probed_step = self._pending_step
+        if not self._probe_here:
+            return
+        self.arm(True)
+        try:
+            with probing(trainer, pl_module, pl_module.device):
+                for probe_batch in self._probe_data:
+                    call_forward("MassiveActivations", self.forward_fn, pl_module, probe_batch)
+        finally:
+            self.arm(False)
 
     # ------------------------------------------------------------------ emergence fits
     def fit_emergence(self, trainer: pl.Trainer | None = None) -> dict[str, EmergenceFit]:

@@ -1,7 +1,7 @@
 """Sensitive neurons (SeND, Hallucination Detox, arXiv 2410.15460) and EigenScore.
 
 A fixed *tracking set* (the first ``num_samples`` inputs of the validation dataloader at fit
-start, or ``tracking_inputs``) goes through the model's ``forward`` at each due step, a
+start, or ``tracking_inputs``) goes through the model (``pl_module(x)``, or ``forward_fn``) at each due step, a
 *checkpoint*, after that step's optimizer update. Each tapped layer gives one embedding per
 example (2-D (B, D) outputs as they are, (B, T, D) averaged over tokens, (B, C, H, W) averaged over
 space), and the last C + 1 checkpoints of them are kept. Per neuron i,
@@ -35,7 +35,6 @@ masks are identical on every rank.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,9 +44,24 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_act.callbacks.base import ActivationMonitor
+from lightning_act.callbacks.base import (
+    ActivationMonitor,
+    check_dim,
+    check_int,
+    module_list,
+    subscribe_taps,
+    training_step_index,
+)
 from lightning_act.callbacks.history import BoundedSeries
-from lightning_act.capture import ActivationHooks, ModuleSpec, Tap, select_taps
+from lightning_act.callbacks.probe import (
+    ForwardFn,
+    call_forward,
+    probing,
+    resolve_forward_fn,
+    to_device,
+    validation_batches,
+)
+from lightning_act.capture import CaptureRegistry, Layout, ModuleSpec, Tap
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
@@ -74,6 +88,21 @@ def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
         f"SensitiveNeurons: cannot make per-example embeddings from an activation of shape {tuple(x.shape)}; "
         "tap a module whose output is (B, D), (B, T, D) or (B, C, H, W) via modules=[...]"
     )
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _num_examples(batch: Any) -> int:
+    """Examples in a batch: the length of its first tensor (the inputs)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, dict):
+        return next((_num_examples(v) for v in batch.values()), 0)
+    if isinstance(batch, (list, tuple)) and batch:
+        return _num_examples(batch[0])
+    return 0
 
 
 def _is_stochastic(module: nn.Module) -> bool:
@@ -126,6 +155,16 @@ class SensitiveNeurons(Callback):
         batch_size: tracking examples per forward pass.
         input_key: key of the model input when validation batches are dicts.
         seed: seed of the dropout masks of the passes and of the EES probes.
+        forward_fn: how to run the model on one tracking batch, ``forward_fn(pl_module, batch)``
+            (a callable or its import path), for LightningModules whose ``forward`` is not
+            ``forward(x)``; the tracking set is then the first whole validation batches holding at
+            least ``num_samples`` examples. Default: ``pl_module(x)`` on the inputs of the
+            validation batches (``tracking_inputs``: on chunks of it). Checked at fit start: a
+            failing call is one line.
+        batch_dim, token_dim: the layout of the tapped activations (see ``ActivationMonitor``).
+
+    A "step" is an optimizer step under automatic optimization and a training batch under manual
+    optimization, as for every monitor.
     """
 
     prefix = "sensitive"
@@ -149,20 +188,26 @@ class SensitiveNeurons(Callback):
         input_key: str | None = None,
         seed: int = 0,
         history_size: int = 512,
+        forward_fn: ForwardFn | str | None = None,
+        batch_dim: int | None = None,
+        token_dim: int | None = None,
     ) -> None:
         checks = {
             "every_n_steps": (every_n_steps, 1), "num_samples": (num_samples, 1), "window": (window, 2),
             "drop_checkpoints": (drop_checkpoints, 1), "eigenscore_passes": (eigenscore_passes, 0),
             "num_moments": (num_moments, 1), "num_probes": (num_probes, 1), "batch_size": (batch_size, 1),
+            "history_size": (history_size, 2), "seed": (seed, 0),
         }
         for name, (value, low) in checks.items():
-            if value < low:
-                raise LightningActError(f"SensitiveNeurons: {name}={value} must be >= {low}")
-        if not 0.0 < top_fraction <= 1.0:
-            raise LightningActError(f"SensitiveNeurons: top_fraction={top_fraction} must be in (0, 1]; pass e.g. 0.2")
-        self.modules = list(self.default_modules) if modules is None else (
-            [modules] if isinstance(modules, (str, type)) else list(modules)
-        )
+            check_int("SensitiveNeurons", name, value, low)
+        if isinstance(top_fraction, bool) or not isinstance(top_fraction, (int, float)) or not 0.0 < top_fraction <= 1.0:
+            raise LightningActError(f"SensitiveNeurons: top_fraction={top_fraction!r} must be in (0, 1]; pass e.g. 0.2")
+        self.uses_default_modules = modules is None
+        self.modules = module_list(modules, self.default_modules)
+        self.forward_fn = resolve_forward_fn("SensitiveNeurons", forward_fn)
+        self.custom_forward = forward_fn is not None
+        self.batch_dim = check_dim("SensitiveNeurons", "batch_dim", batch_dim)
+        self.token_dim = check_dim("SensitiveNeurons", "token_dim", token_dim)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.tracking_inputs = tracking_inputs
@@ -186,54 +231,73 @@ class SensitiveNeurons(Callback):
         self.previous: dict[str, torch.Tensor] = {}
         self.countdown: dict[str, int] = {}
         self.checkpoints = 0
-        self._inputs: torch.Tensor | None = None
+        self.armed = False
+        self._batches: list[Any] = []
+        self._collected: dict[int, list[torch.Tensor]] = {}
+        self._registry: CaptureRegistry | None = None
         self._pending_step: int | None = None
         self._drop_handles: dict[str, Any] = {}
 
     @property
     def state_key(self) -> str:
+        # Not keyed on every_n_steps: the state must survive a resume with another interval.
+        return self._generate_state_key(modules=[str(m) for m in self.modules])
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # The key of checkpoints written before every_n_steps left the state key (same interval only).
         return self._generate_state_key(modules=[str(m) for m in self.modules], every_n_steps=self.every_n_steps)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.taps = select_taps(pl_module, self.modules, owner=type(self).__name__)
+        if stage != "fit":
+            return
+        layout = None
+        if self.batch_dim is not None or self.token_dim is not None:
+            layout = Layout(0 if self.batch_dim is None else self.batch_dim, self.token_dim)
+        self.taps, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
+        compiled = getattr(pl_module, "_compiler_ctx", None) or any(
+            isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules()
+        )
+        if self.drop and compiled:
+            raise LightningActError(
+                "SensitiveNeurons(drop=True) cannot zero features of a torch.compile'd model (hooks added after "
+                "compilation are ignored by the compiled code); train the SeND protocol without torch.compile"
+            )
+
+    def receive(self, tap_index: int, x: torch.Tensor) -> None:
+        """Keep one activation's per-example embedding (called by the capture registry)."""
+        self._collected.setdefault(tap_index, []).append(per_example_embedding(x).to(torch.float64))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.taps:
+            return
+        device = _module_device(pl_module)
         if self.tracking_inputs is not None:
-            self._inputs = self.tracking_inputs[: self.num_samples].to(pl_module.device)
+            self._batches = list(self.tracking_inputs[: self.num_samples].to(device).split(self.batch_size))
+        elif self.custom_forward:
+            batches = validation_batches(
+                trainer, "SensitiveNeurons", lambda bs: sum(_num_examples(b) for b in bs) >= self.num_samples
+            )
+            self._batches = [to_device(b, device) for b in batches]
         else:
-            self._inputs = self._union_over_ranks(self._from_validation(trainer).to(pl_module.device))
-        self.embeddings = {name: [e.to(pl_module.device) for e in window] for name, window in self.embeddings.items()}
+            self._batches = list(self._union_over_ranks(self._from_validation(trainer).to(device)).split(self.batch_size))
+        with probing(trainer, pl_module, device):
+            call_forward("SensitiveNeurons", self.forward_fn, pl_module, self._batches[0])
+        self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
         for tap in self.taps:
             if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive:
                 self._set_drop(tap, self.sensitive[tap.name])
 
     def _from_validation(self, trainer: pl.Trainer) -> torch.Tensor:
-        source = trainer.fit_loop.epoch_loop.val_loop._data_source
-        if source.instance is None or not source.is_defined():
-            raise LightningActError(
-                "SensitiveNeurons needs a tracking set but this fit has no validation data; "
-                "pass val_dataloaders/a datamodule with val_dataloader(), or tracking_inputs=<tensor>"
-            )
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        chunks: list[torch.Tensor] = []
-        count = 0
-        # Creating a DataLoader iterator draws a seed from the global RNG; fork it so training is untouched.
-        with torch.random.fork_rng(devices=devices):
-            loader = source.dataloader()
-            loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-            for batch in loader:
-                x = self._batch_inputs(batch)
-                chunks.append(x)
-                count += x.shape[0]
-                if count >= self.num_samples:
-                    break
-        if not chunks:
-            raise LightningActError(
-                "SensitiveNeurons: the validation dataloader is empty; pass tracking_inputs=<tensor>"
-            )
-        return torch.cat(chunks)[: self.num_samples]
+        inputs: list[torch.Tensor] = []
+
+        def enough(batches: list[Any]) -> bool:
+            inputs.append(self._batch_inputs(batches[-1]))
+            return sum(x.shape[0] for x in inputs) >= self.num_samples
+
+        validation_batches(trainer, "SensitiveNeurons", enough)
+        return torch.cat(inputs)[: self.num_samples]
 
     def _union_over_ranks(self, local: torch.Tensor) -> torch.Tensor:
         """The same tracking set on every rank.
@@ -279,52 +343,43 @@ class SensitiveNeurons(Callback):
         )
 
     # ------------------------------------------------------------------ scheduling
-    def is_due(self, global_step: int) -> bool:
-        return global_step % self.every_n_steps == 0
+    def is_due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending_step is None and self.is_due(trainer.global_step):
-            self._pending_step = trainer.global_step
+        step = training_step_index(trainer, pl_module)
+        if self.taps and self._pending_step is None and self.is_due(step):
+            self._pending_step = step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending_step is not None and trainer.global_step > self._pending_step:
-            step, self._pending_step = self._pending_step, None
-            self.checkpoint(trainer, pl_module, step)
+        if self._pending_step is None:
+            return
+        if pl_module.automatic_optimization and trainer.global_step <= self._pending_step:
+            return
+        step, self._pending_step = self._pending_step, None
+        self.checkpoint(trainer, pl_module, step)
 
     # ------------------------------------------------------------------ passes
     def _run_passes(
         self, trainer: pl.Trainer | None, pl_module: nn.Module
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Embeddings (N, D) of the deterministic pass and (N, D, K) of the stochastic passes, per tap."""
-        assert self._inputs is not None
-        collected: dict[int, list[torch.Tensor]] = {}
-
-        def sink(index: int, x: torch.Tensor) -> None:
-            collected.setdefault(index, []).append(per_example_embedding(x).to(torch.float64))
-
-        hooks = ActivationHooks(self.taps, sink)
-        flags = {module: module.training for module in pl_module.modules()}
-        device = self._inputs.device
-        rng_devices = []
-        if device.type == "cuda":
-            rng_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-        context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+        collected = self._collected
+        device = _module_device(pl_module)
 
         def one_pass() -> dict[str, torch.Tensor]:
             collected.clear()
-            for chunk in self._inputs.split(self.batch_size):
-                pl_module(chunk)
+            for batch in self._batches:
+                call_forward("SensitiveNeurons", self.forward_fn, pl_module, batch)
             return {tap.name: torch.cat(collected[i]) for i, tap in enumerate(self.taps) if i in collected}
 
-        hooks.attach()
-        hooks.armed = True
+        self._arm(True)
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices), context:
-                pl_module.eval()
+            with probing(trainer, pl_module, device):
                 clean = one_pass()
                 passes: list[dict[str, torch.Tensor]] = []
                 if self.eigenscore_passes >= 2:
@@ -334,9 +389,8 @@ class SensitiveNeurons(Callback):
                             module.train()
                     passes = [one_pass() for _ in range(self.eigenscore_passes)]
         finally:
-            hooks.detach()
-            for module, flag in flags.items():
-                module.train(flag)
+            self._arm(False)
+            collected.clear()
         stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
         return clean, stochastic
 
@@ -360,8 +414,10 @@ class SensitiveNeurons(Callback):
             window.append(embedding)
             del window[: max(0, len(window) - (self.window + 1))]
             stats = self._update_selection(tap, window)
-            if tap.name in stochastic:
-                z = self._broadcast(stochastic[tap.name])
+            z = self._broadcast(stochastic[tap.name]) if tap.name in stochastic else None
+            if z is not None and not bool(torch.isfinite(z).all()):
+                stats["eigenscore"] = stats["ees"] = float("nan")  # non-finite embeddings have no spectrum
+            elif z is not None:
                 generator = torch.Generator(device=z.device).manual_seed(self.seed * 1_000_003 + self.checkpoints)
                 stats["eigenscore"] = float(eigenscore(z, self.alpha).mean())
                 stats["ees"] = float(
@@ -377,6 +433,7 @@ class SensitiveNeurons(Callback):
         self.checkpoints += 1
         if trainer is not None:
             ActivationMonitor.log_metrics(trainer, metrics, step)
+            ActivationMonitor.publish(trainer, metrics)
         return metrics
 
     def _update_selection(self, tap: Tap, window: list[torch.Tensor]) -> dict[str, float]:
@@ -416,10 +473,22 @@ class SensitiveNeurons(Callback):
         if handle is not None:
             handle.remove()
 
+    def _arm(self, armed: bool) -> None:
+        self.armed = armed
+        if self._registry is not None:
+            self._registry.refresh()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for name in list(self._drop_handles):
             self._remove_drop(name)
         self._pending_step = None
+        self.armed = False
+        if self._registry is not None:
+            self._registry.unsubscribe(self)
+            self._registry = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

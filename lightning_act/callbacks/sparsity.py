@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials
-from lightning_act.capture import ModuleSpec, select_taps
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_number, module_list
+from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError
 from lightning_act.stats.sparsity import (
     TEMPORAL_SUMS,
@@ -65,11 +65,12 @@ class ActivationSparsity(ActivationMonitor):
         temporal_dim: int | None = None,
         temporal_eps: float = 0.0,
         history_size: int = 512,
+        batch_dim: int | None = None,
+        token_dim: int | None = None,
     ) -> None:
-        if threshold < 0 or temporal_eps < 0:
-            raise LightningActError(
-                f"threshold={threshold} and temporal_eps={temporal_eps} must be >= 0; pass non-negative magnitudes"
-            )
+        check_number("ActivationSparsity", "threshold", threshold)
+        check_number("ActivationSparsity", "temporal_eps", temporal_eps)
+        check_number("ActivationSparsity", "target_cett", target_cett)
         if not 0.0 < target_cett < 1.0:
             raise LightningActError(f"target_cett={target_cett} is outside (0, 1); pass a CETT such as 0.2")
         if cett_max_tokens < 1 or cett_grid_size < 2 or not 0.0 < cett_grid_range[0] < cett_grid_range[1]:
@@ -77,16 +78,15 @@ class ActivationSparsity(ActivationMonitor):
                 f"cett_max_tokens={cett_max_tokens}, cett_grid_size={cett_grid_size}, cett_grid_range={cett_grid_range} "
                 "are invalid; pass cett_max_tokens >= 1, cett_grid_size >= 2 and 0 < low < high"
             )
-        zero_modules = list(self.default_modules) if modules is None else (
-            [modules] if isinstance(modules, (str, type)) else list(modules)
-        )
+        zero_modules = module_list(modules, self.default_modules)
         globs = [] if cett_modules is None else ([cett_modules] if isinstance(cett_modules, str) else list(cett_modules))
         self.zero_modules = zero_modules
         self.cett_modules = [g[: -len(":input")] if g.endswith(":input") else g for g in globs]
         super().__init__(
             modules=zero_modules + [f"{g}:input" for g in self.cett_modules],
-            every_n_steps=every_n_steps, history_size=history_size,
+            every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim,
         )
+        self.uses_default_modules = modules is None and not self.cett_modules
         self.threshold = threshold
         self.target_cett = target_cett
         self.cett_max_tokens = cett_max_tokens
@@ -103,19 +103,24 @@ class ActivationSparsity(ActivationMonitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        index = {tap.name: i for i, tap in enumerate(self.taps)}
+        index = {(id(tap.module), tap.point): i for i, tap in enumerate(self.taps)}
         owner = type(self).__name__
-        zero_taps = select_taps(pl_module, self.zero_modules, owner=owner) if self.zero_modules else []
-        self._zero_taps = {index[tap.name] for tap in zero_taps}
+        self._zero_taps = set()
         self._cett_linear = {}
-        if self.cett_modules:
-            for tap in select_taps(pl_module, [f"{g}:input" for g in self.cett_modules], owner=owner):
+        if not self.taps:
+            return
+        cett_specs = [f"{g}:input" for g in self.cett_modules]
+        if self.zero_modules and len(unmatched_specs(pl_module, self.zero_modules)) < len(self.zero_modules):
+            zero_taps = select_taps(pl_module, self.zero_modules, owner=owner)
+            self._zero_taps = {index[(id(tap.module), tap.point)] for tap in zero_taps}
+        if self.cett_modules and len(unmatched_specs(pl_module, cett_specs)) < len(cett_specs):
+            for tap in select_taps(pl_module, cett_specs, owner=owner):
                 if not isinstance(tap.module, nn.Linear):
                     raise LightningActError(
                         f"cett_modules matched {tap.name!r}, a {type(tap.module).__name__}; CETT needs the MLP's "
                         "down-projection nn.Linear, pass a glob like '*.mlp.fc2'"
                     )
-                self._cett_linear[index[tap.name]] = tap.module
+                self._cett_linear[index[(id(tap.module), tap.point)]] = tap.module
         self._cett_grid = {}
         self._has_time = {}
 

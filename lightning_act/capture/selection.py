@@ -4,17 +4,26 @@ A *module spec* is one of:
 
 - ``"@activations"``: every activation-function module (``nn.ReLU``, ``nn.GELU``, timm's activation
   layers, and the project's ``GroupRational``/``PMish``...); classes can be added with
-  :func:`register_activation_class`;
-- ``"@blocks"``: the repeated blocks of the model's main stack (e.g. a timm ViT's ``blocks.0`` …
-  ``blocks.11``), i.e. the residual stream after each block;
+  :func:`register_activation_class`. Functional activations (``F.gelu`` inside ``forward``) have no module, so for a recognised MLP
+  without an activation module (timm ``Mlp``-style ``fc1/fc2``, Hugging Face ``up_proj/down_proj``,
+  GPT-2 ``c_fc/c_proj``, ``nn.TransformerEncoderLayer``'s ``linear1/linear2``) the
+  down-projection's input is tapped instead (``<mlp>.fc2:input``): the activations themselves;
+- ``"@blocks"``: the repeated blocks of every block stack of the model (a timm ViT's ``blocks.0`` …
+  ``blocks.11``, every ResNet stage, encoder and decoder layers, ``layers``/``h``/``blocks``
+  lists), i.e. the residual stream after each block; a stack is a ``ModuleList``/``Sequential`` of
+  two or more non-leaf modules of one class, and stacks nested inside a chosen stack are skipped;
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
-  models, else the last ``nn.Linear``), i.e. the penultimate features;
+  models, else the last ``nn.Linear``), i.e. the penultimate features, named ``<head>:input``;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
   name (``"GELU"``): every module of that class;
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
 
 A string spec may end in ``":input"`` to tap the module's first input instead of its output (the
 activations entering a down-projection, for example).
+
+Names are those of the user's model: the wrappers' ``_orig_mod.`` (``torch.compile``),
+``_fsdp_wrapped_module.`` (FSDP) and ``_checkpoint_wrapped_module.`` (activation checkpointing)
+are left out, so keys are the same however the model is wrapped.
 """
 
 from __future__ import annotations
@@ -71,6 +80,29 @@ class Tap:
     point: Literal["output", "input"] = "output"
 
 
+_WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# (up-projection, down-projection) child names of the MLP shapes whose activation may be functional.
+_MLP_SHAPES = (("fc1", "fc2"), ("up_proj", "down_proj"), ("c_fc", "c_proj"), ("linear1", "linear2"), ("w1", "w2"))
+
+
+def clean_name(name: str) -> str:
+    """A module name without the wrapper parts of compile, FSDP and checkpoint wrappers."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+        if name == part[:-1] or name.endswith("." + part[:-1]):
+            name = name[: -len(part)] if name != part[:-1] else ""
+    return name
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` under the user's names (wrappers left out), each module once."""
+    by_name: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        # A wrapper and the module it wraps share a name; the wrapped module (the user's) wins.
+        by_name[clean_name(name)] = module
+    return list(by_name.items())
+
+
 def _resolve_class(spec: str) -> type | None:
     if "." not in spec or any(c in spec for c in "*?[]"):
         return None
@@ -84,33 +116,50 @@ def _resolve_class(spec: str) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
 
 
-def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children of the largest ModuleList/Sequential whose children all share one class."""
-    best: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+def _repeated_blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Children of every outermost ModuleList/Sequential of >= 2 non-leaf children of one class."""
+    blocks: list[tuple[str, nn.Module]] = []
+    inside: set[int] = set()
+    names = {id(m): n for n, m in modules}
+    for _, module in modules:
+        if id(module) in inside or not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
-        children = list(module.named_children())
-        if len(children) >= 2 and len({type(c) for _, c in children}) == 1 and len(children) > len(best):
-            prefix = f"{name}." if name else ""
-            best = [(prefix + child_name, child) for child_name, child in children]
-    return best
+        children = [c for _, c in module.named_children()]
+        if len(children) < 2 or len({type(c) for c in children}) != 1 or not any(True for _ in children[0].children()):
+            continue
+        blocks.extend((names[id(c)], c) for c in children if id(c) in names)
+        inside.update(id(m) for c in children for m in c.modules())
+    return blocks
 
 
-def _penultimate(model: nn.Module) -> list[Tap]:
+def _functional_activation_inputs(modules: list[tuple[str, nn.Module]]) -> list[Tap]:
+    """Down-projection inputs of recognised MLPs that have no activation module (see the module docstring)."""
+    taps = []
+    for name, module in modules:
+        children = dict(module.named_children())
+        for up, down in _MLP_SHAPES:
+            if up in children and down in children and not any(is_activation(m) for m in module.modules()):
+                prefix = f"{name}." if name else ""
+                taps.append(Tap(f"{prefix}{down}:input", children[down], "input"))
+                break
+    return taps
+
+
+def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[Tap]:
     head_owner = next((m for m in model.modules() if hasattr(m, "get_classifier")), None)
     if head_owner is not None:
         head = head_owner.get_classifier()
-        for name, module in model.named_modules():
+        for name, module in modules:
             if module is head and isinstance(module, nn.Module) and not isinstance(module, nn.Identity):
-                return [Tap("penultimate", module, "input")]
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return [Tap("penultimate", linears[-1][1], "input")] if linears else []
+                return [Tap(f"{name}:input", module, "input")]
+    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear)]
+    return [Tap(f"{linears[-1][0]}:input", linears[-1][1], "input")] if linears else []
 
 
-def _match_one(model: nn.Module, spec: ModuleSpec) -> list[Tap]:
+def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.Module]] | None = None) -> list[Tap]:
+    modules = named_modules(model) if modules is None else modules
     if isinstance(spec, type):
-        return [Tap(n, m) for n, m in model.named_modules() if isinstance(m, spec)]
+        return [Tap(n, m) for n, m in modules if isinstance(m, spec)]
     if not isinstance(spec, str):
         raise ModuleSelectionError(
             f"module spec {spec!r} is neither a string nor a module class; use a name glob like "
@@ -120,22 +169,31 @@ def _match_one(model: nn.Module, spec: ModuleSpec) -> list[Tap]:
     if spec.endswith(":input"):
         spec, point = spec[: -len(":input")], "input"
     if spec == "@activations":
-        taps = [Tap(n, m) for n, m in model.named_modules() if n and is_activation(m)]
+        taps = [Tap(n, m) for n, m in modules if n and is_activation(m)]
+        if point == "output":
+            return taps + _functional_activation_inputs(modules)
     elif spec == "@blocks":
-        taps = [Tap(n, m) for n, m in _repeated_blocks(model)]
+        taps = [Tap(n, m) for n, m in _repeated_blocks(modules)]
     elif spec == "@penultimate":
-        return _penultimate(model)
+        return _penultimate(model, modules)
     elif spec.startswith("@"):
         raise ModuleSelectionError(f"unknown module preset {spec!r}; use one of {', '.join(PRESETS)}")
     elif (cls := _resolve_class(spec)) is not None:
-        taps = [Tap(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+        taps = [Tap(n, m) for n, m in modules if isinstance(m, cls)]
     elif spec.isidentifier() and spec[:1].isupper():
-        taps = [Tap(n, m) for n, m in model.named_modules() if type(m).__name__ == spec]
+        taps = [Tap(n, m) for n, m in modules if type(m).__name__ == spec]
     else:
-        taps = [Tap(n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, spec)]
+        taps = [Tap(n, m) for n, m in modules if n and fnmatch.fnmatchcase(n, spec)]
     if point == "input":
         taps = [Tap(f"{t.name}:input", t.module, "input") for t in taps]
     return taps
+
+
+def unmatched_specs(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec]) -> list[ModuleSpec]:
+    """The specs of ``specs`` that match no module of ``model`` on their own."""
+    specs = [specs] if isinstance(specs, (str, type)) else list(specs)
+    modules = named_modules(model)
+    return [spec for spec in specs if not _match_one(model, spec, modules)]
 
 
 def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owner: str = "monitor") -> list[Tap]:
@@ -145,21 +203,35 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
     """
     if isinstance(specs, (str, type)):
         specs = [specs]
+    modules = named_modules(model)
     taps: list[Tap] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[int, str]] = set()
     for spec in specs:
-        for tap in _match_one(model, spec):
-            if (tap.name, tap.point) not in seen:
-                seen.add((tap.name, tap.point))
+        for tap in _match_one(model, spec, modules):
+            if (id(tap.module), tap.point) not in seen:
+                seen.add((id(tap.module), tap.point))
                 taps.append(tap)
     if not taps:
-        names = [n for n, _ in model.named_modules() if n]
+        names = [n for n, _ in modules if n]
         raise ModuleSelectionError(
             f"{owner}: modules={list(specs)!r} matched no module of {type(model).__name__}; "
             f"use name globs or classes that exist (e.g. {_examples(names, specs)}) or a preset "
-            f"({', '.join(PRESETS)})"
+            f"({', '.join(PRESETS)}); functional activations (F.gelu in forward) are reached through "
+            "the next layer's input, e.g. '*.fc2:input'"
         )
     return taps
+
+
+def module_chain(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """``module`` and its owners in ``model``, innermost first (empty when it is not in ``model``)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            parts = name.split(".") if name else []
+            chain = [model]
+            for part in parts:
+                chain.append(getattr(chain[-1], part))
+            return chain[::-1]
+    return []
 
 
 def _examples(names: Sequence[str], specs: Sequence[ModuleSpec], limit: int = 5) -> str:

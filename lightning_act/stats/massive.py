@@ -75,7 +75,7 @@ def massive_partials(
 
 def block_magnitude(h: torch.Tensor) -> torch.Tensor:
     """``|h|`` as float32+ ``(B, tokens, features)``, NaN as +inf: the one pass both statistics read."""
-    return torch.nan_to_num(_at_least_float32(_as_samples_tokens_features(h)).abs(), nan=float("inf"))
+    return torch.nan_to_num(_at_least_float32(_as_samples_tokens_features(h)).abs(), nan=float("inf"), posinf=float("inf"))
 
 
 def massive_partials_from_magnitude(

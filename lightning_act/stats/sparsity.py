@@ -41,7 +41,12 @@ TEMPORAL_SUMS = ("pairs", "unchanged")
 
 
 def zero_partials(x: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """``[count, nonfinite, zeros]`` (float64): entries, non-finite entries, finite ``|a| <= threshold``."""
+    """``[count, nonfinite, zeros]`` (float64): entries, non-finite entries, finite ``|a| <= threshold``.
+
+    The comparison runs in float32 or wider: in bf16 a threshold of 0.01 would become 0.0100098 and
+    values just above it would count as zeros.
+    """
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     finite = torch.isfinite(x)
     count = float(x.numel())
     zeros = ((x.abs() <= threshold) & finite).sum(dtype=torch.float64)

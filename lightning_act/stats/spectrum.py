@@ -118,8 +118,11 @@ def trajectory_spectrum(snapshots: torch.Tensor) -> torch.Tensor:
     x = snapshots.to(torch.float64)
     centred = x - x.mean(0, keepdim=True)
     gram = centred @ centred.T
-    eigenvalues = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).flip(0)
-    return eigenvalues.clamp_min(0.0)
+    # Non-finite weights (a diverged run) give NaN variances instead of an eigensolver error.
+    finite = torch.isfinite(gram).all()
+    gram = torch.where(finite, 0.5 * (gram + gram.T), torch.zeros_like(gram))
+    eigenvalues = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
 
 def explained_variance_rank(eigenvalues: torch.Tensor, fraction: float = 0.90) -> torch.Tensor:
@@ -130,7 +133,8 @@ def explained_variance_rank(eigenvalues: torch.Tensor, fraction: float = 0.90) -
     # A relative slack keeps an exactly-reached 90% from being missed by round-off.
     reached = cumulative >= fraction - 1e-12
     k = (~reached).sum() + 1
-    return torch.where(total > 0, k.to(torch.float64), torch.zeros((), dtype=torch.float64, device=lam.device))
+    k = torch.where(total > 0, k.to(torch.float64), torch.zeros((), dtype=torch.float64, device=lam.device))
+    return torch.where(torch.isnan(total), total, k)
 
 
 def trajectory_r90(snapshots: torch.Tensor, fraction: float = 0.90) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Extra forward passes of the model on fixed inputs (a *probe*), without perturbing training.
+
+Used by ``SensitiveNeurons`` (its tracking set) and ``MassiveActivations(probe="val")`` (a fixed
+set of evaluation sequences, as the massive-activation papers average over fixed sequences).
+
+How the model is run is a ``forward_fn(pl_module, batch)``; the default calls
+``pl_module(batch[0])`` for a tuple/list batch and ``pl_module(batch)`` otherwise. A probe runs in
+eval mode (every module's flag restored afterwards), under ``torch.no_grad``, inside the
+precision plugin's forward context and under ``torch.random.fork_rng``, so BatchNorm statistics,
+the global RNG and the weights are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+
+from lightning_act.errors import LightningActError
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def default_forward(pl_module: nn.Module, batch: Any) -> Any:
+    """``pl_module(batch[0])`` for a tuple/list batch (inputs first), else ``pl_module(batch)``."""
+    if isinstance(batch, (tuple, list)):
+        return pl_module(batch[0])
+    return pl_module(batch)
+
+
+def resolve_forward_fn(owner: str, forward_fn: ForwardFn | str | None) -> ForwardFn:
+    """A callable ``forward_fn`` (an import path ``"package.module.function"`` is imported), else one line."""
+    if forward_fn is None:
+        return default_forward
+    if isinstance(forward_fn, str):
+        module_path, _, name = forward_fn.rpartition(".")
+        try:
+            forward_fn = getattr(importlib.import_module(module_path), name)
+        except (ImportError, AttributeError, ValueError):
+            raise LightningActError(
+                f"{owner}: forward_fn={forward_fn!r} cannot be imported; pass a callable (pl_module, batch) -> output "
+                "or its import path 'package.module.function'"
+            ) from None
+    if not callable(forward_fn):
+        raise LightningActError(f"{owner}: forward_fn={forward_fn!r} is not callable; pass a function (pl_module, batch)")
+    return forward_fn
+
+
+def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any) -> Any:
+    """``forward_fn(pl_module, batch)``; a failure becomes one line naming the fix."""
+    try:
+        return forward_fn(pl_module, batch)
+    except LightningActError:
+        raise
+    except Exception as error:  # the user's model or function: report it in one line
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise LightningActError(
+            f"{owner}: running the model on a probe batch failed ({type(error).__name__}: {first_line}); "
+            "pass forward_fn=<a function (pl_module, batch) that runs your model on one validation batch>"
+        ) from error
+
+
+def validation_batches(trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool]) -> list[Any]:
+    """The first validation batches of this fit, until ``enough(batches)``; raises one line if there are none.
+
+    The batches come from the user's own ``val_dataloader`` (not Lightning's sharded copy), read under
+    ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG.
+    """
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    if source.instance is None or not source.is_defined():
+        raise LightningActError(
+            f"{owner} needs validation batches to probe but this fit has no validation data; "
+            "pass val_dataloaders or a datamodule with val_dataloader()"
+        )
+    batches: list[Any] = []
+    with torch.random.fork_rng(devices=_rng_devices(trainer.strategy.root_device)):
+        loader = source.dataloader()
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        for batch in loader:
+            batches.append(batch)
+            if enough(batches):
+                break
+    if not batches:
+        raise LightningActError(f"{owner}: the validation dataloader is empty; nothing to probe")
+    return batches
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    return move_data_to_device(batch, device)
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
+
+
+@contextlib.contextmanager
+def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode, no_grad, the precision context and a forked RNG; every train/eval flag restored."""
+    flags = {module: module.training for module in pl_module.modules()}
+    context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)), context:
+            pl_module.eval()
+            yield
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)

@@ -1,0 +1,144 @@
+"""One forward hook per tapped (module, point), shared by every monitor, kept for the whole fit.
+
+Why hooks stay attached: ``torch.compile`` traces the hooks that exist when a module is first
+compiled and silently ignores hooks added or removed later (dynamo installs no guard on the hook
+dicts), so attaching hooks only around due steps observes step 0 and nothing after it. Hooks are
+therefore registered once, at ``setup`` (before the first forward, hence before any compilation),
+and the work is *gated*: the traced hook body reads one Python flag, :attr:`CaptureRegistry.observing`.
+Dynamo turns that read into a guard, so a compiled model has at most two variants — not observing
+(the hook is a no-op, the graph is the user's) and observing — and switching between them is a
+cache hit, never a recompilation per due step. The statistics themselves run in
+:func:`_deliver`, which is ``torch._dynamo.disable``'d: in the observing variant each tap is a
+graph break where the real activation is handed to the monitors eagerly (no host sync, no
+data-dependent Python branching inside a traced region).
+
+Sharing: a module tapped by several monitors gets one hook; each forward hands its activation once
+to every subscribed monitor that is armed, in the sample-first layout that monitor asked for
+(:mod:`lightning_act.capture.layout`). A subscriber implements ``receive(tap_index, x)`` and has an
+``armed`` flag; a fused statistics pass can later compute every subscriber's partials in one read.
+
+Pickling: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
+when the model is pickled or deep-copied, so a copy carries an inert hook and no monitor state.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_act.capture.layout import Layout, to_sample_first
+from lightning_act.capture.selection import Tap
+
+
+class Subscriber(Protocol):
+    """What a monitor offers the registry: an ``armed`` flag and a sink for activations."""
+
+    armed: bool
+
+    def receive(self, tap_index: int, x: torch.Tensor) -> None: ...
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The activation tensor in a module's output or inputs (first tensor of a tuple/list)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+@dataclass
+class _Subscription:
+    subscriber: Subscriber
+    tap_index: int
+    layout: Layout
+
+
+class _CaptureHook:
+    """The forward (pre-)hook of one (module, point): a flag check, then :func:`_deliver`."""
+
+    def __init__(self, registry: CaptureRegistry, key: tuple[int, str]) -> None:
+        self.registry: CaptureRegistry | None = registry
+        self.key = key
+
+    def __call__(self, module: nn.Module, args: Any, output: Any = None) -> None:
+        registry = self.registry
+        if registry is not None and registry.observing:
+            _deliver(registry, self.key, args if self.key[1] == "input" else output)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"registry": None, "key": self.key}
+
+
+@torch._dynamo.disable
+def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> None:
+    tensor = first_tensor(value)
+    if tensor is None or tensor.numel() == 0:
+        return
+    with torch.no_grad():
+        tensor = tensor.detach()
+        for sub in registry.subscriptions.get(key, ()):
+            if sub.subscriber.armed:
+                sub.subscriber.receive(sub.tap_index, to_sample_first(tensor, sub.layout))
+
+
+class CaptureRegistry:
+    """The shared hooks of one root module (a LightningModule); see the module docstring."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[tuple[int, str], list[_Subscription]] = {}
+        self.observing = False
+        self._handles: dict[tuple[int, str], RemovableHandle] = {}
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, subscriber: Subscriber, taps: Sequence[Tap], layouts: Sequence[Layout]) -> None:
+        """Hand ``subscriber`` the activations of ``taps`` (index = position in ``taps``) while it is armed."""
+        self.unsubscribe(subscriber)
+        self._subscribers.append(subscriber)
+        for index, (tap, layout) in enumerate(zip(taps, layouts, strict=True)):
+            key = (id(tap.module), tap.point)
+            self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout))
+            if key not in self._handles:
+                hook = _CaptureHook(self, key)
+                if tap.point == "input":
+                    self._handles[key] = tap.module.register_forward_pre_hook(hook)
+                else:
+                    self._handles[key] = tap.module.register_forward_hook(hook)
+        self.refresh()
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
+        self._subscribers = [s for s in self._subscribers if s is not subscriber]
+        for key in list(self.subscriptions):
+            remaining = [s for s in self.subscriptions[key] if s.subscriber is not subscriber]
+            if remaining:
+                self.subscriptions[key] = remaining
+            else:
+                del self.subscriptions[key]
+                self._handles.pop(key).remove()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute :attr:`observing` after a subscriber's ``armed`` flag changed."""
+        self.observing = any(s.armed for s in self._subscribers)
+
+    @property
+    def hook_count(self) -> int:
+        return len(self._handles)
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[nn.Module, CaptureRegistry] = weakref.WeakKeyDictionary()
+
+
+def capture_registry(root: nn.Module) -> CaptureRegistry:
+    """The registry shared by every monitor of ``root`` (created on first use)."""
+    registry = _REGISTRIES.get(root)
+    if registry is None:
+        registry = _REGISTRIES[root] = CaptureRegistry()
+    return registry

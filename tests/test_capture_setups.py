@@ -1,0 +1,524 @@
+"""Monitors on third-party-style training code (issue 11's table), checked against numpy on activations
+the tests record with their own plain hooks."""
+
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.demos import BoringModel, LightningTransformer
+from lightning.pytorch.demos.boring_classes import RandomDataset
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from _toy import BlockNet, ToyTask, quiet_trainer, toy_loader
+from lightning_act.callbacks import (
+    ActivationSparsity,
+    ActivationStats,
+    DimensionalCollapse,
+    MassiveActivations,
+    SensitiveNeurons,
+)
+from lightning_act.capture import select_taps
+from lightning_act.errors import LightningActError, ModuleSelectionError
+
+
+class Recorder(Callback):
+    """Records one module's output (or input) of every training forward, per monitor step, with its own hook."""
+
+    def __init__(self, module_name, point="output", manual=False):
+        self.module_name, self.point, self.manual = module_name, point, manual
+        self.seen: dict[int, list[np.ndarray]] = {}
+        self.step = None
+
+    def on_fit_start(self, trainer, pl_module):
+        module = dict(pl_module.named_modules())[self.module_name]
+
+        def keep(value):
+            if self.step is not None and pl_module.training:
+                value = value[0] if isinstance(value, tuple) else value
+                self.seen.setdefault(self.step, []).append(value.detach().double().numpy().copy())
+
+        if self.point == "input":
+            self.handle = module.register_forward_pre_hook(lambda m, args: keep(args))
+        else:
+            self.handle = module.register_forward_hook(lambda m, args, out: keep(out))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.fit_loop.epoch_loop._batches_that_stepped if self.manual else trainer.global_step
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if not self.manual:
+            self.step = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.step = None
+
+    def on_fit_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+def massive_numpy(h):
+    """Sun et al. statistics of a (B, T, D) array: mean per-sample ratio, massive count per sample, top position."""
+    mag = np.abs(h).reshape(h.shape[0], -1)
+    median = np.median(mag, axis=1)
+    top1 = mag.max(axis=1)
+    massive = ((mag > 100) & (mag >= 1000 * median[:, None])).sum()
+    flat = np.abs(h).max(axis=0)
+    token, feature = np.unravel_index(np.argmax(flat), flat.shape)
+    return {"ratio": (top1 / median).mean(), "median": median.mean(), "count_per_sample": massive / h.shape[0],
+            "top0_token": token, "top0_feature": feature, "top1": np.abs(h).max()}
+
+
+def values(monitor, key):
+    return monitor.history[key].values
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+class Encoder(pl.LightningModule):
+    """PyTorch's own nn.TransformerEncoder in either order, with a token whose features are huge."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.embed = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # x: (B, T, 4)
+        h = self.embed(x)
+        h[:, 0, 3] = h[:, 0, 3] * 1e4  # a massive activation at token 0, feature 3 ...
+        h = self.encoder(h if self.batch_first else h.transpose(0, 1))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def sequences(n=8, tokens=6):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, tokens, 4, generator=g), torch.randint(0, 2, (n,), generator=g)), batch_size=4)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_in_both_orders_is_read_sample_first(batch_first):
+    pl.seed_everything(0)
+    model = Encoder(batch_first)
+    massive = MassiveActivations(modules=["encoder.layers.0"], every_n_steps=1, abs_threshold=1.0, ratio_threshold=5.0)
+    recorder = Recorder("encoder.layers.0")
+    quiet_trainer(max_steps=1, callbacks=[massive, recorder]).fit(model, sequences())
+    (h,) = recorder.seen[0]
+    h = h if batch_first else h.transpose(1, 0, 2)  # the test knows its own layout: (B, T, D)
+    mag = np.abs(h).reshape(h.shape[0], -1)
+    median = np.median(mag, axis=1)
+    want = massive_numpy(h)
+    want["count_per_sample"] = ((mag > 1.0) & (mag >= 5.0 * median[:, None])).sum() / h.shape[0]
+    key = "massive/encoder.layers.0/"
+    for stat in ("ratio", "median", "count_per_sample", "top0_token", "top0_feature", "top1"):
+        np.testing.assert_allclose(values(massive, key + stat)[0], want[stat], rtol=1e-5, err_msg=stat)
+    assert values(massive, key + "top0_token")[0] == 0.0
+
+
+def test_user_layout_overrides_and_undeclared_sequence_first_taps_warn():
+    pl.seed_everything(0)
+    model = Encoder(batch_first=False)
+    explicit = ActivationStats(modules=["embed"], every_n_steps=1, batch_dim=0, token_dim=1)
+    with pytest.warns(UserWarning, match="sequence-first"):
+        quiet_trainer(max_steps=1, callbacks=[ActivationStats(modules=["embed"], every_n_steps=1)]).fit(model, sequences())
+    quiet_trainer(max_steps=1, callbacks=[explicit]).fit(Encoder(batch_first=False), sequences())
+    assert explicit.history["act/embed/count"].values == [4 * 6 * 8]
+
+
+# ---------------------------------------------------------------------------------------------- precision
+class HalfNet(pl.LightningModule):
+    """A bf16 activation exactly at bf16(0.01) = 0.0100098 (above the threshold 0.01 in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.bias.copy_(torch.tensor([0.01, 0.01, 0.009, 0.0, 0.5, 0.01]))
+
+    def forward(self, x):
+        return self.act(self.lin(x).to(torch.bfloat16)).float().sum(1)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_bf16_threshold_is_compared_in_float32():
+    monitor = ActivationSparsity(modules=["act"], threshold=0.01, every_n_steps=1)
+    recorder = Recorder("act")
+    quiet_trainer(max_steps=1, callbacks=[monitor, recorder]).fit(HalfNet(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+    a = np.concatenate([x.ravel() for x in recorder.seen[0]])
+    want = (np.abs(a) <= 0.01).mean()  # 0.0100098 > 0.01: only 0.009 and 0.0 count
+    assert want == pytest.approx(2 / 6)
+    assert values(monitor, "sparsity/act/zero_frac") == [pytest.approx(want)]
+
+
+# ---------------------------------------------------------------------------------------------- manual optimization
+class GAN(pl.LightningModule):
+    """Two optimizers, manual optimization; the discriminator runs three times per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+
+    def forward(self, z):
+        return self.g(z)
+
+    def training_step(self, batch, batch_idx):
+        real, z = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.g(z)
+        g_loss = F.softplus(-self.d(fake)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        d_loss = F.softplus(-self.d(real)).mean() + F.softplus(self.d(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.g.parameters(), lr=0.05), torch.optim.SGD(self.d.parameters(), lr=0.05)
+
+
+def gan_data(n=32):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 8, generator=g) + 2, torch.randn(n, 4, generator=g)), batch_size=8)
+
+
+def test_manual_optimization_observes_every_forward_of_a_due_batch():
+    pl.seed_everything(0)
+    stats = ActivationStats(modules=["d.1", "g.1"], every_n_steps=2)
+    sensitive = SensitiveNeurons(
+        modules=["d.1"], every_n_steps=2, num_samples=8, window=2, eigenscore_passes=0,
+        forward_fn=lambda module, batch: module.d(batch[0]),
+    )
+    recorder = Recorder("d.1", manual=True)
+    trainer = quiet_trainer(max_steps=8, callbacks=[stats, sensitive, recorder])
+    trainer.fit(GAN(), gan_data(), gan_data(8))
+    assert trainer.global_step == 8  # Lightning counts both optimizers' steps: 4 batches
+    assert stats.history["act/d.1/count"].steps == [0, 2]  # a step is one training batch
+    assert values(stats, "act/d.1/count") == [3 * 8 * 16] * 2  # fake, real and detached fake passes
+    for i, step in enumerate([0, 2]):
+        a = np.concatenate([x.ravel() for x in recorder.seen[step]])
+        assert a.size == 3 * 8 * 16
+        np.testing.assert_allclose(values(stats, "act/d.1/mean")[i], a.mean(), rtol=1e-6)
+        np.testing.assert_allclose(values(stats, "act/d.1/std")[i], a.std(), rtol=1e-5)
+    assert sensitive.history["sensitive/d.1/count"].steps == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def test_default_monitors_on_boring_model_warn_and_the_fit_finishes():
+    monitors = [ActivationStats(every_n_steps=1), MassiveActivations(every_n_steps=1), ActivationSparsity(every_n_steps=1)]
+    collapse = DimensionalCollapse(every_n_steps=1)
+    recorder = Recorder("layer", point="input")
+    with pytest.warns(UserWarning, match="stays idle") as caught:
+        quiet_trainer(max_steps=2, callbacks=[*monitors, collapse, recorder]).fit(
+            BoringModel(), DataLoader(RandomDataset(32, 64), batch_size=8)
+        )
+    messages = " ".join(str(w.message) for w in caught)
+    assert "ActivationStats" in messages and "MassiveActivations" in messages and ":input" in messages
+    assert all(not m.history for m in monitors)
+    x = recorder.seen[0][0]
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    p = s / s.sum()
+    np.testing.assert_allclose(values(collapse, "collapse/layer:input/erank")[0], np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
+
+
+class OfflineTransformer(LightningTransformer):
+    def prepare_data(self):  # the demo downloads WikiText-2; the tests bring their own tokens
+        pass
+
+
+def tiny_lightning_transformer():
+    from lightning.pytorch.demos import transformer as demo
+
+    model = OfflineTransformer(vocab_size=20)
+    model.model = demo.Transformer(vocab_size=20, ninp=8, nhead=2, nhid=16, nlayers=2, dropout=0.0)
+    return model
+
+
+def token_data(n=8, t=5):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randint(0, 20, (n, t), generator=g), torch.randint(0, 20, (n, t), generator=g)), batch_size=4)
+
+
+def test_demo_transformer_functional_relu_blocks_and_forward_fn():
+    pl.seed_everything(0)
+    sparsity = ActivationSparsity(every_n_steps=1)
+    blocks = ActivationStats(modules="@blocks", every_n_steps=1)
+    sensitive = SensitiveNeurons(
+        modules="model.transformer.encoder.layers.1", every_n_steps=1, num_samples=4, window=2, eigenscore_passes=0,
+        forward_fn=lambda module, batch: module(*batch),
+    )
+    name = "model.transformer.decoder.layers.1.linear2"
+    recorder = Recorder(name, point="input")
+    quiet_trainer(max_steps=3, callbacks=[sparsity, blocks, sensitive, recorder]).fit(
+        tiny_lightning_transformer(), token_data(), token_data(4)
+    )
+    assert [t.name for t in blocks.taps] == [
+        f"model.transformer.{part}.layers.{i}" for part in ("encoder", "decoder") for i in (0, 1)
+    ]
+    assert len(sparsity.taps) == 4  # the functional ReLU of every layer, at linear2's input
+    a = np.concatenate([x.ravel() for x in recorder.seen[1]])
+    np.testing.assert_allclose(values(sparsity, f"sparsity/{name}:input/zero_frac")[1], (a == 0).mean(), rtol=1e-6)
+    assert 0.2 < (a == 0).mean() < 0.8
+    assert "sensitive/model.transformer.encoder.layers.1/v_max" in sensitive.history
+
+
+def test_forward_fn_that_does_not_fit_the_model_is_one_line_at_fit_start():
+    monitor = SensitiveNeurons(modules="model.decoder:input", every_n_steps=1, num_samples=4)
+    with pytest.raises(LightningActError, match="forward_fn") as error:
+        quiet_trainer(max_steps=1, callbacks=[monitor]).fit(tiny_lightning_transformer(), token_data(), token_data(4))
+    assert "\n" not in str(error.value)
+
+
+def test_mixed_selectors_say_which_part_matched_nothing_and_user_patterns_stay_errors():
+    with pytest.warns(UserWarning, match=r"\['blocks\.\*\.nothing'\] match nothing"):
+        quiet_trainer(max_steps=1, callbacks=[ActivationStats(modules=["@blocks", "blocks.*.nothing"])]).fit(
+            ToyTask(BlockNet()), toy_loader()
+        )
+    with pytest.raises(ModuleSelectionError):
+        quiet_trainer(max_steps=1, callbacks=[ActivationStats(modules=["blocks.*.nothing"])]).fit(ToyTask(BlockNet()), toy_loader())
+
+
+def test_blocks_cover_every_resnet_stage_and_activations_find_functional_mlps():
+    import timm
+
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=4)
+    assert [t.name for t in select_taps(resnet, "@blocks")] == [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
+    (head,) = select_taps(resnet, "@penultimate")
+    assert head.name == "fc:input"
+
+    class HFMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class GPTMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_proj = nn.Linear(4, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.c_proj(F.gelu(self.c_fc(x)))
+
+    model = nn.ModuleDict({"h": nn.ModuleList([nn.ModuleDict({"mlp": GPTMLP()}) for _ in range(2)]), "llama": HFMLP()})
+    assert [t.name for t in select_taps(model, "@activations")] == [
+        "h.0.mlp.c_proj:input", "h.1.mlp.c_proj:input", "llama.down_proj:input"
+    ]
+    assert [t.name for t in select_taps(model, "@blocks")] == ["h.0", "h.1"]
+
+
+def test_resnet18_blocks_match_numpy():
+    import timm
+
+    pl.seed_everything(0)
+    task = ToyTask(timm.create_model("resnet18", pretrained=False, num_classes=4, in_chans=1))
+    stats = ActivationStats(modules="@blocks", every_n_steps=1)
+    massive = MassiveActivations(modules="net.layer3.1", every_n_steps=1)
+    recorder = Recorder("net.layer3.1")
+    quiet_trainer(max_steps=1, callbacks=[stats, massive, recorder]).fit(task, toy_loader(8, 4))
+    assert len(stats.taps) == 8
+    (h,) = recorder.seen[0]
+    np.testing.assert_allclose(values(stats, "act/net.layer3.1/mean")[0], h.mean(), rtol=1e-5)
+    h_btd = h.reshape(h.shape[0], h.shape[1], -1).transpose(0, 2, 1)  # (B, H*W, C)
+    want = massive_numpy(h_btd)
+    for stat in ("ratio", "median", "top0_token", "top0_feature"):
+        np.testing.assert_allclose(values(massive, f"massive/net.layer3.1/{stat}")[0], want[stat], rtol=1e-5, err_msg=stat)
+
+
+# ---------------------------------------------------------------------------------------------- r90 of conv weights
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1), nn.ReLU()) for i in range(2)])
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean((2, 3)))
+
+
+class Snapshots(Callback):
+    def __init__(self):
+        self.weights = []
+
+    def _take(self, pl_module):
+        self.weights.append(torch.cat([p.detach().reshape(-1) for n, p in pl_module.named_parameters()
+                                       if n.startswith("net.blocks") and p.dim() >= 2]).double().numpy())
+
+    def on_fit_start(self, trainer, pl_module):
+        self._take(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._take(pl_module)
+
+
+def test_r90_covers_conv_kernels():
+    pl.seed_everything(0)
+    collapse = DimensionalCollapse(modules="@blocks", every_n_steps=1, projection_dim=None)
+    snapshots = Snapshots()
+    quiet_trainer(max_steps=4, callbacks=[collapse, snapshots]).fit(ToyTask(ConvNet()), toy_loader())
+    assert collapse.param_names == ["net.blocks.0.0.weight", "net.blocks.1.0.weight"]
+    x = np.stack(snapshots.weights)
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    want = int(np.searchsorted(np.cumsum(s) / s.sum(), 0.9 - 1e-12) + 1)
+    assert values(collapse, "collapse/params/r90")[-1] == want
+
+
+# ---------------------------------------------------------------------------------------------- bad values
+class Poisoned(ToyTask):
+    """Weights become NaN after the second step; one validation example is NaN."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            with torch.no_grad():
+                self.net.blocks[0].fc.weight[0, 0] = float("nan")
+
+
+def test_nan_weights_and_nan_validation_example_do_not_kill_the_fit():
+    pl.seed_everything(0)
+    x = torch.randn(8, 1, 16, 16)
+    x[3, 0, 0, 0] = float("nan")
+    val = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=8)
+    collapse = DimensionalCollapse(modules="@blocks", every_n_steps=1, param_patterns=["net.blocks.*.fc.weight"])
+    sensitive = SensitiveNeurons(every_n_steps=1, num_samples=8, window=2, eigenscore_passes=3)
+    stats = ActivationStats(modules="@blocks", every_n_steps=1)
+    quiet_trainer(max_steps=4, callbacks=[collapse, sensitive, stats]).fit(Poisoned(BlockNet()), toy_loader(), val)
+    assert np.isfinite(values(collapse, "collapse/net.blocks.0/erank")[0])
+    assert np.isnan(values(collapse, "collapse/net.blocks.0/erank")[-1])
+    assert np.isnan(values(collapse, "collapse/params/r90")[-1])
+    assert values(stats, "act/net.blocks.0/nonfinite")[-1] > 0
+    assert np.isnan(values(sensitive, "sensitive/net.head:input/eigenscore")[-1])
+
+
+class Odd(ToyTask):
+    """Runs an extra zero-size batch through the model, and puts +inf into one block output at step 1."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.net(x[:0])
+        handle = self.net.blocks[1].register_forward_hook(
+            lambda m, a, out: out.index_fill(2, torch.tensor([5]), float("inf")) if batch_idx == 1 else None,
+            prepend=True,  # before the monitors' hook, as if the block itself had produced it
+        )
+        loss = F.cross_entropy(self.net(x).nan_to_num(0.0, 0.0, 0.0), y)
+        handle.remove()
+        return loss
+
+
+def test_empty_batch_is_skipped_and_inf_is_reported_as_inf():
+    pl.seed_everything(0)
+    massive = MassiveActivations(every_n_steps=1)
+    recorder = Recorder("net.blocks.0")
+    quiet_trainer(max_steps=2, callbacks=[massive, recorder]).fit(Odd(BlockNet()), toy_loader())
+    (h,) = [a for a in recorder.seen[0] if a.size]
+    np.testing.assert_allclose(values(massive, "massive/net.blocks.0/ratio")[0], massive_numpy(h)["ratio"], rtol=1e-5)
+    assert values(massive, "massive/net.blocks.1/top1")[1] == float("inf")
+
+
+# ---------------------------------------------------------------------------------------------- Lightning integration
+def test_early_stopping_and_model_checkpoint_can_monitor_a_statistic(tmp_path):
+    pl.seed_everything(0)
+    key = "massive/net.blocks.1/ratio"
+    massive = MassiveActivations(every_n_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor=key, mode="max", every_n_train_steps=2, save_top_k=1)
+    stopping = EarlyStopping(monitor=key, mode="max", patience=100, check_on_train_epoch_end=True)
+    trainer = quiet_trainer(max_steps=12, callbacks=[massive, checkpoint, stopping], enable_checkpointing=True)
+    trainer.fit(ToyTask(BlockNet()), toy_loader())
+    assert float(trainer.callback_metrics[key]) == pytest.approx(values(massive, key)[-1])
+    ratios = dict(zip(massive.history[key].steps, values(massive, key)))
+    assert float(checkpoint.best_model_score) == pytest.approx(max(ratios.values()))
+
+
+def test_logger_false_writes_nothing_into_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ActivationStats(every_n_steps=1), MassiveActivations(every_n_steps=1)],
+    )
+    trainer.fit(ToyTask(BlockNet()), toy_loader())
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- arguments and resume
+@pytest.mark.parametrize("monitor", [ActivationStats, ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons])
+@pytest.mark.parametrize("bad", [{"every_n_steps": 0}, {"every_n_steps": -5}, {"every_n_steps": "ten"},
+                                 {"every_n_steps": 2.5}, {"history_size": 1}])
+def test_bad_monitor_arguments_are_one_line(monitor, bad):
+    with pytest.raises(LightningActError) as error:
+        monitor(**bad)
+    message = str(error.value)
+    assert "\n" not in message and monitor.__name__ in message and next(iter(bad)) in message
+
+
+def test_histories_survive_a_resume_with_another_interval(tmp_path):
+    pl.seed_everything(0)
+    first = MassiveActivations(every_n_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    quiet_trainer(max_steps=4, callbacks=[first, checkpoint], enable_checkpointing=True).fit(ToyTask(BlockNet()), toy_loader())
+    resumed = MassiveActivations(every_n_steps=3)
+    quiet_trainer(max_steps=7, callbacks=[resumed]).fit(
+        ToyTask(BlockNet()), toy_loader(), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt")
+    )
+    assert resumed.history["massive/net.blocks.0/ratio"].steps == [0, 2, 6]
+
+
+# ---------------------------------------------------------------------------------------------- shared capture
+class HookCount(Callback):
+    """Counts forward hooks during the fit and copies the model while they are attached."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import copy
+        import pickle
+
+        self.hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pl_module.modules())
+        clone = pickle.loads(pickle.dumps(pl_module))
+        copy.deepcopy(pl_module)(batch[0])  # a copy runs, with inert hooks
+        self.clone_hooks = sum(len(m._forward_hooks) for m in clone.modules())
+
+
+def test_one_hook_per_tapped_module_shared_by_all_monitors_and_the_model_stays_picklable():
+    monitors = [ActivationStats(modules="@blocks", every_n_steps=1), MassiveActivations(every_n_steps=1),
+                DimensionalCollapse(modules="@blocks", every_n_steps=1, param_patterns=[])]
+    counter = HookCount()
+    task = ToyTask(BlockNet())
+    quiet_trainer(max_steps=2, callbacks=[*monitors, counter]).fit(task, toy_loader())
+    assert counter.hooks == 2  # net.blocks.0 and net.blocks.1, once each
+    assert counter.clone_hooks == 2
+    assert all(len(m.history["act/net.blocks.0/count" if isinstance(m, ActivationStats) else next(iter(m.history))]) == 2
+               for m in monitors)
+    assert sum(len(m._forward_hooks) for m in task.modules()) == 0  # removed at the end of fit
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ActivationSparsity(threshold="0.1"), lambda: ActivationSparsity(threshold=-1.0),
+    lambda: MassiveActivations(abs_threshold=None), lambda: MassiveActivations(top_k=2.5),
+    lambda: DimensionalCollapse(max_rows="many"), lambda: ActivationStats(batch_dim="first"),
+    lambda: SensitiveNeurons(forward_fn="no.such.function"), lambda: SensitiveNeurons(forward_fn=3),
+])
+def test_other_bad_arguments_are_one_line(make):
+    with pytest.raises(LightningActError) as error:
+        make()
+    assert "\n" not in str(error.value)
