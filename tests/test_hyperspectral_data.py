@@ -226,3 +226,15 @@ def test_nan_in_mat_cube_is_refused(tmp_path: Path) -> None:
     scipy.io.savemat(tmp_path / "scene.mat", {"cube": cube, "gt": np.eye(3, 4)})
     with pytest.raises(DataFormatError, match=r"scene.mat' has 1 NaN/inf values \(first at line 0, sample 2\)"):
         load_scene(tmp_path / "scene.mat")
+
+
+def test_default_scenes_have_common_confusers_and_mixed_targets() -> None:
+    # The benchmark's design: confusers cover a few percent of the background (so the detectors'
+    # background statistics contain them), targets are mostly sub-pixel, and a scene holds enough
+    # positives that 6 held-out scenes give >= 200.
+    for scene in make_synthetic_scenes(2, seed=0):
+        background = ~scene.mask
+        assert (scene.clutter_abundance[background] >= 0.25).mean() >= 0.02
+        assert (scene.clutter_abundance[scene.mask] == 0).all()
+        assert scene.mask.sum() >= 40
+        assert (scene.abundance[scene.mask] < 1.0).mean() >= 0.5

@@ -103,9 +103,19 @@ def test_detectors_table_script_on_tiny_data() -> None:
     spec = importlib.util.spec_from_file_location("detectors_table", Path(__file__).parents[1] / "scripts" / "detectors_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.detectors_table(TINY_DATA, {"hidden_sizes": (8,)}, max_epochs=1)
-    assert [r["method"] for r in rows] == ["SAM", "MF", "ACE", "CEM", "Spectral-NN"]
-    for row in rows:
-        assert 0.0 <= row["roc_auc"] <= 1.0 and 0.0 < row["ap"] <= 1.0
-    table = module.markdown_table(rows)
-    assert table.splitlines()[0] == "| method | ROC-AUC | AP |" and len(table.splitlines()) == 7
+    results = module.run_seeds([0, 1], data_kwargs=TINY_DATA, model_kwargs={"hidden_sizes": (8,)}, max_epochs=1)
+    methods = ["SAM", "MF", "ACE", "CEM", "LogReg", "Spectral-NN"]
+    for result in results:
+        assert list(result["scores"]) == methods and result["positives"] > 0
+        for score in result["scores"].values():
+            assert 0.0 <= score["roc_auc"] <= 1.0 and 0.0 < score["ap"] <= 1.0
+    rows = module.summarise(results)
+    ap_nn = [r["scores"]["Spectral-NN"]["ap"] for r in results]
+    ap_ace = [r["scores"]["ACE"]["ap"] for r in results]
+    ace = next(row for row in rows if row["method"] == "ACE")
+    assert ace["delta_ap"][0] == pytest.approx(np.mean(np.subtract(ap_nn, ap_ace)))  # paired, per seed
+    table = module.markdown_table(rows).splitlines()
+    assert table[0].startswith("| method | AP | ROC-AUC |") and len(table) == 2 + len(methods)
+    assert table[-1].endswith("| — |")
+    claims = module.verdicts(rows)
+    assert len(claims) == 2 and claims[0].startswith("Paper claim 'Spectral-NN has the best AP': ")

@@ -35,7 +35,8 @@ class HyperspectralScene:
     """One scene crop: ``cube`` (H, W, B) float32 and binary target ``mask`` (H, W).
 
     Synthetic scenes also carry the per-pixel target ``abundance`` (fraction of the pixel covered
-    by a target) and the pure ``target_spectrum``.
+    by a target), the per-pixel ``clutter_abundance`` (covered by a confuser) and the pure
+    ``target_spectrum``.
     """
 
     name: str
@@ -43,6 +44,7 @@ class HyperspectralScene:
     mask: np.ndarray
     wavelengths: np.ndarray | None = None
     abundance: np.ndarray | None = None
+    clutter_abundance: np.ndarray | None = None
     target_spectrum: np.ndarray | None = None
 
 
@@ -188,12 +190,14 @@ def make_synthetic_scene(
 
     # Clutter: objects of the confuser materials, labelled background.
     clutter = list(clutter_library_spectra(wavelengths).values())
+    clutter_abundance = np.zeros((size, size))
     for _ in range(int(rng.integers(clutter_per_scene[0], clutter_per_scene[1] + 1))):
         centre = rng.uniform(2, size - 2, size=2)
         coverage = _disk_coverage(size, (centre[0], centre[1]), rng.uniform(*clutter_radius))
         coverage = coverage * (abundance == 0)
         material = clutter[int(rng.integers(len(clutter)))] * rng.uniform(0.8, 1.2)
         reflectance = (1 - coverage[..., None]) * reflectance + coverage[..., None] * material
+        clutter_abundance = coverage + (1 - coverage) * clutter_abundance
 
     # Illumination: scene gain, smooth shading (topography) and a residual-atmosphere spectral tilt.
     gain = rng.uniform(0.7, 1.2) * np.clip(1 + 0.15 * _smooth_field(rng, size, size / 8), 0.5, 1.5)
@@ -212,6 +216,7 @@ def make_synthetic_scene(
         mask=mask,
         wavelengths=wavelengths,
         abundance=abundance.astype(np.float32),
+        clutter_abundance=clutter_abundance.astype(np.float32),
         target_spectrum=target_spectrum.astype(np.float32),
     )
 
@@ -223,11 +228,13 @@ def make_synthetic_scenes(num_scenes: int = 8, seed: int = 0, **scene_kwargs) ->
     vegetation, gravel, water) with abundances from smooth random fields, scene-specific material
     variants and per-pixel spectral variability; illumination varies per scene (gain, tilt) and
     per pixel (shading); noise is Gaussian and larger in the 1400/1900 nm water bands. Targets:
-    3-6 disks per scene (at least 6 px apart, fewer if a small scene has no room) of radius
-    0.35-1.6 px with a plastic spectrum, mixed into the background at each pixel's covered
-    fraction, plus 4-10 clutter objects of confuser materials (see :func:`clutter_library_spectra`)
-    labelled background. A pixel is labelled target when at least ``label_abundance`` of it is
-    covered; each target's most-covered pixel is always labelled. Keyword arguments go to
+    12-24 disks per scene (at least 6 px apart, fewer if a small scene has no room) of radius
+    0.3-1.4 px (mostly sub-pixel) with a plastic spectrum, mixed into the background at each
+    pixel's covered fraction. Confusers: 20-40 objects of radius 0.35-2.5 px of the clutter
+    materials (see :func:`clutter_library_spectra`), labelled background; they cover a few percent
+    of every scene, so the background statistics the detectors estimate contain them. A pixel is
+    labelled target when at least ``label_abundance`` of it is covered; each target's most-covered
+    pixel is always labelled. Keyword arguments go to
     :func:`make_synthetic_scene`.
     """
     return [make_synthetic_scene(i, seed=seed, **scene_kwargs) for i in range(num_scenes)]
