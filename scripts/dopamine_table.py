@@ -33,6 +33,8 @@ from lightning_act.tasks.dopamine import DopamineFoundation, DopamineSpecialisat
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dopamine": ("dopamine", {"gate_form": "independent"}),
     "dopamine-coupled": ("dopamine", {"gate_form": "coupled"}),
+    # Diagnostic: the same training, tested with the smooth training gate instead of the hard one.
+    "dopamine-smooth-test": ("dopamine", {"gate_form": "independent", "harden_at_test": False}),
     "frozen": ("frozen", {}),
     "full": ("full", {}),
     "lora": ("lora", {}),
