@@ -462,7 +462,7 @@ class HyperspectralDataModule(SplitDataModule):
         mask_key: str | None = None,
         target_values: list[int] | None = None,
         crop_size: int = 64,
-        num_scenes: int = 8,
+        num_scenes: int = 24,
         scene_size: int = 64,
         num_bands: int = 64,
         noise_std: float = 0.01,
