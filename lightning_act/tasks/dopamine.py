@@ -42,7 +42,8 @@ from lightning_act.tasks.image_classification import warmup_cosine
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
 METHODS: tuple[str, ...] = ("dopamine", "frozen", "full", "lora", "ia3")
-# Chosen on the validation split (seeds 0, 1; 1e-2 / 3e-2 / 1e-1 for the PEFT methods), see docs/dopamine.md.
+# Chosen on the validation split (seeds 0, 1; 1e-2 / 3e-2 / 1e-1 for the PEFT methods) for the earlier
+# 256 → 128 → 128 → 10 foundation and the coupled gate; not re-tuned since, see docs/dopamine.md.
 DEFAULT_LR: dict[str, float] = {"dopamine": 3e-2, "frozen": 0.0, "full": 1e-3, "lora": 3e-2, "ia3": 3e-2}
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -132,10 +133,10 @@ class DopamineSpecialisation(_Classifier):
     ``lr`` defaults per method (:data:`DEFAULT_LR`). ``gate_form`` picks the Dopamine gate:
     ``"independent"`` (threshold, gain above and gain below it; the paper's gate with an independent
     gain, exact identity at init) or ``"coupled"`` (one number sets both scales). For
-    ``"dopamine"`` the test runs with hard gates (``harden_at_test``) and logs the per-class hard-gate firing fractions as a tensor
-    (``dopamine_firing.pt``) and a heatmap (``dopamine_firing.png``, and a W&B image when a
-    WandbLogger is attached) in the run directory; the end of ``fit`` writes the same for the
-    validation set (``dopamine_firing_val``).
+    ``"dopamine"`` the test runs with hard gates (``harden_at_test``) and logs the per-class
+    hard-gate firing fractions as a tensor (``dopamine_firing.pt``) and a heatmap
+    (``dopamine_firing.png``, and a W&B image when a WandbLogger is attached) in the run
+    directory; the end of ``fit`` writes the same for the validation set (``dopamine_firing_val``).
     """
 
     def __init__(
