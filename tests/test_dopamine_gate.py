@@ -30,20 +30,41 @@ def _numpy_gelu(z: np.ndarray) -> np.ndarray:
     return 0.5 * z * (1.0 + erf(z / np.sqrt(2.0)))
 
 
-def _numpy_gate_output(z: np.ndarray, tau: np.ndarray, gain: np.ndarray, slope: float, hard: bool) -> np.ndarray:
-    gate = (z > tau).astype(np.float64) if hard else 1.0 / (1.0 + np.exp(-slope * (z - tau)))
-    return _numpy_gelu(z) * (1.0 + gain * (2.0 * gate - 1.0))
+def _numpy_gate(z: np.ndarray, tau: np.ndarray, slope: float, hard: bool) -> np.ndarray:
+    return (z > tau).astype(np.float64) if hard else 1.0 / (1.0 + np.exp(-slope * (z - tau)))
 
 
-def test_mlp_identity_at_init_is_bitwise() -> None:
+def _numpy_coupled(z: np.ndarray, tau: np.ndarray, swing: np.ndarray, slope: float, hard: bool) -> np.ndarray:
+    return _numpy_gelu(z) * (1.0 + swing * (2.0 * _numpy_gate(z, tau, slope, hard) - 1.0))
+
+
+def _numpy_independent(z: np.ndarray, tau: np.ndarray, gain: np.ndarray, leak: np.ndarray, slope: float, hard: bool) -> np.ndarray:
+    gate = _numpy_gate(z, tau, slope, hard)
+    return _numpy_gelu(z) * (gain * gate + leak * (1.0 - gate))
+
+
+@pytest.mark.parametrize("form", ["independent", "coupled"])
+@pytest.mark.parametrize("tau_init", [0.0, -0.7, 2.0])
+def test_mlp_identity_at_init_is_bitwise(form: str, tau_init: float) -> None:
     model = _mlp()
-    x = torch.randn(9, 12)
+    x = torch.randn(9, 12) * 3
     reference = model(x).detach().clone()
-    gates = adapt_model(model, ["torch.nn.GELU"])
+    gates = adapt_model(model, ["torch.nn.GELU"], form=form, tau_init=tau_init)
     assert list(gates) == ["2", "4"]
     assert torch.equal(model(x), reference)
     harden(model)
     assert torch.equal(model(x), reference)
+
+
+def test_independent_gate_at_init_trains_gain_and_leak_not_yet_tau() -> None:
+    # At init gain = leak = 1: d h / d gain = act(z)·σ, d h / d leak = act(z)·(1 − σ), d h / d τ = 0.
+    gate = DopamineGate(nn.GELU(), num_features=3, slope=2.0, tau_init=0.25).double()
+    z = np.random.default_rng(3).normal(size=(7, 3))
+    gate(torch.from_numpy(z)).sum().backward()
+    sig = 1.0 / (1.0 + np.exp(-2.0 * (z - 0.25)))
+    np.testing.assert_allclose(gate.gain.grad.numpy(), (_numpy_gelu(z) * sig).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(gate.leak.grad.numpy(), (_numpy_gelu(z) * (1 - sig)).sum(0), rtol=1e-12)
+    assert torch.equal(gate.tau.grad, torch.zeros(3, dtype=torch.float64))
 
 
 def test_timm_vit_identity_at_init_and_count() -> None:
@@ -58,41 +79,56 @@ def test_timm_vit_identity_at_init_and_count() -> None:
     assert set(gates) == {"blocks.0.mlp.act", "blocks.1.mlp.act"}
     with torch.no_grad():
         assert torch.equal(model(x), reference)
-    # vit_tiny: embed 192, mlp_ratio 4 -> 768 hidden neurons per block, 2 numbers per neuron, 2 blocks.
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 768 * 2
+    # vit_tiny: embed 192, mlp_ratio 4 -> 768 hidden neurons per block, 3 numbers per neuron, 2 blocks.
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 3 * 768 * 2
 
 
 def test_smooth_and_hard_gate_match_numpy() -> None:
-    gate = DopamineGate(nn.GELU(), num_features=4, slope=3.0).double()
     tau = np.array([-0.5, 0.0, 0.25, 1.0])
-    gain = np.array([0.5, -0.3, 1.0, 2.0])
-    with torch.no_grad():
-        gate.tau.copy_(torch.from_numpy(tau))
-        gate.gain.copy_(torch.from_numpy(gain))
+    gain, leak = np.array([0.5, -0.3, 1.0, 2.0]), np.array([0.0, 1.5, -0.2, 0.7])
     z = np.random.default_rng(1).normal(size=(6, 3, 4))
-    smooth = gate(torch.from_numpy(z)).detach().numpy()
-    np.testing.assert_allclose(smooth, _numpy_gate_output(z, tau, gain, 3.0, hard=False), rtol=1e-12, atol=1e-12)
-    gate.harden()
-    hard = gate(torch.from_numpy(z)).detach().numpy()
-    np.testing.assert_allclose(hard, _numpy_gate_output(z, tau, gain, 3.0, hard=True), rtol=1e-12, atol=1e-12)
-    gate.soften()
-    np.testing.assert_array_equal(gate(torch.from_numpy(z)).detach().numpy(), smooth)
+    independent = DopamineGate(nn.GELU(), num_features=4, slope=3.0).double()
+    coupled = DopamineGate(nn.GELU(), num_features=4, slope=3.0, form="coupled").double()
+    with torch.no_grad():
+        for gate in (independent, coupled):
+            gate.tau.copy_(torch.from_numpy(tau))
+        independent.gain.copy_(torch.from_numpy(gain))
+        independent.leak.copy_(torch.from_numpy(leak))
+        coupled.swing.copy_(torch.from_numpy(gain))
+    for hard in (False, True):
+        for gate in (independent, coupled):
+            gate.hardened = hard
+        np.testing.assert_allclose(
+            independent(torch.from_numpy(z)).detach().numpy(), _numpy_independent(z, tau, gain, leak, 3.0, hard), rtol=1e-12, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            coupled(torch.from_numpy(z)).detach().numpy(), _numpy_coupled(z, tau, gain, 3.0, hard), rtol=1e-12, atol=1e-12
+        )
+    smooth = independent.soften()(torch.from_numpy(z)).detach().numpy()
+    np.testing.assert_allclose(smooth, _numpy_independent(z, tau, gain, leak, 3.0, False), rtol=1e-12)
 
 
-def test_hand_worked_hard_gate_switches_neurons_off() -> None:
-    # relu(z) with tau = 1, gain = 1: z = 2 -> 2 * (1 + 1) = 4; z = 0.5 -> 0.5 * (1 - 1) = 0.
+def test_hand_worked_hard_gate_scale_c_above_off_below() -> None:
+    # The paper's "scale c above τ, off below" with c = 3: relu(z), tau = 1, gain = 3, leak = 0:
+    # z = 2 -> 6, z = 0.5 -> 0, z = -3 -> 0.
     gate = DopamineGate(nn.ReLU(), num_features=1, tau_init=1.0).harden()
     with torch.no_grad():
-        gate.gain.fill_(1.0)
-    out = gate(torch.tensor([[2.0], [0.5], [-3.0]]))
-    assert out.flatten().tolist() == [4.0, 0.0, 0.0]
+        gate.gain.fill_(3.0)
+        gate.leak.fill_(0.0)
+    assert gate(torch.tensor([[2.0], [0.5], [-3.0]])).flatten().tolist() == [6.0, 0.0, 0.0]
+    # The coupled form can switch neurons off below τ only with swing = 1, i.e. c = 1 + 1 = 2.
+    coupled = DopamineGate(nn.ReLU(), num_features=1, tau_init=1.0, form="coupled").harden()
+    with torch.no_grad():
+        coupled.swing.fill_(1.0)
+    assert coupled(torch.tensor([[2.0], [0.5], [-3.0]])).flatten().tolist() == [4.0, 0.0, 0.0]
 
 
 def test_feature_dim_for_conv_maps() -> None:
     gate = DopamineGate(nn.ReLU(), num_features=2, feature_dim=1).harden()
     with torch.no_grad():
         gate.tau.copy_(torch.tensor([0.0, 5.0]))
-        gate.gain.fill_(1.0)
+        gate.gain.fill_(2.0)
+        gate.leak.fill_(0.0)
     z = torch.full((1, 2, 2, 2), 3.0)
     out = gate(z)
     assert torch.all(out[:, 0] == 6.0) and torch.all(out[:, 1] == 0.0)
@@ -103,7 +139,8 @@ def test_harden_is_reversible_and_changes_output() -> None:
     adapt_model(model, [nn.GELU])
     for gate in dopamine_gates(model).values():
         with torch.no_grad():
-            gate.gain.fill_(0.7)
+            gate.gain.fill_(1.7)
+            gate.leak.fill_(0.3)
     x = torch.randn(5, 12)
     smooth = model(x).detach().clone()
     harden(model)
@@ -119,13 +156,13 @@ def test_freezing_param_count_and_gradients_only_to_gates() -> None:
     base_names = {n for n, _ in model.named_parameters()}
     adapt_model(model, ["torch.nn.GELU"], example_input=torch.randn(2, 12))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert set(trainable) == {"2.tau", "2.gain", "4.tau", "4.gain"}
-    assert sum(p.numel() for p in trainable.values()) == 2 * (7 + 5)
+    assert set(trainable) == {"2.tau", "2.gain", "2.leak", "4.tau", "4.gain", "4.leak"}
+    assert sum(p.numel() for p in trainable.values()) == 3 * (7 + 5)
     # Parameters are renamed by the wrap (e.g. "1.weight" stays), none of the originals trainable.
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in base_names)
     for gate in dopamine_gates(model).values():
         with torch.no_grad():
-            gate.gain.fill_(0.5)
+            gate.gain.fill_(1.5)
     model(torch.randn(8, 12)).square().sum().backward()
     for name, parameter in model.named_parameters():
         if name in trainable:
@@ -134,19 +171,27 @@ def test_freezing_param_count_and_gradients_only_to_gates() -> None:
             assert parameter.grad is None, name
 
 
-def test_tau_gradient_matches_numpy_derivative() -> None:
-    gate = DopamineGate(nn.GELU(), num_features=3, slope=2.0).double()
-    tau, gain = np.array([0.1, -0.2, 0.3]), np.array([0.4, 0.8, -0.5])
-    with torch.no_grad():
-        gate.tau.copy_(torch.from_numpy(tau))
-        gate.gain.copy_(torch.from_numpy(gain))
+def test_gradients_match_numpy_derivatives() -> None:
+    tau, gain, leak = np.array([0.1, -0.2, 0.3]), np.array([0.4, 1.8, -0.5]), np.array([1.1, 0.0, 0.6])
     z = np.random.default_rng(2).normal(size=(5, 3))
-    gate(torch.from_numpy(z)).sum().backward()
     sig = 1.0 / (1.0 + np.exp(-2.0 * (z - tau)))
-    expected_dtau = (_numpy_gelu(z) * gain * 2.0 * sig * (1.0 - sig) * -2.0).sum(axis=0)
-    expected_dgain = (_numpy_gelu(z) * (2.0 * sig - 1.0)).sum(axis=0)
-    np.testing.assert_allclose(gate.tau.grad.numpy(), expected_dtau, rtol=1e-10)
-    np.testing.assert_allclose(gate.gain.grad.numpy(), expected_dgain, rtol=1e-10)
+    dsig_dtau = -2.0 * sig * (1.0 - sig)
+    independent = DopamineGate(nn.GELU(), num_features=3, slope=2.0).double()
+    coupled = DopamineGate(nn.GELU(), num_features=3, slope=2.0, form="coupled").double()
+    with torch.no_grad():
+        for gate in (independent, coupled):
+            gate.tau.copy_(torch.from_numpy(tau))
+        independent.gain.copy_(torch.from_numpy(gain))
+        independent.leak.copy_(torch.from_numpy(leak))
+        coupled.swing.copy_(torch.from_numpy(gain))
+    independent(torch.from_numpy(z)).sum().backward()
+    coupled(torch.from_numpy(z)).sum().backward()
+    act = _numpy_gelu(z)
+    np.testing.assert_allclose(independent.tau.grad.numpy(), (act * (gain - leak) * dsig_dtau).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(independent.gain.grad.numpy(), (act * sig).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(independent.leak.grad.numpy(), (act * (1 - sig)).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(coupled.tau.grad.numpy(), (act * gain * 2.0 * dsig_dtau).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(coupled.swing.grad.numpy(), (act * (2.0 * sig - 1.0)).sum(0), rtol=1e-10)
 
 
 def test_firing_fractions_per_group_and_plot() -> None:
@@ -177,3 +222,5 @@ def test_selection_errors() -> None:
         adapt_model(model, ["2"])
     with pytest.raises(ModuleSelectionError, match="no DopamineGate"):
         firing_fractions(_mlp(), [], 2)
+    with pytest.raises(ModuleSelectionError, match="form 'paper' is unknown"):
+        DopamineGate(nn.GELU(), 3, form="paper")  # type: ignore[arg-type]

@@ -118,3 +118,24 @@ def test_float32_input_and_state_dict_round_trip(data: dict[str, np.ndarray]) ->
         torch.testing.assert_close(score, det(x32)[name])
     with pytest.raises(RuntimeError, match="fit"):
         ClassicalDetectors()(x32)
+
+
+def test_against_the_spectral_package(data: dict[str, np.ndarray]) -> None:
+    """SAM, MF and ACE against spectral.algorithms (code we did not write), with our regularised Σ."""
+    from spectral.algorithms import GaussianStats, ace, matched_filter, spectral_angles
+
+    detectors = ClassicalDetectors(ridge=RIDGE).fit(torch.from_numpy(data["background"]), torch.from_numpy(data["target"]))
+    pixels = data["pixels"]
+    ours = {name: score.numpy() for name, score in detectors(torch.from_numpy(pixels)).items()}
+    stats = GaussianStats(mean=detectors.mean.numpy(), cov=detectors.covariance.numpy())
+    image = pixels.reshape(5, 7, BANDS)  # spectral wants (rows, columns, bands) for SAM
+    np.testing.assert_allclose(ours["SAM"], -spectral_angles(image, data["target"][None]).reshape(-1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours["MF"], matched_filter(pixels, data["target"], background=stats).reshape(-1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours["ACE"], ace(pixels, data["target"], background=stats).reshape(-1), rtol=1e-9, atol=1e-12)
+
+
+def test_non_finite_background_is_refused() -> None:
+    background = torch.ones(10, 3)
+    background[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN/inf values in the background pixels"):
+        ClassicalDetectors().fit(background, torch.ones(3))

@@ -189,3 +189,52 @@ def test_error_messages_are_one_line(tmp_path: Path) -> None:
         with pytest.raises((DataNotFoundError, DataFormatError)) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("extra_bytes", [4, 4 * 3 * 5])
+def test_envi_data_file_longer_than_header_is_refused(tmp_path: Path, extra_bytes: int) -> None:
+    # BIP: a file with extra bytes (e.g. an unrecorded 4-byte header) would shift every spectrum.
+    cube = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
+    header = _write_envi(tmp_path, cube, "bip")
+    data = tmp_path / "cube.img"
+    data.write_bytes(b"\0" * extra_bytes + data.read_bytes())
+    with pytest.raises(DataFormatError) as info:
+        read_envi(header)
+    message = str(info.value)
+    assert "\n" not in message and "cube.img" in message
+    assert f"has {5 * 7 * 3 * 4 + extra_bytes} bytes" in message and f"implies {5 * 7 * 3 * 4}" in message
+    assert "header offset" in message
+
+
+def test_nan_pixel_in_envi_cube_is_one_line_naming_file_and_fix(tmp_path: Path) -> None:
+    cube = np.random.default_rng(2).normal(size=(4, 6, 3)).astype(np.float32)
+    cube[3, 1, 2] = np.nan
+    header = _write_envi(tmp_path, cube, "bil")
+    mask = np.zeros((4, 6), dtype=np.int64)
+    mask[0, 0] = 1
+    np.save(tmp_path / "gt.npy", mask)
+    with pytest.raises(DataFormatError) as info:
+        load_scene(header, tmp_path / "gt.npy")
+    message = str(info.value)
+    assert "\n" not in message and "cube.img" in message
+    assert "1 NaN/inf values (first at line 3, sample 1)" in message and "replace them" in message
+
+
+def test_nan_in_mat_cube_is_refused(tmp_path: Path) -> None:
+    cube = np.ones((3, 4, 2))
+    cube[0, 2, 0] = np.inf
+    scipy.io.savemat(tmp_path / "scene.mat", {"cube": cube, "gt": np.eye(3, 4)})
+    with pytest.raises(DataFormatError, match=r"scene.mat' has 1 NaN/inf values \(first at line 0, sample 2\)"):
+        load_scene(tmp_path / "scene.mat")
+
+
+def test_default_scenes_have_common_confusers_and_mixed_targets() -> None:
+    # The benchmark's design: confusers cover a few percent of the background (so the detectors'
+    # background statistics contain them), targets are mostly sub-pixel, and a scene holds enough
+    # positives that 6 held-out scenes give >= 200.
+    for scene in make_synthetic_scenes(2, seed=0):
+        background = ~scene.mask
+        assert (scene.clutter_abundance[background] >= 0.25).mean() >= 0.02
+        assert (scene.clutter_abundance[scene.mask] == 0).all()
+        assert scene.mask.sum() >= 40
+        assert (scene.abundance[scene.mask] < 1.0).mean() >= 0.5

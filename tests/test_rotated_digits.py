@@ -95,7 +95,7 @@ def test_idx_errors(tmp_path: Path) -> None:
 
 
 def test_datamodule_sklearn_digits_rotated_on_the_fly() -> None:
-    dm = RotatedDigitsDataModule("mix", "rotated", image_size=8, batch_size=16, max_samples=40, seed=1)
+    dm = RotatedDigitsDataModule("mix", "rotated", image_size=8, batch_size=16, max_samples=40, seed=1, test_fraction=0.25)
     dm.setup()
     assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 40
     x, y = next(iter(dm.test_dataloader()))
@@ -117,3 +117,9 @@ def test_datamodule_reads_mnist_dir(tmp_path: Path) -> None:
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (9, 3, 4)
     assert dm.test_set.images.shape == (4, 1, 16, 16)
+
+
+def test_default_test_split_is_35_percent_of_the_digits() -> None:
+    dm = RotatedDigitsDataModule("mix", "rotated", image_size=8)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1797 - 270 - 629, 270, 629)

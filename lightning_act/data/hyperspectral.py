@@ -35,7 +35,8 @@ class HyperspectralScene:
     """One scene crop: ``cube`` (H, W, B) float32 and binary target ``mask`` (H, W).
 
     Synthetic scenes also carry the per-pixel target ``abundance`` (fraction of the pixel covered
-    by a target) and the pure ``target_spectrum``.
+    by a target), the per-pixel ``clutter_abundance`` (covered by a confuser) and the pure
+    ``target_spectrum``.
     """
 
     name: str
@@ -43,6 +44,7 @@ class HyperspectralScene:
     mask: np.ndarray
     wavelengths: np.ndarray | None = None
     abundance: np.ndarray | None = None
+    clutter_abundance: np.ndarray | None = None
     target_spectrum: np.ndarray | None = None
 
 
@@ -134,9 +136,10 @@ def make_synthetic_scene(
     seed: int = 0,
     size: int = 64,
     num_bands: int = 64,
-    targets_per_scene: tuple[int, int] = (3, 6),
-    clutter_per_scene: tuple[int, int] = (4, 10),
-    target_radius: tuple[float, float] = (0.35, 1.6),
+    targets_per_scene: tuple[int, int] = (12, 24),
+    clutter_per_scene: tuple[int, int] = (20, 40),
+    target_radius: tuple[float, float] = (0.3, 1.4),
+    clutter_radius: tuple[float, float] = (0.35, 2.5),
     label_abundance: float = 0.25,
     noise_std: float = 0.01,
 ) -> HyperspectralScene:
@@ -187,12 +190,14 @@ def make_synthetic_scene(
 
     # Clutter: objects of the confuser materials, labelled background.
     clutter = list(clutter_library_spectra(wavelengths).values())
+    clutter_abundance = np.zeros((size, size))
     for _ in range(int(rng.integers(clutter_per_scene[0], clutter_per_scene[1] + 1))):
         centre = rng.uniform(2, size - 2, size=2)
-        coverage = _disk_coverage(size, (centre[0], centre[1]), rng.uniform(*target_radius))
+        coverage = _disk_coverage(size, (centre[0], centre[1]), rng.uniform(*clutter_radius))
         coverage = coverage * (abundance == 0)
         material = clutter[int(rng.integers(len(clutter)))] * rng.uniform(0.8, 1.2)
         reflectance = (1 - coverage[..., None]) * reflectance + coverage[..., None] * material
+        clutter_abundance = coverage + (1 - coverage) * clutter_abundance
 
     # Illumination: scene gain, smooth shading (topography) and a residual-atmosphere spectral tilt.
     gain = rng.uniform(0.7, 1.2) * np.clip(1 + 0.15 * _smooth_field(rng, size, size / 8), 0.5, 1.5)
@@ -211,6 +216,7 @@ def make_synthetic_scene(
         mask=mask,
         wavelengths=wavelengths,
         abundance=abundance.astype(np.float32),
+        clutter_abundance=clutter_abundance.astype(np.float32),
         target_spectrum=target_spectrum.astype(np.float32),
     )
 
@@ -222,11 +228,13 @@ def make_synthetic_scenes(num_scenes: int = 8, seed: int = 0, **scene_kwargs) ->
     vegetation, gravel, water) with abundances from smooth random fields, scene-specific material
     variants and per-pixel spectral variability; illumination varies per scene (gain, tilt) and
     per pixel (shading); noise is Gaussian and larger in the 1400/1900 nm water bands. Targets:
-    3-6 disks per scene (at least 6 px apart, fewer if a small scene has no room) of radius
-    0.35-1.6 px with a plastic spectrum, mixed into the background at each pixel's covered
-    fraction, plus 4-10 clutter objects of confuser materials (see :func:`clutter_library_spectra`)
-    labelled background. A pixel is labelled target when at least ``label_abundance`` of it is
-    covered; each target's most-covered pixel is always labelled. Keyword arguments go to
+    12-24 disks per scene (at least 6 px apart, fewer if a small scene has no room) of radius
+    0.3-1.4 px (mostly sub-pixel) with a plastic spectrum, mixed into the background at each
+    pixel's covered fraction. Confusers: 20-40 objects of radius 0.35-2.5 px of the clutter
+    materials (see :func:`clutter_library_spectra`), labelled background; they cover a few percent
+    of every scene, so the background statistics the detectors estimate contain them. A pixel is
+    labelled target when at least ``label_abundance`` of it is covered; each target's most-covered
+    pixel is always labelled. Keyword arguments go to
     :func:`make_synthetic_scene`.
     """
     return [make_synthetic_scene(i, seed=seed, **scene_kwargs) for i in range(num_scenes)]
@@ -264,15 +272,45 @@ def read_envi(header_path: str | Path, image_path: str | Path | None = None) -> 
         image_path = _existing(image_path, "ENVI data file", "--data.path next to its header")
     try:
         image = envi.open(str(header), None if image_path is None else str(image_path))
-        cube = np.asarray(image.load(), dtype=np.float32)
     except envi.EnviDataFileNotFoundError as error:
         raise DataNotFoundError(
             f"ENVI data file for header '{header}' not found; put the raw cube next to it with the same name"
         ) from error
     except Exception as error:  # size mismatch, missing keys, unsupported data type
         raise DataFormatError(f"ENVI cube '{header}' cannot be read ({error}); check the header against the data file") from error
+    # spectral refuses a data file that is too short but reads one that is too long: the extra bytes
+    # mean the header's size, data type or offset is wrong, and with BIP every spectrum would be shifted.
+    expected = int(image.offset) + image.nrows * image.ncols * image.nbands * int(image.sample_size)
+    actual = Path(image.filename).stat().st_size
+    if actual != expected:
+        raise DataFormatError(
+            f"ENVI data file '{image.filename}' has {actual} bytes but header '{header}' implies {expected} "
+            f"({image.nrows} lines x {image.ncols} samples x {image.nbands} bands x {image.sample_size} bytes + "
+            f"{image.offset} header offset); fix 'samples', 'lines', 'bands', 'data type' or 'header offset' in the header"
+        )
+    try:
+        cube = np.asarray(image.load(), dtype=np.float32)
+    except Exception as error:
+        raise DataFormatError(f"ENVI cube '{header}' cannot be read ({error}); check the header against the data file") from error
+    require_finite(cube, image.filename)
     wavelengths = np.asarray(meta["wavelength"], dtype=np.float64) if "wavelength" in meta else None
     return cube, wavelengths
+
+
+def require_finite(cube: np.ndarray, path: str | Path) -> None:
+    """Refuse NaN/inf values: one line naming the file, how many, the first pixel and the fix.
+
+    A single NaN pixel would otherwise surface much later as a non-converging eigendecomposition
+    in the detectors' covariance or a NaN loss.
+    """
+    bad = ~np.isfinite(cube)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        pixel = f"line {where[0]}, sample {where[1]}" if cube.ndim == 3 else f"index {tuple(int(i) for i in where)}"
+        raise DataFormatError(
+            f"'{path}' has {int(bad.sum())} NaN/inf values (first at {pixel}); replace them (e.g. with the band "
+            "median or neighbouring pixels) or crop the bad pixels out before loading"
+        )
 
 
 def read_mat(path: str | Path, key: str | None = None, ndim: int = 3) -> np.ndarray:
@@ -338,6 +376,7 @@ def load_scene(
         labels = read_mask(mask_path, mask_key)
     elif suffix == ".mat":
         cube, wavelengths = read_mat(file, cube_key, ndim=3).astype(np.float32), None
+        require_finite(cube, file)
         labels = read_mask(mask_path, mask_key) if mask_path is not None else read_mat(file, mask_key, ndim=2)
     else:
         _existing(file, "hyperspectral file", "--data.path")
@@ -423,7 +462,7 @@ class HyperspectralDataModule(SplitDataModule):
         mask_key: str | None = None,
         target_values: list[int] | None = None,
         crop_size: int = 64,
-        num_scenes: int = 8,
+        num_scenes: int = 24,
         scene_size: int = 64,
         num_bands: int = 64,
         noise_std: float = 0.01,

@@ -62,6 +62,12 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
                 f"'{path}' holds data of shape {data.shape} with {len(batch_labels)} labels, expected (N, 3072) "
                 "and N labels; use the files from cifar-10-python.tar.gz"
             )
+        out_of_range = (batch_labels < 0) | (batch_labels >= 10)
+        if out_of_range.any():
+            raise DataFormatError(
+                f"'{path}' has {int(out_of_range.sum())} labels outside 0-9 (e.g. {int(batch_labels[out_of_range][0])} "
+                f"at index {int(np.flatnonzero(out_of_range)[0])}); CIFAR-10 labels are 0-9, use the files from cifar-10-python.tar.gz"
+            )
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         labels.append(torch.from_numpy(batch_labels))
     return torch.cat(images), torch.cat(labels)

@@ -177,7 +177,7 @@ class RotatedDigitsDataModule(SplitDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         val_fraction: float = 0.15,
-        test_fraction: float = 0.25,
+        test_fraction: float = 0.35,
         seed: int = 0,
     ) -> None:
         super().__init__()

@@ -120,6 +120,12 @@ class ClassicalDetectors(nn.Module):
                 f"expected background pixels (N, B) and a target (B,), got {tuple(background_pixels.shape)} "
                 f"and {tuple(target.shape)}; pass spectra with the same number of bands"
             )
+        bad = int((~torch.isfinite(background_pixels)).sum()) + int((~torch.isfinite(target)).sum())
+        if bad:
+            raise ValueError(
+                f"{bad} NaN/inf values in the background pixels or target spectrum; replace or drop those pixels "
+                "before fitting (a single one makes Σ and R non-finite)"
+            )
         mean, covariance = background_covariance(background_pixels)
         self.target = target.detach().double().clone()
         self.mean = mean

@@ -1,21 +1,24 @@
-"""Dopamine / TauGate: activation-space fine-tuning with a per-neuron threshold and gain.
+"""Dopamine / TauGate: activation-space fine-tuning with per-neuron thresholds and gains.
 
 Ghasemlou (2026), "Dopamine" (arXiv 2602.11726): freeze every base weight and learn, at the
-pre-activation ``z`` of chosen hidden layers, a threshold ``τ`` and a gain ``g`` per neuron. The
-gate is smooth during training, ``σ(s (z − τ))`` with slope ``s``, and hardened to ``1[z > τ]``
-at inference, which gives conditional computation and a per-neuron "which neurons fire" read-out.
+pre-activation ``z`` of chosen hidden layers, a threshold ``τ`` and a gain ``g`` per neuron,
+``h = g ⊙ σ(s (z − τ)) ⊙ act(z)``. The gate is smooth during training (slope ``s``) and hardened to
+``1[z > τ]`` at inference, which gives conditional computation and a per-neuron "which neurons
+fire" read-out.
 
-Exact-identity form used here (the paper's ``h = g ⊙ σ(s(z − τ)) ⊙ act(z)`` cannot equal the
-frozen model at init with a finite ``τ``, because a sigmoid never reaches exactly one):
+That form cannot equal the frozen model at init with a finite ``τ``: a sigmoid never reaches
+exactly one, and at ``τ = −∞`` it is saturated, so ``τ`` gets no gradient. Two gate forms here
+start as the exact identity:
 
-    h = act(z) ⊙ (1 + g ⊙ (2·gate(z) − 1)),   gate(z) = σ(s (z − τ))  or  1[z > τ]
-
-with ``g`` initialised to zero. Then ``1 + 0·x == 1`` and ``act(z)·1 == act(z)`` in floating
-point, so the adapted model is bit-for-bit the frozen one at init. ``2·gate − 1`` is the gate
-centred on its value at the threshold (½), so a neuron above threshold is scaled by ``1 + g`` and
-one below by ``1 − g``: ``g = 1`` recovers the paper's hard gate ``2·1[z > τ]·act(z)``
-(neurons below ``τ`` switched off), ``g < 0`` suppresses neurons above ``τ``. In smooth mode
-``2σ(x) − 1 = tanh(x/2)``. Two trainable numbers per neuron per adapted layer.
+* ``"independent"`` (default): ``h = act(z) ⊙ (leak + (gain − leak) ⊙ gate(z))``, three numbers
+  per neuron (``tau``, ``gain``, ``leak``), ``gain = leak = 1`` at init. With the hard gate a
+  neuron above ``τ`` is scaled by ``gain`` and one below by ``leak``, independently, so
+  ``leak = 0`` is the paper's gate ``gain ⊙ σ(s(z − τ)) ⊙ act(z)`` with any gain. At init
+  ``gain − leak`` is exactly 0, so ``leak + 0·gate == 1`` and ``act(z)·1 == act(z)`` in floating
+  point; ``τ``'s gradient is zero until ``gain`` and ``leak`` separate (as LoRA's ``A`` waits for ``B``).
+* ``"coupled"``: ``h = act(z) ⊙ (1 + swing ⊙ (2·gate(z) − 1))``, two numbers per neuron
+  (``tau``, ``swing``), ``swing = 0`` at init. Above ``τ`` the scale is ``1 + swing``, below it
+  ``1 − swing``: one number sets both, so "scale c above ``τ``, off below" exists only for c = 2.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,14 +34,19 @@ from torch import nn
 from lightning_act.errors import ModuleSelectionError
 
 ModulePattern = str | type
+GateForm = Literal["independent", "coupled"]
+GATE_FORMS: tuple[str, ...] = ("independent", "coupled")
 
 
 class DopamineGate(nn.Module):
-    """Wrap an activation with a per-neuron threshold ``tau`` and gain ``gain`` at its input ``z``.
+    """Wrap an activation with a per-neuron threshold ``tau`` and gain(s) at its input ``z``.
 
-    ``feature_dim`` is the axis of ``z`` that indexes neurons (-1 for Linear/MLP and transformer
-    tokens, 1 for conv feature maps). ``hardened`` switches between the smooth training gate and
-    the hard inference gate; :meth:`harden` / :meth:`soften` flip it without touching parameters.
+    ``form`` picks the gate (module docstring): ``"independent"`` learns ``tau``, ``gain`` (scale
+    above ``τ``) and ``leak`` (scale below ``τ``); ``"coupled"`` learns ``tau`` and ``swing``. Both
+    start as the exact identity. ``feature_dim`` is the axis of ``z`` that indexes neurons (-1 for
+    Linear/MLP and transformer tokens, 1 for conv feature maps). ``hardened`` switches between the
+    smooth training gate and the hard inference gate; :meth:`harden` / :meth:`soften` flip it
+    without touching parameters.
     """
 
     def __init__(
@@ -48,22 +56,33 @@ class DopamineGate(nn.Module):
         slope: float = 5.0,
         tau_init: float = 0.0,
         feature_dim: int = -1,
+        form: GateForm = "independent",
     ) -> None:
         super().__init__()
         if num_features < 1:
             raise ModuleSelectionError(f"DopamineGate needs num_features >= 1, got {num_features}; pass the layer width")
         if slope <= 0:
             raise ModuleSelectionError(f"DopamineGate slope must be > 0, got {slope}; pass a positive slope such as 5.0")
+        if form not in GATE_FORMS:
+            raise ModuleSelectionError(f"DopamineGate form {form!r} is unknown; pass one of {list(GATE_FORMS)}")
         self.activation = activation
         self.num_features = num_features
         self.slope = float(slope)
         self.feature_dim = feature_dim
+        self.form = form
         self.tau = nn.Parameter(torch.full((num_features,), float(tau_init)))
-        self.gain = nn.Parameter(torch.zeros(num_features))
+        if form == "independent":
+            self.gain = nn.Parameter(torch.ones(num_features))
+            self.leak = nn.Parameter(torch.ones(num_features))
+        else:
+            self.swing = nn.Parameter(torch.zeros(num_features))
         self.hardened = False
 
     def extra_repr(self) -> str:
-        return f"num_features={self.num_features}, slope={self.slope}, feature_dim={self.feature_dim}, hardened={self.hardened}"
+        return (
+            f"num_features={self.num_features}, form={self.form}, slope={self.slope}, feature_dim={self.feature_dim}, "
+            f"hardened={self.hardened}"
+        )
 
     def harden(self) -> DopamineGate:
         """Use the hard gate ``1[z > τ]`` (inference / attribution)."""
@@ -96,7 +115,11 @@ class DopamineGate(nn.Module):
         return torch.sigmoid(self.slope * (z - self._per_neuron(self.tau, z)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        modulation = 1.0 + self._per_neuron(self.gain, z) * (2.0 * self.gate(z) - 1.0)
+        if self.form == "independent":
+            leak = self._per_neuron(self.leak, z)
+            modulation = leak + (self._per_neuron(self.gain, z) - leak) * self.gate(z)
+        else:
+            modulation = 1.0 + self._per_neuron(self.swing, z) * (2.0 * self.gate(z) - 1.0)
         return self.activation(z) * modulation
 
 
@@ -206,12 +229,14 @@ def adapt_model(
     tau_init: float = 0.0,
     example_input: Any = None,
     feature_dim: int = -1,
+    form: GateForm = "independent",
 ) -> dict[str, DopamineGate]:
     """Freeze every base weight of ``model`` and wrap the chosen activations with :class:`DopamineGate`.
 
     ``modules`` selects the activations (classes, class paths or name globs). Adapts in place and
-    returns ``{qualified name: gate}``; only the gates' ``tau`` and ``gain`` stay trainable, and
-    the adapted model computes exactly what the frozen model computed.
+    returns ``{qualified name: gate}``; only the gates' parameters (``form``: see
+    :class:`DopamineGate`) stay trainable, and the adapted model computes exactly what the frozen
+    model computed.
     """
     chosen = [(n, m) for n, m in select_modules(model, modules) if not isinstance(m, DopamineGate)]
     if not chosen:
@@ -220,7 +245,7 @@ def adapt_model(
     freeze(model)
     gates: dict[str, DopamineGate] = {}
     for name, activation in chosen:
-        gate = DopamineGate(activation, widths[name], slope=slope, tau_init=tau_init, feature_dim=feature_dim)
+        gate = DopamineGate(activation, widths[name], slope=slope, tau_init=tau_init, feature_dim=feature_dim, form=form)
         replace_module(model, name, gate)
         gates[name] = gate
     return gates

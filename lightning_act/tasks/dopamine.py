@@ -4,8 +4,10 @@ Phase 1, :class:`DopamineFoundation`: pretrain a small MLP on a 50/50 mix of upr
 45°-rotated digits. Phase 2, :class:`DopamineSpecialisation`: load that checkpoint, freeze it and
 specialise to the rotated mode with one of five methods in the same harness:
 
-* ``"dopamine"`` — per-neuron threshold/gain gates at every hidden activation (2 per neuron),
-  hardened at test time; the test also logs which neurons fire per class (tensor + heatmap);
+* ``"dopamine"`` — per-neuron threshold/gain gates at every hidden activation (``gate_form``
+  ``"independent"``: threshold, gain above and gain below it, 3 per neuron; ``"coupled"``: 2 per
+  neuron, see :mod:`lightning_act.nn.dopamine`), hardened at test time; the test also logs which
+  neurons fire per class (tensor + heatmap);
 * ``"frozen"`` — no training (the foundation as is);
 * ``"full"`` — every weight trainable;
 * ``"lora"`` — rank-``lora_rank`` LoRA on every Linear;
@@ -26,6 +28,7 @@ from torch import nn
 
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
 from lightning_act.nn.dopamine import (
+    GateForm,
     adapt_model,
     dopamine_gates,
     firing_fractions,
@@ -39,7 +42,8 @@ from lightning_act.tasks.image_classification import warmup_cosine
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
 METHODS: tuple[str, ...] = ("dopamine", "frozen", "full", "lora", "ia3")
-# Chosen on the validation split (seeds 0, 1; 1e-2 / 3e-2 / 1e-1 for the PEFT methods), see docs/dopamine.md.
+# Chosen on the validation split (seeds 0, 1; 1e-2 / 3e-2 / 1e-1 for the PEFT methods) for the earlier
+# 256 → 128 → 128 → 10 foundation and the coupled gate; not re-tuned since, see docs/dopamine.md.
 DEFAULT_LR: dict[str, float] = {"dopamine": 3e-2, "frozen": 0.0, "full": 1e-3, "lora": 3e-2, "ia3": 3e-2}
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -85,7 +89,7 @@ class DopamineFoundation(_Classifier):
     def __init__(
         self,
         image_size: int = 16,
-        hidden_sizes: list[int] = [128, 128],  # noqa: B006 - jsonargparse needs a plain default
+        hidden_sizes: list[int] = [8],  # noqa: B006 - jsonargparse needs a plain default
         num_classes: int = 10,
         activation: str = "gelu",
         lr: float = 3e-3,
@@ -126,11 +130,13 @@ def load_foundation(foundation_ckpt: str | Path) -> DopamineFoundation:
 class DopamineSpecialisation(_Classifier):
     """Phase 2: specialise the frozen foundation to the rotated mode with ``method``.
 
-    ``lr`` defaults per method (:data:`DEFAULT_LR`). For ``"dopamine"`` the test runs with hard
-    gates (``harden_at_test``) and logs the per-class hard-gate firing fractions as a tensor
-    (``dopamine_firing.pt``) and a heatmap (``dopamine_firing.png``, and a W&B image when a
-    WandbLogger is attached) in the run directory; the end of ``fit`` writes the same for the
-    validation set (``dopamine_firing_val``).
+    ``lr`` defaults per method (:data:`DEFAULT_LR`). ``gate_form`` picks the Dopamine gate:
+    ``"independent"`` (threshold, gain above and gain below it; the paper's gate with an independent
+    gain, exact identity at init) or ``"coupled"`` (one number sets both scales). For
+    ``"dopamine"`` the test runs with hard gates (``harden_at_test``) and logs the per-class
+    hard-gate firing fractions as a tensor (``dopamine_firing.pt``) and a heatmap
+    (``dopamine_firing.png``, and a W&B image when a WandbLogger is attached) in the run
+    directory; the end of ``fit`` writes the same for the validation set (``dopamine_firing_val``).
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class DopamineSpecialisation(_Classifier):
         weight_decay: float = 0.0,
         slope: float = 5.0,
         tau_init: float = 0.0,
+        gate_form: GateForm = "independent",
         lora_rank: int = 1,
         lora_alpha: float | None = None,
         harden_at_test: bool = True,
@@ -156,7 +163,7 @@ class DopamineSpecialisation(_Classifier):
         self.num_classes = int(self.model[-1].out_features)
         activation = next(type(m) for m in self.model if isinstance(m, tuple(_ACTIVATIONS.values())))
         if method == "dopamine":
-            adapt_model(self.model, [activation], slope=slope, tau_init=tau_init)
+            adapt_model(self.model, [activation], slope=slope, tau_init=tau_init, form=gate_form)
         elif method == "lora":
             apply_lora(self.model, [nn.Linear], rank=lora_rank, alpha=lora_alpha)
         elif method == "ia3":

@@ -2,9 +2,9 @@
 
 Targets are a fraction of a percent of the pixels, so the loss is either BCE with ``pos_weight``
 derived from the training class balance (the datamodule's background/target pixel ratio r) or the
-focal loss (Lin et al. 2017). The default weight is √r: on the default synthetic data the full
-ratio r (≈ 176) over-weights the 116 training target pixels and gave a lower validation AP
-(0.82 vs 0.95 after 30 epochs). Average precision is the headline metric: with such sparse targets
+focal loss (Lin et al. 2017). The default weight is √r: on the first version of the synthetic
+data the full ratio r (≈ 176) over-weighted the 116 training target pixels and gave a lower
+validation AP (0.82 vs 0.95 after 30 epochs). Average precision is the headline metric: with such sparse targets
 ROC-AUC stays near 1 even for detectors whose top-ranked pixels are mostly false alarms.
 """
 
