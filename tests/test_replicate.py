@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "replicate.py"
 def load_script():
     spec = importlib.util.spec_from_file_location("replicate", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["replicate"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
