@@ -245,7 +245,7 @@ def _linear_part(t: np.ndarray, y: np.ndarray, beta: float, tau0: float) -> tupl
 
 
 def fit_emergence(
-    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 20000, good_enough: float = 1e-3
+    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 5000, good_enough: float = 1e-3
 ) -> EmergenceFit:
     """Fit the emergence model to one layer's ratio history, as the Hidden Dynamics paper does.
 
@@ -291,7 +291,7 @@ def fit_emergence(
     total = float(np.sum((yn - yn.mean()) ** 2))
     best: tuple[float, np.ndarray] | None = None
     failures: list[str] = []
-    for beta, tau0 in ranked[:6]:
+    for beta, tau0 in ranked[:4]:
         (a1, a2, k), _ = _linear_part(tn, yn, beta, tau0)
         log_gamma = float(np.clip(a2 / a1, -0.99 * _LOG_GAMMA_BOUND, 0.99 * _LOG_GAMMA_BOUND)) if a1 != 0 else 0.0
         try:
