@@ -1,6 +1,6 @@
 """Run the four phenomenon recipes and print whether each paper's claim reproduces.
 
-    python scripts/replicate.py                 # full recipes (CPU: ~30-60 min on 2 idle cores)
+    python scripts/replicate.py                 # the full recipes (six fits; docs/replications.md has their cost)
     python scripts/replicate.py --quick         # CI-sized runs: checks the pipeline, not the science
     python scripts/replicate.py --reuse         # only read runs already under --root and print the table
 
