@@ -79,28 +79,80 @@ def well_conditioned_passes() -> torch.Tensor:
     )
 
 
-def test_efficient_eigenscore_close_to_exact() -> None:
-    """Stated tolerance: for a Σ + αI with condition number ~20, M = 20 moments and N_z = 20
-    Rademacher probes give EES within 5% of the exact EigenScore; M = 100, N_z = 200 within 1%."""
+def dropout_like_passes(scale: float, d: int = 384, k: int = 8, rate: float = 0.1, seed: int = 0) -> torch.Tensor:
+    """K passes of one d-dim embedding under dropout-like noise: ``e ⊙ (1 + scale · (m/(1−p) − 1))``,
+    m ~ Bernoulli(1 − p); ``scale`` sets how different the passes are, hence the condition number."""
+    generator = torch.Generator().manual_seed(seed)
+    embedding = torch.randn(d, 1, generator=generator, dtype=torch.float64)
+    keep = (torch.rand(d, k, generator=generator, dtype=torch.float64) >= rate).to(torch.float64)
+    return embedding * (1.0 + scale * (keep / (1.0 - rate) - 1.0))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, 0.01, 1e-3, 1e-4])
+def test_efficient_eigenscore_defaults_match_exact_on_eigenscore_like_passes(scale: float) -> None:
+    """d = 384, K = 8, α = 1e-3: the condition numbers of Σ + αI that EigenScore meets (1e2–1e7).
+    With 20 Chebyshev moments the KPM was off by up to tens of nats here."""
+    z = dropout_like_passes(scale)
+    d = z.shape[0]
+    gram = z.numpy().T @ (np.eye(d) - np.ones((d, d)) / d) @ z.numpy() + 1e-3 * np.eye(z.shape[1])
+    eigenvalues = np.linalg.eigvalsh(gram)
+    condition = eigenvalues.max() / eigenvalues.min()
+    assert 1e2 <= condition <= 1e8, condition
+    exact = numpy_eigenscore(z.numpy())
+    assert efficient_eigenscore(z).item() == pytest.approx(exact, abs=0.1)
+
+
+def test_efficient_eigenscore_is_nan_not_an_error_on_non_finite_passes() -> None:
+    z = dropout_like_passes(0.1)
+    z[0, 0] = float("nan")
+    assert math.isnan(efficient_eigenscore(z).item())
+
+
+def spd_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    n = eigenvalues.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def test_kpm_estimator_within_its_stated_validity_range() -> None:
+    """KPM for large K (n = 300, above the exact-log-det cut-off): per-dimension error below 0.1 nats
+    with M = 20 for condition number 1e2, and with M = 200 for 1e4; M = 20 at 1e4 is out of range."""
+    n = 300
+    for condition, moments in ((1e2, 20), (1e4, 200)):
+        eigenvalues = torch.logspace(0, math.log10(condition), n, dtype=torch.float64)
+        estimate = logdet_kpm(spd_with_spectrum(eigenvalues), 1.0, moments, 20, torch.Generator().manual_seed(0))
+        assert abs(estimate.item() - eigenvalues.log().sum().item()) / n < 0.1
+    eigenvalues = torch.logspace(0, 4, n, dtype=torch.float64)
+    too_few = logdet_kpm(spd_with_spectrum(eigenvalues), 1.0, 20, 20, torch.Generator().manual_seed(0))
+    assert abs(too_few.item() - eigenvalues.log().sum().item()) / n > 0.1
+
+
+def test_efficient_eigenscore_kpm_path_close_to_exact() -> None:
+    """Forcing the KPM (exact_up_to=0) on passes with condition number ~20: M = 20 moments and N_z = 20
+    Rademacher probes within 5% of the exact EigenScore; M = 100, N_z = 200 within 1%."""
     z = well_conditioned_passes()
     exact = numpy_eigenscore(z.numpy())
-    default = efficient_eigenscore(z, generator=torch.Generator().manual_seed(0)).item()
+    default = efficient_eigenscore(z, generator=torch.Generator().manual_seed(0), exact_up_to=0).item()
     assert default == pytest.approx(exact, rel=0.05)
-    fine = efficient_eigenscore(z, num_moments=100, num_probes=200, generator=torch.Generator().manual_seed(0)).item()
+    fine = efficient_eigenscore(
+        z, num_moments=100, num_probes=200, generator=torch.Generator().manual_seed(0), exact_up_to=0
+    ).item()
     assert fine == pytest.approx(exact, rel=0.01)
     generator = torch.Generator().manual_seed(0)
-    gaussian = efficient_eigenscore(z, num_moments=100, num_probes=400, probe="gaussian", generator=generator)
+    gaussian = efficient_eigenscore(
+        z, num_moments=100, num_probes=400, probe="gaussian", generator=generator, exact_up_to=0
+    )
     assert gaussian.item() == pytest.approx(exact, rel=0.03)
 
 
 def test_efficient_eigenscore_uses_only_its_generator() -> None:
     z = well_conditioned_passes()
     before = torch.get_rng_state()
-    first = efficient_eigenscore(z, generator=torch.Generator().manual_seed(5))
+    first = efficient_eigenscore(z, generator=torch.Generator().manual_seed(5), exact_up_to=0)
     assert torch.equal(before, torch.get_rng_state())
-    assert torch.equal(first, efficient_eigenscore(z, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(first, efficient_eigenscore(z, generator=torch.Generator().manual_seed(5), exact_up_to=0))
     with pytest.raises(ValueError, match="rademacher"):
-        efficient_eigenscore(z, probe="uniform")
+        efficient_eigenscore(z, probe="uniform", exact_up_to=0)
 
 
 def numpy_sensitivity(e: np.ndarray) -> np.ndarray:

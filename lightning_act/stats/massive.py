@@ -209,45 +209,58 @@ class EmergenceFit:
         return emergence_curve(t, self.a, self.lam, self.gamma, self.t0, self.k)
 
 
-_X_FLOOR = 1e-12
+_LOG_GAMMA_BOUND = 30.0
 
 
-def _normalised_model(t: np.ndarray, a: float, lam: float, gamma: float, t0: float, k: float) -> np.ndarray:
-    x = np.maximum(gamma * t + t0, _X_FLOOR)
-    return a * np.exp(-lam * x) * np.log(x) + k
+def _reparametrised_model(t: np.ndarray, a1: float, log_gamma: float, beta: float, tau0: float, k: float) -> np.ndarray:
+    """The form the Hidden Dynamics fit solves: ``exp(-beta t) [A1 log(t + tau0) + A2] + K``, ``A2 = A1 log gamma``.
+
+    It equals Eq. 9 with ``beta = lambda gamma``, ``tau0 = t0 / gamma``, ``A1 = A exp(-lambda t0)``;
+    unlike Eq. 9 its parameters are not all scale-coupled, which makes it far better conditioned.
+    ``log gamma`` is bounded to ±30 so that a near-pure log climb (where only ``A2 + K`` is
+    determined) cannot drift to overflowing ``gamma`` and ``K``.
+    """
+    return np.exp(-beta * t) * a1 * (np.log(t + tau0) + log_gamma) + k
 
 
-def _normalised_jacobian(t: np.ndarray, a: float, lam: float, gamma: float, t0: float, k: float) -> np.ndarray:
-    """Analytic Jacobian of :func:`_normalised_model` in ``(A, lambda, gamma, t0, K)``."""
-    raw_x = gamma * t + t0
-    inside = raw_x > _X_FLOOR
-    x = np.maximum(raw_x, _X_FLOOR)
-    decay = np.exp(-lam * x)
-    log_x = np.log(x)
-    d_x = np.where(inside, a * decay * (1.0 / x - lam * log_x), 0.0)
+def _reparametrised_jacobian(
+    t: np.ndarray, a1: float, log_gamma: float, beta: float, tau0: float, k: float
+) -> np.ndarray:
+    """Analytic Jacobian of :func:`_reparametrised_model` in ``(A1, log gamma, beta, tau0, K)``."""
+    decay = np.exp(-beta * t)
+    shifted_log = np.log(t + tau0) + log_gamma
     return np.stack(
-        [decay * log_x, -a * x * decay * log_x, d_x * t, d_x, np.ones_like(t)], axis=1
+        [decay * shifted_log, decay * a1, -t * decay * a1 * shifted_log, decay * a1 / (t + tau0), np.ones_like(t)],
+        axis=1,
     )
 
 
+def _linear_part(t: np.ndarray, y: np.ndarray, beta: float, tau0: float) -> tuple[np.ndarray, float]:
+    """Least-squares ``(A1, A2 = A1 log gamma, K)`` for fixed ``(beta, tau0)`` (the model is linear in
+    them there), and the squared error left."""
+    decay = np.exp(-beta * t)
+    basis = np.stack([decay * np.log(t + tau0), decay, np.ones_like(t)], axis=1)
+    coefficients, *_ = np.linalg.lstsq(basis, y, rcond=None)
+    return coefficients, float(np.sum((basis @ coefficients - y) ** 2))
+
+
 def fit_emergence(
-    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 200, good_enough: float = 1e-3
+    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 5000, good_enough: float = 1e-3
 ) -> EmergenceFit:
     """Fit the emergence model to one layer's ratio history, as the Hidden Dynamics paper does.
 
     ``scipy.optimize.curve_fit`` with the trust-region-reflective method and the analytic
-    Jacobian, ``lambda >= 0`` the only bound, on normalised data (steps divided by the last step,
-    values mapped to [0, 1]) then rescaled: ``lambda`` and ``t0`` are scale-free, ``gamma`` is
-    divided by the step scale, ``A`` multiplied and ``K`` shifted by the value scale. The first
-    start is the paper's initial guess (``A = max - min``, ``K = min + A/2``,
-    ``lambda = 1/std(t)``, ``gamma = 1/range(t)``, ``t0 = 1``, on the normalised data). The model
-    is non-convex, so when that fit leaves more than ``good_enough`` of the variance unexplained,
-    six more fixed starts (``A = +-1``, ``lambda = 0.5``, ``gamma`` in 1, 10, 100; no randomness)
-    are tried, each with at most ``max_evaluations`` evaluations, and the fit with the lowest
-    squared error is kept. ``x = gamma t + t0`` is floored at 1e-12 inside the model so
-    that a trial step never evaluates ``log`` of a non-positive number.
+    Jacobian on the paper's reparametrised form (:func:`_reparametrised_model`; ``beta >= 0``, i.e.
+    ``lambda >= 0``, and ``t + tau0 > 0``), on normalised data (steps divided by the last step,
+    values mapped to [0, 1]) then mapped back to Eq. 9's ``A, lambda, gamma, t0, K`` on the
+    original scales. For fixed ``(beta, tau0)`` the form is linear in ``A1, A2, K``, so the starts are the best points of a
+    fixed grid over ``(beta, tau0)`` with those three solved by linear least squares (no
+    randomness); the fit with the lowest squared error is kept, stopping early once it leaves at
+    most ``good_enough`` of the variance unexplained. Each start may use ``max_evaluations``
+    function evaluations (200 stopped scipy early on noisy histories).
 
-    Raises ``ValueError`` with the reason when the history cannot be fitted.
+    Raises ``ValueError`` with the reason when the history cannot be fitted, including scipy's
+    own message when no start converged.
     """
     from scipy.optimize import curve_fit
 
@@ -266,34 +279,47 @@ def fit_emergence(
     tn = t / step_scale
     yn = (y - y_min) / y_range
 
-    paper_start = [1.0, 1.0 / float(np.std(tn)), 1.0 / float(np.ptp(tn)), 1.0, 0.5]
-    starts = [paper_start] + [[amplitude, 0.5, gamma, 1.0, 0.0] for gamma in (1.0, 10.0, 100.0) for amplitude in (1.0, -1.0)]
-    lower = [-np.inf, 0.0, -np.inf, -np.inf, -np.inf]
+    tau_floor = -float(np.min(tn)) + 1e-9
+    grid = [
+        (beta, tau_floor + offset)
+        for beta in (0.0, 0.3, 1.0, 3.0, 10.0)
+        for offset in (1e-3, 1e-2, 0.1, 1.0, 10.0)
+    ]
+    ranked = sorted(grid, key=lambda point: _linear_part(tn, yn, *point)[1])
+    lower = [-np.inf, -_LOG_GAMMA_BOUND, 0.0, tau_floor, -np.inf]
+    upper = [np.inf, _LOG_GAMMA_BOUND, np.inf, np.inf, np.inf]
     total = float(np.sum((yn - yn.mean()) ** 2))
     best: tuple[float, np.ndarray] | None = None
-    for start in starts:
+    failures: list[str] = []
+    for beta, tau0 in ranked[:4]:
+        (a1, a2, k), _ = _linear_part(tn, yn, beta, tau0)
+        log_gamma = float(np.clip(a2 / a1, -0.99 * _LOG_GAMMA_BOUND, 0.99 * _LOG_GAMMA_BOUND)) if a1 != 0 else 0.0
         try:
             params, _ = curve_fit(
-                _normalised_model, tn, yn, p0=start, jac=_normalised_jacobian, method="trf",
-                bounds=(lower, [np.inf] * 5), maxfev=max_evaluations,
+                _reparametrised_model, tn, yn, p0=[a1, log_gamma, beta, tau0, k], jac=_reparametrised_jacobian,
+                method="trf", bounds=(lower, upper), max_nfev=max_evaluations,
             )
-        except (RuntimeError, ValueError, np.linalg.LinAlgError):
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as error:
+            failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error}")
             continue
-        if not np.all(params[2] * tn + params[3] > _X_FLOOR):
-            continue
-        residual = float(np.sum((_normalised_model(tn, *params) - yn) ** 2))
-        if np.isfinite(residual) and (best is None or residual < best[0]):
+        residual = float(np.sum((_reparametrised_model(tn, *params) - yn) ** 2))
+        if not np.isfinite(residual):
+            failures.append(f"start beta={beta:g}, tau0={tau0:g}: non-finite residual")
+        elif best is None or residual < best[0]:
             best = (residual, params)
         if best is not None and best[0] <= good_enough * total:
             break
     if best is None:
-        raise ValueError("no start converged to a fit with x = gamma t + t0 > 0 at every step")
-    a_n, lam, gamma_n, t0, k_n = (float(p) for p in best[1])
+        raise ValueError("the emergence fit did not converge from any start: " + "; ".join(failures))
+    a1_n, log_gamma_n, beta_n, tau0_n, k_n = (float(p) for p in best[1])
+    gamma_n = math.exp(log_gamma_n)
+    lam, t0 = beta_n / gamma_n, tau0_n * gamma_n
+    a_n = a1_n * math.exp(min(beta_n * tau0_n, 700.0))
     fit = EmergenceFit(
         a=a_n * y_range, lam=lam, gamma=gamma_n / step_scale, t0=t0, k=y_min + k_n * y_range,
         r2=math.nan, peak_step=math.nan, points=int(t.size),
     )
-    fitted = y_min + y_range * _normalised_model(tn, *best[1])
+    fitted = y_min + y_range * _reparametrised_model(tn, *best[1])
     fit.r2 = 1.0 - float(np.sum((fitted - y) ** 2)) / float(np.sum((y - y.mean()) ** 2))
     fit.peak_step = emergence_peak(fit.a, fit.lam, fit.gamma, fit.t0)
     return fit

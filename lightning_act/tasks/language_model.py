@@ -1,0 +1,78 @@
+"""Next-token language modelling with the small pre-norm transformer (the massive-activations recipe)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_act.models.small_transformer import SmallTransformer
+from lightning_act.tasks.image_classification import warmup_cosine
+
+
+def adamw_warmup_cosine(
+    module: pl.LightningModule, lr: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float = 0.0
+) -> dict[str, Any]:
+    """AdamW (no decay on 1-D parameters: biases, norms) with linear warm-up then cosine decay, per step."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total, min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class CausalLanguageModel(pl.LightningModule):
+    """A decoder-only transformer trained on next-token prediction.
+
+    Batches are ``(input_ids, targets)`` (both (B, T) int64); ``forward(input_ids)`` returns logits
+    (B, T, V), so monitors that replay validation batches can call the module on ``batch[0]``.
+    Logged: ``train/loss``, ``val/loss`` (nats per token) and ``val/bits_per_token``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        max_len: int = 128,
+        dim: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = SmallTransformer(vocab_size, max_len, dim, depth, num_heads, True, mlp_ratio, act, causal=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        input_ids, targets = batch
+        logits = self(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/bits_per_token", loss / math.log(2.0), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)

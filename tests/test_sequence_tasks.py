@@ -1,0 +1,83 @@
+"""Data and tasks of the phenomenon recipes: the stdlib byte corpus, modular addition, the two tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_act.data.modular_addition import ModularAdditionDataModule, modular_addition_pairs
+from lightning_act.data.stdlib_text import ByteWindows, StdlibTextDataModule, stdlib_python_files
+from lightning_act.tasks.language_model import CausalLanguageModel
+from lightning_act.tasks.modular_addition import ModularAddition
+
+
+def write_tree(root: Path) -> None:
+    for name, text in {"b.py": "bb", "a.py": "a", "pkg/c.py": "ccc", "test/t.py": "skip", "d.py": "dddd"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_corpus_files_are_sorted_and_skip_test_suites(tmp_path: Path) -> None:
+    write_tree(tmp_path)
+    files = [p.relative_to(tmp_path).as_posix() for p in stdlib_python_files(tmp_path)]
+    assert files == ["a.py", "b.py", "d.py", "pkg/c.py"]
+
+
+def test_split_is_by_file_and_bytes_are_joined_in_order(tmp_path: Path) -> None:
+    write_tree(tmp_path)
+    data = StdlibTextDataModule(seq_len=2, batch_size=1, val_every=2, root=str(tmp_path))
+    data.setup()
+    # Sorted files a, b, d, pkg/c: files 0 and 2 (a, d) are validation, b and pkg/c training.
+    assert bytes(data.val_set.data.tolist()) == b"a\x00dddd\x00"
+    assert bytes(data.train_set.data.tolist()) == b"bb\x00ccc\x00"
+    x, y = data.train_set[1]
+    assert x.tolist() == list(b"\x00c") and y.tolist() == list(b"cc")
+    assert data.corpus_summary["train_files"] == 2 and data.corpus_summary["val_files"] == 2
+
+
+def test_stdlib_corpus_is_deterministic() -> None:
+    first, second = stdlib_python_files(), stdlib_python_files()
+    assert first == second and len(first) > 100
+    data = StdlibTextDataModule(seq_len=64, batch_size=4, max_train_bytes=20_000, max_val_bytes=5_000)
+    data.setup()
+    again = StdlibTextDataModule(seq_len=64, batch_size=4, max_train_bytes=20_000, max_val_bytes=5_000)
+    again.setup()
+    assert torch.equal(data.train_set.data, again.train_set.data) and data.val_set.data.numel() == 5_000
+    x, y = next(iter(data.val_dataloader()))
+    assert x.shape == (4, 64) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_byte_windows_refuse_a_too_short_corpus() -> None:
+    with pytest.raises(FileNotFoundError, match="seq_len"):
+        ByteWindows(torch.zeros(3, dtype=torch.uint8), 8)
+
+
+def test_modular_addition_pairs_by_hand_and_split() -> None:
+    tokens, answers = modular_addition_pairs(5)
+    assert tokens.shape == (25, 3)
+    assert tokens[2 * 5 + 3].tolist() == [2, 3, 5] and answers[2 * 5 + 3].item() == 0
+    data = ModularAdditionDataModule(p=5, train_fraction=0.4, batch_size=4)
+    data.setup()
+    train = {tuple(t.tolist()) for t in data.train_set.tensors[0]}
+    val = {tuple(t.tolist()) for t in data.val_set.tensors[0]}
+    assert len(train) == 10 and len(val) == 15 and not train & val
+    with pytest.raises(ValueError, match="train_fraction"):
+        ModularAdditionDataModule(p=5, train_fraction=1.0)
+
+
+def test_tasks_forward_shapes_and_one_fit_step(tmp_path: Path) -> None:
+    lm = CausalLanguageModel(max_len=16, dim=16, depth=2, num_heads=2)
+    assert lm(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 256)
+    task = ModularAddition(p=7, dim=16, depth=2, num_heads=2)
+    assert task(torch.tensor([[1, 2, 7]])).shape == (1, 7)
+    data = ModularAdditionDataModule(p=7, batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1,
+    )
+    before = [p.detach().clone() for p in task.parameters()]
+    trainer.fit(task, data)
+    assert any(not torch.equal(b, p) for b, p in zip(before, task.parameters()))
