@@ -95,7 +95,7 @@ def test_missing_config_file_and_unknown_command(tmp_path, capsys):
     assert "config file" in capsys.readouterr().err
     assert main(["train"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "lightning_act: error: unknown command 'train'; use one of fit, validate, test, predict, report, wandb-dashboard"
+        "lightning_act: error: unknown command 'train'; use one of fit, validate, test, predict, report, wandb-dashboard, monitors"
     )
 
 
