@@ -451,6 +451,7 @@ def _build_cli_class() -> type:
                 for logger in self.trainer.loggers:
                     if isinstance(logger, CSVLogger) and Path(logger.root_dir).is_dir():
                         shutil.rmtree(logger.root_dir)
+                        logger._version = None  # chosen while looking for config.yaml; pick again: version_0
 
         def before_validate(self) -> None:
             self._check_batch_size()
