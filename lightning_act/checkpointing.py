@@ -134,7 +134,7 @@ class LastCheckpoint(Checkpoint):
     def save(self, trainer: pl.Trainer) -> Path:
         """Write ``last.ckpt`` now (every rank must call this)."""
         target = self.path(trainer)
-        trainer.save_checkpoint(target)
+        trainer.save_checkpoint(target, weights_only=False)
         self._last_saved_step = trainer.global_step
         return target
 
