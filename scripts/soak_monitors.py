@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def main() -> int:
     monitors = [ActivationSparsity(every_n_steps=1), MassiveActivations(every_n_steps=1),
                 DimensionalCollapse(every_n_steps=1), SensitiveNeurons(every_n_steps=1)]
     trainer = pl.Trainer(
+        default_root_dir=tempfile.mkdtemp(prefix="soak_monitors_"),  # the monitors' end-of-fit plots go there
         accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[*monitors, sampler],
