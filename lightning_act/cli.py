@@ -272,6 +272,17 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     return "; ".join(useful[:3]) if useful else text
 
 
+def condense_instantiation_error(message: str) -> str:
+    """One line for a class whose constructor rejected its arguments (jsonargparse lists each try)."""
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    kinds = subtypes.group(1) if subtypes else ""
+    section = ("trainer.callbacks" if "Callback" in kinds else "data" if "DataModule" in kinds
+               else "model" if "LightningModule" in kinds else "trainer" if "Logger" in kinds else "config")
+    first_error = re.search(r"Errors:\s*\n\s*- (.+)", message)
+    problem = first_error.group(1).strip() if first_error else message.strip().splitlines()[0]
+    return f"{section}: {problem}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The LightningCLI.
 
@@ -389,6 +400,14 @@ def _build_cli_class() -> type:
                 if threads < 1:
                     raise ConfigError(f"num_threads = {threads}: expected a positive integer (or null to keep the default)")
                 torch.set_num_threads(threads)
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ValueError as err:  # a constructor's own check, wrapped by jsonargparse
+                if _user_error(err) is not None or "Errors:" not in str(err):
+                    raise
+                raise ConfigError(condense_instantiation_error(str(err))) from err
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
             if self.subcommand != "fit":  # keep the fit's config.yaml: test/validate must not replace it

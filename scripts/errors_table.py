@@ -91,6 +91,8 @@ CASES = [
     Case("wrong type in YAML (model)", ["fit", "--config", "bad.yaml"], [_edit(_set("model.init_args.lr", "fast"))]),
     Case("wrong type in YAML (callback)", ["fit", "--config", "bad.yaml"],
          [_edit(_set("trainer.callbacks.1.init_args.every_n_steps", "ten"))]),
+    Case("`every_n_steps: 0` on a monitor", ["fit", "--config", "bad.yaml"],
+         [_edit(_set("trainer.callbacks.1.init_args.every_n_steps", 0))]),
     Case("wrong type on the command line", ["fit", "--config", "kat.yaml", "--trainer.max_epochs", "two"]),
     Case("wrong type on the command line (model)", ["fit", "--config", "kat.yaml", "--model.init_args.lr", "abc"]),
     Case("unknown flag", ["fit", "--config", "kat.yaml", "--bogus", "1"]),

@@ -28,6 +28,9 @@ from _toy import BlockNet, ToyData, ToyTask  # noqa: E402
 from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations, SensitiveNeurons  # noqa: E402
 
 
+MONITORS = {cls.__name__: cls for cls in (ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons)}
+
+
 def rss_mib() -> float:
     """Resident set size of this process (Linux /proc; ru_maxrss elsewhere, a peak)."""
     try:
@@ -49,17 +52,19 @@ class MemorySampler(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step % self.every == 0:
             self.samples.append((trainer.global_step, rss_mib()))
+            print(f"  step {trainer.global_step:>6}  RSS {self.samples[-1][1]:8.1f} MiB", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--sample_every", type=int, default=500)
+    parser.add_argument("--monitors", nargs="+", default=list(MONITORS), choices=list(MONITORS),
+                        help="which monitors to run (default: all four)")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     sampler = MemorySampler(args.sample_every)
-    monitors = [ActivationSparsity(every_n_steps=1), MassiveActivations(every_n_steps=1),
-                DimensionalCollapse(every_n_steps=1), SensitiveNeurons(every_n_steps=1)]
+    monitors = [MONITORS[name](every_n_steps=1) for name in args.monitors]
     trainer = pl.Trainer(
         default_root_dir=tempfile.mkdtemp(prefix="soak_monitors_"),  # the monitors' end-of-fit plots go there
         accelerator="cpu", devices=1, max_steps=args.steps, logger=False, enable_progress_bar=False,
@@ -74,8 +79,7 @@ def main() -> int:
     half = len(steps) // 2
     slope = np.polyfit(steps[half:], rss[half:], 1)[0] * 1000 if len(steps) - half >= 2 else float("nan")
     lines = [
-        f"soak: {args.steps} steps, all four monitors every step, {seconds:.0f} s, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
-        *(f"  step {int(s):>6}  RSS {m:8.1f} MiB" for s, m in zip(steps, rss)),
+        f"soak: {args.steps} steps, {' '.join(args.monitors)} every step, {seconds:.0f} s, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
         f"RSS growth over the second half: {slope:.3f} MiB per 1000 steps "
         f"(first sample {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB)",
     ]
