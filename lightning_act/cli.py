@@ -28,6 +28,7 @@ import difflib
 import functools
 import importlib
 import io
+import os
 import pkgutil
 import re
 import shutil
@@ -46,6 +47,7 @@ TOOL_COMMANDS = {
     "monitors": ("lightning_act.catalog", "list the project's monitors, models, data modules and recipes"),
 }
 OVERWRITE_FLAG = "--overwrite"
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 USAGE = f"""usage: lightning_act [-h] {{{",".join(TRAINER_COMMANDS + tuple(TOOL_COMMANDS))}}} ...
 
@@ -387,7 +389,7 @@ def _build_cli_class() -> type:
         def _parse_ckpt_path(self) -> None:
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt_path:
+            if ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES and not ckpt_path.startswith("registry:"):
                 if not Path(ckpt_path).is_file():
                     raise DataNotFoundError(f"--ckpt_path '{ckpt_path}' does not exist; pass an existing .ckpt file")
                 model = self.config[subcommand].get("model")
@@ -452,8 +454,8 @@ def _build_cli_class() -> type:
 
         def before_fit(self) -> None:
             self._check_batch_size()
-            if self.config["fit"].get("ckpt_path"):
-                return
+            if self.config["fit"].get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0":
+                return  # resuming; or a DDP child process, started once rank 0 has checked
             previous = self._previous_run_files()
             if previous and not self.overwrite:
                 shown = ", ".join(str(p) for p in previous[:3]) + (" ..." if len(previous) > 3 else "")
