@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_act.errors import CheckpointMismatchError, DiskFullError, NotACheckpointError
+from lightning_act.errors import CheckpointMismatchError, ConfigError, DiskFullError, NotACheckpointError
 
 LAST_NAME = "last.ckpt"
 
@@ -109,12 +109,13 @@ class LastCheckpoint(Checkpoint):
         dirpath: folder of ``last.ckpt``; by default the ``dirpath`` of the Trainer's first
             ``ModelCheckpoint``, else ``<default_root_dir>/checkpoints``.
         every_n_train_steps: also write every this many optimizer steps (0: epoch ends only).
-        on_interrupt: handle Ctrl-C as above (only in the main thread).
+        on_interrupt: handle Ctrl-C as above (only in the main thread; with several processes the
+            ranks agree on the stop with one boolean all-reduce per step, so all save the same step).
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, on_interrupt: bool = True) -> None:
         if every_n_train_steps < 0:
-            raise ValueError(f"LastCheckpoint(every_n_train_steps={every_n_train_steps}): expected an integer >= 0")
+            raise ConfigError(f"LastCheckpoint(every_n_train_steps={every_n_train_steps}): expected an integer >= 0")
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.on_interrupt = on_interrupt
@@ -140,6 +141,9 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = False
+        if trainer.is_global_zero:  # what a kill in the middle of an earlier write left behind
+            for stale in self.path(trainer).parent.glob(f".{LAST_NAME}.*.tmp"):
+                stale.unlink(missing_ok=True)
         if self.on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
 
@@ -174,7 +178,7 @@ class LastCheckpoint(Checkpoint):
                 self.save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.global_step != self._last_saved_step:
+        if trainer.global_step != self._last_saved_step:
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -182,9 +186,6 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"dirpath": self.dirpath}
 
 
 def _not_a_checkpoint(path: str | os.PathLike[str]) -> NotACheckpointError:
