@@ -59,6 +59,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--sample_every", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=0.005,
+                        help="SGD learning rate; the tests' 0.05 diverges to NaN after ~600 steps on this toy task")
     parser.add_argument("--monitors", nargs="+", default=list(MONITORS), choices=list(MONITORS),
                         help="which monitors to run (default: all four)")
     args = parser.parse_args()
@@ -72,7 +74,7 @@ def main() -> int:
         callbacks=[*monitors, sampler],
     )
     started = time.perf_counter()
-    trainer.fit(ToyTask(BlockNet()), ToyData(batch_size=8, n=256))
+    trainer.fit(ToyTask(BlockNet(), lr=args.lr), ToyData(batch_size=8, n=256))
     seconds = time.perf_counter() - started
     steps = np.array([s for s, _ in sampler.samples], dtype=float)
     rss = np.array([m for _, m in sampler.samples])
