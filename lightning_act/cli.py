@@ -1,28 +1,53 @@
 """The ``lightning_act`` command.
 
 ``lightning_act fit|validate|test|predict --config recipes/X.yaml`` is a LightningCLI in
-subclass mode (any LightningModule / LightningDataModule by ``class_path``); ``report`` and
-``wandb-dashboard`` are the run-inspection commands. User errors (an unknown ``class_path``, a
-missing data directory, a module pattern that matches nothing) are printed as one line that
-names the problem and the fix, and the command exits with status 2.
+subclass mode (any LightningModule / LightningDataModule by ``class_path``, or by the short
+class name for the project's own classes: ``--model ImageClassifier``,
+``--trainer.callbacks+=ActivationSparsity``); ``report``, ``wandb-dashboard`` and ``monitors``
+are the run-inspection commands.
+
+What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it:
+
+- every ``fit`` writes checkpoints atomically (:class:`~lightning_act.checkpointing.AtomicCheckpointIO`)
+  and keeps ``last.ckpt`` current at each epoch end and at Ctrl-C
+  (:class:`~lightning_act.checkpointing.LastCheckpoint`), unless the config sets its own;
+- a ``fit`` without ``--ckpt_path`` refuses to overwrite a previous run's checkpoints or config
+  (``--overwrite`` starts over: the previous run's checkpoints, config and CSV logs are removed);
+- ``--ckpt_path`` must be a Lightning checkpoint of the configured model;
+- ``num_threads: N`` (or ``--num_threads N``) pins ``torch.set_num_threads`` so CPU results do
+  not depend on ``OMP_NUM_THREADS``;
+- with stdout not a terminal, progress is one plain line per epoch instead of a ``\\r`` bar;
+- user errors (bad YAML, unknown or misspelled keys and options, wrong types, a missing file, an
+  unusable accelerator, a full disk, a wrong checkpoint) are printed as one line that names the
+  problem and the fix, with exit status 2. docs/errors.md lists them.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
+import io
+import os
+import pkgutil
+import re
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
 
-from lightning_act.errors import DataNotFoundError, LightningActError, UnknownClassPathError
+from lightning_act.errors import ConfigError, DataNotFoundError, LightningActError, RunExistsError, UnknownClassPathError
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = {
     "report": ("lightning_act.report", "build a self-contained HTML report from a run directory"),
     "wandb-dashboard": ("lightning_act.report.wandb_dashboard", "create a W&B workspace with one section per monitor"),
+    "monitors": ("lightning_act.catalog", "list the project's monitors, models, data modules and recipes"),
 }
+OVERWRITE_FLAG = "--overwrite"
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 USAGE = f"""usage: lightning_act [-h] {{{",".join(TRAINER_COMMANDS + tuple(TOOL_COMMANDS))}}} ...
 
@@ -30,14 +55,31 @@ Activation-research callbacks and models for PyTorch Lightning.
 
 commands:
   fit                 train a model:   lightning_act fit --config recipes/kat.yaml
+                      ({OVERWRITE_FLAG}: start over in a folder that holds a previous run)
   validate            run one evaluation epoch on the validation set
   test                run one evaluation epoch on the test set (e.g. with --ckpt_path)
   predict             run inference on the prediction set
   report              {TOOL_COMMANDS["report"][1]}: lightning_act report RUN_DIR -o report.html
   wandb-dashboard     {TOOL_COMMANDS["wandb-dashboard"][1]}
+  monitors            {TOOL_COMMANDS["monitors"][1]}
 
 `lightning_act COMMAND --help` lists every option of a command (Trainer, model, data, callbacks).
 """
+
+FIT_DESCRIPTION = (
+    "Train a model. The project's classes take short names: --model ImageClassifier, "
+    "--data ImageDataModule, --trainer.callbacks+=ActivationSparsity; `lightning_act monitors` lists "
+    "them with one line each. --overwrite starts over in a folder that holds a previous run."
+)
+
+# Packages whose classes get short names on the command line (jsonargparse resolves a short name
+# among the subclasses already imported).
+SHORT_NAME_PACKAGES = ("lightning_act.tasks", "lightning_act.data")
+SHORT_NAME_MODULES = ("lightning_act.checkpointing", "lightning_act.progress")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files: checked before LightningCLI sees them, for one-line YAML errors.
 
 
 def _config_paths(argv: Sequence[str]) -> Iterator[str]:
@@ -69,21 +111,61 @@ def _import_problem(class_path: str) -> str | None:
     except ImportError as err:
         return f"cannot import module '{module_path}': {err}"
     if not hasattr(module, name):
-        return f"module '{module_path}' has no attribute '{name}'"
+        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+        hint = f"; did you mean '{module_path}.{close[0]}'?" if close else ""
+        return f"module '{module_path}' has no attribute '{name}'{hint}"
     return None
 
 
-def check_config_files(argv: Sequence[str]) -> None:
-    """Fail fast, in one line, on a missing config file or a ``class_path`` that cannot be imported."""
+def _load_yaml_strictly(path: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys; YAML errors become one ConfigError line."""
     import yaml
 
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{path}:{line}: duplicate key '{key}' (first at line {seen[key]}); YAML would keep only the last, "
+                    "so delete one of them"
+                )
+            seen[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    text = Path(path).read_text()
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = err.problem or err.context or "malformed YAML"
+        if "'\\t'" in problem:
+            problem = "a tab character; YAML indents with spaces only, replace the tab with spaces"
+        else:
+            problem = f"malformed YAML: {problem}"
+            if err.context and err.problem:
+                problem += f" ({err.context})"
+        raise ConfigError(f"{where}: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Fail fast, in one line, on a missing or malformed config file or an unimportable ``class_path``."""
     for path in _config_paths(argv):
         if not Path(path).is_file():
             raise DataNotFoundError(
                 f"config file '{path}' does not exist; pass --config with an existing YAML file (see recipes/)"
             )
-        with open(path) as handle:
-            config = yaml.safe_load(handle)
+        config = _load_yaml_strictly(path)
+        if config is not None and not isinstance(config, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (trainer:, model:, data:), got a {type(config).__name__}")
         for class_path in _class_paths(config):
             problem = _import_problem(class_path)
             if problem is not None:
@@ -93,23 +175,314 @@ def check_config_files(argv: Sequence[str]) -> None:
                 )
 
 
+def check_report_output(argv: Sequence[str]) -> None:
+    """``report -o PATH`` must name a file whose folder exists or can be made."""
+    for i, arg in enumerate(argv):
+        if arg in ("-o", "--output") and i + 1 < len(argv):
+            output = Path(argv[i + 1])
+        elif arg.startswith("--output="):
+            output = Path(arg.split("=", 1)[1])
+        else:
+            continue
+        if output.is_dir():
+            raise ConfigError(f"report -o '{output}' is a folder; give a file name, e.g. -o {output / 'report.html'}")
+        for parent in output.parents:
+            if parent.exists() and not parent.is_dir():
+                raise ConfigError(f"report -o '{output}': '{parent}' is a file, not a folder; choose another path")
+
+
+# ---------------------------------------------------------------------------------------------
+# jsonargparse's multi-line parse errors as one line.
+
+_CLASS_PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':")
+_NOT_ACCEPTED = re.compile(r"(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)")
+_EXPECTED = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Expected a (.+?)\. Got value: (.*)')
+_UNION = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Does not validate against any of the Union subtypes\s*\n\s*Subtypes: \[(.*)\]')
+_GIVEN = re.compile(r"Given value: (.*)")
+_SUBCOMMAND_OPTION = re.compile(r"Subcommand '(\w+)' does not accept option '([\w.]+)'")
+_UNRECOGNIZED = re.compile(r"[Uu]nrecognized arguments: (.*)")
+_DOT_PATH = re.compile(r'Parser key "([\w.]+)":.*?(?:Expected a dot import path string|Import path .*?): ?(\S+)', re.S)
+
+
+def _type_names(text: str) -> str:
+    names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>|(?:^|, )(?:[\w.]+\.)?([\w\[\]]+)", text)
+    words = [a or b for a, b in names if (a or b)]
+    return " or ".join(dict.fromkeys("None" if w == "NoneType" else w for w in words)) or text
+
+
+def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    import inspect
+
+    try:
+        module_path, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module_path), name)
+        names: list[str] = []
+        for klass in cls.__mro__:  # **kwargs forwarded to a base: its parameters count too
+            params = inspect.signature(klass.__init__).parameters.values() if "__init__" in vars(klass) else []
+            names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return list(dict.fromkeys(names))
+    except Exception:  # a class jsonargparse already failed on: no suggestions
+        return []
+
+
+def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
+    """One line from a jsonargparse error: the key, the bad value, what is expected, a close name."""
+    text = message.strip()
+    if match := _SUBCOMMAND_OPTION.search(text):
+        key = match.group(2)
+        section = key.split(".", 1)[0]
+        sections = {name.lstrip("-").split(".", 1)[0] for name in option_names}
+        if section not in sections:
+            return f"unknown section '{section}' (in '{key}'){_did_you_mean(section, sorted(sections))}"
+        keys = [name.lstrip("-") for name in option_names]
+        return f"unknown key '{key}'{_did_you_mean(key, keys)}"
+    if match := _UNRECOGNIZED.search(text):
+        given = [a for a in match.group(1).split() if a.startswith("-")] or match.group(1).split()
+        given = [a for a in given if a not in TRAINER_COMMANDS] or given
+        option = given[0].split("=", 1)[0] if given else match.group(1)
+        close = _did_you_mean(option, option_names)
+        return (f"unknown option '{option}'{close} (abbreviations are not accepted)" if close
+                else f"unknown option '{option}'; `lightning_act fit --help` lists the options")
+    key_match = re.search(r'Parser key "([\w.]+)"', text)
+    key = key_match.group(1) if key_match else "?"
+    class_match = _CLASS_PROBLEM.search(text)
+    owner = f" ({class_match.group(1).rsplit('.', 1)[-1]})" if class_match else ""
+    if match := _NOT_ACCEPTED.search(text):
+        name = match.group(1)
+        accepted = _init_parameters(class_match.group(1)) if class_match else []
+        hint = _did_you_mean(name, accepted) or (f"; accepted: {', '.join(accepted)}" if accepted else "")
+        return f"{key}{owner}: unknown argument '{name}'{hint}"
+    if match := _EXPECTED.search(text):
+        inner, expected, value = match.groups()
+        if class_match and inner != key:
+            return f"{key}{owner}: {inner} = {value!r}: expected {_type_names(expected)}"
+        return f"{inner} = {value!r}: expected {_type_names(expected)}"
+    if match := _DOT_PATH.search(text):
+        return (f"{match.group(1)} '{match.group(2)}': not a class name or import path of a known class "
+                "(`lightning_act monitors` lists the project's classes)")
+    if match := _UNION.search(text):
+        given = _GIVEN.search(text)
+        value = given.group(1).strip() if given else "?"
+        return f"{match.group(1)} = {value!r}: expected {_type_names(match.group(2))}"
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
+    useful = [line for line in lines if not line.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value"))]
+    return "; ".join(useful[:3]) if useful else text
+
+
+def condense_instantiation_error(message: str) -> str:
+    """One line for a class whose constructor rejected its arguments (jsonargparse lists each try)."""
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    kinds = subtypes.group(1) if subtypes else ""
+    section = ("trainer.callbacks" if "Callback" in kinds else "data" if "DataModule" in kinds
+               else "model" if "LightningModule" in kinds else "trainer" if "Logger" in kinds else "config")
+    first_error = re.search(r"Errors:\s*\n\s*- (.+)", message)
+    problem = first_error.group(1).strip() if first_error else message.strip().splitlines()[0]
+    return f"{section}: {problem}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The LightningCLI.
+
+
+def _trainer_problem(err: Exception, accelerator: Any) -> str:
+    """One line for a Trainer that cannot be built (most often an accelerator this machine lacks)."""
+    message = " ".join(str(err).split())
+    if accelerator not in (None, "auto", "cpu") and ("backend" in message or "not available" in message
+                                                     or "can not run" in message):
+        return (f"trainer.accelerator = '{accelerator}': no such device on this machine ({message}); "
+                "use --trainer.accelerator cpu (or auto, which picks what is there)")
+    return f"trainer: {message}"
+
+
+def import_project_classes() -> None:
+    """Import the project's LightningModules, data modules and callbacks so short names resolve."""
+    import lightning_act.callbacks as callbacks
+
+    for name in callbacks.__all__:
+        getattr(callbacks, name)
+    for module in SHORT_NAME_MODULES:
+        importlib.import_module(module)
+    for package_name in SHORT_NAME_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                try:
+                    importlib.import_module(f"{package_name}.{info.name}")
+                except ImportError:  # an optional dependency missing: that class keeps its full path only
+                    pass
+
+
+def run_folder(trainer: Any) -> Path:
+    """The folder ``lightning_act report`` reads: the CSV logger's save_dir, else the log dir."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            return Path(logger.save_dir)
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 @functools.cache
 def _build_cli_class() -> type:
-    from lightning.pytorch import LightningDataModule, LightningModule
+    import torch
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_act.checkpointing import AtomicCheckpointIO, LastCheckpoint, check_resume_checkpoint
+    from lightning_act.progress import EpochLineProgress
+
+    strict_parser = {"exit_on_error": True, "allow_abbrev": False}
 
     class LightningActCLI(LightningCLI):
-        """LightningCLI in subclass mode that overwrites the saved config of a re-run."""
+        """LightningCLI in subclass mode with fault-proof checkpoints and one-line errors."""
 
-        def __init__(self, args: Sequence[str] | None = None) -> None:
+        def __init__(self, args: Sequence[str] | None = None, overwrite: bool = False) -> None:
+            self.overwrite = overwrite
             super().__init__(
                 LightningModule,
                 LightningDataModule,
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 save_config_kwargs={"overwrite": True},
+                parser_kwargs={**strict_parser, **{c: dict(strict_parser) for c in TRAINER_COMMANDS},
+                               "fit": {**strict_parser, "description": FIT_DESCRIPTION}},
                 args=list(args) if args is not None else None,
             )
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_argument(
+                "--num_threads", type=int | None, default=None,
+                help="torch.set_num_threads for this run: CPU results then do not depend on OMP_NUM_THREADS",
+            )
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            captured = io.StringIO()
+            try:
+                with redirect_stderr(captured):
+                    super().parse_arguments(parser, args)
+            except SystemExit as exit_:
+                text = captured.getvalue()
+                if exit_.code in (0, None) or "error:" not in text:
+                    sys.stderr.write(text)
+                    raise
+                message = text.rsplit("\nerror: ", 1)[-1].removeprefix("error: ")
+                raise ConfigError(condense_parse_error(message, self._option_names(parser, args))) from None
+            sys.stderr.write(captured.getvalue())
+
+        @staticmethod
+        def _option_names(parser: Any, args: Any) -> list[str]:
+            argv = list(args) if args is not None else sys.argv[1:]
+            sub = next((a for a in argv if a in TRAINER_COMMANDS), None)
+            action = getattr(parser, "_subcommands_action", None)
+            target = action._name_parser_map.get(sub, parser) if action is not None and sub else parser
+            return [s for a in target._actions for s in a.option_strings if s.startswith("--")]
+
+        def _parse_ckpt_path(self) -> None:
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES and not ckpt_path.startswith("registry:"):
+                if not Path(ckpt_path).is_file():
+                    raise DataNotFoundError(f"--ckpt_path '{ckpt_path}' does not exist; pass an existing .ckpt file")
+                model = self.config[subcommand].get("model")
+                check_resume_checkpoint(ckpt_path, getattr(model, "class_path", None))
+            super()._parse_ckpt_path()
+
+        def before_instantiate_classes(self) -> None:
+            threads = self.config[self.subcommand].get("num_threads") if self.subcommand else None
+            if threads is not None:
+                if threads < 1:
+                    raise ConfigError(f"num_threads = {threads}: expected a positive integer (or null to keep the default)")
+                torch.set_num_threads(threads)
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ValueError as err:  # a constructor's own check, wrapped by jsonargparse
+                if _user_error(err) is not None or "Errors:" not in str(err):
+                    raise
+                raise ConfigError(condense_instantiation_error(str(err))) from err
+
+        def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+            if self.subcommand != "fit":  # keep the fit's config.yaml: test/validate must not replace it
+                self.save_config_callback = None
+            else:
+                plugins = kwargs.get("plugins") or []
+                plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+                if not any(isinstance(p, CheckpointIO) for p in plugins):
+                    kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            try:
+                trainer = super().instantiate_trainer(**kwargs)
+            except (MisconfigurationException, ValueError, RuntimeError) as err:
+                if isinstance(err, LightningActError):
+                    raise
+                accelerator = self.config_init[self.subcommand]["trainer"].get("accelerator")
+                raise ConfigError(_trainer_problem(err, accelerator)) from None
+            callbacks = trainer.callbacks
+            if self.subcommand == "fit" and trainer.checkpoint_callback is not None:
+                if not any(isinstance(c, LastCheckpoint) for c in callbacks):
+                    callbacks.insert(len(callbacks), LastCheckpoint())
+            if (trainer.progress_bar_callback is not None and not sys.stdout.isatty()
+                    and type(trainer.progress_bar_callback).__module__.startswith("lightning.")):
+                callbacks[callbacks.index(trainer.progress_bar_callback)] = EpochLineProgress()
+            return trainer
+
+        def _check_batch_size(self) -> None:
+            batch_size = getattr(self.datamodule, "batch_size", None)
+            if isinstance(batch_size, int) and batch_size < 1:
+                raise ConfigError(f"data.batch_size = {batch_size}: expected a positive integer")
+
+        def _previous_run_files(self) -> list[Path]:
+            found: list[Path] = []
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, LastCheckpoint):
+                    found += [p for p in [callback.path(self.trainer)] if p.is_file()]
+                elif isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
+                    found += sorted(Path(callback.dirpath).glob("*.ckpt"))
+            if self.save_config_callback is not None and self.trainer.log_dir:
+                config = Path(self.trainer.log_dir) / self.save_config_kwargs.get("config_filename", "config.yaml")
+                found += [config] if config.is_file() else []
+            return list(dict.fromkeys(found))
+
+        def before_fit(self) -> None:
+            self._check_batch_size()
+            if self.config["fit"].get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0":
+                return  # resuming; or a DDP child process, started once rank 0 has checked
+            previous = self._previous_run_files()
+            if previous and not self.overwrite:
+                shown = ", ".join(str(p) for p in previous[:3]) + (" ..." if len(previous) > 3 else "")
+                last = next((p for p in previous if p.name == "last.ckpt"), None)
+                resume = f"resume it with --ckpt_path {last}, " if last else ""
+                raise RunExistsError(
+                    f"a previous run is in the way ({shown}); {resume}start over with {OVERWRITE_FLAG} "
+                    "(removes its checkpoints, config and CSV logs), or write elsewhere (change the recipe's "
+                    "runs/ folder)"
+                )
+            if previous:
+                for path in previous:
+                    path.unlink()
+                for logger in self.trainer.loggers:
+                    if isinstance(logger, CSVLogger) and Path(logger.root_dir).is_dir():
+                        shutil.rmtree(logger.root_dir)
+                        logger._version = None  # chosen while looking for config.yaml; pick again: version_0
+
+        def before_validate(self) -> None:
+            self._check_batch_size()
+
+        before_test = before_predict = before_validate
+
+        def after_fit(self) -> None:
+            if self.trainer.is_global_zero and not self.trainer.interrupted:
+                folder = run_folder(self.trainer)
+                print(f"run folder: {folder}  (see it: lightning_act report {folder})", flush=True)
 
     return LightningActCLI
 
@@ -123,14 +496,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         if argv[0] in TOOL_COMMANDS:
+            if argv[0] == "report":
+                check_report_output(argv[1:])
             tool = importlib.import_module(TOOL_COMMANDS[argv[0]][0])
             return int(tool.main(argv[1:]) or 0)
         if argv[0] not in TRAINER_COMMANDS:
-            print(f"lightning_act: error: unknown command '{argv[0]}'; use one of "
+            close = _did_you_mean(argv[0], TRAINER_COMMANDS + tuple(TOOL_COMMANDS))
+            close = f" ({close.removeprefix('; ')})" if close else ""
+            print(f"lightning_act: error: unknown command '{argv[0]}'{close}; use one of "
                   f"{', '.join(TRAINER_COMMANDS + tuple(TOOL_COMMANDS))}", file=sys.stderr)
             return 2
+        overwrite = OVERWRITE_FLAG in argv
+        if overwrite and argv[0] != "fit":
+            raise ConfigError(f"{OVERWRITE_FLAG} applies to fit only")
+        argv = [a for a in argv if a != OVERWRITE_FLAG]
         check_config_files(argv)
-        _build_cli_class()(args=None if from_command_line else argv)
+        import_project_classes()
+        if from_command_line:
+            sys.argv[1:] = argv
+        _build_cli_class()(args=None if from_command_line else argv, overwrite=overwrite)
     except Exception as err:  # jsonargparse wraps errors raised while instantiating classes
         user_error = _user_error(err)
         if user_error is None:

@@ -25,3 +25,23 @@ class DataFormatError(LightningActError):
 
 class UnknownClassPathError(LightningActError):
     """A ``class_path`` in a YAML config cannot be imported."""
+
+
+class ConfigError(LightningActError):
+    """A config file or command-line option is malformed, misspelled or of the wrong type."""
+
+
+class DiskFullError(LightningActError, OSError):
+    """A checkpoint could not be written because the disk is full (nothing was left half-written)."""
+
+
+class NotACheckpointError(LightningActError):
+    """A ``--ckpt_path`` file is truncated or not a Lightning checkpoint."""
+
+
+class CheckpointMismatchError(LightningActError):
+    """A ``--ckpt_path`` checkpoint belongs to another LightningModule than the configured one."""
+
+
+class RunExistsError(LightningActError):
+    """A fit would overwrite a previous run's checkpoint or config without ``--overwrite``."""

@@ -50,7 +50,7 @@ def test_top_level_help_does_not_import_lightning(tmp_path):
 
 
 def test_fit_from_yaml_logs_monitors_to_csv_and_wandb(tmp_path):
-    proc = run_cli("fit", "--config", str(write_config(tmp_path)), cwd=tmp_path)
+    proc = run_cli("fit", "--config", str(write_config(tmp_path)), "--trainer.enable_progress_bar", "true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "runs" / "csv" / "version_0" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -60,6 +60,52 @@ def test_fit_from_yaml_logs_monitors_to_csv_and_wandb(tmp_path):
     assert (tmp_path / "runs" / "csv" / "version_0" / "config.yaml").is_file()
     assert (tmp_path / "runs" / "csv" / "version_0" / "plots" / "act_rms_heatmap.png").is_file()
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # stdout is a pipe here: plain lines, no carriage-return progress bar, and where the run is
+    assert "\r" not in proc.stdout and "epoch 1/1  step 3" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"run folder: {tmp_path / 'runs'}  (see it: lightning_act report {tmp_path / 'runs'})"
+    )
+    last = tmp_path / "runs" / "vit_demo" / "checkpoints" / "last.ckpt"
+    assert last.is_file()  # LastCheckpoint from the recipe, written through AtomicCheckpointIO
+
+
+def test_fit_refuses_to_overwrite_a_previous_run_unless_asked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    last = tmp_path / "runs" / "vit_demo" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"previous run")
+    (tmp_path / "runs" / "csv" / "version_0").mkdir(parents=True)
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "a previous run is in the way (runs/vit_demo/checkpoints/last.ckpt)" in err and "--overwrite" in err
+    assert last.read_bytes() == b"previous run"
+    assert main(["fit", "--config", str(config), "--overwrite"]) == 0
+    assert last.read_bytes() != b"previous run"
+    assert sorted(p.name for p in (tmp_path / "runs" / "csv").iterdir()) == ["version_0"]  # started over
+
+
+def test_short_class_names_resolve(tmp_path, capsys):
+    config = write_config(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--config", str(config), "--trainer.callbacks+=ActivationSparsity", "--print_config"])
+    assert exited.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["callbacks"][-1]["class_path"] == "lightning_act.callbacks.ActivationSparsity"
+
+
+def test_monitors_command_lists_monitors_models_and_recipes(capsys):
+    assert main(["monitors"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ActivationSparsity", "MassiveActivations", "DimensionalCollapse", "SensitiveNeurons",
+                 "ImageClassifier", "LastCheckpoint", *(p.stem for p in (ROOT / "recipes").glob("*.yaml"))):
+        assert f"  {name} " in out, name
+
+
+def test_error_table_in_docs_matches_what_the_cli_prints():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "errors_table.py"), "--check"], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, "docs/errors.md is stale (python scripts/errors_table.py):\n" + proc.stdout[-3000:]
 
 
 def one_line_error(tmp_path, *argv):
@@ -95,7 +141,7 @@ def test_missing_config_file_and_unknown_command(tmp_path, capsys):
     assert "config file" in capsys.readouterr().err
     assert main(["train"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "lightning_act: error: unknown command 'train'; use one of fit, validate, test, predict, report, wandb-dashboard"
+        "lightning_act: error: unknown command 'train'; use one of fit, validate, test, predict, report, wandb-dashboard, monitors"
     )
 
 

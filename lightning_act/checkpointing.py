@@ -1,0 +1,225 @@
+"""Checkpoints that survive faults: atomic writes, a ``last.ckpt`` kept current, a checked resume.
+
+- :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the target folder,
+  flushes and fsyncs it, then renames it over the final name, so a kill or a full disk never
+  leaves a truncated file under a final name; a full disk is one line naming the folder and the
+  space left.
+- :class:`LastCheckpoint` refreshes ``last.ckpt`` at the end of every training epoch (and every
+  ``every_n_train_steps`` if set), whatever a monitored metric does, and on Ctrl-C stops at the
+  next optimizer step with ``last.ckpt`` written there.
+- :func:`check_resume_checkpoint` refuses, in one line, a file that is not a Lightning checkpoint
+  and a checkpoint of another LightningModule than the one configured.
+
+``lightning_act fit`` installs the first two in every run (see ``lightning_act.cli``); in Python,
+pass ``Trainer(plugins=[AtomicCheckpointIO()], callbacks=[LastCheckpoint()])``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_act.errors import CheckpointMismatchError, ConfigError, DiskFullError, NotACheckpointError
+
+LAST_NAME = "last.ckpt"
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are all-or-nothing (temporary file, fsync, rename)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: fsspec's transaction
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException as err:
+            Path(temporary).unlink(missing_ok=True)
+            if _is_disk_full(err):
+                free = shutil.disk_usage(target.parent).free
+                raise DiskFullError(
+                    f"no space left in '{target.parent}' ({_mib(free)} free) while writing checkpoint "
+                    f"'{target.name}'; free some space or point the checkpoint dirpath elsewhere "
+                    f"(any previous '{target.name}' is intact)"
+                ) from None
+            raise
+        _fsync_folder(target.parent)
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also when torch's zip writer re-raises it as a RuntimeError."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(err, RuntimeError) and "No space left on device" in str(err)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``<dirpath>/last.ckpt`` current so a killed or interrupted fit can resume.
+
+    Written at the end of every training epoch, every ``every_n_train_steps`` optimizer steps when
+    that is > 0, and at Ctrl-C: the first SIGINT asks the fit to stop after the optimizer step in
+    progress (so the weights are never half-updated), writes ``last.ckpt`` there and ends the fit
+    as an interrupt; a second SIGINT stops at once without a checkpoint.
+
+    Args:
+        dirpath: folder of ``last.ckpt``; by default the ``dirpath`` of the Trainer's first
+            ``ModelCheckpoint``, else ``<default_root_dir>/checkpoints``.
+        every_n_train_steps: also write every this many optimizer steps (0: epoch ends only).
+        on_interrupt: handle Ctrl-C as above (only in the main thread; with several processes the
+            ranks agree on the stop with one boolean all-reduce per step, so all save the same step).
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, on_interrupt: bool = True) -> None:
+        if every_n_train_steps < 0:
+            raise ConfigError(f"LastCheckpoint(every_n_train_steps={every_n_train_steps}): expected an integer >= 0")
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps
+        self.on_interrupt = on_interrupt
+        self._stop_requested = False
+        self._previous_handler: Any = None
+        self._last_saved_step = -1
+
+    def path(self, trainer: pl.Trainer) -> Path:
+        """Where ``last.ckpt`` goes for this trainer."""
+        if self.dirpath is not None:
+            return Path(self.dirpath) / LAST_NAME
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+                return Path(callback.dirpath) / LAST_NAME
+        return Path(trainer.default_root_dir) / "checkpoints" / LAST_NAME
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        """Write ``last.ckpt`` now (every rank must call this)."""
+        target = self.path(trainer)
+        trainer.save_checkpoint(target, weights_only=False)
+        self._last_saved_step = trainer.global_step
+        return target
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_requested = False
+        if trainer.is_global_zero:  # what a kill in the middle of an earlier write left behind
+            for stale in self.path(trainer).parent.glob(f".{LAST_NAME}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        if self.on_interrupt and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop_requested:  # the second Ctrl-C: stop at once
+            self._restore_handler()
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("\nCtrl-C: stopping after this optimizer step and writing last.ckpt (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def _stop_now(self, trainer: pl.Trainer) -> bool:
+        if trainer.world_size > 1:  # every rank stops at the same step, or the save would deadlock
+            return bool(trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False))
+        return self._stop_requested
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._stop_now(trainer):
+            target = self.save(trainer)
+            rank_zero_info(f"interrupted at step {trainer.global_step}: wrote {target}; resume with --ckpt_path {target}")
+            self._restore_handler()
+            raise KeyboardInterrupt
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            if trainer.global_step != self._last_saved_step:
+                self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_saved_step:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+
+
+def _not_a_checkpoint(path: str | os.PathLike[str]) -> NotACheckpointError:
+    with open(path, "rb") as handle:
+        is_zip = handle.read(2) == b"PK"  # torch.save writes a zip archive
+    what = "a damaged or truncated checkpoint" if is_zip else "not a PyTorch checkpoint"
+    return NotACheckpointError(
+        f"--ckpt_path '{path}' is {what} ({Path(path).stat().st_size} bytes, unreadable); "
+        "pass a .ckpt written by Lightning (last.ckpt is rewritten whole at each save)"
+    )
+
+
+def check_resume_checkpoint(path: str | os.PathLike[str], expected_class_path: str | None) -> None:
+    """Refuse, in one line, a file that is not a Lightning checkpoint or one of another model.
+
+    ``expected_class_path`` is the configured LightningModule's ``class_path``; the checkpoint's is
+    the ``_class_path`` that LightningCLI records in its ``hyper_parameters``.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            return  # a valid file holding more than tensors; Lightning's own loader decides
+        raise _not_a_checkpoint(path) from None
+    except Exception:  # a zip reader or mmap error: a truncated or foreign file
+        raise _not_a_checkpoint(path) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise NotACheckpointError(
+            f"--ckpt_path '{path}' is a PyTorch file but not a Lightning checkpoint (no 'state_dict'); pass a .ckpt "
+            "written by Lightning"
+        )
+    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if expected_class_path and saved and saved != expected_class_path:
+        raise CheckpointMismatchError(
+            f"--ckpt_path '{path}' holds a {saved}, but the config builds a {expected_class_path}; "
+            "pass a checkpoint of this model, or the config the checkpoint was trained with"
+        )

@@ -1,0 +1,212 @@
+"""Write docs/errors.md: every bad input we tried on ``lightning_act`` and the one line it prints.
+
+    python scripts/errors_table.py            # regenerate docs/errors.md
+    python scripts/errors_table.py --check    # exit 1 if docs/errors.md differs from what the CLI prints
+
+Each case runs the real command (``lightning_act.cli.main``) in a scratch folder holding a copy of
+``recipes/kat.yaml`` (as ``kat.yaml``) and the files the case needs; tests/test_cli.py runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "errors.md"
+OTHER_MODEL = "lightning_act.tasks.spectral_detection.SpectralTargetDetection"
+
+
+def _edit(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        config = yaml.safe_load((ROOT / "recipes" / "kat.yaml").read_text())
+        change(config)
+        (folder / "bad.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return write
+
+
+def _text(name: str, content: str) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).write_text(content)
+
+
+def _checkpoint(name: str, class_path: str, truncate: bool = False) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        import torch
+
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {"w": torch.zeros(4096)}, "hyper_parameters": {"_class_path": class_path},
+                    "pytorch-lightning_version": "2.6.0"}, path)
+        if truncate:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return write
+
+
+def _set(path: str, value: object) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return change
+
+
+def _rename_section(config: dict) -> None:
+    config["trainr"] = config.pop("trainer")
+
+
+@dataclass
+class Case:
+    mistake: str
+    argv: list[str]
+    setup: list[Callable[[Path], None]] = field(default_factory=list)
+    cpu_only: bool = False
+
+
+KAT_CLASS = "lightning_act.tasks.image_classification.ImageClassifier"
+CASES = [
+    Case("config file missing", ["fit", "--config", "kat.yml"]),
+    Case("malformed YAML (unclosed brace)", ["fit", "--config", "bad.yaml"], [_text("bad.yaml", "trainer: {max_epochs: 1\n")]),
+    Case("a tab in YAML", ["fit", "--config", "bad.yaml"], [_text("bad.yaml", "trainer:\n\tmax_epochs: 1\n")]),
+    Case("duplicate YAML key", ["fit", "--config", "bad.yaml"],
+         [_text("bad.yaml", "trainer:\n  max_epochs: 1\n  max_epochs: 2\n")]),
+    Case("misspelled class_path", ["fit", "--config", "bad.yaml"],
+         [_edit(_set("trainer.callbacks.0.class_path", "lightning_act.callbacks.ActivationSparsty"))]),
+    Case("misspelled section", ["fit", "--config", "bad.yaml"], [_edit(_rename_section)]),
+    Case("misspelled Trainer key in YAML", ["fit", "--config", "bad.yaml"], [_edit(_set("trainer.max_epoch", 3))]),
+    Case("misspelled model argument", ["fit", "--config", "bad.yaml"], [_edit(_set("model.init_args.lrr", 0.1))]),
+    Case("misspelled callback argument", ["fit", "--config", "bad.yaml"],
+         [_edit(_set("trainer.callbacks.0.init_args.evry_n_steps", 10))]),
+    Case("wrong type in YAML (model)", ["fit", "--config", "bad.yaml"], [_edit(_set("model.init_args.lr", "fast"))]),
+    Case("wrong type in YAML (callback)", ["fit", "--config", "bad.yaml"],
+         [_edit(_set("trainer.callbacks.1.init_args.every_n_steps", "ten"))]),
+    Case("`every_n_steps: 0` on a monitor", ["fit", "--config", "bad.yaml"],
+         [_edit(_set("trainer.callbacks.1.init_args.every_n_steps", 0))]),
+    Case("wrong type on the command line", ["fit", "--config", "kat.yaml", "--trainer.max_epochs", "two"]),
+    Case("wrong type on the command line (model)", ["fit", "--config", "kat.yaml", "--model.init_args.lr", "abc"]),
+    Case("unknown flag", ["fit", "--config", "kat.yaml", "--bogus", "1"]),
+    Case("abbreviated option", ["fit", "--config", "kat.yaml", "--trainer.max_epoch", "1"]),
+    Case("unknown class short name", ["fit", "--config", "kat.yaml", "--model", "KATClassifier"]),
+    Case("unknown command", ["tset"]),
+    Case("`batch_size: 0`", ["fit", "--config", "kat.yaml", "--data.init_args.batch_size", "0"]),
+    Case("`num_threads: 0`", ["fit", "--config", "kat.yaml", "--num_threads", "0"]),
+    Case("a GPU on a CPU-only machine", ["fit", "--config", "kat.yaml", "--trainer.accelerator", "gpu"], cpu_only=True),
+    Case("re-running a fit over a previous run", ["fit", "--config", "kat.yaml"],
+         [_checkpoint("runs/kat/checkpoints/last.ckpt", KAT_CLASS)]),
+    Case("`--overwrite` with test", ["test", "--config", "kat.yaml", "--overwrite"]),
+    Case("`--ckpt_path` missing", ["fit", "--config", "kat.yaml", "--ckpt_path", "runs/kat/last.ckpt"]),
+    Case("`--ckpt_path` of another model", ["fit", "--config", "kat.yaml", "--ckpt_path", "spectral.ckpt"],
+         [_checkpoint("spectral.ckpt", OTHER_MODEL)]),
+    Case("`--ckpt_path` truncated", ["fit", "--config", "kat.yaml", "--ckpt_path", "cut.ckpt"],
+         [_checkpoint("cut.ckpt", KAT_CLASS, truncate=True)]),
+    Case("`--ckpt_path` not a checkpoint", ["test", "--config", "kat.yaml", "--ckpt_path", "notes.txt"],
+         [_text("notes.txt", "not a checkpoint\n")]),
+    Case("`report -o` whose parent is a file", ["report", "runs/kat", "-o", "notes.txt/report.html"],
+         [_text("notes.txt", "a file\n")]),
+    Case("`report -o` a folder", ["report", "runs/kat", "-o", "runs"], [lambda folder: (folder / "runs").mkdir()]),
+]
+
+
+def run_case(case: Case) -> str:
+    """The last stderr line the command prints, run in a fresh scratch folder."""
+    from lightning_act.cli import main
+
+    previous = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="lightning_act_errors_") as scratch:
+        folder = Path(scratch)
+        (folder / "kat.yaml").write_text((ROOT / "recipes" / "kat.yaml").read_text())
+        for setup in case.setup:
+            setup(folder)
+        stderr = io.StringIO()
+        os.chdir(folder)
+        try:
+            with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                status = main(list(case.argv))
+        finally:
+            os.chdir(previous)
+    lines = stderr.getvalue().strip().splitlines()
+    return f"[exit {status}] {lines[-1] if lines else ''}"
+
+
+def render(rows: list[tuple[Case, str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    out = [
+        "# Bad input and the message it gets",
+        "",
+        "Every mistake below was run through the real `lightning_act` command; the message column is",
+        "what it prints (one line on stderr, exit status 2). Generated by `python scripts/errors_table.py`;",
+        "`tests/test_cli.py` fails when this table and the CLI disagree. Each run starts in a folder holding",
+        "`kat.yaml` (a copy of `recipes/kat.yaml`); `bad.yaml` is `kat.yaml` with the mistake.",
+        "",
+        "| mistake | command | message |",
+        "| --- | --- | --- |",
+    ]
+    for case, message in rows:
+        out.append(f"| {cell(case.mistake)} | `lightning_act {cell(' '.join(case.argv))}` | {cell(message)} |")
+    out += [
+        "",
+        "Faults (covered by `tests/test_faults.py`, not by this table):",
+        "",
+        "- **Full disk while writing a checkpoint**: `lightning_act: error: no space left in 'runs/kat/checkpoints'",
+        "  (12.0 MiB free) while writing checkpoint 'last.ckpt'; free some space or point the checkpoint dirpath",
+        "  elsewhere (any previous 'last.ckpt' is intact)`. Checkpoints are written to a temporary file in the same",
+        "  folder, fsynced and renamed, so no truncated file is ever left under a final name.",
+        "- **Ctrl-C during `fit`**: the first Ctrl-C stops after the optimizer step in progress, writes",
+        "  `last.ckpt` and prints `interrupted at step N: wrote .../last.ckpt; resume with --ckpt_path ...`;",
+        "  a second Ctrl-C stops at once.",
+        "- **SIGKILL / power loss**: `last.ckpt` is the previous complete one (refreshed at every epoch end);",
+        "  `--ckpt_path` resumes with the monitor histories continuous.",
+        "- **Re-running a fit into a folder that holds a run**: refused (above) unless `--ckpt_path` resumes it or",
+        "  `--overwrite` starts over (removing that run's checkpoints, `config.yaml` and CSV logs).",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def collect() -> list[tuple[Case, str]]:
+    import torch
+
+    rows = []
+    for case in CASES:
+        if case.cpu_only and torch.cuda.is_available():
+            continue
+        rows.append((case, run_case(case)))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with docs/errors.md instead of writing it")
+    args = parser.parse_args()
+    text = render(collect())
+    if args.check:
+        import difflib
+
+        expected = DOC.read_text() if DOC.is_file() else ""
+        lines = [line for line in text.splitlines() if "CPU-only machine" not in line]
+        wanted = [line for line in expected.splitlines() if "CPU-only machine" not in line]
+        if lines != wanted:
+            sys.stdout.writelines(difflib.unified_diff(wanted, lines, "docs/errors.md", "CLI", lineterm="\n"))
+            return 1
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

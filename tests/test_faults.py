@@ -1,0 +1,185 @@
+"""Fault injection: SIGKILL and Ctrl-C mid-fit, a full disk, a kill mid-write, truncated checkpoints.
+
+The default run holds the quick cases (one SIGKILL at a random step, one Ctrl-C, the rest
+in-process); ``-m slow`` adds repeated random kills.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fault_fit import fit
+from lightning_act.callbacks.base import ActivationMonitor
+from lightning_act.checkpointing import AtomicCheckpointIO, check_resume_checkpoint
+from lightning_act.errors import CheckpointMismatchError, DiskFullError, NotACheckpointError
+
+HERE = Path(__file__).resolve().parent
+MAX_STEPS = 16
+
+
+def histories(trainer) -> dict[str, dict[str, list]]:
+    """``{monitor: {key: steps}}`` and the values, from the monitors' saved state."""
+    out = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, ActivationMonitor):
+            out[type(callback).__name__] = {k: (s.steps, s.values) for k, s in callback.history.items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return histories(fit(tmp_path_factory.mktemp("reference"), MAX_STEPS))
+
+
+def start(root: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    return subprocess.Popen([sys.executable, str(HERE / "fault_fit.py"), str(root), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (root / f"step_{step}").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the fit never reached the step"
+        time.sleep(0.05)
+
+
+def assert_continues(resumed: dict, reference: dict, resumed_from: int) -> None:
+    assert resumed.keys() == reference.keys() and resumed
+    for monitor, keys in reference.items():
+        assert resumed[monitor].keys() == keys.keys(), monitor
+        for key, (steps, values) in keys.items():
+            got_steps, got_values = resumed[monitor][key]
+            assert got_steps == steps, f"{monitor} {key}: a gap or a duplicate after resuming"
+            before = [i for i, s in enumerate(steps) if s < resumed_from]
+            assert [got_values[i] for i in before] == pytest.approx([values[i] for i in before], nan_ok=True)
+
+
+def test_sigkill_at_a_random_step_then_resume_keeps_histories_continuous(tmp_path, reference):
+    kill_at = random.Random().randint(2, MAX_STEPS - 4)
+    proc = start(tmp_path, str(MAX_STEPS), "--delay", "0.2")
+    wait_for_step(tmp_path, kill_at, proc)
+    time.sleep(random.Random().uniform(0.0, 0.3))  # anywhere in the step, a checkpoint write included
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert saved_step >= kill_at - 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.endswith(".tmp")] == ["last.ckpt"]
+    resumed = fit(tmp_path, MAX_STEPS, ckpt_path=str(last))
+    assert resumed.global_step == MAX_STEPS
+    assert_continues(histories(resumed), reference, saved_step)
+
+
+def test_ctrl_c_writes_last_ckpt_at_the_interrupt_and_resumes(tmp_path, reference):
+    proc = start(tmp_path, str(MAX_STEPS), "--delay", "0.3", "--every_n_train_steps", "0")
+    wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    reached = max(int(p.name.split("_")[1]) for p in tmp_path.glob("step_*"))
+    assert 3 <= saved_step == reached < MAX_STEPS  # written at the interrupt, not at an epoch end
+    assert f"interrupted at step {saved_step}: wrote {last}" in stderr
+    resumed = fit(tmp_path, MAX_STEPS, ckpt_path=str(last))
+    assert_continues(histories(resumed), reference, saved_step)
+
+
+def _enospc_after_some_bytes(obj, stream, *args, **kwargs):
+    stream.write(b"PK" + b"\0" * 4096)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, target)
+    before = target.read_bytes()
+    monkeypatch.setattr(torch, "save", _enospc_after_some_bytes)
+    with pytest.raises(DiskFullError) as raised:
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, target)
+    message = str(raised.value)
+    assert "\n" not in message and f"no space left in '{tmp_path}'" in message and "MiB free" in message
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_full_disk_during_fit_reaches_the_cli_as_disk_full(tmp_path, monkeypatch):
+    from lightning_act.cli import _user_error
+
+    monkeypatch.setattr(torch, "save", _enospc_after_some_bytes)
+    with pytest.raises(Exception) as raised:
+        fit(tmp_path, 2)
+    assert isinstance(_user_error(raised.value), DiskFullError)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert not list((tmp_path / "checkpoints").glob("*"))
+
+
+def test_kill_during_the_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, target)
+    before = target.read_bytes()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_truncated_random_and_foreign_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "good.ckpt"
+    own = "lightning_act.tasks.image_classification.ImageClassifier"
+    torch.save({"state_dict": {"w": torch.randn(2000)}, "hyper_parameters": {"_class_path": own}}, path)
+    check_resume_checkpoint(path, own)
+    data = path.read_bytes()
+    for cut in (10, len(data) // 3, len(data) - 20):
+        (tmp_path / "cut.ckpt").write_bytes(data[:cut])
+        with pytest.raises(NotACheckpointError, match="damaged or truncated"):
+            check_resume_checkpoint(tmp_path / "cut.ckpt", own)
+    (tmp_path / "noise.ckpt").write_bytes(random.Random(0).randbytes(5000))
+    with pytest.raises(NotACheckpointError, match="not a PyTorch checkpoint"):
+        check_resume_checkpoint(tmp_path / "noise.ckpt", own)
+    torch.save({"weights": torch.ones(2)}, tmp_path / "plain.pt")
+    with pytest.raises(NotACheckpointError, match="not a Lightning checkpoint"):
+        check_resume_checkpoint(tmp_path / "plain.pt", own)
+    other = "lightning_act.tasks.spectral_detection.SpectralTargetDetection"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": other}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointMismatchError, match=f"holds a {other}, but the config builds a {own}"):
+        check_resume_checkpoint(tmp_path / "other.ckpt", own)
+
+
+@pytest.mark.slow
+def test_repeated_sigkills_then_resume_keep_histories_continuous(tmp_path, reference):
+    rng = random.Random()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    first_resume = None  # a mid-epoch resume restarts the (non-resumable) loader: values match up to here
+    for _ in range(3):
+        extra = ["--ckpt_path", str(last)] if last.exists() else []
+        reached = torch.load(last, weights_only=False)["global_step"] if last.exists() else 0
+        if reached >= MAX_STEPS - 2:
+            break
+        proc = start(tmp_path, str(MAX_STEPS), "--delay", "0.1", *extra)
+        wait_for_step(tmp_path, rng.randint(reached + 1, MAX_STEPS - 2), proc)
+        time.sleep(rng.uniform(0.0, 0.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        if first_resume is None:
+            first_resume = torch.load(last, weights_only=False)["global_step"]
+    resumed = fit(tmp_path, MAX_STEPS, ckpt_path=str(last))
+    assert_continues(histories(resumed), reference, first_resume)
