@@ -42,7 +42,7 @@ from lightning_act.errors import ConfigError, DataNotFoundError, LightningActErr
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = {
-    "report": ("lightning_act.report", "build a self-contained HTML report from a run directory"),
+    "report": ("lightning_act.report", "one self-contained interactive HTML page comparing runs"),
     "wandb-dashboard": ("lightning_act.report.wandb_dashboard", "create a W&B workspace with one section per monitor"),
     "monitors": ("lightning_act.catalog", "list the project's monitors, models, data modules and recipes"),
 }
@@ -59,7 +59,7 @@ commands:
   validate            run one evaluation epoch on the validation set
   test                run one evaluation epoch on the test set (e.g. with --ckpt_path)
   predict             run inference on the prediction set
-  report              {TOOL_COMMANDS["report"][1]}: lightning_act report RUN_DIR -o report.html
+  report              {TOOL_COMMANDS["report"][1]}: lightning_act report RUN [RUN ...] [-o OUT]
   wandb-dashboard     {TOOL_COMMANDS["wandb-dashboard"][1]}
   monitors            {TOOL_COMMANDS["monitors"][1]}
 

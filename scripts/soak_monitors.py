@@ -79,11 +79,14 @@ def main() -> int:
     steps = np.array([s for s, _ in sampler.samples], dtype=float)
     rss = np.array([m for _, m in sampler.samples])
     half = len(steps) // 2
-    slope = np.polyfit(steps[half:], rss[half:], 1)[0] * 1000 if len(steps) - half >= 2 else float("nan")
+    if len(steps) - half >= 2:
+        slope = np.polyfit(steps[half:], rss[half:], 1)[0] * 1000
+        growth = f"RSS growth over the second half: {slope:.3f} MiB per 1000 steps"
+    else:
+        growth = f"RSS growth: not measured ({len(steps)} samples; run more --steps for a slope)"
     lines = [
         f"soak: {args.steps} steps, {' '.join(args.monitors)} every step, {seconds:.0f} s, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
-        f"RSS growth over the second half: {slope:.3f} MiB per 1000 steps "
-        f"(first sample {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB)",
+        f"{growth} (first sample {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB)",
     ]
     text = "\n".join(lines)
     print(text)
