@@ -167,6 +167,18 @@ def test_autocast_bfloat16_linear_then_rational() -> None:
     assert torch.isfinite(module.weight_denominator.grad).all()
 
 
+def test_eager_geometry_cache_rechecks_every_new_input_shape() -> None:
+    """The module checks an input geometry once and reuses it (host time); a new shape is checked again."""
+    module = random_module(16, 4, -1, seed=6)
+    module.implementation = "triton"  # on CPU: GroupRationalFunction with the op's PyTorch kernels
+    reference = random_module(16, 4, -1, seed=6)
+    for shape in ((2, 3, 16), (5, 16), (2, 3, 16)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(LightningActError, match="expects 16 channels"):
+        module(torch.randn(5, 8))
+
+
 def test_auto_uses_reference_on_cpu() -> None:
     assert GroupRational(8).resolved_implementation(torch.randn(2, 8)) == "reference"
 
@@ -192,6 +204,7 @@ TRITON_CASES = [
     ((7, 24), 8, -1, "float32", "shared_numerator", KernelConfig()),
     ((8, 32), 4, -1, "float32", "shared_denominator", KernelConfig(8, 16, 16, 2, 4)),
     ((3, 5, 40), 8, -1, "bfloat16", "per_group", PREVIOUS_KERNEL_CONFIG),
+    ((3, 5, 40), 8, -1, "float32", "per_group", KernelConfig(8, 16, 16, 2, 4, 1)),  # group-fastest numbering
 ]
 
 def run_triton_cases(cases: list[tuple], device: str) -> list[dict[str, torch.Tensor]]:
