@@ -243,16 +243,16 @@ def bench_activation_dtype(args: argparse.Namespace, device: torch.device, shape
 
 
 # Candidate launch configurations for the sweep (block_k, forward_tile, backward_tile, backward_row_tiles,
-# num_warps, interleave_groups): the default, the previous kernel, and one change each around them.
+# num_warps, interleave_groups, backward_prefetch): the default, the previous kernel, one change each around them.
 SWEEP_CONFIGS = (
-    (0, 4096, 1024, 8, 4, 0),   # default
-    (0, 4096, 4096, 1, 4, 0),   # previous kernel (PREVIOUS_KERNEL_CONFIG)
-    (0, 4096, 1024, 8, 4, 1),   # first issue-13 default (group-fastest numbering)
-    (0, 8192, 1024, 8, 8, 0),   # bigger forward tiles, 8 warps
-    (0, 2048, 1024, 8, 4, 0),   # smaller forward tiles
-    (0, 4096, 2048, 4, 8, 0),   # bigger backward tiles, 8 warps
-    (0, 4096, 512, 16, 4, 0),   # smaller backward tiles, more per program
-    (0, 4096, 1024, 32, 4, 0),  # fewer backward programs (4x the rows each)
+    (0, 4096, 1024, 8, 4, 0, 0),   # default
+    (0, 4096, 4096, 1, 4, 0, 0),   # previous kernel (PREVIOUS_KERNEL_CONFIG)
+    (0, 4096, 1024, 8, 4, 1, 0),   # first issue-13 default (group-fastest numbering)
+    (0, 4096, 1024, 8, 4, 0, 1),   # backward prefetch
+    (0, 4096, 512, 16, 4, 0, 1),   # backward prefetch, half the accumulator registers
+    (0, 4096, 512, 16, 4, 0, 0),   # half the accumulator registers
+    (0, 8192, 2048, 8, 8, 0, 0),   # 8 warps, twice the tiles
+    (0, 4096, 2048, 8, 8, 0, 1),   # 8 warps, backward prefetch
 )
 
 
@@ -295,7 +295,7 @@ def bench_sweep(args: argparse.Namespace, device: torch.device) -> None:
     backward_times = measure(backward_runs, args.rounds, args.inner, device)
     copy_bandwidth = 2 * numel * 2 / forward_times["copy"]
     print(f"\n## Sweep of KernelConfig at {shape} bf16 (block_k, forward_tile, backward_tile, backward_row_tiles, "
-          f"num_warps, interleave_groups); copy {forward_times['copy'] * 1e3:.3f} ms")
+          f"num_warps, interleave_groups, backward_prefetch); copy {forward_times['copy'] * 1e3:.3f} ms")
     print("| config | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy |")
     print("|---|---|---|---|---|")
     for name in backward_runs:

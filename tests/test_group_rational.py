@@ -205,6 +205,8 @@ TRITON_CASES = [
     ((8, 32), 4, -1, "float32", "shared_denominator", KernelConfig(8, 16, 16, 2, 4)),
     ((3, 5, 40), 8, -1, "bfloat16", "per_group", PREVIOUS_KERNEL_CONFIG),
     ((3, 5, 40), 8, -1, "float32", "per_group", KernelConfig(8, 16, 16, 2, 4, 1)),  # group-fastest numbering
+    ((3, 5, 40), 8, -1, "float32", "per_group", KernelConfig(8, 16, 16, 3, 4, 0, 1)),  # prefetch, masked edges
+    ((8, 32), 4, -1, "bfloat16", "per_group", KernelConfig(8, 16, 16, 2, 4, 0, 1)),  # prefetch, EVEN tiles
 ]
 
 def run_triton_cases(cases: list[tuple], device: str) -> list[dict[str, torch.Tensor]]:

@@ -115,7 +115,9 @@ class KernelConfig(NamedTuple):
     row tiles a backward program accumulates before its one reduction (any positive integer; the others are
     powers of two); ``num_warps``: warps per program; ``interleave_groups``: 1 numbers the programs
     group-fastest, so the tiles in flight cover whole rows (memory order), 0 group by group (each group's
-    column slice of every row, then the next group: ``groups`` strided passes over the tensor).
+    column slice of every row, then the next group: ``groups`` strided passes over the tensor);
+    ``backward_prefetch``: 1 loads the next backward row tile before computing the current one (more memory
+    requests in flight per thread, at the cost of registers), 0 loads each tile when it is computed.
     """
 
     block_k: int = 0
@@ -123,14 +125,12 @@ class KernelConfig(NamedTuple):
     backward_tile: int = 1024
     backward_row_tiles: int = 8
     num_warps: int = 4
-    interleave_groups: int = 0
+    interleave_groups: int = 0  # 1 cost the forward 79% -> 67% of copy bandwidth on an H100 (docs/kat_kernel.md)
+    backward_prefetch: int = 0
 
 
 # The launch configuration before issue 13 (one reduction per 4096-element backward tile), for A/B runs.
 PREVIOUS_KERNEL_CONFIG = KernelConfig(forward_tile=4096, backward_tile=4096, backward_row_tiles=1, interleave_groups=0)
-# The first issue-13 default (GPU run 1, docs/kat_kernel.md): group-fastest numbering cost the forward 79% -> 67%
-# of copy bandwidth with the same forward+backward time, so the default went back to group-by-group numbering.
-INTERLEAVED_KERNEL_CONFIG = KernelConfig(interleave_groups=1)
 
 
 def check_kernel_config(config: KernelConfig) -> None:
@@ -139,9 +139,9 @@ def check_kernel_config(config: KernelConfig) -> None:
         if name == "backward_row_tiles":  # a loop count: any positive integer
             if value < 1:
                 raise LightningActError(f"kernel_config.backward_row_tiles={value} must be >= 1")
-        elif name == "interleave_groups":
+        elif name in ("interleave_groups", "backward_prefetch"):
             if value not in (0, 1):
-                raise LightningActError(f"kernel_config.interleave_groups={value} must be 0 or 1")
+                raise LightningActError(f"kernel_config.{name}={value} must be 0 or 1")
         elif value < (0 if name == "block_k" else 1) or value & (value - 1):
             raise LightningActError(
                 f"kernel_config.{name}={value} must be a power of two"

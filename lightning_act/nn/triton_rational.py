@@ -11,7 +11,8 @@ one group, so its 10 coefficients are scalars held in registers; the 1-D grid nu
 (``INTERLEAVE_GROUPS``) so that the programs in flight sweep memory in order.
 
 Backward (FlashKAT, arXiv 2505.13813, explains why the coefficient reduction matters): each program walks
-``ROW_TILES`` row tiles, accumulating the 10 coefficient-gradient terms elementwise in registers, and reduces
+``ROW_TILES`` row tiles (optionally loading the next tile before computing the current one, ``PREFETCH``, to keep
+more bytes in flight per thread: the loop is otherwise load, wait, compute, store), accumulating the 10 coefficient-gradient terms elementwise in registers, and reduces
 them once at the end (one cross-thread reduction per coefficient per program instead of per tile), writing one
 partial per coefficient to a ``(programs, groups, 10)`` buffer. A second, tiny kernel sums the partials in a
 fixed order per coefficient set (so shared sets need no separate ``expand`` backward) and applies ``d|b|/db``.
@@ -128,6 +129,7 @@ def _group_rational_backward_kernel(
     ROW_TILES: tl.constexpr,
     EVEN: tl.constexpr,
     INTERLEAVE_GROUPS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     programs = tl.cdiv(rows, BLOCK_R * ROW_TILES) * K_BLOCKS
     program, group = _program_coordinates(programs, GROUPS, INTERLEAVE_GROUPS)
@@ -146,10 +148,21 @@ def _group_rational_backward_kernel(
     t2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     t3 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     t4 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if PREFETCH:  # software pipelining: the next row tile's loads are in flight while this one is computed
+        offsets, mask = _tile(first_row + tl.arange(0, BLOCK_R), col, rows, WIDTH, GROUPS, group)
+        x_next = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        grad_y_next = tl.load(grad_y_ptr + offsets, mask=mask, other=0.0)
     for step in range(ROW_TILES):
         row = first_row + step * BLOCK_R + tl.arange(0, BLOCK_R)
         offsets, mask = _tile(row, col, rows, WIDTH, GROUPS, group)
-        if EVEN:
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            grad_y = grad_y_next.to(tl.float32)
+            next_offsets, next_mask = _tile(row + BLOCK_R, col, rows, WIDTH, GROUPS, group)
+            next_mask = next_mask & (step + 1 < ROW_TILES)
+            x_next = tl.load(x_ptr + next_offsets, mask=next_mask, other=0.0)
+            grad_y_next = tl.load(grad_y_ptr + next_offsets, mask=next_mask, other=0.0)
+        elif EVEN:
             x = tl.load(x_ptr + offsets).to(tl.float32)
             grad_y = tl.load(grad_y_ptr + offsets).to(tl.float32)
         else:
@@ -284,7 +297,7 @@ def launch_plan(
     new kernels); the rest are ``tl.constexpr``: fewer arguments for Triton's launcher to bind and specialise
     per call, and masks the compiler can drop.
     """
-    block_k, forward_tile, backward_tile, row_tiles, num_warps, interleave_groups = config
+    block_k, forward_tile, backward_tile, row_tiles, num_warps, interleave_groups, prefetch = config
     block_k = block_k or widest_block(width)
     k_blocks = _ceil_div(width, block_k)
     forward_block_r = max(1, min(_next_power_of_2(rows), forward_tile // block_k))
@@ -303,7 +316,7 @@ def launch_plan(
         forward_meta={**shared, "BLOCK_R": forward_block_r, "EVEN": even_width and rows % forward_block_r == 0},
         backward_grid=(backward_programs * groups,),
         backward_meta={
-            **shared, "BLOCK_R": backward_block_r, "ROW_TILES": row_tiles,
+            **shared, "BLOCK_R": backward_block_r, "ROW_TILES": row_tiles, "PREFETCH": bool(prefetch),
             "EVEN": even_width and rows % (backward_block_r * row_tiles) == 0,
         },
         partials_shape=(backward_programs, groups, PARTIALS_PER_GROUP),
