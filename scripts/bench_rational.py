@@ -22,7 +22,8 @@ sweep       Forward and forward+backward of each of ``SWEEP_CONFIGS`` (8 KernelC
 step        Training step (forward, backward, AdamW, bf16 autocast) of ``kat_small_patch16_224`` vs
             ``vit_small_patch16_224`` at batch 128, eager.
 step_compiled  The same with both models ``torch.compile``-d (KAT with ``fullgraph=True``), with the default mode
-            and (CUDA) ``mode="reduce-overhead"`` (CUDA graphs: no host work per step).
+            and (CUDA) ``mode="reduce-overhead"`` (CUDA graphs: no host work per step); on CUDA one profiled step
+            per model of the default mode: wall vs GPU busy time, host time per rational op call, top kernels.
 
 ``--small`` shrinks every shape to run on a CPU in a few minutes. Usage::
 
@@ -158,10 +159,10 @@ def bench_host(args: argparse.Namespace, device: torch.device) -> None:
         )
     times = measure(candidates, args.rounds, 200, device)
     floor = times.get("floor (allocate-only autograd.Function)", math.nan)
-    print("| path | us / call | / floor |")
-    print("|---|---|---|")
+    print("| path | us / call | / floor | above floor (us) |")
+    print("|---|---|---|---|")
     for name, seconds in times.items():
-        print(f"| {name} | {seconds * 1e6:.1f} | {seconds / floor:.2f}x |")
+        print(f"| {name} | {seconds * 1e6:.1f} | {seconds / floor:.2f}x | {(seconds - floor) * 1e6:.1f} |")
 
 
 def bench_activation(args: argparse.Namespace, device: torch.device) -> None:
@@ -408,6 +409,33 @@ def bench_training_step(args: argparse.Namespace, device: torch.device, compiled
             vit = name.replace("kat_", "vit_")
             print(f"| {name} | {seconds * 1e3:.1f} | {seconds / times.get(vit, math.nan):.2f}x |")
         sys.stdout.flush()
+        if device.type == "cuda" and mode_name == "default":
+            guarded(f"profile {mode}", lambda: profile_steps(candidates))
+
+
+def profile_steps(candidates: dict[str, Callable[[], object]]) -> None:
+    """One profiled step per model: wall time vs GPU busy time (host-bound when the GPU idles), the rational ops'
+    host time per call, and the largest GPU kernels. Profiler overhead inflates the wall time somewhat."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print("| model (1 profiled step) | wall ms | GPU busy ms | op calls | host us / op call | top GPU kernels (ms) |")
+    print("|---|---|---|---|---|---|")
+    for name, run in candidates.items():
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = profiler.key_averages()
+        gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in gpu) / 1e3
+        ops = [e for e in events if e.key.startswith("lightning_act::")]
+        calls = sum(e.count for e in ops)
+        host = sum(e.cpu_time_total for e in ops) / calls if calls else math.nan
+        top = sorted(gpu, key=lambda e: -e.self_device_time_total)[:5]
+        kernels = "; ".join(f"{e.key[:40]} {e.self_device_time_total / 1e3:.2f}" for e in top)
+        print(f"| {name} | {wall * 1e3:.1f} | {busy:.1f} | {calls} | {host:.0f} | {kernels} |")
 
 
 def guarded(what: str, run: Callable[[], None]) -> None:

@@ -401,7 +401,7 @@ class GroupRational(nn.Module):
         self.implementation = implementation
         self.sharing = sharing
         self.kernel_config = KernelConfig(*kernel_config)
-        self._eager_input: tuple[torch.Size, torch.device] | None = None  # last eager input geometry checked
+        self._eager_input: tuple[torch.Size, torch.device, str] | None = None  # last eager input checked
         self._eager_grouped: tuple[int, int, int] | None = None
         self.weight_numerator = nn.Parameter(torch.tensor(numerator, dtype=torch.float32).repeat(numerator_sets, 1))
         self.weight_denominator = nn.Parameter(
@@ -484,7 +484,7 @@ class GroupRational(nn.Module):
         if torch.compiler.is_compiling():
             grouped = self._grouped_shape(x)
         else:  # eager: check an input geometry once, then reuse it (host time per call, issue 13)
-            seen = (x.shape, x.device)
+            seen = (x.shape, x.device, self.implementation)
             if seen != self._eager_input:
                 self._eager_grouped = self._grouped_shape(x)
                 self._eager_input = seen
@@ -492,8 +492,7 @@ class GroupRational(nn.Module):
         if grouped is None:
             numerator, denominator = self.coefficients()
             return group_rational_reference(x, numerator, denominator, self.channel_dim)
-        parameters = self._parameters
-        numerator, denominator = parameters["weight_numerator"], parameters["weight_denominator"]
+        numerator, denominator = self.weight_numerator, self.weight_denominator
         if torch.compiler.is_compiling():
             x3 = x.reshape(grouped).contiguous()
             return group_rational_op(x3, numerator, denominator, list(self.kernel_config)).view(x.shape)

@@ -65,9 +65,12 @@ def _program_coordinates(tiles, groups, INTERLEAVE_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _tile(row, col, rows, WIDTH: tl.constexpr, GROUPS: tl.constexpr, group):
+def _tile(row, col, rows, WIDTH: tl.constexpr, GROUPS: tl.constexpr, group, WIDE_OFFSETS: tl.constexpr):
     mask = (row[:, None] < rows) & (col[None, :] < WIDTH)
-    offsets = row[:, None].to(tl.int64) * (GROUPS * WIDTH) + group.to(tl.int64) * WIDTH + col[None, :]
+    if WIDE_OFFSETS:  # 64-bit element offsets only for tensors of 2^31 elements or more
+        offsets = row[:, None].to(tl.int64) * (GROUPS * WIDTH) + group.to(tl.int64) * WIDTH + col[None, :]
+    else:
+        offsets = row[:, None] * (GROUPS * WIDTH) + group * WIDTH + col[None, :]
     return offsets, mask
 
 
@@ -87,12 +90,13 @@ def _group_rational_forward_kernel(
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
     INTERLEAVE_GROUPS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
     tiles = tl.cdiv(rows, BLOCK_R) * K_BLOCKS
     tile, group = _program_coordinates(tiles, GROUPS, INTERLEAVE_GROUPS)
     row = (tile // K_BLOCKS) * BLOCK_R + tl.arange(0, BLOCK_R)
     col = (tile % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offsets, mask = _tile(row, col, rows, WIDTH, GROUPS, group)
+    offsets, mask = _tile(row, col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
     a0, a1, a2, a3, a4, a5, b0, b1, b2, b3 = _load_coefficients(
         numerator_ptr + group * NUMERATOR_STRIDE, denominator_ptr + group * DENOMINATOR_STRIDE
     )
@@ -129,6 +133,7 @@ def _group_rational_backward_kernel(
     ROW_TILES: tl.constexpr,
     EVEN: tl.constexpr,
     INTERLEAVE_GROUPS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
     programs = tl.cdiv(rows, BLOCK_R * ROW_TILES) * K_BLOCKS
@@ -149,16 +154,16 @@ def _group_rational_backward_kernel(
     t3 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     t4 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     if PREFETCH:  # software pipelining: the next row tile's loads are in flight while this one is computed
-        offsets, mask = _tile(first_row + tl.arange(0, BLOCK_R), col, rows, WIDTH, GROUPS, group)
+        offsets, mask = _tile(first_row + tl.arange(0, BLOCK_R), col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
         x_next = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         grad_y_next = tl.load(grad_y_ptr + offsets, mask=mask, other=0.0)
     for step in range(ROW_TILES):
         row = first_row + step * BLOCK_R + tl.arange(0, BLOCK_R)
-        offsets, mask = _tile(row, col, rows, WIDTH, GROUPS, group)
+        offsets, mask = _tile(row, col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
         if PREFETCH:
             x = x_next.to(tl.float32)
             grad_y = grad_y_next.to(tl.float32)
-            next_offsets, next_mask = _tile(row + BLOCK_R, col, rows, WIDTH, GROUPS, group)
+            next_offsets, next_mask = _tile(row + BLOCK_R, col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
             next_mask = next_mask & (step + 1 < ROW_TILES)
             x_next = tl.load(x_ptr + next_offsets, mask=next_mask, other=0.0)
             grad_y_next = tl.load(grad_y_ptr + next_offsets, mask=next_mask, other=0.0)
@@ -305,11 +310,14 @@ def launch_plan(
     row_tiles = max(1, min(row_tiles, _ceil_div(rows, backward_block_r)))
     backward_programs = _ceil_div(rows, backward_block_r * row_tiles) * k_blocks
     even_width = width % block_k == 0
+    # element offsets of every lane, masked overhang rows included (prefetch reaches one row tile further)
+    overhang_rows = 2 * max(forward_block_r, backward_block_r * row_tiles)
+    wide_offsets = (rows + overhang_rows) * groups * width >= 2**31
     shared = {
         "GROUPS": groups, "WIDTH": width, "K_BLOCKS": k_blocks, "BLOCK_K": block_k,
         "NUMERATOR_STRIDE": 0 if numerator_sets == 1 else NUMERATOR_TERMS,
         "DENOMINATOR_STRIDE": 0 if denominator_sets == 1 else DENOMINATOR_TERMS,
-        "INTERLEAVE_GROUPS": bool(interleave_groups), "num_warps": num_warps,
+        "INTERLEAVE_GROUPS": bool(interleave_groups), "WIDE_OFFSETS": wide_offsets, "num_warps": num_warps,
     }
     return LaunchPlan(
         forward_grid=(_ceil_div(rows, forward_block_r) * k_blocks * groups,),
