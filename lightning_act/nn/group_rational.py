@@ -29,7 +29,7 @@ autocast disabled and return the input dtype (float32, bfloat16, float16).
 
 The op is what ``torch.compile`` sees (``fullgraph=True`` traces whole KAT models, and CUDA graphs capture the
 launches); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
-about 40% less host time per call (``docs/kat_kernel.md``).
+about half the host time per call (``docs/kat_kernel.md``).
 """
 
 from __future__ import annotations

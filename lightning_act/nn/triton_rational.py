@@ -7,13 +7,15 @@ CPU tensors, which is how they are tested without a GPU. Design and measurements
 Layout: the input is viewed as ``(rows, groups, width)`` (contiguous), so every group is a strided
 ``rows x width`` matrix (channels-last ``(..., C)``: rows = prod(leading dims), width = C / groups;
 ``(B, C, H, W)``: rows = B, width = C / groups * H * W). Each program handles ``BLOCK_R x BLOCK_K`` tiles of
-one group, so its 10 coefficients are scalars held in registers; the 1-D grid numbers programs group-fastest
-(``INTERLEAVE_GROUPS``) so that the programs in flight sweep memory in order.
+one group, so its 10 coefficients are scalars held in registers; the 1-D grid numbers programs group by group,
+or group-fastest (``INTERLEAVE_GROUPS``: the programs in flight then sweep memory in order, which measured
+slower on an H100). Only ``rows`` is a run-time argument; the rest of the geometry is ``tl.constexpr`` (fewer
+arguments for Triton's launcher per call), and offsets are 32-bit unless the tensor is huge (``WIDE_OFFSETS``).
 
 Backward (FlashKAT, arXiv 2505.13813, explains why the coefficient reduction matters): each program walks
-``ROW_TILES`` row tiles (optionally loading the next tile before computing the current one, ``PREFETCH``, to keep
-more bytes in flight per thread: the loop is otherwise load, wait, compute, store), accumulating the 10 coefficient-gradient terms elementwise in registers, and reduces
-them once at the end (one cross-thread reduction per coefficient per program instead of per tile), writing one
+``ROW_TILES`` row tiles (with ``PREFETCH``, loading the next tile before computing the current one, so more
+bytes are in flight per thread: the loop is otherwise load, wait, compute, store), accumulating the 10
+coefficient-gradient terms elementwise in registers, and reduces them once at the end (one cross-thread reduction per coefficient per program instead of per tile), writing one
 partial per coefficient to a ``(programs, groups, 10)`` buffer. A second, tiny kernel sums the partials in a
 fixed order per coefficient set (so shared sets need no separate ``expand`` backward) and applies ``d|b|/db``.
 No atomics, so the coefficient gradients are deterministic. Edge tiles are masked unless the shape divides
