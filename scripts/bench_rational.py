@@ -17,9 +17,13 @@ activation  ``(128, 197, 3072)`` in bfloat16 and float32: forward and forward+ba
             copy bandwidth (``dst.copy_(src)``, 2 N).
 mlp         ViT-B MLP block (768 -> 3072 -> 768 on 128 x 197 tokens), forward+backward under bf16 autocast:
             fc1-GELU-fc2 vs GR(identity)-fc1-GR(swish)-fc2, eager and ``torch.compile``-d.
+sweep       Forward and forward+backward of each of ``SWEEP_CONFIGS`` (8 KernelConfigs) at the activation shape
+            in bfloat16, as % of copy bandwidth: which configuration to make the default (only in --sections).
 step        Training step (forward, backward, AdamW, bf16 autocast) of ``kat_small_patch16_224`` vs
             ``vit_small_patch16_224`` at batch 128, eager.
-step_compiled  The same with both models ``torch.compile``-d (KAT with ``fullgraph=True``).
+step_compiled  The same with both models ``torch.compile``-d (KAT with ``fullgraph=True``), with the default mode
+            and (CUDA) ``mode="reduce-overhead"`` (CUDA graphs: no host work per step); on CUDA one profiled step
+            per model of the default mode: wall vs GPU busy time, host time per rational op call, top kernels.
 
 ``--small`` shrinks every shape to run on a CPU in a few minutes. Usage::
 
@@ -52,8 +56,12 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def measure(candidates: dict[str, Callable[[], object]], rounds: int, inner: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each candidate, interleaved round by round; a failing candidate is dropped."""
+def measure(
+    candidates: dict[str, Callable[[], object]], rounds: int, inner: int, device: torch.device,
+    statistic: Callable[[list[float]], float] = statistics.median,
+) -> dict[str, float]:
+    """Seconds per call of each candidate (median sample by default), interleaved round by round; a failing
+    candidate is dropped."""
     sync = synchronizer(device)
     for name, run in list(candidates.items()):
         try:
@@ -75,7 +83,7 @@ def measure(candidates: dict[str, Callable[[], object]], rounds: int, inner: int
                 run()
             sync()
             samples[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistic(values) for name, values in samples.items()}
 
 
 def kernel_configs(args: argparse.Namespace) -> dict[str, object]:
@@ -117,7 +125,7 @@ def bench_host(args: argparse.Namespace, device: torch.device) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # lets the Triton path take CPU tensors; every launch is a no-op
         stub_triton_launches()
     print(f"\n## Host time per forward+backward call, (4, 64) input, 8 groups"
-          f"{' (Triton launches stubbed: host work only)' if stub else ''} (median of {args.rounds} rounds x 200 calls)")
+          f"{' (Triton launches stubbed: host work only)' if stub else ''} (fastest of {args.rounds} rounds x 200 calls)")
     x = torch.randn(4, 64, device=device, requires_grad=True)
     grad_y = torch.randn_like(x)
     modules = {name: gr.GroupRational(64, 8, "gelu", implementation=name).to(device) for name in ("triton", "reference")}
@@ -126,7 +134,25 @@ def bench_host(args: argparse.Namespace, device: torch.device) -> None:
         params = list(module.parameters())
         return lambda: torch.autograd.grad(module(x), [x, *params], grad_y)
 
-    candidates = {"eager path (autograd.Function)": module_step(modules["triton"]), "reference": module_step(modules["reference"])}
+    class AllocateOnly(torch.autograd.Function):
+        """The floor: an autograd.Function that only allocates its outputs (what any custom kernel must pay)."""
+
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx: object, grad_y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.empty_like(grad_y), torch.empty(8, 6, device=device), torch.empty(8, 4, device=device)
+
+    floor_params = [torch.zeros(8, 6, device=device, requires_grad=True), torch.zeros(8, 4, device=device, requires_grad=True)]
+    candidates = {
+        "floor (allocate-only autograd.Function)": lambda: torch.autograd.grad(
+            AllocateOnly.apply(x, *floor_params), [x, *floor_params], grad_y
+        ),
+        "eager path (autograd.Function)": module_step(modules["triton"]),
+        "reference": module_step(modules["reference"]),
+    }
     op = getattr(gr, "group_rational_op", None)
     if op is not None:
         module = modules["triton"]
@@ -135,11 +161,13 @@ def bench_host(args: argparse.Namespace, device: torch.device) -> None:
         candidates["registered op via dispatcher"] = lambda: torch.autograd.grad(
             op(x.view(4, 8, 8), *params, config), [x, *params], grad_y.view(4, 8, 8)
         )
-    times = measure(candidates, args.rounds, 200, device)
-    print("| path | us / call |")
-    print("|---|---|")
+    # the minimum sample: host work is deterministic, and on a shared CPU every other sample is inflated by load
+    times = measure(candidates, args.rounds, 200, device, statistic=min)
+    floor = times.get("floor (allocate-only autograd.Function)", math.nan)
+    print("| path | us / call | / floor | above floor (us) |")
+    print("|---|---|---|---|")
     for name, seconds in times.items():
-        print(f"| {name} | {seconds * 1e6:.1f} |")
+        print(f"| {name} | {seconds * 1e6:.1f} | {seconds / floor:.2f}x | {(seconds - floor) * 1e6:.1f} |")
 
 
 def bench_activation(args: argparse.Namespace, device: torch.device) -> None:
@@ -217,6 +245,75 @@ def bench_activation_dtype(args: argparse.Namespace, device: torch.device, shape
                       f"{ratio:.2f}x"]
         else:
             cells += ["failed"] * 4
+        print("| " + " | ".join(cells) + " |")
+
+
+# Candidate launch configurations for the sweep (block_k, forward_tile, backward_tile, backward_row_tiles,
+# num_warps, interleave_groups, backward_prefetch): the default, the previous kernel, one change each around them.
+SWEEP_CONFIGS = (
+    (0, 4096, 1024, 8, 4, 0, 0),   # default
+    (0, 4096, 4096, 1, 4, 0, 0),   # previous kernel (PREVIOUS_KERNEL_CONFIG)
+    (0, 4096, 1024, 8, 4, 1, 0),   # first issue-13 default (group-fastest numbering)
+    (0, 4096, 1024, 8, 4, 0, 1),   # backward prefetch
+    (0, 4096, 512, 16, 4, 0, 1),   # backward prefetch, half the accumulator registers
+    (0, 4096, 512, 16, 4, 0, 0),   # half the accumulator registers
+    (0, 8192, 2048, 8, 8, 0, 0),   # 8 warps, twice the tiles
+    (0, 4096, 2048, 8, 8, 0, 1),   # 8 warps, backward prefetch
+)
+
+
+def bench_sweep(args: argparse.Namespace, device: torch.device) -> None:
+    """Forward and forward+backward time of each ``SWEEP_CONFIGS`` entry at the activation shape (bf16), with copy
+    as the bandwidth yardstick: tells the next GPU run which ``KernelConfig`` to make the default."""
+    from lightning_act.nn.group_rational import GroupRational, KernelConfig
+
+    if not triton_runs(device):
+        print("\n## Sweep: skipped (needs CUDA and triton)")
+        return
+    shape = (4, 64, 768) if args.small else (128, 197, 3072)
+    numel = math.prod(shape)
+    x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    x_grad = x.detach().requires_grad_()
+    grad_y = torch.randn_like(x)
+    copy_target = torch.empty_like(x)
+    modules = {
+        config: GroupRational(shape[-1], 8, "gelu", implementation="triton", kernel_config=KernelConfig(*config)).to(device)
+        for config in SWEEP_CONFIGS
+    }
+
+    def forward(module: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return module(x)
+
+        return run
+
+    forward_runs: dict[str, Callable[[], object]] = {"copy": lambda: copy_target.copy_(x)}
+    backward_runs: dict[str, Callable[[], object]] = {}
+    for config, module in modules.items():
+        name = ",".join(map(str, config))
+        forward_runs[name] = forward(module)
+        params = list(module.parameters())
+        backward_runs[name] = lambda module=module, params=params: torch.autograd.grad(
+            module(x_grad), [x_grad, *params], grad_y
+        )
+    forward_times = measure(forward_runs, args.rounds, args.inner, device)
+    backward_times = measure(backward_runs, args.rounds, args.inner, device)
+    copy_bandwidth = 2 * numel * 2 / forward_times["copy"]
+    print(f"\n## Sweep of KernelConfig at {shape} bf16 (block_k, forward_tile, backward_tile, backward_row_tiles, "
+          f"num_warps, interleave_groups, backward_prefetch); copy {forward_times['copy'] * 1e3:.3f} ms")
+    print("| config | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy |")
+    print("|---|---|---|---|---|")
+    for name in backward_runs:
+        cells = [name]
+        if name in forward_times:
+            cells += [f"{forward_times[name] * 1e3:.3f}", f"{100 * 2 * numel * 2 / forward_times[name] / copy_bandwidth:.0f}%"]
+        else:
+            cells += ["failed"] * 2
+        if name in backward_times:
+            cells += [f"{backward_times[name] * 1e3:.3f}", f"{100 * 5 * numel * 2 / backward_times[name] / copy_bandwidth:.0f}%"]
+        else:
+            cells += ["failed"] * 2
         print("| " + " | ".join(cells) + " |")
 
 
@@ -298,21 +395,52 @@ def bench_training_step(args: argparse.Namespace, device: torch.device, compiled
 
         return run
 
-    candidates: dict[str, Callable[[], object]] = {}
-    for family in ("vit", "kat"):
-        model = timm.create_model(f"{family}_{size}_patch16_224").to(device)
-        optimizer = torch.optim.AdamW(model.parameters())
-        if compiled:
-            candidates[f"{family}_{size}+compile"] = step(torch.compile(model, dynamic=False, fullgraph=family == "kat"), optimizer)
-        else:
-            candidates[f"{family}_{size}"] = step(model, optimizer)
-    rounds = max(3, args.rounds // 2)
-    times = measure(candidates, rounds, 1 if args.small else max(1, args.inner // 2), device)
-    print("| model | ms / step | KAT / ViT (same mode) |")
-    print("|---|---|---|")
-    for name, seconds in times.items():
-        vit = name.replace("kat_", "vit_")
-        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / times.get(vit, math.nan):.2f}x |")
+    modes = ("default", "reduce-overhead") if compiled and device.type == "cuda" else ("default",)
+    for mode_name in modes:  # reduce-overhead: CUDA graphs replay the compiled forward and backward (no host work)
+        # one table per mode, printed as soon as it is measured (a time limit during the next mode keeps it)
+        suffix = ("+compile" + ("" if mode_name == "default" else f"[{mode_name}]")) if compiled else ""
+        candidates: dict[str, Callable[[], object]] = {}
+        for family in ("vit", "kat"):
+            model = timm.create_model(f"{family}_{size}_patch16_224").to(device)
+            optimizer = torch.optim.AdamW(model.parameters())
+            if compiled:
+                model = torch.compile(model, dynamic=False, fullgraph=family == "kat", mode=mode_name)
+            candidates[f"{family}_{size}{suffix}"] = step(model, optimizer)
+        rounds = max(3, args.rounds // 2)
+        times = measure(candidates, rounds, 1 if args.small else max(1, args.inner // 2), device)
+        print("| model | ms / step | KAT / ViT (same mode) |")
+        print("|---|---|---|")
+        for name, seconds in times.items():
+            vit = name.replace("kat_", "vit_")
+            print(f"| {name} | {seconds * 1e3:.1f} | {seconds / times.get(vit, math.nan):.2f}x |")
+        sys.stdout.flush()
+        if device.type == "cuda" and mode_name == "default":
+            guarded(f"profile {mode}", lambda: profile_steps(candidates))
+
+
+def profile_steps(candidates: dict[str, Callable[[], object]]) -> None:
+    """One profiled step per model: wall time vs GPU busy time (host-bound when the GPU idles), the rational ops'
+    host time per call, and the largest GPU kernels. Profiler overhead inflates the wall time somewhat."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print("| model (1 profiled step) | wall ms | GPU busy ms | op calls | host us / op call | top GPU kernels (ms) |")
+    print("|---|---|---|---|---|---|")
+    for name, run in candidates.items():
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = profiler.key_averages()
+        gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in gpu) / 1e3
+        ops = [e for e in events if e.key.startswith("lightning_act::")]
+        calls = sum(e.count for e in ops)
+        host = sum(e.cpu_time_total for e in ops) / calls if calls else math.nan
+        top = sorted(gpu, key=lambda e: -e.self_device_time_total)[:5]
+        kernels = "; ".join(f"{e.key[:40]} {e.self_device_time_total / 1e3:.2f}" for e in top)
+        print(f"| {name} | {wall * 1e3:.1f} | {busy:.1f} | {calls} | {host:.0f} | {kernels} |")
 
 
 def guarded(what: str, run: Callable[[], None]) -> None:
@@ -330,7 +458,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20, --small 5)")
     parser.add_argument("--inner", type=int, default=None, help="calls per timed sample (default 10, --small 2)")
     parser.add_argument("--sections", default="host,activation,mlp,step,step_compiled",
-                        help="comma list of host,activation,mlp,step,step_compiled")
+                        help="comma list of host,activation,sweep,mlp,step,step_compiled")
     parser.add_argument("--dtypes", default="bf16,fp32", help="activation dtypes, comma list of bf16,fp32")
     parser.add_argument("--batch", type=int, default=128, help="training-step batch size")
     parser.add_argument("--configs", nargs="*", default=[], help="extra KernelConfig tuples, e.g. 0,4096,2048,4,8")
@@ -355,7 +483,8 @@ def main() -> None:
     if not triton_runs(device):
         print("Triton candidates skipped: they need a CUDA device with triton (the CPU interpreter is for testing)")
     sections = {
-        "host": bench_host, "activation": bench_activation, "mlp": bench_mlp_block, "step": bench_training_step,
+        "host": bench_host, "activation": bench_activation, "sweep": bench_sweep, "mlp": bench_mlp_block,
+        "step": bench_training_step,
         "step_compiled": lambda args, device: bench_training_step(args, device, compiled=True),
     }
     for name in args.sections.split(","):

@@ -137,7 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
     print(f"# check_rational_cuda seed {seed}, {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    configs = {"default": KernelConfig(), "previous": PREVIOUS_KERNEL_CONFIG}
+    # the configurations the benchmark's sweep may pick as the next default, checked on the big cases
+    configs = {
+        "default": KernelConfig(), "previous": PREVIOUS_KERNEL_CONFIG,
+        "prefetch": KernelConfig(backward_prefetch=1),
+        "prefetch-512x16": KernelConfig(backward_tile=512, backward_row_tiles=16, backward_prefetch=1),
+        "8warps-prefetch": KernelConfig(backward_tile=2048, num_warps=8, backward_prefetch=1),
+    }
     cases = [
         ((128, 197, 3072), 8, -1, torch.bfloat16, "per_group"),
         ((128, 197, 3072), 8, -1, torch.float32, "per_group"),
@@ -151,8 +157,8 @@ def main() -> None:
         cases = cases[:5]
     for index, case in enumerate(cases):
         for config_name, config in configs.items():
-            if args.quick and config_name == "previous" and index > 1:
-                continue
+            if config_name != "default" and (index > 1 or args.quick and config_name != "previous"):
+                continue  # other configurations: both big cases (--quick: the previous one only, for time)
             guarded(f"{case} {config_name}", lambda: check_case(*case, config, config_name, seed + index))
     guarded("CUDA graph", check_cuda_graph)
     if not args.quick:

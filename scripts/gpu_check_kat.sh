@@ -3,7 +3,10 @@
 # against float64 on fresh random inputs, the CUDA tests, then every benchmark table of the issue.
 #
 #   bash scripts/gpu_check_kat.sh            # about 8 minutes at most
-#   bash scripts/gpu_check_kat.sh --quick    # about 4 minutes at most (fewer cases, fewer rounds, bf16 only)
+#   bash scripts/gpu_check_kat.sh --quick    # 150 s at most: correctness (30 s), then in ONE process (one
+#                                            # start-up) host, activation (bf16), the KernelConfig sweep, MLP
+#                                            # block, eager step, compiled step (default, then reduce-overhead);
+#                                            # no pytest (the CUDA tests run in the full mode)
 #
 # Every step runs under its own time limit, capped by what is left of the total budget; a failure or
 # timeout is printed (with the end of its log) and the next step runs.
@@ -19,8 +22,8 @@ PYTHON="${PYTHON:-python}"
 QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 START=$(date +%s)
-# seconds for all steps together, below 4 / 8 minutes; GPU_CHECK_BUDGET overrides
-BUDGET=${GPU_CHECK_BUDGET:-$([ $QUICK = 1 ] && echo 210 || echo 450)}
+# seconds for all steps together: 150 (--quick) / 450; GPU_CHECK_BUDGET overrides
+BUDGET=${GPU_CHECK_BUDGET:-$([ $QUICK = 1 ] && echo 150 || echo 450)}
 
 # step NAME SECONDS COMMAND...: run with a limit capped by the time left; output to a log and the summary
 step() {
@@ -47,20 +50,18 @@ step() {
 {
   echo "# gpu_check_kat $([ $QUICK = 1 ] && echo --quick) $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   timeout 15 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/# /'
-  timeout 30 $PYTHON -c "import torch, triton, timm; print('# torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'timm', timm.__version__)" 2>&1
+  timeout 30 $PYTHON -c "import importlib.metadata as m, torch; print('# torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', m.version('triton'), 'timm', m.version('timm'))" 2>&1
 } | tee -a "$SUMMARY"
 
 if [ $QUICK = 1 ]; then
-  step correctness 50 $PYTHON scripts/check_rational_cuda.py --quick
-  step cuda_tests 30 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_group_rational.py -k cuda
-  step bench_host_activation 40 $PYTHON scripts/bench_rational.py --sections host,activation --dtypes bf16 --rounds 8 --inner 5 --no-compile
-  step bench_mlp 30 $PYTHON scripts/bench_rational.py --sections mlp --rounds 8 --inner 5 --no-compile
-  step bench_step_eager 30 $PYTHON scripts/bench_rational.py --sections step --rounds 8 --inner 4
-  step bench_step_compiled 100 $PYTHON scripts/bench_rational.py --sections step_compiled --rounds 6 --inner 4
+  step correctness 30 $PYTHON scripts/check_rational_cuda.py --quick
+  # one process for every benchmark (one start-up and CUDA init); sections print as they finish, so the time
+  # limit can only cut the last one (the reduce-overhead compile)
+  step bench 150 $PYTHON scripts/bench_rational.py --sections host,activation,sweep,mlp,step,step_compiled --dtypes bf16 --rounds 6 --inner 4 --no-compile
 else
   step correctness 80 $PYTHON scripts/check_rational_cuda.py
   step cuda_tests 100 $PYTHON -m pytest -q -p no:cacheprovider tests/test_group_rational.py tests/test_rational_op.py -k cuda
-  step bench_host_activation 90 $PYTHON scripts/bench_rational.py --sections host,activation --rounds 15 --inner 10
+  step bench_host_activation 90 $PYTHON scripts/bench_rational.py --sections host,activation,sweep --rounds 15 --inner 10
   step bench_mlp 70 $PYTHON scripts/bench_rational.py --sections mlp --rounds 15 --inner 10
   step bench_step_eager 40 $PYTHON scripts/bench_rational.py --sections step --rounds 12 --inner 4
   step bench_step_compiled 120 $PYTHON scripts/bench_rational.py --sections step_compiled --rounds 10 --inner 4

@@ -167,6 +167,19 @@ def test_autocast_bfloat16_linear_then_rational() -> None:
     assert torch.isfinite(module.weight_denominator.grad).all()
 
 
+def test_eager_geometry_cache_rechecks_every_new_input_shape() -> None:
+    """The module checks an input geometry once and reuses it (host time); a new shape is checked again."""
+    module = random_module(16, 4, -1, seed=6)
+    reference = random_module(16, 4, -1, seed=6)
+    for implementation, shape in (("reference", (5, 16)), ("triton", (2, 3, 16)), ("triton", (5, 16)), ("triton", (2, 3, 16))):
+        module.implementation = implementation  # "triton" on CPU: GroupRationalFunction with the op's PyTorch kernels
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+        torch.testing.assert_close(module(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert module._eager_grouped == (6, 4, 4)  # the op path was taken, with the last shape's geometry
+    with pytest.raises(LightningActError, match="expects 16 channels"):
+        module(torch.randn(5, 8))
+
+
 def test_auto_uses_reference_on_cpu() -> None:
     assert GroupRational(8).resolved_implementation(torch.randn(2, 8)) == "reference"
 
@@ -192,6 +205,9 @@ TRITON_CASES = [
     ((7, 24), 8, -1, "float32", "shared_numerator", KernelConfig()),
     ((8, 32), 4, -1, "float32", "shared_denominator", KernelConfig(8, 16, 16, 2, 4)),
     ((3, 5, 40), 8, -1, "bfloat16", "per_group", PREVIOUS_KERNEL_CONFIG),
+    ((3, 5, 40), 8, -1, "float32", "per_group", KernelConfig(8, 16, 16, 2, 4, 1)),  # group-fastest numbering
+    ((3, 5, 40), 8, -1, "float32", "per_group", KernelConfig(8, 16, 16, 3, 4, 0, 1)),  # prefetch, masked edges
+    ((8, 32), 4, -1, "bfloat16", "per_group", KernelConfig(8, 16, 16, 2, 4, 0, 1)),  # prefetch, EVEN tiles
 ]
 
 def run_triton_cases(cases: list[tuple], device: str) -> list[dict[str, torch.Tensor]]:
@@ -253,6 +269,18 @@ sys.path.insert(0, sys.argv[1])
 from test_group_rational import TRITON_CASES, run_triton_cases
 torch.save(run_triton_cases(TRITON_CASES, "cpu"), sys.argv[2])
 """
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_launch_plan_uses_64_bit_offsets_only_for_huge_tensors() -> None:
+    from lightning_act.nn.triton_rational import launch_plan
+
+    config = tuple(KernelConfig(backward_prefetch=1))
+    vit_hidden = launch_plan(128 * 197, 8, 384, 8, 8, config)  # ViT-B MLP hidden, batch 128: 77M elements
+    assert not vit_hidden.forward_meta["WIDE_OFFSETS"] and not vit_hidden.backward_meta["WIDE_OFFSETS"]
+    rows = 2**31 // (8 * 384)  # the last masked row tiles (and the prefetch past them) reach 2^31 elements
+    assert launch_plan(rows - 64, 8, 384, 1, 8, config).backward_meta["WIDE_OFFSETS"]
+    assert not launch_plan(rows - 1000, 8, 384, 1, 8, config).backward_meta["WIDE_OFFSETS"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -29,12 +29,13 @@ autocast disabled and return the input dtype (float32, bfloat16, float16).
 
 The op is what ``torch.compile`` sees (``fullgraph=True`` traces whole KAT models, and CUDA graphs capture the
 launches); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
-about 40% less host time per call (``docs/kat_kernel.md``).
+about half the host time per call (``docs/kat_kernel.md``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 from typing import Any, NamedTuple
@@ -96,14 +97,13 @@ def group_rational_reference(
         return (p / q).to(x.dtype).reshape(x.shape)
 
 
-@functools.cache
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when Triton can be imported (it ships with CUDA builds of PyTorch on Linux)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when Triton is installed (it ships with CUDA builds of PyTorch on Linux). A module constant, not a
+    cached function: ``torch.compile`` traces this call, and Dynamo warns on ``lru_cache`` wrappers."""
+    return _TRITON_INSTALLED
 
 
 class KernelConfig(NamedTuple):
@@ -115,7 +115,9 @@ class KernelConfig(NamedTuple):
     row tiles a backward program accumulates before its one reduction (any positive integer; the others are
     powers of two); ``num_warps``: warps per program; ``interleave_groups``: 1 numbers the programs
     group-fastest, so the tiles in flight cover whole rows (memory order), 0 group by group (each group's
-    column slice of every row, then the next group: ``groups`` strided passes over the tensor).
+    column slice of every row, then the next group: ``groups`` strided passes over the tensor);
+    ``backward_prefetch``: 1 loads the next backward row tile before computing the current one (more memory
+    requests in flight per thread, at the cost of registers), 0 loads each tile when it is computed.
     """
 
     block_k: int = 0
@@ -123,7 +125,8 @@ class KernelConfig(NamedTuple):
     backward_tile: int = 1024
     backward_row_tiles: int = 8
     num_warps: int = 4
-    interleave_groups: int = 1
+    interleave_groups: int = 0  # 1 cost the forward 79% -> 67% of copy bandwidth on an H100 (docs/kat_kernel.md)
+    backward_prefetch: int = 0
 
 
 # The launch configuration before issue 13 (one reduction per 4096-element backward tile), for A/B runs.
@@ -136,9 +139,9 @@ def check_kernel_config(config: KernelConfig) -> None:
         if name == "backward_row_tiles":  # a loop count: any positive integer
             if value < 1:
                 raise LightningActError(f"kernel_config.backward_row_tiles={value} must be >= 1")
-        elif name == "interleave_groups":
+        elif name in ("interleave_groups", "backward_prefetch"):
             if value not in (0, 1):
-                raise LightningActError(f"kernel_config.interleave_groups={value} must be 0 or 1")
+                raise LightningActError(f"kernel_config.{name}={value} must be 0 or 1")
         elif value < (0 if name == "block_k" else 1) or value & (value - 1):
             raise LightningActError(
                 f"kernel_config.{name}={value} must be a power of two"
@@ -149,6 +152,15 @@ def check_kernel_config(config: KernelConfig) -> None:
 
 def _runs_triton(x3: torch.Tensor) -> bool:
     return x3.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_kernels() -> Any:
+    """:mod:`lightning_act.nn.triton_rational`, imported on first use (an ``import`` statement per call costs
+    microseconds of host time)."""
+    from lightning_act.nn import triton_rational
+
+    return triton_rational
 
 
 def _per_group(coefficients: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -206,9 +218,9 @@ def _forward_kernel(
     x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
 ) -> torch.Tensor:
     if _runs_triton(x3):
-        from lightning_act.nn.triton_rational import group_rational_forward
-
-        return group_rational_forward(x3.contiguous(), numerator.contiguous(), denominator.contiguous(), config)
+        return _triton_kernels().group_rational_forward(
+            x3.contiguous(), numerator.contiguous(), denominator.contiguous(), config
+        )
     groups = x3.shape[1]
     return group_rational_reference(x3, numerator.expand(groups, -1), denominator.expand(groups, -1), channel_dim=1)
 
@@ -217,9 +229,7 @@ def _backward_kernel(
     x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if _runs_triton(x3):
-        from lightning_act.nn.triton_rational import group_rational_backward
-
-        return group_rational_backward(
+        return _triton_kernels().group_rational_backward(
             x3.contiguous(), grad_y.contiguous(), numerator.contiguous(), denominator.contiguous(), config
         )
     return _pytorch_backward(x3, grad_y, numerator, denominator)
@@ -271,20 +281,35 @@ group_rational_op.register_autograd(_op_backward, setup_context=_save_for_backwa
 
 
 class GroupRationalFunction(torch.autograd.Function):
-    """Eager path of :func:`group_rational_op`: the same kernels without the dispatcher's per-call overhead."""
+    """Eager path of :func:`group_rational_op`: the same kernels without the dispatcher's per-call overhead.
+
+    Takes contiguous tensors and the ``(rows, groups, width)`` geometry of ``x`` as ints, so ``x`` keeps its
+    shape and no view of the output is needed (a view of a custom Function's output costs host time).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
+        ctx: Any, x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor,
+        grouped: tuple[int, int, int], config: tuple[int, ...],
     ) -> torch.Tensor:
-        ctx.save_for_backward(x3, numerator, denominator)
-        ctx.config = config
-        return _forward_kernel(x3, numerator, denominator, config)
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.grouped, ctx.config = grouped, config
+        if _runs_triton(x):
+            return _triton_kernels().group_rational_forward(x, numerator, denominator, config, grouped)
+        return _forward_kernel(x.view(grouped), numerator, denominator, config).view(x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x3, numerator, denominator = ctx.saved_tensors
-        return *_backward_kernel(x3, grad_y, numerator, denominator, ctx.config), None
+        x, numerator, denominator = ctx.saved_tensors
+        grouped = ctx.grouped
+        if _runs_triton(x):
+            return *_triton_kernels().group_rational_backward(
+                x, grad_y.contiguous(), numerator, denominator, ctx.config, grouped
+            ), None, None
+        grad_x, grad_numerator, grad_denominator = _pytorch_backward(
+            x.view(grouped), grad_y.reshape(grouped), numerator, denominator
+        )
+        return grad_x.view(x.shape), grad_numerator, grad_denominator, None, None
 
 
 def group_rational(
@@ -294,7 +319,9 @@ def group_rational(
     traces, :class:`GroupRationalFunction` in eager mode."""
     if torch.compiler.is_compiling():
         return group_rational_op(x3, numerator, denominator, list(config))
-    return GroupRationalFunction.apply(x3, numerator, denominator, config)
+    return GroupRationalFunction.apply(
+        x3.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(x3.shape), config
+    )
 
 
 def rational_value(x: np.ndarray, numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -374,6 +401,8 @@ class GroupRational(nn.Module):
         self.implementation = implementation
         self.sharing = sharing
         self.kernel_config = KernelConfig(*kernel_config)
+        self._eager_input: tuple[torch.Size, torch.device, str] | None = None  # last eager input checked
+        self._eager_grouped: tuple[int, int, int] | None = None
         self.weight_numerator = nn.Parameter(torch.tensor(numerator, dtype=torch.float32).repeat(numerator_sets, 1))
         self.weight_denominator = nn.Parameter(
             torch.tensor(denominator, dtype=torch.float32).repeat(denominator_sets, 1)
@@ -440,18 +469,34 @@ class GroupRational(nn.Module):
             raise LightningActError("implementation='triton' on CUDA needs Triton; pip install triton")
         return self.implementation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _grouped_shape(self, x: torch.Tensor) -> tuple[int, int, int] | None:
+        """``(rows, groups, width)`` of ``x`` for the op, or ``None`` where the reference runs; checks ``x``."""
         if x.ndim == 0 or not -x.ndim <= self.channel_dim < x.ndim or x.shape[self.channel_dim] != self.num_channels:
             raise LightningActError(
                 f"GroupRational expects {self.num_channels} channels in dim {self.channel_dim}, got input of shape "
                 f"{tuple(x.shape)}; pass channel_dim=1 for (B, C, H, W) or -1 for (B, L, C)"
             )
-        if self.resolved_implementation(x) == "triton":
-            x3 = grouped_view(x, self.groups, self.channel_dim).contiguous()
-            y = group_rational(x3, self.weight_numerator, self.weight_denominator, self.kernel_config)
-            return y.view(x.shape)
-        numerator, denominator = self.coefficients()
-        return group_rational_reference(x, numerator, denominator, self.channel_dim)
+        if self.resolved_implementation(x) != "triton":
+            return None
+        return tuple(grouped_view(x, self.groups, self.channel_dim).shape)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            grouped = self._grouped_shape(x)
+        else:  # eager: check an input geometry once, then reuse it (host time per call, issue 13)
+            seen = (x.shape, x.device, self.implementation)
+            if seen != self._eager_input:
+                self._eager_grouped = self._grouped_shape(x)
+                self._eager_input = seen
+            grouped = self._eager_grouped
+        if grouped is None:
+            numerator, denominator = self.coefficients()
+            return group_rational_reference(x, numerator, denominator, self.channel_dim)
+        numerator, denominator = self.weight_numerator, self.weight_denominator
+        if torch.compiler.is_compiling():
+            x3 = x.reshape(grouped).contiguous()
+            return group_rational_op(x3, numerator, denominator, list(self.kernel_config)).view(x.shape)
+        return GroupRationalFunction.apply(x.contiguous(), numerator, denominator, grouped, self.kernel_config)
 
     def extra_repr(self) -> str:
         return (

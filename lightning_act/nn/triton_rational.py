@@ -7,12 +7,15 @@ CPU tensors, which is how they are tested without a GPU. Design and measurements
 Layout: the input is viewed as ``(rows, groups, width)`` (contiguous), so every group is a strided
 ``rows x width`` matrix (channels-last ``(..., C)``: rows = prod(leading dims), width = C / groups;
 ``(B, C, H, W)``: rows = B, width = C / groups * H * W). Each program handles ``BLOCK_R x BLOCK_K`` tiles of
-one group, so its 10 coefficients are scalars held in registers; the 1-D grid numbers programs group-fastest
-(``INTERLEAVE_GROUPS``) so that the programs in flight sweep memory in order.
+one group, so its 10 coefficients are scalars held in registers; the 1-D grid numbers programs group by group,
+or group-fastest (``INTERLEAVE_GROUPS``: the programs in flight then sweep memory in order, which measured
+slower on an H100). Only ``rows`` is a run-time argument; the rest of the geometry is ``tl.constexpr`` (fewer
+arguments for Triton's launcher per call), and offsets are 32-bit unless the tensor is huge (``WIDE_OFFSETS``).
 
 Backward (FlashKAT, arXiv 2505.13813, explains why the coefficient reduction matters): each program walks
-``ROW_TILES`` row tiles, accumulating the 10 coefficient-gradient terms elementwise in registers, and reduces
-them once at the end (one cross-thread reduction per coefficient per program instead of per tile), writing one
+``ROW_TILES`` row tiles (with ``PREFETCH``, loading the next tile before computing the current one, so more
+bytes are in flight per thread: the loop is otherwise load, wait, compute, store), accumulating the 10
+coefficient-gradient terms elementwise in registers, and reduces them once at the end (one cross-thread reduction per coefficient per program instead of per tile), writing one
 partial per coefficient to a ``(programs, groups, 10)`` buffer. A second, tiny kernel sums the partials in a
 fixed order per coefficient set (so shared sets need no separate ``expand`` backward) and applies ``d|b|/db``.
 No atomics, so the coefficient gradients are deterministic. Edge tiles are masked unless the shape divides
@@ -29,6 +32,8 @@ import triton
 import triton.language as tl
 
 PARTIALS_PER_GROUP = 10
+NUMERATOR_TERMS = 6
+DENOMINATOR_TERMS = 4
 MAX_BLOCK_K = 1024
 FINISH_BLOCK = 64
 
@@ -62,9 +67,12 @@ def _program_coordinates(tiles, groups, INTERLEAVE_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _tile(row, col, rows, width, row_stride, group):
-    mask = (row[:, None] < rows) & (col[None, :] < width)
-    offsets = row[:, None].to(tl.int64) * row_stride + group.to(tl.int64) * width + col[None, :]
+def _tile(row, col, rows, WIDTH: tl.constexpr, GROUPS: tl.constexpr, group, WIDE_OFFSETS: tl.constexpr):
+    mask = (row[:, None] < rows) & (col[None, :] < WIDTH)
+    if WIDE_OFFSETS:  # 64-bit element offsets only for tensors of 2^31 elements or more
+        offsets = row[:, None].to(tl.int64) * (GROUPS * WIDTH) + group.to(tl.int64) * WIDTH + col[None, :]
+    else:
+        offsets = row[:, None] * (GROUPS * WIDTH) + group * WIDTH + col[None, :]
     return offsets, mask
 
 
@@ -75,24 +83,24 @@ def _group_rational_forward_kernel(
     numerator_ptr,
     denominator_ptr,
     rows,
-    width,
-    row_stride,
-    k_blocks,
-    tiles,
-    groups,
-    numerator_stride,
-    denominator_stride,
+    GROUPS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    K_BLOCKS: tl.constexpr,
+    NUMERATOR_STRIDE: tl.constexpr,
+    DENOMINATOR_STRIDE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,
     INTERLEAVE_GROUPS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
 ):
-    tile, group = _program_coordinates(tiles, groups, INTERLEAVE_GROUPS)
-    row = (tile // k_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col = (tile % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offsets, mask = _tile(row, col, rows, width, row_stride, group)
+    tiles = tl.cdiv(rows, BLOCK_R) * K_BLOCKS
+    tile, group = _program_coordinates(tiles, GROUPS, INTERLEAVE_GROUPS)
+    row = (tile // K_BLOCKS) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col = (tile % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offsets, mask = _tile(row, col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
     a0, a1, a2, a3, a4, a5, b0, b1, b2, b3 = _load_coefficients(
-        numerator_ptr + group * numerator_stride, denominator_ptr + group * denominator_stride
+        numerator_ptr + group * NUMERATOR_STRIDE, denominator_ptr + group * DENOMINATOR_STRIDE
     )
     if EVEN:
         x = tl.load(x_ptr + offsets).to(tl.float32)
@@ -117,24 +125,25 @@ def _group_rational_backward_kernel(
     numerator_ptr,
     denominator_ptr,
     rows,
-    width,
-    row_stride,
-    k_blocks,
-    programs,
-    groups,
-    numerator_stride,
-    denominator_stride,
+    GROUPS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    K_BLOCKS: tl.constexpr,
+    NUMERATOR_STRIDE: tl.constexpr,
+    DENOMINATOR_STRIDE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_TILES: tl.constexpr,
     EVEN: tl.constexpr,
     INTERLEAVE_GROUPS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    program, group = _program_coordinates(programs, groups, INTERLEAVE_GROUPS)
-    first_row = (program // k_blocks) * (BLOCK_R * ROW_TILES)
-    col = (program % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    programs = tl.cdiv(rows, BLOCK_R * ROW_TILES) * K_BLOCKS
+    program, group = _program_coordinates(programs, GROUPS, INTERLEAVE_GROUPS)
+    first_row = (program // K_BLOCKS) * (BLOCK_R * ROW_TILES)
+    col = (program % K_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
     a0, a1, a2, a3, a4, a5, b0, b1, b2, b3 = _load_coefficients(
-        numerator_ptr + group * numerator_stride, denominator_ptr + group * denominator_stride
+        numerator_ptr + group * NUMERATOR_STRIDE, denominator_ptr + group * DENOMINATOR_STRIDE
     )
     s0 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     s1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
@@ -146,10 +155,21 @@ def _group_rational_backward_kernel(
     t2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     t3 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     t4 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if PREFETCH:  # software pipelining: the next row tile's loads are in flight while this one is computed
+        offsets, mask = _tile(first_row + tl.arange(0, BLOCK_R), col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
+        x_next = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        grad_y_next = tl.load(grad_y_ptr + offsets, mask=mask, other=0.0)
     for step in range(ROW_TILES):
         row = first_row + step * BLOCK_R + tl.arange(0, BLOCK_R)
-        offsets, mask = _tile(row, col, rows, width, row_stride, group)
-        if EVEN:
+        offsets, mask = _tile(row, col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            grad_y = grad_y_next.to(tl.float32)
+            next_offsets, next_mask = _tile(row + BLOCK_R, col, rows, WIDTH, GROUPS, group, WIDE_OFFSETS)
+            next_mask = next_mask & (step + 1 < ROW_TILES)
+            x_next = tl.load(x_ptr + next_offsets, mask=next_mask, other=0.0)
+            grad_y_next = tl.load(grad_y_ptr + next_offsets, mask=next_mask, other=0.0)
+        elif EVEN:
             x = tl.load(x_ptr + offsets).to(tl.float32)
             grad_y = tl.load(grad_y_ptr + offsets).to(tl.float32)
         else:
@@ -189,7 +209,7 @@ def _group_rational_backward_kernel(
         t3 += term
         term *= ax
         t4 += term
-    base = partial_ptr + (program.to(tl.int64) * groups + group) * 10
+    base = partial_ptr + (program.to(tl.int64) * GROUPS + group) * 10
     tl.store(base + 0, tl.sum(s0))
     tl.store(base + 1, tl.sum(s1))
     tl.store(base + 2, tl.sum(s2))
@@ -209,27 +229,27 @@ def _coefficient_gradient_kernel(
     grad_denominator_ptr,
     denominator_ptr,
     programs,
-    groups,
-    numerator_sets,
-    denominator_sets,
+    GROUPS: tl.constexpr,
+    NUMERATOR_SETS: tl.constexpr,
+    DENOMINATOR_SETS: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """Program ``i`` sums the partials of numerator set ``i`` (``i < numerator_sets``) or denominator set
     ``i - numerator_sets`` over every program and every group of the set, in a fixed order; denominators get
     ``d|b|/db`` (+1 at 0)."""
     index = tl.program_id(0)
-    is_denominator = (index >= numerator_sets).to(tl.int32)
-    set_index = index - is_denominator * numerator_sets
-    sets = numerator_sets + is_denominator * (denominator_sets - numerator_sets)
+    is_denominator = (index >= NUMERATOR_SETS).to(tl.int32)
+    set_index = index - is_denominator * NUMERATOR_SETS
+    sets = NUMERATOR_SETS + is_denominator * (DENOMINATOR_SETS - NUMERATOR_SETS)
     terms = 6 - 2 * is_denominator
-    groups_per_set = groups // sets
+    groups_per_set = GROUPS // sets
     term = tl.arange(0, 8)
     term_mask = term < terms
     total = tl.zeros((BLOCK_P, 8), dtype=tl.float32)
     for group in range(set_index * groups_per_set, (set_index + 1) * groups_per_set):
         for start in range(0, programs, BLOCK_P):
             program = start + tl.arange(0, BLOCK_P)
-            offsets = (program[:, None].to(tl.int64) * groups + group) * 10 + 6 * is_denominator + term[None, :]
+            offsets = (program[:, None].to(tl.int64) * GROUPS + group) * 10 + 6 * is_denominator + term[None, :]
             mask = (program[:, None] < programs) & term_mask[None, :]
             total += tl.load(partial_ptr + offsets, mask=mask, other=0.0)
     gradient = tl.sum(total, axis=0)
@@ -242,19 +262,17 @@ def _coefficient_gradient_kernel(
 
 
 class LaunchPlan(NamedTuple):
-    """Everything a forward and backward launch needs for one input geometry and kernel configuration."""
+    """Everything the launches need for one input geometry, coefficient sharing and kernel configuration: the
+    grids and the compile-time arguments, built once (the per-call host work is one cached lookup)."""
 
-    block_k: int
-    k_blocks: int
-    forward_block_r: int
-    forward_tiles: int
-    forward_even: bool
-    backward_block_r: int
-    row_tiles: int
+    forward_grid: tuple[int]
+    forward_meta: dict[str, int | bool]
+    backward_grid: tuple[int]
+    backward_meta: dict[str, int | bool]
+    partials_shape: tuple[int, int, int]
     backward_programs: int
-    backward_even: bool
-    num_warps: int
-    interleave_groups: bool
+    finish_grid: tuple[int]
+    finish_meta: dict[str, int]
 
 
 def _next_power_of_2(value: int) -> int:
@@ -276,54 +294,63 @@ def widest_block(width: int) -> int:
 
 
 @functools.lru_cache(maxsize=512)
-def launch_plan(rows: int, groups: int, width: int, config: tuple[int, ...]) -> LaunchPlan:
-    """Tile sizes and grids for a ``(rows, groups, width)`` input; ``config`` is ``KernelConfig.as_tuple()``.
+def launch_plan(
+    rows: int, groups: int, width: int, numerator_sets: int, denominator_sets: int, config: tuple[int, ...]
+) -> LaunchPlan:
+    """Tile sizes, grids and compile-time arguments for a ``(rows, groups, width)`` input with ``numerator_sets``
+    / ``denominator_sets`` coefficient sets (1 or ``groups``); ``config`` is a ``KernelConfig`` as a tuple.
 
-    Cached: the per-call host work is one dictionary lookup (Triton's ``cdiv`` / ``next_power_of_2`` are
-    JIT functions costing microseconds each when called from Python).
+    Only ``rows`` is a run-time kernel argument (the grids depend on it, and a new batch size must not compile
+    new kernels); the rest are ``tl.constexpr``: fewer arguments for Triton's launcher to bind and specialise
+    per call, and masks the compiler can drop.
     """
-    block_k, forward_tile, backward_tile, row_tiles, num_warps, interleave_groups = config
+    block_k, forward_tile, backward_tile, row_tiles, num_warps, interleave_groups, prefetch = config
     block_k = block_k or widest_block(width)
     k_blocks = _ceil_div(width, block_k)
     forward_block_r = max(1, min(_next_power_of_2(rows), forward_tile // block_k))
     backward_block_r = max(1, min(_next_power_of_2(rows), backward_tile // block_k))
     row_tiles = max(1, min(row_tiles, _ceil_div(rows, backward_block_r)))
-    row_blocks = _ceil_div(rows, backward_block_r * row_tiles)
+    backward_programs = _ceil_div(rows, backward_block_r * row_tiles) * k_blocks
     even_width = width % block_k == 0
+    # element offsets of every lane, masked overhang rows included (prefetch reaches one row tile further)
+    overhang_rows = 2 * max(forward_block_r, backward_block_r * row_tiles)
+    wide_offsets = (rows + overhang_rows) * groups * width >= 2**31
+    shared = {
+        "GROUPS": groups, "WIDTH": width, "K_BLOCKS": k_blocks, "BLOCK_K": block_k,
+        "NUMERATOR_STRIDE": 0 if numerator_sets == 1 else NUMERATOR_TERMS,
+        "DENOMINATOR_STRIDE": 0 if denominator_sets == 1 else DENOMINATOR_TERMS,
+        "INTERLEAVE_GROUPS": bool(interleave_groups), "WIDE_OFFSETS": wide_offsets, "num_warps": num_warps,
+    }
     return LaunchPlan(
-        block_k=block_k,
-        k_blocks=k_blocks,
-        forward_block_r=forward_block_r,
-        forward_tiles=_ceil_div(rows, forward_block_r) * k_blocks,
-        forward_even=even_width and rows % forward_block_r == 0,
-        backward_block_r=backward_block_r,
-        row_tiles=row_tiles,
-        backward_programs=row_blocks * k_blocks,
-        backward_even=even_width and rows % (backward_block_r * row_tiles) == 0,
-        num_warps=num_warps,
-        interleave_groups=bool(interleave_groups),
+        forward_grid=(_ceil_div(rows, forward_block_r) * k_blocks * groups,),
+        forward_meta={**shared, "BLOCK_R": forward_block_r, "EVEN": even_width and rows % forward_block_r == 0},
+        backward_grid=(backward_programs * groups,),
+        backward_meta={
+            **shared, "BLOCK_R": backward_block_r, "ROW_TILES": row_tiles, "PREFETCH": bool(prefetch),
+            "EVEN": even_width and rows % (backward_block_r * row_tiles) == 0,
+        },
+        partials_shape=(backward_programs, groups, PARTIALS_PER_GROUP),
+        backward_programs=backward_programs,
+        finish_grid=(numerator_sets + denominator_sets,),
+        finish_meta={
+            "GROUPS": groups, "NUMERATOR_SETS": numerator_sets, "DENOMINATOR_SETS": denominator_sets,
+            "BLOCK_P": FINISH_BLOCK,
+        },
     )
 
 
-def _set_stride(coefficients: torch.Tensor) -> int:
-    """Elements between the coefficient sets of consecutive groups: 0 for one shared set."""
-    return coefficients.shape[1] if coefficients.shape[0] > 1 else 0
-
-
 def group_rational_forward(
-    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...],
+    grouped: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """``y = P(x) / Q(x)`` for contiguous ``x3`` of shape ``(rows, groups, width)``; coefficient sets ``(1 or groups, k)``."""
-    rows, groups, width = x3.shape
-    plan = launch_plan(rows, groups, width, config)
+    """``y = P(x) / Q(x)`` for contiguous ``x3`` of shape ``(rows, groups, width)`` (or any shape whose memory is
+    that, given as ``grouped``: ``y`` then has ``x3``'s shape, with no view in between); contiguous coefficient
+    sets ``(1 or groups, k)``."""
+    rows, groups, width = grouped or x3.shape
     y = torch.empty_like(x3)
     if rows and width:
-        _group_rational_forward_kernel[(plan.forward_tiles * groups,)](
-            x3, y, numerator, denominator, rows, width, groups * width, plan.k_blocks, plan.forward_tiles, groups,
-            _set_stride(numerator), _set_stride(denominator),
-            BLOCK_R=plan.forward_block_r, BLOCK_K=plan.block_k, EVEN=plan.forward_even,
-            INTERLEAVE_GROUPS=plan.interleave_groups, num_warps=plan.num_warps,
-        )
+        plan = launch_plan(rows, groups, width, numerator.shape[0], denominator.shape[0], config)
+        _group_rational_forward_kernel[plan.forward_grid](x3, y, numerator, denominator, rows, **plan.forward_meta)
     return y
 
 
@@ -333,25 +360,21 @@ def group_rational_backward(
     numerator: torch.Tensor,
     denominator: torch.Tensor,
     config: tuple[int, ...],
+    grouped: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_numerator, grad_denominator)``; coefficient gradients have the coefficients' shapes."""
-    rows, groups, width = x3.shape
-    plan = launch_plan(rows, groups, width, config)
+    """``(grad_x, grad_numerator, grad_denominator)`` for contiguous inputs (``grouped`` as in
+    :func:`group_rational_forward`); coefficient gradients have the coefficients' shapes."""
+    rows, groups, width = grouped or x3.shape
     grad_x = torch.empty_like(x3)
-    numerator_sets, denominator_sets = numerator.shape[0], denominator.shape[0]
-    launch = bool(rows and width)
-    allocate = torch.empty_like if launch else torch.zeros_like  # the finish kernel writes every entry
-    grad_numerator, grad_denominator = allocate(numerator), allocate(denominator)
-    if launch:
-        partials = torch.empty((plan.backward_programs, groups, PARTIALS_PER_GROUP), device=x3.device, dtype=torch.float32)
-        _group_rational_backward_kernel[(plan.backward_programs * groups,)](
-            x3, grad_y, grad_x, partials, numerator, denominator, rows, width, groups * width, plan.k_blocks,
-            plan.backward_programs, groups, _set_stride(numerator), _set_stride(denominator),
-            BLOCK_R=plan.backward_block_r, BLOCK_K=plan.block_k, ROW_TILES=plan.row_tiles, EVEN=plan.backward_even,
-            INTERLEAVE_GROUPS=plan.interleave_groups, num_warps=plan.num_warps,
-        )
-        _coefficient_gradient_kernel[(numerator_sets + denominator_sets,)](
-            partials, grad_numerator, grad_denominator, denominator, plan.backward_programs, groups, numerator_sets, denominator_sets,
-            BLOCK_P=FINISH_BLOCK,
-        )
+    if not (rows and width):
+        return grad_x, torch.zeros_like(numerator), torch.zeros_like(denominator)
+    plan = launch_plan(rows, groups, width, numerator.shape[0], denominator.shape[0], config)
+    grad_numerator, grad_denominator = torch.empty_like(numerator), torch.empty_like(denominator)
+    partials = x3.new_empty(plan.partials_shape, dtype=torch.float32)
+    _group_rational_backward_kernel[plan.backward_grid](
+        x3, grad_y, grad_x, partials, numerator, denominator, rows, **plan.backward_meta
+    )
+    _coefficient_gradient_kernel[plan.finish_grid](
+        partials, grad_numerator, grad_denominator, denominator, plan.backward_programs, **plan.finish_meta
+    )
     return grad_x, grad_numerator, grad_denominator
