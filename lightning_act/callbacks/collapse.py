@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError, ModuleSelectionError
+from lightning_act.stats.fused import FusedStats
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
     covariance_partials,
@@ -139,7 +140,7 @@ class DimensionalCollapse(ActivationMonitor):
                 generator.set_state(state)
         return generator
 
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
         rows = feature_rows(x)
         if rows.shape[0] > self.max_rows:
             chosen = torch.randperm(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
