@@ -116,6 +116,7 @@ def main() -> None:
     }
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone @ every step": (1, cls) for cls in MONITORS})
+    describe(args, cuda, precision, batch, model_kwargs)
     medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
         for name, (every, only) in configs.items():
@@ -128,15 +129,22 @@ def main() -> None:
             trainer.fit(Classifier(copy.deepcopy(base)).to(device), train, val)
             medians[name].append(statistics.fmean(timer.times[args.warmup :]))
             print(f"round {round_index}: {name:40s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
+        report(medians, round_index + 1)
 
-    print()
+
+def report(medians: dict[str, list[float]], rounds: int) -> None:
+    """The table so far: median ms/step and median of the per-round ratios to no monitors."""
+    print(f"after {rounds} round(s):")
+    print(f"{'configuration':40s} {'ms/step':>9s} {'ratio':>7s}")
+    for name, times in medians.items():
+        ratios = [t / bare for t, bare in zip(times, medians["none"])]
+        print(f"{name:40s} {statistics.median(times) * 1e3:9.2f} {statistics.median(ratios):7.3f}", flush=True)
+
+
+def describe(args: argparse.Namespace, cuda: bool, precision: str, batch: int, model_kwargs: dict[str, Any]) -> None:
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"lightning {pl.__version__}, precision {precision}, batch {batch}, model {args.model} {model_kwargs or '(224, /16)'}, "
-          f"{args.rounds} rounds of {args.warmup} + {args.steps} steps")
-    print(f"{'configuration':40s} {'ms/step':>9s} {'ratio':>7s}")
-    for name in configs:
-        ratios = [t / bare for t, bare in zip(medians[name], medians["none"])]
-        print(f"{name:40s} {statistics.median(medians[name]) * 1e3:9.2f} {statistics.median(ratios):7.3f}")
+          f"{args.rounds} rounds of {args.warmup} + {args.steps} steps", flush=True)
 
 
 if __name__ == "__main__":
