@@ -310,7 +310,8 @@ class ActivationMonitor(Callback, ABC):
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
         """Add one activation's partials to the buffers (called by the capture registry)."""
-        part = self.partials(tap_index, x, fused)
+        # A monitor that asks for no fused statistics keeps the two-argument ``partials`` of before.
+        part = self.partials(tap_index, x) if fused is None else self.partials(tap_index, x, fused)
         if part is None:
             return
         sums = self._sums[tap_index]
