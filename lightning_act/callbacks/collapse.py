@@ -263,10 +263,10 @@ class DimensionalCollapse(ActivationMonitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self.param_names = self._select_params(pl_module)
         # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size.
         self._rows_per_due_step = self.max_rows * trainer.accumulate_grad_batches * max(1, trainer.world_size)
         self._sketch_dims = {}
-        self.param_names = self._select_params(pl_module)
         if self.param_names and "FSDP" in type(trainer.strategy).__name__:
             rank_zero_warn(
                 "DimensionalCollapse: the parameters are sharded (FSDP), so collapse/params/r90 is not computed; "
