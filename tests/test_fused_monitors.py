@@ -81,3 +81,22 @@ def test_wide_collapse_tap_uses_the_exact_sketch() -> None:
     assert stats["erank"].item() == pytest.approx(erank, rel=1e-6)
     assert stats["pr"].item() == pytest.approx(pr, rel=1e-6)
     assert stats["erank_frac"].item() == pytest.approx(erank / 40, rel=1e-6)
+
+
+def test_skipped_emergence_fits_are_recorded_for_the_report_only_with_a_logger(tmp_path, monkeypatch) -> None:
+    import json
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logged = MassiveActivations(modules=["net.2"], every_n_steps=1)
+    trainer = quiet_trainer(max_steps=2, callbacks=[logged], logger=CSVLogger(tmp_path / "logs"))
+    trainer.fit(ToyTask(tiny_mlp()), toy_loader(batch_size=8))
+    recorded = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "monitors" / "skipped.json").read_text())
+    assert "net.2" in recorded["massive"]["emergence fit"]  # 2 ratio points, the fit needs 6
+
+    (tmp_path / "bare").mkdir()
+    monkeypatch.chdir(tmp_path / "bare")
+    silent = MassiveActivations(modules=["net.2"], every_n_steps=1)
+    trainer = quiet_trainer(max_steps=2, callbacks=[silent], default_root_dir=str(tmp_path / "bare"))
+    trainer.fit(ToyTask(tiny_mlp()), toy_loader(batch_size=8))
+    assert silent.fit_skipped and list((tmp_path / "bare").iterdir()) == []  # logger=False writes nothing
