@@ -149,7 +149,7 @@ class MassiveActivations(ActivationMonitor):
             return None
         self._has_token[tap_index] = has_token_axis(x)
         if fused is None:
-            fused = fused_statistics(x, massive_spec(self.bins), "torch")
+            fused = fused_statistics(x, massive_spec(self.bins))
         sums, maxima = massive_partials_from(fused, self.abs_threshold, self.ratio_threshold)
         return Partials(sums=sums, maxima=maxima, samples=topk_positions_from(fused, self.top_k))
 
