@@ -60,8 +60,8 @@ run_step 2_bench_stat_kernels 25 "$PYTHON" scripts/bench_stat_kernels.py --round
 
 if grep -q "fused_statistics" lightning_act/callbacks/*.py lightning_act/capture/*.py 2>/dev/null; then
   # 2 + 50 steps per fit: the 50 timed steps hold exactly one due step of the default interval.
-  run_step 3a_bench_monitor_overhead_vit 70 "$PYTHON" scripts/bench_monitor_overhead.py --per-monitor --rounds 2 --warmup 2 --steps 50
-  run_step 3b_bench_monitor_overhead_kat 35 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 50
+  run_step 3a_bench_monitor_overhead_vit 65 "$PYTHON" scripts/bench_monitor_overhead.py --per-monitor --rounds 2 --warmup 2 --steps 50
+  run_step 3b_bench_monitor_overhead_kat 40 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 50
 else
   echo "=== 3_bench_monitor_overhead: skipped (the callbacks do not call fused_statistics yet)"
 fi
