@@ -2,15 +2,18 @@
 
 Three configurations are interleaved round by round (so drift and noise hit all of them alike):
 no monitors, the four monitors at their default interval (every 50 optimizer steps), and the four
-monitors with every step due. Each round fits a fresh copy of the same model for ``--warmup`` + 50
-steps and keeps the mean step time of the last 50 (a window that holds exactly one due step of the
-default interval, so its cost is amortised as in a real run). Each round's times are divided by
+monitors with every step due. Each round fits a fresh copy of the same model for ``--warmup`` +
+``--steps`` steps and keeps the mean step time of the last ``--steps`` (default 50: a window that holds
+exactly one due step of the default interval, so its cost is amortised as in a real run; a shorter
+window still times the every-step configurations fairly, but over-weights the default interval's one
+due step by 50 / steps). Each round's times are divided by
 that round's time without monitors, and the printed ratio is the median of those paired ratios
 (robust to drift between rounds).
 
     python scripts/bench_monitor_overhead.py                    # ViT-S/16, batch 128, bf16 (GPU)
     python scripts/bench_monitor_overhead.py --small            # a CPU-sized ViT, fp32
     python scripts/bench_monitor_overhead.py --per-monitor      # also each monitor alone, every step due
+    python scripts/bench_monitor_overhead.py --model kat_small_patch16_224   # the same with a KAT model
 """
 
 from __future__ import annotations
@@ -81,11 +84,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="CPU-sized ViT (img 32, patch 4, dim 192, depth 6)")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=5, help="steps before the 50 timed ones")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before the timed ones")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per fit (50 holds one default-interval due step)")
+    parser.add_argument("--model", default="vit_small_patch16_224",
+                        help="timm model name (lightning_act.models registers the KAT ones, e.g. kat_small_patch16_224)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-monitor", action="store_true", help="also time each monitor alone, every step due")
     args = parser.parse_args()
     import timm
+
+    import lightning_act.models  # noqa: F401 - registers the KAT models with timm
 
     cuda = torch.cuda.is_available()
     if args.small:
@@ -93,9 +101,9 @@ def main() -> None:
         batch, image = args.batch_size or 32, 32
     else:
         model_kwargs, batch, image = {}, args.batch_size or 128, 224
-    steps = args.warmup + 50
+    steps = args.warmup + args.steps
     precision = "bf16-mixed" if cuda else "32-true"
-    base = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=100, **model_kwargs)
+    base = timm.create_model(args.model, pretrained=False, num_classes=100, **model_kwargs)
     device = "cuda" if cuda else "cpu"
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, image, image, generator=generator)
@@ -108,6 +116,7 @@ def main() -> None:
     }
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone @ every step": (1, cls) for cls in MONITORS})
+    describe(args, cuda, precision, batch, model_kwargs)
     medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
         for name, (every, only) in configs.items():
@@ -120,14 +129,22 @@ def main() -> None:
             trainer.fit(Classifier(copy.deepcopy(base)).to(device), train, val)
             medians[name].append(statistics.fmean(timer.times[args.warmup :]))
             print(f"round {round_index}: {name:40s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
+        report(medians, round_index + 1)
 
-    print()
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
-          f"lightning {pl.__version__}, precision {precision}, batch {batch}, model vit_small {model_kwargs or '(224, /16)'}")
+
+def report(medians: dict[str, list[float]], rounds: int) -> None:
+    """The table so far: median ms/step and median of the per-round ratios to no monitors."""
+    print(f"after {rounds} round(s):")
     print(f"{'configuration':40s} {'ms/step':>9s} {'ratio':>7s}")
-    for name in configs:
-        ratios = [t / bare for t, bare in zip(medians[name], medians["none"])]
-        print(f"{name:40s} {statistics.median(medians[name]) * 1e3:9.2f} {statistics.median(ratios):7.3f}")
+    for name, times in medians.items():
+        ratios = [t / bare for t, bare in zip(times, medians["none"])]
+        print(f"{name:40s} {statistics.median(times) * 1e3:9.2f} {statistics.median(ratios):7.3f}", flush=True)
+
+
+def describe(args: argparse.Namespace, cuda: bool, precision: str, batch: int, model_kwargs: dict[str, Any]) -> None:
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
+          f"lightning {pl.__version__}, precision {precision}, batch {batch}, model {args.model} {model_kwargs or '(224, /16)'}, "
+          f"{args.rounds} rounds of {args.warmup} + {args.steps} steps", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, tiny_vit
 from lightning_act.callbacks import MassiveActivations
 from lightning_act.errors import LightningActError
+from lightning_act.stats.histogram_median import LogMagnitudeBins
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 
@@ -51,7 +52,9 @@ def test_probe_runs_fixed_validation_batches_at_each_due_step():
     for i in range(3):
         want = massive_numpy(np.concatenate(recorder.seen[2 * i : 2 * i + 2]))
         for stat, value in want.items():
-            np.testing.assert_allclose(massive.history[f"massive/net.blocks.1/{stat}"].values[i], value, rtol=1e-5)
+            # median and ratio use the histogram estimate of the median (issue 17): within one bin's width.
+            rtol = LogMagnitudeBins().relative_width if stat in ("median", "ratio") else 1e-5
+            np.testing.assert_allclose(massive.history[f"massive/net.blocks.1/{stat}"].values[i], value, rtol=rtol)
     assert recorder.training_calls > 0 and all(a.shape[0] == 8 for a in recorder.seen)
 
 

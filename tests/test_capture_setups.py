@@ -24,6 +24,12 @@ from lightning_act.callbacks import (
 )
 from lightning_act.capture import select_taps
 from lightning_act.errors import LightningActError, ModuleSelectionError
+from lightning_act.stats.histogram_median import LogMagnitudeBins
+
+# MassiveActivations estimates each sample's median |h| from a log-magnitude histogram (issue 17, no
+# sort): median and ratio are within one bin's relative width (1.56%) of numpy's exact median, and the
+# massive count is exact up to the entries near the (estimated) ratio threshold.
+MEDIAN_RTOL = LogMagnitudeBins().relative_width
 
 
 class Recorder(Callback):
@@ -120,10 +126,16 @@ def test_transformer_encoder_in_both_orders_is_read_sample_first(batch_first):
     mag = np.abs(h).reshape(h.shape[0], -1)
     median = np.median(mag, axis=1)
     want = massive_numpy(h)
-    want["count_per_sample"] = ((mag > 1.0) & (mag >= 5.0 * median[:, None])).sum() / h.shape[0]
     key = "massive/encoder.layers.0/"
-    for stat in ("ratio", "median", "count_per_sample", "top0_token", "top0_feature", "top1"):
-        np.testing.assert_allclose(values(massive, key + stat)[0], want[stat], rtol=1e-5, err_msg=stat)
+    for stat in ("ratio", "median", "top0_token", "top0_feature", "top1"):
+        rtol = MEDIAN_RTOL if stat in ("ratio", "median") else 1e-5
+        np.testing.assert_allclose(values(massive, key + stat)[0], want[stat], rtol=rtol, err_msg=stat)
+    # The count's threshold 5 * median carries the median's error, and the histogram counts the
+    # threshold's own bin by interpolation: bracket it by thresholds two bin widths either side.
+    slack = 2 * MEDIAN_RTOL
+    most = ((mag > 1.0) & (mag >= 5.0 * (1 - slack) * median[:, None])).sum() / h.shape[0]
+    least = ((mag > 1.0) & (mag >= 5.0 * (1 + slack) * median[:, None])).sum() / h.shape[0]
+    assert least <= values(massive, key + "count_per_sample")[0] <= most
     assert values(massive, key + "top0_token")[0] == 0.0
 
 
@@ -346,7 +358,8 @@ def test_resnet18_blocks_match_numpy():
     h_btd = h.reshape(h.shape[0], h.shape[1], -1).transpose(0, 2, 1)  # (B, H*W, C)
     want = massive_numpy(h_btd)
     for stat in ("ratio", "median", "top0_token", "top0_feature"):
-        np.testing.assert_allclose(values(massive, f"massive/net.layer3.1/{stat}")[0], want[stat], rtol=1e-5, err_msg=stat)
+        rtol = MEDIAN_RTOL if stat in ("ratio", "median") else 1e-5  # the median is a histogram estimate
+        np.testing.assert_allclose(values(massive, f"massive/net.layer3.1/{stat}")[0], want[stat], rtol=rtol, err_msg=stat)
 
 
 # ---------------------------------------------------------------------------------------------- r90 of conv weights
@@ -434,7 +447,8 @@ def test_empty_batch_is_skipped_and_inf_is_reported_as_inf():
     recorder = Recorder("net.blocks.0")
     quiet_trainer(max_steps=2, callbacks=[massive, recorder]).fit(Odd(BlockNet()), toy_loader())
     (h,) = [a for a in recorder.seen[0] if a.size]
-    np.testing.assert_allclose(values(massive, "massive/net.blocks.0/ratio")[0], massive_numpy(h)["ratio"], rtol=1e-5)
+    # The ratio's median is a histogram estimate (MEDIAN_RTOL above).
+    np.testing.assert_allclose(values(massive, "massive/net.blocks.0/ratio")[0], massive_numpy(h)["ratio"], rtol=MEDIAN_RTOL)
     assert values(massive, "massive/net.blocks.1/top1")[1] == float("inf")
 
 

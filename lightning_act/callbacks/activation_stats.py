@@ -9,6 +9,7 @@ import torch
 from lightning_act.callbacks.base import ActivationMonitor, Partials, check_number
 from lightning_act.capture import ModuleSpec
 from lightning_act.stats import moment_partials, summarize_moments
+from lightning_act.stats.fused import FusedSpec, FusedStats, moment_partials_from, moment_spec
 
 
 class ActivationStats(ActivationMonitor):
@@ -36,8 +37,14 @@ class ActivationStats(ActivationMonitor):
         )
         self.zero_threshold = check_number("ActivationStats", "zero_threshold", zero_threshold)
 
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
-        sums, maxima = moment_partials(x, self.zero_threshold)
+    def fused_spec(self, tap_index: int) -> FusedSpec:
+        return moment_spec(self.zero_threshold)
+
+    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
+        if fused is None:
+            sums, maxima = moment_partials(x, self.zero_threshold)
+        else:
+            sums, maxima = moment_partials_from(fused, self.zero_threshold)
         return Partials(sums=sums, maxima=maxima)
 
     def summarize(

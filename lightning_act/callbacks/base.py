@@ -56,6 +56,7 @@ from lightning_act.capture import (
 )
 from lightning_act.capture.layout import declared_batch_first
 from lightning_act.errors import LightningActError, ModuleSelectionError
+from lightning_act.stats.fused import FusedSpec, FusedStats
 from lightning_act.stats import all_gather_packed, all_reduce_packed, distributed_world_size
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,15 @@ class ActivationMonitor(Callback, ABC):
         self._unobserved_warned: set[str] = set()
 
     # ------------------------------------------------------------------ for subclasses
+    def fused_spec(self, tap_index: int) -> FusedSpec | None:
+        """What this monitor needs from tap ``tap_index``'s shared fused pass (None: nothing, it reads ``x``)."""
+        return None
+
     @abstractmethod
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials | None:
+    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
         """Fixed-size partial statistics of one sample-first activation ``x`` from tap ``tap_index``
-        (None: this tensor cannot be measured; the subclass warns once)."""
+        (None: this tensor cannot be measured; the subclass warns once). ``fused`` holds at least what
+        :meth:`fused_spec` asked for, computed once for every monitor tapping that module."""
 
     def merge_samples(self, tap_index: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Combine two same-size sample buffers of one rank (default: keep the newest)."""
@@ -302,9 +308,10 @@ class ActivationMonitor(Callback, ABC):
         self._sums, self._maxima, self._samples = [None] * n, [None] * n, [None] * n
         self._layout_synced = False
 
-    def receive(self, tap_index: int, x: torch.Tensor) -> None:
+    def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
         """Add one activation's partials to the buffers (called by the capture registry)."""
-        part = self.partials(tap_index, x)
+        # A monitor that asks for no fused statistics keeps the two-argument ``partials`` of before.
+        part = self.partials(tap_index, x) if fused is None else self.partials(tap_index, x, fused)
         if part is None:
             return
         sums = self._sums[tap_index]

@@ -7,6 +7,15 @@ conv map) with a private ``torch.Generator``, and sums ``N``, ``Σx`` and ``Σxx
 The sums are added across micro-batches and ranks, and the spectrum of the centred scatter matrix
 is taken once, on the device, in float64 at flush time (:mod:`lightning_act.stats.spectrum`).
 
+Wide taps (``d > wide_dim``, default 2048): the ``d x d`` sums would cost ``8 d^2`` bytes per tap (512 MiB
+at d = 8192, ~3 GiB with the reduction and eigensolver copies) and an ``O(d^3)`` eigendecomposition, so
+such taps sum a seeded Nyström sketch instead (:mod:`lightning_act.stats.covariance_sketch`) of
+``k`` = the rows sampled per due step (``max_rows`` x micro-batches per optimizer step x ranks, the
+most the centred scatter's rank can be); its erank and PR equal the exact ones up to float64
+round-off because that rank is <= k. Its partials take ``8 ((d + 1)(k + 1) + k^2)`` bytes (72 MiB at
+d = 8192, k = 1024) and its peak about ``32 d k`` bytes, under 1 GiB while ``d k <= 2^25``; a tap whose
+sketch would be larger than its exact covariance (k >= d) keeps the exact path.
+
 Logged (``collapse/<module>/<stat>``): ``erank`` (Roy & Vetterli 2007), ``pr`` (Gao et al. 2017),
 ``erank_frac`` and ``pr_frac`` (both divided by the feature dimension d; note that with N sampled
 rows neither can exceed ``min(N − 1, d)``), and, when ``warn_below`` is set, ``collapsed``
@@ -29,6 +38,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError, ModuleSelectionError
+from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_partials, sketch_size, sketch_spectrum
+from lightning_act.stats.fused import FusedStats
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
     covariance_partials,
@@ -66,7 +77,8 @@ class DimensionalCollapse(ActivationMonitor):
         projection_dim: when the chosen weights hold more numbers than this, each snapshot is
             count-sketched into this many (seeded, the same map every time); None: never.
         variance_fraction: the explained-variance level of ``r90``.
-        seed: seed of the row sampler and of the projection.
+        seed: seed of the row sampler, of the projection and of the wide taps' sketch.
+        wide_dim: taps wider than this use the covariance sketch (see the module docstring); None: never.
     """
 
     prefix = "collapse"
@@ -84,6 +96,7 @@ class DimensionalCollapse(ActivationMonitor):
         projection_dim: int | None = 8192,
         variance_fraction: float = 0.90,
         seed: int = 0,
+        wide_dim: int | None = 2048,
         history_size: int = 512,
         batch_dim: int | None = None,
         token_dim: int | None = None,
@@ -110,7 +123,13 @@ class DimensionalCollapse(ActivationMonitor):
             raise LightningActError(
                 f"DimensionalCollapse: variance_fraction={variance_fraction} must be in (0, 1]; pass e.g. 0.9"
             )
+        if wide_dim is not None:
+            check_int("DimensionalCollapse", "wide_dim", wide_dim, 2)
+        self.wide_dim = wide_dim
         self.max_rows = max_rows
+        self._rows_per_due_step = max_rows
+        self._sketch_dims: dict[int, tuple[int, int]] = {}
+        self._test_matrices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self.warn_below = warn_below
         self.param_patterns = None if param_patterns is None else list(param_patterns)
         self.max_snapshots = max_snapshots
@@ -139,18 +158,30 @@ class DimensionalCollapse(ActivationMonitor):
                 generator.set_state(state)
         return generator
 
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
         rows = feature_rows(x)
         if rows.shape[0] > self.max_rows:
             chosen = torch.randperm(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
             rows = rows.index_select(0, chosen[: self.max_rows])
-        return Partials(sums=covariance_partials(rows))
+        d, k = rows.shape[1], self._rows_per_due_step
+        if self.wide_dim is None or d <= self.wide_dim or k >= d:
+            return Partials(sums=covariance_partials(rows))
+        self._sketch_dims[tap_index] = (d, k)
+        key = (d, k, rows.device)
+        if key not in self._test_matrices:
+            self._test_matrices[key] = gaussian_test_matrix(d, k, self.seed, rows.device)
+        return Partials(sums=sketch_partials(rows, self._test_matrices[key]))
 
     def summarize(
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        eigenvalues = covariance_spectrum(sums)
-        d = eigenvalues.numel()
+        sketch = self._sketch_dims.get(tap_index)
+        if sketch is not None and sums.numel() == sketch_size(*sketch):
+            d = sketch[0]
+            eigenvalues = sketch_spectrum(sums, *sketch)
+        else:
+            eigenvalues = covariance_spectrum(sums)
+            d = eigenvalues.numel()
         self._feature_dims[self.taps[tap_index].name] = d
         erank, pr = effective_rank(eigenvalues), participation_ratio(eigenvalues)
         stats = {"erank": erank, "pr": pr, "erank_frac": erank / d, "pr_frac": pr / d}
@@ -233,6 +264,9 @@ class DimensionalCollapse(ActivationMonitor):
         if stage != "fit":
             return
         self.param_names = self._select_params(pl_module)
+        # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size.
+        self._rows_per_due_step = self.max_rows * trainer.accumulate_grad_batches * max(1, trainer.world_size)
+        self._sketch_dims = {}
         if self.param_names and "FSDP" in type(trainer.strategy).__name__:
             rank_zero_warn(
                 "DimensionalCollapse: the parameters are sharded (FSDP), so collapse/params/r90 is not computed; "

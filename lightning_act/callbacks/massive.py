@@ -24,17 +24,25 @@ from lightning_act.callbacks.probe import (
 )
 from lightning_act.capture import ModuleSpec
 from lightning_act.errors import LightningActError
+from lightning_act.plots import run_dir
+from lightning_act.report.skipped import record_skipped
 from lightning_act.stats import all_gather_packed, distributed_world_size
+from lightning_act.stats.fused import (
+    FusedSpec,
+    FusedStats,
+    fused_statistics,
+    massive_partials_from,
+    massive_spec,
+    topk_positions_from,
+)
+from lightning_act.stats.histogram_median import LogMagnitudeBins
 from lightning_act.stats.massive import (
     EmergenceFit,
-    block_magnitude,
     emergence_curve,
     fit_emergence,
     has_token_axis,
-    massive_partials_from_magnitude,
     merge_topk,
     summarize_massive,
-    topk_positions_from_magnitude,
     topk_stats,
 )
 
@@ -121,9 +129,15 @@ class MassiveActivations(ActivationMonitor):
         self.fits: dict[str, EmergenceFit] = {}
         self.fit_skipped: dict[str, str] = {}
         self._has_token: dict[int, bool] = {}
+        #: Bins of the per-sample log-magnitude histogram the median is estimated from (relative error
+        #: <= 2**-sub_bits, 1.56%; see lightning_act.stats.histogram_median).
+        self.bins = LogMagnitudeBins()
 
     # ------------------------------------------------------------------ statistics
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials | None:
+    def fused_spec(self, tap_index: int) -> FusedSpec:
+        return massive_spec(self.bins)
+
+    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
         if x.dim() < 2:
             if tap_index not in self._low_dim_warned:
                 self._low_dim_warned.add(tap_index)
@@ -134,9 +148,10 @@ class MassiveActivations(ActivationMonitor):
                 )
             return None
         self._has_token[tap_index] = has_token_axis(x)
-        magnitude = block_magnitude(x)
-        sums, maxima = massive_partials_from_magnitude(magnitude, self.abs_threshold, self.ratio_threshold)
-        return Partials(sums=sums, maxima=maxima, samples=topk_positions_from_magnitude(magnitude, self.top_k))
+        if fused is None:
+            fused = fused_statistics(x, massive_spec(self.bins))
+        sums, maxima = massive_partials_from(fused, self.abs_threshold, self.ratio_threshold)
+        return Partials(sums=sums, maxima=maxima, samples=topk_positions_from(fused, self.top_k))
 
     def merge_samples(self, tap_index: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return merge_topk(torch.stack([old, new]), self.top_k)
@@ -210,6 +225,9 @@ class MassiveActivations(ActivationMonitor):
         for layer, reason in skipped.items():
             log.info("MassiveActivations: no emergence fit for %s: %s", layer, reason)
         self.fits, self.fit_skipped = fits, skipped
+        if trainer is not None and trainer.is_global_zero and trainer.loggers:
+            # The report lists the skipped layers; logger=False writes nothing to the working directory.
+            record_skipped(run_dir(trainer), self.prefix, "emergence fit", skipped)
         if trainer is not None and trainer.is_global_zero:
             self._log_fits(trainer)
         return fits

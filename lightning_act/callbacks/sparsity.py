@@ -11,6 +11,7 @@ from torch import nn
 from lightning_act.callbacks.base import ActivationMonitor, Partials, check_number, module_list
 from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError
+from lightning_act.stats.fused import FusedSpec, FusedStats, zero_partials_from, zero_spec
 from lightning_act.stats.sparsity import (
     TEMPORAL_SUMS,
     ZERO_SUMS,
@@ -124,10 +125,13 @@ class ActivationSparsity(ActivationMonitor):
         self._cett_grid = {}
         self._has_time = {}
 
-    def partials(self, tap_index: int, x: torch.Tensor) -> Partials:
+    def fused_spec(self, tap_index: int) -> FusedSpec | None:
+        return zero_spec(self.threshold) if tap_index in self._zero_taps else None
+
+    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
         parts = []
         if tap_index in self._zero_taps:
-            parts.append(zero_partials(x, self.threshold))
+            parts.append(zero_partials(x, self.threshold) if fused is None else zero_partials_from(fused, self.threshold))
             if self.temporal_dim is not None:
                 self._has_time[tap_index] = has_time_axis(x, self.temporal_dim)
                 if self._has_time[tap_index]:

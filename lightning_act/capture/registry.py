@@ -15,7 +15,15 @@ data-dependent Python branching inside a traced region).
 Sharing: a module tapped by several monitors gets one hook; each forward hands its activation once
 to every subscribed monitor that is armed, in the sample-first layout that monitor asked for
 (:mod:`lightning_act.capture.layout`). A subscriber implements ``receive(tap_index, x)`` and has an
-``armed`` flag; a fused statistics pass can later compute every subscriber's partials in one read.
+``armed`` flag. One read for all of them (issue 17): a subscriber that also has
+``fused_spec(tap_index)`` returning a :class:`~lightning_act.stats.fused.FusedSpec` gets
+``receive(tap_index, x, fused)``, where ``fused`` comes from a single
+:func:`~lightning_act.stats.fused.fused_statistics` pass over the union of the specs of every armed
+subscriber of that tap (per layout; in practice all share one), so a tensor tapped by three monitors
+is read once for all their fused statistics. Statistics that are not fused (CETT, temporal sparsity,
+covariances, neuron tracking) still read ``x`` themselves. The pass runs inside :func:`_deliver`,
+which is never traced, so the eager implementations (Triton on CUDA, the torch fallback elsewhere)
+serve compiled models too.
 
 Pickling: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
 when the model is pickled or deep-copied, so a copy carries an inert hook and no monitor state.
@@ -34,14 +42,16 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_act.capture.layout import Layout, to_sample_first
 from lightning_act.capture.selection import Tap
+from lightning_act.stats.fused import FusedSpec, FusedStats, fused_statistics
 
 
 class Subscriber(Protocol):
-    """What a monitor offers the registry: an ``armed`` flag and a sink for activations."""
+    """What a monitor offers the registry: an ``armed`` flag and a sink for activations (and, optionally,
+    ``fused_spec(tap_index) -> FusedSpec | None``; then ``receive`` also gets the fused statistics)."""
 
     armed: bool
 
-    def receive(self, tap_index: int, x: torch.Tensor) -> None: ...
+    def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None: ...
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -76,6 +86,11 @@ class _CaptureHook:
         return {"registry": None, "key": self.key}
 
 
+def _fused_spec(subscription: _Subscription) -> FusedSpec | None:
+    asks = getattr(subscription.subscriber, "fused_spec", None)
+    return None if asks is None else asks(subscription.tap_index)
+
+
 @torch._dynamo.disable
 def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> None:
     tensor = first_tensor(value)
@@ -83,15 +98,29 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         return
     with torch.no_grad():
         tensor = tensor.detach()
+        by_layout: dict[Layout, list[tuple[_Subscription, FusedSpec | None]]] = {}
         for sub in registry.subscriptions.get(key, ()):
             if sub.subscriber.armed:
-                sub.subscriber.receive(sub.tap_index, to_sample_first(tensor, sub.layout))
+                by_layout.setdefault(sub.layout, []).append((sub, _fused_spec(sub)))
+        for layout, members in by_layout.items():
+            x = to_sample_first(tensor, layout)
+            specs = [spec for _, spec in members if spec is not None]
+            fused: FusedStats | None = None
+            if specs:
+                fused = fused_statistics(x, specs[0].union(*specs[1:]), registry.fused_implementation)
+            for sub, spec in members:
+                if spec is None:
+                    sub.subscriber.receive(sub.tap_index, x)
+                else:
+                    sub.subscriber.receive(sub.tap_index, x, fused)
 
 
 class CaptureRegistry:
     """The shared hooks of one root module (a LightningModule); see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused_implementation: str = "auto") -> None:
+        #: How :func:`fused_statistics` runs ("auto": Triton on CUDA, the eager torch fallback elsewhere).
+        self.fused_implementation = fused_implementation
         self.subscriptions: dict[tuple[int, str], list[_Subscription]] = {}
         self.observing = False
         self._handles: dict[tuple[int, str], RemovableHandle] = {}

@@ -205,7 +205,8 @@ class DopamineSpecialisation(_Classifier):
                 gate.hardened = was_hard
         figure = plot_firing_fractions(fractions, [str(c) for c in range(self.num_classes)], title=f"{name}: fraction of inputs with z > τ per class")
         log_figure(self.trainer, figure, name)
-        torch.save(fractions, run_dir(self.trainer) / f"{name}.pt")
+        if self.trainer.loggers:  # logger=False: nothing is written to the working directory
+            torch.save(fractions, run_dir(self.trainer) / f"{name}.pt")
         return float(torch.cat([f.nanmean(dim=0) for f in fractions.values()]).mean())
 
     def configure_optimizers(self) -> dict[str, Any] | None:
