@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of the capture core (issue 11), about 3 minutes on one H100:
-#   - the monitors under Lightning's FSDP strategy (CUDA only) equal a plain run, names unwrapped;
+#   - the monitors under Lightning's FSDP strategy (CUDA only) warn once and stay idle (they are not verified there);
 #   - the slow CPU-side checks: inductor-compiled models (inner net and whole LightningModule) and
 #     MassiveActivations(probe="val") under 2-process DDP (gloo) equal one process.
 # Logs go to "$OUT" if set, else ./gpu_out.

@@ -1,10 +1,10 @@
-"""Monitors under Lightning's FSDP strategy (Lightning allows FSDP only on CUDA: skipped on CPU machines).
+"""Monitors under FSDP: they warn once and stay idle (values differed from a plain run on an H100).
 
-Run on a GPU machine with ``pytest tests/test_capture_fsdp.py`` (scripts/gpu_capture_checks.sh does).
+Lightning allows its FSDP strategy only on CUDA, so the real-FSDP test skips on CPU machines; the
+refusal itself is checked on CPU with a stand-in strategy whose class is named like Lightning's.
 """
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 
@@ -13,40 +13,44 @@ from lightning_act.callbacks import ActivationStats, DimensionalCollapse, Massiv
 from lightning_act.capture import clean_name
 
 
-
-
 def test_wrapper_parts_are_left_out_of_names():
     assert clean_name("net._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.fc") == "net.blocks.0.fc"
     assert clean_name("net._orig_mod") == "net"
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP strategy needs CUDA")
-
-
-def fit(strategy):
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    pl.seed_everything(0)
-    monitors = [
+def monitors():
+    return [
         ActivationStats(modules=["@blocks", "@activations"], every_n_steps=2),
         MassiveActivations(every_n_steps=2),
         DimensionalCollapse(every_n_steps=2),
     ]
-    kwargs = dict(accelerator="cuda", devices=1)
-    if strategy == "fsdp":
-        kwargs["strategy"] = FSDPStrategy(auto_wrap_policy={Block})
-    quiet_trainer(max_steps=4, callbacks=monitors, **kwargs).fit(ToyTask(BlockNet()), toy_loader())
-    return monitors
 
 
-@needs_cuda
-def test_fsdp_statistics_equal_the_plain_run():
-    plain = fit("auto")
-    with pytest.warns(UserWarning, match="sharded"):
-        sharded = fit("fsdp")
-    for a, b in zip(plain, sharded):
-        keys = [k for k in a.history if "params/r90" not in k]
-        assert keys and all(k in b.history for k in keys), sorted(b.history)[:5]
-        assert not any("_fsdp_wrapped_module" in k for k in b.history)
-        for key in keys:
-            np.testing.assert_allclose(b.history[key].values, a.history[key].values, rtol=1e-4, atol=1e-5, err_msg=key)
+def test_monitors_stay_idle_under_a_strategy_named_fsdp():
+    class FSDPStrategy:  # a stand-in: the monitors only look at the strategy's class name
+        pass
+
+    trainer = quiet_trainer()
+    task = ToyTask(BlockNet())
+    task.trainer = trainer
+    watched = monitors()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(trainer), "strategy", property(lambda self: FSDPStrategy()))
+        for monitor in watched:
+            with pytest.warns(UserWarning, match="not verified under FSDP"):
+                monitor.setup(trainer, task, "fit")
+    assert all(monitor.taps == [] for monitor in watched)
+    assert watched[2].param_names == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP strategy needs CUDA")
+def test_monitors_log_nothing_under_real_fsdp():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    pl.seed_everything(0)
+    watched = monitors()
+    with pytest.warns(UserWarning, match="not verified under FSDP"):
+        quiet_trainer(
+            max_steps=4, callbacks=watched, accelerator="cuda", devices=1, strategy=FSDPStrategy(auto_wrap_policy={Block})
+        ).fit(ToyTask(BlockNet()), toy_loader())
+    assert all(not monitor.history for monitor in watched)

@@ -70,8 +70,8 @@ class DimensionalCollapse(ActivationMonitor):
             ``"blocks.*.attn.qkv.weight"``); default every weight of 2 or more dims (linear and
             conv kernels, flattened) inside the ``@blocks`` modules, or of the whole model when it
             has no repeated blocks (trainable ones only: frozen weights add nothing to the
-            trajectory). ``[]`` switches it off. Under FSDP (sharded parameters) the trajectory
-            is skipped with a warning.
+            trajectory). ``[]`` switches it off. Under FSDP the whole monitor stays idle (see
+            ``docs/multi_gpu.md``).
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
             taken half as often, so the kept ones span the whole run.
         projection_dim: when the chosen weights hold more numbers than this, each snapshot is
@@ -267,13 +267,8 @@ class DimensionalCollapse(ActivationMonitor):
         # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size.
         self._rows_per_due_step = self.max_rows * trainer.accumulate_grad_batches * max(1, trainer.world_size)
         self._sketch_dims = {}
-        if self.param_names and "FSDP" in type(trainer.strategy).__name__:
-            rank_zero_warn(
-                "DimensionalCollapse: the parameters are sharded (FSDP), so collapse/params/r90 is not computed; "
-                "the activation statistics are. Pass param_patterns=[] to silence this",
-                category=UserWarning,
-            )
-            self.param_names = []
+        if "FSDP" in type(trainer.strategy).__name__:
+            self.param_names = []  # idle under FSDP, like its activation taps (see subscribe_taps' warning)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.param_names and not self._snapshots:
