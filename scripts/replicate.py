@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         config = derive_config(recipe, root / name, args.quick, edit)
         print(f"== {name}: lightning_act fit --config {config}", flush=True)
+        cpu, wall = time.process_time(), time.perf_counter()
         fit(config)
+        cost = f"{name}: {time.process_time() - cpu:.0f} s CPU, {time.perf_counter() - wall:.0f} s wall"
+        (root / name / "cost.txt").write_text(cost + "\n")
+        print(f"== {cost}", flush=True)
     if args.only is not None:
         return 0
 
