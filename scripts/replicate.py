@@ -165,7 +165,13 @@ def _figure(path: Path, title: str, curves: dict[str, tuple[np.ndarray, np.ndarr
 
 # ------------------------------------------------------------------------------------ recipes
 def massive_row(run: Path, figures: Path) -> Row:
+    def _where(layer: str) -> str:
+        """Where the largest entry sits at the last checkpoint (Sun et al.: the first token, fixed features)."""
+        token, feature = _points(tokens.get(layer, Series()))[1], _points(features.get(layer, Series()))[1]
+        return f", top at token {token[-1]:.0f}, feature {feature[-1]:.0f}" if len(token) and len(feature) else ""
+
     ratios = series_by_layer(run, "massive", "ratio")
+    tokens, features = series_by_layer(run, "massive", "top0_token"), series_by_layer(run, "massive", "top0_feature")
     parts, growths, r2s, curves = [], [], [], {}
     for layer, series in ratios.items():
         steps, values = _points(series)
@@ -183,7 +189,7 @@ def massive_row(run: Path, figures: Path) -> Row:
         short = layer.replace("model.", "")
         parts.append(
             f"{short}: {values[0]:.1f}→max {values.max():.1f} (end {values[-1]:.1f}; ×{growth:.1f} from the start, "
-            f"×{values.max() / values.min():.1f} from the minimum), R² {r2:.2f}"
+            f"×{values.max() / values.min():.1f} from the minimum), R² {r2:.2f}, {len(values)} checkpoints{_where(layer)}"
         )
         curves[f"{short} ratio"] = (steps, values)
         if fitted is not None:
