@@ -189,7 +189,7 @@ def massive_row(run: Path, figures: Path) -> Row:
         short = layer.replace("model.", "")
         parts.append(
             f"{short}: {values[0]:.1f}→max {values.max():.1f} (end {values[-1]:.1f}; ×{growth:.1f} from the start, "
-            f"×{values.max() / values.min():.1f} from the minimum), R² {r2:.2f}, {len(values)} checkpoints{_where(layer)}"
+            f"×{values.max() / values.min():.1f} from the minimum), R² {r2:.3f}, {len(values)} checkpoints{_where(layer)}"
         )
         curves[f"{short} ratio"] = (steps, values)
         if fitted is not None:
