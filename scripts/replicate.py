@@ -258,7 +258,11 @@ def initial_state(config: dict[str, Any]) -> dict[str, torch.Tensor]:
 def weight_trajectory(run: Path) -> tuple[list[int], dict[str, list[torch.Tensor]]]:
     """Steps and per-matrix block weights of a run: ``w_0``, then every saved checkpoint (Xu 2026)."""
     initial = initial_state(yaml.safe_load((run / "recipe.yaml").read_text()))
-    checkpoints = sorted(run.glob("csv/version_*/checkpoints/step=*.ckpt"), key=lambda c: int(c.stem.split("=")[1]))
+    versions = sorted(run.glob("csv/version_*"), key=lambda v: int(v.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"{run} holds no csv/version_* log; train it first (without --reuse)")
+    # The latest fit only: a rerun into the same folder logs a new version beside the old one.
+    checkpoints = sorted(versions[-1].glob("checkpoints/step=*.ckpt"), key=lambda c: int(c.stem.split("=")[1]))
     states = [initial] + [torch.load(c, map_location="cpu", weights_only=True)["state_dict"] for c in checkpoints]
     names = [n for n, w in initial.items() if n.startswith("model.blocks.") and w.dim() >= 2]
     return [0] + [int(c.stem.split("=")[1]) for c in checkpoints], {n: [s[n] for s in states] for n in names}
