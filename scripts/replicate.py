@@ -15,15 +15,16 @@ recipe that misses one is reported as not reproduced, with its numbers.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,11 +33,13 @@ if str(REPO) not in sys.path:
 
 from lightning_act.report.runlog import Series, load_run  # noqa: E402
 from lightning_act.stats.massive import fit_emergence  # noqa: E402
+from lightning_act.stats.spectrum import trajectory_r90  # noqa: E402
 
 MASSIVE_GROWTH = 5.0
 MASSIVE_R2 = 0.95
 MANIFOLD_R90 = 4
 MANIFOLD_EARLY = 0.3
+SEND_SEEDS = (0, 1, 2)
 
 
 @dataclass
@@ -66,27 +69,16 @@ def _callback(config: dict[str, Any], class_name: str) -> dict[str, Any]:
     raise KeyError(f"the recipe has no {class_name} callback")
 
 
-def _massive_probe_supported() -> bool:
-    from lightning_act.callbacks import MassiveActivations
-
-    return "probe" in inspect.signature(MassiveActivations.__init__).parameters
-
-
 def derive_config(
     recipe: str, out_dir: Path, quick: bool, edit: Callable[[dict[str, Any]], None] | None = None
-) -> tuple[Path, list[str]]:
-    """Write ``recipe`` retargeted to ``out_dir`` (shrunk when ``quick``); returns its path and notes."""
+) -> Path:
+    """Write ``recipe`` retargeted to ``out_dir`` (shrunk when ``quick``); returns its path."""
     source = REPO / "recipes" / f"{recipe}.yaml"
     config = yaml.safe_load(source.read_text())
     config = _retarget(config, f"runs/{recipe}", str(out_dir))
-    notes: list[str] = []
     trainer = config["trainer"]
     trainer["enable_progress_bar"] = False
     trainer["logger"] = [lg for lg in trainer["logger"] if lg["class_path"].endswith("CSVLogger")]
-    if recipe == "massive_lm" and not _massive_probe_supported():
-        args = _callback(config, "MassiveActivations")
-        args.pop("probe", None), args.pop("probe_batches", None)
-        notes.append("MassiveActivations has no probe= yet: measured on the training batches")
     if quick:
         _shrink(recipe, config)
     if edit is not None:
@@ -94,7 +86,7 @@ def derive_config(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "recipe.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path, notes
+    return path
 
 
 def _shrink(recipe: str, config: dict[str, Any]) -> None:
@@ -114,6 +106,7 @@ def _shrink(recipe: str, config: dict[str, Any]) -> None:
         model.update(p=23, dim=32)
         data.update(p=23, batch_size=64)
         _callback(config, "DimensionalCollapse")["every_n_steps"] = 4
+        _callback(config, "ModelCheckpoint")["every_n_train_steps"] = 4
     elif recipe == "send":
         model["model_kwargs"].update(embed_dim=48, depth=2)
         args = _callback(config, "SensitiveNeurons")
@@ -172,7 +165,13 @@ def _figure(path: Path, title: str, curves: dict[str, tuple[np.ndarray, np.ndarr
 
 # ------------------------------------------------------------------------------------ recipes
 def massive_row(run: Path, figures: Path) -> Row:
+    def _where(layer: str) -> str:
+        """Where the largest entry sits at the last checkpoint (Sun et al.: the first token, fixed features)."""
+        token, feature = _points(tokens.get(layer, Series()))[1], _points(features.get(layer, Series()))[1]
+        return f", top at token {token[-1]:.0f}, feature {feature[-1]:.0f}" if len(token) and len(feature) else ""
+
     ratios = series_by_layer(run, "massive", "ratio")
+    tokens, features = series_by_layer(run, "massive", "top0_token"), series_by_layer(run, "massive", "top0_feature")
     parts, growths, r2s, curves = [], [], [], {}
     for layer, series in ratios.items():
         steps, values = _points(series)
@@ -190,7 +189,7 @@ def massive_row(run: Path, figures: Path) -> Row:
         short = layer.replace("model.", "")
         parts.append(
             f"{short}: {values[0]:.1f}→max {values.max():.1f} (end {values[-1]:.1f}; ×{growth:.1f} from the start, "
-            f"×{values.max() / values.min():.1f} from the minimum), R² {r2:.2f}"
+            f"×{values.max() / values.min():.1f} from the minimum), R² {r2:.3f}, {len(values)} checkpoints{_where(layer)}"
         )
         curves[f"{short} ratio"] = (steps, values)
         if fitted is not None:
@@ -244,24 +243,81 @@ def _r90_at(run: Path, fraction: float) -> tuple[float, float, np.ndarray, np.nd
     return float(early.max()) if len(early) else math.nan, float(values[-1]), steps, values
 
 
+def initial_state(config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a modular-addition recipe starts from, rebuilt from its seed.
+
+    LightningCLI seeds every RNG before it builds the model, and building the model is the first
+    draw, so these are the run's ``w_0`` (tests/test_replicate.py checks this against LightningCLI).
+    """
+    from lightning_act.tasks.modular_addition import ModularAddition
+
+    torch.manual_seed(int(config["seed_everything"]))
+    return ModularAddition(**config["model"]["init_args"]).state_dict()
+
+
+def weight_trajectory(run: Path) -> tuple[list[int], dict[str, list[torch.Tensor]]]:
+    """Steps and per-matrix block weights of a run: ``w_0``, then every saved checkpoint (Xu 2026)."""
+    initial = initial_state(yaml.safe_load((run / "recipe.yaml").read_text()))
+    versions = sorted(run.glob("csv/version_*"), key=lambda v: int(v.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"{run} holds no csv/version_* log; train it first (without --reuse)")
+    # The latest fit only: a rerun into the same folder logs a new version beside the old one.
+    checkpoints = sorted(versions[-1].glob("checkpoints/step=*.ckpt"), key=lambda c: int(c.stem.split("=")[1]))
+    states = [initial] + [torch.load(c, map_location="cpu", weights_only=True)["state_dict"] for c in checkpoints]
+    names = [n for n, w in initial.items() if n.startswith("model.blocks.") and w.dim() >= 2]
+    return [0] + [int(c.stem.split("=")[1]) for c in checkpoints], {n: [s[n] for s in states] for n in names}
+
+
+def per_matrix_r90(run: Path, fraction: float) -> tuple[dict[str, tuple[float, float]], list[int]]:
+    """Per block weight matrix: (r90 over the snapshots of the first ``fraction`` of training, r90 over all)."""
+    steps, weights = weight_trajectory(run)
+    early = sum(step <= fraction * steps[-1] for step in steps)
+    out = {}
+    for name, snapshots in weights.items():
+        flat = torch.stack([w.reshape(-1).to(torch.float64) for w in snapshots])
+        out[name] = (float(trajectory_r90(flat[:early])), float(trajectory_r90(flat)))
+    return out, steps
+
+
+def _final(run: Path, key: str) -> float:
+    _, values = _points(load_run(run).series.get(key, Series()))
+    return float(values[-1]) if len(values) else math.nan
+
+
 def manifold_row(attention: Path, with_mlp: Path, figures: Path) -> Row:
     early, final, steps, values = _r90_at(attention, MANIFOLD_EARLY)
     early_mlp, final_mlp, steps_mlp, values_mlp = _r90_at(with_mlp, MANIFOLD_EARLY)
+    matrices, snapshots = per_matrix_r90(attention, MANIFOLD_EARLY)
+    matrices_mlp, _ = per_matrix_r90(with_mlp, MANIFOLD_EARLY)
     _figure(
-        figures / "execution_manifold_r90.png", "r90 of the parameter trajectory (modular addition)",
+        figures / "execution_manifold_r90.png", "r90 of the parameter trajectory, all block weights (modular addition)",
         {"attention-only": (steps, values), "with MLPs": (steps_mlp, values_mlp)}, "r90",
     )
-    reproduced = early <= MANIFOLD_R90 and early_mlp > early
+
+    def summary(per: dict[str, tuple[float, float]]) -> str:
+        early_r = np.array([e for e, _ in per.values()])
+        full_r = np.array([f for _, f in per.values()])
+        return (f"per matrix ({len(per)}): first {MANIFOLD_EARLY:.0%} median {np.median(early_r):g} (max {early_r.max():g}), "
+                f"whole run median {np.median(full_r):g} (max {full_r.max():g})")
+
+    early_att = max(e for e, _ in matrices.values())
+    # The MLP control must have a larger trajectory dimension on the matrices both models share.
+    shared = [n for n in matrices if n in matrices_mlp]
+    early_shared_mlp = max(matrices_mlp[n][0] for n in shared)
+    reproduced = early <= MANIFOLD_R90 and early_att <= MANIFOLD_R90 and early_mlp > early and early_shared_mlp > early_att
     return Row(
         "Low-Dimensional Execution Manifolds (2602.10496)",
         f"attention-only: r90 ≤ {MANIFOLD_R90} in the first {MANIFOLD_EARLY:.0%} of training; with MLPs a larger r90",
-        f"attention-only r90 (max over first {MANIFOLD_EARLY:.0%}) {early:g}, final {final:g}; "
-        f"with MLPs {early_mlp:g}, final {final_mlp:g}",
+        f"{len(snapshots)} snapshots (w_0, then every {snapshots[1] - snapshots[0]} steps). All block weights together: attention-only r90 (max over the "
+        f"first {MANIFOLD_EARLY:.0%}) {early:g}, final {final:g}; with MLPs {early_mlp:g}, final {final_mlp:g}. "
+        f"Attention-only {summary(matrices)}; with MLPs {summary(matrices_mlp)}. Validation accuracy at the end: "
+        f"{_final(attention, 'val/acc'):.2f} attention-only, {_final(with_mlp, 'val/acc'):.2f} with MLPs",
         bool(reproduced),
     )
 
 
-def _send_stats(run: Path) -> tuple[float, float, float, Series, Series]:
+def _send_stats(run: Path) -> tuple[float, float, Series]:
+    """(std of the EigenScore over checkpoints, mean sensitivity V, the EigenScore series) of one run."""
     series = load_run(run).series
     score = next((s for k, s in series.items() if k.endswith("/eigenscore")), Series())
     v_mean = next((s for k, s in series.items() if k.endswith("/v_mean")), Series())
@@ -269,26 +325,45 @@ def _send_stats(run: Path) -> tuple[float, float, float, Series, Series]:
     _, sensitivity = _points(v_mean)
     return (
         float(np.std(scores)) if len(scores) else math.nan,
-        float(np.mean(scores)) if len(scores) else math.nan,
         float(np.mean(sensitivity)) if len(sensitivity) else math.nan,
         score,
-        v_mean,
     )
 
 
-def send_row(dropped: Path, kept: Path, figures: Path) -> Row:
-    std_drop, mean_drop, v_drop, score_drop, _ = _send_stats(dropped)
-    std_keep, mean_keep, v_keep, score_keep, _ = _send_stats(kept)
-    _figure(
-        figures / "send_eigenscore.png", "EigenScore of the tracking set (penultimate features)",
-        {"SeND drop=True": _points(score_drop), "drop=False": _points(score_keep)}, "EigenScore",
+def paired_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval of paired differences (one per seed)."""
+    from scipy import stats
+
+    mean = float(np.mean(differences))
+    if len(differences) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, len(differences) - 1) * stats.sem(differences))
+    return mean, mean - half, mean + half
+
+
+def send_row(root: Path, seeds: list[int], figures: Path) -> Row:
+    drop = [_send_stats(root / f"send_drop_s{seed}") for seed in seeds]
+    keep = [_send_stats(root / f"send_keep_s{seed}") for seed in seeds]
+    curves = {}
+    for seed, (_, _, score_drop), (_, _, score_keep) in zip(seeds, drop, keep):
+        curves[f"seed {seed} drop=True"] = _points(score_drop)
+        curves[f"seed {seed} drop=False"] = _points(score_keep)
+    _figure(figures / "send_eigenscore.png", "EigenScore of the tracking set (penultimate features)", curves, "EigenScore")
+    std_diff = np.array([d[0] - k[0] for d, k in zip(drop, keep)])
+    v_diff = np.array([d[1] - k[1] for d, k in zip(drop, keep)])
+    std_mean, std_lo, std_hi = paired_interval(std_diff)
+    v_mean, v_lo, v_hi = paired_interval(v_diff)
+    # Reproduced only when both 95% intervals of drop − keep lie below zero.
+    reproduced = std_hi < 0 and v_hi < 0
+    per_seed = "; ".join(
+        f"seed {s}: std {d[0]:.3f} vs {k[0]:.3f}, V {d[1]:.3g} vs {k[1]:.3g}" for s, d, k in zip(seeds, drop, keep)
     )
-    reproduced = std_drop < std_keep and v_drop < v_keep
     return Row(
         "Hallucination Detox / SeND (2410.15460)",
         "dropping sensitive neurons lowers the sensitivity and the EigenScore's variation over training",
-        f"EigenScore std over checkpoints: drop {std_drop:.3f} vs keep {std_keep:.3f} (means {mean_drop:.2f} / "
-        f"{mean_keep:.2f}); mean sensitivity V: drop {v_drop:.3g} vs keep {v_keep:.3g}",
+        f"drop − keep over {len(seeds)} seeds (mean, 95% t-interval): EigenScore std over checkpoints "
+        f"{std_mean:+.3f} [{std_lo:+.3f}, {std_hi:+.3f}]; mean sensitivity V {v_mean:+.3g} [{v_lo:+.3g}, {v_hi:+.3g}] "
+        f"({per_seed})",
         bool(reproduced),
     )
 
@@ -300,50 +375,69 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def plan(quick: bool) -> dict[str, tuple[str, Callable[[dict[str, Any]], None] | None]]:
+    """Run name -> (recipe, edit of its config); SeND runs once per seed with and without dropping."""
+
+    def set_model(**changes: Any) -> Callable[[dict[str, Any]], None]:
+        return lambda config: config["model"]["init_args"].update(changes)
+
+    def send(drop: bool, seed: int) -> Callable[[dict[str, Any]], None]:
+        def edit(config: dict[str, Any]) -> None:
+            config["seed_everything"] = seed
+            _callback(config, "SensitiveNeurons")["drop"] = drop
+
+        return edit
+
+    runs: dict[str, tuple[str, Callable[[dict[str, Any]], None] | None]] = {
+        "massive_lm": ("massive_lm", None),
+        "lazy_neuron": ("lazy_neuron", None),
+        "execution_manifold": ("execution_manifold", None),
+        "execution_manifold_mlp": ("execution_manifold", set_model(mlp=True)),
+    }
+    for seed in SEND_SEEDS[: 2 if quick else None]:
+        runs[f"send_drop_s{seed}"] = ("send", send(True, seed))
+        runs[f"send_keep_s{seed}"] = ("send", send(False, seed))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized runs (checks the pipeline, not the science)")
     parser.add_argument("--reuse", action="store_true", help="read existing runs under --root instead of training")
+    parser.add_argument("--only", nargs="+", default=None, metavar="RUN",
+                        help="train only these runs (e.g. to run them in parallel processes), then stop; --reuse prints the table")
     parser.add_argument("--root", type=Path, default=None, help="where runs go (default runs/replicate[_quick])")
     args = parser.parse_args(argv)
     root = args.root or REPO / "runs" / ("replicate_quick" if args.quick else "replicate")
     figures = root / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-
-    def set_callback(name: str, **changes: Any) -> Callable[[dict[str, Any]], None]:
-        return lambda config: _callback(config, name).update(changes)
-
-    def set_model(**changes: Any) -> Callable[[dict[str, Any]], None]:
-        return lambda config: config["model"]["init_args"].update(changes)
-
-    plan = {
-        "massive_lm": ("massive_lm", None),
-        "lazy_neuron": ("lazy_neuron", None),
-        "execution_manifold": ("execution_manifold", None),
-        "execution_manifold_mlp": ("execution_manifold", set_model(mlp=True)),
-        "send_drop": ("send", set_callback("SensitiveNeurons", drop=True)),
-        "send_keep": ("send", set_callback("SensitiveNeurons", drop=False)),
-    }
-    notes: list[str] = []
-    for name, (recipe, edit) in plan.items():
-        if args.reuse:
+    runs = plan(args.quick)
+    unknown = sorted(set(args.only or ()) - set(runs))
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: no such run; the runs are {', '.join(runs)}")
+    for name, (recipe, edit) in runs.items():
+        if args.reuse or (args.only is not None and name not in args.only):
             continue
-        config, recipe_notes = derive_config(recipe, root / name, args.quick, edit)
-        notes += [f"{name}: {n}" for n in recipe_notes]
+        config = derive_config(recipe, root / name, args.quick, edit)
         print(f"== {name}: lightning_act fit --config {config}", flush=True)
+        cpu, wall = time.process_time(), time.perf_counter()
         fit(config)
+        cost = f"{name}: {time.process_time() - cpu:.0f} s CPU, {time.perf_counter() - wall:.0f} s wall"
+        (root / name / "cost.txt").write_text(cost + "\n")
+        print(f"== {cost}", flush=True)
+    if args.only is not None:
+        return 0
 
+    seeds = [int(name.rsplit("_s", 1)[1]) for name in runs if name.startswith("send_drop_s")]
     rows = [
         massive_row(root / "massive_lm", figures),
         lazy_row(root / "lazy_neuron", figures),
         manifold_row(root / "execution_manifold", root / "execution_manifold_mlp", figures),
-        send_row(root / "send_drop", root / "send_keep", figures),
+        send_row(root, seeds, figures),
     ]
     text = table(rows)
     print(text)
-    for note in notes:
-        print(f"note: {note}")
-    (root / "replications.md").write_text(text + "\n" + "".join(f"\nnote: {n}" for n in notes) + "\n")
+    (root / "replications.md").write_text(text + "\n")
     print(f"table and figures written to {root}")
     return 0
 
