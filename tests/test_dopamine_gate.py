@@ -83,18 +83,26 @@ def test_timm_vit_identity_at_init_and_count() -> None:
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 3 * 768 * 2
 
 
-def test_smooth_and_hard_gate_match_numpy() -> None:
-    tau = np.array([-0.5, 0.0, 0.25, 1.0])
-    gain, leak = np.array([0.5, -0.3, 1.0, 2.0]), np.array([0.0, 1.5, -0.2, 0.7])
-    z = np.random.default_rng(1).normal(size=(6, 3, 4))
-    independent = DopamineGate(nn.GELU(), num_features=4, slope=3.0).double()
-    coupled = DopamineGate(nn.GELU(), num_features=4, slope=3.0, form="coupled").double()
+def _gate_pair(
+    tau: np.ndarray, gain: np.ndarray, leak: np.ndarray, slope: float
+) -> tuple[DopamineGate, DopamineGate]:
+    """An independent-gain gate and a coupled gate (its swing = ``gain``) on GELU, in float64."""
+    independent = DopamineGate(nn.GELU(), num_features=len(tau), slope=slope).double()
+    coupled = DopamineGate(nn.GELU(), num_features=len(tau), slope=slope, form="coupled").double()
     with torch.no_grad():
         for gate in (independent, coupled):
             gate.tau.copy_(torch.from_numpy(tau))
         independent.gain.copy_(torch.from_numpy(gain))
         independent.leak.copy_(torch.from_numpy(leak))
         coupled.swing.copy_(torch.from_numpy(gain))
+    return independent, coupled
+
+
+def test_smooth_and_hard_gate_match_numpy() -> None:
+    tau = np.array([-0.5, 0.0, 0.25, 1.0])
+    gain, leak = np.array([0.5, -0.3, 1.0, 2.0]), np.array([0.0, 1.5, -0.2, 0.7])
+    z = np.random.default_rng(1).normal(size=(6, 3, 4))
+    independent, coupled = _gate_pair(tau, gain, leak, slope=3.0)
     for hard in (False, True):
         for gate in (independent, coupled):
             gate.hardened = hard
@@ -176,14 +184,7 @@ def test_gradients_match_numpy_derivatives() -> None:
     z = np.random.default_rng(2).normal(size=(5, 3))
     sig = 1.0 / (1.0 + np.exp(-2.0 * (z - tau)))
     dsig_dtau = -2.0 * sig * (1.0 - sig)
-    independent = DopamineGate(nn.GELU(), num_features=3, slope=2.0).double()
-    coupled = DopamineGate(nn.GELU(), num_features=3, slope=2.0, form="coupled").double()
-    with torch.no_grad():
-        for gate in (independent, coupled):
-            gate.tau.copy_(torch.from_numpy(tau))
-        independent.gain.copy_(torch.from_numpy(gain))
-        independent.leak.copy_(torch.from_numpy(leak))
-        coupled.swing.copy_(torch.from_numpy(gain))
+    independent, coupled = _gate_pair(tau, gain, leak, slope=2.0)
     independent(torch.from_numpy(z)).sum().backward()
     coupled(torch.from_numpy(z)).sum().backward()
     act = _numpy_gelu(z)
