@@ -16,9 +16,10 @@ registers; every comparison is made in float32, or float64 for float64 inputs):
   count). The threshold is rounded *down* to the input's compute precision, so the float32 comparison
   gives exactly the answer of comparing with the real number ``t`` (a plain ``x <= 0.1`` on bf16 compares
   with bf16(0.1) = 0.10009765625 instead);
-- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback) or float32 block
-  sums of at most 1024 terms added in float64 (Triton): relative error of the non-negative sums
-  <= ``11 * 2^-24`` (about 7e-7), of ``sum x`` the same relative to ``sum |x|``;
+- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback), float32 block
+  sums of 16 terms added in float64 (the fallback's finite CPU path) or of at most 1024 terms (Triton):
+  relative error of the non-negative sums <= ``16 * 2^-24`` (about 1e-6; Triton ``11 * 2^-24``), of ``sum x``
+  the same relative to ``sum |x|``;
 - two maxima: ``abs_max`` over finite entries (the moments' convention, 0 when there is none) and
   ``magnitude_max`` with NaN and inf ranked as ``+inf`` (the massive-activation convention);
 - per sample (row ``b`` of ``x.reshape(x.shape[0], -1)``, when a histogram or the column maximum is asked
@@ -34,7 +35,10 @@ SUM-reducible, ``maxima`` MAX-reducible, all fixed-size float64; per-sample valu
 Implementations: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``;
 :mod:`lightning_act.stats.triton_fused`), ``"torch"`` (the eager fallback), ``"compiled"`` (the same
 fallback through ``torch.compile``, which fuses it into few kernels) and ``"auto"`` (Triton for CUDA
-float16/bfloat16/float32 tensors when Triton is importable, else the eager fallback).
+float16/bfloat16/float32 tensors when Triton is importable, else the eager fallback). On a CPU the eager
+fallback first reads the maxima (no device to sync with) and, when every entry is finite, takes every
+statistic from reductions and in-place ops on one reused buffer (``_finite_cpu_pass``): eager ops that
+each allocate a tensor the size of the activation cost a CPU more in page faults than in arithmetic.
 """
 
 from __future__ import annotations
