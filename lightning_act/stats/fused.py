@@ -251,7 +251,7 @@ def _finite_histogram(work: torch.Tensor, bins: LogMagnitudeBins, keys: torch.Te
 def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
     """The fallback: one function of elementwise ops and reductions that ``torch.compile`` can fuse."""
     rows = _sample_rows(x, spec)
-    if not rows.is_cuda and not torch.compiler.is_compiling() and rows.dtype != torch.float64:
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling() and rows.dtype != torch.float64:
         finite = _finite_cpu_pass(rows.float(), spec)
         if finite is not None:
             return finite
