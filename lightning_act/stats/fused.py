@@ -16,9 +16,10 @@ registers; every comparison is made in float32, or float64 for float64 inputs):
   count). The threshold is rounded *down* to the input's compute precision, so the float32 comparison
   gives exactly the answer of comparing with the real number ``t`` (a plain ``x <= 0.1`` on bf16 compares
   with bf16(0.1) = 0.10009765625 instead);
-- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback) or float32 block
-  sums of at most 1024 terms added in float64 (Triton): relative error of the non-negative sums
-  <= ``11 * 2^-24`` (about 7e-7), of ``sum x`` the same relative to ``sum |x|``;
+- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback), float32 block
+  sums of 16 terms added in float64 (the fallback's finite CPU path) or of at most 1024 terms (Triton):
+  relative error of the non-negative sums <= ``16 * 2^-24`` (about 1e-6; Triton ``11 * 2^-24``), of ``sum x``
+  the same relative to ``sum |x|``;
 - two maxima: ``abs_max`` over finite entries (the moments' convention, 0 when there is none) and
   ``magnitude_max`` with NaN and inf ranked as ``+inf`` (the massive-activation convention);
 - per sample (row ``b`` of ``x.reshape(x.shape[0], -1)``, when a histogram or the column maximum is asked
@@ -34,7 +35,10 @@ SUM-reducible, ``maxima`` MAX-reducible, all fixed-size float64; per-sample valu
 Implementations: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``;
 :mod:`lightning_act.stats.triton_fused`), ``"torch"`` (the eager fallback), ``"compiled"`` (the same
 fallback through ``torch.compile``, which fuses it into few kernels) and ``"auto"`` (Triton for CUDA
-float16/bfloat16/float32 tensors when Triton is importable, else the eager fallback).
+float16/bfloat16/float32 tensors when Triton is importable, else the eager fallback). On a CPU the eager
+fallback first reads the maxima (no device to sync with) and, when every entry is finite, takes every
+statistic from reductions and in-place ops on one reused buffer (``_finite_cpu_pass``): eager ops that
+each allocate a tensor the size of the activation cost a CPU more in page faults than in arithmetic.
 """
 
 from __future__ import annotations
@@ -172,9 +176,85 @@ def _sample_rows(x: torch.Tensor, spec: FusedSpec) -> torch.Tensor:
     return x.reshape(1, -1)
 
 
+_cpu_scratch: dict[str, torch.Tensor] = {}
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A reused 4-byte CPU buffer of at least ``numel`` entries: allocating a fresh multi-megabyte tensor per op
+    costs a CPU more (page faults) than the op itself, so the finite fast path writes into this one."""
+    buffer = _cpu_scratch.get("float32")
+    if buffer is None or buffer.numel() < numel:
+        buffer = _cpu_scratch["float32"] = torch.empty(numel, dtype=torch.float32)
+    return buffer[:numel]
+
+
+def _block_sum(flat: torch.Tensor) -> torch.Tensor:
+    """float64 sum of a float32 vector: float32 sums of blocks of 16 entries, added in float64."""
+    main = flat.numel() - flat.numel() % 16
+    head = flat[:main].view(-1, 16).sum(1).to(torch.float64).sum()
+    return head + flat[main:].to(torch.float64).sum()
+
+
+def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...] | None:
+    """The fallback's results for a float32 CPU ``work`` (``(samples, entries)``) with no NaN or inf, from
+    reductions and in-place integer ops on one reused buffer; None when an entry is not finite.
+
+    Reading the maxima first costs no device sync on a CPU, and when every entry is finite (the usual case)
+    no finiteness masks are needed: the maximum ``|x|`` per sample, per position and overall come from
+    ``amax``/``amin`` (which propagate NaN, so any non-finite entry shows in them), the ``|x| <= t`` counts
+    from one comparison each, and the histogram from the float32 bits (the same bins as
+    :func:`log_magnitude_bin`) counted with one ``bincount``. Moment sums add float32 sums of 16-entry
+    blocks in float64 (relative error of the non-negative sums <= ``16 * 2^-24``, about 1e-6).
+    """
+    if work.numel() == 0:
+        return None
+    sample_max = torch.maximum(work.amax(1), work.amin(1).neg())
+    overall = sample_max.amax()
+    if not math.isfinite(float(overall)):
+        return None
+    flat = work.reshape(-1)
+    buffer = _scratch(flat.numel())
+    if spec.thresholds or spec.moments:
+        torch.abs(flat, out=buffer)
+    parts = [torch.zeros((), dtype=torch.float64)]
+    parts += [torch.count_nonzero(buffer <= comparable_threshold(t, torch.float32)).to(torch.float64) for t in spec.thresholds]
+    if spec.moments:
+        abs_sum = _block_sum(buffer)
+        total = _block_sum(flat)
+        torch.mul(flat, flat, out=buffer)
+        parts += [total, _block_sum(buffer), abs_sum]
+    overall = overall.to(torch.float64)
+    outputs = [torch.stack(parts), torch.stack([overall, overall]), sample_max]
+    if spec.histogram is not None:
+        outputs.append(_finite_histogram(work, spec.histogram, buffer.view(torch.int32)))
+    if spec.column_max:
+        outputs.append(torch.maximum(work.amax(0), work.amin(0).neg()))
+    return tuple(outputs)
+
+
+def _finite_histogram(work: torch.Tensor, bins: LogMagnitudeBins, keys: torch.Tensor) -> torch.Tensor:
+    """Per-row :func:`log_magnitude_bin` counts of a finite float32 ``work``, with ``keys`` as scratch."""
+    rows, entries = work.shape
+    keys = keys.view(rows, entries)
+    torch.bitwise_right_shift(work.view(torch.int32), bins.key_shift, out=keys)
+    keys.bitwise_and_(0x7FFFFFFF >> bins.key_shift)  # drop the sign bits: the key of |x|
+    keys.clamp_(bins.low_key - 1, bins.top_key).sub_(bins.low_key - 2)  # bins 1 .. size - 2, as in the window
+    keys.add_(torch.arange(rows, dtype=torch.int32).mul_(bins.size).unsqueeze(1))
+    counts = torch.bincount(keys.view(-1), minlength=rows * bins.size).view(rows, bins.size)
+    if bool(counts[:, 1].any()):  # exact zeros share the underflow key; move them to bin 0
+        zeros = entries - torch.count_nonzero(work, dim=1)
+        counts[:, 1] -= zeros
+        counts[:, 0] += zeros
+    return counts
+
+
 def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
     """The fallback: one function of elementwise ops and reductions that ``torch.compile`` can fuse."""
     rows = _sample_rows(x, spec)
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling() and rows.dtype != torch.float64:
+        finite = _finite_cpu_pass(rows.float(), spec)
+        if finite is not None:
+            return finite
     work = rows if rows.dtype == torch.float64 else rows.float()
     magnitude = work.abs()
     finite = torch.isfinite(work)
