@@ -96,6 +96,26 @@ def test_eager_fallback_matches_float64_numpy(shape: tuple[int, ...], dtype: str
     assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
 
 
+def make_finite_input(shape: tuple[int, ...], dtype: str, seed: int) -> torch.Tensor:
+    """All-finite input (the CPU fast path): zeros, -0.0, a subnormal, and magnitudes past both histogram ends."""
+    generator = torch.Generator().manual_seed(seed)
+    x = 2.0 * torch.randn(shape, generator=generator)
+    flat = x.view(-1)
+    flat[::7] = 0.0
+    flat[1] = -0.0
+    flat[2] = 1e-40 if dtype == "float32" else 1e-30  # float32 subnormal; below the window in any dtype
+    flat[4] = 0.25  # exactly on a threshold
+    flat[-1] = 5e4  # past the top of the window
+    flat[-3] = -300.0
+    return x.to(getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_eager_fallback_on_finite_input_matches_float64_numpy(shape: tuple[int, ...], dtype: str) -> None:
+    x = make_finite_input(shape, dtype, seed=10 + len(shape))
+    assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
+
+
 def test_thresholds_compare_as_real_numbers_not_in_the_input_dtype() -> None:
     """bf16(0.1) = 0.10009765625 > 0.1: it must not count as ``|x| <= 0.1`` (a bf16 comparison says it does)."""
     x = torch.tensor([0.1, -0.1, 0.09], dtype=torch.bfloat16)
