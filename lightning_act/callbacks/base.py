@@ -97,6 +97,13 @@ def training_step_index(trainer: pl.Trainer, pl_module: pl.LightningModule) -> i
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def declared_layout(batch_dim: int | None, token_dim: int | None) -> Layout | None:
+    """The layout a monitor's ``batch_dim``/``token_dim`` arguments declare, or None to infer it per tap."""
+    if batch_dim is None and token_dim is None:
+        return None
+    return Layout(0 if batch_dim is None else batch_dim, token_dim)
+
+
 def subscribe_taps(
     subscriber: Any,
     pl_module: nn.Module,
@@ -256,9 +263,7 @@ class ActivationMonitor(Callback, ABC):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        layout = None
-        if self.batch_dim is not None or self.token_dim is not None:
-            layout = Layout(0 if self.batch_dim is None else self.batch_dim, self.token_dim)
+        layout = declared_layout(self.batch_dim, self.token_dim)
         self.taps, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
         self._reset_buffers(len(self.taps))
 

@@ -48,6 +48,7 @@ from lightning_act.callbacks.base import (
     ActivationMonitor,
     check_dim,
     check_int,
+    declared_layout,
     module_list,
     subscribe_taps,
     training_step_index,
@@ -61,7 +62,7 @@ from lightning_act.callbacks.probe import (
     to_device,
     validation_batches,
 )
-from lightning_act.capture import CaptureRegistry, Layout, ModuleSpec, Tap
+from lightning_act.capture import CaptureRegistry, ModuleSpec, Tap
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
@@ -252,9 +253,7 @@ class SensitiveNeurons(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        layout = None
-        if self.batch_dim is not None or self.token_dim is not None:
-            layout = Layout(0 if self.batch_dim is None else self.batch_dim, self.token_dim)
+        layout = declared_layout(self.batch_dim, self.token_dim)
         self.taps, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
         compiled = getattr(pl_module, "_compiler_ctx", None) or any(
             isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules()
