@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-command GPU check of the fused monitor statistics (issue 17), at most ~3 minutes in all
-# (a global deadline of $BUDGET seconds, default 175, caps every step; later steps are skipped when it is spent):
+# One-command GPU check of the fused monitor statistics (issue 17), at most ~8 minutes in all
+# (a global deadline of $BUDGET seconds, default 450, caps every step; later steps are skipped when it is spent):
 #   1. the fused pass (eager fallback and Triton kernel) against float64 on fresh random inputs
 #      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA test of tests/test_fused_stats.py;
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
@@ -18,7 +18,7 @@ LOG_DIR="${OUT:-./gpu_out}"
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
-BUDGET="${BUDGET:-175}"
+BUDGET="${BUDGET:-450}"
 STATUS=0
 
 run_step() {
@@ -60,8 +60,8 @@ run_step 2_bench_stat_kernels 25 "$PYTHON" scripts/bench_stat_kernels.py --round
 
 if grep -q "fused_statistics" lightning_act/callbacks/*.py lightning_act/capture/*.py 2>/dev/null; then
   # 2 + 50 steps per fit: the 50 timed steps hold exactly one due step of the default interval.
-  run_step 3a_bench_monitor_overhead_vit 65 "$PYTHON" scripts/bench_monitor_overhead.py --per-monitor --rounds 2 --warmup 2 --steps 50
-  run_step 3b_bench_monitor_overhead_kat 40 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 50
+  run_step 3a_bench_monitor_overhead_vit 230 "$PYTHON" scripts/bench_monitor_overhead.py --per-monitor --rounds 2 --warmup 2 --steps 30
+  run_step 3b_bench_monitor_overhead_kat 120 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 30
 else
   echo "=== 3_bench_monitor_overhead: skipped (the callbacks do not call fused_statistics yet)"
 fi
