@@ -8,6 +8,7 @@ set, the rest validation. Token ``p`` is ``=``; the target is the answer in ``0 
 
 from __future__ import annotations
 
+from lightning_act.errors import ConfigError
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -34,9 +35,9 @@ class ModularAdditionDataModule(pl.LightningDataModule):
     def __init__(self, p: int = 97, train_fraction: float = 0.4, batch_size: int = 512, seed: int = 0) -> None:
         super().__init__()
         if p < 2:
-            raise ValueError(f"p={p} must be >= 2")
+            raise ConfigError(f"p={p} must be >= 2")
         if not 0.0 < train_fraction < 1.0:
-            raise ValueError(f"train_fraction={train_fraction} must be in (0, 1); the grokking setups use 0.3-0.5")
+            raise ConfigError(f"train_fraction={train_fraction} must be in (0, 1); the grokking setups use 0.3-0.5")
         self.p = p
         self.train_fraction = train_fraction
         self.batch_size = batch_size

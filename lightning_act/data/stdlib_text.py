@@ -17,6 +17,7 @@ windows of ``seq_len + 1`` bytes (inputs and next-byte targets).
 
 from __future__ import annotations
 
+from lightning_act.errors import ConfigError
 import sys
 import sysconfig
 from pathlib import Path
@@ -99,7 +100,7 @@ class StdlibTextDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if val_every < 2:
-            raise ValueError(f"val_every={val_every} must be >= 2 (every val_every-th file is a validation file)")
+            raise ConfigError(f"val_every={val_every} must be >= 2 (every val_every-th file is a validation file)")
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_every = val_every

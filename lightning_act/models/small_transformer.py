@@ -15,6 +15,7 @@ kernel, so the mask is visible and testable by hand. ``forward(ids)`` returns lo
 
 from __future__ import annotations
 
+from lightning_act.errors import ConfigError
 import math
 
 import torch
@@ -27,7 +28,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, causal: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pick a divisor of dim")
+            raise ConfigError(f"dim={dim} is not divisible by num_heads={num_heads}; pick a divisor of dim")
         self.num_heads = num_heads
         self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -56,7 +57,7 @@ class Mlp(nn.Module):
         super().__init__()
         activations = {"gelu": nn.GELU, "relu": nn.ReLU}
         if act not in activations:
-            raise ValueError(f"act={act!r} is unknown; use one of {sorted(activations)}")
+            raise ConfigError(f"act={act!r} is unknown; use one of {sorted(activations)}")
         hidden = int(dim * ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = activations[act]()
