@@ -8,10 +8,11 @@ set, the rest validation. Token ``p`` is ``=``; the target is the answer in ``0 
 
 from __future__ import annotations
 
-from lightning_act.errors import ConfigError
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_act.errors import ConfigError
 
 
 def modular_addition_pairs(p: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ windows of ``seq_len + 1`` bytes (inputs and next-byte targets).
 
 from __future__ import annotations
 
-from lightning_act.errors import ConfigError
 import sys
 import sysconfig
 from pathlib import Path
@@ -26,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_act.errors import DataNotFoundError
+from lightning_act.errors import ConfigError, DataNotFoundError
 
 _SKIPPED_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 

@@ -15,11 +15,12 @@ kernel, so the mask is visible and testable by hand. ``forward(ids)`` returns lo
 
 from __future__ import annotations
 
-from lightning_act.errors import ConfigError
 import math
 
 import torch
 from torch import nn
+
+from lightning_act.errors import ConfigError
 
 
 class CausalSelfAttention(nn.Module):
