@@ -14,14 +14,22 @@ that round's time without monitors, and the printed ratio is the median of those
     python scripts/bench_monitor_overhead.py --small            # a CPU-sized ViT, fp32
     python scripts/bench_monitor_overhead.py --per-monitor      # also each monitor alone, every step due
     python scripts/bench_monitor_overhead.py --model kat_small_patch16_224   # the same with a KAT model
+    python scripts/bench_monitor_overhead.py --diagnose --rounds 0 # where the every-step cost goes (GPU)
+
+``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
+``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, and (b) a
+profile of 3 steps: wall vs GPU-busy time and the top operators by GPU and by host time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import statistics
 import time
+import traceback
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,23 +41,21 @@ from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, Mas
 
 
 class StepTimer(pl.Callback):
-    """Wall time of each training step (forward, backward, optimizer), synchronised on CUDA."""
+    """Wall time from one training batch's start to the next's, synchronised on CUDA: forward, backward, optimizer
+    and every callback hook in between, including the monitors' end-of-step reduction and logging (a timer that
+    stopped in its own ``on_train_batch_end`` would miss the hooks of the callbacks after it)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self._start = 0.0
-
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        self._start: float | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._sync()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._sync()
-        self.times.append(time.perf_counter() - self._start)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._start is not None:
+            self.times.append(now - self._start)
+        self._start = now
 
 
 class Classifier(pl.LightningModule):
@@ -90,6 +96,7 @@ def main() -> None:
                         help="timm model name (lightning_act.models registers the KAT ones, e.g. kat_small_patch16_224)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-monitor", action="store_true", help="also time each monitor alone, every step due")
+    parser.add_argument("--diagnose", action="store_true", help="host syncs and a profile of the every-step config")
     args = parser.parse_args()
     import timm
 
@@ -101,7 +108,7 @@ def main() -> None:
         batch, image = args.batch_size or 32, 32
     else:
         model_kwargs, batch, image = {}, args.batch_size or 128, 224
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + 1  # the timer measures from one batch start to the next
     precision = "bf16-mixed" if cuda else "32-true"
     base = timm.create_model(args.model, pretrained=False, num_classes=100, **model_kwargs)
     device = "cuda" if cuda else "cpu"
@@ -117,6 +124,8 @@ def main() -> None:
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone @ every step": (1, cls) for cls in MONITORS})
     describe(args, cuda, precision, batch, model_kwargs)
+    if args.diagnose:
+        diagnose(base, train, val, precision, steps, args.warmup)
     medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
         for name, (every, only) in configs.items():
@@ -130,6 +139,72 @@ def main() -> None:
             medians[name].append(statistics.fmean(timer.times[args.warmup :]))
             print(f"round {round_index}: {name:40s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
         report(medians, round_index + 1)
+
+
+class Diagnosis(pl.Callback):
+    """From step ``start`` on: count host syncs raised under ``lightning_act`` frames, and profile 3 steps."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.syncs: collections.Counter[str] = collections.Counter()
+        self.profiler: torch.profiler.profile | None = None
+        self._show = warnings.showwarning
+        self.wall = 0.0
+
+    def _record(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" not in str(message):
+            return self._show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "lightning_act/" in f.filename and "scripts/" not in f.filename]
+        where = f"{frames[-1].filename.split('lightning_act/')[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames else None
+        self.syncs[where or "outside lightning_act"] += 1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.start:
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("warn")
+        if batch_idx == self.start + 3:
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+            warnings.showwarning = self._show
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.wall = time.perf_counter()
+        if batch_idx == self.start + 6 and self.profiler is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.wall = time.perf_counter() - self.wall
+            self.profiler.__exit__(None, None, None)
+
+
+def diagnose(base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int, warmup: int) -> None:
+    """All four monitors every step: host syncs inside lightning_act, then a 3-step profile."""
+    cuda = torch.cuda.is_available()
+    diagnosis = Diagnosis(start=min(warmup, steps - 7))
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, callbacks=[diagnosis, *monitors(1)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
+    print("host syncs in 3 steps, all four monitors every step (by the innermost lightning_act frame):")
+    for where, count in diagnosis.syncs.most_common(20):
+        print(f"  {count:5d}  {where}")
+    if diagnosis.profiler is None:
+        return
+    events = diagnosis.profiler.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"profile of 3 steps: wall {diagnosis.wall * 1e3:.1f} ms, GPU busy {busy:.1f} ms (sum of kernel times)")
+    for key in ("self_device_time_total", "self_cpu_time_total"):
+        try:
+            print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+        except (AttributeError, KeyError) as error:  # a profiler without that column
+            print(f"(no {key} table: {error!r})")
 
 
 def report(medians: dict[str, list[float]], rounds: int) -> None:

@@ -9,8 +9,7 @@ ratio is large whatever the method; the speed-up is the comparable figure there)
 
 - ``moments``: what ``ActivationStats`` + ``ActivationSparsity`` read (moments, zero count, non-finite);
 - ``massive``: what ``MassiveActivations`` reads (per-sample max and median, top-k positions);
-- ``all``: everything at once (one tensor tapped by all of them);
-- ``massive_coarse``: ``massive`` with a 1024-bin histogram (32 bins per octave) instead of 2048.
+- ``all``: everything at once (one tensor tapped by all of them).
 
 Methods: ``copy`` (``x.clone()``, the floor), ``current`` (the functions the monitors call today:
 ``moment_partials``, ``zero_partials``, ``block_magnitude`` + ``massive_partials_from_magnitude`` +
@@ -20,10 +19,15 @@ fallback through ``torch.compile``; compile time excluded and printed), ``triton
     OMP_NUM_THREADS=1 python scripts/bench_stat_kernels.py --small           # CPU
     python scripts/bench_stat_kernels.py                                     # GPU
     python scripts/bench_stat_kernels.py --check                             # GPU: fused vs float64 first
+    python scripts/bench_stat_kernels.py --sweep --no-compiled               # GPU: Triton launch configurations
     OMP_NUM_THREADS=1 python scripts/bench_stat_kernels.py --collapse        # the 8192-wide collapse sketch
 
 ``--check`` compares every available implementation with a float64 computation on fresh random inputs
-(several shapes and dtypes, NaN/inf, odd sizes) before timing, and exits non-zero on a mismatch.
+(several shapes and dtypes, NaN/inf, odd sizes) before timing, and exits non-zero on a mismatch; on CUDA it
+also runs each implementation under ``torch.cuda.set_sync_debug_mode("error")``, so a host sync inside the
+statistics (which would stall the training step at every tapped tensor) fails the check. ``--sweep`` times the
+Triton kernels under several launch configurations (``lightning_act.stats.triton_fused`` constants), each
+checked against float64 first.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from lightning_act.stats.fused import (  # noqa: E402
     zero_partials_from,
     zero_spec,
 )
-from lightning_act.stats.histogram_median import LogMagnitudeBins, log_magnitude_histogram  # noqa: E402
+from lightning_act.stats.histogram_median import histogram_median, log_magnitude_histogram  # noqa: E402
 from lightning_act.stats.massive import (  # noqa: E402
     block_magnitude,
     massive_partials_from_magnitude,
@@ -68,8 +72,6 @@ GROUPS = {
     "massive": massive_spec(),
 }
 GROUPS["all"] = GROUPS["moments"].union(GROUPS["massive"])
-# The histogram's cost grows with its bins: half the bins (bound 3.1% instead of 1.6%) for comparison.
-GROUPS["massive_coarse"] = massive_spec(LogMagnitudeBins(sub_bits=5, size=1024))
 
 
 def current(x: torch.Tensor, group: str) -> list[torch.Tensor]:
@@ -128,7 +130,7 @@ def call(method: str, x: torch.Tensor, group: str) -> object:
 
 def bench_tensor(name: str, x: torch.Tensor, args: argparse.Namespace) -> None:
     for group in GROUPS:
-        methods = methods_for(x.device, not args.no_compiled and group != "massive_coarse")
+        methods = methods_for(x.device, not args.no_compiled)
         for method in methods:  # warm-up (and compilation, timed separately)
             start = time.perf_counter()
             call(method, x, group)
@@ -163,7 +165,7 @@ def reference(x: torch.Tensor) -> dict[str, torch.Tensor]:
         "nonfinite": (~finite).sum().double(), "zeros": (finite & (mag <= 0)).sum().double(),
         "sum": clean.sum(), "sq_sum": clean.square().sum(), "abs_sum": clean.abs().sum(),
         "abs_max": torch.where(finite, mag, torch.zeros_like(mag)).max(), "magnitude_max": ranked.max(),
-        "sample_max": ranked.amax(1), "column_max": ranked.amax(0),
+        "sample_max": ranked.amax(1), "column_max": ranked.amax(0), "ranked": ranked,
     }
 
 
@@ -187,10 +189,23 @@ def check(device: torch.device, with_compiled: bool) -> bool:
             flat[int(torch.randint(n, (), generator=generator))] = value
         x = x.to(device)
         ref = reference(x)
-        expected_hist = log_magnitude_histogram(x.float(), spec.histogram, dim=0)
+        bins = spec.median
+        expected_median = histogram_median(log_magnitude_histogram(x.float(), bins, dim=0), bins)
+        abs_threshold, ratio_threshold = spec.massive
+        ranked = ref["ranked"]
+        expected_count = ((ranked > abs_threshold) & (ranked >= ratio_threshold * expected_median[:, None])).sum(1).double()
+        expected_count = torch.where(torch.isnan(expected_median), expected_median, expected_count)
         for implementation in implementations:
             try:
-                stats = fused_statistics(x, spec, implementation)
+                if device.type == "cuda":
+                    fused_statistics(x, spec, implementation)  # first call: compilation and cached constants
+                    torch.cuda.synchronize(device)
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    stats = fused_statistics(x, spec, implementation)
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
                 scale = float(ref["abs_sum"]) + 1e-30
                 errors = {
                     "nonfinite": float(stats.value("nonfinite") - ref["nonfinite"]),
@@ -202,11 +217,14 @@ def check(device: torch.device, with_compiled: bool) -> bool:
                     "magnitude_max": float(stats.value("magnitude_max") != ref["magnitude_max"]),
                     "sample_max": float((stats.sample_magnitude_max != ref["sample_max"]).sum()),
                     "column_max": float((stats.column_max.double() != ref["column_max"]).sum()),
-                    "histogram": float((stats.sample_histogram != expected_hist).sum()),
+                    "median": float((~torch.isclose(stats.sample_median, expected_median, rtol=0, atol=0,
+                                                    equal_nan=True)).sum()),
+                    "massive_count": float((~torch.isclose(stats.sample_massive_count, expected_count, rtol=0, atol=0,
+                                                           equal_nan=True)).sum()),
                 }
                 good = (
                     errors["nonfinite"] == errors["zeros"] == errors["abs_max"] == errors["magnitude_max"] == 0
-                    and errors["sample_max"] == errors["column_max"] == errors["histogram"] == 0
+                    and errors["sample_max"] == errors["column_max"] == errors["median"] == errors["massive_count"] == 0
                     and abs(errors["sum"]) <= 1e-6 and abs(errors["sq_sum"]) <= 1e-6 and abs(errors["abs_sum"]) <= 1e-6
                 )
             except Exception as error:  # noqa: BLE001 - a check script reports every failure and goes on
@@ -214,6 +232,71 @@ def check(device: torch.device, with_compiled: bool) -> bool:
             ok &= good
             print(f"  {'ok ' if good else 'BAD'} {implementation:8s} {shape} {dtype}: {errors}")
     return ok
+
+
+# --------------------------------------------------------------------------------------------- sweep
+# (BLOCK, INNER, NUM_WARPS, COLUMN_BLOCK, ROWS_PER_PROGRAM) of lightning_act.stats.triton_fused; the first is the default.
+SWEEP_NAMES = ("BLOCK", "INNER", "NUM_WARPS", "COLUMN_BLOCK", "ROWS_PER_PROGRAM")
+SWEEP = [(1024, 8, 4, 1024, 8), (2048, 4, 4, 1024, 8), (1024, 8, 8, 1024, 8), (512, 16, 4, 1024, 8),
+         (2048, 4, 8, 2048, 16), (4096, 2, 8, 1024, 8), (1024, 8, 4, 512, 4), (1024, 8, 4, 2048, 16)]
+
+
+def same_statistics(a, b) -> bool:
+    """Two FusedStats agree: sums to 1e-6 relative, every count, maximum, median and per-position maximum exactly."""
+    pairs = [(a.maxima, b.maxima), (a.sample_magnitude_max, b.sample_magnitude_max), (a.sample_median, b.sample_median),
+             (a.sample_massive_count, b.sample_massive_count), (a.column_max, b.column_max)]
+    exact = all((x is None and y is None) or torch.equal(torch.nan_to_num(x, nan=-1.0), torch.nan_to_num(y, nan=-1.0))
+                for x, y in pairs)
+    return exact and bool(torch.allclose(a.sums, b.sums, rtol=1e-6, atol=0))
+
+
+def sweep(args: argparse.Namespace, device: torch.device) -> None:
+    """Time the Triton kernels under each launch configuration, interleaved round by round, after checking each
+    configuration's statistics against the eager fallback (itself checked against float64 by ``--check``)."""
+    from lightning_act.stats import triton_fused
+
+    default = tuple(getattr(triton_fused, name) for name in SWEEP_NAMES)
+    generator = torch.Generator().manual_seed(1)
+    batch, tokens, width = (16, 65, 192) if args.small else (128, 197, 384)
+    tensors = {name: torch.randn(batch, tokens, features, generator=generator).to(device=device, dtype=torch.bfloat16)
+               for name, features in (("gelu", 4 * width), ("block", width))}
+    cases = [("gelu", "moments"), ("block", "massive"), ("gelu", "all")]
+    reference_stats = {case: fused_statistics(tensors[case[0]], GROUPS[case[1]], "torch") for case in cases}
+
+    def apply(config: tuple[int, ...]) -> None:
+        for name, value in zip(SWEEP_NAMES, config):
+            setattr(triton_fused, name, value)
+
+    usable = []
+    for config in SWEEP:
+        apply(config)
+        try:
+            good = all(same_statistics(fused_statistics(tensors[t], GROUPS[g], "triton"), reference_stats[(t, g)])
+                       for t, g in cases)
+        except Exception as error:  # noqa: BLE001 - report and skip a configuration that does not launch
+            print(f"  sweep {config}: {error!r}")
+            good = False
+        print(f"  sweep {dict(zip(SWEEP_NAMES, config))}: {'ok' if good else 'MISMATCH (not timed)'}")
+        if good:
+            usable.append(config)
+    times = {(config, case): [] for config in usable for case in cases}
+    copies = {name: [] for name in tensors}
+    for _ in range(args.rounds):
+        for name, x in tensors.items():
+            copies[name].append(time_call(x.clone, args.iters, device))
+        for config in usable:
+            apply(config)
+            for t, g in cases:
+                times[(config, (t, g))].append(time_call(lambda: fused(tensors[t], g, "triton"), args.iters, device))
+    apply(default)
+    print("Triton launch configurations (median ms per call over rounds; x copy of the same tensor):")
+    print("  " + " ".join(f"{n:>16s}" for n in SWEEP_NAMES) + "".join(f"  {t + ' ' + g:>22s}" for t, g in cases))
+    for config in usable:
+        cells = []
+        for t, g in cases:
+            ms = statistics.median(times[(config, (t, g))]) * 1e3
+            cells.append(f"{ms:8.3f} ms ({ms / (statistics.median(copies[t]) * 1e3):5.1f}x)")
+        print("  " + " ".join(f"{v:16d}" for v in config) + "".join(f"  {c:>22s}" for c in cells))
 
 
 # ------------------------------------------------------------------------------------------ collapse
@@ -255,6 +338,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="first check every implementation against float64")
     parser.add_argument("--check-only", action="store_true", help="only the check")
     parser.add_argument("--collapse", action="store_true", help="only the wide-layer DimensionalCollapse sketch")
+    parser.add_argument("--sweep", action="store_true", help="only the Triton launch-configuration sweep")
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--collapse-rounds", type=int, default=2)
@@ -274,6 +358,9 @@ def main() -> None:
         if args.check_only:
             sys.exit(0 if ok else 1)
     args.iters = args.iters or (20 if device.type == "cuda" else 3)
+    if args.sweep:
+        sweep(args, device)
+        return
     batch, tokens, width = (16, 65, 192) if args.small else (128, 197, 384)
     generator = torch.Generator().manual_seed(0)
     for name, features in (("gelu", 4 * width), ("block", width)):

@@ -4,11 +4,12 @@
 #   1. the fused pass (eager fallback and Triton kernel) against float64 on fresh random inputs
 #      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA test of tests/test_fused_stats.py;
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
-#   3. when the callbacks call the fused pass, the training-step overhead of the monitors
-#      (scripts/bench_monitor_overhead.py: ViT-S/16 batch 128 bf16-mixed, no monitors / all four at the
-#      default interval / all four every step / each alone every step; then the same three first
-#      configurations with kat_small_patch16_224). It prints its ratio table after every round, so a
-#      time-out still leaves the finished rounds' ratios in the log.
+#   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
+#   3. a diagnosis of the every-step configuration (host syncs inside lightning_act, a 3-step profile), then
+#      the training-step overhead of the monitors (scripts/bench_monitor_overhead.py: ViT-S/16 batch 128
+#      bf16-mixed, no monitors / all four at the default interval / all four every step / each alone every
+#      step; then the same three first configurations with kat_small_patch16_224). It prints its ratio table
+#      after every round, so a time-out still leaves the finished rounds' ratios in the log.
 # Each step is time-boxed; a failing step prints its error and the next one still runs.
 # Logs go to "$OUT" when set, else ./gpu_out. Run from the repository root:
 #   bash scripts/gpu_check_monitors.sh            (PYTHON=python3 to pick the interpreter)
@@ -54,17 +55,20 @@ run_step() {
   git rev-parse HEAD 2>/dev/null
 } | tee "$LOG_DIR/0_environment.log"
 
-run_step 1a_check_fused 25 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
-run_step 1b_cuda_test 20 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py -k cuda
-run_step 2_bench_stat_kernels 25 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
+# STEPS picks the steps to run (default: all), e.g. STEPS="1a 2 3d" for a quick diagnosis.
+STEPS="${STEPS:-1a 1b 2 2b 3d 3a 3b}"
+wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-if grep -q "fused_statistics" lightning_act/callbacks/*.py lightning_act/capture/*.py 2>/dev/null; then
-  # 2 + 50 steps per fit: the 50 timed steps hold exactly one due step of the default interval.
-  run_step 3a_bench_monitor_overhead_vit 230 "$PYTHON" scripts/bench_monitor_overhead.py --per-monitor --rounds 2 --warmup 2 --steps 30
-  run_step 3b_bench_monitor_overhead_kat 120 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 30
-else
-  echo "=== 3_bench_monitor_overhead: skipped (the callbacks do not call fused_statistics yet)"
-fi
+wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
+wants 1b && run_step 1b_cuda_test 30 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py -k cuda
+wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
+wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
+# Host syncs inside lightning_act and a 3-step profile of all four monitors every step.
+wants 3d && run_step 3d_diagnose_every_step 60 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
+# 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
+# hooks' cost when not due; --steps 50 times one due step).
+wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20
+wants 3b && run_step 3b_bench_monitor_overhead_kat 90 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 20
 
 echo "logs in $LOG_DIR; overall status $STATUS; ${SECONDS}s"
 exit "$STATUS"

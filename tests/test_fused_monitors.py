@@ -33,7 +33,7 @@ def test_one_fused_pass_per_forward_serves_every_monitor_of_a_tap(monkeypatch: p
     trainer.fit(ToyTask(tiny_mlp()), toy_loader(batch_size=8))
     assert len(calls) == 2  # one ReLU output per step, read once for all three monitors
     spec = calls[0][1]
-    assert spec.thresholds == (0.0, 0.01) and spec.moments and spec.histogram is not None and spec.column_max
+    assert spec.thresholds == (0.0, 0.01) and spec.moments and spec.median is not None and spec.massive is not None and spec.column_max
     zero_frac = trainer.callback_metrics["sparsity/net.2/zero_frac"].item()
     assert 0.0 < zero_frac < 1.0  # ReLU of random inputs: some zeros, not all
     exact_zeros = trainer.callback_metrics["act/net.2/zero_frac"].item()  # ActivationStats counts |x| <= 0

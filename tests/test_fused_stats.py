@@ -30,7 +30,7 @@ from lightning_act.stats.fused import (
     zero_partials_from,
     zero_spec,
 )
-from lightning_act.stats.histogram_median import LogMagnitudeBins, log_magnitude_histogram
+from lightning_act.stats.histogram_median import LogMagnitudeBins, histogram_median, log_magnitude_histogram
 from lightning_act.stats.massive import massive_partials, topk_positions
 from lightning_act.stats.moments import moment_partials
 from lightning_act.stats.sparsity import zero_partials
@@ -38,6 +38,15 @@ from lightning_act.stats.sparsity import zero_partials
 SPEC = moment_spec(0.0).union(zero_spec(0.25), massive_spec())
 # (shape, dtype): odd sizes that leave partial blocks, a 4-D conv map, one sample, fp16/bf16.
 CASES = [((3, 5, 7), "float32"), ((2, 3, 4, 5), "bfloat16"), ((1, 1031), "float16"), ((4, 2053), "float32")]
+
+
+def split_median_input() -> torch.Tensor:
+    """Rows whose two middle order statistics lie far apart (in different coarse bins of the two-level histogram)."""
+    x = torch.ones(3, 2000)
+    x[0, 1000:] = 1000.0
+    x[1, :999] = -1e-3
+    x[2, ::2] = 0.0
+    return x
 
 
 def make_input(shape: tuple[int, ...], dtype: str, seed: int) -> torch.Tensor:
@@ -86,13 +95,36 @@ def assert_matches_numpy(x: torch.Tensor, stats, spec: FusedSpec) -> None:
     assert stats.value("magnitude_max").item() == ref["magnitude_max"]
     np.testing.assert_array_equal(stats.sample_magnitude_max.numpy(), ref["sample_max"])
     np.testing.assert_array_equal(stats.column_max.double().numpy(), ref["column_max"])
-    expected_hist = log_magnitude_histogram(x.float(), spec.histogram, dim=0)
-    assert torch.equal(stats.sample_histogram, expected_hist)
+    assert_median_and_massive_count(x, stats, spec)
+
+
+def assert_median_and_massive_count(x: torch.Tensor, stats, spec: FusedSpec) -> None:
+    """The median is exactly the estimate of the full reference histogram (scatter-add of every entry's bin),
+    within one bin of numpy's median; the massive count is numpy's count at that median."""
+    bins = spec.median
+    expected = histogram_median(log_magnitude_histogram(x.float(), bins, dim=0), bins).numpy()
+    median = stats.sample_median.double().numpy()
+    np.testing.assert_array_equal(median, expected)
+    ranked = np.abs(x.double().numpy().reshape(x.shape[0], -1))
+    ranked[np.isnan(ranked)] = np.inf
+    exact = np.median(ranked, axis=1)
+    known = np.isfinite(median) & (exact > 0) & np.isfinite(exact)
+    assert np.all(np.abs(median[known] / exact[known] - 1) <= bins.relative_width)
+    abs_threshold, ratio_threshold = spec.massive
+    with np.errstate(invalid="ignore"):
+        count = ((ranked > abs_threshold) & (ranked >= ratio_threshold * median[:, None])).sum(1).astype(np.float64)
+    count[np.isnan(median)] = np.nan
+    np.testing.assert_array_equal(stats.sample_massive_count.double().numpy(), count)
 
 
 @pytest.mark.parametrize("shape,dtype", CASES)
 def test_eager_fallback_matches_float64_numpy(shape: tuple[int, ...], dtype: str) -> None:
     x = make_input(shape, dtype, seed=len(shape))
+    assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
+
+
+def test_eager_fallback_medians_far_apart_match_float64_numpy() -> None:
+    x = split_median_input()
     assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
 
 
@@ -152,13 +184,15 @@ def test_massive_partials_from_histogram_match_exact_within_the_median_bound() -
 
 
 def test_rank_partials_reduce_to_the_whole_with_one_sum_and_one_max() -> None:
-    """Two "ranks" holding halves of the batch: SUM of sums and layer histograms, MAX of maxima = the whole."""
+    """Two "ranks" holding halves of the batch: SUM of sums, MAX of maxima, per-sample values = the whole."""
     x = make_input((6, 11, 13), "bfloat16", seed=4)
     whole = fused_statistics(x, SPEC, "torch")
     halves = [fused_statistics(part, SPEC, "torch") for part in x.split(3)]
     np.testing.assert_allclose((halves[0].sums + halves[1].sums).numpy(), whole.sums.numpy(), rtol=1e-12)
     assert torch.equal(torch.maximum(halves[0].maxima, halves[1].maxima), whole.maxima)
-    assert torch.equal(halves[0].layer_histogram + halves[1].layer_histogram, whole.layer_histogram)
+    for name in ("sample_median", "sample_massive_count", "sample_magnitude_max"):
+        parts = torch.cat([getattr(half, name) for half in halves])
+        np.testing.assert_array_equal(parts.numpy(), getattr(whole, name).numpy())
 
 
 @pytest.mark.parametrize("shape", [(5, 40), (3, 6, 10), (2, 4, 3, 5)])
@@ -170,7 +204,7 @@ def test_topk_positions_match_the_monitors_layout(shape: tuple[int, ...]) -> Non
 
 def test_spec_union_and_bad_input() -> None:
     spec = moment_spec(0.0).union(zero_spec(0.0), zero_spec(1e-3))
-    assert spec.thresholds == (0.0, 1e-3) and spec.moments and spec.histogram is None and not spec.per_sample
+    assert spec.thresholds == (0.0, 1e-3) and spec.moments and spec.median is None and not spec.per_sample
     stats = fused_statistics(torch.zeros(0, 3), spec, "torch")
     assert stats.value("count").item() == 0 and stats.value("abs_max").item() == 0
     with pytest.raises(KeyError, match="was not computed"):
@@ -179,6 +213,10 @@ def test_spec_union_and_bad_input() -> None:
         FusedSpec(thresholds=(-1.0,))
     with pytest.raises(ValueError, match="different histogram layouts"):
         massive_spec().union(massive_spec(LogMagnitudeBins(sub_bits=5, size=1024)))
+    with pytest.raises(ValueError, match="different massive thresholds"):
+        massive_spec().union(massive_spec(abs_threshold=50.0))
+    with pytest.raises(ValueError, match="needs the median"):
+        FusedSpec(massive=(100.0, 1000.0))
     with pytest.raises(ValueError, match="needs a CUDA tensor"):
         if os.environ.get("TRITON_INTERPRET") != "1" and importlib.util.find_spec("triton") is not None:
             fused_statistics(torch.ones(3), zero_spec(0.0), "triton")
@@ -189,13 +227,12 @@ def test_spec_union_and_bad_input() -> None:
 TRITON_CHECKER = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_fused_stats import CASES, SPEC, make_input
+from test_fused_stats import CASES, SPEC, make_input, split_median_input
 from lightning_act.stats.fused import fused_statistics
 out = []
-for shape, dtype in CASES:
-    x = make_input(shape, dtype, seed=len(shape))
+for x in [make_input(shape, dtype, seed=len(shape)) for shape, dtype in CASES] + [split_median_input()]:
     s = fused_statistics(x, SPEC, "triton")
-    out.append((x, s.sums, s.maxima, s.sample_magnitude_max, s.sample_histogram, s.column_max))
+    out.append((x, s.sums, s.maxima, s.sample_magnitude_max, s.sample_median, s.sample_massive_count, s.column_max))
 torch.save(out, sys.argv[2])
 """
 
@@ -210,40 +247,56 @@ def test_triton_kernel_matches_float64_numpy_under_interpreter(tmp_path: Path) -
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    for (x, sums, maxima, sample_max, hist, column) in torch.load(output):
-        stats = FusedStats(SPEC, tuple(x.shape), sums, maxima, sample_max, hist, column)
+    for (x, *fields) in torch.load(output):
+        stats = FusedStats(SPEC, tuple(x.shape), *fields)
         assert_matches_numpy(x, stats, SPEC)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_kernel_matches_float64_numpy_on_cuda() -> None:
-    for shape, dtype in [*CASES, ((128, 197, 384), "bfloat16"), ((16, 197, 1536), "float16")]:
-        x = make_input(shape, dtype, seed=3)
+    inputs = [make_input(shape, dtype, seed=3) for shape, dtype in [*CASES, ((128, 197, 384), "bfloat16"),
+                                                                     ((16, 197, 1536), "float16")]]
+    for x in [*inputs, split_median_input()]:
         stats = fused_statistics(x.cuda(), SPEC, "triton")
-        cpu = type(stats)(SPEC, stats.shape, *(t.cpu() for t in (stats.sums, stats.maxima, stats.sample_magnitude_max,
-                                                                   stats.sample_histogram, stats.column_max)))
+        fields = (stats.sums, stats.maxima, stats.sample_magnitude_max, stats.sample_median, stats.sample_massive_count,
+                  stats.column_max)
+        cpu = type(stats)(SPEC, stats.shape, *(t.cpu() for t in fields))
         assert_matches_numpy(x, cpu, SPEC)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernel_compiles_for_hopper_without_spills() -> None:
+def test_triton_kernels_compile_for_hopper_without_spills() -> None:
     """Ahead-of-time compile to sm_90 (no GPU needed): catches what the interpreter forgives (e.g. globals)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lightning_act.stats.triton_fused import _fused_statistics_kernel as kernel
+    from lightning_act.stats import triton_fused
 
-    pointers = {"x_ptr": "*bf16", "thresholds_ptr": "*fp32", "scalars_ptr": "*fp64", "maxima_ptr": "*fp32",
-                "histogram_ptr": "*i32", "column_max_ptr": "*i32"}
-    scalars = {"cols": "i32", "split_len": "i32", "splits": "i32", "low_key": "i32"}
     bins = LogMagnitudeBins()
-    constants = {"N_THRESHOLDS": 2, "THRESHOLD_PAD": 2, "MOMENTS": True, "HISTOGRAM": True, "BINS": bins.size,
-                 "KEY_SHIFT": bins.key_shift, "COLUMN_MAX": True, "N_SCALARS": 6, "BLOCK": 1024}
-    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
-    source = ASTSource(
-        fn=kernel, signature=signature,
-        constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()},
-    )
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    assert ".local" not in compiled.asm["ptx"]
+    shift = (bins.size.bit_length() - 1) // 2
+    kernels = [
+        (triton_fused._row_statistics_kernel,
+         {"x_ptr": "*bf16", "thresholds_ptr": "*fp32", "scalars_ptr": "*fp64", "maxima_ptr": "*fp32", "coarse_ptr": "*i32",
+          "cols": "i32", "split_len": "i32", "splits": "i32", "low_key": "i32"},
+         {"N_THRESHOLDS": 2, "THRESHOLD_PAD": 2, "MOMENTS": True, "HISTOGRAM": True, "BINS": bins.size,
+          "KEY_SHIFT": bins.key_shift, "COARSE_SHIFT": shift, "N_SCALARS": 6, "BLOCK": triton_fused.BLOCK,
+          "INNER": triton_fused.INNER}),
+        (triton_fused._refine_histogram_kernel,
+         {"x_ptr": "*bf16", "targets_ptr": "*i32", "fine_ptr": "*i32", "cols": "i32", "split_len": "i32", "low_key": "i32"},
+         {"BINS": bins.size, "KEY_SHIFT": bins.key_shift, "COARSE_SHIFT": shift, "SUB": 1 << shift,
+          "BLOCK": triton_fused.BLOCK}),
+        (triton_fused._column_statistics_kernel,
+         {"x_ptr": "*bf16", "row_thresholds_ptr": "*fp32", "column_max_ptr": "*fp32", "counts_ptr": "*i32",
+          "rows": "i32", "cols": "i32", "column_blocks": "i32"},
+         {"COUNT": True, "COLUMN_MAX": True, "ROWS_PER_PROGRAM": triton_fused.ROWS_PER_PROGRAM,
+          "COLUMN_BLOCK": triton_fused.COLUMN_BLOCK}),
+    ]
+    for kernel, runtime, constants in kernels:
+        signature = {**runtime, **{name: "constexpr" for name in constants}}
+        source = ASTSource(
+            fn=kernel, signature=signature,
+            constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()},
+        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert ".local" not in compiled.asm["ptx"], kernel.fn.__name__

@@ -13,7 +13,7 @@ import torch
 
 from lightning_act.stats.histogram_median import (
     LogMagnitudeBins,
-    histogram_count_at_least,
+    device_edges,
     histogram_median,
     log_magnitude_bin,
     log_magnitude_histogram,
@@ -106,30 +106,9 @@ def test_unknown_and_non_finite_medians_are_never_made_up() -> None:
     assert torch.isnan(histogram_median(empty, BINS)).all()
 
 
-def test_count_at_least_brackets_the_exact_count() -> None:
-    rng = np.random.default_rng(11)
-    rows = numpy_rows("heavy_tailed_massive", rng)
-    x = torch.from_numpy(rows).float()
-    magnitude = np.abs(x.double().numpy())
-    hist = log_magnitude_histogram(x, BINS, dim=0)
-    lower, upper = BINS.edges()
-    for threshold in (0.5, 3.0, 150.0, 2500.0):
-        t = torch.full((rows.shape[0],), threshold, dtype=torch.float64)
-        got = histogram_count_at_least(hist, t, BINS).numpy()
-        exact = (magnitude >= threshold).sum(1)
-        index = int(log_magnitude_bin(torch.tensor([threshold]), BINS))
-        in_threshold_bin = hist[:, index].numpy()
-        assert np.all(np.abs(got - exact) <= in_threshold_bin + 1e-9)
-    above_window = torch.full((rows.shape[0],), 1e5, dtype=torch.float64)
-    got = histogram_count_at_least(hist, above_window, BINS)
-    overflow = hist[:, BINS.size - 2] > 0
-    assert overflow.any() and (~overflow).any()
-    assert torch.isnan(got[overflow]).all()
-    np.testing.assert_array_equal(got[~overflow].numpy(), (magnitude >= 1e5).sum(1)[~overflow.numpy()])
-
-
-def test_invalid_layouts_are_refused_with_the_fix() -> None:
-    with pytest.raises(ValueError, match="power of two"):
-        LogMagnitudeBins(size=1000)
-    with pytest.raises(ValueError, match="normal float32 range"):
-        LogMagnitudeBins(low_exponent=120, size=1 << 14)
+def test_device_edges_equal_the_exact_edges() -> None:
+    """The edges the estimates use are built on the device from the keys; they must equal the numpy ones."""
+    for bins in (BINS, LogMagnitudeBins(sub_bits=3, low_exponent=-8, size=64)):
+        lower, upper = device_edges(bins, "cpu")
+        expected_lower, expected_upper = bins.edges()
+        assert torch.equal(lower, expected_lower) and torch.equal(upper, expected_upper)

@@ -135,7 +135,7 @@ class MassiveActivations(ActivationMonitor):
 
     # ------------------------------------------------------------------ statistics
     def fused_spec(self, tap_index: int) -> FusedSpec:
-        return massive_spec(self.bins)
+        return massive_spec(self.bins, self.abs_threshold, self.ratio_threshold)
 
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
         if x.dim() < 2:
@@ -149,8 +149,8 @@ class MassiveActivations(ActivationMonitor):
             return None
         self._has_token[tap_index] = has_token_axis(x)
         if fused is None:
-            fused = fused_statistics(x, massive_spec(self.bins))
-        sums, maxima = massive_partials_from(fused, self.abs_threshold, self.ratio_threshold)
+            fused = fused_statistics(x, self.fused_spec(tap_index))
+        sums, maxima = massive_partials_from(fused)
         return Partials(sums=sums, maxima=maxima, samples=topk_positions_from(fused, self.top_k))
 
     def merge_samples(self, tap_index: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

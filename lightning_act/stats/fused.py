@@ -2,8 +2,8 @@
 
 Each monitor declares what it needs from a tapped tensor as a :class:`FusedSpec` (``moment_spec``,
 ``zero_spec``, ``massive_spec``); the specs of all monitors tapping one module are merged with
-:meth:`FusedSpec.union`, and :func:`fused_statistics` reads the activation once and returns
-:class:`FusedStats`. Small adapters (``moment_partials_from`` ...) turn that into exactly the partial
+:meth:`FusedSpec.union`, and :func:`fused_statistics` reads the activation once (on a GPU, twice more when
+medians, massive counts or per-position maxima are asked for) and returns :class:`FusedStats`. Small adapters (``moment_partials_from`` ...) turn that into exactly the partial
 buffers each monitor already reduces and summarises, so no statistic changes meaning. Statistics no spec
 asked for are not computed (each is a compile-time switch of the kernel and a Python branch of the
 fallback).
@@ -16,21 +16,25 @@ registers; every comparison is made in float32, or float64 for float64 inputs):
   count). The threshold is rounded *down* to the input's compute precision, so the float32 comparison
   gives exactly the answer of comparing with the real number ``t`` (a plain ``x <= 0.1`` on bf16 compares
   with bf16(0.1) = 0.10009765625 instead);
-- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback), float32 block
-  sums of 16 terms added in float64 (the fallback's finite CPU path) or of at most 1024 terms (Triton):
-  relative error of the non-negative sums <= ``16 * 2^-24`` (about 1e-6; Triton ``11 * 2^-24``), of ``sum x``
-  the same relative to ``sum |x|``;
+- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback), or float32 sums
+  of at most 16 terms (the fallback's finite CPU path: blocks of 16 entries; Triton: 8 entries per lane)
+  added in float64: relative error of the non-negative sums <= ``16 * 2^-24`` (about 1e-6), of ``sum x`` the
+  same relative to ``sum |x|``;
 - two maxima: ``abs_max`` over finite entries (the moments' convention, 0 when there is none) and
   ``magnitude_max`` with NaN and inf ranked as ``+inf`` (the massive-activation convention);
-- per sample (row ``b`` of ``x.reshape(x.shape[0], -1)``, when a histogram or the column maximum is asked
-  for): ``sample_magnitude_max`` and the log-magnitude histogram ``sample_histogram``
-  (:mod:`lightning_act.stats.histogram_median`; its sum over samples is the layer's histogram);
+- per sample (row ``b`` of ``x.reshape(x.shape[0], -1)``, when a median or the column maximum is asked
+  for): ``sample_magnitude_max``, ``sample_median`` (the median of ``|x|`` estimated from a log-magnitude
+  histogram, :mod:`lightning_act.stats.histogram_median`, relative error <= 1.56%) and
+  ``sample_massive_count`` (entries with ``|x| > abs_threshold`` and ``|x| >= ratio_threshold * median``,
+  counted exactly at that median). The Triton path builds the histogram in two levels (coarse bins, then
+  the fine bins of the two coarse bins holding the middle order statistics), which gives the full
+  histogram's estimate exactly for the price of two small-histogram passes;
 - ``column_max``: per position (flat index within a sample) the maximum ``|x|`` over samples, from which
   the top-k distinct positions are one small ``topk`` (the full tensor is never sorted).
 
-Reductions across ranks (torchtitan style, no host sync): ``sums`` and ``layer_histogram`` are
-SUM-reducible, ``maxima`` MAX-reducible, all fixed-size float64; per-sample values are consumed locally
-(e.g. medians) and only their sums are reduced.
+Reductions across ranks (torchtitan style, no host sync): ``sums`` are SUM-reducible, ``maxima``
+MAX-reducible, all fixed-size float64; per-sample values are consumed locally (each sample lives on one
+rank) and only their sums are reduced.
 
 Implementations: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``;
 :mod:`lightning_act.stats.triton_fused`), ``"torch"`` (the eager fallback), ``"compiled"`` (the same
@@ -52,12 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lightning_act.stats.histogram_median import (
-    LogMagnitudeBins,
-    histogram_count_at_least,
-    histogram_median,
-    log_magnitude_bin,
-)
+from lightning_act.stats.histogram_median import LogMagnitudeBins, histogram_median, log_magnitude_bin
 from lightning_act.stats.massive import MASSIVE_SUMS
 from lightning_act.stats.moments import MOMENT_SUMS
 
@@ -68,12 +67,15 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class FusedSpec:
-    """What one pass computes: ``thresholds`` for ``|x| <= t`` counts, ``moments`` (sums of x, x², |x|),
-    a per-sample log-magnitude ``histogram`` (its bin layout) and the per-position ``column_max``."""
+    """What one pass computes: ``thresholds`` for ``|x| <= t`` counts, ``moments`` (sums of x, x², |x|), the
+    per-sample ``median`` of ``|x|`` (from a log-magnitude histogram of that layout), the per-sample ``massive``
+    count ``|x| > abs_threshold and |x| >= ratio_threshold * median`` (a pair ``(abs_threshold, ratio_threshold)``;
+    needs ``median``) and the per-position ``column_max``."""
 
     thresholds: tuple[float, ...] = ()
     moments: bool = False
-    histogram: LogMagnitudeBins | None = None
+    median: LogMagnitudeBins | None = None
+    massive: tuple[float, float] | None = None
     column_max: bool = False
 
     def __post_init__(self) -> None:
@@ -81,23 +83,33 @@ class FusedSpec:
         if bad:
             raise ValueError(f"thresholds {bad} must be finite and >= 0; pass magnitudes such as 0.0 or 1e-3")
         object.__setattr__(self, "thresholds", tuple(sorted(set(float(t) for t in self.thresholds))))
+        if self.massive is not None:
+            if self.median is None:
+                raise ValueError("a massive count needs the median; pass median=LogMagnitudeBins() too")
+            if not all(t >= 0 for t in self.massive):
+                raise ValueError(f"massive thresholds {self.massive} must be numbers >= 0")
+            object.__setattr__(self, "massive", (float(self.massive[0]), float(self.massive[1])))
 
     def union(self, *others: FusedSpec) -> FusedSpec:
         """The spec computing everything any of ``self`` and ``others`` asks for (one pass for all monitors)."""
         specs = (self, *others)
-        histograms = {s.histogram for s in specs if s.histogram is not None}
-        if len(histograms) > 1:
-            raise ValueError(f"monitors ask for different histogram layouts {histograms}; use one LogMagnitudeBins")
+        medians = {s.median for s in specs if s.median is not None}
+        if len(medians) > 1:
+            raise ValueError(f"monitors ask for different histogram layouts {medians}; use one LogMagnitudeBins")
+        massive = {s.massive for s in specs if s.massive is not None}
+        if len(massive) > 1:
+            raise ValueError(f"monitors ask for different massive thresholds {massive}; tap the module with one")
         return FusedSpec(
             thresholds=tuple(t for s in specs for t in s.thresholds),
             moments=any(s.moments for s in specs),
-            histogram=next(iter(histograms), None),
+            median=next(iter(medians), None),
+            massive=next(iter(massive), None),
             column_max=any(s.column_max for s in specs),
         )
 
     @property
     def per_sample(self) -> bool:
-        return self.histogram is not None or self.column_max
+        return self.median is not None or self.column_max
 
     @property
     def sum_names(self) -> tuple[str, ...]:
@@ -116,9 +128,11 @@ def zero_spec(threshold: float = 0.0) -> FusedSpec:
     return FusedSpec(thresholds=(threshold,))
 
 
-def massive_spec(bins: LogMagnitudeBins = LogMagnitudeBins()) -> FusedSpec:
+def massive_spec(
+    bins: LogMagnitudeBins = LogMagnitudeBins(), abs_threshold: float = 100.0, ratio_threshold: float = 1000.0
+) -> FusedSpec:
     """What :func:`massive_partials_from` and :func:`topk_positions_from` need (``MassiveActivations``)."""
-    return FusedSpec(histogram=bins, column_max=True)
+    return FusedSpec(median=bins, massive=(abs_threshold, ratio_threshold), column_max=True)
 
 
 @dataclass
@@ -130,7 +144,8 @@ class FusedStats:
     sums: torch.Tensor
     maxima: torch.Tensor
     sample_magnitude_max: torch.Tensor | None = None
-    sample_histogram: torch.Tensor | None = None
+    sample_median: torch.Tensor | None = None
+    sample_massive_count: torch.Tensor | None = None
     column_max: torch.Tensor | None = None
     _index: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
@@ -148,11 +163,6 @@ class FusedStats:
     def at_most(self, threshold: float) -> torch.Tensor:
         """Count of entries with ``|x| <= threshold`` (the threshold must be in the spec)."""
         return self.value(f"at_most:{float(threshold)!r}")
-
-    @property
-    def layer_histogram(self) -> torch.Tensor | None:
-        """SUM-reducible histogram of the whole tensor (float64)."""
-        return None if self.sample_histogram is None else self.sample_histogram.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------- the pass
@@ -179,12 +189,12 @@ def _sample_rows(x: torch.Tensor, spec: FusedSpec) -> torch.Tensor:
 _cpu_scratch: dict[str, torch.Tensor] = {}
 
 
-def _scratch(numel: int) -> torch.Tensor:
+def _scratch(numel: int, name: str = "magnitude") -> torch.Tensor:
     """A reused 4-byte CPU buffer of at least ``numel`` entries: allocating a fresh multi-megabyte tensor per op
-    costs a CPU more (page faults) than the op itself, so the finite fast path writes into this one."""
-    buffer = _cpu_scratch.get("float32")
+    costs a CPU more (page faults) than the op itself, so the finite fast path writes into these."""
+    buffer = _cpu_scratch.get(name)
     if buffer is None or buffer.numel() < numel:
-        buffer = _cpu_scratch["float32"] = torch.empty(numel, dtype=torch.float32)
+        buffer = _cpu_scratch[name] = torch.empty(numel, dtype=torch.float32)
     return buffer[:numel]
 
 
@@ -195,9 +205,31 @@ def _block_sum(flat: torch.Tensor) -> torch.Tensor:
     return head + flat[main:].to(torch.float64).sum()
 
 
-def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...] | None:
+def massive_row_thresholds(median: torch.Tensor, massive: tuple[float, float]) -> torch.Tensor:
+    """float32 per-row threshold ``t``: for every float32 magnitude ``m``, ``m >= t`` exactly when
+    ``m > abs_threshold`` and ``m >= ratio_threshold * median`` as real numbers (NaN where the median is NaN).
+
+    Sun et al. 2024 (arXiv 2402.17762) call an activation massive when it is both above an absolute threshold
+    and far above its sample's median; one comparison per entry then counts both conditions.
+    """
+    abs_threshold, ratio_threshold = massive
+    above_abs = float(np.nextafter(np.float32(comparable_threshold(abs_threshold, torch.float32)), np.float32(np.inf)))
+    relative = ratio_threshold * median.to(torch.float64)
+    rounded = relative.to(torch.float32)
+    up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+    rounded = torch.where(rounded.to(torch.float64) < relative, up, rounded)
+    return torch.clamp_min(rounded, above_abs)
+
+
+def _massive_count(ranked: torch.Tensor, thresholds: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
+    """Per row, the count of ``ranked >= thresholds[row]`` (float64), NaN where the median is unknown."""
+    count = torch.count_nonzero(ranked >= thresholds[:, None], dim=1).to(torch.float64)
+    return torch.where(torch.isnan(median), torch.full_like(count, float("nan")), count)
+
+
+def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor] | None:
     """The fallback's results for a float32 CPU ``work`` (``(samples, entries)``) with no NaN or inf, from
-    reductions and in-place integer ops on one reused buffer; None when an entry is not finite.
+    reductions and in-place integer ops on reused buffers; None when an entry is not finite.
 
     Reading the maxima first costs no device sync on a CPU, and when every entry is finite (the usual case)
     no finiteness masks are needed: the maximum ``|x|`` per sample, per position and overall come from
@@ -214,22 +246,27 @@ def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor,
         return None
     flat = work.reshape(-1)
     buffer = _scratch(flat.numel())
-    if spec.thresholds or spec.moments:
+    if spec.thresholds or spec.moments or spec.massive:
         torch.abs(flat, out=buffer)
     parts = [torch.zeros((), dtype=torch.float64)]
     parts += [torch.count_nonzero(buffer <= comparable_threshold(t, torch.float32)).to(torch.float64) for t in spec.thresholds]
+    overall = overall.to(torch.float64)
+    out = {"maxima": torch.stack([overall, overall]), "sample_max": sample_max}
+    if spec.median is not None:
+        keys = _scratch(flat.numel(), "keys").view(torch.int32)
+        out["median"] = median = histogram_median(_finite_histogram(work, spec.median, keys), spec.median)
+        if spec.massive is not None:
+            magnitude = buffer.view(work.shape)
+            out["massive_count"] = _massive_count(magnitude, massive_row_thresholds(median, spec.massive), median)
     if spec.moments:
         abs_sum = _block_sum(buffer)
         total = _block_sum(flat)
         torch.mul(flat, flat, out=buffer)
         parts += [total, _block_sum(buffer), abs_sum]
-    overall = overall.to(torch.float64)
-    outputs = [torch.stack(parts), torch.stack([overall, overall]), sample_max]
-    if spec.histogram is not None:
-        outputs.append(_finite_histogram(work, spec.histogram, buffer.view(torch.int32)))
+    out["scalars"] = torch.stack(parts)
     if spec.column_max:
-        outputs.append(torch.maximum(work.amax(0), work.amin(0).neg()))
-    return tuple(outputs)
+        out["column_max"] = torch.maximum(work.amax(0), work.amin(0).neg())
+    return out
 
 
 def _finite_histogram(work: torch.Tensor, bins: LogMagnitudeBins, keys: torch.Tensor) -> torch.Tensor:
@@ -248,7 +285,7 @@ def _finite_histogram(work: torch.Tensor, bins: LogMagnitudeBins, keys: torch.Te
     return counts
 
 
-def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
+def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
     """The fallback: one function of elementwise ops and reductions that ``torch.compile`` can fuse."""
     rows = _sample_rows(x, spec)
     if rows.device.type == "cpu" and not torch.compiler.is_compiling() and rows.dtype != torch.float64:
@@ -275,23 +312,27 @@ def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
         abs_max = clean_magnitude.amax()
     # Any NaN or inf ranks as +inf, so the overall ranked maximum needs no pass of its own.
     ranked_max = torch.where(nonfinite > 0, torch.full_like(abs_max, float("inf")), abs_max)
-    outputs = [torch.stack(parts), torch.stack([abs_max.to(torch.float64), ranked_max.to(torch.float64)])]
-    if spec.per_sample:
-        inf = torch.full((), float("inf"), dtype=work.dtype, device=work.device)
-        ranked = torch.where(torch.isnan(magnitude), inf, magnitude)
-        if rows.shape[1] == 0:
-            outputs.append(torch.zeros(rows.shape[0], dtype=work.dtype, device=work.device))
-        else:
-            outputs.append(ranked.amax(1))
+    out = {"scalars": torch.stack(parts), "maxima": torch.stack([abs_max.to(torch.float64), ranked_max.to(torch.float64)])}
+    if not spec.per_sample:
+        out["sample_max"] = ranked_max.reshape(1)
+        return out
+    inf = torch.full((), float("inf"), dtype=work.dtype, device=work.device)
+    ranked = torch.where(torch.isnan(magnitude), inf, magnitude)
+    if rows.shape[1] == 0:
+        out["sample_max"] = torch.zeros(rows.shape[0], dtype=work.dtype, device=work.device)
     else:
-        outputs.append(ranked_max.reshape(1))
-    if spec.histogram is not None:
-        index = log_magnitude_bin(magnitude, spec.histogram)
-        counts = torch.zeros(rows.shape[0], spec.histogram.size, dtype=torch.int32, device=work.device)
-        outputs.append(counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32)))
+        out["sample_max"] = ranked.amax(1)
+    if spec.median is not None:
+        index = log_magnitude_bin(magnitude, spec.median)
+        counts = torch.zeros(rows.shape[0], spec.median.size, dtype=torch.int32, device=work.device)
+        counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+        out["median"] = median = histogram_median(counts, spec.median)
+        if spec.massive is not None:
+            thresholds = massive_row_thresholds(median, spec.massive).to(work.dtype)
+            out["massive_count"] = _massive_count(ranked, thresholds, median)
     if spec.column_max:
-        outputs.append(ranked.amax(0))
-    return tuple(outputs)
+        out["column_max"] = ranked.amax(0)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,26 +344,73 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> tuple[torch.Tensor, ...]:
-    from lightning_act.stats.triton_fused import fused_statistics_triton
+_device_thresholds_cache: dict[tuple[tuple[float, ...], str], torch.Tensor] = {}
+
+
+def _device_thresholds(thresholds: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The thresholds as a float32 vector on ``device``, made once per (thresholds, device): a host-to-device
+    copy waits for the device, and a wait per tapped tensor would stall the training step."""
+    key = (thresholds, str(device))
+    values = _device_thresholds_cache.get(key)
+    if values is None:
+        rounded = [comparable_threshold(t, torch.float32) for t in thresholds] or [-1.0]  # a kernel needs a pointer
+        values = _device_thresholds_cache[key] = torch.tensor(rounded, dtype=torch.float32, device=device)
+    return values
+
+
+def coarse_shift(bins: LogMagnitudeBins) -> int:
+    """log2 of the fine bins per coarse bin of the two-level histogram: balances the two histograms' bin counts."""
+    return (bins.size.bit_length() - 1) // 2
+
+
+def _refined_median(rows: torch.Tensor, coarse: torch.Tensor, bins: LogMagnitudeBins, shift: int) -> torch.Tensor:
+    """Per-row :func:`histogram_median` from the coarse histogram and the fine bins of the two coarse bins that hold
+    the middle order statistics: the same estimate, bit for bit, as from the full histogram (the cumulative counts
+    before and inside those two coarse bins are exact)."""
+    from lightning_act.stats.triton_fused import refine_histogram
+
+    n_rows, entries = rows.shape
+    cumulative = coarse.cumsum(1)
+    coarse_bins, sub = coarse.shape[1], 1 << shift
+    targets = torch.stack([(cumulative < rank).sum(1) for rank in ((entries + 1) // 2, entries // 2 + 1)], 1)
+    targets = targets.clamp_max(coarse_bins - 1).to(torch.int32)
+    fine = refine_histogram(rows, targets, (bins.size, bins.key_shift, bins.low_key), shift)
+    same = (targets[:, 0] == targets[:, 1])[:, None]
+    fine_high = torch.where(same, fine[:, 0], fine[:, 1])
+    histogram = torch.zeros(n_rows, coarse_bins, sub, dtype=torch.int32, device=rows.device)
+    histogram[:, :, 0] = coarse
+    for target, counts in ((targets[:, 0], fine[:, 0]), (targets[:, 1], fine_high)):
+        histogram.scatter_(1, target.long()[:, None, None].expand(-1, 1, sub), counts[:, None, :])
+    return histogram_median(histogram.view(n_rows, bins.size), bins)
+
+
+def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
+    from lightning_act.stats.triton_fused import column_statistics, row_statistics
 
     rows = _sample_rows(x, spec).contiguous()
-    thresholds = torch.tensor(
-        [comparable_threshold(t, torch.float32) for t in spec.thresholds], dtype=torch.float32, device=x.device
-    )
-    bins = spec.histogram
-    scalars, maxima, histogram, column = fused_statistics_triton(
-        rows, thresholds, spec.moments, None if bins is None else (bins.size, bins.key_shift, bins.low_key), spec.column_max
-    )
+    bins = spec.median
+    shift = 1 if bins is None else coarse_shift(bins)
+    layout = None if bins is None else (bins.size, bins.key_shift, bins.low_key)
+    thresholds = _device_thresholds(spec.thresholds, x.device)
+    scalars, maxima, coarse = row_statistics(rows, thresholds, len(spec.thresholds), spec.moments, layout, shift)
     sample_max = maxima[:, 1]
-    totals = scalars.sum(0)
-    combined = torch.stack([maxima[:, 0].amax().to(torch.float64), sample_max.amax().to(torch.float64)])
-    outputs = [totals, combined, sample_max]
-    if histogram is not None:
-        outputs.append(histogram)
-    if column is not None:
-        outputs.append(column)
-    return tuple(outputs)
+    out = {
+        "scalars": scalars.sum(0),
+        "maxima": torch.stack([maxima[:, 0].amax().to(torch.float64), sample_max.amax().to(torch.float64)]),
+        "sample_max": sample_max,
+    }
+    median = None
+    if bins is not None:
+        assert coarse is not None
+        out["median"] = median = _refined_median(rows, coarse, bins, shift)
+    row_thresholds = None if spec.massive is None or median is None else massive_row_thresholds(median, spec.massive)
+    if row_thresholds is not None or spec.column_max:
+        column, counts = column_statistics(rows, row_thresholds, spec.column_max)
+        if counts is not None and median is not None:
+            out["massive_count"] = torch.where(torch.isnan(median), torch.full_like(median, float("nan")), counts.double())
+        if column is not None:
+            out["column_max"] = column
+    return out
 
 
 def _resolve(x: torch.Tensor, implementation: str) -> str:
@@ -343,24 +431,26 @@ def _resolve(x: torch.Tensor, implementation: str) -> str:
 
 
 def fused_statistics(x: torch.Tensor, spec: FusedSpec, implementation: str = "auto") -> FusedStats:
-    """Every statistic ``spec`` asks for, from one read of ``x`` (no host sync); see the module docstring."""
+    """Every statistic ``spec`` asks for, from few reads of ``x`` and no host sync; see the module docstring."""
     x = x.detach()
     how = _resolve(x, implementation)
     if how == "triton" and x.numel() > 0:
-        outputs = _triton_pass(x, spec)
+        out = _triton_pass(x, spec)
     elif how == "compiled":
-        outputs = _compiled_pass(spec)(x)
+        out = _compiled_pass(spec)(x)
     else:
-        outputs = _torch_pass(x, spec)
-    scalars, maxima, sample_max, *rest = outputs
+        out = _torch_pass(x, spec)
     count = torch.full((1,), float(x.numel()), dtype=torch.float64, device=x.device)
-    stats = FusedStats(spec=spec, shape=tuple(x.shape), sums=torch.cat([count, scalars.to(torch.float64)]), maxima=maxima)
+    stats = FusedStats(spec=spec, shape=tuple(x.shape), sums=torch.cat([count, out["scalars"].to(torch.float64)]),
+                       maxima=out["maxima"])
     if spec.per_sample:
-        stats.sample_magnitude_max = sample_max.to(torch.float64)
-    if spec.histogram is not None:
-        stats.sample_histogram = rest.pop(0).to(torch.float64)
+        stats.sample_magnitude_max = out["sample_max"].to(torch.float64)
+    if spec.median is not None:
+        stats.sample_median = out["median"]
+    if spec.massive is not None:
+        stats.sample_massive_count = out["massive_count"]
     if spec.column_max:
-        stats.column_max = rest.pop(0).float()
+        stats.column_max = out["column_max"].float()
     return stats
 
 
@@ -378,26 +468,20 @@ def zero_partials_from(stats: FusedStats, threshold: float = 0.0) -> torch.Tenso
     return torch.stack([stats.value("count"), stats.value("nonfinite"), stats.at_most(threshold)])
 
 
-def massive_partials_from(
-    stats: FusedStats, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def massive_partials_from(stats: FusedStats) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sums, maxima)`` as :func:`lightning_act.stats.massive.massive_partials` lays them out.
 
     The per-sample median is the histogram estimate (:func:`histogram_median`, relative error <= the bin
-    width) and the massive count is estimated from the same histogram at the threshold
-    ``max(abs_threshold, ratio_threshold * median)`` (:func:`histogram_count_at_least`).
+    width, 1.56% by default) and the massive count is exact at the threshold that median gives
+    (:func:`massive_row_thresholds`; NaN for a sample whose median is unknown).
     """
-    if stats.sample_histogram is None or stats.sample_magnitude_max is None or len(stats.shape) < 2:
+    if stats.sample_median is None or stats.sample_massive_count is None or stats.sample_magnitude_max is None:
         raise ValueError("massive partials need a (batch, ...) tensor and a spec from massive_spec()")
-    bins = stats.spec.histogram
-    assert bins is not None
-    median = histogram_median(stats.sample_histogram, bins)
-    top1 = stats.sample_magnitude_max
-    threshold = torch.clamp_min(ratio_threshold * median, abs_threshold)
-    threshold = torch.where(torch.isnan(median), median, threshold)
-    count = histogram_count_at_least(stats.sample_histogram, threshold, bins)
+    if len(stats.shape) < 2:
+        raise ValueError("massive partials need a (batch, ...) tensor and a spec from massive_spec()")
+    median, top1 = stats.sample_median, stats.sample_magnitude_max
     samples = torch.full((), float(top1.numel()), dtype=torch.float64, device=top1.device)
-    sums = torch.stack([samples, median.sum(), (top1 / median).sum(), count.sum()])
+    sums = torch.stack([samples, median.sum(), (top1 / median).sum(), stats.sample_massive_count.sum()])
     assert sums.numel() == len(MASSIVE_SUMS)
     return sums, top1.amax().reshape(1)
 

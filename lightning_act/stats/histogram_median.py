@@ -96,6 +96,26 @@ class LogMagnitudeBins:
         return torch.from_numpy(lower).to(device), torch.from_numpy(upper).to(device)
 
 
+_edges_cache: dict[tuple[LogMagnitudeBins, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def device_edges(bins: LogMagnitudeBins, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`LogMagnitudeBins.edges` on ``device``, built there from the bin keys and kept: copying them from
+    the host for every estimate would make each a host sync (a host-to-device copy waits for the device)."""
+    key = (bins, str(device))
+    cached = _edges_cache.get(key)
+    if cached is not None:
+        return cached
+    keys = torch.arange(bins.low_key, bins.top_key + 1, dtype=torch.int32, device=device)
+    window = (keys << bins.key_shift).view(torch.float32).to(torch.float64)
+    zero, inf = torch.zeros(1, dtype=torch.float64, device=device), torch.full((1,), float("inf"), dtype=torch.float64, device=device)
+    lower = torch.cat([zero, zero, window[:-1], window[-1:], inf])
+    upper = torch.cat([zero, window[:1], window[1:], inf, inf])
+    if not torch.compiler.is_compiling():
+        _edges_cache[key] = (lower, upper)
+    return lower, upper
+
+
 def log_magnitude_bin(magnitude: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor:
     """Bin index (int64) of each float32 ``|x|`` (NaN and inf go to the non-finite bin)."""
     bits = magnitude.to(torch.float32).view(torch.int32) & 0x7FFFFFFF
@@ -117,7 +137,7 @@ def log_magnitude_histogram(x: torch.Tensor, bins: LogMagnitudeBins, dim: int | 
 def histogram_order_statistic(hist: torch.Tensor, rank: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor:
     """Estimate of the ``rank``-th smallest ``|x|`` (1-based, float64, one per row of ``hist``); see the module doc."""
     hist = hist.to(torch.float64)
-    lower, upper = bins.edges(hist.device)
+    lower, upper = device_edges(bins, hist.device)
     cumulative = hist.cumsum(-1)
     rank = rank.to(torch.float64)
     index = torch.searchsorted(cumulative, rank.unsqueeze(-1)).clamp_max(bins.size - 1)
@@ -144,25 +164,3 @@ def histogram_median(hist: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor
     low = histogram_order_statistic(hist, lower_rank, bins)
     high = histogram_order_statistic(hist, upper_rank, bins)
     return (low + high) / 2
-
-
-def histogram_count_at_least(hist: torch.Tensor, threshold: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor:
-    """Estimated count of entries with ``|x| >= threshold`` (one finite threshold >= 0 per row of ``hist``).
-
-    Bins wholly above count fully; the bin holding the threshold counts the fraction of its width above it
-    (the same even-spread model as the median). NaN when the threshold is NaN or falls inside the overflow
-    bin while that bin has entries (their position in it is unknown).
-    """
-    hist = hist.to(torch.float64)
-    lower, upper = bins.edges(hist.device)
-    t = threshold.to(torch.float64).unsqueeze(-1)
-    width = upper - lower
-    finite_width = torch.isfinite(width) & (width > 0)
-    fraction = ((upper - t) / torch.where(finite_width, width, torch.ones_like(width))).clamp(0.0, 1.0)
-    fraction = torch.where(t <= lower, torch.ones_like(fraction), fraction)
-    fraction = torch.where(t > upper, torch.zeros_like(fraction), fraction)
-    fraction = torch.where(finite_width | (t <= lower) | (t > upper), fraction, torch.full_like(fraction, float("nan")))
-    fraction[..., -1] = 1.0
-    contributions = torch.where(hist > 0, hist * fraction, torch.zeros_like(hist))
-    count = contributions.sum(-1)
-    return torch.where(torch.isnan(threshold), torch.full_like(count, float("nan")), count)

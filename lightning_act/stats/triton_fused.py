@@ -1,22 +1,28 @@
-"""Triton kernel of the fused statistics pass (:mod:`lightning_act.stats.fused`): one read of the activation.
+"""Triton kernels of the fused statistics (:mod:`lightning_act.stats.fused`): a few reads of the activation,
+each at memory speed.
 
 Only imported when Triton is importable. Under ``TRITON_INTERPRET=1`` (set before Triton is first imported)
-the same kernel runs on CPU tensors, which is how it is tested without a GPU.
+the same kernels run on CPU tensors, which is how they are tested without a GPU.
 
-Layout: the activation is a contiguous ``(rows, cols)`` matrix (rows = samples when per-sample statistics
-are asked for, else one row). Program ``(row, split)`` reads ``split_len`` consecutive entries of one row in
-blocks of ``BLOCK``, all in float32 registers, and
+The activation is a contiguous ``(rows, cols)`` matrix (rows = samples when per-sample statistics are asked
+for, else one row). Three kernels, each launched only when a statistic needs it:
 
-- writes its scalar partials (non-finite count, counts of ``|x| <= t``, and for moments the sums of ``x``,
-  ``x^2`` and ``|x|``) to its own slot of a ``(rows * splits, n)`` float64 buffer, later added by
-  ``torch.sum`` in a fixed order: no float atomics, so the result is deterministic. Each block's sum is
-  taken in float32 by ``tl.sum`` (a tree over at most ``BLOCK`` terms, relative error of a sum of
-  non-negative terms <= ``log2(BLOCK) * 2^-24``) and added to a float64 accumulator;
-- writes its two maxima (``max |x|`` over finite entries; ``max |x|`` with NaN and inf as ``+inf``);
-- adds its block histograms (``tl.histogram`` of the log-magnitude bin of every entry) to its row of an
-  int32 ``(rows, bins)`` buffer with integer atomics (exact and order-free);
-- raises a per-column maximum of ``|x|`` (NaN as inf) with ``atomic_max`` on the int32 bit patterns, which
-  order like the magnitudes for non-negative floats (exact and order-free).
+1. ``_row_statistics_kernel``, program ``(row, split)`` over ``split_len`` consecutive entries of one row: the
+   non-finite count, counts of ``|x| <= t``, sums of ``x``, ``x^2``, ``|x|``, both maxima of ``|x|``, and the
+   *coarse* log-magnitude histogram of the row (each coarse bin is ``2^coarse_shift`` consecutive bins of the
+   :class:`~lightning_act.stats.histogram_median.LogMagnitudeBins` layout). Every per-entry statistic is
+   accumulated per lane in registers and reduced across lanes once, at the end of the program: a
+   cross-lane reduction per block (what the first kernel did, 7 per 1024 entries) costs more than the
+   memory read. Sums: float32 per lane over ``INNER`` blocks, then float64 (relative error of the
+   non-negative sums <= ``INNER * 2^-24``). Partials go to the program's own slot and are added by
+   ``torch.sum`` in a fixed order (deterministic); the coarse histogram is added with integer atomics (exact).
+2. ``_refine_histogram_kernel``, same grid: the fine bins of the two coarse bins per row that hold the median's
+   two middle order statistics. With (1) this gives exactly the cumulative counts the full histogram would give
+   at those bins, so the median estimate is the full histogram's, bit for bit, while every ``tl.histogram``
+   has few bins (its cost grows with the bin count: 2048 bins made the first kernel 2.3x slower than a sort).
+3. ``_column_statistics_kernel``, program ``(column block, row group)``: the per-position maximum of ``|x|``
+   over the rows of its group (NaN as inf; partial maxima per group, max-reduced by ``torch.amax``: no
+   atomics) and per row the count of ``|x| >= threshold[row]`` (the massive-activation count).
 
 Masked lanes (past the end of a row) load 0 and are excluded from every count, histogram and maximum.
 """
@@ -28,19 +34,30 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+INNER = 8
 TARGET_PROGRAMS = 1024
+COLUMN_BLOCK = 1024
+ROWS_PER_PROGRAM = 8
+NUM_WARPS = 4
 # A global read inside a compiled (not interpreted) kernel must be a constexpr.
 INF_BITS = tl.constexpr(0x7F800000)
 
 
 @triton.jit
-def _fused_statistics_kernel(
+def _fine_bin(bits, low_key, BINS: tl.constexpr, KEY_SHIFT: tl.constexpr):
+    """The LogMagnitudeBins index of ``|x|`` given its float32 bits with the sign cleared."""
+    window = tl.minimum(tl.maximum((bits >> KEY_SHIFT) - low_key + 2, 1), BINS - 2)
+    index = tl.where(bits == 0, 0, window)
+    return tl.where(bits < INF_BITS, index, BINS - 1)
+
+
+@triton.jit
+def _row_statistics_kernel(
     x_ptr,
     thresholds_ptr,
     scalars_ptr,
     maxima_ptr,
-    histogram_ptr,
-    column_max_ptr,
+    coarse_ptr,
     cols,
     split_len,
     splits,
@@ -51,8 +68,86 @@ def _fused_statistics_kernel(
     HISTOGRAM: tl.constexpr,
     BINS: tl.constexpr,
     KEY_SHIFT: tl.constexpr,
-    COLUMN_MAX: tl.constexpr,
+    COARSE_SHIFT: tl.constexpr,
     N_SCALARS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INNER: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    start = split * split_len
+    end = tl.minimum(start + split_len, cols)
+    base = row.to(tl.int64) * cols
+    lanes = tl.arange(0, BLOCK)
+    pad = tl.arange(0, THRESHOLD_PAD)
+    thresholds = tl.load(thresholds_ptr + pad, mask=pad < N_THRESHOLDS, other=-1.0)
+
+    nonfinite = tl.zeros((BLOCK,), dtype=tl.int32)
+    at_most = tl.zeros((BLOCK, THRESHOLD_PAD), dtype=tl.int32)
+    total = tl.zeros((BLOCK,), dtype=tl.float64)
+    square_total = tl.zeros((BLOCK,), dtype=tl.float64)
+    abs_total = tl.zeros((BLOCK,), dtype=tl.float64)
+    abs_max = tl.zeros((BLOCK,), dtype=tl.float32)
+    ranked_max = tl.zeros((BLOCK,), dtype=tl.int32)
+    coarse = tl.zeros((BINS >> COARSE_SHIFT,), dtype=tl.int32)
+
+    for outer in range(start, end, BLOCK * INNER):
+        part = tl.zeros((BLOCK,), dtype=tl.float32)
+        square_part = tl.zeros((BLOCK,), dtype=tl.float32)
+        abs_part = tl.zeros((BLOCK,), dtype=tl.float32)
+        for inner in range(INNER):
+            column = outer + inner * BLOCK + lanes
+            mask = column < end
+            value = tl.load(x_ptr + base + column, mask=mask, other=0.0).to(tl.float32)
+            bits = value.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            magnitude = bits.to(tl.float32, bitcast=True)
+            finite = bits < INF_BITS
+            nonfinite += (mask & (~finite)).to(tl.int32)
+            if N_THRESHOLDS > 0:
+                at_most += ((magnitude[:, None] <= thresholds[None, :]) & mask[:, None]).to(tl.int32)
+            if MOMENTS:
+                clean = tl.where(finite, value, 0.0)
+                part += clean
+                square_part += clean * clean
+                abs_part += tl.abs(clean)
+            abs_max = tl.maximum(abs_max, tl.where(finite, magnitude, 0.0))
+            ranked_max = tl.maximum(ranked_max, tl.where(mask, tl.minimum(bits, INF_BITS), 0))
+            if HISTOGRAM:
+                index = _fine_bin(bits, low_key, BINS, KEY_SHIFT)
+                coarse += tl.histogram(index >> COARSE_SHIFT, BINS >> COARSE_SHIFT, mask=mask)
+        if MOMENTS:
+            total += part.to(tl.float64)
+            square_total += square_part.to(tl.float64)
+            abs_total += abs_part.to(tl.float64)
+
+    slot = row.to(tl.int64) * splits + split
+    out = scalars_ptr + slot * N_SCALARS
+    tl.store(out, tl.sum(nonfinite, axis=0).to(tl.float64))
+    if N_THRESHOLDS > 0:
+        tl.store(out + 1 + pad, tl.sum(at_most, axis=0).to(tl.float64), mask=pad < N_THRESHOLDS)
+    if MOMENTS:
+        tl.store(out + 1 + N_THRESHOLDS, tl.sum(total, axis=0))
+        tl.store(out + 2 + N_THRESHOLDS, tl.sum(square_total, axis=0))
+        tl.store(out + 3 + N_THRESHOLDS, tl.sum(abs_total, axis=0))
+    tl.store(maxima_ptr + slot * 2, tl.max(abs_max, axis=0))
+    tl.store(maxima_ptr + slot * 2 + 1, tl.max(ranked_max, axis=0).to(tl.float32, bitcast=True))
+    if HISTOGRAM:
+        coarse_bins = tl.arange(0, BINS >> COARSE_SHIFT)
+        tl.atomic_add(coarse_ptr + row.to(tl.int64) * (BINS >> COARSE_SHIFT) + coarse_bins, coarse, mask=coarse > 0)
+
+
+@triton.jit
+def _refine_histogram_kernel(
+    x_ptr,
+    targets_ptr,
+    fine_ptr,
+    cols,
+    split_len,
+    low_key,
+    BINS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    COARSE_SHIFT: tl.constexpr,
+    SUB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -61,118 +156,132 @@ def _fused_statistics_kernel(
     end = tl.minimum(start + split_len, cols)
     base = row.to(tl.int64) * cols
     lanes = tl.arange(0, BLOCK)
-
-    nonfinite = tl.zeros((), dtype=tl.int64)
-    at_most = tl.zeros((THRESHOLD_PAD,), dtype=tl.int64)
-    if N_THRESHOLDS > 0:
-        pad = tl.arange(0, THRESHOLD_PAD)
-        thresholds = tl.load(thresholds_ptr + pad, mask=pad < N_THRESHOLDS, other=-1.0)
-    total = tl.zeros((), dtype=tl.float64)
-    square_total = tl.zeros((), dtype=tl.float64)
-    abs_total = tl.zeros((), dtype=tl.float64)
-    abs_max = tl.zeros((), dtype=tl.float32)
-    ranked_max_bits = tl.zeros((), dtype=tl.int32)
-    if HISTOGRAM:
-        histogram = tl.zeros((BINS,), dtype=tl.int32)
-
+    low_target = tl.load(targets_ptr + row * 2)
+    high_target = tl.load(targets_ptr + row * 2 + 1)
+    fine = tl.zeros((2 * SUB,), dtype=tl.int32)
     for offset in range(start, end, BLOCK):
         column = offset + lanes
         mask = column < end
         value = tl.load(x_ptr + base + column, mask=mask, other=0.0).to(tl.float32)
-        magnitude = tl.abs(value)
-        bits = magnitude.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        finite = bits < INF_BITS
-        nonfinite += tl.sum((mask & (~finite)).to(tl.int32), axis=0).to(tl.int64)
-        if N_THRESHOLDS > 0:
-            below = (magnitude[:, None] <= thresholds[None, :]) & mask[:, None]
-            at_most += tl.sum(below.to(tl.int32), axis=0).to(tl.int64)
-        if MOMENTS:
-            clean = tl.where(finite, value, 0.0)
-            total += tl.sum(clean, axis=0).to(tl.float64)
-            square_total += tl.sum(clean * clean, axis=0).to(tl.float64)
-            abs_total += tl.sum(tl.abs(clean), axis=0).to(tl.float64)
-        abs_max = tl.maximum(abs_max, tl.max(tl.where(finite, magnitude, 0.0), axis=0))
-        ranked_bits = tl.where(finite, bits, INF_BITS)
-        ranked_bits = tl.where(mask, ranked_bits, 0)
-        ranked_max_bits = tl.maximum(ranked_max_bits, tl.max(ranked_bits, axis=0))
-        if HISTOGRAM:
-            window = tl.minimum(tl.maximum((bits >> KEY_SHIFT) - low_key + 2, 1), BINS - 2)
-            index = tl.where(bits == 0, 0, window)
-            index = tl.where(finite, index, BINS - 1)
-            histogram += tl.histogram(index, BINS, mask=mask)
-        if COLUMN_MAX:
-            tl.atomic_max(column_max_ptr + column, ranked_bits, mask=mask)
+        index = _fine_bin(value.to(tl.int32, bitcast=True) & 0x7FFFFFFF, low_key, BINS, KEY_SHIFT)
+        coarse = index >> COARSE_SHIFT
+        sub = index & (SUB - 1)
+        slot = tl.where(coarse == low_target, sub, SUB + sub)
+        keep = mask & ((coarse == low_target) | (coarse == high_target))
+        fine += tl.histogram(slot, 2 * SUB, mask=keep)
+    fine_bins = tl.arange(0, 2 * SUB)
+    tl.atomic_add(fine_ptr + row.to(tl.int64) * (2 * SUB) + fine_bins, fine, mask=fine > 0)
 
-    slot = row.to(tl.int64) * splits + split
-    out = scalars_ptr + slot * N_SCALARS
-    tl.store(out, nonfinite.to(tl.float64))
-    if N_THRESHOLDS > 0:
-        tl.store(out + 1 + tl.arange(0, THRESHOLD_PAD), at_most.to(tl.float64), mask=tl.arange(0, THRESHOLD_PAD) < N_THRESHOLDS)
-    if MOMENTS:
-        tl.store(out + 1 + N_THRESHOLDS, total)
-        tl.store(out + 2 + N_THRESHOLDS, square_total)
-        tl.store(out + 3 + N_THRESHOLDS, abs_total)
-    tl.store(maxima_ptr + slot * 2, abs_max)
-    tl.store(maxima_ptr + slot * 2 + 1, ranked_max_bits.to(tl.float32, bitcast=True))
-    if HISTOGRAM:
-        bins = tl.arange(0, BINS)
-        tl.atomic_add(histogram_ptr + row.to(tl.int64) * BINS + bins, histogram, mask=histogram > 0)
+
+@triton.jit
+def _column_statistics_kernel(
+    x_ptr,
+    row_thresholds_ptr,
+    column_max_ptr,
+    counts_ptr,
+    rows,
+    cols,
+    column_blocks,
+    COUNT: tl.constexpr,
+    COLUMN_MAX: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    COLUMN_BLOCK: tl.constexpr,
+):
+    column_block = tl.program_id(0)
+    group = tl.program_id(1)
+    column = column_block * COLUMN_BLOCK + tl.arange(0, COLUMN_BLOCK)
+    in_row = column < cols
+    ranked_max = tl.zeros((COLUMN_BLOCK,), dtype=tl.int32)
+    for i in range(ROWS_PER_PROGRAM):
+        row = group * ROWS_PER_PROGRAM + i
+        present = row < rows
+        mask = in_row & present
+        value = tl.load(x_ptr + row.to(tl.int64) * cols + column, mask=mask, other=0.0).to(tl.float32)
+        ranked = tl.minimum(value.to(tl.int32, bitcast=True) & 0x7FFFFFFF, INF_BITS)  # NaN ranks as inf
+        if COLUMN_MAX:
+            ranked_max = tl.maximum(ranked_max, ranked)
+        if COUNT:
+            threshold = tl.load(row_thresholds_ptr + row, mask=present, other=float("inf"))
+            above = (ranked.to(tl.float32, bitcast=True) >= threshold) & mask
+            tl.store(counts_ptr + row.to(tl.int64) * column_blocks + column_block, tl.sum(above.to(tl.int32), axis=0),
+                     mask=present)
+    if COLUMN_MAX:
+        tl.store(column_max_ptr + group.to(tl.int64) * cols + column, ranked_max.to(tl.float32, bitcast=True),
+                 mask=in_row)
 
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def fused_statistics_triton(
-    rows: torch.Tensor,
-    thresholds: torch.Tensor,
-    moments: bool,
-    bins: tuple[int, int, int] | None,
-    column_max: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Run the kernel on a contiguous ``(rows, cols)`` float16/bfloat16/float32 matrix.
+def _split(rows: int, cols: int) -> tuple[int, int]:
+    """``(split_len, splits)``: about TARGET_PROGRAMS programs in all, each a whole number of ``BLOCK * INNER``."""
+    step = BLOCK * INNER
+    splits = max(1, min(-(-cols // step), -(-TARGET_PROGRAMS // max(1, rows))))
+    split_len = -(-max(cols, 1) // splits)
+    split_len = -(-split_len // step) * step
+    return split_len, max(1, -(-cols // split_len))
 
-    ``thresholds``: float32 vector (already rounded down to float32, see ``fused``); ``bins``:
-    ``(size, key_shift, low_key)`` of the log-magnitude histogram or None. Returns ``(scalars (rows, n) float64,
-    maxima (rows, 2) float32, histogram (rows, size) int32 | None, column max (cols,) float32 | None)``, the
-    per-split partials already combined.
+
+def row_statistics(
+    rows: torch.Tensor, thresholds: torch.Tensor, n_thresholds: int, moments: bool, bins: tuple[int, int, int] | None,
+    coarse_shift: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Kernel 1 on a contiguous ``(rows, cols)`` float16/bfloat16/float32 matrix.
+
+    ``thresholds``: float32 vector on the device whose first ``n_thresholds`` entries are the thresholds (already
+    rounded down to float32, see ``fused``; at least one entry, as the kernel needs a pointer); ``bins``:
+    ``(size, key_shift, low_key)`` of the log-magnitude layout or None. Returns ``(scalars (rows, n) float64,
+    maxima (rows, 2) float32, coarse histogram (rows, size >> coarse_shift) int32 | None)``.
     """
     n_rows, cols = rows.shape
     device = rows.device
-    splits = max(1, min(-(-cols // BLOCK), -(-TARGET_PROGRAMS // max(1, n_rows))))
-    split_len = -(-max(cols, 1) // splits)
-    split_len = -(-split_len // BLOCK) * BLOCK
-    splits = max(1, -(-cols // split_len))
-    n_thresholds = thresholds.numel()
+    split_len, splits = _split(n_rows, cols)
     n_scalars = 1 + n_thresholds + (3 if moments else 0)
     scalars = torch.empty(n_rows * splits, n_scalars, dtype=torch.float64, device=device)
     maxima = torch.empty(n_rows * splits, 2, dtype=torch.float32, device=device)
-    size, key_shift, low_key = bins if bins is not None else (2, 0, 0)
-    histogram = torch.zeros(n_rows, size, dtype=torch.int32, device=device) if bins is not None else None
-    column_bits = torch.zeros(cols, dtype=torch.int32, device=device) if column_max else None
-    dummy = scalars
-    _fused_statistics_kernel[(n_rows, splits)](
-        rows,
-        thresholds if n_thresholds else dummy,
-        scalars,
-        maxima,
-        histogram if histogram is not None else dummy,
-        column_bits if column_bits is not None else dummy,
-        cols,
-        split_len,
-        splits,
-        low_key,
-        N_THRESHOLDS=n_thresholds,
-        THRESHOLD_PAD=_next_power_of_two(max(1, n_thresholds)),
-        MOMENTS=moments,
-        HISTOGRAM=bins is not None,
-        BINS=size,
-        KEY_SHIFT=key_shift,
-        COLUMN_MAX=column_max,
-        N_SCALARS=n_scalars,
-        BLOCK=BLOCK,
+    size, key_shift, low_key = bins if bins is not None else (1 << coarse_shift, 0, 0)
+    coarse = torch.zeros(n_rows, size >> coarse_shift, dtype=torch.int32, device=device) if bins is not None else None
+    _row_statistics_kernel[(n_rows, splits)](
+        rows, thresholds, scalars, maxima, coarse if coarse is not None else scalars,
+        cols, split_len, splits, low_key,
+        N_THRESHOLDS=n_thresholds, THRESHOLD_PAD=_next_power_of_two(max(1, n_thresholds)), MOMENTS=moments,
+        HISTOGRAM=bins is not None, BINS=size, KEY_SHIFT=key_shift, COARSE_SHIFT=coarse_shift, N_SCALARS=n_scalars,
+        BLOCK=BLOCK, INNER=INNER, num_warps=NUM_WARPS,
     )
-    scalars = scalars.view(n_rows, splits, n_scalars).sum(1)
-    maxima = maxima.view(n_rows, splits, 2).amax(1)
-    column = column_bits.view(torch.float32) if column_bits is not None else None
-    return scalars, maxima, histogram, column
+    return scalars.view(n_rows, splits, n_scalars).sum(1), maxima.view(n_rows, splits, 2).amax(1), coarse
+
+
+def refine_histogram(rows: torch.Tensor, targets: torch.Tensor, bins: tuple[int, int, int], coarse_shift: int) -> torch.Tensor:
+    """Kernel 2: per row the fine bins of coarse bins ``targets[row, 0]`` and ``targets[row, 1]`` (int32 ``(rows, 2)``),
+    as ``(rows, 2, 2^coarse_shift)`` int32 (the second half stays 0 where both targets are equal)."""
+    n_rows, cols = rows.shape
+    split_len, splits = _split(n_rows, cols)
+    size, key_shift, low_key = bins
+    fine = torch.zeros(n_rows, 2, 1 << coarse_shift, dtype=torch.int32, device=rows.device)
+    _refine_histogram_kernel[(n_rows, splits)](
+        rows, targets, fine, cols, split_len, low_key, BINS=size, KEY_SHIFT=key_shift, COARSE_SHIFT=coarse_shift,
+        SUB=1 << coarse_shift, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return fine
+
+
+def column_statistics(
+    rows: torch.Tensor, row_thresholds: torch.Tensor | None, column_max: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Kernel 3: ``(per-position max |x| (cols,) float32 | None, per-row count of |x| >= row_thresholds (rows,) int64
+    | None)``; ``row_thresholds`` is float32 ``(rows,)`` or None for no count."""
+    n_rows, cols = rows.shape
+    column_blocks = -(-cols // COLUMN_BLOCK)
+    groups = -(-n_rows // ROWS_PER_PROGRAM)
+    device = rows.device
+    maxima = torch.empty(groups, cols, dtype=torch.float32, device=device) if column_max else None
+    counts = torch.empty(n_rows, column_blocks, dtype=torch.int32, device=device) if row_thresholds is not None else None
+    dummy = maxima if maxima is not None else counts
+    _column_statistics_kernel[(column_blocks, groups)](
+        rows, row_thresholds if row_thresholds is not None else dummy, maxima if maxima is not None else dummy,
+        counts if counts is not None else dummy, n_rows, cols, column_blocks,
+        COUNT=row_thresholds is not None, COLUMN_MAX=column_max, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+        COLUMN_BLOCK=COLUMN_BLOCK, num_warps=NUM_WARPS,
+    )
+    return (None if maxima is None else maxima.amax(0)), (None if counts is None else counts.sum(1))
