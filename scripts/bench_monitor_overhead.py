@@ -18,7 +18,7 @@ that round's time without monitors, and the printed ratio is the median of those
 
 ``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
 ``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, and (b) a
-profile of 3 steps: wall vs GPU-busy time and the top operators by GPU and by host time.
+profile of 1 step: wall vs GPU-busy time and the top operators by GPU and by host time.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def main() -> None:
 
 
 class Diagnosis(pl.Callback):
-    """From step ``start`` on: count host syncs raised under ``lightning_act`` frames, and profile 3 steps."""
+    """From step ``start`` on: count host syncs raised under ``lightning_act`` frames for 3 steps, then profile 1."""
 
     def __init__(self, start: int) -> None:
         self.start = start
@@ -150,6 +150,25 @@ class Diagnosis(pl.Callback):
         self.profiler: torch.profiler.profile | None = None
         self._show = warnings.showwarning
         self.wall = 0.0
+        self.host: collections.Counter[str] = collections.Counter()  # seconds per (monitor, hook) in the 3 steps
+        self.counting = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.callbacks:
+            if callback is self or not hasattr(callback, "receive"):
+                continue
+            for method in ("receive", "on_train_batch_start", "on_train_batch_end", "on_before_backward"):
+                setattr(callback, method, self._timed(f"{type(callback).__name__}.{method}", getattr(callback, method)))
+
+    def _timed(self, name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.counting:
+                    self.host[name] += time.perf_counter() - start
+        return timed
 
     def _record(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if "synchroniz" not in str(message):
@@ -160,11 +179,13 @@ class Diagnosis(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx == self.start:
+            self.counting = True
             warnings.simplefilter("always")
             warnings.showwarning = self._record
             if torch.cuda.is_available():
                 torch.cuda.set_sync_debug_mode("warn")
         if batch_idx == self.start + 3:
+            self.counting = False
             if torch.cuda.is_available():
                 torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize()
@@ -175,7 +196,7 @@ class Diagnosis(pl.Callback):
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
             self.wall = time.perf_counter()
-        if batch_idx == self.start + 6 and self.profiler is not None:
+        if batch_idx == self.start + 4 and self.profiler is not None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.wall = time.perf_counter() - self.wall
@@ -183,9 +204,9 @@ class Diagnosis(pl.Callback):
 
 
 def diagnose(base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int, warmup: int) -> None:
-    """All four monitors every step: host syncs inside lightning_act, then a 3-step profile."""
+    """All four monitors every step: host syncs inside lightning_act, then a 1-step profile."""
     cuda = torch.cuda.is_available()
-    diagnosis = Diagnosis(start=min(warmup, steps - 7))
+    diagnosis = Diagnosis(start=min(warmup, steps - 5))
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, callbacks=[diagnosis, *monitors(1)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -195,14 +216,17 @@ def diagnose(base: torch.nn.Module, train: DataLoader, val: DataLoader, precisio
     print("host syncs in 3 steps, all four monitors every step (by the innermost lightning_act frame):")
     for where, count in diagnosis.syncs.most_common(20):
         print(f"  {count:5d}  {where}")
+    print("host time per step in the monitors' hooks (mean of 3 steps; with sync debug on):")
+    for name, seconds in diagnosis.host.most_common():
+        print(f"  {seconds / 3 * 1e3:8.2f} ms  {name}")
     if diagnosis.profiler is None:
         return
     events = diagnosis.profiler.key_averages()
     busy = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"profile of 3 steps: wall {diagnosis.wall * 1e3:.1f} ms, GPU busy {busy:.1f} ms (sum of kernel times)")
+    print(f"profile of 1 step: wall {diagnosis.wall * 1e3:.1f} ms, GPU busy {busy:.1f} ms (sum of kernel times)")
     for key in ("self_device_time_total", "self_cpu_time_total"):
         try:
-            print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+            print(events.table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
         except (AttributeError, KeyError) as error:  # a profiler without that column
             print(f"(no {key} table: {error!r})")
 

@@ -185,6 +185,23 @@ def test_csv_columns_tracking_set_and_eigenscore_of_identical_passes(tmp_path: P
     assert monitor.history["sensitive/head:input/eigenscore"].values[-1] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("dropout,passes_per_checkpoint", [(0.0, 1), (0.3, 4)])
+def test_identical_passes_are_not_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dropout: float, passes_per_checkpoint: int
+) -> None:
+    """Without an active dropout the K stochastic passes equal the deterministic one: it is reused, not rerun."""
+    import lightning_act.callbacks.sensitive as sensitive
+
+    calls = []
+    original = sensitive.call_forward
+    monkeypatch.setattr(sensitive, "call_forward", lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(1)
+    monitor = SensitiveNeurons(every_n_steps=2, num_samples=20, window=2, eigenscore_passes=3)
+    fit(tmp_path, Mlp(dropout=dropout), [monitor], steps=7)  # checkpoints 0, 2, 4, 6
+    assert len(calls) == 1 + 4 * passes_per_checkpoint  # one pass at fit start (the embedding check)
+    assert len(monitor.history["sensitive/head:input/eigenscore"].values) == 4
+
+
 def test_resume_restores_windows_sets_and_histories(tmp_path: Path) -> None:
     def monitor() -> SensitiveNeurons:
         return SensitiveNeurons(

@@ -42,14 +42,20 @@ from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_p
 from lightning_act.stats.fused import FusedStats
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
+    count_sketch_hash,
     covariance_partials,
     covariance_spectrum,
     effective_rank,
     feature_rows,
     participation_ratio,
     sketch_vector,
+    sketch_with_hash,
     trajectory_r90,
 )
+
+#: Weight trajectories up to this many positions keep their count-sketch hash (5 bytes per position: int32
+#: bucket and int8 sign); longer ones draw it again at each snapshot, which needs no memory.
+CACHED_HASH_POSITIONS = 1 << 26
 
 
 def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -145,6 +151,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_seen = 0
         self._snapshot_stride = 1
         self._feature_dims: dict[str, int] = {}
+        self._sketch_hash: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ activations
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -229,11 +236,19 @@ class DimensionalCollapse(ActivationMonitor):
         total = sum(p.numel() for p in chosen)
         if self.projection_dim is None or total <= self.projection_dim:
             return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])
-        sketch, offset = None, 0
-        for p in chosen:
-            part = sketch_vector(p, self.projection_dim, self.seed, offset)
-            sketch = part if sketch is None else sketch.add_(part.to(sketch.device))
-            offset += p.numel()
+        if total <= CACHED_HASH_POSITIONS and len({p.device for p in chosen}) == 1:
+            # The hash of every position, made once (5 bytes per weight) and reused by every snapshot: drawing it
+            # again for each snapshot cost more than the rest of an every-step snapshot (issue 17).
+            if self._sketch_hash is None or self._sketch_hash[0].numel() != total:
+                self._sketch_hash = count_sketch_hash(total, self.projection_dim, self.seed, device=chosen[0].device)
+            flat = torch.cat([p.reshape(-1) for p in chosen])
+            sketch = sketch_with_hash(flat, *self._sketch_hash, self.projection_dim)
+        else:
+            sketch, offset = None, 0
+            for p in chosen:
+                part = sketch_vector(p, self.projection_dim, self.seed, offset)
+                sketch = part if sketch is None else sketch.add_(part.to(sketch.device))
+                offset += p.numel()
         assert sketch is not None
         if distributed_world_size() > 1:
             # index_add_ on GPU sums in a nondeterministic order; keep every rank's trajectory identical.

@@ -110,6 +110,13 @@ def _is_stochastic(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in _STOCHASTIC_CLASS_NAMES
 
 
+def _drops_anything(module: nn.Module) -> bool:
+    """Whether a stochastic module in training mode changes its input: ``p`` / ``drop_prob`` above 0 (timm
+    models hold ``Dropout(p=0)`` modules, which are the identity in either mode); unknown kinds count as active."""
+    probability = getattr(module, "p", getattr(module, "drop_prob", None))
+    return probability is None or float(probability) > 0
+
+
 class FeatureDrop:
     """A forward (pre-)hook zeroing fixed feature indices in training mode (picklable).
 
@@ -381,11 +388,14 @@ class SensitiveNeurons(Callback):
             with probing(trainer, pl_module, device):
                 clean = one_pass()
                 passes: list[dict[str, torch.Tensor]] = []
-                if self.eigenscore_passes >= 2:
+                stochastic_modules = [m for m in pl_module.modules() if _is_stochastic(m) and _drops_anything(m)]
+                if self.eigenscore_passes >= 2 and not stochastic_modules:
+                    # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
+                    passes = [clean] * self.eigenscore_passes
+                elif self.eigenscore_passes >= 2:
                     torch.manual_seed(self.seed * 1_000_003 + self.checkpoints)
-                    for module in pl_module.modules():
-                        if _is_stochastic(module):
-                            module.train()
+                    for module in stochastic_modules:
+                        module.train()
                     passes = [one_pass() for _ in range(self.eigenscore_passes)]
         finally:
             self._arm(False)

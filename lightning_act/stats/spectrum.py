@@ -86,30 +86,45 @@ def participation_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
     return torch.where(square_sum == 0, torch.zeros_like(ratio), ratio)
 
 
+def count_sketch_hash(
+    numel: int, dim: int, seed: int, offset: int = 0, chunk: int = 1 << 20, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket (int32) and sign (int8, ±1) of the positions ``offset .. offset + numel`` in the seeded count-sketch
+    of :func:`sketch_vector`: the hash of a position depends only on ``seed`` and the position's chunk."""
+    buckets, signs = [], []
+    generator = torch.Generator(device=device)
+    start = 0
+    while start < numel:
+        position = offset + start
+        stop = min(numel, start + chunk - position % chunk)
+        generator.manual_seed(seed * 1_000_003 + position // chunk)
+        # One draw in [0, 2·dim) per position: the bucket is its remainder, the sign its quotient.
+        draws = torch.randint(0, 2 * dim, (chunk,), generator=generator, device=device)
+        draws = draws[position % chunk : position % chunk + (stop - start)]
+        buckets.append(draws.remainder(dim).to(torch.int32))
+        signs.append(torch.div(draws, dim, rounding_mode="floor").to(torch.int8).mul_(2).sub_(1))
+        start = stop
+    if not buckets:
+        return torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int8, device=device)
+    return torch.cat(buckets), torch.cat(signs)
+
+
 def sketch_vector(x: torch.Tensor, dim: int, seed: int, offset: int = 0, chunk: int = 1 << 20) -> torch.Tensor:
     """Seeded count-sketch of a flat vector into ``dim`` buckets (float64).
 
     Entry ``j`` of ``x`` (global position ``offset + j``) is added, with a random sign, to a
-    random bucket; the hash of a position depends only on ``seed`` and the position's chunk, so
-    equal seeds give the same linear map on every call and every rank. ``E[⟨Sx, Sy⟩] = ⟨x, y⟩``.
+    random bucket (:func:`count_sketch_hash`), so equal seeds give the same linear map on every call and
+    every rank. ``E[⟨Sx, Sy⟩] = ⟨x, y⟩``.
     """
     x = x.reshape(-1)
+    buckets, signs = count_sketch_hash(x.numel(), dim, seed, offset, chunk, x.device)
+    return sketch_with_hash(x, buckets, signs, dim)
+
+
+def sketch_with_hash(x: torch.Tensor, buckets: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`sketch_vector` of a flat ``x`` from its precomputed :func:`count_sketch_hash`."""
     out = torch.zeros(dim, dtype=torch.float64, device=x.device)
-    generator = torch.Generator(device=x.device)
-    start = 0
-    while start < x.numel():
-        position = offset + start
-        block = position // chunk
-        stop = min(x.numel(), start + chunk - position % chunk)
-        generator.manual_seed(seed * 1_000_003 + block)
-        # One draw in [0, 2·dim) per position: the bucket is its remainder, the sign its quotient.
-        draws = torch.randint(0, 2 * dim, (chunk,), generator=generator, device=x.device)
-        lo, hi = position % chunk, position % chunk + (stop - start)
-        draws = draws[lo:hi]
-        signs = torch.div(draws, dim, rounding_mode="floor").to(torch.float64).mul_(2.0).sub_(1.0)
-        out.index_add_(0, draws.remainder(dim), x[start:stop].to(torch.float64) * signs)
-        start = stop
-    return out
+    return out.index_add_(0, buckets, x.reshape(-1).to(torch.float64) * signs)
 
 
 def trajectory_spectrum(snapshots: torch.Tensor) -> torch.Tensor:
