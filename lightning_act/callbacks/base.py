@@ -239,6 +239,10 @@ class ActivationMonitor(Callback, ABC):
     ) -> dict[str, torch.Tensor]:
         """Statistics (0-d tensors) of one tap from its reduced buffers; ``samples`` is (world, n)."""
 
+    def prepare_summaries(self, sums: dict[int, torch.Tensor]) -> None:
+        """Called once per logging step with every tap's reduced ``sums`` before :meth:`summarize` runs per tap:
+        a place to batch work across taps (e.g. one eigensolver call for all of them)."""
+
     def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor]:
         """Statistics not tied to a tap (full keys, e.g. ``collapse/params/r90``), logged with the rest."""
         return {}
@@ -366,6 +370,7 @@ class ActivationMonitor(Callback, ABC):
         with_samples = [i for i in present if self._samples[i] is not None]
         samples = dict(zip(with_samples, all_gather_packed([self._samples[i] for i in with_samples])))
 
+        self.prepare_summaries(sums)
         names: list[tuple[str | None, str]] = []
         values: list[torch.Tensor] = []
         for i in present:

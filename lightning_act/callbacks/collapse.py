@@ -152,6 +152,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_stride = 1
         self._feature_dims: dict[str, int] = {}
         self._sketch_hash: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._spectra: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ activations
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -179,6 +180,19 @@ class DimensionalCollapse(ActivationMonitor):
             self._test_matrices[key] = gaussian_test_matrix(d, k, self.seed, rows.device)
         return Partials(sums=sketch_partials(rows, self._test_matrices[key]))
 
+    def prepare_summaries(self, sums: dict[int, torch.Tensor]) -> None:
+        """Eigenvalues of every full-covariance tap, one batched eigensolver call per (size, device): the taps of
+        a model mostly share a width, and a call per tap is a host sync (the solver's error check) per tap."""
+        groups: dict[tuple[int, torch.device], list[int]] = {}
+        for i, partials in sums.items():
+            sketch = self._sketch_dims.get(i)
+            if sketch is None or partials.numel() != sketch_size(*sketch):
+                groups.setdefault((partials.numel(), partials.device), []).append(i)
+        self._spectra = {}
+        for members in groups.values():
+            spectra = covariance_spectrum(torch.stack([sums[i] for i in members]))
+            self._spectra.update(zip(members, spectra.unbind()))
+
     def summarize(
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
@@ -187,7 +201,9 @@ class DimensionalCollapse(ActivationMonitor):
             d = sketch[0]
             eigenvalues = sketch_spectrum(sums, *sketch)
         else:
-            eigenvalues = covariance_spectrum(sums)
+            eigenvalues = self._spectra.pop(tap_index, None)
+            if eigenvalues is None:
+                eigenvalues = covariance_spectrum(sums)
             d = eigenvalues.numel()
         self._feature_dims[self.taps[tap_index].name] = d
         erank, pr = effective_rank(eigenvalues), participation_ratio(eigenvalues)

@@ -52,20 +52,23 @@ def covariance_dim(numel: int) -> int:
 def covariance_spectrum(partials: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (ascending, float64, >= 0) of the centred scatter matrix from summed partials.
 
-    Eigenvalues below ``d · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and
-    are set to 0, as numpy's ``matrix_rank`` does with its tolerance. Non-finite sums (NaN/inf
-    activations) give NaN eigenvalues instead of an eigensolver error, without a host sync.
+    ``partials`` is one :func:`covariance_partials` vector or a stack of them (``(..., 1 + d + d²)``, e.g. every
+    tap of a layer width at once: one batched eigensolver call instead of one per tap). Eigenvalues below
+    ``d · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and are set to 0, as numpy's
+    ``matrix_rank`` does with its tolerance. Non-finite sums (NaN/inf activations) give NaN eigenvalues
+    instead of an eigensolver error, without a host sync.
     """
     partials = partials.to(torch.float64)
-    d = covariance_dim(partials.numel())
-    count, total, raw = partials[0], partials[1 : 1 + d], partials[1 + d :].reshape(d, d)
-    scatter = raw - torch.outer(total, total) / count.clamp_min(1.0)
-    finite = torch.isfinite(scatter).all()
-    scatter = torch.where(finite, 0.5 * (scatter + scatter.T), torch.zeros_like(scatter))
+    d = covariance_dim(partials.shape[-1])
+    count, total = partials[..., :1, None], partials[..., 1 : 1 + d]
+    raw = partials[..., 1 + d :].reshape(*partials.shape[:-1], d, d)
+    scatter = raw - total[..., :, None] * total[..., None, :] / count.clamp_min(1.0)
+    finite = torch.isfinite(scatter).flatten(-2).all(-1)[..., None, None]
+    scatter = torch.where(finite, 0.5 * (scatter + scatter.transpose(-1, -2)), torch.zeros_like(scatter))
     eigenvalues = torch.linalg.eigvalsh(scatter)
-    tolerance = d * torch.finfo(torch.float64).eps * torch.diagonal(raw).sum()
+    tolerance = d * torch.finfo(torch.float64).eps * torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1, keepdim=True)
     eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
-    return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
+    return torch.where(finite[..., 0], eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> torch.Tensor:
