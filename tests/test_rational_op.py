@@ -19,7 +19,13 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 import lightning_act.models.kat  # noqa: F401  (registers the KAT models with timm)
-from lightning_act.nn.group_rational import GroupRational, KernelConfig, group_rational_op, group_rational_reference
+from lightning_act.nn.group_rational import (
+    GroupRational,
+    KernelConfig,
+    group_rational_backward_op,
+    group_rational_op,
+    group_rational_reference,
+)
 
 CONFIG = list(KernelConfig())
 
@@ -37,14 +43,16 @@ def test_op_cpu_kernel_gradients_match_finite_differences(numerator_sets: int, d
     assert torch.autograd.gradcheck(lambda *inputs: group_rational_op(*inputs, CONFIG), (x, numerator, denominator))
 
 
-def test_op_registration_schema_fake_and_autograd() -> None:
+def test_op_registration_schema_fake_autograd_and_dynamic_aot_trace() -> None:
+    """``opcheck``'s default utilities, both ops: schema, fake kernel, autograd registration, and an AOTAutograd trace
+    with dynamic shapes (on CPU the triton_op's body traces its PyTorch formula)."""
     generator = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(4, 2, 3, generator=generator, requires_grad=True),
-              torch.randn(1, 6, generator=generator, requires_grad=True),
-              torch.randn(2, 4, generator=generator, requires_grad=True), CONFIG)
-    torch.library.opcheck(
-        group_rational_op, inputs, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
-    )
+    x = torch.randn(4, 2, 3, generator=generator, requires_grad=True)
+    numerator = torch.randn(1, 6, generator=generator, requires_grad=True)
+    denominator = torch.randn(2, 4, generator=generator, requires_grad=True)
+    torch.library.opcheck(group_rational_op, (x, numerator, denominator, CONFIG))
+    backward_inputs = (x.detach(), torch.randn(4, 2, 3, generator=generator), numerator.detach(), denominator.detach())
+    torch.library.opcheck(group_rational_backward_op, (*backward_inputs, CONFIG))
 
 
 def _recording_backend() -> tuple[object, list[torch.fx.GraphModule]]:
