@@ -87,8 +87,8 @@ def check_case(shape: tuple[int, ...], groups: int, channel_dim: int, dtype: tor
     del y64, x64
     bounds = [OUTPUT_BOUNDS[dtype]] * 2 + [COEFFICIENT_BOUND] * 2
     for config_name, config in configs.items():
-        guarded(f"{shape} {config_name}", lambda: check_config(module, config, x, grad_y, expected, bounds,
-                                                                f"{tuple(shape)} dim={channel_dim} {str(dtype)[6:]} {sharing} {config_name}"))
+        name = f"{tuple(shape)} dim={channel_dim} {str(dtype)[6:]} {sharing} {config_name}"
+        guarded(name, lambda: check_config(module, config, x, grad_y, expected, bounds, name))
 
 
 def check_config(module: GroupRational, config: KernelConfig, x: torch.Tensor, grad_y: torch.Tensor,
@@ -148,8 +148,8 @@ def check_compiled_launches(batches: tuple[int, ...]) -> None:
         if index or DEVICE != "cuda":  # on CPU Inductor traces the op's PyTorch formula: nothing to look for
             continue
         source = "\n".join(code)
-        launches = {name: source.count(name) for name in
-                    ("_group_rational_forward_kernel", "_group_rational_backward_kernel", "_coefficient_gradient_kernel")}
+        kernels = ("_group_rational_forward_kernel", "_group_rational_backward_kernel", "_coefficient_gradient_kernel")
+        launches = {name: source.count(name) for name in kernels}
         opaque = source.count("torch.ops.lightning_act")
         report("compiled graph launches the Triton kernels directly", all(launches.values()) and not opaque,
                f"kernel name occurrences in Inductor's code {launches}; torch.ops.lightning_act calls {opaque}; "

@@ -23,12 +23,13 @@ equal the official ``weight_numerator`` (1, 6) / ``weight_denominator`` (groups,
 Implementations (``implementation=``): ``"reference"`` (pure PyTorch, any device, autograd through torch
 ops; under ``torch.compile`` Inductor fuses it), ``"triton"`` (the registered op ``lightning_act::group_rational``
 with its own backward: the fused Triton kernels of :mod:`lightning_act.nn.triton_rational` on CUDA, or on CPU
-under ``TRITON_INTERPRET=1``; on other CPU tensors the op's PyTorch kernel with the same closed-form gradients),
+under ``TRITON_INTERPRET=1``; on other CPU tensors the op's PyTorch formula with the same closed-form gradients),
 ``"auto"`` (``"triton"`` on CUDA tensors when Triton imports, else ``"reference"``). All compute in float32 with
 autocast disabled and return the input dtype (float32, bfloat16, float16).
 
-The op is what ``torch.compile`` sees (``fullgraph=True`` traces whole KAT models, and CUDA graphs capture the
-launches); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
+The op is what ``torch.compile`` sees: a ``torch.library.triton_op``, so ``fullgraph=True`` traces whole KAT models
+into the Triton launches themselves (Inductor launches the kernels from its generated code, and CUDA graphs
+capture them); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
 about half the host time per call (``docs/kat_kernel.md``).
 """
 

@@ -1,8 +1,10 @@
 """Triton kernels for the group-rational (GR-KAN) activation: forward, backward, coefficient-gradient finish.
 
-Only imported by :mod:`lightning_act.nn.group_rational` when a Triton launch is needed, so the package works
-without Triton. Under ``TRITON_INTERPRET=1`` (set before Triton is first imported) the same kernels run on
-CPU tensors, which is how they are tested without a GPU. Design and measurements: ``docs/kat_kernel.md``.
+Imported by :mod:`lightning_act.nn.group_rational` only when Triton is installed, so the package works without
+Triton. Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors,
+which is how they are tested without a GPU. The launch functions serve both the eager path (direct launches) and
+the bodies of the ``triton_op`` registration (``traced=True``: launches through ``torch.library.wrap_triton``, so
+a trace records them as kernel nodes). Design and measurements: ``docs/kat_kernel.md``.
 
 Layout: the input is viewed as ``(rows, groups, width)`` (contiguous), so every group is a strided
 ``rows x width`` matrix (channels-last ``(..., C)``: rows = prod(leading dims), width = C / groups;
