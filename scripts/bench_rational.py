@@ -20,10 +20,11 @@ mlp         ViT-B MLP block (768 -> 3072 -> 768 on 128 x 197 tokens), forward+ba
 sweep       Forward and forward+backward of each of ``SWEEP_CONFIGS`` (8 KernelConfigs) at the activation shape
             in bfloat16, as % of copy bandwidth: which configuration to make the default (only in --sections).
 step        Training step (forward, backward, AdamW, bf16 autocast) of ``kat_small_patch16_224`` vs
-            ``vit_small_patch16_224`` at batch 128, eager.
+            ``vit_small_patch16_224`` at batch 128, eager (plus KAT with each ``--configs`` configuration).
 step_compiled  The same with both models ``torch.compile``-d (KAT with ``fullgraph=True``), with the default mode
             and (CUDA) ``mode="reduce-overhead"`` (CUDA graphs: no host work per step); on CUDA one profiled step
-            per model of the default mode: wall vs GPU busy time, host time per rational op call, top kernels.
+            per model of the default mode: wall vs GPU busy time, calls of the registered op and host time per
+            call (none when Inductor launches the Triton kernels itself), rational kernel launches, top kernels.
 
 ``--small`` shrinks every shape to run on a CPU in a few minutes. Usage::
 
@@ -86,14 +87,18 @@ def measure(
     return {name: statistic(values) for name, values in samples.items()}
 
 
+def extra_kernel_configs(args: argparse.Namespace) -> dict[str, object]:
+    """``--configs`` as named KernelConfigs."""
+    from lightning_act.nn.group_rational import KernelConfig
+
+    return {f"triton{text}": KernelConfig(*(int(v) for v in text.split(","))) for text in args.configs}
+
+
 def kernel_configs(args: argparse.Namespace) -> dict[str, object]:
     """The Triton configurations to compare: current default, the previous kernel, and ``--configs``."""
     from lightning_act.nn.group_rational import PREVIOUS_KERNEL_CONFIG, KernelConfig
 
-    configs: dict[str, object] = {"triton": KernelConfig(), "triton-previous": PREVIOUS_KERNEL_CONFIG}
-    for text in args.configs:
-        configs[f"triton{text}"] = KernelConfig(*(int(v) for v in text.split(",")))
-    return configs
+    return {"triton": KernelConfig(), "triton-previous": PREVIOUS_KERNEL_CONFIG, **extra_kernel_configs(args)}
 
 
 def triton_runs(device: torch.device) -> bool:
@@ -103,18 +108,15 @@ def triton_runs(device: torch.device) -> bool:
 
 
 def stub_triton_launches() -> None:
-    """Replace every Triton kernel of ``triton_rational`` by a no-op launcher (host-overhead measurement only)."""
+    """Make every Triton kernel of ``triton_rational`` launch nothing (host-overhead measurement only). The kernel
+    objects stay (``torch.library.wrap_triton`` accepts only Triton kernels); their ``run`` becomes a no-op."""
     import triton.runtime.jit
 
     import lightning_act.nn.triton_rational as kernels
 
-    class NoLaunch:
-        def __getitem__(self, grid: object) -> Callable[..., None]:
-            return lambda *args, **kwargs: None
-
-    for name, value in list(vars(kernels).items()):
+    for value in vars(kernels).values():
         if isinstance(value, triton.runtime.jit.KernelInterface):
-            setattr(kernels, name, NoLaunch())
+            value.run = lambda *args, **kwargs: None
 
 
 def bench_host(args: argparse.Namespace, device: torch.device) -> None:
@@ -406,16 +408,30 @@ def bench_training_step(args: argparse.Namespace, device: torch.device, compiled
             if compiled:
                 model = torch.compile(model, dynamic=False, fullgraph=family == "kat", mode=mode_name)
             candidates[f"{family}_{size}{suffix}"] = step(model, optimizer)
+        if not compiled and triton_runs(device):  # eager KAT with each --configs launch configuration
+            for config_name, config in extra_kernel_configs(args).items():
+                model = with_kernel_config(timm.create_model(f"kat_{size}_patch16_224").to(device), config)
+                candidates[f"kat_{size}[{config_name}]"] = step(model, torch.optim.AdamW(model.parameters()))
         rounds = max(3, args.rounds // 2)
         times = measure(candidates, rounds, 1 if args.small else max(1, args.inner // 2), device)
         print("| model | ms / step | KAT / ViT (same mode) |")
         print("|---|---|---|")
         for name, seconds in times.items():
-            vit = name.replace("kat_", "vit_")
+            vit = name.replace("kat_", "vit_").split("[triton")[0]
             print(f"| {name} | {seconds * 1e3:.1f} | {seconds / times.get(vit, math.nan):.2f}x |")
         sys.stdout.flush()
         if device.type == "cuda" and mode_name == "default":
             guarded(f"profile {mode}", lambda: profile_steps(candidates))
+
+
+def with_kernel_config(model: nn.Module, config: object) -> nn.Module:
+    """``model`` with every GroupRational launching its kernels with ``config``."""
+    from lightning_act.nn.group_rational import GroupRational
+
+    for module in model.modules():
+        if isinstance(module, GroupRational):
+            module.kernel_config = config
+    return model
 
 
 def profile_steps(candidates: dict[str, Callable[[], object]]) -> None:
@@ -423,8 +439,9 @@ def profile_steps(candidates: dict[str, Callable[[], object]]) -> None:
     host time per call, and the largest GPU kernels. Profiler overhead inflates the wall time somewhat."""
     from torch.profiler import ProfilerActivity, profile
 
-    print("| model (1 profiled step) | wall ms | GPU busy ms | op calls | host us / op call | top GPU kernels (ms) |")
-    print("|---|---|---|---|---|---|")
+    print("| model (1 profiled step) | wall ms | GPU busy ms | registered-op calls | host us / op call | rational kernel "
+          "launches | top GPU kernels (ms) |")
+    print("|---|---|---|---|---|---|---|")
     for name, run in candidates.items():
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
@@ -436,11 +453,12 @@ def profile_steps(candidates: dict[str, Callable[[], object]]) -> None:
         gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.self_device_time_total for e in gpu) / 1e3
         ops = [e for e in events if e.key.startswith("lightning_act::")]
-        calls = sum(e.count for e in ops)
-        host = sum(e.cpu_time_total for e in ops) / calls if calls else math.nan
+        calls = sum(e.count for e in ops)  # 0 when Inductor launches the kernels itself (triton_op)
+        host = f"{sum(e.cpu_time_total for e in ops) / calls:.0f}" if calls else "-"
+        launches = sum(e.count for e in gpu if "group_rational" in e.key or "coefficient_gradient" in e.key)
         top = sorted(gpu, key=lambda e: -e.self_device_time_total)[:5]
         kernels = "; ".join(f"{e.key[:40]} {e.self_device_time_total / 1e3:.2f}" for e in top)
-        print(f"| {name} | {wall * 1e3:.1f} | {busy:.1f} | {calls} | {host:.0f} | {kernels} |")
+        print(f"| {name} | {wall * 1e3:.1f} | {busy:.1f} | {calls} | {host} | {launches} | {kernels} |")
 
 
 def guarded(what: str, run: Callable[[], None]) -> None:

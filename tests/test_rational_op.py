@@ -1,10 +1,16 @@
 """The registered op ``lightning_act::group_rational``: its CPU kernel's closed-form gradients, its registration
-(schema, fake tensor, autograd), and ``torch.compile(fullgraph=True)`` of whole KAT models through it."""
+(schema, fake tensor, autograd), ``torch.compile(fullgraph=True)`` of whole KAT models through it, and what a
+trace of it contains: the Triton kernels themselves on CUDA (a ``triton_op``), the PyTorch formula on CPU."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,7 +19,13 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 import lightning_act.models.kat  # noqa: F401  (registers the KAT models with timm)
-from lightning_act.nn.group_rational import GroupRational, KernelConfig, group_rational_op
+from lightning_act.nn.group_rational import (
+    GroupRational,
+    KernelConfig,
+    group_rational_backward_op,
+    group_rational_op,
+    group_rational_reference,
+)
 
 CONFIG = list(KernelConfig())
 
@@ -31,14 +43,16 @@ def test_op_cpu_kernel_gradients_match_finite_differences(numerator_sets: int, d
     assert torch.autograd.gradcheck(lambda *inputs: group_rational_op(*inputs, CONFIG), (x, numerator, denominator))
 
 
-def test_op_registration_schema_fake_and_autograd() -> None:
+def test_op_registration_schema_fake_autograd_and_dynamic_aot_trace() -> None:
+    """``opcheck``'s default utilities, both ops: schema, fake kernel, autograd registration, and an AOTAutograd trace
+    with dynamic shapes (on CPU the triton_op's body traces its PyTorch formula)."""
     generator = torch.Generator().manual_seed(1)
-    inputs = (torch.randn(4, 2, 3, generator=generator, requires_grad=True),
-              torch.randn(1, 6, generator=generator, requires_grad=True),
-              torch.randn(2, 4, generator=generator, requires_grad=True), CONFIG)
-    torch.library.opcheck(
-        group_rational_op, inputs, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
-    )
+    x = torch.randn(4, 2, 3, generator=generator, requires_grad=True)
+    numerator = torch.randn(1, 6, generator=generator, requires_grad=True)
+    denominator = torch.randn(2, 4, generator=generator, requires_grad=True)
+    torch.library.opcheck(group_rational_op, (x, numerator, denominator, CONFIG))
+    backward_inputs = (x.detach(), torch.randn(4, 2, 3, generator=generator), numerator.detach(), denominator.detach())
+    torch.library.opcheck(group_rational_backward_op, (*backward_inputs, CONFIG))
 
 
 def _recording_backend() -> tuple[object, list[torch.fx.GraphModule]]:
@@ -52,8 +66,8 @@ def _recording_backend() -> tuple[object, list[torch.fx.GraphModule]]:
     return aot_autograd(fw_compiler=keep, bw_compiler=keep), graphs
 
 
-def _op_calls(graph: torch.fx.GraphModule, op: object) -> int:
-    return sum(node.target is op for node in graph.graph.nodes)
+def _opaque_op_calls(graph: torch.fx.GraphModule) -> list[str]:
+    return [str(node.target) for node in graph.graph.nodes if str(node.target).startswith("lightning_act.")]
 
 
 def _tiny_kat(impl: str) -> torch.nn.Module:
@@ -71,12 +85,19 @@ def _logits_and_grads(model: torch.nn.Module, images: torch.Tensor) -> tuple[tor
     return logits.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def test_whole_kat_compiles_fullgraph_through_the_op_with_backward() -> None:
-    model = _tiny_kat("triton")  # on CPU the op runs its PyTorch kernel
+def _assert_close_to_float64(ours: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    """``ours`` within ``tolerance`` of a float64 ``expected``, relative to its largest magnitude."""
+    scale = float(expected.abs().max()) or 1.0
+    error = float((ours.double() - expected).abs().max()) / scale
+    assert error <= tolerance, f"relative error {error:.1e} > {tolerance:.0e}"
+
+
+def test_whole_kat_compiles_fullgraph_on_cpu_with_the_ops_formula_traced_in() -> None:
+    model = _tiny_kat("triton")  # on CPU the op's body is its PyTorch formula, which AOTAutograd traces into
     images = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    reference = _tiny_kat("reference")
+    reference = _tiny_kat("reference").double()
     reference.load_state_dict(model.state_dict())
-    expected_logits, expected_grads = _logits_and_grads(reference, images)
+    expected_logits, expected_grads = _logits_and_grads(reference, images.double())
     backend, graphs = _recording_backend()
     compiled = torch.compile(model, fullgraph=True, backend=backend)  # raises on any graph break
     model(images)  # an eager call first: the module's eager-only geometry cache must not leak into the trace
@@ -88,13 +109,193 @@ def test_whole_kat_compiles_fullgraph_through_the_op_with_backward() -> None:
         model(images[:2])
         _logits_and_grads(compiled, images)
     assert len(graphs) == 2
-    forward_graph, backward_graph = graphs
-    # two rationals per block, depth 2: four forward ops and four backward ops, nothing decomposed
-    assert _op_calls(forward_graph, torch.ops.lightning_act.group_rational.default) == 4
-    assert _op_calls(backward_graph, torch.ops.lightning_act.group_rational_backward.default) == 4
-    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    for graph in graphs:  # a triton_op: no opaque op call is left for the backend, only the formula's aten ops
+        assert not _opaque_op_calls(graph), _opaque_op_calls(graph)
+    _assert_close_to_float64(logits, expected_logits, 1e-5)
     for grad, expected in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
+        _assert_close_to_float64(grad, expected, 1e-4)
+
+
+# Traces the op's forward and backward on fake CUDA tensors (no GPU needed) with AOTAutograd, as torch.compile does,
+# and prints what each graph calls. Triton lowers a kernel to TTIR (where PyTorch finds which arguments a kernel
+# writes) only for a GPU target, so one is named.
+CUDA_TRACE_CHECKER = """
+import json
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+
+class HopperTarget:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(HopperTarget())
+from torch._functorch.aot_autograd import aot_function, make_boxed_func
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lightning_act.nn.group_rational import KernelConfig, group_rational_backward_op, group_rational_op
+
+graphs = []
+
+
+def keep(graph, example_inputs):
+    graphs.append(graph)
+    return make_boxed_func(graph.forward)
+
+
+def calls(graph):
+    found = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if "triton_kernel_wrapper" in str(node.target):
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            while not isinstance(kernel, JITFunction):  # num_warps wraps the kernel in a one-config autotuner
+                kernel = kernel.fn
+            found.append([str(node.target), kernel.fn.__name__, sorted(node.kwargs["tensors_to_clone"])])
+        else:
+            found.append([str(node.target)])
+    return found
+
+
+config = list(KernelConfig(block_k=8, forward_tile=16, backward_tile=16, backward_row_tiles=2))
+forward = aot_function(lambda x, a, b: group_rational_op(x, a, b, config), fw_compiler=keep)
+backward = aot_function(lambda x, g, a, b: group_rational_backward_op(x, g, a, b, config), fw_compiler=keep)
+with FakeTensorMode():
+    x = torch.empty(6, 4, 24, device="cuda", dtype=torch.bfloat16)
+    numerator, denominator = torch.empty(1, 6, device="cuda"), torch.empty(4, 4, device="cuda")
+    y = forward(x, numerator, denominator)
+    backward(x, y, numerator, denominator)
+print(json.dumps([calls(graph) for graph in graphs]))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_cuda_trace_calls_the_triton_kernels_not_an_opaque_op() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", CUDA_TRACE_CHECKER], capture_output=True, text=True, timeout=300, check=False,
+        env={key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "assuming every input is mutated" not in completed.stderr, completed.stderr[-3000:]
+    forward_calls, backward_calls = json.loads(completed.stdout.strip().splitlines()[-1])
+    kernel = "triton_kernel_wrapper_functional"
+    # only the outputs are written (cloned before functional kernels, then re-inplaced by Inductor): a kernel
+    # thought to write its inputs would copy x and grad_y on every call
+    assert [c for c in forward_calls if kernel in c[0]] == [
+        [kernel, "_group_rational_forward_kernel", ["y_ptr"]]
+    ]
+    assert [c for c in backward_calls if kernel in c[0]] == [
+        [kernel, "_group_rational_backward_kernel", ["grad_x_ptr", "partial_ptr"]],
+        [kernel, "_coefficient_gradient_kernel", ["grad_denominator_ptr", "grad_numerator_ptr"]],
+    ]
+    others = {c[0] for c in forward_calls + backward_calls if kernel not in c[0]}
+    assert others <= {"aten.empty_like.default", "aten.new_empty.default", "<built-in function getitem>"}, others
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_op_names_its_kernels_for_the_compile_cache_key() -> None:
+    """AOTAutograd's cache keys a graph that calls a triton_op by the source of the kernels found in the op's body:
+    a kernel it missed could be served stale from the cache after the kernel's code changed."""
+    from torch._library.triton import get_triton_kernels_for_op
+
+    def names(op: str) -> list[str]:
+        return sorted(kernel.fn.__name__ for kernel in get_triton_kernels_for_op(op))
+
+    assert names("lightning_act::group_rational") == ["_group_rational_forward_kernel"]
+    assert names("lightning_act::group_rational_backward") == [
+        "_coefficient_gradient_kernel", "_group_rational_backward_kernel"
+    ]
+
+
+# The registered op called eagerly (through the dispatcher, so the triton_op's own body) under the interpreter.
+INTERPRETER_OP_CHECKER = """
+import json
+import sys
+import torch
+from lightning_act.nn.group_rational import KernelConfig, group_rational_op
+
+results = []
+for index, (shape, numerator_sets, dtype_name, config) in enumerate(json.loads(sys.argv[2])):
+    generator = torch.Generator().manual_seed(200 + index)
+    dtype = getattr(torch, dtype_name)
+    x = (2.0 * torch.randn(shape, generator=generator)).to(dtype).requires_grad_()
+    numerator = (0.5 * torch.randn(numerator_sets, 6, generator=generator)).requires_grad_()
+    denominator = torch.randn(shape[1], 4, generator=generator).requires_grad_()
+    grad_y = torch.randn(shape, generator=generator).to(dtype)
+    y = group_rational_op(x, numerator, denominator, list(KernelConfig(*config)))
+    y.backward(grad_y)
+    tensors = (x, numerator, denominator, grad_y, y, x.grad, numerator.grad, denominator.grad)
+    results.append([t.detach() for t in tensors])
+torch.save(results, sys.argv[1])
+"""
+
+INTERPRETER_OP_CASES = [
+    # (shape (rows, groups, width), numerator sets, dtype, KernelConfig): masked tiles with several backward row
+    # tiles and a shared numerator; unmasked (EVEN) tiles in bfloat16
+    ((5, 4, 24), 1, "float32", (8, 16, 16, 2, 4)),
+    ((8, 4, 32), 4, "bfloat16", (8, 16, 16, 2, 4)),
+]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_op_under_interpreter_matches_float64_reference(tmp_path: Path) -> None:
+    output = tmp_path / "op_results.pt"
+    completed = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_OP_CHECKER, str(output), json.dumps(INTERPRETER_OP_CASES)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for (shape, _, dtype, _), result in zip(INTERPRETER_OP_CASES, torch.load(output), strict=True):
+        x, numerator, denominator, grad_y, *ours = result
+        leaves = [t.double().requires_grad_() for t in (x, numerator, denominator)]
+        groups = shape[1]
+        expected_y = group_rational_reference(
+            leaves[0], leaves[1].expand(groups, -1), leaves[2].expand(groups, -1), channel_dim=1
+        )
+        expected_y.backward(grad_y.double())
+        output_tolerance = 8e-3 if dtype == "bfloat16" else 1e-6  # one bf16 rounding of y and of dx
+        assert ours[0].dtype == ours[1].dtype == x.dtype
+        for value, expected, tolerance in zip(
+            ours, [expected_y.detach(), *(leaf.grad for leaf in leaves)], [output_tolerance] * 2 + [1e-5] * 2,
+            strict=True,
+        ):
+            _assert_close_to_float64(value, expected, tolerance)
+
+
+# Without Triton (CPU builds of PyTorch) the op is a plain custom_op whose body (the PyTorch formula) is also its
+# fake kernel; ``sys.modules["triton"] = None`` makes Triton unimportable in that process.
+NO_TRITON_CHECKER = """
+import sys
+sys.modules["triton"] = None
+import torch
+from lightning_act.nn.group_rational import GroupRational, KernelConfig, group_rational_op, triton_available
+
+assert not triton_available()
+generator = torch.Generator().manual_seed(4)
+inputs = (torch.randn(4, 2, 3, generator=generator, requires_grad=True),
+          torch.randn(1, 6, generator=generator, requires_grad=True),
+          torch.randn(2, 4, generator=generator, requires_grad=True), list(KernelConfig()))
+torch.library.opcheck(group_rational_op, inputs)
+module = GroupRational(16, 4, "swish", implementation="triton")
+reference = GroupRational(16, 4, "swish", implementation="reference")
+x = torch.randn(3, 16, generator=generator)
+compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+print(float((compiled(x) - reference(x)).abs().max()), float((module(x) - reference(x)).abs().max()))
+"""
+
+
+def test_op_without_triton_is_a_custom_op_with_the_pytorch_formula() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", NO_TRITON_CHECKER], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    compiled_error, eager_error = map(float, completed.stdout.split())
+    assert compiled_error < 1e-6 and eager_error < 1e-6
 
 
 @pytest.mark.skipif(

@@ -23,12 +23,13 @@ equal the official ``weight_numerator`` (1, 6) / ``weight_denominator`` (groups,
 Implementations (``implementation=``): ``"reference"`` (pure PyTorch, any device, autograd through torch
 ops; under ``torch.compile`` Inductor fuses it), ``"triton"`` (the registered op ``lightning_act::group_rational``
 with its own backward: the fused Triton kernels of :mod:`lightning_act.nn.triton_rational` on CUDA, or on CPU
-under ``TRITON_INTERPRET=1``; on other CPU tensors the op's PyTorch kernel with the same closed-form gradients),
+under ``TRITON_INTERPRET=1``; on other CPU tensors the op's PyTorch formula with the same closed-form gradients),
 ``"auto"`` (``"triton"`` on CUDA tensors when Triton imports, else ``"reference"``). All compute in float32 with
 autocast disabled and return the input dtype (float32, bfloat16, float16).
 
-The op is what ``torch.compile`` sees (``fullgraph=True`` traces whole KAT models, and CUDA graphs capture the
-launches); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
+The op is what ``torch.compile`` sees: a ``torch.library.triton_op``, so ``fullgraph=True`` traces whole KAT models
+into the Triton launches themselves (Inductor launches the kernels from its generated code, and CUDA graphs
+capture them); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
 about half the host time per call (``docs/kat_kernel.md``).
 """
 
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from lightning_act.errors import LightningActError
 from lightning_act.nn.rational_coefficients import INIT_COEFFICIENTS
@@ -98,6 +100,9 @@ def group_rational_reference(
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+if _TRITON_INSTALLED:  # imported here (not on first use) so that triton_op finds the kernels the op bodies launch
+    from lightning_act.nn.triton_rational import group_rational_backward as triton_backward
+    from lightning_act.nn.triton_rational import group_rational_forward as triton_forward
 
 
 def triton_available() -> bool:
@@ -150,17 +155,19 @@ def check_kernel_config(config: KernelConfig) -> None:
             )
 
 
-def _runs_triton(x3: torch.Tensor) -> bool:
-    return x3.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+def _runs_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels take ``x``: CUDA tensors, and real CPU tensors under ``TRITON_INTERPRET=1``
+    (the interpreter runs kernels on data, so a trace's fake CPU tensors take the PyTorch formula)."""
+    if x.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and not is_fake(x)
 
 
-@functools.cache
-def _triton_kernels() -> Any:
-    """:mod:`lightning_act.nn.triton_rational`, imported on first use (an ``import`` statement per call costs
-    microseconds of host time)."""
-    from lightning_act.nn import triton_rational
-
-    return triton_rational
+def _static_geometry(x3: torch.Tensor) -> tuple[int, int, int]:
+    """``(rows, groups, width)`` of ``x3`` as ints. The launch plan (grids, tile flags) needs integers, so under
+    dynamic shapes a symbolic size is specialised: a guard, and a new batch size recompiles."""
+    rows, groups, width = (int(size) for size in x3.shape)
+    return rows, groups, width
 
 
 def _per_group(coefficients: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -172,10 +179,16 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _pytorch_forward(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """The op's PyTorch formula for the forward: coefficient sets ``(1 or groups, k)`` broadcast over the groups."""
+    groups = x3.shape[1]
+    return group_rational_reference(x3, numerator.expand(groups, -1), denominator.expand(groups, -1), channel_dim=1)
+
+
 def _pytorch_backward(
     x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op's CPU kernel for the backward: the closed-form gradients the Triton backward computes.
+    """The op's PyTorch formula for the backward: the closed-form gradients the Triton backward computes.
 
     ``dx = grad_y (P' Q - P Q') / Q^2``; ``dL/da_j = sum grad_y x^j / Q``; ``dL/d|b_k| = -sum grad_y P |x|^(k+1) / Q^2``,
     times ``d|b|/db`` (+1 at 0); shared sets sum over their groups.
@@ -214,56 +227,45 @@ def _pytorch_backward(
     return grad_x, grad_numerator.to(numerator.dtype), grad_denominator.to(denominator.dtype)
 
 
-def _forward_kernel(
-    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
+# The op bodies are ordinary PyTorch code plus Triton launches: with Triton installed they are registered with
+# ``torch.library.triton_op``, so AOTAutograd traces INTO them (each launch becomes a Triton-kernel node that
+# Inductor launches from its own generated code, capturable by CUDA graphs; on CPU the PyTorch formula is traced
+# and fused); without Triton, ``custom_op`` with the body as its fake kernel.
+_register_op = torch.library.triton_op if _TRITON_INSTALLED else torch.library.custom_op
+
+
+def _group_rational_forward(
+    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
 ) -> torch.Tensor:
-    if _runs_triton(x3):
-        return _triton_kernels().group_rational_forward(
-            x3.contiguous(), numerator.contiguous(), denominator.contiguous(), config
+    """The rational on ``x3`` of shape ``(rows, groups, width)`` with coefficient sets ``(1 or groups, 6)`` and
+    ``(1 or groups, 4)``; ``config`` is a :class:`KernelConfig` as a list. Triton where it runs, else PyTorch."""
+    if _runs_triton(x3):  # launches traced as kernel nodes on CUDA; direct interpreter launches on CPU
+        return triton_forward(
+            x3.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(config), _static_geometry(x3),
+            traced=x3.is_cuda,
         )
-    groups = x3.shape[1]
-    return group_rational_reference(x3, numerator.expand(groups, -1), denominator.expand(groups, -1), channel_dim=1)
+    return _pytorch_forward(x3, numerator, denominator)
 
 
-def _backward_kernel(
-    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...]
+def _group_rational_backward(
+    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_numerator, grad_denominator)`` of :func:`group_rational_op`, in the inputs' shapes and dtypes."""
     if _runs_triton(x3):
-        return _triton_kernels().group_rational_backward(
-            x3.contiguous(), grad_y.contiguous(), numerator.contiguous(), denominator.contiguous(), config
+        return triton_backward(
+            x3.contiguous(), grad_y.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(config),
+            _static_geometry(x3), traced=x3.is_cuda,
         )
     return _pytorch_backward(x3, grad_y, numerator, denominator)
 
 
-@torch.library.custom_op("lightning_act::group_rational", mutates_args=())
-def group_rational_op(
-    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
-) -> torch.Tensor:
-    """The rational on ``x3`` of shape ``(rows, groups, width)`` with coefficient sets ``(1 or groups, 6)`` and
-    ``(1 or groups, 4)``; ``config`` is a :class:`KernelConfig` as a list. Triton on CUDA, PyTorch on CPU."""
-    return _forward_kernel(x3, numerator, denominator, tuple(config))
-
-
-@group_rational_op.register_fake
-def _group_rational_fake(
-    x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
-) -> torch.Tensor:
-    return torch.empty_like(x3)
-
-
-@torch.library.custom_op("lightning_act::group_rational_backward", mutates_args=())
-def group_rational_backward_op(
-    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_numerator, grad_denominator)`` of :func:`group_rational_op`, in the inputs' shapes and dtypes."""
-    return _backward_kernel(x3, grad_y, numerator, denominator, tuple(config))
-
-
-@group_rational_backward_op.register_fake
-def _group_rational_backward_fake(
-    x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x3), torch.empty_like(numerator), torch.empty_like(denominator)
+group_rational_op = _register_op("lightning_act::group_rational", _group_rational_forward, mutates_args=())
+group_rational_backward_op = _register_op(
+    "lightning_act::group_rational_backward", _group_rational_backward, mutates_args=()
+)
+if not _TRITON_INSTALLED:  # triton_op registers the body as the fake kernel itself
+    group_rational_op.register_fake(_group_rational_forward)
+    group_rational_backward_op.register_fake(_group_rational_backward)
 
 
 def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -295,17 +297,15 @@ class GroupRationalFunction(torch.autograd.Function):
         ctx.save_for_backward(x, numerator, denominator)
         ctx.grouped, ctx.config = grouped, config
         if _runs_triton(x):
-            return _triton_kernels().group_rational_forward(x, numerator, denominator, config, grouped)
-        return _forward_kernel(x.view(grouped), numerator, denominator, config).view(x.shape)
+            return triton_forward(x, numerator, denominator, config, grouped)
+        return _pytorch_forward(x.view(grouped), numerator, denominator).view(x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, numerator, denominator = ctx.saved_tensors
         grouped = ctx.grouped
         if _runs_triton(x):
-            return *_triton_kernels().group_rational_backward(
-                x, grad_y.contiguous(), numerator, denominator, ctx.config, grouped
-            ), None, None
+            return *triton_backward(x, grad_y.contiguous(), numerator, denominator, ctx.config, grouped), None, None
         grad_x, grad_numerator, grad_denominator = _pytorch_backward(
             x.view(grouped), grad_y.reshape(grouped), numerator, denominator
         )

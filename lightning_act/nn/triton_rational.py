@@ -1,8 +1,10 @@
 """Triton kernels for the group-rational (GR-KAN) activation: forward, backward, coefficient-gradient finish.
 
-Only imported by :mod:`lightning_act.nn.group_rational` when a Triton launch is needed, so the package works
-without Triton. Under ``TRITON_INTERPRET=1`` (set before Triton is first imported) the same kernels run on
-CPU tensors, which is how they are tested without a GPU. Design and measurements: ``docs/kat_kernel.md``.
+Imported by :mod:`lightning_act.nn.group_rational` only when Triton is installed, so the package works without
+Triton. Under ``TRITON_INTERPRET=1`` (set before this module is imported) the same kernels run on CPU tensors,
+which is how they are tested without a GPU. The launch functions serve both the eager path (direct launches) and
+the bodies of the ``triton_op`` registration (``traced=True``: launches through ``torch.library.wrap_triton``, so
+a trace records them as kernel nodes). Design and measurements: ``docs/kat_kernel.md``.
 
 Layout: the input is viewed as ``(rows, groups, width)`` (contiguous), so every group is a strided
 ``rows x width`` matrix (channels-last ``(..., C)``: rows = prod(leading dims), width = C / groups;
@@ -30,6 +32,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 PARTIALS_PER_GROUP = 10
 NUMERATOR_TERMS = 6
@@ -341,16 +344,18 @@ def launch_plan(
 
 def group_rational_forward(
     x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: tuple[int, ...],
-    grouped: tuple[int, int, int] | None = None,
+    grouped: tuple[int, int, int] | None = None, traced: bool = False,
 ) -> torch.Tensor:
     """``y = P(x) / Q(x)`` for contiguous ``x3`` of shape ``(rows, groups, width)`` (or any shape whose memory is
     that, given as ``grouped``: ``y`` then has ``x3``'s shape, with no view in between); contiguous coefficient
-    sets ``(1 or groups, k)``."""
+    sets ``(1 or groups, k)``. ``traced``: launch through ``torch.library.wrap_triton`` (the body of a
+    ``triton_op``: a trace records the launch as a kernel node; outside a trace it launches directly)."""
     rows, groups, width = grouped or x3.shape
     y = torch.empty_like(x3)
     if rows and width:
         plan = launch_plan(rows, groups, width, numerator.shape[0], denominator.shape[0], config)
-        _group_rational_forward_kernel[plan.forward_grid](x3, y, numerator, denominator, rows, **plan.forward_meta)
+        kernel = wrap_triton(_group_rational_forward_kernel) if traced else _group_rational_forward_kernel
+        kernel[plan.forward_grid](x3, y, numerator, denominator, rows, **plan.forward_meta)
     return y
 
 
@@ -361,8 +366,9 @@ def group_rational_backward(
     denominator: torch.Tensor,
     config: tuple[int, ...],
     grouped: tuple[int, int, int] | None = None,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_numerator, grad_denominator)`` for contiguous inputs (``grouped`` as in
+    """``(grad_x, grad_numerator, grad_denominator)`` for contiguous inputs (``grouped`` and ``traced`` as in
     :func:`group_rational_forward`); coefficient gradients have the coefficients' shapes."""
     rows, groups, width = grouped or x3.shape
     grad_x = torch.empty_like(x3)
@@ -371,10 +377,10 @@ def group_rational_backward(
     plan = launch_plan(rows, groups, width, numerator.shape[0], denominator.shape[0], config)
     grad_numerator, grad_denominator = torch.empty_like(numerator), torch.empty_like(denominator)
     partials = x3.new_empty(plan.partials_shape, dtype=torch.float32)
-    _group_rational_backward_kernel[plan.backward_grid](
-        x3, grad_y, grad_x, partials, numerator, denominator, rows, **plan.backward_meta
-    )
-    _coefficient_gradient_kernel[plan.finish_grid](
+    backward = wrap_triton(_group_rational_backward_kernel) if traced else _group_rational_backward_kernel
+    finish = wrap_triton(_coefficient_gradient_kernel) if traced else _coefficient_gradient_kernel
+    backward[plan.backward_grid](x3, grad_y, grad_x, partials, numerator, denominator, rows, **plan.backward_meta)
+    finish[plan.finish_grid](
         partials, grad_numerator, grad_denominator, denominator, plan.backward_programs, **plan.finish_meta
     )
     return grad_x, grad_numerator, grad_denominator
