@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-monitor", action="store_true", help="also time each monitor alone, every step due")
     parser.add_argument("--diagnose", action="store_true", help="host syncs and a profile of the every-step config")
+    parser.add_argument("--diagnose-only", default=None, choices=[cls.__name__ for cls in MONITORS],
+                        help="diagnose this monitor alone (default: all four)")
     args = parser.parse_args()
     import timm
 
@@ -125,7 +127,8 @@ def main() -> None:
         configs.update({f"{cls.__name__} alone @ every step": (1, cls) for cls in MONITORS})
     describe(args, cuda, precision, batch, model_kwargs)
     if args.diagnose:
-        diagnose(base, train, val, precision, steps, args.warmup)
+        only = next((cls for cls in MONITORS if cls.__name__ == args.diagnose_only), None)
+        diagnose(base, train, val, precision, steps, args.warmup, only)
     medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
         for name, (every, only) in configs.items():
@@ -203,17 +206,21 @@ class Diagnosis(pl.Callback):
             self.profiler.__exit__(None, None, None)
 
 
-def diagnose(base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int, warmup: int) -> None:
-    """All four monitors every step: host syncs inside lightning_act, then a 1-step profile."""
+def diagnose(
+    base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int, warmup: int,
+    only: type | None = None,
+) -> None:
+    """All four monitors (or ``only``) every step: host syncs inside lightning_act, then a 1-step profile."""
     cuda = torch.cuda.is_available()
     diagnosis = Diagnosis(start=min(warmup, steps - 5))
     trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, callbacks=[diagnosis, *monitors(1)],
+        accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, callbacks=[diagnosis, *monitors(1, only)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
-    print("host syncs in 3 steps, all four monitors every step (by the innermost lightning_act frame):")
+    watched = "all four monitors" if only is None else only.__name__
+    print(f"host syncs in 3 steps, {watched} every step (by the innermost lightning_act frame):")
     for where, count in diagnosis.syncs.most_common(20):
         print(f"  {count:5d}  {where}")
     print("host time per step in the monitors' hooks (mean of 3 steps; with sync debug on):")

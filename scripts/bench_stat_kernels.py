@@ -299,6 +299,35 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
         print("  " + " ".join(f"{v:16d}" for v in config) + "".join(f"  {c:>22s}" for c in cells))
 
 
+# ----------------------------------------------------------------------------------------------- eigh
+def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
+    """DimensionalCollapse's flush: the spectra of 13 (d, d) float64 scatter matrices (a ViT-S's taps), one call per
+    matrix vs one batched call on ``device``, vs the host (batched, and one thread per matrix)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = torch.Generator().manual_seed(0)
+    pool = ThreadPoolExecutor(max_workers=13)
+    for d in (384, 1536):
+        rows = torch.randn(13, d, 2 * d, generator=generator, dtype=torch.float64)
+        host = rows @ rows.transpose(1, 2)
+        matrices = host.to(device)
+        methods: dict[str, Callable[[], object]] = {
+            "device, one call per matrix": lambda: [torch.linalg.eigvalsh(m) for m in matrices],
+            "device, one batched call": lambda: torch.linalg.eigvalsh(matrices),
+            "host copy + batched call": lambda: torch.linalg.eigvalsh(matrices.cpu()),
+            "host copy + a thread per matrix": lambda: list(pool.map(torch.linalg.eigvalsh, matrices.cpu().unbind())),
+        }
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for name, method in methods.items():
+            method()  # warm-up
+        for _ in range(args.rounds):
+            for name, method in methods.items():
+                times[name].append(time_call(method, 1, device))
+        print(f"eigvalsh of 13 ({d}, {d}) float64 matrices on {device} (median of {args.rounds} rounds):")
+        for name in methods:
+            print(f"  {name:34s} {statistics.median(times[name]) * 1e3:9.2f} ms")
+
+
 # ------------------------------------------------------------------------------------------ collapse
 def bench_collapse(args: argparse.Namespace) -> None:
     """One due step of DimensionalCollapse on a wide tap with the sketch: partials of one forward + flush."""
@@ -339,6 +368,7 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true", help="only the check")
     parser.add_argument("--collapse", action="store_true", help="only the wide-layer DimensionalCollapse sketch")
     parser.add_argument("--sweep", action="store_true", help="only the Triton launch-configuration sweep")
+    parser.add_argument("--eigh", action="store_true", help="only the eigensolver timings of DimensionalCollapse's flush")
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--collapse-rounds", type=int, default=2)
@@ -360,6 +390,9 @@ def main() -> None:
     args.iters = args.iters or (20 if device.type == "cuda" else 3)
     if args.sweep:
         sweep(args, device)
+        return
+    if args.eigh:
+        bench_eigh(args, device)
         return
     batch, tokens, width = (16, 65, 192) if args.small else (128, 197, 384)
     generator = torch.Generator().manual_seed(0)

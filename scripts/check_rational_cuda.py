@@ -4,8 +4,8 @@ For each case (shape, layout, dtype, sharing, kernel configuration) the forward 
 the numerator and the denominator of ``GroupRational(implementation="triton")`` are compared with autograd
 through ``group_rational_reference`` in float64 on the same (dtype-rounded) inputs. Errors are relative to the
 largest reference magnitude of each tensor. Coefficients are random with mixed signs (denominators too, to
-exercise ``d|b|/db``). Every case runs the default ``KernelConfig`` and ``CANDIDATE_CONFIGS`` (the sweep's best
-forward and backward configurations of H100 run 2, and both together); the big cases also other swept ones. Also:
+exercise ``d|b|/db``). Every case runs the default ``KernelConfig`` (the best configuration of H100 run 3) and
+``CANDIDATE_CONFIGS`` (the round-2 default, for the A/B); the big cases also other swept ones. Also:
 bitwise determinism of the coefficient gradients over two backward passes; ``torch.compile`` of a forward+backward,
 whose Inductor code must launch the three Triton kernels itself (the op is a ``triton_op``) with no input copies,
 equal to eager; a CUDA-graph capture of forward+backward; (full mode) the op under ``torch.compile(fullgraph=True)``
@@ -43,9 +43,7 @@ FAILURES: list[str] = []
 DEVICE = "cuda"  # "cpu" for --cpu-dry-run (Triton interpreter, small shapes)
 # the best forward and backward launch configurations of the sweep in H100 run 2 (docs/kat_kernel.md), and both
 CANDIDATE_CONFIGS = {
-    "interleave_groups=1": KernelConfig(interleave_groups=1),
-    "backward 512x16": KernelConfig(backward_tile=512, backward_row_tiles=16),
-    "combined": KernelConfig(backward_tile=512, backward_row_tiles=16, interleave_groups=1),
+    "round-2 default": KernelConfig(backward_tile=1024, backward_row_tiles=8, interleave_groups=0),
 }
 
 
@@ -223,9 +221,8 @@ def main() -> None:
     if args.compiled_launches_only:
         guarded("compiled launches", lambda: check_compiled_launches((4, 3)))
         finish()
-    # the configurations the benchmark's sweep may pick as the next default, checked on the big cases; --quick
-    # checks the two best of H100 run 2 (forward: group-fastest numbering; backward: 512-element tiles x 16) and
-    # their combination
+    # the configurations the benchmark compares with the default, checked on the big cases; --quick checks the
+    # default (run 3's best) and the round-2 default
     configs = {"default": KernelConfig(), **CANDIDATE_CONFIGS}
     if not args.quick:
         configs.update({
@@ -249,9 +246,9 @@ def main() -> None:
         cases = [((2, 5, 3072), *case[1:]) if case[0] == (128, 197, 3072) else case for case in cases]
     for index, case in enumerate(cases):
         # every configuration on the big bfloat16 case (and the float32 one in the full mode); the others (float32,
-        # masking, sharing, layouts) with the default and the combined candidate
+        # masking, sharing, layouts) with the default and the round-2 default
         case_configs = configs if index == 0 or not args.quick and index == 1 else {
-            name: configs[name] for name in ("default", "combined")
+            name: configs[name] for name in ("default", "round-2 default")
         }
         guarded(f"{case}", lambda: check_case(*case, case_configs, seed + index))
     if DEVICE == "cuda":

@@ -205,6 +205,11 @@ def _block_sum(flat: torch.Tensor) -> torch.Tensor:
     return head + flat[main:].to(torch.float64).sum()
 
 
+def above_threshold(t: float) -> float:
+    """The smallest float32 above the real number ``t``: for a float32 ``m``, ``m > t`` exactly when ``m >= it``."""
+    return float(np.nextafter(np.float32(comparable_threshold(t, torch.float32)), np.float32(np.inf)))
+
+
 def massive_row_thresholds(median: torch.Tensor, massive: tuple[float, float]) -> torch.Tensor:
     """float32 per-row threshold ``t``: for every float32 magnitude ``m``, ``m >= t`` exactly when
     ``m > abs_threshold`` and ``m >= ratio_threshold * median`` as real numbers (NaN where the median is NaN).
@@ -213,7 +218,7 @@ def massive_row_thresholds(median: torch.Tensor, massive: tuple[float, float]) -
     and far above its sample's median; one comparison per entry then counts both conditions.
     """
     abs_threshold, ratio_threshold = massive
-    above_abs = float(np.nextafter(np.float32(comparable_threshold(abs_threshold, torch.float32)), np.float32(np.inf)))
+    above_abs = above_threshold(abs_threshold)
     relative = ratio_threshold * median.to(torch.float64)
     rounded = relative.to(torch.float32)
     up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
@@ -344,18 +349,17 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_device_thresholds_cache: dict[tuple[tuple[float, ...], str], torch.Tensor] = {}
+_device_constants: dict[tuple[tuple[float, ...], torch.dtype, str], torch.Tensor] = {}
 
 
-def _device_thresholds(thresholds: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """The thresholds as a float32 vector on ``device``, made once per (thresholds, device): a host-to-device
-    copy waits for the device, and a wait per tapped tensor would stall the training step."""
-    key = (thresholds, str(device))
-    values = _device_thresholds_cache.get(key)
-    if values is None:
-        rounded = [comparable_threshold(t, torch.float32) for t in thresholds] or [-1.0]  # a kernel needs a pointer
-        values = _device_thresholds_cache[key] = torch.tensor(rounded, dtype=torch.float32, device=device)
-    return values
+def _device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a vector on ``device``, made once per (values, dtype, device): a host-to-device copy waits
+    for the device, and a wait per tapped tensor would stall the training step."""
+    key = (values, dtype, str(device))
+    tensor = _device_constants.get(key)
+    if tensor is None:
+        tensor = _device_constants[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
 
 
 def coarse_shift(bins: LogMagnitudeBins) -> int:
@@ -363,51 +367,30 @@ def coarse_shift(bins: LogMagnitudeBins) -> int:
     return (bins.size.bit_length() - 1) // 2
 
 
-def _refined_median(rows: torch.Tensor, coarse: torch.Tensor, bins: LogMagnitudeBins, shift: int) -> torch.Tensor:
-    """Per-row :func:`histogram_median` from the coarse histogram and the fine bins of the two coarse bins that hold
-    the middle order statistics: the same estimate, bit for bit, as from the full histogram (the cumulative counts
-    before and inside those two coarse bins are exact)."""
-    from lightning_act.stats.triton_fused import refine_histogram
-
-    n_rows, entries = rows.shape
-    cumulative = coarse.cumsum(1)
-    coarse_bins, sub = coarse.shape[1], 1 << shift
-    targets = torch.stack([(cumulative < rank).sum(1) for rank in ((entries + 1) // 2, entries // 2 + 1)], 1)
-    targets = targets.clamp_max(coarse_bins - 1).to(torch.int32)
-    fine = refine_histogram(rows, targets, (bins.size, bins.key_shift, bins.low_key), shift)
-    same = (targets[:, 0] == targets[:, 1])[:, None]
-    fine_high = torch.where(same, fine[:, 0], fine[:, 1])
-    histogram = torch.zeros(n_rows, coarse_bins, sub, dtype=torch.int32, device=rows.device)
-    histogram[:, :, 0] = coarse
-    for target, counts in ((targets[:, 0], fine[:, 0]), (targets[:, 1], fine_high)):
-        histogram.scatter_(1, target.long()[:, None, None].expand(-1, 1, sub), counts[:, None, :])
-    return histogram_median(histogram.view(n_rows, bins.size), bins)
-
-
 def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
-    from lightning_act.stats.triton_fused import column_statistics, row_statistics
+    from lightning_act.stats.triton_fused import column_statistics, row_statistics, sample_medians
 
     rows = _sample_rows(x, spec).contiguous()
     bins = spec.median
     shift = 1 if bins is None else coarse_shift(bins)
     layout = None if bins is None else (bins.size, bins.key_shift, bins.low_key)
-    thresholds = _device_thresholds(spec.thresholds, x.device)
+    # the thresholds rounded down to float32; one entry at least, as the kernel needs a pointer
+    thresholds = tuple(comparable_threshold(t, torch.float32) for t in spec.thresholds) or (-1.0,)
+    thresholds = _device_constant(thresholds, torch.float32, x.device)
     scalars, maxima, coarse = row_statistics(rows, thresholds, len(spec.thresholds), spec.moments, layout, shift)
     sample_max = maxima[:, 1]
-    out = {
-        "scalars": scalars.sum(0),
-        "maxima": torch.stack([maxima[:, 0].amax().to(torch.float64), sample_max.amax().to(torch.float64)]),
-        "sample_max": sample_max,
-    }
-    median = None
+    out = {"scalars": scalars.sum(0), "maxima": maxima.amax(0).to(torch.float64), "sample_max": sample_max}
+    median = row_thresholds = None
     if bins is not None:
-        assert coarse is not None
-        out["median"] = median = _refined_median(rows, coarse, bins, shift)
-    row_thresholds = None if spec.massive is None or median is None else massive_row_thresholds(median, spec.massive)
+        assert coarse is not None and layout is not None
+        ratio = None if spec.massive is None else _device_constant((spec.massive[1],), torch.float64, x.device)
+        above_abs = 0.0 if spec.massive is None else above_threshold(spec.massive[0])
+        median, row_thresholds = sample_medians(rows, coarse, layout, shift, ratio, above_abs)
+        out["median"] = median
     if row_thresholds is not None or spec.column_max:
         column, counts = column_statistics(rows, row_thresholds, spec.column_max)
         if counts is not None and median is not None:
-            out["massive_count"] = torch.where(torch.isnan(median), torch.full_like(median, float("nan")), counts.double())
+            out["massive_count"] = torch.where(torch.isnan(median), median, counts.to(torch.float64))
         if column is not None:
             out["column_max"] = column
     return out

@@ -17,9 +17,14 @@ for, else one row). Three kernels, each launched only when a statistic needs it:
    non-negative sums <= ``INNER * 2^-24``). Partials go to the program's own slot and are added by
    ``torch.sum`` in a fixed order (deterministic); the coarse histogram is added with integer atomics (exact).
 2. ``_refine_histogram_kernel``, same grid: the fine bins of the two coarse bins per row that hold the median's
-   two middle order statistics. With (1) this gives exactly the cumulative counts the full histogram would give
-   at those bins, so the median estimate is the full histogram's, bit for bit, while every ``tl.histogram``
-   has few bins (its cost grows with the bin count: 2048 bins made the first kernel 2.3x slower than a sort).
+   two middle order statistics (each program finds them from the row's coarse histogram). With (1) this gives
+   exactly the cumulative counts the full histogram would give at those bins, so the median estimate is the
+   full histogram's, bit for bit, while every ``tl.histogram`` has few bins (its cost grows with the bin count:
+   2048 bins made the first kernel 2.3x slower than a sort). ``_median_kernel`` (one program per row) then
+   computes that estimate and the row's massive-count threshold with the same float64 operations as
+   :func:`~lightning_act.stats.histogram_median.histogram_median` and ``fused.massive_row_thresholds``: the glue
+   between the kernels stays on the device in two launches instead of some fifty small tensor operations,
+   whose launches made the statistics host-bound.
 3. ``_column_statistics_kernel``, program ``(column block, row group)``: the per-position maximum of ``|x|``
    over the rows of its group (NaN as inf; partial maxima per group, max-reduced by ``torch.amax``: no
    atomics) and per row the count of ``|x| >= threshold[row]`` (the massive-activation count).
@@ -137,13 +142,27 @@ def _row_statistics_kernel(
 
 
 @triton.jit
+def _middle_coarse_bins(coarse_ptr, row, rank_low, rank_high, COARSE: tl.constexpr):
+    """The coarse bins holding the order statistics of ranks ``rank_low`` and ``rank_high`` of one row: the count of
+    coarse bins whose cumulative count is below the rank (the first bin reaching it), at most the last bin."""
+    bins = tl.arange(0, COARSE)
+    cumulative = tl.cumsum(tl.load(coarse_ptr + row.to(tl.int64) * COARSE + bins), axis=0)
+    low = tl.minimum(tl.sum((cumulative < rank_low).to(tl.int32), axis=0), COARSE - 1)
+    high = tl.minimum(tl.sum((cumulative < rank_high).to(tl.int32), axis=0), COARSE - 1)
+    return low, high
+
+
+@triton.jit
 def _refine_histogram_kernel(
     x_ptr,
+    coarse_ptr,
     targets_ptr,
     fine_ptr,
     cols,
     split_len,
     low_key,
+    rank_low,
+    rank_high,
     BINS: tl.constexpr,
     KEY_SHIFT: tl.constexpr,
     COARSE_SHIFT: tl.constexpr,
@@ -156,8 +175,10 @@ def _refine_histogram_kernel(
     end = tl.minimum(start + split_len, cols)
     base = row.to(tl.int64) * cols
     lanes = tl.arange(0, BLOCK)
-    low_target = tl.load(targets_ptr + row * 2)
-    high_target = tl.load(targets_ptr + row * 2 + 1)
+    low_target, high_target = _middle_coarse_bins(coarse_ptr, row, rank_low, rank_high, BINS >> COARSE_SHIFT)
+    if split == 0:
+        tl.store(targets_ptr + row * 2, low_target)
+        tl.store(targets_ptr + row * 2 + 1, high_target)
     fine = tl.zeros((2 * SUB,), dtype=tl.int32)
     for offset in range(start, end, BLOCK):
         column = offset + lanes
@@ -171,6 +192,78 @@ def _refine_histogram_kernel(
         fine += tl.histogram(slot, 2 * SUB, mask=keep)
     fine_bins = tl.arange(0, 2 * SUB)
     tl.atomic_add(fine_ptr + row.to(tl.int64) * (2 * SUB) + fine_bins, fine, mask=fine > 0)
+
+
+@triton.jit
+def _bin_edge(key, KEY_SHIFT: tl.constexpr):
+    """The magnitude (float64) whose float32 bits are ``key << KEY_SHIFT``: the lower edge of that key's bin."""
+    return (key << KEY_SHIFT).to(tl.int32).to(tl.float32, bitcast=True).to(tl.float64)
+
+
+@triton.jit
+def _order_statistic(coarse, fine, target, rank, total, low_key, BINS: tl.constexpr, KEY_SHIFT: tl.constexpr,
+                     COARSE: tl.constexpr, SUB: tl.constexpr):
+    """``histogram_order_statistic`` of one rank from the coarse counts and the fine counts of its coarse bin:
+    the same operations in the same order, so the same float64 result."""
+    coarse_bins = tl.arange(0, COARSE)
+    sub_bins = tl.arange(0, SUB)
+    before_coarse = tl.sum(tl.where(coarse_bins < target, coarse, 0), axis=0)
+    cumulative = tl.cumsum(fine, axis=0) + before_coarse
+    j = tl.minimum(tl.sum((cumulative < rank).to(tl.int32), axis=0), SUB - 1)
+    in_bin = tl.sum(tl.where(sub_bins == j, fine, 0), axis=0)
+    before = tl.sum(tl.where(sub_bins < j, fine, 0), axis=0) + before_coarse
+    index = target * SUB + j
+    position = (rank.to(tl.float64) - before.to(tl.float64) - 0.5) / tl.maximum(in_bin, 1).to(tl.float64)
+    window_low = _bin_edge(low_key + index - 2, KEY_SHIFT)
+    window_high = _bin_edge(low_key + index - 1, KEY_SHIFT)
+    low = tl.where(index <= 1, 0.0, window_low)
+    high = tl.where(index == 0, 0.0, window_high)
+    estimate = low + (high - low) * position
+    estimate = tl.where(index == 0, 0.0, estimate)
+    estimate = tl.where(index == BINS - 1, float("inf"), estimate)
+    unknown = (index == 1) | (index == BINS - 2) | (rank < 1) | (rank > total)
+    return tl.where(unknown, float("nan"), estimate)
+
+
+@triton.jit
+def _median_kernel(
+    coarse_ptr,
+    fine_ptr,
+    targets_ptr,
+    ratio_ptr,
+    median_ptr,
+    threshold_ptr,
+    cols,
+    rank_low,
+    rank_high,
+    low_key,
+    above_abs,
+    MASSIVE: tl.constexpr,
+    BINS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    COARSE: tl.constexpr,
+    SUB: tl.constexpr,
+):
+    """Per row: the median of ``|x|`` (``histogram_median``) and, for the massive count, the float32 threshold of
+    ``massive_row_thresholds`` (``max(next float32 above abs_threshold, ratio * median rounded up)``)."""
+    row = tl.program_id(0).to(tl.int64)
+    coarse = tl.load(coarse_ptr + row * COARSE + tl.arange(0, COARSE))
+    low_fine = tl.load(fine_ptr + row * 2 * SUB + tl.arange(0, SUB))
+    high_fine = tl.load(fine_ptr + row * 2 * SUB + SUB + tl.arange(0, SUB))
+    low_target = tl.load(targets_ptr + row * 2)
+    high_target = tl.load(targets_ptr + row * 2 + 1)
+    high_fine = tl.where(high_target == low_target, low_fine, high_fine)
+    low = _order_statistic(coarse, low_fine, low_target, rank_low, cols, low_key, BINS, KEY_SHIFT, COARSE, SUB)
+    high = _order_statistic(coarse, high_fine, high_target, rank_high, cols, low_key, BINS, KEY_SHIFT, COARSE, SUB)
+    median = (low + high) / 2
+    tl.store(median_ptr + row, median)
+    if MASSIVE:
+        relative = tl.load(ratio_ptr) * median
+        rounded = relative.to(tl.float32)
+        up = (rounded.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+        rounded = tl.where(rounded.to(tl.float64) < relative, up, rounded)
+        threshold = tl.where(rounded != rounded, rounded, tl.maximum(rounded, above_abs))
+        tl.store(threshold_ptr + row, threshold)
 
 
 @triton.jit
@@ -252,18 +345,34 @@ def row_statistics(
     return scalars.view(n_rows, splits, n_scalars).sum(1), maxima.view(n_rows, splits, 2).amax(1), coarse
 
 
-def refine_histogram(rows: torch.Tensor, targets: torch.Tensor, bins: tuple[int, int, int], coarse_shift: int) -> torch.Tensor:
-    """Kernel 2: per row the fine bins of coarse bins ``targets[row, 0]`` and ``targets[row, 1]`` (int32 ``(rows, 2)``),
-    as ``(rows, 2, 2^coarse_shift)`` int32 (the second half stays 0 where both targets are equal)."""
+def sample_medians(
+    rows: torch.Tensor, coarse: torch.Tensor, bins: tuple[int, int, int], coarse_shift: int,
+    ratio: torch.Tensor | None, above_abs: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kernels 2 and 2b: per row the median of ``|x|`` (float64, the full histogram's ``histogram_median`` estimate)
+    from kernel 1's ``coarse`` histogram, and, when ``ratio`` (a float64 device scalar) is given, the float32
+    massive threshold ``max(above_abs, ratio * median rounded up)`` (NaN where the median is)."""
     n_rows, cols = rows.shape
     split_len, splits = _split(n_rows, cols)
     size, key_shift, low_key = bins
-    fine = torch.zeros(n_rows, 2, 1 << coarse_shift, dtype=torch.int32, device=rows.device)
+    sub = 1 << coarse_shift
+    device = rows.device
+    fine = torch.zeros(n_rows, 2, sub, dtype=torch.int32, device=device)
+    targets = torch.empty(n_rows, 2, dtype=torch.int32, device=device)
+    ranks = ((cols + 1) // 2, cols // 2 + 1)
     _refine_histogram_kernel[(n_rows, splits)](
-        rows, targets, fine, cols, split_len, low_key, BINS=size, KEY_SHIFT=key_shift, COARSE_SHIFT=coarse_shift,
-        SUB=1 << coarse_shift, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        rows, coarse, targets, fine, cols, split_len, low_key, *ranks, BINS=size, KEY_SHIFT=key_shift,
+        COARSE_SHIFT=coarse_shift, SUB=sub, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
-    return fine
+    median = torch.empty(n_rows, dtype=torch.float64, device=device)
+    threshold = torch.empty(n_rows, dtype=torch.float32, device=device) if ratio is not None else None
+    _median_kernel[(n_rows,)](
+        coarse, fine, targets, ratio if ratio is not None else median, median,
+        threshold if threshold is not None else median, cols, *ranks, low_key, above_abs,
+        MASSIVE=ratio is not None, BINS=size, KEY_SHIFT=key_shift, COARSE=size >> coarse_shift, SUB=sub,
+        num_warps=1, enable_fp_fusion=False,  # no fused multiply-add: the same roundings as the torch functions
+    )
+    return median, threshold
 
 
 def column_statistics(
