@@ -64,7 +64,7 @@ wants 1b && run_step 1b_cuda_test 30 "$PYTHON" -m pytest -q -x -p no:cacheprovid
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
 # Host syncs inside lightning_act and a 3-step profile of all four monitors every step.
-wants 3d && run_step 3d_diagnose_every_step 60 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
+wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).
 wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20
