@@ -201,3 +201,25 @@ def test_bad_arguments_and_patterns() -> None:
     monitor = DimensionalCollapse(param_patterns=["nothing.*"])
     with pytest.raises(ModuleSelectionError, match="param_patterns"):
         monitor.setup(None, Net(), "fit")  # type: ignore[arg-type]
+
+
+def test_snapshot_with_the_kept_hash_equals_per_parameter_sketches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The every-step fast path (one hash for all weights, kept) gives the same sketch as drawing it per parameter."""
+    from lightning_act.callbacks import collapse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20))
+    monitor = collapse.DimensionalCollapse(projection_dim=64)
+    monitor.param_names = ["0.weight", "2.weight"]
+    kept = monitor._snapshot(model)
+    assert monitor._sketch_hash is not None and monitor._sketch_hash[0].numel() == 40 * 30 + 30 * 20
+    monkeypatch.setattr(collapse, "CACHED_HASH_POSITIONS", 0)
+    drawn = monitor._snapshot(model)
+    expected = torch.zeros(64, dtype=torch.float64)
+    offset = 0
+    for weight in (model[0].weight, model[2].weight):  # count sketch by hand: one signed bucket per position
+        buckets, signs = collapse.count_sketch_hash(weight.numel(), 64, monitor.seed, offset)
+        expected.index_add_(0, buckets.long(), weight.detach().reshape(-1).double() * signs.double())
+        offset += weight.numel()
+    torch.testing.assert_close(kept, drawn, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kept, expected, rtol=1e-12, atol=1e-12)

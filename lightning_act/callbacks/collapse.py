@@ -253,8 +253,8 @@ class DimensionalCollapse(ActivationMonitor):
         if self.projection_dim is None or total <= self.projection_dim:
             return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])
         if total <= CACHED_HASH_POSITIONS and len({p.device for p in chosen}) == 1:
-            # The hash of every position, made once (5 bytes per weight) and reused by every snapshot: drawing it
-            # again for each snapshot cost more than the rest of an every-step snapshot (issue 17).
+            # The hash of every position, made once (5 bytes per weight) and reused by every snapshot, instead of
+            # one random draw per weight and a dozen small operations per parameter at each snapshot (issue 17).
             if self._sketch_hash is None or self._sketch_hash[0].numel() != total:
                 self._sketch_hash = count_sketch_hash(total, self.projection_dim, self.seed, device=chosen[0].device)
             flat = torch.cat([p.reshape(-1) for p in chosen])

@@ -3,10 +3,10 @@
 Each monitor declares what it needs from a tapped tensor as a :class:`FusedSpec` (``moment_spec``,
 ``zero_spec``, ``massive_spec``); the specs of all monitors tapping one module are merged with
 :meth:`FusedSpec.union`, and :func:`fused_statistics` reads the activation once (on a GPU, twice more when
-medians, massive counts or per-position maxima are asked for) and returns :class:`FusedStats`. Small adapters (``moment_partials_from`` ...) turn that into exactly the partial
-buffers each monitor already reduces and summarises, so no statistic changes meaning. Statistics no spec
-asked for are not computed (each is a compile-time switch of the kernel and a Python branch of the
-fallback).
+medians, massive counts or per-position maxima are asked for) and returns :class:`FusedStats`. Small adapters
+(``moment_partials_from`` ...) turn that into exactly the partial buffers each monitor already reduces and
+summarises, so no statistic changes meaning. Statistics no spec asked for are not computed (each is a
+compile-time switch of the kernels and a Python branch of the fallback).
 
 What one pass gives, from an activation of any float dtype (bf16/fp16 are read as is and widened in
 registers; every comparison is made in float32, or float64 for float64 inputs):

@@ -108,7 +108,8 @@ def device_edges(bins: LogMagnitudeBins, device: torch.device | str) -> tuple[to
         return cached
     keys = torch.arange(bins.low_key, bins.top_key + 1, dtype=torch.int32, device=device)
     window = (keys << bins.key_shift).view(torch.float32).to(torch.float64)
-    zero, inf = torch.zeros(1, dtype=torch.float64, device=device), torch.full((1,), float("inf"), dtype=torch.float64, device=device)
+    zero = torch.zeros(1, dtype=torch.float64, device=device)
+    inf = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
     lower = torch.cat([zero, zero, window[:-1], window[-1:], inf])
     upper = torch.cat([zero, window[:1], window[1:], inf, inf])
     if not torch.compiler.is_compiling():
