@@ -223,3 +223,28 @@ def test_snapshot_with_the_kept_hash_equals_per_parameter_sketches(monkeypatch: 
         offset += weight.numel()
     torch.testing.assert_close(kept, drawn, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kept, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_snapshots_the_thinning_drops_are_not_taken_and_r90_is_unchanged() -> None:
+    """Every step due: after the trajectory fills, only the snapshots it keeps are computed; r90 is that of the
+    kept snapshots at every step, as before."""
+    import types
+
+    from lightning_act.callbacks.collapse import DimensionalCollapse
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    monitor = DimensionalCollapse(max_snapshots=4)
+    monitor.param_names = ["weight"]
+    taken: list[int] = []
+    snapshot = monitor._snapshot
+    monitor._snapshot = lambda module: taken.append(1) or snapshot(module)  # type: ignore[method-assign]
+    trainer = types.SimpleNamespace(lightning_module=model)
+    for step in range(16):
+        with torch.no_grad():
+            model.weight.add_(torch.randn(2, 3))
+        logged = monitor.extra_statistics(trainer, step)
+        expected = monitor.params_r90()
+        assert (expected is None and not logged) or logged["collapse/params/r90"].item() == expected
+    assert len(taken) == 8  # steps 0, 1, 2, 3, 4, 6, 8, 12: the ones the stride-doubling thinning keeps
+    assert monitor._snapshot_steps == [0, 8]

@@ -153,6 +153,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._feature_dims: dict[str, int] = {}
         self._sketch_hash: tuple[torch.Tensor, torch.Tensor] | None = None
         self._spectra: dict[int, torch.Tensor] = {}
+        self._r90: float | None = None  # r90 of the kept snapshots, computed when they change
 
     # ------------------------------------------------------------------ activations
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -309,8 +310,16 @@ class DimensionalCollapse(ActivationMonitor):
         """Snapshot the chosen weights at this due step and report the trajectory's r90."""
         if not self.param_names:
             return {}
-        self._add_snapshot(step, self._snapshot(trainer.lightning_module))
-        r90 = self.params_r90()
+        if self._snapshot_seen % self._snapshot_stride == 0:
+            self._add_snapshot(step, self._snapshot(trainer.lightning_module))
+            self._r90 = self.params_r90()
+        else:
+            # A snapshot the thinning would drop is not taken, and the kept ones (hence r90) have not changed:
+            # at every step, once the trajectory is full, most due steps cost nothing here.
+            self._snapshot_seen += 1
+            if self._r90 is None and len(self._snapshots) >= 2:
+                self._r90 = self.params_r90()
+        r90 = self._r90
         return {} if r90 is None else {f"{self.prefix}/params/r90": torch.tensor(r90, dtype=torch.float64)}
 
     # ------------------------------------------------------------------ state
@@ -333,6 +342,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._generator_states = dict(state_dict.get("row_generators", {}))
         trajectory = state_dict.get("trajectory", {})
         self._snapshots = [torch.as_tensor(s, dtype=torch.float64) for s in trajectory.get("snapshots", [])]
+        self._r90 = None
         self._snapshot_steps = [int(s) for s in trajectory.get("steps", [])]
         self._snapshot_seen = int(trajectory.get("seen", 0))
         self._snapshot_stride = int(trajectory.get("stride", 1))
