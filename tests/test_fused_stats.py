@@ -49,6 +49,22 @@ def split_median_input() -> torch.Tensor:
     return x
 
 
+def special_rows_input() -> torch.Tensor:
+    """Rows whose median lies in each special bin: zeros, underflow and overflow (unknown: NaN), non-finite (inf);
+    and a row of massive entries at exactly the absolute threshold (100 is not above it) and just above it."""
+    x = torch.ones(6, 11)
+    x[0] = 0.0
+    x[1] = 1e-9
+    x[2] = -1e6
+    x[3, :6] = float("nan")
+    x[3, 6:8] = float("-inf")
+    x[4, :3] = 100.0
+    x[4, 3:5] = float(np.nextafter(np.float32(100.0), np.float32(200.0)))
+    x[4, 5:] = 1e-3
+    x[5, ::2] = 0.0
+    return x
+
+
 def make_input(shape: tuple[int, ...], dtype: str, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     x = 2.0 * torch.randn(shape, generator=generator)
@@ -123,8 +139,9 @@ def test_eager_fallback_matches_float64_numpy(shape: tuple[int, ...], dtype: str
     assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
 
 
-def test_eager_fallback_medians_far_apart_match_float64_numpy() -> None:
-    x = split_median_input()
+@pytest.mark.parametrize("make", [split_median_input, special_rows_input])
+def test_eager_fallback_special_medians_match_float64_numpy(make) -> None:  # noqa: ANN001 - a test input factory
+    x = make()
     assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
 
 
@@ -227,10 +244,10 @@ def test_spec_union_and_bad_input() -> None:
 TRITON_CHECKER = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_fused_stats import CASES, SPEC, make_input, split_median_input
+from test_fused_stats import CASES, SPEC, make_input, special_rows_input, split_median_input
 from lightning_act.stats.fused import fused_statistics
 out = []
-for x in [make_input(shape, dtype, seed=len(shape)) for shape, dtype in CASES] + [split_median_input()]:
+for x in [make_input(shape, dtype, seed=len(shape)) for shape, dtype in CASES] + [split_median_input(), special_rows_input()]:
     s = fused_statistics(x, SPEC, "triton")
     out.append((x, s.sums, s.maxima, s.sample_magnitude_max, s.sample_median, s.sample_massive_count, s.column_max))
 torch.save(out, sys.argv[2])
@@ -256,7 +273,7 @@ def test_triton_kernel_matches_float64_numpy_under_interpreter(tmp_path: Path) -
 def test_triton_kernel_matches_float64_numpy_on_cuda() -> None:
     inputs = [make_input(shape, dtype, seed=3) for shape, dtype in [*CASES, ((128, 197, 384), "bfloat16"),
                                                                      ((16, 197, 1536), "float16")]]
-    for x in [*inputs, split_median_input()]:
+    for x in [*inputs, split_median_input(), special_rows_input()]:
         stats = fused_statistics(x.cuda(), SPEC, "triton")
         fields = (stats.sums, stats.maxima, stats.sample_magnitude_max, stats.sample_median, stats.sample_massive_count,
                   stats.column_max)
