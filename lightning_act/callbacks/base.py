@@ -215,6 +215,7 @@ class ActivationMonitor(Callback, ABC):
         self._sums: list[torch.Tensor | None] = []
         self._maxima: list[torch.Tensor | None] = []
         self._samples: list[torch.Tensor | None] = []
+        self._samples_this_step: set[int] = set()  # taps whose sample buffer holds data of the current step
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
 
@@ -325,6 +326,7 @@ class ActivationMonitor(Callback, ABC):
     # ------------------------------------------------------------------ buffers
     def _reset_buffers(self, n: int) -> None:
         self._sums, self._maxima, self._samples = [None] * n, [None] * n, [None] * n
+        self._samples_this_step = set()
         self._layout_synced = False
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
@@ -339,8 +341,11 @@ class ActivationMonitor(Callback, ABC):
             maxima = self._maxima[tap_index]
             self._maxima[tap_index] = part.maxima.to(torch.float64) if maxima is None else torch.maximum(maxima, part.maxima)
         if part.samples is not None:
-            samples = self._samples[tap_index]
-            self._samples[tap_index] = part.samples if samples is None else self.merge_samples(tap_index, samples, part.samples)
+            if tap_index in self._samples_this_step:
+                self._samples[tap_index] = self.merge_samples(tap_index, self._samples[tap_index], part.samples)
+            else:  # the first activation of the step: nothing to merge with (the buffer holds only NaN, or nothing)
+                self._samples[tap_index] = part.samples
+                self._samples_this_step.add(tap_index)
 
     def _sync_layout(self, device: torch.device) -> None:
         """Make every rank hold buffers of the same sizes (a tap may have run on some ranks only)."""
@@ -416,6 +421,7 @@ class ActivationMonitor(Callback, ABC):
             if buffer is not None:
                 buffer.fill_(float("-inf"))
         self._samples = [None if s is None else torch.full_like(s, float("nan")) for s in self._samples]
+        self._samples_this_step = set()
 
     def record(self, key: str, step: int, value: float) -> None:
         series = self.history.get(key)
