@@ -55,7 +55,7 @@ run_step() {
   git rev-parse HEAD 2>/dev/null
 } | tee "$LOG_DIR/0_environment.log"
 
-# STEPS picks the steps to run (default: all), e.g. STEPS="1a 2 3d" for a quick diagnosis.
+# STEPS picks the steps to run (default: all but 2b), e.g. STEPS="1a 2 3d" for a quick diagnosis.
 STEPS="${STEPS:-1a 1b 2 3d 3a 3b}"  # 2b (the launch-configuration sweep) on request
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
