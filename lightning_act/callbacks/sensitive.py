@@ -19,7 +19,8 @@ an output tap it zeroes those features of the module's output.
 EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
 mode, everything else in eval mode), and averaged. With no active dropout in the model the K
-passes are identical, Σ has rank ≤ 1, and the score sits near ``(K − 1)/K · log α``.
+passes are identical (so the deterministic pass is reused instead of rerun), Σ has rank ≤ 1, and the
+score sits near ``(K − 1)/K · log α``.
 
 No perturbation: the passes run under ``torch.no_grad`` and ``torch.random.fork_rng`` (the
 dropout masks come from a seed that depends only on ``seed`` and the checkpoint index), every
