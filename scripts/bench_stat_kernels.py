@@ -27,7 +27,8 @@ fallback through ``torch.compile``; compile time excluded and printed), ``triton
 also runs each implementation under ``torch.cuda.set_sync_debug_mode("error")``, so a host sync inside the
 statistics (which would stall the training step at every tapped tensor) fails the check. ``--sweep`` times the
 Triton kernels under several launch configurations (``lightning_act.stats.triton_fused`` constants), each
-checked against float64 first.
+checked first against the eager fallback (which ``--check`` compares with float64). ``--eigh`` times the
+spectra of ``DimensionalCollapse``'s flush on the device and on the host.
 """
 
 from __future__ import annotations
