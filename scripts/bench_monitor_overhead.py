@@ -12,7 +12,8 @@ that round's time without monitors, and the printed ratio is the median of those
 
     python scripts/bench_monitor_overhead.py                    # ViT-S/16, batch 128, bf16 (GPU)
     python scripts/bench_monitor_overhead.py --small            # a CPU-sized ViT, fp32
-    python scripts/bench_monitor_overhead.py --per-monitor      # also each monitor alone, every step due
+    python scripts/bench_monitor_overhead.py --per-monitor      # also each monitor alone, and all but
+                                                                # SensitiveNeurons, every step due
     python scripts/bench_monitor_overhead.py --model kat_small_patch16_224   # the same with a KAT model
     python scripts/bench_monitor_overhead.py --diagnose --rounds 0 # where the every-step cost goes (GPU)
 
@@ -80,10 +81,11 @@ class Classifier(pl.LightningModule):
 MONITORS = (ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons)
 
 
-def monitors(every_n_steps: int | None, only: type | None = None) -> list[pl.Callback]:
+def monitors(every_n_steps: int | None, chosen: tuple[type, ...] | None = None) -> list[pl.Callback]:
+    """The monitors of ``chosen`` (default: all four) at ``every_n_steps``, or none."""
     if every_n_steps is None:
         return []
-    return [cls(every_n_steps=every_n_steps) for cls in MONITORS if only is None or cls is only]
+    return [cls(every_n_steps=every_n_steps) for cls in MONITORS if chosen is None or cls in chosen]
 
 
 def main() -> None:
@@ -95,7 +97,8 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch16_224",
                         help="timm model name (lightning_act.models registers the KAT ones, e.g. kat_small_patch16_224)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--per-monitor", action="store_true", help="also time each monitor alone, every step due")
+    parser.add_argument("--per-monitor", action="store_true",
+                        help="also time each monitor alone, and all but SensitiveNeurons, every step due")
     parser.add_argument("--diagnose", action="store_true", help="host syncs and a profile of the every-step config")
     parser.add_argument("--diagnose-only", default=None, choices=[cls.__name__ for cls in MONITORS],
                         help="diagnose this monitor alone (default: all four)")
@@ -120,14 +123,16 @@ def main() -> None:
     train = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=batch)
     val = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=32)
 
-    configs: dict[str, tuple[int | None, type | None]] = {
+    configs: dict[str, tuple[int | None, tuple[type, ...] | None]] = {
         "none": (None, None), "monitors @ default interval (50)": (50, None), "monitors @ every step": (1, None),
     }
     if args.per_monitor:
-        configs.update({f"{cls.__name__} alone @ every step": (1, cls) for cls in MONITORS})
+        configs.update({f"{cls.__name__} alone @ every step": (1, (cls,)) for cls in MONITORS})
+        # SensitiveNeurons' checkpoint is a forward pass of its tracking set, whatever the implementation
+        configs["all but SensitiveNeurons @ every step"] = (1, tuple(c for c in MONITORS if c is not SensitiveNeurons))
     describe(args, cuda, precision, batch, model_kwargs)
     if args.diagnose:
-        only = next((cls for cls in MONITORS if cls.__name__ == args.diagnose_only), None)
+        only = tuple(cls for cls in MONITORS if cls.__name__ == args.diagnose_only) or None
         diagnose(base, train, val, precision, steps, args.warmup, only)
     medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
@@ -208,7 +213,7 @@ class Diagnosis(pl.Callback):
 
 def diagnose(
     base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int, warmup: int,
-    only: type | None = None,
+    only: tuple[type, ...] | None = None,
 ) -> None:
     """All four monitors (or ``only``) every step: host syncs inside lightning_act, then a 1-step profile."""
     cuda = torch.cuda.is_available()
@@ -219,7 +224,7 @@ def diagnose(
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
-    watched = "all four monitors" if only is None else only.__name__
+    watched = "all four monitors" if only is None else ", ".join(cls.__name__ for cls in only)
     print(f"host syncs in 3 steps, {watched} every step (by the innermost lightning_act frame):")
     for where, count in diagnosis.syncs.most_common(20):
         print(f"  {count:5d}  {where}")
