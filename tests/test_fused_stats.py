@@ -40,6 +40,11 @@ SPEC = moment_spec(0.0).union(zero_spec(0.25), massive_spec())
 CASES = [((3, 5, 7), "float32"), ((2, 3, 4, 5), "bfloat16"), ((1, 1031), "float16"), ((4, 2053), "float32")]
 
 
+def one_entry_input() -> torch.Tensor:
+    """Samples of a single entry: both middle ranks are 1 (an int Triton specialises to a constexpr)."""
+    return torch.tensor([[0.5], [0.0], [float("nan")], [2e3]])
+
+
 def split_median_input() -> torch.Tensor:
     """Rows whose two middle order statistics lie far apart (in different coarse bins of the two-level histogram)."""
     x = torch.ones(3, 2000)
@@ -139,7 +144,7 @@ def test_eager_fallback_matches_float64_numpy(shape: tuple[int, ...], dtype: str
     assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
 
 
-@pytest.mark.parametrize("make", [split_median_input, special_rows_input])
+@pytest.mark.parametrize("make", [split_median_input, special_rows_input, one_entry_input])
 def test_eager_fallback_special_medians_match_float64_numpy(make) -> None:  # noqa: ANN001 - a test input factory
     x = make()
     assert_matches_numpy(x, fused_statistics(x, SPEC, "torch"), SPEC)
@@ -244,10 +249,11 @@ def test_spec_union_and_bad_input() -> None:
 TRITON_CHECKER = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_fused_stats import CASES, SPEC, make_input, special_rows_input, split_median_input
+from test_fused_stats import CASES, SPEC, make_input, one_entry_input, special_rows_input, split_median_input
 from lightning_act.stats.fused import fused_statistics
 out = []
-for x in [make_input(shape, dtype, seed=len(shape)) for shape, dtype in CASES] + [split_median_input(), special_rows_input()]:
+extra = [split_median_input(), special_rows_input(), one_entry_input()]
+for x in [make_input(shape, dtype, seed=len(shape)) for shape, dtype in CASES] + extra:
     s = fused_statistics(x, SPEC, "triton")
     out.append((x, s.sums, s.maxima, s.sample_magnitude_max, s.sample_median, s.sample_massive_count, s.column_max))
 torch.save(out, sys.argv[2])
@@ -273,7 +279,7 @@ def test_triton_kernel_matches_float64_numpy_under_interpreter(tmp_path: Path) -
 def test_triton_kernel_matches_float64_numpy_on_cuda() -> None:
     inputs = [make_input(shape, dtype, seed=3) for shape, dtype in [*CASES, ((128, 197, 384), "bfloat16"),
                                                                      ((16, 197, 1536), "float16")]]
-    for x in [*inputs, split_median_input(), special_rows_input()]:
+    for x in [*inputs, split_median_input(), special_rows_input(), one_entry_input()]:
         stats = fused_statistics(x.cuda(), SPEC, "triton")
         fields = (stats.sums, stats.maxima, stats.sample_magnitude_max, stats.sample_median, stats.sample_massive_count,
                   stats.column_max)
@@ -316,6 +322,10 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
          {"COUNT": True, "COLUMN_MAX": True, "ROWS_PER_PROGRAM": triton_fused.ROWS_PER_PROGRAM,
           "COLUMN_BLOCK": triton_fused.COLUMN_BLOCK}),
     ]
+    # Triton passes an int argument equal to 1 as a constexpr: a sample of one entry (ranks and count 1)
+    median_constants = {**kernels[2][2], "cols": 1, "rank_low": 1, "rank_high": 1}
+    median_runtime = {k: v for k, v in kernels[2][1].items() if k not in median_constants}
+    kernels.append((triton_fused._median_kernel, median_runtime, median_constants))
     for kernel, runtime, constants in kernels:
         signature = {**runtime, **{name: "constexpr" for name in constants}}
         source = ASTSource(

@@ -213,7 +213,8 @@ def _order_statistic(coarse, fine, target, rank, total, low_key, BINS: tl.conste
     in_bin = tl.sum(tl.where(sub_bins == j, fine, 0), axis=0)
     before = tl.sum(tl.where(sub_bins < j, fine, 0), axis=0) + before_coarse
     index = target * SUB + j
-    position = (rank.to(tl.float64) - before.to(tl.float64) - 0.5) / tl.maximum(in_bin, 1).to(tl.float64)
+    # rank + 0.0: a float64 scalar whether Triton passed the rank as an int32 or, equal to 1, as a constexpr
+    position = (rank + tl.zeros((), tl.float64) - before.to(tl.float64) - 0.5) / tl.maximum(in_bin, 1).to(tl.float64)
     window_low = _bin_edge(low_key + index - 2, KEY_SHIFT)
     window_high = _bin_edge(low_key + index - 1, KEY_SHIFT)
     low = tl.where(index <= 1, 0.0, window_low)
