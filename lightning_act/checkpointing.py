@@ -91,7 +91,7 @@ def _fsync_folder(folder: Path) -> None:
         return
     try:
         os.fsync(descriptor)
-    except OSError:
+    except OSError:  # some filesystems cannot sync a directory; the file itself was synced before the rename
         pass
     finally:
         os.close(descriptor)

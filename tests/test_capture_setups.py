@@ -529,6 +529,7 @@ def test_one_hook_per_tapped_module_shared_by_all_monitors_and_the_model_stays_p
 @pytest.mark.parametrize("make", [
     lambda: ActivationSparsity(threshold="0.1"), lambda: ActivationSparsity(threshold=-1.0),
     lambda: MassiveActivations(abs_threshold=None), lambda: MassiveActivations(top_k=2.5),
+    lambda: MassiveActivations(abs_threshold=float("inf")), lambda: ActivationSparsity(threshold=float("nan")),
     lambda: DimensionalCollapse(max_rows="many"), lambda: ActivationStats(batch_dim="first"),
     lambda: SensitiveNeurons(forward_fn="no.such.function"), lambda: SensitiveNeurons(forward_fn=3),
 ])

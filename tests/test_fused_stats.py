@@ -334,3 +334,19 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
         )
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert ".local" not in compiled.asm["ptx"], kernel.fn.__name__
+
+
+def test_float64_massive_count_compares_in_float64() -> None:
+    """A float64 entry exactly at ratio * median is massive, the float32 just below it and one at the absolute
+    threshold are not; a float32 threshold (rounded up) would miss the first."""
+    row = torch.full((1, 9), 0.1, dtype=torch.float64)
+    row[0, :3] = torch.tensor([200.0, 200.0, 50.0], dtype=torch.float64)  # above the median's bin: no effect on it
+    median = fused_statistics(row, massive_spec(abs_threshold=50.0, ratio_threshold=999.9), "torch").sample_median.item()
+    threshold = 999.9 * median  # the estimate stays the same when these entries move, still above its bin
+    assert float(np.float32(threshold)) != threshold  # not a float32 number: the case a float32 threshold gets wrong
+    row[0, 0] = threshold
+    row[0, 1] = float(np.nextafter(np.float32(threshold), np.float32(0.0)))
+    stats = fused_statistics(row, massive_spec(abs_threshold=50.0, ratio_threshold=999.9), "torch")
+    assert stats.sample_median.item() == median
+    expected = float(((row.numpy() > 50.0) & (row.numpy() >= threshold)).sum())
+    assert stats.sample_massive_count.item() == expected == 1.0

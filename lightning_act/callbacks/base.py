@@ -30,6 +30,7 @@ Subclasses implement :meth:`partials` and :meth:`summarize` (pure math lives in
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -70,9 +71,10 @@ def check_int(owner: str, name: str, value: Any, low: int) -> int:
 
 
 def check_number(owner: str, name: str, value: Any, low: float = 0.0) -> float:
-    """``value`` as a float >= ``low``, else a one-line :class:`LightningActError`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
-        raise LightningActError(f"{owner}: {name}={value!r} must be a number >= {low:g}")
+    """``value`` as a finite float >= ``low``, else a one-line :class:`LightningActError` (an infinite threshold
+    would reach the statistics kernels, which compare in float32, only at the first due step)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= low and math.isfinite(value)):
+        raise LightningActError(f"{owner}: {name}={value!r} must be a finite number >= {low:g}")
     return float(value)
 
 

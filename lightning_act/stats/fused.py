@@ -86,8 +86,8 @@ class FusedSpec:
         if self.massive is not None:
             if self.median is None:
                 raise ValueError("a massive count needs the median; pass median=LogMagnitudeBins() too")
-            if not all(t >= 0 for t in self.massive):
-                raise ValueError(f"massive thresholds {self.massive} must be numbers >= 0")
+            if not all(math.isfinite(t) and t >= 0 for t in self.massive):
+                raise ValueError(f"massive thresholds {self.massive} must be finite and >= 0")
             object.__setattr__(self, "massive", (float(self.massive[0]), float(self.massive[1])))
 
     def union(self, *others: FusedSpec) -> FusedSpec:
@@ -210,20 +210,24 @@ def above_threshold(t: float) -> float:
     return float(np.nextafter(np.float32(comparable_threshold(t, torch.float32)), np.float32(np.inf)))
 
 
-def massive_row_thresholds(median: torch.Tensor, massive: tuple[float, float]) -> torch.Tensor:
-    """float32 per-row threshold ``t``: for every float32 magnitude ``m``, ``m >= t`` exactly when
-    ``m > abs_threshold`` and ``m >= ratio_threshold * median`` as real numbers (NaN where the median is NaN).
+def massive_row_thresholds(
+    median: torch.Tensor, massive: tuple[float, float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Per-row threshold ``t`` of ``dtype`` (float32, or float64 for float64 activations): for every magnitude ``m``
+    of that dtype, ``m >= t`` exactly when ``m > abs_threshold`` and ``m >= ratio_threshold * median`` (the product
+    taken in float64; NaN where the median is NaN).
 
     Sun et al. 2024 (arXiv 2402.17762) call an activation massive when it is both above an absolute threshold
     and far above its sample's median; one comparison per entry then counts both conditions.
     """
     abs_threshold, ratio_threshold = massive
-    above_abs = above_threshold(abs_threshold)
     relative = ratio_threshold * median.to(torch.float64)
+    if dtype == torch.float64:
+        return torch.clamp_min(relative, float(np.nextafter(abs_threshold, np.inf)))
     rounded = relative.to(torch.float32)
     up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
     rounded = torch.where(rounded.to(torch.float64) < relative, up, rounded)
-    return torch.clamp_min(rounded, above_abs)
+    return torch.clamp_min(rounded, above_threshold(abs_threshold))
 
 
 def _massive_count(ranked: torch.Tensor, thresholds: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
@@ -333,7 +337,7 @@ def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
         counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
         out["median"] = median = histogram_median(counts, spec.median)
         if spec.massive is not None:
-            thresholds = massive_row_thresholds(median, spec.massive).to(work.dtype)
+            thresholds = massive_row_thresholds(median, spec.massive, work.dtype)
             out["massive_count"] = _massive_count(ranked, thresholds, median)
     if spec.column_max:
         out["column_max"] = ranked.amax(0)
@@ -379,7 +383,7 @@ def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
     thresholds = _device_constant(thresholds, torch.float32, x.device)
     scalars, maxima, coarse = row_statistics(rows, thresholds, len(spec.thresholds), spec.moments, layout, shift)
     sample_max = maxima[:, 1]
-    out = {"scalars": scalars.sum(0), "maxima": maxima.amax(0).to(torch.float64), "sample_max": sample_max}
+    out = {"scalars": scalars, "maxima": maxima.amax(0).to(torch.float64), "sample_max": sample_max}
     median = row_thresholds = None
     if bins is not None:
         assert coarse is not None and layout is not None

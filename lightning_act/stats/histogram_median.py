@@ -100,21 +100,15 @@ _edges_cache: dict[tuple[LogMagnitudeBins, str], tuple[torch.Tensor, torch.Tenso
 
 
 def device_edges(bins: LogMagnitudeBins, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`LogMagnitudeBins.edges` on ``device``, built there from the bin keys and kept: copying them from
-    the host for every estimate would make each a host sync (a host-to-device copy waits for the device)."""
+    """:meth:`LogMagnitudeBins.edges` on ``device``, copied there once and kept: a host-to-device copy waits for
+    the device, and one per estimate would make every estimate a host sync."""
     key = (bins, str(device))
     cached = _edges_cache.get(key)
-    if cached is not None:
-        return cached
-    keys = torch.arange(bins.low_key, bins.top_key + 1, dtype=torch.int32, device=device)
-    window = (keys << bins.key_shift).view(torch.float32).to(torch.float64)
-    zero = torch.zeros(1, dtype=torch.float64, device=device)
-    inf = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
-    lower = torch.cat([zero, zero, window[:-1], window[-1:], inf])
-    upper = torch.cat([zero, window[:1], window[1:], inf, inf])
-    if not torch.compiler.is_compiling():
-        _edges_cache[key] = (lower, upper)
-    return lower, upper
+    if cached is None:
+        cached = bins.edges(device)
+        if not torch.compiler.is_compiling():
+            _edges_cache[key] = cached
+    return cached
 
 
 def log_magnitude_bin(magnitude: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor:

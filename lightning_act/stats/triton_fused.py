@@ -57,6 +57,22 @@ def _fine_bin(bits, low_key, BINS: tl.constexpr, KEY_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _row_segment(cols, split_len):
+    """Program ``(row, split)``'s row, split, column range ``[start, end)`` and the row's offset in the matrix."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    start = split * split_len
+    return row, split, start, tl.minimum(start + split_len, cols), row.to(tl.int64) * cols
+
+
+@triton.jit
+def _load_float32(x_ptr, offsets, mask):
+    """Entries as float32 and the bits of their magnitudes (sign cleared); masked lanes read 0."""
+    value = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return value, value.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
 def _row_statistics_kernel(
     x_ptr,
     thresholds_ptr,
@@ -78,11 +94,7 @@ def _row_statistics_kernel(
     BLOCK: tl.constexpr,
     INNER: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    start = split * split_len
-    end = tl.minimum(start + split_len, cols)
-    base = row.to(tl.int64) * cols
+    row, split, start, end, base = _row_segment(cols, split_len)
     lanes = tl.arange(0, BLOCK)
     pad = tl.arange(0, THRESHOLD_PAD)
     thresholds = tl.load(thresholds_ptr + pad, mask=pad < N_THRESHOLDS, other=-1.0)
@@ -103,8 +115,7 @@ def _row_statistics_kernel(
         for inner in range(INNER):
             column = outer + inner * BLOCK + lanes
             mask = column < end
-            value = tl.load(x_ptr + base + column, mask=mask, other=0.0).to(tl.float32)
-            bits = value.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            value, bits = _load_float32(x_ptr, base + column, mask)
             magnitude = bits.to(tl.float32, bitcast=True)
             finite = bits < INF_BITS
             nonfinite += (mask & (~finite)).to(tl.int32)
@@ -169,11 +180,7 @@ def _refine_histogram_kernel(
     SUB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    start = split * split_len
-    end = tl.minimum(start + split_len, cols)
-    base = row.to(tl.int64) * cols
+    row, split, start, end, base = _row_segment(cols, split_len)
     lanes = tl.arange(0, BLOCK)
     low_target, high_target = _middle_coarse_bins(coarse_ptr, row, rank_low, rank_high, BINS >> COARSE_SHIFT)
     if split == 0:
@@ -183,8 +190,8 @@ def _refine_histogram_kernel(
     for offset in range(start, end, BLOCK):
         column = offset + lanes
         mask = column < end
-        value = tl.load(x_ptr + base + column, mask=mask, other=0.0).to(tl.float32)
-        index = _fine_bin(value.to(tl.int32, bitcast=True) & 0x7FFFFFFF, low_key, BINS, KEY_SHIFT)
+        _, bits = _load_float32(x_ptr, base + column, mask)
+        index = _fine_bin(bits, low_key, BINS, KEY_SHIFT)
         coarse = index >> COARSE_SHIFT
         sub = index & (SUB - 1)
         slot = tl.where(coarse == low_target, sub, SUB + sub)
@@ -290,8 +297,8 @@ def _column_statistics_kernel(
         row = group * ROWS_PER_PROGRAM + i
         present = row < rows
         mask = in_row & present
-        value = tl.load(x_ptr + row.to(tl.int64) * cols + column, mask=mask, other=0.0).to(tl.float32)
-        ranked = tl.minimum(value.to(tl.int32, bitcast=True) & 0x7FFFFFFF, INF_BITS)  # NaN ranks as inf
+        _, bits = _load_float32(x_ptr, row.to(tl.int64) * cols + column, mask)
+        ranked = tl.minimum(bits, INF_BITS)  # NaN ranks as inf
         if COLUMN_MAX:
             ranked_max = tl.maximum(ranked_max, ranked)
         if COUNT:
@@ -325,8 +332,9 @@ def row_statistics(
 
     ``thresholds``: float32 vector on the device whose first ``n_thresholds`` entries are the thresholds (already
     rounded down to float32, see ``fused``; at least one entry, as the kernel needs a pointer); ``bins``:
-    ``(size, key_shift, low_key)`` of the log-magnitude layout or None. Returns ``(scalars (rows, n) float64,
-    maxima (rows, 2) float32, coarse histogram (rows, size >> coarse_shift) int32 | None)``.
+    ``(size, key_shift, low_key)`` of the log-magnitude layout or None. Returns ``(scalars (n,) float64 over all
+    rows, maxima (rows, 2) float32, coarse histogram (rows, size >> coarse_shift) int32 | None)``; the scalar
+    partials of every program are added in one fixed-order ``torch.sum`` (deterministic).
     """
     n_rows, cols = rows.shape
     device = rows.device
@@ -343,7 +351,7 @@ def row_statistics(
         HISTOGRAM=bins is not None, BINS=size, KEY_SHIFT=key_shift, COARSE_SHIFT=coarse_shift, N_SCALARS=n_scalars,
         BLOCK=BLOCK, INNER=INNER, num_warps=NUM_WARPS,
     )
-    return scalars.view(n_rows, splits, n_scalars).sum(1), maxima.view(n_rows, splits, 2).amax(1), coarse
+    return scalars.sum(0), maxima.view(n_rows, splits, 2).amax(1), coarse
 
 
 def sample_medians(
