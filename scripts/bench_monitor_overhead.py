@@ -17,6 +17,14 @@ that round's time without monitors, and the printed ratio is the median of those
     python scripts/bench_monitor_overhead.py --model kat_small_patch16_224   # the same with a KAT model
     python scripts/bench_monitor_overhead.py --diagnose --rounds 0 # where the every-step cost goes (GPU)
 
+``--alternate`` is for a noisy host (a shared CPU whose speed drifts by 15% between fits): within each fit the
+monitors are due every other step, and each due step's time is divided by the time of the bare step right after
+it, so drift cancels pair by pair. It prints the median of those ratios with a 95% bootstrap interval, for all four
+monitors, all but SensitiveNeurons, and (``--per-monitor``) each alone. A due step costs what every step costs when
+every step is due, so this measures the every-step overhead.
+
+    python scripts/bench_monitor_overhead.py --small --alternate --pairs 12 --rounds 2
+
 ``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
 ``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, and (b) a
 profile of 1 step: wall vs GPU-busy time and the top operators by GPU and by host time.
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import random
 import statistics
 import time
 import traceback
@@ -36,9 +45,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_act.capture.registry as registry_module
 from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations, SensitiveNeurons
+from lightning_act.stats.fused import fused_statistics
 
 
 class StepTimer(pl.Callback):
@@ -99,6 +111,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-monitor", action="store_true",
                         help="also time each monitor alone, and all but SensitiveNeurons, every step due")
+    parser.add_argument("--alternate", action="store_true",
+                        help="monitors due every other step; ratio of each due step to the bare step after it")
+    parser.add_argument("--pairs", type=int, default=12, help="timed (due, bare) pairs per fit with --alternate")
     parser.add_argument("--diagnose", action="store_true", help="host syncs and a profile of the every-step config")
     parser.add_argument("--diagnose-only", default=None, choices=[cls.__name__ for cls in MONITORS],
                         help="diagnose this monitor alone (default: all four)")
@@ -113,7 +128,8 @@ def main() -> None:
         batch, image = args.batch_size or 32, 32
     else:
         model_kwargs, batch, image = {}, args.batch_size or 128, 224
-    steps = args.warmup + args.steps + 1  # the timer measures from one batch start to the next
+    # the timer measures from one batch start to the next, so one batch more than the timed ones
+    steps = args.warmup + (2 * args.pairs if args.alternate else args.steps) + 1
     precision = "bf16-mixed" if cuda else "32-true"
     base = timm.create_model(args.model, pretrained=False, num_classes=100, **model_kwargs)
     device = "cuda" if cuda else "cpu"
@@ -134,6 +150,9 @@ def main() -> None:
     if args.diagnose:
         only = tuple(cls for cls in MONITORS if cls.__name__ == args.diagnose_only) or None
         diagnose(base, train, val, precision, steps, args.warmup, only)
+    if args.alternate:
+        alternate(args, base, train, val, precision, steps)
+        return
     medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
         for name, (every, only) in configs.items():
@@ -149,8 +168,62 @@ def main() -> None:
         report(medians, round_index + 1)
 
 
+def alternate(
+    args: argparse.Namespace, base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int
+) -> None:
+    """Fits whose monitors are due every other step: the ratio of each due step (even index) to the bare step after
+    it, pooled over ``--rounds`` interleaved rounds; the median ratio and a 95% bootstrap interval of the median."""
+    cuda = torch.cuda.is_available()
+    configs: dict[str, tuple[type, ...]] = {
+        "all four": MONITORS, "all but SensitiveNeurons": tuple(c for c in MONITORS if c is not SensitiveNeurons),
+    }
+    if args.per_monitor:
+        configs.update({f"{cls.__name__} alone": (cls,) for cls in MONITORS})
+    ratios: dict[str, list[float]] = {name: [] for name in configs}
+    for round_index in range(args.rounds):
+        for name, chosen in configs.items():
+            timer = StepTimer()
+            trainer = pl.Trainer(
+                accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps,
+                callbacks=[timer, *monitors(2, chosen)], logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            )
+            trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
+            first = args.warmup + args.warmup % 2  # the first timed due step
+            pairs = [timer.times[i] / timer.times[i + 1] for i in range(first, len(timer.times) - 1, 2)]
+            ratios[name] += pairs
+            print(f"round {round_index}: {name:28s} due/bare median {statistics.median(pairs):.3f} "
+                  f"({len(pairs)} pairs, bare step {statistics.median(timer.times[first + 1 :: 2]) * 1e3:.1f} ms)", flush=True)
+    print(f"every-step overhead from (due, bare) pairs, {args.rounds} round(s):")
+    print(f"{'monitors':28s} {'median':>7s} {'95% interval':>16s} {'pairs':>6s}")
+    for name, values in ratios.items():
+        low, high = bootstrap_median_interval(values)
+        print(f"{name:28s} {statistics.median(values):7.3f}   [{low:.3f}, {high:.3f}] {len(values):6d}", flush=True)
+
+
+def bootstrap_median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the median of ``values`` (seeded, so a rerun prints the same)."""
+    generator = random.Random(seed)
+    medians = sorted(statistics.median(generator.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active under one key: on a GPU each is at least a few
+    microseconds of host time, and most are a kernel launch, so the count is what the host pays per step."""
+
+    def __init__(self, counts: collections.Counter[str], key: str) -> None:
+        super().__init__()
+        self.counts, self.key = counts, key
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.counts[self.key] += 1
+        return func(*args, **(kwargs or {}))
+
+
 class Diagnosis(pl.Callback):
-    """From step ``start`` on: count host syncs raised under ``lightning_act`` frames for 3 steps, then profile 1."""
+    """From step ``start`` on: count host syncs raised under ``lightning_act`` frames for 3 steps, profile 1, then
+    count the operations each monitor hook and the shared fused pass dispatch in 1 more."""
 
     def __init__(self, start: int) -> None:
         self.start = start
@@ -160,6 +233,8 @@ class Diagnosis(pl.Callback):
         self.wall = 0.0
         self.host: collections.Counter[str] = collections.Counter()  # seconds per (monitor, hook) in the 3 steps
         self.counting = False
+        self.ops: collections.Counter[str] = collections.Counter()  # operations per (monitor, hook) in 1 step
+        self.counting_ops = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for callback in trainer.callbacks:
@@ -167,9 +242,16 @@ class Diagnosis(pl.Callback):
                 continue
             for method in ("receive", "on_train_batch_start", "on_train_batch_end", "on_before_backward"):
                 setattr(callback, method, self._timed(f"{type(callback).__name__}.{method}", getattr(callback, method)))
+        registry_module.fused_statistics = self._timed("shared fused pass (capture)", fused_statistics)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        registry_module.fused_statistics = fused_statistics
 
     def _timed(self, name: str, fn: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.counting_ops:
+                with OpCounter(self.ops, name):
+                    return fn(*args, **kwargs)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -209,6 +291,7 @@ class Diagnosis(pl.Callback):
                 torch.cuda.synchronize()
             self.wall = time.perf_counter() - self.wall
             self.profiler.__exit__(None, None, None)
+        self.counting_ops = batch_idx == self.start + 4
 
 
 def diagnose(
@@ -217,7 +300,7 @@ def diagnose(
 ) -> None:
     """All four monitors (or ``only``) every step: host syncs inside lightning_act, then a 1-step profile."""
     cuda = torch.cuda.is_available()
-    diagnosis = Diagnosis(start=min(warmup, steps - 5))
+    diagnosis = Diagnosis(start=min(warmup, steps - 6))
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, callbacks=[diagnosis, *monitors(1, only)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -231,6 +314,9 @@ def diagnose(
     print("host time per step in the monitors' hooks (mean of 3 steps; with sync debug on):")
     for name, seconds in diagnosis.host.most_common():
         print(f"  {seconds / 3 * 1e3:8.2f} ms  {name}")
+    print("operations dispatched in 1 step, by monitor hook and in the shared fused pass:")
+    for name, count in diagnosis.ops.most_common():
+        print(f"  {count:6d}  {name}")
     if diagnosis.profiler is None:
         return
     events = diagnosis.profiler.key_averages()
@@ -255,7 +341,8 @@ def report(medians: dict[str, list[float]], rounds: int) -> None:
 def describe(args: argparse.Namespace, cuda: bool, precision: str, batch: int, model_kwargs: dict[str, Any]) -> None:
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"lightning {pl.__version__}, precision {precision}, batch {batch}, model {args.model} {model_kwargs or '(224, /16)'}, "
-          f"{args.rounds} rounds of {args.warmup} + {args.steps} steps", flush=True)
+          f"{args.rounds} rounds of {args.warmup} + "
+          f"{f'{args.pairs} (due, bare) step pairs' if args.alternate else f'{args.steps} steps'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 #      bf16-mixed, no monitors / all four at the default interval / all four every step / each alone every
 #      step; then the same three first configurations with kat_small_patch16_224). It prints its ratio table
 #      after every round, so a time-out still leaves the finished rounds' ratios in the log.
+#   3c. (STEPS="... 3c") the same overhead from (due, bare) step pairs within each fit (--alternate), which a
+#      drifting host does not blur: all four, all but SensitiveNeurons, and each alone.
 # Each step is time-boxed; a failing step prints its error and the next one still runs.
 # Logs go to "$OUT" when set, else ./gpu_out. Run from the repository root:
 #   bash scripts/gpu_check_monitors.sh            (PYTHON=python3 to pick the interpreter)
@@ -68,6 +70,7 @@ wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_o
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).
 wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20
+wants 3c && run_step 3c_bench_monitor_overhead_pairs 120 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --pairs 8 --rounds 1 --warmup 3
 wants 3b && run_step 3b_bench_monitor_overhead_kat 90 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 20
 
 echo "logs in $LOG_DIR; overall status $STATUS; ${SECONDS}s"

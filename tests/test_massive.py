@@ -85,6 +85,15 @@ def test_split_batches_merge_to_the_whole_batch_statistics() -> None:
     assert torch.equal(merged, topk_positions(h, k))
 
 
+def test_merge_topk_of_one_buffer_is_that_buffer() -> None:
+    # one rank's buffer is already merged (distinct positions, largest first, NaN slots last): merging it with an
+    # empty buffer, the general path, gives it back, and so does the one-buffer shortcut
+    buffer = torch.tensor([[9.0, 5.0, float("nan")], [0.0, 2.0, float("nan")], [3.0, 1.0, float("nan")]]).reshape(-1)
+    empty = torch.full_like(buffer, float("nan"))
+    torch.testing.assert_close(merge_topk(torch.stack([buffer, empty]), 3), buffer.double(), equal_nan=True)
+    torch.testing.assert_close(merge_topk(buffer.double().reshape(1, -1), 3), buffer.double(), equal_nan=True)
+
+
 def test_merge_topk_treats_nan_slots_as_absent() -> None:
     absent = torch.full((9,), float("nan"), dtype=torch.float64)
     present = torch.tensor([5.0, 2.0, float("nan"), 1.0, 0.0, float("nan"), 3.0, 4.0, float("nan")], dtype=torch.float64)

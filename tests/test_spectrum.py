@@ -14,7 +14,9 @@ from lightning_act.stats.spectrum import (
     explained_variance_rank,
     feature_rows,
     participation_ratio,
+    count_sketch_draws,
     sketch_vector,
+    sketch_with_draws,
     trajectory_r90,
 )
 
@@ -113,6 +115,16 @@ def trajectory_in_plane(steps: int, size: int, second_scale: float) -> np.ndarra
     return rng.normal(size=size) + coordinates @ basis.T
 
 
+def test_ranks_of_a_stack_of_spectra_are_those_of_each() -> None:
+    # three taps of one width at once (the monitor's batched path) against numpy, one tap at a time
+    rng = np.random.default_rng(8)
+    data = [rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6)) * scale for scale in (1.0, 0.1, 3.0)]
+    data[1][:, 3:] = 0.0  # a lower-rank tap
+    spectra = covariance_spectrum(torch.stack([covariance_partials(torch.from_numpy(x)) for x in data]))
+    np.testing.assert_allclose(effective_rank(spectra).numpy(), [numpy_erank(x) for x in data], rtol=1e-9)
+    np.testing.assert_allclose(participation_ratio(spectra).numpy(), [numpy_pr(x) for x in data], rtol=1e-9)
+
+
 def test_r90_of_a_trajectory_in_a_known_plane() -> None:
     planar = trajectory_in_plane(20, 400, second_scale=4.0)
     assert numpy_r90(planar) == 2
@@ -137,6 +149,24 @@ def test_sketched_trajectory_keeps_r90_and_sketch_is_a_fixed_linear_map() -> Non
     noise = torch.from_numpy(np.random.default_rng(4).normal(size=50_000))
     ratio = sketch_vector(noise, 4096, 1).square().sum() / noise.square().sum()
     assert abs(ratio.item() - 1.0) < 0.15
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sketch_is_the_signed_bucket_sum_in_float64(dtype: torch.dtype) -> None:
+    # numpy float64: out[draw mod dim] += sign * x[j], sign +1 for draws >= dim; x rounded to ``dtype`` first, as a
+    # weight of that dtype is; the parts split the vector unevenly
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=20_000)).to(dtype)
+    draws = count_sketch_draws(x.numel(), 256, seed=3)
+    assert draws.dtype == torch.int32 and int(draws.min()) >= 0 and int(draws.max()) < 512
+    expected = np.zeros(256)
+    signs = np.where(draws.numpy() >= 256, 1.0, -1.0)
+    np.add.at(expected, draws.numpy() % 256, signs * x.double().numpy())
+    sketch = sketch_with_draws([x[:7], x[7:12_345], x[12_345:].reshape(-1, 5)], draws, 256)
+    assert sketch.dtype == torch.float64
+    np.testing.assert_allclose(sketch.numpy(), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sketch_vector(x, 256, seed=3).numpy(), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="parts hold"):
+        sketch_with_draws([x[:100]], draws, 256)
 
 
 def test_sketch_leaves_global_rng_alone() -> None:

@@ -168,6 +168,13 @@ def subscribe_taps(
     return taps, registry
 
 
+def _as_scalar(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d float64 tensor; the statistics mostly are one already, and then no op is dispatched."""
+    if value.dim() == 0 and value.dtype == torch.float64:
+        return value
+    return value.reshape(()).to(torch.float64)
+
+
 @dataclass
 class Partials:
     """Fixed-size per-tap statistics of one activation tensor (float64, on its device)."""
@@ -377,17 +384,20 @@ class ActivationMonitor(Callback, ABC):
         with_samples = [i for i in present if self._samples[i] is not None]
         samples = dict(zip(with_samples, all_gather_packed([self._samples[i] for i in with_samples])))
 
-        self.prepare_summaries(sums)
         names: list[tuple[str | None, str]] = []
         values: list[torch.Tensor] = []
-        for i in present:
-            for stat, value in self.summarize(i, sums[i], maxima.get(i), samples.get(i)).items():
-                names.append((self.taps[i].name, stat))
-                values.append(value.detach().reshape(()).to(torch.float64))
-        for key, value in self.extra_statistics(trainer, step).items():
-            names.append((None, key))
-            values.append(torch.as_tensor(value).detach().reshape(()).to(torch.float64))
-        host_values = torch.stack([v.to(values[0].device) for v in values]).cpu().tolist() if values else []
+        with torch.no_grad():  # statistics are never differentiated: no graph is recorded and none is detached
+            self.prepare_summaries(sums)
+            for i in present:
+                for stat, value in self.summarize(i, sums[i], maxima.get(i), samples.get(i)).items():
+                    names.append((self.taps[i].name, stat))
+                    values.append(_as_scalar(value))
+            for key, value in self.extra_statistics(trainer, step).items():
+                names.append((None, key))
+                values.append(_as_scalar(torch.as_tensor(value)))
+            if len({v.device for v in values}) > 1:
+                values = [v.to(values[0].device) for v in values]
+            host_values = torch.stack(values).cpu().tolist() if values else []
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}

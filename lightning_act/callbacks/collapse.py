@@ -42,19 +42,19 @@ from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_p
 from lightning_act.stats.fused import FusedStats
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
-    count_sketch_hash,
+    count_sketch_draws,
     covariance_partials,
     covariance_spectrum,
     effective_rank,
     feature_rows,
     participation_ratio,
     sketch_vector,
-    sketch_with_hash,
+    sketch_with_draws,
     trajectory_r90,
 )
 
-#: Weight trajectories up to this many positions keep their count-sketch hash (5 bytes per position: int32
-#: bucket and int8 sign); longer ones draw it again at each snapshot, which needs no memory.
+#: Weight trajectories up to this many positions keep their count-sketch hash (4 bytes per position: an int32
+#: signed bucket); longer ones draw it again at each snapshot, which needs no memory.
 CACHED_HASH_POSITIONS = 1 << 26
 
 
@@ -151,8 +151,8 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_seen = 0
         self._snapshot_stride = 1
         self._feature_dims: dict[str, int] = {}
-        self._sketch_hash: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._spectra: dict[int, torch.Tensor] = {}
+        self._sketch_draws: torch.Tensor | None = None
+        self._ranks: dict[int, tuple[torch.Tensor, int]] = {}  # per full-covariance tap: (erank, pr, /d), d
         self._r90: float | None = None  # r90 of the kept snapshots, computed when they change
 
     # ------------------------------------------------------------------ activations
@@ -182,17 +182,21 @@ class DimensionalCollapse(ActivationMonitor):
         return Partials(sums=sketch_partials(rows, self._test_matrices[key]))
 
     def prepare_summaries(self, sums: dict[int, torch.Tensor]) -> None:
-        """Eigenvalues of every full-covariance tap, one batched eigensolver call per (size, device): the taps of
-        a model mostly share a width, and a call per tap is a host sync (the solver's error check) per tap."""
+        """The ranks of every full-covariance tap from one batched eigensolver call per (size, device): the taps of
+        a model mostly share a width, a call per tap is a host sync (the solver's error check) per tap, and the
+        ranks of a stack of spectra are a few operations for all taps instead of a few dozen per tap."""
         groups: dict[tuple[int, torch.device], list[int]] = {}
         for i, partials in sums.items():
             sketch = self._sketch_dims.get(i)
             if sketch is None or partials.numel() != sketch_size(*sketch):
                 groups.setdefault((partials.numel(), partials.device), []).append(i)
-        self._spectra = {}
+        self._ranks = {}
         for members in groups.values():
             spectra = covariance_spectrum(torch.stack([sums[i] for i in members]))
-            self._spectra.update(zip(members, spectra.unbind()))
+            d = spectra.shape[-1]
+            # every statistic of the group at once: (members, 4) rows of erank, pr and both over d
+            ranks = torch.stack([effective_rank(spectra), participation_ratio(spectra)], -1)
+            self._ranks.update((i, (row, d)) for i, row in zip(members, torch.cat([ranks, ranks / d], -1).unbind()))
 
     def summarize(
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
@@ -201,16 +205,15 @@ class DimensionalCollapse(ActivationMonitor):
         if sketch is not None and sums.numel() == sketch_size(*sketch):
             d = sketch[0]
             eigenvalues = sketch_spectrum(sums, *sketch)
+            ranks = torch.stack([effective_rank(eigenvalues), participation_ratio(eigenvalues)])
+            ranks = torch.cat([ranks, ranks / d])
         else:
-            eigenvalues = self._spectra.pop(tap_index, None)
-            if eigenvalues is None:
-                eigenvalues = covariance_spectrum(sums)
-            d = eigenvalues.numel()
+            ranks, d = self._ranks.pop(tap_index)
         self._feature_dims[self.taps[tap_index].name] = d
-        erank, pr = effective_rank(eigenvalues), participation_ratio(eigenvalues)
-        stats = {"erank": erank, "pr": pr, "erank_frac": erank / d, "pr_frac": pr / d}
+        erank, pr, erank_frac, pr_frac = ranks.unbind()
+        stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac}
         if self.warn_below is not None:
-            stats["collapsed"] = (erank / d < self.warn_below).to(torch.float64)
+            stats["collapsed"] = (erank_frac < self.warn_below).to(torch.float64)
         return stats
 
     def on_statistics(self, trainer: pl.Trainer, step: int, stats: dict[str, dict[str, float]]) -> None:
@@ -254,12 +257,14 @@ class DimensionalCollapse(ActivationMonitor):
         if self.projection_dim is None or total <= self.projection_dim:
             return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])
         if total <= CACHED_HASH_POSITIONS and len({p.device for p in chosen}) == 1:
-            # The hash of every position, made once (5 bytes per weight) and reused by every snapshot, instead of
+            # The hash of every position, made once (4 bytes per weight) and reused by every snapshot, instead of
             # one random draw per weight and a dozen small operations per parameter at each snapshot (issue 17).
-            if self._sketch_hash is None or self._sketch_hash[0].numel() != total:
-                self._sketch_hash = count_sketch_hash(total, self.projection_dim, self.seed, device=chosen[0].device)
-            flat = torch.cat([p.reshape(-1) for p in chosen])
-            sketch = sketch_with_hash(flat, *self._sketch_hash, self.projection_dim)
+            if self._sketch_draws is None or self._sketch_draws.numel() != total:
+                self._sketch_draws = count_sketch_draws(total, self.projection_dim, self.seed, device=chosen[0].device)
+            # On a CPU the weights are sketched where they are (a concatenated copy costs more than the calls); on
+            # a GPU one copy costs less host time than three launches per weight.
+            parts = chosen if chosen[0].device.type == "cpu" else [torch.cat([p.reshape(-1) for p in chosen])]
+            sketch = sketch_with_draws(parts, self._sketch_draws, self.projection_dim)
         else:
             sketch, offset = None, 0
             for p in chosen:

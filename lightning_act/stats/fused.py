@@ -189,12 +189,12 @@ def _sample_rows(x: torch.Tensor, spec: FusedSpec) -> torch.Tensor:
 _cpu_scratch: dict[str, torch.Tensor] = {}
 
 
-def _scratch(numel: int, name: str = "magnitude") -> torch.Tensor:
-    """A reused 4-byte CPU buffer of at least ``numel`` entries: allocating a fresh multi-megabyte tensor per op
+def _scratch(numel: int, name: str = "magnitude", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused CPU buffer of at least ``numel`` entries: allocating a fresh multi-megabyte tensor per op
     costs a CPU more (page faults) than the op itself, so the finite fast path writes into these."""
     buffer = _cpu_scratch.get(name)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _cpu_scratch[name] = torch.empty(numel, dtype=torch.float32)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = _cpu_scratch[name] = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
 
 
@@ -242,39 +242,55 @@ def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Ten
 
     Reading the maxima first costs no device sync on a CPU, and when every entry is finite (the usual case)
     no finiteness masks are needed: the maximum ``|x|`` per sample, per position and overall come from
-    ``amax``/``amin`` (which propagate NaN, so any non-finite entry shows in them), the ``|x| <= t`` counts
-    from one comparison each, and the histogram from the float32 bits (the same bins as
-    :func:`log_magnitude_bin`) counted with one ``bincount``. Moment sums add float32 sums of 16-entry
-    blocks in float64 (relative error of the non-negative sums <= ``16 * 2^-24``, about 1e-6).
+    ``amax`` (of ``|x|``, or of ``x`` and ``-x`` when ``|x|`` is not needed otherwise; both propagate NaN, so
+    any non-finite entry shows in them), the ``|x| <= 0`` count from one ``count_nonzero`` of ``x``, other
+    ``|x| <= t`` counts from one comparison each, the massive counts only for samples whose maximum reaches
+    their threshold, and the histogram from the float32 bits (the same bins as :func:`log_magnitude_bin`)
+    counted with one ``bincount``. Moment sums add float32 sums of 16-entry blocks in float64 (relative error
+    of the non-negative sums <= ``16 * 2^-24``, about 1e-6).
     """
     if work.numel() == 0:
         return None
-    sample_max = torch.maximum(work.amax(1), work.amin(1).neg())
+    flat = work.reshape(-1)
+    thresholds = [comparable_threshold(t, torch.float32) for t in spec.thresholds]
+    magnitude: torch.Tensor | None = None
+    if any(t > 0 for t in thresholds) or spec.moments or spec.massive:
+        magnitude = torch.abs(flat, out=_scratch(flat.numel())).view(work.shape)
+        sample_max = magnitude.amax(1)
+    else:
+        sample_max = torch.maximum(work.amax(1), work.amin(1).neg())
     overall = sample_max.amax()
     if not math.isfinite(float(overall)):
         return None
-    flat = work.reshape(-1)
-    buffer = _scratch(flat.numel())
-    if spec.thresholds or spec.moments or spec.massive:
-        torch.abs(flat, out=buffer)
     parts = [torch.zeros((), dtype=torch.float64)]
-    parts += [torch.count_nonzero(buffer <= comparable_threshold(t, torch.float32)).to(torch.float64) for t in spec.thresholds]
+    for t in thresholds:
+        if t == 0:  # |x| <= 0: the zeros (either sign), one read of x and no mask
+            at_most = flat.numel() - torch.count_nonzero(flat)
+        else:
+            assert magnitude is not None
+            at_most = torch.count_nonzero(torch.le(magnitude, t, out=_scratch(flat.numel(), "mask", torch.bool).view(work.shape)))
+        parts.append(at_most.to(torch.float64))
     overall = overall.to(torch.float64)
     out = {"maxima": torch.stack([overall, overall]), "sample_max": sample_max}
     if spec.median is not None:
         keys = _scratch(flat.numel(), "keys").view(torch.int32)
         out["median"] = median = histogram_median(_finite_histogram(work, spec.median, keys), spec.median)
         if spec.massive is not None:
-            magnitude = buffer.view(work.shape)
-            out["massive_count"] = _massive_count(magnitude, massive_row_thresholds(median, spec.massive), median)
-    if spec.moments:
-        abs_sum = _block_sum(buffer)
-        total = _block_sum(flat)
-        torch.mul(flat, flat, out=buffer)
-        parts += [total, _block_sum(buffer), abs_sum]
-    out["scalars"] = torch.stack(parts)
+            assert magnitude is not None
+            row_thresholds = massive_row_thresholds(median, spec.massive)
+            if bool((sample_max >= row_thresholds).any()):
+                out["massive_count"] = _massive_count(magnitude, row_thresholds, median)
+            else:  # no sample reaches its threshold: every count is 0 (NaN where the median is unknown)
+                out["massive_count"] = torch.where(torch.isnan(median), median, torch.zeros_like(median))
     if spec.column_max:
-        out["column_max"] = torch.maximum(work.amax(0), work.amin(0).neg())
+        out["column_max"] = torch.maximum(work.amax(0), work.amin(0).neg()) if magnitude is None else magnitude.amax(0)
+    if spec.moments:  # last: the squares overwrite |x| in the buffer
+        assert magnitude is not None
+        abs_sum = _block_sum(magnitude.reshape(-1))
+        total = _block_sum(flat)
+        square = torch.mul(flat, flat, out=magnitude.reshape(-1))
+        parts += [total, _block_sum(square), abs_sum]
+    out["scalars"] = torch.stack(parts)
     return out
 
 
@@ -284,8 +300,9 @@ def _finite_histogram(work: torch.Tensor, bins: LogMagnitudeBins, keys: torch.Te
     keys = keys.view(rows, entries)
     torch.bitwise_right_shift(work.view(torch.int32), bins.key_shift, out=keys)
     keys.bitwise_and_(0x7FFFFFFF >> bins.key_shift)  # drop the sign bits: the key of |x|
-    keys.clamp_(bins.low_key - 1, bins.top_key).sub_(bins.low_key - 2)  # bins 1 .. size - 2, as in the window
-    keys.add_(torch.arange(rows, dtype=torch.int32).mul_(bins.size).unsqueeze(1))
+    keys.clamp_(bins.low_key - 1, bins.top_key)  # keys of bins 1 .. size - 2, as in the window
+    # to bin indices (key - low_key + 2), offset by the row's place in the flat histogram: one add for both
+    keys.add_((torch.arange(rows, dtype=torch.int32) * bins.size - (bins.low_key - 2)).unsqueeze(1))
     counts = torch.bincount(keys.view(-1), minlength=rows * bins.size).view(rows, bins.size)
     if bool(counts[:, 1].any()):  # exact zeros share the underflow key; move them to bin 0
         zeros = entries - torch.count_nonzero(work, dim=1)

@@ -132,18 +132,23 @@ def log_magnitude_histogram(x: torch.Tensor, bins: LogMagnitudeBins, dim: int | 
 def histogram_order_statistic(hist: torch.Tensor, rank: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor:
     """Estimate of the ``rank``-th smallest ``|x|`` (1-based, float64, one per row of ``hist``); see the module doc."""
     hist = hist.to(torch.float64)
+    return _order_statistics(hist, hist.cumsum(-1), rank.to(torch.float64).unsqueeze(-1), bins).squeeze(-1)
+
+
+def _order_statistics(
+    hist: torch.Tensor, cumulative: torch.Tensor, ranks: torch.Tensor, bins: LogMagnitudeBins
+) -> torch.Tensor:
+    """Estimates (``(..., r)``) of the order statistics of ranks ``(..., r)`` from a float64 ``hist`` ``(..., size)``
+    and its cumulative sum: several ranks of one histogram share its conversion and cumulative sum."""
     lower, upper = device_edges(bins, hist.device)
-    cumulative = hist.cumsum(-1)
-    rank = rank.to(torch.float64)
-    index = torch.searchsorted(cumulative, rank.unsqueeze(-1)).clamp_max(bins.size - 1)
-    in_bin = hist.gather(-1, index).squeeze(-1)
-    before = cumulative.gather(-1, index).squeeze(-1) - in_bin
-    position = (rank - before - 0.5) / in_bin.clamp_min(1.0)
-    index = index.squeeze(-1)
+    index = torch.searchsorted(cumulative, ranks).clamp_max(bins.size - 1)
+    in_bin = hist.gather(-1, index)
+    before = cumulative.gather(-1, index) - in_bin
+    position = (ranks - before - 0.5) / in_bin.clamp_min(1.0)
     low, high = lower[index], upper[index]
     estimate = low + (high - low) * position
     estimate = torch.where(index == 0, torch.zeros_like(estimate), estimate)
-    unknown = (index == 1) | (index == bins.size - 2) | (rank < 1) | (rank > cumulative[..., -1])
+    unknown = (index == 1) | (index == bins.size - 2) | (ranks < 1) | (ranks > cumulative[..., -1:])
     estimate = torch.where(index == bins.size - 1, torch.full_like(estimate, float("inf")), estimate)
     return torch.where(unknown, torch.full_like(estimate, float("nan")), estimate)
 
@@ -153,9 +158,8 @@ def histogram_median(hist: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor
 
     NaN where a row is empty or a middle order statistic falls in the underflow or overflow bin.
     """
-    n = hist.to(torch.float64).sum(-1)
-    lower_rank = torch.floor((n + 1) / 2)
-    upper_rank = torch.floor(n / 2) + 1
-    low = histogram_order_statistic(hist, lower_rank, bins)
-    high = histogram_order_statistic(hist, upper_rank, bins)
-    return (low + high) / 2
+    hist = hist.to(torch.float64)
+    cumulative = hist.cumsum(-1)
+    n = cumulative[..., -1:]
+    middle = _order_statistics(hist, cumulative, torch.cat([torch.floor((n + 1) / 2), torch.floor(n / 2) + 1], -1), bins)
+    return (middle[..., 0] + middle[..., 1]) / 2

@@ -135,8 +135,11 @@ def topk_positions_from_magnitude(magnitude: torch.Tensor, k: int) -> torch.Tens
 def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Merge stacked top-k buffers ``(m, 3k)`` into one ``(3k,)``: the ``k`` largest distinct positions.
 
-    A position present in several buffers keeps its largest value; NaN slots are absent.
+    A position present in several buffers keeps its largest value; NaN slots are absent. One buffer (one rank)
+    is already merged and is returned as it is.
     """
+    if candidates.numel() == 3 * k:
+        return candidates.reshape(-1)
     parts = candidates.reshape(-1, 3, k).transpose(0, 1).reshape(3, -1)
     values, tokens, features = parts[0], parts[1], parts[2]
     present = ~torch.isnan(values)
@@ -156,7 +159,7 @@ def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
 
 def topk_stats(merged: torch.Tensor, k: int, with_token: bool = True) -> dict[str, torch.Tensor]:
     """``top{j}_value``, ``top{j}_token`` (when the input had tokens) and ``top{j}_feature`` for ``j < k``."""
-    values, tokens, features = merged.reshape(3, k).unbind()
+    values, tokens, features = (row.unbind() for row in merged.reshape(3, k).unbind())
     stats: dict[str, torch.Tensor] = {}
     for j in range(k):
         stats[f"top{j}_value"] = values[j]

@@ -20,6 +20,7 @@ expectation and is linear, so a trajectory confined to a subspace stays confined
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -73,61 +74,71 @@ def covariance_spectrum(partials: torch.Tensor) -> torch.Tensor:
 
 def effective_rank(eigenvalues: torch.Tensor) -> torch.Tensor:
     """Roy–Vetterli effective rank from scatter eigenvalues ``λ = σ²``: ``exp(−Σ p log p)``,
-    ``p_k = σ_k / Σ σ``; in [1, rank], and 0 for an all-zero spectrum (constant activations)."""
+    ``p_k = σ_k / Σ σ``; in [1, rank], and 0 for an all-zero spectrum (constant activations).
+    Over the last dim: a stack of spectra ``(..., d)`` gives one rank per spectrum."""
     sigma = eigenvalues.to(torch.float64).clamp_min(0.0).sqrt()
-    total = sigma.sum()
+    total = sigma.sum(-1, keepdim=True)
     p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny)
-    entropy = -torch.where(p == 0, torch.zeros_like(p), p * p.log()).sum()
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * p.log()).sum(-1)
+    total = total.squeeze(-1)
     return torch.where(total == 0, torch.zeros_like(total), entropy.exp())
 
 
 def participation_ratio(eigenvalues: torch.Tensor) -> torch.Tensor:
-    """Participation ratio ``(Σλ)² / Σλ²`` (Gao et al. 2017); in [1, rank], 0 for an all-zero spectrum."""
+    """Participation ratio ``(Σλ)² / Σλ²`` (Gao et al. 2017); in [1, rank], 0 for an all-zero spectrum.
+    Over the last dim, like :func:`effective_rank`."""
     lam = eigenvalues.to(torch.float64).clamp_min(0.0)
-    square_sum = lam.square().sum()
-    ratio = lam.sum().square() / square_sum.clamp_min(torch.finfo(torch.float64).tiny)
+    square_sum = lam.square().sum(-1)
+    ratio = lam.sum(-1).square() / square_sum.clamp_min(torch.finfo(torch.float64).tiny)
     return torch.where(square_sum == 0, torch.zeros_like(ratio), ratio)
 
 
-def count_sketch_hash(
+def count_sketch_draws(
     numel: int, dim: int, seed: int, offset: int = 0, chunk: int = 1 << 20, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket (int32) and sign (int8, ±1) of the positions ``offset .. offset + numel`` in the seeded count-sketch
-    of :func:`sketch_vector`: the hash of a position depends only on ``seed`` and the position's chunk."""
-    buckets, signs = [], []
+) -> torch.Tensor:
+    """The seeded count-sketch hash of the positions ``offset .. offset + numel`` as one int32 draw in ``[0, 2 dim)``
+    per position: bucket ``draw mod dim``, sign ``+1`` when ``draw >= dim`` and ``-1`` below. The draw of a position
+    depends only on ``seed`` and the position's chunk, so any split of a vector sketches the same way."""
+    draws = []
     generator = torch.Generator(device=device)
     start = 0
     while start < numel:
         position = offset + start
         stop = min(numel, start + chunk - position % chunk)
         generator.manual_seed(seed * 1_000_003 + position // chunk)
-        # One draw in [0, 2·dim) per position: the bucket is its remainder, the sign its quotient.
-        draws = torch.randint(0, 2 * dim, (chunk,), generator=generator, device=device)
-        draws = draws[position % chunk : position % chunk + (stop - start)]
-        buckets.append(draws.remainder(dim).to(torch.int32))
-        signs.append(torch.div(draws, dim, rounding_mode="floor").to(torch.int8).mul_(2).sub_(1))
+        chunk_draws = torch.randint(0, 2 * dim, (chunk,), generator=generator, device=device)
+        draws.append(chunk_draws[position % chunk : position % chunk + (stop - start)].to(torch.int32))
         start = stop
-    if not buckets:
-        return torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, dtype=torch.int8, device=device)
-    return torch.cat(buckets), torch.cat(signs)
+    return torch.cat(draws) if draws else torch.zeros(0, dtype=torch.int32, device=device)
 
 
 def sketch_vector(x: torch.Tensor, dim: int, seed: int, offset: int = 0, chunk: int = 1 << 20) -> torch.Tensor:
     """Seeded count-sketch of a flat vector into ``dim`` buckets (float64).
 
     Entry ``j`` of ``x`` (global position ``offset + j``) is added, with a random sign, to a
-    random bucket (:func:`count_sketch_hash`), so equal seeds give the same linear map on every call and
+    random bucket (:func:`count_sketch_draws`), so equal seeds give the same linear map on every call and
     every rank. ``E[⟨Sx, Sy⟩] = ⟨x, y⟩``.
     """
     x = x.reshape(-1)
-    buckets, signs = count_sketch_hash(x.numel(), dim, seed, offset, chunk, x.device)
-    return sketch_with_hash(x, buckets, signs, dim)
+    return sketch_with_draws([x], count_sketch_draws(x.numel(), dim, seed, offset, chunk, x.device), dim)
 
 
-def sketch_with_hash(x: torch.Tensor, buckets: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tensor:
-    """:func:`sketch_vector` of a flat ``x`` from its precomputed :func:`count_sketch_hash`."""
-    out = torch.zeros(dim, dtype=torch.float64, device=x.device)
-    return out.index_add_(0, buckets, x.reshape(-1).to(torch.float64) * signs)
+def sketch_with_draws(parts: Sequence[torch.Tensor], draws: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`sketch_vector` of the concatenation of ``parts`` (flattened) from its :func:`count_sketch_draws`.
+
+    Each entry is added to bucket ``draw`` of ``2 dim`` (one ``index_add_``, no sign product and no
+    concatenated copy), and the sketch is the upper half minus the lower half: 2.7M float32 weights take
+    ~10 ms on one CPU core instead of 63 ms for the signed product and the copy (issue 17).
+    """
+    total = torch.zeros(2 * dim, dtype=torch.float64, device=draws.device)
+    offset = 0
+    for part in parts:
+        flat = part.reshape(-1)
+        total.index_add_(0, draws[offset : offset + flat.numel()], flat.to(torch.float64))
+        offset += flat.numel()
+    if offset != draws.numel():
+        raise ValueError(f"the parts hold {offset} entries but the hash has {draws.numel()}; draw it for these parts")
+    return total[dim:] - total[:dim]
 
 
 def trajectory_spectrum(snapshots: torch.Tensor) -> torch.Tensor:
