@@ -210,7 +210,9 @@ def bootstrap_median_interval(values: list[float], resamples: int = 2000, seed: 
 
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched while active under one key: on a GPU each is at least a few
-    microseconds of host time, and most are a kernel launch, so the count is what the host pays per step."""
+    microseconds of host time, and most are a kernel launch, so the count is what the host pays per step (the
+    fused pass's own Triton launches are not ATen operations and are not counted; a hook that runs another
+    counted one, such as a probe forward reaching the fused pass, counts its operations too)."""
 
     def __init__(self, counts: collections.Counter[str], key: str) -> None:
         super().__init__()
