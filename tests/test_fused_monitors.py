@@ -83,6 +83,36 @@ def test_wide_collapse_tap_uses_the_exact_sketch() -> None:
     assert stats["erank_frac"].item() == pytest.approx(erank / 40, rel=1e-6)
 
 
+def test_collapse_ranks_with_and_without_the_batched_preparation_match_numpy() -> None:
+    # two taps of one width: flush prepares both ranks in one batch; summarize alone (no preparation) computes them
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randn(30, 4, generator=generator, dtype=torch.float64) @ torch.randn(4, 8, generator=generator,
+                                                                                       dtype=torch.float64)
+            for _ in range(2)]
+    expected = []
+    for rows in data:
+        x = rows.numpy()
+        eigenvalues = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False, bias=True) * x.shape[0]), 0, None)
+        eigenvalues[eigenvalues < 1e-12 * eigenvalues.max()] = 0.0  # the rank-4 scatter's round-off
+        sigma = np.sqrt(eigenvalues)
+        p = sigma[sigma > 0] / sigma.sum()
+        expected.append((np.exp(-np.sum(p * np.log(p))), eigenvalues.sum() ** 2 / np.sum(eigenvalues**2)))
+    monitor = DimensionalCollapse(modules=["a", "b"], max_rows=64, param_patterns=[])
+    monitor.taps = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    monitor._reset_buffers(2)
+    for i, rows in enumerate(data):
+        monitor.receive(i, rows)
+    sums = {i: monitor._sums[i].clone() for i in range(2)}
+    monitor.prepare_summaries(sums)
+    prepared = [monitor.summarize(i, sums[i], None, None) for i in range(2)]
+    alone = [monitor.summarize(i, sums[i], None, None) for i in range(2)]  # the prepared ranks were used up
+    for stats in (prepared, alone):
+        for (erank, pr), tap in zip(expected, stats):
+            assert tap["erank"].item() == pytest.approx(erank, rel=1e-9)
+            assert tap["pr"].item() == pytest.approx(pr, rel=1e-9)
+            assert tap["pr_frac"].item() == pytest.approx(pr / 8, rel=1e-9)
+
+
 def test_skipped_emergence_fits_are_recorded_for_the_report_only_with_a_logger(tmp_path, monkeypatch) -> None:
     import json
 

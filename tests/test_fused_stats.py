@@ -217,11 +217,11 @@ def test_rank_partials_reduce_to_the_whole_with_one_sum_and_one_max() -> None:
         np.testing.assert_array_equal(parts.numpy(), getattr(whole, name).numpy())
 
 
-@pytest.mark.parametrize("shape", [(5, 40), (3, 6, 10), (2, 4, 3, 5)])
+@pytest.mark.parametrize("shape", [(5, 40), (3, 6, 10), (2, 4, 3, 5), (3, 2)])  # (3, 2): 2 positions, 2 NaN slots
 def test_topk_positions_match_the_monitors_layout(shape: tuple[int, ...]) -> None:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     stats = fused_statistics(x, massive_spec(), "torch")
-    assert torch.equal(topk_positions_from(stats, 4), topk_positions(x, 4))
+    torch.testing.assert_close(topk_positions_from(stats, 4), topk_positions(x, 4), rtol=0, atol=0, equal_nan=True)
 
 
 def test_spec_union_and_bad_input() -> None:

@@ -43,6 +43,7 @@ from lightning_act.stats.fused import FusedStats
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
     count_sketch_draws,
+    covariance_dim,
     covariance_partials,
     covariance_spectrum,
     effective_rank,
@@ -61,6 +62,13 @@ CACHED_HASH_POSITIONS = 1 << 26
 def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Parameters under the user's names (without ``_orig_mod.`` and other wrapper parts)."""
     return {clean_name(name): p for name, p in module.named_parameters()}
+
+
+def rank_statistics(eigenvalues: torch.Tensor, d: int) -> torch.Tensor:
+    """``(erank, pr, erank / d, pr / d)`` along a new last dim, for one spectrum ``(k,)`` or a stack ``(..., k)``
+    of them (all the taps of one width at once: a few operations instead of a few dozen per tap)."""
+    ranks = torch.stack([effective_rank(eigenvalues), participation_ratio(eigenvalues)], -1)
+    return torch.cat([ranks, ranks / d], -1)
 
 
 class DimensionalCollapse(ActivationMonitor):
@@ -152,7 +160,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_stride = 1
         self._feature_dims: dict[str, int] = {}
         self._sketch_draws: torch.Tensor | None = None
-        self._ranks: dict[int, tuple[torch.Tensor, int]] = {}  # per full-covariance tap: (erank, pr, /d), d
+        self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
         self._r90: float | None = None  # r90 of the kept snapshots, computed when they change
 
     # ------------------------------------------------------------------ activations
@@ -193,10 +201,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._ranks = {}
         for members in groups.values():
             spectra = covariance_spectrum(torch.stack([sums[i] for i in members]))
-            d = spectra.shape[-1]
-            # every statistic of the group at once: (members, 4) rows of erank, pr and both over d
-            ranks = torch.stack([effective_rank(spectra), participation_ratio(spectra)], -1)
-            self._ranks.update((i, (row, d)) for i, row in zip(members, torch.cat([ranks, ranks / d], -1).unbind()))
+            self._ranks.update(zip(members, rank_statistics(spectra, spectra.shape[-1]).unbind()))
 
     def summarize(
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
@@ -204,11 +209,12 @@ class DimensionalCollapse(ActivationMonitor):
         sketch = self._sketch_dims.get(tap_index)
         if sketch is not None and sums.numel() == sketch_size(*sketch):
             d = sketch[0]
-            eigenvalues = sketch_spectrum(sums, *sketch)
-            ranks = torch.stack([effective_rank(eigenvalues), participation_ratio(eigenvalues)])
-            ranks = torch.cat([ranks, ranks / d])
+            ranks = rank_statistics(sketch_spectrum(sums, *sketch), d)
         else:
-            ranks, d = self._ranks.pop(tap_index)
+            d = covariance_dim(sums.numel())
+            ranks = self._ranks.pop(tap_index, None)
+            if ranks is None:  # not prepared with the other taps
+                ranks = rank_statistics(covariance_spectrum(sums), d)
         self._feature_dims[self.taps[tap_index].name] = d
         erank, pr, erank_frac, pr_frac = ranks.unbind()
         stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac}

@@ -507,8 +507,7 @@ def topk_positions_from(stats: FusedStats, k: int) -> torch.Tensor:
     else:
         spatial = math.prod(shape[2:])
         token, feature = index % spatial, torch.div(index, spatial, rounding_mode="floor")
-    out = torch.full((3, k), float("nan"), dtype=torch.float64, device=values.device)
-    out[0, :take] = values.to(torch.float64)
-    out[1, :take] = token.to(torch.float64)
-    out[2, :take] = feature.to(torch.float64)
+    out = torch.stack([values.to(torch.float64), token.to(torch.float64), feature.to(torch.float64)])
+    if take < k:  # fewer positions than k: NaN slots
+        out = torch.nn.functional.pad(out, (0, k - take), value=float("nan"))
     return out.reshape(-1)
