@@ -26,8 +26,9 @@ every step is due, so this measures the every-step overhead.
     python scripts/bench_monitor_overhead.py --small --alternate --pairs 12 --rounds 2
 
 ``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
-``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, and (b) a
-profile of 1 step: wall vs GPU-busy time and the top operators by GPU and by host time.
+``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, (b) a
+profile of 1 step: wall vs GPU-busy time and the top operators by GPU and by host time, and (c) the ATen operations
+each monitor hook and the shared fused pass dispatch in 1 more step (on a GPU, host time and mostly launches).
 """
 
 from __future__ import annotations
