@@ -20,7 +20,8 @@ that round's time without monitors, and the printed ratio is the median of those
 ``--alternate`` is for a noisy host (a shared CPU whose speed drifts by 15% between fits): within each fit the
 monitors are due every other step, and each due step's time is divided by the time of the bare step right after
 it, so drift cancels pair by pair. It prints the median of those ratios with a 95% bootstrap interval, for all four
-monitors, all but SensitiveNeurons, and (``--per-monitor``) each alone. A due step costs what every step costs when
+monitors, all but SensitiveNeurons, and (``--per-monitor``) each alone and the floor of SensitiveNeurons' cost (a
+bare forward of its tracking set, without gradients, at each due step: what any SeND checkpoint must run). A due step costs what every step costs when
 every step is due, so this measures the every-step overhead.
 
     python scripts/bench_monitor_overhead.py --small --alternate --pairs 12 --rounds 2
@@ -51,6 +52,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_act.capture.registry as registry_module
 from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations, SensitiveNeurons
+from lightning_act.callbacks.probe import probing
 from lightning_act.stats.fused import fused_statistics
 
 
@@ -70,6 +72,28 @@ class StepTimer(pl.Callback):
         if self._start is not None:
             self.times.append(now - self._start)
         self._start = now
+
+
+class TrackingForward(pl.Callback):
+    """The floor of ``SensitiveNeurons``' cost: at each step due every ``every_n_steps``, a forward of the tracking set
+    in eval mode, without gradients, in the trainer's precision (what a SeND checkpoint has to run, whatever
+    computes the statistics), with nothing tapped or kept."""
+
+    def __init__(self, every_n_steps: int, tracking: DataLoader) -> None:
+        self.every_n_steps, self.tracking = every_n_steps, tracking
+        self._due = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._due = trainer.global_step % self.every_n_steps == 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._due:
+            return
+        with probing(trainer, pl_module, pl_module.device):
+            for x, _ in self.tracking:
+                pl_module(x.to(pl_module.device))
 
 
 class Classifier(pl.LightningModule):
@@ -180,14 +204,16 @@ def alternate(
     }
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone": (cls,) for cls in MONITORS})
+        configs["tracking forward (floor)"] = ()  # SensitiveNeurons' floor: see TrackingForward
     ratios: dict[str, list[float]] = {name: [] for name in configs}
     for round_index in range(args.rounds):
         for name, chosen in configs.items():
             timer = StepTimer()
             trainer = pl.Trainer(
                 accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps,
-                callbacks=[timer, *monitors(2, chosen)], logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                callbacks=[timer, *(monitors(2, chosen) if chosen else [TrackingForward(2, val)])], logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, limit_val_batches=0,
             )
             trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
             first = args.warmup + args.warmup % 2  # the first timed due step

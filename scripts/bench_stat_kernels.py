@@ -303,30 +303,70 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------- eigh
 def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
     """DimensionalCollapse's flush: the spectra of 13 (d, d) float64 scatter matrices (a ViT-S's taps), one call per
-    matrix vs one batched call on ``device``, vs the host (batched, and one thread per matrix)."""
+    matrix vs one batched call on ``device``, vs the host (batched, and one thread per matrix); on CUDA also in
+    float32 and through MAGMA, the candidates for a faster solver. Each method's erank and PR are compared with
+    the host float64 solver's, on a well-spread spectrum (Gaussian rows) and a collapsed one (a power law)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from lightning_act.callbacks.collapse import rank_statistics
 
     generator = torch.Generator().manual_seed(0)
     pool = ThreadPoolExecutor(max_workers=13)
-    for d in (384, 1536):
-        rows = torch.randn(13, d, 2 * d, generator=generator, dtype=torch.float64)
-        host = rows @ rows.transpose(1, 2)
-        matrices = host.to(device)
-        methods: dict[str, Callable[[], object]] = {
-            "device, one call per matrix": lambda: [torch.linalg.eigvalsh(m) for m in matrices],
-            "device, one batched call": lambda: torch.linalg.eigvalsh(matrices),
-            "host copy + batched call": lambda: torch.linalg.eigvalsh(matrices.cpu()),
-            "host copy + a thread per matrix": lambda: list(pool.map(torch.linalg.eigvalsh, matrices.cpu().unbind())),
+
+    def float32(matrices: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.eigvalsh(matrices.float()).double()
+
+    def magma(matrices: torch.Tensor) -> torch.Tensor:
+        previous = torch.backends.cuda.preferred_linalg_library()
+        torch.backends.cuda.preferred_linalg_library("magma")
+        try:
+            return torch.linalg.eigvalsh(matrices)
+        finally:
+            torch.backends.cuda.preferred_linalg_library(previous)
+
+    for d in args.eigh_widths:
+        # feature variances: all equal, or falling as a power law (a collapsed layer)
+        variances = {
+            "spread": torch.ones(d, dtype=torch.float64),
+            "collapsed": torch.arange(1, d + 1, dtype=torch.float64) ** -2.0,
         }
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        for name, method in methods.items():
-            method()  # warm-up
-        for _ in range(args.rounds):
-            for name, method in methods.items():
-                times[name].append(time_call(method, 1, device))
-        print(f"eigvalsh of 13 ({d}, {d}) float64 matrices on {device} (median of {args.rounds} rounds):")
-        for name in methods:
-            print(f"  {name:34s} {statistics.median(times[name]) * 1e3:9.2f} ms")
+        for spectrum_name, variance in variances.items():
+            rows = torch.randn(13, 2 * d, d, generator=generator, dtype=torch.float64) * variance.sqrt()
+            host = rows.transpose(1, 2) @ rows
+            matrices = host.to(device)
+            methods: dict[str, Callable[[], torch.Tensor]] = {
+                "device, one call per matrix": lambda: torch.stack([torch.linalg.eigvalsh(m) for m in matrices]),
+                "device, one batched call": lambda: torch.linalg.eigvalsh(matrices),
+                "host copy + batched call": lambda: torch.linalg.eigvalsh(matrices.cpu()),
+                "host copy + a thread per matrix": lambda: torch.stack(
+                    list(pool.map(torch.linalg.eigvalsh, matrices.cpu().unbind()))
+                ),
+            }
+            if device.type == "cuda":
+                methods["device, batched, float32"] = lambda: float32(matrices)
+                if hasattr(torch.backends.cuda, "preferred_linalg_library"):
+                    methods["device, batched, MAGMA"] = lambda: magma(matrices)
+            reference = rank_statistics(torch.linalg.eigvalsh(host).clamp_min(0), d)
+            errors: dict[str, tuple[float, float]] = {}
+            times: dict[str, list[float]] = {name: [] for name in methods}
+            for name, method in list(methods.items()):
+                try:
+                    ranks = rank_statistics(method().cpu().clamp_min(0), d)  # warm-up, and the accuracy
+                except RuntimeError as error:  # e.g. a build without MAGMA
+                    print(f"  {name}: unavailable ({str(error).splitlines()[0]})")
+                    del methods[name], times[name]
+                    continue
+                relative = ((ranks - reference).abs() / reference.abs())[:, :2].amax(0)
+                errors[name] = (float(relative[0]), float(relative[1]))
+            for _ in range(args.rounds):
+                for name, method in methods.items():
+                    times[name].append(time_call(method, 1, device))
+            print(f"eigvalsh of 13 ({d}, {d}) float64 matrices, {spectrum_name} spectrum (erank "
+                  f"{float(reference[0, 0]):.1f}), on {device}, median of {args.rounds} rounds; max relative error "
+                  f"of erank / PR against the host float64 solver:")
+            for name in methods:
+                print(f"  {name:34s} {statistics.median(times[name]) * 1e3:9.2f} ms   "
+                      f"{errors[name][0]:9.2e} / {errors[name][1]:9.2e}")
 
 
 # ------------------------------------------------------------------------------------------ collapse
@@ -370,6 +410,8 @@ def main() -> None:
     parser.add_argument("--collapse", action="store_true", help="only the wide-layer DimensionalCollapse sketch")
     parser.add_argument("--sweep", action="store_true", help="only the Triton launch-configuration sweep")
     parser.add_argument("--eigh", action="store_true", help="only the eigensolver timings of DimensionalCollapse's flush")
+    parser.add_argument("--eigh-widths", type=lambda text: [int(w) for w in text.split(",")], default=[384, 1536],
+                        help="matrix sizes of --eigh, comma-separated")
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--collapse-rounds", type=int, default=2)

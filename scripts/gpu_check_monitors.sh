@@ -5,6 +5,8 @@
 #      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA test of tests/test_fused_stats.py;
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
 #   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
+#   2e. (STEPS="... 2e") DimensionalCollapse's eigensolver: 13 (384, 384) spectra per call, float64 per matrix /
+#      batched / on the host, float32 and MAGMA, with the erank and PR error of each against float64;
 #   3. a diagnosis of the every-step configuration (host syncs inside lightning_act, a 3-step profile), then
 #      the training-step overhead of the monitors (scripts/bench_monitor_overhead.py: ViT-S/16 batch 128
 #      bf16-mixed, no monitors / all four at the default interval / all four every step / each alone every
@@ -64,13 +66,14 @@ wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
 wants 1b && run_step 1b_cuda_test 30 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py -k cuda
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
+wants 2e && run_step 2e_bench_eigensolvers 40 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-widths 384 --rounds 5
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
 # Host syncs inside lightning_act and a 3-step profile of all four monitors every step.
 wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
+wants 3c && run_step 3c_bench_monitor_overhead_pairs 120 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --pairs 8 --rounds 1 --warmup 3
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).
 wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20
-wants 3c && run_step 3c_bench_monitor_overhead_pairs 120 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --pairs 8 --rounds 1 --warmup 3
 wants 3b && run_step 3b_bench_monitor_overhead_kat 90 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 20
 
 echo "logs in $LOG_DIR; overall status $STATUS; ${SECONDS}s"
