@@ -21,8 +21,8 @@ that round's time without monitors, and the printed ratio is the median of those
 monitors are due every other step, and each due step's time is divided by the time of the bare step right after
 it, so drift cancels pair by pair. It prints the median of those ratios with a 95% bootstrap interval, for all four
 monitors, all but SensitiveNeurons, and (``--per-monitor``) each alone and the floor of SensitiveNeurons' cost (a
-bare forward of its tracking set, without gradients, at each due step: what any SeND checkpoint must run). A due step costs what every step costs when
-every step is due, so this measures the every-step overhead.
+bare forward of its tracking set, without gradients, at each due step: what any SeND checkpoint must run). A due
+step costs what every step costs when every step is due, so this measures the every-step overhead.
 
     python scripts/bench_monitor_overhead.py --small --alternate --pairs 12 --rounds 2
 
