@@ -37,11 +37,14 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
+import importlib.util
 import random
 import statistics
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -199,33 +202,37 @@ def alternate(
     """Fits whose monitors are due every other step: the ratio of each due step (even index) to the bare step after
     it, pooled over ``--rounds`` interleaved rounds; the median ratio and a 95% bootstrap interval of the median."""
     cuda = torch.cuda.is_available()
-    configs: dict[str, tuple[type, ...]] = {
-        "all four": MONITORS, "all but SensitiveNeurons": tuple(c for c in MONITORS if c is not SensitiveNeurons),
+    but_sensitive = tuple(c for c in MONITORS if c is not SensitiveNeurons)
+    configs: dict[str, Callable[[], list[pl.Callback]]] = {
+        "all four": lambda: monitors(2), "all but SensitiveNeurons": lambda: monitors(2, but_sensitive),
     }
     if args.per_monitor:
-        configs.update({f"{cls.__name__} alone": (cls,) for cls in MONITORS})
-        configs["tracking forward (floor)"] = ()  # SensitiveNeurons' floor: see TrackingForward
+        configs.update({f"{cls.__name__} alone": functools.partial(monitors, 2, (cls,)) for cls in MONITORS})
+        configs["tracking forward (floor)"] = lambda: [TrackingForward(2, val)]  # SensitiveNeurons' floor
+        if cuda and importlib.util.find_spec("triton") is not None:  # the candidate eigensolver, side by side
+            configs["DimensionalCollapse, Triton eigensolver"] = lambda: [
+                DimensionalCollapse(every_n_steps=2, eigensolver="triton")
+            ]
     ratios: dict[str, list[float]] = {name: [] for name in configs}
     for round_index in range(args.rounds):
-        for name, chosen in configs.items():
+        for name, make_callbacks in configs.items():
             timer = StepTimer()
             trainer = pl.Trainer(
                 accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps,
-                callbacks=[timer, *(monitors(2, chosen) if chosen else [TrackingForward(2, val)])], logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                num_sanity_val_steps=0, limit_val_batches=0,
+                callbacks=[timer, *make_callbacks()], logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             )
             trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
             first = args.warmup + args.warmup % 2  # the first timed due step
             pairs = [timer.times[i] / timer.times[i + 1] for i in range(first, len(timer.times) - 1, 2)]
             ratios[name] += pairs
-            print(f"round {round_index}: {name:28s} due/bare median {statistics.median(pairs):.3f} "
+            print(f"round {round_index}: {name:40s} due/bare median {statistics.median(pairs):.3f} "
                   f"({len(pairs)} pairs, bare step {statistics.median(timer.times[first + 1 :: 2]) * 1e3:.1f} ms)", flush=True)
     print(f"every-step overhead from (due, bare) pairs, {args.rounds} round(s):")
-    print(f"{'monitors':28s} {'median':>7s} {'95% interval':>16s} {'pairs':>6s}")
+    print(f"{'monitors':40s} {'median':>7s} {'95% interval':>16s} {'pairs':>6s}")
     for name, values in ratios.items():
         low, high = bootstrap_median_interval(values)
-        print(f"{name:28s} {statistics.median(values):7.3f}   [{low:.3f}, {high:.3f}] {len(values):6d}", flush=True)
+        print(f"{name:40s} {statistics.median(values):7.3f}   [{low:.3f}, {high:.3f}] {len(values):6d}", flush=True)
 
 
 def bootstrap_median_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -304,11 +304,15 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
 def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
     """DimensionalCollapse's flush: the spectra of 13 (d, d) float64 scatter matrices (a ViT-S's taps), one call per
     matrix vs one batched call on ``device``, vs the host (batched, and one thread per matrix); on CUDA also in
-    float32 and through MAGMA, the candidates for a faster solver. Each method's erank and PR are compared with
-    the host float64 solver's, on a well-spread spectrum (Gaussian rows) and a collapsed one (a power law)."""
+    float32, through MAGMA and with the Triton eigensolver (``DimensionalCollapse(eigensolver="triton")``), the
+    candidates for a faster solver. Each method's erank and PR are compared with the host float64 solver's, on a
+    well-spread spectrum (Gaussian rows) and a collapsed one (a power law)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from lightning_act.callbacks.collapse import rank_statistics
+
+    if device.type == "cuda" and triton_available():
+        from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
 
     generator = torch.Generator().manual_seed(0)
     pool = ThreadPoolExecutor(max_workers=13)
@@ -346,6 +350,10 @@ def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
                 methods["device, batched, float32"] = lambda: float32(matrices)
                 if hasattr(torch.backends.cuda, "preferred_linalg_library"):
                     methods["device, batched, MAGMA"] = lambda: magma(matrices)
+                if triton_available():
+                    methods["device, Triton (eigensolver='triton')"] = (
+                        lambda: tridiagonal_bisection_eigenvalues(matrices)
+                    )
             reference = rank_statistics(torch.linalg.eigvalsh(host).clamp_min(0), d)
             errors: dict[str, tuple[float, float]] = {}
             times: dict[str, list[float]] = {name: [] for name in methods}

@@ -2,11 +2,13 @@
 # One-command GPU check of the fused monitor statistics (issue 17), at most ~8 minutes in all
 # (a global deadline of $BUDGET seconds, default 450, caps every step; later steps are skipped when it is spent):
 #   1. the fused pass (eager fallback and Triton kernel) against float64 on fresh random inputs
-#      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA test of tests/test_fused_stats.py;
+#      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA tests of tests/test_fused_stats.py and of
+#      the Triton eigensolver (tests/test_triton_eigen.py, against numpy float64);
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
 #   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
 #   2e. (STEPS="... 2e") DimensionalCollapse's eigensolver: 13 (384, 384) spectra per call, float64 per matrix /
-#      batched / on the host, float32 and MAGMA, with the erank and PR error of each against float64;
+#      batched / on the host, float32, MAGMA and the Triton eigensolver, with the erank and PR error of each
+#      against float64;
 #   3a, 3b. the training-step overhead of the monitors (scripts/bench_monitor_overhead.py: ViT-S/16 batch 128
 #      bf16-mixed, no monitors / all four at the default interval / all four every step / each alone every
 #      step; then the same three first configurations with kat_small_patch16_224). It prints its ratio table
@@ -67,7 +69,7 @@ STEPS="${STEPS:-1a 1b 2 3d 3a 3b}"  # 2b (the launch-configuration sweep) on req
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
-wants 1b && run_step 1b_cuda_test 30 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py -k cuda
+wants 1b && run_step 1b_cuda_test 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py -k cuda
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
 wants 2e && run_step 2e_bench_eigensolvers 40 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-widths 384 --rounds 5
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled

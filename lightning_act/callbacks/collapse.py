@@ -42,11 +42,13 @@ from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_p
 from lightning_act.stats.fused import FusedStats
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
+    EIGENSOLVERS,
     count_sketch_draws,
     covariance_dim,
     covariance_partials,
     covariance_spectrum,
     effective_rank,
+    eigensolver_problem,
     feature_rows,
     participation_ratio,
     sketch_vector,
@@ -93,6 +95,11 @@ class DimensionalCollapse(ActivationMonitor):
         variance_fraction: the explained-variance level of ``r90``.
         seed: seed of the row sampler, of the projection and of the wide taps' sketch.
         wide_dim: taps wider than this use the covariance sketch (see the module docstring); None: never.
+        eigensolver: how the taps' spectra are solved: ``"torch"`` (``torch.linalg.eigvalsh``; cuSOLVER on a GPU,
+            with a host sync) or ``"triton"`` (:mod:`lightning_act.stats.triton_eigen`: Householder
+            tridiagonalization and Sturm bisection, two launches for all taps of a width and no host sync; CUDA
+            only, checked at fit start). Both give float64 eigenvalues exact to round-off; which is faster on a
+            GPU is measured by ``scripts/bench_stat_kernels.py --eigh``.
     """
 
     prefix = "collapse"
@@ -111,6 +118,7 @@ class DimensionalCollapse(ActivationMonitor):
         variance_fraction: float = 0.90,
         seed: int = 0,
         wide_dim: int | None = 2048,
+        eigensolver: str = "torch",
         history_size: int = 512,
         batch_dim: int | None = None,
         token_dim: int | None = None,
@@ -139,6 +147,9 @@ class DimensionalCollapse(ActivationMonitor):
             )
         if wide_dim is not None:
             check_int("DimensionalCollapse", "wide_dim", wide_dim, 2)
+        if eigensolver not in EIGENSOLVERS:
+            raise LightningActError(f"DimensionalCollapse: eigensolver={eigensolver!r}; pass one of {EIGENSOLVERS}")
+        self.eigensolver = eigensolver
         self.wide_dim = wide_dim
         self.max_rows = max_rows
         self._rows_per_due_step = max_rows
@@ -200,7 +211,7 @@ class DimensionalCollapse(ActivationMonitor):
                 groups.setdefault((partials.numel(), partials.device), []).append(i)
         self._ranks = {}
         for members in groups.values():
-            spectra = covariance_spectrum(torch.stack([sums[i] for i in members]))
+            spectra = covariance_spectrum(torch.stack([sums[i] for i in members]), self.eigensolver)
             self._ranks.update(zip(members, rank_statistics(spectra, spectra.shape[-1]).unbind()))
 
     def summarize(
@@ -214,7 +225,7 @@ class DimensionalCollapse(ActivationMonitor):
             d = covariance_dim(sums.numel())
             ranks = self._ranks.pop(tap_index, None)
             if ranks is None:  # not prepared with the other taps
-                ranks = rank_statistics(covariance_spectrum(sums), d)
+                ranks = rank_statistics(covariance_spectrum(sums, self.eigensolver), d)
         self._feature_dims[self.taps[tap_index].name] = d
         erank, pr, erank_frac, pr_frac = ranks.unbind()
         stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac}
@@ -314,6 +325,9 @@ class DimensionalCollapse(ActivationMonitor):
             self.param_names = []  # idle under FSDP, like its activation taps (see subscribe_taps' warning)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        problem = eigensolver_problem(self.eigensolver, pl_module.device)
+        if problem is not None:
+            raise LightningActError(f"DimensionalCollapse: {problem}")
         if self.param_names and not self._snapshots:
             self._add_snapshot(trainer.global_step - 1, self._snapshot(pl_module))
 

@@ -19,7 +19,9 @@ expectation and is linear, so a trajectory confined to a subspace stays confined
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +44,34 @@ def covariance_partials(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([count, rows.sum(0), (rows.T @ rows).reshape(-1)])
 
 
+EIGENSOLVERS = ("torch", "triton")
+
+
+def eigensolver_problem(eigensolver: str, device: torch.device) -> str | None:
+    """Why ``eigensolver`` cannot solve spectra on ``device`` (one line naming the fix), or None when it can."""
+    if eigensolver not in EIGENSOLVERS:
+        return f"eigensolver={eigensolver!r}; pass one of {EIGENSOLVERS}"
+    if eigensolver == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "eigensolver='triton' needs triton installed; pass eigensolver='torch'"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"eigensolver='triton' needs a CUDA device, the model is on {device}; pass eigensolver='torch'"
+    return None
+
+
+def symmetric_eigenvalues(matrices: torch.Tensor, eigensolver: str = "torch") -> torch.Tensor:
+    """Ascending eigenvalues of symmetric float64 matrices ``(..., d, d)`` by ``eigensolver`` (see
+    :func:`covariance_spectrum`)."""
+    problem = eigensolver_problem(eigensolver, matrices.device)
+    if problem is not None:
+        raise ValueError(problem)
+    if eigensolver == "triton":
+        from lightning_act.stats import triton_eigen
+
+        return triton_eigen.tridiagonal_bisection_eigenvalues(matrices)
+    return torch.linalg.eigvalsh(matrices)
+
+
 def covariance_dim(numel: int) -> int:
     """Feature dimension d of a :func:`covariance_partials` vector of ``numel = 1 + d + d²`` entries."""
     d = (math.isqrt(4 * numel - 3) - 1) // 2
@@ -50,14 +80,16 @@ def covariance_dim(numel: int) -> int:
     return d
 
 
-def covariance_spectrum(partials: torch.Tensor) -> torch.Tensor:
+def covariance_spectrum(partials: torch.Tensor, eigensolver: str = "torch") -> torch.Tensor:
     """Eigenvalues (ascending, float64, >= 0) of the centred scatter matrix from summed partials.
 
     ``partials`` is one :func:`covariance_partials` vector or a stack of them (``(..., 1 + d + d²)``, e.g. every
     tap of a layer width at once: one batched eigensolver call instead of one per tap). Eigenvalues below
     ``d · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and are set to 0, as numpy's
     ``matrix_rank`` does with its tolerance. Non-finite sums (NaN/inf activations) give NaN eigenvalues
-    instead of an eigensolver error, without a host sync.
+    instead of an eigensolver error. ``eigensolver``: ``"torch"`` (``torch.linalg.eigvalsh``) or ``"triton"``
+    (:func:`lightning_act.stats.triton_eigen.tridiagonal_bisection_eigenvalues`: two launches per batch and no
+    host sync; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``).
     """
     partials = partials.to(torch.float64)
     d = covariance_dim(partials.shape[-1])
@@ -66,7 +98,7 @@ def covariance_spectrum(partials: torch.Tensor) -> torch.Tensor:
     scatter = raw - total[..., :, None] * total[..., None, :] / count.clamp_min(1.0)
     finite = torch.isfinite(scatter).flatten(-2).all(-1)[..., None, None]
     scatter = torch.where(finite, 0.5 * (scatter + scatter.transpose(-1, -2)), torch.zeros_like(scatter))
-    eigenvalues = torch.linalg.eigvalsh(scatter)
+    eigenvalues = symmetric_eigenvalues(scatter, eigensolver)
     tolerance = d * torch.finfo(torch.float64).eps * torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1, keepdim=True)
     eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
     return torch.where(finite[..., 0], eigenvalues, torch.full_like(eigenvalues, float("nan")))

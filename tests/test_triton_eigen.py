@@ -1,0 +1,197 @@
+"""The Triton eigensolver (``lightning_act.stats.triton_eigen``) against numpy's float64 ``eigvalsh``.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before Triton is first
+imported); a CUDA test runs where a GPU is present; an ahead-of-time compile for sm_90 (no GPU needed) catches
+what the interpreter forgives.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def symmetric_cases() -> list[torch.Tensor]:
+    """Batches of symmetric float64 matrices that stress the reduction and the bisection differently."""
+    generator = torch.Generator().manual_seed(7)
+    cases = []
+    for d in (1, 2, 3, 7, 16):  # Gram matrices of random rows, two per batch
+        rows = torch.randn(2, 2 * d + 1, d, generator=generator, dtype=torch.float64)
+        cases.append(rows.transpose(1, 2) @ rows)
+    low_rank = torch.randn(12, 3, generator=generator, dtype=torch.float64)
+    cases.append((low_rank @ low_rank.T)[None])  # rank 3 of 12: nine zero eigenvalues
+    cases.append(2.5 * torch.eye(6, dtype=torch.float64)[None])  # one eigenvalue six times; every column zero
+    cases.append(torch.zeros(1, 5, 5, dtype=torch.float64))
+    cases.append(torch.diag(torch.logspace(-12, 3, 8, dtype=torch.float64))[None])  # 15 decades, already diagonal
+    blocks = torch.zeros(10, 10, dtype=torch.float64)  # two decoupled blocks: a zero column mid-reduction
+    blocks[:4, :4] = cases[3][0, :4, :4]
+    blocks[4:, 4:] = cases[4][0, :6, :6]
+    cases.append(blocks[None])
+    indefinite = torch.randn(9, 9, generator=generator, dtype=torch.float64)
+    cases.append((indefinite + indefinite.T)[None])  # negative eigenvalues too
+    power_law = torch.randn(64, 20, generator=generator, dtype=torch.float64) * torch.arange(1, 21) ** -1.5 + 3.0
+    centred = power_law - power_law.mean(0)
+    cases.append((centred.T @ centred)[None])  # a collapsed activation spectrum
+    return cases
+
+
+def assert_matches_numpy(matrices: torch.Tensor, eigenvalues: torch.Tensor) -> None:
+    expected = np.linalg.eigvalsh(matrices.numpy())
+    d = matrices.shape[-1]
+    assert eigenvalues.shape == expected.shape
+    # backward stable: off by a few eps * |A| (and by the pivot guard, ~1e-307, for a zero matrix)
+    tolerance = 32 * d * np.finfo(np.float64).eps * float(np.abs(expected).max()) + 1e-300
+    np.testing.assert_allclose(eigenvalues.numpy(), expected, rtol=0, atol=tolerance)
+
+
+INTERPRETED = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_triton_eigen import symmetric_cases
+from lightning_act.callbacks.collapse import rank_statistics
+from lightning_act.stats.spectrum import covariance_partials, covariance_spectrum
+from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
+cases = [(m, tridiagonal_bisection_eigenvalues(m)) for m in symmetric_cases()]
+generator = torch.Generator().manual_seed(3)
+rows = torch.randn(3, 40, 12, generator=generator, dtype=torch.float64) * torch.arange(1, 13) ** -1.0 + 5.0
+partials = torch.stack([covariance_partials(r) for r in rows])
+torch.save({"cases": cases, "rows": rows, "ranks": rank_statistics(covariance_spectrum(partials, "triton"), 12)},
+           sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The kernels' results on CPU tensors, from one interpreter subprocess (one import of Triton and Lightning)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    output = tmp_path_factory.mktemp("eigen") / "eigen.pt"
+    completed = subprocess.run(
+        [sys.executable, "-c", INTERPRETED, str(Path(__file__).parent), str(output)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return torch.load(output)
+
+
+def test_eigenvalues_match_numpy_float64_under_interpreter(interpreted: dict) -> None:
+    assert len(interpreted["cases"]) == len(symmetric_cases())
+    for matrices, eigenvalues in interpreted["cases"]:
+        assert_matches_numpy(matrices, eigenvalues)
+
+
+def test_covariance_spectrum_through_triton_gives_numpy_ranks(interpreted: dict) -> None:
+    """erank and PR of three taps from the Triton route equal numpy's, computed from the centred rows."""
+    for tap_rows, (erank, pr, erank_frac, pr_frac) in zip(
+        interpreted["rows"].numpy(), interpreted["ranks"].numpy(), strict=True
+    ):
+        centred = tap_rows - tap_rows.mean(0)
+        lam = np.clip(np.linalg.eigvalsh(centred.T @ centred), 0, None)
+        sigma = np.sqrt(lam)
+        p = sigma[sigma > 0] / sigma.sum()
+        assert erank == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-10)
+        assert pr == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-10)
+        assert (erank_frac, pr_frac) == pytest.approx((erank / 12, pr / 12), rel=1e-12)
+
+
+def test_eigensolver_choice_is_checked_with_one_line() -> None:
+    from lightning_act.callbacks import DimensionalCollapse
+    from lightning_act.errors import LightningActError
+    from lightning_act.stats.spectrum import eigensolver_problem, symmetric_eigenvalues
+
+    with pytest.raises(LightningActError, match="eigensolver='lapack'; pass one of"):
+        DimensionalCollapse(eigensolver="lapack")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        problem = eigensolver_problem("triton", torch.device("cpu"))
+        assert problem is not None and problem.endswith("pass eigensolver='torch'")
+        with pytest.raises(ValueError, match="pass eigensolver='torch'"):
+            symmetric_eigenvalues(torch.eye(3, dtype=torch.float64), "triton")
+    assert eigensolver_problem("torch", torch.device("cpu")) is None
+
+
+def test_dimensional_collapse_solves_with_its_eigensolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor hands its ``eigensolver`` to every spectrum it solves, and refuses ``"triton"`` at fit start on
+    a CPU model (outside the interpreter) in one line, before any step runs."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_act.callbacks import DimensionalCollapse
+    from lightning_act.errors import LightningActError
+    from lightning_act.stats import spectrum
+
+    used: list[str] = []
+
+    def recording(matrices: torch.Tensor, eigensolver: str = "torch") -> torch.Tensor:
+        used.append(eigensolver)
+        return torch.linalg.eigvalsh(matrices)
+
+    monkeypatch.setattr(spectrum, "symmetric_eigenvalues", recording)
+    monitor = DimensionalCollapse(eigensolver="triton")
+    rows = torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    monitor.prepare_summaries({0: spectrum.covariance_partials(rows[0]), 1: spectrum.covariance_partials(rows[1])})
+    assert used == ["triton"] and sorted(monitor._ranks) == [0, 1]
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        one_line = r"^DimensionalCollapse: eigensolver='triton' needs .*pass eigensolver='torch'$"
+        with pytest.raises(LightningActError, match=one_line):
+            monitor.on_fit_start(None, BoringModel())  # type: ignore[arg-type]
+
+
+@needs_triton
+def test_triton_eigensolver_refuses_other_inputs() -> None:
+    from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
+
+    with pytest.raises(ValueError, match="float64"):
+        tridiagonal_bisection_eigenvalues(torch.eye(3))
+    with pytest.raises(ValueError, match=r"\(\.\.\., d, d\)"):
+        tridiagonal_bisection_eigenvalues(torch.zeros(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_triton
+def test_eigenvalues_match_numpy_float64_on_cuda() -> None:
+    from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(13, 768, 384, generator=generator, dtype=torch.float64) * torch.arange(1, 385) ** -1.0
+    cases = symmetric_cases()  # a few widths only: each width is one more compilation of both kernels
+    for matrices in [cases[4], cases[-1], rows.transpose(1, 2) @ rows]:
+        assert_matches_numpy(matrices, tridiagonal_bisection_eigenvalues(matrices.cuda()).cpu())
+
+
+@needs_triton
+def test_eigen_kernels_compile_for_hopper_without_spills() -> None:
+    """Ahead-of-time compile to sm_90 (no GPU needed), at the widths a ViT-S and DimensionalCollapse's widest
+    exact tap use; the reduction's phases must stay separated by barriers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lightning_act.stats import triton_eigen
+
+    for d in (2, 384, 2048):
+        geometry = triton_eigen.launch_geometry(d)
+        kernels = [
+            (triton_eigen._tridiagonalize_kernel, ("a_ptr", "diag_ptr", "off_ptr", "work_ptr"),
+             {"D": d, "BLOCK": geometry["BLOCK"], "ROWS": geometry["ROWS"]}, 8),
+            (triton_eigen._sturm_bisection_kernel, ("diag_ptr", "off_ptr", "out_ptr"),
+             {"D": d, "BLOCK": geometry["BLOCK"], "LANES": geometry["LANES"],
+              "STEPS": triton_eigen.BISECTION_STEPS}, 2),
+        ]
+        for kernel, pointers, constants, warps in kernels:
+            signature = {**{name: "*fp64" for name in pointers}, **{name: "constexpr" for name in constants}}
+            source = ASTSource(
+                fn=kernel, signature=signature,
+                constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()},
+            )
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+            assert ".local" not in ptx, (kernel.fn.__name__, d)
+            if kernel is triton_eigen._tridiagonalize_kernel and d > 2:
+                assert ptx.count("bar.sync") >= 4, d
