@@ -324,3 +324,33 @@ def test_coefficient_state_loads_official_shared_numerator_layout() -> None:
     shared = GroupRational(8, 4, sharing="shared_denominator")
     with pytest.raises(LightningActError, match="sharing='per_group'"):
         shared.coefficient_state(official_numerator, official_denominator)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_compile_for_hopper_without_spills() -> None:
+    """The forward, backward and finish kernels at the ViT-B activation shape ((128 x 197) rows, 8 groups of 384,
+    bf16), default configuration, compiled for sm_90 without a GPU: ``ptxas -v`` reports no register spills (so
+    spills do not explain the backward's bandwidth, docs/kat_kernel.md)."""
+    from _hopper import hopper_ptx, ptxas_report
+
+    from lightning_act.nn import triton_rational
+    from lightning_act.nn.group_rational import KernelConfig
+
+    plan = triton_rational.launch_plan(128 * 197, 8, 384, 8, 8, tuple(KernelConfig()))
+    pointers = {"numerator_ptr": "*fp32", "denominator_ptr": "*fp32", "rows": "i32"}
+    kernels = [
+        (triton_rational._group_rational_forward_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **pointers},
+         plan.forward_meta),
+        (triton_rational._group_rational_backward_kernel,
+         {"x_ptr": "*bf16", "grad_y_ptr": "*bf16", "grad_x_ptr": "*bf16", "partial_ptr": "*fp32", **pointers},
+         plan.backward_meta),
+        (triton_rational._coefficient_gradient_kernel,
+         {"partial_ptr": "*fp32", "grad_numerator_ptr": "*fp32", "grad_denominator_ptr": "*fp32",
+          "denominator_ptr": "*fp32", "programs": "i32"}, {**plan.finish_meta, "num_warps": 4}),
+    ]
+    for kernel, runtime, meta in kernels:
+        constants = {name: value for name, value in meta.items() if name != "num_warps"}
+        ptx = hopper_ptx(kernel, runtime, constants, meta["num_warps"])
+        assert ".local" not in ptx, kernel.fn.__name__
+        report = ptxas_report(ptx)
+        assert report is None or "0 bytes spill stores" in report, (kernel.fn.__name__, report)
