@@ -3,9 +3,9 @@
 ``DimensionalCollapse`` needs the whole spectrum of one ``d x d`` scatter matrix per tap at every logging step.
 On an H100, cuSOLVER's ``syevd`` takes ~3.3 ms per (384, 384) matrix whether called per matrix or batched
 (``docs/performance.md``, "H100, round 3": a batch is solved one matrix at a time at this size), and
-``torch.linalg.eigvalsh`` checks its status with a host sync. Here the same eigenvalues come from the textbook two-phase method
-(Golub & Van Loan, *Matrix Computations*, 4th ed., §8.3.1 and §8.4.1), one program per matrix, so a batch
-of taps runs side by side on as many streaming multiprocessors:
+``torch.linalg.eigvalsh`` checks its status with a host sync. Here the same eigenvalues come from the textbook
+two-phase method (Golub & Van Loan, *Matrix Computations*, 4th ed., §8.3.1 and §8.4.1), one program per matrix,
+so a batch of taps runs side by side on as many streaming multiprocessors:
 
 1. ``_tridiagonalize_kernel``: Householder reduction to a symmetric tridiagonal matrix with the same
    eigenvalues. Step ``k`` reflects row ``k`` right of the diagonal (the matrix is symmetric, and a row is one
@@ -150,7 +150,8 @@ def _sturm_bisection_kernel(diag_ptr, off_ptr, out_ptr, D: tl.constexpr, BLOCK: 
 def launch_geometry(d: int) -> dict[str, int]:
     """Compile-time sizes of both kernels for ``d x d`` matrices."""
     block = triton.next_power_of_2(d)
-    return {"BLOCK": block, "ROWS": max(1, min(block, TILE_ENTRIES // block)), "LANES": min(INDICES_PER_PROGRAM, block)}
+    rows = max(1, min(block, TILE_ENTRIES // block))
+    return {"BLOCK": block, "ROWS": rows, "LANES": min(INDICES_PER_PROGRAM, block)}
 
 
 def tridiagonal_bisection_eigenvalues(matrices: torch.Tensor) -> torch.Tensor:
