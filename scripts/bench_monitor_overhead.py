@@ -222,7 +222,11 @@ def alternate(
                 callbacks=[timer, *make_callbacks()], logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             )
-            trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
+            try:
+                trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
+            except Exception:  # one failing configuration (a candidate kernel) must not cost the others' rows
+                print(f"round {round_index}: {name} FAILED:\n{traceback.format_exc(limit=3)}", flush=True)
+                continue
             first = args.warmup + args.warmup % 2  # the first timed due step
             pairs = [timer.times[i] / timer.times[i + 1] for i in range(first, len(timer.times) - 1, 2)]
             ratios[name] += pairs
@@ -231,6 +235,9 @@ def alternate(
     print(f"every-step overhead from (due, bare) pairs, {args.rounds} round(s):")
     print(f"{'monitors':40s} {'median':>7s} {'95% interval':>16s} {'pairs':>6s}")
     for name, values in ratios.items():
+        if not values:
+            print(f"{name:40s} failed (see above)", flush=True)
+            continue
         low, high = bootstrap_median_interval(values)
         print(f"{name:40s} {statistics.median(values):7.3f}   [{low:.3f}, {high:.3f}] {len(values):6d}", flush=True)
 
