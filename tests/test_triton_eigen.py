@@ -145,6 +145,19 @@ def test_dimensional_collapse_solves_with_its_eigensolver(monkeypatch: pytest.Mo
 
 
 @needs_triton
+def test_triton_eigensolver_hands_wider_matrices_to_eigvalsh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the kernels' widest matrix the spectrum still comes (from ``eigvalsh``), so a wide tap never stops a
+    fit; here the cap is lowered to 4 and a 5 x 5 matrix is solved on a CPU, where launching a kernel would fail."""
+    from lightning_act.stats import spectrum, triton_eigen
+
+    monkeypatch.setattr(triton_eigen, "MAX_WIDTH", 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # passes the device check; no kernel may run
+    rows = torch.randn(9, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    matrix = rows.T @ rows
+    assert_matches_numpy(matrix, spectrum.symmetric_eigenvalues(matrix, "triton"))
+
+
+@needs_triton
 def test_triton_eigensolver_refuses_other_inputs() -> None:
     from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
 
@@ -152,6 +165,8 @@ def test_triton_eigensolver_refuses_other_inputs() -> None:
         tridiagonal_bisection_eigenvalues(torch.eye(3))
     with pytest.raises(ValueError, match=r"\(\.\.\., d, d\)"):
         tridiagonal_bisection_eigenvalues(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="d <= 2048, got 2049; use torch.linalg.eigvalsh"):
+        tridiagonal_bisection_eigenvalues(torch.zeros(2049, 2049, dtype=torch.float64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -61,14 +61,16 @@ def eigensolver_problem(eigensolver: str, device: torch.device) -> str | None:
 
 def symmetric_eigenvalues(matrices: torch.Tensor, eigensolver: str = "torch") -> torch.Tensor:
     """Ascending eigenvalues of symmetric float64 matrices ``(..., d, d)`` by ``eigensolver`` (see
-    :func:`covariance_spectrum`)."""
+    :func:`covariance_spectrum`); ``"triton"`` hands matrices wider than its kernels take
+    (``triton_eigen.MAX_WIDTH``) to ``torch.linalg.eigvalsh``, which gives the same eigenvalues."""
     problem = eigensolver_problem(eigensolver, matrices.device)
     if problem is not None:
         raise ValueError(problem)
     if eigensolver == "triton":
         from lightning_act.stats import triton_eigen
 
-        return triton_eigen.tridiagonal_bisection_eigenvalues(matrices)
+        if matrices.shape[-1] <= triton_eigen.MAX_WIDTH:
+            return triton_eigen.tridiagonal_bisection_eigenvalues(matrices)
     return torch.linalg.eigvalsh(matrices)
 
 

@@ -39,6 +39,9 @@ INDICES_PER_PROGRAM = 64
 #: checks it), and halves the tiles a sweep of a 384-wide matrix waits for against 8 x 512 in 8 warps.
 TILE_ENTRIES = 8192
 TRIDIAGONAL_WARPS = 16
+#: The widest matrix the kernels take: a program holds a few ``BLOCK``-long float64 vectors in registers, checked
+#: spill-free up to here (``DimensionalCollapse``'s exact path stops at ``wide_dim=2048`` by default).
+MAX_WIDTH = 2048
 
 
 @triton.jit
@@ -161,6 +164,10 @@ def tridiagonal_bisection_eigenvalues(matrices: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"tridiagonal_bisection_eigenvalues needs (..., d, d) float64 matrices, got "
                          f"{tuple(matrices.shape)} {matrices.dtype}")
     d = matrices.shape[-1]
+    if d > MAX_WIDTH:
+        raise ValueError(
+            f"tridiagonal_bisection_eigenvalues takes d <= {MAX_WIDTH}, got {d}; use torch.linalg.eigvalsh"
+        )
     batch = matrices.shape[:-2]
     if d == 0 or matrices.numel() == 0:
         return matrices.new_zeros(*batch, d)
