@@ -14,11 +14,11 @@
 #      step; then the same three first configurations with kat_small_patch16_224). It prints its ratio table
 #      after every round, so a time-out still leaves the finished rounds' ratios in the log;
 #   3d. a diagnosis of the every-step configuration (host syncs inside lightning_act, a 3-step profile, the
-#      operations each hook dispatches);
+#      operations each hook dispatches), run before the step measurements;
 #   3c. (STEPS="... 3c") the same overhead from (due, bare) step pairs within each fit (--alternate), which a
 #      drifting host does not blur: all four, all but SensitiveNeurons, each alone, and SensitiveNeurons' floor
 #      (a bare forward of its tracking set); 3k (STEPS="... 3k") the same with kat_small_patch16_224.
-# Steps run in this order: 1a 1b 2 2e 2b 3c 3k 3a 3b 3d (the diagnosis last: it explains, the others measure).
+# Steps run in this order: 1a 1b 2 2e 2b 3d 3c 3k 3a 3b.
 # Each step is time-boxed; a failing step prints its error and the next one still runs.
 # Logs go to "$OUT" when set, else ./gpu_out. Run from the repository root:
 #   bash scripts/gpu_check_monitors.sh            (PYTHON=python3 to pick the interpreter)
@@ -73,14 +73,15 @@ wants 1b && run_step 1b_cuda_test 60 "$PYTHON" -m pytest -q -x -p no:cacheprovid
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
 wants 2e && run_step 2e_bench_eigensolvers 40 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-widths 384 --rounds 5
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
-wants 3c && run_step 3c_bench_monitor_overhead_pairs 120 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --pairs 8 --rounds 1 --warmup 3
+# Host syncs inside lightning_act, a 3-step profile of all four monitors every step and the operations each hook
+# dispatches (first of the step measurements: round 6's budget ran out before it).
+wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
+wants 3c && run_step 3c_bench_monitor_overhead_pairs 140 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --pairs 8 --rounds 1 --warmup 3
 wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 100 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate --per-monitor --pairs 8 --rounds 1 --warmup 3
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).
 wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20
 wants 3b && run_step 3b_bench_monitor_overhead_kat 90 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --rounds 2 --warmup 2 --steps 20
-# Host syncs inside lightning_act and a 3-step profile of all four monitors every step.
-wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
 
 echo "logs in $LOG_DIR; overall status $STATUS; ${SECONDS}s"
 exit "$STATUS"

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +113,59 @@ def test_eigensolver_choice_is_checked_with_one_line() -> None:
         DimensionalCollapse(eigensolver="lapack")
     if os.environ.get("TRITON_INTERPRET") != "1":
         problem = eigensolver_problem("triton", torch.device("cpu"))
-        assert problem is not None and problem.endswith("pass eigensolver='torch'")
-        with pytest.raises(ValueError, match="pass eigensolver='torch'"):
+        assert problem is not None and problem.endswith("pass eigensolver='auto' or 'torch'")
+        with pytest.raises(ValueError, match="pass eigensolver='auto' or 'torch'"):
             symmetric_eigenvalues(torch.eye(3, dtype=torch.float64), "triton")
     assert eigensolver_problem("torch", torch.device("cpu")) is None
+    assert eigensolver_problem("auto", torch.device("cpu")) is None
+
+
+def test_auto_eigensolver_is_triton_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``"auto"`` (the monitor's default) picks the Triton solver for CUDA tensors when triton is installed, and
+    ``eigvalsh`` on a CPU or without triton; explicit choices are kept."""
+    from lightning_act.callbacks import DimensionalCollapse
+    from lightning_act.stats import spectrum
+
+    assert DimensionalCollapse().eigensolver == "auto"
+    installed = importlib.util.find_spec("triton") is not None
+    assert spectrum.resolved_eigensolver("auto", torch.device("cuda", 0)) == ("triton" if installed else "torch")
+    assert spectrum.resolved_eigensolver("auto", torch.device("cpu")) == "torch"
+    assert spectrum.resolved_eigensolver("torch", torch.device("cuda")) == "torch"
+    assert spectrum.resolved_eigensolver("triton", torch.device("cpu")) == "triton"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else object())
+    assert spectrum.resolved_eigensolver("auto", torch.device("cuda", 0)) == "torch"
+
+
+def test_auto_eigensolver_falls_back_to_eigvalsh_once_when_triton_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU the Triton kernels cannot run on must not stop a fit that never asked for them: ``"auto"`` warns once,
+    solves that spectrum and every later one with ``eigvalsh``, while an explicit ``"triton"`` still raises."""
+    from lightning_act.stats import spectrum, triton_eigen
+
+    real_resolution = spectrum.resolved_eigensolver
+    monkeypatch.setattr(spectrum, "_AUTO_TRITON_FAILURE", [])
+    # as if the matrices were on a CUDA device with triton installed
+    monkeypatch.setattr(
+        spectrum, "resolved_eigensolver", lambda name, device: real_resolution(name, torch.device("cuda"))
+    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+    launches: list[int] = []
+
+    def failing_kernel(matrices: torch.Tensor) -> torch.Tensor:
+        launches.append(matrices.shape[-1])
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(triton_eigen, "tridiagonal_bisection_eigenvalues", failing_kernel)
+    rows = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    matrices = rows.transpose(1, 2) @ rows
+    with pytest.warns(UserWarning, match=r"eigensolver='auto': the Triton eigensolver failed .*no kernel image"):
+        assert_matches_numpy(matrices, spectrum.symmetric_eigenvalues(matrices, "auto"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_matches_numpy(matrices, spectrum.symmetric_eigenvalues(matrices, "auto"))
+    assert launches == [5]  # tried once, then never again
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # passes the CPU device check of an explicit "triton"
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        spectrum.symmetric_eigenvalues(matrices, "triton")
 
 
 def test_dimensional_collapse_solves_with_its_eigensolver(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,7 +189,7 @@ def test_dimensional_collapse_solves_with_its_eigensolver(monkeypatch: pytest.Mo
     monitor.prepare_summaries({0: spectrum.covariance_partials(rows[0]), 1: spectrum.covariance_partials(rows[1])})
     assert used == ["triton"] and sorted(monitor._ranks) == [0, 1]
     if os.environ.get("TRITON_INTERPRET") != "1":
-        one_line = r"^DimensionalCollapse: eigensolver='triton' needs .*pass eigensolver='torch'$"
+        one_line = r"^DimensionalCollapse: eigensolver='triton' needs .*pass eigensolver='auto' or 'torch'$"
         with pytest.raises(LightningActError, match=one_line):
             monitor.on_fit_start(None, BoringModel())  # type: ignore[arg-type]
 

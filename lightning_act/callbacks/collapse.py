@@ -95,11 +95,12 @@ class DimensionalCollapse(ActivationMonitor):
         variance_fraction: the explained-variance level of ``r90``.
         seed: seed of the row sampler, of the projection and of the wide taps' sketch.
         wide_dim: taps wider than this use the covariance sketch (see the module docstring); None: never.
-        eigensolver: how the taps' spectra are solved: ``"torch"`` (``torch.linalg.eigvalsh``; cuSOLVER on a GPU,
-            with a host sync) or ``"triton"`` (:mod:`lightning_act.stats.triton_eigen`: Householder
-            tridiagonalization and Sturm bisection, two launches for all taps of a width and no host sync; CUDA
-            only, checked at fit start). Both give float64 eigenvalues exact to round-off; which is faster on a
-            GPU is measured by ``scripts/bench_stat_kernels.py --eigh``.
+        eigensolver: how the taps' spectra are solved: ``"auto"`` (``"triton"`` on a CUDA model with triton
+            installed, else ``"torch"``), ``"torch"`` (``torch.linalg.eigvalsh``; cuSOLVER on a GPU, with a host
+            sync) or ``"triton"`` (:mod:`lightning_act.stats.triton_eigen`: Householder tridiagonalization and
+            Sturm bisection, two launches for all taps of a width and no host sync; CUDA only, checked at fit
+            start). Both give float64 eigenvalues exact to round-off; on an H100 the Triton one is 2.7x faster
+            (``scripts/bench_stat_kernels.py --eigh``, ``docs/performance.md``).
     """
 
     prefix = "collapse"
@@ -118,7 +119,7 @@ class DimensionalCollapse(ActivationMonitor):
         variance_fraction: float = 0.90,
         seed: int = 0,
         wide_dim: int | None = 2048,
-        eigensolver: str = "torch",
+        eigensolver: str = "auto",
         history_size: int = 512,
         batch_dim: int | None = None,
         token_dim: int | None = None,
