@@ -58,6 +58,8 @@ from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, Mas
 from lightning_act.callbacks.probe import probing
 from lightning_act.stats.fused import fused_statistics
 
+from _profiling import device_kernel_times
+
 
 class StepTimer(pl.Callback):
     """Wall time from one training batch's start to the next's, synchronised on CUDA: forward, backward, optimizer
@@ -366,7 +368,7 @@ def diagnose(
     if diagnosis.profiler is None:
         return
     events = diagnosis.profiler.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e3
+    busy = sum(device_kernel_times(diagnosis.profiler.events())[0].values()) / 1e3
     print(f"profile of 1 step: wall {diagnosis.wall * 1e3:.1f} ms, GPU busy {busy:.1f} ms (sum of kernel times)")
     for key in ("self_device_time_total", "self_cpu_time_total"):
         try:

@@ -37,7 +37,6 @@ step_compiled  The same with both models ``torch.compile``-d (KAT with ``fullgra
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import math
 import os
@@ -51,6 +50,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from _profiling import device_kernel_times
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -485,19 +486,6 @@ def profile_steps(candidates: dict[str, Callable[[], object]]) -> None:
         launches = sum(n for k, n in kernel_launches.items() if "group_rational" in k or "coefficient_gradient" in k)
         kernels = "; ".join(f"{key[:40]} {us / 1e3:.2f}" for key, us in kernel_us.most_common(5))
         print(f"| {name} | {wall * 1e3:.1f} | {busy:.1f} | {calls} | {host} | {launches} | {kernels} |")
-
-
-def device_kernel_times(events: list) -> tuple[collections.Counter[str], collections.Counter[str]]:
-    """GPU time (us) and launch count per kernel name from a profile's events. A user annotation on the GPU
-    timeline (``Optimizer.step#AdamW.step``) spans kernels already counted, idle gaps included: counting it too
-    (as H100 runs 1-4 did) added 2.7 ms to ViT-S's busy time and 5.2 ms to KAT-S's."""
-    times: collections.Counter[str] = collections.Counter()
-    launches: collections.Counter[str] = collections.Counter()
-    for event in events:
-        if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation:
-            times[event.key] += event.self_device_time_total
-            launches[event.key] += 1
-    return times, launches
 
 
 def guarded(what: str, run: Callable[[], None]) -> None:
