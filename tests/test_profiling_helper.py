@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import types
 from pathlib import Path
 
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
 
-def load_profiling():  # noqa: ANN201 - a module object
+def load_profiling() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("_profiling", Path(__file__).parents[1] / "scripts" / "_profiling.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
