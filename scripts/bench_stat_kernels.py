@@ -34,6 +34,7 @@ spectra of ``DimensionalCollapse``'s flush on the device and on the host.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import resource
 import statistics
@@ -302,20 +303,23 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------------------------- eigh
 def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
-    """DimensionalCollapse's flush: the spectra of 13 (d, d) float64 scatter matrices (a ViT-S's taps), one call per
-    matrix vs one batched call on ``device``, vs the host (batched, and one thread per matrix); on CUDA also in
-    float32, through MAGMA and with the Triton eigensolver (``DimensionalCollapse(eigensolver="triton")``), the
-    candidates for a faster solver. Each method's erank and PR are compared with the host float64 solver's, on a
-    well-spread spectrum (Gaussian rows) and a collapsed one (a power law)."""
+    """DimensionalCollapse's flush: the spectra of ``--eigh-counts`` (d, d) float64 scatter matrices (13: a ViT-S's
+    taps), one call per matrix vs one batched call on ``device``, vs the host (batched, and one thread per matrix);
+    on CUDA also in float32, through MAGMA, with the Triton eigensolver (``DimensionalCollapse(eigensolver=
+    "triton")``) and with ``"auto"``, whose choice (``auto_eigensolver``'s cost model) the row names: one count and
+    width on each side of a predicted crossover checks that model. Each method's erank and PR are compared with the
+    host float64 solver's, on a well-spread spectrum (Gaussian rows) and a collapsed one (a power law)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from lightning_act.callbacks.collapse import rank_statistics
+    from lightning_act.stats.spectrum import auto_eigensolver, symmetric_eigenvalues
 
     if device.type == "cuda" and triton_available():
         from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
 
     generator = torch.Generator().manual_seed(0)
-    pool = ThreadPoolExecutor(max_workers=13)
+    pool = ThreadPoolExecutor(max_workers=max(args.eigh_counts))
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
     def float32(matrices: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigvalsh(matrices.float()).double()
@@ -328,32 +332,38 @@ def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
         finally:
             torch.backends.cuda.preferred_linalg_library(previous)
 
-    for d in args.eigh_widths:
+    for count, d in itertools.product(args.eigh_counts, args.eigh_widths):
         # feature variances: all equal, or falling as a power law (a collapsed layer)
         variances = {
             "spread": torch.ones(d, dtype=torch.float64),
             "collapsed": torch.arange(1, d + 1, dtype=torch.float64) ** -2.0,
         }
+        auto_choice = auto_eigensolver(device.type, count, d, multiprocessors)
         for spectrum_name, variance in variances.items():
-            rows = torch.randn(13, 2 * d, d, generator=generator, dtype=torch.float64) * variance.sqrt()
+            rows = torch.randn(count, 2 * d, d, generator=generator, dtype=torch.float64) * variance.sqrt()
             host = rows.transpose(1, 2) @ rows
             matrices = host.to(device)
             methods: dict[str, Callable[[], torch.Tensor]] = {
                 "device, one call per matrix": lambda: torch.stack([torch.linalg.eigvalsh(m) for m in matrices]),
                 "device, one batched call": lambda: torch.linalg.eigvalsh(matrices),
-                "host copy + batched call": lambda: torch.linalg.eigvalsh(matrices.cpu()),
-                "host copy + a thread per matrix": lambda: torch.stack(
-                    list(pool.map(torch.linalg.eigvalsh, matrices.cpu().unbind()))
-                ),
             }
+            if not args.eigh_device_only:
+                methods["host copy + batched call"] = lambda: torch.linalg.eigvalsh(matrices.cpu())
+                methods["host copy + a thread per matrix"] = lambda: torch.stack(
+                    list(pool.map(torch.linalg.eigvalsh, matrices.cpu().unbind()))
+                )
             if device.type == "cuda":
-                methods["device, batched, float32"] = lambda: float32(matrices)
-                if hasattr(torch.backends.cuda, "preferred_linalg_library"):
+                if not args.eigh_device_only:
+                    methods["device, batched, float32"] = lambda: float32(matrices)
+                if hasattr(torch.backends.cuda, "preferred_linalg_library") and not args.eigh_device_only:
                     methods["device, batched, MAGMA"] = lambda: magma(matrices)
                 if triton_available():
                     methods["device, Triton (eigensolver='triton')"] = (
                         lambda: tridiagonal_bisection_eigenvalues(matrices)
                     )
+                methods[f"device, eigensolver='auto' ({auto_choice})"] = (
+                    lambda: symmetric_eigenvalues(matrices, "auto")
+                )
             reference = rank_statistics(torch.linalg.eigvalsh(host).clamp_min(0), d)
             errors: dict[str, tuple[float, float]] = {}
             times: dict[str, list[float]] = {name: [] for name in methods}
@@ -369,7 +379,7 @@ def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
             for _ in range(args.rounds):
                 for name, method in methods.items():
                     times[name].append(time_call(method, 1, device))
-            print(f"eigvalsh of 13 ({d}, {d}) float64 matrices, {spectrum_name} spectrum (erank "
+            print(f"eigvalsh of {count} ({d}, {d}) float64 matrices, {spectrum_name} spectrum (erank "
                   f"{float(reference[0, 0]):.1f}), on {device}, median of {args.rounds} rounds; max relative error "
                   f"of erank / PR against the host float64 solver:")
             for name in methods:
@@ -420,6 +430,10 @@ def main() -> None:
     parser.add_argument("--eigh", action="store_true", help="only the eigensolver timings of DimensionalCollapse's flush")
     parser.add_argument("--eigh-widths", type=lambda text: [int(w) for w in text.split(",")], default=[384, 1536],
                         help="matrix sizes of --eigh, comma-separated")
+    parser.add_argument("--eigh-device-only", action="store_true",
+                        help="--eigh: only cuSOLVER float64, the Triton solver and 'auto' (no host, float32, MAGMA)")
+    parser.add_argument("--eigh-counts", type=lambda text: [int(c) for c in text.split(",")], default=[13],
+                        help="matrices per solve of --eigh (13: a ViT-S's taps), comma-separated")
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--collapse-rounds", type=int, default=2)

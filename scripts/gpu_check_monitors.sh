@@ -6,9 +6,10 @@
 #      the Triton eigensolver (tests/test_triton_eigen.py, against numpy float64);
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
 #   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
-#   2e. (STEPS="... 2e") DimensionalCollapse's eigensolver: 13 (384, 384) spectra per call, float64 per matrix /
-#      batched / on the host, float32, MAGMA and the Triton eigensolver, with the erank and PR error of each
-#      against float64;
+#   2e. (STEPS="... 2e") DimensionalCollapse's eigensolvers on the device (cuSOLVER per matrix and batched, the
+#      Triton eigensolver, and "auto", whose row names its choice) for 1 and 13 matrices of width 384, 768 and
+#      1536, with the erank and PR error of each against float64: it checks "auto"'s cost model on both sides of
+#      its predicted crossovers (one matrix: ~670 wide);
 #   3a, 3b. the training-step overhead of the monitors (scripts/bench_monitor_overhead.py: ViT-S/16 batch 128
 #      bf16-mixed, no monitors / all four at the default interval / all four every step / each alone every
 #      step; then the same three first configurations with kat_small_patch16_224). It prints its ratio table
@@ -71,7 +72,7 @@ wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
 wants 1b && run_step 1b_cuda_test 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py -k cuda
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
-wants 2e && run_step 2e_bench_eigensolvers 40 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-widths 384 --rounds 5
+wants 2e && run_step 2e_bench_eigensolvers 60 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-device-only --eigh-widths 384,768,1536 --eigh-counts 1,13 --rounds 3
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
 # Host syncs inside lightning_act, a 3-step profile of all four monitors every step and the operations each hook
 # dispatches (first of the step measurements: round 6's budget ran out before it).

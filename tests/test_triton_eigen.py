@@ -120,20 +120,30 @@ def test_eigensolver_choice_is_checked_with_one_line() -> None:
     assert eigensolver_problem("auto", torch.device("cpu")) is None
 
 
-def test_auto_eigensolver_is_triton_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``"auto"`` (the monitor's default) picks the Triton solver for CUDA tensors when triton is installed, and
-    ``eigvalsh`` on a CPU or without triton; explicit choices are kept."""
+@needs_triton
+def test_auto_eigensolver_follows_the_measured_cost_model() -> None:
+    """``"auto"`` (the monitor's default) is Triton on CUDA where it should be faster than cuSOLVER, worked by
+    hand from the H100 timings: cuSOLVER 3.3 ms x (d/384)^1.22 per matrix, one after another; Triton 1.22 ms x
+    (d/384)^3 per matrix, one multiprocessor each, all at once."""
     from lightning_act.callbacks import DimensionalCollapse
-    from lightning_act.stats import spectrum
+    from lightning_act.stats.spectrum import auto_eigensolver
 
     assert DimensionalCollapse().eigensolver == "auto"
-    installed = importlib.util.find_spec("triton") is not None
-    assert spectrum.resolved_eigensolver("auto", torch.device("cuda", 0)) == ("triton" if installed else "torch")
-    assert spectrum.resolved_eigensolver("auto", torch.device("cpu")) == "torch"
-    assert spectrum.resolved_eigensolver("torch", torch.device("cuda")) == "torch"
-    assert spectrum.resolved_eigensolver("triton", torch.device("cpu")) == "triton"
+    assert auto_eigensolver("cuda", 13, 384, 132) == "triton"  # 1.22 ms against 13 x 3.3 = 42.9 ms
+    assert auto_eigensolver("cuda", 1, 384, 132) == "triton"  # 1.22 against 3.3 ms
+    assert auto_eigensolver("cuda", 1, 768, 132) == "torch"  # 1.22 x 8 = 9.8 against 3.3 x 2^1.22 = 7.7 ms
+    assert auto_eigensolver("cuda", 2, 768, 132) == "triton"  # 9.8 against 15.4 ms
+    assert auto_eigensolver("cuda", 13, 2048, 132) == "triton"  # 185 against 13 x 25.4 = 331 ms
+    assert auto_eigensolver("cuda", 264, 384, 132) == "triton"  # two waves: 2.4 against 871 ms
+    assert auto_eigensolver("cpu", 13, 384, 0) == "torch"
+    assert auto_eigensolver("meta", 13, 384, 132) == "torch"
+
+
+def test_auto_eigensolver_is_torch_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_act.stats.spectrum import auto_eigensolver
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else object())
-    assert spectrum.resolved_eigensolver("auto", torch.device("cuda", 0)) == "torch"
+    assert auto_eigensolver("cuda", 13, 384, 132) == "torch"
 
 
 def test_auto_eigensolver_falls_back_to_eigvalsh_once_when_triton_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,11 +151,11 @@ def test_auto_eigensolver_falls_back_to_eigvalsh_once_when_triton_fails(monkeypa
     solves that spectrum and every later one with ``eigvalsh``, while an explicit ``"triton"`` still raises."""
     from lightning_act.stats import spectrum, triton_eigen
 
-    real_resolution = spectrum.resolved_eigensolver
+    real_choice = spectrum.auto_eigensolver
     monkeypatch.setattr(spectrum, "_AUTO_TRITON_FAILURE", [])
-    # as if the matrices were on a CUDA device with triton installed
+    # as if the matrices were on an H100 with triton installed
     monkeypatch.setattr(
-        spectrum, "resolved_eigensolver", lambda name, device: real_resolution(name, torch.device("cuda"))
+        spectrum, "auto_eigensolver", lambda device_type, count, width, sms: real_choice("cuda", count, width, 132)
     )
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
     launches: list[int] = []

@@ -50,15 +50,23 @@ EIGENSOLVERS = ("auto", "torch", "triton")
 _AUTO_TRITON_FAILURE: list[str] = []
 
 
-def resolved_eigensolver(eigensolver: str, device: torch.device) -> str:
-    """The eigensolver ``"auto"`` stands for on ``device``: ``"triton"`` for CUDA tensors when triton is installed
-    (on an H100 it solved 13 (384, 384) spectra in 15.9 ms against cuSOLVER's 43.0 ms, with the same float64
-    eigenvalues; ``docs/performance.md``, round 6), else ``"torch"``, and ``"torch"`` for good once the Triton kernels
-    have failed in this process. Any other name is returned as is."""
-    if eigensolver != "auto":
-        return eigensolver
-    triton_usable = importlib.util.find_spec("triton") is not None and not _AUTO_TRITON_FAILURE
-    return "triton" if device.type == "cuda" and triton_usable else "torch"
+def auto_eigensolver(device_type: str, count: int, width: int, multiprocessors: int) -> str:
+    """The eigensolver ``"auto"`` stands for: ``"triton"`` when the matrices are on a CUDA device, triton is installed,
+    its kernels have not failed in this process, and it is expected to solve ``count`` (``width``, ``width``)
+    matrices sooner than cuSOLVER on a GPU of ``multiprocessors`` streaming multiprocessors; else ``"torch"``.
+
+    The expectation comes from H100 timings of float64 spectra (``docs/performance.md``, rounds 3 and 6). cuSOLVER's
+    ``syevd`` solves a batch one matrix after another: 3.3 ms per 384-wide matrix, 17.8 ms per 1536-wide one, about
+    ``width^1.22`` in between. The Triton solver gives each matrix one multiprocessor, all at once: 1.22 ms per
+    384-wide matrix (13 in 15.9 ms), growing as ``width^3``, since each of its ``width`` steps streams the trailing
+    block through that one multiprocessor. So a single matrix goes to Triton up to ~670 wide, thirteen up to the
+    kernels' widest (2048). The Triton side is measured at width 384 only; wider is the model's extrapolation.
+    """
+    if device_type != "cuda" or importlib.util.find_spec("triton") is None or _AUTO_TRITON_FAILURE:
+        return "torch"
+    scale = width / 384
+    waves = -(-count // max(1, multiprocessors))
+    return "triton" if 1.22 * scale**3 * waves < 3.3 * scale**1.22 * count else "torch"
 
 
 def eigensolver_problem(eigensolver: str, device: torch.device) -> str | None:
@@ -83,7 +91,12 @@ def symmetric_eigenvalues(matrices: torch.Tensor, eigensolver: str = "auto") -> 
     problem = eigensolver_problem(eigensolver, matrices.device)
     if problem is not None:
         raise ValueError(problem)
-    if resolved_eigensolver(eigensolver, matrices.device) == "triton":
+    solver = eigensolver
+    if eigensolver == "auto":
+        device = matrices.device
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        solver = auto_eigensolver(device.type, math.prod(matrices.shape[:-2]), matrices.shape[-1], multiprocessors)
+    if solver == "triton":
         from lightning_act.stats import triton_eigen
 
         if matrices.shape[-1] <= triton_eigen.MAX_WIDTH:
@@ -120,8 +133,8 @@ def covariance_spectrum(partials: torch.Tensor, eigensolver: str = "auto") -> to
     ``matrix_rank`` does with its tolerance. Non-finite sums (NaN/inf activations) give NaN eigenvalues
     instead of an eigensolver error. ``eigensolver``: ``"torch"`` (``torch.linalg.eigvalsh``), ``"triton"``
     (:func:`lightning_act.stats.triton_eigen.tridiagonal_bisection_eigenvalues`: two launches per batch and no
-    host sync; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``) or ``"auto"`` (the faster one the
-    tensors' device allows: :func:`resolved_eigensolver`).
+    host sync; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``) or ``"auto"`` (the one expected to be
+    faster on the tensors' device: :func:`auto_eigensolver`).
     """
     partials = partials.to(torch.float64)
     d = covariance_dim(partials.shape[-1])
