@@ -100,12 +100,12 @@ def symmetric_eigenvalues(matrices: torch.Tensor, eigensolver: str = "auto") -> 
         from lightning_act.stats import triton_eigen
 
         if matrices.shape[-1] <= triton_eigen.MAX_WIDTH:
-            if eigensolver == "triton":
-                return triton_eigen.tridiagonal_bisection_eigenvalues(matrices)
-            # nobody asked "auto" for Triton: a GPU its kernels cannot run on must not stop the fit
             try:
                 return triton_eigen.tridiagonal_bisection_eigenvalues(matrices)
             except Exception as error:  # noqa: BLE001
+                if eigensolver == "triton":
+                    raise
+                # nobody asked "auto" for Triton: a GPU its kernels cannot run on must not stop the fit
                 _AUTO_TRITON_FAILURE.append(f"{type(error).__name__}: {error}")
                 warnings.warn(
                     f"eigensolver='auto': the Triton eigensolver failed on {matrices.device} "
