@@ -316,11 +316,17 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
          {"MASSIVE": True, "BINS": bins.size, "KEY_SHIFT": bins.key_shift, "COARSE": bins.size >> shift,
           "SUB": 1 << shift}),
         (triton_fused._column_statistics_kernel,
-         {"x_ptr": "*bf16", "row_thresholds_ptr": "*fp32", "column_max_ptr": "*fp32", "counts_ptr": "*i32",
-          "rows": "i32", "cols": "i32", "column_blocks": "i32"},
+         {"x_ptr": "*bf16", "row_thresholds_ptr": "*fp32", "median_ptr": "*fp64", "column_max_ptr": "*fp32",
+          "counts_ptr": "*fp64", "rows": "i32", "cols": "i32"},
          {"COUNT": True, "COLUMN_MAX": True, "ROWS_PER_PROGRAM": triton_fused.ROWS_PER_PROGRAM,
           "COLUMN_BLOCK": triton_fused.COLUMN_BLOCK}),
     ]
+    kernels.append(
+        (triton_fused._finish_row_statistics_kernel,
+         {"scalars_ptr": "*fp64", "maxima_ptr": "*fp32", "sums_ptr": "*fp64", "overall_ptr": "*fp64",
+          "sample_max_ptr": "*fp64", "count": "i64", "rows": "i32", "splits": "i32"},
+         {"N_SCALARS": 6, "SCALARS_PAD": 8, "PER_SAMPLE": True, "BLOCK_P": triton_fused.FINISH_BLOCK}),
+    )
     # Triton passes an int argument equal to 1 as a constexpr: a sample of one entry (ranks and count 1)
     median_constants = {**kernels[2][2], "cols": 1, "rank_low": 1, "rank_high": 1}
     median_runtime = {k: v for k, v in kernels[2][1].items() if k not in median_constants}

@@ -277,3 +277,100 @@ def test_emergence_fit_reports_scipys_reason_when_no_start_converges() -> None:
     noisy = (20.0 + 30.0 * np.log(1.0 + steps / 50.0)) * (1.0 + 0.05 * np.random.default_rng(0).normal(size=steps.shape))
     with pytest.raises(ValueError, match="maximum number of function evaluations"):
         fit_emergence(steps, noisy, max_evaluations=1)
+
+
+class MixedShapes(pl.LightningModule):
+    """Taps of three shapes in one model: two (B, 6, 8) blocks, a (B, 6, 12) widening and a (B, 12) pooled output;
+    the second block and the widening plant massive entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(8, 0.0), Block(8, 5000.0)])
+        self.widen = nn.Linear(8, 12)
+        self.pool = nn.Sequential(nn.Flatten(1), nn.Linear(72, 12))
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        wide = self.widen(x)
+        wide = torch.cat([wide[:, :3], wide[:, 3:4] + 3000.0 * (torch.arange(12) == 7), wide[:, 4:]], dim=1)
+        return self.head(self.pool(wide))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-6)  # the planted entries must not blow the weights up
+
+
+class OutputRecorder(pl.Callback):
+    """The training outputs of named modules per optimizer step, by a plain hook of the test's own."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.outputs, self.step = names, {}, None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        modules = dict(pl_module.named_modules())
+        for name in self.names:
+            modules[name].register_forward_hook(
+                lambda m, a, out, name=name: self.step is not None
+                and self.outputs.setdefault((self.step, name), []).append(out.detach().double().numpy().copy())
+            )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.step = trainer.global_step
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.step = None
+
+
+@pytest.mark.parametrize("case", ["one forward per step", "two micro-batches per step", "top-k taken in the hook"])
+def test_every_tap_of_a_mixed_model_matches_numpy(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The monitor turns all taps' statistics into partials and summaries at once at the logging step (one stacked
+    # computation per output shape); each tap's logged values must still be numpy's on that tap's own outputs.
+    import lightning_act.callbacks.massive as massive_module
+
+    if case == "top-k taken in the hook":
+        monkeypatch.setattr(massive_module, "DEFERRED_POSITIONS", 16)  # every tap here has more positions than that
+    names = ["blocks.0", "blocks.1", "widen", "pool"]
+    monitor = MassiveActivations(modules=names, every_n_steps=1, top_k=2)
+    recorder = OutputRecorder(names)
+    generator = torch.Generator().manual_seed(4)
+    data = TensorDataset(torch.randn(32, 6, 8, generator=generator), torch.randint(0, 2, (32,), generator=generator))
+    accumulate = 2 if case == "two micro-batches per step" else 1
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=3, callbacks=[monitor, recorder], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", accumulate_grad_batches=accumulate,
+    )
+    trainer.fit(MixedShapes(), DataLoader(data, batch_size=8 // accumulate))
+    tolerance = monitor.bins.relative_width
+    for step in range(3):
+        for name in names:
+            outputs = recorder.outputs[(step, name)]
+            assert len(outputs) == accumulate
+            h = np.abs(np.concatenate(outputs))
+            rows = h.reshape(h.shape[0], -1)
+            medians = np.median(rows, axis=1)
+            logged = {stat: monitor.history[f"massive/{name}/{stat}"].values[step]
+                      for stat in ("top1", "median", "ratio", "count", "count_per_sample")}
+            assert logged["top1"] == pytest.approx(h.max(), rel=1e-6)
+            assert abs(logged["median"] / medians.mean() - 1) <= tolerance
+            assert abs(logged["ratio"] / np.mean(rows.max(1) / medians) - 1) <= tolerance
+            count = ((rows > 100.0) & (rows >= 1000.0 * medians[:, None])).sum()
+            assert logged["count"] == count and logged["count_per_sample"] == pytest.approx(count / rows.shape[0])
+            # the two largest positions by their maximum over samples: (token, feature), or feature alone
+            by_position = h.max(0).reshape(-1)
+            order = np.argsort(-by_position, kind="stable")[:2]
+            for j, flat in enumerate(order):
+                assert monitor.history[f"massive/{name}/top{j}_value"].values[step] == pytest.approx(by_position[flat])
+                if name == "pool":
+                    assert f"massive/{name}/top{j}_token" not in monitor.history
+                    assert monitor.history[f"massive/{name}/top{j}_feature"].values[step] == flat
+                else:
+                    token, feature = divmod(int(flat), h.shape[2])
+                    assert monitor.history[f"massive/{name}/top{j}_token"].values[step] == token
+                    assert monitor.history[f"massive/{name}/top{j}_feature"].values[step] == feature
+    assert monitor.history["massive/blocks.1/count"].values == [8.0] * 3  # the planted entry, once per sample

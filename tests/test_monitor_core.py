@@ -74,6 +74,45 @@ def test_logged_values_match_numpy_on_due_steps_only():
     copy.deepcopy(task)
 
 
+class EvenStepBranch(ToyTask):
+    """A branch (``extra``) that runs at even optimizer steps only, as in early-exit or mixture-of-experts models."""
+
+    def __init__(self):
+        super().__init__(tiny_mlp())
+        self.extra = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        if self.global_step % 2 == 0:
+            logits = logits + self.extra(logits)
+        return nn.functional.cross_entropy(logits, y)
+
+
+def test_a_tap_whose_module_skips_a_due_step_logs_nothing_at_that_step():
+    from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations
+
+    monitors = [
+        ActivationStats(modules=["extra.1", "net.2"], every_n_steps=1),
+        ActivationSparsity(modules=["extra.1"], every_n_steps=1),
+        MassiveActivations(modules=["extra"], every_n_steps=1),
+        DimensionalCollapse(modules=["extra"], every_n_steps=1, param_patterns=[]),
+    ]
+    recorder = Recorder("extra.1")
+    with pytest.warns(UserWarning, match="extra.1 produced no activation at step 1") as caught:
+        fit(EvenStepBranch(), [*monitors, recorder], max_steps=5)
+    assert sum("extra.1 produced no activation" in str(w.message) for w in caught) == 2  # once per monitor
+    for key, series in monitors[0].history.items():
+        assert series.steps == ([0, 1, 2, 3, 4] if key.startswith("act/net.2/") else [0, 2, 4]), key
+    for monitor in monitors[1:]:
+        assert monitor.history and all(series.steps == [0, 2, 4] for series in monitor.history.values())
+    # the logged values are the branch's own, not reset buffers (top1 -inf, fractions 0) of the skipped steps
+    for position, step in enumerate((0, 2, 4)):
+        relu = np.concatenate([a.ravel() for a in recorder.outputs[step]])
+        assert monitors[1].history["sparsity/extra.1/zero_frac"].values[position] == pytest.approx((relu == 0).mean())
+        assert monitors[0].history["act/extra.1/abs_max"].values[position] == pytest.approx(np.abs(relu).max())
+
+
 class Exploding(ToyTask):
     def training_step(self, batch, batch_idx):
         if batch_idx == 2:

@@ -200,3 +200,22 @@ def test_cett_modules_must_be_linear() -> None:
 def test_bad_target_cett_is_a_clear_error() -> None:
     with pytest.raises(LightningActError, match="target_cett"):
         ActivationSparsity(target_cett=1.5)
+
+
+def test_zero_fractions_of_several_taps_are_each_taps_own() -> None:
+    # Without CETT or temporal sparsity the monitor summarises all taps at once: each value must stay its tap's.
+    pl.seed_everything(0)
+    task = TinySequenceMLP()
+    relu_outputs: list[np.ndarray] = []
+    task.act.register_forward_hook(lambda m, a, out: relu_outputs.append(out.detach().numpy().copy()))
+    monitor = ActivationSparsity(modules=["gate", "act"], every_n_steps=1)
+    trainer = pl.Trainer(
+        max_steps=3, logger=False, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu",
+    )
+    trainer.fit(task, sequence_loader())
+    assert monitor.history["sparsity/gate/zero_frac"].values == [0.75, 0.75, 0.75]
+    expected = [float((out == 0).mean()) for out in relu_outputs]
+    assert monitor.history["sparsity/act/zero_frac"].values == pytest.approx(expected, rel=1e-12)
+    assert all(0.0 < v < 1.0 and v != 0.75 for v in expected)
+    assert monitor.history["sparsity/act/nonfinite"].values == [0.0, 0.0, 0.0]

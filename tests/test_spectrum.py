@@ -18,6 +18,7 @@ from lightning_act.stats.spectrum import (
     sketch_vector,
     sketch_with_draws,
     trajectory_r90,
+    trajectory_spectrum,
 )
 
 
@@ -131,6 +132,20 @@ def test_r90_of_a_trajectory_in_a_known_plane() -> None:
     assert trajectory_r90(torch.from_numpy(planar)).item() == 2
     straight = trajectory_in_plane(20, 400, second_scale=0.0)
     assert trajectory_r90(torch.from_numpy(straight)).item() == 1
+
+
+@pytest.mark.parametrize("second_scale, rank", [(4.0, 2), (0.0, 1)])
+def test_r90_of_a_gram_matrix_bordered_with_zeros_is_unchanged(second_scale: float, rank: int) -> None:
+    # DimensionalCollapse pads the trajectory's Gram matrix to its snapshot capacity (one Triton compile per run):
+    # the zeros it adds to the spectrum must change neither the variances nor the rank
+    snapshots = trajectory_in_plane(7, 300, second_scale=second_scale)
+    assert numpy_r90(snapshots) == rank
+    padded = trajectory_spectrum(torch.from_numpy(snapshots), pad_to=32)
+    assert padded.shape == (32,) and torch.all(padded[7:] == 0)
+    centred = snapshots - snapshots.mean(0)
+    variances = np.linalg.svd(centred, compute_uv=False) ** 2
+    np.testing.assert_allclose(padded[:7].numpy(), variances, rtol=1e-9, atol=1e-9 * variances[0])
+    assert trajectory_r90(torch.from_numpy(snapshots), pad_to=32).item() == rank
 
 
 def test_sketched_trajectory_keeps_r90_and_sketch_is_a_fixed_linear_map() -> None:

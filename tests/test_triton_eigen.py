@@ -42,6 +42,11 @@ def symmetric_cases() -> list[torch.Tensor]:
     power_law = torch.randn(64, 20, generator=generator, dtype=torch.float64) * torch.arange(1, 21) ** -1.5 + 3.0
     centred = power_law - power_law.mean(0)
     cases.append((centred.T @ centred)[None])  # a collapsed activation spectrum
+    snapshots = torch.randn(7, 300, generator=generator, dtype=torch.float64).cumsum(0)
+    snapshots = snapshots - snapshots.mean(0)
+    bordered = torch.zeros(32, 32, dtype=torch.float64)  # a trajectory's Gram matrix, padded as DimensionalCollapse does
+    bordered[:7, :7] = snapshots @ snapshots.T
+    cases.append(bordered[None])
     return cases
 
 

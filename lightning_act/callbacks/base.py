@@ -224,7 +224,7 @@ class ActivationMonitor(Callback, ABC):
         self._sums: list[torch.Tensor | None] = []
         self._maxima: list[torch.Tensor | None] = []
         self._samples: list[torch.Tensor | None] = []
-        self._samples_this_step: set[int] = set()  # taps whose sample buffer holds data of the current step
+        self._observed: set[int] = set()  # taps that gave this rank a measurable activation in the current step
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
 
@@ -248,6 +248,19 @@ class ActivationMonitor(Callback, ABC):
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """Statistics (0-d tensors) of one tap from its reduced buffers; ``samples`` is (world, n)."""
+
+    def complete_partials(self) -> None:
+        """Called at a logging step before the reduction: a subclass whose ``receive`` deferred its work on each
+        activation turns it into buffers here (see :meth:`store_step_partials`), for all taps at once."""
+
+    def summarize_taps(
+        self, taps: list[int], sums: dict[int, torch.Tensor], maxima: dict[int, torch.Tensor],
+        samples: dict[int, torch.Tensor],
+    ) -> list[tuple[list[int], list[str], torch.Tensor]] | None:
+        """Statistics of several taps at once, as blocks ``(tap indices, stat names, values (taps, stats))``; None
+        (the default): :meth:`summarize` per tap. A few operations per block instead of a few per tap and
+        statistic, which on a GPU are as many launches."""
+        return None
 
     def prepare_summaries(self, sums: dict[int, torch.Tensor]) -> None:
         """Called once per logging step with every tap's reduced ``sums`` before :meth:`summarize` runs per tap:
@@ -335,26 +348,35 @@ class ActivationMonitor(Callback, ABC):
     # ------------------------------------------------------------------ buffers
     def _reset_buffers(self, n: int) -> None:
         self._sums, self._maxima, self._samples = [None] * n, [None] * n, [None] * n
-        self._samples_this_step = set()
+        self._observed = set()
         self._layout_synced = False
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
         """Add one activation's partials to the buffers (called by the capture registry)."""
         # A monitor that asks for no fused statistics keeps the two-argument ``partials`` of before.
         part = self.partials(tap_index, x) if fused is None else self.partials(tap_index, x, fused)
-        if part is None:
+        if part is not None:
+            self.accumulate(tap_index, part)
+
+    def accumulate(self, tap_index: int, part: Partials) -> None:
+        """Add one activation's partials to tap ``tap_index``'s buffers; the first of a step replaces them (they hold
+        only reset values then), which saves an addition per buffer."""
+        if tap_index not in self._observed:
+            self.store_step_partials(tap_index, part)
             return
-        sums = self._sums[tap_index]
-        self._sums[tap_index] = part.sums.to(torch.float64) if sums is None else sums.add_(part.sums)
+        self._sums[tap_index].add_(part.sums)  # type: ignore[union-attr]
         if part.maxima is not None:
-            maxima = self._maxima[tap_index]
-            self._maxima[tap_index] = part.maxima.to(torch.float64) if maxima is None else torch.maximum(maxima, part.maxima)
+            self._maxima[tap_index] = torch.maximum(self._maxima[tap_index], part.maxima)  # type: ignore[arg-type]
         if part.samples is not None:
-            if tap_index in self._samples_this_step:
-                self._samples[tap_index] = self.merge_samples(tap_index, self._samples[tap_index], part.samples)
-            else:  # the first activation of the step: nothing to merge with (the buffer holds only NaN, or nothing)
-                self._samples[tap_index] = part.samples
-                self._samples_this_step.add(tap_index)
+            self._samples[tap_index] = self.merge_samples(tap_index, self._samples[tap_index], part.samples)  # type: ignore[arg-type]
+
+    def store_step_partials(self, tap_index: int, part: Partials) -> None:
+        """Make ``part`` (float64) tap ``tap_index``'s buffers for this step: the first activation of the step, or a
+        subclass's :meth:`complete_partials` holding every activation of the step."""
+        self._observed.add(tap_index)
+        self._sums[tap_index] = part.sums.to(torch.float64)  # no operation when it is float64 already
+        self._maxima[tap_index] = None if part.maxima is None else part.maxima.to(torch.float64)
+        self._samples[tap_index] = None if part.samples is None else part.samples.to(torch.float64)
 
     def _sync_layout(self, device: torch.device) -> None:
         """Make every rank hold buffers of the same sizes (a tap may have run on some ranks only)."""
@@ -373,38 +395,66 @@ class ActivationMonitor(Callback, ABC):
 
     # ------------------------------------------------------------------ reduce, summarise, log
     def flush(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
-        """Reduce the buffers across ranks, log the statistics at ``step`` and reset the buffers."""
+        """Reduce the buffers across ranks, log the statistics at ``step`` and reset the buffers.
+
+        A tap no rank observed in this step (its module did not run, e.g. a conditional branch) logs nothing at
+        this step: its buffers hold only the reset values, and statistics of them would read like measurements.
+        Which taps were observed travels with the sums (one more entry in the same collective) and reaches the
+        host with the values (the same transfer), so this costs no host sync.
+        """
+        self.complete_partials()
         if not self._layout_synced and distributed_world_size() > 1:
             self._sync_layout(trainer.strategy.root_device)
         present = [i for i, s in enumerate(self._sums) if s is not None]
-        self._warn_unobserved(step, present)
-        sums = dict(zip(present, all_reduce_packed([self._sums[i] for i in present], "sum")))
+        observed, self._observed = self._observed, set()
+        sum_buffers = [self._sums[i] for i in present]
+        if present and distributed_world_size() > 1:  # which ranks observed each tap: summed with the sums
+            flags = torch.tensor([float(i in observed) for i in present], dtype=torch.float64)
+            sum_buffers.append(flags.to(sum_buffers[0].device, non_blocking=True))
+        reduced = all_reduce_packed(sum_buffers, "sum")
+        sums = dict(zip(present, reduced))
         with_max = [i for i in present if self._maxima[i] is not None]
         maxima = dict(zip(with_max, all_reduce_packed([self._maxima[i] for i in with_max], "max")))
         with_samples = [i for i in present if self._samples[i] is not None]
         samples = dict(zip(with_samples, all_gather_packed([self._samples[i] for i in with_samples])))
 
-        names: list[tuple[str | None, str]] = []
+        names: list[tuple[int | None, str]] = []
         values: list[torch.Tensor] = []
         with torch.no_grad():  # statistics are never differentiated: no graph is recorded and none is detached
-            self.prepare_summaries(sums)
-            for i in present:
-                for stat, value in self.summarize(i, sums[i], maxima.get(i), samples.get(i)).items():
-                    names.append((self.taps[i].name, stat))
-                    values.append(_as_scalar(value))
+            blocks = self.summarize_taps(present, sums, maxima, samples)
+            if blocks is None:
+                self.prepare_summaries(sums)
+                for i in present:
+                    for stat, value in self.summarize(i, sums[i], maxima.get(i), samples.get(i)).items():
+                        names.append((i, stat))
+                        values.append(_as_scalar(value))
             for key, value in self.extra_statistics(trainer, step).items():
                 names.append((None, key))
                 values.append(_as_scalar(torch.as_tensor(value)))
-            if len({v.device for v in values}) > 1:
-                values = [v.to(values[0].device) for v in values]
-            host_values = torch.stack(values).cpu().tolist() if values else []
+            # one vector for the host: the scalars, each block's values (tap-major), the observation counts
+            vectors = [torch.stack(values)] if values else []
+            for taps, stats_of_block, block in blocks or ():
+                names += [(i, stat) for i in taps for stat in stats_of_block]
+                vectors.append(block.reshape(-1).to(torch.float64))
+            if len(reduced) > len(present):
+                vectors.append(reduced[-1])
+            if len({v.device for v in vectors}) > 1:
+                vectors = [v.to(vectors[0].device) for v in vectors]
+            host_values = (vectors[0] if len(vectors) == 1 else torch.cat(vectors)).cpu().tolist() if vectors else []
+        if len(reduced) > len(present):
+            counts = host_values[len(names):]
+            observed = {i for i, count in zip(present, counts) if count > 0}
+        self._warn_unobserved(step, observed)
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
-        for (tap_name, stat), value in zip(names, host_values):
-            if tap_name is None:
+        for (tap_index, stat), value in zip(names, host_values):
+            if tap_index is None:
                 key = stat
+            elif tap_index not in observed:
+                continue
             else:
+                tap_name = self.taps[tap_index].name
                 stats.setdefault(tap_name, {})[stat] = value
                 key = f"{self.prefix}/{tap_name}/{stat}"
             metrics[key] = value
@@ -415,25 +465,28 @@ class ActivationMonitor(Callback, ABC):
         self._zero_buffers()
         return metrics
 
-    def _warn_unobserved(self, step: int, present: list[int]) -> None:
+    def _warn_unobserved(self, step: int, observed: set[int]) -> None:
         for i, tap in enumerate(self.taps):
-            if i not in present and tap.name not in self._unobserved_warned:
+            if i not in observed and tap.name not in self._unobserved_warned:
                 self._unobserved_warned.add(tap.name)
                 rank_zero_warn(
                     f"{type(self).__name__}: {tap.name} produced no activation at step {step} (its module did not run "
-                    "in the observed forwards, or its output is not a tensor); nothing is logged for it",
+                    "in the observed forwards, or its output is not a tensor); nothing is logged for it at such steps",
                     category=UserWarning,
                 )
 
     def _zero_buffers(self) -> None:
-        for buffer in self._sums:
-            if buffer is not None:
-                buffer.zero_()
-        for buffer in self._maxima:
-            if buffer is not None:
-                buffer.fill_(float("-inf"))
-        self._samples = [None if s is None else torch.full_like(s, float("nan")) for s in self._samples]
-        self._samples_this_step = set()
+        """Reset every buffer in place (a fixed number of operations, whatever the number of taps)."""
+        sums = [buffer for buffer in self._sums if buffer is not None]
+        if sums:
+            torch._foreach_zero_(sums)
+        maxima = [buffer for buffer in self._maxima if buffer is not None]
+        if maxima:
+            torch._foreach_zero_(maxima)
+            torch._foreach_add_(maxima, float("-inf"))
+        samples = [buffer for buffer in self._samples if buffer is not None]
+        if samples:
+            torch._foreach_mul_(samples, float("nan"))  # NaN slots are absent (the next activation replaces them)
 
     def record(self, key: str, step: int, value: float) -> None:
         series = self.history.get(key)
@@ -444,7 +497,8 @@ class ActivationMonitor(Callback, ABC):
     @staticmethod
     def publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         """Put ``metrics`` into ``trainer.callback_metrics`` (same values on every rank)."""
-        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+        # one tensor, unbound into 0-d views: a tensor per metric costs the host a few microseconds each
+        trainer.callback_metrics.update(zip(metrics, torch.tensor(list(metrics.values())).unbind()))
 
     @staticmethod
     def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:

@@ -175,7 +175,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._feature_dims: dict[str, int] = {}
         self._sketch_draws: torch.Tensor | None = None
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
-        self._r90: float | None = None  # r90 of the kept snapshots, computed when they change
+        self._r90: torch.Tensor | None = None  # r90 of the kept snapshots, computed when they change
 
     # ------------------------------------------------------------------ activations
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -310,11 +310,17 @@ class DimensionalCollapse(ActivationMonitor):
 
     def params_r90(self) -> float | None:
         """``r90`` of the kept weight snapshots (the first one is the weights at fit start)."""
+        r90 = self._trajectory_r90()
+        return None if r90 is None else float(r90)
+
+    def _trajectory_r90(self) -> torch.Tensor | None:
+        """:meth:`params_r90` as a 0-d tensor on the snapshots' device: logged with the other statistics, it reaches
+        the host in their one transfer instead of a host sync of its own."""
         if len(self._snapshots) < 2:
             return None
         device = self._snapshots[-1].device
         stacked = torch.stack([s.to(device) for s in self._snapshots])
-        return float(trajectory_r90(stacked, self.variance_fraction))
+        return trajectory_r90(stacked, self.variance_fraction, self.eigensolver, pad_to=self.max_snapshots)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -340,15 +346,14 @@ class DimensionalCollapse(ActivationMonitor):
             return {}
         if self._snapshot_seen % self._snapshot_stride == 0:
             self._add_snapshot(step, self._snapshot(trainer.lightning_module))
-            self._r90 = self.params_r90()
+            self._r90 = self._trajectory_r90()
         else:
             # A snapshot the thinning would drop is not taken, and the kept ones (hence r90) have not changed:
             # at every step, once the trajectory is full, most due steps cost nothing here.
             self._snapshot_seen += 1
             if self._r90 is None and len(self._snapshots) >= 2:
-                self._r90 = self.params_r90()
-        r90 = self._r90
-        return {} if r90 is None else {f"{self.prefix}/params/r90": torch.tensor(r90, dtype=torch.float64)}
+                self._r90 = self._trajectory_r90()
+        return {} if self._r90 is None else {f"{self.prefix}/params/r90": self._r90}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from lightning_act.stats.fused import (
     fused_statistics,
     massive_partials_from,
     massive_spec,
+    stacked_massive_partials,
+    stacked_topk_positions,
     topk_positions_from,
 )
 from lightning_act.stats.histogram_median import LogMagnitudeBins
@@ -43,7 +45,9 @@ from lightning_act.stats.massive import (
     has_token_axis,
     merge_topk,
     summarize_massive,
+    summarize_massive_stacked,
     topk_stats,
+    topk_stats_stacked,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,10 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
         return [t for value in batch for t in _tensors(value)]
     return []
 
+
+#: Per-position maxima of up to this many positions per sample are kept until the logging step (4 MiB a tap in
+#: float32; a ViT-S block has 75,648); a wider tap takes its top-k in the forward hook.
+DEFERRED_POSITIONS = 1 << 20
 
 FIT_SCALARS = {"fit_A": "a", "fit_lambda": "lam", "fit_gamma": "gamma", "fit_t0": "t0", "fit_K": "k", "fit_r2": "r2"}
 
@@ -129,6 +137,8 @@ class MassiveActivations(ActivationMonitor):
         self.fits: dict[str, EmergenceFit] = {}
         self.fit_skipped: dict[str, str] = {}
         self._has_token: dict[int, bool] = {}
+        # fused statistics of this step's activations, per tap, with their top-k when taken at once
+        self._deferred: dict[int, list[tuple[FusedStats, torch.Tensor | None]]] = {}
         #: Bins of the per-sample log-magnitude histogram the median is estimated from (relative error
         #: <= 2**-sub_bits, 1.56%; see lightning_act.stats.histogram_median).
         self.bins = LogMagnitudeBins()
@@ -137,7 +147,81 @@ class MassiveActivations(ActivationMonitor):
     def fused_spec(self, tap_index: int) -> FusedSpec:
         return massive_spec(self.bins, self.abs_threshold, self.ratio_threshold)
 
+    def _reset_buffers(self, n: int) -> None:
+        super()._reset_buffers(n)
+        self._deferred = {}
+
+    def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
+        """Keep the fused statistics of one activation until the logging step (:meth:`complete_partials` turns
+        those of all taps into partials at once: no operation per tap in the forward). A tap of more than
+        ``DEFERRED_POSITIONS`` positions per sample takes its top-k now, so that its per-position maxima are not
+        kept (an LLM's residual stream has millions)."""
+        if not self._measurable(tap_index, x):
+            return
+        self._has_token[tap_index] = has_token_axis(x)
+        if fused is None:
+            fused = fused_statistics(x, self.fused_spec(tap_index))
+        assert fused.column_max is not None
+        top = topk_positions_from(fused, self.top_k) if fused.column_max.numel() > DEFERRED_POSITIONS else None
+        self._deferred.setdefault(tap_index, []).append((fused, top))
+
+    def complete_partials(self) -> None:
+        """Partials of every activation kept since the last logging step: taps seen once, with outputs of one shape,
+        in one stacked computation; the rest (several forwards in a step, other shapes) one activation at a time."""
+        deferred, self._deferred = self._deferred, {}
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for tap_index, passes in deferred.items():
+            if len(passes) == 1:
+                by_shape.setdefault(passes[0][0].shape, []).append(tap_index)
+                continue
+            for fused, top in passes:
+                sums, maxima = massive_partials_from(fused)
+                samples = topk_positions_from(fused, self.top_k) if top is None else top
+                self.accumulate(tap_index, Partials(sums, maxima, samples))
+        for taps in by_shape.values():
+            passes = [deferred[i][0] for i in taps]
+            sums, maxima = stacked_massive_partials([fused for fused, _ in passes])
+            if passes[0][1] is None:  # one shape: all kept their per-position maxima, or none did
+                samples = stacked_topk_positions([fused for fused, _ in passes], self.top_k)
+            else:
+                samples = torch.stack([top for _, top in passes])
+            for tap_index, *part in zip(taps, sums.unbind(), maxima.unbind(), samples.unbind()):
+                self.store_step_partials(tap_index, Partials(*part))
+
+    def summarize_taps(
+        self, taps: list[int], sums: dict[int, torch.Tensor], maxima: dict[int, torch.Tensor],
+        samples: dict[int, torch.Tensor],
+    ) -> list[tuple[list[int], list[str], torch.Tensor]]:
+        """:meth:`summarize` of every tap at once: a block of the five per-sample statistics, and one of the top-k
+        positions per kind of tap (with a token axis or without)."""
+        stacked = torch.stack([sums[i] for i in taps])
+        top1 = torch.stack([maxima[i] for i in taps])[:, 0]
+        names, values = summarize_massive_stacked(stacked, top1)
+        blocks = [(taps, names, values)]
+        gathered = torch.stack([samples[i] for i in taps])  # (taps, world, 3k)
+        if gathered.shape[1] == 1:  # one rank's buffer is already merged
+            merged = gathered[:, 0]
+        else:
+            merged = torch.stack([merge_topk(candidates, self.top_k) for candidates in gathered.unbind()])
+        for with_token in (True, False):
+            members = [j for j, i in enumerate(taps) if self._has_token.get(i, True) == with_token]
+            if members:
+                rows = merged if len(members) == len(taps) else merged[members]
+                names, values = topk_stats_stacked(rows, self.top_k, with_token)
+                blocks.append(([taps[j] for j in members], names, values))
+        return blocks
+
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
+        if not self._measurable(tap_index, x):
+            return None
+        self._has_token[tap_index] = has_token_axis(x)
+        if fused is None:
+            fused = fused_statistics(x, self.fused_spec(tap_index))
+        sums, maxima = massive_partials_from(fused)
+        return Partials(sums=sums, maxima=maxima, samples=topk_positions_from(fused, self.top_k))
+
+    def _measurable(self, tap_index: int, x: torch.Tensor) -> bool:
+        """Whether ``x`` has a sample axis and more (warns once per tap when not)."""
         if x.dim() < 2:
             if tap_index not in self._low_dim_warned:
                 self._low_dim_warned.add(tap_index)
@@ -146,12 +230,8 @@ class MassiveActivations(ActivationMonitor):
                     "(batch, tokens, features) or (batch, features); nothing is logged for it (tap e.g. '@blocks')",
                     category=UserWarning,
                 )
-            return None
-        self._has_token[tap_index] = has_token_axis(x)
-        if fused is None:
-            fused = fused_statistics(x, self.fused_spec(tap_index))
-        sums, maxima = massive_partials_from(fused)
-        return Partials(sums=sums, maxima=maxima, samples=topk_positions_from(fused, self.top_k))
+            return False
+        return True
 
     def merge_samples(self, tap_index: int, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return merge_topk(torch.stack([old, new]), self.top_k)

@@ -23,6 +23,7 @@ from lightning_act.stats.sparsity import (
     temporal_fraction,
     temporal_partials,
     zero_fraction,
+    zero_fraction_stacked,
     zero_partials,
 )
 
@@ -142,7 +143,18 @@ class ActivationSparsity(ActivationMonitor):
             self._cett_grid[tap_index] = grid
             rows = strided_rows(x.reshape(-1, x.shape[-1]), self.cett_max_tokens)
             parts.append(cett_partials(rows, linear.weight, grid))
-        return Partials(sums=torch.cat(parts))
+        return Partials(sums=parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def summarize_taps(
+        self, taps: list[int], sums: dict[int, torch.Tensor], maxima: dict[int, torch.Tensor],
+        samples: dict[int, torch.Tensor],
+    ) -> list[tuple[list[int], list[str], torch.Tensor]] | None:
+        """The zero fractions of every tap at once, when the taps hold nothing else (no temporal sparsity, no
+        CETT); else None (:meth:`summarize` per tap)."""
+        if any(i not in self._zero_taps or self._has_time.get(i, False) or i in self._cett_linear for i in taps):
+            return None
+        names, values = zero_fraction_stacked(torch.stack([sums[i] for i in taps]))
+        return [(taps, names, values)]
 
     def summarize(
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None

@@ -51,6 +51,7 @@ import functools
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -398,9 +399,12 @@ def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
     # the thresholds rounded down to float32; one entry at least, as the kernel needs a pointer
     thresholds = tuple(comparable_threshold(t, torch.float32) for t in spec.thresholds) or (-1.0,)
     thresholds = _device_constant(thresholds, torch.float32, x.device)
-    scalars, maxima, coarse = row_statistics(rows, thresholds, len(spec.thresholds), spec.moments, layout, shift)
-    sample_max = maxima[:, 1]
-    out = {"scalars": scalars, "maxima": maxima.amax(0).to(torch.float64), "sample_max": sample_max}
+    sums, maxima, sample_max, coarse = row_statistics(
+        rows, thresholds, len(spec.thresholds), spec.moments, layout, shift, spec.per_sample
+    )
+    out = {"sums": sums, "maxima": maxima}
+    if sample_max is not None:
+        out["sample_max"] = sample_max
     median = row_thresholds = None
     if bins is not None:
         assert coarse is not None and layout is not None
@@ -409,9 +413,9 @@ def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
         median, row_thresholds = sample_medians(rows, coarse, layout, shift, ratio, above_abs)
         out["median"] = median
     if row_thresholds is not None or spec.column_max:
-        column, counts = column_statistics(rows, row_thresholds, spec.column_max)
-        if counts is not None and median is not None:
-            out["massive_count"] = torch.where(torch.isnan(median), median, counts.to(torch.float64))
+        column, counts = column_statistics(rows, row_thresholds, median, spec.column_max)
+        if counts is not None:
+            out["massive_count"] = counts
         if column is not None:
             out["column_max"] = column
     return out
@@ -444,9 +448,11 @@ def fused_statistics(x: torch.Tensor, spec: FusedSpec, implementation: str = "au
         out = _compiled_pass(spec)(x)
     else:
         out = _torch_pass(x, spec)
-    count = torch.full((1,), float(x.numel()), dtype=torch.float64, device=x.device)
-    stats = FusedStats(spec=spec, shape=tuple(x.shape), sums=torch.cat([count, out["scalars"].to(torch.float64)]),
-                       maxima=out["maxima"])
+    sums = out.get("sums")
+    if sums is None:  # the torch passes leave the entry count to this function
+        count = torch.full((1,), float(x.numel()), dtype=torch.float64, device=x.device)
+        sums = torch.cat([count, out["scalars"].to(torch.float64)])
+    stats = FusedStats(spec=spec, shape=tuple(x.shape), sums=sums, maxima=out["maxima"])
     if spec.per_sample:
         stats.sample_magnitude_max = out["sample_max"].to(torch.float64)
     if spec.median is not None:
@@ -468,7 +474,10 @@ def moment_partials_from(stats: FusedStats, zero_threshold: float = 0.0) -> tupl
 
 
 def zero_partials_from(stats: FusedStats, threshold: float = 0.0) -> torch.Tensor:
-    """``[count, nonfinite, zeros]`` as :func:`lightning_act.stats.sparsity.zero_partials` lays it out."""
+    """``[count, nonfinite, zeros]`` as :func:`lightning_act.stats.sparsity.zero_partials` lays it out (a copy: the
+    fused sums are shared by every monitor of the tap)."""
+    if stats.spec.sum_names[:3] == ("count", "nonfinite", f"at_most:{float(threshold)!r}"):
+        return stats.sums[:3].clone()  # the usual layout: one copy instead of three picks and a stack
     return torch.stack([stats.value("count"), stats.value("nonfinite"), stats.at_most(threshold)])
 
 
@@ -479,15 +488,26 @@ def massive_partials_from(stats: FusedStats) -> tuple[torch.Tensor, torch.Tensor
     width, 1.56% by default) and the massive count is exact at the threshold that median gives
     (:func:`massive_row_thresholds`; NaN for a sample whose median is unknown).
     """
-    if stats.sample_median is None or stats.sample_massive_count is None or stats.sample_magnitude_max is None:
+    sums, maxima = stacked_massive_partials([stats])
+    return sums[0], maxima[0]
+
+
+def stacked_massive_partials(stats: Sequence[FusedStats]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`massive_partials_from` of several passes over tensors of one shape at once: ``(sums (n, 4), maxima
+    (n, 1))``, in a fixed number of operations (a monitor's taps at one logging step: a few launches in all
+    instead of a few per tap)."""
+    if any(s.sample_median is None or s.sample_massive_count is None or s.sample_magnitude_max is None
+           or len(s.shape) < 2 for s in stats):
         raise ValueError("massive partials need a (batch, ...) tensor and a spec from massive_spec()")
-    if len(stats.shape) < 2:
-        raise ValueError("massive partials need a (batch, ...) tensor and a spec from massive_spec()")
-    median, top1 = stats.sample_median, stats.sample_magnitude_max
-    samples = torch.full((), float(top1.numel()), dtype=torch.float64, device=top1.device)
-    sums = torch.stack([samples, median.sum(), (top1 / median).sum(), stats.sample_massive_count.sum()])
-    assert sums.numel() == len(MASSIVE_SUMS)
-    return sums, top1.amax().reshape(1)
+    if len({s.shape for s in stats}) > 1:
+        raise ValueError(f"stacked massive partials need passes over one shape, got {sorted({s.shape for s in stats})}")
+    median = torch.stack([s.sample_median for s in stats])  # type: ignore[misc]
+    top1 = torch.stack([s.sample_magnitude_max for s in stats])  # type: ignore[misc]
+    count = torch.stack([s.sample_massive_count for s in stats])  # type: ignore[misc]
+    samples = torch.full((len(stats),), float(stats[0].shape[0]), dtype=torch.float64, device=median.device)
+    sums = torch.stack([samples, median.sum(1), (top1 / median).sum(1), count.sum(1)], 1)
+    assert sums.shape[1] == len(MASSIVE_SUMS)
+    return sums, top1.amax(1, keepdim=True)
 
 
 def topk_positions_from(stats: FusedStats, k: int) -> torch.Tensor:
@@ -496,18 +516,26 @@ def topk_positions_from(stats: FusedStats, k: int) -> torch.Tensor:
     Positions follow the massive-activation layout: ``(B, D)`` has one token, ``(B, T, D)`` tokens ``T``,
     ``(B, C, *spatial)`` features ``C`` and tokens the flattened spatial positions.
     """
-    if stats.column_max is None or len(stats.shape) < 2:
+    return stacked_topk_positions([stats], k)[0]
+
+
+def stacked_topk_positions(stats: Sequence[FusedStats], k: int) -> torch.Tensor:
+    """:func:`topk_positions_from` of several passes over tensors of one shape at once: ``(n, 3k)``."""
+    if any(s.column_max is None or len(s.shape) < 2 for s in stats):
         raise ValueError("top-k positions need a (batch, ...) tensor and a spec with column_max=True")
-    shape = stats.shape
-    take = min(k, stats.column_max.numel())
-    values, index = stats.column_max.topk(take)
+    shape = stats[0].shape
+    if any(s.shape != shape for s in stats):
+        raise ValueError(f"stacked top-k positions need passes over one shape, got {sorted({s.shape for s in stats})}")
+    column_max = torch.stack([s.column_max for s in stats])  # type: ignore[misc]
+    take = min(k, column_max.shape[1])
+    values, index = column_max.topk(take, dim=1)
     if len(shape) <= 3:
         features = shape[-1]
         token, feature = torch.div(index, features, rounding_mode="floor"), index % features
     else:
         spatial = math.prod(shape[2:])
         token, feature = index % spatial, torch.div(index, spatial, rounding_mode="floor")
-    out = torch.stack([values.to(torch.float64), token.to(torch.float64), feature.to(torch.float64)])
+    out = torch.stack([values.to(torch.float64), token.to(torch.float64), feature.to(torch.float64)], 1)
     if take < k:  # fewer positions than k: NaN slots
         out = torch.nn.functional.pad(out, (0, k - take), value=float("nan"))
-    return out.reshape(-1)
+    return out.reshape(len(stats), 3 * k)

@@ -100,15 +100,17 @@ def massive_partials_from_magnitude(
 
 def summarize_massive(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, torch.Tensor]:
     """``top1`` (max over all entries), ``median`` and ``ratio`` (means over samples), ``count`` (total)."""
-    samples, median_sum, ratio_sum, count = sums.unbind()
+    names, values = summarize_massive_stacked(sums[None], maxima[:1])
+    return dict(zip(names, values[0].unbind()))
+
+
+def summarize_massive_stacked(sums: torch.Tensor, top1: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """:func:`summarize_massive` of ``n`` taps at once: ``sums (n, 4)`` and ``top1 (n,)`` give the statistic names and
+    their values ``(n, 5)``."""
+    samples, median_sum, ratio_sum, count = sums.unbind(1)
     n = samples.clamp_min(1.0)
-    return {
-        "top1": maxima[0],
-        "median": median_sum / n,
-        "ratio": ratio_sum / n,
-        "count": count,
-        "count_per_sample": count / n,
-    }
+    names = ["top1", "median", "ratio", "count", "count_per_sample"]
+    return names, torch.stack([top1.to(sums.dtype), median_sum / n, ratio_sum / n, count, count / n], 1)
 
 
 def topk_positions(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -159,14 +161,18 @@ def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
 
 def topk_stats(merged: torch.Tensor, k: int, with_token: bool = True) -> dict[str, torch.Tensor]:
     """``top{j}_value``, ``top{j}_token`` (when the input had tokens) and ``top{j}_feature`` for ``j < k``."""
-    values, tokens, features = (row.unbind() for row in merged.reshape(3, k).unbind())
-    stats: dict[str, torch.Tensor] = {}
-    for j in range(k):
-        stats[f"top{j}_value"] = values[j]
-        if with_token:
-            stats[f"top{j}_token"] = tokens[j]
-        stats[f"top{j}_feature"] = features[j]
-    return stats
+    names, values = topk_stats_stacked(merged.reshape(1, -1), k, with_token)
+    return dict(zip(names, values[0].unbind()))
+
+
+def topk_stats_stacked(merged: torch.Tensor, k: int, with_token: bool = True) -> tuple[list[str], torch.Tensor]:
+    """:func:`topk_stats` of ``n`` merged buffers ``(n, 3k)`` at once: the names and their values ``(n, 2k or 3k)``."""
+    fields = ("value", "token", "feature") if with_token else ("value", "feature")
+    by_position = merged.reshape(-1, 3, k)
+    if not with_token:
+        by_position = by_position[:, 0::2]  # values and features
+    names = [f"top{j}_{field}" for j in range(k) for field in fields]
+    return names, by_position.transpose(1, 2).reshape(merged.shape[0], len(fields) * k)
 
 
 # ---------------------------------------------------------------------------------- emergence model

@@ -28,23 +28,25 @@ def _unpack(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tens
 
 
 def all_reduce_packed(parts: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
-    """All-reduce ``parts`` (``op`` = ``"sum"`` or ``"max"``) in one collective; returns new tensors."""
+    """All-reduce ``parts`` (``op`` = ``"sum"`` or ``"max"``) in one collective; returns new tensors, or in one
+    process ``parts`` themselves (nothing to reduce, and a copy per part would be one more launch each)."""
     if not parts:
         return []
     if distributed_world_size() == 1:
-        return [p.clone() for p in parts]
+        return list(parts)
     flat = _pack(parts)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return _unpack(flat, parts)
 
 
 def all_gather_packed(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """All-gather ``parts`` in one collective; each result has a leading world-size dimension."""
+    """All-gather ``parts`` in one collective; each result has a leading world-size dimension (in one process a
+    view of the part itself)."""
     if not parts:
         return []
     world = distributed_world_size()
     if world == 1:
-        return [p.unsqueeze(0).clone() for p in parts]
+        return [p.unsqueeze(0) for p in parts]
     flat = _pack(parts)
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)

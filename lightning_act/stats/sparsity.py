@@ -56,8 +56,14 @@ def zero_partials(x: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
 
 def zero_fraction(sums: torch.Tensor) -> dict[str, torch.Tensor]:
     """``zero_frac`` (over all entries) and ``nonfinite`` (a count) from reduced :func:`zero_partials`."""
-    count, nonfinite, zeros = sums.unbind()
-    return {"zero_frac": zeros / count.clamp_min(1.0), "nonfinite": nonfinite}
+    names, values = zero_fraction_stacked(sums[None])
+    return dict(zip(names, values[0].unbind()))
+
+
+def zero_fraction_stacked(sums: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """:func:`zero_fraction` of ``n`` taps at once: ``sums (n, 3)`` give the names and their values ``(n, 2)``."""
+    count, nonfinite, zeros = sums.unbind(1)
+    return ["zero_frac", "nonfinite"], torch.stack([zeros / count.clamp_min(1.0), nonfinite], 1)
 
 
 def has_time_axis(x: torch.Tensor, dim: int) -> bool:

@@ -219,16 +219,22 @@ def sketch_with_draws(parts: Sequence[torch.Tensor], draws: torch.Tensor, dim: i
     return total[dim:] - total[:dim]
 
 
-def trajectory_spectrum(snapshots: torch.Tensor) -> torch.Tensor:
+def trajectory_spectrum(snapshots: torch.Tensor, eigensolver: str = "torch", pad_to: int | None = None) -> torch.Tensor:
     """PCA variances (descending, float64) of K snapshots (K, P) centred across snapshots, via the
-    K×K Gram matrix ``Xc Xcᵀ`` (same non-zero eigenvalues as ``Xcᵀ Xc``, up to the 1/(K−1) scale)."""
+    K×K Gram matrix ``Xc Xcᵀ`` (same non-zero eigenvalues as ``Xcᵀ Xc``, up to the 1/(K−1) scale).
+
+    ``eigensolver`` as in :func:`symmetric_eigenvalues`. ``pad_to``: solve the Gram matrix bordered with zeros to
+    this size (its spectrum gains only zeros, which change no explained-variance rank), so that a trajectory that
+    grows one snapshot per logging step compiles the Triton eigensolver once, not once per length."""
     x = snapshots.to(torch.float64)
     centred = x - x.mean(0, keepdim=True)
     gram = centred @ centred.T
     # Non-finite weights (a diverged run) give NaN variances instead of an eigensolver error.
     finite = torch.isfinite(gram).all()
     gram = torch.where(finite, 0.5 * (gram + gram.T), torch.zeros_like(gram))
-    eigenvalues = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    if pad_to is not None and pad_to > gram.shape[0]:
+        gram = torch.nn.functional.pad(gram, (0, pad_to - gram.shape[0], 0, pad_to - gram.shape[0]))
+    eigenvalues = symmetric_eigenvalues(gram, eigensolver).flip(0).clamp_min(0.0)
     return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
 
@@ -244,6 +250,9 @@ def explained_variance_rank(eigenvalues: torch.Tensor, fraction: float = 0.90) -
     return torch.where(torch.isnan(total), total, k)
 
 
-def trajectory_r90(snapshots: torch.Tensor, fraction: float = 0.90) -> torch.Tensor:
-    """``r90`` of a parameter trajectory: snapshots (K, P) of ``w_t − w_0`` (Xu 2026)."""
-    return explained_variance_rank(trajectory_spectrum(snapshots), fraction)
+def trajectory_r90(
+    snapshots: torch.Tensor, fraction: float = 0.90, eigensolver: str = "torch", pad_to: int | None = None
+) -> torch.Tensor:
+    """``r90`` of a parameter trajectory: snapshots (K, P) of ``w_t − w_0`` (Xu 2026); ``eigensolver`` and
+    ``pad_to`` as in :func:`trajectory_spectrum`."""
+    return explained_variance_rank(trajectory_spectrum(snapshots, eigensolver, pad_to), fraction)

@@ -43,6 +43,7 @@ INNER = 8
 TARGET_PROGRAMS = 1024
 COLUMN_BLOCK = 1024
 ROWS_PER_PROGRAM = 8
+FINISH_BLOCK = 256
 NUM_WARPS = 4
 # A global read inside a compiled (not interpreted) kernel must be a constexpr.
 INF_BITS = tl.constexpr(0x7F800000)
@@ -150,6 +151,54 @@ def _row_statistics_kernel(
     if HISTOGRAM:
         coarse_bins = tl.arange(0, BINS >> COARSE_SHIFT)
         tl.atomic_add(coarse_ptr + row.to(tl.int64) * (BINS >> COARSE_SHIFT) + coarse_bins, coarse, mask=coarse > 0)
+
+
+@triton.jit
+def _finish_row_statistics_kernel(
+    scalars_ptr,
+    maxima_ptr,
+    sums_ptr,
+    overall_ptr,
+    sample_max_ptr,
+    count,
+    rows,
+    splits,
+    N_SCALARS: tl.constexpr,
+    SCALARS_PAD: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One program: kernel 1's per-program partials into the pass's results, in a fixed order (deterministic):
+    ``[count, scalar sums...]`` (float64), the two overall maxima (float64) and, per row, the ranked maximum over
+    that row's programs (float64). One launch instead of the half-dozen small tensor operations it replaces."""
+    programs = rows * splits
+    columns = tl.arange(0, SCALARS_PAD)
+    in_columns = columns < N_SCALARS
+    total = tl.zeros((SCALARS_PAD,), dtype=tl.float64)
+    abs_max = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    ranked_max = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for start in range(0, programs, BLOCK_P):
+        slots = start + tl.arange(0, BLOCK_P)
+        present = slots < programs
+        block = tl.load(scalars_ptr + slots[:, None] * N_SCALARS + columns[None, :],
+                        mask=present[:, None] & in_columns[None, :], other=0.0)
+        total += tl.sum(block, axis=0)
+        abs_max = tl.maximum(abs_max, tl.load(maxima_ptr + slots * 2, mask=present, other=0.0))
+        ranked_max = tl.maximum(ranked_max, tl.load(maxima_ptr + slots * 2 + 1, mask=present, other=0.0))
+    # count + 0.0: a float64 scalar whether Triton passed the count as an integer or, equal to 1, as a constexpr
+    tl.store(sums_ptr, count + tl.zeros((), tl.float64))
+    tl.store(sums_ptr + 1 + columns, total, mask=in_columns)
+    tl.store(overall_ptr, tl.max(abs_max, axis=0).to(tl.float64))
+    tl.store(overall_ptr + 1, tl.max(ranked_max, axis=0).to(tl.float64))
+    if PER_SAMPLE:
+        for start in range(0, rows, BLOCK_P):
+            row = start + tl.arange(0, BLOCK_P)
+            present = row < rows
+            row_max = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            for split in range(0, splits):
+                slot = row.to(tl.int64) * splits + split
+                row_max = tl.maximum(row_max, tl.load(maxima_ptr + slot * 2 + 1, mask=present, other=0.0))
+            tl.store(sample_max_ptr + row, row_max.to(tl.float64), mask=present)
 
 
 @triton.jit
@@ -278,11 +327,11 @@ def _median_kernel(
 def _column_statistics_kernel(
     x_ptr,
     row_thresholds_ptr,
+    median_ptr,
     column_max_ptr,
     counts_ptr,
     rows,
     cols,
-    column_blocks,
     COUNT: tl.constexpr,
     COLUMN_MAX: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,
@@ -304,8 +353,11 @@ def _column_statistics_kernel(
         if COUNT:
             threshold = tl.load(row_thresholds_ptr + row, mask=present, other=float("inf"))
             above = (ranked.to(tl.float32, bitcast=True) >= threshold) & mask
-            tl.store(counts_ptr + row.to(tl.int64) * column_blocks + column_block, tl.sum(above.to(tl.int32), axis=0),
-                     mask=present)
+            # whole numbers below 2^53 add exactly in any order; a row whose median is unknown (NaN) counts NaN
+            count = tl.sum(above.to(tl.int32), axis=0).to(tl.float64)
+            median = tl.load(median_ptr + row, mask=present, other=0.0)
+            count = tl.where(median != median, float("nan"), count)
+            tl.atomic_add(counts_ptr + row, count, mask=present)
     if COLUMN_MAX:
         tl.store(column_max_ptr + group.to(tl.int64) * cols + column, ranked_max.to(tl.float32, bitcast=True),
                  mask=in_row)
@@ -326,15 +378,16 @@ def _split(rows: int, cols: int) -> tuple[int, int]:
 
 def row_statistics(
     rows: torch.Tensor, thresholds: torch.Tensor, n_thresholds: int, moments: bool, bins: tuple[int, int, int] | None,
-    coarse_shift: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Kernel 1 on a contiguous ``(rows, cols)`` float16/bfloat16/float32 matrix.
+    coarse_shift: int, per_sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Kernel 1 and its finish on a contiguous ``(rows, cols)`` float16/bfloat16/float32 matrix.
 
     ``thresholds``: float32 vector on the device whose first ``n_thresholds`` entries are the thresholds (already
     rounded down to float32, see ``fused``; at least one entry, as the kernel needs a pointer); ``bins``:
-    ``(size, key_shift, low_key)`` of the log-magnitude layout or None. Returns ``(scalars (n,) float64 over all
-    rows, maxima (rows, 2) float32, coarse histogram (rows, size >> coarse_shift) int32 | None)``; the scalar
-    partials of every program are added in one fixed-order ``torch.sum`` (deterministic).
+    ``(size, key_shift, low_key)`` of the log-magnitude layout or None. Returns ``(sums (1 + n,) float64: the
+    entry count and the scalars over all rows, maxima (2,) float64, per-row ranked maxima (rows,) float64 | None
+    (with ``per_sample``), coarse histogram (rows, size >> coarse_shift) int32 | None)``; the partials of every
+    program are added by one finishing program in a fixed order (deterministic).
     """
     n_rows, cols = rows.shape
     device = rows.device
@@ -351,7 +404,15 @@ def row_statistics(
         HISTOGRAM=bins is not None, BINS=size, KEY_SHIFT=key_shift, COARSE_SHIFT=coarse_shift, N_SCALARS=n_scalars,
         BLOCK=BLOCK, INNER=INNER, num_warps=NUM_WARPS,
     )
-    return scalars.sum(0), maxima.view(n_rows, splits, 2).amax(1), coarse
+    sums = torch.empty(1 + n_scalars, dtype=torch.float64, device=device)
+    overall = torch.empty(2, dtype=torch.float64, device=device)
+    sample_max = torch.empty(n_rows, dtype=torch.float64, device=device) if per_sample else None
+    _finish_row_statistics_kernel[(1,)](
+        scalars, maxima, sums, overall, sample_max if sample_max is not None else overall, n_rows * cols, n_rows, splits,
+        N_SCALARS=n_scalars, SCALARS_PAD=_next_power_of_two(n_scalars), PER_SAMPLE=per_sample,
+        BLOCK_P=FINISH_BLOCK, num_warps=NUM_WARPS,
+    )
+    return sums, overall, sample_max, coarse
 
 
 def sample_medians(
@@ -385,21 +446,22 @@ def sample_medians(
 
 
 def column_statistics(
-    rows: torch.Tensor, row_thresholds: torch.Tensor | None, column_max: bool
+    rows: torch.Tensor, row_thresholds: torch.Tensor | None, median: torch.Tensor | None, column_max: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Kernel 3: ``(per-position max |x| (cols,) float32 | None, per-row count of |x| >= row_thresholds (rows,) int64
-    | None)``; ``row_thresholds`` is float32 ``(rows,)`` or None for no count."""
+    """Kernel 3: ``(per-position max |x| (cols,) float32 | None, per-row count of |x| >= row_thresholds (rows,) float64,
+    NaN where the row's ``median`` is | None)``; ``row_thresholds`` is float32 ``(rows,)`` and ``median`` float64
+    ``(rows,)``, or both None for no count."""
     n_rows, cols = rows.shape
     column_blocks = -(-cols // COLUMN_BLOCK)
     groups = -(-n_rows // ROWS_PER_PROGRAM)
     device = rows.device
     maxima = torch.empty(groups, cols, dtype=torch.float32, device=device) if column_max else None
-    counts = torch.empty(n_rows, column_blocks, dtype=torch.int32, device=device) if row_thresholds is not None else None
+    counts = torch.zeros(n_rows, dtype=torch.float64, device=device) if row_thresholds is not None else None
     dummy = maxima if maxima is not None else counts
     _column_statistics_kernel[(column_blocks, groups)](
-        rows, row_thresholds if row_thresholds is not None else dummy, maxima if maxima is not None else dummy,
-        counts if counts is not None else dummy, n_rows, cols, column_blocks,
+        rows, row_thresholds if row_thresholds is not None else dummy, median if median is not None else dummy,
+        maxima if maxima is not None else dummy, counts if counts is not None else dummy, n_rows, cols,
         COUNT=row_thresholds is not None, COLUMN_MAX=column_max, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
         COLUMN_BLOCK=COLUMN_BLOCK, num_warps=NUM_WARPS,
     )
-    return (None if maxima is None else maxima.amax(0)), (None if counts is None else counts.sum(1))
+    return (None if maxima is None else maxima.amax(0)), counts
