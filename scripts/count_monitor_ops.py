@@ -139,25 +139,6 @@ def stub_triton_launches(launches: collections.Counter[str], census: list[_Censu
                 value.run = counted
 
 
-class _Classifier(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        return None
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-4)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu-path", action="store_true", help="the CUDA code path, Triton launches stubbed")
@@ -169,6 +150,7 @@ def main() -> None:
             raise SystemExit("count_monitor_ops: --gpu-path must set TRITON_INTERPRET before the kernels are defined")
         os.environ["TRITON_INTERPRET"] = "1"
     import timm
+    from bench_monitor_overhead import Classifier  # scripts/ is on the path when this runs as a script
 
     import lightning_act.callbacks as callbacks
     import lightning_act.stats.fused as fused
@@ -195,7 +177,7 @@ def main() -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    trainer.fit(_Classifier(model), DataLoader([(x, y)] * STEPS, batch_size=None), DataLoader([(x, y)], batch_size=None))
+    trainer.fit(Classifier(model), DataLoader([(x, y)] * STEPS, batch_size=None), DataLoader([(x, y)], batch_size=None))
     path = "GPU path, Triton launches stubbed" if args.gpu_path else "CPU path"
     print(f"# count_monitor_ops ({path}): torch {torch.__version__}, {', '.join(names)} due every step, "
           f"12-block ViT at batch 2")
