@@ -5,7 +5,8 @@ Only imported when Triton is importable. Under ``TRITON_INTERPRET=1`` (set befor
 the same kernels run on CPU tensors, which is how they are tested without a GPU.
 
 The activation is a contiguous ``(rows, cols)`` matrix (rows = samples when per-sample statistics are asked
-for, else one row). Three kernels, each launched only when a statistic needs it:
+for, else one row). Three kernels (and a finishing program for the first), each launched only when a statistic
+needs it:
 
 1. ``_row_statistics_kernel``, program ``(row, split)`` over ``split_len`` consecutive entries of one row: the
    non-finite count, counts of ``|x| <= t``, sums of ``x``, ``x^2``, ``|x|``, both maxima of ``|x|``, and the
@@ -14,8 +15,10 @@ for, else one row). Three kernels, each launched only when a statistic needs it:
    accumulated per lane in registers and reduced across lanes once, at the end of the program: a
    cross-lane reduction per block (what the first kernel did, 7 per 1024 entries) costs more than the
    memory read. Sums: float32 per lane over ``INNER`` blocks, then float64 (relative error of the
-   non-negative sums <= ``INNER * 2^-24``). Partials go to the program's own slot and are added by
-   ``torch.sum`` in a fixed order (deterministic); the coarse histogram is added with integer atomics (exact).
+   non-negative sums <= ``INNER * 2^-24``). Partials go to the program's own slot; one finishing program
+   (``_finish_row_statistics_kernel``) adds them in a fixed order (deterministic) and writes the results the
+   monitors read (the entry count and sums, the overall and per-row maxima), in one launch where a chain of
+   small tensor operations used to run; the coarse histogram is added with integer atomics (exact).
 2. ``_refine_histogram_kernel``, same grid: the fine bins of the two coarse bins per row that hold the median's
    two middle order statistics (each program finds them from the row's coarse histogram). With (1) this gives
    exactly the cumulative counts the full histogram would give at those bins, so the median estimate is the
@@ -27,7 +30,8 @@ for, else one row). Three kernels, each launched only when a statistic needs it:
    whose launches made the statistics host-bound.
 3. ``_column_statistics_kernel``, program ``(column block, row group)``: the per-position maximum of ``|x|``
    over the rows of its group (NaN as inf; partial maxima per group, max-reduced by ``torch.amax``: no
-   atomics) and per row the count of ``|x| >= threshold[row]`` (the massive-activation count).
+   atomics) and per row the count of ``|x| >= threshold[row]`` (the massive-activation count), added across
+   column blocks with float64 atomics (whole numbers: exact in any order), NaN for a row whose median is.
 
 Masked lanes (past the end of a row) load 0 and are excluded from every count, histogram and maximum.
 """
