@@ -3,6 +3,12 @@ histogram median of MassiveActivations against numpy, and DimensionalCollapse's 
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -131,3 +137,48 @@ def test_skipped_emergence_fits_are_recorded_for_the_report_only_with_a_logger(t
     trainer = quiet_trainer(max_steps=2, callbacks=[silent], default_root_dir=str(tmp_path / "bare"))
     trainer.fit(ToyTask(tiny_mlp()), toy_loader(batch_size=8))
     assert silent.fit_skipped and list((tmp_path / "bare").iterdir()) == []  # logger=False writes nothing
+
+
+TRITON_FIT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import lightning.pytorch as pl
+from _toy import BlockNet, ToyTask, quiet_trainer, toy_loader
+from lightning_act.callbacks import ActivationSparsity, ActivationStats, MassiveActivations
+from lightning_act.capture import capture_registry
+
+histories = {}
+for accumulate in (1, 2):
+    for how in ("triton", "torch"):
+        pl.seed_everything(0)
+        task = ToyTask(BlockNet())
+        capture_registry(task).fused_implementation = how  # the code path a CUDA run takes, or the eager fallback
+        monitors = [ActivationSparsity(every_n_steps=1, threshold=0.05), ActivationStats(every_n_steps=1),
+                    MassiveActivations(every_n_steps=1, abs_threshold=1.0, ratio_threshold=3.0, top_k=2)]
+        trainer = quiet_trainer(max_steps=3 - accumulate, callbacks=monitors, accumulate_grad_batches=accumulate)
+        trainer.fit(task, toy_loader(batch_size=8))
+        histories[f"{how} {accumulate}"] = {key: s.values for m in monitors for key, s in m.history.items()}
+with open(sys.argv[2], "w") as handle:
+    json.dump(histories, handle)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_monitors_on_the_triton_path_log_what_the_eager_fallback_logs(tmp_path: Path) -> None:
+    # Whole fits through the Triton kernels (CPU interpreter) against the eager fallback on the same seed: the
+    # finishing kernel, the atomic massive counts and the monitors' stacked logging step end to end; with two
+    # micro-batches per step, MassiveActivations' per-activation route too.
+    output = tmp_path / "histories.json"
+    completed = subprocess.run(
+        [sys.executable, "-c", TRITON_FIT, str(Path(__file__).parent), str(output)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    histories = json.loads(output.read_text())
+    for accumulate in (1, 2):
+        triton, eager = histories[f"triton {accumulate}"], histories[f"torch {accumulate}"]
+        assert set(triton) == set(eager) and any(key.startswith("massive/") for key in triton)
+        assert any(max(values) > 0 for key, values in eager.items() if key.startswith("massive/") and key.endswith("/count"))
+        for key, values in eager.items():
+            # counts, maxima, medians and positions agree exactly; sums to float32-block rounding (~1e-6)
+            np.testing.assert_allclose(triton[key], values, rtol=2e-6, atol=1e-9, err_msg=f"{key}, accumulate {accumulate}")
