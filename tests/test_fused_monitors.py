@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +13,7 @@ import pytest
 import torch
 
 import lightning_act.capture.registry as registry_module
+from _interpreter import run_interpreted
 from _toy import ToyTask, quiet_trainer, tiny_mlp, toy_loader
 from lightning_act.callbacks import ActivationSparsity, ActivationStats, MassiveActivations
 from lightning_act.callbacks.collapse import DimensionalCollapse
@@ -169,11 +167,7 @@ def test_monitors_on_the_triton_path_log_what_the_eager_fallback_logs(tmp_path: 
     # finishing kernel, the atomic massive counts and the monitors' stacked logging step end to end; with two
     # micro-batches per step, MassiveActivations' per-activation route too.
     output = tmp_path / "histories.json"
-    completed = subprocess.run(
-        [sys.executable, "-c", TRITON_FIT, str(Path(__file__).parent), str(output)],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_interpreted(TRITON_FIT, output)
     histories = json.loads(output.read_text())
     for accumulate in (1, 2):
         triton, eager = histories[f"triton {accumulate}"], histories[f"torch {accumulate}"]

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _interpreter import run_interpreted
 from lightning_act.stats.fused import (
     FusedSpec,
     comparable_threshold,
@@ -265,11 +264,7 @@ def test_triton_kernel_matches_float64_numpy_under_interpreter(tmp_path: Path) -
     from lightning_act.stats.fused import FusedStats
 
     output = tmp_path / "fused.pt"
-    completed = subprocess.run(
-        [sys.executable, "-c", TRITON_CHECKER, str(Path(__file__).parent), str(output)],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_interpreted(TRITON_CHECKER, output)
     for (x, *fields) in torch.load(output):
         stats = FusedStats(SPEC, tuple(x.shape), *fields)
         assert_matches_numpy(x, stats, SPEC)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from _interpreter import run_interpreted
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -81,11 +80,7 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     output = tmp_path_factory.mktemp("eigen") / "eigen.pt"
-    completed = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, str(Path(__file__).parent), str(output)],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_interpreted(INTERPRETED, output)
     return torch.load(output)
 
 
