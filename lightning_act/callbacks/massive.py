@@ -175,9 +175,7 @@ class MassiveActivations(ActivationMonitor):
                 by_shape.setdefault(passes[0][0].shape, []).append(tap_index)
                 continue
             for fused, top in passes:
-                sums, maxima = massive_partials_from(fused)
-                samples = topk_positions_from(fused, self.top_k) if top is None else top
-                self.accumulate(tap_index, Partials(sums, maxima, samples))
+                self.accumulate(tap_index, self._partials_of(fused, top))
         for taps in by_shape.values():
             passes = [deferred[i][0] for i in taps]
             sums, maxima = stacked_massive_partials([fused for fused, _ in passes])
@@ -217,8 +215,12 @@ class MassiveActivations(ActivationMonitor):
         self._has_token[tap_index] = has_token_axis(x)
         if fused is None:
             fused = fused_statistics(x, self.fused_spec(tap_index))
+        return self._partials_of(fused)
+
+    def _partials_of(self, fused: FusedStats, top: torch.Tensor | None = None) -> Partials:
+        """One activation's partials from its fused statistics (``top``: its top-k, when already taken)."""
         sums, maxima = massive_partials_from(fused)
-        return Partials(sums=sums, maxima=maxima, samples=topk_positions_from(fused, self.top_k))
+        return Partials(sums=sums, maxima=maxima, samples=topk_positions_from(fused, self.top_k) if top is None else top)
 
     def _measurable(self, tap_index: int, x: torch.Tensor) -> bool:
         """Whether ``x`` has a sample axis and more (warns once per tap when not)."""
