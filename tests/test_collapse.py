@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -249,3 +250,105 @@ def test_snapshots_the_thinning_drops_are_not_taken_and_r90_is_unchanged() -> No
         assert (expected is None and not logged) or logged["collapse/params/r90"].item() == expected
     assert len(taken) == 8  # steps 0, 1, 2, 3, 4, 6, 8, 12: the ones the stride-doubling thinning keeps
     assert monitor._snapshot_steps == [0, 8]
+
+
+class Mixed(pl.LightningModule):
+    """Token taps (B, T, 8) and a pooled tap (B, 5); ``mix``'s output is changed in place after its hook ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.mix = nn.Linear(8, 8)
+        self.pool = nn.Linear(8, 5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mix(self.embed(x))
+        h.relu_()  # the monitor must measure what mix returned, not this
+        return self.head(self.pool(h.mean(1)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class StepOutputs(Callback):
+    """Float64 copies of each tapped module's outputs, per optimizer step, taken when the module returns."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.seen: dict[int, dict[str, list[np.ndarray]]] = {}
+        self.step = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def hook(name: str):
+            def record(module: nn.Module, args: object, output: torch.Tensor) -> None:
+                rows = output.detach().double().reshape(-1, output.shape[-1]).numpy().copy()
+                self.seen.setdefault(self.step, {}).setdefault(name, []).append(rows)
+            return record
+
+        self.handles = [getattr(pl_module, n).register_forward_hook(hook(n)) for n in self.names]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self.step = trainer.global_step
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_taps_of_several_shapes_match_numpy_with_one_or_two_forwards_per_step(accumulate: int) -> None:
+    # The logging step sums the kept rows of all taps of one shape in one batched product: two (B, T, 8) taps
+    # and one (B, 5) tap, one or two micro-batches per step, and a tap whose output is changed in place later.
+    names = ["embed", "mix", "pool"]
+    monitor = DimensionalCollapse(modules=names, every_n_steps=1, param_patterns=[])
+    outputs = StepOutputs(names)
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(48, 4, 6, generator=generator), torch.randint(0, 4, (48,), generator=generator)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        max_steps=3, logger=False, callbacks=[monitor, outputs], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", accumulate_grad_batches=accumulate,
+    )
+    trainer.fit(Mixed(), DataLoader(TensorDataset(x, y), batch_size=8))
+    for name in names:
+        assert monitor.history[f"collapse/{name}/erank"].steps == [0, 1, 2]
+        for index, step in enumerate((0, 1, 2)):
+            assert len(outputs.seen[step][name]) == accumulate
+            erank, pr = numpy_spectrum_stats(np.concatenate(outputs.seen[step][name]))
+            assert monitor.history[f"collapse/{name}/erank"].values[index] == pytest.approx(erank, rel=1e-9)
+            assert monitor.history[f"collapse/{name}/pr"].values[index] == pytest.approx(pr, rel=1e-9)
+
+
+def test_taps_of_one_row_count_share_the_steps_row_choice_and_the_next_step_draws_again() -> None:
+    # Row r of each activation is r times the unit vector e_r, so the sums name the rows that were sampled.
+    monitor = DimensionalCollapse(modules=["a", "b", "c"], max_rows=5, param_patterns=[])
+    monitor.taps = [SimpleNamespace(name=name) for name in "abc"]
+    monitor._reset_buffers(3)
+    scale = torch.arange(1.0, 13.0)[:, None]
+
+    def sampled(tap: int, d: int) -> list[int]:
+        sums = monitor._sums[tap]
+        assert sums[0].item() == 5
+        total, squares = sums[1 : 1 + d], sums[1 + d :].reshape(d, d)
+        assert torch.equal(squares, torch.diag(total.square()))  # rows are multiples of distinct unit vectors
+        return sorted(total.nonzero().flatten().tolist())
+
+    choices = []
+    for _ in range(2):
+        monitor.receive(0, (scale * torch.eye(12)).reshape(3, 4, 12))
+        monitor.receive(1, (2 * scale * torch.eye(12)).reshape(2, 6, 12))  # the same 12 rows in another layout
+        monitor.receive(2, torch.eye(10))
+        monitor.complete_partials()
+        rows_a, rows_b, rows_c = sampled(0, 12), sampled(1, 12), sampled(2, 10)
+        assert len(set(rows_a)) == 5 and len(rows_c) == 5
+        assert rows_a == rows_b
+        assert torch.equal(monitor._sums[1][1:13], 2 * monitor._sums[0][1:13])
+        choices.append(rows_a)
+        monitor._zero_buffers()
+        monitor._observed = set()
+    assert choices[0] != choices[1]

@@ -107,6 +107,7 @@ def test_collapse_ranks_with_and_without_the_batched_preparation_match_numpy() -
     monitor._reset_buffers(2)
     for i, rows in enumerate(data):
         monitor.receive(i, rows)
+    monitor.complete_partials()  # the logging step's batched product of what receive kept
     sums = {i: monitor._sums[i].clone() for i in range(2)}
     monitor.prepare_summaries(sums)
     prepared = [monitor.summarize(i, sums[i], None, None) for i in range(2)]

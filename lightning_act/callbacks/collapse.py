@@ -4,6 +4,10 @@ dimension of the parameter trajectory.
 Per tapped module, on each due step, every rank samples up to ``max_rows`` rows of the activation
 (all leading dims flattened into rows; features are the last dim, or the channel dim 1 of a 4-D
 conv map) with a private ``torch.Generator``, and sums ``N``, ``Σx`` and ``Σxxᵀ`` in float64.
+The sampled rows (a copy, at most ``max_rows x d``) are kept until the logging step, where the sums of
+all taps whose samples have one shape come from one batched product (issue 17: a few operations per
+step instead of five per tap); taps of one row count share the step's random row choice, so one
+permutation is drawn per row count and step, not per tap.
 The sums are added across micro-batches and ranks, and the spectrum of the centred scatter matrix
 is taken once, on the device, in float64 at flush time (:mod:`lightning_act.stats.spectrum`).
 
@@ -173,6 +177,8 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_seen = 0
         self._snapshot_stride = 1
         self._feature_dims: dict[str, int] = {}
+        self._kept_rows: dict[int, list[torch.Tensor]] = {}  # this step's sampled rows per tap, summed at flush
+        self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
         self._r90: torch.Tensor | None = None  # r90 of the kept snapshots, computed when they change
@@ -189,13 +195,56 @@ class DimensionalCollapse(ActivationMonitor):
                 generator.set_state(state)
         return generator
 
-    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
+    def _sampled_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """At most ``max_rows`` rows of ``x``, chosen at random without replacement; the taps of one row count share
+        the step's choice (each tap's sample is still uniform, and one permutation per step replaces one per tap)."""
         rows = feature_rows(x)
-        if rows.shape[0] > self.max_rows:
-            chosen = torch.randperm(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
-            rows = rows.index_select(0, chosen[: self.max_rows])
+        if rows.shape[0] <= self.max_rows:
+            return rows
+        key = (rows.shape[0], rows.device)
+        chosen = self._row_choices.get(key)
+        if chosen is None:
+            permutation = torch.randperm(rows.shape[0], generator=self._generator(rows.device), device=rows.device)
+            chosen = self._row_choices[key] = permutation[: self.max_rows]
+        return rows.index_select(0, chosen)
+
+    def _is_wide(self, d: int) -> bool:
+        """Whether a tap of ``d`` features sums the sketch (see the module docstring) instead of ``Σxxᵀ``."""
+        return self.wide_dim is not None and d > self.wide_dim and self._rows_per_due_step < d
+
+    def _reset_buffers(self, n: int) -> None:
+        super()._reset_buffers(n)
+        self._kept_rows, self._row_choices = {}, {}
+
+    def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
+        """Keep a copy of this activation's sampled rows until the logging step (:meth:`complete_partials`); a wide
+        tap sums its sketch now, since its rows are the larger buffer."""
+        d = x.shape[1] if x.dim() == 4 else x.shape[-1] if x.dim() else 1
+        if self._is_wide(d):
+            self.accumulate(tap_index, self.partials(tap_index, x))
+            return
+        rows = self._sampled_rows(x)
+        if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            rows = rows.clone()  # a view of x: the model may change x in place before the logging step
+        self._kept_rows.setdefault(tap_index, []).append(rows)
+
+    def complete_partials(self) -> None:
+        """The sums of every activation kept since the last logging step, one batched product per shape of the
+        sampled rows (a tap seen in several forwards of the step adds its sums)."""
+        kept, self._kept_rows, self._row_choices = self._kept_rows, {}, {}
+        by_shape: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
+        for tap_index, activations in kept.items():
+            for rows in activations:
+                by_shape.setdefault((tuple(rows.shape), rows.dtype, rows.device), []).append((tap_index, rows))
+        for members in by_shape.values():
+            stacked = torch.stack([rows for _, rows in members])
+            for (tap_index, _), sums in zip(members, covariance_partials(stacked).unbind()):
+                self.accumulate(tap_index, Partials(sums=sums))
+
+    def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
+        rows = self._sampled_rows(x)
         d, k = rows.shape[1], self._rows_per_due_step
-        if self.wide_dim is None or d <= self.wide_dim or k >= d:
+        if not self._is_wide(d):
             return Partials(sums=covariance_partials(rows))
         self._sketch_dims[tap_index] = (d, k)
         key = (d, k, rows.device)

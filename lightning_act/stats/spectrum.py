@@ -39,10 +39,11 @@ def feature_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def covariance_partials(rows: torch.Tensor) -> torch.Tensor:
-    """``[N, Σx (d), Σxxᵀ (d·d)]`` of an (N, d) matrix, float64, as one flat SUM-reducible vector."""
+    """``[N, Σx (d), Σxxᵀ (d·d)]`` of an (N, d) matrix, float64, as one flat SUM-reducible vector; of a stack
+    ``(..., N, d)`` of such matrices, a stack ``(..., 1 + d + d²)`` of them (one batched product for many taps)."""
     rows = rows.to(torch.float64)
-    count = torch.full((1,), rows.shape[0], dtype=torch.float64, device=rows.device)
-    return torch.cat([count, rows.sum(0), (rows.T @ rows).reshape(-1)])
+    count = torch.full((*rows.shape[:-2], 1), rows.shape[-2], dtype=torch.float64, device=rows.device)
+    return torch.cat([count, rows.sum(-2), (rows.mT @ rows).flatten(-2)], -1)
 
 
 EIGENSOLVERS = ("auto", "torch", "triton")
