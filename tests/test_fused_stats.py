@@ -36,7 +36,9 @@ from lightning_act.stats.sparsity import zero_partials
 
 SPEC = moment_spec(0.0).union(zero_spec(0.25), massive_spec())
 # (shape, dtype): odd sizes that leave partial blocks, a 4-D conv map, one sample, fp16/bf16.
-CASES = [((3, 5, 7), "float32"), ((2, 3, 4, 5), "bfloat16"), ((1, 1031), "float16"), ((4, 2053), "float32")]
+# (19, 3, 5): more samples than one program of the column kernel reads (8), so its row groups are merged too
+CASES = [((3, 5, 7), "float32"), ((2, 3, 4, 5), "bfloat16"), ((1, 1031), "float16"), ((4, 2053), "float32"),
+         ((19, 3, 5), "float32")]
 
 
 def one_entry_input() -> torch.Tensor:
@@ -254,7 +256,8 @@ out = []
 extra = [split_median_input(), special_rows_input(), one_entry_input()]
 for x in [make_input(shape, dtype, seed=len(shape)) for shape, dtype in CASES] + extra:
     s = fused_statistics(x, SPEC, "triton")
-    out.append((x, s.sums, s.maxima, s.sample_magnitude_max, s.sample_median, s.sample_massive_count, s.column_max))
+    fields = (s.sums, s.maxima, s.sample_magnitude_max, s.sample_median, s.sample_massive_count, s.column_max)
+    out.append((x, *(t.clone() for t in fields)))  # copies: some fields are typed views of one zeroed buffer
 torch.save(out, sys.argv[2])
 """
 
@@ -307,11 +310,13 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
         (triton_fused._median_kernel,
          {"coarse_ptr": "*i32", "fine_ptr": "*i32", "targets_ptr": "*i32", "ratio_ptr": "*fp64", "median_ptr": "*fp64",
           "threshold_ptr": "*fp32", "cols": "i32", "rank_low": "i32", "rank_high": "i32", "low_key": "i32",
-          "above_abs": "fp32"},
+          "above_abs": "fp32", "scalars_ptr": "*fp64", "maxima_ptr": "*fp32", "sums_ptr": "*fp64",
+          "overall_ptr": "*fp64", "sample_max_ptr": "*fp64", "count": "i64", "rows": "i32", "splits": "i32"},
          {"MASSIVE": True, "BINS": bins.size, "KEY_SHIFT": bins.key_shift, "COARSE": bins.size >> shift,
-          "SUB": 1 << shift}),
+          "SUB": 1 << shift, "N_SCALARS": 6, "SCALARS_PAD": 8, "PER_SAMPLE": True,
+          "BLOCK_P": triton_fused.FINISH_BLOCK // 4}),
         (triton_fused._column_statistics_kernel,
-         {"x_ptr": "*bf16", "row_thresholds_ptr": "*fp32", "median_ptr": "*fp64", "column_max_ptr": "*fp32",
+         {"x_ptr": "*bf16", "row_thresholds_ptr": "*fp32", "median_ptr": "*fp64", "column_max_ptr": "*i32",
           "counts_ptr": "*fp64", "rows": "i32", "cols": "i32"},
          {"COUNT": True, "COLUMN_MAX": True, "ROWS_PER_PROGRAM": triton_fused.ROWS_PER_PROGRAM,
           "COLUMN_BLOCK": triton_fused.COLUMN_BLOCK}),
@@ -323,11 +328,13 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
          {"N_SCALARS": 6, "SCALARS_PAD": 8, "PER_SAMPLE": True, "BLOCK_P": triton_fused.FINISH_BLOCK}),
     )
     # Triton passes an int argument equal to 1 as a constexpr: a sample of one entry (ranks and count 1)
-    median_constants = {**kernels[2][2], "cols": 1, "rank_low": 1, "rank_high": 1}
+    median_constants = {**kernels[2][2], "cols": 1, "rank_low": 1, "rank_high": 1, "rows": 1, "splits": 1, "count": 1}
     median_runtime = {k: v for k, v in kernels[2][1].items() if k not in median_constants}
     kernels.append((triton_fused._median_kernel, median_runtime, median_constants))
     for kernel, runtime, constants in kernels:
-        ptx = hopper_ptx(kernel, runtime, constants, triton_fused.NUM_WARPS)
+        # each with the warps it is launched with: the median kernel (and the finish it runs) with one
+        warps = 1 if kernel is triton_fused._median_kernel else triton_fused.NUM_WARPS
+        ptx = hopper_ptx(kernel, runtime, constants, warps)
         assert ".local" not in ptx, kernel.fn.__name__
         report = ptxas_report(ptx)
         assert report is None or "0 bytes spill stores" in report, (kernel.fn.__name__, report)

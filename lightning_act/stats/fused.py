@@ -390,34 +390,50 @@ def coarse_shift(bins: LogMagnitudeBins) -> int:
 
 
 def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
-    from lightning_act.stats.triton_fused import column_statistics, row_statistics, sample_medians
+    from lightning_act.stats.triton_fused import column_statistics, row_statistics, sample_medians, zeroed_buffers
 
     rows = _sample_rows(x, spec).contiguous()
+    n_rows, cols = rows.shape
     bins = spec.median
     shift = 1 if bins is None else coarse_shift(bins)
     layout = None if bins is None else (bins.size, bins.key_shift, bins.low_key)
     # the thresholds rounded down to float32; one entry at least, as the kernel needs a pointer
     thresholds = tuple(comparable_threshold(t, torch.float32) for t in spec.thresholds) or (-1.0,)
     thresholds = _device_constant(thresholds, torch.float32, x.device)
-    sums, maxima, sample_max, coarse = row_statistics(
-        rows, thresholds, len(spec.thresholds), spec.moments, layout, shift, spec.per_sample
+    # every buffer the kernels add into, zeroed by one memset: massive counts, per-position maxima (as bits), the
+    # coarse and the fine histograms
+    counting = spec.massive is not None  # which implies a median (FusedSpec checks it)
+    counts = column_bits = coarse = fine = None
+    if spec.column_max or bins is not None:
+        float64_sizes = (n_rows,) if counting else ()
+        int32_sizes = ((cols,) if spec.column_max else ()) + (
+            (n_rows * (bins.size >> shift), n_rows * (2 << shift)) if bins is not None else ()
+        )
+        buffers = zeroed_buffers(x.device, float64_sizes, int32_sizes)
+        counts = buffers.pop(0) if counting else None
+        column_bits = buffers.pop(0) if spec.column_max else None
+        if bins is not None:
+            coarse, fine = buffers  # flat: (rows, size >> shift) and (rows, 2 << shift), row-major
+    sums, maxima, sample_max, finish = row_statistics(
+        rows, thresholds, len(spec.thresholds), spec.moments, layout, shift, spec.per_sample, coarse,
+        finish=bins is None,
     )
     out = {"sums": sums, "maxima": maxima}
     if sample_max is not None:
         out["sample_max"] = sample_max
     median = row_thresholds = None
     if bins is not None:
-        assert coarse is not None and layout is not None
+        assert coarse is not None and fine is not None and layout is not None and finish is not None
         ratio = None if spec.massive is None else _device_constant((spec.massive[1],), torch.float64, x.device)
         above_abs = 0.0 if spec.massive is None else above_threshold(spec.massive[0])
-        median, row_thresholds = sample_medians(rows, coarse, layout, shift, ratio, above_abs)
+        median, row_thresholds = sample_medians(rows, coarse, fine, layout, shift, ratio, above_abs, finish)
         out["median"] = median
-    if row_thresholds is not None or spec.column_max:
-        column, counts = column_statistics(rows, row_thresholds, median, spec.column_max)
+    if counting or spec.column_max:
+        column_statistics(rows, row_thresholds, median, column_bits, counts)
         if counts is not None:
             out["massive_count"] = counts
-        if column is not None:
-            out["column_max"] = column
+        if column_bits is not None:
+            out["column_max"] = column_bits.view(torch.float32)
     return out
 
 

@@ -16,9 +16,10 @@ needs it:
    cross-lane reduction per block (what the first kernel did, 7 per 1024 entries) costs more than the
    memory read. Sums: float32 per lane over ``INNER`` blocks, then float64 (relative error of the
    non-negative sums <= ``INNER * 2^-24``). Partials go to the program's own slot; one finishing program
-   (``_finish_row_statistics_kernel``) adds them in a fixed order (deterministic) and writes the results the
-   monitors read (the entry count and sums, the overall and per-row maxima), in one launch where a chain of
-   small tensor operations used to run; the coarse histogram is added with integer atomics (exact).
+   (``_finish_row_statistics``) adds them in a fixed order (deterministic) and writes the results the
+   monitors read (the entry count and sums, the overall and per-row maxima), where a chain of small tensor
+   operations used to run: a launch of its own in a pass without a median, else one more program of the
+   median kernel (2b); the coarse histogram is added with integer atomics (exact).
 2. ``_refine_histogram_kernel``, same grid: the fine bins of the two coarse bins per row that hold the median's
    two middle order statistics (each program finds them from the row's coarse histogram). With (1) this gives
    exactly the cumulative counts the full histogram would give at those bins, so the median estimate is the
@@ -29,9 +30,13 @@ needs it:
    between the kernels stays on the device in two launches instead of some fifty small tensor operations,
    whose launches made the statistics host-bound.
 3. ``_column_statistics_kernel``, program ``(column block, row group)``: the per-position maximum of ``|x|``
-   over the rows of its group (NaN as inf; partial maxima per group, max-reduced by ``torch.amax``: no
-   atomics) and per row the count of ``|x| >= threshold[row]`` (the massive-activation count), added across
-   column blocks with float64 atomics (whole numbers: exact in any order), NaN for a row whose median is.
+   over the rows of its group, merged across groups with an integer atomic maximum of the float32 bits (which
+   order like the non-negative floats: exact in any order; NaN as inf), and per row the count of
+   ``|x| >= threshold[row]`` (the massive-activation count), added across column blocks with float64 atomics
+   (whole numbers: exact in any order), NaN for a row whose median is.
+
+The buffers the kernels add into (coarse and fine histograms, massive counts, per-position maxima) are views of
+one zeroed allocation (:func:`zeroed_buffers`): one memset per pass.
 
 Masked lanes (past the end of a row) load 0 and are excluded from every count, histogram and maximum.
 """
@@ -158,23 +163,13 @@ def _row_statistics_kernel(
 
 
 @triton.jit
-def _finish_row_statistics_kernel(
-    scalars_ptr,
-    maxima_ptr,
-    sums_ptr,
-    overall_ptr,
-    sample_max_ptr,
-    count,
-    rows,
-    splits,
-    N_SCALARS: tl.constexpr,
-    SCALARS_PAD: tl.constexpr,
-    PER_SAMPLE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+def _finish_row_statistics(
+    scalars_ptr, maxima_ptr, sums_ptr, overall_ptr, sample_max_ptr, count, rows, splits,
+    N_SCALARS: tl.constexpr, SCALARS_PAD: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """One program: kernel 1's per-program partials into the pass's results, in a fixed order (deterministic):
+    """Kernel 1's per-program partials into the pass's results, by one program in a fixed order (deterministic):
     ``[count, scalar sums...]`` (float64), the two overall maxima (float64) and, per row, the ranked maximum over
-    that row's programs (float64). One launch instead of the half-dozen small tensor operations it replaces."""
+    that row's programs (float64). One program instead of the half-dozen small tensor operations it replaces."""
     programs = rows * splits
     columns = tl.arange(0, SCALARS_PAD)
     in_columns = columns < N_SCALARS
@@ -203,6 +198,26 @@ def _finish_row_statistics_kernel(
                 slot = row.to(tl.int64) * splits + split
                 row_max = tl.maximum(row_max, tl.load(maxima_ptr + slot * 2 + 1, mask=present, other=0.0))
             tl.store(sample_max_ptr + row, row_max.to(tl.float64), mask=present)
+
+
+@triton.jit
+def _finish_row_statistics_kernel(
+    scalars_ptr,
+    maxima_ptr,
+    sums_ptr,
+    overall_ptr,
+    sample_max_ptr,
+    count,
+    rows,
+    splits,
+    N_SCALARS: tl.constexpr,
+    SCALARS_PAD: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """The finishing program on its own (a pass without a median, whose kernel would otherwise run it)."""
+    _finish_row_statistics(scalars_ptr, maxima_ptr, sums_ptr, overall_ptr, sample_max_ptr, count, rows, splits,
+                           N_SCALARS, SCALARS_PAD, PER_SAMPLE, BLOCK_P)
 
 
 @triton.jit
@@ -287,26 +302,10 @@ def _order_statistic(coarse, fine, target, rank, total, low_key, BINS: tl.conste
 
 
 @triton.jit
-def _median_kernel(
-    coarse_ptr,
-    fine_ptr,
-    targets_ptr,
-    ratio_ptr,
-    median_ptr,
-    threshold_ptr,
-    cols,
-    rank_low,
-    rank_high,
-    low_key,
-    above_abs,
-    MASSIVE: tl.constexpr,
-    BINS: tl.constexpr,
-    KEY_SHIFT: tl.constexpr,
-    COARSE: tl.constexpr,
-    SUB: tl.constexpr,
-):
-    """Per row: the median of ``|x|`` (``histogram_median``) and, for the massive count, the float32 threshold of
-    ``massive_row_thresholds`` (``max(next float32 above abs_threshold, ratio * median rounded up)``)."""
+def _row_median(coarse_ptr, fine_ptr, targets_ptr, ratio_ptr, median_ptr, threshold_ptr, cols, rank_low, rank_high,
+                low_key, above_abs, MASSIVE: tl.constexpr, BINS: tl.constexpr, KEY_SHIFT: tl.constexpr,
+                COARSE: tl.constexpr, SUB: tl.constexpr):
+    """The median kernel's work for the row of this program."""
     row = tl.program_id(0).to(tl.int64)
     coarse = tl.load(coarse_ptr + row * COARSE + tl.arange(0, COARSE))
     low_fine = tl.load(fine_ptr + row * 2 * SUB + tl.arange(0, SUB))
@@ -325,6 +324,48 @@ def _median_kernel(
         rounded = tl.where(rounded.to(tl.float64) < relative, up, rounded)
         threshold = tl.where(rounded != rounded, rounded, tl.maximum(rounded, above_abs))
         tl.store(threshold_ptr + row, threshold)
+
+
+@triton.jit
+def _median_kernel(
+    coarse_ptr,
+    fine_ptr,
+    targets_ptr,
+    ratio_ptr,
+    median_ptr,
+    threshold_ptr,
+    cols,
+    rank_low,
+    rank_high,
+    low_key,
+    above_abs,
+    scalars_ptr,
+    maxima_ptr,
+    sums_ptr,
+    overall_ptr,
+    sample_max_ptr,
+    count,
+    rows,
+    splits,
+    MASSIVE: tl.constexpr,
+    BINS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    COARSE: tl.constexpr,
+    SUB: tl.constexpr,
+    N_SCALARS: tl.constexpr,
+    SCALARS_PAD: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Per row: the median of ``|x|`` (``histogram_median``) and, for the massive count, the float32 threshold of
+    ``massive_row_thresholds`` (``max(next float32 above abs_threshold, ratio * median rounded up)``). One program
+    more (the last) runs kernel 1's finishing program, which reads only kernel 1's partials: one launch fewer."""
+    if tl.program_id(0) == rows:
+        _finish_row_statistics(scalars_ptr, maxima_ptr, sums_ptr, overall_ptr, sample_max_ptr, count, rows, splits,
+                               N_SCALARS, SCALARS_PAD, PER_SAMPLE, BLOCK_P)
+    else:
+        _row_median(coarse_ptr, fine_ptr, targets_ptr, ratio_ptr, median_ptr, threshold_ptr, cols, rank_low, rank_high,
+                    low_key, above_abs, MASSIVE, BINS, KEY_SHIFT, COARSE, SUB)
 
 
 @triton.jit
@@ -363,8 +404,8 @@ def _column_statistics_kernel(
             count = tl.where(median != median, float("nan"), count)
             tl.atomic_add(counts_ptr + row, count, mask=present)
     if COLUMN_MAX:
-        tl.store(column_max_ptr + group.to(tl.int64) * cols + column, ranked_max.to(tl.float32, bitcast=True),
-                 mask=in_row)
+        # the bits of non-negative floats order like the floats: an integer maximum, the same in any order
+        tl.atomic_max(column_max_ptr + column, ranked_max, mask=in_row)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -380,18 +421,30 @@ def _split(rows: int, cols: int) -> tuple[int, int]:
     return split_len, max(1, -(-cols // split_len))
 
 
+def zeroed_buffers(device: torch.device, float64_sizes: tuple[int, ...], int32_sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Zeroed float64 and int32 buffers of these sizes, in that order, as views of one allocation: one memset for
+    all the buffers a pass accumulates into (on a GPU each ``torch.zeros`` is a launch)."""
+    # the float64 buffers first, so that each starts at an even int32 offset (8-byte aligned)
+    sizes = [2 * size for size in float64_sizes] + list(int32_sizes)
+    parts = torch.zeros(sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    return [part.view(torch.float64) for part in parts[: len(float64_sizes)]] + list(parts[len(float64_sizes) :])
+
+
 def row_statistics(
     rows: torch.Tensor, thresholds: torch.Tensor, n_thresholds: int, moments: bool, bins: tuple[int, int, int] | None,
-    coarse_shift: int, per_sample: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    coarse_shift: int, per_sample: bool, coarse: torch.Tensor | None, finish: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[object, ...] | None]:
     """Kernel 1 and its finish on a contiguous ``(rows, cols)`` float16/bfloat16/float32 matrix.
 
     ``thresholds``: float32 vector on the device whose first ``n_thresholds`` entries are the thresholds (already
     rounded down to float32, see ``fused``; at least one entry, as the kernel needs a pointer); ``bins``:
-    ``(size, key_shift, low_key)`` of the log-magnitude layout or None. Returns ``(sums (1 + n,) float64: the
-    entry count and the scalars over all rows, maxima (2,) float64, per-row ranked maxima (rows,) float64 | None
-    (with ``per_sample``), coarse histogram (rows, size >> coarse_shift) int32 | None)``; the partials of every
-    program are added by one finishing program in a fixed order (deterministic).
+    ``(size, key_shift, low_key)`` of the log-magnitude layout or None; ``coarse``: with ``bins``, the zeroed
+    ``(rows, size >> coarse_shift)`` int32 buffer the coarse histogram is added into. Returns ``(sums (1 + n,)
+    float64: the entry count and the scalars over all rows, maxima (2,) float64, per-row ranked maxima (rows,)
+    float64 | None (with ``per_sample``), finish)``; the partials of every program are added by one finishing
+    program in a fixed order (deterministic). With ``finish=False`` that program is not launched here: ``finish``
+    holds its arguments for :func:`sample_medians`, whose kernel runs it as one more program (the results are
+    written by then); else ``finish`` is None.
     """
     n_rows, cols = rows.shape
     device = rows.device
@@ -400,7 +453,6 @@ def row_statistics(
     scalars = torch.empty(n_rows * splits, n_scalars, dtype=torch.float64, device=device)
     maxima = torch.empty(n_rows * splits, 2, dtype=torch.float32, device=device)
     size, key_shift, low_key = bins if bins is not None else (1 << coarse_shift, 0, 0)
-    coarse = torch.zeros(n_rows, size >> coarse_shift, dtype=torch.int32, device=device) if bins is not None else None
     _row_statistics_kernel[(n_rows, splits)](
         rows, thresholds, scalars, maxima, coarse if coarse is not None else scalars,
         cols, split_len, splits, low_key,
@@ -411,27 +463,32 @@ def row_statistics(
     sums = torch.empty(1 + n_scalars, dtype=torch.float64, device=device)
     overall = torch.empty(2, dtype=torch.float64, device=device)
     sample_max = torch.empty(n_rows, dtype=torch.float64, device=device) if per_sample else None
+    args = (scalars, maxima, sums, overall, sample_max if sample_max is not None else overall, n_rows * cols, n_rows,
+            splits, n_scalars, per_sample)
+    if not finish:
+        return sums, overall, sample_max, args
+    *pointers, n_scalars, per_sample = args
     _finish_row_statistics_kernel[(1,)](
-        scalars, maxima, sums, overall, sample_max if sample_max is not None else overall, n_rows * cols, n_rows, splits,
-        N_SCALARS=n_scalars, SCALARS_PAD=_next_power_of_two(n_scalars), PER_SAMPLE=per_sample,
+        *pointers, N_SCALARS=n_scalars, SCALARS_PAD=_next_power_of_two(n_scalars), PER_SAMPLE=per_sample,
         BLOCK_P=FINISH_BLOCK, num_warps=NUM_WARPS,
     )
-    return sums, overall, sample_max, coarse
+    return sums, overall, sample_max, None
 
 
 def sample_medians(
-    rows: torch.Tensor, coarse: torch.Tensor, bins: tuple[int, int, int], coarse_shift: int,
-    ratio: torch.Tensor | None, above_abs: float,
+    rows: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, bins: tuple[int, int, int], coarse_shift: int,
+    ratio: torch.Tensor | None, above_abs: float, finish: tuple[object, ...],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kernels 2 and 2b: per row the median of ``|x|`` (float64, the full histogram's ``histogram_median`` estimate)
     from kernel 1's ``coarse`` histogram, and, when ``ratio`` (a float64 device scalar) is given, the float32
-    massive threshold ``max(above_abs, ratio * median rounded up)`` (NaN where the median is)."""
+    massive threshold ``max(above_abs, ratio * median rounded up)`` (NaN where the median is). ``fine`` is a zeroed
+    ``(rows, 2 << coarse_shift)`` int32 buffer; kernel 2b also runs kernel 1's finishing program (``finish``, from
+    :func:`row_statistics` with ``finish=False``)."""
     n_rows, cols = rows.shape
     split_len, splits = _split(n_rows, cols)
     size, key_shift, low_key = bins
     sub = 1 << coarse_shift
     device = rows.device
-    fine = torch.zeros(n_rows, 2, sub, dtype=torch.int32, device=device)
     targets = torch.empty(n_rows, 2, dtype=torch.int32, device=device)
     ranks = ((cols + 1) // 2, cols // 2 + 1)
     _refine_histogram_kernel[(n_rows, splits)](
@@ -440,32 +497,33 @@ def sample_medians(
     )
     median = torch.empty(n_rows, dtype=torch.float64, device=device)
     threshold = torch.empty(n_rows, dtype=torch.float32, device=device) if ratio is not None else None
-    _median_kernel[(n_rows,)](
+    *pointers, n_scalars, per_sample = finish
+    _median_kernel[(n_rows + 1,)](
         coarse, fine, targets, ratio if ratio is not None else median, median,
-        threshold if threshold is not None else median, cols, *ranks, low_key, above_abs,
+        threshold if threshold is not None else median, cols, *ranks, low_key, above_abs, *pointers,
         MASSIVE=ratio is not None, BINS=size, KEY_SHIFT=key_shift, COARSE=size >> coarse_shift, SUB=sub,
+        N_SCALARS=n_scalars, SCALARS_PAD=_next_power_of_two(n_scalars), PER_SAMPLE=per_sample,
+        BLOCK_P=FINISH_BLOCK // 4,  # one warp here (below): a quarter of the block per step keeps its registers
         num_warps=1, enable_fp_fusion=False,  # no fused multiply-add: the same roundings as the torch functions
     )
     return median, threshold
 
 
 def column_statistics(
-    rows: torch.Tensor, row_thresholds: torch.Tensor | None, median: torch.Tensor | None, column_max: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Kernel 3: ``(per-position max |x| (cols,) float32 | None, per-row count of |x| >= row_thresholds (rows,) float64,
-    NaN where the row's ``median`` is | None)``; ``row_thresholds`` is float32 ``(rows,)`` and ``median`` float64
-    ``(rows,)``, or both None for no count."""
+    rows: torch.Tensor, row_thresholds: torch.Tensor | None, median: torch.Tensor | None,
+    column_max: torch.Tensor | None, counts: torch.Tensor | None,
+) -> None:
+    """Kernel 3, into zeroed buffers: ``column_max`` (cols,) int32 receives the bits of the per-position max ``|x|``
+    (NaN as inf; read it with ``.view(torch.float32)``), ``counts`` (rows,) float64 per row the count of
+    ``|x| >= row_thresholds`` (NaN where the row's ``median`` is); ``row_thresholds`` is float32 ``(rows,)`` and
+    ``median`` float64 ``(rows,)``, or all three None for no count."""
     n_rows, cols = rows.shape
     column_blocks = -(-cols // COLUMN_BLOCK)
     groups = -(-n_rows // ROWS_PER_PROGRAM)
-    device = rows.device
-    maxima = torch.empty(groups, cols, dtype=torch.float32, device=device) if column_max else None
-    counts = torch.zeros(n_rows, dtype=torch.float64, device=device) if row_thresholds is not None else None
-    dummy = maxima if maxima is not None else counts
+    dummy = column_max if column_max is not None else counts
     _column_statistics_kernel[(column_blocks, groups)](
         rows, row_thresholds if row_thresholds is not None else dummy, median if median is not None else dummy,
-        maxima if maxima is not None else dummy, counts if counts is not None else dummy, n_rows, cols,
-        COUNT=row_thresholds is not None, COLUMN_MAX=column_max, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+        column_max if column_max is not None else dummy, counts if counts is not None else dummy, n_rows, cols,
+        COUNT=row_thresholds is not None, COLUMN_MAX=column_max is not None, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
         COLUMN_BLOCK=COLUMN_BLOCK, num_warps=NUM_WARPS,
     )
-    return (None if maxima is None else maxima.amax(0)), counts
