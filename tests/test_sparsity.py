@@ -202,8 +202,10 @@ def test_bad_target_cett_is_a_clear_error() -> None:
         ActivationSparsity(target_cett=1.5)
 
 
-def test_zero_fractions_of_several_taps_are_each_taps_own() -> None:
-    # Without CETT or temporal sparsity the monitor summarises all taps at once: each value must stay its tap's.
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_zero_fractions_of_several_taps_are_each_taps_own(accumulate: int) -> None:
+    # Without CETT or temporal sparsity the monitor keeps each tap's fused sums until the logging step and
+    # summarises all taps at once: each value must stay its tap's, with one or two micro-batches per step.
     pl.seed_everything(0)
     task = TinySequenceMLP()
     relu_outputs: list[np.ndarray] = []
@@ -211,11 +213,13 @@ def test_zero_fractions_of_several_taps_are_each_taps_own() -> None:
     monitor = ActivationSparsity(modules=["gate", "act"], every_n_steps=1)
     trainer = pl.Trainer(
         max_steps=3, logger=False, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, accelerator="cpu",
+        enable_checkpointing=False, accelerator="cpu", accumulate_grad_batches=accumulate,
     )
     trainer.fit(task, sequence_loader())
     assert monitor.history["sparsity/gate/zero_frac"].values == [0.75, 0.75, 0.75]
-    expected = [float((out == 0).mean()) for out in relu_outputs]
+    assert len(relu_outputs) == 3 * accumulate
+    steps = [np.concatenate(relu_outputs[i : i + accumulate]) for i in range(0, len(relu_outputs), accumulate)]
+    expected = [float((out == 0).mean()) for out in steps]
     assert monitor.history["sparsity/act/zero_frac"].values == pytest.approx(expected, rel=1e-12)
     assert all(0.0 < v < 1.0 and v != 0.75 for v in expected)
     assert monitor.history["sparsity/act/nonfinite"].values == [0.0, 0.0, 0.0]

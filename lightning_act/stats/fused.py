@@ -489,12 +489,26 @@ def moment_partials_from(stats: FusedStats, zero_threshold: float = 0.0) -> tupl
     return sums, stats.value("abs_max").reshape(1)
 
 
+def _zero_sums_lead(stats: FusedStats, threshold: float) -> bool:
+    """Whether the fused sums start with ``[count, nonfinite, zeros]`` (the usual layout of a zero-count pass)."""
+    return stats.spec.sum_names[:3] == ("count", "nonfinite", f"at_most:{float(threshold)!r}")
+
+
 def zero_partials_from(stats: FusedStats, threshold: float = 0.0) -> torch.Tensor:
     """``[count, nonfinite, zeros]`` as :func:`lightning_act.stats.sparsity.zero_partials` lays it out (a copy: the
     fused sums are shared by every monitor of the tap)."""
-    if stats.spec.sum_names[:3] == ("count", "nonfinite", f"at_most:{float(threshold)!r}"):
+    if _zero_sums_lead(stats, threshold):
         return stats.sums[:3].clone()  # the usual layout: one copy instead of three picks and a stack
     return torch.stack([stats.value("count"), stats.value("nonfinite"), stats.at_most(threshold)])
+
+
+def zero_partials_stacked(passes: list[FusedStats], threshold: float = 0.0) -> torch.Tensor:
+    """:func:`zero_partials_from` of several passes as one ``(passes, 3)`` tensor: one stack (a copy) in the usual
+    layout."""
+    return torch.stack([
+        stats.sums[:3] if _zero_sums_lead(stats, threshold) else zero_partials_from(stats, threshold)
+        for stats in passes
+    ])
 
 
 def massive_partials_from(stats: FusedStats) -> tuple[torch.Tensor, torch.Tensor]:
