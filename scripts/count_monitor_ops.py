@@ -15,7 +15,9 @@ sketches each weight where it is: 3 operations per weight here against 3 in all 
 
 The model is a 12-block timm ViT (dim 192, image 32, patch 4) at batch 2: compute is negligible, so the host time
 per hook printed next to the counts is mostly dispatch (a CPU's, slower or faster than a GPU host's; compare two
-runs on one machine only).
+runs on one machine only). At batch 2 a tap has 130 rows (65 tokens each), fewer than ``DimensionalCollapse``'s
+``max_rows`` (1024), so no rows are sampled; ``--batch-size 16`` (1040 rows) counts the sampling a ViT-S at batch
+128 does (one ``randperm`` there is a sort: several launches on a GPU, counted here as one operation).
 
     OMP_NUM_THREADS=1 python scripts/count_monitor_ops.py                 # the CPU path
     OMP_NUM_THREADS=1 python scripts/count_monitor_ops.py --gpu-path      # the CUDA path, launches stubbed
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--gpu-path", action="store_true", help="the CUDA code path, Triton launches stubbed")
     parser.add_argument("--by-source", action="store_true", help="also count by operation and lightning_act line")
     parser.add_argument("--monitors", default="ActivationSparsity,MassiveActivations,DimensionalCollapse,SensitiveNeurons")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step (16: collapse samples its rows)")
     args = parser.parse_args()
     if args.gpu_path:
         if "lightning_act.stats.triton_fused" in sys.modules:
@@ -171,7 +174,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
                               embed_dim=192, depth=12, num_heads=3)
-    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    x, y = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=STEPS, callbacks=[census[0], *monitors], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -180,7 +183,7 @@ def main() -> None:
     trainer.fit(Classifier(model), DataLoader([(x, y)] * STEPS, batch_size=None), DataLoader([(x, y)], batch_size=None))
     path = "GPU path, Triton launches stubbed" if args.gpu_path else "CPU path"
     print(f"# count_monitor_ops ({path}): torch {torch.__version__}, {', '.join(names)} due every step, "
-          f"12-block ViT at batch 2")
+          f"12-block ViT at batch {args.batch_size}")
     totals: collections.Counter[str] = collections.Counter()
     for key, count in census[0].ops.items():
         totals[key.split(" | ")[0]] += count
