@@ -35,6 +35,8 @@ from lightning_act.stats.moments import moment_partials
 from lightning_act.stats.sparsity import zero_partials
 
 SPEC = moment_spec(0.0).union(zero_spec(0.25), massive_spec())
+# counts only (ActivationSparsity's pass): on the Triton path its programs add into the results with atomics
+COUNTS_SPEC = zero_spec(0.0).union(zero_spec(0.25))
 # (shape, dtype): odd sizes that leave partial blocks, a 4-D conv map, one sample, fp16/bf16.
 # (19, 3, 5): more samples than one program of the column kernel reads (8), so its row groups are merged too
 CASES = [((3, 5, 7), "float32"), ((2, 3, 4, 5), "bfloat16"), ((1, 1031), "float16"), ((4, 2053), "float32"),
@@ -44,6 +46,15 @@ CASES = [((3, 5, 7), "float32"), ((2, 3, 4, 5), "bfloat16"), ((1, 1031), "float1
 def one_entry_input() -> torch.Tensor:
     """Samples of a single entry: both middle ranks are 1 (an int Triton specialises to a constexpr)."""
     return torch.tensor([[0.5], [0.0], [float("nan")], [2e3]])
+
+
+def late_maximum_input() -> torch.Tensor:
+    """One row over several programs of the row kernel (8192 entries each), whose two maxima (an inf, and 300 as the
+    largest finite magnitude) both lie in the last program only."""
+    x = torch.randn(1, 3 * 8192 + 5, generator=torch.Generator().manual_seed(4))
+    x[0, -3] = 300.0
+    x[0, -1] = float("inf")
+    return x
 
 
 def split_median_input() -> torch.Tensor:
@@ -118,6 +129,16 @@ def assert_matches_numpy(x: torch.Tensor, stats, spec: FusedSpec) -> None:
     np.testing.assert_array_equal(stats.sample_magnitude_max.numpy(), ref["sample_max"])
     np.testing.assert_array_equal(stats.column_max.double().numpy(), ref["column_max"])
     assert_median_and_massive_count(x, stats, spec)
+
+
+def assert_counts_match_numpy(x: torch.Tensor, stats) -> None:
+    """A pass of :data:`COUNTS_SPEC`: every count and both maxima exactly numpy's."""
+    ref = numpy_reference(x, COUNTS_SPEC)
+    assert stats.value("count").item() == ref["count"]
+    assert stats.value("nonfinite").item() == ref["nonfinite"]
+    np.testing.assert_array_equal([stats.at_most(t).item() for t in COUNTS_SPEC.thresholds], ref["at_most"])
+    assert stats.value("abs_max").item() == ref["abs_max"]
+    assert stats.value("magnitude_max").item() == ref["magnitude_max"]
 
 
 def assert_median_and_massive_count(x: torch.Tensor, stats, spec: FusedSpec) -> None:
@@ -250,14 +271,17 @@ def test_spec_union_and_bad_input() -> None:
 TRITON_CHECKER = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_fused_stats import CASES, SPEC, make_input, one_entry_input, special_rows_input, split_median_input
+from test_fused_stats import (CASES, COUNTS_SPEC, SPEC, late_maximum_input, make_input, one_entry_input,
+                              special_rows_input, split_median_input)
 from lightning_act.stats.fused import fused_statistics
 out = []
-extra = [split_median_input(), special_rows_input(), one_entry_input()]
+extra = [split_median_input(), special_rows_input(), one_entry_input(), late_maximum_input()]
 for x in [make_input(shape, dtype, seed=len(shape)) for shape, dtype in CASES] + extra:
     s = fused_statistics(x, SPEC, "triton")
     fields = (s.sums, s.maxima, s.sample_magnitude_max, s.sample_median, s.sample_massive_count, s.column_max)
-    out.append((x, *(t.clone() for t in fields)))  # copies: some fields are typed views of one zeroed buffer
+    counts = fused_statistics(x, COUNTS_SPEC, "triton")
+    # copies: some fields are typed views of one zeroed buffer
+    out.append((x, [t.clone() for t in fields], [counts.sums.clone(), counts.maxima.clone()]))
 torch.save(out, sys.argv[2])
 """
 
@@ -268,21 +292,23 @@ def test_triton_kernel_matches_float64_numpy_under_interpreter(tmp_path: Path) -
 
     output = tmp_path / "fused.pt"
     run_interpreted(TRITON_CHECKER, output)
-    for (x, *fields) in torch.load(output):
+    for x, fields, (sums, maxima) in torch.load(output):
         stats = FusedStats(SPEC, tuple(x.shape), *fields)
         assert_matches_numpy(x, stats, SPEC)
+        assert_counts_match_numpy(x, FusedStats(COUNTS_SPEC, tuple(x.shape), sums, maxima))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_kernel_matches_float64_numpy_on_cuda() -> None:
     inputs = [make_input(shape, dtype, seed=3) for shape, dtype in [*CASES, ((128, 197, 384), "bfloat16"),
                                                                      ((16, 197, 1536), "float16")]]
-    for x in [*inputs, split_median_input(), special_rows_input(), one_entry_input()]:
+    for x in [*inputs, split_median_input(), special_rows_input(), one_entry_input(), late_maximum_input()]:
         stats = fused_statistics(x.cuda(), SPEC, "triton")
         fields = (stats.sums, stats.maxima, stats.sample_magnitude_max, stats.sample_median, stats.sample_massive_count,
                   stats.column_max)
         cpu = type(stats)(SPEC, stats.shape, *(t.cpu() for t in fields))
         assert_matches_numpy(x, cpu, SPEC)
+        assert_counts_match_numpy(x, fused_statistics(x.cuda(), COUNTS_SPEC, "triton"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -301,7 +327,13 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
           "cols": "i32", "split_len": "i32", "splits": "i32", "low_key": "i32"},
          {"N_THRESHOLDS": 2, "THRESHOLD_PAD": 2, "MOMENTS": True, "HISTOGRAM": True, "BINS": bins.size,
           "KEY_SHIFT": bins.key_shift, "COARSE_SHIFT": shift, "N_SCALARS": 6, "BLOCK": triton_fused.BLOCK,
-          "INNER": triton_fused.INNER}),
+          "INNER": triton_fused.INNER, "ATOMIC": False}),
+        # a pass of counts only: results added with atomics, maxima as int64 bits
+        (triton_fused._row_statistics_kernel,
+         {"x_ptr": "*bf16", "thresholds_ptr": "*fp32", "scalars_ptr": "*fp64", "maxima_ptr": "*i64", "coarse_ptr": "*fp64",
+          "cols": "i32", "split_len": "i32", "splits": "i32", "low_key": "i32"},
+         {"N_THRESHOLDS": 2, "THRESHOLD_PAD": 2, "MOMENTS": False, "HISTOGRAM": False, "BINS": 2, "KEY_SHIFT": 0,
+          "COARSE_SHIFT": 1, "N_SCALARS": 3, "BLOCK": triton_fused.BLOCK, "INNER": triton_fused.INNER, "ATOMIC": True}),
         (triton_fused._refine_histogram_kernel,
          {"x_ptr": "*bf16", "coarse_ptr": "*i32", "targets_ptr": "*i32", "fine_ptr": "*i32", "cols": "i32",
           "split_len": "i32", "low_key": "i32", "rank_low": "i32", "rank_high": "i32"},
@@ -328,8 +360,9 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
          {"N_SCALARS": 6, "SCALARS_PAD": 8, "PER_SAMPLE": True, "BLOCK_P": triton_fused.FINISH_BLOCK}),
     )
     # Triton passes an int argument equal to 1 as a constexpr: a sample of one entry (ranks and count 1)
-    median_constants = {**kernels[2][2], "cols": 1, "rank_low": 1, "rank_high": 1, "rows": 1, "splits": 1, "count": 1}
-    median_runtime = {k: v for k, v in kernels[2][1].items() if k not in median_constants}
+    _, median_signature, median_options = next(k for k in kernels if k[0] is triton_fused._median_kernel)
+    median_constants = {**median_options, "cols": 1, "rank_low": 1, "rank_high": 1, "rows": 1, "splits": 1, "count": 1}
+    median_runtime = {k: v for k, v in median_signature.items() if k not in median_constants}
     kernels.append((triton_fused._median_kernel, median_runtime, median_constants))
     for kernel, runtime, constants in kernels:
         # each with the warps it is launched with: the median kernel (and the finish it runs) with one

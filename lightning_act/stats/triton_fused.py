@@ -19,7 +19,9 @@ needs it:
    (``_finish_row_statistics``) adds them in a fixed order (deterministic) and writes the results the
    monitors read (the entry count and sums, the overall and per-row maxima), where a chain of small tensor
    operations used to run: a launch of its own in a pass without a median, else one more program of the
-   median kernel (2b); the coarse histogram is added with integer atomics (exact).
+   median kernel (2b); the coarse histogram is added with integer atomics (exact). A pass of counts only (no
+   moments, no per-sample statistics) needs no finish: its programs add their counts (whole numbers, exact in
+   any order) and maxima (int64 atomic maximum of the bits) into the results directly.
 2. ``_refine_histogram_kernel``, same grid: the fine bins of the two coarse bins per row that hold the median's
    two middle order statistics (each program finds them from the row's coarse histogram). With (1) this gives
    exactly the cumulative counts the full histogram would give at those bins, so the median estimate is the
@@ -103,6 +105,7 @@ def _row_statistics_kernel(
     N_SCALARS: tl.constexpr,
     BLOCK: tl.constexpr,
     INNER: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     row, split, start, end, base = _row_segment(cols, split_len)
     lanes = tl.arange(0, BLOCK)
@@ -146,20 +149,33 @@ def _row_statistics_kernel(
             square_total += square_part.to(tl.float64)
             abs_total += abs_part.to(tl.float64)
 
-    slot = row.to(tl.int64) * splits + split
-    out = scalars_ptr + slot * N_SCALARS
-    tl.store(out, tl.sum(nonfinite, axis=0).to(tl.float64))
-    if N_THRESHOLDS > 0:
-        tl.store(out + 1 + pad, tl.sum(at_most, axis=0).to(tl.float64), mask=pad < N_THRESHOLDS)
-    if MOMENTS:
-        tl.store(out + 1 + N_THRESHOLDS, tl.sum(total, axis=0))
-        tl.store(out + 2 + N_THRESHOLDS, tl.sum(square_total, axis=0))
-        tl.store(out + 3 + N_THRESHOLDS, tl.sum(abs_total, axis=0))
-    tl.store(maxima_ptr + slot * 2, tl.max(abs_max, axis=0))
-    tl.store(maxima_ptr + slot * 2 + 1, tl.max(ranked_max, axis=0).to(tl.float32, bitcast=True))
-    if HISTOGRAM:
-        coarse_bins = tl.arange(0, BINS >> COARSE_SHIFT)
-        tl.atomic_add(coarse_ptr + row.to(tl.int64) * (BINS >> COARSE_SHIFT) + coarse_bins, coarse, mask=coarse > 0)
+    if ATOMIC:
+        # Counts only (no moments, one row): each program adds its counts to the results themselves, which whole
+        # numbers do exactly in any order, and its maxima as the int64 bits of non-negative float64s (ordered like
+        # the values); scalars_ptr is then the zeroed [count, scalars...] and maxima_ptr the zeroed bits of the two
+        # maxima. No partials, no finishing program.
+        tl.atomic_add(scalars_ptr, (end - start).to(tl.float64))
+        tl.atomic_add(scalars_ptr + 1, tl.sum(nonfinite, axis=0).to(tl.float64))
+        if N_THRESHOLDS > 0:
+            tl.atomic_add(scalars_ptr + 2 + pad, tl.sum(at_most, axis=0).to(tl.float64), mask=pad < N_THRESHOLDS)
+        tl.atomic_max(maxima_ptr, tl.max(abs_max, axis=0).to(tl.float64).to(tl.int64, bitcast=True))
+        ranked = tl.max(ranked_max, axis=0).to(tl.float32, bitcast=True).to(tl.float64)
+        tl.atomic_max(maxima_ptr + 1, ranked.to(tl.int64, bitcast=True))
+    else:
+        slot = row.to(tl.int64) * splits + split
+        out = scalars_ptr + slot * N_SCALARS
+        tl.store(out, tl.sum(nonfinite, axis=0).to(tl.float64))
+        if N_THRESHOLDS > 0:
+            tl.store(out + 1 + pad, tl.sum(at_most, axis=0).to(tl.float64), mask=pad < N_THRESHOLDS)
+        if MOMENTS:
+            tl.store(out + 1 + N_THRESHOLDS, tl.sum(total, axis=0))
+            tl.store(out + 2 + N_THRESHOLDS, tl.sum(square_total, axis=0))
+            tl.store(out + 3 + N_THRESHOLDS, tl.sum(abs_total, axis=0))
+        tl.store(maxima_ptr + slot * 2, tl.max(abs_max, axis=0))
+        tl.store(maxima_ptr + slot * 2 + 1, tl.max(ranked_max, axis=0).to(tl.float32, bitcast=True))
+        if HISTOGRAM:
+            coarse_bins = tl.arange(0, BINS >> COARSE_SHIFT)
+            tl.atomic_add(coarse_ptr + row.to(tl.int64) * (BINS >> COARSE_SHIFT) + coarse_bins, coarse, mask=coarse > 0)
 
 
 @triton.jit
@@ -444,22 +460,32 @@ def row_statistics(
     float64 | None (with ``per_sample``), finish)``; the partials of every program are added by one finishing
     program in a fixed order (deterministic). With ``finish=False`` that program is not launched here: ``finish``
     holds its arguments for :func:`sample_medians`, whose kernel runs it as one more program (the results are
-    written by then); else ``finish`` is None.
+    written by then); else ``finish`` is None. A pass of counts only (no moments, no per-sample statistics, e.g.
+    ``ActivationSparsity``'s) has no finishing program: its programs add their counts and maxima to the results
+    with atomics, exact in any order for whole numbers and maxima.
     """
     n_rows, cols = rows.shape
     device = rows.device
     split_len, splits = _split(n_rows, cols)
     n_scalars = 1 + n_thresholds + (3 if moments else 0)
-    scalars = torch.empty(n_rows * splits, n_scalars, dtype=torch.float64, device=device)
-    maxima = torch.empty(n_rows * splits, 2, dtype=torch.float32, device=device)
     size, key_shift, low_key = bins if bins is not None else (1 << coarse_shift, 0, 0)
+    # Only counts and the two maxima: the programs add them into the results (see the kernel), with no finish.
+    atomic = not moments and not per_sample and bins is None
+    if atomic:
+        sums, overall = torch.zeros(1 + n_scalars + 2, dtype=torch.float64, device=device).split([1 + n_scalars, 2])
+        scalars, maxima = sums, overall.view(torch.int64)
+    else:
+        scalars = torch.empty(n_rows * splits, n_scalars, dtype=torch.float64, device=device)
+        maxima = torch.empty(n_rows * splits, 2, dtype=torch.float32, device=device)
     _row_statistics_kernel[(n_rows, splits)](
         rows, thresholds, scalars, maxima, coarse if coarse is not None else scalars,
         cols, split_len, splits, low_key,
         N_THRESHOLDS=n_thresholds, THRESHOLD_PAD=_next_power_of_two(max(1, n_thresholds)), MOMENTS=moments,
         HISTOGRAM=bins is not None, BINS=size, KEY_SHIFT=key_shift, COARSE_SHIFT=coarse_shift, N_SCALARS=n_scalars,
-        BLOCK=BLOCK, INNER=INNER, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, INNER=INNER, ATOMIC=atomic, num_warps=NUM_WARPS,
     )
+    if atomic:
+        return sums, overall, None, None
     sums = torch.empty(1 + n_scalars, dtype=torch.float64, device=device)
     overall = torch.empty(2, dtype=torch.float64, device=device)
     sample_max = torch.empty(n_rows, dtype=torch.float64, device=device) if per_sample else None
