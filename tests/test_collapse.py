@@ -325,7 +325,7 @@ def test_taps_of_several_shapes_match_numpy_with_one_or_two_forwards_per_step(ac
 
 
 def test_taps_of_one_row_count_share_the_steps_row_choice_and_the_next_step_draws_again() -> None:
-    # Row r of each activation is r times the unit vector e_r, so the sums name the rows that were sampled.
+    # Row r of the first two activations is (r + 1) e_r, of the third e_r: the sums name the rows that were sampled.
     monitor = DimensionalCollapse(modules=["a", "b", "c"], max_rows=5, param_patterns=[])
     monitor.taps = [SimpleNamespace(name=name) for name in "abc"]
     monitor._reset_buffers(3)
