@@ -4,10 +4,11 @@ dimension of the parameter trajectory.
 Per tapped module, on each due step, every rank samples up to ``max_rows`` rows of the activation
 (all leading dims flattened into rows; features are the last dim, or the channel dim 1 of a 4-D
 conv map) with a private ``torch.Generator``, and sums ``N``, ``Σx`` and ``Σxxᵀ`` in float64.
-The sampled rows (a copy, at most ``max_rows x d``) are kept until the logging step, where the sums of
-all taps whose samples have one shape come from one batched product (issue 17: a few operations per
-step instead of five per tap); taps of one row count share the step's random row choice, so one
-permutation is drawn per row count and step, not per tap.
+The sampled rows of a tap's first activation in a step (a copy, at most ``max_rows x d``) are kept until
+the logging step, where the sums of all taps whose samples have one shape come from one batched product
+(issue 17: a few operations per step instead of five per tap; later micro-batches of the step are summed
+at once); taps of one row count share the step's random row choice, so one permutation is drawn per row
+count and step, not per tap.
 The sums are added across micro-batches and ranks, and the spectrum of the centred scatter matrix
 is taken once, on the device, in float64 at flush time (:mod:`lightning_act.stats.spectrum`).
 
@@ -177,7 +178,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_seen = 0
         self._snapshot_stride = 1
         self._feature_dims: dict[str, int] = {}
-        self._kept_rows: dict[int, list[torch.Tensor]] = {}  # this step's sampled rows per tap, summed at flush
+        self._kept_rows: dict[int, torch.Tensor] = {}  # sampled rows of each tap's first activation this step
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
@@ -217,25 +218,25 @@ class DimensionalCollapse(ActivationMonitor):
         self._kept_rows, self._row_choices = {}, {}
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
-        """Keep a copy of this activation's sampled rows until the logging step (:meth:`complete_partials`); a wide
-        tap sums its sketch now, since its rows are the larger buffer."""
+        """Keep a copy of the sampled rows of a tap's first activation in the step until the logging step
+        (:meth:`complete_partials`), so at most ``max_rows x d`` numbers per tap; later activations of the step
+        (micro-batches) and wide taps, whose sketch is the smaller buffer, are summed now."""
         d = x.shape[1] if x.dim() == 4 else x.shape[-1] if x.dim() else 1
-        if self._is_wide(d):
+        if self._is_wide(d) or tap_index in self._kept_rows:
             self.accumulate(tap_index, self.partials(tap_index, x))
             return
         rows = self._sampled_rows(x)
         if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             rows = rows.clone()  # a view of x: the model may change x in place before the logging step
-        self._kept_rows.setdefault(tap_index, []).append(rows)
+        self._kept_rows[tap_index] = rows
 
     def complete_partials(self) -> None:
-        """The sums of every activation kept since the last logging step, one batched product per shape of the
-        sampled rows (a tap seen in several forwards of the step adds its sums)."""
+        """The sums of the rows kept since the last logging step, one batched product per shape of the sampled rows
+        (added to the sums of a tap's later activations in the step)."""
         kept, self._kept_rows, self._row_choices = self._kept_rows, {}, {}
         by_shape: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
-        for tap_index, activations in kept.items():
-            for rows in activations:
-                by_shape.setdefault((tuple(rows.shape), rows.dtype, rows.device), []).append((tap_index, rows))
+        for tap_index, rows in kept.items():
+            by_shape.setdefault((tuple(rows.shape), rows.dtype, rows.device), []).append((tap_index, rows))
         for members in by_shape.values():
             stacked = torch.stack([rows for _, rows in members])
             for (tap_index, _), sums in zip(members, covariance_partials(stacked).unbind()):
