@@ -137,8 +137,8 @@ class MassiveActivations(ActivationMonitor):
         self.fits: dict[str, EmergenceFit] = {}
         self.fit_skipped: dict[str, str] = {}
         self._has_token: dict[int, bool] = {}
-        # fused statistics of this step's activations, per tap, with their top-k when taken at once
-        self._deferred: dict[int, list[tuple[FusedStats, torch.Tensor | None]]] = {}
+        # fused statistics of each tap's first activation this step, with its top-k when taken at once
+        self._deferred: dict[int, tuple[FusedStats, torch.Tensor | None]] = {}
         #: Bins of the per-sample log-magnitude histogram the median is estimated from (relative error
         #: <= 2**-sub_bits, 1.56%; see lightning_act.stats.histogram_median).
         self.bins = LogMagnitudeBins()
@@ -152,10 +152,11 @@ class MassiveActivations(ActivationMonitor):
         self._deferred = {}
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
-        """Keep the fused statistics of one activation until the logging step (:meth:`complete_partials` turns
-        those of all taps into partials at once: no operation per tap in the forward). A tap of more than
-        ``DEFERRED_POSITIONS`` positions per sample takes its top-k now, so that its per-position maxima are not
-        kept (an LLM's residual stream has millions)."""
+        """Keep the fused statistics of a tap's first activation in the step until the logging step
+        (:meth:`complete_partials` turns those of all taps into partials at once: no operation per tap in the
+        forward); later activations of the step (micro-batches) are turned into partials now, so one per tap is
+        kept. A tap of more than ``DEFERRED_POSITIONS`` positions per sample takes its top-k now, so that its
+        per-position maxima are not kept (an LLM's residual stream has millions)."""
         if not self._measurable(tap_index, x):
             return
         self._has_token[tap_index] = has_token_axis(x)
@@ -163,28 +164,27 @@ class MassiveActivations(ActivationMonitor):
             fused = fused_statistics(x, self.fused_spec(tap_index))
         assert fused.column_max is not None
         top = topk_positions_from(fused, self.top_k) if fused.column_max.numel() > DEFERRED_POSITIONS else None
-        self._deferred.setdefault(tap_index, []).append((fused, top))
+        if tap_index in self._deferred:  # a later forward of the step (a micro-batch): at once, so one pass is kept
+            self.accumulate(tap_index, self._partials_of(fused, top))
+        else:
+            self._deferred[tap_index] = (fused, top)
 
     def complete_partials(self) -> None:
-        """Partials of every activation kept since the last logging step: taps seen once, with outputs of one shape,
-        in one stacked computation; the rest (several forwards in a step, other shapes) one activation at a time."""
+        """Partials of the activation kept per tap since the last logging step, those of all taps with outputs of one
+        shape in one stacked computation (added to the partials of a tap's later forwards in the step)."""
         deferred, self._deferred = self._deferred, {}
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for tap_index, passes in deferred.items():
-            if len(passes) == 1:
-                by_shape.setdefault(passes[0][0].shape, []).append(tap_index)
-                continue
-            for fused, top in passes:
-                self.accumulate(tap_index, self._partials_of(fused, top))
+        for tap_index, (fused, _) in deferred.items():
+            by_shape.setdefault(fused.shape, []).append(tap_index)
         for taps in by_shape.values():
-            passes = [deferred[i][0] for i in taps]
+            passes = [deferred[i] for i in taps]
             sums, maxima = stacked_massive_partials([fused for fused, _ in passes])
             if passes[0][1] is None:  # one shape: all kept their per-position maxima, or none did
                 samples = stacked_topk_positions([fused for fused, _ in passes], self.top_k)
             else:
                 samples = torch.stack([top for _, top in passes])
             for tap_index, *part in zip(taps, sums.unbind(), maxima.unbind(), samples.unbind()):
-                self.store_step_partials(tap_index, Partials(*part))
+                self.accumulate(tap_index, Partials(*part))
 
     def summarize_taps(
         self, taps: list[int], sums: dict[int, torch.Tensor], maxima: dict[int, torch.Tensor],
