@@ -199,6 +199,23 @@ def host_table(args: argparse.Namespace, device: torch.device, stub: bool) -> No
     if "eager path, Triton launches stubbed" in times:
         launcher = times["eager path (autograd.Function)"] - times["eager path, Triton launches stubbed"]
         print(f"# Triton's launcher: {launcher * 1e6:.1f} us per forward+backward call (3 launches)")
+    if args.profile_host:
+        profile_calls(candidates["eager path (autograd.Function)"], calls=2000)
+
+
+def profile_calls(call: Callable[[], object], calls: int) -> None:
+    """Where the host time of ``calls`` calls goes: cProfile's 15 functions with the most time of their own (the
+    profiler inflates every function call, so compare the rows with each other, not with the timings above)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    print(f"\n# cProfile of {calls} eager forward+backward calls, by own time")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 
 
 def bench_activation(args: argparse.Namespace, device: torch.device) -> None:
@@ -508,6 +525,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="training-step batch size")
     parser.add_argument("--configs", nargs="*", default=[], help="extra KernelConfig tuples, e.g. 0,4096,2048,4,8")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile candidates")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="with the host section: a cProfile of the eager path's forward+backward calls")
     parser.add_argument("--stub-kernels", dest="stub_kernels", action="store_true", default=None,
                         help="host section: replace Triton launches by no-ops (default on CPU)")
     args = parser.parse_args()

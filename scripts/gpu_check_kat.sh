@@ -65,7 +65,8 @@ if [ $QUICK = 1 ]; then
   step correctness 40 $PYTHON scripts/check_rational_cuda.py --quick
   # one process for every benchmark (one start-up and CUDA init); sections print as they finish, so the time
   # limit can only cut the last ones
-  step bench 190 $PYTHON scripts/bench_rational.py --sections activation,step,step_compiled,host,mlp --dtypes bf16 --rounds 6 --inner 4 --no-compile --configs $CANDIDATES
+  # --profile-host: where the eager call's host time goes with real launches (2000 calls, a few seconds)
+  step bench 190 $PYTHON scripts/bench_rational.py --sections activation,step,step_compiled,host,mlp --dtypes bf16 --rounds 6 --inner 4 --no-compile --profile-host --configs $CANDIDATES
   # PyTorch could not tell which arguments a Triton kernel writes: Inductor then copies every input before it
   copies=$(grep -c 'assuming every input is mutated' "$OUT_DIR/bench.log" 2>/dev/null)
   echo "# 'assuming every input is mutated' warnings during the benchmarks: ${copies:-no log}" | tee -a "$SUMMARY"
@@ -74,7 +75,7 @@ if [ $QUICK = 1 ]; then
 else
   step correctness 80 $PYTHON scripts/check_rational_cuda.py
   step cuda_tests 100 $PYTHON -m pytest -q -p no:cacheprovider tests/test_group_rational.py tests/test_rational_op.py -k cuda
-  step bench_host_activation 90 $PYTHON scripts/bench_rational.py --sections host,activation,sweep --rounds 15 --inner 10 --configs $CANDIDATES
+  step bench_host_activation 90 $PYTHON scripts/bench_rational.py --sections host,activation,sweep --rounds 15 --inner 10 --profile-host --configs $CANDIDATES
   step bench_mlp 70 $PYTHON scripts/bench_rational.py --sections mlp --rounds 15 --inner 10
   step bench_step_eager 40 $PYTHON scripts/bench_rational.py --sections step --rounds 12 --inner 4 --configs $CANDIDATES
   step bench_step_compiled 120 $PYTHON scripts/bench_rational.py --sections step_compiled --rounds 10 --inner 4
