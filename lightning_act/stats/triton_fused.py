@@ -454,8 +454,8 @@ def row_statistics(
 
     ``thresholds``: float32 vector on the device whose first ``n_thresholds`` entries are the thresholds (already
     rounded down to float32, see ``fused``; at least one entry, as the kernel needs a pointer); ``bins``:
-    ``(size, key_shift, low_key)`` of the log-magnitude layout or None; ``coarse``: with ``bins``, the zeroed
-    ``(rows, size >> coarse_shift)`` int32 buffer the coarse histogram is added into. Returns ``(sums (1 + n,)
+    ``(size, key_shift, low_key)`` of the log-magnitude layout or None; ``coarse``: with ``bins``, the zeroed int32
+    buffer of ``rows x (size >> coarse_shift)`` counts (row-major, flat or not) the coarse histogram is added into. Returns ``(sums (1 + n,)
     float64: the entry count and the scalars over all rows, maxima (2,) float64, per-row ranked maxima (rows,)
     float64 | None (with ``per_sample``), finish)``; the partials of every program are added by one finishing
     program in a fixed order (deterministic). With ``finish=False`` that program is not launched here: ``finish``
@@ -507,8 +507,8 @@ def sample_medians(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kernels 2 and 2b: per row the median of ``|x|`` (float64, the full histogram's ``histogram_median`` estimate)
     from kernel 1's ``coarse`` histogram, and, when ``ratio`` (a float64 device scalar) is given, the float32
-    massive threshold ``max(above_abs, ratio * median rounded up)`` (NaN where the median is). ``fine`` is a zeroed
-    ``(rows, 2 << coarse_shift)`` int32 buffer; kernel 2b also runs kernel 1's finishing program (``finish``, from
+    massive threshold ``max(above_abs, ratio * median rounded up)`` (NaN where the median is). ``fine`` is a zeroed int32
+    buffer of ``rows x (2 << coarse_shift)`` counts (row-major); kernel 2b also runs kernel 1's finishing program (``finish``, from
     :func:`row_statistics` with ``finish=False``)."""
     n_rows, cols = rows.shape
     split_len, splits = _split(n_rows, cols)
