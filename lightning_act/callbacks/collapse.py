@@ -320,9 +320,10 @@ class DimensionalCollapse(ActivationMonitor):
             if p.dim() >= 2 and p.requires_grad and (not block_params or id(p) in block_params)
         ]
 
+    @torch.no_grad()  # records no graph, so the weights need no detach each (an operation per weight)
     def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor:
         params = _named_parameters(pl_module)
-        chosen = [params[n].detach() for n in self.param_names]
+        chosen = [params[n] for n in self.param_names]
         total = sum(p.numel() for p in chosen)
         if self.projection_dim is None or total <= self.projection_dim:
             return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])
