@@ -225,6 +225,7 @@ class ActivationMonitor(Callback, ABC):
         self._maxima: list[torch.Tensor | None] = []
         self._samples: list[torch.Tensor | None] = []
         self._observed: set[int] = set()  # taps that gave this rank a measurable activation in the current step
+        self._kept: dict[int, Any] = {}  # what a subclass kept of each tap's first activation this step (see keep)
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
 
@@ -251,7 +252,22 @@ class ActivationMonitor(Callback, ABC):
 
     def complete_partials(self) -> None:
         """Called at a logging step before the reduction: a subclass whose ``receive`` deferred its work on each
-        activation turns it into buffers here (see :meth:`store_step_partials`), for all taps at once."""
+        tap's first activation (:meth:`keep`) turns what it kept (:meth:`take_kept`) into buffers here, for all taps
+        at once (see :meth:`accumulate`)."""
+
+    def keep(self, tap_index: int, item: Any) -> bool:
+        """Keep ``item``, a subclass's deferred work on tap ``tap_index``'s first activation of the step, until
+        :meth:`complete_partials`; False when the tap already has one this step (a later micro-batch), which the
+        caller then turns into partials at once, so that one item per tap is kept however many forwards a step has."""
+        if tap_index in self._kept:
+            return False
+        self._kept[tap_index] = item
+        return True
+
+    def take_kept(self) -> dict[int, Any]:
+        """What :meth:`keep` kept this step, per tap, emptied for the next step."""
+        kept, self._kept = self._kept, {}
+        return kept
 
     def summarize_taps(
         self, taps: list[int], sums: dict[int, torch.Tensor], maxima: dict[int, torch.Tensor],
@@ -349,6 +365,7 @@ class ActivationMonitor(Callback, ABC):
     def _reset_buffers(self, n: int) -> None:
         self._sums, self._maxima, self._samples = [None] * n, [None] * n, [None] * n
         self._observed = set()
+        self._kept = {}
         self._layout_synced = False
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:

@@ -178,7 +178,6 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_seen = 0
         self._snapshot_stride = 1
         self._feature_dims: dict[str, int] = {}
-        self._kept_rows: dict[int, torch.Tensor] = {}  # sampled rows of each tap's first activation this step
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
@@ -215,25 +214,26 @@ class DimensionalCollapse(ActivationMonitor):
 
     def _reset_buffers(self, n: int) -> None:
         super()._reset_buffers(n)
-        self._kept_rows, self._row_choices = {}, {}
+        self._row_choices = {}
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
         """Keep a copy of the sampled rows of a tap's first activation in the step until the logging step
         (:meth:`complete_partials`), so at most ``max_rows x d`` numbers per tap; later activations of the step
         (micro-batches) and wide taps, whose sketch is the smaller buffer, are summed now."""
         d = x.shape[1] if x.dim() == 4 else x.shape[-1] if x.dim() else 1
-        if self._is_wide(d) or tap_index in self._kept_rows:
+        if self._is_wide(d) or tap_index in self._kept:
             self.accumulate(tap_index, self.partials(tap_index, x))
             return
         rows = self._sampled_rows(x)
         if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             rows = rows.clone()  # a view of x: the model may change x in place before the logging step
-        self._kept_rows[tap_index] = rows
+        self.keep(tap_index, rows)
 
     def complete_partials(self) -> None:
         """The sums of the rows kept since the last logging step, one batched product per shape of the sampled rows
         (added to the sums of a tap's later activations in the step)."""
-        kept, self._kept_rows, self._row_choices = self._kept_rows, {}, {}
+        kept: dict[int, torch.Tensor] = self.take_kept()
+        self._row_choices = {}
         by_shape: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
         for tap_index, rows in kept.items():
             by_shape.setdefault((tuple(rows.shape), rows.dtype, rows.device), []).append((tap_index, rows))

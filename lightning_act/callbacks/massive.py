@@ -137,8 +137,6 @@ class MassiveActivations(ActivationMonitor):
         self.fits: dict[str, EmergenceFit] = {}
         self.fit_skipped: dict[str, str] = {}
         self._has_token: dict[int, bool] = {}
-        # fused statistics of each tap's first activation this step, with its top-k when taken at once
-        self._deferred: dict[int, tuple[FusedStats, torch.Tensor | None]] = {}
         #: Bins of the per-sample log-magnitude histogram the median is estimated from (relative error
         #: <= 2**-sub_bits, 1.56%; see lightning_act.stats.histogram_median).
         self.bins = LogMagnitudeBins()
@@ -146,10 +144,6 @@ class MassiveActivations(ActivationMonitor):
     # ------------------------------------------------------------------ statistics
     def fused_spec(self, tap_index: int) -> FusedSpec:
         return massive_spec(self.bins, self.abs_threshold, self.ratio_threshold)
-
-    def _reset_buffers(self, n: int) -> None:
-        super()._reset_buffers(n)
-        self._deferred = {}
 
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
         """Keep the fused statistics of a tap's first activation in the step until the logging step
@@ -164,15 +158,13 @@ class MassiveActivations(ActivationMonitor):
             fused = fused_statistics(x, self.fused_spec(tap_index))
         assert fused.column_max is not None
         top = topk_positions_from(fused, self.top_k) if fused.column_max.numel() > DEFERRED_POSITIONS else None
-        if tap_index in self._deferred:  # a later forward of the step (a micro-batch): at once, so one pass is kept
+        if not self.keep(tap_index, (fused, top)):  # a later forward of the step (a micro-batch): at once
             self.accumulate(tap_index, self._partials_of(fused, top))
-        else:
-            self._deferred[tap_index] = (fused, top)
 
     def complete_partials(self) -> None:
         """Partials of the activation kept per tap since the last logging step, those of all taps with outputs of one
         shape in one stacked computation (added to the partials of a tap's later forwards in the step)."""
-        deferred, self._deferred = self._deferred, {}
+        deferred: dict[int, tuple[FusedStats, torch.Tensor | None]] = self.take_kept()
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for tap_index, (fused, _) in deferred.items():
             by_shape.setdefault(fused.shape, []).append(tap_index)

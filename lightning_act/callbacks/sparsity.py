@@ -100,7 +100,6 @@ class ActivationSparsity(ActivationMonitor):
         self._cett_linear: dict[int, nn.Linear] = {}
         self._cett_grid: dict[int, torch.Tensor] = {}
         self._has_time: dict[int, bool] = {}
-        self._deferred: dict[int, list[FusedStats]] = {}  # this step's fused statistics of zero-only taps
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -130,28 +129,21 @@ class ActivationSparsity(ActivationMonitor):
     def fused_spec(self, tap_index: int) -> FusedSpec | None:
         return zero_spec(self.threshold) if tap_index in self._zero_taps else None
 
-    def _reset_buffers(self, n: int) -> None:
-        super()._reset_buffers(n)
-        self._deferred = {}
-
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None:
-        """A tap that only counts zeros keeps its fused statistics until the logging step, where
-        :meth:`complete_partials` turns those of every tap into partials with one stacked copy (a copy per tap in
-        the forward otherwise: the fused sums are shared with the other monitors of the tap)."""
+        """A tap that only counts zeros keeps the fused statistics of its first activation in the step until the
+        logging step, where :meth:`complete_partials` turns those of every tap into partials with one stacked copy
+        (a copy per tap in the forward otherwise: the fused sums are shared with the other monitors of the tap)."""
         zero_only = tap_index in self._zero_taps and self.temporal_dim is None and tap_index not in self._cett_linear
-        if fused is not None and zero_only:
-            self._deferred.setdefault(tap_index, []).append(fused)
+        if fused is not None and zero_only and self.keep(tap_index, fused):
             return
         super().receive(tap_index, x, fused)
 
     def complete_partials(self) -> None:
-        deferred, self._deferred = self._deferred, {}
-        if not deferred:
-            return
-        members = [(tap_index, fused) for tap_index, passes in deferred.items() for fused in passes]
-        stacked = zero_partials_stacked([fused for _, fused in members], self.threshold)
-        for (tap_index, _), sums in zip(members, stacked.unbind()):
-            self.accumulate(tap_index, Partials(sums=sums))
+        kept: dict[int, FusedStats] = self.take_kept()
+        if kept:
+            stacked = zero_partials_stacked(list(kept.values()), self.threshold)
+            for tap_index, sums in zip(kept, stacked.unbind()):
+                self.accumulate(tap_index, Partials(sums=sums))
 
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
         parts = []
