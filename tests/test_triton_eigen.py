@@ -62,8 +62,7 @@ INTERPRETED = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_triton_eigen import symmetric_cases
-from lightning_act.callbacks.collapse import rank_statistics
-from lightning_act.stats.spectrum import covariance_partials, covariance_spectrum
+from lightning_act.stats.spectrum import covariance_partials, covariance_spectrum, rank_statistics
 from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
 cases = [(m, tridiagonal_bisection_eigenvalues(m)) for m in symmetric_cases()]
 generator = torch.Generator().manual_seed(3)

@@ -52,10 +52,9 @@ from lightning_act.stats.spectrum import (
     covariance_dim,
     covariance_partials,
     covariance_spectrum,
-    effective_rank,
     eigensolver_problem,
     feature_rows,
-    participation_ratio,
+    rank_statistics,
     sketch_vector,
     sketch_with_draws,
     trajectory_r90,
@@ -69,13 +68,6 @@ CACHED_HASH_POSITIONS = 1 << 26
 def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Parameters under the user's names (without ``_orig_mod.`` and other wrapper parts)."""
     return {clean_name(name): p for name, p in module.named_parameters()}
-
-
-def rank_statistics(eigenvalues: torch.Tensor, d: int) -> torch.Tensor:
-    """``(erank, pr, erank / d, pr / d)`` along a new last dim, for one spectrum ``(k,)`` or a stack ``(..., k)``
-    of them (all the taps of one width at once: a few operations instead of a few dozen per tap)."""
-    ranks = torch.stack([effective_rank(eigenvalues), participation_ratio(eigenvalues)], -1)
-    return torch.cat([ranks, ranks / d], -1)
 
 
 class DimensionalCollapse(ActivationMonitor):
