@@ -9,7 +9,9 @@ Sections (``--sections``, comma separated):
 host        Per-call host time of a forward+backward on a tiny tensor (4 x 64, 8 groups), where the host
             dominates: the eager path (``GroupRationalFunction``), the registered op through the dispatcher,
             and the reference. On CPU the Triton launches are replaced by no-ops (``--stub-kernels``, default
-            on CPU), so the number is the Python/PyTorch work around the kernels.
+            on CPU), so the number is the Python/PyTorch work around the kernels; ``--standin-driver`` instead
+            runs Triton's real launch path with a driver that compiles for sm_90 and launches nothing. With real
+            launches (or the stand-in), a row with the launches stubbed splits off what Triton's launch path costs.
 activation  ``(128, 197, 3072)`` in bfloat16 and float32: forward and forward+backward of ``F.gelu`` and of
             ``GroupRational`` (8 groups): Triton with the current kernel configuration, with the previous one
             (``PREVIOUS_KERNEL_CONFIG``, for the A/B) and any ``--configs``, and the reference compiled by
@@ -130,6 +132,17 @@ def triton_launches_stubbed() -> Iterator[None]:
 
 
 def bench_host(args: argparse.Namespace, device: torch.device) -> None:
+    if args.standin_driver:
+        if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("bench_rational: --standin-driver runs on a CPU without TRITON_INTERPRET=1")
+        import _triton_standin
+
+        from lightning_act.nn import group_rational
+
+        _triton_standin.install()
+        group_rational._runs_triton = lambda x: True  # CPU tensors take the Triton path; the stand-in launches nothing
+        host_table(args, device, stub=False)
+        return
     stub = args.stub_kernels if args.stub_kernels is not None else device.type == "cpu"
     if stub:
         os.environ["TRITON_INTERPRET"] = "1"  # lets the Triton path take CPU tensors; every launch is a no-op
@@ -198,7 +211,7 @@ def host_table(args: argparse.Namespace, device: torch.device, stub: bool) -> No
         print(f"| {name} | {seconds * 1e6:.1f} | {seconds / floor:.2f}x | {(seconds - floor) * 1e6:.1f} |")
     if "eager path, Triton launches stubbed" in times:
         launcher = times["eager path (autograd.Function)"] - times["eager path, Triton launches stubbed"]
-        print(f"# Triton's launcher: {launcher * 1e6:.1f} us per forward+backward call (3 launches)")
+        print(f"# Triton's launch path: {launcher * 1e6:.1f} us per forward+backward call (3 launches)")
     if args.profile_host:
         profile_calls(candidates["eager path (autograd.Function)"], calls=2000)
 
@@ -529,6 +542,9 @@ def main() -> None:
                         help="with the host section: a cProfile of the eager path's forward+backward calls")
     parser.add_argument("--stub-kernels", dest="stub_kernels", action="store_true", default=None,
                         help="host section: replace Triton launches by no-ops (default on CPU)")
+    parser.add_argument("--standin-driver", action="store_true",
+                        help="host section on a CPU through Triton's real launch path: a stand-in driver compiles "
+                             "the kernels for sm_90 and launches nothing (scripts/_triton_standin.py)")
     args = parser.parse_args()
     args.rounds = args.rounds or (5 if args.small else 20)
     args.inner = args.inner or (2 if args.small else 10)
