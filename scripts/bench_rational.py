@@ -212,8 +212,36 @@ def host_table(args: argparse.Namespace, device: torch.device, stub: bool) -> No
     if "eager path, Triton launches stubbed" in times:
         launcher = times["eager path (autograd.Function)"] - times["eager path, Triton launches stubbed"]
         print(f"# Triton's launch path: {launcher * 1e6:.1f} us per forward+backward call (3 launches)")
+        launch_table(args, x.detach().view(4, 8, 8), modules["triton"], device)
     if args.profile_host:
         profile_calls(candidates["eager path (autograd.Function)"], calls=2000)
+
+
+def launch_table(args: argparse.Namespace, x3: torch.Tensor, module: nn.Module, device: torch.device) -> None:
+    """Host time of one launch of the forward kernel: through Triton's ``kernel[grid](...)``, and of the compiled kernel
+    that call returned (``CompiledKernel[grid](*args)``, every parameter in order, constexpr values included: what
+    Triton's launcher is handed). The difference is the most a cache of compiled kernels could save per launch."""
+    from lightning_act.nn import triton_rational as kernels
+
+    numerator, denominator = module.weight_numerator.detach(), module.weight_denominator.detach()
+    y = torch.empty_like(x3)
+    plan = kernels.launch_plan(*x3.shape, numerator.shape[0], denominator.shape[0], tuple(module.kernel_config))
+    kernel = kernels._group_rational_forward_kernel
+    runtime = (x3, y, numerator, denominator, x3.shape[0])
+    try:
+        compiled = kernel[plan.forward_grid](*runtime, **plan.forward_meta)
+        every = [*runtime, *(plan.forward_meta[name] for name in kernel.arg_names[len(runtime):])]
+        grid = (*plan.forward_grid, 1, 1)[:3]
+        times = measure({
+            "kernel[grid](...) (Triton's launch path)": lambda: kernel[plan.forward_grid](*runtime, **plan.forward_meta),
+            "CompiledKernel[grid](*args)": lambda: compiled[grid](*every),
+        }, args.rounds, 1000, device, statistic=min)
+    except Exception as error:  # noqa: BLE001  (Triton internals of another version: the host table stands)
+        print(f"<!-- launch table failed: {type(error).__name__}: {str(error)[:300]} -->")
+        return
+    print("\n| one forward-kernel launch | us |\n|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds * 1e6:.2f} |")
 
 
 def profile_calls(call: Callable[[], object], calls: int) -> None:
