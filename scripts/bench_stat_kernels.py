@@ -311,8 +311,7 @@ def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
     host float64 solver's, on a well-spread spectrum (Gaussian rows) and a collapsed one (a power law)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lightning_act.stats.spectrum import rank_statistics
-    from lightning_act.stats.spectrum import auto_eigensolver, symmetric_eigenvalues
+    from lightning_act.stats.spectrum import auto_eigensolver, rank_statistics, symmetric_eigenvalues
 
     if device.type == "cuda" and triton_available():
         from lightning_act.stats.triton_eigen import tridiagonal_bisection_eigenvalues
