@@ -200,7 +200,7 @@ def main() -> int:
         lines = [line for line in text.splitlines() if "CPU-only machine" not in line]
         wanted = [line for line in expected.splitlines() if "CPU-only machine" not in line]
         if lines != wanted:
-            sys.stdout.writelines(difflib.unified_diff(wanted, lines, "docs/errors.md", "CLI", lineterm="\n"))
+            print("\n".join(difflib.unified_diff(wanted, lines, "docs/errors.md", "CLI", lineterm="")))
             return 1
         return 0
     DOC.write_text(text)
