@@ -41,7 +41,10 @@ def fit(wrap, backend, steps=8):
     task = ToyTask(torch.compile(net, backend=backend) if wrap == "net" and backend else net)
     if wrap == "module" and backend:
         task = torch.compile(task, backend=backend)
-    monitors = [ActivationStats(modules=["@blocks", "@activations"], every_n_steps=2), MassiveActivations(every_n_steps=2)]
+    monitors = [
+        ActivationStats(modules=["@blocks", "@activations", "@penultimate"], every_n_steps=2),  # outputs and an input
+        MassiveActivations(every_n_steps=2),
+    ]
     quiet_trainer(max_steps=steps, callbacks=[*monitors, Steps()]).fit(task, toy_loader(batch_size=8))
     return monitors, recorded
 
@@ -81,7 +84,7 @@ def test_observing_adds_one_variant_and_no_recompile_per_due_step():
             Sink.calls += 1
 
     sink = Sink()
-    taps = select_taps(net, ["@blocks", "@activations"])
+    taps = select_taps(net, ["@blocks", "@activations", "@penultimate"])  # outputs and an input
     registry = capture_registry(net)
     registry.subscribe(sink, taps, [SAMPLE_FIRST] * len(taps))
     counter = CompileCounter()

@@ -312,6 +312,83 @@ def test_mixed_selectors_say_which_part_matched_nothing_and_user_patterns_stay_e
         quiet_trainer(max_steps=1, callbacks=[ActivationStats(modules=["blocks.*.nothing"])]).fit(ToyTask(BlockNet()), toy_loader())
 
 
+class GELUActivation(nn.Module):
+    """Named like ``transformers.activations.GELUActivation`` (BERT's, through ``ACT2FN["gelu"]``)."""
+
+    def forward(self, x):
+        return F.gelu(x)
+
+
+class SiLUActivation(nn.Module):
+    """Named like ``transformers.activations.SiLUActivation`` (Llama's and Mistral's ``ACT2FN["silu"]``)."""
+
+    def forward(self, x):
+        return F.silu(x)
+
+
+class LinearActivation(nn.Module):
+    """Named like ``transformers.activations.LinearActivation``: the identity, not an activation function."""
+
+    def forward(self, x):
+        return x
+
+
+class HFStyleLayer(nn.Module):
+    """A Hugging Face-style layer: attention called by keyword, a BERT-style intermediate and a Llama-style gated MLP
+    whose activations are ``ACT2FN``-style modules, and a tuple output."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.dense, self.intermediate_act_fn = nn.Linear(width, 2 * width), GELUActivation()
+        self.gate_proj, self.up_proj = nn.Linear(2 * width, width), nn.Linear(2 * width, width)
+        self.down_proj, self.act_fn, self.proj_act = nn.Linear(width, width), SiLUActivation(), LinearActivation()
+
+    def forward(self, hidden_states):
+        normed = self.input_layernorm(hidden_states)
+        attended, _ = self.self_attn(query=normed, key=normed, value=normed, need_weights=False)
+        h = self.intermediate_act_fn(self.dense(hidden_states + attended))
+        return (self.proj_act(hidden_states + self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))),)
+
+
+class HFStyleTask(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layers = nn.ModuleList([HFStyleLayer() for _ in range(2)])
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            (h,) = layer(hidden_states=h)
+        return self.head(h.mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_hugging_face_style_activation_modules_and_inputs_passed_by_keyword():
+    model = HFStyleTask()
+    assert [t.name for t in select_taps(model, "@activations")] == [
+        f"layers.{i}.{name}" for i in (0, 1) for name in ("intermediate_act_fn", "act_fn")
+    ]
+    # layers.*:input and self_attn:input are passed by keyword only (hidden_states=, query=): read like positional ones
+    stats = ActivationStats(modules=["layers.1:input", "layers.0.self_attn:input"], every_n_steps=1)
+    recorders = [Recorder("layers.0"), Recorder("layers.0.input_layernorm")]
+    quiet_trainer(max_steps=2, callbacks=[stats, *recorders]).fit(model, sequences())
+    for key, recorder in zip(("act/layers.1:input", "act/layers.0.self_attn:input"), recorders, strict=True):
+        for step in (0, 1):
+            (h,) = recorder.seen[step]
+            np.testing.assert_allclose(values(stats, f"{key}/rms")[step], np.sqrt((h**2).mean()), rtol=1e-5)
+            np.testing.assert_allclose(values(stats, f"{key}/abs_max")[step], np.abs(h).max(), rtol=1e-6)
+
+
 def test_blocks_cover_every_resnet_stage_and_activations_find_functional_mlps():
     import timm
 

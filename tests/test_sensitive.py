@@ -246,9 +246,9 @@ def test_embeddings_and_bad_input() -> None:
         SensitiveNeurons()._batch_inputs({"image": torch.zeros(1)})
 
 
-def test_feature_drop_on_outputs_acts_only_in_training_mode() -> None:
+def test_feature_drop_acts_only_in_training_mode_on_outputs_and_on_inputs_passed_either_way() -> None:
     conv = nn.Conv2d(2, 4, 1)
-    handle = conv.register_forward_hook(FeatureDrop(torch.tensor([1, 3]), "output"))
+    handle = conv.register_forward_hook(FeatureDrop(torch.tensor([1, 3])).after)
     x = torch.randn(2, 2, 3, 3)
     out = conv(x)
     assert bool((out[:, [1, 3]] == 0).all()) and bool((out[:, [0, 2]] != 0).all())
@@ -256,8 +256,9 @@ def test_feature_drop_on_outputs_acts_only_in_training_mode() -> None:
     assert bool((conv(x)[:, [1, 3]] != 0).all())
     handle.remove()
     linear = nn.Linear(3, 5)
-    linear.register_forward_pre_hook(FeatureDrop(torch.tensor([0]), "input"))
+    linear.register_forward_pre_hook(FeatureDrop(torch.tensor([0]), "input").before, with_kwargs=True)
     inputs = torch.ones(4, 3)
     expected = inputs.clone()
     expected[:, 0] = 0.0
     torch.testing.assert_close(linear(inputs), nn.functional.linear(expected, linear.weight, linear.bias))
+    torch.testing.assert_close(linear(input=inputs), nn.functional.linear(expected, linear.weight, linear.bias))

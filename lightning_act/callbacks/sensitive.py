@@ -64,6 +64,7 @@ from lightning_act.callbacks.probe import (
     validation_batches,
 )
 from lightning_act.capture import CaptureRegistry, ModuleSpec, Tap
+from lightning_act.capture.registry import input_parameter
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
@@ -119,14 +120,16 @@ def _drops_anything(module: nn.Module) -> bool:
 
 
 class FeatureDrop:
-    """A forward (pre-)hook zeroing fixed feature indices in training mode (picklable).
+    """Forward (pre-)hooks zeroing fixed feature indices in training mode (picklable).
 
-    Features are the last dim, or dim 1 of a 4-D conv map, matching the embeddings.
+    Features are the last dim, or dim 1 of a 4-D conv map, matching the embeddings. The tensor zeroed is the one
+    the capture reads (:func:`~lightning_act.capture.registry.tapped_input` for an input tap): the first positional
+    argument, or the keyword argument ``parameter`` of a module called by keyword.
     """
 
-    def __init__(self, indices: torch.Tensor, point: str) -> None:
+    def __init__(self, indices: torch.Tensor, parameter: str | None = None) -> None:
         self.indices = indices.to(torch.int64)
-        self.point = point
+        self.parameter = parameter
 
     def _zero(self, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -136,11 +139,20 @@ class FeatureDrop:
         dim = 1 if x.dim() == 4 else x.dim() - 1
         return x.index_fill(dim, self.indices, 0.0)
 
-    def __call__(self, module: nn.Module, args: Any, output: Any = None) -> Any:
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Forward pre-hook (``with_kwargs=True``) of an input tap."""
         if not module.training:
             return None
-        if self.point == "input":
-            return (self._zero(args[0]), *args[1:]) if args else None
+        if args:
+            return (self._zero(args[0]), *args[1:]), kwargs
+        if self.parameter in kwargs:
+            return args, {**kwargs, self.parameter: self._zero(kwargs[self.parameter])}
+        return None
+
+    def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """Forward hook of an output tap."""
+        if not module.training:
+            return None
         if isinstance(output, (tuple, list)) and output:
             return type(output)([self._zero(output[0]), *output[1:]])
         return self._zero(output)
@@ -472,11 +484,11 @@ class SensitiveNeurons(Callback):
 
     def _set_drop(self, tap: Tap, indices: torch.Tensor) -> None:
         self._remove_drop(tap.name)
-        hook = FeatureDrop(indices, tap.point)
         if tap.point == "input":
-            self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(hook)
+            drop = FeatureDrop(indices, input_parameter(tap.module))
+            self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(drop.before, with_kwargs=True)
         else:
-            self._drop_handles[tap.name] = tap.module.register_forward_hook(hook)
+            self._drop_handles[tap.name] = tap.module.register_forward_hook(FeatureDrop(indices).after)
 
     def _remove_drop(self, name: str) -> None:
         handle = self._drop_handles.pop(name, None)

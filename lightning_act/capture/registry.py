@@ -25,12 +25,17 @@ covariances, neuron tracking) still read ``x`` themselves. The pass runs inside 
 which is never traced, so the eager implementations (Triton on CUDA, the torch fallback elsewhere)
 serve compiled models too.
 
+Input taps read a module's first positional argument or, when the module is called by keyword (Hugging Face
+attention modules are called as ``self_attn(hidden_states=h, ...)``), the keyword argument of its ``forward``'s
+first parameter.
+
 Pickling: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
 when the model is pickled or deep-copied, so a copy carries an inert hook and no monitor state.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,20 +75,53 @@ class _Subscription:
     layout: Layout
 
 
+def input_parameter(module: nn.Module) -> str | None:
+    """The name under which a keyword call passes ``module``'s input: its ``forward``'s first parameter."""
+    try:
+        parameters = iter(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature Python can read
+        return None
+    first = next(parameters, None)
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return first.name if first is not None and first.kind in keyword_kinds else None
+
+
+def tapped_input(args: tuple[Any, ...], kwargs: dict[str, Any], parameter: str | None) -> Any:
+    """What an input tap reads: the positional arguments, or the keyword argument ``parameter`` when there are none."""
+    if args or parameter is None:
+        return args
+    return kwargs.get(parameter)
+
+
 class _CaptureHook:
-    """The forward (pre-)hook of one (module, point): a flag check, then :func:`_deliver`."""
+    """The forward hook of one (module, output): a flag check, then :func:`_deliver`."""
 
     def __init__(self, registry: CaptureRegistry, key: tuple[int, str]) -> None:
         self.registry: CaptureRegistry | None = registry
         self.key = key
 
-    def __call__(self, module: nn.Module, args: Any, output: Any = None) -> None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         registry = self.registry
         if registry is not None and registry.observing:
-            _deliver(registry, self.key, args if self.key[1] == "input" else output)
+            _deliver(registry, self.key, output)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"registry": None, "key": self.key}
+        return {**self.__dict__, "registry": None}
+
+
+class _InputCaptureHook(_CaptureHook):
+    """The forward pre-hook (with keyword arguments) of one (module, input)."""
+
+    def __init__(self, registry: CaptureRegistry, key: tuple[int, str], parameter: str | None) -> None:
+        super().__init__(registry, key)
+        self.parameter = parameter
+
+    def __call__(  # type: ignore[override]
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        registry = self.registry
+        if registry is not None and registry.observing:
+            _deliver(registry, self.key, tapped_input(args, kwargs, self.parameter))
 
 
 def _fused_spec(subscription: _Subscription) -> FusedSpec | None:
@@ -134,11 +172,11 @@ class CaptureRegistry:
             key = (id(tap.module), tap.point)
             self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout))
             if key not in self._handles:
-                hook = _CaptureHook(self, key)
                 if tap.point == "input":
-                    self._handles[key] = tap.module.register_forward_pre_hook(hook)
+                    hook = _InputCaptureHook(self, key, input_parameter(tap.module))
+                    self._handles[key] = tap.module.register_forward_pre_hook(hook, with_kwargs=True)
                 else:
-                    self._handles[key] = tap.module.register_forward_hook(hook)
+                    self._handles[key] = tap.module.register_forward_hook(_CaptureHook(self, key))
         self.refresh()
 
     def unsubscribe(self, subscriber: Subscriber) -> None:

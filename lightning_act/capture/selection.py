@@ -3,7 +3,8 @@
 A *module spec* is one of:
 
 - ``"@activations"``: every activation-function module (``nn.ReLU``, ``nn.GELU``, timm's activation
-  layers, and the project's ``GroupRational``/``PMish``...); classes can be added with
+  layers, Hugging Face's ``transformers.activations`` layers such as BERT's ``GELUActivation`` and Llama's
+  ``SiLUActivation``, and the project's ``GroupRational``/``PMish``...); classes can be added with
   :func:`register_activation_class`. Functional activations (``F.gelu`` inside ``forward``) have no module, so for a recognised MLP
   without an activation module (timm ``Mlp``-style ``fc1/fc2``, Hugging Face ``up_proj/down_proj``,
   GPT-2 ``c_fc/c_proj``, ``nn.TransformerEncoderLayer``'s ``linear1/linear2``) the
@@ -19,7 +20,8 @@ A *module spec* is one of:
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
 
 A string spec may end in ``":input"`` to tap the module's first input instead of its output (the
-activations entering a down-projection, for example).
+activations entering a down-projection, for example); a module called by keyword gives the argument of its
+``forward``'s first parameter.
 
 Names are those of the user's model: the wrappers' ``_orig_mod.`` (``torch.compile``),
 ``_fsdp_wrapped_module.`` (FSDP) and ``_checkpoint_wrapped_module.`` (activation checkpointing)
@@ -46,11 +48,15 @@ _TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.CELU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU, nn.GLU, nn.Softsign,
     nn.Tanhshrink, nn.LogSigmoid, nn.RReLU, nn.Threshold,
 )
-# Class names of activation layers in timm and in this project, matched by name so that
-# selecting them never imports the libraries that define them.
+# Class names of activation layers in timm, in Hugging Face ``transformers.activations`` (what ``ACT2FN``
+# builds; ``LinearActivation`` is the identity, not one) and in this project, matched by name so that selecting
+# them never imports the libraries that define them.
 _ACTIVATION_CLASS_NAMES: set[str] = {
     "GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU", "Mish", "HardSwish", "HardSigmoid", "HardMish",
     "Sigmoid", "Tanh", "PReLU", "ReLU", "ReLU6", "GroupRational", "PMish", "DopamineGate",
+    "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "ClippedGELUActivation",
+    "AccurateGELUActivation", "PytorchGELUTanh", "SiLUActivation", "MishActivation", "LaplaceActivation",
+    "ReLUSquaredActivation", "SqrtSoftplusActivation", "XIELUActivation",
 }
 _extra_activation_classes: list[type[nn.Module]] = []
 
