@@ -2,6 +2,7 @@
 the tests record with their own plain hooks."""
 
 import os
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -147,6 +148,105 @@ def test_user_layout_overrides_and_undeclared_sequence_first_taps_warn():
         quiet_trainer(max_steps=1, callbacks=[ActivationStats(modules=["embed"], every_n_steps=1)]).fit(model, sequences())
     quiet_trainer(max_steps=1, callbacks=[explicit]).fit(Encoder(batch_first=False), sequences())
     assert explicit.history["act/embed/count"].values == [4 * 6 * 8]
+
+
+def numpy_erank(rows):
+    """Effective rank (Roy & Vetterli) of the centred (N, d) rows: entropy of the normalised singular values."""
+    lam = np.linalg.eigvalsh(np.cov(rows, rowvar=False, bias=True))
+    sigma = np.sqrt(lam[lam > lam.max() * 1e-12])
+    p = sigma / sigma.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_channels_last_swin_stages_are_read_with_their_channels_as_features():
+    """timm's Swin stages give (B, H, W, C): the spectrum is over C and top-k features name channels."""
+    import timm
+
+    pl.seed_everything(0)
+    net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=4, in_chans=1, img_size=56,
+                            embed_dim=12, depths=(1,), num_heads=(2,), window_size=7)
+    collapse = DimensionalCollapse(modules=["net.layers.0"], every_n_steps=1, param_patterns=[])
+    massive = MassiveActivations(modules=["net.layers.0"], every_n_steps=1)
+    recorder = Recorder("net.layers.0")
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(4, 1, 56, 56, generator=g), torch.randint(0, 4, (4,), generator=g)), batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=1, callbacks=[collapse, massive, recorder]).fit(ToyTask(net), data)
+    assert not any("nothing in the model tells" in str(w.message) for w in caught)
+    (h,) = recorder.seen[0]
+    assert h.shape == (4, 14, 14, 12)
+    np.testing.assert_allclose(values(collapse, "collapse/net.layers.0/erank")[0], numpy_erank(h.reshape(-1, 12)), rtol=1e-6)
+    assert values(collapse, "collapse/net.layers.0/erank_frac")[0] <= 1.0
+    flat = np.abs(h).max(axis=0).reshape(14 * 14, 12)  # each (token, channel) position's maximum over the samples
+    token, feature = np.unravel_index(np.argmax(flat), flat.shape)
+    assert (values(massive, "massive/net.layers.0/top0_token")[0], values(massive, "massive/net.layers.0/top0_feature")[0]) == (
+        token, feature
+    )
+
+
+class Conv1dNet(pl.LightningModule):
+    """A 1-D conv net (B, C=8, L=6), a parameter-free permute to (B, L, 2, 4) with no layer before it in its owner
+    (so nothing tells its layout), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_grid = Permute()
+        self.body = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.GELU(), nn.Conv1d(8, 8, 3, padding=1))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        self.to_grid(h)
+        return self.head(h.mean(2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class Permute(nn.Module):
+    def forward(self, h):  # (B, C, L) -> (B, L, 2, C / 2): channels last
+        return h.transpose(1, 2).reshape(h.shape[0], h.shape[2], 2, h.shape[1] // 2)
+
+
+def test_conv1d_maps_read_channels_as_features_and_an_unknown_4d_layout_warns_once_or_takes_feature_dim():
+    pl.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 6, generator=g), torch.randint(0, 2, (8,), generator=g)), batch_size=8)
+    collapse = DimensionalCollapse(modules=["body", "body.1", "to_grid"], every_n_steps=1, param_patterns=[])
+    sparsity = ActivationSparsity(modules=["to_grid"], every_n_steps=1)
+    told = DimensionalCollapse(modules=["to_grid"], every_n_steps=1, param_patterns=[], feature_dim=-1)
+    recorders = [Recorder("body"), Recorder("body.1"), Recorder("to_grid")]
+    with pytest.warns(UserWarning, match=r"DimensionalCollapse: nothing in the model tells which axis of to_grid") as caught:
+        quiet_trainer(max_steps=2, callbacks=[collapse, sparsity, told, *recorders]).fit(Conv1dNet(), data)
+    assert sum("nothing in the model tells" in str(w.message) for w in caught) == 1  # once, and not from the others
+    for step in (0, 1):
+        (body,), (gelu,), (grid,) = (r.seen[step] for r in recorders)
+        for name, h in (("body", body), ("body.1", gelu)):  # (B, C, L): rows are (sample, position), features C
+            rows = h.transpose(0, 2, 1).reshape(-1, 8)
+            np.testing.assert_allclose(values(collapse, f"collapse/{name}/erank")[step], numpy_erank(rows), rtol=1e-6)
+        # feature_dim=-1: (B, L, 2, 4) has 4 features; without it, read as (B, C=L, 2, 4) with L = 6 features
+        np.testing.assert_allclose(values(told, "collapse/to_grid/erank")[step], numpy_erank(grid.reshape(-1, 4)), rtol=1e-6)
+        as_channels_first = grid.transpose(0, 2, 3, 1).reshape(-1, 6)
+        np.testing.assert_allclose(values(collapse, "collapse/to_grid/erank")[step], numpy_erank(as_channels_first), rtol=1e-6)
+
+
+def test_feature_drop_zeroes_the_channels_of_a_conv1d_map_and_of_a_channels_last_map():
+    from lightning_act.callbacks.sensitive import FeatureDrop
+    from lightning_act.capture.layout import Layout
+
+    conv = nn.Conv1d(2, 4, 1)
+    conv.register_forward_hook(FeatureDrop(torch.tensor([1]), layout=Layout(reads_features=True, features=(4, "first"))).after)
+    out = conv(torch.randn(3, 2, 4))  # (B, C=4, L=4): the channels are dim 1 although L is as long
+    assert bool((out[:, 1] == 0).all()) and bool((out[:, [0, 2, 3]] != 0).all())
+    linear = nn.Linear(3, 5)
+    linear.register_forward_hook(FeatureDrop(torch.tensor([2]), layout=Layout(reads_features=True, features=(5, "last"))).after)
+    out = linear(torch.randn(2, 5, 5, 3))  # (B, H, W, C=5)
+    assert bool((out[..., 2] == 0).all()) and bool((out[..., [0, 1, 3, 4]] != 0).all())
 
 
 # ---------------------------------------------------------------------------------------------- precision

@@ -34,7 +34,7 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -92,6 +92,19 @@ def module_list(modules: ModuleSpec | Sequence[ModuleSpec] | None, default: Sequ
     return [modules] if isinstance(modules, (str, type)) else list(modules)
 
 
+def warn_features_unknown(owner: Any, tap_name: str, shape: tuple[int, ...], warned: set[str]) -> None:
+    """The one warning of :meth:`ActivationMonitor.features_unknown` (SensitiveNeurons' too)."""
+    if tap_name in warned:
+        return
+    warned.add(tap_name)
+    rank_zero_warn(
+        f"{type(owner).__name__}: nothing in the model tells which axis of {tap_name}'s {shape} activations holds "
+        "the features, so they are read as (batch, channels, *spatial); pass feature_dim=-1 if they are channels-last "
+        "(batch, *spatial, channels), or feature_dim=1 to confirm",
+        category=UserWarning,
+    )
+
+
 def training_step_index(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
     """The monitors' step: ``global_step`` (optimizer steps), or training batches under manual optimization."""
     if pl_module.automatic_optimization:
@@ -99,11 +112,33 @@ def training_step_index(trainer: pl.Trainer, pl_module: pl.LightningModule) -> i
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
-def declared_layout(batch_dim: int | None, token_dim: int | None) -> Layout | None:
-    """The layout a monitor's ``batch_dim``/``token_dim`` arguments declare, or None to infer it per tap."""
-    if batch_dim is None and token_dim is None:
-        return None
-    return Layout(0 if batch_dim is None else batch_dim, token_dim)
+def check_feature_dim(owner: str, value: Any) -> int | None:
+    value = check_dim(owner, "feature_dim", value)
+    if value not in (None, 1, -1):
+        raise LightningActError(
+            f"{owner}: feature_dim={value} must be 1 (channels first, (B, C, H, W)), -1 (channels last, (B, H, W, C)) "
+            "or None to infer it from the tapped layers"
+        )
+    return value
+
+
+def declared_layout(
+    batch_dim: int | None, token_dim: int | None, feature_dim: int | None = None, reads_features: bool = False
+) -> Layout:
+    """What a monitor's ``batch_dim``/``token_dim``/``feature_dim`` arguments declare (``None`` parts are inferred
+    per tap, :func:`tap_layout`), and whether its statistics depend on the feature axis."""
+    batch = None if batch_dim is None and token_dim is None else (0 if batch_dim is None else batch_dim)
+    return Layout(batch, token_dim, reads_features, feature_dim)
+
+
+def tap_layout(declared: Layout, inferred: Layout) -> Layout:
+    """A tap's layout: the declared sample and token axes when given, else the inferred ones; for a monitor that
+    reads features, the declared ``feature_dim`` next to the inferred features."""
+    if declared.batch_dim is not None:
+        inferred = replace(inferred, batch_dim=declared.batch_dim, token_dim=declared.token_dim)
+    if not declared.reads_features:
+        return replace(inferred, features=None)
+    return replace(inferred, reads_features=True, feature_dim=declared.feature_dim)
 
 
 def subscribe_taps(
@@ -111,14 +146,15 @@ def subscribe_taps(
     pl_module: nn.Module,
     specs: Sequence[ModuleSpec],
     defaults: bool,
-    layout: Layout | None,
-) -> tuple[list[Tap], CaptureRegistry]:
+    layout: Layout,
+) -> tuple[list[Tap], list[Layout], CaptureRegistry]:
     """Select ``specs`` on ``pl_module`` and subscribe ``subscriber`` to them in the shared registry.
 
     A default spec list that matches nothing warns once (naming the fix) and yields no taps; a
     user's spec list that matches nothing raises (one line); a part of a user's list that matches
-    nothing warns. The layout of each tap is ``layout`` when given, else inferred from its owners'
-    ``batch_first``; a 3-D tap of undeclared layout in a model with sequence-first modules warns.
+    nothing warns. The layout of each tap is what ``layout`` declares, the rest inferred from its owners'
+    ``batch_first`` and its layers (:func:`~lightning_act.capture.layout.module_layout`); a 3-D tap of undeclared
+    layout in a model with sequence-first modules warns.
     """
     owner = type(subscriber).__name__
     registry = capture_registry(pl_module)
@@ -131,7 +167,7 @@ def subscribe_taps(
             "single-device run), so this monitor stays idle; use strategy='ddp' to monitor activations",
             category=UserWarning,
         )
-        return [], registry
+        return [], [], registry
     try:
         taps = select_taps(pl_module, specs, owner=owner)
     except ModuleSelectionError as error:
@@ -143,7 +179,7 @@ def subscribe_taps(
             f"the next layer's input, e.g. modules=['*.fc2:input']). ({error})",
             category=UserWarning,
         )
-        return [], registry
+        return [], [], registry
     if not defaults:
         missing = unmatched_specs(pl_module, specs)
         if missing:
@@ -151,10 +187,8 @@ def subscribe_taps(
                 f"{owner}: modules {missing} match nothing in {type(pl_module).__name__}; only the other specs are tapped",
                 category=UserWarning,
             )
-    if layout is not None:
-        layouts = [layout] * len(taps)
-    else:
-        layouts = [module_layout(module_chain(pl_module, tap.module)) for tap in taps]
+    layouts = [tap_layout(layout, module_layout(module_chain(pl_module, tap.module), tap.point)) for tap in taps]
+    if layout.batch_dim is None:
         sequence_first = any(declared_batch_first(m) is False for m in pl_module.modules())
         undeclared = [tap.name for tap, one in zip(taps, layouts) if not one.declared]
         if sequence_first and undeclared:
@@ -165,7 +199,7 @@ def subscribe_taps(
                 category=UserWarning,
             )
     registry.subscribe(subscriber, taps, layouts)
-    return taps, registry
+    return taps, layouts, registry
 
 
 def _as_scalar(value: torch.Tensor) -> torch.Tensor:
@@ -195,9 +229,14 @@ class ActivationMonitor(Callback, ABC):
         batch_dim, token_dim: the sample and token axes of every tapped activation, overriding
             the layout inferred from ``batch_first`` (e.g. ``batch_dim=1, token_dim=0`` for
             ``(T, B, D)`` outputs of a custom sequence-first model).
+        feature_dim: for the monitors whose statistics depend on the feature axis (``reads_features``), where
+            the features of every tapped activation of 3 or more axes sit, 1 (channels first) or -1 (channels
+            last, e.g. ``(B, H, W, C)``), overriding what the tapped layers tell (:mod:`lightning_act.capture.layout`).
     """
 
     prefix: ClassVar[str] = "act"
+    #: Whether the statistics depend on which axis holds the features (top-k positions, covariances).
+    reads_features: ClassVar[bool] = False
     default_modules: ClassVar[tuple[str, ...]] = ("@activations",)
     heatmap_stat: ClassVar[str | None] = None
 
@@ -208,12 +247,14 @@ class ActivationMonitor(Callback, ABC):
         history_size: int = 512,
         batch_dim: int | None = None,
         token_dim: int | None = None,
+        feature_dim: int | None = None,
     ) -> None:
         owner = type(self).__name__
         self.every_n_steps = check_int(owner, "every_n_steps", every_n_steps, 1)
         self.history_size = check_int(owner, "history_size", history_size, 2)
         self.batch_dim = check_dim(owner, "batch_dim", batch_dim)
         self.token_dim = check_dim(owner, "token_dim", token_dim)
+        self.feature_dim = check_feature_dim(owner, feature_dim)
         self.uses_default_modules = modules is None
         self.modules = module_list(modules, self.default_modules)
         self.history: dict[str, BoundedSeries] = {}
@@ -228,6 +269,7 @@ class ActivationMonitor(Callback, ABC):
         self._kept: dict[int, Any] = {}  # what a subclass kept of each tap's first activation this step (see keep)
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
+        self._features_warned: set[str] = set()
 
     # ------------------------------------------------------------------ for subclasses
     def fused_spec(self, tap_index: int) -> FusedSpec | None:
@@ -306,9 +348,14 @@ class ActivationMonitor(Callback, ABC):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        layout = declared_layout(self.batch_dim, self.token_dim)
-        self.taps, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
+        layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
+        self.taps, _, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
         self._reset_buffers(len(self.taps))
+
+    def features_unknown(self, tap_index: int, shape: tuple[int, ...]) -> None:
+        """Warn once per tap that the feature axis of its activations is read by convention (called by the
+        capture registry, see :mod:`lightning_act.capture.layout`)."""
+        warn_features_unknown(self, self.taps[tap_index].name, shape, self._features_warned)
 
     def arm(self, armed: bool) -> None:
         """Start or stop receiving activations (the registry's hooks stay attached either way)."""

@@ -105,6 +105,7 @@ class DimensionalCollapse(ActivationMonitor):
     prefix = "collapse"
     default_modules = ("@blocks", "@penultimate")
     heatmap_stat = "erank"
+    reads_features = True  # the covariance is over the features
 
     def __init__(
         self,
@@ -122,9 +123,11 @@ class DimensionalCollapse(ActivationMonitor):
         history_size: int = 512,
         batch_dim: int | None = None,
         token_dim: int | None = None,
+        feature_dim: int | None = None,
     ) -> None:
         super().__init__(
-            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim
+            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim,
+            token_dim=token_dim, feature_dim=feature_dim,
         )
         check_int("DimensionalCollapse", "max_rows", max_rows, 2)
         check_int("DimensionalCollapse", "max_snapshots", max_snapshots, 2)
@@ -212,7 +215,7 @@ class DimensionalCollapse(ActivationMonitor):
         """Keep a copy of the sampled rows of a tap's first activation in the step until the logging step
         (:meth:`complete_partials`), so at most ``max_rows x d`` numbers per tap; later activations of the step
         (micro-batches) and wide taps, whose sketch is the smaller buffer, are summed now."""
-        d = x.shape[1] if x.dim() == 4 else x.shape[-1] if x.dim() else 1
+        d = x.shape[1] if x.dim() >= 4 else x.shape[-1] if x.dim() else 1
         if self._is_wide(d) or tap_index in self._kept:
             self.accumulate(tap_index, self.partials(tap_index, x))
             return

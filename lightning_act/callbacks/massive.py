@@ -91,6 +91,7 @@ class MassiveActivations(ActivationMonitor):
     prefix = "massive"
     default_modules = ("@blocks",)
     heatmap_stat = "ratio"
+    reads_features = True  # the top-k positions name a token and a feature
 
     def __init__(
         self,
@@ -106,6 +107,7 @@ class MassiveActivations(ActivationMonitor):
         forward_fn: ForwardFn | str | None = None,
         batch_dim: int | None = None,
         token_dim: int | None = None,
+        feature_dim: int | None = None,
     ) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int):
             raise LightningActError(f"MassiveActivations: top_k={top_k!r} must be a whole number >= 1")
@@ -121,7 +123,8 @@ class MassiveActivations(ActivationMonitor):
                 f"min_fit_points={min_fit_points} is below 6; the five-parameter emergence fit needs at least 6 points"
             )
         super().__init__(
-            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim
+            modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim,
+            token_dim=token_dim, feature_dim=feature_dim,
         )
         self.probe = probe
         self.probe_batches = int(probe_batches)

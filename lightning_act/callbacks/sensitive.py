@@ -48,11 +48,13 @@ from torch import nn
 from lightning_act.callbacks.base import (
     ActivationMonitor,
     check_dim,
+    check_feature_dim,
     check_int,
     declared_layout,
     module_list,
     subscribe_taps,
     training_step_index,
+    warn_features_unknown,
 )
 from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
@@ -63,7 +65,8 @@ from lightning_act.callbacks.probe import (
     to_device,
     validation_batches,
 )
-from lightning_act.capture import CaptureRegistry, ModuleSpec, Tap
+from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
+from lightning_act.capture.layout import feature_axis
 from lightning_act.capture.registry import input_parameter
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
@@ -122,21 +125,25 @@ def _drops_anything(module: nn.Module) -> bool:
 class FeatureDrop:
     """Forward (pre-)hooks zeroing fixed feature indices in training mode (picklable).
 
-    Features are the last dim, or dim 1 of a 4-D conv map, matching the embeddings. The tensor zeroed is the one
-    the capture reads (:func:`~lightning_act.capture.registry.tapped_input` for an input tap): the first positional
-    argument, or the keyword argument ``parameter`` of a module called by keyword.
+    Features are where the embeddings took them: the tap's feature axis (:func:`~lightning_act.capture.layout.
+    feature_axis`), else the last dim, or dim 1 of a map of 4 or more dims. The tensor zeroed is the one the capture
+    reads (:func:`~lightning_act.capture.registry.tapped_input` for an input tap): the first positional argument, or
+    the keyword argument ``parameter`` of a module called by keyword.
     """
 
-    def __init__(self, indices: torch.Tensor, parameter: str | None = None) -> None:
+    def __init__(self, indices: torch.Tensor, parameter: str | None = None, layout: Layout = SAMPLE_FIRST) -> None:
         self.indices = indices.to(torch.int64)
         self.parameter = parameter
+        self.layout = layout
 
     def _zero(self, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
         if self.indices.device != x.device:
             self.indices = self.indices.to(x.device)
-        dim = 1 if x.dim() == 4 else x.dim() - 1
+        dim = feature_axis(x.shape, self.layout) if x.dim() >= 3 else None
+        if dim is None:
+            dim = 1 if x.dim() >= 4 else x.dim() - 1
         return x.index_fill(dim, self.indices, 0.0)
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -182,7 +189,7 @@ class SensitiveNeurons(Callback):
             least ``num_samples`` examples. Default: ``pl_module(x)`` on the inputs of the
             validation batches (``tracking_inputs``: on chunks of it). Checked at fit start: a
             failing call is one line.
-        batch_dim, token_dim: the layout of the tapped activations (see ``ActivationMonitor``).
+        batch_dim, token_dim, feature_dim: the layout of the tapped activations (see ``ActivationMonitor``).
 
     A "step" is an optimizer step under automatic optimization and a training batch under manual
     optimization, as for every monitor.
@@ -190,6 +197,7 @@ class SensitiveNeurons(Callback):
 
     prefix = "sensitive"
     default_modules: tuple[str, ...] = ("@penultimate",)
+    reads_features = True  # neurons are features
 
     def __init__(
         self,
@@ -212,6 +220,7 @@ class SensitiveNeurons(Callback):
         forward_fn: ForwardFn | str | None = None,
         batch_dim: int | None = None,
         token_dim: int | None = None,
+        feature_dim: int | None = None,
     ) -> None:
         checks = {
             "every_n_steps": (every_n_steps, 1), "num_samples": (num_samples, 1), "window": (window, 2),
@@ -229,6 +238,7 @@ class SensitiveNeurons(Callback):
         self.custom_forward = forward_fn is not None
         self.batch_dim = check_dim("SensitiveNeurons", "batch_dim", batch_dim)
         self.token_dim = check_dim("SensitiveNeurons", "token_dim", token_dim)
+        self.feature_dim = check_feature_dim("SensitiveNeurons", feature_dim)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.tracking_inputs = tracking_inputs
@@ -256,8 +266,10 @@ class SensitiveNeurons(Callback):
         self._batches: list[Any] = []
         self._collected: dict[int, list[torch.Tensor]] = {}
         self._registry: CaptureRegistry | None = None
+        self._layouts: list[Layout] = []
         self._pending_step: int | None = None
         self._drop_handles: dict[str, Any] = {}
+        self._features_warned: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -273,8 +285,10 @@ class SensitiveNeurons(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        layout = declared_layout(self.batch_dim, self.token_dim)
-        self.taps, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
+        layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
+        self.taps, self._layouts, self._registry = subscribe_taps(
+            self, pl_module, self.modules, self.uses_default_modules, layout
+        )
         compiled = getattr(pl_module, "_compiler_ctx", None) or any(
             isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules()
         )
@@ -283,6 +297,10 @@ class SensitiveNeurons(Callback):
                 "SensitiveNeurons(drop=True) cannot zero features of a torch.compile'd model (hooks added after "
                 "compilation are ignored by the compiled code); train the SeND protocol without torch.compile"
             )
+
+    def features_unknown(self, tap_index: int, shape: tuple[int, ...]) -> None:
+        """Warn once per tap that the feature axis is read by convention (called by the capture registry)."""
+        warn_features_unknown(self, self.taps[tap_index].name, shape, self._features_warned)
 
     def receive(self, tap_index: int, x: torch.Tensor) -> None:
         """Keep one activation's per-example embedding (called by the capture registry)."""
@@ -484,11 +502,12 @@ class SensitiveNeurons(Callback):
 
     def _set_drop(self, tap: Tap, indices: torch.Tensor) -> None:
         self._remove_drop(tap.name)
+        layout = self._layouts[self.taps.index(tap)]
         if tap.point == "input":
-            drop = FeatureDrop(indices, input_parameter(tap.module))
+            drop = FeatureDrop(indices, input_parameter(tap.module), layout)
             self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(drop.before, with_kwargs=True)
         else:
-            self._drop_handles[tap.name] = tap.module.register_forward_hook(FeatureDrop(indices).after)
+            self._drop_handles[tap.name] = tap.module.register_forward_hook(FeatureDrop(indices, layout=layout).after)
 
     def _remove_drop(self, name: str) -> None:
         handle = self._drop_handles.pop(name, None)

@@ -1,4 +1,4 @@
-"""Which axis of a tapped activation is the sample and which the token.
+"""Which axis of a tapped activation is the sample, which the token and which the features.
 
 The statistics read activations sample-first: ``(B, D)``, ``(B, T, D)``, ``(B, C, H, W)``. PyTorch's
 own sequence modules default to sequence-first ``(T, B, D)`` (``batch_first=False``), so a tap
@@ -6,6 +6,16 @@ inside (or on) an ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``
 ``nn.MultiheadAttention``, ``nn.TransformerEncoder``/``Decoder`` or ``nn.Transformer`` inherits the
 ``batch_first`` of its nearest such owner. The user can say it per monitor (``batch_dim=``,
 ``token_dim=``), which overrides the inference.
+
+Features: a 3-D activation is read as ``(B, T, D)`` and a 4-D one as ``(B, C, H, W)``, but channels-last maps
+(timm's Swin, TinyViT and MambaOut blocks give ``(B, H, W, C)``) and 1-D conv maps ``(B, C, L)`` exist too. The
+tapped module's layers tell which: the features are the axis (1 or the last) whose length is the width the last
+layer writes (the first reads, for an input tap); when both axes have that length, the axis every layer of the
+module acts on (a ``Linear`` or ``LayerNorm`` the last, a convolution, ``BatchNorm``, ``GroupNorm`` or timm's
+``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside). An activation module has no
+layers, so the layer its owner is or registers just before it speaks for it. ``feature_dim=`` (1 or -1) overrides
+the inference; where nothing tells the layout of a map of 4 or more axes, the reading above stands, and a monitor
+whose statistics depend on it warns.
 """
 
 from __future__ import annotations
@@ -15,12 +25,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+
 @dataclass(frozen=True)
 class Layout:
-    """Axis of the samples and (optionally) of the tokens; ``None``: sample-first as it comes."""
+    """Axis of the samples and (optionally) of the tokens; ``None``: sample-first as it comes.
+
+    With ``reads_features`` (a monitor whose statistics depend on the feature axis) the features are moved to where
+    the statistics read them (:func:`with_canonical_features`): ``feature_dim`` (1 or -1 of the sample-first
+    activation) is declared by the user, ``features`` the inferred ``(width, axis)`` of the layers at the tap
+    (:func:`tap_features`; axis ``"first"``: axis 1, ``"last"``: the last axis, ``None``: they differ)."""
 
     batch_dim: int | None = None
     token_dim: int | None = None
+    reads_features: bool = False
+    feature_dim: int | None = None
+    features: tuple[int, str | None] | None = None
 
     @property
     def declared(self) -> bool:
@@ -41,13 +60,80 @@ def declared_batch_first(module: nn.Module) -> bool | None:
     return None
 
 
-def module_layout(chain: list[nn.Module]) -> Layout:
-    """Layout of a tap from its module and its owners (innermost first): the nearest declaration wins."""
+def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
+    """``(axis, input width, output width)`` of a layer that acts on one axis of its input: ``"first"`` (axis 1:
+    convolutions, batch/instance/group norms, timm's ``LayerNorm2d``) or ``"last"`` (``Linear``, layer norms)."""
+    if isinstance(layer, nn.Linear):
+        return "last", layer.in_features, layer.out_features
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return "first", layer.in_channels, layer.out_channels
+    if isinstance(layer, nn.modules.batchnorm._NormBase):  # batch and instance norms
+        return "first", layer.num_features, layer.num_features
+    if isinstance(layer, nn.GroupNorm):
+        return "first", layer.num_channels, layer.num_channels
+    shape = getattr(layer, "normalized_shape", None)  # nn.LayerNorm, nn.RMSNorm, timm's norms
+    if isinstance(shape, (tuple, list)) and len(shape) == 1 and isinstance(shape[0], int):
+        return ("first" if type(layer).__name__.endswith("2d") else "last"), shape[0], shape[0]
+    return None
+
+
+def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None] | None:
+    """``(width, axis)`` from ``layers`` in module order: the width the last one writes (the first one reads, for an
+    input), and the axis they all act on (``None`` when they differ: a block that permutes inside)."""
+    found = [f for f in (layer_features(layer) for layer in layers) if f is not None]
+    if not found:
+        return None
+    width = found[0][1] if point == "input" else found[-1][2]
+    axes = {axis for axis, _, _ in found}
+    return width, (axes.pop() if len(axes) == 1 else None)
+
+
+def tap_features(chain: list[nn.Module], point: str) -> tuple[int, str | None] | None:
+    """``(width, axis)`` of the tapped tensor's features (:func:`_features_of`) from the tapped module's layers or,
+    for a module without one (an activation), from the layer its owner is (timm's ``BatchNormAct2d``) or registers
+    just before it, going up through owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``)."""
+    found = _features_of(list(chain[0].modules()), point)
+    if found is not None:
+        return found
+    for module, owner in zip(chain, chain[1:]):
+        if layer_features(owner) is not None:
+            return _features_of([owner], "output")
+        siblings = list(owner.children())
+        earlier = siblings[: next((i for i, child in enumerate(siblings) if child is module), 0)]
+        for sibling in reversed(earlier):
+            found = _features_of(list(sibling.modules()), "output")
+            if found is not None:
+                return found
+    return None
+
+
+def module_layout(chain: list[nn.Module], point: str = "output") -> Layout:
+    """Layout of a tap from its module and its owners (innermost first): the nearest ``batch_first`` declaration
+    wins; the features from :func:`tap_features`."""
+    features = tap_features(chain, point) if chain else None
     for module in chain:
         batch_first = declared_batch_first(module)
         if batch_first is not None:
-            return Layout(0, 1) if batch_first else Layout(1, 0)
-    return SAMPLE_FIRST
+            return Layout(0, 1, features=features) if batch_first else Layout(1, 0, features=features)
+    return Layout(features=features)
+
+
+def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | None:
+    """The axis of the features of a sample-first activation of ``shape`` (3-D or more), 1 or the last: the
+    declared one; else the one of the two whose length is the tapped layers' width, or, when both are, the axis
+    those layers act on; ``None`` where nothing tells."""
+    ndim = len(shape)
+    if layout.feature_dim is not None:
+        return layout.feature_dim % ndim
+    if layout.features is None:
+        return None
+    width, axis = layout.features
+    first, last = shape[1] == width, shape[-1] == width
+    if first and last:
+        return None if axis is None else (1 if axis == "first" else ndim - 1)
+    if first or last:
+        return 1 if first else ndim - 1
+    return None
 
 
 def to_sample_first(x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -61,3 +147,23 @@ def to_sample_first(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     if batch == 0 and token == 1:
         return x
     return x.movedim((batch, token), (0, 1))
+
+
+def with_canonical_features(x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, bool]:
+    """The sample-first ``x`` as the statistics read it, ``(B, D)``, ``(B, T, D)`` or ``(B, C, *spatial)``, and
+    whether its feature axis is known.
+
+    Where ``layout.reads_features``: a 3-D ``(B, C, L)`` map becomes ``(B, L, C)`` and a channels-last map
+    ``(B, *spatial, C)`` becomes ``(B, tokens, C)`` with the spatial positions flattened in order, which every
+    statistic reads as it reads ``(B, C, *spatial)`` (a token is a flattened spatial position; a view, no copy).
+    A map of 4 or more axes whose features nothing tells is returned as it is, read as ``(B, C, *spatial)``, with
+    ``False``.
+    """
+    if x.dim() < 3 or not layout.reads_features:
+        return x, True
+    axis = feature_axis(x.shape, layout)
+    if axis is None:
+        return x, x.dim() == 3
+    if axis == 1:
+        return (x.movedim(1, 2) if x.dim() == 3 else x), True
+    return (x if x.dim() == 3 else x.flatten(1, -2)), True

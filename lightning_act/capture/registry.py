@@ -15,7 +15,8 @@ data-dependent Python branching inside a traced region).
 Sharing: a module tapped by several monitors gets one hook; each forward hands its activation once
 to every subscribed monitor that is armed, in the sample-first layout that monitor asked for
 (:mod:`lightning_act.capture.layout`). A subscriber implements ``receive(tap_index, x)`` and has an
-``armed`` flag. One read for all of them (issue 17): a subscriber that also has
+``armed`` flag, and may have ``features_unknown(tap_index, shape)``, called when nothing tells which axis of a
+4-D activation holds the features (:mod:`lightning_act.capture.layout`). One read for all of them (issue 17): a subscriber that also has
 ``fused_spec(tap_index)`` returning a :class:`~lightning_act.stats.fused.FusedSpec` gets
 ``receive(tap_index, x, fused)``, where ``fused`` comes from a single
 :func:`~lightning_act.stats.fused.fused_statistics` pass over the union of the specs of every armed
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_act.capture.layout import Layout, to_sample_first
+from lightning_act.capture.layout import Layout, to_sample_first, with_canonical_features
 from lightning_act.capture.selection import Tap
 from lightning_act.stats.fused import FusedSpec, FusedStats, fused_statistics
 
@@ -136,12 +137,21 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         return
     with torch.no_grad():
         tensor = tensor.detach()
-        by_layout: dict[Layout, list[tuple[_Subscription, FusedSpec | None]]] = {}
+        views: dict[Layout, tuple[torch.Tensor, bool]] = {}
+        # Subscribers whose layouts give the same view share one fused pass (the usual case: all of them).
+        by_view: dict[tuple[Any, ...], tuple[torch.Tensor, list[tuple[_Subscription, FusedSpec | None]]]] = {}
         for sub in registry.subscriptions.get(key, ()):
-            if sub.subscriber.armed:
-                by_layout.setdefault(sub.layout, []).append((sub, _fused_spec(sub)))
-        for layout, members in by_layout.items():
-            x = to_sample_first(tensor, layout)
+            if not sub.subscriber.armed:
+                continue
+            if sub.layout not in views:
+                views[sub.layout] = with_canonical_features(to_sample_first(tensor, sub.layout), sub.layout)
+            x, features_known = views[sub.layout]
+            report = None if features_known else getattr(sub.subscriber, "features_unknown", None)
+            if report is not None:
+                report(sub.tap_index, tuple(x.shape))
+            members = by_view.setdefault((tuple(x.shape), x.stride()), (x, []))[1]
+            members.append((sub, _fused_spec(sub)))
+        for x, members in by_view.values():
             specs = [spec for _, spec in members if spec is not None]
             fused: FusedStats | None = None
             if specs:

@@ -29,9 +29,9 @@ import torch
 
 
 def feature_rows(x: torch.Tensor) -> torch.Tensor:
-    """View an activation as rows × features: features are the channel dim 1 of a 4-D (B, C, H, W)
-    conv map and the last dim otherwise; every other dim is flattened into rows."""
-    if x.dim() == 4:
+    """View an activation as rows × features: features are the channel dim 1 of a (B, C, *spatial) conv map of 4
+    or more dims and the last dim otherwise; every other dim is flattened into rows."""
+    if x.dim() >= 4:
         x = x.movedim(1, -1)
     if x.dim() == 0:
         x = x.reshape(1)
