@@ -16,7 +16,7 @@ Sharing: a module tapped by several monitors gets one hook; each forward hands i
 to every subscribed monitor that is armed, in the sample-first layout that monitor asked for
 (:mod:`lightning_act.capture.layout`). A subscriber implements ``receive(tap_index, x)`` and has an
 ``armed`` flag, and may have ``features_unknown(tap_index, shape)``, called when nothing tells which axis of a
-4-D activation holds the features (:mod:`lightning_act.capture.layout`). One read for all of them (issue 17): a subscriber that also has
+4-D activation holds the features. One read for all of them (issue 17): a subscriber that also has
 ``fused_spec(tap_index)`` returning a :class:`~lightning_act.stats.fused.FusedSpec` gets
 ``receive(tap_index, x, fused)``, where ``fused`` comes from a single
 :func:`~lightning_act.stats.fused.fused_statistics` pass over the union of the specs of every armed
