@@ -62,9 +62,12 @@ def declared_batch_first(module: nn.Module) -> bool | None:
 
 def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
     """``(axis, input width, output width)`` of a layer that acts on one axis of its input: ``"first"`` (axis 1:
-    convolutions, batch/instance/group norms, timm's ``LayerNorm2d``) or ``"last"`` (``Linear``, layer norms)."""
+    convolutions, batch/instance/group norms, timm's ``LayerNorm2d``) or ``"last"`` (``Linear``, Hugging Face's
+    ``Conv1D``, layer norms)."""
     if isinstance(layer, nn.Linear):
         return "last", layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "nf", None), int):  # GPT-2's transposed Linear
+        return "last", layer.nx, layer.nf
     if isinstance(layer, nn.modules.conv._ConvNd):
         return "first", layer.in_channels, layer.out_channels
     if isinstance(layer, nn.modules.batchnorm._NormBase):  # batch and instance norms
