@@ -190,6 +190,53 @@ def test_sparsity_monitor_in_trainer_fit_logs_to_csv_and_resumes(tmp_path) -> No
     assert series.steps == [0, 2, 4] and series.values == [0.75, 0.75, 0.75]
 
 
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D``: a Linear whose weight is stored ``(nx, nf)``, computing ``x @ W + b``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+class GPT2StyleMLP(TinySequenceMLP):
+    """GPT-2's MLP shape: GELU (no ties among the ``||n_i||``) into a ``Conv1D`` down-projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc2 = Conv1D(3, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x))).mean(dim=1)
+
+
+def test_cett_of_a_gpt2_conv1d_down_projection_matches_float64_brute_force() -> None:
+    pl.seed_everything(0)
+    model = GPT2StyleMLP()
+    seen = []
+    model.fc2.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().double().numpy().copy()))
+    monitor = ActivationSparsity(
+        modules=["fc1"], every_n_steps=1, cett_modules="fc2", cett_grid_size=4000, cett_grid_range=(1e-4, 1e2)
+    )
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[monitor], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    weight = model.fc2.weight.detach().double().numpy().T.copy()  # (d_model, d_ff), as nn.Linear stores it
+    trainer.fit(model, sequence_loader())
+    a = seen[0].reshape(-1, 16)  # the step's 80 tokens (under cett_max_tokens: all of them)
+    v, exact_ratio, m = brute_force_cett(a, weight, 0.2)
+    grid = cett_grid(torch.from_numpy(weight), size=4000, low=1e-4, high=1e2).numpy()
+    upper = int(np.searchsorted(grid, v, side="right"))
+    ratio_low, ratio_high = np.mean(m >= grid[upper]), np.mean(m >= grid[upper - 1])
+    ratio = monitor.history["sparsity/fc2:input/cett_ratio"].values[0]
+    assert ratio_low <= exact_ratio <= ratio_high
+    assert ratio_low - 1e-9 <= ratio <= ratio_high + 1e-9
+    assert ratio == pytest.approx(exact_ratio, abs=2 / m.size)
+
+
 def test_cett_modules_must_be_linear() -> None:
     monitor = ActivationSparsity(modules=["act"], cett_modules="act")
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")

@@ -28,6 +28,16 @@ from lightning_act.stats.sparsity import (
 )
 
 
+def down_projection_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``(d_model, d_ff)`` weight of a down-projection: an ``nn.Linear``'s, or the transpose of Hugging Face's
+    ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; else None."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
+        return module.weight.t()
+    return None
+
+
 class ActivationSparsity(ActivationMonitor):
     """Activation sparsity (Lazy Neuron Phenomenon, arXiv 2210.06313; Sparsing Law, arXiv 2411.02335).
 
@@ -36,8 +46,8 @@ class ActivationSparsity(ActivationMonitor):
     - ``zero_frac``: fraction of entries with ``|a| <= threshold`` (default 0: exact zeros) and
       ``nonfinite`` (count of NaN/inf entries), for every module in ``modules`` (default: the
       outputs of activation functions);
-    - ``cett_ratio`` and ``cett_eps`` for each down-projection ``nn.Linear`` matched by
-      ``cett_modules`` (e.g. ``"*.mlp.fc2"``), read at its input (the key's module name ends in
+    - ``cett_ratio`` and ``cett_eps`` for each down-projection (``nn.Linear``, or Hugging Face's
+      ``Conv1D``) matched by ``cett_modules`` (e.g. ``"*.mlp.fc2"``), read at its input (the key's module name ends in
       ``:input``): the activation ratio (1 - sparsity) at the per-layer threshold ``eps`` where the
       token-averaged CETT reaches ``target_cett``; see :mod:`lightning_act.stats.sparsity`;
     - ``temporal_frac`` when ``temporal_dim`` is set: the fraction of ``|a_t - a_{t-1}| <= temporal_eps``
@@ -97,7 +107,7 @@ class ActivationSparsity(ActivationMonitor):
         self.temporal_dim = temporal_dim
         self.temporal_eps = temporal_eps
         self._zero_taps: set[int] = set()
-        self._cett_linear: dict[int, nn.Linear] = {}
+        self._cett_linear: dict[int, nn.Module] = {}
         self._cett_grid: dict[int, torch.Tensor] = {}
         self._has_time: dict[int, bool] = {}
 
@@ -117,10 +127,10 @@ class ActivationSparsity(ActivationMonitor):
             self._zero_taps = {index[(id(tap.module), tap.point)] for tap in zero_taps}
         if self.cett_modules and len(unmatched_specs(pl_module, cett_specs)) < len(cett_specs):
             for tap in select_taps(pl_module, cett_specs, owner=owner):
-                if not isinstance(tap.module, nn.Linear):
+                if down_projection_weight(tap.module) is None:
                     raise LightningActError(
                         f"cett_modules matched {tap.name!r}, a {type(tap.module).__name__}; CETT needs the MLP's "
-                        "down-projection nn.Linear, pass a glob like '*.mlp.fc2'"
+                        "down-projection (an nn.Linear, or Hugging Face's Conv1D), pass a glob like '*.mlp.fc2'"
                     )
                 self._cett_linear[index[(id(tap.module), tap.point)]] = tap.module
         self._cett_grid = {}
@@ -155,10 +165,11 @@ class ActivationSparsity(ActivationMonitor):
                     parts.append(temporal_partials(x, self.temporal_dim, self.temporal_eps))
         linear = self._cett_linear.get(tap_index)
         if linear is not None:
-            grid = cett_grid(linear.weight, self.cett_grid_size, *self.cett_grid_range)
+            weight = down_projection_weight(linear)
+            grid = cett_grid(weight, self.cett_grid_size, *self.cett_grid_range)
             self._cett_grid[tap_index] = grid
             rows = strided_rows(x.reshape(-1, x.shape[-1]), self.cett_max_tokens)
-            parts.append(cett_partials(rows, linear.weight, grid))
+            parts.append(cett_partials(rows, weight, grid))
         return Partials(sums=parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def summarize_taps(
@@ -186,7 +197,7 @@ class ActivationSparsity(ActivationMonitor):
         if tap_index in self._cett_linear:
             grid = self._cett_grid.get(tap_index)
             if grid is None:
-                linear = self._cett_linear[tap_index]
-                grid = cett_grid(linear.weight, self.cett_grid_size, *self.cett_grid_range)
+                weight = down_projection_weight(self._cett_linear[tap_index])
+                grid = cett_grid(weight, self.cett_grid_size, *self.cett_grid_range)
             stats.update(cett_threshold(sums[offset:], grid, self.target_cett))
         return stats
