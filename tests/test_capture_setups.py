@@ -85,7 +85,18 @@ def values(monitor, key):
 
 
 # ---------------------------------------------------------------------------------------------- layouts
-class Encoder(pl.LightningModule):
+class SequenceClassifier(pl.LightningModule):
+    """Cross-entropy on ``(x, y)`` batches with plain SGD: the training loop the layout tests' models share."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class Encoder(SequenceClassifier):
     """PyTorch's own nn.TransformerEncoder in either order, with a token whose features are huge."""
 
     def __init__(self, batch_first):
@@ -101,13 +112,6 @@ class Encoder(pl.LightningModule):
         h[:, 0, 3] = h[:, 0, 3] * 1e4  # a massive activation at token 0, feature 3 ...
         h = self.encoder(h if self.batch_first else h.transpose(0, 1))
         return self.head(h.mean(1 if self.batch_first else 0))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 def sequences(n=8, tokens=6):
@@ -185,7 +189,7 @@ def test_channels_last_swin_stages_are_read_with_their_channels_as_features():
     )
 
 
-class Conv1dNet(pl.LightningModule):
+class Conv1dNet(SequenceClassifier):
     """A 1-D conv net (B, C=8, L=6), a parameter-free permute to (B, L, 2, 4) with no layer before it in its owner
     (so nothing tells its layout), and a head."""
 
@@ -199,13 +203,6 @@ class Conv1dNet(pl.LightningModule):
         h = self.body(x)
         self.to_grid(h)
         return self.head(h.mean(2))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 class Permute(nn.Module):
@@ -452,7 +449,7 @@ class HFStyleLayer(nn.Module):
         return (self.proj_act(hidden_states + self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))),)
 
 
-class HFStyleTask(pl.LightningModule):
+class HFStyleTask(SequenceClassifier):
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(4, 8)
@@ -464,13 +461,6 @@ class HFStyleTask(pl.LightningModule):
         for layer in self.layers:
             (h,) = layer(hidden_states=h)
         return self.head(h.mean(1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 def test_hugging_face_style_activation_modules_and_inputs_passed_by_keyword():
