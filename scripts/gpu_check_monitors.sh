@@ -2,14 +2,15 @@
 # One-command GPU check of the fused monitor statistics (issue 17), at most ~8 minutes in all
 # (a global deadline of $BUDGET seconds, default 450, caps every step; later steps are skipped when it is spent):
 #   1. the fused pass (eager fallback and Triton kernel) against float64 on fresh random inputs
-#      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA tests of tests/test_fused_stats.py and of
-#      the Triton eigensolver (tests/test_triton_eigen.py, against numpy float64);
+#      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA tests of tests/test_fused_stats.py, of
+#      the Triton eigensolver (tests/test_triton_eigen.py, against numpy float64) and of the statistics' host
+#      transfer without a host sync (tests/test_monitor_core.py);
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
 #   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
 #   2e. (STEPS="... 2e") DimensionalCollapse's eigensolvers on the device (cuSOLVER per matrix and batched, the
 #      Triton eigensolver, and "auto", whose row names its choice) for 1 and 13 matrices of width 384, 768 and
-#      1536, with the erank and PR error of each against float64: it checks "auto"'s cost model on both sides of
-#      its predicted crossovers (one matrix: ~670 wide);
+#      1536, with the erank and PR error of each against float64: it checks "auto"'s cost model (its timings are
+#      round 11's of these rows: one matrix goes to cuSOLVER at every width, 13 to Triton at width 384 only);
 #   3a, 3b. the training-step overhead of the monitors (scripts/bench_monitor_overhead.py: ViT-S/16 batch 128
 #      bf16-mixed, no monitors / all four at the default interval / all four every step / each alone every
 #      step; then the same three first configurations with kat_small_patch16_224). It prints its ratio table

@@ -122,18 +122,22 @@ def test_eigensolver_choice_is_checked_with_one_line() -> None:
 @needs_triton
 def test_auto_eigensolver_follows_the_measured_cost_model() -> None:
     """``"auto"`` (the monitor's default) is Triton on CUDA where it should be faster than cuSOLVER, worked by
-    hand from the H100 timings: cuSOLVER 3.3 ms x (d/384)^1.22 per matrix, one after another; Triton 1.22 ms x
-    (d/384)^3 per matrix, one multiprocessor each, all at once."""
+    hand from the H100 timings of round 11: cuSOLVER 3.31 / 7.49 / 17.9 ms per matrix of width 384 / 768 / 1536,
+    one after another; Triton 15.8 / 142.3 / 633.4 ms per wave of up to one matrix per multiprocessor."""
     from lightning_act.callbacks import DimensionalCollapse
     from lightning_act.stats.spectrum import auto_eigensolver
 
     assert DimensionalCollapse().eigensolver == "auto"
-    assert auto_eigensolver("cuda", 13, 384, 132) == "triton"  # 1.22 ms against 13 x 3.3 = 42.9 ms
-    assert auto_eigensolver("cuda", 1, 384, 132) == "triton"  # 1.22 against 3.3 ms
-    assert auto_eigensolver("cuda", 1, 768, 132) == "torch"  # 1.22 x 8 = 9.8 against 3.3 x 2^1.22 = 7.7 ms
-    assert auto_eigensolver("cuda", 2, 768, 132) == "triton"  # 9.8 against 15.4 ms
-    assert auto_eigensolver("cuda", 13, 2048, 132) == "triton"  # 185 against 13 x 25.4 = 331 ms
-    assert auto_eigensolver("cuda", 264, 384, 132) == "triton"  # two waves: 2.4 against 871 ms
+    assert auto_eigensolver("cuda", 13, 384, 132) == "triton"  # 15.8 against 13 x 3.31 = 43.0 ms (measured 15.8 / 43.1)
+    assert auto_eigensolver("cuda", 4, 384, 132) == "torch"  # 15.8 against 13.2 ms
+    assert auto_eigensolver("cuda", 5, 384, 132) == "triton"  # 15.8 against 16.6 ms
+    assert auto_eigensolver("cuda", 1, 384, 132) == "torch"  # 15.8 against 3.31 ms (measured 15.6 / 3.5)
+    assert auto_eigensolver("cuda", 13, 768, 132) == "torch"  # 142.3 against 97.4 ms (measured 142.3 / 97.4)
+    assert auto_eigensolver("cuda", 18, 768, 132) == "torch"  # 142.3 against 134.8 ms
+    assert auto_eigensolver("cuda", 20, 768, 132) == "triton"  # 142.3 against 149.8 ms
+    assert auto_eigensolver("cuda", 13, 1536, 132) == "torch"  # 633.4 against 232.7 ms (measured 633 / 233)
+    assert auto_eigensolver("cuda", 264, 384, 132) == "triton"  # two waves: 31.6 against 874 ms
+    assert auto_eigensolver("cuda", 4, 1024, 132) == "torch"  # between measured widths: 264 against 43 ms
     assert auto_eigensolver("cpu", 13, 384, 0) == "torch"
     assert auto_eigensolver("meta", 13, 384, 132) == "torch"
 

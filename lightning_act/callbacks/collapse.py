@@ -93,8 +93,8 @@ class DimensionalCollapse(ActivationMonitor):
         seed: seed of the row sampler, of the projection and of the wide taps' sketch.
         wide_dim: taps wider than this use the covariance sketch (see the module docstring); None: never.
         eigensolver: how the taps' spectra are solved: ``"auto"`` (``"triton"`` on a CUDA model with triton
-            installed where a cost model from H100 timings expects it to be faster, e.g. for any number of
-            384-wide taps, for 13 taps up to 2048 wide, for one tap up to ~670 wide; else ``"torch"``; see
+            installed where a cost model from H100 timings expects it to be faster: from 5 taps of width 384
+            (a ViT-S's 13), from 19 of width 768, from 36 of width 1536; else ``"torch"``; see
             :func:`lightning_act.stats.spectrum.auto_eigensolver`), ``"torch"`` (``torch.linalg.eigvalsh``;
             cuSOLVER on a GPU, with a host sync) or ``"triton"`` (:mod:`lightning_act.stats.triton_eigen`:
             Householder tridiagonalization and Sturm bisection, two launches for all taps of a width and no host

@@ -51,23 +51,40 @@ EIGENSOLVERS = ("auto", "torch", "triton")
 _AUTO_TRITON_FAILURE: list[str] = []
 
 
+# H100 float64 timings (ms) of the two eigensolvers, ``docs/performance.md``, round 11 (GPU run of 2026-11-27): the
+# Triton solver for one wave of 13 matrices (every matrix on its own multiprocessor, all at once; one matrix took
+# about as long), and cuSOLVER per matrix of one batched call (it solves a batch one matrix after another).
+_TRITON_WAVE_MS = ((384, 15.8), (768, 142.3), (1536, 633.4))
+_CUSOLVER_MATRIX_MS = ((384, 3.31), (768, 7.49), (1536, 17.9))
+
+
+def _log_log_interpolation(points: tuple[tuple[int, float], ...], width: int) -> float:
+    """The timing at ``width`` on the straight lines through ``points`` in log-log space (beyond the measured
+    widths, the nearest segment's line)."""
+    segment = next((i for i in range(len(points) - 2) if width <= points[i + 1][0]), len(points) - 2)
+    (w0, t0), (w1, t1) = points[segment], points[segment + 1]
+    return t0 * (width / w0) ** (math.log(t1 / t0) / math.log(w1 / w0))
+
+
 def auto_eigensolver(device_type: str, count: int, width: int, multiprocessors: int) -> str:
     """The eigensolver ``"auto"`` stands for: ``"triton"`` when the matrices are on a CUDA device, triton is installed,
     its kernels have not failed in this process, and it is expected to solve ``count`` (``width``, ``width``)
     matrices sooner than cuSOLVER on a GPU of ``multiprocessors`` streaming multiprocessors; else ``"torch"``.
 
-    The expectation comes from H100 timings of float64 spectra (``docs/performance.md``, rounds 3 and 6). cuSOLVER's
-    ``syevd`` solves a batch one matrix after another: 3.3 ms per 384-wide matrix, 17.8 ms per 1536-wide one, about
-    ``width^1.22`` in between. The Triton solver gives each matrix one multiprocessor, all at once: 1.22 ms per
-    384-wide matrix (13 in 15.9 ms), growing as ``width^3``, since each of its ``width`` steps streams the trailing
-    block through that one multiprocessor. So a single matrix goes to Triton up to ~670 wide, thirteen up to the
-    kernels' widest (2048). The Triton side is measured at width 384 only; wider is the model's extrapolation.
+    The expectation comes from H100 timings of float64 spectra at widths 384, 768 and 1536, interpolated in log-log
+    space (``docs/performance.md``, round 11). cuSOLVER's ``syevd`` solves a batch one matrix after another: 3.3,
+    7.5 and 17.9 ms per matrix. The Triton solver gives each matrix one multiprocessor, all at once, and each of
+    its ``width`` steps streams the trailing block through that one multiprocessor: 15.8, 142 and 633 ms per wave
+    of matrices, however many the wave holds. So Triton pays off only for many matrices of a narrow width: from 5
+    matrices at width 384 (a ViT-S's 13 taps: 15.8 against 43 ms), from 19 at 768, from 36 at 1536. Narrower and
+    wider than measured, the nearest segment's line is extrapolated.
     """
     if device_type != "cuda" or importlib.util.find_spec("triton") is None or _AUTO_TRITON_FAILURE:
         return "torch"
-    scale = width / 384
     waves = -(-count // max(1, multiprocessors))
-    return "triton" if 1.22 * scale**3 * waves < 3.3 * scale**1.22 * count else "torch"
+    triton_ms = _log_log_interpolation(_TRITON_WAVE_MS, width) * waves
+    cusolver_ms = _log_log_interpolation(_CUSOLVER_MATRIX_MS, width) * count
+    return "triton" if triton_ms < cusolver_ms else "torch"
 
 
 def eigensolver_problem(eigensolver: str, device: torch.device) -> str | None:
