@@ -26,6 +26,10 @@ step costs what every step costs when every step is due, so this measures the ev
 
     python scripts/bench_monitor_overhead.py --small --alternate --pairs 12 --rounds 2
 
+``--end-of-step`` (with ``--alternate``) adds all but SensitiveNeurons and ActivationSparsity alone with their
+statistics staged at the end of the due step, as before round 11, next to the same monitors staged before the
+backward (the default since): on a GPU, the A/B of what staging saves.
+
 ``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
 ``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, (b) a
 profile of 1 step: wall vs GPU-busy time and the top operators by GPU and by host time, and (c) the ATen operations
@@ -124,6 +128,12 @@ MONITORS = (ActivationSparsity, MassiveActivations, DimensionalCollapse, Sensiti
 DEFAULT_INTERVAL = 50  # every monitor's default every_n_steps
 
 
+def read_at_step_end(cls: type) -> type:
+    """``cls`` with its statistics staged at the end of the due step, as before round 11 (the host read then waits
+    for the step's backward and optimizer step): the A/B of ``--end-of-step``."""
+    return type(f"{cls.__name__}AtStepEnd", (cls,), {"stages_before_backward": lambda self, trainer: False})
+
+
 def monitors(every_n_steps: int | None, chosen: tuple[type, ...] | None = None) -> list[pl.Callback]:
     """The monitors of ``chosen`` (default: all four) at ``every_n_steps``, or none."""
     if every_n_steps is None:
@@ -145,6 +155,9 @@ def main() -> None:
     parser.add_argument("--alternate", action="store_true",
                         help="monitors due every other step; ratio of each due step to the bare step after it")
     parser.add_argument("--pairs", type=int, default=12, help="timed (due, bare) pairs per fit with --alternate")
+    parser.add_argument("--end-of-step", action="store_true",
+                        help="--alternate: also all but SensitiveNeurons and ActivationSparsity alone with their "
+                             "statistics staged at the end of the step (as before round 11), for the A/B")
     parser.add_argument("--diagnose", action="store_true", help="host syncs and a profile of the every-step config")
     parser.add_argument("--diagnose-only", default=None, choices=[cls.__name__ for cls in MONITORS],
                         help="diagnose this monitor alone (default: all four)")
@@ -213,6 +226,12 @@ def alternate(
     configs: dict[str, Callable[[], list[pl.Callback]]] = {
         "all four": lambda: monitors(2), "all but SensitiveNeurons": lambda: monitors(2, but_sensitive),
     }
+    if args.end_of_step:  # the A/B of staging before the backward (round 11), each next to its counterpart
+        configs["all but SensitiveNeurons, at step end"] = lambda: [
+            read_at_step_end(cls)(every_n_steps=2) for cls in but_sensitive
+        ]
+        configs["ActivationSparsity alone"] = functools.partial(monitors, 2, (ActivationSparsity,))
+        configs["ActivationSparsity alone, at step end"] = lambda: [read_at_step_end(ActivationSparsity)(every_n_steps=2)]
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone": functools.partial(monitors, 2, (cls,)) for cls in MONITORS})
         configs["tracking forward (floor)"] = lambda: [TrackingForward(2, val)]  # SensitiveNeurons' floor

@@ -2,10 +2,10 @@
 # Every GPU check this project owes, in one command sized for one device call (at most ~9.7 minutes in all;
 # give the device call timeout_s=595):
 #   1. scripts/gpu_check_monitors.sh (issue 17): the fused statistics against float64 and the CUDA tests, the
-#      eigensolvers at three widths and two batch sizes (the check of eigensolver="auto"'s cost model), the
 #      diagnosis of the every-step step (host syncs, profile, operations per hook), then the paired-step overhead
-#      with ViT-S and with KAT-S (all four, all but SensitiveNeurons, each alone, SensitiveNeurons' floor, and
-#      DimensionalCollapse with eigvalsh next to its default Triton eigensolver);
+#      with ViT-S (with the A/B of staging the statistics before the backward) and with KAT-S (all four, all but
+#      SensitiveNeurons, each alone, SensitiveNeurons' floor, and DimensionalCollapse with eigvalsh next to its
+#      default); the eigensolvers' timings (step 2e, measured in round 11) with MONITOR_STEPS="1a 1b 2e 3d 3c 3k";
 #   2. scripts/gpu_check_kat.sh --quick (issue 13): the GR-KAN kernels against float64, then the activation,
 #      eager / compiled / reduce-overhead step, host-time and MLP-block tables.
 # Each part keeps its own time-boxed steps and its logs ($OUT/monitors, $OUT/kat; ./gpu_out without $OUT).
@@ -15,7 +15,7 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT="${OUT:-./gpu_out}"
 STATUS=0
-OUT="$ROOT/monitors" BUDGET="${MONITORS_BUDGET:-380}" STEPS="${MONITOR_STEPS:-1a 1b 2e 3d 3c 3k}" \
+OUT="$ROOT/monitors" BUDGET="${MONITORS_BUDGET:-380}" STEPS="${MONITOR_STEPS:-1a 1b 3d 3c 3k}" \
   bash scripts/gpu_check_monitors.sh || STATUS=1
 OUT="$ROOT/kat" GPU_CHECK_BUDGET="${KAT_BUDGET:-200}" bash scripts/gpu_check_kat.sh --quick || STATUS=1
 if [ -n "${OUT:-}" ]; then  # the device tool returns at most 8 files from $OUT: the logs travel as one archive

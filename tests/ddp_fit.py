@@ -4,7 +4,7 @@ Run by tests/test_ddp.py as ``python ddp_fit.py {single|ddp} OUT.json MONITOR [M
 The single run uses batches of 16, the DDP run 8 per rank over the same data with an unshuffled
 DistributedSampler (rank r gets indices r, r+2, ...), so both see the same global batches.
 (Lightning's own injected training sampler shuffles, hence ``use_distributed_sampler=False``.)
-It also counts the collectives each monitor issues while flushing.
+It also counts the collectives each monitor issues while reducing a due step's buffers (``stage``).
 """
 
 import json
@@ -33,19 +33,20 @@ def counting(fn):
 
 
 dist.all_reduce, dist.all_gather = counting(dist.all_reduce), counting(dist.all_gather)
-original_flush = ActivationMonitor.flush
+original_stage = ActivationMonitor.stage
 
 
-def counted_flush(self, trainer, step):
+def counted_stage(self, trainer, step, with_extras):
+    """Each due step's reduction (before its backward, or at the end of the step)."""
     in_flush[0] = True
     collectives["flushes"] += 1
     try:
-        return original_flush(self, trainer, step)
+        return original_stage(self, trainer, step, with_extras)
     finally:
         in_flush[0] = False
 
 
-ActivationMonitor.flush = counted_flush
+ActivationMonitor.stage = counted_stage
 
 class ShardedToyData(ToyData):
     def _sharded(self, n: int, seed: int) -> DataLoader:

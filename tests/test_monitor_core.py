@@ -7,12 +7,14 @@ import pickle
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from _toy import BlockNet, ToyTask, forward_hook_count, quiet_trainer, tiny_mlp, toy_loader
 from lightning_act.callbacks import ActivationStats
+from lightning_act.callbacks.base import StagedStatistics, start_host_transfer
 
 
 class Recorder(Callback):
@@ -141,6 +143,76 @@ def test_gradient_accumulation_counts_optimizer_steps():
             accumulated.history[f"act/net.2/{stat}"].values[0], single.history[f"act/net.2/{stat}"].values[0],
             rtol=1e-6, err_msg=stat,
         )
+
+
+class BackwardFlag(ToyTask):
+    """Tells whether the current training batch has run its backward yet."""
+
+    backward_done = False
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.backward_done = False
+
+    def on_after_backward(self):
+        self.backward_done = True
+
+
+class StagingRecorder(ActivationStats):
+    """Records when each due step's statistics were staged: before or after the batch's backward."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.staged_at = []
+
+    def stage(self, trainer, step, with_extras):
+        self.staged_at.append((step, "after backward" if trainer.lightning_module.backward_done else "before backward"))
+        return super().stage(trainer, step, with_extras)
+
+
+class MetricsAtBatchEnd(Callback):
+    """Listed after the monitor, like ``ModelCheckpoint``: what ``callback_metrics`` holds at each batch's end."""
+
+    def __init__(self, key):
+        self.key, self.seen = key, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.key in trainer.callback_metrics:
+            self.seen[trainer.global_step - 1] = float(trainer.callback_metrics[self.key])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_statistics_are_staged_before_the_backward_and_logged_at_the_end_of_their_step(accumulate):
+    """Without gradient accumulation the due step's forward is complete before its backward, so the reduction and
+    the host transfer start there (on a GPU the host then waits only for the statistics, not for the backward and
+    optimizer step); they still reach ``callback_metrics`` by the end of that step, for the callbacks after the
+    monitor. Under accumulation the statistics of all micro-batches are staged after the last backward."""
+    monitor = StagingRecorder(modules=["net.2"], every_n_steps=2)
+    reader = MetricsAtBatchEnd("act/net.2/mean")
+    recorder = Recorder("net.2")
+    fit(BackwardFlag(tiny_mlp()), [monitor, reader, recorder], max_steps=5, accumulate_grad_batches=accumulate)
+    when = "before backward" if accumulate == 1 else "after backward"
+    assert monitor.staged_at == [(0, when), (2, when), (4, when)]
+    series = monitor.history["act/net.2/mean"]
+    assert series.steps == [0, 2, 4]
+    # each due step's value is in callback_metrics at the end of that same step (no lag), and it is the step's mean
+    # callback_metrics hold float32 tensors; the values differ from step to step, so a lag would show
+    np.testing.assert_allclose([reader.seen[step] for step in series.steps], series.values, rtol=1e-6)
+    for step, value in zip(series.steps, series.values):
+        np.testing.assert_allclose(value, np.concatenate([x.ravel() for x in recorder.outputs[step]]).mean(), rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_statistics_reach_the_host_through_pinned_memory_without_a_host_sync():
+    packed = torch.arange(5, dtype=torch.float64, device="cuda") / 3
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing operation raises
+    try:
+        fields = start_host_transfer(packed)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    staged = StagedStatistics(0, [], [], set(), **fields)
+    assert staged.pinned is not None and staged.pinned.is_pinned() and staged.values is None
+    np.testing.assert_array_equal(staged.host_values(), np.arange(5) / 3)
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])

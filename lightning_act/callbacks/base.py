@@ -12,11 +12,20 @@ kept for the whole fit, so ``torch.compile`` sees it), and on each *due* step
 2. turns each activation into fixed-size *partials* on the activation's device (no host sync):
    ``sums`` (added up), ``maxima`` (max-reduced) and optional ``samples`` (merged by the
    subclass, e.g. a top-k, then gathered across ranks);
-3. at the end of the step, reduces the packed buffers across data-parallel ranks with one
-   collective per kind, lets the subclass derive its statistics, moves them to the host in one
-   transfer, logs them to every logger of the Trainer as ``<prefix>/<module>/<stat>`` at that
+3. reduces the packed buffers across data-parallel ranks with one collective per kind, lets the
+   subclass derive its statistics and moves them to the host in one transfer; then, at the end of
+   the step, logs them to every logger of the Trainer as ``<prefix>/<module>/<stat>`` at that
    step, puts them into ``trainer.callback_metrics`` (so ``EarlyStopping`` and
    ``ModelCheckpoint(monitor=...)`` can use them) and appends them to bounded histories.
+
+   When the step's forward is complete before its backward (automatic optimization without
+   gradient accumulation, the training forward observed), step 3's reduction and transfer start
+   in ``on_before_backward``: on a GPU the transfer is asynchronous (pinned memory and an event),
+   so at the end of the step the host waits only for the statistics, which the device computed
+   before the backward, and not for the backward and optimizer step. A host read at the end of
+   the step would wait for the whole step, leaving the device idle while the host runs the rest
+   of the step's hooks and starts the next step. Otherwise (gradient accumulation, manual
+   optimization, a probing monitor) it all runs at the end of the step, as one transfer there.
 
 *A step* is an optimizer step (``trainer.global_step``) under automatic optimization, and one
 training batch under manual optimization (Lightning's ``global_step`` there counts every
@@ -210,6 +219,44 @@ def _as_scalar(value: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class StagedStatistics:
+    """A due step's statistics between their reduction and their logging: what each value of the one host
+    transfer is (``names``: ``(tap index or None, statistic)``, followed by the observation counts of the taps in
+    ``present`` when several ranks counted them, else ``observed`` holds the taps this rank observed), and the
+    transfer itself, either done (``values``) or under way into pinned host memory (``pinned``, complete once
+    ``ready`` has been reached on the device)."""
+
+    step: int
+    names: list[tuple[int | None, str]]
+    present: list[int]
+    observed: set[int] | None
+    values: list[float] | None = None
+    pinned: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+
+    def host_values(self) -> list[float]:
+        if self.values is None and self.pinned is not None:
+            assert self.ready is not None
+            self.ready.synchronize()  # waits for the statistics' own kernels only, not for the work after them
+            self.values = self.pinned.tolist()
+        return self.values or []
+
+
+def start_host_transfer(packed: torch.Tensor | None) -> dict[str, Any]:
+    """The fields of :class:`StagedStatistics` that carry ``packed`` to the host: on a CUDA device an asynchronous
+    copy into pinned memory and an event after it (no host sync), elsewhere the values themselves."""
+    if packed is None:
+        return {"values": []}
+    if packed.device.type != "cuda":
+        return {"values": packed.tolist()}
+    pinned = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    pinned.copy_(packed, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(packed.device))
+    return {"pinned": pinned, "ready": ready}
+
+
+@dataclass
 class Partials:
     """Fixed-size per-tap statistics of one activation tensor (float64, on its device)."""
 
@@ -262,6 +309,7 @@ class ActivationMonitor(Callback, ABC):
         self.armed = False
         self._registry: CaptureRegistry | None = None
         self._pending_step: int | None = None
+        self._staged: StagedStatistics | None = None  # the due step's statistics, staged before its backward
         self._sums: list[torch.Tensor | None] = []
         self._maxima: list[torch.Tensor | None] = []
         self._samples: list[torch.Tensor | None] = []
@@ -324,7 +372,7 @@ class ActivationMonitor(Callback, ABC):
         """Called once per logging step with every tap's reduced ``sums`` before :meth:`summarize` runs per tap:
         a place to batch work across taps (e.g. one eigensolver call for all of them)."""
 
-    def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor]:
+    def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor | float]:
         """Statistics not tied to a tap (full keys, e.g. ``collapse/params/r90``), logged with the rest."""
         return {}
 
@@ -377,8 +425,17 @@ class ActivationMonitor(Callback, ABC):
             self.arm(True)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if pl_module.automatic_optimization and self.armed:
-            self.arm(False)
+        if not (pl_module.automatic_optimization and self.armed):
+            return
+        self.arm(False)
+        if self._pending_step is not None and self._staged is None and self.stages_before_backward(trainer):
+            # the due step's one forward is complete: its statistics go to the host while the device runs backward
+            self._staged = self.stage(trainer, self._pending_step, with_extras=False)
+
+    def stages_before_backward(self, trainer: pl.Trainer) -> bool:
+        """Whether a due step's statistics are staged in ``on_before_backward`` (module docstring, step 3): when its
+        forward is complete there, that is without gradient accumulation."""
+        return trainer.accumulate_grad_batches == 1
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -386,6 +443,11 @@ class ActivationMonitor(Callback, ABC):
         if self.armed:
             self.arm(False)
         if self._pending_step is None:
+            return
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            self._pending_step = None
+            self.deliver(trainer, staged, self.host_extras(trainer, staged.step))
             return
         if pl_module.automatic_optimization and trainer.global_step <= self._pending_step:
             return  # accumulating: the optimizer step of the due step is still to come
@@ -407,6 +469,7 @@ class ActivationMonitor(Callback, ABC):
             self._registry.unsubscribe(self)
             self._registry = None
         self._pending_step = None
+        self._staged = None
 
     # ------------------------------------------------------------------ buffers
     def _reset_buffers(self, n: int) -> None:
@@ -459,7 +522,13 @@ class ActivationMonitor(Callback, ABC):
 
     # ------------------------------------------------------------------ reduce, summarise, log
     def flush(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
-        """Reduce the buffers across ranks, log the statistics at ``step`` and reset the buffers.
+        """Reduce the buffers across ranks, log the statistics at ``step`` and reset the buffers (at the end of the
+        due step: :meth:`stage`, then :meth:`deliver`)."""
+        return self.deliver(trainer, self.stage(trainer, step, with_extras=True))
+
+    def stage(self, trainer: pl.Trainer, step: int, with_extras: bool) -> StagedStatistics:
+        """Reduce the buffers across ranks, derive the statistics, start their one transfer to the host and reset the
+        buffers; :meth:`extra_statistics` join the transfer ``with_extras``.
 
         A tap no rank observed in this step (its module did not run, e.g. a conditional branch) logs nothing at
         this step: its buffers hold only the reset values, and statistics of them would read like measurements.
@@ -492,7 +561,7 @@ class ActivationMonitor(Callback, ABC):
                     for stat, value in self.summarize(i, sums[i], maxima.get(i), samples.get(i)).items():
                         names.append((i, stat))
                         values.append(_as_scalar(value))
-            for key, value in self.extra_statistics(trainer, step).items():
+            for key, value in (self.extra_statistics(trainer, step) if with_extras else {}).items():
                 names.append((None, key))
                 values.append(_as_scalar(torch.as_tensor(value)))
             # one vector for the host: the scalars, each block's values (tap-major), the observation counts
@@ -500,19 +569,38 @@ class ActivationMonitor(Callback, ABC):
             for taps, stats_of_block, block in blocks or ():
                 names += [(i, stat) for i in taps for stat in stats_of_block]
                 vectors.append(block.reshape(-1).to(torch.float64))
-            if len(reduced) > len(present):
+            counted = len(reduced) > len(present)
+            if counted:
                 vectors.append(reduced[-1])
             if len({v.device for v in vectors}) > 1:
                 vectors = [v.to(vectors[0].device) for v in vectors]
-            host_values = (vectors[0] if len(vectors) == 1 else torch.cat(vectors)).cpu().tolist() if vectors else []
-        if len(reduced) > len(present):
+            packed = (vectors[0] if len(vectors) == 1 else torch.cat(vectors)) if vectors else None
+            # with counts, which taps some rank observed is known once they reach the host
+            staged = StagedStatistics(step, names, present, None if counted else observed, **start_host_transfer(packed))
+        self._zero_buffers()  # after the transfer was queued (on a CPU, after it was read)
+        return staged
+
+    def host_extras(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
+        """:meth:`extra_statistics` on the host, for statistics staged without them (a host read of each extra that
+        is a device tensor; :class:`~lightning_act.callbacks.DimensionalCollapse` gives a float between changes)."""
+        return {key: float(value) for key, value in self.extra_statistics(trainer, step).items()}
+
+    def deliver(
+        self, trainer: pl.Trainer, staged: StagedStatistics, extras: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """Log the staged statistics (and ``extras``, already on the host) at their step, put them into
+        ``trainer.callback_metrics`` and the histories, and hand them to :meth:`on_statistics`."""
+        host_values = staged.host_values()
+        names, step = staged.names, staged.step
+        observed = staged.observed
+        if observed is None:
             counts = host_values[len(names):]
-            observed = {i for i, count in zip(present, counts) if count > 0}
+            observed = {i for i, count in zip(staged.present, counts) if count > 0}
         self._warn_unobserved(step, observed)
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
-        for (tap_index, stat), value in zip(names, host_values):
+        for (tap_index, stat), value in [*zip(names, host_values), *(((None, k), v) for k, v in (extras or {}).items())]:
             if tap_index is None:
                 key = stat
             elif tap_index not in observed:
@@ -526,7 +614,6 @@ class ActivationMonitor(Callback, ABC):
         self.log_metrics(trainer, metrics, step)
         self.publish(trainer, metrics)
         self.on_statistics(trainer, step, stats)
-        self._zero_buffers()
         return metrics
 
     def _warn_unobserved(self, step: int, observed: set[int]) -> None:

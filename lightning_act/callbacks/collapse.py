@@ -176,7 +176,8 @@ class DimensionalCollapse(ActivationMonitor):
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
-        self._r90: torch.Tensor | None = None  # r90 of the kept snapshots, computed when they change
+        # r90 of the kept snapshots, computed when they change (a device tensor until read, then a float)
+        self._r90: torch.Tensor | float | None = None
 
     # ------------------------------------------------------------------ activations
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -360,8 +361,8 @@ class DimensionalCollapse(ActivationMonitor):
         return None if r90 is None else float(r90)
 
     def _trajectory_r90(self) -> torch.Tensor | None:
-        """:meth:`params_r90` as a 0-d tensor on the snapshots' device: logged with the other statistics, it reaches
-        the host in their one transfer instead of a host sync of its own."""
+        """:meth:`params_r90` as a 0-d tensor on the snapshots' device: statistics flushed at the end of the step take
+        it to the host in their one transfer; staged before the backward, :meth:`host_extras` reads it once."""
         if len(self._snapshots) < 2:
             return None
         device = self._snapshots[-1].device
@@ -386,7 +387,7 @@ class DimensionalCollapse(ActivationMonitor):
         if self.param_names and not self._snapshots:
             self._add_snapshot(trainer.global_step - 1, self._snapshot(pl_module))
 
-    def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor]:
+    def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor | float]:
         """Snapshot the chosen weights at this due step and report the trajectory's r90."""
         if not self.param_names:
             return {}
@@ -400,6 +401,14 @@ class DimensionalCollapse(ActivationMonitor):
             if self._r90 is None and len(self._snapshots) >= 2:
                 self._r90 = self._trajectory_r90()
         return {} if self._r90 is None else {f"{self.prefix}/params/r90": self._r90}
+
+    def host_extras(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
+        """r90 on the host: read once after each snapshot (a host sync at those due steps only, fewer and fewer as
+        the trajectory thins), then kept as a float until the next one."""
+        extras = super().host_extras(trainer, step)
+        if self._r90 is not None:
+            self._r90 = extras[f"{self.prefix}/params/r90"]
+        return extras
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
