@@ -218,34 +218,44 @@ def host_table(args: argparse.Namespace, device: torch.device, stub: bool) -> No
 
 
 def launch_table(args: argparse.Namespace, x3: torch.Tensor, module: nn.Module, device: torch.device) -> None:
-    """Host time of one launch of the forward kernel: through Triton's ``kernel[grid](...)``, and of the compiled kernel
-    that call returned (``CompiledKernel[grid](*args)``, every parameter in order, constexpr values included: what
-    Triton's launcher is handed). The difference is the most a cache of compiled kernels could save per launch."""
+    """Host time of one launch of each of the three kernels of a forward+backward call through Triton's
+    ``kernel[grid](...)``, and of the forward's compiled kernel that call returned (``CompiledKernel[grid](*args)``,
+    every parameter in order, constexpr values included: what Triton's launcher is handed). The forward's two rows
+    differ by the most a cache of compiled kernels could save per launch; the three ``kernel[grid]`` rows tell
+    whether one kernel's launch costs more than the others (their sum is what three launches should cost)."""
     from lightning_act.nn import triton_rational as kernels
 
     numerator, denominator = module.weight_numerator.detach(), module.weight_denominator.detach()
-    y = torch.empty_like(x3)
+    rows = x3.shape[0]
+    y, grad_x = torch.empty_like(x3), torch.empty_like(x3)
     plan = kernels.launch_plan(*x3.shape, numerator.shape[0], denominator.shape[0], tuple(module.kernel_config))
-    kernel = kernels._group_rational_forward_kernel
-    runtime = (x3, y, numerator, denominator, x3.shape[0])
+    partials = x3.new_empty(plan.partials_shape, dtype=torch.float32)
+    grad_numerator, grad_denominator = torch.empty_like(numerator), torch.empty_like(denominator)
+    forward, backward = kernels._group_rational_forward_kernel, kernels._group_rational_backward_kernel
+    finish = kernels._coefficient_gradient_kernel
+    runtime = (x3, y, numerator, denominator, rows)
+    backward_args = (x3, torch.ones_like(x3), grad_x, partials, numerator, denominator, rows)
+    finish_args = (partials, grad_numerator, grad_denominator, denominator, plan.backward_programs)
     try:
-        compiled = kernel[plan.forward_grid](*runtime, **plan.forward_meta)
-        every = [*runtime, *(plan.forward_meta[name] for name in kernel.arg_names[len(runtime):])]
+        compiled = forward[plan.forward_grid](*runtime, **plan.forward_meta)
+        every = [*runtime, *(plan.forward_meta[name] for name in forward.arg_names[len(runtime):])]
         grid = (*plan.forward_grid, 1, 1)[:3]
         times = measure({
-            "kernel[grid](...) (Triton's launch path)": lambda: kernel[plan.forward_grid](*runtime, **plan.forward_meta),
-            "CompiledKernel[grid](*args)": lambda: compiled[grid](*every),
+            "forward: kernel[grid](...) (Triton's launch path)": lambda: forward[plan.forward_grid](*runtime, **plan.forward_meta),
+            "forward: CompiledKernel[grid](*args)": lambda: compiled[grid](*every),
+            "backward: kernel[grid](...)": lambda: backward[plan.backward_grid](*backward_args, **plan.backward_meta),
+            "coefficient gradients (finish): kernel[grid](...)": lambda: finish[plan.finish_grid](*finish_args, **plan.finish_meta),
         }, args.rounds, 1000, device, statistic=min)
     except Exception as error:  # noqa: BLE001  (Triton internals of another version: the host table stands)
         print(f"<!-- launch table failed: {type(error).__name__}: {str(error)[:300]} -->")
         return
-    print("\n| one forward-kernel launch | us |\n|---|---|")
+    print("\n| one kernel launch | us |\n|---|---|")
     for name, seconds in times.items():
         print(f"| {name} | {seconds * 1e6:.2f} |")
 
 
 def profile_calls(call: Callable[[], object], calls: int) -> None:
-    """Where the host time of ``calls`` calls goes: cProfile's 15 functions with the most time of their own (the
+    """Where the host time of ``calls`` calls goes: cProfile's 30 functions with the most time of their own (the
     profiler inflates every function call, so compare the rows with each other, not with the timings above)."""
     import cProfile
     import pstats
@@ -256,7 +266,7 @@ def profile_calls(call: Callable[[], object], calls: int) -> None:
         call()
     profiler.disable()
     print(f"\n# cProfile of {calls} eager forward+backward calls, by own time")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
 def bench_activation(args: argparse.Namespace, device: torch.device) -> None:
