@@ -28,7 +28,9 @@ step costs what every step costs when every step is due, so this measures the ev
 
 ``--end-of-step`` (with ``--alternate``) adds all but SensitiveNeurons and ActivationSparsity alone with their
 statistics staged at the end of the due step, as before round 11, next to the same monitors staged before the
-backward (the default since): on a GPU, the A/B of what staging saves.
+backward (the default since): on a GPU, the A/B of what staging saves. ``--overlap-spectra`` adds
+DimensionalCollapse alone with ``overlap_spectra=True`` (its spectra on a CUDA stream of their own, beside the
+backward) next to its default.
 
 ``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
 ``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, (b) a
@@ -155,6 +157,8 @@ def main() -> None:
     parser.add_argument("--alternate", action="store_true",
                         help="monitors due every other step; ratio of each due step to the bare step after it")
     parser.add_argument("--pairs", type=int, default=12, help="timed (due, bare) pairs per fit with --alternate")
+    parser.add_argument("--overlap-spectra", action="store_true",
+                        help="--alternate: also DimensionalCollapse alone with overlap_spectra=True, next to its default")
     parser.add_argument("--end-of-step", action="store_true",
                         help="--alternate: also all but SensitiveNeurons and ActivationSparsity alone with their "
                              "statistics staged at the end of the step (as before round 11), for the A/B")
@@ -232,6 +236,11 @@ def alternate(
         ]
         configs["ActivationSparsity alone"] = functools.partial(monitors, 2, (ActivationSparsity,))
         configs["ActivationSparsity alone, at step end"] = lambda: [read_at_step_end(ActivationSparsity)(every_n_steps=2)]
+    if args.overlap_spectra:  # DimensionalCollapse's spectra beside the backward, next to the default
+        configs["DimensionalCollapse alone"] = functools.partial(monitors, 2, (DimensionalCollapse,))
+        configs["DimensionalCollapse alone, overlapped"] = lambda: [
+            DimensionalCollapse(every_n_steps=2, overlap_spectra=True)
+        ]
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone": functools.partial(monitors, 2, (cls,)) for cls in MONITORS})
         configs["tracking forward (floor)"] = lambda: [TrackingForward(2, val)]  # SensitiveNeurons' floor

@@ -3,9 +3,10 @@
 # give the device call timeout_s=595):
 #   1. scripts/gpu_check_monitors.sh (issue 17): the fused statistics against float64 and the CUDA tests, the
 #      diagnosis of the every-step step (host syncs, profile, operations per hook), then the paired-step overhead
-#      with ViT-S (with the A/B of staging the statistics before the backward) and with KAT-S (all four, all but
-#      SensitiveNeurons, each alone, SensitiveNeurons' floor, and DimensionalCollapse with eigvalsh next to its
-#      default); the eigensolvers' timings (step 2e, measured in round 11) with MONITOR_STEPS="1a 1b 2e 3d 3c 3k";
+#      with ViT-S (all four, all but SensitiveNeurons, each alone, SensitiveNeurons' floor, DimensionalCollapse
+#      with eigvalsh next to its default, and round 11's A/Bs: statistics staged at the end of the step, and
+#      DimensionalCollapse's overlap_spectra) and with KAT-S (all four, all but SensitiveNeurons); the
+#      eigensolvers' timings (step 2e, measured in round 11) with MONITOR_STEPS="1a 1b 2e 3d 3c 3k";
 #   2. scripts/gpu_check_kat.sh --quick (issue 13): the GR-KAN kernels against float64, then the activation,
 #      eager / compiled / reduce-overhead step, host-time and MLP-block tables.
 # Each part keeps its own time-boxed steps and its logs ($OUT/monitors, $OUT/kat; ./gpu_out without $OUT).

@@ -3,8 +3,9 @@
 # (a global deadline of $BUDGET seconds, default 450, caps every step; later steps are skipped when it is spent):
 #   1. the fused pass (eager fallback and Triton kernel) against float64 on fresh random inputs
 #      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA tests of tests/test_fused_stats.py, of
-#      the Triton eigensolver (tests/test_triton_eigen.py, against numpy float64) and of the statistics' host
-#      transfer without a host sync (tests/test_monitor_core.py);
+#      the Triton eigensolver (tests/test_triton_eigen.py, against numpy float64), of the statistics' host
+#      transfer without a host sync (tests/test_monitor_core.py) and of DimensionalCollapse against numpy, with
+#      and without overlap_spectra (tests/test_collapse.py);
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
 #   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
 #   2e. (STEPS="... 2e") DimensionalCollapse's eigensolvers on the device (cuSOLVER per matrix and batched, the
@@ -20,8 +21,10 @@
 #   3c. (STEPS="... 3c") the same overhead from (due, bare) step pairs within each fit (--alternate), which a
 #      drifting host does not blur: all four, all but SensitiveNeurons, each alone, and SensitiveNeurons' floor
 #      (a bare forward of its tracking set), and (--end-of-step) all but SensitiveNeurons and ActivationSparsity
-#      alone with the statistics staged at the end of the step, the A/B of round 11's staging; 3k (STEPS="... 3k")
-#      the same without the A/B with kat_small_patch16_224.
+#      alone with the statistics staged at the end of the step, the A/B of round 11's staging, and (--overlap-
+#      spectra) DimensionalCollapse alone with its spectra beside the backward; 3k (STEPS="... 3k") all four and
+#      all but SensitiveNeurons with kat_small_patch16_224 (KAT_PER_MONITOR=--per-monitor: each alone too, as
+#      measured in round 11).
 # Steps run in this order: 1a 1b 2 2e 2b 3d 3c 3k 3a 3b.
 # Each step is time-boxed; a failing step prints its error and the next one still runs.
 # Logs go to "$OUT" when set, else ./gpu_out. Run from the repository root:
@@ -73,15 +76,15 @@ STEPS="${STEPS:-1a 1b 2 3d 3a 3b}"  # 2b (the launch-configuration sweep) on req
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
-wants 1b && run_step 1b_cuda_test 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py tests/test_monitor_core.py -k cuda
+wants 1b && run_step 1b_cuda_test 60 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py tests/test_monitor_core.py tests/test_collapse.py -k cuda
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
 wants 2e && run_step 2e_bench_eigensolvers 60 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-device-only --eigh-widths 384,768,1536 --eigh-counts 1,13 --rounds 3
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
 # Host syncs inside lightning_act, a 3-step profile of all four monitors every step and the operations each hook
 # dispatches (first of the step measurements: round 6's budget ran out before it).
 wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
-wants 3c && run_step 3c_bench_monitor_overhead_pairs 175 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --end-of-step --pairs 8 --rounds 1 --warmup 3
-wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 100 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate --per-monitor --pairs 8 --rounds 1 --warmup 3
+wants 3c && run_step 3c_bench_monitor_overhead_pairs 175 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --end-of-step --overlap-spectra --pairs 8 --rounds 1 --warmup 3
+wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 100 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate ${KAT_PER_MONITOR-} --pairs 8 --rounds 1 --warmup 3
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).
 wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20

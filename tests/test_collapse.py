@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_act.callbacks.collapse import DimensionalCollapse
 from lightning_act.errors import LightningActError, ModuleSelectionError
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 class Bottleneck(nn.Module):
@@ -286,7 +289,7 @@ class StepOutputs(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         def hook(name: str):
             def record(module: nn.Module, args: object, output: torch.Tensor) -> None:
-                rows = output.detach().double().reshape(-1, output.shape[-1]).numpy().copy()
+                rows = output.detach().double().reshape(-1, output.shape[-1]).cpu().numpy().copy()
                 self.seen.setdefault(self.step, {}).setdefault(name, []).append(rows)
             return record
 
@@ -300,19 +303,33 @@ class StepOutputs(Callback):
             handle.remove()
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_taps_of_several_shapes_match_numpy_with_one_or_two_forwards_per_step(accumulate: int) -> None:
+@pytest.mark.parametrize(
+    ("accumulate", "device", "overlap"),
+    [
+        (1, "cpu", False), (2, "cpu", False), (1, "cpu", True),
+        pytest.param(1, "cuda", False, marks=needs_cuda), pytest.param(1, "cuda", True, marks=needs_cuda),
+    ],
+)
+def test_taps_of_several_shapes_match_numpy_with_one_or_two_forwards_per_step(
+    accumulate: int, device: str, overlap: bool
+) -> None:
     # The logging step sums the kept rows of all taps of one shape in one batched product: two (B, T, 8) taps
     # and one (B, 5) tap, one or two micro-batches per step, and a tap whose output is changed in place later.
+    # On CUDA, with overlap_spectra the spectra are solved on a stream of their own alongside the backward (on a
+    # CPU the option does nothing): the same values.
     names = ["embed", "mix", "pool"]
-    monitor = DimensionalCollapse(modules=names, every_n_steps=1, param_patterns=[])
+    eigensolver = "triton" if device == "cuda" and importlib.util.find_spec("triton") else "auto"
+    monitor = DimensionalCollapse(
+        modules=names, every_n_steps=1, param_patterns=[], overlap_spectra=overlap, eigensolver=eigensolver
+    )
     outputs = StepOutputs(names)
     generator = torch.Generator().manual_seed(5)
     x, y = torch.randn(48, 4, 6, generator=generator), torch.randint(0, 4, (48,), generator=generator)
     torch.manual_seed(0)
     trainer = pl.Trainer(
-        max_steps=3, logger=False, callbacks=[monitor, outputs], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", accumulate_grad_batches=accumulate,
+        max_steps=3, logger=False, callbacks=[monitor, outputs], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+        accumulate_grad_batches=accumulate,
     )
     trainer.fit(Mixed(), DataLoader(TensorDataset(x, y), batch_size=8))
     for name in names:

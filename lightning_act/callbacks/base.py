@@ -38,6 +38,7 @@ Subclasses implement :meth:`partials` and :meth:`summarize` (pure math lives in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -310,6 +311,7 @@ class ActivationMonitor(Callback, ABC):
         self._registry: CaptureRegistry | None = None
         self._pending_step: int | None = None
         self._staged: StagedStatistics | None = None  # the due step's statistics, staged before its backward
+        self._summary_side_stream: torch.cuda.Stream | None = None  # where the last statistics were derived
         self._sums: list[torch.Tensor | None] = []
         self._maxima: list[torch.Tensor | None] = []
         self._samples: list[torch.Tensor | None] = []
@@ -407,6 +409,10 @@ class ActivationMonitor(Callback, ABC):
 
     def arm(self, armed: bool) -> None:
         """Start or stop receiving activations (the registry's hooks stay attached either way)."""
+        side = self._summary_side_stream
+        if armed and side is not None:  # the buffers were zeroed there: accumulate into them after that
+            torch.cuda.current_stream(side.device).wait_stream(side)
+            self._summary_side_stream = None
         self.armed = armed
         if self._registry is not None:
             self._registry.refresh()
@@ -553,7 +559,14 @@ class ActivationMonitor(Callback, ABC):
 
         names: list[tuple[int | None, str]] = []
         values: list[torch.Tensor] = []
-        with torch.no_grad():  # statistics are never differentiated: no graph is recorded and none is detached
+        side = None if with_extras or not present else self.summary_stream(sum_buffers[0].device)
+        if side is not None:
+            # the side stream starts after the collectives; what it reads and this stream could free is recorded
+            side.wait_stream(torch.cuda.current_stream(side.device))
+            for tensor in (*reduced, *maxima.values(), *samples.values()):
+                tensor.record_stream(side)
+        # statistics are never differentiated: no graph is recorded and none is detached
+        with torch.no_grad(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             blocks = self.summarize_taps(present, sums, maxima, samples)
             if blocks is None:
                 self.prepare_summaries(sums)
@@ -577,8 +590,15 @@ class ActivationMonitor(Callback, ABC):
             packed = (vectors[0] if len(vectors) == 1 else torch.cat(vectors)) if vectors else None
             # with counts, which taps some rank observed is known once they reach the host
             staged = StagedStatistics(step, names, present, None if counted else observed, **start_host_transfer(packed))
-        self._zero_buffers()  # after the transfer was queued (on a CPU, after it was read)
+            self._zero_buffers()  # on the stream that read them, after the transfer was queued (on a CPU, was read)
+        self._summary_side_stream = side
         return staged
+
+    def summary_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        """A CUDA stream of its own on which the statistics staged before the backward are derived, so that they
+        overlap the backward on the device; None (the default): the current stream. See
+        :class:`~lightning_act.callbacks.DimensionalCollapse`'s ``overlap_spectra``."""
+        return None
 
     def host_extras(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
         """:meth:`extra_statistics` on the host, for statistics staged without them (a host read of each extra that

@@ -100,6 +100,11 @@ class DimensionalCollapse(ActivationMonitor):
             Householder tridiagonalization and Sturm bisection, two launches for all taps of a width and no host
             sync; CUDA only, checked at fit start). Both give float64 eigenvalues exact to round-off; on an H100
             the Triton one solved 13 384-wide spectra 2.7x faster (``docs/performance.md``).
+        overlap_spectra: on a CUDA model, solve the spectra of a due step staged before its backward on a CUDA
+            stream of their own, so that they run alongside the backward instead of before it (the Triton solver
+            takes one multiprocessor per tap: 13 of an H100's 132 for a ViT-S); the same values, logged at the
+            same step. Pays off with the Triton solver only (``eigvalsh`` waits on the host for its result). Off by
+            default until its effect is measured on a GPU (``docs/performance.md``, round 11); no effect on a CPU.
     """
 
     prefix = "collapse"
@@ -120,6 +125,7 @@ class DimensionalCollapse(ActivationMonitor):
         seed: int = 0,
         wide_dim: int | None = 2048,
         eigensolver: str = "auto",
+        overlap_spectra: bool = False,
         history_size: int = 512,
         batch_dim: int | None = None,
         token_dim: int | None = None,
@@ -153,6 +159,8 @@ class DimensionalCollapse(ActivationMonitor):
         if eigensolver not in EIGENSOLVERS:
             raise LightningActError(f"DimensionalCollapse: eigensolver={eigensolver!r}; pass one of {EIGENSOLVERS}")
         self.eigensolver = eigensolver
+        self.overlap_spectra = bool(overlap_spectra)
+        self._spectra_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.wide_dim = wide_dim
         self.max_rows = max_rows
         self._rows_per_due_step = max_rows
@@ -248,6 +256,13 @@ class DimensionalCollapse(ActivationMonitor):
         if key not in self._test_matrices:
             self._test_matrices[key] = gaussian_test_matrix(d, k, self.seed, rows.device)
         return Partials(sums=sketch_partials(rows, self._test_matrices[key]))
+
+    def summary_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if not self.overlap_spectra or device.type != "cuda":
+            return None
+        if device not in self._spectra_streams:
+            self._spectra_streams[device] = torch.cuda.Stream(device)
+        return self._spectra_streams[device]
 
     def prepare_summaries(self, sums: dict[int, torch.Tensor]) -> None:
         """The ranks of every full-covariance tap from one batched eigensolver call per (size, device): the taps of
