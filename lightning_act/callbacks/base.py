@@ -620,7 +620,8 @@ class ActivationMonitor(Callback, ABC):
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
-        for (tap_index, stat), value in [*zip(names, host_values), *(((None, k), v) for k, v in (extras or {}).items())]:
+        pairs = [*zip(names, host_values), *(((None, key), value) for key, value in (extras or {}).items())]
+        for (tap_index, stat), value in pairs:
             if tap_index is None:
                 key = stat
             elif tap_index not in observed:
