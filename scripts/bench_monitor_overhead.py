@@ -29,8 +29,8 @@ step costs what every step costs when every step is due, so this measures the ev
 ``--end-of-step`` (with ``--alternate``) adds all but SensitiveNeurons and ActivationSparsity alone with their
 statistics staged at the end of the due step, as before round 11, next to the same monitors staged before the
 backward (the default since): on a GPU, the A/B of what staging saves. ``--overlap-spectra`` adds
-DimensionalCollapse alone with ``overlap_spectra=True`` (its spectra on a CUDA stream of their own, beside the
-backward) next to its default.
+DimensionalCollapse alone with ``overlap_spectra=False`` (its spectra solved before the backward, as before round
+12) next to its default (on a CUDA stream of their own, beside the backward).
 
 ``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
 ``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, (b) a
@@ -88,11 +88,17 @@ class StepTimer(pl.Callback):
 class TrackingForward(pl.Callback):
     """The floor of ``SensitiveNeurons``' cost: at each step due every ``every_n_steps``, a forward of the tracking set
     in eval mode, without gradients, in the trainer's precision (what a SeND checkpoint has to run, whatever
-    computes the statistics), with nothing tapped or kept."""
+    computes the statistics), with nothing tapped or kept. The tracking inputs are moved to the device once, at fit
+    start, as ``SensitiveNeurons`` does: a copy from pageable host memory at every due step would wait for the
+    device's queue, a host sync that ``SensitiveNeurons`` does not make (before round 12 the floor made it)."""
 
     def __init__(self, every_n_steps: int, tracking: DataLoader) -> None:
         self.every_n_steps, self.tracking = every_n_steps, tracking
+        self._inputs: list[torch.Tensor] = []
         self._due = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._inputs = [x.to(pl_module.device) for x, _ in self.tracking]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._due = trainer.global_step % self.every_n_steps == 0
@@ -103,8 +109,8 @@ class TrackingForward(pl.Callback):
         if not self._due:
             return
         with probing(trainer, pl_module, pl_module.device):
-            for x, _ in self.tracking:
-                pl_module(x.to(pl_module.device))
+            for x in self._inputs:
+                pl_module(x)
 
 
 class Classifier(pl.LightningModule):
@@ -158,10 +164,13 @@ def main() -> None:
                         help="monitors due every other step; ratio of each due step to the bare step after it")
     parser.add_argument("--pairs", type=int, default=12, help="timed (due, bare) pairs per fit with --alternate")
     parser.add_argument("--overlap-spectra", action="store_true",
-                        help="--alternate: also DimensionalCollapse alone with overlap_spectra=True, next to its default")
+                        help="--alternate: also DimensionalCollapse alone with overlap_spectra=False, next to its default")
     parser.add_argument("--end-of-step", action="store_true",
                         help="--alternate: also all but SensitiveNeurons and ActivationSparsity alone with their "
                              "statistics staged at the end of the step (as before round 11), for the A/B")
+    parser.add_argument("--only", default=None,
+                        help="--alternate: keep only these configurations (their row names separated by ';', e.g. "
+                             "'all four;SensitiveNeurons alone'), for a short device call")
     parser.add_argument("--diagnose", action="store_true", help="host syncs and a profile of the every-step config")
     parser.add_argument("--diagnose-only", default=None, choices=[cls.__name__ for cls in MONITORS],
                         help="diagnose this monitor alone (default: all four)")
@@ -238,8 +247,8 @@ def alternate(
         configs["ActivationSparsity alone, at step end"] = lambda: [read_at_step_end(ActivationSparsity)(every_n_steps=2)]
     if args.overlap_spectra:  # DimensionalCollapse's spectra beside the backward, next to the default
         configs["DimensionalCollapse alone"] = functools.partial(monitors, 2, (DimensionalCollapse,))
-        configs["DimensionalCollapse alone, overlapped"] = lambda: [
-            DimensionalCollapse(every_n_steps=2, overlap_spectra=True)
+        configs["DimensionalCollapse alone, not overlapped"] = lambda: [
+            DimensionalCollapse(every_n_steps=2, overlap_spectra=False)
         ]
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone": functools.partial(monitors, 2, (cls,)) for cls in MONITORS})
@@ -248,6 +257,12 @@ def alternate(
             configs["DimensionalCollapse, eigvalsh (torch)"] = lambda: [
                 DimensionalCollapse(every_n_steps=2, eigensolver="torch")
             ]
+    if args.only is not None:
+        wanted = [name.strip() for name in args.only.split(";")]
+        unknown = [name for name in wanted if name not in configs]
+        if unknown:
+            raise SystemExit(f"--only: no configuration named {unknown}; these exist here: {list(configs)}")
+        configs = {name: configs[name] for name in wanted}
     ratios: dict[str, list[float]] = {name: [] for name in configs}
     for round_index in range(args.rounds):
         for name, make_callbacks in configs.items():

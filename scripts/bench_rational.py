@@ -16,9 +16,13 @@ activation  ``(128, 197, 3072)`` in bfloat16 and float32: forward and forward+ba
             ``GroupRational`` (8 groups): Triton with the current kernel configuration, with the previous one
             (``PREVIOUS_KERNEL_CONFIG``, for the A/B) and any ``--configs``, and the reference compiled by
             Inductor; achieved bandwidth (forward 2 N element-bytes, forward+backward 5 N) as % of the measured
-            copy bandwidth (``dst.copy_(src)``, 2 N).
+            copy bandwidth (``dst.copy_(src)``, 2 N). On CUDA each sample replays a CUDA graph of ``--inner``
+            calls, so these are the kernels' times: a forward+backward call takes 0.2-0.5 ms of host time, as
+            long as its kernels, and timing eager calls measured the host (runs 3-6 of ``docs/kat_kernel.md``
+            disagreed 0.44-0.70 ms on the same kernels with hosts 2x apart). ``--eager-timing`` times eager calls.
 mlp         ViT-B MLP block (768 -> 3072 -> 768 on 128 x 197 tokens), forward+backward under bf16 autocast:
-            fc1-GELU-fc2 vs GR(identity)-fc1-GR(swish)-fc2, eager and ``torch.compile``-d.
+            fc1-GELU-fc2 vs GR(identity)-fc1-GR(swish)-fc2, eager and ``torch.compile``-d; on CUDA also each
+            eager block replayed from a CUDA graph (its kernels' time, the host left out).
 sweep       Forward and forward+backward of each of ``SWEEP_CONFIGS`` (8 KernelConfigs) at the activation shape
             in bfloat16, as % of copy bandwidth: which configuration to make the default (only in --sections).
 step        Training step (forward, backward, AdamW, bf16 autocast) of ``kat_small_patch16_224`` vs
@@ -90,6 +94,41 @@ def measure(
             sync()
             samples[name].append((time.perf_counter() - start) / inner)
     return {name: statistic(values) for name, values in samples.items()}
+
+
+def graph_replays(
+    candidates: dict[str, Callable[[], object]], inner: int, device: torch.device
+) -> dict[str, Callable[[], object]]:
+    """Each candidate as the replay of a CUDA graph of ``inner`` calls: timed, it gives the kernels' time with no host
+    work between them. A candidate that cannot be captured is left out with a comment."""
+    replays: dict[str, Callable[[], object]] = {}
+    for name, run in candidates.items():
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+                for _ in range(3):
+                    run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(inner):
+                    run()
+            replays[name] = graph.replay
+        except Exception as error:  # noqa: BLE001  (report and go on: the other candidates still compare)
+            print(f"<!-- {name}: no CUDA graph, left out: {type(error).__name__}: {str(error)[:300]} -->")
+    return replays
+
+
+def kernel_times(
+    candidates: dict[str, Callable[[], object]], args: argparse.Namespace, device: torch.device
+) -> dict[str, float]:
+    """Seconds per call of each candidate's kernels: CUDA-graph replays on CUDA (``--eager-timing``: eager calls, the
+    host included), eager calls elsewhere."""
+    if device.type != "cuda" or args.eager_timing:
+        return measure(candidates, args.rounds, args.inner, device)
+    per_replay = measure(graph_replays(candidates, args.inner, device), args.rounds, 1, device)
+    return {name: seconds / args.inner for name, seconds in per_replay.items()}
 
 
 def extra_kernel_configs(args: argparse.Namespace) -> dict[str, object]:
@@ -271,7 +310,8 @@ def profile_calls(call: Callable[[], object], calls: int) -> None:
 
 def bench_activation(args: argparse.Namespace, device: torch.device) -> None:
     shape = (4, 64, 768) if args.small else (128, 197, 3072)
-    print(f"\n## Activation {shape}, 8 groups (median of {args.rounds} rounds x {args.inner} calls)")
+    timing = "eager calls" if device.type != "cuda" or args.eager_timing else "CUDA-graph replays: kernel time"
+    print(f"\n## Activation {shape}, 8 groups (median of {args.rounds} rounds x {args.inner} calls; {timing})")
     print("| dtype | op | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd % copy | fwd+bwd / GELU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
@@ -326,8 +366,8 @@ def bench_activation_dtype(args: argparse.Namespace, device: torch.device, shape
     for name, module in modules.items():
         forward_runs[f"rational[{name}]"] = forward(module)
         backward_runs[f"rational[{name}]"] = forward_backward(module, list(module.parameters()))
-    forward_times = measure(forward_runs, args.rounds, args.inner, device)
-    backward_times = measure(backward_runs, args.rounds, args.inner, device)
+    forward_times = kernel_times(forward_runs, args, device)
+    backward_times = kernel_times(backward_runs, args, device)
     copy_bandwidth = 2 * numel * element_bytes / forward_times["copy"]
     print(f"| {dtype_name} | copy | {forward_times['copy'] * 1e3:.3f} | {copy_bandwidth / 1e9:.0f} | 100% | | | | |")
     for name in backward_runs:
@@ -396,8 +436,8 @@ def bench_sweep(args: argparse.Namespace, device: torch.device) -> None:
         backward_runs[name] = lambda module=module, params=params: torch.autograd.grad(
             module(x_grad), [x_grad, *params], grad_y
         )
-    forward_times = measure(forward_runs, args.rounds, args.inner, device)
-    backward_times = measure(backward_runs, args.rounds, args.inner, device)
+    forward_times = kernel_times(forward_runs, args, device)
+    backward_times = kernel_times(backward_runs, args, device)
     copy_bandwidth = 2 * numel * 2 / forward_times["copy"]
     print(f"\n## Sweep of KernelConfig at {shape} bf16 (block_k, forward_tile, backward_tile, backward_row_tiles, "
           f"num_warps, interleave_groups, backward_prefetch); copy {forward_times['copy'] * 1e3:.3f} ms")
@@ -461,11 +501,15 @@ def bench_mlp_block(args: argparse.Namespace, device: torch.device) -> None:
 
         return run
 
-    times = measure({name: step(block) for name, block in blocks.items()}, args.rounds, args.inner, device)
+    steps = {name: step(block) for name, block in blocks.items()}
+    times = measure(dict(steps), args.rounds, args.inner, device)
+    if device.type == "cuda":  # the eager blocks' kernels alone: each replayed from a CUDA graph
+        eager = {f"{name}+graph": run for name, run in steps.items() if not name.endswith("+compile")}
+        times |= kernel_times(eager, args, device) if not args.eager_timing else {}
     print("| block | ms | / GELU (eager) | / GELU (same mode) |")
     print("|---|---|---|---|")
     for name, seconds in times.items():
-        same_mode = "gelu+compile" if name.endswith("+compile") else "gelu"
+        same_mode = "gelu+compile" if name.endswith("+compile") else "gelu+graph" if name.endswith("+graph") else "gelu"
         print(f"| {name} | {seconds * 1e3:.3f} | {seconds / times.get('gelu', math.nan):.2f}x | "
               f"{seconds / times.get(same_mode, math.nan):.2f}x |")
 
@@ -576,6 +620,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="training-step batch size")
     parser.add_argument("--configs", nargs="*", default=[], help="extra KernelConfig tuples, e.g. 0,4096,2048,4,8")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile candidates")
+    parser.add_argument("--eager-timing", action="store_true",
+                        help="activation and mlp on CUDA: time eager calls (host included), not CUDA-graph replays")
     parser.add_argument("--profile-host", action="store_true",
                         help="with the host section: a cProfile of the eager path's forward+backward calls")
     parser.add_argument("--stub-kernels", dest="stub_kernels", action="store_true", default=None,
