@@ -1,4 +1,5 @@
-"""MassiveActivations on a fixed probe of validation batches: numpy values, no perturbation, DDP-exact."""
+"""Probe passes (MassiveActivations on fixed validation batches, SensitiveNeurons' tracking set): numpy values, no
+perturbation, DDP-exact, and never counted by another monitor armed for the training step."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, tiny_vit
-from lightning_act.callbacks import MassiveActivations
+from lightning_act.callbacks import ActivationStats, MassiveActivations, SensitiveNeurons
 from lightning_act.errors import LightningActError
 from lightning_act.stats.histogram_median import LogMagnitudeBins
 
@@ -56,6 +57,61 @@ def test_probe_runs_fixed_validation_batches_at_each_due_step():
             rtol = LogMagnitudeBins().relative_width if stat in ("median", "ratio") else 1e-5
             np.testing.assert_allclose(massive.history[f"massive/net.blocks.1/{stat}"].values[i], value, rtol=rtol)
     assert recorder.training_calls > 0 and all(a.shape[0] == 8 for a in recorder.seen)
+
+
+class TrainingRecorder(pl.Callback):
+    """Records the outputs of one module in training-mode forwards, per optimizer step."""
+
+    def __init__(self, name):
+        self.name, self.seen = name, {}
+
+    def on_fit_start(self, trainer, pl_module):
+        def hook(module, args, out):
+            if module.training:
+                self.seen.setdefault(trainer.global_step, []).append(out.detach().double().numpy().copy())
+
+        dict(pl_module.named_modules())[self.name].register_forward_hook(hook)
+
+
+class ManualToyTask(ToyTask):
+    """``ToyTask`` with manual optimization: a monitor stays armed until the end of the step."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        optimizer.step()
+
+
+@pytest.mark.parametrize("prober", ["massive_probe", "sensitive_manual"])
+def test_probe_passes_are_not_counted_by_a_monitor_armed_for_the_training_step(prober):
+    # A due step's monitors stay armed until its backward (to the end of the step under manual optimization), and
+    # the probes run inside that window: MassiveActivations(probe="val") at the step's start, after the hooks of
+    # the callbacks listed before it (ActivationStats, armed there), and SensitiveNeurons' tracking set at the
+    # step's end, before those of the callbacks listed after it (ActivationStats, still armed). ActivationStats
+    # once counted the probe's rows as training rows. Its count and mean must be the training forward's (numpy).
+    pl.seed_everything(0)
+    tap = "net.blocks.1"
+    stats = ActivationStats(modules=[tap], every_n_steps=1)
+    if prober == "massive_probe":
+        task, probe = ToyTask(BlockNet()), MassiveActivations(modules=[tap], probe="val", probe_batches=2, every_n_steps=1)
+    else:
+        task = ManualToyTask(BlockNet())
+        probe = SensitiveNeurons(modules=[tap], every_n_steps=1, tracking_inputs=torch.randn(16, 1, 16, 16) * 50,
+                                 eigenscore_passes=0)
+    recorder = TrainingRecorder(tap)
+    monitors = [stats, probe] if prober == "massive_probe" else [probe, stats]
+    quiet_trainer(max_steps=3, callbacks=[*monitors, recorder]).fit(task, ToyData(batch_size=8))
+    assert stats.history[f"act/{tap}/count"].steps == [0, 1, 2]
+    assert len(probe.history) > 0  # the probe did run
+    for index, step in enumerate((0, 1, 2)):
+        (training,) = recorder.seen[step]
+        assert stats.history[f"act/{tap}/count"].values[index] == training.size
+        np.testing.assert_allclose(stats.history[f"act/{tap}/mean"].values[index], training.mean(), rtol=1e-6)
 
 
 def test_probe_does_not_perturb_training():

@@ -17,6 +17,7 @@ from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int,
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
+    own_passes,
     probing,
     resolve_forward_fn,
     to_device,
@@ -275,7 +276,7 @@ class MassiveActivations(ActivationMonitor):
             return
         self.arm(True)
         try:
-            with probing(trainer, pl_module, pl_module.device):
+            with own_passes(self._registry, self), probing(trainer, pl_module, pl_module.device):
                 for probe_batch in self._probe_data:
                     call_forward("MassiveActivations", self.forward_fn, pl_module, probe_batch)
         finally:

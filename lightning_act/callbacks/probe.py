@@ -22,6 +22,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from lightning_act.capture.registry import CaptureRegistry, Subscriber
 from lightning_act.errors import LightningActError
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -99,6 +100,13 @@ def _rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
     return []
+
+
+def own_passes(registry: CaptureRegistry | None, subscriber: Subscriber) -> contextlib.AbstractContextManager[None]:
+    """A probe's forwards handed to its own monitor alone (:meth:`CaptureRegistry.exclusive`): another monitor armed
+    for the training step (a due step's monitors stay armed until its backward, or to its end under manual
+    optimization) must not count them."""
+    return contextlib.nullcontext() if registry is None else registry.exclusive(subscriber)
 
 
 @contextlib.contextmanager

@@ -60,6 +60,7 @@ from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
+    own_passes,
     probing,
     resolve_forward_fn,
     to_device,
@@ -416,7 +417,7 @@ class SensitiveNeurons(Callback):
 
         self._arm(True)
         try:
-            with probing(trainer, pl_module, device):
+            with own_passes(self._registry, self), probing(trainer, pl_module, device):
                 clean = one_pass()
                 passes: list[dict[str, torch.Tensor]] = []
                 stochastic_modules = [m for m in pl_module.modules() if _is_stochastic(m) and _drops_anything(m)]

@@ -26,6 +26,11 @@ covariances, neuron tracking) still read ``x`` themselves. The pass runs inside 
 which is never traced, so the eager implementations (Triton on CUDA, the torch fallback elsewhere)
 serve compiled models too.
 
+A monitor's own probe passes (``SensitiveNeurons``' tracking set, ``MassiveActivations(probe="val")``) are not
+training forwards: inside :meth:`CaptureRegistry.exclusive` they are handed to that monitor alone, so another monitor
+armed for the step being trained (until its backward, or until the end of the step under manual optimization)
+does not count them.
+
 Input taps read a module's first positional argument or, when the module is called by keyword (Hugging Face
 attention modules are called as ``self_attn(hidden_states=h, ...)``), the keyword argument of its ``forward``'s
 first parameter.
@@ -36,9 +41,10 @@ when the model is pickled or deep-copied, so a copy carries an inert hook and no
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -140,8 +146,9 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         views: dict[Layout, tuple[torch.Tensor, bool]] = {}
         # Subscribers whose layouts give the same view share one fused pass (the usual case: all of them).
         by_view: dict[tuple[Any, ...], tuple[torch.Tensor, list[tuple[_Subscription, FusedSpec | None]]]] = {}
+        only = registry.exclusive_subscriber
         for sub in registry.subscriptions.get(key, ()):
-            if not sub.subscriber.armed:
+            if not sub.subscriber.armed or (only is not None and sub.subscriber is not only):
                 continue
             if sub.layout not in views:
                 views[sub.layout] = with_canonical_features(to_sample_first(tensor, sub.layout), sub.layout)
@@ -171,6 +178,8 @@ class CaptureRegistry:
         self.fused_implementation = fused_implementation
         self.subscriptions: dict[tuple[int, str], list[_Subscription]] = {}
         self.observing = False
+        #: While set (:meth:`exclusive`), the only subscriber handed activations.
+        self.exclusive_subscriber: Subscriber | None = None
         self._handles: dict[tuple[int, str], RemovableHandle] = {}
         self._subscribers: list[Subscriber] = []
 
@@ -200,6 +209,16 @@ class CaptureRegistry:
                 del self.subscriptions[key]
                 self._handles.pop(key).remove()
         self.refresh()
+
+    @contextlib.contextmanager
+    def exclusive(self, subscriber: Subscriber) -> Iterator[None]:
+        """Hand activations to ``subscriber`` alone while inside: for its own probe passes, which another monitor
+        armed for the training step must not count."""
+        previous, self.exclusive_subscriber = self.exclusive_subscriber, subscriber
+        try:
+            yield
+        finally:
+            self.exclusive_subscriber = previous
 
     def refresh(self) -> None:
         """Recompute :attr:`observing` after a subscriber's ``armed`` flag changed."""
