@@ -21,8 +21,10 @@ that round's time without monitors, and the printed ratio is the median of those
 monitors are due every other step, and each due step's time is divided by the time of the bare step right after
 it, so drift cancels pair by pair. It prints the median of those ratios with a 95% bootstrap interval, for all four
 monitors, all but SensitiveNeurons, and (``--per-monitor``) each alone and the floor of SensitiveNeurons' cost (a
-bare forward of its tracking set, without gradients, at each due step: what any SeND checkpoint must run). A due
-step costs what every step costs when every step is due, so this measures the every-step overhead.
+bare forward of its tracking set, without gradients, at each due step: what any SeND checkpoint must run), and on
+CUDA SensitiveNeurons alone and all four with ``SensitiveNeurons(cuda_graph=True)`` (its tracking pass replayed from
+a CUDA graph). A due step costs what every step costs when every step is due, so this measures the every-step
+overhead. ``--only 'name;name'`` keeps the rows so named, for a short device call.
 
     python scripts/bench_monitor_overhead.py --small --alternate --pairs 12 --rounds 2
 
@@ -253,6 +255,11 @@ def alternate(
     if args.per_monitor:
         configs.update({f"{cls.__name__} alone": functools.partial(monitors, 2, (cls,)) for cls in MONITORS})
         configs["tracking forward (floor)"] = lambda: [TrackingForward(2, val)]  # SensitiveNeurons' floor
+        if cuda:  # SensitiveNeurons' tracking pass replayed from a CUDA graph (cuda_graph=True), alone and with the rest
+            configs["SensitiveNeurons alone, CUDA graph"] = lambda: [SensitiveNeurons(every_n_steps=2, cuda_graph=True)]
+            configs["all four, CUDA graph"] = lambda: [
+                *monitors(2, but_sensitive), SensitiveNeurons(every_n_steps=2, cuda_graph=True)
+            ]
         if cuda and importlib.util.find_spec("triton") is not None:  # "auto" is Triton here: eigvalsh side by side
             configs["DimensionalCollapse, eigvalsh (torch)"] = lambda: [
                 DimensionalCollapse(every_n_steps=2, eigensolver="torch")

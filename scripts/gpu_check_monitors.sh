@@ -4,8 +4,9 @@
 #   1. the fused pass (eager fallback and Triton kernel) against float64 on fresh random inputs
 #      (several shapes and dtypes, NaN/inf, odd sizes), plus the CUDA tests of tests/test_fused_stats.py, of
 #      the Triton eigensolver (tests/test_triton_eigen.py, against numpy float64), of the statistics' host
-#      transfer without a host sync (tests/test_monitor_core.py) and of DimensionalCollapse against numpy, with
-#      and without overlap_spectra (tests/test_collapse.py);
+#      transfer without a host sync (tests/test_monitor_core.py), of DimensionalCollapse against numpy, with
+#      and without overlap_spectra (tests/test_collapse.py), and of SensitiveNeurons' tracking pass replayed from
+#      a CUDA graph against the eager one (tests/test_graphed_pass.py);
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
 #   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
 #   2e. (STEPS="... 2e") DimensionalCollapse's eigensolvers on the device (cuSOLVER per matrix and batched, the
@@ -19,12 +20,11 @@
 #   3d. a diagnosis of the every-step configuration (host syncs inside lightning_act, a 3-step profile, the
 #      operations each hook dispatches), run before the step measurements;
 #   3c. (STEPS="... 3c") the same overhead from (due, bare) step pairs within each fit (--alternate), which a
-#      drifting host does not blur: all four, all but SensitiveNeurons, each alone, and SensitiveNeurons' floor
-#      (a bare forward of its tracking set), and (--end-of-step) all but SensitiveNeurons and ActivationSparsity
-#      alone with the statistics staged at the end of the step, the A/B of round 11's staging, and (--overlap-
-#      spectra) DimensionalCollapse alone with its spectra beside the backward; 3k (STEPS="... 3k") all four and
-#      all but SensitiveNeurons with kat_small_patch16_224 (KAT_PER_MONITOR=--per-monitor: each alone too, as
-#      measured in round 11).
+#      drifting host does not blur: SensitiveNeurons alone and all four, each with and without cuda_graph=True
+#      (the A/B of round 12's graphed tracking pass), SensitiveNeurons' floor (a bare forward of its tracking set),
+#      and the other three alone (PAIRS_ONLY overrides the --only list; PAIRS_ONLY="" runs every row of
+#      --per-monitor, ~10 fits); 3k (STEPS="... 3k") all four and all but SensitiveNeurons with
+#      kat_small_patch16_224 (KAT_PER_MONITOR=--per-monitor: each alone too, as measured in round 11).
 # Steps run in this order: 1a 1b 2 2e 2b 3d 3c 3k 3a 3b.
 # Each step is time-boxed; a failing step prints its error and the next one still runs.
 # Logs go to "$OUT" when set, else ./gpu_out. Run from the repository root:
@@ -76,14 +76,15 @@ STEPS="${STEPS:-1a 1b 2 3d 3a 3b}"  # 2b (the launch-configuration sweep) on req
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
-wants 1b && run_step 1b_cuda_test 90 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py tests/test_monitor_core.py tests/test_collapse.py -k cuda
+wants 1b && run_step 1b_cuda_test 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py tests/test_monitor_core.py tests/test_collapse.py tests/test_graphed_pass.py -k "cuda or CUDA or replayed or captured"
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
 wants 2e && run_step 2e_bench_eigensolvers 60 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-device-only --eigh-widths 384,768,1536 --eigh-counts 1,13 --rounds 3
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
 # Host syncs inside lightning_act, a 3-step profile of all four monitors every step and the operations each hook
 # dispatches (first of the step measurements: round 6's budget ran out before it).
 wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
-wants 3c && run_step 3c_bench_monitor_overhead_pairs 175 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor --end-of-step --overlap-spectra --pairs 8 --rounds 1 --warmup 3
+PAIRS_ONLY="${PAIRS_ONLY-SensitiveNeurons alone;SensitiveNeurons alone, CUDA graph;all four;all four, CUDA graph;tracking forward (floor);MassiveActivations alone;ActivationSparsity alone;DimensionalCollapse alone}"
+wants 3c && run_step 3c_bench_monitor_overhead_pairs 210 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor ${PAIRS_ONLY:+--only "$PAIRS_ONLY"} --pairs 8 --rounds 1 --warmup 3
 wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 100 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate ${KAT_PER_MONITOR-} --pairs 8 --rounds 1 --warmup 3
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).

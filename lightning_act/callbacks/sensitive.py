@@ -56,6 +56,7 @@ from lightning_act.callbacks.base import (
     training_step_index,
     warn_features_unknown,
 )
+from lightning_act.callbacks.graphed_pass import GraphedPass
 from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
     ForwardFn,
@@ -191,6 +192,12 @@ class SensitiveNeurons(Callback):
             validation batches (``tracking_inputs``: on chunks of it). Checked at fit start: a
             failing call is one line.
         batch_dim, token_dim, feature_dim: the layout of the tapped activations (see ``ActivationMonitor``).
+        cuda_graph: on a CUDA model, replay the tracking pass from a CUDA graph after its first run (see
+            :mod:`lightning_act.callbacks.graphed_pass`): one launch instead of the forward's operations one at a
+            time, whose host time was nearly all of this monitor's cost at every step on an H100. The same values;
+            captured again when a parameter, buffer or input moves; a forward that cannot be captured (a host read
+            inside it) warns once and runs eagerly. Stochastic EigenScore passes stay eager. Off by default until
+            measured on a GPU (``docs/performance.md``); no effect on a CPU.
 
     A "step" is an optimizer step under automatic optimization and a training batch under manual
     optimization, as for every monitor.
@@ -222,6 +229,7 @@ class SensitiveNeurons(Callback):
         batch_dim: int | None = None,
         token_dim: int | None = None,
         feature_dim: int | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         checks = {
             "every_n_steps": (every_n_steps, 1), "num_samples": (num_samples, 1), "window": (window, 2),
@@ -255,6 +263,7 @@ class SensitiveNeurons(Callback):
         self.input_key = input_key
         self.seed = seed
         self.history_size = history_size
+        self.cuda_graph = bool(cuda_graph)
 
         self.taps: list[Tap] = []
         self.history: dict[str, BoundedSeries] = {}
@@ -271,6 +280,7 @@ class SensitiveNeurons(Callback):
         self._pending_step: int | None = None
         self._drop_handles: dict[str, Any] = {}
         self._features_warned: set[str] = set()
+        self._graphed = GraphedPass("SensitiveNeurons")
 
     @property
     def state_key(self) -> str:
@@ -418,7 +428,10 @@ class SensitiveNeurons(Callback):
         self._arm(True)
         try:
             with own_passes(self._registry, self), probing(trainer, pl_module, device):
-                clean = one_pass()
+                if self.cuda_graph and device.type == "cuda":
+                    clean = self._graphed(one_pass, pl_module, self._batches)
+                else:
+                    clean = one_pass()
                 passes: list[dict[str, torch.Tensor]] = []
                 stochastic_modules = [m for m in pl_module.modules() if _is_stochastic(m) and _drops_anything(m)]
                 if self.eigenscore_passes >= 2 and not stochastic_modules:
@@ -525,6 +538,7 @@ class SensitiveNeurons(Callback):
             self._remove_drop(name)
         self._pending_step = None
         self.armed = False
+        self._graphed.reset()
         if self._registry is not None:
             self._registry.unsubscribe(self)
             self._registry = None
