@@ -503,9 +503,9 @@ def bench_mlp_block(args: argparse.Namespace, device: torch.device) -> None:
 
     steps = {name: step(block) for name, block in blocks.items()}
     times = measure(dict(steps), args.rounds, args.inner, device)
-    if device.type == "cuda":  # the eager blocks' kernels alone: each replayed from a CUDA graph
+    if device.type == "cuda" and not args.eager_timing:  # the eager blocks' kernels alone: CUDA-graph replays
         eager = {f"{name}+graph": run for name, run in steps.items() if not name.endswith("+compile")}
-        times |= kernel_times(eager, args, device) if not args.eager_timing else {}
+        times |= kernel_times(eager, args, device)
     print("| block | ms | / GELU (eager) | / GELU (same mode) |")
     print("|---|---|---|---|")
     for name, seconds in times.items():

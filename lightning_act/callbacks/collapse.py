@@ -104,7 +104,7 @@ class DimensionalCollapse(ActivationMonitor):
             stream of their own, so that they run alongside the backward instead of before it (the Triton solver
             takes one multiprocessor per tap: 13 of an H100's 132 for a ViT-S); the same values, logged at the
             same step. Pays off with the Triton solver only (``eigvalsh`` waits on the host for its result). On by
-            default: on an H100 it took ``DimensionalCollapse`` alone at every step from 1.42x to 1.28x the bare
+            default: on an H100 it took ``DimensionalCollapse`` alone at every step from 1.57x to 1.35x a ViT-S
             step (``docs/performance.md``, round 12); no effect on a CPU.
     """
 
