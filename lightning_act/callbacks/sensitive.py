@@ -196,8 +196,9 @@ class SensitiveNeurons(Callback):
             :mod:`lightning_act.callbacks.graphed_pass`): one launch instead of the forward's operations one at a
             time, whose host time was nearly all of this monitor's cost at every step on an H100. The same values;
             captured again when a parameter, buffer or input moves; a forward that cannot be captured (a host read
-            inside it) warns once and runs eagerly. Stochastic EigenScore passes stay eager. Off by default until
-            measured on a GPU (``docs/performance.md``); no effect on a CPU.
+            inside it) warns once and runs eagerly. Stochastic EigenScore passes stay eager. The graph keeps the
+            pass's peak memory reserved for the rest of the fit. Off by default until measured on a GPU
+            (``docs/performance.md``); no effect on a CPU.
 
     A "step" is an optimizer step under automatic optimization and a training batch under manual
     optimization, as for every monitor.
