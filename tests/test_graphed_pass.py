@@ -15,7 +15,7 @@ from torch import nn
 
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer
 from lightning_act.callbacks import SensitiveNeurons
-from lightning_act.callbacks.graphed_pass import memory_key
+from lightning_act.callbacks.graphed_pass import memory_key, strategy_allows_graphs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -108,6 +108,14 @@ def test_graphed_pass_runs_eagerly_first_captures_next_replays_into_copies_and_r
         failing(fails_under_capture, module, inputs)
     assert failing.failed and failing.replays == 0
     torch.testing.assert_close(failing(fails_under_capture, module, inputs)["y"], expected())
+
+
+def test_graphs_are_replayed_on_one_device_or_under_ddp_only() -> None:
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    assert strategy_allows_graphs(SingleDeviceStrategy(torch.device("cpu")))
+    assert strategy_allows_graphs(DDPStrategy())
+    assert not strategy_allows_graphs(FSDPStrategy())  # parameters gathered into new memory inside the forward
 
 
 class SwapOneWeight(pl.Callback):

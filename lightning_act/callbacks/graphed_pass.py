@@ -11,7 +11,8 @@ captured again when any of those tensors changed address, shape, stride or dtype
 callback swapping in averaged weights); the first pass after such a change runs eagerly, so that lazy
 initialisation (library handles, kernel compilation) never happens under capture. What a graph cannot replay:
 Python side effects of the forward (they run once, at capture) and host reads (they make the capture fail). A
-capture that fails is reported once, and the pass runs eagerly from then on.
+capture that fails is reported once, and the pass runs eagerly from then on. Only on one device or under DDP
+(:func:`strategy_allows_graphs`): a sharding strategy gathers parameters into new memory inside the forward.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def memory_key(module: nn.Module, inputs: Any) -> tuple[TensorKey, ...]:
     parameter, buffer and input tensor. Equal keys: a replay computes what an eager pass would."""
     tensors = [*module.parameters(), *module.buffers(), *_tensors(inputs)]
     return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def strategy_allows_graphs(strategy: object) -> bool:
+    """Whether a replay reads the weights the strategy trains: one device, or DDP (every rank holds whole parameters).
+    Sharding strategies (FSDP, DeepSpeed) gather parameters into new memory inside the forward."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
 
 
 def _autocast_without_cache() -> contextlib.AbstractContextManager[Any]:

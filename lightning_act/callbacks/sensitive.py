@@ -43,6 +43,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_act.callbacks.base import (
@@ -56,7 +57,7 @@ from lightning_act.callbacks.base import (
     training_step_index,
     warn_features_unknown,
 )
-from lightning_act.callbacks.graphed_pass import GraphedPass
+from lightning_act.callbacks.graphed_pass import GraphedPass, strategy_allows_graphs
 from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
     ForwardFn,
@@ -282,6 +283,7 @@ class SensitiveNeurons(Callback):
         self._drop_handles: dict[str, Any] = {}
         self._features_warned: set[str] = set()
         self._graphed = GraphedPass("SensitiveNeurons")
+        self._graph_this_fit = False
 
     @property
     def state_key(self) -> str:
@@ -301,6 +303,14 @@ class SensitiveNeurons(Callback):
         self.taps, self._layouts, self._registry = subscribe_taps(
             self, pl_module, self.modules, self.uses_default_modules, layout
         )
+        self._graph_this_fit = self.cuda_graph
+        if self.cuda_graph and trainer is not None and not strategy_allows_graphs(trainer.strategy):
+            self._graph_this_fit = False
+            rank_zero_warn(
+                f"SensitiveNeurons: cuda_graph=True replays the tracking pass on one device or under DDP only; with "
+                f"{type(trainer.strategy).__name__} it runs eagerly (the same values)",
+                category=UserWarning,
+            )
         compiled = getattr(pl_module, "_compiler_ctx", None) or any(
             isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules()
         )
@@ -429,7 +439,7 @@ class SensitiveNeurons(Callback):
         self._arm(True)
         try:
             with own_passes(self._registry, self), probing(trainer, pl_module, device):
-                if self.cuda_graph and device.type == "cuda":
+                if self._graph_this_fit and device.type == "cuda":
                     clean = self._graphed(one_pass, pl_module, self._batches)
                 else:
                     clean = one_pass()
