@@ -262,3 +262,30 @@ def test_feature_drop_acts_only_in_training_mode_on_outputs_and_on_inputs_passed
     expected[:, 0] = 0.0
     torch.testing.assert_close(linear(inputs), nn.functional.linear(expected, linear.weight, linear.bias))
     torch.testing.assert_close(linear(input=inputs), nn.functional.linear(expected, linear.weight, linear.bias))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_checkpoint_on_cuda_reads_the_host_once() -> None:
+    # Every tap's statistics and selected indices come back in one transfer (round 12; seven reads before).
+    import warnings
+
+    torch.manual_seed(0)
+    model = Mlp(dropout=0.3).cuda()
+    monitor = SensitiveNeurons(modules=["hidden", "head"], tracking_inputs=torch.randn(16, 6), window=2,
+                               eigenscore_passes=3, every_n_steps=1)
+    monitor.setup(None, model, "fit")  # type: ignore[arg-type]
+    monitor.on_fit_start(None, model)  # type: ignore[arg-type]
+    for step in range(3):  # the window fills at checkpoint 2 (the first selection); 3 has a jaccard too
+        monitor.checkpoint(None, model, step)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            metrics = monitor.checkpoint(None, model, 3)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert {"sensitive/hidden/v_mean", "sensitive/head/eigenscore", "sensitive/hidden/jaccard"} <= set(metrics)
+    assert monitor.sensitive["hidden"].device.type == "cpu"

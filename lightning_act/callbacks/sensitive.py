@@ -74,9 +74,11 @@ from lightning_act.capture.registry import input_parameter
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
+    EXACT_LOGDET_UP_TO,
     efficient_eigenscore,
-    eigenscore,
+    eigenscore_matrix,
     jaccard,
+    logdet_spd,
     send_sensitivity,
     top_fraction_indices,
 )
@@ -468,9 +470,12 @@ class SensitiveNeurons(Callback):
 
     # ------------------------------------------------------------------ one checkpoint
     def checkpoint(self, trainer: pl.Trainer | None, pl_module: nn.Module, step: int) -> dict[str, float]:
-        """Run the tracking set, update windows and sets, log ``sensitive/<layer>/<stat>`` at ``step``."""
+        """Run the tracking set, update windows and sets, log ``sensitive/<layer>/<stat>`` at ``step``.
+
+        Every tap's statistics and selected indices are derived on the device and reach the host in one read: one
+        host sync per checkpoint, where a read per value made seven (``docs/performance.md``, round 12)."""
         clean, stochastic = self._run_passes(trainer, pl_module)
-        metrics: dict[str, float] = {}
+        derived: list[tuple[Tap, dict[str, torch.Tensor]]] = []
         for tap in self.taps:
             if tap.name not in clean:
                 continue
@@ -478,16 +483,11 @@ class SensitiveNeurons(Callback):
             window = self.embeddings.setdefault(tap.name, [])
             window.append(embedding)
             del window[: max(0, len(window) - (self.window + 1))]
-            stats = self._update_selection(tap, window)
             z = self._broadcast(stochastic[tap.name]) if tap.name in stochastic else None
-            if z is not None and not bool(torch.isfinite(z).all()):
-                stats["eigenscore"] = stats["ees"] = float("nan")  # non-finite embeddings have no spectrum
-            elif z is not None:
-                generator = torch.Generator(device=z.device).manual_seed(self.seed * 1_000_003 + self.checkpoints)
-                stats["eigenscore"] = float(eigenscore(z, self.alpha).mean())
-                stats["ees"] = float(
-                    efficient_eigenscore(z, self.alpha, self.num_moments, self.num_probes, generator).mean()
-                )
+            derived.append((tap, self._derive(tap, window, z)))
+        metrics: dict[str, float] = {}
+        for (tap, _), read in zip(derived, self._read(derived), strict=True):
+            stats = self._update_selection(tap, read)
             for stat, value in stats.items():
                 key = f"{self.prefix}/{tap.name}/{stat}"
                 metrics[key] = value
@@ -501,15 +501,51 @@ class SensitiveNeurons(Callback):
             ActivationMonitor.publish(trainer, metrics)
         return metrics
 
-    def _update_selection(self, tap: Tap, window: list[torch.Tensor]) -> dict[str, float]:
-        stats: dict[str, float] = {}
-        selected = False
+    def _derive(self, tap: Tap, window: list[torch.Tensor], z: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One tap's values on the device: ``v_mean``, ``v_max`` and the new sensitive set's ``indices`` once the
+        window is full (the indices only when a selection is due), ``eigenscore`` and ``ees`` of the passes ``z``."""
+        values: dict[str, torch.Tensor] = {}
         if len(window) == self.window + 1:
             v = send_sensitivity(torch.stack(window))
-            stats["v_mean"], stats["v_max"] = float(v.mean()), float(v.max())
+            values["v_mean"], values["v_max"] = v.mean(), v.max()
+            if not self.drop or max(0, self.countdown.get(tap.name, 0) - 1) == 0:
+                values["indices"] = top_fraction_indices(v, self.top_fraction)
+        if z is not None:
+            # Non-finite embeddings have no spectrum: NaN reaches both scores through the log-det (a failed Cholesky
+            # is NaN too), with no host branch. The EigenScore is log det(Σ + αI) / K by Cholesky, its definition,
+            # without an eigensolver, whose error check reads the host; up to EXACT_LOGDET_UP_TO passes the EES is
+            # that same exact log-det.
+            generator = torch.Generator(device=z.device).manual_seed(self.seed * 1_000_003 + self.checkpoints)
+            ees = efficient_eigenscore(z, self.alpha, self.num_moments, self.num_probes, generator)
+            exact = ees if z.shape[-1] <= EXACT_LOGDET_UP_TO else logdet_spd(eigenscore_matrix(z, self.alpha)) / z.shape[-1]
+            values["eigenscore"], values["ees"] = exact.mean(), ees.mean()
+        return values
+
+    @staticmethod
+    def _read(derived: list[tuple[Tap, dict[str, torch.Tensor]]]) -> list[dict[str, Any]]:
+        """Every tap's derived values on the host in one transfer: floats, and ``indices`` as a CPU LongTensor."""
+        parts = [value.reshape(-1).to(torch.float64) for _, values in derived for value in values.values()]
+        flat: list[float] = torch.cat(parts).tolist() if parts else []
+        reads: list[dict[str, Any]] = []
+        offset = 0
+        for _, values in derived:
+            read: dict[str, Any] = {}
+            for name, value in values.items():
+                piece = flat[offset : offset + value.numel()]
+                offset += value.numel()
+                read[name] = torch.tensor(piece, dtype=torch.int64) if name == "indices" else piece[0]
+            reads.append(read)
+        return reads
+
+    def _update_selection(self, tap: Tap, read: dict[str, Any]) -> dict[str, float]:
+        """Sets, countdowns and drop hooks from one tap's host values; its logged statistics."""
+        stats: dict[str, float] = {}
+        selected = False
+        if "v_mean" in read:
+            stats["v_mean"], stats["v_max"] = read["v_mean"], read["v_max"]
             countdown = max(0, self.countdown.get(tap.name, 0) - 1)
-            if not self.drop or countdown == 0:
-                indices = top_fraction_indices(v, self.top_fraction).cpu()
+            if "indices" in read:
+                indices = read["indices"]
                 if tap.name in self.sensitive:
                     self.previous[tap.name] = self.sensitive[tap.name]
                     stats["jaccard"] = jaccard(indices, self.previous[tap.name])
@@ -523,6 +559,9 @@ class SensitiveNeurons(Callback):
         stats["selected"] = 1.0 if selected else 0.0
         if self.drop:
             stats["dropping"] = 1.0 if tap.name in self._drop_handles else 0.0
+        for score in ("eigenscore", "ees"):
+            if score in read:
+                stats[score] = read[score]
         return stats
 
     def _set_drop(self, tap: Tap, indices: torch.Tensor) -> None:
