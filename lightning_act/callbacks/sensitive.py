@@ -517,7 +517,8 @@ class SensitiveNeurons(Callback):
             # that same exact log-det.
             generator = torch.Generator(device=z.device).manual_seed(self.seed * 1_000_003 + self.checkpoints)
             ees = efficient_eigenscore(z, self.alpha, self.num_moments, self.num_probes, generator)
-            exact = ees if z.shape[-1] <= EXACT_LOGDET_UP_TO else logdet_spd(eigenscore_matrix(z, self.alpha)) / z.shape[-1]
+            passes = z.shape[-1]
+            exact = ees if passes <= EXACT_LOGDET_UP_TO else logdet_spd(eigenscore_matrix(z, self.alpha)) / passes
             values["eigenscore"], values["ees"] = exact.mean(), ees.mean()
         return values
 
