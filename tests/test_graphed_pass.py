@@ -72,8 +72,12 @@ def test_graphed_pass_runs_eagerly_first_captures_next_replays_into_copies_and_r
         finally:
             capturing.clear()
 
+    streams_set = []
     monkeypatch.setattr(graphed_pass.torch.cuda, "CUDAGraph", StandInGraph)
     monkeypatch.setattr(graphed_pass.torch.cuda, "graph", stand_in_capture)
+    monkeypatch.setattr(graphed_pass.torch.cuda, "current_stream", lambda: "the training stream")
+    monkeypatch.setattr(graphed_pass.torch.cuda, "set_stream", streams_set.append)
+    monkeypatch.setattr(graphed_pass.torch.cuda, "synchronize", lambda: None)
 
     def expected() -> torch.Tensor:
         return inputs @ module.weight.detach().T + module.bias.detach()
@@ -97,6 +101,8 @@ def test_graphed_pass_runs_eagerly_first_captures_next_replays_into_copies_and_r
     passer(run, module, inputs)
     assert calls == {"eager": 2, "captured": 2} and (passer.captures, passer.replays) == (2, 3)
 
+    assert streams_set == []
+
     def fails_under_capture() -> dict[str, torch.Tensor]:
         if capturing:
             raise RuntimeError("operation not permitted when stream is capturing\nmore")
@@ -107,6 +113,7 @@ def test_graphed_pass_runs_eagerly_first_captures_next_replays_into_copies_and_r
     with pytest.warns(UserWarning, match=r"Owner: cuda_graph=True could not capture .*RuntimeError: operation not"):
         failing(fails_under_capture, module, inputs)
     assert failing.failed and failing.replays == 0
+    assert streams_set == ["the training stream"]  # a failed capture leaves its capture stream current: restored
     torch.testing.assert_close(failing(fails_under_capture, module, inputs)["y"], expected())
 
 
@@ -178,15 +185,26 @@ class ReadsTheHost(nn.Module):
         return self.head(h)
 
 
+def _fit_reads_the_host(cuda_graph: bool) -> tuple[SensitiveNeurons, dict[str, torch.Tensor]]:
+    pl.seed_everything(0)
+    task = ToyTask(ReadsTheHost())
+    monitor = SensitiveNeurons(modules=["net.features"], every_n_steps=1, window=2,
+                               tracking_inputs=torch.randn(8, 1, 16, 16), eigenscore_passes=0, cuda_graph=cuda_graph)
+    quiet_trainer(max_steps=5, accelerator="gpu", devices=1, callbacks=[monitor]).fit(task, ToyData(batch_size=8))
+    return monitor, {name: value.cpu() for name, value in task.state_dict().items()}
+
+
 @needs_cuda
 def test_a_forward_that_cannot_be_captured_warns_once_and_runs_eagerly() -> None:
-    pl.seed_everything(0)
-    monitor = SensitiveNeurons(modules=["net.features"], every_n_steps=1, window=2,
-                               tracking_inputs=torch.randn(8, 1, 16, 16), eigenscore_passes=0, cuda_graph=True)
+    # After the failed capture the fit goes on as without the option: the same weights and values.
+    eager, eager_weights = _fit_reads_the_host(False)
     with pytest.warns(UserWarning, match="could not capture") as caught:
-        quiet_trainer(max_steps=4, accelerator="gpu", devices=1, callbacks=[monitor]).fit(
-            ToyTask(ReadsTheHost()), ToyData(batch_size=8)
-        )
+        graphed, graphed_weights = _fit_reads_the_host(True)
     assert sum("could not capture" in str(w.message) for w in caught) == 1
-    assert monitor._graphed.failed and monitor._graphed.replays == 0
-    assert monitor.history["sensitive/net.features/v_mean"].steps == [2, 3]
+    assert graphed._graphed.failed and graphed._graphed.replays == 0
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert graphed.history["sensitive/net.features/v_mean"].steps == [2, 3, 4]
+    for name, weight in eager_weights.items():
+        assert torch.equal(graphed_weights[name], weight), name
+    for key, series in eager.history.items():
+        assert graphed.history[key].values == series.values, key

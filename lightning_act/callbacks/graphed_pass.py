@@ -99,11 +99,16 @@ class GraphedPass:
 
     def _capture(self, run: Callable[[], dict[str, torch.Tensor]]) -> bool:
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures
             with _autocast_without_cache(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outputs = run()
         except Exception as error:  # the user's forward: report once, never stop the fit
+            # A capture that failed leaves torch.cuda.graph's capture stream current (its exit stops at the failed
+            # capture_end): training must go on on the stream it was on.
+            torch.cuda.set_stream(stream)
+            torch.cuda.synchronize()
             self.failed = True
             self.reset()
             first_line = str(error).splitlines()[0] if str(error) else ""
