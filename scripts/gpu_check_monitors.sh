@@ -23,9 +23,10 @@
 #   3c. (STEPS="... 3c") the same overhead from (due, bare) step pairs within each fit (--alternate), which a
 #      drifting host does not blur: SensitiveNeurons alone and all four, each with and without cuda_graph=True
 #      (the A/B of round 12's graphed tracking pass), SensitiveNeurons' floor (a bare forward of its tracking set),
-#      and the other three alone (PAIRS_ONLY overrides the --only list; PAIRS_ONLY="" runs every row of
-#      --per-monitor, ~10 fits); 3k (STEPS="... 3k") all four and all but SensitiveNeurons with
-#      kat_small_patch16_224 (KAT_PER_MONITOR=--per-monitor: each alone too, as measured in round 11).
+#      MassiveActivations and DimensionalCollapse alone (ActivationSparsity alone was measured in round 12;
+#      PAIRS_ONLY overrides the --only list; PAIRS_ONLY="" runs every row of --per-monitor, ~10 fits); 3k
+#      (STEPS="... 3k") all four with and without cuda_graph=True and all but SensitiveNeurons with
+#      kat_small_patch16_224 (KAT_ONLY overrides the list; KAT_ONLY="" runs every row, each alone too).
 # Steps run in this order: 1a 1b 2 2e 2b 3d 3c 3k 3a 3b.
 # Each step is time-boxed; a failing step prints its error and the next one still runs.
 # Logs go to "$OUT" when set, else ./gpu_out. Run from the repository root:
@@ -84,9 +85,10 @@ wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_ker
 # Host syncs inside lightning_act, a 3-step profile of all four monitors every step and the operations each hook
 # dispatches (first of the step measurements: round 6's budget ran out before it).
 wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
-PAIRS_ONLY="${PAIRS_ONLY-SensitiveNeurons alone;SensitiveNeurons alone, CUDA graph;all four;all four, CUDA graph;tracking forward (floor);MassiveActivations alone;ActivationSparsity alone;DimensionalCollapse alone}"
+PAIRS_ONLY="${PAIRS_ONLY-SensitiveNeurons alone;SensitiveNeurons alone, CUDA graph;all four;all four, CUDA graph;tracking forward (floor);MassiveActivations alone;DimensionalCollapse alone}"
 wants 3c && run_step 3c_bench_monitor_overhead_pairs 210 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor ${PAIRS_ONLY:+--only "$PAIRS_ONLY"} --pairs 8 --rounds 1 --warmup 3
-wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 100 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate ${KAT_PER_MONITOR-} --pairs 8 --rounds 1 --warmup 3
+KAT_ONLY="${KAT_ONLY-all four;all four, CUDA graph;all but SensitiveNeurons}"
+wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 100 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate --per-monitor ${KAT_ONLY:+--only "$KAT_ONLY"} --pairs 8 --rounds 1 --warmup 3
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).
 wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20
