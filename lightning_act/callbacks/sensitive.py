@@ -305,6 +305,7 @@ class SensitiveNeurons(Callback):
         self.taps, self._layouts, self._registry = subscribe_taps(
             self, pl_module, self.modules, self.uses_default_modules, layout
         )
+        self._graphed = GraphedPass("SensitiveNeurons")  # each fit tries a capture afresh
         self._graph_this_fit = self.cuda_graph
         if self.cuda_graph and trainer is not None and not strategy_allows_graphs(trainer.strategy):
             self._graph_this_fit = False
