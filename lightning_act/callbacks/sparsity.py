@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_act.callbacks.base import ActivationMonitor, Partials, check_number, module_list
 from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
+from lightning_act.capture.layout import is_hugging_face_conv1d
 from lightning_act.errors import LightningActError
 from lightning_act.stats.fused import FusedSpec, FusedStats, zero_partials_from, zero_partials_stacked, zero_spec
 from lightning_act.stats.sparsity import (
@@ -33,7 +34,7 @@ def down_projection_weight(module: nn.Module) -> torch.Tensor | None:
     ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; else None."""
     if isinstance(module, nn.Linear):
         return module.weight
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
+    if is_hugging_face_conv1d(module):
         return module.weight.t()
     return None
 

@@ -60,13 +60,19 @@ def declared_batch_first(module: nn.Module) -> bool | None:
     return None
 
 
+def is_hugging_face_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's ``c_fc``/``c_proj``): a Linear whose weight is stored ``(in, out)``, with
+    ``x @ W + b`` on the last axis (recognised by name and its ``nf`` width: transformers is not a dependency)."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+
+
 def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
     """``(axis, input width, output width)`` of a layer that acts on one axis of its input: ``"first"`` (axis 1:
     convolutions, batch/instance/group norms, timm's ``LayerNorm2d``) or ``"last"`` (``Linear``, Hugging Face's
     ``Conv1D``, layer norms)."""
     if isinstance(layer, nn.Linear):
         return "last", layer.in_features, layer.out_features
-    if type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "nf", None), int):  # GPT-2's transposed Linear
+    if is_hugging_face_conv1d(layer):
         return "last", layer.nx, layer.nf
     if isinstance(layer, nn.modules.conv._ConvNd):
         return "first", layer.in_channels, layer.out_channels
