@@ -15,13 +15,17 @@ that round's time without monitors, and the printed ratio is the median of those
     python scripts/bench_monitor_overhead.py --per-monitor      # also each monitor alone, and all but
                                                                 # SensitiveNeurons, every step due
     python scripts/bench_monitor_overhead.py --model kat_small_patch16_224   # the same with a KAT model
+    python scripts/bench_monitor_overhead.py --model lightning-demo-transformer --alternate --cutoff
+                                                                # Lightning's demo language model; SeND's
+                                                                # tracking forward cut at its last tap, or whole
     python scripts/bench_monitor_overhead.py --diagnose --rounds 0 # where the every-step cost goes (GPU)
 
 ``--alternate`` is for a noisy host (a shared CPU whose speed drifts by 15% between fits): within each fit the
 monitors are due every other step, and each due step's time is divided by the time of the bare step right after
 it, so drift cancels pair by pair. It prints the median of those ratios with a 95% bootstrap interval, for all four
 monitors, all but SensitiveNeurons, and (``--per-monitor``) each alone and the floor of SensitiveNeurons' cost (a
-bare forward of its tracking set, without gradients, at each due step: what any SeND checkpoint must run), and on
+whole forward of its tracking set, without gradients, at each due step: what any SeND checkpoint must run when its
+tap is the last module, as for a ViT's penultimate features), and on
 CUDA SensitiveNeurons alone and all four with ``SensitiveNeurons(cuda_graph=True)`` (its tracking pass replayed from
 a CUDA graph). A due step costs what every step costs when every step is due, so this measures the every-step
 overhead. ``--only 'name;name'`` keeps the rows so named, for a short device call.
@@ -33,6 +37,12 @@ statistics staged at the end of the due step, as before round 11, next to the sa
 backward (the default since): on a GPU, the A/B of what staging saves. ``--overlap-spectra`` adds
 DimensionalCollapse alone with ``overlap_spectra=False`` (its spectra solved before the backward, as before round
 12) next to its default (on a CUDA stream of their own, beside the backward).
+
+``--model lightning-demo-transformer`` trains Lightning's own demo language model (``lightning.pytorch.demos``: a
+2-layer ``nn.Transformer``, width 200, and its vocabulary head, 33,278 words as for WikiText-2) on random tokens
+(batch 32, 35 tokens), with ``SensitiveNeurons``' tracking forward run as ``pl_module(inputs, targets)``. ``--cutoff``
+(with ``--alternate``) adds ``SensitiveNeurons`` alone with ``stop_after_taps=False`` (whole tracking forwards) next
+to its default, which ends each tracking forward at the head's input after the first checkpoint.
 
 ``--diagnose`` fits once more with all four monitors every step and prints (a) every host sync raised inside
 ``lightning_act`` during the timed steps (``torch.cuda.set_sync_debug_mode``), by source line, (b) a
@@ -53,6 +63,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -63,7 +74,7 @@ from torch.utils.data import DataLoader
 
 import lightning_act.capture.registry as registry_module
 from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations, SensitiveNeurons
-from lightning_act.callbacks.probe import probing
+from lightning_act.callbacks.probe import ForwardFn, default_forward, probing
 from lightning_act.stats.fused import fused_statistics
 
 from _profiling import device_kernel_times
@@ -88,19 +99,20 @@ class StepTimer(pl.Callback):
 
 
 class TrackingForward(pl.Callback):
-    """The floor of ``SensitiveNeurons``' cost: at each step due every ``every_n_steps``, a forward of the tracking set
-    in eval mode, without gradients, in the trainer's precision (what a SeND checkpoint has to run, whatever
-    computes the statistics), with nothing tapped or kept. The tracking inputs are moved to the device once, at fit
+    """The floor of ``SensitiveNeurons``' cost: at each step due every ``every_n_steps``, a whole forward of the
+    tracking set in eval mode, without gradients, in the trainer's precision, with nothing tapped or kept: what a SeND
+    checkpoint has to run, whatever computes the statistics, up to the last tap (since round 13 its forwards end
+    there; for a ViT's penultimate features only the head comes after). The tracking inputs are moved to the device once, at fit
     start, as ``SensitiveNeurons`` does: a copy from pageable host memory at every due step would wait for the
     device's queue, a host sync that ``SensitiveNeurons`` does not make (before round 12 the floor made it)."""
 
-    def __init__(self, every_n_steps: int, tracking: DataLoader) -> None:
-        self.every_n_steps, self.tracking = every_n_steps, tracking
-        self._inputs: list[torch.Tensor] = []
+    def __init__(self, every_n_steps: int, tracking: DataLoader, forward_fn: ForwardFn = default_forward) -> None:
+        self.every_n_steps, self.tracking, self.forward_fn = every_n_steps, tracking, forward_fn
+        self._batches: list[Any] = []
         self._due = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._inputs = [x.to(pl_module.device) for x, _ in self.tracking]
+        self._batches = [[t.to(pl_module.device) for t in batch] for batch in self.tracking]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._due = trainer.global_step % self.every_n_steps == 0
@@ -111,8 +123,8 @@ class TrackingForward(pl.Callback):
         if not self._due:
             return
         with probing(trainer, pl_module, pl_module.device):
-            for x in self._inputs:
-                pl_module(x)
+            for batch in self._batches:
+                self.forward_fn(pl_module, batch)
 
 
 class Classifier(pl.LightningModule):
@@ -134,6 +146,45 @@ class Classifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
 
+@dataclass
+class Workload:
+    """What every fit trains: a fresh module each time, its data, and how a probe runs the module on a batch."""
+
+    make_module: Callable[[], pl.LightningModule]
+    train: DataLoader
+    val: DataLoader
+    forward_fn: ForwardFn = default_forward
+
+
+DEMO_TRANSFORMER = "lightning-demo-transformer"
+
+
+def inputs_and_targets(pl_module: torch.nn.Module, batch: Any) -> Any:
+    """The demo Transformer's forward: ``pl_module(inputs, targets)`` (its decoder reads the targets)."""
+    return pl_module(*batch)
+
+
+def demo_transformer_workload(steps: int, batch: int, device: str) -> Workload:
+    """Lightning's ``LightningTransformer`` at its WikiText-2 vocabulary, on random tokens (35 per sequence, as the
+    demo's ``bptt``) instead of its download."""
+    from lightning.pytorch.demos import LightningTransformer
+
+    class OfflineTransformer(LightningTransformer):
+        def prepare_data(self) -> None:  # the demo downloads WikiText-2; this benchmark brings its own tokens
+            pass
+
+    vocabulary = 33278
+    base = OfflineTransformer(vocab_size=vocabulary)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocabulary, (2, batch, 35), generator=generator).to(device)
+    return Workload(
+        make_module=lambda: copy.deepcopy(base).to(device),
+        train=DataLoader([(tokens[0], tokens[1])] * steps, batch_size=None),
+        val=DataLoader([(tokens[0][:32], tokens[1][:32])], batch_size=None),
+        forward_fn=inputs_and_targets,
+    )
+
+
 MONITORS = (ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons)
 DEFAULT_INTERVAL = 50  # every monitor's default every_n_steps
 
@@ -144,11 +195,19 @@ def read_at_step_end(cls: type) -> type:
     return type(f"{cls.__name__}AtStepEnd", (cls,), {"stages_before_backward": lambda self, trainer: False})
 
 
-def monitors(every_n_steps: int | None, chosen: tuple[type, ...] | None = None) -> list[pl.Callback]:
-    """The monitors of ``chosen`` (default: all four) at ``every_n_steps``, or none."""
+def monitors(
+    every_n_steps: int | None, chosen: tuple[type, ...] | None = None, forward_fn: ForwardFn = default_forward,
+    **sensitive: Any,
+) -> list[pl.Callback]:
+    """The monitors of ``chosen`` (default: all four) at ``every_n_steps``, or none; ``SensitiveNeurons`` runs its
+    tracking forward with ``forward_fn`` and takes ``sensitive`` as further arguments."""
     if every_n_steps is None:
         return []
-    return [cls(every_n_steps=every_n_steps) for cls in MONITORS if chosen is None or cls in chosen]
+    custom = {} if forward_fn is default_forward else {"forward_fn": forward_fn}
+    return [
+        cls(every_n_steps=every_n_steps, **(custom | sensitive if cls is SensitiveNeurons else {}))
+        for cls in MONITORS if chosen is None or cls in chosen
+    ]
 
 
 def main() -> None:
@@ -158,7 +217,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps before the timed ones")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per fit (50 holds one default-interval due step)")
     parser.add_argument("--model", default="vit_small_patch16_224",
-                        help="timm model name (lightning_act.models registers the KAT ones, e.g. kat_small_patch16_224)")
+                        help="timm model name (lightning_act.models registers the KAT ones, e.g. kat_small_patch16_224), "
+                             f"or {DEMO_TRANSFORMER!r}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-monitor", action="store_true",
                         help="also time each monitor alone, and all but SensitiveNeurons, every step due")
@@ -170,6 +230,8 @@ def main() -> None:
     parser.add_argument("--end-of-step", action="store_true",
                         help="--alternate: also all but SensitiveNeurons and ActivationSparsity alone with their "
                              "statistics staged at the end of the step (as before round 11), for the A/B")
+    parser.add_argument("--cutoff", action="store_true",
+                        help="--alternate: also SensitiveNeurons alone with stop_after_taps=False, next to its default")
     parser.add_argument("--only", default=None,
                         help="--alternate: keep only these configurations (their row names separated by ';', e.g. "
                              "'all four;SensitiveNeurons alone'), for a short device call")
@@ -185,21 +247,29 @@ def main() -> None:
     if args.small:
         model_kwargs: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)
         batch, image = args.batch_size or 32, 32
+    elif args.model == DEMO_TRANSFORMER:
+        model_kwargs, batch, image = {}, args.batch_size or 32, 0
     else:
         model_kwargs, batch, image = {}, args.batch_size or 128, 224
     # the timer measures from one batch start to the next, so one batch more than the timed ones
     steps = args.warmup + (2 * args.pairs if args.alternate else args.steps) + 1
     precision = "bf16-mixed" if cuda else "32-true"
-    base = timm.create_model(args.model, pretrained=False, num_classes=100, **model_kwargs)
     device = "cuda" if cuda else "cpu"
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, image, image, generator=generator).to(device)
-    y = torch.randint(0, 100, (batch,), generator=generator).to(device)
-    # The same ready-made batch every step, already on the device (batch_size=None: no collation, no copy), so the
-    # bare step is the model's step: with a collated and copied (128, 3, 224, 224) batch the H100's bare step was
-    # ~66 ms against ~29 ms of model (round 6), which shrinks every ratio's excess by half.
-    train = DataLoader([(x, y)] * steps, batch_size=None)
-    val = DataLoader([(x[:32], y[:32])], batch_size=None)
+    if args.model == DEMO_TRANSFORMER:
+        workload = demo_transformer_workload(steps, batch, device)
+    else:
+        base = Classifier(timm.create_model(args.model, pretrained=False, num_classes=100, **model_kwargs))
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, image, image, generator=generator).to(device)
+        y = torch.randint(0, 100, (batch,), generator=generator).to(device)
+        # The same ready-made batch every step, already on the device (batch_size=None: no collation, no copy), so
+        # the bare step is the model's step: with a collated and copied (128, 3, 224, 224) batch the H100's bare step
+        # was ~66 ms against ~29 ms of model (round 6), which shrinks every ratio's excess by half.
+        workload = Workload(
+            make_module=lambda: copy.deepcopy(base).to(device),
+            train=DataLoader([(x, y)] * steps, batch_size=None),
+            val=DataLoader([(x[:32], y[:32])], batch_size=None),
+        )
 
     configs: dict[str, tuple[int | None, tuple[type, ...] | None]] = {
         "none": (None, None), f"monitors @ default interval ({DEFAULT_INTERVAL})": (DEFAULT_INTERVAL, None),
@@ -212,9 +282,9 @@ def main() -> None:
     describe(args, cuda, precision, batch, model_kwargs)
     if args.diagnose:
         only = tuple(cls for cls in MONITORS if cls.__name__ == args.diagnose_only) or None
-        diagnose(base, train, val, precision, steps, args.warmup, only)
+        diagnose(workload, precision, steps, args.warmup, only)
     if args.alternate:
-        alternate(args, base, train, val, precision, steps)
+        alternate(args, workload, precision, steps)
         return
     medians: dict[str, list[float]] = {name: [] for name in configs}  # mean step time per round
     for round_index in range(args.rounds):
@@ -222,24 +292,23 @@ def main() -> None:
             timer = StepTimer()
             trainer = pl.Trainer(
                 accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps,
-                callbacks=[timer, *monitors(every, only)], logger=False, enable_checkpointing=False,
+                callbacks=[timer, *monitors(every, only, workload.forward_fn)], logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             )
-            trainer.fit(Classifier(copy.deepcopy(base)).to(device), train, val)
+            trainer.fit(workload.make_module(), workload.train, workload.val)
             medians[name].append(statistics.fmean(timer.times[args.warmup :]))
             print(f"round {round_index}: {name:40s} {medians[name][-1] * 1e3:8.2f} ms/step", flush=True)
         report(medians, round_index + 1)
 
 
-def alternate(
-    args: argparse.Namespace, base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int
-) -> None:
+def alternate(args: argparse.Namespace, workload: Workload, precision: str, steps: int) -> None:
     """Fits whose monitors are due every other step: the ratio of each due step (even index) to the bare step after
     it, pooled over ``--rounds`` interleaved rounds; the median ratio and a 95% bootstrap interval of the median."""
     cuda = torch.cuda.is_available()
     but_sensitive = tuple(c for c in MONITORS if c is not SensitiveNeurons)
+    forward_fn = workload.forward_fn
     configs: dict[str, Callable[[], list[pl.Callback]]] = {
-        "all four": lambda: monitors(2), "all but SensitiveNeurons": lambda: monitors(2, but_sensitive),
+        "all four": lambda: monitors(2, None, forward_fn), "all but SensitiveNeurons": lambda: monitors(2, but_sensitive),
     }
     if args.end_of_step:  # the A/B of staging before the backward (round 11), each next to its counterpart
         configs["all but SensitiveNeurons, at step end"] = lambda: [
@@ -253,13 +322,20 @@ def alternate(
             DimensionalCollapse(every_n_steps=2, overlap_spectra=False)
         ]
     if args.per_monitor:
-        configs.update({f"{cls.__name__} alone": functools.partial(monitors, 2, (cls,)) for cls in MONITORS})
-        configs["tracking forward (floor)"] = lambda: [TrackingForward(2, val)]  # SensitiveNeurons' floor
+        configs.update({f"{cls.__name__} alone": functools.partial(monitors, 2, (cls,), forward_fn) for cls in MONITORS})
+    if args.per_monitor or args.cutoff:  # SensitiveNeurons' floor: a whole forward of its tracking set
+        configs["tracking forward (floor)"] = lambda: [TrackingForward(2, workload.val, forward_fn)]
+    if args.cutoff:  # SensitiveNeurons' tracking forwards ended at the last tap (its default), next to whole ones
+        configs["SensitiveNeurons alone"] = functools.partial(monitors, 2, (SensitiveNeurons,), forward_fn)
+        configs["SensitiveNeurons alone, whole forwards"] = functools.partial(
+            monitors, 2, (SensitiveNeurons,), forward_fn, stop_after_taps=False
+        )
+    if args.per_monitor:
         if cuda:  # SensitiveNeurons' tracking pass replayed from a CUDA graph (cuda_graph=True), alone and with the rest
-            configs["SensitiveNeurons alone, CUDA graph"] = lambda: [SensitiveNeurons(every_n_steps=2, cuda_graph=True)]
-            configs["all four, CUDA graph"] = lambda: [
-                *monitors(2, but_sensitive), SensitiveNeurons(every_n_steps=2, cuda_graph=True)
-            ]
+            configs["SensitiveNeurons alone, CUDA graph"] = functools.partial(
+                monitors, 2, (SensitiveNeurons,), forward_fn, cuda_graph=True
+            )
+            configs["all four, CUDA graph"] = functools.partial(monitors, 2, None, forward_fn, cuda_graph=True)
         if cuda and importlib.util.find_spec("triton") is not None:  # "auto" is Triton here: eigvalsh side by side
             configs["DimensionalCollapse, eigvalsh (torch)"] = lambda: [
                 DimensionalCollapse(every_n_steps=2, eigensolver="torch")
@@ -280,7 +356,7 @@ def alternate(
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
             )
             try:
-                trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
+                trainer.fit(workload.make_module(), workload.train, workload.val)
             except Exception:  # one failing configuration (a candidate kernel) must not cost the others' rows
                 print(f"round {round_index}: {name} FAILED:\n{traceback.format_exc(limit=3)}", flush=True)
                 continue
@@ -400,18 +476,17 @@ class Diagnosis(pl.Callback):
 
 
 def diagnose(
-    base: torch.nn.Module, train: DataLoader, val: DataLoader, precision: str, steps: int, warmup: int,
-    only: tuple[type, ...] | None = None,
+    workload: Workload, precision: str, steps: int, warmup: int, only: tuple[type, ...] | None = None
 ) -> None:
     """All four monitors (or ``only``) every step: host syncs inside lightning_act, then a 1-step profile."""
     cuda = torch.cuda.is_available()
     diagnosis = Diagnosis(start=min(warmup, steps - 6))
     trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, callbacks=[diagnosis, *monitors(1, only)],
+        accelerator="gpu" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, callbacks=[diagnosis, *monitors(1, only, workload.forward_fn)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
-    trainer.fit(Classifier(copy.deepcopy(base)).to("cuda" if cuda else "cpu"), train, val)
+    trainer.fit(workload.make_module(), workload.train, workload.val)
     watched = "all four monitors" if only is None else ", ".join(cls.__name__ for cls in only)
     print(f"host syncs in 3 steps, {watched} every step (by the innermost lightning_act frame):")
     for where, count in diagnosis.syncs.most_common(20):
@@ -445,7 +520,7 @@ def report(medians: dict[str, list[float]], rounds: int) -> None:
 
 def describe(args: argparse.Namespace, cuda: bool, precision: str, batch: int, model_kwargs: dict[str, Any]) -> None:
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
-          f"lightning {pl.__version__}, precision {precision}, batch {batch}, model {args.model} {model_kwargs or '(224, /16)'}, "
+          f"lightning {pl.__version__}, precision {precision}, batch {batch}, model {args.model} {model_kwargs or ('' if args.model == DEMO_TRANSFORMER else '(224, /16)')}, "
           f"{args.rounds} rounds of {args.warmup} + "
           f"{f'{args.pairs} (due, bare) step pairs' if args.alternate else f'{args.steps} steps'}", flush=True)
 

@@ -39,7 +39,8 @@ class EvalRecorder(pl.Callback):
             else:
                 self.seen.append(out.detach().double().numpy().copy())
 
-        dict(pl_module.named_modules())[self.name].register_forward_hook(hook)
+        # Ahead of the capture hook: a probe forward ends inside that hook after its last tap (stop_after_taps).
+        dict(pl_module.named_modules())[self.name].register_forward_hook(hook, prepend=True)
 
 
 def test_probe_runs_fixed_validation_batches_at_each_due_step():
@@ -155,3 +156,149 @@ def test_probe_under_ddp_equals_one_process(tmp_path):
     for key, series in single.items():
         assert ddp[key]["steps"] == series["steps"], key
         np.testing.assert_allclose(ddp[key]["values"], series["values"], rtol=1e-6, err_msg=key)
+
+
+class EvalCalls(pl.Callback):
+    """Counts the eval-mode forwards that reach the end of a module (``stop_after_taps`` ends a probe before it)."""
+
+    def __init__(self, name):
+        self.name, self.calls = name, 0
+
+    def on_fit_start(self, trainer, pl_module):
+        def hook(module, args, out):
+            self.calls += not module.training
+
+        dict(pl_module.named_modules())[self.name].register_forward_hook(hook)
+
+
+def demo_transformer_with_tokens(dropout=0.0):
+    """Lightning's own demo Transformer (its head, the vocabulary projection, is the module after the penultimate
+    features), with tokens instead of its WikiText-2 download."""
+    from lightning.pytorch.demos import LightningTransformer
+    from lightning.pytorch.demos import transformer as demo
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Offline(LightningTransformer):
+        def prepare_data(self):
+            pass
+
+    model = Offline(vocab_size=50)
+    model.model = demo.Transformer(vocab_size=50, ninp=16, nhead=2, nhid=16, nlayers=2, dropout=dropout)
+    g = torch.Generator().manual_seed(0)
+    tokens = DataLoader(TensorDataset(torch.randint(0, 50, (16, 6), generator=g), torch.randint(0, 50, (16, 6), generator=g)),
+                        batch_size=4)
+    return model, tokens
+
+
+@pytest.mark.parametrize("monitor", ["sensitive", "sensitive_eigenscore_with_dropout", "massive"])
+def test_probe_forwards_end_after_the_last_tap_and_log_the_same_values(monitor):
+    # SensitiveNeurons on the demo Transformer's penultimate features (the input of its vocabulary head), with two
+    # tracking batches; the same on its first encoder layer with dropout after it and three stochastic EigenScore
+    # passes (each seeded on its own, so a cut pass draws the masks a whole one draws); MassiveActivations(probe=
+    # "val") on BlockNet's blocks, before its pooled head. The first pass runs whole (it records the taps' calls);
+    # from then on the head never runs in a probe, and every logged value equals the one of whole forwards, bit for
+    # bit.
+    def run(stop_after_taps):
+        pl.seed_everything(0)
+        if monitor == "massive":
+            task, head = ToyTask(BlockNet()), "net.head"
+            probe = MassiveActivations(probe="val", probe_batches=2, every_n_steps=1, stop_after_taps=stop_after_taps)
+            train, val = ToyData(batch_size=8).train_dataloader(), ToyData(batch_size=8).val_dataloader()
+        else:
+            eigenscore = monitor == "sensitive_eigenscore_with_dropout"
+            (task, tokens), head = demo_transformer_with_tokens(dropout=0.3 if eigenscore else 0.0), "model.decoder"
+            probe = SensitiveNeurons(
+                modules="model.transformer.encoder.layers.0" if eigenscore else None, every_n_steps=1, num_samples=8,
+                batch_size=4, window=2, eigenscore_passes=3 if eigenscore else 0,
+                forward_fn=lambda module, batch: module(*batch), stop_after_taps=stop_after_taps,
+            )
+            train, val = tokens, tokens
+        calls = EvalCalls(head)
+        quiet_trainer(max_steps=4, callbacks=[probe, calls]).fit(task, train, val)
+        return probe.history, calls.calls
+
+    cut, cut_calls = run(True)
+    whole, whole_calls = run(False)
+    assert set(cut) == set(whole) and len(cut) > 0
+    if monitor == "sensitive_eigenscore_with_dropout":
+        assert "sensitive/model.transformer.encoder.layers.0/eigenscore" in whole
+    for name in whole:
+        assert cut[name].steps == whole[name].steps and whole[name].steps[-1] == 3, name
+        assert cut[name].values == whole[name].values, name
+    passes = 4 if monitor == "sensitive_eigenscore_with_dropout" else 1  # with its stochastic ones
+    assert whole_calls == 4 * passes * 2  # two batches in each pass of the four checkpoints
+    assert cut_calls == 2  # the first pass only
+
+
+class Received:
+    """A subscriber of the capture registry that keeps what it is handed."""
+
+    armed = True
+
+    def __init__(self):
+        self.seen = []
+
+    def receive(self, tap_index, x, fused=None):
+        self.seen.append((tap_index, x.clone()))
+
+
+class TiedTwice(torch.nn.Module):
+    """Calls the tapped layer twice per forward (a weight-tied block), wraps the second call in a model's own
+    ``except Exception`` fallback, then runs a head that a probe reads nothing from."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.head, self.head_calls = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2), 0
+
+    def forward(self, x, extra_calls=0):
+        h = self.layer(x)
+        try:
+            h = self.layer(h)
+        except Exception:  # noqa: BLE001 - the fallback the cutoff must pass through
+            pass
+        for _ in range(extra_calls):
+            h = self.layer(h)
+        self.head_calls += 1
+        return self.head(h)
+
+
+def probe_forwards(model, cutoff, extra_calls_per_forward):
+    from lightning_act.capture import SAMPLE_FIRST, select_taps
+    from lightning_act.capture.registry import CaptureRegistry
+
+    registry, subscriber = CaptureRegistry(), Received()
+    taps = select_taps(model, ["layer"])
+    registry.subscribe(subscriber, taps, [SAMPLE_FIRST] * len(taps))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), registry.exclusive(subscriber, cutoff):
+        for extra in extra_calls_per_forward:
+            cutoff.forward(lambda extra=extra: model(x, extra))
+        cutoff.pass_complete()
+        for _ in range(2):
+            cutoff.forward(lambda: model(x))
+    registry.unsubscribe(subscriber)
+    return subscriber.seen
+
+
+def test_the_cutoff_counts_repeated_calls_and_is_not_swallowed_by_a_models_except():
+    from lightning_act.capture.registry import ForwardCutoff
+
+    torch.manual_seed(0)
+    model = TiedTwice()
+    whole = probe_forwards(model, ForwardCutoff(enabled=False), [0, 0])
+    assert model.head_calls == 4
+    model.head_calls = 0
+    cutoff = ForwardCutoff()
+    cut = probe_forwards(model, cutoff, [0, 0])
+    assert sum(cutoff.expected.values()) == 2  # both calls of the layer in one forward
+    assert model.head_calls == 2  # the first pass only: the later forwards end after the layer's second call
+    assert len(cut) == len(whole) == 8 and all(torch.equal(a[1], b[1]) for a, b in zip(cut, whole))
+
+
+def test_forwards_that_differ_in_the_first_pass_keep_the_cutoff_off():
+    from lightning_act.capture.registry import ForwardCutoff
+
+    model, cutoff = TiedTwice(), ForwardCutoff()
+    seen = probe_forwards(model, cutoff, [0, 1])  # the second forward calls the layer once more
+    assert not cutoff.enabled and cutoff.expected is None
+    assert model.head_calls == 4 and len(seen) == 2 + 3 + 2 + 2

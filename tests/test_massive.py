@@ -129,6 +129,21 @@ def test_emergence_fit_recovers_known_parameters_and_peak(params: tuple[float, .
     assert fit.peak_step == pytest.approx(dense[np.argmax(generated_curve(dense, *params))], rel=0.03)
 
 
+def test_emergence_fit_r2_is_the_same_at_any_scale_of_the_history() -> None:
+    # R² is scale-free: a history 1e160 times larger (its squared residuals overflow float64) gets the R² of the
+    # original, computed here in numpy from the fitted curve.
+    steps = np.arange(0.0, 2001.0, 20.0)
+    clean = generated_curve(steps, 50.0, 0.5, 0.01, 1.0, 20.0)
+    noisy = clean + np.random.default_rng(1).normal(0.0, 0.05 * np.ptp(clean), steps.shape)
+    fit = fit_emergence(steps, noisy)
+    fitted = generated_curve(steps, fit.a, fit.lam, fit.gamma, fit.t0, fit.k)
+    want = 1.0 - np.sum((fitted - noisy) ** 2) / np.sum((noisy - noisy.mean()) ** 2)
+    assert 0.5 < fit.r2 < 0.99 and fit.r2 == pytest.approx(want, rel=1e-6)
+    with np.errstate(over="raise"):
+        huge = fit_emergence(steps, noisy * 1e160)
+    assert huge.r2 == pytest.approx(want, rel=1e-6)
+
+
 def test_emergence_fit_of_a_pure_log_climb_has_no_peak() -> None:
     steps = np.arange(0.0, 1001.0, 50.0)
     values = 3.0 * np.log(0.01 * steps + 1.0) + 2.0

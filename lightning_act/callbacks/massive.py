@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from lightning_act.callbacks.probe import (
     validation_batches,
 )
 from lightning_act.capture import ModuleSpec
+from lightning_act.capture.registry import ForwardCutoff
 from lightning_act.errors import LightningActError
 from lightning_act.plots import run_dir
 from lightning_act.report.skipped import record_skipped
@@ -87,6 +89,12 @@ class MassiveActivations(ActivationMonitor):
     :attr:`fits` (saved with the callback state), logged as ``massive/<module>/fit_A``,
     ``fit_lambda``, ``fit_gamma``, ``fit_t0``, ``fit_K`` (the asymptote), ``fit_r2`` and
     ``fit_peak_step``, drawn over the measured points and sent to W&B as a table.
+
+    With ``probe="val"`` the statistics come from a forward of the first ``probe_batches`` validation batches at each
+    due step (run by ``forward_fn(pl_module, batch)``, default ``pl_module(batch[0])``) instead of the training
+    batch; ``stop_after_taps`` ends that forward after the last tapped block (see
+    :class:`~lightning_act.capture.registry.ForwardCutoff`; ``False`` for a model whose forward calls a tapped
+    block a data-dependent number of times).
     """
 
     prefix = "massive"
@@ -109,6 +117,7 @@ class MassiveActivations(ActivationMonitor):
         batch_dim: int | None = None,
         token_dim: int | None = None,
         feature_dim: int | None = None,
+        stop_after_taps: bool = True,
     ) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int):
             raise LightningActError(f"MassiveActivations: top_k={top_k!r} must be a whole number >= 1")
@@ -133,6 +142,8 @@ class MassiveActivations(ActivationMonitor):
         self._probe_data: list[Any] = []
         self._probe_here = True
         self._probed_step: int | None = None
+        self.stop_after_taps = bool(stop_after_taps)
+        self._cutoff = ForwardCutoff(self.stop_after_taps)
         self._low_dim_warned: set[int] = set()
         self.abs_threshold = abs_threshold
         self.ratio_threshold = ratio_threshold
@@ -250,6 +261,7 @@ class MassiveActivations(ActivationMonitor):
         if self.probe is None or not self.taps:
             return
         batches = validation_batches(trainer, "MassiveActivations", lambda b: len(b) >= self.probe_batches)
+        self._cutoff = ForwardCutoff(self.stop_after_taps)  # each fit records its probe forwards afresh
         self._probe_data = [to_device(batch, pl_module.device) for batch in batches]
         self._probe_here = self._runs_probe_here(pl_module.device)
 
@@ -276,9 +288,12 @@ class MassiveActivations(ActivationMonitor):
             return
         self.arm(True)
         try:
-            with own_passes(self._registry, self), probing(trainer, pl_module, pl_module.device):
+            with own_passes(self._registry, self, self._cutoff), probing(trainer, pl_module, pl_module.device):
                 for probe_batch in self._probe_data:
-                    call_forward("MassiveActivations", self.forward_fn, pl_module, probe_batch)
+                    self._cutoff.forward(
+                        functools.partial(call_forward, "MassiveActivations", self.forward_fn, pl_module, probe_batch)
+                    )
+                self._cutoff.pass_complete()
         finally:
             self.arm(False)
 

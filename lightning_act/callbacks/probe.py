@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
-from lightning_act.capture.registry import CaptureRegistry, Subscriber
+from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
 from lightning_act.errors import LightningActError
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -102,11 +102,13 @@ def _rng_devices(device: torch.device) -> list[int]:
     return []
 
 
-def own_passes(registry: CaptureRegistry | None, subscriber: Subscriber) -> contextlib.AbstractContextManager[None]:
+def own_passes(
+    registry: CaptureRegistry | None, subscriber: Subscriber, cutoff: ForwardCutoff | None = None
+) -> contextlib.AbstractContextManager[None]:
     """A probe's forwards handed to its own monitor alone (:meth:`CaptureRegistry.exclusive`): another monitor armed
     for the training step (a due step's monitors stay armed until its backward, or to its end under manual
-    optimization) must not count them."""
-    return contextlib.nullcontext() if registry is None else registry.exclusive(subscriber)
+    optimization) must not count them. Run each forward through ``cutoff.forward`` to end it after the last tap."""
+    return contextlib.nullcontext() if registry is None else registry.exclusive(subscriber, cutoff)
 
 
 @contextlib.contextmanager

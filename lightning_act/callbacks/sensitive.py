@@ -36,6 +36,7 @@ masks are identical on every rank.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,7 +71,7 @@ from lightning_act.callbacks.probe import (
 )
 from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
 from lightning_act.capture.layout import feature_axis
-from lightning_act.capture.registry import input_parameter
+from lightning_act.capture.registry import ForwardCutoff, input_parameter
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
@@ -202,6 +203,10 @@ class SensitiveNeurons(Callback):
             inside it) warns once and runs eagerly. Stochastic EigenScore passes stay eager. The graph keeps the
             pass's peak memory reserved for the rest of the fit. Off by default until measured on a GPU
             (``docs/performance.md``); no effect on a CPU.
+        stop_after_taps: end each tracking forward once every tracked module has run (the first checkpoint's
+            pass runs whole and records them; see :class:`~lightning_act.capture.registry.ForwardCutoff`): the head
+            after the penultimate features, a language model's vocabulary projection, is not computed. The same
+            values. ``False`` for a model whose forward calls a tracked module a data-dependent number of times.
 
     A "step" is an optimizer step under automatic optimization and a training batch under manual
     optimization, as for every monitor.
@@ -234,6 +239,7 @@ class SensitiveNeurons(Callback):
         token_dim: int | None = None,
         feature_dim: int | None = None,
         cuda_graph: bool = False,
+        stop_after_taps: bool = True,
     ) -> None:
         checks = {
             "every_n_steps": (every_n_steps, 1), "num_samples": (num_samples, 1), "window": (window, 2),
@@ -268,6 +274,7 @@ class SensitiveNeurons(Callback):
         self.seed = seed
         self.history_size = history_size
         self.cuda_graph = bool(cuda_graph)
+        self.stop_after_taps = bool(stop_after_taps)
 
         self.taps: list[Tap] = []
         self.history: dict[str, BoundedSeries] = {}
@@ -286,6 +293,7 @@ class SensitiveNeurons(Callback):
         self._features_warned: set[str] = set()
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
+        self._cutoff = ForwardCutoff(self.stop_after_taps)
 
     @property
     def state_key(self) -> str:
@@ -306,6 +314,7 @@ class SensitiveNeurons(Callback):
             self, pl_module, self.modules, self.uses_default_modules, layout
         )
         self._graphed = GraphedPass("SensitiveNeurons")  # each fit tries a capture afresh
+        self._cutoff = ForwardCutoff(self.stop_after_taps)  # and records its forwards afresh
         self._graph_this_fit = self.cuda_graph
         if self.cuda_graph and trainer is not None and not strategy_allows_graphs(trainer.strategy):
             self._graph_this_fit = False
@@ -433,15 +442,21 @@ class SensitiveNeurons(Callback):
         collected = self._collected
         device = _module_device(pl_module)
 
-        def one_pass() -> dict[str, torch.Tensor]:
+        def one_pass(seed: int | None = None) -> dict[str, torch.Tensor]:
             collected.clear()
-            for batch in self._batches:
-                call_forward("SensitiveNeurons", self.forward_fn, pl_module, batch)
+            for index, batch in enumerate(self._batches):
+                if seed is not None:
+                    # Each forward of a stochastic pass seeded on its own: its dropout masks do not depend on how far
+                    # the forward before it ran (stop_after_taps ends one before a dropout after the last tap draws).
+                    torch.manual_seed(seed * len(self._batches) + index)
+                forward = functools.partial(call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch)
+                self._cutoff.forward(forward)
+            self._cutoff.pass_complete()
             return {tap.name: torch.cat(collected[i]) for i, tap in enumerate(self.taps) if i in collected}
 
         self._arm(True)
         try:
-            with own_passes(self._registry, self), probing(trainer, pl_module, device):
+            with own_passes(self._registry, self, self._cutoff), probing(trainer, pl_module, device):
                 if self._graph_this_fit and device.type == "cuda":
                     clean = self._graphed(one_pass, pl_module, self._batches)
                 else:
@@ -452,10 +467,10 @@ class SensitiveNeurons(Callback):
                     # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
                     passes = [clean] * self.eigenscore_passes
                 elif self.eigenscore_passes >= 2:
-                    torch.manual_seed(self.seed * 1_000_003 + self.checkpoints)
                     for module in stochastic_modules:
                         module.train()
-                    passes = [one_pass() for _ in range(self.eigenscore_passes)]
+                    first = (self.seed * 1_000_003 + self.checkpoints) * self.eigenscore_passes
+                    passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
         finally:
             self._arm(False)
             collected.clear()

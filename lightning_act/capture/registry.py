@@ -29,7 +29,8 @@ serve compiled models too.
 A monitor's own probe passes (``SensitiveNeurons``' tracking set, ``MassiveActivations(probe="val")``) are not
 training forwards: inside :meth:`CaptureRegistry.exclusive` they are handed to that monitor alone, so another monitor
 armed for the step being trained (until its backward, or until the end of the step under manual optimization)
-does not count them.
+does not count them. Such a pass may also end each forward early (:class:`ForwardCutoff`): once the monitor holds
+every activation it taps, the rest of the model computes nothing it reads.
 
 Input taps read a module's first positional argument or, when the module is called by keyword (Hugging Face
 attention modules are called as ``self_attn(hidden_states=h, ...)``), the keyword argument of its ``forward``'s
@@ -41,10 +42,11 @@ when the model is pickled or deep-copied, so a copy carries an inert hook and no
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -136,6 +138,62 @@ def _fused_spec(subscription: _Subscription) -> FusedSpec | None:
     return None if asks is None else asks(subscription.tap_index)
 
 
+class _ForwardComplete(BaseException):
+    """Raised inside a cut-off forward after its last delivery; a ``BaseException``, so that a model's own
+    ``except Exception`` (a fallback around an attention kernel, say) does not swallow it."""
+
+
+class ForwardCutoff:
+    """Ends a monitor's probe forwards once every activation it taps has been handed to it.
+
+    Why: a probe reads a few modules, and what runs after the last of them computes nothing it reads: a classifier,
+    or a language model's vocabulary head, which can be most of a small model's forward (with Lightning's demo
+    Transformer, ``SensitiveNeurons`` at every step cost 5.07 bare steps with whole forwards and 1.43 with ended ones:
+    ``docs/performance.md``, round 13).
+
+    The first pass runs whole and records how many deliveries each tapped (module, point) makes per forward. When
+    every forward of that pass made the same ones, later forwards end, by an exception raised after the last
+    delivery and caught around the forward, as soon as every count is reached; the activations handed over are the
+    ones a whole forward hands over. Forwards that differ within the first pass (control flow that depends on the
+    data) keep the cutoff off. A forward that would call a tapped module more often than the first pass recorded, after
+    all the recorded calls, is not observed: pass ``stop_after_taps=False`` to the monitor for such a model.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        #: Deliveries per (module, point) in one forward, once known; ``None`` until the first pass is complete.
+        self.expected: collections.Counter[tuple[int, str]] | None = None
+        self._recorded: list[collections.Counter[tuple[int, str]]] = []
+        self._seen: collections.Counter[tuple[int, str]] = collections.Counter()
+
+    def forward(self, run: Callable[[], Any]) -> None:
+        """Run one probe forward, ended early when the counts are known."""
+        self._seen = collections.Counter()
+        try:
+            run()
+        except _ForwardComplete:
+            return
+        if self.enabled and self.expected is None:
+            self._recorded.append(self._seen)
+
+    def pass_complete(self) -> None:
+        """After a pass over every probe batch: the first one fixes the counts (or turns the cutoff off)."""
+        if not self.enabled or self.expected is not None:
+            return
+        recorded, self._recorded = self._recorded, []
+        if recorded and recorded[0] and all(counts == recorded[0] for counts in recorded):
+            self.expected = recorded[0]
+        else:
+            self.enabled = False
+
+    def delivered(self, key: tuple[int, str]) -> None:
+        """Called by the registry after each delivery to the probing monitor."""
+        self._seen[key] += 1
+        expected = self.expected
+        if expected is not None and all(self._seen[k] >= n for k, n in expected.items()):
+            raise _ForwardComplete
+
+
 @torch._dynamo.disable
 def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> None:
     tensor = first_tensor(value)
@@ -168,6 +226,8 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
                     sub.subscriber.receive(sub.tap_index, x)
                 else:
                     sub.subscriber.receive(sub.tap_index, x, fused)
+    if only is not None and registry.cutoff is not None and by_view:
+        registry.cutoff.delivered(key)
 
 
 class CaptureRegistry:
@@ -180,6 +240,8 @@ class CaptureRegistry:
         self.observing = False
         #: While set (:meth:`exclusive`), the only subscriber handed activations.
         self.exclusive_subscriber: Subscriber | None = None
+        #: While set (:meth:`exclusive`), counts the deliveries of a probe forward and may end it.
+        self.cutoff: ForwardCutoff | None = None
         self._handles: dict[tuple[int, str], RemovableHandle] = {}
         self._subscribers: list[Subscriber] = []
 
@@ -211,14 +273,16 @@ class CaptureRegistry:
         self.refresh()
 
     @contextlib.contextmanager
-    def exclusive(self, subscriber: Subscriber) -> Iterator[None]:
+    def exclusive(self, subscriber: Subscriber, cutoff: ForwardCutoff | None = None) -> Iterator[None]:
         """Hand activations to ``subscriber`` alone while inside: for its own probe passes, which another monitor
-        armed for the training step must not count."""
-        previous, self.exclusive_subscriber = self.exclusive_subscriber, subscriber
+        armed for the training step must not count; ``cutoff`` counts their deliveries (its ``forward`` runs each
+        probe forward)."""
+        previous = self.exclusive_subscriber, self.cutoff
+        self.exclusive_subscriber, self.cutoff = subscriber, cutoff
         try:
             yield
         finally:
-            self.exclusive_subscriber = previous
+            self.exclusive_subscriber, self.cutoff = previous
 
     def refresh(self) -> None:
         """Recompute :attr:`observing` after a subscriber's ``armed`` flag changed."""

@@ -326,9 +326,9 @@ def fit_emergence(
     a_n = a1_n * math.exp(min(beta_n * tau0_n, 700.0))
     fit = EmergenceFit(
         a=a_n * y_range, lam=lam, gamma=gamma_n / step_scale, t0=t0, k=y_min + k_n * y_range,
-        r2=math.nan, peak_step=math.nan, points=int(t.size),
+        # R² is scale-free, so it is taken on the normalised values the fit minimised: on the original scale the
+        # squared residuals of a history reaching ~1e154 overflow to inf.
+        r2=1.0 - best[0] / total, peak_step=math.nan, points=int(t.size),
     )
-    fitted = y_min + y_range * _reparametrised_model(tn, *best[1])
-    fit.r2 = 1.0 - float(np.sum((fitted - y) ** 2)) / float(np.sum((y - y.mean()) ** 2))
     fit.peak_step = emergence_peak(fit.a, fit.lam, fit.gamma, fit.t0)
     return fit
