@@ -102,9 +102,9 @@ class TrackingForward(pl.Callback):
     """The floor of ``SensitiveNeurons``' cost: at each step due every ``every_n_steps``, a whole forward of the
     tracking set in eval mode, without gradients, in the trainer's precision, with nothing tapped or kept: what a SeND
     checkpoint has to run, whatever computes the statistics, up to the last tap (since round 13 its forwards end
-    there; for a ViT's penultimate features only the head comes after). The tracking inputs are moved to the device once, at fit
-    start, as ``SensitiveNeurons`` does: a copy from pageable host memory at every due step would wait for the
-    device's queue, a host sync that ``SensitiveNeurons`` does not make (before round 12 the floor made it)."""
+    there; for a ViT's penultimate features only the head comes after). The tracking inputs are moved to the device
+    once, at fit start, as ``SensitiveNeurons`` does: a copy from pageable host memory at every due step would wait
+    for the device's queue, a host sync that ``SensitiveNeurons`` does not make (before round 12 the floor made it)."""
 
     def __init__(self, every_n_steps: int, tracking: DataLoader, forward_fn: ForwardFn = default_forward) -> None:
         self.every_n_steps, self.tracking, self.forward_fn = every_n_steps, tracking, forward_fn
@@ -248,7 +248,7 @@ def main() -> None:
         model_kwargs: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3)
         batch, image = args.batch_size or 32, 32
     elif args.model == DEMO_TRANSFORMER:
-        model_kwargs, batch, image = {}, args.batch_size or 32, 0
+        model_kwargs, batch = {}, args.batch_size or 32
     else:
         model_kwargs, batch, image = {}, args.batch_size or 128, 224
     # the timer measures from one batch start to the next, so one batch more than the timed ones

@@ -171,7 +171,8 @@ def test_replayed_tracking_passes_equal_eager_ones_through_training_and_a_moved_
 
 
 class ReadsTheHost(nn.Module):
-    """A forward with a host read (``.item()``), which a CUDA graph cannot capture."""
+    """A forward with a host read (``.item()``), which a CUDA graph cannot capture, before the tapped layer (a tracking
+    forward ends after its last tap, so a read after it would not be reached)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -179,10 +180,10 @@ class ReadsTheHost(nn.Module):
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x.flatten(1))
-        if h.abs().max().item() > 1e6:
-            h = h / 2
-        return self.head(h)
+        x = x.flatten(1)
+        if x.abs().max().item() > 1e6:
+            x = x / 2
+        return self.head(self.features(x))
 
 
 def _fit_reads_the_host(cuda_graph: bool) -> tuple[SensitiveNeurons, dict[str, torch.Tensor]]:
