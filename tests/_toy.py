@@ -21,6 +21,27 @@ def tiny_vit(num_classes: int = 4, drop: float = 0.0) -> nn.Module:
     )
 
 
+def tiny_lightning_transformer(dropout: float = 0.0) -> pl.LightningModule:
+    """Lightning's own demo ``LightningTransformer`` (``forward(inputs, target)``; its head, the vocabulary projection,
+    follows the penultimate features), tiny, without its WikiText-2 download (see :func:`token_data`)."""
+    from lightning.pytorch.demos import LightningTransformer
+    from lightning.pytorch.demos import transformer as demo
+
+    class OfflineTransformer(LightningTransformer):
+        def prepare_data(self) -> None:  # the demo downloads WikiText-2; the tests bring their own tokens
+            pass
+
+    model = OfflineTransformer(vocab_size=20)
+    model.model = demo.Transformer(vocab_size=20, ninp=8, nhead=2, nhid=16, nlayers=2, dropout=dropout)
+    return model
+
+
+def token_data(n: int = 8, t: int = 5) -> DataLoader:
+    """``n`` (inputs, targets) sequences of ``t`` tokens for :func:`tiny_lightning_transformer`, batches of 4."""
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randint(0, 20, (n, t), generator=g), torch.randint(0, 20, (n, t), generator=g)), batch_size=4)
+
+
 def tiny_mlp(num_classes: int = 4) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, num_classes))
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, tiny_vit
+from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, tiny_lightning_transformer, tiny_vit, token_data
 from lightning_act.callbacks import ActivationStats, MassiveActivations, SensitiveNeurons
 from lightning_act.errors import LightningActError
 from lightning_act.stats.histogram_median import LogMagnitudeBins
@@ -171,25 +171,6 @@ class EvalCalls(pl.Callback):
         dict(pl_module.named_modules())[self.name].register_forward_hook(hook)
 
 
-def demo_transformer_with_tokens(dropout=0.0):
-    """Lightning's own demo Transformer (its head, the vocabulary projection, is the module after the penultimate
-    features), with tokens instead of its WikiText-2 download."""
-    from lightning.pytorch.demos import LightningTransformer
-    from lightning.pytorch.demos import transformer as demo
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Offline(LightningTransformer):
-        def prepare_data(self):
-            pass
-
-    model = Offline(vocab_size=50)
-    model.model = demo.Transformer(vocab_size=50, ninp=16, nhead=2, nhid=16, nlayers=2, dropout=dropout)
-    g = torch.Generator().manual_seed(0)
-    tokens = DataLoader(TensorDataset(torch.randint(0, 50, (16, 6), generator=g), torch.randint(0, 50, (16, 6), generator=g)),
-                        batch_size=4)
-    return model, tokens
-
-
 @pytest.mark.parametrize("monitor", ["sensitive", "sensitive_eigenscore_with_dropout", "massive"])
 def test_probe_forwards_end_after_the_last_tap_and_log_the_same_values(monitor):
     # SensitiveNeurons on the demo Transformer's penultimate features (the input of its vocabulary head), with two
@@ -206,7 +187,8 @@ def test_probe_forwards_end_after_the_last_tap_and_log_the_same_values(monitor):
             train, val = ToyData(batch_size=8).train_dataloader(), ToyData(batch_size=8).val_dataloader()
         else:
             eigenscore = monitor == "sensitive_eigenscore_with_dropout"
-            (task, tokens), head = demo_transformer_with_tokens(dropout=0.3 if eigenscore else 0.0), "model.decoder"
+            task, tokens = tiny_lightning_transformer(dropout=0.3 if eigenscore else 0.0), token_data(16, 6)
+            head = "model.decoder"
             probe = SensitiveNeurons(
                 modules="model.transformer.encoder.layers.0" if eigenscore else None, every_n_steps=1, num_samples=8,
                 batch_size=4, window=2, eigenscore_passes=3 if eigenscore else 0,

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.demos import BoringModel, LightningTransformer
+from lightning.pytorch.demos import BoringModel
 from lightning.pytorch.demos.boring_classes import RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import BlockNet, ToyTask, quiet_trainer, toy_loader
+from _toy import BlockNet, ToyTask, quiet_trainer, tiny_lightning_transformer, token_data, toy_loader
 from lightning_act.callbacks import (
     ActivationSparsity,
     ActivationStats,
@@ -350,24 +350,6 @@ def test_default_monitors_on_boring_model_warn_and_the_fit_finishes():
     s = np.linalg.svd(x - x.mean(0), compute_uv=False)
     p = s / s.sum()
     np.testing.assert_allclose(values(collapse, "collapse/layer:input/erank")[0], np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
-
-
-class OfflineTransformer(LightningTransformer):
-    def prepare_data(self):  # the demo downloads WikiText-2; the tests bring their own tokens
-        pass
-
-
-def tiny_lightning_transformer():
-    from lightning.pytorch.demos import transformer as demo
-
-    model = OfflineTransformer(vocab_size=20)
-    model.model = demo.Transformer(vocab_size=20, ninp=8, nhead=2, nhid=16, nlayers=2, dropout=0.0)
-    return model
-
-
-def token_data(n=8, t=5):
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randint(0, 20, (n, t), generator=g), torch.randint(0, 20, (n, t), generator=g)), batch_size=4)
 
 
 def test_demo_transformer_functional_relu_blocks_and_forward_fn():

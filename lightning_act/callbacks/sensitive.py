@@ -524,7 +524,7 @@ class SensitiveNeurons(Callback):
         if len(window) == self.window + 1:
             v = send_sensitivity(torch.stack(window))
             values["v_mean"], values["v_max"] = v.mean(), v.max()
-            if not self.drop or max(0, self.countdown.get(tap.name, 0) - 1) == 0:
+            if not self.drop or self._countdown_left(tap) == 0:
                 values["indices"] = top_fraction_indices(v, self.top_fraction)
         if z is not None:
             # Non-finite embeddings have no spectrum: NaN reaches both scores through the log-det (a failed Cholesky
@@ -537,6 +537,10 @@ class SensitiveNeurons(Callback):
             exact = ees if passes <= EXACT_LOGDET_UP_TO else logdet_spd(eigenscore_matrix(z, self.alpha)) / passes
             values["eigenscore"], values["ees"] = exact.mean(), ees.mean()
         return values
+
+    def _countdown_left(self, tap: Tap) -> int:
+        """Checkpoints the tap's dropped set still has after this one (0: a new set is selected now)."""
+        return max(0, self.countdown.get(tap.name, 0) - 1)
 
     @staticmethod
     def _read(derived: list[tuple[Tap, dict[str, torch.Tensor]]]) -> list[dict[str, Any]]:
@@ -560,7 +564,7 @@ class SensitiveNeurons(Callback):
         selected = False
         if "v_mean" in read:
             stats["v_mean"], stats["v_max"] = read["v_mean"], read["v_max"]
-            countdown = max(0, self.countdown.get(tap.name, 0) - 1)
+            countdown = self._countdown_left(tap)
             if "indices" in read:
                 indices = read["indices"]
                 if tap.name in self.sensitive:
