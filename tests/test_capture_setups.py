@@ -1,6 +1,7 @@
 """Monitors on third-party-style training code (issue 11's table), checked against numpy on activations
 the tests record with their own plain hooks."""
 
+import copy
 import os
 import warnings
 
@@ -686,3 +687,179 @@ def test_other_bad_arguments_are_one_line(make):
     with pytest.raises(LightningActError) as error:
         make()
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------- round 14
+class Recurrent(SequenceClassifier):
+    """PyTorch's recurrent layers in their default order, (T, B, H), with lr 0 so a plain pass is the reference."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.rnn = getattr(nn, kind)(8, 8)  # batch_first=False
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # x: (B, T, 4)
+        return self.head(self.rnn(self.embed(x).transpose(0, 1))[0].mean(0))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_layers_in_sequence_first_order_are_read_per_sequence(kind):
+    pl.seed_everything(0)
+    model = Recurrent(kind)
+    massive = MassiveActivations(modules=["rnn"], every_n_steps=1)
+    sensitive = SensitiveNeurons(modules=["rnn"], every_n_steps=1, num_samples=8, eigenscore_passes=0)
+    data = sequences(n=8)
+    quiet_trainer(max_steps=1, callbacks=[massive, sensitive]).fit(model, data, sequences(n=8))
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        h = model.rnn(model.embed(x).transpose(0, 1))[0].transpose(0, 1).double().numpy()  # (B, T, H)
+    want = massive_numpy(np.concatenate([h[:4]]))  # the first training batch: sequences 0-3
+    np.testing.assert_allclose(values(massive, "massive/rnn/median")[0], want["median"], rtol=MEDIAN_RTOL)
+    assert values(massive, "massive/rnn/top0_token")[0] == want["top0_token"]
+    np.testing.assert_allclose(sensitive.embeddings["rnn"][-1].numpy(), h.mean(1), rtol=1e-6)  # (B, H), per sequence
+
+
+class NonTensorOutputs(SequenceClassifier):
+    """A tapped module whose output is a PackedSequence, a dict or integers: none has a sample axis to read."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Linear(4, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        if self.kind == "packed":
+            packed = nn.utils.rnn.pack_padded_sequence(h, [x.shape[1]] * x.shape[0], batch_first=True)
+            h = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)[0]
+        elif self.kind == "dict":
+            h = self.rnn(h)[0]
+            h = self.pick({"hidden": h})["hidden"]
+        else:
+            h = self.rnn(h)[0] + 0 * self.pick(x.argmax(-1, keepdim=True))
+        return self.head(h.mean(1))
+
+    def pick(self, value):  # hooked through its own module below
+        return self.tapped(value)
+
+
+@pytest.mark.parametrize("kind", ["packed", "dict", "integers"])
+def test_outputs_without_a_sample_axis_warn_once_and_log_nothing(kind):
+    model = NonTensorOutputs(kind)
+    model.tapped = nn.Identity()
+    tapped = "rnn" if kind == "packed" else "tapped"
+    monitors = [ActivationSparsity(modules=[tapped], every_n_steps=1), MassiveActivations(modules=[tapped], every_n_steps=1),
+                DimensionalCollapse(modules=[tapped], every_n_steps=1, param_patterns=[]),
+                SensitiveNeurons(modules=[tapped], every_n_steps=1, num_samples=8, eigenscore_passes=0)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=2, callbacks=monitors).fit(model, sequences(n=8), sequences(n=8))
+    for monitor in monitors:
+        assert not monitor.history, type(monitor).__name__  # before: a PackedSequence's tokens were read as samples
+        said = [w for w in caught if str(w.message).startswith(f"{type(monitor).__name__}: {tapped} ")]
+        assert len(said) == 1 and "not a floating-point tensor" in str(said[0].message)
+
+
+class PaddedEncoder(SequenceClassifier):
+    """nn.TransformerEncoder with a padding mask: in eval mode without gradients PyTorch's fast path would hand its
+    layers nested tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+        pad[:, -2:] = True
+        return self.head(self.encoder(self.embed(x), src_key_padding_mask=pad)[:, :-2].mean(1))
+
+
+def test_probes_of_a_padded_transformer_encoder_read_what_the_plain_forward_computes():
+    pl.seed_everything(0)
+    model = PaddedEncoder()
+    before = copy.deepcopy(model)  # MassiveActivations probes before the step's update, SensitiveNeurons after it
+    massive = MassiveActivations(modules=["encoder.layers.0"], every_n_steps=1, probe="val")
+    sensitive = SensitiveNeurons(modules=["encoder.layers.1"], every_n_steps=1, num_samples=8, eigenscore_passes=0)
+    val = sequences(n=8)
+    quiet_trainer(max_steps=1, callbacks=[massive, sensitive]).fit(model, sequences(n=8, tokens=6), val)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the probes
+    x = torch.cat([b[0] for b in val])
+
+    def layer_outputs(net):
+        seen = {}
+        hooks = [net.encoder.layers[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out)) for i in (0, 1)]
+        net.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():  # the plain forward, without nested tensors
+                net(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+    first = layer_outputs(before)[0][:4]  # the first validation batch
+    np.testing.assert_allclose(values(massive, "massive/encoder.layers.0/top1")[0], first.abs().max().item(), rtol=1e-6)
+    last = layer_outputs(model)[1]
+    np.testing.assert_allclose(sensitive.embeddings["encoder.layers.1"][-1].numpy(), last.mean(1).double().numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_probes_convert_their_batches_to_the_trainers_precision(precision):
+    pl.seed_everything(0)
+    model = Encoder(batch_first=True)
+    before = copy.deepcopy(model).double()  # the probe runs before the step's update
+    massive = MassiveActivations(modules=["encoder.layers.0"], every_n_steps=1, probe="val")
+    sensitive = SensitiveNeurons(modules=["head:input"], every_n_steps=1, num_samples=8, eigenscore_passes=0)
+    quiet_trainer(max_steps=1, precision=precision, callbacks=[massive, sensitive]).fit(model, sequences(), sequences())
+    assert massive.history and sensitive.history  # before: the probes fed float32 batches to the model and failed
+    if precision == "64-true":
+        x = torch.cat([b[0] for b in sequences()]).double()
+        with torch.no_grad():
+            h = before.embed(x)
+            h[:, 0, 3] = h[:, 0, 3] * 1e4
+            h = before.encoder.layers[0](h)
+        np.testing.assert_allclose(values(massive, "massive/encoder.layers.0/top1")[0], h[:4].abs().max().item(), rtol=1e-12)
+
+
+def test_dimensional_collapse_logs_nothing_for_one_row_or_a_tensor_without_features():
+    class Net(ToyTask):
+        def forward(self, x):
+            return self.net(x) + 0 * self.score(x.flatten(1).mean(1))  # (B,) output of a tapped module
+
+    for batch_size, tapped in [(1, "net.head:input"), (4, "score")]:
+        model = Net(BlockNet())
+        model.score = nn.Identity()
+        collapse = DimensionalCollapse(modules=[tapped], every_n_steps=1, param_patterns=[], warn_below=0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(max_steps=2, callbacks=[collapse]).fit(model, toy_loader(8, batch_size))
+        assert not collapse.history and not collapse.collapsed  # before: erank = pr = 0 and "collapsed"
+        said = [str(w.message) for w in caught if str(w.message).startswith(f"DimensionalCollapse: {tapped} ")]
+        assert len(said) == 1 and ("2 rows" in said[0] if batch_size == 1 else "1-d tensor" in said[0])
+
+
+def test_penultimate_of_a_distilled_deit_and_of_a_headless_backbone_is_the_class_tokens_head():
+    import timm
+
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                             patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    assert [t.name for t in select_taps(deit, "@penultimate")] == ["head:input"]
+
+    class OwnHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 3)  # registered before the backbone, whose last Linear is an MLP's fc2
+            self.backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                                              patch_size=8, embed_dim=16, depth=1, num_heads=2)
+
+    assert [t.name for t in select_taps(OwnHead(), "@penultimate")] == ["head:input"]

@@ -369,3 +369,36 @@ def test_taps_of_one_row_count_share_the_steps_row_choice_and_the_next_step_draw
         monitor._zero_buffers()
         monitor._observed = set()
     assert choices[0] != choices[1]
+
+
+def test_a_wide_tap_is_sized_for_the_accumulation_schedule_and_logs_nothing_beyond_its_sketch() -> None:
+    import warnings
+
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    from _toy import ToyTask, quiet_trainer, tiny_mlp, toy_loader
+
+    class AccumulateFromEpoch1(Callback):  # a change of accumulation nothing announces at the start of fit
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.accumulate_grad_batches = 4 if trainer.current_epoch == 1 else 1
+
+    def run(extra: list[Callback]) -> tuple[DimensionalCollapse, DimensionalCollapse, list[str]]:
+        torch.manual_seed(0)  # the same seed: both monitors sample the same rows of the 32-wide ReLU output
+        sketch = DimensionalCollapse(modules=["net.2"], every_n_steps=1, max_rows=2, wide_dim=8, param_patterns=[])
+        exact = DimensionalCollapse(modules=[nn.ReLU], every_n_steps=1, max_rows=2, wide_dim=None, param_patterns=[])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(max_epochs=2, callbacks=[sketch, exact, *extra]).fit(ToyTask(tiny_mlp()), toy_loader(32, 8))
+        return sketch, exact, [str(w.message) for w in caught if "DimensionalCollapse: net.2 gave too little" in str(w.message)]
+
+    # 4 steps of 1 micro-batch, then 1 of 4: k = 2 x 4 = 8 rows, exact for every step (before: k = 2, erank too low)
+    sketch, exact, said = run([GradientAccumulationScheduler(scheduling={0: 1, 1: 4})])
+    assert sketch._sketch_dims and not said
+    assert sketch.history["collapse/net.2/erank"].steps == exact.history["collapse/net.2/erank"].steps == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(sketch.history["collapse/net.2/erank"].values, exact.history["collapse/net.2/erank"].values, rtol=1e-6)
+
+    # unannounced: the sketch (k = 2) gets 8 rows at step 4, so nothing is logged for it then, with one warning
+    sketch, exact, said = run([AccumulateFromEpoch1()])
+    assert sketch.history["collapse/net.2/erank"].steps == [0, 1, 2, 3] and exact.history["collapse/net.2/erank"].steps[-1] == 4
+    np.testing.assert_allclose(sketch.history["collapse/net.2/erank"].values, exact.history["collapse/net.2/erank"].values[:4], rtol=1e-6)
+    assert len(said) == 1 and "at step 4" in said[0]

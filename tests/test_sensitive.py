@@ -246,6 +246,30 @@ def test_embeddings_and_bad_input() -> None:
         SensitiveNeurons()._batch_inputs({"image": torch.zeros(1)})
 
 
+def test_a_bf16_activation_is_averaged_in_float32_at_least() -> None:
+    # Under bf16 autocast a bf16 mean rounded each embedding to 8 significant bits (~4e-3), before the differences
+    # between checkpoints that SeND's sensitivity is made of.
+    x = torch.randn(3, 197, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) + 10.0
+    want = x.double().numpy().mean(1)
+    np.testing.assert_allclose(per_example_embedding(x).double().numpy(), want, rtol=1e-6)
+
+
+def test_feature_drop_rebuilds_a_namedtuple_output() -> None:
+    from collections import namedtuple
+
+    BlockOutput = namedtuple("BlockOutput", ["hidden", "gate"])
+
+    class Block(nn.Module):
+        def forward(self, x: torch.Tensor) -> BlockOutput:
+            return BlockOutput(x + 1.0, x.sum())
+
+    block = Block()
+    block.register_forward_hook(FeatureDrop(torch.tensor([1])).after)
+    out = block(torch.ones(2, 3))  # before: TypeError from BlockOutput([...])
+    assert isinstance(out, BlockOutput) and out.gate.item() == 6.0
+    torch.testing.assert_close(out.hidden, torch.tensor([[2.0, 0.0, 2.0], [2.0, 0.0, 2.0]]))
+
+
 def test_feature_drop_acts_only_in_training_mode_on_outputs_and_on_inputs_passed_either_way() -> None:
     conv = nn.Conv2d(2, 4, 1)
     handle = conv.register_forward_hook(FeatureDrop(torch.tensor([1, 3])).after)

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
@@ -212,6 +213,10 @@ def subscribe_taps(
     return taps, layouts, registry
 
 
+#: The name of the statistic by which :meth:`ActivationMonitor.summarize` says whether a tap's step was measurable.
+MEASURED = "_measured"
+
+
 def _as_scalar(value: torch.Tensor) -> torch.Tensor:
     """``value`` as a 0-d float64 tensor; the statistics mostly are one already, and then no op is dispatched."""
     if value.dim() == 0 and value.dtype == torch.float64:
@@ -266,7 +271,62 @@ class Partials:
     samples: torch.Tensor | None = None
 
 
-class ActivationMonitor(Callback, ABC):
+class FitScopedState(Callback):
+    """The part of a monitor's state that belongs to one run: its histories (``history``) and whatever else its
+    ``state_dict`` holds. Lightning hands a checkpoint's callback states to every callback, for a fit's ``ckpt_path``
+    and for ``validate``/``test``/``predict``'s too; and one callback object can serve several fits.
+
+    - A checkpoint loaded to resume a fit restores the state (:meth:`restore_state`).
+    - A checkpoint loaded for ``validate``/``test``/``predict`` (``trainer.test(ckpt_path="best")`` after a fit)
+      does not replace the state of a fit this callback ran: the histories would silently shrink to the
+      checkpoint's step. A callback that holds no history yet takes it (a process that only tests can read it).
+    - A fit that does not resume and starts at or before the last step the state holds (the same callback in a new
+      ``Trainer`` from step 0) clears it first, with one warning: two runs' steps in one history, or SeND windows
+      across two models, would read as one run. A further ``fit`` on the same ``Trainer`` continues it.
+
+    Subclasses implement :meth:`restore_state`, called from ``load_state_dict`` (``{}`` clears the state), and call
+    :meth:`begin_fit_state` first thing in ``on_fit_start``.
+    """
+
+    history: dict[str, BoundedSeries]
+    _keeps_own_state = False
+    _resumed_this_fit = False
+
+    def restore_state(self, state_dict: dict[str, Any]) -> None:
+        """Replace the run's state by ``state_dict`` (``{}``: the empty state of a new run)."""
+        self.history = {key: BoundedSeries.from_state_dict(s) for key, s in state_dict.get("history", {}).items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keep, self._keeps_own_state = self._keeps_own_state, False
+        if not keep:
+            self.restore_state(state_dict)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self._resumed_this_fit = fitting
+        self._keeps_own_state = not fitting and bool(self.history)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._resumed_this_fit = False  # set again by on_load_checkpoint when this fit resumes
+
+    def begin_fit_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Clear the state of an earlier run that this fit does not continue (see the class docstring)."""
+        if trainer is None or self._resumed_this_fit:  # trainer None: driven by hand, outside a Trainer
+            return
+        last = max((series.steps[-1] for series in self.history.values() if series.steps), default=None)
+        start = training_step_index(trainer, pl_module)
+        if last is not None and last >= start:
+            rank_zero_warn(
+                f"{type(self).__name__}: this fit starts at step {start}, but the state this callback holds from an "
+                f"earlier fit reaches step {last}; it is cleared so that the two runs do not mix (pass ckpt_path= to "
+                "resume a run, or a new callback for each run)",
+                category=UserWarning,
+            )
+            self.restore_state({})
+
+
+class ActivationMonitor(FitScopedState, ABC):
     """Base class of the activation monitors; see the module docstring for the protocol.
 
     Args:
@@ -287,6 +347,8 @@ class ActivationMonitor(Callback, ABC):
     reads_features: ClassVar[bool] = False
     default_modules: ClassVar[tuple[str, ...]] = ("@activations",)
     heatmap_stat: ClassVar[str | None] = None
+    #: Why a tap's step can be unmeasurable (a statistic :data:`MEASURED` below 0.5 says so; see :meth:`summarize`).
+    unmeasured_reason: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -319,6 +381,7 @@ class ActivationMonitor(Callback, ABC):
         self._kept: dict[int, Any] = {}  # what a subclass kept of each tap's first activation this step (see keep)
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
+        self._unmeasured_warned: set[str] = set()
         self._features_warned: set[str] = set()
 
     # ------------------------------------------------------------------ for subclasses
@@ -340,7 +403,10 @@ class ActivationMonitor(Callback, ABC):
     def summarize(
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """Statistics (0-d tensors) of one tap from its reduced buffers; ``samples`` is (world, n)."""
+        """Statistics (0-d tensors) of one tap from its reduced buffers; ``samples`` is (world, n). A statistic
+        named :data:`MEASURED` (not logged) below 0.5 says the step gave too little to measure
+        (:attr:`unmeasured_reason`): then nothing of the tap is logged at that step, decided on the host with the
+        values, so without a sync of its own."""
 
     def complete_partials(self) -> None:
         """Called at a logging step before the reduction: a subclass whose ``receive`` deferred its work on each
@@ -396,6 +462,7 @@ class ActivationMonitor(Callback, ABC):
         return step % self.every_n_steps == 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
@@ -459,6 +526,15 @@ class ActivationMonitor(Callback, ABC):
             return  # accumulating: the optimizer step of the due step is still to come
         step, self._pending_step = self._pending_step, None
         self.flush(trainer, step)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.begin_fit_state(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An epoch ended inside a batch (``on_train_batch_start`` returned -1) skips that batch's later hooks: forwards
+        # after it (the model's own epoch-end passes) are not the due step's. The step stays pending for the next batch.
+        if self.armed:
+            self.arm(False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unsubscribe()
@@ -567,7 +643,8 @@ class ActivationMonitor(Callback, ABC):
                 tensor.record_stream(side)
         # statistics are never differentiated: no graph is recorded and none is detached
         with torch.no_grad(), torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            blocks = self.summarize_taps(present, sums, maxima, samples)
+            # no tap delivered yet in this fit (a branch that has not run, a skipped batch): nothing to summarise
+            blocks = self.summarize_taps(present, sums, maxima, samples) if present else None
             if blocks is None:
                 self.prepare_summaries(sums)
                 for i in present:
@@ -617,6 +694,8 @@ class ActivationMonitor(Callback, ABC):
             counts = host_values[len(names):]
             observed = {i for i, count in zip(staged.present, counts) if count > 0}
         self._warn_unobserved(step, observed)
+        unmeasured = {i for (i, stat), value in zip(names, host_values) if stat == MEASURED and value < 0.5}
+        self._warn_unmeasured(step, unmeasured & observed)
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
@@ -624,7 +703,7 @@ class ActivationMonitor(Callback, ABC):
         for (tap_index, stat), value in pairs:
             if tap_index is None:
                 key = stat
-            elif tap_index not in observed:
+            elif tap_index not in observed or tap_index in unmeasured or stat == MEASURED:
                 continue
             else:
                 tap_name = self.taps[tap_index].name
@@ -639,11 +718,35 @@ class ActivationMonitor(Callback, ABC):
 
     def _warn_unobserved(self, step: int, observed: set[int]) -> None:
         for i, tap in enumerate(self.taps):
-            if i not in observed and tap.name not in self._unobserved_warned:
+            said = tap.name in self._unobserved_warned or tap.name in self._unmeasured_warned  # said why already
+            if i not in observed and not said:
                 self._unobserved_warned.add(tap.name)
                 rank_zero_warn(
                     f"{type(self).__name__}: {tap.name} produced no activation at step {step} (its module did not run "
-                    "in the observed forwards, or its output is not a tensor); nothing is logged for it at such steps",
+                    "in the observed forwards, or what it gives is not a floating-point tensor: a dict, a "
+                    "PackedSequence, integers); nothing is logged for it at such steps",
+                    category=UserWarning,
+                )
+
+    def _warn_low_dim(self, tap_index: int, ndim: int) -> None:
+        """Warn once per tap that its activations have no feature axis ((B,) or a scalar), so nothing is logged."""
+        name = self.taps[tap_index].name
+        if name not in self._unmeasured_warned:
+            self._unmeasured_warned.add(name)
+            rank_zero_warn(
+                f"{type(self).__name__}: {name} outputs a {ndim}-d tensor, not (batch, tokens, features) or "
+                "(batch, features); nothing is logged for it (tap e.g. '@blocks')",
+                category=UserWarning,
+            )
+
+    def _warn_unmeasured(self, step: int, taps: set[int]) -> None:
+        for i in sorted(taps):
+            name = self.taps[i].name
+            if name not in self._unmeasured_warned:
+                self._unmeasured_warned.add(name)
+                rank_zero_warn(
+                    f"{type(self).__name__}: {name} gave too little at step {step} to measure ({self.unmeasured_reason}); "
+                    "nothing is logged for it at such steps",
                     category=UserWarning,
                 )
 
@@ -682,9 +785,6 @@ class ActivationMonitor(Callback, ABC):
     # ------------------------------------------------------------------ state and plots
     def state_dict(self) -> dict[str, Any]:
         return {"history": {key: series.state_dict() for key, series in self.history.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {key: BoundedSeries.from_state_dict(s) for key, s in state_dict.get("history", {}).items()}
 
     def series(self, stat: str) -> dict[str, BoundedSeries]:
         """``{tap name: history}`` of one statistic."""

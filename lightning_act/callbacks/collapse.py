@@ -38,9 +38,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int
+from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_partials, sketch_size, sketch_spectrum
@@ -111,6 +112,11 @@ class DimensionalCollapse(ActivationMonitor):
     prefix = "collapse"
     default_modules = ("@blocks", "@penultimate")
     heatmap_stat = "erank"
+    unmeasured_reason = (
+        "a centred covariance needs 2 rows or more in a due step, and a (B, D) tap at batch size 1 has one; or a wide "
+        "tap's sketch got more rows than the k = max_rows x accumulate_grad_batches x world size it was sized for at "
+        "the start of fit, so it is not exact: lower max_rows or pass wide_dim=None"
+    )
     reads_features = True  # the covariance is over the features
 
     def __init__(
@@ -166,6 +172,8 @@ class DimensionalCollapse(ActivationMonitor):
         self.max_rows = max_rows
         self._rows_per_due_step = max_rows
         self._sketch_dims: dict[int, tuple[int, int]] = {}
+        self._sketch_rows: dict[int, int] = {}  # rows this rank summed into each sketch in the current step
+        self._step_sketch_rows: dict[int, int] = {}  # the same, of the step being summarised
         self._test_matrices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self.warn_below = warn_below
         self.param_patterns = None if param_patterns is None else list(param_patterns)
@@ -225,7 +233,10 @@ class DimensionalCollapse(ActivationMonitor):
         """Keep a copy of the sampled rows of a tap's first activation in the step until the logging step
         (:meth:`complete_partials`), so at most ``max_rows x d`` numbers per tap; later activations of the step
         (micro-batches) and wide taps, whose sketch is the smaller buffer, are summed now."""
-        d = x.shape[1] if x.dim() >= 4 else x.shape[-1] if x.dim() else 1
+        if x.dim() < 2:
+            self._warn_low_dim(tap_index, x.dim())
+            return
+        d = x.shape[1] if x.dim() >= 4 else x.shape[-1]
         if self._is_wide(d) or tap_index in self._kept:
             self.accumulate(tap_index, self.partials(tap_index, x))
             return
@@ -239,6 +250,7 @@ class DimensionalCollapse(ActivationMonitor):
         (added to the sums of a tap's later activations in the step)."""
         kept: dict[int, torch.Tensor] = self.take_kept()
         self._row_choices = {}
+        self._step_sketch_rows, self._sketch_rows = self._sketch_rows, {}
         by_shape: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
         for tap_index, rows in kept.items():
             by_shape.setdefault((tuple(rows.shape), rows.dtype, rows.device), []).append((tap_index, rows))
@@ -253,6 +265,7 @@ class DimensionalCollapse(ActivationMonitor):
         if not self._is_wide(d):
             return Partials(sums=covariance_partials(rows))
         self._sketch_dims[tap_index] = (d, k)
+        self._sketch_rows[tap_index] = self._sketch_rows.get(tap_index, 0) + rows.shape[0]
         key = (d, k, rows.device)
         if key not in self._test_matrices:
             self._test_matrices[key] = gaussian_test_matrix(d, k, self.seed, rows.device)
@@ -283,9 +296,13 @@ class DimensionalCollapse(ActivationMonitor):
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         sketch = self._sketch_dims.get(tap_index)
+        measured = sums[0] >= 2
         if sketch is not None and sums.numel() == sketch_size(*sketch):
             d = sketch[0]
             ranks = rank_statistics(sketch_spectrum(sums, *sketch), d)
+            # more rows than k + 1 (more micro-batches than planned at the start of fit) break the sketch's exactness
+            rows = self._step_sketch_rows.get(tap_index, 0) * max(1, distributed_world_size())
+            measured = measured & (rows <= sketch[1] + 1)
         else:
             d = covariance_dim(sums.numel())
             ranks = self._ranks.pop(tap_index, None)
@@ -293,7 +310,8 @@ class DimensionalCollapse(ActivationMonitor):
                 ranks = rank_statistics(covariance_spectrum(sums, self.eigensolver), d)
         self._feature_dims[self.taps[tap_index].name] = d
         erank, pr, erank_frac, pr_frac = ranks.unbind()
-        stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac}
+        # one row (a (B, D) tap at batch size 1) has a zero centred scatter: erank 0 would read as a collapse
+        stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac, MEASURED: measured}
         if self.warn_below is not None:
             stats["collapsed"] = (erank_frac < self.warn_below).to(torch.float64)
         return stats
@@ -390,13 +408,19 @@ class DimensionalCollapse(ActivationMonitor):
         if stage != "fit":
             return
         self.param_names = self._select_params(pl_module)
-        # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size.
-        self._rows_per_due_step = self.max_rows * trainer.accumulate_grad_batches * max(1, trainer.world_size)
+        # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size; with
+        # the most micro-batches a GradientAccumulationScheduler will give a step.
+        accumulation = max([trainer.accumulate_grad_batches] + [
+            int(n) for callback in trainer.callbacks if isinstance(callback, GradientAccumulationScheduler)
+            for n in callback.scheduling.values()
+        ])
+        self._rows_per_due_step = self.max_rows * accumulation * max(1, trainer.world_size)
         self._sketch_dims = {}
         if "FSDP" in type(trainer.strategy).__name__:
             self.param_names = []  # idle under FSDP, like its activation taps (see subscribe_taps' warning)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         problem = eigensolver_problem(self.eigensolver, pl_module.device)
         if problem is not None:
             raise LightningActError(f"DimensionalCollapse: {problem}")
@@ -439,8 +463,8 @@ class DimensionalCollapse(ActivationMonitor):
         }
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def restore_state(self, state_dict: dict[str, Any]) -> None:
+        super().restore_state(state_dict)
         self.collapsed = set(state_dict.get("collapsed", []))
         self._generators = {}
         self._generator_states = dict(state_dict.get("row_generators", {}))

@@ -12,7 +12,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int, check_number
 from lightning_act.callbacks.probe import (
@@ -144,7 +143,6 @@ class MassiveActivations(ActivationMonitor):
         self._probed_step: int | None = None
         self.stop_after_taps = bool(stop_after_taps)
         self._cutoff = ForwardCutoff(self.stop_after_taps)
-        self._low_dim_warned: set[int] = set()
         self.abs_threshold = abs_threshold
         self.ratio_threshold = ratio_threshold
         self.top_k = top_k
@@ -232,13 +230,7 @@ class MassiveActivations(ActivationMonitor):
     def _measurable(self, tap_index: int, x: torch.Tensor) -> bool:
         """Whether ``x`` has a sample axis and more (warns once per tap when not)."""
         if x.dim() < 2:
-            if tap_index not in self._low_dim_warned:
-                self._low_dim_warned.add(tap_index)
-                rank_zero_warn(
-                    f"MassiveActivations: {self.taps[tap_index].name} outputs a {x.dim()}-d tensor, not "
-                    "(batch, tokens, features) or (batch, features); nothing is logged for it (tap e.g. '@blocks')",
-                    category=UserWarning,
-                )
+            self._warn_low_dim(tap_index, x.dim())
             return False
         return True
 
@@ -258,11 +250,13 @@ class MassiveActivations(ActivationMonitor):
         return self.probe is None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._probed_step = None  # a step probed in an earlier fit is a step of this one to probe again
         if self.probe is None or not self.taps:
             return
         batches = validation_batches(trainer, "MassiveActivations", lambda b: len(b) >= self.probe_batches)
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # each fit records its probe forwards afresh
-        self._probe_data = [to_device(batch, pl_module.device) for batch in batches]
+        self._probe_data = [to_device(batch, pl_module.device, trainer) for batch in batches]
         self._probe_here = self._runs_probe_here(pl_module.device)
 
     def _runs_probe_here(self, device: torch.device) -> bool:
@@ -382,7 +376,7 @@ class MassiveActivations(ActivationMonitor):
         state["fit_skipped"] = dict(self.fit_skipped)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def restore_state(self, state_dict: dict[str, Any]) -> None:
+        super().restore_state(state_dict)
         self.fits = {layer: EmergenceFit(**values) for layer, values in state_dict.get("fits", {}).items()}
         self.fit_skipped = dict(state_dict.get("fit_skipped", {}))

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
@@ -81,8 +82,7 @@ def validation_batches(trainer: pl.Trainer, owner: str, enough: Callable[[list[A
         )
     batches: list[Any] = []
     with torch.random.fork_rng(devices=_rng_devices(trainer.strategy.root_device)):
-        loader = source.dataloader()
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        loader = first_loader(source.dataloader())
         for batch in loader:
             batches.append(batch)
             if enough(batches):
@@ -92,8 +92,20 @@ def validation_batches(trainer: pl.Trainer, owner: str, enough: Callable[[list[A
     return batches
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    return move_data_to_device(batch, device)
+def first_loader(loaders: Any) -> Any:
+    """The loader Lightning numbers ``dataloader_idx=0`` among ``loaders`` (a loader, a list/tuple/dict of them, or a
+    ``CombinedLoader``, flattened as Lightning flattens them), so that a probe reads batches, not the dict's keys or
+    a ``CombinedLoader``'s ``(batch, batch_idx, dataloader_idx)`` triples; ``[]`` for an empty collection."""
+    combined = loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders)
+    flattened = combined.flattened
+    return flattened[0] if flattened else []
+
+
+def to_device(batch: Any, device: torch.device, trainer: pl.Trainer | None = None) -> Any:
+    """``batch`` on ``device`` and, with a ``trainer``, in its precision's input type, as Lightning's loops convert
+    every batch (``precision="64-true"`` makes floating inputs float64, ``"bf16-true"`` bfloat16)."""
+    batch = move_data_to_device(batch, device)
+    return batch if trainer is None else trainer.precision_plugin.convert_input(batch)
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -113,13 +125,20 @@ def own_passes(
 
 @contextlib.contextmanager
 def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, no_grad, the precision context and a forked RNG; every train/eval flag restored."""
+    """Eval mode, no_grad, the precision context and a forked RNG; every train/eval flag restored.
+
+    PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
+    gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
+    read; off, the probe's forward computes what the training forward computes."""
     flags = {module: module.training for module in pl_module.modules()}
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)), context:
             pl_module.eval()
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for module, flag in flags.items():
             module.train(flag)

@@ -43,12 +43,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_act.callbacks.base import (
     ActivationMonitor,
+    FitScopedState,
     check_dim,
     check_feature_dim,
     check_int,
@@ -89,7 +89,10 @@ _STOCHASTIC_CLASS_NAMES = {"DropPath", "DropBlock2d"}
 
 
 def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) embedding of one activation: (B, T, D) → token mean, (B, C, H, W) → spatial mean."""
+    """(B, D) embedding of one activation: (B, T, D) → token mean, (B, C, H, W) → spatial mean, taken in float32 at
+    least: under bf16 autocast a bf16 mean would round each embedding to 8 significant bits before the differences
+    between checkpoints that the sensitivity is made of (v_mean 31% off at a small learning rate)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.dim() == 2:
         return x
     if x.dim() == 3:
@@ -167,11 +170,13 @@ class FeatureDrop:
         if not module.training:
             return None
         if isinstance(output, (tuple, list)) and output:
+            if hasattr(output, "_fields"):  # a namedtuple (a PackedSequence too) takes its fields one by one
+                return type(output)(self._zero(output[0]), *output[1:])
             return type(output)([self._zero(output[0]), *output[1:]])
         return self._zero(output)
 
 
-class SensitiveNeurons(Callback):
+class SensitiveNeurons(FitScopedState):
     """SeND sensitive neurons, optional SeND dropping, and (Efficient) EigenScore of a tracking set.
 
     Args:
@@ -291,6 +296,7 @@ class SensitiveNeurons(Callback):
         self._pending_step: int | None = None
         self._drop_handles: dict[str, Any] = {}
         self._features_warned: set[str] = set()
+        self._unobserved_warned: set[str] = set()
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
@@ -307,6 +313,7 @@ class SensitiveNeurons(Callback):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
@@ -341,18 +348,20 @@ class SensitiveNeurons(Callback):
         self._collected.setdefault(tap_index, []).append(per_example_embedding(x).to(torch.float64))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.begin_fit_state(trainer, pl_module)
         if not self.taps:
             return
         device = _module_device(pl_module)
         if self.tracking_inputs is not None:
-            self._batches = list(self.tracking_inputs[: self.num_samples].to(device).split(self.batch_size))
+            self._batches = list(to_device(self.tracking_inputs[: self.num_samples], device, trainer).split(self.batch_size))
         elif self.custom_forward:
             batches = validation_batches(
                 trainer, "SensitiveNeurons", lambda bs: sum(_num_examples(b) for b in bs) >= self.num_samples
             )
-            self._batches = [to_device(b, device) for b in batches]
+            self._batches = [to_device(b, device, trainer) for b in batches]
         else:
-            self._batches = list(self._union_over_ranks(self._from_validation(trainer).to(device)).split(self.batch_size))
+            tracking = to_device(self._from_validation(trainer), device, trainer)
+            self._batches = list(self._union_over_ranks(tracking).split(self.batch_size))
         with probing(trainer, pl_module, device):
             call_forward("SensitiveNeurons", self.forward_fn, pl_module, self._batches[0])
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
@@ -434,6 +443,17 @@ class SensitiveNeurons(Callback):
         step, self._pending_step = self._pending_step, None
         self.checkpoint(trainer, pl_module, step)
 
+    def _warn_unobserved(self, tap_name: str, step: int) -> None:
+        if tap_name in self._unobserved_warned:
+            return
+        self._unobserved_warned.add(tap_name)
+        rank_zero_warn(
+            f"SensitiveNeurons: {tap_name} gave no activation in the tracking pass at step {step} (its module did not "
+            "run, or what it gives is not a floating-point tensor: a dict, a PackedSequence, integers); nothing is "
+            "logged for it at such checkpoints (tap a module whose output is (B, D), (B, T, D) or (B, C, H, W))",
+            category=UserWarning,
+        )
+
     # ------------------------------------------------------------------ passes
     def _run_passes(
         self, trainer: pl.Trainer | None, pl_module: nn.Module
@@ -494,6 +514,7 @@ class SensitiveNeurons(Callback):
         derived: list[tuple[Tap, dict[str, torch.Tensor]]] = []
         for tap in self.taps:
             if tap.name not in clean:
+                self._warn_unobserved(tap.name, step)
                 continue
             embedding = self._broadcast(clean[tap.name])
             window = self.embeddings.setdefault(tap.name, [])
@@ -628,8 +649,8 @@ class SensitiveNeurons(Callback):
             "checkpoints": self.checkpoints,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {key: BoundedSeries.from_state_dict(s) for key, s in state_dict.get("history", {}).items()}
+    def restore_state(self, state_dict: dict[str, Any]) -> None:
+        super().restore_state(state_dict)
         self.embeddings = {name: list(window) for name, window in state_dict.get("embeddings", {}).items()}
         self.sensitive = dict(state_dict.get("sensitive", {}))
         self.previous = dict(state_dict.get("previous", {}))

@@ -3,8 +3,8 @@
 The statistics read activations sample-first: ``(B, D)``, ``(B, T, D)``, ``(B, C, H, W)``. PyTorch's
 own sequence modules default to sequence-first ``(T, B, D)`` (``batch_first=False``), so a tap
 inside (or on) an ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``,
-``nn.MultiheadAttention``, ``nn.TransformerEncoder``/``Decoder`` or ``nn.Transformer`` inherits the
-``batch_first`` of its nearest such owner. The user can say it per monitor (``batch_dim=``,
+``nn.MultiheadAttention``, ``nn.TransformerEncoder``/``Decoder``, ``nn.Transformer`` or a recurrent layer
+(``nn.RNN``/``LSTM``/``GRU``) inherits the ``batch_first`` of its nearest such owner. The user can say it per monitor (``batch_dim=``,
 ``token_dim=``), which overrides the inference.
 
 Features: a 3-D activation is read as ``(B, T, D)`` and a 4-D one as ``(B, C, H, W)``, but channels-last maps
@@ -55,7 +55,7 @@ def declared_batch_first(module: nn.Module) -> bool | None:
         return declared_batch_first(module.layers[0]) if len(module.layers) else None
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         return bool(module.self_attn.batch_first)  # the layers keep the flag on their attention
-    if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
+    if isinstance(module, (nn.MultiheadAttention, nn.Transformer, nn.RNNBase)):
         return bool(module.batch_first)
     return None
 

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from lightning_act.capture.layout import Layout, to_sample_first, with_canonical_features
@@ -69,11 +70,14 @@ class Subscriber(Protocol):
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The activation tensor in a module's output or inputs (first tensor of a tuple/list)."""
-    if isinstance(value, torch.Tensor):
+    """The activation tensor in a module's output or inputs (first tensor of a tuple/list), if it can be read as
+    one: a floating-point strided tensor. Not a ``PackedSequence`` (a tuple whose first field holds the tokens of
+    all sequences, without a sample axis), a nested tensor or integers; the monitors then warn that the tap gave
+    them nothing."""
+    if isinstance(value, (tuple, list)) and not isinstance(value, PackedSequence) and value:
+        value = value[0]
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_nested:
         return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
     return None
 
 

@@ -153,12 +153,17 @@ def _functional_activation_inputs(modules: list[tuple[str, nn.Module]]) -> list[
 
 def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[Tap]:
     head_owner = next((m for m in model.modules() if hasattr(m, "get_classifier")), None)
+    inside_headless: set[int] = set()
     if head_owner is not None:
         head = head_owner.get_classifier()
+        if isinstance(head, (tuple, list)):  # timm's distilled DeiT: (head, head_dist); the class token's head
+            head = head[0] if head else None
         for name, module in modules:
             if module is head and isinstance(module, nn.Module) and not isinstance(module, nn.Identity):
                 return [Tap(f"{name}:input", module, "input")]
-    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear)]
+        if head_owner is not model:  # a headless backbone (num_classes=0): the head is the model's own, outside it
+            inside_headless = {id(m) for m in head_owner.modules()}
+    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and id(m) not in inside_headless]
     return [Tap(f"{linears[-1][0]}:input", linears[-1][1], "input")] if linears else []
 
 

@@ -1,0 +1,169 @@
+"""The monitors across Lightning's entry points and loop hooks: steps that observe nothing, early epoch ends, several
+validation loaders, ``trainer.test(ckpt_path=...)`` after a fit, and one callback object serving several fits.
+Values are checked against numpy on activations the tests record with their own hooks."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader
+
+from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, toy_loader
+from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations, SensitiveNeurons
+
+
+def all_four(every=1):
+    return [
+        ActivationSparsity(every_n_steps=every), MassiveActivations(every_n_steps=every),
+        DimensionalCollapse(every_n_steps=every), SensitiveNeurons(every_n_steps=every, num_samples=8, eigenscore_passes=0),
+    ]
+
+
+def history_steps(monitor):
+    return {key: list(series.steps) for key, series in monitor.history.items()}
+
+
+class SkipsFirstBatch(ToyTask):
+    """Lightning's documented skip: ``training_step`` returns None, here before any forward, on the first (due) step."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 0 else super().training_step(batch, batch_idx)
+
+
+def test_a_first_due_step_that_observes_nothing_logs_nothing_and_the_fit_goes_on():
+    # Before: ActivationSparsity and MassiveActivations died with "stack expects a non-empty TensorList".
+    monitors = [ActivationSparsity(every_n_steps=2), MassiveActivations(every_n_steps=2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=3, callbacks=monitors).fit(SkipsFirstBatch(BlockNet()), toy_loader())
+    # Lightning still counts the skipped batch as step 0, in which no forward ran: nothing logged then, one warning
+    for monitor in monitors:
+        assert monitor.history and all(steps == [2] for steps in history_steps(monitor).values())
+        said = [w for w in caught if f"{type(monitor).__name__}: net.blocks.0" in str(w.message)]
+        assert len(said) == 1 and "produced no activation at step 0" in str(said[0].message)
+
+
+class EndsEpochEarly(ToyTask):
+    """``on_train_batch_start`` returns -1 (end the epoch now) at batch 2, then its epoch end runs one more forward."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if self.current_epoch == 0 and batch_idx == 2 else None
+
+    def on_train_epoch_end(self):
+        with torch.no_grad():
+            self(torch.full((4, 1, 16, 16), 50.0))  # huge: would dominate top1 if it were counted
+
+
+class TrainingForwards(Callback):
+    """|block output| maxima of every training-step forward, per global step (its own hook)."""
+
+    def __init__(self):
+        self.top1, self.step = {}, None
+
+    def setup(self, trainer, pl_module, stage):
+        def keep(module, args, out):
+            if self.step is not None:
+                self.top1[self.step] = max(self.top1.get(self.step, 0.0), float(out.detach().abs().max()))
+        pl_module.net.blocks[0].register_forward_hook(keep)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.step = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.step = None
+
+
+def test_an_epoch_ended_by_on_train_batch_start_does_not_count_the_epoch_end_forwards():
+    torch.manual_seed(0)
+    recorder, massive = TrainingForwards(), MassiveActivations(modules=["net.blocks.0"], every_n_steps=1)
+    quiet_trainer(max_epochs=2, limit_train_batches=4, callbacks=[recorder, massive]).fit(EndsEpochEarly(BlockNet()), toy_loader())
+    logged = dict(zip(massive.history["massive/net.blocks.0/top1"].steps, massive.history["massive/net.blocks.0/top1"].values))
+    # step 2 was abandoned in epoch 0 and trained as the first batch of epoch 1
+    assert sorted(logged) == sorted(recorder.top1) == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_allclose([logged[s] for s in sorted(logged)], [recorder.top1[s] for s in sorted(logged)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dict", "combined"])
+def test_probes_read_the_first_of_several_validation_loaders(kind):
+    first, second = toy_loader(16, 8, seed=1), toy_loader(16, 8, seed=2)
+    loaders = {"a": first, "b": second} if kind == "dict" else CombinedLoader([first, second], mode="sequential")
+
+    class TwoLoaders(ToyTask):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            x, y = batch
+            self.log("val/loss", F.cross_entropy(self(x), y))
+
+    logged = {}
+    for val in (loaders, first):  # several loaders, and the first alone
+        torch.manual_seed(0)
+        massive = MassiveActivations(modules=["net.blocks.0"], every_n_steps=1, probe="val")
+        sensitive = SensitiveNeurons(modules=["net.head:input"], every_n_steps=1, num_samples=16, eigenscore_passes=0)
+        quiet_trainer(max_steps=2, callbacks=[massive, sensitive]).fit(TwoLoaders(BlockNet()), toy_loader(), val)
+        logged[val is first] = (massive.history["massive/net.blocks.0/top1"].values, sensitive.embeddings["net.head:input"][-1])
+    assert logged[False][0] == logged[True][0]
+    torch.testing.assert_close(logged[False][1], logged[True][1], rtol=0, atol=0)
+
+
+class Testable(ToyTask):
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx)
+
+
+def test_a_checkpoint_loaded_to_test_keeps_the_fits_histories_and_a_fresh_callback_takes_them(tmp_path):
+    torch.manual_seed(0)
+    monitors = all_four()
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    trainer = quiet_trainer(max_steps=6, callbacks=[*monitors, saver], enable_checkpointing=True)
+    trainer.fit(ToyTask(BlockNet()), ToyData())
+    after_fit = [history_steps(m) for m in monitors]
+    assert all(steps and max(max(s) for s in steps.values()) == 5 for steps in after_fit)
+    trainer.test(Testable(BlockNet()), toy_loader(16), ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"), verbose=False)
+    assert [history_steps(m) for m in monitors] == after_fit  # before: rolled back to the checkpoint's steps 0, 1
+    assert monitors[3].checkpoints == 6
+
+    fresh = all_four()
+    quiet_trainer(callbacks=fresh).test(Testable(BlockNet()), toy_loader(16), ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"), verbose=False)
+    assert all(steps and all(s == [0, 1] for s in steps.values()) for steps in map(history_steps, fresh))
+
+
+def test_one_callback_object_in_a_new_fit_from_step_0_starts_afresh_and_a_further_fit_continues():
+    def fit(monitors, trainer=None, steps=4):
+        torch.manual_seed(0)
+        trainer = trainer or quiet_trainer(callbacks=monitors)
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        trainer.fit(ToyTask(BlockNet()), ToyData())
+        return trainer
+
+    reused, fresh = all_four(), all_four()
+    torch.manual_seed(1)
+    quiet_trainer(max_steps=6, callbacks=reused).fit(ToyTask(BlockNet()), ToyData())  # another run first
+    with pytest.warns(UserWarning, match="earlier fit reaches step 5; it is cleared"):
+        fit(reused)
+    fit(fresh)
+    for old, new in zip(reused, fresh):
+        assert history_steps(old) == history_steps(new)
+        for key, series in new.history.items():
+            assert old.history[key].values == series.values, key
+    assert reused[2]._snapshot_steps == fresh[2]._snapshot_steps
+    torch.testing.assert_close(reused[3].embeddings, fresh[3].embeddings, rtol=0, atol=0)
+
+    trainer = fit(fresh[:1])  # the same Trainer, fit again to a later step: one history, steps in order
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "cleared" warning
+        fit(fresh[:1], trainer, steps=7)
+    assert all(steps == list(range(7)) for steps in history_steps(fresh[0]).values())
+
+
+def test_a_probe_reused_in_a_second_fit_probes_its_step_0():
+    massive = MassiveActivations(modules=["net.blocks.0"], every_n_steps=50, probe="val")
+    quiet_trainer(max_steps=2, callbacks=[massive]).fit(ToyTask(BlockNet()), ToyData())
+    assert massive.history["massive/net.blocks.0/top1"].steps == [0]
+    with pytest.warns(UserWarning, match="it is cleared"):
+        quiet_trainer(max_steps=2, callbacks=[massive]).fit(ToyTask(BlockNet()), ToyData())
+    assert massive.history["massive/net.blocks.0/top1"].steps == [0]  # before: not probed, then a crash
