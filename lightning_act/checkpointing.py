@@ -59,6 +59,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, stream)
                 stream.flush()
                 os.fsync(stream.fileno())
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 -> what a plain open() gives, as Lightning's writer
             os.replace(temporary, target)
         except BaseException as err:
             Path(temporary).unlink(missing_ok=True)
@@ -71,6 +72,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from None
             raise
         _fsync_folder(target.parent)
+
+
+def _umask() -> int:
+    """The process's umask (only readable by setting it; set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _is_disk_full(err: BaseException) -> bool:
@@ -132,8 +140,10 @@ class LastCheckpoint(Checkpoint):
                 return Path(callback.dirpath) / LAST_NAME
         return Path(trainer.default_root_dir) / "checkpoints" / LAST_NAME
 
-    def save(self, trainer: pl.Trainer) -> Path:
-        """Write ``last.ckpt`` now (every rank must call this)."""
+    def save(self, trainer: pl.Trainer) -> Path | None:
+        """Write ``last.ckpt`` now (every rank must call this); not under ``fast_dev_run``, which writes nothing."""
+        if trainer.fast_dev_run:
+            return None
         target = self.path(trainer)
         trainer.save_checkpoint(target, weights_only=False)
         self._last_saved_step = trainer.global_step
@@ -170,7 +180,8 @@ class LastCheckpoint(Checkpoint):
     ) -> None:
         if self._stop_now(trainer):
             target = self.save(trainer)
-            rank_zero_info(f"interrupted at step {trainer.global_step}: wrote {target}; resume with --ckpt_path {target}")
+            if target is not None:
+                rank_zero_info(f"interrupted at step {trainer.global_step}: wrote {target}; resume with --ckpt_path {target}")
             self._restore_handler()
             raise KeyboardInterrupt
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:

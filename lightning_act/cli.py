@@ -25,6 +25,7 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import importlib
 import io
@@ -186,6 +187,11 @@ def check_report_output(argv: Sequence[str]) -> None:
             continue
         if output.is_dir():
             raise ConfigError(f"report -o '{output}' is a folder; give a file name, e.g. -o {output / 'report.html'}")
+        if output.exists() and output.suffix.lower() not in (".html", ".htm"):
+            raise ConfigError(
+                f"report -o '{output}' exists and is not an HTML page (a run's log?); it would be replaced by the "
+                f"report: give another name, e.g. -o {output.with_suffix('.html')}"
+            )
         for parent in output.parents:
             if parent.exists() and not parent.is_dir():
                 raise ConfigError(f"report -o '{output}': '{parent}' is a file, not a folder; choose another path")
@@ -333,7 +339,7 @@ def _build_cli_class() -> type:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
     from lightning.pytorch.plugins.io import CheckpointIO
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -452,8 +458,32 @@ def _build_cli_class() -> type:
                 found += [config] if config.is_file() else []
             return list(dict.fromkeys(found))
 
+        def _resolve_checkpoint_alias(self) -> None:
+            """``--ckpt_path last``/``best`` as the file they name, or one line. Lightning resolves "last" only among
+            ``ModelCheckpoint`` callbacks and, without one, warns and starts from scratch (a fit then overwrites the
+            previous run's ``last.ckpt``); "best" names the best checkpoint of a fit in the same process only."""
+            subcommand = self.subcommand
+            alias = self.config_init[subcommand].get("ckpt_path") if subcommand else None
+            if alias not in ("last", "best"):
+                return
+            if alias == "best":
+                raise ConfigError(
+                    "--ckpt_path best names the best checkpoint of a fit run in the same process; pass the .ckpt file "
+                    "itself (see the run's checkpoints/ folder), or --ckpt_path last"
+                )
+            saver = next((c for c in self.trainer.callbacks if isinstance(c, LastCheckpoint)), None) or LastCheckpoint()
+            path = saver.path(self.trainer)  # where fit writes it (a test or validate has no LastCheckpoint of its own)
+            if not path.is_file():
+                raise DataNotFoundError(
+                    f"--ckpt_path last: there is no {path}; pass an existing .ckpt file, or run without --ckpt_path"
+                )
+            model = self.config[subcommand].get("model")
+            check_resume_checkpoint(path, getattr(model, "class_path", None))
+            self.config_init[subcommand]["ckpt_path"] = str(path)
+
         def before_fit(self) -> None:
             self._check_batch_size()
+            self._resolve_checkpoint_alias()
             if self.config["fit"].get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0":
                 return  # resuming; or a DDP child process, started once rank 0 has checked
             previous = self._previous_run_files()
@@ -474,13 +504,45 @@ def _build_cli_class() -> type:
                         shutil.rmtree(logger.root_dir)
                         logger._version = None  # chosen while looking for config.yaml; pick again: version_0
 
+        def _run_subcommand(self, subcommand: str) -> None:
+            try:
+                super()._run_subcommand(subcommand)
+            except Exception as err:
+                if subcommand == "fit" and _user_error(err) is not None and self.trainer.global_step == 0:
+                    try:
+                        self._remove_files_of_a_run_that_never_started()
+                    except Exception as cleanup_error:  # never in the way of the user's own error line
+                        print(f"lightning_act: could not remove the files of the refused run: {cleanup_error}",
+                              file=sys.stderr)
+                raise
+
+        def _remove_files_of_a_run_that_never_started(self) -> None:
+            """A fit refused before its first step (a data file that cannot be read, a module pattern that matches
+            nothing) leaves no run behind: its W&B offline run would be synced as a run, and an empty CSV version
+            folder would shift the next run's version."""
+            if not self.trainer.is_global_zero:
+                return
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                    run_folder = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-*/files
+                    logger.experiment.finish(exit_code=1)
+                    latest = run_folder.parent / "latest-run"
+                    if latest.is_symlink() and latest.resolve() == run_folder.resolve():
+                        latest.unlink()
+                    shutil.rmtree(run_folder, ignore_errors=True)
+                elif isinstance(logger, CSVLogger):
+                    folder = Path(logger.log_dir)
+                    if folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
+
         def before_validate(self) -> None:
             self._check_batch_size()
+            self._resolve_checkpoint_alias()
 
         before_test = before_predict = before_validate
 
         def after_fit(self) -> None:
-            if self.trainer.is_global_zero and not self.trainer.interrupted:
+            if self.trainer.is_global_zero and not self.trainer.interrupted and not self.trainer.fast_dev_run:
                 folder = run_folder(self.trainer)
                 print(f"run folder: {folder}  (see it: lightning_act report {folder})", flush=True)
 
@@ -516,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.argv[1:] = argv
         _build_cli_class()(args=None if from_command_line else argv, overwrite=overwrite)
     except Exception as err:  # jsonargparse wraps errors raised while instantiating classes
-        user_error = _user_error(err)
+        user_error = _user_error(err) or _unwritable_output(err)
         if user_error is None:
             raise
         print(f"lightning_act: error: {user_error}", file=sys.stderr)
@@ -532,6 +594,19 @@ def _user_error(err: BaseException) -> LightningActError | None:
         if isinstance(current, LightningActError):
             return current
         seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _unwritable_output(err: BaseException) -> LightningActError | None:
+    """One line for an output folder the run cannot write (read-only, not permitted, a file where a folder goes)."""
+    current: BaseException | None = err
+    while current is not None:
+        if isinstance(current, OSError) and current.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+            return ConfigError(
+                f"cannot write '{current.filename}' ({current.strerror}); run from a folder you can write to, or point "
+                "the run's output elsewhere (trainer.default_root_dir, the loggers' save_dir, the checkpoint dirpath)"
+            )
         current = current.__cause__ or current.__context__
     return None
 

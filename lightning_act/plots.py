@@ -31,6 +31,12 @@ def run_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
+def writes_run_files(trainer: pl.Trainer) -> bool:
+    """Whether a fit may write into its run folder: not with ``Trainer(logger=False)`` (the user asked for no run
+    folder) nor under ``fast_dev_run`` (a smoke test, for which Lightning writes no logs or checkpoints)."""
+    return bool(trainer.loggers) and not trainer.fast_dev_run
+
+
 def new_figure(width: float, height: float) -> Figure:
     import matplotlib
 
@@ -66,10 +72,9 @@ def layer_step_heatmap(series: Mapping[str, BoundedSeries], title: str) -> Figur
 def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
     """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to any W&B logger.
 
-    With no logger (``Trainer(logger=False)``) nothing is written and None is returned: the user
-    asked for no run folder, so the working directory stays untouched.
+    Where the fit writes no run files (:func:`writes_run_files`) nothing is written and None is returned.
     """
-    if not trainer.loggers:
+    if not writes_run_files(trainer):
         return None
     path = run_dir(trainer) / "plots" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,9 @@ CASES = [
     Case("`report -o` whose parent is a file", ["report", "runs/kat", "-o", "notes.txt/report.html"],
          [_text("notes.txt", "a file\n")]),
     Case("`report -o` a folder", ["report", "runs/kat", "-o", "runs"], [lambda folder: (folder / "runs").mkdir()]),
+    Case("`report -o` onto a run's log", ["report", "runs/kat", "-o", "metrics.csv"], [_text("metrics.csv", "epoch,step\n")]),
+    Case("`--ckpt_path last` before any fit", ["fit", "--config", "kat.yaml", "--ckpt_path", "last"]),
+    Case("`--ckpt_path best` in a new command", ["test", "--config", "kat.yaml", "--ckpt_path", "best"]),
 ]
 
 

@@ -167,3 +167,47 @@ def test_every_recipe_parses_and_names_importable_classes(recipe):
     from lightning_act.cli import check_config_files
 
     check_config_files(["fit", "--config", str(ROOT / "recipes" / recipe)])
+
+
+def test_ckpt_path_last_resumes_from_the_runs_last_ckpt_and_best_or_a_missing_last_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    last = tmp_path / "runs" / "vit_demo" / "checkpoints" / "last.ckpt"
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last"]) == 2  # nothing to resume yet
+    assert "--ckpt_path last: there is no runs/vit_demo/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert main(["fit", "--config", str(config)]) == 0
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert oct(last.stat().st_mode & 0o777) == oct(0o666 & ~umask)  # as a plain open() gives it (was 0600)
+    # Before: Lightning found no "last" (it looks among ModelCheckpoints only), started at step 0 and overwrote it.
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "5", "--trainer.max_epochs", "3"]) == 0
+    assert torch.load(last, weights_only=False)["global_step"] == 5
+    for command in ("fit", "test"):
+        assert main([command, "--config", str(config), "--ckpt_path", "best"]) == 2
+        assert "--ckpt_path best names the best checkpoint of a fit run in the same process" in capsys.readouterr().err
+
+
+def test_fast_dev_run_writes_no_run_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(write_config(tmp_path)), "--trainer.fast_dev_run", "true"]) == 0
+    # Lightning writes no logs or checkpoints under fast_dev_run; neither do LastCheckpoint and the monitors' plots
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert main(["fit", "--config", str(write_config(tmp_path))]) == 0  # no "previous run in the way"
+
+
+def test_a_fit_refused_before_its_first_step_leaves_no_run_and_an_unwritable_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, **{"trainer.callbacks.0.init_args": {"modules": ["model.nothing.*"]}})
+    assert main(["fit", "--config", str(config)]) == 2
+    assert "model.nothing.*" in capsys.readouterr().err
+    assert not list((tmp_path / "runs").glob("wandb/offline-run-*"))  # a W&B run that `wandb sync` would upload
+    assert not (tmp_path / "runs" / "csv" / "version_0").exists()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the run's folder would go")
+    config = write_config(tmp_path, **{"trainer.callbacks.1.init_args": {"dirpath": str(blocked / "checkpoints")}})
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lightning_act: error: cannot write '{blocked}") and "Not a directory" in err[-1]

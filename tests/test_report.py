@@ -425,3 +425,39 @@ def test_cli_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert section_ids((tmp_path / "out.html").read_text()) == ["training", "test", "config"]
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.endswith("does not exist; pass the run's folder, e.g. runs/kat\n")
+
+
+def test_a_validate_run_does_not_cut_the_fits_validation_curve(tmp_path: Path) -> None:
+    header = ["epoch", "step", "train/loss", "val/acc"]
+    write_csv(tmp_path / "csv" / "version_0" / "metrics.csv", header,
+              [{"step": s, "train/loss": 1.0, "val/acc": 0.1 * s} for s in (2, 5, 8)])
+    write_csv(tmp_path / "csv" / "version_1" / "metrics.csv", ["epoch", "step", "val/acc"], [{"step": 0, "val/acc": 0.5}])
+    write_csv(tmp_path / "csv" / "version_2" / "metrics.csv", ["epoch", "step", "test/acc"], [{"step": 0, "test/acc": 0.75}])
+    run = load_run(tmp_path)
+    assert run.series["val/acc"].steps == [2, 5, 8]  # before: [0], the fit's curve cut at the validate's step 0
+    assert run.test_metrics() == {"test/acc": 0.75}
+    assert any("version_1/metrics.csv logs val/acc without training; the fit's curves are kept" in n for n in run.notes)
+
+
+def test_report_output_is_written_whole_and_never_over_a_runs_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_act.cli import main as cli_main
+
+    log = tmp_path / "csv" / "version_0" / "metrics.csv"
+    write_csv(log, ["epoch", "step", "train/loss"], [{"step": 0, "train/loss": 2.3}, {"step": 9, "train/loss": 2.1}])
+    before = log.read_text()
+    assert cli_main(["report", str(tmp_path), "-o", str(log)]) == 2  # before: the log replaced by the page, rc 0
+    assert log.read_text() == before and "is not an HTML page" in capsys.readouterr().err
+    page = tmp_path / "r.html"
+    page.write_text("the previous report")
+    real_replace = os.replace
+
+    def disk_full(source: str, target: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    os.replace = disk_full  # the write fails at the last moment: the previous page stays, nothing else is left
+    try:
+        assert cli_main(["report", str(tmp_path), "-o", str(page)]) == 2
+    finally:
+        os.replace = real_replace
+    assert "cannot write the report to" in capsys.readouterr().err
+    assert page.read_text() == "the previous report" and sorted(p.name for p in tmp_path.iterdir()) == ["csv", "r.html"]

@@ -382,6 +382,7 @@ class ActivationMonitor(FitScopedState, ABC):
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
         self._unmeasured_warned: set[str] = set()
+        self._low_dim_warned: set[str] = set()
         self._features_warned: set[str] = set()
 
     # ------------------------------------------------------------------ for subclasses
@@ -718,7 +719,7 @@ class ActivationMonitor(FitScopedState, ABC):
 
     def _warn_unobserved(self, step: int, observed: set[int]) -> None:
         for i, tap in enumerate(self.taps):
-            said = tap.name in self._unobserved_warned or tap.name in self._unmeasured_warned  # said why already
+            said = tap.name in self._unobserved_warned or tap.name in self._low_dim_warned  # said why already
             if i not in observed and not said:
                 self._unobserved_warned.add(tap.name)
                 rank_zero_warn(
@@ -731,8 +732,8 @@ class ActivationMonitor(FitScopedState, ABC):
     def _warn_low_dim(self, tap_index: int, ndim: int) -> None:
         """Warn once per tap that its activations have no feature axis ((B,) or a scalar), so nothing is logged."""
         name = self.taps[tap_index].name
-        if name not in self._unmeasured_warned:
-            self._unmeasured_warned.add(name)
+        if name not in self._low_dim_warned:
+            self._low_dim_warned.add(name)
             rank_zero_warn(
                 f"{type(self).__name__}: {name} outputs a {ndim}-d tensor, not (batch, tokens, features) or "
                 "(batch, features); nothing is logged for it (tap e.g. '@blocks')",

@@ -26,7 +26,7 @@ from lightning_act.callbacks.probe import (
 from lightning_act.capture import ModuleSpec
 from lightning_act.capture.registry import ForwardCutoff
 from lightning_act.errors import LightningActError
-from lightning_act.plots import run_dir
+from lightning_act.plots import run_dir, writes_run_files
 from lightning_act.report.skipped import record_skipped
 from lightning_act.stats import all_gather_packed, distributed_world_size
 from lightning_act.stats.fused import (
@@ -312,7 +312,7 @@ class MassiveActivations(ActivationMonitor):
         for layer, reason in skipped.items():
             log.info("MassiveActivations: no emergence fit for %s: %s", layer, reason)
         self.fits, self.fit_skipped = fits, skipped
-        if trainer is not None and trainer.is_global_zero and trainer.loggers:
+        if trainer is not None and trainer.is_global_zero and writes_run_files(trainer):
             # The report lists the skipped layers; logger=False writes nothing to the working directory.
             record_skipped(run_dir(trainer), self.prefix, "emergence fit", skipped)
         if trainer is not None and trainer.is_global_zero:

@@ -12,16 +12,18 @@ What is drawn for each statistic is decided by :mod:`lightning_act.report.conten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lightning_act.errors import LightningActError
+from lightning_act.errors import ConfigError, LightningActError
 from lightning_act.report.content import INDEX_STAT, PerRun, plan_statistics
 from lightning_act.report.runlog import FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run
 
@@ -630,10 +632,21 @@ def build_report(
 
 
 def write_report(runs: dict[str, RunLog], output: Path, min_r2: float = DEFAULT_MIN_R2) -> Path:
-    """Render ``runs`` and write the page to ``output`` (parent folders created)."""
+    """Render ``runs`` and write the page to ``output`` (parent folders created), all or nothing: a temporary file in
+    the same folder renamed over ``output``, so a full disk or a kill never leaves a truncated page under its name nor
+    destroys the previous one; a folder that cannot be written is one line."""
     page = render_html(runs, min_r2)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(page, encoding="utf-8")
+    partial = output.with_name(f".{output.name}.tmp")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(page, encoding="utf-8")
+        os.replace(partial, output)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # a read-only folder refuses the removal too
+            partial.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write the report to '{output}' ({error.strerror or error}); pass -o with a writable path"
+        ) from None
     return output
 
 

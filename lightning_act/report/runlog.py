@@ -240,8 +240,10 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
 
     A later version that logged training (a resumed or restarted fit) starts at some step ``s``;
     what earlier versions logged at steps ``>= s`` was rolled back by the resume, so it is
-    replaced for every non-test key. A version without training (``lightning_act test``) only
-    adds or overwrites its own keys from its first step on.
+    replaced for every non-test key. A version without training (``lightning_act test`` or ``validate``) adds its
+    own keys, and its ``test/`` keys overwrite an earlier test's from their first step on; but it does not replace
+    the fit's curves of other keys: a ``validate`` logs ``val/*`` at step 0, which would cut the whole validation
+    curve. Those values are left out, with a note.
     """
     merged: dict[str, Series] = {}
     notes: list[str] = []
@@ -251,10 +253,19 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
             continue
         start = min(firsts.values())
         replaced = 0
+        kept_curves = [] if logs_training else sorted(
+            key for key in firsts if not key.startswith(TEST_PREFIX) and len(merged.get(key, ()))
+        )
+        if kept_curves:
+            notes.append(
+                f"{path} logs {', '.join(kept_curves)} without training; the fit's curves are kept and its values "
+                "are left out"
+            )
+            series = {key: s for key, s in series.items() if key not in kept_curves}
         for key, old in merged.items():
             if logs_training and not key.startswith(TEST_PREFIX):
                 cut = start
-            elif key in firsts:
+            elif key in series and key in firsts:
                 cut = firsts[key]
             else:
                 continue

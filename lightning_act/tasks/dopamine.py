@@ -37,6 +37,7 @@ from lightning_act.nn.dopamine import (
     soften,
 )
 from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
+from lightning_act.plots import writes_run_files
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.image_classification import warmup_cosine
 
@@ -204,8 +205,8 @@ class DopamineSpecialisation(_Classifier):
             for gate, was_hard in zip(dopamine_gates(self.model).values(), hardened):
                 gate.hardened = was_hard
         figure = plot_firing_fractions(fractions, [str(c) for c in range(self.num_classes)], title=f"{name}: fraction of inputs with z > τ per class")
-        log_figure(self.trainer, figure, name)
-        if self.trainer.loggers:  # logger=False: nothing is written to the working directory
+        if writes_run_files(self.trainer):  # not with logger=False, nor under fast_dev_run
+            log_figure(self.trainer, figure, name)
             torch.save(fractions, run_dir(self.trainer) / f"{name}.pt")
         return float(torch.cat([f.nanmean(dim=0) for f in fractions.values()]).mean())
 
