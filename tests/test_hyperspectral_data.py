@@ -238,3 +238,23 @@ def test_default_scenes_have_common_confusers_and_mixed_targets() -> None:
         assert (scene.clutter_abundance[scene.mask] == 0).all()
         assert scene.mask.sum() >= 40
         assert (scene.abundance[scene.mask] < 1.0).mean() >= 0.5
+
+
+def test_a_nan_in_the_mask_a_damaged_npy_mask_and_splits_without_targets_are_one_line(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    cube = rng.normal(size=(32, 32, 6)).astype(np.float32)
+    np.save(tmp_path / "cube_mask.npy", np.zeros((32, 32)))
+    scipy.io.savemat(tmp_path / "scene.mat", {"cube": cube})
+    nan_mask = np.zeros((32, 32))
+    nan_mask[5, 5] = np.nan  # NaN != 0: it became a target pixel
+    np.save(tmp_path / "nan.npy", nan_mask)
+    with pytest.raises(DataFormatError, match="has 1 non-finite values"):
+        load_scene(tmp_path / "scene.mat", tmp_path / "nan.npy")
+    (tmp_path / "cut.npy").write_bytes(np.lib.format.magic(1, 0) + b"garbage")
+    with pytest.raises(DataFormatError, match="cannot be read as a .npy array"):
+        load_scene(tmp_path / "scene.mat", tmp_path / "cut.npy")
+    gt = np.zeros((32, 32))
+    gt[2, 3] = gt[3, 3] = gt[20, 4] = 1  # targets in 2 of the 16 crops of 8 x 8: both go to training
+    scipy.io.savemat(tmp_path / "few.mat", {"cube": cube, "gt": gt})
+    with pytest.raises(DataFormatError, match="the validation scenes contain no target pixels"):
+        HyperspectralDataModule(path=str(tmp_path / "few.mat"), crop_size=8).setup()  # before: AP = AUROC = 0 logged

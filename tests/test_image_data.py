@@ -200,3 +200,20 @@ def test_timm_transforms_follow_the_kat_recipe(tmp_path: Path) -> None:
 def test_timm_transforms_refuse_non_rgb_or_non_folder_data() -> None:
     with pytest.raises(LightningActError, match="ImageFolder"):
         ImageDataModule(None, timm_transforms=True)
+
+
+def test_imagefolder_skips_hidden_folders_and_refuses_empty_or_unmatched_classes(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for name, colour in COLOURS.items():
+            _write_png(tmp_path / split / name / "0.png", colour)
+    _write_png(tmp_path / "train" / ".ipynb_checkpoints" / "0-checkpoint.png", (0, 0, 0))  # was a third class
+    data = ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3, batch_size=4)
+    data.setup("fit")
+    assert data.classes == ["cat", "dog"] and len(data.train_set) == 2
+    _write_png(tmp_path / "val" / "fox" / "0.png", (9, 9, 9))  # a class the training folder lacks: was left out
+    with pytest.raises(DataFormatError, match=r"has class folders \['fox'\] that the training classes lack"):
+        ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3, batch_size=4).setup("fit")
+    (tmp_path / "val" / "fox" / "0.png").unlink()
+    (tmp_path / "train" / "fox").mkdir()  # an empty class folder: a class no example has
+    with pytest.raises(DataFormatError, match=r"class folders \['fox'\] under .* hold no images"):
+        ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3, batch_size=4).setup("fit")

@@ -24,3 +24,7 @@ def test_one_value_has_no_interval_and_signed_scaled_format() -> None:
     assert format_interval((-0.0, -0.0, 0.0), 1, signed=True) == "+0.0 [+0.0, +0.0]"
     with pytest.raises(ValueError, match="at least one value"):
         mean_interval([])
+
+
+def test_a_nan_value_makes_the_whole_interval_nan() -> None:
+    assert all(math.isnan(v) for v in mean_interval([0.5, math.nan, 0.7]))  # before: an AttributeError from stdev

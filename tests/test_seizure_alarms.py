@@ -170,3 +170,19 @@ def test_exact_intervals_by_hand() -> None:
         lo, hi = (mid, hi) if math.exp(-mid) * (1 + mid) > 0.025 else (lo, mid)
     assert rate_interval(1, 2.0) == pytest.approx((-math.log(0.975) / 2.0, lo / 2.0), rel=1e-9)
     assert all(math.isnan(v) for v in proportion_interval(0, 0) + rate_interval(0, 0.0))
+
+
+def test_nan_probabilities_and_recordings_without_an_entry_are_one_line() -> None:
+    times = np.arange(60.0, 601.0, 60.0)
+    probs = np.ones_like(times)
+    probs[3] = math.nan
+    with pytest.raises(LightningActError, match="1 of 10 window probabilities are NaN .first at t = 240 s"):
+        raise_alarms(times, probs)  # before: NaN < threshold, read as a confident negative
+    rec = np.array([0] * 10 + [1] * 10)
+    both = np.concatenate([times, times])
+    with pytest.raises(LightningActError, match=r"windows of recordings \[1\] have no seizure list or duration"):
+        evaluate_recordings(rec, both, np.zeros(20), [[]], [600.0])  # before: recording 1's windows vanished
+    with pytest.raises(LightningActError, match="1 seizure lists but 2 durations"):
+        evaluate_recordings(rec, both, np.zeros(20), [[]], [600.0, 600.0])
+    with pytest.raises(LightningActError, match="one entry per window"):
+        evaluate_recordings(rec[:5], both, np.zeros(20), [[], []], [600.0, 600.0])

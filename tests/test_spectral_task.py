@@ -136,3 +136,21 @@ def test_detectors_table_pairs_seeds_and_decides_claims() -> None:
     claims = module.verdicts(list(rows.values()))
     assert "NOT REPRODUCED: not separable from ACE" in claims[0]
     assert claims[1].startswith("Paper claim 'ACE has the best ROC-AUC': REPRODUCED")
+
+
+def test_ranking_metrics_read_probabilities_whatever_the_batch_and_no_curve_without_a_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class FirstBand(torch.nn.Module):  # the logit is the first band: a ranking that separates the classes perfectly
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, 0]
+
+    # Batch 1's logits all lie in [0, 1], batch 2's do not. torchmetrics applied a sigmoid to batch 2 only, so its
+    # target (sigmoid 1.5 = 0.82) ranked below batch 1's background (0.9): AUROC 0.75, AP 0.83 were logged.
+    x, y = torch.tensor([[0.9], [0.95], [-3.0], [1.5]]), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    task = SpectralTargetDetection(in_bands=1, pos_weight=None)
+    task.model = FirstBand()
+    monkeypatch.chdir(tmp_path)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    out = trainer.test(task, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2), verbose=False)[0]
+    assert out["test/auroc"] == pytest.approx(roc_auc_score(y, x[:, 0])) == 1.0
+    assert out["test/ap"] == pytest.approx(average_precision_score(y, x[:, 0])) == 1.0
+    assert not list(tmp_path.iterdir())  # logger=False: no test_pr_curve.csv in the working directory

@@ -350,7 +350,10 @@ def read_mask(path: str | Path, key: str | None = None) -> np.ndarray:
     if suffix == ".mat":
         return read_mat(file, key, ndim=2)
     if suffix == ".npy":
-        return np.load(file)
+        try:
+            return np.load(file, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as error:
+            raise DataFormatError(f"mask file '{file}' cannot be read as a .npy array ({error}); pass a valid mask") from None
     raise DataFormatError(f"mask file '{file}' has unknown extension '{suffix}'; use an ENVI .hdr, .mat or .npy mask")
 
 
@@ -382,6 +385,11 @@ def load_scene(
         _existing(file, "hyperspectral file", "--data.path")
         raise DataFormatError(f"hyperspectral file '{file}' has unknown extension '{suffix}'; pass an ENVI .hdr or a .mat file")
     labels = np.squeeze(np.asarray(labels))
+    if np.issubdtype(labels.dtype, np.floating) and not np.isfinite(labels).all():  # NaN != 0: a target, silently
+        raise DataFormatError(
+            f"mask {mask_path or file} has {int((~np.isfinite(labels)).sum())} non-finite values; pass a mask of class "
+            "numbers (0 for background)"
+        )
     if labels.shape != cube.shape[:2]:
         raise DataFormatError(
             f"mask {mask_path or file} has shape {labels.shape} but cube '{file}' is {cube.shape[0]}x{cube.shape[1]} "
@@ -514,6 +522,12 @@ class HyperspectralDataModule(SplitDataModule):
             raise DataFormatError(
                 "the training scenes contain no target pixels; check --data.target_values or use a smaller --data.crop_size"
             )
+        for split, labels in (("validation", self.val_labels), ("test", self.test_labels)):
+            if len(labels) and not bool(labels.any()):  # AP and AUROC of no positive would read as measured zeros
+                raise DataFormatError(
+                    f"the {split} scenes contain no target pixels, so its AP and AUROC would mean nothing; use a smaller "
+                    "--data.crop_size (more crops to split), or a scene with more targets"
+                )
         self.pos_weight = (len(self.train_labels) - positives) / positives
         self.band_mean = self.train_pixels.mean(0)
         self.band_std = self.train_pixels.std(0).clamp_min(1e-6 * float(self.train_pixels.std().clamp_min(1e-12)))

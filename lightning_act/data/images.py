@@ -183,6 +183,19 @@ class TensorImageDataset(Dataset):
         return self.transform(self.images[index]), self.labels[index]
 
 
+def class_folders(root: Path) -> list[str]:
+    """The class folders of an ImageFolder tree, sorted as torchvision sorts them; hidden folders (``.ipynb_checkpoints``)
+    are not classes, and a class folder without images is one line (it would be a class no example ever has)."""
+    names = sorted(child.name for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
+    empty = [n for n in names if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (root / n).iterdir() if f.is_file())]
+    if empty:
+        raise DataFormatError(
+            f"class folders {empty[:5]} under '{root}' hold no images ({', '.join(IMAGE_SUFFIXES)}); add images or "
+            "remove the folders"
+        )
+    return names
+
+
 class ImageFolderDataset(Dataset):
     """An ImageFolder tree (``<class>/<image>``) read with PIL, classes sorted by name as torchvision does.
 
@@ -214,6 +227,12 @@ class ImageFolderDataset(Dataset):
         else:
             resize_to = math.floor(image_size / crop_pct)
             self.resize = v2.Compose([v2.Resize(resize_to, antialias=True), v2.CenterCrop(image_size)])
+        unknown = sorted(set(class_folders(root)) - set(self.classes)) if root.is_dir() else []
+        if unknown:  # their images would be left out without a word
+            raise DataFormatError(
+                f"'{root}' has class folders {unknown[:5]} that the training classes lack; give every split the same "
+                "class folders"
+            )
         self.samples: list[tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
             folder = root / name
@@ -363,7 +382,7 @@ class ImageDataModule(SplitDataModule):
         return root / "train" if _has_class_folders(root / "train") else root
 
     def _folder_classes(self) -> list[str]:
-        return sorted(child.name for child in self._folder_root().iterdir() if child.is_dir())
+        return class_folders(self._folder_root())
 
     def _transform(self, train: bool) -> ImageAugment:
         kwargs = self.augment_kwargs if train else {}

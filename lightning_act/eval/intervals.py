@@ -10,7 +10,8 @@ from scipy import stats
 
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, low, high)`` with ``mean ± t_{n−1, (1+confidence)/2} · sd / √n``; NaN bounds for one value.
+    """``(mean, low, high)`` with ``mean ± t_{n−1, (1+confidence)/2} · sd / √n``; NaN bounds for one value, and all
+    three NaN when a value is NaN.
 
     Applied to per-seed paired differences it is the paired t interval: seeds are the independent
     replicates, the pixels or images within a seed are not.
@@ -18,6 +19,8 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     values = [float(v) for v in values]
     if not values:
         raise ValueError("mean_interval needs at least one value; pass the per-seed results")
+    if any(math.isnan(v) for v in values):  # a seed without a result: no mean of the others would be honest
+        return math.nan, math.nan, math.nan
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan, math.nan

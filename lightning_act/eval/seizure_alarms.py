@@ -95,6 +95,12 @@ def raise_alarms(
         raise LightningActError(f"alarm rule needs 1 <= k <= n, got k={k}, n={n}; choose k no larger than n")
     if np.any(np.diff(times) < 0):
         raise LightningActError("window times are not in increasing order; sort the windows of a recording by time")
+    missing = np.isnan(probs)
+    if missing.any():  # a NaN compares as "below threshold": an alarm rule would read it as a confident negative
+        raise LightningActError(
+            f"{int(missing.sum())} of {len(probs)} window probabilities are NaN (first at t = {times[missing][0]:g} s); "
+            "the model's outputs are not finite there: check its weights and inputs before evaluating alarms"
+        )
     positive = (probs >= threshold).astype(np.int64)
     cumulative = np.concatenate([[0], np.cumsum(positive)])
     index = np.arange(len(positive))
@@ -187,9 +193,24 @@ def evaluate_recordings(
     horizon_s: float = 900.0,
     postictal_s: float = 600.0,
 ) -> AlarmReport:
-    """Alarms and pooled metrics for windows of several recordings (``recording_index`` per window)."""
+    """Alarms and pooled metrics for windows of several recordings (``recording_index`` per window, ``0 ..
+    len(seizures) - 1``; ``seizures`` and ``durations_s`` hold one entry per recording)."""
     recording_index = np.asarray(recording_index)
     times_s, probabilities = np.asarray(times_s), np.asarray(probabilities)
+    if len(seizures) != len(durations_s):
+        raise LightningActError(
+            f"{len(seizures)} seizure lists but {len(durations_s)} durations; pass one of each per recording"
+        )
+    if recording_index.shape != times_s.shape:
+        raise LightningActError(
+            f"recording_index {recording_index.shape} and times {times_s.shape} must have one entry per window"
+        )
+    unknown = sorted(set(np.unique(recording_index).tolist()) - set(range(len(seizures))))
+    if unknown:  # their windows, alarms and hours would vanish from the pooled metrics
+        raise LightningActError(
+            f"windows of recordings {unknown[:5]} have no seizure list or duration ({len(seizures)} recordings given, "
+            f"numbered 0 to {len(seizures) - 1}); pass an entry for every recording"
+        )
     reports = []
     for r, (events, duration) in enumerate(zip(seizures, durations_s)):
         mask = recording_index == r

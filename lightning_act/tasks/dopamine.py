@@ -194,7 +194,8 @@ class DopamineSpecialisation(_Classifier):
             self._log_attribution(self.trainer.val_dataloaders, "dopamine_firing_val")
 
     def _log_attribution(self, loaders: Any, name: str) -> float:
-        """Hard-gate firing fractions per class over ``loaders``: ``<name>.pt`` + heatmap; returns the mean."""
+        """Hard-gate firing fractions per class over ``loaders``: ``<name>.pt`` + heatmap; returns their mean over the
+        classes and neurons (each class weighs the same, whatever its number of inputs)."""
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         hardened = [gate.hardened for gate in dopamine_gates(self.model).values()]
         harden(self.model)

@@ -27,6 +27,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.spectral_nn import SpectralNN
+from lightning_act.plots import writes_run_files
 
 
 class SpectralTargetDetection(pl.LightningModule):
@@ -116,8 +117,11 @@ class SpectralTargetDetection(pl.LightningModule):
         spectra, labels = batch
         logits = self(spectra)
         self.log("val/loss", self.compute_loss(logits, labels), sync_dist=True)
-        self.val_auroc.update(logits, labels.long())
-        self.val_ap.update(logits, labels.long())
+        # probabilities, not logits: torchmetrics applies a sigmoid per batch, only to a batch with a value outside
+        # [0, 1], so batches of logits would be ranked on two scales (a perfect ranking read as AUROC 0.75)
+        probabilities = logits.sigmoid()
+        self.val_auroc.update(probabilities, labels.long())
+        self.val_ap.update(probabilities, labels.long())
         self.log("val/auroc", self.val_auroc)
         self.log("val/ap", self.val_ap, prog_bar=True)
 
@@ -126,7 +130,7 @@ class SpectralTargetDetection(pl.LightningModule):
         logits = self(spectra)
         self.log("test/loss", self.compute_loss(logits, labels), sync_dist=True)
         for metric in (self.test_auroc, self.test_ap, self.test_pr):
-            metric.update(logits, labels.long())
+            metric.update(logits.sigmoid(), labels.long())  # probabilities (see validation_step)
         self.log("test/auroc", self.test_auroc)
         self.log("test/ap", self.test_ap)
 
@@ -135,7 +139,7 @@ class SpectralTargetDetection(pl.LightningModule):
         self.test_pr.reset()
         self.test_pr_curve = (precision.cpu(), recall.cpu(), thresholds.cpu())
         log_dir = self.trainer.log_dir
-        if log_dir is not None and self.trainer.is_global_zero:
+        if log_dir is not None and self.trainer.is_global_zero and writes_run_files(self.trainer):
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(log_dir) / "test_pr_curve.csv", "w", newline="") as handle:
                 writer = csv.writer(handle)
