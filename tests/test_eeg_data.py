@@ -353,3 +353,21 @@ def test_subject_generator_is_heterogeneous_and_deterministic() -> None:
     assert rec.data.shape == (4, 40 * 60 * 64) and rec.subject == "a" and rec.seizures == [(1500.0, 1560.0)]
     x = rec.data.astype(np.float64)
     assert x[:, int(1500 * FS) : int(1560 * FS)].std() > 2.0 * x[:, : int(600 * FS)].std()
+
+
+def test_summary_times_that_are_not_seconds_a_file_listed_twice_and_an_empty_split_are_one_line(chb_folder, tmp_path: Path) -> None:
+    for text, problem in [
+        (SUMMARY_PLAIN.replace("Seizure Start Time: 200", "Seizure Start Time: nan"), "is not a finite number of seconds"),
+        (SUMMARY_PLAIN + SUMMARY_PLAIN.split("File Name: chb99_02.edf")[0], "'chb99_01.edf' is listed twice"),
+    ]:
+        summary = tmp_path / "chb97-summary.txt"
+        summary.write_text(text)
+        with pytest.raises(DataFormatError) as error:
+            parse_chbmit_summary(summary)  # before: a NaN onset labelled nothing; the second entry replaced the first
+        assert problem in _one_line(error)
+        summary.unlink()
+    folder, _ = chb_folder
+    dm = EEGSeizureDataModule(data_dir=str(folder), n_channels=3, horizon_minutes=1.0, val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(DataFormatError) as error:
+        dm.setup()  # 2 recordings: 0.2 of each group rounds to none; before: a fit without validation, test() == []
+    assert "no val recordings after the split of 2 recordings" in _one_line(error)

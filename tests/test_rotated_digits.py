@@ -123,3 +123,10 @@ def test_default_test_split_is_35_percent_of_the_digits() -> None:
     dm = RotatedDigitsDataModule("mix", "rotated", image_size=8)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1797 - 270 - 629, 270, 629)
+
+
+def test_mnist_labels_outside_the_digits_are_one_line(tmp_path: Path) -> None:
+    _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28), dtype=np.uint8))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([3, 10], dtype=np.uint8))
+    with pytest.raises(DataFormatError, match="labels .* run from 3 to 10; expected digits 0 to 9"):
+        load_mnist_arrays(tmp_path, "train", image_size=28)  # before: an IndexError from the loss, mid-fit

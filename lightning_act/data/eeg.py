@@ -21,6 +21,7 @@ on both sides of a split.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -550,6 +551,8 @@ def parse_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]
             current = line.split(":", 1)[1].strip()
             if not current:
                 raise fail(line_no, "empty 'File Name:'")
+            if current in files:  # its first entry's seizures would be dropped
+                raise fail(line_no, f"'{current}' is listed twice")
             files[current], starts[current], ends[current] = [], [], []
         elif line.lower().startswith("number of seizures in file:"):
             if current is None:
@@ -568,6 +571,8 @@ def parse_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]
                 seconds = float(match.group(3))
             except ValueError:
                 raise fail(line_no, f"seizure time '{match.group(3)}' is not a number") from None
+            if not (math.isfinite(seconds) and seconds >= 0):  # a NaN onset would label nothing, yet count as a seizure
+                raise fail(line_no, f"seizure time {match.group(3)} is not a finite number of seconds >= 0")
             (starts if match.group(2).lower() == "start" else ends)[current].append(seconds)
     for name in files:
         n_start, n_end = len(starts[name]), len(ends[name])
@@ -776,6 +781,12 @@ class EEGSeizureDataModule(SplitDataModule):
             self.recordings = {"train": train, "val": val, "test": test}
         if not self.recordings["train"]:
             raise DataFormatError("no training recordings after the split; lower --data.val_fraction/test_fraction")
+        for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
+            if fraction > 0 and not self.recordings[split]:  # a fit without validation, a test that returns []
+                raise DataFormatError(
+                    f"no {split} recordings after the split of {sum(map(len, self.recordings.values()))} recordings "
+                    f"({split}_fraction {fraction:g} rounds to none); add recordings or raise --data.{split}_fraction"
+                )
         mean, std = channel_statistics(self.recordings["train"])
         stride = round(self.stride_seconds * self.sampling_rate)
         for split, recs in self.recordings.items():

@@ -113,6 +113,10 @@ def load_mnist_arrays(
             f"MNIST {split} files in '{directory}' have shapes {images.shape} and {labels.shape}; expected (N, H, W) "
             "images and (N,) labels"
         )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):  # a class the 10-way head does not have
+        raise DataFormatError(
+            f"MNIST {split} labels in '{directory}' run from {labels.min()} to {labels.max()}; expected digits 0 to 9"
+        )
     tensor = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     if tensor.shape[-1] != image_size or tensor.shape[-2] != image_size:
         tensor = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp_(0, 1)
