@@ -371,3 +371,32 @@ def test_summary_times_that_are_not_seconds_a_file_listed_twice_and_an_empty_spl
     with pytest.raises(DataFormatError) as error:
         dm.setup()  # 2 recordings: 0.2 of each group rounds to none; before: a fit without validation, test() == []
     assert "no val recordings after the split of 2 recordings" in _one_line(error)
+
+
+def test_seizures_of_neighbouring_files_exclude_windows_but_label_no_preictal() -> None:
+    # 1 Hz, 10 s windows. The next file's seizure at 330-360 s of this file's clock, horizon 60 s: windows that end
+    # after 270 s lie within the horizon; before, they were interictal.
+    _, labels = label_windows(300, 1.0, 10, 10, [], horizon_s=60.0, postictal_s=30.0, nearby_seizures=[(330.0, 360.0)])
+    assert labels.tolist() == [0] * 27 + [-1] * 3
+    # Own seizure at 30 s, the previous file's ended 20 s before this file began (post-ictal 30 s): [0, 10) is still
+    # recovery, [10, 30) preictal.
+    _, labels = label_windows(120, 1.0, 10, 10, [(30.0, 40.0)], horizon_s=60.0, postictal_s=30.0, nearby_seizures=[(-50.0, -20.0)])
+    assert labels[:3].tolist() == [-1, 1, 1]
+
+
+def test_neighbouring_files_are_placed_by_their_clock_times_across_midnight(tmp_path: Path) -> None:
+    subject = tmp_path / "chb96"
+    subject.mkdir()
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        _write_edf(subject / f"chb96_0{i}.edf", rng.uniform(-100.0, 100.0, size=(3, 300 * 32)), 32)
+    (subject / "chb96-summary.txt").write_text(
+        "File Name: chb96_01.edf\nFile Start Time: 23:50:00\nNumber of Seizures in File: 0\n\n"
+        "File Name: chb96_02.edf\nFile Start Time: 00:00:00\nNumber of Seizures in File: 1\n"  # the next day
+        "Seizure Start Time: 30 seconds\nSeizure End Time: 60 seconds\n\n"
+        "File Name: chb96_03.edf\nNumber of Seizures in File: 0\n"  # no time: right after chb96_02
+    )
+    first, second, third = load_chbmit_folder(tmp_path, n_channels=3)
+    assert first.nearby_seizures == [(630.0, 660.0)]  # 23:50 + 600 s + 30 s
+    assert second.nearby_seizures == [] and second.seizures == [(30.0, 60.0)]
+    assert third.nearby_seizures == [(-270.0, -240.0)]

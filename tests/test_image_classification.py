@@ -208,3 +208,14 @@ def test_imagenet_recipe_fast_dev_run_on_a_tiny_imagefolder(tmp_path: Path, monk
         "--model.num_classes", "2", "--model.model_kwargs", "{drop_path_rate: 0.1, depth: 2}",
     ])
     assert status == 0
+
+
+@pytest.mark.parametrize("data, fix", [
+    ({"image_size": 8, "in_chans": 3}, "--model.in_chans 3"),  # before: a convolution's RuntimeError, mid-fit
+    ({"image_size": 16, "in_chans": 1}, "--model.model_kwargs.img_size 16"),
+])
+def test_channel_and_image_size_mismatches_are_one_line(tmp_path: Path, data: dict, fix: str) -> None:
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    with pytest.raises(LightningActError, match=fix):
+        trainer.fit(ImageClassifier(**TINY_KAT), ImageDataModule(**data))

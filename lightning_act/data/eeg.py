@@ -47,6 +47,9 @@ class EEGRecording:
     seizures: list[tuple[float, float]] = field(default_factory=list)
     channel_names: list[str] = field(default_factory=list)
     subject: str = ""
+    #: Seizures of the subject's other files, in this recording's seconds (mostly outside ``[0, duration]``): near
+    #: them windows are neither interictal nor this recording's preictal (:func:`label_windows`' ``nearby_seizures``).
+    nearby_seizures: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def duration_s(self) -> float:
@@ -407,6 +410,7 @@ def label_windows(
     postictal_s: float = 600.0,
     interictal_distance_s: float | None = None,
     leading_gap_s: float = 0.0,
+    nearby_seizures: list[tuple[float, float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Window start samples and labels (1 preictal, 0 interictal, -1 excluded) for one recording.
 
@@ -425,18 +429,23 @@ def label_windows(
     end of the previous seizure (the first seizure always leads).  The default 0 keeps every
     seizure; a gap of e.g. 1 h keeps only the first seizure of each cluster as a preictal target,
     the usual selection when clustered seizures would otherwise label recovery as preictal.
+
+    ``nearby_seizures`` (seizures of the files before and after, in this recording's seconds) count as seizures for
+    everything above except that their preictal windows are not this recording's: the end of a file whose next file
+    starts with a seizure is excluded, not interictal (a recording is evaluated on its own seizures).
     """
     starts = np.arange(0, n_samples - window_samples + 1, stride_samples)
     a = starts / sampling_rate
     b = (starts + window_samples) / sampling_rate
-    ordered = sorted(seizures)
+    own = set(seizures)
+    ordered = sorted([*seizures, *(nearby_seizures or [])])
     before = horizon_s if interictal_distance_s is None else max(horizon_s, interictal_distance_s)
     after = postictal_s if interictal_distance_s is None else max(postictal_s, interictal_distance_s)
     labels = np.full(len(starts), INTERICTAL, dtype=np.int64)
     for onset, end in ordered:
         labels[(a < end + after) & (b > onset - before)] = EXCLUDED
-    for i, (onset, _) in enumerate(ordered):
-        if i == 0 or onset - ordered[i - 1][1] >= leading_gap_s:
+    for i, (onset, end) in enumerate(ordered):
+        if (onset, end) in own and (i == 0 or onset - ordered[i - 1][1] >= leading_gap_s):
             labels[(a >= onset - horizon_s) & (b <= onset)] = PREICTAL
     for onset, end in ordered:
         labels[(a < end + postictal_s) & (b > onset)] = EXCLUDED
@@ -479,7 +488,7 @@ class EEGWindows(Dataset):
         for r, rec in enumerate(recordings):
             starts, labels = label_windows(
                 rec.data.shape[1], rec.sampling_rate, window_samples, stride_samples, rec.seizures, horizon_s, postictal_s,
-                interictal_distance_s, leading_gap_s,
+                interictal_distance_s, leading_gap_s, rec.nearby_seizures,
             )
             keep = np.ones_like(labels, dtype=bool) if continuous else labels != EXCLUDED
             index.append(np.stack([np.full(keep.sum(), r), starts[keep], labels[keep]], axis=1))
@@ -630,11 +639,48 @@ def read_edf(path: str | Path, n_channels: int | None = None) -> tuple[np.ndarra
     return data, rates.pop(), names
 
 
+_FILE_START = re.compile(r"^File Start Time\s*:\s*(\d+):(\d\d):(\d\d)\s*$", re.IGNORECASE)
+
+
+def chbmit_file_starts(path: str | Path) -> dict[str, float]:
+    """Clock start times (seconds) of the files a CHB-MIT summary lists with a ``File Start Time``, in file order and
+    increasing: a time earlier than the file before it is on the next day (CHB-MIT writes both ``24:01:00`` and
+    ``00:01:00`` after midnight)."""
+    starts: dict[str, float] = {}
+    current, latest = None, None
+    for raw in Path(path).read_text(encoding="utf-8-sig", errors="replace").splitlines():
+        line = raw.strip()
+        if line.lower().startswith("file name:"):
+            current = line.split(":", 1)[1].strip()
+            continue
+        match = _FILE_START.match(line)
+        if match is None or current is None:
+            continue
+        seconds = int(match.group(1)) * 3600 + int(match.group(2)) * 60 + int(match.group(3))
+        while latest is not None and seconds < latest:
+            seconds += 86400
+        starts[current] = latest = float(seconds)
+    return starts
+
+
+def place_nearby_seizures(recordings: list[EEGRecording], offsets: list[float]) -> None:
+    """Set each recording's ``nearby_seizures``: the other recordings' seizures in its own seconds, from each
+    recording's start ``offsets`` (seconds on one clock)."""
+    for i, rec in enumerate(recordings):
+        rec.nearby_seizures = [
+            (start + offsets[j] - offsets[i], end + offsets[j] - offsets[i])
+            for j, other in enumerate(recordings) if j != i for start, end in other.seizures
+        ]
+
+
 def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGRecording]:
     """Every EDF file listed in the ``*-summary.txt`` files under ``folder`` (one recording each).
 
     Each EDF file is its own recording: a preictal period that begins in the previous file is
-    truncated at the file start (files are not concatenated).
+    truncated at the file start (files are not concatenated). The seizures of a subject's other files are placed in
+    each file's seconds from the summary's ``File Start Time`` clock times (a file without one is taken to follow the
+    previous file without a gap, the closest it can be), as its ``nearby_seizures``: the end of a file whose next file
+    starts with a seizure is then excluded, not labelled interictal.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -646,6 +692,8 @@ def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGReco
         )
     recordings = []
     for summary in summaries:
+        subject: list[EEGRecording] = []
+        clock_starts, offsets = chbmit_file_starts(summary), []
         for file_name, seizures in parse_chbmit_summary(summary).items():
             data, rate, names = read_edf(summary.parent / file_name, n_channels)
             recording = EEGRecording(Path(file_name).stem, data, rate, seizures, names, subject=summary.parent.name)
@@ -655,7 +703,12 @@ def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGReco
                         f"{summary.name}: '{file_name}' lists a seizure at {start:g}-{end:g} s but the recording "
                         f"ends at {recording.duration_s:g} s; fix the seizure times or replace the truncated EDF file"
                     )
-            recordings.append(recording)
+            # without a start time, a file follows the previous one without a gap: the closest it can be
+            previous_end = offsets[-1] + subject[-1].duration_s if subject else 0.0
+            offsets.append(clock_starts.get(file_name, previous_end))
+            subject.append(recording)
+        place_nearby_seizures(subject, offsets)
+        recordings += subject
     rates = {rec.sampling_rate for rec in recordings}
     if len(rates) != 1:
         raise DataFormatError(f"recordings under '{folder}' have sampling rates {sorted(rates)}; resample them to one rate")

@@ -151,6 +151,22 @@ class ImageClassifier(ClassificationTask):
                 f"the data has {data_classes} classes but the model was built for {self.hparams.num_classes}; "
                 f"pass --model.num_classes {data_classes}"
             )
+        data_chans = getattr(datamodule, "in_chans", None)
+        if data_chans is not None and data_chans != self.hparams.in_chans:  # else a convolution's error, mid-fit
+            raise LightningActError(
+                f"the data gives {data_chans}-channel images but the model was built for in_chans={self.hparams.in_chans}; "
+                f"pass --model.in_chans {data_chans}"
+            )
+        data_size = getattr(datamodule, "image_size", None)
+        patch_embed = getattr(self.model, "patch_embed", None)
+        model_size = getattr(patch_embed, "img_size", None)
+        fixed = getattr(patch_embed, "strict_img_size", False) and not getattr(self.model, "dynamic_img_size", False)
+        if data_size is not None and model_size is not None and fixed and tuple(model_size) != (data_size, data_size):
+            raise LightningActError(
+                f"the data gives {data_size} x {data_size} images but the model was built for "
+                f"{model_size[0]} x {model_size[1]}; pass --model.model_kwargs.img_size {data_size} (or "
+                f"--data.image_size {model_size[0]})"
+            )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
