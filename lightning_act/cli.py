@@ -578,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.argv[1:] = argv
         _build_cli_class()(args=None if from_command_line else argv, overwrite=overwrite)
     except Exception as err:  # jsonargparse wraps errors raised while instantiating classes
-        user_error = _user_error(err) or _unwritable_output(err)
+        user_error = _user_error(err) or _unwritable_output(err) or _unknown_monitor(err)
         if user_error is None:
             raise
         print(f"lightning_act: error: {user_error}", file=sys.stderr)
@@ -608,6 +608,15 @@ def _unwritable_output(err: BaseException) -> LightningActError | None:
                 "the run's output elsewhere (trainer.default_root_dir, the loggers' save_dir, the checkpoint dirpath)"
             )
         current = current.__cause__ or current.__context__
+    return None
+
+
+def _unknown_monitor(err: BaseException) -> LightningActError | None:
+    """One line for a ``ModelCheckpoint``/``EarlyStopping`` whose ``monitor`` names a metric nobody logs (Lightning
+    finds out at the first check, after an epoch, and raises a multi-line message with the metrics that were logged)."""
+    message = str(err)
+    if "could not find the monitored key" in message or "Early stopping conditioned on metric" in message:
+        return ConfigError(" ".join(message.split()) + " (fix the callback's monitor: in the config)")
     return None
 
 

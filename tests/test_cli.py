@@ -211,3 +211,13 @@ def test_a_fit_refused_before_its_first_step_leaves_no_run_and_an_unwritable_fol
     assert main(["fit", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"lightning_act: error: cannot write '{blocked}") and "Not a directory" in err[-1]
+
+
+def test_a_checkpoint_monitor_that_names_no_logged_metric_is_one_line(tmp_path, capsys, monkeypatch):
+    config = yaml.safe_load(write_config(tmp_path).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                           "init_args": {"monitor": "val/acc_typo", "dirpath": str(tmp_path / "best")}})
+    config["trainer"]["limit_train_batches"] = 2  # the epoch ends, validation runs, the checkpoint looks for its key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(tmp_path / "config.yaml"))
+    assert "ModelCheckpoint(monitor='val/acc_typo')" in err and "'val/acc'" in err and "fix the callback's monitor" in err

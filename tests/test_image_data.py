@@ -10,7 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_act.data.eeg import EEGSeizureDataModule
+from lightning_act.data.hyperspectral import HyperspectralDataModule
 from lightning_act.data.images import ImageAugment, ImageDataModule
+from lightning_act.data.stdlib_text import StdlibTextDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
 
 
@@ -217,3 +220,23 @@ def test_imagefolder_skips_hidden_folders_and_refuses_empty_or_unmatched_classes
     (tmp_path / "train" / "fox").mkdir()  # an empty class folder: a class no example has
     with pytest.raises(DataFormatError, match=r"class folders \['fox'\] under .* hold no images"):
         ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3, batch_size=4).setup("fit")
+
+
+def _one_py_file(tmp_path: Path) -> str:
+    (tmp_path / "only.py").write_text("x = 1\n" * 50)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda tmp: ImageDataModule(val_fraction=0.6, test_fraction=0.5).setup(), "sum to < 1"),
+    (lambda tmp: HyperspectralDataModule(crop_size=0), "crop_size=0 must be a whole number"),
+    (lambda tmp: EEGSeizureDataModule(
+        stride_seconds=0.001, recording_minutes=20, n_train_recordings=1, n_val_recordings=1, n_test_recordings=1).setup(),
+     "strides of 0 samples"),
+    (lambda tmp: StdlibTextDataModule(root=_one_py_file(tmp), seq_len=8).setup(), "1 Python file(s)"),
+])
+def test_data_module_values_that_cannot_work_are_one_line(tmp_path: Path, make, says: str) -> None:
+    # before: a plain ValueError, a ZeroDivisionError or torch's error from deep inside setup (a traceback in the CLI)
+    with pytest.raises(LightningActError) as error:
+        make(tmp_path)
+    assert says in str(error.value) and "\n" not in str(error.value)

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_act.data.splits import SplitDataModule
-from lightning_act.errors import DataFormatError, DataNotFoundError
+from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError
 
 PREICTAL, INTERICTAL, EXCLUDED = 1, 0, -1
 
@@ -842,6 +842,12 @@ class EEGSeizureDataModule(SplitDataModule):
                 )
         mean, std = channel_statistics(self.recordings["train"])
         stride = round(self.stride_seconds * self.sampling_rate)
+        if stride < 1 or self.window_samples < 1:
+            raise ConfigError(
+                f"window_seconds={self.window_seconds:g} and stride_seconds={self.stride_seconds:g} at "
+                f"{self.sampling_rate:g} Hz give windows of {self.window_samples} and strides of {stride} samples; pass "
+                "--data.window_seconds and --data.stride_seconds of one sample or more"
+            )
         for split, recs in self.recordings.items():
             self.datasets[split] = EEGWindows(
                 recs, self.window_samples, stride, self.horizon_s, self.postictal_s, mean, std, continuous=split == "test",

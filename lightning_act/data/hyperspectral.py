@@ -25,7 +25,7 @@ from scipy import ndimage
 from torch.utils.data import TensorDataset
 
 from lightning_act.data.splits import SplitDataModule
-from lightning_act.errors import DataFormatError, DataNotFoundError
+from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError
 
 ENVI_INTERLEAVES = ("bsq", "bil", "bip")
 
@@ -489,6 +489,8 @@ class HyperspectralDataModule(SplitDataModule):
         self.save_hyperparameters()
         self.path, self.mask_path, self.cube_key, self.mask_key = path, mask_path, cube_key, mask_key
         self.target_values = target_values
+        if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
+            raise ConfigError(f"crop_size={crop_size!r} must be a whole number of pixels >= 1; pass e.g. --data.crop_size 64")
         self.crop_size = crop_size
         self.num_scenes, self.scene_size, self.num_bands, self.noise_std = num_scenes, scene_size, num_bands, noise_std
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

@@ -100,6 +100,8 @@ class StdlibTextDataModule(pl.LightningDataModule):
         super().__init__()
         if val_every < 2:
             raise ConfigError(f"val_every={val_every} must be >= 2 (every val_every-th file is a validation file)")
+        if seq_len < 1:
+            raise ConfigError(f"seq_len={seq_len} must be >= 1 (bytes per training sequence)")
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_every = val_every
@@ -116,6 +118,11 @@ class StdlibTextDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         files = stdlib_python_files(self.root)
+        if len(files) < 2:
+            raise DataNotFoundError(
+                f"{len(files)} Python file(s) under '{self.root or 'the standard library'}': training and validation need "
+                "one each at least; point --data.root at a folder with more .py files"
+            )
         val_files = [f for i, f in enumerate(files) if i % self.val_every == 0]
         train_files = [f for i, f in enumerate(files) if i % self.val_every != 0]
         train, val = read_corpus(train_files, self.max_train_bytes), read_corpus(val_files, self.max_val_bytes)
