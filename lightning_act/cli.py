@@ -271,10 +271,14 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     if match := _DOT_PATH.search(text):
         return (f"{match.group(1)} '{match.group(2)}': not a class name or import path of a known class "
                 "(`lightning_act monitors` lists the project's classes)")
-    if match := _UNION.search(text):
-        given = _GIVEN.search(text)
+    if unions := list(_UNION.finditer(text)):
+        match = unions[-1]  # the innermost: a class argument's own union, not the section's (model: a class or None)
+        given = _GIVEN.search(text, match.end())
         value = given.group(1).strip() if given else "?"
-        return f"{match.group(1)} = {value!r}: expected {_type_names(match.group(2))}"
+        inner = match.group(1)
+        if class_match and inner != key:
+            return f"{key}{owner}: {inner} = {value!r}: expected {_type_names(match.group(2))}"
+        return f"{inner} = {value!r}: expected {_type_names(match.group(2))}"
     lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
     useful = [line for line in lines if not line.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value"))]
     return "; ".join(useful[:3]) if useful else text
@@ -427,7 +431,7 @@ def _build_cli_class() -> type:
                     kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
             try:
                 trainer = super().instantiate_trainer(**kwargs)
-            except (MisconfigurationException, ValueError, RuntimeError) as err:
+            except (MisconfigurationException, ValueError, RuntimeError, TypeError) as err:
                 if isinstance(err, LightningActError):
                     raise
                 accelerator = self.config_init[self.subcommand]["trainer"].get("accelerator")
