@@ -717,39 +717,37 @@ class ActivationMonitor(FitScopedState, ABC):
         self.on_statistics(trainer, step, stats)
         return metrics
 
+    def _warn_once(self, warned: set[str], tap_name: str, problem: str) -> None:
+        """One warning per tap and kind of problem: ``<monitor>: <tap> <problem>``."""
+        if tap_name not in warned:
+            warned.add(tap_name)
+            rank_zero_warn(f"{type(self).__name__}: {tap_name} {problem}", category=UserWarning)
+
     def _warn_unobserved(self, step: int, observed: set[int]) -> None:
         for i, tap in enumerate(self.taps):
-            said = tap.name in self._unobserved_warned or tap.name in self._low_dim_warned  # said why already
-            if i not in observed and not said:
-                self._unobserved_warned.add(tap.name)
-                rank_zero_warn(
-                    f"{type(self).__name__}: {tap.name} produced no activation at step {step} (its module did not run "
-                    "in the observed forwards, or what it gives is not a floating-point tensor: a dict, a "
-                    "PackedSequence, integers); nothing is logged for it at such steps",
-                    category=UserWarning,
+            if i not in observed and tap.name not in self._low_dim_warned:  # a low-dimensional tap was said already
+                self._warn_once(
+                    self._unobserved_warned, tap.name,
+                    f"produced no activation at step {step} (its module did not run in the observed forwards, or what "
+                    "it gives is not a floating-point tensor: a dict, a PackedSequence, integers); nothing is logged "
+                    "for it at such steps",
                 )
 
     def _warn_low_dim(self, tap_index: int, ndim: int) -> None:
         """Warn once per tap that its activations have no feature axis ((B,) or a scalar), so nothing is logged."""
-        name = self.taps[tap_index].name
-        if name not in self._low_dim_warned:
-            self._low_dim_warned.add(name)
-            rank_zero_warn(
-                f"{type(self).__name__}: {name} outputs a {ndim}-d tensor, not (batch, tokens, features) or "
-                "(batch, features); nothing is logged for it (tap e.g. '@blocks')",
-                category=UserWarning,
-            )
+        self._warn_once(
+            self._low_dim_warned, self.taps[tap_index].name,
+            f"outputs a {ndim}-d tensor, not (batch, tokens, features) or (batch, features); nothing is logged for it "
+            "(tap e.g. '@blocks')",
+        )
 
     def _warn_unmeasured(self, step: int, taps: set[int]) -> None:
         for i in sorted(taps):
-            name = self.taps[i].name
-            if name not in self._unmeasured_warned:
-                self._unmeasured_warned.add(name)
-                rank_zero_warn(
-                    f"{type(self).__name__}: {name} gave too little at step {step} to measure ({self.unmeasured_reason}); "
-                    "nothing is logged for it at such steps",
-                    category=UserWarning,
-                )
+            self._warn_once(
+                self._unmeasured_warned, self.taps[i].name,
+                f"gave too little at step {step} to measure ({self.unmeasured_reason}); nothing is logged for it at "
+                "such steps",
+            )
 
     def _zero_buffers(self) -> None:
         """Reset every buffer in place (a fixed number of operations, whatever the number of taps)."""
