@@ -603,13 +603,15 @@ def _user_error(err: BaseException) -> LightningActError | None:
 
 
 def _unwritable_output(err: BaseException) -> LightningActError | None:
-    """One line for an output folder the run cannot write (read-only, not permitted, a file where a folder goes)."""
+    """One line for a path the run may not use: an output folder it cannot write (read-only, not permitted, a file
+    where a folder goes), or a file it may not read."""
     current: BaseException | None = err
     while current is not None:
         if isinstance(current, OSError) and current.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
             return ConfigError(
-                f"cannot write '{current.filename}' ({current.strerror}); run from a folder you can write to, or point "
-                "the run's output elsewhere (trainer.default_root_dir, the loggers' save_dir, the checkpoint dirpath)"
+                f"'{current.filename}': {current.strerror}; check that path's permissions, or run from a folder you can "
+                "write to or point the run's output elsewhere (trainer.default_root_dir, the loggers' save_dir, the "
+                "checkpoint dirpath)"
             )
         current = current.__cause__ or current.__context__
     return None

@@ -210,7 +210,7 @@ def test_a_fit_refused_before_its_first_step_leaves_no_run_and_an_unwritable_fol
     config = write_config(tmp_path, **{"trainer.callbacks.1.init_args": {"dirpath": str(blocked / "checkpoints")}})
     assert main(["fit", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"lightning_act: error: cannot write '{blocked}") and "Not a directory" in err[-1]
+    assert err[-1].startswith(f"lightning_act: error: '{blocked}") and "Not a directory; check that path's" in err[-1]
 
 
 def test_a_checkpoint_monitor_that_names_no_logged_metric_is_one_line(tmp_path, capsys, monkeypatch):

@@ -832,14 +832,14 @@ class EEGSeizureDataModule(SplitDataModule):
             self.sampling_rate = everything[0].sampling_rate
             train, val, test = split_recordings(everything, self.val_fraction, self.test_fraction, self.seed)
             self.recordings = {"train": train, "val": val, "test": test}
+            for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
+                if fraction > 0 and not self.recordings[split]:  # a fit without validation, a test that returns []
+                    raise DataFormatError(
+                        f"no {split} recordings after the split of {len(everything)} recordings ({split}_fraction "
+                        f"{fraction:g} rounds to none); add recordings or raise --data.{split}_fraction"
+                    )
         if not self.recordings["train"]:
             raise DataFormatError("no training recordings after the split; lower --data.val_fraction/test_fraction")
-        for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
-            if fraction > 0 and not self.recordings[split]:  # a fit without validation, a test that returns []
-                raise DataFormatError(
-                    f"no {split} recordings after the split of {sum(map(len, self.recordings.values()))} recordings "
-                    f"({split}_fraction {fraction:g} rounds to none); add recordings or raise --data.{split}_fraction"
-                )
         mean, std = channel_statistics(self.recordings["train"])
         stride = round(self.stride_seconds * self.sampling_rate)
         if stride < 1 or self.window_samples < 1:
