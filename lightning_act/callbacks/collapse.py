@@ -172,8 +172,8 @@ class DimensionalCollapse(ActivationMonitor):
         self.max_rows = max_rows
         self._rows_per_due_step = max_rows
         self._sketch_dims: dict[int, tuple[int, int]] = {}
-        self._sketch_rows: dict[int, int] = {}  # rows this rank summed into each sketch in the current step
-        self._step_sketch_rows: dict[int, int] = {}  # the same, of the step being summarised
+        self._rows: dict[int, int] = {}  # rows this rank sampled of each tap in the current step (known on the host)
+        self._step_rows: dict[int, int] = {}  # the same, of the step being summarised
         self._test_matrices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self.warn_below = warn_below
         self.param_patterns = None if param_patterns is None else list(param_patterns)
@@ -237,6 +237,7 @@ class DimensionalCollapse(ActivationMonitor):
             self._warn_low_dim(tap_index, x.dim())
             return
         d = x.shape[1] if x.dim() >= 4 else x.shape[-1]
+        self._rows[tap_index] = self._rows.get(tap_index, 0) + min(x.numel() // max(d, 1), self.max_rows)
         if self._is_wide(d) or tap_index in self._kept:
             self.accumulate(tap_index, self.partials(tap_index, x))
             return
@@ -250,7 +251,7 @@ class DimensionalCollapse(ActivationMonitor):
         (added to the sums of a tap's later activations in the step)."""
         kept: dict[int, torch.Tensor] = self.take_kept()
         self._row_choices = {}
-        self._step_sketch_rows, self._sketch_rows = self._sketch_rows, {}
+        self._step_rows, self._rows = self._rows, {}
         by_shape: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
         for tap_index, rows in kept.items():
             by_shape.setdefault((tuple(rows.shape), rows.dtype, rows.device), []).append((tap_index, rows))
@@ -265,7 +266,6 @@ class DimensionalCollapse(ActivationMonitor):
         if not self._is_wide(d):
             return Partials(sums=covariance_partials(rows))
         self._sketch_dims[tap_index] = (d, k)
-        self._sketch_rows[tap_index] = self._sketch_rows.get(tap_index, 0) + rows.shape[0]
         key = (d, k, rows.device)
         if key not in self._test_matrices:
             self._test_matrices[key] = gaussian_test_matrix(d, k, self.seed, rows.device)
@@ -296,13 +296,15 @@ class DimensionalCollapse(ActivationMonitor):
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         sketch = self._sketch_dims.get(tap_index)
-        measured = sums[0] >= 2
+        rows = self._step_rows.get(tap_index, 0)  # this rank's: no operation and no sync where they settle it
+        measured: torch.Tensor | None = None
+        if rows < 2:  # one row has a zero centred scatter (erank 0 would read as a collapse); other ranks may add rows
+            measured = sums[0] >= 2
         if sketch is not None and sums.numel() == sketch_size(*sketch):
             d = sketch[0]
             ranks = rank_statistics(sketch_spectrum(sums, *sketch), d)
-            # more rows than k + 1 (more micro-batches than planned at the start of fit) break the sketch's exactness
-            rows = self._step_sketch_rows.get(tap_index, 0) * max(1, distributed_world_size())
-            measured = measured & (rows <= sketch[1] + 1)
+            if rows * max(1, distributed_world_size()) > sketch[1] + 1:
+                measured = sums.new_zeros(())  # more rows than k + 1 (more micro-batches than planned): not exact
         else:
             d = covariance_dim(sums.numel())
             ranks = self._ranks.pop(tap_index, None)
@@ -310,8 +312,9 @@ class DimensionalCollapse(ActivationMonitor):
                 ranks = rank_statistics(covariance_spectrum(sums, self.eigensolver), d)
         self._feature_dims[self.taps[tap_index].name] = d
         erank, pr, erank_frac, pr_frac = ranks.unbind()
-        # one row (a (B, D) tap at batch size 1) has a zero centred scatter: erank 0 would read as a collapse
-        stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac, MEASURED: measured}
+        stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac}
+        if measured is not None:
+            stats[MEASURED] = measured
         if self.warn_below is not None:
             stats["collapsed"] = (erank_frac < self.warn_below).to(torch.float64)
         return stats
