@@ -139,3 +139,8 @@ def test_non_finite_background_is_refused() -> None:
     background[4, 1] = float("nan")
     with pytest.raises(ValueError, match="1 NaN/inf values in the background pixels"):
         ClassicalDetectors().fit(background, torch.ones(3))
+
+
+def test_fewer_than_two_background_pixels_are_refused() -> None:
+    with pytest.raises(ValueError, match="1 background pixel"):  # before: NaN statistics, NaN scores
+        ClassicalDetectors().fit(torch.ones(1, 4), torch.ones(4))

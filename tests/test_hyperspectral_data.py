@@ -258,3 +258,13 @@ def test_a_nan_in_the_mask_a_damaged_npy_mask_and_splits_without_targets_are_one
     scipy.io.savemat(tmp_path / "few.mat", {"cube": cube, "gt": gt})
     with pytest.raises(DataFormatError, match="the validation scenes contain no target pixels"):
         HyperspectralDataModule(path=str(tmp_path / "few.mat"), crop_size=8).setup()  # before: AP = AUROC = 0 logged
+
+
+def test_a_complex_or_two_dimensional_mat_cube_is_one_line(tmp_path: Path) -> None:
+    cube = np.random.default_rng(0).normal(size=(4, 4, 3))
+    scipy.io.savemat(tmp_path / "complex.mat", {"cube": cube + 1j * cube, "gt": np.eye(4)})
+    with pytest.raises(DataFormatError, match="is complex"):  # before: the imaginary part dropped
+        load_scene(tmp_path / "complex.mat", mask_key="gt")
+    scipy.io.savemat(tmp_path / "flat.mat", {"cube": cube, "gt": np.eye(4)})
+    with pytest.raises(DataFormatError, match="'gt' of .* is 2-D; a cube is"):  # before: an AssertionError in setup
+        load_scene(tmp_path / "flat.mat", cube_key="gt", mask_key="gt")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from lightning_act.data.eeg import EEGSeizureDataModule
 from lightning_act.data.hyperspectral import HyperspectralDataModule
-from lightning_act.data.images import ImageAugment, ImageDataModule
+from lightning_act.data.images import ImageAugment, ImageDataModule, load_cifar10_batches
 from lightning_act.data.stdlib_text import StdlibTextDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
 
@@ -240,3 +240,9 @@ def test_data_module_values_that_cannot_work_are_one_line(tmp_path: Path, make, 
     with pytest.raises(LightningActError) as error:
         make(tmp_path)
     assert says in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cifar_pixels_that_are_not_bytes_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": np.full((1, 3072), 300, dtype=np.int64), b"labels": [1]}))
+    with pytest.raises(DataFormatError, match="pixel values 300 to 300, not bytes"):
+        load_cifar10_batches(tmp_path, ["data_batch_1"])  # before: 300 wrapped to 44 without a word

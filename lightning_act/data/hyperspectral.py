@@ -328,14 +328,23 @@ def read_mat(path: str | Path, key: str | None = None, ndim: int = 3) -> np.ndar
     if key is not None:
         if key not in arrays:
             raise DataFormatError(f"MATLAB file '{file}' has no variable '{key}'; use one of {sorted(arrays)}")
-        return arrays[key]
-    candidates = [k for k, v in arrays.items() if v.ndim == ndim and np.issubdtype(v.dtype, np.number)]
-    if len(candidates) != 1:
-        raise DataFormatError(
-            f"MATLAB file '{file}' has {len(candidates)} {ndim}-D numeric variables {sorted(candidates)}; "
-            "name the one to use with --data.cube_key / --data.mask_key"
-        )
-    return arrays[candidates[0]]
+        chosen = arrays[key]
+        if not np.issubdtype(chosen.dtype, np.number):
+            raise DataFormatError(
+                f"MATLAB variable '{key}' of '{file}' holds {chosen.dtype}, not numbers; name the right one with "
+                "--data.cube_key / --data.mask_key"
+            )
+    else:
+        candidates = [k for k, v in arrays.items() if v.ndim == ndim and np.issubdtype(v.dtype, np.number)]
+        if len(candidates) != 1:
+            raise DataFormatError(
+                f"MATLAB file '{file}' has {len(candidates)} {ndim}-D numeric variables {sorted(candidates)}; "
+                "name the one to use with --data.cube_key / --data.mask_key"
+            )
+        key, chosen = candidates[0], arrays[candidates[0]]
+    if np.iscomplexobj(chosen):  # a float cast would drop the imaginary part without a word
+        raise DataFormatError(f"MATLAB variable '{key}' of '{file}' is complex; pass real-valued data (e.g. its magnitude)")
+    return chosen
 
 
 def read_mask(path: str | Path, key: str | None = None) -> np.ndarray:
@@ -379,6 +388,11 @@ def load_scene(
         labels = read_mask(mask_path, mask_key)
     elif suffix == ".mat":
         cube, wavelengths = read_mat(file, cube_key, ndim=3).astype(np.float32), None
+        if cube.ndim != 3:  # a named 2-D variable: the mask's size check would fail deep inside the data module
+            raise DataFormatError(
+                f"MATLAB variable '{cube_key}' of '{file}' is {cube.ndim}-D; a cube is (rows, columns, bands): pass its "
+                "name with --data.cube_key"
+            )
         require_finite(cube, file)
         labels = read_mask(mask_path, mask_key) if mask_path is not None else read_mat(file, mask_key, ndim=2)
     else:

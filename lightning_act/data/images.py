@@ -50,11 +50,14 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
         try:
             with path.open("rb") as handle:
                 batch = pickle.load(handle, encoding="bytes")
-            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            raw = np.asarray(batch[b"data"])
+            if raw.dtype != np.uint8 and raw.size and (raw.min() < 0 or raw.max() > 255):  # a uint8 cast would wrap
+                raise ValueError(f"pixel values {raw.min()} to {raw.max()}, not bytes")
+            data = raw.astype(np.uint8)
             batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
             raise DataFormatError(
-                f"'{path}' is not a CIFAR-10 python-pickle batch ({type(err).__name__}); "
+                f"'{path}' is not a CIFAR-10 python-pickle batch ({type(err).__name__}: {err}); "
                 "use the files from cifar-10-python.tar.gz"
             ) from err
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(batch_labels) != data.shape[0]:

@@ -120,6 +120,10 @@ class ClassicalDetectors(nn.Module):
                 f"expected background pixels (N, B) and a target (B,), got {tuple(background_pixels.shape)} "
                 f"and {tuple(target.shape)}; pass spectra with the same number of bands"
             )
+        if background_pixels.shape[0] < 2:  # no mean or covariance to estimate: every score would be NaN
+            raise ValueError(
+                f"{background_pixels.shape[0]} background pixel(s); the background mean and covariance need 2 or more"
+            )
         bad = int((~torch.isfinite(background_pixels)).sum()) + int((~torch.isfinite(target)).sum())
         if bad:
             raise ValueError(
