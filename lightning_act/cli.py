@@ -211,8 +211,13 @@ _DOT_PATH = re.compile(r'Parser key "([\w.]+)":.*?(?:Expected a dot import path 
 
 
 def _type_names(text: str) -> str:
+    """``int or None`` from jsonargparse's type list; the values of ``Literal[...]`` types as ``one of 64, '32-true'``."""
+    literals = [value.strip() for group in re.findall(r"Literal\[([^\]]*)\]", text) for value in group.split(",")]
+    text = re.sub(r"(?:typing\.)?Literal\[[^\]]*\](?:, )?", "", text)
     names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>|(?:^|, )(?:[\w.]+\.)?([\w\[\]]+)", text)
     words = [a or b for a, b in names if (a or b)]
+    if literals:
+        words.insert(0, "one of " + ", ".join(dict.fromkeys(literals)))
     return " or ".join(dict.fromkeys("None" if w == "NoneType" else w for w in words)) or text
 
 

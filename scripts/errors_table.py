@@ -97,6 +97,7 @@ CASES = [
     Case("wrong type on the command line (model)", ["fit", "--config", "kat.yaml", "--model.init_args.lr", "abc"]),
     Case("wrong type of an optional model argument", ["fit", "--config", "kat.yaml", "--model.model_kwargs", "notadict"]),
     Case("`--trainer.devices` not a number", ["fit", "--config", "kat.yaml", "--trainer.devices", "abc"]),
+    Case("`--trainer.precision` not a precision", ["fit", "--config", "kat.yaml", "--trainer.precision", "17"]),
     Case("unknown flag", ["fit", "--config", "kat.yaml", "--bogus", "1"]),
     Case("abbreviated option", ["fit", "--config", "kat.yaml", "--trainer.max_epoch", "1"]),
     Case("unknown class short name", ["fit", "--config", "kat.yaml", "--model", "KATClassifier"]),

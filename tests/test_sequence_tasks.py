@@ -10,6 +10,7 @@ import torch
 
 from lightning_act.data.modular_addition import ModularAdditionDataModule, modular_addition_pairs
 from lightning_act.data.stdlib_text import ByteWindows, StdlibTextDataModule, stdlib_python_files
+from lightning_act.errors import LightningActError
 from lightning_act.tasks.language_model import CausalLanguageModel
 from lightning_act.tasks.modular_addition import ModularAddition
 
@@ -81,3 +82,18 @@ def test_tasks_forward_shapes_and_one_fit_step(tmp_path: Path) -> None:
     before = [p.detach().clone() for p in task.parameters()]
     trainer.fit(task, data)
     assert any(not torch.equal(b, p) for b, p in zip(before, task.parameters()))
+
+
+@pytest.mark.parametrize("model_kwargs, fix", [
+    ({"vocab_size": 10}, "--model.vocab_size 256"),  # before: an embedding's IndexError, mid-fit
+    ({"max_len": 4}, "--model.max_len 8"),
+])
+def test_a_language_model_too_small_for_its_data_is_one_line(tmp_path: Path, model_kwargs: dict, fix: str) -> None:
+    for i in range(3):
+        (tmp_path / f"m{i}.py").write_text("x = 1\n" * 40)
+    data = StdlibTextDataModule(seq_len=8, batch_size=2, val_every=2, root=str(tmp_path))
+    model = CausalLanguageModel(**{"dim": 16, "depth": 1, "num_heads": 2, **model_kwargs})
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(LightningActError, match=fix):
+        trainer.fit(model, data)

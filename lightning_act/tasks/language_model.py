@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.image_classification import warmup_cosine
 
@@ -54,6 +55,20 @@ class CausalLanguageModel(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = SmallTransformer(vocab_size, max_len, dim, depth, num_heads, True, mlp_ratio, act, causal=True)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        vocab, seq_len = getattr(datamodule, "vocab_size", None), getattr(datamodule, "seq_len", None)
+        if vocab is not None and vocab > self.hparams.vocab_size:  # else an embedding's IndexError, mid-fit
+            raise LightningActError(
+                f"the data has {vocab} token ids but the model's vocabulary holds {self.hparams.vocab_size}; pass "
+                f"--model.vocab_size {vocab}"
+            )
+        if seq_len is not None and seq_len > self.hparams.max_len:
+            raise LightningActError(
+                f"the data's sequences have {seq_len} tokens but the model takes at most {self.hparams.max_len}; pass "
+                f"--model.max_len {seq_len} or a smaller --data.seq_len"
+            )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
