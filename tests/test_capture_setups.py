@@ -16,7 +16,7 @@ from lightning.pytorch.demos.boring_classes import RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import BlockNet, ToyTask, quiet_trainer, tiny_lightning_transformer, token_data, toy_loader
+from _toy import Block, BlockNet, ToyTask, quiet_trainer, tiny_lightning_transformer, token_data, toy_loader
 from lightning_act.callbacks import (
     ActivationSparsity,
     ActivationStats,
@@ -863,3 +863,19 @@ def test_penultimate_of_a_distilled_deit_and_of_a_headless_backbone_is_the_class
                                               patch_size=8, embed_dim=16, depth=1, num_heads=2)
 
     assert [t.name for t in select_taps(OwnHead(), "@penultimate")] == ["head:input"]
+
+
+def test_blocks_of_a_stack_between_a_stem_and_a_tail():
+    import torchvision
+
+    # torchvision's MobileNetV3 `features`: a convolution, 11 inverted-residual blocks, a convolution. Before, @blocks
+    # found only the inner `block` layers of 2 of the 11 blocks; EfficientNet's stages keep their own stacks.
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=5)
+    assert [t.name for t in select_taps(mobilenet, "@blocks")] == [f"features.{i}" for i in range(1, 12)]
+    efficientnet = [t.name for t in select_taps(torchvision.models.efficientnet_b0(num_classes=5), "@blocks")]
+    assert efficientnet[:3] == ["features.2.0", "features.2.1", "features.3.0"] and len(efficientnet) == 14
+    stem_run_tail = nn.Sequential(nn.Linear(4, 4), Block(4), Block(4), Block(4), nn.Linear(4, 2))
+    assert [t.name for t in select_taps(stem_run_tail, "@blocks")] == ["1", "2", "3"]
+    interleaved = nn.Sequential(nn.Linear(4, 4), Block(4), nn.LayerNorm(4), Block(4), Block(4), nn.Linear(4, 2))
+    with pytest.raises(ModuleSelectionError):  # no run of 3 blocks between one stem and one tail: not a stack
+        select_taps(interleaved, "@blocks")

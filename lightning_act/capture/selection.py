@@ -12,7 +12,8 @@ A *module spec* is one of:
 - ``"@blocks"``: the repeated blocks of every block stack of the model (a timm ViT's ``blocks.0`` …
   ``blocks.11``, every ResNet stage, encoder and decoder layers, ``layers``/``h``/``blocks``
   lists), i.e. the residual stream after each block; a stack is a ``ModuleList``/``Sequential`` of
-  two or more non-leaf modules of one class, and stacks nested inside a chosen stack are skipped;
+  two or more non-leaf modules of one class (or a run of three or more between a stem and a tail, as
+  torchvision's MobileNet ``features``), and stacks nested inside a chosen stack are skipped;
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
   models, else the last ``nn.Linear``), i.e. the penultimate features, named ``<head>:input``;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
@@ -122,8 +123,36 @@ def _resolve_class(spec: str) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
 
 
+def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
+    """The repeated blocks among a ModuleList/Sequential's children: all of them when they are >= 2 non-leaf modules
+    of one class; or, between a stem and a tail of other classes (torchvision's MobileNet/EfficientNet ``features``:
+    a convolution, the inverted-residual blocks, a convolution), the one run of >= 3 blocks of one class that makes up
+    at least half of the children; a run of containers is left to the stacks inside them (torchvision's EfficientNet
+    stages). Else none."""
+    if len(children) < 2:
+        return []
+    if len({type(c) for c in children}) == 1:
+        return children if any(True for _ in children[0].children()) else []
+    runs: list[tuple[int, int]] = []  # [start, end) of each run of one class
+    for i, child in enumerate(children):
+        if runs and type(children[runs[-1][0]]) is type(child):
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    start, end = max(runs, key=lambda run: run[1] - run[0])
+    stem, tail = children[:start], children[end:]
+    inner = type(children[start])
+    if end - start < 3 or 2 * (end - start) < len(children) or not any(True for _ in children[start].children()):
+        return []
+    if isinstance(children[start], (nn.ModuleList, nn.Sequential)):
+        return []
+    if any(type(c) is inner for c in stem + tail) or len({type(c) for c in stem}) > 1 or len({type(c) for c in tail}) > 1:
+        return []
+    return children[start:end]
+
+
 def _repeated_blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Children of every outermost ModuleList/Sequential of >= 2 non-leaf children of one class."""
+    """The repeated blocks (:func:`_stack_members`) of every outermost ModuleList/Sequential that has some."""
     blocks: list[tuple[str, nn.Module]] = []
     inside: set[int] = set()
     names = {id(m): n for n, m in modules}
@@ -131,9 +160,10 @@ def _repeated_blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn
         if id(module) in inside or not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
         children = [c for _, c in module.named_children()]
-        if len(children) < 2 or len({type(c) for c in children}) != 1 or not any(True for _ in children[0].children()):
+        members = _stack_members(children)
+        if not members:
             continue
-        blocks.extend((names[id(c)], c) for c in children if id(c) in names)
+        blocks.extend((names[id(c)], c) for c in members if id(c) in names)
         inside.update(id(m) for c in children for m in c.modules())
     return blocks
 
