@@ -3,9 +3,9 @@
 The statistics read activations sample-first: ``(B, D)``, ``(B, T, D)``, ``(B, C, H, W)``. PyTorch's
 own sequence modules default to sequence-first ``(T, B, D)`` (``batch_first=False``), so a tap
 inside (or on) an ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``,
-``nn.MultiheadAttention``, ``nn.TransformerEncoder``/``Decoder``, ``nn.Transformer`` or a recurrent layer
-(``nn.RNN``/``LSTM``/``GRU``) inherits the ``batch_first`` of its nearest such owner. The user can say it per monitor (``batch_dim=``,
-``token_dim=``), which overrides the inference.
+``nn.MultiheadAttention``, ``nn.TransformerEncoder``/``Decoder``, ``nn.Transformer`` or a recurrent
+layer (``nn.RNN``/``LSTM``/``GRU``) inherits the ``batch_first`` of its nearest such owner. The user
+can say it per monitor (``batch_dim=``, ``token_dim=``), which overrides the inference.
 
 Features: a 3-D activation is read as ``(B, T, D)`` and a 4-D one as ``(B, C, H, W)``, but channels-last maps
 (timm's Swin, TinyViT and MambaOut blocks give ``(B, H, W, C)``) and 1-D conv maps ``(B, C, L)`` exist too. The
