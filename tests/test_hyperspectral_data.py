@@ -268,3 +268,10 @@ def test_a_complex_or_two_dimensional_mat_cube_is_one_line(tmp_path: Path) -> No
     scipy.io.savemat(tmp_path / "flat.mat", {"cube": cube, "gt": np.eye(4)})
     with pytest.raises(DataFormatError, match="'gt' of .* is 2-D; a cube is"):  # before: an AssertionError in setup
         load_scene(tmp_path / "flat.mat", cube_key="gt", mask_key="gt")
+
+
+def test_an_envi_header_with_a_wavelength_per_band_too_few_is_one_line(tmp_path: Path) -> None:
+    header = _write_envi(tmp_path, np.zeros((2, 2, 3), dtype=np.float32), "bsq")
+    header.write_text(header.read_text().replace("wavelength = {400, 410, 420}", "wavelength = {400, 410}"))
+    with pytest.raises(DataFormatError, match="lists 2 wavelengths for 3 bands"):  # before: accepted
+        read_envi(header)

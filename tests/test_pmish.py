@@ -110,3 +110,15 @@ def test_beta_is_one_learnable_scalar() -> None:
     assert not PMish(learnable=False).beta.requires_grad
     with pytest.raises(ValueError, match="beta_init must be > 0"):
         PMish(beta_init=0.0)
+
+
+def test_half_precision_inputs_are_computed_in_float32_and_returned_in_their_dtype() -> None:
+    # In float16 a beta above 65504 was infinite (NaN for every x > 0), and beta_min = 1e-8 was 0.
+    x = torch.tensor([1.0, 0.5, -1.0])
+    for beta in (1e5, 1e-9):
+        module = PMish(beta_init=beta)
+        want = module(x)
+        for dtype in (torch.float16, torch.bfloat16):
+            got = module(x.to(dtype))
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=0, atol=0)

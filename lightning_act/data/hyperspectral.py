@@ -294,6 +294,11 @@ def read_envi(header_path: str | Path, image_path: str | Path | None = None) -> 
         raise DataFormatError(f"ENVI cube '{header}' cannot be read ({error}); check the header against the data file") from error
     require_finite(cube, image.filename)
     wavelengths = np.asarray(meta["wavelength"], dtype=np.float64) if "wavelength" in meta else None
+    if wavelengths is not None and len(wavelengths) != cube.shape[-1]:  # each band's wavelength would be another's
+        raise DataFormatError(
+            f"ENVI header '{header}' lists {len(wavelengths)} wavelengths for {cube.shape[-1]} bands; fix its "
+            "'wavelength' list or 'bands'"
+        )
     return cube, wavelengths
 
 

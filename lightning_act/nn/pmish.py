@@ -24,10 +24,13 @@ from torch import nn
 
 
 def pmish(x: torch.Tensor, beta: torch.Tensor | float, beta_min: float = 1e-8) -> torch.Tensor:
-    """``x · tanh(softplus(β x) / β)`` with β clamped to at least ``beta_min`` (see module docstring)."""
+    """``x · tanh(softplus(β x) / β)`` with β clamped to at least ``beta_min`` (see module docstring), computed in
+    float32 at least and returned in ``x``'s dtype: in float16 a β above 65504 is infinite and ``beta_min`` is 0."""
+    out_dtype = x.dtype
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     beta_t = torch.as_tensor(beta, dtype=x.dtype, device=x.device).clamp_min(beta_min)
     scaled_softplus = torch.logaddexp(beta_t * x, torch.zeros((), dtype=x.dtype, device=x.device)) / beta_t
-    return x * torch.tanh(scaled_softplus)
+    return (x * torch.tanh(scaled_softplus)).to(out_dtype)
 
 
 class PMish(nn.Module):
@@ -49,7 +52,7 @@ class PMish(nn.Module):
         self.beta = nn.Parameter(torch.tensor(float(beta_init)), requires_grad=learnable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pmish(x, self.beta.to(x.dtype), self.beta_min)
+        return pmish(x, self.beta, self.beta_min)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta.item():.4g}, learnable={self.beta.requires_grad}, beta_min={self.beta_min:g}"
