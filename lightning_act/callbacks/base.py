@@ -292,6 +292,9 @@ class FitScopedState(Callback):
     _keeps_own_state = False
     _resumed_this_fit = False
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {key: series.state_dict() for key, series in self.history.items()}}
+
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         """Replace the run's state by ``state_dict`` (``{}``: the empty state of a new run)."""
         self.history = {key: BoundedSeries.from_state_dict(s) for key, s in state_dict.get("history", {}).items()}
@@ -782,9 +785,6 @@ class ActivationMonitor(FitScopedState, ABC):
             logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ state and plots
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": {key: series.state_dict() for key, series in self.history.items()}}
-
     def series(self, stat: str) -> dict[str, BoundedSeries]:
         """``{tap name: history}`` of one statistic."""
         suffix = f"/{stat}"

@@ -237,7 +237,7 @@ class DimensionalCollapse(ActivationMonitor):
             self._warn_low_dim(tap_index, x.dim())
             return
         d = x.shape[1] if x.dim() >= 4 else x.shape[-1]
-        self._rows[tap_index] = self._rows.get(tap_index, 0) + min(x.numel() // max(d, 1), self.max_rows)
+        self._rows[tap_index] = self._rows.get(tap_index, 0) + min(x.numel() // d, self.max_rows)
         if self._is_wide(d) or tap_index in self._kept:
             self.accumulate(tap_index, self.partials(tap_index, x))
             return

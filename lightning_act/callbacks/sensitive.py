@@ -641,7 +641,7 @@ class SensitiveNeurons(FitScopedState):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
-            "history": {key: series.state_dict() for key, series in self.history.items()},
+            **super().state_dict(),
             "embeddings": {name: [e.detach().cpu() for e in window] for name, window in self.embeddings.items()},
             "sensitive": {name: s.cpu() for name, s in self.sensitive.items()},
             "previous": {name: s.cpu() for name, s in self.previous.items()},

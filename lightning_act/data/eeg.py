@@ -437,17 +437,17 @@ def label_windows(
     starts = np.arange(0, n_samples - window_samples + 1, stride_samples)
     a = starts / sampling_rate
     b = (starts + window_samples) / sampling_rate
-    own = set(seizures)
-    ordered = sorted([*seizures, *(nearby_seizures or [])])
+    # (onset, end, whether it is this recording's own seizure), in time order
+    ordered = sorted([(s, e, True) for s, e in seizures] + [(s, e, False) for s, e in nearby_seizures or []])
     before = horizon_s if interictal_distance_s is None else max(horizon_s, interictal_distance_s)
     after = postictal_s if interictal_distance_s is None else max(postictal_s, interictal_distance_s)
     labels = np.full(len(starts), INTERICTAL, dtype=np.int64)
-    for onset, end in ordered:
+    for onset, end, _ in ordered:
         labels[(a < end + after) & (b > onset - before)] = EXCLUDED
-    for i, (onset, end) in enumerate(ordered):
-        if (onset, end) in own and (i == 0 or onset - ordered[i - 1][1] >= leading_gap_s):
+    for i, (onset, _, own) in enumerate(ordered):
+        if own and (i == 0 or onset - ordered[i - 1][1] >= leading_gap_s):
             labels[(a >= onset - horizon_s) & (b <= onset)] = PREICTAL
-    for onset, end in ordered:
+    for onset, end, _ in ordered:
         labels[(a < end + postictal_s) & (b > onset)] = EXCLUDED
     return starts, labels
 

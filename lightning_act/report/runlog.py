@@ -265,7 +265,7 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
         for key, old in merged.items():
             if logs_training and not key.startswith(TEST_PREFIX):
                 cut = start
-            elif key in series and key in firsts:
+            elif key in firsts and key not in kept_curves:
                 cut = firsts[key]
             else:
                 continue
