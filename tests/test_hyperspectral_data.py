@@ -127,6 +127,19 @@ def test_envi_written_by_spectral_and_mask(tmp_path: Path) -> None:
     assert scene.mask.sum() == 1 and scene.mask[1, 2]
 
 
+def test_envi_mask_keeps_integer_labels_above_float32_precision(tmp_path: Path) -> None:
+    # 2**24 + 1 is not a float32: read as float32 it became 2**24, so target_values=[2**24 + 1] found
+    # nothing and a pixel labelled 2**24 became a target.
+    from spectral.io import envi
+
+    cube = np.random.default_rng(2).uniform(size=(3, 2, 4)).astype(np.float32)
+    envi.save_image(str(tmp_path / "scene.hdr"), cube, dtype=np.float32)
+    labels = np.array([[2**24 + 1, 2**24], [0, 5], [2**24 + 1, 7]], dtype=np.int32)
+    envi.save_image(str(tmp_path / "gt.hdr"), labels[..., None], dtype=np.int32)
+    scene = load_scene(tmp_path / "scene.hdr", tmp_path / "gt.hdr", target_values=[2**24 + 1])
+    np.testing.assert_array_equal(scene.mask, labels == 2**24 + 1)
+
+
 def test_mat_round_trip(tmp_path: Path) -> None:
     cube = np.random.default_rng(2).integers(0, 9000, size=(8, 9, 4)).astype(np.uint16)
     gt = np.zeros((8, 9), dtype=np.uint8)

@@ -250,11 +250,15 @@ def _existing(path: str | Path, what: str, flag: str) -> Path:
     return p
 
 
-def read_envi(header_path: str | Path, image_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read an ENVI cube (BSQ, BIL or BIP) as (H, W, B) float32, plus its wavelengths if the header has them.
+def read_envi(
+    header_path: str | Path, image_path: str | Path | None = None, dtype: np.dtype | type | None = np.float32
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an ENVI cube (BSQ, BIL or BIP) as (H, W, B) ``dtype``, plus its wavelengths if the header has them.
 
     The raw file is found next to the header (same stem, no extension or ``.img``/``.dat``/
     ``.raw``/``.bsq``/...) unless ``image_path`` is given. Reading uses ``spectral.envi``.
+    ``dtype=None`` keeps the file's own data type: a mask's class labels stay exact (float32 holds
+    integers exactly only up to 2**24).
     """
     from spectral.io import envi
 
@@ -289,7 +293,7 @@ def read_envi(header_path: str | Path, image_path: str | Path | None = None) -> 
             f"{image.offset} header offset); fix 'samples', 'lines', 'bands', 'data type' or 'header offset' in the header"
         )
     try:
-        cube = np.asarray(image.load(), dtype=np.float32)
+        cube = np.asarray(image.load(dtype=image.dtype if dtype is None else dtype))
     except Exception as error:
         raise DataFormatError(f"ENVI cube '{header}' cannot be read ({error}); check the header against the data file") from error
     require_finite(cube, image.filename)
@@ -357,7 +361,7 @@ def read_mask(path: str | Path, key: str | None = None) -> np.ndarray:
     file = _existing(path, "mask file", "--data.mask_path")
     suffix = file.suffix.lower()
     if suffix == ".hdr":
-        mask, _ = read_envi(file)
+        mask, _ = read_envi(file, dtype=None)
         if mask.shape[-1] != 1:
             raise DataFormatError(f"ENVI mask '{file}' has {mask.shape[-1]} bands; pass a single-band mask")
         return mask[..., 0]
