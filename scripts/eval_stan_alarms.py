@@ -72,6 +72,7 @@ def main() -> None:
             rec, end, prob, [r.seizures for r in recordings], [r.duration_s for r in recordings],
             threshold=threshold, k=k, n=n, refractory_s=refractory * 60.0,
             horizon_s=datamodule.horizon_s, postictal_s=datamodule.postictal_s,
+            nearby_seizures=[r.nearby_seizures for r in recordings],
         )
         lead = report.mean_lead_time_s / 60.0
         print(

@@ -157,6 +157,27 @@ def test_evaluate_recordings_groups_and_sorts_windows_per_recording() -> None:
     assert report.interictal_hours == pytest.approx(5700.0 / 3600.0)
 
 
+def test_seizures_of_neighbouring_files_make_their_alarms_ignored_and_their_time_not_interictal() -> None:
+    # One 1-h CHB-MIT file; the next file's seizure sits at 3700-3760 s of this file's clock and the previous
+    # file's at -100 to -50 s. H = 900, post-ictal 600.
+    # alarm 200: in the previous seizure's post-ictal period (< -50 + 600) -> ignored.
+    # alarm 1000: nothing near -> false.  alarm 3300: 400 s before the next file's onset -> ignored, not false
+    #   (it was false before: the per-file evaluation did not know that seizure).
+    # blocked: [-1000, 550) and [2800, 4360), clipped to [0, 3600): 550 + 800 s -> interictal 2250 s.
+    nearby = [(3700.0, 3760.0), (-100.0, -50.0)]
+    report = evaluate_alarms([200.0, 1000.0, 3300.0], [], 3600.0, nearby_s=nearby)
+    assert (report.n_seizures, report.n_true_alarms, report.n_false_alarms, report.n_ignored_alarms) == (0, 0, 1, 2)
+    assert report.interictal_hours == pytest.approx(2250.0 / 3600.0)
+    # evaluate_recordings forwards them per recording: positives at 3240 and 3300 -> (k=2 of n=2) alarm 3300.
+    times = np.arange(60.0, 3601.0, 60.0)
+    probs = ((times == 3240) | (times == 3300)).astype(float)
+    pooled = evaluate_recordings(np.zeros(len(times)), times, probs, [[]], [3600.0], k=2, n=2, nearby_seizures=[nearby])
+    assert (pooled.n_false_alarms, pooled.n_ignored_alarms) == (0, 1)
+    assert pooled.interictal_hours == pytest.approx(2250.0 / 3600.0)
+    with pytest.raises(LightningActError, match="one of each per recording"):
+        evaluate_recordings(np.zeros(len(times)), times, probs, [[]], [3600.0], nearby_seizures=[])
+
+
 def test_exact_intervals_by_hand() -> None:
     # Clopper-Pearson at 0/n and n/n has closed forms: upper = 1 - (alpha/2)^(1/n), lower = (alpha/2)^(1/n).
     assert proportion_interval(0, 10) == pytest.approx((0.0, 1 - 0.025 ** (1 / 10)), rel=1e-9)
@@ -182,7 +203,7 @@ def test_nan_probabilities_and_recordings_without_an_entry_are_one_line() -> Non
     both = np.concatenate([times, times])
     with pytest.raises(LightningActError, match=r"windows of recordings \[1\] have no seizure list or duration"):
         evaluate_recordings(rec, both, np.zeros(20), [[]], [600.0])  # before: recording 1's windows vanished
-    with pytest.raises(LightningActError, match="1 seizure lists but 2 durations"):
+    with pytest.raises(LightningActError, match="1 seizure lists, 2 durations and 1 nearby-seizure lists"):
         evaluate_recordings(rec, both, np.zeros(20), [[]], [600.0, 600.0])
     with pytest.raises(LightningActError, match="one entry per window"):
         evaluate_recordings(rec[:5], both, np.zeros(20), [[], []], [600.0, 600.0])

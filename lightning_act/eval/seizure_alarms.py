@@ -16,7 +16,12 @@ refractory period.  Conventions (all times in seconds from the recording start):
   Otherwise it is **ignored** if it falls in an ictal or post-ictal period
   ``[s, end + postictal)`` (the patient is having or recovering from a seizure), else **false**.
   No seizure-prediction horizon (intervention gap) is used, and an alarm near the end of the
-  recording with no onset after it counts as false.
+  recording with no onset after it counts as false, unless a *nearby* seizure follows.
+* *Nearby* seizures are other recordings' seizures in this recording's seconds (a CHB-MIT file's
+  neighbours, :attr:`lightning_act.data.eeg.EEGRecording.nearby_seizures`). Files are not concatenated,
+  so an alarm in ``[s - H, end + postictal)`` of a nearby seizure is **ignored** (the windows there are
+  excluded from training labels too) and that span is not interictal; the seizure itself is counted,
+  and its prediction judged, in its own recording.
 * A seizure is **predicted** iff at least one alarm falls in ``[s - H, s)``; its **lead time** is
   ``s`` minus the earliest such alarm.  Sensitivity = predicted seizures / seizures.
 * **Interictal time** = the monitored span ``[start, start + duration)`` minus the union of
@@ -136,14 +141,16 @@ def evaluate_alarms(
     horizon_s: float = 900.0,
     postictal_s: float = 600.0,
     start_s: float = 0.0,
+    nearby_s: list[tuple[float, float]] | None = None,
 ) -> AlarmReport:
-    """Score alarms of one recording against its seizure onsets (conventions in the module doc)."""
+    """Score alarms of one recording against its seizure onsets (conventions, and ``nearby_s``, in the module doc)."""
     alarms = np.asarray(alarm_times_s, dtype=np.float64)
     onsets = np.asarray(onsets_s, dtype=np.float64)
     ends = onsets.copy() if ends_s is None else np.asarray(ends_s, dtype=np.float64)
     if ends.shape != onsets.shape:
         raise LightningActError(f"{len(onsets)} onsets but {len(ends)} ends; pass one end time per seizure")
-    if np.any(ends < onsets):
+    nearby = np.asarray(nearby_s or [], dtype=np.float64).reshape(-1, 2)
+    if np.any(ends < onsets) or np.any(nearby[:, 1] < nearby[:, 0]):
         raise LightningActError("a seizure ends before it starts; pass end times >= onset times")
     lead = onsets[None, :] - alarms[:, None]
     in_horizon = (lead > 0) & (lead <= horizon_s)
@@ -151,10 +158,13 @@ def evaluate_alarms(
     in_seizure_or_after = ((alarms[:, None] >= onsets[None, :]) & (alarms[:, None] < ends[None, :] + postictal_s)).any(
         axis=1
     )
-    ignored = ~true_alarm & in_seizure_or_after
+    near_other = ((alarms[:, None] >= nearby[None, :, 0] - horizon_s) & (alarms[:, None] < nearby[None, :, 1] + postictal_s)).any(
+        axis=1
+    )
+    ignored = ~true_alarm & (in_seizure_or_after | near_other)
     predicted = in_horizon.any(axis=0)
     lead_times = [float(lead[in_horizon[:, j], j].max()) for j in np.flatnonzero(predicted)]
-    blocked = [(s - horizon_s, e + postictal_s) for s, e in zip(onsets, ends)]
+    blocked = [(s - horizon_s, e + postictal_s) for s, e in [*zip(onsets, ends), *nearby]]
     interictal_s = duration_s - _union_length(blocked, start_s, start_s + duration_s)
     return AlarmReport(
         n_seizures=len(onsets),
@@ -192,14 +202,18 @@ def evaluate_recordings(
     refractory_s: float = 900.0,
     horizon_s: float = 900.0,
     postictal_s: float = 600.0,
+    nearby_seizures: list[list[tuple[float, float]]] | None = None,
 ) -> AlarmReport:
     """Alarms and pooled metrics for windows of several recordings (``recording_index`` per window, ``0 ..
-    len(seizures) - 1``; ``seizures`` and ``durations_s`` hold one entry per recording)."""
+    len(seizures) - 1``; ``seizures``, ``durations_s`` and ``nearby_seizures`` (see :func:`evaluate_alarms`) hold one
+    entry per recording)."""
     recording_index = np.asarray(recording_index)
     times_s, probabilities = np.asarray(times_s), np.asarray(probabilities)
-    if len(seizures) != len(durations_s):
+    nearby_seizures = [[] for _ in seizures] if nearby_seizures is None else nearby_seizures
+    if not len(seizures) == len(durations_s) == len(nearby_seizures):
         raise LightningActError(
-            f"{len(seizures)} seizure lists but {len(durations_s)} durations; pass one of each per recording"
+            f"{len(seizures)} seizure lists, {len(durations_s)} durations and {len(nearby_seizures)} nearby-seizure "
+            "lists; pass one of each per recording"
         )
     if recording_index.shape != times_s.shape:
         raise LightningActError(
@@ -212,13 +226,14 @@ def evaluate_recordings(
             f"numbered 0 to {len(seizures) - 1}); pass an entry for every recording"
         )
     reports = []
-    for r, (events, duration) in enumerate(zip(seizures, durations_s)):
+    for r, (events, duration, nearby) in enumerate(zip(seizures, durations_s, nearby_seizures)):
         mask = recording_index == r
         order = np.argsort(times_s[mask], kind="stable")
         alarms = raise_alarms(times_s[mask][order], probabilities[mask][order], threshold, k, n, refractory_s)
         reports.append(
             evaluate_alarms(
-                alarms, [s for s, _ in events], duration, [e for _, e in events], horizon_s, postictal_s
+                alarms, [s for s, _ in events], duration, [e for _, e in events], horizon_s, postictal_s,
+                nearby_s=nearby,
             )
         )
     return combine_reports(reports)

@@ -270,6 +270,7 @@ class SeizureForecaster(pl.LightningModule):
             refractory_s=self.hparams.refractory_minutes * 60.0,
             horizon_s=datamodule.horizon_s,
             postictal_s=datamodule.postictal_s,
+            nearby_seizures=[r.nearby_seizures for r in recordings],
         )
         self.log("test/sensitivity", report.sensitivity)
         self.log("test/false_detections_per_hour", report.false_detections_per_hour)
