@@ -54,6 +54,24 @@ def test_exact_when_rows_fit_the_sketch(kind: str) -> None:
     assert stats["pr"].item() == pytest.approx(pr, rel=1e-6)
 
 
+@pytest.mark.parametrize("noise", [0.0, 1e-6, 1e-4, 1e-2])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_collapsed_layers_are_not_made_wider(rank: int, noise: float) -> None:
+    """Rank-1 or rank-3 activations (a collapsed layer, the monitor's very subject), exactly or nearly.
+
+    Before round 15 the float32 rounding of ``Z`` left ``W`` eigenvalues of ~1e-14 of its largest above the
+    whitening floor, and whitening by them made up eigenvalues: erank 1.24 for rank 1, 6.26 and 10.2 for rank 3
+    (float64 numpy: 1.00 and 2.96)."""
+    rng = np.random.default_rng(rank)
+    n, d = 64, 300
+    rows = (rng.standard_normal((n, rank)) @ rng.standard_normal((rank, d)) + noise * rng.standard_normal((n, d)))
+    rows = rows.astype(np.float32).astype(np.float64)
+    stats = sketch_rank_statistics(sketch_partials(torch.from_numpy(rows).float(), gaussian_test_matrix(d, n)), d, n)
+    erank, pr = numpy_rank_statistics(rows)
+    assert stats["erank"].item() == pytest.approx(erank, rel=0.02)
+    assert stats["pr"].item() == pytest.approx(pr, rel=0.02)
+
+
 def test_more_rows_than_the_sketch_keeps_the_leading_spectrum() -> None:
     """N = 3k rows: no longer exact (a randomized range finder): both statistics come out low, never high.
 
