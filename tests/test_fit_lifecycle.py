@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import CombinedLoader
 
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, toy_loader
@@ -130,6 +130,28 @@ def test_a_checkpoint_loaded_to_test_keeps_the_fits_histories_and_a_fresh_callba
     fresh = all_four()
     quiet_trainer(callbacks=fresh).test(Testable(BlockNet()), toy_loader(16), ckpt_path=str(tmp_path / "epoch=0-step=2.ckpt"), verbose=False)
     assert all(steps and all(s == [0, 1] for s in steps.values()) for steps in map(history_steps, fresh))
+
+
+def test_a_resumed_fit_puts_the_last_statistics_back_for_early_stopping(tmp_path):
+    # 2 steps per epoch, due every 4 steps: the resumed second epoch (steps 2, 3) has no due step. Lightning empties
+    # callback_metrics when a fit starts, so EarlyStopping's epoch-end check failed with "metric not available",
+    # where the uninterrupted run used step 0's value.
+    def fit(max_epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        monitors = [ActivationSparsity(every_n_steps=4), SensitiveNeurons(every_n_steps=4, num_samples=8, eigenscore_passes=0)]
+        stops = [
+            EarlyStopping(monitor="sparsity/net.blocks.0.act/zero_frac", mode="max", patience=100, check_on_train_epoch_end=True),
+            EarlyStopping(monitor="sensitive/net.head:input/count", mode="max", patience=100, check_on_train_epoch_end=True),
+        ]
+        saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[*monitors, *stops, saver], enable_checkpointing=True)
+        trainer.fit(ToyTask(BlockNet()), toy_loader(16), toy_loader(16, seed=1), ckpt_path=ckpt_path)
+        return trainer
+
+    whole = fit(2)
+    resumed = fit(2, str(tmp_path / "epoch=0.ckpt"))
+    for key in ("sparsity/net.blocks.0.act/zero_frac", "sensitive/net.head:input/count"):
+        assert resumed.callback_metrics[key].item() == whole.callback_metrics[key].item()
 
 
 def test_one_callback_object_in_a_new_fit_from_step_0_starts_afresh_and_a_further_fit_continues():

@@ -293,11 +293,31 @@ class FitScopedState(Callback):
     _resumed_this_fit = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {key: series.state_dict() for key, series in self.history.items()}}
+        return {
+            "history": {key: series.state_dict() for key, series in self.history.items()},
+            "published": dict(self.__dict__.get("_published", {})),
+        }
 
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         """Replace the run's state by ``state_dict`` (``{}``: the empty state of a new run)."""
         self.history = {key: BoundedSeries.from_state_dict(s) for key, s in state_dict.get("history", {}).items()}
+        self._published = dict(state_dict.get("published", {}))
+
+    def publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Put ``metrics`` into ``trainer.callback_metrics`` (same values on every rank), and keep the latest of
+        each for :meth:`on_train_start` of a resumed fit."""
+        self.__dict__.setdefault("_published", {}).update(metrics)
+        # one tensor, unbound into 0-d views: a tensor per metric costs the host a few microseconds each
+        trainer.callback_metrics.update(zip(metrics, torch.tensor(list(metrics.values())).unbind()))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed fit puts the statistics of its last due step back into ``callback_metrics``, which Lightning
+        empties when a fit starts: ``EarlyStopping`` or ``ModelCheckpoint`` on a monitor statistic failed with
+        "metric not available" when the resumed fit's first check came before its first due step, where the
+        uninterrupted run had the value."""
+        published = self.__dict__.get("_published")
+        if self._resumed_this_fit and published:
+            self.publish(trainer, published)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         keep, self._keeps_own_state = self._keeps_own_state, False
@@ -770,12 +790,6 @@ class ActivationMonitor(FitScopedState, ABC):
         if series is None:
             series = self.history[key] = BoundedSeries(self.history_size)
         series.append(step, value)
-
-    @staticmethod
-    def publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        """Put ``metrics`` into ``trainer.callback_metrics`` (same values on every rank)."""
-        # one tensor, unbound into 0-d views: a tensor per metric costs the host a few microseconds each
-        trainer.callback_metrics.update(zip(metrics, torch.tensor(list(metrics.values())).unbind()))
 
     @staticmethod
     def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:

@@ -535,7 +535,7 @@ class SensitiveNeurons(FitScopedState):
         self.checkpoints += 1
         if trainer is not None:
             ActivationMonitor.log_metrics(trainer, metrics, step)
-            ActivationMonitor.publish(trainer, metrics)
+            self.publish(trainer, metrics)
         return metrics
 
     def _derive(self, tap: Tap, window: list[torch.Tensor], z: torch.Tensor | None) -> dict[str, torch.Tensor]:
