@@ -461,11 +461,20 @@ def _build_cli_class() -> type:
                 if isinstance(callback, LastCheckpoint):
                     found += [p for p in [callback.path(self.trainer)] if p.is_file()]
                 elif isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
-                    found += sorted(Path(callback.dirpath).glob("*.ckpt"))
+                    # rglob: a filename templating a monitor statistic ("{sparsity/blocks.0/zero_frac:.3f}") puts the
+                    # file in sub-folders of dirpath, one per "/"
+                    found += sorted(Path(callback.dirpath).rglob("*.ckpt"))
             if self.save_config_callback is not None and self.trainer.log_dir:
                 config = Path(self.trainer.log_dir) / self.save_config_kwargs.get("config_filename", "config.yaml")
                 found += [config] if config.is_file() else []
             return list(dict.fromkeys(found))
+
+        def _remove_empty_folders(self, folder: Path) -> None:
+            """The sub-folders a templated checkpoint filename made, once empty, up to its ``ModelCheckpoint.dirpath``."""
+            roots = {Path(c.dirpath) for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath}
+            while folder not in roots and any(root in folder.parents for root in roots) and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
 
         def _resolve_checkpoint_alias(self) -> None:
             """``--ckpt_path last``/``best`` as the file they name, or one line. Lightning resolves "last" only among
@@ -508,6 +517,7 @@ def _build_cli_class() -> type:
             if previous:
                 for path in previous:
                     path.unlink()
+                    self._remove_empty_folders(path.parent)
                 for logger in self.trainer.loggers:
                     if isinstance(logger, CSVLogger) and Path(logger.root_dir).is_dir():
                         shutil.rmtree(logger.root_dir)

@@ -86,6 +86,28 @@ def test_fit_refuses_to_overwrite_a_previous_run_unless_asked(tmp_path, capsys, 
     assert sorted(p.name for p in (tmp_path / "runs" / "csv").iterdir()) == ["version_0"]  # started over
 
 
+def test_overwrite_removes_checkpoints_in_the_folders_a_templated_filename_made(tmp_path, monkeypatch):
+    # "{act/model.blocks.0/rms:.4f}" in a ModelCheckpoint filename writes into sub-folders of its dirpath; --overwrite
+    # left those behind (only dirpath/*.ckpt was looked at), and the new run's files came out as "-v1" beside them.
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    checkpoints = tmp_path / "runs" / "vit_demo" / "checkpoints"
+    settings["trainer"]["callbacks"].append({
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(checkpoints), "monitor": "act/model.blocks.0/rms", "mode": "max", "save_top_k": 1,
+                      "filename": "best-{step}-{act/model.blocks.0/rms:.4f}"},
+    })
+    config.write_text(yaml.safe_dump(settings))
+    stale = checkpoints / "best-step=1-act" / "model.blocks.0" / "rms=0.4148.ckpt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"previous run")
+    assert main(["fit", "--config", str(config), "--overwrite"]) == 0
+    assert not stale.exists()
+    written = [p.relative_to(checkpoints).as_posix() for p in checkpoints.rglob("*.ckpt")]
+    assert "last.ckpt" in written and len(written) == 2 and not any("-v1" in p for p in written), written
+
+
 def test_short_class_names_resolve(tmp_path, capsys):
     config = write_config(tmp_path)
     with pytest.raises(SystemExit) as exited:
