@@ -49,14 +49,19 @@ def reduction_of(prefix: str, stat: str) -> str:
     return STAT_REDUCTIONS.get(stat, MONITOR_REDUCTIONS.get(prefix, "mean"))
 
 
-def compact_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, str, float]]]:
+def compact_metrics(
+    metrics: Mapping[str, Any], multi_layer: set[tuple[str, str]] | None = None
+) -> tuple[dict[str, Any], list[tuple[str, str, str, float]]]:
     """Split one logging call into (keys to log, per-layer detail ``(prefix, layer, stat, value)``).
 
     Monitor statistics logged for several layers become one ``<prefix>/<reduction>/<stat>`` key
     (over the finite values; none finite → not logged, never a placeholder); the top-k entries
     (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) are detail only; all other keys are
-    kept as they are.
+    kept as they are. ``multi_layer`` holds the ``(prefix, stat)`` pairs a run has logged for several layers
+    (updated here): they stay reduced at a step where only one layer delivered (a skipped tap), instead of
+    turning into that layer's own key for one point.
     """
+    multi_layer = set() if multi_layer is None else multi_layer
     kept: dict[str, Any] = {}
     groups: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
     detail: list[tuple[str, str, str, float]] = []
@@ -70,7 +75,9 @@ def compact_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[tu
         if not TOPK_STAT.match(stat):
             groups.setdefault((prefix, stat), []).append((key, layer, float(value)))
     for (prefix, stat), members in groups.items():
-        if len(members) == 1:
+        if len(members) > 1:
+            multi_layer.add((prefix, stat))
+        elif (prefix, stat) not in multi_layer:
             kept[members[0][0]] = members[0][2]
             continue
         finite = [value for _, _, value in members if math.isfinite(value)]
@@ -93,18 +100,26 @@ class CompactWandbLogger(WandbLogger):
         super().__init__(*args, **kwargs)
         self.per_layer = per_layer
         self._layer_rows: dict[str, list[list[Any]]] = {}
+        self._multi_layer: set[tuple[str, str]] = set()
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if self.per_layer:
             super().log_metrics(metrics, step)
             return
-        kept, detail = compact_metrics(metrics)
+        kept, detail = compact_metrics(metrics, self._multi_layer)
         detail = [item for item in detail if "/".join(item[:3]) not in kept]  # a kept key is in the history already
         if detail:
             for prefix, layer, stat, value in detail:
                 self._layer_rows.setdefault(prefix, []).append([step, layer, stat, value])
-            self.experiment.summary.update({"/".join((p, layer, stat)): v for p, layer, stat, v in detail if math.isfinite(v)})
+            # an infinite top1 is the news: a stale finite value must not hide it; NaN (not measured) removes the key
+            summary = self.experiment.summary
+            for prefix, layer, stat, value in detail:
+                key = "/".join((prefix, layer, stat))
+                if not math.isnan(value):
+                    summary[key] = value
+                elif key in summary:
+                    del summary[key]
         if kept:
             super().log_metrics(kept, step)
 

@@ -84,6 +84,23 @@ def test_logger_sends_summaries_per_step_and_the_layers_to_a_table() -> None:
     assert "collapse/params/r90" not in run.summary
 
 
+def test_the_summary_follows_a_statistic_that_turns_non_finite_and_a_skipped_layer_keeps_the_reduced_key() -> None:
+    run = FakeRun()
+    logger = CompactWandbLogger(experiment=run)
+    logger.log_metrics({f"massive/blocks.{i}/{stat}": value for i in range(2)
+                        for stat, value in (("top1", 2.0 + i), ("ratio", 0.99), ("count", 0.0))}, step=0)
+    # step 1: block 0 blew up (top1 inf, ratio not measurable); block 1 was skipped (LayerDrop)
+    logger.log_metrics({"massive/blocks.0/top1": math.inf, "massive/blocks.0/ratio": math.nan,
+                        "massive/blocks.0/count": 8.0}, step=1)
+    # before: the summary kept top1 2.0 and ratio 0.99 from step 0 beside step 1's count 8
+    assert run.summary["massive/blocks.0/top1"] == math.inf and "massive/blocks.0/ratio" not in run.summary
+    assert run.summary["massive/blocks.0/count"] == 8.0
+    # before: step 1 logged "massive/blocks.0/count" as its own one-point key instead of the reduced one
+    assert [sorted(k for k in row if k != "trainer/global_step") for row in run.logged] == [
+        ["massive/max/count", "massive/max/ratio", "massive/max/top1"], ["massive/max/count"],
+    ]
+
+
 def test_per_layer_logs_everything() -> None:
     run = FakeRun()
     CompactWandbLogger(experiment=run, per_layer=True).log_metrics(monitor_metrics(), step=3)
