@@ -179,7 +179,7 @@ def bench_host(args: argparse.Namespace, device: torch.device) -> None:
         from lightning_act.nn import group_rational
 
         _triton_standin.install()
-        group_rational._runs_triton = lambda x: True  # CPU tensors take the Triton path; the stand-in launches nothing
+        group_rational._runs_triton = lambda x, *coefficients: True  # CPU tensors take the Triton path; the stand-in launches nothing
         host_table(args, device, stub=False)
         return
     stub = args.stub_kernels if args.stub_kernels is not None else device.type == "cpu"

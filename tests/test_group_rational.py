@@ -295,6 +295,51 @@ def test_triton_kernels_match_reference_under_interpreter(tmp_path: Path) -> Non
     assert_triton_matches_reference(TRITON_CASES, torch.load(output))
 
 
+SECOND_ORDER_CHECKER = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_group_rational import gradient_penalty_grads
+from lightning_act.nn.group_rational import GroupRational
+module = GroupRational(8, 2, "swish", implementation="triton")
+x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+torch.save({"penalty": gradient_penalty_grads("triton"), "float64": module.double()(x).detach()}, sys.argv[2])
+"""
+
+
+def gradient_penalty_grads(implementation: str) -> list[torch.Tensor]:
+    """Gradients of an R1-style penalty ``||d out / d input||²`` (second order through the rational)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 8)
+    module = GroupRational(8, 2, "swish", implementation=implementation)
+    with torch.no_grad():
+        module.weight_denominator.add_(0.3)
+    inputs = torch.randn(3, 4, requires_grad=True)
+    (grad_inputs,) = torch.autograd.grad(module(linear(inputs)).sum(), inputs, create_graph=True)
+    grad_inputs.square().sum().backward()
+    return [linear.weight.grad, module.weight_numerator.grad, module.weight_denominator.grad]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_path_second_order_gradients_and_float64_inputs(tmp_path: Path) -> None:
+    # Before: the kernels' backward carried no graph, so a gradient penalty's gradients through the Triton path
+    # were wrong (and None for the coefficients); float64 inputs were computed in float32 (1e-7 error).
+    from _interpreter import run_interpreted
+
+    output = tmp_path / "second_order.pt"
+    run_interpreted(SECOND_ORDER_CHECKER, output)
+    result = torch.load(output)
+    for got, expected in zip(result["penalty"], gradient_penalty_grads("reference"), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    module = GroupRational(8, 2, "swish")
+    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    numerator = np.broadcast_to(module.weight_numerator.detach().double().numpy(), (2, 6))
+    denominator = np.broadcast_to(module.weight_denominator.detach().double().numpy(), (2, 4))
+    expected = numpy_group_rational(x.numpy(), numerator, denominator, -1)
+    assert result["float64"].dtype == torch.float64
+    np.testing.assert_allclose(result["float64"].numpy(), expected, rtol=1e-13, atol=1e-15)
+
+
 CUDA_CASES = [
     *TRITON_CASES,
     ((4, 197, 3072), 8, -1, "float32", "per_group", KernelConfig()),

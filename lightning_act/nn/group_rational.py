@@ -158,9 +158,12 @@ def check_kernel_config(config: KernelConfig) -> None:
             )
 
 
-def _runs_triton(x: torch.Tensor) -> bool:
+def _runs_triton(x: torch.Tensor, *coefficients: torch.Tensor) -> bool:
     """Whether the Triton kernels take ``x``: CUDA tensors, and real CPU tensors under ``TRITON_INTERPRET=1``
-    (the interpreter runs kernels on data, so a trace's fake CPU tensors take the PyTorch formula)."""
+    (the interpreter runs kernels on data, so a trace's fake CPU tensors take the PyTorch formula). Not float64
+    ones: the kernels compute in float32, and a float64 input (gradcheck) is computed in float64."""
+    if torch.float64 in (x.dtype, *(c.dtype for c in coefficients)):
+        return False
     if x.is_cuda:
         return True
     return os.environ.get("TRITON_INTERPRET") == "1" and not is_fake(x)
@@ -242,7 +245,7 @@ def _group_rational_forward(
 ) -> torch.Tensor:
     """The rational on ``x3`` of shape ``(rows, groups, width)`` with coefficient sets ``(1 or groups, 6)`` and
     ``(1 or groups, 4)``; ``config`` is a :class:`KernelConfig` as a list. Triton where it runs, else PyTorch."""
-    if _runs_triton(x3):  # launches traced as kernel nodes on CUDA; direct interpreter launches on CPU
+    if _runs_triton(x3, numerator, denominator):  # launches traced as kernel nodes on CUDA; interpreter launches on CPU
         return triton_forward(
             x3.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(config), _static_geometry(x3),
             traced=x3.is_cuda,
@@ -254,7 +257,7 @@ def _group_rational_backward(
     x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_numerator, grad_denominator)`` of :func:`group_rational_op`, in the inputs' shapes and dtypes."""
-    if _runs_triton(x3):
+    if _runs_triton(x3, numerator, denominator):
         return triton_backward(
             x3.contiguous(), grad_y.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(config),
             _static_geometry(x3), traced=x3.is_cuda,
@@ -279,6 +282,8 @@ def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) 
 
 def _op_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x3, numerator, denominator = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the formula autograd can differentiate again (see below)
+        return *_pytorch_backward(x3, grad_y, numerator, denominator), None
     return *group_rational_backward_op(x3, grad_y, numerator, denominator, ctx.config), None
 
 
@@ -299,7 +304,7 @@ class GroupRationalFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, numerator, denominator)
         ctx.grouped, ctx.config = grouped, config
-        if _runs_triton(x):
+        if _runs_triton(x, numerator, denominator):
             return triton_forward(x, numerator, denominator, config, grouped)
         return _pytorch_forward(x.view(grouped), numerator, denominator).view(x.shape)
 
@@ -307,7 +312,9 @@ class GroupRationalFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, numerator, denominator = ctx.saved_tensors
         grouped = ctx.grouped
-        if _runs_triton(x):
+        # Under create_graph=True (gradient penalties) the backward must itself be differentiable: the kernels'
+        # outputs carry no graph, so autograd took grad_x for a constant and second derivatives came out wrong.
+        if _runs_triton(x, numerator, denominator) and not torch.is_grad_enabled():
             return *triton_backward(x, grad_y.contiguous(), numerator, denominator, ctx.config, grouped), None, None
         grad_x, grad_numerator, grad_denominator = _pytorch_backward(
             x.view(grouped), grad_y.reshape(grouped), numerator, denominator
