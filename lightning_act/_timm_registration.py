@@ -1,6 +1,7 @@
-"""Register the KAT models with timm once timm is imported, without importing timm ourselves.
+"""Register the KAT, STAN and Spectral-NN models with timm once timm is imported, without importing timm ourselves.
 
-``import lightning_act`` must make ``timm.create_model("kat_tiny_patch16_224")`` work, but importing
+``import lightning_act`` must make ``timm.create_model("kat_tiny_patch16_224")`` (and ``"stan_tiny"``,
+``"spectral_nn"``) work, but importing
 timm (and torchvision with it) costs seconds that ``lightning_act --help`` and monitor-only users
 should not pay. So the registration runs right after timm's own import finishes — at once if timm
 is already imported, else from a one-shot import hook.
@@ -17,7 +18,10 @@ from types import ModuleType
 
 
 def _register() -> None:
-    import lightning_act.models.kat  # noqa: F401  (its @register_model factories run on import)
+    # their @register_model factories run on import: kat_*, stan_*, spectral_nn
+    import lightning_act.models.kat  # noqa: F401
+    import lightning_act.models.spectral_nn  # noqa: F401
+    import lightning_act.models.stan  # noqa: F401
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):

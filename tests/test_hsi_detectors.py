@@ -77,6 +77,20 @@ def test_mf(data: dict[str, np.ndarray]) -> None:
     np.testing.assert_allclose(got.numpy(), [1.0, 0.0], atol=1e-12)
 
 
+def test_an_integer_cube_gets_real_valued_scores(data: dict[str, np.ndarray]) -> None:
+    # raw ENVI counts (int16): before, every score was cast back to int16, and MF/ACE/CEM/SAM below 1 became 0
+    x = np.round(data["pixels"] * 100).astype(np.int16)
+    mu, sigma, _ = _numpy_stats(data["background"] * 100)
+    t = data["target"] * 100
+    sigma_inv = np.linalg.inv(sigma)
+    expected = (x - mu) @ (sigma_inv @ (t - mu) / ((t - mu) @ sigma_inv @ (t - mu)))
+    scores = ClassicalDetectors(ridge=RIDGE).fit(torch.from_numpy(data["background"] * 100), torch.from_numpy(t))(
+        torch.from_numpy(x)
+    )
+    assert all(score.dtype == torch.float32 for score in scores.values())
+    np.testing.assert_allclose(scores["MF"].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_ace(data: dict[str, np.ndarray]) -> None:
     mu, sigma, _ = _numpy_stats(data["background"])
     x, t = data["pixels"], data["target"]

@@ -20,8 +20,9 @@ PAPER_PARAMS = {"kat_tiny_patch16_224": 5.7e6, "kat_small_patch16_224": 22.1e6, 
 PAPER_WIDTHS = {"kat_tiny_patch16_224": (192, 3), "kat_small_patch16_224": (384, 6), "kat_base_patch16_224": (768, 12)}
 
 
-def test_import_lightning_act_registers_kat_with_timm_in_either_import_order() -> None:
-    names = [*PAPER_PARAMS, "kat_tiny_patch4_32", "kat_micro_patch4_32"]
+def test_import_lightning_act_registers_its_models_with_timm_in_either_import_order() -> None:
+    # the documented STAN and Spectral-NN names too (before round 15 only the KAT module was imported)
+    names = [*PAPER_PARAMS, "kat_tiny_patch4_32", "kat_micro_patch4_32", "stan_tiny", "stan_base", "spectral_nn"]
     orders = ["timm, lightning_act", "lightning_act, timm"]
     processes = {  # one fresh interpreter per order, run side by side (each spends seconds importing torch)
         order: subprocess.Popen([sys.executable, "-c", f"import {order}; print([timm.is_model(n) for n in {names!r}])"],

@@ -77,6 +77,13 @@ def test_timm_factories_and_gradients() -> None:
     assert model.get_classifier() is model.head  # monitors' "@penultimate" taps the head input
 
 
+def test_num_classes_0_gives_the_embedding() -> None:
+    # timm's convention for a headless backbone; before: an empty (B, 0) tensor
+    model = timm.create_model("stan_tiny", num_classes=0, dropout=0.0).eval()
+    x = torch.randn(2, 8, 320)
+    assert torch.equal(model(x), model.embed(x)) and model(x).shape == (2, 32)
+
+
 def test_bad_shapes_raise_one_line_errors() -> None:
     model = STAN(in_chans=4, window_samples=64, segment_samples=16, embed_dim=16, depth=1, num_heads=2)
     with pytest.raises(DataFormatError, match=r"\(B, 4, 64\)") as info:

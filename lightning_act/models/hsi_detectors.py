@@ -12,7 +12,8 @@ R the uncentred background autocorrelation; the baselines of Lekhak et al., arXi
 Σ and R are estimated from *training* background pixels, never from the scene being scored,
 and regularised with a relative ridge ``M + λ · (tr M / B) · I``. MF, ACE and CEM are invariant to
 rescaling M, so this ridge is the same as shrinkage ``(1 − α) M + α (tr M / B) I`` with
-``λ = α / (1 − α)``. All linear algebra runs in float64; scores are returned in the input dtype.
+``λ = α / (1 − α)``. All linear algebra runs in float64; scores are returned in the input dtype, or in float32
+for an integer cube (raw ENVI counts: an integer score would truncate every score below 1 to 0).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import torch
 from torch import nn
 
 DETECTOR_NAMES = ("SAM", "MF", "ACE", "CEM")
+
+
+def score_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of ``x``'s scores: its own if floating point, else float32."""
+    return x.dtype if x.is_floating_point() else torch.float32
 
 
 def regularise(matrix: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -54,7 +60,7 @@ def sam_score(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-300) -> tor
     x_unit = x.double() / x.double().norm(dim=-1, keepdim=True).clamp_min(eps)
     t_unit = target.double() / target.double().norm().clamp_min(eps)
     angle = 2.0 * torch.atan2((x_unit - t_unit).norm(dim=-1), (x_unit + t_unit).norm(dim=-1))
-    return (-angle).to(x.dtype)
+    return (-angle).to(score_dtype(x))
 
 
 def mf_score(x: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
@@ -62,7 +68,7 @@ def mf_score(x: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, covarian
     d = target.double() - mean.double()
     cov_inv_d = torch.linalg.solve(covariance.double(), d)
     w = cov_inv_d / (d @ cov_inv_d)
-    return ((x.double() - mean.double()) @ w).to(x.dtype)
+    return ((x.double() - mean.double()) @ w).to(score_dtype(x))
 
 
 def ace_score(
@@ -76,7 +82,7 @@ def ace_score(
     whitened_x = torch.linalg.solve_triangular(chol, centred.reshape(-1, d.shape[0]).T, upper=False).T
     numerator = (whitened_x @ whitened_d) ** 2
     denominator = (whitened_d @ whitened_d) * (whitened_x * whitened_x).sum(-1)
-    return (numerator / denominator.clamp_min(eps)).reshape(centred.shape[:-1]).to(x.dtype)
+    return (numerator / denominator.clamp_min(eps)).reshape(centred.shape[:-1]).to(score_dtype(x))
 
 
 def cem_score(x: torch.Tensor, target: torch.Tensor, autocorrelation: torch.Tensor) -> torch.Tensor:
@@ -84,7 +90,7 @@ def cem_score(x: torch.Tensor, target: torch.Tensor, autocorrelation: torch.Tens
     t = target.double()
     r_inv_t = torch.linalg.solve(autocorrelation.double(), t)
     w = r_inv_t / (t @ r_inv_t)
-    return (x.double() @ w).to(x.dtype)
+    return (x.double() @ w).to(score_dtype(x))
 
 
 class ClassicalDetectors(nn.Module):

@@ -113,7 +113,8 @@ class STAN(nn.Module):
         self.blocks = nn.ModuleList(STANBlock(embed_dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self.embedding_norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
-        self.head = nn.Linear(embed_dim, num_classes)
+        # num_classes=0: the (B, D) embedding, timm's convention for a headless backbone
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[1] != self.in_chans or x.shape[2] != self.window_samples:
