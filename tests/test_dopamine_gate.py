@@ -225,3 +225,26 @@ def test_selection_errors() -> None:
         firing_fractions(_mlp(), [], 2)
     with pytest.raises(ModuleSelectionError, match="form 'paper' is unknown"):
         DopamineGate(nn.GELU(), 3, form="paper")  # type: ignore[arg-type]
+
+
+def test_adapting_twice_a_shared_activation_and_the_users_eval_modules() -> None:
+    model = _mlp()
+    adapt_model(model, [nn.GELU])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # before: the GELU inside each gate was gated again and the first gates' parameters frozen
+    with pytest.raises(ModuleSelectionError, match="already adapted"):
+        adapt_model(model, [nn.GELU])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    act = nn.GELU()
+    shared = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act)
+    with pytest.raises(ModuleSelectionError, match=r"one module instance sits at \['1', '3'\]"):
+        adapt_model(shared, [nn.GELU])  # before: gated at position 1 only
+    # a BatchNorm the user put in eval mode inside a training model stays so (before: model.train(True) reset it)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.GELU(), nn.Linear(6, 2))
+    model[1].eval()
+    adapt_model(model, [nn.GELU], example_input=torch.randn(3, 4))
+    firing_fractions(model, [(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))], 1)
+    assert model.training and not model[1].training
+    with torch.device("meta"):
+        on_meta = _mlp()
+    assert {p.device.type for p in adapt_model(on_meta, [nn.GELU])["2"].parameters()} == {"meta"}

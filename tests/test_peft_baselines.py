@@ -85,3 +85,33 @@ def test_errors() -> None:
         apply_lora(_mlp(), [nn.GELU])
     with pytest.raises(ModuleSelectionError, match="rank must be >= 1"):
         LoRALinear(nn.Linear(2, 2), rank=0)
+
+
+@pytest.mark.parametrize(
+    "adapt", [lambda m: apply_lora(m, ["torch.nn.Linear"]), lambda m: apply_ia3(m, ["torch.nn.GELU"])], ids=["lora", "ia3"]
+)
+def test_adapting_twice_is_refused_instead_of_nesting_and_freezing_the_first_adapters(adapt) -> None:
+    model = _mlp()
+    adapt(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ModuleSelectionError, match="already adapted"):
+        adapt(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # before: frozen by the 2nd call
+
+
+def test_lora_follows_the_base_dtype_and_device_and_refuses_multihead_attention_out_proj() -> None:
+    model = _mlp().to(torch.bfloat16)
+    x = torch.randn(7, 10, dtype=torch.bfloat16)
+    reference = model(x)
+    apply_lora(model, ["torch.nn.Linear"], rank=2)  # before: "expected m1 and m2 to have the same dtype"
+    assert torch.equal(model(x), reference) and model[0].lora_a.dtype == torch.bfloat16
+    with torch.device("meta"):
+        on_meta = _mlp()
+    ia3 = apply_ia3(on_meta, ["torch.nn.GELU"])
+    lora = apply_lora(on_meta, ["torch.nn.Linear"])
+    assert {p.device.type for m in [*ia3.values(), *lora.values()] for p in m.parameters()} == {"meta"}
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    with pytest.raises(ModuleSelectionError, match=r"cannot wrap \['self_attn.out_proj'\]: nn.MultiheadAttention"):
+        apply_lora(layer, ["torch.nn.Linear"])
+    apply_lora(layer, ["linear*"])  # the feed-forward Linears are fine
+    layer(torch.randn(2, 3, 8)).sum().backward()

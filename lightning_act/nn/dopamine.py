@@ -38,7 +38,13 @@ GateForm = Literal["independent", "coupled"]
 GATE_FORMS: tuple[str, ...] = ("independent", "coupled")
 
 
-class DopamineGate(nn.Module):
+class FrozenModuleAdapter(nn.Module):
+    """A module that wraps a frozen one (:class:`DopamineGate`, LoRA, (IA)³): :func:`select_modules` never selects
+    it or a module inside it, so adapting a model twice is refused instead of nesting a second adapter inside the
+    first (and freezing the first one's parameters)."""
+
+
+class DopamineGate(FrozenModuleAdapter):
     """Wrap an activation with a per-neuron threshold ``tau`` and gain(s) at its input ``z``.
 
     ``form`` picks the gate (module docstring): ``"independent"`` learns ``tau``, ``gain`` (scale
@@ -138,11 +144,19 @@ def select_modules(model: nn.Module, patterns: Sequence[ModulePattern]) -> list[
     """Modules of ``model`` matched by any pattern, in registration order.
 
     A pattern is an ``nn.Module`` subclass, a dotted class path (``"torch.nn.GELU"``) or a glob
-    over qualified module names (``"blocks.*.mlp.act"``). Every pattern must match something.
+    over qualified module names (``"blocks.*.mlp.act"``). Every pattern must match something that is not
+    already adapted (a :class:`FrozenModuleAdapter` or inside one), and a chosen module must sit at one place
+    only: an adapter replaces one name, so an activation instance reused at several places
+    (``nn.Sequential(fc, act, fc, act)``) would be adapted at its first place only.
     """
     if isinstance(patterns, (str, type)):
         patterns = [patterns]
+    places: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            places.setdefault(id(module), []).append(name)
     named = [(name, module) for name, module in model.named_modules() if name]
+    adapters = [name for name, module in named if isinstance(module, FrozenModuleAdapter)]
     selected: dict[str, nn.Module] = {}
     for pattern in patterns:
         cls = pattern if isinstance(pattern, type) else _resolve_class(pattern)
@@ -155,7 +169,18 @@ def select_modules(model: nn.Module, patterns: Sequence[ModulePattern]) -> list[
                 f"module pattern {pattern!r} matched no module of {type(model).__name__}; pass a name glob from "
                 "model.named_modules() or an activation class such as 'torch.nn.GELU'"
             )
-        selected.update(hits)
+        fresh = [(n, m) for n, m in hits if not any(n == a or n.startswith(a + ".") for a in adapters)]
+        if not fresh:
+            raise ModuleSelectionError(
+                f"modules {[n for n, _ in hits][:3]} matched by {pattern!r} are already adapted; pass the un-adapted model"
+            )
+        shared = next((places[id(m)] for _, m in fresh if len(places[id(m)]) > 1), None)
+        if shared:
+            raise ModuleSelectionError(
+                f"one module instance sits at {shared}: adapting it would change its first place only; give each "
+                "place its own module (e.g. copy.deepcopy) before adapting"
+            )
+        selected.update(fresh)
     order = {name: i for i, (name, _) in enumerate(named)}
     return sorted(selected.items(), key=lambda item: order[item[0]])
 
@@ -168,9 +193,27 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def freeze(model: nn.Module) -> None:
-    """Stop gradients to every existing parameter of ``model``."""
+    """Stop gradients to every existing parameter of ``model``. Buffers are not parameters: a BatchNorm in
+    training mode still updates its running statistics (put it in eval mode to keep the base exactly frozen)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+
+
+def training_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """Every submodule's train/eval flag, for :func:`restore_training_modes` (``model.train(flag)`` would reset a
+    BatchNorm the user had put in eval mode inside a training model)."""
+    return {module: module.training for module in model.modules()}
+
+
+def restore_training_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
+
+
+def device_of(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter or buffer (where new adapter parameters belong)."""
+    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
+    return None if tensor is None else tensor.device
 
 
 def infer_widths(
@@ -193,13 +236,13 @@ def infer_widths(
                 widths[name] = int(args[0].shape[feature_dim])
 
             handles.append(model.get_submodule(name).register_forward_pre_hook(record))
-        was_training = model.training
+        modes = training_modes(model)
         try:
             model.eval()
             with torch.no_grad():
                 model(example_input)
         finally:
-            model.train(was_training)
+            restore_training_modes(modes)
             for handle in handles:
                 handle.remove()
         missing = [n for n in names if n not in widths]
@@ -235,17 +278,18 @@ def adapt_model(
 
     ``modules`` selects the activations (classes, class paths or name globs). Adapts in place and
     returns ``{qualified name: gate}``; only the gates' parameters (``form``: see
-    :class:`DopamineGate`) stay trainable, and the adapted model computes exactly what the frozen
-    model computed.
+    :class:`DopamineGate`, on the model's device) stay trainable, and the adapted model computes exactly what
+    the frozen model computed. BatchNorm layers in training mode still update their running statistics
+    (:func:`freeze`).
     """
-    chosen = [(n, m) for n, m in select_modules(model, modules) if not isinstance(m, DopamineGate)]
-    if not chosen:
-        raise ModuleSelectionError(f"modules {list(modules)} are already adapted; pass the un-adapted model")
+    chosen = select_modules(model, modules)
     widths = infer_widths(model, [n for n, _ in chosen], example_input, feature_dim)
     freeze(model)
+    device = device_of(model)
     gates: dict[str, DopamineGate] = {}
     for name, activation in chosen:
         gate = DopamineGate(activation, widths[name], slope=slope, tau_init=tau_init, feature_dim=feature_dim, form=form)
+        gate.to(device)
         replace_module(model, name, gate)
         gates[name] = gate
     return gates
@@ -294,7 +338,7 @@ def firing_fractions(
             current[name] = active.reshape(active.shape[0], -1, module.num_features).mean(dim=1)
 
         handles.append(gate.register_forward_pre_hook(record))
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()
     try:
         for x, group in batches:
@@ -306,7 +350,7 @@ def firing_fractions(
             for name, active in current.items():
                 sums[name].index_add_(0, group, active.cpu())
     finally:
-        model.train(was_training)
+        restore_training_modes(modes)
         for handle in handles:
             handle.remove()
     return {name: (total / counts[:, None]).float() for name, total in sums.items()}

@@ -24,11 +24,20 @@ import torch
 from torch import nn
 
 from lightning_act.errors import ModuleSelectionError
-from lightning_act.nn.dopamine import ModulePattern, freeze, infer_widths, replace_module, select_modules
+from lightning_act.nn.dopamine import (
+    FrozenModuleAdapter,
+    ModulePattern,
+    device_of,
+    freeze,
+    infer_widths,
+    replace_module,
+    select_modules,
+)
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update scaled by ``alpha / rank``."""
+class LoRALinear(FrozenModuleAdapter):
+    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update scaled by ``alpha / rank`` (in the base
+    weight's dtype and on its device)."""
 
     def __init__(self, base: nn.Linear, rank: int = 1, alpha: float | None = None) -> None:
         super().__init__()
@@ -37,8 +46,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.rank = rank
         self.scaling = (float(alpha) if alpha is not None else float(rank)) / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def extra_repr(self) -> str:
@@ -48,7 +58,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
 
 
-class IA3Scale(nn.Module):
+class IA3Scale(FrozenModuleAdapter):
     """Multiply a module's output by a learned per-feature vector initialised to ones."""
 
     def __init__(self, module: nn.Module, num_features: int, feature_dim: int = -1) -> None:
@@ -76,6 +86,14 @@ def apply_lora(
     not_linear = [n for n, m in chosen if not isinstance(m, nn.Linear)]
     if not_linear:
         raise ModuleSelectionError(f"LoRA wraps nn.Linear only but {not_linear} are not; select Linear layers")
+    # nn.MultiheadAttention reads out_proj.weight itself instead of calling out_proj: a wrapper would crash there
+    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+    read_directly = [name for name, _ in chosen if name.rpartition(".")[::2] in {(a, "out_proj") for a in attention}]
+    if read_directly:
+        raise ModuleSelectionError(
+            f"LoRA cannot wrap {read_directly[:3]}: nn.MultiheadAttention reads its out_proj weight directly; select "
+            "the other Linear layers by name globs"
+        )
     freeze(model)
     wrapped: dict[str, LoRALinear] = {}
     for name, linear in chosen:
@@ -99,10 +117,11 @@ def apply_ia3(
     other = [n for n, m in chosen if not isinstance(m, nn.Linear)]
     widths = infer_widths(model, other, example_input, feature_dim) if other else {}
     freeze(model)
+    device = device_of(model)
     wrapped: dict[str, IA3Scale] = {}
     for name, module in chosen:
         width = module.out_features if isinstance(module, nn.Linear) else widths[name]
-        wrapped[name] = IA3Scale(module, width, feature_dim=feature_dim)
+        wrapped[name] = IA3Scale(module, width, feature_dim=feature_dim).to(device)
         replace_module(model, name, wrapped[name])
     return wrapped
 
