@@ -51,3 +51,23 @@ def test_each_flush_uses_a_few_packed_collectives(runs):
     assert flushes >= 2 * 2
     # sum + max + gather per flush, plus one layout sync per monitor on its first flush
     assert calls <= 3 * flushes + len(MONITORS)
+
+
+def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(tmp_path):
+    # Before: the ranks agreed on buffer sizes at the first flush only, when neither expert had run: rank 0's `a`
+    # was summed into rank 1's `b` (same size), and a tap run on one rank only aborted gloo (sizes differed).
+    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() + 7) % 1000))
+    out = tmp_path / "late.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("ddp_late_taps.py")), str(out)], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for name in ("a", "b"):
+        history = result["history"][f"sparsity/net.{name}/zero_frac"]
+        assert history["steps"] == [2, 4]
+        for step, value in zip(history["steps"], history["values"]):
+            zeros, total = result["zeros"][f"{name}/{step}"]
+            assert value == pytest.approx(zeros / total, abs=1e-12)

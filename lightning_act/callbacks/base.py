@@ -612,7 +612,12 @@ class ActivationMonitor(FitScopedState, ABC):
         self._samples[tap_index] = None if part.samples is None else part.samples.to(torch.float64)
 
     def _sync_layout(self, device: torch.device) -> None:
-        """Make every rank hold buffers of the same sizes (a tap may have run on some ranks only)."""
+        """Make every rank hold buffers of the same sizes (a tap may have run on some ranks only).
+
+        Done at every flush until each tap has run on some rank: a tap that first runs later, on some ranks only (a
+        conditional branch, an expert that got no tokens before), gave packed collectives of different lengths
+        (an abort under gloo, a hang under NCCL), or, for two same-sized taps first run on different ranks, added
+        one tap's sums into the other's."""
         n = len(self.taps)
         sizes = torch.tensor(
             [[-1 if b is None else b.numel() for b in buffers] for buffers in (self._sums, self._maxima, self._samples)],
@@ -624,7 +629,7 @@ class ActivationMonitor(FitScopedState, ABC):
             for i, size in enumerate(row):
                 if buffers[i] is None and size >= 0:
                     buffers[i] = torch.full((size,), fill, dtype=torch.float64, device=device)
-        self._layout_synced = True
+        self._layout_synced = min(sizes[0], default=0) >= 0  # the same on every rank: they all sync again, or none
 
     # ------------------------------------------------------------------ reduce, summarise, log
     def flush(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
