@@ -110,8 +110,9 @@ class LastCheckpoint(Checkpoint):
 
     Written at the end of every training epoch, every ``every_n_train_steps`` optimizer steps when
     that is > 0, and at Ctrl-C: the first SIGINT asks the fit to stop after the optimizer step in
-    progress (so the weights are never half-updated), writes ``last.ckpt`` there and ends the fit
-    as an interrupt; a second SIGINT stops at once without a checkpoint.
+    progress (so the weights are never half-updated, and under gradient accumulation no micro-batch's
+    gradients are lost), writes ``last.ckpt`` there and ends the fit as an interrupt; a second SIGINT
+    stops at once without a checkpoint. Every write follows a batch that took an optimizer step.
 
     Args:
         dirpath: folder of ``last.ckpt``; by default the ``dirpath`` of the Trainer's first
@@ -128,8 +129,10 @@ class LastCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self.on_interrupt = on_interrupt
         self._stop_requested = False
+        self._stop_agreed = False
         self._previous_handler: Any = None
         self._last_saved_step = -1
+        self._step_at_batch_start = -1
 
     def path(self, trainer: pl.Trainer) -> Path:
         """Where ``last.ckpt`` goes for this trainer."""
@@ -150,7 +153,8 @@ class LastCheckpoint(Checkpoint):
         return target
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_requested = False
+        self._stop_requested = self._stop_agreed = False
+        self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         if trainer.is_global_zero:  # what a kill in the middle of an earlier write left behind
             for stale in self.path(trainer).parent.glob(f".{LAST_NAME}.*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -175,10 +179,17 @@ class LastCheckpoint(Checkpoint):
             return bool(trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False))
         return self._stop_requested
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._stop_now(trainer):
+        # every rank runs the same batches, so all agree on the stop at the same batch and then skip the collective
+        self._stop_agreed = self._stop_agreed or self._stop_now(trainer)
+        if trainer.global_step == self._step_at_batch_start:
+            return  # a micro-batch of an accumulation window: its gradients are in no checkpoint
+        if self._stop_agreed:
             target = self.save(trainer)
             if target is not None:
                 rank_zero_info(f"interrupted at step {trainer.global_step}: wrote {target}; resume with --ckpt_path {target}")

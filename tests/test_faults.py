@@ -97,6 +97,21 @@ def test_ctrl_c_writes_last_ckpt_at_the_interrupt_and_resumes(tmp_path, referenc
     assert_continues(histories(resumed), reference, saved_step)
 
 
+def test_ctrl_c_under_gradient_accumulation_writes_last_ckpt_after_a_whole_optimizer_step(tmp_path):
+    # The Ctrl-C lands in the delay after batch 5, the first micro-batch of step 2's window (accumulation 2). Before,
+    # last.ckpt was written right there: batch 5's gradients were in no checkpoint, and the resumed run took step 2
+    # on batch 6 alone. Now the fit goes on to the end of batch 6, which takes step 2.
+    proc = start(tmp_path, str(MAX_STEPS), "--delay", "0.3", "--every_n_train_steps", "0", "--accumulate", "2")
+    while not (tmp_path / "batch_5").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=300)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    processed = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+    assert (checkpoint["global_step"], processed) == (3, 6)
+
+
 def _enospc_after_some_bytes(obj, stream, *args, **kwargs):
     stream.write(b"PK" + b"\0" * 4096)
     raise OSError(errno.ENOSPC, "No space left on device")
