@@ -188,6 +188,18 @@ def test_resume_restores_histories_and_trajectory(tmp_path: Path) -> None:
         assert resumed.history[key].steps == series.steps, key
         assert resumed.history[key].values == pytest.approx(series.values, rel=1e-12), key
 
+    # The sampler's state saved by a process on another device of the same type ("cpu:1" stands for rank 1's
+    # "cuda:1", or another GPU): before, it was keyed by device name, not found, and the rows re-seeded.
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    for callback_state in state["callbacks"].values():
+        if "row_generators" in callback_state:
+            callback_state["row_generators"] = {"cpu:1": g for g in callback_state["row_generators"].values()}
+    torch.save(state, tmp_path / "elsewhere.ckpt")
+    elsewhere = monitor()
+    fit(tmp_path, [elsewhere], steps=8, ckpt_path=str(tmp_path / "elsewhere.ckpt"))
+    for key, series in straight.history.items():
+        assert elsewhere.history[key].values == pytest.approx(series.values, rel=1e-12), key
+
 
 def test_snapshots_stay_bounded_and_span_the_run() -> None:
     monitor = DimensionalCollapse(max_snapshots=4)

@@ -201,7 +201,9 @@ class DimensionalCollapse(ActivationMonitor):
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-            state = self._generator_states.pop(str(device), None)
+            # by device type: every rank draws in lockstep, so rank 0's saved state is every rank's, and a resume on
+            # another device of the type ("cuda:1", another GPU) continues the same sampling
+            state = self._generator_states.pop(device.type, None)
             if state is None:
                 generator.manual_seed(self.seed)
             else:
@@ -457,7 +459,7 @@ class DimensionalCollapse(ActivationMonitor):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["collapsed"] = sorted(self.collapsed)
-        state["row_generators"] = {str(d): g.get_state() for d, g in self._generators.items()}
+        state["row_generators"] = {d.type: g.get_state() for d, g in self._generators.items()}
         state["trajectory"] = {
             "snapshots": [s.detach().cpu() for s in self._snapshots],
             "steps": list(self._snapshot_steps),
@@ -470,7 +472,8 @@ class DimensionalCollapse(ActivationMonitor):
         super().restore_state(state_dict)
         self.collapsed = set(state_dict.get("collapsed", []))
         self._generators = {}
-        self._generator_states = dict(state_dict.get("row_generators", {}))
+        # keys were device names ("cuda:0") before round 15
+        self._generator_states = {torch.device(d).type: g for d, g in state_dict.get("row_generators", {}).items()}
         trajectory = state_dict.get("trajectory", {})
         self._snapshots = [torch.as_tensor(s, dtype=torch.float64) for s in trajectory.get("snapshots", [])]
         self._r90 = None
