@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _toy import toy_dataset
+
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 MONITORS = ["ActivationStats", "ActivationSparsity", "MassiveActivations", "DimensionalCollapse", "SensitiveNeurons"]
 
@@ -53,21 +55,36 @@ def test_each_flush_uses_a_few_packed_collectives(runs):
     assert calls <= 3 * flushes + len(MONITORS)
 
 
+def run_script(name, tmp_path, port_offset):
+    """Run ``tests/<name>`` (2 DDP processes) with its output file; its JSON."""
+    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
+    port = 29500 + (os.getpid() + port_offset) % 1000
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(port))
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name(name)), str(out)], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.is_file(), proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(tmp_path):
     # Before: the ranks agreed on buffer sizes at the first flush only, when neither expert had run: rank 0's `a`
     # was summed into rank 1's `b` (same size), and a tap run on one rank only aborted gloo (sizes differed).
-    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() + 7) % 1000))
-    out = tmp_path / "late.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT.with_name("ddp_late_taps.py")), str(out)], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    result = run_script("ddp_late_taps.py", tmp_path, 7)
     for name in ("a", "b"):
         history = result["history"][f"sparsity/net.{name}/zero_frac"]
         assert history["steps"] == [2, 4]
         for step, value in zip(history["steps"], history["values"]):
             zeros, total = result["zeros"][f"{name}/{step}"]
             assert value == pytest.approx(zeros / total, abs=1e-12)
+
+
+def test_sensitive_neurons_with_a_self_sharding_validation_loader(tmp_path):
+    # The 13 validation examples, in order, as one process takes them. Before: 14, example 0 twice (the sampler's
+    # padding). With forward_fn= the ranks' batches were not gathered: rank 0's shard (7 examples) was the set.
+    result = run_script("ddp_sensitive_sharded.py", tmp_path, 13)
+    expected = toy_dataset(13, seed=1).tensors[0].flatten(1).numpy()
+    np.testing.assert_array_equal(np.array(result["tracking"]), expected)
+    assert "gives each rank other batches" in result["forward_fn"]

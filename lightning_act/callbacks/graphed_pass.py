@@ -18,31 +18,22 @@ capture that fails is reported once, and the pass runs eagerly from then on. Onl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from lightning_act.callbacks.probe import batch_tensors
+
 TensorKey = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def memory_key(module: nn.Module, inputs: Any) -> tuple[TensorKey, ...]:
     """What a replay of ``module`` on ``inputs`` reads: address, shape, stride, dtype and device of every
     parameter, buffer and input tensor. Equal keys: a replay computes what an eager pass would."""
-    tensors = [*module.parameters(), *module.buffers(), *_tensors(inputs)]
+    tensors = [*module.parameters(), *module.buffers(), *batch_tensors(inputs)]
     return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 

@@ -20,6 +20,7 @@ from lightning_act.callbacks.probe import (
     own_passes,
     probing,
     resolve_forward_fn,
+    same_on_every_rank,
     to_device,
     validation_batches,
 )
@@ -28,7 +29,7 @@ from lightning_act.capture.registry import ForwardCutoff
 from lightning_act.errors import LightningActError
 from lightning_act.plots import run_dir, writes_run_files
 from lightning_act.report.skipped import record_skipped
-from lightning_act.stats import all_gather_packed, distributed_world_size
+from lightning_act.stats import distributed_world_size
 from lightning_act.stats.fused import (
     FusedSpec,
     FusedStats,
@@ -53,16 +54,6 @@ from lightning_act.stats.massive import (
 )
 
 log = logging.getLogger(__name__)
-
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        return [t for value in batch.values() for t in _tensors(value)]
-    if isinstance(batch, (list, tuple)):
-        return [t for value in batch for t in _tensors(value)]
-    return []
-
 
 #: Per-position maxima of up to this many positions per sample are kept until the logging step (4 MiB a tap in
 #: float32; a ViT-S block has 75,648); a wider tap takes its top-k in the forward hook.
@@ -261,17 +252,9 @@ class MassiveActivations(ActivationMonitor):
 
     def _runs_probe_here(self, device: torch.device) -> bool:
         """Whether this rank runs the probe: all ranks when their batches differ, else rank 0 only."""
-        world = distributed_world_size()
-        if world == 1:
+        if distributed_world_size() == 1:
             return True
-        tensors = [t for batch in self._probe_data for t in _tensors(batch)]
-        fingerprint = torch.stack(
-            [torch.tensor(float(sum(t.numel() for t in tensors)), dtype=torch.float64, device=device)]
-            + [t.detach().to(torch.float64).nan_to_num().sum() for t in tensors]
-        ).sum().reshape(1)
-        everyone = all_gather_packed([fingerprint])[0].reshape(-1)
-        same = bool((everyone == everyone[0]).all())
-        return not same or torch.distributed.get_rank() == 0
+        return not same_on_every_rank(self._probe_data, device) or torch.distributed.get_rank() == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

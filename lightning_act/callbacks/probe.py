@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
 from lightning_act.errors import LightningActError
+from lightning_act.stats.reduce import all_gather_packed, distributed_world_size
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -68,11 +69,14 @@ def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch:
         ) from error
 
 
-def validation_batches(trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool]) -> list[Any]:
+def validation_batches(
+    trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool], loaders: list[Any] | None = None
+) -> list[Any]:
     """The first validation batches of this fit, until ``enough(batches)``; raises one line if there are none.
 
     The batches come from the user's own ``val_dataloader`` (not Lightning's sharded copy), read under
-    ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG.
+    ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG. The loader they came
+    from is appended to ``loaders`` when given.
     """
     source = trainer.fit_loop.epoch_loop.val_loop._data_source
     if source.instance is None or not source.is_defined():
@@ -83,6 +87,8 @@ def validation_batches(trainer: pl.Trainer, owner: str, enough: Callable[[list[A
     batches: list[Any] = []
     with torch.random.fork_rng(devices=_rng_devices(trainer.strategy.root_device)):
         loader = first_loader(source.dataloader())
+        if loaders is not None:
+            loaders.append(loader)
         for batch in loader:
             batches.append(batch)
             if enough(batches):
@@ -90,6 +96,32 @@ def validation_batches(trainer: pl.Trainer, owner: str, enough: Callable[[list[A
     if not batches:
         raise LightningActError(f"{owner}: the validation dataloader is empty; nothing to probe")
     return batches
+
+
+def batch_tensors(batch: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a batch (nested in dicts, lists and tuples), in order."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from batch_tensors(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            yield from batch_tensors(value)
+
+
+def same_on_every_rank(batches: list[Any], device: torch.device) -> bool:
+    """Whether every rank holds the same ``batches`` (an unsharded loader), by a fingerprint of their sizes and sums:
+    one small all-gather (collective: every rank must call it)."""
+    if distributed_world_size() == 1:
+        return True
+    tensors = [t for batch in batches for t in batch_tensors(batch)]
+    fingerprint = torch.stack(
+        [torch.tensor(float(sum(t.numel() for t in tensors)), dtype=torch.float64, device=device)]
+        + [t.detach().to(device, torch.float64).nan_to_num().sum() for t in tensors]
+    ).sum().reshape(1)
+    everyone = all_gather_packed([fingerprint])[0].reshape(-1)
+    return bool((everyone == everyone[0]).all())
 
 
 def first_loader(loaders: Any) -> Any:

@@ -66,6 +66,7 @@ from lightning_act.callbacks.probe import (
     own_passes,
     probing,
     resolve_forward_fn,
+    same_on_every_rank,
     to_device,
     validation_batches,
 )
@@ -107,6 +108,14 @@ def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
 
 def _module_device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _dataset_size(loader: Any) -> int | None:
+    """Examples in a loader's dataset, where it has a length (map-style datasets)."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _num_examples(batch: Any) -> int:
@@ -359,9 +368,16 @@ class SensitiveNeurons(FitScopedState):
                 trainer, "SensitiveNeurons", lambda bs: sum(_num_examples(b) for b in bs) >= self.num_samples
             )
             self._batches = [to_device(b, device, trainer) for b in batches]
+            if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its shard only
+                raise LightningActError(
+                    "SensitiveNeurons(forward_fn=...): the validation loader gives each rank other batches (it shards "
+                    "them), and the tracking set must be the same on every rank; pass an unsharded validation loader "
+                    "or tracking_inputs=<tensor>"
+                )
         else:
-            tracking = to_device(self._from_validation(trainer), device, trainer)
-            self._batches = list(self._union_over_ranks(tracking).split(self.batch_size))
+            loaders: list[Any] = []
+            tracking = to_device(self._from_validation(trainer, loaders), device, trainer)
+            self._batches = list(self._union_over_ranks(tracking, _dataset_size(loaders[0])).split(self.batch_size))
         with probing(trainer, pl_module, device):
             call_forward("SensitiveNeurons", self.forward_fn, pl_module, self._batches[0])
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
@@ -369,24 +385,25 @@ class SensitiveNeurons(FitScopedState):
             if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive:
                 self._set_drop(tap, self.sensitive[tap.name])
 
-    def _from_validation(self, trainer: pl.Trainer) -> torch.Tensor:
+    def _from_validation(self, trainer: pl.Trainer, loaders: list[Any]) -> torch.Tensor:
         inputs: list[torch.Tensor] = []
 
         def enough(batches: list[Any]) -> bool:
             inputs.append(self._batch_inputs(batches[-1]))
             return sum(x.shape[0] for x in inputs) >= self.num_samples
 
-        validation_batches(trainer, "SensitiveNeurons", enough)
+        validation_batches(trainer, "SensitiveNeurons", enough, loaders)
         return torch.cat(inputs)[: self.num_samples]
 
-    def _union_over_ranks(self, local: torch.Tensor) -> torch.Tensor:
+    def _union_over_ranks(self, local: torch.Tensor, dataset_size: int | None = None) -> torch.Tensor:
         """The same tracking set on every rank.
 
         When every rank read the same inputs (the validation loader is not sharded) they are kept.
         When the user's own loader shards them (e.g. an unshuffled ``DistributedSampler``), the
         ranks' inputs are interleaved — rank r's k-th input at position k·W + r, the original order
-        under such a sampler — and the first ``num_samples`` are kept, so the set matches a
-        one-process run.
+        under such a sampler — and the first ``num_samples`` are kept, at most ``dataset_size`` (a
+        ``DistributedSampler`` pads a dataset that does not divide among the ranks with its first examples
+        again), so the set matches a one-process run.
         """
         world = distributed_world_size()
         if world == 1:
@@ -403,7 +420,7 @@ class SensitiveNeurons(FitScopedState):
         if all(s.shape == shards[0].shape and torch.equal(s, shards[0]) for s in shards):
             return local
         order = [shards[r][k] for k in range(max(sizes)) for r in range(world) if k < sizes[r]]
-        return torch.stack(order[: self.num_samples])
+        return torch.stack(order[: min(self.num_samples, dataset_size or len(order))])
 
     def _batch_inputs(self, batch: Any) -> torch.Tensor:
         if isinstance(batch, torch.Tensor):
