@@ -50,3 +50,36 @@ def test_bfloat16_input_is_upcast():
     want = numpy_moments(x.float().numpy())
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_std_is_right_where_float32_sums_resolve_it_and_nan_where_they_cannot():
+    spread = 0.01 * np.random.default_rng(2).normal(size=(64, 256))
+    for offset, resolved in ((3.0, True), (1e4, False)):  # |mean| / std = 300 (within reach) and 1e6
+        a = (offset + spread).astype(np.float32)
+        got = summarize(torch.from_numpy(a))
+        want = np.float64(a).std()
+        if resolved:
+            np.testing.assert_allclose(got["std"], want, rtol=0.01)
+        else:  # before: 0.0374 at offset 1e3 for a true 0.0100 (+273%), a number off by far more than it said
+            assert np.isnan(got["std"])
+        np.testing.assert_allclose(got["mean"], np.float64(a).mean(), rtol=1e-6)
+
+
+def test_no_finite_entry_gives_unknown_moments_and_float64_inputs_stay_float64():
+    got = summarize(torch.full((4, 3), float("nan")))
+    assert got["nonfinite"] == 12 and got["count"] == 12 and got["zero_frac"] == 0.0
+    assert all(np.isnan(got[k]) for k in ("mean", "std", "rms", "abs_mean", "abs_max"))  # before: all 0.0
+    a = np.array([1e300, 1e-200, 2.0, 3.0])  # not representable in float32: was inf / 0 there
+    got = summarize(torch.from_numpy(a))
+    want = numpy_moments(a)
+    assert got["nonfinite"] == 0 and got["abs_max"] == 1e300 and got["zero_frac"] == 0.0
+    np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-15)
+
+
+def test_zero_threshold_compares_as_real_numbers():
+    # float32(0.1) is above the real 0.1: an entry equal to it is not within the threshold 0.1
+    a = torch.tensor([0.1, 0.05, 0.2, -0.1], dtype=torch.float32)
+    assert summarize(a, 0.1)["zero_frac"] == 0.25
+    from lightning_act.stats.sparsity import zero_partials
+
+    assert zero_partials(a, 0.1)[2].item() == 1.0

@@ -59,7 +59,7 @@ import torch
 
 from lightning_act.stats.histogram_median import LogMagnitudeBins, histogram_median, log_magnitude_bin
 from lightning_act.stats.massive import MASSIVE_SUMS
-from lightning_act.stats.moments import MOMENT_SUMS
+from lightning_act.stats.moments import MOMENT_SUMS, comparable_threshold
 
 MAX_NAMES = ("abs_max", "magnitude_max")
 IMPLEMENTATIONS = ("auto", "triton", "torch", "compiled")
@@ -167,19 +167,6 @@ class FusedStats:
 
 
 # ---------------------------------------------------------------------------------------------- the pass
-def comparable_threshold(t: float, dtype: torch.dtype) -> float:
-    """The largest value of ``dtype``'s compute precision (float32, or float64 for float64) that is <= ``t``.
-
-    For an entry ``v`` of that precision, ``v <= comparable_threshold(t)`` exactly when ``v <= t`` as reals.
-    """
-    if dtype == torch.float64:
-        return float(t)
-    rounded = np.float32(t)
-    if float(rounded) > t:
-        rounded = np.nextafter(rounded, np.float32(-np.inf))
-    return float(rounded)
-
-
 def _sample_rows(x: torch.Tensor, spec: FusedSpec) -> torch.Tensor:
     """``x`` as ``(samples, entries)`` when per-sample statistics are asked for, else as one row."""
     if spec.per_sample and x.dim() >= 2:

@@ -36,6 +36,8 @@ import math
 
 import torch
 
+from lightning_act.stats.moments import comparable_threshold
+
 ZERO_SUMS = ("count", "nonfinite", "zeros")
 TEMPORAL_SUMS = ("pairs", "unchanged")
 
@@ -43,13 +45,13 @@ TEMPORAL_SUMS = ("pairs", "unchanged")
 def zero_partials(x: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """``[count, nonfinite, zeros]`` (float64): entries, non-finite entries, finite ``|a| <= threshold``.
 
-    The comparison runs in float32 or wider: in bf16 a threshold of 0.01 would become 0.0100098 and
-    values just above it would count as zeros.
+    The comparison runs in float32 or wider, as real numbers: in bf16 a threshold of 0.01 would become 0.0100098
+    and values just above it would count as zeros, and a float32 ``0.1`` (above the real 0.1) is not one.
     """
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     finite = torch.isfinite(x)
     count = float(x.numel())
-    zeros = ((x.abs() <= threshold) & finite).sum(dtype=torch.float64)
+    zeros = ((x.abs() <= comparable_threshold(threshold, x.dtype)) & finite).sum(dtype=torch.float64)
     nonfinite = count - finite.sum(dtype=torch.float64)
     return torch.stack([torch.full_like(zeros, count), nonfinite, zeros])
 
