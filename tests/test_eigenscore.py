@@ -145,6 +145,14 @@ def test_efficient_eigenscore_kpm_path_close_to_exact() -> None:
     assert gaussian.item() == pytest.approx(exact, rel=0.03)
 
 
+def test_more_passes_than_features_is_exact_through_the_dual() -> None:
+    # K = 300 passes of d = 64 features: 237 eigenvalues of Σ + αI sit exactly at α. Before, the KPM took it
+    # (K > 256) and Jackson damping smeared that point mass: 2.714 for an exact 1.173.
+    z = torch.randn(64, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for alpha in (1.0, 1e-3):
+        assert efficient_eigenscore(z, alpha=alpha).item() == pytest.approx(numpy_eigenscore(z.numpy(), alpha), rel=1e-10)
+
+
 def test_efficient_eigenscore_uses_only_its_generator() -> None:
     z = well_conditioned_passes()
     before = torch.get_rng_state()
