@@ -104,6 +104,12 @@ def test_unknown_and_non_finite_medians_are_never_made_up() -> None:
     assert torch.isnan(histogram_median(log_magnitude_histogram(huge, BINS, dim=0), BINS)).all()
     assert histogram_median(log_magnitude_histogram(blown, BINS, dim=0), BINS).item() == float("inf")
     assert torch.isnan(histogram_median(empty, BINS)).all()
+    # float64 magnitudes beyond float32's range are below or above the window, not zero or non-finite
+    # (before: 1e-50 entries had median 0, and 1e39 ones median inf)
+    for value in (1e-50, 1e39):
+        beyond = torch.full((1, 5), value, dtype=torch.float64)
+        assert torch.isnan(histogram_median(log_magnitude_histogram(beyond, BINS, dim=0), BINS)).all()
+    assert log_magnitude_bin(torch.tensor([0.0, float("inf")], dtype=torch.float64), BINS).tolist() == [0, BINS.size - 1]
 
 
 def test_device_edges_equal_the_exact_edges() -> None:

@@ -112,7 +112,13 @@ def device_edges(bins: LogMagnitudeBins, device: torch.device | str) -> tuple[to
 
 
 def log_magnitude_bin(magnitude: torch.Tensor, bins: LogMagnitudeBins) -> torch.Tensor:
-    """Bin index (int64) of each float32 ``|x|`` (NaN and inf go to the non-finite bin)."""
+    """Bin index (int64) of each float32 ``|x|`` (NaN and inf go to the non-finite bin). A float64 ``|x|`` outside
+    float32's range keeps its bin (under- or overflow, not "exact zero" or "non-finite"): a median of 1e-50
+    entries read as 0 (ratio inf) where it is unknown, as any median below the window."""
+    if magnitude.dtype == torch.float64:
+        finite32 = torch.finfo(torch.float32)
+        nonzero = magnitude.clamp(finite32.tiny, finite32.max)
+        magnitude = torch.where((magnitude == 0) | ~torch.isfinite(magnitude), magnitude, nonzero)
     bits = magnitude.to(torch.float32).view(torch.int32) & 0x7FFFFFFF
     window = ((bits >> bins.key_shift) - bins.low_key + 2).clamp(1, bins.size - 2)
     index = torch.where(bits == 0, torch.zeros_like(window), window)
