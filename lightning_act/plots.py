@@ -69,6 +69,12 @@ def layer_step_heatmap(series: Mapping[str, BoundedSeries], title: str) -> Figur
     return figure
 
 
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs at (batches that stepped an optimizer): ``global_step`` counts each optimizer's steps
+    under manual optimization, and W&B drops a later metric logged at a step below one it has seen."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
     """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to any W&B logger.
 
@@ -81,7 +87,7 @@ def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
     figure.savefig(path)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=f"plots/{name}", images=[str(path)], step=trainer.global_step)
+            logger.log_image(key=f"plots/{name}", images=[str(path)], step=logging_step(trainer))
     return path
 
 
@@ -89,4 +95,4 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
     """Log a table to any W&B logger (other loggers have no table type)."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_table(key=key, columns=columns, data=rows, step=trainer.global_step)
+            logger.log_table(key=key, columns=columns, data=rows, step=logging_step(trainer))

@@ -314,6 +314,24 @@ def gan_data(n=32):
     return DataLoader(TensorDataset(torch.randn(n, 8, generator=g) + 2, torch.randn(n, 4, generator=g)), batch_size=8)
 
 
+def test_manual_optimization_emergence_fits_are_logged_at_the_monitors_step(tmp_path):
+    # Two optimizers: Lightning's global_step is 24 after 12 batches. The fits went to step 24, past the run's last
+    # step (11), so W&B would then drop the test metrics Lightning logs at step 12 as out of order.
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(0)
+    monitor = MassiveActivations(modules=["d.1", "g.1"], every_n_steps=1)
+    trainer = quiet_trainer(max_steps=24, callbacks=[monitor], logger=CSVLogger(tmp_path, name="run"))
+    trainer.fit(GAN(), gan_data(), gan_data(8))
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    fit_steps = {int(row["step"]) for row in rows if row.get("massive/d.1/fit_A")}
+    assert monitor.fits and fit_steps == {12}
+    assert max(int(row["step"]) for row in rows) == 12
+
+
 def test_manual_optimization_observes_every_forward_of_a_due_batch():
     pl.seed_everything(0)
     stats = ActivationStats(modules=["d.1", "g.1"], every_n_steps=2)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int, check_number
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int, check_number, training_step_index
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
@@ -311,7 +311,7 @@ class MassiveActivations(ActivationMonitor):
                 metrics[f"{self.prefix}/{layer}/{name}"] = float(getattr(fit, attribute))
             if not math.isnan(fit.peak_step):
                 metrics[f"{self.prefix}/{layer}/fit_peak_step"] = fit.peak_step
-        self.log_metrics(trainer, metrics, trainer.global_step)
+        self.log_metrics(trainer, metrics, training_step_index(trainer, trainer.lightning_module))
 
         from lightning_act.plots import log_figure, log_table
 
