@@ -63,17 +63,19 @@ def summarize_moments(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, tor
     """Derive count, mean, std, rms, abs_mean, abs_max, zero_frac and nonfinite from reduced partials.
 
     The moments of a tensor without a finite entry are NaN (unknown; they read 0 before round 15), and so is a
-    ``std`` below the float32 sums' resolution (:data:`STD_RESOLUTION`)."""
+    ``std`` below the float32 sums' resolution (:data:`STD_RESOLUTION`), and ``std``/``rms`` where the sum of float32
+    squares overflowed (finite entries above ~1.8e19: not an infinite rms)."""
     count, nonfinite, zeros, total, sq_total, abs_total = sums.unbind()
     finite = count - nonfinite
     unknown = torch.full_like(total, float("nan"))
     mean_square = sq_total / finite.clamp_min(1.0)
     mean = total / finite.clamp_min(1.0)
     variance = mean_square - mean.square()
-    std = torch.where(variance >= STD_RESOLUTION * mean_square, variance.clamp_min(0.0).sqrt(), unknown)
+    resolved = (variance >= STD_RESOLUTION * mean_square) & torch.isfinite(mean_square)
+    std = torch.where(resolved, variance.clamp_min(0.0).sqrt(), unknown)
+    rms = torch.where(torch.isfinite(mean_square), mean_square.sqrt(), unknown)
     moments = {
-        "mean": mean, "std": std, "rms": mean_square.sqrt(), "abs_mean": abs_total / finite.clamp_min(1.0),
-        "abs_max": maxima[0],
+        "mean": mean, "std": std, "rms": rms, "abs_mean": abs_total / finite.clamp_min(1.0), "abs_max": maxima[0],
     }
     moments = {name: torch.where(finite > 0, value, unknown) for name, value in moments.items()}
     return {"count": count, **moments, "zero_frac": zeros / count.clamp_min(1.0), "nonfinite": nonfinite}
