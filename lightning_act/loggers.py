@@ -114,12 +114,11 @@ class CompactWandbLogger(WandbLogger):
                 self._layer_rows.setdefault(prefix, []).append([step, layer, stat, value])
             # an infinite top1 is the news: a stale finite value must not hide it; NaN (not measured) removes the key
             summary = self.experiment.summary
-            for prefix, layer, stat, value in detail:
-                key = "/".join((prefix, layer, stat))
-                if not math.isnan(value):
-                    summary[key] = value
-                elif key in summary:
-                    del summary[key]
+            values = {"/".join((p, layer, stat)): v for p, layer, stat, v in detail}
+            summary.update({key: v for key, v in values.items() if not math.isnan(v)})  # one summary record
+            unknown = {key for key, v in values.items() if math.isnan(v)}
+            for key in unknown & set(summary.keys()):  # wandb's Summary has keys() but no `in`
+                del summary[key]
         if kept:
             super().log_metrics(kept, step)
 
