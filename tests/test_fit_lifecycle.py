@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateFinder, ModelCheckpoint
 from lightning.pytorch.utilities import CombinedLoader
 
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, toy_loader
@@ -152,6 +152,40 @@ def test_a_resumed_fit_puts_the_last_statistics_back_for_early_stopping(tmp_path
     resumed = fit(2, str(tmp_path / "epoch=0.ckpt"))
     for key in ("sparsity/net.blocks.0.act/zero_frac", "sensitive/net.head:input/count"):
         assert resumed.callback_metrics[key].item() == whole.callback_metrics[key].item()
+
+
+def test_a_further_fit_of_the_same_trainer_has_its_statistics_for_early_stopping():
+    # The same as a resume: Lightning empties callback_metrics at each fit; the second fit's first epoch (steps 2, 3)
+    # has no due step (every 4), so EarlyStopping failed there with "metric not available".
+    torch.manual_seed(0)
+    monitor = ActivationSparsity(every_n_steps=4)
+    stop = EarlyStopping(monitor="sparsity/net.blocks.0.act/zero_frac", mode="max", patience=100, check_on_train_epoch_end=True)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[monitor, stop])
+    task = ToyTask(BlockNet())
+    trainer.fit(task, toy_loader(16))
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(task, toy_loader(16))
+    assert trainer.global_step == 4 and "sparsity/net.blocks.0.act/zero_frac" in trainer.callback_metrics
+
+
+class BatchSizeTask(ToyTask):
+    def train_dataloader(self):
+        return toy_loader(64, 8)
+
+
+def test_a_learning_rate_finder_before_a_reused_callback_does_not_make_it_keep_the_earlier_run():
+    # The finder saves and restores a checkpoint around its trials inside the fit; the callback took that restore
+    # for a resume, kept the earlier run's history and appended the new run's steps: [0, 2, 4, 0, 2].
+    monitor = ActivationSparsity(every_n_steps=2)
+    torch.manual_seed(0)
+    quiet_trainer(max_steps=6, callbacks=[monitor]).fit(BatchSizeTask(BlockNet()))
+    torch.manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finder = LearningRateFinder(num_training_steps=4, update_attr=False)
+        quiet_trainer(max_steps=4, callbacks=[finder, monitor]).fit(BatchSizeTask(BlockNet()))
+    assert all(steps == [0, 2] for steps in history_steps(monitor).values())
+    assert any("it is cleared so that the two runs do not mix" in str(w.message) for w in caught)
 
 
 def test_one_callback_object_in_a_new_fit_from_step_0_starts_afresh_and_a_further_fit_continues():

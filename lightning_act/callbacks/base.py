@@ -45,6 +45,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -271,6 +272,10 @@ class Partials:
     samples: torch.Tensor | None = None
 
 
+#: Name prefixes of the checkpoints Lightning's tuner writes and restores around its trials.
+TUNER_CHECKPOINTS = (".lr_find_", ".scale_batch_size_")
+
+
 class FitScopedState(Callback):
     """The part of a monitor's state that belongs to one run: its histories (``history``) and whatever else its
     ``state_dict`` holds. Lightning hands a checkpoint's callback states to every callback, for a fit's ``ckpt_path``
@@ -311,12 +316,13 @@ class FitScopedState(Callback):
         trainer.callback_metrics.update(zip(metrics, torch.tensor(list(metrics.values())).unbind()))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A resumed fit puts the statistics of its last due step back into ``callback_metrics``, which Lightning
-        empties when a fit starts: ``EarlyStopping`` or ``ModelCheckpoint`` on a monitor statistic failed with
-        "metric not available" when the resumed fit's first check came before its first due step, where the
-        uninterrupted run had the value."""
+        """A fit that continues a run (resumed from a checkpoint, or a further ``fit`` of the same ``Trainer``) puts
+        the statistics of its last due step back into ``callback_metrics``, which Lightning empties when a fit
+        starts: ``EarlyStopping`` or ``ModelCheckpoint`` on a monitor statistic failed with "metric not available"
+        when the continued fit's first check came before its first due step, where the uninterrupted run had the
+        value. (The state of a run this fit does not continue was cleared by :meth:`begin_fit_state`.)"""
         published = self.__dict__.get("_published")
-        if self._resumed_this_fit and published:
+        if published:
             self.publish(trainer, published)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -326,7 +332,10 @@ class FitScopedState(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
-        self._resumed_this_fit = fitting
+        # LearningRateFinder / BatchSizeFinder save and restore a checkpoint around their trials inside the fit:
+        # that restore undoes the trials, and is no resume (it made a reused callback keep an earlier run's history)
+        if not Path(str(trainer.ckpt_path or "")).name.startswith(TUNER_CHECKPOINTS):
+            self._resumed_this_fit = fitting
         self._keeps_own_state = not fitting and bool(self.history)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
