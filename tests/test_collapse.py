@@ -414,3 +414,37 @@ def test_a_wide_tap_is_sized_for_the_accumulation_schedule_and_logs_nothing_beyo
     assert sketch.history["collapse/net.2/erank"].steps == [0, 1, 2, 3] and exact.history["collapse/net.2/erank"].steps[-1] == 4
     np.testing.assert_allclose(sketch.history["collapse/net.2/erank"].values, exact.history["collapse/net.2/erank"].values[:4], rtol=1e-6)
     assert len(said) == 1 and "at step 4" in said[0]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("how", ["a further fit", "after lr_find"])
+def test_the_trajectory_of_a_backbone_frozen_at_fit_start_is_kept(how: str) -> None:
+    # BackboneFinetuning freezes the blocks in on_fit_start and leaves them frozen: the weights were chosen by
+    # requires_grad at each setup, so a further fit chose none (and crashed with KeyError 'collapse/params/r90'),
+    # and a fit after Tuner.lr_find logged no r90 at all. The same run in one fit logs it at every due step.
+    from lightning.pytorch.callbacks import BackboneFinetuning
+    from lightning.pytorch.tuner import Tuner
+
+    from _toy import BlockNet, ToyTask, quiet_trainer, toy_loader
+
+    class FineTune(ToyTask):
+        def __init__(self) -> None:
+            super().__init__(BlockNet())
+            self.backbone = self.net.blocks
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+    torch.manual_seed(0)
+    monitor = DimensionalCollapse(every_n_steps=2)
+    model = FineTune()
+    trainer = quiet_trainer(max_epochs=1 if how == "a further fit" else 2,
+                            callbacks=[monitor, BackboneFinetuning(unfreeze_backbone_at_epoch=5)])
+    if how == "after lr_find":
+        Tuner(trainer).lr_find(model, toy_loader(32, 8), num_training=4, update_attr=False)
+    trainer.fit(model, toy_loader(32, 8))
+    if how == "a further fit":
+        trainer.fit_loop.max_epochs = 2
+        trainer.fit(model, toy_loader(32, 8))
+    assert monitor.history["collapse/params/r90"].steps == [0, 2, 4, 6]
+    assert any(name.startswith("net.blocks.") for name in monitor.param_names)

@@ -350,10 +350,12 @@ class DimensionalCollapse(ActivationMonitor):
             return names
         blocks = [] if unmatched_specs(pl_module, ["@blocks"]) else select_taps(pl_module, "@blocks", owner=type(self).__name__)
         block_params = {id(p) for tap in blocks for p in tap.module.parameters()}
-        return [
-            n for n, p in named.items()
-            if p.dim() >= 2 and p.requires_grad and (not block_params or id(p) in block_params)
-        ]
+        matrices = {n: p for n, p in named.items() if p.dim() >= 2 and (not block_params or id(p) in block_params)}
+        # Frozen ones too, while some weight matrix of the model trains: a BackboneFinetuning backbone is frozen at
+        # fit start (or left frozen by Tuner.lr_find) and trained later, and a frozen weight adds nothing to the
+        # trajectory's variance; none trains (a PEFT model whose adapters are vectors): no trajectory.
+        trains = any(p.requires_grad and p.dim() >= 2 for p in named.values())
+        return list(matrices) if trains else []
 
     @torch.no_grad()  # records no graph, so the weights need no detach each (an operation per weight)
     def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor:
@@ -412,7 +414,8 @@ class DimensionalCollapse(ActivationMonitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self.param_names = self._select_params(pl_module)
+        if not (self._snapshots and self.param_names):  # a continued trajectory keeps its weights (they must stack)
+            self.param_names = self._select_params(pl_module)
         # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size; with
         # the most micro-batches a GradientAccumulationScheduler will give a step.
         accumulation = max([trainer.accumulate_grad_batches] + [
