@@ -371,6 +371,46 @@ def test_default_monitors_on_boring_model_warn_and_the_fit_finishes():
     np.testing.assert_allclose(values(collapse, "collapse/layer:input/erank")[0], np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
 
 
+class TokenDecoder(pl.LightningModule):
+    """``nn.TransformerDecoder`` of a layer built with ``activation=nn.GELU()``: the decoder deep-copies the layer,
+    and the copy's ``__setstate__`` sets ``activation = F.relu``, hiding the registered GELU (it never runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        layer = nn.TransformerDecoderLayer(16, 2, 32, 0.0, activation=nn.GELU(), batch_first=True)
+        self.dec = nn.TransformerDecoder(layer, 2)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.head(self.dec(h, h))
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return F.cross_entropy(self(tokens).reshape(-1, 20), tokens.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_decoder_whose_activation_module_is_hidden_is_read_where_its_activation_runs():
+    # Before: every monitor died in setup ("'function' object has no attribute 'modules'"), and @activations would
+    # have picked the hidden GELU, which never runs. Now the activation is read at linear2's input, as for a
+    # functional one.
+    torch.manual_seed(0)
+    task = TokenDecoder()
+    assert {t.name for t in select_taps(task, "@activations")} == {f"dec.layers.{i}.linear2:input" for i in range(2)}
+    recorder = Recorder("dec.layers.0.linear2", point="input")
+    stats = ActivationStats(every_n_steps=1)
+    quiet_trainer(max_steps=1, callbacks=[stats, recorder]).fit(
+        task, DataLoader(TensorDataset(torch.randint(0, 20, (8, 5))), batch_size=8)
+    )
+    seen = np.concatenate([np.ravel(x) for x in recorder.seen[0]])
+    assert values(stats, "act/dec.layers.0.linear2:input/zero_frac") == [pytest.approx(float(np.mean(seen == 0)))]
+    assert values(stats, "act/dec.layers.0.linear2:input/mean") == [pytest.approx(float(seen.mean()), rel=1e-6)]
+
+
 def test_demo_transformer_functional_relu_blocks_and_forward_fn():
     pl.seed_everything(0)
     sparsity = ActivationSparsity(every_n_steps=1)

@@ -168,13 +168,28 @@ def _repeated_blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn
     return blocks
 
 
-def _functional_activation_inputs(modules: list[tuple[str, nn.Module]]) -> list[Tap]:
-    """Down-projection inputs of recognised MLPs that have no activation module (see the module docstring)."""
+def _shadowed(modules: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of registered submodules that their owner never reaches by name: an instance attribute of the same name
+    hides them (``nn.TransformerDecoderLayer.__setstate__``, run by the deep copy that builds a
+    ``TransformerDecoder``, sets ``activation = F.relu`` beside a registered ``GELU``, which then never runs)."""
+    by_name = dict(modules)
+    hidden = set()
+    for name, module in modules:
+        owner_name, _, attribute = name.rpartition(".")
+        owner = by_name.get(owner_name)
+        if name and owner is not None and attribute in vars(owner):
+            hidden.add(id(module))
+    return hidden
+
+
+def _functional_activation_inputs(modules: list[tuple[str, nn.Module]], shadowed: set[int]) -> list[Tap]:
+    """Down-projection inputs of recognised MLPs that have no activation module it runs (see the module docstring)."""
     taps = []
     for name, module in modules:
         children = dict(module.named_children())
         for up, down in _MLP_SHAPES:
-            if up in children and down in children and not any(is_activation(m) for m in module.modules()):
+            runs_one = any(is_activation(m) and id(m) not in shadowed for m in module.modules())
+            if up in children and down in children and not runs_one:
                 prefix = f"{name}." if name else ""
                 taps.append(Tap(f"{prefix}{down}:input", children[down], "input"))
                 break
@@ -210,9 +225,10 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     if spec.endswith(":input"):
         spec, point = spec[: -len(":input")], "input"
     if spec == "@activations":
-        taps = [Tap(n, m) for n, m in modules if n and is_activation(m)]
+        shadowed = _shadowed(modules)
+        taps = [Tap(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
         if point == "output":
-            return taps + _functional_activation_inputs(modules)
+            return taps + _functional_activation_inputs(modules, shadowed)
     elif spec == "@blocks":
         taps = [Tap(n, m) for n, m in _repeated_blocks(modules)]
     elif spec == "@penultimate":
@@ -269,8 +285,8 @@ def module_chain(model: nn.Module, module: nn.Module) -> list[nn.Module]:
         if candidate is module:
             parts = name.split(".") if name else []
             chain = [model]
-            for part in parts:
-                chain.append(getattr(chain[-1], part))
+            for part in parts:  # by registration: an instance attribute may hide a child's name (see _shadowed)
+                chain.append(chain[-1]._modules[part])
             return chain[::-1]
     return []
 
