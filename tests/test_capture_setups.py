@@ -922,6 +922,20 @@ def test_penultimate_of_a_distilled_deit_and_of_a_headless_backbone_is_the_class
 
     assert [t.name for t in select_taps(OwnHead(), "@penultimate")] == ["head:input"]
 
+    class Distillation(nn.Module):
+        """A frozen teacher registered before the student: before, the teacher's head was tapped (SensitiveNeurons
+        then tracked embeddings that never change), and nothing said so."""
+
+        def __init__(self):
+            super().__init__()
+            kwargs = dict(pretrained=False, num_classes=3, img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+            self.teacher = timm.create_model("vit_tiny_patch16_224", **kwargs).requires_grad_(False)
+            self.student = timm.create_model("vit_tiny_patch16_224", **kwargs)
+
+    assert [t.name for t in select_taps(Distillation(), "@penultimate")] == ["student.head:input"]
+    both_trained = Distillation().requires_grad_(True)
+    assert [t.name for t in select_taps(both_trained, "@penultimate")] == ["teacher.head:input", "student.head:input"]
+
 
 def test_blocks_of_a_stack_between_a_stem_and_a_tail():
     import torchvision

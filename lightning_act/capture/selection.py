@@ -196,18 +196,32 @@ def _functional_activation_inputs(modules: list[tuple[str, nn.Module]], shadowed
     return taps
 
 
+def _head_owners(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules with a timm-style ``get_classifier``; of several (a frozen teacher beside a student),
+    the ones with trainable parameters, or all when none has any."""
+    owners = [m for m in model.modules() if hasattr(m, "get_classifier")]
+    inner = {id(m) for owner in owners for m in owner.modules() if m is not owner}
+    outermost = [owner for owner in owners if id(owner) not in inner]
+    trained = [owner for owner in outermost if any(p.requires_grad for p in owner.parameters())]
+    return trained or outermost
+
+
 def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[Tap]:
-    head_owner = next((m for m in model.modules() if hasattr(m, "get_classifier")), None)
+    taps: list[Tap] = []
     inside_headless: set[int] = set()
-    if head_owner is not None:
+    for head_owner in _head_owners(model):
         head = head_owner.get_classifier()
         if isinstance(head, (tuple, list)):  # timm's distilled DeiT: (head, head_dist); the class token's head
             head = head[0] if head else None
-        for name, module in modules:
-            if module is head and isinstance(module, nn.Module) and not isinstance(module, nn.Identity):
-                return [Tap(f"{name}:input", module, "input")]
-        if head_owner is not model:  # a headless backbone (num_classes=0): the head is the model's own, outside it
-            inside_headless = {id(m) for m in head_owner.modules()}
+        found = [
+            Tap(f"{name}:input", module, "input") for name, module in modules
+            if module is head and isinstance(module, nn.Module) and not isinstance(module, nn.Identity)
+        ]
+        taps += found[:1]
+        if not found and head_owner is not model:  # a headless backbone (num_classes=0): the head is outside it
+            inside_headless |= {id(m) for m in head_owner.modules()}
+    if taps:
+        return taps
     linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and id(m) not in inside_headless]
     return [Tap(f"{linears[-1][0]}:input", linears[-1][1], "input")] if linears else []
 
