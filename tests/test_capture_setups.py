@@ -411,6 +411,19 @@ def test_a_decoder_whose_activation_module_is_hidden_is_read_where_its_activatio
     assert values(stats, "act/dec.layers.0.linear2:input/mean") == [pytest.approx(float(seen.mean()), rel=1e-6)]
 
 
+def test_a_default_preset_that_matches_nothing_is_said_when_the_others_match():
+    # A plain MLP (or a timm ResNet whose stages hold one block each) has activations but no repeated blocks:
+    # ActivationStats used to drop its block outputs without a word.
+    class MLP(ToyTask):
+        def __init__(self):
+            super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.GELU(), nn.Linear(16, 4)))
+
+    stats = ActivationStats(every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"ActivationStats: its default modules \['@blocks'\] match nothing in MLP"):
+        quiet_trainer(max_steps=1, callbacks=[stats]).fit(MLP(), toy_loader(8))
+    assert {key.split("/")[1] for key in stats.history} == {"net.2"}
+
+
 def test_demo_transformer_functional_relu_blocks_and_forward_fn():
     pl.seed_everything(0)
     sparsity = ActivationSparsity(every_n_steps=1)

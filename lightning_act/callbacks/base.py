@@ -163,8 +163,8 @@ def subscribe_taps(
     """Select ``specs`` on ``pl_module`` and subscribe ``subscriber`` to them in the shared registry.
 
     A default spec list that matches nothing warns once (naming the fix) and yields no taps; a
-    user's spec list that matches nothing raises (one line); a part of a user's list that matches
-    nothing warns. The layout of each tap is what ``layout`` declares, the rest inferred from its owners'
+    user's spec list that matches nothing raises (one line); a part of a user's list, or of the default list
+    (a timm ResNet whose stages hold one block each has no ``@blocks``), that matches nothing warns. The layout of each tap is what ``layout`` declares, the rest inferred from its owners'
     ``batch_first`` and its layers (:func:`~lightning_act.capture.layout.module_layout`); a 3-D tap of undeclared
     layout in a model with sequence-first modules warns.
     """
@@ -192,13 +192,14 @@ def subscribe_taps(
             category=UserWarning,
         )
         return [], [], registry
-    if not defaults:
-        missing = unmatched_specs(pl_module, specs)
-        if missing:
-            rank_zero_warn(
-                f"{owner}: modules {missing} match nothing in {type(pl_module).__name__}; only the other specs are tapped",
-                category=UserWarning,
-            )
+    missing = unmatched_specs(pl_module, specs)
+    if missing:
+        which = "its default modules" if defaults else "modules"
+        rank_zero_warn(
+            f"{owner}: {which} {missing} match nothing in {type(pl_module).__name__}; only the other specs are tapped"
+            + (" (pass modules=[...] to choose)" if defaults else ""),
+            category=UserWarning,
+        )
     layouts = [tap_layout(layout, module_layout(module_chain(pl_module, tap.module), tap.point)) for tap in taps]
     if layout.batch_dim is None:
         sequence_first = any(declared_batch_first(m) is False for m in pl_module.modules())
