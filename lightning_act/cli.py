@@ -176,27 +176,6 @@ def check_config_files(argv: Sequence[str]) -> None:
                 )
 
 
-def check_report_output(argv: Sequence[str]) -> None:
-    """``report -o PATH`` must name a file whose folder exists or can be made."""
-    for i, arg in enumerate(argv):
-        if arg in ("-o", "--output") and i + 1 < len(argv):
-            output = Path(argv[i + 1])
-        elif arg.startswith("--output="):
-            output = Path(arg.split("=", 1)[1])
-        else:
-            continue
-        if output.is_dir():
-            raise ConfigError(f"report -o '{output}' is a folder; give a file name, e.g. -o {output / 'report.html'}")
-        if output.exists() and output.suffix.lower() not in (".html", ".htm"):
-            raise ConfigError(
-                f"report -o '{output}' exists and is not an HTML page (a run's log?); it would be replaced by the "
-                f"report: give another name, e.g. -o {output.with_suffix('.html')}"
-            )
-        for parent in output.parents:
-            if parent.exists() and not parent.is_dir():
-                raise ConfigError(f"report -o '{output}': '{parent}' is a file, not a folder; choose another path")
-
-
 # ---------------------------------------------------------------------------------------------
 # jsonargparse's multi-line parse errors as one line.
 
@@ -577,8 +556,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         if argv[0] in TOOL_COMMANDS:
-            if argv[0] == "report":
-                check_report_output(argv[1:])
             tool = importlib.import_module(TOOL_COMMANDS[argv[0]][0])
             return int(tool.main(argv[1:]) or 0)
         if argv[0] not in TRAINER_COMMANDS:

@@ -447,6 +447,11 @@ def test_report_output_is_written_whole_and_never_over_a_runs_log(tmp_path: Path
     before = log.read_text()
     assert cli_main(["report", str(tmp_path), "-o", str(log)]) == 2  # before: the log replaced by the page, rc 0
     assert log.read_text() == before and "is not an HTML page" in capsys.readouterr().err
+    assert cli_main(["report", str(tmp_path), f"-o{log}"]) == 2  # before: these spellings were not checked
+    assert log.read_text() == before and "is not an HTML page" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an abbreviation of --output is no option at all
+        cli_main(["report", str(tmp_path), "--out", str(log)])
+    assert log.read_text() == before
     page = tmp_path / "r.html"
     page.write_text("the previous report")
     real_replace = os.replace

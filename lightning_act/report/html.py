@@ -650,10 +650,25 @@ def write_report(runs: dict[str, RunLog], output: Path, min_r2: float = DEFAULT_
     return output
 
 
+def check_output(output: Path) -> None:
+    """``report -o PATH`` must name a file whose folder exists or can be made, and never replace a file that is not
+    an HTML page (a run's ``metrics.csv``). Checked on the parsed path, so ``--out``/``-oFILE`` spellings are too."""
+    if output.is_dir():
+        raise ConfigError(f"report -o '{output}' is a folder; give a file name, e.g. -o {output / 'report.html'}")
+    if output.exists() and output.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(
+            f"report -o '{output}' exists and is not an HTML page (a run's log?); it would be replaced by the "
+            f"report: give another name, e.g. -o {output.with_suffix('.html')}"
+        )
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"report -o '{output}': '{parent}' is a file, not a folder; choose another path")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``lightning_act report RUN [RUN ...] [-o report.html]``; returns the process exit code."""
     parser = argparse.ArgumentParser(
-        prog="lightning_act report",
+        prog="lightning_act report", allow_abbrev=False,
         description="Write one self-contained, interactive HTML page comparing runs (training curves, test "
         "metrics, monitor curves and heatmaps, emergence fits, skipped layers, configs) from their local logs.",
     )
@@ -667,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"emergence fits below this R² are greyed and hidden (default {DEFAULT_MIN_R2})")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
+        if args.output:
+            check_output(Path(args.output))
         runs = load_runs(args.runs)
         for run, log in runs.items():
             if len(log.parts) > 1:
