@@ -466,3 +466,26 @@ def test_report_output_is_written_whole_and_never_over_a_runs_log(tmp_path: Path
         os.replace = real_replace
     assert "cannot write the report to" in capsys.readouterr().err
     assert page.read_text() == "the previous report" and sorted(p.name for p in tmp_path.iterdir()) == ["csv", "r.html"]
+
+
+def test_non_finite_points_are_shown_as_such(tmp_path: Path) -> None:
+    # std NaN at one step (ActivationStats cannot always resolve it) and one value elsewhere was "std is 1 in every
+    # layer at every logged step"; a diverged loss's curve bridged its NaN steps without a word; a NaN test metric
+    # read "–", as a metric the run never logged.
+    header = ["epoch", "step", "train/loss", "act/blocks.0/std", "act/blocks.1/std", "test/loss"]
+    rows = [
+        {"step": 10, "train/loss": 2.0, "act/blocks.0/std": math.nan, "act/blocks.1/std": 1.0},
+        {"step": 20, "train/loss": math.nan, "act/blocks.0/std": 1.0, "act/blocks.1/std": 1.0},
+        {"step": 30, "train/loss": math.nan, "act/blocks.0/std": 1.0, "act/blocks.1/std": 1.0},
+        {"step": 30, "test/loss": math.nan},
+    ]
+    write_csv(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", header, rows)
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    assert "std is 1 in every layer" not in text
+    assert "blocks.0: not finite (NaN/inf) at 1 of 3 logged steps, first at step 10" in text
+    traces, _ = figure_for(text, "act-std")
+    assert [t["y"] for t in traces if t["name"] == "blocks.0"] == [[None, 1.0, 1.0]]  # the line breaks there
+    assert "train/loss: not finite (NaN/inf) at 2 of 3 logged steps, first at step 20" in text
+    traces, _ = figure_for(text, "training-loss")
+    assert [t["y"] for t in traces] == [[2.0, None, None]]
+    assert "<td>test/loss</td><td>nan</td>" in text

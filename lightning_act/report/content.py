@@ -73,7 +73,7 @@ def constant_text(prefix: str, stat: str, value: float) -> str:
 def plan_statistics(prefix: str, stats: dict[str, PerRun]) -> list[StatisticPlan]:
     """A plan per statistic (``fit_*`` emergence-fit parameters excluded: they get their own section).
 
-    Order of the rules: positions → index; nothing finite → no_finite; one value everywhere →
+    Order of the rules: positions → index; nothing finite → no_finite; one finite value at every point →
     constant; the same points as an earlier kept statistic → duplicate (listed under it);
     otherwise curves. Layers whose series is entirely non-finite are named on the plan.
     """
@@ -87,11 +87,12 @@ def plan_statistics(prefix: str, stats: dict[str, PerRun]) -> list[StatisticPlan
             if len(series) and not any(math.isfinite(v) for v in series.values)
         })
         values = _finite_values(per_run)
+        every_point_finite = len(values) == sum(len(s) for layers in per_run.values() for s in layers.values())
         if INDEX_STAT.match(stat):
             plan = StatisticPlan(stat, "index")
         elif not values:
             plan = StatisticPlan(stat, "no_finite", text=f"{stat}: no finite value was logged (only NaN/inf)")
-        elif min(values) == max(values) and not non_finite:
+        elif min(values) == max(values) and every_point_finite:  # else "one value everywhere" would hide the NaNs
             plan = StatisticPlan(stat, "constant", text=constant_text(prefix, stat, values[0]))
         else:
             original = next((p for p in kept if _same_points(stats[p.stat], per_run)), None)

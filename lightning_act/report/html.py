@@ -92,8 +92,8 @@ pre{background:#f6f6f6;padding:10px;overflow:auto;max-height:480px;font-size:85%
 _CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; font-src data:"
 
 
-def _format(value: float) -> str:
-    return "–" if not math.isfinite(value) else f"{value:.4g}"
+def _format(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
 def run_labels(paths: Sequence[str | Path]) -> list[str]:
@@ -119,6 +119,19 @@ def _layer_colours(count: int) -> list[str]:
 def _json(value: object) -> str:
     """JSON for a ``<script>`` block (no ``</script>`` can end it early)."""
     return json.dumps(value, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
+
+
+def _line_points(series: Series) -> tuple[list[float], list[float | None]]:
+    """Every point, a non-finite value as None (null): plotly breaks the line there instead of bridging the gap."""
+    return list(series.steps), [v if math.isfinite(v) else None for v in series.values]
+
+
+def non_finite_note(key: str, series: Series) -> str | None:
+    """``key: not finite (NaN/inf) at n of m logged steps, from step s`` where some of its values are not finite."""
+    steps = [s for s, v in zip(series.steps, series.values, strict=True) if not math.isfinite(v)]
+    if not steps:
+        return None
+    return f"{key}: not finite (NaN/inf) at {len(steps)} of {len(series.steps)} logged steps, first at step {steps[0]:g}"
 
 
 def _finite_points(series: Series) -> tuple[list[float], list[float]]:
@@ -200,7 +213,7 @@ def _hover(*lines: str) -> str:
 
 
 def _line_trace(run: str, name: str, series: Series, several_runs: bool, hover: str, line: dict[str, Any]) -> dict[str, Any]:
-    steps, values = _finite_points(series)
+    steps, values = _line_points(series)
     trace: dict[str, Any] = {
         "type": "scatter", "x": steps, "y": values, "name": name, "legendgroup": run,
         "mode": "lines+markers" if len(steps) < 40 else "lines", "line": line, "marker": {"size": 4},
@@ -404,12 +417,17 @@ class _Ids:
 def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
     """Losses, accuracies and other non-monitor metrics: one figure per metric name, runs overlaid."""
     groups: dict[str, list[tuple[str, str]]] = {}
+    notes: list[str] = []
     for run, log in runs.items():
         for key in log.training_keys():
-            if any(math.isfinite(v) for v in log.series[key].values):
+            series = log.series[key]
+            note = non_finite_note(key if len(runs) == 1 else f"{run} · {key}", series)
+            notes += [note] if note else []
+            if any(math.isfinite(v) for v in series.values):
                 groups.setdefault(key.split("/")[-1], []).append((run, key))
+    said = "".join(f"<p class='muted'>{html.escape(note)}</p>" for note in notes)  # a diverged loss is the news
     if not groups:
-        return "<p class='muted'>No training metrics were logged.</p>"
+        return said or "<p class='muted'>No training metrics were logged.</p>"
     parts = []
     labels = list(runs)
     for name, members in groups.items():
@@ -425,7 +443,7 @@ def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
         figure: Figure = {"data": data, "layout": _layout(name, name, height=340)}
         _controls(figure, labels)
         parts.append(_figure_html(figure, ids(f"training-{name}")))
-    return "".join(parts)
+    return said + "".join(parts)
 
 
 def test_section(runs: dict[str, RunLog]) -> str:
@@ -433,7 +451,9 @@ def test_section(runs: dict[str, RunLog]) -> str:
     keys = sorted({k for values in metrics.values() for k in values})
     if not keys:
         return "<p class='muted'>No test metrics were logged (run <code>lightning_act test --config ... --ckpt_path ...</code>; its CSV is merged into the run).</p>"
-    rows = [[html.escape(k), *(_format(metrics[run].get(k, math.nan)) for run in runs)] for k in keys]
+    # "–" for a metric the run did not log; a logged NaN/inf is shown as such
+    rows = [[html.escape(k), *(_format(v) if (v := metrics[run].get(k)) is None or math.isfinite(v) else str(v)
+                               for run in runs)] for k in keys]
     return _table(["metric", *runs], rows)
 
 
@@ -467,6 +487,13 @@ def monitor_section(prefix: str, stats: dict[str, PerRun], ids: _Ids) -> str:
         parts.append(f"<h3 id='{prefix}-{html.escape(plan.stat)}'>{html.escape(plan.stat)}{html.escape(also)}</h3>")
         if plan.non_finite_layers:
             parts.append(f"<p class='muted'>only non-finite values in: {html.escape(', '.join(plan.non_finite_layers))}</p>")
+        partly = [
+            note for run, per_layer in per_run.items() for layer, series in per_layer.items()
+            if layer not in plan.non_finite_layers
+            and (note := non_finite_note(layer if len(per_run) == 1 else f"{run} · {layer}", series))
+        ]
+        if partly:  # the curves break there; say where
+            parts.append("<p class='muted'>" + html.escape("; ".join(partly)) + "</p>")
         parts.append(_figure_html(curves_figure(f"{prefix}/*/{plan.stat}", plan.stat, per_run), ids(f"{prefix}-{plan.stat}")))
         heatmap = heatmap_figure(f"{prefix}/{plan.stat}: layers × steps", plan.stat, per_run)
         if heatmap is not None:
