@@ -145,6 +145,26 @@ def test_transformer_encoder_in_both_orders_is_read_sample_first(batch_first):
     assert values(massive, key + "top0_token")[0] == 0.0
 
 
+def test_a_declared_sequence_first_layout_leaves_2d_taps_alone_and_a_missing_axis_is_one_line():
+    # batch_dim=1, token_dim=0 (the override for a sequence-first model) read the head's (B, D) input as (D, B):
+    # a spectrum over the samples (erank_frac over d = B). Out-of-range axes wrapped around the rank silently.
+    torch.manual_seed(0)
+    recorder = Recorder("net.head", point="input")
+    collapse = DimensionalCollapse(modules=["net.head:input"], every_n_steps=1, batch_dim=1, token_dim=0, param_patterns=[])
+    quiet_trainer(max_steps=1, callbacks=[collapse, recorder]).fit(ToyTask(BlockNet()), toy_loader(24, 12))
+    x = recorder.seen[0][0]
+    assert x.shape == (12, 16)
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    p = s / s.sum()
+    erank = float(np.exp(-(p * np.log(p)).sum()))
+    assert values(collapse, "collapse/net.head:input/erank") == [pytest.approx(erank, rel=1e-6)]
+    assert values(collapse, "collapse/net.head:input/erank_frac") == [pytest.approx(erank / 16, rel=1e-6)]
+    with pytest.raises(LightningActError, match=r"batch_dim=-4 is not an axis of an activation of shape \(8, 4, 16\)"):
+        quiet_trainer(max_steps=1, callbacks=[MassiveActivations(every_n_steps=1, batch_dim=-4)]).fit(
+            ToyTask(BlockNet()), toy_loader()
+        )
+
+
 def test_user_layout_overrides_and_undeclared_sequence_first_taps_warn():
     pl.seed_everything(0)
     model = Encoder(batch_first=False)
@@ -700,7 +720,7 @@ def test_logger_false_writes_nothing_into_the_working_directory(tmp_path, monkey
 # ---------------------------------------------------------------------------------------------- arguments and resume
 @pytest.mark.parametrize("monitor", [ActivationStats, ActivationSparsity, MassiveActivations, DimensionalCollapse, SensitiveNeurons])
 @pytest.mark.parametrize("bad", [{"every_n_steps": 0}, {"every_n_steps": -5}, {"every_n_steps": "ten"},
-                                 {"every_n_steps": 2.5}, {"history_size": 1}])
+                                 {"every_n_steps": 2.5}, {"history_size": 1}, {"history_size": 2}])
 def test_bad_monitor_arguments_are_one_line(monitor, bad):
     with pytest.raises(LightningActError) as error:
         monitor(**bad)
@@ -753,6 +773,13 @@ def test_one_hook_per_tapped_module_shared_by_all_monitors_and_the_model_stays_p
     lambda: MassiveActivations(abs_threshold=float("inf")), lambda: ActivationSparsity(threshold=float("nan")),
     lambda: DimensionalCollapse(max_rows="many"), lambda: ActivationStats(batch_dim="first"),
     lambda: SensitiveNeurons(forward_fn="no.such.function"), lambda: SensitiveNeurons(forward_fn=3),
+    # round 15: accepted before, then NaN, wrong values or a TypeError deep in the fit
+    lambda: SensitiveNeurons(alpha=0.0), lambda: SensitiveNeurons(alpha="1e-3"),
+    lambda: ActivationSparsity(temporal_dim=1.5), lambda: ActivationSparsity(cett_max_tokens=2.5),
+    lambda: ActivationSparsity(cett_grid_size=3.5), lambda: ActivationSparsity(cett_grid_range=(1e-6, float("inf"))),
+    lambda: MassiveActivations(min_fit_points=float("nan")), lambda: MassiveActivations(history_size=6),
+    lambda: DimensionalCollapse(warn_below="0.1"), lambda: DimensionalCollapse(max_snapshots=2),
+    lambda: ActivationStats(token_dim=0), lambda: MassiveActivations(batch_dim=1, token_dim=1),
 ])
 def test_other_bad_arguments_are_one_line(make):
     with pytest.raises(LightningActError) as error:

@@ -98,6 +98,17 @@ def check_dim(owner: str, name: str, value: Any) -> int | None:
     return int(value)
 
 
+def check_axes(owner: str, batch_dim: Any, token_dim: Any) -> tuple[int | None, int | None]:
+    """``batch_dim`` and ``token_dim`` as axes that differ (``token_dim`` alone means ``batch_dim=0``)."""
+    batch, token = check_dim(owner, "batch_dim", batch_dim), check_dim(owner, "token_dim", token_dim)
+    if token is not None and token == (0 if batch is None else batch):
+        raise LightningActError(
+            f"{owner}: batch_dim={batch} and token_dim={token} name the same axis; pass two different axes "
+            "(token_dim alone means batch_dim=0)"
+        )
+    return batch, token
+
+
 def module_list(modules: ModuleSpec | Sequence[ModuleSpec] | None, default: Sequence[str]) -> list[ModuleSpec]:
     if modules is None:
         return list(default)
@@ -366,7 +377,8 @@ class ActivationMonitor(FitScopedState, ABC):
         modules: module specs (see :mod:`lightning_act.capture.selection`); None: the monitor's
             defaults, which warn and stay idle when the model has no such modules.
         every_n_steps: observe and log every this many steps (see the module docstring).
-        history_size: points kept per key in the bounded histories (>= 2).
+        history_size: points kept per key in the bounded histories (>= 3: a full history is thinned to every other
+            point, so 2 would hold its first point only).
         batch_dim, token_dim: the sample and token axes of every tapped activation, overriding
             the layout inferred from ``batch_first`` (e.g. ``batch_dim=1, token_dim=0`` for
             ``(T, B, D)`` outputs of a custom sequence-first model).
@@ -394,9 +406,8 @@ class ActivationMonitor(FitScopedState, ABC):
     ) -> None:
         owner = type(self).__name__
         self.every_n_steps = check_int(owner, "every_n_steps", every_n_steps, 1)
-        self.history_size = check_int(owner, "history_size", history_size, 2)
-        self.batch_dim = check_dim(owner, "batch_dim", batch_dim)
-        self.token_dim = check_dim(owner, "token_dim", token_dim)
+        self.history_size = check_int(owner, "history_size", history_size, 3)
+        self.batch_dim, self.token_dim = check_axes(owner, batch_dim, token_dim)
         self.feature_dim = check_feature_dim(owner, feature_dim)
         self.uses_default_modules = modules is None
         self.modules = module_list(modules, self.default_modules)

@@ -41,7 +41,7 @@ import torch.distributed
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int
+from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_partials, sketch_size, sketch_spectrum
@@ -147,13 +147,13 @@ class DimensionalCollapse(ActivationMonitor):
         check_int("DimensionalCollapse", "seed", seed, 0)
         if projection_dim is not None:
             check_int("DimensionalCollapse", "projection_dim", projection_dim, 2)
-        if warn_below is not None and not 0.0 < warn_below <= 1.0:
+        if warn_below is not None and not 0.0 < check_number("DimensionalCollapse", "warn_below", warn_below) <= 1.0:
             raise LightningActError(
                 f"DimensionalCollapse: warn_below={warn_below} must be in (0, 1]; pass e.g. warn_below=0.05"
             )
-        if max_snapshots < 2:
+        if max_snapshots < 3:  # 2 is thinned to the first snapshot at every second one: r90 never logged
             raise LightningActError(
-                f"DimensionalCollapse: max_snapshots={max_snapshots} must be >= 2; pass e.g. max_snapshots=32"
+                f"DimensionalCollapse: max_snapshots={max_snapshots} must be >= 3; pass e.g. max_snapshots=32"
             )
         if projection_dim is not None and projection_dim < 2:
             raise LightningActError(f"DimensionalCollapse: projection_dim={projection_dim} must be >= 2 or None")

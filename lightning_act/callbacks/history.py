@@ -14,8 +14,8 @@ class BoundedSeries:
     """
 
     def __init__(self, capacity: int = 512) -> None:
-        if capacity < 2:
-            raise ValueError(f"history capacity must be >= 2, got {capacity}")
+        if capacity < 3:  # full at 2, thinned to [first]: one point for ever
+            raise ValueError(f"history capacity must be >= 3, got {capacity}")
         self.capacity = capacity
         self.stride = 1
         self.steps: list[int] = []

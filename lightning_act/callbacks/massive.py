@@ -118,9 +118,14 @@ class MassiveActivations(ActivationMonitor):
         check_number("MassiveActivations", "ratio_threshold", ratio_threshold)
         if top_k < 1:
             raise LightningActError(f"top_k={top_k} must be >= 1; pass the number of largest positions to log, e.g. 3")
-        if min_fit_points < 6:
+        if check_int("MassiveActivations", "min_fit_points", min_fit_points, 0) < 6:
             raise LightningActError(
                 f"min_fit_points={min_fit_points} is below 6; the five-parameter emergence fit needs at least 6 points"
+            )
+        if check_int("MassiveActivations", "history_size", history_size, 3) < 2 * min_fit_points:  # thinned: half full
+            raise LightningActError(
+                f"MassiveActivations: history_size={history_size} must be at least 2 * min_fit_points = "
+                f"{2 * min_fit_points}; pass a larger history_size (default 512)"
             )
         super().__init__(
             modules=modules, every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim,

@@ -49,9 +49,10 @@ from torch import nn
 from lightning_act.callbacks.base import (
     ActivationMonitor,
     FitScopedState,
-    check_dim,
+    check_axes,
     check_feature_dim,
     check_int,
+    check_number,
     declared_layout,
     module_list,
     subscribe_taps,
@@ -259,18 +260,19 @@ class SensitiveNeurons(FitScopedState):
             "every_n_steps": (every_n_steps, 1), "num_samples": (num_samples, 1), "window": (window, 2),
             "drop_checkpoints": (drop_checkpoints, 1), "eigenscore_passes": (eigenscore_passes, 0),
             "num_moments": (num_moments, 1), "num_probes": (num_probes, 1), "batch_size": (batch_size, 1),
-            "history_size": (history_size, 2), "seed": (seed, 0),
+            "history_size": (history_size, 3), "seed": (seed, 0),
         }
         for name, (value, low) in checks.items():
             check_int("SensitiveNeurons", name, value, low)
+        if check_number("SensitiveNeurons", "alpha", alpha) <= 0.0:  # log det(Σ + αI) of a singular Σ: NaN
+            raise LightningActError(f"SensitiveNeurons: alpha={alpha!r} must be > 0; pass e.g. alpha=1e-3")
         if isinstance(top_fraction, bool) or not isinstance(top_fraction, (int, float)) or not 0.0 < top_fraction <= 1.0:
             raise LightningActError(f"SensitiveNeurons: top_fraction={top_fraction!r} must be in (0, 1]; pass e.g. 0.2")
         self.uses_default_modules = modules is None
         self.modules = module_list(modules, self.default_modules)
         self.forward_fn = resolve_forward_fn("SensitiveNeurons", forward_fn)
         self.custom_forward = forward_fn is not None
-        self.batch_dim = check_dim("SensitiveNeurons", "batch_dim", batch_dim)
-        self.token_dim = check_dim("SensitiveNeurons", "token_dim", token_dim)
+        self.batch_dim, self.token_dim = check_axes("SensitiveNeurons", batch_dim, token_dim)
         self.feature_dim = check_feature_dim("SensitiveNeurons", feature_dim)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples

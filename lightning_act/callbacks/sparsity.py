@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials, check_number, module_list
+from lightning_act.callbacks.base import ActivationMonitor, Partials, check_dim, check_int, check_number, module_list
 from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.capture.layout import is_hugging_face_conv1d
 from lightning_act.errors import LightningActError
@@ -86,10 +86,13 @@ class ActivationSparsity(ActivationMonitor):
         check_number("ActivationSparsity", "target_cett", target_cett)
         if not 0.0 < target_cett < 1.0:
             raise LightningActError(f"target_cett={target_cett} is outside (0, 1); pass a CETT such as 0.2")
-        if cett_max_tokens < 1 or cett_grid_size < 2 or not 0.0 < cett_grid_range[0] < cett_grid_range[1]:
+        check_int("ActivationSparsity", "cett_max_tokens", cett_max_tokens, 1)
+        check_int("ActivationSparsity", "cett_grid_size", cett_grid_size, 2)
+        check_dim("ActivationSparsity", "temporal_dim", temporal_dim)
+        low, high = (check_number("ActivationSparsity", "cett_grid_range", bound) for bound in cett_grid_range)
+        if not 0.0 < low < high:  # finite too: an infinite end made a grid of NaN thresholds and a wrong cett_ratio
             raise LightningActError(
-                f"cett_max_tokens={cett_max_tokens}, cett_grid_size={cett_grid_size}, cett_grid_range={cett_grid_range} "
-                "are invalid; pass cett_max_tokens >= 1, cett_grid_size >= 2 and 0 < low < high"
+                f"ActivationSparsity: cett_grid_range={cett_grid_range} is invalid; pass finite 0 < low < high"
             )
         zero_modules = module_list(modules, self.default_modules)
         globs = [] if cett_modules is None else ([cett_modules] if isinstance(cett_modules, str) else list(cett_modules))

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_act.errors import LightningActError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -146,13 +148,29 @@ def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | N
 
 
 def to_sample_first(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """A view of ``x`` with the samples on axis 0 (and the tokens on axis 1 when the layout names them)."""
-    if layout.batch_dim is None or x.dim() < 2:
+    """A view of ``x`` with the samples on axis 0 (and the tokens on axis 1 when the layout names them).
+
+    A layout with a token axis leaves a 2-D ``(B, D)`` tap as it is: a sequence-first model's declared
+    ``batch_dim=1, token_dim=0`` is about its ``(T, B, D)`` taps, not the head's input (read as ``(D, B)`` before).
+    An axis the tensor does not have is one line, not an axis counted modulo its rank."""
+    if layout.batch_dim is None or x.dim() < 2 or (layout.token_dim is not None and x.dim() < 3):
         return x
+    axes = {"batch_dim": layout.batch_dim, "token_dim": layout.token_dim}
+    for name, axis in axes.items():
+        if axis is not None and not -x.dim() <= axis < x.dim():
+            raise LightningActError(
+                f"{name}={axis} is not an axis of an activation of shape {tuple(x.shape)}; pass an axis in "
+                f"[{-x.dim()}, {x.dim() - 1}] (or leave it unset to infer it)"
+            )
     batch = layout.batch_dim % x.dim()
     if layout.token_dim is None:
         return x if batch == 0 else x.movedim(batch, 0)
     token = layout.token_dim % x.dim()
+    if batch == token:
+        raise LightningActError(
+            f"batch_dim={layout.batch_dim} and token_dim={layout.token_dim} are the same axis of an activation of "
+            f"shape {tuple(x.shape)}; pass two different axes"
+        )
     if batch == 0 and token == 1:
         return x
     return x.movedim((batch, token), (0, 1))
