@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -212,7 +213,7 @@ def restore_training_modes(modes: dict[nn.Module, bool]) -> None:
 
 def device_of(model: nn.Module) -> torch.device | None:
     """The device of ``model``'s first parameter or buffer (where new adapter parameters belong)."""
-    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return None if tensor is None else tensor.device
 
 

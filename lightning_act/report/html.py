@@ -96,6 +96,11 @@ def _format(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
+def _format_logged(value: float | None) -> str:
+    """A logged value as :func:`_format` shows it, but a logged NaN/inf as such ("–" is a value not logged)."""
+    return str(value) if value is not None and not math.isfinite(value) else _format(value)
+
+
 def run_labels(paths: Sequence[str | Path]) -> list[str]:
     """Short unique names for the runs: the folder name, with parents added until they differ."""
     parts = [Path(p).resolve().parts for p in paths]
@@ -451,9 +456,7 @@ def test_section(runs: dict[str, RunLog]) -> str:
     keys = sorted({k for values in metrics.values() for k in values})
     if not keys:
         return "<p class='muted'>No test metrics were logged (run <code>lightning_act test --config ... --ckpt_path ...</code>; its CSV is merged into the run).</p>"
-    # "–" for a metric the run did not log; a logged NaN/inf is shown as such
-    rows = [[html.escape(k), *(_format(v) if (v := metrics[run].get(k)) is None or math.isfinite(v) else str(v)
-                               for run in runs)] for k in keys]
+    rows = [[html.escape(k), *(_format_logged(metrics[run].get(k)) for run in runs)] for k in keys]
     return _table(["metric", *runs], rows)
 
 

@@ -170,7 +170,8 @@ def efficient_eigenscore(
     """
     d, k = z.shape[-2], z.shape[-1]
     if k > exact_up_to and d <= exact_up_to:
-        centred = z.to(torch.float64) - z.to(torch.float64).mean(dim=-2, keepdim=True)
+        z = z.to(torch.float64)
+        centred = z - z.mean(dim=-2, keepdim=True)
         dual = centred @ centred.transpose(-1, -2) + alpha * torch.eye(d, dtype=torch.float64, device=z.device)
         return (logdet_spd(dual) + (k - d) * math.log(alpha)) / k
     matrix = eigenscore_matrix(z, alpha)

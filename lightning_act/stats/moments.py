@@ -67,15 +67,13 @@ def summarize_moments(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, tor
     squares overflowed (finite entries above ~1.8e19: not an infinite rms)."""
     count, nonfinite, zeros, total, sq_total, abs_total = sums.unbind()
     finite = count - nonfinite
+    entries = finite.clamp_min(1.0)
     unknown = torch.full_like(total, float("nan"))
-    mean_square = sq_total / finite.clamp_min(1.0)
-    mean = total / finite.clamp_min(1.0)
+    mean_square, mean = sq_total / entries, total / entries
     variance = mean_square - mean.square()
     resolved = (variance >= STD_RESOLUTION * mean_square) & torch.isfinite(mean_square)
     std = torch.where(resolved, variance.clamp_min(0.0).sqrt(), unknown)
     rms = torch.where(torch.isfinite(mean_square), mean_square.sqrt(), unknown)
-    moments = {
-        "mean": mean, "std": std, "rms": rms, "abs_mean": abs_total / finite.clamp_min(1.0), "abs_max": maxima[0],
-    }
+    moments = {"mean": mean, "std": std, "rms": rms, "abs_mean": abs_total / entries, "abs_max": maxima[0]}
     moments = {name: torch.where(finite > 0, value, unknown) for name, value in moments.items()}
     return {"count": count, **moments, "zero_frac": zeros / count.clamp_min(1.0), "nonfinite": nonfinite}
