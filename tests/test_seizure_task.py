@@ -240,3 +240,27 @@ def test_predict_returns_probabilities_per_window() -> None:
         expected = torch.sigmoid(task(torch.cat([b[0] for b in loader])))
     torch.testing.assert_close(probs, expected)
     assert F.binary_cross_entropy(probs, torch.tensor([0.0, 1.0, 0.0] * 2)).item() > 0
+
+
+class _FixedLogits(SeizureForecaster):
+    """The first sample of channel 0 is the window's logit: losses checkable by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 0]
+
+
+def test_test_loss_is_the_weighted_objective_over_labelled_windows() -> None:
+    """Excluded windows (y = -1) neither count in a batch's weight nor in its loss; pos_weight applies as in
+    training and val/loss (before: plain BCE, weighted by whole batches: 2.13 against 1.48 here)."""
+    task = _FixedLogits(**TINY, pos_weight=5.0)
+    logits = np.array([2.0, -1.0, 0.5, -3.0, 4.0, 0.0, 0.0, 0.0])
+    y = np.array([1.0, 0.0, 1.0, 0.0, 0.0, -1.0, -1.0, -1.0])  # the second batch: 1 labelled, 3 excluded
+    x = torch.zeros(8, 3, 32)
+    x[:, 0, 0] = torch.from_numpy(logits).float()
+    loader = DataLoader(TensorDataset(x, torch.from_numpy(y).float()), batch_size=4)
+    result = _trainer(1).test(task, loader, verbose=False)[0]
+    keep = y >= 0
+    z, t = logits[keep], y[keep]
+    log_p, log_not_p = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+    expected = np.mean(-(5.0 * t * log_p + (1 - t) * log_not_p))
+    assert result["test/loss"] == pytest.approx(expected, rel=1e-5)

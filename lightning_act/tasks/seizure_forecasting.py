@@ -239,10 +239,13 @@ class SeizureForecaster(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms."""
         x, y = batch[0], batch[1]
-        probs = self(x).sigmoid()
+        logits = self(x)
+        probs = logits.sigmoid()
         labelled = y >= 0
         if labelled.any():
-            self.log("test/loss", F.binary_cross_entropy(probs[labelled], y[labelled]))
+            # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches
+            loss = self._classifier_loss(logits[labelled], y[labelled])
+            self.log("test/loss", loss, batch_size=int(labelled.sum()))
             self.test_auroc(probs[labelled], y[labelled].long())
             self.log("test/auroc", self.test_auroc)
         if len(batch) == 4:
