@@ -219,3 +219,17 @@ def test_channel_and_image_size_mismatches_are_one_line(tmp_path: Path, data: di
                          default_root_dir=tmp_path)
     with pytest.raises(LightningActError, match=fix):
         trainer.fit(ImageClassifier(**TINY_KAT), ImageDataModule(**data))
+
+
+def test_mixup_trains_a_last_batch_of_one_unmixed() -> None:
+    """A loader's last batch of one has no mixing partner: it trains with the smoothed one-hot target (before:
+    trimmed to nothing, and the accuracy metric crashed on the empty batch at the end of the epoch)."""
+    torch.manual_seed(0)
+    model = ImageClassifier(**TINY_KAT, mixup_alpha=1.0, label_smoothing=0.1)
+    model.log = lambda *args, **kwargs: None
+    x, y = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    loss = model.training_step((x, y), 0)
+    with torch.no_grad():
+        logits = model(x).double().numpy()
+    assert loss.item() == pytest.approx(_numpy_cross_entropy(logits, 0.9 * np.eye(10)[[3]] + 0.1 / 10), rel=1e-5)
+    assert model.train_acc.compute().item() == float(logits.argmax() == 3)

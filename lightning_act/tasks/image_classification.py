@@ -170,7 +170,7 @@ class ImageClassifier(ClassificationTask):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if self.mixup is not None:
+        if self.mixup is not None and len(y) > 1:  # a last batch of one has no partner: it trains unmixed below
             if len(y) % 2:
                 x, y = x[:-1], y[:-1]
             x, soft_targets = self.mixup(x.clone(), y)
