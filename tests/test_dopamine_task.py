@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_act.data.rotated_digits import RotatedDigitsDataModule
 from lightning_act.errors import DataNotFoundError, LightningActError
-from lightning_act.nn.dopamine import DopamineGate
+from lightning_act.nn.dopamine import DopamineGate, harden, soften
 from lightning_act.tasks.dopamine import DopamineFoundation, DopamineSpecialisation
 
 
@@ -107,6 +107,27 @@ def test_dopamine_phase_two_logs_attribution(foundation_ckpt: Path, tmp_path: Pa
     fractions = torch.load(run / "dopamine_firing.pt")
     assert {k: tuple(v.shape) for k, v in fractions.items()} == {"model.2": (10, 16), "model.4": (10, 12)}
     assert float(fractions["model.2"].nan_to_num(0.5).min()) >= 0.0
+
+
+def test_dopamine_predictions_use_the_hard_gates_the_test_accuracy_is_measured_with(foundation_ckpt: Path, tmp_path: Path) -> None:
+    """Before: ``trainer.predict`` ran the smooth training gate, another model than the one test/acc describes."""
+    module = DopamineSpecialisation(str(foundation_ckpt), method="dopamine")
+    with torch.no_grad():  # away from the identity at init, where both gates give the same output
+        for gate in module.modules():
+            if isinstance(gate, DopamineGate):
+                gate.gain.fill_(2.0)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(6, dtype=torch.long)), batch_size=3)
+    predicted = torch.cat(_trainer(tmp_path, 1).predict(module, loader))
+    module.eval()
+    with torch.no_grad():
+        smooth = module(x).softmax(-1)
+        harden(module.model)
+        hard = module(x).softmax(-1)
+        soften(module.model)
+    assert not torch.allclose(smooth, hard)
+    torch.testing.assert_close(predicted, hard)
+    assert not any(g.hardened for g in module.modules() if isinstance(g, DopamineGate))  # softened after predict
 
 
 def test_missing_checkpoint_and_bad_method(tmp_path: Path, foundation_ckpt: Path) -> None:

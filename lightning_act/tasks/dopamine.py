@@ -134,7 +134,7 @@ class DopamineSpecialisation(_Classifier):
     ``lr`` defaults per method (:data:`DEFAULT_LR`). ``gate_form`` picks the Dopamine gate:
     ``"independent"`` (threshold, gain above and gain below it; the paper's gate with an independent
     gain, exact identity at init) or ``"coupled"`` (one number sets both scales). For
-    ``"dopamine"`` the test runs with hard gates (``harden_at_test``) and logs the per-class
+    ``"dopamine"`` the test and ``predict`` run with hard gates (``harden_at_test``); the test logs the per-class
     hard-gate firing fractions as a tensor (``dopamine_firing.pt``) and a heatmap
     (``dopamine_firing.png``, and a W&B image when a WandbLogger is attached) in the run
     directory; the end of ``fit`` writes the same for the validation set (``dopamine_firing_val``).
@@ -180,6 +180,13 @@ class DopamineSpecialisation(_Classifier):
     def on_test_start(self) -> None:
         if self.hparams.method == "dopamine" and self.hparams.harden_at_test:
             harden(self.model)
+
+    def on_predict_start(self) -> None:
+        """Predictions come from the model the test accuracy describes: hard gates, the paper's inference."""
+        self.on_test_start()
+
+    def on_predict_end(self) -> None:
+        soften(self.model)
 
     def on_test_epoch_end(self) -> None:
         self.log("test/trainable_params", float(self.trainable_params))
