@@ -28,3 +28,11 @@ def test_one_value_has_no_interval_and_signed_scaled_format() -> None:
 
 def test_a_nan_value_makes_the_whole_interval_nan() -> None:
     assert all(math.isnan(v) for v in mean_interval([0.5, math.nan, 0.7]))  # before: an AttributeError from stdev
+
+
+def test_an_infinite_value_and_a_percent_confidence() -> None:
+    """Before: inf crashed inside ``statistics`` (AttributeError), and confidence=95 gave NaN bounds that printed as
+    a one-seed mean."""
+    assert all(math.isnan(v) for v in mean_interval([1.0, math.inf, 2.0]))
+    with pytest.raises(ValueError, match=r"confidence=95 must be in \(0, 1\)"):
+        mean_interval([0.81, 0.84, 0.86], confidence=95)

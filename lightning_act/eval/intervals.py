@@ -11,7 +11,7 @@ from scipy import stats
 
 def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """``(mean, low, high)`` with ``mean ± t_{n−1, (1+confidence)/2} · sd / √n``; NaN bounds for one value, and all
-    three NaN when a value is NaN.
+    three NaN when a value is NaN or infinite.
 
     Applied to per-seed paired differences it is the paired t interval: seeds are the independent
     replicates, the pixels or images within a seed are not.
@@ -19,7 +19,9 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     values = [float(v) for v in values]
     if not values:
         raise ValueError("mean_interval needs at least one value; pass the per-seed results")
-    if any(math.isnan(v) for v in values):  # a seed without a result: no mean of the others would be honest
+    if not 0.0 < confidence < 1.0:  # 95 would give NaN bounds, printed as a one-seed mean
+        raise ValueError(f"mean_interval: confidence={confidence!r} must be in (0, 1); pass e.g. 0.95")
+    if not all(map(math.isfinite, values)):  # a seed without a result: no mean of the others would be honest
         return math.nan, math.nan, math.nan
     mean = statistics.fmean(values)
     if len(values) < 2:
