@@ -76,3 +76,17 @@ def test_taps_run_on_real_forward():
     registry.unsubscribe(sink)
     assert seen == {0: torch.Size([3, 5, 16]), 1: torch.Size([3, 5, 16]), 2: torch.Size([3, 16])}
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("wrap", ["checkpoint_wrapper", "torch.compile"])
+def test_blocks_wrapped_one_by_one_are_the_users_blocks(wrap):
+    """Activation checkpointing (what FSDP's ``apply_activation_checkpointing`` installs) and torchtitan's per-block
+    ``torch.compile`` wrap each block of the stack; before, ``@blocks`` then matched nothing."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = tiny_vit()
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        model.blocks[i] = checkpoint_wrapper(block) if wrap == "checkpoint_wrapper" else torch.compile(block)
+    taps = select_taps(model, "@blocks")
+    assert names(taps) == ["blocks.0", "blocks.1"] and [t.module for t in taps] == blocks

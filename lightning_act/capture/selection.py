@@ -155,16 +155,18 @@ def _repeated_blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn
     """The repeated blocks (:func:`_stack_members`) of every outermost ModuleList/Sequential that has some."""
     blocks: list[tuple[str, nn.Module]] = []
     inside: set[int] = set()
-    names = {id(m): n for n, m in modules}
-    for _, module in modules:
+    by_name = dict(modules)
+    for stack_name, module in modules:
         if id(module) in inside or not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
-        children = [c for _, c in module.named_children()]
-        members = _stack_members(children)
-        if not members:
+        named_children = list(module.named_children())
+        members = {id(c) for c in _stack_members([c for _, c in named_children])}
+        # a wrapped block (checkpoint_wrapper, per-block torch.compile) is tapped as the user's block under its name
+        names = [clean_name(f"{stack_name}.{n}" if stack_name else n) for n, c in named_children if id(c) in members]
+        if not names:
             continue
-        blocks.extend((names[id(c)], c) for c in members if id(c) in names)
-        inside.update(id(m) for c in children for m in c.modules())
+        blocks.extend((name, by_name[name]) for name in names)
+        inside.update(id(m) for _, c in named_children for m in c.modules())
     return blocks
 
 
