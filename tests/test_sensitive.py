@@ -313,3 +313,41 @@ def test_a_checkpoint_on_cuda_reads_the_host_once() -> None:
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert {"sensitive/hidden/v_mean", "sensitive/head/eigenscore", "sensitive/hidden/jaccard"} <= set(metrics)
     assert monitor.sensitive["hidden"].device.type == "cpu"
+
+
+class _InPlaceReLUNet(pl.LightningModule):
+    """The tapped ``features`` output is rectified in place after the hook, as ``F.relu_`` / ``inplace=True`` do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        torch.nn.functional.relu_(h)
+        return self.head(h)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_float64_embedding_is_the_tapped_value_not_one_changed_in_place_later() -> None:
+    """Before: a float64 (B, D) tap was kept by reference, so the embedding held the rectified values."""
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+    tracking = torch.randn(8, 6, generator=generator)
+    model = _InPlaceReLUNet()
+    monitor = SensitiveNeurons(modules=["features"], every_n_steps=1, tracking_inputs=tracking, num_samples=8,
+                               window=2, eigenscore_passes=0, stop_after_taps=False)
+    trainer = pl.Trainer(max_steps=2, callbacks=[monitor], logger=False, enable_checkpointing=False, precision="64-true",
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    weight, bias = model.features.weight.detach().numpy(), model.features.bias.detach().numpy()
+    expected = tracking.double().numpy() @ weight.T + bias
+    assert (expected < 0).any()
+    np.testing.assert_allclose(monitor.embeddings["features"][-1].cpu().numpy(), expected, rtol=1e-12, atol=1e-12)

@@ -355,8 +355,9 @@ class SensitiveNeurons(FitScopedState):
         warn_features_unknown(self, self.taps[tap_index].name, shape, self._features_warned)
 
     def receive(self, tap_index: int, x: torch.Tensor) -> None:
-        """Keep one activation's per-example embedding (called by the capture registry)."""
-        self._collected.setdefault(tap_index, []).append(per_example_embedding(x).to(torch.float64))
+        """Keep one activation's per-example embedding (called by the capture registry); a copy: the model may still
+        change a float64 (B, D) activation in place (``F.relu_``) before the pass ends."""
+        self._collected.setdefault(tap_index, []).append(per_example_embedding(x).to(torch.float64, copy=True))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.begin_fit_state(trainer, pl_module)
