@@ -90,3 +90,33 @@ def test_blocks_wrapped_one_by_one_are_the_users_blocks(wrap):
         model.blocks[i] = checkpoint_wrapper(block) if wrap == "checkpoint_wrapper" else torch.compile(block)
     taps = select_taps(model, "@blocks")
     assert names(taps) == ["blocks.0", "blocks.1"] and [t.module for t in taps] == blocks
+
+
+def test_torchscript_modules_are_left_out_of_presets_and_refused_by_name():
+    """Script modules refuse forward hooks: before, every monitor with its default modules crashed the fit in setup."""
+    model = tiny_vit()
+    model.blocks[1] = torch.jit.script(model.blocks[1])
+    with pytest.warns(UserWarning, match=r"\['blocks.1'\] are TorchScript modules"):
+        assert names(select_taps(model, "@activations")) == ["blocks.0.mlp.act"]
+    with pytest.raises(ModuleSelectionError, match=r"\['blocks.1.mlp.fc1'\] are TorchScript modules"):
+        select_taps(model, "blocks.*.mlp.fc1")
+
+
+def test_default_monitors_on_scripted_blocks_warn_and_finish_the_fit():
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_act.callbacks import MassiveActivations
+
+    class ScriptedBlocks(BoringModel):
+        def __init__(self):
+            super().__init__()
+            block = nn.Sequential(nn.Linear(32, 32), nn.GELU())
+            self.layer = nn.Sequential(torch.jit.script(block), torch.jit.script(nn.Sequential(nn.Linear(32, 2))))
+
+    monitor = MassiveActivations(every_n_steps=1)
+    trainer = pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.warns(UserWarning, match="TorchScript modules"):
+        trainer.fit(ScriptedBlocks())
+    assert monitor.taps == [] and trainer.global_step == 1

@@ -34,10 +34,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
+import torch
 from torch import nn
 
 from lightning_act.errors import ModuleSelectionError
@@ -163,9 +165,10 @@ def _repeated_blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn
         members = {id(c) for c in _stack_members([c for _, c in named_children])}
         # a wrapped block (checkpoint_wrapper, per-block torch.compile) is tapped as the user's block under its name
         names = [clean_name(f"{stack_name}.{n}" if stack_name else n) for n, c in named_children if id(c) in members]
-        if not names:
+        found = [(name, by_name[name]) for name in names if name in by_name]  # a preset's candidates: hookable ones
+        if not found:
             continue
-        blocks.extend((name, by_name[name]) for name in names)
+        blocks.extend(found)
         inside.update(id(m) for _, c in named_children for m in c.modules())
     return blocks
 
@@ -240,6 +243,8 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     point: Literal["output", "input"] = "output"
     if spec.endswith(":input"):
         spec, point = spec[: -len(":input")], "input"
+    if spec.startswith("@"):  # a preset picks among the modules that take hooks (see select_taps)
+        modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule)]
     if spec == "@activations":
         shadowed = _shadowed(modules)
         taps = [Tap(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
@@ -277,6 +282,14 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
     if isinstance(specs, (str, type)):
         specs = [specs]
     modules = named_modules(model)
+    scripted = _outermost_scripted(modules)
+    if scripted and any(isinstance(spec, str) and spec.startswith("@") for spec in specs):
+        warnings.warn(
+            f"{owner}: {scripted[:3]} are TorchScript modules, which take no forward hooks; the presets leave them "
+            "out (monitor them before torch.jit.script)",
+            UserWarning,
+            stacklevel=2,
+        )
     taps: list[Tap] = []
     seen: set[tuple[int, str]] = set()
     for spec in specs:
@@ -292,7 +305,22 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
             f"({', '.join(PRESETS)}); functional activations (F.gelu in forward) are reached through "
             "the next layer's input, e.g. '*.fc2:input'"
         )
+    unhookable = [tap.name for tap in taps if isinstance(tap.module, torch.jit.ScriptModule)]
+    if unhookable:
+        raise ModuleSelectionError(
+            f"{owner}: {unhookable[:3]} are TorchScript modules, which take no forward hooks; select modules that "
+            "are not scripted, or monitor the model before torch.jit.script"
+        )
     return taps
+
+
+def _outermost_scripted(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    """Names of the TorchScript modules of ``modules`` (in module order) that no other one contains."""
+    names: list[str] = []
+    for name, module in modules:
+        if isinstance(module, torch.jit.ScriptModule) and not any(name.startswith(f"{n}.") for n in names):
+            names.append(name)
+    return names
 
 
 def module_chain(model: nn.Module, module: nn.Module) -> list[nn.Module]:
