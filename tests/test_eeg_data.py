@@ -227,6 +227,10 @@ def test_summary_variants(tmp_path: Path) -> None:
     numbered = tmp_path / "chb98-summary.txt"
     numbered.write_text(SUMMARY_NUMBERED)
     assert parse_chbmit_summary(numbered) == {"chb98_01.edf": [(100.0, 120.0), (250.0, 260.0)]}
+    for unit in ("s", "secs", "seconds"):  # before: the number swallowed a unit written without a space
+        glued = tmp_path / f"chb97{unit}-summary.txt"
+        glued.write_text(SUMMARY_PLAIN.replace(" seconds", unit))
+        assert parse_chbmit_summary(glued)["chb99_02.edf"] == [(200.0, 230.0)]
 
 
 def test_edf_round_trip_and_folder_loading(chb_folder) -> None:
@@ -400,3 +404,21 @@ def test_neighbouring_files_are_placed_by_their_clock_times_across_midnight(tmp_
     assert first.nearby_seizures == [(630.0, 660.0)]  # 23:50 + 600 s + 30 s
     assert second.nearby_seizures == [] and second.seizures == [(30.0, 60.0)]
     assert third.nearby_seizures == [(-270.0, -240.0)]
+
+
+def test_a_leading_file_without_a_start_time_ends_where_the_next_file_starts(tmp_path: Path) -> None:
+    """Before: it was put at 00:00:00, so the end of chb95_01 read as interictal although chb95_02, which starts at
+    11:00:00, opens with a seizure."""
+    subject = tmp_path / "chb95"
+    subject.mkdir()
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        _write_edf(subject / f"chb95_0{i}.edf", rng.uniform(-100.0, 100.0, size=(3, 300 * 32)), 32)
+    (subject / "chb95-summary.txt").write_text(
+        "File Name: chb95_01.edf\nNumber of Seizures in File: 0\n\n"
+        "File Name: chb95_02.edf\nFile Start Time: 11:00:00\nNumber of Seizures in File: 1\n"
+        "Seizure Start Time: 30 seconds\nSeizure End Time: 60 seconds\n"
+    )
+    first, second = load_chbmit_folder(tmp_path, n_channels=3)
+    assert first.nearby_seizures == [(330.0, 360.0)]  # chb95_01 runs 10:55-11:00; the seizure is 30 s after its end
+    assert second.nearby_seizures == []

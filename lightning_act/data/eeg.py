@@ -531,7 +531,7 @@ def band_power_ratio(
 # CHB-MIT-style files
 # --------------------------------------------------------------------------------------------
 
-_SEIZURE_TIME = re.compile(r"^Seizure(?:\s+(\d+))?\s+(Start|End)\s+Time\s*:\s*(\S+)\s*(?:seconds|secs|s)?\s*$", re.IGNORECASE)
+_SEIZURE_TIME = re.compile(r"^Seizure(?:\s+(\d+))?\s+(Start|End)\s+Time\s*:\s*(\S+?)\s*(?:seconds|secs|s)?\s*$", re.IGNORECASE)
 
 
 def parse_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -673,14 +673,31 @@ def place_nearby_seizures(recordings: list[EEGRecording], offsets: list[float]) 
         ]
 
 
+def file_offsets(starts: list[float | None], durations: list[float]) -> list[float]:
+    """Clock seconds at which each of a subject's consecutive files starts: its ``File Start Time``, or, without one,
+    the closest it can be to its neighbours: right after the previous file, and for files before the first timed one
+    right before the next file (all from 0 when no file has a time)."""
+    offsets: list[float] = [0.0] * len(starts)
+    first = next((i for i, start in enumerate(starts) if start is not None), None)
+    if first is not None:
+        offsets[first] = float(starts[first])
+        for i in range(first - 1, -1, -1):
+            offsets[i] = offsets[i + 1] - durations[i]
+    for i in range((first or 0) + 1, len(starts)):
+        start = starts[i]
+        offsets[i] = float(start) if start is not None else offsets[i - 1] + durations[i - 1]
+    return offsets
+
+
 def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGRecording]:
     """Every EDF file listed in the ``*-summary.txt`` files under ``folder`` (one recording each).
 
     Each EDF file is its own recording: a preictal period that begins in the previous file is
     truncated at the file start (files are not concatenated). The seizures of a subject's other files are placed in
     each file's seconds from the summary's ``File Start Time`` clock times (a file without one is taken to follow the
-    previous file without a gap, the closest it can be), as its ``nearby_seizures``: the end of a file whose next file
-    starts with a seizure is then excluded, not labelled interictal.
+    previous file without a gap, or to precede the next one, the closest it can be: :func:`file_offsets`), as its
+    ``nearby_seizures``: the end of a file whose next file starts with a seizure is then excluded, not labelled
+    interictal.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -693,7 +710,7 @@ def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGReco
     recordings = []
     for summary in summaries:
         subject: list[EEGRecording] = []
-        clock_starts, offsets = chbmit_file_starts(summary), []
+        clock_starts, starts = chbmit_file_starts(summary), []
         for file_name, seizures in parse_chbmit_summary(summary).items():
             data, rate, names = read_edf(summary.parent / file_name, n_channels)
             recording = EEGRecording(Path(file_name).stem, data, rate, seizures, names, subject=summary.parent.name)
@@ -703,11 +720,9 @@ def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGReco
                         f"{summary.name}: '{file_name}' lists a seizure at {start:g}-{end:g} s but the recording "
                         f"ends at {recording.duration_s:g} s; fix the seizure times or replace the truncated EDF file"
                     )
-            # without a start time, a file follows the previous one without a gap: the closest it can be
-            previous_end = offsets[-1] + subject[-1].duration_s if subject else 0.0
-            offsets.append(clock_starts.get(file_name, previous_end))
+            starts.append(clock_starts.get(file_name))
             subject.append(recording)
-        place_nearby_seizures(subject, offsets)
+        place_nearby_seizures(subject, file_offsets(starts, [rec.duration_s for rec in subject]))
         recordings += subject
     rates = {rec.sampling_rate for rec in recordings}
     if len(rates) != 1:
