@@ -422,3 +422,47 @@ def test_a_leading_file_without_a_start_time_ends_where_the_next_file_starts(tmp
     first, second = load_chbmit_folder(tmp_path, n_channels=3)
     assert first.nearby_seizures == [(330.0, 360.0)]  # chb95_01 runs 10:55-11:00; the seizure is 30 s after its end
     assert second.nearby_seizures == []
+
+
+def _subject_folder(root: Path, name: str, seizure_files: int, quiet_files: int) -> None:
+    folder = root / name
+    folder.mkdir()
+    rng = np.random.default_rng(len(name) + seizure_files)
+    summary = []
+    for i in range(1, seizure_files + quiet_files + 1):
+        _write_edf(folder / f"{name}_{i:02d}.edf", rng.uniform(-100.0, 100.0, size=(3, 300 * 32)), 32)
+        seizure = "1\nSeizure Start Time: 200 seconds\nSeizure End Time: 230 seconds" if i <= seizure_files else "0"
+        summary.append(f"File Name: {name}_{i:02d}.edf\nNumber of Seizures in File: {seizure}\n")
+    (folder / f"{name}-summary.txt").write_text("\n".join(summary))
+
+
+def test_a_subject_has_one_domain_index_in_every_split(tmp_path: Path) -> None:
+    """Before: each split numbered its own subjects, so a chb99 validation window carried another subject's index."""
+    _subject_folder(tmp_path, "chb98", 0, 1)
+    _subject_folder(tmp_path, "chb99", 2, 2)
+    dm = EEGSeizureDataModule(data_dir=str(tmp_path), n_channels=3, horizon_minutes=1.0, postictal_minutes=0.5,
+                              val_fraction=0.5, test_fraction=0.0)
+    dm.setup()
+    index_of: dict[str, set[int]] = {}
+    for split in ("train", "val"):
+        windows = dm.datasets[split]
+        for rec, domain in zip(windows.recordings, windows.domains):
+            index_of.setdefault(rec.subject, set()).add(int(domain))
+    assert {s for s in index_of if len(index_of[s]) > 1} == set()
+    assert {rec.subject for rec in dm.recordings["train"]} & {rec.subject for rec in dm.recordings["val"]} == {"chb99"}
+    train_subjects = sorted({rec.subject for rec in dm.recordings["train"]})
+    assert [index_of[s].pop() for s in train_subjects] == list(range(len(train_subjects)))
+
+
+def test_a_split_without_a_preictal_window_is_one_line(tmp_path: Path) -> None:
+    """Before: a forecaster trained on one class, and validated with an AUROC of nothing, without a word."""
+    dm = EEGSeizureDataModule(n_channels=2, recording_minutes=20.0, n_train_recordings=2, n_val_recordings=1,
+                              n_test_recordings=1)
+    with pytest.raises(DataFormatError) as error:
+        dm.setup()
+    assert "the train windows hold no preictal window: synthetic recordings of 20 min hold no seizure" in _one_line(error)
+    _subject_folder(tmp_path, "chb99", 2, 3)
+    dm = EEGSeizureDataModule(data_dir=str(tmp_path), n_channels=3, horizon_minutes=1.0, val_fraction=0.3, test_fraction=0.3)
+    with pytest.raises(DataFormatError) as error:
+        dm.setup()  # of 2 seizure files, one goes to validation and one to test
+    assert "no seizure file fell in it; lower --data.val_fraction" in _one_line(error)

@@ -457,7 +457,7 @@ class EEGWindows(Dataset):
 
     With ``continuous=False`` only labelled windows are kept and items are ``(x, y, domain)``,
     ``domain`` being the index of the recording's subject (``EEGRecording.subject``, or its name
-    when unset) among the subjects of ``recordings`` — what the domain-adversarial critic of
+    when unset) in ``subjects`` (default: the sorted subjects of ``recordings``) — what the domain-adversarial critic of
     :class:`~lightning_act.tasks.seizure_forecasting.SeizureForecaster` tells apart.  With
     ``continuous=True`` every window is kept in time order and items are
     ``(x, y, recording_index, window_end_s)`` for alarm evaluation.  ``interictal_distance_s`` and
@@ -476,13 +476,14 @@ class EEGWindows(Dataset):
         continuous: bool = False,
         interictal_distance_s: float | None = None,
         leading_gap_s: float = 0.0,
+        subjects: list[str] | None = None,
     ) -> None:
         self.recordings = recordings
         self.window_samples = window_samples
         self.continuous = continuous
         self.mean = mean.astype(np.float32)[:, None]
         self.std = std.astype(np.float32)[:, None]
-        subjects = sorted({rec.subject or rec.name for rec in recordings})
+        subjects = sorted({rec.subject or rec.name for rec in recordings}) if subjects is None else subjects
         self.domains = np.array([subjects.index(rec.subject or rec.name) for rec in recordings], dtype=np.int64)
         index = []
         for r, rec in enumerate(recordings):
@@ -863,9 +864,33 @@ class EEGSeizureDataModule(SplitDataModule):
                 f"{self.sampling_rate:g} Hz give windows of {self.window_samples} and strides of {stride} samples; pass "
                 "--data.window_seconds and --data.stride_seconds of one sample or more"
             )
+        # one subject, one index in every split: the training subjects first (the critic's outputs), then the others
+        train_subjects = sorted({rec.subject or rec.name for rec in self.recordings["train"]})
+        everyone = {rec.subject or rec.name for recs in self.recordings.values() for rec in recs}
+        subjects = train_subjects + sorted(everyone - set(train_subjects))
         for split, recs in self.recordings.items():
             self.datasets[split] = EEGWindows(
                 recs, self.window_samples, stride, self.horizon_s, self.postictal_s, mean, std, continuous=split == "test",
-                interictal_distance_s=self.interictal_distance_s, leading_gap_s=self.leading_gap_s,
+                interictal_distance_s=self.interictal_distance_s, leading_gap_s=self.leading_gap_s, subjects=subjects,
             )
+        self._check_preictal_windows()
         self.train_set, self.val_set, self.test_set = self.datasets["train"], self.datasets["val"], self.datasets["test"]
+
+    def _check_preictal_windows(self) -> None:
+        """A training or validation set without a preictal window trains one class, or gives an AUROC of nothing."""
+        for split in ("train", "val"):
+            dataset = self.datasets[split]
+            if len(dataset) == 0 or (dataset.labels == 1).any():
+                continue
+            seizures = sum(len(rec.seizures) for rec in self.recordings[split])
+            if self.data_dir is None and seizures == 0:
+                fix = (
+                    f"synthetic recordings of {self.recording_minutes:g} min hold no seizure (one needs the "
+                    f"{self.horizon_s / 60:g}-min horizon + 5 min before it and a minute after it); raise "
+                    "--data.recording_minutes"
+                )
+            elif seizures == 0:
+                fix = "no seizure file fell in it; lower --data.val_fraction/--data.test_fraction or add seizure files"
+            else:
+                fix = f"its {seizures} seizure(s) leave no labelled window before them; check the horizon and leading gap"
+            raise DataFormatError(f"the {split} windows hold no preictal window: {fix}")
