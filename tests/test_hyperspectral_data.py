@@ -288,3 +288,20 @@ def test_an_envi_header_with_a_wavelength_per_band_too_few_is_one_line(tmp_path:
     header.write_text(header.read_text().replace("wavelength = {400, 410, 420}", "wavelength = {400, 410}"))
     with pytest.raises(DataFormatError, match="lists 2 wavelengths for 3 bands"):  # before: accepted
         read_envi(header)
+
+
+@pytest.mark.parametrize("field", ["{400, 410, 420,}", "{}", "{400nm, 410nm, 420nm}"])
+def test_an_envi_wavelength_field_that_is_not_numbers_is_one_line(tmp_path: Path, field: str) -> None:
+    header = _write_envi(tmp_path, np.zeros((2, 2, 3), dtype=np.float32), "bsq")
+    header.write_text(header.read_text().replace("{400, 410, 420}", field))
+    with pytest.raises(DataFormatError, match="'wavelength' field that is not a list of numbers"):  # before: ValueError
+        read_envi(header)
+
+
+def test_a_complex_envi_cube_is_refused_not_cast_to_its_real_part(tmp_path: Path) -> None:
+    cube = (np.arange(12) + 1j * np.arange(12)).reshape(2, 2, 3).astype(np.complex64)
+    header = _write_envi(tmp_path, np.zeros((2, 2, 3), dtype=np.float32), "bsq")
+    np.ascontiguousarray(cube.transpose(2, 0, 1)).astype("<c8").tofile(tmp_path / "cube.img")
+    header.write_text(header.read_text().replace("data type = 4", "data type = 6"))
+    with pytest.raises(DataFormatError, match="is complex; pass real-valued data"):  # before: the real part, silently
+        read_envi(header)

@@ -292,18 +292,33 @@ def read_envi(
             f"({image.nrows} lines x {image.ncols} samples x {image.nbands} bands x {image.sample_size} bytes + "
             f"{image.offset} header offset); fix 'samples', 'lines', 'bands', 'data type' or 'header offset' in the header"
         )
+    if np.dtype(image.dtype).kind == "c":  # data types 6 and 9: a float cast would drop the imaginary part silently
+        raise DataFormatError(f"ENVI cube '{header}' is complex; pass real-valued data (e.g. its magnitude)")
     try:
         cube = np.asarray(image.load(dtype=image.dtype if dtype is None else dtype))
     except Exception as error:
         raise DataFormatError(f"ENVI cube '{header}' cannot be read ({error}); check the header against the data file") from error
     require_finite(cube, image.filename)
-    wavelengths = np.asarray(meta["wavelength"], dtype=np.float64) if "wavelength" in meta else None
+    wavelengths = _envi_wavelengths(meta, header)
     if wavelengths is not None and len(wavelengths) != cube.shape[-1]:  # each band's wavelength would be another's
         raise DataFormatError(
             f"ENVI header '{header}' lists {len(wavelengths)} wavelengths for {cube.shape[-1]} bands; fix its "
             "'wavelength' list or 'bands'"
         )
     return cube, wavelengths
+
+
+def _envi_wavelengths(meta: dict, header: Path) -> np.ndarray | None:
+    """The header's ``wavelength`` list as float64 numbers, None without one; one line when it holds other things."""
+    if "wavelength" not in meta:
+        return None
+    try:
+        return np.atleast_1d(np.asarray(meta["wavelength"], dtype=np.float64))
+    except (TypeError, ValueError) as error:  # a trailing comma, '{}', units such as '400nm'
+        raise DataFormatError(
+            f"ENVI header '{header}' has a 'wavelength' field that is not a list of numbers ({error}); write it as "
+            "'wavelength = {400.0, 410.0, ...}', one number per band, or remove it"
+        ) from None
 
 
 def require_finite(cube: np.ndarray, path: str | Path) -> None:
