@@ -246,3 +246,26 @@ def test_cifar_pixels_that_are_not_bytes_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": np.full((1, 3072), 300, dtype=np.int64), b"labels": [1]}))
     with pytest.raises(DataFormatError, match="pixel values 300 to 300, not bytes"):
         load_cifar10_batches(tmp_path, ["data_batch_1"])  # before: 300 wrapped to 44 without a word
+
+
+def test_cifar_pixels_given_as_fractions_are_one_line(tmp_path: Path) -> None:
+    fractions = np.random.default_rng(0).uniform(size=(1, 3072)).astype(np.float32)
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": fractions, b"labels": [1]}))
+    with pytest.raises(DataFormatError, match="pixel values are fractions"):
+        load_cifar10_batches(tmp_path, ["data_batch_1"])  # before: truncated to all-zero images
+
+
+def test_sixteen_bit_greyscale_pngs_are_scaled_not_clipped_and_32_bit_ones_refused(tmp_path: Path) -> None:
+    from lightning_act.data.images import ImageFolderDataset
+
+    values = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(values).save(tmp_path / "a" / "0.png")
+    assert Image.open(tmp_path / "a" / "0.png").mode == "I;16"
+    dataset = ImageFolderDataset(tmp_path, ["a"], 8, transform=lambda x: x)
+    x, _ = dataset[0]
+    # before: PIL's conversion clipped every value above 255 to white (255)
+    np.testing.assert_allclose(x[0].numpy(), values / 65535.0 * 255.0, atol=0.5)
+    Image.fromarray(values.astype(np.float32)).save(tmp_path / "a" / "0.tiff")
+    with pytest.raises(DataFormatError, match="32-bit samples .PIL mode 'F'. whose range is unknown"):
+        ImageFolderDataset(tmp_path, ["a"], 8, transform=lambda x: x)[1]

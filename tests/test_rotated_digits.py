@@ -130,3 +130,12 @@ def test_mnist_labels_outside_the_digits_are_one_line(tmp_path: Path) -> None:
     _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([3, 10], dtype=np.uint8))
     with pytest.raises(DataFormatError, match="labels .* run from 3 to 10; expected digits 0 to 9"):
         load_mnist_arrays(tmp_path, "train", image_size=28)  # before: an IndexError from the loss, mid-fit
+
+
+def test_mnist_images_that_are_not_bytes_are_one_line(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).uniform(size=(2, 28, 28)).astype(">f4")  # already in [0, 1]
+    header = bytes([0, 0, 0x0D, 3]) + b"".join(struct.pack(">i", d) for d in images.shape)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([1, 2]))
+    with pytest.raises(DataFormatError, match="are float32, not unsigned bytes"):  # before: divided by 255 again
+        load_mnist_arrays(tmp_path, "train", image_size=28)

@@ -16,6 +16,7 @@ import math
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torch.utils.data import Dataset, Subset
 from lightning_act.data.digits import load_digits_arrays, split_indices
 from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
@@ -53,6 +57,8 @@ def load_cifar10_batches(folder: str | Path, names: Sequence[str]) -> tuple[torc
             raw = np.asarray(batch[b"data"])
             if raw.dtype != np.uint8 and raw.size and (raw.min() < 0 or raw.max() > 255):  # a uint8 cast would wrap
                 raise ValueError(f"pixel values {raw.min()} to {raw.max()}, not bytes")
+            if raw.dtype.kind == "f" and raw.size and not np.array_equal(raw, np.round(raw)):  # [0, 1] floats: all 0
+                raise ValueError(f"pixel values are fractions ({raw.dtype}, {raw.min():g} to {raw.max():g}), not bytes")
             data = raw.astype(np.uint8)
             batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
@@ -258,7 +264,7 @@ class ImageFolderDataset(Dataset):
         target = torch.tensor(label, dtype=torch.int64)
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB")
+                rgb = _as_rgb(img, path)
                 if self.pil_transform is not None:
                     return self.pil_transform(rgb), target
                 array = np.asarray(self.resize(rgb), dtype=np.uint8)
@@ -266,6 +272,21 @@ class ImageFolderDataset(Dataset):
             raise DataFormatError(f"cannot read image '{path}' ({err}); remove or replace the file") from err
         image = torch.from_numpy(array.copy()).permute(2, 0, 1)
         return self.transform(image), target
+
+
+def _as_rgb(img: PILImage, path: Path) -> PILImage:
+    """8-bit RGB of an image: 16-bit greyscale is scaled to 8 bits (PIL's own conversion clips it: 300 becomes white),
+    and 32-bit samples, whose range a file does not state, are refused in one line."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        bytes_ = np.round(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(bytes_).convert("RGB")
+    if img.mode in ("I", "F"):
+        raise DataFormatError(
+            f"image '{path}' has 32-bit samples (PIL mode '{img.mode}') whose range is unknown; save it as 8- or 16-bit"
+        )
+    return img.convert("RGB")
 
 
 class ImageDataModule(SplitDataModule):

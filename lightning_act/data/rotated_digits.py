@@ -117,6 +117,11 @@ def load_mnist_arrays(
         raise DataFormatError(
             f"MNIST {split} labels in '{directory}' run from {labels.min()} to {labels.max()}; expected digits 0 to 9"
         )
+    if images.dtype != np.uint8:  # MNIST's images are bytes; /255 would squash [0, 1] floats and overflow int16s
+        raise DataFormatError(
+            f"MNIST {split} images in '{directory}' are {images.dtype}, not unsigned bytes (IDX type 0x08); use the "
+            "original MNIST files or save the images as uint8 0-255"
+        )
     tensor = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     if tensor.shape[-1] != image_size or tensor.shape[-2] != image_size:
         tensor = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp_(0, 1)
