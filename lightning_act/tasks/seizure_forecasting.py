@@ -101,6 +101,22 @@ def domain_gap(scores: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch
     return torch.stack([scores[in_k, k].mean() - scores[rest, k].mean() for k, in_k, rest in groups]).mean()
 
 
+def _whole_stream(outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(recording, window end, probability)`` of every test window, gathered from every rank: a rank's
+    ``DistributedSampler`` share is every other window, on which the k-of-n alarm rule would run thinned out. The
+    sampler's padding repeats windows; each is kept once."""
+    parts = [tuple(np.concatenate(column) for column in zip(*outputs))] if outputs else []
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        gathered: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, parts)
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.float32)
+    rec_idx, times, probs = (np.concatenate(column) for column in zip(*parts))
+    _, first = np.unique(np.stack([rec_idx.astype(np.float64), times]), axis=1, return_index=True)
+    return rec_idx[first], times[first], probs[first]
+
+
 class SeizureForecaster(pl.LightningModule):
     """STAN classifier with a class-conditional domain critic on its embeddings (module doc)."""
 
@@ -153,6 +169,7 @@ class SeizureForecaster(pl.LightningModule):
         self.critic = DomainCritic(embed_dim, critic_hidden, n_domains)
         self.val_auroc = torchmetrics.classification.BinaryAUROC()
         self.test_auroc = torchmetrics.classification.BinaryAUROC()
+        self.test_loss = torchmetrics.MeanMetric()  # weighted by labelled windows, summed over ranks
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._warned_no_domain = False
 
@@ -232,7 +249,7 @@ class SeizureForecaster(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         x, y = batch[0], batch[1]
         logits = self(x)
-        self.log("val/loss", self._classifier_loss(logits, y), prog_bar=True)
+        self.log("val/loss", self._classifier_loss(logits, y), prog_bar=True, sync_dist=True)
         self.val_auroc(logits.sigmoid(), y.long())
         self.log("val/auroc", self.val_auroc, prog_bar=True)
 
@@ -244,8 +261,8 @@ class SeizureForecaster(pl.LightningModule):
         labelled = y >= 0
         if labelled.any():
             # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches
-            loss = self._classifier_loss(logits[labelled], y[labelled])
-            self.log("test/loss", loss, batch_size=int(labelled.sum()))
+            self.test_loss.update(self._classifier_loss(logits[labelled], y[labelled]), weight=labelled.sum())
+            self.log("test/loss", self.test_loss)
             self.test_auroc(probs[labelled], y[labelled].long())
             self.log("test/auroc", self.test_auroc)
         if len(batch) == 4:
@@ -258,9 +275,11 @@ class SeizureForecaster(pl.LightningModule):
         """Continuous-monitoring metrics when the datamodule exposes its held-out recordings."""
         datamodule = getattr(self.trainer, "datamodule", None)
         recordings = getattr(datamodule, "recordings", {}).get("test") if datamodule is not None else None
-        if not self._test_outputs or not recordings:
+        if not recordings:
             return
-        rec_idx, times, probs = (np.concatenate(parts) for parts in zip(*self._test_outputs))
+        rec_idx, times, probs = _whole_stream(self._test_outputs)
+        if not len(rec_idx):
+            return
         report = evaluate_recordings(
             rec_idx,
             times,

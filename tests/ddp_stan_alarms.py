@@ -1,0 +1,32 @@
+"""DDP on 2 CPU processes: ``SeizureForecaster.test`` on a continuous test stream of 4 synthetic recordings, with a
+fixed per-window score (the log power of the window), so every rank scores every window alike. Dumps the logged
+test metrics.
+
+Run by tests/test_seizure_task.py as ``python ddp_stan_alarms.py OUT.json``.
+"""
+
+import json
+import sys
+
+import torch
+
+from _toy import quiet_trainer
+from lightning_act.data.eeg import EEGSeizureDataModule
+from lightning_act.tasks.seizure_forecasting import SeizureForecaster
+
+DATA = dict(n_channels=2, sampling_rate=16.0, window_seconds=4.0, recording_minutes=60.0, n_train_recordings=1,
+            n_val_recordings=1, n_test_recordings=4, batch_size=64, seed=3)
+MODEL = dict(in_chans=2, window_samples=64, segment_samples=16, embed_dim=8, depth=1, num_heads=2, n_domains=2)
+
+
+class LogPower(SeizureForecaster):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.pow(2).mean(dim=(1, 2)).log()
+
+
+if __name__ == "__main__":
+    trainer = quiet_trainer(devices=2, strategy="ddp")
+    metrics = trainer.test(LogPower(**MODEL), datamodule=EEGSeizureDataModule(**DATA), verbose=False)[0]
+    if trainer.is_global_zero:
+        with open(sys.argv[1], "w") as handle:
+            json.dump({key: float(value) for key, value in metrics.items()}, handle)
