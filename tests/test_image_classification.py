@@ -233,3 +233,19 @@ def test_mixup_trains_a_last_batch_of_one_unmixed() -> None:
         logits = model(x).double().numpy()
     assert loss.item() == pytest.approx(_numpy_cross_entropy(logits, 0.9 * np.eye(10)[[3]] + 0.1 / 10), rel=1e-5)
     assert model.train_acc.compute().item() == float(logits.argmax() == 3)
+
+
+def test_a_lightning_checkpoint_of_an_image_classifier_fine_tunes_with_a_new_head(tmp_path: Path) -> None:
+    """Before: the "model." prefix of the LightningModule's keys was kept, and the load was refused as "does not
+    fit" the model it was written from."""
+    torch.manual_seed(0)
+    source = ImageClassifier(**TINY_KAT)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    data = torch.utils.data.TensorDataset(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+    trainer.fit(source, torch.utils.data.DataLoader(data, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    tuned = ImageClassifier(**{**TINY_KAT, "num_classes": 3}, checkpoint_path=str(tmp_path / "last.ckpt"))
+    weights, loaded = source.model.state_dict(), tuned.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items() if not k.startswith("head."))
+    assert loaded["head.weight"].shape == (3, 48)

@@ -30,7 +30,8 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_path: str) -> None:
     """Load a local checkpoint into a timm model, remapped by its family's ``checkpoint_filter_fn``.
 
-    The filter of the file that registered ``model_name`` (timm's own, or
+    A timm/PyTorch state dict (bare, or under ``"model"``/``"state_dict"``) or a Lightning checkpoint of an
+    :class:`ImageClassifier` is read. The filter of the file that registered ``model_name`` (timm's own, or
     ``lightning_act.models.kat.checkpoint_filter_fn`` for official KAT weights) is applied, as timm
     does for pretrained weights. A classifier whose shape differs (e.g. 1000 ImageNet classes into
     a 10-class model) is left at its fresh init so the weights can be fine-tuned; every other
@@ -48,9 +49,12 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
         raise DataFormatError(f"checkpoint '{checkpoint_path}' holds a {type(state_dict).__name__}, not a state dict")
     family = importlib.import_module(timm.models.model_entrypoint(model_name).__module__)
     filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    written_by_lightning = "pytorch-lightning_version" in state_dict
     for key in ("model", "state_dict"):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
+    if written_by_lightning:  # an ImageClassifier checkpoint: the timm model's tensors are under its "model." attribute
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
