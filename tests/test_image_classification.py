@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -249,3 +250,15 @@ def test_a_lightning_checkpoint_of_an_image_classifier_fine_tunes_with_a_new_hea
     weights, loaded = source.model.state_dict(), tuned.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items() if not k.startswith("head."))
     assert loaded["head.weight"].shape == (3, 48)
+
+
+@pytest.mark.parametrize(("option", "says"), [({"min_lr_ratio": -0.5}, "min_lr_ratio=-0.5 must be in [0, 1]"),
+                                              ({"warmup_steps": -10}, "warmup_steps=-10 must be a whole number >= 0")])
+def test_a_schedule_that_cannot_be_followed_is_one_line(option: dict, says: str) -> None:
+    """Before: min_lr_ratio -0.5 ended at a negative learning rate (the loss ascended), -10 warm-up steps started the
+    schedule down the cosine."""
+    from lightning_act.tasks.language_model import CausalLanguageModel
+
+    for build in (lambda: ImageClassifier(**TINY_KAT, **option), lambda: CausalLanguageModel(**option)):
+        with pytest.raises(LightningActError, match=re.escape(says)):
+            build()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -308,3 +310,12 @@ def test_alarm_metrics_under_ddp_come_from_the_whole_test_stream(tmp_path) -> No
     z, t = np.log(x.pow(2).mean(dim=(1, 2)).double().numpy()[keep]), y.double().numpy()[keep]
     bce = np.mean(t * np.logaddexp(0.0, -z) + (1 - t) * np.logaddexp(0.0, z))
     assert logged["test/loss"] == pytest.approx(bce, rel=1e-5)  # both ranks' windows (before: rank 0's mean)
+
+
+@pytest.mark.parametrize(("option", "says"), [({"gp_pairs": 0}, "gp_pairs=0 must be at least 1"),
+                                              ({"pos_weight": -1.0}, "pos_weight=-1.0 must be a positive number"),
+                                              ({"pos_weight": math.inf}, "pos_weight=inf must be a positive number")])
+def test_a_penalty_over_no_pairs_and_a_non_positive_class_weight_are_one_line(option: dict, says: str) -> None:
+    """Before: gp_pairs=0 gave a NaN critic loss at every step; pos_weight -1 a negative loss for preictal windows."""
+    with pytest.raises(LightningActError, match=says):
+        SeizureForecaster(**TINY, **option)

@@ -97,6 +97,9 @@ def test_band_mismatch_and_bad_arguments_are_clear() -> None:
         trainer.fit(SpectralTargetDetection(in_bands=5), datamodule=data)
     with pytest.raises(LightningActError, match="unknown loss"):
         SpectralTargetDetection(loss="hinge")  # type: ignore[arg-type]
+    for pos_weight in (math.inf, "Sqrt"):  # before: inf made every loss NaN; "Sqrt" a bare float() ValueError
+        with pytest.raises(LightningActError, match="pos_weight must be 'sqrt', 'auto', null or a positive number"):
+            SpectralTargetDetection(pos_weight=pos_weight)  # type: ignore[arg-type]
 
 
 def _detectors_table_script():

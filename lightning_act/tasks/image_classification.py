@@ -27,6 +27,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_schedule(warmup_steps: int, min_lr_ratio: float) -> None:
+    """One line for a schedule :func:`warmup_cosine` cannot follow: a negative warm-up starts it down the cosine, and a
+    ratio outside [0, 1] ends it at a negative (loss-ascending) or above-peak learning rate."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise LightningActError(f"warmup_steps={warmup_steps!r} must be a whole number >= 0; pass e.g. --model.warmup_steps 20")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise LightningActError(f"min_lr_ratio={min_lr_ratio!r} must be in [0, 1]; pass e.g. --model.min_lr_ratio 0.1")
+
+
 def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_path: str) -> None:
     """Load a local checkpoint into a timm model, remapped by its family's ``checkpoint_filter_fn``.
 
@@ -107,6 +116,7 @@ class ImageClassifier(ClassificationTask):
         checkpoint_path: str | None = None,
     ) -> None:
         super().__init__()
+        check_schedule(warmup_steps, min_lr_ratio)
         if not 0.0 <= label_smoothing < 1.0:
             raise LightningActError(f"label_smoothing={label_smoothing} must be in [0, 1); pass e.g. --model.label_smoothing 0.1")
         if mixup_alpha < 0 or cutmix_alpha < 0:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
-from lightning_act.tasks.image_classification import warmup_cosine
+from lightning_act.tasks.image_classification import check_schedule, warmup_cosine
 
 
 def adamw_warmup_cosine(
@@ -53,6 +53,7 @@ class CausalLanguageModel(pl.LightningModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
+        check_schedule(warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         self.model = SmallTransformer(vocab_size, max_len, dim, depth, num_heads, True, mlp_ratio, act, causal=True)
 

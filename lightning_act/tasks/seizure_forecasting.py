@@ -30,6 +30,8 @@ interictal features.  Justification and caveats: docs/stan.md.
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -152,6 +154,12 @@ class SeizureForecaster(pl.LightningModule):
             raise LightningActError(
                 f"adversarial_weight={adversarial_weight} is negative, which would make the encoder help the critic; "
                 "pass 0 (no adversarial term) or a positive weight"
+            )
+        if adversarial_weight > 0 and gp_pairs < 1:  # a penalty over no pairs is NaN: a critic loss of NaN every step
+            raise LightningActError(f"gp_pairs={gp_pairs} must be at least 1 with the adversarial term on; pass e.g. 16")
+        if pos_weight is not None and not (math.isfinite(pos_weight) and pos_weight > 0):
+            raise LightningActError(
+                f"pos_weight={pos_weight!r} must be a positive number (or null); pass e.g. --model.init_args.pos_weight 5"
             )
         self.save_hyperparameters()
         self.automatic_optimization = False

@@ -11,6 +11,7 @@ ROC-AUC stays near 1 even for detectors whose top-ranked pixels are mostly false
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,15 @@ from torchvision.ops import sigmoid_focal_loss
 from lightning_act.errors import LightningActError
 from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
+
+
+def _positive_number(value: object) -> bool:
+    """Whether ``value`` reads as a finite number > 0 (``inf`` would make every loss NaN)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number > 0
 
 
 class SpectralTargetDetection(pl.LightningModule):
@@ -64,7 +74,7 @@ class SpectralTargetDetection(pl.LightningModule):
         super().__init__()
         if loss not in ("bce", "focal"):
             raise LightningActError(f"unknown loss '{loss}'; use --model.loss bce or --model.loss focal")
-        if not (pos_weight is None or pos_weight in ("auto", "sqrt") or float(pos_weight) > 0):
+        if not (pos_weight is None or pos_weight in ("auto", "sqrt") or _positive_number(pos_weight)):
             raise LightningActError(
                 f"pos_weight must be 'sqrt', 'auto', null or a positive number, got {pos_weight!r}; "
                 "set --model.pos_weight accordingly"
