@@ -200,6 +200,10 @@ class LastCheckpoint(Checkpoint):
                 self.save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            # A rank-0-only progress bar (TQDM's) computes the epoch's metrics, a collective for a torchmetrics value,
+            # on rank 0 alone; computing them here on every rank pairs it before the save's barrier (else: deadlock).
+            _ = trainer.progress_bar_metrics
         if trainer.global_step != self._last_saved_step:
             self.save(trainer)
 

@@ -32,10 +32,13 @@ class EpochLineProgress(ProgressBar):
         self._enabled = True
 
     def _line(self, head: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on every rank: computing an epoch's torchmetrics value is a collective, which rank 0 alone would pair with
+        # whatever collective the other ranks run next (LastCheckpoint's barrier: a deadlock under DDP)
+        metrics = self.get_metrics(trainer, pl_module)
         if not self._enabled or not trainer.is_global_zero:
             return
         values = []
-        for key, value in sorted(self.get_metrics(trainer, pl_module).items()):
+        for key, value in sorted(metrics.items()):
             if key != "v_num":
                 values.append(f"{key} {value:.4g}" if isinstance(value, int | float) else f"{key} {value}")
         print("  ".join([head, *values]), file=sys.stdout, flush=True)

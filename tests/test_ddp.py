@@ -88,3 +88,22 @@ def test_sensitive_neurons_with_a_self_sharding_validation_loader(tmp_path):
     expected = toy_dataset(13, seed=1).tensors[0].flatten(1).numpy()
     np.testing.assert_array_equal(np.array(result["tracking"]), expected)
     assert "gives each rank other batches" in result["forward_fn"]
+
+
+def test_an_epoch_end_barrier_under_a_rank_zero_progress_bar_does_not_deadlock(tmp_path):
+    """Before: the progress bar computed the epoch's torchmetrics accuracy (a collective) on rank 0 alone, which met
+    the other rank's barrier (LastCheckpoint's save, the CLI's default): every DDP fit of the CLI hung at epoch 1."""
+    import signal
+
+    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() + 23) % 1000))
+    out = tmp_path / "ended.txt"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT.with_name("ddp_epoch_end.py")), str(out)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks
+        _, stderr = proc.communicate()
+    ended = out.read_text().splitlines() if out.is_file() else []
+    assert ended == ["EpochLineProgress barrier 2", "TQDMProgressBar LastCheckpoint 2"], stderr[-3000:]
