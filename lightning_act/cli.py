@@ -312,13 +312,23 @@ def import_project_classes() -> None:
 
 
 def run_folder(trainer: Any) -> Path:
-    """The folder ``lightning_act report`` reads: the CSV logger's save_dir, else the log dir."""
+    """The folder ``lightning_act report`` reads: the CSV logger's save_dir, else the log dir (every rank must call
+    this: ``trainer.log_dir`` is a broadcast)."""
     from lightning.pytorch.loggers import CSVLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             return Path(logger.save_dir)
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def run_folder_line(trainer: Any, folder: Path) -> str:
+    """The line a fit ends with: where its files are, and how to see them when a CSV log makes a report possible."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
+        return f"run folder: {folder}  (see it: lightning_act report {folder})"
+    return f"run folder: {folder}  (no CSVLogger, so no report: add one to the trainer's loggers to see the run)"
 
 
 @functools.cache
@@ -420,10 +430,23 @@ def _build_cli_class() -> type:
                     raise
                 accelerator = self.config_init[self.subcommand]["trainer"].get("accelerator")
                 raise ConfigError(_trainer_problem(err, accelerator)) from None
+            if getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver"):
+                raise ConfigError(
+                    f"--trainer.strategy {self.config_init[self.subcommand]['trainer'].get('strategy')} starts its "
+                    "processes by pickling the Trainer, which holds this command line's config callback; pass "
+                    "--trainer.strategy ddp (the same training, its processes started by running the command again)"
+                )
             callbacks = trainer.callbacks
             if self.subcommand == "fit" and trainer.checkpoint_callback is not None:
                 if not any(isinstance(c, LastCheckpoint) for c in callbacks):
                     callbacks.insert(len(callbacks), LastCheckpoint())
+                for saver in callbacks:
+                    if isinstance(saver, LastCheckpoint) and saver.dirpath is None:
+                        # now, before Lightning puts a ModelCheckpoint without dirpath in the logger's new version
+                        # folder: --ckpt_path last and --overwrite look for last.ckpt where the fit writes it
+                        saver.dirpath = str(saver.path(trainer).parent)
+                    if isinstance(saver, ModelCheckpoint) and trainer.fast_dev_run:
+                        saver.save_last = False  # Lightning writes it at the end even under fast_dev_run
             if (trainer.progress_bar_callback is not None and not sys.stdout.isatty()
                     and type(trainer.progress_bar_callback).__module__.startswith("lightning.")):
                 callbacks[callbacks.index(trainer.progress_bar_callback)] = EpochLineProgress()
@@ -506,12 +529,15 @@ def _build_cli_class() -> type:
             try:
                 super()._run_subcommand(subcommand)
             except Exception as err:
-                if subcommand == "fit" and _user_error(err) is not None and self.trainer.global_step == 0:
+                refusal = _lightning_refusal(err)
+                if subcommand == "fit" and (refusal or _user_error(err)) is not None and self.trainer.global_step == 0:
                     try:
                         self._remove_files_of_a_run_that_never_started()
                     except Exception as cleanup_error:  # never in the way of the user's own error line
                         print(f"lightning_act: could not remove the files of the refused run: {cleanup_error}",
                               file=sys.stderr)
+                if refusal is not None:
+                    raise refusal from err
                 raise
 
         def _remove_files_of_a_run_that_never_started(self) -> None:
@@ -530,8 +556,11 @@ def _build_cli_class() -> type:
                     shutil.rmtree(run_folder, ignore_errors=True)
                 elif isinstance(logger, CSVLogger):
                     folder = Path(logger.log_dir)
-                    if folder.is_dir() and not any(folder.iterdir()):
-                        folder.rmdir()
+                    if folder.is_dir():  # with the files written at setup, before any step: this config, hparams
+                        for name in (self.save_config_kwargs.get("config_filename", "config.yaml"), "hparams.yaml"):
+                            (folder / name).unlink(missing_ok=True)
+                        if not any(folder.iterdir()):
+                            folder.rmdir()
 
         def before_validate(self) -> None:
             self._check_batch_size()
@@ -540,9 +569,11 @@ def _build_cli_class() -> type:
         before_test = before_predict = before_validate
 
         def after_fit(self) -> None:
-            if self.trainer.is_global_zero and not self.trainer.interrupted and not self.trainer.fast_dev_run:
-                folder = run_folder(self.trainer)
-                print(f"run folder: {folder}  (see it: lightning_act report {folder})", flush=True)
+            if self.trainer.interrupted or self.trainer.fast_dev_run:
+                return
+            folder = run_folder(self.trainer)  # on every rank: it may broadcast
+            if self.trainer.is_global_zero:
+                print(run_folder_line(self.trainer, folder), flush=True)
 
     return LightningActCLI
 
@@ -606,6 +637,16 @@ def _unwritable_output(err: BaseException) -> LightningActError | None:
                 "checkpoint dirpath)"
             )
         current = current.__cause__ or current.__context__
+    return None
+
+
+def _lightning_refusal(err: BaseException) -> LightningActError | None:
+    """One line for what Lightning refuses about the config once the run starts: a ``MisconfigurationException`` (a
+    recipe without a test set or ``predict_step``, ...) or a ``val_check_interval`` beyond the training batches."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(err, MisconfigurationException) or (isinstance(err, ValueError) and "`val_check_interval`" in str(err)):
+        return _unknown_monitor(err) or ConfigError(" ".join(str(err).split()))
     return None
 
 

@@ -243,3 +243,66 @@ def test_a_checkpoint_monitor_that_names_no_logged_metric_is_one_line(tmp_path, 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(tmp_path / "config.yaml"))
     assert "ModelCheckpoint(monitor='val/acc_typo')" in err and "'val/acc'" in err and "fix the callback's monitor" in err
+
+
+def _without_last_checkpoint(config, **checkpoint):
+    """The test config with the recipe's LastCheckpoint replaced by a ``ModelCheckpoint(**checkpoint)``."""
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"][1] = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                           "init_args": checkpoint}
+    config.write_text(yaml.safe_dump(settings))
+    return config
+
+
+def test_last_ckpt_beside_a_model_checkpoint_without_dirpath_is_found_by_resume_and_overwrite(tmp_path, monkeypatch):
+    """Before: Lightning put such a ModelCheckpoint in the CSV logger's new version folder after the command line had
+    looked for last.ckpt elsewhere: --ckpt_path last found nothing, and --overwrite removed nothing."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    config = _without_last_checkpoint(write_config(tmp_path), save_last=True)
+    assert main(["fit", "--config", str(config)]) == 0
+    last = tmp_path / "runs" / "vit_demo" / "checkpoints" / "last.ckpt"  # <default_root_dir>/checkpoints
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "5",
+                 "--trainer.max_epochs", "3"]) == 0
+    assert torch.load(last, weights_only=False)["global_step"] == 5
+    assert main(["fit", "--config", str(config), "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "csv").iterdir()) == ["version_0"]  # started over
+
+
+def test_fast_dev_run_writes_no_last_ckpt_of_a_model_checkpoint_either(tmp_path, monkeypatch):
+    """Before: Lightning wrote ModelCheckpoint(save_last=True)'s last.ckpt even under fast_dev_run."""
+    monkeypatch.chdir(tmp_path)
+    config = _without_last_checkpoint(write_config(tmp_path), save_last=True)
+    assert main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true"]) == 0
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_what_lightning_refuses_once_the_run_starts_is_one_line_and_leaves_no_run(tmp_path, capsys, monkeypatch):
+    """Before: tracebacks (a val_check_interval beyond the training batches; a test of a model without test_step),
+    and the refused fit's config.yaml and hparams.yaml kept its CSV version folder."""
+    config = write_config(tmp_path)
+    err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config), "--trainer.val_check_interval", "50")
+    assert "`val_check_interval` (50) must be less than or equal to the number of the training batches" in err
+    assert not (tmp_path / "runs" / "csv" / "version_0").exists()
+    assert not list((tmp_path / "runs").glob("wandb/offline-run-*"))
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"] = []
+    settings["model"] = {"class_path": "lightning_act.tasks.modular_addition.ModularAddition",
+                         "init_args": {"p": 7, "dim": 8, "depth": 1, "num_heads": 2}}
+    settings["data"] = {"class_path": "lightning_act.data.modular_addition.ModularAdditionDataModule",
+                        "init_args": {"p": 7}}
+    config.write_text(yaml.safe_dump(settings))
+    err = one_line_error(tmp_path, capsys, monkeypatch, "predict", "--config", str(config))
+    assert "`predict_dataloader` must be implemented" in err
+
+
+def test_spawned_processes_are_one_line_and_a_run_without_csv_log_gets_no_report_hint(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path)
+    err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config), "--trainer.strategy", "ddp_spawn",
+                         "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    assert "--trainer.strategy ddp_spawn starts its processes by pickling the Trainer" in err  # before: a traceback
+    assert main(["fit", "--config", str(config), "--trainer.logger", "false"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("run folder: ") and "no CSVLogger, so no report" in line  # before: a report that failed
