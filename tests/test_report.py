@@ -489,3 +489,13 @@ def test_non_finite_points_are_shown_as_such(tmp_path: Path) -> None:
     traces, _ = figure_for(text, "training-loss")
     assert [t["y"] for t in traces] == [[2.0, None, None]]
     assert "<td>test/loss</td><td>nan</td>" in text
+
+
+def test_a_resumed_fits_skip_record_replaces_the_first_fits(tmp_path: Path) -> None:
+    """Before: the versions were merged layer by layer, so a layer the resumed fit fitted stayed "skipped"."""
+    first, resumed = tmp_path / "version_0", tmp_path / "version_1"
+    record_skipped(first, "massive", "emergence fit", {"blocks.0": "4 ratio points, the fit needs at least 6"})
+    record_skipped(first, "collapse", "erank", {"c": "1-d output"})
+    record_skipped(resumed, "massive", "emergence fit", {})
+    skipped, _ = read_skipped([first, resumed])
+    assert [(s.monitor, s.what, s.layer) for s in skipped] == [("collapse", "erank", "c")]

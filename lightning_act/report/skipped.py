@@ -56,8 +56,10 @@ def record_skipped(run_dir: str | Path, monitor: str, what: str, reasons: Mappin
 
 
 def read_skipped(dirs: list[Path]) -> tuple[list[SkippedLayer], list[str]]:
-    """Every skipped layer recorded under ``dirs`` (later folders win) and notes on unreadable files."""
-    found: dict[tuple[str, str, str], str] = {}
+    """Every skipped layer recorded under ``dirs`` and notes on unreadable files. A later folder's record of a
+    (monitor, what) replaces an earlier one whole, as :func:`record_skipped` does within a folder: a resumed fit that
+    fitted a layer the first fit skipped lists it no more."""
+    found: dict[tuple[str, str], dict[str, str]] = {}
     notes: list[str] = []
     for directory in dict.fromkeys(dirs):
         path = directory / SKIPPED_FILE
@@ -65,10 +67,11 @@ def read_skipped(dirs: list[Path]) -> tuple[list[SkippedLayer], list[str]]:
             continue
         try:
             content = json.loads(path.read_text(encoding="utf-8"))
-            for monitor, by_what in content.items():
-                for what, layers in by_what.items():
-                    for layer, reason in layers.items():
-                        found[(str(monitor), str(what), str(layer))] = str(reason)
+            records = {(str(m), str(w)): {str(k): str(v) for k, v in layers.items()}
+                       for m, by_what in content.items() for w, layers in by_what.items()}
         except (ValueError, AttributeError) as error:
             notes.append(f"could not read {path} ({error}); its skipped layers are not listed")
-    return [SkippedLayer(m, w, layer, reason) for (m, w, layer), reason in found.items()], notes
+            continue
+        found.update(records)
+    skipped = [SkippedLayer(m, w, layer, reason) for (m, w), layers in found.items() for layer, reason in layers.items()]
+    return skipped, notes
