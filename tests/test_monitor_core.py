@@ -306,3 +306,16 @@ def test_history_memory_is_bounded():
         series.append(step, float(step))
     assert len(series) < 8 and series.steps[0] == 0 and series.steps[-1] >= 1000 - series.stride
     assert series.steps == sorted(series.steps) and len(set(np.diff(series.steps))) == 1
+
+
+def test_two_monitors_of_one_class_on_one_module_are_refused_on_different_modules_logged_apart():
+    """Before: both logged their own values under the same keys at the same step (the second row won in a report)."""
+    from lightning_act.errors import LightningActError
+
+    trainer = quiet_trainer(max_steps=1, callbacks=[ActivationStats(modules=["net.2", "net.4"]), ActivationStats(modules=["net.4"])])
+    with pytest.raises(LightningActError, match=r"two ActivationStats monitors tap \['net.4'\], and both would log under the same"):
+        trainer.fit(ToyTask(tiny_mlp()), toy_loader())
+    apart = [ActivationStats(modules=["net.2"], every_n_steps=1), ActivationStats(modules=["net.4"], every_n_steps=1)]
+    trainer = quiet_trainer(max_steps=1, callbacks=apart)
+    trainer.fit(ToyTask(tiny_mlp()), toy_loader())
+    assert {"act/net.2/rms", "act/net.4/rms"} <= set(trainer.callback_metrics)

@@ -222,8 +222,25 @@ def subscribe_taps(
                 "(and token_dim=0) if they are (tokens, batch, features)",
                 category=UserWarning,
             )
+    refuse_shared_keys(subscriber, trainer, taps)
     registry.subscribe(subscriber, taps, layouts)
     return taps, layouts, registry
+
+
+def refuse_shared_keys(subscriber: Any, trainer: Any, taps: list[Tap]) -> None:
+    """One line when another callback of the Trainer with ``subscriber``'s key prefix taps one of ``taps``: both would
+    log their own values under the same ``<prefix>/<module>/<stat>`` keys, one after the other at the same step."""
+    if trainer is None:
+        return
+    names = {tap.name for tap in taps}
+    for other in trainer.callbacks:
+        shared = sorted(names & {tap.name for tap in getattr(other, "taps", [])})
+        if other is not subscriber and getattr(other, "prefix", None) == subscriber.prefix and shared:
+            raise LightningActError(
+                f"two {type(subscriber).__name__} monitors tap {shared[:3]}, and both would log under the same "
+                f"'{subscriber.prefix}/<module>/...' keys; keep one {type(subscriber).__name__} and give it all the "
+                "modules (modules=[...]) and settings you want"
+            )
 
 
 #: The name of the statistic by which :meth:`ActivationMonitor.summarize` says whether a tap's step was measurable.
