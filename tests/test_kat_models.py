@@ -230,3 +230,21 @@ def test_official_state_dict_refuses_per_group_numerators() -> None:
         model.blocks[0].mlp.act2.weight_numerator[1, 0] += 1.0
     with pytest.raises(LightningActError, match="shared_numerator"):
         official_state_dict(model)
+
+
+def test_a_kat_built_on_the_meta_device_gets_its_rationals_from_init_weights() -> None:
+    """FSDP / Fabric empty init: ``device="meta"``, ``to_empty()``, then ``init_weights()``. Before: the rational
+    coefficients kept whatever memory to_empty() gave them."""
+    model = timm.create_model("kat_micro_patch4_32", img_size=16, depth=1, device="meta")
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    model.init_weights()
+    built = timm.create_model("kat_micro_patch4_32", img_size=16, depth=1).blocks[0].mlp
+    for name in ("act1", "act2"):
+        for sets in ("weight_numerator", "weight_denominator"):
+            assert torch.equal(getattr(getattr(model.blocks[0].mlp, name), sets), getattr(getattr(built, name), sets))
+    x = torch.linspace(-3, 3, 7)
+    np.testing.assert_allclose(model.blocks[0].mlp.act1(x[:, None].expand(7, 96)).detach()[:, 0], x, atol=1e-6)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -336,3 +337,28 @@ def test_eager_triton_path_on_cpu_matches_reference_module() -> None:
         results.append((y.detach(), leaf.grad, module.weight_numerator.grad, module.weight_denominator.grad))
     for ours, expected in zip(*results, strict=True):
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_penalty_gradient_at_a_zero_denominator_on_the_op_path() -> None:
+    """Every KAT act1 starts at b = 0; d|b|/db is +1 there. Before: the op's backward used torch.abs, whose derivative
+    is 0 at 0, so the penalty's gradient to b came out a third of its true value under create_graph."""
+    from lightning_act.nn.group_rational import GroupRational
+
+    x0 = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def penalty(rational: GroupRational) -> torch.Tensor:
+        x = x0.clone().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad((rational(x) ** 2).sum(), x, create_graph=True)
+        return (grad_x**2).sum()
+
+    rational = GroupRational(8, groups=2, implementation="triton").double()  # on CPU: the op's PyTorch formula
+    penalty(rational).backward()
+    # right derivative by hand: y = x / (1 + b|x|) on group 0's columns, so dy/dx = 1 / (1 + b|x|)^2
+    def by_hand(b: float) -> float:
+        group0 = x0[:, :4].numpy()
+        return float(np.sum((2 * group0 / (1 + b * np.abs(group0)) / (1 + b * np.abs(group0)) ** 2) ** 2)
+                     + np.sum((2 * x0[:, 4:].numpy()) ** 2))
+
+    step = 1e-7
+    expected = (by_hand(step) - by_hand(0.0)) / step
+    assert rational.weight_denominator.grad[0, 0].item() == pytest.approx(expected, rel=1e-4)

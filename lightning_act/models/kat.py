@@ -92,7 +92,10 @@ class GRKANMlp(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Variance-preserving init of fc1 / fc2 from the rationals' ``E[F(x)²]`` (Yang & Wang 2024)."""
+        """The rationals' init coefficients, and a variance-preserving init of fc1 / fc2 from their ``E[F(x)²]``
+        (Yang & Wang 2024)."""
+        self.act1.reset_parameters()
+        self.act2.reset_parameters()
         for linear, init in ((self.fc1, "identity"), (self.fc2, self.act_init)):
             std = math.sqrt(1.0 / (linear.in_features * rational_gain(init)))
             nn.init.normal_(linear.weight, mean=0.0, std=std)

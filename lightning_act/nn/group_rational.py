@@ -203,7 +203,7 @@ def _pytorch_backward(
     dtype = _compute_dtype(x3, numerator, denominator)
     x, grad_y = x3.to(dtype), grad_y.to(dtype)
     a = _per_group(numerator, groups, dtype)
-    b = _per_group(denominator, groups, dtype).abs()
+    b = _abs_with_right_derivative(_per_group(denominator, groups, dtype))  # differentiated again under create_graph
     ax = x.abs()
     p, dp = a[5], 5.0 * a[5]
     for power in range(4, -1, -1):
@@ -401,7 +401,6 @@ class GroupRational(nn.Module):
         if sharing not in SHARINGS:
             raise LightningActError(f"unknown sharing {sharing!r}; pass one of {SHARINGS}")
         check_kernel_config(KernelConfig(*kernel_config))
-        numerator, denominator = _init_coefficients(init)
         numerator_sets = 1 if sharing == "shared_numerator" else groups
         denominator_sets = 1 if sharing == "shared_denominator" else groups
         self.num_channels = num_channels
@@ -413,10 +412,17 @@ class GroupRational(nn.Module):
         self.kernel_config = KernelConfig(*kernel_config)
         self._eager_input: tuple[torch.Size, torch.device, str] | None = None  # last eager input checked
         self._eager_grouped: tuple[int, int, int] | None = None
-        self.weight_numerator = nn.Parameter(torch.tensor(numerator, dtype=torch.float32).repeat(numerator_sets, 1))
-        self.weight_denominator = nn.Parameter(
-            torch.tensor(denominator, dtype=torch.float32).repeat(denominator_sets, 1)
-        )
+        self.weight_numerator = nn.Parameter(torch.empty(numerator_sets, NUMERATOR_TERMS, dtype=torch.float32))
+        self.weight_denominator = nn.Parameter(torch.empty(denominator_sets, DENOMINATOR_TERMS, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The coefficients of ``init`` in every set; also what materialises a model built on the meta device
+        (``to_empty()`` then ``init_weights()``: KAT's MLP calls this)."""
+        numerator, denominator = _init_coefficients(self.init)
+        with torch.no_grad():
+            self.weight_numerator.copy_(torch.tensor(numerator).expand_as(self.weight_numerator))
+            self.weight_denominator.copy_(torch.tensor(denominator).expand_as(self.weight_denominator))
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group ``(groups, 6)`` numerator and ``(groups, 4)`` denominator (shared sets broadcast)."""
