@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -104,8 +106,8 @@ def numpy_r90(snapshots: np.ndarray) -> int:
 def test_explained_variance_rank_hand_worked() -> None:
     # cumulative fractions 0.5, 0.8, 0.9, 1.0: 90% is reached at k = 3
     assert explained_variance_rank(torch.tensor([5.0, 3.0, 1.0, 1.0])).item() == 3
+    assert math.isnan(explained_variance_rank(torch.zeros(4)).item())  # 0/0 of an unmoved trajectory (was 0)
     assert explained_variance_rank(torch.tensor([9.5, 0.5])).item() == 1
-    assert explained_variance_rank(torch.zeros(3)).item() == 0
 
 
 def trajectory_in_plane(steps: int, size: int, second_scale: float) -> np.ndarray:

@@ -239,7 +239,7 @@ def refuse_shared_keys(subscriber: Any, trainer: Any, taps: list[Tap]) -> None:
             raise LightningActError(
                 f"two {type(subscriber).__name__} monitors tap {shared[:3]}, and both would log under the same "
                 f"'{subscriber.prefix}/<module>/...' keys; keep one {type(subscriber).__name__} and give it all the "
-                "modules (modules=[...]) and settings you want"
+                "modules (modules=[...]), or give the other a subclass with its own class attribute prefix"
             )
 
 
@@ -442,6 +442,7 @@ class ActivationMonitor(FitScopedState, ABC):
         self._kept: dict[int, Any] = {}  # what a subclass kept of each tap's first activation this step (see keep)
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
+        self._unknown_extras_warned: set[str] = set()
         self._unmeasured_warned: set[str] = set()
         self._low_dim_warned: set[str] = set()
         self._features_warned: set[str] = set()
@@ -768,6 +769,9 @@ class ActivationMonitor(FitScopedState, ABC):
         metrics: dict[str, float] = {}
         pairs = [*zip(names, host_values), *(((None, key), value) for key, value in (extras or {}).items())]
         for (tap_index, stat), value in pairs:
+            if tap_index is None and math.isnan(value):
+                self._warn_once(self._unknown_extras_warned, stat, self.unknown_extra(stat, step))
+                continue
             if tap_index is None:
                 key = stat
             elif tap_index not in observed or tap_index in unmeasured or stat == MEASURED:
@@ -782,6 +786,10 @@ class ActivationMonitor(FitScopedState, ABC):
         self.publish(trainer, metrics)
         self.on_statistics(trainer, step, stats)
         return metrics
+
+    def unknown_extra(self, key: str, step: int) -> str:
+        """Why the extra statistic ``key`` is unknown (NaN) at ``step``, said once as it goes unlogged."""
+        return f"is unknown at step {step}; it is not logged at such steps"
 
     def _warn_once(self, warned: set[str], tap_name: str, problem: str) -> None:
         """One warning per tap and kind of problem: ``<monitor>: <tap> <problem>``."""

@@ -83,8 +83,10 @@ class DimensionalCollapse(ActivationMonitor):
         param_patterns: name globs of the parameters whose trajectory is analysed (e.g.
             ``"blocks.*.attn.qkv.weight"``); default every weight of 2 or more dims (linear and
             conv kernels, flattened) inside the ``@blocks`` modules, or of the whole model when it
-            has no repeated blocks (trainable ones only: frozen weights add nothing to the
-            trajectory). ``[]`` switches it off. Under FSDP the whole monitor stays idle (see
+            has no repeated blocks, frozen ones included while some weight matrix trains (a frozen
+            weight adds nothing to the trajectory's variance, and a backbone frozen at fit start may
+            train later); while none of the chosen weights has moved, r90 is undefined and not logged.
+            ``[]`` switches it off. Under FSDP the whole monitor stays idle (see
             ``docs/multi_gpu.md``).
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
             taken half as often, so the kept ones span the whole run.
@@ -176,7 +178,9 @@ class DimensionalCollapse(ActivationMonitor):
         self._step_rows: dict[int, int] = {}  # the same, of the step being summarised
         self._test_matrices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self.warn_below = warn_below
-        self.param_patterns = None if param_patterns is None else list(param_patterns)
+        # one glob given as a string is one pattern, not one per character ("*" would match every parameter)
+        self.param_patterns = None if param_patterns is None else (
+            [param_patterns] if isinstance(param_patterns, str) else list(param_patterns))
         self.max_snapshots = max_snapshots
         self.projection_dim = projection_dim
         self.variance_fraction = variance_fraction
@@ -449,6 +453,12 @@ class DimensionalCollapse(ActivationMonitor):
             if self._r90 is None and len(self._snapshots) >= 2:
                 self._r90 = self._trajectory_r90()
         return {} if self._r90 is None else {f"{self.prefix}/params/r90": self._r90}
+
+    def unknown_extra(self, key: str, step: int) -> str:
+        return (
+            f"is not logged from step {step}: the weights it follows ({len(self.param_names)} tensors) have not moved "
+            "since fit start (frozen), so no share of their trajectory's variance is defined; it is logged once they move"
+        )
 
     def host_extras(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
         """r90 on the host: read once after each snapshot (a host sync at those due steps only, fewer and fewer as

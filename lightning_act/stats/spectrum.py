@@ -264,15 +264,15 @@ def trajectory_spectrum(snapshots: torch.Tensor, eigensolver: str = "torch", pad
 
 
 def explained_variance_rank(eigenvalues: torch.Tensor, fraction: float = 0.90) -> torch.Tensor:
-    """``min{k : Σ_{i≤k} λ_i / Σ λ_i >= fraction}`` for descending eigenvalues; 0 when all are 0."""
+    """``min{k : Σ_{i≤k} λ_i / Σ λ_i >= fraction}`` for descending eigenvalues; NaN ("unknown") when all are 0, where
+    every fraction of the variance is 0/0 (a trajectory whose weights have not moved)."""
     lam = eigenvalues.to(torch.float64).clamp_min(0.0)
     total = lam.sum()
     cumulative = lam.cumsum(0) / total.clamp_min(torch.finfo(torch.float64).tiny)
     # A relative slack keeps an exactly-reached 90% from being missed by round-off.
     reached = cumulative >= fraction - 1e-12
     k = (~reached).sum() + 1
-    k = torch.where(total > 0, k.to(torch.float64), torch.zeros((), dtype=torch.float64, device=lam.device))
-    return torch.where(torch.isnan(total), total, k)
+    return torch.where(total > 0, k.to(torch.float64), torch.full((), math.nan, dtype=torch.float64, device=lam.device))
 
 
 def trajectory_r90(
