@@ -389,3 +389,15 @@ def test_every_tap_of_a_mixed_model_matches_numpy(case: str, monkeypatch: pytest
                     assert monitor.history[f"massive/{name}/top{j}_token"].values[step] == token
                     assert monitor.history[f"massive/{name}/top{j}_feature"].values[step] == feature
     assert monitor.history["massive/blocks.1/count"].values == [8.0] * 3  # the planted entry, once per sample
+
+
+def test_top_k_values_of_a_float64_activation_are_exact() -> None:
+    """Before: the per-position maxima were rounded to float32 (4.4732227325 for 4.4732229500)."""
+    from lightning_act.stats.fused import fused_statistics, topk_positions_from
+
+    h = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h[1, 3, 4] = 4.473222950036799
+    monitor = MassiveActivations()
+    top = topk_positions_from(fused_statistics(h, monitor.fused_spec(0)), 2)
+    expected = np.sort(np.abs(h.numpy()).max(axis=0).ravel())[::-1][:2]
+    assert top[:2].tolist() == expected.tolist() and top[0].item() == 4.473222950036799

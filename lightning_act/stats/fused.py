@@ -463,7 +463,8 @@ def fused_statistics(x: torch.Tensor, spec: FusedSpec, implementation: str = "au
     if spec.massive is not None:
         stats.sample_massive_count = out["massive_count"]
     if spec.column_max:
-        stats.column_max = out["column_max"].float()
+        column_max = out["column_max"]  # float32 at least; a float64 activation's top-k values stay exact
+        stats.column_max = column_max.to(torch.promote_types(column_max.dtype, torch.float32))
     return stats
 
 
