@@ -239,7 +239,7 @@ def test_embeddings_and_bad_input() -> None:
     conv = torch.arange(48.0).reshape(2, 3, 2, 4)
     torch.testing.assert_close(per_example_embedding(conv), conv.mean((2, 3)))
     with pytest.raises(DataFormatError, match="modules="):
-        per_example_embedding(torch.zeros(2, 2, 2, 2, 2))
+        per_example_embedding(torch.zeros(2))
     with pytest.raises(LightningActError, match="top_fraction"):
         SensitiveNeurons(top_fraction=0.0)
     with pytest.raises(DataFormatError, match="input_key"):
@@ -351,3 +351,29 @@ def test_a_float64_embedding_is_the_tapped_value_not_one_changed_in_place_later(
     expected = tracking.double().numpy() @ weight.T + bias
     assert (expected < 0).any()
     np.testing.assert_allclose(monitor.embeddings["features"][-1].cpu().numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_tap_without_features_is_said_once_and_a_conv3d_map_is_averaged_over_its_volume(tmp_path: Path) -> None:
+    """Before: a (B,) tap raised in the tracking pass and stopped the fit, and so did a (B, C, D, H, W) map."""
+    volume = torch.arange(2 * 3 * 2 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2, 2)
+    np.testing.assert_allclose(per_example_embedding(volume).numpy(), volume.numpy().mean(axis=(2, 3, 4)))
+
+    class Sum(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum(-1)
+
+    class ScoredMlp(Mlp):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score = Sum()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.hidden(x)
+            return self.head(h) + 0.0 * self.score(h)[:, None]
+
+    monitor = SensitiveNeurons(modules=["hidden", "score"], every_n_steps=1, tracking_inputs=torch.randn(8, 6),
+                               num_samples=8, window=2, eigenscore_passes=0)
+    with pytest.warns(UserWarning, match="score outputs a 1-d tensor") as said:
+        fit(tmp_path, ScoredMlp(), [monitor], steps=3)
+    assert sum("score" in str(w.message) for w in said) == 1
+    assert monitor.embeddings["hidden"] and "score" not in monitor.embeddings

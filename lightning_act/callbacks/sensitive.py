@@ -91,16 +91,17 @@ _STOCHASTIC_CLASS_NAMES = {"DropPath", "DropBlock2d"}
 
 
 def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) embedding of one activation: (B, T, D) → token mean, (B, C, H, W) → spatial mean, taken in float32 at
-    least: under bf16 autocast a bf16 mean would round each embedding to 8 significant bits before the differences
-    between checkpoints that the sensitivity is made of (v_mean 31% off at a small learning rate)."""
+    """(B, D) embedding of one activation: (B, T, D) → token mean, (B, C, *spatial) → spatial mean (Conv2d and
+    Conv3d maps), taken in float32 at least: under bf16 autocast a bf16 mean would round each embedding to 8
+    significant bits before the differences between checkpoints that the sensitivity is made of (v_mean 31% off at a
+    small learning rate)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.dim() == 2:
         return x
     if x.dim() == 3:
         return x.mean(1)
-    if x.dim() == 4:
-        return x.mean((2, 3))
+    if x.dim() >= 4:
+        return x.mean(tuple(range(2, x.dim())))
     raise DataFormatError(
         f"SensitiveNeurons: cannot make per-example embeddings from an activation of shape {tuple(x.shape)}; "
         "tap a module whose output is (B, D), (B, T, D) or (B, C, H, W) via modules=[...]"
@@ -307,6 +308,7 @@ class SensitiveNeurons(FitScopedState):
         self._pending_step: int | None = None
         self._drop_handles: dict[str, Any] = {}
         self._features_warned: set[str] = set()
+        self._low_dim_warned: set[str] = set()
         self._unobserved_warned: set[str] = set()
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
@@ -356,7 +358,18 @@ class SensitiveNeurons(FitScopedState):
 
     def receive(self, tap_index: int, x: torch.Tensor) -> None:
         """Keep one activation's per-example embedding (called by the capture registry); a copy: the model may still
-        change a float64 (B, D) activation in place (``F.relu_``) before the pass ends."""
+        change a float64 (B, D) activation in place (``F.relu_``) before the pass ends. A (B,) or scalar activation
+        holds no features: said once, and nothing is tracked for it (the fit goes on)."""
+        if x.dim() < 2:
+            name = self.taps[tap_index].name
+            if name not in self._low_dim_warned:
+                self._low_dim_warned.add(name)
+                rank_zero_warn(
+                    f"SensitiveNeurons: {name} outputs a {x.dim()}-d tensor, not (batch, features) or (batch, tokens, "
+                    "features); nothing is tracked for it (tap e.g. '@penultimate')",
+                    category=UserWarning,
+                )
+            return
         self._collected.setdefault(tap_index, []).append(per_example_embedding(x).to(torch.float64, copy=True))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -464,7 +477,7 @@ class SensitiveNeurons(FitScopedState):
         self.checkpoint(trainer, pl_module, step)
 
     def _warn_unobserved(self, tap_name: str, step: int) -> None:
-        if tap_name in self._unobserved_warned:
+        if tap_name in self._unobserved_warned or tap_name in self._low_dim_warned:  # a low-dimensional tap: said
             return
         self._unobserved_warned.add(tap_name)
         rank_zero_warn(
