@@ -780,6 +780,10 @@ def test_one_hook_per_tapped_module_shared_by_all_monitors_and_the_model_stays_p
     lambda: MassiveActivations(min_fit_points=float("nan")), lambda: MassiveActivations(history_size=6),
     lambda: DimensionalCollapse(warn_below="0.1"), lambda: DimensionalCollapse(max_snapshots=2),
     lambda: ActivationStats(token_dim=0), lambda: MassiveActivations(batch_dim=1, token_dim=1),
+    # round 16: a bare ValueError or TypeError, a string read as True, an AttributeError at fit start
+    lambda: ActivationSparsity(cett_grid_range=(1e-6,)), lambda: ActivationSparsity(cett_modules=5),
+    lambda: DimensionalCollapse(variance_fraction="0.9"), lambda: SensitiveNeurons(stop_after_taps="no"),
+    lambda: MassiveActivations(stop_after_taps="no"), lambda: SensitiveNeurons(tracking_inputs=[[0.0, 1.0]]),
 ])
 def test_other_bad_arguments_are_one_line(make):
     with pytest.raises(LightningActError) as error:
@@ -991,3 +995,9 @@ def test_blocks_of_a_stack_between_a_stem_and_a_tail():
     interleaved = nn.Sequential(nn.Linear(4, 4), Block(4), nn.LayerNorm(4), Block(4), Block(4), nn.Linear(4, 2))
     with pytest.raises(ModuleSelectionError):  # no run of 3 blocks between one stem and one tail: not a stack
         select_taps(interleaved, "@blocks")
+
+
+def test_a_numpy_integer_top_k_is_a_whole_number():
+    import numpy as np
+
+    assert MassiveActivations(top_k=np.int64(3)).top_k == 3  # before: refused as not a whole number

@@ -159,7 +159,7 @@ class DimensionalCollapse(ActivationMonitor):
             )
         if projection_dim is not None and projection_dim < 2:
             raise LightningActError(f"DimensionalCollapse: projection_dim={projection_dim} must be >= 2 or None")
-        if not 0.0 < variance_fraction <= 1.0:
+        if not 0.0 < check_number("DimensionalCollapse", "variance_fraction", variance_fraction) <= 1.0:
             raise LightningActError(
                 f"DimensionalCollapse: variance_fraction={variance_fraction} must be in (0, 1]; pass e.g. 0.9"
             )

@@ -109,15 +109,12 @@ class MassiveActivations(ActivationMonitor):
         feature_dim: int | None = None,
         stop_after_taps: bool = True,
     ) -> None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise LightningActError(f"MassiveActivations: top_k={top_k!r} must be a whole number >= 1")
+        top_k = check_int("MassiveActivations", "top_k", top_k, 1)
         if probe not in (None, "val"):
             raise LightningActError(f"MassiveActivations: probe={probe!r} is not supported; pass probe='val' or leave it unset")
         check_int("MassiveActivations", "probe_batches", probe_batches, 1)
         check_number("MassiveActivations", "abs_threshold", abs_threshold)
         check_number("MassiveActivations", "ratio_threshold", ratio_threshold)
-        if top_k < 1:
-            raise LightningActError(f"top_k={top_k} must be >= 1; pass the number of largest positions to log, e.g. 3")
         if check_int("MassiveActivations", "min_fit_points", min_fit_points, 0) < 6:
             raise LightningActError(
                 f"min_fit_points={min_fit_points} is below 6; the five-parameter emergence fit needs at least 6 points"
@@ -137,7 +134,9 @@ class MassiveActivations(ActivationMonitor):
         self._probe_data: list[Any] = []
         self._probe_here = True
         self._probed_step: int | None = None
-        self.stop_after_taps = bool(stop_after_taps)
+        if not isinstance(stop_after_taps, bool):  # "no" would read as True
+            raise LightningActError(f"MassiveActivations: stop_after_taps={stop_after_taps!r} must be True or False")
+        self.stop_after_taps = stop_after_taps
         self._cutoff = ForwardCutoff(self.stop_after_taps)
         self.abs_threshold = abs_threshold
         self.ratio_threshold = ratio_threshold

@@ -291,7 +291,14 @@ class SensitiveNeurons(FitScopedState):
         self.seed = seed
         self.history_size = history_size
         self.cuda_graph = bool(cuda_graph)
-        self.stop_after_taps = bool(stop_after_taps)
+        if not isinstance(stop_after_taps, bool):  # "no" would read as True
+            raise LightningActError(f"SensitiveNeurons: stop_after_taps={stop_after_taps!r} must be True or False")
+        if tracking_inputs is not None and not isinstance(tracking_inputs, torch.Tensor):
+            raise LightningActError(
+                f"SensitiveNeurons: tracking_inputs is a {type(tracking_inputs).__name__}; pass one tensor of model "
+                "inputs (e.g. torch.stack of them), or leave it unset to take the validation batches"
+            )
+        self.stop_after_taps = stop_after_taps
 
         self.taps: list[Tap] = []
         self.history: dict[str, BoundedSeries] = {}

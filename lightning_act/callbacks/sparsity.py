@@ -89,13 +89,22 @@ class ActivationSparsity(ActivationMonitor):
         check_int("ActivationSparsity", "cett_max_tokens", cett_max_tokens, 1)
         check_int("ActivationSparsity", "cett_grid_size", cett_grid_size, 2)
         check_dim("ActivationSparsity", "temporal_dim", temporal_dim)
+        if isinstance(cett_grid_range, str) or not isinstance(cett_grid_range, Sequence) or len(cett_grid_range) != 2:
+            raise LightningActError(
+                f"ActivationSparsity: cett_grid_range={cett_grid_range!r} must be a pair (low, high); pass e.g. (1e-6, 1e3)"
+            )
         low, high = (check_number("ActivationSparsity", "cett_grid_range", bound) for bound in cett_grid_range)
         if not 0.0 < low < high:  # finite too: an infinite end made a grid of NaN thresholds and a wrong cett_ratio
             raise LightningActError(
                 f"ActivationSparsity: cett_grid_range={cett_grid_range} is invalid; pass finite 0 < low < high"
             )
         zero_modules = module_list(modules, self.default_modules)
-        globs = [] if cett_modules is None else ([cett_modules] if isinstance(cett_modules, str) else list(cett_modules))
+        globs = [] if cett_modules is None else ([cett_modules] if isinstance(cett_modules, str) else cett_modules)
+        if not isinstance(globs, Sequence) or not all(isinstance(glob, str) for glob in globs):
+            raise LightningActError(
+                f"ActivationSparsity: cett_modules={cett_modules!r} must be a name glob or a list of them, e.g. '*.fc2'"
+            )
+        globs = list(globs)
         self.zero_modules = zero_modules
         self.cett_modules = [g[: -len(":input")] if g.endswith(":input") else g for g in globs]
         super().__init__(
