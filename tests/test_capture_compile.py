@@ -132,3 +132,18 @@ def test_probe_and_tracking_passes_of_a_compiled_model_equal_eager():
         for key, series in eager.history.items():
             assert compiled.history[key].steps == series.steps, key
             np.testing.assert_allclose(compiled.history[key].values, series.values, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_compiled_model_is_observed_after_a_fit_of_its_classes_without_monitors():
+    """Dynamo guards no hooks: before, a second compiled instance reused the code compiled for the first, without the
+    monitors' hooks, and nothing was logged (each tap warned it "produced no activation")."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = ToyTask(BlockNet())
+    plain.net = torch.compile(plain.net, backend="eager")
+    quiet_trainer(max_steps=2).fit(plain, toy_loader(32, 8))
+    watched = ToyTask(BlockNet())
+    watched.net = torch.compile(watched.net, backend="eager")
+    monitor = ActivationStats(modules=["net.blocks.0"], every_n_steps=1)
+    quiet_trainer(max_steps=2, callbacks=[monitor]).fit(watched, toy_loader(32, 8))
+    assert monitor.history["act/net.blocks.0/count"].values == [8 * 4 * 16] * 2  # (batch, tokens, width) per step

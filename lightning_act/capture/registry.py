@@ -3,8 +3,10 @@
 Why hooks stay attached: ``torch.compile`` traces the hooks that exist when a module is first
 compiled and silently ignores hooks added or removed later (dynamo installs no guard on the hook
 dicts), so attaching hooks only around due steps observes step 0 and nothing after it. Hooks are
-therefore registered once, at ``setup`` (before the first forward, hence before any compilation),
-and the work is *gated*: the traced hook body reads one Python flag, :attr:`CaptureRegistry.observing`.
+therefore registered once, at ``setup`` (before the first forward), and dynamo's compiled code is forgotten
+whenever the hooks of a root holding a compiled module change (:meth:`CaptureRegistry._forget_compiled_code`): code compiled earlier
+in the process — a fit of another instance of the same classes without monitors — would be reused without the
+hooks. The work is *gated*: the traced hook body reads one Python flag, :attr:`CaptureRegistry.observing`.
 Dynamo turns that read into a guard, so a compiled model has at most two variants — not observing
 (the hook is a no-op, the graph is the user's) and observing — and switching between them is a
 cache hit, never a recompilation per due step. The statistics themselves run in
@@ -248,11 +250,13 @@ class CaptureRegistry:
         self.cutoff: ForwardCutoff | None = None
         self._handles: dict[tuple[int, str], RemovableHandle] = {}
         self._subscribers: list[Subscriber] = []
+        self._root: weakref.ref[nn.Module] | None = None  # weak: the registries are kept by a weak map of their roots
 
     def subscribe(self, subscriber: Subscriber, taps: Sequence[Tap], layouts: Sequence[Layout]) -> None:
         """Hand ``subscriber`` the activations of ``taps`` (index = position in ``taps``) while it is armed."""
         self.unsubscribe(subscriber)
         self._subscribers.append(subscriber)
+        hooked = set(self._handles)
         for index, (tap, layout) in enumerate(zip(taps, layouts, strict=True)):
             key = (id(tap.module), tap.point)
             self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout))
@@ -262,11 +266,14 @@ class CaptureRegistry:
                     self._handles[key] = tap.module.register_forward_pre_hook(hook, with_kwargs=True)
                 else:
                     self._handles[key] = tap.module.register_forward_hook(_CaptureHook(self, key))
+        if set(self._handles) != hooked:
+            self._forget_compiled_code()
         self.refresh()
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
         self._subscribers = [s for s in self._subscribers if s is not subscriber]
+        hooked = len(self._handles)
         for key in list(self.subscriptions):
             remaining = [s for s in self.subscriptions[key] if s.subscriber is not subscriber]
             if remaining:
@@ -274,7 +281,19 @@ class CaptureRegistry:
             else:
                 del self.subscriptions[key]
                 self._handles.pop(key).remove()
+        if len(self._handles) != hooked:
+            self._forget_compiled_code()
         self.refresh()
+
+    def _forget_compiled_code(self) -> None:
+        """After hooks were added or removed: dynamo keeps the code it traced with the hooks of a module's first
+        compiled call and installs no guard on hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a
+        compiled module of the root would go on running code compiled earlier in the process — by a fit of another
+        instance of the same classes without monitors (nothing observed), or with hooks since removed. Forgotten,
+        it is traced again at its next call, hooks as they are now."""
+        root = self._root() if self._root is not None else None
+        if root is not None and _holds_compiled_module(root):
+            torch._dynamo.reset()
 
     @contextlib.contextmanager
     def exclusive(self, subscriber: Subscriber, cutoff: ForwardCutoff | None = None) -> Iterator[None]:
@@ -305,4 +324,12 @@ def capture_registry(root: nn.Module) -> CaptureRegistry:
     registry = _REGISTRIES.get(root)
     if registry is None:
         registry = _REGISTRIES[root] = CaptureRegistry()
+        registry._root = weakref.ref(root)
     return registry
+
+
+def _holds_compiled_module(root: nn.Module) -> bool:
+    """Whether ``root`` runs compiled code: a ``torch.compile``d submodule, or Lightning compiling the whole module."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return getattr(root, "_compiler_ctx", None) is not None or any(isinstance(m, OptimizedModule) for m in root.modules())
