@@ -457,7 +457,7 @@ class DimensionalCollapse(ActivationMonitor):
     def unknown_extra(self, key: str, step: int) -> str:
         return (
             f"is not logged from step {step}: the weights it follows ({len(self.param_names)} tensors) have not moved "
-            "since fit start (frozen), so no share of their trajectory's variance is defined; it is logged once they move"
+            "since fit start (frozen), or are not finite, so no share of their trajectory's variance is defined"
         )
 
     def host_extras(self, trainer: pl.Trainer, step: int) -> dict[str, float]:

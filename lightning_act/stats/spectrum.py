@@ -265,7 +265,7 @@ def trajectory_spectrum(snapshots: torch.Tensor, eigensolver: str = "torch", pad
 
 def explained_variance_rank(eigenvalues: torch.Tensor, fraction: float = 0.90) -> torch.Tensor:
     """``min{k : Σ_{i≤k} λ_i / Σ λ_i >= fraction}`` for descending eigenvalues; NaN ("unknown") when all are 0, where
-    every fraction of the variance is 0/0 (a trajectory whose weights have not moved)."""
+    every fraction of the variance is 0/0 (a trajectory whose weights have not moved), or when one is NaN."""
     lam = eigenvalues.to(torch.float64).clamp_min(0.0)
     total = lam.sum()
     cumulative = lam.cumsum(0) / total.clamp_min(torch.finfo(torch.float64).tiny)
