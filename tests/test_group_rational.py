@@ -399,3 +399,39 @@ def test_triton_kernels_compile_for_hopper_without_spills() -> None:
         assert ".local" not in ptx, kernel.fn.__name__
         report = ptxas_report(ptx)
         assert report is None or "0 bytes spill stores" in report, (kernel.fn.__name__, report)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "triton"])
+def test_integer_and_bool_inputs_are_refused_like_torch_activations(implementation: str) -> None:
+    """Before: computed in float32 and cast back, F([1, 2, 3, -1]) came out int64 [0, 1, 2, 0] (bool: all True)."""
+    module = GroupRational(4, groups=2, init="swish", implementation=implementation)
+    for x in (torch.tensor([[1, 2, 3, -1]]), torch.ones(1, 4, dtype=torch.bool)):
+        with pytest.raises(LightningActError, match=f"GroupRational takes floating-point inputs, got {x.dtype}"):
+            module(x)
+    module(torch.ones(1, 4))  # a float input after a refused one still runs (the geometry cache keys on dtype)
+
+
+def test_kernel_config_refuses_tiles_and_warps_triton_cannot_launch() -> None:
+    """Triton refuses blocks of more than 2^20 elements; before, such a power of two passed the check and failed
+    at the first large enough forward, inside Triton."""
+    for field, value in (("forward_tile", 2**21), ("backward_tile", 2**21), ("block_k", 2**21), ("num_warps", 64)):
+        limit = 32 if field == "num_warps" else 2**20
+        with pytest.raises(LightningActError, match=f"kernel_config.{field}={value} exceeds {limit}"):
+            GroupRational(8, kernel_config=KernelConfig(**{field: value}))
+    GroupRational(8, kernel_config=KernelConfig(forward_tile=2**20, backward_tile=2**20, block_k=1024, num_warps=32))
+
+
+def test_op_backward_formula_keeps_coefficient_gradients_finite_for_large_inputs() -> None:
+    """``grad_p x^5`` as successive products (the kernel's order): before, ``x**5`` overflowed float32 at
+    |x| = 1e8 and the op's CPU backward gave NaN numerator gradients where the forward was still finite."""
+    module = GroupRational(2, groups=1, init="swish", implementation="triton")  # on CPU: the op's PyTorch formula
+    x = torch.tensor([[1e8, 5e7]])  # one sign: no cancellation between the two float32 terms
+    module(x).sum().backward()
+    a, b = (t.detach().double()[0].numpy() for t in (module.weight_numerator, module.weight_denominator))
+    xd = x.double().numpy()[0]
+    q = 1.0 + sum(abs(b[k]) * np.abs(xd) ** (k + 1) for k in range(4))
+    p = sum(a[j] * xd**j for j in range(6))
+    expected_numerator = [np.sum(xd**j / q) for j in range(6)]
+    expected_denominator = [np.sum(-p / q**2 * np.abs(xd) ** (k + 1)) * np.sign(b[k]) for k in range(4)]
+    np.testing.assert_allclose(module.weight_numerator.grad[0].numpy(), expected_numerator, rtol=1e-5)
+    np.testing.assert_allclose(module.weight_denominator.grad[0].numpy(), expected_denominator, rtol=1e-5)

@@ -262,3 +262,23 @@ def test_a_schedule_that_cannot_be_followed_is_one_line(option: dict, says: str)
     for build in (lambda: ImageClassifier(**TINY_KAT, **option), lambda: CausalLanguageModel(**option)):
         with pytest.raises(LightningActError, match=re.escape(says)):
             build()
+
+
+@pytest.mark.parametrize("layout", ["state_dict", "model"])
+def test_load_timm_checkpoint_takes_the_ema_weights_like_timm(layout: str, tmp_path: Path) -> None:
+    """A timm training checkpoint holds raw and EMA weights; timm's ``checkpoint_path=`` loads the EMA ones
+    (``state_dict_ema``, else ``model_ema``). Before: load_timm_checkpoint took the raw ones from the same file."""
+    import timm
+
+    from lightning_act.tasks.image_classification import load_timm_checkpoint
+
+    kwargs = {"img_size": 16, "depth": 1}
+    raw = timm.create_model("kat_micro_patch4_32", **kwargs).state_dict()
+    ema = {key: value + 1.0 if key == "head.bias" else value for key, value in raw.items()}
+    path = tmp_path / "train.pth.tar"
+    torch.save({"epoch": 3, layout: raw, f"{layout}_ema": ema}, path)
+    ours = timm.create_model("kat_micro_patch4_32", **kwargs)
+    load_timm_checkpoint(ours, "kat_micro_patch4_32", str(path))
+    assert torch.equal(ours.head.bias, ema["head.bias"])
+    timms = timm.create_model("kat_micro_patch4_32", checkpoint_path=str(path), **kwargs)
+    assert torch.equal(timms.head.bias, ours.head.bias)

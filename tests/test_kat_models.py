@@ -248,3 +248,23 @@ def test_a_kat_built_on_the_meta_device_gets_its_rationals_from_init_weights() -
     x = torch.linspace(-3, 3, 7)
     np.testing.assert_allclose(model.blocks[0].mlp.act1(x[:, None].expand(7, 96)).detach()[:, 0], x, atol=1e-6)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_pretrained_true_loads_an_in_memory_state_dict_and_still_never_downloads() -> None:
+    """timm's ``pretrained_cfg`` ``state_dict`` is local (timm's ViT takes it); before, only ``file`` was accepted."""
+    torch.manual_seed(4)
+    kwargs = {"img_size": 16, "depth": 1}
+    source = timm.create_model("kat_micro_patch4_32", **kwargs).eval()
+    with torch.no_grad():
+        source.head.bias.add_(1.0)  # differs from any fresh init
+    loaded = timm.create_model(
+        "kat_micro_patch4_32", pretrained=True, pretrained_cfg_overlay={"state_dict": source.state_dict()}, **kwargs
+    ).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), source(images))
+    with pytest.raises(LightningActError, match="no weights are downloaded"):  # timm would fetch from the hub
+        timm.create_model(
+            "kat_micro_patch4_32", pretrained=True,
+            pretrained_cfg_overlay={"state_dict": source.state_dict(), "source": "hf-hub", "hf_hub_id": "x/y"}, **kwargs,
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def test_whole_kat_compiles_fullgraph_on_cpu_with_the_ops_formula_traced_in() ->
 # writes) only for a GPU target, so one is named.
 CUDA_TRACE_CHECKER = """
 import json
+import re
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -216,6 +218,7 @@ def test_triton_op_names_its_kernels_for_the_compile_cache_key() -> None:
 # The registered op called eagerly (through the dispatcher, so the triton_op's own body) under the interpreter.
 INTERPRETER_OP_CHECKER = """
 import json
+import re
 import sys
 import torch
 from lightning_act.nn.group_rational import KernelConfig, group_rational_op
@@ -362,3 +365,87 @@ def test_gradient_penalty_gradient_at_a_zero_denominator_on_the_op_path() -> Non
     step = 1e-7
     expected = (by_hand(step) - by_hand(0.0)) / step
     assert rational.weight_denominator.grad[0, 0].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_op_refuses_coefficient_shapes_the_kernels_would_read_past() -> None:
+    """The kernels index coefficient set ``group`` unchecked: on the Triton path a (2, 6) numerator for 4 groups,
+    5 numerator or 3 denominator terms read past the tensors. Before: garbage there, an unrelated error here."""
+    from lightning_act.errors import LightningActError
+    from lightning_act.nn.group_rational import group_rational
+
+    x3 = torch.randn(2, 4, 3)
+    for numerator, denominator, says in (
+        (torch.randn(2, 6), torch.zeros(4, 4), "numerator of shape (2, 6) does not fit 4 groups"),
+        (torch.randn(4, 5), torch.zeros(4, 4), "numerator of shape (4, 5) does not fit 4 groups"),
+        (torch.randn(4, 6), torch.zeros(4, 3), "denominator of shape (4, 3) does not fit 4 groups"),
+    ):
+        for call in (
+            lambda: group_rational_op(x3, numerator, denominator, CONFIG),
+            lambda: group_rational_backward_op(x3, x3, numerator, denominator, CONFIG),
+            lambda: group_rational(x3, numerator, denominator),
+        ):
+            with pytest.raises(LightningActError, match=re.escape(says)):
+                call()
+    with pytest.raises(LightningActError, match="floating-point tensors, got torch.int64"):
+        group_rational_op(torch.ones(2, 4, 3, dtype=torch.int64), torch.randn(1, 6), torch.zeros(4, 4), CONFIG)
+
+
+def _numpy_rational(x: np.ndarray, numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """float64 power sums of the documented formula for one coefficient set (independent of Horner's rule)."""
+    p = sum(numerator[j] * x**j for j in range(6))
+    return p / (1.0 + sum(abs(denominator[k]) * np.abs(x) ** (k + 1) for k in range(4)))
+
+
+def test_torch_func_transforms_on_the_op_path_match_float64_numpy() -> None:
+    """grad / vmap / jacrev / per-sample gradients / vmapped ensembles on the op path (the default on CUDA).
+    Before: "an autograd.Function with functorch transforms ... must override the setup_context staticmethod"."""
+    from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+
+    def module(shift: float) -> GroupRational:
+        rational = GroupRational(4, groups=1, init="swish", implementation="triton")  # CPU: the op's formula
+        with torch.no_grad():
+            rational.weight_numerator.add_(shift)
+            rational.weight_denominator.add_(0.3 + shift)
+        return rational
+
+    def coefficients(rational: GroupRational) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(t.detach().double()[0].numpy() for t in (rational.weight_numerator, rational.weight_denominator))
+
+    x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(5))
+    xd = x.double().numpy()
+    rational = module(0.0)
+    a, b = coefficients(rational)
+    step = 1e-6
+    derivative = (_numpy_rational(xd + step, a, b) - _numpy_rational(xd - step, a, b)) / (2 * step)
+    np.testing.assert_allclose(grad(lambda t: rational(t).sum())(x).detach().numpy(), derivative, rtol=1e-5, atol=1e-6)
+    batched = vmap(rational, in_dims=1)(x).detach().numpy()  # a batch of inputs: more rows of one launch
+    np.testing.assert_allclose(batched, _numpy_rational(xd, a, b).swapaxes(0, 1), rtol=1e-6)
+    jacobian = jacrev(rational)(x[0]).reshape(8, 8).detach().numpy()
+    np.testing.assert_allclose(jacobian, np.diag(derivative[0].reshape(-1)), rtol=1e-5, atol=1e-6)
+
+    def loss(parameters: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+        return functional_call(rational, parameters, (sample,)).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(dict(rational.named_parameters()), x)["weight_numerator"]
+    q = 1.0 + sum(abs(b[k]) * np.abs(xd) ** (k + 1) for k in range(4))
+    expected = np.stack([(xd**j / q).sum((1, 2)) for j in range(6)], 1)[:, None, :]  # dL/da_j = sum x^j / Q
+    np.testing.assert_allclose(per_sample.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    members = [module(0.1 * index) for index in range(3)]  # per-sample coefficients: the vmapped PyTorch formula
+    parameters, _ = stack_module_state(members)
+    outputs = vmap(lambda p, sample: functional_call(rational, p, (sample,)))(parameters, x)
+    for index, member in enumerate(members):
+        expected = _numpy_rational(xd[index], *coefficients(member))
+        np.testing.assert_allclose(outputs[index].detach().numpy(), expected, rtol=1e-6)
+
+
+def test_jit_trace_of_a_fresh_module_on_the_op_path() -> None:
+    """Before: the geometry computed under the tracer (0-d tensors) reached the Function: "unordered_map::at"."""
+    rational = GroupRational(8, groups=2, init="swish", implementation="triton")
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings, and the tracer's deprecation
+        traced = torch.jit.trace(rational, x)
+    a = rational.weight_numerator.detach().double()[0].numpy()
+    b = rational.weight_denominator.detach().double()[0].numpy()
+    np.testing.assert_allclose(traced(x).detach().numpy(), _numpy_rational(x.double().numpy(), a, b), rtol=1e-6)

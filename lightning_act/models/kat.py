@@ -220,12 +220,16 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _pretrained_file(kwargs: dict[str, Any]) -> str | None:
-    """The local weights file named by timm's ``pretrained_cfg`` / ``pretrained_cfg_overlay``, if any."""
+def _local_pretrained_weights(kwargs: dict[str, Any]) -> bool:
+    """Whether timm's ``pretrained_cfg`` / ``pretrained_cfg_overlay`` name local weights: an in-memory
+    ``state_dict`` or a ``file``, the sources timm loads without a download (unless ``source="hf-hub"``)."""
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     cfg = kwargs.get("pretrained_cfg")
-    cfg_file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
-    return overlay.get("file") or cfg_file
+
+    def field(name: str) -> Any:
+        return overlay.get(name) or (cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None))
+
+    return field("source") != "hf-hub" and bool(field("state_dict") or field("file"))
 
 
 def _create_kat(variant: str, pretrained: bool = False, **kwargs: Any) -> KATVisionTransformer:
@@ -236,10 +240,10 @@ def _create_kat(variant: str, pretrained: bool = False, **kwargs: Any) -> KATVis
     ("per_group"; "shared_numerator" is the released code's layout, "shared_denominator" the
     paper's description). ``rational_weight_decay`` is passed to :class:`KATVisionTransformer`.
     """
-    if pretrained and not _pretrained_file(kwargs):
+    if pretrained and not _local_pretrained_weights(kwargs):
         raise LightningActError(
-            f"{variant}: no weights are downloaded; pass pretrained_cfg_overlay=dict(file='kat.pth') with "
-            "pretrained=True, or checkpoint_path='kat.pth' (see docs/kat.md)"
+            f"{variant}: no weights are downloaded; pass pretrained_cfg_overlay=dict(file='kat.pth') (or "
+            "state_dict=...) with pretrained=True, or checkpoint_path='kat.pth' (see docs/kat.md)"
         )
     mlp_layer = partial(
         GRKANMlp,

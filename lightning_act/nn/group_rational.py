@@ -25,7 +25,8 @@ ops; under ``torch.compile`` Inductor fuses it), ``"triton"`` (the registered op
 with its own backward: the fused Triton kernels of :mod:`lightning_act.nn.triton_rational` on CUDA, or on CPU
 under ``TRITON_INTERPRET=1``; on other CPU tensors the op's PyTorch formula with the same closed-form gradients),
 ``"auto"`` (``"triton"`` on CUDA tensors when Triton imports, else ``"reference"``). All compute in float32 with
-autocast disabled and return the input dtype (float32, bfloat16, float16).
+autocast disabled and return the input dtype (float32, bfloat16, float16; integer inputs are refused). Range: ``P``
+and ``Q`` are formed before dividing, so float32 overflows from ``|x|`` ~ 2e8 (inf / NaN, ``docs/kat_kernel.md``).
 
 The op is what ``torch.compile`` sees: a ``torch.library.triton_op``, so ``fullgraph=True`` traces whole KAT models
 into the Triton launches themselves (Inductor launches the kernels from its generated code, and CUDA graphs
@@ -141,9 +142,17 @@ class KernelConfig(NamedTuple):
 PREVIOUS_KERNEL_CONFIG = KernelConfig(forward_tile=4096, backward_tile=4096, backward_row_tiles=1, interleave_groups=0)
 
 
+# Triton refuses blocks of more than 2^20 elements (TRITON_MAX_TENSOR_NUMEL); CUDA, more than 1024 threads.
+KERNEL_CONFIG_LIMITS = {"block_k": 2**20, "forward_tile": 2**20, "backward_tile": 2**20, "num_warps": 32}
+
+
 def check_kernel_config(config: KernelConfig) -> None:
     """One clear error for a configuration the kernels cannot launch."""
     for name, value in zip(KernelConfig._fields, config, strict=True):
+        if value > KERNEL_CONFIG_LIMITS.get(name, value):
+            raise LightningActError(
+                f"kernel_config.{name}={value} exceeds {KERNEL_CONFIG_LIMITS[name]}, the most Triton can launch"
+            )
         if name == "backward_row_tiles":  # a loop count: any positive integer
             if value < 1:
                 raise LightningActError(f"kernel_config.backward_row_tiles={value} must be >= 1")
@@ -221,10 +230,15 @@ def _pytorch_backward(
     grad_x = (grad_y * (dp - y * dq) * inv_q).to(x3.dtype)
     grad_p = grad_y * inv_q
     grad_q = -grad_p * y
-    grad_numerator = torch.stack([(grad_p * x**power).sum((0, 2)) for power in range(NUMERATOR_TERMS)], 1)
-    grad_abs_denominator = torch.stack(
-        [(grad_q * ax ** (power + 1)).sum((0, 2)) for power in range(DENOMINATOR_TERMS)], 1
-    )
+    # grad_p x^j by successive products, as the kernel does: x**5 alone overflows float32 from |x| ~ 5e7
+    terms = [grad_p]
+    for _ in range(NUMERATOR_TERMS - 1):
+        terms.append(terms[-1] * x)
+    grad_numerator = torch.stack([term.sum((0, 2)) for term in terms], 1)
+    terms = [grad_q * ax]
+    for _ in range(DENOMINATOR_TERMS - 1):
+        terms.append(terms[-1] * ax)
+    grad_abs_denominator = torch.stack([term.sum((0, 2)) for term in terms], 1)
     if numerator.shape[0] == 1:
         grad_numerator = grad_numerator.sum(0, keepdim=True)
     if denominator.shape[0] == 1:
@@ -240,11 +254,31 @@ def _pytorch_backward(
 _register_op = torch.library.triton_op if _TRITON_INSTALLED else torch.library.custom_op
 
 
+def _check_op_inputs(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
+    """One clear error for inputs the op cannot take. The kernels index coefficient set ``group`` (or 0 when shared)
+    unchecked, so any other coefficient shape would read past the tensors; integer inputs would be truncated."""
+    if x3.ndim != 3:
+        raise LightningActError(f"group_rational takes x3 of shape (rows, groups, width), got {tuple(x3.shape)}")
+    for tensor in (x3, numerator, denominator):
+        if not tensor.is_floating_point():
+            raise LightningActError(f"group_rational takes floating-point tensors, got {tensor.dtype}")
+    groups = x3.shape[1]
+    for name, coefficients, terms in (
+        ("numerator", numerator, NUMERATOR_TERMS), ("denominator", denominator, DENOMINATOR_TERMS)
+    ):
+        if coefficients.ndim != 2 or coefficients.shape[1] != terms or coefficients.shape[0] not in (1, groups):
+            raise LightningActError(
+                f"group_rational: {name} of shape {tuple(coefficients.shape)} does not fit {groups} groups; "
+                f"pass a (1, {terms}) or ({groups}, {terms}) tensor"
+            )
+
+
 def _group_rational_forward(
     x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
 ) -> torch.Tensor:
     """The rational on ``x3`` of shape ``(rows, groups, width)`` with coefficient sets ``(1 or groups, 6)`` and
     ``(1 or groups, 4)``; ``config`` is a :class:`KernelConfig` as a list. Triton where it runs, else PyTorch."""
+    _check_op_inputs(x3, numerator, denominator)
     if _runs_triton(x3, numerator, denominator):  # launches traced as kernel nodes on CUDA; interpreter launches on CPU
         return triton_forward(
             x3.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(config), _static_geometry(x3),
@@ -257,6 +291,7 @@ def _group_rational_backward(
     x3: torch.Tensor, grad_y: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_numerator, grad_denominator)`` of :func:`group_rational_op`, in the inputs' shapes and dtypes."""
+    _check_op_inputs(x3, numerator, denominator)
     if _runs_triton(x3, numerator, denominator):
         return triton_backward(
             x3.contiguous(), grad_y.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(config),
@@ -290,11 +325,24 @@ def _op_backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, .
 group_rational_op.register_autograd(_op_backward, setup_context=_save_for_backward)
 
 
+def _eager_forward(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, grouped: tuple[int, int, int],
+    config: tuple[int, ...],
+) -> torch.Tensor:
+    """Forward of the eager Functions: contiguous ``x`` of any shape whose memory is ``grouped``."""
+    if _runs_triton(x, numerator, denominator):
+        return triton_forward(x, numerator, denominator, config, grouped)
+    return _pytorch_forward(x.view(grouped), numerator, denominator).view(x.shape)
+
+
 class GroupRationalFunction(torch.autograd.Function):
     """Eager path of :func:`group_rational_op`: the same kernels without the dispatcher's per-call overhead.
 
     Takes contiguous tensors and the ``(rows, groups, width)`` geometry of ``x`` as ints, so ``x`` keeps its
-    shape and no view of the output is needed (a view of a custom Function's output costs host time).
+    shape and no view of the output is needed (a view of a custom Function's output costs host time). The
+    context is set up in ``forward``: with a ``setup_context`` staticmethod, ``apply`` binds its arguments
+    through ``inspect.signature`` on every call (about 20 us); :class:`GroupRationalTransformFunction` has one,
+    for ``torch.func`` transforms only.
     """
 
     @staticmethod
@@ -304,16 +352,15 @@ class GroupRationalFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, numerator, denominator)
         ctx.grouped, ctx.config = grouped, config
-        if _runs_triton(x, numerator, denominator):
-            return triton_forward(x, numerator, denominator, config, grouped)
-        return _pytorch_forward(x.view(grouped), numerator, denominator).view(x.shape)
+        return _eager_forward(x, numerator, denominator, grouped, config)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, numerator, denominator = ctx.saved_tensors
         grouped = ctx.grouped
-        # Under create_graph=True (gradient penalties) the backward must itself be differentiable: the kernels'
-        # outputs carry no graph, so autograd took grad_x for a constant and second derivatives came out wrong.
+        # Under create_graph=True (gradient penalties; torch.func always) the backward must itself be
+        # differentiable: the kernels' outputs carry no graph, so autograd took grad_x for a constant and second
+        # derivatives came out wrong.
         if _runs_triton(x, numerator, denominator) and not torch.is_grad_enabled():
             return *triton_backward(x, grad_y.contiguous(), numerator, denominator, ctx.config, grouped), None, None
         grad_x, grad_numerator, grad_denominator = _pytorch_backward(
@@ -322,16 +369,65 @@ class GroupRationalFunction(torch.autograd.Function):
         return grad_x.view(x.shape), grad_numerator, grad_denominator, None, None
 
 
+class GroupRationalTransformFunction(GroupRationalFunction):
+    """:class:`GroupRationalFunction` under ``torch.func`` transforms (grad, vmap, jacrev: per-sample gradients,
+    functional penalties), which need ``setup_context`` and a ``vmap`` rule. Forward launches the kernels on the
+    unwrapped tensors; functorch runs backwards with ``create_graph``, so the PyTorch formula computes them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, grouped: tuple[int, int, int],
+        config: tuple[int, ...],
+    ) -> torch.Tensor:
+        return _eager_forward(x, numerator, denominator, grouped, config)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, numerator, denominator, grouped, config = inputs
+        ctx.save_for_backward(x, numerator, denominator)
+        ctx.grouped, ctx.config = grouped, config
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, numerator: torch.Tensor,
+        denominator: torch.Tensor, grouped: tuple[int, int, int], config: tuple[int, ...],
+    ) -> tuple[torch.Tensor, int]:
+        """A batch of inputs is more rows of the same groups: one launch. Per-sample coefficients (e.g. a vmapped
+        ensemble) take the PyTorch formula, vmapped."""
+        if in_dims[1] is None and in_dims[2] is None:
+            rows, groups, width = grouped
+            x = x.movedim(in_dims[0], 0).contiguous()
+            return _apply_function(x, numerator, denominator, (info.batch_size * rows, groups, width), config), 0
+
+        def formula(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+            return _pytorch_forward(x.reshape(grouped), numerator, denominator).view(x.shape)
+
+        vmapped = torch.vmap(formula, in_dims=in_dims[:3], randomness=info.randomness)
+        return vmapped(x, numerator, denominator), 0
+
+
+_functorch_active = torch._C._are_functorch_transforms_active  # ~25 ns: the eager path asks on every call
+
+
+def _apply_function(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, grouped: tuple[int, int, int],
+    config: tuple[int, ...],
+) -> torch.Tensor:
+    """The eager Function for contiguous tensors: :class:`GroupRationalTransformFunction` inside a ``torch.func``
+    transform (which refuses the other), else :class:`GroupRationalFunction`."""
+    function = GroupRationalTransformFunction if _functorch_active() else GroupRationalFunction
+    return function.apply(x, numerator, denominator, grouped, config)
+
+
 def group_rational(
     x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: KernelConfig = KernelConfig()
 ) -> torch.Tensor:
     """Differentiable rational of ``x3`` ``(rows, groups, width)``: the registered op while ``torch.compile``
     traces, :class:`GroupRationalFunction` in eager mode."""
+    _check_op_inputs(x3, numerator, denominator)
     if torch.compiler.is_compiling():
         return group_rational_op(x3, numerator, denominator, list(config))
-    return GroupRationalFunction.apply(
-        x3.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(x3.shape), config
-    )
+    return _apply_function(x3.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(x3.shape), config)
 
 
 def rational_value(x: np.ndarray, numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -410,7 +506,7 @@ class GroupRational(nn.Module):
         self.implementation = implementation
         self.sharing = sharing
         self.kernel_config = KernelConfig(*kernel_config)
-        self._eager_input: tuple[torch.Size, torch.device, str] | None = None  # last eager input checked
+        self._eager_input: tuple[torch.Size, torch.device, torch.dtype, str] | None = None  # last eager input checked
         self._eager_grouped: tuple[int, int, int] | None = None
         self.weight_numerator = nn.Parameter(torch.empty(numerator_sets, NUMERATOR_TERMS, dtype=torch.float32))
         self.weight_denominator = nn.Parameter(torch.empty(denominator_sets, DENOMINATOR_TERMS, dtype=torch.float32))
@@ -492,6 +588,8 @@ class GroupRational(nn.Module):
                 f"GroupRational expects {self.num_channels} channels in dim {self.channel_dim}, got input of shape "
                 f"{tuple(x.shape)}; pass channel_dim=1 for (B, C, H, W) or -1 for (B, L, C)"
             )
+        if not x.is_floating_point():  # as torch's activations: the float result would be truncated to x.dtype
+            raise LightningActError(f"GroupRational takes floating-point inputs, got {x.dtype}; pass x.float()")
         if self.resolved_implementation(x) != "triton":
             return None
         return tuple(grouped_view(x, self.groups, self.channel_dim).shape)  # type: ignore[return-value]
@@ -500,9 +598,11 @@ class GroupRational(nn.Module):
         if torch.compiler.is_compiling():
             grouped = self._grouped_shape(x)
         else:  # eager: check an input geometry once, then reuse it (host time per call, issue 13)
-            seen = (x.shape, x.device, self.implementation)
+            seen = (x.shape, x.device, x.dtype, self.implementation)
             if seen != self._eager_input:
-                self._eager_grouped = self._grouped_shape(x)
+                grouped = self._grouped_shape(x)
+                # ints: under torch.jit.trace the sizes are tensors, which the Function cannot take as geometry
+                self._eager_grouped = None if grouped is None else tuple(int(size) for size in grouped)
                 self._eager_input = seen
             grouped = self._eager_grouped
         if grouped is None:
@@ -512,7 +612,8 @@ class GroupRational(nn.Module):
         if torch.compiler.is_compiling():
             x3 = x.reshape(grouped).contiguous()
             return group_rational_op(x3, numerator, denominator, list(self.kernel_config)).view(x.shape)
-        return GroupRationalFunction.apply(x.contiguous(), numerator, denominator, grouped, self.kernel_config)
+        function = GroupRationalTransformFunction if _functorch_active() else GroupRationalFunction
+        return function.apply(x.contiguous(), numerator, denominator, grouped, self.kernel_config)
 
     def extra_repr(self) -> str:
         return (

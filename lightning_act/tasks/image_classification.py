@@ -39,12 +39,14 @@ def check_schedule(warmup_steps: int, min_lr_ratio: float) -> None:
 def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_path: str) -> None:
     """Load a local checkpoint into a timm model, remapped by its family's ``checkpoint_filter_fn``.
 
-    A timm/PyTorch state dict (bare, or under ``"model"``/``"state_dict"``) or a Lightning checkpoint of an
-    :class:`ImageClassifier` is read. The filter of the file that registered ``model_name`` (timm's own, or
-    ``lightning_act.models.kat.checkpoint_filter_fn`` for official KAT weights) is applied, as timm
-    does for pretrained weights. A classifier whose shape differs (e.g. 1000 ImageNet classes into
-    a 10-class model) is left at its fresh init so the weights can be fine-tuned; every other
-    tensor must match (strict).
+    A timm/PyTorch state dict or a Lightning checkpoint of an :class:`ImageClassifier` is read. A wrapped state
+    dict is taken from the first of ``"state_dict_ema"``, ``"model_ema"``, ``"state_dict"``, ``"model"`` that the
+    file holds: timm's own ``load_state_dict(use_ema=True)`` order, so a timm training checkpoint gives the same
+    (EMA) weights here as through ``timm.create_model(..., checkpoint_path=...)``. The filter of the file that
+    registered ``model_name`` (timm's own, or ``lightning_act.models.kat.checkpoint_filter_fn`` for official KAT
+    weights) is applied, as timm does for pretrained weights. A classifier whose shape differs (e.g. 1000 ImageNet
+    classes into a 10-class model) is left at its fresh init so the weights can be fine-tuned; every other tensor
+    must match (strict).
     """
     import timm
 
@@ -59,9 +61,9 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
     family = importlib.import_module(timm.models.model_entrypoint(model_name).__module__)
     filter_fn = getattr(family, "checkpoint_filter_fn", None)
     written_by_lightning = "pytorch-lightning_version" in state_dict
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
+    wrappers = [k for k in ("state_dict_ema", "model_ema", "state_dict", "model") if isinstance(state_dict.get(k), dict)]
+    if wrappers:
+        state_dict = state_dict[wrappers[0]]
     if written_by_lightning:  # an ImageClassifier checkpoint: the timm model's tensors are under its "model." attribute
         state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
