@@ -10,7 +10,12 @@ training-step time (forward, backward, SGD) of
 - ``observing``: tapped and observing, each activation reduced to moment partials (a due step).
 
 Usage: ``python scripts/bench_capture_compile.py [--backend inductor] [--rounds 7] [--steps 10]``.
-Prints the median ratios to ``bare``.
+Prints the median ratios to ``bare`` and how many activations reached the sink (it stops if the observing
+warm-up did not deliver one per tap and step).
+
+``bare`` and the tapped copy are the same class, and Dynamo does not guard on module hooks by default
+(``torch._dynamo.config.skip_nnmodule_hook_guards``): the compiled tapped copy would reuse the bare graph
+and never run its hooks. The script turns those guards on, so each copy gets its own graph.
 """
 
 from __future__ import annotations
@@ -52,8 +57,10 @@ class MomentSink:
 
     def __init__(self) -> None:
         self.sums: dict[int, torch.Tensor] = {}
+        self.received = 0
 
     def receive(self, index: int, x: torch.Tensor) -> None:
+        self.received += 1
         sums, _ = moment_partials(x)
         self.sums[index] = sums if index not in self.sums else self.sums[index] + sums
 
@@ -76,6 +83,7 @@ def main() -> None:
     taps = select_taps(tapped, ["@blocks", "@activations"])
     registry = capture_registry(tapped)
     registry.subscribe(sink, taps, [SAMPLE_FIRST] * len(taps))
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     models = {"bare": torch.compile(bare, backend=args.backend), "tapped": torch.compile(tapped, backend=args.backend)}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3) for name, m in models.items()}
     x = torch.randn(args.batch, args.tokens, args.width)
@@ -99,13 +107,17 @@ def main() -> None:
     modes = ("bare", "idle", "observing")
     for mode in modes:  # compile every variant before timing
         run(mode)
+    if sink.received != args.steps * len(taps):
+        raise SystemExit(f"the observing warm-up delivered {sink.received} activations, not one per tap and step "
+                         f"({args.steps * len(taps)}): the tapped graph does not run its hooks")
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.rounds):
         for mode in modes:
             times[mode].append(run(mode))
     base = statistics.median(times["bare"])
     print(f"torch {torch.__version__}, backend={args.backend}, threads={torch.get_num_threads()}, "
-          f"{len(taps)} taps, {args.rounds} interleaved rounds of {args.steps} steps")
+          f"{len(taps)} taps, {args.rounds} interleaved rounds of {args.steps} steps, "
+          f"{sink.received} activations delivered to the sink")
     for mode in modes:
         t = statistics.median(times[mode])
         print(f"{mode:>10}: {1000 * t:8.2f} ms/step  ratio {t / base:.3f}")

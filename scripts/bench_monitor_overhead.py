@@ -251,8 +251,9 @@ def main() -> None:
         model_kwargs, batch = {}, args.batch_size or 32
     else:
         model_kwargs, batch, image = {}, args.batch_size or 128, 224
-    # the timer measures from one batch start to the next, so one batch more than the timed ones
-    steps = args.warmup + (2 * args.pairs if args.alternate else args.steps) + 1
+    # the timer measures from one batch start to the next, so one batch more than the timed ones; with --alternate
+    # the pairs start at the first due step (an even one) after the warm-up, so an odd warm-up takes one step more
+    steps = args.warmup + (args.warmup % 2 + 2 * args.pairs if args.alternate else args.steps) + 1
     precision = "bf16-mixed" if cuda else "32-true"
     device = "cuda" if cuda else "cpu"
     if args.model == DEMO_TRANSFORMER:

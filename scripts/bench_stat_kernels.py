@@ -23,9 +23,9 @@ fallback through ``torch.compile``; compile time excluded and printed), ``triton
     OMP_NUM_THREADS=1 python scripts/bench_stat_kernels.py --collapse        # the 8192-wide collapse sketch
 
 ``--check`` compares every available implementation with a float64 computation on fresh random inputs
-(several shapes and dtypes, NaN/inf, odd sizes) before timing, and exits non-zero on a mismatch; on CUDA it
-also runs each implementation under ``torch.cuda.set_sync_debug_mode("error")``, so a host sync inside the
-statistics (which would stall the training step at every tapped tensor) fails the check. ``--sweep`` times the
+(several shapes and dtypes, NaN/inf, odd sizes) before timing, and exits non-zero on a mismatch (without timing);
+on CUDA it also runs each implementation under ``torch.cuda.set_sync_debug_mode("error")``, so a host sync inside
+the statistics (which would stall the training step at every tapped tensor) fails the check. ``--sweep`` times the
 Triton kernels under several launch configurations (``lightning_act.stats.triton_fused`` constants), each
 checked first against the eager fallback (which ``--check`` compares with float64). ``--eigh`` times the
 spectra of ``DimensionalCollapse``'s flush on the device and on the host.
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -387,6 +386,24 @@ def bench_eigh(args: argparse.Namespace, device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ collapse
+def proc_status_mib(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss_mib() -> float:
+    """Reset the process's peak resident memory (``VmHWM``) to the current one and return it, in MiB (Linux): a peak
+    read afterwards is the later code's own. ``ru_maxrss`` cannot be reset, and memory freed before it (the inputs'
+    construction, the reference matmul) would hide the later code's peak in it."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return proc_status_mib("VmRSS")
+
+
 def bench_collapse(args: argparse.Namespace) -> None:
     """One due step of DimensionalCollapse on a wide tap with the sketch: partials of one forward + flush."""
     d, n, k = args.width, args.rows, args.rows + 16
@@ -401,7 +418,7 @@ def bench_collapse(args: argparse.Namespace) -> None:
     print(f"collapse sketch: d={d}, rows={n}, k={k}; reference float64 {n}x{d}x{k} matmul: {gemm:.2f} s "
           f"({2 * n * d * k / gemm / 1e9:.1f} GFLOP/s on this host now)")
     del a, b
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = reset_peak_rss_mib()
     for round_index in range(args.collapse_rounds):
         start = time.perf_counter()
         partials = sketch_partials(rows, omega)
@@ -410,7 +427,7 @@ def bench_collapse(args: argparse.Namespace) -> None:
         end = time.perf_counter()
         print(f"  round {round_index}: partials {middle - start:.2f} s + flush {end - middle:.2f} s = {end - start:.2f} s "
               f"per due step; erank {float(stats['erank']):.2f}, pr {float(stats['pr']):.2f}")
-    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
+    extra = proc_status_mib("VmHWM") - baseline
     print(f"  peak resident memory above the inputs: {extra:.0f} MiB (the full covariance path needs a "
           f"{d * d * 8 / 2**20:.0f} MiB float64 partial alone)")
 
@@ -449,7 +466,7 @@ def main() -> None:
     if args.check or args.check_only:
         ok = check(device, not args.no_compiled)
         print("check:", "all ok" if ok else "MISMATCH")
-        if args.check_only:
+        if args.check_only or not ok:  # a mismatch ends the run (no timing of a wrong implementation)
             sys.exit(0 if ok else 1)
     args.iters = args.iters or (20 if device.type == "cuda" else 3)
     if args.sweep:

@@ -5,10 +5,11 @@ the numerator and the denominator of ``GroupRational(implementation="triton")`` 
 through ``group_rational_reference`` in float64 on the same (dtype-rounded) inputs. Errors are relative to the
 largest reference magnitude of each tensor. Coefficients are random with mixed signs (denominators too, to
 exercise ``d|b|/db``). Every case runs the default ``KernelConfig`` (the best configuration of H100 run 3) and
-``CANDIDATE_CONFIGS`` (the round-2 default, for the A/B); the big cases also other swept ones. Also:
-bitwise determinism of the coefficient gradients over two backward passes; ``torch.compile`` of a forward+backward,
-whose Inductor code must launch the three Triton kernels itself (the op is a ``triton_op``) with no input copies,
-equal to eager; a CUDA-graph capture of forward+backward; (full mode) the op under ``torch.compile(fullgraph=True)``
+``CANDIDATE_CONFIGS`` (the round-2 default, for the A/B); in the full mode the big cases also
+``PREVIOUS_KERNEL_CONFIG``, two backward-prefetch variants and every configuration of ``bench_rational.py``'s
+sweep. Also: bitwise determinism of the coefficient gradients over two backward passes; ``torch.compile`` of a
+forward+backward, whose Inductor code must launch the three Triton kernels itself (the op is a ``triton_op``) with
+no input copies, equal to eager; a CUDA-graph capture of forward+backward; (full mode) the op under ``torch.compile(fullgraph=True)``
 across widths, dtypes and batch sizes. Every check prints PASS/FAIL and the script goes on; exit status 1 if any
 failed.
 
@@ -110,10 +111,12 @@ def check_compiled_launches(batches: tuple[int, ...]) -> None:
     """``torch.compile`` of a GroupRational forward+backward: Inductor's generated code launches the three Triton
     kernels itself (the op is a ``triton_op``: no call of ``torch.ops.lightning_act`` is left, so no dispatcher
     round trip per call), PyTorch found which arguments each kernel writes (else it copies every input before each
-    launch), and the values equal the eager path's. A second batch size recompiles (the launch plan specialises)."""
+    launch), and the values equal the eager path's. A second batch size recompiles (the launch plan specialises).
+    The warning is listened for on the logger ``triton_kernel_wrap`` emits it through (``torch._dynamo``, not the
+    module's own name: records reach only ancestor loggers)."""
     import logging
 
-    from torch._inductor.utils import run_and_get_code
+    from torch._higher_order_ops import triton_kernel_wrap
 
     warnings: list[str] = []
 
@@ -122,7 +125,17 @@ def check_compiled_launches(batches: tuple[int, ...]) -> None:
             warnings.append(record.getMessage())
 
     handler = Keep(logging.WARNING)
-    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").addHandler(handler)
+    triton_kernel_wrap.log.addHandler(handler)
+    try:
+        compiled_launches(batches, warnings)
+    finally:
+        triton_kernel_wrap.log.removeHandler(handler)
+
+
+def compiled_launches(batches: tuple[int, ...], warnings: list[str]) -> None:
+    """The body of :func:`check_compiled_launches`, with ``warnings`` filled by its log handler."""
+    from torch._inductor.utils import run_and_get_code
+
     channels, tokens = (768, 197) if DEVICE == "cuda" else (64, 5)
     module = GroupRational(channels, 8, "swish", implementation="triton").to(DEVICE)
     compiled = torch.compile(module, fullgraph=True)
@@ -155,7 +168,6 @@ def check_compiled_launches(batches: tuple[int, ...]) -> None:
     mutation_warnings = [w for w in warnings if "assuming every input is mutated" in w]
     report("kernels' written arguments identified (no defensive input copies)", not mutation_warnings,
            f"{len(mutation_warnings)} 'assuming every input is mutated' warnings")
-    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").removeHandler(handler)
 
 
 def check_compile_sweep() -> None:
@@ -228,9 +240,9 @@ def main() -> None:
         configs.update({
             "previous": PREVIOUS_KERNEL_CONFIG,
             "prefetch": KernelConfig(backward_prefetch=1),
-            "prefetch-512x16": KernelConfig(backward_tile=512, backward_row_tiles=16, backward_prefetch=1),
             "8warps-prefetch": KernelConfig(backward_tile=2048, num_warps=8, backward_prefetch=1),
         })
+        configs = with_swept_configs(configs)
     cases = [
         ((128, 197, 3072), 8, -1, torch.bfloat16, "per_group"),
         ((128, 197, 3072), 8, -1, torch.float32, "per_group"),
@@ -258,6 +270,15 @@ def main() -> None:
     if not args.quick and DEVICE == "cuda":
         guarded("compile sweep", check_compile_sweep)
     finish()
+
+
+def with_swept_configs(configs: dict[str, KernelConfig]) -> dict[str, KernelConfig]:
+    """``configs`` plus every configuration of ``bench_rational.py``'s sweep, each configuration checked once: the
+    sweep picks the next default, and only a configuration checked against float64 may become it."""
+    from bench_rational import SWEEP_CONFIGS
+
+    swept = {",".join(map(str, values)): KernelConfig(*values) for values in SWEEP_CONFIGS}
+    return configs | {name: config for name, config in swept.items() if config not in configs.values()}
 
 
 def finish() -> None:

@@ -13,7 +13,8 @@
 #                                            # Inductor code check; no pytest, no sweep
 #
 # Every step runs under its own time limit, capped by what is left of the total budget; a failure or
-# timeout is printed (with the end of its log) and the next step runs.
+# timeout is printed (with the end of its log) and the next step runs; the exit status is 1 if any step failed or
+# timed out (a step skipped for lack of time is not a failure: the quick mode's last step runs only with time left).
 # Logs go to "$OUT" if set, else ./gpu_out: one log per step plus summary.md (all tables in one file).
 set -u
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ QUICK=0
 START=$(date +%s)
 # seconds for all steps together: 150 (--quick) / 450; GPU_CHECK_BUDGET overrides
 BUDGET=${GPU_CHECK_BUDGET:-$([ $QUICK = 1 ] && echo 150 || echo 450)}
+STATUS=0
 
 # step NAME SECONDS COMMAND...: run with a limit capped by the time left; output to a log and the summary
 step() {
@@ -47,7 +49,10 @@ step() {
   [ $rc = 124 ] || [ $rc = 137 ] && status="TIMED OUT after ${limit}s"
   [ $rc != 0 ] && [ "$status" = ok ] && status="FAILED (exit $rc; see $name.log)"
   echo "-- $name: $status in $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
-  [ "$status" != ok ] && tail -n 25 "$OUT_DIR/$name.log"
+  if [ "$status" != ok ]; then
+    tail -n 25 "$OUT_DIR/$name.log"
+    STATUS=1
+  fi
 }
 
 : > "$SUMMARY"
@@ -82,4 +87,5 @@ else
   step bench_step_eager 40 $PYTHON scripts/bench_rational.py --sections step --rounds 12 --inner 4 --configs $CANDIDATES
   step bench_step_compiled 120 $PYTHON scripts/bench_rational.py --sections step_compiled --rounds 10 --inner 4
 fi
-echo "# total $(( $(date +%s) - START ))s; logs in $OUT_DIR" | tee -a "$SUMMARY"
+echo "# total $(( $(date +%s) - START ))s; logs in $OUT_DIR; overall status $STATUS" | tee -a "$SUMMARY"
+exit "$STATUS"

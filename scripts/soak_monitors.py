@@ -86,7 +86,7 @@ def main() -> int:
         growth = f"RSS growth: not measured ({len(steps)} samples; run more --steps for a slope)"
     lines = [
         f"soak: {args.steps} steps, {' '.join(args.monitors)} every step, {seconds:.0f} s, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}",
-        f"{growth} (first sample {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB)",
+        growth + (f" (first sample {rss[0]:.1f} MiB, last {rss[-1]:.1f} MiB)" if len(rss) else ""),
     ]
     text = "\n".join(lines)
     print(text)
