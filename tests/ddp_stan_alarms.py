@@ -1,6 +1,6 @@
-"""DDP on 2 CPU processes: ``SeizureForecaster.test`` on a continuous test stream of 4 synthetic recordings, with a
-fixed per-window score (the log power of the window), so every rank scores every window alike. Dumps the logged
-test metrics.
+"""DDP on 2 CPU processes: two adversarial training steps of ``SeizureForecaster``, then its test on a continuous test
+stream of 4 synthetic recordings with a fixed per-window score (the log power of the window), so every rank scores
+every window alike. Dumps the fit's step count and the logged test metrics.
 
 Run by tests/test_seizure_task.py as ``python ddp_stan_alarms.py OUT.json``.
 """
@@ -25,8 +25,11 @@ class LogPower(SeizureForecaster):
 
 
 if __name__ == "__main__":
+    # two training recordings, two domains: each step runs the critic's backward and the encoder's
+    fitted = quiet_trainer(devices=2, strategy="ddp", max_steps=2)
+    fitted.fit(SeizureForecaster(**MODEL), datamodule=EEGSeizureDataModule(**{**DATA, "n_train_recordings": 2}))
     trainer = quiet_trainer(devices=2, strategy="ddp")
     metrics = trainer.test(LogPower(**MODEL), datamodule=EEGSeizureDataModule(**DATA), verbose=False)[0]
     if trainer.is_global_zero:
         with open(sys.argv[1], "w") as handle:
-            json.dump({key: float(value) for key, value in metrics.items()}, handle)
+            json.dump({"fit_steps": fitted.global_step, **{key: float(value) for key, value in metrics.items()}}, handle)

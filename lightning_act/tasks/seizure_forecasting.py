@@ -185,6 +185,14 @@ class SeizureForecaster(pl.LightningModule):
         """Preictal logit per window."""
         return self.model(x)
 
+    def setup(self, stage: str) -> None:
+        """Under DDP, let it find the parameters a backward does not reach: each training step runs the critic's
+        backward (encoder untouched) and the encoder's (critic frozen), which plain DDP refuses at the first step
+        ("parameters that were not used in producing the loss"); the same as ``ddp_find_unused_parameters_true``."""
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if stage == "fit" and isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters"):
+            ddp_kwargs["find_unused_parameters"] = True
+
     def _classifier_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pos_weight = None if self.hparams.pos_weight is None else logits.new_tensor(self.hparams.pos_weight)
         return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
