@@ -556,11 +556,16 @@ def _build_cli_class() -> type:
                     shutil.rmtree(run_folder, ignore_errors=True)
                 elif isinstance(logger, CSVLogger):
                     folder = Path(logger.log_dir)
-                    if folder.is_dir():  # with the files written at setup, before any step: this config, hparams
-                        for name in (self.save_config_kwargs.get("config_filename", "config.yaml"), "hparams.yaml"):
-                            (folder / name).unlink(missing_ok=True)
-                        if not any(folder.iterdir()):
-                            folder.rmdir()
+                    if folder.is_dir():  # with the files written at setup, before any step: hparams (and the config)
+                        (folder / "hparams.yaml").unlink(missing_ok=True)
+            # the config goes to the first logger's folder (e.g. W&B's save_dir); a resumed run's is its run's own
+            if self.save_config_callback is not None and not self.config["fit"].get("ckpt_path"):
+                (_log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")).unlink(
+                    missing_ok=True)
+            for logger in self.trainer.loggers:
+                folder = Path(logger.log_dir) if isinstance(logger, CSVLogger) else None
+                if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
         def before_validate(self) -> None:
             self._check_batch_size()
@@ -608,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_error = _user_error(err) or _unwritable_output(err) or _unknown_monitor(err)
         if user_error is None:
             raise
-        print(f"lightning_act: error: {user_error}", file=sys.stderr)
+        if _is_rank_zero():
+            print(f"lightning_act: error: {user_error}", file=sys.stderr)
         return 2
     return 0
 
@@ -638,6 +644,23 @@ def _unwritable_output(err: BaseException) -> LightningActError | None:
             )
         current = current.__cause__ or current.__context__
     return None
+
+
+def _log_dir(trainer: Any) -> Path:
+    """``trainer.log_dir`` (where LightningCLI saves the config) without its broadcast, which one rank alone would
+    wait on for ever."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    first = trainer.loggers[0]
+    return Path(first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir)
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process prints the error line: every rank of a DDP run meets the same error."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
 
 
 def _lightning_refusal(err: BaseException) -> LightningActError | None:

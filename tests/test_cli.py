@@ -306,3 +306,22 @@ def test_spawned_processes_are_one_line_and_a_run_without_csv_log_gets_no_report
     assert main(["fit", "--config", str(config), "--trainer.logger", "false"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("run folder: ") and "no CSVLogger, so no report" in line  # before: a report that failed
+
+
+def test_a_refused_fit_leaves_no_config_in_the_first_loggers_folder_and_ranks_above_zero_print_no_line(
+        tmp_path, capsys, monkeypatch):
+    """Before: with W&B first, LightningCLI's config.yaml stayed in W&B's save_dir and refused the next fit as "a
+    previous run"; and under DDP every rank printed the error line."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["logger"].reverse()  # W&B first: the config goes to its save_dir
+    config.write_text(yaml.safe_dump(settings))
+    err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config), "--trainer.val_check_interval", "50")
+    assert "`val_check_interval` (50)" in err and not list((tmp_path / "runs").rglob("config.yaml"))
+    assert main(["fit", "--config", str(config)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "lightning_act: error" not in capsys.readouterr().err
