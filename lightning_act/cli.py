@@ -546,6 +546,10 @@ def _build_cli_class() -> type:
             folder would shift the next run's version."""
             if not self.trainer.is_global_zero:
                 return
+            # the config goes to the first logger's folder (e.g. W&B's save_dir); a resumed run's is its run's own
+            if self.save_config_callback is not None and not self.config["fit"].get("ckpt_path"):
+                (_log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")).unlink(
+                    missing_ok=True)
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger) and logger._experiment is not None:
                     run_folder = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-*/files
@@ -556,16 +560,10 @@ def _build_cli_class() -> type:
                     shutil.rmtree(run_folder, ignore_errors=True)
                 elif isinstance(logger, CSVLogger):
                     folder = Path(logger.log_dir)
-                    if folder.is_dir():  # with the files written at setup, before any step: hparams (and the config)
+                    if folder.is_dir():  # with the file written at setup, before any step
                         (folder / "hparams.yaml").unlink(missing_ok=True)
-            # the config goes to the first logger's folder (e.g. W&B's save_dir); a resumed run's is its run's own
-            if self.save_config_callback is not None and not self.config["fit"].get("ckpt_path"):
-                (_log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")).unlink(
-                    missing_ok=True)
-            for logger in self.trainer.loggers:
-                folder = Path(logger.log_dir) if isinstance(logger, CSVLogger) else None
-                if folder is not None and folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+                        if not any(folder.iterdir()):
+                            folder.rmdir()
 
         def before_validate(self) -> None:
             self._check_batch_size()

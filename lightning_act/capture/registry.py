@@ -254,9 +254,9 @@ class CaptureRegistry:
 
     def subscribe(self, subscriber: Subscriber, taps: Sequence[Tap], layouts: Sequence[Layout]) -> None:
         """Hand ``subscriber`` the activations of ``taps`` (index = position in ``taps``) while it is armed."""
-        self.unsubscribe(subscriber)
-        self._subscribers.append(subscriber)
         hooked = set(self._handles)
+        self._remove(subscriber)
+        self._subscribers.append(subscriber)
         for index, (tap, layout) in enumerate(zip(taps, layouts, strict=True)):
             key = (id(tap.module), tap.point)
             self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout))
@@ -272,6 +272,12 @@ class CaptureRegistry:
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
+        if self._remove(subscriber):
+            self._forget_compiled_code()
+        self.refresh()
+
+    def _remove(self, subscriber: Subscriber) -> bool:
+        """Drop ``subscriber``'s subscriptions and the hooks nobody else listens to; whether any hook went."""
         self._subscribers = [s for s in self._subscribers if s is not subscriber]
         hooked = len(self._handles)
         for key in list(self.subscriptions):
@@ -281,9 +287,7 @@ class CaptureRegistry:
             else:
                 del self.subscriptions[key]
                 self._handles.pop(key).remove()
-        if len(self._handles) != hooked:
-            self._forget_compiled_code()
-        self.refresh()
+        return len(self._handles) != hooked
 
     def _forget_compiled_code(self) -> None:
         """After hooks were added or removed: dynamo keeps the code it traced with the hooks of a module's first

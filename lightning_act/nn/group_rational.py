@@ -612,8 +612,7 @@ class GroupRational(nn.Module):
         if torch.compiler.is_compiling():
             x3 = x.reshape(grouped).contiguous()
             return group_rational_op(x3, numerator, denominator, list(self.kernel_config)).view(x.shape)
-        function = GroupRationalTransformFunction if _functorch_active() else GroupRationalFunction
-        return function.apply(x.contiguous(), numerator, denominator, grouped, self.kernel_config)
+        return _apply_function(x.contiguous(), numerator, denominator, grouped, self.kernel_config)
 
     def extra_repr(self) -> str:
         return (
