@@ -12,6 +12,11 @@ from typing import Any
 
 def hopper_ptx(kernel: Any, runtime: dict[str, str], constants: dict[str, Any], num_warps: int) -> str:
     """PTX of ``kernel`` for sm_90 with run-time arguments of the given Triton types and these constexprs."""
+    return hopper_asm(kernel, runtime, constants, num_warps, "ptx")
+
+
+def hopper_asm(kernel: Any, runtime: dict[str, str], constants: dict[str, Any], num_warps: int, stage: str) -> str:
+    """One stage of ``kernel``'s compilation for sm_90 ("ttgir": Triton's GPU IR, where layouts and barriers show)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -21,7 +26,7 @@ def hopper_ptx(kernel: Any, runtime: dict[str, str], constants: dict[str, Any], 
         fn=kernel, signature=signature,
         constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()},
     )
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm[stage]
 
 
 def ptxas_report(ptx: str) -> str | None:

@@ -72,7 +72,22 @@ def test_graphed_pass_runs_eagerly_first_captures_next_replays_into_copies_and_r
         finally:
             capturing.clear()
 
+    class StandInGenerator:
+        """Stands in for the default CUDA generator: which state it holds (a capture marks it capturing)."""
+
+        def __init__(self) -> None:
+            self.states_set: list[str] = []
+
+        def clone_state(self) -> str:
+            return "the state before the capture"
+
+        def graphsafe_set_state(self, state: str) -> None:
+            self.states_set.append(state)
+
+    generator = StandInGenerator()
     streams_set = []
+    monkeypatch.setattr(graphed_pass.torch.cuda, "default_generators", (generator,))
+    monkeypatch.setattr(graphed_pass.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(graphed_pass.torch.cuda, "CUDAGraph", StandInGraph)
     monkeypatch.setattr(graphed_pass.torch.cuda, "graph", stand_in_capture)
     monkeypatch.setattr(graphed_pass.torch.cuda, "current_stream", lambda: "the training stream")
@@ -101,7 +116,7 @@ def test_graphed_pass_runs_eagerly_first_captures_next_replays_into_copies_and_r
     passer(run, module, inputs)
     assert calls == {"eager": 2, "captured": 2} and (passer.captures, passer.replays) == (2, 3)
 
-    assert streams_set == []
+    assert streams_set == [] and generator.states_set == []
 
     def fails_under_capture() -> dict[str, torch.Tensor]:
         if capturing:
@@ -114,6 +129,7 @@ def test_graphed_pass_runs_eagerly_first_captures_next_replays_into_copies_and_r
         failing(fails_under_capture, module, inputs)
     assert failing.failed and failing.replays == 0
     assert streams_set == ["the training stream"]  # a failed capture leaves its capture stream current: restored
+    assert generator.states_set == ["the state before the capture"]  # and the generator marked capturing: restored
     torch.testing.assert_close(failing(fails_under_capture, module, inputs)["y"], expected())
 
 
@@ -172,18 +188,20 @@ def test_replayed_tracking_passes_equal_eager_ones_through_training_and_a_moved_
 
 class ReadsTheHost(nn.Module):
     """A forward with a host read (``.item()``), which a CUDA graph cannot capture, before the tapped layer (a tracking
-    forward ends after its last tap, so a read after it would not be reached)."""
+    forward ends after its last tap, so a read after it would not be reached), and a dropout, which draws from the
+    default CUDA generator in training: a failed capture must leave that generator usable and where it was."""
 
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Linear(256, 8)
+        self.dropout = nn.Dropout(0.25)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         if x.abs().max().item() > 1e6:
             x = x / 2
-        return self.head(self.features(x))
+        return self.head(self.dropout(self.features(x)))
 
 
 def _fit_reads_the_host(cuda_graph: bool) -> tuple[SensitiveNeurons, dict[str, torch.Tensor]]:

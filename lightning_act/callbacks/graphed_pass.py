@@ -91,6 +91,11 @@ class GraphedPass:
     def _capture(self, run: Callable[[], dict[str, torch.Tensor]]) -> bool:
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.current_stream()
+        # A capture registers the device's default generator and marks it capturing until the capture ends; a failed
+        # capture never ends, and every later eager draw (the model's dropout in training) would then raise "Offset
+        # increment outside graph capture". A copy of its state, taken before, is put back after a failure.
+        generator = torch.cuda.default_generators[torch.cuda.current_device()]
+        generator_before = generator.clone_state()
         try:
             # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures
             with _autocast_without_cache(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
@@ -100,6 +105,7 @@ class GraphedPass:
             # capture_end): training must go on on the stream it was on.
             torch.cuda.set_stream(stream)
             torch.cuda.synchronize()
+            generator.graphsafe_set_state(generator_before)
             self.failed = True
             self.reset()
             first_line = str(error).splitlines()[0] if str(error) else ""

@@ -13,7 +13,8 @@ so a batch of taps runs side by side on as many streaming multiprocessors:
    ``p = A v`` and ``w = 2 p - 2 (v^T p) v`` (``|v| = 1``). Row ``k + 1`` is updated first, so step ``k + 1``'s
    ``v`` is known while step ``k``'s update is written, and the same sweep computes step ``k + 1``'s ``p``: the
    trailing block is read and written once per step. The vectors pass between the program's threads through
-   a small per-matrix workspace, with a barrier between the phases of a step.
+   a small per-matrix workspace, with a barrier between the phases of a step, and between the reads and writes of
+   each tile: Triton may hold a narrow tile in several warps at once, and gives no order between warps otherwise.
 2. ``_sturm_bisection_kernel``: the ``i``-th smallest eigenvalue of the tridiagonal matrix by bisection on
    Sturm counts (the number of negative pivots of ``T - x I``, LAPACK ``dstebz``'s recurrence with its pivot
    guard), starting from the Gershgorin interval; each lane of a program bisects for one index.
@@ -100,6 +101,9 @@ def _tridiagonalize_kernel(a_ptr, diag_ptr, off_ptr, work_ptr, D: tl.constexpr, 
                 v_rows = tl.load(v_ptr + rows, mask=rows < D, other=0.0)
                 w_rows = tl.load(w_ptr + rows, mask=rows < D, other=0.0)
                 tile = tile - v_rows[:, None] * w[None, :] - w_rows[:, None] * v[None, :]
+                # A narrow tile is held by several warps at once (d = 8: 8 copies); a copy read after another warp
+                # stored its update would be updated twice. Every copy is read before any thread writes.
+                tl.debug_barrier()
                 tl.store(a + offsets, tile, mask=inside)
                 tl.store(p_ptr + rows, tl.sum(tile * v_next[None, :], axis=1), mask=rows < D)
             tl.debug_barrier()  # the update and the next p are visible, and every thread has read v
