@@ -86,9 +86,9 @@ wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_ker
 # dispatches (first of the step measurements: round 6's budget ran out before it).
 wants 3d && run_step 3d_diagnose_every_step 90 "$PYTHON" scripts/bench_monitor_overhead.py --diagnose --rounds 0 --warmup 3 --steps 8
 PAIRS_ONLY="${PAIRS_ONLY-SensitiveNeurons alone;SensitiveNeurons alone, CUDA graph;all four;all four, CUDA graph;tracking forward (floor);MassiveActivations alone;DimensionalCollapse alone}"
-wants 3c && run_step 3c_bench_monitor_overhead_pairs 210 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor ${PAIRS_ONLY:+--only "$PAIRS_ONLY"} --pairs 8 --rounds 1 --warmup 3
+wants 3c && run_step 3c_bench_monitor_overhead_pairs 120 "$PYTHON" scripts/bench_monitor_overhead.py --alternate --per-monitor ${PAIRS_ONLY:+--only "$PAIRS_ONLY"} --pairs 8 --rounds 1 --warmup 3
 KAT_ONLY="${KAT_ONLY-all four;all four, CUDA graph;all but SensitiveNeurons}"
-wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 100 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate --per-monitor ${KAT_ONLY:+--only "$KAT_ONLY"} --pairs 8 --rounds 1 --warmup 3
+wants 3k && run_step 3k_bench_monitor_overhead_pairs_kat 150 "$PYTHON" scripts/bench_monitor_overhead.py --model kat_small_patch16_224 --alternate --per-monitor ${KAT_ONLY:+--only "$KAT_ONLY"} --pairs 8 --rounds 1 --warmup 3
 # 2 + 20 timed steps per fit (the default interval's due step then falls outside the window: its ratio is the
 # hooks' cost when not due; --steps 50 times one due step).
 wants 3a && run_step 3a_bench_monitor_overhead_vit "${VIT_LIMIT:-150}" "$PYTHON" scripts/bench_monitor_overhead.py ${PER_MONITOR---per-monitor} --rounds 2 --warmup 2 --steps 20

@@ -10,9 +10,11 @@ captured. The optimizer updates parameters in place, so a replay computes with t
 captured again when any of those tensors changed address, shape, stride or dtype (a ``.data`` swap, ``.to()``, a
 callback swapping in averaged weights); the first pass after such a change runs eagerly, so that lazy
 initialisation (library handles, kernel compilation) never happens under capture. What a graph cannot replay:
-Python side effects of the forward (they run once, at capture) and host reads (they make the capture fail). A
-capture that fails is reported once, and the pass runs eagerly from then on. Only on one device or under DDP
-(:func:`strategy_allows_graphs`): a sharding strategy gathers parameters into new memory inside the forward.
+Python side effects and decisions of the forward (made once, at capture: a branch on a flag or on the epoch is
+replayed as it was taken then) and host reads (they make the capture fail). A capture that fails is reported
+once, leaves the device's random generator as it was, and the pass runs eagerly from then on. Only on one device
+or under DDP (:func:`strategy_allows_graphs`): a sharding strategy gathers parameters into new memory inside the
+forward.
 """
 
 from __future__ import annotations
