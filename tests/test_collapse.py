@@ -457,3 +457,38 @@ def test_the_trajectory_of_a_backbone_frozen_at_fit_start_is_kept(how: str) -> N
 def test_param_patterns_as_one_string_is_one_glob() -> None:
     """Before: list("blocks.*") made one pattern per character, and "*" chose every parameter."""
     assert DimensionalCollapse(param_patterns="net.blocks.*.fc.weight").param_patterns == ["net.blocks.*.fc.weight"]
+
+
+def test_a_wide_tap_whose_mean_its_projection_cannot_resolve_logs_nothing_and_says_so_once() -> None:
+    # A wide tap's float32 projection rounds to ~6e-8 of its values: under a common offset of 1e6 on a unit-scale
+    # spread, the centred rows are lost (erank 0 was logged, the value of constant activations; round 17). The
+    # same spread without the offset is measured at every step.
+    import warnings
+
+    from _toy import ToyTask, quiet_trainer, toy_loader
+
+    class Offset(nn.Module):
+        def __init__(self, offset: float) -> None:
+            super().__init__()
+            self.offset = offset
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.offset
+
+    def run(offset: float) -> tuple[DimensionalCollapse, list[str]]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(256, 32), Offset(offset), nn.Linear(32, 4))
+        monitor = DimensionalCollapse(modules=["net.2"], every_n_steps=1, max_rows=8, wide_dim=16, param_patterns=[])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(max_steps=3, callbacks=[monitor]).fit(ToyTask(net, lr=0.0), toy_loader(32, 8))
+        said = [str(w.message) for w in caught if "DimensionalCollapse: net.2 gave too little" in str(w.message)]
+        return monitor, said
+
+    centred, said = run(0.0)
+    assert centred._sketch_dims and not said
+    assert centred.history["collapse/net.2/erank"].steps == [0, 1, 2]
+    assert min(centred.history["collapse/net.2/erank"].values) > 1.0
+    shifted, said = run(1e6)
+    assert "collapse/net.2/erank" not in shifted.history
+    assert len(said) == 1 and "float32 projection cannot resolve" in said[0]

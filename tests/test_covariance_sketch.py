@@ -2,7 +2,7 @@
 
 The reference is independent: eigenvalues of the centred ``N x N`` Gram matrix by ``numpy.linalg.eigvalsh``,
 with the round-off rule of :func:`lightning_act.stats.spectrum.covariance_spectrum` (eigenvalues below
-``d eps sum ||x||^2`` are 0), then erank (Roy & Vetterli) and PR (Gao et al.) written out in numpy.
+``4 eps sum ||x||^2`` are 0), then erank (Roy & Vetterli) and PR (Gao et al.) written out in numpy.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ D, K = 384, 136
 def numpy_rank_statistics(rows: np.ndarray) -> tuple[float, float]:
     centred = rows - rows.mean(0)
     lam = np.clip(np.linalg.eigvalsh(centred @ centred.T), 0.0, None)
-    lam = lam[lam > rows.shape[1] * np.finfo(np.float64).eps * (rows**2).sum()]
+    lam = lam[lam > 4 * np.finfo(np.float64).eps * (rows**2).sum()]
     sigma = np.sqrt(lam)
     p = sigma / sigma.sum()
     return float(np.exp(-(p * np.log(p)).sum())), float(lam.sum() ** 2 / (lam**2).sum())
@@ -96,3 +96,22 @@ def test_non_finite_rows_give_nan_and_wrong_sizes_are_refused() -> None:
     assert sketch_partials(rows, omega).numel() == sketch_size(D, K)
     with pytest.raises(ValueError, match="pass the d and k"):
         sketch_rank_statistics(torch.zeros(10), D, K)
+
+
+def test_a_mean_the_float32_projection_cannot_resolve_is_unknown_and_one_it_can_is_exact() -> None:
+    # Z = X Omega is float32: its rounding, 2^-24 |z|, is ~offset x 6e-8 of the centred rows. A common offset of
+    # 3e5 on a unit spread gave erank -20% (1e6: 0, the value of constant activations) before round 17.
+    d, k = 512, 70
+    noise = np.random.default_rng(2).standard_normal((64, d))
+    omega = gaussian_test_matrix(d, k, seed=0)
+    for offset, resolved in ((1e3, True), (3e5, False), (1e6, False)):
+        rows = (offset + noise).astype(np.float32).astype(np.float64)
+        stats = sketch_rank_statistics(sketch_partials(torch.from_numpy(rows).float(), omega), d, k)
+        if resolved:
+            erank, pr = numpy_rank_statistics(rows)
+            assert stats["erank"].item() == pytest.approx(erank, rel=1e-3)
+            assert stats["pr"].item() == pytest.approx(pr, rel=1e-3)
+        else:
+            assert np.isnan(stats["erank"].item()) and np.isnan(stats["pr"].item()), offset
+    constant = torch.full((64, d), 3e5)  # no spread at all: every eigenvalue is 0, known exactly
+    assert sketch_rank_statistics(sketch_partials(constant, omega), d, k)["erank"].item() == 0.0

@@ -61,6 +61,19 @@ def test_erank_matches_numpy_svd_of_centred_data() -> None:
     assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=1e-10)
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_a_mean_far_above_the_spread_keeps_the_spectrum(offset: float) -> None:
+    # Centring the summed Σxxᵀ cancels ~N offset² per entry; its error is ~eps Σ‖x‖² (Frobenius), so only
+    # eigenvalues below that are round-off. The cut-off was d times larger: at 1e6, 30 of 64 eigenvalues zeroed,
+    # erank -45% (round 17).
+    rng = np.random.default_rng(3)
+    data = (offset + rng.normal(size=(256, 64))).astype(np.float32).astype(np.float64)
+    lam = covariance_spectrum(summed_partials(np.array_split(data, 2)), "torch")
+    assert int((lam > 0).sum()) == 64
+    assert effective_rank(lam).item() == pytest.approx(numpy_erank(data), rel=1e-3)
+    assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=2e-3)
+
+
 def test_covariance_from_sums_equals_numpy_on_concatenated_data() -> None:
     rng = np.random.default_rng(2)
     ranks = [rng.normal(loc=3.0, size=(n, 5)) for n in (7, 13, 30)]

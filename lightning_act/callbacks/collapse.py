@@ -44,7 +44,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.errors import LightningActError, ModuleSelectionError
-from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_partials, sketch_size, sketch_spectrum
+from lightning_act.stats.covariance_sketch import (
+    gaussian_test_matrix, sketch_partials, sketch_resolved, sketch_size, sketch_spectrum,
+)
 from lightning_act.stats.fused import FusedStats
 from lightning_act.stats.reduce import distributed_world_size
 from lightning_act.stats.spectrum import (
@@ -117,7 +119,9 @@ class DimensionalCollapse(ActivationMonitor):
     unmeasured_reason = (
         "a centred covariance needs 2 rows or more in a due step, and a (B, D) tap at batch size 1 has one; or a wide "
         "tap's sketch got more rows than the k = max_rows x accumulate_grad_batches x world size it was sized for at "
-        "the start of fit, so it is not exact: lower max_rows or pass wide_dim=None"
+        "the start of fit, so it is not exact: lower max_rows or pass wide_dim=None; or a wide tap's mean is over "
+        "~16,000 times its spread, which its float32 projection cannot resolve: tap a normalised layer or pass "
+        "wide_dim=None"
     )
     reads_features = True  # the covariance is over the features
 
@@ -311,6 +315,9 @@ class DimensionalCollapse(ActivationMonitor):
             ranks = rank_statistics(sketch_spectrum(sums, *sketch), d)
             if rows * max(1, distributed_world_size()) > sketch[1] + 1:
                 measured = sums.new_zeros(())  # more rows than k + 1 (more micro-batches than planned): not exact
+            else:  # a mean far above the spread: the float32 projection lost the centred rows
+                resolved = sketch_resolved(sums, *sketch)
+                measured = resolved if measured is None else measured & resolved
         else:
             d = covariance_dim(sums.numel())
             ranks = self._ranks.pop(tap_index, None)

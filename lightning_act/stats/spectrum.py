@@ -147,8 +147,11 @@ def covariance_spectrum(partials: torch.Tensor, eigensolver: str = "auto") -> to
 
     ``partials`` is one :func:`covariance_partials` vector or a stack of them (``(..., 1 + d + d²)``, e.g. every
     tap of a layer width at once: one batched eigensolver call instead of one per tap). Eigenvalues below
-    ``d · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and are set to 0, as numpy's
-    ``matrix_rank`` does with its tolerance. Non-finite sums (NaN/inf activations) give NaN eigenvalues
+    ``4 · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and are set to 0, as numpy's
+    ``matrix_rank`` does with its tolerance: the centring's error is about ``eps · Σ‖x‖²`` in Frobenius norm (each
+    row adds ``‖x‖²`` to it; measured: the zero eigenvalues of rank-deficient sums reach 0.7 of it), so a mean
+    offset far above the spread keeps the spectrum (1e6 on a unit spread: erank within 0.02%); a cut-off ``d``
+    times larger zeroed half of it (round 17). Non-finite sums (NaN/inf activations) give NaN eigenvalues
     instead of an eigensolver error. ``eigensolver``: ``"torch"`` (``torch.linalg.eigvalsh``), ``"triton"``
     (:func:`lightning_act.stats.triton_eigen.tridiagonal_bisection_eigenvalues`: two launches per batch and no
     host sync; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``) or ``"auto"`` (the one expected to be
@@ -162,7 +165,7 @@ def covariance_spectrum(partials: torch.Tensor, eigensolver: str = "auto") -> to
     finite = torch.isfinite(scatter).flatten(-2).all(-1)[..., None, None]
     scatter = torch.where(finite, 0.5 * (scatter + scatter.transpose(-1, -2)), torch.zeros_like(scatter))
     eigenvalues = symmetric_eigenvalues(scatter, eigensolver)
-    tolerance = d * torch.finfo(torch.float64).eps * torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    tolerance = 4 * torch.finfo(torch.float64).eps * torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1, keepdim=True)
     eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
     return torch.where(finite[..., 0], eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
