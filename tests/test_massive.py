@@ -67,6 +67,17 @@ def test_median_and_ratio_match_numpy_for_odd_even_and_other_layouts(shape: tupl
     assert stats["count"].item() == expected_count
 
 
+def test_the_median_of_finite_values_near_the_bfloat16_limit_is_finite() -> None:
+    # The two middle magnitudes of [3e38, -2.5e38, 2.8e38, 1] sum to 5.3e38, beyond float32 (round 17: median inf,
+    # ratio 0); numpy's median of the same magnitudes, in float64, is 2.65e38.
+    h = torch.tensor([[3e38, -2.5e38, 2.8e38, 1.0]], dtype=torch.bfloat16)
+    magnitude = np.abs(h.float().numpy().astype(np.float64))
+    median = float(np.median(magnitude))
+    stats = summarize_massive(*massive_partials(h, abs_threshold=1.0, ratio_threshold=2.0))
+    assert stats["median"].item() == pytest.approx(median, rel=1e-6)
+    assert stats["ratio"].item() == pytest.approx(magnitude.max() / median, rel=1e-6)
+
+
 def test_conv_layout_positions_are_spatial_tokens_and_channel_features() -> None:
     h = torch.zeros(2, 4, 3, 5)  # (B, C, H, W)
     h[1, 2, 1, 3] = 7.0

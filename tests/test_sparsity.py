@@ -54,6 +54,16 @@ def test_temporal_fraction_on_a_hand_built_sequence() -> None:
     assert temporal_fraction(temporal_partials(sequence, dim=2, eps=0.0)).item() == 0.0
 
 
+def test_temporal_steps_are_compared_with_eps_as_real_numbers() -> None:
+    # float32 0.1 is 0.10000000149..., above the real 0.1: a step of it changed at eps=0.1; a step from -1e-8 to 1
+    # is 1.00000001 (its float32 difference rounds to 1.0), above eps=1. Both counted as unchanged before round 17.
+    step = torch.tensor([[[0.0], [0.1]]])
+    assert float(step[0, 1, 0]) > 0.1
+    assert temporal_fraction(temporal_partials(step, dim=1, eps=0.1)).item() == 0.0
+    assert temporal_fraction(temporal_partials(torch.tensor([[[-1e-8], [1.0]]]), dim=1, eps=1.0)).item() == 0.0
+    assert temporal_fraction(temporal_partials(torch.tensor([[[0.0], [0.5]]]), dim=1, eps=0.5)).item() == 1.0
+
+
 # ------------------------------------------------------------------------------ CETT
 def brute_force_cett(a: np.ndarray, w: np.ndarray, target: float) -> tuple[float, float, np.ndarray]:
     """Exact threshold and activation ratio by enumerating every cut of the sorted ||n_i|| values.

@@ -55,11 +55,12 @@ def has_token_axis(h: torch.Tensor) -> bool:
 
 
 def sample_medians(magnitude: torch.Tensor) -> torch.Tensor:
-    """Per-row median of ``(B, n)`` magnitudes, numpy's definition (mean of the two middle values)."""
+    """Per-row median of ``(B, n)`` magnitudes, numpy's definition (mean of the two middle values), averaged in
+    float64: in float32 two middle values above ~1.7e38 (finite in bf16) summed to inf."""
     n = magnitude.shape[1]
     lower = torch.kthvalue(magnitude, (n + 1) // 2, dim=1).values
     upper = torch.kthvalue(magnitude, n // 2 + 1, dim=1).values
-    return (lower + upper) / 2
+    return ((lower.double() + upper.double()) / 2).to(magnitude.dtype)
 
 
 def massive_partials(

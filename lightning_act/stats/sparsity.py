@@ -79,11 +79,11 @@ def temporal_partials(x: torch.Tensor, dim: int = 1, eps: float = 0.0) -> torch.
     """``[pairs, unchanged]`` (float64): consecutive pairs along ``dim`` with finite ``|a_t - a_{t-1}| <= eps``.
 
     ``x`` must have axis ``dim`` (see :func:`has_time_axis`); a pair is counted once per entry of
-    the other axes.
+    the other axes. The difference and the comparison are float64, as real numbers (like :func:`zero_partials`): in
+    float32 a step of float32 ``0.1`` counted as unchanged at ``eps=0.1``, and one of ``1 + 1e-8`` at ``eps=1``.
     """
     steps = x.shape[dim]
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    delta = x.narrow(dim, 1, steps - 1).to(dtype) - x.narrow(dim, 0, steps - 1).to(dtype)
+    delta = x.narrow(dim, 1, steps - 1).to(torch.float64) - x.narrow(dim, 0, steps - 1).to(torch.float64)
     unchanged = ((delta.abs() <= eps) & torch.isfinite(delta)).sum(dtype=torch.float64)
     return torch.stack([torch.full_like(unchanged, float(delta.numel())), unchanged])
 
