@@ -387,3 +387,40 @@ def test_float64_massive_count_compares_in_float64() -> None:
     assert stats.sample_median.item() == median
     expected = float(((row.numpy() > 50.0) & (row.numpy() >= threshold)).sum())
     assert stats.sample_massive_count.item() == expected == 1.0
+
+
+def offset_moment_inputs() -> list[torch.Tensor]:
+    """Two-valued rows ``m ± s`` at ``|mean| / std`` = 300, 3000 and 30000 (float32 squares of repeated values are
+    rounded alike: std was 0.7–4.5% off from 300 before round 17), and entries of 1e-25 and 3e-25, whose float32
+    squares underflow (rms was 0)."""
+    signs = torch.tensor([1.0, -1.0]).repeat(512)
+    rows = [(7838.25 * ratio + 7838.25 * signs).float()[None] for ratio in (300.0, 3000.0, 30000.0)]
+    return [*rows, (1e-25 * (2.0 + signs)).float()[None]]
+
+
+MOMENTS_CHECKER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_fused_stats import offset_moment_inputs
+from lightning_act.stats.fused import fused_statistics, moment_partials_from, moment_spec
+torch.save([moment_partials_from(fused_statistics(x, moment_spec(), "triton")) for x in offset_moment_inputs()],
+           sys.argv[2])
+"""
+
+
+def test_std_and_rms_match_numpy_on_every_path_where_float32_squares_were_off(tmp_path: Path) -> None:
+    from lightning_act.stats.moments import summarize_moments
+
+    paths = {
+        "moment_partials": [moment_partials(x) for x in offset_moment_inputs()],
+        "fused torch": [moment_partials_from(fused_statistics(x, moment_spec(), "torch")) for x in offset_moment_inputs()],
+    }
+    if importlib.util.find_spec("triton") is not None:
+        run_interpreted(MOMENTS_CHECKER, tmp_path / "moments.pt")
+        paths["triton"] = torch.load(tmp_path / "moments.pt")
+    for path, partials in paths.items():
+        for x, (sums, maxima) in zip(offset_moment_inputs(), partials, strict=True):
+            values = x.double().numpy()
+            stats = summarize_moments(sums, maxima)
+            assert stats["std"].item() == pytest.approx(values.std(), rel=2e-3), (path, values.mean() / values.std())
+            assert stats["rms"].item() == pytest.approx(np.sqrt((values**2).mean()), rel=1e-6), path

@@ -16,10 +16,12 @@ registers; every comparison is made in float32, or float64 for float64 inputs):
   count). The threshold is rounded *down* to the input's compute precision, so the float32 comparison
   gives exactly the answer of comparing with the real number ``t`` (a plain ``x <= 0.1`` on bf16 compares
   with bf16(0.1) = 0.10009765625 instead);
-- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries, in float64 (fallback), or float32 sums
-  of at most 16 terms (the fallback's finite CPU path: blocks of 16 entries; Triton: 8 entries per lane)
-  added in float64: relative error of the non-negative sums <= ``16 * 2^-24`` (about 1e-6), of ``sum x`` the
-  same relative to ``sum |x|``;
+- ``moments``: sums of ``x``, ``x^2`` and ``|x|`` over finite entries. ``x`` and ``x^2`` are summed in float64
+  on every path (the square of a float32 is exact there): ``std`` is ``sqrt(Σx²/n − mean²)``, which cancels what
+  the two sums share, and float32 roundings, the same for repeated values, made it percents off from
+  ``|mean| = 300 std`` (round 17). ``|x|`` (no cancellation) is summed as float32 sums of at most 16 terms (the
+  fallback's finite CPU path: blocks of 16 entries; Triton: 8 entries per lane) added in float64: relative
+  error <= ``16 * 2^-24`` (about 1e-6);
 - two maxima: ``abs_max`` over finite entries (the moments' convention, 0 when there is none) and
   ``magnitude_max`` with NaN and inf ranked as ``+inf`` (the massive-activation convention);
 - per sample (row ``b`` of ``x.reshape(x.shape[0], -1)``, when a median or the column maximum is asked
@@ -234,8 +236,8 @@ def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Ten
     any non-finite entry shows in them), the ``|x| <= 0`` count from one ``count_nonzero`` of ``x``, other
     ``|x| <= t`` counts from one comparison each, the massive counts only for samples whose maximum reaches
     their threshold, and the histogram from the float32 bits (the same bins as :func:`log_magnitude_bin`)
-    counted with one ``bincount``. Moment sums add float32 sums of 16-entry blocks in float64 (relative error
-    of the non-negative sums <= ``16 * 2^-24``, about 1e-6).
+    counted with one ``bincount``. ``Σx`` and ``Σx²`` are float64 (one conversion, a sum and a dot product);
+    ``Σ|x|`` adds float32 sums of 16-entry blocks in float64 (relative error <= ``16 * 2^-24``, about 1e-6).
     """
     if work.numel() == 0:
         return None
@@ -272,12 +274,10 @@ def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Ten
                 out["massive_count"] = torch.where(torch.isnan(median), median, torch.zeros_like(median))
     if spec.column_max:
         out["column_max"] = torch.maximum(work.amax(0), work.amin(0).neg()) if magnitude is None else magnitude.amax(0)
-    if spec.moments:  # last: the squares overwrite |x| in the buffer
+    if spec.moments:
         assert magnitude is not None
-        abs_sum = _block_sum(magnitude.reshape(-1))
-        total = _block_sum(flat)
-        square = torch.mul(flat, flat, out=magnitude.reshape(-1))
-        parts += [total, _block_sum(square), abs_sum]
+        wide = _scratch(flat.numel(), "wide", torch.float64).copy_(flat)
+        parts += [wide.sum(), torch.dot(wide, wide), _block_sum(magnitude.reshape(-1))]
     out["scalars"] = torch.stack(parts)
     return out
 
@@ -313,10 +313,10 @@ def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
     parts += [(magnitude <= comparable_threshold(t, work.dtype)).sum(dtype=torch.float64) for t in spec.thresholds]
     clean_magnitude = torch.where(finite, magnitude, torch.zeros((), dtype=work.dtype, device=work.device))
     if spec.moments:
-        clean = torch.where(finite, work, torch.zeros((), dtype=work.dtype, device=work.device))
+        clean = torch.where(finite, work, torch.zeros((), dtype=work.dtype, device=work.device)).to(torch.float64)
         parts += [
-            clean.sum(dtype=torch.float64),
-            clean.square().sum(dtype=torch.float64),
+            clean.sum(),
+            clean.square().sum(),
             clean_magnitude.sum(dtype=torch.float64),
         ]
     nonfinite = parts[0]

@@ -15,10 +15,11 @@ import torch
 MOMENT_SUMS = ("count", "nonfinite", "zeros", "sum", "sq_sum", "abs_sum")
 MOMENT_MAXIMA = ("abs_max",)
 
-#: ``std`` comes from ``Σx²/n − mean²``, sums of float32 squares: their rounding (measured: ~5e-9 of ``Σx²/n``)
-#: dominates a variance below this fraction of ``Σx²/n`` (``|mean| > ~1000 std``), where ``std`` is NaN
-#: (unknown), not a number off by percents (+24% at ``|mean| = 1e4 std``).
-STD_RESOLUTION = 1e-6
+#: ``std`` comes from ``Σx²/n − mean²``, float64 sums of ``x`` and of exact squares (every path since round 17;
+#: float32 squares, rounded alike for repeated values, were percents off from ``|mean| = 300 std``): their
+#: rounding, ~1e-15 of ``Σx²/n`` for a summation tree of depth ~log2(n), would dominate a variance below this
+#: fraction of ``Σx²/n`` (``|mean| > ~1e5 std``), where ``std`` is NaN (unknown), not a number off by percents.
+STD_RESOLUTION = 1e-10
 
 
 def comparable_threshold(t: float, dtype: torch.dtype) -> float:
@@ -51,7 +52,7 @@ def moment_partials(x: torch.Tensor, zero_threshold: float = 0.0) -> tuple[torch
             count - finite.sum(dtype=torch.float64),
             ((magnitude <= comparable_threshold(zero_threshold, x.dtype)) & finite).sum(dtype=torch.float64),
             clean.sum(dtype=torch.float64),
-            clean.square().sum(dtype=torch.float64),
+            clean.to(torch.float64).square().sum(),
             magnitude.sum(dtype=torch.float64),
         ]
     )
@@ -63,8 +64,7 @@ def summarize_moments(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, tor
     """Derive count, mean, std, rms, abs_mean, abs_max, zero_frac and nonfinite from reduced partials.
 
     The moments of a tensor without a finite entry are NaN (unknown; they read 0 before round 15), and so is a
-    ``std`` below the float32 sums' resolution (:data:`STD_RESOLUTION`), and ``std``/``rms`` where the sum of float32
-    squares overflowed (finite entries above ~1.8e19: not an infinite rms)."""
+    ``std`` below the sums' resolution (:data:`STD_RESOLUTION`)."""
     count, nonfinite, zeros, total, sq_total, abs_total = sums.unbind()
     finite = count - nonfinite
     entries = finite.clamp_min(1.0)

@@ -14,8 +14,8 @@ needs it:
    :class:`~lightning_act.stats.histogram_median.LogMagnitudeBins` layout). Every per-entry statistic is
    accumulated per lane in registers and reduced across lanes once, at the end of the program: a
    cross-lane reduction per block (what the first kernel did, 7 per 1024 entries) costs more than the
-   memory read. Sums: float32 per lane over ``INNER`` blocks, then float64 (relative error of the
-   non-negative sums <= ``INNER * 2^-24``). Partials go to the program's own slot; one finishing program
+   memory read. Sums: ``x`` and ``x²`` in float64 per lane (a float32 square is exact there), ``|x|`` in float32
+   per lane over ``INNER`` blocks, then float64 (relative error <= ``INNER * 2^-24``). Partials go to the program's own slot; one finishing program
    (``_finish_row_statistics``) adds them in a fixed order (deterministic) and writes the results the
    monitors read (the entry count and sums, the overall and per-row maxima), where a chain of small tensor
    operations used to run: a launch of its own in a pass without a median, else one more program of the
@@ -122,8 +122,6 @@ def _row_statistics_kernel(
     coarse = tl.zeros((BINS >> COARSE_SHIFT,), dtype=tl.int32)
 
     for outer in range(start, end, BLOCK * INNER):
-        part = tl.zeros((BLOCK,), dtype=tl.float32)
-        square_part = tl.zeros((BLOCK,), dtype=tl.float32)
         abs_part = tl.zeros((BLOCK,), dtype=tl.float32)
         for inner in range(INNER):
             column = outer + inner * BLOCK + lanes
@@ -135,9 +133,12 @@ def _row_statistics_kernel(
             if N_THRESHOLDS > 0:
                 at_most += ((magnitude[:, None] <= thresholds[None, :]) & mask[:, None]).to(tl.int32)
             if MOMENTS:
+                # x and x² summed in float64 (a float32 square is exact there): std = sqrt(Σx²/n − mean²) cancels
+                # what both share, and float32 roundings, identical for repeated values, made it percents off
                 clean = tl.where(finite, value, 0.0)
-                part += clean
-                square_part += clean * clean
+                wide = clean.to(tl.float64)
+                total += wide
+                square_total += wide * wide
                 abs_part += tl.abs(clean)
             abs_max = tl.maximum(abs_max, tl.where(finite, magnitude, 0.0))
             ranked_max = tl.maximum(ranked_max, tl.where(mask, tl.minimum(bits, INF_BITS), 0))
@@ -145,8 +146,6 @@ def _row_statistics_kernel(
                 index = _fine_bin(bits, low_key, BINS, KEY_SHIFT)
                 coarse += tl.histogram(index >> COARSE_SHIFT, BINS >> COARSE_SHIFT, mask=mask)
         if MOMENTS:
-            total += part.to(tl.float64)
-            square_total += square_part.to(tl.float64)
             abs_total += abs_part.to(tl.float64)
 
     if ATOMIC:
