@@ -248,3 +248,128 @@ def test_adapting_twice_a_shared_activation_and_the_users_eval_modules() -> None
     with torch.device("meta"):
         on_meta = _mlp()
     assert {p.device.type for p in adapt_model(on_meta, [nn.GELU])["2"].parameters()} == {"meta"}
+
+
+def _encoder_layer(batch_first: bool = True) -> nn.TransformerEncoderLayer:
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, activation=nn.GELU(), batch_first=batch_first)
+
+
+def _eval_without_fast_paths(model: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+    """The same eval-mode forward through the modules' own ``forward`` (PyTorch's fused inference kernels off)."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_gates_run_in_eval_inside_transformer_encoder_layers() -> None:
+    # Before: the encoder layer's fused eval kernel never called `activation`, so eval gave the un-adapted output.
+    layer = _encoder_layer()
+    x = torch.randn(3, 5, 8)
+    layer.eval()
+    with torch.no_grad():
+        base = layer(x)
+    gates = adapt_model(layer, ["torch.nn.GELU"], example_input=x)
+    with torch.no_grad():
+        gates["activation"].gain.fill_(2.0)
+        gates["activation"].leak.fill_(0.5)
+    with torch.no_grad():
+        adapted = layer(x)
+    torch.testing.assert_close(adapted, _eval_without_fast_paths(layer, x))
+    assert (adapted - base).abs().max() > 0.1
+    # a stack run with a padding mask takes the nested-tensor path, which would not call the gates either
+    encoder = nn.TransformerEncoder(_encoder_layer(), 2).eval()
+    adapt_model(encoder, ["torch.nn.GELU"], example_input=x, tau_init=0.3)
+    harden(encoder)
+    for gate in dopamine_gates(encoder).values():
+        with torch.no_grad():
+            gate.leak.fill_(0.0)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, 3:] = True
+    with torch.no_grad():
+        adapted = encoder(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(adapted, _eval_without_fast_paths(encoder, x, src_key_padding_mask=padding))
+
+
+class _LlamaMLP(nn.Module):
+    """Hugging Face's Llama MLP layout: ``down_proj`` is registered before ``act_fn`` but runs after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(8, 20, bias=False)
+        self.up_proj = nn.Linear(8, 20, bias=False)
+        self.down_proj = nn.Linear(20, 8, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_width_inference_refuses_registration_orders_that_are_not_call_orders() -> None:
+    # Before: the nearest Linear registered before the activation gave 8 (linear2 / down_proj), not 16 / 20.
+    x = torch.randn(2, 3, 8)
+    for model, pattern, width in [(_encoder_layer(), "torch.nn.GELU", 16), (_LlamaMLP(), "torch.nn.SiLU", 20)]:
+        with pytest.raises(ModuleSelectionError, match=r"pass example_input= to adapt_model / apply_ia3$"):
+            adapt_model(model, [pattern])
+        assert [g.num_features for g in adapt_model(model, [pattern], example_input=x).values()] == [width]
+        model(x).sum().backward()
+    with pytest.raises(ModuleSelectionError, match=r"adapt with example_input="):
+        DopamineGate(nn.GELU(), 3)(torch.randn(2, 4))
+
+
+def test_firing_fractions_of_sequence_first_layers_match_numpy() -> None:
+    # Before: positions were read as samples, a crash for S != B and wrong fractions for S == B.
+    for positions, batch in [(5, 3), (4, 4)]:
+        layer = _encoder_layer(batch_first=False)
+        x = torch.randn(positions, batch, 8)
+        groups = np.array([0] + [1] * (batch - 1))
+        gate = adapt_model(layer, ["torch.nn.GELU"], example_input=x)["activation"]
+        with torch.no_grad():
+            gate.tau.copy_(torch.linspace(-0.5, 0.5, 16))
+        layer.eval()
+        with torch.no_grad():
+            attended = layer.norm1(x + layer.self_attn(x, x, x, need_weights=False)[0])
+            z = layer.linear1(attended).double().numpy()  # (S, B, 16)
+        per_sample = (z > gate.tau.detach().double().numpy()).mean(axis=0)  # (B, 16): mean over positions
+        expected = np.stack([per_sample[groups == g].mean(axis=0) for g in (0, 1)])
+        table = firing_fractions(layer, [(x, torch.from_numpy(groups))], 2)["activation"]
+        np.testing.assert_allclose(table.numpy(), expected, rtol=1e-6)
+    # a layout nothing declares: the sample axis is given, or a count mismatch names the fix
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+    adapt_model(model, [nn.ReLU], tau_init=0.5)
+    x = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]]])  # (S=3, B=2, 2)
+    table = firing_fractions(model, [(x, torch.tensor([0, 1]))], 2, batch_dim=1)["1"]
+    np.testing.assert_allclose(table.numpy(), [[2 / 3, 1 / 3], [0.0, 1 / 3]])
+    with pytest.raises(ModuleSelectionError, match=r"^gate '1' sees 3 samples on axis 0 of its input but the batch has 2"):
+        firing_fractions(model, [(x, torch.tensor([0, 1]))], 2)
+
+
+def test_adapting_other_layers_in_a_second_call_keeps_the_first_gates_trainable() -> None:
+    # Before: the second call froze the first call's gates (18 trainable numbers instead of 36).
+    model = _mlp()
+    adapt_model(model, ["2"])
+    adapt_model(model, ["4"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"2.tau", "2.gain", "2.leak", "4.tau", "4.gain", "4.leak"}
+
+
+def test_an_empty_selection_is_refused() -> None:
+    # Before: nothing was adapted and every parameter frozen, without a word.
+    model = _mlp()
+    with pytest.raises(ModuleSelectionError, match=r"^no module pattern given; pass at least one class"):
+        adapt_model(model, [])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_module_and_one_inside_it_are_not_both_selected() -> None:
+    # Before: the inner gate was attached to the outer gate and never ran, but was counted and optimised.
+    model = nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.GELU()), nn.Linear(6, 2))
+    with pytest.raises(ModuleSelectionError, match=r"^modules '1' and '1.0' are both selected but the first contains"):
+        adapt_model(model, ["1", "1.0"], example_input=torch.randn(2, 4))
+    assert all(p.requires_grad for p in model.parameters())

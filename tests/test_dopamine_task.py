@@ -158,3 +158,15 @@ def test_table_script_quick_configuration() -> None:
         assert 0.0 <= mean <= 100.0 and low <= mean <= high
         assert (firing == "—") == (not method.startswith("dopamine"))
     assert any(line.startswith("Paper claim 'Dopamine beats the frozen foundation") for line in lines)
+
+
+def test_a_foundation_without_hidden_layers_takes_the_methods_that_need_no_activation(tmp_path: Path) -> None:
+    # Before: every method stopped with a bare StopIteration (a 40-line traceback through the CLI).
+    foundation = DopamineFoundation(image_size=8, hidden_sizes=[])
+    path = tmp_path / "linear.ckpt"
+    torch.save({"state_dict": foundation.state_dict(), "hyper_parameters": dict(foundation.hparams)}, path)
+    assert DopamineSpecialisation(str(path), method="full").trainable_params == 64 * 10 + 10
+    assert DopamineSpecialisation(str(path), method="lora").trainable_params == 64 + 10
+    for method in ("dopamine", "ia3"):
+        with pytest.raises(LightningActError, match=rf"^the foundation has no hidden activation, so method '{method}'"):
+            DopamineSpecialisation(str(path), method=method)

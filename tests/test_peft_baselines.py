@@ -115,3 +115,49 @@ def test_lora_follows_the_base_dtype_and_device_and_refuses_multihead_attention_
         apply_lora(layer, ["torch.nn.Linear"])
     apply_lora(layer, ["linear*"])  # the feed-forward Linears are fine
     layer(torch.randn(2, 3, 8)).sum().backward()
+
+
+def _eval_without_fast_paths(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same eval-mode forward through the modules' own ``forward`` (PyTorch's fused inference kernels off)."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+@pytest.mark.parametrize(
+    "adapt",
+    [lambda m, x: apply_lora(m, ["linear1", "linear2"], rank=2), lambda m, x: apply_ia3(m, ["activation"], example_input=x)],
+    ids=["lora", "ia3"],
+)
+def test_adapters_run_in_eval_inside_a_transformer_encoder_layer(adapt) -> None:
+    # Before: the layer's fused eval kernel read linear1.weight (LoRA: AttributeError) and never called the adapters
+    # ((IA)³: the un-adapted output).
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, activation=nn.GELU(), batch_first=True)
+    x = torch.randn(3, 5, 8)
+    layer.eval()
+    with torch.no_grad():
+        base = layer(x)
+        for adapter in adapt(layer, x).values():
+            for name, parameter in adapter.named_parameters():
+                if name in ("lora_b", "scale"):
+                    parameter.fill_(0.3)
+        adapted = layer(x)
+    torch.testing.assert_close(adapted, _eval_without_fast_paths(layer, x))
+    assert (adapted - base).abs().max() > 0.1
+
+
+def test_dopamine_gates_added_after_lora_leave_the_lora_matrices_trainable() -> None:
+    # Before: adapt_model froze every parameter, the LoRA matrices of the first call included.
+    from lightning_act.nn.dopamine import adapt_model
+
+    model = _mlp()
+    apply_lora(model, ["0"], rank=2)
+    adapt_model(model, [nn.GELU], example_input=torch.randn(2, 10))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "0.lora_a", "0.lora_b", *(f"{i}.{p}" for i in (1, 3) for p in ("tau", "gain", "leak"))
+    }
+    assert count_trainable(model) == 2 * (10 + 6) + 3 * (6 + 4)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_act.capture.layout import declared_batch_first
 from lightning_act.errors import ModuleSelectionError
 
 ModulePattern = str | type
@@ -105,7 +106,8 @@ class DopamineGate(FrozenModuleAdapter):
         if z.shape[self.feature_dim] != self.num_features:
             raise ModuleSelectionError(
                 f"DopamineGate expects {self.num_features} neurons on dim {self.feature_dim} but got input shape "
-                f"{tuple(z.shape)}; pass num_features/feature_dim matching the wrapped layer"
+                f"{tuple(z.shape)}; adapt with example_input= so the width is read from a forward pass (or pass "
+                "num_features/feature_dim matching the wrapped layer to DopamineGate)"
             )
         shape = [1] * z.ndim
         shape[self.feature_dim] = self.num_features
@@ -145,13 +147,19 @@ def select_modules(model: nn.Module, patterns: Sequence[ModulePattern]) -> list[
     """Modules of ``model`` matched by any pattern, in registration order.
 
     A pattern is an ``nn.Module`` subclass, a dotted class path (``"torch.nn.GELU"``) or a glob
-    over qualified module names (``"blocks.*.mlp.act"``). Every pattern must match something that is not
-    already adapted (a :class:`FrozenModuleAdapter` or inside one), and a chosen module must sit at one place
-    only: an adapter replaces one name, so an activation instance reused at several places
-    (``nn.Sequential(fc, act, fc, act)``) would be adapted at its first place only.
+    over qualified module names (``"blocks.*.mlp.act"``). At least one pattern is needed (an empty list would adapt
+    nothing and freeze everything). Every pattern must match something that is not already adapted (a
+    :class:`FrozenModuleAdapter` or inside one), and a chosen module must sit at one place only: an adapter replaces
+    one name, so an activation instance reused at several places (``nn.Sequential(fc, act, fc, act)``) would be
+    adapted at its first place only. No chosen module may contain another: the outer adapter would replace it, and
+    the inner one would hang off the outer adapter and never run.
     """
     if isinstance(patterns, (str, type)):
         patterns = [patterns]
+    if not patterns:
+        raise ModuleSelectionError(
+            "no module pattern given; pass at least one class, class path or name glob, e.g. modules=['torch.nn.GELU']"
+        )
     places: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if name:
@@ -182,22 +190,44 @@ def select_modules(model: nn.Module, patterns: Sequence[ModulePattern]) -> list[
                 "place its own module (e.g. copy.deepcopy) before adapting"
             )
         selected.update(fresh)
+    nested = next(((outer, inner) for outer in selected for inner in selected if inner.startswith(outer + ".")), None)
+    if nested:
+        raise ModuleSelectionError(
+            f"modules {nested[0]!r} and {nested[1]!r} are both selected but the first contains the second; select "
+            "only one of them (e.g. the activation itself, not its block)"
+        )
     order = {name: i for i, (name, _) in enumerate(named)}
     return sorted(selected.items(), key=lambda item: order[item[0]])
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule called ``name`` is."""
+    """Put ``new`` where the submodule called ``name`` is.
+
+    In eval mode ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``'s nested-tensor path) runs a fused
+    kernel that reads its children's weights and never calls them, so an adapter there would be skipped silently
+    (or crash on ``.weight``); the fused path is switched off with PyTorch's own flag, as for any other activation.
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    if isinstance(parent, nn.TransformerEncoderLayer):
+        parent.activation_relu_or_gelu = 0
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder) and any(layer is parent for layer in module.layers):
+                module.use_nested_tensor = False
 
 
 def freeze(model: nn.Module) -> None:
-    """Stop gradients to every existing parameter of ``model``. Buffers are not parameters: a BatchNorm in
-    training mode still updates its running statistics (put it in eval mode to keep the base exactly frozen)."""
+    """Stop gradients to every base parameter of ``model``; an existing adapter's own parameters (``tau``,
+    ``lora_a``, ...) keep their ``requires_grad``, so adapters added by an earlier call (Dopamine gates next to LoRA)
+    stay trainable. Buffers are not parameters: a BatchNorm in training mode still updates its running statistics
+    (put it in eval mode to keep the base exactly frozen)."""
+    adapters = {
+        id(p) for m in model.modules() if isinstance(m, FrozenModuleAdapter) for p in m.parameters(recurse=False)
+    }
     for parameter in model.parameters():
-        parameter.requires_grad_(False)
+        if id(parameter) not in adapters:
+            parameter.requires_grad_(False)
 
 
 def training_modes(model: nn.Module) -> dict[nn.Module, bool]:
@@ -225,9 +255,11 @@ def infer_widths(
 ) -> dict[str, int]:
     """Width (neurons) at the input of each named module.
 
-    With ``example_input`` the widths are read from one forward pass; otherwise each module takes
-    the ``out_features`` of the nearest ``nn.Linear`` registered before it (``fc1`` before ``act``
-    in a timm ``Mlp``, the previous Linear in an ``nn.Sequential``).
+    With ``example_input`` the widths are read from one forward pass. Without it a module takes the
+    ``out_features`` of the ``nn.Linear`` registered just before it in the same parent, and only where that Linear
+    must be its input: in an ``nn.Sequential``, or as the parent's only Linear before it (``fc1`` before ``act`` in
+    a timm ``Mlp``). Registration order is not call order elsewhere (``nn.TransformerEncoderLayer`` registers
+    ``linear2`` before ``activation``, Llama's MLP ``down_proj`` before ``act_fn``), so those are refused.
     """
     widths: dict[str, int] = {}
     if example_input is not None:
@@ -252,17 +284,21 @@ def infer_widths(
                 f"modules {missing} were not called by the example input; select modules that run in forward()"
             )
         return widths
-    last_linear: nn.Linear | None = None
-    wanted = set(names)
-    for name, module in model.named_modules():
-        if name in wanted:
-            if last_linear is None:
-                raise ModuleSelectionError(
-                    f"cannot infer the width of {name!r} (no nn.Linear before it); pass example_input= to adapt_model"
-                )
-            widths[name] = last_linear.out_features
-        if isinstance(module, nn.Linear):
-            last_linear = module
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        children = list(parent.named_children())
+        earlier = [module for _, module in children[: [n for n, _ in children].index(child)]]
+        linears = [module for module in earlier if isinstance(module, nn.Linear)]
+        feeds = bool(earlier) and isinstance(earlier[-1], nn.Linear) and (
+            isinstance(parent, nn.Sequential) or len(linears) == 1
+        )
+        if not feeds:
+            raise ModuleSelectionError(
+                f"cannot tell the width of {name!r} without a forward pass (no single nn.Linear just before it in its "
+                f"{type(parent).__name__}); pass example_input= to adapt_model / apply_ia3"
+            )
+        widths[name] = earlier[-1].out_features
     return widths
 
 
@@ -318,6 +354,7 @@ def firing_fractions(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_groups: int,
+    batch_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fraction of inputs on which each neuron fires (``z > τ``), per class or input set.
 
@@ -325,17 +362,28 @@ def firing_fractions(
     or e.g. 0 = upright and 1 = rotated). Returns ``{gate name: (num_groups, num_neurons)}`` float
     tensors; for token/spatial inputs each sample contributes its mean over positions. Groups with
     no sample are NaN. The model runs in eval mode and its mode is restored afterwards.
+
+    ``batch_dim`` is the sample axis of every gate's input. By default each gate takes it from the ``batch_first``
+    of its nearest enclosing PyTorch sequence module (axis 1 inside a sequence-first ``nn.TransformerEncoderLayer``),
+    else axis 0, as the monitors do; averaging over the wrong axis would mix samples.
     """
     gates = dopamine_gates(model)
     if not gates:
         raise ModuleSelectionError("model has no DopamineGate; call adapt_model(model, modules=[...]) first")
+    sample_axes = {name: _sample_axis(model, name) if batch_dim is None else batch_dim for name in gates}
     sums = {name: torch.zeros(num_groups, gate.num_features, dtype=torch.float64) for name, gate in gates.items()}
     counts = torch.zeros(num_groups, dtype=torch.float64)
     current: dict[str, torch.Tensor] = {}
     handles = []
     for name, gate in gates.items():
         def record(module: DopamineGate, args: tuple, name: str = name) -> None:
-            active = module.fires(args[0]).to(torch.float64).movedim(module.feature_dim, -1)
+            active = module.fires(args[0]).to(torch.float64)
+            sample, feature = sample_axes[name] % active.ndim, module.feature_dim % active.ndim
+            if sample == feature:
+                raise ModuleSelectionError(
+                    f"gate {name!r}: batch_dim={sample_axes[name]} is its feature axis; pass the sample axis of its input"
+                )
+            active = active.movedim((sample, feature), (0, -1))
             current[name] = active.reshape(active.shape[0], -1, module.num_features).mean(dim=1)
 
         handles.append(gate.register_forward_pre_hook(record))
@@ -349,12 +397,28 @@ def firing_fractions(
                 raise ModuleSelectionError(f"group ids must be in [0, {num_groups}); pass num_groups covering every label")
             counts.index_add_(0, group, torch.ones(len(group), dtype=torch.float64))
             for name, active in current.items():
+                if len(active) != len(group):
+                    raise ModuleSelectionError(
+                        f"gate {name!r} sees {len(active)} samples on axis {sample_axes[name]} of its input but the batch "
+                        f"has {len(group)} group ids; pass batch_dim= with the sample axis of the gate input"
+                    )
                 sums[name].index_add_(0, group, active.cpu())
     finally:
         restore_training_modes(modes)
         for handle in handles:
             handle.remove()
     return {name: (total / counts[:, None]).float() for name, total in sums.items()}
+
+
+def _sample_axis(model: nn.Module, name: str) -> int:
+    """Sample axis at module ``name``: 1 inside a sequence-first PyTorch sequence module (the nearest one that
+    declares ``batch_first`` wins), else 0."""
+    owners = [name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1)] + [""]
+    for owner in owners:
+        batch_first = declared_batch_first(model.get_submodule(owner))
+        if batch_first is not None:
+            return 0 if batch_first else 1
+    return 0
 
 
 def plot_firing_fractions(

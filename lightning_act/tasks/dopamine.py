@@ -162,7 +162,12 @@ class DopamineSpecialisation(_Classifier):
         # another module's __init__ records the outer module's hyper-parameters.
         self.model = foundation.model
         self.num_classes = int(self.model[-1].out_features)
-        activation = next(type(m) for m in self.model if isinstance(m, tuple(_ACTIVATIONS.values())))
+        activation = next((type(m) for m in self.model if isinstance(m, tuple(_ACTIVATIONS.values()))), None)
+        if activation is None and method in ("dopamine", "ia3"):
+            raise LightningActError(
+                f"the foundation has no hidden activation, so method {method!r} has nothing to adapt; train the "
+                "foundation with at least one hidden layer (--model.hidden_sizes) or pick method full, lora or frozen"
+            )
         if method == "dopamine":
             adapt_model(self.model, [activation], slope=slope, tau_init=tau_init, form=gate_form)
         elif method == "lora":
