@@ -157,8 +157,8 @@ def test_a_declared_sequence_first_layout_leaves_2d_taps_alone_and_a_missing_axi
     s = np.linalg.svd(x - x.mean(0), compute_uv=False)
     p = s / s.sum()
     erank = float(np.exp(-(p * np.log(p)).sum()))
-    assert values(collapse, "collapse/net.head:input/erank") == [pytest.approx(erank, rel=1e-6)]
-    assert values(collapse, "collapse/net.head:input/erank_frac") == [pytest.approx(erank / 16, rel=1e-6)]
+    assert values(collapse, "collapse/net.head-input/erank") == [pytest.approx(erank, rel=1e-6)]
+    assert values(collapse, "collapse/net.head-input/erank_frac") == [pytest.approx(erank / 16, rel=1e-6)]
     with pytest.raises(LightningActError, match=r"batch_dim=-4 is not an axis of an activation of shape \(8, 4, 16\)"):
         quiet_trainer(max_steps=1, callbacks=[MassiveActivations(every_n_steps=1, batch_dim=-4)]).fit(
             ToyTask(BlockNet()), toy_loader()
@@ -391,7 +391,7 @@ def test_default_monitors_on_boring_model_warn_and_the_fit_finishes():
     x = recorder.seen[0][0]
     s = np.linalg.svd(x - x.mean(0), compute_uv=False)
     p = s / s.sum()
-    np.testing.assert_allclose(values(collapse, "collapse/layer:input/erank")[0], np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
+    np.testing.assert_allclose(values(collapse, "collapse/layer-input/erank")[0], np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
 
 
 class TokenDecoder(pl.LightningModule):
@@ -423,15 +423,15 @@ def test_a_decoder_whose_activation_module_is_hidden_is_read_where_its_activatio
     # functional one.
     torch.manual_seed(0)
     task = TokenDecoder()
-    assert {t.name for t in select_taps(task, "@activations")} == {f"dec.layers.{i}.linear2:input" for i in range(2)}
+    assert {t.name for t in select_taps(task, "@activations")} == {f"dec.layers.{i}.linear2-input" for i in range(2)}
     recorder = Recorder("dec.layers.0.linear2", point="input")
     stats = ActivationStats(every_n_steps=1)
     quiet_trainer(max_steps=1, callbacks=[stats, recorder]).fit(
         task, DataLoader(TensorDataset(torch.randint(0, 20, (8, 5))), batch_size=8)
     )
     seen = np.concatenate([np.ravel(x) for x in recorder.seen[0]])
-    assert values(stats, "act/dec.layers.0.linear2:input/zero_frac") == [pytest.approx(float(np.mean(seen == 0)))]
-    assert values(stats, "act/dec.layers.0.linear2:input/mean") == [pytest.approx(float(seen.mean()), rel=1e-6)]
+    assert values(stats, "act/dec.layers.0.linear2-input/zero_frac") == [pytest.approx(float(np.mean(seen == 0)))]
+    assert values(stats, "act/dec.layers.0.linear2-input/mean") == [pytest.approx(float(seen.mean()), rel=1e-6)]
 
 
 def test_a_default_preset_that_matches_nothing_is_said_when_the_others_match():
@@ -465,7 +465,7 @@ def test_demo_transformer_functional_relu_blocks_and_forward_fn():
     ]
     assert len(sparsity.taps) == 4  # the functional ReLU of every layer, at linear2's input
     a = np.concatenate([x.ravel() for x in recorder.seen[1]])
-    np.testing.assert_allclose(values(sparsity, f"sparsity/{name}:input/zero_frac")[1], (a == 0).mean(), rtol=1e-6)
+    np.testing.assert_allclose(values(sparsity, f"sparsity/{name}-input/zero_frac")[1], (a == 0).mean(), rtol=1e-6)
     assert 0.2 < (a == 0).mean() < 0.8
     assert "sensitive/model.transformer.encoder.layers.1/v_max" in sensitive.history
 
@@ -549,7 +549,7 @@ def test_hugging_face_style_activation_modules_and_inputs_passed_by_keyword():
     stats = ActivationStats(modules=["layers.1:input", "layers.0.self_attn:input"], every_n_steps=1)
     recorders = [Recorder("layers.0"), Recorder("layers.0.input_layernorm")]
     quiet_trainer(max_steps=2, callbacks=[stats, *recorders]).fit(model, sequences())
-    for key, recorder in zip(("act/layers.1:input", "act/layers.0.self_attn:input"), recorders, strict=True):
+    for key, recorder in zip(("act/layers.1-input", "act/layers.0.self_attn-input"), recorders, strict=True):
         for step in (0, 1):
             (h,) = recorder.seen[step]
             np.testing.assert_allclose(values(stats, f"{key}/rms")[step], np.sqrt((h**2).mean()), rtol=1e-5)
@@ -562,7 +562,7 @@ def test_blocks_cover_every_resnet_stage_and_activations_find_functional_mlps():
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=4)
     assert [t.name for t in select_taps(resnet, "@blocks")] == [f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1)]
     (head,) = select_taps(resnet, "@penultimate")
-    assert head.name == "fc:input"
+    assert head.name == "fc-input"
 
     class HFMLP(nn.Module):
         def __init__(self):
@@ -582,7 +582,7 @@ def test_blocks_cover_every_resnet_stage_and_activations_find_functional_mlps():
 
     model = nn.ModuleDict({"h": nn.ModuleList([nn.ModuleDict({"mlp": GPTMLP()}) for _ in range(2)]), "llama": HFMLP()})
     assert [t.name for t in select_taps(model, "@activations")] == [
-        "h.0.mlp.c_proj:input", "h.1.mlp.c_proj:input", "llama.down_proj:input"
+        "h.0.mlp.c_proj-input", "h.1.mlp.c_proj-input", "llama.down_proj-input"
     ]
     assert [t.name for t in select_taps(model, "@blocks")] == ["h.0", "h.1"]
 
@@ -668,7 +668,7 @@ def test_nan_weights_and_nan_validation_example_do_not_kill_the_fit():
     assert np.isnan(values(collapse, "collapse/net.blocks.0/erank")[-1])
     assert collapse.history["collapse/params/r90"].steps == [0, 1]  # no share of a NaN variance
     assert values(stats, "act/net.blocks.0/nonfinite")[-1] > 0
-    assert np.isnan(values(sensitive, "sensitive/net.head:input/eigenscore")[-1])
+    assert np.isnan(values(sensitive, "sensitive/net.head-input/eigenscore")[-1])
 
 
 class Odd(ToyTask):
@@ -942,7 +942,7 @@ def test_dimensional_collapse_logs_nothing_for_one_row_or_a_tensor_without_featu
         def forward(self, x):
             return self.net(x) + 0 * self.score(x.flatten(1).mean(1))  # (B,) output of a tapped module
 
-    for batch_size, tapped in [(1, "net.head:input"), (4, "score")]:
+    for batch_size, tapped in [(1, "net.head-input"), (4, "score")]:
         model = Net(BlockNet())
         model.score = nn.Identity()
         collapse = DimensionalCollapse(modules=[tapped], every_n_steps=1, param_patterns=[], warn_below=0.5)
@@ -959,7 +959,7 @@ def test_penultimate_of_a_distilled_deit_and_of_a_headless_backbone_is_the_class
 
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3, img_size=32,
                              patch_size=8, embed_dim=16, depth=1, num_heads=2)
-    assert [t.name for t in select_taps(deit, "@penultimate")] == ["head:input"]
+    assert [t.name for t in select_taps(deit, "@penultimate")] == ["head-input"]
 
     class OwnHead(nn.Module):
         def __init__(self):
@@ -968,7 +968,7 @@ def test_penultimate_of_a_distilled_deit_and_of_a_headless_backbone_is_the_class
             self.backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
                                               patch_size=8, embed_dim=16, depth=1, num_heads=2)
 
-    assert [t.name for t in select_taps(OwnHead(), "@penultimate")] == ["head:input"]
+    assert [t.name for t in select_taps(OwnHead(), "@penultimate")] == ["head-input"]
 
     class Distillation(nn.Module):
         """A frozen teacher registered before the student: before, the teacher's head was tapped (SensitiveNeurons
@@ -980,9 +980,9 @@ def test_penultimate_of_a_distilled_deit_and_of_a_headless_backbone_is_the_class
             self.teacher = timm.create_model("vit_tiny_patch16_224", **kwargs).requires_grad_(False)
             self.student = timm.create_model("vit_tiny_patch16_224", **kwargs)
 
-    assert [t.name for t in select_taps(Distillation(), "@penultimate")] == ["student.head:input"]
+    assert [t.name for t in select_taps(Distillation(), "@penultimate")] == ["student.head-input"]
     both_trained = Distillation().requires_grad_(True)
-    assert [t.name for t in select_taps(both_trained, "@penultimate")] == ["teacher.head:input", "student.head:input"]
+    assert [t.name for t in select_taps(both_trained, "@penultimate")] == ["teacher.head-input", "student.head-input"]
 
 
 def test_blocks_of_a_stack_between_a_stem_and_a_tail():

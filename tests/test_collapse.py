@@ -170,14 +170,14 @@ def test_resume_restores_histories_and_trajectory(tmp_path: Path) -> None:
     first = monitor()
     fit(tmp_path, [first, checkpoint], steps=4)
     saved = first.state_dict()
-    assert first.history["collapse/head:input/erank"].steps == [0, 2]
+    assert first.history["collapse/head-input/erank"].steps == [0, 2]
 
     resumed = monitor()
     again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=4)
     fit(tmp_path, [resumed, again], steps=8, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert resumed.history["collapse/head:input/erank"].steps == [0, 2, 4, 6]
-    saved_values = saved["history"]["collapse/head:input/erank"]["values"]
-    assert resumed.history["collapse/head:input/erank"].values[:2] == saved_values
+    assert resumed.history["collapse/head-input/erank"].steps == [0, 2, 4, 6]
+    saved_values = saved["history"]["collapse/head-input/erank"]["values"]
+    assert resumed.history["collapse/head-input/erank"].values[:2] == saved_values
     assert resumed.history["collapse/params/r90"].steps == [0, 2, 4, 6]
     assert len(resumed.state_dict()["trajectory"]["snapshots"]) == 5
     kept = saved["trajectory"]["snapshots"]

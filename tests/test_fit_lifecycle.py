@@ -105,7 +105,7 @@ def test_probes_read_the_first_of_several_validation_loaders(kind):
         massive = MassiveActivations(modules=["net.blocks.0"], every_n_steps=1, probe="val")
         sensitive = SensitiveNeurons(modules=["net.head:input"], every_n_steps=1, num_samples=16, eigenscore_passes=0)
         quiet_trainer(max_steps=2, callbacks=[massive, sensitive]).fit(TwoLoaders(BlockNet()), toy_loader(), val)
-        logged[val is first] = (massive.history["massive/net.blocks.0/top1"].values, sensitive.embeddings["net.head:input"][-1])
+        logged[val is first] = (massive.history["massive/net.blocks.0/top1"].values, sensitive.embeddings["net.head-input"][-1])
     assert logged[False][0] == logged[True][0]
     torch.testing.assert_close(logged[False][1], logged[True][1], rtol=0, atol=0)
 
@@ -141,7 +141,7 @@ def test_a_resumed_fit_puts_the_last_statistics_back_for_early_stopping(tmp_path
         monitors = [ActivationSparsity(every_n_steps=4), SensitiveNeurons(every_n_steps=4, num_samples=8, eigenscore_passes=0)]
         stops = [
             EarlyStopping(monitor="sparsity/net.blocks.0.act/zero_frac", mode="max", patience=100, check_on_train_epoch_end=True),
-            EarlyStopping(monitor="sensitive/net.head:input/count", mode="max", patience=100, check_on_train_epoch_end=True),
+            EarlyStopping(monitor="sensitive/net.head-input/count", mode="max", patience=100, check_on_train_epoch_end=True),
         ]
         saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
         trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[*monitors, *stops, saver], enable_checkpointing=True)
@@ -150,7 +150,7 @@ def test_a_resumed_fit_puts_the_last_statistics_back_for_early_stopping(tmp_path
 
     whole = fit(2)
     resumed = fit(2, str(tmp_path / "epoch=0.ckpt"))
-    for key in ("sparsity/net.blocks.0.act/zero_frac", "sensitive/net.head:input/count"):
+    for key in ("sparsity/net.blocks.0.act/zero_frac", "sensitive/net.head-input/count"):
         assert resumed.callback_metrics[key].item() == whole.callback_metrics[key].item()
 
 
@@ -223,3 +223,17 @@ def test_a_probe_reused_in_a_second_fit_probes_its_step_0():
     with pytest.warns(UserWarning, match="it is cleared"):
         quiet_trainer(max_steps=2, callbacks=[massive]).fit(ToyTask(BlockNet()), ToyData())
     assert massive.history["massive/net.blocks.0/top1"].steps == [0]  # before: not probed, then a crash
+
+
+def test_an_input_taps_statistic_names_a_model_checkpoint_file(tmp_path):
+    # Keys of input taps were <prefix>/<module>:input/<stat>: ModelCheckpoint's template reads a metric's name up to
+    # the first ':', so "{act/net.head:input/mean:.3f}" stopped the fit with "Invalid format specifier" (round 17).
+    from lightning_act.callbacks import ActivationStats
+
+    key = "act/net.head-input/mean"
+    stats = ActivationStats(modules=["net.head:input"], every_n_steps=1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor=key, filename="{step}-{" + key + ":.4f}",
+                                 auto_insert_metric_name=False, every_n_train_steps=1, save_top_k=-1)
+    quiet_trainer(max_steps=2, enable_checkpointing=True, callbacks=[stats, checkpoint]).fit(ToyTask(BlockNet()), toy_loader())
+    means = stats.history[key].values
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{step + 1}-{mean:.4f}.ckpt" for step, mean in enumerate(means)]

@@ -26,7 +26,8 @@ def test_globs_classes_and_input_taps():
     assert names(select_taps(model, "LayerNorm")) == names(select_taps(model, "torch.nn.LayerNorm"))
     assert len(names(select_taps(model, "LayerNorm"))) == 5  # 2 per block + final norm
     (tap,) = select_taps(model, "blocks.0.mlp.fc2:input")
-    assert tap.name == "blocks.0.mlp.fc2:input" and tap.point == "input" and tap.module is model.blocks[0].mlp.fc2
+    assert tap.name == "blocks.0.mlp.fc2-input" and tap.point == "input" and tap.module is model.blocks[0].mlp.fc2
+    assert select_taps(model, tap.name) == [tap]  # the logged name selects its tap again
 
 
 def test_duplicates_are_dropped_and_order_is_kept():

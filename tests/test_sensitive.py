@@ -41,12 +41,12 @@ def test_swinging_neuron_is_picked_and_steady_drift_ranks_below() -> None:
     for t in range(4):
         model.shift = torch.tensor([0.0, drift[t], 0.0, swing[t], 0.0])
         metrics = monitor.checkpoint(None, model, step=t)  # type: ignore[arg-type]
-        assert metrics["sensitive/head:input/selected"] == (1.0 if t == 3 else 0.0)
+        assert metrics["sensitive/head-input/selected"] == (1.0 if t == 3 else 0.0)
     # Hand-checked (C = 3): swing V = Var{2,0,2}·(2+2+2) = 8/9·6 = 16/3; drift V = Var{1,2,3}·3 = 2.
-    assert monitor.sensitive["head:input"].tolist() == [3]
-    assert metrics["sensitive/head:input/v_max"] == pytest.approx(16 / 3, rel=1e-6)
-    assert metrics["sensitive/head:input/v_mean"] == pytest.approx((16 / 3 + 2) / 5, rel=1e-6)
-    assert metrics["sensitive/head:input/count"] == 1.0
+    assert monitor.sensitive["head-input"].tolist() == [3]
+    assert metrics["sensitive/head-input/v_max"] == pytest.approx(16 / 3, rel=1e-6)
+    assert metrics["sensitive/head-input/v_mean"] == pytest.approx((16 / 3 + 2) / 5, rel=1e-6)
+    assert metrics["sensitive/head-input/count"] == 1.0
 
     wider = SensitiveNeurons(tracking_inputs=torch.randn(4, 3), window=3, top_fraction=0.4, eigenscore_passes=0)
     wider.setup(None, model, "fit")  # type: ignore[arg-type]
@@ -54,7 +54,7 @@ def test_swinging_neuron_is_picked_and_steady_drift_ranks_below() -> None:
     for t in range(4):
         model.shift = torch.tensor([0.0, drift[t], 0.0, swing[t], 0.0])
         wider.checkpoint(None, model, step=t)  # type: ignore[arg-type]
-    assert wider.sensitive["head:input"].tolist() == [1, 3]
+    assert wider.sensitive["head-input"].tolist() == [1, 3]
 
 
 class Mlp(pl.LightningModule):
@@ -119,8 +119,8 @@ class HeadInputs(Callback):
         pl_module.head.register_forward_hook(hook)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if "head:input" in self.monitor.sensitive:
-            self.sets[trainer.global_step - 1] = self.monitor.sensitive["head:input"].tolist()
+        if "head-input" in self.monitor.sensitive:
+            self.sets[trainer.global_step - 1] = self.monitor.sensitive["head-input"].tolist()
 
 
 def test_drop_zeroes_exactly_the_sensitive_features_for_t_checkpoints_then_reselects(tmp_path: Path) -> None:
@@ -131,10 +131,10 @@ def test_drop_zeroes_exactly_the_sensitive_features_for_t_checkpoints_then_resel
     recorder = HeadInputs(monitor)
     fit(tmp_path, Mlp(), [monitor, recorder], steps=10, limit_val_batches=0)
 
-    selected = monitor.history["sensitive/head:input/selected"]
+    selected = monitor.history["sensitive/head-input/selected"]
     # The window (C + 1 = 3 checkpoints) is full at step 2; then a new set every T = 2 checkpoints.
     assert [s for s, v in zip(selected.steps, selected.values, strict=True) if v == 1.0] == [2, 4, 6, 8]
-    assert monitor.history["sensitive/head:input/dropping"].values == [0.0, 0.0] + [1.0] * 8
+    assert monitor.history["sensitive/head-input/dropping"].values == [0.0, 0.0] + [1.0] * 8
     for step, head_input in recorder.inputs.items():
         chosen = [s for s in (2, 4, 6, 8) if s < step]
         expected = recorder.sets[chosen[-1]] if chosen else []
@@ -158,7 +158,7 @@ def test_observation_does_not_change_training(tmp_path: Path) -> None:
     assert bare.keys() == watched.keys()
     for key in bare:
         assert torch.equal(bare[key], watched[key]), key
-    assert "sensitive/head:input/ees" in monitor.history
+    assert "sensitive/head-input/ees" in monitor.history
 
 
 def test_csv_columns_tracking_set_and_eigenscore_of_identical_passes(tmp_path: Path) -> None:
@@ -172,8 +172,8 @@ def test_csv_columns_tracking_set_and_eigenscore_of_identical_passes(tmp_path: P
     with open(Path(trainer.loggers[0].log_dir) / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     for stat in ("count", "selected", "v_mean", "v_max", "jaccard", "eigenscore", "ees"):
-        assert f"sensitive/head:input/{stat}" in rows[0], stat
-    assert [int(r["step"]) for r in rows if r["sensitive/head:input/count"]] == [0, 2, 4, 6]
+        assert f"sensitive/head-input/{stat}" in rows[0], stat
+    assert [int(r["step"]) for r in rows if r["sensitive/head-input/count"]] == [0, 2, 4, 6]
 
     # No dropout: the K = 3 passes are identical, so per example E = (log(K‖c‖² + α) + (K − 1) log α) / K.
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_csv_columns_tracking_set_and_eigenscore_of_identical_passes(tmp_path: P
     centred = embeddings - embeddings.mean(1, keepdims=True)
     alpha, k = 1e-3, 3
     expected = np.mean([(math.log(k * (c @ c) + alpha) + (k - 1) * math.log(alpha)) / k for c in centred])
-    assert monitor.history["sensitive/head:input/eigenscore"].values[-1] == pytest.approx(expected, rel=1e-5)
+    assert monitor.history["sensitive/head-input/eigenscore"].values[-1] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("dropout,passes_per_checkpoint", [(0.0, 1), (0.3, 4)])
@@ -199,7 +199,7 @@ def test_identical_passes_are_not_rerun(
     monitor = SensitiveNeurons(every_n_steps=2, num_samples=20, window=2, eigenscore_passes=3)
     fit(tmp_path, Mlp(dropout=dropout), [monitor], steps=7)  # checkpoints 0, 2, 4, 6
     assert len(calls) == 1 + 4 * passes_per_checkpoint  # one pass at fit start (the embedding check)
-    assert len(monitor.history["sensitive/head:input/eigenscore"].values) == 4
+    assert len(monitor.history["sensitive/head-input/eigenscore"].values) == 4
 
 
 def test_resume_restores_windows_sets_and_histories(tmp_path: Path) -> None:
@@ -218,18 +218,18 @@ def test_resume_restores_windows_sets_and_histories(tmp_path: Path) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
     fit(tmp_path / "b", Mlp(), [first, saver], steps=4, limit_val_batches=0)
     state = first.state_dict()
-    assert len(state["embeddings"]["head:input"]) == 3 and state["countdown"]["head:input"] == 2
+    assert len(state["embeddings"]["head-input"]) == 3 and state["countdown"]["head-input"] == 2
 
     resumed = monitor()
     again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=4)
     last = str(tmp_path / "ckpt" / "last.ckpt")
     fit(tmp_path / "c", Mlp(), [resumed, again], steps=8, ckpt_path=last, limit_val_batches=0)
     for key in ("v_mean", "selected", "dropping", "count"):
-        series = f"sensitive/head:input/{key}"
+        series = f"sensitive/head-input/{key}"
         first_step = 2 if key == "v_mean" else 0  # V needs C + 1 = 3 checkpoints
         assert resumed.history[series].steps == straight.history[series].steps == list(range(first_step, 8))
         assert resumed.history[series].values == straight.history[series].values, key
-    assert torch.equal(resumed.sensitive["head:input"], straight.sensitive["head:input"])
+    assert torch.equal(resumed.sensitive["head-input"], straight.sensitive["head-input"])
     assert resumed.countdown == straight.countdown
 
 

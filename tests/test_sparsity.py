@@ -189,9 +189,9 @@ def test_sparsity_monitor_in_trainer_fit_logs_to_csv_and_resumes(tmp_path) -> No
     # time step 2 repeats step 1, so at least 1 of 4 consecutive pairs is unchanged, and all of the gate's zeros
     assert all(v >= 0.25 for v in columns["sparsity/act/temporal_frac"])
     assert all(0.75 <= v <= 1.0 for v in columns["sparsity/gate/temporal_frac"])
-    cett = columns["sparsity/fc2:input/cett_ratio"]
+    cett = columns["sparsity/fc2-input/cett_ratio"]
     assert len(cett) == 3 and all(0.0 < v <= 0.25 for v in cett)  # only the gate's open quarter is active
-    assert all(v > 0 for v in columns["sparsity/fc2:input/cett_eps"])
+    assert all(v > 0 for v in columns["sparsity/fc2-input/cett_eps"])
     assert (tmp_path / "csv" / "version_0" / "plots" / "sparsity_zero_frac_heatmap.png").exists()
 
     restored = ActivationSparsity(modules=["act", "gate"], cett_modules="fc2", temporal_dim=1)
@@ -241,7 +241,7 @@ def test_cett_of_a_gpt2_conv1d_down_projection_matches_float64_brute_force() -> 
     grid = cett_grid(torch.from_numpy(weight), size=4000, low=1e-4, high=1e2).numpy()
     upper = int(np.searchsorted(grid, v, side="right"))
     ratio_low, ratio_high = np.mean(m >= grid[upper]), np.mean(m >= grid[upper - 1])
-    ratio = monitor.history["sparsity/fc2:input/cett_ratio"].values[0]
+    ratio = monitor.history["sparsity/fc2-input/cett_ratio"].values[0]
     assert ratio_low <= exact_ratio <= ratio_high
     assert ratio_low - 1e-9 <= ratio <= ratio_high + 1e-9
     assert ratio == pytest.approx(exact_ratio, abs=2 / m.size)

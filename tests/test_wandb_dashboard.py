@@ -15,7 +15,7 @@ from lightning_act.report.wandb_dashboard import (
     main,
 )
 
-LAYERS = ["model.blocks.0", "model.blocks.1", "model.blocks.11.mlp.fc2:input"]
+LAYERS = ["model.blocks.0", "model.blocks.1", "model.blocks.11.mlp.fc2-input"]
 KEYS = (
     ["epoch", "step", "trainer/global_step", "train/loss", "val/loss", "val/acc", "lr-AdamW", "_runtime"]
     + [f"sparsity/{layer}/{stat}" for layer in LAYERS for stat in ("zero_frac", "cett")]

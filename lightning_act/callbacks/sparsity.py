@@ -49,7 +49,7 @@ class ActivationSparsity(ActivationMonitor):
       outputs of activation functions);
     - ``cett_ratio`` and ``cett_eps`` for each down-projection (``nn.Linear``, or Hugging Face's
       ``Conv1D``) matched by ``cett_modules`` (e.g. ``"*.mlp.fc2"``), read at its input (the key's module name ends in
-      ``:input``): the activation ratio (1 - sparsity) at the per-layer threshold ``eps`` where the
+      ``-input``): the activation ratio (1 - sparsity) at the per-layer threshold ``eps`` where the
       token-averaged CETT reaches ``target_cett``; see :mod:`lightning_act.stats.sparsity`;
     - ``temporal_frac`` when ``temporal_dim`` is set: the fraction of ``|a_t - a_{t-1}| <= temporal_eps``
       along that axis, for modules whose output has it.
@@ -106,7 +106,7 @@ class ActivationSparsity(ActivationMonitor):
             )
         globs = list(globs)
         self.zero_modules = zero_modules
-        self.cett_modules = [g[: -len(":input")] if g.endswith(":input") else g for g in globs]
+        self.cett_modules = [next((g[: -len(end)] for end in (":input", "-input") if g.endswith(end)), g) for g in globs]
         super().__init__(
             modules=zero_modules + [f"{g}:input" for g in self.cett_modules],
             every_n_steps=every_n_steps, history_size=history_size, batch_dim=batch_dim, token_dim=token_dim,

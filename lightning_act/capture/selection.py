@@ -8,21 +8,22 @@ A *module spec* is one of:
   :func:`register_activation_class`. Functional activations (``F.gelu`` inside ``forward``) have no module, so for a recognised MLP
   without an activation module (timm ``Mlp``-style ``fc1/fc2``, Hugging Face ``up_proj/down_proj``,
   GPT-2 ``c_fc/c_proj``, ``nn.TransformerEncoderLayer``'s ``linear1/linear2``) the
-  down-projection's input is tapped instead (``<mlp>.fc2:input``): the activations themselves;
+  down-projection's input is tapped instead (``<mlp>.fc2:input``, logged as ``<mlp>.fc2-input``): the
+  activations themselves;
 - ``"@blocks"``: the repeated blocks of every block stack of the model (a timm ViT's ``blocks.0`` …
   ``blocks.11``, every ResNet stage, encoder and decoder layers, ``layers``/``h``/``blocks``
   lists), i.e. the residual stream after each block; a stack is a ``ModuleList``/``Sequential`` of
   two or more non-leaf modules of one class (or a run of three or more between a stem and a tail, as
   torchvision's MobileNet ``features``), and stacks nested inside a chosen stack are skipped;
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
-  models, else the last ``nn.Linear``), i.e. the penultimate features, named ``<head>:input``;
+  models, else the last ``nn.Linear``), i.e. the penultimate features, named ``<head>-input``;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
   name (``"GELU"``): every module of that class;
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
 
-A string spec may end in ``":input"`` to tap the module's first input instead of its output (the
-activations entering a down-projection, for example); a module called by keyword gives the argument of its
-``forward``'s first parameter.
+A string spec may end in ``":input"`` (or ``"-input"``, the name it is logged under: :data:`INPUT_TAP_SUFFIX`) to
+tap the module's first input instead of its output (the activations entering a down-projection, for example); a
+module called by keyword gives the argument of its ``forward``'s first parameter.
 
 Names are those of the user's model: the wrappers' ``_orig_mod.`` (``torch.compile``),
 ``_fsdp_wrapped_module.`` (FSDP) and ``_checkpoint_wrapped_module.`` (activation checkpointing)
@@ -88,6 +89,13 @@ class Tap:
     module: nn.Module
     point: Literal["output", "input"] = "output"
 
+
+#: A tap of a module's input is named ``<module>-input`` in metric keys and histories. The spec's ``:input`` is no
+#: name for it: ':' ends a metric's name in ModelCheckpoint's filename templates (``{sensitive/head:input/count}``
+#: crashed the fit) and MLFlowLogger drops it (``head:input`` became ``headinput``); no module name registered as
+#: an attribute contains '-'. A spec may end in either suffix, so a logged name selects its tap again.
+INPUT_TAP_SUFFIX = "-input"
+_INPUT_SPEC_SUFFIXES = (":input", INPUT_TAP_SUFFIX)
 
 _WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 # (up-projection, down-projection) child names of the MLP shapes whose activation may be functional.
@@ -196,7 +204,7 @@ def _functional_activation_inputs(modules: list[tuple[str, nn.Module]], shadowed
             runs_one = any(is_activation(m) and id(m) not in shadowed for m in module.modules())
             if up in children and down in children and not runs_one:
                 prefix = f"{name}." if name else ""
-                taps.append(Tap(f"{prefix}{down}:input", children[down], "input"))
+                taps.append(Tap(f"{prefix}{down}{INPUT_TAP_SUFFIX}", children[down], "input"))
                 break
     return taps
 
@@ -219,7 +227,7 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list
         if isinstance(head, (tuple, list)):  # timm's distilled DeiT: (head, head_dist); the class token's head
             head = head[0] if head else None
         found = [
-            Tap(f"{name}:input", module, "input") for name, module in modules
+            Tap(f"{name}{INPUT_TAP_SUFFIX}", module, "input") for name, module in modules
             if module is head and isinstance(module, nn.Module) and not isinstance(module, nn.Identity)
         ]
         taps += found[:1]
@@ -228,7 +236,7 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list
     if taps:
         return taps
     linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and id(m) not in inside_headless]
-    return [Tap(f"{linears[-1][0]}:input", linears[-1][1], "input")] if linears else []
+    return [Tap(f"{linears[-1][0]}{INPUT_TAP_SUFFIX}", linears[-1][1], "input")] if linears else []
 
 
 def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.Module]] | None = None) -> list[Tap]:
@@ -241,8 +249,9 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
             "'blocks.*.mlp.act', a class like 'torch.nn.GELU', or one of " + ", ".join(PRESETS)
         )
     point: Literal["output", "input"] = "output"
-    if spec.endswith(":input"):
-        spec, point = spec[: -len(":input")], "input"
+    suffix = next((end for end in _INPUT_SPEC_SUFFIXES if spec.endswith(end)), None)
+    if suffix is not None:
+        spec, point = spec[: -len(suffix)], "input"
     if spec.startswith("@"):  # a preset picks among the modules that take hooks (see select_taps)
         modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule)]
     if spec == "@activations":
@@ -263,7 +272,7 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     else:
         taps = [Tap(n, m) for n, m in modules if n and fnmatch.fnmatchcase(n, spec)]
     if point == "input":
-        taps = [Tap(f"{t.name}:input", t.module, "input") for t in taps]
+        taps = [Tap(f"{t.name}{INPUT_TAP_SUFFIX}", t.module, "input") for t in taps]
     return taps
 
 
