@@ -155,8 +155,10 @@ class LastCheckpoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
-        if trainer.is_global_zero:  # what a kill in the middle of an earlier write left behind
-            for stale in self.path(trainer).parent.glob(f".{LAST_NAME}.*.tmp"):
+        if trainer.is_global_zero:  # what a kill in the middle of an earlier write left behind, of any checkpoint
+            folders = {self.path(trainer).parent}
+            folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+            for stale in (file for folder in folders for file in folder.glob(".*.ckpt.*.tmp")):
                 stale.unlink(missing_ok=True)
         if self.on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)

@@ -237,3 +237,72 @@ def test_an_input_taps_statistic_names_a_model_checkpoint_file(tmp_path):
     quiet_trainer(max_steps=2, enable_checkpointing=True, callbacks=[stats, checkpoint]).fit(ToyTask(BlockNet()), toy_loader())
     means = stats.history[key].values
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{step + 1}-{mean:.4f}.ckpt" for step, mean in enumerate(means)]
+
+
+def test_a_checkpoint_is_written_after_the_csv_holds_every_row_of_its_histories(tmp_path):
+    # Lightning's CSVLogger keeps rows until its next save; a kill after a checkpoint and before that save lost rows
+    # the resumed fit never logs again (the CSV had steps 6-11 after a resume from a checkpoint holding 0-5).
+    import csv
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    key = "massive/net.blocks.0/ratio"
+    monitor = MassiveActivations(every_n_steps=1)
+    seen = []
+
+    class ReadsTheCsv(Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            path, rows = Path(trainer.logger.log_dir) / "metrics.csv", []
+            if path.exists():
+                with open(path) as handle:
+                    rows = list(csv.DictReader(handle))
+            seen.append(([int(row["step"]) for row in rows if row.get(key)], list(monitor.history[key].steps)))
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=3, save_top_k=-1)
+    quiet_trainer(max_steps=7, enable_checkpointing=True, log_every_n_steps=1000,
+                  logger=CSVLogger(tmp_path, flush_logs_every_n_steps=1000),
+                  callbacks=[monitor, ReadsTheCsv(), checkpoint]).fit(ToyTask(BlockNet()), toy_loader())
+    assert [held for _, held in seen] == [[0, 1, 2], [0, 1, 2, 3, 4, 5]]
+    assert all(written == held for written, held in seen), seen
+
+
+@pytest.mark.filterwarnings("ignore:.*(does not have many workers|checkpoint).*")
+def test_a_fit_resumed_with_other_settings_restarts_what_no_longer_stacks_with_one_warning(tmp_path):
+    # The restored weight trajectory (another projection_dim) and SeND windows (another tracking set) crashed the
+    # resumed fit at its first due step with a torch.stack RuntimeError.
+    checkpoint_dir = tmp_path / "checkpoints"
+
+    def run(projection_dim, num_samples, max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        collapse = DimensionalCollapse(every_n_steps=1, projection_dim=projection_dim)
+        sensitive = SensitiveNeurons(every_n_steps=1, num_samples=num_samples, window=2, eigenscore_passes=0)
+        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(max_steps=max_steps, enable_checkpointing=True, callbacks=[collapse, sensitive, checkpoint],
+                          limit_val_batches=2).fit(ToyTask(BlockNet()), ToyData(batch_size=8), ckpt_path=ckpt_path)
+        said = [str(w.message) for w in caught if "restored from the checkpoint" in str(w.message) or "start afresh" in str(w.message)]
+        return collapse, sensitive, said
+
+    run(64, 8, 4)
+    collapse, sensitive, said = run(32, 16, 8, ckpt_path=str(checkpoint_dir / "step=4.ckpt"))
+    assert len(said) == 2 and any("DimensionalCollapse" in m for m in said) and any("SensitiveNeurons" in m for m in said)
+    r90 = collapse.history["collapse/params/r90"]
+    assert r90.steps == [0, 1, 2, 3, 4, 5, 6, 7]  # continued: from step 4 on, of the new trajectory
+    assert all(window[0].shape[0] == 16 for window in sensitive.embeddings.values())
+
+
+def test_half_written_checkpoints_of_a_killed_fit_are_removed_when_the_next_fit_starts(tmp_path):
+    from lightning_act.checkpointing import LastCheckpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    stale = [folder / ".step=4.ckpt.k3j2x9.tmp", folder / ".last.ckpt.q1w2e3.tmp"]
+    kept = [folder / "notes.tmp", folder / ".hidden"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=100)
+    quiet_trainer(max_steps=1, enable_checkpointing=True, callbacks=[LastCheckpoint(dirpath=str(tmp_path / "last")), checkpoint]
+                  ).fit(ToyTask(BlockNet()), toy_loader())
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)

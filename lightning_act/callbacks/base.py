@@ -354,6 +354,13 @@ class FitScopedState(Callback):
         if published:
             self.publish(trainer, published)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The loggers write what they hold before a checkpoint that holds it is written: Lightning's CSVLogger keeps
+        rows until its next save, so after a kill a resumed fit (which starts after the checkpoint's steps and never
+        logs them again) left a gap in ``metrics.csv`` that the checkpoint's histories did not have."""
+        for logger in trainer.loggers:
+            logger.save()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         keep, self._keeps_own_state = self._keeps_own_state, False
         if not keep:

@@ -197,6 +197,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_steps: list[int] = []
         self._snapshot_seen = 0
         self._snapshot_stride = 1
+        self._restored_follows: list[Any] | None = None  # what a restored trajectory's snapshots are of
         self._feature_dims: dict[str, int] = {}
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
@@ -443,8 +444,25 @@ class DimensionalCollapse(ActivationMonitor):
         problem = eigensolver_problem(self.eigensolver, pl_module.device)
         if problem is not None:
             raise LightningActError(f"DimensionalCollapse: {problem}")
+        if self._snapshots and not self._restored_trajectory_fits(pl_module):
+            rank_zero_warn(
+                "DimensionalCollapse: the weight trajectory restored from the checkpoint follows other weights than "
+                "this fit's (param_patterns, projection_dim or seed changed since it was saved); params/r90 follows "
+                f"a new trajectory from step {trainer.global_step}",
+                category=UserWarning,
+            )
+            self._snapshots, self._snapshot_steps, self._snapshot_seen, self._snapshot_stride = [], [], 0, 1
         if self.param_names and not self._snapshots:
             self._add_snapshot(trainer.global_step - 1, self._snapshot(pl_module))
+
+    def _restored_trajectory_fits(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the snapshots held can stack with this fit's: of the same weights, projected alike."""
+        if self._restored_follows is not None and list(self._restored_follows) != self._trajectory_follows():
+            return False
+        params = _named_parameters(pl_module)
+        total = sum(params[n].numel() for n in self.param_names if n in params)
+        length = total if self.projection_dim is None or total <= self.projection_dim else self.projection_dim
+        return all(s.numel() == length for s in self._snapshots)
 
     def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor | float]:
         """Snapshot the chosen weights at this due step and report the trajectory's r90."""
@@ -485,8 +503,13 @@ class DimensionalCollapse(ActivationMonitor):
             "steps": list(self._snapshot_steps),
             "seen": self._snapshot_seen,
             "stride": self._snapshot_stride,
+            "follows": self._trajectory_follows(),
         }
         return state
+
+    def _trajectory_follows(self) -> list[Any]:
+        """What the snapshots are of: the weights' names, and the projection's size and seed."""
+        return [list(self.param_names), self.projection_dim, self.seed]
 
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         super().restore_state(state_dict)
@@ -500,3 +523,4 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_steps = [int(s) for s in trajectory.get("steps", [])]
         self._snapshot_seen = int(trajectory.get("seen", 0))
         self._snapshot_stride = int(trajectory.get("stride", 1))
+        self._restored_follows = trajectory.get("follows")  # absent before round 17

@@ -561,6 +561,8 @@ class SensitiveNeurons(FitScopedState):
                 continue
             embedding = self._broadcast(clean[tap.name])
             window = self.embeddings.setdefault(tap.name, [])
+            if window and window[-1].shape != embedding.shape:
+                self._restart_tap(tap.name, tuple(window[-1].shape), tuple(embedding.shape), step)
             window.append(embedding)
             del window[: max(0, len(window) - (self.window + 1))]
             z = self._broadcast(stochastic[tap.name]) if tap.name in stochastic else None
@@ -580,6 +582,18 @@ class SensitiveNeurons(FitScopedState):
             ActivationMonitor.log_metrics(trainer, metrics, step)
             self.publish(trainer, metrics)
         return metrics
+
+    def _restart_tap(self, name: str, held: tuple[int, ...], now: tuple[int, ...], step: int) -> None:
+        """Forget a tap's window and sets, whose embeddings no longer stack with this checkpoint's: a fit resumed
+        with another tracking set (``num_samples``, the validation data) or another tapped width (it crashed)."""
+        rank_zero_warn(
+            f"SensitiveNeurons: {name} gives embeddings of shape {now} at step {step}, the window held {held} (the "
+            "tracking set or the layer changed since the checkpoint); its window and sensitive set start afresh",
+            category=UserWarning,
+        )
+        self.embeddings[name].clear()
+        for state in (self.sensitive, self.previous, self.countdown):
+            state.pop(name, None)
 
     def _derive(self, tap: Tap, window: list[torch.Tensor], z: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One tap's values on the device: ``v_mean``, ``v_max`` and the new sensitive set's ``indices`` once the
