@@ -112,7 +112,9 @@ class LastCheckpoint(Checkpoint):
     that is > 0, and at Ctrl-C: the first SIGINT asks the fit to stop after the optimizer step in
     progress (so the weights are never half-updated, and under gradient accumulation no micro-batch's
     gradients are lost), writes ``last.ckpt`` there and ends the fit as an interrupt; a second SIGINT
-    stops at once without a checkpoint. Every write follows a batch that took an optimizer step.
+    stops at once without a checkpoint. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the first
+    SIGINT does (it used to end the fit after the batch as a success, without a checkpoint). Every write follows a
+    batch that took an optimizer step.
 
     Args:
         dirpath: folder of ``last.ckpt``; by default the ``dirpath`` of the Trainer's first
@@ -177,9 +179,12 @@ class LastCheckpoint(Checkpoint):
             self._previous_handler = None
 
     def _stop_now(self, trainer: pl.Trainer) -> bool:
+        # SIGTERM (kill, docker stop, a scheduler's preemption) as the first Ctrl-C: Lightning stops after the batch,
+        # and the work since the last checkpoint would be lost
+        requested = self._stop_requested or trainer.received_sigterm
         if trainer.world_size > 1:  # every rank stops at the same step, or the save would deadlock
-            return bool(trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False))
-        return self._stop_requested
+            return bool(trainer.strategy.reduce_boolean_decision(requested, all=False))
+        return requested
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
@@ -194,7 +199,8 @@ class LastCheckpoint(Checkpoint):
         if self._stop_agreed:
             target = self.save(trainer)
             if target is not None:
-                rank_zero_info(f"interrupted at step {trainer.global_step}: wrote {target}; resume with --ckpt_path {target}")
+                how = "stopped by SIGTERM" if trainer.received_sigterm else "interrupted"
+                rank_zero_info(f"{how} at step {trainer.global_step}: wrote {target}; resume with --ckpt_path {target}")
             self._restore_handler()
             raise KeyboardInterrupt
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:

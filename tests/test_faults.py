@@ -82,17 +82,19 @@ def test_sigkill_at_a_random_step_then_resume_keeps_histories_continuous(tmp_pat
     assert_continues(histories(resumed), reference, saved_step)
 
 
-def test_ctrl_c_writes_last_ckpt_at_the_interrupt_and_resumes(tmp_path, reference):
+# SIGTERM (kill, docker stop, a scheduler's preemption) ended the fit after the batch with status 0 and no checkpoint.
+@pytest.mark.parametrize(("signum", "said"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_writes_last_ckpt_at_the_stop_and_resumes(tmp_path, reference, signum, said):
     proc = start(tmp_path, str(MAX_STEPS), "--delay", "0.3", "--every_n_train_steps", "0")
     wait_for_step(tmp_path, 3, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
     last = tmp_path / "checkpoints" / "last.ckpt"
     saved_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     reached = max(int(p.name.split("_")[1]) for p in tmp_path.glob("step_*"))
-    assert 3 <= saved_step == reached < MAX_STEPS  # written at the interrupt, not at an epoch end
-    assert f"interrupted at step {saved_step}: wrote {last}" in stderr
+    assert 3 <= saved_step == reached < MAX_STEPS  # written at the stop, not at an epoch end
+    assert f"{said} at step {saved_step}: wrote {last}" in stderr
     resumed = fit(tmp_path, MAX_STEPS, ckpt_path=str(last))
     assert_continues(histories(resumed), reference, saved_step)
 
