@@ -34,6 +34,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 
 from lightning_act.data.hyperspectral import HyperspectralDataModule
 from lightning_act.eval.intervals import format_interval, mean_interval
+from lightning_act.eval.ranking import ranking_scores
 from lightning_act.models.hsi_detectors import DETECTOR_NAMES, ClassicalDetectors
 from lightning_act.tasks.spectral_detection import SpectralTargetDetection
 
@@ -45,7 +46,7 @@ def _logistic_regression_scores(datamodule: HyperspectralDataModule, seed: int) 
     """Decision values of an L2 logistic regression (C = 1, lbfgs) on the standardised training pixels."""
     model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
     model.fit(datamodule.standardise(datamodule.train_pixels).numpy(), datamodule.train_labels.numpy().astype(int))
-    return torch.from_numpy(model.decision_function(datamodule.standardise(datamodule.test_pixels).numpy())).float()
+    return torch.from_numpy(model.decision_function(datamodule.standardise(datamodule.test_pixels).numpy()))
 
 
 def _spectral_nn_scores(
@@ -91,16 +92,18 @@ def evaluate_seed(
     background = datamodule.train_pixels[datamodule.train_labels == 0]
     target = datamodule.train_pixels[datamodule.train_labels == 1].mean(0)
     detectors = ClassicalDetectors(ridge=ridge).fit(background, target)
-    scores = {name: score.float() for name, score in detectors(datamodule.test_pixels).items()}
+    scores = dict(detectors(datamodule.test_pixels))
     scores["LogReg"] = _logistic_regression_scores(datamodule, seed)
     scores["Spectral-NN"] = _spectral_nn_scores(datamodule, model_kwargs or {}, max_epochs)
 
     abundances = [s.abundance[s.mask] for s in datamodule.scenes["test"] if s.abundance is not None]
     mixed = float(np.mean(np.concatenate(abundances) < 1.0)) if abundances else math.nan
+    # on ranking scores: torchmetrics' own float32 sigmoid of raw scores ties every score above ~16.6
+    ranked = {name: ranking_scores(scores[name]) for name in METHODS}
     return {
         "scores": {
-            name: {"ap": float(binary_average_precision(scores[name], labels)), "roc_auc": float(binary_auroc(scores[name], labels))}
-            for name in METHODS
+            name: {"ap": float(binary_average_precision(r, labels)), "roc_auc": float(binary_auroc(r, labels))}
+            for name, r in ranked.items()
         },
         "positives": int(labels.sum()),
         "pixels": int(labels.numel()),

@@ -320,3 +320,23 @@ def test_a_penalty_over_no_pairs_and_a_non_positive_class_weight_are_one_line(op
     """Before: gp_pairs=0 gave a NaN critic loss at every step; pos_weight -1 a negative loss for preictal windows."""
     with pytest.raises(LightningActError, match=says):
         SeizureForecaster(**TINY, **option)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auroc_keeps_the_order_of_confident_windows(dtype: torch.dtype) -> None:
+    # Every positive window above every negative one: AUROC 1 by hand. A float32 sigmoid is exactly 1 for the four
+    # top logits, a bf16 one from ~6, so positives tied with negatives: logged as 0.75 before round 17.
+    logits = torch.tensor([30.0, 25.0, 20.0, 17.0, -3.0, -5.0], dtype=dtype)
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+
+    class FixedLogits(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits
+
+    task = SeizureForecaster(**TINY)
+    task.model = FixedLogits()
+    task.log = lambda *args, **kwargs: None
+    task.on_test_epoch_start()
+    task.validation_step((torch.zeros(6, 3, 32), labels), 0)
+    task.test_step((torch.zeros(6, 3, 32), labels), 0)
+    assert float(task.val_auroc.compute()) == 1.0 and float(task.test_auroc.compute()) == 1.0

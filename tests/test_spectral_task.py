@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from lightning_act.data.hyperspectral import HyperspectralDataModule
 from lightning_act.errors import LightningActError
+from lightning_act.eval.ranking import probability_of_score, ranking_scores
 from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.nn.pmish import PMish
 from lightning_act.tasks.spectral_detection import SpectralTargetDetection
@@ -157,3 +158,41 @@ def test_ranking_metrics_read_probabilities_whatever_the_batch_and_no_curve_with
     assert out["test/auroc"] == pytest.approx(roc_auc_score(y, x[:, 0])) == 1.0
     assert out["test/ap"] == pytest.approx(average_precision_score(y, x[:, 0])) == 1.0
     assert not list(tmp_path.iterdir())  # logger=False: no test_pr_curve.csv in the working directory
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose output is given logits, whatever the input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_metrics_keep_the_order_of_confident_logits(dtype: torch.dtype) -> None:
+    # Ranked: 30 (+), 20 (-), 18 (+), 17.5 (-), -3 (-), -5 (-). By hand: AP = (1/1 + 2/3) / 2 = 5/6; AUROC = 7/8 (the
+    # positive at 18 is below one negative). A float32 sigmoid is exactly 1 for all four top logits (AP 0.5 for a
+    # perfect ranking before round 17); bf16's from ~6.
+    logits = torch.tensor([30.0, 20.0, 18.0, 17.5, -3.0, -5.0], dtype=dtype)
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    task = SpectralTargetDetection(in_bands=4, pos_weight=None)
+    task.model = FixedLogits(logits)
+    task.log = lambda *args, **kwargs: None
+    task.validation_step((torch.zeros(6, 4), labels), 0)
+    task.test_step((torch.zeros(6, 4), labels), 0)
+    for auroc, ap in ((task.val_auroc, task.val_ap), (task.test_auroc, task.test_ap)):
+        assert float(ap.compute()) == pytest.approx(5 / 6, rel=1e-6)
+        assert float(auroc.compute()) == pytest.approx(7 / 8, rel=1e-6)
+    _, _, thresholds = task.test_pr.compute()
+    probabilities = probability_of_score(thresholds)  # the curve's thresholds read as probabilities again
+    np.testing.assert_allclose(probabilities.numpy(), 1 / (1 + np.exp(-logits.double().numpy()[::-1])), rtol=1e-12)
+
+
+def test_ranking_scores_are_strictly_increasing_in_the_logit() -> None:
+    logits = torch.tensor([-1e12, -40.0, -17.0, 0.0, 16.6, 17.0, 36.0, 40.0, 1e6, 1e12], dtype=torch.float64)
+    scores = ranking_scores(logits)
+    assert bool((scores.diff() > 0).all()) and bool((scores > 0).all()) and bool((scores < 1).all())
+    np.testing.assert_allclose(probability_of_score(scores[1:-2]).numpy(), torch.sigmoid(logits[1:-2]).numpy(), rtol=1e-9)

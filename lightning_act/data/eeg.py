@@ -421,8 +421,9 @@ def label_windows(
       seizures the horizon before the second onset can reach into the first seizure and its
       recovery, and those windows are excluded, never preictal;
     * interictal iff ``[a, b)`` overlaps no ``[s - d_before, e + d_after)``, where
-      ``d_before = horizon``, ``d_after = postictal`` by default, and both equal
-      ``interictal_distance_s`` when given (the common convention is 4 h = 14400 s from any seizure);
+      ``d_before = horizon``, ``d_after = postictal`` by default, and with ``interictal_distance_s = D``
+      ``d_before = max(horizon, D)``, ``d_after = max(postictal, D)`` (a window never counts as interictal inside
+      a horizon or a recovery; the common convention is D = 4 h = 14400 s from any seizure);
     * excluded otherwise.
 
     A seizure is *leading* when at least ``leading_gap_s`` seconds separate its onset from the

@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_act.errors import LightningActError
+from lightning_act.eval.ranking import ranking_scores
 from lightning_act.eval.seizure_alarms import evaluate_recordings
 from lightning_act.models.stan import STAN
 
@@ -266,20 +267,20 @@ class SeizureForecaster(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         self.log("val/loss", self._classifier_loss(logits, y), prog_bar=True, sync_dist=True)
-        self.val_auroc(logits.sigmoid(), y.long())
+        self.val_auroc(ranking_scores(logits), y.long())  # a sigmoid ties confident windows (see ranking_scores)
         self.log("val/auroc", self.val_auroc, prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms."""
         x, y = batch[0], batch[1]
         logits = self(x)
-        probs = logits.sigmoid()
+        probs = logits.float().sigmoid()  # the alarms' probabilities, in float32 (bf16 rounds them to 1/256)
         labelled = y >= 0
         if labelled.any():
             # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches
             self.test_loss.update(self._classifier_loss(logits[labelled], y[labelled]), weight=labelled.sum())
             self.log("test/loss", self.test_loss)
-            self.test_auroc(probs[labelled], y[labelled].long())
+            self.test_auroc(ranking_scores(logits[labelled]), y[labelled].long())
             self.log("test/auroc", self.test_auroc)
         if len(batch) == 4:
             self._test_outputs.append((batch[2].cpu().numpy(), batch[3].cpu().numpy(), probs.float().cpu().numpy()))
@@ -316,7 +317,7 @@ class SeizureForecaster(pl.LightningModule):
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """Per-window preictal probability."""
-        return self(batch[0]).sigmoid()
+        return self(batch[0]).float().sigmoid()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         model_opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

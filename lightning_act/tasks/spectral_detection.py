@@ -27,6 +27,7 @@ from torchmetrics.classification import (
 from torchvision.ops import sigmoid_focal_loss
 
 from lightning_act.errors import LightningActError
+from lightning_act.eval.ranking import probability_of_score, ranking_scores
 from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
 
@@ -127,11 +128,11 @@ class SpectralTargetDetection(pl.LightningModule):
         spectra, labels = batch
         logits = self(spectra)
         self.log("val/loss", self.compute_loss(logits, labels), sync_dist=True)
-        # probabilities, not logits: torchmetrics applies a sigmoid per batch, only to a batch with a value outside
-        # [0, 1], so batches of logits would be ranked on two scales (a perfect ranking read as AUROC 0.75)
-        probabilities = logits.sigmoid()
-        self.val_auroc.update(probabilities, labels.long())
-        self.val_ap.update(probabilities, labels.long())
+        # scores in [0, 1] in the logits' order: torchmetrics applies a sigmoid per batch to a batch with a value
+        # outside [0, 1] (batches ranked on two scales), and a sigmoid ties confident pixels (see ranking_scores)
+        scores = ranking_scores(logits)
+        self.val_auroc.update(scores, labels.long())
+        self.val_ap.update(scores, labels.long())
         self.log("val/auroc", self.val_auroc)
         self.log("val/ap", self.val_ap, prog_bar=True)
 
@@ -140,13 +141,14 @@ class SpectralTargetDetection(pl.LightningModule):
         logits = self(spectra)
         self.log("test/loss", self.compute_loss(logits, labels), sync_dist=True)
         for metric in (self.test_auroc, self.test_ap, self.test_pr):
-            metric.update(logits.sigmoid(), labels.long())  # probabilities (see validation_step)
+            metric.update(ranking_scores(logits), labels.long())  # see validation_step
         self.log("test/auroc", self.test_auroc)
         self.log("test/ap", self.test_ap)
 
     def on_test_epoch_end(self) -> None:
-        precision, recall, thresholds = self.test_pr.compute()
+        precision, recall, scores = self.test_pr.compute()
         self.test_pr.reset()
+        thresholds = probability_of_score(scores)  # the curve's thresholds as probabilities again
         self.test_pr_curve = (precision.cpu(), recall.cpu(), thresholds.cpu())
         log_dir = self.trainer.log_dir
         if log_dir is not None and self.trainer.is_global_zero and writes_run_files(self.trainer):
@@ -159,7 +161,7 @@ class SpectralTargetDetection(pl.LightningModule):
                     writer.writerow([t, p, r])
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return torch.sigmoid(self(batch[0]))
+        return torch.sigmoid(self(batch[0]).float())  # in float32: bf16 rounds probabilities to 1/256
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
