@@ -12,7 +12,10 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   and keeps ``last.ckpt`` current at each epoch end and at Ctrl-C
   (:class:`~lightning_act.checkpointing.LastCheckpoint`), unless the config sets its own;
 - a ``fit`` without ``--ckpt_path`` refuses to overwrite a previous run's checkpoints or config
-  (``--overwrite`` starts over: the previous run's checkpoints, config and CSV logs are removed);
+  (``--overwrite`` starts over: the previous run's checkpoints, config and CSV version folders are removed,
+  nothing else of the run folder);
+- the fit's config is also kept in the CSV logger's version folder (``fit_config.yaml``) when LightningCLI saved
+  ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it;
 - ``--ckpt_path`` must be a Lightning checkpoint of the configured model;
 - ``num_threads: N`` (or ``--num_threads N``) pins ``torch.set_num_threads`` so CPU results do
   not depend on ``OMP_NUM_THREADS``;
@@ -336,15 +339,45 @@ def _build_cli_class() -> type:
     import torch
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
     from lightning.pytorch.plugins.io import CheckpointIO
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_act.checkpointing import AtomicCheckpointIO, LastCheckpoint, check_resume_checkpoint
     from lightning_act.progress import EpochLineProgress
+    from lightning_act.report.runlog import FIT_CONFIG_NAME
 
     strict_parser = {"exit_on_error": True, "allow_abbrev": False}
+
+    class SaveFitConfig(SaveConfigCallback):
+        """Also keeps the fit's config in each CSV version folder it was not saved to, as ``fit_config.yaml``:
+        LightningCLI saves ``config.yaml`` into the first logger's folder only, and the report reads the CSV logger's
+        (called on rank zero only, after ``config.yaml`` is written)."""
+
+        def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+            saved = _log_dir(trainer) / self.config_filename
+            for logger in trainer.loggers:
+                folder = Path(logger.log_dir) if isinstance(logger, CSVLogger) else None
+                if folder is not None and folder != saved.parent and saved.is_file():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    partial = folder / f"{FIT_CONFIG_NAME}.tmp"
+                    shutil.copyfile(saved, partial)
+                    os.replace(partial, folder / FIT_CONFIG_NAME)
+
+    def remove_csv_versions(logger: CSVLogger) -> None:
+        """The CSV logger's version folders, for ``--overwrite``: numbered ``version_N`` and its named version. Never
+        its ``root_dir`` whole: with ``name: ''`` (or null) that is the ``save_dir``, the run folder of every logger
+        and of the user's own files."""
+        root = Path(logger.root_dir)
+        if not root.is_dir():
+            return
+        version = logger.version
+        for folder in root.iterdir():
+            if folder.is_dir() and (re.fullmatch(r"version_\d+", folder.name) or folder.name == version):
+                shutil.rmtree(folder)
+        if root != Path(logger.save_dir) and not any(root.iterdir()):
+            root.rmdir()
 
     class LightningActCLI(LightningCLI):
         """LightningCLI in subclass mode with fault-proof checkpoints and one-line errors."""
@@ -356,6 +389,7 @@ def _build_cli_class() -> type:
                 LightningDataModule,
                 subclass_mode_model=True,
                 subclass_mode_data=True,
+                save_config_callback=SaveFitConfig,
                 save_config_kwargs={"overwrite": True},
                 parser_kwargs={**strict_parser, **{c: dict(strict_parser) for c in TRAINER_COMMANDS},
                                "fit": {**strict_parser, "description": FIT_DESCRIPTION}},
@@ -521,8 +555,8 @@ def _build_cli_class() -> type:
                     path.unlink()
                     self._remove_empty_folders(path.parent)
                 for logger in self.trainer.loggers:
-                    if isinstance(logger, CSVLogger) and Path(logger.root_dir).is_dir():
-                        shutil.rmtree(logger.root_dir)
+                    if isinstance(logger, CSVLogger):
+                        remove_csv_versions(logger)
                         logger._version = None  # chosen while looking for config.yaml; pick again: version_0
 
         def _run_subcommand(self, subcommand: str) -> None:
@@ -560,8 +594,9 @@ def _build_cli_class() -> type:
                     shutil.rmtree(run_folder, ignore_errors=True)
                 elif isinstance(logger, CSVLogger):
                     folder = Path(logger.log_dir)
-                    if folder.is_dir():  # with the file written at setup, before any step
+                    if folder.is_dir():  # with the files written at setup, before any step
                         (folder / "hparams.yaml").unlink(missing_ok=True)
+                        (folder / FIT_CONFIG_NAME).unlink(missing_ok=True)
                         if not any(folder.iterdir()):
                             folder.rmdir()
 

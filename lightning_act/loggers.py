@@ -9,6 +9,8 @@ as meaningless lines. :class:`CompactWandbLogger` logs instead, per logging step
   ``<prefix>/<reduction>/<stat>``, e.g. ``massive/max/ratio`` (the largest ratio of any block),
   ``sparsity/mean/zero_frac``, ``collapse/min/erank_frac`` (the most collapsed layer); a
   statistic logged for one module only keeps its own key (``collapse/params/r90``);
+* the emergence fit (``massive/<module>/fit_*``) of one layer, whole and under that layer's own keys: the fit with
+  the best R² (a per-parameter reduction would pair the A of one layer with the R² of another);
 * the last per-layer value of every key it did not log in the run summary (searchable in the
   runs table);
 * at the end of the fit, per monitor a table ``<prefix>/per_layer`` with every
@@ -35,6 +37,9 @@ from lightning_act.report.runlog import split_monitor_key
 #: The top-k entries of MassiveActivations (value and position of the j-th largest): table only.
 TOPK_STAT = re.compile(r"^top\d+_(value|token|feature)$")
 
+#: The parameters of MassiveActivations' emergence fit: one layer's set is logged whole, never reduced.
+FIT_STAT = re.compile(r"^fit_\w+$")
+
 #: How a monitor's statistic is reduced over layers (default: mean), chosen so the summary names
 #: the layer a researcher would look at first: the most massive, the most collapsed.
 MONITOR_REDUCTIONS: dict[str, str] = {"massive": "max", "collapse": "min"}
@@ -56,14 +61,16 @@ def compact_metrics(
 
     Monitor statistics logged for several layers become one ``<prefix>/<reduction>/<stat>`` key
     (over the finite values; none finite → not logged, never a placeholder); the top-k entries
-    (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) are detail only; all other keys are
-    kept as they are. ``multi_layer`` holds the ``(prefix, stat)`` pairs a run has logged for several layers
-    (updated here): they stay reduced at a step where only one layer delivered (a skipped tap), instead of
-    turning into that layer's own key for one point.
+    (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) are detail only; of the emergence fits (``fit_*``) only
+    the one with the best finite ``fit_r2`` keeps its layer's keys, every parameter from that layer (the others, or
+    all when no R² is finite, are detail); all other keys are kept as they are. ``multi_layer`` holds the
+    ``(prefix, stat)`` pairs a run has logged for several layers (updated here): they stay reduced at a step where
+    only one layer delivered (a skipped tap), instead of turning into that layer's own key for one point.
     """
     multi_layer = set() if multi_layer is None else multi_layer
     kept: dict[str, Any] = {}
     groups: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
+    fits: dict[str, dict[str, dict[str, float]]] = {}
     detail: list[tuple[str, str, str, float]] = []
     for key, value in metrics.items():
         parts = split_monitor_key(key)
@@ -72,8 +79,15 @@ def compact_metrics(
             continue
         prefix, layer, stat = parts
         detail.append((prefix, layer, stat, float(value)))
-        if not TOPK_STAT.match(stat):
+        if FIT_STAT.match(stat):
+            fits.setdefault(prefix, {}).setdefault(layer, {})[key] = float(value)
+        elif not TOPK_STAT.match(stat):
             groups.setdefault((prefix, stat), []).append((key, layer, float(value)))
+    for prefix, per_layer in fits.items():
+        r2 = {layer: values.get(f"{prefix}/{layer}/fit_r2", math.nan) for layer, values in per_layer.items()}
+        fitted = [layer for layer in per_layer if math.isfinite(r2[layer])]
+        if fitted:
+            kept.update(per_layer[max(fitted, key=r2.__getitem__)])
     for (prefix, stat), members in groups.items():
         if len(members) > 1:
             multi_layer.add((prefix, stat))

@@ -1,4 +1,4 @@
-"""Pictures a person would rather look at than CSV columns, saved as PNG and sent to W&B.
+"""Pictures a person would rather look at than CSV columns, saved as PNG and sent to W&B, TensorBoard and MLflow.
 
 matplotlib is imported lazily (Agg backend), so nothing here slows down ``lightning_act --help``.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -19,12 +19,22 @@ if TYPE_CHECKING:
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """A run's local directory: the CSV/TensorBoard logger's version folder, else a logger's save
-    directory, else the Trainer's root. (``trainer.log_dir`` is avoided: it broadcasts, and this
-    runs on rank zero only.)"""
+    """A run's local directory, where its figures and ``monitors/skipped.json`` go.
+
+    The CSV logger's version folder first, whatever the loggers' order: ``lightning_act report`` reads that one.
+    Else the TensorBoard logger's version folder; else, for MLflow, the run's own folder
+    ``<save_dir or default_root_dir>/<experiment id>/<run id>`` (Lightning's place for that run's checkpoints; the
+    store's root is shared by every run, and MLflow takes a folder there for a broken experiment); else a logger's
+    save directory, else the Trainer's root. (``trainer.log_dir`` is avoided: it broadcasts, and this runs on rank
+    zero only.)
+    """
+    for kind in (CSVLogger, TensorBoardLogger):
+        for logger in trainer.loggers:
+            if isinstance(logger, kind):
+                return Path(logger.log_dir)
     for logger in trainer.loggers:
-        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-            return Path(logger.log_dir)
+        if isinstance(logger, MLFlowLogger):
+            return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
     for logger in trainer.loggers:
         if logger.save_dir:
             return Path(logger.save_dir)
@@ -76,7 +86,8 @@ def logging_step(trainer: pl.Trainer) -> int:
 
 
 def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
-    """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to any W&B logger.
+    """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to every logger that keeps images: W&B
+    (``plots/<name>``), TensorBoard (``add_figure``) and MLflow (the run's artifact ``plots/<name>.png``).
 
     Where the fit writes no run files (:func:`writes_run_files`) nothing is written and None is returned.
     """
@@ -88,6 +99,10 @@ def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=f"plots/{name}", images=[str(path)], step=logging_step(trainer))
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(f"plots/{name}", figure, global_step=logging_step(trainer), close=False)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), "plots")
     return path
 
 

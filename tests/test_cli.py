@@ -108,6 +108,48 @@ def test_overwrite_removes_checkpoints_in_the_folders_a_templated_filename_made(
     assert "last.ckpt" in written and len(written) == 2 and not any("-v1" in p for p in written), written
 
 
+def test_overwrite_with_an_unnamed_csv_logger_keeps_the_run_folders_other_files(tmp_path, monkeypatch):
+    # CSVLogger(name: '') writes save_dir/version_N, so its root_dir is the run folder: --overwrite removed all of it
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, **{"trainer.logger.0.init_args.name": ""})
+    runs = tmp_path / "runs"
+    assert main(["fit", "--config", str(config)]) == 0
+    (runs / "notes.txt").write_text("keep me")
+    events = runs / "tb" / "version_0" / "events.out.tfevents.1.host"  # another logger's files
+    events.parent.mkdir(parents=True)
+    events.write_bytes(b"events")
+    assert main(["fit", "--config", str(config), "--overwrite"]) == 0
+    assert (runs / "notes.txt").read_text() == "keep me" and events.read_bytes() == b"events"
+    assert sorted(p.name for p in runs.glob("version_*")) == ["version_0"]  # the CSV log started over
+    with open(runs / "version_0" / "metrics.csv") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle) if r["act/model.blocks.0/rms"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("first", [
+    "csv elsewhere",
+    pytest.param("tensorboard", marks=pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                                         reason="tensorboard is not installed")),
+])
+def test_the_fits_config_reaches_the_report_when_another_logger_comes_first(tmp_path, monkeypatch, first):
+    # LightningCLI saves config.yaml in the first logger's folder; the report, reading the CSV logger's, showed none
+    from lightning_act.report import load_run
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    other = (
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tb"}}
+        if first == "tensorboard" else
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "elsewhere"), "name": "csv"}}
+    )
+    settings["trainer"]["logger"].insert(0, other)
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(config)]) == 0
+    saved = Path(other["init_args"]["save_dir"]) / other["init_args"]["name"] / "version_0" / "config.yaml"
+    path, text = load_run(tmp_path / "runs").configs["fit config"]
+    assert path == tmp_path / "runs" / "csv" / "version_0" / "fit_config.yaml" and text == saved.read_text()
+
+
 def test_short_class_names_resolve(tmp_path, capsys):
     config = write_config(tmp_path)
     with pytest.raises(SystemExit) as exited:

@@ -136,3 +136,32 @@ def test_fewer_keys_in_a_real_fit(tmp_path: Path) -> None:
     assert len(keys[True]) == 3 * len(per_layer_stats)     # three Linear layers, every statistic
     assert len(keys[False]) == len(per_layer_stats)        # one summary key per statistic
     assert {"act/max/abs_max", "act/mean/rms", "sparsity/mean/zero_frac"} <= keys[False]
+
+
+FITS = {  # two layers' emergence fits as MassiveActivations logs them at the end of a fit; only blocks.0 has a peak
+    "blocks.0": {"fit_A": 2.3e42, "fit_lambda": 96.3, "fit_gamma": 0.0142, "fit_t0": 0.984, "fit_K": 2.69, "fit_r2": 0.359,
+                 "fit_peak_step": 41.0},
+    "blocks.1": {"fit_A": -1.76e80, "fit_lambda": 179.5, "fit_gamma": 0.00674, "fit_t0": 0.997, "fit_K": 1.98, "fit_r2": 0.818},
+}
+
+
+def fit_metrics(fits: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"massive/{layer}/{name}": value for layer, fit in fits.items() for name, value in fit.items()}
+
+
+def test_the_emergence_fit_is_one_layers_whole_fit_never_a_mix_of_layers() -> None:
+    # before: massive/max/fit_A came from blocks.0 next to massive/max/fit_r2 (0.818) of blocks.1, a fit no layer has
+    kept, detail = compact_metrics(fit_metrics(FITS))
+    assert kept == {f"massive/blocks.1/{name}": value for name, value in FITS["blocks.1"].items()}  # the best R²
+    assert len(detail) == len(fit_metrics(FITS))
+    no_r2 = {layer: {**fit, "fit_r2": math.nan} for layer, fit in FITS.items()}
+    assert compact_metrics(fit_metrics(no_r2))[0] == {}  # no fit to prefer: the summary and the table only
+
+    run = FakeRun()
+    logger = CompactWandbLogger(experiment=run)
+    logger.log_metrics(fit_metrics(FITS), step=8)
+    assert run.logged == [{"trainer/global_step": 8, **kept}]
+    assert run.summary == {f"massive/blocks.0/{name}": value for name, value in FITS["blocks.0"].items()}
+    logger.finalize("success")
+    table = next(row["massive/per_layer"] for row in run.logged if "massive/per_layer" in row)
+    assert sorted(table.data) == sorted([8, "blocks.0", name, value] for name, value in FITS["blocks.0"].items())

@@ -283,6 +283,20 @@ def test_positions_are_a_table_and_points(tmp_path: Path) -> None:
     assert "<td>run</td><td>blocks.0</td><td>110</td><td>(2, 7)</td><td>4 / 12</td>" in text
 
 
+def test_steps_and_positions_are_printed_whole_and_compared_unrounded(tmp_path: Path) -> None:
+    # before: ".4g" showed features 10000 and 10001 both as "1e+04", counted them as one position (2 / 2), and
+    # printed step 12345 as "1.234e+04"
+    rows = [{"step": step, "massive/blocks.0/top0_feature": feature, "massive/blocks.0/top0_value": 100.0}
+            for step, feature in ((0, 10000.0), (12345, 10001.0))]
+    rows.append({"step": 12345, **{f"massive/blocks.0/fit_{k}": v for k, v in FIT.items()}, "massive/blocks.0/fit_r2": 0.9,
+                 "massive/blocks.0/fit_peak_step": 20000.0})
+    write_csv(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", sorted({k for r in rows for k in r} | {"epoch"}), rows)
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    assert "<td>run</td><td>blocks.0</td><td>12345</td><td>(10001)</td><td>1 / 2</td>" in text
+    assert "<td>0.9</td><td>20000</td><td>12345</td>" in text  # R², peak step, fitted at step
+    assert "(steps 0 – 12345)" in text and "<td>0 – 12345</td>" in text
+
+
 def test_failed_emergence_fit_is_hidden_and_cannot_squash_the_data(tmp_path: Path) -> None:
     write_content_run(tmp_path / "run")
     text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
@@ -390,8 +404,9 @@ def test_two_runs_are_overlaid_with_a_legend_by_run(tmp_path: Path, capsys: pyte
 def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     message = (
-        f"'{tmp_path}' is not a lightning_act run directory (no metrics.csv found under it); "
-        "pass the run's folder, e.g. runs/kat"
+        f"'{tmp_path}' holds no metrics.csv: the report reads the CSVLogger's metrics.csv; add "
+        "lightning.pytorch.loggers.CSVLogger to the trainer's loggers and run the fit again, or pass the folder of a "
+        "run that has one, e.g. runs/kat"
     )
     with pytest.raises(DataNotFoundError) as error:
         build_report(tmp_path, tmp_path / "r.html")
@@ -402,6 +417,55 @@ def test_not_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert not (tmp_path / "report.html").exists()
     with pytest.raises(DataNotFoundError, match="does not exist; pass the run's folder"):
         load_run(tmp_path / "missing")
+
+
+def test_a_run_logged_without_a_csv_logger_is_told_to_add_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # before: "'runs/kat' is not a lightning_act run directory ...; pass the run's folder, e.g. runs/kat" although it is
+    run = tmp_path / "runs" / "kat"
+    (run / "tb" / "version_0").mkdir(parents=True)
+    (run / "tb" / "version_0" / "events.out.tfevents.1.host").write_bytes(b"")
+    (run / "wandb" / "offline-run-x").mkdir(parents=True)
+    assert main([str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"lightning_act report: error: '{run}' holds no metrics.csv (TensorBoard event files, a W&B run only): the "
+        "report reads the CSVLogger's metrics.csv; add lightning.pytorch.loggers.CSVLogger to the trainer's loggers "
+        "and run the fit again, or pass the folder of a run that has one, e.g. runs/kat\n"
+    )
+
+
+def test_named_versions_are_merged_in_the_order_they_were_written(tmp_path: Path) -> None:
+    # a fit into CSVLogger(version="run"), resumed from its step-3 checkpoint into version="resume": by name, "resume"
+    # came first and the fit, taken for a restart at step 0, replaced all of the resume's values
+    header = ["epoch", "step", "train/loss"]
+    fit = tmp_path / "csv" / "run" / "metrics.csv"
+    resume = tmp_path / "csv" / "resume" / "metrics.csv"
+    write_csv(fit, header, [{"step": s, "train/loss": 10.0 + s} for s in range(5)])
+    write_csv(resume, header, [{"step": s, "train/loss": 20.0 + s} for s in range(3, 6)])
+    os.utime(fit, (1_000_000_000, 1_000_000_000))
+    run = load_run(tmp_path)
+    assert [p.path for p in run.parts] == [fit, resume]
+    assert run.series["train/loss"].last_per_step() == {0: 10.0, 1: 11.0, 2: 12.0, 3: 23.0, 4: 24.0, 5: 25.0}
+    # numbered versions keep their number order, also where a copy gave them other times
+    for number, when in ((0, 3_000_000_000), (1, 2_000_000_000)):
+        path = tmp_path / "copy" / "csv" / f"version_{number}" / "metrics.csv"
+        write_csv(path, header, [{"step": s, "train/loss": 10.0 * (number + 1)} for s in range(2 * number, 4)])
+        os.utime(path, (when, when))
+    assert load_run(tmp_path / "copy").series["train/loss"].last_per_step() == {0: 10.0, 1: 10.0, 2: 20.0, 3: 20.0}
+
+
+def test_a_resumed_fit_logging_unprefixed_names_replaces_the_rolled_back_steps(tmp_path: Path) -> None:
+    # Lightning's usual `train_loss` (no `train/`) and no monitor step due in the resume: the resumed fit was taken
+    # for a validate, its values were left out and the interrupted fit's rolled-back steps 4-7 shown instead
+    header = ["epoch", "step", "train_loss", "val_loss"]
+    write_csv(tmp_path / "csv" / "version_0" / "metrics.csv", header,
+              [{"step": s, "train_loss": 1.0 + s} for s in range(8)] + [{"step": 7, "val_loss": 0.5}])
+    write_csv(tmp_path / "csv" / "version_1" / "metrics.csv", header,
+              [{"step": s, "train_loss": 2.0 + s} for s in (4, 5)] + [{"step": 5, "val_loss": 0.25}])
+    write_csv(tmp_path / "csv" / "version_2" / "metrics.csv", ["epoch", "step", "val_loss"], [{"step": 0, "val_loss": 0.75}])
+    run = load_run(tmp_path)
+    assert [part.logs_training for part in run.parts] == [True, True, False]
+    assert run.series["train_loss"].last_per_step() == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 6.0, 5: 7.0}
+    assert run.series["val_loss"].last_per_step() == {5: 0.25}  # the validate's step-0 value does not cut it
 
 
 def test_several_logger_folders_pick_the_newest_training_one(tmp_path: Path) -> None:

@@ -96,6 +96,13 @@ def _format(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
+def _format_count(value: float | None) -> str:
+    """A step or a token/feature index in full: ``.4g`` would show 10000 and 10001 both as ``1e+04``."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def _format_logged(value: float | None) -> str:
     """A logged value as :func:`_format` shows it, but a logged NaN/inf as such ("–" is a value not logged)."""
     return str(value) if value is not None and not math.isfinite(value) else _format(value)
@@ -136,7 +143,8 @@ def non_finite_note(key: str, series: Series) -> str | None:
     steps = [s for s, v in zip(series.steps, series.values, strict=True) if not math.isfinite(v)]
     if not steps:
         return None
-    return f"{key}: not finite (NaN/inf) at {len(steps)} of {len(series.steps)} logged steps, first at step {steps[0]:g}"
+    return (f"{key}: not finite (NaN/inf) at {len(steps)} of {len(series.steps)} logged steps, first at step "
+            f"{_format_count(steps[0])}")
 
 
 def _finite_points(series: Series) -> tuple[list[float], list[float]]:
@@ -335,21 +343,22 @@ def positions_table(per_stat: dict[str, PerRun]) -> str:
         layers = list(dict.fromkeys(layer for per_run in per_stat.values() for layer in per_run.get(run, {})))
         for layer in layers:
 
-            def positions(rank: str) -> dict[float, tuple[str, ...]]:
+            def positions(rank: str) -> dict[float, tuple[float, ...]]:
                 columns = [per_stat[by_rank[rank][k]].get(run, {}).get(layer, Series()) for k in ("token", "feature") if k in by_rank[rank]]
                 steps = set.intersection(*(set(c.steps) for c in columns)) if columns else set()
                 per_step = [c.last_per_step() for c in columns]
-                return {s: tuple(_format(p[s]) for p in per_step) for s in steps}
+                return {s: tuple(p[s] for p in per_step) for s in steps}
 
             top = positions("0") if "0" in by_rank else {}
             if not top:
                 continue
             last = max(top)
             at_last = [
-                "(" + ", ".join(positions(rank).get(last, ("–",))) + ")" for rank in sorted(by_rank, key=int)
+                "(" + ", ".join(_format_count(p) for p in positions(rank).get(last, (None,))) + ")"
+                for rank in sorted(by_rank, key=int)
             ]
             held = sum(1 for p in top.values() if p == top[last])
-            rows.append([html.escape(run), html.escape(layer), f"{_format(last)}", " ".join(at_last), f"{held} / {len(top)}"])
+            rows.append([html.escape(run), html.escape(layer), _format_count(last), " ".join(at_last), f"{held} / {len(top)}"])
     kinds = "(token, feature)" if any("token" in r for r in by_rank.values()) else "(feature)"
     return _table(["run", "layer", "last step", f"top-k positions {kinds} at the last step", "steps top 0 was there"], rows)
 
@@ -531,8 +540,8 @@ def emergence_section(runs: dict[str, RunLog], min_r2: float, ids: _Ids) -> str:
                 rows.append([html.escape(run), html.escape(layer), *(["–"] * 8), "<span class='muted'>no complete fit logged</span>"])
                 continue
             good = math.isfinite(fit.r2) and fit.r2 >= min_r2
-            values = [fit.parameters[name] for name in FIT_PARAMETERS] + [fit.r2, fit.peak_step, fit.step]
-            rows.append([html.escape(run), html.escape(layer), *(_format(v) for v in values),
+            values = [_format(v) for v in [*(fit.parameters[name] for name in FIT_PARAMETERS), fit.r2]]
+            rows.append([html.escape(run), html.escape(layer), *values, _format_count(fit.peak_step), _format_count(fit.step),
                          "drawn" if good else f"<span class='muted'>R² &lt; {min_r2:g}: hidden</span>"])
     parts.append(_table(["run", "layer", *FIT_PARAMETERS, "R²", "peak step", "fitted at step", "curve"], rows))
     drawn = {run: {layer: fit for layer, fit in per_layer.items()} for run, per_layer in fits.items()}
@@ -581,13 +590,13 @@ def runs_table(runs: dict[str, RunLog]) -> str:
     rows = []
     for run, log in runs.items():
         files = "<br>".join(
-            f"{html.escape(str(part.path))} <span class='muted'>(steps {_format(part.first_step if part.first_step is not None else math.nan)}"
-            f" – {_format(part.last_step if part.last_step is not None else math.nan)}{'' if part.logs_training else ', test/eval only'})</span>"
+            f"{html.escape(str(part.path))} <span class='muted'>(steps {_format_count(part.first_step)}"
+            f" – {_format_count(part.last_step)}{'' if part.logs_training else ', test/eval only'})</span>"
             for part in log.parts
         )
         monitors = ", ".join(MONITOR_DESCRIPTIONS[p][0] for p in log.monitors()) or "none"
         steps = [s for series in log.series.values() for s in series.steps]
-        span = f"{_format(min(steps))} – {_format(max(steps))}" if steps else "none"
+        span = f"{_format_count(min(steps))} – {_format_count(max(steps))}" if steps else "none"
         rows.append([html.escape(run), html.escape(str(log.given_path)), files, str(log.rows), span, html.escape(monitors)])
     return _table(["run", "folder", "metrics.csv merged (oldest first)", "rows", "steps", "monitors"], rows)
 

@@ -136,9 +136,21 @@ def split_monitor_key(key: str) -> tuple[str, str, str] | None:
     return parts[0], "/".join(parts[1:-1]), parts[-1]
 
 
+#: First word (before ``/`` or ``_``) of the metrics a ``validate``/``test`` command logs: ``val/loss``, ``val_acc``,
+#: ``test_loss``. A version that logs any other metric (``train/loss``, Lightning's usual ``train_loss``, ``lr-Adam``,
+#: a monitor statistic) ran a fit.
+EVALUATION_WORDS: tuple[str, ...] = ("val", "valid", "validation", "test")
+
+
 def _logs_training(columns: list[str]) -> bool:
-    """Whether a ``metrics.csv`` header has training or monitor columns (not only ``test/...``)."""
-    return any(c.startswith("train/") or c.split("/", 1)[0] in MONITOR_PREFIXES for c in columns)
+    """Whether a ``metrics.csv`` header has a column a fit logs and ``validate``/``test`` do not.
+
+    Judged by every column, not by a ``train/`` prefix: a resumed fit that logs ``train_loss`` and no monitor
+    statistic (none fell due) is still the fit that replaces the rolled-back steps.
+    """
+    return any(
+        c not in INDEX_COLUMNS and re.split(r"[/_]", c, maxsplit=1)[0] not in EVALUATION_WORDS for c in columns if c
+    )
 
 
 def _header(path: Path) -> list[str]:
@@ -146,13 +158,48 @@ def _header(path: Path) -> list[str]:
         return handle.readline().strip().split(",")
 
 
+_NUMBERED_VERSION = re.compile(r"version_(\d+)")
+
+
+def _in_written_order(members: list[Path]) -> list[Path]:
+    """A logger's ``metrics.csv`` files in the order the commands wrote them (not by name: ``resume`` < ``run``).
+
+    Ordered by modification time; Lightning's numbered ``version_N`` folders keep their number order among
+    themselves (Lightning numbers them as it creates them, and the number survives a copy that resets the times),
+    named versions (``CSVLogger(version="resume")``) go where their time puts them.
+    """
+    by_time = sorted(members, key=lambda p: (p.stat().st_mtime, natural_key(p.parent.name)))
+    numbered = [p for p in by_time if _NUMBERED_VERSION.fullmatch(p.parent.name)]
+    by_number = iter(sorted(numbered, key=lambda p: int(p.parent.name.removeprefix("version_"))))
+    return [next(by_number) if _NUMBERED_VERSION.fullmatch(p.parent.name) else p for p in by_time]
+
+
+#: Files other loggers leave in a run folder, named when the folder holds no ``metrics.csv``.
+_OTHER_LOGGER_FILES: tuple[tuple[str, str], ...] = (
+    ("events.out.tfevents.*", "TensorBoard event files"),
+    ("wandb", "a W&B run"),
+    ("mlruns", "an MLflow store"),
+)
+
+
+def _no_csv_log(given: Path) -> DataNotFoundError:
+    """The one line for a folder without ``metrics.csv``: the report needs a CSVLogger, whatever else logged the run."""
+    found = [what for pattern, what in _OTHER_LOGGER_FILES if next(given.rglob(pattern), None) is not None]
+    holds = f" ({', '.join(found)} only)" if found else ""
+    return DataNotFoundError(
+        f"'{given}' holds no metrics.csv{holds}: the report reads the CSVLogger's metrics.csv; add "
+        "lightning.pytorch.loggers.CSVLogger to the trainer's loggers and run the fit again, or pass the folder of a "
+        "run that has one, e.g. runs/kat"
+    )
+
+
 def find_metrics_csvs(path: str | Path) -> tuple[list[Path], list[str]]:
     """The ``metrics.csv`` files of one run, oldest version first, and notes about the choice.
 
     A ``metrics.csv`` or a folder holding one is used alone. Under a parent folder, every
-    ``<logger>/version_N/metrics.csv`` of one logger folder belongs to the run (a resume or a
-    ``lightning_act test`` starts a new version); if several logger folders are found, the one
-    whose newest file logged training wins and the command says so.
+    ``<logger>/<version>/metrics.csv`` of one logger folder belongs to the run (a resume or a
+    ``lightning_act test`` starts a new version), in the order they were written (:func:`_in_written_order`);
+    if several logger folders are found, the one whose newest file logged training wins and the command says so.
     """
     given = Path(path)
     hint = "pass the run's folder, e.g. runs/kat"
@@ -166,12 +213,11 @@ def find_metrics_csvs(path: str | Path) -> tuple[list[Path], list[str]]:
         return [given / "metrics.csv"], []
     found = [p for p in given.rglob("metrics.csv") if p.is_file()]
     if not found:
-        raise DataNotFoundError(f"'{given}' is not a lightning_act run directory (no metrics.csv found under it); {hint}")
+        raise _no_csv_log(given)
     groups: dict[Path, list[Path]] = {}
     for csv_path in found:
         groups.setdefault(csv_path.parent.parent, []).append(csv_path)
-    for members in groups.values():
-        members.sort(key=lambda p: natural_key(p.parent.name))
+    groups = {parent: _in_written_order(members) for parent, members in groups.items()}
     if len(groups) == 1:
         return next(iter(groups.values())), []
 
