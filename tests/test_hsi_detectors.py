@@ -158,3 +158,13 @@ def test_non_finite_background_is_refused() -> None:
 def test_fewer_than_two_background_pixels_are_refused() -> None:
     with pytest.raises(ValueError, match="1 background pixel"):  # before: NaN statistics, NaN scores
         ClassicalDetectors().fit(torch.ones(1, 4), torch.ones(4))
+
+
+@pytest.mark.parametrize(("background", "ridge"), [
+    (torch.ones(10, 4) * torch.tensor([1.0, 2.0, 3.0, 4.0]), 1e-3),  # identical pixels: tr Σ = 0, so no ridge helps
+    (torch.randn(3, 6, generator=torch.Generator().manual_seed(0)), 0.0),  # fewer pixels than bands, no ridge
+])
+def test_a_singular_background_is_refused_at_fit(background: torch.Tensor, ridge: float) -> None:
+    # before: fit accepted it and scoring stopped with torch's LinAlgError traceback (CEM lost with MF and ACE)
+    with pytest.raises(ValueError, match=r"^the background covariance Σ is singular .* pass ridge > 0"):
+        ClassicalDetectors(ridge=ridge).fit(background, torch.ones(background.shape[1]))

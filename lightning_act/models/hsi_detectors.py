@@ -137,10 +137,19 @@ class ClassicalDetectors(nn.Module):
                 "before fitting (a single one makes Σ and R non-finite)"
             )
         mean, covariance = background_covariance(background_pixels)
+        covariance = regularise(covariance, self.ridge)
+        autocorrelation = regularise(background_autocorrelation(background_pixels), self.ridge)
+        for name, matrix in (("covariance Σ", covariance), ("autocorrelation R", autocorrelation)):
+            if int(torch.linalg.cholesky_ex(matrix).info):  # the scores solve with it: say so here, not mid-score
+                raise ValueError(
+                    f"the background {name} is singular (ridge={self.ridge}; {background_pixels.shape[0]} pixels, "
+                    f"{background_pixels.shape[1]} bands: too few pixels, a constant band or identical pixels); "
+                    "pass ridge > 0 (e.g. 1e-3) or background pixels that vary in every band"
+                )
         self.target = target.detach().double().clone()
         self.mean = mean
-        self.covariance = regularise(covariance, self.ridge)
-        self.autocorrelation = regularise(background_autocorrelation(background_pixels), self.ridge)
+        self.covariance = covariance
+        self.autocorrelation = autocorrelation
         return self
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
