@@ -209,14 +209,15 @@ def test_snapshots_stay_bounded_and_span_the_run() -> None:
     assert len(steps) < 4 and steps[0] == 0 and steps[-1] >= 6
 
 
-def test_bad_arguments_and_patterns() -> None:
+def test_bad_arguments_and_patterns(tmp_path: Path) -> None:
     with pytest.raises(LightningActError, match="warn_below"):
         DimensionalCollapse(warn_below=1.5)
     with pytest.raises(LightningActError, match="max_rows"):
         DimensionalCollapse(max_rows=1)
     monitor = DimensionalCollapse(param_patterns=["nothing.*"])
-    with pytest.raises(ModuleSelectionError, match="param_patterns"):
-        monitor.setup(None, Net(), "fit")  # type: ignore[arg-type]
+    with pytest.raises(ModuleSelectionError, match="param_patterns"):  # at fit start, before any step
+        fit(tmp_path, [monitor], steps=1)
+    assert not monitor.history
 
 
 def test_snapshot_with_the_kept_hash_equals_per_parameter_sketches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -492,3 +493,46 @@ def test_a_wide_tap_whose_mean_its_projection_cannot_resolve_logs_nothing_and_sa
     shifted, said = run(1e6)
     assert "collapse/net.2/erank" not in shifted.history
     assert len(said) == 1 and "float32 projection cannot resolve" in said[0]
+
+
+def test_the_trajectory_follows_pruned_weights_as_the_forward_uses_them() -> None:
+    # torch.nn.utils.prune (Lightning's ModelPruning) renames fc.weight to fc.weight_orig and makes fc.weight the
+    # masked product: looked up in named_parameters, the chosen name crashed the fit at the next due step.
+    from lightning.pytorch.callbacks import ModelPruning
+
+    class RecordsWeights(Callback):
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
+            names = collapse.param_names
+            self.seen.append(torch.cat([pl_module.get_submodule(n.rpartition(".")[0]).weight.detach().reshape(-1).double()
+                                        for n in names]))
+
+    collapse = DimensionalCollapse(modules=["head"], every_n_steps=1, projection_dim=None, max_snapshots=64)
+    recorder = RecordsWeights()
+    pruning = ModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=False, verbose=0)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[pruning, collapse, recorder], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(Net(), loader())
+    steps = trainer.global_step
+    assert collapse.history["collapse/params/r90"].steps == list(range(steps))
+    assert torch.equal(collapse._snapshots[-1], recorder.seen[-1])  # the masked weights, not the pre-pruning ones
+    assert int((recorder.seen[-1] == 0).sum()) >= recorder.seen[-1].numel() // 2
+
+
+def test_a_reused_callback_chooses_the_new_models_weights() -> None:
+    # The callback kept the first model's weight names when reused in a new Trainer on another model (or for a
+    # further fit with a new head) and crashed with a KeyError at fit start.
+    from _toy import ToyTask, quiet_trainer, tiny_mlp, toy_loader
+
+    monitor = DimensionalCollapse(modules=["net.2"], every_n_steps=1)
+    quiet_trainer(max_steps=2, callbacks=[monitor]).fit(ToyTask(tiny_mlp()), toy_loader())
+    first = list(monitor.param_names)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+    other.add_module("classifier", nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match="cleared"):
+        quiet_trainer(max_steps=3, callbacks=[monitor]).fit(ToyTask(other), toy_loader())
+    assert "net.classifier.weight" in monitor.param_names and monitor.param_names != first
+    assert monitor.history["collapse/params/r90"].steps == [0, 1, 2]

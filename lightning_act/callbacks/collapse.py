@@ -370,9 +370,11 @@ class DimensionalCollapse(ActivationMonitor):
         return list(matrices) if trains else []
 
     @torch.no_grad()  # records no graph, so the weights need no detach each (an operation per weight)
-    def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor:
-        params = _named_parameters(pl_module)
-        chosen = [params[n] for n in self.param_names]
+    def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor | None:
+        """The chosen weights as one vector (count-sketched to ``projection_dim``); None when one left the model."""
+        chosen = self._chosen_weights(pl_module, self.param_names)
+        if chosen is None:
+            return None
         total = sum(p.numel() for p in chosen)
         if self.projection_dim is None or total <= self.projection_dim:
             return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])
@@ -426,8 +428,6 @@ class DimensionalCollapse(ActivationMonitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if not (self._snapshots and self.param_names):  # a continued trajectory keeps its weights (they must stack)
-            self.param_names = self._select_params(pl_module)
         # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size; with
         # the most micro-batches a GradientAccumulationScheduler will give a step.
         accumulation = max([trainer.accumulate_grad_batches] + [
@@ -436,40 +436,80 @@ class DimensionalCollapse(ActivationMonitor):
         ])
         self._rows_per_due_step = self.max_rows * accumulation * max(1, trainer.world_size)
         self._sketch_dims = {}
-        if "FSDP" in type(trainer.strategy).__name__:
-            self.param_names = []  # idle under FSDP, like its activation taps (see subscribe_taps' warning)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Choose this fit's weights (after ``configure_model`` and a checkpoint's restore), and continue the held
+        trajectory only if it follows the same weights, projected alike: a further fit on a new head, the callback
+        reused on another model or a resume with other settings start a new one (they crashed, or mixed models)."""
         super().on_fit_start(trainer, pl_module)
         problem = eigensolver_problem(self.eigensolver, pl_module.device)
         if problem is not None:
             raise LightningActError(f"DimensionalCollapse: {problem}")
-        if self._snapshots and not self._restored_trajectory_fits(pl_module):
+        # idle under FSDP, like its activation taps (see subscribe_taps' warning)
+        sharded = trainer is not None and "FSDP" in type(trainer.strategy).__name__
+        chosen = [] if sharded else self._select_params(pl_module)
+        if self._snapshots and not self._trajectory_continues(pl_module, chosen):
             rank_zero_warn(
-                "DimensionalCollapse: the weight trajectory restored from the checkpoint follows other weights than "
-                "this fit's (param_patterns, projection_dim or seed changed since it was saved); params/r90 follows "
-                f"a new trajectory from step {trainer.global_step}",
+                "DimensionalCollapse: the weight trajectory it holds (from a checkpoint or an earlier fit) follows "
+                "other weights than this fit's (another model or head, or param_patterns, projection_dim or seed "
+                f"changed); params/r90 follows a new trajectory from step {trainer.global_step}",
                 category=UserWarning,
             )
-            self._snapshots, self._snapshot_steps, self._snapshot_seen, self._snapshot_stride = [], [], 0, 1
-        if self.param_names and not self._snapshots:
-            self._add_snapshot(trainer.global_step - 1, self._snapshot(pl_module))
+            self._restart_trajectory()
+        self.param_names = chosen
+        first = self._snapshot(pl_module) if self.param_names and not self._snapshots else None
+        if first is not None:
+            self._add_snapshot(trainer.global_step - 1, first)
 
-    def _restored_trajectory_fits(self, pl_module: pl.LightningModule) -> bool:
-        """Whether the snapshots held can stack with this fit's: of the same weights, projected alike."""
-        if self._restored_follows is not None and list(self._restored_follows) != self._trajectory_follows():
+    def _restart_trajectory(self) -> None:
+        self._snapshots, self._snapshot_steps, self._snapshot_seen, self._snapshot_stride = [], [], 0, 1
+        self._restored_follows, self._r90 = None, None
+
+    def _trajectory_continues(self, pl_module: pl.LightningModule, chosen: list[str]) -> bool:
+        """Whether the snapshots held stack with this fit's: of the same weights (``chosen``), projected alike."""
+        follows = self._restored_follows if self._restored_follows is not None else self._trajectory_follows()
+        if list(follows) != [chosen, self.projection_dim, self.seed]:
             return False
-        params = _named_parameters(pl_module)
-        total = sum(params[n].numel() for n in self.param_names if n in params)
+        weights = self._chosen_weights(pl_module, chosen)
+        if weights is None:
+            return False
+        total = sum(w.numel() for w in weights)
         length = total if self.projection_dim is None or total <= self.projection_dim else self.projection_dim
         return all(s.numel() == length for s in self._snapshots)
+
+    @staticmethod
+    def _chosen_weights(pl_module: torch.nn.Module, names: list[str]) -> list[torch.Tensor] | None:
+        """The weights ``names`` as the forward uses them, read from their modules: ``torch.nn.utils.prune`` turns
+        ``fc.weight`` into ``fc.weight_orig`` and a masked ``fc.weight``, a parametrization into a property (a name
+        looked up in ``named_parameters`` crashed the fit); None when one is gone from the model."""
+        modules = {clean_name(name): module for name, module in pl_module.named_modules()}
+        weights = []
+        for name in names:
+            path, _, attribute = name.rpartition(".")
+            weight = getattr(modules[path], attribute, None) if path in modules else None
+            if not isinstance(weight, torch.Tensor):
+                return None
+            weights.append(weight)
+        return weights
 
     def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor | float]:
         """Snapshot the chosen weights at this due step and report the trajectory's r90."""
         if not self.param_names:
             return {}
         if self._snapshot_seen % self._snapshot_stride == 0:
-            self._add_snapshot(step, self._snapshot(trainer.lightning_module))
+            snapshot = self._snapshot(trainer.lightning_module)
+            if snapshot is None:
+                rank_zero_warn(
+                    f"DimensionalCollapse: a weight of the trajectory left the model at step {step} (a module "
+                    "replaced mid-fit); params/r90 follows the weights chosen again from this step",
+                    category=UserWarning,
+                )
+                self._restart_trajectory()
+                self.param_names = self._select_params(trainer.lightning_module)
+                snapshot = self._snapshot(trainer.lightning_module) if self.param_names else None
+                if snapshot is None:
+                    return {}
+            self._add_snapshot(step, snapshot)
             self._r90 = self._trajectory_r90()
         else:
             # A snapshot the thinning would drop is not taken, and the kept ones (hence r90) have not changed:
@@ -524,3 +564,5 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_seen = int(trajectory.get("seen", 0))
         self._snapshot_stride = int(trajectory.get("stride", 1))
         self._restored_follows = trajectory.get("follows")  # absent before round 17
+        if self._restored_follows is not None:
+            self.param_names = list(self._restored_follows[0])  # what the snapshots follow
