@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateFin
 from lightning.pytorch.utilities import CombinedLoader
 
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, toy_loader
+from torch import nn
 from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations, SensitiveNeurons
 
 
@@ -306,3 +307,40 @@ def test_half_written_checkpoints_of_a_killed_fit_are_removed_when_the_next_fit_
     quiet_trainer(max_steps=1, enable_checkpointing=True, callbacks=[LastCheckpoint(dirpath=str(tmp_path / "last")), checkpoint]
                   ).fit(ToyTask(BlockNet()), toy_loader())
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+
+
+@pytest.mark.parametrize("hook", ["configure_model", "setup"])
+def test_layers_built_in_configure_model_or_setup_are_monitored(hook):
+    # Lightning calls Callback.setup before LightningModule.setup and configure_model: the monitors chose their
+    # modules there and found none of these layers (idle with the defaults; "matched no module" for explicit ones).
+    from lightning_act.callbacks import ActivationStats
+
+    class Lazy(ToyTask):
+        def __init__(self):
+            super().__init__(nn.Identity())
+
+        def build(self):
+            if isinstance(self.net, nn.Identity):
+                self.net = BlockNet()
+
+    if hook == "configure_model":
+        Lazy.configure_model = lambda self: self.build()
+    else:
+        Lazy.setup = lambda self, stage: self.build()
+
+    seen = []
+
+    class RecordsActs(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.handle = pl_module.net.blocks[1].act.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.handle.remove()
+
+    explicit = ActivationStats(modules=["net.blocks.*.act"], every_n_steps=1)
+    defaults = MassiveActivations(every_n_steps=1)
+    quiet_trainer(max_steps=2, callbacks=[explicit, defaults, RecordsActs()]).fit(Lazy(), toy_loader())
+    assert [t.name for t in explicit.taps] == ["net.blocks.0.act", "net.blocks.1.act"]
+    assert [t.name for t in defaults.taps] == ["net.blocks.0", "net.blocks.1"]
+    for step, activation in enumerate(seen):
+        assert explicit.history["act/net.blocks.1.act/mean"].values[step] == pytest.approx(float(activation.double().mean()), rel=1e-6)

@@ -305,6 +305,18 @@ class Partials:
 TUNER_CHECKPOINTS = (".lr_find_", ".scale_batch_size_")
 
 
+def builds_layers_late(pl_module: torch.nn.Module) -> bool:
+    """Whether the LightningModule may build layers after the callbacks' ``setup``: Lightning calls
+    ``Callback.setup``, then ``LightningModule.setup``, then ``configure_model`` (its hook for layers built in the
+    strategy's and precision's context), so a monitor choosing modules in its own ``setup`` found none of those
+    layers (idle, or "matched no module" for explicit ones). Such a monitor chooses them at fit start instead."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return isinstance(pl_module, pl.LightningModule) and any(
+        is_overridden(hook, pl_module, pl.LightningModule) for hook in ("setup", "configure_model")
+    )
+
+
 class FitScopedState(Callback):
     """The part of a monitor's state that belongs to one run: its histories (``history``) and whatever else its
     ``state_dict`` holds. Lightning hands a checkpoint's callback states to every callback, for a fit's ``ckpt_path``
@@ -325,6 +337,9 @@ class FitScopedState(Callback):
     history: dict[str, BoundedSeries]
     _keeps_own_state = False
     _resumed_this_fit = False
+    #: This fit's setup waits for fit start (:func:`builds_layers_late`); set while that late setup runs.
+    _setup_waits = False
+    _setting_up_late = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -375,11 +390,22 @@ class FitScopedState(Callback):
         self._keeps_own_state = not fitting and bool(self.history)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Subclasses choose their modules here, unless :attr:`_setup_waits`: then :meth:`begin_fit_state` calls
+        this again at fit start, once the model has its layers."""
         if stage == "fit":
             self._resumed_this_fit = False  # set again by on_load_checkpoint when this fit resumes
+            self._setup_waits = trainer is not None and not self._setting_up_late and builds_layers_late(pl_module)
 
     def begin_fit_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Clear the state of an earlier run that this fit does not continue (see the class docstring)."""
+        """Finish a setup that waited for the model's layers, then clear the state of an earlier run that this fit
+        does not continue (see the class docstring)."""
+        if self._setup_waits:
+            self._setup_waits, resumed, self._setting_up_late = False, self._resumed_this_fit, True
+            try:
+                self.setup(trainer, pl_module, "fit")
+            finally:
+                self._setting_up_late = False
+            self._resumed_this_fit = resumed  # restored from a checkpoint between the two setups
         if trainer is None or self._resumed_this_fit:  # trainer None: driven by hand, outside a Trainer
             return
         last = max((series.steps[-1] for series in self.history.values() if series.steps), default=None)
@@ -534,6 +560,9 @@ class ActivationMonitor(FitScopedState, ABC):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
+            return
+        if self._setup_waits:  # chosen at fit start, once the model has its layers (see builds_layers_late)
+            self.taps = []
             return
         layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
         self.taps, _, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)

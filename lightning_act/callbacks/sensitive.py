@@ -337,7 +337,7 @@ class SensitiveNeurons(FitScopedState):
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
+        if stage != "fit" or self._setup_waits:  # waits for the model's layers (see builds_layers_late)
             return
         layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
         self.taps, self._layouts, self._registry = subscribe_taps(
