@@ -7,8 +7,8 @@
 - :class:`LastCheckpoint` refreshes ``last.ckpt`` at the end of every training epoch (and every
   ``every_n_train_steps`` if set), whatever a monitored metric does, and on Ctrl-C stops at the
   next optimizer step with ``last.ckpt`` written there.
-- :func:`check_resume_checkpoint` refuses, in one line, a file that is not a Lightning checkpoint
-  and a checkpoint of another LightningModule than the one configured.
+- :func:`check_resume_checkpoint` refuses, in one line, a file that is not a Lightning checkpoint,
+  a checkpoint of another LightningModule than the one configured, and a weights-only one to resume a fit.
 
 ``lightning_act fit`` installs the first two in every run (see ``lightning_act.cli``); in Python,
 pass ``Trainer(plugins=[AtomicCheckpointIO()], callbacks=[LastCheckpoint()])``.
@@ -232,8 +232,9 @@ def _not_a_checkpoint(path: str | os.PathLike[str]) -> NotACheckpointError:
     )
 
 
-def check_resume_checkpoint(path: str | os.PathLike[str], expected_class_path: str | None) -> None:
-    """Refuse, in one line, a file that is not a Lightning checkpoint or one of another model.
+def check_resume_checkpoint(path: str | os.PathLike[str], expected_class_path: str | None, fit: bool = False) -> None:
+    """Refuse, in one line, a file that is not a Lightning checkpoint or one of another model, and for a ``fit`` one
+    that holds the weights only (Lightning fails on it with a traceback, after the run's logs were started).
 
     ``expected_class_path`` is the configured LightningModule's ``class_path``; the checkpoint's is
     the ``_class_path`` that LightningCLI records in its ``hyper_parameters``.
@@ -256,4 +257,9 @@ def check_resume_checkpoint(path: str | os.PathLike[str], expected_class_path: s
         raise CheckpointMismatchError(
             f"--ckpt_path '{path}' holds a {saved}, but the config builds a {expected_class_path}; "
             "pass a checkpoint of this model, or the config the checkpoint was trained with"
+        )
+    if fit and "optimizer_states" not in checkpoint:  # what ModelCheckpoint(save_weights_only=True) leaves out
+        raise ConfigError(
+            f"--ckpt_path '{path}' holds the weights only (save_weights_only=True), so a fit cannot resume from it; "
+            "pass the run's last.ckpt to resume, or use this file with validate, test or predict"
         )

@@ -13,10 +13,12 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   (:class:`~lightning_act.checkpointing.LastCheckpoint`), unless the config sets its own;
 - a ``fit`` without ``--ckpt_path`` refuses to overwrite a previous run's checkpoints or config
   (``--overwrite`` starts over: the previous run's checkpoints, config and CSV version folders are removed,
-  nothing else of the run folder);
+  and what checkpoint writes cut short by a kill left, nothing else of the run folder);
+- ``--trainer.enable_checkpointing false`` leaves the config's ``LastCheckpoint`` out;
 - the fit's config is also kept in the CSV logger's version folder (``fit_config.yaml``) when LightningCLI saved
   ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it;
-- ``--ckpt_path`` must be a Lightning checkpoint of the configured model;
+- ``--ckpt_path`` must be a Lightning checkpoint of the configured model (for ``fit``, not a weights-only one);
+  ``--ckpt_path last`` is the run's ``last.ckpt``, the model built from its hyper-parameters as for its path;
 - ``num_threads: N`` (or ``--num_threads N``) pins ``torch.set_num_threads`` so CPU results do
   not depend on ``OMP_NUM_THREADS``;
 - with stdout not a terminal, progress is one plain line per epoch instead of a ``\\r`` bar;
@@ -286,6 +288,21 @@ def condense_instantiation_error(message: str) -> str:
 # The LightningCLI.
 
 
+def _init_args(model: Any) -> dict[str, Any]:
+    """A subclass-mode model's arguments as plain values, to compare the config's with a checkpoint's."""
+    init_args = getattr(model, "init_args", None)
+    return init_args.as_dict() if init_args is not None else {}
+
+
+def _unique_files(paths: list[Path]) -> list[Path]:
+    """Each file once, as first named: a LastCheckpoint and a ModelCheckpoint may share a folder, one relative and
+    one absolute (Lightning makes a ModelCheckpoint's dirpath absolute)."""
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
 def _trainer_problem(err: Exception, accelerator: Any) -> str:
     """One line for a Trainer that cannot be built (most often an accelerator this machine lacks)."""
     message = " ".join(str(err).split())
@@ -343,8 +360,9 @@ def _build_cli_class() -> type:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
     from lightning.pytorch.plugins.io import CheckpointIO
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-    from lightning_act.checkpointing import AtomicCheckpointIO, LastCheckpoint, check_resume_checkpoint
+    from lightning_act.checkpointing import LAST_NAME, AtomicCheckpointIO, LastCheckpoint, check_resume_checkpoint
     from lightning_act.progress import EpochLineProgress
     from lightning_act.report.runlog import FIT_CONFIG_NAME
 
@@ -425,14 +443,62 @@ def _build_cli_class() -> type:
             return [s for a in target._actions for s in a.option_strings if s.startswith("--")]
 
         def _parse_ckpt_path(self) -> None:
+            """Check ``--ckpt_path`` in one line, ``last`` resolved to the run's file first: Lightning builds the model
+            from a checkpoint file's hyper-parameters (not for an alias), so ``last`` and the file's path must both
+            reach it as the file. Lightning replaces the config's model arguments silently: one warning line names
+            those that differed."""
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES and not ckpt_path.startswith("registry:"):
-                if not Path(ckpt_path).is_file():
-                    raise DataNotFoundError(f"--ckpt_path '{ckpt_path}' does not exist; pass an existing .ckpt file")
-                model = self.config[subcommand].get("model")
-                check_resume_checkpoint(ckpt_path, getattr(model, "class_path", None))
+            if ckpt_path in ("last", "best"):
+                ckpt_path = self.config[subcommand]["ckpt_path"] = str(self._checkpoint_of_alias(subcommand, ckpt_path))
+            if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES or ckpt_path.startswith("registry:"):
+                super()._parse_ckpt_path()
+                return
+            if not Path(ckpt_path).is_file():
+                raise DataNotFoundError(f"--ckpt_path '{ckpt_path}' does not exist; pass an existing .ckpt file")
+            model = self.config[subcommand].get("model")
+            check_resume_checkpoint(ckpt_path, getattr(model, "class_path", None), fit=subcommand == "fit")
+            given = _init_args(model)
             super()._parse_ckpt_path()
+            used = _init_args(self.config[subcommand].get("model"))
+            replaced = [f"{key}={value!r}, not {given[key]!r} as configured"
+                        for key, value in used.items() if key in given and given[key] != value]
+            if replaced and _is_rank_zero():
+                print(f"lightning_act: warning: --ckpt_path {ckpt_path}: the model is built with the checkpoint's "
+                      f"hyper-parameters ({'; '.join(replaced)}); other model arguments need a new fit",
+                      file=sys.stderr, flush=True)
+
+        def _checkpoint_of_alias(self, subcommand: str, alias: str) -> Path:
+            """``--ckpt_path last`` as the run's ``last.ckpt``, or one line. Lightning resolves "last" only among
+            ``ModelCheckpoint`` callbacks and, without one, warns and starts from scratch (a fit then overwrites the
+            previous run's ``last.ckpt``); "best" names the best checkpoint of a fit in the same process only."""
+            if alias == "best":
+                raise ConfigError(
+                    "--ckpt_path best names the best checkpoint of a fit run in the same process; pass the .ckpt file "
+                    "itself (see the run's checkpoints/ folder), or --ckpt_path last"
+                )
+            path = self._configured_last_path(subcommand)
+            if not path.is_file():
+                raise DataNotFoundError(
+                    f"--ckpt_path last: there is no {path}; pass an existing .ckpt file, or run without --ckpt_path"
+                )
+            return path
+
+        def _configured_last_path(self, subcommand: str) -> Path:
+            """Where this config's fit writes ``last.ckpt``, as ``LastCheckpoint.path`` finds it on the Trainer (its
+            dirpath, else the first ModelCheckpoint's, else ``<default_root_dir>/checkpoints``), before any class is
+            built: Lightning reads the model's hyper-parameters from the file before it builds the model."""
+            trainer = self.config[subcommand]["trainer"]
+            callbacks = trainer.get("callbacks") or []
+            savers = []
+            for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+                module, _, name = callback.class_path.rpartition(".")
+                dirpath = (callback.get("init_args") or {}).get("dirpath")
+                savers.append((getattr(importlib.import_module(module), name), dirpath))
+            last = next((dirpath for cls, dirpath in savers if issubclass(cls, LastCheckpoint)), None)
+            beside = next((dirpath for cls, dirpath in savers if issubclass(cls, ModelCheckpoint) and dirpath), None)
+            folder = last or beside or Path(trainer.get("default_root_dir") or os.getcwd()) / "checkpoints"
+            return Path(folder) / LAST_NAME
 
         def before_instantiate_classes(self) -> None:
             threads = self.config[self.subcommand].get("num_threads") if self.subcommand else None
@@ -457,6 +523,7 @@ def _build_cli_class() -> type:
                 plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
                 if not any(isinstance(p, CheckpointIO) for p in plugins):
                     kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+            self._drop_last_checkpoint_without_checkpointing()
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except (MisconfigurationException, ValueError, RuntimeError, TypeError) as err:
@@ -486,12 +553,25 @@ def _build_cli_class() -> type:
                 callbacks[callbacks.index(trainer.progress_bar_callback)] = EpochLineProgress()
             return trainer
 
+        def _drop_last_checkpoint_without_checkpointing(self) -> None:
+            """``--trainer.enable_checkpointing false`` leaves out the config's ``LastCheckpoint`` (every recipe lists
+            one): Lightning refuses any checkpoint callback then, in a line that names a ModelCheckpoint."""
+            trainer = self.config_init[self.subcommand]["trainer"]
+            callbacks = trainer.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kept = [c for c in callbacks if not isinstance(c, LastCheckpoint)]
+            if trainer.get("enable_checkpointing") is False and len(kept) < len(callbacks):
+                trainer["callbacks"] = kept
+                rank_zero_info("enable_checkpointing is false: LastCheckpoint left out, so no last.ckpt is written")
+
         def _check_batch_size(self) -> None:
             batch_size = getattr(self.datamodule, "batch_size", None)
             if isinstance(batch_size, int) and batch_size < 1:
                 raise ConfigError(f"data.batch_size = {batch_size}: expected a positive integer")
 
         def _previous_run_files(self) -> list[Path]:
+            """The files of a run in the way: its checkpoints and config (not the temporaries of writes a kill cut
+            short, which alone are no run: the fit removes them in its checkpoint folders, ``--overwrite`` in all)."""
             found: list[Path] = []
             for callback in self.trainer.callbacks:
                 if isinstance(callback, LastCheckpoint):
@@ -503,7 +583,18 @@ def _build_cli_class() -> type:
             if self.save_config_callback is not None and self.trainer.log_dir:
                 config = Path(self.trainer.log_dir) / self.save_config_kwargs.get("config_filename", "config.yaml")
                 found += [config] if config.is_file() else []
-            return list(dict.fromkeys(found))
+            return _unique_files(found)
+
+        def _half_written_checkpoints(self) -> list[Path]:
+            """What :class:`AtomicCheckpointIO` left of writes a kill cut short (``.<name>.ckpt.<random>.tmp``), in the
+            checkpoint folders and a templated filename's sub-folders."""
+            found: list[Path] = []
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, LastCheckpoint):
+                    found += callback.path(self.trainer).parent.glob(".*.ckpt.*.tmp")
+                elif isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                    found += Path(callback.dirpath).rglob(".*.ckpt.*.tmp")
+            return _unique_files(found)
 
         def _remove_empty_folders(self, folder: Path) -> None:
             """The sub-folders a templated checkpoint filename made, once empty, up to its ``ModelCheckpoint.dirpath``."""
@@ -512,32 +603,8 @@ def _build_cli_class() -> type:
                 folder.rmdir()
                 folder = folder.parent
 
-        def _resolve_checkpoint_alias(self) -> None:
-            """``--ckpt_path last``/``best`` as the file they name, or one line. Lightning resolves "last" only among
-            ``ModelCheckpoint`` callbacks and, without one, warns and starts from scratch (a fit then overwrites the
-            previous run's ``last.ckpt``); "best" names the best checkpoint of a fit in the same process only."""
-            subcommand = self.subcommand
-            alias = self.config_init[subcommand].get("ckpt_path") if subcommand else None
-            if alias not in ("last", "best"):
-                return
-            if alias == "best":
-                raise ConfigError(
-                    "--ckpt_path best names the best checkpoint of a fit run in the same process; pass the .ckpt file "
-                    "itself (see the run's checkpoints/ folder), or --ckpt_path last"
-                )
-            saver = next((c for c in self.trainer.callbacks if isinstance(c, LastCheckpoint)), None) or LastCheckpoint()
-            path = saver.path(self.trainer)  # where fit writes it (a test or validate has no LastCheckpoint of its own)
-            if not path.is_file():
-                raise DataNotFoundError(
-                    f"--ckpt_path last: there is no {path}; pass an existing .ckpt file, or run without --ckpt_path"
-                )
-            model = self.config[subcommand].get("model")
-            check_resume_checkpoint(path, getattr(model, "class_path", None))
-            self.config_init[subcommand]["ckpt_path"] = str(path)
-
         def before_fit(self) -> None:
             self._check_batch_size()
-            self._resolve_checkpoint_alias()
             if self.config["fit"].get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0":
                 return  # resuming; or a DDP child process, started once rank 0 has checked
             previous = self._previous_run_files()
@@ -547,13 +614,14 @@ def _build_cli_class() -> type:
                 resume = f"resume it with --ckpt_path {last}, " if last else ""
                 raise RunExistsError(
                     f"a previous run is in the way ({shown}); {resume}start over with {OVERWRITE_FLAG} "
-                    "(removes its checkpoints, config and CSV logs), or write elsewhere (change the recipe's "
-                    "runs/ folder)"
+                    "(removes its checkpoints, config and CSV logs), or keep it and write this run elsewhere (a copy "
+                    "of the recipe with its runs/ folder changed)"
                 )
-            if previous:
-                for path in previous:
+            if self.overwrite:
+                for path in [*previous, *self._half_written_checkpoints()]:
                     path.unlink()
                     self._remove_empty_folders(path.parent)
+            if previous:
                 for logger in self.trainer.loggers:
                     if isinstance(logger, CSVLogger):
                         remove_csv_versions(logger)
@@ -600,11 +668,7 @@ def _build_cli_class() -> type:
                         if not any(folder.iterdir()):
                             folder.rmdir()
 
-        def before_validate(self) -> None:
-            self._check_batch_size()
-            self._resolve_checkpoint_alias()
-
-        before_test = before_predict = before_validate
+        before_validate = before_test = before_predict = _check_batch_size
 
         def after_fit(self) -> None:
             if self.trainer.interrupted or self.trainer.fast_dev_run:

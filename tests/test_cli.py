@@ -367,3 +367,143 @@ def test_a_refused_fit_leaves_no_config_in_the_first_loggers_folder_and_ranks_ab
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "lightning_act: error" not in capsys.readouterr().err
+
+
+def _newest_csv_hparams(runs):
+    versions = sorted((runs / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return yaml.safe_load((versions[-1] / "hparams.yaml").read_text())
+
+
+def test_ckpt_path_last_and_the_files_path_build_the_model_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """Before: Lightning re-read the model's hyper-parameters from the file for an explicit path only, so a model
+    argument changed on the resume command line was used with ``last`` and silently dropped with the path."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    assert main(["fit", "--config", str(config)]) == 0
+    trained = _newest_csv_hparams(tmp_path / "runs")["label_smoothing"]
+    last = tmp_path / "runs" / "vit_demo" / "checkpoints" / "last.ckpt"
+    shutil.copy(last, tmp_path / "saved.ckpt")
+    capsys.readouterr()
+    for ckpt_path in ("last", "runs/vit_demo/checkpoints/last.ckpt"):
+        shutil.copy(tmp_path / "saved.ckpt", last)
+        assert main(["fit", "--config", str(config), "--ckpt_path", ckpt_path, "--trainer.max_steps", "4",
+                     "--trainer.max_epochs", "3", "--model.init_args.label_smoothing", "0.5"]) == 0
+        assert _newest_csv_hparams(tmp_path / "runs")["label_smoothing"] == trained != 0.5, ckpt_path
+        assert (
+            "lightning_act: warning: --ckpt_path runs/vit_demo/checkpoints/last.ckpt: the model is built with the "
+            f"checkpoint's hyper-parameters (label_smoothing={trained!r}, not 0.5 as configured); other model "
+            "arguments need a new fit"
+        ) in capsys.readouterr().err.splitlines(), ckpt_path
+
+
+def test_a_fit_from_a_weights_only_checkpoint_is_one_line_and_validate_accepts_it(tmp_path, capsys, monkeypatch):
+    """Before: a KeyError traceback from Lightning's optimizer restore, and the refused fit's CSV version stayed."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"].append({  # as recipes/execution_manifold.yaml writes them
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": "weights", "filename": "{step}", "save_weights_only": True},
+    })
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(config)]) == 0
+    files = sorted(tmp_path.rglob("*"))
+    err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config), "--ckpt_path",
+                         "weights/step=3.ckpt", "--trainer.max_steps", "5", "--trainer.max_epochs", "3")
+    assert err == (
+        "lightning_act: error: --ckpt_path 'weights/step=3.ckpt' holds the weights only (save_weights_only=True), so "
+        "a fit cannot resume from it; pass the run's last.ckpt to resume, or use this file with validate, test or "
+        "predict"
+    )
+    assert sorted(tmp_path.rglob("*")) == files  # no CSV version, W&B run or config of the refused fit
+    assert main(["validate", "--config", str(config), "--ckpt_path", "weights/step=3.ckpt"]) == 0
+
+
+def _documented_commands(recipe):
+    """The shell commands in a recipe's leading comment (``#   lightning_act ...``, ``\\``-continued)."""
+    lines = [line[1:].strip() for line in recipe.read_text().splitlines() if line.startswith("#")]
+    commands, pending = [], ""
+    for line in lines:
+        if pending or line.startswith(("lightning_act ", "sed ")):
+            pending += line.removesuffix("\\")
+            if not line.endswith("\\"):
+                commands.append(pending)
+                pending = ""
+    return commands
+
+
+def _run_documented(command, tmp_path, *extra):
+    import shlex
+
+    argv = shlex.split(command)
+    if argv[0] != "lightning_act":
+        return subprocess.run(command, shell=True, cwd=tmp_path, check=True).returncode
+    return main([*argv[1:], *extra])
+
+
+def test_the_recipes_documented_variant_runs_work_and_a_second_fit_into_a_run_is_told_to_write_elsewhere(
+        tmp_path, capsys, monkeypatch):
+    """Before: the execution-manifold control run and the dopamine baselines, as documented, went into the first
+    run's folder and were refused as "a previous run is in the way"."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    quick = ["--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+    first, control = _documented_commands(tmp_path / "recipes" / "execution_manifold.yaml")
+    assert _run_documented(first, tmp_path, *quick) == 0
+    assert main(["fit", "--config", "recipes/execution_manifold.yaml", "--model.mlp", "true", *quick]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lightning_act: error: a previous run is in the way (runs/execution_manifold/checkpoints/last.ckpt); resume it "
+        "with --ckpt_path runs/execution_manifold/checkpoints/last.ckpt, start over with --overwrite (removes its "
+        "checkpoints, config and CSV logs), or keep it and write this run elsewhere (a copy of the recipe with its "
+        "runs/ folder changed)"
+    )
+    assert _run_documented(control, tmp_path, *quick) == 0
+    for run, mlp in (("execution_manifold", False), ("execution_manifold_mlp", True)):
+        assert _newest_csv_hparams(tmp_path / "runs" / run)["mlp"] is mlp
+        assert (tmp_path / "runs" / run / "checkpoints" / "last.ckpt").is_file()
+
+    quick = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", "--config", "recipes/dopamine_foundation.yaml", *quick]) == 0
+    first, _test, *baseline = _documented_commands(tmp_path / "recipes" / "dopamine.yaml")
+    assert _run_documented(first, tmp_path, *quick) == 0
+    assert [_run_documented(command, tmp_path, *quick) for command in baseline] == [0, 0]
+    assert (tmp_path / "runs" / "dopamine" / "last.ckpt").is_file()
+    assert _newest_csv_hparams(tmp_path / "runs" / "dopamine_lora")["method"] == "lora"
+    assert (tmp_path / "runs" / "dopamine_lora" / "last.ckpt").is_file()
+
+
+def test_enable_checkpointing_false_leaves_out_the_recipes_last_checkpoint(tmp_path):
+    """Before: refused with "found ModelCheckpoint in callbacks list", a callback the recipe does not have."""
+    proc = run_cli("fit", "--config", str(write_config(tmp_path)), "--trainer.enable_checkpointing", "false",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = "enable_checkpointing is false: LastCheckpoint left out, so no last.ckpt is written"
+    assert line in proc.stderr.splitlines()
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_overwrite_removes_what_a_write_cut_short_left_in_a_templated_filenames_folders(tmp_path, monkeypatch):
+    """Before: AtomicCheckpointIO's hidden temporaries (as large as the model) survived --overwrite; and a last.ckpt in
+    a ModelCheckpoint's folder was removed twice, a FileNotFoundError (one path relative, one made absolute)."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    checkpoints = tmp_path / "runs" / "vit_demo" / "checkpoints"
+    settings["trainer"]["callbacks"].append({
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(checkpoints), "monitor": "act/model.blocks.0/rms", "mode": "max", "save_top_k": 1,
+                      "filename": "best-{step}-{act/model.blocks.0/rms:.4f}"},
+    })
+    config.write_text(yaml.safe_dump(settings))
+    stale = checkpoints / "best-step=1-act" / "model.blocks.0" / ".rms=0.4148.ckpt.k2j3h4ab.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half-written")
+    (checkpoints / "last.ckpt").write_bytes(b"previous run")
+    assert main(["fit", "--config", str(config), "--overwrite"]) == 0
+    assert not list(tmp_path.rglob("*.tmp")) and (checkpoints / "last.ckpt").read_bytes() != b"previous run"
+    assert not [p for p in checkpoints.rglob("*") if p.is_dir() and not any(p.iterdir())]  # no empty folders left
