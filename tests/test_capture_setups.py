@@ -1005,3 +1005,30 @@ def test_a_numpy_integer_top_k_is_a_whole_number():
     import numpy as np
 
     assert MassiveActivations(top_k=np.int64(3)).top_k == 3  # before: refused as not a whole number
+
+
+def test_a_model_with_an_ema_copy_of_its_network_is_monitored_where_it_trains():
+    """The EMA pattern: ``self.ema = AveragedModel(self.net)``, updated after each step and used for validation only.
+    Before, ``@penultimate`` was the copy's head, which never runs in a training forward: SensitiveNeurons logged
+    nothing and DimensionalCollapse had no head input; its trajectory followed the copy's block weights too."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    class WithEMA(ToyTask):
+        def __init__(self):
+            super().__init__(BlockNet())
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+        def on_train_batch_end(self, *args):
+            self.ema.update_parameters(self.net)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=self.lr)
+
+    sensitive = SensitiveNeurons(every_n_steps=1, num_samples=8, window=2, eigenscore_passes=0)
+    collapse = DimensionalCollapse(every_n_steps=1)
+    quiet_trainer(max_steps=2, callbacks=[sensitive, collapse]).fit(WithEMA(), toy_loader(16), toy_loader(8, seed=1))
+    assert [t.name for t in sensitive.taps] == ["net.head-input"]
+    assert [t.name for t in collapse.taps] == ["net.blocks.0", "net.blocks.1", "net.head-input"]
+    assert collapse.param_names == ["net.blocks.0.fc.weight", "net.blocks.1.fc.weight"]
+    assert any(key.startswith("sensitive/net.head-input/") for key in sensitive.history)
+    assert "collapse/net.head-input/erank" in collapse.history

@@ -121,3 +121,71 @@ def test_default_monitors_on_scripted_blocks_warn_and_finish_the_fit():
     with pytest.warns(UserWarning, match="TorchScript modules"):
         trainer.fit(ScriptedBlocks())
     assert monitor.taps == [] and trainer.global_step == 1
+
+
+class ScaledBlock(nn.Module):
+    """A residual block with a parameter of its own (a layer scale), which a parametrization may keep positive."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        from lightning_act.nn import PMish
+
+        self.fc = nn.Linear(width, width)
+        self.act = PMish()
+        self.scale = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * self.act(self.fc(x))
+
+
+def test_parametrized_modules_keep_their_class_for_class_names_presets_and_stacks():
+    """``torch.nn.utils.parametrize`` swaps a module's class for ``Parametrized<Class>``: before, ``"Linear"`` left a
+    weight-normalised Linear out, ``@activations`` a PMish with a parametrized ``beta`` and ``@blocks`` the stack
+    whose middle block had a parametrized scale, each silently; the ``nn.Softplus`` keeping ``beta`` positive is a
+    function of a parameter, no activation layer."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.Sequential()
+    model.stem = nn.Linear(4, 8)
+    model.blocks = nn.ModuleList([ScaledBlock(8) for _ in range(3)])
+    model.head = nn.Linear(8, 2)
+    parametrizations.weight_norm(model.blocks[0].fc)
+    parametrize.register_parametrization(model.blocks[1].act, "beta", nn.Softplus())
+    parametrize.register_parametrization(model.blocks[1], "scale", nn.Softplus())
+    linears = ["stem", "blocks.0.fc", "blocks.1.fc", "blocks.2.fc", "head"]
+    assert names(select_taps(model, "Linear")) == names(select_taps(model, "torch.nn.Linear")) == linears
+    assert names(select_taps(model, "PMish")) == ["blocks.0.act", "blocks.1.act", "blocks.2.act"]
+    assert names(select_taps(model, "@activations")) == ["blocks.0.act", "blocks.1.act", "blocks.2.act"]
+    assert names(select_taps(model, "@blocks")) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+
+def test_presets_leave_out_an_averaged_copy_and_penultimate_a_frozen_copy():
+    """The EMA / mean-teacher pattern: a model holding an averaged or frozen copy of its network, registered after
+    it. Before, ``@penultimate`` was the copy's head (the last nn.Linear), which never runs in a training step, so
+    SensitiveNeurons logged nothing; ``@blocks`` and ``@activations`` tapped the averaged copy's layers too."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    live = ["net.blocks.0", "net.blocks.1"]
+    for kind in ["AveragedModel", "frozen deepcopy"]:
+        model = nn.Module()
+        model.net = Net()
+        if kind == "AveragedModel":  # its copy keeps requires_grad=True
+            model.ema = AveragedModel(model.net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+            assert names(select_taps(model, "@blocks")) == live
+            assert names(select_taps(model, "@activations")) == ["net.blocks.0.1", "net.blocks.1.1"]
+        else:
+            model.ema = copy.deepcopy(model.net).requires_grad_(False)
+        (tap,) = select_taps(model, "@penultimate")
+        assert tap.name == "net.head-input" and tap.module is model.net.head, kind
+    model.net.requires_grad_(False)  # both frozen (a frozen feature extractor): no copy of a trained one
+    assert names(select_taps(model, "@penultimate")) == ["ema.head-input"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -280,3 +282,92 @@ def test_zero_fractions_of_several_taps_are_each_taps_own(accumulate: int) -> No
     assert monitor.history["sparsity/act/zero_frac"].values == pytest.approx(expected, rel=1e-12)
     assert all(0.0 < v < 1.0 and v != 0.75 for v in expected)
     assert monitor.history["sparsity/act/nonfinite"].values == [0.0, 0.0, 0.0]
+
+
+class Recorded(Callback):
+    """Per training step: the down-projection's input and the weight its forward used, read by an own forward hook
+    after the module ran (so after any pre-hook that recomputes the weight)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.step = 0
+        module.register_forward_hook(self.keep)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        self.step = trainer.global_step
+
+    def keep(self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if module.training:
+            self.seen[self.step] = (args[0].detach().double().numpy().reshape(-1, 16).copy(),
+                                    module.weight.detach().double().numpy().copy())
+
+
+class GELUMLP(TinySequenceMLP):
+    """GELU into ``fc2``: no ties among the ``||n_i||`` and no token without an output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x))).mean(dim=1)
+
+
+def fit_cett(model: TinySequenceMLP, max_steps: int, *callbacks: Callback) -> tuple[ActivationSparsity, Recorded]:
+    """Fit ``model`` with CETT on ``fc2`` at every step on a fine grid (1.0035x between points), recorded alike."""
+    recorded = Recorded(model.fc2)
+    monitor = ActivationSparsity(
+        modules=["fc1"], every_n_steps=1, cett_modules="fc2", cett_grid_size=4000, cett_grid_range=(1e-4, 1e2)
+    )
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, callbacks=[monitor, recorded, *callbacks],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu")
+    trainer.fit(model, sequence_loader())
+    return monitor, recorded
+
+
+def assert_cett_matches_brute_force(monitor: ActivationSparsity, recorded: Recorded, steps: list[int]) -> None:
+    eps = monitor.history["sparsity/fc2-input/cett_eps"]
+    ratio = monitor.history["sparsity/fc2-input/cett_ratio"]
+    assert eps.steps == ratio.steps == steps
+    spacing = 10 ** (6 / 3999)
+    for step, logged_eps, logged_ratio in zip(steps, eps.values, ratio.values):
+        v, exact_ratio, m = brute_force_cett(*recorded.seen[step], 0.2)
+        # the interpolation lies between the grid points that bracket the exact threshold, one spacing apart
+        assert logged_eps == pytest.approx(v, rel=spacing - 1 + 1e-9), step
+        assert np.mean(m >= logged_eps * spacing) <= logged_ratio <= np.mean(m >= logged_eps / spacing), step
+        assert logged_ratio == pytest.approx(exact_ratio, abs=0.01), step
+
+
+def test_cett_after_model_pruning_reads_the_weight_the_forward_uses() -> None:
+    """``ModelPruning`` prunes at an epoch's end and adds torch's pruning pre-hook, which sets ``fc2.weight`` to
+    ``weight_orig * weight_mask`` at each forward, after the monitor's input hook: before, CETT used the previous
+    step's weight (at the first pruned step, the trained weights where the lottery-ticket reset had rewound them)."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    pl.seed_everything(0)
+    model = GELUMLP()
+    pruning = ModelPruning("l1_unstructured", parameters_to_prune=[(model.fc2, "weight")], amount=0.5, verbose=0)
+    monitor, recorded = fit_cett(model, 6, pruning)  # 4 steps an epoch: steps 4 and 5 pruned
+    assert_cett_matches_brute_force(monitor, recorded, list(range(6)))
+    assert (recorded.seen[5][1] == 0).mean() == 0.5
+
+
+def test_cett_with_half_the_neurons_pruned_and_with_none_left() -> None:
+    """Structured pruning zeroes whole columns of the down-projection: before, once half of them were zero the grid's
+    scale (the median column norm) was 0, and CETT was NaN at every step, without a word. With every column zero no
+    token has an output: CETT is undefined, said once, and not logged."""
+    from torch.nn.utils import prune
+
+    pl.seed_everything(0)
+    model = GELUMLP()
+    prune.ln_structured(model.fc2, "weight", amount=0.5, n=2, dim=1)
+    monitor, recorded = fit_cett(model, 3)
+    assert (np.linalg.norm(recorded.seen[0][1], axis=0) == 0).sum() == 8
+    assert_cett_matches_brute_force(monitor, recorded, [0, 1, 2])
+
+    model = TinySequenceMLP()
+    prune.custom_from_mask(model.fc2, "weight", torch.zeros_like(model.fc2.weight))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor, _ = fit_cett(model, 2)
+    assert not [key for key in monitor.history if key.startswith("sparsity/fc2-input/")]  # before: NaN at each step
+    assert monitor.history["sparsity/fc1/zero_frac"].steps == [0, 1]
+    said = [str(w.message) for w in caught if str(w.message).startswith("ActivationSparsity: fc2-input ")]
+    assert len(said) == 1 and "every weight column or every activation entering it was zero" in said[0]

@@ -7,8 +7,17 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials, check_dim, check_int, check_number, module_list
+from lightning_act.callbacks.base import (
+    MEASURED,
+    ActivationMonitor,
+    Partials,
+    check_dim,
+    check_int,
+    check_number,
+    module_list,
+)
 from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.capture.layout import is_hugging_face_conv1d
 from lightning_act.errors import LightningActError
@@ -33,10 +42,22 @@ def down_projection_weight(module: nn.Module) -> torch.Tensor | None:
     """The ``(d_model, d_ff)`` weight of a down-projection: an ``nn.Linear``'s, or the transpose of Hugging Face's
     ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; else None."""
     if isinstance(module, nn.Linear):
-        return module.weight
+        return _forward_weight(module)
     if is_hugging_face_conv1d(module):
-        return module.weight.t()
+        return _forward_weight(module).t()
     return None
+
+
+def _forward_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the module's next forward uses, read from its input hook. Under ``torch.nn.utils.prune``
+    ``weight`` is a plain attribute that the pruning's own forward pre-hook sets to ``weight_orig * weight_mask``;
+    Lightning's ``ModelPruning`` adds that hook mid-fit, after the monitor's, so ``weight`` still held the previous
+    step's (the trained weights where a lottery-ticket reset had just rewound them). A parametrization's ``weight``
+    is computed when read."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
+            return hook.apply_mask(module)
+    return module.weight
 
 
 class ActivationSparsity(ActivationMonitor):
@@ -64,6 +85,10 @@ class ActivationSparsity(ActivationMonitor):
     prefix = "sparsity"
     default_modules = ("@activations",)
     heatmap_stat = "zero_frac"
+    unmeasured_reason = (
+        "CETT needs a token whose down-projection output is non-zero and finite: every weight column or every "
+        "activation entering it was zero, or not finite"
+    )
 
     def __init__(
         self,
@@ -213,4 +238,5 @@ class ActivationSparsity(ActivationMonitor):
                 weight = down_projection_weight(self._cett_linear[tap_index])
                 grid = cett_grid(weight, self.cett_grid_size, *self.cett_grid_range)
             stats.update(cett_threshold(sums[offset:], grid, self.target_cett))
+            stats[MEASURED] = (sums[offset] > 0).to(torch.float64)  # no token: no CETT, rather than a NaN logged
         return stats

@@ -16,10 +16,14 @@ A *module spec* is one of:
   two or more non-leaf modules of one class (or a run of three or more between a stem and a tail, as
   torchvision's MobileNet ``features``), and stacks nested inside a chosen stack are skipped;
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
-  models, else the last ``nn.Linear``), i.e. the penultimate features, named ``<head>-input``;
+  models, else the last ``nn.Linear`` outside frozen copies of a trained module), i.e. the penultimate features,
+  named ``<head>-input``;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
-  name (``"GELU"``): every module of that class;
+  name (``"GELU"``): every module of that class (a parametrized module's by the class it was made as);
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
+
+The presets leave out averaged copies of the model (an EMA's ``AveragedModel``) and parametrizations, which run on
+no activation of its forward.
 
 A string spec may end in ``":input"`` (or ``"-input"``, the name it is logged under: :data:`INPUT_TAP_SUFFIX`) to
 tap the module's first input instead of its output (the activations entering a down-projection, for example); a
@@ -42,6 +46,8 @@ from typing import Literal, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel
 
 from lightning_act.errors import ModuleSelectionError
 
@@ -63,6 +69,8 @@ _ACTIVATION_CLASS_NAMES: set[str] = {
     "ReLUSquaredActivation", "SqrtSoftplusActivation", "XIELUActivation",
 }
 _extra_activation_classes: list[type[nn.Module]] = []
+# Averaged copies a model may keep of itself (EMA, SWA), beside torch's AveragedModel: timm's, matched by name.
+_AVERAGED_COPY_CLASS_NAMES = {"ModelEmaV2", "ModelEmaV3"}
 
 PRESETS = ("@activations", "@blocks", "@penultimate")
 
@@ -73,11 +81,18 @@ def register_activation_class(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def module_class(module: nn.Module) -> type:
+    """The class ``module`` was made as: ``torch.nn.utils.parametrize`` swaps the class of a module with a
+    parametrized tensor (``weight_norm``, ``spectral_norm``, ``orthogonal``) for a subclass ``Parametrized<Class>``,
+    which matching by class name or comparing classes would take for another kind of module."""
+    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+
+
 def is_activation(module: nn.Module) -> bool:
     """Whether ``module`` is an activation-function layer."""
     return (
         isinstance(module, _TORCH_ACTIVATIONS + tuple(_extra_activation_classes))
-        or type(module).__name__ in _ACTIVATION_CLASS_NAMES
+        or module_class(module).__name__ in _ACTIVATION_CLASS_NAMES
     )
 
 
@@ -141,22 +156,23 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
     stages). Else none."""
     if len(children) < 2:
         return []
-    if len({type(c) for c in children}) == 1:
+    kinds = [module_class(c) for c in children]
+    if len(set(kinds)) == 1:
         return children if any(True for _ in children[0].children()) else []
     runs: list[tuple[int, int]] = []  # [start, end) of each run of one class
-    for i, child in enumerate(children):
-        if runs and type(children[runs[-1][0]]) is type(child):
+    for i, kind in enumerate(kinds):
+        if runs and kinds[runs[-1][0]] is kind:
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
     start, end = max(runs, key=lambda run: run[1] - run[0])
-    stem, tail = children[:start], children[end:]
-    inner = type(children[start])
+    inner = kinds[start]
     if end - start < 3 or 2 * (end - start) < len(children) or not any(True for _ in children[start].children()):
         return []
     if isinstance(children[start], (nn.ModuleList, nn.Sequential)):
         return []
-    if any(type(c) is inner for c in stem + tail) or len({type(c) for c in stem}) > 1 or len({type(c) for c in tail}) > 1:
+    stem_kinds, tail_kinds = kinds[:start], kinds[end:]
+    if inner in stem_kinds + tail_kinds or len(set(stem_kinds)) > 1 or len(set(tail_kinds)) > 1:
         return []
     return children[start:end]
 
@@ -209,20 +225,53 @@ def _functional_activation_inputs(modules: list[tuple[str, nn.Module]], shadowed
     return taps
 
 
-def _head_owners(model: nn.Module) -> list[nn.Module]:
-    """The outermost modules with a timm-style ``get_classifier``; of several (a frozen teacher beside a student),
-    the ones with trainable parameters, or all when none has any."""
-    owners = [m for m in model.modules() if hasattr(m, "get_classifier")]
+def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of the modules that the presets leave out, as they run on no activation of the model's forward: averaged
+    copies of the model (torch's ``AveragedModel``, timm's ``ModelEmaV2``/``V3``: an EMA kept for validation, whose
+    head was "the last nn.Linear" and never ran in a training step) and parametrizations (``<module>.parametrizations``:
+    functions of a parameter; an ``nn.Softplus`` that keeps one positive is no activation layer)."""
+    left_out: set[int] = set()
+    for _, module in modules:
+        if module is not model and (
+            isinstance(module, AveragedModel) or type(module).__name__ in _AVERAGED_COPY_CLASS_NAMES
+        ):
+            left_out |= {id(m) for m in module.modules()}
+        elif parametrize.is_parametrized(module):
+            left_out |= {id(m) for m in module.parametrizations.modules()}
+    return left_out
+
+
+def _frozen_copies(modules: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of the modules inside a frozen copy: a module with children none of whose parameters trains, beside one of
+    the same class and parameter shapes whose parameters do (a hand-made EMA, a mean or self-distillation teacher).
+    As of timm-style models (:func:`_head_owners`), the head of the trained one is the model's."""
+    alike: dict[tuple[type, tuple[tuple[str, torch.Size], ...]], list[nn.Module]] = {}
+    for _, module in modules:
+        shapes = tuple((n, p.shape) for n, p in module.named_parameters())
+        if shapes and any(True for _ in module.children()):
+            alike.setdefault((module_class(module), shapes), []).append(module)
+    frozen: set[int] = set()
+    for group in alike.values():
+        trains = [any(p.requires_grad for p in m.parameters()) for m in group]
+        if any(trains):
+            frozen |= {id(m) for copy, trained in zip(group, trains) if not trained for m in copy.modules()}
+    return frozen
+
+
+def _head_owners(model: nn.Module, left_out: set[int]) -> list[nn.Module]:
+    """The outermost modules with a timm-style ``get_classifier`` (outside ``left_out``); of several (a frozen teacher
+    beside a student), the ones with trainable parameters, or all when none has any."""
+    owners = [m for m in model.modules() if hasattr(m, "get_classifier") and id(m) not in left_out]
     inner = {id(m) for owner in owners for m in owner.modules() if m is not owner}
     outermost = [owner for owner in owners if id(owner) not in inner]
     trained = [owner for owner in outermost if any(p.requires_grad for p in owner.parameters())]
     return trained or outermost
 
 
-def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[Tap]:
+def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_out: set[int]) -> list[Tap]:
     taps: list[Tap] = []
     inside_headless: set[int] = set()
-    for head_owner in _head_owners(model):
+    for head_owner in _head_owners(model, left_out):
         head = head_owner.get_classifier()
         if isinstance(head, (tuple, list)):  # timm's distilled DeiT: (head, head_dist); the class token's head
             head = head[0] if head else None
@@ -235,7 +284,8 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list
             inside_headless |= {id(m) for m in head_owner.modules()}
     if taps:
         return taps
-    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and id(m) not in inside_headless]
+    outside = inside_headless | _frozen_copies(modules)
+    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and id(m) not in outside]
     return [Tap(f"{linears[-1][0]}{INPUT_TAP_SUFFIX}", linears[-1][1], "input")] if linears else []
 
 
@@ -252,23 +302,25 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     suffix = next((end for end in _INPUT_SPEC_SUFFIXES if spec.endswith(end)), None)
     if suffix is not None:
         spec, point = spec[: -len(suffix)], "input"
-    if spec.startswith("@"):  # a preset picks among the modules that take hooks (see select_taps)
-        modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule)]
+    left_out: set[int] = set()
+    if spec.startswith("@"):  # a preset picks among the modules that take hooks (see select_taps) and see activations
+        left_out = _not_run_on_activations(model, modules)
+        modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule) and id(m) not in left_out]
     if spec == "@activations":
-        shadowed = _shadowed(modules)
+        shadowed = _shadowed(modules) | left_out  # nor is a parametrization's Softplus an MLP's activation module
         taps = [Tap(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
         if point == "output":
             return taps + _functional_activation_inputs(modules, shadowed)
     elif spec == "@blocks":
         taps = [Tap(n, m) for n, m in _repeated_blocks(modules)]
     elif spec == "@penultimate":
-        return _penultimate(model, modules)
+        return _penultimate(model, modules, left_out)
     elif spec.startswith("@"):
         raise ModuleSelectionError(f"unknown module preset {spec!r}; use one of {', '.join(PRESETS)}")
     elif (cls := _resolve_class(spec)) is not None:
         taps = [Tap(n, m) for n, m in modules if isinstance(m, cls)]
     elif spec.isidentifier() and spec[:1].isupper():
-        taps = [Tap(n, m) for n, m in modules if type(m).__name__ == spec]
+        taps = [Tap(n, m) for n, m in modules if module_class(m).__name__ == spec]
     else:
         taps = [Tap(n, m) for n, m in modules if n and fnmatch.fnmatchcase(n, spec)]
     if point == "input":

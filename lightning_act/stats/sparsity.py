@@ -101,12 +101,16 @@ def cett_grid(
 
     Scaling by the median column norm puts ``low``/``high`` in units of activation magnitude
     (``||n_i|| = |a_i| ||W_out[:, i]||``). The grid depends only on the weight, which is the same on
-    every data-parallel rank, so all ranks add their sums on the same grid.
+    every data-parallel rank, so all ranks add their sums on the same grid. The median is over the non-zero (finite)
+    columns: a zero column's neuron contributes nothing, and once half of them are zero (structured pruning) the
+    median of all was 0, every threshold 0 and the CETT NaN at every step. With no such column the scale is NaN;
+    then no token has a non-zero finite output either, and :func:`cett_partials` counts none.
     """
     if size < 2 or not 0.0 < low < high:
         raise ValueError(f"CETT grid needs size >= 2 and 0 < low < high, got size={size}, low={low}, high={high}")
     column_norms = weight.detach().float().norm(dim=0)
-    scale = column_norms.median().to(torch.float64)
+    used = (column_norms > 0) & torch.isfinite(column_norms)
+    scale = torch.where(used, column_norms, float("nan")).nanmedian().to(torch.float64)  # lower median, sync-free
     exponents = torch.linspace(math.log10(low), math.log10(high), size, dtype=torch.float64, device=weight.device)
     return scale * torch.pow(10.0, exponents)
 
