@@ -536,3 +536,18 @@ def test_a_reused_callback_chooses_the_new_models_weights() -> None:
         quiet_trainer(max_steps=3, callbacks=[monitor]).fit(ToyTask(other), toy_loader())
     assert "net.classifier.weight" in monitor.param_names and monitor.param_names != first
     assert monitor.history["collapse/params/r90"].steps == [0, 1, 2]
+
+
+def test_the_default_trajectory_leaves_out_an_averaged_copy_of_the_model() -> None:
+    # Without block stacks the trajectory takes every weight matrix: an EMA kept as a submodule (AveragedModel) was
+    # taken too, though no step trains it.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    class WithEma(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+    monitor = DimensionalCollapse()
+    assert monitor._select_params(WithEma()) == ["net.0.weight", "net.2.weight"]

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
+from lightning_act.capture.selection import averaged_copies
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.stats.covariance_sketch import (
     gaussian_test_matrix, sketch_partials, sketch_resolved, sketch_size, sketch_spectrum,
@@ -362,7 +363,12 @@ class DimensionalCollapse(ActivationMonitor):
             return names
         blocks = [] if unmatched_specs(pl_module, ["@blocks"]) else select_taps(pl_module, "@blocks", owner=type(self).__name__)
         block_params = {id(p) for tap in blocks for p in tap.module.parameters()}
-        matrices = {n: p for n, p in named.items() if p.dim() >= 2 and (not block_params or id(p) in block_params)}
+        # an EMA/SWA copy of the model moves with it but is not trained: its weights are not the trajectory's
+        copies = {id(p) for copy in averaged_copies(pl_module) for p in copy.parameters()}
+        matrices = {
+            n: p for n, p in named.items()
+            if p.dim() >= 2 and (not block_params or id(p) in block_params) and id(p) not in copies
+        }
         # Frozen ones too, while some weight matrix of the model trains: a BackboneFinetuning backbone is frozen at
         # fit start (or left frozen by Tuner.lr_find) and trained later, and a frozen weight adds nothing to the
         # trajectory's variance; none trains (a PEFT model whose adapters are vectors): no trajectory.

@@ -225,18 +225,23 @@ def _functional_activation_inputs(modules: list[tuple[str, nn.Module]], shadowed
     return taps
 
 
+def averaged_copies(model: nn.Module) -> list[nn.Module]:
+    """The averaged copies a model keeps of itself (torch's ``AveragedModel``, timm's ``ModelEmaV2``/``V3``): an EMA
+    or SWA kept for validation, which no training step runs or trains."""
+    return [
+        module for module in model.modules()
+        if module is not model and (isinstance(module, AveragedModel) or type(module).__name__ in _AVERAGED_COPY_CLASS_NAMES)
+    ]
+
+
 def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of the modules that the presets leave out, as they run on no activation of the model's forward: averaged
     copies of the model (torch's ``AveragedModel``, timm's ``ModelEmaV2``/``V3``: an EMA kept for validation, whose
     head was "the last nn.Linear" and never ran in a training step) and parametrizations (``<module>.parametrizations``:
     functions of a parameter; an ``nn.Softplus`` that keeps one positive is no activation layer)."""
-    left_out: set[int] = set()
+    left_out = {id(m) for copy in averaged_copies(model) for m in copy.modules()}
     for _, module in modules:
-        if module is not model and (
-            isinstance(module, AveragedModel) or type(module).__name__ in _AVERAGED_COPY_CLASS_NAMES
-        ):
-            left_out |= {id(m) for m in module.modules()}
-        elif parametrize.is_parametrized(module):
+        if parametrize.is_parametrized(module):
             left_out |= {id(m) for m in module.parametrizations.modules()}
     return left_out
 
