@@ -97,3 +97,12 @@ def test_a_language_model_too_small_for_its_data_is_one_line(tmp_path: Path, mod
                          enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(LightningActError, match=fix):
         trainer.fit(model, data)
+
+
+@pytest.mark.parametrize("data_p", [11, 5])  # larger: an embedding's IndexError mid-step; smaller: another task
+def test_modular_addition_of_another_modulus_than_the_data_is_one_line(tmp_path: Path, data_p: int) -> None:
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(LightningActError, match=f"data is addition mod {data_p} but the model's is mod 7; pass "
+                                                f"--model.init_args.p {data_p}"):
+        trainer.fit(ModularAddition(p=7, dim=16, depth=1, num_heads=2), ModularAdditionDataModule(p=data_p, batch_size=8))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.language_model import adamw_warmup_cosine
@@ -46,6 +47,17 @@ class ModularAddition(ClassificationTask):
         self.save_hyperparameters()
         self.model = SmallTransformer(p + 1, 3, dim, depth, num_heads, mlp, mlp_ratio, "relu", causal=True)
         self.init_metrics(p)
+
+    def setup(self, stage: str) -> None:
+        """The data's modulus must be the model's: a larger one crashed the embedding mid-step, a smaller one trained
+        silently on another task (its ``=`` token an ordinary number to the model)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        p = getattr(datamodule, "p", None)
+        if p is not None and p != self.hparams.p:
+            raise LightningActError(
+                f"the data is addition mod {p} but the model's is mod {self.hparams.p}; pass --model.init_args.p {p} "
+                f"(or --data.init_args.p {self.hparams.p})"
+            )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)[:, -1, : self.hparams.p]
