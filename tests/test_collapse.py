@@ -551,3 +551,14 @@ def test_the_default_trajectory_leaves_out_an_averaged_copy_of_the_model() -> No
 
     monitor = DimensionalCollapse()
     assert monitor._select_params(WithEma()) == ["net.0.weight", "net.2.weight"]
+
+
+def test_param_patterns_takes_one_glob_from_a_config_as_from_python() -> None:
+    # Python accepted param_patterns="blocks.*.weight"; YAML and the command line refused it (annotated a sequence)
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DimensionalCollapse, "collapse")
+    config = parser.parse_args(["--collapse.param_patterns", "blocks.*.weight"])
+    monitor = parser.instantiate_classes(config).collapse
+    assert monitor.param_patterns == DimensionalCollapse(param_patterns="blocks.*.weight").param_patterns == ["blocks.*.weight"]

@@ -344,3 +344,24 @@ def test_layers_built_in_configure_model_or_setup_are_monitored(hook):
     assert [t.name for t in defaults.taps] == ["net.blocks.0", "net.blocks.1"]
     for step, activation in enumerate(seen):
         assert explicit.history["act/net.blocks.1.act/mean"].values[step] == pytest.approx(float(activation.double().mean()), rel=1e-6)
+
+
+def test_a_resume_keeps_the_state_of_the_same_modules_spelled_otherwise_and_says_when_none_matches(tmp_path):
+    # The state key held the specs as written: the same taps in another order, "ReLU" for nn.ReLU or "-input" for
+    # ":input" found no state at a resume, and the histories restarted silently.
+    first = [nn.GELU, "net.blocks.0", "net.head:input"]
+    for i, spelled in enumerate([["net.head-input", "GELU", "net.blocks.0"], ["torch.nn.GELU", "net.head:input", "net.blocks.0"]]):
+        folder = tmp_path / str(i)
+        checkpoint = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+        torch.manual_seed(0)
+        quiet_trainer(max_steps=2, enable_checkpointing=True, callbacks=[MassiveActivations(modules=first, every_n_steps=1),
+                                                                         checkpoint]).fit(ToyTask(BlockNet()), toy_loader())
+        resumed = MassiveActivations(modules=spelled, every_n_steps=1)
+        quiet_trainer(max_steps=4, enable_checkpointing=False, callbacks=[resumed]).fit(
+            ToyTask(BlockNet()), toy_loader(), ckpt_path=str(folder / "step=2.ckpt"))
+        assert resumed.history["massive/net.blocks.0/top1"].steps == [0, 1, 2, 3], spelled
+    other = MassiveActivations(modules=["net.blocks.1"], every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"MassiveActivations: the checkpoint holds state for .* but none for this monitor"):
+        quiet_trainer(max_steps=4, enable_checkpointing=False, callbacks=[other]).fit(
+            ToyTask(BlockNet()), toy_loader(), ckpt_path=str(tmp_path / "0" / "step=2.ckpt"))
+    assert other.history["massive/net.blocks.1/top1"].steps == [2, 3]

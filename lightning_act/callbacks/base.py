@@ -68,6 +68,7 @@ from lightning_act.capture import (
     unmatched_specs,
 )
 from lightning_act.capture.layout import declared_batch_first
+from lightning_act.capture.selection import INPUT_TAP_SUFFIX, resolve_class
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.stats.fused import FusedSpec, FusedStats
 from lightning_act.stats import all_gather_packed, all_reduce_packed, distributed_world_size
@@ -305,6 +306,25 @@ class Partials:
 TUNER_CHECKPOINTS = (".lr_find_", ".scale_batch_size_")
 
 
+def spelling_free_modules(modules: Sequence[ModuleSpec]) -> list[str]:
+    """A monitor's module specs as its checkpoint state key holds them, whatever their spelling: sorted, once each,
+    an input tap's ``-input`` as ``:input``, a class (``nn.ReLU``, ``"torch.nn.ReLU"``) by its name. The same taps
+    written another way in a resumed fit's YAML lost the monitor's state silently (Lightning warns of no state it
+    cannot match)."""
+    canonical = set()
+    for spec in modules:
+        if isinstance(spec, type):
+            canonical.add(spec.__name__)
+            continue
+        text, suffix = str(spec), ""
+        for end in (":input", INPUT_TAP_SUFFIX):
+            if text.endswith(end):
+                text, suffix = text[: -len(end)], ":input"
+        cls = resolve_class(text)
+        canonical.add((cls.__name__ if cls is not None else text) + suffix)
+    return sorted(canonical)
+
+
 def builds_layers_late(pl_module: torch.nn.Module) -> bool:
     """Whether the LightningModule may build layers after the callbacks' ``setup``: Lightning calls
     ``Callback.setup``, then ``LightningModule.setup``, then ``configure_model`` (its hook for layers built in the
@@ -388,6 +408,17 @@ class FitScopedState(Callback):
         if not Path(str(trainer.ckpt_path or "")).name.startswith(TUNER_CHECKPOINTS):
             self._resumed_this_fit = fitting
         self._keeps_own_state = not fitting and bool(self.history)
+        states = checkpoint.get("callbacks") or {}
+        kind = type(self).__name__
+        if fitting and not {self.state_key, self._legacy_state_key} & set(states):
+            others = [key for key in states if key.startswith(kind + "{")]
+            if others:  # Lightning skips a callback whose key it does not find, without a word
+                rank_zero_warn(
+                    f"{kind}: the checkpoint holds state for {', '.join(others)} but none for this monitor "
+                    f"({self.state_key}: other modules); its histories start empty at this resume (pass the modules "
+                    "the checkpoint's run had to continue them)",
+                    category=UserWarning,
+                )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Subclasses choose their modules here, unless :attr:`_setup_waits`: then :meth:`begin_fit_state` calls
@@ -547,12 +578,12 @@ class ActivationMonitor(FitScopedState, ABC):
     @property
     def state_key(self) -> str:
         # Not keyed on every_n_steps: histories must survive a resume with another interval.
-        return self._generate_state_key(modules=[str(m) for m in self.modules])
+        return self._generate_state_key(modules=spelling_free_modules(self.modules))
 
     @property
     def _legacy_state_key(self) -> str:  # type: ignore[override]
-        # The key of checkpoints written before every_n_steps left the state key (same interval only).
-        return self._generate_state_key(modules=[str(m) for m in self.modules], every_n_steps=self.every_n_steps)
+        # The key of checkpoints written before round 17, keyed on the modules as spelled.
+        return self._generate_state_key(modules=[str(m) for m in self.modules])
 
     def is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0

@@ -132,7 +132,7 @@ class DimensionalCollapse(ActivationMonitor):
         every_n_steps: int = 50,
         max_rows: int = 1024,
         warn_below: float | None = None,
-        param_patterns: Sequence[str] | None = None,
+        param_patterns: str | Sequence[str] | None = None,
         max_snapshots: int = 32,
         projection_dim: int | None = 8192,
         variance_fraction: float = 0.90,

@@ -55,6 +55,7 @@ from lightning_act.callbacks.base import (
     check_number,
     declared_layout,
     module_list,
+    spelling_free_modules,
     subscribe_taps,
     training_step_index,
     warn_features_unknown,
@@ -327,12 +328,12 @@ class SensitiveNeurons(FitScopedState):
     @property
     def state_key(self) -> str:
         # Not keyed on every_n_steps: the state must survive a resume with another interval.
-        return self._generate_state_key(modules=[str(m) for m in self.modules])
+        return self._generate_state_key(modules=spelling_free_modules(self.modules))
 
     @property
     def _legacy_state_key(self) -> str:  # type: ignore[override]
-        # The key of checkpoints written before every_n_steps left the state key (same interval only).
-        return self._generate_state_key(modules=[str(m) for m in self.modules], every_n_steps=self.every_n_steps)
+        # The key of checkpoints written before round 17, keyed on the modules as spelled.
+        return self._generate_state_key(modules=[str(m) for m in self.modules])
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -135,7 +135,8 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(by_name.items())
 
 
-def _resolve_class(spec: str) -> type | None:
+def resolve_class(spec: str) -> type | None:
+    """The ``nn.Module`` class an import path (``"torch.nn.GELU"``) names, else None."""
     if "." not in spec or any(c in spec for c in "*?[]"):
         return None
     module_path, _, attr = spec.rpartition(".")
@@ -322,7 +323,7 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
         return _penultimate(model, modules, left_out)
     elif spec.startswith("@"):
         raise ModuleSelectionError(f"unknown module preset {spec!r}; use one of {', '.join(PRESETS)}")
-    elif (cls := _resolve_class(spec)) is not None:
+    elif (cls := resolve_class(spec)) is not None:
         taps = [Tap(n, m) for n, m in modules if isinstance(m, cls)]
     elif spec.isidentifier() and spec[:1].isupper():
         taps = [Tap(n, m) for n, m in modules if module_class(m).__name__ == spec]
