@@ -184,7 +184,6 @@ def check_config_files(argv: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # jsonargparse's multi-line parse errors as one line.
 
-_CLASS_PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':")
 _NOT_ACCEPTED = re.compile(r"(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)")
 _EXPECTED = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Expected a (.+?)\. Got value: (.*)')
 _UNION = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Does not validate against any of the Union subtypes\s*\n\s*Subtypes: \[(.*)\]')
@@ -192,17 +191,66 @@ _GIVEN = re.compile(r"Given value: (.*)")
 _SUBCOMMAND_OPTION = re.compile(r"Subcommand '(\w+)' does not accept option '([\w.]+)'")
 _UNRECOGNIZED = re.compile(r"[Uu]nrecognized arguments: (.*)")
 _DOT_PATH = re.compile(r'Parser key "([\w.]+)":.*?(?:Expected a dot import path string|Import path .*?): ?(\S+)', re.S)
+_CLASS_BLOCK = re.compile(r"^( *)- Problem with given class_path '([\w.]+)':[^\n]*\n((?:\1 [^\n]*(?:\n|$)|[ \t]*(?:\n|$))*)", re.M)
+# the implicit base class jsonargparse also tries for a command-line value: its "not accepted" is not the user's error
+_BASE_CLASSES = {
+    "lightning.Callback", "lightning.pytorch.Callback", "lightning.pytorch.callbacks.Callback",
+    "lightning.pytorch.callbacks.callback.Callback", "lightning.LightningModule", "lightning.pytorch.LightningModule",
+    "lightning.LightningDataModule", "lightning.pytorch.LightningDataModule",
+}
+
+
+def _split_types(text: str) -> list[str]:
+    """``a, b[c, d], 'e'`` as ``['a', 'b[c, d]', "'e'"]``: split at the commas outside brackets and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"" and not text[max(i - 6, 0):i].endswith("<class"):
+            quote = char
+        elif char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [part for part in parts if part]
+
+
+def _type_name(text: str) -> str:
+    """One jsonargparse type as a user reads it: ``<class 'int'>`` as ``int``, ``collections.abc.Sequence[typing.Union[
+    str, type]]`` as ``Sequence[str or type]``, ``Callable[[torch.nn.Module, Any], Any]`` as ``a callable (Module, Any)``."""
+    if match := re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>", text):
+        return "None" if match.group(1) == "NoneType" else match.group(1)
+    name, bracket, args = text.partition("[")
+    name = name.rsplit(".", 1)[-1]
+    if not bracket:
+        return "None" if name == "NoneType" else name
+    args = _split_types(args.removesuffix("]"))
+    if name == "Callable":
+        params = _split_types(args[0][1:-1]) if args and args[0].startswith("[") else []
+        return f"a callable ({', '.join(_type_name(p) for p in params)})" if args and args[0] != "..." else "a callable"
+    if name in ("Union", "Optional"):
+        return " or ".join(dict.fromkeys(_type_name(arg) for arg in args + (["NoneType"] if name == "Optional" else [])))
+    if name == "Literal":
+        return "one of " + ", ".join(args)
+    return f"{name}[{', '.join(_type_name(arg) for arg in args)}]"
 
 
 def _type_names(text: str) -> str:
     """``int or None`` from jsonargparse's type list; the values of ``Literal[...]`` types as ``one of 64, '32-true'``."""
-    literals = [value.strip() for group in re.findall(r"Literal\[([^\]]*)\]", text) for value in group.split(",")]
-    text = re.sub(r"(?:typing\.)?Literal\[[^\]]*\](?:, )?", "", text)
-    names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>|(?:^|, )(?:[\w.]+\.)?([\w\[\]]+)", text)
-    words = [a or b for a, b in names if (a or b)]
+    types = _split_types(text)
+    is_literal = [bool(re.match(r"(?:typing\.)?Literal\[", t)) for t in types]
+    literals = [value for t, lit in zip(types, is_literal) if lit for value in _split_types(t[t.index("[") + 1:-1])]
+    words = [_type_name(t) for t, lit in zip(types, is_literal) if not lit]
     if literals:
         words.insert(0, "one of " + ", ".join(dict.fromkeys(literals)))
-    return " or ".join(dict.fromkeys("None" if w == "NoneType" else w for w in words)) or text
+    if "str" in words and any(word.startswith("a callable") for word in words):  # the callable's import path
+        words = [f"{word} or its import path 'package.module.function'" if word.startswith("a callable") else word
+                 for word in words if word != "str"]
+    return " or ".join(dict.fromkeys(words)) or text
 
 
 def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
@@ -245,27 +293,37 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
                 else f"unknown option '{option}'; `lightning_act fit --help` lists the options")
     key_match = re.search(r'Parser key "([\w.]+)"', text)
     key = key_match.group(1) if key_match else "?"
-    class_match = _CLASS_PROBLEM.search(text)
-    owner = f" ({class_match.group(1).rsplit('.', 1)[-1]})" if class_match else ""
-    if match := _NOT_ACCEPTED.search(text):
+    # The error block of the class the user named: a command-line value is also tried on the implicit base class
+    # (lightning.Callback), whose "not accepted" would hide the real error.
+    blocks = [block for block in _CLASS_BLOCK.finditer(text) if block.group(2) not in _BASE_CLASSES]
+    class_path = blocks[0].group(2) if blocks else None
+    scope = blocks[0].group(3) if blocks else text
+    owner = f" ({class_path.rsplit('.', 1)[-1]})" if class_path else ""
+    if class_path and (problem := _import_problem(class_path)):  # same line as check_config_files gives for YAML
+        return (f"{key}: unknown class_path '{class_path}' ({problem}); check the spelling, "
+                "or install the package that provides it")
+    if match := _NOT_ACCEPTED.search(scope):
         name = match.group(1)
-        accepted = _init_parameters(class_match.group(1)) if class_match else []
+        accepted = [a for a in _init_parameters(class_path) if a != name] if class_path else []
         hint = _did_you_mean(name, accepted) or (f"; accepted: {', '.join(accepted)}" if accepted else "")
         return f"{key}{owner}: unknown argument '{name}'{hint}"
-    if match := _EXPECTED.search(text):
+    if match := _EXPECTED.search(scope):
         inner, expected, value = match.groups()
-        if class_match and inner != key:
+        if class_path and inner != key:
             return f"{key}{owner}: {inner} = {value!r}: expected {_type_names(expected)}"
         return f"{inner} = {value!r}: expected {_type_names(expected)}"
-    if match := _DOT_PATH.search(text):
+    if not class_path and (match := _DOT_PATH.search(text)):  # the class itself; not an argument's type alternative
         return (f"{match.group(1)} '{match.group(2)}': not a class name or import path of a known class "
                 "(`lightning_act monitors` lists the project's classes)")
-    if unions := list(_UNION.finditer(text)):
+    if unions := list(_UNION.finditer(scope)):
         match = unions[-1]  # the innermost: a class argument's own union, not the section's (model: a class or None)
-        given = _GIVEN.search(text, match.end())
+        line = scope[scope.rfind("\n", 0, match.end()) + 1:match.end()]
+        indent = line[:len(line) - len(line.lstrip())]  # its own Given value, not that of a list item's union inside
+        given = (re.compile(rf"^{indent}{_GIVEN.pattern}", re.M).search(scope, match.end())
+                 or _GIVEN.search(scope, match.end()))
         value = given.group(1).strip() if given else "?"
         inner = match.group(1)
-        if class_match and inner != key:
+        if class_path and inner != key:
             return f"{key}{owner}: {inner} = {value!r}: expected {_type_names(match.group(2))}"
         return f"{inner} = {value!r}: expected {_type_names(match.group(2))}"
     lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]

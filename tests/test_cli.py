@@ -205,6 +205,64 @@ def test_unknown_class_path_is_one_line_from_the_command_line(tmp_path):
     assert "unknown class_path 'lightning_act.callbacks.ActivationSparsty'" in err and "spelling" in err
 
 
+@pytest.mark.parametrize(("monitor", "argument", "value", "expected"), [
+    ("MassiveActivations", "every_n_steps", "ten", "int"),
+    ("DimensionalCollapse", "warn_below", "high", "float or None"),
+])
+def test_a_wrongly_typed_monitor_argument_is_the_same_line_from_yaml_and_the_command_line(
+    tmp_path, capsys, monkeypatch, monitor, argument, value, expected
+):
+    # Before: on the command line jsonargparse also tries the base class lightning.Callback, whose "not accepted"
+    # won: "unknown argument 'every_n_steps'; did you mean 'every_n_steps'?"
+    line = f"lightning_act: error: trainer.callbacks ({monitor}): {argument} = '{value}': expected {expected}"
+    config = write_config(tmp_path, **{"trainer.callbacks.0.class_path": f"lightning_act.callbacks.{monitor}",
+                                       "trainer.callbacks.0.init_args": {argument: value}})
+    assert one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config)) == line
+    config = write_config(tmp_path)
+    assert one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config), f"--trainer.callbacks+={monitor}",
+                          f"--trainer.callbacks.{argument}", value) == line
+
+
+@pytest.mark.parametrize(("modules", "shown"), [(5, "'5'"), ([5], "'[5]'"), ({"a": 1}, "\"{'a': 1}\"")])
+def test_a_monitors_modules_of_a_wrong_type_is_named_as_modules(tmp_path, capsys, monkeypatch, modules, shown):
+    # Before: "trainer.callbacks '5': not a class name or import path of a known class" (an import-path alternative
+    # of the modules type was taken for the callback's own class_path)
+    config = write_config(tmp_path, **{"trainer.callbacks.0.init_args": {"every_n_steps": 1, "modules": modules}})
+    assert one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config)) == (
+        f"lightning_act: error: trainer.callbacks (ActivationStats): modules = {shown}: "
+        "expected str or type or Sequence[str or type] or None"
+    )
+
+
+def test_a_misspelled_import_path_on_the_command_line_gets_the_same_line_as_in_yaml(tmp_path, capsys, monkeypatch):
+    # Before: 'Parser key "trainer.callbacks":; Expected a path but ... Problem with given class_path ...:', no suggestion
+    misspelled = "lightning_act.callbacks.ActivationSparsty"
+    problem = (f"unknown class_path '{misspelled}' (module 'lightning_act.callbacks' has no attribute 'ActivationSparsty'; "
+               "did you mean 'lightning_act.callbacks.ActivationSparsity'?); check the spelling, "
+               "or install the package that provides it")
+    config = write_config(tmp_path)
+    assert one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config),
+                          f"--trainer.callbacks+={misspelled}") == f"lightning_act: error: trainer.callbacks: {problem}"
+    err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config),
+                         "--model", "lightning_act.tasks.image_classification.ImageClassifer")
+    assert err == ("lightning_act: error: model: unknown class_path 'lightning_act.tasks.image_classification.ImageClassifer' "
+                   "(module 'lightning_act.tasks.image_classification' has no attribute 'ImageClassifer'; did you mean "
+                   "'lightning_act.tasks.image_classification.ImageClassifier'?); check the spelling, "
+                   "or install the package that provides it")
+    bad = write_config(tmp_path, **{"trainer.callbacks.0.class_path": misspelled})  # the YAML check's line
+    assert one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(bad)) == f"lightning_act: error: {bad}: {problem}"
+
+
+def test_forward_fn_of_a_wrong_type_names_a_readable_type(tmp_path, capsys, monkeypatch):
+    # Before: "expected Callable[[torch or Any] or str or None" (the type list split inside Callable's brackets)
+    config = write_config(tmp_path, **{"trainer.callbacks.0.class_path": "lightning_act.callbacks.MassiveActivations",
+                                       "trainer.callbacks.0.init_args": {"every_n_steps": 1, "forward_fn": 5}})
+    assert one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config)) == (
+        "lightning_act: error: trainer.callbacks (MassiveActivations): forward_fn = '5': "
+        "expected a callable (Module, Any) or its import path 'package.module.function' or None"
+    )
+
+
 def test_missing_data_directory_is_one_line(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path, **{"data.init_args.data_dir": str(tmp_path / "nowhere")})
     err = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", str(config))
