@@ -53,15 +53,37 @@ class StandInMLFlowLogger(MLFlowLogger):
 
 
 class RecordingTensorBoardLogger(TensorBoardLogger):
-    """A TensorBoardLogger whose writer records ``add_figure`` (no tensorboard needed)."""
+    """A TensorBoardLogger of version 0 in ``<save_dir>/<name>`` whose writer records ``add_figure``: no tensorboard
+    needed (TensorBoardLogger's own ``__init__`` refuses to run without it, and CI does not install it)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, save_dir: Path, name: str) -> None:
+        Logger.__init__(self)
+        self._store, self._run_name = Path(save_dir), name
         self.figures: list[tuple[str, Any, int]] = []
 
     @property
     def experiment(self) -> RecordingTensorBoardLogger:
         return self
+
+    @property
+    def save_dir(self) -> str:
+        return str(self._store)
+
+    @property
+    def root_dir(self) -> str:
+        return str(self._store / self._run_name)
+
+    @property
+    def name(self) -> str:
+        return self._run_name
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def log_dir(self) -> str:
+        return str(self._store / self._run_name / "version_0")
 
     def add_figure(self, tag: str, figure: Any, global_step: int, close: bool = True) -> None:
         self.figures.append((tag, figure, global_step))
@@ -75,7 +97,7 @@ def bare_trainer(tmp_path: Path, loggers: list[Logger]) -> pl.Trainer:
 def test_run_files_go_to_the_csv_version_folder_whatever_the_loggers_order(tmp_path: Path) -> None:
     # before: a TensorBoardLogger listed first got plots/ and monitors/skipped.json, which the report never reads
     csv = CSVLogger(tmp_path, name="csv")
-    assert run_dir(bare_trainer(tmp_path, [TensorBoardLogger(tmp_path, name="tb"), csv])) == Path(csv.log_dir)
+    assert run_dir(bare_trainer(tmp_path, [RecordingTensorBoardLogger(tmp_path, name="tb"), csv])) == Path(csv.log_dir)
 
 
 def test_figures_reach_tensorboard_and_the_mlflow_run_and_never_the_stores_root(tmp_path: Path) -> None:
