@@ -86,10 +86,9 @@ def test_fit_refuses_to_overwrite_a_previous_run_unless_asked(tmp_path, capsys, 
     assert sorted(p.name for p in (tmp_path / "runs" / "csv").iterdir()) == ["version_0"]  # started over
 
 
-def test_overwrite_removes_checkpoints_in_the_folders_a_templated_filename_made(tmp_path, monkeypatch):
-    # "{act/model.blocks.0/rms:.4f}" in a ModelCheckpoint filename writes into sub-folders of its dirpath; --overwrite
-    # left those behind (only dirpath/*.ckpt was looked at), and the new run's files came out as "-v1" beside them.
-    monkeypatch.chdir(tmp_path)
+def write_config_with_templated_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """The test config plus a ModelCheckpoint whose filename template names a monitor statistic: its files go into
+    sub-folders of its dirpath. Returns the config and that dirpath."""
     config = write_config(tmp_path)
     settings = yaml.safe_load(config.read_text())
     checkpoints = tmp_path / "runs" / "vit_demo" / "checkpoints"
@@ -99,6 +98,14 @@ def test_overwrite_removes_checkpoints_in_the_folders_a_templated_filename_made(
                       "filename": "best-{step}-{act/model.blocks.0/rms:.4f}"},
     })
     config.write_text(yaml.safe_dump(settings))
+    return config, checkpoints
+
+
+def test_overwrite_removes_checkpoints_in_the_folders_a_templated_filename_made(tmp_path, monkeypatch):
+    # "{act/model.blocks.0/rms:.4f}" in a ModelCheckpoint filename writes into sub-folders of its dirpath; --overwrite
+    # left those behind (only dirpath/*.ckpt was looked at), and the new run's files came out as "-v1" beside them.
+    monkeypatch.chdir(tmp_path)
+    config, checkpoints = write_config_with_templated_checkpoint(tmp_path)
     stale = checkpoints / "best-step=1-act" / "model.blocks.0" / "rms=0.4148.ckpt"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"previous run")
@@ -549,15 +556,7 @@ def test_overwrite_removes_what_a_write_cut_short_left_in_a_templated_filenames_
     """Before: AtomicCheckpointIO's hidden temporaries (as large as the model) survived --overwrite; and a last.ckpt in
     a ModelCheckpoint's folder was removed twice, a FileNotFoundError (one path relative, one made absolute)."""
     monkeypatch.chdir(tmp_path)
-    config = write_config(tmp_path)
-    settings = yaml.safe_load(config.read_text())
-    checkpoints = tmp_path / "runs" / "vit_demo" / "checkpoints"
-    settings["trainer"]["callbacks"].append({
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(checkpoints), "monitor": "act/model.blocks.0/rms", "mode": "max", "save_top_k": 1,
-                      "filename": "best-{step}-{act/model.blocks.0/rms:.4f}"},
-    })
-    config.write_text(yaml.safe_dump(settings))
+    config, checkpoints = write_config_with_templated_checkpoint(tmp_path)
     stale = checkpoints / "best-step=1-act" / "model.blocks.0" / ".rms=0.4148.ckpt.k2j3h4ab.tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half-written")
