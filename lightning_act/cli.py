@@ -12,8 +12,9 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   and keeps ``last.ckpt`` current at each epoch end and at Ctrl-C
   (:class:`~lightning_act.checkpointing.LastCheckpoint`), unless the config sets its own;
 - a ``fit`` without ``--ckpt_path`` refuses to overwrite a previous run's checkpoints or config
-  (``--overwrite`` starts over: the previous run's checkpoints, config and CSV version folders are removed,
-  and what checkpoint writes cut short by a kill left, nothing else of the run folder);
+  (``--overwrite`` starts over: the previous run's checkpoints, config and CSV version folders are removed, and
+  what checkpoint writes cut short by a kill left, nothing else of the run folder; it is refused beside
+  ``--ckpt_path``, which resumes);
 - ``--trainer.enable_checkpointing false`` leaves the config's ``LastCheckpoint`` out;
 - the fit's config is also kept in the CSV logger's version folder (``fit_config.yaml``) when LightningCLI saved
   ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it;
@@ -507,6 +508,8 @@ def _build_cli_class() -> type:
             those that differed."""
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and self.overwrite:  # one would undo the other (--overwrite was ignored)
+                raise ConfigError(f"{OVERWRITE_FLAG} starts the run over and --ckpt_path resumes it; pass one of them")
             if ckpt_path in ("last", "best"):
                 ckpt_path = self.config[subcommand]["ckpt_path"] = str(self._checkpoint_of_alias(subcommand, ckpt_path))
             if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES or ckpt_path.startswith("registry:"):

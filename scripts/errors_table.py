@@ -116,6 +116,8 @@ CASES = [
     Case("re-running a fit over a previous run", ["fit", "--config", "kat.yaml"],
          [_checkpoint("runs/kat/checkpoints/last.ckpt", KAT_CLASS)]),
     Case("`--overwrite` with test", ["test", "--config", "kat.yaml", "--overwrite"]),
+    Case("`--overwrite` with `--ckpt_path`", ["fit", "--config", "kat.yaml", "--overwrite", "--ckpt_path", "last"],
+         [_checkpoint("runs/kat/checkpoints/last.ckpt", KAT_CLASS)]),
     Case("`--ckpt_path` missing", ["fit", "--config", "kat.yaml", "--ckpt_path", "runs/kat/last.ckpt"]),
     Case("`--ckpt_path` of another model", ["fit", "--config", "kat.yaml", "--ckpt_path", "spectral.ckpt"],
          [_checkpoint("spectral.ckpt", OTHER_MODEL)]),
