@@ -124,6 +124,9 @@ def _import_problem(class_path: str) -> str | None:
     return None
 
 
+_RESERVED_START = re.compile(r"found character '([@`])' that cannot start any token")
+
+
 def _load_yaml_strictly(path: str) -> Any:
     """``yaml.safe_load`` that refuses duplicate keys; YAML errors become one ConfigError line."""
     import yaml
@@ -154,6 +157,11 @@ def _load_yaml_strictly(path: str) -> Any:
         problem = err.problem or err.context or "malformed YAML"
         if "'\\t'" in problem:
             problem = "a tab character; YAML indents with spaces only, replace the tab with spaces"
+        elif _RESERVED_START.search(problem):
+            problem = (
+                f"a value starts with '{_RESERVED_START.search(problem).group(1)}', which YAML reserves; quote the "
+                'value, e.g. modules: "@activations"'
+            )
         else:
             problem = f"malformed YAML: {problem}"
             if err.context and err.problem:

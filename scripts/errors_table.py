@@ -79,6 +79,9 @@ CASES = [
     Case("config file missing", ["fit", "--config", "kat.yml"]),
     Case("malformed YAML (unclosed brace)", ["fit", "--config", "bad.yaml"], [_text("bad.yaml", "trainer: {max_epochs: 1\n")]),
     Case("a tab in YAML", ["fit", "--config", "bad.yaml"], [_text("bad.yaml", "trainer:\n\tmax_epochs: 1\n")]),
+    Case("an unquoted @preset in YAML", ["fit", "--config", "bad.yaml"],
+         [_text("bad.yaml", "trainer:\n  callbacks:\n    - class_path: lightning_act.callbacks.ActivationSparsity\n"
+                            "      init_args:\n        modules: @activations\n")]),
     Case("duplicate YAML key", ["fit", "--config", "bad.yaml"],
          [_text("bad.yaml", "trainer:\n  max_epochs: 1\n  max_epochs: 2\n")]),
     Case("misspelled class_path", ["fit", "--config", "bad.yaml"],

@@ -291,6 +291,18 @@ def test_missing_config_file_and_unknown_command(tmp_path, capsys):
     )
 
 
+def test_an_unquoted_preset_in_yaml_says_to_quote_it(tmp_path, capsys):
+    # Before: "malformed YAML: found character '@' that cannot start any token", with no word of the fix
+    config = tmp_path / "unquoted.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: lightning_act.callbacks.ActivationSparsity\n"
+                      "      init_args:\n        modules: @activations\n")
+    assert main(["fit", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lightning_act: error: {config}:5:18: a value starts with '@', which YAML reserves; quote the value, "
+        'e.g. modules: "@activations"'
+    )
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
 def test_every_recipe_parses_and_names_importable_classes(recipe):
     from lightning_act.cli import check_config_files
