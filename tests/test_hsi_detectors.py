@@ -168,3 +168,25 @@ def test_a_singular_background_is_refused_at_fit(background: torch.Tensor, ridge
     # before: fit accepted it and scoring stopped with torch's LinAlgError traceback (CEM lost with MF and ACE)
     with pytest.raises(ValueError, match=r"^the background covariance Σ is singular .* pass ridge > 0"):
         ClassicalDetectors(ridge=ridge).fit(background, torch.ones(background.shape[1]))
+
+
+@pytest.mark.parametrize(("target", "undefined"), [("mean", "MF and ACE"), ("zeros", "SAM and CEM")])
+def test_a_target_that_leaves_a_detector_undefined_is_refused_at_fit(target: str, undefined: str) -> None:
+    # before: fit accepted it and MF (or CEM) scored NaN at every pixel, ACE 0 at every pixel
+    background = torch.randn(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 3.0
+    spectrum = background.mean(0) if target == "mean" else torch.zeros(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"^the target spectrum equals .*, so {undefined} are undefined"):
+        ClassicalDetectors().fit(background, spectrum)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_a_cast_module_keeps_its_statistics_in_float64(data: dict[str, np.ndarray], cast: str) -> None:
+    # Raw sensor counts: Σ ~ 1e7 overflows float16 (before: every MF/ACE/CEM score NaN after .half()).
+    background, target = data["background"] * 1e4, data["target"] * 1e4
+    det = ClassicalDetectors(ridge=RIDGE).fit(torch.from_numpy(background), torch.from_numpy(target))
+    x = torch.from_numpy(data["pixels"] * 1e4)
+    expected = {name: score.numpy() for name, score in det(x).items()}
+    getattr(det, cast)()
+    assert det.covariance.dtype == torch.float64
+    for name, score in det(x).items():  # x stays float64: the scores may differ only by the statistics
+        np.testing.assert_allclose(score.numpy(), expected[name], rtol=1e-12, atol=1e-12)

@@ -18,10 +18,13 @@ for an integer cube (raw ENVI counts: an integer score would truncate every scor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 DETECTOR_NAMES = ("SAM", "MF", "ACE", "CEM")
+STATISTIC_BUFFERS = ("target", "mean", "covariance", "autocorrelation")
 
 
 def score_dtype(x: torch.Tensor) -> torch.dtype:
@@ -146,15 +149,34 @@ class ClassicalDetectors(nn.Module):
                     f"{background_pixels.shape[1]} bands: too few pixels, a constant band or identical pixels); "
                     "pass ridge > 0 (e.g. 1e-3) or background pixels that vary in every band"
                 )
+        for undefined, equals, direction, metric in (
+            ("MF and ACE", "the background mean", target.double() - mean, covariance),
+            ("SAM and CEM", "zero", target.double(), autocorrelation),
+        ):
+            if not float(direction @ torch.linalg.solve(metric, direction)) > 0:  # their weights' 0/0
+                raise ValueError(
+                    f"the target spectrum equals {equals}, so {undefined} are undefined (0/0); "
+                    "pass the spectrum of the target material"
+                )
         self.target = target.detach().double().clone()
         self.mean = mean
         self.covariance = covariance
         self.autocorrelation = autocorrelation
         return self
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ClassicalDetectors:
+        # .half(), .to(bfloat16) and Lightning's "16-true"/"bf16-true" cast every floating buffer: keep the fitted
+        # statistics in float64 (in half precision Σ of raw counts overflows, and the solves lose most digits) and
+        # only follow the device.
+        statistics = {name: getattr(self, name) for name in STATISTIC_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, original in statistics.items():
+            setattr(self, name, original.to(device=getattr(self, name).device))
+        return self
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
         # The buffers are empty until fit(); take the saved shapes so a fitted state loads into a new module.
-        for name in ("target", "mean", "covariance", "autocorrelation"):
+        for name in STATISTIC_BUFFERS:
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
