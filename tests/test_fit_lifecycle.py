@@ -294,6 +294,30 @@ def test_a_fit_resumed_with_other_settings_restarts_what_no_longer_stacks_with_o
     assert all(window[0].shape[0] == 16 for window in sensitive.embeddings.values())
 
 
+@pytest.mark.filterwarnings("ignore:.*(does not have many workers|checkpoint).*")
+def test_a_resume_with_another_history_size_or_seed_uses_them(tmp_path):
+    # Before: the restored histories kept the checkpoint's capacity, and the restored row sampler its seed.
+    def fit(history_size, seed, max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        sparsity = ActivationSparsity(every_n_steps=1, history_size=history_size)
+        collapse = DimensionalCollapse(every_n_steps=1, max_rows=4, seed=seed)
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=6, save_top_k=-1)
+        quiet_trainer(max_steps=max_steps, enable_checkpointing=True, callbacks=[sparsity, collapse, saver]
+                      ).fit(ToyTask(BlockNet()), toy_loader(64, 8), ckpt_path=ckpt_path)
+        return sparsity, collapse
+
+    fit(history_size=64, seed=0, max_steps=6)
+    sparsity, collapse = fit(history_size=4, seed=5, max_steps=8, ckpt_path=str(tmp_path / "step=6.ckpt"))
+    assert all(len(series) < 4 for series in sparsity.history.values())
+    series = sparsity.history["sparsity/net.blocks.0.act/zero_frac"]
+    assert series.steps == [0, 4] and series.capacity == 4  # steps 0-7 thinned twice: every 4th step
+    # each due step draws one permutation per row count of its taps (8 samples; 32 = 8 samples x 4 tokens)
+    reseeded = torch.Generator().manual_seed(5)
+    for step in (6, 7):
+        torch.randperm(8, generator=reseeded), torch.randperm(32, generator=reseeded)
+    assert torch.equal(collapse._generators[torch.device("cpu")].get_state(), reseeded.get_state())
+
+
 def test_half_written_checkpoints_of_a_killed_fit_are_removed_when_the_next_fit_starts(tmp_path):
     from lightning_act.checkpointing import LastCheckpoint
 

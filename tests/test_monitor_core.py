@@ -308,6 +308,24 @@ def test_history_memory_is_bounded():
     assert series.steps == sorted(series.steps) and len(set(np.diff(series.steps))) == 1
 
 
+@pytest.mark.parametrize(("saved", "resumed"), [(64, 8), (64, 3), (8, 64), (8, 8)])
+def test_a_history_resized_at_a_resume_keeps_what_that_size_would_have_kept(saved, resumed):
+    # Before: a resume with another history_size kept the checkpoint's capacity for every restored key.
+    from lightning_act.callbacks.history import BoundedSeries
+
+    before, grown_at_new_size = BoundedSeries(capacity=saved), BoundedSeries(capacity=resumed)
+    for step in range(100):
+        before.append(step, float(step))
+        grown_at_new_size.append(step, float(step))
+    resized = BoundedSeries.from_state_dict(before.state_dict()).with_capacity(resumed)
+    for step in range(100, 300):
+        resized.append(step, float(step))
+        grown_at_new_size.append(step, float(step))
+    assert len(resized) < resumed
+    if resumed <= saved:  # a larger capacity keeps the finer points the old one already had: nothing to compare
+        assert resized.steps == grown_at_new_size.steps and resized.stride == grown_at_new_size.stride
+
+
 def test_two_monitors_of_one_class_on_one_module_are_refused_on_different_modules_logged_apart():
     """Before: both logged their own values under the same keys at the same step (the second row won in a report)."""
     from lightning_act.errors import LightningActError

@@ -355,6 +355,7 @@ class FitScopedState(Callback):
     """
 
     history: dict[str, BoundedSeries]
+    history_size: int
     _keeps_own_state = False
     _resumed_this_fit = False
     #: This fit's setup waits for fit start (:func:`builds_layers_late`); set while that late setup runs.
@@ -369,7 +370,10 @@ class FitScopedState(Callback):
 
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         """Replace the run's state by ``state_dict`` (``{}``: the empty state of a new run)."""
-        self.history = {key: BoundedSeries.from_state_dict(s) for key, s in state_dict.get("history", {}).items()}
+        self.history = {
+            key: BoundedSeries.from_state_dict(s).with_capacity(self.history_size)
+            for key, s in state_dict.get("history", {}).items()
+        }
         self._published = dict(state_dict.get("published", {}))
 
     def publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:

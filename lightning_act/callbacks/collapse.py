@@ -544,6 +544,7 @@ class DimensionalCollapse(ActivationMonitor):
         state = super().state_dict()
         state["collapsed"] = sorted(self.collapsed)
         state["row_generators"] = {d.type: g.get_state() for d, g in self._generators.items()}
+        state["row_seed"] = self.seed
         state["trajectory"] = {
             "snapshots": [s.detach().cpu() for s in self._snapshots],
             "steps": list(self._snapshot_steps),
@@ -561,8 +562,12 @@ class DimensionalCollapse(ActivationMonitor):
         super().restore_state(state_dict)
         self.collapsed = set(state_dict.get("collapsed", []))
         self._generators = {}
-        # keys were device names ("cuda:0") before round 15
-        self._generator_states = {torch.device(d).type: g for d, g in state_dict.get("row_generators", {}).items()}
+        # keys were device names ("cuda:0") before round 15; a resume with another seed samples with that seed
+        # (no "row_seed" before round 18: those checkpoints continue their sampling)
+        same_seed = state_dict.get("row_seed", self.seed) == self.seed
+        self._generator_states = {
+            torch.device(d).type: g for d, g in state_dict.get("row_generators", {}).items() if same_seed
+        }
         trajectory = state_dict.get("trajectory", {})
         self._snapshots = [torch.as_tensor(s, dtype=torch.float64) for s in trajectory.get("snapshots", [])]
         self._r90 = None

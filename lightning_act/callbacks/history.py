@@ -29,9 +29,21 @@ class BoundedSeries:
             return
         self.steps.append(int(step))
         self.values.append(float(value))
-        if len(self.steps) >= self.capacity:
+        self._thin_to_capacity()
+
+    def _thin_to_capacity(self) -> None:
+        while len(self.steps) >= self.capacity:
             self.steps, self.values = self.steps[::2], self.values[::2]
             self.stride *= 2
+
+    def with_capacity(self, capacity: int) -> BoundedSeries:
+        """This series held to ``capacity`` points from now on (a resume with another ``history_size``): thinned as
+        if it had grown with that capacity, so the points kept are the ones the scheme keeps."""
+        if capacity < 3:
+            raise ValueError(f"history capacity must be >= 3, got {capacity}")
+        self.capacity = capacity
+        self._thin_to_capacity()
+        return self
 
     def __len__(self) -> int:
         return len(self.steps)
