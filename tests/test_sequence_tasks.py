@@ -67,6 +67,9 @@ def test_modular_addition_pairs_by_hand_and_split() -> None:
     assert len(train) == 10 and len(val) == 15 and not train & val
     with pytest.raises(ValueError, match="train_fraction"):
         ModularAdditionDataModule(p=5, train_fraction=1.0)
+    for p, fraction in ((2, 0.1), (5, 0.99)):  # round(0.4) = 0 training problems; round(24.75) = 25: no validation
+        with pytest.raises(ValueError, match=rf"train_fraction={fraction} of the {p * p} problems .* leaves the"):
+            ModularAdditionDataModule(p=p, train_fraction=fraction)
 
 
 def test_tasks_forward_shapes_and_one_fit_step(tmp_path: Path) -> None:

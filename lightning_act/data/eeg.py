@@ -773,6 +773,9 @@ class EEGSeizureDataModule(SplitDataModule):
     ``(x, y, recording_index, window_end_s)`` (``y = -1`` for ictal/post-ictal/boundary windows).
     ``interictal_distance_minutes`` (e.g. 240 for the common >= 4 h convention) and
     ``leading_gap_minutes`` select interictal windows and leading seizures (:func:`label_windows`).
+    ``horizon_minutes`` sets the labels only: the synthetic recordings' preictal change starts 10-15 min before
+    each onset whatever the horizon (see :func:`generate_recording`), so a shorter horizon labels the ramp's start
+    interictal, as a fixed horizon does with real recordings, whose preictal state has no known length.
     """
 
     def __init__(

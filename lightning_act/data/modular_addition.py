@@ -39,6 +39,11 @@ class ModularAdditionDataModule(pl.LightningDataModule):
             raise ConfigError(f"p={p} must be >= 2")
         if not 0.0 < train_fraction < 1.0:
             raise ConfigError(f"train_fraction={train_fraction} must be in (0, 1); the grokking setups use 0.3-0.5")
+        if not 1 <= round(train_fraction * p * p) < p * p:  # the split below: an empty training or validation set
+            raise ConfigError(
+                f"train_fraction={train_fraction} of the {p * p} problems of p={p} leaves the training or validation "
+                "set empty; pass a larger p or a train_fraction nearer 0.5"
+            )
         self.p = p
         self.train_fraction = train_fraction
         self.batch_size = batch_size
