@@ -412,3 +412,37 @@ def test_top_k_values_of_a_float64_activation_are_exact() -> None:
     top = topk_positions_from(fused_statistics(h, monitor.fused_spec(0)), 2)
     expected = np.sort(np.abs(h.numpy()).max(axis=0).ravel())[::-1][:2]
     assert top[:2].tolist() == expected.tolist() and top[0].item() == 4.473222950036799
+
+
+def test_a_ratio_left_undefined_by_an_all_zero_sample_is_not_logged(tmp_path) -> None:
+    # A zero-padded sample has median 0 and max 0: its ratio is 0/0, so the layer's mean ratio is unknown at that step.
+    # Before: logged as NaN (a metrics.csv value, a point in every plot); now left out with one warning, while
+    # what is still defined (median, top1, count) is logged as usual.
+    pl.seed_everything(0)
+    x = torch.randn(16, 6, 8, generator=torch.Generator().manual_seed(0))
+    x[9] = 0.0  # second batch, second sample
+
+    class KeepsZeroSamples(nn.Module):
+        def __init__(self, block: nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.block(h) * (h.abs().sum((1, 2)) > 0).to(h.dtype)[:, None, None]
+
+    class ZeroesItsInput(TinyTransformerish):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([KeepsZeroSamples(block) for block in self.blocks])
+
+    monitor = MassiveActivations(modules=["blocks.0"], every_n_steps=1)
+    trainer = pl.Trainer(max_steps=2, logger=CSVLogger(tmp_path, name="csv"), callbacks=[monitor],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"MassiveActivations: blocks.0 ratio is unknown at step 1 \(.*all zero"):
+        trainer.fit(ZeroesItsInput(), DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8))
+    columns = read_csv_columns(trainer.loggers[0].experiment.metrics_file_path)
+    assert len(columns["massive/blocks.0/ratio"]) == 1 and all(math.isfinite(v) for v in columns["massive/blocks.0/ratio"])
+    assert monitor.history["massive/blocks.0/ratio"].steps == [0]
+    assert monitor.history["massive/blocks.0/median"].steps == [0, 1]
+    assert "massive/blocks.0/ratio" in trainer.callback_metrics  # step 0's value: the latest known

@@ -37,6 +37,11 @@ class ActivationStats(ActivationMonitor):
         )
         self.zero_threshold = check_number("ActivationStats", "zero_threshold", zero_threshold)
 
+    def unknown_cause(self, stats: list[str]) -> str:
+        if stats == ["std"]:
+            return "below the resolution of the sums it comes from: |mean| over ~1e5 std, or all entries equal"
+        return super().unknown_cause(stats)
+
     def fused_spec(self, tap_index: int) -> FusedSpec:
         return moment_spec(self.zero_threshold)
 

@@ -511,6 +511,7 @@ class ActivationMonitor(FitScopedState, ABC):
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
         self._unknown_extras_warned: set[str] = set()
+        self._unknown_warned: set[str] = set()
         self._unmeasured_warned: set[str] = set()
         self._low_dim_warned: set[str] = set()
         self._features_warned: set[str] = set()
@@ -838,6 +839,7 @@ class ActivationMonitor(FitScopedState, ABC):
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
+        unknown: dict[str, list[str]] = {}
         pairs = [*zip(names, host_values), *(((None, key), value) for key, value in (extras or {}).items())]
         for (tap_index, stat), value in pairs:
             if tap_index is None and math.isnan(value):
@@ -849,14 +851,35 @@ class ActivationMonitor(FitScopedState, ABC):
                 continue
             else:
                 tap_name = self.taps[tap_index].name
+                if math.isnan(value):  # unknown at this step: a NaN would read like a measurement in every logger
+                    unknown.setdefault(tap_name, []).append(stat)
+                    continue
                 stats.setdefault(tap_name, {})[stat] = value
                 key = f"{self.prefix}/{tap_name}/{stat}"
             metrics[key] = value
             self.record(key, step, value)
+        for tap_name, names_unknown in unknown.items():
+            first_time = [stat for stat in names_unknown if f"{tap_name}/{stat}" not in self._unknown_warned]
+            if first_time:
+                self._unknown_warned.update(f"{tap_name}/{stat}" for stat in first_time)
+                rank_zero_warn(f"{type(self).__name__}: {tap_name} {self.unknown_statistics(first_time, step)}",
+                               category=UserWarning)
         self.log_metrics(trainer, metrics, step)
         self.publish(trainer, metrics)
         self.on_statistics(trainer, step, stats)
         return metrics
+
+    def unknown_statistics(self, stats: list[str], step: int) -> str:
+        """Why a tap's statistics ``stats`` are unknown (NaN) at ``step``, said once per tap as they go unlogged;
+        subclasses name their statistics' causes (:meth:`unknown_cause`)."""
+        return (
+            f"{'/'.join(stats)} {'is' if len(stats) == 1 else 'are'} unknown at step {step} "
+            f"({self.unknown_cause(stats)}); a statistic is not logged at a step where it is unknown"
+        )
+
+    def unknown_cause(self, stats: list[str]) -> str:
+        """What makes the statistics ``stats`` unknown (NaN), in a few words."""
+        return "no finite activation to compute them from"
 
     def unknown_extra(self, key: str, step: int) -> str:
         """Why the extra statistic ``key`` is unknown (NaN) at ``step``, said once as it goes unlogged."""

@@ -124,6 +124,9 @@ class DimensionalCollapse(ActivationMonitor):
         "~16,000 times its spread, which its float32 projection cannot resolve: tap a normalised layer or pass "
         "wide_dim=None"
     )
+
+    def unknown_cause(self, stats: list[str]) -> str:
+        return "the covariance is not finite: NaN or inf activations"
     reads_features = True  # the covariance is over the features
 
     def __init__(

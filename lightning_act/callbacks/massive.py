@@ -92,6 +92,14 @@ class MassiveActivations(ActivationMonitor):
     heatmap_stat = "ratio"
     reads_features = True  # the top-k positions name a token and a feature
 
+    def unknown_cause(self, stats: list[str]) -> str:
+        if all(stat.startswith("top") and "_" in stat for stat in stats):
+            return f"the output has fewer (token, feature) positions than top_k={self.top_k}"
+        return (
+            "a sample's median |a| is unknown: outside the range of the median's histogram (see bins); or, for the "
+            "ratio, a sample is all zero (0/0)"
+        )
+
     def __init__(
         self,
         modules: ModuleSpec | Sequence[ModuleSpec] | None = None,

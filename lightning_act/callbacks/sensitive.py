@@ -37,6 +37,7 @@ masks are identical on every rank.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -321,6 +322,7 @@ class SensitiveNeurons(FitScopedState):
         self._features_warned: set[str] = set()
         self._low_dim_warned: set[str] = set()
         self._unobserved_warned: set[str] = set()
+        self._unknown_warned: set[str] = set()
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
@@ -487,6 +489,18 @@ class SensitiveNeurons(FitScopedState):
         step, self._pending_step = self._pending_step, None
         self.checkpoint(trainer, pl_module, step)
 
+    def _warn_unknown(self, tap_name: str, stats: list[str], step: int) -> None:
+        stats = [stat for stat in stats if f"{tap_name}/{stat}" not in self._unknown_warned]
+        if not stats:
+            return
+        self._unknown_warned.update(f"{tap_name}/{stat}" for stat in stats)
+        rank_zero_warn(
+            f"SensitiveNeurons: {tap_name} {'/'.join(stats)} {'is' if len(stats) == 1 else 'are'} unknown at step "
+            f"{step} (the tracking set's embeddings are not finite: NaN or inf in the model); a statistic is not "
+            "logged at a checkpoint where it is unknown",
+            category=UserWarning,
+        )
+
     def _warn_unobserved(self, tap_name: str, step: int) -> None:
         if tap_name in self._unobserved_warned or tap_name in self._low_dim_warned:  # a low-dimensional tap: said
             return
@@ -571,7 +585,12 @@ class SensitiveNeurons(FitScopedState):
         metrics: dict[str, float] = {}
         for (tap, _), read in zip(derived, self._read(derived), strict=True):
             stats = self._update_selection(tap, read)
+            unknown = [stat for stat, value in stats.items() if math.isnan(value)]
+            if unknown:  # a NaN would read like a measurement in every logger
+                self._warn_unknown(tap.name, unknown, step)
             for stat, value in stats.items():
+                if stat in unknown:
+                    continue
                 key = f"{self.prefix}/{tap.name}/{stat}"
                 metrics[key] = value
                 series = self.history.get(key)

@@ -90,6 +90,12 @@ class ActivationSparsity(ActivationMonitor):
         "activation entering it was zero, or not finite"
     )
 
+    def unknown_cause(self, stats: list[str]) -> str:
+        if any(stat.startswith("cett") for stat in stats):
+            return (f"the token-averaged CETT does not reach target_cett={self.target_cett} inside cett_grid_range="
+                    f"{self.cett_grid_range}: widen the range; or no finite activation")
+        return super().unknown_cause(stats)
+
     def __init__(
         self,
         modules: ModuleSpec | Sequence[ModuleSpec] | None = None,
