@@ -371,3 +371,45 @@ def test_cett_with_half_the_neurons_pruned_and_with_none_left() -> None:
     assert monitor.history["sparsity/fc1/zero_frac"].steps == [0, 1]
     said = [str(w.message) for w in caught if str(w.message).startswith("ActivationSparsity: fc2-input ")]
     assert len(said) == 1 and "every weight column or every activation entering it was zero" in said[0]
+
+
+def test_cett_tokens_are_not_one_position_when_the_batch_lines_up_with_the_sequence() -> None:
+    # 256 sequences of 5 tokens, 256 tokens kept: every 5th flattened row was kept, i.e. token 0 of every sequence
+    # (a 197-token ViT at batch 256 does the same), and the logged CETT described the CLS token alone.
+    batch, tokens, d_ff, d_model = 256, 5, 16, 4
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(batch, tokens, d_ff, generator=generator, dtype=torch.float64).abs()
+    a[:, 0] = 1e-3 * torch.rand(batch, d_ff, generator=generator, dtype=torch.float64)
+    a[:, 0, :2] = 5.0  # token 0: two dominant neurons, a ratio near 2/16
+    w = torch.randn(d_model, d_ff, generator=generator, dtype=torch.float64)
+
+    class Fixed(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.Identity()
+            self.fc2 = nn.Linear(d_ff, d_model, bias=False, dtype=torch.float64)
+            self.fc2.weight.data.copy_(w)
+            self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def training_step(self, batch, batch_idx):
+            return self.fc2(self.act(a * self.scale)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    monitor = ActivationSparsity(modules=[], cett_modules="fc2", every_n_steps=1, cett_grid_size=2000)
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[monitor], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(Fixed(), DataLoader(TensorDataset(torch.zeros(1)), batch_size=1))
+
+    # float64 bisection on eps over every token of the step: the ratio of pairs above the threshold
+    flat, weight = a.reshape(-1, d_ff).numpy(), w.numpy()
+    m = flat * np.linalg.norm(weight, axis=0)
+    full = np.linalg.norm(flat @ weight.T, axis=1)
+    low, high = 1e-12, 2 * m.max()
+    for _ in range(80):
+        mid = math.sqrt(low * high)
+        below = np.mean(np.linalg.norm(np.where(m < mid, flat, 0.0) @ weight.T, axis=1) / full) < 0.2
+        low, high = (mid, high) if below else (low, mid)
+    exact = float(np.mean(m >= high))  # 0.41 over all tokens (the strided rows gave 0.10: token 0)
+    assert monitor.history["sparsity/fc2-input/cett_ratio"].values[0] == pytest.approx(exact, abs=0.05)

@@ -29,7 +29,7 @@ from lightning_act.stats.sparsity import (
     cett_partials,
     cett_threshold,
     has_time_axis,
-    strided_rows,
+    spread_row_index,
     temporal_fraction,
     temporal_partials,
     zero_fraction,
@@ -77,7 +77,7 @@ class ActivationSparsity(ActivationMonitor):
 
     ``target_cett`` defaults to 0.2, a moderate tail error; the Sparsing Law's PPL-1% CETT is
     found per model by a perplexity search that a monitor cannot run, so set it to that value
-    when you know it. CETT is computed on at most ``cett_max_tokens`` evenly strided tokens per
+    when you know it. CETT is computed on at most ``cett_max_tokens`` tokens (a fixed pseudo-random choice) per
     micro-batch, on a grid of ``cett_grid_size`` thresholds spanning ``cett_grid_range`` in units of
     activation magnitude (times the layer's median down-projection column norm).
     """
@@ -153,6 +153,7 @@ class ActivationSparsity(ActivationMonitor):
         self._zero_taps: set[int] = set()
         self._cett_linear: dict[int, nn.Module] = {}
         self._cett_grid: dict[int, torch.Tensor] = {}
+        self._cett_row_index: dict[tuple[int, torch.device], torch.Tensor | None] = {}
         self._has_time: dict[int, bool] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -212,9 +213,17 @@ class ActivationSparsity(ActivationMonitor):
             weight = down_projection_weight(linear)
             grid = cett_grid(weight, self.cett_grid_size, *self.cett_grid_range)
             self._cett_grid[tap_index] = grid
-            rows = strided_rows(x.reshape(-1, x.shape[-1]), self.cett_max_tokens)
-            parts.append(cett_partials(rows, weight, grid))
+            parts.append(cett_partials(self._cett_rows(x.reshape(-1, x.shape[-1])), weight, grid))
         return Partials(sums=parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def _cett_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """At most ``cett_max_tokens`` of the ``(N, d)`` tokens, the same ones for every step of that N."""
+        key = (tokens.shape[0], tokens.device)
+        if key not in self._cett_row_index:
+            index = spread_row_index(tokens.shape[0], self.cett_max_tokens)
+            self._cett_row_index[key] = None if index is None else index.to(tokens.device)
+        index = self._cett_row_index[key]
+        return tokens if index is None else tokens.index_select(0, index)
 
     def summarize_taps(
         self, taps: list[int], sums: dict[int, torch.Tensor], maxima: dict[int, torch.Tensor],

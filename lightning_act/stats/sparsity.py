@@ -115,11 +115,16 @@ def cett_grid(
     return scale * torch.pow(10.0, exponents)
 
 
-def strided_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
-    """At most ``max_rows`` rows of ``x`` (``(N, d)``), evenly strided: a deterministic, RNG-free subsample."""
-    rows = x.shape[0]
-    stride = max(1, -(-rows // max_rows))
-    return x[::stride][:max_rows]
+def spread_row_index(rows: int, max_rows: int) -> torch.Tensor | None:
+    """Which ``max_rows`` of ``rows`` rows to keep (sorted, on the CPU), or None to keep them all: a fixed
+    pseudo-random choice (seed 0), the same for every tensor of that length, without the global RNG.
+
+    Evenly strided rows alias with the token axis of a flattened ``(B, T, d)``: with a stride that is a multiple of
+    ``T`` (B = 256 for a 197-token ViT) every kept row was token 0, the CLS token.
+    """
+    if rows <= max_rows:
+        return None
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:max_rows].sort().values
 
 
 def cett_partials(
