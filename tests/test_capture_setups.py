@@ -183,6 +183,48 @@ def numpy_erank(rows):
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+class DropoutEncoder(SequenceClassifier):
+    """nn.TransformerEncoder with dropout 0.3 (its activation is functional: '@activations' taps linear2's input)."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=32, dropout=0.3, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.embed = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def test_input_taps_read_through_the_dropout_that_feeds_them():
+    # Before: the taps read the dropout's output. A timm ViT with drop_rate=0.5 logged the erank of the dropped
+    # features (a rank-1 feature set read as rank ~80 of 96), and the encoder layer's zero_frac counted the
+    # dropout's zeros as the ReLU's sparsity.
+    import timm
+
+    pl.seed_everything(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, in_chans=1, img_size=16,
+                            patch_size=4, depth=2, drop_rate=0.5)
+    collapse = DimensionalCollapse(modules="@penultimate", every_n_steps=1)
+    features = Recorder("net.head_drop", point="input")
+    quiet_trainer(max_steps=2, callbacks=[collapse, features]).fit(ToyTask(vit), toy_loader(16, 8))
+    assert [t.name for t in collapse.taps] == ["net.head-input"]
+    for step in (0, 1):
+        (rows,) = features.seen[step]
+        assert values(collapse, "collapse/net.head-input/erank")[step] == pytest.approx(numpy_erank(rows), rel=1e-5)
+
+    pl.seed_everything(0)
+    sparsity = ActivationSparsity(modules="@activations", every_n_steps=1)
+    relu = Recorder("encoder.layers.0.dropout", point="input")  # the layer runs dropout(relu(linear1(x))) into linear2
+    quiet_trainer(max_steps=2, callbacks=[sparsity, relu]).fit(DropoutEncoder(), sequences(16, 6))
+    assert [t.name for t in sparsity.taps] == ["encoder.layers.0.linear2-input"]
+    for step in (0, 1):
+        (a,) = relu.seen[step]
+        assert values(sparsity, "sparsity/encoder.layers.0.linear2-input/zero_frac")[step] == pytest.approx(
+            np.mean(a == 0), abs=1e-12)
+
+
 def test_channels_last_swin_stages_are_read_with_their_channels_as_features():
     """timm's Swin stages give (B, H, W, C): the spectrum is over C and top-k features name channels."""
     import timm

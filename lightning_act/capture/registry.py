@@ -38,6 +38,14 @@ Input taps read a module's first positional argument or, when the module is call
 attention modules are called as ``self_attn(hidden_states=h, ...)``), the keyword argument of its ``forward``'s
 first parameter.
 
+An input tap reads *through a dropout* that feeds it: when the module registered just before the tapped one in
+their parent (``nn.Identity`` skipped) is a dropout, and in a training forward that dropout's output is the very
+tensor the tapped module receives, the tap reads the dropout's input. Dropout is training noise, not the
+representation: ``@penultimate`` on a timm model with ``drop_rate > 0`` read the head dropout's output (a rank-1
+feature set logged an effective rank of 80 of 96), and ``@activations`` on ``nn.TransformerEncoderLayer`` (whose
+activation is a function, so ``linear2``'s input is tapped) counted the dropout's zeros as sparsity. A functional
+dropout (``F.dropout`` in a forward) cannot be seen.
+
 Pickling: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
 when the model is pickled or deep-copied, so a copy carries an inert hook and no monitor state.
 """
@@ -139,6 +147,44 @@ class _InputCaptureHook(_CaptureHook):
             _deliver(registry, self.key, tapped_input(args, kwargs, self.parameter))
 
 
+class _DropoutInputHook:
+    """The forward hook of a dropout that feeds an input tap: keeps (output, input) of a training forward for the
+    tap's pre-hook, which reads the input when the output is what it receives (see the module docstring)."""
+
+    def __init__(self, registry: CaptureRegistry, key: tuple[int, str]) -> None:
+        self.registry: CaptureRegistry | None = registry
+        self.key = key
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        registry = self.registry
+        if registry is not None and registry.observing and module.training and args:
+            _remember_dropout_input(registry, self.key, output, args[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "registry": None}
+
+
+@torch._dynamo.disable
+def _remember_dropout_input(registry: CaptureRegistry, key: tuple[int, str], output: Any, value: Any) -> None:
+    registry.before_dropout[key] = (output, value)
+
+
+def dropout_feeding(root: nn.Module, module: nn.Module) -> nn.Module | None:
+    """The dropout registered just before ``module`` in its parent (``nn.Identity`` children skipped), if any: the
+    timm head's ``head_drop``, ``nn.TransformerEncoderLayer``'s ``dropout`` before ``linear2``, timm ``Mlp``'s
+    ``drop1`` before ``fc2``. Whether it feeds ``module`` is checked in each forward, on the tensors."""
+    for parent in root.modules():
+        children = list(parent.children())
+        if not any(child is module for child in children):
+            continue
+        before = [child for child in children[: next(i for i, c in enumerate(children) if c is module)]
+                  if not isinstance(child, nn.Identity)]
+        if before and isinstance(before[-1], nn.modules.dropout._DropoutNd):
+            return before[-1]
+        return None
+    return None
+
+
 def _fused_spec(subscription: _Subscription) -> FusedSpec | None:
     asks = getattr(subscription.subscriber, "fused_spec", None)
     return None if asks is None else asks(subscription.tap_index)
@@ -202,6 +248,9 @@ class ForwardCutoff:
 
 @torch._dynamo.disable
 def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> None:
+    remembered = registry.before_dropout.pop(key, None) if registry.before_dropout else None
+    if remembered is not None and first_tensor(remembered[0]) is first_tensor(value):
+        value = remembered[1]  # the tapped module's input came out of a dropout: read what went in
     tensor = first_tensor(value)
     if tensor is None or tensor.numel() == 0:
         return
@@ -249,6 +298,9 @@ class CaptureRegistry:
         #: While set (:meth:`exclusive`), counts the deliveries of a probe forward and may end it.
         self.cutoff: ForwardCutoff | None = None
         self._handles: dict[tuple[int, str], RemovableHandle] = {}
+        self._dropout_handles: dict[tuple[int, str], RemovableHandle] = {}
+        #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
+        self.before_dropout: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._subscribers: list[Subscriber] = []
         self._root: weakref.ref[nn.Module] | None = None  # weak: the registries are kept by a weak map of their roots
 
@@ -264,6 +316,10 @@ class CaptureRegistry:
                 if tap.point == "input":
                     hook = _InputCaptureHook(self, key, input_parameter(tap.module))
                     self._handles[key] = tap.module.register_forward_pre_hook(hook, with_kwargs=True)
+                    root = self._root() if self._root is not None else None
+                    dropout = None if root is None else dropout_feeding(root, tap.module)
+                    if dropout is not None:
+                        self._dropout_handles[key] = dropout.register_forward_hook(_DropoutInputHook(self, key))
                 else:
                     self._handles[key] = tap.module.register_forward_hook(_CaptureHook(self, key))
         if set(self._handles) != hooked:
@@ -287,6 +343,10 @@ class CaptureRegistry:
             else:
                 del self.subscriptions[key]
                 self._handles.pop(key).remove()
+                dropout_handle = self._dropout_handles.pop(key, None)
+                if dropout_handle is not None:
+                    dropout_handle.remove()
+                self.before_dropout.pop(key, None)
         return len(self._handles) != hooked
 
     def _forget_compiled_code(self) -> None:
