@@ -353,6 +353,22 @@ def test_a_float64_embedding_is_the_tapped_value_not_one_changed_in_place_later(
     np.testing.assert_allclose(monitor.embeddings["features"][-1].cpu().numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_every_row_of_tracking_inputs_is_tracked() -> None:
+    # Before: only tracking_inputs[:num_samples] (64 by default) went through the model, silently.
+    generator = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+    tracking = torch.randn(100, 6, generator=generator, dtype=torch.float64)
+    model = _InPlaceReLUNet()
+    monitor = SensitiveNeurons(modules=["features"], every_n_steps=1, tracking_inputs=tracking, window=2,
+                               eigenscore_passes=0, stop_after_taps=False)
+    trainer = pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False, precision="64-true",
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    weight, bias = model.features.weight.detach().numpy(), model.features.bias.detach().numpy()
+    np.testing.assert_allclose(monitor.embeddings["features"][-1].cpu().numpy(), tracking.numpy() @ weight.T + bias,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_a_tap_without_features_is_said_once_and_a_conv3d_map_is_averaged_over_its_volume(tmp_path: Path) -> None:
     """Before: a (B,) tap raised in the tracking pass and stopped the fit, and so did a (B, C, D, H, W) map."""
     volume = torch.arange(2 * 3 * 2 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2, 2)

@@ -195,8 +195,8 @@ class SensitiveNeurons(FitScopedState):
     Args:
         modules: layers whose per-example features are tracked; default the penultimate features.
         every_n_steps: a checkpoint every this many optimizer steps.
-        num_samples: size N of the tracking set taken from the validation data.
-        tracking_inputs: the tracking set itself (a tensor of model inputs) instead.
+        num_samples: size N of the tracking set taken from the validation data (not used with ``tracking_inputs``).
+        tracking_inputs: the tracking set itself (a tensor of model inputs, every row of it) instead.
         window: C, the number of checkpoints of the sensitivity (C + 1 are kept).
         top_fraction: K, the fraction of neurons called sensitive (0.2 in the paper).
         drop: run the SeND protocol (zero the sensitive features for ``drop_checkpoints`` checkpoints).
@@ -391,7 +391,7 @@ class SensitiveNeurons(FitScopedState):
             return
         device = _module_device(pl_module)
         if self.tracking_inputs is not None:
-            self._batches = list(to_device(self.tracking_inputs[: self.num_samples], device, trainer).split(self.batch_size))
+            self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
         elif self.custom_forward:
             batches = validation_batches(
                 trainer, "SensitiveNeurons", lambda bs: sum(_num_examples(b) for b in bs) >= self.num_samples
