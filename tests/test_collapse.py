@@ -562,3 +562,20 @@ def test_param_patterns_takes_one_glob_from_a_config_as_from_python() -> None:
     config = parser.parse_args(["--collapse.param_patterns", "blocks.*.weight"])
     monitor = parser.instantiate_classes(config).collapse
     assert monitor.param_patterns == DimensionalCollapse(param_patterns="blocks.*.weight").param_patterns == ["blocks.*.weight"]
+
+
+def test_two_collapse_monitors_following_weights_are_refused_in_one_line() -> None:
+    # Before: both logged their own trajectory's r90 under 'collapse/params/r90' at the same steps (two rows per step
+    # in metrics.csv; callback_metrics, read by EarlyStopping/ModelCheckpoint, kept whichever ran last).
+    from _toy import BlockNet, ToyTask, quiet_trainer, toy_loader
+    from lightning_act.errors import LightningActError
+
+    both = [DimensionalCollapse(modules=["net.blocks.0"], every_n_steps=1),
+            DimensionalCollapse(modules=["net.blocks.1"], every_n_steps=2)]
+    with pytest.raises(LightningActError, match=r"^2 DimensionalCollapse monitors follow a weight trajectory, .* "
+                                                r"pass param_patterns=\[\] to all but one of them$"):
+        quiet_trainer(max_steps=2, callbacks=both).fit(ToyTask(BlockNet()), toy_loader())
+    one = [DimensionalCollapse(modules=["net.blocks.0"], every_n_steps=1),
+           DimensionalCollapse(modules=["net.blocks.1"], every_n_steps=2, param_patterns=[])]
+    quiet_trainer(max_steps=2, callbacks=one).fit(ToyTask(BlockNet()), toy_loader())
+    assert one[0].history["collapse/params/r90"].steps == [0, 1] and "collapse/params/r90" not in one[1].history

@@ -337,3 +337,36 @@ def test_two_monitors_of_one_class_on_one_module_are_refused_on_different_module
     trainer = quiet_trainer(max_steps=1, callbacks=apart)
     trainer.fit(ToyTask(tiny_mlp()), toy_loader())
     assert {"act/net.2/rms", "act/net.4/rms"} <= set(trainer.callback_metrics)
+
+
+def test_callback_metrics_hold_the_logged_float64_values():
+    # Before: put into callback_metrics as float32, so EarlyStopping/ModelCheckpoint read inf for an abs_max of 1e39
+    # (finite in a "64-true" model) and 0 for values below ~1e-45, while the loggers had the float64 values.
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.big, self.tiny = nn.Identity(), nn.Identity()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.big(h * 1e39) * 1e-39 + self.tiny(h * 1e-50) * 1e50
+
+    class Task(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Scaled()
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    monitor = ActivationStats(modules=["net.big", "net.tiny"], every_n_steps=1)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    trainer = quiet_trainer(max_steps=1, precision="64-true", callbacks=[monitor])
+    trainer.fit(Task(), torch.utils.data.DataLoader(data, batch_size=8))
+    for key in ("act/net.big/abs_max", "act/net.tiny/abs_max"):
+        logged = monitor.history[key].values[-1]
+        assert 0 < abs(logged) < float("inf") and float(trainer.callback_metrics[key]) == logged

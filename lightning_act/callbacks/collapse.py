@@ -445,6 +445,15 @@ class DimensionalCollapse(ActivationMonitor):
         ])
         self._rows_per_due_step = self.max_rows * accumulation * max(1, trainer.world_size)
         self._sketch_dims = {}
+        follow_weights = [
+            c for c in trainer.callbacks
+            if isinstance(c, DimensionalCollapse) and c.prefix == self.prefix and c.param_patterns != []
+        ]
+        if self.param_patterns != [] and len(follow_weights) > 1:
+            raise LightningActError(
+                f"{len(follow_weights)} DimensionalCollapse monitors follow a weight trajectory, and all would log "
+                f"'{self.prefix}/params/r90'; pass param_patterns=[] to all but one of them"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Choose this fit's weights (after ``configure_model`` and a checkpoint's restore), and continue the held
