@@ -155,6 +155,26 @@ def test_a_resumed_fit_puts_the_last_statistics_back_for_early_stopping(tmp_path
         assert resumed.callback_metrics[key].item() == whole.callback_metrics[key].item()
 
 
+@pytest.mark.parametrize(("every", "check_on_train_epoch_end", "warns"), [(4, True, True), (4, False, True),
+                                                                       (2, True, False), (2, False, False)])
+def test_early_stopping_that_checks_more_often_than_the_statistic_is_measured_is_warned(every, check_on_train_epoch_end,
+                                                                                       warns):
+    # 2 optimizer steps per epoch, a check per epoch. Before: nothing said that a statistic measured every 4 steps is
+    # read at two checks, the second one counted as no improvement (patience=2 stopped on one measurement).
+    stop = EarlyStopping(monitor="sparsity/net.blocks.0.act/zero_frac", mode="max", patience=2,
+                         check_on_train_epoch_end=check_on_train_epoch_end)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[ActivationSparsity(every_n_steps=every), stop])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ToyTask(BlockNet()), toy_loader(16), toy_loader(16, seed=1))
+    said = [str(w.message) for w in caught if "EarlyStopping(monitor=" in str(w.message)]
+    expected = ("ActivationSparsity: EarlyStopping(monitor='sparsity/net.blocks.0.act/zero_frac') checks every ~2 "
+                "optimizer steps, but the statistic is measured every 4: it counts the repeated values as no "
+                "improvement and may stop after patience=2 checks of one measurement; pass every_n_steps <= 2 or a "
+                "larger patience")
+    assert said == ([expected] if warns else [])
+
+
 def test_a_further_fit_of_the_same_trainer_has_its_statistics_for_early_stopping():
     # The same as a resume: Lightning empties callback_metrics at each fit; the second fit's first epoch (steps 2, 3)
     # has no due step (every 4), so EarlyStopping failed there with "metric not available".

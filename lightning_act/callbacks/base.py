@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
@@ -393,6 +393,36 @@ class FitScopedState(Callback):
         published = self.__dict__.get("_published")
         if published:
             self.publish(trainer, published)
+        self._warn_early_stopping_faster_than_measured(trainer)
+
+    def _warn_early_stopping_faster_than_measured(self, trainer: pl.Trainer) -> None:
+        """One warning when an ``EarlyStopping`` on one of this monitor's statistics checks more often than the
+        statistic is measured: it reads the same value at several checks and counts the repeats as no improvement, so
+        it stops after ``patience`` checks on a value measured once."""
+        every = getattr(self, "every_n_steps", 1)
+        steps_per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
+        if every <= 1 or not math.isfinite(steps_per_epoch):
+            return
+        for stopper in trainer.callbacks:
+            key = getattr(stopper, "monitor", None)
+            if not isinstance(stopper, EarlyStopping) or not str(key).startswith(f"{self.prefix}/"):
+                continue
+            accumulate = max(1, trainer.accumulate_grad_batches)
+            if stopper._check_on_train_epoch_end or trainer.val_check_batch is None:
+                between = steps_per_epoch
+            elif trainer.check_val_every_n_epoch is None:  # validation every val_check_batch batches, across epochs
+                between = trainer.val_check_batch / accumulate
+            else:  # within each check_val_every_n_epoch-th epoch
+                between = min(trainer.val_check_batch, trainer.num_training_batches) / accumulate
+                between *= trainer.check_val_every_n_epoch
+            if every > between:
+                rank_zero_warn(
+                    f"{type(self).__name__}: EarlyStopping(monitor='{key}') checks every ~{max(1, round(between))} "
+                    f"optimizer steps, but the statistic is measured every {every}: it counts the repeated values as "
+                    f"no improvement and may stop after patience={stopper.patience} checks of one measurement; pass "
+                    f"every_n_steps <= {max(1, int(between))} or a larger patience",
+                    category=UserWarning,
+                )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """The loggers write what they hold before a checkpoint that holds it is written: Lightning's CSVLogger keeps
