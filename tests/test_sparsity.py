@@ -413,3 +413,17 @@ def test_cett_tokens_are_not_one_position_when_the_batch_lines_up_with_the_seque
         low, high = (mid, high) if below else (low, mid)
     exact = float(np.mean(m >= high))  # 0.41 over all tokens (the strided rows gave 0.10: token 0)
     assert monitor.history["sparsity/fc2-input/cett_ratio"].values[0] == pytest.approx(exact, abs=0.05)
+
+
+def test_two_monitors_of_one_class_save_a_figure_each(tmp_path) -> None:
+    # Before: both wrote plots/sparsity_zero_frac_heatmap.png (and the same logger key): the first one's layer was lost.
+    from _toy import BlockNet, ToyTask, toy_loader
+
+    first = ActivationSparsity(modules=["net.blocks.0.act"], every_n_steps=1)
+    second = ActivationSparsity(modules=["net.blocks.1.act"], every_n_steps=1)
+    trainer = pl.Trainer(max_steps=2, logger=CSVLogger(tmp_path, name="csv"), callbacks=[first, second],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu", default_root_dir=tmp_path)
+    trainer.fit(ToyTask(BlockNet()), toy_loader())
+    plots = tmp_path / "csv" / "version_0" / "plots"
+    assert sorted(p.name for p in plots.glob("*.png")) == ["sparsity_zero_frac_heatmap.png", "sparsity_zero_frac_heatmap_2.png"]

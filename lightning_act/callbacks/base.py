@@ -993,6 +993,13 @@ class ActivationMonitor(FitScopedState, ABC):
         from lightning_act.plots import layer_step_heatmap, log_figure
 
         figure = layer_step_heatmap(series, title=f"{self.prefix}/{self.heatmap_stat}")
-        log_figure(trainer, figure, f"{self.prefix}_{self.heatmap_stat}_heatmap")
+        log_figure(trainer, figure, self.output_name(trainer, f"{self.prefix}_{self.heatmap_stat}_heatmap"))
+
+    def output_name(self, trainer: pl.Trainer, name: str) -> str:
+        """``name`` of a figure or table, numbered when the Trainer has several monitors of this class (on other
+        modules): ``name``, ``name_2``, ... in callback order (they overwrote one another's file and logger key)."""
+        alike = [c for c in trainer.callbacks if type(c) is type(self) and getattr(c, "prefix", None) == self.prefix]
+        position = next(i for i, c in enumerate(alike) if c is self)
+        return name if position == 0 else f"{name}_{position + 1}"
 
 

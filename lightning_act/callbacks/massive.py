@@ -327,13 +327,13 @@ class MassiveActivations(ActivationMonitor):
 
         from lightning_act.plots import log_figure, log_table
 
-        log_figure(trainer, self._fit_figure(), f"{self.prefix}_ratio_emergence_fits")
+        log_figure(trainer, self._fit_figure(), self.output_name(trainer, f"{self.prefix}_ratio_emergence_fits"))
         columns = ["module", "A", "lambda", "gamma", "t0", "K", "r2", "peak_step", "points"]
         rows = [
             [layer, fit.a, fit.lam, fit.gamma, fit.t0, fit.k, fit.r2, fit.peak_step, fit.points]
             for layer, fit in self.fits.items()
         ]
-        log_table(trainer, f"{self.prefix}/emergence_fits", columns, rows)
+        log_table(trainer, self.output_name(trainer, f"{self.prefix}/emergence_fits"), columns, rows)
 
     def _fit_figure(self) -> Any:
         from lightning_act.plots import new_figure
