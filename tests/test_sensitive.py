@@ -393,3 +393,52 @@ def test_a_tap_without_features_is_said_once_and_a_conv3d_map_is_averaged_over_i
         fit(tmp_path, ScoredMlp(), [monitor], steps=3)
     assert sum("score" in str(w.message) for w in said) == 1
     assert monitor.embeddings["hidden"] and "score" not in monitor.embeddings
+
+
+def test_the_eigenscore_passes_read_the_head_input_after_its_dropout() -> None:
+    # The stochastic passes are made of the dropout's noise: the head's input as the head receives it (the training
+    # forwards' taps read through the head dropout, a monitor's own passes must not, or every pass would be the same).
+    import timm
+
+    pl.seed_everything(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, in_chans=1, img_size=16,
+                            patch_size=4, depth=1, embed_dim=24, num_heads=2, drop_rate=0.5)
+    seen: dict[int, list[np.ndarray]] = {}
+
+    class Task(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = vit
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    task = Task()
+
+    def record(module, args):
+        if not task.training and vit.head_drop.training:  # a stochastic pass: the root in eval, its dropout on
+            seen.setdefault(task.trainer.global_step, []).append(args[0].detach().double().numpy().copy())
+
+    vit.head.register_forward_pre_hook(record)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 1, 16, 16, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+    monitor = SensitiveNeurons(every_n_steps=1, num_samples=8, eigenscore_passes=4, window=2)
+    trainer = pl.Trainer(max_steps=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(task, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    for step, value in zip(monitor.history["sensitive/net.head-input/eigenscore"].steps,
+                           monitor.history["sensitive/net.head-input/eigenscore"].values):
+        z = np.stack(seen[step + 1], axis=-1)  # (N, D, K): checkpoint of step s runs after its update, at step s + 1
+        d, k = z.shape[1], z.shape[2]
+        centred = z - z.mean(axis=1, keepdims=True)  # J_d Z
+        scores = [np.linalg.slogdet(zn.T @ cn + 1e-3 * np.eye(k))[1] / k for zn, cn in zip(z, centred)]
+        assert value == pytest.approx(np.mean(scores), rel=1e-9)

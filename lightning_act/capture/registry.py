@@ -40,7 +40,8 @@ first parameter.
 
 An input tap reads *through a dropout* that feeds it: when the module registered just before the tapped one in
 their parent (``nn.Identity`` skipped) is a dropout, and in a training forward that dropout's output is the very
-tensor the tapped module receives, the tap reads the dropout's input. Dropout is training noise, not the
+tensor the tapped module receives, the tap reads the dropout's input (not in a monitor's own passes: the stochastic
+EigenScore passes of ``SensitiveNeurons`` are made of that noise). Dropout is training noise, not the
 representation: ``@penultimate`` on a timm model with ``drop_rate > 0`` read the head dropout's output (a rank-1
 feature set logged an effective rank of 80 of 96), and ``@activations`` on ``nn.TransformerEncoderLayer`` (whose
 activation is a function, so ``linear2``'s input is tapped) counted the dropout's zeros as sparsity. A functional
@@ -157,7 +158,10 @@ class _DropoutInputHook:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         registry = self.registry
-        if registry is not None and registry.observing and module.training and args:
+        # training forwards only: a monitor's own stochastic passes (SensitiveNeurons' EigenScore) are that noise
+        if registry is None or not (registry.observing and module.training and args):
+            return
+        if registry.exclusive_subscriber is None:
             _remember_dropout_input(registry, self.key, output, args[0])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -248,7 +252,10 @@ class ForwardCutoff:
 
 @torch._dynamo.disable
 def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> None:
-    remembered = registry.before_dropout.pop(key, None) if registry.before_dropout else None
+    remembered = (
+        registry.before_dropout.pop(key, None)
+        if registry.before_dropout and registry.exclusive_subscriber is None else None
+    )
     if remembered is not None and first_tensor(remembered[0]) is first_tensor(value):
         value = remembered[1]  # the tapped module's input came out of a dropout: read what went in
     tensor = first_tensor(value)
