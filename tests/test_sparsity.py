@@ -427,3 +427,39 @@ def test_two_monitors_of_one_class_save_a_figure_each(tmp_path) -> None:
     trainer.fit(ToyTask(BlockNet()), toy_loader())
     plots = tmp_path / "csv" / "version_0" / "plots"
     assert sorted(p.name for p in plots.glob("*.png")) == ["sparsity_zero_frac_heatmap.png", "sparsity_zero_frac_heatmap_2.png"]
+
+
+def test_temporal_sums_keep_one_layout_when_the_time_axis_comes_and_goes() -> None:
+    # Before: a tap with a time axis in one micro-batch (or rank) and none in another (one frame; or a (B, D) tap
+    # beside it) packed 5 sums once and 3 the other time: the accumulation (or DDP's packed all_reduce) failed.
+    lengths = iter([3, 1, 1, 3])  # frames per micro-batch: two accumulated steps, each with one short batch
+
+    class Clips(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frames, self.pool = nn.Conv1d(2, 4, 1), nn.Identity()
+            self.head = nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0][:, :, : next(lengths)]  # (B, 2, L)
+            return self.head(self.pool(self.frames(x).mean(-1))).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    seen: list[np.ndarray] = []
+    model = Clips()
+    model.frames.register_forward_hook(lambda m, a, out: seen.append(out.detach().double().numpy()))
+    monitor = ActivationSparsity(modules=["frames", "pool"], every_n_steps=1, temporal_dim=2, temporal_eps=0.05)
+    data = TensorDataset(torch.randn(8, 2, 3, generator=torch.Generator().manual_seed(0)).round(decimals=1))
+    trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False, callbacks=[monitor],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accelerator="cpu")
+    with pytest.warns(UserWarning, match=r"ActivationSparsity: pool temporal_frac is unknown at step 0 \(no two "
+                                         r"consecutive steps along temporal_dim=2"):
+        trainer.fit(model, DataLoader(data, batch_size=2))
+    for step, frames in enumerate((seen[0], seen[3])):  # the one micro-batch of each step with consecutive frames
+        pairs = np.abs(np.diff(frames, axis=2))
+        expected = np.mean(pairs <= 0.05)
+        assert monitor.history["sparsity/frames/temporal_frac"].values[step] == pytest.approx(expected, abs=1e-12)
+    assert "sparsity/pool/temporal_frac" not in monitor.history and "sparsity/pool/zero_frac" in monitor.history

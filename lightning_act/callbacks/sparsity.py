@@ -91,6 +91,8 @@ class ActivationSparsity(ActivationMonitor):
     )
 
     def unknown_cause(self, stats: list[str]) -> str:
+        if stats == ["temporal_frac"]:
+            return f"no two consecutive steps along temporal_dim={self.temporal_dim}: its output has no such axis here"
         if any(stat.startswith("cett") for stat in stats):
             return (f"the token-averaged CETT does not reach target_cett={self.target_cett} inside cett_grid_range="
                     f"{self.cett_grid_range}: widen the range; or no finite activation")
@@ -154,7 +156,6 @@ class ActivationSparsity(ActivationMonitor):
         self._cett_linear: dict[int, nn.Module] = {}
         self._cett_grid: dict[int, torch.Tensor] = {}
         self._cett_row_index: dict[tuple[int, torch.device], torch.Tensor | None] = {}
-        self._has_time: dict[int, bool] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -179,7 +180,6 @@ class ActivationSparsity(ActivationMonitor):
                     )
                 self._cett_linear[index[(id(tap.module), tap.point)]] = tap.module
         self._cett_grid = {}
-        self._has_time = {}
 
     def fused_spec(self, tap_index: int) -> FusedSpec | None:
         return zero_spec(self.threshold) if tap_index in self._zero_taps else None
@@ -205,9 +205,11 @@ class ActivationSparsity(ActivationMonitor):
         if tap_index in self._zero_taps:
             parts.append(zero_partials(x, self.threshold) if fused is None else zero_partials_from(fused, self.threshold))
             if self.temporal_dim is not None:
-                self._has_time[tap_index] = has_time_axis(x, self.temporal_dim)
-                if self._has_time[tap_index]:
+                # the same layout on every rank and step (the reduction adds them): no pair where there is no time axis
+                if has_time_axis(x, self.temporal_dim):
                     parts.append(temporal_partials(x, self.temporal_dim, self.temporal_eps))
+                else:
+                    parts.append(x.new_zeros(len(TEMPORAL_SUMS), dtype=torch.float64))
         linear = self._cett_linear.get(tap_index)
         if linear is not None:
             weight = down_projection_weight(linear)
@@ -231,7 +233,7 @@ class ActivationSparsity(ActivationMonitor):
     ) -> list[tuple[list[int], list[str], torch.Tensor]] | None:
         """The zero fractions of every tap at once, when the taps hold nothing else (no temporal sparsity, no
         CETT); else None (:meth:`summarize` per tap)."""
-        if any(i not in self._zero_taps or self._has_time.get(i, False) or i in self._cett_linear for i in taps):
+        if self.temporal_dim is not None or any(i not in self._zero_taps or i in self._cett_linear for i in taps):
             return None
         names, values = zero_fraction_stacked(torch.stack([sums[i] for i in taps]))
         return [(taps, names, values)]
@@ -244,7 +246,7 @@ class ActivationSparsity(ActivationMonitor):
         if tap_index in self._zero_taps:
             offset = len(ZERO_SUMS)
             stats.update(zero_fraction(sums[:offset]))
-            if self._has_time.get(tap_index, False):
+            if self.temporal_dim is not None:  # unknown (NaN, not logged) for a step without consecutive pairs
                 stats["temporal_frac"] = temporal_fraction(sums[offset : offset + len(TEMPORAL_SUMS)])
                 offset += len(TEMPORAL_SUMS)
         if tap_index in self._cett_linear:
