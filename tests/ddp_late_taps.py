@@ -1,5 +1,6 @@
 """DDP on 2 CPU processes: two same-shaped taps that no rank runs at the first due step; from step 2 on, rank 0 runs
-only ``a`` and rank 1 only ``b`` (experts of a mixture, say). Dumps what each rank's taps produced and the history.
+only ``a`` and rank 1 only ``b`` (experts of a mixture, say), and only rank 0 a (B, D) ``pooled`` tap. Dumps what each
+rank's taps produced, the history and each rank's MassiveActivations keys.
 
 Run by tests/test_ddp.py as ``python ddp_late_taps.py OUT.json``.
 """
@@ -12,13 +13,13 @@ import torch.distributed as dist
 from torch import nn
 
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer
-from lightning_act.callbacks import ActivationSparsity
+from lightning_act.callbacks import ActivationSparsity, MassiveActivations
 
 
 class Experts(BlockNet):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.ReLU(), nn.ReLU()
+        self.a, self.b, self.pooled = nn.ReLU(), nn.ReLU(), nn.Identity()
         self.rank, self.step, self.zeros = 0, 0, {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,8 @@ class Experts(BlockNet):
                 counts[0] += int((out.detach() <= 0).sum())
                 counts[1] += out.numel()
             h = h + 0 * out
+            if self.rank == 0:
+                h = h + 0 * self.pooled(h.mean(1))[:, None]
         return self.head(h.mean(1))
 
 
@@ -44,11 +47,13 @@ class Task(ToyTask):
 torch.manual_seed(0)
 net = Experts()
 monitor = ActivationSparsity(modules=["net.blocks.0.act", "net.a", "net.b"], every_n_steps=2)
-trainer = quiet_trainer(max_steps=5, callbacks=[monitor], devices=2, strategy="ddp")
+massive = MassiveActivations(modules=["net.pooled"], every_n_steps=2)
+trainer = quiet_trainer(max_steps=5, callbacks=[monitor, massive], devices=2, strategy="ddp")
 trainer.fit(Task(net), ToyData(batch_size=8))
-gathered = [None, None]
+gathered, massive_keys = [None, None], [None, None]
 dist.all_gather_object(gathered, net.zeros)
+dist.all_gather_object(massive_keys, sorted(massive.history))
 if trainer.is_global_zero:
     history = {key: {"steps": list(s.steps), "values": list(s.values)} for key, s in monitor.history.items()}
     with open(sys.argv[1], "w") as handle:
-        json.dump({"zeros": {**gathered[0], **gathered[1]}, "history": history}, handle)
+        json.dump({"zeros": {**gathered[0], **gathered[1]}, "history": history, "massive_keys": massive_keys}, handle)

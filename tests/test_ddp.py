@@ -79,6 +79,10 @@ def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(tm
         for step, value in zip(history["steps"], history["values"]):
             zeros, total = result["zeros"][f"{name}/{step}"]
             assert value == pytest.approx(zeros / total, abs=1e-12)
+    # a (B, D) tap run on rank 0 only: rank 1 read its top-k as if it had tokens (top{j}_token keys rank 0 lacks)
+    on_rank_0, on_rank_1 = result["massive_keys"]
+    assert on_rank_1 == on_rank_0 and "massive/net.pooled/top0_feature" in on_rank_0
+    assert not any("token" in key for key in on_rank_0)
 
 
 def test_sensitive_neurons_with_a_self_sharding_validation_loader(tmp_path):

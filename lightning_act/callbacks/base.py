@@ -761,17 +761,23 @@ class ActivationMonitor(FitScopedState, ABC):
         (an abort under gloo, a hang under NCCL), or, for two same-sized taps first run on different ranks, added
         one tap's sums into the other's."""
         n = len(self.taps)
-        sizes = torch.tensor(
-            [[-1 if b is None else b.numel() for b in buffers] for buffers in (self._sums, self._maxima, self._samples)],
-            dtype=torch.float64, device=device,
-        ).reshape(-1)
-        sizes = all_reduce_packed([sizes], "max")[0].reshape(3, n).long().tolist()
+        flags = self.tap_flags()
+        rows = [[-1 if b is None else b.numel() for b in buffers] for buffers in (self._sums, self._maxima, self._samples)]
+        rows.append([int(flags[i]) if i in flags else -1 for i in range(n)])
+        sizes = torch.tensor(rows, dtype=torch.float64, device=device).reshape(-1)
+        sizes = all_reduce_packed([sizes], "max")[0].reshape(4, n).long().tolist()
         fills = (0.0, float("-inf"), float("nan"))
         for buffers, row, fill in zip((self._sums, self._maxima, self._samples), sizes, fills):
             for i, size in enumerate(row):
                 if buffers[i] is None and size >= 0:
                     buffers[i] = torch.full((size,), fill, dtype=torch.float64, device=device)
+        flags.update({i: bool(flag) for i, flag in enumerate(sizes[3]) if i not in flags and flag >= 0})
         self._layout_synced = min(sizes[0], default=0) >= 0  # the same on every rank: they all sync again, or none
+
+    def tap_flags(self) -> dict[int, bool]:
+        """A flag per tap that a subclass reads off the activations (its layout), which a rank that never saw the tap
+        takes from the others at :meth:`_sync_layout`; the dict itself is updated."""
+        return {}
 
     # ------------------------------------------------------------------ reduce, summarise, log
     def flush(self, trainer: pl.Trainer, step: int) -> dict[str, float]:

@@ -217,6 +217,11 @@ class MassiveActivations(ActivationMonitor):
                 blocks.append(([taps[j] for j in members], names, values))
         return blocks
 
+    def tap_flags(self) -> dict[int, bool]:
+        """Whether each tap has a token axis, which decides how its top-k positions read (a rank that never ran the
+        tap, e.g. beside a probe run on rank 0 alone, decoded a (B, D) tap's top-k as if it had tokens)."""
+        return self._has_token
+
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
         if not self._measurable(tap_index, x):
             return None
