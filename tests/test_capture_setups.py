@@ -225,6 +225,56 @@ def test_input_taps_read_through_the_dropout_that_feeds_them():
             np.mean(a == 0), abs=1e-12)
 
 
+class DropoutMlp(SequenceClassifier):
+    """fc1 -> GELU (functional) -> dropout (in place or not) -> fc2: '@activations' taps fc2's input."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(4, 16), "drop": nn.Dropout(0.5, inplace=inplace), "fc2": nn.Linear(16, 2)})
+
+    def forward(self, x):
+        return self.mlp["fc2"](self.mlp["drop"](F.gelu(self.mlp["fc1"](x)))).mean(1)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_an_input_tap_reads_through_a_dropout_in_place_or_not(inplace):
+    # In place, the dropout overwrites its input: the tap read the dropped values (dropout zeros as sparsity).
+    pl.seed_everything(0)
+    model = DropoutMlp(inplace)
+    gelu = []
+    model.mlp["fc1"].register_forward_hook(lambda m, a, out: gelu.append(F.gelu(out).detach().double().numpy().copy()))
+    sparsity = ActivationSparsity(modules=["mlp.fc2:input"], every_n_steps=1, threshold=1e-3)
+    quiet_trainer(max_steps=2, callbacks=[sparsity]).fit(model, sequences(16, 6))
+    for step in (0, 1):
+        assert values(sparsity, "sparsity/mlp.fc2-input/zero_frac")[step] == pytest.approx(
+            np.mean(np.abs(gelu[step]) <= 1e-3), abs=1e-12)
+
+
+def test_a_sparse_output_is_said_once_and_the_fit_goes_on():
+    # Before: "reshape is not implemented for sparse tensors" from the statistics, mid-fit.
+    class SparseCode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x)).to_sparse()
+
+    class Net(SequenceClassifier):
+        def __init__(self):
+            super().__init__()
+            self.code, self.head = SparseCode(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.code(x.mean(1)).to_dense())
+
+    monitors = [ActivationSparsity(modules=["code"], every_n_steps=1), MassiveActivations(modules=["code"], every_n_steps=1),
+                DimensionalCollapse(modules=["code"], every_n_steps=1, param_patterns=[])]
+    with pytest.warns(UserWarning, match="code produced no activation at step 0 .*a sparse tensor"):
+        quiet_trainer(max_steps=2, callbacks=monitors).fit(Net(), sequences(16, 6))
+    assert not any(monitor.history for monitor in monitors)
+
+
 def test_channels_last_swin_stages_are_read_with_their_channels_as_features():
     """timm's Swin stages give (B, H, W, C): the spectrum is over C and top-k features name channels."""
     import timm

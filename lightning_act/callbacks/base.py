@@ -934,8 +934,9 @@ class ActivationMonitor(FitScopedState, ABC):
                 self._warn_once(
                     self._unobserved_warned, tap.name,
                     f"produced no activation at step {step} (its module did not run in the observed forwards, or what "
-                    "it gives is not a floating-point tensor: a dict, a PackedSequence, integers); nothing is logged "
-                    "for it at such steps",
+                    "it gives is not a floating-point tensor: a dict, a PackedSequence, integers, a sparse tensor, "
+                    "or a nested tensor, which nn.TransformerEncoder's fast path makes in eval with a padding mask: "
+                    "pass enable_nested_tensor=False there); nothing is logged for it at such steps",
                 )
 
     def _warn_low_dim(self, tap_index: int, ndim: int) -> None:

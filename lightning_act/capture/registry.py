@@ -45,7 +45,8 @@ EigenScore passes of ``SensitiveNeurons`` are made of that noise). Dropout is tr
 representation: ``@penultimate`` on a timm model with ``drop_rate > 0`` read the head dropout's output (a rank-1
 feature set logged an effective rank of 80 of 96), and ``@activations`` on ``nn.TransformerEncoderLayer`` (whose
 activation is a function, so ``linear2``'s input is tapped) counted the dropout's zeros as sparsity. A functional
-dropout (``F.dropout`` in a forward) cannot be seen.
+dropout (``F.dropout`` in a forward) cannot be seen; an in-place one (``inplace=True``) is read from a copy of its
+input taken just before it runs.
 
 Pickling: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
 when the model is pickled or deep-copied, so a copy carries an inert hook and no monitor state.
@@ -83,11 +84,12 @@ class Subscriber(Protocol):
 def first_tensor(value: Any) -> torch.Tensor | None:
     """The activation tensor in a module's output or inputs (first tensor of a tuple/list), if it can be read as
     one: a floating-point strided tensor. Not a ``PackedSequence`` (a tuple whose first field holds the tokens of
-    all sequences, without a sample axis), a nested tensor or integers; the monitors then warn that the tap gave
-    them nothing."""
+    all sequences, without a sample axis), a nested or sparse tensor or integers; the monitors then warn that the tap
+    gave them nothing."""
     if isinstance(value, (tuple, list)) and not isinstance(value, PackedSequence) and value:
         value = value[0]
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_nested:
+    readable = isinstance(value, torch.Tensor) and value.is_floating_point() and value.layout == torch.strided
+    if readable and not value.is_nested:
         return value
     return None
 
@@ -150,19 +152,32 @@ class _InputCaptureHook(_CaptureHook):
 
 class _DropoutInputHook:
     """The forward hook of a dropout that feeds an input tap: keeps (output, input) of a training forward for the
-    tap's pre-hook, which reads the input when the output is what it receives (see the module docstring)."""
+    tap's pre-hook, which reads the input when the output is what it receives (see the module docstring). An in-place
+    dropout overwrites its input, so its pre-hook (:meth:`before`) keeps a copy first."""
 
     def __init__(self, registry: CaptureRegistry, key: tuple[int, str]) -> None:
         self.registry: CaptureRegistry | None = registry
         self.key = key
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        registry = self.registry
+    def _training_forward(self, module: nn.Module, args: tuple[Any, ...]) -> bool:
         # training forwards only: a monitor's own stochastic passes (SensitiveNeurons' EigenScore) are that noise
-        if registry is None or not (registry.observing and module.training and args):
+        registry = self.registry
+        return (registry is not None and registry.observing and module.training and bool(args)
+                and registry.exclusive_subscriber is None)
+
+    def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._training_forward(module, args) and isinstance(args[0], torch.Tensor):
+            _remember_dropout_input(self.registry, self.key, None, args[0].detach().clone())
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._training_forward(module, args):
             return
-        if registry.exclusive_subscriber is None:
-            _remember_dropout_input(registry, self.key, output, args[0])
+        if getattr(module, "inplace", False):
+            kept = self.registry.before_dropout.get(self.key)
+            if kept is not None and kept[0] is None:
+                _remember_dropout_input(self.registry, self.key, output, kept[1])
+        else:
+            _remember_dropout_input(self.registry, self.key, output, args[0])
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "registry": None}
@@ -256,7 +271,7 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         registry.before_dropout.pop(key, None)
         if registry.before_dropout and registry.exclusive_subscriber is None else None
     )
-    if remembered is not None and first_tensor(remembered[0]) is first_tensor(value):
+    if remembered is not None and remembered[0] is not None and first_tensor(remembered[0]) is first_tensor(value):
         value = remembered[1]  # the tapped module's input came out of a dropout: read what went in
     tensor = first_tensor(value)
     if tensor is None or tensor.numel() == 0:
@@ -305,7 +320,7 @@ class CaptureRegistry:
         #: While set (:meth:`exclusive`), counts the deliveries of a probe forward and may end it.
         self.cutoff: ForwardCutoff | None = None
         self._handles: dict[tuple[int, str], RemovableHandle] = {}
-        self._dropout_handles: dict[tuple[int, str], RemovableHandle] = {}
+        self._dropout_handles: dict[tuple[int, str], list[RemovableHandle]] = {}
         #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
         self.before_dropout: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._subscribers: list[Subscriber] = []
@@ -326,7 +341,10 @@ class CaptureRegistry:
                     root = self._root() if self._root is not None else None
                     dropout = None if root is None else dropout_feeding(root, tap.module)
                     if dropout is not None:
-                        self._dropout_handles[key] = dropout.register_forward_hook(_DropoutInputHook(self, key))
+                        hook = _DropoutInputHook(self, key)
+                        self._dropout_handles[key] = [dropout.register_forward_hook(hook)]
+                        if getattr(dropout, "inplace", False):
+                            self._dropout_handles[key].append(dropout.register_forward_pre_hook(hook.before))
                 else:
                     self._handles[key] = tap.module.register_forward_hook(_CaptureHook(self, key))
         if set(self._handles) != hooked:
@@ -350,8 +368,7 @@ class CaptureRegistry:
             else:
                 del self.subscriptions[key]
                 self._handles.pop(key).remove()
-                dropout_handle = self._dropout_handles.pop(key, None)
-                if dropout_handle is not None:
+                for dropout_handle in self._dropout_handles.pop(key, []):
                     dropout_handle.remove()
                 self.before_dropout.pop(key, None)
         return len(self._handles) != hooked
