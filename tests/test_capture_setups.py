@@ -145,12 +145,15 @@ def test_transformer_encoder_in_both_orders_is_read_sample_first(batch_first):
     assert values(massive, key + "top0_token")[0] == 0.0
 
 
-def test_a_declared_sequence_first_layout_leaves_2d_taps_alone_and_a_missing_axis_is_one_line():
+@pytest.mark.parametrize("token_dim", [0, None])
+def test_a_declared_sequence_first_layout_leaves_2d_taps_alone_and_a_missing_axis_is_one_line(token_dim):
     # batch_dim=1, token_dim=0 (the override for a sequence-first model) read the head's (B, D) input as (D, B):
     # a spectrum over the samples (erank_frac over d = B). Out-of-range axes wrapped around the rank silently.
+    # batch_dim=1 alone did the same until round 18.
     torch.manual_seed(0)
     recorder = Recorder("net.head", point="input")
-    collapse = DimensionalCollapse(modules=["net.head:input"], every_n_steps=1, batch_dim=1, token_dim=0, param_patterns=[])
+    collapse = DimensionalCollapse(modules=["net.head:input"], every_n_steps=1, batch_dim=1, token_dim=token_dim,
+                                   param_patterns=[])
     quiet_trainer(max_steps=1, callbacks=[collapse, recorder]).fit(ToyTask(BlockNet()), toy_loader(24, 12))
     x = recorder.seen[0][0]
     assert x.shape == (12, 16)
@@ -273,6 +276,40 @@ def test_a_sparse_output_is_said_once_and_the_fit_goes_on():
     with pytest.warns(UserWarning, match="code produced no activation at step 0 .*a sparse tensor"):
         quiet_trainer(max_steps=2, callbacks=monitors).fit(Net(), sequences(16, 6))
     assert not any(monitor.history for monitor in monitors)
+
+
+class ConvNormBlock(nn.Module):
+    """(B, C, L) -> (B, C, L): a Conv1d over time and a LayerNorm over channels (their axes differ)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv, self.norm = nn.Conv1d(channels, channels, 3, padding=1), nn.LayerNorm(channels)
+
+    def forward(self, x):
+        return x + self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_map_whose_length_equals_its_width_keeps_the_feature_axis_found_before():
+    # Before: at a step whose length L equalled the width C nothing decided, and the (B, C, L) map was read as
+    # (B, T, D), its covariance taken over time positions, without a warning.
+    class Net(SequenceClassifier):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = ConvNormBlock(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.block(x).mean(-1))
+
+    torch.manual_seed(0)
+    scale = torch.linspace(0.1, 3, 8)[None, :, None]
+    batches = [(torch.randn(16, 8, length) * scale, torch.zeros(16, dtype=torch.long)) for length in (12, 8)]
+    collapse = DimensionalCollapse(modules=["block"], every_n_steps=1, param_patterns=[])
+    outputs = Recorder("block")
+    quiet_trainer(max_steps=2, callbacks=[collapse, outputs]).fit(Net(), DataLoader(batches, batch_size=None))
+    for step in (0, 1):
+        (o,) = outputs.seen[step]
+        rows = o.transpose(0, 2, 1).reshape(-1, 8)  # channels are the features
+        assert values(collapse, "collapse/block/erank")[step] == pytest.approx(numpy_erank(rows), rel=1e-6)
 
 
 def test_channels_last_swin_stages_are_read_with_their_channels_as_features():

@@ -219,8 +219,8 @@ def subscribe_taps(
         if sequence_first and undeclared:
             rank_zero_warn(
                 f"{owner}: the model has sequence-first (batch_first=False) modules, but the layout of {undeclared} "
-                "is not declared by any owner; they are read as (batch, tokens, features). Pass batch_dim=1 "
-                "(and token_dim=0) if they are (tokens, batch, features)",
+                "is not declared by any owner; they are read as (batch, tokens, features). Pass batch_dim=1 and "
+                "token_dim=0 if they are (tokens, batch, features) (2-D (batch, features) taps are read as they are)",
                 category=UserWarning,
             )
     refuse_shared_keys(subscriber, trainer, taps)

@@ -21,6 +21,7 @@ whose statistics depend on it warns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,10 +151,10 @@ def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | N
 def to_sample_first(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """A view of ``x`` with the samples on axis 0 (and the tokens on axis 1 when the layout names them).
 
-    A layout with a token axis leaves a 2-D ``(B, D)`` tap as it is: a sequence-first model's declared
-    ``batch_dim=1, token_dim=0`` is about its ``(T, B, D)`` taps, not the head's input (read as ``(D, B)`` before).
+    A declared layout leaves a 2-D ``(B, D)`` tap as it is: a sequence-first model's ``batch_dim=1`` (with or
+    without ``token_dim=0``) is about its ``(T, B, D)`` taps, not the head's input (read as ``(D, B)`` before).
     An axis the tensor does not have is one line, not an axis counted modulo its rank."""
-    if layout.batch_dim is None or x.dim() < 2 or (layout.token_dim is not None and x.dim() < 3):
+    if layout.batch_dim is None or x.dim() < 3:
         return x
     axes = {"batch_dim": layout.batch_dim, "token_dim": layout.token_dim}
     for name, axis in axes.items():
@@ -176,7 +177,9 @@ def to_sample_first(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return x.movedim((batch, token), (0, 1))
 
 
-def with_canonical_features(x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, bool]:
+def with_canonical_features(
+    x: torch.Tensor, layout: Layout, decided: dict[Any, int] | None = None, slot: Any = None
+) -> tuple[torch.Tensor, bool]:
     """The sample-first ``x`` as the statistics read it, ``(B, D)``, ``(B, T, D)`` or ``(B, C, *spatial)``, and
     whether its feature axis is known.
 
@@ -184,11 +187,18 @@ def with_canonical_features(x: torch.Tensor, layout: Layout) -> tuple[torch.Tens
     ``(B, *spatial, C)`` becomes ``(B, tokens, C)`` with the spatial positions flattened in order, which every
     statistic reads as it reads ``(B, C, *spatial)`` (a token is a flattened spatial position; a view, no copy).
     A map of 4 or more axes whose features nothing tells is returned as it is, read as ``(B, C, *spatial)``, with
-    ``False``.
+    ``False``. ``decided`` keeps the axis found for ``slot`` (a tap): a later activation of it whose shape does not
+    tell (a ``(B, C, L)`` map at a step where ``L`` equals the width ``C``) is read the same way, not flipped.
     """
     if x.dim() < 3 or not layout.reads_features:
         return x, True
     axis = feature_axis(x.shape, layout)
+    remembered = (slot, x.dim())
+    if decided is not None:
+        if axis is not None:
+            decided[remembered] = axis
+        else:
+            axis = decided.get(remembered)
     if axis is None:
         return x, x.dim() == 3
     if axis == 1:

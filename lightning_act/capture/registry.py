@@ -286,7 +286,9 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
             if not sub.subscriber.armed or (only is not None and sub.subscriber is not only):
                 continue
             if sub.layout not in views:
-                views[sub.layout] = with_canonical_features(to_sample_first(tensor, sub.layout), sub.layout)
+                views[sub.layout] = with_canonical_features(
+                    to_sample_first(tensor, sub.layout), sub.layout, registry.feature_axes, (key, sub.layout)
+                )
             x, features_known = views[sub.layout]
             report = None if features_known else getattr(sub.subscriber, "features_unknown", None)
             if report is not None:
@@ -321,6 +323,8 @@ class CaptureRegistry:
         self.cutoff: ForwardCutoff | None = None
         self._handles: dict[tuple[int, str], RemovableHandle] = {}
         self._dropout_handles: dict[tuple[int, str], list[RemovableHandle]] = {}
+        #: The feature axis decided for each (tap, layout, rank), for activations whose shape does not tell.
+        self.feature_axes: dict[Any, int] = {}
         #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
         self.before_dropout: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._subscribers: list[Subscriber] = []
