@@ -312,6 +312,29 @@ def test_a_map_whose_length_equals_its_width_keeps_the_feature_axis_found_before
         assert values(collapse, "collapse/block/erank")[step] == pytest.approx(numpy_erank(rows), rel=1e-6)
 
 
+def test_a_module_run_at_two_widths_is_read_at_its_first_width_by_dimensional_collapse():
+    # torchvision's Bottleneck runs one self.relu at widths 64 and 256 ('@activations' taps it). Before: the
+    # covariance sums of both widths were added ("size 4161 vs 65793") and the fit crashed.
+    class Shared(SequenceClassifier):
+        def __init__(self):
+            super().__init__()
+            self.up, self.relu, self.head = nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 2)
+
+        def forward(self, x):
+            h = self.relu(self.up(x.mean(1)))  # (B, 12)
+            return self.head(h + self.relu(h[:, :6]).repeat(1, 2))  # and (B, 6)
+
+    torch.manual_seed(0)
+    collapse = DimensionalCollapse(modules=["relu"], every_n_steps=1, param_patterns=[])
+    outputs = Recorder("relu")
+    with pytest.warns(UserWarning, match=r"relu runs at widths 12 and 6 .*reads its calls of width 12 only"):
+        quiet_trainer(max_steps=2, callbacks=[collapse, outputs]).fit(Shared(), sequences(16, 6))
+    for step in (0, 1):
+        wide, narrow = outputs.seen[step]
+        assert wide.shape[1] == 12 and narrow.shape[1] == 6
+        assert values(collapse, "collapse/relu/erank")[step] == pytest.approx(numpy_erank(wide), rel=1e-6)
+
+
 def test_channels_last_swin_stages_are_read_with_their_channels_as_features():
     """timm's Swin stages give (B, H, W, C): the spectrum is over C and top-k features name channels."""
     import timm

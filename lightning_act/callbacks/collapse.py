@@ -182,6 +182,8 @@ class DimensionalCollapse(ActivationMonitor):
         self.max_rows = max_rows
         self._rows_per_due_step = max_rows
         self._sketch_dims: dict[int, tuple[int, int]] = {}
+        self._widths: dict[int, int] = {}  # the width of each tap's first activation of the fit
+        self._widths_warned: set[str] = set()
         self._rows: dict[int, int] = {}  # rows this rank sampled of each tap in the current step (known on the host)
         self._step_rows: dict[int, int] = {}  # the same, of the step being summarised
         self._test_matrices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
@@ -252,6 +254,14 @@ class DimensionalCollapse(ActivationMonitor):
             self._warn_low_dim(tap_index, x.dim())
             return
         d = x.shape[1] if x.dim() >= 4 else x.shape[-1]
+        width = self._widths.setdefault(tap_index, d)
+        if d != width:  # one covariance per tap: a module run at two widths (a shared ReLU) crashed the sums
+            self._warn_once(
+                self._widths_warned, self.taps[tap_index].name,
+                f"runs at widths {width} and {d} (a module called several times per forward, e.g. torchvision's "
+                f"Bottleneck.relu); DimensionalCollapse reads its calls of width {width} only",
+            )
+            return
         self._rows[tap_index] = self._rows.get(tap_index, 0) + min(x.numel() // d, self.max_rows)
         if self._is_wide(d) or tap_index in self._kept:
             self.accumulate(tap_index, self.partials(tap_index, x))
@@ -445,6 +455,7 @@ class DimensionalCollapse(ActivationMonitor):
         ])
         self._rows_per_due_step = self.max_rows * accumulation * max(1, trainer.world_size)
         self._sketch_dims = {}
+        self._widths = {}
         follow_weights = [
             c for c in trainer.callbacks
             if isinstance(c, DimensionalCollapse) and c.prefix == self.prefix and c.param_patterns != []
