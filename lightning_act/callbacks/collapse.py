@@ -197,8 +197,7 @@ class DimensionalCollapse(ActivationMonitor):
         self.seed = seed
         self.param_names: list[str] = []
         self.collapsed: set[str] = set()
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._generator_states: dict[str, torch.Tensor] = {}
+        self._generators: dict[torch.device, tuple[int, torch.Generator]] = {}  # the step each one was seeded for
         self._snapshots: list[torch.Tensor] = []
         self._snapshot_steps: list[int] = []
         self._snapshot_seen = 0
@@ -213,16 +212,16 @@ class DimensionalCollapse(ActivationMonitor):
 
     # ------------------------------------------------------------------ activations
     def _generator(self, device: torch.device) -> torch.Generator:
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
-            # by device type: every rank draws in lockstep, so rank 0's saved state is every rank's, and a resume on
-            # another device of the type ("cuda:1", another GPU) continues the same sampling
-            state = self._generator_states.pop(device.type, None)
-            if state is None:
-                generator.manual_seed(self.seed)
-            else:
-                generator.set_state(state)
+        """This due step's row sampler on ``device``, seeded from (``seed``, step): a resumed fit draws what the
+        uninterrupted one drew, on every rank (one generator carried across steps advanced by each rank's own row
+        counts, so the ranks drifted apart and a resume restored rank 0's state on all of them)."""
+        step = self._pending_step or 0
+        held = self._generators.get(device)
+        if held is not None and held[0] == step:
+            return held[1]
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed * 1_000_003 + step)
+        self._generators[device] = (step, generator)
         return generator
 
     def _sampled_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -566,8 +565,6 @@ class DimensionalCollapse(ActivationMonitor):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["collapsed"] = sorted(self.collapsed)
-        state["row_generators"] = {d.type: g.get_state() for d, g in self._generators.items()}
-        state["row_seed"] = self.seed
         state["trajectory"] = {
             "snapshots": [s.detach().cpu() for s in self._snapshots],
             "steps": list(self._snapshot_steps),
@@ -584,13 +581,6 @@ class DimensionalCollapse(ActivationMonitor):
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         super().restore_state(state_dict)
         self.collapsed = set(state_dict.get("collapsed", []))
-        self._generators = {}
-        # keys were device names ("cuda:0") before round 15; a resume with another seed samples with that seed
-        # (no "row_seed" before round 18: those checkpoints continue their sampling)
-        same_seed = state_dict.get("row_seed", self.seed) == self.seed
-        self._generator_states = {
-            torch.device(d).type: g for d, g in state_dict.get("row_generators", {}).items() if same_seed
-        }
         trajectory = state_dict.get("trajectory", {})
         self._snapshots = [torch.as_tensor(s, dtype=torch.float64) for s in trajectory.get("snapshots", [])]
         self._r90 = None
