@@ -282,3 +282,75 @@ def test_load_timm_checkpoint_takes_the_ema_weights_like_timm(layout: str, tmp_p
     assert torch.equal(ours.head.bias, ema["head.bias"])
     timms = timm.create_model("kat_micro_patch4_32", checkpoint_path=str(path), **kwargs)
     assert torch.equal(timms.head.bias, ours.head.bias)
+
+
+def test_a_lightning_checkpoint_loads_through_timms_pretrained_file_with_a_new_head(tmp_path: Path) -> None:
+    """``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=<.ckpt>), num_classes=3)``. Before:
+    the ``model.`` prefix was kept, no key matched, and timm's non-strict load (the head differs) left a random model."""
+    import timm
+
+    torch.manual_seed(1)
+    source = ImageClassifier(**TINY_KAT)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    data = torch.utils.data.TensorDataset(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+    trainer.fit(source, torch.utils.data.DataLoader(data, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    written = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    model = timm.create_model(
+        TINY_KAT["model_name"], num_classes=3, in_chans=1, **TINY_KAT["model_kwargs"], pretrained=True,
+        pretrained_cfg_overlay={"file": str(tmp_path / "last.ckpt"), "input_size": (1, 8, 8)},
+    )
+    loaded = model.state_dict()
+    body = [key for key in loaded if not key.startswith("head.")]
+    assert len(body) > 10 and all(torch.equal(loaded[key], written[f"model.{key}"]) for key in body)
+    assert loaded["head.weight"].shape == (3, 48)
+
+
+def test_load_timm_checkpoint_takes_timm_training_and_compiled_checkpoints(tmp_path: Path) -> None:
+    """A timm ``train.py`` checkpoint (``args`` an ``argparse.Namespace``) gives its EMA weights, as timm's
+    ``checkpoint_path=`` does; a ``torch.compile``d model's ``_orig_mod.`` keys load. Before: the first was refused as
+    "(UnpicklingError); pass a torch .pth/.pt file", the second as "24 missing keys"."""
+    import argparse
+
+    import timm
+
+    from lightning_act.tasks.image_classification import load_timm_checkpoint
+
+    kwargs = {"img_size": 16, "depth": 1}
+    raw = timm.create_model("kat_micro_patch4_32", **kwargs).state_dict()
+    generator = torch.Generator().manual_seed(3)
+    ema = {key: value + torch.randn(value.shape, generator=generator) for key, value in raw.items()}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 9, "arch": "kat_micro_patch4_32", "state_dict": raw, "state_dict_ema": ema,
+                "optimizer": {"state": {}, "param_groups": []}, "args": argparse.Namespace(lr=1e-3, model_ema=True)}, path)
+    ours = timm.create_model("kat_micro_patch4_32", **kwargs)
+    load_timm_checkpoint(ours, "kat_micro_patch4_32", str(path))
+    assert all(torch.equal(ours.state_dict()[key], value) for key, value in ema.items())
+    timms = timm.create_model("kat_micro_patch4_32", checkpoint_path=str(path), **kwargs)
+    assert all(torch.equal(timms.state_dict()[key], value) for key, value in ema.items())
+
+    compiled = torch.compile(timm.create_model("kat_micro_patch4_32", **kwargs))  # wraps; compiles only when called
+    assert all(key.startswith("_orig_mod.") for key in compiled.state_dict())
+    torch.save(compiled.state_dict(), tmp_path / "compiled.pth")
+    ours = timm.create_model("kat_micro_patch4_32", **kwargs)
+    load_timm_checkpoint(ours, "kat_micro_patch4_32", str(tmp_path / "compiled.pth"))
+    expected = compiled.state_dict()
+    assert all(torch.equal(value, expected[f"_orig_mod.{key}"]) for key, value in ours.state_dict().items())
+
+
+def test_load_timm_checkpoint_names_the_objects_a_weights_only_load_refuses(tmp_path: Path) -> None:
+    """A torch file pickling other objects is a torch file: the error names them instead of "pass a torch .pth/.pt
+    file" (which stays for a file that is not one)."""
+    import timm
+
+    from lightning_act.tasks.image_classification import load_timm_checkpoint
+
+    model = timm.create_model("kat_micro_patch4_32", img_size=16, depth=1)
+    torch.save({"state_dict": model.state_dict(), "where": Path("/data")}, tmp_path / "objects.pth")
+    with pytest.raises(DataFormatError, match=r"holds Python objects that a weights-only load refuses \(pathlib\.") as info:
+        load_timm_checkpoint(model, "kat_micro_patch4_32", str(tmp_path / "objects.pth"))
+    assert "pass a torch" not in str(info.value)
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(DataFormatError, match="pass a torch .pth/.pt file"):
+        load_timm_checkpoint(model, "kat_micro_patch4_32", str(tmp_path / "notes.pth"))

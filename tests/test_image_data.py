@@ -200,6 +200,37 @@ def test_timm_transforms_follow_the_kat_recipe(tmp_path: Path) -> None:
                      pytest.approx((200 / 255 - 0.5) / 0.25, abs=0.05))
 
 
+def test_the_imagenet_recipes_randaugment_survives_posterize_to_zero_bits(tmp_path: Path) -> None:
+    """``rand-m9-mstd0.5-inc1`` clips magnitudes at 10, where ``PosterizeIncreasing`` keeps 0 bits. Before: Pillow 13
+    raised "bits must be between or equal to 1 and 8" for ~1 image in 700 (10 of these 3,000 seeded draws)."""
+    import random
+
+    import yaml
+    from timm.data.auto_augment import AugmentOp
+
+    for label in ("a", "b"):
+        for split in ("train", "val"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 60, dtype=np.uint8)).save(tmp_path / split / label / "0.png")
+    recipe = Path(__file__).parents[1] / "recipes" / "kat_imagenet.yaml"
+    args = yaml.safe_load(recipe.read_text())["data"]["init_args"]
+    assert args["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    data = ImageDataModule(**{**args, "data_dir": str(tmp_path), "image_size": 8, "num_workers": 0})
+    transform = data._timm_transform(train=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)  # RandAugment draws from random and numpy
+    for _ in range(3000):
+        assert transform(image).shape == (3, 8, 8)
+
+    rand_augment = next(t for t in transform.transforms if hasattr(t, "ops"))
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    for magnitude, expected in ((10, np.zeros_like(pixels)), (9, pixels & 0b1000_0000), (5, pixels & 0b1100_0000)):
+        op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=magnitude)
+        op.aug_fn = posterize.aug_fn  # the recipe's op: 0 bits give the black image older Pillow gave
+        np.testing.assert_array_equal(np.asarray(op(image)), expected)
+
+
 def test_timm_transforms_refuse_non_rgb_or_non_folder_data() -> None:
     with pytest.raises(LightningActError, match="ImageFolder"):
         ImageDataModule(None, timm_transforms=True)

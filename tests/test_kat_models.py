@@ -250,6 +250,19 @@ def test_a_kat_built_on_the_meta_device_gets_its_rationals_from_init_weights() -
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("rational_impl", ["reference", "triton"])
+def test_a_kat_runs_a_forward_on_the_meta_device(rational_impl: str) -> None:
+    """Lightning's ``measure_flops`` forwards a model built under ``torch.device("meta")``. Before: the rationals'
+    ``torch.autocast("meta", enabled=False)`` raised "unsupported scalarType"."""
+    with torch.device("meta"):
+        model = timm.create_model("kat_micro_patch4_32", depth=1, num_classes=7, rational_impl=rational_impl)
+        x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.device.type == "meta" and out.shape == (2, 7)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 65, 96)  # 8 x 8 patches + the class token, through both rationals
+
+
 def test_pretrained_true_loads_an_in_memory_state_dict_and_still_never_downloads() -> None:
     """timm's ``pretrained_cfg`` ``state_dict`` is local (timm's ViT takes it); before, only ``file`` was accepted."""
     torch.manual_seed(4)
@@ -268,3 +281,47 @@ def test_pretrained_true_loads_an_in_memory_state_dict_and_still_never_downloads
             "kat_micro_patch4_32", pretrained=True,
             pretrained_cfg_overlay={"state_dict": source.state_dict(), "source": "hf-hub", "hf_hub_id": "x/y"}, **kwargs,
         )
+
+
+def test_in_memory_and_file_checkpoints_give_the_same_ema_weights(tmp_path) -> None:
+    """One timm training dict (raw and EMA weights) as ``pretrained_cfg_overlay`` ``file`` and ``state_dict``.
+    Before: the file gave the EMA weights (timm unwraps it), the in-memory dict the raw ones."""
+    kwargs = {"img_size": 16, "depth": 1}
+    raw = timm.create_model("kat_micro_patch4_32", **kwargs).state_dict()
+    generator = torch.Generator().manual_seed(9)
+    ema = {key: value + torch.randn(value.shape, generator=generator) for key, value in raw.items()}
+    checkpoint = {"epoch": 2, "state_dict": raw, "state_dict_ema": ema}
+    path = tmp_path / "train.pth.tar"
+    torch.save(checkpoint, path)
+    for form, source in (("file", str(path)), ("state_dict", checkpoint)):
+        loaded = timm.create_model("kat_micro_patch4_32", pretrained=True, pretrained_cfg_overlay={form: source}, **kwargs)
+        state = loaded.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in ema.items()), form
+
+
+def test_a_checkpoint_holding_none_of_the_models_tensors_is_refused_not_silently_random() -> None:
+    """With another ``num_classes`` timm loads non-strictly, so a checkpoint whose keys all missed left the model at
+    its random init with only a log line."""
+    foreign = {"encoder.layer.0.weight": torch.zeros(3, 3), "head.weight": torch.zeros(10, 96)}
+    with pytest.raises(LightningActError, match="holds none of the model's tensors"):
+        timm.create_model("kat_micro_patch4_32", num_classes=5, pretrained=True,
+                          pretrained_cfg_overlay={"state_dict": foreign})
+
+
+def test_a_width_the_rational_groups_do_not_divide_names_rational_groups() -> None:
+    """``mlp_ratio=3.3`` gives 316 hidden channels, which 8 groups do not divide. Before: the message said "pass a
+    groups=", which timm.create_model("kat_*") refuses as an unexpected keyword."""
+    with pytest.raises(LightningActError, match=r"rational_groups=8 .*rational_groups=4") as info:
+        timm.create_model("kat_micro_patch4_32", depth=1, mlp_ratio=3.3)
+    assert "\n" not in str(info.value) and " groups=" not in str(info.value)
+    model = timm.create_model("kat_micro_patch4_32", depth=1, mlp_ratio=3.3, rational_groups=4)  # the advice works
+    assert model.blocks[0].mlp.act2.weight_denominator.shape == (4, 4) and model.blocks[0].mlp.fc1.out_features == 316
+
+
+def test_the_official_kan_mimetic_weight_init_is_refused_in_one_line() -> None:
+    """Every official KAT factory passes ``weight_init="kan_mimetic"``. Before: timm's bare ``AssertionError: ''``."""
+    with pytest.raises(LightningActError, match=r"weight_init='kan_mimetic' is not implemented.*docs/kat\.md") as info:
+        timm.create_model("kat_micro_patch4_32", depth=1, weight_init="kan_mimetic")
+    assert "\n" not in str(info.value) and "'jax'" in str(info.value)
+    for supported in ("", "jax", "moco", "skip"):
+        timm.create_model("kat_micro_patch4_32", depth=1, weight_init=supported)

@@ -449,3 +449,61 @@ def test_jit_trace_of_a_fresh_module_on_the_op_path() -> None:
     a = rational.weight_numerator.detach().double()[0].numpy()
     b = rational.weight_denominator.detach().double()[0].numpy()
     np.testing.assert_allclose(traced(x).detach().numpy(), _numpy_rational(x.double().numpy(), a, b), rtol=1e-6)
+
+
+def test_jit_trace_on_the_op_path_runs_at_other_batch_sizes() -> None:
+    """Before: the Function's cached int geometry was recorded as a constant, so a trace at batch 1 failed at batch 4
+    ("shape '[5, 2, 4]' is invalid for input of size 160"). Checked against the float64 formula."""
+    rational = GroupRational(8, groups=2, init="swish", implementation="triton")
+    with torch.no_grad():
+        rational.weight_denominator.add_(torch.tensor([[0.2], [-0.4]]))  # two different groups
+    generator = torch.Generator().manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings, and the tracer's deprecation
+        traced = torch.jit.trace(rational, torch.randn(1, 5, 8, generator=generator))
+    x = torch.randn(4, 5, 8, generator=generator)
+    a, b = (t.detach().double().numpy() for t in (rational.weight_numerator, rational.weight_denominator))
+    xd = x.double().numpy()
+    expected = np.concatenate([_numpy_rational(xd[..., 4 * g : 4 * g + 4], a[g], b[g]) for g in range(2)], -1)
+    np.testing.assert_allclose(traced(x).detach().numpy(), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rational(x).detach().numpy(), expected, rtol=1e-6, atol=1e-7)  # eager afterwards
+
+
+def test_forward_mode_ad_on_the_op_path_matches_float64_finite_differences() -> None:
+    """torch.func.jvp / jacfwd and torch.autograd.forward_ad on the op path (the default on CUDA), in float64,
+    against central differences of the float64 formula. Before: "You must implement the jvp function"."""
+    from torch.autograd import forward_ad
+    from torch.func import functional_call, hessian, jacfwd, jvp
+
+    rational = GroupRational(4, groups=1, init="swish", implementation="triton").double()  # CPU: the op's formula
+    with torch.no_grad():
+        rational.weight_denominator.add_(torch.tensor([[0.3, -0.2, 0.1, 0.05]], dtype=torch.float64))
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    v = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    params = {name: p.detach() for name, p in rational.named_parameters()}
+    tangents = {name: torch.randn(p.shape, dtype=torch.float64, generator=generator) for name, p in params.items()}
+    a, b = params["weight_numerator"][0].numpy(), params["weight_denominator"][0].numpy()
+    ta, tb = tangents["weight_numerator"][0].numpy(), tangents["weight_denominator"][0].numpy()
+    xd, vd, step = x.numpy(), v.numpy(), 1e-6
+    along_x = (_numpy_rational(xd + step * vd, a, b) - _numpy_rational(xd - step * vd, a, b)) / (2 * step)
+    along_all = (
+        _numpy_rational(xd + step * vd, a + step * ta, b + step * tb)
+        - _numpy_rational(xd - step * vd, a - step * ta, b - step * tb)
+    ) / (2 * step)
+
+    _, tangent = jvp(rational, (x,), (v,))
+    np.testing.assert_allclose(tangent.detach().numpy(), along_x, rtol=1e-7, atol=1e-9)
+    _, tangent = jvp(lambda p, t: functional_call(rational, p, (t,)), (params, x), (tangents, v))
+    np.testing.assert_allclose(tangent.detach().numpy(), along_all, rtol=1e-7, atol=1e-9)
+    derivative = (_numpy_rational(xd + step, a, b) - _numpy_rational(xd - step, a, b)) / (2 * step)
+    np.testing.assert_allclose(jacfwd(rational)(x[0]).detach().numpy(), np.diag(derivative[0]), rtol=1e-7, atol=1e-9)
+    wide = 1e-4  # second differences: rounding grows as 1 / step^2
+    second = (_numpy_rational(xd + wide, a, b) - 2 * _numpy_rational(xd, a, b) + _numpy_rational(xd - wide, a, b))
+    second /= wide**2
+    np.testing.assert_allclose(
+        hessian(lambda t: rational(t).sum())(x[0]).detach().numpy(), np.diag(second[0]), rtol=1e-5, atol=1e-7
+    )
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(rational(forward_ad.make_dual(x, v))).tangent
+    np.testing.assert_allclose(tangent.detach().numpy(), along_x, rtol=1e-7, atol=1e-9)

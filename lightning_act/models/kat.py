@@ -42,9 +42,10 @@ from torch import nn
 from lightning_act.errors import LightningActError
 from lightning_act.nn.group_rational import GroupRational, rational_gain
 
-__all__ = ["GRKANMlp", "KATVisionTransformer", "checkpoint_filter_fn", "official_state_dict"]
+__all__ = ["GRKANMlp", "KATVisionTransformer", "checkpoint_filter_fn", "official_state_dict", "unwrap_state_dict"]
 
 ACT_INITS = ("swish", "gelu")
+WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")  # timm VisionTransformer's weight_init values
 
 
 class GRKANMlp(nn.Module):
@@ -76,6 +77,15 @@ class GRKANMlp(nn.Module):
             raise LightningActError(f"act_init='{act_init}' is not supported; use one of {ACT_INITS}")
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
+        if rational_groups < 1 or in_features % rational_groups or hidden_features % rational_groups:
+            # GroupRational's own message names its groups=, which timm.create_model("kat_*") does not take
+            shared = math.gcd(in_features, hidden_features)
+            fitting = max(d for d in range(1, max(rational_groups, 1) + 1) if shared % d == 0)
+            raise LightningActError(
+                f"KAT: the GR-KAN widths {in_features} (embed_dim) and {hidden_features} (MLP hidden) cannot be split "
+                f"into rational_groups={rational_groups} equal groups; pass a rational_groups= that divides both, e.g. "
+                f"rational_groups={fitting} (CLI: --model.model_kwargs '{{rational_groups: {fitting}}}')"
+            )
         bias1, bias2 = bias if isinstance(bias, tuple) else (bias, bias)
         drop1, drop2 = drop if isinstance(drop, tuple) else (drop, drop)
         dd = {"device": device, "dtype": dtype}
@@ -132,23 +142,44 @@ class KATVisionTransformer(VisionTransformer):
 
 
 _RATIONAL_KEY = re.compile(r"^(blocks\.\d+\.mlp\.act[12])\.weight_(numerator|denominator)$")
+# timm's load_state_dict(use_ema=True) order: a timm training checkpoint gives its EMA weights
+CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def unwrap_state_dict(checkpoint: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``model``'s tensors from a checkpoint as timm, Lightning, DDP or ``torch.compile`` write them.
+
+    Takes the first of :data:`CHECKPOINT_WRAPPERS` the checkpoint holds, so the file and the in-memory forms of one
+    checkpoint give the same (EMA) weights. Keeps a Lightning checkpoint's ``model.`` entries without that prefix
+    (its ``ImageClassifier`` holds the timm model as ``model``; timm's file loader drops the
+    ``pytorch-lightning_version`` marker, so ``model.`` entries count as Lightning's too when no key is ``model``'s
+    own), and strips DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` prefixes as timm's ``clean_state_dict`` does.
+    """
+    from timm.models import clean_state_dict
+
+    wrapper = next((key for key in CHECKPOINT_WRAPPERS if isinstance(checkpoint.get(key), dict)), None)
+    state_dict = checkpoint[wrapper] if wrapper else checkpoint
+    own = model.state_dict().keys()
+    lightning = "pytorch-lightning_version" in checkpoint or own.isdisjoint(state_dict)
+    if lightning and any(key.startswith("model.") for key in state_dict):
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+    return clean_state_dict(state_dict)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: KATVisionTransformer, **kwargs: Any) -> dict[str, torch.Tensor]:
     """Map an official KAT checkpoint (or one of ours) onto ``model``'s state dict, as timm filters do.
 
-    timm calls it for ``pretrained=True, pretrained_cfg_overlay=dict(file=...)``. Unwraps ``{"model": …}`` /
-    ``{"state_dict": …}`` and a DDP ``module.`` prefix, converts each block's ``mlp.act{1,2}.weight_numerator``
-    / ``weight_denominator`` to the model's sharing layout with ``GroupRational.coefficient_state`` (official
-    ``KAT_Group``: one numerator (1, 6) for all groups, denominators (groups, 4), evaluated in the same
-    absolute-value form over contiguous channel groups, so the function is carried over exactly), and hands
-    the rest to timm's ViT filter (identical key names; it resamples patch and position embeddings for another
-    image / patch size). ``checkpoint_path=`` loads skip filters; there ``GroupRational`` converts the layout
-    itself when the state dict is loaded.
+    timm calls it for ``pretrained=True, pretrained_cfg_overlay=dict(file=...)`` (or ``state_dict=...``). Unwraps
+    timm, Lightning, DDP and ``torch.compile`` checkpoints (:func:`unwrap_state_dict`), converts each block's
+    ``mlp.act{1,2}.weight_numerator`` / ``weight_denominator`` to the model's sharing layout with
+    ``GroupRational.coefficient_state`` (official ``KAT_Group``: one numerator (1, 6) for all groups, denominators
+    (groups, 4), evaluated in the same absolute-value form over contiguous channel groups, so the function is
+    carried over exactly), and hands the rest to timm's ViT filter (identical key names; it resamples patch and
+    position embeddings for another image / patch size). ``checkpoint_path=`` loads skip filters; there
+    ``GroupRational`` converts the layout itself when the state dict is loaded. A checkpoint holding none of the model's tensors outside the classifier
+    is refused: timm loads non-strictly when the classifier differs, and would leave the model at its random init.
     """
-    state_dict = state_dict.get("model", state_dict)
-    state_dict = state_dict.get("state_dict", state_dict)
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict, model)
     modules = dict(model.named_modules())
     rationals: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
@@ -167,6 +198,13 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: KATVisionTransformer
             )
         for name, tensor in modules[prefix].coefficient_state(coeffs["numerator"], coeffs["denominator"]).items():
             out[f"{prefix}.{name}"] = tensor
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    body = [key for key in model.state_dict() if not key.startswith(f"{classifier}.")]
+    if body and not any(key in out for key in body):
+        raise LightningActError(
+            f"the checkpoint holds none of the model's tensors (e.g. '{body[0]}'; its keys look like "
+            f"{sorted(state_dict)[:2]}); pass a KAT state dict, or a timm, Lightning or official KAT checkpoint"
+        )
     return out
 
 
@@ -240,6 +278,12 @@ def _create_kat(variant: str, pretrained: bool = False, **kwargs: Any) -> KATVis
     ("per_group"; "shared_numerator" is the released code's layout, "shared_denominator" the
     paper's description). ``rational_weight_decay`` is passed to :class:`KATVisionTransformer`.
     """
+    weight_init = kwargs.get("weight_init", "")
+    if weight_init not in WEIGHT_INITS:  # else timm's bare AssertionError (the official factories pass "kan_mimetic")
+        raise LightningActError(
+            f"{variant}: weight_init={weight_init!r} is not implemented (the official mimetic init is not reproduced, "
+            f"see docs/kat.md); pass one of timm's {WEIGHT_INITS} or leave it unset"
+        )
     if pretrained and not _local_pretrained_weights(kwargs):
         raise LightningActError(
             f"{variant}: no weights are downloaded; pass pretrained_cfg_overlay=dict(file='kat.pth') (or "

@@ -36,6 +36,7 @@ about half the host time per call (``docs/kat_kernel.md``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.autograd import forward_ad as _forward_ad
 
 from lightning_act.errors import LightningActError
 from lightning_act.nn.rational_coefficients import INIT_COEFFICIENTS
@@ -69,6 +71,14 @@ def grouped_view(x: torch.Tensor, groups: int, channel_dim: int) -> torch.Tensor
     return x.reshape(rows, groups, width)
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off for ``device_type``; nothing where autocast does not exist (``torch.autocast("meta")``
+    raises, and a meta-device forward, e.g. Lightning's ``measure_flops``, must run)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def group_rational_reference(
     x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
 ) -> torch.Tensor:
@@ -81,7 +91,7 @@ def group_rational_reference(
     groups = numerator.shape[0]
     float64_inputs = torch.float64 in (x.dtype, numerator.dtype, denominator.dtype)
     compute_dtype = torch.float64 if float64_inputs else torch.float32
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         x3 = grouped_view(x, groups, channel_dim).to(compute_dtype)
         width = x3.shape[2]
         # Coefficient j of every element of one row, (1, groups, width) contiguous: broadcasting only over
@@ -407,6 +417,15 @@ class GroupRationalTransformFunction(GroupRationalFunction):
 
 
 _functorch_active = torch._C._are_functorch_transforms_active  # ~25 ns: the eager path asks on every call
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() without its scripting check: half the time
+
+
+def _functions_unusable() -> bool:
+    """Whether the eager Functions must give way to the reference ops: under ``torch.jit.trace`` (their int
+    geometry would be recorded as constants, so the trace ran at the traced batch size only) and under forward-mode
+    AD (they have no ``jvp``; ``torch.func.jvp`` / ``jacfwd`` / ``hessian`` and ``forward_ad`` all run inside a dual
+    level). The reference ops trace batch-agnostic and have forward derivatives. ~70 ns per eager call."""
+    return _forward_ad._current_level >= 0 or _is_tracing()
 
 
 def _apply_function(
@@ -423,10 +442,13 @@ def group_rational(
     x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, config: KernelConfig = KernelConfig()
 ) -> torch.Tensor:
     """Differentiable rational of ``x3`` ``(rows, groups, width)``: the registered op while ``torch.compile``
-    traces, :class:`GroupRationalFunction` in eager mode."""
+    traces, :class:`GroupRationalFunction` in eager mode (its PyTorch formula under ``torch.jit.trace`` and forward-mode
+    AD, which the Function cannot take)."""
     _check_op_inputs(x3, numerator, denominator)
     if torch.compiler.is_compiling():
         return group_rational_op(x3, numerator, denominator, list(config))
+    if _functions_unusable():
+        return _pytorch_forward(x3, numerator, denominator)
     return _apply_function(x3.contiguous(), numerator.contiguous(), denominator.contiguous(), tuple(x3.shape), config)
 
 
@@ -583,6 +605,13 @@ class GroupRational(nn.Module):
 
     def _grouped_shape(self, x: torch.Tensor) -> tuple[int, int, int] | None:
         """``(rows, groups, width)`` of ``x`` for the op, or ``None`` where the reference runs; checks ``x``."""
+        self._check_input(x)
+        if self.resolved_implementation(x) != "triton":
+            return None
+        return tuple(grouped_view(x, self.groups, self.channel_dim).shape)  # type: ignore[return-value]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """One clear error for an input of another channel count or an integer dtype."""
         if x.ndim == 0 or not -x.ndim <= self.channel_dim < x.ndim or x.shape[self.channel_dim] != self.num_channels:
             raise LightningActError(
                 f"GroupRational expects {self.num_channels} channels in dim {self.channel_dim}, got input of shape "
@@ -590,19 +619,17 @@ class GroupRational(nn.Module):
             )
         if not x.is_floating_point():  # as torch's activations: the float result would be truncated to x.dtype
             raise LightningActError(f"GroupRational takes floating-point inputs, got {x.dtype}; pass x.float()")
-        if self.resolved_implementation(x) != "triton":
-            return None
-        return tuple(grouped_view(x, self.groups, self.channel_dim).shape)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             grouped = self._grouped_shape(x)
+        elif _functions_unusable():  # checked on every call, so that jit.trace's check run records the same ops
+            self._check_input(x)
+            grouped = None
         else:  # eager: check an input geometry once, then reuse it (host time per call, issue 13)
             seen = (x.shape, x.device, x.dtype, self.implementation)
             if seen != self._eager_input:
-                grouped = self._grouped_shape(x)
-                # ints: under torch.jit.trace the sizes are tensors, which the Function cannot take as geometry
-                self._eager_grouped = None if grouped is None else tuple(int(size) for size in grouped)
+                self._eager_grouped = self._grouped_shape(x)
                 self._eager_input = seen
             grouped = self._eager_grouped
         if grouped is None:

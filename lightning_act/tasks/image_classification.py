@@ -7,6 +7,7 @@ warm-up then cosine decay, label smoothing, and optionally mixup (Zhang et al. 2
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
 from pathlib import Path
@@ -36,37 +37,53 @@ def check_schedule(warmup_steps: int, min_lr_ratio: float) -> None:
         raise LightningActError(f"min_lr_ratio={min_lr_ratio!r} must be in [0, 1]; pass e.g. --model.min_lr_ratio 0.1")
 
 
+def _unsafe_globals(checkpoint_path: str) -> list[str]:
+    """The classes and functions a torch file's pickle names beyond the weights-only allow-list; none for a file
+    that is not a torch checkpoint."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint_path)
+    except Exception:  # not a torch zip file
+        return []
+    return [name for name in names if name != "argparse.Namespace"]
+
+
 def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_path: str) -> None:
     """Load a local checkpoint into a timm model, remapped by its family's ``checkpoint_filter_fn``.
 
-    A timm/PyTorch state dict or a Lightning checkpoint of an :class:`ImageClassifier` is read. A wrapped state
-    dict is taken from the first of ``"state_dict_ema"``, ``"model_ema"``, ``"state_dict"``, ``"model"`` that the
-    file holds: timm's own ``load_state_dict(use_ema=True)`` order, so a timm training checkpoint gives the same
-    (EMA) weights here as through ``timm.create_model(..., checkpoint_path=...)``. The filter of the file that
-    registered ``model_name`` (timm's own, or ``lightning_act.models.kat.checkpoint_filter_fn`` for official KAT
-    weights) is applied, as timm does for pretrained weights. A classifier whose shape differs (e.g. 1000 ImageNet
-    classes into a 10-class model) is left at its fresh init so the weights can be fine-tuned; every other tensor
-    must match (strict).
+    A timm/PyTorch state dict, a timm training checkpoint (its ``args`` namespace allowed, as timm allows it) or a
+    Lightning checkpoint of an :class:`ImageClassifier` is read, unwrapped by
+    :func:`~lightning_act.models.kat.unwrap_state_dict`: the first of ``"state_dict_ema"``, ``"model_ema"``,
+    ``"state_dict"``, ``"model"`` that the file holds (timm's own ``load_state_dict(use_ema=True)`` order, so a timm
+    training checkpoint gives the same (EMA) weights here as through ``timm.create_model(..., checkpoint_path=...)``),
+    and DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` prefixes stripped as timm strips them. The filter of the
+    file that registered ``model_name`` (timm's own, or ``lightning_act.models.kat.checkpoint_filter_fn`` for
+    official KAT weights) is applied, as timm does for pretrained weights. A classifier whose shape differs (e.g.
+    1000 ImageNet classes into a 10-class model) is left at its fresh init so the weights can be fine-tuned; every
+    other tensor must match (strict).
     """
     import timm
+
+    from lightning_act.models.kat import unwrap_state_dict  # imports timm: not at module import
 
     if not Path(checkpoint_path).is_file():
         raise DataNotFoundError(f"checkpoint '{checkpoint_path}' not found; pass --model.checkpoint_path to an existing file")
     try:
-        state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        # timm training checkpoints hold their arguments as an argparse.Namespace (timm allow-lists it the same way)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        objects = _unsafe_globals(checkpoint_path)
+        if objects:  # a torch file, but pickled objects are not loaded from it (they could run code)
+            raise DataFormatError(
+                f"checkpoint '{checkpoint_path}' holds Python objects that a weights-only load refuses "
+                f"({', '.join(objects[:3])}); save the model's state dict alone (torch.save(model.state_dict(), path))"
+            ) from err
         raise DataFormatError(f"cannot read checkpoint '{checkpoint_path}' ({type(err).__name__}); pass a torch .pth/.pt file") from err
     if not isinstance(state_dict, dict):
         raise DataFormatError(f"checkpoint '{checkpoint_path}' holds a {type(state_dict).__name__}, not a state dict")
     family = importlib.import_module(timm.models.model_entrypoint(model_name).__module__)
     filter_fn = getattr(family, "checkpoint_filter_fn", None)
-    written_by_lightning = "pytorch-lightning_version" in state_dict
-    wrappers = [k for k in ("state_dict_ema", "model_ema", "state_dict", "model") if isinstance(state_dict.get(k), dict)]
-    if wrappers:
-        state_dict = state_dict[wrappers[0]]
-    if written_by_lightning:  # an ImageClassifier checkpoint: the timm model's tensors are under its "model." attribute
-        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict, model)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     own = model.state_dict()
