@@ -31,11 +31,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_act.errors import CheckpointMismatchError, ConfigError, DiskFullError, NotACheckpointError
+from lightning_act.lightning_classes import lightning_classes
 
 LAST_NAME = "last.ckpt"
 
@@ -141,7 +142,7 @@ class LastCheckpoint(Checkpoint):
         if self.dirpath is not None:
             return Path(self.dirpath) / LAST_NAME
         for callback in trainer.callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            if isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.dirpath is not None:
                 return Path(callback.dirpath) / LAST_NAME
         return Path(trainer.default_root_dir) / "checkpoints" / LAST_NAME
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from lightning_act.lightning_classes import lightning_classes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,12 +29,12 @@ def run_dir(trainer: pl.Trainer) -> Path:
     save directory, else the Trainer's root. (``trainer.log_dir`` is avoided: it broadcasts, and this runs on rank
     zero only.)
     """
-    for kind in (CSVLogger, TensorBoardLogger):
+    for kind in ("loggers.CSVLogger", "loggers.TensorBoardLogger"):
         for logger in trainer.loggers:
-            if isinstance(logger, kind):
+            if isinstance(logger, lightning_classes(kind)):
                 return Path(logger.log_dir)
     for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
+        if isinstance(logger, lightning_classes("loggers.MLFlowLogger")):
             return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / str(logger.version)
     for logger in trainer.loggers:
         if logger.save_dir:
@@ -97,11 +98,11 @@ def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, lightning_classes("loggers.WandbLogger")):
             logger.log_image(key=f"plots/{name}", images=[str(path)], step=logging_step(trainer))
-        elif isinstance(logger, TensorBoardLogger):
+        elif isinstance(logger, lightning_classes("loggers.TensorBoardLogger")):
             logger.experiment.add_figure(f"plots/{name}", figure, global_step=logging_step(trainer), close=False)
-        elif isinstance(logger, MLFlowLogger):
+        elif isinstance(logger, lightning_classes("loggers.MLFlowLogger")):
             logger.experiment.log_artifact(logger.run_id, str(path), "plots")
     return path
 
@@ -109,5 +110,5 @@ def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
 def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list[Any]]) -> None:
     """Log a table to any W&B logger (other loggers have no table type)."""
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, lightning_classes("loggers.WandbLogger")):
             logger.log_table(key=key, columns=columns, data=rows, step=logging_step(trainer))

@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
@@ -70,6 +70,7 @@ from lightning_act.capture import (
 from lightning_act.capture.layout import declared_batch_first
 from lightning_act.capture.selection import INPUT_TAP_SUFFIX, resolve_class
 from lightning_act.errors import LightningActError, ModuleSelectionError
+from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.fused import FusedSpec, FusedStats
 from lightning_act.stats import all_gather_packed, all_reduce_packed, distributed_world_size
 
@@ -332,9 +333,8 @@ def builds_layers_late(pl_module: torch.nn.Module) -> bool:
     layers (idle, or "matched no module" for explicit ones). Such a monitor chooses them at fit start instead."""
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    return isinstance(pl_module, pl.LightningModule) and any(
-        is_overridden(hook, pl_module, pl.LightningModule) for hook in ("setup", "configure_model")
-    )
+    base = next((c for c in lightning_classes("LightningModule") if isinstance(pl_module, c)), None)
+    return base is not None and any(is_overridden(hook, pl_module, base) for hook in ("setup", "configure_model"))
 
 
 class FitScopedState(Callback):
@@ -405,7 +405,8 @@ class FitScopedState(Callback):
             return
         for stopper in trainer.callbacks:
             key = getattr(stopper, "monitor", None)
-            if not isinstance(stopper, EarlyStopping) or not str(key).startswith(f"{self.prefix}/"):
+            early_stopping = isinstance(stopper, lightning_classes("callbacks.EarlyStopping"))
+            if not early_stopping or not str(key).startswith(f"{self.prefix}/"):
                 continue
             accumulate = max(1, trainer.accumulate_grad_batches)
             if stopper._check_on_train_epoch_end or trainer.val_check_batch is None:

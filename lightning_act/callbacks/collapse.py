@@ -38,13 +38,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import averaged_copies
 from lightning_act.errors import LightningActError, ModuleSelectionError
+from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.covariance_sketch import (
     gaussian_test_matrix, sketch_partials, sketch_resolved, sketch_size, sketch_spectrum,
 )
@@ -449,7 +449,8 @@ class DimensionalCollapse(ActivationMonitor):
         # The rows one due step sums on all ranks: the rank bound of its centred scatter, hence the sketch size; with
         # the most micro-batches a GradientAccumulationScheduler will give a step.
         accumulation = max([trainer.accumulate_grad_batches] + [
-            int(n) for callback in trainer.callbacks if isinstance(callback, GradientAccumulationScheduler)
+            int(n) for callback in trainer.callbacks
+            if isinstance(callback, lightning_classes("callbacks.GradientAccumulationScheduler"))
             for n in callback.scheduling.values()
         ])
         self._rows_per_due_step = self.max_rows * accumulation * max(1, trainer.world_size)

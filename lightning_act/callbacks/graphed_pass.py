@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_act.callbacks.probe import batch_tensors
+from lightning_act.lightning_classes import lightning_classes
 
 TensorKey = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
 
@@ -42,9 +43,8 @@ def memory_key(module: nn.Module, inputs: Any) -> tuple[TensorKey, ...]:
 def strategy_allows_graphs(strategy: object) -> bool:
     """Whether a replay reads the weights the strategy trains: one device, or DDP (every rank holds whole parameters).
     Sharding strategies (FSDP, DeepSpeed) gather parameters into new memory inside the forward."""
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
-    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+    allowed = lightning_classes("strategies.SingleDeviceStrategy") + lightning_classes("strategies.DDPStrategy")
+    return isinstance(strategy, allowed)
 
 
 def _autocast_without_cache() -> contextlib.AbstractContextManager[Any]:
