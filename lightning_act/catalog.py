@@ -68,6 +68,11 @@ def catalog_lines() -> list[str]:
     lines += section("data (--data NAME):",
                      [(c.__name__, _summary(c)) for c in _classes("lightning_act.data", LightningDataModule)])
     recipes = sorted(RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
+    if not recipes:  # a wheel install: the recipes are files of the source tree, not of the package
+        return lines + [
+            "recipes: none here (this is an installed package; the recipes are the YAML files in recipes/ of the "
+            "source tree: run lightning_act from a checkout, or pass --config with your copy)"
+        ]
     lines += section("recipes (lightning_act fit --config recipes/NAME.yaml):",
                      [(p.stem, recipe_summary(p)) for p in recipes])
     return lines[:-1]

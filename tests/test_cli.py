@@ -174,6 +174,16 @@ def test_monitors_command_lists_monitors_models_and_recipes(capsys):
         assert f"  {name} " in out, name
 
 
+def test_monitors_command_of_an_installed_package_says_where_the_recipes_are(capsys, monkeypatch, tmp_path):
+    # A wheel holds no recipes/: the listing ended with the recipes heading and nothing under it.
+    import lightning_act.catalog as catalog
+
+    monkeypatch.setattr(catalog, "RECIPES", tmp_path / "recipes")
+    assert main(["monitors"]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(
+        "recipes: none here (this is an installed package; the recipes are the YAML files in recipes/ of the source")
+
+
 def test_error_table_in_docs_matches_what_the_cli_prints(capsys, monkeypatch):
     """``scripts/errors_table.py --check``, in this process (the script runs each case through ``main`` itself)."""
     spec = importlib.util.spec_from_file_location("errors_table", ROOT / "scripts" / "errors_table.py")
