@@ -382,7 +382,8 @@ class FitScopedState(Callback):
         self.__dict__.setdefault("_published", {}).update(metrics)
         # one tensor, unbound into 0-d views: a tensor per metric costs the host a few microseconds each; float64 as
         # the loggers get them (the default float32 made a top1 of 1e39 inf for EarlyStopping and ModelCheckpoint)
-        trainer.callback_metrics.update(zip(metrics, torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()))
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+        trainer.callback_metrics.update(zip(metrics, values.unbind()))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fit that continues a run (resumed from a checkpoint, or a further ``fit`` of the same ``Trainer``) puts

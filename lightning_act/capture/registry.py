@@ -323,7 +323,7 @@ class CaptureRegistry:
         self.cutoff: ForwardCutoff | None = None
         self._handles: dict[tuple[int, str], RemovableHandle] = {}
         self._dropout_handles: dict[tuple[int, str], list[RemovableHandle]] = {}
-        #: The feature axis decided for each (tap, layout, rank), for activations whose shape does not tell.
+        #: The feature axis decided per (tap, layout) and number of axes, for activations whose shape does not tell.
         self.feature_axes: dict[Any, int] = {}
         #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
         self.before_dropout: dict[tuple[int, str], tuple[Any, Any]] = {}
@@ -345,10 +345,10 @@ class CaptureRegistry:
                     root = self._root() if self._root is not None else None
                     dropout = None if root is None else dropout_feeding(root, tap.module)
                     if dropout is not None:
-                        hook = _DropoutInputHook(self, key)
-                        self._dropout_handles[key] = [dropout.register_forward_hook(hook)]
+                        through = _DropoutInputHook(self, key)
+                        self._dropout_handles[key] = [dropout.register_forward_hook(through)]
                         if getattr(dropout, "inplace", False):
-                            self._dropout_handles[key].append(dropout.register_forward_pre_hook(hook.before))
+                            self._dropout_handles[key].append(dropout.register_forward_pre_hook(through.before))
                 else:
                     self._handles[key] = tap.module.register_forward_hook(_CaptureHook(self, key))
         if set(self._handles) != hooked:
