@@ -111,3 +111,33 @@ def test_an_epoch_end_barrier_under_a_rank_zero_progress_bar_does_not_deadlock(t
         _, stderr = proc.communicate()
     ended = out.read_text().splitlines() if out.is_file() else []
     assert ended == ["EpochLineProgress barrier 2", "TQDMProgressBar LastCheckpoint 2"], stderr[-3000:]
+
+
+def test_a_sharded_padding_collate_gives_every_rank_the_dataset_examples_once(tmp_path):
+    # Before: the ranks' inputs, padded to 9 and 8 tokens, were all-gathered as one shape: gloo aborted the fit.
+    result = run_script("ddp_sensitive_padded.py", tmp_path, 29)
+    first, second = result["ranks"]
+    assert first == second
+    # Each rank's batch of 4 kept whole with its own padding; rank 1's (1, 3, 5, then 0 again) cut before the repeat.
+    assert first["shapes"] == [[4, 8], [3, 9]]
+    import torch
+    from ddp_sensitive_padded import sequences
+
+    weights = {name: np.array(value) for name, value in result["weights"].items()}
+    order = [0, 2, 4, 6, 1, 3, 5]  # rank 0's examples, then rank 1's: the 7 examples, each once
+    expected = np.stack([weights["emb.weight"][sequences()[i].numpy()].mean(0) for i in order])
+    expected = expected @ weights["pool.weight"].T + weights["pool.bias"]
+    np.testing.assert_allclose(np.array(first["embedding"]), expected, rtol=1e-5, atol=1e-6)
+    assert len(first["v_mean"]) == 1 and torch.isfinite(torch.tensor(first["v_mean"])).all()
+
+
+def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(tmp_path):
+    # Before: example 0, the DistributedSampler's padding of rank 1's shard, was probed twice: count 896, not 832.
+    from ddp_probe_padding import EXAMPLES, probe_statistics
+
+    ddp = run_script("ddp_probe_padding.py", tmp_path, 31)
+    single = probe_statistics(devices=1)
+    assert ddp["massive/net.blocks.0/count"] == single["massive/net.blocks.0/count"] == EXAMPLES * 4 * 16
+    assert set(ddp) == set(single)
+    for key, value in single.items():
+        assert ddp[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

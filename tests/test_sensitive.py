@@ -442,3 +442,134 @@ def test_the_eigenscore_passes_read_the_head_input_after_its_dropout() -> None:
         centred = z - z.mean(axis=1, keepdims=True)  # J_d Z
         scores = [np.linalg.slogdet(zn.T @ cn + 1e-3 * np.eye(k))[1] / k for zn, cn in zip(z, centred)]
         assert value == pytest.approx(np.mean(scores), rel=1e-9)
+
+
+class MaskedMeanNet(pl.LightningModule):
+    """Token ids (B, L) padded with 0 → masked mean of their embeddings → ``pool`` → head (the usual NLP setup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.pool = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = (x != 0).float()[..., None]
+        return self.head(torch.tanh(self.pool((self.emb(x) * keep).sum(1) / keep.sum(1))))
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def masked_mean_pool(model: MaskedMeanNet, sequences: list[torch.Tensor]) -> np.ndarray:
+    """``pool`` of each sequence by numpy: the mean of its token embeddings, then the linear layer."""
+    table = model.emb.weight.detach().double().numpy()
+    weight, bias = model.pool.weight.detach().double().numpy(), model.pool.bias.detach().double().numpy()
+    return np.stack([table[s.numpy()].mean(0) @ weight.T + bias for s in sequences])
+
+
+def test_a_padding_collate_gives_the_first_num_samples_examples_each_with_its_batch_padding() -> None:
+    # Before: torch.cat of the batches' inputs (padded to 9 and 8 tokens) raised "Sizes of tensors must match".
+    from torch.nn.utils.rnn import pad_sequence
+
+    torch.manual_seed(0)
+    sequences = [torch.randint(1, 20, (n,)) for n in [3, 9, 5, 2, 7, 4, 8, 6]]
+    loader = DataLoader(sequences, batch_size=4, collate_fn=lambda items: (pad_sequence(items, batch_first=True),))
+    model = MaskedMeanNet()
+    shapes: list[tuple[int, ...]] = []
+    model.pool.register_forward_hook(lambda m, a, o: None if m.training else shapes.append(tuple(a[0].shape)))
+    monitor = SensitiveNeurons(modules=["pool"], every_n_steps=1, num_samples=6, eigenscore_passes=0, window=2)
+    trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, loader, loader)
+    assert [b.shape for b in monitor._batches] == [(4, 9), (2, 8)]  # the second batch's first 2, its padding kept
+    assert shapes[-2:] == [(4, 8), (2, 8)]
+    np.testing.assert_allclose(monitor.embeddings["pool"][-1].numpy(), masked_mean_pool(model, sequences[:6]),
+                               rtol=1e-5, atol=1e-6)
+    assert "sensitive/pool/v_mean" in monitor.history
+
+
+def test_sequence_first_inputs_are_cut_along_the_batch_not_time() -> None:
+    # Before: (T, B, F) batches were joined and cut along axis 0, time: 3 examples of their first 6 steps.
+    steps, width, hidden = 7, 4, 5
+
+    class Recurrent(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(width, hidden)  # batch_first=False: (T, B, F)
+            self.head = nn.Linear(hidden, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0].mean(0))
+
+        def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+            pass
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.randn(12, steps, width)
+    collate = lambda items: (torch.stack([item[0] for item in items]).transpose(0, 1),)  # noqa: E731
+    loader = DataLoader(TensorDataset(data), batch_size=3, collate_fn=collate)
+    model = Recurrent()
+    monitor = SensitiveNeurons(modules=["rnn"], every_n_steps=1, num_samples=5, eigenscore_passes=0, window=2)
+    trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, loader, loader)
+    assert torch.equal(torch.cat(monitor._batches, 1), data[:5].transpose(0, 1))
+    with torch.no_grad():
+        expected = model.rnn(data[:5].transpose(0, 1))[0].mean(0)  # (5, H): every step of 5 examples
+    np.testing.assert_allclose(monitor.embeddings["rnn"][-1].numpy(), expected.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class SharedRelu(pl.LightningModule):
+    """One ``nn.ReLU`` called at widths 5, 5 and 7 in a forward, as torchvision's ``Bottleneck`` calls its ``relu``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 7)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(7, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.c(self.relu(self.b(self.relu(self.a(x)))))))
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_called_at_two_widths_tracks_the_calls_of_its_first_width_with_one_warning() -> None:
+    # Before: torch.cat of (B, 5) and (B, 7) embeddings raised "Sizes of tensors must match" at the first checkpoint.
+    torch.manual_seed(0)
+    tracking = torch.randn(6, 3)
+    model = SharedRelu()
+    calls: list[np.ndarray] = []
+    model.relu.register_forward_hook(
+        lambda m, a, o: None if torch.is_grad_enabled() else calls.append(o.double().numpy())  # the tracking passes
+    )
+    monitor = SensitiveNeurons(modules=["relu"], every_n_steps=1, tracking_inputs=tracking, eigenscore_passes=0,
+                               window=2)
+    trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.warns(UserWarning, match=r"relu is called at widths \[5, 7\].*width 5") as record:
+        trainer.fit(model, DataLoader(TensorDataset(torch.randn(12, 3)), batch_size=4))
+    assert sum("called at widths" in str(w.message) for w in record) == 1
+    assert [c.shape[1] for c in calls[-3:]] == [5, 5, 7]  # the last checkpoint's forward
+    np.testing.assert_array_equal(monitor.embeddings["relu"][-1].numpy(), np.concatenate(calls[-3:-1]))
+    assert monitor.embeddings["relu"][-1].shape == (12, 5)  # 6 examples × the 2 calls of width 5
+    assert len(monitor.history["sensitive/relu/v_mean"].values) == 1  # the window (C + 1 = 3) full at step 2

@@ -17,12 +17,14 @@ from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int,
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
+    dataset_size,
     own_passes,
     probing,
     resolve_forward_fn,
     same_on_every_rank,
     to_device,
     validation_batches,
+    without_sampler_padding,
 )
 from lightning_act.capture import ModuleSpec
 from lightning_act.capture.registry import ForwardCutoff
@@ -262,16 +264,22 @@ class MassiveActivations(ActivationMonitor):
         self._probed_step = None  # a step probed in an earlier fit is a step of this one to probe again
         if self.probe is None or not self.taps:
             return
-        batches = validation_batches(trainer, "MassiveActivations", lambda b: len(b) >= self.probe_batches)
+        loaders: list[Any] = []
+        batches = validation_batches(trainer, "MassiveActivations", lambda b: len(b) >= self.probe_batches, loaders)
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # each fit records its probe forwards afresh
         self._probe_data = [to_device(batch, pl_module.device, trainer) for batch in batches]
-        self._probe_here = self._runs_probe_here(pl_module.device)
+        self._probe_here = self._runs_probe_here(pl_module.device, dataset_size(loaders[0]))
 
-    def _runs_probe_here(self, device: torch.device) -> bool:
-        """Whether this rank runs the probe: all ranks when their batches differ, else rank 0 only."""
+    def _runs_probe_here(self, device: torch.device, size: int | None) -> bool:
+        """Whether this rank runs the probe: rank 0 alone when every rank holds the same batches; else every rank
+        its own shard, without the examples a ``DistributedSampler`` repeats to pad the dataset of ``size`` examples
+        (the probe's union is then the one-process probe's examples, each once)."""
         if distributed_world_size() == 1:
             return True
-        return not same_on_every_rank(self._probe_data, device) or torch.distributed.get_rank() == 0
+        if same_on_every_rank(self._probe_data, device):
+            return torch.distributed.get_rank() == 0
+        self._probe_data = without_sampler_padding(self._probe_data, size)
+        return bool(self._probe_data)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

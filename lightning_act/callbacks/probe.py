@@ -21,10 +21,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import CombinedLoader
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
 from lightning_act.errors import LightningActError
+from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.reduce import all_gather_packed, distributed_world_size
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -98,6 +100,49 @@ def validation_batches(
     return batches
 
 
+def dataset_size(loader: Any) -> int | None:
+    """Examples in a loader's dataset, where it has a length (map-style datasets)."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def num_examples(batch: Any) -> int:
+    """Examples in a batch: the length of its first tensor (the inputs)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, dict):
+        return next((num_examples(v) for v in batch.values()), 0)
+    if isinstance(batch, (list, tuple)) and batch:
+        return num_examples(batch[0])
+    return 0
+
+
+def without_sampler_padding(batches: list[Any], size: int | None) -> list[Any]:
+    """This rank's first ``batches`` from a loader that shards the data itself, without the examples a
+    ``DistributedSampler`` repeats to pad a dataset of ``size`` examples that does not divide among the W ranks:
+    rank r's k-th example is the sampler's position k·W + r, a repeat from ``size`` on. A batch is cut along the
+    first axis of each of its tensors as long as its inputs; batches left empty are dropped."""
+    world = distributed_world_size()
+    if size is None or world == 1:
+        return batches
+    left = len(range(torch.distributed.get_rank(), size, world))
+    kept: list[Any] = []
+    for batch in batches:
+        count = num_examples(batch)
+        if left <= 0:
+            break
+        kept.append(_first_examples(batch, count, left) if count > left else batch)
+        left -= count
+    return kept
+
+
+def _first_examples(batch: Any, count: int, keep: int) -> Any:
+    """The first ``keep`` of a batch's ``count`` examples: its tensors as long as the inputs, cut."""
+    return apply_to_collection(batch, torch.Tensor, lambda t: t[:keep] if t.dim() and t.shape[0] == count else t)
+
+
 def batch_tensors(batch: Any) -> Iterator[torch.Tensor]:
     """The tensors of a batch (nested in dicts, lists and tuples), in order."""
     if isinstance(batch, torch.Tensor):
@@ -128,7 +173,9 @@ def first_loader(loaders: Any) -> Any:
     """The loader Lightning numbers ``dataloader_idx=0`` among ``loaders`` (a loader, a list/tuple/dict of them, or a
     ``CombinedLoader``, flattened as Lightning flattens them), so that a probe reads batches, not the dict's keys or
     a ``CombinedLoader``'s ``(batch, batch_idx, dataloader_idx)`` triples; ``[]`` for an empty collection."""
-    combined = loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders)
+    combined = loaders
+    if not isinstance(loaders, lightning_classes("utilities.CombinedLoader")):
+        combined = CombinedLoader(loaders)
     flattened = combined.flattened
     return flattened[0] if flattened else []
 

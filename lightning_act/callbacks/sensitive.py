@@ -29,7 +29,8 @@ module's train/eval flag is restored, and BatchNorm statistics are not updated (
 
 DDP: the tracking set is taken from the validation dataloader itself (not Lightning's
 distributed copy of it), so every rank holds the same inputs; if the user's loader shards the
-data itself, the ranks' inputs are gathered and interleaved into one set. The weights are the
+data itself, the ranks' inputs are gathered and interleaved into one set (padded batches of different lengths:
+gathered whole, rank by rank). The weights are the
 same on every rank, and rank 0's embeddings are broadcast anyway, so the windows, sets and drop
 masks are identical on every rank.
 """
@@ -66,6 +67,8 @@ from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
+    dataset_size,
+    num_examples,
     own_passes,
     probing,
     resolve_forward_fn,
@@ -114,23 +117,9 @@ def _module_device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
-def _dataset_size(loader: Any) -> int | None:
-    """Examples in a loader's dataset, where it has a length (map-style datasets)."""
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return None
-
-
-def _num_examples(batch: Any) -> int:
-    """Examples in a batch: the length of its first tensor (the inputs)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, dict):
-        return next((_num_examples(v) for v in batch.values()), 0)
-    if isinstance(batch, (list, tuple)) and batch:
-        return _num_examples(batch[0])
-    return 0
+def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
+    """The shape of ``x`` without its sample ``axis``."""
+    return (*x.shape[:axis], *x.shape[axis + 1 :])
 
 
 def _is_stochastic(module: nn.Module) -> bool:
@@ -204,7 +193,8 @@ class SensitiveNeurons(FitScopedState):
         eigenscore_passes: K stochastic passes for EigenScore/EES (0 or 1: off).
         num_moments, num_probes: Chebyshev moments M and Hutchinson probes N_z of EES.
         alpha: the EigenScore regulariser α.
-        batch_size: tracking examples per forward pass.
+        batch_size: tracking examples per forward pass (validation batches whose inputs differ in shape, a padding
+            collate's, run whole).
         input_key: key of the model input when validation batches are dicts.
         seed: seed of the dropout masks of the passes and of the EES probes.
         forward_fn: how to run the model on one tracking batch, ``forward_fn(pl_module, batch)``
@@ -323,6 +313,7 @@ class SensitiveNeurons(FitScopedState):
         self._low_dim_warned: set[str] = set()
         self._unobserved_warned: set[str] = set()
         self._unknown_warned: set[str] = set()
+        self._widths_warned: set[str] = set()
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
@@ -392,9 +383,10 @@ class SensitiveNeurons(FitScopedState):
         device = _module_device(pl_module)
         if self.tracking_inputs is not None:
             self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
+            self._first_forward(trainer, pl_module, self._batches[0])
         elif self.custom_forward:
             batches = validation_batches(
-                trainer, "SensitiveNeurons", lambda bs: sum(_num_examples(b) for b in bs) >= self.num_samples
+                trainer, "SensitiveNeurons", lambda bs: sum(num_examples(b) for b in bs) >= self.num_samples
             )
             self._batches = [to_device(b, device, trainer) for b in batches]
             if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its shard only
@@ -403,53 +395,92 @@ class SensitiveNeurons(FitScopedState):
                     "them), and the tracking set must be the same on every rank; pass an unsharded validation loader "
                     "or tracking_inputs=<tensor>"
                 )
+            self._first_forward(trainer, pl_module, self._batches[0])
         else:
-            loaders: list[Any] = []
-            tracking = to_device(self._from_validation(trainer, loaders), device, trainer)
-            self._batches = list(self._union_over_ranks(tracking, _dataset_size(loaders[0])).split(self.batch_size))
-        with probing(trainer, pl_module, device):
-            call_forward("SensitiveNeurons", self.forward_fn, pl_module, self._batches[0])
+            self._batches = self._from_validation(trainer, pl_module, device)
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
         for tap in self.taps:
             if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive:
                 self._set_drop(tap, self.sensitive[tap.name])
 
-    def _from_validation(self, trainer: pl.Trainer, loaders: list[Any]) -> torch.Tensor:
+    def _first_forward(self, trainer: pl.Trainer | None, pl_module: nn.Module, batch: Any) -> int | None:
+        """Run the model on a first tracking batch, at fit start so that a failing call is one line then; the sample
+        count of the first embedding it gave (``None``: none), which tells the inputs' sample axis."""
+        self._arm(True)
+        try:
+            with own_passes(self._registry, self), probing(trainer, pl_module, _module_device(pl_module)):
+                call_forward("SensitiveNeurons", self.forward_fn, pl_module, batch)
+            first = next(iter(self._collected.values()), None)
+            return first[0].shape[0] if first else None
+        finally:
+            self._arm(False)
+            self._collected.clear()
+
+    def _from_validation(self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device) -> list[torch.Tensor]:
+        """The tracking batches: the inputs of the first validation batches holding ``num_samples`` examples, counted
+        along the inputs' sample axis (:meth:`_sample_axis`: an ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples,
+        not T), joined or kept whole by :meth:`_join`; from a loader that shards the data itself, the ranks' union."""
         inputs: list[torch.Tensor] = []
+        loaders: list[Any] = []
+        axis = 0
 
         def enough(batches: list[Any]) -> bool:
-            inputs.append(self._batch_inputs(batches[-1]))
-            return sum(x.shape[0] for x in inputs) >= self.num_samples
+            nonlocal axis
+            x = to_device(self._batch_inputs(batches[-1]), device, trainer)
+            if not inputs:
+                axis = self._sample_axis(x, self._first_forward(trainer, pl_module, x))
+            inputs.append(x)
+            return sum(x.shape[axis] for x in inputs) >= self.num_samples
 
         validation_batches(trainer, "SensitiveNeurons", enough, loaders)
-        return torch.cat(inputs)[: self.num_samples]
+        if same_on_every_rank(inputs, device):
+            return self._join([inputs], axis, self.num_samples)
+        return self._union_over_ranks(inputs, axis, dataset_size(loaders[0]), device)
 
-    def _union_over_ranks(self, local: torch.Tensor, dataset_size: int | None = None) -> torch.Tensor:
-        """The same tracking set on every rank.
+    def _sample_axis(self, x: torch.Tensor, samples: int | None) -> int:
+        """The axis of the examples in the model inputs ``x``: one as long as the first forward's sample count (the
+        embeddings' rows, which the taps' layout put first), the taps' batch axis (declared, or a sequence-first
+        module's) before the others; axis 0 where none is."""
+        preferred = [layout.batch_dim for layout in self._layouts if layout.batch_dim is not None]
+        return next((a for a in [*preferred, *range(x.dim())] if a < x.dim() and x.shape[a] == samples), 0)
 
-        When every rank read the same inputs (the validation loader is not sharded) they are kept.
-        When the user's own loader shards them (e.g. an unshuffled ``DistributedSampler``), the
-        ranks' inputs are interleaved — rank r's k-th input at position k·W + r, the original order
-        under such a sampler — and the first ``num_samples`` are kept, at most ``dataset_size`` (a
-        ``DistributedSampler`` pads a dataset that does not divide among the ranks with its first examples
-        again), so the set matches a one-process run.
-        """
-        world = distributed_world_size()
-        if world == 1:
-            return local
-        counts = torch.tensor([local.shape[0]], device=local.device)
-        all_counts = [torch.zeros_like(counts) for _ in range(world)]
-        dist.all_gather(all_counts, counts)
-        sizes = [int(c.item()) for c in all_counts]
-        padded = local.new_zeros((max(sizes), *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded.contiguous())
-        shards = [g[:n] for g, n in zip(gathered, sizes, strict=True)]
-        if all(s.shape == shards[0].shape and torch.equal(s, shards[0]) for s in shards):
-            return local
-        order = [shards[r][k] for k in range(max(sizes)) for r in range(world) if k < sizes[r]]
-        return torch.stack(order[: min(self.num_samples, dataset_size or len(order))])
+    def _join(self, shards: list[list[torch.Tensor]], axis: int, limit: int) -> list[torch.Tensor]:
+        """The tracking batches from the input batches of each rank (one list: one rank, or every rank the same):
+        the first ``limit`` examples, rank r's k-th at position k·W + r (the order of an unshuffled
+        ``DistributedSampler``).
+
+        Inputs of one shape apart from the sample axis are joined along it, and re-split into ``batch_size``
+        examples. Inputs that are not (a padding collate: each batch as long as its longest sequence) cannot be
+        joined: the batches stay whole, each example with its batch's padding at every checkpoint, cut to the
+        examples kept (then grouped by rank)."""
+        tensors = [x for shard in shards for x in shard]
+        shape = _other_dims(tensors[0], axis)
+        if all(_other_dims(x, axis) == shape for x in tensors):
+            per_rank = [torch.cat(shard, axis).movedim(axis, 0) for shard in shards]
+            order = [rows[k] for k in range(max(len(rows) for rows in per_rank)) for rows in per_rank if k < len(rows)]
+            return list(torch.stack(order[:limit]).movedim(0, axis).split(self.batch_size, axis))
+        kept: list[torch.Tensor] = []
+        for rank, shard in enumerate(shards):
+            left = len(range(rank, limit, len(shards)))  # its examples k with k·W + rank < limit
+            for x in shard:
+                if left > 0:
+                    kept.append(x.narrow(axis, 0, min(left, x.shape[axis])))
+                    left -= kept[-1].shape[axis]
+        return kept
+
+    def _union_over_ranks(
+        self, local: list[torch.Tensor], axis: int, size: int | None, device: torch.device
+    ) -> list[torch.Tensor]:
+        """The same tracking set on every rank from a loader that shards the data itself (e.g. an unshuffled
+        ``DistributedSampler``): the ranks' input batches gathered (as objects: padded batches differ in shape) and
+        joined in the original order, the first ``num_samples`` kept, at most the dataset's ``size`` (a
+        ``DistributedSampler`` pads a dataset that does not divide among the ranks with its first examples again), so
+        the set matches a one-process run."""
+        shards: list[Any] = [None] * distributed_world_size()
+        dist.all_gather_object(shards, [x.cpu() for x in local])
+        total = sum(x.shape[axis] for shard in shards for x in shard)
+        joined = self._join(shards, axis, min(self.num_samples, size or total))
+        return [x.to(device) for x in joined]
 
     def _batch_inputs(self, batch: Any) -> torch.Tensor:
         if isinstance(batch, torch.Tensor):
@@ -530,7 +561,8 @@ class SensitiveNeurons(FitScopedState):
                 forward = functools.partial(call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch)
                 self._cutoff.forward(forward)
             self._cutoff.pass_complete()
-            return {tap.name: torch.cat(collected[i]) for i, tap in enumerate(self.taps) if i in collected}
+            taps = enumerate(self.taps)
+            return {tap.name: self._pass_embedding(tap, collected[i]) for i, tap in taps if i in collected}
 
         self._arm(True)
         try:
@@ -554,6 +586,23 @@ class SensitiveNeurons(FitScopedState):
             collected.clear()
         stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
         return clean, stochastic
+
+    def _pass_embedding(self, tap: Tap, calls: list[torch.Tensor]) -> torch.Tensor:
+        """A tap's embeddings of one pass: the rows of its calls of the width of its first call. A module called at
+        several widths in one forward (torchvision's ``Bottleneck`` calls its one ``relu`` at 64 and 256 channels)
+        gives features of different layers, whose rows do not stack: the others are left out, said once."""
+        width = calls[0].shape[1]
+        kept = [embedding for embedding in calls if embedding.shape[1] == width]
+        if len(kept) < len(calls) and tap.name not in self._widths_warned:
+            self._widths_warned.add(tap.name)
+            widths = sorted({embedding.shape[1] for embedding in calls})
+            rank_zero_warn(
+                f"SensitiveNeurons: {tap.name} is called at widths {widths} in one tracking forward (one module reused "
+                f"by several layers); only its calls of width {width}, its first call's, are tracked (tap the layers "
+                "themselves, e.g. the convolutions or norms before it, to track each)",
+                category=UserWarning,
+            )
+        return torch.cat(kept)
 
     @staticmethod
     def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
