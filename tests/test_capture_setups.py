@@ -811,12 +811,14 @@ def test_nan_weights_and_nan_validation_example_do_not_kill_the_fit():
     x = torch.randn(8, 1, 16, 16)
     x[3, 0, 0, 0] = float("nan")
     val = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=8)
-    collapse = DimensionalCollapse(modules="@blocks", every_n_steps=1, param_patterns=["net.blocks.*.fc.weight"])
+    collapse = DimensionalCollapse(modules="@blocks", every_n_steps=1, param_patterns=["net.blocks.*.fc.weight"],
+                                   warn_below=0.01)
     sensitive = SensitiveNeurons(every_n_steps=1, num_samples=8, window=2, eigenscore_passes=3)
     stats = ActivationStats(modules="@blocks", every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(max_steps=4, callbacks=[collapse, sensitive, stats]).fit(Poisoned(BlockNet()), toy_loader(), val)
+        trainer = quiet_trainer(max_steps=4, callbacks=[collapse, sensitive, stats])
+        trainer.fit(Poisoned(BlockNet()), toy_loader(), val)
     said = " | ".join(str(w.message) for w in caught)
     assert "collapse/params/r90 is not logged from step 2: the weights it follows" in said
     # Unknown statistics are left out, with one warning per tap (before: logged as NaN, read as a measurement)
@@ -825,9 +827,13 @@ def test_nan_weights_and_nan_validation_example_do_not_kill_the_fit():
     assert "SensitiveNeurons: net.head-input v_mean/v_max are unknown at step 2" in said
     assert "ActivationStats: net.blocks.0 mean/" in said and "are unknown at step 3 (no finite activation" in said
     assert collapse.history["collapse/net.blocks.0/erank"].steps == [0, 1]
+    assert collapse.history["collapse/net.blocks.0/collapsed"].steps == [0, 1]  # was 0.0 ("not collapsed") after
     assert np.isfinite(values(collapse, "collapse/net.blocks.0/erank")).all()
     assert collapse.history["collapse/params/r90"].steps == [0, 1]  # no share of a NaN variance
     assert stats.history["act/net.blocks.0/mean"].steps == [0, 1, 2]  # step 2: finite entries left; 3: none
+    # callback_metrics say "unknown now" (EarlyStopping(check_finite=True) stops on it), not step 2's value
+    for key in ("act/net.blocks.0/mean", "collapse/net.blocks.0/erank", "sensitive/net.head-input/eigenscore"):
+        assert np.isnan(float(trainer.callback_metrics[key])), key
     assert stats.history["act/net.blocks.0/nonfinite"].steps == [0, 1, 2, 3] and values(stats, "act/net.blocks.0/nonfinite")[-1] > 0
     assert "sensitive/net.head-input/eigenscore" not in sensitive.history  # one validation example is NaN throughout
     assert sensitive.history["sensitive/net.head-input/count"].steps == [0, 1, 2, 3]

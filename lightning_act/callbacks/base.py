@@ -904,7 +904,10 @@ class ActivationMonitor(FitScopedState, ABC):
                 rank_zero_warn(f"{type(self).__name__}: {tap_name} {self.unknown_statistics(first_time, step)}",
                                category=UserWarning)
         self.log_metrics(trainer, metrics, step)
-        self.publish(trainer, metrics)
+        # callback_metrics say "unknown now" (NaN) rather than keep the last known value: EarlyStopping(check_finite)
+        # and ModelCheckpoint act on it as on a NaN loss; the loggers and histories get no such point
+        unknown_now = {f"{self.prefix}/{tap}/{stat}": math.nan for tap, names in unknown.items() for stat in names}
+        self.publish(trainer, {**metrics, **unknown_now})
         self.on_statistics(trainer, step, stats)
         return metrics
 

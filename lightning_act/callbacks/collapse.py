@@ -343,14 +343,18 @@ class DimensionalCollapse(ActivationMonitor):
         if measured is not None:
             stats[MEASURED] = measured
         if self.warn_below is not None:
-            stats["collapsed"] = (erank_frac < self.warn_below).to(torch.float64)
+            # unknown where erank_frac is (a NaN compares False: it logged "not collapsed" for a NaN spectrum)
+            below = (erank_frac < self.warn_below).to(torch.float64)
+            stats["collapsed"] = torch.where(erank_frac.isnan(), erank_frac, below)
         return stats
 
     def on_statistics(self, trainer: pl.Trainer, step: int, stats: dict[str, dict[str, float]]) -> None:
         if self.warn_below is None:
             return
         for name, values in stats.items():
-            if values.get("collapsed", 0.0) < 0.5:
+            if "collapsed" not in values:  # unknown at this step: neither entered nor left
+                continue
+            if values["collapsed"] < 0.5:
                 self.collapsed.discard(name)
             elif name not in self.collapsed:
                 self.collapsed.add(name)

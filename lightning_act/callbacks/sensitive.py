@@ -632,15 +632,17 @@ class SensitiveNeurons(FitScopedState):
             z = self._broadcast(stochastic[tap.name]) if tap.name in stochastic else None
             derived.append((tap, self._derive(tap, window, z)))
         metrics: dict[str, float] = {}
+        unknown_now: dict[str, float] = {}
         for (tap, _), read in zip(derived, self._read(derived), strict=True):
             stats = self._update_selection(tap, read)
             unknown = [stat for stat, value in stats.items() if math.isnan(value)]
             if unknown:  # a NaN would read like a measurement in every logger
                 self._warn_unknown(tap.name, unknown, step)
             for stat, value in stats.items():
-                if stat in unknown:
-                    continue
                 key = f"{self.prefix}/{tap.name}/{stat}"
+                if stat in unknown:
+                    unknown_now[key] = value  # for callback_metrics only, as the activation monitors do
+                    continue
                 metrics[key] = value
                 series = self.history.get(key)
                 if series is None:
@@ -649,7 +651,7 @@ class SensitiveNeurons(FitScopedState):
         self.checkpoints += 1
         if trainer is not None:
             ActivationMonitor.log_metrics(trainer, metrics, step)
-            self.publish(trainer, metrics)
+            self.publish(trainer, {**metrics, **unknown_now})
         return metrics
 
     def _restart_tap(self, name: str, held: tuple[int, ...], now: tuple[int, ...], step: int) -> None:
