@@ -56,6 +56,15 @@ def test_temporal_fraction_on_a_hand_built_sequence() -> None:
     assert temporal_fraction(temporal_partials(sequence, dim=2, eps=0.0)).item() == 0.0
 
 
+def test_a_sample_by_feature_tap_has_no_time_axis() -> None:
+    # Before: temporal_dim=1 on a (B, D) tap compared neighbouring features as if they were time steps.
+    from lightning_act.stats.sparsity import has_time_axis
+
+    assert not has_time_axis(torch.zeros(8, 5), 1)
+    assert has_time_axis(torch.zeros(8, 5, 3), 1) and has_time_axis(torch.zeros(8, 3, 5), 2)
+    assert not has_time_axis(torch.zeros(8, 1, 3), 1)
+
+
 def test_temporal_steps_are_compared_with_eps_as_real_numbers() -> None:
     # float32 0.1 is 0.10000000149..., above the real 0.1: a step of it changed at eps=0.1; a step from -1e-8 to 1
     # is 1.00000001 (its float32 difference rounds to 1.0), above eps=1. Both counted as unchanged before round 17.

@@ -69,8 +69,9 @@ def zero_fraction_stacked(sums: torch.Tensor) -> tuple[list[str], torch.Tensor]:
 
 
 def has_time_axis(x: torch.Tensor, dim: int) -> bool:
-    """Whether ``x`` has axis ``dim`` (negative allowed) with at least two steps along it."""
-    if not -x.dim() <= dim < x.dim():
+    """Whether ``x`` has axis ``dim`` (negative allowed) with at least two steps along it, beside its sample and
+    feature axes: a ``(B, D)`` tap has none (``temporal_dim=1`` compared neighbouring features of it)."""
+    if x.dim() < 3 or not -x.dim() <= dim < x.dim():
         return False
     return x.shape[dim] >= 2
 
