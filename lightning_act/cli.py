@@ -844,7 +844,9 @@ def _unknown_monitor(err: BaseException) -> LightningActError | None:
     finds out at the first check, after an epoch, and raises a multi-line message with the metrics that were logged)."""
     message = str(err)
     if "could not find the monitored key" in message or "Early stopping conditioned on metric" in message:
-        return ConfigError(" ".join(message.split()) + " (fix the callback's monitor: in the config)")
+        # a monitor statistic may exist later only (SensitiveNeurons' v_mean after window + 1 checkpoints)
+        late = "; a monitor statistic that appears after a few due steps needs strict: false on EarlyStopping"
+        return ConfigError(" ".join(message.split()) + f" (fix the callback's monitor: in the config{late})")
     return None
 
 
