@@ -321,8 +321,8 @@ def test_every_skipped_layer_is_listed_with_its_reason(tmp_path: Path) -> None:
     text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
     assert "<td>run</td><td>massive</td><td>emergence fit</td><td>blocks.2</td><td>5 ratio points, the fit needs at least 6</td>" in text
     assert "<td>run</td><td>sparsity</td><td>cett</td><td>blocks.9</td><td>no down-projection input was seen</td>" in text
-    assert "<td>run</td><td>act</td><td>rms</td><td>blocks.2</td><td>logged only non-finite values (12 point(s))</td>" in text
-    assert "only non-finite values in: blocks.2" in text
+    assert "<td>run</td><td>act</td><td>rms</td><td>blocks.2</td><td>unknown at every logged step (12 step(s))</td>" in text
+    assert "only unknown values in: blocks.2" in text
 
 
 def test_skipped_file_round_trip(tmp_path: Path) -> None:
@@ -546,7 +546,7 @@ def test_non_finite_points_are_shown_as_such(tmp_path: Path) -> None:
     write_csv(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", header, rows)
     text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
     assert "std is 1 in every layer" not in text
-    assert "blocks.0: not finite (NaN/inf) at 1 of 3 logged steps, first at step 10" in text
+    assert "blocks.0: std unknown at 1 of 3 logged steps, first at step 10" in text
     traces, _ = figure_for(text, "act-std")
     assert [t["y"] for t in traces if t["name"] == "blocks.0"] == [[None, 1.0, 1.0]]  # the line breaks there
     assert "train/loss: not finite (NaN/inf) at 2 of 3 logged steps, first at step 20" in text
@@ -563,3 +563,198 @@ def test_a_resumed_fits_skip_record_replaces_the_first_fits(tmp_path: Path) -> N
     record_skipped(resumed, "massive", "emergence fit", {})
     skipped, _ = read_skipped([first, resumed])
     assert [(s.monitor, s.what, s.layer) for s in skipped] == [("collapse", "erank", "c")]
+
+
+# ---------------------------------------------------------------- (c) unknown statistics: gaps in metrics.csv
+
+
+MOMENTS = ("mean", "std", "rms", "abs_mean", "abs_max")
+
+
+def write_gapped_run(root: Path, old_nan: bool) -> Path:
+    """Eight steps of monitors that left unknown statistics out (round 18), or logged NaN there (``old_nan``).
+
+    act: ``blocks.0`` complete; ``side``'s moments unknown from step 3; ``never``'s at every step (it logs only its
+    counts). massive ``zeroer``: ``ratio`` unknown at 3, 4, ``count`` at 3–5, its top-0 position at 7. sensitive
+    ``enc``: ``jaccard`` only at re-selections (by design, never NaN).
+    """
+    unknown = math.nan if old_nan else None
+    rows: list[dict[str, float]] = []
+    for step in range(8):
+        act: dict[str, float | None] = {"step": step}
+        for layer in ("blocks.0", "side", "never"):
+            act |= {f"act/{layer}/count": 64.0, f"act/{layer}/nonfinite": 64.0 if layer == "never" else 0.0,
+                    f"act/{layer}/zero_frac": 0.0}
+            known = layer == "blocks.0" or (layer == "side" and step < 3)
+            act |= {f"act/{layer}/{m}": (1.0 + step / 10 + i if known else unknown) for i, m in enumerate(MOMENTS)}
+        massive: dict[str, float | None] = {"step": step}
+        for i, layer in enumerate(("blocks.0", "zeroer")):
+            zeroer = layer == "zeroer"
+            massive |= {
+                f"massive/{layer}/median": 0.5 + i, f"massive/{layer}/top1": 5.0 + step + i,
+                f"massive/{layer}/ratio": unknown if zeroer and step in (3, 4) else 10.0 + step + i,
+                f"massive/{layer}/count": unknown if zeroer and step in (3, 4, 5) else 0.0,
+                f"massive/{layer}/top0_token": unknown if zeroer and step == 7 else float(step % 2),
+                f"massive/{layer}/top0_feature": unknown if zeroer and step == 7 else 3.0,
+            }
+        sensitive: dict[str, float | None] = {"step": step, "sensitive/enc/count": 4.0, "sensitive/enc/selected": 1.0}
+        if step in (2, 5):
+            sensitive["sensitive/enc/jaccard"] = 0.25 * step
+        for row in (act, massive, sensitive, {"step": step, "train/loss": 2.0 - step / 10}):
+            rows.append({k: v for k, v in row.items() if v is not None})
+    header = sorted({k for row in rows for k in row} | {"epoch"})
+    version = root / "csv" / "version_0"
+    write_csv(version / "metrics.csv", header, rows)
+    return version / "metrics.csv"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def logged_steps(rows: list[dict[str, str]], prefix: str, layer: str) -> list[int]:
+    """Independently of the report: the steps where ``prefix/layer`` logged any statistic (a finite or NaN cell)."""
+    return sorted({int(r["step"]) for r in rows for k, v in r.items() if k.startswith(f"{prefix}/{layer}/") and v})
+
+
+def known_points(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    """``{step: value}`` of one column, NaN cells left out (unknown, as a gap)."""
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key) and not math.isnan(float(r[key]))}
+
+
+def page_body(text: str) -> str:
+    """The page from the first section up to the configuration (no folder names, no date)."""
+    return text[text.index("<section>"):text.index("<h2 id='config'>")]
+
+
+def test_unknown_statistics_break_the_curves_are_noted_and_listed_as_skipped(tmp_path: Path) -> None:
+    # before: gaps in metrics.csv (round 18's unknown statistics) were invisible: "No layer was skipped", no note on
+    # side's moments, the ratio line joined step 2 to step 5 and "no massive activations" although count was unknown
+    path = write_gapped_run(tmp_path / "gaps" / "run", old_nan=False)
+    rows = read_rows(path)
+    assert "act/never/mean" not in rows[0]  # never measured: no column at all
+    text = build_report(tmp_path / "gaps" / "run", tmp_path / "gaps.html").read_text()
+
+    never = logged_steps(rows, "act", "never")
+    for moment in MOMENTS:
+        assert (f"<td>run</td><td>act</td><td>{moment}</td><td>never</td>"
+                f"<td>unknown at every logged step ({len(never)} step(s))</td>") in text
+    assert "No layer was skipped" not in text
+    mean_section = text[text.index("<h3 id='act-mean'>"):text.index("<h3", text.index("<h3 id='act-mean'>") + 1)]
+    assert "only unknown values in: never" in mean_section
+    side = logged_steps(rows, "act", "side")
+    missing = [s for s in side if s not in known_points(rows, "act/side/mean")]
+    assert f"side: mean unknown at {len(missing)} of {len(side)} logged steps, first at step {missing[0]}" in mean_section
+    traces, _ = figure_for(text, "act-mean")
+    trace = next(t for t in traces if t["name"] == "side")
+    mean = known_points(rows, "act/side/mean")
+    assert list(zip(trace["x"], trace["y"], strict=True)) == [(s, mean.get(s)) for s in side]
+
+    zeroer = logged_steps(rows, "massive", "zeroer")
+    ratio = known_points(rows, "massive/zeroer/ratio")
+    traces, _ = figure_for(text, "massive-ratio")
+    trace = next(t for t in traces if t["name"] == "zeroer")
+    assert list(zip(trace["x"], trace["y"], strict=True)) == [(s, ratio.get(s)) for s in zeroer]  # None: a break
+    assert None in trace["y"]
+    count = known_points(rows, "massive/zeroer/count")
+    unknown_count = [s for s in zeroer if s not in count]
+    assert set(count.values()) == {0.0} and unknown_count
+    assert "no massive activations" not in text and "count is 0 in every layer" not in text
+    assert (f"zeroer: count unknown at {len(unknown_count)} of {len(zeroer)} logged steps, first at step "
+            f"{unknown_count[0]}") in text
+    tokens, features = known_points(rows, "massive/zeroer/top0_token"), known_points(rows, "massive/zeroer/top0_feature")
+    last = max(tokens)
+    held = sum(1 for s in tokens if (tokens[s], features[s]) == (tokens[last], features[last]))
+    assert (f"<td>run</td><td>zeroer</td><td>{last}</td><td>({tokens[last]:.0f}, {features[last]:.0f})</td>"
+            f"<td>{held} / {len(tokens)}</td>") in text
+
+    # jaccard is logged only at re-selections: its other steps are not unknown
+    traces, _ = figure_for(text, "sensitive-jaccard")
+    assert traces[0]["y"] == list(known_points(rows, "sensitive/enc/jaccard").values())
+    assert "jaccard unknown" not in text
+
+    # a run of before round 18, NaN where the gaps are, reads the same
+    write_gapped_run(tmp_path / "nan" / "run", old_nan=True)
+    assert page_body(build_report(tmp_path / "nan" / "run", tmp_path / "nan.html").read_text()) == page_body(text)
+
+
+@pytest.mark.parametrize(("prefix", "stat", "other", "claim"), [
+    ("massive", "count", "top1", "no massive activations"),
+    ("collapse", "collapsed", "erank", "no layer fell below the collapse threshold"),
+    ("sparsity", "temporal_frac", "zero_frac", "temporal_frac is 0"),
+    ("act", "nonfinite", "rms", "no non-finite values"),
+])
+def test_no_one_value_everywhere_claim_over_unknown_steps(tmp_path: Path, prefix: str, stat: str, other: str, claim: str) -> None:
+    # before: a statistic 0 where logged and left out (unknown) at steps 3–5 of blocks.1 read "0 everywhere"
+    rows = []
+    for step in range(8):
+        row: dict[str, float] = {"step": step}
+        for i, layer in enumerate(("blocks.0", "blocks.1")):
+            row[f"{prefix}/{layer}/{other}"] = 1.0 + i + step / 10
+            if not (layer == "blocks.1" and 3 <= step <= 5):
+                row[f"{prefix}/{layer}/{stat}"] = 0.0
+        rows.append(row)
+    path = tmp_path / "run" / "csv" / "version_0" / "metrics.csv"
+    write_csv(path, sorted({k for r in rows for k in r} | {"epoch"}), rows)
+    text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    csv_rows = read_rows(path)
+    steps = logged_steps(csv_rows, prefix, "blocks.1")
+    known = known_points(csv_rows, f"{prefix}/blocks.1/{stat}")
+    missing = [s for s in steps if s not in known]
+    assert claim not in text
+    assert f"blocks.1: {stat} unknown at {len(missing)} of {len(steps)} logged steps, first at step {missing[0]}" in text
+    traces, _ = figure_for(text, f"{prefix}-{stat}".replace("_", "-"))
+    trace = next(t for t in traces if t["name"] == "blocks.1")
+    assert list(zip(trace["x"], trace["y"], strict=True)) == [(s, known.get(s)) for s in steps]
+
+
+def test_record_skipped_replaces_only_the_layers_it_is_given(tmp_path: Path) -> None:
+    # before: each call replaced the whole (monitor, what) entry, so a second MassiveActivations cleared the first's
+    record_skipped(tmp_path, "massive", "emergence fit", {"a": "3 ratio points"}, layers=["a"])
+    record_skipped(tmp_path, "massive", "emergence fit", {}, layers=["b"])
+    record_skipped(tmp_path, "massive", "emergence fit", {"c": "no convergence"}, layers=["c", "d"])
+    assert json.loads((tmp_path / SKIPPED_FILE).read_text()) == {
+        "massive": {"emergence fit": {"a": "3 ratio points", "c": "no convergence"}},
+    }
+    record_skipped(tmp_path, "massive", "emergence fit", {}, layers=["a"])  # a re-fit of a that succeeded
+    assert [s.layer for s in read_skipped([tmp_path])[0]] == ["c"]
+
+
+def test_two_massive_monitors_keep_each_others_skipped_fits(tmp_path: Path) -> None:
+    # before: the monitor that fitted last replaced the other's skipped layers: skipped.json held {} and the report
+    # said "No layer was skipped"
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_act.callbacks import MassiveActivations
+
+    class TwoLayers(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def training_step(self, batch: list[torch.Tensor], index: int) -> torch.Tensor:
+            return ((self.b(self.a(batch[0])).mean((-1, -2)) - batch[1]) ** 2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(80, 4, 8, generator=generator), torch.randn(80, generator=generator))
+    sparse = MassiveActivations(modules=["a"], every_n_steps=4)  # 3 ratio points in 10 steps: its fit is skipped
+    dense = MassiveActivations(modules=["b"], every_n_steps=1)  # 10 points: fitted
+    trainer = pl.Trainer(max_steps=10, logger=CSVLogger(tmp_path, name="csv"), callbacks=[sparse, dense],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=1)
+    trainer.fit(TwoLayers(), train_dataloaders=DataLoader(data, batch_size=8))
+    rows = read_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
+    points = len(known_points(rows, "massive/a/ratio"))
+    reason = f"{points} ratio points, the fit needs at least 6"
+    assert sparse.fit_skipped == {"a": reason} and dense.fit_skipped == {} and "massive/b/fit_A" in rows[0]
+    recorded = json.loads((tmp_path / "csv" / "version_0" / SKIPPED_FILE).read_text())
+    assert recorded == {"massive": {"emergence fit": {"a": reason}}}
+    text = build_report(tmp_path, tmp_path / "r.html").read_text()
+    assert f"<td>massive</td><td>emergence fit</td><td>a</td><td>{reason}</td>" in text
+    assert "No layer was skipped" not in text

@@ -321,8 +321,10 @@ class MassiveActivations(ActivationMonitor):
             log.info("MassiveActivations: no emergence fit for %s: %s", layer, reason)
         self.fits, self.fit_skipped = fits, skipped
         if trainer is not None and trainer.is_global_zero and writes_run_files(trainer):
-            # The report lists the skipped layers; logger=False writes nothing to the working directory.
-            record_skipped(run_dir(trainer), self.prefix, "emergence fit", skipped)
+            # The report lists the skipped layers; logger=False writes nothing to the working directory. Only this
+            # monitor's layers are replaced: another MassiveActivations on other modules records into the same entry.
+            measured = {tap.name for tap in self.taps} | set(self.series("ratio"))
+            record_skipped(run_dir(trainer), self.prefix, "emergence fit", skipped, layers=measured)
         if trainer is not None and trainer.is_global_zero:
             self._log_fits(trainer)
         return fits

@@ -6,6 +6,11 @@ drawn as a continuous line all cost the reader time. :func:`plan_statistics` dec
 statistic, from the logged values of every run, whether it becomes curves + heatmap, one line
 of text, a mention under the statistic it duplicates, or a table/scatter of positions.
 Pure functions of the series; the page is drawn in :mod:`lightning_act.report.html`.
+
+A monitor leaves a statistic that is unknown at a step (a median outside its histogram, the moments of a tap with
+no finite entry) out of the log, where it logged NaN before round 18: :func:`with_unknown` puts NaN back at the
+steps where a layer logged other statistics of the monitor, so a gap and an old NaN read alike — as *unknown*,
+never as a line across the gap nor as "0 everywhere".
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_act.report.runlog import Series
+from lightning_act.report.runlog import Series, natural_key
 
 #: Statistics that hold integer positions (token or feature index of the largest entries).
 INDEX_STAT = re.compile(r"^top(\d+)_(token|feature)$")
@@ -32,6 +37,66 @@ CONSTANT_PHRASES: dict[tuple[str, str, float], str] = {
 #: ``{run label: {layer: series}}`` for one statistic.
 PerRun = dict[str, dict[str, Series]]
 
+#: Statistics a monitor logs at only some of a layer's steps by design (SensitiveNeurons: ``v_mean``/``v_max`` once
+#: its window is full, ``jaccard`` at re-selections): a step without them is no step where they were unknown.
+NOT_EVERY_STEP: dict[str, frozenset[str]] = {"sensitive": frozenset({"v_mean", "v_max", "jaccard"})}
+
+#: Statistics a monitor logs for every layer it measures (ActivationStats' moments; ``count``, ``nonfinite`` and
+#: ``zero_frac`` are counted even over NaN entries). A layer that logged others but never one of these, which some
+#: layer of the run logged, had it unknown at every step: without NaN in the log it would vanish from the report.
+EVERY_LAYER: dict[str, frozenset[str]] = {"act": frozenset({"mean", "std", "rms", "abs_mean", "abs_max"})}
+
+
+def format_count(value: float | None) -> str:
+    """A step or a token/feature index in full: ``.4g`` would show 10000 and 10001 both as ``1e+04``."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def with_unknown(prefix: str, stats: dict[str, dict[str, Series]]) -> dict[str, dict[str, Series]]:
+    """``{stat: {layer: series}}`` of one monitor in one run, each series at every step its layer logged any
+    statistic of the monitor (``fit_*`` excepted), NaN (unknown) where this one was not logged.
+
+    The monitor logs all of a layer's statistics at each due step, so a missing one was unknown there. Steps in
+    order, the last value of a step kept. ``fit_*`` (logged once, at the fit) and :data:`NOT_EVERY_STEP` are kept
+    as logged; :data:`EVERY_LAYER` statistics are added to the layers that lack them.
+    """
+    logged: dict[str, set[float]] = {}
+    for stat, per_layer in stats.items():
+        if not stat.startswith("fit_"):
+            for layer, series in per_layer.items():
+                logged.setdefault(layer, set()).update(series.steps)
+    filled: dict[str, dict[str, Series]] = {}
+    for stat, per_layer in stats.items():
+        if stat.startswith("fit_") or stat in NOT_EVERY_STEP.get(prefix, ()):
+            filled[stat] = per_layer
+            continue
+        layers = logged if stat in EVERY_LAYER.get(prefix, ()) else per_layer
+        filled[stat] = {}
+        for layer in sorted(layers, key=natural_key):
+            values = per_layer[layer].last_per_step() if layer in per_layer else {}
+            steps = sorted(logged[layer])
+            filled[stat][layer] = Series(steps, [values.get(step, math.nan) for step in steps])
+    return filled
+
+
+def unknown_words(series: Series) -> str:
+    """How a series without any finite value is said: "unknown", or "unknown or infinite" when some value is inf."""
+    return "unknown" if all(math.isnan(v) for v in series.values) else "unknown or infinite"
+
+
+def unknown_notes(label: str, stat: str, series: Series) -> list[str]:
+    """``label: stat unknown at n of m logged steps, first at step s`` (NaN or a gap), and the same for infinite
+    values: where the line breaks and why."""
+    notes = []
+    for words, test in (("unknown", math.isnan), ("infinite", math.isinf)):
+        steps = [s for s, v in zip(series.steps, series.values, strict=True) if test(v)]
+        if steps:
+            notes.append(f"{label}: {stat} {words} at {len(steps)} of {len(series)} logged steps, first at step "
+                         f"{format_count(steps[0])}")
+    return notes
+
 
 @dataclass
 class StatisticPlan:
@@ -41,7 +106,7 @@ class StatisticPlan:
     kind: Literal["curves", "constant", "duplicate", "index", "no_finite"]
     text: str = ""
     duplicates: list[str] = field(default_factory=list)
-    non_finite_layers: list[str] = field(default_factory=list)
+    unknown_layers: dict[str, str] = field(default_factory=dict)
 
 
 def _finite_values(per_run: PerRun) -> list[float]:
@@ -73,26 +138,29 @@ def constant_text(prefix: str, stat: str, value: float) -> str:
 def plan_statistics(prefix: str, stats: dict[str, PerRun]) -> list[StatisticPlan]:
     """A plan per statistic (``fit_*`` emergence-fit parameters excluded: they get their own section).
 
-    Order of the rules: positions → index; nothing finite → no_finite; one finite value at every point →
-    constant; the same points as an earlier kept statistic → duplicate (listed under it);
-    otherwise curves. Layers whose series is entirely non-finite are named on the plan.
+    ``stats`` as :func:`with_unknown` gives them (unknown = NaN). Order of the rules: positions → index; nothing
+    finite → no_finite; one finite value at every point → constant; the same points as an earlier kept statistic →
+    duplicate (listed under it); otherwise curves. A statistic unknown at some step is never "one value everywhere"
+    (that would be a claim about the unknown steps too): it is drawn, its gaps noted. Layers without any finite
+    value are named on the plan, with how they are said (:func:`unknown_words`).
     """
     plans: list[StatisticPlan] = []
     kept: list[StatisticPlan] = []
     for stat, per_run in stats.items():
         if stat.startswith("fit_"):
             continue
-        non_finite = sorted({
-            layer for layers in per_run.values() for layer, series in layers.items()
+        unknown_layers = dict(sorted(
+            (layer, unknown_words(series)) for layers in per_run.values() for layer, series in layers.items()
             if len(series) and not any(math.isfinite(v) for v in series.values)
-        })
+        ))
         values = _finite_values(per_run)
         every_point_finite = len(values) == sum(len(s) for layers in per_run.values() for s in layers.values())
         if INDEX_STAT.match(stat):
             plan = StatisticPlan(stat, "index")
         elif not values:
-            plan = StatisticPlan(stat, "no_finite", text=f"{stat}: no finite value was logged (only NaN/inf)")
-        elif min(values) == max(values) and every_point_finite:  # else "one value everywhere" would hide the NaNs
+            text = f"{stat}: no finite value in any layer (unknown or infinite at every logged step)"
+            plan = StatisticPlan(stat, "no_finite", text=text)
+        elif min(values) == max(values) and every_point_finite:
             plan = StatisticPlan(stat, "constant", text=constant_text(prefix, stat, values[0]))
         else:
             original = next((p for p in kept if _same_points(stats[p.stat], per_run)), None)
@@ -102,6 +170,6 @@ def plan_statistics(prefix: str, stats: dict[str, PerRun]) -> list[StatisticPlan
             else:
                 plan = StatisticPlan(stat, "curves")
                 kept.append(plan)
-        plan.non_finite_layers = non_finite
+        plan.unknown_layers = unknown_layers
         plans.append(plan)
     return plans

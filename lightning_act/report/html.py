@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning_act.errors import ConfigError, LightningActError
-from lightning_act.report.content import INDEX_STAT, PerRun, plan_statistics
+from lightning_act.report.content import (
+    INDEX_STAT, PerRun, format_count, plan_statistics, unknown_notes, unknown_words, with_unknown,
+)
 from lightning_act.report.runlog import FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run
 
 #: A plotly figure as plain data (``{"data": [traces], "layout": {...}}``), drawn by plotly.js in the page.
@@ -96,13 +98,6 @@ def _format(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
-def _format_count(value: float | None) -> str:
-    """A step or a token/feature index in full: ``.4g`` would show 10000 and 10001 both as ``1e+04``."""
-    if value is None or not math.isfinite(value):
-        return "–"
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
-
-
 def _format_logged(value: float | None) -> str:
     """A logged value as :func:`_format` shows it, but a logged NaN/inf as such ("–" is a value not logged)."""
     return str(value) if value is not None and not math.isfinite(value) else _format(value)
@@ -134,7 +129,9 @@ def _json(value: object) -> str:
 
 
 def _line_points(series: Series) -> tuple[list[float], list[float | None]]:
-    """Every point, a non-finite value as None (null): plotly breaks the line there instead of bridging the gap."""
+    """Every point, a non-finite value as None (null): plotly breaks the line there instead of bridging the gap.
+
+    A monitor statistic's unknown steps are NaN points here (:func:`~lightning_act.report.content.with_unknown`)."""
     return list(series.steps), [v if math.isfinite(v) else None for v in series.values]
 
 
@@ -144,7 +141,7 @@ def non_finite_note(key: str, series: Series) -> str | None:
     if not steps:
         return None
     return (f"{key}: not finite (NaN/inf) at {len(steps)} of {len(series.steps)} logged steps, first at step "
-            f"{_format_count(steps[0])}")
+            f"{format_count(steps[0])}")
 
 
 def _finite_points(series: Series) -> tuple[list[float], list[float]]:
@@ -347,18 +344,19 @@ def positions_table(per_stat: dict[str, PerRun]) -> str:
                 columns = [per_stat[by_rank[rank][k]].get(run, {}).get(layer, Series()) for k in ("token", "feature") if k in by_rank[rank]]
                 steps = set.intersection(*(set(c.steps) for c in columns)) if columns else set()
                 per_step = [c.last_per_step() for c in columns]
-                return {s: tuple(p[s] for p in per_step) for s in steps}
+                known = {s: tuple(p[s] for p in per_step) for s in steps}  # an unknown position sat nowhere
+                return {s: p for s, p in known.items() if all(math.isfinite(v) for v in p)}
 
             top = positions("0") if "0" in by_rank else {}
             if not top:
                 continue
             last = max(top)
             at_last = [
-                "(" + ", ".join(_format_count(p) for p in positions(rank).get(last, (None,))) + ")"
+                "(" + ", ".join(format_count(p) for p in positions(rank).get(last, (None,))) + ")"
                 for rank in sorted(by_rank, key=int)
             ]
             held = sum(1 for p in top.values() if p == top[last])
-            rows.append([html.escape(run), html.escape(layer), _format_count(last), " ".join(at_last), f"{held} / {len(top)}"])
+            rows.append([html.escape(run), html.escape(layer), format_count(last), " ".join(at_last), f"{held} / {len(top)}"])
     kinds = "(token, feature)" if any("token" in r for r in by_rank.values()) else "(feature)"
     return _table(["run", "layer", "last step", f"top-k positions {kinds} at the last step", "steps top 0 was there"], rows)
 
@@ -470,10 +468,10 @@ def test_section(runs: dict[str, RunLog]) -> str:
 
 
 def _per_run(runs: dict[str, RunLog], prefix: str) -> dict[str, PerRun]:
-    """``{stat: {run: {layer: series}}}`` for one monitor."""
+    """``{stat: {run: {layer: series}}}`` for one monitor, unknown steps as NaN (:func:`with_unknown`)."""
     stats: dict[str, PerRun] = {}
     for run, log in runs.items():
-        for stat, per_layer in log.monitors().get(prefix, {}).items():
+        for stat, per_layer in with_unknown(prefix, log.monitors().get(prefix, {})).items():
             stats.setdefault(stat, {})[run] = per_layer
     return dict(sorted(stats.items()))
 
@@ -497,12 +495,13 @@ def monitor_section(prefix: str, stats: dict[str, PerRun], ids: _Ids) -> str:
         per_run = stats[plan.stat]
         also = f" (also {', '.join(plan.duplicates)}: identical)" if plan.duplicates else ""
         parts.append(f"<h3 id='{prefix}-{html.escape(plan.stat)}'>{html.escape(plan.stat)}{html.escape(also)}</h3>")
-        if plan.non_finite_layers:
-            parts.append(f"<p class='muted'>only non-finite values in: {html.escape(', '.join(plan.non_finite_layers))}</p>")
+        for words in dict.fromkeys(plan.unknown_layers.values()):
+            named = [layer for layer, said in plan.unknown_layers.items() if said == words]
+            parts.append(f"<p class='muted'>only {words} values in: {html.escape(', '.join(named))}</p>")
         partly = [
             note for run, per_layer in per_run.items() for layer, series in per_layer.items()
-            if layer not in plan.non_finite_layers
-            and (note := non_finite_note(layer if len(per_run) == 1 else f"{run} · {layer}", series))
+            if layer not in plan.unknown_layers
+            for note in unknown_notes(layer if len(per_run) == 1 else f"{run} · {layer}", plan.stat, series)
         ]
         if partly:  # the curves break there; say where
             parts.append("<p class='muted'>" + html.escape("; ".join(partly)) + "</p>")
@@ -541,7 +540,7 @@ def emergence_section(runs: dict[str, RunLog], min_r2: float, ids: _Ids) -> str:
                 continue
             good = math.isfinite(fit.r2) and fit.r2 >= min_r2
             values = [_format(v) for v in [*(fit.parameters[name] for name in FIT_PARAMETERS), fit.r2]]
-            rows.append([html.escape(run), html.escape(layer), *values, _format_count(fit.peak_step), _format_count(fit.step),
+            rows.append([html.escape(run), html.escape(layer), *values, format_count(fit.peak_step), format_count(fit.step),
                          "drawn" if good else f"<span class='muted'>R² &lt; {min_r2:g}: hidden</span>"])
     parts.append(_table(["run", "layer", *FIT_PARAMETERS, "R²", "peak step", "fitted at step", "curve"], rows))
     drawn = {run: {layer: fit for layer, fit in per_layer.items()} for run, per_layer in fits.items()}
@@ -561,13 +560,13 @@ def skipped_section(runs: dict[str, RunLog]) -> str:
                 rows.append([html.escape(run), "massive", "emergence fit", html.escape(layer),
                              "no complete fit in metrics.csv (the fit failed; reason not recorded)"])
         for prefix, stats in log.monitors().items():
-            for stat, per_layer in stats.items():
+            for stat, per_layer in with_unknown(prefix, stats).items():
                 for layer, series in per_layer.items():
                     if not any(math.isfinite(v) for v in series.values):
                         rows.append([html.escape(run), prefix, html.escape(stat), html.escape(layer),
-                                     f"logged only non-finite values ({len(series)} point(s))"])
+                                     f"{unknown_words(series)} at every logged step ({len(series)} step(s))"])
     if not rows:
-        return "<p>No layer was skipped: every tapped layer has finite values and every fitted layer a fit.</p>"
+        return "<p>No layer was skipped: every tapped layer has known values and every fitted layer a fit.</p>"
     return _table(["run", "monitor", "what", "layer", "reason"], rows)
 
 
@@ -590,13 +589,13 @@ def runs_table(runs: dict[str, RunLog]) -> str:
     rows = []
     for run, log in runs.items():
         files = "<br>".join(
-            f"{html.escape(str(part.path))} <span class='muted'>(steps {_format_count(part.first_step)}"
-            f" – {_format_count(part.last_step)}{'' if part.logs_training else ', test/eval only'})</span>"
+            f"{html.escape(str(part.path))} <span class='muted'>(steps {format_count(part.first_step)}"
+            f" – {format_count(part.last_step)}{'' if part.logs_training else ', test/eval only'})</span>"
             for part in log.parts
         )
         monitors = ", ".join(MONITOR_DESCRIPTIONS[p][0] for p in log.monitors()) or "none"
         steps = [s for series in log.series.values() for s in series.steps]
-        span = f"{_format_count(min(steps))} – {_format_count(max(steps))}" if steps else "none"
+        span = f"{format_count(min(steps))} – {format_count(max(steps))}" if steps else "none"
         rows.append([html.escape(run), html.escape(str(log.given_path)), files, str(log.rows), span, html.escape(monitors)])
     return _table(["run", "folder", "metrics.csv merged (oldest first)", "rows", "steps", "monitors"], rows)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +33,15 @@ class SkippedLayer:
     reason: str
 
 
-def record_skipped(run_dir: str | Path, monitor: str, what: str, reasons: Mapping[str, str]) -> Path:
+def record_skipped(
+    run_dir: str | Path, monitor: str, what: str, reasons: Mapping[str, str], layers: Iterable[str] | None = None,
+) -> Path:
     """Merge ``{layer: reason}`` for ``monitor``'s ``what`` into ``run_dir/monitors/skipped.json``.
 
     ``reasons`` replaces what was recorded before for that monitor and ``what`` (an empty
-    mapping clears it: nothing is skipped any more). The file is replaced atomically, so a
+    mapping clears it: nothing is skipped any more); with ``layers``, only those layers' entries
+    (the layers this monitor measures: two monitors of one class on other modules share the
+    prefix, and one must not clear the other's). The file is replaced atomically, so a
     crash never leaves it half-written.
     """
     path = Path(run_dir) / SKIPPED_FILE
@@ -47,7 +51,11 @@ def record_skipped(run_dir: str | Path, monitor: str, what: str, reasons: Mappin
             content = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             content = {}
-    content.setdefault(monitor, {})[what] = {str(layer): str(reason) for layer, reason in reasons.items()}
+    mine = None if layers is None else {str(layer) for layer in layers}
+    others = {} if mine is None else {
+        layer: reason for layer, reason in content.get(monitor, {}).get(what, {}).items() if layer not in mine
+    }
+    content.setdefault(monitor, {})[what] = others | {str(layer): str(reason) for layer, reason in reasons.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n", encoding="utf-8")
