@@ -253,6 +253,54 @@ def test_an_input_tap_reads_through_a_dropout_in_place_or_not(inplace):
             np.mean(np.abs(gelu[step]) <= 1e-3), abs=1e-12)
 
 
+class T5StyleFeedForward(SequenceClassifier):
+    """Hugging Face T5's DenseReluDense attribute order: wi, wo, dropout (registered after wo, called before it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo, self.dropout, self.act = nn.Linear(4, 16), nn.Linear(16, 2), nn.Dropout(0.3), nn.ReLU()
+
+    def forward(self, x):
+        return self.wo(self.dropout(self.act(self.wi(x)))).mean(1)
+
+
+class ResidualAfterDropout(SequenceClassifier):
+    """h = drop(fc(x)); h += x; norm(h): the dropout's output is changed in place before the tapped norm reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.drop, self.norm = nn.Linear(4, 8), nn.Linear(8, 8), nn.Dropout(0.5), nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = self.drop(self.fc(x))
+        h += x
+        return self.head(self.norm(h).mean(1))
+
+
+def test_the_read_through_finds_a_dropout_registered_after_the_tap_and_not_one_changed_in_place_since():
+    # T5: the dropout is registered after wo, so the sibling just before wo (act) was no dropout and the dropout's
+    # zeros were counted as sparsity. A dropout output changed in place before the tap (a residual added with +=) was
+    # replaced by the dropout's input, losing the residual.
+    pl.seed_everything(0)
+    model = T5StyleFeedForward()
+    relu = []
+    model.act.register_forward_hook(lambda m, a, out: relu.append(out.detach().double().numpy().copy()))
+    sparsity = ActivationSparsity(modules=["wo:input"], every_n_steps=1)
+    quiet_trainer(max_steps=2, callbacks=[sparsity]).fit(model, sequences(16, 6))
+    for step in (0, 1):
+        assert values(sparsity, "sparsity/wo-input/zero_frac")[step] == pytest.approx(np.mean(relu[step] == 0), abs=1e-12)
+
+    pl.seed_everything(0)
+    stats = ActivationStats(modules=["norm:input"], every_n_steps=1)
+    received = Recorder("norm", point="input")
+    quiet_trainer(max_steps=2, callbacks=[stats, received]).fit(ResidualAfterDropout(), sequences(16, 6))
+    for step in (0, 1):
+        (h,) = received.seen[step]
+        assert values(stats, "act/norm-input/mean")[step] == pytest.approx(h.mean(), rel=1e-6)
+
+
 def test_a_sparse_output_is_said_once_and_the_fit_goes_on():
     # Before: "reshape is not implemented for sparse tensors" from the statistics, mid-fit.
     class SparseCode(nn.Module):

@@ -175,6 +175,18 @@ def test_early_stopping_that_checks_more_often_than_the_statistic_is_measured_is
     assert said == ([expected] if warns else [])
 
 
+def test_the_early_stopping_warning_is_about_the_monitor_that_measures_the_statistic():
+    # Before: a second ActivationSparsity, every 100 steps on other modules, warned about the first one's statistic.
+    stop = EarlyStopping(monitor="sparsity/net.blocks.0.act/zero_frac", mode="max", patience=2)
+    often = ActivationSparsity(modules=["net.blocks.0.act"], every_n_steps=1)
+    rarely = ActivationSparsity(modules=["net.blocks.1.act"], every_n_steps=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_epochs=1, callbacks=[often, rarely, stop]).fit(ToyTask(BlockNet()), toy_loader(16),
+                                                                         toy_loader(16, seed=1))
+    assert not [w for w in caught if "EarlyStopping(monitor=" in str(w.message)]
+
+
 def test_a_further_fit_of_the_same_trainer_has_its_statistics_for_early_stopping():
     # The same as a resume: Lightning empties callback_metrics at each fit; the second fit's first epoch (steps 2, 3)
     # has no due step (every 4), so EarlyStopping failed there with "metric not available".

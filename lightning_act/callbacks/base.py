@@ -405,9 +405,8 @@ class FitScopedState(Callback):
         if every <= 1 or not math.isfinite(steps_per_epoch):
             return
         for stopper in trainer.callbacks:
-            key = getattr(stopper, "monitor", None)
-            early_stopping = isinstance(stopper, lightning_classes("callbacks.EarlyStopping"))
-            if not early_stopping or not str(key).startswith(f"{self.prefix}/"):
+            key = str(getattr(stopper, "monitor", None))
+            if not isinstance(stopper, lightning_classes("callbacks.EarlyStopping")) or not self.logs_key(key):
                 continue
             accumulate = max(1, trainer.accumulate_grad_batches)
             if stopper._check_on_train_epoch_end or trainer.val_check_batch is None:
@@ -425,6 +424,12 @@ class FitScopedState(Callback):
                     f"every_n_steps <= {max(1, int(between))} or a larger patience",
                     category=UserWarning,
                 )
+
+    def logs_key(self, key: str) -> bool:
+        """Whether ``key`` is one of this monitor's statistics, ``<prefix>/<one of its taps>/<stat>`` (two monitors of
+        one class log under one prefix)."""
+        tap, _, stat = key.removeprefix(f"{self.prefix}/").rpartition("/")
+        return key.startswith(f"{self.prefix}/") and bool(stat) and tap in {t.name for t in getattr(self, "taps", [])}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """The loggers write what they hold before a checkpoint that holds it is written: Lightning's CSVLogger keeps

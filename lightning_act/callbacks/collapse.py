@@ -127,6 +127,9 @@ class DimensionalCollapse(ActivationMonitor):
 
     def unknown_cause(self, stats: list[str]) -> str:
         return "the covariance is not finite: NaN or inf activations"
+
+    def logs_key(self, key: str) -> bool:
+        return super().logs_key(key) or (key == f"{self.prefix}/params/r90" and self.param_patterns != [])
     reads_features = True  # the covariance is over the features
 
     def __init__(

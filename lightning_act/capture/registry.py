@@ -38,9 +38,9 @@ Input taps read a module's first positional argument or, when the module is call
 attention modules are called as ``self_attn(hidden_states=h, ...)``), the keyword argument of its ``forward``'s
 first parameter.
 
-An input tap reads *through a dropout* that feeds it: when the module registered just before the tapped one in
-their parent (``nn.Identity`` skipped) is a dropout, and in a training forward that dropout's output is the very
-tensor the tapped module receives, the tap reads the dropout's input (not in a monitor's own passes: the stochastic
+An input tap reads *through a dropout* that feeds it: when in a training forward a dropout among the tapped module's
+siblings (the children of its parent) gave the very tensor the module receives, unchanged since (its version
+counter), the tap reads the dropout's input (not in a monitor's own passes: the stochastic
 EigenScore passes of ``SensitiveNeurons`` are made of that noise). Dropout is training noise, not the
 representation: ``@penultimate`` on a timm model with ``drop_rate > 0`` read the head dropout's output (a rank-1
 feature set logged an effective rank of 80 of 96), and ``@activations`` on ``nn.TransformerEncoderLayer`` (whose
@@ -185,23 +185,21 @@ class _DropoutInputHook:
 
 @torch._dynamo.disable
 def _remember_dropout_input(registry: CaptureRegistry, key: tuple[int, str], output: Any, value: Any) -> None:
-    registry.before_dropout[key] = (output, value)
+    # with the output's version: changed in place before the tap (a residual added with +=), it is no dropout output
+    version = output._version if isinstance(output, torch.Tensor) else None
+    registry.before_dropout[key] = (output, value, version)
 
 
-def dropout_feeding(root: nn.Module, module: nn.Module) -> nn.Module | None:
-    """The dropout registered just before ``module`` in its parent (``nn.Identity`` children skipped), if any: the
-    timm head's ``head_drop``, ``nn.TransformerEncoderLayer``'s ``dropout`` before ``linear2``, timm ``Mlp``'s
-    ``drop1`` before ``fc2``. Whether it feeds ``module`` is checked in each forward, on the tensors."""
+def dropouts_beside(root: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """The dropouts among ``module``'s siblings (the children of its parent): timm's ``head_drop`` beside ``head``,
+    ``nn.TransformerEncoderLayer``'s ``dropout`` beside ``linear2``, timm ``Mlp``'s ``drop1`` beside ``fc2``, Hugging
+    Face T5's ``dropout`` (registered after its ``wo``). Whether one feeds ``module`` is checked in each forward, on
+    the tensors."""
     for parent in root.modules():
         children = list(parent.children())
-        if not any(child is module for child in children):
-            continue
-        before = [child for child in children[: next(i for i, c in enumerate(children) if c is module)]
-                  if not isinstance(child, nn.Identity)]
-        if before and isinstance(before[-1], nn.modules.dropout._DropoutNd):
-            return before[-1]
-        return None
-    return None
+        if any(child is module for child in children):
+            return [child for child in children if isinstance(child, nn.modules.dropout._DropoutNd)]
+    return []
 
 
 def _fused_spec(subscription: _Subscription) -> FusedSpec | None:
@@ -271,8 +269,11 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         registry.before_dropout.pop(key, None)
         if registry.before_dropout and registry.exclusive_subscriber is None else None
     )
-    if remembered is not None and remembered[0] is not None and first_tensor(remembered[0]) is first_tensor(value):
-        value = remembered[1]  # the tapped module's input came out of a dropout: read what went in
+    if remembered is not None and remembered[0] is not None:
+        output, before, version = remembered
+        received = first_tensor(value)
+        if received is not None and first_tensor(output) is received and received._version == version:
+            value = before  # the tapped module's input came out of a dropout, unchanged since: read what went in
     tensor = first_tensor(value)
     if tensor is None or tensor.numel() == 0:
         return
@@ -326,7 +327,7 @@ class CaptureRegistry:
         #: The feature axis decided per (tap, layout) and number of axes, for activations whose shape does not tell.
         self.feature_axes: dict[Any, int] = {}
         #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
-        self.before_dropout: dict[tuple[int, str], tuple[Any, Any]] = {}
+        self.before_dropout: dict[tuple[int, str], tuple[Any, Any, int | None]] = {}
         self._subscribers: list[Subscriber] = []
         self._root: weakref.ref[nn.Module] | None = None  # weak: the registries are kept by a weak map of their roots
 
@@ -343,10 +344,9 @@ class CaptureRegistry:
                     hook = _InputCaptureHook(self, key, input_parameter(tap.module))
                     self._handles[key] = tap.module.register_forward_pre_hook(hook, with_kwargs=True)
                     root = self._root() if self._root is not None else None
-                    dropout = None if root is None else dropout_feeding(root, tap.module)
-                    if dropout is not None:
-                        through = _DropoutInputHook(self, key)
-                        self._dropout_handles[key] = [dropout.register_forward_hook(through)]
+                    through = _DropoutInputHook(self, key)
+                    for dropout in [] if root is None else dropouts_beside(root, tap.module):
+                        self._dropout_handles.setdefault(key, []).append(dropout.register_forward_hook(through))
                         if getattr(dropout, "inplace", False):
                             self._dropout_handles[key].append(dropout.register_forward_pre_hook(through.before))
                 else:
@@ -402,6 +402,8 @@ class CaptureRegistry:
     def refresh(self) -> None:
         """Recompute :attr:`observing` after a subscriber's ``armed`` flag changed."""
         self.observing = any(s.armed for s in self._subscribers)
+        if not self.observing:  # a dropout's tensors kept for a tap that did not run: not until the next due step
+            self.before_dropout.clear()
 
     @property
     def hook_count(self) -> int:
