@@ -98,8 +98,8 @@ class MassiveActivations(ActivationMonitor):
         if all(stat.startswith("top") and "_" in stat for stat in stats):
             return f"the output has fewer (token, feature) positions than top_k={self.top_k}"
         return (
-            "a sample's median |a| is unknown: outside the range of the median's histogram (see bins); or, for the "
-            "ratio, a sample is all zero (0/0)"
+            "a sample's median |a| is unknown: NaN or inf activations (counted as infinitely large), or a median "
+            "outside the range of the median's histogram (see bins); or, for the ratio, a sample is all zero (0/0)"
         )
 
     def __init__(
