@@ -142,3 +142,31 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
 
 def forward_hook_count(module: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+class SquaredOutputTask(pl.LightningModule):
+    """Minimises the mean squared output of ``forward`` on ``batch[0]`` with SGD; a no-op validation step (the
+    probing monitors read the validation batches themselves)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class MaskedMeanNet(SquaredOutputTask):
+    """Token ids (B, L) padded with 0 → masked mean of their embeddings → ``pool`` → head (the usual NLP setup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.pool = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = (x != 0).float()[..., None]
+        return self.head(torch.tanh(self.pool((self.emb(x) * keep).sum(1) / keep.sum(1))))

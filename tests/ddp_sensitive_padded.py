@@ -14,11 +14,10 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 
-from _toy import quiet_trainer
+from _toy import MaskedMeanNet, quiet_trainer
 from lightning_act.callbacks import SensitiveNeurons
 
 
@@ -29,29 +28,6 @@ def sequences() -> list[torch.Tensor]:
 
 def collate(items: list[torch.Tensor]) -> tuple[torch.Tensor]:
     return (pad_sequence(items, batch_first=True),)
-
-
-class MaskedMeanNet(pl.LightningModule):
-    """Token ids (B, L) padded with 0 → masked mean of their embeddings → ``pool`` → head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8, padding_idx=0)
-        self.pool = nn.Linear(8, 6)
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = (x != 0).float()[..., None]
-        return self.head(torch.tanh(self.pool((self.emb(x) * keep).sum(1) / keep.sum(1))))
-
-    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).pow(2).mean()
-
-    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class PaddedData(pl.LightningDataModule):

@@ -236,16 +236,22 @@ def test_mixup_trains_a_last_batch_of_one_unmixed() -> None:
     assert model.train_acc.compute().item() == float(logits.argmax() == 3)
 
 
-def test_a_lightning_checkpoint_of_an_image_classifier_fine_tunes_with_a_new_head(tmp_path: Path) -> None:
-    """Before: the "model." prefix of the LightningModule's keys was kept, and the load was refused as "does not
-    fit" the model it was written from."""
-    torch.manual_seed(0)
+def checkpoint_after_one_step(tmp_path: Path) -> ImageClassifier:
+    """A tiny KAT classifier trained one step, its Lightning checkpoint written to ``tmp_path/last.ckpt``."""
     source = ImageClassifier(**TINY_KAT)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     data = torch.utils.data.TensorDataset(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
     trainer.fit(source, torch.utils.data.DataLoader(data, batch_size=4))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
+    return source
+
+
+def test_a_lightning_checkpoint_of_an_image_classifier_fine_tunes_with_a_new_head(tmp_path: Path) -> None:
+    """Before: the "model." prefix of the LightningModule's keys was kept, and the load was refused as "does not
+    fit" the model it was written from."""
+    torch.manual_seed(0)
+    source = checkpoint_after_one_step(tmp_path)
     tuned = ImageClassifier(**{**TINY_KAT, "num_classes": 3}, checkpoint_path=str(tmp_path / "last.ckpt"))
     weights, loaded = source.model.state_dict(), tuned.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items() if not k.startswith("head."))
@@ -290,12 +296,7 @@ def test_a_lightning_checkpoint_loads_through_timms_pretrained_file_with_a_new_h
     import timm
 
     torch.manual_seed(1)
-    source = ImageClassifier(**TINY_KAT)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
-    data = torch.utils.data.TensorDataset(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
-    trainer.fit(source, torch.utils.data.DataLoader(data, batch_size=4))
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    source = checkpoint_after_one_step(tmp_path)
     written = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     model = timm.create_model(
         TINY_KAT["model_name"], num_classes=3, in_chans=1, **TINY_KAT["model_kwargs"], pretrained=True,

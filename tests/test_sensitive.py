@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _toy import MaskedMeanNet, SquaredOutputTask
 from lightning_act.callbacks.sensitive import FeatureDrop, SensitiveNeurons, per_example_embedding
 from lightning_act.errors import DataFormatError, LightningActError
 
@@ -444,29 +445,6 @@ def test_the_eigenscore_passes_read_the_head_input_after_its_dropout() -> None:
         assert value == pytest.approx(np.mean(scores), rel=1e-9)
 
 
-class MaskedMeanNet(pl.LightningModule):
-    """Token ids (B, L) padded with 0 → masked mean of their embeddings → ``pool`` → head (the usual NLP setup)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(20, 8, padding_idx=0)
-        self.pool = nn.Linear(8, 6)
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = (x != 0).float()[..., None]
-        return self.head(torch.tanh(self.pool((self.emb(x) * keep).sum(1) / keep.sum(1))))
-
-    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).pow(2).mean()
-
-    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
-        pass
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def masked_mean_pool(model: MaskedMeanNet, sequences: list[torch.Tensor]) -> np.ndarray:
     """``pool`` of each sequence by numpy: the mean of its token embeddings, then the linear layer."""
     table = model.emb.weight.detach().double().numpy()
@@ -500,7 +478,7 @@ def test_sequence_first_inputs_are_cut_along_the_batch_not_time() -> None:
     # Before: (T, B, F) batches were joined and cut along axis 0, time: 3 examples of their first 6 steps.
     steps, width, hidden = 7, 4, 5
 
-    class Recurrent(pl.LightningModule):
+    class Recurrent(SquaredOutputTask):
         def __init__(self) -> None:
             super().__init__()
             self.rnn = nn.LSTM(width, hidden)  # batch_first=False: (T, B, F)
@@ -508,15 +486,6 @@ def test_sequence_first_inputs_are_cut_along_the_batch_not_time() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.rnn(x)[0].mean(0))
-
-        def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return self(batch[0]).pow(2).mean()
-
-        def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
-            pass
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     torch.manual_seed(0)
     data = torch.randn(12, steps, width)
