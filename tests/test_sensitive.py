@@ -542,3 +542,26 @@ def test_a_module_called_at_two_widths_tracks_the_calls_of_its_first_width_with_
     np.testing.assert_array_equal(monitor.embeddings["relu"][-1].numpy(), np.concatenate(calls[-3:-1]))
     assert monitor.embeddings["relu"][-1].shape == (12, 5)  # 6 examples × the 2 calls of width 5
     assert len(monitor.history["sensitive/relu/v_mean"].values) == 1  # the window (C + 1 = 3) full at step 2
+
+
+@pytest.mark.parametrize("validation_batch", [1, 2])
+def test_single_sequence_batches_of_a_head_on_flattened_tokens_give_whole_sequences(validation_batch: int) -> None:
+    # A head run on the (B*T, D) flattened tokens gives B*T embedding rows; with B = 1 that is T, and the (1, T)
+    # inputs were counted along time: the tracking set was the first num_samples tokens of one sequence.
+    class FlatHead(SquaredOutputTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(16, 6), nn.Linear(6, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            b, t = ids.shape
+            return self.head(self.emb(ids).reshape(b * t, -1)).reshape(b, t, -1)
+
+    ids = torch.randint(0, 16, (8, 5), generator=torch.Generator().manual_seed(0))
+    monitor = SensitiveNeurons(every_n_steps=1, num_samples=4, window=2, eigenscore_passes=0)
+    trainer = pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(FlatHead(), DataLoader(TensorDataset(ids), batch_size=4),
+                DataLoader(TensorDataset(ids), batch_size=validation_batch))
+    assert torch.equal(torch.cat(monitor._batches), ids[:4])
+

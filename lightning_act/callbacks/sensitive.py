@@ -438,11 +438,18 @@ class SensitiveNeurons(FitScopedState):
         return self._union_over_ranks(inputs, axis, dataset_size(loaders[0]), device)
 
     def _sample_axis(self, x: torch.Tensor, samples: int | None) -> int:
-        """The axis of the examples in the model inputs ``x``: one as long as the first forward's sample count (the
-        embeddings' rows, which the taps' layout put first), the taps' batch axis (declared, or a sequence-first
-        module's) before the others; axis 0 where none is."""
+        """The axis of the examples in the model inputs ``x``, from the first forward's sample count (the embeddings'
+        rows, which the taps' layout put first): the taps' batch axis (declared, or a sequence-first module's) when
+        as long; else axis 0 when the rows are a multiple of its length (one per example, or a head run on the
+        flattened ``B·T`` tokens: a single (1, T) sequence was cut along time); else another axis as long (an
+        ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples); else axis 0."""
         preferred = [layout.batch_dim for layout in self._layouts if layout.batch_dim is not None]
-        return next((a for a in [*preferred, *range(x.dim())] if a < x.dim() and x.shape[a] == samples), 0)
+        declared = next((a for a in preferred if a < x.dim() and x.shape[a] == samples), None)
+        if declared is not None:
+            return declared
+        if samples is None or x.dim() == 0 or samples % max(1, x.shape[0]) == 0:
+            return 0
+        return next((a for a in range(1, x.dim()) if x.shape[a] == samples), 0)
 
     def _join(self, shards: list[list[torch.Tensor]], axis: int, limit: int) -> list[torch.Tensor]:
         """The tracking batches from the input batches of each rank (one list: one rank, or every rank the same):
