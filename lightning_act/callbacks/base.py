@@ -926,7 +926,7 @@ class ActivationMonitor(FitScopedState, ABC):
 
     def unknown_cause(self, stats: list[str]) -> str:
         """What makes the statistics ``stats`` unknown (NaN), in a few words."""
-        return "no finite activation to compute them from"
+        return "NaN: undefined for this step's activations, e.g. no finite entry"
 
     def unknown_extra(self, key: str, step: int) -> str:
         """Why the extra statistic ``key`` is unknown (NaN) at ``step``, said once as it goes unlogged."""
