@@ -474,9 +474,11 @@ def test_a_padding_collate_gives_the_first_num_samples_examples_each_with_its_ba
     assert "sensitive/pool/v_mean" in monitor.history
 
 
-def test_sequence_first_inputs_are_cut_along_the_batch_not_time() -> None:
-    # Before: (T, B, F) batches were joined and cut along axis 0, time: 3 examples of their first 6 steps.
-    steps, width, hidden = 7, 4, 5
+@pytest.mark.parametrize(("steps", "batch", "tapped"), [(7, 3, "rnn"), (4, 8, "head:input")])
+def test_sequence_first_inputs_are_cut_along_the_batch_not_time(steps: int, batch: int, tapped: str) -> None:
+    # Before: (T, B, F) batches were joined and cut along axis 0, time: 3 examples of their first 6 steps. T = 4
+    # dividing B = 8 was taken for flattened tokens and cut along time again.
+    width, hidden = 4, 5
 
     class Recurrent(SquaredOutputTask):
         def __init__(self) -> None:
@@ -488,11 +490,11 @@ def test_sequence_first_inputs_are_cut_along_the_batch_not_time() -> None:
             return self.head(self.rnn(x)[0].mean(0))
 
     torch.manual_seed(0)
-    data = torch.randn(12, steps, width)
+    data = torch.randn(16, steps, width)
     collate = lambda items: (torch.stack([item[0] for item in items]).transpose(0, 1),)  # noqa: E731
-    loader = DataLoader(TensorDataset(data), batch_size=3, collate_fn=collate)
+    loader = DataLoader(TensorDataset(data), batch_size=batch, collate_fn=collate)
     model = Recurrent()
-    monitor = SensitiveNeurons(modules=["rnn"], every_n_steps=1, num_samples=5, eigenscore_passes=0, window=2)
+    monitor = SensitiveNeurons(modules=[tapped], every_n_steps=1, num_samples=5, eigenscore_passes=0, window=2)
     trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[monitor], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                          num_sanity_val_steps=0, limit_val_batches=0)
@@ -500,7 +502,8 @@ def test_sequence_first_inputs_are_cut_along_the_batch_not_time() -> None:
     assert torch.equal(torch.cat(monitor._batches, 1), data[:5].transpose(0, 1))
     with torch.no_grad():
         expected = model.rnn(data[:5].transpose(0, 1))[0].mean(0)  # (5, H): every step of 5 examples
-    np.testing.assert_allclose(monitor.embeddings["rnn"][-1].numpy(), expected.double().numpy(), rtol=1e-5, atol=1e-6)
+    name = "rnn" if tapped == "rnn" else "head-input"  # the head's input is that mean
+    np.testing.assert_allclose(monitor.embeddings[name][-1].numpy(), expected.double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 class SharedRelu(pl.LightningModule):

@@ -439,17 +439,25 @@ class SensitiveNeurons(FitScopedState):
 
     def _sample_axis(self, x: torch.Tensor, samples: int | None) -> int:
         """The axis of the examples in the model inputs ``x``, from the first forward's sample count (the embeddings'
-        rows, which the taps' layout put first): the taps' batch axis (declared, or a sequence-first module's) when
-        as long; else axis 0 when the rows are a multiple of its length (one per example, or a head run on the
-        flattened ``B·T`` tokens: a single (1, T) sequence was cut along time); else another axis as long (an
-        ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples); else axis 0."""
-        preferred = [layout.batch_dim for layout in self._layouts if layout.batch_dim is not None]
-        declared = next((a for a in preferred if a < x.dim() and x.shape[a] == samples), None)
-        if declared is not None:
-            return declared
-        if samples is None or x.dim() == 0 or samples % max(1, x.shape[0]) == 0:
+        rows): the one axis that long (an ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples), else axis 0. Where two
+        readings fit — two axes that long, or one besides the ``B·T`` rows of a head run on flattened tokens (a single
+        ``(1, T)`` sequence) — axis 0 is taken and said once: only the user knows."""
+        if samples is None or x.dim() == 0:
             return 0
-        return next((a for a in range(1, x.dim()) if x.shape[a] == samples), 0)
+        matching = [axis for axis in range(x.dim()) if x.shape[axis] == samples]
+        declared = [layout.batch_dim for layout in self._layouts if layout.batch_dim and layout.batch_dim in matching]
+        flattened = x.dim() >= 2 and samples == x.shape[0] * x.shape[1] != x.shape[0]
+        if not matching or (0 in matching and not declared):
+            return 0
+        if len(matching) == 1 and not flattened:
+            return matching[0]
+        rank_zero_warn(
+            f"SensitiveNeurons: the tracking inputs of shape {tuple(x.shape)} give {samples} embeddings, which more "
+            "than one axis can count; the examples are taken along axis 0 (pass tracking_inputs= with the examples "
+            "first, or forward_fn=, if that is not their axis)",
+            category=UserWarning,
+        )
+        return 0
 
     def _join(self, shards: list[list[torch.Tensor]], axis: int, limit: int) -> list[torch.Tensor]:
         """The tracking batches from the input batches of each rank (one list: one rank, or every rank the same):
