@@ -758,3 +758,24 @@ def test_two_massive_monitors_keep_each_others_skipped_fits(tmp_path: Path) -> N
     text = build_report(tmp_path, tmp_path / "r.html").read_text()
     assert f"<td>massive</td><td>emergence fit</td><td>a</td><td>{reason}</td>" in text
     assert "No layer was skipped" not in text
+
+
+def test_late_and_per_run_unknowns_and_a_tap_without_moments_are_shown(tmp_path: Path) -> None:
+    # Before: SensitiveNeurons' v_mean missing after its window was full was drawn across the gap; a run with an
+    # ActivationStats tap whose moments were never known (no other layer logged them) said "No layer was skipped";
+    # with two runs, "only unknown values in: side" was said of both runs and run b's note was dropped.
+    write_csv(tmp_path / "a" / "csv" / "version_0" / "metrics.csv",
+              ["step", "act/side/count", "act/side/zero_frac", "sensitive/h/count", "sensitive/h/v_mean"],
+              [{"step": s, "act/side/count": 8.0, "act/side/zero_frac": 0.0, "sensitive/h/count": 2.0,
+                **({"sensitive/h/v_mean": 0.5} if s in (2, 5) else {})} for s in range(6)])
+    text = build_report(tmp_path / "a", tmp_path / "a.html").read_text()
+    assert "<td>a</td><td>act</td><td>mean</td><td>side</td><td>unknown at every logged step (6 step(s))</td>" in text
+    assert "No layer was skipped" not in text
+    assert "h: v_mean unknown at 2 of 4 logged steps, first at step 3" in text  # from step 2, its first, on
+
+    write_csv(tmp_path / "b" / "csv" / "version_0" / "metrics.csv", ["step", "act/side/count", "act/side/mean"],
+              [{"step": s, "act/side/count": 8.0, **({} if s == 3 else {"act/side/mean": 0.25})} for s in range(6)])
+    text = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "both.html").read_text()
+    mean_section = text[text.index("<h3 id='act-mean'>"):text.index("<h3", text.index("<h3 id='act-mean'>") + 1)]
+    assert "only unknown values in: a · side" in mean_section and "b · side" not in mean_section.split("</p>")[0]
+    assert "b · side: mean unknown at 1 of 6 logged steps, first at step 3" in mean_section

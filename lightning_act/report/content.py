@@ -37,9 +37,13 @@ CONSTANT_PHRASES: dict[tuple[str, str, float], str] = {
 #: ``{run label: {layer: series}}`` for one statistic.
 PerRun = dict[str, dict[str, Series]]
 
-#: Statistics a monitor logs at only some of a layer's steps by design (SensitiveNeurons: ``v_mean``/``v_max`` once
-#: its window is full, ``jaccard`` at re-selections): a step without them is no step where they were unknown.
-NOT_EVERY_STEP: dict[str, frozenset[str]] = {"sensitive": frozenset({"v_mean", "v_max", "jaccard"})}
+#: Statistics a monitor logs at only some of a layer's steps by design (SensitiveNeurons' ``jaccard``, at
+#: re-selections): a step without them is no step where they were unknown.
+NOT_EVERY_STEP: dict[str, frozenset[str]] = {"sensitive": frozenset({"jaccard"})}
+
+#: Statistics a monitor logs at every step from a first one on (SensitiveNeurons' ``v_mean``/``v_max``, once its
+#: window is full): unknown at a later step without them, not before the first.
+FROM_FIRST_STEP: dict[str, frozenset[str]] = {"sensitive": frozenset({"v_mean", "v_max"})}
 
 #: Statistics a monitor logs for every layer it measures (ActivationStats' moments; ``count``, ``nonfinite`` and
 #: ``zero_frac`` are counted even over NaN entries). A layer that logged others but never one of these, which some
@@ -68,15 +72,20 @@ def with_unknown(prefix: str, stats: dict[str, dict[str, Series]]) -> dict[str, 
             for layer, series in per_layer.items():
                 logged.setdefault(layer, set()).update(series.steps)
     filled: dict[str, dict[str, Series]] = {}
-    for stat, per_layer in stats.items():
+    every_layer = EVERY_LAYER.get(prefix, frozenset())
+    names = [*stats, *sorted(every_layer - set(stats))] if logged else list(stats)  # a moment no layer logged
+    for stat in names:
+        per_layer = stats.get(stat, {})
         if stat.startswith("fit_") or stat in NOT_EVERY_STEP.get(prefix, ()):
             filled[stat] = per_layer
             continue
-        layers = logged if stat in EVERY_LAYER.get(prefix, ()) else per_layer
+        layers = logged if stat in every_layer else per_layer
         filled[stat] = {}
         for layer in sorted(layers, key=natural_key):
             values = per_layer[layer].last_per_step() if layer in per_layer else {}
             steps = sorted(logged[layer])
+            if stat in FROM_FIRST_STEP.get(prefix, ()):
+                steps = [step for step in steps if values and step >= min(values)]
             filled[stat][layer] = Series(steps, [values.get(step, math.nan) for step in steps])
     return filled
 
@@ -149,8 +158,9 @@ def plan_statistics(prefix: str, stats: dict[str, PerRun]) -> list[StatisticPlan
     for stat, per_run in stats.items():
         if stat.startswith("fit_"):
             continue
-        unknown_layers = dict(sorted(
-            (layer, unknown_words(series)) for layers in per_run.values() for layer, series in layers.items()
+        unknown_layers = dict(sorted(  # by run and layer: "<run> · <layer>" when several runs are compared
+            (layer if len(per_run) == 1 else f"{run} · {layer}", unknown_words(series))
+            for run, layers in per_run.items() for layer, series in layers.items()
             if len(series) and not any(math.isfinite(v) for v in series.values)
         ))
         values = _finite_values(per_run)

@@ -498,10 +498,12 @@ def monitor_section(prefix: str, stats: dict[str, PerRun], ids: _Ids) -> str:
         for words in dict.fromkeys(plan.unknown_layers.values()):
             named = [layer for layer, said in plan.unknown_layers.items() if said == words]
             parts.append(f"<p class='muted'>only {words} values in: {html.escape(', '.join(named))}</p>")
+        labels = {(run, layer): layer if len(per_run) == 1 else f"{run} · {layer}"
+                  for run, per_layer in per_run.items() for layer in per_layer}
         partly = [
             note for run, per_layer in per_run.items() for layer, series in per_layer.items()
-            if layer not in plan.unknown_layers
-            for note in unknown_notes(layer if len(per_run) == 1 else f"{run} · {layer}", plan.stat, series)
+            if labels[run, layer] not in plan.unknown_layers
+            for note in unknown_notes(labels[run, layer], plan.stat, series)
         ]
         if partly:  # the curves break there; say where
             parts.append("<p class='muted'>" + html.escape("; ".join(partly)) + "</p>")
