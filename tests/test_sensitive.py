@@ -506,6 +506,38 @@ def test_sequence_first_inputs_are_cut_along_the_batch_not_time(steps: int, batc
     np.testing.assert_allclose(monitor.embeddings[name][-1].numpy(), expected.double().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_forward_fn_batches_are_counted_along_the_sample_axis_of_their_inputs() -> None:
+    # Before: with forward_fn= the validation batches were counted along axis 0 of their inputs, time for an LSTM's
+    # (T, B, F): one batch of T = 20 steps was taken for 20 examples, and 4 were tracked for num_samples=10.
+    width, hidden, steps = 3, 4, 20
+
+    class Recurrent(SquaredOutputTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(width, hidden)  # batch_first=False: (T, B, F)
+            self.head = nn.Linear(hidden, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0].mean(0))
+
+    torch.manual_seed(0)
+    data = torch.randn(16, steps, width)
+    collate = lambda items: {"x": torch.stack([item[0] for item in items]).transpose(0, 1)}  # noqa: E731
+    loader = DataLoader(TensorDataset(data), batch_size=4, collate_fn=collate)
+    model = Recurrent()
+    monitor = SensitiveNeurons(modules=["rnn"], every_n_steps=1, num_samples=10, eigenscore_passes=0, window=2,
+                               forward_fn=lambda module, batch: module(batch["x"]))
+    trainer = pl.Trainer(max_steps=2, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, DataLoader(TensorDataset(data), batch_size=4, collate_fn=lambda items: collate(items)["x"]),
+                loader)
+    assert len(monitor._batches) == 3  # the first whole batches holding 10 examples: 12
+    with torch.no_grad():
+        expected = model.rnn(data[:12].transpose(0, 1))[0].mean(0)  # (12, H): every step of 12 examples
+    np.testing.assert_allclose(monitor.embeddings["rnn"][-1].numpy(), expected.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
 class SharedRelu(pl.LightningModule):
     """One ``nn.ReLU`` called at widths 5, 5 and 7 in a forward, as torchvision's ``Bottleneck`` calls its ``relu``."""
 

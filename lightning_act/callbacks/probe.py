@@ -108,15 +108,23 @@ def dataset_size(loader: Any) -> int | None:
         return None
 
 
-def num_examples(batch: Any) -> int:
-    """Examples in a batch: the length of its first tensor (the inputs)."""
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor of a batch (the inputs): the batch itself, or the first of its first dict value or item."""
     if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
+        return batch
     if isinstance(batch, dict):
-        return next((num_examples(v) for v in batch.values()), 0)
+        return next((first_tensor(v) for v in batch.values()), None)
     if isinstance(batch, (list, tuple)) and batch:
-        return num_examples(batch[0])
-    return 0
+        return first_tensor(batch[0])
+    return None
+
+
+def num_examples(batch: Any, axis: int = 0) -> int:
+    """Examples in a batch: the length of its first tensor (the inputs) along ``axis``."""
+    tensor = first_tensor(batch)
+    if tensor is None:
+        return 0
+    return tensor.shape[axis] if tensor.dim() > axis else 1
 
 
 def without_sampler_padding(batches: list[Any], size: int | None) -> list[Any]:

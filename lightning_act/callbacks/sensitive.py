@@ -68,6 +68,7 @@ from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
     dataset_size,
+    first_tensor,
     num_examples,
     own_passes,
     probing,
@@ -200,7 +201,7 @@ class SensitiveNeurons(FitScopedState):
         forward_fn: how to run the model on one tracking batch, ``forward_fn(pl_module, batch)``
             (a callable or its import path), for LightningModules whose ``forward`` is not
             ``forward(x)``; the tracking set is then the first whole validation batches holding at
-            least ``num_samples`` examples. Default: ``pl_module(x)`` on the inputs of the
+            least ``num_samples`` examples (counted along the inputs' sample axis). Default: ``pl_module(x)`` on the inputs of the
             validation batches (``tracking_inputs``: on chunks of it). Checked at fit start: a
             failing call is one line.
         batch_dim, token_dim, feature_dim: the layout of the tapped activations (see ``ActivationMonitor``).
@@ -385,17 +386,13 @@ class SensitiveNeurons(FitScopedState):
             self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
             self._first_forward(trainer, pl_module, self._batches[0])
         elif self.custom_forward:
-            batches = validation_batches(
-                trainer, "SensitiveNeurons", lambda bs: sum(num_examples(b) for b in bs) >= self.num_samples
-            )
-            self._batches = [to_device(b, device, trainer) for b in batches]
+            self._batches = self._whole_validation_batches(trainer, pl_module, device)
             if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its shard only
                 raise LightningActError(
                     "SensitiveNeurons(forward_fn=...): the validation loader gives each rank other batches (it shards "
                     "them), and the tracking set must be the same on every rank; pass an unsharded validation loader "
                     "or tracking_inputs=<tensor>"
                 )
-            self._first_forward(trainer, pl_module, self._batches[0])
         else:
             self._batches = self._from_validation(trainer, pl_module, device)
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
@@ -436,6 +433,27 @@ class SensitiveNeurons(FitScopedState):
         if same_on_every_rank(inputs, device):
             return self._join([inputs], axis, self.num_samples)
         return self._union_over_ranks(inputs, axis, dataset_size(loaders[0]), device)
+
+    def _whole_validation_batches(
+        self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device
+    ) -> list[Any]:
+        """The tracking batches of a ``forward_fn``: the first whole validation batches holding ``num_samples``
+        examples, counted along their inputs' sample axis as :meth:`_from_validation` counts them (a ``(T, B, F)``
+        batch holds B examples)."""
+        batches: list[Any] = []
+        axis = 0
+
+        def enough(loaded: list[Any]) -> bool:
+            nonlocal axis
+            batches.append(to_device(loaded[-1], device, trainer))
+            if len(batches) == 1:
+                samples = self._first_forward(trainer, pl_module, batches[0])
+                inputs = first_tensor(batches[0])
+                axis = 0 if inputs is None else self._sample_axis(inputs, samples)
+            return sum(num_examples(b, axis) for b in batches) >= self.num_samples
+
+        validation_batches(trainer, "SensitiveNeurons", enough)
+        return batches
 
     def _sample_axis(self, x: torch.Tensor, samples: int | None) -> int:
         """The axis of the examples in the model inputs ``x``, from the first forward's sample count (the embeddings'
