@@ -188,3 +188,41 @@ def test_no_network_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
         "lightning_act wandb-dashboard: error: could not reach W&B (Failed to execute API request: connection refused); "
         "check the network and your login, or add --dry-run to print the layout offline\n"
     )
+
+
+@pytest.mark.parametrize(("logger_class", "per_layer", "panels"), [
+    ("lightning.pytorch.loggers.WandbLogger", False, True),
+    ("lightning_act.loggers.CompactWandbLogger", False, False),
+    ("lightning_act.loggers.CompactWandbLogger", True, True),
+])
+def test_top_k_value_panels_only_where_the_logger_logs_the_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], logger_class: str, per_layer: bool, panels: bool
+) -> None:
+    # Before: a CompactWandbLogger run got top{j}_value line panels that stayed empty (the values are in its table).
+    run = write_run_with_config(tmp_path / "kat", logger_class)
+    version = run / "csv" / "version_0"
+    (version / "metrics.csv").write_text(
+        "massive/model.blocks.0/ratio,massive/model.blocks.0/top1_value,massive/model.blocks.0/top1_token,step\n"
+        "3.5,40.0,0,0\n"
+    )
+    if per_layer:
+        config = (run / "config.yaml").read_text()
+        (run / "config.yaml").write_text(config.replace("init_args: {project", "init_args: {per_layer: true, project"))
+    assert main(["--run-dir", str(run), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "massive/*/ratio" in out and "top1_token" not in out
+    assert ("massive/*/top1_value" in out) == panels
+
+
+def test_a_compact_project_is_told_by_its_keys() -> None:
+    from lightning_act.loggers import compact_metrics
+    from lightning_act.report.wandb_dashboard import compact_from_keys
+
+    per_layer = KEYS + ["massive/model.blocks.0/top1_value"]
+    assert not compact_from_keys(per_layer)
+    logged, _ = compact_metrics(dict.fromkeys(per_layer, 1.0))
+    summary = list(logged) + per_layer  # the run summary also holds the last per-layer values
+    assert compact_from_keys(summary)
+    assert compact_from_keys(["massive/per_layer", "train/loss"])
+    titles = [p.title for s in dashboard_spec(summary, compact=True) for p in s.panels]
+    assert "massive/*/top1_value" not in titles and "massive/*/ratio" in titles

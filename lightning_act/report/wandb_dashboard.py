@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lightning_act.errors import LightningActError
+from lightning_act.loggers import TOPK_STAT, reduction_of
 from lightning_act.report.content import INDEX_STAT
 from lightning_act.report.runlog import INDEX_COLUMNS, MONITOR_PREFIXES, split_monitor_key
 
@@ -75,12 +76,14 @@ def _stat_order(stats: Iterable[str]) -> list[str]:
     return sorted(stats, key=lambda s: (s.startswith("fit_"), s))
 
 
-def dashboard_spec(keys: Iterable[str]) -> list[SectionSpec]:
+def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSpec]:
     """The workspace layout for a project that logged ``keys`` (metric and image keys).
 
     Sections: ``training`` (one line plot per metric name, e.g. ``train/loss`` and ``val/loss``
     together), then one per monitor present, in :data:`MONITOR_PREFIXES` order. Token/feature
-    positions get no line plot (an index is not a curve; see ``lightning_act report``).
+    positions get no line plot (an index is not a curve; see ``lightning_act report``); with ``compact``
+    (a :class:`~lightning_act.loggers.CompactWandbLogger` run) neither do the top-k values, which it keeps in its
+    ``<prefix>/per_layer`` table only: their panels would stay empty.
     """
     keys = [k for k in dict.fromkeys(keys) if k not in (*INDEX_COLUMNS, STEP_KEY) and not k.startswith("_")]
     monitor_stats: dict[str, set[str]] = {}
@@ -92,7 +95,7 @@ def dashboard_spec(keys: Iterable[str]) -> list[SectionSpec]:
             continue
         parts = split_monitor_key(key)
         if parts is not None:
-            if not INDEX_STAT.match(parts[2]):
+            if not INDEX_STAT.match(parts[2]) and not (compact and TOPK_STAT.match(parts[2])):
                 monitor_stats.setdefault(parts[0], set()).add(parts[2])
         else:
             training.setdefault(key.split("/")[-1], []).append(key)
@@ -180,8 +183,8 @@ def build_workspace(sections: Sequence[SectionSpec], entity: str, project: str, 
     )
 
 
-def project_from_run(run_dir: str | Path) -> str | None:
-    """The W&B project a local run logged to: ``project`` of the W&B logger in the run's fit config."""
+def _wandb_logger_configs(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """The W&B loggers (``class_path`` and ``init_args``) in the fit configs of a local run."""
     import yaml
 
     from lightning_act.report.runlog import load_run
@@ -197,10 +200,38 @@ def project_from_run(run_dir: str | Path) -> str | None:
         loggers = ((config or {}).get("trainer") or {}).get("logger") or []
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger"):
-                project = (logger.get("init_args") or {}).get("project")
-                if project:
-                    return str(project)
+                yield logger
+
+
+def project_from_run(run_dir: str | Path) -> str | None:
+    """The W&B project a local run logged to: ``project`` of the W&B logger in the run's fit config."""
+    for logger in _wandb_logger_configs(run_dir):
+        project = (logger.get("init_args") or {}).get("project")
+        if project:
+            return str(project)
     return None
+
+
+def compact_from_run(run_dir: str | Path) -> bool:
+    """Whether a local run logged to W&B through :class:`~lightning_act.loggers.CompactWandbLogger` without
+    ``per_layer`` (its local CSV holds every per-layer key all the same)."""
+    return any(
+        str(logger.get("class_path", "")).endswith("CompactWandbLogger")
+        and not (logger.get("init_args") or {}).get("per_layer")
+        for logger in _wandb_logger_configs(run_dir)
+    )
+
+
+def compact_from_keys(keys: Iterable[str]) -> bool:
+    """Whether a project's keys are a :class:`~lightning_act.loggers.CompactWandbLogger`'s: a summary key
+    ``<prefix>/<reduction>/<stat>`` or a ``<prefix>/per_layer`` table."""
+    for key in keys:
+        parts = split_monitor_key(key)
+        if parts is not None and parts[1] == reduction_of(parts[0], parts[2]):
+            return True
+        if key.count("/") == 1 and key.endswith("/per_layer") and key.split("/")[0] in MONITOR_PREFIXES:
+            return True
+    return False
 
 
 def _wandb_problem(error: Exception) -> str:
@@ -238,8 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LightningActError(
                 f"no W&B logger with a project in the config of {args.run_dir}; pass --project P"
             )
-        keys = keys_from_run_dir(args.run_dir) if args.run_dir else keys_from_project(args.entity, str(project))
-        sections = dashboard_spec(keys)
+        if args.run_dir:
+            keys, compact = keys_from_run_dir(args.run_dir), compact_from_run(args.run_dir)
+        else:
+            keys = keys_from_project(args.entity, str(project))
+            compact = compact_from_keys(keys)
+        sections = dashboard_spec(keys, compact)
         if not any(s.name in SECTION_TITLES.values() for s in sections):
             raise LightningActError(
                 f"no monitor keys (act/, sparsity/, massive/, collapse/, sensitive/) found in "
