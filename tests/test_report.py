@@ -293,8 +293,12 @@ def test_steps_and_positions_are_printed_whole_and_compared_unrounded(tmp_path: 
     write_csv(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", sorted({k for r in rows for k in r} | {"epoch"}), rows)
     text = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
     assert "<td>run</td><td>blocks.0</td><td>12345</td><td>(10001)</td><td>1 / 2</td>" in text
-    assert "<td>0.9</td><td>20000</td><td>12345</td>" in text  # R², peak step, fitted at step
+    # R², peak step (a fit's prediction beyond the last step said to be one), fitted at step
+    assert "<td>0.9</td><td>20000 <span class='muted'>(after the run: extrapolated)</span></td><td>12345</td>" in text
     assert "(steps 0 – 12345)" in text and "<td>0 – 12345</td>" in text
+    rows[-1]["massive/blocks.0/fit_peak_step"] = 12000.0  # within the run: no note
+    write_csv(tmp_path / "run" / "csv" / "version_0" / "metrics.csv", sorted({k for r in rows for k in r} | {"epoch"}), rows)
+    assert "<td>0.9</td><td>12000</td><td>12345</td>" in build_report(tmp_path / "run", tmp_path / "r.html").read_text()
 
 
 def test_failed_emergence_fit_is_hidden_and_cannot_squash_the_data(tmp_path: Path) -> None:

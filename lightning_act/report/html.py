@@ -542,7 +542,10 @@ def emergence_section(runs: dict[str, RunLog], min_r2: float, ids: _Ids) -> str:
                 continue
             good = math.isfinite(fit.r2) and fit.r2 >= min_r2
             values = [_format(v) for v in [*(fit.parameters[name] for name in FIT_PARAMETERS), fit.r2]]
-            rows.append([html.escape(run), html.escape(layer), *values, format_count(fit.peak_step), format_count(fit.step),
+            peak = format_count(fit.peak_step)
+            if math.isfinite(fit.peak_step) and math.isfinite(fit.step) and fit.peak_step > fit.step:
+                peak += " <span class='muted'>(after the run: extrapolated)</span>"
+            rows.append([html.escape(run), html.escape(layer), *values, peak, format_count(fit.step),
                          "drawn" if good else f"<span class='muted'>R² &lt; {min_r2:g}: hidden</span>"])
     parts.append(_table(["run", "layer", *FIT_PARAMETERS, "R²", "peak step", "fitted at step", "curve"], rows))
     drawn = {run: {layer: fit for layer, fit in per_layer.items()} for run, per_layer in fits.items()}
