@@ -736,6 +736,9 @@ def _build_cli_class() -> type:
                         (folder / FIT_CONFIG_NAME).unlink(missing_ok=True)
                         if not any(folder.iterdir()):
                             folder.rmdir()
+                    root = Path(logger.root_dir)  # <save_dir>/<name>, made for this version
+                    if logger.name and root.is_dir() and not any(root.iterdir()):
+                        root.rmdir()
 
         before_validate = before_test = before_predict = _check_batch_size
 

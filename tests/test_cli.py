@@ -355,7 +355,7 @@ def test_a_fit_refused_before_its_first_step_leaves_no_run_and_an_unwritable_fol
     assert main(["fit", "--config", str(config)]) == 2
     assert "model.nothing.*" in capsys.readouterr().err
     assert not list((tmp_path / "runs").glob("wandb/offline-run-*"))  # a W&B run that `wandb sync` would upload
-    assert not (tmp_path / "runs" / "csv" / "version_0").exists()
+    assert not (tmp_path / "runs" / "csv").exists()  # nor its empty name folder (before: left behind)
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the run's folder would go")
     config = write_config(tmp_path, **{"trainer.callbacks.1.init_args": {"dirpath": str(blocked / "checkpoints")}})
