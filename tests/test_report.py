@@ -783,3 +783,28 @@ def test_late_and_per_run_unknowns_and_a_tap_without_moments_are_shown(tmp_path:
     mean_section = text[text.index("<h3 id='act-mean'>"):text.index("<h3", text.index("<h3 id='act-mean'>") + 1)]
     assert "only unknown values in: a · side" in mean_section and "b · side" not in mean_section.split("</p>")[0]
     assert "b · side: mean unknown at 1 of 6 logged steps, first at step 3" in mean_section
+
+
+def test_a_statistic_a_resume_added_is_not_unknown_before_it(tmp_path: Path) -> None:
+    # Before: DimensionalCollapse resumed with warn_below (which adds `collapsed`) at step 4: the report said
+    # "body: collapsed unknown at 4 of 8 logged steps, first at step 0", over steps where it was not configured.
+    run = tmp_path / "run"
+    first = [{"step": s, "collapse/body/erank_frac": 0.9} for s in range(4)]
+    write_csv(run / "csv" / "version_0" / "metrics.csv", ["collapse/body/erank_frac", "epoch", "step"], first)
+    later = [{"step": s, "collapse/body/erank_frac": 0.9, **({} if s == 6 else {"collapse/body/collapsed": 0.0})}
+             for s in range(4, 8)]
+    write_csv(run / "csv" / "version_1" / "metrics.csv",
+              ["collapse/body/collapsed", "collapse/body/erank_frac", "epoch", "step"], later)
+    os.utime(run / "csv" / "version_0" / "metrics.csv", (1, 1))  # written first
+    text = build_report(run, tmp_path / "r.html").read_text()
+    assert "body: collapsed unknown at 1 of 4 logged steps, first at step 6" in text  # unknown within its version
+    traces, _ = figure_for(text, "collapse-collapsed")
+    assert traces[0]["x"] == [4, 5, 6, 7] and traces[0]["y"] == [0.0, 0.0, None, 0.0]
+    # a resume from step 2 cuts the first version's steps 2-3: a statistic only it logged is not unknown after
+    write_csv(run / "csv" / "version_0" / "metrics.csv", ["collapse/body/collapsed", "collapse/body/erank_frac",
+              "epoch", "step"], [{**row, "collapse/body/collapsed": 1.0} for row in first])
+    write_csv(run / "csv" / "version_1" / "metrics.csv", ["collapse/body/erank_frac", "epoch", "step"],
+              [{"step": s, "collapse/body/erank_frac": 0.5} for s in range(2, 8)])
+    os.utime(run / "csv" / "version_0" / "metrics.csv", (1, 1))
+    text = build_report(run, tmp_path / "r.html").read_text()
+    assert "collapsed unknown" not in text and "unknown at" not in text

@@ -62,7 +62,8 @@ def with_unknown(prefix: str, stats: dict[str, dict[str, Series]]) -> dict[str, 
     """``{stat: {layer: series}}`` of one monitor in one run, each series at every step its layer logged any
     statistic of the monitor (``fit_*`` excepted), NaN (unknown) where this one was not logged.
 
-    The monitor logs all of a layer's statistics at each due step, so a missing one was unknown there. Steps in
+    The monitor logs all of a layer's statistics at each due step, so a missing one was unknown there, within the
+    CSV versions that logged it (``Series.spans``: one a resumed fit added was not configured before). Steps in
     order, the last value of a step kept. ``fit_*`` (logged once, at the fit) and :data:`NOT_EVERY_STEP` are kept
     as logged; :data:`EVERY_LAYER` statistics are added to the layers that lack them.
     """
@@ -84,6 +85,9 @@ def with_unknown(prefix: str, stats: dict[str, dict[str, Series]]) -> dict[str, 
         for layer in sorted(layers, key=natural_key):
             values = per_layer[layer].last_per_step() if layer in per_layer else {}
             steps = sorted(logged[layer])
+            spans = per_layer[layer].spans if layer in per_layer else []
+            if spans:  # the CSV versions that logged it: a resume may have added it
+                steps = [step for step in steps if any(first <= step < end for first, end in spans)]
             if stat in FROM_FIRST_STEP.get(prefix, ()):
                 steps = [step for step in steps if values and step >= min(values)]
             filled[stat][layer] = Series(steps, [values.get(step, math.nan) for step in steps])

@@ -44,10 +44,13 @@ _CONFIG_MAX_CHARS = 200_000
 
 @dataclass
 class Series:
-    """The logged ``(step, value)`` points of one metric, in file order."""
+    """The logged ``(step, value)`` points of one metric, in file order, and ``spans``: the step ranges
+    ``[first, stop)`` of the CSV versions that logged it (none known: a series built by hand). A statistic a resumed
+    fit added (``warn_below`` set on resume) was not configured before its version, which the spans tell."""
 
     steps: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -298,6 +301,7 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
         if not firsts:
             continue
         start = min(firsts.values())
+        stop = max(s.steps[-1] for s in series.values() if len(s)) + 1
         replaced = 0
         kept_curves = [] if logs_training else sorted(
             key for key in firsts if not key.startswith(TEST_PREFIX) and len(merged.get(key, ()))
@@ -318,12 +322,15 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
             kept = [(s, v) for s, v in zip(old.steps, old.values, strict=True) if s < cut]
             replaced += len(old) - len(kept)
             old.steps, old.values = [s for s, _ in kept], [v for _, v in kept]
+            old.spans = [(first, min(end, cut)) for first, end in old.spans if first < cut]
         if replaced and logs_training:
             notes.append(f"{path} resumes at step {start}: it replaces {replaced} later value(s) of the earlier version(s)")
         for key, new in series.items():
             target = merged.setdefault(key, Series())
             target.steps += new.steps
             target.values += new.values
+            if len(new):
+                target.spans.append((start, stop))
     return {k: v for k, v in merged.items() if len(v)}, notes
 
 
