@@ -808,3 +808,31 @@ def test_a_statistic_a_resume_added_is_not_unknown_before_it(tmp_path: Path) -> 
     os.utime(run / "csv" / "version_0" / "metrics.csv", (1, 1))
     text = build_report(run, tmp_path / "r.html").read_text()
     assert "collapsed unknown" not in text and "unknown at" not in text
+
+
+def test_a_due_step_at_which_a_layer_logged_nothing_is_unknown_on_its_own_interval(tmp_path: Path) -> None:
+    # Before: a DimensionalCollapse tap whose statistics were all unknown at step 20 logged nothing then, and its
+    # curve joined step 10 to step 30 with no note.
+    run = tmp_path / "run"
+    rows = []
+    for step in range(0, 60, 10):
+        if step != 20:
+            rows.append({"step": step, "collapse/nan_tap/erank": 3.0 + step / 100, "collapse/nan_tap/pr": 2.0})
+        rows.append({"step": step, "collapse/good/erank": 5.0 + step / 100, "collapse/good/pr": 4.0})
+    for step in range(0, 60, 5):  # a second DimensionalCollapse on another module, every 5 steps
+        rows.append({"step": step, "collapse/fast/erank": 1.0 + step / 100, "collapse/fast/pr": 1.0})
+    header = sorted({key for row in rows for key in row} | {"epoch"})
+    write_csv(run / "csv" / "version_0" / "metrics.csv", header, rows)
+    # a resume at step 60 adds a tap: it was not measured, nor unknown, before
+    later = [{"step": step, **{f"collapse/{layer}/{stat}": 1.0 for layer in ("nan_tap", "good", "added")
+                              for stat in ("erank", "pr")}} for step in range(60, 80, 10)]
+    write_csv(run / "csv" / "version_1" / "metrics.csv", header + ["collapse/added/erank", "collapse/added/pr"], later)
+    os.utime(run / "csv" / "version_0" / "metrics.csv", (1, 1))
+    text = build_report(run, tmp_path / "r.html").read_text()
+    assert "nan_tap: erank unknown at 1 of 8 logged steps, first at step 20" in text
+    assert "nan_tap: pr unknown at 1 of 8 logged steps, first at step 20" in text
+    traces, _ = figure_for(text, "collapse-erank")
+    nan_tap = next(t for t in traces if t["name"] == "nan_tap")
+    assert nan_tap["x"] == list(range(0, 80, 10)) and nan_tap["y"][2] is None and None not in nan_tap["y"][3:]
+    assert "good: erank unknown" not in text and "added: erank unknown" not in text  # interval 10; from step 60 on
+    assert "fast: erank unknown" not in text  # every 5 steps: not unknown at the other monitor's steps either

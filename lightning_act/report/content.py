@@ -68,10 +68,13 @@ def with_unknown(prefix: str, stats: dict[str, dict[str, Series]]) -> dict[str, 
     as logged; :data:`EVERY_LAYER` statistics are added to the layers that lack them.
     """
     logged: dict[str, set[float]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for stat, per_layer in stats.items():
         if not stat.startswith("fit_"):
             for layer, series in per_layer.items():
                 logged.setdefault(layer, set()).update(series.steps)
+                spans.setdefault(layer, []).extend(series.spans)
+    logged = _with_silent_due_steps(logged, spans)
     filled: dict[str, dict[str, Series]] = {}
     every_layer = EVERY_LAYER.get(prefix, frozenset())
     names = [*stats, *sorted(every_layer - set(stats))] if logged else list(stats)  # a moment no layer logged
@@ -92,6 +95,30 @@ def with_unknown(prefix: str, stats: dict[str, dict[str, Series]]) -> dict[str, 
                 steps = [step for step in steps if values and step >= min(values)]
             filled[stat][layer] = Series(steps, [values.get(step, math.nan) for step in steps])
     return filled
+
+
+def _with_silent_due_steps(
+    logged: dict[str, set[float]], spans: dict[str, list[tuple[float, float]]]
+) -> dict[str, set[float]]:
+    """Each layer's logged steps and the due steps at which it logged nothing (every statistic unknown: a
+    ``DimensionalCollapse`` tap of NaN entries, a CETT-only tap): the steps another layer of the monitor logged, on
+    this layer's own interval (the greatest common divisor of its steps' distances: two monitors of one class on
+    other modules may log at other intervals) and within the CSV versions that logged it (``spans``; none known, no
+    step added)."""
+    due = set().union(*logged.values()) if logged else set()
+    extended: dict[str, set[float]] = {}
+    for layer, steps in logged.items():
+        own = sorted(steps)
+        if len(own) < 2 or not spans.get(layer) or not all(float(step).is_integer() for step in own):
+            extended[layer] = steps
+            continue
+        interval = math.gcd(*(int(b - a) for a, b in zip(own, own[1:])))
+        extended[layer] = steps | {
+            step for step in due
+            if float(step).is_integer() and (int(step) - int(own[0])) % interval == 0
+            and any(first <= step < end for first, end in spans[layer])
+        }
+    return extended
 
 
 def unknown_words(series: Series) -> str:
