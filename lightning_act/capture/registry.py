@@ -69,6 +69,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_act.capture.layout import Layout, to_sample_first, with_canonical_features
 from lightning_act.capture.selection import Tap
+from lightning_act.precision import autocast_off
 from lightning_act.stats.fused import FusedSpec, FusedStats, fused_statistics
 
 
@@ -277,7 +278,9 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
     tensor = first_tensor(value)
     if tensor is None or tensor.numel() == 0:
         return
-    with torch.no_grad():
+    # The monitors' arithmetic in the tensor's own precision: under the training step's autocast the CETT and sketch
+    # matmuls ran in float16 (norms beyond 65504 became inf) or bfloat16.
+    with torch.no_grad(), autocast_off(tensor.device.type):
         tensor = tensor.detach()
         views: dict[Layout, tuple[torch.Tensor, bool]] = {}
         # Subscribers whose layouts give the same view share one fused pass (the usual case: all of them).

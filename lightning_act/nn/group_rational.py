@@ -36,7 +36,6 @@ about half the host time per call (``docs/kat_kernel.md``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import math
@@ -51,6 +50,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from lightning_act.errors import LightningActError
 from lightning_act.nn.rational_coefficients import INIT_COEFFICIENTS
+from lightning_act.precision import autocast_off
 
 NUMERATOR_TERMS = 6
 DENOMINATOR_TERMS = 4
@@ -71,14 +71,6 @@ def grouped_view(x: torch.Tensor, groups: int, channel_dim: int) -> torch.Tensor
     return x.reshape(rows, groups, width)
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast switched off for ``device_type``; nothing where autocast does not exist (``torch.autocast("meta")``
-    raises, and a meta-device forward, e.g. Lightning's ``measure_flops``, must run)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def group_rational_reference(
     x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int = -1
 ) -> torch.Tensor:
@@ -91,7 +83,7 @@ def group_rational_reference(
     groups = numerator.shape[0]
     float64_inputs = torch.float64 in (x.dtype, numerator.dtype, denominator.dtype)
     compute_dtype = torch.float64 if float64_inputs else torch.float32
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         x3 = grouped_view(x, groups, channel_dim).to(compute_dtype)
         width = x3.shape[2]
         # Coefficient j of every element of one row, (1, groups, width) contiguous: broadcasting only over
