@@ -600,3 +600,22 @@ def test_single_sequence_batches_of_a_head_on_flattened_tokens_give_whole_sequen
                 DataLoader(TensorDataset(ids), batch_size=validation_batch))
     assert torch.equal(torch.cat(monitor._batches), ids[:4])
 
+
+
+def test_float64_tracking_inputs_on_a_float32_model_are_one_line_naming_their_dtype() -> None:
+    # Before: "running the model on a probe batch failed (... Double and Float); pass forward_fn=...", the wrong fix.
+    class Mlp(SquaredOutputTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    tracking = torch.from_numpy(np.random.default_rng(0).standard_normal((5, 4)))  # numpy's float64
+    monitor = SensitiveNeurons(modules=["net.1"], every_n_steps=1, tracking_inputs=tracking, eigenscore_passes=0)
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(LightningActError, match=r"tracking_inputs, which are torch.float64 where its parameters are "
+                       r"torch.float32; pass tracking_inputs=<tensor>.to\(torch.float32\)"):
+        trainer.fit(Mlp(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))

@@ -123,6 +123,18 @@ def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
     return (*x.shape[:axis], *x.shape[axis + 1 :])
 
 
+def _dtype_problem(inputs: torch.Tensor, pl_module: nn.Module) -> LightningActError | None:
+    """The line for tracking inputs the model could not run on because of their floating dtype (numpy's float64 on a
+    float32 model: the precision plugin casts inputs under ``"64-true"`` and ``"bf16-true"`` only), if that is it."""
+    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+    if dtype is None or not inputs.is_floating_point() or inputs.dtype == dtype:
+        return None
+    return LightningActError(
+        f"SensitiveNeurons: the model could not run on tracking_inputs, which are {inputs.dtype} where its parameters "
+        f"are {dtype}; pass tracking_inputs=<tensor>.to({dtype}) (torch.from_numpy gives numpy's float64)"
+    )
+
+
 def _is_stochastic(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in _STOCHASTIC_CLASS_NAMES
 
@@ -384,7 +396,10 @@ class SensitiveNeurons(FitScopedState):
         device = _module_device(pl_module)
         if self.tracking_inputs is not None:
             self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
-            self._first_forward(trainer, pl_module, self._batches[0])
+            try:
+                self._first_forward(trainer, pl_module, self._batches[0])
+            except LightningActError as error:
+                raise _dtype_problem(self._batches[0], pl_module) or error from error.__cause__
         elif self.custom_forward:
             self._batches = self._whole_validation_batches(trainer, pl_module, device)
             if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its shard only
