@@ -1,5 +1,6 @@
 """The capture core inside real Trainer.fit runs, checked against numpy on recorded activations."""
 
+import collections
 import copy
 import csv
 import pickle
@@ -27,10 +28,11 @@ class Recorder(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         module = dict(pl_module.named_modules())[self.module_name]
-        self._handle = module.register_forward_hook(
-            lambda m, a, out: self._step is not None
-            and self.outputs.setdefault(self._step, []).append(out.detach().double().numpy().copy())
-        )
+        self._handle = module.register_forward_hook(self._record)
+
+    def _record(self, module, args, out) -> None:  # returns None: the output is left as it is
+        if self._step is not None:
+            self.outputs.setdefault(self._step, []).append(out.detach().double().numpy().copy())
 
     def on_fit_end(self, trainer, pl_module):
         self._handle.remove()
@@ -228,6 +230,122 @@ def test_activation_checkpointing_is_not_double_counted(mode):
     assert ckpt.history["act/net.blocks.0.act/count"].values == [8 * 4 * 16, 8 * 4 * 16]
     for key in plain.history:
         np.testing.assert_allclose(ckpt.history[key].values, plain.history[key].values, rtol=1e-5, err_msg=key)
+
+
+class InputGradientPenalty(ToyTask):
+    """An input-gradient penalty (``autograd.grad(create_graph=True)``, as R1 or Jacobian regularisers): with
+    checkpointed blocks, autograd recomputes them inside the step, while the monitors are armed."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(self(x), y)
+        (gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+        return loss + 0.1 * gradient.pow(2).sum()
+
+
+class ManualOptimization(ToyTask):
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
+        optimizer.step()
+
+
+class CheckpointedMlpNet(nn.Module):
+    """Tokens through two checkpointed ``x + fc2(act(fc1(x)))`` blocks: ``fc2`` saves the activation, so a
+    non-reentrant recompute (which stops after the last saved tensor) reruns ``act`` but not the whole block."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.embed = nn.Linear(64, 16)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(collections.OrderedDict(fc1=nn.Linear(16, 32), act=nn.GELU(), fc2=nn.Linear(32, 16)))
+            for _ in range(2)
+        )
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.embed(x.reshape(x.shape[0], 4, 64))
+        for block in self.blocks:
+            h = h + checkpoint(block, h, use_reentrant=self.mode == "reentrant")
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize(("task", "mode"), [  # reentrant checkpointing refuses autograd.grad
+    (InputGradientPenalty, "non_reentrant"), (ManualOptimization, "non_reentrant"), (ManualOptimization, "reentrant"),
+])
+def test_a_forward_the_autograd_engine_recomputes_is_not_counted(task, mode):
+    # Before: with an autograd.grad in the step, or under manual optimization, the recompute was counted: `count` of an
+    # activation inside a checkpointed block was twice the training forward's (non-reentrant: only the modules inside
+    # the block up to its last saved tensor rerun, so a block tap and its activation disagreed).
+    recorder = Recorder("net.blocks.1.act")
+    checkpointed = ActivationStats(modules=["net.blocks.1.act", "net.blocks.1.fc2"], every_n_steps=1)
+    pl.seed_everything(0)
+    fit(task(CheckpointedMlpNet(mode)), [checkpointed, recorder], max_steps=2)
+    for step in (0, 1):
+        training_forward = numpy_stats(recorder.outputs[step][:1])  # the first call of a step is its forward
+        assert checkpointed.history["act/net.blocks.1.act/count"].values[step] == 8 * 4 * 32
+        np.testing.assert_allclose(checkpointed.history["act/net.blocks.1.act/mean"].values[step],
+                                   training_forward["mean"], rtol=1e-5)
+    assert checkpointed.history["act/net.blocks.1.fc2/count"].values == [8 * 4 * 16] * 2
+
+
+class PerSampleGradientNorms(ToyTask):
+    """Per-sample gradient norms the torch.func way (vmap over grad of a functional_call) logged beside the loss."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        params = {name: p.detach() for name, p in self.net.named_parameters()}
+
+        def sample_loss(p, xi, yi):
+            logits = torch.func.functional_call(self.net, p, (xi[None],))
+            return nn.functional.cross_entropy(logits, yi[None])
+
+        grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+        self.log("grad_norm", torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).sum(0).mean())
+        return nn.functional.cross_entropy(self(x), y)
+
+
+class InferenceModeTeacher(ToyTask):
+    """Targets from the model itself under ``torch.inference_mode()`` before the training forward."""
+
+    def training_step(self, batch, batch_idx):
+        with torch.inference_mode():
+            targets = self(batch[0]).argmax(1)
+        return nn.functional.cross_entropy(self(batch[0]), targets.clone())
+
+
+def test_forwards_inside_torch_func_transforms_are_left_out_with_one_warning():
+    # Before: vmap raised "Batching rule not implemented for aten::abs.out" inside the monitor's fused pass.
+    recorder = Recorder("net.2")
+    plain = ActivationStats(modules=["net.2"], every_n_steps=1)
+    fit(ToyTask(tiny_mlp()), [plain, recorder], max_steps=2)  # the same weights: the gradient norms are only logged
+    monitor = ActivationStats(modules=["net.2"], every_n_steps=1)
+    with pytest.warns(UserWarning, match="inside a torch.func transform") as record:
+        fit(PerSampleGradientNorms(tiny_mlp()), [monitor], max_steps=2)
+    assert sum("torch.func transform" in str(w.message) for w in record) == 1
+    for index, step in enumerate((0, 1)):
+        expected = numpy_stats(recorder.outputs[step])
+        for stat in ("mean", "count"):
+            np.testing.assert_allclose(monitor.history[f"act/net.2/{stat}"].values[index], expected[stat], rtol=1e-5)
+
+
+def test_a_forward_under_inference_mode_in_the_step_is_measured_without_a_crash():
+    # Before: "Inplace update to inference tensor outside InferenceMode is not allowed" at the step's staging.
+    recorder = Recorder("net.2")
+    monitor = ActivationStats(modules=["net.2"], every_n_steps=1)
+    fit(InferenceModeTeacher(tiny_mlp()), [monitor, recorder], max_steps=3)
+    for index, step in enumerate((0, 1, 2)):
+        np.testing.assert_allclose(monitor.history["act/net.2/mean"].values[index],
+                                   numpy_stats(recorder.outputs[step])["mean"], rtol=1e-5)
 
 
 def test_bf16_autocast_statistics():

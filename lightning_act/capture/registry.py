@@ -57,6 +57,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -264,8 +265,25 @@ class ForwardCutoff:
             raise _ForwardComplete
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+_graph_task_id = torch._C._current_graph_task_id  # -1 outside the autograd engine
+
+
 @torch._dynamo.disable
 def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> None:
+    if _graph_task_id() != -1:
+        # a forward the autograd engine recomputes (activation checkpointing, in backward or in an
+        # autograd.grad of the step): the training forward was read already
+        return
+    if _functorch_active():
+        if not registry.transform_warned:
+            registry.transform_warned = True
+            warnings.warn(
+                "lightning_act: a monitored module ran inside a torch.func transform (vmap, grad, jvp: e.g. "
+                "per-sample gradients); its activations there are not observed, only those of forwards outside it",
+                UserWarning, stacklevel=2,
+            )
+        return
     remembered = (
         registry.before_dropout.pop(key, None)
         if registry.before_dropout and registry.exclusive_subscriber is None else None
@@ -279,8 +297,9 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
     if tensor is None or tensor.numel() == 0:
         return
     # The monitors' arithmetic in the tensor's own precision: under the training step's autocast the CETT and sketch
-    # matmuls ran in float16 (norms beyond 65504 became inf) or bfloat16.
-    with torch.no_grad(), autocast_off(tensor.device.type):
+    # matmuls ran in float16 (norms beyond 65504 became inf) or bfloat16. Not in inference mode either (a forward
+    # under torch.inference_mode() in the step): buffers made there refuse the in-place updates that follow.
+    with torch.no_grad(), torch.inference_mode(False), autocast_off(tensor.device.type):
         tensor = tensor.detach()
         views: dict[Layout, tuple[torch.Tensor, bool]] = {}
         # Subscribers whose layouts give the same view share one fused pass (the usual case: all of them).
@@ -331,6 +350,8 @@ class CaptureRegistry:
         self.feature_axes: dict[Any, int] = {}
         #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
         self.before_dropout: dict[tuple[int, str], tuple[Any, Any, int | None]] = {}
+        #: Whether the forwards inside a torch.func transform, which are not observed, were said to be.
+        self.transform_warned = False
         self._subscribers: list[Subscriber] = []
         self._root: weakref.ref[nn.Module] | None = None  # weak: the registries are kept by a weak map of their roots
 
