@@ -1248,3 +1248,62 @@ def test_a_model_with_an_ema_copy_of_its_network_is_monitored_where_it_trains():
     assert collapse.param_names == ["net.blocks.0.fc.weight", "net.blocks.1.fc.weight"]
     assert any(key.startswith("sensitive/net.head-input/") for key in sensitive.history)
     assert "collapse/net.head-input/erank" in collapse.history
+
+
+class GatedMlp(nn.Module):
+    """A Llama-style MLP as Hugging Face registers it: ``gate_proj``, ``up_proj``, ``down_proj``, then ``act_fn``
+    (a SiLU that is not ``nn.SiLU``, like transformers' ACT2FN classes)."""
+
+    class HfSiLU(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_fn = self.HfSiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedMlpLm(pl.LightningModule):
+    def __init__(self, hidden: int = 16, intermediate: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(200, hidden)
+        self.mlp = GatedMlp(hidden, intermediate)
+        self.head = nn.Linear(hidden, 200)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids) + self.mlp(self.embed(ids)))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]).flatten(0, 1), batch[0].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("length", [16, 10, 32])
+def test_an_activation_registered_after_its_mlp_projections_is_read_along_its_own_width(length):
+    # Before: the width came from down_proj, registered just before act_fn, whose output is the hidden size (16): a
+    # (B, 16, 32) activation of a sequence as long as the hidden size was read with its 16 tokens as the features
+    # (erank_frac 0.936 for numpy's 0.474 on a tiny Llama; SensitiveNeurons' drop zeroed token positions).
+    torch.manual_seed(0)
+    model = GatedMlpLm()
+    seen = []
+    model.mlp.act_fn.register_forward_hook(lambda m, a, out: seen.append(out.detach().double().numpy().copy()))
+    collapse = DimensionalCollapse(modules=["mlp.act_fn"], every_n_steps=1, param_patterns=[])
+    massive = MassiveActivations(modules=["mlp.act_fn"], every_n_steps=1)
+    ids = torch.randperm(200)[: 4 * length].reshape(4, length)  # no token twice: no tied largest entries
+    quiet_trainer(max_steps=1, callbacks=[collapse, massive]).fit(model, DataLoader(TensorDataset(ids), batch_size=4))
+    activation = seen[0]  # (4, length, 32)
+    assert activation.shape == (4, length, 32)
+    expected = numpy_erank(activation.reshape(-1, 32))
+    assert collapse.history["collapse/mlp.act_fn/erank"].values[0] == pytest.approx(expected, rel=1e-4)
+    magnitude = np.abs(activation)
+    sample, token, feature = np.unravel_index(np.argmax(magnitude), magnitude.shape)
+    assert massive.history["massive/mlp.act_fn/top0_token"].values[0] == token
+    assert massive.history["massive/mlp.act_fn/top0_feature"].values[0] == feature

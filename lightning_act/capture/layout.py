@@ -42,7 +42,7 @@ class Layout:
     token_dim: int | None = None
     reads_features: bool = False
     feature_dim: int | None = None
-    features: tuple[int, str | None] | None = None
+    features: tuple[int | tuple[int, ...], str | None] | None = None
 
     @property
     def declared(self) -> bool:
@@ -103,7 +103,10 @@ def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None] 
 def tap_features(chain: list[nn.Module], point: str) -> tuple[int, str | None] | None:
     """``(width, axis)`` of the tapped tensor's features (:func:`_features_of`) from the tapped module's layers or,
     for a module without one (an activation), from the layer its owner is (timm's ``BatchNormAct2d``) or registers
-    just before it, going up through owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``)."""
+    just before it, going up through owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``). An
+    activation registered after every layer of its owner gets the widths of all of them (a tuple): Hugging Face
+    registers ``act_fn`` after ``down_proj``, whose output width (the hidden size) is not the activation's, and a
+    sequence as long as the hidden size was read along its tokens."""
     found = _features_of(list(chain[0].modules()), point)
     if found is not None:
         return found
@@ -111,12 +114,23 @@ def tap_features(chain: list[nn.Module], point: str) -> tuple[int, str | None] |
         if layer_features(owner) is not None:
             return _features_of([owner], "output")
         siblings = list(owner.children())
-        earlier = siblings[: next((i for i, child in enumerate(siblings) if child is module), 0)]
-        for sibling in reversed(earlier):
-            found = _features_of(list(sibling.modules()), "output")
-            if found is not None:
-                return found
+        index = next((i for i, child in enumerate(siblings) if child is module), 0)
+        earlier = [f for f in (_features_of(list(s.modules()), "output") for s in reversed(siblings[:index])) if f]
+        if not earlier:
+            continue
+        later = any(_features_of(list(s.modules()), "input") for s in siblings[index + 1:])
+        axes = {axis for _, axis in earlier}
+        widths = tuple(dict.fromkeys(width for found in earlier for width in _widths(found[0])))
+        if later or len(widths) == 1 or len(axes) != 1 or None in axes:
+            return earlier[0]
+        # Registered after every layer of its owner (Hugging Face's MLPs: gate_proj, up_proj, down_proj, act_fn),
+        # the order does not tell which layer it follows: any of their widths, on their common axis.
+        return widths, axes.pop()
     return None
+
+
+def _widths(width: int | tuple[int, ...]) -> tuple[int, ...]:
+    return width if isinstance(width, tuple) else (width,)
 
 
 def module_layout(chain: list[nn.Module], point: str = "output") -> Layout:
@@ -132,15 +146,15 @@ def module_layout(chain: list[nn.Module], point: str = "output") -> Layout:
 
 def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | None:
     """The axis of the features of a sample-first activation of ``shape`` (3-D or more), 1 or the last: the
-    declared one; else the one of the two whose length is the tapped layers' width, or, when both are, the axis
-    those layers act on; ``None`` where nothing tells."""
+    declared one; else the one of the two whose length is one of the tapped layers' widths, or, when both are, the
+    axis those layers act on; ``None`` where nothing tells."""
     ndim = len(shape)
     if layout.feature_dim is not None:
         return layout.feature_dim % ndim
     if layout.features is None:
         return None
-    width, axis = layout.features
-    first, last = shape[1] == width, shape[-1] == width
+    widths, axis = _widths(layout.features[0]), layout.features[1]
+    first, last = shape[1] in widths, shape[-1] in widths
     if first and last:
         return None if axis is None else (1 if axis == "first" else ndim - 1)
     if first or last:
