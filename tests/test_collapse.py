@@ -494,9 +494,10 @@ def test_the_trajectory_follows_pruned_weights_as_the_forward_uses_them() -> Non
             self.seen: list[torch.Tensor] = []
 
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
-            names = collapse.param_names
-            self.seen.append(torch.cat([pl_module.get_submodule(n.rpartition(".")[0]).weight.detach().reshape(-1).double()
-                                        for n in names]))
+            # the weights the next forward uses: `weight` itself is refreshed by prune's pre-hook only at that forward
+            modules = [pl_module.get_submodule(n.rpartition(".")[0]) for n in collapse.param_names]
+            self.seen.append(torch.cat([(m.weight_orig * m.weight_mask if hasattr(m, "weight_mask") else m.weight)
+                                        .detach().reshape(-1).double() for m in modules]))
 
     collapse = DimensionalCollapse(modules=["head"], every_n_steps=1, projection_dim=None, max_snapshots=64)
     recorder = RecordsWeights()
@@ -568,3 +569,272 @@ def test_two_collapse_monitors_following_weights_are_refused_in_one_line() -> No
            DimensionalCollapse(modules=["net.blocks.1"], every_n_steps=2, param_patterns=[])]
     quiet_trainer(max_steps=2, callbacks=one).fit(ToyTask(BlockNet()), toy_loader())
     assert one[0].history["collapse/params/r90"].steps == [0, 1] and "collapse/params/r90" not in one[1].history
+
+
+# ---------------------------------------------------------------- params/r90 of the weights the forward uses (round 19)
+def _numpy_r90(snapshots: list[np.ndarray], fraction: float = 0.9) -> int | None:
+    """r90 of float64 snapshots, written out: PCA of the centred snapshots through their Gram matrix."""
+    x = np.stack(snapshots).astype(np.float64)
+    x = x - x.mean(axis=0)
+    eigenvalues = np.clip(np.sort(np.linalg.eigvalsh(x @ x.T))[::-1], 0.0, None)
+    if eigenvalues.sum() == 0.0:
+        return None
+    return int(np.searchsorted(np.cumsum(eigenvalues) / eigenvalues.sum(), fraction - 1e-12) + 1)
+
+
+def _numpy_forward_weight(layer: nn.Linear) -> np.ndarray:
+    """The weight ``layer``'s next forward uses, in float64 numpy from its stored tensors (no torch arithmetic)."""
+    from torch.nn.utils import parametrize
+
+    def f64(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy().astype(np.float64)
+
+    if hasattr(layer, "weight_orig"):  # torch.nn.utils.prune
+        return f64(layer.weight_orig) * f64(layer.weight_mask)
+    if parametrize.is_parametrized(layer, "weight"):
+        parametrization = layer.parametrizations.weight
+        kind = type(parametrization[0]).__name__
+        if kind == "_WeightNorm":  # g * v / ||v|| per output row
+            g, v = f64(parametrization.original0), f64(parametrization.original1)
+            return g * v / np.linalg.norm(v, axis=1, keepdims=True)
+        assert kind == "_SpectralNorm"  # one power iteration from the held u, v (training mode), then W / sigma
+        w, v = f64(parametrization.original), f64(parametrization[0]._v)
+        u = w @ v
+        u /= max(np.linalg.norm(u), 1e-12)
+        v = w.T @ u
+        v /= max(np.linalg.norm(v), 1e-12)
+        return w / (u @ (w @ v))
+    return f64(layer.weight)
+
+
+class _Stack(pl.LightningModule):
+    """Three residual Linear+GELU blocks and a head; SGD with weight decay (a pruned entry's original keeps moving)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        from torch.nn.utils import prune
+        from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3)])
+        self.head = nn.Linear(8, 3)
+        for block in self.blocks:
+            if kind == "prune":
+                prune.l1_unstructured(block[0], "weight", amount=0.5)
+            elif kind == "weight_norm":
+                weight_norm(block[0])
+            elif kind == "spectral_norm":
+                spectral_norm(block[0])
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        for block in self.blocks:
+            x = x + block(x)
+        return nn.functional.cross_entropy(self.head(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0, weight_decay=0.05)
+
+
+def _stack_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=generator)
+    return DataLoader(TensorDataset(x, torch.randint(0, 3, (32,), generator=generator)), batch_size=8)
+
+
+class _RecordsForwardWeights(Callback):
+    """numpy float64 snapshots of the blocks' forward weights at fit start and after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[np.ndarray] = []
+
+    def take(self, pl_module: pl.LightningModule) -> None:
+        self.snapshots.append(np.concatenate([_numpy_forward_weight(b[0]).reshape(-1) for b in pl_module.blocks]))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.take(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
+        self.take(pl_module)
+
+
+class _PrunesBeforeStep3(Callback):
+    """What ModelPruning does at an epoch boundary: prune the followed weights mid-fit, before step 3's forward."""
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
+        from torch.nn.utils import prune
+
+        if trainer.global_step == 3:
+            for block in pl_module.blocks:
+                prune.l1_unstructured(block[0], "weight", amount=0.5)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm", "pruned mid-fit"])
+def test_the_trajectory_follows_the_weights_the_forward_uses(kind: str) -> None:
+    # Before: a model pruned or parametrized before the fit was followed through weight_orig (unmasked: with weight
+    # decay its pruned entries keep moving) or the parametrization's original(s) (weight norm's g and v), and a weight
+    # pruned mid-fit was read from its `weight` attribute, which prune's pre-hook refreshes only at the next forward
+    # (each snapshot was the weights one update old). Now: the forward's weights, masked or computed, after the update.
+    steps = 8
+    monitor = DimensionalCollapse(modules=[nn.GELU], every_n_steps=1, projection_dim=None,
+                                  param_patterns="blocks.*.0.weight" if kind == "pruned mid-fit" else None)
+    recorder = _RecordsForwardWeights()
+    extra = [_PrunesBeforeStep3()] if kind == "pruned mid-fit" else []
+    from _toy import quiet_trainer
+
+    quiet_trainer(max_steps=steps, callbacks=[monitor, *extra, recorder]).fit(
+        _Stack("plain" if kind == "pruned mid-fit" else kind), _stack_loader())
+    assert monitor.param_names == ["blocks.0.0.weight", "blocks.1.0.weight", "blocks.2.0.weight"]
+    assert len(monitor._snapshots) == len(recorder.snapshots) == steps + 1
+    for got, expected in zip(monitor._snapshots, recorder.snapshots):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+    history = monitor.history["collapse/params/r90"]
+    assert history.steps == list(range(steps))
+    assert history.values == [_numpy_r90(recorder.snapshots[: step + 2]) for step in range(steps)]
+
+
+def test_following_a_spectral_normed_weight_leaves_training_bitwise_unchanged() -> None:
+    # spectral_norm's power iteration runs (and updates its u, v buffers) at each read of the weight in training mode:
+    # the monitor's reads must not add iterations that the fit does not take.
+    from _toy import quiet_trainer
+
+    def train(callbacks: list[Callback]) -> dict[str, torch.Tensor]:
+        model = _Stack("spectral_norm")
+        quiet_trainer(max_steps=5, callbacks=callbacks).fit(model, _stack_loader())
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    bare = train([])
+    monitor = DimensionalCollapse(modules=[nn.GELU], every_n_steps=1)
+    watched = train([monitor])
+    assert monitor.history["collapse/params/r90"].steps == [0, 1, 2, 3, 4]
+    assert bare.keys() == watched.keys() and any(k.endswith("_u") for k in bare)
+    for key in bare:
+        assert torch.equal(bare[key], watched[key]), key
+
+
+class _StudentTeacherNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+class _MeanTeacher(pl.LightningModule):
+    """A hand-made EMA teacher (mean teacher / BYOL / DINO): a frozen deep copy of the student updated in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import copy
+
+        torch.manual_seed(0)
+        self.student = _StudentTeacherNet()
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            target = self.teacher(x).softmax(-1)
+        out = self.student(x)
+        return nn.functional.cross_entropy(out, y) + nn.functional.cross_entropy(out, target)
+
+    def on_train_batch_end(self, *args: object) -> None:  # the EMA update, after the callbacks' hooks
+        with torch.no_grad():
+            for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
+                teacher.mul_(0.5).add_(student, alpha=0.5)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.student.parameters(), lr=0.5)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_default_trajectory_leaves_out_a_hand_made_ema_teacher() -> None:
+    # Before: @blocks held both stacks and the teacher's frozen but moving weights entered r90 (as an AveragedModel's
+    # copy no longer does). A frozen first block of a partly frozen stack is a layer, not a copy: it stays.
+    from _toy import quiet_trainer
+
+    class RecordsStudent(Callback):
+        def __init__(self) -> None:
+            self.snapshots: list[np.ndarray] = []
+
+        def take(self, pl_module: pl.LightningModule) -> None:
+            self.snapshots.append(np.concatenate([
+                b[0].weight.detach().numpy().astype(np.float64).reshape(-1) for b in pl_module.student.blocks]))
+
+        def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            self.take(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
+            self.take(pl_module)
+
+    steps = 10
+    monitor = DimensionalCollapse(modules=["student.blocks.*"], every_n_steps=1, projection_dim=None)
+    recorder = RecordsStudent()
+    quiet_trainer(max_steps=steps, callbacks=[monitor, recorder]).fit(_MeanTeacher(), _stack_loader())
+    assert monitor.param_names == [f"student.blocks.{i}.0.weight" for i in range(3)]
+    for got, expected in zip(monitor._snapshots, recorder.snapshots, strict=True):
+        np.testing.assert_array_equal(got.numpy(), expected)
+    history = monitor.history["collapse/params/r90"]
+    assert history.steps == list(range(steps))
+    assert history.values == [_numpy_r90(recorder.snapshots[: step + 2]) for step in range(steps)]
+
+    partly_frozen = _StudentTeacherNet()
+    partly_frozen.blocks[0].requires_grad_(False)
+    assert DimensionalCollapse()._select_params(partly_frozen) == [f"blocks.{i}.0.weight" for i in range(3)]
+
+
+class _TiedLM(pl.LightningModule):
+    """A GPT-2-style LM whose head is tied to its embedding: named_parameters() lists the matrix as embed.weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(2)])
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tokens = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(batch_idx))
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = h + block(h)
+        return nn.functional.cross_entropy(self.lm_head(h).reshape(-1, 20), tokens.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_param_patterns_selects_a_tied_parameter_by_its_second_name() -> None:
+    # Before: param_patterns=["lm_head.weight"] stopped the fit with "matched no parameter", as named_parameters()
+    # lists the shared matrix once, under embed.weight. A glob matching both names follows it once.
+    from _toy import quiet_trainer
+
+    class RecordsHead(Callback):
+        def __init__(self) -> None:
+            self.snapshots: list[np.ndarray] = []
+
+        def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            self.snapshots.append(pl_module.lm_head.weight.detach().numpy().astype(np.float64).reshape(-1))
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
+            self.on_fit_start(trainer, pl_module)
+
+    steps = 6
+    monitor = DimensionalCollapse(modules=["blocks.*"], every_n_steps=1, param_patterns=["lm_head.weight"],
+                                  projection_dim=None)
+    recorder = RecordsHead()
+    quiet_trainer(max_steps=steps, callbacks=[monitor, recorder]).fit(_TiedLM(), _stack_loader())
+    assert monitor.param_names == ["lm_head.weight"]
+    for got, expected in zip(monitor._snapshots, recorder.snapshots, strict=True):
+        np.testing.assert_array_equal(got.numpy(), expected)
+    assert monitor.history["collapse/params/r90"].values == [
+        _numpy_r90(recorder.snapshots[: step + 2]) for step in range(steps)]
+    assert DimensionalCollapse(param_patterns=["*.weight"])._select_params(_TiedLM()) == [
+        "embed.weight", "blocks.0.0.weight", "blocks.1.0.weight"]

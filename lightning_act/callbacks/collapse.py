@@ -38,11 +38,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed
+from torch.nn.utils import parametrize, prune
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
-from lightning_act.capture.selection import averaged_copies
+from lightning_act.capture.selection import averaged_copies, frozen_copies, module_class, named_modules
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.covariance_sketch import (
@@ -74,6 +75,76 @@ def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {clean_name(name): p for name, p in module.named_parameters()}
 
 
+def _forward_names(module: torch.nn.Module) -> dict[str, str]:
+    """The name of the tensor the forward uses for each parameter that only stands for it: ``torch.nn.utils.prune``'s
+    ``fc.weight_orig`` for ``fc.weight`` (masked), a parametrization's ``fc.parametrizations.weight.original`` (or
+    ``original0``, ``original1``, ...) for ``fc.weight`` (computed); user's names (wrapper parts left out)."""
+    names: dict[str, str] = {}
+    for module_name, owner in module.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for hook in owner._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                names[clean_name(f"{prefix}{hook._tensor_name}_orig")] = clean_name(f"{prefix}{hook._tensor_name}")
+        if parametrize.is_parametrized(owner):
+            for tensor_name, parametrizations in owner.parametrizations.items():
+                for original, _ in parametrizations.named_parameters(recurse=False):
+                    names[clean_name(f"{prefix}parametrizations.{tensor_name}.{original}")] = clean_name(
+                        f"{prefix}{tensor_name}")
+    return names
+
+
+@torch.no_grad()
+def _forward_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` as the module's next forward uses it, read without changing the model.
+
+    Pruned (``torch.nn.utils.prune``): the pruning hook's ``weight_orig * weight_mask``, current after an optimizer
+    step (the ``weight`` attribute is refreshed only by the next forward's pre-hook: it held the weights one update
+    old). Parametrized (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm`` / ``spectral_norm``): the
+    computed value, with the parametrizations' buffers restored after it: ``spectral_norm``'s power iteration, which
+    runs in training mode at each read, would otherwise take a step the fit does not take (and change training).
+    """
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return hook.apply_mask(module)
+    if parametrize.is_parametrized(module, name):
+        buffers = [(b, b.clone()) for b in module.parametrizations[name].buffers()]
+        try:
+            value = getattr(module, name)
+        finally:
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        return value
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The frozen copies of a trained part of the model (:func:`~lightning_act.capture.selection.frozen_copies`: a
+    hand-made EMA, a mean or self-distillation teacher, ``deepcopy(student).requires_grad_(False)`` updated in
+    place), outermost ones only; a frozen layer of a stack beside trained layers alike (the first blocks of a partly
+    frozen network) is a layer, not a copy, and stays."""
+    modules = named_modules(model)
+    frozen = frozen_copies(modules)
+    by_name = dict(modules)
+    copies = []
+    for name, module in modules:
+        if id(module) not in frozen or not name:
+            continue
+        parent = by_name.get(name.rpartition(".")[0])
+        if parent is not None and id(parent) in frozen:
+            continue  # inside an outer copy
+        shapes = [(n, p.shape) for n, p in module.named_parameters()]
+        stack_layer = isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)) and any(
+            module_class(sibling) is module_class(module)
+            and [(n, p.shape) for n, p in sibling.named_parameters()] == shapes
+            and any(p.requires_grad for p in sibling.parameters())
+            for sibling in parent.children()
+        )
+        if not stack_layer:
+            copies.append(module)
+    return copies
+
+
 class DimensionalCollapse(ActivationMonitor):
     """Effective rank / participation ratio per module and the parameter-trajectory ``r90``.
 
@@ -87,10 +158,13 @@ class DimensionalCollapse(ActivationMonitor):
             ``"blocks.*.attn.qkv.weight"``); default every weight of 2 or more dims (linear and
             conv kernels, flattened) inside the ``@blocks`` modules, or of the whole model when it
             has no repeated blocks, frozen ones included while some weight matrix trains (a frozen
-            weight adds nothing to the trajectory's variance, and a backbone frozen at fit start may
-            train later); while none of the chosen weights has moved, r90 is undefined and not logged.
-            ``[]`` switches it off. Under FSDP the whole monitor stays idle (see
-            ``docs/multi_gpu.md``).
+            weight that does not move adds nothing to the trajectory's variance, and a backbone frozen at fit
+            start may train later), but not the copies of the model that move untrained (an averaged copy, a
+            hand-made frozen EMA teacher: :func:`_moving_copies`); while none of the chosen weights has moved,
+            r90 is undefined and not logged. Weights are read as the forward uses them (a pruned one masked, a
+            parametrized one computed) and named so (``fc.weight``, not ``fc.weight_orig``); a glob matches every
+            name of a shared (tied) parameter, which is followed once. ``[]`` switches it off. Under FSDP the
+            whole monitor stays idle (see ``docs/multi_gpu.md``).
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
             taken half as often, so the kept ones span the whole run.
         projection_dim: when the chosen weights hold more numbers than this, each snapshot is
@@ -370,29 +444,45 @@ class DimensionalCollapse(ActivationMonitor):
 
     # ------------------------------------------------------------------ parameter trajectory
     def _select_params(self, pl_module: pl.LightningModule) -> list[str]:
+        """The names of the weights the trajectory follows, as the forward reads them (see :func:`_forward_names`):
+        a pruned ``fc.weight_orig`` or a parametrization's ``original*`` is followed as ``fc.weight``; a parameter
+        shared by several modules (a tied LM head) is followed once, under the first name a glob matched."""
         named = _named_parameters(pl_module)
+        forward = _forward_names(pl_module)
+        # every name of every parameter: named_parameters() lists a shared one once, under its first name
+        every = [(clean_name(n), p) for n, p in pl_module.named_parameters(remove_duplicate=False)]
         if self.param_patterns is not None:
-            names = [n for n in named if any(fnmatch.fnmatchcase(n, p) for p in self.param_patterns)]
+            names: list[str] = []
+            seen: set[int] = set()
+            for n, p in every:
+                name = forward.get(n, n)
+                if id(p) in seen or not any(fnmatch.fnmatchcase(m, g) for m in (name, n) for g in self.param_patterns):
+                    continue
+                seen.add(id(p))
+                if name not in names:
+                    names.append(name)
             if self.param_patterns and not names:
+                shown = list(dict.fromkeys(forward.get(n, n) for n, _ in every))[:4]
                 raise ModuleSelectionError(
                     f"DimensionalCollapse: param_patterns={self.param_patterns!r} matched no parameter of "
                     f"{type(pl_module).__name__}; use globs of names from named_parameters() (e.g. "
-                    f"{', '.join(repr(n) for n in list(named)[:4])}) or [] to switch the trajectory off"
+                    f"{', '.join(repr(n) for n in shown)}) or [] to switch the trajectory off"
                 )
             return names
         blocks = [] if unmatched_specs(pl_module, ["@blocks"]) else select_taps(pl_module, "@blocks", owner=type(self).__name__)
         block_params = {id(p) for tap in blocks for p in tap.module.parameters()}
-        # an EMA/SWA copy of the model moves with it but is not trained: its weights are not the trajectory's
-        copies = {id(p) for copy in averaged_copies(pl_module) for p in copy.parameters()}
-        matrices = {
-            n: p for n, p in named.items()
+        # An EMA/SWA copy of the model moves with it but is not trained: its weights are not the trajectory's. Nor are
+        # those of a hand-made frozen copy (an EMA teacher updated in place, which moves too), see _moving_copies.
+        copies = {id(p) for copy in averaged_copies(pl_module) + _moving_copies(pl_module) for p in copy.parameters()}
+        matrices = list(dict.fromkeys(
+            forward.get(n, n) for n, p in named.items()
             if p.dim() >= 2 and (not block_params or id(p) in block_params) and id(p) not in copies
-        }
+        ))
         # Frozen ones too, while some weight matrix of the model trains: a BackboneFinetuning backbone is frozen at
         # fit start (or left frozen by Tuner.lr_find) and trained later, and a frozen weight adds nothing to the
         # trajectory's variance; none trains (a PEFT model whose adapters are vectors): no trajectory.
         trains = any(p.requires_grad and p.dim() >= 2 for p in named.values())
-        return list(matrices) if trains else []
+        return matrices if trains else []
 
     @torch.no_grad()  # records no graph, so the weights need no detach each (an operation per weight)
     def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor | None:
@@ -515,15 +605,16 @@ class DimensionalCollapse(ActivationMonitor):
 
     @staticmethod
     def _chosen_weights(pl_module: torch.nn.Module, names: list[str]) -> list[torch.Tensor] | None:
-        """The weights ``names`` as the forward uses them, read from their modules: ``torch.nn.utils.prune`` turns
-        ``fc.weight`` into ``fc.weight_orig`` and a masked ``fc.weight``, a parametrization into a property (a name
-        looked up in ``named_parameters`` crashed the fit); None when one is gone from the model."""
+        """The weights ``names`` as the forward uses them, read from their modules (:func:`_forward_tensor`):
+        ``torch.nn.utils.prune`` turns ``fc.weight`` into ``fc.weight_orig`` and a masked ``fc.weight``, a
+        parametrization into a property (a name looked up in ``named_parameters`` crashed the fit); None when one is
+        gone from the model."""
         modules = {clean_name(name): module for name, module in pl_module.named_modules()}
         weights = []
         for name in names:
             path, _, attribute = name.rpartition(".")
-            weight = getattr(modules[path], attribute, None) if path in modules else None
-            if not isinstance(weight, torch.Tensor):
+            weight = _forward_tensor(modules[path], attribute) if path in modules else None
+            if weight is None:
                 return None
             weights.append(weight)
         return weights

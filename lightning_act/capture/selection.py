@@ -247,7 +247,7 @@ def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module
     return left_out
 
 
-def _frozen_copies(modules: list[tuple[str, nn.Module]]) -> set[int]:
+def frozen_copies(modules: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of the modules inside a frozen copy: a module with children none of whose parameters trains, beside one of
     the same class and parameter shapes whose parameters do (a hand-made EMA, a mean or self-distillation teacher).
     As of timm-style models (:func:`_head_owners`), the head of the trained one is the model's."""
@@ -290,7 +290,7 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_ou
             inside_headless |= {id(m) for m in head_owner.modules()}
     if taps:
         return taps
-    outside = inside_headless | _frozen_copies(modules)
+    outside = inside_headless | frozen_copies(modules)
     linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and id(m) not in outside]
     return [Tap(f"{linears[-1][0]}{INPUT_TAP_SUFFIX}", linears[-1][1], "input")] if linears else []
 
