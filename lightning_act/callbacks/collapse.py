@@ -44,6 +44,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import averaged_copies, frozen_copies, module_class, named_modules
+from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.covariance_sketch import (
@@ -91,31 +92,6 @@ def _forward_names(module: torch.nn.Module) -> dict[str, str]:
                     names[clean_name(f"{prefix}parametrizations.{tensor_name}.{original}")] = clean_name(
                         f"{prefix}{tensor_name}")
     return names
-
-
-@torch.no_grad()
-def _forward_tensor(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """``module.<name>`` as the module's next forward uses it, read without changing the model.
-
-    Pruned (``torch.nn.utils.prune``): the pruning hook's ``weight_orig * weight_mask``, current after an optimizer
-    step (the ``weight`` attribute is refreshed only by the next forward's pre-hook: it held the weights one update
-    old). Parametrized (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm`` / ``spectral_norm``): the
-    computed value, with the parametrizations' buffers restored after it: ``spectral_norm``'s power iteration, which
-    runs in training mode at each read, would otherwise take a step the fit does not take (and change training).
-    """
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            return hook.apply_mask(module)
-    if parametrize.is_parametrized(module, name):
-        buffers = [(b, b.clone()) for b in module.parametrizations[name].buffers()]
-        try:
-            value = getattr(module, name)
-        finally:
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-        return value
-    value = getattr(module, name, None)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -605,15 +581,15 @@ class DimensionalCollapse(ActivationMonitor):
 
     @staticmethod
     def _chosen_weights(pl_module: torch.nn.Module, names: list[str]) -> list[torch.Tensor] | None:
-        """The weights ``names`` as the forward uses them, read from their modules (:func:`_forward_tensor`):
-        ``torch.nn.utils.prune`` turns ``fc.weight`` into ``fc.weight_orig`` and a masked ``fc.weight``, a
+        """The weights ``names`` as the forward uses them, read from their modules
+        (:func:`~lightning_act.capture.weights.forward_tensor`): ``torch.nn.utils.prune`` turns ``fc.weight`` into ``fc.weight_orig`` and a masked ``fc.weight``, a
         parametrization into a property (a name looked up in ``named_parameters`` crashed the fit); None when one is
         gone from the model."""
         modules = {clean_name(name): module for name, module in pl_module.named_modules()}
         weights = []
         for name in names:
             path, _, attribute = name.rpartition(".")
-            weight = _forward_tensor(modules[path], attribute) if path in modules else None
+            weight = forward_tensor(modules[path], attribute) if path in modules else None
             if weight is None:
                 return None
             weights.append(weight)

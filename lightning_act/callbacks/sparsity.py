@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from lightning_act.callbacks.base import (
     MEASURED,
@@ -20,6 +19,7 @@ from lightning_act.callbacks.base import (
 )
 from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.capture.layout import is_hugging_face_conv1d
+from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError
 from lightning_act.stats.fused import FusedSpec, FusedStats, zero_partials_from, zero_partials_stacked, zero_spec
 from lightning_act.stats.sparsity import (
@@ -40,24 +40,16 @@ from lightning_act.stats.sparsity import (
 
 def down_projection_weight(module: nn.Module) -> torch.Tensor | None:
     """The ``(d_model, d_ff)`` weight of a down-projection: an ``nn.Linear``'s, or the transpose of Hugging Face's
-    ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; else None."""
-    if isinstance(module, nn.Linear):
-        return _forward_weight(module)
-    if is_hugging_face_conv1d(module):
-        return _forward_weight(module).t()
-    return None
-
-
-def _forward_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the module's next forward uses, read from its input hook. Under ``torch.nn.utils.prune``
-    ``weight`` is a plain attribute that the pruning's own forward pre-hook sets to ``weight_orig * weight_mask``;
-    Lightning's ``ModelPruning`` adds that hook mid-fit, after the monitor's, so ``weight`` still held the previous
-    step's (the trained weights where a lottery-ticket reset had just rewound them). A parametrization's ``weight``
-    is computed when read."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
-            return hook.apply_mask(module)
-    return module.weight
+    ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; else None. Read
+    from its input hook as its forward uses it (:func:`~lightning_act.capture.weights.forward_tensor`): a weight
+    Lightning's ``ModelPruning`` pruned mid-fit is masked (its ``weight`` attribute still held the previous step's),
+    a ``spectral_norm``'s computed without a power-iteration step the fit does not take."""
+    if not isinstance(module, nn.Linear) and not is_hugging_face_conv1d(module):
+        return None
+    weight = forward_tensor(module, "weight")
+    if weight is None:
+        return None
+    return weight.t() if is_hugging_face_conv1d(module) else weight
 
 
 class ActivationSparsity(ActivationMonitor):
