@@ -249,6 +249,23 @@ def test_one_callback_object_in_a_new_fit_from_step_0_starts_afresh_and_a_furthe
     assert all(steps == list(range(7)) for steps in history_steps(fresh[0]).values())
 
 
+def test_a_callback_reused_to_resume_a_run_that_had_none_starts_empty(tmp_path):
+    # Before: resumed from a checkpoint without its state, a callback used in an earlier run kept that run's
+    # history: steps [0, 2, 4, 4, 6] for the resumed run's [4, 6].
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=4)
+    torch.manual_seed(0)
+    quiet_trainer(max_steps=4, callbacks=[saver], enable_checkpointing=True).fit(
+        ToyTask(BlockNet()), ToyData())  # run B, no monitor
+    reused = ActivationSparsity(modules=["@blocks"], every_n_steps=2)
+    torch.manual_seed(1)
+    quiet_trainer(max_steps=6, callbacks=[reused]).fit(ToyTask(BlockNet()), ToyData())  # run A
+    assert history_steps(reused)["sparsity/net.blocks.0/zero_frac"] == [0, 2, 4]
+    torch.manual_seed(0)
+    quiet_trainer(max_steps=8, callbacks=[reused]).fit(ToyTask(BlockNet()), ToyData(),
+                                                       ckpt_path=str(tmp_path / "last.ckpt"))
+    assert all(steps == [4, 6] for steps in history_steps(reused).values())
+
+
 def test_a_probe_reused_in_a_second_fit_probes_its_step_0():
     massive = MassiveActivations(modules=["net.blocks.0"], every_n_steps=50, probe="val")
     quiet_trainer(max_steps=2, callbacks=[massive]).fit(ToyTask(BlockNet()), ToyData())

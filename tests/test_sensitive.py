@@ -234,6 +234,52 @@ def test_resume_restores_windows_sets_and_histories(tmp_path: Path) -> None:
     assert resumed.countdown == straight.countdown
 
 
+def test_a_resume_with_drop_false_drops_nothing_and_says_the_checkpoint_did(tmp_path: Path) -> None:
+    # Before: the checkpoint's countdown re-installed the zeroing hook at fit start whatever drop was, and nothing
+    # removed it: the resumed fit trained with the head's input features zeroed (weights 0.026 off).
+    torch.manual_seed(2)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
+    dropping = SensitiveNeurons(every_n_steps=1, num_samples=16, window=2, top_fraction=0.25, drop=True,
+                                drop_checkpoints=10, eigenscore_passes=0)
+    fit(tmp_path / "a", Mlp(), [dropping, saver], steps=4, limit_val_batches=0)
+    assert dropping.state_dict()["countdown"]["head-input"] > 0
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+
+    def resume(callbacks: list[Callback]) -> dict[str, torch.Tensor]:
+        torch.manual_seed(3)
+        model = Mlp()
+        fit(tmp_path / "b", model, callbacks, steps=8, ckpt_path=last, limit_val_batches=0)
+        return model.state_dict()
+
+    bare = resume([])
+    with pytest.warns(UserWarning, match="was dropping the sensitive features of head-input; this fit has drop=False"):
+        watched = resume([SensitiveNeurons(every_n_steps=1, num_samples=16, window=2, top_fraction=0.25,
+                                           eigenscore_passes=0)])
+    for key in bare:
+        assert torch.equal(bare[key], watched[key]), key
+
+
+def test_the_other_monitors_on_a_dropped_tap_read_the_features_as_zeroed(tmp_path: Path) -> None:
+    # Before: the zeroing hooks ran after the capture's, so ActivationSparsity logged zero_frac 0.000 on a head input
+    # half of whose features the network received as zeros.
+    from lightning_act.callbacks import ActivationSparsity
+
+    torch.manual_seed(2)
+    model = Mlp()
+    received: list[np.ndarray] = []
+    model.head.register_forward_pre_hook(  # registered first, so it runs after the prepended zeroing
+        lambda m, args: received.append(args[0].detach().double().numpy().copy()) if m.training else None
+    )
+    send = SensitiveNeurons(every_n_steps=1, num_samples=16, window=2, top_fraction=0.5, drop=True,
+                            drop_checkpoints=10, eigenscore_passes=0)
+    sparsity = ActivationSparsity(modules=["head:input"], every_n_steps=1)
+    fit(tmp_path, model, [send, sparsity], steps=6, limit_val_batches=0)
+    logged = sparsity.history["sparsity/head-input/zero_frac"]
+    expected = [float((received[step] == 0).mean()) for step in logged.steps]
+    assert max(expected) >= 0.5  # half the features dropped from the first selection on
+    np.testing.assert_allclose(logged.values, expected, rtol=0, atol=1e-12)
+
+
 def test_embeddings_and_bad_input() -> None:
     x = torch.arange(24.0).reshape(2, 3, 4)
     torch.testing.assert_close(per_example_embedding(x), x.mean(1))

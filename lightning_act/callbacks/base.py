@@ -453,6 +453,9 @@ class FitScopedState(Callback):
         states = checkpoint.get("callbacks") or {}
         kind = type(self).__name__
         if fitting and not {self.state_key, self._legacy_state_key} & set(states):
+            # Lightning calls no load_state_dict then: a callback reused from an earlier fit would carry its state
+            # into the resumed run (run A's steps, then run B's), which had none for it
+            self.restore_state({})
             others = [key for key in states if key.startswith(kind + "{")]
             if others:  # Lightning skips a callback whose key it does not find, without a word
                 rank_zero_warn(

@@ -411,9 +411,16 @@ class SensitiveNeurons(FitScopedState):
         else:
             self._batches = self._from_validation(trainer, pl_module, device)
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
-        for tap in self.taps:
-            if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive:
-                self._set_drop(tap, self.sensitive[tap.name])
+        dropping = [tap for tap in self.taps if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive]
+        if dropping and not self.drop:  # a resume with drop=False: training as without the callback
+            rank_zero_warn(
+                f"SensitiveNeurons: the checkpoint's run was dropping the sensitive features of "
+                f"{', '.join(tap.name for tap in dropping)}; this fit has drop=False and drops none",
+                category=UserWarning,
+            )
+            self.countdown = {name: 0 for name in self.countdown}
+        for tap in dropping if self.drop else []:
+            self._set_drop(tap, self.sensitive[tap.name])
 
     def _first_forward(self, trainer: pl.Trainer | None, pl_module: nn.Module, batch: Any) -> int | None:
         """Run the model on a first tracking batch, at fit start so that a failing call is one line then; the sample
@@ -783,13 +790,19 @@ class SensitiveNeurons(FitScopedState):
         return stats
 
     def _set_drop(self, tap: Tap, indices: torch.Tensor) -> None:
+        """Zero ``indices`` at the tap in training forwards, by hooks put before the capture's: the other monitors on
+        the tap measure what the network computes with them zeroed (they read the features before the drop)."""
         self._remove_drop(tap.name)
         layout = self._layouts[self.taps.index(tap)]
         if tap.point == "input":
             drop = FeatureDrop(indices, input_parameter(tap.module), layout)
-            self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(drop.before, with_kwargs=True)
+            self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(
+                drop.before, with_kwargs=True, prepend=True
+            )
         else:
-            self._drop_handles[tap.name] = tap.module.register_forward_hook(FeatureDrop(indices, layout=layout).after)
+            self._drop_handles[tap.name] = tap.module.register_forward_hook(
+                FeatureDrop(indices, layout=layout).after, prepend=True
+            )
 
     def _remove_drop(self, name: str) -> None:
         handle = self._drop_handles.pop(name, None)
