@@ -136,6 +136,12 @@ def test_probe_needs_validation_data_and_valid_arguments():
 
     with pytest.raises(LightningActError, match="no validation data"):
         quiet_trainer(max_steps=1, callbacks=[MassiveActivations(probe="val")]).fit(ToyTask(BlockNet()), toy_loader())
+    # an empty validation split (val_fraction 0): before, "nothing to probe" named no fix
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 256), torch.zeros(0)))
+    for monitor, fix in ((MassiveActivations(probe="val"), r", or measure the training batches \(probe=None\)$"),
+                         (SensitiveNeurons(), r", or pass tracking_inputs=<a tensor of model inputs>$")):
+        with pytest.raises(LightningActError, match="validation dataloader is empty.*give the fit validation data" + fix):
+            quiet_trainer(max_steps=1, callbacks=[monitor]).fit(ToyTask(BlockNet()), toy_loader(), empty)
 
 
 def run(mode, out, tmp_path):

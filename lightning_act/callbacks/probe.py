@@ -71,6 +71,13 @@ def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch:
         ) from error
 
 
+#: What a monitor can do without validation data, said where the validation loader is empty.
+PROBE_ALTERNATIVES: dict[str, str] = {
+    "SensitiveNeurons": ", or pass tracking_inputs=<a tensor of model inputs>",
+    "MassiveActivations": ", or measure the training batches (probe=None)",
+}
+
+
 def validation_batches(
     trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool], loaders: list[Any] | None = None
 ) -> list[Any]:
@@ -96,7 +103,10 @@ def validation_batches(
             if enough(batches):
                 break
     if not batches:
-        raise LightningActError(f"{owner}: the validation dataloader is empty; nothing to probe")
+        raise LightningActError(
+            f"{owner}: the validation dataloader is empty (a validation split of 0 examples?), so there is nothing to "
+            f"probe; give the fit validation data{PROBE_ALTERNATIVES.get(owner, '')}"
+        )
     return batches
 
 
