@@ -189,3 +189,29 @@ def test_presets_leave_out_an_averaged_copy_and_penultimate_a_frozen_copy():
         assert tap.name == "net.head-input" and tap.module is model.net.head, kind
     model.net.requires_grad_(False)  # both frozen (a frozen feature extractor): no copy of a trained one
     assert names(select_taps(model, "@penultimate")) == ["ema.head-input"]
+
+
+def test_one_module_object_at_several_places_is_said_and_reachable_by_each_name():
+    # Before: one ReLU instance passed to three blocks was tapped as blocks.0.act alone with the three blocks' calls
+    # merged, silently; modules=["blocks.2.act"] matched no module.
+    class Block(nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), act
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    shared = nn.ReLU()
+    model = nn.Module()
+    model.blocks = nn.Sequential(Block(shared), Block(shared), Block(shared))
+    with pytest.warns(UserWarning, match="blocks.0.act is one module object registered also as blocks.1.act, "
+                      r"blocks.2.act; its calls from every place are measured together under blocks.0.act"):
+        assert [t.name for t in select_taps(model, "@activations")] == ["blocks.0.act"]
+    with pytest.warns(UserWarning, match="blocks.2.act is one module object registered also as blocks.0.act, "
+                      "blocks.1.act"):
+        taps = select_taps(model, ["blocks.2.act"])
+    assert [(t.name, t.module) for t in taps] == [("blocks.2.act", shared)]
+    model.blocks[1].act = nn.ReLU()  # its own instance: no longer an alias
+    with pytest.warns(UserWarning, match="blocks.0.act is one module object registered also as blocks.2.act;"):
+        select_taps(model, "@activations")

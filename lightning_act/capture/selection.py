@@ -135,6 +135,17 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(by_name.items())
 
 
+def module_aliases(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
+    """The modules registered under several names (one activation instance passed to every block, a default
+    argument's instance), by ``id``: the module and its names (the first is the one ``named_modules`` gives)."""
+    names: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        entry = names.setdefault(id(module), (module, []))
+        if clean_name(name) not in entry[1]:
+            entry[1].append(clean_name(name))
+    return {key: entry for key, entry in names.items() if len(entry[1]) > 1}
+
+
 def resolve_class(spec: str) -> type | None:
     """The ``nn.Module`` class an import path (``"torch.nn.GELU"``) names, else None."""
     if "." not in spec or any(c in spec for c in "*?[]"):
@@ -327,8 +338,9 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
         taps = [Tap(n, m) for n, m in modules if isinstance(m, cls)]
     elif spec.isidentifier() and spec[:1].isupper():
         taps = [Tap(n, m) for n, m in modules if module_class(m).__name__ == spec]
-    else:
-        taps = [Tap(n, m) for n, m in modules if n and fnmatch.fnmatchcase(n, spec)]
+    else:  # a name glob: every name of a module registered under several (see module_aliases)
+        named = modules + [(alias, m) for m, names in module_aliases(model).values() for alias in names[1:]]
+        taps = [Tap(n, m) for n, m in named if n and fnmatch.fnmatchcase(n, spec)]
     if point == "input":
         taps = [Tap(f"{t.name}{INPUT_TAP_SUFFIX}", t.module, "input") for t in taps]
     return taps
@@ -372,6 +384,17 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
             f"({', '.join(PRESETS)}); functional activations (F.gelu in forward) are reached through "
             "the next layer's input, e.g. '*.fc2:input'"
         )
+    aliases = module_aliases(model)
+    for tap in taps:
+        if id(tap.module) in aliases:
+            others = [n for n in aliases[id(tap.module)][1] if n != tap.name.removesuffix(INPUT_TAP_SUFFIX)]
+            warnings.warn(
+                f"{owner}: {tap.name} is one module object registered also as {', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}; its calls from every place are measured together under "
+                f"{tap.name} (give each place its own instance to measure them apart)",
+                UserWarning,
+                stacklevel=2,
+            )
     unhookable = [tap.name for tap in taps if isinstance(tap.module, torch.jit.ScriptModule)]
     if unhookable:
         raise ModuleSelectionError(
