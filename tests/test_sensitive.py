@@ -665,3 +665,31 @@ def test_float64_tracking_inputs_on_a_float32_model_are_one_line_naming_their_dt
     with pytest.raises(LightningActError, match=r"tracking_inputs, which are torch.float64 where its parameters are "
                        r"torch.float32; pass tracking_inputs=<tensor>.to\(torch.float32\)"):
         trainer.fit(Mlp(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+
+
+def test_a_tap_run_on_other_rows_from_pass_to_pass_is_left_out_with_one_warning(tmp_path: Path) -> None:
+    # Before: an expert of a mixture of experts, run on the rows routed to it, was tracked as if its rows were
+    # examples: row i was another token at the next checkpoint, and v_mean mixed them silently.
+    class Routed(Mlp):
+        def __init__(self) -> None:
+            super().__init__()
+            self.expert = nn.Linear(8, 8)
+            self.passes = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.hidden(x)
+            if not self.training:  # the tracking passes: each routes another number of rows to the expert
+                self.passes += 1
+            routed = h[: 1 + self.passes % 3]
+            return self.head(torch.cat([self.expert(routed), h[len(routed):]]))
+
+    monitor = SensitiveNeurons(modules=["expert", "head:input"], every_n_steps=1, num_samples=16, window=2,
+                               eigenscore_passes=0)
+    with pytest.warns(UserWarning, match=r"expert runs on other rows of the same tracking batches from pass to pass") as w:
+        fit(tmp_path, Routed(), [monitor], steps=5, limit_val_batches=0)
+    assert sum("other rows of the same tracking batches" in str(x.message) for x in w) == 1
+    # seen at the second checkpoint: only the first one's (empty) selection was logged before
+    assert {key: series.steps for key, series in monitor.history.items() if key.startswith("sensitive/expert/")} == {
+        "sensitive/expert/count": [0], "sensitive/expert/selected": [0]}
+    assert "expert" not in monitor.embeddings
+    assert len(monitor.history["sensitive/head-input/v_mean"].values) == 3  # the other tap is tracked as before

@@ -327,6 +327,9 @@ class SensitiveNeurons(FitScopedState):
         self._unobserved_warned: set[str] = set()
         self._unknown_warned: set[str] = set()
         self._widths_warned: set[str] = set()
+        #: Per tap, the rows of each of its calls in a tracking pass, and the taps whose rows change (_check_rows).
+        self._call_rows: dict[str, tuple[int, ...]] = {}
+        self._routed: set[str] = set()
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
@@ -588,7 +591,7 @@ class SensitiveNeurons(FitScopedState):
         )
 
     def _warn_unobserved(self, tap_name: str, step: int) -> None:
-        if tap_name in self._unobserved_warned or tap_name in self._low_dim_warned:  # a low-dimensional tap: said
+        if tap_name in self._unobserved_warned or tap_name in self._low_dim_warned | self._routed:  # said already
             return
         self._unobserved_warned.add(tap_name)
         rank_zero_warn(
@@ -616,8 +619,14 @@ class SensitiveNeurons(FitScopedState):
                 forward = functools.partial(call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch)
                 self._cutoff.forward(forward)
             self._cutoff.pass_complete()
+            for i, tap in enumerate(self.taps):
+                if i in collected:
+                    self._check_rows(tap.name, tuple(call.shape[0] for call in collected[i]))
             taps = enumerate(self.taps)
-            return {tap.name: self._pass_embedding(tap, collected[i]) for i, tap in taps if i in collected}
+            return {
+                tap.name: self._pass_embedding(tap, collected[i])
+                for i, tap in taps if i in collected and tap.name not in self._routed
+            }
 
         self._arm(True)
         try:
@@ -639,8 +648,29 @@ class SensitiveNeurons(FitScopedState):
         finally:
             self._arm(False)
             collected.clear()
+        clean = {name: embedding for name, embedding in clean.items() if name not in self._routed}
         stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
         return clean, stochastic
+
+    def _check_rows(self, name: str, rows: tuple[int, ...]) -> None:
+        """The rows of each call of a tap in a tracking pass are the same at every pass over the same batches, unless
+        the module runs on a data-dependent part of them: a mixture-of-experts expert (Mixtral's ``experts.act_fn``)
+        gets the tokens routed to it, which change with the weights, so its row i is another token at the next
+        checkpoint. Such a tap's rows are not examples: it is left out, said once. (An expert run once on every
+        routed token, grouped by expert, gives as many rows at each pass: not seen here.)"""
+        held = self._call_rows.setdefault(name, rows)
+        if held == rows or name in self._routed:
+            return
+        self._routed.add(name)
+        self.embeddings.pop(name, None)
+        self._remove_drop(name)
+        rank_zero_warn(
+            f"SensitiveNeurons: {name} runs on other rows of the same tracking batches from pass to pass (call rows "
+            f"{list(held)}, then {list(rows)}: a mixture-of-experts expert gets the tokens routed to it); its rows are "
+            "not examples, so it is not tracked (tap a module every example passes through, e.g. the MoE block's "
+            "output)",
+            category=UserWarning,
+        )
 
     def _pass_embedding(self, tap: Tap, calls: list[torch.Tensor]) -> torch.Tensor:
         """A tap's embeddings of one pass: the rows of its calls of the width of its first call. A module called at
