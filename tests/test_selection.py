@@ -215,3 +215,25 @@ def test_one_module_object_at_several_places_is_said_and_reachable_by_each_name(
     model.blocks[1].act = nn.ReLU()  # its own instance: no longer an alias
     with pytest.warns(UserWarning, match="blocks.0.act is one module object registered also as blocks.2.act;"):
         select_taps(model, "@activations")
+
+
+def test_bloom_and_gpt_neox_mlps_have_their_activations_found():
+    # Before: '@activations' found nothing in BLOOM (its BloomGelu is a plain module) nor in an MLP whose
+    # activation is functional between dense_h_to_4h and dense_4h_to_h (GPT-NeoX, Falcon).
+    class BloomGelu(nn.Module):
+        def forward(self, x):
+            return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    class BloomMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense_h_to_4h, self.gelu_impl, self.dense_4h_to_h = nn.Linear(4, 16), BloomGelu(), nn.Linear(16, 4)
+
+    class FunctionalMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense_h_to_4h, self.dense_4h_to_h = nn.Linear(4, 16), nn.Linear(16, 4)
+
+    model = nn.Module()
+    model.bloom, model.neox = BloomMlp(), FunctionalMlp()
+    assert [t.name for t in select_taps(model, "@activations")] == ["bloom.gelu_impl", "neox.dense_4h_to_h-input"]

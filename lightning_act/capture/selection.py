@@ -66,7 +66,7 @@ _ACTIVATION_CLASS_NAMES: set[str] = {
     "Sigmoid", "Tanh", "PReLU", "ReLU", "ReLU6", "GroupRational", "PMish", "DopamineGate",
     "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "ClippedGELUActivation",
     "AccurateGELUActivation", "PytorchGELUTanh", "SiLUActivation", "MishActivation", "LaplaceActivation",
-    "ReLUSquaredActivation", "SqrtSoftplusActivation", "XIELUActivation",
+    "ReLUSquaredActivation", "SqrtSoftplusActivation", "XIELUActivation", "BloomGelu",
 }
 _extra_activation_classes: list[type[nn.Module]] = []
 # Averaged copies a model may keep of itself (EMA, SWA), beside torch's AveragedModel: timm's, matched by name.
@@ -114,7 +114,10 @@ _INPUT_SPEC_SUFFIXES = (":input", INPUT_TAP_SUFFIX)
 
 _WRAPPER_PARTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 # (up-projection, down-projection) child names of the MLP shapes whose activation may be functional.
-_MLP_SHAPES = (("fc1", "fc2"), ("up_proj", "down_proj"), ("c_fc", "c_proj"), ("linear1", "linear2"), ("w1", "w2"))
+_MLP_SHAPES = (
+    ("fc1", "fc2"), ("up_proj", "down_proj"), ("c_fc", "c_proj"), ("linear1", "linear2"), ("w1", "w2"),
+    ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX, Falcon, BLOOM
+)
 
 
 def clean_name(name: str) -> str:
