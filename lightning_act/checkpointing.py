@@ -24,6 +24,9 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -33,12 +36,32 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_act.errors import CheckpointMismatchError, ConfigError, DiskFullError, NotACheckpointError
 from lightning_act.lightning_classes import lightning_classes
 
 LAST_NAME = "last.ckpt"
+
+_WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
+
+
+@contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Models built in this block get every weight from a Lightning checkpoint next (``load_from_checkpoint``, or a
+    ``--ckpt_path`` the CLI hands to the Trainer): a constructor may skip reading initial weights from another file
+    (see :func:`restoring_from_checkpoint`)."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def restoring_from_checkpoint() -> bool:
+    """Whether the model being built now gets its weights from a Lightning checkpoint (:func:`weights_from_checkpoint`)."""
+    return _WEIGHTS_FROM_CHECKPOINT.get()
 
 
 def _mib(num_bytes: int) -> str:
@@ -114,8 +137,16 @@ class LastCheckpoint(Checkpoint):
     progress (so the weights are never half-updated, and under gradient accumulation no micro-batch's
     gradients are lost), writes ``last.ckpt`` there and ends the fit as an interrupt; a second SIGINT
     stops at once without a checkpoint. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the first
-    SIGINT does (it used to end the fit after the batch as a success, without a checkpoint). Every write follows a
-    batch that took an optimizer step.
+    SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives while the
+    fit validates writes ``last.ckpt`` at the step the validation follows and stops there (single process; Lightning
+    would end the fit after the validation batch, before any training hook). Every write follows a batch that took
+    an optimizer step.
+
+    A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there: the first save
+    replaces it. In Python, Lightning's ``fit(ckpt_path="last")`` looks among ``ModelCheckpoint`` files only and
+    starts from scratch; pass the file itself, ``fit(ckpt_path=<dirpath>/last.ckpt)``. ``best_model_path`` is the
+    Trainer's first ``ModelCheckpoint``'s (``""`` without one), so ``validate/test(ckpt_path="best")`` works
+    whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback).
 
     Args:
         dirpath: folder of ``last.ckpt``; by default the ``dirpath`` of the Trainer's first
@@ -136,6 +167,23 @@ class LastCheckpoint(Checkpoint):
         self._previous_handler: Any = None
         self._last_saved_step = -1
         self._step_at_batch_start = -1
+        self._best_source: Any = None  # the Trainer's first ModelCheckpoint, for best_model_path
+        self._wrote: Path | None = None  # the last.ckpt this callback wrote (not an earlier run's)
+
+    @property
+    def best_model_path(self) -> str:
+        """The best checkpoint of the Trainer's first ``ModelCheckpoint`` (``""`` without one): Lightning reads it from
+        ``trainer.checkpoint_callback``, the first ``Checkpoint`` callback, which may be this one."""
+        return self._best_source.best_model_path if self._best_source is not None else ""
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:  # Lightning's spawn launcher sets it back in the main process
+        if self._best_source is not None:
+            self._best_source.best_model_path = value
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model_checkpoint = lightning_classes("callbacks.ModelCheckpoint")
+        self._best_source = next((c for c in trainer.callbacks if isinstance(c, model_checkpoint)), None)
 
     def path(self, trainer: pl.Trainer) -> Path:
         """Where ``last.ckpt`` goes for this trainer."""
@@ -153,11 +201,19 @@ class LastCheckpoint(Checkpoint):
         target = self.path(trainer)
         trainer.save_checkpoint(target, weights_only=False)
         self._last_saved_step = trainer.global_step
+        self._wrote = target
         return target
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
+        target = self.path(trainer)
+        if trainer.ckpt_path is None and not trainer.fast_dev_run and self._wrote != target and target.is_file():
+            rank_zero_warn(
+                f"LastCheckpoint: {target} holds an earlier run and this fit does not resume from it, so the first save "
+                f"replaces it; to resume, pass fit(ckpt_path='{target}') (Lightning's ckpt_path='last' finds "
+                "ModelCheckpoint files only), or give LastCheckpoint(dirpath=...) another folder"
+            )
         if trainer.is_global_zero:  # what a kill in the middle of an earlier write left behind, of any checkpoint
             folders = {self.path(trainer).parent}
             folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
@@ -207,6 +263,29 @@ class LastCheckpoint(Checkpoint):
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             if trainer.global_step != self._last_saved_step:
                 self.save(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # A SIGTERM while the fit validates: Lightning raises SIGTERMException after this batch (or after the
+        # validation), before any training hook of this callback runs again. The weights are those of the step the
+        # validation follows, unless that batch was a micro-batch of an accumulation window (its gradients would be
+        # lost: left to Lightning). Single process only: with several, the ranks would have to agree at each batch.
+        if (not trainer.received_sigterm or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+                or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
+            return
+        if trainer.global_step != self._last_saved_step:
+            target = self.save(trainer)
+            said = f"wrote {target}" if target is not None else None
+        else:
+            target = self.path(trainer)
+            said = f"{target} holds it"
+        if said is not None:
+            rank_zero_info(f"stopped by SIGTERM during validation at step {trainer.global_step}: {said}; "
+                           f"resume with --ckpt_path {target}")
+        self._restore_handler()
+        raise KeyboardInterrupt
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:

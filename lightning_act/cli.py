@@ -19,7 +19,11 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
 - the fit's config is also kept in the CSV logger's version folder (``fit_config.yaml``) when LightningCLI saved
   ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it;
 - ``--ckpt_path`` must be a Lightning checkpoint of the configured model (for ``fit``, not a weights-only one);
-  ``--ckpt_path last`` is the run's ``last.ckpt``, the model built from its hyper-parameters as for its path;
+  ``--ckpt_path last`` is the run's ``last.ckpt``, the model built from its hyper-parameters as for its path; one
+  written from Python (no class recorded) gives the configured class its hyper-parameters; a remote one (an fsspec
+  URL: s3://, gs://, ...) must exist, and the model is built from the config;
+- ``limit_*_batches`` and ``overfit_batches`` given as an integer are a number of batches (``1`` is one batch;
+  LightningCLI alone made it ``1.0``, every batch);
 - ``num_threads: N`` (or ``--num_threads N``) pins ``torch.set_num_threads`` so CPU results do
   not depend on ``OMP_NUM_THREADS``;
 - with stdout not a terminal, progress is one plain line per epoch instead of a ``\\r`` bar;
@@ -30,6 +34,7 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import functools
@@ -43,7 +48,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import redirect_stderr
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from lightning_act.errors import ConfigError, DataNotFoundError, LightningActError, RunExistsError, UnknownClassPathError
 
@@ -55,6 +60,11 @@ TOOL_COMMANDS = {
 }
 OVERWRITE_FLAG = "--overwrite"
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+# Trainer options that are a number of batches (an int) or a fraction of them (a float): LightningCLI's type for them
+# tries float first (Lightning issue #21259: typing caches Optional[Union[int, float]] as Union[float, int, None]), so
+# `limit_val_batches: 1` (one batch) became 1.0 (every batch)
+BATCHES_OR_FRACTION = tuple(f"trainer.{name}" for name in (
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches"))
 
 USAGE = f"""usage: lightning_act [-h] {{{",".join(TRAINER_COMMANDS + tuple(TOOL_COMMANDS))}}} ...
 
@@ -282,6 +292,19 @@ def _init_parameters(class_path: str) -> list[str]:
         return []
 
 
+def _takes_var_keyword(class_path: str) -> bool:
+    """Whether the class's ``__init__`` takes ``**kwargs`` (then any name may be one of its arguments; a wrong one
+    fails when the model is built, in one line)."""
+    import inspect
+
+    try:
+        module_path, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module_path), name)
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    except Exception:
+        return False
+
+
 def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     """One line from a jsonargparse error: the key, the bad value, what is expected, a close name."""
     text = message.strip()
@@ -421,6 +444,7 @@ def run_folder_line(trainer: Any, folder: Path) -> str:
 @functools.cache
 def _build_cli_class() -> type:
     import torch
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -429,7 +453,14 @@ def _build_cli_class() -> type:
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-    from lightning_act.checkpointing import LAST_NAME, AtomicCheckpointIO, LastCheckpoint, check_resume_checkpoint
+    from lightning_act.checkpointing import (
+        LAST_NAME,
+        AtomicCheckpointIO,
+        LastCheckpoint,
+        check_resume_checkpoint,
+        weights_from_checkpoint,
+    )
+    from lightning_act.errors import CheckpointMismatchError
     from lightning_act.progress import EpochLineProgress
     from lightning_act.report.runlog import FIT_CONFIG_NAME
 
@@ -486,6 +517,10 @@ def _build_cli_class() -> type:
                 "--num_threads", type=int | None, default=None,
                 help="torch.set_num_threads for this run: CPU results then do not depend on OMP_NUM_THREADS",
             )
+            batches_or_fraction = Union[int, float, None]  # int first: 1 is one batch, 1.0 every batch
+            for action in parser._actions:
+                if action.dest in BATCHES_OR_FRACTION and hasattr(action, "_typehint"):
+                    action._typehint = batches_or_fraction
 
         def parse_arguments(self, parser: Any, args: Any) -> None:
             captured = io.StringIO()
@@ -523,12 +558,16 @@ def _build_cli_class() -> type:
             if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES or ckpt_path.startswith("registry:"):
                 super()._parse_ckpt_path()
                 return
+            if not _is_local_file_protocol(ckpt_path):  # s3://, gs://, ...: Lightning reads it through fsspec
+                if not get_filesystem(ckpt_path).exists(ckpt_path):
+                    raise DataNotFoundError(f"--ckpt_path '{ckpt_path}' does not exist; pass an existing .ckpt file")
+                return  # as LightningCLI: the model is built from the config, not from the remote file's hyper-parameters
             if not Path(ckpt_path).is_file():
                 raise DataNotFoundError(f"--ckpt_path '{ckpt_path}' does not exist; pass an existing .ckpt file")
             model = self.config[subcommand].get("model")
             check_resume_checkpoint(ckpt_path, getattr(model, "class_path", None), fit=subcommand == "fit")
             given = _init_args(model)
-            super()._parse_ckpt_path()
+            self._model_from_checkpoint(subcommand, ckpt_path, getattr(model, "class_path", None))
             used = _init_args(self.config[subcommand].get("model"))
             replaced = [f"{key}={value!r}, not {given[key]!r} as configured"
                         for key, value in used.items() if key in given and given[key] != value]
@@ -536,6 +575,47 @@ def _build_cli_class() -> type:
                 print(f"lightning_act: warning: --ckpt_path {ckpt_path}: the model is built with the checkpoint's "
                       f"hyper-parameters ({'; '.join(replaced)}); other model arguments need a new fit",
                       file=sys.stderr, flush=True)
+
+        def _model_from_checkpoint(self, subcommand: str, ckpt_path: str, configured: str | None) -> None:
+            """LightningCLI's ``_parse_ckpt_path``: the model's arguments from the checkpoint's hyper-parameters. A
+            checkpoint written from Python (``trainer.save_checkpoint``) names no class (LightningCLI records
+            ``_class_path``): its hyper-parameters are then the configured class's arguments, when that class takes
+            them all, else one line (LightningCLI parsed them against LightningModule, in a 13-line error)."""
+            try:
+                checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # more than tensors: LightningCLI's own load says why
+                super()._parse_ckpt_path()
+                return
+            hparams = dict(checkpoint.get("hyper_parameters") or {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            class_path = hparams.pop("_class_path", None)
+            if class_path is None and configured is None:
+                super()._parse_ckpt_path()
+                return
+            if class_path is None:
+                accepted = _init_parameters(configured)
+                takes_any = _takes_var_keyword(configured)
+                unknown = [name for name in hparams if name not in accepted]
+                if unknown and not takes_any:
+                    raise CheckpointMismatchError(
+                        f"--ckpt_path '{ckpt_path}' names no model class (written from Python, not by lightning_act) "
+                        f"and its hyper-parameters name arguments the configured {configured.rsplit('.', 1)[-1]} does "
+                        f"not take ({', '.join(unknown[:3])}); pass a checkpoint of this model, or the config of the "
+                        "model the checkpoint holds"
+                    )
+                class_path = configured
+            captured = io.StringIO()
+            try:
+                with redirect_stderr(captured):
+                    self.config = self.parser.parse_object(
+                        {subcommand: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}, self.config)
+            except SystemExit:
+                message = captured.getvalue().rsplit("\nerror: ", 1)[-1].removeprefix("error: ")
+                raise ConfigError(f"--ckpt_path '{ckpt_path}': its hyper-parameters do not fit the model: "
+                                  f"{condense_parse_error(message)}") from None
+            sys.stderr.write(captured.getvalue())
 
         def _checkpoint_of_alias(self, subcommand: str, alias: str) -> Path:
             """``--ckpt_path last`` as the run's ``last.ckpt``, or one line. Lightning resolves "last" only among
@@ -577,8 +657,13 @@ def _build_cli_class() -> type:
                 torch.set_num_threads(threads)
 
         def instantiate_classes(self) -> None:
+            ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+            # with --ckpt_path every weight comes from the checkpoint: a model's initial-weights file (ImageClassifier's
+            # checkpoint_path, recorded in the checkpoint's hyper-parameters) need not be there any more
+            restoring = weights_from_checkpoint() if ckpt_path else contextlib.nullcontext()
             try:
-                super().instantiate_classes()
+                with restoring:
+                    super().instantiate_classes()
             except ValueError as err:  # a constructor's own check, wrapped by jsonargparse
                 if _user_error(err) is not None or "Errors:" not in str(err):
                     raise

@@ -586,3 +586,114 @@ def test_overwrite_removes_what_a_write_cut_short_left_in_a_templated_filenames_
     assert main(["fit", "--config", str(config), "--overwrite"]) == 0
     assert not list(tmp_path.rglob("*.tmp")) and (checkpoints / "last.ckpt").read_bytes() != b"previous run"
     assert not [p for p in checkpoints.rglob("*") if p.is_dir() and not any(p.iterdir())]  # no empty folders left
+
+
+# --- checkpoints from elsewhere, and Trainer options of batches (r19) ---------------------------------------------
+
+IMAGE_CLASSIFIER = "lightning_act.tasks.image_classification.ImageClassifier"
+SMALL_VIT = {"model_name": "vit_tiny_patch16_224", "num_classes": 10, "in_chans": 1, "warmup_steps": 0,
+             "model_kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}}
+
+
+def _small_vit_config(tmp_path, **init_args):
+    path = tmp_path / "small_vit.yaml"
+    path.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "limit_test_batches": 1,
+                    "limit_val_batches": 1, "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"class_path": IMAGE_CLASSIFIER, "init_args": {**SMALL_VIT, **init_args}},
+        "data": {"class_path": "lightning_act.data.images.ImageDataModule",
+                 "init_args": {"image_size": 16, "in_chans": 1, "batch_size": 16}},
+    }))
+    return path
+
+
+def _python_checkpoint(tmp_path, **init_args):
+    """A small ImageClassifier trained one step in Python and written with ``trainer.save_checkpoint``: its
+    hyper-parameters are its arguments, with no ``_class_path`` (which LightningCLI adds)."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_act.tasks.image_classification import ImageClassifier
+
+    model = ImageClassifier(**{**SMALL_VIT, **init_args})
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))), batch_size=4))
+    path = tmp_path / "python.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_a_checkpoint_written_from_python_is_used_with_the_configured_class_or_refused_in_one_line(
+        tmp_path, capsys, monkeypatch):
+    """Before: its hyper-parameters were parsed against LightningModule itself (they name no class): a 13-line
+    jsonargparse error ending "Parsing of ckpt_path hyperparameters failed!", exit 2."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = _python_checkpoint(tmp_path, lr=0.01)
+    config = _small_vit_config(tmp_path, lr=0.002)
+    capsys.readouterr()
+    for command in ("test", "validate"):
+        assert main([command, "--config", str(config), "--ckpt_path", str(ckpt)]) == 0, capsys.readouterr().err[-3000:]
+        err = capsys.readouterr().err  # the model is built with the checkpoint's arguments, as for a CLI checkpoint
+        assert "the model is built with the checkpoint's hyper-parameters (lr=0.01, not 0.002 as configured)" in err
+    torch.save({"state_dict": {}, "hyper_parameters": {"width": 3, "lr": 0.1}}, tmp_path / "other.ckpt")
+    err = one_line_error(tmp_path, capsys, monkeypatch, "test", "--config", str(config), "--ckpt_path", "other.ckpt")
+    assert err == (
+        "lightning_act: error: --ckpt_path 'other.ckpt' names no model class (written from Python, not by lightning_act) "
+        "and its hyper-parameters name arguments the configured ImageClassifier does not take (width); pass a "
+        "checkpoint of this model, or the config of the model the checkpoint holds"
+    )
+
+
+def test_a_remote_ckpt_path_is_read_through_fsspec_and_a_missing_one_is_one_line(tmp_path, capsys, monkeypatch):
+    """Before: any URL (s3://, gs://, memory://) was refused as "does not exist", though Lightning reads it."""
+    import fsspec
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = _python_checkpoint(tmp_path)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = IMAGE_CLASSIFIER  # as lightning_act fit writes it
+    remote = f"memory://r19-{os.getpid()}/run/last.ckpt"
+    with fsspec.open(remote, "wb") as handle:
+        torch.save(checkpoint, handle)
+    try:
+        config = _small_vit_config(tmp_path)
+        assert main(["test", "--config", str(config), "--ckpt_path", remote]) == 0, capsys.readouterr().err[-3000:]
+        missing = remote.replace("last.ckpt", "gone.ckpt")
+        err = one_line_error(tmp_path, capsys, monkeypatch, "test", "--config", str(config), "--ckpt_path", missing)
+        assert err == f"lightning_act: error: --ckpt_path '{missing}' does not exist; pass an existing .ckpt file"
+    finally:
+        fsspec.filesystem("memory").rm(f"r19-{os.getpid()}", recursive=True)
+
+
+@pytest.mark.parametrize(("where", "value", "batches"), [
+    ("command line", "1", 1), ("yaml", 1, 1), ("command line", "2", 2), ("yaml", 1.0, 64), ("command line", "0.5", 32),
+])
+def test_limit_val_batches_1_is_one_batch_and_1_0_every_batch(tmp_path, where, value, batches):
+    """Before: LightningCLI tried float before int for the Trainer's ``int | float`` batch options, so 1 (one batch)
+    arrived as 1.0, which Lightning reads as 100%: the whole validation set ran. (BoringDataModule: 64 validation
+    batches of one sample.)"""
+    from lightning_act.cli import _build_cli_class, import_project_classes
+
+    import_project_classes()
+    seen = []
+
+    class Counting(_build_cli_class()):
+        def after_validate(self):
+            seen.append((self.trainer.num_val_batches, type(self.trainer.limit_val_batches)))
+
+    config = tmp_path / "boring.yaml"
+    trainer = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+               "default_root_dir": str(tmp_path)}
+    if where == "yaml":
+        trainer["limit_val_batches"] = value
+    config.write_text(yaml.safe_dump({
+        "trainer": trainer, "model": {"class_path": "lightning.pytorch.demos.boring_classes.BoringModel"},
+        "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"}}))
+    extra = ["--trainer.limit_val_batches", value] if where == "command line" else []
+    Counting(args=["validate", "--config", str(config), *extra])
+    assert seen == [([batches], type(value) if where == "yaml" else int if value.isdigit() else float)]

@@ -200,3 +200,134 @@ def test_repeated_sigkills_then_resume_keep_histories_continuous(tmp_path, refer
             first_resume = torch.load(last, weights_only=False)["global_step"]
     resumed = fit(tmp_path, MAX_STEPS, ckpt_path=str(last))
     assert_continues(histories(resumed), reference, first_resume)
+
+
+# --- LastCheckpoint beside Lightning's entry points (r19) ---------------------------------------------------------
+
+def _toy_trainer(root: Path, callbacks: list, **overrides) -> "pl.Trainer":
+    import lightning.pytorch as pl
+
+    settings = dict(default_root_dir=root, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
+    return pl.Trainer(**{**settings, **overrides}, callbacks=callbacks)
+
+
+def test_best_ckpt_path_finds_the_model_checkpoints_best_whatever_the_callback_order(tmp_path):
+    """Before: Lightning asks ``trainer.checkpoint_callback`` (the first ``Checkpoint`` callback) for the best file,
+    and with LastCheckpoint listed first (or alone) that was an AttributeError: no ``best_model_path``."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from _toy import BlockNet, ToyData, ToyTask
+    from lightning_act.checkpointing import LastCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    best = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val/loss", filename="{step}")
+    trainer = _toy_trainer(tmp_path, [LastCheckpoint(dirpath=str(tmp_path / "ck")), best], max_steps=8,
+                           limit_val_batches=2)
+    trainer.fit(ToyTask(BlockNet()), ToyData())  # 64 samples in batches of 8: one epoch, validated at step 8
+    trainer.validate(datamodule=ToyData(), ckpt_path="best", verbose=False)
+    assert Path(trainer.ckpt_path) == tmp_path / "ck" / "step=8.ckpt"
+    trainer.validate(datamodule=ToyData(), verbose=False)  # no model after a fit: Lightning takes "best" too
+    assert Path(trainer.ckpt_path) == tmp_path / "ck" / "step=8.ckpt"
+
+    alone = _toy_trainer(tmp_path / "alone", [LastCheckpoint(dirpath=str(tmp_path / "alone"))], max_steps=2,
+                         limit_val_batches=1)
+    alone.fit(ToyTask(BlockNet()), ToyData())
+    with pytest.raises(ValueError, match="not configured to save the best model"):  # Lightning's own line
+        alone.validate(datamodule=ToyData(), ckpt_path="best", verbose=False)
+
+
+def _signalled_during_validation(signum):
+    """A ToyTask that sends itself ``signum`` in its first validation batch, once."""
+    from _toy import BlockNet, ToyTask
+
+    class Task(ToyTask):
+        def validation_step(self, batch, batch_idx):
+            if batch_idx == 0 and self.signum is not None:
+                os.kill(os.getpid(), self.signum)  # a scheduler's preemption lands while the fit validates
+                self.signum = None
+            return super().validation_step(batch, batch_idx)
+
+    task = Task(BlockNet())
+    task.signum = signum
+    return task
+
+
+def test_sigterm_during_validation_writes_last_ckpt_at_the_step_and_resumes_to_the_same_weights(tmp_path):
+    """Before: Lightning ended the fit with SIGTERMException after the validation batch, before LastCheckpoint's
+    training hooks ran again: no last.ckpt, the epoch's 8 optimizer steps lost."""
+    import lightning.pytorch as pl
+
+    from _toy import BlockNet, ToyData, ToyTask
+    from lightning_act.checkpointing import LastCheckpoint
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        pl.seed_everything(0, verbose=False)
+        stopped = _toy_trainer(tmp_path / "a", [LastCheckpoint(dirpath=str(tmp_path / "a"))], max_epochs=2,
+                               limit_val_batches=2)
+        with pytest.raises(SystemExit):  # Lightning ends an interrupted fit so
+            stopped.fit(_signalled_during_validation(signal.SIGTERM), ToyData())
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning leaves SIGINT ignored after an interrupt
+    last = tmp_path / "a" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 8  # the epoch's 64 samples in batches of 8, validated after step 8
+
+    resumed = _toy_trainer(tmp_path / "a", [LastCheckpoint(dirpath=str(tmp_path / "a"))], max_epochs=2,
+                           limit_val_batches=2)
+    resumed_task = ToyTask(BlockNet())
+    resumed.fit(resumed_task, ToyData(), ckpt_path=str(last))
+    pl.seed_everything(0, verbose=False)
+    straight_task = ToyTask(BlockNet())
+    straight = _toy_trainer(tmp_path / "b", [], max_epochs=2, limit_val_batches=2, enable_checkpointing=False)
+    straight.fit(straight_task, ToyData())
+    assert resumed.global_step == straight.global_step == 16
+    for name, value in straight_task.state_dict().items():
+        assert torch.equal(resumed_task.state_dict()[name], value), name
+
+
+def test_a_fit_that_does_not_resume_warns_before_replacing_an_earlier_runs_last_ckpt(tmp_path):
+    """Before: in Python, ``fit(ckpt_path="last")`` with LastCheckpoint alone (Lightning's "last" looks among
+    ModelCheckpoint files only) started from step 0 with Lightning's "no last checkpoint" warning and replaced the
+    earlier run's last.ckpt without a word about it."""
+    import warnings
+
+    from _toy import BlockNet, ToyData, ToyTask
+    from lightning_act.checkpointing import LastCheckpoint
+
+    def trainer(steps):
+        return _toy_trainer(tmp_path, [LastCheckpoint(dirpath=str(tmp_path / "ck"))], max_steps=steps,
+                            limit_val_batches=0)
+
+    first = trainer(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a first run, and the same run fit further: nothing to say
+        first.fit(ToyTask(BlockNet()), ToyData())
+        first.fit_loop.epoch_loop.max_steps = 6
+        first.fit(first.lightning_module, ToyData())
+    last = tmp_path / "ck" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LastCheckpoint")  # raised: the fit stops where it warns
+        with pytest.raises(UserWarning, match=rf"LastCheckpoint: {last} holds an earlier run .* pass "
+                                              rf"fit\(ckpt_path='{last}'\)"):
+            trainer(8).fit(ToyTask(BlockNet()), ToyData(), ckpt_path="last")
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # warned before the first save replaced it
+    # what it says to do resumes: the step continues from the file's, 4 more batches to max_steps 10
+    import lightning.pytorch as pl
+
+    class CountBatches(pl.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, *args):
+            self.batches += 1
+
+    counted = CountBatches()
+    third = _toy_trainer(tmp_path, [LastCheckpoint(dirpath=str(tmp_path / "ck")), counted], max_steps=10,
+                         limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LastCheckpoint")  # resuming: nothing to say
+        third.fit(ToyTask(BlockNet()), ToyData(), ckpt_path=str(last))
+    assert (counted.batches, third.global_step) == (4, 10)

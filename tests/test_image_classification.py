@@ -355,3 +355,48 @@ def test_load_timm_checkpoint_names_the_objects_a_weights_only_load_refuses(tmp_
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     with pytest.raises(DataFormatError, match="pass a torch .pth/.pt file"):
         load_timm_checkpoint(model, "kat_micro_patch4_32", str(tmp_path / "notes.pth"))
+
+
+def test_a_checkpoint_fine_tuned_from_a_pretrained_file_loads_without_that_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: ``load_from_checkpoint`` and ``lightning_act test --ckpt_path`` rebuilt the model with the recorded
+    ``checkpoint_path`` and its ``__init__`` read that file again: once it was gone (another machine, a cleaned folder),
+    DataNotFoundError, though the checkpoint holds every weight."""
+    import yaml
+
+    from lightning_act.cli import main
+
+    torch.manual_seed(0)
+    (tmp_path / "pre").mkdir()
+    checkpoint_after_one_step(tmp_path / "pre")
+    pretrained = tmp_path / "pre" / "last.ckpt"
+    tuned = ImageClassifier(**TINY_KAT, warmup_steps=0, checkpoint_path=str(pretrained))
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    trainer.fit(tuned, torch.utils.data.DataLoader(data, batch_size=4))
+    finetuned = tmp_path / "finetuned.ckpt"
+    trainer.save_checkpoint(finetuned)
+    pretrained.unlink()
+
+    written = torch.load(finetuned, map_location="cpu", weights_only=True)["state_dict"]
+    loaded = ImageClassifier.load_from_checkpoint(finetuned, map_location="cpu").state_dict()
+    assert loaded.keys() == written.keys() and all(torch.equal(loaded[k], v) for k, v in written.items())
+    with pytest.raises(DataNotFoundError, match="checkpoint_path"):  # a model built for a fit still needs it
+        ImageClassifier(**TINY_KAT, checkpoint_path=str(pretrained))
+
+    checkpoint = torch.load(finetuned, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = "lightning_act.tasks.image_classification.ImageClassifier"
+    torch.save(checkpoint, finetuned)  # as lightning_act fit writes it
+    config = tmp_path / "test.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "limit_test_batches": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"class_path": "lightning_act.tasks.image_classification.ImageClassifier",
+                  "init_args": {**TINY_KAT, "warmup_steps": 0}},
+        "data": {"class_path": "lightning_act.data.images.ImageDataModule",
+                 "init_args": {"image_size": 8, "in_chans": 1, "batch_size": 16}},
+    }))
+    monkeypatch.chdir(tmp_path)
+    assert main(["test", "--config", str(config), "--ckpt_path", str(finetuned)]) == 0
+    assert "lightning_act: error" not in capsys.readouterr().err

@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_act.checkpointing import restoring_from_checkpoint, weights_from_checkpoint
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
 from lightning_act.tasks.classification import ClassificationTask
 
@@ -114,7 +117,8 @@ class ImageClassifier(ClassificationTask):
     sample ``i`` with sample ``B-1-i``, so an odd training batch drops its last sample. Training
     accuracy is then measured against the dominant label of each mixed target.
     ``checkpoint_path`` loads weights into the timm model (official KAT checkpoints are remapped by
-    the model's ``checkpoint_filter_fn``); nothing is downloaded.
+    the model's ``checkpoint_filter_fn``); nothing is downloaded. A Lightning checkpoint of a model fine-tuned that
+    way loads (``load_from_checkpoint``, ``lightning_act test --ckpt_path``) without that file: it holds every weight.
     """
 
     def __init__(
@@ -160,7 +164,13 @@ class ImageClassifier(ClassificationTask):
                 f"timm has no model '{model_name}'; pick one from timm.list_models() (KAT models need `import lightning_act`)"
             ) from err
         if checkpoint_path:
-            load_timm_checkpoint(self.model, model_name, checkpoint_path)
+            if restoring_from_checkpoint() and not Path(checkpoint_path).is_file():
+                # a Lightning checkpoint of this model follows and holds every weight: the initial weights of the
+                # fine-tuning need not be on this machine any more
+                rank_zero_info(f"ImageClassifier: checkpoint_path '{checkpoint_path}' is not here; the weights come "
+                               "from the Lightning checkpoint being loaded")
+            else:
+                load_timm_checkpoint(self.model, model_name, checkpoint_path)
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             from timm.data import Mixup
@@ -175,6 +185,13 @@ class ImageClassifier(ClassificationTask):
                 num_classes=num_classes,
             )
         self.init_metrics(num_classes)
+
+    @_restricted_classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> Any:
+        """``LightningModule.load_from_checkpoint``; the ``checkpoint_path`` file the model was fine-tuned from need not
+        be there any more (the checkpoint holds every weight)."""
+        with weights_from_checkpoint():
+            return super().load_from_checkpoint(*args, **kwargs)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
