@@ -868,9 +868,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if user_error is None:
             raise
         if _is_rank_zero():
-            print(f"lightning_act: error: {user_error}", file=sys.stderr)
+            print(f"lightning_act: error: {_worker_message(user_error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _worker_message(err: LightningActError) -> str:
+    """The error's own line. Raised in a DataLoader worker, torch re-raises it as the same class with a message of
+    "Caught <Error> in DataLoader worker process N." and the worker's whole traceback: its last line is the one."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    last = text.strip().splitlines()[-1]
+    name = type(err).__name__
+    for prefix in (f"{type(err).__module__}.{name}: ", f"{name}: "):
+        if prefix in last:
+            return last.split(prefix, 1)[1]
+    return last
 
 
 def _user_error(err: BaseException) -> LightningActError | None:

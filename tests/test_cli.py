@@ -697,3 +697,26 @@ def test_limit_val_batches_1_is_one_batch_and_1_0_every_batch(tmp_path, where, v
     extra = ["--trainer.limit_val_batches", value] if where == "command line" else []
     Counting(args=["validate", "--config", str(config), *extra])
     assert seen == [([batches], type(value) if where == "yaml" else int if value.isdigit() else float)]
+
+
+def test_a_data_error_raised_in_a_dataloader_worker_is_its_own_line():
+    # Before: with num_workers > 0 the CLI printed "Caught DataFormatError in DataLoader worker process 0." and the
+    # worker's 25-line traceback: torch re-raises the worker's error as the same class with that text.
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_act.cli import _worker_message
+    from lightning_act.errors import DataFormatError
+
+    class Unreadable(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise DataFormatError("cannot read image 'cat/2.png'; remove or replace the file")
+
+    with pytest.raises(DataFormatError) as caught:
+        next(iter(DataLoader(Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)
+    assert _worker_message(caught.value) == "cannot read image 'cat/2.png'; remove or replace the file"
+    plain = DataFormatError("a line of its own")
+    assert _worker_message(plain) == "a line of its own"
