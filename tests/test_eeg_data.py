@@ -466,3 +466,31 @@ def test_a_split_without_a_preictal_window_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError) as error:
         dm.setup()  # of 2 seizure files, one goes to validation and one to test
     assert "no seizure file fell in it; lower --data.val_fraction" in _one_line(error)
+
+
+def test_a_test_split_without_preictal_windows_warns_once_per_test_run(chb_folder) -> None:
+    """A seizure-free held-out split still measures false detections, but its AUROC and sensitivity are undefined.
+    Before: no word (train/val are checked at setup); the test logged test/auroc = 0.0."""
+    import warnings
+
+    folder, signals = chb_folder
+    subject = folder / "chb99"
+    for i in (3, 4, 5):  # three more seizure-free files: the stratified split puts round(0.3 * 4) = 1 of them in test
+        _write_edf(subject / f"chb99_{i:02d}.edf", signals[0], 32)
+    summary = SUMMARY_PLAIN + "".join(f"\nFile Name: chb99_{i:02d}.edf\nNumber of Seizures in File: 0\n" for i in (3, 4, 5))
+    (subject / "chb99-summary.txt").write_text(summary)
+    dm = EEGSeizureDataModule(data_dir=str(folder), n_channels=3, horizon_minutes=1.0, postictal_minutes=0.5,
+                              val_fraction=0.0, test_fraction=0.3)
+    dm.setup()  # no warning at setup: a fit does not need the test split
+    assert len(dm.recordings["test"]) == 1 and dm.recordings["test"][0].seizures == []
+    assert (dm.test_set.labels == 1).sum() == 0 and len(dm.test_set) == 300 // 5
+    with pytest.warns(UserWarning, match=r"the test windows \(1 recording\(s\)\) hold no preictal window \(no seizure file"):
+        dm.test_dataloader()
+    # a test split with a seizure says nothing
+    with_seizure = EEGSeizureDataModule(n_channels=2, recording_minutes=30.0, n_train_recordings=1, n_val_recordings=1,
+                                        n_test_recordings=1)
+    with_seizure.setup()
+    assert (with_seizure.test_set.labels == 1).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_seizure.test_dataloader()

@@ -187,6 +187,45 @@ def test_mismatched_mask_shape_error(tmp_path: Path) -> None:
         load_scene(tmp_path / "scene.mat")
 
 
+def test_band_first_mat_cube_is_named_not_its_mask(tmp_path: Path) -> None:
+    """A (bands, rows, columns) cube as numpy/PyTorch pipelines save it, with its right (rows, columns) mask. Before:
+    "mask ... has shape (6, 5) but cube ... is 3x6 pixels; pass the ground-truth mask of this cube"."""
+    cube = np.random.default_rng(0).normal(size=(3, 6, 5))  # 3 bands of 6 x 5 pixels
+    mask = np.zeros((6, 5), np.uint8)
+    mask[2, 3] = 1
+    scipy.io.savemat(tmp_path / "scene.mat", {"cube": cube, "gt": mask})
+    with pytest.raises(DataFormatError) as error:
+        load_scene(tmp_path / "scene.mat")
+    message = str(error.value)
+    assert "\n" not in message and "pass the ground-truth mask" not in message
+    assert "(3, 6, 5)" in message and "looks band-first (bands, rows, columns)" in message
+    assert "np.moveaxis(cube, 0, -1)" in message
+    # the advice works: the moved cube loads, pixel (2, 3) holding the spectrum cube[:, 2, 3]
+    scipy.io.savemat(tmp_path / "moved.mat", {"cube": np.moveaxis(cube, 0, -1), "gt": mask})
+    scene = load_scene(tmp_path / "moved.mat")
+    np.testing.assert_allclose(scene.cube[2, 3], cube[:, 2, 3], rtol=1e-6)
+    assert scene.mask.sum() == 1 and scene.mask[2, 3]
+
+
+def test_spectral_nn_recipe_states_its_split() -> None:
+    """The header of recipes/spectral_nn.yaml: 24 scenes, round(0.25 * 24) = 6 test, round(0.15 * 24) = 4 val, 14 train
+    (it said 15 / 3 / 6)."""
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "spectral_nn.yaml").read_text()
+    claimed = tuple(int(v) for v in re.search(r"(\d+) train / (\d+) val / (\d+) test", text).groups())
+    data = yaml.safe_load(text)["data"]["init_args"]
+    n = data["num_scenes"]
+    by_hand = (n - round(data["val_fraction"] * n) - round(data["test_fraction"] * n), round(data["val_fraction"] * n),
+               round(data["test_fraction"] * n))
+    assert by_hand == (14, 4, 6) and claimed == by_hand
+    dm = HyperspectralDataModule(**data)
+    dm.setup()
+    assert tuple(len(dm.scenes[s]) for s in ("train", "val", "test")) == claimed
+
+
 def test_unknown_interleave_error(tmp_path: Path) -> None:
     header = _write_envi(tmp_path, np.zeros((2, 3, 4), np.float32), "bsq")
     header.write_text(header.read_text().replace("interleave = bsq", "interleave = bxq"))

@@ -340,3 +340,150 @@ def test_auroc_keeps_the_order_of_confident_windows(dtype: torch.dtype) -> None:
     task.validation_step((torch.zeros(6, 3, 32), labels), 0)
     task.test_step((torch.zeros(6, 3, 32), labels), 0)
     assert float(task.val_auroc.compute()) == 1.0 and float(task.test_auroc.compute()) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Test-stream metrics: partial streams, undefined AUROC, the sanity check (round 19)
+# --------------------------------------------------------------------------------------------
+
+
+def _stream_recording(name: str, seconds: int, seizures: list[tuple[float, float]], positive_ends: list[int]):
+    """A 1 Hz, 3-channel recording cut into 10 s windows; _FixedLogits reads channel 0's first sample of each window:
+    +5 (probability 0.99) for windows ending at ``positive_ends``, else -5."""
+    from lightning_act.data.eeg import EEGRecording
+
+    data = np.full((3, seconds), -5.0, dtype=np.float32)
+    for end in positive_ends:
+        data[0, end - 10] = 5.0
+    return EEGRecording(name=name, data=data, sampling_rate=1.0, seizures=seizures)
+
+
+class _StreamData(pl.LightningDataModule):
+    """Two test recordings, horizon 100 s, post-ictal 50 s, 10 windows a batch (``sampler``: the order, if given).
+
+    A (600 s, seizure 330-350 s, positive windows ending at 50, 250, 360, 550 s), by hand: 50 false (330 - 50 > 100),
+    250 true (lead 80 s), 360 ignored (post-ictal [330, 400)), 550 false; interictal 600 - [230, 400) = 430 s.
+    B (400 s, seizure 200-210 s, positives at 50 and 150 s): 50 false, 150 true (lead 50 s); interictal
+    400 - [100, 260) = 240 s."""
+
+    horizon_s, postictal_s = 100.0, 50.0
+
+    def __init__(self, sampler: list[int] | None = None, seizure_free: bool = False) -> None:
+        super().__init__()
+        from lightning_act.data.eeg import EEGWindows
+
+        a = _stream_recording("A", 600, [] if seizure_free else [(330.0, 350.0)], [50, 250, 360, 550])
+        b = _stream_recording("B", 400, [] if seizure_free else [(200.0, 210.0)], [50, 150])
+        self.recordings = {"test": [a, b]}
+        self.test_set = EEGWindows([a, b], 10, 10, self.horizon_s, self.postictal_s, np.zeros(3), np.ones(3), continuous=True)
+        self.sampler = sampler
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=10, sampler=self.sampler)
+
+
+def _stream_test(data: _StreamData, limit: int | float = 1.0) -> tuple[dict, list[str]]:
+    import warnings
+
+    task = _FixedLogits(**TINY, alarm_threshold=0.5, alarm_k=1, alarm_n=1, refractory_minutes=0.0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_test_batches=limit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = trainer.test(task, data, verbose=False)[0]
+    return result, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    ("batches", "seizures", "false_alarms", "interictal_s", "lead_s"),
+    [
+        # the whole stream: A and B as in _StreamData's doc
+        (1.0, (2, 2), 3, 430 + 240, [80, 50]),
+        # 4 batches = A's windows ending 10..400 s: span [0, 400], its seizure counted; alarms 50 false, 250 true,
+        # 360 ignored; interictal 400 - [230, 400) = 230 s. Before: pooled with B's seizure and hours (0.5, 5.37/h).
+        (4, (1, 1), 1, 230, [80]),
+        # 3 batches = A up to 300 s: the onset at 330 s lies beyond the span, a nearby seizure: alarm 250 ignored (not
+        # false), [230, 300) not interictal; no seizure scored (sensitivity NaN); interictal 230 s
+        (3, (0, 0), 1, 230, []),
+        # 8 batches = all of A (span [0, 600]) + B up to 200 s (onset 200 in its span: alarm 150 predicts it, 50 false);
+        # interictal 430 + 200 - [100, 200) = 530 s
+        (8, (2, 2), 3, 430 + 100, [80, 50]),
+    ],
+)
+def test_alarm_metrics_of_a_partial_test_stream_cover_the_scored_span(batches, seizures, false_alarms, interictal_s, lead_s) -> None:
+    result, said = _stream_test(_StreamData(), batches)
+    n_seizures, predicted = seizures
+    expected_sensitivity = predicted / n_seizures if n_seizures else math.nan
+    np.testing.assert_allclose(result["test/sensitivity"], expected_sensitivity, rtol=1e-6)
+    assert result["test/false_detections_per_hour"] == pytest.approx(false_alarms / (interictal_s / 3600.0), rel=1e-6)
+    expected_lead = np.mean(lead_s) / 60.0 if lead_s else math.nan
+    np.testing.assert_allclose(result["test/mean_lead_time_min"], expected_lead, rtol=1e-6)
+    partial = [m for m in said if "test stream is incomplete" in m]
+    if batches == 1.0:
+        assert partial == []
+    else:
+        scored = min(batches * 10, 100)
+        assert len(partial) == 1 and f"({scored} of 100 windows scored" in partial[0]
+
+
+def test_a_test_stream_scored_with_gaps_logs_no_alarm_metrics() -> None:
+    # A's windows 0-9 and 20-29: the k-of-n rule would run across the 100 s gap
+    result, said = _stream_test(_StreamData(sampler=list(range(10)) + list(range(20, 30))))
+    assert "test/sensitivity" not in result and "test/false_detections_per_hour" not in result
+    assert len([m for m in said if "scored with gaps" in m]) == 1
+
+
+def _auroc_by_pairs(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a positive > score of a negative) + half the ties, over all pairs."""
+    pos, neg = scores[labels == 1][:, None], scores[labels == 0][None, :]
+    return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
+
+
+def test_test_auroc_is_nan_with_one_warning_when_the_test_windows_hold_one_class() -> None:
+    """Before: test/auroc 0.0 and torchmetrics' "No positive samples" warning at every batch (10 here)."""
+    result, said = _stream_test(_StreamData(seizure_free=True))
+    assert math.isnan(result["test/auroc"])
+    assert not [m for m in said if "No positive samples" in m]
+    assert len([m for m in said if "test/auroc is undefined" in m]) == 1
+    assert math.isnan(result["test/sensitivity"])
+    assert result["test/false_detections_per_hour"] == pytest.approx(6 / (1000 / 3600.0), rel=1e-6)  # every alarm false
+    # with both classes the logged AUROC is the pairwise one over every labelled window
+    data = _StreamData()
+    result, said = _stream_test(data)
+    labels = data.test_set.labels
+    logits = np.array([data.test_set[i][0][0, 0].item() for i in range(len(data.test_set))])
+    keep = labels >= 0
+    assert result["test/auroc"] == pytest.approx(_auroc_by_pairs(logits[keep], labels[keep]), abs=1e-6)
+    assert not [m for m in said if "undefined" in m or "No positive samples" in m]
+
+
+def test_sanity_check_batches_of_one_class_neither_warn_nor_count_in_val_auroc() -> None:
+    """Lightning's 2 sanity batches hold interictal windows only (as the recipe's first val batches do). Before:
+    torchmetrics' "No positive samples" warning on every fit."""
+    import warnings
+
+    torch.manual_seed(0)
+    task = _FixedLogits(**TINY, adversarial_weight=0.0)
+    rng = np.random.default_rng(0)
+    labels = np.array([0.0] * 8 + [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])  # batches of 4: the first two one class
+    x = torch.zeros(16, 3, 32)
+    x[:, 0, 0] = torch.from_numpy(rng.normal(size=16) + labels).float()
+    val = DataLoader(TensorDataset(x, torch.from_numpy(labels).float()), batch_size=4)
+    train = _batches(1, [0.0, 1.0])
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(task, train, val)
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "No positive samples" in m or "undefined" in m]
+    expected = _auroc_by_pairs(x[:, 0, 0].double().numpy(), labels)
+    assert float(trainer.callback_metrics["val/auroc"]) == pytest.approx(expected, abs=1e-6)
+    # a validation epoch of one class: NaN and one warning, not 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(task, DataLoader(TensorDataset(x[:8], torch.zeros(8)), batch_size=4), verbose=False)
+        trainer.validate(task, DataLoader(TensorDataset(x[:8], torch.zeros(8)), batch_size=4), verbose=False)
+    assert math.isnan(float(trainer.callback_metrics["val/auroc"]))
+    assert len([m for m in map(str, (w.message for w in caught)) if "val/auroc is undefined" in m]) == 1
+    assert not [w for w in caught if "No positive samples" in str(w.message)]

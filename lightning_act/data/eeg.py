@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 import torch
-from torch.utils.data import Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError
@@ -880,8 +881,30 @@ class EEGSeizureDataModule(SplitDataModule):
         self._check_preictal_windows()
         self.train_set, self.val_set, self.test_set = self.datasets["train"], self.datasets["val"], self.datasets["test"]
 
+    def test_dataloader(self) -> DataLoader:
+        """The continuous test stream; warns when it holds no preictal window (see :meth:`_warn_seizure_free_test`)."""
+        loader = super().test_dataloader()
+        self._warn_seizure_free_test()
+        return loader
+
+    def _warn_seizure_free_test(self) -> None:
+        """A seizure-free test split is legitimate (it measures false detections per hour) but has no window AUROC
+        and no sensitivity: say so once per test run instead of letting them read as measurements."""
+        dataset = self.datasets.get("test")
+        if dataset is None or len(dataset) == 0 or (dataset.labels == 1).any():
+            return
+        recordings = self.recordings.get("test", [])
+        seizures = sum(len(rec.seizures) for rec in recordings)
+        cause = "no seizure file fell in it" if seizures == 0 else f"its {seizures} seizure(s) leave no labelled window before them"
+        rank_zero_warn(
+            f"EEGSeizureDataModule: the test windows ({len(recordings)} recording(s)) hold no preictal window ({cause}): "
+            "test/auroc and test/sensitivity are undefined (NaN), only test/false_detections_per_hour is measured; "
+            "for them, add seizure files or change --data.test_fraction / --data.seed"
+        )
+
     def _check_preictal_windows(self) -> None:
-        """A training or validation set without a preictal window trains one class, or gives an AUROC of nothing."""
+        """A training or validation set without a preictal window trains one class, or gives an AUROC of nothing.
+        (A test split without one is allowed: it still measures false detections; ``test_dataloader`` warns.)"""
         for split in ("train", "val"):
             dataset = self.datasets[split]
             if len(dataset) == 0 or (dataset.labels == 1).any():

@@ -428,6 +428,14 @@ def load_scene(
             f"mask {mask_path or file} has {int((~np.isfinite(labels)).sum())} non-finite values; pass a mask of class "
             "numbers (0 for background)"
         )
+    if suffix == ".mat" and labels.shape != cube.shape[:2] and labels.shape == cube.shape[1:]:
+        # numpy/PyTorch order (bands, rows, columns): the mask is right, the cube's axes are not (ENVI's come from its header)
+        transposed = " (or, if it is (rows, columns, bands), the mask is transposed)" if labels.shape == cube.shape[1::-1] else ""
+        raise DataFormatError(
+            f"cube '{file}' has shape {cube.shape} and its mask {labels.shape} matches the last two axes: the cube looks "
+            f"band-first (bands, rows, columns){transposed}; save it as (rows, columns, bands), e.g. "
+            "scipy.io.savemat(path, {'cube': np.moveaxis(cube, 0, -1), ...})"
+        )
     if labels.shape != cube.shape[:2]:
         raise DataFormatError(
             f"mask {mask_path or file} has shape {labels.shape} but cube '{file}' is {cube.shape[0]}x{cube.shape[1]} "

@@ -42,7 +42,13 @@ from torch import nn
 
 from lightning_act.errors import LightningActError
 from lightning_act.eval.ranking import ranking_scores
-from lightning_act.eval.seizure_alarms import evaluate_recordings
+from lightning_act.eval.seizure_alarms import (
+    AlarmReport,
+    combine_reports,
+    evaluate_alarms,
+    evaluate_recordings,
+    raise_alarms,
+)
 from lightning_act.models.stan import STAN
 
 
@@ -120,6 +126,81 @@ def _whole_stream(outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> t
     return rec_idx[first], times[first], probs[first]
 
 
+def _scored_span_report(
+    rec_idx: np.ndarray,
+    times: np.ndarray,
+    probs: np.ndarray,
+    recordings: list,
+    index: np.ndarray,
+    window_samples: int,
+    alarm_rule: dict,
+    horizon_s: float,
+    postictal_s: float,
+) -> AlarmReport | None:
+    """Alarm metrics of a partial test stream (``limit_test_batches``, ``fast_dev_run``), over what was scored.
+
+    Each recording with scored windows is evaluated on its scored span only: from the start of its first scored window
+    (0 if that is its first window) to the end of its last (its duration if that is its last window); its seizures with
+    an onset in the span are counted, the others act as nearby seizures (alarms before or after them are ignored,
+    their horizon and recovery are not interictal). Recordings without a scored window are left out. Warns once with
+    the counts; returns ``None`` (and warns) when a recording's scored windows are not one run of its windows, on
+    which the k-of-n rule would run over a gap."""
+    reports, partial = [], 0
+    for r, rec in enumerate(recordings):
+        mine = rec_idx == r
+        if not mine.any():
+            continue
+        order = np.argsort(times[mine], kind="stable")
+        ends, p = times[mine][order], probs[mine][order]
+        expected = np.sort((index[index[:, 0] == r, 1] + window_samples) / rec.sampling_rate)
+        first = int(np.searchsorted(expected, ends[0] - 1e-6))
+        run = expected[first : first + len(ends)]
+        if len(run) != len(ends) or not np.allclose(run, ends, rtol=0.0, atol=1e-6):
+            rank_zero_warn(
+                f"SeizureForecaster: the test stream of recording {r} ('{rec.name}') was scored with gaps "
+                f"({len(ends)} of its {len(expected)} windows, not one run): test/sensitivity, "
+                "test/false_detections_per_hour and test/mean_lead_time_min need consecutive windows and are not logged"
+            )
+            return None
+        start = 0.0 if first == 0 else float(ends[0]) - window_samples / rec.sampling_rate
+        stop = rec.duration_s if first + len(ends) == len(expected) else float(ends[-1])
+        partial += int(first > 0 or first + len(ends) < len(expected))
+        own = [(s, e) for s, e in rec.seizures if start <= s <= stop]
+        others = [(s, e) for s, e in rec.seizures if not start <= s <= stop] + list(rec.nearby_seizures)
+        alarms = raise_alarms(ends, p, **alarm_rule)
+        reports.append(
+            evaluate_alarms(
+                alarms, [s for s, _ in own], stop - start, [e for _, e in own], horizon_s, postictal_s, start_s=start,
+                nearby_s=others,
+            )
+        )
+    report = combine_reports(reports)
+    rank_zero_warn(
+        f"SeizureForecaster: the test stream is incomplete ({len(rec_idx)} of {len(index)} windows scored, e.g. "
+        f"limit_test_batches or fast_dev_run): test/sensitivity, test/false_detections_per_hour and "
+        f"test/mean_lead_time_min cover the scored span of {len(reports)} of {len(recordings)} recordings only "
+        f"({partial} of them in part; {report.n_seizures} seizure(s), {report.interictal_hours:.3g} interictal hours), "
+        "not the whole test split"
+    )
+    return report
+
+
+class _ClassCounts(torchmetrics.Metric):
+    """Labelled windows per class ``(interictal, preictal)``, summed over ranks: whether an AUROC is defined."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(2, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, target: torch.Tensor) -> None:
+        self.counts += torch.bincount(target.long().flatten(), minlength=2)[:2]
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
 class SeizureForecaster(pl.LightningModule):
     """STAN classifier with a class-conditional domain critic on its embeddings (module doc)."""
 
@@ -178,6 +259,8 @@ class SeizureForecaster(pl.LightningModule):
         self.critic = DomainCritic(embed_dim, critic_hidden, n_domains)
         self.val_auroc = torchmetrics.classification.BinaryAUROC()
         self.test_auroc = torchmetrics.classification.BinaryAUROC()
+        self.val_classes, self.test_classes = _ClassCounts(), _ClassCounts()  # AUROC only where both classes were seen
+        self._warned_auroc: set[str] = set()
         self.test_loss = torchmetrics.MeanMetric()  # weighted by labelled windows, summed over ranks
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._warned_no_domain = False
@@ -267,8 +350,38 @@ class SeizureForecaster(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         self.log("val/loss", self._classifier_loss(logits, y), prog_bar=True, sync_dist=True)
-        self.val_auroc(ranking_scores(logits), y.long())  # a sigmoid ties confident windows (see ranking_scores)
-        self.log("val/auroc", self.val_auroc, prog_bar=True)
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return  # Lightning's few sanity batches (often one class only) would make torchmetrics warn; discarded anyway
+        # update, not forward: a per-batch AUROC would be computed (and warned about) for batches of one class
+        self.val_auroc.update(ranking_scores(logits), y.long())  # a sigmoid ties confident windows (see ranking_scores)
+        self.val_classes.update(y)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_auroc.reset()
+        self.val_classes.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._log_auroc("val", self.val_auroc, self.val_classes, prog_bar=True)
+
+    def _log_auroc(self, stage: str, auroc: torchmetrics.Metric, classes: _ClassCounts, prog_bar: bool = False) -> None:
+        """``<stage>/auroc`` when the epoch's labelled windows (all ranks) hold both classes; else NaN and one warning
+        (torchmetrics would return 0.0 and warn "No positive samples in targets")."""
+        if classes.update_count == 0:  # no batch on this rank: an empty update, so compute() does not warn
+            classes.update(torch.zeros(0, device=classes.counts.device))
+        counts = classes.compute().tolist()
+        if min(counts) > 0:
+            self.log(f"{stage}/auroc", auroc, prog_bar=prog_bar)
+            return
+        if stage not in self._warned_auroc and sum(counts) > 0:
+            missing = "preictal" if counts[1] == 0 else "interictal"
+            rank_zero_warn(
+                f"SeizureForecaster: the {stage} windows hold {counts[1]} preictal and {counts[0]} interictal labelled "
+                f"windows (no {missing} one): {stage}/auroc is undefined and logged as NaN"
+            )
+            self._warned_auroc.add(stage)
+        if sum(counts) > 0:
+            self.log(f"{stage}/auroc", math.nan, prog_bar=prog_bar)
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms."""
@@ -280,16 +393,20 @@ class SeizureForecaster(pl.LightningModule):
             # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches
             self.test_loss.update(self._classifier_loss(logits[labelled], y[labelled]), weight=labelled.sum())
             self.log("test/loss", self.test_loss)
-            self.test_auroc(ranking_scores(logits[labelled]), y[labelled].long())
-            self.log("test/auroc", self.test_auroc)
+            self.test_auroc.update(ranking_scores(logits[labelled]), y[labelled].long())
+            self.test_classes.update(y[labelled])
         if len(batch) == 4:
             self._test_outputs.append((batch[2].cpu().numpy(), batch[3].cpu().numpy(), probs.float().cpu().numpy()))
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
+        self.test_auroc.reset()
+        self.test_classes.reset()
 
     def on_test_epoch_end(self) -> None:
-        """Continuous-monitoring metrics when the datamodule exposes its held-out recordings."""
+        """Window AUROC when both classes were seen; continuous-monitoring metrics when the datamodule exposes its
+        held-out recordings."""
+        self._log_auroc("test", self.test_auroc, self.test_classes)
         datamodule = getattr(self.trainer, "datamodule", None)
         recordings = getattr(datamodule, "recordings", {}).get("test") if datamodule is not None else None
         if not recordings:
@@ -297,20 +414,34 @@ class SeizureForecaster(pl.LightningModule):
         rec_idx, times, probs = _whole_stream(self._test_outputs)
         if not len(rec_idx):
             return
-        report = evaluate_recordings(
-            rec_idx,
-            times,
-            probs,
-            [r.seizures for r in recordings],
-            [r.duration_s for r in recordings],
-            threshold=self.hparams.alarm_threshold,
-            k=self.hparams.alarm_k,
-            n=self.hparams.alarm_n,
-            refractory_s=self.hparams.refractory_minutes * 60.0,
-            horizon_s=datamodule.horizon_s,
-            postictal_s=datamodule.postictal_s,
-            nearby_seizures=[r.nearby_seizures for r in recordings],
-        )
+        alarm_rule = {
+            "threshold": self.hparams.alarm_threshold,
+            "k": self.hparams.alarm_k,
+            "n": self.hparams.alarm_n,
+            "refractory_s": self.hparams.refractory_minutes * 60.0,
+        }
+        dataset = getattr(datamodule, "test_set", None)
+        index, window = getattr(dataset, "index", None), getattr(dataset, "window_samples", None)
+        complete = index is None or window is None or len(rec_idx) >= len(index)  # (or no index to tell)
+        if complete or int(rec_idx.max()) >= len(recordings):  # the whole stream; or unknown recordings: one-line error
+            report = evaluate_recordings(
+                rec_idx,
+                times,
+                probs,
+                [r.seizures for r in recordings],
+                [r.duration_s for r in recordings],
+                **alarm_rule,
+                horizon_s=datamodule.horizon_s,
+                postictal_s=datamodule.postictal_s,
+                nearby_seizures=[r.nearby_seizures for r in recordings],
+            )
+        else:
+            report = _scored_span_report(
+                rec_idx, times, probs, recordings, np.asarray(index), window, alarm_rule, datamodule.horizon_s,
+                datamodule.postictal_s,
+            )
+            if report is None:
+                return
         self.log("test/sensitivity", report.sensitivity)
         self.log("test/false_detections_per_hour", report.false_detections_per_hour)
         self.log("test/mean_lead_time_min", report.mean_lead_time_s / 60.0)
