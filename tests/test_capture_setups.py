@@ -1307,3 +1307,48 @@ def test_an_activation_registered_after_its_mlp_projections_is_read_along_its_ow
     sample, token, feature = np.unravel_index(np.argmax(magnitude), magnitude.shape)
     assert massive.history["massive/mlp.act_fn/top0_token"].values[0] == token
     assert massive.history["massive/mlp.act_fn/top0_feature"].values[0] == feature
+
+
+class FakeModelOutput(dict):
+    """What transformers' ``ModelOutput`` is to a hook: an ordered dict of the non-None fields with ``to_tuple``."""
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+
+class ModelOutputEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+
+    def forward(self, x):
+        hidden = self.proj(x)
+        return FakeModelOutput(last_hidden_state=hidden, pooler_output=hidden.mean(1))
+
+
+class ModelOutputClassifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = ModelOutputEncoder(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(x)["last_hidden_state"].mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_hugging_face_model_output_is_read_by_its_last_hidden_state():
+    # Before: a tapped HF backbone's ModelOutput (a dict) gave the monitors nothing, with a warning listing causes.
+    torch.manual_seed(0)
+    model = ModelOutputClassifier()
+    seen = []
+    model.encoder.proj.register_forward_hook(lambda m, a, out: seen.append(out.detach().double().numpy().copy()))
+    monitor = ActivationStats(modules=["encoder"], every_n_steps=1)
+    data = DataLoader(TensorDataset(torch.randn(4, 5, 4)), batch_size=4)
+    quiet_trainer(max_steps=1, callbacks=[monitor]).fit(model, data)
+    assert monitor.history["act/encoder/count"].values == [4 * 5 * 8]
+    np.testing.assert_allclose(monitor.history["act/encoder/mean"].values, [seen[0].mean()], rtol=1e-5)
