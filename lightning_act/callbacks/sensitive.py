@@ -710,6 +710,8 @@ class SensitiveNeurons(FitScopedState):
                 continue
             embedding = self._broadcast(clean[tap.name])
             window = self.embeddings.setdefault(tap.name, [])
+            if window and window[-1].device != embedding.device:  # restored mid-fit (a learning-rate finder's trial
+                window[:] = [held.to(embedding.device) for held in window]  # checkpoint): loaded on the CPU
             if window and window[-1].shape != embedding.shape:
                 self._restart_tap(tap.name, tuple(window[-1].shape), tuple(embedding.shape), step)
             window.append(embedding)
