@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_act.errors import ModuleSelectionError
+from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.nn.dopamine import (
     DopamineGate,
     adapt_model,
@@ -373,3 +373,23 @@ def test_a_module_and_one_inside_it_are_not_both_selected() -> None:
     with pytest.raises(ModuleSelectionError, match=r"^modules '1' and '1.0' are both selected but the first contains"):
         adapt_model(model, ["1", "1.0"], example_input=torch.randn(2, 4))
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_example_input_may_be_keyword_arguments_and_a_failing_call_is_one_line():
+    # Before: adapt_model called model(example_input) only: an encoder-decoder (T5) or a dict of inputs failed with
+    # the model's own traceback.
+    class EncoderDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.act, self.dec = nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 4)
+
+        def forward(self, input_ids, decoder_input_ids):
+            return self.dec(self.act(self.enc(input_ids))) + decoder_input_ids
+
+    model = EncoderDecoder()
+    gates = adapt_model(model, ["torch.nn.GELU"], example_input={"input_ids": torch.randn(2, 4),
+                                                                  "decoder_input_ids": torch.randn(2, 4)})
+    assert [gate.num_features for gate in gates.values()] == [6]
+    with pytest.raises(LightningActError, match=r"running the model on example_input failed \(TypeError: .*\); pass "
+                       "what its forward takes"):
+        adapt_model(EncoderDecoder(), ["torch.nn.GELU"], example_input=torch.randn(2, 4))

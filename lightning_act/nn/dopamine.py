@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lightning_act.capture.layout import declared_batch_first
-from lightning_act.errors import ModuleSelectionError
+from lightning_act.errors import LightningActError, ModuleSelectionError
 
 ModulePattern = str | type
 GateForm = Literal["independent", "coupled"]
@@ -255,7 +255,8 @@ def infer_widths(
 ) -> dict[str, int]:
     """Width (neurons) at the input of each named module.
 
-    With ``example_input`` the widths are read from one forward pass. Without it a module takes the
+    With ``example_input`` (a tensor, or a dict of keyword arguments) the widths are read from one forward pass.
+    Without it a module takes the
     ``out_features`` of the ``nn.Linear`` registered just before it in the same parent, and only where that Linear
     must be its input: in an ``nn.Sequential``, or as the parent's only Linear before it (``fc1`` before ``act`` in
     a timm ``Mlp``). Registration order is not call order elsewhere (``nn.TransformerEncoderLayer`` registers
@@ -273,7 +274,17 @@ def infer_widths(
         try:
             model.eval()
             with torch.no_grad():
-                model(example_input)
+                if isinstance(example_input, dict):  # keyword arguments (a Hugging Face model's input_ids=...)
+                    model(**example_input)
+                else:
+                    model(example_input)
+        except Exception as error:
+            first_line = (str(error).splitlines() or [""])[0]
+            raise LightningActError(
+                f"running the model on example_input failed ({type(error).__name__}: {first_line}); pass what its "
+                "forward takes: a tensor, or a dict of its keyword arguments (e.g. input_ids=..., "
+                "decoder_input_ids=... for an encoder-decoder)"
+            ) from error
         finally:
             restore_training_modes(modes)
             for handle in handles:
