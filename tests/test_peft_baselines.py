@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,7 +83,7 @@ def test_gradients_only_reach_adapters() -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ModuleSelectionError, match="nn.Linear only"):
+    with pytest.raises(ModuleSelectionError, match="nn.Linear and Hugging Face Conv1D only"):
         apply_lora(_mlp(), [nn.GELU])
     with pytest.raises(ModuleSelectionError, match="rank must be >= 1"):
         LoRALinear(nn.Linear(2, 2), rank=0)
@@ -161,3 +163,36 @@ def test_dopamine_gates_added_after_lora_leave_the_lora_matrices_trainable() -> 
         "0.lora_a", "0.lora_b", *(f"{i}.{p}" for i in (1, 3) for p in ("tau", "gain", "leak"))
     }
     assert count_trainable(model) == 2 * (10 + 6) + 3 * (6 + 4)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2's layers): ``x @ W + b`` with ``W`` stored ``(in, out)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def test_lora_wraps_a_hugging_face_conv1d_as_gpt2_stores_it() -> None:
+    # Before: refused ("LoRA wraps nn.Linear only"): GPT-2's attention and MLP could not be adapted at all.
+    model = nn.Sequential(Conv1D(nf=6, nx=4), nn.GELU(), Conv1D(nf=3, nx=6)).double()
+    wrapped = apply_lora(model, ["0", "2"], rank=2, alpha=4.0)
+    assert [(w.lora_a.shape, w.lora_b.shape) for w in wrapped.values()] == [((2, 4), (6, 2)), ((2, 6), (3, 2))]
+    for layer in wrapped.values():
+        with torch.no_grad():
+            layer.lora_b.normal_()
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    h = x
+    for layer in (wrapped["0"], wrapped["2"]):
+        w, b = layer.base.weight.detach().numpy(), layer.base.bias.detach().numpy()
+        a, bb = layer.lora_a.detach().numpy(), layer.lora_b.detach().numpy()
+        h = h @ w + b + (4.0 / 2) * h @ a.T @ bb.T
+        if layer is wrapped["0"]:
+            h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+    np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), h, rtol=1e-10)
+    assert count_trainable(model) == 2 * (4 + 6) + 2 * (6 + 3)

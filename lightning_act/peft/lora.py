@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_act.capture.layout import is_hugging_face_conv1d
 from lightning_act.errors import ModuleSelectionError
 from lightning_act.nn.dopamine import (
     FrozenModuleAdapter,
@@ -35,20 +36,33 @@ from lightning_act.nn.dopamine import (
 )
 
 
-class LoRALinear(FrozenModuleAdapter):
-    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update scaled by ``alpha / rank`` (in the base
-    weight's dtype and on its device)."""
+def linear_widths(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of an ``nn.Linear`` or of Hugging Face's ``Conv1D`` (GPT-2's ``c_attn``/``c_fc``/``c_proj``: a
+    Linear whose weight is stored ``(in, out)``); None for other modules."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_hugging_face_conv1d(module):
+        return module.nx, module.nf
+    return None
 
-    def __init__(self, base: nn.Linear, rank: int = 1, alpha: float | None = None) -> None:
+
+class LoRALinear(FrozenModuleAdapter):
+    """A frozen ``nn.Linear`` (or Hugging Face ``Conv1D``) plus a trainable rank-``rank`` update scaled by
+    ``alpha / rank`` (in the base weight's dtype and on its device)."""
+
+    def __init__(self, base: nn.Module, rank: int = 1, alpha: float | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise ModuleSelectionError(f"LoRA rank must be >= 1, got {rank}; pass lora_rank >= 1")
         self.base = base
         self.rank = rank
         self.scaling = (float(alpha) if alpha is not None else float(rank)) / rank
+        widths = linear_widths(base)
+        if widths is None:
+            raise ModuleSelectionError(f"LoRA wraps nn.Linear or Hugging Face Conv1D, not {type(base).__name__}")
         like = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **like))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **like))
+        self.lora_a = nn.Parameter(torch.empty(rank, widths[0], **like))
+        self.lora_b = nn.Parameter(torch.zeros(widths[1], rank, **like))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def extra_repr(self) -> str:
@@ -81,11 +95,14 @@ def apply_lora(
     rank: int = 1,
     alpha: float | None = None,
 ) -> dict[str, LoRALinear]:
-    """Freeze ``model`` and wrap every selected ``nn.Linear`` with :class:`LoRALinear` (in place)."""
+    """Freeze ``model`` and wrap every selected ``nn.Linear`` (or Hugging Face ``Conv1D``: GPT-2's layers) with
+    :class:`LoRALinear` (in place)."""
     chosen = select_modules(model, modules)
-    not_linear = [n for n, m in chosen if not isinstance(m, nn.Linear)]
+    not_linear = [n for n, m in chosen if linear_widths(m) is None]
     if not_linear:
-        raise ModuleSelectionError(f"LoRA wraps nn.Linear only but {not_linear} are not; select Linear layers")
+        raise ModuleSelectionError(
+            f"LoRA wraps nn.Linear and Hugging Face Conv1D only but {not_linear} are not; select Linear layers"
+        )
     # nn.MultiheadAttention reads out_proj.weight itself instead of calling out_proj: a wrapper would crash there
     attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
     read_directly = [name for name, _ in chosen if name.rpartition(".")[::2] in {(a, "out_proj") for a in attention}]
