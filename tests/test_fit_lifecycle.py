@@ -266,6 +266,30 @@ def test_a_callback_reused_to_resume_a_run_that_had_none_starts_empty(tmp_path):
     assert all(steps == [4, 6] for steps in history_steps(reused).values())
 
 
+def test_a_resume_with_settings_that_change_a_statistics_meaning_says_so_once(tmp_path):
+    # Before: resumed with another threshold, zero_frac went on in the same series with another meaning, silently.
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    torch.manual_seed(0)
+    quiet_trainer(max_steps=2, callbacks=[ActivationSparsity(modules=["@blocks"], every_n_steps=1), saver],
+                  enable_checkpointing=True).fit(ToyTask(BlockNet()), ToyData())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain values: loadable as weights
+    assert any(state.get("settings", {}).get("threshold") == 0.0 for state in checkpoint["callbacks"].values())
+
+    def resume(**settings):
+        monitor = ActivationSparsity(modules=["@blocks"], every_n_steps=1, **settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(max_steps=4, callbacks=[monitor]).fit(ToyTask(BlockNet()), ToyData(),
+                                                               ckpt_path=str(tmp_path / "last.ckpt"))
+        return [str(w.message) for w in caught if "other settings" in str(w.message)]
+
+    assert resume() == []
+    said = resume(threshold=0.1)
+    assert len(said) == 1 and "(threshold=0.0 then 0.1)" in said[0]
+    said = resume(threshold=0.1, temporal_dim=1)
+    assert len(said) == 1 and "(threshold=0.0 then 0.1; temporal_dim=None then 1)" in said[0]
+
+
 def test_a_probe_reused_in_a_second_fit_probes_its_step_0():
     massive = MassiveActivations(modules=["net.blocks.0"], every_n_steps=50, probe="val")
     quiet_trainer(max_steps=2, callbacks=[massive]).fit(ToyTask(BlockNet()), ToyData())

@@ -20,6 +20,7 @@ class ActivationStats(ActivationMonitor):
     """
 
     prefix = "act"
+    meaning_settings = ("zero_threshold",)
     default_modules = ("@activations", "@blocks")
     heatmap_stat = "rms"
 

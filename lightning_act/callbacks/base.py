@@ -337,6 +337,11 @@ def builds_layers_late(pl_module: torch.nn.Module) -> bool:
     return base is not None and any(is_overridden(hook, pl_module, base) for hook in ("setup", "configure_model"))
 
 
+def _plain(value: Any) -> Any:
+    """A setting as a checkpoint keeps it and compares it: tuples as lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 class FitScopedState(Callback):
     """The part of a monitor's state that belongs to one run: its histories (``history``) and whatever else its
     ``state_dict`` holds. Lightning hands a checkpoint's callback states to every callback, for a fit's ``ckpt_path``
@@ -362,10 +367,18 @@ class FitScopedState(Callback):
     _setup_waits = False
     _setting_up_late = False
 
+    #: The arguments that change what a logged statistic means (a threshold, the top-k): a resume with other values
+    #: goes on logging the same series, which is said once (see :meth:`load_state_dict`).
+    meaning_settings: ClassVar[tuple[str, ...]] = ()
+
+    def _settings(self) -> dict[str, Any]:
+        return {name: _plain(getattr(self, name)) for name in self.meaning_settings}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": {key: series.state_dict() for key, series in self.history.items()},
             "published": dict(self.__dict__.get("_published", {})),
+            "settings": self._settings(),
         }
 
     def restore_state(self, state_dict: dict[str, Any]) -> None:
@@ -442,6 +455,16 @@ class FitScopedState(Callback):
         keep, self._keeps_own_state = self._keeps_own_state, False
         if not keep:
             self.restore_state(state_dict)
+            held, now = state_dict.get("settings"), self._settings()
+            changed = [f"{name}={held[name]!r} then {now[name]!r}" for name in now if held and name in held
+                       and held[name] != now[name]]
+            if changed:
+                rank_zero_warn(
+                    f"{type(self).__name__}: this fit resumes a run measured with other settings ({'; '.join(changed)}); "
+                    "its series go on from the checkpoint's step with the new meaning (start a new run to keep one "
+                    "meaning per series)",
+                    category=UserWarning,
+                )
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING

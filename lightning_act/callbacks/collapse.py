@@ -165,6 +165,7 @@ class DimensionalCollapse(ActivationMonitor):
     """
 
     prefix = "collapse"
+    meaning_settings = ("max_rows", "variance_fraction", "warn_below")
     default_modules = ("@blocks", "@penultimate")
     heatmap_stat = "erank"
     unmeasured_reason = (

@@ -90,6 +90,7 @@ class MassiveActivations(ActivationMonitor):
     """
 
     prefix = "massive"
+    meaning_settings = ("abs_threshold", "ratio_threshold", "top_k", "probe", "probe_batches")
     default_modules = ("@blocks",)
     heatmap_stat = "ratio"
     reads_features = True  # the top-k positions name a token and a feature

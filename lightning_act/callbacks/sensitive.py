@@ -237,6 +237,7 @@ class SensitiveNeurons(FitScopedState):
     """
 
     prefix = "sensitive"
+    meaning_settings = ("window", "top_fraction", "eigenscore_passes", "num_moments", "num_probes", "alpha")
     default_modules: tuple[str, ...] = ("@penultimate",)
     reads_features = True  # neurons are features
 

@@ -75,6 +75,7 @@ class ActivationSparsity(ActivationMonitor):
     """
 
     prefix = "sparsity"
+    meaning_settings = ("threshold", "target_cett", "cett_grid_size", "cett_grid_range", "temporal_dim", "temporal_eps")
     default_modules = ("@activations",)
     heatmap_stat = "zero_frac"
     unmeasured_reason = (
