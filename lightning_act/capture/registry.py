@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 import warnings
 import weakref
@@ -267,12 +268,15 @@ class ForwardCutoff:
             raise _ForwardComplete
 
 
+_autocast_available = functools.cache(torch.amp.is_autocast_available)
+
+
 def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """The monitors' arithmetic in the tensor's own precision: under the training step's autocast the CETT and
     sketch matmuls ran in float16 (norms beyond 65504 became inf) or bfloat16. Not in inference mode either (a
     forward under ``torch.inference_mode()`` in the step): buffers made there refuse the in-place updates that
     follow. Nothing to enter in the usual case (~1 µs to ask, ~9 µs to enter both on a CPU)."""
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)  # not meta
+    autocast = _autocast_available(device_type) and torch.is_autocast_enabled(device_type)  # not on meta
     inference = torch.is_inference_mode_enabled()
     if not autocast and not inference:
         return contextlib.nullcontext()
