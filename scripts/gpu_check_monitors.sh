@@ -36,6 +36,7 @@ cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-./gpu_out}"
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step cut by its time limit keeps what it printed (timeout's SIGTERM flushes nothing)
 PYTHON="${PYTHON:-python}"
 BUDGET="${BUDGET:-450}"
 STATUS=0
@@ -73,7 +74,8 @@ run_step() {
   git rev-parse HEAD 2>/dev/null
 } | tee "$LOG_DIR/0_environment.log"
 
-# STEPS picks the steps to run (default: all but 2b), e.g. STEPS="1a 2 3d" for a quick diagnosis.
+# STEPS picks the steps to run (default: 1a 1b 2 3d 3a 3b; 2e, 3c, 3k and 2b on request, as gpu_check_all.sh asks),
+# e.g. STEPS="1a 2 3d" for a quick diagnosis.
 STEPS="${STEPS:-1a 1b 2 3d 3a 3b}"  # 2b (the launch-configuration sweep) on request
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
