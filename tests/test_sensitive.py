@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -684,12 +685,102 @@ def test_a_tap_run_on_other_rows_from_pass_to_pass_is_left_out_with_one_warning(
             return self.head(torch.cat([self.expert(routed), h[len(routed):]]))
 
     monitor = SensitiveNeurons(modules=["expert", "head:input"], every_n_steps=1, num_samples=16, window=2,
-                               eigenscore_passes=0)
+                               eigenscore_passes=0, drop=True, drop_checkpoints=10)
     with pytest.warns(UserWarning, match=r"expert runs on other rows of the same tracking batches from pass to pass") as w:
         fit(tmp_path, Routed(), [monitor], steps=5, limit_val_batches=0)
+    # nothing of it is kept that a resume would act on (its drop came back after a resume)
+    assert all("expert" not in state for state in (monitor.sensitive, monitor.countdown, monitor._drop_handles))
     assert sum("other rows of the same tracking batches" in str(x.message) for x in w) == 1
     # seen at the second checkpoint: only the first one's (empty) selection was logged before
     assert {key: series.steps for key, series in monitor.history.items() if key.startswith("sensitive/expert/")} == {
-        "sensitive/expert/count": [0], "sensitive/expert/selected": [0]}
+        "sensitive/expert/count": [0], "sensitive/expert/selected": [0], "sensitive/expert/dropping": [0]}
     assert "expert" not in monitor.embeddings
     assert len(monitor.history["sensitive/head-input/v_mean"].values) == 3  # the other tap is tracked as before
+
+
+def test_a_callback_reused_for_a_fit_with_another_tracking_set_tracks_it(tmp_path: Path) -> None:
+    # Before: the call rows of the first fit's tracking set (32) were kept, and the second fit's (20) made the tap
+    # look routed: it was left out, with a warning naming a mixture of experts.
+    monitor = SensitiveNeurons(every_n_steps=1, window=2, eigenscore_passes=0, tracking_inputs=torch.randn(32, 6))
+    fit(tmp_path / "a", Mlp(), [monitor], steps=3, limit_val_batches=0)
+    monitor.tracking_inputs = torch.randn(20, 6)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other rows of the same tracking batches.*")
+        fit(tmp_path / "b", Mlp(), [monitor], steps=3, limit_val_batches=0)
+    assert monitor.embeddings["head-input"][-1].shape == (20, 8)
+    assert len(monitor.history["sensitive/head-input/v_mean"].values) == 1
+
+
+class DropoutBeforeHead(Mlp):
+    """``body → drop → head``: the dropout is the head's sibling, so an input tap on the head reads through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(6, 8), nn.GELU())
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.hidden(x)))
+
+
+def test_the_dropout_read_through_of_a_tap_sends_drop_zeroes_reads_the_zeroed_dropout_input(tmp_path: Path) -> None:
+    # Before: the drop's pre-hook, run first, replaced the dropout's output, and the read-through no longer matched:
+    # zero_frac counted the dropout's zeros too (0.64 where the dropout's input with the set zeroed has 0.5).
+    from lightning_act.callbacks import ActivationSparsity
+
+    torch.manual_seed(0)
+    model = DropoutBeforeHead()
+    entering: dict[int, np.ndarray] = {}
+    steps = {"now": 0}
+    model.drop.register_forward_pre_hook(
+        lambda m, args: entering.__setitem__(steps["now"], args[0].detach().double().numpy().copy()) if m.training else None
+    )
+
+    class Step(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+            steps["now"] = trainer.global_step
+
+    send = SensitiveNeurons(every_n_steps=1, num_samples=16, window=2, top_fraction=0.5, drop=True,
+                            drop_checkpoints=10, eigenscore_passes=0)
+    sparsity = ActivationSparsity(modules=["head:input"], every_n_steps=1)
+    fit(tmp_path, model, [Step(), send, sparsity], steps=6, limit_val_batches=0)
+    dropped = send.sensitive["head-input"].numpy()  # chosen at step 2 (window 2), dropped from step 3 on
+    logged = dict(zip(sparsity.history["sparsity/head-input/zero_frac"].steps,
+                      sparsity.history["sparsity/head-input/zero_frac"].values))
+    for step in range(3, 6):
+        expected = entering[step].copy()
+        expected[:, dropped] = 0
+        assert logged[step] == pytest.approx(float((expected == 0).mean()), abs=1e-12), step
+    assert logged[2] == pytest.approx(float((entering[2] == 0).mean()), abs=1e-12)  # before the drop: no zeros
+
+
+def test_a_float64_tracking_input_failing_for_another_reason_is_not_blamed_on_its_dtype() -> None:
+    class Casting(SquaredOutputTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.float())  # casts its inputs itself
+
+    monitor = SensitiveNeurons(modules=["net.1"], every_n_steps=1, tracking_inputs=torch.randn(5, 3).double(),
+                               eigenscore_passes=0)
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(LightningActError, match=r"shapes cannot be multiplied.*pass forward_fn=") as caught:
+        trainer.fit(Casting(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+    assert "float64" not in str(caught.value)
+
+
+def test_sends_drop_zeroes_the_first_field_of_a_model_output() -> None:
+    class FakeModelOutput(dict):
+        def to_tuple(self) -> tuple:
+            return tuple(self.values())
+
+    module = nn.Identity().train()
+    hidden, pooled = torch.ones(2, 3, 4), torch.ones(2, 4)
+    zeroed = FeatureDrop(torch.tensor([1, 3])).after(module, (), FakeModelOutput(last_hidden_state=hidden,
+                                                                                  pooler_output=pooled))
+    assert type(zeroed) is FakeModelOutput and list(zeroed) == ["last_hidden_state", "pooler_output"]
+    assert zeroed["last_hidden_state"][..., [1, 3]].eq(0).all() and zeroed["last_hidden_state"][..., [0, 2]].eq(1).all()
+    assert zeroed["pooler_output"] is pooled

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,11 +123,14 @@ def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
     return (*x.shape[:axis], *x.shape[axis + 1 :])
 
 
-def _dtype_problem(inputs: torch.Tensor, pl_module: nn.Module) -> LightningActError | None:
+def _dtype_problem(inputs: torch.Tensor, pl_module: nn.Module, cause: BaseException | None) -> LightningActError | None:
     """The line for tracking inputs the model could not run on because of their floating dtype (numpy's float64 on a
-    float32 model: the precision plugin casts inputs under ``"64-true"`` and ``"bf16-true"`` only), if that is it."""
+    float32 model: the precision plugin casts inputs under ``"64-true"`` and ``"bf16-true"`` only), if that is it:
+    the failure (``cause``) is about dtypes."""
     dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
     if dtype is None or not inputs.is_floating_point() or inputs.dtype == dtype:
+        return None
+    if not any(word in str(cause) for word in ("dtype", "scalar type", "Double", "Half", "BFloat16")):
         return None
     return LightningActError(
         f"SensitiveNeurons: the model could not run on tracking_inputs, which are {inputs.dtype} where its parameters "
@@ -155,10 +158,18 @@ class FeatureDrop:
     the keyword argument ``parameter`` of a module called by keyword.
     """
 
-    def __init__(self, indices: torch.Tensor, parameter: str | None = None, layout: Layout = SAMPLE_FIRST) -> None:
+    def __init__(
+        self, indices: torch.Tensor, parameter: str | None = None, layout: Layout = SAMPLE_FIRST,
+        replaced: Callable[[Any, Any, Callable[[Any], Any]], None] | None = None,
+    ) -> None:
         self.indices = indices.to(torch.int64)
         self.parameter = parameter
         self.layout = layout
+        #: Told (original, zeroed, zeroing) of an input it replaced: the capture's dropout read-through follows.
+        self.replaced = replaced
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "replaced": None}  # bound to a capture registry, which is not pickled
 
     def _zero(self, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -175,7 +186,10 @@ class FeatureDrop:
         if not module.training:
             return None
         if args:
-            return (self._zero(args[0]), *args[1:]), kwargs
+            zeroed = self._zero(args[0])
+            if self.replaced is not None:
+                self.replaced(args[0], zeroed, self._zero)
+            return (zeroed, *args[1:]), kwargs
         if self.parameter in kwargs:
             return args, {**kwargs, self.parameter: self._zero(kwargs[self.parameter])}
         return None
@@ -188,6 +202,10 @@ class FeatureDrop:
             if hasattr(output, "_fields"):  # a namedtuple (a PackedSequence too) takes its fields one by one
                 return type(output)(self._zero(output[0]), *output[1:])
             return type(output)([self._zero(output[0]), *output[1:]])
+        if isinstance(output, dict) and output and callable(getattr(output, "to_tuple", None)):
+            fields = dict(output)  # a Hugging Face ModelOutput: its first field is what the capture reads
+            first = next(iter(fields))
+            return type(output)(**{**fields, first: self._zero(fields[first])})
         return self._zero(output)
 
 
@@ -395,6 +413,7 @@ class SensitiveNeurons(FitScopedState):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.begin_fit_state(trainer, pl_module)
+        self._call_rows, self._routed = {}, set()  # of this fit's tracking set (another fit may bring another)
         if not self.taps:
             return
         device = _module_device(pl_module)
@@ -403,7 +422,7 @@ class SensitiveNeurons(FitScopedState):
             try:
                 self._first_forward(trainer, pl_module, self._batches[0])
             except LightningActError as error:
-                raise _dtype_problem(self._batches[0], pl_module) or error from error.__cause__
+                raise _dtype_problem(self._batches[0], pl_module, error.__cause__) or error from error.__cause__
         elif self.custom_forward:
             self._batches = self._whole_validation_batches(trainer, pl_module, device)
             if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its shard only
@@ -663,7 +682,8 @@ class SensitiveNeurons(FitScopedState):
         if held == rows or name in self._routed:
             return
         self._routed.add(name)
-        self.embeddings.pop(name, None)
+        for state in (self.embeddings, self.sensitive, self.previous, self.countdown):
+            state.pop(name, None)  # nor is a drop put back at a resume
         self._remove_drop(name)
         rank_zero_warn(
             f"SensitiveNeurons: {name} runs on other rows of the same tracking batches from pass to pass (call rows "
@@ -828,7 +848,8 @@ class SensitiveNeurons(FitScopedState):
         self._remove_drop(tap.name)
         layout = self._layouts[self.taps.index(tap)]
         if tap.point == "input":
-            drop = FeatureDrop(indices, input_parameter(tap.module), layout)
+            replaced = functools.partial(self._registry.input_replaced, (id(tap.module), tap.point)) if self._registry else None
+            drop = FeatureDrop(indices, input_parameter(tap.module), layout, replaced)
             self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(
                 drop.before, with_kwargs=True, prepend=True
             )

@@ -399,6 +399,17 @@ class CaptureRegistry:
             self._forget_compiled_code()
         self.refresh()
 
+    def input_replaced(self, key: tuple[int, str], original: Any, replacement: Any, transform: Callable[[Any], Any]) -> None:
+        """A pre-hook ahead of the capture's (SeND's drop) replaced the input of tap ``key`` by ``replacement`` =
+        ``transform(original)``: where ``original`` came out of a dropout, the read-through reads the dropout's input
+        transformed alike (the zeroed features), as it would read ``original``'s."""
+        remembered = self.before_dropout.get(key)
+        if remembered is None or remembered[0] is None or first_tensor(remembered[0]) is not original:
+            return
+        if original._version != remembered[2] or not isinstance(replacement, torch.Tensor):
+            return
+        self.before_dropout[key] = (replacement, transform(remembered[1]), replacement._version)
+
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
         if self._remove(subscriber):
