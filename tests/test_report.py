@@ -836,3 +836,18 @@ def test_a_due_step_at_which_a_layer_logged_nothing_is_unknown_on_its_own_interv
     assert nan_tap["x"] == list(range(0, 80, 10)) and nan_tap["y"][2] is None and None not in nan_tap["y"][3:]
     assert "good: erank unknown" not in text and "added: erank unknown" not in text  # interval 10; from step 60 on
     assert "fast: erank unknown" not in text  # every 5 steps: not unknown at the other monitor's steps either
+
+
+def test_a_resume_with_another_interval_adds_no_unknown_steps(tmp_path: Path) -> None:
+    # Before: one interval over both versions (gcd of 2 and 3: 1) made net.1 unknown at step 3, where another
+    # DimensionalCollapse (every 3 steps) logged and net.1 was never due.
+    run = tmp_path / "run"
+    rows = [{"step": s, "collapse/net.1/erank": 1.0} for s in (0, 2, 4)] + [{"step": s, "collapse/net.3/erank": 2.0} for s in (0, 3)]
+    write_csv(run / "csv" / "version_0" / "metrics.csv", ["collapse/net.1/erank", "collapse/net.3/erank", "epoch", "step"], rows)
+    later = [{"step": s, "collapse/net.1/erank": 1.0} for s in (6, 9)] + [{"step": s, "collapse/net.3/erank": 2.0} for s in (6, 9)]
+    write_csv(run / "csv" / "version_1" / "metrics.csv", ["collapse/net.1/erank", "collapse/net.3/erank", "epoch", "step"], later)
+    os.utime(run / "csv" / "version_0" / "metrics.csv", (1, 1))
+    text = build_report(run, tmp_path / "r.html").read_text()
+    assert "unknown at" not in text
+    traces, _ = figure_for(text, "collapse-erank")
+    assert next(t for t in traces if t["name"] == "net.1")["x"] == [0, 2, 4, 6, 9]

@@ -101,23 +101,24 @@ def _with_silent_due_steps(
     logged: dict[str, set[float]], spans: dict[str, list[tuple[float, float]]]
 ) -> dict[str, set[float]]:
     """Each layer's logged steps and the due steps at which it logged nothing (every statistic unknown: a
-    ``DimensionalCollapse`` tap of NaN entries, a CETT-only tap): the steps another layer of the monitor logged, on
-    this layer's own interval (the greatest common divisor of its steps' distances: two monitors of one class on
-    other modules may log at other intervals) and within the CSV versions that logged it (``spans``; none known, no
-    step added)."""
-    due = set().union(*logged.values()) if logged else set()
+    ``DimensionalCollapse`` tap of NaN entries, a CETT-only tap): per CSV version that logged the layer (``spans``;
+    none known, no step added), the steps another layer of the monitor logged between the layer's first and last
+    logged steps there, on its own interval there (the greatest common divisor of the distances between them: a
+    second monitor of one class logging other modules more often, or a resume with another interval, adds none of
+    its steps)."""
+    due = sorted(set().union(*logged.values())) if logged else []
     extended: dict[str, set[float]] = {}
     for layer, steps in logged.items():
-        own = sorted(steps)
-        if len(own) < 2 or not spans.get(layer) or not all(float(step).is_integer() for step in own):
-            extended[layer] = steps
-            continue
-        interval = math.gcd(*(int(b - a) for a, b in zip(own, own[1:])))
-        extended[layer] = steps | {
-            step for step in due
-            if float(step).is_integer() and (int(step) - int(own[0])) % interval == 0
-            and any(first <= step < end for first, end in spans[layer])
-        }
+        extended[layer] = set(steps)
+        for first, end in dict.fromkeys(spans.get(layer, [])):
+            own = sorted(step for step in steps if first <= step < end)
+            if len(own) < 2 or not all(float(step).is_integer() for step in own):
+                continue
+            interval = math.gcd(*(int(b - a) for a, b in zip(own, own[1:])))
+            extended[layer] |= {
+                step for step in due
+                if own[0] < step < own[-1] and float(step).is_integer() and (int(step) - int(own[0])) % interval == 0
+            }
     return extended
 
 
