@@ -168,18 +168,22 @@ class LastCheckpoint(Checkpoint):
         self._last_saved_step = -1
         self._step_at_batch_start = -1
         self._best_source: Any = None  # the Trainer's first ModelCheckpoint, for best_model_path
+        self._best_path = ""  # best_model_path where there is no such source (the main process of ddp_spawn)
         self._wrote: Path | None = None  # the last.ckpt this callback wrote (not an earlier run's)
 
     @property
     def best_model_path(self) -> str:
         """The best checkpoint of the Trainer's first ``ModelCheckpoint`` (``""`` without one): Lightning reads it from
         ``trainer.checkpoint_callback``, the first ``Checkpoint`` callback, which may be this one."""
-        return self._best_source.best_model_path if self._best_source is not None else ""
+        return self._best_source.best_model_path if self._best_source is not None else self._best_path
 
     @best_model_path.setter
-    def best_model_path(self, value: str) -> None:  # Lightning's spawn launcher sets it back in the main process
+    def best_model_path(self, value: str) -> None:
+        # Lightning's spawn launcher sets it in the main process, where no setup ran: kept here then
         if self._best_source is not None:
             self._best_source.best_model_path = value
+        else:
+            self._best_path = value
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model_checkpoint = lightning_classes("callbacks.ModelCheckpoint")

@@ -559,7 +559,15 @@ def _build_cli_class() -> type:
                 super()._parse_ckpt_path()
                 return
             if not _is_local_file_protocol(ckpt_path):  # s3://, gs://, ...: Lightning reads it through fsspec
-                if not get_filesystem(ckpt_path).exists(ckpt_path):
+                try:
+                    exists = get_filesystem(ckpt_path).exists(ckpt_path)
+                except Exception as error:  # no filesystem package for the protocol (s3fs, gcsfs), no credentials
+                    first_line = (str(error).splitlines() or [type(error).__name__])[0]
+                    raise ConfigError(
+                        f"--ckpt_path '{ckpt_path}' cannot be read ({type(error).__name__}: {first_line}); install the "
+                        "fsspec package of its protocol (e.g. pip install s3fs) and check its credentials"
+                    ) from None
+                if not exists:
                     raise DataNotFoundError(f"--ckpt_path '{ckpt_path}' does not exist; pass an existing .ckpt file")
                 return  # as LightningCLI: the model is built from the config, not from the remote file's hyper-parameters
             if not Path(ckpt_path).is_file():

@@ -666,6 +666,11 @@ def test_a_remote_ckpt_path_is_read_through_fsspec_and_a_missing_one_is_one_line
         missing = remote.replace("last.ckpt", "gone.ckpt")
         err = one_line_error(tmp_path, capsys, monkeypatch, "test", "--config", str(config), "--ckpt_path", missing)
         assert err == f"lightning_act: error: --ckpt_path '{missing}' does not exist; pass an existing .ckpt file"
+        # a protocol whose fsspec package is not installed: one line naming it (was a 42-line ImportError traceback)
+        unreadable = "nosuchprotocol-r19://bucket/last.ckpt"
+        err = one_line_error(tmp_path, capsys, monkeypatch, "test", "--config", str(config), "--ckpt_path", unreadable)
+        assert err.startswith(f"lightning_act: error: --ckpt_path '{unreadable}' cannot be read (")
+        assert err.endswith("install the fsspec package of its protocol (e.g. pip install s3fs) and check its credentials")
     finally:
         fsspec.filesystem("memory").rm(f"r19-{os.getpid()}", recursive=True)
 

@@ -236,6 +236,10 @@ def test_best_ckpt_path_finds_the_model_checkpoints_best_whatever_the_callback_o
     alone.fit(ToyTask(BlockNet()), ToyData())
     with pytest.raises(ValueError, match="not configured to save the best model"):  # Lightning's own line
         alone.validate(datamodule=ToyData(), ckpt_path="best", verbose=False)
+    # ddp_spawn's main process, where no setup ran: the launcher sets the workers' best path on it (was dropped)
+    unset = LastCheckpoint()
+    unset.best_model_path = str(tmp_path / "ck" / "step=8.ckpt")
+    assert unset.best_model_path == str(tmp_path / "ck" / "step=8.ckpt")
 
 
 def _signalled_during_validation(signum):
