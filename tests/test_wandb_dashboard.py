@@ -226,3 +226,29 @@ def test_a_compact_project_is_told_by_its_keys() -> None:
     assert compact_from_keys(["massive/per_layer", "train/loss"])
     titles = [p.title for s in dashboard_spec(summary, compact=True) for p in s.panels]
     assert "massive/*/top1_value" not in titles and "massive/*/ratio" in titles
+
+
+def test_a_project_keeps_the_top_k_panels_while_one_of_its_runs_logged_the_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: the project's keys were pooled, and one CompactWandbLogger run hid the top-k panels of every run.
+    import wandb
+
+    from lightning_act.loggers import compact_metrics
+    from lightning_act.report.wandb_dashboard import keys_from_project
+
+    per_layer = KEYS + ["massive/model.blocks.0/top1_value"]
+    compact, _ = compact_metrics(dict.fromkeys(per_layer, 1.0))
+
+    class Run:
+        def __init__(self, keys: list[str]) -> None:
+            self.summary = dict.fromkeys(keys, 1.0)
+
+    def api(runs: list[Run]) -> object:
+        return type("Api", (), {"default_entity": "me", "runs": lambda self, path: runs})()
+
+    monkeypatch.setattr(wandb, "Api", lambda: api([Run(list(compact) + per_layer), Run(per_layer)]))
+    keys, is_compact = keys_from_project(None, "p")
+    assert not is_compact and "massive/*/top1_value" in [p.title for s in dashboard_spec(keys, is_compact) for p in s.panels]
+    monkeypatch.setattr(wandb, "Api", lambda: api([Run(list(compact) + per_layer)]))
+    assert keys_from_project(None, "p")[1]

@@ -143,21 +143,26 @@ def keys_from_run_dir(run_dir: str | Path) -> list[str]:
     return [*run.series, *(IMAGE_PREFIX + p.stem for p in run.plot_files)]
 
 
-def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> list[str]:
-    """Keys in the summaries of up to ``max_runs`` runs of a W&B project (network; failures are one line)."""
+def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> tuple[list[str], bool]:
+    """Keys in the summaries of up to ``max_runs`` runs of a W&B project, and whether every one of those runs logged
+    through a :class:`~lightning_act.loggers.CompactWandbLogger` (:func:`compact_from_keys`; one that did not keeps
+    the top-k panels). Network; failures are one line."""
     import wandb
 
     keys: dict[str, None] = {}
+    compact = True
     try:
         api = wandb.Api()
         path = f"{entity or api.default_entity}/{project}"
         for index, run in enumerate(api.runs(path)):
             if index >= max_runs:
                 break
-            keys.update(dict.fromkeys(run.summary.keys()))
+            run_keys = list(run.summary.keys())
+            compact = compact and compact_from_keys(run_keys)
+            keys.update(dict.fromkeys(run_keys))
     except (wandb.errors.Error, OSError) as error:
         raise LightningActError(_wandb_problem(error)) from None
-    return list(keys)
+    return list(keys), compact and bool(keys)
 
 
 def build_workspace(sections: Sequence[SectionSpec], entity: str, project: str, name: str) -> Workspace:
@@ -272,8 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run_dir:
             keys, compact = keys_from_run_dir(args.run_dir), compact_from_run(args.run_dir)
         else:
-            keys = keys_from_project(args.entity, str(project))
-            compact = compact_from_keys(keys)
+            keys, compact = keys_from_project(args.entity, str(project))
         sections = dashboard_spec(keys, compact)
         if not any(s.name in SECTION_TITLES.values() for s in sections):
             raise LightningActError(
