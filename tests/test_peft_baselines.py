@@ -166,11 +166,12 @@ def test_dopamine_gates_added_after_lora_leave_the_lora_matrices_trainable() -> 
 
 
 class Conv1D(nn.Module):
-    """Hugging Face's ``Conv1D`` (GPT-2's layers): ``x @ W + b`` with ``W`` stored ``(in, out)``."""
+    """Hugging Face's ``Conv1D`` (GPT-2's layers): ``x @ W + b`` with ``W`` stored ``(in, out)``; like older
+    transformers versions, it keeps ``nf`` and no ``nx``."""
 
     def __init__(self, nf: int, nx: int) -> None:
         super().__init__()
-        self.nf, self.nx = nf, nx
+        self.nf = nf
         self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
         self.bias = nn.Parameter(torch.zeros(nf))
 
@@ -196,3 +197,12 @@ def test_lora_wraps_a_hugging_face_conv1d_as_gpt2_stores_it() -> None:
             h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
     np.testing.assert_allclose(model(torch.from_numpy(x)).detach().numpy(), h, rtol=1e-10)
     assert count_trainable(model) == 2 * (4 + 6) + 2 * (6 + 3)
+
+
+def test_ia3_scales_a_hugging_face_conv1d_by_its_output_width() -> None:
+    # Before: a Conv1D was taken for an activation and given its input width (8 for a 24-wide output): it crashed.
+    model = nn.Sequential(Conv1D(nf=24, nx=8), nn.GELU())
+    wrapped = apply_ia3(model, ["0"])
+    assert wrapped["0"].num_features == 24
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), nn.functional.gelu(x @ wrapped["0"].module.weight + wrapped["0"].module.bias))

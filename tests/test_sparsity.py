@@ -212,11 +212,12 @@ def test_sparsity_monitor_in_trainer_fit_logs_to_csv_and_resumes(tmp_path) -> No
 
 
 class Conv1D(nn.Module):
-    """Hugging Face's GPT-2 ``Conv1D``: a Linear whose weight is stored ``(nx, nf)``, computing ``x @ W + b``."""
+    """Hugging Face's GPT-2 ``Conv1D``: a Linear whose weight is stored ``(nx, nf)``, computing ``x @ W + b``; only
+    ``nf`` is kept, as older transformers versions do (an ``nx`` read crashed every monitor)."""
 
     def __init__(self, nf: int, nx: int) -> None:
         super().__init__()
-        self.nf, self.nx = nf, nx
+        self.nf = nf
         self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
         self.bias = nn.Parameter(torch.zeros(nf))
 

@@ -69,6 +69,12 @@ def is_hugging_face_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
 
 
+def conv1d_widths(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a Hugging Face ``Conv1D``: its weight's ``(in, out)`` shape (older transformers and GPT-2
+    ports keep no ``nx``)."""
+    return int(module.weight.shape[0]), int(module.nf)
+
+
 def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
     """``(axis, input width, output width)`` of a layer that acts on one axis of its input: ``"first"`` (axis 1:
     convolutions, batch/instance/group norms, timm's ``LayerNorm2d``) or ``"last"`` (``Linear``, Hugging Face's
@@ -76,7 +82,7 @@ def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
     if isinstance(layer, nn.Linear):
         return "last", layer.in_features, layer.out_features
     if is_hugging_face_conv1d(layer):
-        return "last", layer.nx, layer.nf
+        return "last", *conv1d_widths(layer)
     if isinstance(layer, nn.modules.conv._ConvNd):
         return "first", layer.in_channels, layer.out_channels
     if isinstance(layer, nn.modules.batchnorm._NormBase):  # batch and instance norms

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_act.capture.layout import is_hugging_face_conv1d
+from lightning_act.capture.layout import conv1d_widths, is_hugging_face_conv1d
 from lightning_act.errors import ModuleSelectionError
 from lightning_act.nn.dopamine import (
     FrozenModuleAdapter,
@@ -42,7 +42,7 @@ def linear_widths(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if is_hugging_face_conv1d(module):
-        return module.nx, module.nf
+        return conv1d_widths(module)
     return None
 
 
@@ -127,17 +127,18 @@ def apply_ia3(
 ) -> dict[str, IA3Scale]:
     """Freeze ``model`` and rescale each selected module's output by a ones-initialised vector.
 
-    The width is ``out_features`` for a selected ``nn.Linear``; for an activation it is read from
-    ``example_input`` or the preceding Linear (as in :func:`lightning_act.nn.dopamine.adapt_model`).
+    The width is the output width of a selected ``nn.Linear`` (or Hugging Face ``Conv1D``); for an activation it is
+    read from ``example_input`` or the preceding Linear (as in :func:`lightning_act.nn.dopamine.adapt_model`).
     """
     chosen = select_modules(model, modules)
-    other = [n for n, m in chosen if not isinstance(m, nn.Linear)]
+    other = [n for n, m in chosen if linear_widths(m) is None]
     widths = infer_widths(model, other, example_input, feature_dim) if other else {}
     freeze(model)
     device = device_of(model)
     wrapped: dict[str, IA3Scale] = {}
     for name, module in chosen:
-        width = module.out_features if isinstance(module, nn.Linear) else widths[name]
+        linear = linear_widths(module)  # a Linear's (or Hugging Face Conv1D's) output width
+        width = linear[1] if linear is not None else widths[name]
         wrapped[name] = IA3Scale(module, width, feature_dim=feature_dim).to(device)
         replace_module(model, name, wrapped[name])
     return wrapped
