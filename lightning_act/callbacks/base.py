@@ -460,7 +460,8 @@ class FitScopedState(Callback):
                        and held[name] != now[name]]
             if changed:
                 rank_zero_warn(
-                    f"{type(self).__name__}: this fit resumes a run measured with other settings ({'; '.join(changed)}); "
+                    f"{type(self).__name__}: this fit resumes a run measured with other settings "
+                    f"({'; '.join(changed)}); "
                     "its series go on from the checkpoint's step with the new meaning (start a new run to keep one "
                     "meaning per series)",
                     category=UserWarning,

@@ -583,9 +583,9 @@ class DimensionalCollapse(ActivationMonitor):
     @staticmethod
     def _chosen_weights(pl_module: torch.nn.Module, names: list[str]) -> list[torch.Tensor] | None:
         """The weights ``names`` as the forward uses them, read from their modules
-        (:func:`~lightning_act.capture.weights.forward_tensor`): ``torch.nn.utils.prune`` turns ``fc.weight`` into ``fc.weight_orig`` and a masked ``fc.weight``, a
-        parametrization into a property (a name looked up in ``named_parameters`` crashed the fit); None when one is
-        gone from the model."""
+        (:func:`~lightning_act.capture.weights.forward_tensor`): ``torch.nn.utils.prune`` turns ``fc.weight`` into
+        ``fc.weight_orig`` and a masked ``fc.weight``, a parametrization into a property (a name looked up in
+        ``named_parameters`` crashed the fit); None when one is gone from the model."""
         modules = {clean_name(name): module for name, module in pl_module.named_modules()}
         weights = []
         for name in names:

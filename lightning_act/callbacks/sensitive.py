@@ -231,9 +231,9 @@ class SensitiveNeurons(FitScopedState):
         forward_fn: how to run the model on one tracking batch, ``forward_fn(pl_module, batch)``
             (a callable or its import path), for LightningModules whose ``forward`` is not
             ``forward(x)``; the tracking set is then the first whole validation batches holding at
-            least ``num_samples`` examples (counted along the inputs' sample axis). Default: ``pl_module(x)`` on the inputs of the
-            validation batches (``tracking_inputs``: on chunks of it). Checked at fit start: a
-            failing call is one line.
+            least ``num_samples`` examples (counted along the inputs' sample axis). Default:
+            ``pl_module(x)`` on the inputs of the validation batches (``tracking_inputs``: on chunks
+            of it). Checked at fit start: a failing call is one line.
         batch_dim, token_dim, feature_dim: the layout of the tapped activations (see ``ActivationMonitor``).
         cuda_graph: on a CUDA model, replay the tracking pass from a CUDA graph after its first run (see
             :mod:`lightning_act.callbacks.graphed_pass`): one launch instead of the forward's operations one at a
@@ -848,7 +848,8 @@ class SensitiveNeurons(FitScopedState):
         self._remove_drop(tap.name)
         layout = self._layouts[self.taps.index(tap)]
         if tap.point == "input":
-            replaced = functools.partial(self._registry.input_replaced, (id(tap.module), tap.point)) if self._registry else None
+            key = (id(tap.module), tap.point)
+            replaced = functools.partial(self._registry.input_replaced, key) if self._registry else None
             drop = FeatureDrop(indices, input_parameter(tap.module), layout, replaced)
             self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(
                 drop.before, with_kwargs=True, prepend=True

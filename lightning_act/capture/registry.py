@@ -399,7 +399,9 @@ class CaptureRegistry:
             self._forget_compiled_code()
         self.refresh()
 
-    def input_replaced(self, key: tuple[int, str], original: Any, replacement: Any, transform: Callable[[Any], Any]) -> None:
+    def input_replaced(
+        self, key: tuple[int, str], original: Any, replacement: Any, transform: Callable[[Any], Any]
+    ) -> None:
         """A pre-hook ahead of the capture's (SeND's drop) replaced the input of tap ``key`` by ``replacement`` =
         ``transform(original)``: where ``original`` came out of a dropout, the read-through reads the dropout's input
         transformed alike (the zeroed features), as it would read ``original``'s."""
