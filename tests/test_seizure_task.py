@@ -148,12 +148,15 @@ def test_encoder_step_adds_no_gradient_to_the_critic() -> None:
 
 
 @pytest.mark.parametrize("domains", [[0, 0, 0, 0], [0, 1, 0, 1]])
-def test_batches_without_rival_subjects_skip_the_critic(domains: list[int]) -> None:
-    # one subject in the batch, or (second case) one class per subject: no class has two subjects.
+def test_batches_without_rival_subjects_skip_the_critic_and_an_epoch_of_them_is_said(domains: list[int]) -> None:
+    # one subject in the batch, or (second case) one class per subject: no class has two subjects. Before, an epoch
+    # of such batches (a single training subject) ran no adversarial term without a word.
     torch.manual_seed(0)
     task = SeizureForecaster(**TINY)
     critic_before = [p.detach().clone() for p in task.critic.parameters()]
-    _trainer(2).fit(task, _batches(2, [0.0, 1.0, 0.0, 1.0], domains))
+    with pytest.warns(UserWarning, match="the adversarial term never ran") as record:
+        _trainer(2).fit(task, _batches(2, [0.0, 1.0, 0.0, 1.0], domains))
+    assert sum("adversarial term never ran" in str(w.message) for w in record) == 1
     assert all(torch.equal(a, b) for a, b in zip(critic_before, task.critic.parameters()))
 
 

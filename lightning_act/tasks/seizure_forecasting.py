@@ -264,6 +264,8 @@ class SeizureForecaster(pl.LightningModule):
         self.test_loss = torchmetrics.MeanMetric()  # weighted by labelled windows, summed over ranks
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._warned_no_domain = False
+        self._adversarial_batches = 0  # this epoch's batches whose critic groups formed
+        self._warned_no_groups = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Preictal logit per window."""
@@ -316,6 +318,21 @@ class SeizureForecaster(pl.LightningModule):
             )
         return domain_groups(y, domain)
 
+    def on_train_epoch_start(self) -> None:
+        self._adversarial_batches = 0
+
+    def on_train_epoch_end(self) -> None:
+        # batches of one subject (or of one class per subject) form no critic group: with a single training subject
+        # the adversarial term never ran, which nothing else says
+        if (self.hparams.adversarial_weight > 0 and not self._warned_no_domain and not self._warned_no_groups
+                and self._adversarial_batches == 0):
+            self._warned_no_groups = True
+            rank_zero_warn(
+                "SeizureForecaster: no training batch of this epoch held windows of one class from two subjects, so "
+                "the adversarial term never ran (one subject in the training data, or batches too small); train on "
+                "several subjects, or set adversarial_weight 0 for the classifier alone"
+            )
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         model_opt, critic_opt = self.optimizers()
         x, y = batch[0], batch[1]
@@ -323,6 +340,7 @@ class SeizureForecaster(pl.LightningModule):
         groups = self._groups(batch, y)
 
         if groups:
+            self._adversarial_batches += 1
             z_detached = z.detach()
             for _ in range(self.hparams.n_critic):
                 loss_d, wasserstein, penalty = self.critic_loss(z_detached, groups)
