@@ -1352,3 +1352,34 @@ def test_a_hugging_face_model_output_is_read_by_its_last_hidden_state():
     quiet_trainer(max_steps=1, callbacks=[monitor]).fit(model, data)
     assert monitor.history["act/encoder/count"].values == [4 * 5 * 8]
     np.testing.assert_allclose(monitor.history["act/encoder/mean"].values, [seen[0].mean()], rtol=1e-5)
+
+
+class PairInput(nn.Module):
+    """A module called with one tuple argument ``(x, mask)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, pair):
+        x, mask = pair
+        return self.proj(x * mask)
+
+
+def test_an_input_tap_of_a_module_called_with_a_tuple_reads_its_first_tensor():
+    # Before: the input of a module called as module((x, mask)) was a tuple in a tuple: it gave the monitors nothing.
+    class Task(ModelOutputClassifier):
+        def __init__(self):
+            super().__init__()
+            self.pair = PairInput()
+
+        def forward(self, x):
+            return self.pair((x, torch.ones_like(x))).mean(1)
+
+    torch.manual_seed(0)
+    model = Task()
+    monitor = ActivationStats(modules=["pair:input"], every_n_steps=1)
+    x = torch.randn(4, 5, 4)
+    quiet_trainer(max_steps=1, callbacks=[monitor]).fit(model, DataLoader(TensorDataset(x), batch_size=4))
+    assert monitor.history["act/pair-input/count"].values == [4 * 5 * 4]
+    np.testing.assert_allclose(monitor.history["act/pair-input/mean"].values, [x.double().mean().item()], rtol=1e-6)

@@ -85,13 +85,16 @@ class Subscriber(Protocol):
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The activation tensor in a module's output or inputs (first tensor of a tuple/list, or the first field of a
-    Hugging Face ``ModelOutput``: ``last_hidden_state``), if it can be read as one: a floating-point strided tensor.
+    """The activation tensor in a module's output or inputs (first tensor of a tuple/list, also nested: a module
+    called with ``(x, mask)`` as one argument; or the first field of a Hugging Face ``ModelOutput``:
+    ``last_hidden_state``), if it can be read as one: a floating-point strided tensor.
     Not a ``PackedSequence`` (a tuple whose first field holds the tokens of all sequences, without a sample axis), a
     plain dict, a nested or sparse tensor or integers; the monitors then warn that the tap gave them nothing."""
-    if isinstance(value, dict) and callable(getattr(value, "to_tuple", None)):  # transformers' ModelOutput
-        value = value.to_tuple()
-    if isinstance(value, (tuple, list)) and not isinstance(value, PackedSequence) and value:
+    for _ in range(3):  # a module called with a tuple ((x, mask),): its first item's first tensor
+        if isinstance(value, dict) and callable(getattr(value, "to_tuple", None)):  # transformers' ModelOutput
+            value = value.to_tuple()
+        if not isinstance(value, (tuple, list)) or isinstance(value, PackedSequence) or not value:
+            break
         value = value[0]
     readable = isinstance(value, torch.Tensor) and value.is_floating_point() and value.layout == torch.strided
     if readable and not value.is_nested:
