@@ -170,3 +170,27 @@ def test_a_foundation_without_hidden_layers_takes_the_methods_that_need_no_activ
     for method in ("dopamine", "ia3"):
         with pytest.raises(LightningActError, match=rf"^the foundation has no hidden activation, so method '{method}'"):
             DopamineSpecialisation(str(path), method=method)
+
+
+def test_the_gate_active_fraction_covers_the_test_batches_the_metrics_do(foundation_ckpt: Path, tmp_path: Path) -> None:
+    # Before: with limit_test_batches the gate firing fractions were taken over the whole test loader anyway.
+    from lightning_act.nn.dopamine import dopamine_gates, harden, soften
+
+    module = DopamineSpecialisation(str(foundation_ckpt), method="dopamine")
+    data = _rotated()
+    trainer = _trainer(tmp_path, 1, limit_test_batches=1)
+    metrics = trainer.test(module, datamodule=data, verbose=False)[0]
+    x, y = next(iter(data.test_dataloader()))  # the one test batch
+    fired: list[torch.Tensor] = []
+    handles = [gate.register_forward_hook(lambda m, a, out: fired.append((a[0] > m.tau).double()))
+               for gate in dopamine_gates(module.model).values()]
+    harden(module.model)
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        soften(module.model)
+        for handle in handles:
+            handle.remove()
+    per_class = [torch.cat([f[y == c].mean(0) for f in fired]) for c in range(10) if (y == c).any()]
+    assert metrics["test/gate_active_fraction"] == pytest.approx(float(torch.stack(per_class).mean()), abs=1e-6)

@@ -18,6 +18,8 @@ Every method logs ``trainable_params`` and its test accuracy on the rotated test
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,23 +198,29 @@ class DopamineSpecialisation(_Classifier):
     def on_test_epoch_end(self) -> None:
         self.log("test/trainable_params", float(self.trainable_params))
         if self.hparams.method == "dopamine":
-            self.log("test/gate_active_fraction", self._log_attribution(self.trainer.test_dataloaders, "dopamine_firing"))
+            self.log("test/gate_active_fraction", self._log_attribution(
+                self.trainer.test_dataloaders, "dopamine_firing", self.trainer.num_test_batches))
 
     def on_test_end(self) -> None:
         soften(self.model)
 
     def on_fit_end(self) -> None:
         if self.hparams.method == "dopamine" and self.trainer.val_dataloaders is not None:
-            self._log_attribution(self.trainer.val_dataloaders, "dopamine_firing_val")
+            self._log_attribution(self.trainer.val_dataloaders, "dopamine_firing_val", self.trainer.num_val_batches)
 
-    def _log_attribution(self, loaders: Any, name: str) -> float:
-        """Hard-gate firing fractions per class over ``loaders``: ``<name>.pt`` + heatmap; returns their mean over the
-        classes and neurons (each class weighs the same, whatever its number of inputs)."""
+    def _log_attribution(self, loaders: Any, name: str, limits: list[int | float] | None = None) -> float:
+        """Hard-gate firing fractions per class over ``loaders`` (each cut to its ``limits`` batches, as Lightning's
+        ``limit_test_batches`` cuts the test metrics): ``<name>.pt`` + heatmap; returns their mean over the classes
+        and neurons (each class weighs the same, whatever its number of inputs)."""
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        limits = list(limits or []) + [math.inf] * (len(loaders) - len(limits or []))
         hardened = [gate.hardened for gate in dopamine_gates(self.model).values()]
         harden(self.model)
         try:
-            batches = ((x.to(self.device), y) for loader in loaders for x, y in loader)
+            batches = (
+                (x.to(self.device), y) for loader, limit in zip(loaders, limits)
+                for x, y in (itertools.islice(loader, int(limit)) if math.isfinite(limit) else loader)
+            )
             fractions = firing_fractions(self, batches, self.num_classes)
         finally:
             for gate, was_hard in zip(dopamine_gates(self.model).values(), hardened):
