@@ -1352,6 +1352,11 @@ def test_a_hugging_face_model_output_is_read_by_its_last_hidden_state():
     quiet_trainer(max_steps=1, callbacks=[monitor]).fit(model, data)
     assert monitor.history["act/encoder/count"].values == [4 * 5 * 8]
     np.testing.assert_allclose(monitor.history["act/encoder/mean"].values, [seen[0].mean()], rtol=1e-5)
+    # a model given labels puts its scalar loss first (CausalLMOutput(loss, logits)): the logits are read, not it
+    from lightning_act.capture.registry import first_tensor
+
+    logits = torch.randn(2, 3, 5)
+    assert first_tensor(FakeModelOutput(loss=torch.tensor(2.5), logits=logits)) is logits
 
 
 class PairInput(nn.Module):

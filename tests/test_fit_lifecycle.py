@@ -270,9 +270,9 @@ def test_a_resume_with_settings_that_change_a_statistics_meaning_says_so_once(tm
     # Before: resumed with another threshold, zero_frac went on in the same series with another meaning, silently.
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
     torch.manual_seed(0)
-    quiet_trainer(max_steps=2, callbacks=[ActivationSparsity(modules=["@blocks"], every_n_steps=1), saver],
-                  enable_checkpointing=True).fit(ToyTask(BlockNet()), ToyData())
-    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain values: loadable as weights
+    first = ActivationSparsity(modules=["@blocks"], every_n_steps=1, threshold=np.float64(0.0))  # a numpy scalar
+    quiet_trainer(max_steps=2, callbacks=[first, saver], enable_checkpointing=True).fit(ToyTask(BlockNet()), ToyData())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain values: a resume loads it so
     assert any(state.get("settings", {}).get("threshold") == 0.0 for state in checkpoint["callbacks"].values())
 
     def resume(**settings):
@@ -288,6 +288,11 @@ def test_a_resume_with_settings_that_change_a_statistics_meaning_says_so_once(tm
     assert len(said) == 1 and "(threshold=0.0 then 0.1)" in said[0]
     said = resume(threshold=0.1, temporal_dim=1)
     assert len(said) == 1 and "(threshold=0.0 then 0.1; temporal_dim=None then 1)" in said[0]
+    with warnings.catch_warnings(record=True) as caught:  # validate measures nothing: nothing to say
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[ActivationSparsity(modules=["@blocks"], threshold=0.1)]).validate(
+            ToyTask(BlockNet()), ToyData(), ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert not [w for w in caught if "other settings" in str(w.message)]
 
 
 def test_a_probe_reused_in_a_second_fit_probes_its_step_0():

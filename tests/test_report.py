@@ -818,6 +818,8 @@ def test_a_due_step_at_which_a_layer_logged_nothing_is_unknown_on_its_own_interv
     for step in range(0, 60, 10):
         if step != 20:
             rows.append({"step": step, "collapse/nan_tap/erank": 3.0 + step / 100, "collapse/nan_tap/pr": 2.0})
+        if step < 30:  # NaN from step 30 to the end of this version
+            rows.append({"step": step, "collapse/gone_nan/erank": 1.0})
         rows.append({"step": step, "collapse/good/erank": 5.0 + step / 100, "collapse/good/pr": 4.0})
     for step in range(0, 60, 5):  # a second DimensionalCollapse on another module, every 5 steps
         rows.append({"step": step, "collapse/fast/erank": 1.0 + step / 100, "collapse/fast/pr": 1.0})
@@ -834,6 +836,7 @@ def test_a_due_step_at_which_a_layer_logged_nothing_is_unknown_on_its_own_interv
     traces, _ = figure_for(text, "collapse-erank")
     nan_tap = next(t for t in traces if t["name"] == "nan_tap")
     assert nan_tap["x"] == list(range(0, 80, 10)) and nan_tap["y"][2] is None and None not in nan_tap["y"][3:]
+    assert "gone_nan: erank unknown at 3 of 6 logged steps, first at step 30" in text  # to the version's end
     assert "good: erank unknown" not in text and "added: erank unknown" not in text  # interval 10; from step 60 on
     assert "fast: erank unknown" not in text  # every 5 steps: not unknown at the other monitor's steps either
 

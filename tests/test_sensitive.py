@@ -667,6 +667,21 @@ def test_float64_tracking_inputs_on_a_float32_model_are_one_line_naming_their_dt
                        r"torch.float32; pass tracking_inputs=<tensor>.to\(torch.float32\)"):
         trainer.fit(Mlp(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
 
+    class Conv(SquaredOutputTask):  # torch says "Input type (double) and bias type (float)" here
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    monitor = SensitiveNeurons(modules=["net.1"], every_n_steps=1, tracking_inputs=torch.randn(5, 1, 4, 4).double(),
+                               eigenscore_passes=0)
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[monitor], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(LightningActError, match=r"which are torch.float64 where its parameters are torch.float32"):
+        trainer.fit(Conv(), DataLoader(TensorDataset(torch.randn(8, 1, 4, 4)), batch_size=4))
+
 
 def test_a_tap_run_on_other_rows_from_pass_to_pass_is_left_out_with_one_warning(tmp_path: Path) -> None:
     # Before: an expert of a mixture of experts, run on the rows routed to it, was tracked as if its rows were
@@ -714,22 +729,28 @@ def test_a_callback_reused_for_a_fit_with_another_tracking_set_tracks_it(tmp_pat
 class DropoutBeforeHead(Mlp):
     """``body → drop → head``: the dropout is the head's sibling, so an input tap on the head reads through it."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyword: bool = False) -> None:
         super().__init__()
         self.hidden = nn.Sequential(nn.Linear(6, 8), nn.GELU())
         self.drop = nn.Dropout(0.5)
+        self.keyword = keyword
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.hidden(x)))
+        dropped = self.drop(self.hidden(x))
+        return self.head(input=dropped) if self.keyword else self.head(dropped)
 
 
-def test_the_dropout_read_through_of_a_tap_sends_drop_zeroes_reads_the_zeroed_dropout_input(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyword", [False, True])
+def test_the_dropout_read_through_of_a_tap_sends_drop_zeroes_reads_the_zeroed_dropout_input(
+    tmp_path: Path, keyword: bool
+) -> None:
     # Before: the drop's pre-hook, run first, replaced the dropout's output, and the read-through no longer matched:
-    # zero_frac counted the dropout's zeros too (0.64 where the dropout's input with the set zeroed has 0.5).
+    # zero_frac counted the dropout's zeros too (0.64 where the dropout's input with the set zeroed has 0.5); a head
+    # called by keyword (head(input=...)) the same.
     from lightning_act.callbacks import ActivationSparsity
 
     torch.manual_seed(0)
-    model = DropoutBeforeHead()
+    model = DropoutBeforeHead(keyword)
     entering: dict[int, np.ndarray] = {}
     steps = {"now": 0}
     model.drop.register_forward_pre_hook(

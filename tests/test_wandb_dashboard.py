@@ -252,3 +252,5 @@ def test_a_project_keeps_the_top_k_panels_while_one_of_its_runs_logged_the_value
     assert not is_compact and "massive/*/top1_value" in [p.title for s in dashboard_spec(keys, is_compact) for p in s.panels]
     monkeypatch.setattr(wandb, "Api", lambda: api([Run(list(compact) + per_layer)]))
     assert keys_from_project(None, "p")[1]
+    monkeypatch.setattr(wandb, "Api", lambda: api([Run(list(compact) + per_layer), Run(["train/loss"])]))
+    assert keys_from_project(None, "p")[1]  # a run without monitors (a baseline) does not bring the panels back

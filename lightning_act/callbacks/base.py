@@ -338,8 +338,13 @@ def builds_layers_late(pl_module: torch.nn.Module) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """A setting as a checkpoint keeps it and compares it: tuples as lists."""
-    return list(value) if isinstance(value, tuple) else value
+    """A setting as a checkpoint keeps it and compares it: Python numbers (a numpy or torch scalar would make the
+    checkpoint refuse a ``weights_only`` load, which Lightning's resume uses), tuples as lists."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # a numpy or torch scalar
+        return value.item()
+    return value
 
 
 class FitScopedState(Callback):
@@ -363,6 +368,7 @@ class FitScopedState(Callback):
     history_size: int
     _keeps_own_state = False
     _resumed_this_fit = False
+    _loading_to_fit = False
     #: This fit's setup waits for fit start (:func:`builds_layers_late`); set while that late setup runs.
     _setup_waits = False
     _setting_up_late = False
@@ -455,6 +461,7 @@ class FitScopedState(Callback):
         keep, self._keeps_own_state = self._keeps_own_state, False
         if not keep:
             self.restore_state(state_dict)
+        if not keep and self._loading_to_fit:  # a fit resumes (validate/test measure nothing on from it)
             held, now = state_dict.get("settings"), self._settings()
             changed = [f"{name}={held[name]!r} then {now[name]!r}" for name in now if held and name in held
                        and held[name] != now[name]]
@@ -469,6 +476,7 @@ class FitScopedState(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING
+        self._loading_to_fit = fitting  # read by load_state_dict, which Lightning calls next
         # LearningRateFinder / BatchSizeFinder save and restore a checkpoint around their trials inside the fit:
         # that restore undoes the trials, and is no resume (it made a reused callback keep an earlier run's history)
         if not Path(str(trainer.ckpt_path or "")).name.startswith(TUNER_CHECKPOINTS):

@@ -79,7 +79,7 @@ from lightning_act.callbacks.probe import (
 )
 from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
 from lightning_act.capture.layout import feature_axis
-from lightning_act.capture.registry import ForwardCutoff, input_parameter
+from lightning_act.capture.registry import ForwardCutoff, input_parameter, model_output_field
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
@@ -130,7 +130,8 @@ def _dtype_problem(inputs: torch.Tensor, pl_module: nn.Module, cause: BaseExcept
     dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
     if dtype is None or not inputs.is_floating_point() or inputs.dtype == dtype:
         return None
-    if not any(word in str(cause) for word in ("dtype", "scalar type", "Double", "Half", "BFloat16")):
+    said = str(cause).lower()  # "same dtype", "expected scalar type", conv's "Input type (double) and bias type"
+    if not any(word in said for word in ("dtype", "scalar type", "type (", "double", "half", "bfloat16")):
         return None
     return LightningActError(
         f"SensitiveNeurons: the model could not run on tracking_inputs, which are {inputs.dtype} where its parameters "
@@ -191,7 +192,10 @@ class FeatureDrop:
                 self.replaced(args[0], zeroed, self._zero)
             return (zeroed, *args[1:]), kwargs
         if self.parameter in kwargs:
-            return args, {**kwargs, self.parameter: self._zero(kwargs[self.parameter])}
+            zeroed = self._zero(kwargs[self.parameter])
+            if self.replaced is not None:
+                self.replaced(kwargs[self.parameter], zeroed, self._zero)
+            return args, {**kwargs, self.parameter: zeroed}
         return None
 
     def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -202,10 +206,9 @@ class FeatureDrop:
             if hasattr(output, "_fields"):  # a namedtuple (a PackedSequence too) takes its fields one by one
                 return type(output)(self._zero(output[0]), *output[1:])
             return type(output)([self._zero(output[0]), *output[1:]])
-        if isinstance(output, dict) and output and callable(getattr(output, "to_tuple", None)):
-            fields = dict(output)  # a Hugging Face ModelOutput: its first field is what the capture reads
-            first = next(iter(fields))
-            return type(output)(**{**fields, first: self._zero(fields[first])})
+        field = model_output_field(output)  # a Hugging Face ModelOutput: the field the capture reads
+        if field is not None:
+            return type(output)(**{**output, field: self._zero(output[field])})
         return self._zero(output)
 
 

@@ -84,15 +84,25 @@ class Subscriber(Protocol):
     def receive(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> None: ...
 
 
+def model_output_field(output: Any) -> Any:
+    """The key of the activation in a Hugging Face ``ModelOutput`` (a dict with ``to_tuple``): its first field that
+    is a tensor with a sample axis (``last_hidden_state``; ``logits`` after the scalar ``loss`` of a model given
+    labels); None for anything else."""
+    if not isinstance(output, dict) or not callable(getattr(output, "to_tuple", None)):
+        return None
+    return next((key for key, value in output.items() if isinstance(value, torch.Tensor) and value.dim() >= 1), None)
+
+
 def first_tensor(value: Any) -> torch.Tensor | None:
     """The activation tensor in a module's output or inputs (first tensor of a tuple/list, also nested: a module
-    called with ``(x, mask)`` as one argument; or the first field of a Hugging Face ``ModelOutput``:
-    ``last_hidden_state``), if it can be read as one: a floating-point strided tensor.
+    called with ``(x, mask)`` as one argument; or a Hugging Face ``ModelOutput``'s activation,
+    :func:`model_output_field`), if it can be read as one: a floating-point strided tensor.
     Not a ``PackedSequence`` (a tuple whose first field holds the tokens of all sequences, without a sample axis), a
     plain dict, a nested or sparse tensor or integers; the monitors then warn that the tap gave them nothing."""
     for _ in range(3):  # a module called with a tuple ((x, mask),): its first item's first tensor
         if isinstance(value, dict) and callable(getattr(value, "to_tuple", None)):  # transformers' ModelOutput
-            value = value.to_tuple()
+            field = model_output_field(value)
+            value = None if field is None else value[field]
         if not isinstance(value, (tuple, list)) or isinstance(value, PackedSequence) or not value:
             break
         value = value[0]

@@ -102,10 +102,9 @@ def _with_silent_due_steps(
 ) -> dict[str, set[float]]:
     """Each layer's logged steps and the due steps at which it logged nothing (every statistic unknown: a
     ``DimensionalCollapse`` tap of NaN entries, a CETT-only tap): per CSV version that logged the layer (``spans``;
-    none known, no step added), the steps another layer of the monitor logged between the layer's first and last
-    logged steps there, on its own interval there (the greatest common divisor of the distances between them: a
-    second monitor of one class logging other modules more often, or a resume with another interval, adds none of
-    its steps)."""
+    none known, no step added), the steps another layer of the monitor logged there after the layer's first one, on
+    its own interval there (the greatest common divisor of the distances between its steps: a second monitor of one
+    class logging other modules more often, or a resume with another interval, adds none of its steps)."""
     due = sorted(set().union(*logged.values())) if logged else []
     extended: dict[str, set[float]] = {}
     for layer, steps in logged.items():
@@ -117,7 +116,7 @@ def _with_silent_due_steps(
             interval = math.gcd(*(int(b - a) for a, b in zip(own, own[1:])))
             extended[layer] |= {
                 step for step in due
-                if own[0] < step < own[-1] and float(step).is_integer() and (int(step) - int(own[0])) % interval == 0
+                if own[0] < step < end and float(step).is_integer() and (int(step) - int(own[0])) % interval == 0
             }
     return extended
 

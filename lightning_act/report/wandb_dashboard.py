@@ -144,9 +144,9 @@ def keys_from_run_dir(run_dir: str | Path) -> list[str]:
 
 
 def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> tuple[list[str], bool]:
-    """Keys in the summaries of up to ``max_runs`` runs of a W&B project, and whether every one of those runs logged
-    through a :class:`~lightning_act.loggers.CompactWandbLogger` (:func:`compact_from_keys`; one that did not keeps
-    the top-k panels). Network; failures are one line."""
+    """Keys in the summaries of up to ``max_runs`` runs of a W&B project, and whether every one of those runs that
+    logged monitor keys did so through a :class:`~lightning_act.loggers.CompactWandbLogger` (:func:`compact_from_keys`;
+    one that did not keeps the top-k panels). Network; failures are one line."""
     import wandb
 
     keys: dict[str, None] = {}
@@ -158,7 +158,8 @@ def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> t
             if index >= max_runs:
                 break
             run_keys = list(run.summary.keys())
-            compact = compact and compact_from_keys(run_keys)
+            if any(split_monitor_key(key) for key in run_keys):  # a run without monitors (a baseline) tells nothing
+                compact = compact and compact_from_keys(run_keys)
             keys.update(dict.fromkeys(run_keys))
     except (wandb.errors.Error, OSError) as error:
         raise LightningActError(_wandb_problem(error)) from None
