@@ -70,9 +70,10 @@ def is_hugging_face_conv1d(module: nn.Module) -> bool:
 
 
 def conv1d_widths(module: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` of a Hugging Face ``Conv1D``: its weight's ``(in, out)`` shape (older transformers and GPT-2
-    ports keep no ``nx``)."""
-    return int(module.weight.shape[0]), int(module.nf)
+    """``(in, out)`` of a Hugging Face ``Conv1D``: ``nx`` and ``nf``, or its weight's ``(in, out)`` shape where it
+    keeps no ``nx`` (older transformers and GPT-2 ports)."""
+    nx = getattr(module, "nx", None)
+    return int(nx) if isinstance(nx, int) else int(module.weight.shape[0]), int(module.nf)
 
 
 def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
