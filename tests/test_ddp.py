@@ -94,6 +94,13 @@ def test_sensitive_neurons_with_a_self_sharding_validation_loader(tmp_path):
     assert "gives each rank other batches" in result["forward_fn"]
 
 
+def test_tracking_inputs_that_differ_between_ranks_are_one_line(tmp_path):
+    # Before: rank 0's embeddings were broadcast into rank 1's buffer of other rows (gloo took a (16, D) tensor into a
+    # (24, D) one silently), and a tap found routed on one rank only hung the fit.
+    result = run_script("ddp_tracking_inputs.py", tmp_path, 17)
+    assert "the tensor differs between the ranks" in result["error"]
+
+
 def test_an_epoch_end_barrier_under_a_rank_zero_progress_bar_does_not_deadlock(tmp_path):
     """Before: the progress bar computed the epoch's torchmetrics accuracy (a collective) on rank 0 alone, which met
     the other rank's barrier (LastCheckpoint's save, the CLI's default): every DDP fit of the CLI hung at epoch 1."""

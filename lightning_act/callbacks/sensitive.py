@@ -422,6 +422,12 @@ class SensitiveNeurons(FitScopedState):
         device = _module_device(pl_module)
         if self.tracking_inputs is not None:
             self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
+            if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its rows only
+                raise LightningActError(
+                    "SensitiveNeurons(tracking_inputs=...): the tensor differs between the ranks (each process built "
+                    "its own, e.g. from its data shard or an unseeded torch.randn), and the tracking set must be the "
+                    "same on every rank; build it from a fixed seed or the same file on every rank"
+                )
             try:
                 self._first_forward(trainer, pl_module, self._batches[0])
             except LightningActError as error:

@@ -423,7 +423,9 @@ class CaptureRegistry:
             return
         if original._version != remembered[2] or not isinstance(replacement, torch.Tensor):
             return
-        self.before_dropout[key] = (replacement, transform(remembered[1]), replacement._version)
+        with torch.no_grad():  # no graph: inside activation checkpointing the recompute, which skips this, must match
+            read = transform(remembered[1])
+        self.before_dropout[key] = (replacement, read, replacement._version)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
