@@ -853,7 +853,8 @@ class SensitiveNeurons(FitScopedState):
 
     def _set_drop(self, tap: Tap, indices: torch.Tensor) -> None:
         """Zero ``indices`` at the tap in training forwards, by hooks put before the capture's: the other monitors on
-        the tap measure what the network computes with them zeroed (they read the features before the drop)."""
+        the tap measure what the network computes, with them zeroed (before round 19 they read them before the drop);
+        an input tap's zeroing is passed on to the capture's dropout read-through."""
         self._remove_drop(tap.name)
         layout = self._layouts[self.taps.index(tap)]
         if tap.point == "input":
