@@ -107,7 +107,7 @@ def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None] 
     return width, (axes.pop() if len(axes) == 1 else None)
 
 
-def tap_features(chain: list[nn.Module], point: str) -> tuple[int, str | None] | None:
+def tap_features(chain: list[nn.Module], point: str) -> tuple[int | tuple[int, ...], str | None] | None:
     """``(width, axis)`` of the tapped tensor's features (:func:`_features_of`) from the tapped module's layers or,
     for a module without one (an activation), from the layer its owner is (timm's ``BatchNormAct2d``) or registers
     just before it, going up through owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``). An
