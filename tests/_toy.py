@@ -105,6 +105,20 @@ class ToyTask(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class ManualToyTask(ToyTask):
+    """``ToyTask`` with manual optimization: a monitor stays armed until the end of the step."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05) -> None:
+        super().__init__(net, lr)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        optimizer.step()
+
+
 def toy_dataset(n: int = 64, num_classes: int = 4, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 16, 16, generator=g)

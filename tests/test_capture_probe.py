@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, tiny_lightning_transformer, tiny_vit, token_data
+from _toy import BlockNet, ManualToyTask, ToyData, ToyTask, quiet_trainer, tiny_lightning_transformer, tiny_vit, token_data
 from lightning_act.callbacks import ActivationStats, MassiveActivations, SensitiveNeurons
 from lightning_act.errors import LightningActError
 from lightning_act.stats.histogram_median import LogMagnitudeBins
@@ -72,20 +72,6 @@ class TrainingRecorder(pl.Callback):
                 self.seen.setdefault(trainer.global_step, []).append(out.detach().double().numpy().copy())
 
         dict(pl_module.named_modules())[self.name].register_forward_hook(hook)
-
-
-class ManualToyTask(ToyTask):
-    """``ToyTask`` with manual optimization: a monitor stays armed until the end of the step."""
-
-    def __init__(self, net):
-        super().__init__(net)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(super().training_step(batch, batch_idx))
-        optimizer.step()
 
 
 @pytest.mark.parametrize("prober", ["massive_probe", "sensitive_manual"])

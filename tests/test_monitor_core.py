@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from _toy import BlockNet, ToyTask, forward_hook_count, quiet_trainer, tiny_mlp, toy_loader
+from _toy import BlockNet, ManualToyTask, ToyTask, forward_hook_count, quiet_trainer, tiny_mlp, toy_loader
 from lightning_act.callbacks import ActivationStats
 from lightning_act.callbacks.base import StagedStatistics, start_host_transfer
 
@@ -244,18 +244,6 @@ class InputGradientPenalty(ToyTask):
         return loss + 0.1 * gradient.pow(2).sum()
 
 
-class ManualOptimization(ToyTask):
-    def __init__(self, net):
-        super().__init__(net)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
-        optimizer.step()
-
-
 class CheckpointedMlpNet(nn.Module):
     """Tokens through two checkpointed ``x + fc2(act(fc1(x)))`` blocks: ``fc2`` saves the activation, so a
     non-reentrant recompute (which stops after the last saved tensor) reruns ``act`` but not the whole block."""
@@ -280,7 +268,7 @@ class CheckpointedMlpNet(nn.Module):
 
 
 @pytest.mark.parametrize(("task", "mode"), [  # reentrant checkpointing refuses autograd.grad
-    (InputGradientPenalty, "non_reentrant"), (ManualOptimization, "non_reentrant"), (ManualOptimization, "reentrant"),
+    (InputGradientPenalty, "non_reentrant"), (ManualToyTask, "non_reentrant"), (ManualToyTask, "reentrant"),
 ])
 def test_a_forward_the_autograd_engine_recomputes_is_not_counted(task, mode):
     # Before: with an autograd.grad in the step, or under manual optimization, the recompute was counted: `count` of an

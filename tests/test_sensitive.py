@@ -521,26 +521,28 @@ def test_a_padding_collate_gives_the_first_num_samples_examples_each_with_its_ba
     assert "sensitive/pool/v_mean" in monitor.history
 
 
+class SequenceFirstLstm(SquaredOutputTask):
+    """An ``nn.LSTM`` on ``(T, B, F)`` inputs (``batch_first=False``), its outputs averaged over time into a head."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(width, hidden)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0].mean(0))
+
+
 @pytest.mark.parametrize(("steps", "batch", "tapped"), [(7, 3, "rnn"), (4, 8, "head:input")])
 def test_sequence_first_inputs_are_cut_along_the_batch_not_time(steps: int, batch: int, tapped: str) -> None:
     # Before: (T, B, F) batches were joined and cut along axis 0, time: 3 examples of their first 6 steps. T = 4
     # dividing B = 8 was taken for flattened tokens and cut along time again.
-    width, hidden = 4, 5
-
-    class Recurrent(SquaredOutputTask):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.LSTM(width, hidden)  # batch_first=False: (T, B, F)
-            self.head = nn.Linear(hidden, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0].mean(0))
-
+    width = 4
     torch.manual_seed(0)
     data = torch.randn(16, steps, width)
     collate = lambda items: (torch.stack([item[0] for item in items]).transpose(0, 1),)  # noqa: E731
     loader = DataLoader(TensorDataset(data), batch_size=batch, collate_fn=collate)
-    model = Recurrent()
+    model = SequenceFirstLstm(width, 5)
     monitor = SensitiveNeurons(modules=[tapped], every_n_steps=1, num_samples=5, eigenscore_passes=0, window=2)
     trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[monitor], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -556,22 +558,12 @@ def test_sequence_first_inputs_are_cut_along_the_batch_not_time(steps: int, batc
 def test_forward_fn_batches_are_counted_along_the_sample_axis_of_their_inputs() -> None:
     # Before: with forward_fn= the validation batches were counted along axis 0 of their inputs, time for an LSTM's
     # (T, B, F): one batch of T = 20 steps was taken for 20 examples, and 4 were tracked for num_samples=10.
-    width, hidden, steps = 3, 4, 20
-
-    class Recurrent(SquaredOutputTask):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.LSTM(width, hidden)  # batch_first=False: (T, B, F)
-            self.head = nn.Linear(hidden, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.rnn(x)[0].mean(0))
-
+    width, steps = 3, 20
     torch.manual_seed(0)
     data = torch.randn(16, steps, width)
     collate = lambda items: {"x": torch.stack([item[0] for item in items]).transpose(0, 1)}  # noqa: E731
     loader = DataLoader(TensorDataset(data), batch_size=4, collate_fn=collate)
-    model = Recurrent()
+    model = SequenceFirstLstm(width, 4)
     monitor = SensitiveNeurons(modules=["rnn"], every_n_steps=1, num_samples=10, eigenscore_passes=0, window=2,
                                forward_fn=lambda module, batch: module(batch["x"]))
     trainer = pl.Trainer(max_steps=2, logger=False, callbacks=[monitor], enable_checkpointing=False,

@@ -123,6 +123,13 @@ def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
     return (*x.shape[:axis], *x.shape[axis + 1 :])
 
 
+def _refuse_unless_same_on_every_rank(batches: list[Any], device: torch.device, problem: str, fix: str) -> None:
+    """One line on every rank where the ranks' tracking batches differ: rank 0's embeddings are broadcast, so the
+    others would track rank 0's rows as if they were their own (a collective: every rank calls it)."""
+    if not same_on_every_rank(batches, device):
+        raise LightningActError(f"{problem}, and the tracking set must be the same on every rank; {fix}")
+
+
 def _dtype_problem(inputs: torch.Tensor, pl_module: nn.Module, cause: BaseException | None) -> LightningActError | None:
     """The line for tracking inputs the model could not run on because of their floating dtype (numpy's float64 on a
     float32 model: the precision plugin casts inputs under ``"64-true"`` and ``"bf16-true"`` only), if that is it:
@@ -422,24 +429,21 @@ class SensitiveNeurons(FitScopedState):
         device = _module_device(pl_module)
         if self.tracking_inputs is not None:
             self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
-            if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its rows only
-                raise LightningActError(
-                    "SensitiveNeurons(tracking_inputs=...): the tensor differs between the ranks (each process built "
-                    "its own, e.g. from its data shard or an unseeded torch.randn), and the tracking set must be the "
-                    "same on every rank; build it from a fixed seed or the same file on every rank"
-                )
+            _refuse_unless_same_on_every_rank(
+                self._batches, device, "SensitiveNeurons(tracking_inputs=...): the tensor differs between the ranks "
+                "(each process built its own, e.g. from its data shard or an unseeded torch.randn)",
+                "build it from a fixed seed or the same file on every rank",
+            )
             try:
                 self._first_forward(trainer, pl_module, self._batches[0])
             except LightningActError as error:
                 raise _dtype_problem(self._batches[0], pl_module, error.__cause__) or error from error.__cause__
         elif self.custom_forward:
             self._batches = self._whole_validation_batches(trainer, pl_module, device)
-            if not same_on_every_rank(self._batches, device):  # rank 0's embeddings are broadcast: its shard only
-                raise LightningActError(
-                    "SensitiveNeurons(forward_fn=...): the validation loader gives each rank other batches (it shards "
-                    "them), and the tracking set must be the same on every rank; pass an unsharded validation loader "
-                    "or tracking_inputs=<tensor>"
-                )
+            _refuse_unless_same_on_every_rank(
+                self._batches, device, "SensitiveNeurons(forward_fn=...): the validation loader gives each rank other "
+                "batches (it shards them)", "pass an unsharded validation loader or tracking_inputs=<tensor>",
+            )
         else:
             self._batches = self._from_validation(trainer, pl_module, device)
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
