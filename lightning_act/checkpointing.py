@@ -139,8 +139,9 @@ class LastCheckpoint(Checkpoint):
     stops at once without a checkpoint. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the first
     SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives while the
     fit validates writes ``last.ckpt`` at the step the validation follows and stops there (single process; Lightning
-    would end the fit after the validation batch, before any training hook). Every write follows a batch that took
-    an optimizer step.
+    would end the fit after the validation batch, before any training hook); one inside a gradient-accumulation
+    window ends the fit there as an interruption (exit status 1) without a checkpoint of it. Every write follows a
+    batch that took an optimizer step.
 
     A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there: the first save
     replaces it. In Python, Lightning's ``fit(ckpt_path="last")`` looks among ``ModelCheckpoint`` files only and
@@ -255,8 +256,19 @@ class LastCheckpoint(Checkpoint):
     ) -> None:
         # every rank runs the same batches, so all agree on the stop at the same batch and then skip the collective
         self._stop_agreed = self._stop_agreed or self._stop_now(trainer)
-        if trainer.global_step == self._step_at_batch_start:
-            return  # a micro-batch of an accumulation window: its gradients are in no checkpoint
+        if trainer.global_step == self._step_at_batch_start:  # a micro-batch of an accumulation window
+            if trainer.received_sigterm and trainer.world_size == 1:
+                # Lightning raises SIGTERMException after this micro-batch, before the window's optimizer step, and
+                # ends the fit with exit status 0: a checkpoint now would lose the window's gradients, so none is
+                # written, but the fit ends as an interruption (status 1) so that a scheduler requeues it
+                target = self.path(trainer)
+                held = f"{target} holds the last save" if target.is_file() else "no last.ckpt was written yet"
+                rank_zero_info(f"stopped by SIGTERM inside a gradient-accumulation window at step "
+                               f"{trainer.global_step}: no checkpoint of it (its micro-batches' gradients would be lost); "
+                               f"{held}")
+                self._restore_handler()
+                raise KeyboardInterrupt
+            return  # its gradients are in no checkpoint
         if self._stop_agreed:
             target = self.save(trainer)
             if target is not None:

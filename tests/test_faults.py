@@ -242,6 +242,34 @@ def test_best_ckpt_path_finds_the_model_checkpoints_best_whatever_the_callback_o
     assert unset.best_model_path == str(tmp_path / "ck" / "step=8.ckpt")
 
 
+def test_sigterm_inside_an_accumulation_window_ends_the_fit_as_an_interruption(tmp_path, capsys):
+    """Before: Lightning raised SIGTERMException after the micro-batch, before the window's optimizer step, and the
+    fit ended with exit status 0 and no word: a scheduler took the preempted run for a finished one."""
+    import lightning.pytorch as pl
+
+    from _toy import BlockNet, ToyData, ToyTask
+    from lightning_act.checkpointing import LastCheckpoint
+
+    class Task(ToyTask):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 4:  # the first micro-batch of step 2's window (accumulate_grad_batches=2)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_step(batch, batch_idx)
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        pl.seed_everything(0, verbose=False)
+        trainer = _toy_trainer(tmp_path, [LastCheckpoint(dirpath=str(tmp_path), every_n_train_steps=1)], max_epochs=1,
+                               accumulate_grad_batches=2, limit_val_batches=0)
+        with pytest.raises(SystemExit) as stopped:
+            trainer.fit(Task(BlockNet()), ToyData())
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert stopped.value.code == 1
+    assert torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    assert trainer.global_step == 2
+
+
 def _signalled_during_validation(signum):
     """A ToyTask that sends itself ``signum`` in its first validation batch, once."""
     from _toy import BlockNet, ToyTask
