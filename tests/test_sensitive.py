@@ -805,3 +805,8 @@ def test_sends_drop_zeroes_the_first_field_of_a_model_output() -> None:
     assert type(zeroed) is FakeModelOutput and list(zeroed) == ["last_hidden_state", "pooler_output"]
     assert zeroed["last_hidden_state"][..., [1, 3]].eq(0).all() and zeroed["last_hidden_state"][..., [0, 2]].eq(1).all()
     assert zeroed["pooler_output"] is pooled
+    # an input tap of a module called with one tuple argument (x, mask): its first tensor, as the capture reads it
+    pair = (torch.ones(2, 4), torch.ones(2, 4))
+    args, _ = FeatureDrop(torch.tensor([0])).before(module, (pair,), {})
+    dropped, mask = args[0]
+    assert dropped[:, 0].eq(0).all() and dropped[:, 1:].eq(1).all() and mask is pair[1]

@@ -180,6 +180,8 @@ class FeatureDrop:
         return {**self.__dict__, "replaced": None}  # bound to a capture registry, which is not pickled
 
     def _zero(self, x: Any) -> Any:
+        if isinstance(x, (tuple, list)) and x and not hasattr(x, "_fields"):  # an input (x, mask) as one argument
+            return type(x)([self._zero(x[0]), *x[1:]])
         if not isinstance(x, torch.Tensor):
             return x
         if self.indices.device != x.device:
