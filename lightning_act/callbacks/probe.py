@@ -118,20 +118,20 @@ def dataset_size(loader: Any) -> int | None:
         return None
 
 
-def first_tensor(batch: Any) -> torch.Tensor | None:
+def first_batch_tensor(batch: Any) -> torch.Tensor | None:
     """The first tensor of a batch (the inputs): the batch itself, or the first of its first dict value or item."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, dict):
-        return next((first_tensor(v) for v in batch.values()), None)
+        return next((first_batch_tensor(v) for v in batch.values()), None)
     if isinstance(batch, (list, tuple)) and batch:
-        return first_tensor(batch[0])
+        return first_batch_tensor(batch[0])
     return None
 
 
 def num_examples(batch: Any, axis: int = 0) -> int:
     """Examples in a batch: the length of its first tensor (the inputs) along ``axis``."""
-    tensor = first_tensor(batch)
+    tensor = first_batch_tensor(batch)
     if tensor is None:
         return 0
     return tensor.shape[axis] if tensor.dim() > axis else 1

@@ -68,7 +68,7 @@ from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
     dataset_size,
-    first_tensor,
+    first_batch_tensor,
     num_examples,
     own_passes,
     probing,
@@ -508,7 +508,7 @@ class SensitiveNeurons(FitScopedState):
             batches.append(to_device(loaded[-1], device, trainer))
             if len(batches) == 1:
                 samples = self._first_forward(trainer, pl_module, batches[0])
-                inputs = first_tensor(batches[0])
+                inputs = first_batch_tensor(batches[0])
                 axis = 0 if inputs is None else self._sample_axis(inputs, samples)
             return sum(num_examples(b, axis) for b in batches) >= self.num_samples
 
