@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_act.data.rotated_digits import RotatedDigitsDataModule
-from lightning_act.errors import DataNotFoundError, LightningActError
+from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
 from lightning_act.nn.dopamine import DopamineGate, harden, soften
 from lightning_act.tasks.dopamine import DopamineFoundation, DopamineSpecialisation
 
@@ -135,6 +136,27 @@ def test_missing_checkpoint_and_bad_method(tmp_path: Path, foundation_ckpt: Path
         DopamineSpecialisation(str(tmp_path / "missing.ckpt"))
     with pytest.raises(LightningActError, match="method 'prompt' is unknown"):
         DopamineSpecialisation(str(foundation_ckpt), method="prompt")  # type: ignore[arg-type]
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(os.environ["DOPAMINE_TEST_MARKER"]),))
+
+
+def test_foundation_checkpoint_is_not_unpickled_beyond_tensors(tmp_path: Path, foundation_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "code_ran"
+    monkeypatch.setenv("DOPAMINE_TEST_MARKER", str(marker))
+    checkpoint = torch.load(foundation_ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["_payload"] = _RunsCodeWhenUnpickled()
+    shared = tmp_path / "shared.ckpt"
+    torch.save(checkpoint, shared)
+    with pytest.raises(DataFormatError, match="holds objects other than tensors and plain values"):
+        DopamineSpecialisation(str(shared))
+    assert not marker.exists()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(foundation_ckpt.read_bytes()[:4096])
+    with pytest.raises(DataFormatError, match="is not a readable PyTorch file; pass the phase-1 last.ckpt"):
+        DopamineSpecialisation(str(truncated))
 
 
 def test_table_script_quick_configuration() -> None:

@@ -115,7 +115,17 @@ def load_foundation(foundation_ckpt: str | Path) -> DopamineFoundation:
             f"foundation checkpoint '{path}' not found; run `lightning_act fit --config recipes/dopamine_foundation.yaml` "
             "first or pass --model.foundation_ckpt to an existing .ckpt"
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain values only: unpickling a file someone shared must not run its code
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling refused, or a zip reader error: a foreign or truncated file
+        why = (
+            "holds objects other than tensors and plain values (not unpickled: they could run code)"
+            if "Weights only load failed" in str(error)
+            else "is not a readable PyTorch file"
+        )
+        raise DataFormatError(
+            f"'{path}' {why}; pass the phase-1 last.ckpt that `lightning_act fit` or Trainer.save_checkpoint wrote"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise DataFormatError(f"'{path}' is not a Lightning checkpoint with hyper-parameters; pass the phase-1 last.ckpt")
     # Rebuilt from the saved constructor arguments (LightningCLI adds private "_..." keys).
