@@ -66,6 +66,16 @@ def test_std_is_right_where_float32_sums_resolve_it_and_nan_where_they_cannot():
         np.testing.assert_allclose(got["mean"], np.float64(a).mean(), rtol=1e-6)
 
 
+def test_a_constant_layer_has_std_zero_and_a_nearly_constant_one_stays_unknown():
+    for value in (0.5, -3.0, 1e20, 7e-30):  # before: NaN (unknown) for every non-zero constant
+        assert summarize(torch.full((8, 16, 32), value))["std"] == np.float32(value).std() == 0.0
+    a = np.full((64, 256), 1e4, dtype=np.float32)
+    a[0, 0] = np.nextafter(np.float32(1e4), np.float32(np.inf))  # std 6e-7 of a mean 1e4: past the sums' resolution
+    got = summarize(torch.from_numpy(a))
+    assert np.isnan(got["std"]) and np.float64(a).std() > 0
+    assert summarize(torch.tensor([2.0, -2.0, 2.0, -2.0]))["std"] == pytest.approx(2.0, rel=1e-15)
+
+
 def test_no_finite_entry_gives_unknown_moments_and_float64_inputs_stay_float64():
     got = summarize(torch.full((4, 3), float("nan")))
     assert got["nonfinite"] == 12 and got["count"] == 12 and got["zero_frac"] == 0.0
@@ -78,7 +88,7 @@ def test_no_finite_entry_gives_unknown_moments_and_float64_inputs_stay_float64()
     got = summarize(torch.full((8,), 1e20))  # its float32 squares overflowed (rms NaN before round 17): float64 now
     value = float(np.float32(1e20))
     assert got["mean"] == pytest.approx(value, rel=1e-15) and got["rms"] == pytest.approx(value, rel=1e-15)
-    assert np.isnan(got["std"])  # no spread: below any resolution
+    assert got["std"] == 0.0  # every entry the same: exactly 0 (NaN, unknown, before round 20)
 
 
 def test_zero_threshold_compares_as_real_numbers():

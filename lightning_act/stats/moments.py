@@ -64,7 +64,7 @@ def summarize_moments(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, tor
     """Derive count, mean, std, rms, abs_mean, abs_max, zero_frac and nonfinite from reduced partials.
 
     The moments of a tensor without a finite entry are NaN (unknown; they read 0 before round 15), and so is a
-    ``std`` below the sums' resolution (:data:`STD_RESOLUTION`)."""
+    ``std`` below the sums' resolution (:data:`STD_RESOLUTION`), unless every entry is the same (``std`` 0)."""
     count, nonfinite, zeros, total, sq_total, abs_total = sums.unbind()
     finite = count - nonfinite
     entries = finite.clamp_min(1.0)
@@ -72,7 +72,8 @@ def summarize_moments(sums: torch.Tensor, maxima: torch.Tensor) -> dict[str, tor
     mean_square, mean = sq_total / entries, total / entries
     variance = mean_square - mean.square()
     resolved = (variance >= STD_RESOLUTION * mean_square) & torch.isfinite(mean_square)
-    std = torch.where(resolved, variance.clamp_min(0.0).sqrt(), unknown)
+    constant = maxima[0] == mean.abs()  # |mean| = max|x| only when every entry is the same: std 0, whatever its size
+    std = torch.where(constant, torch.zeros_like(mean), torch.where(resolved, variance.clamp_min(0.0).sqrt(), unknown))
     rms = torch.where(torch.isfinite(mean_square), mean_square.sqrt(), unknown)
     moments = {"mean": mean, "std": std, "rms": rms, "abs_mean": abs_total / entries, "abs_max": maxima[0]}
     moments = {name: torch.where(finite > 0, value, unknown) for name, value in moments.items()}
