@@ -393,3 +393,49 @@ def test_example_input_may_be_keyword_arguments_and_a_failing_call_is_one_line()
     with pytest.raises(LightningActError, match=r"running the model on example_input failed \(TypeError: .*\); pass "
                        "what its forward takes"):
         adapt_model(EncoderDecoder(), ["torch.nn.GELU"], example_input=torch.randn(2, 4))
+
+
+class _ActivationCalledTwice(nn.Module):
+    """One ``act`` after ``fc1`` and again after ``fc2``: a common hand-written pattern."""
+
+    def __init__(self, hidden: int, second: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(10, hidden), nn.Linear(hidden, second), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
+def test_an_activation_called_twice_is_refused_at_adapt_time() -> None:
+    # Before: the last call's width was kept: widths 64 then 32 gave a 32-wide gate that failed at the first forward
+    # with "adapt with example_input=" (which was passed); equal widths shared one gate between both layers silently.
+    from lightning_act.peft.lora import apply_ia3
+
+    for adapt in (adapt_model, apply_ia3):
+        for hidden, second in [(64, 32), (8, 8)]:
+            model = _ActivationCalledTwice(hidden, second)
+            refusal = rf"^module 'act' runs 2 times in one forward \(widths \[{hidden}, {second}\]\): one adapter"
+            with pytest.raises(ModuleSelectionError, match=refusal):
+                adapt(model, ["act"], example_input=torch.randn(4, 10))
+            assert all(p.requires_grad for p in model.parameters())  # refused before freezing anything
+
+
+def test_width_inference_refuses_timm_glu_mlp_which_halves_fc1() -> None:
+    # Before: fc1's 128 outputs were taken for the activation's width; GluMlp splits them in two (act sees 64), and
+    # the first forward failed ("expects 128 neurons ... got (2, 5, 64)").
+    pytest.importorskip("timm")
+    from timm.layers import GluMlp, Mlp
+
+    from lightning_act.peft.lora import apply_ia3
+
+    x = torch.randn(2, 5, 32)
+    for adapt in (adapt_model, apply_ia3):
+        refusal = r"in its GluMlp\); pass example_input= to adapt_model / apply_ia3$"
+        with pytest.raises(ModuleSelectionError, match=refusal):
+            adapt(GluMlp(32, hidden_features=128, act_layer=nn.SiLU), ["act"])
+        glu = GluMlp(32, hidden_features=128, act_layer=nn.SiLU)
+        assert [a.num_features for a in adapt(glu, ["act"], example_input=x).values()] == [128 // 2]
+        glu(x).sum().backward()
+        plain = Mlp(32, hidden_features=128)  # timm's plain Mlp: act sees all of fc1's 128 outputs
+        assert [a.num_features for a in adapt(plain, ["act"]).values()] == [128]
+        plain(x).sum().backward()

@@ -206,3 +206,64 @@ def test_ia3_scales_a_hugging_face_conv1d_by_its_output_width() -> None:
     assert wrapped["0"].num_features == 24
     x = torch.randn(3, 8)
     torch.testing.assert_close(model(x), nn.functional.gelu(x @ wrapped["0"].module.weight + wrapped["0"].module.bias))
+
+
+def test_ia3_scales_the_output_width_of_a_conv_or_an_embedding() -> None:
+    # Before: the width was read at the module's input: Conv2d(3 -> 16) got 3 (a broadcasting error at the first
+    # forward), a grayscale Conv2d(1 -> 16) got 1 (one scale for all 16 channels, silently), Embedding(50, 12) on
+    # (2, 7) ids got the sequence length 7.
+    torch.manual_seed(0)
+    for in_channels in (3, 1):
+        conv = nn.Sequential(nn.Conv2d(in_channels, 16, 3), nn.ReLU()).double()
+        x = torch.randn(2, in_channels, 6, 6, dtype=torch.float64)
+        base = conv[0](x).detach().numpy()
+        wrapped = apply_ia3(conv, ["0"], example_input=x, feature_dim=1)
+        assert count_trainable(conv) == 16  # one scale per output channel
+        scale = np.linspace(-1.0, 2.0, 16)
+        with torch.no_grad():
+            wrapped["0"].scale.copy_(torch.from_numpy(scale))
+        np.testing.assert_allclose(conv(x).detach().numpy(), np.maximum(base * scale[None, :, None, None], 0.0))
+
+    class Embedder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 12)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.emb(ids)
+
+    model = Embedder().double()
+    ids = torch.randint(0, 50, (2, 7))
+    wrapped = apply_ia3(model, ["emb"], example_input=ids)
+    assert count_trainable(model) == 12
+    scale = np.arange(12.0)
+    with torch.no_grad():
+        wrapped["emb"].scale.copy_(torch.from_numpy(scale))
+    table = wrapped["emb"].module.weight.detach().numpy()
+    np.testing.assert_allclose(model(ids).detach().numpy(), table[ids.numpy()] * scale)
+
+
+def test_ia3_scale_refuses_an_output_of_another_width_in_one_line() -> None:
+    # Before: a bare broadcasting error, or (a width of 1) one scale silently shared by every feature.
+    with pytest.raises(ModuleSelectionError, match=r"IA3Scale expects 4 features on dim -1 .* got shape \(2, 6\);"):
+        IA3Scale(nn.Linear(3, 6), num_features=4)(torch.randn(2, 3))
+    with pytest.raises(ModuleSelectionError, match=r"expects 1 features on dim 1 .* got shape \(2, 16, 3, 3\)"):
+        IA3Scale(nn.Identity(), num_features=1, feature_dim=1)(torch.randn(2, 16, 3, 3))
+
+
+def test_ia3_refuses_multihead_attention_out_proj_like_lora() -> None:
+    # Before: accepted, then every forward failed inside F.multi_head_attention_forward ('IA3Scale' has no 'weight').
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    refusal = r"^\(IA\)³ cannot wrap \['self_attn.out_proj'\]: nn.MultiheadAttention reads its out_proj weight"
+    with pytest.raises(ModuleSelectionError, match=refusal):
+        apply_ia3(layer, ["self_attn.out_proj"])
+    assert all(p.requires_grad for p in layer.parameters())  # refused before freezing anything
+
+
+def test_the_baselines_are_exported_by_the_peft_package() -> None:
+    # Before: `from lightning_act.peft import apply_lora` (as docs/dopamine.md presents them) was an ImportError.
+    import lightning_act.peft
+    import lightning_act.peft.lora
+
+    for name in ("IA3Scale", "LoRALinear", "apply_ia3", "apply_lora", "count_trainable"):
+        assert getattr(lightning_act.peft, name) is getattr(lightning_act.peft.lora, name)

@@ -473,3 +473,45 @@ def test_temporal_sums_keep_one_layout_when_the_time_axis_comes_and_goes() -> No
         expected = np.mean(pairs <= 0.05)
         assert monitor.history["sparsity/frames/temporal_frac"].values[step] == pytest.approx(expected, abs=1e-12)
     assert "sparsity/pool/temporal_frac" not in monitor.history and "sparsity/pool/zero_frac" in monitor.history
+
+
+class LoRARecorded(Recorded):
+    """Per training step: the LoRA down-projection's input and its merged weight ``W + scaling · B A``, in numpy
+    float64 from the parameters its forward used."""
+
+    def keep(self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if module.training:
+            base = module.base.weight.detach().double().numpy()
+            update = module.lora_b.detach().double().numpy() @ module.lora_a.detach().double().numpy()
+            self.seen[self.step] = (args[0].detach().double().numpy().reshape(-1, 16).copy(),
+                                    base + module.scaling * update)
+
+
+def test_cett_of_a_lora_down_projection_uses_its_merged_weight() -> None:
+    """Before: ``cett_modules="fc2"`` on a LoRA-wrapped ``fc2`` was refused ("a LoRALinear; ... pass a glob like
+    '*.mlp.fc2'"), and ``"fc2.base"`` ran CETT with the frozen ``W`` alone, not the layer the model computes."""
+    from lightning_act.peft.lora import apply_lora
+
+    pl.seed_everything(0)
+    model = GELUMLP()
+    lora = apply_lora(model, ["fc2"], rank=2, alpha=4.0)["fc2"]
+    with torch.no_grad():
+        lora.lora_b.normal_(0.0, 0.2)  # B trains at lr 0.1, so the merged weight changes at every step
+    recorded = LoRARecorded(model.fc2)
+    monitor = ActivationSparsity(
+        modules=["fc1"], every_n_steps=1, cett_modules="fc2", cett_grid_size=4000, cett_grid_range=(1e-4, 1e2)
+    )
+    trainer = pl.Trainer(max_steps=3, logger=False, callbacks=[monitor, recorded], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(model, sequence_loader())
+    assert not np.allclose(recorded.seen[0][1], recorded.seen[2][1])
+    assert_cett_matches_brute_force(monitor, recorded, [0, 1, 2])
+    _, frozen_ratio, _ = brute_force_cett(recorded.seen[0][0], model.fc2.base.weight.detach().double().numpy(), 0.2)
+    # the frozen W alone gives another CETT: the test tells the two weights apart
+    assert abs(monitor.history["sparsity/fc2-input/cett_ratio"].values[0] - frozen_ratio) > 0.05
+
+    base_only = ActivationSparsity(modules=["fc1"], cett_modules="fc2.base")
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[base_only], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    with pytest.raises(LightningActError, match=r"'fc2.base-input', the frozen base of a LoRALinear: .* e.g. 'fc2'$"):
+        trainer.fit(model, sequence_loader())

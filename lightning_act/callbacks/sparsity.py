@@ -21,6 +21,7 @@ from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.capture.layout import is_hugging_face_conv1d
 from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError
+from lightning_act.peft.lora import LoRALinear
 from lightning_act.stats.fused import FusedSpec, FusedStats, zero_partials_from, zero_partials_stacked, zero_spec
 from lightning_act.stats.sparsity import (
     TEMPORAL_SUMS,
@@ -40,10 +41,18 @@ from lightning_act.stats.sparsity import (
 
 def down_projection_weight(module: nn.Module) -> torch.Tensor | None:
     """The ``(d_model, d_ff)`` weight of a down-projection: an ``nn.Linear``'s, or the transpose of Hugging Face's
-    ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; else None. Read
+    ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; for a
+    :class:`~lightning_act.peft.lora.LoRALinear` around either, the effective ``W + scaling · B A`` the layer computes
+    with (its frozen ``W`` alone would describe another model), without autograd; else None. Read
     from its input hook as its forward uses it (:func:`~lightning_act.capture.weights.forward_tensor`): a weight
     Lightning's ``ModelPruning`` pruned mid-fit is masked (its ``weight`` attribute still held the previous step's),
     a ``spectral_norm``'s computed without a power-iteration step the fit does not take."""
+    if isinstance(module, LoRALinear):
+        base = down_projection_weight(module.base)
+        if base is None:
+            return None
+        with torch.no_grad():
+            return base + module.scaling * (module.lora_b @ module.lora_a)
     if not isinstance(module, nn.Linear) and not is_hugging_face_conv1d(module):
         return None
     weight = forward_tensor(module, "weight")
@@ -165,11 +174,18 @@ class ActivationSparsity(ActivationMonitor):
             zero_taps = select_taps(pl_module, self.zero_modules, owner=owner)
             self._zero_taps = {index[(id(tap.module), tap.point)] for tap in zero_taps}
         if self.cett_modules and len(unmatched_specs(pl_module, cett_specs)) < len(cett_specs):
+            lora_bases = {id(m.base): name for name, m in pl_module.named_modules() if isinstance(m, LoRALinear)}
             for tap in select_taps(pl_module, cett_specs, owner=owner):
+                if id(tap.module) in lora_bases:
+                    raise LightningActError(
+                        f"cett_modules matched {tap.name!r}, the frozen base of a LoRALinear: its weight alone is not "
+                        f"the layer the model runs; pass the LoRALinear's own name, e.g. {lora_bases[id(tap.module)]!r}"
+                    )
                 if down_projection_weight(tap.module) is None:
                     raise LightningActError(
                         f"cett_modules matched {tap.name!r}, a {type(tap.module).__name__}; CETT needs the MLP's "
-                        "down-projection (an nn.Linear, or Hugging Face's Conv1D), pass a glob like '*.mlp.fc2'"
+                        "down-projection (an nn.Linear, Hugging Face's Conv1D, or a LoRALinear around one), pass a "
+                        "glob like '*.mlp.fc2'"
                     )
                 self._cett_linear[index[(id(tap.module), tap.point)]] = tap.module
         self._cett_grid = {}

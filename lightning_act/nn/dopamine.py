@@ -247,29 +247,47 @@ def device_of(model: nn.Module) -> torch.device | None:
     return None if tensor is None else tensor.device
 
 
+def _is_timm_plain_mlp(module: nn.Module) -> bool:
+    """timm's plain ``Mlp`` (``fc1 → act → drop → norm → fc2``), whose activation sees every output of ``fc1``; its
+    ``GluMlp`` / ``SwiGLUPacked`` also register ``fc1`` just before ``act`` but split its output in two."""
+    return type(module).__name__ == "Mlp" and type(module).__module__.startswith("timm.")
+
+
 def infer_widths(
     model: nn.Module,
     names: Sequence[str],
     example_input: Any = None,
     feature_dim: int = -1,
+    at: Literal["input", "output"] = "input",
 ) -> dict[str, int]:
-    """Width (neurons) at the input of each named module.
+    """Width (neurons) at the input (a gate's ``z``), or with ``at="output"`` the output ((IA)³ rescales it), of each
+    named module.
 
-    With ``example_input`` (a tensor, or a dict of keyword arguments) the widths are read from one forward pass.
+    With ``example_input`` (a tensor, or a dict of keyword arguments) the widths are read from one forward pass, which
+    must call each module once: one adapter serving several calls would be one set of parameters for several layers
+    (and :func:`firing_fractions` would see the last call only), so a module called twice is refused.
     Without it a module takes the
     ``out_features`` of the ``nn.Linear`` registered just before it in the same parent, and only where that Linear
-    must be its input: in an ``nn.Sequential``, or as the parent's only Linear before it (``fc1`` before ``act`` in
-    a timm ``Mlp``). Registration order is not call order elsewhere (``nn.TransformerEncoderLayer`` registers
-    ``linear2`` before ``activation``, Llama's MLP ``down_proj`` before ``act_fn``), so those are refused.
+    must feed all of its outputs to it: in an ``nn.Sequential``, or ``fc1`` before ``act`` in timm's plain ``Mlp``.
+    Registration order is not call order elsewhere (``nn.TransformerEncoderLayer`` registers ``linear2`` before
+    ``activation``, Llama's MLP ``down_proj`` before ``act_fn``), and timm's ``GluMlp`` halves ``fc1``'s output
+    before ``act``, so those are refused.
     """
-    widths: dict[str, int] = {}
     if example_input is not None:
+        calls: dict[str, list[int]] = {name: [] for name in names}
         handles = []
         for name in names:
-            def record(module: nn.Module, args: tuple, name: str = name) -> None:
-                widths[name] = int(args[0].shape[feature_dim])
+            target = model.get_submodule(name)
+            if at == "input":
+                def record_input(module: nn.Module, args: tuple, name: str = name) -> None:
+                    calls[name].append(int(args[0].shape[feature_dim]))
 
-            handles.append(model.get_submodule(name).register_forward_pre_hook(record))
+                handles.append(target.register_forward_pre_hook(record_input))
+            else:
+                def record_output(module: nn.Module, args: tuple, output: Any, name: str = name) -> None:
+                    calls[name].append(int(output.shape[feature_dim]))
+
+                handles.append(target.register_forward_hook(record_output))
         modes = training_modes(model)
         try:
             model.eval()
@@ -289,12 +307,19 @@ def infer_widths(
             restore_training_modes(modes)
             for handle in handles:
                 handle.remove()
-        missing = [n for n in names if n not in widths]
+        missing = [n for n in names if not calls[n]]
         if missing:
             raise ModuleSelectionError(
                 f"modules {missing} were not called by the example input; select modules that run in forward()"
             )
-        return widths
+        repeated = next(((name, widths) for name, widths in calls.items() if len(widths) > 1), None)
+        if repeated:
+            raise ModuleSelectionError(
+                f"module {repeated[0]!r} runs {len(repeated[1])} times in one forward (widths {repeated[1]}): one "
+                "adapter would serve every call; give each call its own module (e.g. copy.deepcopy) before adapting"
+            )
+        return {name: widths[0] for name, widths in calls.items()}
+    widths: dict[str, int] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -302,12 +327,12 @@ def infer_widths(
         earlier = [module for _, module in children[: [n for n, _ in children].index(child)]]
         linears = [module for module in earlier if isinstance(module, nn.Linear)]
         feeds = bool(earlier) and isinstance(earlier[-1], nn.Linear) and (
-            isinstance(parent, nn.Sequential) or len(linears) == 1
+            isinstance(parent, nn.Sequential) or (_is_timm_plain_mlp(parent) and len(linears) == 1)
         )
         if not feeds:
             raise ModuleSelectionError(
-                f"cannot tell the width of {name!r} without a forward pass (no single nn.Linear just before it in its "
-                f"{type(parent).__name__}); pass example_input= to adapt_model / apply_ia3"
+                f"cannot tell the width of {name!r} without a forward pass (no nn.Linear that must feed it whole just "
+                f"before it in its {type(parent).__name__}); pass example_input= to adapt_model / apply_ia3"
             )
         widths[name] = earlier[-1].out_features
     return widths

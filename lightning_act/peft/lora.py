@@ -84,9 +84,27 @@ class IA3Scale(FrozenModuleAdapter):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.module(*args, **kwargs)
+        if out.shape[self.feature_dim] != self.num_features:  # else a bare broadcasting error, or width 1 fits silently
+            raise ModuleSelectionError(
+                f"IA3Scale expects {self.num_features} features on dim {self.feature_dim} of its module's output but "
+                f"got shape {tuple(out.shape)}; apply_ia3 with example_input= (and the output's feature_dim=) so the "
+                "width is read from a forward pass"
+            )
         shape = [1] * out.ndim
         shape[self.feature_dim] = self.num_features
         return out * self.scale.to(out.dtype).view(shape)
+
+
+def refuse_attention_out_proj(model: nn.Module, chosen: Sequence[tuple[str, nn.Module]], adapter: str) -> None:
+    """Refuse ``nn.MultiheadAttention``'s ``out_proj``: the attention reads its weight itself instead of calling it,
+    so a wrapper there would crash at every forward."""
+    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+    read_directly = [name for name, _ in chosen if name.rpartition(".")[::2] in {(a, "out_proj") for a in attention}]
+    if read_directly:
+        raise ModuleSelectionError(
+            f"{adapter} cannot wrap {read_directly[:3]}: nn.MultiheadAttention reads its out_proj weight directly; "
+            "select the other layers by name globs"
+        )
 
 
 def apply_lora(
@@ -103,14 +121,7 @@ def apply_lora(
         raise ModuleSelectionError(
             f"LoRA wraps nn.Linear and Hugging Face Conv1D only but {not_linear} are not; select Linear layers"
         )
-    # nn.MultiheadAttention reads out_proj.weight itself instead of calling out_proj: a wrapper would crash there
-    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
-    read_directly = [name for name, _ in chosen if name.rpartition(".")[::2] in {(a, "out_proj") for a in attention}]
-    if read_directly:
-        raise ModuleSelectionError(
-            f"LoRA cannot wrap {read_directly[:3]}: nn.MultiheadAttention reads its out_proj weight directly; select "
-            "the other Linear layers by name globs"
-        )
+    refuse_attention_out_proj(model, chosen, "LoRA")
     freeze(model)
     wrapped: dict[str, LoRALinear] = {}
     for name, linear in chosen:
@@ -127,12 +138,14 @@ def apply_ia3(
 ) -> dict[str, IA3Scale]:
     """Freeze ``model`` and rescale each selected module's output by a ones-initialised vector.
 
-    The width is the output width of a selected ``nn.Linear`` (or Hugging Face ``Conv1D``); for an activation it is
-    read from ``example_input`` or the preceding Linear (as in :func:`lightning_act.nn.dopamine.adapt_model`).
+    The width is the output width of a selected ``nn.Linear`` (or Hugging Face ``Conv1D``); for any other module it
+    is read at its output from ``example_input`` (a Conv2d or Embedding changes the width), or for an activation from
+    the preceding Linear (as in :func:`lightning_act.nn.dopamine.adapt_model`).
     """
     chosen = select_modules(model, modules)
+    refuse_attention_out_proj(model, chosen, "(IA)³")
     other = [n for n, m in chosen if linear_widths(m) is None]
-    widths = infer_widths(model, other, example_input, feature_dim) if other else {}
+    widths = infer_widths(model, other, example_input, feature_dim, at="output") if other else {}
     freeze(model)
     device = device_of(model)
     wrapped: dict[str, IA3Scale] = {}
