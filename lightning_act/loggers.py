@@ -5,7 +5,7 @@ keys, each its own panel in W&B's default workspace (about four hundred for 12 b
 token/feature positions of the largest entries (``top{j}_token``/``top{j}_feature``) are drawn
 as meaningless lines. :class:`CompactWandbLogger` logs instead, per logging step,
 
-* one summary key per monitor statistic, reduced over the layers —
+* one summary key per monitor statistic, reduced over the layers logged at that step (by any monitor) —
   ``<prefix>/<reduction>/<stat>``, e.g. ``massive/max/ratio`` (the largest ratio of any block),
   ``sparsity/mean/zero_frac``, ``collapse/min/erank_frac`` (the most collapsed layer); a
   statistic logged for one module only keeps its own key (``collapse/params/r90``);
@@ -13,10 +13,11 @@ as meaningless lines. :class:`CompactWandbLogger` logs instead, per logging step
   the best R² (a per-parameter reduction would pair the A of one layer with the R² of another);
 * the last per-layer value of every key it did not log in the run summary (searchable in the
   runs table);
-* at the end of the fit, per monitor a table ``<prefix>/per_layer`` with every
-  ``(step, layer, stat, value)`` it did not log, the top-k entries (``top{j}_value``, ``top{j}_token``,
-  ``top{j}_feature``) included — per-layer curves and positions are plotted from it (or from
-  the local report: ``lightning_act report``, which reads the CSV log and keeps every layer).
+* per monitor a table ``<prefix>/per_layer`` with every ``(step, layer, stat, value)`` it did not log, the top-k
+  entries (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) included, in parts of at most
+  :attr:`CompactWandbLogger.table_part_rows` rows (W&B cuts a longer table) logged under that key as they fill, each
+  at its last row's step, the last one at the end of the fit — per-layer curves and positions are plotted from them
+  (or from the local report: ``lightning_act report``, which reads the CSV log and keeps every layer).
 
 ``per_layer=True`` logs every key as :class:`~lightning.pytorch.loggers.WandbLogger` does.
 Everything that is not a monitor statistic (losses, images, tables) passes through unchanged.
@@ -104,28 +105,58 @@ def compact_metrics(
 class CompactWandbLogger(WandbLogger):
     """:class:`~lightning.pytorch.loggers.WandbLogger` with a per-monitor summary instead of per-layer keys.
 
+    Every monitor logs its own call, so a step's monitor keys are held until the step changes (or the fit ends) and
+    reduced then, over every layer any monitor logged at that step: reduced per call, two monitors of one class on
+    other modules logged two values at one step, the last one winning. Other keys are logged as they come.
+
     Args:
         per_layer: log every ``<prefix>/<module>/<stat>`` key as well (the plain WandbLogger
             behaviour); off by default.
         *args, **kwargs: passed to :class:`~lightning.pytorch.loggers.WandbLogger`.
     """
 
+    #: Rows of one ``<prefix>/per_layer`` table part: ``wandb.Table.MAX_ROWS``, what W&B keeps of a table logged to a
+    #: run (the rest is cut with a warning); a part is logged whenever a monitor's rows reach it, so memory stays
+    #: bounded.
+    table_part_rows = 10_000
+
     def __init__(self, *args: Any, per_layer: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.per_layer = per_layer
         self._layer_rows: dict[str, list[list[Any]]] = {}
         self._multi_layer: set[tuple[str, str]] = set()
+        self._step_metrics: dict[str, Any] = {}
+        self._step: int | None = None
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if self.per_layer:
             super().log_metrics(metrics, step)
             return
+        if step != self._step:
+            self._log_held_step()
+            self._step = step
+        held = {key: value for key, value in metrics.items() if split_monitor_key(key) is not None}
+        self._step_metrics.update(held)
+        others = {key: value for key, value in metrics.items() if key not in held}
+        if others:
+            super().log_metrics(others, step)
+
+    def _log_held_step(self) -> None:
+        """Log the monitor keys held for ``self._step``: the reductions to the history, the per-layer detail to the
+        summary and the table rows."""
+        metrics, self._step_metrics = self._step_metrics, {}
+        if not metrics:
+            return
+        step = self._step
         kept, detail = compact_metrics(metrics, self._multi_layer)
         detail = [item for item in detail if "/".join(item[:3]) not in kept]  # a kept key is in the history already
         if detail:
             for prefix, layer, stat, value in detail:
-                self._layer_rows.setdefault(prefix, []).append([step, layer, stat, value])
+                rows = self._layer_rows.setdefault(prefix, [])
+                rows.append([step, layer, stat, value])
+                if len(rows) >= self.table_part_rows:
+                    self._log_table_part(prefix)
             # an infinite top1 is the news: a stale finite value must not hide it; NaN (not measured) removes the key
             summary = self.experiment.summary
             values = {"/".join((p, layer, stat)): v for p, layer, stat, v in detail}
@@ -136,9 +167,18 @@ class CompactWandbLogger(WandbLogger):
         if kept:
             super().log_metrics(kept, step)
 
+    def _log_table_part(self, prefix: str) -> None:
+        """Log the rows held for ``prefix`` as the next part of its ``<prefix>/per_layer`` table, at its last row's
+        step."""
+        import wandb
+
+        rows = self._layer_rows.pop(prefix)
+        table = wandb.Table(columns=["step", "layer", "stat", "value"], data=rows)
+        super().log_metrics({f"{prefix}/per_layer": table}, rows[-1][0])
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        rows, self._layer_rows = self._layer_rows, {}
-        for prefix, prefix_rows in rows.items():
-            self.log_table(key=f"{prefix}/per_layer", columns=["step", "layer", "stat", "value"], data=prefix_rows)
+        self._log_held_step()
+        for prefix in list(self._layer_rows):
+            self._log_table_part(prefix)
         super().finalize(status)

@@ -5,7 +5,7 @@ matplotlib is imported lazily (Agg backend), so nothing here slows down ``lightn
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,23 +57,31 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def layer_step_heatmap(series: Mapping[str, BoundedSeries], title: str) -> Figure:
-    """Layers (rows, in module order) × logged steps (columns) of one statistic."""
+def layer_step_heatmap(series: Mapping[str, BoundedSeries], title: str, steps: Sequence[int]) -> Figure:
+    """Layers (rows, in module order) × ``steps`` (columns, each as wide as the gaps to its neighbours reach) of one
+    statistic, on an x axis of global steps; a step without a value of a layer (unknown there) is a blank cell."""
     import numpy as np
 
     names = list(series)
-    steps = sorted({s for one in series.values() for s in one.steps})
     column = {s: j for j, s in enumerate(steps)}
     grid = np.full((len(names), len(steps)), np.nan)
     for i, name in enumerate(names):
         for s, v in zip(series[name].steps, series[name].values):
             grid[i, column[s]] = v
+    from matplotlib.ticker import MaxNLocator
+
+    x = np.asarray(steps, dtype=np.float64)
+    if len(x) > 1:
+        middles = (x[1:] + x[:-1]) / 2
+        edges = np.concatenate([[2 * x[0] - middles[0]], middles, [2 * x[-1] - middles[-1]]])
+    else:
+        edges = np.concatenate([x - 0.5, x + 0.5])
     figure = new_figure(min(14.0, 4.0 + 0.08 * len(steps)), min(12.0, 1.5 + 0.3 * len(names)))
     axes = figure.add_subplot()
-    image = axes.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    image = axes.pcolormesh(edges, np.arange(len(names) + 1) - 0.5, grid, cmap="viridis")
     axes.set_yticks(range(len(names)), names, fontsize=7)
-    ticks = np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int) if steps else []
-    axes.set_xticks(ticks, [str(steps[t]) for t in ticks])
+    axes.invert_yaxis()  # the first layer on top
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("global step")
     axes.set_title(title)
     figure.colorbar(image, ax=axes)

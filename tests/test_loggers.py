@@ -69,8 +69,9 @@ def test_logger_sends_summaries_per_step_and_the_layers_to_a_table() -> None:
     run = FakeRun()
     logger = CompactWandbLogger(experiment=run)
     logger.log_metrics(monitor_metrics(), step=10)
-    logger.log_metrics({"train/loss": 1.0}, step=11)
-    assert run.logged[0]["trainer/global_step"] == 10 and run.logged[0]["massive/max/ratio"] == 7.0
+    logger.log_metrics({"train/loss": 1.0}, step=11)  # the step changes: step 10's monitor keys are logged
+    reduced = next(row for row in run.logged if "massive/max/ratio" in row)
+    assert reduced["trainer/global_step"] == 10 and reduced["massive/max/ratio"] == 7.0
     assert "massive/blocks.0/ratio" not in run.keys()
     assert run.summary["massive/blocks.1/ratio"] == 7.0 and "massive/blocks.2/ratio" not in run.summary  # NaN
     logger.finalize("success")
@@ -92,11 +93,12 @@ def test_the_summary_follows_a_statistic_that_turns_non_finite_and_a_skipped_lay
     # step 1: block 0 blew up (top1 inf, ratio not measurable); block 1 was skipped (LayerDrop)
     logger.log_metrics({"massive/blocks.0/top1": math.inf, "massive/blocks.0/ratio": math.nan,
                         "massive/blocks.0/count": 8.0}, step=1)
+    logger.finalize("success")  # logs the last step's monitor keys
     # before: the summary kept top1 2.0 and ratio 0.99 from step 0 beside step 1's count 8
     assert run.summary["massive/blocks.0/top1"] == math.inf and "massive/blocks.0/ratio" not in run.summary
     assert run.summary["massive/blocks.0/count"] == 8.0
     # before: step 1 logged "massive/blocks.0/count" as its own one-point key instead of the reduced one
-    assert [sorted(k for k in row if k != "trainer/global_step") for row in run.logged] == [
+    assert [sorted(k for k in row if k != "trainer/global_step") for row in run.logged[:2]] == [
         ["massive/max/count", "massive/max/ratio", "massive/max/top1"], ["massive/max/count"],
     ]
 
@@ -160,8 +162,74 @@ def test_the_emergence_fit_is_one_layers_whole_fit_never_a_mix_of_layers() -> No
     run = FakeRun()
     logger = CompactWandbLogger(experiment=run)
     logger.log_metrics(fit_metrics(FITS), step=8)
-    assert run.logged == [{"trainer/global_step": 8, **kept}]
-    assert run.summary == {f"massive/blocks.0/{name}": value for name, value in FITS["blocks.0"].items()}
     logger.finalize("success")
+    assert run.logged[0] == {"trainer/global_step": 8, **kept}
+    assert run.summary == {f"massive/blocks.0/{name}": value for name, value in FITS["blocks.0"].items()}
     table = next(row["massive/per_layer"] for row in run.logged if "massive/per_layer" in row)
     assert sorted(table.data) == sorted([8, "blocks.0", name, value] for name, value in FITS["blocks.0"].items())
+
+
+def test_two_monitors_of_one_class_give_one_reduction_per_step_over_all_their_layers(tmp_path: Path) -> None:
+    """ActivationStats on two layers every step and another on the third every 2 steps (one logger call each)."""
+    import csv
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_act.callbacks import ActivationStats
+
+    class ThreeLayers(BoringModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(3)])
+
+    run = FakeRun()
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=4, logger=[CompactWandbLogger(experiment=run, save_dir=str(tmp_path)), CSVLogger(tmp_path, name="csv")],
+        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        limit_val_batches=0, log_every_n_steps=1,
+        callbacks=[ActivationStats(modules=["layer.0", "layer.1"], every_n_steps=1),
+                   ActivationStats(modules=["layer.2"], every_n_steps=2)],
+    )
+    trainer.fit(ThreeLayers())
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected: dict[str, dict[int, float]] = {"act/max/abs_max": {}, "act/mean/rms": {}}
+    for step in sorted({int(row["step"]) for row in rows}):
+        for reduced, stat, reduce in (("act/max/abs_max", "abs_max", np.max), ("act/mean/rms", "rms", np.mean)):
+            values = [float(row[f"act/layer.{i}/{stat}"]) for row in rows if int(row["step"]) == step
+                      for i in range(3) if row.get(f"act/layer.{i}/{stat}")]
+            if values:
+                expected[reduced][step] = float(reduce(np.array(values, dtype=np.float64)))
+    assert sorted(expected["act/max/abs_max"]) == [0, 1, 2, 3]
+    for key, per_step in expected.items():
+        logged = [(row["trainer/global_step"], row[key]) for row in run.logged if key in row]
+        # before: steps 0 and 2 had two points each, the first monitor's layers and then the third layer alone
+        assert [step for step, _ in logged] == sorted(per_step)
+        for step, value in logged:
+            assert value == pytest.approx(per_step[step], rel=1e-6)
+
+
+def test_the_per_layer_table_is_logged_in_parts_that_hold_every_row() -> None:
+    run = FakeRun()
+    logger = CompactWandbLogger(experiment=run)
+    logger.table_part_rows = 5
+    held = []
+    for step in range(4):
+        logger.log_metrics({f"sparsity/blocks.{i}/{stat}": 10.0 * step + i + (0.5 if stat == "count" else 0.0)
+                            for i in range(3) for stat in ("zero_frac", "count")}, step=step)
+        held.append(sum(len(rows) for rows in logger._layer_rows.values()))
+    logger.finalize("success")
+    parts = [(row.get("trainer/global_step"), row["sparsity/per_layer"]) for row in run.logged if "sparsity/per_layer" in row]
+    # before: one table of all 24 rows at the end (W&B cuts a table past wandb.Table.MAX_ROWS, the newest steps first)
+    assert [len(table.data) for _, table in parts] == [5, 5, 5, 5, 4]
+    assert max(held) < 5  # memory is bounded by a part
+    assert [step for step, _ in parts] == [table.data[-1][0] for _, table in parts]
+    every_row = [row for _, table in parts for row in table.data]
+    assert sorted(map(tuple, every_row)) == sorted(
+        (step, f"blocks.{i}", stat, 10.0 * step + i + (0.5 if stat == "count" else 0.0))
+        for step in range(4) for i in range(3) for stat in ("zero_frac", "count")
+    )

@@ -854,3 +854,55 @@ def test_a_resume_with_another_interval_adds_no_unknown_steps(tmp_path: Path) ->
     assert "unknown at" not in text
     traces, _ = figure_for(text, "collapse-erank")
     assert next(t for t in traces if t["name"] == "net.1")["x"] == [0, 2, 4, 6, 9]
+
+
+def test_a_run_given_twice_is_one_line_and_labels_have_no_doubled_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_act.report.html import run_labels
+
+    # before: '//kat' (the root '/' joined with '/')
+    assert run_labels(["/kat", "/a/kat"]) == ["kat", "a/kat"]
+    run = write_crashed_run(tmp_path / "kat")
+    output = tmp_path / "twice.html"
+    # before: the page overlaid the run with itself as '<path>/kat #0' and '<path>/kat #1'
+    assert main([str(run), f"{run}/", "-o", str(output)]) == 2
+    assert capsys.readouterr().err == (
+        f"lightning_act report: error: run '{run}/' is given twice (also as '{run}'): pass each run once\n"
+    )
+    assert not output.exists()
+
+
+def test_a_csv_logger_prefix_keeps_the_monitor_sections(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="csv", prefix="fold-1")  # Lightning writes 'fold-1-act/blocks.0/rms'
+    rms = {(step, i): 0.5 + 0.25 * step + i for step in range(0, 8, 2) for i in range(2)}
+    for step in range(0, 8, 2):
+        logger.log_metrics({"train_loss": 2.0 - 0.1 * step, **{f"act/blocks.{i}/rms": rms[step, i] for i in range(2)}}, step)
+    logger.save()
+    header = read_rows(tmp_path / "csv" / "version_0" / "metrics.csv")[0]
+    assert "fold-1-act/blocks.0/rms" in header
+    run = load_run(tmp_path)
+    # before: no monitors, and the statistics were drawn as training curves
+    assert {prefix: {stat: list(layers) for stat, layers in stats.items()} for prefix, stats in run.monitors().items()} == {
+        "act": {"rms": ["blocks.0", "blocks.1"]}
+    }
+    assert run.training_keys() == ["fold-1-train_loss"]
+    heat, _ = figure_for(build_report(tmp_path, tmp_path / "r.html").read_text(), "act-rms-heatmap")
+    assert heat[0]["x"] == [0, 2, 4, 6]
+    assert heat[0]["z"] == [[rms[step, i] for step in range(0, 8, 2)] for i in range(2)]
+
+
+def test_lightnings_underscore_test_metrics_are_test_metrics(tmp_path: Path) -> None:
+    write_csv(tmp_path / "csv" / "version_0" / "metrics.csv", ["epoch", "step", "train_loss", "val_loss"],
+              [{"step": s, "train_loss": 2.0 - 0.1 * s, "val_loss": 2.5 - 0.1 * s} for s in range(0, 10, 2)])
+    for version, loss in ((1, 1.375), (2, 1.40625)):  # tested twice
+        write_csv(tmp_path / "csv" / f"version_{version}" / "metrics.csv", ["epoch", "step", "test_loss"],
+                  [{"step": 0, "test_loss": loss}])
+    run = load_run(tmp_path)
+    # before: {} here, test_loss drawn as a training curve holding the first test's 1.375, the second's left out
+    assert run.test_metrics() == {"test_loss": 1.40625}
+    assert run.training_keys() == ["train_loss", "val_loss"]
+    assert not any("without training" in note for note in run.notes)
+    assert "<tr><td>test_loss</td><td>1.406</td></tr>" in build_report(tmp_path, tmp_path / "r.html").read_text()

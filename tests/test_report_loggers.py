@@ -161,3 +161,46 @@ def test_each_mlflow_run_keeps_its_own_figures(tmp_path: Path, monkeypatch: pyte
         digests.add(hashlib.md5(local.read_bytes()).hexdigest())
     assert len(digests) == 2  # 3 and 5 steps: two heatmaps, neither overwritten by the other
     assert not (tmp_path / "mlruns" / "plots").exists() and not (tmp_path / "mlruns" / "monitors").exists()
+
+
+def test_the_heatmap_png_has_a_column_for_every_logged_step_blank_where_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diverging fit: MassiveActivations' ratio is known at the first due steps only, the layers go on being logged."""
+    import csv
+    import math
+
+    import numpy as np
+    import torch
+    from _toy import BlockNet, ToyData, ToyTask
+
+    import lightning_act.plots as plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "log_figure", lambda trainer, figure, name: drawn.setdefault(name, figure))
+    torch.manual_seed(0)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="csv"), max_steps=12, log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        limit_val_batches=0, callbacks=[MassiveActivations(modules=["net.blocks.0", "net.blocks.1"], every_n_steps=2)],
+    )
+    trainer.fit(ToyTask(BlockNet(depth=2), lr=200.0), ToyData())
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    layers = ["net.blocks.0", "net.blocks.1"]
+    logged = sorted({int(row["step"]) for row in rows for key, cell in row.items()
+                     if cell and key.startswith(tuple(f"massive/{layer}/" for layer in layers)) and "/fit_" not in key})
+    ratio = np.full((len(layers), len(logged)), np.nan)
+    for row in rows:
+        for i, layer in enumerate(layers):
+            if row.get(f"massive/{layer}/ratio"):
+                ratio[i, logged.index(int(row["step"]))] = float(row[f"massive/{layer}/ratio"])
+    assert np.isfinite(ratio).any() and np.isnan(ratio).any()  # the case: known at some logged steps, not at others
+    mesh = drawn["massive_ratio_heatmap"].axes[0].collections[0]
+    cells = mesh.get_array()
+    # before: one column per step with a known ratio, by index (here only step 0)
+    edges = mesh.get_coordinates()[0, :, 0]  # halfway between the steps (evenly spaced here)
+    assert list((edges[:-1] + edges[1:]) / 2) == logged
+    assert np.array_equal(np.ma.getmaskarray(cells), ~np.isfinite(ratio))
+    assert np.array_equal(cells.filled(math.nan)[np.isfinite(ratio)], ratio[np.isfinite(ratio)])

@@ -1044,8 +1044,24 @@ class ActivationMonitor(FitScopedState, ABC):
             return
         from lightning_act.plots import layer_step_heatmap, log_figure
 
-        figure = layer_step_heatmap(series, title=f"{self.prefix}/{self.heatmap_stat}")
+        figure = layer_step_heatmap(series, f"{self.prefix}/{self.heatmap_stat}", self.heatmap_steps(series))
         log_figure(trainer, figure, self.output_name(trainer, f"{self.prefix}_{self.heatmap_stat}_heatmap"))
+
+    def heatmap_steps(self, series: dict[str, BoundedSeries]) -> list[int]:
+        """The heatmap's columns: every step at which this monitor logged one of the layers, with the steps where the
+        statistic was unknown (not logged, so absent from its history; blank cells there, not a closed-up gap).
+
+        Those steps come from the layers' other statistics while no history of the statistic is thinned
+        (``history_size``) and only from unthinned histories: a step a thinned history dropped is no unknown value.
+        """
+        steps = {step for one in series.values() for step in one.steps}
+        if any(one.stride > 1 for one in series.values()):
+            return sorted(steps)
+        layer_keys = tuple(f"{self.prefix}/{layer}/" for layer in series)
+        for key, one in self.history.items():
+            if key.startswith(layer_keys) and one.stride == 1:
+                steps.update(one.steps)
+        return sorted(steps)
 
     def output_name(self, trainer: pl.Trainer, name: str) -> str:
         """``name`` of a figure or table, numbered when the Trainer has several monitors of this class (on other

@@ -104,14 +104,22 @@ def _format_logged(value: float | None) -> str:
 
 
 def run_labels(paths: Sequence[str | Path]) -> list[str]:
-    """Short unique names for the runs: the folder name, with parents added until they differ."""
-    parts = [Path(p).resolve().parts for p in paths]
-    depth = 1
-    while True:
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels) or depth >= max(len(p) for p in parts):
-            return labels if len(set(labels)) == len(labels) else [f"{label} #{i}" for i, label in enumerate(labels)]
-        depth += 1
+    """Short unique names for the runs: the folder name, with parents added until they differ.
+
+    A run given twice (``runs/kat`` and ``runs/kat/``) is one line: the page would overlay it with itself.
+    """
+    first_given: dict[Path, str | Path] = {}
+    for given in paths:
+        resolved = Path(given).resolve()
+        if resolved in first_given:
+            raise ConfigError(f"run '{given}' is given twice (also as '{first_given[resolved]}'): pass each run once")
+        first_given[resolved] = given
+    names = [resolved.parts[1:] for resolved in first_given]  # below the root: joining '/' with '/' doubles it
+    for depth in range(1, max((len(name) for name in names), default=0) + 1):
+        labels = ["/".join(name[-depth:]) for name in names]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(resolved) for resolved in first_given]  # paths that differ in their root only (Windows drives)
 
 
 def _layer_colours(count: int) -> list[str]:

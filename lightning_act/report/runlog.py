@@ -33,8 +33,6 @@ FIT_PARAMETERS: tuple[str, ...] = ("A", "lambda", "gamma", "t0", "K")
 if TYPE_CHECKING:
     import numpy as np
 
-#: Metrics of ``lightning_act test`` (shown as a table, not as curves).
-TEST_PREFIX = "test/"
 
 #: Where the CLI keeps the ``fit`` command's config, so a later ``test`` (which overwrites
 #: ``config.yaml``) does not lose it.
@@ -100,18 +98,18 @@ class RunLog:
         """Metrics that are neither monitor statistics nor test metrics (losses, accuracies, learning rates)."""
         return [
             k for k in self.series
-            if k not in INDEX_COLUMNS and split_monitor_key(k) is None and not k.startswith(TEST_PREFIX)
+            if k not in INDEX_COLUMNS and split_logged_monitor_key(k) is None and not is_test_key(k)
         ]
 
     def test_metrics(self) -> dict[str, float]:
-        """The last logged value of every ``test/...`` metric."""
-        return {k: s.values[-1] for k, s in self.series.items() if k.startswith(TEST_PREFIX) and len(s)}
+        """The last logged value of every test metric (``test/...``, ``test_...``)."""
+        return {k: s.values[-1] for k, s in self.series.items() if is_test_key(k) and len(s)}
 
     def monitors(self) -> dict[str, dict[str, dict[str, Series]]]:
         """``{prefix: {stat: {layer: series}}}`` for the monitor keys present, layers in module order."""
         grouped: dict[str, dict[str, dict[str, Series]]] = {}
         for key, series in self.series.items():
-            parts = split_monitor_key(key)
+            parts = split_logged_monitor_key(key)
             if parts is None or not len(series):
                 continue
             prefix, layer, stat = parts
@@ -137,6 +135,23 @@ def split_monitor_key(key: str) -> tuple[str, str, str] | None:
     if len(parts) < 3 or parts[0] not in MONITOR_PREFIXES:
         return None
     return parts[0], "/".join(parts[1:-1]), parts[-1]
+
+
+#: Lightning's logger prefix in front of a key: ``CSVLogger(prefix="fold1")`` logs ``fold1-act/<layer>/<stat>``
+#: (``LOGGER_JOIN_CHAR`` is "-"); the prefix itself may hold a "-".
+_LOGGER_PREFIX = re.compile(rf"^[^/]*-(?=(?:{'|'.join(MONITOR_PREFIXES)})/)")
+
+
+def split_logged_monitor_key(key: str) -> tuple[str, str, str] | None:
+    """:func:`split_monitor_key` of a ``metrics.csv`` column, behind a logger prefix too (``fold1-act/...``): a
+    run logged with ``CSVLogger(prefix=...)`` keeps its monitor sections."""
+    return split_monitor_key(_LOGGER_PREFIX.sub("", key, count=1))
+
+
+def is_test_key(key: str) -> bool:
+    """Whether a metric is a test command's (``test/acc``, Lightning's usual ``test_loss``): shown as a table, not as
+    a curve, and merged as a test's (see :func:`merge_parts`)."""
+    return re.split(r"[/_]", key, maxsplit=1)[0] == "test"
 
 
 #: First word (before ``/`` or ``_``) of the metrics a ``validate``/``test`` command logs: ``val/loss``, ``val_acc``,
@@ -290,9 +305,9 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
     A later version that logged training (a resumed or restarted fit) starts at some step ``s``;
     what earlier versions logged at steps ``>= s`` was rolled back by the resume, so it is
     replaced for every non-test key. A version without training (``lightning_act test`` or ``validate``) adds its
-    own keys, and its ``test/`` keys overwrite an earlier test's from their first step on; but it does not replace
-    the fit's curves of other keys: a ``validate`` logs ``val/*`` at step 0, which would cut the whole validation
-    curve. Those values are left out, with a note.
+    own keys, and its test keys (:func:`is_test_key`) overwrite an earlier test's from their first step on; but it
+    does not replace the fit's curves of other keys: a ``validate`` logs ``val/*`` at step 0, which would cut the
+    whole validation curve. Those values are left out, with a note.
     """
     merged: dict[str, Series] = {}
     notes: list[str] = []
@@ -304,7 +319,7 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
         stop = max(s.steps[-1] for s in series.values() if len(s)) + 1
         replaced = 0
         kept_curves = [] if logs_training else sorted(
-            key for key in firsts if not key.startswith(TEST_PREFIX) and len(merged.get(key, ()))
+            key for key in firsts if not is_test_key(key) and len(merged.get(key, ()))
         )
         if kept_curves:
             notes.append(
@@ -313,7 +328,7 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
             )
             series = {key: s for key, s in series.items() if key not in kept_curves}
         for key, old in merged.items():
-            if logs_training and not key.startswith(TEST_PREFIX):
+            if logs_training and not is_test_key(key):
                 cut = start
             elif key in firsts and key not in kept_curves:
                 cut = firsts[key]
