@@ -13,6 +13,7 @@ import torch
 
 from lightning_act.stats.covariance_sketch import (
     gaussian_test_matrix,
+    shift_sketch_partials,
     sketch_partials,
     sketch_rank_statistics,
     sketch_size,
@@ -85,6 +86,53 @@ def test_more_rows_than_the_sketch_keeps_the_leading_spectrum() -> None:
     erank, pr = numpy_rank_statistics(rows)
     assert 0.7 * pr < stats["pr"].item() < pr
     assert 0.3 * erank < stats["erank"].item() < erank  # tail energy outside the sketch is lost, never invented
+
+
+def power_law_rows(n: int, d: int, exponent: float, shift: str) -> np.ndarray:
+    """(n, d) float32-valued rows with singular values ``i^-exponent`` (unit overall spread) plus a large mean:
+    ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations)."""
+    rng = np.random.default_rng(0)
+    left, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    right, _ = np.linalg.qr(rng.standard_normal((d, n)))
+    rows = (left * np.arange(1, n + 1) ** -exponent) @ right.T
+    rows /= rows.std()
+    if shift == "common":
+        rows += 1e6
+    else:
+        rows[:, [3, d // 2]] += 1e4
+    return rows.astype(np.float32).astype(np.float64)
+
+
+def numpy_svd_rank_statistics(rows: np.ndarray) -> tuple[float, float]:
+    """erank and PR from the singular values of the two-pass centred rows (no cut-off tied to the sums)."""
+    sigma = np.linalg.svd(rows - rows.mean(0), compute_uv=False)
+    sigma = sigma[sigma > 1e-10 * sigma[0]]
+    p = sigma / sigma.sum()
+    lam = sigma**2
+    return float(np.exp(-(p * np.log(p)).sum())), float(lam.sum() ** 2 / (lam**2).sum())
+
+
+@pytest.mark.parametrize(("exponent", "shift"), [(1.0, "common"), (2.0, "massive")])
+def test_rows_shifted_by_references_keep_the_spectrum_under_a_large_mean(exponent: float, shift: str) -> None:
+    # Unshifted, the float32 projection lost a 1e6 offset's centred rows (unknown), and the whitening floor, from the
+    # unshifted Zᵀ Z, dropped a steep spectrum's tail under two features of 1e4 (erank -0.8%, and -2.85% at a
+    # 2304-wide tap; round 20). Three parts (ranks), each shifted by its own first row, then moved to a common
+    # reference (as DDP does at its first reduction), add up to the spectrum of all the rows.
+    d, n = 96, 48
+    rows = power_law_rows(n, d, exponent, shift)
+    omega = gaussian_test_matrix(d, n, seed=1)
+    common = torch.from_numpy(rows.mean(0))
+    partials = 0
+    for part in np.array_split(rows, 3):
+        own = torch.from_numpy(part[0])
+        own_partials = sketch_partials(torch.from_numpy(part).float(), omega, own)
+        partials = partials + shift_sketch_partials(own_partials, own - common, omega)
+    stats = sketch_rank_statistics(partials, d, n)
+    erank, pr = numpy_svd_rank_statistics(rows)
+    assert stats["erank"].item() == pytest.approx(erank, rel=1e-8)
+    assert stats["pr"].item() == pytest.approx(pr, rel=1e-8)
+    alone = sketch_rank_statistics(sketch_partials(torch.from_numpy(rows).float(), omega, common), d, n)
+    assert alone["erank"].item() == pytest.approx(erank, rel=1e-8)
 
 
 def test_non_finite_rows_give_nan_and_wrong_sizes_are_refused() -> None:

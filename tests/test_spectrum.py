@@ -17,6 +17,7 @@ from lightning_act.stats.spectrum import (
     feature_rows,
     participation_ratio,
     count_sketch_draws,
+    shift_covariance_partials,
     sketch_vector,
     sketch_with_draws,
     trajectory_r90,
@@ -72,6 +73,52 @@ def test_a_mean_far_above_the_spread_keeps_the_spectrum(offset: float) -> None:
     assert int((lam > 0).sum()) == 64
     assert effective_rank(lam).item() == pytest.approx(numpy_erank(data), rel=1e-3)
     assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=2e-3)
+
+
+def power_law_rows(n: int, d: int, exponent: float, shift: str, seed: int = 0) -> np.ndarray:
+    """(n, d) float32-valued rows with singular values ``i^-exponent`` (unit overall spread) plus a large mean:
+    ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations)."""
+    rng = np.random.default_rng(seed)
+    rank = min(n, d)
+    left, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+    rows = (left * np.arange(1, rank + 1) ** -exponent) @ right.T
+    rows /= rows.std()
+    if shift == "common":
+        rows += 1e6
+    else:
+        rows[:, [3, d // 2]] += 1e4
+    return rows.astype(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize(("d", "exponent", "shift"), [(128, 1.0, "common"), (256, 2.0, "massive")])
+def test_rows_shifted_by_a_reference_keep_the_tail_of_a_power_law_under_a_large_mean(
+    d: int, exponent: float, shift: str
+) -> None:
+    # Unshifted, the sums' round-off (eps Σ‖x‖²) is above the tail: erank -68% (offset 1e6) and -0.9% (two features
+    # of 1e4 over a steep spectrum) before round 20. Shifted by one of the rows, the sums are of the spread's size.
+    data = power_law_rows(512, d, exponent, shift)
+    reference = torch.from_numpy(data[0])
+    partials = sum(covariance_partials(torch.from_numpy(part), reference) for part in np.array_split(data, 2))
+    lam = covariance_spectrum(partials, "torch")
+    assert effective_rank(lam).item() == pytest.approx(numpy_erank(data), rel=1e-8)
+    assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=1e-8)
+
+
+def test_partials_moved_to_another_reference_add_up_with_those_taken_there() -> None:
+    # Under DDP each rank sums its rows shifted by its own first row, then moves the sums to the common reference.
+    data = power_law_rows(512, 128, 1.0, "common")
+    common = torch.from_numpy(data.mean(0))
+    parts = []
+    for part in np.array_split(data, 3):
+        own = torch.from_numpy(part[0])
+        parts.append(shift_covariance_partials(covariance_partials(torch.from_numpy(part), own), own - common))
+    lam = covariance_spectrum(torch.stack(parts).sum(0), "torch")
+    assert effective_rank(lam).item() == pytest.approx(numpy_erank(data), rel=1e-8)
+    assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=1e-8)
+    hand = torch.tensor([[1.0, 2.0], [3.0, 5.0]])  # shifted by (1, 1) from (0, 0): rows (0, 1), (2, 4)
+    moved = shift_covariance_partials(covariance_partials(hand, torch.ones(2)), torch.ones(2))
+    assert moved.tolist() == [2.0, 4.0, 7.0, 1.0 + 9.0, 2.0 + 15.0, 2.0 + 15.0, 4.0 + 25.0]
 
 
 def test_covariance_from_sums_equals_numpy_on_concatenated_data() -> None:

@@ -3,7 +3,9 @@ dimension of the parameter trajectory.
 
 Per tapped module, on each due step, every rank samples up to ``max_rows`` rows of the activation
 (all leading dims flattened into rows; features are the last dim, or the channel dim 1 of a 4-D
-conv map) with a private ``torch.Generator``, and sums ``N``, ``Σx`` and ``Σxxᵀ`` in float64.
+conv map) with a private ``torch.Generator``, and sums ``N``, ``Σy`` and ``Σyyᵀ`` in float64, of the rows
+``y = x − r`` shifted by a reference row (one of them, :meth:`DimensionalCollapse._reference`), so that a large
+mean does not swell the sums' round-off over the spectrum's tail.
 The sampled rows of a tap's first activation in a step (a copy, at most ``max_rows x d``) are kept until
 the logging step, where the sums of all taps whose samples have one shape come from one batched product
 (issue 17: a few operations per step instead of five per tap; later micro-batches of the step are summed
@@ -17,7 +19,8 @@ at d = 8192, ~3 GiB with the reduction and eigensolver copies) and an ``O(d^3)``
 such taps sum a seeded Nyström sketch instead (:mod:`lightning_act.stats.covariance_sketch`) of
 ``k`` = the rows sampled per due step (``max_rows`` x micro-batches per optimizer step x ranks, the
 most the centred scatter's rank can be); its erank and PR equal the exact ones up to float64
-round-off because that rank is <= k. Its partials take ``8 ((d + 1)(k + 1) + k^2)`` bytes (72 MiB at
+round-off because that rank is <= k, except on steep spectra, where erank is up to ~1% low (the sketch's
+whitening floor). Its partials take ``8 ((d + 1)(k + 1) + k^2)`` bytes (72 MiB at
 d = 8192, k = 1024) and its peak about ``32 d k`` bytes, under 1 GiB while ``d k <= 2^25``; a tap whose
 sketch would be larger than its exact covariance (k >= d) keeps the exact path.
 
@@ -48,10 +51,10 @@ from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.covariance_sketch import (
-    gaussian_test_matrix, sketch_partials, sketch_resolved, sketch_size, sketch_spectrum,
+    gaussian_test_matrix, shift_sketch_partials, sketch_partials, sketch_resolved, sketch_size, sketch_spectrum,
 )
 from lightning_act.stats.fused import FusedStats
-from lightning_act.stats.reduce import distributed_world_size
+from lightning_act.stats.reduce import all_reduce_packed, distributed_world_size
 from lightning_act.stats.spectrum import (
     EIGENSOLVERS,
     count_sketch_draws,
@@ -61,6 +64,7 @@ from lightning_act.stats.spectrum import (
     eigensolver_problem,
     feature_rows,
     rank_statistics,
+    shift_covariance_partials,
     sketch_vector,
     sketch_with_draws,
     trajectory_r90,
@@ -172,8 +176,8 @@ class DimensionalCollapse(ActivationMonitor):
         "a centred covariance needs 2 rows or more in a due step, and a (B, D) tap at batch size 1 has one; or a wide "
         "tap's sketch got more rows than the k = max_rows x accumulate_grad_batches x world size it was sized for at "
         "the start of fit, so it is not exact: lower max_rows or pass wide_dim=None; or a wide tap's mean is over "
-        "~16,000 times its spread, which its float32 projection cannot resolve: tap a normalised layer or pass "
-        "wide_dim=None"
+        "~16,000 times its spread from the fit's first rows (DDP), which its float32 projection cannot resolve: tap a "
+        "normalised layer or pass wide_dim=None"
     )
 
     def unknown_cause(self, stats: list[str]) -> str:
@@ -241,6 +245,11 @@ class DimensionalCollapse(ActivationMonitor):
         self._rows: dict[int, int] = {}  # rows this rank sampled of each tap in the current step (known on the host)
         self._step_rows: dict[int, int] = {}  # the same, of the step being summarised
         self._test_matrices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        # the float64 row each tap's rows are shifted by before they are summed (see _reference), and, under DDP, the
+        # taps whose reference every rank shares
+        self._references: dict[int, torch.Tensor] = {}
+        self._agreed_references: set[int] = set()
+        self._device = torch.device("cpu")  # the model's, where the references are agreed on
         self.warn_below = warn_below
         # one glob given as a string is one pattern, not one per character ("*" would match every parameter)
         self.param_patterns = None if param_patterns is None else (
@@ -291,6 +300,62 @@ class DimensionalCollapse(ActivationMonitor):
             chosen = self._row_choices[key] = permutation[: self.max_rows]
         return rows.index_select(0, chosen)
 
+    def _reference(self, tap_index: int, rows: torch.Tensor) -> torch.Tensor:
+        """The row tap ``tap_index``'s rows are shifted by before they are summed, so that a large mean (massive
+        features) does not swell the sums' round-off over the spectrum's tail (round 20): one of the rows, its
+        non-finite entries as 0 (one NaN row must not spoil later steps). In one process, the first sampled row of
+        each due step: the shifted rows' mean is then at most ``sqrt(N)`` times their spread, whatever the mean does
+        over the fit, and a resumed fit sums what the uninterrupted one summed. Under DDP the ranks' first rows
+        differ and the sums must share one reference to add up: :meth:`_agree_references` makes the first ones
+        of the fit one, kept for the rest of the fit (a mean that drifts far from it over the fit brings back the
+        round-off of an unshifted mean; a wide tap's :func:`sketch_resolved` catches that)."""
+        reference = self._references.get(tap_index)
+        if reference is None and rows.shape[0] == 0:  # no rows: their sums are 0 whatever the reference
+            return rows.new_zeros(rows.shape[1], dtype=torch.float64)
+        if reference is None:
+            reference = self._references[tap_index] = torch.nan_to_num(
+                rows[0].to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        return reference
+
+    def _agree_references(self) -> None:
+        """Make every rank shift each tap's rows by the same reference, the mean of the ranks' own ones, and move
+        the sums already taken to it (:func:`shift_covariance_partials`, :func:`shift_sketch_partials`: exact).
+
+        Done at the first logging step of a fit, in two small collectives (the references' widths, a rank that did
+        not see a tap does not know it, then the references), and at later ones only while some tap has run on no
+        rank yet (like the buffers' layout); which taps are pending is the same on every rank, so all of them take
+        part or none."""
+        pending = [i for i in range(len(self.taps)) if i not in self._agreed_references]
+        if not pending:
+            return
+        local = [self._references[i].numel() if i in self._references else -1 for i in pending]
+        widths = all_reduce_packed([torch.tensor(local, dtype=torch.float64, device=self._device)], "max")[0]
+        widths = [int(w) for w in widths.tolist()]  # once per fit: the host needs the sizes
+        seen = [(i, w) for i, w in zip(pending, widths) if w >= 0]
+        if not seen:
+            return
+        parts = []
+        for i, width in seen:
+            held = self._references.get(i)
+            parts.append(torch.cat([
+                torch.ones(1, dtype=torch.float64, device=self._device), held.to(self._device)
+            ]) if held is not None else torch.zeros(1 + width, dtype=torch.float64, device=self._device))
+        for (i, _), summed in zip(seen, all_reduce_packed(parts, "sum")):
+            held = self._references.get(i)
+            common = summed[1:] / summed[0]
+            if held is not None:
+                common = common.to(held.device)
+                if i in self._observed:  # sums taken before the agreement: moved to the common reference
+                    sums, shift = self._sums[i], held - common
+                    sketch = self._sketch_dims.get(i)
+                    if sketch is not None and sums.numel() == sketch_size(*sketch):
+                        test_matrix = self._test_matrices[(*sketch, sums.device)]
+                        self._sums[i] = shift_sketch_partials(sums, shift.to(sums.device), test_matrix)
+                    else:
+                        self._sums[i] = shift_covariance_partials(sums, shift.to(sums.device))
+            self._references[i] = common
+            self._agreed_references.add(i)
+
     def _is_wide(self, d: int) -> bool:
         """Whether a tap of ``d`` features sums the sketch (see the module docstring) instead of ``Σxxᵀ``."""
         return self.wide_dim is not None and d > self.wide_dim and self._rows_per_due_step < d
@@ -333,21 +398,34 @@ class DimensionalCollapse(ActivationMonitor):
         by_shape: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[tuple[int, torch.Tensor]]] = {}
         for tap_index, rows in kept.items():
             by_shape.setdefault((tuple(rows.shape), rows.dtype, rows.device), []).append((tap_index, rows))
+        stacks = []
         for members in by_shape.values():
             stacked = torch.stack([rows for _, rows in members])
-            for (tap_index, _), sums in zip(members, covariance_partials(stacked).unbind()):
+            if stacked.shape[1] > 0:  # the taps without a reference yet take their first row (one operation for all)
+                first_rows = torch.nan_to_num(stacked[:, 0].to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+                for (tap_index, _), row in zip(members, first_rows.unbind()):
+                    self._references.setdefault(tap_index, row)
+            stacks.append((members, stacked))
+        if distributed_world_size() > 1:
+            self._agree_references()
+        for members, stacked in stacks:
+            references = torch.stack([self._reference(i, rows).to(stacked.device) for i, rows in members])
+            for (tap_index, _), sums in zip(members, covariance_partials(stacked, references).unbind()):
                 self.accumulate(tap_index, Partials(sums=sums))
+        if distributed_world_size() == 1:  # see _reference
+            self._references = {}
 
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
         rows = self._sampled_rows(x)
+        reference = self._reference(tap_index, rows)
         d, k = rows.shape[1], self._rows_per_due_step
         if not self._is_wide(d):
-            return Partials(sums=covariance_partials(rows))
+            return Partials(sums=covariance_partials(rows, reference))
         self._sketch_dims[tap_index] = (d, k)
         key = (d, k, rows.device)
         if key not in self._test_matrices:
             self._test_matrices[key] = gaussian_test_matrix(d, k, self.seed, rows.device)
-        return Partials(sums=sketch_partials(rows, self._test_matrices[key]))
+        return Partials(sums=sketch_partials(rows, self._test_matrices[key], reference))
 
     def summary_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if not self.overlap_spectra or device.type != "cuda":
@@ -530,6 +608,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._rows_per_due_step = self.max_rows * accumulation * max(1, trainer.world_size)
         self._sketch_dims = {}
         self._widths = {}
+        self._references, self._agreed_references = {}, set()
         follow_weights = [
             c for c in trainer.callbacks
             if isinstance(c, DimensionalCollapse) and c.prefix == self.prefix and c.param_patterns != []
@@ -545,6 +624,7 @@ class DimensionalCollapse(ActivationMonitor):
         trajectory only if it follows the same weights, projected alike: a further fit on a new head, the callback
         reused on another model or a resume with other settings start a new one (they crashed, or mixed models)."""
         super().on_fit_start(trainer, pl_module)
+        self._device = pl_module.device
         problem = eigensolver_problem(self.eigensolver, pl_module.device)
         if problem is not None:
             raise LightningActError(f"DimensionalCollapse: {problem}")

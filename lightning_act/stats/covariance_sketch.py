@@ -5,7 +5,9 @@ for an 8192-wide tap that is a 512 MiB float64 partial (plus its reduction buffe
 copies, ~3 GiB) and an ``O(d^3)`` eigendecomposition (minutes on a 2-core CPU), for a matrix whose rank is at
 most ``N - 1``, the number of sampled rows (1024 by default).
 
-What. Rows ``X`` (``N x d``) are projected by a fixed seeded Gaussian ``Ω`` (``d x k``): ``Z = X Ω``. Each
+What. Rows ``X`` (``N x d``), shifted by a reference row (one of them: the sums' round-off, and the float32
+rounding of ``Z``, are then of the spread's size, not of the mean's), are projected by a fixed seeded
+Gaussian ``Ω`` (``d x k``): ``Z = X Ω``. Each
 rank sums ``N``, ``Σ ||x||^2``, ``Σ x``, ``Σ z``, ``Xᵀ Z`` (``d x k``) and ``Zᵀ Z`` (``k x k``); all of them are
 sums over rows, so they add up across micro-batches and ranks exactly as the full covariance does (stacking
 the rows of every batch stacks their ``Z``), in ``d (k + 1) + k (k + 1) + 2`` numbers instead of
@@ -22,7 +24,10 @@ layer before round 15).
 Error. ``Y W^+ Yᵀ = Xᵀ J P J X`` with ``P`` the projection onto ``range(J Z)``. When ``rank(J X) <= k``,
 ``range(J Z) = range(J X)`` for almost every ``Ω``, so ``P J X = J X`` and the Nyström matrix *is* the centred
 scatter ``S = Xᵀ J X``: the nonzero eigenvalues, the effective rank and the participation ratio are exact
-up to float64 round-off. This holds for any full-rank ``Z``, which is why ``Z`` may be computed in float32
+up to float64 round-off, except that on steep spectra the directions of ``W`` under the whitening floor (``1e-12``
+of its largest eigenvalue) are dropped: erank low by up to ~1% (``-0.35%`` at ``σ_i ∝ i^-2``, ``N = k = 1024``;
+``docs/monitors_collapse_sensitive.md``), the participation ratio exact. This holds for any full-rank ``Z``,
+which is why ``Z`` may be computed in float32
 (its rounding is just another ``Ω``); ``Xᵀ Z`` and everything after are float64 (a float32 ``Xᵀ Z`` breaks
 the identity and costs tens of percent on steep spectra). ``rank(J X) <= N - 1``, so with ``k >= N - 1``
 (the rows sampled in one due step, over micro-batches and ranks) the wide path is exact; the tests check
@@ -46,7 +51,8 @@ from lightning_act.stats.spectrum import effective_rank, participation_ratio
 WHITENING_FLOOR = 1e-12
 #: The largest ``|mean| / spread`` of a projected column ``z`` for which the sketch is exact: ``Z`` is float32, so its
 #: rounding is ``2^-24 |z|``, and the centred ``z`` keeps it only while the mean does not dwarf the spread (a common
-#: offset of 2e5 on a unit spread cost erank 1.6%, 3e5 cost 20%; round 17). Beyond, the spectrum is unknown.
+#: offset of 2e5 on a unit spread cost erank 1.6%, 3e5 cost 20%; round 17). Beyond, the spectrum is unknown. Rows
+#: shifted by one of them have a mean of at most ``sqrt(N)`` spreads; a reference kept over many steps (DDP) may not.
 MAX_PROJECTED_OFFSET = 1e-3 * 2.0**24
 
 
@@ -61,14 +67,43 @@ def sketch_size(d: int, k: int) -> int:
     return 2 + d + k + d * k + k * k
 
 
-def sketch_partials(rows: torch.Tensor, test_matrix: torch.Tensor) -> torch.Tensor:
-    """``[N, Σ||x||², Σx (d), Σz (k), XᵀZ (d·k), ZᵀZ (k·k)]`` of ``(N, d)`` rows with ``Z = X Ω``, float64,
-    one flat SUM-reducible vector."""
+def sketch_partials(
+    rows: torch.Tensor, test_matrix: torch.Tensor, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[N, Σ||y||², Σy (d), Σz (k), YᵀZ (d·k), ZᵀZ (k·k)]`` of the ``(N, d)`` rows ``y = x − reference`` with
+    ``Z = Y Ω``, float64, one flat SUM-reducible vector. The reference (a float64 row, e.g. one of the rows) is
+    subtracted before the float32 projection, so that ``Z``'s rounding is relative to the spread, not to the mean,
+    and the sums' round-off (which sets the whitening floor and the cut-off) is too; parts add up only when they
+    share it (:func:`shift_sketch_partials`)."""
     x = rows.to(torch.float64)
-    projected = (rows.to(torch.float32) @ test_matrix.to(device=rows.device, dtype=torch.float32)).to(torch.float64)
+    if reference is not None:
+        x = x - reference.to(torch.float64)
+    projected = (x.to(torch.float32) @ test_matrix.to(device=rows.device, dtype=torch.float32)).to(torch.float64)
     head = torch.stack([torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device), x.square().sum()])
     return torch.cat([
         head, x.sum(0), projected.sum(0), (x.T @ projected).reshape(-1), (projected.T @ projected).reshape(-1)
+    ])
+
+
+def shift_sketch_partials(partials: torch.Tensor, shift: torch.Tensor, test_matrix: torch.Tensor) -> torch.Tensor:
+    """:func:`sketch_partials` of rows ``y`` made those of ``y + δ`` (``δ = shift = old reference − new reference``,
+    ``w = δΩ``), exactly: ``Σ||y+δ||² = Σ||y||² + 2δ·Σy + N||δ||²``, ``Σ(y+δ) = Σy + Nδ``, ``Σ(z+w) = Σz + Nw``,
+    ``Σ(y+δ)(z+w)ᵀ = YᵀZ + (Σy)wᵀ + δ(Σz)ᵀ + Nδwᵀ`` and ``Σ(z+w)(z+w)ᵀ = ZᵀZ + (Σz)wᵀ + w(Σz)ᵀ + Nwwᵀ``."""
+    d, k = test_matrix.shape
+    shift = shift.to(torch.float64)
+    moved = shift @ test_matrix.to(device=shift.device, dtype=torch.float64)
+    count, square_total = partials[:1], partials[1:2]
+    total, projected_total = partials[2 : 2 + d], partials[2 + d : 2 + d + k]
+    cross = partials[2 + d + k : 2 + d + k + d * k].reshape(d, k)
+    core = partials[2 + d + k + d * k :].reshape(k, k)
+    return torch.cat([
+        count,
+        square_total + 2 * shift @ total + count * shift.square().sum(),
+        total + count * shift,
+        projected_total + count * moved,
+        (cross + torch.outer(total, moved) + torch.outer(shift, projected_total + count * moved)).reshape(-1),
+        (core + torch.outer(projected_total, moved) + torch.outer(moved, projected_total)
+         + count * torch.outer(moved, moved)).reshape(-1),
     ])
 
 
@@ -76,8 +111,9 @@ def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
     """Eigenvalues (ascending, float64, >= 0, length ``min(d, k)``) of the Nyström approximation of the centred
     scatter matrix of a ``d``-wide tap from reduced :func:`sketch_partials`; exact when ``rank <= k``.
 
-    As :func:`lightning_act.stats.spectrum.covariance_spectrum`: eigenvalues below ``4 eps Σ||x||²`` are
-    round-off and set to 0, and non-finite sums give NaN eigenvalues (no host sync, no solver error); so do sums
+    As :func:`lightning_act.stats.spectrum.covariance_spectrum`: eigenvalues below ``4 eps Σ||y||²`` (of the
+    shifted rows, as the whitening floor's ``diag(Zᵀ Z)``) are round-off and set to 0, and non-finite sums give
+    NaN eigenvalues (no host sync, no solver error); so do sums
     whose mean is too large next to their spread for the float32 projection (:func:`sketch_resolved`).
     """
     partials = partials.to(torch.float64)

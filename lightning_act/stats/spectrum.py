@@ -38,12 +38,31 @@ def feature_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def covariance_partials(rows: torch.Tensor) -> torch.Tensor:
-    """``[N, Σx (d), Σxxᵀ (d·d)]`` of an (N, d) matrix, float64, as one flat SUM-reducible vector; of a stack
-    ``(..., N, d)`` of such matrices, a stack ``(..., 1 + d + d²)`` of them (one batched product for many taps)."""
+def covariance_partials(rows: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, Σy (d), Σyyᵀ (d·d)]`` of the rows ``y = x − reference`` of an (N, d) matrix, float64, as one flat
+    SUM-reducible vector; of a stack ``(..., N, d)`` of such matrices (with a stack ``(..., d)`` of references), a
+    stack ``(..., 1 + d + d²)`` of them (one batched product for many taps).
+
+    Why the reference (a float64 row, e.g. one of the rows): the centred scatter ``Σyyᵀ − (Σy)(Σy)ᵀ / N`` is the
+    same for any shift, but the sums' round-off is ``eps`` times their own size, and a large mean (an LLM's
+    massive features, ~1e4 times the typical value) makes the unshifted ``Σxxᵀ`` so large that its round-off
+    buried the spectrum's tail (round 20: erank 15.2 for 75.5 at an offset of 1e6). Sums over several parts add up
+    only when the parts share the reference (:func:`shift_covariance_partials` moves them to another one)."""
     rows = rows.to(torch.float64)
+    if reference is not None:
+        rows = rows - reference.to(torch.float64)[..., None, :]
     count = torch.full((*rows.shape[:-2], 1), rows.shape[-2], dtype=torch.float64, device=rows.device)
     return torch.cat([count, rows.sum(-2), (rows.mT @ rows).flatten(-2)], -1)
+
+
+def shift_covariance_partials(partials: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`covariance_partials` of rows ``y`` made the partials of ``y + shift`` (``shift = old reference − new
+    reference``), exactly: ``Σ(y+δ) = Σy + Nδ`` and ``Σ(y+δ)(y+δ)ᵀ = Σyyᵀ + (Σy)δᵀ + δ(Σy)ᵀ + Nδδᵀ``."""
+    d = shift.shape[-1]
+    count, total = partials[:1], partials[1 : 1 + d]
+    scatter = partials[1 + d :].reshape(d, d)
+    moved = scatter + torch.outer(total, shift) + torch.outer(shift, total) + count * torch.outer(shift, shift)
+    return torch.cat([count, total + count * shift, moved.reshape(-1)])
 
 
 EIGENSOLVERS = ("auto", "torch", "triton")
@@ -147,11 +166,12 @@ def covariance_spectrum(partials: torch.Tensor, eigensolver: str = "auto") -> to
 
     ``partials`` is one :func:`covariance_partials` vector or a stack of them (``(..., 1 + d + d²)``, e.g. every
     tap of a layer width at once: one batched eigensolver call instead of one per tap). Eigenvalues below
-    ``4 · eps · Σ‖x‖²`` are round-off of the (uncentred) sums, not signal, and are set to 0, as numpy's
-    ``matrix_rank`` does with its tolerance: the centring's error is about ``eps · Σ‖x‖²`` in Frobenius norm (each
-    row adds ``‖x‖²`` to it; measured: the zero eigenvalues of rank-deficient sums reach 0.7 of it), so a mean
-    offset far above the spread keeps the spectrum (1e6 on a unit spread: erank within 0.02%); a cut-off ``d``
-    times larger zeroed half of it (round 17). Non-finite sums (NaN/inf activations) give NaN eigenvalues
+    ``4 · eps · Σ‖y‖²`` are round-off of the (uncentred, shifted) sums, not signal, and are set to 0, as numpy's
+    ``matrix_rank`` does with its tolerance: the centring's error is about ``eps · Σ‖y‖²`` in Frobenius norm (each
+    row adds ``‖y‖²`` to it; measured: the zero eigenvalues of rank-deficient sums reach 0.7 of it); a cut-off ``d``
+    times larger zeroed half of the spectrum (round 17). So the sums must be of rows shifted by a reference near
+    them (:func:`covariance_partials`): of unshifted rows, a mean far above the spread puts the cut-off above the
+    spectrum's tail. Non-finite sums (NaN/inf activations) give NaN eigenvalues
     instead of an eigensolver error. ``eigensolver``: ``"torch"`` (``torch.linalg.eigvalsh``), ``"triton"``
     (:func:`lightning_act.stats.triton_eigen.tridiagonal_bisection_eigenvalues`: two launches per batch and no
     host sync; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``) or ``"auto"`` (the one expected to be
