@@ -199,11 +199,15 @@ Seizure 2 End Time: 260 seconds
 """
 
 
-def _write_edf(path: Path, signals: np.ndarray, rate: int) -> None:
+def _write_edf(
+    path: Path, signals: np.ndarray, rate: int, labels: list[str] | None = None, dimension: str = "uV",
+    physical_max: float = 500.0,
+) -> None:
     import pyedflib
 
     headers = pyedflib.highlevel.make_signal_headers(
-        [f"CH{i}" for i in range(len(signals))], sample_frequency=rate, physical_min=-500.0, physical_max=500.0
+        labels or [f"CH{i}" for i in range(len(signals))], dimension=dimension, sample_frequency=rate,
+        physical_min=-physical_max, physical_max=physical_max,
     )
     pyedflib.highlevel.write_edf(str(path), signals, headers)
 
@@ -235,8 +239,8 @@ def test_summary_variants(tmp_path: Path) -> None:
 
 def test_edf_round_trip_and_folder_loading(chb_folder) -> None:
     folder, signals = chb_folder
-    data, rate, names = read_edf(folder / "chb99" / "chb99_02.edf", n_channels=3)
-    assert rate == 32.0 and names == ["CH0", "CH1", "CH2"] and data.shape == (3, 9600)
+    data, rate, names, units = read_edf(folder / "chb99" / "chb99_02.edf", n_channels=3)
+    assert rate == 32.0 and names == ["CH0", "CH1", "CH2"] and units == ["uV"] * 3 and data.shape == (3, 9600)
     # EDF stores 16-bit integers over [-500, 500]: resolution 1000 / 65535.
     np.testing.assert_allclose(data, signals[1], atol=1000.0 / 65535.0)
     recordings = load_chbmit_folder(folder, n_channels=3)
@@ -281,6 +285,64 @@ def test_channel_count_mismatch_error(chb_folder) -> None:
     with pytest.raises(DataFormatError) as error:
         load_chbmit_folder(folder, n_channels=23)
     assert "has 3 channels but 23 were expected" in _one_line(error)
+
+
+def _two_file_folder(tmp_path: Path, second_labels: list[str], dimension: str = "uV", scale: float = 1.0):
+    """chb99_01.edf with channels FP1-F7, T8-P8, F7-T7, T8-P8 (CHB-MIT repeats T8-P8) and chb99_02.edf with
+    ``second_labels``, its signals multiplied by ``scale`` and written in ``dimension``; returns both signal arrays."""
+    subject = tmp_path / "chb99"
+    subject.mkdir()
+    rng = np.random.default_rng(1)
+    first, second = (rng.uniform(-200.0, 200.0, size=(4, 300 * 32)) for _ in range(2))
+    _write_edf(subject / "chb99_01.edf", first, 32, ["FP1-F7", "T8-P8", "F7-T7", "T8-P8"])
+    _write_edf(subject / "chb99_02.edf", second * scale, 32, second_labels, dimension, physical_max=500.0 * scale)
+    (subject / "chb99-summary.txt").write_text(SUMMARY_PLAIN)
+    return first, second
+
+
+def test_a_file_with_its_channels_in_another_order_is_aligned_by_name(tmp_path: Path) -> None:
+    """Before: stacked by position, so row 0 was FP1-F7 in one file and F7-T7 in the other."""
+    _, second = _two_file_folder(tmp_path, ["F7-T7", "T8-P8", "FP1-F7", "T8-P8"])
+    recordings = load_chbmit_folder(tmp_path, n_channels=4)
+    assert [r.channel_names for r in recordings] == [["FP1-F7", "T8-P8", "F7-T7", "T8-P8"]] * 2
+    # by hand: FP1-F7 is row 2 of the second file, T8-P8 its rows 1 then 3 (in order), F7-T7 its row 0
+    np.testing.assert_allclose(recordings[1].data, second[[2, 1, 0, 3]], atol=1000.0 / 65535.0)
+
+
+def test_a_file_in_millivolts_is_read_in_microvolts_like_its_neighbours(tmp_path: Path) -> None:
+    """Before: pyedflib's values in each file's own unit, the mV file 1000x smaller without a word."""
+    _, second = _two_file_folder(tmp_path, ["FP1-F7", "T8-P8", "F7-T7", "T8-P8"], dimension="mV", scale=1e-3)
+    recordings = load_chbmit_folder(tmp_path, n_channels=4)
+    np.testing.assert_allclose(recordings[1].data, second, atol=1000.0 / 65535.0)  # written as second / 1000 mV
+
+
+def test_a_file_of_another_montage_is_one_line_naming_its_channels(tmp_path: Path) -> None:
+    _two_file_folder(tmp_path, ["FP1-F7", "T8-P8", "F7-T7", "P7-O1"])
+    with pytest.raises(DataFormatError) as error:  # before: loaded, P7-O1 stacked under T8-P8
+        load_chbmit_folder(tmp_path, n_channels=4)
+    message = _one_line(error)
+    assert "'chb99_02.edf' has channels ['P7-O1'] where 'chb99_01.edf' has ['T8-P8']" in message
+    assert "one montage" in message
+
+
+def test_a_file_in_another_non_voltage_unit_is_one_line(tmp_path: Path) -> None:
+    _two_file_folder(tmp_path, ["FP1-F7", "T8-P8", "F7-T7", "T8-P8"], dimension="mmHg")
+    with pytest.raises(DataFormatError) as error:  # before: read on another scale without a word
+        load_chbmit_folder(tmp_path, n_channels=4)
+    assert "'chb99_02.edf' has 4 channel(s) in other units than 'chb99_01.edf' (first FP1-F7: 'mmHg' where it has 'uV')" in (
+        _one_line(error)
+    )
+
+
+def test_recordings_shorter_than_a_window_are_one_line_at_setup() -> None:
+    """60-min recordings (3600 s) and 4000-s windows: before, setup passed and torch's sampler raised a ValueError."""
+    dm = EEGSeizureDataModule(window_seconds=4000, recording_minutes=60, n_train_recordings=1, n_val_recordings=1,
+                              n_test_recordings=1)
+    with pytest.raises(DataFormatError) as error:
+        dm.setup("fit")
+    message = _one_line(error)
+    assert "the train recordings (longest 3600 s) hold no labelled window of 4000 s" in message
+    assert "lower --data.window_seconds" in message
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,11 @@ from lightning_act.data.hyperspectral import (
     make_synthetic_scene,
     make_synthetic_scenes,
     read_envi,
+    read_mask,
     read_mat,
     split_scenes,
 )
-from lightning_act.errors import DataFormatError, DataNotFoundError
+from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError
 
 SMALL = {"size": 24, "num_bands": 16, "targets_per_scene": (2, 3), "clutter_per_scene": (1, 2)}
 
@@ -344,3 +345,83 @@ def test_a_complex_envi_cube_is_refused_not_cast_to_its_real_part(tmp_path: Path
     header.write_text(header.read_text().replace("data type = 4", "data type = 6"))
     with pytest.raises(DataFormatError, match="is complex; pass real-valued data"):  # before: the real part, silently
         read_envi(header)
+
+
+@pytest.mark.parametrize("written, layout", [("Bip", "bip"), ("Bil", "bil"), ("bIL", "bil")])
+def test_an_interleave_in_mixed_case_is_read_in_that_interleave(tmp_path: Path, written: str, layout: str) -> None:
+    """spectral knows only bil/BIL/bip/BIP and read 'Bip' as BSQ: pixel (0, 0) was [0, 15, 30, 45], not [0, 1, 2, 3]."""
+    cube = np.arange(3 * 5 * 4, dtype=np.float32).reshape(3, 5, 4)  # pixel (r, c) holds 20r + 4c + [0, 1, 2, 3]
+    header = _write_envi(tmp_path, cube, layout)
+    header.write_text(header.read_text().replace(f"interleave = {layout}", f"interleave = {written}"))
+    read, _ = read_envi(header)
+    np.testing.assert_array_equal(read[0, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(read, cube)
+
+
+def test_an_envi_spectral_library_is_one_line_not_an_attribute_error(tmp_path: Path) -> None:
+    np.arange(12, dtype="<f4").tofile(tmp_path / "lib.sli")
+    (tmp_path / "lib.hdr").write_text(
+        "ENVI\nsamples = 4\nlines = 3\nbands = 1\nheader offset = 0\nfile type = ENVI Spectral Library\n"
+        "data type = 4\ninterleave = bsq\nbyte order = 0\nspectra names = {a, b, c}\nwavelength = {1, 2, 3, 4}\n"
+    )
+    for read in (lambda: read_envi(tmp_path / "lib.hdr"), lambda: read_mask(tmp_path / "lib.hdr")):
+        with pytest.raises(DataFormatError) as error:  # before: AttributeError: 'SpectralLibrary' ... 'offset'
+            read()
+        assert "\n" not in str(error.value) and "is an ENVI spectral library" in str(error.value)
+
+
+def test_pixels_of_the_data_ignore_value_are_refused_like_nan(tmp_path: Path) -> None:
+    """Before: a -9999 no-data border was read as spectra and dominated the band mean and std."""
+    cube = np.random.default_rng(0).normal(0.3, 0.02, size=(6, 7, 3)).astype(np.float32)
+    cube[2:4, 5:] = -9999.0  # 2 lines x 2 samples x 3 bands = 12 values, the first at line 2, sample 5
+    header = _write_envi(tmp_path, cube, "bil")
+    header.write_text(header.read_text() + "data ignore value = -9999\n")
+    with pytest.raises(DataFormatError) as error:
+        read_envi(header)
+    message = str(error.value)
+    assert "\n" not in message and "cube.img' has 12 values equal to its header's data ignore value -9999" in message
+    assert "(first at line 2, sample 5)" in message and "crop the no-data pixels out" in message
+    # a class map's data ignore value marks unlabelled pixels: its mask is still read
+    labels = np.zeros((6, 7, 1), dtype=np.float32)
+    labels[1, 1] = 2.0
+    mask_header = _write_envi(tmp_path, labels, "bsq", name="gt")
+    mask_header.write_text(mask_header.read_text() + "data ignore value = 0\n")
+    np.testing.assert_array_equal(read_mask(mask_header), labels[..., 0])
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("scene_size", 4, "scene_size=4 must be a whole number of pixels >= 8"),
+    ("num_scenes", 0, "num_scenes=0 must be a whole number >= 3"),
+    ("num_scenes", 2, "num_scenes=2 must be a whole number >= 3"),
+])
+def test_synthetic_scene_options_that_cannot_work_are_a_config_error(option: str, value: int, says: str) -> None:
+    """Before: a ValueError (scene_size 4) or an IndexError (num_scenes 0) in setup, a traceback through the CLI."""
+    with pytest.raises(ConfigError, match=says):
+        HyperspectralDataModule(**{option: value})
+
+
+def test_a_sparse_mat_mask_is_read(tmp_path: Path) -> None:
+    """MATLAB's sparse(gt) comes back from loadmat as scipy.sparse: before, 'has no variable 'gt''."""
+    import scipy.sparse
+
+    cube = np.random.default_rng(0).random((6, 5, 4))
+    gt = np.zeros((6, 5))
+    gt[1, 2] = gt[4, 0] = 3.0
+    scipy.io.savemat(tmp_path / "scene.mat", {"cube": cube, "gt": scipy.sparse.csc_matrix(gt)})
+    for key in (None, "gt"):
+        scene = load_scene(tmp_path / "scene.mat", mask_key=key)
+        assert scene.mask.sum() == 2 and scene.mask[1, 2] and scene.mask[4, 0]
+
+
+def test_target_objects_cut_into_two_splits_by_tile_borders_are_counted_in_a_warning(tmp_path: Path) -> None:
+    """Before: tiles were split at random without a word when a target object had pixels in training and test tiles."""
+    cube = np.random.default_rng(0).normal(1.0, 0.05, size=(24, 24, 3)).astype(np.float32)
+    gt = np.zeros((24, 24), dtype=np.uint8)
+    gt[3::8, 3::8] = 1  # one single-pixel object inside each of the 9 tiles of 8 x 8
+    gt[7:9, 7:9] = 1  # one 2 x 2 object on the corner shared by the tiles at (0, 0), (0, 8), (8, 0) and (8, 8)
+    scipy.io.savemat(tmp_path / "scene.mat", {"cube": cube, "gt": gt})
+    dm = HyperspectralDataModule(path=str(tmp_path / "scene.mat"), crop_size=8, val_fraction=0.2, test_fraction=0.2)
+    with pytest.warns(UserWarning, match=r"1 of 10 target objects of .* have pixels in tiles of two splits"):
+        dm.setup("fit")
+    corner_tiles = {f"scene[{r}:{r + 8},{c}:{c + 8}]" for r in (0, 8) for c in (0, 8)}
+    assert len({split for split, scenes in dm.scenes.items() for s in scenes if s.name in corner_tiles}) > 1

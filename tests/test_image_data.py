@@ -300,3 +300,72 @@ def test_sixteen_bit_greyscale_pngs_are_scaled_not_clipped_and_32_bit_ones_refus
     Image.fromarray(values.astype(np.float32)).save(tmp_path / "a" / "0.tiff")
     with pytest.raises(DataFormatError, match="32-bit samples .PIL mode 'F'. whose range is unknown"):
         ImageFolderDataset(tmp_path, ["a"], 8, transform=lambda x: x)[1]
+
+
+@pytest.mark.parametrize("split, instead", [("val", "split train/ by --data.val_fraction"),
+                                            ("test", "test on the validation images")])
+def test_a_flat_val_or_test_folder_is_refused_not_replaced_by_train_images(tmp_path: Path, split: str, instead: str) -> None:
+    """ILSVRC2012_img_val.tar unpacks flat: before, its images were silently replaced by a split of train/."""
+    for name, colour in COLOURS.items():
+        for i in range(3):
+            _write_png(tmp_path / "train" / name / f"{i}.png", colour)
+    for i in range(5):
+        _write_png(tmp_path / split / f"ILSVRC2012_val_{i:08d}.png", (0, 0, 0))
+    with pytest.raises(DataFormatError) as error:
+        ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3).setup("fit")
+    message = str(error.value)
+    assert "\n" not in message and f"'{tmp_path / split}' holds 5 images but no class folders" in message
+    assert f"sort them into {split}/<class>/" in message and instead in message
+
+
+def test_images_in_sub_folders_of_a_class_are_collected_as_torchvision_does(tmp_path: Path) -> None:
+    """Before: only the top level of each class folder was listed, so cat/session2/*.png was left out."""
+    from torchvision.datasets import ImageFolder
+
+    for name, colour in COLOURS.items():
+        for i in range(2):
+            _write_png(tmp_path / name / f"{i}.png", colour)
+            _write_png(tmp_path / name / "session2" / f"{i}.png", colour)
+    _write_png(tmp_path / "cat" / "z.png", COLOURS["cat"])  # sorts after the sub-folder name 'session2'
+    _write_png(tmp_path / "dog" / "a" / "b" / "deep.png", COLOURS["dog"])
+    data = ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3, val_fraction=0.2, test_fraction=0.2)
+    data.setup("fit")
+    samples = data.train_set.dataset.samples
+    reference = ImageFolder(str(tmp_path))
+    assert len(samples) == 10 and data.classes == reference.classes
+    assert [(str(path), label) for path, label in samples] == reference.samples
+
+
+def test_val_fraction_zero_leaves_validation_empty_not_the_test_set(tmp_path: Path) -> None:
+    """Before: val_set was the test set, so checkpoint selection on val metrics selected on the test data."""
+    digits = ImageDataModule(val_fraction=0.0, test_fraction=0.2)
+    digits.setup("fit")
+    assert len(digits.val_set) == 0 and len(digits.test_set) == round(0.2 * 1797)
+    for name, colour in COLOURS.items():
+        for i in range(10):
+            _write_png(tmp_path / name / f"{i}.png", colour)
+    folder = ImageDataModule(data_dir=str(tmp_path), image_size=8, val_fraction=0.0, test_fraction=0.2)
+    folder.setup("fit")
+    assert (len(folder.train_set), len(folder.val_set), len(folder.test_set)) == (16, 0, 4)
+
+
+def _epoch_orders(num_workers: int, global_draws_per_epoch: int) -> list[list[int]]:
+    """The label order of three training epochs of the digits, drawing from the global RNG between epochs as
+    augmentation or dropout would."""
+    torch.manual_seed(7)
+    data = ImageDataModule(image_size=8, batch_size=600, num_workers=num_workers)
+    loader = data.train_dataloader()
+    orders = []
+    for _ in range(3):
+        orders.append(torch.cat([labels for _, labels in loader]).tolist())
+        torch.rand(global_draws_per_epoch)
+    return orders
+
+
+def test_the_training_order_does_not_depend_on_num_workers_or_global_random_draws() -> None:
+    """Before: the shuffle drew from the global RNG (and the loader drew a base seed per epoch without workers, once
+    with persistent ones), so the same seed gave another order with --data.num_workers 2 or another augmentation."""
+    plain = _epoch_orders(num_workers=0, global_draws_per_epoch=0)
+    assert _epoch_orders(num_workers=0, global_draws_per_epoch=5) == plain
+    assert _epoch_orders(num_workers=2, global_draws_per_epoch=0) == plain
+    assert plain[0] != plain[1] != plain[2]  # still reshuffled every epoch

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -610,8 +611,16 @@ def parse_chbmit_summary(path: str | Path) -> dict[str, list[tuple[float, float]
     return files
 
 
-def read_edf(path: str | Path, n_channels: int | None = None) -> tuple[np.ndarray, float, list[str]]:
-    """``(data (C, T) float32, sampling_rate, channel_names)`` from an EDF file via pyedflib."""
+#: Microvolts per unit of the voltage dimensions EDF files write (pyedflib returns each file's own unit).
+MICROVOLTS_PER = {"uv": 1.0, "\u00b5v": 1.0, "\u03bcv": 1.0, "mv": 1e3, "v": 1e6}
+
+
+def read_edf(path: str | Path, n_channels: int | None = None) -> tuple[np.ndarray, float, list[str], list[str]]:
+    """``(data (C, T) float32, sampling_rate, channel_names, units)`` from an EDF file via pyedflib.
+
+    Signals in V, mV or uV are returned in uV (unit ``"uV"``), so a file written in mV is not read 1000x smaller
+    than its neighbours; another physical dimension is kept as it is and named in ``units``.
+    """
     import pyedflib
 
     path = Path(path)
@@ -637,9 +646,45 @@ def read_edf(path: str | Path, n_channels: int | None = None) -> tuple[np.ndarra
             raise DataFormatError(
                 f"'{path.name}' mixes sampling rates {sorted(rates)}; resample it to one rate before loading"
             )
-        data = np.stack([reader.readSignal(i) for i in range(count)]).astype(np.float32)
+        dimensions = [reader.getPhysicalDimension(i).strip() for i in range(count)]
+        scales = [MICROVOLTS_PER.get(dimension.lower(), 1.0) for dimension in dimensions]
+        data = np.stack([reader.readSignal(i) * scale for i, scale in enumerate(scales)]).astype(np.float32)
+        units = ["uV" if dimension.lower() in MICROVOLTS_PER else dimension for dimension in dimensions]
         names = list(reader.getSignalLabels())
-    return data, rates.pop(), names
+    return data, rates.pop(), names, units
+
+
+def align_channels(
+    data: np.ndarray, names: list[str], units: list[str], reference: tuple[str, list[str], list[str]], file: str
+) -> np.ndarray:
+    """``data``'s rows in the order of the ``reference`` file's ``(file name, channel names, units)``.
+
+    Files of one folder are stacked by row, so each row must be one electrode pair in every file: a file with the
+    same labels in another order is reordered by name (a label that occurs twice, as CHB-MIT's T8-P8, is matched
+    occurrence by occurrence); other labels or units are refused in one line.
+    """
+    reference_file, reference_names, reference_units = reference
+    if sorted(names) != sorted(reference_names):
+        extra = sorted((Counter(names) - Counter(reference_names)).elements())
+        missing = sorted((Counter(reference_names) - Counter(names)).elements())
+        raise DataFormatError(
+            f"'{file}' has channels {extra} where '{reference_file}' has {missing} (another montage); load files of "
+            "one montage (drop the files after a summary's 'Channels changed:' line, or put them in another folder)"
+        )
+    rows_by_name: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        rows_by_name.setdefault(name, []).append(row)
+    order = [rows_by_name[name].pop(0) for name in reference_names]
+    differing = [
+        (name, units[row], unit) for name, row, unit in zip(reference_names, order, reference_units) if units[row] != unit
+    ]
+    if differing:
+        name, unit, reference_unit = differing[0]
+        raise DataFormatError(
+            f"'{file}' has {len(differing)} channel(s) in other units than '{reference_file}' (first {name}: {unit!r} "
+            f"where it has {reference_unit!r}); write the files in one unit (V, mV and uV are converted to uV)"
+        )
+    return data[order]
 
 
 _FILE_START = re.compile(r"^File Start Time\s*:\s*(\d+):(\d\d):(\d\d)\s*$", re.IGNORECASE)
@@ -695,6 +740,8 @@ def file_offsets(starts: list[float | None], durations: list[float]) -> list[flo
 def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGRecording]:
     """Every EDF file listed in the ``*-summary.txt`` files under ``folder`` (one recording each).
 
+    Every file's channels are put in the first file's order by name and its voltages in uV
+    (:func:`align_channels`, :func:`read_edf`); another montage is refused in one line.
     Each EDF file is its own recording: a preictal period that begins in the previous file is
     truncated at the file start (files are not concatenated). The seizures of a subject's other files are placed in
     each file's seconds from the summary's ``File Start Time`` clock times (a file without one is taken to follow the
@@ -711,12 +758,18 @@ def load_chbmit_folder(folder: str | Path, n_channels: int = 23) -> list[EEGReco
             f"no '*-summary.txt' under '{folder}'; pass a CHB-MIT subject folder (e.g. chb01/ with chb01-summary.txt)"
         )
     recordings = []
+    reference: tuple[str, list[str], list[str]] | None = None  # the first file's (name, channel names, units)
     for summary in summaries:
         subject: list[EEGRecording] = []
         clock_starts, starts = chbmit_file_starts(summary), []
         for file_name, seizures in parse_chbmit_summary(summary).items():
-            data, rate, names = read_edf(summary.parent / file_name, n_channels)
-            recording = EEGRecording(Path(file_name).stem, data, rate, seizures, names, subject=summary.parent.name)
+            data, rate, names, units = read_edf(summary.parent / file_name, n_channels)
+            if reference is None:
+                reference = (file_name, names, units)
+            data = align_channels(data, names, units, reference, file_name)
+            recording = EEGRecording(
+                Path(file_name).stem, data, rate, seizures, reference[1], subject=summary.parent.name
+            )
             for start, end in seizures:
                 if end > recording.duration_s:
                     raise DataFormatError(
@@ -903,10 +956,21 @@ class EEGSeizureDataModule(SplitDataModule):
         )
 
     def _check_preictal_windows(self) -> None:
-        """A training or validation set without a preictal window trains one class, or gives an AUROC of nothing.
-        (A test split without one is allowed: it still measures false detections; ``test_dataloader`` warns.)"""
+        """A training or validation set without a preictal window trains one class, or gives an AUROC of nothing;
+        one without any window cannot be served at all. (A test split without a preictal window is allowed: it still
+        measures false detections; ``test_dataloader`` warns.)"""
         for split in ("train", "val"):
             dataset = self.datasets[split]
+            if len(dataset) == 0 and self.recordings[split]:  # torch's sampler or the fit would fail later, far from here
+                longest = max(rec.duration_s for rec in self.recordings[split])
+                fix = (
+                    "lower --data.window_seconds" if longest < self.window_seconds
+                    else "every window is ictal, post-ictal or excluded; check the seizure times and the horizon"
+                )
+                raise DataFormatError(
+                    f"the {split} recordings (longest {longest:g} s) hold no labelled window of {self.window_seconds:g} "
+                    f"s; {fix}"
+                )
             if len(dataset) == 0 or (dataset.labels == 1).any():
                 continue
             seizures = sum(len(rec.seizures) for rec in self.recordings[split])

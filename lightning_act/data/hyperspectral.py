@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from scipy import ndimage
 from torch.utils.data import TensorDataset
 
@@ -145,7 +146,7 @@ def make_synthetic_scene(
 ) -> HyperspectralScene:
     """One synthetic scene crop (see :func:`make_synthetic_scenes`), seeded by ``(seed, index)``."""
     if size < 8:
-        raise ValueError(f"synthetic scenes need size >= 8 pixels, got {size}; pass a larger scene size")
+        raise ConfigError(f"synthetic scenes need size >= 8 pixels, got {size}; pass --data.scene_size 8 or more")
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     wavelengths = np.linspace(400.0, 2500.0, num_bands)
     library = endmember_library(wavelengths)
@@ -251,15 +252,20 @@ def _existing(path: str | Path, what: str, flag: str) -> Path:
 
 
 def read_envi(
-    header_path: str | Path, image_path: str | Path | None = None, dtype: np.dtype | type | None = np.float32
+    header_path: str | Path,
+    image_path: str | Path | None = None,
+    dtype: np.dtype | type | None = np.float32,
+    refuse_ignored: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read an ENVI cube (BSQ, BIL or BIP) as (H, W, B) ``dtype``, plus its wavelengths if the header has them.
 
     The raw file is found next to the header (same stem, no extension or ``.img``/``.dat``/
     ``.raw``/``.bsq``/...) unless ``image_path`` is given. Reading uses ``spectral.envi``.
     ``dtype=None`` keeps the file's own data type: a mask's class labels stay exact (float32 holds
-    integers exactly only up to 2**24).
+    integers exactly only up to 2**24). With ``refuse_ignored``, pixels holding the header's
+    ``data ignore value`` (no-data fill) are refused like NaN pixels (:func:`require_ignored_absent`).
     """
+    import spectral
     from spectral.io import envi
 
     header = _existing(header_path, "ENVI header", "--data.path")
@@ -271,6 +277,11 @@ def read_envi(
     if interleave not in ENVI_INTERLEAVES:
         raise DataFormatError(
             f"ENVI header '{header}' has interleave '{meta.get('interleave')}'; set 'interleave' to one of bsq, bil, bip"
+        )
+    if str(meta.get("file type", "")).strip().lower() == "envi spectral library":  # spectral returns no image for it
+        raise DataFormatError(
+            f"ENVI header '{header}' is an ENVI spectral library (a list of spectra), not an image cube; pass the "
+            "cube's or the mask's .hdr"
         )
     if image_path is not None:
         image_path = _existing(image_path, "ENVI data file", "--data.path next to its header")
@@ -298,7 +309,12 @@ def read_envi(
         cube = np.asarray(image.load(dtype=image.dtype if dtype is None else dtype))
     except Exception as error:
         raise DataFormatError(f"ENVI cube '{header}' cannot be read ({error}); check the header against the data file") from error
+    if image.interleave != {"bsq": spectral.BSQ, "bil": spectral.BIL, "bip": spectral.BIP}[interleave]:
+        # spectral matches only 'bil'/'BIL'/'bip'/'BIP' and reads another spelling ('Bip') as BSQ: undo its reshape
+        cube = _reorder_read_as_bsq(cube, interleave)
     require_finite(cube, image.filename)
+    if refuse_ignored and "data ignore value" in meta:
+        require_ignored_absent(cube, meta["data ignore value"], header, image.filename)
     wavelengths = _envi_wavelengths(meta, header)
     if wavelengths is not None and len(wavelengths) != cube.shape[-1]:  # each band's wavelength would be another's
         raise DataFormatError(
@@ -306,6 +322,35 @@ def read_envi(
             "'wavelength' list or 'bands'"
         )
     return cube, wavelengths
+
+
+def _reorder_read_as_bsq(cube: np.ndarray, interleave: str) -> np.ndarray:
+    """The (H, W, B) cube of a ``bil``/``bip`` file that was read as BSQ: the same values back in file order, then
+    reshaped by the declared interleave."""
+    lines, samples, bands = cube.shape
+    in_file_order = cube.transpose(2, 0, 1).reshape(-1)
+    if interleave == "bip":
+        return in_file_order.reshape(lines, samples, bands)
+    return in_file_order.reshape(lines, bands, samples).transpose(0, 2, 1)
+
+
+def require_ignored_absent(cube: np.ndarray, ignore_value: str, header: Path, path: str | Path) -> None:
+    """Refuse pixels holding the header's ``data ignore value`` (a no-data fill such as -9999, e.g. a border around
+    the swath), like :func:`require_finite` refuses NaN: read as spectra they would dominate the band statistics."""
+    try:
+        value = float(ignore_value)
+    except (TypeError, ValueError):
+        raise DataFormatError(
+            f"ENVI header '{header}' has a 'data ignore value' that is not a number ({ignore_value!r}); write one "
+            "number or remove it"
+        ) from None
+    ignored = cube == np.asarray(value).astype(cube.dtype)
+    if ignored.any():
+        where = np.argwhere(ignored)[0]
+        raise DataFormatError(
+            f"'{path}' has {int(ignored.sum())} values equal to its header's data ignore value {value:g} (first at "
+            f"line {where[0]}, sample {where[1]}); crop the no-data pixels out (or replace them) before loading"
+        )
 
 
 def _envi_wavelengths(meta: dict, header: Path) -> np.ndarray | None:
@@ -339,6 +384,7 @@ def require_finite(cube: np.ndarray, path: str | Path) -> None:
 
 def read_mat(path: str | Path, key: str | None = None, ndim: int = 3) -> np.ndarray:
     """Read one array from a MATLAB ``.mat`` file: variable ``key``, or the only ``ndim``-D numeric one."""
+    import scipy.sparse
     from scipy.io import loadmat
 
     file = _existing(path, "MATLAB file", "--data.path")
@@ -348,6 +394,8 @@ def read_mat(path: str | Path, key: str | None = None, ndim: int = 3) -> np.ndar
         raise DataFormatError(f"MATLAB file '{file}' is v7.3 (HDF5); re-save it with save(..., '-v7')") from error
     except Exception as error:
         raise DataFormatError(f"MATLAB file '{file}' cannot be read ({error}); pass a valid .mat file") from error
+    # MATLAB's sparse() (natural for a mostly-zero mask) comes back as a scipy.sparse matrix
+    contents = {k: v.toarray() if scipy.sparse.issparse(v) else v for k, v in contents.items()}
     arrays = {k: v for k, v in contents.items() if not k.startswith("__") and isinstance(v, np.ndarray)}
     if key is not None:
         if key not in arrays:
@@ -376,7 +424,8 @@ def read_mask(path: str | Path, key: str | None = None) -> np.ndarray:
     file = _existing(path, "mask file", "--data.mask_path")
     suffix = file.suffix.lower()
     if suffix == ".hdr":
-        mask, _ = read_envi(file, dtype=None)
+        # a classification map's data ignore value marks unlabelled pixels, which are background here
+        mask, _ = read_envi(file, dtype=None, refuse_ignored=False)
         if mask.shape[-1] != 1:
             raise DataFormatError(f"ENVI mask '{file}' has {mask.shape[-1]} bands; pass a single-band mask")
         return mask[..., 0]
@@ -538,6 +587,13 @@ class HyperspectralDataModule(SplitDataModule):
         if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
             raise ConfigError(f"crop_size={crop_size!r} must be a whole number of pixels >= 1; pass e.g. --data.crop_size 64")
         self.crop_size = crop_size
+        if isinstance(scene_size, bool) or not isinstance(scene_size, int) or scene_size < 8:
+            raise ConfigError(f"scene_size={scene_size!r} must be a whole number of pixels >= 8; pass e.g. --data.scene_size 64")
+        if isinstance(num_scenes, bool) or not isinstance(num_scenes, int) or num_scenes < 3:
+            raise ConfigError(
+                f"num_scenes={num_scenes!r} must be a whole number >= 3 (a scene each for train, val and test); pass "
+                "e.g. --data.num_scenes 24"
+            )
         self.num_scenes, self.scene_size, self.num_bands, self.noise_std = num_scenes, scene_size, num_bands, noise_std
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -547,20 +603,20 @@ class HyperspectralDataModule(SplitDataModule):
         self.test_set: TensorDataset | None = None
         self.pos_weight: float | None = None
 
-    def _load_scenes(self) -> list[HyperspectralScene]:
-        if self.path is None:
-            return make_synthetic_scenes(
-                self.num_scenes, seed=self.seed, size=self.scene_size, num_bands=self.num_bands, noise_std=self.noise_std
-            )
-        scene = load_scene(self.path, self.mask_path, self.cube_key, self.mask_key, self.target_values)
-        return crop_scene(scene, self.crop_size)
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        scenes = self._load_scenes()
+        if self.path is None:
+            scenes = make_synthetic_scenes(
+                self.num_scenes, seed=self.seed, size=self.scene_size, num_bands=self.num_bands, noise_std=self.noise_std
+            )
+            train, val, test = split_scenes([s.mask.any() for s in scenes], self.val_fraction, self.test_fraction, self.seed)
+        else:
+            loaded = load_scene(self.path, self.mask_path, self.cube_key, self.mask_key, self.target_values)
+            scenes = crop_scene(loaded, self.crop_size)
+            train, val, test = split_scenes([s.mask.any() for s in scenes], self.val_fraction, self.test_fraction, self.seed)
+            self._warn_targets_across_splits(loaded.mask, (train, val, test))
         self.num_bands = scenes[0].cube.shape[-1]
-        train, val, test = split_scenes([s.mask.any() for s in scenes], self.val_fraction, self.test_fraction, self.seed)
         self.scenes = {"train": [scenes[i] for i in train], "val": [scenes[i] for i in val], "test": [scenes[i] for i in test]}
         self.train_pixels, self.train_labels = scene_pixels(self.scenes["train"])
         self.val_pixels, self.val_labels = scene_pixels(self.scenes["val"])
@@ -582,6 +638,26 @@ class HyperspectralDataModule(SplitDataModule):
         self.train_set = TensorDataset(self.standardise(self.train_pixels), self.train_labels)
         self.val_set = TensorDataset(self.standardise(self.val_pixels), self.val_labels)
         self.test_set = TensorDataset(self.standardise(self.test_pixels), self.test_labels)
+
+    def _warn_targets_across_splits(self, mask: np.ndarray, splits: tuple[list[int], ...]) -> None:
+        """A target object (8-connected target pixels) cut by a tile border can have pixels in a training and in a
+        test tile: the model is then scored on the rest of an object it trained on. Say how many objects are cut so.
+        """
+        split_of = np.zeros(mask.shape, dtype=np.int64)
+        origins = [(r, c) for r in range(0, mask.shape[0], self.crop_size) for c in range(0, mask.shape[1], self.crop_size)]
+        for split, tiles in enumerate(splits):
+            for tile in tiles:
+                r, c = origins[tile]
+                split_of[r : r + self.crop_size, c : c + self.crop_size] = split
+        objects, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        object_of_pairs = np.unique(np.stack([objects[mask], split_of[mask]]), axis=1)[0]  # one per (object, split)
+        shared = int((np.unique(object_of_pairs, return_counts=True)[1] > 1).sum())
+        if shared:
+            rank_zero_warn(
+                f"HyperspectralDataModule: {shared} of {count} target objects of '{self.path}' have pixels in tiles of "
+                f"two splits (cut by the {self.crop_size}-px tile borders), so validation/test score parts of objects "
+                "that training saw; choose a --data.crop_size whose borders miss them (docs/spectral_nn.md)"
+            )
 
     def standardise(self, spectra: torch.Tensor) -> torch.Tensor:
         """Per-band z-score with the training-pixel mean and standard deviation."""

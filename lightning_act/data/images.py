@@ -13,8 +13,9 @@ inside the scikit-learn wheel); a ``data_dir`` is read as
 from __future__ import annotations
 
 import math
+import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,9 +120,23 @@ def _has_class_folders(folder: Path) -> bool:
     if not folder.is_dir():
         return False
     return any(
-        child.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in child.iterdir() if f.is_file())
+        child.is_dir() and not child.name.startswith(".") and next(class_images(child), None) is not None
         for child in folder.iterdir()
     )
+
+
+def class_images(folder: Path) -> Iterator[Path]:
+    """The images of a class folder at any depth, in torchvision's ImageFolder order (``sorted(os.walk(...))``, files
+    sorted), so images kept in sub-folders (e.g. one per session) are not left out; hidden folders are skipped."""
+    for root, _, files in sorted(os.walk(folder, followlinks=True)):
+        if any(part.startswith(".") for part in Path(root).relative_to(folder).parts):
+            continue
+        yield from (Path(root) / name for name in sorted(files) if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _flat_images(folder: Path) -> int:
+    """How many images lie directly in ``folder`` (not in class sub-folders)."""
+    return sum(1 for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
 
 
 class ImageAugment:
@@ -220,7 +235,7 @@ def class_folders(root: Path) -> list[str]:
     """The class folders of an ImageFolder tree, sorted as torchvision sorts them; hidden folders (``.ipynb_checkpoints``)
     are not classes, and a class folder without images is one line (it would be a class no example ever has)."""
     names = sorted(child.name for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
-    empty = [n for n in names if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (root / n).iterdir() if f.is_file())]
+    empty = [n for n in names if next(class_images(root / n), None) is None]
     if empty:
         raise DataFormatError(
             f"class folders {empty[:5]} under '{root}' hold no images ({', '.join(IMAGE_SUFFIXES)}); add images or "
@@ -270,9 +285,7 @@ class ImageFolderDataset(Dataset):
         for label, name in enumerate(self.classes):
             folder = root / name
             if folder.is_dir():
-                self.samples.extend(
-                    (path, label) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES
-                )
+                self.samples.extend((path, label) for path in class_images(folder))
         if not self.samples:
             raise DataFormatError(
                 f"no images ({', '.join(IMAGE_SUFFIXES)}) under '{root}/<class>/'; put images in one sub-folder per class"
@@ -321,7 +334,8 @@ class ImageDataModule(SplitDataModule):
     (see the module docstring). Splits: digits and single-tree folders are split by
     ``val_fraction`` / ``test_fraction``; CIFAR-10 takes validation from the training batches and
     tests on ``test_batch``; an ImageFolder with ``train/`` uses ``val/`` (or a ``val_fraction`` of
-    ``train/``) and ``test/`` (or ``val/``).
+    ``train/``) and ``test/`` (or ``val/``); a ``val/`` or ``test/`` of images without class folders
+    is refused. ``val_fraction=0`` leaves the validation set empty (never the test set).
 
     Train-time augmentation (off by default; validation and test data are never augmented):
     ``crop_padding`` (random translation by up to that many pixels: 4 for CIFAR at 32 px, 1–2 for
@@ -478,10 +492,8 @@ class ImageDataModule(SplitDataModule):
             return TensorImageDataset(images[index], labels[index], transform)
 
         self.train_set = subset(train_idx, train_tf)
-        self.val_set = subset(val_idx, eval_tf) if len(val_idx) else None
+        self.val_set = subset(val_idx, eval_tf)  # empty with val_fraction 0: never the test set, which selection would fit
         self.test_set = TensorImageDataset(test[0], test[1], eval_tf) if test is not None else subset(test_idx, eval_tf)
-        if self.val_set is None:
-            self.val_set = self.test_set
 
     def _setup_folders(self) -> None:
         root = Path(self.data_dir)  # type: ignore[arg-type]
@@ -500,10 +512,20 @@ class ImageDataModule(SplitDataModule):
             train_idx, val_idx, test_idx = split_indices(len(train_full), self.val_fraction, self.test_fraction, self.seed)
             self.train_set = Subset(train_full, train_idx.tolist())
             self.test_set = Subset(eval_full, test_idx.tolist())
-            self.val_set = Subset(eval_full, val_idx.tolist()) if len(val_idx) else self.test_set
+            self.val_set = Subset(eval_full, val_idx.tolist())  # empty with val_fraction 0, as for in-memory data
             return
         train_full = make(root / "train", train_tf, self.random_resized_crop)
         has_val, has_test = _has_class_folders(root / "val"), _has_class_folders(root / "test")
+        for name, has_classes, instead in (
+            ("val", has_val, "split train/ by --data.val_fraction"),
+            ("test", has_test, "test on the validation images"),
+        ):
+            flat = 0 if has_classes else _flat_images(root / name)
+            if flat:  # ILSVRC2012_img_val.tar unpacks flat: its images would be replaced by others without a word
+                raise DataFormatError(
+                    f"'{root / name}' holds {flat} images but no class folders; sort them into {name}/<class>/ (e.g. "
+                    f"with ImageNet's valprep.sh), or remove {name}/ to {instead}"
+                )
         if has_val:
             self.train_set = train_full
             self.val_set = make(root / "val", eval_tf)

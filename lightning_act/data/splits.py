@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 class SplitDataModule(pl.LightningDataModule):
     """Serves ``train_set``, ``val_set`` and ``test_set`` (predict reads the test split).
 
     Subclasses set ``batch_size`` and ``num_workers`` in ``__init__`` and the three datasets in
-    ``setup``; a loader asked for before ``setup`` runs it. Training batches are shuffled with
-    :meth:`shuffle_generator` (default: the global RNG, which ``seed_everything`` fixes).
+    ``setup``; a loader asked for before ``setup`` runs it. Training batches are shuffled by a
+    sampler that owns one :meth:`shuffle_generator` for the DataModule's life: the loader's
+    per-epoch draws (a base seed per new iterator: every epoch without workers, once with persistent
+    workers) and the global RNG that augmentation consumes do not touch it, so the order of every
+    epoch is the same whatever ``num_workers``, and a reloaded loader goes on with the next order.
     """
 
     batch_size: int
@@ -21,19 +24,27 @@ class SplitDataModule(pl.LightningDataModule):
     val_set: Dataset | None = None
     test_set: Dataset | None = None
 
-    def shuffle_generator(self) -> torch.Generator | None:
-        return None
+    _shuffle_stream: torch.Generator | None = None
+
+    def shuffle_generator(self) -> torch.Generator:
+        """The shuffle's random stream, seeded with the global seed (``seed_everything``'s)."""
+        return torch.Generator().manual_seed(torch.initial_seed())
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if getattr(self, f"{split}_set") is None:
             self.setup("fit" if split in ("train", "val") else "test")
+        dataset = getattr(self, f"{split}_set")
+        sampler = None
+        if shuffle:
+            if self._shuffle_stream is None:
+                self._shuffle_stream = self.shuffle_generator()
+            sampler = RandomSampler(dataset, generator=self._shuffle_stream)
         return DataLoader(
-            getattr(self, f"{split}_set"),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=self.shuffle_generator() if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:
