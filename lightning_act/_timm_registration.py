@@ -4,7 +4,7 @@
 ``"spectral_nn"``) work, but importing
 timm (and torchvision with it) costs seconds that ``lightning_act --help`` and monitor-only users
 should not pay. So the registration runs right after timm's own import finishes — at once if timm
-is already imported, else from a one-shot import hook.
+is already imported, else from an import hook that removes itself once timm's module has run.
 """
 
 from __future__ import annotations
@@ -25,19 +25,37 @@ def _register() -> None:
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
-    """Finds timm through the other finders and wraps its loader to register KAT afterwards."""
+    """Finds timm through the other finders and wraps its loader to register KAT afterwards.
+
+    Stays in ``sys.meta_path`` until timm's module has run: a ``importlib.util.find_spec("timm")`` that only checks
+    availability (``import transformers``, lightning_utilities' ``RequirementCache``) asks for a spec that is never
+    executed, and the later ``import timm`` must still register.
+    """
+
+    def __init__(self) -> None:
+        self._searching = False  # a finder that asks importlib for "timm" itself must not bring the search back here
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None) -> ModuleSpec | None:
-        if fullname != "timm":
+        if fullname != "timm" or self._searching:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
+        spec = None
+        self._searching = True
+        try:
+            for finder in list(sys.meta_path):
+                if finder is not self and hasattr(finder, "find_spec"):
+                    spec = finder.find_spec(fullname, path, target)
+                    if spec is not None:
+                        break
+        finally:
+            self._searching = False
         if spec is None or spec.loader is None:
             return spec
         execute = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             execute(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register()
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]

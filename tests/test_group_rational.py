@@ -119,6 +119,28 @@ def test_reference_matches_numpy_formula(
     np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    ("shape", "channel_dim", "sharing"), [((2, 8, 3, 2), 1, "shared_numerator"), ((3, 5, 8), -1, "per_group")]
+)
+def test_torch_fx_symbolic_trace_computes_the_formula_and_checks_real_inputs(
+    shape: tuple[int, ...], channel_dim: int, sharing: str
+) -> None:
+    """``torch.fx.symbolic_trace`` (torchvision's / timm's FX feature extractors trace the same way). Before: the
+    shape checks ran on the Proxy: "TraceError: symbolically traced variables cannot be used as inputs to control
+    flow"."""
+    module = random_module(shape[channel_dim], 4, channel_dim, seed=3, sharing=sharing)
+    traced = torch.fx.symbolic_trace(torch.nn.Sequential(module))
+    x = 2.0 * torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    numerator = np.broadcast_to(module.weight_numerator.detach().numpy(), (4, 6))
+    denominator = np.broadcast_to(module.weight_denominator.detach().numpy(), (4, 4))
+    expected = numpy_group_rational(x.numpy(), numerator, denominator, channel_dim)
+    np.testing.assert_allclose(traced(x).detach().numpy(), expected, rtol=2e-5, atol=2e-5)
+    wrong = list(shape)
+    wrong[channel_dim] += 4
+    with pytest.raises(LightningActError, match=f"expects {shape[channel_dim]} channels"):
+        traced(torch.randn(wrong))
+
+
 def test_sharing_parameter_shapes_follow_official_layout() -> None:
     shared = GroupRational(32, 8, "swish", sharing="shared_numerator")
     assert tuple(shared.weight_numerator.shape) == (1, 6)

@@ -340,6 +340,30 @@ def test_load_timm_checkpoint_takes_timm_training_and_compiled_checkpoints(tmp_p
     assert all(torch.equal(value, expected[f"_orig_mod.{key}"]) for key, value in ours.state_dict().items())
 
 
+def test_load_timm_checkpoint_fine_tunes_a_model_with_several_classifiers(tmp_path: Path) -> None:
+    """DeiT distilled's ``pretrained_cfg`` names two classifiers, ``("head", "head_dist")``: a 20-class checkpoint
+    loads into a 10-class model with both heads fresh, as timm's pretrained path does. Before: the tuple was
+    formatted into one prefix and the checkpoint refused ("does not fit ...; pass the --model.model_name")."""
+    import timm
+
+    from lightning_act.tasks.image_classification import load_timm_checkpoint
+
+    name = "deit_tiny_distilled_patch16_224"
+    kwargs = {"depth": 1, "img_size": 32, "patch_size": 8, "embed_dim": 32, "num_heads": 2}
+    torch.manual_seed(0)
+    source = {key: value.clone() for key, value in timm.create_model(name, num_classes=20, **kwargs).state_dict().items()}
+    torch.save(source, tmp_path / "deit_20.pth")
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    fresh = {key: value.clone() for key, value in model.state_dict().items()}
+    load_timm_checkpoint(model, name, str(tmp_path / "deit_20.pth"))
+    loaded = model.state_dict()
+    heads = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    assert all(torch.equal(loaded[key], fresh[key]) for key in heads)
+    assert loaded["head.weight"].shape == loaded["head_dist.weight"].shape == (10, 32)
+    body = set(loaded) - heads
+    assert len(body) > 10 and all(torch.equal(loaded[key], source[key]) for key in body)
+
+
 def test_load_timm_checkpoint_names_the_objects_a_weights_only_load_refuses(tmp_path: Path) -> None:
     """A torch file pickling other objects is a torch file: the error names them instead of "pass a torch .pth/.pt
     file" (which stays for a file that is not one)."""

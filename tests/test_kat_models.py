@@ -34,6 +34,19 @@ def test_import_lightning_act_registers_its_models_with_timm_in_either_import_or
         assert stdout.strip() == str([True] * len(names)), (order, stderr[-500:])
 
 
+def test_models_register_after_availability_checks_that_find_timm_without_importing_it() -> None:
+    """``importlib.util.find_spec("timm")`` before ``import timm`` (``import transformers`` does it, as do
+    lightning_utilities' availability checks). Before: the one-shot hook was spent on that spec, nothing registered,
+    and ``timm.create_model("kat_micro_patch4_32")`` said "Unknown model"."""
+    code = (
+        "import sys, importlib.util, lightning_act; importlib.util.find_spec('timm'); importlib.util.find_spec('timm'); "
+        "import timm; hooks = [f for f in sys.meta_path if type(f).__name__ == '_RegisterAfterTimm']; "
+        "print([timm.is_model(n) for n in ('kat_micro_patch4_32', 'stan_tiny', 'spectral_nn')], len(hooks))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "[True, True, True] 0", result.stderr[-500:]
+
+
 def test_import_lightning_act_alone_does_not_import_timm() -> None:
     code = "import sys, lightning_act; print('timm' in sys.modules, 'torchvision' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
@@ -95,6 +108,56 @@ def test_variance_preserving_init_survives_timm_init(act_init: str) -> None:
         with torch.no_grad():
             y = mlp(x)
         assert y.var().item() == pytest.approx(1.0, rel=0.15)
+
+
+def test_variance_preserving_init_with_timms_mlp_norm_before_fc2() -> None:
+    """timm's ``scale_mlp_norm=True`` puts a LayerNorm (unit second moment) before fc2, so fc2 draws N(0, 1/(4D)).
+    Before: fc2 still divided by the rational's E[F²] = 0.356 and the layer's output variance was ~2.8."""
+    torch.manual_seed(0)
+    model = timm.create_model("kat_micro_patch4_32", depth=1, embed_dim=256, num_heads=4, scale_mlp_norm=True)
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp.norm, torch.nn.LayerNorm)
+    hidden = mlp.fc2.in_features
+    assert mlp.fc2.weight.std().item() == pytest.approx(math.sqrt(1.0 / hidden), rel=0.03)
+    x = torch.randn(4096, 256)
+    with torch.no_grad():
+        normed = mlp.norm(mlp.act2(mlp.fc1(mlp.act1(x)))).double()
+        y = mlp(x).double()
+    # Var(Σ w_i z_i) = d_in · Var(w) · E[z²], with E[z²] of the norm's output measured here in float64
+    expected = hidden * mlp.fc2.weight.double().var().item() * normed.pow(2).mean().item()
+    assert expected == pytest.approx(1.0, rel=0.05)
+    assert y.var().item() == pytest.approx(1.0, rel=0.15)
+
+
+def test_timms_fx_feature_extraction_of_a_kat_equals_hooks_on_the_same_blocks() -> None:
+    """timm's ``create_feature_extractor`` and ``features_only=True, feature_cls="fx"`` trace with torch.fx, with
+    each GroupRational kept one node (timm's notrace registration). Before: the rational's shape checks failed the
+    trace ("TraceError: symbolically traced variables cannot be used as inputs to control flow")."""
+    from timm.models import create_feature_extractor
+
+    torch.manual_seed(0)
+    kwargs = {"depth": 2, "embed_dim": 32, "num_heads": 2, "rational_groups": 4}
+    model = timm.create_model("kat_micro_patch4_32", **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    hooked: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: hooked.update({name: out}))
+        for name in ("blocks.0.mlp.act2", "blocks.1")
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    extractor = create_feature_extractor(model, return_nodes={"blocks.0.mlp.act2": "act2", "blocks.1": "block1"})
+    with torch.no_grad():
+        got = extractor(x)
+    assert torch.equal(got["act2"], hooked["blocks.0.mlp.act2"]) and torch.equal(got["block1"], hooked["blocks.1"])
+    features = timm.create_model(
+        "kat_micro_patch4_32", features_only=True, feature_cls="fx", out_indices=(1,), **kwargs
+    )
+    assert features.graph_module.load_state_dict(model.state_dict(), strict=False).missing_keys == []
+    with torch.no_grad():
+        assert torch.equal(features.eval()(x)[0], hooked["blocks.1"])
 
 
 def test_small_image_variant_trains_on_32x32() -> None:

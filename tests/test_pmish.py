@@ -122,3 +122,38 @@ def test_half_precision_inputs_are_computed_in_float32_and_returned_in_their_dty
             got = module(x.to(dtype))
             assert got.dtype == dtype
             torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_repr_of_a_meta_model_names_the_device_instead_of_a_value() -> None:
+    """``print(model)`` of a model built under ``torch.device("meta")`` (shapes only). Before: PMish's repr called
+    ``beta.item()`` and raised "Tensor.item() cannot be called on meta tensors"."""
+    from lightning_act.models.spectral_nn import SpectralNN
+
+    with torch.device("meta"):
+        model = SpectralNN(in_bands=8, beta_init=0.5)
+    assert repr(model).count("PMish(beta=meta, learnable=True, beta_min=1e-08)") == 2
+    assert repr(PMish(beta_init=0.5, learnable=False)) == "PMish(beta=0.5, learnable=False, beta_min=1e-08)"
+
+
+def test_spectral_nn_follows_timms_split_forward_and_reset_classifier() -> None:
+    """``forward(x) == forward_head(forward_features(x))``, ``pre_logits`` gives the last hidden features and
+    ``reset_classifier`` a fresh head (timm utilities call both). Before: neither method existed (AttributeError)."""
+    from lightning_act.errors import ConfigError
+    from lightning_act.models.spectral_nn import SpectralNN
+
+    torch.manual_seed(0)
+    model = SpectralNN(in_bands=6, hidden_sizes=(5, 4)).eval()
+    x = torch.randn(3, 7, 6)  # a 3 x 7 patch of pixels
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert torch.equal(model.forward_head(features), model(x)) and model(x).shape == (3, 7)
+        assert torch.equal(model.forward_head(features, pre_logits=True), features)
+        expected = features.double().numpy() @ model.head.weight.double().numpy().T + model.head.bias.double().numpy()
+        np.testing.assert_allclose(model(x).numpy(), expected[..., 0], atol=1e-6)
+        model.reset_classifier(3)
+        expected = features.double().numpy() @ model.head.weight.double().numpy().T + model.head.bias.double().numpy()
+        np.testing.assert_allclose(model(x).numpy(), expected, atol=1e-6)
+        model.reset_classifier(0)
+        assert torch.equal(model(x), features)
+    with pytest.raises(ConfigError, match="global_pool='avg'"):
+        model.reset_classifier(1, global_pool="avg")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
 
-from lightning_act.errors import DataFormatError
+from lightning_act.errors import ConfigError, DataFormatError
 from lightning_act.models.stan import STAN, SpatialAttention, TemporalAttention
 
 
@@ -91,3 +92,39 @@ def test_bad_shapes_raise_one_line_errors() -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(DataFormatError, match="multiple of segment_samples"):
         STAN(window_samples=100, segment_samples=16)
+
+
+def test_timms_split_forward_pools_the_grid_like_forward() -> None:
+    """timm's contract: ``forward(x) == forward_head(forward_features(x))``, ``pre_logits=True`` gives the pooled
+    embedding; checked against a float64 numpy pooling, LayerNorm and head. Before: forward_head applied the head to
+    every token of the grid ((2, 8) logits per window, silently) and pre_logits was a TypeError."""
+    torch.manual_seed(0)
+    model = timm.create_model("stan_tiny", num_classes=3).eval()
+    x = torch.randn(2, 8, 320)
+    with torch.no_grad():
+        grid = model.forward_features(x)
+        pooled = model.forward_head(grid, pre_logits=True)
+        logits = model.forward_head(grid)
+        assert torch.equal(logits, model(x))
+    mean = grid.double().numpy().mean(axis=(1, 2))
+    embedding = (mean - mean.mean(-1, keepdims=True)) / np.sqrt(mean.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(pooled.numpy(), embedding, atol=1e-5)
+    head_w, head_b = model.head.weight.detach().double().numpy(), model.head.bias.detach().double().numpy()
+    np.testing.assert_allclose(logits.numpy(), embedding @ head_w.T + head_b, atol=1e-5)
+    with pytest.raises(DataFormatError, match=r"\(B, C, S, D\)"):
+        model.forward_head(grid[0])  # one window without its batch axis
+
+
+def test_reset_classifier_gives_a_fresh_head_of_the_new_size() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("stan_tiny").eval()
+    x = torch.randn(2, 8, 320)
+    with torch.no_grad():
+        embedding = model.embed(x).double().numpy()
+        model.reset_classifier(4)
+        head_w, head_b = model.head.weight.double().numpy(), model.head.bias.double().numpy()
+        np.testing.assert_allclose(model(x).numpy(), embedding @ head_w.T + head_b, atol=1e-5)
+        model.reset_classifier(0)  # timm's headless backbone: the embedding comes out
+        np.testing.assert_allclose(model(x).numpy(), embedding, atol=1e-6)
+    with pytest.raises(ConfigError, match="global_pool='token'"):
+        model.reset_classifier(2, global_pool="token")

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import (
@@ -42,7 +43,18 @@ from torch import nn
 from lightning_act.errors import LightningActError
 from lightning_act.nn.group_rational import GroupRational, rational_gain
 
-__all__ = ["GRKANMlp", "KATVisionTransformer", "checkpoint_filter_fn", "official_state_dict", "unwrap_state_dict"]
+# timm's FX feature extraction (create_feature_extractor, features_only=True with feature_cls="fx") keeps each
+# rational one graph node that runs its eager forward, with the Triton kernels where they apply
+register_notrace_module(GroupRational)
+
+__all__ = [
+    "GRKANMlp",
+    "KATVisionTransformer",
+    "checkpoint_filter_fn",
+    "classifier_names",
+    "official_state_dict",
+    "unwrap_state_dict",
+]
 
 ACT_INITS = ("swish", "gelu")
 WEIGHT_INITS = ("", "jax", "jax_nlhb", "moco", "reset", "skip")  # timm VisionTransformer's weight_init values
@@ -102,12 +114,14 @@ class GRKANMlp(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The rationals' init coefficients, and a variance-preserving init of fc1 / fc2 from their ``E[F(x)²]``
-        (Yang & Wang 2024)."""
+        """The rationals' init coefficients, and a variance-preserving init of fc1 / fc2 from the second moment
+        ``E[z²]`` of what each reads (Yang & Wang 2024): ``E[F(x)²]`` of its rational, or 1 for fc2 behind timm's
+        ``scale_mlp_norm`` norm, whose output already has unit second moment."""
         self.act1.reset_parameters()
         self.act2.reset_parameters()
-        for linear, init in ((self.fc1, "identity"), (self.fc2, self.act_init)):
-            std = math.sqrt(1.0 / (linear.in_features * rational_gain(init)))
+        fc2_input_moment = rational_gain(self.act_init) if isinstance(self.norm, nn.Identity) else 1.0
+        for linear, input_moment in ((self.fc1, rational_gain("identity")), (self.fc2, fc2_input_moment)):
+            std = math.sqrt(1.0 / (linear.in_features * input_moment))
             nn.init.normal_(linear.weight, mean=0.0, std=std)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
@@ -166,6 +180,13 @@ def unwrap_state_dict(checkpoint: dict[str, Any], model: nn.Module) -> dict[str,
     return clean_state_dict(state_dict)
 
 
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The module names of ``model``'s classifiers from its timm ``pretrained_cfg``, which names one (``"head"``) or
+    several (a tuple: DeiT distilled ``("head", "head_dist")``, LeViT), as timm's ``load_pretrained`` reads it."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: KATVisionTransformer, **kwargs: Any) -> dict[str, torch.Tensor]:
     """Map an official KAT checkpoint (or one of ours) onto ``model``'s state dict, as timm filters do.
 
@@ -198,8 +219,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: KATVisionTransformer
             )
         for name, tensor in modules[prefix].coefficient_state(coeffs["numerator"], coeffs["denominator"]).items():
             out[f"{prefix}.{name}"] = tensor
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
-    body = [key for key in model.state_dict() if not key.startswith(f"{classifier}.")]
+    classifier_prefixes = tuple(f"{name}." for name in classifier_names(model))
+    body = [key for key in model.state_dict() if not key.startswith(classifier_prefixes)]
     if body and not any(key in out for key in body):
         raise LightningActError(
             f"the checkpoint holds none of the model's tensors (e.g. '{body[0]}'; its keys look like "

@@ -14,6 +14,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from lightning_act.errors import ConfigError
 from lightning_act.nn.pmish import PMish
 
 
@@ -54,18 +55,38 @@ class SpectralNN(nn.Module):
         self.blocks = nn.ModuleList(
             SpectralBlock(w_in, w_out, dropout, beta_init) for w_in, w_out in itertools.pairwise(widths)
         )
-        self.head = nn.Linear(widths[-1], 1)
+        self.num_features = widths[-1]
+        self.num_classes = 1
+        self.head = nn.Linear(self.num_features, 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
         return x
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits from the last hidden layer's features (``(...)`` for one class, else ``(..., num_classes)``), or
+        those features for ``pre_logits`` (timm's split forward; a pixel's spectrum needs no pooling)."""
+        if pre_logits:
+            return x
+        logits = self.head(x)
+        return logits.squeeze(-1) if self.num_classes == 1 else logits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x)).squeeze(-1)
+        return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, the last hidden layer's features come out), as timm models do."""
+        if global_pool not in (None, ""):
+            raise ConfigError(
+                f"Spectral-NN classifies each pixel's spectrum and pools nothing, not global_pool={global_pool!r}; "
+                "pass global_pool=None"
+            )
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 @register_model

@@ -23,7 +23,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from lightning_act.errors import DataFormatError
+from lightning_act.errors import ConfigError, DataFormatError
 
 
 class AxisAttentionLayer(nn.Module):
@@ -135,19 +135,42 @@ class STAN(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Window embedding ``(B, D)`` fed to the head and to the adversarial discriminator."""
-        return self.embedding_norm(self.forward_features(x).mean(dim=(1, 2)))
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def get_classifier(self) -> nn.Module:
         """The head (timm convention); monitors use its input as the penultimate features."""
         return self.head
 
-    def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Logits from an embedding; ``(B,)`` for ``num_classes=1`` else ``(B, num_classes)``."""
-        logits = self.head(embedding)
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, the embedding comes out), as timm models do."""
+        if global_pool not in (None, "avg"):
+            raise ConfigError(
+                f"STAN pools its token grid by a mean over channels and segments, not global_pool={global_pool!r}; "
+                "pass global_pool=None or 'avg'"
+            )
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits, ``(B,)`` for ``num_classes=1`` else ``(B, num_classes)``, or the embedding for ``pre_logits``.
+
+        ``x`` is :meth:`forward_features`' grid ``(B, C, S, D)``, pooled here (timm's split forward), or an
+        embedding ``(B, D)`` already pooled by :meth:`embed` (the adversarial task classifies the embedding that its
+        discriminator sees).
+        """
+        if x.ndim == 4:
+            x = self.embedding_norm(x.mean(dim=(1, 2)))
+        elif x.ndim != 2:
+            raise DataFormatError(
+                f"STAN.forward_head takes forward_features' grid (B, C, S, D) or embed's (B, D), got {tuple(x.shape)}"
+            )
+        if pre_logits:
+            return x
+        logits = self.head(x)
         return logits.squeeze(-1) if self.num_classes == 1 else logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.embed(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def _drop_timm_kwargs(kwargs: dict) -> dict:

@@ -28,6 +28,9 @@ under ``TRITON_INTERPRET=1``; on other CPU tensors the op's PyTorch formula with
 autocast disabled and return the input dtype (float32, bfloat16, float16; integer inputs are refused). Range: ``P``
 and ``Q`` are formed before dividing, so float32 overflows from ``|x|`` ~ 2e8 (inf / NaN, ``docs/kat_kernel.md``).
 
+Under ``torch.fx.symbolic_trace`` the forward records one call of the checked reference formula (a Proxy has no shape
+to check); timm's FX feature extraction keeps the module itself one node (``lightning_act.models.kat`` registers it).
+
 The op is what ``torch.compile`` sees: a ``torch.library.triton_op``, so ``fullgraph=True`` traces whole KAT models
 into the Triton launches themselves (Inductor launches the kernels from its generated code, and CUDA graphs
 capture them); eager calls skip the dispatcher and go through :class:`GroupRationalFunction`, the same kernels with
@@ -101,6 +104,28 @@ def group_rational_reference(
         q = torch.addcmul(torch.ones_like(b[0]), q, ax)
         return (p / q).to(x.dtype).reshape(x.shape)
 
+
+def check_rational_input(x: torch.Tensor, num_channels: int, channel_dim: int) -> None:
+    """One clear error for an input of another channel count or an integer dtype."""
+    if x.ndim == 0 or not -x.ndim <= channel_dim < x.ndim or x.shape[channel_dim] != num_channels:
+        raise LightningActError(
+            f"GroupRational expects {num_channels} channels in dim {channel_dim}, got input of shape "
+            f"{tuple(x.shape)}; pass channel_dim=1 for (B, C, H, W) or -1 for (B, L, C)"
+        )
+    if not x.is_floating_point():  # as torch's activations: the float result would be truncated to x.dtype
+        raise LightningActError(f"GroupRational takes floating-point inputs, got {x.dtype}; pass x.float()")
+
+
+def _traced_group_rational(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, num_channels: int, channel_dim: int
+) -> torch.Tensor:
+    """The checked reference formula as one node of a ``torch.fx`` graph: symbolic tracing hands ``forward`` a
+    Proxy, whose shape and dtype cannot steer the checks and the dtype choice; the graph runs them on real inputs."""
+    check_rational_input(x, num_channels, channel_dim)
+    return group_rational_reference(x, numerator, denominator, channel_dim)
+
+
+torch.fx.wrap("_traced_group_rational")
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 if _TRITON_INSTALLED:  # imported here (not on first use) so that triton_op finds the kernels the op bodies launch
@@ -597,26 +622,19 @@ class GroupRational(nn.Module):
 
     def _grouped_shape(self, x: torch.Tensor) -> tuple[int, int, int] | None:
         """``(rows, groups, width)`` of ``x`` for the op, or ``None`` where the reference runs; checks ``x``."""
-        self._check_input(x)
+        check_rational_input(x, self.num_channels, self.channel_dim)
         if self.resolved_implementation(x) != "triton":
             return None
         return tuple(grouped_view(x, self.groups, self.channel_dim).shape)  # type: ignore[return-value]
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        """One clear error for an input of another channel count or an integer dtype."""
-        if x.ndim == 0 or not -x.ndim <= self.channel_dim < x.ndim or x.shape[self.channel_dim] != self.num_channels:
-            raise LightningActError(
-                f"GroupRational expects {self.num_channels} channels in dim {self.channel_dim}, got input of shape "
-                f"{tuple(x.shape)}; pass channel_dim=1 for (B, C, H, W) or -1 for (B, L, C)"
-            )
-        if not x.is_floating_point():  # as torch's activations: the float result would be truncated to x.dtype
-            raise LightningActError(f"GroupRational takes floating-point inputs, got {x.dtype}; pass x.float()")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace (without timm's leaf registration)
+            numerator, denominator = self.coefficients()
+            return _traced_group_rational(x, numerator, denominator, self.num_channels, self.channel_dim)
         if torch.compiler.is_compiling():
             grouped = self._grouped_shape(x)
         elif _functions_unusable():  # checked on every call, so that jit.trace's check run records the same ops
-            self._check_input(x)
+            check_rational_input(x, self.num_channels, self.channel_dim)
             grouped = None
         else:  # eager: check an input geometry once, then reuse it (host time per call, issue 13)
             seen = (x.shape, x.device, x.dtype, self.implementation)

@@ -55,4 +55,6 @@ class PMish(nn.Module):
         return pmish(x, self.beta, self.beta_min)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta.item():.4g}, learnable={self.beta.requires_grad}, beta_min={self.beta_min:g}"
+        # a meta β (a model built under torch.device("meta")) has no value to print
+        beta = "meta" if self.beta.is_meta else f"{self.beta.item():.4g}"
+        return f"beta={beta}, learnable={self.beta.requires_grad}, beta_min={self.beta_min:g}"

@@ -61,12 +61,12 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
     and DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` prefixes stripped as timm strips them. The filter of the
     file that registered ``model_name`` (timm's own, or ``lightning_act.models.kat.checkpoint_filter_fn`` for
     official KAT weights) is applied, as timm does for pretrained weights. A classifier whose shape differs (e.g.
-    1000 ImageNet classes into a 10-class model) is left at its fresh init so the weights can be fine-tuned; every
-    other tensor must match (strict).
+    1000 ImageNet classes into a 10-class model; each of several, such as DeiT distilled's ``head`` and
+    ``head_dist``) is left at its fresh init so the weights can be fine-tuned; every other tensor must match (strict).
     """
     import timm
 
-    from lightning_act.models.kat import unwrap_state_dict  # imports timm: not at module import
+    from lightning_act.models.kat import classifier_names, unwrap_state_dict  # imports timm: not at module import
 
     if not Path(checkpoint_path).is_file():
         raise DataNotFoundError(f"checkpoint '{checkpoint_path}' not found; pass --model.checkpoint_path to an existing file")
@@ -90,9 +90,9 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     own = model.state_dict()
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    classifier_prefixes = tuple(f"{name}." for name in classifier_names(model))
     skipped = [
-        k for k, v in state_dict.items() if k.startswith(f"{classifier}.") and k in own and own[k].shape != v.shape
+        k for k, v in state_dict.items() if k.startswith(classifier_prefixes) and k in own and own[k].shape != v.shape
     ]
     for key in skipped:
         state_dict[key] = own[key]
