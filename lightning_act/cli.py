@@ -693,6 +693,7 @@ def _build_cli_class() -> type:
                     raise
                 accelerator = self.config_init[self.subcommand]["trainer"].get("accelerator")
                 raise ConfigError(_trainer_problem(err, accelerator)) from None
+            _check_launcher(trainer)
             if getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver"):
                 raise ConfigError(
                     f"--trainer.strategy {self.config_init[self.subcommand]['trainer'].get('strategy')} starts its "
@@ -790,6 +791,8 @@ def _build_cli_class() -> type:
                         logger._version = None  # chosen while looking for config.yaml; pick again: version_0
 
         def _run_subcommand(self, subcommand: str) -> None:
+            global _subcommand_started
+            _subcommand_started = True
             try:
                 super()._run_subcommand(subcommand)
             except Exception as err:
@@ -807,13 +810,16 @@ def _build_cli_class() -> type:
         def _remove_files_of_a_run_that_never_started(self) -> None:
             """A fit refused before its first step (a data file that cannot be read, a module pattern that matches
             nothing) leaves no run behind: its W&B offline run would be synced as a run, and an empty CSV version
-            folder would shift the next run's version."""
-            if not self.trainer.is_global_zero:
-                return
+            folder would shift the next run's version. Every rank that meets the error removes the config, which
+            would make the next fit refused as "a previous run": under DDP a data error is often one rank's alone (a
+            file of its shard), and Lightning's launcher then kills rank 0 before it could clean up. The rest is rank
+            0's (it owns the W&B run; two ranks must not remove one folder at once), so it may stay then."""
             # the config goes to the first logger's folder (e.g. W&B's save_dir); a resumed run's is its run's own
             if self.save_config_callback is not None and not self.config["fit"].get("ckpt_path"):
                 (_log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")).unlink(
                     missing_ok=True)
+            if not self.trainer.is_global_zero:
+                return
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger) and logger._experiment is not None:
                     run_folder = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-*/files
@@ -847,6 +853,8 @@ def _build_cli_class() -> type:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning_act`` console script; returns the exit status."""
+    global _subcommand_started
+    _subcommand_started = False  # (main may run several commands in one process)
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -875,8 +883,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_error = _user_error(err) or _unwritable_output(err) or _unknown_monitor(err)
         if user_error is None:
             raise
-        if _is_rank_zero():
+        rank = _this_rank()
+        if rank == 0:
             print(f"lightning_act: error: {_worker_message(user_error)}", file=sys.stderr)
+        elif _subcommand_started:  # possibly met by this rank alone (a file of its data shard): never silent
+            print(f"lightning_act: error (rank {rank}): {_worker_message(user_error)}", file=sys.stderr)
         return 2
     return 0
 
@@ -933,10 +944,48 @@ def _log_dir(trainer: Any) -> Path:
     return Path(first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir)
 
 
-def _is_rank_zero() -> bool:
-    """Whether this process prints the error line: every rank of a DDP run meets the same error."""
+#: Whether this process got as far as running its subcommand (fit, test, ...). An error met before (the command line,
+#: the config, building the Trainer) is the same on every rank and printed by rank 0 alone; one met while running may
+#: be a single rank's, which then prints it tagged with its rank.
+_subcommand_started = False
+
+
+def _this_rank() -> int:
+    """This process's global rank as Lightning knows it (0 without Lightning loaded, or in one process)."""
     rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
-    return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+    return 0 if rank_zero is None else int(getattr(rank_zero.rank_zero_only, "rank", 0) or 0)
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process prints what every rank meets alike (a warning about the config)."""
+    return _this_rank() == 0
+
+
+def _check_launcher(trainer: Any) -> None:
+    """Refuse, before any process waits, a world that cannot form: ``num_nodes`` > 1 with nothing that starts the
+    other nodes' ranks (the local ranks would wait 30 min for them at MASTER_ADDR 127.0.0.1), and torchrun processes
+    that do not match ``devices × num_nodes`` (Lightning's ValueError, a traceback per process, at launch)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment, TorchElasticEnvironment
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    devices, nodes = trainer.num_devices, trainer.num_nodes
+    if isinstance(environment, TorchElasticEnvironment) and environment.world_size() != devices * nodes:
+        world = environment.world_size()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world // max(nodes, 1)))
+        raise ConfigError(
+            f"torchrun started {world} processes ({per_node} per node) but the trainer runs devices={devices} × "
+            f"num_nodes={nodes} = {devices * nodes}; pass --trainer.devices {per_node} (it must equal torchrun's "
+            f"--nproc_per_node) and --trainer.num_nodes {max(world // per_node, 1)} (its --nnodes)"
+        )
+    # Lightning's own environment, used when it detected no launcher (torchrun, SLURM, LSF, Kubeflow, MPI): several
+    # nodes then need MASTER_ADDR and NODE_RANK given by hand on each
+    manual = type(environment) is LightningEnvironment
+    if nodes > 1 and manual and not (os.environ.get("MASTER_ADDR") and os.environ.get("NODE_RANK")):
+        raise ConfigError(
+            f"--trainer.num_nodes {nodes}, but nothing starts the other nodes' processes (no torchrun, srun or other "
+            "cluster launcher found, nor MASTER_ADDR and NODE_RANK set): the ranks here would wait for them for ever; "
+            "start the command on every node with torchrun or srun (docs/multi_gpu.md), or pass --trainer.num_nodes 1"
+        )
 
 
 def _lightning_refusal(err: BaseException) -> LightningActError | None:

@@ -725,3 +725,50 @@ def test_a_data_error_raised_in_a_dataloader_worker_is_its_own_line():
     assert _worker_message(caught.value) == "cannot read image 'cat/2.png'; remove or replace the file"
     plain = DataFormatError("a line of its own")
     assert _worker_message(plain) == "a line of its own"
+
+
+SPECTRAL_DDP_CONFIG = {
+    "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": 1, "logger": False,
+                "enable_checkpointing": False},
+    "model": {"class_path": "lightning_act.tasks.spectral_detection.SpectralTargetDetection",
+              "init_args": {"in_bands": 8, "hidden_sizes": [8], "pos_weight": 1.0}},
+    "data": {"class_path": "lightning_act.data.hyperspectral.HyperspectralDataModule",
+             "init_args": {"num_scenes": 8, "scene_size": 8, "num_bands": 8, "batch_size": 64}},
+}
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK",
+                      "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME")
+
+
+def test_num_nodes_without_a_launcher_is_one_line_before_any_rank_waits(tmp_path):
+    # Before: the two local ranks of a world of 4 waited (torch's 30 min timeout) for ranks 2 and 3 nobody started.
+    import signal
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**SPECTRAL_DDP_CONFIG, "trainer": {
+        **SPECTRAL_DDP_CONFIG["trainer"], "num_nodes": 2}}))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_act", "fit", "--config", "cfg.yaml"], cwd=tmp_path,
+                            env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the rank it started
+        _, stderr = proc.communicate()
+    line = last_error_line(proc.returncode, stderr)
+    assert "--trainer.num_nodes 2" in line and "torchrun or srun" in line and "MASTER_ADDR and NODE_RANK" in line
+
+
+def test_torchrun_processes_other_than_devices_times_num_nodes_are_one_line(tmp_path, capsys, monkeypatch):
+    # Before: Lightning's ValueError ("the product (1 * 1) does not match the world size (2)") as a traceback per process.
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    # what torchrun --nnodes 2 --nproc_per_node 3 gives its first process
+    torchrun = dict(RANK="0", GROUP_RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="3", WORLD_SIZE="6",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT="29400", TORCHELASTIC_RUN_ID="test")
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**SPECTRAL_DDP_CONFIG, "trainer": {
+        **SPECTRAL_DDP_CONFIG["trainer"], "devices": 2, "num_nodes": 2}}))
+    line = one_line_error(tmp_path, capsys, monkeypatch, "fit", "--config", "cfg.yaml")
+    assert "torchrun started 6 processes (3 per node)" in line and "devices=2 × num_nodes=2 = 4" in line
+    assert "--trainer.devices 3" in line and "--trainer.num_nodes 2" in line

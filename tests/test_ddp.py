@@ -148,3 +148,102 @@ def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(tmp_path
     assert set(ddp) == set(single)
     for key, value in single.items():
         assert ddp[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler_padding(tmp_path):
+    # Before: rank 1 evaluated example 0 again (the DistributedSampler's padding of 5 spectra, 7 digits): val/ap 0.4778
+    # for 0.4167; the dopamine firing fractions (and test/gate_active_fraction) were rank 0's share of the inputs alone.
+    import torch
+    from ddp_eval_padding import (
+        DIGIT_LABELS,
+        DIGITS,
+        SPECTRA,
+        SPECTRA_LABELS,
+        WINDOW_LABELS,
+        WINDOWS,
+        foundation,
+        spectral_model,
+    )
+
+    result = run_script("ddp_eval_padding.py", tmp_path, 37)
+    metrics = result["metrics"]
+
+    with torch.no_grad():
+        logits = spectral_model().double().eval()(SPECTRA.double()).numpy()
+    labels = SPECTRA_LABELS.numpy()
+    positives, negatives = logits[labels == 1], logits[labels == 0]
+    auroc = np.mean([(p > n) + 0.5 * (p == n) for p in positives for n in negatives])
+    hits = labels[np.argsort(-logits, kind="stable")] == 1
+    average_precision = (np.cumsum(hits) / np.arange(1, len(hits) + 1))[hits].mean()
+    bce = np.mean(np.logaddexp(0.0, logits) - labels * logits)
+    for stage in ("val", "test"):
+        assert metrics[f"{stage}/auroc"] == pytest.approx(auroc, abs=1e-6)
+        assert metrics[f"{stage}/ap"] == pytest.approx(average_precision, abs=1e-6)
+        assert metrics[f"{stage}/loss"] == pytest.approx(bce, rel=1e-5)
+
+    log_power = np.log((WINDOWS.double().numpy() ** 2).mean(axis=(1, 2)))  # LogPower's logit
+    labels = WINDOW_LABELS.numpy()
+    positives, negatives = log_power[labels == 1], log_power[labels == 0]
+    auroc = np.mean([(p > n) + 0.5 * (p == n) for p in positives for n in negatives])
+    bce = np.mean(np.logaddexp(0.0, log_power) - labels * log_power)
+    for stage in ("val", "test"):
+        assert metrics[f"stan_{stage}/auroc"] == pytest.approx(auroc, abs=1e-6)
+        assert metrics[f"stan_{stage}/loss"] == pytest.approx(bce, rel=1e-5)
+
+    weights = {key: value.double().numpy() for key, value in foundation().state_dict().items()}
+    x, y = DIGITS.double().flatten(1).numpy(), DIGIT_LABELS.numpy()
+    hidden = x @ weights["model.1.weight"].T + weights["model.1.bias"]
+    class_logits = np.maximum(hidden, 0.0) @ weights["model.3.weight"].T + weights["model.3.bias"]
+    shifted = class_logits - class_logits.max(axis=1, keepdims=True)
+    cross_entropy = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y)), y]
+    assert metrics["foundation_test/acc"] == pytest.approx(np.mean(class_logits.argmax(axis=1) == y), abs=1e-7)
+    assert metrics["foundation_test/loss"] == pytest.approx(cross_entropy.mean(), rel=1e-5)
+
+    # the hard gates at τ = 0 (untrained) fire where the pre-activation is positive
+    expected = np.stack([(hidden[y == c] > 0).mean(axis=0) for c in range(3)])
+    (firing,) = result["firing"].values()
+    np.testing.assert_allclose(np.array(firing), expected, atol=1e-12)
+    assert metrics["dopamine_test/gate_active_fraction"] == pytest.approx(expected.mean(), abs=1e-7)
+
+
+def test_a_data_error_only_rank_1_meets_is_its_one_line_and_the_next_fit_is_not_refused(tmp_path):
+    # Before: rank 1 exited 2 in silence (main printed on rank 0 only) and rank 0 died in gloo's traceback or was killed
+    # by Lightning's launcher; the refused run's config.yaml stayed, so the next fit was "a previous run in the way".
+    import yaml
+    from PIL import Image
+
+    from lightning_act.data.images import ImageDataModule
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / label / f"{i}.png")
+    data = dict(data_dir=str(tmp_path / "imgs"), image_size=8, in_chans=1, batch_size=2, val_fraction=0.2,
+                test_fraction=0.0)
+    module = ImageDataModule(**data)
+    module.setup("fit")
+    bad = Path(module.val_set.dataset.samples[module.val_set.indices[1]][0])  # validation item 1: rank 1's shard
+    bad.write_bytes(b"not a png")
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": 2, "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "csv"}}]},
+        "model": {"class_path": "lightning_act.tasks.image_classification.ImageClassifier",
+                  "init_args": {"model_name": "vit_tiny_patch16_224", "num_classes": 2, "in_chans": 1, "warmup_steps": 0,
+                                "model_kwargs": {"img_size": 8, "patch_size": 4, "embed_dim": 8, "depth": 1,
+                                                 "num_heads": 2}}},
+        "data": {"class_path": "lightning_act.data.images.ImageDataModule", "init_args": data},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() + 41) % 1000))
+    proc = subprocess.run([sys.executable, "-m", "lightning_act", "fit", "--config", "cfg.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lightning_act: error")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"lightning_act: error (rank 1): cannot read image '{bad}'")
+    assert lines[0].endswith("; remove or replace the file")
+    assert not list((tmp_path / "runs").rglob("config.yaml"))  # what made the next fit "a previous run in the way"

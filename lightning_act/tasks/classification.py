@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from lightning_act.tasks.sampler_padding import real_examples
+
 
 class ClassificationTask(pl.LightningModule):
     """``self.model`` maps inputs to logits; subclasses add the training step and the optimiser."""
@@ -15,25 +17,32 @@ class ClassificationTask(pl.LightningModule):
     model: nn.Module
 
     def init_metrics(self, num_classes: int) -> None:
-        """Top-1 accuracy (micro average) for train, val and test."""
+        """Top-1 accuracy (micro average) for train, val and test; the val and test loss as means weighted by examples,
+        summed over ranks (an unweighted mean of the ranks' means would not be the whole set's)."""
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro"))
+        self.val_loss, self.test_loss = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: torchmetrics.Metric) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, stage: str) -> None:
+        """Loss and accuracy over the batch's real examples (not the DDP sampler's padding, see ``real_examples``)."""
         x, y = batch
-        logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        metric(logits, y)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
+        real = real_examples(self._trainer, stage, batch_idx, len(y), y.device)
+        logits, y = self(x)[real], y[real]
+        loss, accuracy = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss.update(F.cross_entropy(logits, y, reduction="none"))  # each example weighs the same, on every rank
+        if len(y):  # a batch of padding alone: MulticlassAccuracy refuses an empty update
+            accuracy.update(logits, y)
+        self.log(f"{stage}/loss", loss)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_acc)
+        self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_acc)
+        self._eval_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch[0]).softmax(-1)

@@ -41,6 +41,7 @@ from lightning_act.nn.dopamine import (
 from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
 from lightning_act.plots import writes_run_files
 from lightning_act.tasks.classification import ClassificationTask
+from lightning_act.tasks.sampler_padding import real_examples
 from lightning_act.tasks.image_classification import warmup_cosine
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
@@ -192,7 +193,7 @@ class DopamineSpecialisation(_Classifier):
         self.init_metrics(self.num_classes)
 
     def on_train_start(self) -> None:
-        self.log("trainable_params", float(self.trainable_params))
+        self.log("trainable_params", float(self.trainable_params), sync_dist=True)  # a constant: silences Lightning's warning
 
     def on_test_start(self) -> None:
         if self.hparams.method == "dopamine" and self.hparams.harden_at_test:
@@ -206,40 +207,68 @@ class DopamineSpecialisation(_Classifier):
         soften(self.model)
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/trainable_params", float(self.trainable_params))
+        # a constant, the same on every rank: sync_dist averages equal values, and Lightning does not warn
+        self.log("test/trainable_params", float(self.trainable_params), sync_dist=True)
         if self.hparams.method == "dopamine":
-            self.log("test/gate_active_fraction", self._log_attribution(
-                self.trainer.test_dataloaders, "dopamine_firing", self.trainer.num_test_batches))
+            fraction = self._log_attribution("test", "dopamine_firing", self.trainer.num_test_batches)
+            self.log("test/gate_active_fraction", fraction, sync_dist=True)  # summed over ranks: the same on each
 
     def on_test_end(self) -> None:
         soften(self.model)
 
     def on_fit_end(self) -> None:
         if self.hparams.method == "dopamine" and self.trainer.val_dataloaders is not None:
-            self._log_attribution(self.trainer.val_dataloaders, "dopamine_firing_val", self.trainer.num_val_batches)
+            self._log_attribution("val", "dopamine_firing_val", self.trainer.num_val_batches)
 
-    def _log_attribution(self, loaders: Any, name: str, limits: list[int | float] | None = None) -> float:
-        """Hard-gate firing fractions per class over ``loaders`` (each cut to its ``limits`` batches, as Lightning's
-        ``limit_test_batches`` cuts the test metrics): ``<name>.pt`` + heatmap; returns their mean over the classes
-        and neurons (each class weighs the same, whatever its number of inputs)."""
+    def _log_attribution(self, stage: Literal["val", "test"], name: str, limits: list[int | float] | None = None) -> float:
+        """Hard-gate firing fractions per class over the ``stage`` loaders (each cut to its ``limits`` batches, as
+        Lightning's ``limit_test_batches`` cuts the test metrics): ``<name>.pt`` + heatmap; returns their mean over
+        the classes and neurons (each class weighs the same, whatever its number of inputs).
+
+        Under DDP each rank holds a share of the inputs: the per-class firing counts and input counts are summed over
+        the ranks before dividing, each input counted once (not the sampler's padding, see ``real_examples``), and
+        rank 0 alone writes the files."""
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         limits = list(limits or []) + [math.inf] * (len(loaders) - len(limits or []))
+        class_counts = torch.zeros(self.num_classes, dtype=torch.float64)
+
+        def real_batches() -> Any:
+            for index, (loader, limit) in enumerate(zip(loaders, limits)):
+                for batch_idx, (x, y) in enumerate(itertools.islice(loader, int(limit)) if math.isfinite(limit) else loader):
+                    real = real_examples(self.trainer, stage, batch_idx, len(y), y.device, dataloader_idx=index)
+                    if real.any():
+                        class_counts.add_(torch.bincount(y[real].cpu(), minlength=self.num_classes).to(torch.float64))
+                        yield x[real].to(self.device), y[real]
+
         hardened = [gate.hardened for gate in dopamine_gates(self.model).values()]
         harden(self.model)
         try:
-            batches = (
-                (x.to(self.device), y) for loader, limit in zip(loaders, limits)
-                for x, y in (itertools.islice(loader, int(limit)) if math.isfinite(limit) else loader)
-            )
-            fractions = firing_fractions(self, batches, self.num_classes)
+            fractions = firing_fractions(self, real_batches(), self.num_classes)
         finally:
             for gate, was_hard in zip(dopamine_gates(self.model).values(), hardened):
                 gate.hardened = was_hard
-        figure = plot_firing_fractions(fractions, [str(c) for c in range(self.num_classes)], title=f"{name}: fraction of inputs with z > τ per class")
+        if self.trainer.world_size > 1:
+            fractions = self._summed_over_ranks(fractions, class_counts)
         if writes_run_files(self.trainer):  # not with logger=False, nor under fast_dev_run
-            log_figure(self.trainer, figure, name)
-            torch.save(fractions, run_dir(self.trainer) / f"{name}.pt")
+            folder = run_dir(self.trainer)  # on every rank: trainer.log_dir broadcasts
+            if self.trainer.is_global_zero:  # the ranks hold the same fractions: one writer per file
+                figure = plot_firing_fractions(fractions, [str(c) for c in range(self.num_classes)],
+                                               title=f"{name}: fraction of inputs with z > τ per class")
+                log_figure(self.trainer, figure, folder / f"{name}.png")
+                torch.save(fractions, folder / f"{name}.pt")
         return float(torch.cat([f.nanmean(dim=0) for f in fractions.values()]).mean())
+
+    def _summed_over_ranks(self, fractions: dict[str, torch.Tensor], class_counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fractions of the inputs of every rank, from this rank's ``fractions`` over its ``class_counts`` inputs
+        per class: firing counts and input counts summed over the ranks (float64), then divided."""
+        firing = [(fraction.nan_to_num(0.0) * class_counts[:, None]).flatten() for fraction in fractions.values()]
+        totals = self.trainer.strategy.reduce(torch.cat([class_counts, *firing]).to(self.device), reduce_op="sum").cpu()
+        counts, offset, combined = totals[: self.num_classes], self.num_classes, {}
+        for gate, fraction in fractions.items():
+            combined[gate] = totals[offset : offset + fraction.numel()].view_as(fraction) / counts[:, None]
+            offset += fraction.numel()
+        return combined  # a class no rank saw: 0 / 0, NaN as in firing_fractions
 
     def configure_optimizers(self) -> dict[str, Any] | None:
         lr = self.hparams.lr if self.hparams.lr is not None else DEFAULT_LR[self.hparams.method]
@@ -253,11 +282,10 @@ def run_dir(trainer: pl.Trainer) -> Path:
     return path
 
 
-def log_figure(trainer: pl.Trainer, figure: Any, name: str) -> Path:
-    """Save ``figure`` as ``<run dir>/<name>.png`` and send it to every logger that takes images."""
-    path = run_dir(trainer) / f"{name}.png"
+def log_figure(trainer: pl.Trainer, figure: Any, path: Path) -> None:
+    """Save ``figure`` as ``path`` (a ``.png`` in the run dir) and send it to every logger that takes images, keyed by
+    the file's name without its suffix."""
     figure.savefig(path, dpi=100)
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
-            logger.log_image(key=name, images=[str(path)])
-    return path
+            logger.log_image(key=path.stem, images=[str(path)])

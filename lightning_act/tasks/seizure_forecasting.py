@@ -50,6 +50,7 @@ from lightning_act.eval.seizure_alarms import (
     raise_alarms,
 )
 from lightning_act.models.stan import STAN
+from lightning_act.tasks.sampler_padding import real_examples
 
 
 def gradient_penalty(
@@ -113,7 +114,8 @@ def domain_gap(scores: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch
 def _whole_stream(outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(recording, window end, probability)`` of every test window, gathered from every rank: a rank's
     ``DistributedSampler`` share is every other window, on which the k-of-n alarm rule would run thinned out. The
-    sampler's padding repeats windows; each is kept once."""
+    sampler's padding is left out by ``test_step``; windows several ranks scored (a test loader every rank reads
+    whole, without a distributed sampler) are kept once."""
     parts = [tuple(np.concatenate(column) for column in zip(*outputs))] if outputs else []
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         gathered: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
@@ -261,7 +263,8 @@ class SeizureForecaster(pl.LightningModule):
         self.test_auroc = torchmetrics.classification.BinaryAUROC()
         self.val_classes, self.test_classes = _ClassCounts(), _ClassCounts()  # AUROC only where both classes were seen
         self._warned_auroc: set[str] = set()
-        self.test_loss = torchmetrics.MeanMetric()  # weighted by labelled windows, summed over ranks
+        # weighted by labelled windows, summed over ranks
+        self.val_loss, self.test_loss = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._warned_no_domain = False
         self._adversarial_batches = 0  # this epoch's batches whose critic groups formed
@@ -365,9 +368,12 @@ class SeizureForecaster(pl.LightningModule):
         return loss.detach()
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        self.log("val/loss", self._classifier_loss(logits, y), prog_bar=True, sync_dist=True)
+        """Loss and AUROC over the batch's windows but the DDP sampler's padding (see ``real_examples``)."""
+        real = real_examples(self._trainer, "val", batch_idx, len(batch[1]), batch[1].device)
+        logits, y = self(batch[0])[real], batch[1][real]
+        if len(y):  # a batch of padding alone has no loss
+            self.val_loss.update(self._classifier_loss(logits, y), weight=len(y))
+        self.log("val/loss", self.val_loss, prog_bar=True)
         if self._trainer is not None and self.trainer.sanity_checking:
             return  # Lightning's few sanity batches (often one class only) would make torchmetrics warn; discarded anyway
         # update, not forward: a per-batch AUROC would be computed (and warned about) for batches of one class
@@ -402,9 +408,12 @@ class SeizureForecaster(pl.LightningModule):
             self.log(f"{stage}/auroc", math.nan, prog_bar=prog_bar)
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms."""
-        x, y = batch[0], batch[1]
-        logits = self(x)
+        """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms. The DDP
+        sampler's padding is left out of both (see ``real_examples``)."""
+        real = real_examples(self._trainer, "test", batch_idx, len(batch[1]), batch[1].device)
+        logits = self(batch[0])[real]
+        batch = tuple(part[real] for part in batch)
+        y = batch[1]
         probs = logits.float().sigmoid()  # the alarms' probabilities, in float32 (bf16 rounds them to 1/256)
         labelled = y >= 0
         if labelled.any():
@@ -460,9 +469,10 @@ class SeizureForecaster(pl.LightningModule):
             )
             if report is None:
                 return
-        self.log("test/sensitivity", report.sensitivity)
-        self.log("test/false_detections_per_hour", report.false_detections_per_hour)
-        self.log("test/mean_lead_time_min", report.mean_lead_time_s / 60.0)
+        # the same on every rank (the gathered stream): sync_dist averages equal values, and Lightning does not warn
+        self.log("test/sensitivity", report.sensitivity, sync_dist=True)
+        self.log("test/false_detections_per_hour", report.false_detections_per_hour, sync_dist=True)
+        self.log("test/mean_lead_time_min", report.mean_lead_time_s / 60.0, sync_dist=True)
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """Per-window preictal probability."""

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import (
     BinaryAUROC,
     BinaryAveragePrecision,
@@ -30,6 +31,7 @@ from lightning_act.errors import LightningActError
 from lightning_act.eval.ranking import probability_of_score, ranking_scores
 from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
+from lightning_act.tasks.sampler_padding import real_examples
 
 
 def _positive_number(value: object) -> bool:
@@ -86,6 +88,8 @@ class SpectralTargetDetection(pl.LightningModule):
         self.register_buffer("pos_weight", torch.tensor(initial))
         self.val_auroc, self.val_ap = BinaryAUROC(), BinaryAveragePrecision()
         self.test_auroc, self.test_ap = BinaryAUROC(), BinaryAveragePrecision()
+        # the loss weighted by spectra, summed over ranks: an unweighted mean of the ranks' means is not the set's
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_pr = BinaryPrecisionRecallCurve()
         self.test_pr_curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -124,10 +128,22 @@ class SpectralTargetDetection(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def _real_spectra(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, labels)`` of the batch's spectra but the DDP sampler's padding (see ``real_examples``)."""
         spectra, labels = batch
-        logits = self(spectra)
-        self.log("val/loss", self.compute_loss(logits, labels), sync_dist=True)
+        real = real_examples(self._trainer, stage, batch_idx, len(labels), labels.device)
+        return self(spectra)[real], labels[real]
+
+    def _update_loss(self, loss: MeanMetric, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(labels):  # a batch of padding alone has no loss
+            loss.update(self.compute_loss(logits, labels), weight=len(labels))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        logits, labels = self._real_spectra(batch, batch_idx, "val")
+        self._update_loss(self.val_loss, logits, labels)
+        self.log("val/loss", self.val_loss)
         # scores in [0, 1] in the logits' order: torchmetrics applies a sigmoid per batch to a batch with a value
         # outside [0, 1] (batches ranked on two scales), and a sigmoid ties confident pixels (see ranking_scores)
         scores = ranking_scores(logits)
@@ -137,9 +153,9 @@ class SpectralTargetDetection(pl.LightningModule):
         self.log("val/ap", self.val_ap, prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        spectra, labels = batch
-        logits = self(spectra)
-        self.log("test/loss", self.compute_loss(logits, labels), sync_dist=True)
+        logits, labels = self._real_spectra(batch, batch_idx, "test")
+        self._update_loss(self.test_loss, logits, labels)
+        self.log("test/loss", self.test_loss)
         for metric in (self.test_auroc, self.test_ap, self.test_pr):
             metric.update(ranking_scores(logits), labels.long())  # see validation_step
         self.log("test/auroc", self.test_auroc)
