@@ -134,16 +134,75 @@ def test_probe_and_tracking_passes_of_a_compiled_model_equal_eager():
             np.testing.assert_allclose(compiled.history[key].values, series.values, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_a_compiled_model_is_observed_after_a_fit_of_its_classes_without_monitors():
+def compiled(net, how):
+    """``net`` compiled by ``torch.compile`` (an ``OptimizedModule`` wrapper) or in place by ``nn.Module.compile()``."""
+    if how == "wrapped":
+        return torch.compile(net, backend="eager")
+    net.compile(backend="eager")
+    return net
+
+
+@pytest.mark.parametrize("how", ["wrapped", "in_place"])
+def test_a_compiled_model_is_observed_after_a_fit_of_its_classes_without_monitors(how):
     """Dynamo guards no hooks: before, a second compiled instance reused the code compiled for the first, without the
-    monitors' hooks, and nothing was logged (each tap warned it "produced no activation")."""
+    monitors' hooks, and nothing was logged (each tap warned it "produced no activation"); a model compiled in place
+    (``net.compile()``, no wrapper) was not seen as compiled, so that stayed so for it."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    plain = ToyTask(BlockNet())
-    plain.net = torch.compile(plain.net, backend="eager")
+    plain = ToyTask(compiled(BlockNet(), how))
     quiet_trainer(max_steps=2).fit(plain, toy_loader(32, 8))
-    watched = ToyTask(BlockNet())
-    watched.net = torch.compile(watched.net, backend="eager")
+    watched = ToyTask(compiled(BlockNet(), how))
     monitor = ActivationStats(modules=["net.blocks.0"], every_n_steps=1)
     quiet_trainer(max_steps=2, callbacks=[monitor]).fit(watched, toy_loader(32, 8))
     assert monitor.history["act/net.blocks.0/count"].values == [8 * 4 * 16] * 2  # (batch, tokens, width) per step
+
+
+def graph_sizes(checkpointing, monitors, steps=6):
+    """The op count of each graph dynamo compiles in a fit of a compiled BlockNet (3 blocks, each called in the loop
+    of its forward), in compile order."""
+    torch._dynamo.reset()
+    pl.seed_everything(0)
+    sizes = []
+
+    def backend(gm, inputs):
+        sizes.append(sum(node.op in ("call_function", "call_method", "call_module") for node in gm.graph.nodes))
+        return gm.forward
+
+    net = torch.compile(BlockNet(depth=3, checkpointing=checkpointing), backend=backend)
+    quiet_trainer(max_steps=steps, callbacks=monitors).fit(ToyTask(net), toy_loader(8 * steps, 8))
+    return sizes
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant"])
+def test_a_fit_due_at_step_0_compiles_the_network_as_a_fit_without_monitors(checkpointing):
+    """Step 0 is always due. Before, dynamo's first trace was the observing one, whose taps (graph breaks) fall in
+    the network's block loop, which dynamo cannot resume: it ran the network's forward eagerly for good, and compiled
+    each block alone (3 ops; with checkpointing in the loop, nothing); the steps in between never ran the user's
+    graph. Expected: the graph the same fit compiles without monitors, first; the observing variant beside it."""
+    bare = graph_sizes(checkpointing, [])
+    monitor = ActivationStats(modules="@blocks", every_n_steps=3)
+    watched = graph_sizes(checkpointing, [monitor])
+    assert len(bare) == 1 and bare[0] >= 3 * 3, bare  # the whole network in one graph: 3 blocks of 3 ops and more
+    assert watched[0] == bare[0], (watched, bare)
+    assert monitor.history["act/net.blocks.0/count"].steps == [0, 3]
+    assert monitor.history["act/net.blocks.0/count"].values == [8 * 4 * 16] * 2  # (batch, tokens, width) per step
+
+
+def test_fullgraph_names_the_monitors_and_the_fix():
+    """A graph break is an error under fullgraph=True; dynamo's hint was "Remove the torch.compiler.disable call",
+    about this library's own code."""
+    net = torch.compile(BlockNet(), backend="eager", fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="compile without fullgraph=True or remove the monitors"):
+        quiet_trainer(max_steps=3, callbacks=[ActivationStats(every_n_steps=1)]).fit(ToyTask(net), toy_loader(24, 8))
+
+
+def test_send_drop_refuses_a_model_compiled_in_place():
+    """``net.compile()`` leaves no ``OptimizedModule``; it was not seen as compiled, by the drop's refusal either."""
+    from lightning_act.callbacks import SensitiveNeurons
+    from lightning_act.errors import LightningActError
+
+    monitor = SensitiveNeurons(modules="@penultimate", every_n_steps=2, num_samples=16, window=2, drop=True)
+    with pytest.raises(LightningActError, match=r"drop=True\) cannot zero features of a torch.compile'd model"):
+        quiet_trainer(max_steps=2, callbacks=[monitor], limit_val_batches=1).fit(
+            ToyTask(compiled(BlockNet(), "in_place")), toy_loader(16, 8), toy_loader(16, 8, seed=1)
+        )

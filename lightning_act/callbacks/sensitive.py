@@ -79,7 +79,7 @@ from lightning_act.callbacks.probe import (
 )
 from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
 from lightning_act.capture.layout import feature_axis
-from lightning_act.capture.registry import ForwardCutoff, input_parameter, model_output_field
+from lightning_act.capture.registry import ForwardCutoff, holds_compiled_code, input_parameter, model_output_field
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
@@ -394,10 +394,7 @@ class SensitiveNeurons(FitScopedState):
                 f"{type(trainer.strategy).__name__} it runs eagerly (the same values)",
                 category=UserWarning,
             )
-        compiled = getattr(pl_module, "_compiler_ctx", None) or any(
-            isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in pl_module.modules()
-        )
-        if self.drop and compiled:
+        if self.drop and holds_compiled_code(pl_module):
             raise LightningActError(
                 "SensitiveNeurons(drop=True) cannot zero features of a torch.compile'd model (hooks added after "
                 "compilation are ignored by the compiled code); train the SeND protocol without torch.compile"

@@ -9,7 +9,8 @@ in the process — a fit of another instance of the same classes without monitor
 hooks. The work is *gated*: the traced hook body reads one Python flag, :attr:`CaptureRegistry.observing`.
 Dynamo turns that read into a guard, so a compiled model has at most two variants — not observing
 (the hook is a no-op, the graph is the user's) and observing — and switching between them is a
-cache hit, never a recompilation per due step. The statistics themselves run in
+cache hit, never a recompilation per due step. The first of them dynamo traces must be the one not observing (see
+:meth:`CaptureRegistry._observe_first_forward_eagerly`). The statistics themselves run in
 :func:`_deliver`, which is ``torch._dynamo.disable``'d: in the observing variant each tap is a
 graph break where the real activation is handed to the monitors eagerly (no host sync, no
 data-dependent Python branching inside a traced region).
@@ -137,6 +138,14 @@ def tapped_input(args: tuple[Any, ...], kwargs: dict[str, Any], parameter: str |
     return kwargs.get(parameter)
 
 
+#: What dynamo says where a model compiled with ``fullgraph=True`` reaches a monitor's tap (a graph break there is an
+#: error, and its default hint, "remove the torch.compiler.disable call", points into this library).
+_FULLGRAPH_REASON = (
+    "lightning_act's monitors read activations eagerly, a graph break at each tapped module on due steps, so a model "
+    "compiled with fullgraph=True cannot be observed: compile without fullgraph=True or remove the monitors"
+)
+
+
 class _CaptureHook:
     """The forward hook of one (module, output): a flag check, then :func:`_deliver`."""
 
@@ -201,7 +210,7 @@ class _DropoutInputHook:
         return {**self.__dict__, "registry": None}
 
 
-@torch._dynamo.disable
+@torch._dynamo.disable(reason=_FULLGRAPH_REASON)
 def _remember_dropout_input(registry: CaptureRegistry, key: tuple[int, str], output: Any, value: Any) -> None:
     # with the output's version: changed in place before the tap (a residual added with +=), it is no dropout output
     version = output._version if isinstance(output, torch.Tensor) else None
@@ -305,12 +314,14 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _graph_task_id = torch._C._current_graph_task_id  # -1 outside the autograd engine
 
 
-@torch._dynamo.disable
+@torch._dynamo.disable(reason=_FULLGRAPH_REASON)
 def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> None:
     if _graph_task_id() != -1:
         # a forward the autograd engine recomputes (activation checkpointing, in backward or in an
         # autograd.grad of the step): the training forward was read already
         return
+    if registry.exclusive_subscriber is None:
+        registry.training_forward_observed = True
     if _functorch_active():
         if not registry.transform_warned:
             registry.transform_warned = True
@@ -385,6 +396,13 @@ class CaptureRegistry:
         self.before_dropout: dict[tuple[int, str], tuple[Any, Any, int | None]] = {}
         #: Whether the forwards inside a torch.func transform, which are not observed, were said to be.
         self.transform_warned = False
+        #: Whether observing forwards run eagerly until one training forward has been observed: set when dynamo's
+        #: code of a root holding compiled code is forgotten (:meth:`_observe_first_forward_eagerly`).
+        self._eager_until_observed = False
+        #: Whether a training forward (not a monitor's own probe pass) reached a tap since the eager stance was taken.
+        self.training_forward_observed = False
+        #: The ``force_eager`` stance while it is held; leaving it restores the stance before.
+        self._eager_stance: contextlib.AbstractContextManager[None] | None = None
         self._subscribers: list[Subscriber] = []
         self._root: weakref.ref[nn.Module] | None = None  # weak: the registries are kept by a weak map of their roots
 
@@ -456,8 +474,9 @@ class CaptureRegistry:
         instance of the same classes without monitors (nothing observed), or with hooks since removed. Forgotten,
         it is traced again at its next call, hooks as they are now."""
         root = self._root() if self._root is not None else None
-        if root is not None and _holds_compiled_module(root):
+        if root is not None and holds_compiled_code(root):
             torch._dynamo.reset()
+            self._eager_until_observed = True
 
     @contextlib.contextmanager
     def exclusive(self, subscriber: Subscriber, cutoff: ForwardCutoff | None = None) -> Iterator[None]:
@@ -474,8 +493,29 @@ class CaptureRegistry:
     def refresh(self) -> None:
         """Recompute :attr:`observing` after a subscriber's ``armed`` flag changed."""
         self.observing = any(s.armed for s in self._subscribers)
+        self._observe_first_forward_eagerly()
         if not self.observing:  # a dropout's tensors kept for a tap that did not run: not until the next due step
             self.before_dropout.clear()
+
+    def _observe_first_forward_eagerly(self) -> None:
+        """Run observing forwards with ``torch.compiler.set_stance("force_eager")`` until a training forward has been
+        observed, after dynamo's code of a root holding compiled code was forgotten (the start of a fit).
+
+        Why: step 0 is always due, so dynamo's first trace of the model would be the observing variant, whose taps
+        are graph breaks. A graph break inside a loop (``for block in self.blocks``, ``nn.Sequential``, activation
+        checkpointing) cannot be resumed: dynamo skips that frame for good, and the user's graph of the steps in
+        between was never built (a BlockNet compiled 3 of its 10 ops; 0 with checkpointing in the loop). Run
+        eagerly, the first observed forward gives the same values; the next, not observing, compiles the user's
+        whole graph, and a later due step adds the observing variant beside it. A monitor's own probe passes (before
+        the training forward of the step) do not end the wait; what else is compiled runs eagerly meanwhile too."""
+        if self.observing and self._eager_until_observed and self._eager_stance is None:
+            self.training_forward_observed = False
+            self._eager_stance = torch.compiler.set_stance("force_eager")
+        elif not self.observing and self._eager_stance is not None:
+            self._eager_stance.__exit__(None, None, None)
+            self._eager_stance = None
+            if self.training_forward_observed:
+                self._eager_until_observed = False
 
     @property
     def hook_count(self) -> int:
@@ -494,8 +534,12 @@ def capture_registry(root: nn.Module) -> CaptureRegistry:
     return registry
 
 
-def _holds_compiled_module(root: nn.Module) -> bool:
-    """Whether ``root`` runs compiled code: a ``torch.compile``d submodule, or Lightning compiling the whole module."""
+def holds_compiled_code(root: nn.Module) -> bool:
+    """Whether ``root`` runs compiled code: a ``torch.compile``d submodule (an ``OptimizedModule``), a module compiled
+    in place by ``nn.Module.compile()`` (which leaves no wrapper, only its ``_compiled_call_impl``), or Lightning
+    compiling the whole module."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    return getattr(root, "_compiler_ctx", None) is not None or any(isinstance(m, OptimizedModule) for m in root.modules())
+    return getattr(root, "_compiler_ctx", None) is not None or any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in root.modules()
+    )
