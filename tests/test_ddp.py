@@ -51,8 +51,9 @@ def test_each_flush_uses_a_few_packed_collectives(runs):
     _, ddp = runs
     calls, flushes = ddp["collectives"]["calls"], ddp["collectives"]["flushes"]
     assert flushes >= 2 * 2
-    # sum + max + gather per flush, plus one layout sync per monitor on its first flush
-    assert calls <= 3 * flushes + len(MONITORS)
+    # sum + max + gather per flush, plus one layout sync per monitor on its first flush (and two for
+    # DimensionalCollapse's shared reference rows)
+    assert calls <= 3 * flushes + len(MONITORS) + 2
 
 
 def run_script(name, tmp_path, port_offset):
@@ -247,3 +248,24 @@ def test_a_data_error_only_rank_1_meets_is_its_one_line_and_the_next_fit_is_not_
     assert lines[0].startswith(f"lightning_act: error (rank 1): cannot read image '{bad}'")
     assert lines[0].endswith("; remove or replace the file")
     assert not list((tmp_path / "runs").rglob("config.yaml"))  # what made the next fit "a previous run in the way"
+
+
+def test_collapse_sums_taken_before_the_ranks_share_a_reference_row_keep_the_spectrum_under_a_large_mean(tmp_path):
+    # Before round 20 the sums were of the unshifted rows: under an offset of 1e6 the exact tap's erank read 13.76 for
+    # 16.54 (the tail under the cut-off), and the sketched tap with two features at 1e4 was 0.45% low at step 1.
+    from ddp_collapse_offset import EXACT, WIDE
+
+    result = run_script("ddp_collapse_offset.py", tmp_path, 41)
+    assert result["sketched"] == [1]  # the wide tap takes the sketch path, the other the exact one
+    for name, rows in (("exact", EXACT), ("wide", WIDE)):
+        for step in (0, 1):  # step s: global rows 32 s .. 32 s + 31 (2 ranks x 2 micro-batches of 8)
+            centred = rows[32 * step : 32 * step + 32].astype(np.float64)
+            centred -= centred.mean(0)
+            singular = np.linalg.svd(centred, compute_uv=False)
+            variances = singular**2
+            singular = singular[singular > 1e-12 * singular[0]]
+            p = singular / singular.sum()
+            assert result["history"][f"collapse/{name}/erank"]["values"][step] == pytest.approx(
+                np.exp(-(p * np.log(p)).sum()), rel=1e-8), (name, step)
+            assert result["history"][f"collapse/{name}/pr"]["values"][step] == pytest.approx(
+                variances.sum() ** 2 / (variances**2).sum(), rel=1e-8), (name, step)

@@ -1,0 +1,64 @@
+"""DDP on 2 CPU processes with 2 micro-batches per step: DimensionalCollapse on an exact tap (48 features, a power-law
+spectrum under a common offset of 1e6) and a wide, sketched tap (96 features, a steeper spectrum with two "massive"
+features at 1e4). Each rank's first micro-batch is summed before the ranks agree on a shared reference row at the
+first flush, so those sums are moved to it. Dumps the history and each step's rows (all ranks, all micro-batches).
+
+Run by tests/test_ddp.py as ``python ddp_collapse_offset.py OUT.json``.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import lightning.pytorch as pl
+from _toy import quiet_trainer
+from lightning_act.callbacks import DimensionalCollapse
+
+
+def power_law_rows(n: int, d: int, exponent: float, seed: int) -> np.ndarray:
+    rng, rank = np.random.default_rng(seed), min(n, d)
+    left, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+    rows = (left * np.arange(1, rank + 1) ** -exponent) @ right.T
+    return rows / rows.std()
+
+
+EXACT = (power_law_rows(64, 48, 1.0, 0) + 1e6).astype(np.float32)
+WIDE = power_law_rows(64, 96, 2.0, 1)
+WIDE[:, [3, 48]] += 1e4
+WIDE = WIDE.astype(np.float32)
+
+
+class Taps(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.exact, self.wide, self.weight = nn.Identity(), nn.Identity(), nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        exact, wide = batch
+        return self.exact(exact).sum() * 0 + self.wide(wide).sum() * 0 + self.weight.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        data = TensorDataset(torch.from_numpy(EXACT), torch.from_numpy(WIDE))
+        return DataLoader(data, batch_size=8, sampler=DistributedSampler(data, shuffle=False))
+
+
+if __name__ == "__main__":
+    monitor = DimensionalCollapse(modules=["exact", "wide"], every_n_steps=1, max_rows=8, wide_dim=64, param_patterns=[])
+    trainer = quiet_trainer(max_steps=2, callbacks=[monitor], devices=2, strategy="ddp", accumulate_grad_batches=2,
+                            use_distributed_sampler=False)
+    trainer.fit(Taps())
+    if trainer.is_global_zero:
+        history = {key: {"steps": list(s.steps), "values": list(s.values)} for key, s in monitor.history.items()}
+        sketched = sorted(monitor._sketch_dims)
+        with open(sys.argv[1], "w") as handle:
+            json.dump({"history": history, "sketched": sketched}, handle)
+    dist.barrier()
