@@ -6,6 +6,7 @@ import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,3 +185,19 @@ class MaskedMeanNet(SquaredOutputTask):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = (x != 0).float()[..., None]
         return self.head(torch.tanh(self.pool((self.emb(x) * keep).sum(1) / keep.sum(1))))
+
+
+def power_law_rows(n: int, d: int, exponent: float, shift: str, seed: int = 0) -> np.ndarray:
+    """(n, d) float32-valued rows (as float64) with singular values ``i^-exponent`` (unit overall spread) plus a large
+    mean: ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations)."""
+    rng = np.random.default_rng(seed)
+    rank = min(n, d)
+    left, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+    rows = (left * np.arange(1, rank + 1) ** -exponent) @ right.T
+    rows /= rows.std()
+    if shift == "common":
+        rows += 1e6
+    else:
+        rows[:, [3, d // 2]] += 1e4
+    return rows.astype(np.float32).astype(np.float64)

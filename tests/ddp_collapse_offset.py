@@ -9,29 +9,20 @@ Run by tests/test_ddp.py as ``python ddp_collapse_offset.py OUT.json``.
 import json
 import sys
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import lightning.pytorch as pl
-from _toy import quiet_trainer
+from _toy import power_law_rows, quiet_trainer
 from lightning_act.callbacks import DimensionalCollapse
 
 
-def power_law_rows(n: int, d: int, exponent: float, seed: int) -> np.ndarray:
-    rng, rank = np.random.default_rng(seed), min(n, d)
-    left, _ = np.linalg.qr(rng.standard_normal((n, rank)))
-    right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
-    rows = (left * np.arange(1, rank + 1) ** -exponent) @ right.T
-    return rows / rows.std()
 
-
-EXACT = (power_law_rows(64, 48, 1.0, 0) + 1e6).astype(np.float32)
-WIDE = power_law_rows(64, 96, 2.0, 1)
-WIDE[:, [3, 48]] += 1e4
-WIDE = WIDE.astype(np.float32)
+EXACT = power_law_rows(64, 48, 1.0, "common", seed=0).astype(np.float32)
+WIDE = power_law_rows(64, 96, 2.0, "massive", seed=1).astype(np.float32)
 
 
 class Taps(pl.LightningModule):

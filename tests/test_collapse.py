@@ -507,20 +507,6 @@ class _FixedRows(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def _power_law_rows(n: int, d: int, exponent: float, shift: str) -> np.ndarray:
-    """(n, d) float32-valued rows with singular values ``i^-exponent`` (unit overall spread) plus a large mean:
-    ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations)."""
-    rng = np.random.default_rng(0)
-    rank = min(n, d)
-    left, _ = np.linalg.qr(rng.standard_normal((n, rank)))
-    right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
-    rows = (left * np.arange(1, rank + 1) ** -exponent) @ right.T
-    rows /= rows.std()
-    if shift == "common":
-        rows += 1e6
-    else:
-        rows[:, [3, d // 2]] += 1e4
-    return rows.astype(np.float32).astype(np.float64)
 
 
 @pytest.mark.parametrize(
@@ -537,9 +523,9 @@ def test_a_large_mean_keeps_the_spectrum_of_a_power_law_in_a_trainer(
 ) -> None:
     # The exact path's sums and the sketch's whitening floor were of the unshifted rows, whose round-off (eps times
     # N mean²) buried the tail of the spectrum; the rows are now summed shifted by one of them.
-    from _toy import quiet_trainer
+    from _toy import power_law_rows, quiet_trainer
 
-    rows = _power_law_rows(n, d, exponent, shift)
+    rows = power_law_rows(n, d, exponent, shift)
     monitor = DimensionalCollapse(
         modules=["tap"], every_n_steps=1, max_rows=n, wide_dim=wide_dim, param_patterns=[]
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _toy import power_law_rows
 
 from lightning_act.stats.covariance_sketch import (
     gaussian_test_matrix,
@@ -88,19 +89,6 @@ def test_more_rows_than_the_sketch_keeps_the_leading_spectrum() -> None:
     assert 0.3 * erank < stats["erank"].item() < erank  # tail energy outside the sketch is lost, never invented
 
 
-def power_law_rows(n: int, d: int, exponent: float, shift: str) -> np.ndarray:
-    """(n, d) float32-valued rows with singular values ``i^-exponent`` (unit overall spread) plus a large mean:
-    ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations)."""
-    rng = np.random.default_rng(0)
-    left, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    right, _ = np.linalg.qr(rng.standard_normal((d, n)))
-    rows = (left * np.arange(1, n + 1) ** -exponent) @ right.T
-    rows /= rows.std()
-    if shift == "common":
-        rows += 1e6
-    else:
-        rows[:, [3, d // 2]] += 1e4
-    return rows.astype(np.float32).astype(np.float64)
 
 
 def numpy_svd_rank_statistics(rows: np.ndarray) -> tuple[float, float]:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _toy import power_law_rows
 
 from lightning_act.stats.spectrum import (
     covariance_dim,
@@ -75,20 +76,6 @@ def test_a_mean_far_above_the_spread_keeps_the_spectrum(offset: float) -> None:
     assert participation_ratio(lam).item() == pytest.approx(numpy_pr(data), rel=2e-3)
 
 
-def power_law_rows(n: int, d: int, exponent: float, shift: str, seed: int = 0) -> np.ndarray:
-    """(n, d) float32-valued rows with singular values ``i^-exponent`` (unit overall spread) plus a large mean:
-    ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations)."""
-    rng = np.random.default_rng(seed)
-    rank = min(n, d)
-    left, _ = np.linalg.qr(rng.standard_normal((n, rank)))
-    right, _ = np.linalg.qr(rng.standard_normal((d, rank)))
-    rows = (left * np.arange(1, rank + 1) ** -exponent) @ right.T
-    rows /= rows.std()
-    if shift == "common":
-        rows += 1e6
-    else:
-        rows[:, [3, d // 2]] += 1e4
-    return rows.astype(np.float32).astype(np.float64)
 
 
 @pytest.mark.parametrize(("d", "exponent", "shift"), [(128, 1.0, "common"), (256, 2.0, "massive")])
