@@ -5,7 +5,7 @@ for an 8192-wide tap that is a 512 MiB float64 partial (plus its reduction buffe
 copies, ~3 GiB) and an ``O(d^3)`` eigendecomposition (minutes on a 2-core CPU), for a matrix whose rank is at
 most ``N - 1``, the number of sampled rows (1024 by default).
 
-What. Rows ``X`` (``N x d``), shifted by a reference row (one of them: the sums' round-off, and the float32
+What. Rows ``X`` (``N x d``), shifted by a reference row (their mean: the sums' round-off, and the float32
 rounding of ``Z``, are then of the spread's size, not of the mean's), are projected by a fixed seeded
 Gaussian ``Ω`` (``d x k``): ``Z = X Ω``. Each
 rank sums ``N``, ``Σ ||x||^2``, ``Σ x``, ``Σ z``, ``Xᵀ Z`` (``d x k``) and ``Zᵀ Z`` (``k x k``); all of them are
@@ -52,7 +52,7 @@ WHITENING_FLOOR = 1e-12
 #: The largest ``|mean| / spread`` of a projected column ``z`` for which the sketch is exact: ``Z`` is float32, so its
 #: rounding is ``2^-24 |z|``, and the centred ``z`` keeps it only while the mean does not dwarf the spread (a common
 #: offset of 2e5 on a unit spread cost erank 1.6%, 3e5 cost 20%; round 17). Beyond, the spectrum is unknown. Rows
-#: shifted by one of them have a mean of at most ``sqrt(N)`` spreads; a reference kept over many steps (DDP) may not.
+#: shifted by their mean have a mean of 0; under DDP, by the last step's mean, which the step's may leave behind.
 MAX_PROJECTED_OFFSET = 1e-3 * 2.0**24
 
 
@@ -71,7 +71,7 @@ def sketch_partials(
     rows: torch.Tensor, test_matrix: torch.Tensor, reference: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``[N, Σ||y||², Σy (d), Σz (k), YᵀZ (d·k), ZᵀZ (k·k)]`` of the ``(N, d)`` rows ``y = x − reference`` with
-    ``Z = Y Ω``, float64, one flat SUM-reducible vector. The reference (a float64 row, e.g. one of the rows) is
+    ``Z = Y Ω``, float64, one flat SUM-reducible vector. The reference (a float64 row near the rows, e.g. their mean) is
     subtracted before the float32 projection, so that ``Z``'s rounding is relative to the spread, not to the mean,
     and the sums' round-off (which sets the whitening floor and the cut-off) is too; parts add up only when they
     share it (:func:`shift_sketch_partials`)."""
@@ -111,7 +111,7 @@ def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
     """Eigenvalues (ascending, float64, >= 0, length ``min(d, k)``) of the Nyström approximation of the centred
     scatter matrix of a ``d``-wide tap from reduced :func:`sketch_partials`; exact when ``rank <= k``.
 
-    As :func:`lightning_act.stats.spectrum.covariance_spectrum`: eigenvalues below ``4 eps Σ||y||²`` (of the
+    As :func:`lightning_act.stats.spectrum.covariance_spectrum`: eigenvalues below ``16 eps Σ||y||²`` (of the
     shifted rows, as the whitening floor's ``diag(Zᵀ Z)``) are round-off and set to 0, and non-finite sums give
     NaN eigenvalues (no host sync, no solver error); so do sums
     whose mean is too large next to their spread for the float32 projection (:func:`sketch_resolved`).
@@ -140,7 +140,7 @@ def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
     # (erank 1.05 for 1.01), at the same O(d k²) cost.
     triangle = torch.linalg.qr(cross, mode="r").R
     eigenvalues = torch.linalg.svdvals(triangle @ whitening).square().flip(0)
-    eigenvalues = torch.where(eigenvalues > 4 * eps * square_total, eigenvalues, zero)
+    eigenvalues = torch.where(eigenvalues > 16 * eps * square_total, eigenvalues, zero)
     return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
 

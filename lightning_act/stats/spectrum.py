@@ -43,7 +43,7 @@ def covariance_partials(rows: torch.Tensor, reference: torch.Tensor | None = Non
     SUM-reducible vector; of a stack ``(..., N, d)`` of such matrices (with a stack ``(..., d)`` of references), a
     stack ``(..., 1 + d + d²)`` of them (one batched product for many taps).
 
-    Why the reference (a float64 row, e.g. one of the rows): the centred scatter ``Σyyᵀ − (Σy)(Σy)ᵀ / N`` is the
+    Why the reference (a float64 row near the rows, e.g. their mean): the centred scatter ``Σyyᵀ − (Σy)(Σy)ᵀ / N`` is the
     same for any shift, but the sums' round-off is ``eps`` times their own size, and a large mean (an LLM's
     massive features, ~1e4 times the typical value) makes the unshifted ``Σxxᵀ`` so large that its round-off
     buried the spectrum's tail (round 20: erank 15.2 for 75.5 at an offset of 1e6). Sums over several parts add up
@@ -166,9 +166,10 @@ def covariance_spectrum(partials: torch.Tensor, eigensolver: str = "auto") -> to
 
     ``partials`` is one :func:`covariance_partials` vector or a stack of them (``(..., 1 + d + d²)``, e.g. every
     tap of a layer width at once: one batched eigensolver call instead of one per tap). Eigenvalues below
-    ``4 · eps · Σ‖y‖²`` are round-off of the (uncentred, shifted) sums, not signal, and are set to 0, as numpy's
-    ``matrix_rank`` does with its tolerance: the centring's error is about ``eps · Σ‖y‖²`` in Frobenius norm (each
-    row adds ``‖y‖²`` to it; measured: the zero eigenvalues of rank-deficient sums reach 0.7 of it); a cut-off ``d``
+    ``16 · eps · Σ‖y‖²`` are not signal and are set to 0, as numpy's ``matrix_rank`` does with its tolerance: the
+    centring's error is about ``eps · Σ‖y‖²`` in Frobenius norm (each row adds ``‖y‖²`` to it), and a rank-deficient
+    layer's float32 activations, whose rounding is no direction of the layer, add eigenvalues up to ~10 of it
+    (measured at d = 16, round 20: counted, they lifted a rank-3 layer's erank in its sixth digit); a cut-off ``d``
     times larger zeroed half of the spectrum (round 17). So the sums must be of rows shifted by a reference near
     them (:func:`covariance_partials`): of unshifted rows, a mean far above the spread puts the cut-off above the
     spectrum's tail. Non-finite sums (NaN/inf activations) give NaN eigenvalues
@@ -185,7 +186,7 @@ def covariance_spectrum(partials: torch.Tensor, eigensolver: str = "auto") -> to
     finite = torch.isfinite(scatter).flatten(-2).all(-1)[..., None, None]
     scatter = torch.where(finite, 0.5 * (scatter + scatter.transpose(-1, -2)), torch.zeros_like(scatter))
     eigenvalues = symmetric_eigenvalues(scatter, eigensolver)
-    tolerance = 4 * torch.finfo(torch.float64).eps * torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    tolerance = 16 * torch.finfo(torch.float64).eps * torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1, keepdim=True)
     eigenvalues = torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
     return torch.where(finite[..., 0], eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
