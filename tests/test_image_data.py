@@ -369,3 +369,18 @@ def test_the_training_order_does_not_depend_on_num_workers_or_global_random_draw
     assert _epoch_orders(num_workers=0, global_draws_per_epoch=5) == plain
     assert _epoch_orders(num_workers=2, global_draws_per_epoch=0) == plain
     assert plain[0] != plain[1] != plain[2]  # still reshuffled every epoch
+
+
+def test_each_fit_of_one_datamodule_shuffles_from_the_seed_set_before_it() -> None:
+    """Round 20's own shuffle stream lived for the DataModule's life: a second fit after seed_everything continued
+    the first fit's stream, another order than a fresh DataModule's. Lightning calls teardown("fit") after a fit."""
+    def first_order(data: ImageDataModule) -> list[int]:
+        return torch.cat([labels for _, labels in data.train_dataloader()]).tolist()
+
+    data = ImageDataModule(image_size=8, batch_size=600)
+    torch.manual_seed(7)
+    first = first_order(data)
+    assert first_order(data) != first  # a reload within one fit goes on with the next order
+    data.teardown("fit")
+    torch.manual_seed(7)
+    assert first_order(data) == first

@@ -12,7 +12,7 @@ class SplitDataModule(pl.LightningDataModule):
 
     Subclasses set ``batch_size`` and ``num_workers`` in ``__init__`` and the three datasets in
     ``setup``; a loader asked for before ``setup`` runs it. Training batches are shuffled by a
-    sampler that owns one :meth:`shuffle_generator` for the DataModule's life: the loader's
+    sampler that owns one :meth:`shuffle_generator` for each fit: the loader's
     per-epoch draws (a base seed per new iterator: every epoch without workers, once with persistent
     workers) and the global RNG that augmentation consumes do not touch it, so the order of every
     epoch is the same whatever ``num_workers``, and a reloaded loader goes on with the next order.
@@ -46,6 +46,12 @@ class SplitDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def teardown(self, stage: str) -> None:
+        """A fit ended: the next one shuffles from a new stream, seeded then (``seed_everything`` before each of two
+        fits of one DataModule gives both the same order, as a fresh DataModule would)."""
+        if stage == "fit":
+            self._shuffle_stream = None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
