@@ -978,13 +978,15 @@ def _check_launcher(trainer: Any) -> None:
             f"--nproc_per_node) and --trainer.num_nodes {max(world // per_node, 1)} (its --nnodes)"
         )
     # Lightning's own environment, used when it detected no launcher (torchrun, SLURM, LSF, Kubeflow, MPI): several
-    # nodes then need MASTER_ADDR and NODE_RANK given by hand on each
+    # nodes then need each node's rank (NODE_RANK, or GROUP_RANK) given by hand, and MASTER_ADDR on all but node 0
     manual = type(environment) is LightningEnvironment
-    if nodes > 1 and manual and not (os.environ.get("MASTER_ADDR") and os.environ.get("NODE_RANK")):
+    node_rank = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK"))
+    if nodes > 1 and manual and (node_rank is None or (node_rank != "0" and not os.environ.get("MASTER_ADDR"))):
         raise ConfigError(
             f"--trainer.num_nodes {nodes}, but nothing starts the other nodes' processes (no torchrun, srun or other "
-            "cluster launcher found, nor MASTER_ADDR and NODE_RANK set): the ranks here would wait for them for ever; "
-            "start the command on every node with torchrun or srun (docs/multi_gpu.md), or pass --trainer.num_nodes 1"
+            "cluster launcher found, nor NODE_RANK set on each node and MASTER_ADDR on all but node 0): the ranks here "
+            "would wait for them for ever; start the command on every node with torchrun or srun (docs/multi_gpu.md), "
+            "or pass --trainer.num_nodes 1"
         )
 
 

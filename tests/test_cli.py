@@ -755,7 +755,35 @@ def test_num_nodes_without_a_launcher_is_one_line_before_any_rank_waits(tmp_path
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the rank it started
         _, stderr = proc.communicate()
     line = last_error_line(proc.returncode, stderr)
-    assert "--trainer.num_nodes 2" in line and "torchrun or srun" in line and "MASTER_ADDR and NODE_RANK" in line
+    assert "--trainer.num_nodes 2" in line and "torchrun or srun" in line and "NODE_RANK set on each node" in line
+
+
+@pytest.mark.parametrize(
+    ("variables", "refused"),
+    [({}, True), ({"NODE_RANK": "0"}, False), ({"GROUP_RANK": "0"}, False), ({"NODE_RANK": "1"}, True),
+     ({"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}, False)],
+)
+def test_manual_multi_node_setups_lightning_documents_are_accepted(variables, refused, monkeypatch):
+    # Lightning's guide: NODE_RANK on every node, MASTER_ADDR on all but node 0 (round 20 first refused node 0 without
+    # MASTER_ADDR, and GROUP_RANK, which Lightning's environment reads too).
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from lightning_act.cli import _check_launcher
+    from lightning_act.errors import ConfigError
+
+    for name in (*LAUNCHER_VARIABLES, "NODE_RANK", "GROUP_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=LightningEnvironment()), num_devices=2,
+                              num_nodes=2)
+    if refused:
+        with pytest.raises(ConfigError, match="nothing starts the other nodes' processes"):
+            _check_launcher(trainer)
+    else:
+        _check_launcher(trainer)
 
 
 def test_torchrun_processes_other_than_devices_times_num_nodes_are_one_line(tmp_path, capsys, monkeypatch):
