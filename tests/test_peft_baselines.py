@@ -217,7 +217,7 @@ def test_ia3_scales_the_output_width_of_a_conv_or_an_embedding() -> None:
         conv = nn.Sequential(nn.Conv2d(in_channels, 16, 3), nn.ReLU()).double()
         x = torch.randn(2, in_channels, 6, 6, dtype=torch.float64)
         base = conv[0](x).detach().numpy()
-        wrapped = apply_ia3(conv, ["0"], example_input=x, feature_dim=1)
+        wrapped = apply_ia3(conv, ["0"], example_input=x)  # a convolution: its channels (dim 1) by default
         assert count_trainable(conv) == 16  # one scale per output channel
         scale = np.linspace(-1.0, 2.0, 16)
         with torch.no_grad():

@@ -134,27 +134,39 @@ def apply_ia3(
     model: nn.Module,
     modules: Sequence[ModulePattern] = ("torch.nn.GELU",),
     example_input: Any = None,
-    feature_dim: int = -1,
+    feature_dim: int | None = None,
 ) -> dict[str, IA3Scale]:
     """Freeze ``model`` and rescale each selected module's output by a ones-initialised vector.
 
     The width is the output width of a selected ``nn.Linear`` (or Hugging Face ``Conv1D``); for any other module it
     is read at its output from ``example_input`` (a Conv2d or Embedding changes the width), or for an activation from
-    the preceding Linear (as in :func:`lightning_act.nn.dopamine.adapt_model`).
+    the preceding Linear (as in :func:`lightning_act.nn.dopamine.adapt_model`). ``feature_dim``: the output's dim
+    that is scaled; by default the channels (dim 1) of a convolution's output and the last dim of any other (a
+    ``Conv2d``'s last dim is the image width: scaled there, a grayscale conv learned one number per column).
     """
     chosen = select_modules(model, modules)
     refuse_attention_out_proj(model, chosen, "(IA)³")
-    other = [n for n, m in chosen if linear_widths(m) is None]
-    widths = infer_widths(model, other, example_input, feature_dim, at="output") if other else {}
+    dims = {name: _scaled_dim(module, feature_dim) for name, module in chosen}
+    widths: dict[str, int] = {}
+    for dim in set(dims.values()):
+        other = [n for n, m in chosen if linear_widths(m) is None and dims[n] == dim]
+        widths |= infer_widths(model, other, example_input, dim, at="output") if other else {}
     freeze(model)
     device = device_of(model)
     wrapped: dict[str, IA3Scale] = {}
     for name, module in chosen:
         linear = linear_widths(module)  # a Linear's (or Hugging Face Conv1D's) output width
         width = linear[1] if linear is not None else widths[name]
-        wrapped[name] = IA3Scale(module, width, feature_dim=feature_dim).to(device)
+        wrapped[name] = IA3Scale(module, width, feature_dim=dims[name]).to(device)
         replace_module(model, name, wrapped[name])
     return wrapped
+
+
+def _scaled_dim(module: nn.Module, feature_dim: int | None) -> int:
+    """The dim of ``module``'s output that (IA)³ scales: ``feature_dim`` if given, else a convolution's channels."""
+    if feature_dim is not None:
+        return feature_dim
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
 def count_trainable(model: nn.Module) -> int:
