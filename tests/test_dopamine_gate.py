@@ -439,3 +439,15 @@ def test_width_inference_refuses_timm_glu_mlp_which_halves_fc1() -> None:
         plain = Mlp(32, hidden_features=128)  # timm's plain Mlp: act sees all of fc1's 128 outputs
         assert [a.num_features for a in adapt(plain, ["act"]).values()] == [128]
         plain(x).sum().backward()
+
+
+def test_kats_grkan_act2_takes_fc1_width_without_example_input() -> None:
+    # Round 20 limited the guess to timm's plain Mlp and refused KAT's own act2 (fc1's 64 outputs, hand-counted here),
+    # which adapted before.
+    pytest.importorskip("timm")
+    from lightning_act.models.kat import GRKANMlp
+
+    mlp = GRKANMlp(in_features=16, hidden_features=64)
+    gates = adapt_model(mlp, ["act2"])
+    assert [g.num_features for g in gates.values()] == [64]
+    mlp(torch.randn(2, 5, 16)).sum().backward()

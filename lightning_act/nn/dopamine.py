@@ -247,10 +247,15 @@ def device_of(model: nn.Module) -> torch.device | None:
     return None if tensor is None else tensor.device
 
 
-def _is_timm_plain_mlp(module: nn.Module) -> bool:
-    """timm's plain ``Mlp`` (``fc1 → act → drop → norm → fc2``), whose activation sees every output of ``fc1``; its
-    ``GluMlp`` / ``SwiGLUPacked`` also register ``fc1`` just before ``act`` but split its output in two."""
-    return type(module).__name__ == "Mlp" and type(module).__module__.startswith("timm.")
+#: MLPs whose activation after ``fc1`` sees every output of it: timm's plain ``Mlp`` (``fc1 → act → drop → norm →
+#: fc2``) and KAT's ``GRKANMlp`` (``act1 → fc1 → act2 → ...``); timm's ``GluMlp`` / ``SwiGLUPacked`` also register
+#: ``fc1`` just before ``act`` but split its output in two. By name: ``nn`` imports neither timm nor the models.
+_WHOLE_FC1_MLPS = {("timm.layers.mlp", "Mlp"), ("lightning_act.models.kat", "GRKANMlp")}
+
+
+def _fc1_feeds_its_activation_whole(module: nn.Module) -> bool:
+    """Whether ``module`` is one of :data:`_WHOLE_FC1_MLPS`."""
+    return (type(module).__module__, type(module).__name__) in _WHOLE_FC1_MLPS
 
 
 def infer_widths(
@@ -268,7 +273,8 @@ def infer_widths(
     (and :func:`firing_fractions` would see the last call only), so a module called twice is refused.
     Without it a module takes the
     ``out_features`` of the ``nn.Linear`` registered just before it in the same parent, and only where that Linear
-    must feed all of its outputs to it: in an ``nn.Sequential``, or ``fc1`` before ``act`` in timm's plain ``Mlp``.
+    must feed all of its outputs to it: in an ``nn.Sequential``, or ``fc1`` before ``act`` in timm's plain ``Mlp``
+    (before ``act2`` in KAT's ``GRKANMlp``).
     Registration order is not call order elsewhere (``nn.TransformerEncoderLayer`` registers ``linear2`` before
     ``activation``, Llama's MLP ``down_proj`` before ``act_fn``), and timm's ``GluMlp`` halves ``fc1``'s output
     before ``act``, so those are refused.
@@ -327,7 +333,7 @@ def infer_widths(
         earlier = [module for _, module in children[: [n for n, _ in children].index(child)]]
         linears = [module for module in earlier if isinstance(module, nn.Linear)]
         feeds = bool(earlier) and isinstance(earlier[-1], nn.Linear) and (
-            isinstance(parent, nn.Sequential) or (_is_timm_plain_mlp(parent) and len(linears) == 1)
+            isinstance(parent, nn.Sequential) or (_fc1_feeds_its_activation_whole(parent) and len(linears) == 1)
         )
         if not feeds:
             raise ModuleSelectionError(
