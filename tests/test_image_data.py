@@ -311,8 +311,12 @@ def test_a_flat_val_or_test_folder_is_refused_not_replaced_by_train_images(tmp_p
             _write_png(tmp_path / "train" / name / f"{i}.png", colour)
     for i in range(5):
         _write_png(tmp_path / split / f"ILSVRC2012_val_{i:08d}.png", (0, 0, 0))
+    data = ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3)
+    if split == "test":  # unlabelled test images (Kaggle's layout) do not stop a fit, which never reads them
+        data.setup("fit")
+        assert len(data.train_set) + len(data.val_set) == 3 * len(COLOURS)  # train/ split by val_fraction
     with pytest.raises(DataFormatError) as error:
-        ImageDataModule(data_dir=str(tmp_path), image_size=8, in_chans=3).setup("fit")
+        data.setup("fit") if split == "val" else data.test_dataloader()
     message = str(error.value)
     assert "\n" not in message and f"'{tmp_path / split}' holds 5 images but no class folders" in message
     assert f"sort them into {split}/<class>/" in message and instead in message

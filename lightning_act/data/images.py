@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_act.data.digits import load_digits_arrays, split_indices
 from lightning_act.data.splits import SplitDataModule
@@ -416,6 +416,7 @@ class ImageDataModule(SplitDataModule):
         self.interpolation = interpolation
         self.classes: list[str] = [str(i) for i in range(10)] if self.data_format != "imagefolder" else []
         self.train_set: Dataset | None = None
+        self._unlabelled_test_refusal: DataFormatError | None = None  # a flat test/ folder's, said when tested
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
@@ -495,6 +496,22 @@ class ImageDataModule(SplitDataModule):
         self.val_set = subset(val_idx, eval_tf)  # empty with val_fraction 0: never the test set, which selection would fit
         self.test_set = TensorImageDataset(test[0], test[1], eval_tf) if test is not None else subset(test_idx, eval_tf)
 
+    def test_dataloader(self) -> DataLoader:
+        self._refuse_unlabelled_test()
+        return super().test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        self._refuse_unlabelled_test()
+        return super().predict_dataloader()
+
+    def _refuse_unlabelled_test(self) -> None:
+        """A flat ``test/`` (unlabelled images, as Kaggle ships them) does not stop a fit, which never reads it; a test
+        or predict would read the validation images in its place."""
+        if self.train_set is None:
+            self.setup("test")
+        if self._unlabelled_test_refusal is not None:
+            raise self._unlabelled_test_refusal
+
     def _setup_folders(self) -> None:
         root = Path(self.data_dir)  # type: ignore[arg-type]
         classes = self.classes or self._folder_classes()
@@ -522,10 +539,13 @@ class ImageDataModule(SplitDataModule):
         ):
             flat = 0 if has_classes else _flat_images(root / name)
             if flat:  # ILSVRC2012_img_val.tar unpacks flat: its images would be replaced by others without a word
-                raise DataFormatError(
+                refusal = DataFormatError(
                     f"'{root / name}' holds {flat} images but no class folders; sort them into {name}/<class>/ (e.g. "
                     f"with ImageNet's valprep.sh), or remove {name}/ to {instead}"
                 )
+                if name == "val":  # a fit validates: refused now; unlabelled test images (Kaggle's) only when tested
+                    raise refusal
+                self._unlabelled_test_refusal = refusal
         if has_val:
             self.train_set = train_full
             self.val_set = make(root / "val", eval_tf)
