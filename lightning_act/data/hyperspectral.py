@@ -606,15 +606,14 @@ class HyperspectralDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.path is None:
-            scenes = make_synthetic_scenes(
-                self.num_scenes, seed=self.seed, size=self.scene_size, num_bands=self.num_bands, noise_std=self.noise_std
-            )
-            train, val, test = split_scenes([s.mask.any() for s in scenes], self.val_fraction, self.test_fraction, self.seed)
-        else:
-            loaded = load_scene(self.path, self.mask_path, self.cube_key, self.mask_key, self.target_values)
-            scenes = crop_scene(loaded, self.crop_size)
-            train, val, test = split_scenes([s.mask.any() for s in scenes], self.val_fraction, self.test_fraction, self.seed)
+        loaded = None if self.path is None else load_scene(
+            self.path, self.mask_path, self.cube_key, self.mask_key, self.target_values
+        )
+        scenes = crop_scene(loaded, self.crop_size) if loaded is not None else make_synthetic_scenes(
+            self.num_scenes, seed=self.seed, size=self.scene_size, num_bands=self.num_bands, noise_std=self.noise_std
+        )
+        train, val, test = split_scenes([s.mask.any() for s in scenes], self.val_fraction, self.test_fraction, self.seed)
+        if loaded is not None:
             self._warn_targets_across_splits(loaded.mask, (train, val, test))
         self.num_bands = scenes[0].cube.shape[-1]
         self.scenes = {"train": [scenes[i] for i in train], "val": [scenes[i] for i in val], "test": [scenes[i] for i in test]}
