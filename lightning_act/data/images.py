@@ -334,8 +334,8 @@ class ImageDataModule(SplitDataModule):
     (see the module docstring). Splits: digits and single-tree folders are split by
     ``val_fraction`` / ``test_fraction``; CIFAR-10 takes validation from the training batches and
     tests on ``test_batch``; an ImageFolder with ``train/`` uses ``val/`` (or a ``val_fraction`` of
-    ``train/``) and ``test/`` (or ``val/``); a ``val/`` or ``test/`` of images without class folders
-    is refused. ``val_fraction=0`` leaves the validation set empty (never the test set).
+    ``train/``) and ``test/`` (or ``val/``); a ``val/`` of images without class folders is refused, such a
+    ``test/`` (unlabelled) when tested or predicted. ``val_fraction=0`` leaves the validation set empty (never the test set).
 
     Train-time augmentation (off by default; validation and test data are never augmented):
     ``crop_padding`` (random translation by up to that many pixels: 4 for CIFAR at 32 px, 1–2 for
