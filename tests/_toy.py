@@ -189,7 +189,8 @@ class MaskedMeanNet(SquaredOutputTask):
 
 def power_law_rows(n: int, d: int, exponent: float, shift: str, seed: int = 0) -> np.ndarray:
     """(n, d) float32-valued rows (as float64) with singular values ``i^-exponent`` (unit overall spread) plus a large
-    mean: ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations)."""
+    mean: ``"common"`` adds 1e6 to every feature, ``"massive"`` 1e4 to two of them (an LLM's massive activations),
+    ``"first_row"`` 1e4 to two features of the first row only (a sequence's first token, where an LLM's sit)."""
     rng = np.random.default_rng(seed)
     rank = min(n, d)
     left, _ = np.linalg.qr(rng.standard_normal((n, rank)))
@@ -198,6 +199,8 @@ def power_law_rows(n: int, d: int, exponent: float, shift: str, seed: int = 0) -
     rows /= rows.std()
     if shift == "common":
         rows += 1e6
-    else:
+    elif shift == "massive":
         rows[:, [3, d // 2]] += 1e4
+    else:
+        rows[0, [3, d // 2]] += 1e4
     return rows.astype(np.float32).astype(np.float64)

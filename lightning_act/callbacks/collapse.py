@@ -125,9 +125,13 @@ def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
     return copies
 
 
-def _finite_mean(rows: torch.Tensor) -> torch.Tensor:
-    """The float64 mean over ``rows`` (``(..., N, d)`` → ``(..., d)``) of each feature's finite entries, 0 where it has
-    none: a reference row near all of them (see :meth:`DimensionalCollapse._reference`)."""
+def _mean_row(rows: torch.Tensor) -> torch.Tensor:
+    """A reference row near all of ``rows`` (``(..., N, d)`` → ``(..., d)``, float64; see
+    :meth:`DimensionalCollapse._reference`): their mean. In one process the plain mean, one pass (a non-finite row
+    makes the step's sums non-finite anyway, and the next step takes a new reference); under DDP, where the reference
+    is kept, the mean of each feature's finite entries (0 where it has none)."""
+    if distributed_world_size() == 1:
+        return rows.mean(-2, dtype=torch.float64)
     rows = rows.to(torch.float64)
     finite = torch.isfinite(rows)
     return torch.where(finite, rows, 0.0).sum(-2) / finite.sum(-2).clamp_min(1)
@@ -311,7 +315,7 @@ class DimensionalCollapse(ActivationMonitor):
     def _reference(self, tap_index: int, rows: torch.Tensor) -> torch.Tensor:
         """The row tap ``tap_index``'s rows are shifted by before they are summed, so that a large mean (massive
         features) does not swell the sums' round-off over the spectrum's tail (round 20): the mean of the rows it is
-        first taken from (:func:`_finite_mean`), near every row whatever the mean is. One row would not do: a
+        first taken from (:func:`_mean_row`), near every row whatever the mean is. One row would not do: a
         sequence's first token carries a language model's massive activations, and rows 1e4 away from it swelled
         the sums' round-off again (erank -0.23%); a NaN row made it NaN. In one process, the mean of each due step's
         first rows: a resumed fit sums what the uninterrupted one summed. Under DDP the ranks' rows differ and the sums
@@ -321,7 +325,7 @@ class DimensionalCollapse(ActivationMonitor):
         if reference is None and rows.shape[0] == 0:  # no rows: their sums are 0 whatever the reference
             return rows.new_zeros(rows.shape[1], dtype=torch.float64)
         if reference is None:
-            reference = self._references[tap_index] = _finite_mean(rows)
+            reference = self._references[tap_index] = _mean_row(rows)
         return reference
 
     def _agree_references(self) -> None:
@@ -409,7 +413,7 @@ class DimensionalCollapse(ActivationMonitor):
         for members in by_shape.values():
             stacked = torch.stack([rows for _, rows in members])
             if stacked.shape[1] > 0:  # the taps without a reference yet take their rows' mean (one operation for all)
-                for (tap_index, _), mean in zip(members, _finite_mean(stacked).unbind()):
+                for (tap_index, _), mean in zip(members, _mean_row(stacked).unbind()):
                     self._references.setdefault(tap_index, mean)
             stacks.append((members, stacked))
         if distributed_world_size() > 1:

@@ -75,9 +75,8 @@ def sketch_partials(
     subtracted before the float32 projection, so that ``Z``'s rounding is relative to the spread, not to the mean,
     and the sums' round-off (which sets the whitening floor and the cut-off) is too; parts add up only when they
     share it (:func:`shift_sketch_partials`)."""
-    x = rows.to(torch.float64)
-    if reference is not None:
-        x = x - reference.to(torch.float64)
+    # float64 rows, shifted in the same pass (the subtraction promotes float32 rows)
+    x = rows.to(torch.float64) if reference is None else rows - reference.to(torch.float64)
     projected = (x.to(torch.float32) @ test_matrix.to(device=rows.device, dtype=torch.float32)).to(torch.float64)
     head = torch.stack([torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device), x.square().sum()])
     return torch.cat([

@@ -48,9 +48,8 @@ def covariance_partials(rows: torch.Tensor, reference: torch.Tensor | None = Non
     massive features, ~1e4 times the typical value) makes the unshifted ``Σxxᵀ`` so large that its round-off
     buried the spectrum's tail (round 20: erank 15.2 for 75.5 at an offset of 1e6). Sums over several parts add up
     only when the parts share the reference (:func:`shift_covariance_partials` moves them to another one)."""
-    rows = rows.to(torch.float64)
-    if reference is not None:
-        rows = rows - reference.to(torch.float64)[..., None, :]
+    # float64 rows, shifted in the same pass (the subtraction promotes float32 rows)
+    rows = rows.to(torch.float64) if reference is None else rows - reference.to(torch.float64)[..., None, :]
     count = torch.full((*rows.shape[:-2], 1), rows.shape[-2], dtype=torch.float64, device=rows.device)
     return torch.cat([count, rows.sum(-2), (rows.mT @ rows).flatten(-2)], -1)
 
