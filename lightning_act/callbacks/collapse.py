@@ -412,9 +412,13 @@ class DimensionalCollapse(ActivationMonitor):
         stacks = []
         for members in by_shape.values():
             stacked = torch.stack([rows for _, rows in members])
-            if stacked.shape[1] > 0:  # the taps without a reference yet take their rows' mean (one operation for all)
-                for (tap_index, _), mean in zip(members, _mean_row(stacked).unbind()):
-                    self._references.setdefault(tap_index, mean)
+            # the taps without a reference yet (a later micro-batch of the step may have set one) take their rows'
+            # mean, one operation for all of them
+            pending = [j for j, (tap_index, _) in enumerate(members) if tap_index not in self._references]
+            if pending and stacked.shape[1] > 0:
+                chosen = stacked if len(pending) == len(members) else stacked[pending]
+                for j, mean in zip(pending, _mean_row(chosen).unbind()):
+                    self._references[members[j][0]] = mean
             stacks.append((members, stacked))
         if distributed_world_size() > 1:
             self._agree_references()
