@@ -138,10 +138,10 @@ class LastCheckpoint(Checkpoint):
     gradients are lost), writes ``last.ckpt`` there and ends the fit as an interrupt; a second SIGINT
     stops at once without a checkpoint. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the first
     SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives while the
-    fit validates writes ``last.ckpt`` at the step the validation follows and stops there (single process; Lightning
-    would end the fit after the validation batch, before any training hook); one inside a gradient-accumulation
-    window ends the fit there as an interruption (exit status 1) without a checkpoint of it. Every write follows a
-    batch that took an optimizer step.
+    fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other save puts
+    it, and stops there (single process; Lightning would end the fit after the validation batch, before any training
+    hook); one inside a gradient-accumulation window ends the fit there as an interruption (exit status 1) without a
+    checkpoint of it. Every write follows a batch that took an optimizer step.
 
     A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there: the first save
     replaces it. In Python, Lightning's ``fit(ckpt_path="last")`` looks among ``ModelCheckpoint`` files only and
@@ -292,7 +292,8 @@ class LastCheckpoint(Checkpoint):
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
         if trainer.global_step != self._last_saved_step:
-            target = self.save(trainer)
+            with _trained_weights_in(trainer, pl_module):
+                target = self.save(trainer)
             said = f"wrote {target}" if target is not None else None
         else:
             target = self.path(trainer)
@@ -316,6 +317,22 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
+
+
+@contextmanager
+def _trained_weights_in(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """The trained weights in the module, for a save while the fit validates: Lightning's ``WeightAveraging`` (EMA)
+    swaps its average in for validation, and its ``on_save_checkpoint`` takes the module's tensors as the weights to
+    train on and its averaged copy as the average, so a save then stored them the wrong way round (a resume trained on
+    from the average). Swapped out as at the validation's end, and in again after the save."""
+    averaging = [c for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.WeightAveraging"))]
+    for callback in averaging:
+        callback.on_validation_epoch_end(trainer, pl_module)
+    try:
+        yield
+    finally:
+        for callback in reversed(averaging):
+            callback.on_validation_epoch_start(trainer, pl_module)
 
 
 def _not_a_checkpoint(path: str | os.PathLike[str]) -> NotACheckpointError:

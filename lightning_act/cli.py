@@ -24,6 +24,8 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   URL: s3://, gs://, ...) must exist, and the model is built from the config;
 - ``limit_*_batches`` and ``overfit_batches`` given as an integer are a number of batches (``1`` is one batch;
   LightningCLI alone made it ``1.0``, every batch);
+- LightningCLI's ``--optimizer`` and ``--lr_scheduler`` are refused in one line: every task builds its own
+  optimizer groups and schedule (LightningCLI replaced them, silently, or with a traceback for STAN);
 - ``num_threads: N`` (or ``--num_threads N``) pins ``torch.set_num_threads`` so CPU results do
   not depend on ``OMP_NUM_THREADS``;
 - with stdout not a terminal, progress is one plain line per epoch instead of a ``\\r`` bar;
@@ -181,8 +183,31 @@ def _load_yaml_strictly(path: str) -> Any:
         raise ConfigError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
 
 
+TASK_OWNED_SECTIONS = ("optimizer", "lr_scheduler")
+
+
+def _task_owned_refusal(option: str) -> ConfigError:
+    return ConfigError(
+        f"{option}: the models build their own optimizers (parameter groups without weight decay on norms and biases, "
+        "STAN's two) and learning-rate schedules, so LightningCLI's --optimizer and --lr_scheduler are not taken; set "
+        "the model's own arguments instead (--model.init_args.lr and weight_decay, and where the model has them "
+        "warmup_steps, min_lr_ratio, critic_lr; `lightning_act fit --model.help CLASS` lists them)"
+    )
+
+
+def check_optimizer_options(argv: Sequence[str]) -> None:
+    """Refuse LightningCLI's ``--optimizer`` / ``--lr_scheduler`` in one line: the CLI does not offer them (every task
+    builds its optimizer groups and schedule itself), and LightningCLI replaced the task's ``configure_optimizers``
+    with them, dropping the no-decay groups and the warm-up (STAN's two optimizers: a traceback)."""
+    for arg in argv:
+        option = arg.split("=", 1)[0]
+        if option.startswith("--") and option[2:].split(".", 1)[0] in TASK_OWNED_SECTIONS:
+            raise _task_owned_refusal(option)
+
+
 def check_config_files(argv: Sequence[str]) -> None:
-    """Fail fast, in one line, on a missing or malformed config file or an unimportable ``class_path``."""
+    """Fail fast, in one line, on a missing or malformed config file, an unimportable ``class_path`` or an
+    ``optimizer:`` / ``lr_scheduler:`` section (see :func:`check_optimizer_options`)."""
     for path in _config_paths(argv):
         if not Path(path).is_file():
             raise DataNotFoundError(
@@ -191,6 +216,9 @@ def check_config_files(argv: Sequence[str]) -> None:
         config = _load_yaml_strictly(path)
         if config is not None and not isinstance(config, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (trainer:, model:, data:), got a {type(config).__name__}")
+        for section in TASK_OWNED_SECTIONS:
+            if config is not None and section in config:
+                raise _task_owned_refusal(f"{path}: {section}:")
         for class_path in _class_paths(config):
             problem = _import_problem(class_path)
             if problem is not None:
@@ -507,6 +535,7 @@ def _build_cli_class() -> type:
                 subclass_mode_data=True,
                 save_config_callback=SaveFitConfig,
                 save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,  # the tasks build their optimizers: see check_optimizer_options
                 parser_kwargs={**strict_parser, **{c: dict(strict_parser) for c in TRAINER_COMMANDS},
                                "fit": {**strict_parser, "description": FIT_DESCRIPTION}},
                 args=list(args) if args is not None else None,
@@ -874,6 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if overwrite and argv[0] != "fit":
             raise ConfigError(f"{OVERWRITE_FLAG} applies to fit only")
         argv = [a for a in argv if a != OVERWRITE_FLAG]
+        check_optimizer_options(argv)
         check_config_files(argv)
         import_project_classes()
         if from_command_line:

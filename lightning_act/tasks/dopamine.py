@@ -42,7 +42,7 @@ from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
 from lightning_act.plots import writes_run_files
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.sampler_padding import real_examples
-from lightning_act.tasks.image_classification import warmup_cosine
+from lightning_act.tasks.image_classification import WarmupCosineLR, schedule_steps
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
 METHODS: tuple[str, ...] = ("dopamine", "frozen", "full", "lora", "ia3")
@@ -82,8 +82,7 @@ class _Classifier(ClassificationTask):
         if not params:
             return None
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, 0, total))
+        schedule = WarmupCosineLR(optimizer, 0, schedule_steps(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -8,6 +8,7 @@ warm-up then cosine decay, label smoothing, and optionally mixup (Zhang et al. 2
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib
 import math
 from pathlib import Path
@@ -16,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_act.checkpointing import restoring_from_checkpoint, weights_from_checkpoint
-from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
+from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError, LightningActError
 from lightning_act.tasks.classification import ClassificationTask
 
 
@@ -38,6 +39,66 @@ def check_schedule(warmup_steps: int, min_lr_ratio: float) -> None:
         raise LightningActError(f"warmup_steps={warmup_steps!r} must be a whole number >= 0; pass e.g. --model.warmup_steps 20")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise LightningActError(f"min_lr_ratio={min_lr_ratio!r} must be in [0, 1]; pass e.g. --model.min_lr_ratio 0.1")
+
+
+def schedule_steps(trainer: Any) -> int:
+    """The optimizer steps the fit takes, over which :func:`warmup_cosine` decays. Lightning estimates them as -1 for
+    training data without a length (an ``IterableDataset``: streaming, webdataset) and as infinite for a fit without
+    an end (``max_epochs=-1``, or ``max_time`` alone): the cosine was then over after the warm-up (the LR at its floor
+    for the rest of the fit) or the fit died in an ``OverflowError``."""
+    steps = trainer.estimated_stepping_batches
+    if math.isinf(steps):
+        raise ConfigError(
+            "the warm-up + cosine learning-rate schedule needs the fit's length, but max_epochs=-1 (also what max_time "
+            "alone gives) sets none; pass --trainer.max_steps N (or --trainer.max_epochs N)"
+        )
+    if steps < 0:
+        raise ConfigError(
+            "the warm-up + cosine learning-rate schedule needs the fit's length, but the training data has no length "
+            "(an IterableDataset, e.g. a streaming dataset); pass --trainer.max_steps N"
+        )
+    return max(1, int(steps))
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """:func:`warmup_cosine` times each group's base LR, per optimizer step.
+
+    A resumed fit (Lightning restores the optimizer's and this scheduler's state after ``configure_optimizers``) goes
+    on with this run's schedule (length, warm-up, ``min_ratio``) at the checkpoint's step, from its first step: the
+    restored groups held the LR the checkpoint's schedule had left, e.g. its end (0) for a fit made longer. The base LR
+    and weight decay stay the checkpoint's, as Lightning restores the optimizer's state (the CLI builds the model from
+    the checkpoint's hyper-parameters too); a model built with other values is told so in one warning line.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+    ) -> None:
+        self.configured_weight_decays = [group.get("weight_decay", 0.0) for group in optimizer.param_groups]
+        super().__init__(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        configured_lrs, configured_weight_decays = list(self.base_lrs), self.configured_weight_decays
+        super().load_state_dict(state_dict)  # also sets the checkpoint's configured_weight_decays: this run's are kept
+        self.configured_weight_decays = configured_weight_decays
+        groups = self.optimizer.param_groups
+        restored_weight_decays = [group.get("weight_decay", 0.0) for group in groups]
+        kept = [f"{what} {_values(restored)} (this model's: {_values(configured)})"
+                for what, restored, configured in (("lr", self.base_lrs, configured_lrs),
+                                                   ("weight decay", restored_weight_decays, configured_weight_decays))
+                if restored != configured]
+        if kept:
+            rank_zero_warn(
+                f"resuming from a checkpoint: the optimizer keeps the checkpoint's {' and '.join(kept)}, as Lightning "
+                "restores the optimizer's state; this run's schedule length, warm-up and min_lr_ratio apply"
+            )
+        for group, base_lr, lr_lambda in zip(groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base_lr * lr_lambda(self.last_epoch)
+        self._last_lr = [group["lr"] for group in groups]
+
+
+def _values(values: list[float]) -> str:
+    """One number where every parameter group has the same, else the list."""
+    return f"{values[0]:g}" if len(set(values)) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def _unsafe_globals(checkpoint_path: str) -> list[str]:
@@ -237,18 +298,18 @@ class ImageClassifier(ClassificationTask):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # timm convention: no decay on biases, norms (1-D) and the model's no_weight_decay() names.
+        # The names are fnmatch patterns, as timm's param_groups_weight_decay reads them (XCiT's 'pos_embed.*').
         skip = set(self.model.no_weight_decay()) if hasattr(self.model, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
-                exempt = p.ndim <= 1 or name.endswith(".bias") or name.removeprefix("model.") in skip
+                name = name.removeprefix("model.")
+                exempt = p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pattern) for pattern in skip)
                 (no_decay if exempt else decay).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        )
+        hp = self.hparams
+        schedule = WarmupCosineLR(optimizer, hp.warmup_steps, schedule_steps(self.trainer), hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
-from lightning_act.tasks.image_classification import check_schedule, warmup_cosine
+from lightning_act.tasks.image_classification import WarmupCosineLR, check_schedule, schedule_steps
 
 
 def adamw_warmup_cosine(
@@ -23,10 +23,7 @@ def adamw_warmup_cosine(
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps, total, min_lr_ratio)
-    )
+    schedule = WarmupCosineLR(optimizer, warmup_steps, schedule_steps(module.trainer), min_lr_ratio)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

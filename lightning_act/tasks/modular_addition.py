@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.classification import ClassificationTask
+from lightning_act.tasks.image_classification import check_schedule
 from lightning_act.tasks.language_model import adamw_warmup_cosine
 
 
@@ -44,6 +45,7 @@ class ModularAddition(ClassificationTask):
         warmup_steps: int = 10,
     ) -> None:
         super().__init__()
+        check_schedule(warmup_steps, 0.0)
         self.save_hyperparameters()
         self.model = SmallTransformer(p + 1, 3, dim, depth, num_heads, mlp, mlp_ratio, "relu", causal=True)
         self.init_metrics(p)
