@@ -218,7 +218,7 @@ def check_config_files(argv: Sequence[str]) -> None:
             raise ConfigError(f"{path}: expected a mapping of sections (trainer:, model:, data:), got a {type(config).__name__}")
         for section in TASK_OWNED_SECTIONS:
             if config is not None and section in config:
-                raise _task_owned_refusal(f"{path}: {section}:")
+                raise _task_owned_refusal(f"{path}: the {section} section")
         for class_path in _class_paths(config):
             problem = _import_problem(class_path)
             if problem is not None:

@@ -136,6 +136,10 @@ CASES = [
     Case("`report -o` onto a run's log", ["report", "runs/kat", "-o", "metrics.csv"], [_text("metrics.csv", "epoch,step\n")]),
     Case("`--ckpt_path last` before any fit", ["fit", "--config", "kat.yaml", "--ckpt_path", "last"]),
     Case("`--ckpt_path best` in a new command", ["test", "--config", "kat.yaml", "--ckpt_path", "best"]),
+    Case("LightningCLI's `--optimizer`", ["fit", "--config", "kat.yaml", "--optimizer", "Adam"]),
+    Case("an `lr_scheduler:` section", ["fit", "--config", "bad.yaml"],
+         [_edit(_set("lr_scheduler", {"class_path": "torch.optim.lr_scheduler.StepLR"}))]),
+    Case("a fit without an end (`max_epochs: -1`)", ["fit", "--config", "kat.yaml", "--trainer.max_epochs", "-1"]),
 ]
 
 
