@@ -68,10 +68,10 @@ from lightning_act.capture import (
     unmatched_specs,
 )
 from lightning_act.capture.layout import declared_batch_first
-from lightning_act.capture.selection import INPUT_TAP_SUFFIX, resolve_class
+from lightning_act.capture.selection import INPUT_TAP_SUFFIX, module_at, resolve_class
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
-from lightning_act.stats.fused import FusedSpec, FusedStats
+from lightning_act.stats.fused import FusedSpec, FusedStats, release_cpu_scratch
 from lightning_act.stats import all_gather_packed, all_reduce_packed, distributed_world_size
 
 log = logging.getLogger(__name__)
@@ -571,6 +571,7 @@ class ActivationMonitor(FitScopedState, ABC):
         self.modules = module_list(modules, self.default_modules)
         self.history: dict[str, BoundedSeries] = {}
         self.taps: list[Tap] = []
+        self._tap_layouts: list[Layout] = []  # each tap's layout, as subscribed
         self.armed = False
         self._registry: CaptureRegistry | None = None
         self._pending_step: int | None = None
@@ -674,7 +675,8 @@ class ActivationMonitor(FitScopedState, ABC):
             self.taps = []
             return
         layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
-        self.taps, _, self._registry = subscribe_taps(self, pl_module, self.modules, self.uses_default_modules, layout)
+        self.taps, self._tap_layouts, self._registry = subscribe_taps(
+            self, pl_module, self.modules, self.uses_default_modules, layout)
         self._reset_buffers(len(self.taps))
 
     def features_unknown(self, tap_index: int, shape: tuple[int, ...]) -> None:
@@ -702,8 +704,39 @@ class ActivationMonitor(FitScopedState, ABC):
         step = training_step_index(trainer, pl_module)
         if self._pending_step is None and self.is_due(step):
             self._pending_step = step
+            self._follow_replaced_modules(pl_module, step)
         if self._pending_step is not None and self.observes_training():
             self.arm(True)
+
+    def _follow_replaced_modules(self, pl_module: pl.LightningModule, step: int) -> None:
+        """Before a due step's forward, move the subscription of each tap whose module was replaced since the monitor
+        chose it (``model.blocks[1] = Block(...)`` mid-fit: a layer grown, re-initialised, swapped for a QAT or
+        adapter one) to the module now at its name: the hooks are on module objects, so the old one, which no longer
+        runs, would be observed instead. A tap whose name left the model is said once."""
+        replaced: dict[int, nn.Module] = {}
+        for index, tap in enumerate(self.taps):
+            current = module_at(pl_module, tap.name.removesuffix(INPUT_TAP_SUFFIX))
+            if current is None:
+                self._warn_once(
+                    self._unobserved_warned, tap.name,
+                    f"is no longer a module of the model at step {step} (removed after the monitor chose its modules "
+                    "at setup); nothing is logged for it from then on",
+                )
+            elif current is not tap.module:
+                replaced[index] = current
+        if not replaced or self._registry is None:
+            return
+        declared = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
+        for index, module in replaced.items():
+            tap = self.taps[index]
+            self.taps[index] = Tap(tap.name, module, tap.point)
+            self._tap_layouts[index] = tap_layout(declared, module_layout(module_chain(pl_module, module), tap.point))
+        self._registry.subscribe(self, self.taps, self._tap_layouts)
+        rank_zero_warn(
+            f"{type(self).__name__}: {[self.taps[i].name for i in replaced]} were replaced by new modules after the "
+            f"monitor chose its modules (at setup); it observes the new ones from step {step}",
+            category=UserWarning,
+        )
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if not (pl_module.automatic_optimization and self.armed):
@@ -752,6 +785,7 @@ class ActivationMonitor(FitScopedState, ABC):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unsubscribe()
+        release_cpu_scratch()  # the fused CPU pass's buffers, up to 16 bytes per entry of the largest tap
 
     def _unsubscribe(self) -> None:
         self.armed = False
@@ -937,6 +971,8 @@ class ActivationMonitor(FitScopedState, ABC):
                 key = f"{self.prefix}/{tap_name}/{stat}"
             metrics[key] = value
             self.record(key, step, value)
+        for series in self.history.values():  # a key without a value at this step is thinned as of it too
+            series.advance(step)
         for tap_name, names_unknown in unknown.items():
             first_time = [stat for stat in names_unknown if f"{tap_name}/{stat}" not in self._unknown_warned]
             if first_time:

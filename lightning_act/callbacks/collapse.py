@@ -42,11 +42,13 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
-from lightning_act.capture.selection import averaged_copies, frozen_copies, module_class, named_modules
+from lightning_act.capture.selection import averaged_copy_modules, frozen_copies, module_class, named_modules
 from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
@@ -83,13 +85,19 @@ def _named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def _forward_names(module: torch.nn.Module) -> dict[str, str]:
     """The name of the tensor the forward uses for each parameter that only stands for it: ``torch.nn.utils.prune``'s
     ``fc.weight_orig`` for ``fc.weight`` (masked), a parametrization's ``fc.parametrizations.weight.original`` (or
-    ``original0``, ``original1``, ...) for ``fc.weight`` (computed); user's names (wrapper parts left out)."""
+    ``original0``, ``original1``, ...) for ``fc.weight`` (computed), the hook-based ``weight_norm``'s ``fc.weight_g``
+    and ``fc.weight_v`` and ``spectral_norm``'s ``fc.weight_orig`` for ``fc.weight`` (computed); user's names
+    (wrapper parts left out)."""
     names: dict[str, str] = {}
     for module_name, owner in module.named_modules():
         prefix = f"{module_name}." if module_name else ""
         for hook in owner._forward_pre_hooks.values():
             if isinstance(hook, prune.BasePruningMethod):
                 names[clean_name(f"{prefix}{hook._tensor_name}_orig")] = clean_name(f"{prefix}{hook._tensor_name}")
+            elif isinstance(hook, (WeightNorm, SpectralNorm)):
+                stands_for = ("_g", "_v") if isinstance(hook, WeightNorm) else ("_orig",)
+                for suffix in stands_for:
+                    names[clean_name(f"{prefix}{hook.name}{suffix}")] = clean_name(f"{prefix}{hook.name}")
         if parametrize.is_parametrized(owner):
             for tensor_name, parametrizations in owner.parametrizations.items():
                 for original, _ in parametrizations.named_parameters(recurse=False):
@@ -98,13 +106,26 @@ def _forward_names(module: torch.nn.Module) -> dict[str, str]:
     return names
 
 
+def _trained_later(pl_module: torch.nn.Module) -> set[int]:
+    """Ids of the modules that a ``BackboneFinetuning`` callback of the fit freezes at its start and trains from a
+    later epoch: ``pl_module.backbone``."""
+    trainer = getattr(pl_module, "_trainer", None)
+    backbone = getattr(pl_module, "backbone", None)
+    if trainer is None or not isinstance(backbone, torch.nn.Module) or not any(
+        isinstance(c, lightning_classes("callbacks.BackboneFinetuning")) for c in trainer.callbacks
+    ):
+        return set()
+    return {id(m) for m in backbone.modules()}
+
+
 def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The frozen copies of a trained part of the model (:func:`~lightning_act.capture.selection.frozen_copies`: a
     hand-made EMA, a mean or self-distillation teacher, ``deepcopy(student).requires_grad_(False)`` updated in
     place), outermost ones only; a frozen layer of a stack beside trained layers alike (the first blocks of a partly
-    frozen network) is a layer, not a copy, and stays."""
+    frozen network) is a layer, not a copy, and stays, and so does a ``BackboneFinetuning`` backbone
+    (:func:`_trained_later`), frozen only until its epoch comes."""
     modules = named_modules(model)
-    frozen = frozen_copies(modules)
+    frozen = frozen_copies(modules) - _trained_later(model)
     by_name = dict(modules)
     copies = []
     for name, module in modules:
@@ -152,11 +173,14 @@ class DimensionalCollapse(ActivationMonitor):
             has no repeated blocks, frozen ones included while some weight matrix trains (a frozen
             weight that does not move adds nothing to the trajectory's variance, and a backbone frozen at fit
             start may train later), but not the copies of the model that move untrained (an averaged copy, a
-            hand-made frozen EMA teacher: :func:`_moving_copies`); while none of the chosen weights has moved,
-            r90 is undefined and not logged. Weights are read as the forward uses them (a pruned one masked, a
-            parametrized one computed) and named so (``fc.weight``, not ``fc.weight_orig``); a glob matches every
-            name of a shared (tied) parameter, which is followed once. ``[]`` switches it off. Under FSDP the
-            whole monitor stays idle (see ``docs/multi_gpu.md``).
+            hand-made frozen EMA teacher: :func:`_moving_copies`; a ``BackboneFinetuning`` backbone is none, and
+            one taken for a copy that starts to train makes the trajectory choose again); while none of the chosen
+            weights has moved, r90 is undefined and not logged. Weights are read as the forward uses them (a pruned
+            one masked, a parametrized one or one under the hook-based ``weight_norm``/``spectral_norm`` computed)
+            and named so (``fc.weight``, not ``fc.weight_orig``); a glob matches every name of a shared (tied)
+            parameter, which is followed once. A followed weight that leaves the model or changes shape mid-fit (a
+            head grown for new classes) starts a new trajectory from that step, with a warning. ``[]`` switches it
+            off. Under FSDP the whole monitor stays idle (see ``docs/multi_gpu.md``).
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
             taken half as often, so the kept ones span the whole run.
         projection_dim: when the chosen weights hold more numbers than this, each snapshot is
@@ -281,6 +305,8 @@ class DimensionalCollapse(ActivationMonitor):
         self._feature_dims: dict[str, int] = {}
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
+        self._weight_shapes: list[torch.Size] = []  # the shapes of the followed weights in the held snapshots
+        self._frozen_copy_weights: list[torch.Tensor] = []  # the weights left out as frozen copies' (_select_params)
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
         # r90 of the kept snapshots, computed when they change (a device tensor until read, then a float)
         self._r90: torch.Tensor | float | None = None
@@ -532,7 +558,9 @@ class DimensionalCollapse(ActivationMonitor):
     def _select_params(self, pl_module: pl.LightningModule) -> list[str]:
         """The names of the weights the trajectory follows, as the forward reads them (see :func:`_forward_names`):
         a pruned ``fc.weight_orig`` or a parametrization's ``original*`` is followed as ``fc.weight``; a parameter
-        shared by several modules (a tied LM head) is followed once, under the first name a glob matched."""
+        shared by several modules (a tied LM head) is followed once, under the first name a glob matched. Keeps the
+        weights it leaves out as frozen copies', whose training (:meth:`_trajectory_change`) makes it choose again."""
+        self._frozen_copy_weights = []
         named = _named_parameters(pl_module)
         forward = _forward_names(pl_module)
         # every name of every parameter: named_parameters() lists a shared one once, under its first name
@@ -559,7 +587,10 @@ class DimensionalCollapse(ActivationMonitor):
         block_params = {id(p) for tap in blocks for p in tap.module.parameters()}
         # An EMA/SWA copy of the model moves with it but is not trained: its weights are not the trajectory's. Nor are
         # those of a hand-made frozen copy (an EMA teacher updated in place, which moves too), see _moving_copies.
-        copies = {id(p) for copy in averaged_copies(pl_module) + _moving_copies(pl_module) for p in copy.parameters()}
+        averaged = averaged_copy_modules(pl_module)
+        self._frozen_copy_weights = [p for copy in _moving_copies(pl_module) for p in copy.parameters()]
+        copies = {id(p) for m in pl_module.modules() if id(m) in averaged for p in m.parameters(recurse=False)}
+        copies |= {id(p) for p in self._frozen_copy_weights}
         matrices = list(dict.fromkeys(
             forward.get(n, n) for n, p in named.items()
             if p.dim() >= 2 and (not block_params or id(p) in block_params) and id(p) not in copies
@@ -671,6 +702,7 @@ class DimensionalCollapse(ActivationMonitor):
             )
             self._restart_trajectory()
         self.param_names = chosen
+        self._weight_shapes = self._shapes(pl_module)
         first = self._snapshot(pl_module) if self.param_names and not self._snapshots else None
         if first is not None:
             self._add_snapshot(trainer.global_step - 1, first)
@@ -707,23 +739,51 @@ class DimensionalCollapse(ActivationMonitor):
             weights.append(weight)
         return weights
 
+    def _shapes(self, pl_module: torch.nn.Module) -> list[torch.Size]:
+        """The shapes of the followed weights as the model holds them now (empty when one is gone)."""
+        weights = self._chosen_weights(pl_module, self.param_names)
+        return [] if weights is None else [w.shape for w in weights]
+
+    def _trajectory_change(self, shapes: list[torch.Size]) -> str | None:
+        """Why the held snapshots no longer stack with one of the model now, whose followed weights have ``shapes``
+        (:meth:`_shapes`), else None: a followed weight left the model or changed shape (a head grown for new
+        classes, a widened layer: the snapshots' lengths differ, or, count-sketched, their positions mean other
+        weights), or a weight left out as a frozen copy's trains now (a backbone that a ``BaseFinetuning`` callback
+        unfreezes was no copy)."""
+        if not shapes:
+            return "a weight of the trajectory left the model (a module replaced mid-fit)"
+        if self._snapshots and len(shapes) == len(self._weight_shapes) and shapes != self._weight_shapes:
+            name, old, new = next(
+                (n, tuple(a), tuple(b)) for n, a, b in zip(self.param_names, self._weight_shapes, shapes) if a != b)
+            return (f"a weight of the trajectory changed shape ({name}: {old} to {new}, a layer grown or widened "
+                    "mid-fit)")
+        if any(p.requires_grad for p in self._frozen_copy_weights):
+            return ("a weight left out of the trajectory as a frozen copy's trains now (a backbone unfrozen by a "
+                    "BaseFinetuning callback)")
+        return None
+
     def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor | float]:
         """Snapshot the chosen weights at this due step and report the trajectory's r90."""
         if not self.param_names:
             return {}
         if self._snapshot_seen % self._snapshot_stride == 0:
-            snapshot = self._snapshot(trainer.lightning_module)
-            if snapshot is None:
+            pl_module = trainer.lightning_module
+            shapes = self._shapes(pl_module)
+            change = self._trajectory_change(shapes)
+            if change is not None:
                 rank_zero_warn(
-                    f"DimensionalCollapse: a weight of the trajectory left the model at step {step} (a module "
-                    "replaced mid-fit); params/r90 follows the weights chosen again from this step",
+                    f"DimensionalCollapse: {change} at step {step}; params/r90 follows the weights chosen again "
+                    "from this step",
                     category=UserWarning,
                 )
                 self._restart_trajectory()
-                self.param_names = self._select_params(trainer.lightning_module)
-                snapshot = self._snapshot(trainer.lightning_module) if self.param_names else None
-                if snapshot is None:
-                    return {}
+                self.param_names = self._select_params(pl_module)
+                shapes = self._shapes(pl_module)
+            snapshot = self._snapshot(pl_module) if self.param_names else None
+            if snapshot is None:
+                return {}
+            if not self._snapshots:
+                self._weight_shapes = shapes
             self._add_snapshot(step, snapshot)
             self._r90 = self._trajectory_r90()
         else:

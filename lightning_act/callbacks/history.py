@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
 class BoundedSeries:
     """``(step, value)`` points whose memory stays bounded however long the run.
 
-    When ``capacity`` points are held, every other point is dropped and only every
-    ``stride``-th later point is kept, so the series always spans the whole run at a
-    resolution that halves as it grows (the same scheme for every key, so layers line up).
+    Which points are kept depends on the step numbers alone, never on how many points were appended, so every key
+    of a monitor keeps the same steps whatever values it missed (an unknown value is not appended; counting appends
+    put two layers on disjoint steps once one missed a single point). A step is read as its index ``step // grid``
+    on the logging grid (``grid``: the greatest common divisor of the differences between the steps seen, i.e.
+    ``every_n_steps``), and the series keeps the indices that are multiples of ``stride``: the smallest power of two
+    for which the indices from 0 to the latest one hold fewer than ``capacity`` multiples of it. The series spans the
+    whole run at a resolution that halves as it grows; a history that starts late in a run keeps fewer points, since
+    its share of the grid from step 0 is all it may fill.
     """
 
     def __init__(self, capacity: int = 512) -> None:
@@ -18,23 +24,48 @@ class BoundedSeries:
             raise ValueError(f"history capacity must be >= 3, got {capacity}")
         self.capacity = capacity
         self.stride = 1
+        self.grid = 0  # 0 until two distinct steps were seen
+        self.first_seen: int | None = None
+        self.latest = 0
         self.steps: list[int] = []
         self.values: list[float] = []
-        self._seen = 0
 
     def append(self, step: int, value: float) -> None:
-        keep = self._seen % self.stride == 0
-        self._seen += 1
-        if not keep:
-            return
-        self.steps.append(int(step))
-        self.values.append(float(value))
-        self._thin_to_capacity()
+        step = int(step)
+        self.advance(step)
+        if self._kept(step):
+            self.steps.append(step)
+            self.values.append(float(value))
 
-    def _thin_to_capacity(self) -> None:
-        while len(self.steps) >= self.capacity:
-            self.steps, self.values = self.steps[::2], self.values[::2]
-            self.stride *= 2
+    def advance(self, step: int) -> None:
+        """Thin as of ``step``, a due step this key had no value at (unknown, or its layer did not run): until then it
+        holds points the keys that got a value there dropped, and a heatmap of both has blank columns for them."""
+        step = int(step)
+        if self.first_seen is None:
+            self.first_seen = step
+        grid = math.gcd(self.grid, abs(step - self.first_seen))
+        grid_changed = grid != self.grid
+        self.grid, self.latest = grid, max(self.latest, step)
+        self._thin_to_capacity(grid_changed)
+
+    def _kept(self, step: int) -> bool:
+        return self.grid == 0 or (step // self.grid) % self.stride == 0
+
+    def _thin_to_capacity(self, grid_changed: bool = True) -> None:
+        """Set ``stride`` from the latest step and drop the held points it no longer keeps (a look at each held point
+        only when the stride or the grid changed: otherwise they are all kept still)."""
+        if self.grid == 0:
+            return
+        latest_index, stride = self.latest // self.grid, 1
+        while latest_index // stride + 1 >= self.capacity:
+            stride *= 2
+        if stride == self.stride and not grid_changed:
+            return
+        self.stride = stride
+        kept = [i for i, step in enumerate(self.steps) if self._kept(step)]
+        if len(kept) < len(self.steps):
+            self.steps = [self.steps[i] for i in kept]
+            self.values = [self.values[i] for i in kept]
 
     def with_capacity(self, capacity: int) -> BoundedSeries:
         """This series held to ``capacity`` points from now on (a resume with another ``history_size``): thinned as
@@ -50,13 +81,19 @@ class BoundedSeries:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "capacity": self.capacity, "stride": self.stride, "seen": self._seen,
+            "capacity": self.capacity, "grid": self.grid, "first_seen": self.first_seen, "latest": self.latest,
             "steps": list(self.steps), "values": list(self.values),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> BoundedSeries:
         series = cls(int(state["capacity"]))
-        series.stride, series._seen = int(state["stride"]), int(state["seen"])
         series.steps, series.values = [int(s) for s in state["steps"]], [float(v) for v in state["values"]]
+        if "grid" in state:
+            series.grid, series.latest = int(state["grid"]), int(state["latest"])
+            series.first_seen = None if state["first_seen"] is None else int(state["first_seen"])
+        elif series.steps:  # saved before round 21 (kept every stride-th append): the grid its held points span
+            series.first_seen, series.latest = series.steps[0], max(series.steps)
+            series.grid = math.gcd(*(step - series.steps[0] for step in series.steps))
+        series._thin_to_capacity()
         return series

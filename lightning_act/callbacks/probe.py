@@ -7,7 +7,9 @@ How the model is run is a ``forward_fn(pl_module, batch)``; the default calls
 ``pl_module(batch[0])`` for a tuple/list batch and ``pl_module(batch)`` otherwise. A probe runs in
 eval mode (every module's flag restored afterwards), under ``torch.no_grad``, inside the
 precision plugin's forward context and under ``torch.random.fork_rng``, so BatchNorm statistics,
-the global RNG and the weights are untouched.
+the global RNG and the weights are untouched. Every buffer a probe forward changed is put back bit for bit:
+eval mode leaves BatchNorm's alone, but not a quantization-aware model's observers and fake-quant scales
+(``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters or caches a model keeps.
 """
 
 from __future__ import annotations
@@ -221,8 +223,35 @@ def own_passes(
 
 
 @contextlib.contextmanager
+def buffers_kept(pl_module: nn.Module) -> Iterator[None]:
+    """Every buffer of ``pl_module`` as it was before, bit for bit, after what runs inside: each gets its old value
+    back, and one replaced (``module.x = new``) its old tensor. All of them: which ones a forward changes is known only
+    after it, and not from their version counters (the fused observer of a QAT model updates its buffers without
+    moving them). Under inference mode, which a buffer made there (an inference tensor) needs for the copy."""
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    places = []
+    for module in pl_module.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                places.append((module, name, buffer))
+                if id(buffer) not in held:  # a buffer shared by several modules is copied once
+                    held[id(buffer)] = (buffer, buffer.detach().clone())
+    try:
+        yield
+    finally:
+        for module, name, buffer in places:
+            if module._buffers.get(name) is not buffer:
+                module._buffers[name] = buffer
+        with torch.inference_mode():
+            for buffer, before in held.values():
+                if buffer.shape != before.shape:
+                    buffer.resize_(before.shape)
+                buffer.copy_(before)
+
+
+@contextlib.contextmanager
 def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, no_grad, the precision context and a forked RNG; every train/eval flag restored.
+    """Eval mode, no_grad, the precision context and a forked RNG; every train/eval flag and buffer restored.
 
     PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
     gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
@@ -232,7 +261,7 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)), context:
+        with buffers_kept(pl_module), torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)), context:
             pl_module.eval()
             yield
     finally:

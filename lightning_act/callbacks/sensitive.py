@@ -24,7 +24,8 @@ score sits near ``(K − 1)/K · log α``.
 
 No perturbation: the passes run under ``torch.no_grad`` and ``torch.random.fork_rng`` (the
 dropout masks come from a seed that depends only on ``seed`` and the checkpoint index), every
-module's train/eval flag is restored, and BatchNorm statistics are not updated (eval mode). With
+module's train/eval flag is restored, and every buffer is put back (eval mode leaves BatchNorm statistics alone, not
+a quantization-aware model's observers). With
 ``drop=False`` training is bit-for-bit the same as without the callback.
 
 DDP: the tracking set is taken from the validation dataloader itself (not Lightning's
@@ -79,7 +80,15 @@ from lightning_act.callbacks.probe import (
 )
 from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
 from lightning_act.capture.layout import feature_axis
-from lightning_act.capture.registry import ForwardCutoff, holds_compiled_code, input_parameter, model_output_field
+from lightning_act.capture.registry import (
+    ForwardCutoff,
+    MonitorHook,
+    holds_compiled_code,
+    input_parameter,
+    leave_module,
+    model_output_field,
+    register_monitor_hook,
+)
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
@@ -157,14 +166,18 @@ def _drops_anything(module: nn.Module) -> bool:
     return probability is None or float(probability) > 0
 
 
-class FeatureDrop:
-    """Forward (pre-)hooks zeroing fixed feature indices in training mode (picklable).
+class FeatureDrop(MonitorHook):
+    """Forward (pre-)hooks zeroing fixed feature indices in training mode; a copy of the model (an EMA or teacher
+    deep-copied mid-fit, a saved snapshot) carries them detached, and they leave it at its first forward
+    (:class:`~lightning_act.capture.registry.MonitorHook`): the copy computes what its weights compute.
 
     Features are where the embeddings took them: the tap's feature axis (:func:`~lightning_act.capture.layout.
     feature_axis`), else the last dim, or dim 1 of a map of 4 or more dims. The tensor zeroed is the one the capture
     reads (:func:`~lightning_act.capture.registry.tapped_input` for an input tap): the first positional argument, or
     the keyword argument ``parameter`` of a module called by keyword.
     """
+
+    _not_copied = ("replaced",)  # bound to a capture registry, which is not copied
 
     def __init__(
         self, indices: torch.Tensor, parameter: str | None = None, layout: Layout = SAMPLE_FIRST,
@@ -175,9 +188,6 @@ class FeatureDrop:
         self.layout = layout
         #: Told (original, zeroed, zeroing) of an input it replaced: the capture's dropout read-through follows.
         self.replaced = replaced
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "replaced": None}  # bound to a capture registry, which is not pickled
 
     def _zero(self, x: Any) -> Any:
         if isinstance(x, (tuple, list)) and x and not hasattr(x, "_fields"):  # an input (x, mask) as one argument
@@ -193,6 +203,9 @@ class FeatureDrop:
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Forward pre-hook (``with_kwargs=True``) of an input tap."""
+        if not self.attached:
+            leave_module(module, self)
+            return None
         if not module.training:
             return None
         if args:
@@ -209,6 +222,9 @@ class FeatureDrop:
 
     def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         """Forward hook of an output tap."""
+        if not self.attached:
+            leave_module(module, self)
+            return None
         if not module.training:
             return None
         if isinstance(output, (tuple, list)) and output:
@@ -358,9 +374,12 @@ class SensitiveNeurons(FitScopedState):
         self._unobserved_warned: set[str] = set()
         self._unknown_warned: set[str] = set()
         self._widths_warned: set[str] = set()
-        #: Per tap, the rows of each of its calls in a tracking pass, and the taps whose rows change (_check_rows).
+        #: Per tap, the rows of each of its calls in a tracking pass, and the taps whose rows are not the tracking
+        #: examples (:meth:`_check_examples`, :meth:`_check_rows`), left out.
         self._call_rows: dict[str, tuple[int, ...]] = {}
-        self._routed: set[str] = set()
+        self._rows_not_examples: set[str] = set()
+        #: The axis of the examples in the tracking batches' inputs (:meth:`_sample_axis`).
+        self._input_axis = 0
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
@@ -422,7 +441,9 @@ class SensitiveNeurons(FitScopedState):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.begin_fit_state(trainer, pl_module)
-        self._call_rows, self._routed = {}, set()  # of this fit's tracking set (another fit may bring another)
+        # of this fit's tracking set (another fit may bring another)
+        self._call_rows, self._rows_not_examples = {}, set()
+        self._input_axis = 0
         if not self.taps:
             return
         device = _module_device(pl_module)
@@ -487,6 +508,7 @@ class SensitiveNeurons(FitScopedState):
             return sum(x.shape[axis] for x in inputs) >= self.num_samples
 
         validation_batches(trainer, "SensitiveNeurons", enough, loaders)
+        self._input_axis = axis
         if same_on_every_rank(inputs, device):
             return self._join([inputs], axis, self.num_samples)
         return self._union_over_ranks(inputs, axis, dataset_size(loaders[0]), device)
@@ -510,6 +532,7 @@ class SensitiveNeurons(FitScopedState):
             return sum(num_examples(b, axis) for b in batches) >= self.num_samples
 
         validation_batches(trainer, "SensitiveNeurons", enough)
+        self._input_axis = axis
         return batches
 
     def _sample_axis(self, x: torch.Tensor, samples: int | None) -> int:
@@ -623,7 +646,8 @@ class SensitiveNeurons(FitScopedState):
         )
 
     def _warn_unobserved(self, tap_name: str, step: int) -> None:
-        if tap_name in self._unobserved_warned or tap_name in self._low_dim_warned | self._routed:  # said already
+        said = self._unobserved_warned | self._low_dim_warned | self._rows_not_examples
+        if tap_name in said:
             return
         self._unobserved_warned.add(tap_name)
         rank_zero_warn(
@@ -643,6 +667,7 @@ class SensitiveNeurons(FitScopedState):
 
         def one_pass(seed: int | None = None) -> dict[str, torch.Tensor]:
             collected.clear()
+            calls_after: list[dict[int, int]] = []  # per tracking batch, each tap's calls collected after its forward
             for index, batch in enumerate(self._batches):
                 if seed is not None:
                     # Each forward of a stochastic pass seeded on its own: its dropout masks do not depend on how far
@@ -650,14 +675,20 @@ class SensitiveNeurons(FitScopedState):
                     torch.manual_seed(seed * len(self._batches) + index)
                 forward = functools.partial(call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch)
                 self._cutoff.forward(forward)
+                calls_after.append({i: len(calls) for i, calls in collected.items()})
             self._cutoff.pass_complete()
             for i, tap in enumerate(self.taps):
                 if i in collected:
+                    if tap.name not in self._call_rows:  # the fit's first pass
+                        self._check_examples(tap.name, [
+                            [call.shape[0] for call in collected[i][before.get(i, 0) : after.get(i, 0)]]
+                            for before, after in zip([{}, *calls_after], calls_after)
+                        ])
                     self._check_rows(tap.name, tuple(call.shape[0] for call in collected[i]))
             taps = enumerate(self.taps)
             return {
                 tap.name: self._pass_embedding(tap, collected[i])
-                for i, tap in taps if i in collected and tap.name not in self._routed
+                for i, tap in taps if i in collected and tap.name not in self._rows_not_examples
             }
 
         self._arm(True)
@@ -680,9 +711,38 @@ class SensitiveNeurons(FitScopedState):
         finally:
             self._arm(False)
             collected.clear()
-        clean = {name: embedding for name, embedding in clean.items() if name not in self._routed}
+        clean = {name: embedding for name, embedding in clean.items() if name not in self._rows_not_examples}
         stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
         return clean, stochastic
+
+    def _check_examples(self, name: str, rows_per_batch: list[list[int]]) -> None:
+        """Each call of a tap gives one row per example of its tracking batch, or one per token of a head run on the
+        flattened ``B·T`` tokens. A module inside window attention (timm Swin's ``*.attn``: one row per window of
+        every image) gives several per example: its rows are not examples, and it is left out, said once. (Fewer rows
+        than examples, a mixture-of-experts expert's, change from pass to pass: :meth:`_check_rows`.)"""
+        for batch, rows in zip(self._batches, rows_per_batch, strict=True):
+            inputs = first_batch_tensor(batch)
+            examples = num_examples(batch, self._input_axis)
+            if inputs is None or inputs.dim() == 0 or examples == 0:
+                continue  # nothing tells the examples
+            tokens = inputs.shape[0] * inputs.shape[1] if inputs.dim() >= 2 else examples
+            other = next((count for count in rows if count % examples == 0 and count not in (examples, tokens)), None)
+            if other is not None:
+                self._leave_out(
+                    name, f"SensitiveNeurons: {name} gives {other} rows for a tracking batch of {examples} examples "
+                    "(attention inside windows, such as timm Swin's *.attn, gives one per window); its rows are "
+                    "not examples, so it is not tracked (tap a module whose first axis holds the examples, e.g. the "
+                    "block around it)"
+                )
+                return
+
+    def _leave_out(self, name: str, warning: str) -> None:
+        """Track ``name`` no more in this fit, said once: its rows are not examples."""
+        self._rows_not_examples.add(name)
+        for state in (self.embeddings, self.sensitive, self.previous, self.countdown):
+            state.pop(name, None)  # nor is a drop put back at a resume
+        self._remove_drop(name)
+        rank_zero_warn(warning, category=UserWarning)
 
     def _check_rows(self, name: str, rows: tuple[int, ...]) -> None:
         """The rows of each call of a tap in a tracking pass are the same at every pass over the same batches, unless
@@ -691,18 +751,13 @@ class SensitiveNeurons(FitScopedState):
         checkpoint. Such a tap's rows are not examples: it is left out, said once. (An expert run once on every
         routed token, grouped by expert, gives as many rows at each pass: not seen here.)"""
         held = self._call_rows.setdefault(name, rows)
-        if held == rows or name in self._routed:
+        if held == rows or name in self._rows_not_examples:
             return
-        self._routed.add(name)
-        for state in (self.embeddings, self.sensitive, self.previous, self.countdown):
-            state.pop(name, None)  # nor is a drop put back at a resume
-        self._remove_drop(name)
-        rank_zero_warn(
-            f"SensitiveNeurons: {name} runs on other rows of the same tracking batches from pass to pass (call rows "
-            f"{list(held)}, then {list(rows)}: a mixture-of-experts expert gets the tokens routed to it); its rows are "
-            "not examples, so it is not tracked (tap a module every example passes through, e.g. the MoE block's "
-            "output)",
-            category=UserWarning,
+        self._leave_out(
+            name, f"SensitiveNeurons: {name} runs on other rows of the same tracking batches from pass to pass "
+            f"(call rows {list(held)}, then {list(rows)}: a mixture-of-experts expert gets the tokens routed to it); "
+            "its rows are not examples, so it is not tracked (tap a module every example passes through, e.g. the MoE "
+            "block's output)"
         )
 
     def _pass_embedding(self, tap: Tap, calls: list[torch.Tensor]) -> torch.Tensor:
@@ -864,12 +919,12 @@ class SensitiveNeurons(FitScopedState):
             key = (id(tap.module), tap.point)
             replaced = functools.partial(self._registry.input_replaced, key) if self._registry else None
             drop = FeatureDrop(indices, input_parameter(tap.module), layout, replaced)
-            self._drop_handles[tap.name] = tap.module.register_forward_pre_hook(
-                drop.before, with_kwargs=True, prepend=True
+            self._drop_handles[tap.name] = register_monitor_hook(
+                tap.module, drop.before, pre=True, with_kwargs=True, prepend=True
             )
         else:
-            self._drop_handles[tap.name] = tap.module.register_forward_hook(
-                FeatureDrop(indices, layout=layout).after, prepend=True
+            self._drop_handles[tap.name] = register_monitor_hook(
+                tap.module, FeatureDrop(indices, layout=layout).after, prepend=True
             )
 
     def _remove_drop(self, name: str) -> None:

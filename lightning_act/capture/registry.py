@@ -49,8 +49,12 @@ activation is a function, so ``linear2``'s input is tapped) counted the dropout'
 dropout (``F.dropout`` in a forward) cannot be seen; an in-place one (``inplace=True``) is read from a copy of its
 input taken just before it runs.
 
-Pickling: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
-when the model is pickled or deep-copied, so a copy carries an inert hook and no monitor state.
+Copies and TorchScript: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
+when the model is pickled or deep-copied, so a copy carries a detached hook and no monitor state; a detached hook
+leaves its module at its first call (:class:`MonitorHook`). TorchScript compiles every hook of a module it scripts and
+needs functions it can compile, which no monitor hook is: each module holding one gets a ``__prepare_scriptable__``
+(TorchScript's own protocol, called before it reads the hooks) that takes the monitor hooks off, for good on a copy,
+until the next forward of any module on the monitored model (``to_torchscript()`` in a callback of the fit).
 """
 
 from __future__ import annotations
@@ -97,9 +101,11 @@ def model_output_field(output: Any) -> Any:
 def first_tensor(value: Any) -> torch.Tensor | None:
     """The activation tensor in a module's output or inputs (first tensor of a tuple/list, also nested: a module
     called with ``(x, mask)`` as one argument; or a Hugging Face ``ModelOutput``'s activation,
-    :func:`model_output_field`), if it can be read as one: a floating-point strided tensor.
+    :func:`model_output_field`), if it can be read as one: a floating-point strided tensor with data (float8 too,
+    which :func:`_deliver` hands over as float32).
     Not a ``PackedSequence`` (a tuple whose first field holds the tokens of all sequences, without a sample axis), a
-    plain dict, a nested or sparse tensor or integers; the monitors then warn that the tap gave them nothing."""
+    plain dict, a nested or sparse tensor, a tensor on the meta device (no data), packed float4 (two values per
+    element) or integers; the monitors then warn that the tap gave them nothing."""
     for _ in range(3):  # a module called with a tuple ((x, mask),): its first item's first tensor
         if isinstance(value, dict) and callable(getattr(value, "to_tuple", None)):  # transformers' ModelOutput
             field = model_output_field(value)
@@ -107,10 +113,18 @@ def first_tensor(value: Any) -> torch.Tensor | None:
         if not isinstance(value, (tuple, list)) or isinstance(value, PackedSequence) or not value:
             break
         value = value[0]
-    readable = isinstance(value, torch.Tensor) and value.is_floating_point() and value.layout == torch.strided
-    if readable and not value.is_nested:
+    readable = isinstance(value, torch.Tensor) and value.layout == torch.strided and value.dtype in _READABLE_DTYPES
+    if readable and not value.is_nested and not value.is_meta:
         return value
     return None
+
+
+#: One byte per value: no statistic computes in them (torch promotes none of them), so each activation is handed to the
+#: monitors as float32, which holds every float8 value exactly.
+_FLOAT8_DTYPES = frozenset(
+    dtype for dtype in vars(torch).values() if isinstance(dtype, torch.dtype) and str(dtype).startswith("torch.float8")
+)
+_READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}) | _FLOAT8_DTYPES
 
 
 @dataclass
@@ -146,8 +160,152 @@ _FULLGRAPH_REASON = (
 )
 
 
-class _CaptureHook:
+class MonitorHook:
+    """What a monitor puts on a module as a forward (pre-)hook, itself or by a bound method.
+
+    ``attached`` is True while the monitor keeps it on its module. A copy of the model (pickled, deep-copied: an EMA,
+    a teacher, a saved snapshot) carries it detached, without the attributes named in ``_not_copied`` (the registry,
+    bound to the monitored model): at its first call, or when TorchScript scripts the copy, it leaves the module, so
+    the copy computes what the same weights compute without monitors, and costs nothing after."""
+
+    attached = True
+    _not_copied: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, **dict.fromkeys(self._not_copied), "attached": False}
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_PREPARE_SCRIPTABLE = "__prepare_scriptable__"
+
+
+def _monitor_hook_of(hook: Any) -> MonitorHook | None:
+    """The :class:`MonitorHook` a registered hook is or is a bound method of; None for other hooks."""
+    owner = hook if isinstance(hook, MonitorHook) else getattr(hook, "__self__", None)
+    return owner if isinstance(owner, MonitorHook) else None
+
+
+def _take_hooks_off(
+    module: nn.Module, which: Callable[[MonitorHook], bool]
+) -> list[tuple[str, list[int], dict[int, Any]]]:
+    """Take ``module``'s monitor hooks for which ``which`` holds out of its hook dicts: per dict, its name, the order
+    of its ids before and the hooks taken."""
+    taken = []
+    for name in _HOOK_DICTS:
+        hooks = getattr(module, name)
+        order = list(hooks)
+        off = {i: hook for i, hook in hooks.items() if (owner := _monitor_hook_of(hook)) is not None and which(owner)}
+        for i in off:
+            del hooks[i]
+        if off:
+            taken.append((name, order, off))
+    return taken
+
+
+def _forget_flags(module: nn.Module, ids: list[int]) -> None:
+    """Drop the kwargs/always-called flags of the hooks ``ids``, taken off for good."""
+    for flags in _HOOK_FLAGS:
+        for i in ids:
+            getattr(module, flags).pop(i, None)
+
+
+def _holds_monitor_hooks(module: nn.Module) -> bool:
+    return any(_monitor_hook_of(hook) is not None for name in _HOOK_DICTS for hook in getattr(module, name).values())
+
+
+@torch._dynamo.disable(reason=_FULLGRAPH_REASON)
+def leave_module(module: nn.Module, hook: MonitorHook) -> None:
+    """Take a detached hook (a copy's) off ``module`` for good, at its first call."""
+    _forget_flags(module, [i for _, _, off in _take_hooks_off(module, lambda owner: owner is hook) for i in off])
+    if not _holds_monitor_hooks(module):
+        module.__dict__.pop(_PREPARE_SCRIPTABLE, None)
+
+
+class MonitorHookHandle:
+    """The handle of a hook put on by :func:`register_monitor_hook`; ``remove()`` detaches it."""
+
+    def __init__(self, module: nn.Module, hook: MonitorHook, handle: RemovableHandle) -> None:
+        self.module, self.hook, self.handle = module, hook, handle
+
+    def remove(self) -> None:
+        self.hook.attached = False
+        self.handle.remove()
+        if not _holds_monitor_hooks(self.module):
+            self.module.__dict__.pop(_PREPARE_SCRIPTABLE, None)
+
+
+def register_monitor_hook(
+    module: nn.Module, hook: Callable[..., Any], pre: bool = False, **options: Any
+) -> MonitorHookHandle:
+    """Put ``hook`` (a :class:`MonitorHook` or its bound method) on ``module`` as a forward hook (``pre``: a
+    pre-hook; ``options`` as torch's ``register_forward_(pre_)hook`` takes them), and the module's
+    ``__prepare_scriptable__`` that takes it off for TorchScript (see the module docstring)."""
+    owner = _monitor_hook_of(hook)
+    register = module.register_forward_pre_hook if pre else module.register_forward_hook
+    handle = register(hook, **options)
+    module.__dict__[_PREPARE_SCRIPTABLE] = functools.partial(_prepare_scriptable, module)
+    return MonitorHookHandle(module, owner, handle)
+
+
+#: Monitor hooks taken off live modules for TorchScript: (module, hook dict name, its order then, the hooks).
+_OFF_FOR_SCRIPTING: list[tuple[weakref.ref[nn.Module], str, list[int], dict[int, Any]]] = []
+_put_back_handle: RemovableHandle | None = None
+
+
+def _prepare_scriptable(module: nn.Module) -> nn.Module:
+    """``module.__prepare_scriptable__``, which ``torch.jit.script`` calls on every module before it compiles their
+    hooks: the monitor hooks go off. A copy's (detached) go for good; a monitored model's come back at the next
+    forward of any module (a global pre-hook, which TorchScript does not read), so a callback that exports the model
+    with ``to_torchscript()`` mid-fit gets a scripted model without them and the fit goes on observed. The module's
+    class's own ``__prepare_scriptable__``, if any, runs after."""
+    global _put_back_handle
+    kept = []
+    for name, order, off in _take_hooks_off(module, lambda owner: True):
+        live = {i: hook for i, hook in off.items() if _monitor_hook_of(hook).attached}
+        _forget_flags(module, [i for i in off if i not in live])
+        if live:
+            kept.append((name, order, live))
+    if kept:
+        _OFF_FOR_SCRIPTING.extend((weakref.ref(module), *entry) for entry in kept)
+        if _put_back_handle is None:
+            _put_back_handle = nn.modules.module.register_module_forward_pre_hook(_put_back_after_scripting)
+    else:
+        module.__dict__.pop(_PREPARE_SCRIPTABLE, None)
+    own = getattr(type(module), _PREPARE_SCRIPTABLE, None)
+    return module if own is None else own(module)
+
+
+@torch._dynamo.disable(reason=_FULLGRAPH_REASON)
+def _put_back_after_scripting(*_: Any) -> None:
+    """The monitor hooks taken off for TorchScript back in their places, those still attached, at the first forward
+    of any module after the scripting."""
+    global _put_back_handle
+    if _put_back_handle is not None:
+        _put_back_handle.remove()
+        _put_back_handle = None
+    entries = list(_OFF_FOR_SCRIPTING)
+    _OFF_FOR_SCRIPTING.clear()
+    for module_ref, name, order, off in entries:
+        module = module_ref()
+        back = {i: hook for i, hook in off.items() if _monitor_hook_of(hook).attached}
+        if module is None or not back:
+            continue
+        hooks = getattr(module, name)
+        now = dict(hooks)
+        hooks.clear()
+        for i in order:
+            if i in back:
+                hooks[i] = back[i]
+            elif i in now:
+                hooks[i] = now.pop(i)
+        hooks.update(now)
+
+
+class _CaptureHook(MonitorHook):
     """The forward hook of one (module, output): a flag check, then :func:`_deliver`."""
+
+    _not_copied = ("registry",)
 
     def __init__(self, registry: CaptureRegistry, key: tuple[int, str]) -> None:
         self.registry: CaptureRegistry | None = registry
@@ -157,9 +315,8 @@ class _CaptureHook:
         registry = self.registry
         if registry is not None and registry.observing:
             _deliver(registry, self.key, output)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "registry": None}
+        elif not self.attached:
+            leave_module(module, self)
 
 
 class _InputCaptureHook(_CaptureHook):
@@ -175,12 +332,16 @@ class _InputCaptureHook(_CaptureHook):
         registry = self.registry
         if registry is not None and registry.observing:
             _deliver(registry, self.key, tapped_input(args, kwargs, self.parameter))
+        elif not self.attached:
+            leave_module(module, self)
 
 
-class _DropoutInputHook:
+class _DropoutInputHook(MonitorHook):
     """The forward hook of a dropout that feeds an input tap: keeps (output, input) of a training forward for the
     tap's pre-hook, which reads the input when the output is what it receives (see the module docstring). An in-place
     dropout overwrites its input, so its pre-hook (:meth:`before`) keeps a copy first."""
+
+    _not_copied = ("registry",)
 
     def __init__(self, registry: CaptureRegistry, key: tuple[int, str]) -> None:
         self.registry: CaptureRegistry | None = registry
@@ -195,9 +356,13 @@ class _DropoutInputHook:
     def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._training_forward(module, args) and isinstance(args[0], torch.Tensor):
             _remember_dropout_input(self.registry, self.key, None, args[0].detach().clone())
+        elif not self.attached:
+            leave_module(module, self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._training_forward(module, args):
+            if not self.attached:
+                leave_module(module, self)
             return
         if getattr(module, "inplace", False):
             kept = self.registry.before_dropout.get(self.key)
@@ -205,9 +370,6 @@ class _DropoutInputHook:
                 _remember_dropout_input(self.registry, self.key, output, kept[1])
         else:
             _remember_dropout_input(self.registry, self.key, output, args[0])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "registry": None}
 
 
 @torch._dynamo.disable(reason=_FULLGRAPH_REASON)
@@ -345,6 +507,8 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         return
     with torch.no_grad(), _own_precision(tensor.device.type):
         tensor = tensor.detach()
+        if tensor.dtype in _FLOAT8_DTYPES:
+            tensor = tensor.float()
         views: dict[Layout, tuple[torch.Tensor, bool]] = {}
         # Subscribers whose layouts give the same view share one fused pass (the usual case: all of them).
         by_view: dict[tuple[Any, ...], tuple[torch.Tensor, list[tuple[_Subscription, FusedSpec | None]]]] = {}
@@ -388,8 +552,8 @@ class CaptureRegistry:
         self.exclusive_subscriber: Subscriber | None = None
         #: While set (:meth:`exclusive`), counts the deliveries of a probe forward and may end it.
         self.cutoff: ForwardCutoff | None = None
-        self._handles: dict[tuple[int, str], RemovableHandle] = {}
-        self._dropout_handles: dict[tuple[int, str], list[RemovableHandle]] = {}
+        self._handles: dict[tuple[int, str], MonitorHookHandle] = {}
+        self._dropout_handles: dict[tuple[int, str], list[MonitorHookHandle]] = {}
         #: The feature axis decided per (tap, layout) and number of axes, for activations whose shape does not tell.
         self.feature_axes: dict[Any, int] = {}
         #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
@@ -417,15 +581,15 @@ class CaptureRegistry:
             if key not in self._handles:
                 if tap.point == "input":
                     hook = _InputCaptureHook(self, key, input_parameter(tap.module))
-                    self._handles[key] = tap.module.register_forward_pre_hook(hook, with_kwargs=True)
+                    self._handles[key] = register_monitor_hook(tap.module, hook, pre=True, with_kwargs=True)
                     root = self._root() if self._root is not None else None
                     through = _DropoutInputHook(self, key)
                     for dropout in [] if root is None else dropouts_beside(root, tap.module):
-                        self._dropout_handles.setdefault(key, []).append(dropout.register_forward_hook(through))
+                        self._dropout_handles.setdefault(key, []).append(register_monitor_hook(dropout, through))
                         if getattr(dropout, "inplace", False):
-                            self._dropout_handles[key].append(dropout.register_forward_pre_hook(through.before))
+                            self._dropout_handles[key].append(register_monitor_hook(dropout, through.before, pre=True))
                 else:
-                    self._handles[key] = tap.module.register_forward_hook(_CaptureHook(self, key))
+                    self._handles[key] = register_monitor_hook(tap.module, _CaptureHook(self, key))
         if set(self._handles) != hooked:
             self._forget_compiled_code()
         self.refresh()

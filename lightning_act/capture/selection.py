@@ -14,7 +14,8 @@ A *module spec* is one of:
   ``blocks.11``, every ResNet stage, encoder and decoder layers, ``layers``/``h``/``blocks``
   lists), i.e. the residual stream after each block; a stack is a ``ModuleList``/``Sequential`` of
   two or more non-leaf modules of one class (or a run of three or more between a stem and a tail, as
-  torchvision's MobileNet ``features``), and stacks nested inside a chosen stack are skipped;
+  torchvision's MobileNet ``features``), and stacks nested inside a chosen stack are skipped; a plain module's
+  children are no stack (timm RegNet's ``s1.b1`` ...: select them by a glob);
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
   models, else the last ``nn.Linear`` outside frozen copies of a trained module), i.e. the penultimate features,
   named ``<head>-input``;
@@ -22,8 +23,9 @@ A *module spec* is one of:
   name (``"GELU"``): every module of that class (a parametrized module's by the class it was made as);
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
 
-The presets leave out averaged copies of the model (an EMA's ``AveragedModel``) and parametrizations, which run on
-no activation of its forward.
+The presets leave out averaged copies of the model (an EMA's ``AveragedModel``, ema-pytorch's ``EMA``) and
+parametrizations, which run on no activation of its forward; ``"@activations"`` also leaves out position-bias MLPs
+(Swin V2's ``cpb_mlp``), which run on a fixed coordinate table, not on the batch.
 
 A string spec may end in ``":input"`` (or ``"-input"``, the name it is logged under: :data:`INPUT_TAP_SUFFIX`) to
 tap the module's first input instead of its output (the activations entering a down-projection, for example); a
@@ -69,8 +71,15 @@ _ACTIVATION_CLASS_NAMES: set[str] = {
     "ReLUSquaredActivation", "SqrtSoftplusActivation", "XIELUActivation", "BloomGelu",
 }
 _extra_activation_classes: list[type[nn.Module]] = []
-# Averaged copies a model may keep of itself (EMA, SWA), beside torch's AveragedModel: timm's, matched by name.
+# Averaged copies a model may keep of itself (EMA, SWA), beside torch's AveragedModel: timm's, matched by name, and
+# ema-pytorch's (lucidrains), matched by name within its package, as "EMA" alone names too many classes.
 _AVERAGED_COPY_CLASS_NAMES = {"ModelEmaV2", "ModelEmaV3"}
+_EMA_PYTORCH_CLASS_NAMES = {"EMA", "KarrasEMA", "PostHocEMA", "EMAPytree"}
+# Owners of a position-bias MLP, which runs on a fixed table of relative coordinates, not on the batch: Swin V2's
+# (timm ``cpb_mlp``, ``meta_mlp`` in ``swinv2_cr``; Hugging Face ``continuous_position_bias_mlp``), by attribute
+# name, and timm's ``RelPosMlp`` (MaxViT, CoAtNet with MLP position bias), by class name.
+_POSITION_BIAS_MLP_NAMES = {"cpb_mlp", "meta_mlp", "continuous_position_bias_mlp"}
+_POSITION_BIAS_MLP_CLASS_NAMES = {"RelPosMlp"}
 
 PRESETS = ("@activations", "@blocks", "@penultimate")
 
@@ -136,6 +145,24 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         # A wrapper and the module it wraps share a name; the wrapped module (the user's) wins.
         by_name[clean_name(name)] = module
     return list(by_name.items())
+
+
+def module_at(model: nn.Module, name: str) -> nn.Module | None:
+    """The module registered at ``name`` (a user's name, as :func:`named_modules` gives it) in ``model`` now, else
+    None: a walk down the registered children, through the wrappers that :func:`clean_name` leaves out of names
+    (a few dictionary reads, where ``named_modules`` visits the whole model)."""
+    wrappers = [part[:-1] for part in _WRAPPER_PARTS]
+
+    def unwrapped(module: nn.Module) -> nn.Module:
+        while (inner := next((module._modules[w] for w in wrappers if module._modules.get(w) is not None), None)):
+            module = inner
+        return module
+
+    module: nn.Module | None = unwrapped(model)
+    for part in name.split(".") if name else []:
+        child = module._modules.get(part) if module is not None else None
+        module = None if child is None else unwrapped(child)
+    return module
 
 
 def module_aliases(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
@@ -240,21 +267,50 @@ def _functional_activation_inputs(modules: list[tuple[str, nn.Module]], shadowed
     return taps
 
 
-def averaged_copies(model: nn.Module) -> list[nn.Module]:
-    """The averaged copies a model keeps of itself (torch's ``AveragedModel``, timm's ``ModelEmaV2``/``V3``): an EMA
-    or SWA kept for validation, which no training step runs or trains."""
-    return [
-        module for module in model.modules()
-        if module is not model and (isinstance(module, AveragedModel) or type(module).__name__ in _AVERAGED_COPY_CLASS_NAMES)
-    ]
+def _is_averaged_copy(module: nn.Module) -> bool:
+    cls = type(module)
+    return (
+        isinstance(module, AveragedModel)
+        or cls.__name__ in _AVERAGED_COPY_CLASS_NAMES
+        or (cls.__name__ in _EMA_PYTORCH_CLASS_NAMES and cls.__module__.split(".")[0] == "ema_pytorch")
+    )
+
+
+def averaged_copy_modules(model: nn.Module) -> set[int]:
+    """Ids of the modules of the averaged copies a model keeps of itself (torch's ``AveragedModel``, timm's
+    ``ModelEmaV2``/``V3``, ema-pytorch's ``EMA``/``KarrasEMA``/``PostHocEMA``): an EMA or SWA kept for validation,
+    which no training step runs or trains. A module registered also outside them is the model's: ema-pytorch's
+    ``EMA`` registers the trained network itself as its ``online_model``."""
+    copies = [module for module in model.modules() if module is not model and _is_averaged_copy(module)]
+    inside = {id(m) for copy in copies for m in copy.modules()}
+    outside: set[int] = set()
+    pending = [model]
+    while pending:  # the modules reached without entering a copy
+        module = pending.pop()
+        if id(module) in outside or (module is not model and _is_averaged_copy(module)):
+            continue
+        outside.add(id(module))
+        pending.extend(child for child in module._modules.values() if child is not None)
+    return inside - outside
+
+
+def _position_bias_mlps(modules: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of the modules inside a position-bias MLP (see ``_POSITION_BIAS_MLP_NAMES``): its activations are of a
+    fixed coordinate table, the same at every step, not of the batch."""
+    return {
+        id(m) for name, module in modules
+        if name.rpartition(".")[2] in _POSITION_BIAS_MLP_NAMES
+        or module_class(module).__name__ in _POSITION_BIAS_MLP_CLASS_NAMES
+        for m in module.modules()
+    }
 
 
 def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of the modules that the presets leave out, as they run on no activation of the model's forward: averaged
-    copies of the model (torch's ``AveragedModel``, timm's ``ModelEmaV2``/``V3``: an EMA kept for validation, whose
-    head was "the last nn.Linear" and never ran in a training step) and parametrizations (``<module>.parametrizations``:
-    functions of a parameter; an ``nn.Softplus`` that keeps one positive is no activation layer)."""
-    left_out = {id(m) for copy in averaged_copies(model) for m in copy.modules()}
+    copies of the model (:func:`averaged_copy_modules`: an EMA kept for validation, whose head was "the last
+    nn.Linear" and never ran in a training step) and parametrizations (``<module>.parametrizations``: functions of a
+    parameter; an ``nn.Softplus`` that keeps one positive is no activation layer)."""
+    left_out = averaged_copy_modules(model)
     for _, module in modules:
         if parametrize.is_parametrized(module):
             left_out |= {id(m) for m in module.parametrizations.modules()}
@@ -327,6 +383,8 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
         left_out = _not_run_on_activations(model, modules)
         modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule) and id(m) not in left_out]
     if spec == "@activations":
+        position_bias = _position_bias_mlps(modules)  # nor are a position-bias MLP's activations the batch's
+        modules = [(n, m) for n, m in modules if id(m) not in position_bias]
         shadowed = _shadowed(modules) | left_out  # nor is a parametrization's Softplus an MLP's activation module
         taps = [Tap(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
         if point == "output":
@@ -388,9 +446,19 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
             "the next layer's input, e.g. '*.fc2:input'"
         )
     aliases = module_aliases(model)
+    # A name inside an averaged copy is no second call place: ema-pytorch's EMA registers the trained network as its
+    # online_model, which only the training forward runs, under the network's own name.
+    copy_names = tuple(
+        f"{clean_name(n)}." for n, m in model.named_modules(remove_duplicate=False) if n and _is_averaged_copy(m)
+    )
     for tap in taps:
         if id(tap.module) in aliases:
-            others = [n for n in aliases[id(tap.module)][1] if n != tap.name.removesuffix(INPUT_TAP_SUFFIX)]
+            others = [
+                n for n in aliases[id(tap.module)][1]
+                if n != tap.name.removesuffix(INPUT_TAP_SUFFIX) and not n.startswith(copy_names)
+            ]
+            if not others:
+                continue
             warnings.warn(
                 f"{owner}: {tap.name} is one module object registered also as {', '.join(others[:3])}"
                 f"{' ...' if len(others) > 3 else ''}; its calls from every place are measured together under "

@@ -188,6 +188,13 @@ def _scratch(numel: int, name: str = "magnitude", dtype: torch.dtype = torch.flo
     return buffer[:numel]
 
 
+def release_cpu_scratch() -> None:
+    """Drop the reused CPU buffers (up to 16 bytes per entry of the largest tap seen), which otherwise outlive every
+    monitor for the rest of the process (a notebook, a sweep); the monitors' teardown calls it, and the next pass
+    allocates them afresh."""
+    _cpu_scratch.clear()
+
+
 def _block_sum(flat: torch.Tensor) -> torch.Tensor:
     """float64 sum of a float32 vector: float32 sums of blocks of 16 entries, added in float64."""
     main = flat.numel() - flat.numel() % 16

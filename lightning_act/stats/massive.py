@@ -254,8 +254,14 @@ def _linear_part(t: np.ndarray, y: np.ndarray, beta: float, tau0: float) -> tupl
     return coefficients, float(np.sum((basis @ coefficients - y) ** 2))
 
 
+# A history whose best grid start has an adjusted R² (for the model's 4 parameters besides K) below this is flat or
+# noise: it explains no more of the variance than 4 free parameters fitted to noise would, so there is no climb to fit.
+_FLAT_ADJUSTED_R2 = 0.05
+_FREE_PARAMETERS = 4  # A, lambda, gamma, t0 (K is the mean)
+
+
 def fit_emergence(
-    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 5000, good_enough: float = 1e-3
+    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 2000, good_enough: float = 1e-3
 ) -> EmergenceFit:
     """Fit the emergence model to one layer's ratio history, as the Hidden Dynamics paper does.
 
@@ -266,8 +272,11 @@ def fit_emergence(
     original scales. For fixed ``(beta, tau0)`` the form is linear in ``A1, A2, K``, so the starts are the best points of a
     fixed grid over ``(beta, tau0)`` with those three solved by linear least squares (no
     randomness); the fit with the lowest squared error is kept, stopping early once it leaves at
-    most ``good_enough`` of the variance unexplained. Each start may use ``max_evaluations``
-    function evaluations (200 stopped scipy early on noisy histories).
+    most ``good_enough`` of the variance unexplained. The starts share one budget of ``max_evaluations``
+    model evaluations per layer (each start may use what the earlier ones left; 200 per start stopped scipy early
+    on noisy histories), and a start that uses it up ends the search: a flat or noisy history never reaches
+    ``good_enough`` and took 4 x 5,000 evaluations (seconds per layer) before the budget. A history whose best grid
+    start's adjusted R² is below ``_FLAT_ADJUSTED_R2`` is flat: skipped before any iterative fit.
 
     Raises ``ValueError`` with the reason when the history cannot be fitted, including scipy's
     own message when no start converged.
@@ -278,8 +287,9 @@ def fit_emergence(
     y = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(t) & np.isfinite(y)
     t, y = t[finite], y[finite]
-    if t.size < min_points:
-        raise ValueError(f"{t.size} finite points, the fit needs at least {min_points}")
+    needed = max(min_points, _FREE_PARAMETERS + 2)  # one residual degree of freedom at least
+    if t.size < needed:
+        raise ValueError(f"{t.size} finite points, the fit needs at least {needed}")
     step_scale = float(np.max(np.abs(t)))
     y_min, y_range = float(np.min(y)), float(np.ptp(y))
     if step_scale == 0 or np.ptp(t) == 0:
@@ -295,29 +305,41 @@ def fit_emergence(
         for beta in (0.0, 0.3, 1.0, 3.0, 10.0)
         for offset in (1e-3, 1e-2, 0.1, 1.0, 10.0)
     ]
-    ranked = sorted(grid, key=lambda point: _linear_part(tn, yn, *point)[1])
+    grid_errors = {point: _linear_part(tn, yn, *point)[1] for point in grid}
+    ranked = sorted(grid, key=grid_errors.__getitem__)
+    total = float(np.sum((yn - yn.mean()) ** 2))
+    adjusted_r2 = 1.0 - (grid_errors[ranked[0]] / total) * (t.size - 1) / (t.size - _FREE_PARAMETERS - 1)
+    if adjusted_r2 < _FLAT_ADJUSTED_R2:
+        raise ValueError(
+            f"the history is flat or noise (the best start's adjusted R² {adjusted_r2:.2f} < {_FLAT_ADJUSTED_R2}), "
+            "no emergence to fit"
+        )
     lower = [-np.inf, -_LOG_GAMMA_BOUND, 0.0, tau_floor, -np.inf]
     upper = [np.inf, _LOG_GAMMA_BOUND, np.inf, np.inf, np.inf]
-    total = float(np.sum((yn - yn.mean()) ** 2))
     best: tuple[float, np.ndarray] | None = None
     failures: list[str] = []
+    budget_left = max_evaluations
     for beta, tau0 in ranked[:4]:
         (a1, a2, k), _ = _linear_part(tn, yn, beta, tau0)
         log_gamma = float(np.clip(a2 / a1, -0.99 * _LOG_GAMMA_BOUND, 0.99 * _LOG_GAMMA_BOUND)) if a1 != 0 else 0.0
         try:
-            params, _ = curve_fit(
+            params, _, info, *_ = curve_fit(
                 _reparametrised_model, tn, yn, p0=[a1, log_gamma, beta, tau0, k], jac=_reparametrised_jacobian,
-                method="trf", bounds=(lower, upper), max_nfev=max_evaluations,
+                method="trf", bounds=(lower, upper), max_nfev=budget_left, full_output=True,
             )
-        except (RuntimeError, ValueError, np.linalg.LinAlgError) as error:
+        except RuntimeError as error:  # scipy ran out of the evaluations left: the budget is spent
+            failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error} (budget {max_evaluations} in all)")
+            break
+        except (ValueError, np.linalg.LinAlgError) as error:
             failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error}")
             continue
+        budget_left -= int(info["nfev"])
         residual = float(np.sum((_reparametrised_model(tn, *params) - yn) ** 2))
         if not np.isfinite(residual):
             failures.append(f"start beta={beta:g}, tau0={tau0:g}: non-finite residual")
         elif best is None or residual < best[0]:
             best = (residual, params)
-        if best is not None and best[0] <= good_enough * total:
+        if (best is not None and best[0] <= good_enough * total) or budget_left <= 0:
             break
     if best is None:
         raise ValueError("the emergence fit did not converge from any start: " + "; ".join(failures))
