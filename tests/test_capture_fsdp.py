@@ -26,8 +26,12 @@ def monitors():
     ]
 
 
-def test_monitors_stay_idle_under_a_strategy_named_fsdp():
-    class FSDPStrategy:  # a stand-in: the monitors only look at the strategy's class name
+def test_monitors_stay_idle_under_lightnings_fsdp_strategy_and_its_subclasses():
+    # Before round 21: a class-name test ("FSDP" in the name): a user's FSDPStrategy subclass named otherwise was
+    # monitored (FSDP1, where the values were not verified). FSDP2 (ModelParallelStrategy) is monitored: test_ddp_r21.
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class ShardedTraining(FSDPStrategy):
         pass
 
     trainer = quiet_trainer()
@@ -35,11 +39,12 @@ def test_monitors_stay_idle_under_a_strategy_named_fsdp():
     task.trainer = trainer
     watched = monitors()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(trainer), "strategy", property(lambda self: FSDPStrategy()))
+        patch.setattr(type(trainer), "strategy", property(lambda self: ShardedTraining()))
         for monitor in watched:
             with pytest.warns(UserWarning, match="not verified under FSDP"):
                 monitor.setup(trainer, task, "fit")
-    assert all(monitor.taps == [] for monitor in watched)
+        assert all(monitor.taps == [] for monitor in watched)
+        watched[2].on_fit_start(trainer, task)
     assert watched[2].param_names == []
 
 

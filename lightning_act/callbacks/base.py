@@ -166,6 +166,34 @@ def tap_layout(declared: Layout, inferred: Layout) -> Layout:
     return replace(inferred, reads_features=True, feature_dim=declared.feature_dim)
 
 
+def unmonitored_strategy(trainer: Any) -> str | None:
+    """Why no monitor may measure under ``trainer``'s strategy (the warning's words), or None.
+
+    - Lightning's ``FSDPStrategy`` (FSDP1): on an H100 (2026-11-26) tests/test_capture_fsdp.py logged values that
+      differ from the single-device run of the same seed; until the cause is found, nothing rather than numbers
+      nobody has verified. (FSDP2, ``ModelParallelStrategy`` with ``fully_shard`` and no tensor parallelism, is
+      data parallel with whole activations per rank: the monitors run there, checked equal to DDP on CPU.)
+    - Tensor parallelism (``ModelParallelStrategy`` with a ``tensor_parallel`` mesh dimension of more than one
+      rank): the ranks of a tensor-parallel group hold the same batch, so a reduction over them counts each example
+      once per rank, and a layer's activations may be split across them by features (``ColwiseParallel``'s local
+      output), which nothing in the tensors tells; reducing over the data-parallel group alone would log one rank's
+      slice of the features as the layer's.
+    """
+    if trainer is None:
+        return None
+    strategy = trainer.strategy
+    if isinstance(strategy, lightning_classes("strategies.FSDPStrategy")):
+        return ("activation monitors are not verified under FSDP (their values differed from a single-device run); "
+                "use strategy='ddp', or FSDP2 (ModelParallelStrategy with fully_shard), to monitor activations")
+    if isinstance(strategy, lightning_classes("strategies.ModelParallelStrategy")):
+        mesh = strategy.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            return ("activation monitors do not support tensor parallelism (its ranks hold the same batch, and a "
+                    "layer's features may be split across them); use tensor_parallel_size=1 (FSDP2 or DDP) to "
+                    "monitor activations")
+    return None
+
+
 def subscribe_taps(
     subscriber: Any,
     pl_module: nn.Module,
@@ -184,14 +212,9 @@ def subscribe_taps(
     owner = type(subscriber).__name__
     registry = capture_registry(pl_module)
     trainer = getattr(pl_module, "_trainer", None)
-    if trainer is not None and "FSDP" in type(trainer.strategy).__name__:
-        # On an H100 (2026-11-26) tests/test_capture_fsdp.py logged values that differ from the single-device
-        # run of the same seed; until the cause is found, log nothing rather than numbers nobody has verified.
-        rank_zero_warn(
-            f"{owner}: activation monitors are not verified under FSDP (their values differed from a "
-            "single-device run), so this monitor stays idle; use strategy='ddp' to monitor activations",
-            category=UserWarning,
-        )
+    unmonitored = unmonitored_strategy(trainer)
+    if unmonitored is not None:
+        rank_zero_warn(f"{owner}: {unmonitored}, so this monitor stays idle", category=UserWarning)
         return [], [], registry
     try:
         taps = select_taps(pl_module, specs, owner=owner)
@@ -345,6 +368,46 @@ def _plain(value: Any) -> Any:
     if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # a numpy or torch scalar
         return value.item()
     return value
+
+
+def monitor_fingerprint(monitor: Any) -> dict[str, Any]:
+    """What must be the same on every rank for ``monitor``'s collectives to pair up and its sums to mean one thing:
+    its class, modules (and taps, once chosen), schedule and the settings that change a statistic's meaning."""
+    fingerprint: dict[str, Any] = {"monitor": type(monitor).__name__}
+    if hasattr(monitor, "modules"):
+        fingerprint["modules"] = spelling_free_modules(monitor.modules)
+    if not monitor._setup_waits:  # chosen at setup; a monitor that waits chooses its taps later in fit start
+        fingerprint["taps"] = [tap.name for tap in getattr(monitor, "taps", [])]
+    if hasattr(monitor, "every_n_steps"):
+        fingerprint["every_n_steps"] = monitor.every_n_steps
+    return {**fingerprint, **monitor._settings()}
+
+
+def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
+    """One :class:`LightningActError` on every rank when the ranks' monitors differ (built from a rank-dependent
+    condition, config or environment by mistake): their collectives would not pair up (a gloo abort or an NCCL hang
+    at the first due step, or a monitor's sums added into DDP's gradients), or would add up sums of other taps or
+    thresholds (silently mixed values). One gather of every monitor's :func:`monitor_fingerprint`, once per fit."""
+    if distributed_world_size() == 1:
+        return
+    mine = [monitor_fingerprint(c) for c in trainer.callbacks if isinstance(c, FitScopedState)]
+    gathered: list[Any] = [None] * distributed_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    first = gathered[0]
+    for rank, theirs in enumerate(gathered[1:], start=1):
+        if len(theirs) != len(first) or any(a["monitor"] != b["monitor"] for a, b in zip(theirs, first)):
+            raise LightningActError(
+                f"rank {rank} has the monitors {[f['monitor'] for f in theirs]}, rank 0 has "
+                f"{[f['monitor'] for f in first]}; build the callbacks the same way on every rank"
+            )
+        for one, zero in zip(theirs, first):
+            for key in zero:
+                if one.get(key) != zero[key]:
+                    raise LightningActError(
+                        f"{zero['monitor']}: rank {rank} has {key}={one.get(key)!r}, rank 0 has {key}={zero[key]!r}; "
+                        "build the callbacks the same way on every rank (not from a rank-dependent condition, config "
+                        "or environment)"
+                    )
 
 
 class FitScopedState(Callback):
@@ -514,6 +577,8 @@ class FitScopedState(Callback):
             finally:
                 self._setting_up_late = False
             self._resumed_this_fit = resumed  # restored from a checkpoint between the two setups
+        if trainer is not None and next((c for c in trainer.callbacks if isinstance(c, FitScopedState)), None) is self:
+            refuse_rank_dependent_monitors(trainer)
         if trainer is None or self._resumed_this_fit:  # trainer None: driven by hand, outside a Trainer
             return
         last = max((series.steps[-1] for series in self.history.values() if series.steps), default=None)

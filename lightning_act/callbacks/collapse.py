@@ -46,7 +46,9 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_act.callbacks.base import MEASURED, ActivationMonitor, Partials, check_int, check_number
+from lightning_act.callbacks.base import (
+    MEASURED, ActivationMonitor, Partials, check_int, check_number, unmonitored_strategy,
+)
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import averaged_copy_modules, frozen_copies, module_class, named_modules
 from lightning_act.capture.weights import forward_tensor
@@ -146,6 +148,14 @@ def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
     return copies
 
 
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` whole: a sharded one (FSDP2's or tensor parallelism's ``DTensor``) gathered, the same on every
+    rank (all of them snapshot at the same due step, :meth:`DimensionalCollapse._snapshot`); its snapshots were
+    ``DTensor``s, which put a ``DeviceMesh`` into the checkpoint that no single-device load could read."""
+    full_tensor = getattr(weight, "full_tensor", None)
+    return weight if full_tensor is None else full_tensor()
+
+
 def _mean_row(rows: torch.Tensor) -> torch.Tensor:
     """A reference row near all of ``rows`` (``(..., N, d)`` → ``(..., d)``, float64; see
     :meth:`DimensionalCollapse._reference`): their mean. In one process the plain mean, one pass (a non-finite row
@@ -180,7 +190,8 @@ class DimensionalCollapse(ActivationMonitor):
             and named so (``fc.weight``, not ``fc.weight_orig``); a glob matches every name of a shared (tied)
             parameter, which is followed once. A followed weight that leaves the model or changes shape mid-fit (a
             head grown for new classes) starts a new trajectory from that step, with a warning. ``[]`` switches it
-            off. Under FSDP the whole monitor stays idle (see ``docs/multi_gpu.md``).
+            off. Under Lightning's FSDP (FSDP1) and tensor parallelism the whole monitor stays idle; under FSDP2
+            each sharded weight is gathered whole at a snapshot (see ``docs/multi_gpu.md``).
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
             taken half as often, so the kept ones span the whole run.
         projection_dim: when the chosen weights hold more numbers than this, each snapshot is
@@ -276,7 +287,9 @@ class DimensionalCollapse(ActivationMonitor):
         self.max_rows = max_rows
         self._rows_per_due_step = max_rows
         self._sketch_dims: dict[int, tuple[int, int]] = {}
-        self._widths: dict[int, int] = {}  # the width of each tap's first activation of the fit
+        self._sketched: dict[int, bool] = {}  # the taps that sum the sketch, as the ranks agree (see tap_flags)
+        # the width of each tap's first activation of the fit (under DDP, rank 0's: see _agree_references)
+        self._widths: dict[int, int] = {}
         self._widths_warned: set[str] = set()
         self._rows: dict[int, int] = {}  # rows this rank sampled of each tap in the current step (known on the host)
         self._step_rows: dict[int, int] = {}  # the same, of the step being summarised
@@ -366,11 +379,18 @@ class DimensionalCollapse(ActivationMonitor):
         if not pending:
             return
         local = [self._references[i].numel() if i in self._references else -1 for i in pending]
-        widths = all_reduce_packed([torch.tensor(local, dtype=torch.float64, device=self._device)], "max")[0]
+        on_rank_zero = local if torch.distributed.get_rank() == 0 else [-1] * len(pending)
+        both = torch.tensor(local + on_rank_zero, dtype=torch.float64, device=self._device)
+        widths = all_reduce_packed([both], "max")[0]
         widths = [int(w) for w in widths.tolist()]  # once per fit: the host needs the sizes
+        # rank 0's width where it saw the tap, else any rank's (a tap only one rank has seen)
+        widths = [zero if zero >= 0 else w for w, zero in zip(widths[: len(pending)], widths[len(pending) :])]
         seen = [(i, w) for i, w in zip(pending, widths) if w >= 0]
         if not seen:
             return
+        for i, width in seen:
+            if self._widths.setdefault(i, width) != width:
+                self._adopt_width(i, width)
         parts = []
         for i, width in seen:
             held = self._references.get(i)
@@ -392,6 +412,19 @@ class DimensionalCollapse(ActivationMonitor):
                         self._sums[i] = shift_covariance_partials(sums, shift.to(sums.device))
             self._references[i] = common
             self._agreed_references.add(i)
+
+    def _adopt_width(self, tap_index: int, width: int) -> None:
+        """Read tap ``tap_index``'s calls of ``width`` only, the width of rank 0's first call, where this rank's first
+        call had another (a module run at two widths, a branch taken first on some ranks): this step's rows of the
+        other width are dropped. Before round 21 each rank kept its own first width, and the reduction of their sums
+        of different sizes aborted gloo."""
+        self._widths[tap_index] = width
+        self._references.pop(tap_index, None)
+        self._sketch_dims.pop(tap_index, None)
+        self._sketched.pop(tap_index, None)
+        self._step_rows.pop(tap_index, None)
+        self._sums[tap_index] = None  # the layout sync gives it a buffer of the others' size
+        self._observed.discard(tap_index)
 
     def _is_wide(self, d: int) -> bool:
         """Whether a tap of ``d`` features sums the sketch (see the module docstring) instead of ``Σxxᵀ``."""
@@ -449,6 +482,11 @@ class DimensionalCollapse(ActivationMonitor):
         if distributed_world_size() > 1:
             self._agree_references()
         for members, stacked in stacks:
+            kept = [j for j, (tap_index, _) in enumerate(members) if self._widths[tap_index] == stacked.shape[-1]]
+            if not kept:  # a width the ranks did not agree on (_adopt_width)
+                continue
+            if len(kept) < len(members):
+                members, stacked = [members[j] for j in kept], stacked[kept]
             references = torch.stack([self._reference(i, rows).to(stacked.device) for i, rows in members])
             for (tap_index, _), sums in zip(members, covariance_partials(stacked, references).unbind()):
                 self.accumulate(tap_index, Partials(sums=sums))
@@ -462,10 +500,26 @@ class DimensionalCollapse(ActivationMonitor):
         if not self._is_wide(d):
             return Partials(sums=covariance_partials(rows, reference))
         self._sketch_dims[tap_index] = (d, k)
+        self._sketched[tap_index] = True
         key = (d, k, rows.device)
         if key not in self._test_matrices:
             self._test_matrices[key] = gaussian_test_matrix(d, k, self.seed, rows.device)
         return Partials(sums=sketch_partials(rows, self._test_matrices[key], reference))
+
+    def tap_flags(self) -> dict[int, bool]:
+        """Whether each tap sums the sketch, for a rank that never ran a wide tap: it gets a buffer of the sketch's
+        size from the layout sync, which it read as a full covariance before round 21 (a crash)."""
+        return self._sketched
+
+    def _sync_layout(self, device: torch.device) -> None:
+        """The base's layout sync, then the sketch's ``(d, k)`` of each wide tap this rank has not run, from its
+        buffer's size (``k`` is the same on every rank)."""
+        super()._sync_layout(device)
+        k = self._rows_per_due_step
+        for i, sketched in self._sketched.items():
+            buffer = self._sums[i]
+            if sketched and i not in self._sketch_dims and buffer is not None:
+                self._sketch_dims[i] = ((buffer.numel() - sketch_size(0, k)) // (k + 1), k)
 
     def summary_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if not self.overlap_spectra or device.type != "cuda":
@@ -516,11 +570,12 @@ class DimensionalCollapse(ActivationMonitor):
         if sketch is not None and sums.numel() == sketch_size(*sketch):
             d = sketch[0]
             ranks = rank_statistics(sketch_spectrum(sums, *sketch), d)
-            if rows * max(1, distributed_world_size()) > sketch[1] + 1:
-                measured = sums.new_zeros(())  # more rows than k + 1 (more micro-batches than planned): not exact
-            else:  # a mean far above the spread: the float32 projection lost the centred rows
-                resolved = sketch_resolved(sums, *sketch)
-                measured = resolved if measured is None else measured & resolved
+            # exact while the rows of all ranks (the reduced count, the same on every rank: a rank's own count times
+            # the world size decided differently on each rank when their counts differed) are at most k + 1 (more
+            # micro-batches than planned, or a module called more often); and while the float32 projection resolves
+            # the centred rows (a mean far above the spread)
+            exact = (sums[0] <= sketch[1] + 1) & sketch_resolved(sums, *sketch)
+            measured = exact if measured is None else measured & exact
         else:
             d = covariance_dim(sums.numel())
             ranks = self._ranks.pop(tap_index, None)
@@ -607,6 +662,7 @@ class DimensionalCollapse(ActivationMonitor):
         chosen = self._chosen_weights(pl_module, self.param_names)
         if chosen is None:
             return None
+        chosen = [_whole(p) for p in chosen]
         total = sum(p.numel() for p in chosen)
         if self.projection_dim is None or total <= self.projection_dim:
             return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])
@@ -668,7 +724,7 @@ class DimensionalCollapse(ActivationMonitor):
             for n in callback.scheduling.values()
         ])
         self._rows_per_due_step = self.max_rows * accumulation * max(1, trainer.world_size)
-        self._sketch_dims = {}
+        self._sketch_dims, self._sketched = {}, {}
         self._widths = {}
         self._references, self._agreed_references = {}, set()
         follow_weights = [
@@ -690,9 +746,8 @@ class DimensionalCollapse(ActivationMonitor):
         problem = eigensolver_problem(self.eigensolver, pl_module.device)
         if problem is not None:
             raise LightningActError(f"DimensionalCollapse: {problem}")
-        # idle under FSDP, like its activation taps (see subscribe_taps' warning)
-        sharded = trainer is not None and "FSDP" in type(trainer.strategy).__name__
-        chosen = [] if sharded else self._select_params(pl_module)
+        # idle under FSDP1 and tensor parallelism, like its activation taps (see subscribe_taps' warning)
+        chosen = [] if unmonitored_strategy(trainer) is not None else self._select_params(pl_module)
         if self._snapshots and not self._trajectory_continues(pl_module, chosen):
             rank_zero_warn(
                 "DimensionalCollapse: the weight trajectory it holds (from a checkpoint or an earlier fit) follows "

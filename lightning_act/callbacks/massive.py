@@ -11,13 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-
+from torch import nn
 
 from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int, check_number, training_step_index
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
-    dataset_size,
+    forward_is_collective,
     own_passes,
     probing,
     resolve_forward_fn,
@@ -142,8 +142,9 @@ class MassiveActivations(ActivationMonitor):
         self.probe = probe
         self.probe_batches = int(probe_batches)
         self.forward_fn = resolve_forward_fn("MassiveActivations", forward_fn)
-        self._probe_data: list[Any] = []
-        self._probe_here = True
+        #: The probe batches this rank runs, each with whether it measures it (:meth:`_plan_probe`).
+        self._probe_plan: list[tuple[Any, bool]] = []
+        self._measuring = True  # off during a probe forward this rank runs without measuring it
         self._probed_step: int | None = None
         if not isinstance(stop_after_taps, bool):  # "no" would read as True
             raise LightningActError(f"MassiveActivations: stop_after_taps={stop_after_taps!r} must be True or False")
@@ -170,7 +171,7 @@ class MassiveActivations(ActivationMonitor):
         forward); later activations of the step (micro-batches) are turned into partials now, so one per tap is
         kept. A tap of more than ``DEFERRED_POSITIONS`` positions per sample takes its top-k now, so that its
         per-position maxima are not kept (an LLM's residual stream has millions)."""
-        if not self._measurable(tap_index, x):
+        if not self._measuring or not self._measurable(tap_index, x):
             return
         self._has_token[tap_index] = has_token_axis(x)
         if fused is None:
@@ -268,36 +269,44 @@ class MassiveActivations(ActivationMonitor):
         loaders: list[Any] = []
         batches = validation_batches(trainer, "MassiveActivations", lambda b: len(b) >= self.probe_batches, loaders)
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # each fit records its probe forwards afresh
-        self._probe_data = [to_device(batch, pl_module.device, trainer) for batch in batches]
-        self._probe_here = self._runs_probe_here(pl_module.device, dataset_size(loaders[0]))
+        probe_data = [to_device(batch, pl_module.device, trainer) for batch in batches]
+        self._probe_plan = self._plan_probe(pl_module, probe_data, loaders[0])
 
-    def _runs_probe_here(self, device: torch.device, size: int | None) -> bool:
-        """Whether this rank runs the probe: rank 0 alone when every rank holds the same batches; else every rank
-        its own shard, without the examples a ``DistributedSampler`` repeats to pad the dataset of ``size`` examples
-        (the probe's union is then the one-process probe's examples, each once)."""
+    def _plan_probe(self, pl_module: nn.Module, batches: list[Any], loader: Any) -> list[tuple[Any, bool]]:
+        """The probe batches this rank runs, each with whether it measures it.
+
+        Identical batches on every rank are measured by rank 0 alone (the one-process numbers). Batches that differ
+        between the ranks are each rank's own: every rank measures its own, without the examples a
+        ``DistributedSampler`` repeats to pad the dataset (the probe's union is then the one-process probe's examples,
+        each once). Where a forward is a collective (FSDP2's ``fully_shard``) every rank runs every batch it read,
+        measuring nothing of those it leaves out: rank 0's lone forward waited for the others forever."""
         if distributed_world_size() == 1:
-            return True
-        if same_on_every_rank(self._probe_data, device):
-            return torch.distributed.get_rank() == 0
-        self._probe_data = without_sampler_padding(self._probe_data, size)
-        return bool(self._probe_data)
+            return [(batch, True) for batch in batches]
+        if same_on_every_rank(batches, pl_module.device):
+            measured = batches if torch.distributed.get_rank() == 0 else []
+        else:
+            measured = without_sampler_padding(batches, loader)  # whole first batches, then one cut, in order
+        left_out = batches[len(measured):] if forward_is_collective(pl_module) else []
+        return [(batch, True) for batch in measured] + [(batch, False) for batch in left_out]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.probe is None or self._pending_step is None or self._probed_step == self._pending_step:
             return
         self._probed_step = self._pending_step
-        if not self._probe_here:
+        if not self._probe_plan:
             return
         self.arm(True)
         try:
             with own_passes(self._registry, self, self._cutoff), probing(trainer, pl_module, pl_module.device):
-                for probe_batch in self._probe_data:
+                for probe_batch, measured in self._probe_plan:
+                    self._measuring = measured
                     self._cutoff.forward(
                         functools.partial(call_forward, "MassiveActivations", self.forward_fn, pl_module, probe_batch)
                     )
                 self._cutoff.pass_complete()
         finally:
+            self._measuring = True
             self.arm(False)
 
     # ------------------------------------------------------------------ emergence fits

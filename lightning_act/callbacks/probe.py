@@ -25,6 +25,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import CombinedLoader
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
 from lightning_act.errors import LightningActError
@@ -112,12 +113,21 @@ def validation_batches(
     return batches
 
 
-def dataset_size(loader: Any) -> int | None:
-    """Examples in a loader's dataset, where it has a length (map-style datasets)."""
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return None
+def distributed_sampler(loader: Any) -> DistributedSampler | None:
+    """The ``DistributedSampler`` a loader shards one dataset with (as its sampler or its batch sampler's), if any. A
+    loader without one that still gives each rank other batches reads a dataset of its own per rank (pre-sharded
+    files): its examples are all distinct, none is padding."""
+    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            return sampler
+    return None
+
+
+def sampled_dataset_size(loader: Any) -> int | None:
+    """Examples in the dataset a loader's ``DistributedSampler`` shards, where it has one (``None`` otherwise): the
+    size of the ranks' union without the sampler's padding."""
+    sampler = distributed_sampler(loader)
+    return None if sampler is None else len(sampler.dataset)  # type: ignore[arg-type]
 
 
 def first_batch_tensor(batch: Any) -> torch.Tensor | None:
@@ -139,15 +149,18 @@ def num_examples(batch: Any, axis: int = 0) -> int:
     return tensor.shape[axis] if tensor.dim() > axis else 1
 
 
-def without_sampler_padding(batches: list[Any], size: int | None) -> list[Any]:
-    """This rank's first ``batches`` from a loader that shards the data itself, without the examples a
-    ``DistributedSampler`` repeats to pad a dataset of ``size`` examples that does not divide among the W ranks:
-    rank r's k-th example is the sampler's position k·W + r, a repeat from ``size`` on. A batch is cut along the
-    first axis of each of its tensors as long as its inputs; batches left empty are dropped."""
-    world = distributed_world_size()
-    if size is None or world == 1:
+def without_sampler_padding(batches: list[Any], loader: Any) -> list[Any]:
+    """This rank's first ``batches`` from a loader that shards the data itself, without the examples its
+    ``DistributedSampler`` repeats to pad a dataset that does not divide among the ranks: this rank's k-th example is
+    the sampler's position k·W + r, a repeat from the dataset's size on. A batch is cut along the first axis of each
+    of its tensors as long as its inputs; batches left empty are dropped. A loader without a ``DistributedSampler``
+    (a dataset per rank) repeats nothing: its batches are kept whole (before round 21 they were cut to the positions
+    a sampler over the rank's own dataset would have kept, about 1/W of each rank's examples)."""
+    sampler = distributed_sampler(loader)
+    if sampler is None or sampler.num_replicas == 1:
         return batches
-    left = len(range(torch.distributed.get_rank(), size, world))
+    size = min(len(sampler.dataset), sampler.total_size)  # type: ignore[arg-type]  # drop_last: no padding
+    left = len(range(sampler.rank, size, sampler.num_replicas))
     kept: list[Any] = []
     for batch in batches:
         count = num_examples(batch)
@@ -249,13 +262,38 @@ def buffers_kept(pl_module: nn.Module) -> Iterator[None]:
                 buffer.copy_(before)
 
 
+def forward_is_collective(pl_module: nn.Module) -> bool:
+    """Whether a forward of the model communicates between the ranks, so that every rank must run each probe forward
+    (one rank alone waits for the others forever): FSDP2 (``fully_shard``) all-gathers each module's parameters. A
+    DDP forward is local. (Under tensor parallelism, whose forward is a collective too, the monitors stay idle.)"""
+    return bool(_fsdp2_modules(pl_module))
+
+
+def _fsdp2_modules(pl_module: nn.Module) -> list[nn.Module]:
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in pl_module.modules() if isinstance(module, FSDPModule)]
+
+
+def _reshard(pl_module: nn.Module) -> None:
+    """FSDP2 modules back to their sharded parameters after a probe: the root module keeps its parameters gathered
+    after a forward, for the backward that follows it in training, which a probe never has. Left gathered at fit start,
+    they were plain tensors where Lightning's restore of a full checkpoint (after ``on_fit_start`` under strategies that
+    restore after setup) loads into DTensors: the resume failed."""
+    for module in _fsdp2_modules(pl_module):
+        module.reshard()  # type: ignore[operator]
+
+
 @contextlib.contextmanager
 def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
     """Eval mode, no_grad, the precision context and a forked RNG; every train/eval flag and buffer restored.
 
     PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
     gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
-    read; off, the probe's forward computes what the training forward computes."""
+    read; off, the probe's forward computes what the training forward computes. FSDP2 modules are resharded after
+    (:func:`_reshard`)."""
     flags = {module: module.training for module in pl_module.modules()}
     fast_path = torch.backends.mha.get_fastpath_enabled()
     context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
@@ -268,3 +306,4 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
         torch.backends.mha.set_fastpath_enabled(fast_path)
         for module, flag in flags.items():
             module.train(flag)
+        _reshard(pl_module)

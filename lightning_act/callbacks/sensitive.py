@@ -68,13 +68,13 @@ from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
-    dataset_size,
     first_batch_tensor,
     num_examples,
     own_passes,
     probing,
     resolve_forward_fn,
     same_on_every_rank,
+    sampled_dataset_size,
     to_device,
     validation_batches,
 )
@@ -153,6 +153,12 @@ def _dtype_problem(inputs: torch.Tensor, pl_module: nn.Module, cause: BaseExcept
         f"SensitiveNeurons: the model could not run on tracking_inputs, which are {inputs.dtype} where its parameters "
         f"are {dtype}; pass tracking_inputs=<tensor>.to({dtype}) (torch.from_numpy gives numpy's float64)"
     )
+
+
+def _restores_after_fit_start(trainer: pl.Trainer | None) -> bool:
+    """Whether Lightning restores a checkpoint's weights and callback states after ``on_fit_start``
+    (``restore_checkpoint_after_setup``: FSDP, DeepSpeed, ``ModelParallelStrategy``), not before it."""
+    return trainer is not None and trainer.strategy.restore_checkpoint_after_setup
 
 
 def _is_stochastic(module: nn.Module) -> bool:
@@ -466,6 +472,19 @@ class SensitiveNeurons(FitScopedState):
             )
         else:
             self._batches = self._from_validation(trainer, pl_module, device)
+        if not _restores_after_fit_start(trainer):
+            self._continue_run(device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.taps and _restores_after_fit_start(trainer):
+            self._continue_run(_module_device(pl_module))
+
+    def _continue_run(self, device: torch.device) -> None:
+        """The windows of the run this fit continues (a resumed checkpoint's) on the model's device, and the features
+        it was dropping dropped again: once its state is restored, which is after ``on_fit_start`` under strategies that
+        restore after setup (FSDP, DeepSpeed, ``ModelParallelStrategy``); done there, a resumed SeND run trained its
+        remaining countdown without the drop."""
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
         dropping = [tap for tap in self.taps if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive]
         if dropping and not self.drop:  # a resume with drop=False: training as without the callback
@@ -511,7 +530,7 @@ class SensitiveNeurons(FitScopedState):
         self._input_axis = axis
         if same_on_every_rank(inputs, device):
             return self._join([inputs], axis, self.num_samples)
-        return self._union_over_ranks(inputs, axis, dataset_size(loaders[0]), device)
+        return self._union_over_ranks(inputs, axis, sampled_dataset_size(loaders[0]), device)
 
     def _whole_validation_batches(
         self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device
@@ -584,11 +603,13 @@ class SensitiveNeurons(FitScopedState):
     def _union_over_ranks(
         self, local: list[torch.Tensor], axis: int, size: int | None, device: torch.device
     ) -> list[torch.Tensor]:
-        """The same tracking set on every rank from a loader that shards the data itself (e.g. an unshuffled
-        ``DistributedSampler``): the ranks' input batches gathered (as objects: padded batches differ in shape) and
-        joined in the original order, the first ``num_samples`` kept, at most the dataset's ``size`` (a
-        ``DistributedSampler`` pads a dataset that does not divide among the ranks with its first examples again), so
-        the set matches a one-process run."""
+        """The same tracking set on every rank from a loader that shards the data itself: the ranks' input batches
+        gathered (as objects: padded batches differ in shape) and joined in the original order, the first
+        ``num_samples`` kept. ``size``: the examples of the dataset a ``DistributedSampler`` shards, which pads a
+        dataset that does not divide among the ranks with its first examples again; the set keeps at most ``size``, so
+        it matches a one-process run. ``None``: each rank reads a dataset of its own (pre-sharded files), whose
+        examples are all distinct (before round 21 each rank cut the union to its own dataset's size: the ranks
+        tracked different sets)."""
         shards: list[Any] = [None] * distributed_world_size()
         dist.all_gather_object(shards, [x.cpu() for x in local])
         total = sum(x.shape[axis] for shard in shards for x in shard)
