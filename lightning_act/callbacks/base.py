@@ -42,6 +42,7 @@ import contextlib
 import logging
 import math
 import numbers
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -410,6 +411,13 @@ def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
                     )
 
 
+def current_tap_key(key: str) -> str:
+    """A checkpoint's tap name, or ``<prefix>/<tap>/<stat>`` key, with an input tap named as this version names it:
+    62acaae named the input tap of ``head`` ``head:input``, ce8ccde on ``head-input`` (:data:`INPUT_TAP_SUFFIX`); a
+    resume kept the old name's histories and SeND windows apart from the new values, two half runs."""
+    return re.sub(r":input(?=/|$)", INPUT_TAP_SUFFIX, key)
+
+
 class FitScopedState(Callback):
     """The part of a monitor's state that belongs to one run: its histories (``history``) and whatever else its
     ``state_dict`` holds. Lightning hands a checkpoint's callback states to every callback, for a fit's ``ckpt_path``
@@ -453,10 +461,10 @@ class FitScopedState(Callback):
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         """Replace the run's state by ``state_dict`` (``{}``: the empty state of a new run)."""
         self.history = {
-            key: BoundedSeries.from_state_dict(s).with_capacity(self.history_size)
+            current_tap_key(key): BoundedSeries.from_state_dict(s).with_capacity(self.history_size)
             for key, s in state_dict.get("history", {}).items()
         }
-        self._published = dict(state_dict.get("published", {}))
+        self._published = {current_tap_key(key): value for key, value in state_dict.get("published", {}).items()}
 
     def publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         """Put ``metrics`` into ``trainer.callback_metrics`` (same values on every rank), and keep the latest of

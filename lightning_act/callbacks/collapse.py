@@ -47,7 +47,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import (
-    MEASURED, ActivationMonitor, Partials, check_int, check_number, unmonitored_strategy,
+    MEASURED, ActivationMonitor, Partials, check_int, check_number, current_tap_key, unmonitored_strategy,
 )
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import averaged_copy_modules, frozen_copies, module_class, named_modules
@@ -166,6 +166,14 @@ def _mean_row(rows: torch.Tensor) -> torch.Tensor:
     rows = rows.to(torch.float64)
     finite = torch.isfinite(rows)
     return torch.where(finite, rows, 0.0).sum(-2) / finite.sum(-2).clamp_min(1)
+
+
+def _fit_start_step(trainer: pl.Trainer) -> int:
+    """The ``global_step`` this fit starts at, in ``on_fit_start``: a resumed fit's loops are restored after it
+    (``trainer.global_step`` still 0 there), so it is read from the checkpoint Lightning holds until then; a resumed
+    trajectory that restarted labelled its first snapshot step -1 and said "from step 0"."""
+    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)  # Lightning's own
+    return int(loaded.get("global_step", trainer.global_step)) if loaded else trainer.global_step
 
 
 class DimensionalCollapse(ActivationMonitor):
@@ -315,6 +323,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._snapshot_seen = 0
         self._snapshot_stride = 1
         self._restored_follows: list[Any] | None = None  # what a restored trajectory's snapshots are of
+        self._follows_unrecorded = False  # restored from a checkpoint that does not say (62acaae and earlier)
         self._feature_dims: dict[str, int] = {}
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
@@ -748,27 +757,36 @@ class DimensionalCollapse(ActivationMonitor):
             raise LightningActError(f"DimensionalCollapse: {problem}")
         # idle under FSDP1 and tensor parallelism, like its activation taps (see subscribe_taps' warning)
         chosen = [] if unmonitored_strategy(trainer) is not None else self._select_params(pl_module)
+        start = _fit_start_step(trainer)
         if self._snapshots and not self._trajectory_continues(pl_module, chosen):
             rank_zero_warn(
                 "DimensionalCollapse: the weight trajectory it holds (from a checkpoint or an earlier fit) follows "
                 "other weights than this fit's (another model or head, or param_patterns, projection_dim or seed "
-                f"changed); params/r90 follows a new trajectory from step {trainer.global_step}",
+                f"changed); params/r90 follows a new trajectory from step {start}",
                 category=UserWarning,
             )
             self._restart_trajectory()
         self.param_names = chosen
+        self._follows_unrecorded = False  # param_names now says what the snapshots follow
         self._weight_shapes = self._shapes(pl_module)
         first = self._snapshot(pl_module) if self.param_names and not self._snapshots else None
         if first is not None:
-            self._add_snapshot(trainer.global_step - 1, first)
+            self._add_snapshot(start - 1, first)
 
     def _restart_trajectory(self) -> None:
         self._snapshots, self._snapshot_steps, self._snapshot_seen, self._snapshot_stride = [], [], 0, 1
-        self._restored_follows, self._r90 = None, None
+        self._restored_follows, self._follows_unrecorded, self._r90 = None, False, None
 
     def _trajectory_continues(self, pl_module: pl.LightningModule, chosen: list[str]) -> bool:
-        """Whether the snapshots held stack with this fit's: of the same weights (``chosen``), projected alike."""
-        follows = self._restored_follows if self._restored_follows is not None else self._trajectory_follows()
+        """Whether the snapshots held stack with this fit's: of the same weights (``chosen``), projected alike. A
+        checkpoint that does not record what its snapshots follow is taken to follow ``chosen`` (the snapshot format
+        is the same since 62acaae); only their length is checked then."""
+        if self._restored_follows is not None:
+            follows = self._restored_follows
+        elif self._follows_unrecorded:
+            follows = [chosen, self.projection_dim, self.seed]
+        else:
+            follows = self._trajectory_follows()
         if list(follows) != [chosen, self.projection_dim, self.seed]:
             return False
         weights = self._chosen_weights(pl_module, chosen)
@@ -882,13 +900,14 @@ class DimensionalCollapse(ActivationMonitor):
 
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         super().restore_state(state_dict)
-        self.collapsed = set(state_dict.get("collapsed", []))
+        self.collapsed = {current_tap_key(name) for name in state_dict.get("collapsed", [])}
         trajectory = state_dict.get("trajectory", {})
         self._snapshots = [torch.as_tensor(s, dtype=torch.float64) for s in trajectory.get("snapshots", [])]
         self._r90 = None
         self._snapshot_steps = [int(s) for s in trajectory.get("steps", [])]
         self._snapshot_seen = int(trajectory.get("seen", 0))
         self._snapshot_stride = int(trajectory.get("stride", 1))
-        self._restored_follows = trajectory.get("follows")  # absent before round 17
+        self._restored_follows = trajectory.get("follows")  # absent in 62acaae's and earlier checkpoints
+        self._follows_unrecorded = self._restored_follows is None and bool(self._snapshots)
         if self._restored_follows is not None:
             self.param_names = list(self._restored_follows[0])  # what the snapshots follow

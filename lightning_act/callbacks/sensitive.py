@@ -56,6 +56,7 @@ from lightning_act.callbacks.base import (
     check_feature_dim,
     check_int,
     check_number,
+    current_tap_key,
     declared_layout,
     module_list,
     spelling_free_modules,
@@ -67,6 +68,7 @@ from lightning_act.callbacks.graphed_pass import GraphedPass, strategy_allows_gr
 from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
     ForwardFn,
+    batch_tensors,
     call_forward,
     first_batch_tensor,
     num_examples,
@@ -159,6 +161,22 @@ def _restores_after_fit_start(trainer: pl.Trainer | None) -> bool:
     """Whether Lightning restores a checkpoint's weights and callback states after ``on_fit_start``
     (``restore_checkpoint_after_setup``: FSDP, DeepSpeed, ``ModelParallelStrategy``), not before it."""
     return trainer is not None and trainer.strategy.restore_checkpoint_after_setup
+
+
+def _tracking_fingerprint(batches: list[Any]) -> list[float]:
+    """The tracking set's element count, float64 sum and sum of squares: a resumed fit whose set differs (drawn anew
+    at a relaunch, a shuffling validation loader) holds windows of another set's embeddings, which its own would
+    stack with silently when the shapes agree. One host read, at fit start."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for tensor in (t for batch in batches for t in batch_tensors(batch)):
+        x = tensor.detach().to(torch.float64).nan_to_num()
+        sums = sums.to(x.device) + torch.stack([x.new_tensor(float(x.numel())), x.sum(), x.square().sum()])
+    return sums.tolist()
+
+
+def _same_fingerprint(held: list[float], now: list[float]) -> bool:
+    """Equal up to the round-off of another summation order (the set moved to another device)."""
+    return all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(held, now, strict=True))
 
 
 def _is_stochastic(module: nn.Module) -> bool:
@@ -367,6 +385,9 @@ class SensitiveNeurons(FitScopedState):
         self.sensitive: dict[str, torch.Tensor] = {}
         self.previous: dict[str, torch.Tensor] = {}
         self.countdown: dict[str, int] = {}
+        #: :func:`_tracking_fingerprint` of the set the windows hold embeddings of, and of this fit's set.
+        self._windows_fingerprint: list[float] | None = None
+        self._fit_fingerprint: list[float] | None = None
         self.checkpoints = 0
         self.armed = False
         self._batches: list[Any] = []
@@ -472,6 +493,7 @@ class SensitiveNeurons(FitScopedState):
             )
         else:
             self._batches = self._from_validation(trainer, pl_module, device)
+        self._fit_fingerprint = _tracking_fingerprint(self._batches)
         if not _restores_after_fit_start(trainer):
             self._continue_run(device)
 
@@ -484,7 +506,20 @@ class SensitiveNeurons(FitScopedState):
         """The windows of the run this fit continues (a resumed checkpoint's) on the model's device, and the features
         it was dropping dropped again: once its state is restored, which is after ``on_fit_start`` under strategies that
         restore after setup (FSDP, DeepSpeed, ``ModelParallelStrategy``); done there, a resumed SeND run trained its
-        remaining countdown without the drop."""
+        remaining countdown without the drop. Windows of another tracking set (see :func:`_tracking_fingerprint`;
+        checkpoints of c77375e and earlier hold no fingerprint and are continued) start afresh."""
+        held, self._windows_fingerprint = self._windows_fingerprint, self._fit_fingerprint
+        if held is not None and not _same_fingerprint(held, self._fit_fingerprint):
+            restarted = [name for name, window in self.embeddings.items() if window]
+            if restarted:
+                rank_zero_warn(
+                    f"SensitiveNeurons: the tracking set differs from the checkpoint's (its inputs' sum or sum of "
+                    f"squares changed: drawn anew, or a shuffling validation loader); the windows and sensitive sets "
+                    f"of {', '.join(restarted)} start afresh (pass the same tracking_inputs to continue them)",
+                    category=UserWarning,
+                )
+            for name in restarted:
+                self._forget_tap(name)
         self.embeddings = {name: [e.to(device) for e in window] for name, window in self.embeddings.items()}
         dropping = [tap for tap in self.taps if self.countdown.get(tap.name, 0) > 0 and tap.name in self.sensitive]
         if dropping and not self.drop:  # a resume with drop=False: training as without the callback
@@ -858,6 +893,9 @@ class SensitiveNeurons(FitScopedState):
             "tracking set or the layer changed since the checkpoint); its window and sensitive set start afresh",
             category=UserWarning,
         )
+        self._forget_tap(name)
+
+    def _forget_tap(self, name: str) -> None:
         self.embeddings[name].clear()
         for state in (self.sensitive, self.previous, self.countdown):
             state.pop(name, None)
@@ -979,13 +1017,17 @@ class SensitiveNeurons(FitScopedState):
             "sensitive": {name: s.cpu() for name, s in self.sensitive.items()},
             "previous": {name: s.cpu() for name, s in self.previous.items()},
             "countdown": dict(self.countdown),
+            "tracking_fingerprint": self._windows_fingerprint,
             "checkpoints": self.checkpoints,
         }
 
     def restore_state(self, state_dict: dict[str, Any]) -> None:
         super().restore_state(state_dict)
-        self.embeddings = {name: list(window) for name, window in state_dict.get("embeddings", {}).items()}
-        self.sensitive = dict(state_dict.get("sensitive", {}))
-        self.previous = dict(state_dict.get("previous", {}))
-        self.countdown = {name: int(c) for name, c in state_dict.get("countdown", {}).items()}
+        self.embeddings = {
+            current_tap_key(name): list(window) for name, window in state_dict.get("embeddings", {}).items()
+        }
+        self.sensitive = {current_tap_key(name): s for name, s in state_dict.get("sensitive", {}).items()}
+        self.previous = {current_tap_key(name): s for name, s in state_dict.get("previous", {}).items()}
+        self.countdown = {current_tap_key(name): int(c) for name, c in state_dict.get("countdown", {}).items()}
+        self._windows_fingerprint = state_dict.get("tracking_fingerprint")  # absent before round 21: not compared
         self.checkpoints = int(state_dict.get("checkpoints", 0))

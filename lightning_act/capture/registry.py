@@ -174,6 +174,12 @@ class MonitorHook:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, **dict.fromkeys(self._not_copied), "attached": False}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """An unpickled hook is never its monitor's own: pickles of c77375e and earlier hold no ``attached`` (the
+        class default True kept their hooks acting, e.g. a SeND drop in a saved snapshot)."""
+        self.__dict__.update(state)
+        self.attached = False
+
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")

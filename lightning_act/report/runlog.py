@@ -418,7 +418,13 @@ def load_run(path: str | Path) -> RunLog:
         file_columns, file_rows, file_series, file_notes = read_metrics(csv_path)
         notes += file_notes
         steps = [s for series in file_series.values() for s in series.steps]
-        logs_training = _logs_training(file_columns)
+        earlier_last = max((part.last_step for part in parts if part.last_step is not None), default=None)
+        # a resumed fit whose part fell short of log_every_n_steps logs only validation rows; it is still a fit when
+        # it logs past every earlier version's last step (a validate/test logs at its checkpoint's step, within the
+        # run): its values were left out as a validate's. Judged by steps, not config.yaml: runs from Python have none
+        logs_training = _logs_training(file_columns) or (
+            earlier_last is not None and bool(steps) and min(steps) > earlier_last
+        )
         parts.append(CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training))
         to_merge.append((csv_path, file_series, logs_training))
         columns += [c for c in file_columns if c not in columns]
