@@ -291,9 +291,9 @@ class LastCheckpoint(Checkpoint):
         if (not trainer.received_sigterm or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
+        _swap_trained_weights_in(trainer, pl_module)
         if trainer.global_step != self._last_saved_step:
-            with _trained_weights_in(trainer, pl_module):
-                target = self.save(trainer)
+            target = self.save(trainer)
             said = f"wrote {target}" if target is not None else None
         else:
             target = self.path(trainer)
@@ -319,20 +319,16 @@ class LastCheckpoint(Checkpoint):
         self._restore_handler()
 
 
-@contextmanager
-def _trained_weights_in(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """The trained weights in the module, for a save while the fit validates: Lightning's ``WeightAveraging`` (EMA)
-    swaps its average in for validation, and its ``on_save_checkpoint`` takes the module's tensors as the weights to
-    train on and its averaged copy as the average, so a save then stored them the wrong way round (a resume trained on
-    from the average). Swapped out as at the validation's end, and in again after the save."""
-    averaging = [c for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.WeightAveraging"))]
-    for callback in averaging:
-        callback.on_validation_epoch_end(trainer, pl_module)
-    try:
-        yield
-    finally:
-        for callback in reversed(averaging):
-            callback.on_validation_epoch_start(trainer, pl_module)
+def _swap_trained_weights_in(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """The trained weights back in the module, as at the validation's end, before a SIGTERM ends the fit from inside
+    validation: Lightning's ``WeightAveraging`` (EMA) swaps its average in for validation, and its
+    ``on_save_checkpoint`` takes the module's tensors as the weights to train on and its averaged copy as the average.
+    Left swapped, the ``last.ckpt`` save, and any save after the interrupt (``OnExceptionCheckpoint``, a
+    ``trainer.save_checkpoint``), stored them the wrong way round (a resume trained on from the average). The fit
+    does not validate on, so nothing swaps them in again: the module is left as after a SIGTERM during training."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, lightning_classes("callbacks.WeightAveraging")):
+            callback.on_validation_epoch_end(trainer, pl_module)
 
 
 def _not_a_checkpoint(path: str | os.PathLike[str]) -> NotACheckpointError:

@@ -207,7 +207,9 @@ def check_optimizer_options(argv: Sequence[str]) -> None:
 
 def check_config_files(argv: Sequence[str]) -> None:
     """Fail fast, in one line, on a missing or malformed config file, an unimportable ``class_path`` or an
-    ``optimizer:`` / ``lr_scheduler:`` section (see :func:`check_optimizer_options`)."""
+    ``optimizer:`` / ``lr_scheduler:`` section (see :func:`check_optimizer_options`) other than the ``null`` that
+    every config saved by an earlier version (with LightningCLI's ``auto_configure_optimizers``) ends with, which the
+    parser takes (``add_arguments_to_parser``)."""
     for path in _config_paths(argv):
         if not Path(path).is_file():
             raise DataNotFoundError(
@@ -217,7 +219,7 @@ def check_config_files(argv: Sequence[str]) -> None:
         if config is not None and not isinstance(config, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (trainer:, model:, data:), got a {type(config).__name__}")
         for section in TASK_OWNED_SECTIONS:
-            if config is not None and section in config:
+            if config is not None and config.get(section) is not None:
                 raise _task_owned_refusal(f"{path}: the {section} section")
         for class_path in _class_paths(config):
             problem = _import_problem(class_path)
@@ -546,6 +548,12 @@ def _build_cli_class() -> type:
                 "--num_threads", type=int | None, default=None,
                 help="torch.set_num_threads for this run: CPU results then do not depend on OMP_NUM_THREADS",
             )
+            for section in TASK_OWNED_SECTIONS:  # check_config_files refuses any value but null
+                parser.add_argument(
+                    f"--{section}", type=Any, default=None,
+                    help="not taken (the models build their own); null, which configs saved by earlier versions end "
+                    "with, is accepted so that they can be re-used",
+                )
             batches_or_fraction = Union[int, float, None]  # int first: 1 is one batch, 1.0 every batch
             for action in parser._actions:
                 if action.dest in BATCHES_OR_FRACTION and hasattr(action, "_typehint"):

@@ -272,3 +272,141 @@ def test_sensitive_neurons_leave_out_a_tap_with_one_row_per_window() -> None:
     handle.remove()
     np.testing.assert_allclose(monitor.embeddings["net.blocks.1"][-1].numpy(),
                                recorded[0].double().numpy().mean(1), rtol=1e-5, atol=1e-7)  # a float32 mean
+
+
+# ------------------------------------------------------------------ TorchScript again, and right before a due step
+class ScriptTwiceEachTime(Callback):
+    """``torch.jit.script`` of the trunk twice in a row (no forward between: two export targets) at ``at_steps``."""
+
+    def __init__(self, at_steps: tuple[int, ...]) -> None:
+        self.at_steps = at_steps
+        self.errors: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.at_steps:
+            both = [torch.jit.script(pl_module.net) for _ in range(2)]  # any forward puts the hooks back
+            clean = ScriptableNet()  # the same weights without any hook
+            clean.load_state_dict(pl_module.net.state_dict())
+            with torch.no_grad():
+                self.errors += [float((scripted(batch[0]) - clean(batch[0])).abs().max()) for scripted in both]
+
+
+def test_scripting_twice_without_a_forward_between_then_again_works() -> None:
+    # Before: the second scripting found the hooks already off and dropped the modules' __prepare_scriptable__; the
+    # hooks came back without it, and the next scripting failed (AttributeError: '_CaptureHook' object has no
+    # attribute '__name__').
+    def run(export: bool) -> tuple[dict, ScriptTwiceEachTime]:
+        torch.manual_seed(0)
+        monitor = ActivationStats(modules="@blocks", every_n_steps=1)
+        exporter = ScriptTwiceEachTime(at_steps=(2, 4))
+        quiet_trainer(max_steps=5, callbacks=[monitor, *([exporter] if export else [])]).fit(
+            ToyTask(ScriptableNet()), toy_loader())
+        return {key: series.values for key, series in monitor.history.items()}, exporter
+
+    plain, _ = run(export=False)
+    histories, exporter = run(export=True)
+    assert len(exporter.errors) == 4 and max(exporter.errors) < 1e-6
+    assert histories == plain and len(plain["act/net.blocks.0/mean"]) == 5
+
+
+class DirectCallTask(ToyTask):
+    """A training step that calls the net's first module itself (no module call before it)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.net.embed(x.flatten(1))
+        for block in self.net.blocks:
+            h = block(h)
+        return nn.functional.cross_entropy(self.net.head(h), y)
+
+
+class ScriptEmbedAfter(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            torch.jit.script(pl_module.net.embed)
+
+
+def test_an_input_tap_on_the_first_module_called_sees_the_step_after_a_scripting() -> None:
+    # Before: the hooks came back at that module's own call, after torch had listed its pre-hooks: the input tap
+    # missed step 3 (5 of 6 values).
+    monitor = ActivationStats(modules=["net.embed:input"], every_n_steps=1)
+    quiet_trainer(max_steps=6, callbacks=[monitor, ScriptEmbedAfter(at_step=3)]).fit(
+        DirectCallTask(ScriptableNet()), toy_loader())
+    batches = toy_loader().dataset.tensors[0].double().numpy().reshape(8, 8, -1)
+    assert monitor.history["act/net.embed-input/mean"].values == pytest.approx(
+        [batch.mean() for batch in batches[:6]], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ buffers around probe passes
+class GridModel(nn.Module):
+    """A coordinate grid expanded without a copy (elements share memory), a call counter, and a 4 MB table it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("grid", (torch.arange(8.0) / 4 - 1).expand(8, 8))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("table", torch.zeros(1 << 20))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x @ self.grid) + self.table[0]
+
+
+def test_probe_passes_keep_an_expanded_buffer_and_a_counter_without_copying_a_large_buffer() -> None:
+    # Before: the expanded grid crashed the probe (copy_ into overlapping memory), and every buffer was cloned at every
+    # probe (the 4 MB table read by no op: 164 ms per probe with 256 MB).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_act.callbacks.probe import probing
+
+    class LargestOutputs(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.numel())
+            return out
+
+    model = GridModel()
+    grid, calls, table = model.grid, model.calls, model.table
+    with LargestOutputs() as mode, probing(None, model, torch.device("cpu")):
+        model(torch.ones(2, 8))
+    assert model.grid is grid and model.calls is calls and model.table is table
+    np.testing.assert_array_equal(model.grid.numpy(), np.broadcast_to(np.arange(8) / 4 - 1, (8, 8)))
+    assert int(model.calls) == 0
+    assert mode.largest < table.numel()  # nothing the size of the table was made: it was not copied
+
+
+class TableWriter(nn.Module):
+    """Writes the start of a 4 MB table in every forward, eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(1 << 20))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.table[:8] += 1
+        return x
+
+
+def test_a_probe_writing_a_large_buffer_is_said_once_by_name() -> None:
+    # Before: nothing said (the whole table was copied back at every probe instead).
+    from lightning_act.callbacks.probe import probing
+
+    model = nn.Sequential(TableWriter())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with probing(None, model, torch.device("cpu")):
+                model(torch.ones(2, 8))
+    said = [str(w.message) for w in caught if "'0.table'" in str(w.message)]
+    assert len(said) == 1 and "write it in training mode only" in said[0]
+    assert model[0].table[:8].tolist() == [2.0] * 8

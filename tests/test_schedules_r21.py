@@ -311,3 +311,148 @@ def test_the_language_models_restored_schedule_sets_the_next_steps_lr_from_this_
     expected = 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 18)))
     assert [g["lr"] for g in resumed_optimizer.param_groups] == pytest.approx([expected, expected], rel=1e-12)
     assert resumed_schedule.get_last_lr() == pytest.approx([expected, expected], rel=1e-12)
+
+
+# --- r21_R2 bug 1: configs saved before round 21 end with optimizer: null / lr_scheduler: null -----------------------
+
+
+def test_a_config_saved_before_round_21_fits_and_a_new_fits_saved_config_fits_again(tmp_path, monkeypatch):
+    """Before round 21, LightningCLI had auto_configure_optimizers=True: every saved config.yaml ends with
+    ``optimizer: null`` and ``lr_scheduler: null``. Round 21 refused them (exit 2) as if they set an optimizer.
+    Expected: such a file fits (exit 0), the new fit's saved config.yaml fits again, and a non-null section is still
+    refused."""
+    from lightning_act.cli import main
+
+    config = yaml.safe_load((ROOT / "recipes" / "vit_demo.yaml").read_text())
+    config["trainer"].update(max_steps=2, max_epochs=1, limit_val_batches=1, enable_progress_bar=False,
+                             default_root_dir=str(tmp_path / "runs"))
+    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": str(tmp_path / "runs"), "name": "csv"}}]
+    config["trainer"]["callbacks"] = None
+    config["model"]["init_args"]["model_kwargs"].update(embed_dim=8, depth=1, num_heads=2)
+    old = tmp_path / "old_config.yaml"
+    old.write_text(yaml.safe_dump(config) + "optimizer: null\nlr_scheduler: null\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(old)]) == 0
+    saved = tmp_path / "runs" / "csv" / "version_0" / "config.yaml"
+    assert yaml.safe_load(saved.read_text())["model"]["init_args"]["lr"] == 0.002
+    assert main(["fit", "--config", str(saved), "--overwrite"]) == 0
+    old.write_text(yaml.safe_dump(config) + "optimizer: torch.optim.Adam\n")
+    assert main(["fit", "--config", str(old), "--overwrite"]) == 2
+
+
+# --- r21_R2 bugs 2 and 3: Lightning's LearningRateFinder and BatchSizeFinder callbacks tune after configure_optimizers
+
+
+def _warmup2_classifier(lr):
+    from lightning_act.tasks.image_classification import ImageClassifier
+
+    return ImageClassifier(model_name="vit_tiny_patch16_224", num_classes=3, in_chans=1, lr=lr, warmup_steps=2,
+                           model_kwargs=dict(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2))
+
+
+def _images(n):
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=generator), torch.randint(0, 3, (n,), generator=generator))
+
+
+def test_the_learning_rate_finder_callbacks_suggestion_is_the_peak_of_the_whole_schedule(tmp_path):
+    """LearningRateFinder (a callback, update_attr) sets hparams.lr and the groups' LR to its suggestion at the fit's
+    start. Before: the suggestion lasted one step, then the schedule multiplied the built lr 1.0 (14x it). Expected:
+    the suggestion s times warm-up 2 then cosine over the 20 steps, worked here: s/2, s, s (1 + cos(pi k / 18)) / 2."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    pl.seed_everything(0, verbose=False)
+    finder = LearningRateFinder(min_lr=1e-4, max_lr=1e-1, num_training_steps=20, early_stop_threshold=None)
+    lrs, model = _LRs(), _warmup2_classifier(1.0)
+    _quiet_trainer(max_epochs=2, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False,
+                   callbacks=[finder, lrs.callback]).fit(model, DataLoader(_images(40), batch_size=4))
+    suggestion = finder.optimal_lr.suggestion()
+    assert 1e-4 <= suggestion <= 1e-1 and model.hparams.lr == suggestion
+    expected = [suggestion / 2, suggestion] + [suggestion * 0.5 * (1 + math.cos(math.pi * k / 18)) for k in range(18)]
+    np.testing.assert_allclose(lrs.values, expected, rtol=1e-12)
+
+
+def test_the_cosine_spans_the_fit_at_the_batch_size_the_batch_size_finder_callback_chose(tmp_path):
+    """BatchSizeFinder (a callback) doubles the batch 2 -> 4 at the fit's start: 40 samples are 10 steps, not 20.
+    Before: the cosine spanned the 20 steps of batch 2 (the fit ended at 0.67 x lr). Expected: warm-up 2, then the
+    cosine over the remaining 8 steps, worked here: 0.5, 1, (1 + cos(pi k / 8)) / 2 for k = 0..7."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    class Data(pl.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.batch_size = 2
+
+        def train_dataloader(self):
+            return DataLoader(_images(40), batch_size=self.batch_size)
+
+        val_dataloader = train_dataloader  # BatchSizeFinder resets it too
+
+    pl.seed_everything(0, verbose=False)
+    lrs, data = _LRs(), Data()
+    _quiet_trainer(max_epochs=1, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False,
+                   callbacks=[BatchSizeFinder(mode="power", max_trials=2, steps_per_trial=1), lrs.callback]).fit(
+        _warmup2_classifier(1.0), data)
+    assert data.batch_size == 4
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    np.testing.assert_allclose(lrs.values, expected, rtol=1e-12, atol=1e-15)
+
+
+# --- r21_R2 bug 4: after a SIGTERM during validation with EMA, the module holds the trained weights ------------------
+
+
+def test_after_a_sigterm_during_validation_with_ema_later_saves_hold_the_weights_as_lightnings_own_save(tmp_path):
+    """Before: LastCheckpoint swapped the average back in before ending the fit from inside validation, so the module
+    kept the EMA: OnExceptionCheckpoint's file and a trainer.save_checkpoint afterwards stored the trained weights as
+    the average and the EMA as the weights to train on. Expected, bitwise: the same tensors as Lightning's
+    ModelCheckpoint at that step (saved in training, no swap involved), and the trained weights in the module."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, OnExceptionCheckpoint
+
+    from lightning_act.checkpointing import LastCheckpoint
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # a preemption lands while the fit validates
+            self.log("val/loss", nn.functional.cross_entropy(self.layer(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(20, 4)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)
+    net = Net()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer = _quiet_trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[
+            EMAWeightAveraging(decay=0.5),
+            ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="reference"),
+            LastCheckpoint(dirpath=str(tmp_path)), OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")])
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            trainer.fit(net, loader, loader)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    reference = torch.load(tmp_path / "reference.ckpt", map_location="cpu", weights_only=True)
+    assert reference["global_step"] == 5
+    trained = reference["current_model_state"]
+    assert not torch.equal(trained["layer.weight"], reference["state_dict"]["layer.weight"])  # the EMA differs
+    for name in ("layer.weight", "layer.bias"):
+        assert torch.equal(net.state_dict()[name], trained[name])
+    for file in ("last.ckpt", "on_exception.ckpt", "after.ckpt"):
+        saved = torch.load(tmp_path / file, map_location="cpu", weights_only=True)
+        for name in ("layer.weight", "layer.bias"):
+            assert torch.equal(saved["current_model_state"][name], trained[name]), (file, name)
+            assert torch.equal(saved["state_dict"][name], reference["state_dict"][name]), (file, name)

@@ -7,9 +7,10 @@ How the model is run is a ``forward_fn(pl_module, batch)``; the default calls
 ``pl_module(batch[0])`` for a tuple/list batch and ``pl_module(batch)`` otherwise. A probe runs in
 eval mode (every module's flag restored afterwards), under ``torch.no_grad``, inside the
 precision plugin's forward context and under ``torch.random.fork_rng``, so BatchNorm statistics,
-the global RNG and the weights are untouched. Every buffer a probe forward changed is put back bit for bit:
-eval mode leaves BatchNorm's alone, but not a quantization-aware model's observers and fake-quant scales
-(``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters or caches a model keeps.
+the global RNG and the weights are untouched. Buffers a probe forward may change are put back bit for bit
+(:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's observers and
+fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a model keeps;
+a large buffer is not copied, and one a probe wrote in place is said once by name.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.utils.data import DistributedSampler
@@ -235,31 +236,72 @@ def own_passes(
     return contextlib.nullcontext() if registry is None else registry.exclusive(subscriber, cutoff)
 
 
+#: A buffer up to this size is copied before a probe's passes whatever its module: a counter or a small table a
+#: forward may write costs next to nothing to keep. A larger one is watched by its version counter instead (copying a
+#: 256 MB KV cache the forward only reads cost 164 ms and its size again in memory at every probe).
+COPIED_BUFFER_BYTES = 1 << 16
+
+#: The buffers said to keep what a probe wrote (once each per process).
+_unrestored_warned: set[str] = set()
+
+
+def _writes_without_version_bump(module: nn.Module) -> bool:
+    """Whether ``module`` updates its buffers in eval mode where their version counters may not tell: the observers
+    and fake-quant modules of ``torch.ao.quantization`` (a QAT model's fused observer writes without moving them)."""
+    return isinstance(module, (torch.ao.quantization.ObserverBase, torch.ao.quantization.FakeQuantizeBase))
+
+
 @contextlib.contextmanager
 def buffers_kept(pl_module: nn.Module) -> Iterator[None]:
-    """Every buffer of ``pl_module`` as it was before, bit for bit, after what runs inside: each gets its old value
-    back, and one replaced (``module.x = new``) its old tensor. All of them: which ones a forward changes is known only
-    after it, and not from their version counters (the fused observer of a QAT model updates its buffers without
-    moving them). Under inference mode, which a buffer made there (an inference tensor) needs for the copy."""
+    """The buffers of ``pl_module`` as they were before, bit for bit, after what runs inside, without copying those a
+    forward only reads: a buffer replaced (``module.x = new``) gets its old tensor back; those of the quantization
+    observers (:func:`_writes_without_version_bump`), small ones (:data:`COPIED_BUFFER_BYTES`) and those whose version
+    counter cannot be read (made under inference mode) are copied and put back, by re-assigning the copy where the
+    buffer's elements share memory (an expanded grid, which ``copy_`` refuses). Any other buffer written inside (its
+    version counter moved) keeps the new value, said once by name."""
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    watched: dict[int, tuple[torch.Tensor, int, str]] = {}
     places = []
-    for module in pl_module.modules():
+    for module_name, module in pl_module.named_modules():
         for name, buffer in module._buffers.items():
-            if buffer is not None:
-                places.append((module, name, buffer))
-                if id(buffer) not in held:  # a buffer shared by several modules is copied once
-                    held[id(buffer)] = (buffer, buffer.detach().clone())
+            if buffer is None:
+                continue
+            places.append((module, name, buffer))
+            if id(buffer) in held or id(buffer) in watched:  # a buffer shared by several modules is kept once
+                continue
+            small = buffer.numel() * buffer.element_size() <= COPIED_BUFFER_BYTES
+            if small or buffer.is_inference() or _writes_without_version_bump(module):
+                held[id(buffer)] = (buffer, buffer.detach().clone())
+            else:
+                watched[id(buffer)] = (buffer, buffer._version, f"{module_name}.{name}".lstrip("."))
     try:
         yield
     finally:
+        reassigned = {}
         for module, name, buffer in places:
             if module._buffers.get(name) is not buffer:
                 module._buffers[name] = buffer
         with torch.inference_mode():
-            for buffer, before in held.values():
+            for key, (buffer, before) in held.items():
+                if buffer.layout == torch.strided and torch._debug_has_internal_overlap(buffer) == 1:  # expanded
+                    if not torch.equal(buffer, before):
+                        reassigned[key] = before
+                    continue
                 if buffer.shape != before.shape:
                     buffer.resize_(before.shape)
                 buffer.copy_(before)
+        for module, name, buffer in places:
+            if id(buffer) in reassigned:
+                module._buffers[name] = reassigned[id(buffer)]
+        for buffer, version, name in watched.values():
+            if buffer._version != version and name not in _unrestored_warned:
+                _unrestored_warned.add(name)
+                rank_zero_warn(
+                    f"a probe pass of the monitors (eval mode, no_grad) wrote the buffer {name!r} in place; it is "
+                    f"larger than the {COPIED_BUFFER_BYTES // 1024} KiB the probes copy, so it keeps what the probe "
+                    "wrote: write it in training mode only (`if self.training:`) to keep the probes off it",
+                    category=UserWarning,
+                )
 
 
 def forward_is_collective(pl_module: nn.Module) -> bool:

@@ -54,7 +54,7 @@ when the model is pickled or deep-copied, so a copy carries a detached hook and 
 leaves its module at its first call (:class:`MonitorHook`). TorchScript compiles every hook of a module it scripts and
 needs functions it can compile, which no monitor hook is: each module holding one gets a ``__prepare_scriptable__``
 (TorchScript's own protocol, called before it reads the hooks) that takes the monitor hooks off, for good on a copy,
-until the next forward of any module on the monitored model (``to_torchscript()`` in a callback of the fit).
+until the next forward of any module or the next arming of a monitor (``to_torchscript()`` in a callback of the fit).
 """
 
 from __future__ import annotations
@@ -261,10 +261,10 @@ _put_back_handle: RemovableHandle | None = None
 
 def _prepare_scriptable(module: nn.Module) -> nn.Module:
     """``module.__prepare_scriptable__``, which ``torch.jit.script`` calls on every module before it compiles their
-    hooks: the monitor hooks go off. A copy's (detached) go for good; a monitored model's come back at the next
-    forward of any module (a global pre-hook, which TorchScript does not read), so a callback that exports the model
-    with ``to_torchscript()`` mid-fit gets a scripted model without them and the fit goes on observed. The module's
-    class's own ``__prepare_scriptable__``, if any, runs after."""
+    hooks: the monitor hooks go off. A copy's (detached) go for good; a monitored model's come back when a monitor
+    arms or at the next forward of any module (:func:`restore_hooks_taken_for_scripting`), so a callback that exports
+    the model with ``to_torchscript()`` mid-fit gets a scripted model without them and the fit goes on observed. The
+    module's class's own ``__prepare_scriptable__``, if any, runs after."""
     global _put_back_handle
     kept = []
     for name, order, off in _take_hooks_off(module, lambda owner: True):
@@ -284,8 +284,18 @@ def _prepare_scriptable(module: nn.Module) -> nn.Module:
 
 @torch._dynamo.disable(reason=_FULLGRAPH_REASON)
 def _put_back_after_scripting(*_: Any) -> None:
-    """The monitor hooks taken off for TorchScript back in their places, those still attached, at the first forward
-    of any module after the scripting."""
+    """:func:`restore_hooks_taken_for_scripting` at the first forward of any module after a scripting (a global
+    pre-hook, which TorchScript does not read). Too late for the called module's own pre-hooks (input taps, SeND's
+    drop), which torch lists before it runs any: a monitor arming for a step puts them back before
+    (:meth:`CaptureRegistry.refresh`)."""
+    restore_hooks_taken_for_scripting()
+
+
+def restore_hooks_taken_for_scripting() -> None:
+    """The monitor hooks taken off for TorchScript back in their places, those still attached, with the module's
+    ``__prepare_scriptable__`` (it goes when a module holds no monitor hook: a second scripting before a forward, or
+    a hook removed meanwhile, found none). At the first forward of any module after the scripting, or earlier where a
+    monitor arms for a step."""
     global _put_back_handle
     if _put_back_handle is not None:
         _put_back_handle.remove()
@@ -306,6 +316,7 @@ def _put_back_after_scripting(*_: Any) -> None:
             elif i in now:
                 hooks[i] = now.pop(i)
         hooks.update(now)
+        module.__dict__[_PREPARE_SCRIPTABLE] = functools.partial(_prepare_scriptable, module)
 
 
 class _CaptureHook(MonitorHook):
@@ -661,7 +672,10 @@ class CaptureRegistry:
             self.exclusive_subscriber, self.cutoff = previous
 
     def refresh(self) -> None:
-        """Recompute :attr:`observing` after a subscriber's ``armed`` flag changed."""
+        """Recompute :attr:`observing` after a subscriber's ``armed`` flag changed; the hooks taken off for TorchScript
+        come back now, before the step's first module lists its own pre-hooks (:func:`_put_back_after_scripting`)."""
+        if _OFF_FOR_SCRIPTING:
+            restore_hooks_taken_for_scripting()
         self.observing = any(s.armed for s in self._subscribers)
         self._observe_first_forward_eagerly()
         if not self.observing:  # a dropout's tensors kept for a tap that did not run: not until the next due step

@@ -42,7 +42,7 @@ from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
 from lightning_act.plots import writes_run_files
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.sampler_padding import real_examples
-from lightning_act.tasks.image_classification import WarmupCosineLR, schedule_steps
+from lightning_act.tasks.image_classification import WarmupCosineLR, schedule_steps, start_schedules
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
 METHODS: tuple[str, ...] = ("dopamine", "frozen", "full", "lora", "ia3")
@@ -77,13 +77,20 @@ class _Classifier(ClassificationTask):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss if loss.requires_grad else None
 
-    def _optimizer(self, lr: float, weight_decay: float) -> dict[str, Any] | None:
+    def _lr(self) -> float:
+        """The peak learning rate: ``lr`` (what Lightning's LearningRateFinder callback sets)."""
+        return self.hparams.lr
+
+    def configure_optimizers(self) -> dict[str, Any] | None:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             return None
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self._lr(), weight_decay=self.hparams.weight_decay)
         schedule = WarmupCosineLR(optimizer, 0, schedule_steps(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        start_schedules(self, self._lr())
 
 
 class DopamineFoundation(_Classifier):
@@ -102,9 +109,6 @@ class DopamineFoundation(_Classifier):
         self.save_hyperparameters()
         self.model = build_mlp(image_size * image_size, list(hidden_sizes), num_classes, activation)
         self.init_metrics(num_classes)
-
-    def configure_optimizers(self) -> dict[str, Any] | None:
-        return self._optimizer(self.hparams.lr, self.hparams.weight_decay)
 
 
 def load_foundation(foundation_ckpt: str | Path) -> DopamineFoundation:
@@ -269,9 +273,8 @@ class DopamineSpecialisation(_Classifier):
             offset += fraction.numel()
         return combined  # a class no rank saw: 0 / 0, NaN as in firing_fractions
 
-    def configure_optimizers(self) -> dict[str, Any] | None:
-        lr = self.hparams.lr if self.hparams.lr is not None else DEFAULT_LR[self.hparams.method]
-        return self._optimizer(lr, self.hparams.weight_decay)
+    def _lr(self) -> float:
+        return self.hparams.lr if self.hparams.lr is not None else DEFAULT_LR[self.hparams.method]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

@@ -68,18 +68,36 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     restored groups held the LR the checkpoint's schedule had left, e.g. its end (0) for a fit made longer. The base LR
     and weight decay stay the checkpoint's, as Lightning restores the optimizer's state (the CLI builds the model from
     the checkpoint's hyper-parameters too); a model built with other values is told so in one warning line.
+
+    The tasks call :meth:`start_fit` at the fit's start, after Lightning's ``LearningRateFinder`` and
+    ``BatchSizeFinder`` callbacks have changed the lr and the batch size that ``configure_optimizers`` built it with.
     """
 
     def __init__(
         self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
     ) -> None:
         self.configured_weight_decays = [group.get("weight_decay", 0.0) for group in optimizer.param_groups]
-        super().__init__(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio))
+        self.total_steps = total_steps
+        super().__init__(optimizer, lambda step: warmup_cosine(step, warmup_steps, self.total_steps, min_ratio))
+
+    def start_fit(self, lr: float, total_steps: int) -> None:
+        """Every group's base LR set to ``lr`` and the cosine to ``total_steps``, the groups' LR recomputed. At the
+        fit's start (a resume restores the checkpoint's base LRs after it): Lightning's ``LearningRateFinder``
+        callback sets the model's lr and the groups' LR to its suggestion only, so the schedule multiplied the built
+        lr again from the second step; its ``BatchSizeFinder`` changes the fit's length, which the cosine spanned as
+        built."""
+        self.total_steps = total_steps
+        self.base_lrs = [lr for _ in self.base_lrs]
+        for group, lr_lambda in zip(self.optimizer.param_groups, self.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * lr_lambda(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         configured_lrs, configured_weight_decays = list(self.base_lrs), self.configured_weight_decays
+        total_steps = self.total_steps
         super().load_state_dict(state_dict)  # also sets the checkpoint's configured_weight_decays: this run's are kept
-        self.configured_weight_decays = configured_weight_decays
+        self.configured_weight_decays, self.total_steps = configured_weight_decays, total_steps
         groups = self.optimizer.param_groups
         restored_weight_decays = [group.get("weight_decay", 0.0) for group in groups]
         kept = [f"{what} {_values(restored)} (this model's: {_values(configured)})"
@@ -94,6 +112,14 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         for group, base_lr, lr_lambda in zip(groups, self.base_lrs, self.lr_lambdas):
             group["lr"] = base_lr * lr_lambda(self.last_epoch)
         self._last_lr = [group["lr"] for group in groups]
+
+
+def start_schedules(module: Any, lr: float) -> None:
+    """:meth:`WarmupCosineLR.start_fit` for the module's schedules, from its ``on_fit_start`` (Lightning runs it after
+    the callbacks' ``on_fit_start``, where the ``LearningRateFinder`` and ``BatchSizeFinder`` callbacks tune)."""
+    for config in module.trainer.lr_scheduler_configs:
+        if isinstance(config.scheduler, WarmupCosineLR):
+            config.scheduler.start_fit(lr, schedule_steps(module.trainer))
 
 
 def _values(values: list[float]) -> str:
@@ -313,3 +339,6 @@ class ImageClassifier(ClassificationTask):
         hp = self.hparams
         schedule = WarmupCosineLR(optimizer, hp.warmup_steps, schedule_steps(self.trainer), hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        start_schedules(self, self.hparams.lr)

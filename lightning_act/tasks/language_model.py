@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
-from lightning_act.tasks.image_classification import WarmupCosineLR, check_schedule, schedule_steps
+from lightning_act.tasks.image_classification import WarmupCosineLR, check_schedule, schedule_steps, start_schedules
 
 
 def adamw_warmup_cosine(
@@ -89,3 +89,6 @@ class CausalLanguageModel(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+
+    def on_fit_start(self) -> None:
+        start_schedules(self, self.hparams.lr)

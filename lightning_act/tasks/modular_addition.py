@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.classification import ClassificationTask
-from lightning_act.tasks.image_classification import check_schedule
+from lightning_act.tasks.image_classification import check_schedule, start_schedules
 from lightning_act.tasks.language_model import adamw_warmup_cosine
 
 
@@ -76,3 +76,6 @@ class ModularAddition(ClassificationTask):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return adamw_warmup_cosine(self, hp.lr, hp.weight_decay, hp.warmup_steps)
+
+    def on_fit_start(self) -> None:
+        start_schedules(self, self.hparams.lr)
