@@ -33,7 +33,8 @@ def test_collapse_decides_widths_and_sketches_alike_on_every_rank_and_rank_depen
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("R21_CASE", "ddp")
-    first, second = run_script(Path(__file__).name, tmp_path, 43)["ranks"]
+    result = run_script(Path(__file__).name, tmp_path, 43)
+    first, second = result["ranks"]
     # Before: rank 1 crashed on the wide tap `block` rank 0 alone ran at step 0 (its sketch read as a full
     # covariance); at step 1 rank 0 decided "4 rows x 2 ranks <= k + 1, exact" for the 12 rows of the union, rank 1
     # the opposite; the shared `act` ran first at width 32 on rank 0 and 16 on rank 1: sums of other sizes, gloo abort.
@@ -45,11 +46,12 @@ def test_collapse_decides_widths_and_sketches_alike_on_every_rank_and_rank_depen
     assert union.shape == (8, 16)
     assert history["collapse/block/erank"]["steps"] == [0]  # step 1: 4 + 8 rows > k + 1 = 9 rows: not exact
     assert history["collapse/block/erank"]["values"][0] == pytest.approx(erank(union), rel=1e-5)
-    # `act`: the width of rank 0's first call (32); rank 1's rows of width 16 at step 0 are not read
-    assert history["collapse/act/erank"]["steps"] == [0, 1]
-    for step, value in zip((0, 1), history["collapse/act/erank"]["values"]):
-        rows = [a for rank in seen[: 1 if step == 0 else 2] for a in rank["act"][step] if a.shape[1] == 32]
-        assert value == pytest.approx(erank(np.concatenate(rows)), rel=1e-5)
+    # `act`: the width of rank 0's first call (32). Step 0 is unknown: rank 1 ran it first at 16 and kept none of its
+    # rows of width 32 (before: step 0 logged the erank of rank 0's rows alone, unmarked); from step 1 both ranks'.
+    assert history["collapse/act/erank"]["steps"] == [1]
+    rows = [a for rank in seen for a in rank["act"][1] if a.shape[1] == 32]
+    assert len(rows) == 2 and history["collapse/act/erank"]["values"][0] == pytest.approx(
+        erank(np.concatenate(rows)), rel=1e-5)
 
     # A monitor built differently on each rank: one line on every rank, before any collective could mismatch (before:
     # a gloo abort for every_n_steps and the monitor count, silently mixed values for modules and the threshold).
@@ -62,6 +64,13 @@ def test_collapse_decides_widths_and_sketches_alike_on_every_rank_and_rank_depen
                     "['ActivationSparsity']; build the callbacks the same way on every rank",
     }
     assert first["errors"] == second["errors"] == expected
+    # A monitor on rank 0 only: rank 1 never reaches the fingerprint exchange; rank 0 names it after the timeout (3 s
+    # here, 60 s by default). Before: rank 0 waited in a collective rank 1 never joined, a hang until the process
+    # group's timeout (30 min).
+    assert result["no_monitor_on_rank_1"] == (
+        "rank 1 has no lightning_act monitors or did not start the fit within 3 s; build the callbacks the same way "
+        "on every rank"
+    )
 
 
 def test_fsdp2_checkpoints_plain_snapshots_and_tensor_parallelism_leaves_the_monitors_idle(tmp_path, monkeypatch):
@@ -184,6 +193,16 @@ def ddp_case(out):
     dist.all_gather_object(ranks, mine)
     if rank == 0:
         Path(out).write_text(json.dumps({"ranks": ranks}))
+
+    # Last (rank 1 trains on, blocked in DDP's gradient reduction until rank 0 exits): a monitor on rank 0 only.
+    import lightning_act.callbacks.base as base
+
+    base.FINGERPRINT_TIMEOUT_S = 3.0
+    try:
+        fit(Mlp(), [ActivationSparsity(modules=["net.1"], every_n_steps=1)] if rank == 0 else [])
+    except LightningActError as error:
+        Path(out).write_text(json.dumps({"ranks": ranks, "no_monitor_on_rank_1": str(error)}))
+        os._exit(0)  # rank 1 waits in a collective this rank never joins: its gloo connection closes with this process
 
 
 def model_parallel_case(out):

@@ -84,6 +84,32 @@ def test_a_history_saved_before_round_21_resumes_on_the_step_grid() -> None:
     assert resumed.steps == [16, 24, 32] and resumed.values == [16.0, 24.0, 32.0]
 
 
+@pytest.mark.parametrize("first, second", [(1000, 999), (10, 25)])
+def test_a_history_resumed_with_another_interval_keeps_its_capacity_worth_of_points(first: int, second: int) -> None:
+    # Every `first` steps to 200 000, resumed every `second` steps to 2 000 000, capacity 512. Before: the grid fell to
+    # gcd(first, second) (1 for 1000 and 999), the index range grew by the interval ratio, and the series held 1 point
+    # (1000 -> 999) or 88 (10 -> 25). Now the grid is the resumed interval: the largest index is
+    # 2 000 000 // second, the stride the smallest power of two with index // stride + 1 < 512, and one step per kept
+    # index (the first: the old finer steps share an index of the new grid).
+    before, after = list(range(0, 200_001, first)), list(range((200_000 // second + 1) * second, 2_000_001, second))
+    first_fit = BoundedSeries(512)
+    for step in before:
+        first_fit.append(step, float(step))
+    resumed = BoundedSeries.from_state_dict(first_fit.state_dict())
+    for step in after:
+        resumed.append(step, float(step))
+    steps = np.array(before + after, dtype=np.int64)
+    stride = 1
+    while 2_000_000 // second // stride + 1 >= 512:
+        stride *= 2
+    index = steps // second
+    on_stride = steps[index % stride == 0]
+    _, first_of_index = np.unique(on_stride // second, return_index=True)
+    expected = on_stride[first_of_index]
+    assert resumed.steps == expected.tolist() and resumed.values == expected.astype(np.float64).tolist()
+    assert 256 <= len(resumed.steps) < 512 and sum(s > 200_000 for s in resumed.steps) >= 256
+
+
 class _NanAtOneCall(nn.Module):
     def __init__(self, nan_call: int) -> None:
         super().__init__()

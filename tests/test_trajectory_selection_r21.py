@@ -303,6 +303,97 @@ def test_a_tapped_module_replaced_mid_fit_is_observed_under_its_name() -> None:
     assert len(said) == 1 and "replaced by new modules" in said[0] and "from step 3" in said[0]
 
 
+class GrowsTheStem(Classifier):
+    """``stem`` (6 -> 8 features) replaced at epoch 1 by a wider one (6 -> 16), whose first 8 features feed the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x))[..., :8])
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.stem = nn.Linear(6, 16)
+
+
+class OwnRows(Callback):
+    """The float64 output rows of whatever module is ``stem`` at each step, by a hook of its own."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, np.ndarray] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+
+        def record(module, args, out) -> None:
+            self.rows.setdefault(step, out.detach().double().numpy().copy())
+
+        self.handle = pl_module.stem.register_forward_hook(record)
+
+    def on_train_batch_end(self, *args) -> None:
+        self.handle.remove()
+
+
+def _numpy_erank(rows: np.ndarray) -> float:
+    singular = np.linalg.svd(rows - rows.mean(0), compute_uv=False)
+    p = singular[singular > 1e-12 * singular[0]] / singular[singular > 1e-12 * singular[0]].sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_collapse_follows_a_tapped_layer_grown_mid_fit() -> None:
+    """``stem`` grown from 8 to 16 features at step 3: the erank of the new module's rows (numpy float64) is logged
+    from then on. Before: the tap kept the fit's first width, dropped every call of the new one as "runs at widths 8
+    and 16", and logged nothing for it for the rest of the fit."""
+    own, monitor = OwnRows(), DimensionalCollapse(modules=["stem"], every_n_steps=1, param_patterns=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger = fit(GrowsTheStem(), [own, monitor], max_epochs=2, limit_train_batches=3)
+    logged = logger.logged("collapse/stem/erank")
+    assert sorted(logged) == list(range(6)) and [own.rows[s].shape[1] for s in range(6)] == [8] * 3 + [16] * 3
+    np.testing.assert_allclose([logged[s] for s in range(6)], [_numpy_erank(own.rows[s]) for s in range(6)], rtol=1e-6)
+    assert not [w for w in caught if "runs at widths" in str(w.message) or "did not run" in str(w.message)]
+
+
+class SwapsTheStemWithSend(GrowsTheStem):
+    """``stem`` replaced at step 3 by one of the same width; a validation loader for SensitiveNeurons' tracking set."""
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.stem = nn.Linear(6, 8)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_sensitive_neurons_follow_a_replaced_module_with_its_drop() -> None:
+    """``stem`` replaced at step 3 under ``SensitiveNeurons(drop=True)``: the new module's training outputs have the
+    sensitive features zeroed (what SeND drops) and the checkpoints go on logging. Before: the hooks, the drop's too,
+    stayed on the old object: nothing logged after step 2, and the running layer trained without the drop."""
+    from lightning_act.callbacks import SensitiveNeurons
+
+    own = OwnRows()
+    monitor = SensitiveNeurons(modules=["stem"], every_n_steps=1, window=2, num_samples=8, eigenscore_passes=2,
+                               drop=True, drop_checkpoints=10)
+    model = SwapsTheStemWithSend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger = MemoryLogger()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[own, monitor], max_epochs=2,
+                             limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(model, loader(), loader())
+    assert sorted(logger.logged("sensitive/stem/eigenscore")) == list(range(6))
+    dropped = monitor.sensitive["stem"].tolist()  # selected at step 2 (the window's 3rd checkpoint), held since
+    assert dropped and logger.logged("sensitive/stem/selected") == {s: float(s == 2) for s in range(6)}
+    for step in (3, 4, 5):  # the new module's outputs: the dropped features exactly 0, the others not
+        rows = own.rows[step]
+        assert not np.any(rows[:, dropped]) and np.all(np.any(rows[:, [f for f in range(8) if f not in dropped]], 0))
+    assert any("replaced by new modules" in str(w.message) for w in caught)
+
+
 # ------------------------------------------------------------------ ema-pytorch's EMA (E8), position-bias MLPs (B5)
 class EMA(nn.Module):
     """A stand-in for ema-pytorch's ``EMA`` (same class name and package, same structure): the trained network

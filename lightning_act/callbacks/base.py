@@ -39,9 +39,11 @@ Subclasses implement :meth:`partials` and :meth:`summarize` (pure math lives in
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import numbers
+import pickle
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -384,16 +386,42 @@ def monitor_fingerprint(monitor: Any) -> dict[str, Any]:
     return {**fingerprint, **monitor._settings()}
 
 
+#: Seconds a rank waits for the other ranks' monitor fingerprints at fit start (:func:`refuse_rank_dependent_monitors`).
+FINGERPRINT_TIMEOUT_S = 300.0  # ranks start their fits within seconds; a slow rank must not fail a sound fit
+_fingerprint_exchanges = 0  # this process's exchanges so far: the same on every rank, so it names one fit's keys
+
+
+def _exchange_fingerprints(mine: list[dict[str, Any]]) -> list[Any]:
+    """Every rank's fingerprints, through the default process group's store, waited for ``FINGERPRINT_TIMEOUT_S``:
+    a rank without monitors never reaches this (no monitor of its own runs), and a collective here waited for it until
+    the process group's timeout (30 min) while it trained on."""
+    global _fingerprint_exchanges
+    _fingerprint_exchanges += 1
+    store = torch.distributed.distributed_c10d._get_default_store()
+    keys = [f"lightning_act/fingerprints/{_fingerprint_exchanges}/{rank}" for rank in range(distributed_world_size())]
+    store.set(keys[torch.distributed.get_rank()], pickle.dumps(mine))
+    try:
+        store.wait(keys, datetime.timedelta(seconds=FINGERPRINT_TIMEOUT_S))
+    except torch.distributed.DistStoreError:
+        silent = [rank for rank, key in enumerate(keys) if not store.check([key])]
+        raise LightningActError(
+            f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} "
+            f"{'have' if len(silent) > 1 else 'has'} no lightning_act monitors or did not start the fit within "
+            f"{FINGERPRINT_TIMEOUT_S:g} s; build the callbacks the same way on every rank"
+        ) from None
+    return [pickle.loads(store.get(key)) for key in keys]
+
+
 def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
     """One :class:`LightningActError` on every rank when the ranks' monitors differ (built from a rank-dependent
     condition, config or environment by mistake): their collectives would not pair up (a gloo abort or an NCCL hang
     at the first due step, or a monitor's sums added into DDP's gradients), or would add up sums of other taps or
-    thresholds (silently mixed values). One gather of every monitor's :func:`monitor_fingerprint`, once per fit."""
+    thresholds (silently mixed values). One exchange of every monitor's :func:`monitor_fingerprint`, once per fit;
+    a rank with no monitor at all is named by the ranks that have some, after ``FINGERPRINT_TIMEOUT_S``."""
     if distributed_world_size() == 1:
         return
     mine = [monitor_fingerprint(c) for c in trainer.callbacks if isinstance(c, FitScopedState)]
-    gathered: list[Any] = [None] * distributed_world_size()
-    torch.distributed.all_gather_object(gathered, mine)
+    gathered = _exchange_fingerprints(mine)
     first = gathered[0]
     for rank, theirs in enumerate(gathered[1:], start=1):
         if len(theirs) != len(first) or any(a["monitor"] != b["monitor"] for a, b in zip(theirs, first)):
@@ -409,6 +437,36 @@ def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
                         "build the callbacks the same way on every rank (not from a rank-dependent condition, config "
                         "or environment)"
                     )
+
+
+def modules_now_at_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> dict[int, nn.Module | None]:
+    """The module now at the name of each tap whose module is no longer the one chosen (None: the name left the
+    model), by tap index: a module replaced mid-fit (``model.fc = nn.Linear(...)``) no longer runs, and hooks on it
+    would observe nothing."""
+    changed: dict[int, nn.Module | None] = {}
+    for index, tap in enumerate(taps):
+        current = module_at(pl_module, tap.name.removesuffix(INPUT_TAP_SUFFIX))
+        if current is not tap.module:
+            changed[index] = current
+    return changed
+
+
+def resubscribe_replaced(
+    monitor: Any, pl_module: nn.Module, registry: CaptureRegistry, taps: list[Tap], layouts: list[Layout],
+    replaced: dict[int, nn.Module], declared: Layout, step: int,
+) -> None:
+    """Move ``monitor``'s taps in ``replaced`` (index: new module) to their new modules, in place in ``taps`` and
+    ``layouts``, subscribe it again, and say so once."""
+    for index, module in replaced.items():
+        tap = taps[index]
+        taps[index] = Tap(tap.name, module, tap.point)
+        layouts[index] = tap_layout(declared, module_layout(module_chain(pl_module, module), tap.point))
+    registry.subscribe(monitor, taps, layouts)
+    rank_zero_warn(
+        f"{type(monitor).__name__}: {[taps[i].name for i in replaced]} were replaced by new modules after the "
+        f"monitor chose its modules (at setup); it observes the new ones from step {step}",
+        category=UserWarning,
+    )
 
 
 def current_tap_key(key: str) -> str:
@@ -787,29 +845,25 @@ class ActivationMonitor(FitScopedState, ABC):
         adapter one) to the module now at its name: the hooks are on module objects, so the old one, which no longer
         runs, would be observed instead. A tap whose name left the model is said once."""
         replaced: dict[int, nn.Module] = {}
-        for index, tap in enumerate(self.taps):
-            current = module_at(pl_module, tap.name.removesuffix(INPUT_TAP_SUFFIX))
+        for index, current in modules_now_at_taps(pl_module, self.taps).items():
             if current is None:
                 self._warn_once(
-                    self._unobserved_warned, tap.name,
+                    self._unobserved_warned, self.taps[index].name,
                     f"is no longer a module of the model at step {step} (removed after the monitor chose its modules "
                     "at setup); nothing is logged for it from then on",
                 )
-            elif current is not tap.module:
+            else:
                 replaced[index] = current
         if not replaced or self._registry is None:
             return
         declared = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
-        for index, module in replaced.items():
-            tap = self.taps[index]
-            self.taps[index] = Tap(tap.name, module, tap.point)
-            self._tap_layouts[index] = tap_layout(declared, module_layout(module_chain(pl_module, module), tap.point))
-        self._registry.subscribe(self, self.taps, self._tap_layouts)
-        rank_zero_warn(
-            f"{type(self).__name__}: {[self.taps[i].name for i in replaced]} were replaced by new modules after the "
-            f"monitor chose its modules (at setup); it observes the new ones from step {step}",
-            category=UserWarning,
-        )
+        resubscribe_replaced(self, pl_module, self._registry, self.taps, self._tap_layouts, replaced, declared, step)
+        for index in replaced:
+            self.tap_replaced(index)
+
+    def tap_replaced(self, tap_index: int) -> None:
+        """Called after tap ``tap_index`` moved to a new module (:meth:`_follow_replaced_modules`), before its first
+        forward: a subclass forgets what it held of the old module's activations (their width, a reference row)."""
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if not (pl_module.automatic_optimization and self.armed):

@@ -306,6 +306,9 @@ class DimensionalCollapse(ActivationMonitor):
         # taps whose reference every rank shares
         self._references: dict[int, torch.Tensor] = {}
         self._agreed_references: set[int] = set()
+        # under DDP, the taps whose first width differed between ranks at this step (_agree_references): their step is
+        # unknown, since a rank whose first width was not rank 0's kept none of its rows of rank 0's width
+        self._width_disputed: set[int] = set()
         self._device = torch.device("cpu")  # the model's, where the references are agreed on
         self.warn_below = warn_below
         # one glob given as a string is one pattern, not one per character ("*" would match every parameter)
@@ -387,13 +390,17 @@ class DimensionalCollapse(ActivationMonitor):
         pending = [i for i in range(len(self.taps)) if i not in self._agreed_references]
         if not pending:
             return
+        n = len(pending)
         local = [self._references[i].numel() if i in self._references else -1 for i in pending]
-        on_rank_zero = local if torch.distributed.get_rank() == 0 else [-1] * len(pending)
-        both = torch.tensor(local + on_rank_zero, dtype=torch.float64, device=self._device)
-        widths = all_reduce_packed([both], "max")[0]
-        widths = [int(w) for w in widths.tolist()]  # once per fit: the host needs the sizes
+        on_rank_zero = local if torch.distributed.get_rank() == 0 else [-1] * n
+        # the negated widths: their maximum is the smallest width a rank saw the tap at (unseen: below any)
+        negated = [-w if w >= 0 else -float(2**52) for w in local]
+        packed = torch.tensor(local + on_rank_zero + negated, dtype=torch.float64, device=self._device)
+        reduced = [int(w) for w in all_reduce_packed([packed], "max")[0].tolist()]  # once per fit: the host needs them
+        largest, smallest = reduced[:n], [-w for w in reduced[2 * n :]]
         # rank 0's width where it saw the tap, else any rank's (a tap only one rank has seen)
-        widths = [zero if zero >= 0 else w for w, zero in zip(widths[: len(pending)], widths[len(pending) :])]
+        widths = [zero if zero >= 0 else w for w, zero in zip(largest, reduced[n : 2 * n])]
+        self._width_disputed = {i for i, w, low in zip(pending, largest, smallest) if w >= 0 and low != w}
         seen = [(i, w) for i, w in zip(pending, widths) if w >= 0]
         if not seen:
             return
@@ -425,7 +432,8 @@ class DimensionalCollapse(ActivationMonitor):
     def _adopt_width(self, tap_index: int, width: int) -> None:
         """Read tap ``tap_index``'s calls of ``width`` only, the width of rank 0's first call, where this rank's first
         call had another (a module run at two widths, a branch taken first on some ranks): this step's rows of the
-        other width are dropped. Before round 21 each rank kept its own first width, and the reduction of their sums
+        other width are dropped, and the rows of ``width`` it did not keep make the step unknown on every rank
+        (``_width_disputed``). Before round 21 each rank kept its own first width, and the reduction of their sums
         of different sizes aborted gloo."""
         self._widths[tap_index] = width
         self._references.pop(tap_index, None)
@@ -434,6 +442,18 @@ class DimensionalCollapse(ActivationMonitor):
         self._step_rows.pop(tap_index, None)
         self._sums[tap_index] = None  # the layout sync gives it a buffer of the others' size
         self._observed.discard(tap_index)
+
+    def tap_replaced(self, tap_index: int) -> None:
+        """Forget the old module's width, reference, sketch and buffers: a layer grown mid-fit (16 to 32 features) kept
+        the fit's first width, and every call of the new module was dropped as "another width" (nothing logged)."""
+        self._widths.pop(tap_index, None)
+        self._widths_warned.discard(self.taps[tap_index].name)
+        self._references.pop(tap_index, None)
+        self._agreed_references.discard(tap_index)
+        self._sketch_dims.pop(tap_index, None)
+        self._sketched.pop(tap_index, None)
+        self._sums[tap_index] = None
+        self._layout_synced = False  # under DDP, every rank replaced it: the buffers' sizes are agreed again
 
     def _is_wide(self, d: int) -> bool:
         """Whether a tap of ``d`` features sums the sketch (see the module docstring) instead of ``Σxxᵀ``."""
@@ -576,6 +596,8 @@ class DimensionalCollapse(ActivationMonitor):
         measured: torch.Tensor | None = None
         if rows < 2:  # one row has a zero centred scatter (erank 0 would read as a collapse); other ranks may add rows
             measured = sums[0] >= 2
+        if tap_index in self._width_disputed:
+            measured = sums[0] < 0  # False, on the device: no host sync
         if sketch is not None and sums.numel() == sketch_size(*sketch):
             d = sketch[0]
             ranks = rank_statistics(sketch_spectrum(sums, *sketch), d)
@@ -600,6 +622,19 @@ class DimensionalCollapse(ActivationMonitor):
             below = (erank_frac < self.warn_below).to(torch.float64)
             stats["collapsed"] = torch.where(erank_frac.isnan(), erank_frac, below)
         return stats
+
+    def _warn_unmeasured(self, step: int, taps: set[int]) -> None:
+        """A tap whose first width differed between ranks is said as such, not as one that gave too little."""
+        disputed, self._width_disputed = self._width_disputed, set()
+        for i in sorted(disputed):
+            rank_zero_warn(  # once per tap: the widths are agreed at the tap's first step
+                f"DimensionalCollapse: {self.taps[i].name} ran first at different widths on different ranks at step "
+                f"{step}; nothing is logged for it at that step, and it reads its calls of width {self._widths[i]} "
+                "(rank 0's first) from then on (a module run at several widths per forward, e.g. torchvision's "
+                "Bottleneck.relu)",
+                category=UserWarning,
+            )
+        super()._warn_unmeasured(step, taps - disputed)
 
     def on_statistics(self, trainer: pl.Trainer, step: int, stats: dict[str, dict[str, float]]) -> None:
         if self.warn_below is None:

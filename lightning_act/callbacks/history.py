@@ -12,11 +12,15 @@ class BoundedSeries:
     Which points are kept depends on the step numbers alone, never on how many points were appended, so every key
     of a monitor keeps the same steps whatever values it missed (an unknown value is not appended; counting appends
     put two layers on disjoint steps once one missed a single point). A step is read as its index ``step // grid``
-    on the logging grid (``grid``: the greatest common divisor of the differences between the steps seen, i.e.
-    ``every_n_steps``), and the series keeps the indices that are multiples of ``stride``: the smallest power of two
-    for which the indices from 0 to the latest one hold fewer than ``capacity`` multiples of it. The series spans the
-    whole run at a resolution that halves as it grows; a history that starts late in a run keeps fewer points, since
-    its share of the grid from step 0 is all it may fill.
+    on the logging grid (``grid``: the greatest common divisor of the differences between the steps seen since
+    ``first_seen``, i.e. ``every_n_steps``), and the series keeps one point per index, at the indices that are
+    multiples of ``stride``: the smallest power of two for which the indices from 0 to the latest one hold fewer than
+    ``capacity`` multiples of it. The series spans the whole run at a resolution that halves as it grows; a history
+    that starts late in a run keeps fewer points, since its share of the grid from step 0 is all it may fill.
+
+    A step off the grid (a resume with another ``every_n_steps``) starts a new segment: the grid is measured again
+    from it, so it becomes the new interval. The gcd of both intervals (1 for every 1000 then every 999) made the index
+    range grow by their ratio, and the series kept one point of the whole run.
     """
 
     def __init__(self, capacity: int = 512) -> None:
@@ -33,7 +37,7 @@ class BoundedSeries:
     def append(self, step: int, value: float) -> None:
         step = int(step)
         self.advance(step)
-        if self._kept(step):
+        if self._kept(step, self.steps[-1] if self.steps else None):
             self.steps.append(step)
             self.values.append(float(value))
 
@@ -43,13 +47,20 @@ class BoundedSeries:
         step = int(step)
         if self.first_seen is None:
             self.first_seen = step
+        if self.grid and step > self.latest and (step - self.latest) % self.grid:  # another interval: a new segment
+            self.first_seen, self.grid = step, 0
         grid = math.gcd(self.grid, abs(step - self.first_seen))
         grid_changed = grid != self.grid
         self.grid, self.latest = grid, max(self.latest, step)
         self._thin_to_capacity(grid_changed)
 
-    def _kept(self, step: int) -> bool:
-        return self.grid == 0 or (step // self.grid) % self.stride == 0
+    def _kept(self, step: int, previous: int | None) -> bool:
+        """Whether ``step`` is kept after the held step ``previous`` (None: the first): one point per index, where a
+        coarser grid after a resume reads several steps of the earlier, finer one as one index."""
+        if self.grid == 0:
+            return True
+        index = step // self.grid
+        return index % self.stride == 0 and (previous is None or previous // self.grid != index)
 
     def _thin_to_capacity(self, grid_changed: bool = True) -> None:
         """Set ``stride`` from the latest step and drop the held points it no longer keeps (a look at each held point
@@ -62,7 +73,10 @@ class BoundedSeries:
         if stride == self.stride and not grid_changed:
             return
         self.stride = stride
-        kept = [i for i, step in enumerate(self.steps) if self._kept(step)]
+        kept: list[int] = []
+        for i, step in enumerate(self.steps):
+            if self._kept(step, self.steps[kept[-1]] if kept else None):
+                kept.append(i)
         if len(kept) < len(self.steps):
             self.steps = [self.steps[i] for i in kept]
             self.values = [self.values[i] for i in kept]

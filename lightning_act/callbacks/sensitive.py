@@ -59,6 +59,8 @@ from lightning_act.callbacks.base import (
     current_tap_key,
     declared_layout,
     module_list,
+    modules_now_at_taps,
+    resubscribe_replaced,
     spelling_free_modules,
     subscribe_taps,
     training_step_index,
@@ -678,6 +680,25 @@ class SensitiveNeurons(FitScopedState):
         step = training_step_index(trainer, pl_module)
         if self.taps and self._pending_step is None and self.is_due(step):
             self._pending_step = step
+            self._follow_replaced_modules(pl_module, step)
+
+    def _follow_replaced_modules(self, pl_module: pl.LightningModule, step: int) -> None:
+        """At a due step, move the taps whose module was replaced mid-fit to the module now at their name, with their
+        drop hooks (as :meth:`ActivationMonitor._follow_replaced_modules` does): the hooks on the old object observed
+        nothing, and the SeND drop silently stopped applying to the running layer. The tap's rows per call are
+        recorded again; a window of another width starts afresh (:meth:`_restart_tap`)."""
+        replaced = {i: module for i, module in modules_now_at_taps(pl_module, self.taps).items() if module is not None}
+        if not replaced or self._registry is None:
+            return
+        declared = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
+        resubscribe_replaced(self, pl_module, self._registry, self.taps, self._layouts, replaced, declared, step)
+        self._cutoff = ForwardCutoff(self.stop_after_taps)  # its deliveries per forward are of the old modules
+        self._graphed.reset()  # a captured pass would replay the old modules
+        for index in replaced:
+            tap = self.taps[index]
+            self._call_rows.pop(tap.name, None)
+            if tap.name in self._drop_handles:
+                self._set_drop(tap, self.sensitive[tap.name])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
