@@ -5,6 +5,7 @@ checked against numpy float64 on the tensors read independently (own hooks, own 
 from __future__ import annotations
 
 import copy
+import tempfile
 import warnings
 
 import lightning.pytorch as pl
@@ -75,6 +76,7 @@ def loader() -> DataLoader:
 def fit(model: pl.LightningModule, callbacks: list[Callback], **kwargs) -> MemoryLogger:
     logger = MemoryLogger()
     trainer = pl.Trainer(
+        default_root_dir=tempfile.mkdtemp(prefix="lightning_act_test_"),  # the heatmaps go there (the logger has none)
         accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, **kwargs,
     )
@@ -381,7 +383,8 @@ def test_sensitive_neurons_follow_a_replaced_module_with_its_drop() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         logger = MemoryLogger()
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[own, monitor], max_epochs=2,
+        trainer = pl.Trainer(default_root_dir=tempfile.mkdtemp(prefix="lightning_act_test_"), accelerator="cpu",
+                             devices=1, logger=logger, callbacks=[own, monitor], max_epochs=2,
                              limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
         trainer.fit(model, loader(), loader())
