@@ -45,16 +45,11 @@ class _LRs:
 # --- bug 1: a SIGTERM while the fit validates, with Lightning's EMA swapped in --------------------------------------
 
 
-def test_sigterm_during_validation_with_ema_saves_the_trained_weights_and_the_average_where_they_belong(tmp_path):
-    """Before: LastCheckpoint saved while EMAWeightAveraging had the average swapped in, so last.ckpt held the average
-    as ``current_model_state`` (the weights a resume trains on) and the trained weights as ``state_dict`` (the
-    average): a resume trained on from the EMA. Expected: plain SGD and the EMA, worked here step by step."""
+def _preempted_in_validation_class() -> type:
+    """A linear classifier trained by SGD (lr 0.5) whose first validation batch receives a SIGTERM."""
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    from lightning_act.checkpointing import LastCheckpoint
-
-    class Net(pl.LightningModule):
+    class PreemptedInValidation(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.layer = nn.Linear(4, 2)
@@ -70,10 +65,22 @@ def test_sigterm_during_validation_with_ema_saves_the_trained_weights_and_the_av
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
+    return PreemptedInValidation
+
+
+def test_sigterm_during_validation_with_ema_saves_the_trained_weights_and_the_average_where_they_belong(tmp_path):
+    """Before: LastCheckpoint saved while EMAWeightAveraging had the average swapped in, so last.ckpt held the average
+    as ``current_model_state`` (the weights a resume trains on) and the trained weights as ``state_dict`` (the
+    average): a resume trained on from the EMA. Expected: plain SGD and the EMA, worked here step by step."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from lightning_act.checkpointing import LastCheckpoint
+
     pl.seed_everything(0, verbose=False)
     x = torch.randn(20, 4)
     y = (x[:, 0] > 0).long()
-    net = Net()
+    net = _preempted_in_validation_class()()
     start = copy.deepcopy(net.layer)
     sigint = signal.getsignal(signal.SIGINT)
     try:
@@ -414,26 +421,10 @@ def test_after_a_sigterm_during_validation_with_ema_later_saves_hold_the_weights
 
     from lightning_act.checkpointing import LastCheckpoint
 
-    class Net(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(4, 2)
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
-
-        def validation_step(self, batch, batch_idx):
-            if batch_idx == 0:
-                os.kill(os.getpid(), signal.SIGTERM)  # a preemption lands while the fit validates
-            self.log("val/loss", nn.functional.cross_entropy(self.layer(batch[0]), batch[1]))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5)
-
     pl.seed_everything(0, verbose=False)
     x = torch.randn(20, 4)
     loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)
-    net = Net()
+    net = _preempted_in_validation_class()()
     sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer = _quiet_trainer(max_epochs=2, default_root_dir=tmp_path, callbacks=[
