@@ -10,6 +10,7 @@ rank 1 gets 1, 3, 5 and 0 again).
   ``test/gate_active_fraction`` and the ``dopamine_firing.pt`` rank 0 wrote.
 * ``SeizureForecaster`` scoring a window by its log power (``ddp_stan_alarms.LogPower``), validated and tested on 7
   windows (batches of 2): ``val/loss``, ``val/auroc``, ``test/loss``, ``test/auroc``.
+* ``CausalLanguageModel`` validated on 5 token sequences (batches of 2): ``val/loss``, ``val/bits_per_token``.
 
 Dumps the logged metrics and the firing tensor; tests/test_ddp.py compares them with numpy over the whole sets.
 Run as ``python ddp_eval_padding.py OUT.json`` (the foundation checkpoint goes next to ``OUT``).
@@ -36,6 +37,7 @@ DIGITS = torch.randn(7, 4, 4, generator=torch.Generator().manual_seed(5))
 DIGIT_LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 1])
 WINDOWS = torch.randn(7, 2, 64, generator=torch.Generator().manual_seed(6)) * torch.linspace(0.5, 2.0, 7)[:, None, None]
 WINDOW_LABELS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+TOKENS = torch.randint(0, 7, (5, 7), generator=torch.Generator().manual_seed(7))  # inputs [:, :-1], targets [:, 1:]
 
 
 def spectral_model() -> pl.LightningModule:
@@ -50,6 +52,13 @@ def foundation() -> pl.LightningModule:
 
     pl.seed_everything(1, verbose=False)
     return DopamineFoundation(image_size=4, hidden_sizes=[6], num_classes=3, activation="relu")
+
+
+def language_model() -> pl.LightningModule:
+    from lightning_act.tasks.language_model import CausalLanguageModel
+
+    pl.seed_everything(2, verbose=False)
+    return CausalLanguageModel(vocab_size=7, max_len=6, dim=8, depth=1, num_heads=2)
 
 
 def save_foundation(path: Path) -> None:
@@ -83,6 +92,10 @@ if __name__ == "__main__":
     stan, evaluator = LogPower(**MODEL), quiet_trainer(devices=2, strategy="ddp", limit_val_batches=None)
     metrics.update({f"stan_{key}": value for key, value in evaluator.validate(stan, windows, verbose=False)[0].items()})
     metrics.update({f"stan_{key}": value for key, value in evaluator.test(stan, windows, verbose=False)[0].items()})
+    sequences = DataLoader(TensorDataset(TOKENS[:, :-1], TOKENS[:, 1:]), batch_size=2)
+    validated = quiet_trainer(devices=2, strategy="ddp", limit_val_batches=None).validate(
+        language_model(), sequences, verbose=False)
+    metrics.update({f"lm_{key}": value for key, value in validated[0].items()})
     if tester.is_global_zero:
         firing = torch.load(run / "version_0" / "dopamine_firing.pt")
         result = {"metrics": metrics, "firing": {name: value.tolist() for name, value in firing.items()}}

@@ -160,9 +160,11 @@ def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler
         DIGITS,
         SPECTRA,
         SPECTRA_LABELS,
+        TOKENS,
         WINDOW_LABELS,
         WINDOWS,
         foundation,
+        language_model,
         spectral_model,
     )
 
@@ -190,6 +192,14 @@ def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler
     for stage in ("val", "test"):
         assert metrics[f"stan_{stage}/auroc"] == pytest.approx(auroc, abs=1e-6)
         assert metrics[f"stan_{stage}/loss"] == pytest.approx(bce, rel=1e-5)
+
+    with torch.no_grad():
+        token_logits = language_model().double().eval()(TOKENS[:, :-1]).numpy()
+    targets = TOKENS[:, 1:].numpy()
+    log_normaliser = np.log(np.exp(token_logits - token_logits.max(-1, keepdims=True)).sum(-1)) + token_logits.max(-1)
+    nats = np.mean(log_normaliser - np.take_along_axis(token_logits, targets[..., None], -1)[..., 0])
+    assert metrics["lm_val/loss"] == pytest.approx(nats, rel=1e-5)  # before: sequence 0 counted twice
+    assert metrics["lm_val/bits_per_token"] == pytest.approx(nats / np.log(2.0), rel=1e-5)
 
     weights = {key: value.double().numpy() for key, value in foundation().state_dict().items()}
     x, y = DIGITS.double().flatten(1).numpy(), DIGIT_LABELS.numpy()

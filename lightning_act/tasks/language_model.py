@@ -8,10 +8,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+import torchmetrics
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.image_classification import WarmupCosineLR, check_schedule, schedule_steps, start_schedules
+from lightning_act.tasks.sampler_padding import real_examples
 
 
 def adamw_warmup_cosine(
@@ -32,7 +34,8 @@ class CausalLanguageModel(pl.LightningModule):
 
     Batches are ``(input_ids, targets)`` (both (B, T) int64); ``forward(input_ids)`` returns logits
     (B, T, V), so monitors that replay validation batches can call the module on ``batch[0]``.
-    Logged: ``train/loss``, ``val/loss`` (nats per token) and ``val/bits_per_token``.
+    Logged: ``train/loss``, ``val/loss`` (nats per token) and ``val/bits_per_token``, both means over every token of
+    the validation set, each sequence once under DDP (not the sampler's padding, see ``real_examples``).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class CausalLanguageModel(pl.LightningModule):
         check_schedule(warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         self.model = SmallTransformer(vocab_size, max_len, dim, depth, num_heads, True, mlp_ratio, act, causal=True)
+        self.val_loss, self.val_bits_per_token = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -71,20 +75,24 @@ class CausalLanguageModel(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        input_ids, targets = batch
+    def _token_losses(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self._token_losses(*batch).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/bits_per_token", loss / math.log(2.0), sync_dist=True)
+        """Token losses of the batch's real sequences, averaged over the whole set by the metrics (summed over ranks)."""
+        input_ids, targets = batch
+        real = real_examples(self._trainer, "val", batch_idx, len(targets), targets.device)
+        losses = self._token_losses(input_ids[real], targets[real])
+        self.val_loss.update(losses)
+        self.val_bits_per_token.update(losses / math.log(2.0))
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/bits_per_token", self.val_bits_per_token)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
