@@ -82,7 +82,7 @@ def test_spec_from_local_run_and_dry_run(tmp_path: Path, capsys: pytest.CaptureF
         "training\n"
         "  line  loss: ^(train/loss)$\n"
         "collapse: dimensional collapse\n"
-        "  line  collapse/*/erank: ^collapse/[^/]+/erank$\n"
+        "  line  collapse/*/erank: ^(?:[^/]*-)?collapse/[^/]+/erank$\n"
         "  media collapse plots: plots/collapse_erank_heatmap\n"
     )
 
@@ -254,3 +254,20 @@ def test_a_project_keeps_the_top_k_panels_while_one_of_its_runs_logged_the_value
     assert keys_from_project(None, "p")[1]
     monkeypatch.setattr(wandb, "Api", lambda: api([Run(list(compact) + per_layer), Run(["train/loss"])]))
     assert keys_from_project(None, "p")[1]  # a run without monitors (a baseline) does not bring the panels back
+
+
+def test_keys_behind_a_logger_prefix_share_the_monitor_panels() -> None:
+    # Before: WandbLogger(prefix="fold1") logs "fold1-massive/<layer>/ratio"; the dashboard gave it no monitor section
+    # and drew it in a "training" panel of its own, one per layer and statistic.
+    from lightning_act.report.wandb_dashboard import compact_from_keys
+
+    keys = ["fold1-train/loss", "fold1-massive/model.blocks.0/ratio", "fold2-massive/model.blocks.0/ratio",
+            "massive/model.blocks.1/ratio", "fold-a-sparsity/model.blocks.0/zero_frac"]
+    sections = {s.name: s for s in dashboard_spec(keys)}
+    assert sorted(sections) == ["massive: massive activations", "sparsity: activation sparsity", "training"]
+    ratio = sections["massive: massive activations"].panels[0]
+    assert [k for k in keys if re.search(ratio.metric_regex or "(?!)", k)] == keys[1:4]
+    zero_frac = sections["sparsity: activation sparsity"].panels[0]
+    assert [k for k in keys if re.search(zero_frac.metric_regex or "(?!)", k)] == keys[4:]
+    assert [p.title for p in sections["training"].panels] == ["loss"]
+    assert compact_from_keys(["fold1-massive/per_layer"]) and not compact_from_keys(["fold1-train/per_layer"])

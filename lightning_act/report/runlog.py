@@ -137,15 +137,21 @@ def split_monitor_key(key: str) -> tuple[str, str, str] | None:
     return parts[0], "/".join(parts[1:-1]), parts[-1]
 
 
-#: Lightning's logger prefix in front of a key: ``CSVLogger(prefix="fold1")`` logs ``fold1-act/<layer>/<stat>``
-#: (``LOGGER_JOIN_CHAR`` is "-"); the prefix itself may hold a "-".
-_LOGGER_PREFIX = re.compile(rf"^[^/]*-(?=(?:{'|'.join(MONITOR_PREFIXES)})/)")
+#: Lightning's logger prefix in front of a key: ``CSVLogger(prefix="fold1")`` (or ``WandbLogger(prefix=...)``) logs
+#: ``fold1-act/<layer>/<stat>`` (``LOGGER_JOIN_CHAR`` is "-"); the prefix itself may hold a "-".
+LOGGER_PREFIX_PATTERN = r"[^/]*-"
+_LOGGER_PREFIX = re.compile(rf"^{LOGGER_PREFIX_PATTERN}(?=(?:{'|'.join(MONITOR_PREFIXES)})/)")
+
+
+def without_logger_prefix(key: str) -> str:
+    """``"fold1-massive/model.blocks.3/ratio"`` → ``"massive/model.blocks.3/ratio"``; other keys unchanged."""
+    return _LOGGER_PREFIX.sub("", key, count=1)
 
 
 def split_logged_monitor_key(key: str) -> tuple[str, str, str] | None:
-    """:func:`split_monitor_key` of a ``metrics.csv`` column, behind a logger prefix too (``fold1-act/...``): a
-    run logged with ``CSVLogger(prefix=...)`` keeps its monitor sections."""
-    return split_monitor_key(_LOGGER_PREFIX.sub("", key, count=1))
+    """:func:`split_monitor_key` of a logged key, behind a logger prefix too (``fold1-act/...``): a run logged with
+    ``CSVLogger(prefix=...)`` or ``WandbLogger(prefix=...)`` keeps its monitor sections."""
+    return split_monitor_key(without_logger_prefix(key))
 
 
 def is_test_key(key: str) -> bool:

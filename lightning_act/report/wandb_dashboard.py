@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from lightning_act.errors import LightningActError
 from lightning_act.loggers import TOPK_STAT, reduction_of
 from lightning_act.report.content import INDEX_STAT
-from lightning_act.report.runlog import INDEX_COLUMNS, MONITOR_PREFIXES, split_monitor_key
+from lightning_act.report.runlog import (
+    INDEX_COLUMNS,
+    LOGGER_PREFIX_PATTERN,
+    MONITOR_PREFIXES,
+    split_logged_monitor_key,
+    without_logger_prefix,
+)
 
 if TYPE_CHECKING:
     from wandb_workspaces.workspaces import Workspace
@@ -83,7 +89,8 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
     together), then one per monitor present, in :data:`MONITOR_PREFIXES` order. Token/feature
     positions get no line plot (an index is not a curve; see ``lightning_act report``); with ``compact``
     (a :class:`~lightning_act.loggers.CompactWandbLogger` run) neither do the top-k values, which it keeps in its
-    ``<prefix>/per_layer`` table only: their panels would stay empty.
+    ``<prefix>/per_layer`` table only: their panels would stay empty. Keys behind a logger prefix
+    (``WandbLogger(prefix="fold1")`` logs ``fold1-massive/...``) share the monitor panels with unprefixed ones.
     """
     keys = [k for k in dict.fromkeys(keys) if k not in (*INDEX_COLUMNS, STEP_KEY) and not k.startswith("_")]
     monitor_stats: dict[str, set[str]] = {}
@@ -93,7 +100,7 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
         if key.startswith(IMAGE_PREFIX):
             images.append(key)
             continue
-        parts = split_monitor_key(key)
+        parts = split_logged_monitor_key(key)
         if parts is not None:
             if not INDEX_STAT.match(parts[2]) and not (compact and TOPK_STAT.match(parts[2])):
                 monitor_stats.setdefault(parts[0], set()).add(parts[2])
@@ -120,7 +127,7 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
                 kind="line",
                 title=f"{prefix}/*/{stat}",
                 x=STEP_KEY,
-                metric_regex=f"^{re.escape(prefix)}/[^/]+/{re.escape(stat)}$",
+                metric_regex=f"^(?:{LOGGER_PREFIX_PATTERN})?{re.escape(prefix)}/[^/]+/{re.escape(stat)}$",
             )
             for stat in _stat_order(monitor_stats[prefix])
         ]
@@ -158,7 +165,7 @@ def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> t
             if index >= max_runs:
                 break
             run_keys = list(run.summary.keys())
-            if any(split_monitor_key(key) for key in run_keys):  # a run without monitors (a baseline) tells nothing
+            if any(split_logged_monitor_key(key) for key in run_keys):  # a run without monitors (a baseline) tells nothing
                 compact = compact and compact_from_keys(run_keys)
             keys.update(dict.fromkeys(run_keys))
     except (wandb.errors.Error, OSError) as error:
@@ -232,9 +239,10 @@ def compact_from_keys(keys: Iterable[str]) -> bool:
     """Whether a project's keys are a :class:`~lightning_act.loggers.CompactWandbLogger`'s: a summary key
     ``<prefix>/<reduction>/<stat>`` or a ``<prefix>/per_layer`` table."""
     for key in keys:
-        parts = split_monitor_key(key)
+        parts = split_logged_monitor_key(key)
         if parts is not None and parts[1] == reduction_of(parts[0], parts[2]):
             return True
+        key = without_logger_prefix(key)
         if key.count("/") == 1 and key.endswith("/per_layer") and key.split("/")[0] in MONITOR_PREFIXES:
             return True
     return False
