@@ -5,6 +5,7 @@ matplotlib is imported lazily (Agg backend), so nothing here slows down ``lightn
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,13 @@ def run_dir(trainer: pl.Trainer) -> Path:
     ``<save_dir or default_root_dir>/<experiment id>/<run id>`` (Lightning's place for that run's checkpoints; the
     store's root is shared by every run, and MLflow takes a folder there for a broken experiment); else a logger's
     save directory, else the Trainer's root. (``trainer.log_dir`` is avoided: it broadcasts, and this runs on rank
-    zero only.)
+    zero only.) A ``~`` in these paths is the home folder, as where the loggers themselves write.
     """
+    return _logged_run_dir(trainer).expanduser()
+
+
+def _logged_run_dir(trainer: pl.Trainer) -> Path:
+    """:func:`run_dir` as the loggers spell it (``~`` kept)."""
     for kind in ("loggers.CSVLogger", "loggers.TensorBoardLogger"):
         for logger in trainer.loggers:
             if isinstance(logger, lightning_classes(kind)):
@@ -98,13 +104,21 @@ def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
     """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to every logger that keeps images: W&B
     (``plots/<name>``), TensorBoard (``add_figure``) and MLflow (the run's artifact ``plots/<name>.png``).
 
-    Where the fit writes no run files (:func:`writes_run_files`) nothing is written and None is returned.
+    Where the fit writes no run files (:func:`writes_run_files`) nothing is written and None is returned. The PNG is
+    written under a temporary name in the same folder and renamed, so a kill mid-write leaves no truncated picture
+    under its name (and the previous one, of a resumed run, intact).
     """
     if not writes_run_files(trainer):
         return None
     path = run_dir(trainer) / "plots" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    partial = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(partial, format="png")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     for logger in trainer.loggers:
         if isinstance(logger, lightning_classes("loggers.WandbLogger")):
             logger.log_image(key=f"plots/{name}", images=[str(path)], step=logging_step(trainer))

@@ -261,13 +261,13 @@ def test_keys_behind_a_logger_prefix_share_the_monitor_panels() -> None:
     # and drew it in a "training" panel of its own, one per layer and statistic.
     from lightning_act.report.wandb_dashboard import compact_from_keys
 
-    keys = ["fold1-train/loss", "fold1-massive/model.blocks.0/ratio", "fold2-massive/model.blocks.0/ratio",
+    keys = ["fold1-epoch", "fold1-train/loss", "fold1-massive/model.blocks.0/ratio", "fold2-massive/model.blocks.0/ratio",
             "massive/model.blocks.1/ratio", "fold-a-sparsity/model.blocks.0/zero_frac"]
     sections = {s.name: s for s in dashboard_spec(keys)}
     assert sorted(sections) == ["massive: massive activations", "sparsity: activation sparsity", "training"]
     ratio = sections["massive: massive activations"].panels[0]
-    assert [k for k in keys if re.search(ratio.metric_regex or "(?!)", k)] == keys[1:4]
+    assert [k for k in keys if re.search(ratio.metric_regex or "(?!)", k)] == keys[2:5]
     zero_frac = sections["sparsity: activation sparsity"].panels[0]
-    assert [k for k in keys if re.search(zero_frac.metric_regex or "(?!)", k)] == keys[4:]
+    assert [k for k in keys if re.search(zero_frac.metric_regex or "(?!)", k)] == keys[5:]
     assert [p.title for p in sections["training"].panels] == ["loss"]
     assert compact_from_keys(["fold1-massive/per_layer"]) and not compact_from_keys(["fold1-train/per_layer"])

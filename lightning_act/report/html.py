@@ -17,6 +17,8 @@ import html
 import json
 import math
 import os
+import secrets
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -27,7 +29,9 @@ from lightning_act.errors import ConfigError, LightningActError
 from lightning_act.report.content import (
     INDEX_STAT, PerRun, format_count, plan_statistics, unknown_notes, unknown_words, with_unknown,
 )
-from lightning_act.report.runlog import FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run
+from lightning_act.report.runlog import (
+    FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run, without_logger_prefix,
+)
 
 #: A plotly figure as plain data (``{"data": [traces], "layout": {...}}``), drawn by plotly.js in the page.
 Figure = dict[str, Any]
@@ -456,7 +460,9 @@ def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
                 run, key, runs[run].series[key], len(runs) > 1,
                 _hover(f"{html.escape(run)} · {html.escape(key)}", "step %{x}", "%{y:.5g}"),
                 {"color": RUN_COLOURS[labels.index(run) % len(RUN_COLOURS)],
-                 "dash": {"train": "solid", "val": "dash"}.get(key.split("/")[0] if "/" in key else "", "dot")},
+                 "dash": {"train": "solid", "val": "dash"}.get(
+                     without_logger_prefix(key).split("/")[0] if "/" in key else "", "dot"
+                 )},
             )
             for run, key in members
         ]
@@ -666,8 +672,20 @@ def default_output(run_dirs: Sequence[str | Path]) -> Path:
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, RunLog]:
-    """Each run read once, keyed by a short unique label."""
-    return dict(zip(run_labels(run_dirs), (load_run(path) for path in run_dirs), strict=True))
+    """Each run read once, keyed by a short unique label. A folder holding several runs (a version that starts over at
+    step 0, :meth:`RunLog.run_starts`) is refused: merged as one run, the page would show the last one only."""
+    labels = run_labels(run_dirs)
+    runs = {label: load_run(path) for label, path in zip(labels, run_dirs, strict=True)}
+    for path, log in zip(run_dirs, runs.values(), strict=True):
+        starts = log.run_starts()
+        if len(starts) > 1:
+            folders = [str(part.path.parent) for part in starts]
+            raise ConfigError(
+                f"'{path}' holds {len(starts)} runs: {folders[1]} starts over at step 0 after {folders[0]} trained "
+                "past it (a sweep's trials in one logger folder?); pass each version folder to compare them: "
+                + shlex.join(["lightning_act", "report", *folders])
+            )
+    return runs
 
 
 def build_report(
@@ -685,16 +703,21 @@ def build_report(
 def write_report(runs: dict[str, RunLog], output: Path, min_r2: float = DEFAULT_MIN_R2) -> Path:
     """Render ``runs`` and write the page to ``output`` (parent folders created), all or nothing: a temporary file in
     the same folder renamed over ``output``, so a full disk or a kill never leaves a truncated page under its name nor
-    destroys the previous one; a folder that cannot be written is one line."""
+    destroys the previous one; a folder that cannot be written is one line. The temporary file is this writer's own
+    (two reports of one run at once each publish a whole page) and is removed whatever stops the write (Ctrl-C too)."""
     page = render_html(runs, min_r2)
-    partial = output.with_name(f".{output.name}.tmp")
+    # a random name opened with "x" (created, never shared); unlike mkstemp's 0600 it gets a plain open()'s mode
+    partial = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(page, encoding="utf-8")
+        with open(partial, "x", encoding="utf-8") as stream:
+            stream.write(page)
         os.replace(partial, output)
-    except OSError as error:
+    except BaseException as error:
         with contextlib.suppress(OSError):  # a read-only folder refuses the removal too
             partial.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
         raise ConfigError(
             f"cannot write the report to '{output}' ({error.strerror or error}); pass -o with a writable path"
         ) from None

@@ -94,11 +94,24 @@ class RunLog:
         training = [part for part in self.parts if part.logs_training] or self.parts
         return training[-1].path
 
+    def run_starts(self) -> list[CsvPart]:
+        """The versions that start a fit of their own: the first that logged training, and each later one that starts
+        over at step 0 after an earlier one trained past it. A resume starts at its checkpoint's step, so a version
+        back at step 0 is another run in the same logger folder (a sweep's trials with ``CSVLogger(root,
+        name="sweep")`` each get a ``version_N``): merged, it would hide every run but the last."""
+        starts: list[CsvPart] = []
+        trained_past_zero = False
+        for part in self.parts:
+            if part.logs_training and (not starts or (part.first_step == 0 and trained_past_zero)):
+                starts.append(part)
+            trained_past_zero = trained_past_zero or (part.logs_training and (part.last_step or 0) > 0)
+        return starts
+
     def training_keys(self) -> list[str]:
         """Metrics that are neither monitor statistics nor test metrics (losses, accuracies, learning rates)."""
         return [
             k for k in self.series
-            if k not in INDEX_COLUMNS and split_logged_monitor_key(k) is None and not is_test_key(k)
+            if not is_index_column(k) and split_logged_monitor_key(k) is None and not is_test_key(k)
         ]
 
     def test_metrics(self) -> dict[str, float]:
@@ -137,15 +150,30 @@ def split_monitor_key(key: str) -> tuple[str, str, str] | None:
     return parts[0], "/".join(parts[1:-1]), parts[-1]
 
 
+#: First word (before ``/`` or ``_``) of the metrics a ``validate``/``test`` command logs: ``val/loss``, ``val_acc``,
+#: ``test_loss``. A version that logs any other metric (``train/loss``, Lightning's usual ``train_loss``, ``lr-Adam``,
+#: a monitor statistic) ran a fit.
+EVALUATION_WORDS: tuple[str, ...] = ("val", "valid", "validation", "test")
+
 #: Lightning's logger prefix in front of a key: ``CSVLogger(prefix="fold1")`` (or ``WandbLogger(prefix=...)``) logs
 #: ``fold1-act/<layer>/<stat>`` (``LOGGER_JOIN_CHAR`` is "-"); the prefix itself may hold a "-".
 LOGGER_PREFIX_PATTERN = r"[^/]*-"
-_LOGGER_PREFIX = re.compile(rf"^{LOGGER_PREFIX_PATTERN}(?=(?:{'|'.join(MONITOR_PREFIXES)})/)")
+_LOGGER_PREFIX = re.compile(
+    rf"^{LOGGER_PREFIX_PATTERN}(?=(?:{'|'.join(MONITOR_PREFIXES)})/"
+    rf"|(?:train|{'|'.join(EVALUATION_WORDS)})(?:[/_]|$)|(?:{'|'.join(INDEX_COLUMNS)})$)"
+)
 
 
 def without_logger_prefix(key: str) -> str:
-    """``"fold1-massive/model.blocks.3/ratio"`` → ``"massive/model.blocks.3/ratio"``; other keys unchanged."""
+    """A logged key without the logger prefix in front of a key the report classifies: ``"fold1-massive/model.blocks.3/
+    ratio"`` → ``"massive/model.blocks.3/ratio"``, ``"fold1-test/acc"`` → ``"test/acc"``, ``"fold1-epoch"`` →
+    ``"epoch"`` (Lightning prefixes every column but ``step``); other keys (``lr-Adam``) unchanged."""
     return _LOGGER_PREFIX.sub("", key, count=1)
+
+
+def is_index_column(column: str) -> bool:
+    """Whether a ``metrics.csv`` column indexes rows (``step``, ``epoch``, ``fold1-epoch``), not a metric."""
+    return without_logger_prefix(column) in INDEX_COLUMNS
 
 
 def split_logged_monitor_key(key: str) -> tuple[str, str, str] | None:
@@ -157,13 +185,12 @@ def split_logged_monitor_key(key: str) -> tuple[str, str, str] | None:
 def is_test_key(key: str) -> bool:
     """Whether a metric is a test command's (``test/acc``, Lightning's usual ``test_loss``): shown as a table, not as
     a curve, and merged as a test's (see :func:`merge_parts`)."""
-    return re.split(r"[/_]", key, maxsplit=1)[0] == "test"
+    return _first_word(key) == "test"
 
 
-#: First word (before ``/`` or ``_``) of the metrics a ``validate``/``test`` command logs: ``val/loss``, ``val_acc``,
-#: ``test_loss``. A version that logs any other metric (``train/loss``, Lightning's usual ``train_loss``, ``lr-Adam``,
-#: a monitor statistic) ran a fit.
-EVALUATION_WORDS: tuple[str, ...] = ("val", "valid", "validation", "test")
+def _first_word(key: str) -> str:
+    """The word a key's kind is told by, behind a logger prefix: ``"fold1-val/loss"`` → ``"val"``."""
+    return re.split(r"[/_]", without_logger_prefix(key), maxsplit=1)[0]
 
 
 def _logs_training(columns: list[str]) -> bool:
@@ -172,9 +199,7 @@ def _logs_training(columns: list[str]) -> bool:
     Judged by every column, not by a ``train/`` prefix: a resumed fit that logs ``train_loss`` and no monitor
     statistic (none fell due) is still the fit that replaces the rolled-back steps.
     """
-    return any(
-        c not in INDEX_COLUMNS and re.split(r"[/_]", c, maxsplit=1)[0] not in EVALUATION_WORDS for c in columns if c
-    )
+    return any(not is_index_column(c) and _first_word(c) not in EVALUATION_WORDS for c in columns if c)
 
 
 def _header(path: Path) -> list[str]:
@@ -295,14 +320,14 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
         step = int(step) if step.is_integer() else step
         complete += 1
         for name, cell in zip(columns, record, strict=True):
-            if cell != "" and name not in INDEX_COLUMNS:
+            if cell != "" and not is_index_column(name):
                 series[name].steps.append(step)
                 series[name].values.append(_to_float(cell))
     if malformed:
         notes.append(f"skipped {malformed} malformed row(s) of {path} (wrong number of fields or no step)")
     if complete == 0:
         notes.append(f"{path} has a header but no complete rows yet")
-    return columns, complete, {k: v for k, v in series.items() if k not in INDEX_COLUMNS}, notes
+    return columns, complete, {k: v for k, v in series.items() if not is_index_column(k)}, notes
 
 
 def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict[str, Series], list[str]]:

@@ -34,9 +34,9 @@ from lightning_act.errors import LightningActError
 from lightning_act.loggers import TOPK_STAT, reduction_of
 from lightning_act.report.content import INDEX_STAT
 from lightning_act.report.runlog import (
-    INDEX_COLUMNS,
     LOGGER_PREFIX_PATTERN,
     MONITOR_PREFIXES,
+    is_index_column,
     split_logged_monitor_key,
     without_logger_prefix,
 )
@@ -92,7 +92,7 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
     ``<prefix>/per_layer`` table only: their panels would stay empty. Keys behind a logger prefix
     (``WandbLogger(prefix="fold1")`` logs ``fold1-massive/...``) share the monitor panels with unprefixed ones.
     """
-    keys = [k for k in dict.fromkeys(keys) if k not in (*INDEX_COLUMNS, STEP_KEY) and not k.startswith("_")]
+    keys = [k for k in dict.fromkeys(keys) if not is_index_column(k) and k != STEP_KEY and not k.startswith("_")]
     monitor_stats: dict[str, set[str]] = {}
     training: dict[str, list[str]] = {}
     images: list[str] = []
