@@ -39,26 +39,86 @@ from lightning_act.stats.sparsity import (
 )
 
 
+def is_peft_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``peft`` LoRA layer (``peft.tuners.lora.layer.Linear``), told by its
+    structure so that ``peft`` need not be installed: a ``base_layer``, ``lora_A``/``lora_B`` ``ModuleDict`` s and a
+    ``scaling`` dict keyed by adapter name, and ``active_adapters``."""
+    return (
+        isinstance(getattr(module, "base_layer", None), nn.Module)
+        and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+        and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
+        and isinstance(getattr(module, "scaling", None), dict)
+        and hasattr(module, "active_adapters")
+    )
+
+
+def _peft_lora_update(module: nn.Module) -> torch.Tensor | None:
+    """``Σ scaling[a] · B_a A_a`` over the adapters peft's forward adds to ``base_layer.weight`` as it stands: the
+    active ones, none once merged into it, minus the merged ones when adapters are disabled (the forward unmerges
+    them first); None when none. A LoRA variant (DoRA, ...) does not compute ``W + s · B A``: refused in one line."""
+    if getattr(module, "disable_adapters", False):
+        names, sign = list(getattr(module, "merged_adapters", [])), -1.0
+    elif getattr(module, "merged", False):
+        names, sign = [], 1.0
+    else:
+        names, sign = [a for a in module.active_adapters if a in module.lora_A], 1.0
+    variants = [a for a in names if a in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(a)]
+    if variants:
+        raise LightningActError(
+            f"CETT cannot read the weight of a peft LoRA layer whose adapters {variants} use a LoRA variant (DoRA, ...): "
+            "it is not W + scaling * B A; merge them first (merge_and_unload) or measure a plain LoRA layer"
+        )
+    update = None
+    for name in names:
+        a = forward_tensor(module.lora_A[name], "weight")
+        b = forward_tensor(module.lora_B[name], "weight")
+        term = sign * module.scaling[name] * (b @ a)
+        update = term if update is None else update + term
+    return update
+
+
 def down_projection_weight(module: nn.Module) -> torch.Tensor | None:
     """The ``(d_model, d_ff)`` weight of a down-projection: an ``nn.Linear``'s, or the transpose of Hugging Face's
-    ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; for a
-    :class:`~lightning_act.peft.lora.LoRALinear` around either, the effective ``W + scaling · B A`` the layer computes
-    with (its frozen ``W`` alone would describe another model), without autograd; else None. Read
-    from its input hook as its forward uses it (:func:`~lightning_act.capture.weights.forward_tensor`): a weight
-    Lightning's ``ModelPruning`` pruned mid-fit is masked (its ``weight`` attribute still held the previous step's),
-    a ``spectral_norm``'s computed without a power-iteration step the fit does not take."""
+    ``Conv1D`` (GPT-2's ``c_proj``), which stores ``(d_ff, d_model)`` and computes ``x @ W + b``; for a LoRA layer
+    around either (:class:`~lightning_act.peft.lora.LoRALinear`, or a Hugging Face ``peft`` LoRA layer: see
+    :func:`_peft_lora_update`), the effective ``W + scaling · B A`` the layer computes with (its frozen ``W`` alone
+    would describe another model), without autograd; else None. Every tensor is read from its input hook as its
+    forward uses it (:func:`~lightning_act.capture.weights.forward_tensor`): a weight (or LoRA factor) Lightning's
+    ``ModelPruning`` pruned mid-fit is masked (its attribute still held the previous step's), a ``spectral_norm``'s
+    computed without a power-iteration step the fit does not take."""
     if isinstance(module, LoRALinear):
         base = down_projection_weight(module.base)
         if base is None:
             return None
         with torch.no_grad():
-            return base + module.scaling * (module.lora_b @ module.lora_a)
+            return base + module.scaling * (forward_tensor(module, "lora_b") @ forward_tensor(module, "lora_a"))
+    if is_peft_lora_layer(module):
+        base = down_projection_weight(module.base_layer)
+        if base is None:
+            return None
+        with torch.no_grad():
+            update = _peft_lora_update(module)
+            return base if update is None else base + update.to(base.dtype)
     if not isinstance(module, nn.Linear) and not is_hugging_face_conv1d(module):
         return None
     weight = forward_tensor(module, "weight")
     if weight is None:
         return None
     return weight.t() if is_hugging_face_conv1d(module) else weight
+
+
+def lora_parts(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """``{id(module): (name of its LoRA layer, what the module is)}`` for every module inside a LoRA layer of
+    ``model`` (a ``LoRALinear``'s ``base``; a ``peft`` LoRA layer's ``base_layer``, ``lora_A``, ``lora_B``): CETT on
+    one of them would read a weight that is not the layer the model runs."""
+    parts: dict[int, tuple[str, str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            parts[id(module.base)] = (name, "the frozen base of a LoRALinear")
+        elif is_peft_lora_layer(module):
+            parts.update({id(inner): (name, f"inside the peft LoRA layer {name!r}")
+                          for inner in module.modules() if inner is not module})
+    return parts
 
 
 class ActivationSparsity(ActivationMonitor):
@@ -69,8 +129,9 @@ class ActivationSparsity(ActivationMonitor):
     - ``zero_frac``: fraction of entries with ``|a| <= threshold`` (default 0: exact zeros) and
       ``nonfinite`` (count of NaN/inf entries), for every module in ``modules`` (default: the
       outputs of activation functions);
-    - ``cett_ratio`` and ``cett_eps`` for each down-projection (``nn.Linear``, or Hugging Face's
-      ``Conv1D``) matched by ``cett_modules`` (e.g. ``"*.mlp.fc2"``), read at its input (the key's module name ends in
+    - ``cett_ratio`` and ``cett_eps`` for each down-projection (``nn.Linear``, Hugging Face's ``Conv1D``, or a LoRA
+      layer around one: :func:`down_projection_weight`) matched by ``cett_modules`` (e.g. ``"*.mlp.fc2"``), read at
+      its input (the key's module name ends in
       ``-input``): the activation ratio (1 - sparsity) at the per-layer threshold ``eps`` where the
       token-averaged CETT reaches ``target_cett``; see :mod:`lightning_act.stats.sparsity`;
     - ``temporal_frac`` when ``temporal_dim`` is set: the fraction of ``|a_t - a_{t-1}| <= temporal_eps``
@@ -174,18 +235,20 @@ class ActivationSparsity(ActivationMonitor):
             zero_taps = select_taps(pl_module, self.zero_modules, owner=owner)
             self._zero_taps = {index[(id(tap.module), tap.point)] for tap in zero_taps}
         if self.cett_modules and len(unmatched_specs(pl_module, cett_specs)) < len(cett_specs):
-            lora_bases = {id(m.base): name for name, m in pl_module.named_modules() if isinstance(m, LoRALinear)}
+            inside_lora = lora_parts(pl_module)
             for tap in select_taps(pl_module, cett_specs, owner=owner):
-                if id(tap.module) in lora_bases:
+                if id(tap.module) in inside_lora:
+                    layer, what = inside_lora[id(tap.module)]
                     raise LightningActError(
-                        f"cett_modules matched {tap.name!r}, the frozen base of a LoRALinear: its weight alone is not "
-                        f"the layer the model runs; pass the LoRALinear's own name, e.g. {lora_bases[id(tap.module)]!r}"
+                        f"cett_modules matched {tap.name!r}, {what}: its weight alone is not the layer the model runs; "
+                        f"pass the LoRA layer's own name, e.g. {layer!r}"
                     )
                 if down_projection_weight(tap.module) is None:
+                    kind = type(tap.module)
                     raise LightningActError(
-                        f"cett_modules matched {tap.name!r}, a {type(tap.module).__name__}; CETT needs the MLP's "
-                        "down-projection (an nn.Linear, Hugging Face's Conv1D, or a LoRALinear around one), pass a "
-                        "glob like '*.mlp.fc2'"
+                        f"cett_modules matched {tap.name!r}, a {kind.__module__}.{kind.__qualname__}; CETT needs the "
+                        "MLP's down-projection (an nn.Linear, Hugging Face's Conv1D, or a LoRA layer around one: "
+                        "LoRALinear or peft's LoRA Linear); pass the name (glob) of the layer the activations enter"
                     )
                 self._cett_linear[index[(id(tap.module), tap.point)]] = tap.module
         self._cett_grid = {}

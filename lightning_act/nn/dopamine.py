@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_act.capture.layout import declared_batch_first
 from lightning_act.errors import LightningActError, ModuleSelectionError
@@ -152,7 +153,9 @@ def select_modules(model: nn.Module, patterns: Sequence[ModulePattern]) -> list[
     :class:`FrozenModuleAdapter` or inside one), and a chosen module must sit at one place only: an adapter replaces
     one name, so an activation instance reused at several places (``nn.Sequential(fc, act, fc, act)``) would be
     adapted at its first place only. No chosen module may contain another: the outer adapter would replace it, and
-    the inner one would hang off the outer adapter and never run.
+    the inner one would hang off the outer adapter and never run. Modules inside a parametrization
+    (``<module>.parametrizations``, e.g. a Softplus keeping a weight positive) are never selected: they compute a
+    weight, not activations.
     """
     if isinstance(patterns, (str, type)):
         patterns = [patterns]
@@ -164,7 +167,11 @@ def select_modules(model: nn.Module, patterns: Sequence[ModulePattern]) -> list[
     for name, module in model.named_modules(remove_duplicate=False):
         if name:
             places.setdefault(id(module), []).append(name)
-    named = [(name, module) for name, module in model.named_modules() if name]
+    computes_a_weight = {
+        id(inner) for module in model.modules() if parametrize.is_parametrized(module)
+        for inner in module.parametrizations.modules()
+    }
+    named = [(name, module) for name, module in model.named_modules() if name and id(module) not in computes_a_weight]
     adapters = [name for name, module in named if isinstance(module, FrozenModuleAdapter)]
     selected: dict[str, nn.Module] = {}
     for pattern in patterns:
@@ -217,14 +224,43 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
                 module.use_nested_tensor = False
 
 
+def adapter_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters that belong to an adapter of ``model``, not to its base: a :class:`FrozenModuleAdapter`'s
+    own tensors, parametrized ones too (their ``parametrizations.<name>.original``, e.g. a gain kept positive), not
+    those of the module it wraps; and those a Hugging Face ``peft`` layer declares in its ``adapter_layer_names``
+    (``lora_A``/``lora_B``, ``ia3_l``, ``modules_to_save``, ...) or a ``PeftModel``'s ``prompt_encoder``, told by
+    these attributes, without importing ``peft``."""
+    owned: list[nn.Module | nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, FrozenModuleAdapter):
+            owned.extend(module.parameters(recurse=False))
+            if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
+                owned.append(module.parametrizations)
+        names = getattr(module, "adapter_layer_names", None)
+        if isinstance(names, tuple) and hasattr(module, "active_adapters"):
+            for name in names:
+                attribute = _dotted_attribute(module, name)
+                if isinstance(attribute, (nn.Module, nn.Parameter)):
+                    owned.append(attribute)
+        if isinstance(getattr(module, "prompt_encoder", None), nn.ModuleDict) and hasattr(module, "peft_config"):
+            owned.append(module.prompt_encoder)
+    return {id(p) for item in owned for p in ([item] if isinstance(item, nn.Parameter) else item.parameters())}
+
+
+def _dotted_attribute(module: nn.Module, path: str) -> Any:
+    """``module.a.b`` for ``path="a.b"``; None where an attribute is missing."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
 def freeze(model: nn.Module) -> None:
-    """Stop gradients to every base parameter of ``model``; an existing adapter's own parameters (``tau``,
-    ``lora_a``, ...) keep their ``requires_grad``, so adapters added by an earlier call (Dopamine gates next to LoRA)
-    stay trainable. Buffers are not parameters: a BatchNorm in training mode still updates its running statistics
-    (put it in eval mode to keep the base exactly frozen)."""
-    adapters = {
-        id(p) for m in model.modules() if isinstance(m, FrozenModuleAdapter) for p in m.parameters(recurse=False)
-    }
+    """Stop gradients to every base parameter of ``model``; an existing adapter's own parameters
+    (:func:`adapter_parameters`: ``tau``, ``lora_a``, peft's ``lora_A``, ...) keep their ``requires_grad``, so
+    adapters added by an earlier call (Dopamine gates next to LoRA) or by ``peft`` stay trainable. Buffers are not
+    parameters: a BatchNorm in training mode still updates its running statistics (put it in eval mode to keep the
+    base exactly frozen)."""
+    adapters = adapter_parameters(model)
     for parameter in model.parameters():
         if id(parameter) not in adapters:
             parameter.requires_grad_(False)
@@ -402,8 +438,10 @@ def firing_fractions(
 
     ``batches`` yields ``(x, group)`` with integer group ids in ``[0, num_groups)`` (class labels,
     or e.g. 0 = upright and 1 = rotated). Returns ``{gate name: (num_groups, num_neurons)}`` float
-    tensors; for token/spatial inputs each sample contributes its mean over positions. Groups with
-    no sample are NaN. The model runs in eval mode and its mode is restored afterwards.
+    tensors; for token/spatial inputs each sample contributes its mean over positions. Each gate counts only the
+    inputs of the batches it ran on, so a group it saw no sample of is NaN: a gate the forward skipped (an early
+    exit) or never calls (an EMA copy kept on the model) is not measured, rather than "never fires" or credited with
+    an earlier batch's firing. The model runs in eval mode and its mode is restored afterwards.
 
     ``batch_dim`` is the sample axis of every gate's input. By default each gate takes it from the ``batch_first``
     of its nearest enclosing PyTorch sequence module (axis 1 inside a sequence-first ``nn.TransformerEncoderLayer``),
@@ -414,8 +452,8 @@ def firing_fractions(
         raise ModuleSelectionError("model has no DopamineGate; call adapt_model(model, modules=[...]) first")
     sample_axes = {name: _sample_axis(model, name) if batch_dim is None else batch_dim for name in gates}
     sums = {name: torch.zeros(num_groups, gate.num_features, dtype=torch.float64) for name, gate in gates.items()}
-    counts = torch.zeros(num_groups, dtype=torch.float64)
-    current: dict[str, torch.Tensor] = {}
+    counts = {name: torch.zeros(num_groups, dtype=torch.float64) for name in gates}
+    current: dict[str, torch.Tensor] = {}  # the firing of the gates that ran in this batch's forward
     handles = []
     for name, gate in gates.items():
         def record(module: DopamineGate, args: tuple, name: str = name) -> None:
@@ -433,11 +471,11 @@ def firing_fractions(
     model.eval()
     try:
         for x, group in batches:
+            current.clear()
             model(x)
             group = torch.as_tensor(group, dtype=torch.long).cpu()
             if group.numel() and (group.min() < 0 or group.max() >= num_groups):
                 raise ModuleSelectionError(f"group ids must be in [0, {num_groups}); pass num_groups covering every label")
-            counts.index_add_(0, group, torch.ones(len(group), dtype=torch.float64))
             for name, active in current.items():
                 if len(active) != len(group):
                     raise ModuleSelectionError(
@@ -445,11 +483,12 @@ def firing_fractions(
                         f"has {len(group)} group ids; pass batch_dim= with the sample axis of the gate input"
                     )
                 sums[name].index_add_(0, group, active.cpu())
+                counts[name].index_add_(0, group, torch.ones(len(group), dtype=torch.float64))
     finally:
         restore_training_modes(modes)
         for handle in handles:
             handle.remove()
-    return {name: (total / counts[:, None]).float() for name, total in sums.items()}
+    return {name: (total / counts[name][:, None]).float() for name, total in sums.items()}
 
 
 def _sample_axis(model: nn.Module, name: str) -> int:
