@@ -662,5 +662,5 @@ class HyperspectralDataModule(SplitDataModule):
         """Per-band z-score with the training-pixel mean and standard deviation."""
         return (spectra - self.band_mean) / self.band_std
 
-    def shuffle_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+    def shuffle_seed(self) -> int:
+        return self.seed

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_act.data.splits import EpochShuffleSampler
 from lightning_act.errors import ConfigError
 
 
@@ -65,8 +66,8 @@ class ModularAdditionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)  # epoch e's order from (seed, e): resumable
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None

@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_act.data.splits import EpochShuffleSampler
 from lightning_act.errors import ConfigError, DataNotFoundError
 
 _SKIPPED_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -134,9 +135,9 @@ class StdlibTextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        generator = torch.Generator().manual_seed(self.seed)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)  # epoch e's order from (seed, e): resumable
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
+            self.train_set, batch_size=self.batch_size, sampler=sampler,
             num_workers=self.num_workers, drop_last=True,
         )
 
