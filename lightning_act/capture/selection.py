@@ -17,15 +17,20 @@ A *module spec* is one of:
   torchvision's MobileNet ``features``), and stacks nested inside a chosen stack are skipped; a plain module's
   children are no stack (timm RegNet's ``s1.b1`` ...: select them by a glob);
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
-  models, else the last ``nn.Linear`` outside frozen copies of a trained module), i.e. the penultimate features,
-  named ``<head>-input``;
+  models, else the last ``nn.Linear`` outside frozen copies of a trained module; a Hugging Face peft adapter layer
+  wrapping one, such as LoRA's, stands for it, as its input is the layer's input while its own ``lora_A``/``lora_B``
+  Linears see the bottleneck), i.e. the penultimate features, named ``<head>-input``;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
   name (``"GELU"``): every module of that class (a parametrized module's by the class it was made as);
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
 
-The presets leave out averaged copies of the model (an EMA's ``AveragedModel``, ema-pytorch's ``EMA``) and
-parametrizations, which run on no activation of its forward; ``"@activations"`` also leaves out position-bias MLPs
-(Swin V2's ``cpb_mlp``), which run on a fixed coordinate table, not on the batch.
+The presets leave out averaged copies of the model (an EMA's ``AveragedModel``, ema-pytorch's ``EMA``),
+parametrizations and the ``original_module`` that a Hugging Face peft ``ModulesToSaveWrapper`` keeps beside the copy
+it trains, which run on no activation of its forward, and the modules that run on a fixed table, not on the batch:
+position-bias MLPs (Swin V2's ``cpb_mlp``) and peft's prompt encoders (prefix and prompt tuning's
+``prompt_encoder``). A ``ModulesToSaveWrapper`` is a block of ``"@blocks"`` where the module it wraps is one, and the
+fused activations of quantization-aware training (``torch.ao.nn.intrinsic.qat``'s ``ConvBnReLU2d``, ``LinearReLU``
+...) are activation outputs of ``"@activations"``.
 
 A string spec may end in ``":input"`` (or ``"-input"``, the name it is logged under: :data:`INPUT_TAP_SUFFIX`) to
 tap the module's first input instead of its output (the activations entering a down-projection, for example); a
@@ -41,6 +46,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,11 +81,19 @@ _extra_activation_classes: list[type[nn.Module]] = []
 # ema-pytorch's (lucidrains), matched by name within its package, as "EMA" alone names too many classes.
 _AVERAGED_COPY_CLASS_NAMES = {"ModelEmaV2", "ModelEmaV3"}
 _EMA_PYTORCH_CLASS_NAMES = {"EMA", "KarrasEMA", "PostHocEMA", "EMAPytree"}
-# Owners of a position-bias MLP, which runs on a fixed table of relative coordinates, not on the batch: Swin V2's
-# (timm ``cpb_mlp``, ``meta_mlp`` in ``swinv2_cr``; Hugging Face ``continuous_position_bias_mlp``), by attribute
-# name, and timm's ``RelPosMlp`` (MaxViT, CoAtNet with MLP position bias), by class name.
-_POSITION_BIAS_MLP_NAMES = {"cpb_mlp", "meta_mlp", "continuous_position_bias_mlp"}
-_POSITION_BIAS_MLP_CLASS_NAMES = {"RelPosMlp"}
+# Owners of modules that run on a fixed table, not on the batch, by attribute name: Swin V2's position-bias MLP, run on
+# relative coordinates (timm ``cpb_mlp``, ``meta_mlp`` in ``swinv2_cr``; Hugging Face
+# ``continuous_position_bias_mlp``), and Hugging Face peft's prompt encoders (``PeftModel.prompt_encoder``: prefix
+# tuning's ``PrefixEncoder`` MLP, p-tuning's ``PromptEncoder``), run on the virtual-token ids; and by class name,
+# timm's ``RelPosMlp`` (MaxViT, CoAtNet with MLP position bias).
+_FIXED_TABLE_OWNER_NAMES = {"cpb_mlp", "meta_mlp", "continuous_position_bias_mlp", "prompt_encoder"}
+_FIXED_TABLE_CLASS_NAMES = {"RelPosMlp"}
+# Quantization-aware training's fused layers that apply their activation inside their own forward (after
+# ``fuse_modules_qat`` + ``prepare_qat``: ``ConvBnReLU2d``, ``ConvReLU2d``, ``LinearReLU`` ...), so that their output
+# is the activation's: matched by package and class name. The float fused modules (``torch.ao.nn.intrinsic``'s
+# ``ConvReLU2d`` ...) are Sequentials whose activation is a child, tapped as one.
+_FUSED_ACTIVATION_PACKAGE = "torch.ao.nn.intrinsic.qat."
+_FUSED_ACTIVATION_NAME = re.compile(r"(ReLU|Tanh)([123]d)?$")
 
 PRESETS = ("@activations", "@blocks", "@penultimate")
 
@@ -98,11 +112,35 @@ def module_class(module: nn.Module) -> type:
 
 
 def is_activation(module: nn.Module) -> bool:
-    """Whether ``module`` is an activation-function layer."""
+    """Whether ``module`` is an activation-function layer, or a fused layer whose output is its activation's."""
+    cls = module_class(module)
     return (
         isinstance(module, _TORCH_ACTIVATIONS + tuple(_extra_activation_classes))
-        or module_class(module).__name__ in _ACTIVATION_CLASS_NAMES
+        or cls.__name__ in _ACTIVATION_CLASS_NAMES
+        or (cls.__module__.startswith(_FUSED_ACTIVATION_PACKAGE) and bool(_FUSED_ACTIVATION_NAME.search(cls.__name__)))
     )
+
+
+def _saved_copy_original(module: nn.Module) -> nn.Module | None:
+    """The ``original_module`` of a Hugging Face peft ``ModulesToSaveWrapper`` (which runs a trained copy of it, kept
+    in ``modules_to_save``), else None. Read from the registered children, so that peft need not be imported."""
+    children = dict(module.named_children())
+    original, trained_copies = children.get("original_module"), children.get("modules_to_save")
+    return original if isinstance(original, nn.Module) and isinstance(trained_copies, nn.ModuleDict) else None
+
+
+def _peft_wrapped(module: nn.Module) -> nn.Module | None:
+    """The module a Hugging Face peft wrapper runs in place of, else None: a tuner layer's ``base_layer`` (LoRA, IA3
+    ...: the wrapper's input is the wrapped layer's), a ``ModulesToSaveWrapper``'s ``original_module``."""
+    base_layer = dict(module.named_children()).get("base_layer")
+    return base_layer if base_layer is not None else _saved_copy_original(module)
+
+
+def _innermost_wrapped(module: nn.Module) -> nn.Module:
+    """The innermost module under ``module``'s peft wrappers (see :func:`_peft_wrapped`), or ``module``."""
+    while (wrapped := _peft_wrapped(module)) is not None:
+        module = wrapped
+    return module
 
 
 @dataclass(frozen=True)
@@ -195,12 +233,14 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
     of one class; or, between a stem and a tail of other classes (torchvision's MobileNet/EfficientNet ``features``:
     a convolution, the inverted-residual blocks, a convolution), the one run of >= 3 blocks of one class that makes up
     at least half of the children; a run of containers is left to the stacks inside them (torchvision's EfficientNet
-    stages). Else none."""
+    stages). Else none. A peft wrapper counts as the module it wraps (a block that peft trains whole, in a
+    ``ModulesToSaveWrapper``, is one of the stack; LoRA-wrapped Linears are no blocks)."""
     if len(children) < 2:
         return []
-    kinds = [module_class(c) for c in children]
+    wrapped = [_innermost_wrapped(c) for c in children]
+    kinds = [module_class(c) for c in wrapped]
     if len(set(kinds)) == 1:
-        return children if any(True for _ in children[0].children()) else []
+        return children if any(True for _ in wrapped[0].children()) else []
     runs: list[tuple[int, int]] = []  # [start, end) of each run of one class
     for i, kind in enumerate(kinds):
         if runs and kinds[runs[-1][0]] is kind:
@@ -209,9 +249,9 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
             runs.append((i, i + 1))
     start, end = max(runs, key=lambda run: run[1] - run[0])
     inner = kinds[start]
-    if end - start < 3 or 2 * (end - start) < len(children) or not any(True for _ in children[start].children()):
+    if end - start < 3 or 2 * (end - start) < len(children) or not any(True for _ in wrapped[start].children()):
         return []
-    if isinstance(children[start], (nn.ModuleList, nn.Sequential)):
+    if isinstance(wrapped[start], (nn.ModuleList, nn.Sequential)):
         return []
     stem_kinds, tail_kinds = kinds[:start], kinds[end:]
     if inner in stem_kinds + tail_kinds or len(set(stem_kinds)) > 1 or len(set(tail_kinds)) > 1:
@@ -281,40 +321,49 @@ def averaged_copy_modules(model: nn.Module) -> set[int]:
     ``ModelEmaV2``/``V3``, ema-pytorch's ``EMA``/``KarrasEMA``/``PostHocEMA``): an EMA or SWA kept for validation,
     which no training step runs or trains. A module registered also outside them is the model's: ema-pytorch's
     ``EMA`` registers the trained network itself as its ``online_model``."""
-    copies = [module for module in model.modules() if module is not model and _is_averaged_copy(module)]
-    inside = {id(m) for copy in copies for m in copy.modules()}
+    return _only_inside(model, {id(m) for m in model.modules() if m is not model and _is_averaged_copy(m)})
+
+
+def _only_inside(model: nn.Module, owners: set[int]) -> set[int]:
+    """Ids of the modules inside the modules ``owners`` (ids) that ``model`` does not reach also without entering
+    one of them: a module registered in two places runs from the other one."""
+    inside = {id(m) for owner in model.modules() if id(owner) in owners for m in owner.modules()}
     outside: set[int] = set()
     pending = [model]
-    while pending:  # the modules reached without entering a copy
+    while pending:  # the modules reached without entering an owner
         module = pending.pop()
-        if id(module) in outside or (module is not model and _is_averaged_copy(module)):
+        if id(module) in outside or (module is not model and id(module) in owners):
             continue
         outside.add(id(module))
         pending.extend(child for child in module._modules.values() if child is not None)
     return inside - outside
 
 
-def _position_bias_mlps(modules: list[tuple[str, nn.Module]]) -> set[int]:
-    """Ids of the modules inside a position-bias MLP (see ``_POSITION_BIAS_MLP_NAMES``): its activations are of a
-    fixed coordinate table, the same at every step, not of the batch."""
-    return {
-        id(m) for name, module in modules
-        if name.rpartition(".")[2] in _POSITION_BIAS_MLP_NAMES
-        or module_class(module).__name__ in _POSITION_BIAS_MLP_CLASS_NAMES
-        for m in module.modules()
+def _fixed_table_modules(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of the modules that run on a fixed table, not on the batch (see ``_FIXED_TABLE_OWNER_NAMES``): a
+    position-bias MLP's activations are of relative coordinates, a prefix encoder's of the virtual-token ids, the
+    same for every example at every step."""
+    owners = {
+        id(module) for name, module in modules
+        if name.rpartition(".")[2] in _FIXED_TABLE_OWNER_NAMES
+        or module_class(module).__name__ in _FIXED_TABLE_CLASS_NAMES
     }
+    return _only_inside(model, owners)
 
 
 def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of the modules that the presets leave out, as they run on no activation of the model's forward: averaged
     copies of the model (:func:`averaged_copy_modules`: an EMA kept for validation, whose head was "the last
-    nn.Linear" and never ran in a training step) and parametrizations (``<module>.parametrizations``: functions of a
-    parameter; an ``nn.Softplus`` that keeps one positive is no activation layer)."""
+    nn.Linear" and never ran in a training step), parametrizations (``<module>.parametrizations``: functions of a
+    parameter; an ``nn.Softplus`` that keeps one positive is no activation layer) and the ``original_module`` of a
+    peft ``ModulesToSaveWrapper``, which runs its trained copy instead (the original only with the adapters
+    disabled)."""
     left_out = averaged_copy_modules(model)
     for _, module in modules:
         if parametrize.is_parametrized(module):
             left_out |= {id(m) for m in module.parametrizations.modules()}
-    return left_out
+    originals = {id(original) for _, module in modules if (original := _saved_copy_original(module)) is not None}
+    return left_out | _only_inside(model, originals)
 
 
 def frozen_copies(modules: list[tuple[str, nn.Module]]) -> set[int]:
@@ -360,8 +409,11 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_ou
             inside_headless |= {id(m) for m in head_owner.modules()}
     if taps:
         return taps
-    outside = inside_headless | frozen_copies(modules)
-    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear) and id(m) not in outside]
+    # a peft wrapper of a Linear stands for it (its input is the layer's); the Linears inside it are the wrapped one
+    # and the adapter's own (LoRA's lora_B sees the rank-r bottleneck)
+    inside_wrappers = {id(m) for _, w in modules if _peft_wrapped(w) is not None for m in w.modules() if m is not w}
+    outside = inside_headless | frozen_copies(modules) | inside_wrappers
+    linears = [(n, m) for n, m in modules if isinstance(_innermost_wrapped(m), nn.Linear) and id(m) not in outside]
     return [Tap(f"{linears[-1][0]}{INPUT_TAP_SUFFIX}", linears[-1][1], "input")] if linears else []
 
 
@@ -380,11 +432,9 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
         spec, point = spec[: -len(suffix)], "input"
     left_out: set[int] = set()
     if spec.startswith("@"):  # a preset picks among the modules that take hooks (see select_taps) and see activations
-        left_out = _not_run_on_activations(model, modules)
+        left_out = _not_run_on_activations(model, modules) | _fixed_table_modules(model, modules)  # (of the batch)
         modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule) and id(m) not in left_out]
     if spec == "@activations":
-        position_bias = _position_bias_mlps(modules)  # nor are a position-bias MLP's activations the batch's
-        modules = [(n, m) for n, m in modules if id(m) not in position_bias]
         shadowed = _shadowed(modules) | left_out  # nor is a parametrization's Softplus an MLP's activation module
         taps = [Tap(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
         if point == "output":
