@@ -285,7 +285,8 @@ class MassiveActivations(ActivationMonitor):
         if same_on_every_rank(batches, pl_module.device):
             measured = batches if torch.distributed.get_rank() == 0 else []
         else:
-            measured = without_sampler_padding(batches, loader)  # whole first batches, then one cut, in order
+            # whole first batches, then one cut, in order
+            measured = without_sampler_padding(batches, loader, "MassiveActivations")
         left_out = batches[len(measured):] if forward_is_collective(pl_module) else []
         return [(batch, True) for batch in measured] + [(batch, False) for batch in left_out]
 

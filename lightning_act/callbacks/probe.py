@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -150,26 +151,54 @@ def num_examples(batch: Any, axis: int = 0) -> int:
     return tensor.shape[axis] if tensor.dim() > axis else 1
 
 
-def without_sampler_padding(batches: list[Any], loader: Any) -> list[Any]:
+def without_sampler_padding(batches: list[Any], loader: Any, owner: str) -> list[Any]:
     """This rank's first ``batches`` from a loader that shards the data itself, without the examples its
     ``DistributedSampler`` repeats to pad a dataset that does not divide among the ranks: this rank's k-th example is
-    the sampler's position k·W + r, a repeat from the dataset's size on. A batch is cut along the first axis of each
-    of its tensors as long as its inputs; batches left empty are dropped. A loader without a ``DistributedSampler``
-    (a dataset per rank) repeats nothing: its batches are kept whole (before round 21 they were cut to the positions
-    a sampler over the rank's own dataset would have kept, about 1/W of each rank's examples)."""
+    the sampler's position k·W + r, a repeat from the dataset's size on. A batch's examples are counted as the sampler
+    handed them out (the loader's ``batch_size`` of them, fewer in its last batch), not as its tensors' rows: a graph
+    collate makes one batch of 4 graphs ~20 node rows. A batch holding repeats is cut along the first axis of each of
+    its tensors as long as its inputs, where its inputs' first axis has the batch's examples; otherwise (graphs,
+    packed sequences) it is kept whole, said once, its repeats counted twice (before round 22 its node rows were cut,
+    and the probe forward failed on edges naming the nodes cut off). Batches left empty are dropped. A loader without
+    a ``DistributedSampler`` (a dataset per rank) repeats nothing: its batches are kept whole (before round 21 they
+    were cut to the positions a sampler over the rank's own dataset would have kept, about 1/W of each rank's
+    examples)."""
     sampler = distributed_sampler(loader)
     if sampler is None or sampler.num_replicas == 1:
         return batches
     size = min(len(sampler.dataset), sampler.total_size)  # type: ignore[arg-type]  # drop_last: no padding
     left = len(range(sampler.rank, size, sampler.num_replicas))
+    batch_size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    handed = len(sampler)  # the examples the sampler hands this rank, repeats included
     kept: list[Any] = []
     for batch in batches:
-        count = num_examples(batch)
         if left <= 0:
             break
-        kept.append(_first_examples(batch, count, left) if count > left else batch)
+        rows = num_examples(batch)
+        count = rows if batch_size is None else min(batch_size, handed)  # a custom batch sampler: the rows
+        handed -= count
+        if count <= left:
+            kept.append(batch)
+        elif rows == count:
+            kept.append(_first_examples(batch, count, left))
+        else:
+            kept.append(batch)
+            _warn_repeats_kept(owner, sampler.rank, count, left, rows)
         left -= count
     return kept
+
+
+def _warn_repeats_kept(owner: str, rank: int, count: int, real: int, rows: int) -> None:
+    """Say (once, from the rank concerned: the repeats are on the last ranks) that a batch holding the sampler's
+    repeats is measured whole."""
+    warnings.warn(
+        f"{owner}: rank {rank}'s probe batch of {count} examples holds {count - real} the DistributedSampler repeats "
+        f"to pad the validation set, but its inputs have {rows} rows, not one per example (graphs, packed sequences), "
+        "so they cannot be cut out: the batch is measured whole, its repeats counted twice (pass "
+        "DistributedSampler(..., drop_last=True) or a validation set that divides among the ranks)",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _first_examples(batch: Any, count: int, keep: int) -> Any:

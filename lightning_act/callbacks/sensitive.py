@@ -166,19 +166,26 @@ def _restores_after_fit_start(trainer: pl.Trainer | None) -> bool:
 
 
 def _tracking_fingerprint(batches: list[Any]) -> list[float]:
-    """The tracking set's element count, float64 sum and sum of squares: a resumed fit whose set differs (drawn anew
-    at a relaunch, a shuffling validation loader) holds windows of another set's embeddings, which its own would
-    stack with silently when the shapes agree. One host read, at fit start."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    """The tracking set's element count, float64 sum, sum of squares and position-weighted sum ``Σ_j (j+1)·x_j`` over
+    its elements in order: a resumed fit whose set differs (drawn anew at a relaunch, a shuffling validation loader)
+    holds windows of another set's embeddings, which its own would stack with silently when the shapes agree. The
+    weighted sum tells the same examples in another order, whose windows would compare example k before the resume
+    with another example after it (before round 22 the fingerprint was blind to order). One host read, at fit start."""
+    sums = torch.zeros(4, dtype=torch.float64)
+    offset = 0
     for tensor in (t for batch in batches for t in batch_tensors(batch)):
-        x = tensor.detach().to(torch.float64).nan_to_num()
-        sums = sums.to(x.device) + torch.stack([x.new_tensor(float(x.numel())), x.sum(), x.square().sum()])
+        x = tensor.detach().to(torch.float64).nan_to_num().reshape(-1)
+        positions = torch.arange(offset + 1, offset + x.numel() + 1, dtype=torch.float64, device=x.device)
+        offset += x.numel()
+        count = x.new_tensor(float(x.numel()))
+        sums = sums.to(x.device) + torch.stack([count, x.sum(), x.square().sum(), positions @ x])
     return sums.tolist()
 
 
 def _same_fingerprint(held: list[float], now: list[float]) -> bool:
-    """Equal up to the round-off of another summation order (the set moved to another device)."""
-    return all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(held, now, strict=True))
+    """Equal up to the round-off of another summation order (the set moved to another device). A checkpoint of round
+    21 holds the first three values alone (no weighted sum): compared on those."""
+    return all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(held, now[: len(held)], strict=True))
 
 
 def _is_stochastic(module: nn.Module) -> bool:
@@ -285,7 +292,8 @@ class SensitiveNeurons(FitScopedState):
         forward_fn: how to run the model on one tracking batch, ``forward_fn(pl_module, batch)``
             (a callable or its import path), for LightningModules whose ``forward`` is not
             ``forward(x)``; the tracking set is then the first whole validation batches holding at
-            least ``num_samples`` examples (counted along the inputs' sample axis). Default:
+            least ``num_samples`` examples (counted along the inputs' sample axis; a graph batch's are its
+            embeddings, one per graph: :meth:`_whole_validation_batches`). Default:
             ``pl_module(x)`` on the inputs of the validation batches (``tracking_inputs``: on chunks
             of it). Checked at fit start: a failing call is one line.
         batch_dim, token_dim, feature_dim: the layout of the tapped activations (see ``ActivationMonitor``).
@@ -407,8 +415,10 @@ class SensitiveNeurons(FitScopedState):
         #: examples (:meth:`_check_examples`, :meth:`_check_rows`), left out.
         self._call_rows: dict[str, tuple[int, ...]] = {}
         self._rows_not_examples: set[str] = set()
-        #: The axis of the examples in the tracking batches' inputs (:meth:`_sample_axis`).
+        #: The axis of the examples in the tracking batches' inputs (:meth:`_sample_axis`), and the examples of each
+        #: tracking batch (:meth:`_whole_validation_batches` counts a graph batch's by its embeddings).
         self._input_axis = 0
+        self._batch_examples: list[int] = []
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
@@ -476,6 +486,7 @@ class SensitiveNeurons(FitScopedState):
         if not self.taps:
             return
         device = _module_device(pl_module)
+        examples: list[int] | None = None
         if self.tracking_inputs is not None:
             self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
             _refuse_unless_same_on_every_rank(
@@ -488,13 +499,14 @@ class SensitiveNeurons(FitScopedState):
             except LightningActError as error:
                 raise _dtype_problem(self._batches[0], pl_module, error.__cause__) or error from error.__cause__
         elif self.custom_forward:
-            self._batches = self._whole_validation_batches(trainer, pl_module, device)
+            self._batches, examples = self._whole_validation_batches(trainer, pl_module, device)
             _refuse_unless_same_on_every_rank(
                 self._batches, device, "SensitiveNeurons(forward_fn=...): the validation loader gives each rank other "
                 "batches (it shards them)", "pass an unsharded validation loader or tracking_inputs=<tensor>",
             )
         else:
             self._batches = self._from_validation(trainer, pl_module, device)
+        self._batch_examples = examples or [num_examples(batch, self._input_axis) for batch in self._batches]
         self._fit_fingerprint = _tracking_fingerprint(self._batches)
         if not _restores_after_fit_start(trainer):
             self._continue_run(device)
@@ -515,8 +527,8 @@ class SensitiveNeurons(FitScopedState):
             restarted = [name for name, window in self.embeddings.items() if window]
             if restarted:
                 rank_zero_warn(
-                    f"SensitiveNeurons: the tracking set differs from the checkpoint's (its inputs' sum or sum of "
-                    f"squares changed: drawn anew, or a shuffling validation loader); the windows and sensitive sets "
+                    f"SensitiveNeurons: the tracking set differs from the checkpoint's (its inputs' sums or their "
+                    f"order changed: drawn anew, or a shuffling validation loader); the windows and sensitive sets "
                     f"of {', '.join(restarted)} start afresh (pass the same tracking_inputs to continue them)",
                     category=UserWarning,
                 )
@@ -571,25 +583,39 @@ class SensitiveNeurons(FitScopedState):
 
     def _whole_validation_batches(
         self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device
-    ) -> list[Any]:
-        """The tracking batches of a ``forward_fn``: the first whole validation batches holding ``num_samples``
-        examples, counted along their inputs' sample axis as :meth:`_from_validation` counts them (a ``(T, B, F)``
-        batch holds B examples)."""
+    ) -> tuple[list[Any], list[int]]:
+        """The tracking batches of a ``forward_fn``, and their examples: the first whole validation batches holding
+        ``num_samples`` examples, counted along their inputs' sample axis as :meth:`_from_validation` counts them (a
+        ``(T, B, F)`` batch holds B examples). Where the first forward gives fewer embeddings than the inputs' first
+        axis and no axis of the inputs is that long (a graph batch: node rows in, one embedding per graph out), each
+        batch's examples are the rows its forward gives (before round 22 ``num_samples=8`` took 4 graphs of 24
+        nodes)."""
         batches: list[Any] = []
+        examples: list[int] = []
         axis = 0
+        by_embeddings = False
 
         def enough(loaded: list[Any]) -> bool:
-            nonlocal axis
+            nonlocal axis, by_embeddings
             batches.append(to_device(loaded[-1], device, trainer))
             if len(batches) == 1:
                 samples = self._first_forward(trainer, pl_module, batches[0])
                 inputs = first_batch_tensor(batches[0])
                 axis = 0 if inputs is None else self._sample_axis(inputs, samples)
-            return sum(num_examples(b, axis) for b in batches) >= self.num_samples
+                by_embeddings = (
+                    samples is not None and inputs is not None and inputs.dim() > 0
+                    and samples < inputs.shape[0] and samples not in inputs.shape
+                )
+                examples.append(samples if by_embeddings else num_examples(batches[0], axis))
+            elif by_embeddings:
+                examples.append(self._first_forward(trainer, pl_module, batches[-1]) or 0)
+            else:
+                examples.append(num_examples(batches[-1], axis))
+            return sum(examples) >= self.num_samples
 
         validation_batches(trainer, "SensitiveNeurons", enough)
         self._input_axis = axis
-        return batches
+        return batches, examples
 
     def _sample_axis(self, x: torch.Tensor, samples: int | None) -> int:
         """The axis of the examples in the model inputs ``x``, from the first forward's sample count (the embeddings'
@@ -795,23 +821,30 @@ class SensitiveNeurons(FitScopedState):
     def _check_examples(self, name: str, rows_per_batch: list[list[int]]) -> None:
         """Each call of a tap gives one row per example of its tracking batch, or one per token of a head run on the
         flattened ``B·T`` tokens. A module inside window attention (timm Swin's ``*.attn``: one row per window of
-        every image) gives several per example: its rows are not examples, and it is left out, said once. (Fewer rows
-        than examples, a mixture-of-experts expert's, change from pass to pass: :meth:`_check_rows`.)"""
-        for batch, rows in zip(self._batches, rows_per_batch, strict=True):
+        every image) gives several per example, and a mixture-of-experts expert (a Switch layer's) gets the tokens
+        routed to it, a count that is neither: their rows are not examples, and such a tap is left out, said once
+        (before round 22 an expert's rows were tracked as examples while its count held). (An expert given as many
+        rows as the examples is not told apart here; its rows change from pass to pass: :meth:`_check_rows`.)"""
+        for batch, examples, rows in zip(self._batches, self._batch_examples, rows_per_batch, strict=True):
             inputs = first_batch_tensor(batch)
-            examples = num_examples(batch, self._input_axis)
             if inputs is None or inputs.dim() == 0 or examples == 0:
                 continue  # nothing tells the examples
             tokens = inputs.shape[0] * inputs.shape[1] if inputs.dim() >= 2 else examples
-            other = next((count for count in rows if count % examples == 0 and count not in (examples, tokens)), None)
-            if other is not None:
-                self._leave_out(
-                    name, f"SensitiveNeurons: {name} gives {other} rows for a tracking batch of {examples} examples "
-                    "(attention inside windows, such as timm Swin's *.attn, gives one per window); its rows are "
-                    "not examples, so it is not tracked (tap a module whose first axis holds the examples, e.g. the "
-                    "block around it)"
-                )
-                return
+            other = next((count for count in rows if count not in (examples, tokens)), None)
+            if other is None:
+                continue
+            if other > 0 and other % examples == 0:
+                cause = "attention inside windows, such as timm Swin's *.attn, gives one per window"
+                fix = "tap a module whose first axis holds the examples, e.g. the block around it"
+            else:
+                cause = f"neither one per example nor one per token of its {tokens}: a mixture-of-experts expert " \
+                    "gets the tokens routed to it"
+                fix = "tap a module every example passes through, e.g. the MoE block's output"
+            self._leave_out(
+                name, f"SensitiveNeurons: {name} gives {other} rows for a tracking batch of {examples} examples "
+                f"({cause}); its rows are not examples, so it is not tracked ({fix})"
+            )
+            return
 
     def _leave_out(self, name: str, warning: str) -> None:
         """Track ``name`` no more in this fit, said once: its rows are not examples."""
@@ -923,13 +956,16 @@ class SensitiveNeurons(FitScopedState):
 
     def _derive(self, tap: Tap, window: list[torch.Tensor], z: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One tap's values on the device: ``v_mean``, ``v_max`` and the new sensitive set's ``indices`` once the
-        window is full (the indices only when a selection is due), ``eigenscore`` and ``ees`` of the passes ``z``."""
+        window is full (the indices only when a selection is due, with ``finite``: whether every ``V_i`` is, read in
+        the same transfer, for a NaN sorts first and would be "selected"), ``eigenscore`` and ``ees`` of the passes
+        ``z``."""
         values: dict[str, torch.Tensor] = {}
         if len(window) == self.window + 1:
             v = send_sensitivity(torch.stack(window))
             values["v_mean"], values["v_max"] = v.mean(), v.max()
             if not self.drop or self._countdown_left(tap) == 0:
                 values["indices"] = top_fraction_indices(v, self.top_fraction)
+                values["finite"] = torch.isfinite(v).all()
         if z is not None:
             # Non-finite embeddings have no spectrum: NaN reaches both scores through the log-det (a failed Cholesky
             # is NaN too), with no host branch. The EigenScore is log det(Σ + αI) / K by Cholesky, its definition,
@@ -963,13 +999,17 @@ class SensitiveNeurons(FitScopedState):
         return reads
 
     def _update_selection(self, tap: Tap, read: dict[str, Any]) -> dict[str, float]:
-        """Sets, countdowns and drop hooks from one tap's host values; its logged statistics."""
+        """Sets, countdowns and drop hooks from one tap's host values; its logged statistics. A selection due from a
+        sensitivity that is not finite (a NaN tracking example makes every ``V_i`` NaN) is not made: the previous set
+        stays, dropped while it was, and ``count`` and ``selected`` are unknown (before round 22 a set of arbitrary
+        features was selected, and dropped with ``drop=True``)."""
         stats: dict[str, float] = {}
         selected = False
+        unselectable = read.get("finite") == 0.0
         if "v_mean" in read:
             stats["v_mean"], stats["v_max"] = read["v_mean"], read["v_max"]
             countdown = self._countdown_left(tap)
-            if "indices" in read:
+            if "indices" in read and not unselectable:
                 indices = read["indices"]
                 if tap.name in self.sensitive:
                     self.previous[tap.name] = self.sensitive[tap.name]
@@ -982,6 +1022,8 @@ class SensitiveNeurons(FitScopedState):
             self.countdown[tap.name] = countdown
         stats["count"] = float(self.sensitive[tap.name].numel()) if tap.name in self.sensitive else 0.0
         stats["selected"] = 1.0 if selected else 0.0
+        if unselectable:
+            stats["count"] = stats["selected"] = math.nan
         if self.drop:
             stats["dropping"] = 1.0 if tap.name in self._drop_handles else 0.0
         for score in ("eigenscore", "ees"):

@@ -1,0 +1,295 @@
+"""Round 22: probes and tracking sets whose rows are not one example each (graph batches, a mixture-of-experts expert),
+and SeND's tracking-set fingerprint and selection. Values are checked against numpy float64 or hand-worked counts."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from _toy import quiet_trainer
+from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
+from lightning_act.callbacks import massive as massive_module
+from lightning_act.callbacks.sensitive import _same_fingerprint, _tracking_fingerprint
+
+# ------------------------------------------------------------------------------------------ graphs
+GRAPH_SIZES = (3, 5, 2, 4, 6, 3, 2, 5, 4, 3, 6, 2, 4)  # nodes of each of 13 graphs
+
+
+class Graphs(Dataset):
+    """Graph i: ``GRAPH_SIZES[i]`` nodes of 5 features, a ring of edges, a label."""
+
+    def __init__(self, count: int = len(GRAPH_SIZES), seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.items = []
+        for nodes in GRAPH_SIZES[:count]:
+            ring = torch.stack([torch.arange(nodes), (torch.arange(nodes) + 1) % nodes])
+            self.items.append((torch.randn(nodes, 5, generator=generator), ring, int(nodes % 3)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.items[index]
+
+
+def collate(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyG-style: node rows of every graph stacked, edges offset, a node-to-graph vector, one label per graph."""
+    nodes, edges, owner, offset = [], [], [], 0
+    for graph, (x, ring, _) in enumerate(items):
+        nodes.append(x)
+        edges.append(ring + offset)
+        owner.append(torch.full((len(x),), graph))
+        offset += len(x)
+    return torch.cat(nodes), torch.cat(edges, 1), torch.cat(owner), torch.tensor([label for *_, label in items])
+
+
+class GraphNet(pl.LightningModule):
+    """Node features → ReLU(Linear) summed over in-edges → mean per graph (the head's input) → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.node = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, edges: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.node(x))
+        h = h + torch.zeros_like(h).index_add_(0, edges[1], h[edges[0]])
+        graphs = int(owner.max()) + 1
+        sizes = torch.bincount(owner, minlength=graphs)[:, None]
+        pooled = torch.zeros(graphs, h.shape[1]).index_add_(0, owner, h) / sizes
+        return self.head(pooled)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(*batch[:3]), batch[3])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def graph_forward(pl_module: nn.Module, batch: tuple) -> torch.Tensor:
+    return pl_module(*batch[:3])
+
+
+def numpy_pooled(model: GraphNet, graphs: list) -> np.ndarray:
+    """The head's input of each graph in float64 numpy, graph by graph."""
+    weight, bias = (p.detach().double().numpy() for p in (model.node.weight, model.node.bias))
+    rows = []
+    for x, ring, _ in graphs:
+        h = np.maximum(x.double().numpy() @ weight.T + bias, 0.0)
+        summed = h.copy()
+        np.add.at(summed, ring[1].numpy(), h[ring[0].numpy()])
+        rows.append(summed.mean(0))
+    return np.stack(rows)
+
+
+def test_a_sharded_graph_probe_keeps_whole_graphs_and_says_once_it_keeps_a_repeat(monkeypatch) -> None:
+    # Before: a batch's examples were counted as its node rows, so rank 1's first batch of 4 graphs (17 nodes) was cut
+    # to its first 6 node rows while its edges named nodes up to 17: the probe forward failed at fit start.
+    dataset = Graphs()
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)  # graphs 1, 3, ..., 11, then 0 again
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=collate)
+    batches = list(loader)
+    monkeypatch.setattr(massive_module, "distributed_world_size", lambda: 2)
+    monkeypatch.setattr(massive_module, "same_on_every_rank", lambda batches, device: False)
+    probe = MassiveActivations(probe="val", forward_fn=graph_forward)
+    repeat = r"rank 1's probe batch of 3 examples holds 1 the DistributedSampler repeats"
+    with pytest.warns(UserWarning, match=repeat) as said:
+        plan = probe._plan_probe(GraphNet(), batches, loader)
+    assert sum("DistributedSampler repeats" in str(w.message) for w in said) == 1
+    # both batches whole: graphs 1, 3, 5, 7 of 5+4+3+5 = 17 nodes, then graphs 9, 11 and the repeated 0: 3+2+3 = 8 nodes
+    assert [(len(batch[0]), measured) for batch, measured in plan] == [(17, True), (8, True)]
+    assert [int(batch[2].max()) + 1 for batch, _ in plan] == [4, 3]
+    # a batch of plain tensors, whose rows are its examples, still has the repeat cut out, silently
+    x = torch.arange(13.0).reshape(13, 1).repeat(1, 3)
+    sampler = DistributedSampler(TensorDataset(x), num_replicas=2, rank=1, shuffle=False)
+    loader = DataLoader(TensorDataset(x), batch_size=4, sampler=sampler)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*DistributedSampler repeats.*")
+        plan = probe._plan_probe(GraphNet(), list(loader), loader)
+    kept = torch.cat([batch[0] for batch, _ in plan])[:, 0].tolist()
+    assert kept == [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]  # rank 1's examples, the repeat of example 0 left out
+
+
+def test_send_with_forward_fn_on_graphs_tracks_num_samples_graphs(tmp_path: Path) -> None:
+    # Before: num_samples counted node rows: the first batch of 4 graphs (14 nodes) "held 8 examples", 4 were tracked.
+    torch.manual_seed(0)
+    model = GraphNet()
+    validation = Graphs(12, seed=1)
+    monitor = SensitiveNeurons(every_n_steps=1, num_samples=8, forward_fn=graph_forward, eigenscore_passes=0, window=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*SensitiveNeurons.*")
+        quiet_trainer(max_steps=2, callbacks=[monitor]).fit(
+            model, DataLoader(Graphs(8, seed=2), batch_size=4, collate_fn=collate),
+            DataLoader(validation, batch_size=4, collate_fn=collate),
+        )
+    embedding = monitor.embeddings["head-input"][-1]  # the last checkpoint: after the last update, the final weights
+    np.testing.assert_allclose(embedding.numpy(), numpy_pooled(model, validation.items[:8]), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ an expert's rows
+class RoutedTokens(pl.LightningModule):
+    """(B, T, 4) tokens → ``mix`` → an expert on the first ``routed`` of the flattened tokens → mean → head."""
+
+    def __init__(self, routed: int, first_pass: int = 0) -> None:
+        super().__init__()
+        self.mix, self.expert, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.routed, self.first_pass, self.eval_passes = routed, first_pass, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mix(x)
+        if not self.training:
+            self.eval_passes += 1
+        if self.training or self.eval_passes > self.first_pass:  # an expert unrouted in the first passes
+            flat = h.reshape(-1, 4)
+            routed = flat[: self.routed] + self.expert(flat[: self.routed])
+            h = torch.cat([routed, flat[self.routed :]]).reshape(h.shape)
+        return self.head(h.mean(1))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("first_pass", [0, 3], ids=["routed-at-first", "routed-from-the-third-pass"])
+def test_an_expert_given_rows_that_are_not_examples_is_left_out_with_one_warning(first_pass: int) -> None:
+    # Before: 4 tracking examples of 3 tokens (12) gave the expert 5 rows, tracked as 5 examples at every checkpoint
+    # (the count held), v_mean logged, no warning; an expert first routed later was tracked from then on alike.
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    monitor = SensitiveNeurons(modules=["expert", "head:input"], every_n_steps=1, eigenscore_passes=0, window=2,
+                               tracking_inputs=torch.randn(4, 3, 4, generator=g))
+    with pytest.warns(UserWarning, match=r"expert gives 5 rows for a tracking batch of 4 examples") as said:
+        quiet_trainer(max_steps=5, callbacks=[monitor]).fit(RoutedTokens(routed=5, first_pass=first_pass),
+                                                            DataLoader(data, batch_size=4))
+    assert sum("expert gives 5 rows" in str(w.message) for w in said) == 1
+    assert "expert" not in monitor.embeddings
+    assert not [key for key in monitor.history if key.startswith("sensitive/expert/v_")]
+    assert len(monitor.history["sensitive/head-input/v_mean"].values) == 3  # 5 checkpoints, a window of 3
+
+
+# ------------------------------------------------------------------------------------------ the fingerprint
+def test_the_fingerprint_tells_the_same_examples_in_another_order() -> None:
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    permuted = x[torch.randperm(16, generator=torch.Generator().manual_seed(1))]
+    flat = x.double().numpy().reshape(-1)
+    expected = [flat.size, flat.sum(), (flat**2).sum(), (np.arange(1, flat.size + 1) * flat).sum()]
+    np.testing.assert_allclose(_tracking_fingerprint(list(x.split(5))), expected, rtol=1e-12)
+    assert _same_fingerprint(_tracking_fingerprint([x]), _tracking_fingerprint(list(x.split(5))))  # other batches
+    assert not _same_fingerprint(_tracking_fingerprint([x]), _tracking_fingerprint([permuted]))
+    # a checkpoint of round 21 holds count, sum and sum of squares alone: compared on those
+    assert _same_fingerprint(expected[:3], _tracking_fingerprint([permuted]))
+    assert not _same_fingerprint(expected[:3], _tracking_fingerprint([x + 1]))
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act1, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act1(self.fc1(x)))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(callbacks: list[pl.Callback], tmp_path: Path, ckpt: Path | None = None, save: bool = False) -> list[str]:
+    """8 steps; ``save``: the checkpoint at step 4 as ``tmp_path/sstep=4.ckpt``. Returns the warnings."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
+    every_4 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="s{step}")
+    extra = [every_4] if save else []
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(max_steps=8, callbacks=[*callbacks, *extra], enable_checkpointing=save)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Net(), DataLoader(data, batch_size=8), ckpt_path=ckpt)
+    return [str(w.message) for w in caught]
+
+
+def test_send_resumed_with_its_tracking_set_reordered_restarts_its_window(tmp_path: Path) -> None:
+    # Before: the fingerprint (count, sum, sum of squares) ignored order: the windows went on, V_i compared example k
+    # before the resume with another example after it (v_mean ~750 times the same resume's in the original order).
+    tracking = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    permuted = tracking[[3, 0, 7, 1, 6, 2, 5, 4]]
+
+    def monitor(inputs: torch.Tensor) -> SensitiveNeurons:
+        return SensitiveNeurons(modules=["act1"], every_n_steps=1, tracking_inputs=inputs, window=2,
+                                eigenscore_passes=0)
+
+    fit([monitor(tracking)], tmp_path / "part", save=True)
+    resumed = monitor(permuted)
+    said = fit([resumed], tmp_path / "res", ckpt=tmp_path / "part" / "sstep=4.ckpt")
+    assert len([m for m in said if "tracking set differs" in m and "act1" in m]) == 1
+    assert resumed.history["sensitive/act1/v_mean"].steps == [2, 3, 6, 7]  # refilled from step 4: 3 checkpoints
+
+    # a round-21 checkpoint (no weighted sum) resumed with the same set in the same order continues its windows
+    checkpoint = torch.load(tmp_path / "part" / "sstep=4.ckpt", weights_only=False)
+    for state in checkpoint["callbacks"].values():
+        if "tracking_fingerprint" in state:
+            state["tracking_fingerprint"] = state["tracking_fingerprint"][:3]
+    torch.save(checkpoint, tmp_path / "r21.ckpt")
+    continued = monitor(tracking)
+    said = fit([continued], tmp_path / "res21", ckpt=tmp_path / "r21.ckpt")
+    assert not [m for m in said if "tracking set differs" in m]
+    assert continued.history["sensitive/act1/v_mean"].steps == [2, 3, 4, 5, 6, 7]
+
+
+# ------------------------------------------------------------------------------------------ a non-finite sensitivity
+def test_no_set_is_selected_or_dropped_from_a_sensitivity_that_is_not_finite() -> None:
+    # Before: one NaN tracking example made every V_i NaN, and top_fraction_indices still picked features 0..6 (NaN
+    # sorts first): count 7 and selected 1 logged, jaccard 1.0 later, and drop=True zeroed those 7 features in training.
+    tracking = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    tracking[2, 5] = math.nan
+    monitor = SensitiveNeurons(modules=["act1"], every_n_steps=1, tracking_inputs=tracking, window=2, drop=True,
+                               eigenscore_passes=0)
+    pl.seed_everything(0, verbose=False)
+    plain, dropped = Net(), Net()
+    dropped.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
+    with pytest.warns(UserWarning, match=r"act1 v_mean/v_max/count/selected are unknown at step 2"):
+        quiet_trainer(max_steps=6, callbacks=[monitor]).fit(dropped, DataLoader(data, batch_size=8))
+    quiet_trainer(max_steps=6).fit(plain, DataLoader(data, batch_size=8))
+    assert monitor.sensitive == {}
+    assert monitor.history["sensitive/act1/count"].steps == [0, 1]  # before the window was full: no set, 0
+    assert monitor.history["sensitive/act1/selected"].steps == [0, 1]
+    assert "sensitive/act1/jaccard" not in monitor.history
+    assert monitor.history["sensitive/act1/dropping"].values == [0.0] * 6
+    for name, value in plain.state_dict().items():  # nothing dropped: the training of a fit without the monitor
+        torch.testing.assert_close(dropped.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_a_set_selected_before_the_sensitivity_turned_non_finite_is_kept_with_its_drop() -> None:
+    monitor = SensitiveNeurons(modules=["act1"], every_n_steps=1, tracking_inputs=torch.randn(4, 16), drop=True,
+                               drop_checkpoints=2)
+    model = Net()
+    monitor.setup(quiet_trainer(), model, "fit")
+    tap = monitor.taps[0]
+    finite = {"v_mean": 1.0, "v_max": 2.0, "finite": 1.0}
+    first = monitor._update_selection(tap, {**finite, "indices": torch.tensor([4, 9])})
+    assert (first["count"], first["selected"], first["dropping"]) == (2.0, 1.0, 1.0)
+    monitor._update_selection(tap, {"v_mean": 1.0, "v_max": 2.0})  # the set's second checkpoint dropped
+    stats = monitor._update_selection(
+        tap, {"v_mean": math.nan, "v_max": math.nan, "indices": torch.tensor([0, 1]), "finite": 0.0}
+    )
+    assert monitor.sensitive["act1"].tolist() == [4, 9] and "act1" not in monitor.previous
+    assert math.isnan(stats["count"]) and math.isnan(stats["selected"]) and "jaccard" not in stats
+    assert stats["dropping"] == 1.0  # still the set selected from finite values
+    again = monitor._update_selection(tap, {**finite, "indices": torch.tensor([9, 11])})
+    assert again["jaccard"] == pytest.approx(1 / 3) and monitor.sensitive["act1"].tolist() == [9, 11]
+    monitor.teardown(None, model, "fit")
