@@ -133,6 +133,19 @@ def warn_features_unknown(owner: Any, tap_name: str, shape: tuple[int, ...], war
     )
 
 
+def warn_unbatched(owner: Any, tap_name: str, shape: tuple[int, ...], warned: set[str]) -> None:
+    """The one warning of :meth:`ActivationMonitor.activations_unbatched` (SensitiveNeurons' too)."""
+    if tap_name in warned:
+        return
+    warned.add(tap_name)
+    rank_zero_warn(
+        f"{type(owner).__name__}: {tap_name} gave a {shape} activation whose axis 0 alone has the width of its "
+        "layers: a call on one example without a batch axis (a convolution's unbatched (channels, ...) input); "
+        "nothing is logged for such calls (call the model on a batch, e.g. x.unsqueeze(0))",
+        category=UserWarning,
+    )
+
+
 def training_step_index(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
     """The monitors' step: ``global_step`` (optimizer steps), or training batches under manual optimization."""
     if pl_module.automatic_optimization:
@@ -206,9 +219,11 @@ def subscribe_taps(
 ) -> tuple[list[Tap], list[Layout], CaptureRegistry]:
     """Select ``specs`` on ``pl_module`` and subscribe ``subscriber`` to them in the shared registry.
 
-    A default spec list that matches nothing warns once (naming the fix) and yields no taps; a
-    user's spec list that matches nothing raises (one line); a part of a user's list, or of the default list
-    (a timm ResNet whose stages hold one block each has no ``@blocks``), that matches nothing warns. The layout of each tap is what ``layout`` declares, the rest inferred from its owners'
+    A default spec list that matches nothing warns once (naming the fix) and yields no taps; a user's empty list
+    (``modules=[]``) yields none for a monitor that ``logs_without_taps`` (``DimensionalCollapse``'s weight trajectory)
+    and raises (one line) for the others; a user's spec list that matches nothing raises (one line); a part of a
+    user's list, or of the default list (a timm ResNet whose stages hold one block each has no ``@blocks``), that
+    matches nothing warns. The layout of each tap is what ``layout`` declares, the rest inferred from its owners'
     ``batch_first`` and its layers (:func:`~lightning_act.capture.layout.module_layout`); a 3-D tap of undeclared
     layout in a model with sequence-first modules warns.
     """
@@ -218,6 +233,13 @@ def subscribe_taps(
     unmonitored = unmonitored_strategy(trainer)
     if unmonitored is not None:
         rank_zero_warn(f"{owner}: {unmonitored}, so this monitor stays idle", category=UserWarning)
+        return [], [], registry
+    if not specs and not defaults:  # modules=[]: no activation taps, for a monitor that logs something without them
+        if not getattr(subscriber, "logs_without_taps", lambda: False)():
+            raise ModuleSelectionError(
+                f"{owner}: modules=[] taps no module, and {owner} logs nothing without taps; pass the modules to "
+                "measure (name globs, classes or presets such as '@blocks')"
+            )
         return [], [], registry
     try:
         taps = select_taps(pl_module, specs, owner=owner)
@@ -440,13 +462,20 @@ def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
 
 
 def modules_now_at_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> dict[int, nn.Module | None]:
-    """The module now at the name of each tap whose module is no longer the one chosen (None: the name left the
-    model), by tap index: a module replaced mid-fit (``model.fc = nn.Linear(...)``) no longer runs, and hooks on it
-    would observe nothing."""
+    """The module now at the name of each tap whose module left the model (None: the name left it too), by tap index:
+    a module replaced mid-fit (``model.fc = nn.Linear(...)``) no longer runs, and hooks on it would observe nothing.
+    A tap's module still in the model under another name still runs with its hooks and is kept: wrapped
+    (``blocks[1] = nn.Sequential(blocks[1], norm)`` puts the old block at the name of a tap inside it) or moved (peft's
+    ``merge_and_unload()``). The model's modules are walked only when a name no longer gives its tap's module."""
     changed: dict[int, nn.Module | None] = {}
+    in_model: set[int] | None = None
     for index, tap in enumerate(taps):
         current = module_at(pl_module, tap.name.removesuffix(INPUT_TAP_SUFFIX))
-        if current is not tap.module:
+        if current is tap.module:
+            continue
+        if in_model is None:
+            in_model = {id(module) for module in pl_module.modules()}
+        if id(tap.module) not in in_model:
             changed[index] = current
     return changed
 
@@ -664,7 +693,8 @@ class ActivationMonitor(FitScopedState, ABC):
 
     Args:
         modules: module specs (see :mod:`lightning_act.capture.selection`); None: the monitor's
-            defaults, which warn and stay idle when the model has no such modules.
+            defaults, which warn and stay idle when the model has no such modules; ``[]``: no tap, for a monitor that
+            logs something without one (:meth:`logs_without_taps`), else one line.
         every_n_steps: observe and log every this many steps (see the module docstring).
         history_size: points kept per key in the bounded histories (>= 3: a full history is thinned to every other
             point, so 2 would hold its first point only).
@@ -815,6 +845,11 @@ class ActivationMonitor(FitScopedState, ABC):
         capture registry, see :mod:`lightning_act.capture.layout`)."""
         warn_features_unknown(self, self.taps[tap_index].name, shape, self._features_warned)
 
+    def activations_unbatched(self, tap_index: int, shape: tuple[int, ...]) -> None:
+        """Warn once per tap that a call gave activations without a sample axis, which the capture registry hands to no
+        monitor (see :func:`~lightning_act.capture.layout.looks_unbatched`)."""
+        warn_unbatched(self, self.taps[tap_index].name, shape, self._low_dim_warned)
+
     def arm(self, armed: bool) -> None:
         """Start or stop receiving activations (the registry's hooks stay attached either way)."""
         side = self._summary_side_stream
@@ -829,8 +864,12 @@ class ActivationMonitor(FitScopedState, ABC):
         """Whether training forwards are observed (a probing monitor observes its own passes instead)."""
         return True
 
+    def logs_without_taps(self) -> bool:
+        """Whether this monitor logs something with no activation tap (``modules=[]``), e.g. a weight trajectory."""
+        return False
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self.taps:
+        if not self.taps and not self.logs_without_taps():
             return
         step = training_step_index(trainer, pl_module)
         if self._pending_step is None and self.is_due(step):
@@ -843,7 +882,8 @@ class ActivationMonitor(FitScopedState, ABC):
         """Before a due step's forward, move the subscription of each tap whose module was replaced since the monitor
         chose it (``model.blocks[1] = Block(...)`` mid-fit: a layer grown, re-initialised, swapped for a QAT or
         adapter one) to the module now at its name: the hooks are on module objects, so the old one, which no longer
-        runs, would be observed instead. A tap whose name left the model is said once."""
+        runs, would be observed instead. A tap whose module is still in the model under another name (wrapped, moved)
+        keeps it; one whose module and name both left the model is said once."""
         replaced: dict[int, nn.Module] = {}
         for index, current in modules_now_at_taps(pl_module, self.taps).items():
             if current is None:

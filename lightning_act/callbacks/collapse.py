@@ -240,6 +240,10 @@ class DimensionalCollapse(ActivationMonitor):
 
     def logs_key(self, key: str) -> bool:
         return super().logs_key(key) or (key == f"{self.prefix}/params/r90" and self.param_patterns != [])
+
+    def logs_without_taps(self) -> bool:
+        """The weight trajectory's ``r90`` needs no activation tap: ``modules=[]`` logs it alone."""
+        return self.param_patterns != []
     reads_features = True  # the covariance is over the features
 
     def __init__(

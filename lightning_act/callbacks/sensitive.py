@@ -65,6 +65,7 @@ from lightning_act.callbacks.base import (
     subscribe_taps,
     training_step_index,
     warn_features_unknown,
+    warn_unbatched,
 )
 from lightning_act.callbacks.graphed_pass import GraphedPass, strategy_allows_graphs
 from lightning_act.callbacks.history import BoundedSeries
@@ -237,7 +238,8 @@ class FeatureDrop(MonitorHook):
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Forward pre-hook (``with_kwargs=True``) of an input tap."""
         if not self.attached:
-            leave_module(module, self)
+            if not torch.compiler.is_compiling():  # a copy's first call compiled traces it to nothing
+                leave_module(module, self)
             return None
         if not module.training:
             return None
@@ -256,7 +258,8 @@ class FeatureDrop(MonitorHook):
     def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         """Forward hook of an output tap."""
         if not self.attached:
-            leave_module(module, self)
+            if not torch.compiler.is_compiling():  # a copy's first call compiled traces it to nothing
+                leave_module(module, self)
             return None
         if not module.training:
             return None
@@ -461,6 +464,9 @@ class SensitiveNeurons(FitScopedState):
     def features_unknown(self, tap_index: int, shape: tuple[int, ...]) -> None:
         """Warn once per tap that the feature axis is read by convention (called by the capture registry)."""
         warn_features_unknown(self, self.taps[tap_index].name, shape, self._features_warned)
+
+    def activations_unbatched(self, tap_index: int, shape: tuple[int, ...]) -> None:
+        warn_unbatched(self, self.taps[tap_index].name, shape, self._low_dim_warned)
 
     def receive(self, tap_index: int, x: torch.Tensor) -> None:
         """Keep one activation's per-example embedding (called by the capture registry); a copy: the model may still

@@ -15,7 +15,8 @@ module acts on (a ``Linear`` or ``LayerNorm`` the last, a convolution, ``BatchNo
 ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside). An activation module has no
 layers, so the layer its owner is or registers just before it speaks for it. ``feature_dim=`` (1 or -1) overrides
 the inference; where nothing tells the layout of a map of 4 or more axes, the reading above stands, and a monitor
-whose statistics depend on it warns.
+whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only is an
+unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample axis, and those monitors warn and skip it.
 """
 
 from __future__ import annotations
@@ -167,6 +168,19 @@ def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | N
     if first or last:
         return 1 if first else ndim - 1
     return None
+
+
+def looks_unbatched(shape: tuple[int, ...] | torch.Size, layout: Layout) -> bool:
+    """Whether a sample-first 2-D or 3-D activation of ``shape`` has the width of the tapped layers, which act on axis
+    1 of a batch (convolutions), on axis 0 only: a module called on one example without a batch axis (PyTorch's
+    convolutions take an unbatched ``(C, H, W)`` or ``(C, L)``: an RL policy run on one observation), whose axis 0
+    is its channels. Read as it comes, a ``(C, H, W)`` map was ``(B, T, D)`` with the image's columns as features."""
+    if not layout.reads_features or layout.feature_dim is not None or layout.features is None:
+        return False
+    widths, axis = _widths(layout.features[0]), layout.features[1]
+    if axis != "first" or len(shape) not in (2, 3):
+        return False
+    return shape[0] in widths and not any(length in widths for length in shape[1:])
 
 
 def to_sample_first(x: torch.Tensor, layout: Layout) -> torch.Tensor:

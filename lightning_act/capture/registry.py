@@ -19,9 +19,10 @@ Sharing: a module tapped by several monitors gets one hook; each forward hands i
 to every subscribed monitor that is armed, in the sample-first layout that monitor asked for
 (:mod:`lightning_act.capture.layout`). A subscriber implements ``receive(tap_index, x)`` and has an
 ``armed`` flag, and may have ``features_unknown(tap_index, shape)``, called when nothing tells which axis of a
-4-D activation holds the features. One read for all of them (issue 17): a subscriber that also has
-``fused_spec(tap_index)`` returning a :class:`~lightning_act.stats.fused.FusedSpec` gets
-``receive(tap_index, x, fused)``, where ``fused`` comes from a single
+4-D activation holds the features, and ``activations_unbatched(tap_index, shape)``, called instead of ``receive`` for
+an activation without a sample axis (:func:`~lightning_act.capture.layout.looks_unbatched`). One read for all of
+them (issue 17): a subscriber that also has ``fused_spec(tap_index)`` returning a
+:class:`~lightning_act.stats.fused.FusedSpec` gets ``receive(tap_index, x, fused)``, where ``fused`` comes from a single
 :func:`~lightning_act.stats.fused.fused_statistics` pass over the union of the specs of every armed
 subscriber of that tap (per layout; in practice all share one), so a tensor tapped by three monitors
 is read once for all their fused statistics. Statistics that are not fused (CETT, temporal sparsity,
@@ -51,10 +52,11 @@ input taken just before it runs.
 
 Copies and TorchScript: a hook holds its registry strongly (dynamo traces plain attribute reads), but drops it
 when the model is pickled or deep-copied, so a copy carries a detached hook and no monitor state; a detached hook
-leaves its module at its first call (:class:`MonitorHook`). TorchScript compiles every hook of a module it scripts and
-needs functions it can compile, which no monitor hook is: each module holding one gets a ``__prepare_scriptable__``
-(TorchScript's own protocol, called before it reads the hooks) that takes the monitor hooks off, for good on a copy,
-until the next forward of any module or the next arming of a monitor (``to_torchscript()`` in a callback of the fit).
+leaves its module at its first eager call (:class:`MonitorHook`). TorchScript compiles every hook of a module it
+scripts and needs functions it can compile, which no monitor hook is: each module holding one gets a
+``__prepare_scriptable__`` (TorchScript's own protocol, called before it reads the hooks) that takes the monitor hooks
+off, for good on a copy, until the next forward of any module or the next arming of a monitor (``to_torchscript()``
+in a callback of the fit).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
-from lightning_act.capture.layout import Layout, to_sample_first, with_canonical_features
+from lightning_act.capture.layout import Layout, looks_unbatched, to_sample_first, with_canonical_features
 from lightning_act.capture.selection import Tap
 from lightning_act.precision import autocast_off
 from lightning_act.stats.fused import FusedSpec, FusedStats, fused_statistics
@@ -165,8 +167,10 @@ class MonitorHook:
 
     ``attached`` is True while the monitor keeps it on its module. A copy of the model (pickled, deep-copied: an EMA,
     a teacher, a saved snapshot) carries it detached, without the attributes named in ``_not_copied`` (the registry,
-    bound to the monitored model): at its first call, or when TorchScript scripts the copy, it leaves the module, so
-    the copy computes what the same weights compute without monitors, and costs nothing after."""
+    bound to the monitored model): at its first eager call, or when TorchScript scripts the copy, it leaves the module,
+    so the copy computes what the same weights compute without monitors, and costs nothing after. A call dynamo
+    traces (``torch.compile``, ``fullgraph=True`` or a strict ``torch.export`` of an EMA copy) leaves it in place,
+    traced to nothing: taking it off there was a graph break, and the copy's compiled graph held almost nothing."""
 
     attached = True
     _not_copied: tuple[str, ...] = ()
@@ -319,6 +323,15 @@ def restore_hooks_taken_for_scripting() -> None:
         module.__dict__[_PREPARE_SCRIPTABLE] = functools.partial(_prepare_scriptable, module)
 
 
+def _making_a_program() -> bool:
+    """Whether the forward running makes a program of the model rather than trains it: ``torch.export`` (strict or
+    not, hence ``LightningModule.to_onnx``) or ``torch.jit.trace`` of a module, its ``check_trace`` re-runs included
+    (run by a callback while the monitors are armed for a due step). Observed, the trace's example input was counted
+    as training data, and an export handed the monitors symbolic tensors (the fit then failed in their statistics) or
+    put their statistics into the exported graph. Dynamo reads it as a constant: no graph break, nothing traced."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit._trace._trace_module_map is not None
+
+
 class _CaptureHook(MonitorHook):
     """The forward hook of one (module, output): a flag check, then :func:`_deliver`."""
 
@@ -330,9 +343,9 @@ class _CaptureHook(MonitorHook):
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         registry = self.registry
-        if registry is not None and registry.observing:
+        if registry is not None and registry.observing and not _making_a_program():
             _deliver(registry, self.key, output)
-        elif not self.attached:
+        elif not self.attached and not torch.compiler.is_compiling():
             leave_module(module, self)
 
 
@@ -347,9 +360,9 @@ class _InputCaptureHook(_CaptureHook):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         registry = self.registry
-        if registry is not None and registry.observing:
+        if registry is not None and registry.observing and not _making_a_program():
             _deliver(registry, self.key, tapped_input(args, kwargs, self.parameter))
-        elif not self.attached:
+        elif not self.attached and not torch.compiler.is_compiling():
             leave_module(module, self)
 
 
@@ -368,17 +381,17 @@ class _DropoutInputHook(MonitorHook):
         # training forwards only: a monitor's own stochastic passes (SensitiveNeurons' EigenScore) are that noise
         registry = self.registry
         return (registry is not None and registry.observing and module.training and bool(args)
-                and registry.exclusive_subscriber is None)
+                and registry.exclusive_subscriber is None and not _making_a_program())
 
     def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._training_forward(module, args) and isinstance(args[0], torch.Tensor):
             _remember_dropout_input(self.registry, self.key, None, args[0].detach().clone())
-        elif not self.attached:
+        elif not self.attached and not torch.compiler.is_compiling():
             leave_module(module, self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._training_forward(module, args):
-            if not self.attached:
+            if not self.attached and not torch.compiler.is_compiling():
                 leave_module(module, self)
             return
         if getattr(module, "inplace", False):
@@ -430,12 +443,17 @@ class ForwardCutoff:
     every forward of that pass made the same ones, later forwards end, by an exception raised after the last
     delivery and caught around the forward, as soon as every count is reached; the activations handed over are the
     ones a whole forward hands over. Forwards that differ within the first pass (control flow that depends on the
-    data) keep the cutoff off. A forward that would call a tapped module more often than the first pass recorded, after
-    all the recorded calls, is not observed: pass ``stop_after_taps=False`` to the monitor for such a model.
+    data) keep the cutoff off, and so does a tap of the monitor that delivered nothing in the first pass (a
+    mixture-of-experts expert given no token then, called on 0 rows or skipped): a later forward that routes tokens to
+    it would have been ended before it ran, and it would never be measured. A forward that would call a tapped module
+    more often than the first pass recorded, after all the recorded calls, is not observed: pass
+    ``stop_after_taps=False`` to the monitor for such a model.
     """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        #: The (module, point) keys the probing monitor taps (set by :meth:`CaptureRegistry.exclusive`).
+        self.tapped: frozenset[tuple[int, str]] = frozenset()
         #: Deliveries per (module, point) in one forward, once known; ``None`` until the first pass is complete.
         self.expected: collections.Counter[tuple[int, str]] | None = None
         self._recorded: list[collections.Counter[tuple[int, str]]] = []
@@ -456,7 +474,8 @@ class ForwardCutoff:
         if not self.enabled or self.expected is not None:
             return
         recorded, self._recorded = self._recorded, []
-        if recorded and recorded[0] and all(counts == recorded[0] for counts in recorded):
+        complete = recorded and recorded[0] and self.tapped <= recorded[0].keys()
+        if complete and all(counts == recorded[0] for counts in recorded):
             self.expected = recorded[0]
         else:
             self.enabled = False
@@ -526,7 +545,7 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         tensor = tensor.detach()
         if tensor.dtype in _FLOAT8_DTYPES:
             tensor = tensor.float()
-        views: dict[Layout, tuple[torch.Tensor, bool]] = {}
+        views: dict[Layout, tuple[torch.Tensor, bool] | None] = {}  # None: no sample axis
         # Subscribers whose layouts give the same view share one fused pass (the usual case: all of them).
         by_view: dict[tuple[Any, ...], tuple[torch.Tensor, list[tuple[_Subscription, FusedSpec | None]]]] = {}
         only = registry.exclusive_subscriber
@@ -534,10 +553,18 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
             if not sub.subscriber.armed or (only is not None and sub.subscriber is not only):
                 continue
             if sub.layout not in views:
-                views[sub.layout] = with_canonical_features(
-                    to_sample_first(tensor, sub.layout), sub.layout, registry.feature_axes, (key, sub.layout)
+                sample_first = to_sample_first(tensor, sub.layout)
+                unbatched = looks_unbatched(sample_first.shape, sub.layout)
+                views[sub.layout] = None if unbatched else with_canonical_features(
+                    sample_first, sub.layout, registry.feature_axes, (key, sub.layout)
                 )
-            x, features_known = views[sub.layout]
+            view = views[sub.layout]
+            if view is None:
+                report_unbatched = getattr(sub.subscriber, "activations_unbatched", None)
+                if report_unbatched is not None:
+                    report_unbatched(sub.tap_index, tuple(tensor.shape))
+                continue
+            x, features_known = view
             report = None if features_known else getattr(sub.subscriber, "features_unknown", None)
             if report is not None:
                 report(sub.tap_index, tuple(x.shape))
@@ -666,6 +693,10 @@ class CaptureRegistry:
         probe forward)."""
         previous = self.exclusive_subscriber, self.cutoff
         self.exclusive_subscriber, self.cutoff = subscriber, cutoff
+        if cutoff is not None:
+            cutoff.tapped = frozenset(
+                key for key, subs in self.subscriptions.items() if any(s.subscriber is subscriber for s in subs)
+            )
         try:
             yield
         finally:
