@@ -6,7 +6,7 @@
   space left.
 - :class:`LastCheckpoint` refreshes ``last.ckpt`` at the end of every training epoch (and every
   ``every_n_train_steps`` if set), whatever a monitored metric does, and on Ctrl-C stops at the
-  next optimizer step with ``last.ckpt`` written there.
+  next optimizer step (or after the validation batch in progress) with ``last.ckpt`` written there.
 - :func:`check_resume_checkpoint` refuses, in one line, a file that is not a Lightning checkpoint,
   a checkpoint of another LightningModule than the one configured, and a weights-only one to resume a fit.
 
@@ -19,11 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -76,9 +78,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: fsspec's transaction
             return
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        temporary = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent)
             with os.fdopen(handle, "wb") as stream:
                 torch.save(checkpoint, stream)
                 stream.flush()
@@ -86,7 +89,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 -> what a plain open() gives, as Lightning's writer
             os.replace(temporary, target)
         except BaseException as err:
-            Path(temporary).unlink(missing_ok=True)
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
             if _is_disk_full(err):
                 free = shutil.disk_usage(target.parent).free
                 raise DiskFullError(
@@ -96,6 +100,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from None
             raise
         _fsync_folder(target.parent)
+
+
+def _temporary_prefix(target: Path) -> str:
+    """``.<stem>.ckpt.``, the stem cut to 200 bytes: a final name of up to 255 bytes is legal, and the temporary one
+    (+ 8 random characters and ``.tmp``) must fit too; ``LastCheckpoint`` clears stale ones by ``.*.ckpt.*.tmp``."""
+    stem = target.stem.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    return f".{stem}.ckpt."
 
 
 def _umask() -> int:
@@ -135,7 +146,10 @@ class LastCheckpoint(Checkpoint):
     Written at the end of every training epoch, every ``every_n_train_steps`` optimizer steps when
     that is > 0, and at Ctrl-C: the first SIGINT asks the fit to stop after the optimizer step in
     progress (so the weights are never half-updated, and under gradient accumulation no micro-batch's
-    gradients are lost), writes ``last.ckpt`` there and ends the fit as an interrupt; a second SIGINT
+    gradients are lost), writes ``last.ckpt`` there and ends the fit as an interrupt at the next batch's start (or
+    the fit's end), once Lightning has logged that step and run the validation due after it (the resume starts after
+    both); one during validation (single process) stops after that validation batch, as SIGTERM does below, and one
+    after the last training step ends the fit as an interrupt too; a second SIGINT
     stops at once without a checkpoint. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the first
     SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives while the
     fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other save puts
@@ -143,14 +157,15 @@ class LastCheckpoint(Checkpoint):
     hook); one inside a gradient-accumulation window ends the fit there as an interruption (exit status 1) without a
     checkpoint of it. Every write follows a batch that took an optimizer step.
 
-    A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there: the first save
+    A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there (also one this
+    callback wrote for another Trainer; a further fit of the same Trainer continues its run): the first save
     replaces it. In Python, Lightning's ``fit(ckpt_path="last")`` looks among ``ModelCheckpoint`` files only and
     starts from scratch; pass the file itself, ``fit(ckpt_path=<dirpath>/last.ckpt)``. ``best_model_path`` is the
     Trainer's first ``ModelCheckpoint``'s (``""`` without one), so ``validate/test(ckpt_path="best")`` works
     whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback).
 
     Args:
-        dirpath: folder of ``last.ckpt``; by default the ``dirpath`` of the Trainer's first
+        dirpath: folder of ``last.ckpt`` (``~`` is the home folder); by default the ``dirpath`` of the Trainer's first
             ``ModelCheckpoint``, else ``<default_root_dir>/checkpoints``.
         every_n_train_steps: also write every this many optimizer steps (0: epoch ends only).
         on_interrupt: handle Ctrl-C as above (only in the main thread; with several processes the
@@ -165,12 +180,19 @@ class LastCheckpoint(Checkpoint):
         self.on_interrupt = on_interrupt
         self._stop_requested = False
         self._stop_agreed = False
+        self._stop_saved = False  # last.ckpt written at the stop's step: the fit ends once it is logged and validated
         self._previous_handler: Any = None
         self._last_saved_step = -1
         self._step_at_batch_start = -1
         self._best_source: Any = None  # the Trainer's first ModelCheckpoint, for best_model_path
         self._best_path = ""  # best_model_path where there is no such source (the main process of ddp_spawn)
-        self._wrote: Path | None = None  # the last.ckpt this callback wrote (not an earlier run's)
+        # the last.ckpt this callback wrote, and for which Trainer (not an earlier run's)
+        self._wrote: tuple[Path, weakref.ref[pl.Trainer]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_wrote"] = None  # a weak reference does not pickle; a copy continues no fit of its own
+        return state
 
     @property
     def best_model_path(self) -> str:
@@ -193,7 +215,7 @@ class LastCheckpoint(Checkpoint):
     def path(self, trainer: pl.Trainer) -> Path:
         """Where ``last.ckpt`` goes for this trainer."""
         if self.dirpath is not None:
-            return Path(self.dirpath) / LAST_NAME
+            return Path(self.dirpath).expanduser() / LAST_NAME  # as Lightning's ModelCheckpoint reads its dirpath
         for callback in trainer.callbacks:
             if isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.dirpath is not None:
                 return Path(callback.dirpath) / LAST_NAME
@@ -206,14 +228,17 @@ class LastCheckpoint(Checkpoint):
         target = self.path(trainer)
         trainer.save_checkpoint(target, weights_only=False)
         self._last_saved_step = trainer.global_step
-        self._wrote = target
+        self._wrote = (target, weakref.ref(trainer))
         return target
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
+        self._stop_saved = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
-        if trainer.ckpt_path is None and not trainer.fast_dev_run and self._wrote != target and target.is_file():
+        # a further fit of the same Trainer continues the run whose last.ckpt this is; a new Trainer starts another
+        continues_own_run = self._wrote is not None and self._wrote[0] == target and self._wrote[1]() is trainer
+        if trainer.ckpt_path is None and not trainer.fast_dev_run and not continues_own_run and target.is_file():
             rank_zero_warn(
                 f"LastCheckpoint: {target} holds an earlier run and this fit does not resume from it, so the first save "
                 f"replaces it; to resume, pass fit(ckpt_path='{target}') (Lightning's ckpt_path='last' finds "
@@ -232,13 +257,31 @@ class LastCheckpoint(Checkpoint):
             self._restore_handler()
             raise KeyboardInterrupt
         self._stop_requested = True
-        print("\nCtrl-C: stopping after this optimizer step and writing last.ckpt (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        print("\nCtrl-C: stopping after this optimizer step (and the validation due after it) or this validation "
+              "batch, and writing last.ckpt (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
             self._previous_handler = None
+
+    def _end_fit(self) -> None:
+        """End the fit as an interruption: Lightning's handler exits with status 1 (the CLI and a Python sweep stop)."""
+        self._restore_handler()
+        raise KeyboardInterrupt
+
+    def _save_at_stop(self, trainer: pl.Trainer) -> str | None:
+        """Write ``last.ckpt`` at this step unless it holds it already; what to tell the user (``None``: nothing
+        written, under ``fast_dev_run``)."""
+        if trainer.global_step != self._last_saved_step:
+            target = self.save(trainer)
+            if target is None:
+                return None
+            said = f"wrote {target}"
+        else:
+            target = self.path(trainer)
+            said = f"{target} holds it"
+        return f"{said}; resume with --ckpt_path {shlex.quote(str(target))}"
 
     def _stop_now(self, trainer: pl.Trainer) -> bool:
         # SIGTERM (kill, docker stop, a scheduler's preemption) as the first Ctrl-C: Lightning stops after the batch,
@@ -249,6 +292,8 @@ class LastCheckpoint(Checkpoint):
         return requested
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._stop_saved:  # the stopped step is saved, logged and validated: no further batch
+            self._end_fit()
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(
@@ -266,16 +311,21 @@ class LastCheckpoint(Checkpoint):
                 rank_zero_info(f"stopped by SIGTERM inside a gradient-accumulation window at step "
                                f"{trainer.global_step}: no checkpoint of it (its micro-batches' gradients would be lost); "
                                f"{held}")
-                self._restore_handler()
-                raise KeyboardInterrupt
+                self._end_fit()
             return  # its gradients are in no checkpoint
         if self._stop_agreed:
-            target = self.save(trainer)
-            if target is not None:
-                how = "stopped by SIGTERM" if trainer.received_sigterm else "interrupted"
-                rank_zero_info(f"{how} at step {trainer.global_step}: wrote {target}; resume with --ckpt_path {target}")
-            self._restore_handler()
-            raise KeyboardInterrupt
+            # Saved now, with the weights of this step; the fit ends at the next batch's start (or the fit's end), after
+            # Lightning has logged this step's metrics and run the validation due after it: a stop raised here lost
+            # both for good, as the resume starts after them.
+            how = "stopped by SIGTERM" if trainer.received_sigterm else "interrupted"
+            said = self._save_at_stop(trainer)
+            if said is not None:
+                rank_zero_info(f"{how} at step {trainer.global_step}: {said}")
+            self._stop_saved = True
+            # taken over: Lightning would end the fit at its own check after the validation, with an exception that
+            # is no interruption (a traceback under the CLI) and before the epoch's end
+            trainer._signal_connector.received_sigterm = False
+            return
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
             if trainer.global_step != self._last_saved_step:
                 self.save(trainer)
@@ -284,25 +334,22 @@ class LastCheckpoint(Checkpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        # A SIGTERM while the fit validates: Lightning raises SIGTERMException after this batch (or after the
-        # validation), before any training hook of this callback runs again. The weights are those of the step the
-        # validation follows, unless that batch was a micro-batch of an accumulation window (its gradients would be
-        # lost: left to Lightning). Single process only: with several, the ranks would have to agree at each batch.
-        if (not trainer.received_sigterm or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+        # A SIGTERM or a Ctrl-C while the fit validates stops after this batch (Lightning raises SIGTERMException
+        # after it or after the validation, before any training hook of this callback runs again; a Ctrl-C found no
+        # training batch after the fit's last validation). The weights are those of the step the validation follows,
+        # unless that batch was a micro-batch of an accumulation window (its gradients would be lost: SIGTERM left to
+        # Lightning, Ctrl-C to the window's step). Single process only: with several, the ranks would have to agree at
+        # each batch. A stop saved at the step this validation follows lets it finish: it is logged, then the fit ends.
+        requested = self._stop_requested or trainer.received_sigterm
+        if (not requested or self._stop_saved or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
+        how = "stopped by SIGTERM" if trainer.received_sigterm else "interrupted"
         _swap_trained_weights_in(trainer, pl_module)
-        if trainer.global_step != self._last_saved_step:
-            target = self.save(trainer)
-            said = f"wrote {target}" if target is not None else None
-        else:
-            target = self.path(trainer)
-            said = f"{target} holds it"
+        said = self._save_at_stop(trainer)
         if said is not None:
-            rank_zero_info(f"stopped by SIGTERM during validation at step {trainer.global_step}: {said}; "
-                           f"resume with --ckpt_path {target}")
-        self._restore_handler()
-        raise KeyboardInterrupt
+            rank_zero_info(f"{how} at step {trainer.global_step} during validation: {said}")
+        self._end_fit()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -313,6 +360,15 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a stop that found no next batch (the fit's last step) or came after the last training step (a Ctrl-C during
+        # the fit's last validation under several processes, or during the end-of-fit work) still ends the fit as an
+        # interruption: a Python sweep or a shell loop stops, as without this callback
+        if self._stop_requested and not self._stop_saved:
+            said = self._save_at_stop(trainer)
+            if said is not None:
+                rank_zero_info(f"interrupted at step {trainer.global_step}: {said}")
+        if self._stop_saved or self._stop_requested:
+            self._end_fit()
         self._restore_handler()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

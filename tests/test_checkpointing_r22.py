@@ -1,0 +1,260 @@
+"""Round 22: LastCheckpoint's stops (the stopped step's logged row and validation, a Ctrl-C during validation or after
+the last training step), a reused LastCheckpoint's warning, ``~`` and quoted paths; AtomicCheckpointIO's temporary
+file (a full disk while creating it, a long final name)."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fnmatch
+import logging
+import os
+import pickle
+import re
+import shlex
+import signal
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from _toy import BlockNet, ToyData, ToyTask
+from lightning_act import checkpointing
+from lightning_act.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from lightning_act.errors import DiskFullError
+
+MAX_STEPS = 16  # ToyData: 64 samples in batches of 8, so 8 steps an epoch; validated after steps 8 and 16
+
+
+class SignalAt(pl.Callback):
+    """Send ``signum`` to this process once, at the end of the training batch (``where="train"``) or of the first
+    validation batch (``"validation"``) at optimizer step ``step``, or at the fit's end (``"train_end"``): a plain
+    callback, so it runs before LastCheckpoint (Lightning puts Checkpoint callbacks last)."""
+
+    def __init__(self, signum: int, step: int, where: str) -> None:
+        self.signum, self.step, self.where, self.sent = signum, step, where, False
+
+    def _send(self, trainer: pl.Trainer, where: str) -> None:
+        if where == self.where and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        self._send(trainer, "train")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if not trainer.sanity_checking:
+            self._send(trainer, "validation")
+
+    def on_train_end(self, trainer: pl.Trainer, *args) -> None:
+        self._send(trainer, "train_end")
+
+
+def _trainer(root: Path, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_steps=MAX_STEPS,
+                      logger=CSVLogger(root, name="csv"), log_every_n_steps=1, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
+                      callbacks=[LastCheckpoint(dirpath=str(root / "ck")), *callbacks], plugins=[AtomicCheckpointIO()])
+
+
+def _fit(root: Path, callbacks: list = (), ckpt_path: str | None = None) -> ToyTask:
+    pl.seed_everything(0, verbose=False)
+    task = ToyTask(BlockNet())
+    _trainer(root, list(callbacks)).fit(task, ToyData(), ckpt_path=ckpt_path)
+    return task
+
+
+def _stopped_fit(root: Path, signal_at: SignalAt) -> None:
+    """A fit that the signal ends as an interruption: Lightning's handler exits with status 1."""
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            _fit(root, [signal_at])
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning leaves SIGINT ignored after an interrupt
+    assert stopped.value.code == 1
+
+
+def _logged(root: Path, version: str | None = None) -> dict[str, dict[int, float]]:
+    """``{key: {step: value}}`` from the CSV versions of ``root`` in order (a later version's row replaces an earlier
+    one's), or from ``version`` alone."""
+    versions = [root / "csv" / version] if version else sorted((root / "csv").glob("version_*"))
+    out: dict[str, dict[int, float]] = {}
+    for folder in versions:
+        with open(folder / "metrics.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key, value in row.items():
+                    if key != "step" and key != "epoch" and value != "":
+                        out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
+
+
+def _saved_step(root: Path) -> int:
+    return torch.load(root / "ck" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+
+
+@contextmanager
+def _info_lines() -> Iterator[list[str]]:
+    """The messages Lightning's loggers (``rank_zero_info``) give in this block."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def _resume_path_in(line: str) -> list[str]:
+    """What a shell makes of the path after ``--ckpt_path`` in a hint line."""
+    return shlex.split(line.split("resume with --ckpt_path ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[dict[str, dict[int, float]], dict[str, torch.Tensor]]:
+    """The uninterrupted fit's logged values and final weights."""
+    root = tmp_path_factory.mktemp("reference")
+    task = _fit(root)
+    return _logged(root), {k: v.clone() for k, v in task.state_dict().items()}
+
+
+@pytest.mark.parametrize(("signum", "step"), [(signal.SIGINT, 5), (signal.SIGINT, 8), (signal.SIGTERM, 8),
+                                              (signal.SIGINT, MAX_STEPS)])
+def test_a_stop_at_a_training_step_logs_that_step_and_its_validation(tmp_path, reference, signum, step):
+    """Before: LastCheckpoint raised inside ``on_train_batch_end``, before Lightning logged the step and ran the
+    validation due after it; the resume starts after both, so the saved step's ``train/loss`` row was never logged and,
+    at an epoch's last step, that epoch's ``val/loss`` neither (a ModelCheckpoint or EarlyStopping on it missed it)."""
+    logged, _ = reference
+    root = tmp_path / "run dir"  # a space: the hint line quotes the path
+    with _info_lines() as lines:
+        _stopped_fit(root, SignalAt(signum, step, "train"))
+    assert _saved_step(root) == step
+    last = root / "ck" / "last.ckpt"
+    # the stopped run logged every step up to the saved one (CSV step = optimizer step - 1) and the validations due
+    stopped = _logged(root, "version_0")
+    assert stopped["train/loss"] == {s: logged["train/loss"][s] for s in range(step)}
+    assert stopped.get("val/loss", {}) == {s: logged["val/loss"][s] for s in logged["val/loss"] if s < step}
+    if step < MAX_STEPS:
+        _fit(root, ckpt_path=str(last))
+    merged = _logged(root)
+    assert sorted(merged["train/loss"]) == list(range(MAX_STEPS))
+    assert sorted(merged["val/loss"]) == [7, 15]
+    if step % 8 == 0:  # resumed at an epoch's start: the same batches as the uninterrupted fit (unshuffled data)
+        assert merged["train/loss"] == pytest.approx(logged["train/loss"], rel=1e-6)
+        assert merged["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    said = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+    line = next(line for line in lines if line.startswith(f"{said} at step {step}: wrote "))
+    assert _resume_path_in(line) == [str(last)]
+
+
+def test_a_ctrl_c_during_validation_stops_at_the_step_it_follows(tmp_path, reference):
+    """Before: a Ctrl-C during validation was only noted: the fit validated on and trained one more step before it
+    stopped (here: step 9, not 8)."""
+    _, weights = reference
+    root = tmp_path / "run dir"
+    with _info_lines() as lines:
+        _stopped_fit(root, SignalAt(signal.SIGINT, 8, "validation"))
+    assert _saved_step(root) == 8
+    line = next(line for line in lines if line.startswith("interrupted at step 8 during validation: wrote "))
+    assert _resume_path_in(line) == [str(root / "ck" / "last.ckpt")]
+    resumed = _fit(root, ckpt_path=str(root / "ck" / "last.ckpt"))
+    for name, value in weights.items():  # the stop and resume at an epoch's end: the uninterrupted fit's weights
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("where", ["validation", "train_end"])
+def test_a_ctrl_c_after_the_last_training_step_ends_the_fit_as_an_interruption(tmp_path, where):
+    """Before: a Ctrl-C during the fit's last validation (or its end-of-fit work) found no training batch to stop after:
+    LastCheckpoint said "stopping after this optimizer step", the fit ended as a success (status 0), and a Python
+    sweep or a shell loop went on to the next run."""
+    root = tmp_path / "run"
+    with _info_lines() as lines:
+        _stopped_fit(root, SignalAt(signal.SIGINT, MAX_STEPS, where))
+    assert _saved_step(root) == MAX_STEPS
+    last = root / "ck" / "last.ckpt"
+    said = f"wrote {last}" if where == "validation" else f"{last} holds it"  # the epoch's end saved it before
+    assert any(line.startswith(f"interrupted at step {MAX_STEPS}") and said in line for line in lines), lines
+
+
+def test_a_reused_last_checkpoint_warns_before_replacing_an_earlier_runs_file(tmp_path):
+    """Before: a LastCheckpoint used again in a new Trainer (a notebook cell run again, a sweep that builds its
+    callbacks once) replaced the earlier run's last.ckpt silently: it took the file for its own fit's."""
+    callback = LastCheckpoint(dirpath=str(tmp_path / "ck"))
+
+    def trainer(max_steps: int) -> pl.Trainer:
+        return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=max_steps, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                          callbacks=[callback])
+
+    first = trainer(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a first run, and the same Trainer fit further: nothing to say
+        first.fit(ToyTask(BlockNet()), ToyData())
+        first.fit_loop.epoch_loop.max_steps = 3
+        first.fit(first.lightning_module, ToyData())
+    with pytest.warns(UserWarning, match="holds an earlier run and this fit does not resume from it"):
+        trainer(2).fit(ToyTask(BlockNet()), ToyData())
+    assert pickle.loads(pickle.dumps(callback)).dirpath == callback.dirpath  # still pickles after a fit
+
+
+def test_a_tilde_in_dirpath_is_the_home_folder(tmp_path, monkeypatch):
+    """Before: ``LastCheckpoint(dirpath="~/runs/ck")`` wrote through AtomicCheckpointIO (the CLI's) to a folder named
+    ``~`` in the current directory, where Lightning's ModelCheckpoint and loggers expand it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[LastCheckpoint(dirpath="~/runs/ck")], plugins=[AtomicCheckpointIO()])
+    trainer.fit(ToyTask(BlockNet()), ToyData())
+    assert (tmp_path / "home" / "runs" / "ck" / "last.ckpt").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("failing", ["mkstemp", "mkdir"])
+def test_a_full_disk_while_creating_the_temporary_file_is_disk_full(tmp_path, monkeypatch, failing):
+    """Before: ENOSPC from making the folder or the temporary file (no free inode; a directory that cannot grow) came
+    out as a bare OSError (a traceback under the CLI), not the one-line DiskFullError."""
+    target = tmp_path / "ck" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, target)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "mkstemp":
+        monkeypatch.setattr(checkpointing.tempfile, "mkstemp", full)
+    else:
+        monkeypatch.setattr(checkpointing.Path, "mkdir", full)
+    folder = re.escape(str(tmp_path / "ck"))
+    with pytest.raises(DiskFullError, match=rf"no space left in '{folder}' .*any previous 'last\.ckpt' is intact"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("name", ["epoch=12-" + "val_acc=0.9312-" * 15 + "x" * 10 + ".ckpt",  # 254 bytes
+                                  "検" * 81 + ".ckpt"])  # 248 bytes
+def test_a_final_name_of_up_to_255_bytes_is_saved(tmp_path, monkeypatch, name):
+    """Before: the temporary name ``.<name>.<8 random>.tmp`` was 14 bytes longer than the final one, so a legal name of
+    242-255 bytes failed with "File name too long", where Lightning's own writer saves it."""
+    assert 242 <= len(name.encode()) <= 255
+    temporaries = []
+    replace = os.replace
+
+    def recording_replace(source, destination):
+        temporaries.append(Path(source).name)
+        replace(source, destination)
+
+    monkeypatch.setattr(checkpointing.os, "replace", recording_replace)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, tmp_path / name)
+    assert torch.load(tmp_path / name, weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    [temporary] = temporaries
+    assert len(temporary.encode()) <= 255
+    assert fnmatch.fnmatch(temporary, ".*.ckpt.*.tmp")  # what LastCheckpoint clears as a stale write
