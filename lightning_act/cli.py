@@ -13,8 +13,10 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   (:class:`~lightning_act.checkpointing.LastCheckpoint`), unless the config sets its own;
 - a ``fit`` without ``--ckpt_path`` refuses to overwrite a previous run's checkpoints or config
   (``--overwrite`` starts over: the previous run's checkpoints, config and CSV version folders are removed, and
-  what checkpoint writes cut short by a kill left, nothing else of the run folder; it is refused beside
-  ``--ckpt_path``, which resumes);
+  what checkpoint writes cut short by a kill left, nothing else of the run folder; its checkpoints are the files
+  the checkpoint callbacks' filename templates name, not other runs' files in their folders, and its config one that
+  names this run's folders, not another recipe's in a W&B folder they share; it is refused beside ``--ckpt_path``,
+  which resumes); a fit refused or stopped by Ctrl-C before its first step leaves no run in the way of the next;
 - ``--trainer.enable_checkpointing false`` leaves the config's ``LastCheckpoint`` out;
 - the fit's config is also kept in the CSV logger's version folder (``fit_config.yaml``) when LightningCLI saved
   ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it;
@@ -30,8 +32,8 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   not depend on ``OMP_NUM_THREADS``;
 - with stdout not a terminal, progress is one plain line per epoch instead of a ``\\r`` bar;
 - user errors (bad YAML, unknown or misspelled keys and options, wrong types, a missing file, an
-  unusable accelerator, a full disk, a wrong checkpoint) are printed as one line that names the
-  problem and the fix, with exit status 2. docs/errors.md lists them.
+  unusable accelerator, an output path the run cannot use, a full disk, a wrong checkpoint) are printed as one
+  line that names the problem and the fix, with exit status 2. docs/errors.md lists them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import io
 import os
 import pkgutil
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -423,6 +426,56 @@ def _unique_files(paths: list[Path]) -> list[Path]:
     return list(unique.values())
 
 
+def _checkpoint_name_pattern(callback: Any) -> re.Pattern[str]:
+    """The paths, relative to its ``dirpath``, that a ``ModelCheckpoint``'s filename template and last-checkpoint name
+    can produce (each ``{metric:fmt}`` as ``metric=<value>``, a "-vN" version, ".ckpt"): a template naming a metric
+    with "/" puts its files in sub-folders, and other files under ``dirpath`` (another run's, in a sub-folder of its
+    own) are none of this run's."""
+    def template(filename: str) -> str:
+        parts, position = [], 0
+        for field in re.finditer(r"\{([^{}:]*)(?::[^{}]*)?\}", filename):
+            parts.append(re.escape(filename[position:field.start()]))
+            if callback.auto_insert_metric_name:
+                parts.append(re.escape(field.group(1) + callback.CHECKPOINT_EQUALS_CHAR))
+            parts.append("[^/]*")  # the formatted value
+            position = field.end()
+        return "".join(parts) + re.escape(filename[position:])
+
+    default = "{epoch}" + callback.CHECKPOINT_JOIN_CHAR + "{step}"  # Lightning's name without a filename
+    names = "|".join(template(name) for name in (callback.filename or default, callback.CHECKPOINT_NAME_LAST))
+    version = re.escape(callback.CHECKPOINT_JOIN_CHAR) + r"v\d+"
+    return re.compile(rf"(?:{names})(?:{version})?{re.escape(callback.FILE_EXTENSION)}")
+
+
+def _run_places(config: Any) -> tuple:
+    """Where a saved fit config (``config.yaml`` as YAML) writes its run: ``default_root_dir``, each logger's class
+    and folder arguments, each callback's ``dirpath``."""
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    trainer = trainer if isinstance(trainer, dict) else {}
+
+    def places(items: Any, keys: tuple[str, ...]) -> list[tuple]:
+        items = items if isinstance(items, list) else [items]
+        found = []
+        for item in items:
+            if isinstance(item, dict):
+                args = item.get("init_args") or {}
+                found.append((item.get("class_path"), *(args.get(key) for key in keys)))
+        return found
+
+    callbacks = [place for place in places(trainer.get("callbacks"), ("dirpath",)) if place[1] is not None]
+    loggers = places(trainer.get("logger"), ("save_dir", "name", "version", "dir"))
+    return trainer.get("default_root_dir"), loggers, callbacks
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """The file's inode and modification time (None where there is no file): tells whether it was rewritten."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns)
+
+
 def _trainer_problem(err: Exception, accelerator: Any) -> str:
     """One line for a Trainer that cannot be built (most often an accelerator this machine lacks)."""
     message = " ".join(str(err).split())
@@ -458,8 +511,8 @@ def run_folder(trainer: Any) -> Path:
 
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
-            return Path(logger.save_dir)
-    return Path(trainer.log_dir or trainer.default_root_dir)
+            return Path(logger.save_dir).expanduser()  # "~/runs/x": Lightning's loggers write under $HOME
+    return Path(trainer.log_dir or trainer.default_root_dir).expanduser()
 
 
 def run_folder_line(trainer: Any, folder: Path) -> str:
@@ -467,7 +520,7 @@ def run_folder_line(trainer: Any, folder: Path) -> str:
     from lightning.pytorch.loggers import CSVLogger
 
     if any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
-        return f"run folder: {folder}  (see it: lightning_act report {folder})"
+        return f"run folder: {folder}  (see it: lightning_act report {shlex.quote(str(folder))})"
     return f"run folder: {folder}  (no CSVLogger, so no report: add one to the trainer's loggers to see the run)"
 
 
@@ -504,7 +557,7 @@ def _build_cli_class() -> type:
         def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
             saved = _log_dir(trainer) / self.config_filename
             for logger in trainer.loggers:
-                folder = Path(logger.log_dir) if isinstance(logger, CSVLogger) else None
+                folder = Path(logger.log_dir).expanduser() if isinstance(logger, CSVLogger) else None
                 if folder is not None and folder != saved.parent and saved.is_file():
                     folder.mkdir(parents=True, exist_ok=True)
                     partial = folder / f"{FIT_CONFIG_NAME}.tmp"
@@ -515,14 +568,15 @@ def _build_cli_class() -> type:
         """The CSV logger's version folders, for ``--overwrite``: numbered ``version_N`` and its named version. Never
         its ``root_dir`` whole: with ``name: ''`` (or null) that is the ``save_dir``, the run folder of every logger
         and of the user's own files."""
-        root = Path(logger.root_dir)
+        root = Path(logger.root_dir).expanduser()
         if not root.is_dir():
             return
         version = logger.version
         for folder in root.iterdir():
             if folder.is_dir() and (re.fullmatch(r"version_\d+", folder.name) or folder.name == version):
                 shutil.rmtree(folder)
-        if root != Path(logger.save_dir) and not any(root.iterdir()):
+        # a symlink (to a folder on another disk) is the user's: kept
+        if root != Path(logger.save_dir).expanduser() and not root.is_symlink() and not any(root.iterdir()):
             root.rmdir()
 
     class LightningActCLI(LightningCLI):
@@ -530,6 +584,8 @@ def _build_cli_class() -> type:
 
         def __init__(self, args: Sequence[str] | None = None, overwrite: bool = False) -> None:
             self.overwrite = overwrite
+            self._config_at_fit_start: tuple[int, int] | None = None  # _file_stamp of the config when the fit began
+            self._made_folders: list[Path] = []  # checkpoint folders this fit made, parents first
             super().__init__(
                 LightningModule,
                 LightningDataModule,
@@ -692,7 +748,7 @@ def _build_cli_class() -> type:
             last = next((dirpath for cls, dirpath in savers if issubclass(cls, LastCheckpoint)), None)
             beside = next((dirpath for cls, dirpath in savers if issubclass(cls, ModelCheckpoint) and dirpath), None)
             folder = last or beside or Path(trainer.get("default_root_dir") or os.getcwd()) / "checkpoints"
-            return Path(folder) / LAST_NAME
+            return Path(folder).expanduser() / LAST_NAME
 
         def before_instantiate_classes(self) -> None:
             threads = self.config[self.subcommand].get("num_threads") if self.subcommand else None
@@ -777,13 +833,33 @@ def _build_cli_class() -> type:
                 if isinstance(callback, LastCheckpoint):
                     found += [p for p in [callback.path(self.trainer)] if p.is_file()]
                 elif isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
-                    # rglob: a filename templating a monitor statistic ("{sparsity/blocks.0/zero_frac:.3f}") puts the
-                    # file in sub-folders of dirpath, one per "/"
-                    found += sorted(Path(callback.dirpath).rglob("*.ckpt"))
-            if self.save_config_callback is not None and self.trainer.log_dir:
-                config = Path(self.trainer.log_dir) / self.save_config_kwargs.get("config_filename", "config.yaml")
-                found += [config] if config.is_file() else []
+                    dirpath, names = Path(callback.dirpath), _checkpoint_name_pattern(callback)
+                    found += [path for path in sorted(dirpath.rglob("*.ckpt"))
+                              if names.fullmatch(path.relative_to(dirpath).as_posix())]
+            config = self._config_file()
+            if config is not None and config.is_file() and self._records_this_run(config):
+                found.append(config)
             return _unique_files(found)
+
+        def _config_file(self) -> Path | None:
+            """Where LightningCLI saves this fit's config: the first logger's folder (None when it saves none, as under
+            fast_dev_run)."""
+            if not any(isinstance(c, SaveConfigCallback) for c in self.trainer.callbacks):
+                return None
+            return _log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")
+
+        def _records_this_run(self, config: Path) -> bool:
+            """Whether ``config`` is this recipe's previous config, not another recipe's whose first logger shares the
+            folder (one W&B save_dir for every run): it names the run folders this config names (loggers, checkpoint
+            dirpaths, default_root_dir). One that cannot be read counts as this run's: refused rather than replaced."""
+            import yaml
+
+            try:
+                saved = yaml.safe_load(config.read_text())
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                return True
+            this = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
+            return not isinstance(saved, dict) or _run_places(saved) == _run_places(this)
 
         def _half_written_checkpoints(self) -> list[Path]:
             """What :class:`AtomicCheckpointIO` left of writes a kill cut short (``.<name>.ckpt.<random>.tmp``), in the
@@ -793,7 +869,12 @@ def _build_cli_class() -> type:
                 if isinstance(callback, LastCheckpoint):
                     found += callback.path(self.trainer).parent.glob(".*.ckpt.*.tmp")
                 elif isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                    found += Path(callback.dirpath).rglob(".*.ckpt.*.tmp")
+                    dirpath, names = Path(callback.dirpath), _checkpoint_name_pattern(callback)
+                    for temporary in dirpath.rglob(".*.ckpt.*.tmp"):
+                        target = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", temporary.name)  # .<name>.<random>.tmp
+                        written = temporary.parent / target.group(1) if target else None
+                        if written is not None and names.fullmatch(written.relative_to(dirpath).as_posix()):
+                            found.append(temporary)
             return _unique_files(found)
 
         def _remove_empty_folders(self, folder: Path) -> None:
@@ -804,14 +885,25 @@ def _build_cli_class() -> type:
                 folder = folder.parent
 
         def before_fit(self) -> None:
+            self._config_at_fit_start = self._config_stamp()
             self._check_batch_size()
-            if self.config["fit"].get("ckpt_path") or os.environ.get("LOCAL_RANK", "0") != "0":
-                return  # resuming; or a DDP child process, started once rank 0 has checked
+            if not self.config["fit"].get("ckpt_path") and os.environ.get("LOCAL_RANK", "0") == "0":
+                self._refuse_or_remove_previous_run()  # not when resuming, nor in a DDP child (rank 0 has checked)
+            self._make_checkpoint_folders()
+
+        def _config_stamp(self) -> tuple[int, int] | None:
+            try:
+                config = self._config_file()
+            except OSError:  # a folder name the file system refuses: the fit's own config save says so
+                return None
+            return _file_stamp(config) if config is not None else None
+
+        def _refuse_or_remove_previous_run(self) -> None:
             previous = self._previous_run_files()
             if previous and not self.overwrite:
                 shown = ", ".join(str(p) for p in previous[:3]) + (" ..." if len(previous) > 3 else "")
                 last = next((p for p in previous if p.name == "last.ckpt"), None)
-                resume = f"resume it with --ckpt_path {last}, " if last else ""
+                resume = f"resume it with --ckpt_path {shlex.quote(str(last))}, " if last else ""
                 raise RunExistsError(
                     f"a previous run is in the way ({shown}); {resume}start over with {OVERWRITE_FLAG} "
                     "(removes its checkpoints, config and CSV logs), or keep it and write this run elsewhere (a copy "
@@ -826,15 +918,37 @@ def _build_cli_class() -> type:
                     if isinstance(logger, CSVLogger):
                         remove_csv_versions(logger)
                         logger._version = None  # chosen while looking for config.yaml; pick again: version_0
+            self._config_at_fit_start = self._config_stamp()  # --overwrite may have removed it
+
+        def _make_checkpoint_folders(self) -> None:
+            """The local checkpoint folders, now: a path the run cannot use there (a file in the way, a name too long,
+            no permission) is one line before any training, not a traceback at the first save."""
+            if self.trainer.fast_dev_run:  # which writes no checkpoint
+                return
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, LastCheckpoint):
+                    folder = callback.path(self.trainer).parent
+                elif isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                    if not _is_local_file_protocol(callback.dirpath):
+                        continue
+                    folder = Path(callback.dirpath)
+                else:
+                    continue
+                missing = [f for f in [folder, *folder.parents] if not f.exists() and not f.is_symlink()]
+                folder.mkdir(parents=True, exist_ok=True)
+                self._made_folders += [f for f in reversed(missing) if f not in self._made_folders]
 
         def _run_subcommand(self, subcommand: str) -> None:
             global _subcommand_started
             _subcommand_started = True
             try:
                 super()._run_subcommand(subcommand)
-            except Exception as err:
+            except BaseException as err:
                 refusal = _lightning_refusal(err)
-                if subcommand == "fit" and (refusal or _user_error(err)) is not None and self.trainer.global_step == 0:
+                # a Ctrl-C (Lightning ends the fit with SystemExit) as much as a refusal or an unusable output path
+                stopped = isinstance(err, (KeyboardInterrupt, SystemExit)) and self.trainer.interrupted
+                ended_early = refusal or _user_error(err) or _unwritable_output(err) or stopped
+                if subcommand == "fit" and ended_early and self.trainer.global_step == 0:
                     try:
                         self._remove_files_of_a_run_that_never_started()
                     except Exception as cleanup_error:  # never in the way of the user's own error line
@@ -845,16 +959,18 @@ def _build_cli_class() -> type:
                 raise
 
         def _remove_files_of_a_run_that_never_started(self) -> None:
-            """A fit refused before its first step (a data file that cannot be read, a module pattern that matches
-            nothing) leaves no run behind: its W&B offline run would be synced as a run, and an empty CSV version
-            folder would shift the next run's version. Every rank that meets the error removes the config, which
-            would make the next fit refused as "a previous run": under DDP a data error is often one rank's alone (a
-            file of its shard), and Lightning's launcher then kills rank 0 before it could clean up. The rest is rank
-            0's (it owns the W&B run; two ranks must not remove one folder at once), so it may stay then."""
-            # the config goes to the first logger's folder (e.g. W&B's save_dir); a resumed run's is its run's own
-            if self.save_config_callback is not None and not self.config["fit"].get("ckpt_path"):
-                (_log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")).unlink(
-                    missing_ok=True)
+            """A fit refused, or stopped by Ctrl-C, before its first step (a data file that cannot be read, a module
+            pattern that matches nothing, a wrong setting seen at once) leaves no run behind: its W&B offline run would
+            be synced as a run, an empty CSV version folder would shift the next run's version, and its config would
+            make the next fit refused as "a previous run". The config goes only if this fit wrote it (not a previous
+            run's, in the way of this one). Every rank that meets the error removes it: under DDP a data error is often
+            one rank's alone (a file of its shard), and Lightning's launcher then kills rank 0 before it could clean
+            up. The rest is rank 0's (it owns the W&B run; two ranks must not remove one folder at once), so it may
+            stay then."""
+            # a resumed run's config is its run's own
+            config = self._config_file() if not self.config["fit"].get("ckpt_path") else None
+            if config is not None and _file_stamp(config) not in (None, self._config_at_fit_start):
+                config.unlink()
             if not self.trainer.is_global_zero:
                 return
             for logger in self.trainer.loggers:
@@ -866,15 +982,18 @@ def _build_cli_class() -> type:
                         latest.unlink()
                     shutil.rmtree(run_folder, ignore_errors=True)
                 elif isinstance(logger, CSVLogger):
-                    folder = Path(logger.log_dir)
+                    folder = Path(logger.log_dir).expanduser()
                     if folder.is_dir():  # with the files written at setup, before any step
                         (folder / "hparams.yaml").unlink(missing_ok=True)
                         (folder / FIT_CONFIG_NAME).unlink(missing_ok=True)
                         if not any(folder.iterdir()):
                             folder.rmdir()
-                    root = Path(logger.root_dir)  # <save_dir>/<name>, made for this version
-                    if logger.name and root.is_dir() and not any(root.iterdir()):
+                    root = Path(logger.root_dir).expanduser()  # <save_dir>/<name>, made for this version
+                    if logger.name and root.is_dir() and not root.is_symlink() and not any(root.iterdir()):
                         root.rmdir()
+            for folder in reversed(self._made_folders):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
         before_validate = before_test = before_predict = _check_batch_size
 
@@ -958,16 +1077,44 @@ def _user_error(err: BaseException) -> LightningActError | None:
 
 def _unwritable_output(err: BaseException) -> LightningActError | None:
     """One line for a path the run may not use: an output folder it cannot write (read-only, not permitted, a file
-    where a folder goes), or a file it may not read."""
+    where a folder goes, a name longer than the file system takes), a full disk, or a file it may not read."""
+    seen: set[int] = set()
     current: BaseException | None = err
-    while current is not None:
-        if isinstance(current, OSError) and current.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
-            return ConfigError(
-                f"'{current.filename}': {current.strerror}; check that path's permissions, or run from a folder you can "
-                "write to or point the run's output elsewhere (trainer.default_root_dir, the loggers' save_dir, the "
-                "checkpoint dirpath)"
-            )
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and (problem := _output_problem(current)) is not None:
+            return ConfigError(f"{problem} {OUTPUT_ELSEWHERE}")
         current = current.__cause__ or current.__context__
+    return None
+
+
+OUTPUT_ELSEWHERE = ("point the run's output elsewhere (trainer.default_root_dir, the loggers' save_dir, the checkpoint "
+                    "dirpath)")
+
+
+def _output_problem(err: OSError) -> str | None:
+    """What is wrong with the path ``err`` names and its own fix, which ``OUTPUT_ELSEWHERE`` follows; None for an
+    error that is no such problem."""
+    path = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes, os.PathLike)) else None
+    named = f"'{path}': " if path is not None else ""
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return f"{named}{err.strerror}; check that path's permissions, or run from a folder you can write to or"
+    if err.errno == errno.EEXIST and path is not None and os.path.lexists(path) and not os.path.isdir(path):
+        return f"'{path}' is a file where the run needs a folder; move or remove that file, or"
+    if err.errno == errno.ENAMETOOLONG:
+        longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0) if path is not None else 0
+        size = f" (a name in it has {longest} bytes)" if longest else ""
+        return (f"{named}{err.strerror}{size}; most file systems take names of up to 255 bytes: shorten the run "
+                "folder's name, or")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if path is None:
+            return f"no space left on the device while writing the run's files ({err.strerror}); free some space or"
+        folder = Path(path).parent
+        try:
+            free = f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        return f"no space left in '{folder}'{free} while writing '{Path(path).name}'; free some space or"
     return None
 
 
@@ -977,9 +1124,10 @@ def _log_dir(trainer: Any) -> Path:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     if not trainer.loggers:
-        return Path(trainer.default_root_dir)
+        return Path(trainer.default_root_dir).expanduser()
     first = trainer.loggers[0]
-    return Path(first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir)
+    # "~/runs/x": Lightning's loggers and config saving (through fsspec) write under $HOME, not in a folder named "~"
+    return Path(first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir).expanduser()
 
 
 #: Whether this process got as far as running its subcommand (fit, test, ...). An error met before (the command line,

@@ -52,6 +52,14 @@ def _checkpoint(name: str, class_path: str, truncate: bool = False) -> Callable[
     return write
 
 
+def _file_at(name: str) -> Callable[[Path], None]:
+    """A file where the run needs a folder."""
+    def write(folder: Path) -> None:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("a file\n")
+    return write
+
+
 def _set(path: str, value: object) -> Callable[[dict], None]:
     def change(config: dict) -> None:
         *parents, last = path.split(".")
@@ -118,6 +126,8 @@ CASES = [
     Case("a GPU on a CPU-only machine", ["fit", "--config", "kat.yaml", "--trainer.accelerator", "gpu"], cpu_only=True),
     Case("re-running a fit over a previous run", ["fit", "--config", "kat.yaml"],
          [_checkpoint("runs/kat/checkpoints/last.ckpt", KAT_CLASS)]),
+    Case("a file where the run's checkpoint folder goes", ["fit", "--config", "kat.yaml"],
+         [_file_at("runs/kat/checkpoints")]),
     Case("`--overwrite` with test", ["test", "--config", "kat.yaml", "--overwrite"]),
     Case("`--overwrite` with `--ckpt_path`", ["fit", "--config", "kat.yaml", "--overwrite", "--ckpt_path", "last"],
          [_checkpoint("runs/kat/checkpoints/last.ckpt", KAT_CLASS)]),
@@ -192,16 +202,25 @@ def render(rows: list[tuple[Case, str]]) -> str:
         "  (12.0 MiB free) while writing checkpoint 'last.ckpt'; free some space or point the checkpoint dirpath",
         "  elsewhere (any previous 'last.ckpt' is intact)`. Checkpoints are written to a temporary file in the same",
         "  folder, fsynced and renamed, so no truncated file is ever left under a final name.",
+        "- **Full disk while writing the run's other files** (the CSV log, `hparams.yaml`, the config, the monitors'",
+        "  plots): `lightning_act: error: no space left in 'runs/kat/csv/version_0' (12.0 MiB free) while writing",
+        "  'metrics.csv'; free some space or point the run's output elsewhere (trainer.default_root_dir, the loggers'",
+        "  save_dir, the checkpoint dirpath)`. A run folder name longer than the file system takes is one line too.",
         "- **Ctrl-C during `fit`**: the first Ctrl-C stops after the optimizer step in progress (under gradient",
         "  accumulation, after the last micro-batch of its window), writes",
         "  `last.ckpt` and prints `interrupted at step N: wrote .../last.ckpt; resume with --ckpt_path ...`;",
         "  a second Ctrl-C stops at once. SIGTERM (`kill`, `docker stop`, a scheduler's preemption) does what the",
         "  first Ctrl-C does and prints `stopped by SIGTERM at step N: ...`; the exit status is not 0. Under DDP, one",
         "  that lands while the fit validates ends it as Lightning does: no `last.ckpt` since the last save, exit status 0.",
+        "  A Ctrl-C before the first optimizer step leaves no run behind (its config, CSV version folder, W&B offline run",
+        "  and empty checkpoint folder are removed), so the same fit starts again without `--overwrite`.",
         "- **SIGKILL / power loss**: `last.ckpt` is the previous complete one (refreshed at every epoch end);",
         "  `--ckpt_path` resumes with the monitor histories continuous.",
         "- **Re-running a fit into a folder that holds a run**: refused (above) unless `--ckpt_path` resumes it or",
-        "  `--overwrite` starts over (removing that run's checkpoints, `config.yaml` and CSV logs).",
+        "  `--overwrite` starts over (removing that run's checkpoints, `config.yaml` and CSV logs). Its checkpoints",
+        "  are the files the fit's checkpoint callbacks write (`last.ckpt`, a `ModelCheckpoint`'s filename template),",
+        "  not other files of their folders; a `config.yaml` in a folder the first logger shares with other recipes",
+        "  (one W&B `save_dir` for all runs) is this run's only when it names this run's folders.",
         "",
     ]
     return "\n".join(out)
