@@ -100,25 +100,30 @@ def logging_step(trainer: pl.Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def save_png_whole(figure: Figure, path: Path, **savefig_kwargs: Any) -> None:
+    """``figure.savefig(path)`` as a PNG written under a temporary name in the same folder and renamed: a kill mid-write
+    leaves no truncated picture under its name (and the previous one, of a resumed run, intact)."""
+    partial = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(partial, format="png", **savefig_kwargs)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:
     """Save ``figure`` as ``<run dir>/plots/<name>.png`` and log it to every logger that keeps images: W&B
     (``plots/<name>``), TensorBoard (``add_figure``) and MLflow (the run's artifact ``plots/<name>.png``).
 
     Where the fit writes no run files (:func:`writes_run_files`) nothing is written and None is returned. The PNG is
-    written under a temporary name in the same folder and renamed, so a kill mid-write leaves no truncated picture
-    under its name (and the previous one, of a resumed run, intact).
+    written whole (:func:`save_png_whole`).
     """
     if not writes_run_files(trainer):
         return None
     path = run_dir(trainer) / "plots" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    try:
-        figure.savefig(partial, format="png")
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    save_png_whole(figure, path)
     for logger in trainer.loggers:
         if isinstance(logger, lightning_classes("loggers.WandbLogger")):
             logger.log_image(key=f"plots/{name}", images=[str(path)], step=logging_step(trainer))

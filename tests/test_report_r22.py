@@ -222,3 +222,15 @@ def test_a_folder_holding_a_sweeps_trials_is_refused_naming_each_runs_folder(
     assert run.series["train/loss"].last_per_step() == {0: 1.0, 1: 2.0, 2: 4.0, 3: 5.0, 4: 6.0, 5: 7.0}
     assert run.test_metrics() == {"test/acc": 0.75}
 
+
+
+def test_the_dopamine_firing_files_go_under_home_for_a_tilde_run_folder(tmp_path, monkeypatch):
+    # Before: DopamineSpecialisation wrote dopamine_firing.pt/.png into a literal "./~" folder.
+    from types import SimpleNamespace
+
+    from lightning_act.tasks.dopamine import run_dir as dopamine_run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert dopamine_run_dir(SimpleNamespace(log_dir="~/runs/d", default_root_dir=".")) == tmp_path / "runs" / "d"
+    assert (tmp_path / "runs" / "d").is_dir() and not (tmp_path / "~").exists()

@@ -109,3 +109,62 @@ def test_modular_addition_of_another_modulus_than_the_data_is_one_line(tmp_path:
     with pytest.raises(LightningActError, match=f"data is addition mod {data_p} but the model's is mod 7; pass "
                                                 f"--model.init_args.p {data_p}"):
         trainer.fit(ModularAddition(p=7, dim=16, depth=1, num_heads=2), ModularAdditionDataModule(p=data_p, batch_size=8))
+
+
+def _token_nll(model: CausalLanguageModel, inputs: torch.Tensor, targets: torch.Tensor):
+    """Per-position negative log-likelihoods in float64 numpy, and which positions are scored (not -100)."""
+    import numpy as np
+
+    with torch.no_grad():
+        logits = model(inputs).double().numpy()
+    t = targets.numpy()
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    scored = t != -100
+    return log_z - np.take_along_axis(logits, np.where(scored, t, 0)[..., None], -1)[..., 0], scored
+
+
+def _validate_lm(model: CausalLanguageModel, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=2)
+    return trainer.validate(model, loader, verbose=False)[0]["val/loss"]
+
+
+def test_language_model_losses_leave_out_padded_targets_and_keep_a_nan():
+    # Round 22's per-token averaging first counted -100 targets as zero-loss tokens (1.315 for 1.973), and its
+    # MeanMetric dropped NaN token losses (a finite val/loss for a model NaN on some tokens).
+    pl.seed_everything(0, verbose=False)
+    model = CausalLanguageModel(vocab_size=7, max_len=6, dim=8, depth=1, num_heads=2)
+    tokens = torch.randint(0, 7, (4, 7), generator=torch.Generator().manual_seed(3))
+    inputs, targets = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+    targets[0, 3:], targets[2, 1:] = -100, -100
+    nll, scored = _token_nll(model, inputs, targets)
+    assert _validate_lm(model, inputs, targets) == pytest.approx(nll[scored].mean(), rel=1e-5)
+    model.log = lambda *args, **kwargs: None  # training_step outside a fit
+    with torch.no_grad():
+        assert float(model.training_step((inputs, targets), 0)) == pytest.approx(nll[scored].mean(), rel=1e-5)
+    del model.log
+    with torch.no_grad():
+        model.model.token_embed.weight[int(inputs[1, 0])] = float("nan")
+    assert torch.isnan(torch.tensor(_validate_lm(model, inputs, targets)))
+
+
+def test_a_classifier_nan_on_one_example_has_a_nan_validation_loss():
+    # Before round 22 MeanMetric's default nan_strategy="warn" dropped the NaN losses: val/loss was the mean of the
+    # other examples, a finite value for a diverged model.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_act.tasks.classification import ClassificationTask
+
+    class Linear(ClassificationTask):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Linear(3, 2)
+            self.init_metrics(2)
+
+    x, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 1, 0])
+    x[2, 0] = float("nan")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(Linear(), DataLoader(TensorDataset(x, y), batch_size=2), verbose=False)[0]
+    assert torch.isnan(torch.tensor(logged["val/loss"]))

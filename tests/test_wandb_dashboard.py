@@ -271,3 +271,13 @@ def test_keys_behind_a_logger_prefix_share_the_monitor_panels() -> None:
     assert [k for k in keys if re.search(zero_frac.metric_regex or "(?!)", k)] == keys[5:]
     assert [p.title for p in sections["training"].panels] == ["loss"]
     assert compact_from_keys(["fold1-massive/per_layer"]) and not compact_from_keys(["fold1-train/per_layer"])
+
+
+def test_metrics_ending_in_epoch_or_step_are_metrics_unless_a_logger_prefixed_the_epoch() -> None:
+    # Round 22's first prefix rule took "seconds-per-epoch" and "tokens-per-step" for index columns and dropped them.
+    from lightning_act.report.runlog import is_index_column
+
+    keys = ["epoch", "seconds-per-epoch", "tokens-per-step", "fold1-epoch", "fold1-train/loss"]
+    assert [k for k in keys if is_index_column(k, keys)] == ["epoch", "fold1-epoch"]
+    titles = [p.title for s in dashboard_spec(keys) for p in s.panels]
+    assert titles == ["loss", "seconds-per-epoch", "tokens-per-step"]

@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,7 +112,7 @@ class RunLog:
         """Metrics that are neither monitor statistics nor test metrics (losses, accuracies, learning rates)."""
         return [
             k for k in self.series
-            if not is_index_column(k) and split_logged_monitor_key(k) is None and not is_test_key(k)
+            if not is_index_column(k, self.series) and split_logged_monitor_key(k) is None and not is_test_key(k)
         ]
 
     def test_metrics(self) -> dict[str, float]:
@@ -160,20 +161,27 @@ EVALUATION_WORDS: tuple[str, ...] = ("val", "valid", "validation", "test")
 LOGGER_PREFIX_PATTERN = r"[^/]*-"
 _LOGGER_PREFIX = re.compile(
     rf"^{LOGGER_PREFIX_PATTERN}(?=(?:{'|'.join(MONITOR_PREFIXES)})/"
-    rf"|(?:train|{'|'.join(EVALUATION_WORDS)})(?:[/_]|$)|(?:{'|'.join(INDEX_COLUMNS)})$)"
+    rf"|(?:train|{'|'.join(EVALUATION_WORDS)})(?:[/_]|$))"
 )
 
 
 def without_logger_prefix(key: str) -> str:
     """A logged key without the logger prefix in front of a key the report classifies: ``"fold1-massive/model.blocks.3/
-    ratio"`` → ``"massive/model.blocks.3/ratio"``, ``"fold1-test/acc"`` → ``"test/acc"``, ``"fold1-epoch"`` →
-    ``"epoch"`` (Lightning prefixes every column but ``step``); other keys (``lr-Adam``) unchanged."""
+    ratio"`` → ``"massive/model.blocks.3/ratio"``, ``"fold1-test/acc"`` → ``"test/acc"``; other keys (``lr-Adam``,
+    ``fold1-epoch``: see :func:`is_index_column`) unchanged."""
     return _LOGGER_PREFIX.sub("", key, count=1)
 
 
-def is_index_column(column: str) -> bool:
-    """Whether a ``metrics.csv`` column indexes rows (``step``, ``epoch``, ``fold1-epoch``), not a metric."""
-    return without_logger_prefix(column) in INDEX_COLUMNS
+def is_index_column(column: str, columns: Collection[str]) -> bool:
+    """Whether ``column``, one of the logged ``columns``, indexes rows (``step``, ``epoch``), not a metric. Lightning
+    prefixes ``epoch`` like every metric (``fold1-epoch`` beside ``fold1-train/loss``), never ``step``; a metric whose
+    name merely ends in "-epoch" (``seconds-per-epoch``) is no index: no prefixed metric shares its prefix."""
+    if column in INDEX_COLUMNS:
+        return True
+    prefix, _, word = column.rpartition("-")
+    return bool(prefix) and word == "epoch" and any(
+        other.startswith(f"{prefix}-") and without_logger_prefix(other) != other for other in columns
+    )
 
 
 def split_logged_monitor_key(key: str) -> tuple[str, str, str] | None:
@@ -199,7 +207,7 @@ def _logs_training(columns: list[str]) -> bool:
     Judged by every column, not by a ``train/`` prefix: a resumed fit that logs ``train_loss`` and no monitor
     statistic (none fell due) is still the fit that replaces the rolled-back steps.
     """
-    return any(not is_index_column(c) and _first_word(c) not in EVALUATION_WORDS for c in columns if c)
+    return any(not is_index_column(c, columns) and _first_word(c) not in EVALUATION_WORDS for c in columns if c)
 
 
 def _header(path: Path) -> list[str]:
@@ -320,14 +328,14 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
         step = int(step) if step.is_integer() else step
         complete += 1
         for name, cell in zip(columns, record, strict=True):
-            if cell != "" and not is_index_column(name):
+            if cell != "" and not is_index_column(name, columns):
                 series[name].steps.append(step)
                 series[name].values.append(_to_float(cell))
     if malformed:
         notes.append(f"skipped {malformed} malformed row(s) of {path} (wrong number of fields or no step)")
     if complete == 0:
         notes.append(f"{path} has a header but no complete rows yet")
-    return columns, complete, {k: v for k, v in series.items() if not is_index_column(k)}, notes
+    return columns, complete, {k: v for k, v in series.items() if not is_index_column(k, columns)}, notes
 
 
 def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict[str, Series], list[str]]:

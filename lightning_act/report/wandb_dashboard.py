@@ -92,7 +92,8 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
     ``<prefix>/per_layer`` table only: their panels would stay empty. Keys behind a logger prefix
     (``WandbLogger(prefix="fold1")`` logs ``fold1-massive/...``) share the monitor panels with unprefixed ones.
     """
-    keys = [k for k in dict.fromkeys(keys) if not is_index_column(k) and k != STEP_KEY and not k.startswith("_")]
+    keys = list(dict.fromkeys(keys))
+    keys = [k for k in keys if not is_index_column(k, keys) and k != STEP_KEY and not k.startswith("_")]
     monitor_stats: dict[str, set[str]] = {}
     training: dict[str, list[str]] = {}
     images: list[str] = []

@@ -21,7 +21,9 @@ class ClassificationTask(pl.LightningModule):
         summed over ranks (an unweighted mean of the ranks' means would not be the whole set's)."""
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro"))
-        self.val_loss, self.test_loss = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+        # a NaN loss is the measurement (a diverged model), not a value to leave out
+        self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
+        self.test_loss = torchmetrics.MeanMetric(nan_strategy="disable")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

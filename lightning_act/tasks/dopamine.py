@@ -39,7 +39,7 @@ from lightning_act.nn.dopamine import (
     soften,
 )
 from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
-from lightning_act.plots import writes_run_files
+from lightning_act.plots import save_png_whole, writes_run_files
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.sampler_padding import real_examples
 from lightning_act.tasks.image_classification import WarmupCosineLR, schedule_steps, start_schedules
@@ -278,16 +278,17 @@ class DopamineSpecialisation(_Classifier):
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """The run's directory (the first logger's folder, else ``default_root_dir``), created."""
-    path = Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's directory (the first logger's folder, else ``default_root_dir``), created; ``~`` is the home folder, as
+    where the loggers write."""
+    path = Path(trainer.log_dir or trainer.default_root_dir).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def log_figure(trainer: pl.Trainer, figure: Any, path: Path) -> None:
-    """Save ``figure`` as ``path`` (a ``.png`` in the run dir) and send it to every logger that takes images, keyed by
-    the file's name without its suffix."""
-    figure.savefig(path, dpi=100)
+    """Save ``figure`` as ``path`` (a ``.png`` in the run dir), written whole, and send it to every logger that takes
+    images, keyed by the file's name without its suffix."""
+    save_png_whole(figure, path, dpi=100)
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
             logger.log_image(key=path.stem, images=[str(path)])

@@ -16,6 +16,10 @@ from lightning_act.tasks.image_classification import WarmupCosineLR, check_sched
 from lightning_act.tasks.sampler_padding import real_examples
 
 
+#: ``F.cross_entropy``'s default ``ignore_index``: a padded target position.
+IGNORE_INDEX = -100
+
+
 def adamw_warmup_cosine(
     module: pl.LightningModule, lr: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float = 0.0
 ) -> dict[str, Any]:
@@ -56,7 +60,9 @@ class CausalLanguageModel(pl.LightningModule):
         check_schedule(warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         self.model = SmallTransformer(vocab_size, max_len, dim, depth, num_heads, True, mlp_ratio, act, causal=True)
-        self.val_loss, self.val_bits_per_token = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+        # a NaN loss is the measurement (a diverged model), not a value to leave out
+        self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
+        self.val_bits_per_token = torchmetrics.MeanMetric(nan_strategy="disable")
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -76,8 +82,11 @@ class CausalLanguageModel(pl.LightningModule):
         return self.model(input_ids)
 
     def _token_losses(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of every target token; targets of ``-100`` (``cross_entropy``'s ``ignore_index``: padding) are
+        no tokens and are left out, as the mean ``cross_entropy`` leaves them out."""
         logits = self(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        return losses[targets.reshape(-1) != IGNORE_INDEX]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._token_losses(*batch).mean()

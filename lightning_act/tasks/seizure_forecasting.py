@@ -264,7 +264,9 @@ class SeizureForecaster(pl.LightningModule):
         self.val_classes, self.test_classes = _ClassCounts(), _ClassCounts()  # AUROC only where both classes were seen
         self._warned_auroc: set[str] = set()
         # weighted by labelled windows, summed over ranks
-        self.val_loss, self.test_loss = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+        # a NaN loss is the measurement (a diverged model), not a value to leave out
+        self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
+        self.test_loss = torchmetrics.MeanMetric(nan_strategy="disable")
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._warned_no_domain = False
         self._adversarial_batches = 0  # this epoch's batches whose critic groups formed

@@ -89,7 +89,9 @@ class SpectralTargetDetection(pl.LightningModule):
         self.val_auroc, self.val_ap = BinaryAUROC(), BinaryAveragePrecision()
         self.test_auroc, self.test_ap = BinaryAUROC(), BinaryAveragePrecision()
         # the loss weighted by spectra, summed over ranks: an unweighted mean of the ranks' means is not the set's
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        # a NaN loss is the measurement (a diverged model), not a value to leave out
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
         self.test_pr = BinaryPrecisionRecallCurve()
         self.test_pr_curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
