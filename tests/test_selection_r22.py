@@ -43,14 +43,24 @@ def tapped_values(model, taps, *inputs):
 
 
 class LoraLinear(nn.Module):
-    """peft's ``tuners.lora.layer.Linear``: the frozen layer as ``base_layer``, the adapter's Linears in ModuleDicts."""
+    """peft's ``tuners.lora.layer.Linear``: the frozen layer as ``base_layer``, the adapter's Linears in ModuleDicts,
+    and what every peft tuner layer (``BaseTunerLayer``) has: ``adapter_layer_names`` and ``active_adapters``."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Linear, rank: int = 2) -> None:
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
+        self.scaling = {"default": 1.0}
         self.lora_dropout = nn.ModuleDict({"default": nn.Identity()})
         self.lora_A = nn.ModuleDict({"default": nn.Linear(base_layer.in_features, rank, bias=False)})
         self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, base_layer.out_features, bias=False)})
+        self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+
+    @property
+    def active_adapters(self):
+        return ["default"]
 
     def forward(self, x):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](self.lora_dropout["default"](x)))
@@ -104,10 +114,12 @@ class BlockNet(nn.Module):
 
 
 class PrefixTuned(nn.Module):
-    """``PeftModel`` with prefix tuning: the base model, then its ``prompt_encoder`` registered after it."""
+    """``PeftModel`` with prefix tuning: the base model, then its ``prompt_encoder`` registered after it, and the
+    ``peft_config`` by adapter name."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.peft_config = {"default": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}}
         self.base_model = BlockNet(2)
         self.prompt_encoder = nn.ModuleDict({"default": PrefixEncoder(4, 8)})
 
@@ -218,3 +230,141 @@ def test_real_peft_lora_and_modules_to_save():
     assert names(select_taps(model, "@penultimate")) == ["base_model.model.lm_head-input"]
     assert names(select_taps(model, "@activations")) == [
         "base_model.model.blocks.0.mlp.1", "base_model.model.blocks.1.modules_to_save.default.mlp.1"]
+
+
+class BaseLayerNet(nn.Module):
+    """A user's model (no peft) whose trunk is an attribute named ``base_layer``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_layer = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.base_layer(x))
+
+
+class HeadBesideBaseLayer(nn.Module):
+    """The head inside a module that also has a ``base_layer`` child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.top = nn.Module()
+        self.top.base_layer = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.top.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.top.fc(self.top.base_layer(self.stem(x)))
+
+
+def relu_mlp64(x, layers):
+    """ReLU(W x + b) through ``layers`` (nn.Linear), in numpy float64."""
+    h = x.double().numpy()
+    for layer in layers:
+        h = np.maximum(h @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy(), 0.0)
+    return h
+
+
+def test_a_users_child_named_base_layer_is_no_peft_wrapper_for_penultimate():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    net = BaseLayerNet()
+    (tap,) = select_taps(net, "@penultimate")  # was "matched no module"
+    assert tap.name == "head-input"
+    seen = tapped_values(net, [tap], x)
+    expected = relu_mlp64(x, [net.base_layer[0], net.base_layer[2]])
+    np.testing.assert_allclose(seen["head-input"].double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    nested = HeadBesideBaseLayer()
+    (tap,) = select_taps(nested, "@penultimate")  # was stem.0-input, the first layer's input
+    assert tap.name == "top.fc-input"
+    seen = tapped_values(nested, [tap], x)
+    expected = relu_mlp64(x, [nested.stem[0], nested.top.base_layer[0]])
+    np.testing.assert_allclose(seen["top.fc-input"].double().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+class ResidualWithBase(nn.Module):
+    """A user's residual block whose main branch is an attribute named ``base_layer``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return x + self.act(self.base_layer(x))
+
+
+def test_a_users_blocks_with_a_base_layer_child_are_a_block_stack():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(ResidualWithBase(), ResidualWithBase(), ResidualWithBase()))
+    taps = select_taps(net, "@blocks")  # was "matched no module": the blocks were read as their base_layer Linears
+    assert names(taps) == ["1.0", "1.1", "1.2"]
+    x = torch.randn(2, 3)
+    seen = tapped_values(net, taps, x)
+    h = x.double().numpy() @ net[0].weight.detach().double().numpy().T + net[0].bias.detach().double().numpy()
+    for i, block in enumerate(net[1]):
+        w, b = block.base_layer.weight.detach().double().numpy(), block.base_layer.bias.detach().double().numpy()
+        h = h + np.tanh(h @ w.T + b)
+        np.testing.assert_allclose(seen[f"1.{i}"].double().numpy(), h, rtol=1e-5, atol=1e-6)
+
+
+class MaskPromptEncoder(nn.Module):
+    """Segment Anything's prompt encoder, in short: an embedding of each example's input mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask_embed = nn.Sequential(nn.Linear(4, 8), nn.GELU())
+
+    def forward(self, mask):
+        return self.mask_embed(mask)
+
+
+class Segmenter(nn.Module):
+    """Hugging Face ``SamModel``'s layout: an image encoder, a ``prompt_encoder`` run on the batch's prompts, a
+    decoder; no peft (no ``peft_config``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_encoder = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.prompt_encoder = MaskPromptEncoder()
+        self.decoder = nn.Linear(8, 2)
+
+    def forward(self, image, mask):
+        return self.decoder(self.image_encoder(image) + self.prompt_encoder(mask))
+
+
+def test_a_prompt_encoder_outside_peft_runs_on_the_batch_and_stays_in_the_presets():
+    torch.manual_seed(0)
+    model = Segmenter()
+    taps = select_taps(model, "@activations")  # the prompt encoder's GELU was left out
+    assert names(taps) == ["image_encoder.1", "prompt_encoder.mask_embed.1"]
+    image, mask = torch.randn(3, 6), torch.randn(3, 4)
+    seen = tapped_values(model, taps, image, mask)
+    linear = model.prompt_encoder.mask_embed[0]
+    u = mask.double().numpy() @ linear.weight.detach().double().numpy().T + linear.bias.detach().double().numpy()
+    out = seen["prompt_encoder.mask_embed.1"].double().numpy()
+    np.testing.assert_allclose(out, gelu64(u), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out[0], out[1])  # it runs on each example's mask, not on a fixed table
+
+
+def test_real_peft_is_told_by_structure_a_users_base_layer_by_none_and_prefix_tuning_by_its_config():
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(BaseLayerNet(), peft.LoraConfig(r=2, target_modules=["head"]))
+    (tap,) = select_taps(lora, "@penultimate")  # was "matched no module": the user's base_layer taken for peft's
+    assert tap.name == "base_model.model.head-input"
+    x = torch.randn(4, 8)
+    trunk = lora.base_model.model.base_layer
+    seen = tapped_values(lora, [tap], x)
+    expected = relu_mlp64(x, [trunk[0], trunk[2]])
+    np.testing.assert_allclose(seen[tap.name].double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    prefix = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+                                     encoder_hidden_size=8)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(config), prefix)
+    assert any(name.startswith("prompt_encoder.") for name, _ in model.named_modules())
+    acts = names(select_taps(model, "@activations"))  # a PeftModel's prompt encoder runs on the virtual-token ids
+    assert acts and not any(name.startswith("prompt_encoder") for name in acts)
+    assert names(select_taps(model, "@penultimate")) == ["base_model.lm_head-input"]

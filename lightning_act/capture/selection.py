@@ -28,7 +28,7 @@ The presets leave out averaged copies of the model (an EMA's ``AveragedModel``, 
 parametrizations and the ``original_module`` that a Hugging Face peft ``ModulesToSaveWrapper`` keeps beside the copy
 it trains, which run on no activation of its forward, and the modules that run on a fixed table, not on the batch:
 position-bias MLPs (Swin V2's ``cpb_mlp``) and peft's prompt encoders (prefix and prompt tuning's
-``prompt_encoder``). A ``ModulesToSaveWrapper`` is a block of ``"@blocks"`` where the module it wraps is one, and the
+``prompt_encoder`` of a ``PeftModel``). A ``ModulesToSaveWrapper`` is a block of ``"@blocks"`` where the module it wraps is one, and the
 fused activations of quantization-aware training (``torch.ao.nn.intrinsic.qat``'s ``ConvBnReLU2d``, ``LinearReLU``
 ...) are activation outputs of ``"@activations"``.
 
@@ -83,11 +83,13 @@ _AVERAGED_COPY_CLASS_NAMES = {"ModelEmaV2", "ModelEmaV3"}
 _EMA_PYTORCH_CLASS_NAMES = {"EMA", "KarrasEMA", "PostHocEMA", "EMAPytree"}
 # Owners of modules that run on a fixed table, not on the batch, by attribute name: Swin V2's position-bias MLP, run on
 # relative coordinates (timm ``cpb_mlp``, ``meta_mlp`` in ``swinv2_cr``; Hugging Face
-# ``continuous_position_bias_mlp``), and Hugging Face peft's prompt encoders (``PeftModel.prompt_encoder``: prefix
-# tuning's ``PrefixEncoder`` MLP, p-tuning's ``PromptEncoder``), run on the virtual-token ids; and by class name,
-# timm's ``RelPosMlp`` (MaxViT, CoAtNet with MLP position bias).
-_FIXED_TABLE_OWNER_NAMES = {"cpb_mlp", "meta_mlp", "continuous_position_bias_mlp", "prompt_encoder"}
+# ``continuous_position_bias_mlp``); and by class name, timm's ``RelPosMlp`` (MaxViT, CoAtNet with MLP position bias).
+# Hugging Face peft's prompt encoders (``PeftModel.prompt_encoder``: prefix tuning's ``PrefixEncoder`` MLP, p-tuning's
+# ``PromptEncoder``), run on the virtual-token ids, are told by their owner (see :func:`_fixed_table_modules`), as
+# other models' ``prompt_encoder`` runs on each example's prompt (Segment Anything's, on its points and masks).
+_FIXED_TABLE_OWNER_NAMES = {"cpb_mlp", "meta_mlp", "continuous_position_bias_mlp"}
 _FIXED_TABLE_CLASS_NAMES = {"RelPosMlp"}
+_PEFT_PROMPT_ENCODER_NAME = "prompt_encoder"
 # Quantization-aware training's fused layers that apply their activation inside their own forward (after
 # ``fuse_modules_qat`` + ``prepare_qat``: ``ConvBnReLU2d``, ``ConvReLU2d``, ``LinearReLU`` ...), so that their output
 # is the activation's: matched by package and class name. The float fused modules (``torch.ao.nn.intrinsic``'s
@@ -129,10 +131,21 @@ def _saved_copy_original(module: nn.Module) -> nn.Module | None:
     return original if isinstance(original, nn.Module) and isinstance(trained_copies, nn.ModuleDict) else None
 
 
-def _peft_wrapped(module: nn.Module) -> nn.Module | None:
-    """The module a Hugging Face peft wrapper runs in place of, else None: a tuner layer's ``base_layer`` (LoRA, IA3
-    ...: the wrapper's input is the wrapped layer's), a ``ModulesToSaveWrapper``'s ``original_module``."""
+def _tuner_layer_base(module: nn.Module) -> nn.Module | None:
+    """The ``base_layer`` of a Hugging Face peft tuner layer (LoRA, IA3 ...: peft's ``BaseTunerLayer``), else None.
+    Told by the structure every tuner layer has, so that peft need not be imported, and not by the child's name alone,
+    which a user's own module may have: a registered ``base_layer``, the ``adapter_layer_names`` peft reads the
+    adapter weights from, and ``active_adapters``."""
     base_layer = dict(module.named_children()).get("base_layer")
+    adapter_layer_names = getattr(module, "adapter_layer_names", None)
+    is_tuner_layer = isinstance(adapter_layer_names, tuple) and hasattr(module, "active_adapters")
+    return base_layer if isinstance(base_layer, nn.Module) and is_tuner_layer else None
+
+
+def _peft_wrapped(module: nn.Module) -> nn.Module | None:
+    """The module a Hugging Face peft wrapper runs in place of, else None: a tuner layer's ``base_layer`` (the
+    wrapper's input is the wrapped layer's), a ``ModulesToSaveWrapper``'s ``original_module``."""
+    base_layer = _tuner_layer_base(module)
     return base_layer if base_layer is not None else _saved_copy_original(module)
 
 
@@ -342,11 +355,23 @@ def _only_inside(model: nn.Module, owners: set[int]) -> set[int]:
 def _fixed_table_modules(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of the modules that run on a fixed table, not on the batch (see ``_FIXED_TABLE_OWNER_NAMES``): a
     position-bias MLP's activations are of relative coordinates, a prefix encoder's of the virtual-token ids, the
-    same for every example at every step."""
+    same for every example at every step. A ``prompt_encoder`` is peft's where it is the ``ModuleDict`` of a
+    ``PeftModel``, whose ``peft_config`` tells it (as :func:`lightning_act.nn.dopamine.adapter_parameters` reads it)."""
+    by_name = dict(modules)
+
+    def is_peft_prompt_encoder(name: str, module: nn.Module) -> bool:
+        owner_name, _, attribute = name.rpartition(".")
+        owner = by_name.get(owner_name) if name else None
+        return (
+            attribute == _PEFT_PROMPT_ENCODER_NAME and isinstance(module, nn.ModuleDict)
+            and owner is not None and hasattr(owner, "peft_config")
+        )
+
     owners = {
         id(module) for name, module in modules
         if name.rpartition(".")[2] in _FIXED_TABLE_OWNER_NAMES
         or module_class(module).__name__ in _FIXED_TABLE_CLASS_NAMES
+        or is_peft_prompt_encoder(name, module)
     }
     return _only_inside(model, owners)
 
