@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,11 +15,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from _toy import quiet_trainer
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
 from lightning_act.callbacks import massive as massive_module
+from lightning_act.callbacks import sensitive as sensitive_module
+from lightning_act.callbacks.probe import without_sampler_padding
 from lightning_act.callbacks.sensitive import _same_fingerprint, _tracking_fingerprint
 
 # ------------------------------------------------------------------------------------------ graphs
@@ -119,6 +123,30 @@ def test_a_sharded_graph_probe_keeps_whole_graphs_and_says_once_it_keeps_a_repea
     assert kept == [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]  # rank 1's examples, the repeat of example 0 left out
 
 
+class Buckets(Sampler):
+    """Batches of the sampler's indices of sizes 2, 3 and 2 under a ``batch_size`` of 4, as a length-bucketing batch
+    sampler gives."""
+
+    def __init__(self, sampler: Sampler, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self.sampler)
+        yield from (indices[:2], indices[2:5], indices[5:])
+
+    def __len__(self) -> int:
+        return 3
+
+
+def test_a_sharded_probe_counts_the_rows_of_a_batch_sampler_that_fills_its_batches_as_it_likes() -> None:
+    # Before: every batch was counted as batch_size=4 examples: rank 1 kept [1, 3, 5, 7], examples 9 and 11 lost.
+    dataset = TensorDataset(torch.arange(13.0)[:, None])
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)  # 1, 3, ..., 11, then 0 again
+    loader = DataLoader(dataset, batch_sampler=Buckets(sampler, batch_size=4))
+    kept = torch.cat([batch[0] for batch in without_sampler_padding(list(loader), loader, "probe")])[:, 0]
+    assert kept.tolist() == [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]  # rank 1's examples, the repeat of example 0 left out
+
+
 def test_send_with_forward_fn_on_graphs_tracks_num_samples_graphs(tmp_path: Path) -> None:
     # Before: num_samples counted node rows: the first batch of 4 graphs (14 nodes) "held 8 examples", 4 were tracked.
     torch.manual_seed(0)
@@ -178,6 +206,46 @@ def test_an_expert_given_rows_that_are_not_examples_is_left_out_with_one_warning
     assert len(monitor.history["sensitive/head-input/v_mean"].values) == 3  # 5 checkpoints, a window of 3
 
 
+def numpy_head_inputs(model: RoutedTokens, batches: list[torch.Tensor]) -> np.ndarray:
+    """The head's input of each example in float64 numpy, batch by batch (each batch routes its own first tokens)."""
+    mix_w, mix_b, expert_w, expert_b = (
+        p.detach().double().numpy() for p in (model.mix.weight, model.mix.bias, model.expert.weight, model.expert.bias)
+    )
+    rows = []
+    for x in batches:
+        flat = (x.double().numpy() @ mix_w.T + mix_b).reshape(-1, 4)
+        flat[: model.routed] += flat[: model.routed] @ expert_w.T + expert_b
+        rows.append(flat.reshape(x.shape).mean(1))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("returns", ["logits", "a-tuple"])
+def test_send_with_forward_fn_tracks_the_head_when_an_expert_is_tapped_first(returns: str) -> None:
+    # Before: the first tap's rows decided "graph batch": the expert's 2 routed rows of each (4, 3, 4) batch were taken
+    # for its examples, 4 batches (16 examples) tracked as 8, the expert tracked and head-input left out.
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 4, generator=g), torch.randint(0, 3, (16,), generator=g))
+
+    def forward(pl_module: nn.Module, batch: list[torch.Tensor]) -> Any:
+        logits = pl_module(batch[0])
+        return logits if returns == "logits" else (logits, None)  # no tensor: the labels' length tells the examples
+
+    monitor = SensitiveNeurons(modules=["expert", "head:input"], every_n_steps=1, eigenscore_passes=0, window=2,
+                               num_samples=8, forward_fn=forward)
+    torch.manual_seed(0)
+    model = RoutedTokens(routed=2)
+    with pytest.warns(UserWarning, match=r"expert gives 2 rows for a tracking batch of 4 examples") as said:
+        quiet_trainer(max_steps=2, callbacks=[monitor]).fit(
+            model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4)
+        )
+    assert not [w for w in said if "head-input gives" in str(w.message)]
+    assert "expert" not in monitor.embeddings
+    assert [len(batch[0]) for batch in monitor._batches] == [4, 4]  # the first 8 examples
+    embedding = monitor.embeddings["head-input"][-1]  # the last checkpoint: after the last update, the final weights
+    expected = numpy_head_inputs(model, [data.tensors[0][:4], data.tensors[0][4:8]])
+    np.testing.assert_allclose(embedding.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ the fingerprint
 def test_the_fingerprint_tells_the_same_examples_in_another_order() -> None:
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
@@ -190,6 +258,24 @@ def test_the_fingerprint_tells_the_same_examples_in_another_order() -> None:
     # a checkpoint of round 21 holds count, sum and sum of squares alone: compared on those
     assert _same_fingerprint(expected[:3], _tracking_fingerprint([permuted]))
     assert not _same_fingerprint(expected[:3], _tracking_fingerprint([x + 1]))
+
+
+def test_the_fingerprint_of_the_same_ordered_examples_does_not_depend_on_their_batches(monkeypatch) -> None:
+    # Before: positions ran over x1, y1, x2, y2, ...: the same 8 (x, y) examples in one batch of 8 instead of two of
+    # 4 gave another weighted sum (2206.86 vs 1761.98), a "tracking set differs" warning and restarted windows.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g), torch.randint(0, 4, (8,), generator=g)
+    flat_x, flat_y = x.double().numpy().reshape(-1), y.double().numpy()
+    expected = [
+        flat_x.size + flat_y.size, flat_x.sum() + flat_y.sum(), (flat_x**2).sum() + (flat_y**2).sum(),
+        (np.arange(1, flat_x.size + 1) * flat_x).sum() + (np.arange(1, flat_y.size + 1) * flat_y).sum(),
+    ]
+    monkeypatch.setattr(sensitive_module, "_FINGERPRINT_CHUNK", 5, raising=False)  # chunks across examples
+    for batching in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])], [(x[:3], y[:3]), (x[3:7], y[3:7]), (x[7:], y[7:])]):
+        np.testing.assert_allclose(_tracking_fingerprint(batching), expected, rtol=1e-12)
+    # the same examples in another order still differ
+    order = [1, 0, 2, 3, 4, 5, 6, 7]
+    assert not _same_fingerprint(expected, _tracking_fingerprint([(x[order], y[order])]))
 
 
 class Net(pl.LightningModule):

@@ -108,6 +108,8 @@ from lightning_act.stats.eigenscore import (
 from lightning_act.stats.reduce import distributed_world_size
 
 _STOCHASTIC_CLASS_NAMES = {"DropPath", "DropBlock2d"}
+#: Elements of the tracking set fingerprinted at once: float64 copies and positions of 8 MB each, not of the set.
+_FINGERPRINT_CHUNK = 1 << 20
 
 
 def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
@@ -171,16 +173,43 @@ def _tracking_fingerprint(batches: list[Any]) -> list[float]:
     its elements in order: a resumed fit whose set differs (drawn anew at a relaunch, a shuffling validation loader)
     holds windows of another set's embeddings, which its own would stack with silently when the shapes agree. The
     weighted sum tells the same examples in another order, whose windows would compare example k before the resume
-    with another example after it (before round 22 the fingerprint was blind to order). One host read, at fit start."""
+    with another example after it (before round 22 the fingerprint was blind to order). Positions run over each tensor
+    of the batch structure (``(x, y)``: x's, then y's) concatenated over the batches, so the same examples in the same
+    order batched otherwise agree (before, they ran over x₁, y₁, x₂, y₂, …: another validation batch size "differed").
+    Summed in chunks, without a float64 copy of the set. One host read, at fit start."""
     sums = torch.zeros(4, dtype=torch.float64)
-    offset = 0
-    for tensor in (t for batch in batches for t in batch_tensors(batch)):
-        x = tensor.detach().to(torch.float64).nan_to_num().reshape(-1)
-        positions = torch.arange(offset + 1, offset + x.numel() + 1, dtype=torch.float64, device=x.device)
-        offset += x.numel()
-        count = x.new_tensor(float(x.numel()))
-        sums = sums.to(x.device) + torch.stack([count, x.sum(), x.square().sum(), positions @ x])
+    offsets: dict[int, int] = {}  # elements so far of each tensor of the batch structure, by its place in it
+    for batch in batches:
+        for place, tensor in enumerate(batch_tensors(batch)):
+            offset = offsets.get(place, 0)
+            for chunk in tensor.detach().reshape(-1).split(_FINGERPRINT_CHUNK):
+                x = chunk.to(torch.float64).nan_to_num()
+                positions = torch.arange(offset + 1, offset + x.numel() + 1, dtype=torch.float64, device=x.device)
+                offset += x.numel()
+                count = x.new_tensor(float(x.numel()))
+                sums = sums.to(x.device) + torch.stack([count, x.sum(), x.square().sum(), positions @ x])
+            offsets[place] = offset
     return sums.tolist()
+
+
+def _graph_tap(batch: Any, inputs: torch.Tensor | None, tap_rows: dict[int, int], output: Any) -> int | None:
+    """The tap whose rows are a graph batch's examples (node rows in, one embedding per graph out), if the batch is
+    one: a tap giving fewer rows than the inputs' first axis, a length none of the inputs' axes has, that the model
+    output has along its first axis (another tensor of the batch, such as per-graph labels, where the forward returns
+    no tensor). A tap's rows alone do not tell: a mixture-of-experts expert tapped first gives its routed tokens,
+    fewer too, on a batch whose examples are its inputs' rows (before, its rows were taken for the examples and the
+    taps giving one row per example left out). ``None``: the examples are counted along the inputs' sample axis."""
+    if inputs is None or inputs.dim() == 0:
+        return None
+    if isinstance(output, torch.Tensor) and output.dim() > 0:
+        confirming = {output.shape[0]}
+    else:
+        confirming = {t.shape[0] for t in batch_tensors(batch) if t is not inputs and t.dim() > 0}
+    graphs = [
+        index for index, rows in tap_rows.items()
+        if rows < inputs.shape[0] and rows not in inputs.shape and rows in confirming
+    ]
+    return graphs[0] if graphs else None
 
 
 def _same_fingerprint(held: list[float], now: list[float]) -> bool:
@@ -552,15 +581,17 @@ class SensitiveNeurons(FitScopedState):
         for tap in dropping if self.drop else []:
             self._set_drop(tap, self.sensitive[tap.name])
 
-    def _first_forward(self, trainer: pl.Trainer | None, pl_module: nn.Module, batch: Any) -> int | None:
-        """Run the model on a first tracking batch, at fit start so that a failing call is one line then; the sample
-        count of the first embedding it gave (``None``: none), which tells the inputs' sample axis."""
+    def _first_forward(
+        self, trainer: pl.Trainer | None, pl_module: nn.Module, batch: Any
+    ) -> tuple[dict[int, int], Any]:
+        """Run the model on a first tracking batch, at fit start so that a failing call is one line then; the rows
+        each tap gave, by tap index in the order they ran (the first tells the inputs' sample axis), and what the
+        forward returned."""
         self._arm(True)
         try:
             with own_passes(self._registry, self), probing(trainer, pl_module, _module_device(pl_module)):
-                call_forward("SensitiveNeurons", self.forward_fn, pl_module, batch)
-            first = next(iter(self._collected.values()), None)
-            return first[0].shape[0] if first else None
+                output = call_forward("SensitiveNeurons", self.forward_fn, pl_module, batch)
+            return {index: embeddings[0].shape[0] for index, embeddings in self._collected.items()}, output
         finally:
             self._arm(False)
             self._collected.clear()
@@ -577,7 +608,8 @@ class SensitiveNeurons(FitScopedState):
             nonlocal axis
             x = to_device(self._batch_inputs(batches[-1]), device, trainer)
             if not inputs:
-                axis = self._sample_axis(x, self._first_forward(trainer, pl_module, x))
+                tap_rows, _ = self._first_forward(trainer, pl_module, x)
+                axis = self._sample_axis(x, next(iter(tap_rows.values()), None))
             inputs.append(x)
             return sum(x.shape[axis] for x in inputs) >= self.num_samples
 
@@ -592,29 +624,24 @@ class SensitiveNeurons(FitScopedState):
     ) -> tuple[list[Any], list[int]]:
         """The tracking batches of a ``forward_fn``, and their examples: the first whole validation batches holding
         ``num_samples`` examples, counted along their inputs' sample axis as :meth:`_from_validation` counts them (a
-        ``(T, B, F)`` batch holds B examples). Where the first forward gives fewer embeddings than the inputs' first
-        axis and no axis of the inputs is that long (a graph batch: node rows in, one embedding per graph out), each
-        batch's examples are the rows its forward gives (before round 22 ``num_samples=8`` took 4 graphs of 24
-        nodes)."""
+        ``(T, B, F)`` batch holds B examples); in a graph batch (:func:`_graph_tap`) each batch's examples are the rows
+        its forward gives the graph-level tap (before round 22 ``num_samples=8`` took 4 graphs of 24 nodes)."""
         batches: list[Any] = []
         examples: list[int] = []
         axis = 0
-        by_embeddings = False
+        graph_tap: int | None = None
 
         def enough(loaded: list[Any]) -> bool:
-            nonlocal axis, by_embeddings
+            nonlocal axis, graph_tap
             batches.append(to_device(loaded[-1], device, trainer))
             if len(batches) == 1:
-                samples = self._first_forward(trainer, pl_module, batches[0])
+                tap_rows, output = self._first_forward(trainer, pl_module, batches[0])
                 inputs = first_batch_tensor(batches[0])
-                axis = 0 if inputs is None else self._sample_axis(inputs, samples)
-                by_embeddings = (
-                    samples is not None and inputs is not None and inputs.dim() > 0
-                    and samples < inputs.shape[0] and samples not in inputs.shape
-                )
-                examples.append(samples if by_embeddings else num_examples(batches[0], axis))
-            elif by_embeddings:
-                examples.append(self._first_forward(trainer, pl_module, batches[-1]) or 0)
+                axis = 0 if inputs is None else self._sample_axis(inputs, next(iter(tap_rows.values()), None))
+                graph_tap = _graph_tap(batches[0], inputs, tap_rows, output)
+                examples.append(num_examples(batches[0], axis) if graph_tap is None else tap_rows[graph_tap])
+            elif graph_tap is not None:
+                examples.append(self._first_forward(trainer, pl_module, batches[-1])[0].get(graph_tap, 0))
             else:
                 examples.append(num_examples(batches[-1], axis))
             return sum(examples) >= self.num_samples
