@@ -168,3 +168,15 @@ def test_a_classifier_nan_on_one_example_has_a_nan_validation_loss():
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     logged = trainer.validate(Linear(), DataLoader(TensorDataset(x, y), batch_size=2), verbose=False)[0]
     assert torch.isnan(torch.tensor(logged["val/loss"]))
+
+
+def test_the_tasks_loss_mean_keeps_its_weights_and_a_nan():
+    # nan_strategy="disable" (tried first) also drops MeanMetric's weights: 2.0 for the weighted 5/3.
+    from lightning_act.tasks.classification import mean_loss_metric
+
+    metric = mean_loss_metric()
+    metric.update(torch.tensor(1.0), weight=2)
+    metric.update(torch.tensor(3.0), weight=1)
+    assert float(metric.compute()) == pytest.approx(5 / 3)
+    metric.update(torch.tensor([float("nan"), 1.0]))
+    assert torch.isnan(metric.compute())

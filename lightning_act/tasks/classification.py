@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import math
+
 import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
 from lightning_act.tasks.sampler_padding import real_examples
+
+
+def mean_loss_metric() -> torchmetrics.MeanMetric:
+    """A mean of evaluation losses (weighted where ``update`` gets weights) that keeps a NaN: a NaN loss is the
+    measurement (a diverged model), not a value to leave out as the default ``nan_strategy="warn"`` does. NaN is
+    imputed with NaN, since ``nan_strategy="disable"`` also drops the weights (torchmetrics 1.9)."""
+    return torchmetrics.MeanMetric(nan_strategy=math.nan)
 
 
 class ClassificationTask(pl.LightningModule):
@@ -21,9 +30,7 @@ class ClassificationTask(pl.LightningModule):
         summed over ranks (an unweighted mean of the ranks' means would not be the whole set's)."""
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro"))
-        # a NaN loss is the measurement (a diverged model), not a value to leave out
-        self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
-        self.test_loss = torchmetrics.MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = mean_loss_metric(), mean_loss_metric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

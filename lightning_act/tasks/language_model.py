@@ -8,11 +8,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-import torchmetrics
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.image_classification import WarmupCosineLR, check_schedule, schedule_steps, start_schedules
+from lightning_act.tasks.classification import mean_loss_metric
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -60,9 +60,7 @@ class CausalLanguageModel(pl.LightningModule):
         check_schedule(warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         self.model = SmallTransformer(vocab_size, max_len, dim, depth, num_heads, True, mlp_ratio, act, causal=True)
-        # a NaN loss is the measurement (a diverged model), not a value to leave out
-        self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
-        self.val_bits_per_token = torchmetrics.MeanMetric(nan_strategy="disable")
+        self.val_loss, self.val_bits_per_token = mean_loss_metric(), mean_loss_metric()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -50,6 +50,7 @@ from lightning_act.eval.seizure_alarms import (
     raise_alarms,
 )
 from lightning_act.models.stan import STAN
+from lightning_act.tasks.classification import mean_loss_metric
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -264,9 +265,7 @@ class SeizureForecaster(pl.LightningModule):
         self.val_classes, self.test_classes = _ClassCounts(), _ClassCounts()  # AUROC only where both classes were seen
         self._warned_auroc: set[str] = set()
         # weighted by labelled windows, summed over ranks
-        # a NaN loss is the measurement (a diverged model), not a value to leave out
-        self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
-        self.test_loss = torchmetrics.MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = mean_loss_metric(), mean_loss_metric()
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._warned_no_domain = False
         self._adversarial_batches = 0  # this epoch's batches whose critic groups formed

@@ -31,6 +31,7 @@ from lightning_act.errors import LightningActError
 from lightning_act.eval.ranking import probability_of_score, ranking_scores
 from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
+from lightning_act.tasks.classification import mean_loss_metric
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -89,9 +90,7 @@ class SpectralTargetDetection(pl.LightningModule):
         self.val_auroc, self.val_ap = BinaryAUROC(), BinaryAveragePrecision()
         self.test_auroc, self.test_ap = BinaryAUROC(), BinaryAveragePrecision()
         # the loss weighted by spectra, summed over ranks: an unweighted mean of the ranks' means is not the set's
-        # a NaN loss is the measurement (a diverged model), not a value to leave out
-        self.val_loss = MeanMetric(nan_strategy="disable")
-        self.test_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = mean_loss_metric(), mean_loss_metric()
         self.test_pr = BinaryPrecisionRecallCurve()
         self.test_pr_curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
