@@ -13,11 +13,11 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from _toy import quiet_trainer
+from test_compat_r21 import Net, fit
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
 from lightning_act.callbacks import massive as massive_module
 from lightning_act.callbacks import sensitive as sensitive_module
@@ -276,35 +276,6 @@ def test_the_fingerprint_of_the_same_ordered_examples_does_not_depend_on_their_b
     # the same examples in another order still differ
     order = [1, 0, 2, 3, 4, 5, 6, 7]
     assert not _same_fingerprint(expected, _tracking_fingerprint([(x[order], y[order])]))
-
-
-class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.act1, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act1(self.fc1(x)))
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def fit(callbacks: list[pl.Callback], tmp_path: Path, ckpt: Path | None = None, save: bool = False) -> list[str]:
-    """8 steps; ``save``: the checkpoint at step 4 as ``tmp_path/sstep=4.ckpt``. Returns the warnings."""
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
-    every_4 = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="s{step}")
-    extra = [every_4] if save else []
-    pl.seed_everything(0, verbose=False)
-    trainer = quiet_trainer(max_steps=8, callbacks=[*callbacks, *extra], enable_checkpointing=save)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(Net(), DataLoader(data, batch_size=8), ckpt_path=ckpt)
-    return [str(w.message) for w in caught]
 
 
 def test_send_resumed_with_its_tracking_set_reordered_restarts_its_window(tmp_path: Path) -> None:
