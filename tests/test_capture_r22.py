@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _toy import quiet_trainer
-from lightning_act.callbacks import ActivationSparsity, ActivationStats, DimensionalCollapse, MassiveActivations
+from lightning_act.callbacks import ActivationStats, DimensionalCollapse, MassiveActivations
 from lightning_act.capture.registry import ForwardCutoff, capture_registry
 from lightning_act.capture.selection import Tap
 from lightning_act.capture.layout import SAMPLE_FIRST
@@ -243,6 +243,45 @@ def test_an_unbatched_conv_map_is_said_once_and_not_read_as_a_batch(conv):
         assert at_step(collapse, "collapse/block/erank", 0) == pytest.approx(expected, rel=1e-5)
 
 
+class FlattenEncoder(pl.LightningModule):
+    """A DQN-style encoder ``Sequential(conv 2->8, ReLU, conv 8->16, ReLU, Flatten)`` with a frozen head (lr 0): a
+    batch of 16 gives (16, 16*spatial) rows, whose batch is the last conv's channel count."""
+
+    def __init__(self, conv: str) -> None:
+        super().__init__()
+        layer = nn.Conv2d if conv == "2d" else nn.Conv1d
+        self.encoder = nn.Sequential(layer(2, 8, 3), nn.ReLU(), layer(8, 16, 3), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(16 * (4 if conv == "2d" else 3), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("conv", ["2d", "1d"])
+def test_a_batched_conv_encoder_ending_in_a_flatten_is_read_as_a_batch_of_its_channel_count(conv):
+    shape = (2, 6, 6) if conv == "2d" else (2, 7)
+    data = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model, collapse = FlattenEncoder(conv), DimensionalCollapse(modules=["encoder"], every_n_steps=1, param_patterns=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=1, callbacks=[collapse]).fit(model, DataLoader(TensorDataset(data), batch_size=16))
+    assert [str(w.message) for w in caught if "batch axis" in str(w.message)] == []  # was: "without a batch axis"
+    conv_nd = F.conv2d if conv == "2d" else F.conv1d
+    first, second = model.encoder[0], model.encoder[2]
+    with torch.no_grad():
+        h = F.relu(conv_nd(data.double(), first.weight.double(), first.bias.double()))
+        h = F.relu(conv_nd(h, second.weight.double(), second.bias.double()))
+    expected = erank_np(h.reshape(16, -1).numpy())  # rows: the 16 samples; features: the flattened maps
+    assert at_step(collapse, "collapse/encoder/erank", 0) == pytest.approx(expected, rel=1e-5)  # was: nothing logged
+
+
 # --------------------------------------------------------------------------- probe cutoffs and unrouted experts
 class Routed(nn.Module):
     """Three experts; row ``r`` goes to expert ``route[r]``, an expert given no row is skipped."""
@@ -325,3 +364,37 @@ def test_modules_empty_taps_nothing_for_a_monitor_that_logs_without_taps():
     for step in range(6):  # r90 1, 2, 2, 2, 3, 3
         expected = r90_np(weights.snapshots[: step + 2])
         assert at_step(monitor, "collapse/params/r90", step) == expected
+
+
+# ------------------------------------------------------------------------ a replaced head kept elsewhere in the model
+class ReplaceHead(Callback):
+    """At step 2 the continual-learning pattern: the old head goes to ``old_heads`` (still registered, never called)
+    and a new head takes its name; at every step records the head's output on the training batch by functional ops
+    (the reference), from the head now at the name."""
+
+    def __init__(self) -> None:
+        self.expected: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        net = pl_module.model
+        if trainer.global_step == 2:
+            net.old_heads = nn.ModuleList([net.head])
+            net.head = nn.Linear(32, 4)
+        with torch.no_grad():
+            h = F.linear(batch[0].double(), net.inp.weight.double(), net.inp.bias.double())
+            for block in net.blocks:
+                h = h + F.gelu(F.linear(h, block[0].weight.double(), block[0].bias.double()))
+            out = F.linear(h, net.head.weight.double(), net.head.bias.double())
+        self.expected[trainer.global_step] = float(out.mean())
+
+
+def test_a_tapped_head_replaced_mid_fit_is_followed_though_the_model_keeps_the_old_one():
+    torch.manual_seed(0)
+    replace, monitor = ReplaceHead(), ActivationStats(modules=["model.head"], every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=4, callbacks=[replace, monitor]).fit(StackTask(), rows(n=4 * 16))
+    said = [str(w.message) for w in caught if "model.head" in str(w.message)]
+    assert len(said) == 1 and "observes the new ones from step 2" in said[0]  # was: "produced no activation"
+    for step in range(4):  # was: None from step 2 (the hook stayed on the old head, which no longer runs)
+        assert at_step(monitor, "act/model.head/mean", step) == pytest.approx(replace.expected[step], abs=1e-6)

@@ -462,21 +462,27 @@ def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
 
 
 def modules_now_at_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> dict[int, nn.Module | None]:
-    """The module now at the name of each tap whose module left the model (None: the name left it too), by tap index:
-    a module replaced mid-fit (``model.fc = nn.Linear(...)``) no longer runs, and hooks on it would observe nothing.
-    A tap's module still in the model under another name still runs with its hooks and is kept: wrapped
-    (``blocks[1] = nn.Sequential(blocks[1], norm)`` puts the old block at the name of a tap inside it) or moved (peft's
-    ``merge_and_unload()``). The model's modules are walked only when a name no longer gives its tap's module."""
+    """The module now at the name of each tap whose module no longer runs there (None: the name and the module both
+    left the model), by tap index: a module replaced mid-fit (``model.fc = nn.Linear(...)``) no longer runs, and hooks
+    on it would observe nothing, even where the model still holds it under another name (the continual-learning
+    ``old_heads.append(head); head = nn.Linear(...)``, a backup copy). A tap's module is kept where it still runs with
+    its hooks: inside the module now at its name (wrapped: ``blocks[1] = nn.Sequential(blocks[1], norm)``) or, its name
+    gone from the model, elsewhere in it (moved: peft's ``merge_and_unload()``). The model's modules are walked only
+    when a name has left the model."""
     changed: dict[int, nn.Module | None] = {}
     in_model: set[int] | None = None
     for index, tap in enumerate(taps):
         current = module_at(pl_module, tap.name.removesuffix(INPUT_TAP_SUFFIX))
         if current is tap.module:
             continue
+        if current is not None:
+            if not any(module is tap.module for module in current.modules()):
+                changed[index] = current
+            continue
         if in_model is None:
             in_model = {id(module) for module in pl_module.modules()}
         if id(tap.module) not in in_model:
-            changed[index] = current
+            changed[index] = None
     return changed
 
 

@@ -36,14 +36,15 @@ class Layout:
 
     With ``reads_features`` (a monitor whose statistics depend on the feature axis) the features are moved to where
     the statistics read them (:func:`with_canonical_features`): ``feature_dim`` (1 or -1 of the sample-first
-    activation) is declared by the user, ``features`` the inferred ``(width, axis)`` of the layers at the tap
-    (:func:`tap_features`; axis ``"first"``: axis 1, ``"last"``: the last axis, ``None``: they differ)."""
+    activation) is declared by the user, ``features`` the inferred ``(width, axis, unbatched rank)`` of the layers at
+    the tap (:func:`tap_features`; axis ``"first"``: axis 1, ``"last"``: the last axis, ``None``: they differ; the
+    rank: :func:`unbatched_ndim`)."""
 
     batch_dim: int | None = None
     token_dim: int | None = None
     reads_features: bool = False
     feature_dim: int | None = None
-    features: tuple[int | tuple[int, ...], str | None] | None = None
+    features: tuple[int | tuple[int, ...], str | None, int | None] | None = None
 
     @property
     def declared(self) -> bool:
@@ -97,24 +98,46 @@ def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
     return None
 
 
-def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None] | None:
-    """``(width, axis)`` from ``layers`` in module order: the width the last one writes (the first one reads, for an
-    input), and the axis they all act on (``None`` when they differ: a block that permutes inside)."""
-    found = [f for f in (layer_features(layer) for layer in layers) if f is not None]
+def unbatched_ndim(layer: nn.Module) -> int | None:
+    """The rank of what ``layer`` reads and writes when called on one example without a batch axis, where it takes
+    such a call: a convolution's or instance norm's ``(C, L)``, ``(C, H, W)`` or ``(C, D, H, W)``, one axis fewer
+    than its batch. ``None`` for the other layers: a batch norm takes a batch only (BatchNorm1d's ``(N, C)`` has the
+    rank of an unbatched ``(C, L)``: which it is nothing tells)."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return len(layer.kernel_size) + 1
+    if isinstance(layer, nn.modules.instancenorm._InstanceNorm):
+        return layer._get_no_batch_dim()
+    return None
+
+
+def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None, int | None] | None:
+    """``(width, axis, unbatched rank)`` from ``layers`` in module order: the width the last one writes (the first
+    one reads, for an input) and the rank of that layer's unbatched call (:func:`unbatched_ndim`; ``None`` where an
+    ``nn.Flatten`` follows it: a batch ``(B, C*L)`` has the rank and, with ``B == C``, the look of an unbatched
+    ``(C, L)``), and the axis they all act on (``None`` when they differ: a block that permutes inside)."""
+    found = [(index, f) for index, layer in enumerate(layers) if (f := layer_features(layer)) is not None]
     if not found:
         return None
-    width = found[0][1] if point == "input" else found[-1][2]
-    axes = {axis for axis, _, _ in found}
-    return width, (axes.pop() if len(axes) == 1 else None)
+    if point == "input":
+        index, (_, width, _) = found[0]
+        rank = unbatched_ndim(layers[index])
+    else:
+        index, (_, _, width) = found[-1]
+        flattened = any(isinstance(later, nn.Flatten) for later in layers[index + 1:])
+        rank = None if flattened else unbatched_ndim(layers[index])
+    axes = {axis for _, (axis, _, _) in found}
+    return width, (axes.pop() if len(axes) == 1 else None), rank
 
 
-def tap_features(chain: list[nn.Module], point: str) -> tuple[int | tuple[int, ...], str | None] | None:
-    """``(width, axis)`` of the tapped tensor's features (:func:`_features_of`) from the tapped module's layers or,
-    for a module without one (an activation), from the layer its owner is (timm's ``BatchNormAct2d``) or registers
-    just before it, going up through owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``). An
-    activation registered after every layer of its owner gets the widths of all of them (a tuple): Hugging Face
-    registers ``act_fn`` after ``down_proj``, whose output width (the hidden size) is not the activation's, and a
-    sequence as long as the hidden size was read along its tokens."""
+def tap_features(
+    chain: list[nn.Module], point: str
+) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
+    """``(width, axis, unbatched rank)`` of the tapped tensor's features (:func:`_features_of`) from the tapped
+    module's layers or, for a module without one (an activation), from the layer its owner is (timm's
+    ``BatchNormAct2d``) or registers just before it, going up through owners that have neither (timm's ``StarReLU``
+    holds a bare ``ReLU``). An activation registered after every layer of its owner gets the widths of all of them (a
+    tuple): Hugging Face registers ``act_fn`` after ``down_proj``, whose output width (the hidden size) is not the
+    activation's, and a sequence as long as the hidden size was read along its tokens."""
     found = _features_of(list(chain[0].modules()), point)
     if found is not None:
         return found
@@ -127,13 +150,15 @@ def tap_features(chain: list[nn.Module], point: str) -> tuple[int | tuple[int, .
         if not earlier:
             continue
         later = any(_features_of(list(s.modules()), "input") for s in siblings[index + 1:])
-        axes = {axis for _, axis in earlier}
+        axes = {axis for _, axis, _ in earlier}
         widths = tuple(dict.fromkeys(width for found in earlier for width in _widths(found[0])))
         if later or len(widths) == 1 or len(axes) != 1 or None in axes:
             return earlier[0]
         # Registered after every layer of its owner (Hugging Face's MLPs: gate_proj, up_proj, down_proj, act_fn),
-        # the order does not tell which layer it follows: any of their widths, on their common axis.
-        return widths, axes.pop()
+        # the order does not tell which layer it follows: any of their widths, on their common axis (and the rank
+        # of an unbatched call only where all of them agree on it).
+        ranks = {rank for _, _, rank in earlier}
+        return widths, axes.pop(), (ranks.pop() if len(ranks) == 1 else None)
     return None
 
 
@@ -171,15 +196,18 @@ def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | N
 
 
 def looks_unbatched(shape: tuple[int, ...] | torch.Size, layout: Layout) -> bool:
-    """Whether a sample-first 2-D or 3-D activation of ``shape`` has the width of the tapped layers, which act on axis
-    1 of a batch (convolutions), on axis 0 only: a module called on one example without a batch axis (PyTorch's
-    convolutions take an unbatched ``(C, H, W)`` or ``(C, L)``: an RL policy run on one observation), whose axis 0
-    is its channels. Read as it comes, a ``(C, H, W)`` map was ``(B, T, D)`` with the image's columns as features."""
+    """Whether an activation of ``shape`` has the width of the tapped layers, which act on axis 1 of a batch
+    (convolutions), on axis 0 only, and the rank of their unbatched call (:func:`unbatched_ndim`): a module called on
+    one example without a batch axis (PyTorch's convolutions take an unbatched ``(C, H, W)`` or ``(C, L)``: an RL
+    policy run on one observation), whose axis 0 is its channels. Read as it comes, a ``(C, H, W)`` map was
+    ``(B, T, D)`` with the image's columns as features. The rank keeps a batch that only looks so apart: a conv
+    encoder ending in a flatten writes ``(B, C*H*W)``, whose batch may well be the channel count."""
     if not layout.reads_features or layout.feature_dim is not None or layout.features is None:
         return False
-    widths, axis = _widths(layout.features[0]), layout.features[1]
-    if axis != "first" or len(shape) not in (2, 3):
+    width, axis, rank = layout.features
+    if axis != "first" or len(shape) != rank:
         return False
+    widths = _widths(width)
     return shape[0] in widths and not any(length in widths for length in shape[1:])
 
 
