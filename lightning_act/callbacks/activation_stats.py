@@ -40,7 +40,7 @@ class ActivationStats(ActivationMonitor):
 
     def unknown_cause(self, stats: list[str]) -> str:
         if stats == ["std"]:
-            return "below the resolution of the sums it comes from: |mean| over ~1e5 std, or all entries equal"
+            return "below the resolution of the sums it comes from: |mean| over ~1e5 std"
         return "no finite activation to compute them from"
 
     def fused_spec(self, tap_index: int) -> FusedSpec:
