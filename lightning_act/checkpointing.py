@@ -6,7 +6,7 @@
   space left.
 - :class:`LastCheckpoint` refreshes ``last.ckpt`` at the end of every training epoch (and every
   ``every_n_train_steps`` if set), whatever a monitored metric does, and on Ctrl-C stops at the
-  next optimizer step (or after the validation batch in progress) with ``last.ckpt`` written there.
+  next optimizer step (or after the validation in progress) with ``last.ckpt`` written there.
 - :func:`check_resume_checkpoint` refuses, in one line, a file that is not a Lightning checkpoint,
   a checkpoint of another LightningModule than the one configured, and a weights-only one to resume a fit.
 
@@ -92,7 +92,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if temporary is not None:
                 Path(temporary).unlink(missing_ok=True)
             if _is_disk_full(err):
-                free = shutil.disk_usage(target.parent).free
+                free = shutil.disk_usage(_nearest_existing(target.parent)).free  # the folder may not exist yet
                 raise DiskFullError(
                     f"no space left in '{target.parent}' ({_mib(free)} free) while writing checkpoint "
                     f"'{target.name}'; free some space or point the checkpoint dirpath elsewhere "
@@ -100,6 +100,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from None
             raise
         _fsync_folder(target.parent)
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` or its nearest existing parent: the file system whose free space a failed ``mkdir`` lacked."""
+    return next(f for f in [folder, *folder.parents] if f.exists())
 
 
 def _temporary_prefix(target: Path) -> str:
@@ -147,12 +152,17 @@ class LastCheckpoint(Checkpoint):
     that is > 0, and at Ctrl-C: the first SIGINT asks the fit to stop after the optimizer step in
     progress (so the weights are never half-updated, and under gradient accumulation no micro-batch's
     gradients are lost), writes ``last.ckpt`` there and ends the fit as an interrupt at the next batch's start (or
-    the fit's end), once Lightning has logged that step and run the validation due after it (the resume starts after
-    both); one during validation (single process) stops after that validation batch, as SIGTERM does below, and one
-    after the last training step ends the fit as an interrupt too; a second SIGINT
-    stops at once without a checkpoint. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the first
-    SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives while the
-    fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other save puts
+    the fit's end), once Lightning has logged that step and run the validation due after it: ``last.ckpt`` is written
+    again at that validation's end and as the fit ends, so that it holds the validation's effects too
+    (``ModelCheckpoint``'s best and top-k, ``EarlyStopping``'s count) and the resume starts after both; one during
+    validation (single process) lets the validation finish, writes ``last.ckpt`` at its end (the step it follows)
+    and ends the fit as above (under several processes after the next optimizer step); one after the last training
+    step ends the fit as an interrupt too; a second SIGINT stops at once without a checkpoint. List a
+    ``ModelCheckpoint`` before this callback (as the recipes do, and the CLI puts this one last): Lightning runs the
+    ``Checkpoint`` callbacks last, in their listed order, so a ``ModelCheckpoint`` listed after it would record that
+    validation only after ``last.ckpt`` was written. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the
+    first SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives
+    while the fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other save puts
     it, and stops there (single process; Lightning would end the fit after the validation batch, before any training
     hook); one inside a gradient-accumulation window ends the fit there as an interruption (exit status 1) without a
     checkpoint of it. Every write follows a batch that took an optimizer step.
@@ -165,8 +175,8 @@ class LastCheckpoint(Checkpoint):
     whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback).
 
     Args:
-        dirpath: folder of ``last.ckpt`` (``~`` is the home folder); by default the ``dirpath`` of the Trainer's first
-            ``ModelCheckpoint``, else ``<default_root_dir>/checkpoints``.
+        dirpath: local folder of ``last.ckpt`` (``~`` is the home folder); by default the ``dirpath`` of the Trainer's
+            first ``ModelCheckpoint`` if local, else ``<default_root_dir>/checkpoints`` (said once for a remote one).
         every_n_train_steps: also write every this many optimizer steps (0: epoch ends only).
         on_interrupt: handle Ctrl-C as above (only in the main thread; with several processes the
             ranks agree on the stop with one boolean all-reduce per step, so all save the same step).
@@ -175,12 +185,16 @@ class LastCheckpoint(Checkpoint):
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, on_interrupt: bool = True) -> None:
         if every_n_train_steps < 0:
             raise ConfigError(f"LastCheckpoint(every_n_train_steps={every_n_train_steps}): expected an integer >= 0")
+        if dirpath is not None and not _is_local_file_protocol(dirpath):
+            raise ConfigError(f"LastCheckpoint(dirpath='{dirpath}'): expected a local folder (its writes and "
+                              "stale-file cleanup use local paths); give a local dirpath, or leave it out")
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.on_interrupt = on_interrupt
         self._stop_requested = False
         self._stop_agreed = False
         self._stop_saved = False  # last.ckpt written at the stop's step: the fit ends once it is logged and validated
+        self._validated_after_stop = False  # a validation ran since: last.ckpt is written again as the fit ends
         self._previous_handler: Any = None
         self._last_saved_step = -1
         self._step_at_batch_start = -1
@@ -188,6 +202,7 @@ class LastCheckpoint(Checkpoint):
         self._best_path = ""  # best_model_path where there is no such source (the main process of ddp_spawn)
         # the last.ckpt this callback wrote, and for which Trainer (not an earlier run's)
         self._wrote: tuple[Path, weakref.ref[pl.Trainer]] | None = None
+        self._told_remote = False  # the fallback from a remote ModelCheckpoint dirpath is said once
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -216,10 +231,21 @@ class LastCheckpoint(Checkpoint):
         """Where ``last.ckpt`` goes for this trainer."""
         if self.dirpath is not None:
             return Path(self.dirpath).expanduser() / LAST_NAME  # as Lightning's ModelCheckpoint reads its dirpath
+        if not _is_local_file_protocol(trainer.default_root_dir):
+            raise ConfigError(f"LastCheckpoint: default_root_dir '{trainer.default_root_dir}' is not local, and "
+                              "last.ckpt is written to a local folder; give LastCheckpoint(dirpath=<a local folder>)")
+        fallback = Path(trainer.default_root_dir) / "checkpoints" / LAST_NAME
         for callback in trainer.callbacks:
             if isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.dirpath is not None:
-                return Path(callback.dirpath) / LAST_NAME
-        return Path(trainer.default_root_dir) / "checkpoints" / LAST_NAME
+                if _is_local_file_protocol(callback.dirpath):
+                    return Path(callback.dirpath) / LAST_NAME
+                # a pathlib.Path of 's3://b/ck' is the local folder 's3:/b/ck': the file would land on the wrong storage
+                if not self._told_remote:
+                    self._told_remote = True
+                    rank_zero_info(f"LastCheckpoint: the ModelCheckpoint dirpath '{callback.dirpath}' is not local, so "
+                                   f"last.ckpt goes to {fallback}; give LastCheckpoint(dirpath=...) to choose")
+                return fallback
+        return fallback
 
     def save(self, trainer: pl.Trainer) -> Path | None:
         """Write ``last.ckpt`` now (every rank must call this); not under ``fast_dev_run``, which writes nothing."""
@@ -233,7 +259,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
-        self._stop_saved = False
+        self._stop_saved = self._validated_after_stop = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
         # a further fit of the same Trainer continues the run whose last.ckpt this is; a new Trainer starts another
@@ -246,7 +272,8 @@ class LastCheckpoint(Checkpoint):
             )
         if trainer.is_global_zero:  # what a kill in the middle of an earlier write left behind, of any checkpoint
             folders = {self.path(trainer).parent}
-            folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+            folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks
+                        if getattr(c, "dirpath", None) and _is_local_file_protocol(c.dirpath)}
             for stale in (file for folder in folders for file in folder.glob(".*.ckpt.*.tmp")):
                 stale.unlink(missing_ok=True)
         if self.on_interrupt and threading.current_thread() is threading.main_thread():
@@ -257,8 +284,8 @@ class LastCheckpoint(Checkpoint):
             self._restore_handler()
             raise KeyboardInterrupt
         self._stop_requested = True
-        print("\nCtrl-C: stopping after this optimizer step (and the validation due after it) or this validation "
-              "batch, and writing last.ckpt (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print("\nCtrl-C: stopping after this optimizer step (and the validation due after it) or this validation, "
+              "and writing last.ckpt (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def _restore_handler(self) -> None:
         if self._previous_handler is not None:
@@ -269,6 +296,21 @@ class LastCheckpoint(Checkpoint):
         """End the fit as an interruption: Lightning's handler exits with status 1 (the CLI and a Python sweep stop)."""
         self._restore_handler()
         raise KeyboardInterrupt
+
+    def _save_at_batch_start(self, trainer: pl.Trainer) -> None:
+        """After a validation that followed the stop's save, write ``last.ckpt`` once more, at the same step, as the
+        fit ends at the next batch's start: with that validation's effects and what the epoch's end did after it (the
+        callbacks' state: ``ModelCheckpoint``'s best and top-k file, ``EarlyStopping``'s count), so that the resume
+        neither runs it again nor lacks them. Saved with the logger step count Lightning's loops have at a batch's end
+        (one less, unless the batch due accumulates): a resume from a batch's start adds that one, and would otherwise
+        log every step one late."""
+        epoch_loop = trainer.fit_loop.epoch_loop
+        counted = int(not epoch_loop._should_accumulate())
+        epoch_loop._batches_that_stepped -= counted
+        try:
+            self.save(trainer)
+        finally:
+            epoch_loop._batches_that_stepped += counted
 
     def _save_at_stop(self, trainer: pl.Trainer) -> str | None:
         """Write ``last.ckpt`` at this step unless it holds it already; what to tell the user (``None``: nothing
@@ -293,6 +335,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._stop_saved:  # the stopped step is saved, logged and validated: no further batch
+            if self._validated_after_stop:
+                self._save_at_batch_start(trainer)
             self._end_fit()
         self._step_at_batch_start = trainer.global_step
 
@@ -334,22 +378,45 @@ class LastCheckpoint(Checkpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        # A SIGTERM or a Ctrl-C while the fit validates stops after this batch (Lightning raises SIGTERMException
-        # after it or after the validation, before any training hook of this callback runs again; a Ctrl-C found no
-        # training batch after the fit's last validation). The weights are those of the step the validation follows,
-        # unless that batch was a micro-batch of an accumulation window (its gradients would be lost: SIGTERM left to
-        # Lightning, Ctrl-C to the window's step). Single process only: with several, the ranks would have to agree at
-        # each batch. A stop saved at the step this validation follows lets it finish: it is logged, then the fit ends.
-        requested = self._stop_requested or trainer.received_sigterm
-        if (not requested or self._stop_saved or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+        # A SIGTERM while the fit validates stops after this batch (Lightning raises SIGTERMException after it or after
+        # the validation, before any training hook of this callback runs again: a grace period may not last the
+        # validation); a Ctrl-C lets the validation finish (on_validation_end). The weights are those of the step the
+        # validation follows, unless that batch was a micro-batch of an accumulation window (its gradients would be
+        # lost: left to Lightning). Single process only: with several, the ranks would have to agree at each batch.
+        # A stop saved at the step this validation follows lets it finish: it is logged, then the fit ends.
+        if (not trainer.received_sigterm or self._stop_saved or not self._validates_in_fit(trainer)
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
-        how = "stopped by SIGTERM" if trainer.received_sigterm else "interrupted"
         _swap_trained_weights_in(trainer, pl_module)
         said = self._save_at_stop(trainer)
         if said is not None:
-            rank_zero_info(f"{how} at step {trainer.global_step} during validation: {said}")
+            rank_zero_info(f"stopped by SIGTERM at step {trainer.global_step} during validation: {said}")
         self._end_fit()
+
+    @staticmethod
+    def _validates_in_fit(trainer: pl.Trainer) -> bool:
+        """A fit's validation, not its sanity check (which follows no training step)."""
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a stop saved at the step this validation follows, and after a Ctrl-C during it (single process; under
+        # several the ranks agree at the next training batch's end), last.ckpt is written now, with the validation's
+        # effects (the callbacks listed before this one have seen it), in case the fit is killed before it ends; the
+        # fit then ends at the next training batch's start or at its end, where it is written once more (a resume
+        # from this one finds no metric for an epoch-end EarlyStopping check). WeightAveraging swapped the trained
+        # weights back in at the validation epoch's end.
+        if not self._validates_in_fit(trainer):
+            return
+        if self._stop_saved:
+            self._validated_after_stop = True
+            self.save(trainer)
+        elif (self._stop_requested and trainer.world_size == 1
+              and trainer.global_step != self._step_at_batch_start):  # else: stopped at the window's optimizer step
+            target = self.save(trainer)
+            if target is not None:
+                rank_zero_info(f"interrupted at step {trainer.global_step} during validation: wrote {target}; resume "
+                               f"with --ckpt_path {shlex.quote(str(target))}")
+            self._stop_saved = self._validated_after_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -367,6 +434,8 @@ class LastCheckpoint(Checkpoint):
             said = self._save_at_stop(trainer)
             if said is not None:
                 rank_zero_info(f"interrupted at step {trainer.global_step}: {said}")
+        if self._validated_after_stop:  # with that validation's effects and the epoch's end (as _save_at_batch_start)
+            self.save(trainer)
         if self._stop_saved or self._stop_requested:
             self._end_fit()
         self._restore_handler()

@@ -21,12 +21,13 @@ from unittest import mock
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from _toy import BlockNet, ToyData, ToyTask
 from lightning_act import checkpointing
 from lightning_act.checkpointing import AtomicCheckpointIO, LastCheckpoint
-from lightning_act.errors import DiskFullError
+from lightning_act.errors import ConfigError, DiskFullError
 
 MAX_STEPS = 16  # ToyData: 64 samples in batches of 8, so 8 steps an epoch; validated after steps 8 and 16
 
@@ -55,26 +56,33 @@ class SignalAt(pl.Callback):
         self._send(trainer, "train_end")
 
 
-def _trainer(root: Path, callbacks: list) -> pl.Trainer:
+def _trainer(root: Path, callbacks: list, accumulate_grad_batches: int = 1) -> pl.Trainer:
     return pl.Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_steps=MAX_STEPS,
                       logger=CSVLogger(root, name="csv"), log_every_n_steps=1, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2,
-                      callbacks=[LastCheckpoint(dirpath=str(root / "ck")), *callbacks], plugins=[AtomicCheckpointIO()])
+                      accumulate_grad_batches=accumulate_grad_batches,
+                      callbacks=[*callbacks, LastCheckpoint(dirpath=str(root / "ck"))], plugins=[AtomicCheckpointIO()])
 
 
 def _fit(root: Path, callbacks: list = (), ckpt_path: str | None = None) -> ToyTask:
+    return _fit_trainer(root, callbacks, ckpt_path)[0]
+
+
+def _fit_trainer(root: Path, callbacks: list = (), ckpt_path: str | None = None,
+                 accumulate_grad_batches: int = 1) -> tuple[ToyTask, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     task = ToyTask(BlockNet())
-    _trainer(root, list(callbacks)).fit(task, ToyData(), ckpt_path=ckpt_path)
-    return task
+    trainer = _trainer(root, list(callbacks), accumulate_grad_batches)
+    trainer.fit(task, ToyData(), ckpt_path=ckpt_path)
+    return task, trainer
 
 
-def _stopped_fit(root: Path, signal_at: SignalAt) -> None:
+def _stopped_fit(root: Path, signal_at: SignalAt, callbacks: list = (), accumulate_grad_batches: int = 1) -> None:
     """A fit that the signal ends as an interruption: Lightning's handler exits with status 1."""
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as stopped:
-            _fit(root, [signal_at])
+            _fit_trainer(root, [signal_at, *callbacks], accumulate_grad_batches=accumulate_grad_batches)
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning leaves SIGINT ignored after an interrupt
     assert stopped.value.code == 1
@@ -149,10 +157,24 @@ def test_a_stop_at_a_training_step_logs_that_step_and_its_validation(tmp_path, r
     assert _resume_path_in(line) == [str(last)]
 
 
-def test_a_ctrl_c_during_validation_stops_at_the_step_it_follows(tmp_path, reference):
-    """Before: a Ctrl-C during validation was only noted: the fit validated on and trained one more step before it
-    stopped (here: step 9, not 8)."""
-    _, weights = reference
+def _assert_resumed_as_uninterrupted(root: Path, reference, resumed: ToyTask) -> None:
+    """The stopped run (version_0) logged steps 0-7 and the step-8 validation (CSV step 7), the resumed one (version_1)
+    steps 8-15 and the step-16 validation only (the step-8 one not run again, no step shifted); the weights are the
+    uninterrupted fit's, bit for bit (stopped and resumed at an epoch's end: the same batches)."""
+    logged, weights = reference
+    stopped, after = _logged(root, "version_0"), _logged(root, "version_1")
+    assert stopped["train/loss"] == {s: logged["train/loss"][s] for s in range(8)}
+    assert stopped["val/loss"] == {7: logged["val/loss"][7]}
+    assert after["train/loss"] == pytest.approx({s: logged["train/loss"][s] for s in range(8, 16)}, rel=1e-6)
+    assert after["val/loss"] == pytest.approx({15: logged["val/loss"][15]}, rel=1e-6)
+    for name, value in weights.items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_a_ctrl_c_during_validation_finishes_it_and_stops_at_the_step_it_follows(tmp_path, reference):
+    """Before: a Ctrl-C during validation stopped right after that validation batch, so the validation was never logged
+    (nor seen by a ModelCheckpoint or EarlyStopping), and the resume did not run it again: lost for good. (Before that,
+    the fit validated on and trained one more step before it stopped.)"""
     root = tmp_path / "run dir"
     with _info_lines() as lines:
         _stopped_fit(root, SignalAt(signal.SIGINT, 8, "validation"))
@@ -160,8 +182,39 @@ def test_a_ctrl_c_during_validation_stops_at_the_step_it_follows(tmp_path, refer
     line = next(line for line in lines if line.startswith("interrupted at step 8 during validation: wrote "))
     assert _resume_path_in(line) == [str(root / "ck" / "last.ckpt")]
     resumed = _fit(root, ckpt_path=str(root / "ck" / "last.ckpt"))
-    for name, value in weights.items():  # the stop and resume at an epoch's end: the uninterrupted fit's weights
-        assert torch.equal(resumed.state_dict()[name], value), name
+    _assert_resumed_as_uninterrupted(root, reference, resumed)
+
+
+def _monitors(root: Path) -> list:
+    """A ModelCheckpoint keeping the best val/loss and an EarlyStopping on it, listed before LastCheckpoint, as in the
+    recipes."""
+    return [ModelCheckpoint(dirpath=str(root / "best"), monitor="val/loss", mode="min", save_top_k=1),
+            EarlyStopping(monitor="val/loss", mode="min", patience=5)]
+
+
+def _monitor_state(root: Path, trainer: pl.Trainer) -> tuple:
+    model_checkpoint, early_stopping = trainer.checkpoint_callback, trainer.early_stopping_callback
+    return (Path(model_checkpoint.best_model_path).name, float(model_checkpoint.best_model_score),
+            early_stopping.wait_count, float(early_stopping.best_score),
+            sorted(p.name for p in (root / "best").iterdir()))
+
+
+@pytest.mark.parametrize("where", ["train", "validation"])
+def test_a_stop_at_an_epochs_end_keeps_the_validation_after_it_in_last_ckpt(tmp_path, reference, where):
+    """Before: last.ckpt was written at the stopped step, before the validation due after it ran: that validation's
+    ModelCheckpoint best and top-k file and EarlyStopping count were in no checkpoint, so the resumed fit took step 16
+    for the best (step 8's file left behind, untracked) and counted no patience for step 8."""
+    logged, _ = reference
+    # by hand: val/loss rose from step 8 to step 16, so the best is step 8's and EarlyStopping waited once
+    assert logged["val/loss"][15] > logged["val/loss"][7]
+    expected = ("epoch=0-step=8.ckpt", pytest.approx(logged["val/loss"][7], rel=1e-6), 1,
+                pytest.approx(logged["val/loss"][7], rel=1e-6), ["epoch=0-step=8.ckpt"])
+    root = tmp_path / "run"
+    _stopped_fit(root, SignalAt(signal.SIGINT, 8, where), _monitors(root))
+    assert _saved_step(root) == 8
+    resumed, trainer = _fit_trainer(root, _monitors(root), ckpt_path=str(root / "ck" / "last.ckpt"))
+    assert _monitor_state(root, trainer) == expected
+    _assert_resumed_as_uninterrupted(root, reference, resumed)
 
 
 @pytest.mark.parametrize("where", ["validation", "train_end"])
@@ -253,3 +306,61 @@ def test_a_final_name_of_up_to_255_bytes_is_saved(tmp_path, monkeypatch, name):
     [temporary] = temporaries
     assert len(temporary.encode()) <= 255
     assert fnmatch.fnmatch(temporary, ".*.ckpt.*.tmp")  # what LastCheckpoint clears as a stale write
+
+
+def test_a_full_disk_while_creating_a_new_folder_is_disk_full(tmp_path, monkeypatch):
+    """Before: ENOSPC from making a folder that did not exist yet (the first save of a new LastCheckpoint folder on a
+    full disk) came out as a FileNotFoundError traceback: the free space was measured on the missing folder."""
+    target = tmp_path / "new" / "ck" / "last.ckpt"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointing.Path, "mkdir", full)
+    folder = re.escape(str(tmp_path / "new" / "ck"))
+    with pytest.raises(DiskFullError, match=rf"no space left in '{folder}' \([0-9.]+ MiB free\)"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_remote_model_checkpoint_dirpath_puts_last_ckpt_in_the_default_root_dir(tmp_path, monkeypatch):
+    """Before: LastCheckpoint made ``Path("memory://ck")``, the local folder ``memory:/ck``, and wrote last.ckpt there,
+    in the working directory, while the ModelCheckpoint files went to the remote store."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    callback = LastCheckpoint()
+    trainer = pl.Trainer(default_root_dir=root, accelerator="cpu", max_steps=2, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[ModelCheckpoint(dirpath="memory://ck_r22"), callback])
+    with _info_lines() as lines:
+        trainer.fit(ToyTask(BlockNet()), ToyData())
+    assert callback.path(trainer) == root / "checkpoints" / "last.ckpt"
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # no local 'memory:' folder
+    assert [line for line in lines if "memory://ck_r22" in line and "is not local" in line]
+
+
+@pytest.mark.parametrize("dirpath", ["s3://bucket/ck", "memory://ck"])
+def test_a_remote_last_checkpoint_dirpath_is_refused(dirpath):
+    """Before: accepted, and written to a local folder named ``s3:`` (or ``memory:``)."""
+    with pytest.raises(ConfigError, match=re.escape(f"LastCheckpoint(dirpath='{dirpath}'): expected a local folder")):
+        LastCheckpoint(dirpath=dirpath)
+
+
+def test_a_stop_at_an_epochs_end_under_gradient_accumulation_resumes_as_the_uninterrupted_fit(tmp_path):
+    """Before: as above (the step-4 validation's best file and EarlyStopping count were in no checkpoint). With two
+    micro-batches a step, an epoch is 4 steps (validated after steps 4, 8, 12, 16): the stop at step 4 resumes with the
+    uninterrupted fit's monitor state, logged values at the same steps, and weights."""
+    uninterrupted, reference = tmp_path / "uninterrupted", tmp_path / "run"
+    task, trainer = _fit_trainer(uninterrupted, _monitors(uninterrupted), accumulate_grad_batches=2)
+    expected = _monitor_state(uninterrupted, trainer)
+    _stopped_fit(reference, SignalAt(signal.SIGINT, 4, "train"), _monitors(reference), accumulate_grad_batches=2)
+    assert _saved_step(reference) == 4
+    resumed, trainer = _fit_trainer(reference, _monitors(reference), str(reference / "ck" / "last.ckpt"),
+                                    accumulate_grad_batches=2)
+    assert _monitor_state(reference, trainer) == expected
+    logged, after = _logged(uninterrupted), _logged(reference, "version_1")
+    assert after["train/loss"] == pytest.approx({s: logged["train/loss"][s] for s in range(4, 16)}, rel=1e-6)
+    assert after["val/loss"] == pytest.approx({s: logged["val/loss"][s] for s in (7, 11, 15)}, rel=1e-6)
+    for name, value in task.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
