@@ -398,3 +398,23 @@ def test_a_tapped_head_replaced_mid_fit_is_followed_though_the_model_keeps_the_o
     assert len(said) == 1 and "observes the new ones from step 2" in said[0]  # was: "produced no activation"
     for step in range(4):  # was: None from step 2 (the hook stayed on the old head, which no longer runs)
         assert at_step(monitor, "act/model.head/mean", step) == pytest.approx(replace.expected[step], abs=1e-6)
+
+
+def test_a_tap_wrapped_mid_fit_as_the_unrun_original_of_a_saved_copy_follows_the_name():
+    # Before: the module now at the name (a peft-style ModulesToSaveWrapper) contained the tapped module, as its
+    # original_module, which no longer runs: the tap stayed on it and nothing was logged.
+    from lightning_act.callbacks.base import modules_now_at_taps
+    from lightning_act.capture.selection import Tap
+
+    class SavedCopy(nn.Module):
+        def __init__(self, original: nn.Module) -> None:
+            super().__init__()
+            self.original_module = original
+            self.modules_to_save = nn.ModuleDict({"default": copy.deepcopy(original)})
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    old = model[0]
+    model[0] = SavedCopy(old)
+    assert modules_now_at_taps(model, [Tap("0", old)]) == {0: model[0]}
+    model[0] = nn.Sequential(old, nn.Identity())  # a wrapper that runs it: the tap stays on it
+    assert modules_now_at_taps(model, [Tap("0", old)]) == {}

@@ -234,3 +234,21 @@ def test_the_dopamine_firing_files_go_under_home_for_a_tilde_run_folder(tmp_path
     monkeypatch.chdir(tmp_path)
     assert dopamine_run_dir(SimpleNamespace(log_dir="~/runs/d", default_root_dir=".")) == tmp_path / "runs" / "d"
     assert (tmp_path / "runs" / "d").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_the_spectral_pr_curve_goes_under_home_for_a_tilde_log_dir(tmp_path, monkeypatch):
+    # Before: SpectralTargetDetection wrote test_pr_curve.csv into a literal "./~" folder.
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_act.tasks.spectral_detection import SpectralTargetDetection
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 0.0] * 4)
+    trainer = pl.Trainer(accelerator="cpu", logger=CSVLogger("~/runs", name="s"), enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.test(SpectralTargetDetection(in_bands=4, hidden_sizes=[4]), DataLoader(TensorDataset(x, y), batch_size=4),
+                 verbose=False)
+    assert (tmp_path / "runs" / "s" / "version_0" / "test_pr_curve.csv").is_file() and not (tmp_path / "~").exists()

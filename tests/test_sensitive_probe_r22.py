@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from _toy import quiet_trainer
 from test_compat_r21 import Net, fit
@@ -350,3 +350,38 @@ def test_a_set_selected_before_the_sensitivity_turned_non_finite_is_kept_with_it
     again = monitor._update_selection(tap, {**finite, "indices": torch.tensor([9, 11])})
     assert again["jaccard"] == pytest.approx(1 / 3) and monitor.sensitive["act1"].tolist() == [9, 11]
     monitor.teardown(None, model, "fit")
+
+
+class UnlabelledGraphNet(GraphNet):
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return self(*batch[:3]).pow(2).mean()
+
+
+def test_send_with_forward_fn_returning_a_dict_tracks_unlabelled_graphs(tmp_path: Path) -> None:
+    # Before: only an output tensor confirmed the graph tap; a dict output and no per-graph labels tracked 2 graphs
+    # (14 node rows) and left head-input out as an expert's.
+    torch.manual_seed(0)
+    model, validation = UnlabelledGraphNet(), Graphs(12, seed=1)
+    monitor = SensitiveNeurons(every_n_steps=1, num_samples=8, eigenscore_passes=0, window=2,
+                               forward_fn=lambda module, batch: {"logits": module(*batch[:3])})
+    unlabelled = lambda items: collate(items)[:3]  # noqa: E731
+    quiet_trainer(max_steps=2, callbacks=[monitor]).fit(
+        model, DataLoader(Graphs(8, seed=2), batch_size=4, collate_fn=unlabelled),
+        DataLoader(validation, batch_size=4, collate_fn=unlabelled),
+    )
+    embedding = monitor.embeddings["head-input"][-1]
+    np.testing.assert_allclose(embedding.numpy(), numpy_pooled(model, validation.items[:8]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_probe_counts_a_batch_sampler_subclass_by_its_own_batches() -> None:
+    # Round 22's first count took batch_size for torch's BatchSampler only: a subclass was counted by node rows again
+    # and its graph batches cut through their edges.
+    class Subclass(BatchSampler):
+        pass
+
+    dataset = Graphs(7, seed=3)
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)  # rank 1: graphs 1, 3, 5, 0 again
+    loader = DataLoader(dataset, batch_sampler=Subclass(sampler, batch_size=2, drop_last=False), collate_fn=collate)
+    with pytest.warns(UserWarning, match="measured whole"):  # the repeat of graph 0 cannot be cut from node rows
+        kept = without_sampler_padding(list(loader), loader, "probe")
+    assert [len(batch[0]) for batch in kept] == [GRAPH_SIZES[1] + GRAPH_SIZES[3], GRAPH_SIZES[5] + GRAPH_SIZES[0]]

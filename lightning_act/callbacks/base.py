@@ -71,7 +71,7 @@ from lightning_act.capture import (
     unmatched_specs,
 )
 from lightning_act.capture.layout import declared_batch_first
-from lightning_act.capture.selection import INPUT_TAP_SUFFIX, module_at, resolve_class
+from lightning_act.capture.selection import INPUT_TAP_SUFFIX, module_at, resolve_class, saved_copy_original
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.fused import FusedSpec, FusedStats, release_cpu_scratch
@@ -461,6 +461,13 @@ def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
                     )
 
 
+def _runs_inside(module: nn.Module, wrapper: nn.Module) -> bool:
+    """Whether ``module`` is inside ``wrapper`` where the wrapper runs it: not as the ``original_module`` a peft
+    ``ModulesToSaveWrapper`` keeps beside the trained copy it runs instead."""
+    unrun = {id(m) for w in wrapper.modules() if (original := saved_copy_original(w)) is not None for m in original.modules()}
+    return any(inner is module for inner in wrapper.modules()) and id(module) not in unrun
+
+
 def modules_now_at_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> dict[int, nn.Module | None]:
     """The module now at the name of each tap whose module no longer runs there (None: the name and the module both
     left the model), by tap index: a module replaced mid-fit (``model.fc = nn.Linear(...)``) no longer runs, and hooks
@@ -476,7 +483,7 @@ def modules_now_at_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> dict[int, 
         if current is tap.module:
             continue
         if current is not None:
-            if not any(module is tap.module for module in current.modules()):
+            if not _runs_inside(tap.module, current):
                 changed[index] = current
             continue
         if in_model is None:

@@ -27,7 +27,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
-from torch.utils.data import BatchSampler, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
 from lightning_act.errors import LightningActError
@@ -154,11 +154,11 @@ def num_examples(batch: Any, axis: int = 0) -> int:
 def without_sampler_padding(batches: list[Any], loader: Any, owner: str) -> list[Any]:
     """This rank's first ``batches`` from a loader that shards the data itself, without the examples its
     ``DistributedSampler`` repeats to pad a dataset that does not divide among the ranks: this rank's k-th example is
-    the sampler's position k·W + r, a repeat from the dataset's size on. A batch of torch's ``BatchSampler`` holds
-    the loader's ``batch_size`` examples (fewer in its last), counted so, not as its tensors' rows: a graph collate
-    makes one batch of 4 graphs ~20 node rows. Another batch sampler (bucketing: batches of 2, 3, 2 under a
-    ``batch_size`` of 4) fills its batches as it likes: their examples are their inputs' rows (taken for ``batch_size``
-    each, such batches lost the examples past them). A batch holding repeats is cut along the first axis of each of
+    the sampler's position k·W + r, a repeat from the dataset's size on. A batch holds the examples its batch sampler
+    put in it, counted by going through the batch sampler once more (the ``DistributedSampler``'s order is fixed for
+    the epoch), not as its tensors' rows: a graph collate makes one batch of 4 graphs ~20 node rows, and a bucketing
+    batch sampler fills batches of 2, 3, 2 under a ``batch_size`` of 4; without a batch sampler over that sampler,
+    its inputs' rows. A batch holding repeats is cut along the first axis of each of
     its tensors as long as its inputs, where its inputs' first axis has the batch's examples; otherwise (graphs,
     packed sequences) it is kept whole, said once, its repeats counted twice (before round 22 its node rows were cut,
     and the probe forward failed on edges naming the nodes cut off). Batches left empty are dropped. A loader without
@@ -171,15 +171,13 @@ def without_sampler_padding(batches: list[Any], loader: Any, owner: str) -> list
     size = min(len(sampler.dataset), sampler.total_size)  # type: ignore[arg-type]  # drop_last: no padding
     left = len(range(sampler.rank, size, sampler.num_replicas))
     batch_sampler = getattr(loader, "batch_sampler", None)
-    batch_size = batch_sampler.batch_size if type(batch_sampler) is BatchSampler else None
-    handed = len(sampler)  # the examples the sampler hands this rank, repeats included
+    counts = [len(indices) for indices in batch_sampler] if getattr(batch_sampler, "sampler", None) is sampler else None
     kept: list[Any] = []
-    for batch in batches:
+    for index, batch in enumerate(batches):
         if left <= 0:
             break
         rows = num_examples(batch)
-        count = rows if batch_size is None else min(batch_size, handed)
-        handed -= count
+        count = rows if counts is None or index >= len(counts) else counts[index]
         if count <= left:
             kept.append(batch)
         elif rows == count:

@@ -123,7 +123,7 @@ def is_activation(module: nn.Module) -> bool:
     )
 
 
-def _saved_copy_original(module: nn.Module) -> nn.Module | None:
+def saved_copy_original(module: nn.Module) -> nn.Module | None:
     """The ``original_module`` of a Hugging Face peft ``ModulesToSaveWrapper`` (which runs a trained copy of it, kept
     in ``modules_to_save``), else None. Read from the registered children, so that peft need not be imported."""
     children = dict(module.named_children())
@@ -146,7 +146,7 @@ def _peft_wrapped(module: nn.Module) -> nn.Module | None:
     """The module a Hugging Face peft wrapper runs in place of, else None: a tuner layer's ``base_layer`` (the
     wrapper's input is the wrapped layer's), a ``ModulesToSaveWrapper``'s ``original_module``."""
     base_layer = _tuner_layer_base(module)
-    return base_layer if base_layer is not None else _saved_copy_original(module)
+    return base_layer if base_layer is not None else saved_copy_original(module)
 
 
 def _innermost_wrapped(module: nn.Module) -> nn.Module:
@@ -387,7 +387,7 @@ def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module
     for _, module in modules:
         if parametrize.is_parametrized(module):
             left_out |= {id(m) for m in module.parametrizations.modules()}
-    originals = {id(original) for _, module in modules if (original := _saved_copy_original(module)) is not None}
+    originals = {id(original) for _, module in modules if (original := saved_copy_original(module)) is not None}
     return left_out | _only_inside(model, originals)
 
 

@@ -174,13 +174,14 @@ def without_logger_prefix(key: str) -> str:
 
 def is_index_column(column: str, columns: Collection[str]) -> bool:
     """Whether ``column``, one of the logged ``columns``, indexes rows (``step``, ``epoch``), not a metric. Lightning
-    prefixes ``epoch`` like every metric (``fold1-epoch`` beside ``fold1-train/loss``), never ``step``; a metric whose
-    name merely ends in "-epoch" (``seconds-per-epoch``) is no index: no prefixed metric shares its prefix."""
+    logs ``epoch`` with every metric, behind the logger's prefix like them (``fold1-epoch`` beside ``fold1-loss``),
+    never ``step``; a metric whose name merely ends in "-epoch" (``seconds-per-epoch``) sits beside a plain ``epoch``,
+    or shares its prefix with no other column."""
     if column in INDEX_COLUMNS:
         return True
     prefix, _, word = column.rpartition("-")
-    return bool(prefix) and word == "epoch" and any(
-        other.startswith(f"{prefix}-") and without_logger_prefix(other) != other for other in columns
+    return bool(prefix) and word == "epoch" and "epoch" not in columns and any(
+        other != column and other.startswith(f"{prefix}-") for other in columns
     )
 
 

@@ -169,8 +169,9 @@ class SpectralTargetDetection(pl.LightningModule):
         self.test_pr_curve = (precision.cpu(), recall.cpu(), thresholds.cpu())
         log_dir = self.trainer.log_dir
         if log_dir is not None and self.trainer.is_global_zero and writes_run_files(self.trainer):
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(log_dir) / "test_pr_curve.csv", "w", newline="") as handle:
+            folder = Path(log_dir).expanduser()  # "~/runs": the loggers write under $HOME
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "test_pr_curve.csv", "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["threshold_probability", "precision", "recall"])
                 # precision/recall have one more entry than thresholds: the (1, 0) end point.
