@@ -120,29 +120,29 @@ def module_list(modules: ModuleSpec | Sequence[ModuleSpec] | None, default: Sequ
     return [modules] if isinstance(modules, (str, type)) else list(modules)
 
 
+def _warn_once_per_tap(tap_name: str, warned: set[str], message: str) -> None:
+    if tap_name not in warned:
+        warned.add(tap_name)
+        rank_zero_warn(message, category=UserWarning)
+
+
 def warn_features_unknown(owner: Any, tap_name: str, shape: tuple[int, ...], warned: set[str]) -> None:
     """The one warning of :meth:`ActivationMonitor.features_unknown` (SensitiveNeurons' too)."""
-    if tap_name in warned:
-        return
-    warned.add(tap_name)
-    rank_zero_warn(
+    _warn_once_per_tap(
+        tap_name, warned,
         f"{type(owner).__name__}: nothing in the model tells which axis of {tap_name}'s {shape} activations holds "
         "the features, so they are read as (batch, channels, *spatial); pass feature_dim=-1 if they are channels-last "
         "(batch, *spatial, channels), or feature_dim=1 to confirm",
-        category=UserWarning,
     )
 
 
 def warn_unbatched(owner: Any, tap_name: str, shape: tuple[int, ...], warned: set[str]) -> None:
     """The one warning of :meth:`ActivationMonitor.activations_unbatched` (SensitiveNeurons' too)."""
-    if tap_name in warned:
-        return
-    warned.add(tap_name)
-    rank_zero_warn(
+    _warn_once_per_tap(
+        tap_name, warned,
         f"{type(owner).__name__}: {tap_name} gave a {shape} activation whose axis 0 alone has the width of its "
         "layers: a call on one example without a batch axis (a convolution's unbatched (channels, ...) input); "
         "nothing is logged for such calls (call the model on a batch, e.g. x.unsqueeze(0))",
-        category=UserWarning,
     )
 
 
