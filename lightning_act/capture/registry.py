@@ -329,7 +329,12 @@ def _making_a_program() -> bool:
     (run by a callback while the monitors are armed for a due step). Observed, the trace's example input was counted
     as training data, and an export handed the monitors symbolic tensors (the fit then failed in their statistics) or
     put their statistics into the exported graph. Dynamo reads it as a constant: no graph break, nothing traced."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit._trace._trace_module_map is not None
+    return (torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or getattr(_JIT_TRACE, "_trace_module_map", None) is not None)  # private: absent in another torch, not set
+
+
+#: ``torch.jit._trace``, whose ``_trace_module_map`` is set while ``torch.jit.trace`` traces a module.
+_JIT_TRACE = getattr(torch.jit, "_trace", None)
 
 
 class _CaptureHook(MonitorHook):
