@@ -464,7 +464,8 @@ def refuse_rank_dependent_monitors(trainer: pl.Trainer) -> None:
 def _runs_inside(module: nn.Module, wrapper: nn.Module) -> bool:
     """Whether ``module`` is inside ``wrapper`` where the wrapper runs it: not as the ``original_module`` a peft
     ``ModulesToSaveWrapper`` keeps beside the trained copy it runs instead."""
-    unrun = {id(m) for w in wrapper.modules() if (original := saved_copy_original(w)) is not None for m in original.modules()}
+    originals = [original for w in wrapper.modules() if (original := saved_copy_original(w)) is not None]
+    unrun = {id(m) for original in originals for m in original.modules()}
     return any(inner is module for inner in wrapper.modules()) and id(module) not in unrun
 
 

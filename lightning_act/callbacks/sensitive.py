@@ -196,9 +196,9 @@ def _graph_tap(batch: Any, inputs: torch.Tensor | None, tap_rows: dict[int, int]
     """The tap whose rows are a graph batch's examples (node rows in, one embedding per graph out), if the batch is
     one: a tap giving fewer rows than the inputs' first axis, a length none of the inputs' axes has, that the model
     output has along its first axis (any of its tensors, for a dict or tuple; another tensor of the batch, such as
-    per-graph labels, where the forward returns none). A tap's rows alone do not tell: a mixture-of-experts expert tapped first gives its routed tokens,
-    fewer too, on a batch whose examples are its inputs' rows (before, its rows were taken for the examples and the
-    taps giving one row per example left out). ``None``: the examples are counted along the inputs' sample axis."""
+    per-graph labels, where the forward returns none). A tap's rows alone do not tell: a mixture-of-experts expert
+    tapped first gives its routed tokens, fewer too, on a batch whose examples are its inputs' rows (before, its rows
+    were taken for the examples and the taps giving one row per example left out). ``None``: the examples are counted along the inputs' sample axis."""
     if inputs is None or inputs.dim() == 0:
         return None
     confirming = {t.shape[0] for t in batch_tensors(output) if t.dim() > 0}

@@ -28,9 +28,9 @@ The presets leave out averaged copies of the model (an EMA's ``AveragedModel``, 
 parametrizations and the ``original_module`` that a Hugging Face peft ``ModulesToSaveWrapper`` keeps beside the copy
 it trains, which run on no activation of its forward, and the modules that run on a fixed table, not on the batch:
 position-bias MLPs (Swin V2's ``cpb_mlp``) and peft's prompt encoders (prefix and prompt tuning's
-``prompt_encoder`` of a ``PeftModel``). A ``ModulesToSaveWrapper`` is a block of ``"@blocks"`` where the module it wraps is one, and the
-fused activations of quantization-aware training (``torch.ao.nn.intrinsic.qat``'s ``ConvBnReLU2d``, ``LinearReLU``
-...) are activation outputs of ``"@activations"``.
+``prompt_encoder`` of a ``PeftModel``). A ``ModulesToSaveWrapper`` is a block of ``"@blocks"`` where the module it
+wraps is one, and the fused activations of quantization-aware training (``torch.ao.nn.intrinsic.qat``'s
+``ConvBnReLU2d``, ``LinearReLU`` ...) are activation outputs of ``"@activations"``.
 
 A string spec may end in ``":input"`` (or ``"-input"``, the name it is logged under: :data:`INPUT_TAP_SUFFIX`) to
 tap the module's first input instead of its output (the activations entering a down-projection, for example); a
