@@ -194,7 +194,7 @@ class LastCheckpoint(Checkpoint):
         self._stop_requested = False
         self._stop_agreed = False
         self._stop_saved = False  # last.ckpt written at the stop's step: the fit ends once it is logged and validated
-        self._validated_after_stop = False  # a validation ran since: last.ckpt is written again as the fit ends
+        self._changed_after_stop = False  # a validation or epoch end ran since: last.ckpt is written again at the end
         self._previous_handler: Any = None
         self._last_saved_step = -1
         self._step_at_batch_start = -1
@@ -231,21 +231,27 @@ class LastCheckpoint(Checkpoint):
         """Where ``last.ckpt`` goes for this trainer."""
         if self.dirpath is not None:
             return Path(self.dirpath).expanduser() / LAST_NAME  # as Lightning's ModelCheckpoint reads its dirpath
-        if not _is_local_file_protocol(trainer.default_root_dir):
-            raise ConfigError(f"LastCheckpoint: default_root_dir '{trainer.default_root_dir}' is not local, and "
-                              "last.ckpt is written to a local folder; give LastCheckpoint(dirpath=<a local folder>)")
         fallback = Path(trainer.default_root_dir) / "checkpoints" / LAST_NAME
         for callback in trainer.callbacks:
             if isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.dirpath is not None:
                 if _is_local_file_protocol(callback.dirpath):
                     return Path(callback.dirpath) / LAST_NAME
                 # a pathlib.Path of 's3://b/ck' is the local folder 's3:/b/ck': the file would land on the wrong storage
+                self._refuse_remote_root(trainer)
                 if not self._told_remote:
                     self._told_remote = True
                     rank_zero_info(f"LastCheckpoint: the ModelCheckpoint dirpath '{callback.dirpath}' is not local, so "
                                    f"last.ckpt goes to {fallback}; give LastCheckpoint(dirpath=...) to choose")
                 return fallback
+        self._refuse_remote_root(trainer)
         return fallback
+
+    @staticmethod
+    def _refuse_remote_root(trainer: pl.Trainer) -> None:
+        """The fallback ``<default_root_dir>/checkpoints`` is a local folder: a remote root cannot hold it."""
+        if not _is_local_file_protocol(trainer.default_root_dir):
+            raise ConfigError(f"LastCheckpoint: default_root_dir '{trainer.default_root_dir}' is not local, and "
+                              "last.ckpt is written to a local folder; give LastCheckpoint(dirpath=<a local folder>)")
 
     def save(self, trainer: pl.Trainer) -> Path | None:
         """Write ``last.ckpt`` now (every rank must call this); not under ``fast_dev_run``, which writes nothing."""
@@ -259,7 +265,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
-        self._stop_saved = self._validated_after_stop = False
+        self._stop_saved = self._changed_after_stop = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
         # a further fit of the same Trainer continues the run whose last.ckpt this is; a new Trainer starts another
@@ -335,7 +341,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._stop_saved:  # the stopped step is saved, logged and validated: no further batch
-            if self._validated_after_stop:
+            if self._changed_after_stop:
                 self._save_at_batch_start(trainer)
             self._end_fit()
         self._step_at_batch_start = trainer.global_step
@@ -408,7 +414,7 @@ class LastCheckpoint(Checkpoint):
         if not self._validates_in_fit(trainer):
             return
         if self._stop_saved:
-            self._validated_after_stop = True
+            self._changed_after_stop = True
             self.save(trainer)
         elif (self._stop_requested and trainer.world_size == 1
               and trainer.global_step != self._step_at_batch_start):  # else: stopped at the window's optimizer step
@@ -416,7 +422,7 @@ class LastCheckpoint(Checkpoint):
             if target is not None:
                 rank_zero_info(f"interrupted at step {trainer.global_step} during validation: wrote {target}; resume "
                                f"with --ckpt_path {shlex.quote(str(target))}")
-            self._stop_saved = self._validated_after_stop = True
+            self._stop_saved = self._changed_after_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -425,6 +431,8 @@ class LastCheckpoint(Checkpoint):
             _ = trainer.progress_bar_metrics
         if trainer.global_step != self._last_saved_step:
             self.save(trainer)
+        elif self._stop_saved:  # the epoch's end after the stop (ModelCheckpoint's save, EarlyStopping's check)
+            self._changed_after_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a stop that found no next batch (the fit's last step) or came after the last training step (a Ctrl-C during
@@ -434,8 +442,11 @@ class LastCheckpoint(Checkpoint):
             said = self._save_at_stop(trainer)
             if said is not None:
                 rank_zero_info(f"interrupted at step {trainer.global_step}: {said}")
-        if self._validated_after_stop:  # with that validation's effects and the epoch's end (as _save_at_batch_start)
+        if self._changed_after_stop:  # with that validation's effects and the epoch's end (as _save_at_batch_start)
             self.save(trainer)
+        if self._stop_saved and trainer.should_stop:  # the validation after the stop ended the fit (EarlyStopping)
+            rank_zero_info(f"the fit ended at step {trainer.global_step} (should_stop, e.g. EarlyStopping) after the "
+                           f"stop: {self.path(trainer)} holds its end; a resume from it would train past that end")
         if self._stop_saved or self._stop_requested:
             self._end_fit()
         self._restore_handler()

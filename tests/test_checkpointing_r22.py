@@ -364,3 +364,41 @@ def test_a_stop_at_an_epochs_end_under_gradient_accumulation_resumes_as_the_unin
     assert after["val/loss"] == pytest.approx({s: logged["val/loss"][s] for s in (7, 11, 15)}, rel=1e-6)
     for name, value in task.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_a_remote_root_with_a_local_model_checkpoint_dirpath_is_no_refusal(tmp_path):
+    # Round 22's first remote check refused a remote default_root_dir before looking at a local ModelCheckpoint's.
+    callback = LastCheckpoint()
+    trainer = pl.Trainer(default_root_dir="memory://root_r22", accelerator="cpu", logger=False,
+                         enable_progress_bar=False, callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ck")), callback])
+    assert callback.path(trainer) == tmp_path / "ck" / "last.ckpt"
+
+
+def test_a_stop_at_an_epochs_end_without_validation_keeps_the_epoch_ends_work_in_last_ckpt(tmp_path):
+    """Before: with no validation after the stop, last.ckpt lacked what the epoch's end did after it (ModelCheckpoint's
+    save at the train epoch's end, EarlyStopping's check): the resumed fit left a second top-k file and another
+    EarlyStopping count than the uninterrupted fit's."""
+
+    def fit(root: Path, callbacks: list = (), ckpt_path: str | None = None) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        monitors = [ModelCheckpoint(dirpath=str(root / "best"), monitor="train/loss", save_top_k=1, filename="{step}"),
+                    EarlyStopping(monitor="train/loss", mode="max", patience=10)]
+        trainer = pl.Trainer(default_root_dir=root, accelerator="cpu", max_epochs=3, logger=False, limit_val_batches=0,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[*callbacks, *monitors, LastCheckpoint(dirpath=str(root / "ck"))])
+        trainer.fit(ToyTask(BlockNet()), ToyData(), ckpt_path=ckpt_path)
+        return trainer
+
+    def state(root: Path, trainer: pl.Trainer) -> tuple:
+        early_stopping = trainer.early_stopping_callback
+        return sorted(p.name for p in (root / "best").iterdir()), float(early_stopping.best_score), early_stopping.wait_count
+
+    uninterrupted = fit(tmp_path / "a")
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit(tmp_path / "b", [SignalAt(signal.SIGINT, 8, "train")])  # epoch 0's last step
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    resumed = fit(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"))
+    assert state(tmp_path / "b", resumed) == state(tmp_path / "a", uninterrupted)
