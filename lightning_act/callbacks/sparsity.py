@@ -19,6 +19,7 @@ from lightning_act.callbacks.base import (
 )
 from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
 from lightning_act.capture.layout import is_hugging_face_conv1d
+from lightning_act.capture.selection import is_peft_adapter_holder
 from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError
 from lightning_act.peft.lora import LoRALinear
@@ -48,7 +49,7 @@ def is_peft_lora_layer(module: nn.Module) -> bool:
         and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
         and isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
         and isinstance(getattr(module, "scaling", None), dict)
-        and hasattr(module, "active_adapters")
+        and is_peft_adapter_holder(module)
     )
 
 

@@ -131,15 +131,25 @@ def saved_copy_original(module: nn.Module) -> nn.Module | None:
     return original if isinstance(original, nn.Module) and isinstance(trained_copies, nn.ModuleDict) else None
 
 
+def is_peft_adapter_holder(module: nn.Module) -> bool:
+    """Whether ``module`` holds Hugging Face peft adapters (a tuner layer: LoRA, IA3 ...; a ``ModulesToSaveWrapper``),
+    told by what peft reads them through, ``adapter_layer_names`` and ``active_adapters``, so that peft need not be
+    imported."""
+    return isinstance(getattr(module, "adapter_layer_names", None), tuple) and hasattr(module, "active_adapters")
+
+
+def peft_prompt_encoder(module: nn.Module) -> nn.ModuleDict | None:
+    """The ``prompt_encoder`` of a Hugging Face ``PeftModel`` (prefix or prompt tuning), told by its ``peft_config``
+    (another model's ``prompt_encoder``, Segment Anything's, runs on the batch), else None."""
+    encoder = getattr(module, _PEFT_PROMPT_ENCODER_NAME, None)
+    return encoder if isinstance(encoder, nn.ModuleDict) and hasattr(module, "peft_config") else None
+
+
 def _tuner_layer_base(module: nn.Module) -> nn.Module | None:
-    """The ``base_layer`` of a Hugging Face peft tuner layer (LoRA, IA3 ...: peft's ``BaseTunerLayer``), else None.
-    Told by the structure every tuner layer has, so that peft need not be imported, and not by the child's name alone,
-    which a user's own module may have: a registered ``base_layer``, the ``adapter_layer_names`` peft reads the
-    adapter weights from, and ``active_adapters``."""
+    """The ``base_layer`` of a Hugging Face peft tuner layer (peft's ``BaseTunerLayer``), else None: told by
+    :func:`is_peft_adapter_holder` too, not by the child's name alone, which a user's own module may have."""
     base_layer = dict(module.named_children()).get("base_layer")
-    adapter_layer_names = getattr(module, "adapter_layer_names", None)
-    is_tuner_layer = isinstance(adapter_layer_names, tuple) and hasattr(module, "active_adapters")
-    return base_layer if isinstance(base_layer, nn.Module) and is_tuner_layer else None
+    return base_layer if isinstance(base_layer, nn.Module) and is_peft_adapter_holder(module) else None
 
 
 def _peft_wrapped(module: nn.Module) -> nn.Module | None:
@@ -356,23 +366,13 @@ def _fixed_table_modules(model: nn.Module, modules: list[tuple[str, nn.Module]])
     """Ids of the modules that run on a fixed table, not on the batch (see ``_FIXED_TABLE_OWNER_NAMES``): a
     position-bias MLP's activations are of relative coordinates, a prefix encoder's of the virtual-token ids, the
     same for every example at every step. A ``prompt_encoder`` is peft's where it is the ``ModuleDict`` of a
-    ``PeftModel``, whose ``peft_config`` tells it (as :func:`lightning_act.nn.dopamine.adapter_parameters` reads it)."""
-    by_name = dict(modules)
-
-    def is_peft_prompt_encoder(name: str, module: nn.Module) -> bool:
-        owner_name, _, attribute = name.rpartition(".")
-        owner = by_name.get(owner_name) if name else None
-        return (
-            attribute == _PEFT_PROMPT_ENCODER_NAME and isinstance(module, nn.ModuleDict)
-            and owner is not None and hasattr(owner, "peft_config")
-        )
-
+    ``PeftModel`` (:func:`peft_prompt_encoder`)."""
     owners = {
         id(module) for name, module in modules
         if name.rpartition(".")[2] in _FIXED_TABLE_OWNER_NAMES
         or module_class(module).__name__ in _FIXED_TABLE_CLASS_NAMES
-        or is_peft_prompt_encoder(name, module)
     }
+    owners |= {id(encoder) for _, module in modules if (encoder := peft_prompt_encoder(module)) is not None}
     return _only_inside(model, owners)
 
 

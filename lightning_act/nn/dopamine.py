@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_act.capture.layout import declared_batch_first
+from lightning_act.capture.selection import is_peft_adapter_holder, peft_prompt_encoder
 from lightning_act.errors import LightningActError, ModuleSelectionError
 
 ModulePattern = str | type
@@ -236,14 +237,13 @@ def adapter_parameters(model: nn.Module) -> set[int]:
             owned.extend(module.parameters(recurse=False))
             if isinstance(getattr(module, "parametrizations", None), nn.ModuleDict):
                 owned.append(module.parametrizations)
-        names = getattr(module, "adapter_layer_names", None)
-        if isinstance(names, tuple) and hasattr(module, "active_adapters"):
-            for name in names:
+        if is_peft_adapter_holder(module):
+            for name in module.adapter_layer_names:
                 attribute = _dotted_attribute(module, name)
                 if isinstance(attribute, (nn.Module, nn.Parameter)):
                     owned.append(attribute)
-        if isinstance(getattr(module, "prompt_encoder", None), nn.ModuleDict) and hasattr(module, "peft_config"):
-            owned.append(module.prompt_encoder)
+        if (encoder := peft_prompt_encoder(module)) is not None:
+            owned.append(encoder)
     return {id(p) for item in owned for p in ([item] if isinstance(item, nn.Parameter) else item.parameters())}
 
 
