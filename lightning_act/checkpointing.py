@@ -45,6 +45,7 @@ from lightning_act.errors import CheckpointMismatchError, ConfigError, DiskFullE
 from lightning_act.lightning_classes import lightning_classes
 
 LAST_NAME = "last.ckpt"
+_RERUNS_VALIDATION = "lightning_act_reruns_validation"  # written by a SIGTERM inside validation
 
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
 
@@ -162,10 +163,11 @@ class LastCheckpoint(Checkpoint):
     ``Checkpoint`` callbacks last, in their listed order, so a ``ModelCheckpoint`` listed after it would record that
     validation only after ``last.ckpt`` was written. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the
     first SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives
-    while the fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other save puts
-    it, and stops there (single process; Lightning would end the fit after the validation batch, before any training
-    hook); one inside a gradient-accumulation window ends the fit there as an interruption (exit status 1) without a
-    checkpoint of it. Every write follows a batch that took an optimizer step.
+    while the fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other
+    save puts it, and stops there, its resume running that validation again from the first batch (single process;
+    Lightning would end the fit after the validation batch, before any training hook); one inside a
+    gradient-accumulation window ends the fit there as an interruption (exit status 1) without a checkpoint of it. Every
+    write follows a batch that took an optimizer step.
 
     A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there (also one this
     callback wrote for another Trainer; a further fit of the same Trainer continues its run): the first save
@@ -203,6 +205,8 @@ class LastCheckpoint(Checkpoint):
         # the last.ckpt this callback wrote, and for which Trainer (not an earlier run's)
         self._wrote: tuple[Path, weakref.ref[pl.Trainer]] | None = None
         self._told_remote = False  # the fallback from a remote ModelCheckpoint dirpath is said once
+        self._saving_mid_validation = False  # the SIGTERM save inside validation: its resume reruns the validation
+        self._reruns_validation = False  # resumed from such a save: the val loop's totals are mended at its start
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -394,10 +398,42 @@ class LastCheckpoint(Checkpoint):
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
         _swap_trained_weights_in(trainer, pl_module)
-        said = self._save_at_stop(trainer)
+        self._saving_mid_validation = True
+        try:
+            said = self._save_at_stop(trainer)
+        finally:
+            self._saving_mid_validation = False
         if said is not None:
             rank_zero_info(f"stopped by SIGTERM at step {trainer.global_step} during validation: {said}")
         self._end_fit()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A save inside validation records the validation as begun and not one batch done, the state Lightning's own
+        # resume reruns a validation from (its "restarted mid-evaluation"), from the first batch: as saved, the resume
+        # skipped the rest of it, and an epoch-end EarlyStopping check then found no metric (a crash); from the batch
+        # reached it would have logged the mean of the remaining batches alone.
+        if not self._saving_mid_validation:
+            return
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+        done_before = progress["total"]["completed"] - progress["current"]["completed"]
+        progress["total"] = {"ready": done_before + 1, "started": done_before + 1,
+                             "processed": done_before, "completed": done_before}
+        progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+        progress["is_last_batch"] = False
+        checkpoint[_RERUNS_VALIDATION] = True
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._reruns_validation = bool(checkpoint.get(_RERUNS_VALIDATION, False))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The rerun has begun (Lightning decided it from the saved counts): its loop's totals as before an
+        # uninterrupted validation. Lightning's restart leaves the begun batch counted as ready and started, which the
+        # checkpoints written until the next validation (ModelCheckpoint's at this one's end, the epoch end's) would
+        # carry as "stopped mid-validation": their resume would run this validation a second time.
+        if self._reruns_validation and self._validates_in_fit(trainer):
+            self._reruns_validation = False
+            total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+            total.ready = total.started = total.completed
 
     @staticmethod
     def _validates_in_fit(trainer: pl.Trainer) -> bool:

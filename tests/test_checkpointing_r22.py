@@ -402,3 +402,29 @@ def test_a_stop_at_an_epochs_end_without_validation_keeps_the_epoch_ends_work_in
         signal.signal(signal.SIGINT, sigint)
     resumed = fit(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ck" / "last.ckpt"))
     assert state(tmp_path / "b", resumed) == state(tmp_path / "a", uninterrupted)
+
+
+def test_a_sigterm_during_validation_resumes_by_running_that_validation_again(tmp_path, reference):
+    """Before: the SIGTERM save inside validation recorded the validation as one batch done, so the resume skipped the
+    rest of it: an epoch-end EarlyStopping check then found no ``val/loss`` (a RuntimeError traceback), and without one
+    the step-8 validation was lost for good. Now the resume runs it from its first batch: every row and callback state
+    as the uninterrupted fit's, and the val loop's totals as after an uninterrupted validation (else the checkpoints
+    written until the next validation would read as "stopped mid-validation")."""
+    logged, weights = reference
+    root = tmp_path / "run"
+    _stopped_fit(root, SignalAt(signal.SIGTERM, 8, "validation"), _monitors(root))
+    assert _saved_step(root) == 8
+    assert "val/loss" not in _logged(root, "version_0")  # the stop came before the validation's end
+    resumed, trainer = _fit_trainer(root, _monitors(root), ckpt_path=str(root / "ck" / "last.ckpt"))
+    assert trainer.global_step == MAX_STEPS
+    assert _logged(root)["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    assert _logged(root, "version_1")["train/loss"] == pytest.approx(
+        {s: logged["train/loss"][s] for s in range(8, 16)}, rel=1e-6)
+    for name, value in weights.items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    # by hand: val/loss rose from step 8 to step 16, so EarlyStopping waited once and the best is step 8's
+    assert trainer.early_stopping_callback.wait_count == 1
+    assert Path(trainer.checkpoint_callback.best_model_path).name == "epoch=0-step=8.ckpt"
+    best = torch.load(root / "best" / "epoch=0-step=8.ckpt", map_location="cpu", weights_only=True)
+    totals = best["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]  # saved at the rerun's end
+    assert totals == {"ready": 2, "started": 2, "processed": 2, "completed": 2}  # the validation's 2 batches
