@@ -157,7 +157,7 @@ class LastCheckpoint(Checkpoint):
     again at that validation's end and as the fit ends, so that it holds the validation's effects too
     (``ModelCheckpoint``'s best and top-k, ``EarlyStopping``'s count) and the resume starts after both; one during
     validation (single process) lets the validation finish, writes ``last.ckpt`` at its end (the step it follows)
-    and ends the fit as above (under several processes after the next optimizer step); one after the last training
+    and ends the fit as above (under several processes wherever it lands); one after the last training
     step ends the fit as an interrupt too; a second SIGINT stops at once without a checkpoint. List a
     ``ModelCheckpoint`` before this callback (as the recipes do, and the CLI puts this one last): Lightning runs the
     ``Checkpoint`` callbacks last, in their listed order, so a ``ModelCheckpoint`` listed after it would record that
@@ -181,7 +181,8 @@ class LastCheckpoint(Checkpoint):
             first ``ModelCheckpoint`` if local, else ``<default_root_dir>/checkpoints`` (said once for a remote one).
         every_n_train_steps: also write every this many optimizer steps (0: epoch ends only).
         on_interrupt: handle Ctrl-C as above (only in the main thread; with several processes the
-            ranks agree on the stop with one boolean all-reduce per step, so all save the same step).
+            ranks agree on the stop with one boolean all-reduce per step and per validation, so all save the
+            same step).
     """
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0, on_interrupt: bool = True) -> None:
@@ -435,14 +436,22 @@ class LastCheckpoint(Checkpoint):
             total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
             total.ready = total.started = total.completed
 
+    def _stop_agreed_in_validation(self, trainer: pl.Trainer) -> bool:
+        """A Ctrl-C during this validation, on any rank: under several processes one boolean all-reduce per
+        validation, so that all stop at the step the validation follows (else at the next optimizer step, inside the
+        next epoch at an epoch's end, whose first batches the resume would then replay)."""
+        if trainer.world_size == 1 or not self.on_interrupt:
+            return self._stop_requested
+        return bool(trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False))
+
     @staticmethod
     def _validates_in_fit(trainer: pl.Trainer) -> bool:
         """A fit's validation, not its sanity check (which follows no training step)."""
         return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After a stop saved at the step this validation follows, and after a Ctrl-C during it (single process; under
-        # several the ranks agree at the next training batch's end), last.ckpt is written now, with the validation's
+        # After a stop saved at the step this validation follows, and after a Ctrl-C during it (under several
+        # processes on any rank: the ranks agree here), last.ckpt is written now, with the validation's
         # effects (the callbacks listed before this one have seen it), in case the fit is killed before it ends; the
         # fit then ends at the next training batch's start or at its end, where it is written once more (a resume
         # from this one finds no metric for an epoch-end EarlyStopping check). WeightAveraging swapped the trained
@@ -452,8 +461,8 @@ class LastCheckpoint(Checkpoint):
         if self._stop_saved:
             self._changed_after_stop = True
             self.save(trainer)
-        elif (self._stop_requested and trainer.world_size == 1
-              and trainer.global_step != self._step_at_batch_start):  # else: stopped at the window's optimizer step
+        elif (trainer.global_step != self._step_at_batch_start  # else: stopped at the window's optimizer step
+              and self._stop_agreed_in_validation(trainer)):
             target = self.save(trainer)
             if target is not None:
                 rank_zero_info(f"interrupted at step {trainer.global_step} during validation: wrote {target}; resume "
