@@ -285,8 +285,9 @@ def test_collapse_sums_taken_before_the_ranks_share_a_reference_row_keep_the_spe
 
 
 def test_a_ctrl_c_on_one_rank_during_validation_stops_every_rank_at_the_step_it_follows(tmp_path):
-    # Before: under several processes the ranks agreed on the stop at the next training batch's end only, so a Ctrl-C
-    # during an epoch-end validation stopped inside the next epoch (step 5), whose first batch the resume replayed.
+    # Before: under several processes the ranks agreed on the stop at the next training batch's end only, so a
+    # Ctrl-C during an epoch-end validation stopped inside the next epoch (step 5), whose first batch the resume
+    # replayed.
     from ddp_ctrl_c_in_validation import STEPS_PER_EPOCH
 
     result = run_script("ddp_ctrl_c_in_validation.py", tmp_path, 31)
