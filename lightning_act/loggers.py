@@ -30,6 +30,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -157,9 +158,13 @@ class CompactWandbLogger(WandbLogger):
                 rows.append([step, layer, stat, value])
                 if len(rows) >= self.table_part_rows:
                     self._log_table_part(prefix)
-            # an infinite top1 is the news: a stale finite value must not hide it; NaN (not measured) removes the key
+            # an infinite top1 is the news: a stale finite value must not hide it; NaN (not measured) removes the key.
+            # Named as the history names them (behind the logger's prefix, as WandbLogger.log_metrics adds it), so
+            # prefixed loggers sharing one run (folds, stages) keep their own per-layer summaries
             summary = self.experiment.summary
-            values = {"/".join((p, layer, stat)): v for p, layer, stat, v in detail}
+            values = _add_prefix(
+                {"/".join((p, layer, stat)): v for p, layer, stat, v in detail}, self._prefix, self.LOGGER_JOIN_CHAR
+            )
             summary.update({key: v for key, v in values.items() if not math.isnan(v)})  # one summary record
             unknown = {key for key, v in values.items() if math.isnan(v)}
             for key in unknown & set(summary.keys()):  # wandb's Summary has keys() but no `in`

@@ -673,16 +673,30 @@ def default_output(run_dirs: Sequence[str | Path]) -> Path:
 
 def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, RunLog]:
     """Each run read once, keyed by a short unique label. A folder holding several runs (a version that starts over at
-    step 0, :meth:`RunLog.run_starts`) is refused: merged as one run, the page would show the last one only."""
+    step 0, :meth:`RunLog.run_starts`) is refused: merged as one run, the page would show the last one only. The
+    refusal names each run's first version folder, which is read with the versions after it up to the next run."""
     labels = run_labels(run_dirs)
     runs = {label: load_run(path) for label, path in zip(labels, run_dirs, strict=True)}
     for path, log in zip(run_dirs, runs.values(), strict=True):
         starts = log.run_starts()
         if len(starts) > 1:
             folders = [str(part.path.parent) for part in starts]
+            firsts = [log.parts.index(start) for start in starts]
+            groups = [log.parts[first:end] for first, end in zip(firsts, [*firsts[1:], len(log.parts)], strict=True)]
+            # a version folder is read with the versions after it up to the next run (load_run): say which, so the
+            # trials' validate/test versions are seen to come along
+            with_followers = "; ".join(
+                f"{group[0].path.parent.name} with {', '.join(part.path.parent.name for part in group[1:])}"
+                for group in groups if len(group) > 1
+            )
+            advice = (
+                "pass each run's first version folder, read with the versions after it up to the next run "
+                f"({with_followers}), to compare them: "
+                if with_followers else "pass each version folder to compare them: "
+            )
             raise ConfigError(
                 f"'{path}' holds {len(starts)} runs: {folders[1]} starts over at step 0 after {folders[0]} trained "
-                "past it (a sweep's trials in one logger folder?); pass each version folder to compare them: "
+                f"past it (a sweep's trials in one logger folder?); {advice}"
                 + shlex.join(["lightning_act", "report", *folders])
             )
     return runs
@@ -694,7 +708,7 @@ def build_report(
     """Write the HTML page comparing ``run_dirs`` (one run or several) to ``output`` and return its path.
 
     A run is given by its folder (every ``csv/version_N`` under it is merged), one
-    ``csv/version_N`` folder or one ``metrics.csv``.
+    ``csv/version_N`` folder (with the versions after it up to the next run) or one ``metrics.csv`` (alone).
     """
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     return write_report(load_runs(paths), Path(output) if output is not None else default_output(paths), min_r2)
@@ -748,7 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "runs", metavar="RUN", nargs="+",
-        help="a run's folder (e.g. runs/kat; all its csv/version_N are merged), a csv/version_N folder or a metrics.csv",
+        help="a run's folder (e.g. runs/kat; all its csv/version_N are merged), a csv/version_N folder (with the "
+        "versions after it up to the next run: its test/validate versions) or a metrics.csv (alone)",
     )
     parser.add_argument("-o", "--output", default=None,
                         help="HTML file to write (default: RUN/report.html for one run, ./report.html for several)")

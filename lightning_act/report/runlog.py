@@ -96,17 +96,8 @@ class RunLog:
         return training[-1].path
 
     def run_starts(self) -> list[CsvPart]:
-        """The versions that start a fit of their own: the first that logged training, and each later one that starts
-        over at step 0 after an earlier one trained past it. A resume starts at its checkpoint's step, so a version
-        back at step 0 is another run in the same logger folder (a sweep's trials with ``CSVLogger(root,
-        name="sweep")`` each get a ``version_N``): merged, it would hide every run but the last."""
-        starts: list[CsvPart] = []
-        trained_past_zero = False
-        for part in self.parts:
-            if part.logs_training and (not starts or (part.first_step == 0 and trained_past_zero)):
-                starts.append(part)
-            trained_past_zero = trained_past_zero or (part.logs_training and (part.last_step or 0) > 0)
-        return starts
+        """:func:`run_starts` of the run's versions."""
+        return run_starts(self.parts)
 
     def training_keys(self) -> list[str]:
         """Metrics that are neither monitor statistics nor test metrics (losses, accuracies, learning rates)."""
@@ -136,6 +127,20 @@ class RunLog:
                     for stat in sorted(grouped[prefix])
                 }
         return ordered
+
+
+def run_starts(parts: list[CsvPart]) -> list[CsvPart]:
+    """The versions that start a fit of their own: the first that logged training, and each later one that starts
+    over at step 0 after an earlier one trained past it. A resume starts at its checkpoint's step, so a version
+    back at step 0 is another run in the same logger folder (a sweep's trials with ``CSVLogger(root,
+    name="sweep")`` each get a ``version_N``): merged, it would hide every run but the last."""
+    starts: list[CsvPart] = []
+    trained_past_zero = False
+    for part in parts:
+        if part.logs_training and (not starts or (part.first_step == 0 and trained_past_zero)):
+            starts.append(part)
+        trained_past_zero = trained_past_zero or (part.logs_training and (part.last_step or 0) > 0)
+    return starts
 
 
 def natural_key(name: str) -> list[int | str]:
@@ -446,17 +451,29 @@ def find_configs(version_dirs: list[Path], given: Path) -> tuple[dict[str, tuple
     return configs, notes
 
 
+def later_versions(metrics_csv: Path) -> list[Path]:
+    """The ``metrics.csv`` files of the versions written after ``metrics_csv``'s in its logger folder, in written
+    order (:func:`_in_written_order`)."""
+    siblings = _in_written_order([p for p in metrics_csv.parent.parent.glob("*/metrics.csv") if p.is_file()])
+    return siblings[siblings.index(metrics_csv) + 1:] if metrics_csv in siblings else []
+
+
 def load_run(path: str | Path) -> RunLog:
-    """Locate and read a run: every CSV version merged, configs, skipped layers, the monitors' saved plots."""
+    """Locate and read a run: every CSV version merged, configs, skipped layers, the monitors' saved plots.
+
+    A version folder (``csv/version_N``) is read with the versions written after it up to the next run
+    (:func:`run_starts`): a sweep's trial passed as its fit's version keeps its ``validate``/``test`` versions (and
+    resumes), which follow it in the logger folder. A ``metrics.csv`` file is read alone.
+    """
     given = Path(path)
     paths, notes = find_metrics_csvs(given)
+    followers = later_versions(paths[0]) if given.is_dir() and paths == [given / "metrics.csv"] else []
     parts: list[CsvPart] = []
     to_merge: list[tuple[Path, dict[str, Series], bool]] = []
     columns: list[str] = []
     rows = 0
-    for csv_path in paths:
+    for csv_path in [*paths, *followers]:
         file_columns, file_rows, file_series, file_notes = read_metrics(csv_path)
-        notes += file_notes
         steps = [s for series in file_series.values() for s in series.steps]
         earlier_last = max((part.last_step for part in parts if part.last_step is not None), default=None)
         # a resumed fit whose part fell short of log_every_n_steps logs only validation rows; it is still a fit when
@@ -465,12 +482,21 @@ def load_run(path: str | Path) -> RunLog:
         logs_training = _logs_training(file_columns) or (
             earlier_last is not None and bool(steps) and min(steps) > earlier_last
         )
-        parts.append(CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training))
+        part = CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training)
+        if csv_path in followers and len(run_starts([*parts, part])) > len(run_starts(parts)):
+            break  # the next run in the logger folder
+        notes += file_notes
+        parts.append(part)
         to_merge.append((csv_path, file_series, logs_training))
         columns += [c for c in file_columns if c not in columns]
         rows += file_rows
+    if len(parts) > 1 and followers:
+        notes.append(
+            f"{given} is read with the version(s) written after it up to the next run in {given.parent}: "
+            + ", ".join(part.path.parent.name for part in parts[1:])
+        )
     series, merge_notes = merge_parts(to_merge)
-    version_dirs = [p.parent for p in paths]
+    version_dirs = [part.path.parent for part in parts]
     configs, config_notes = find_configs(version_dirs, given)
     plot_files = [
         png for version_dir in version_dirs if (version_dir / "plots").is_dir()

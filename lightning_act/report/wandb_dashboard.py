@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lightning.pytorch.loggers import WandbLogger
+
 from lightning_act.errors import LightningActError
 from lightning_act.loggers import TOPK_STAT, reduction_of
 from lightning_act.report.content import INDEX_STAT
@@ -54,6 +56,10 @@ SECTION_TITLES: dict[str, str] = {
 }
 
 IMAGE_PREFIX = "plots/"
+
+#: An image key as :func:`lightning_act.plots.log_figure` logs it, behind a logger prefix too: Lightning's
+#: ``log_image`` goes through ``log_metrics``, so ``WandbLogger(prefix="fold1")`` logs ``fold1-plots/<name>``.
+_IMAGE_KEY = re.compile(rf"^(?:{LOGGER_PREFIX_PATTERN})?{re.escape(IMAGE_PREFIX)}(.+)$")
 
 #: The x axis of every line plot: Lightning's WandbLogger logs the global step under this key
 #: and declares it the step metric of all other keys (W&B's own ``Step`` counts ``log`` calls).
@@ -90,16 +96,18 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
     positions get no line plot (an index is not a curve; see ``lightning_act report``); with ``compact``
     (a :class:`~lightning_act.loggers.CompactWandbLogger` run) neither do the top-k values, which it keeps in its
     ``<prefix>/per_layer`` table only: their panels would stay empty. Keys behind a logger prefix
-    (``WandbLogger(prefix="fold1")`` logs ``fold1-massive/...``) share the monitor panels with unprefixed ones.
+    (``WandbLogger(prefix="fold1")`` logs ``fold1-massive/...``) share the monitor panels with unprefixed ones; images
+    behind one (``fold1-plots/massive_ratio_heatmap``) go to their monitor's media panel under that real key.
     """
     keys = list(dict.fromkeys(keys))
     keys = [k for k in keys if not is_index_column(k, keys) and k != STEP_KEY and not k.startswith("_")]
     monitor_stats: dict[str, set[str]] = {}
     training: dict[str, list[str]] = {}
-    images: list[str] = []
+    images: dict[str, str] = {}  # logged key -> image name (without logger prefix and "plots/")
     for key in keys:
-        if key.startswith(IMAGE_PREFIX):
-            images.append(key)
+        image = _IMAGE_KEY.match(key)
+        if image:
+            images[key] = image.group(1)
             continue
         parts = split_logged_monitor_key(key)
         if parts is not None:
@@ -132,7 +140,7 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
             )
             for stat in _stat_order(monitor_stats[prefix])
         ]
-        own_images = tuple(sorted(k for k in images if k[len(IMAGE_PREFIX):].startswith(prefix + "_")))
+        own_images = tuple(sorted(k for k, name in images.items() if name.startswith(prefix + "_")))
         if own_images:
             panels.append(PanelSpec(kind="media", title=f"{prefix} plots", media_keys=own_images))
         sections.append(SectionSpec(name=SECTION_TITLES[prefix], panels=tuple(panels)))
@@ -144,11 +152,24 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
 
 
 def keys_from_run_dir(run_dir: str | Path) -> list[str]:
-    """Metric keys from a local run's ``metrics.csv`` header and image keys from its ``plots/``."""
+    """Metric keys from a local run's ``metrics.csv`` header and image keys from its ``plots/``, as W&B holds them.
+
+    The images are named behind each W&B logger's ``prefix`` (``fold1-plots/<name>``), which the run's fit config
+    gives; a run whose config names no W&B logger (a fit from Python has no config) is taken to have logged to W&B
+    behind the logger prefix its CSV monitor keys carry, as its metric keys are taken as the CSV names them.
+    """
     from lightning_act.report.runlog import load_run
 
     run = load_run(run_dir)
-    return [*run.series, *(IMAGE_PREFIX + p.stem for p in run.plot_files)]
+    configured = [(logger.get("init_args") or {}).get("prefix") or "" for logger in _wandb_logger_configs(run_dir)]
+    if configured:  # every W&B logger logs the images, each behind its own prefix
+        logger_prefixes = {f"{prefix}{WandbLogger.LOGGER_JOIN_CHAR}" if prefix else "" for prefix in configured}
+    else:
+        logger_prefixes = {
+            key[: len(key) - len(without_logger_prefix(key))] for key in run.series if split_logged_monitor_key(key)
+        } or {""}
+    images = [prefix + IMAGE_PREFIX + p.stem for prefix in sorted(logger_prefixes) for p in run.plot_files]
+    return [*run.series, *images]
 
 
 def keys_from_project(entity: str | None, project: str, max_runs: int = 50) -> tuple[list[str], bool]:
