@@ -46,7 +46,7 @@ import numbers
 import pickle
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -224,8 +224,9 @@ def subscribe_taps(
     and raises (one line) for the others; a user's spec list that matches nothing raises (one line); a part of a
     user's list, or of the default list (a timm ResNet whose stages hold one block each has no ``@blocks``), that
     matches nothing warns. The layout of each tap is what ``layout`` declares, the rest inferred from its owners'
-    ``batch_first`` and its layers (:func:`~lightning_act.capture.layout.module_layout`); a 3-D tap of undeclared
-    layout in a model with sequence-first modules warns.
+    ``batch_first`` and its layers (:func:`~lightning_act.capture.layout.module_layout`); a tap of undeclared layout
+    in a model with sequence-first modules warns at its first activation of 3 or more axes
+    (:func:`undeclared_layout_warning`).
     """
     owner = type(subscriber).__name__
     registry = capture_registry(pl_module)
@@ -262,19 +263,31 @@ def subscribe_taps(
             category=UserWarning,
         )
     layouts = [tap_layout(layout, module_layout(module_chain(pl_module, tap.module), tap.point)) for tap in taps]
-    if layout.batch_dim is None:
-        sequence_first = any(declared_batch_first(m) is False for m in pl_module.modules())
-        undeclared = [tap.name for tap, one in zip(taps, layouts) if not one.declared]
-        if sequence_first and undeclared:
-            rank_zero_warn(
-                f"{owner}: the model has sequence-first (batch_first=False) modules, but the layout of {undeclared} "
-                "is not declared by any owner; they are read as (batch, tokens, features). Pass batch_dim=1 and "
-                "token_dim=0 if they are (tokens, batch, features) (2-D (batch, features) taps are read as they are)",
-                category=UserWarning,
-            )
     refuse_shared_keys(subscriber, trainer, taps)
-    registry.subscribe(subscriber, taps, layouts)
+    registry.subscribe(subscriber, taps, layouts, undeclared_layout_warning(owner, pl_module, layout))
     return taps, layouts, registry
+
+
+def undeclared_layout_warning(
+    owner: str, pl_module: nn.Module, declared: Layout
+) -> Callable[[str, tuple[int, ...]], None] | None:
+    """The warning for a tap whose layout no owner declares, in a model with sequence-first modules, where the
+    monitor declares none either (``batch_dim``); the registry gives it at the tap's first activation of 3 or more
+    axes. At setup, before any shape was known, it named the 2-D ``(B, D)`` taps too (a sequence-first LSTM's
+    ``@penultimate`` on ``h_n[-1]``), which are read the same in either order."""
+    if declared.batch_dim is not None or not any(declared_batch_first(m) is False for m in pl_module.modules()):
+        return None
+
+    def warn(tap_name: str, shape: tuple[int, ...]) -> None:
+        rank_zero_warn(
+            f"{owner}: the model has sequence-first (batch_first=False) modules, but the layout of {tap_name}'s "
+            f"{shape} activations is not declared by any owner; they are read as (batch, tokens, features), as are "
+            "the monitor's other such taps of 3 or more axes. Pass batch_dim=1 and token_dim=0 if they are (tokens, "
+            "batch, features) (2-D (batch, features) taps are read as they are)",
+            category=UserWarning,
+        )
+
+    return warn
 
 
 def refuse_shared_keys(subscriber: Any, trainer: Any, taps: list[Tap]) -> None:
@@ -504,7 +517,7 @@ def resubscribe_replaced(
         tap = taps[index]
         taps[index] = Tap(tap.name, module, tap.point)
         layouts[index] = tap_layout(declared, module_layout(module_chain(pl_module, module), tap.point))
-    registry.subscribe(monitor, taps, layouts)
+    registry.subscribe(monitor, taps, layouts, undeclared_layout_warning(type(monitor).__name__, pl_module, declared))
     rank_zero_warn(
         f"{type(monitor).__name__}: {[taps[i].name for i in replaced]} were replaced by new modules after the "
         f"monitor chose its modules (at setup); it observes the new ones from step {step}",

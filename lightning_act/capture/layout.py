@@ -11,9 +11,9 @@ Features: a 3-D activation is read as ``(B, T, D)`` and a 4-D one as ``(B, C, H,
 (timm's Swin, TinyViT and MambaOut blocks give ``(B, H, W, C)``) and 1-D conv maps ``(B, C, L)`` exist too. The
 tapped module's layers tell which: the features are the axis (1 or the last) whose length is the width the last
 layer writes (the first reads, for an input tap); when both axes have that length, the axis every layer of the
-module acts on (a ``Linear`` or ``LayerNorm`` the last, a convolution, ``BatchNorm``, ``GroupNorm`` or timm's
-``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside). An activation module has no
-layers, so the layer its owner is or registers just before it speaks for it. ``feature_dim=`` (1 or -1) overrides
+module acts on (a ``Linear``, ``LayerNorm`` or recurrent layer the last, a convolution, ``BatchNorm``, ``GroupNorm``
+or timm's ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside). An activation module
+has no layers, so the layer its owner is or registers just before it speaks for it. ``feature_dim=`` (1 or -1) overrides
 the inference; where nothing tells the layout of a map of 4 or more axes, the reading above stands, and a monitor
 whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only is an
 unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample axis, and those monitors warn and skip it.
@@ -81,9 +81,16 @@ def conv1d_widths(module: nn.Module) -> tuple[int, int]:
 def layer_features(layer: nn.Module) -> tuple[str, int, int] | None:
     """``(axis, input width, output width)`` of a layer that acts on one axis of its input: ``"first"`` (axis 1:
     convolutions, batch/instance/group norms, timm's ``LayerNorm2d``) or ``"last"`` (``Linear``, Hugging Face's
-    ``Conv1D``, layer norms)."""
+    ``Conv1D``, layer norms, the recurrent layers and cells, whose output (the first item of their tuple) is
+    ``(B, T, features)`` once read sample-first: an LSTM took the width of the layer before it, and sequences as long
+    as that width were read along their time steps)."""
     if isinstance(layer, nn.Linear):
         return "last", layer.in_features, layer.out_features
+    if isinstance(layer, nn.RNNBase):
+        directions = 2 if layer.bidirectional else 1
+        return "last", layer.input_size, (layer.proj_size or layer.hidden_size) * directions
+    if isinstance(layer, nn.RNNCellBase):
+        return "last", layer.input_size, layer.hidden_size
     if is_hugging_face_conv1d(layer):
         return "last", *conv1d_widths(layer)
     if isinstance(layer, nn.modules.conv._ConvNd):

@@ -42,8 +42,11 @@ first parameter.
 
 An input tap reads *through a dropout* that feeds it: when in a training forward a dropout among the tapped module's
 siblings (the children of its parent) gave the very tensor the module receives, unchanged since (its version
-counter), the tap reads the dropout's input (not in a monitor's own passes: the stochastic
-EigenScore passes of ``SensitiveNeurons`` are made of that noise). Dropout is training noise, not the
+counter), the tap reads the dropout's input. Every call of such a dropout in the step's training forwards is kept
+until the tap reads its output (or the monitors disarm), matched by the output's identity: one dropout may serve two
+views before the module reads either (``h1, h2 = drop(enc(a)), drop(enc(b)); head(h1); head(h2)``). Not in a
+monitor's own passes: the stochastic EigenScore passes of ``SensitiveNeurons`` are made of that noise. Dropout is
+training noise, not the
 representation: ``@penultimate`` on a timm model with ``drop_rate > 0`` read the head dropout's output (a rank-1
 feature set logged an effective rank of 80 of 96), and ``@activations`` on ``nn.TransformerEncoderLayer`` (whose
 activation is a function, so ``linear2``'s input is tapped) counted the dropout's zeros as sparsity. A functional
@@ -134,6 +137,9 @@ class _Subscription:
     subscriber: Subscriber
     tap_index: int
     layout: Layout
+    #: Called with the shape of the tap's first activation of 3 or more axes, where its layout is undeclared and the
+    #: subscriber asked to be told (:meth:`CaptureRegistry.subscribe`); ``None`` once told, or not asked.
+    undeclared_layout: Callable[[tuple[int, ...]], None] | None = None
 
 
 def input_parameter(module: nn.Module) -> str | None:
@@ -372,9 +378,9 @@ class _InputCaptureHook(_CaptureHook):
 
 
 class _DropoutInputHook(MonitorHook):
-    """The forward hook of a dropout that feeds an input tap: keeps (output, input) of a training forward for the
-    tap's pre-hook, which reads the input when the output is what it receives (see the module docstring). An in-place
-    dropout overwrites its input, so its pre-hook (:meth:`before`) keeps a copy first."""
+    """The forward hook of a dropout that feeds an input tap: keeps (output, input) of each of its calls in a training
+    forward for the tap's pre-hook, which reads the input when the output is what it receives (see the module
+    docstring). An in-place dropout overwrites its input, so its pre-hook (:meth:`before`) keeps a copy first."""
 
     _not_copied = ("registry",)
 
@@ -390,7 +396,7 @@ class _DropoutInputHook(MonitorHook):
 
     def before(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._training_forward(module, args) and isinstance(args[0], torch.Tensor):
-            _remember_dropout_input(self.registry, self.key, None, args[0].detach().clone())
+            _copy_dropout_input(self.registry, self.key, args[0])
         elif not self.attached and not torch.compiler.is_compiling():
             leave_module(module, self)
 
@@ -399,19 +405,25 @@ class _DropoutInputHook(MonitorHook):
             if not self.attached and not torch.compiler.is_compiling():
                 leave_module(module, self)
             return
-        if getattr(module, "inplace", False):
-            kept = self.registry.before_dropout.get(self.key)
-            if kept is not None and kept[0] is None:
-                _remember_dropout_input(self.registry, self.key, output, kept[1])
-        else:
-            _remember_dropout_input(self.registry, self.key, output, args[0])
+        _remember_dropout_input(self.registry, self.key, output, None if getattr(module, "inplace", False) else args[0])
+
+
+@torch._dynamo.disable(reason=_FULLGRAPH_REASON)
+def _copy_dropout_input(registry: CaptureRegistry, key: tuple[int, str], value: torch.Tensor) -> None:
+    """An in-place dropout is about to overwrite ``value``: a copy for its forward hook."""
+    registry.dropout_input_copies[key] = value.detach().clone()
 
 
 @torch._dynamo.disable(reason=_FULLGRAPH_REASON)
 def _remember_dropout_input(registry: CaptureRegistry, key: tuple[int, str], output: Any, value: Any) -> None:
-    # with the output's version: changed in place before the tap (a residual added with +=), it is no dropout output
-    version = output._version if isinstance(output, torch.Tensor) else None
-    registry.before_dropout[key] = (output, value, version)
+    """Keep ``value`` (``None``: the copy an in-place dropout's pre-hook took) as the input behind ``output``, by the
+    output's identity: one dropout may feed the tap several times in a forward (two views dropped before the head
+    reads either), and each call of the tap finds its own. With the output's version: changed in place before the
+    tap (a residual added with +=), it is no dropout output. The output is held, so its id is no other tensor's."""
+    if value is None:
+        value = registry.dropout_input_copies.pop(key, None)
+    if isinstance(output, torch.Tensor) and value is not None:
+        registry.before_dropout.setdefault(key, {})[id(output)] = (output, value, output._version)
 
 
 def dropouts_beside(root: nn.Module, module: nn.Module) -> list[nn.Module]:
@@ -534,15 +546,12 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
                 UserWarning, stacklevel=2,
             )
         return
-    remembered = (
-        registry.before_dropout.pop(key, None)
-        if registry.before_dropout and registry.exclusive_subscriber is None else None
-    )
-    if remembered is not None and remembered[0] is not None:
-        output, before, version = remembered
+    passages = registry.before_dropout.get(key) if registry.exclusive_subscriber is None else None
+    if passages:
         received = first_tensor(value)
-        if received is not None and first_tensor(output) is received and received._version == version:
-            value = before  # the tapped module's input came out of a dropout, unchanged since: read what went in
+        passage = None if received is None else passages.pop(id(received), None)  # read once: no step-long hold
+        if passage is not None and received._version == passage[2]:
+            value = passage[1]  # the tapped module's input came out of a dropout, unchanged since: read what went in
     tensor = first_tensor(value)
     if tensor is None or tensor.numel() == 0:
         return
@@ -557,6 +566,8 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         for sub in registry.subscriptions.get(key, ()):
             if not sub.subscriber.armed or (only is not None and sub.subscriber is not only):
                 continue
+            if sub.undeclared_layout is not None and tensor.dim() >= 3:
+                registry.layout_undeclared(sub, tuple(tensor.shape))
             if sub.layout not in views:
                 sample_first = to_sample_first(tensor, sub.layout)
                 unbatched = looks_unbatched(sample_first.shape, sub.layout)
@@ -605,8 +616,11 @@ class CaptureRegistry:
         self._dropout_handles: dict[tuple[int, str], list[MonitorHookHandle]] = {}
         #: The feature axis decided per (tap, layout) and number of axes, for activations whose shape does not tell.
         self.feature_axes: dict[Any, int] = {}
-        #: Per input tap, the (output, input) of the dropout feeding it in the current training forward.
-        self.before_dropout: dict[tuple[int, str], tuple[Any, Any, int | None]] = {}
+        #: Per input tap, the (output, input, output's version) of each call of the dropouts beside it in the current
+        #: training forwards, by ``id(output)``; kept until the tap reads the output or the monitors disarm.
+        self.before_dropout: dict[tuple[int, str], dict[int, tuple[torch.Tensor, Any, int]]] = {}
+        #: Per input tap, the copy of an in-place dropout's input taken by its pre-hook, until its forward hook.
+        self.dropout_input_copies: dict[tuple[int, str], torch.Tensor] = {}
         #: Whether the forwards inside a torch.func transform, which are not observed, were said to be.
         self.transform_warned = False
         #: Whether observing forwards run eagerly until one training forward has been observed: set when dynamo's
@@ -619,14 +633,23 @@ class CaptureRegistry:
         self._subscribers: list[Subscriber] = []
         self._root: weakref.ref[nn.Module] | None = None  # weak: the registries are kept by a weak map of their roots
 
-    def subscribe(self, subscriber: Subscriber, taps: Sequence[Tap], layouts: Sequence[Layout]) -> None:
-        """Hand ``subscriber`` the activations of ``taps`` (index = position in ``taps``) while it is armed."""
+    def subscribe(
+        self, subscriber: Subscriber, taps: Sequence[Tap], layouts: Sequence[Layout],
+        undeclared_layout: Callable[[str, tuple[int, ...]], None] | None = None,
+    ) -> None:
+        """Hand ``subscriber`` the activations of ``taps`` (index = position in ``taps``) while it is armed.
+
+        ``undeclared_layout(tap name, shape)`` is called once for the subscriber, at the first activation of 3 or
+        more axes of a tap whose layout is undeclared: a 2-D ``(B, D)`` tap is read alike in either order, so only the
+        shape tells whether the layout matters."""
         hooked = set(self._handles)
         self._remove(subscriber)
         self._subscribers.append(subscriber)
         for index, (tap, layout) in enumerate(zip(taps, layouts, strict=True)):
             key = (id(tap.module), tap.point)
-            self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout))
+            notice = None if undeclared_layout is None or layout.declared else functools.partial(
+                undeclared_layout, tap.name)
+            self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout, notice))
             if key not in self._handles:
                 if tap.point == "input":
                     hook = _InputCaptureHook(self, key, input_parameter(tap.module))
@@ -643,20 +666,30 @@ class CaptureRegistry:
             self._forget_compiled_code()
         self.refresh()
 
+    def layout_undeclared(self, subscription: _Subscription, shape: tuple[int, ...]) -> None:
+        """Tell ``subscription``'s notice the shape, and silence the notices of its subscriber (once per monitor)."""
+        notice = subscription.undeclared_layout
+        for subs in self.subscriptions.values():
+            for sub in subs:
+                if sub.subscriber is subscription.subscriber:
+                    sub.undeclared_layout = None
+        if notice is not None:
+            notice(shape)
+
     def input_replaced(
         self, key: tuple[int, str], original: Any, replacement: Any, transform: Callable[[Any], Any]
     ) -> None:
         """A pre-hook ahead of the capture's (SeND's drop) replaced the input of tap ``key`` by ``replacement`` =
         ``transform(original)``: where ``original`` came out of a dropout, the read-through reads the dropout's input
         transformed alike (the zeroed features), as it would read ``original``'s."""
-        remembered = self.before_dropout.get(key)
-        if remembered is None or remembered[0] is None or first_tensor(remembered[0]) is not original:
-            return
-        if original._version != remembered[2] or not isinstance(replacement, torch.Tensor):
+        passages = self.before_dropout.get(key, {})
+        passage = passages.get(id(original))
+        stale = passage is None or original._version != passage[2]
+        if stale or not isinstance(replacement, torch.Tensor):
             return
         with torch.no_grad():  # no graph: inside activation checkpointing the recompute, which skips this, must match
-            read = transform(remembered[1])
-        self.before_dropout[key] = (replacement, read, replacement._version)
+            read = transform(passage[1])
+        passages[id(replacement)] = (replacement, read, replacement._version)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
@@ -678,6 +711,7 @@ class CaptureRegistry:
                 for dropout_handle in self._dropout_handles.pop(key, []):
                     dropout_handle.remove()
                 self.before_dropout.pop(key, None)
+                self.dropout_input_copies.pop(key, None)
         return len(self._handles) != hooked
 
     def _forget_compiled_code(self) -> None:
@@ -716,6 +750,7 @@ class CaptureRegistry:
         self._observe_first_forward_eagerly()
         if not self.observing:  # a dropout's tensors kept for a tap that did not run: not until the next due step
             self.before_dropout.clear()
+            self.dropout_input_copies.clear()
 
     def _observe_first_forward_eagerly(self) -> None:
         """Run observing forwards with ``torch.compiler.set_stance("force_eager")`` until a training forward has been
