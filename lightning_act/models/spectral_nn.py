@@ -39,10 +39,13 @@ class SpectralNN(nn.Module):
         hidden_sizes: widths of the hidden layers (default 128, 64).
         dropout: dropout after every PMish.
         beta_init: initial β of every PMish (1 = Mish).
+        num_classes: head size, timm's argument: 1 (default) gives one logit per pixel, ``N`` logits ``(..., N)``,
+            0 no head (the last hidden layer's features), as :meth:`reset_classifier` builds it.
     """
 
     def __init__(
-        self, in_bands: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.2, beta_init: float = 1.0
+        self, in_bands: int, hidden_sizes: Sequence[int] = (128, 64), dropout: float = 0.2, beta_init: float = 1.0,
+        num_classes: int = 1,
     ) -> None:
         super().__init__()
         if in_bands < 1 or not hidden_sizes or min(hidden_sizes) < 1:
@@ -50,14 +53,17 @@ class SpectralNN(nn.Module):
                 f"SpectralNN needs in_bands >= 1 and at least one positive hidden size, got in_bands={in_bands}, "
                 f"hidden_sizes={list(hidden_sizes)}; pass e.g. in_bands=64, hidden_sizes=[128, 64]"
             )
+        if num_classes < 0:
+            raise ConfigError(
+                f"SpectralNN num_classes={num_classes} must be >= 0 (0: no head); pass e.g. num_classes=1"
+            )
         widths = [in_bands, *hidden_sizes]
         self.in_bands = in_bands
         self.blocks = nn.ModuleList(
             SpectralBlock(w_in, w_out, dropout, beta_init) for w_in, w_out in itertools.pairwise(widths)
         )
         self.num_features = widths[-1]
-        self.num_classes = 1
-        self.head = nn.Linear(self.num_features, 1)
+        self.reset_classifier(num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

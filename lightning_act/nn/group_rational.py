@@ -205,6 +205,9 @@ def _runs_triton(x: torch.Tensor, *coefficients: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and not is_fake(x)
 
 
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # grads of autograd's own batched backward
+
+
 def _static_geometry(x3: torch.Tensor) -> tuple[int, int, int]:
     """``(rows, groups, width)`` of ``x3`` as ints. The launch plan (grids, tile flags) needs integers, so under
     dynamic shapes a symbolic size is specialised: a guard, and a new batch size recompiles."""
@@ -387,8 +390,12 @@ class GroupRationalFunction(torch.autograd.Function):
         grouped = ctx.grouped
         # Under create_graph=True (gradient penalties; torch.func always) the backward must itself be
         # differentiable: the kernels' outputs carry no graph, so autograd took grad_x for a constant and second
-        # derivatives came out wrong.
-        if _runs_triton(x, numerator, denominator) and not torch.is_grad_enabled():
+        # derivatives came out wrong. Autograd's batched grads (jacobian(vectorize=True), is_grads_batched) hand a
+        # legacy-vmap BatchedTensor, which has no storage for a kernel to read: the formula batches it.
+        if (
+            _runs_triton(x, numerator, denominator) and not torch.is_grad_enabled()
+            and not _is_legacy_batched(grad_y)
+        ):
             return *triton_backward(x, grad_y.contiguous(), numerator, denominator, ctx.config, grouped), None, None
         grad_x, grad_numerator, grad_denominator = _pytorch_backward(
             x.view(grouped), grad_y.reshape(grouped), numerator, denominator

@@ -149,7 +149,9 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
     file that registered ``model_name`` (timm's own, or ``lightning_act.models.kat.checkpoint_filter_fn`` for
     official KAT weights) is applied, as timm does for pretrained weights. A classifier whose shape differs (e.g.
     1000 ImageNet classes into a 10-class model; each of several, such as DeiT distilled's ``head`` and
-    ``head_dist``) is left at its fresh init so the weights can be fine-tuned; every other tensor must match (strict).
+    ``head_dist``) is left at its fresh init so the weights can be fine-tuned. A first convolution (the
+    ``pretrained_cfg``'s ``first_conv``) of another input-channel count is adapted as timm's pretrained loader adapts
+    it (:func:`adapt_input_convs`: RGB weights into a grayscale model). Every other tensor must match (strict).
     """
     import timm
 
@@ -176,6 +178,7 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
     state_dict = unwrap_state_dict(state_dict, model)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
+    adapt_input_convs(state_dict, model)
     own = model.state_dict()
     classifier_prefixes = tuple(f"{name}." for name in classifier_names(model))
     skipped = [
@@ -190,9 +193,51 @@ def load_timm_checkpoint(model: torch.nn.Module, model_name: str, checkpoint_pat
         raise DataFormatError(
             f"checkpoint '{checkpoint_path}' does not fit '{model_name}': {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected {unexpected[:3]}, {len(mismatched)} of other shape {mismatched[:3]}; "
-            "pass the --model.model_name (and model_kwargs) the checkpoint was trained with"
+            "pass the --model.model_name, --model.in_chans (and model_kwargs) the checkpoint was trained with"
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def adapt_input_convs(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Adapt, in ``state_dict``, the weight of ``model``'s first convolutions (its ``pretrained_cfg``'s ``first_conv``)
+    to the model's input channels when the checkpoint's differ, with ``timm.models.adapt_input_conv`` as timm's
+    ``pretrained=True`` loader does: the filters summed for one channel (grayscale fine-tuning from RGB weights), else
+    repeated and scaled by ``checkpoint channels / in_chans``. Only plain stems (a ``Conv2d`` whose input channels
+    are the model's ``in_chans``, ungrouped), where the weight's input dimension is the checkpoint's channel count;
+    any other mismatch is left to the caller's shape check."""
+    from timm.models import adapt_input_conv
+
+    names = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    modules = dict(model.named_modules())
+    for name in (names,) if isinstance(names, str) else names or ():
+        key = f"{name}.weight"
+        conv, weight = modules.get(name), state_dict.get(key)
+        plain_stem = (isinstance(conv, torch.nn.Conv2d) and conv.groups == 1
+                      and conv.in_channels == getattr(model, "in_chans", None))
+        if plain_stem and weight is not None and weight.ndim == 4 and weight.shape[1] != conv.in_channels:
+            state_dict[key] = adapt_input_conv(conv.in_channels, weight, base_chans=weight.shape[1])
+
+
+_PRETRAINED_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay")
+_TASK_KWARGS = ("num_classes", "in_chans")
+
+
+def check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
+    """One line for ``model_kwargs`` the task sets itself: it builds the timm model with ``pretrained=False`` (timm then
+    ignores a ``pretrained_cfg_overlay`` file: training started from random weights without a word, and
+    ``pretrained: true`` was a bare ``TypeError``), and with its own ``num_classes`` / ``in_chans``."""
+    pretrained = [key for key in _PRETRAINED_KWARGS if key in model_kwargs]
+    if pretrained:
+        raise ConfigError(
+            f"model_kwargs {', '.join(pretrained)}: the task builds the timm model without pretrained weights (timm "
+            "would ignore a pretrained config); load a local weights file with --model.checkpoint_path instead"
+        )
+    clashing = [key for key in _TASK_KWARGS if key in model_kwargs]
+    if clashing:
+        raise ConfigError(
+            f"model_kwargs {', '.join(clashing)}: the task's own argument; pass "
+            + " and ".join(f"--model.{key}" for key in clashing) + " instead"
+        )
 
 
 class ImageClassifier(ClassificationTask):
@@ -233,6 +278,7 @@ class ImageClassifier(ClassificationTask):
             raise LightningActError(
                 f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 (0 switches it off)"
             )
+        check_model_kwargs(model_kwargs or {})
         self.save_hyperparameters()
         import timm
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import (
     BinaryAUROC,
@@ -52,8 +53,8 @@ class SpectralTargetDetection(pl.LightningModule):
         hidden_sizes, dropout, beta_init: Spectral-NN architecture (see :class:`SpectralNN`).
         loss: ``"bce"`` (BCE with ``pos_weight``) or ``"focal"``.
         pos_weight: ``"sqrt"`` (√r, default), ``"auto"`` (r), with r the background/target ratio of
-            the training pixels read from the datamodule's ``pos_weight``; a number; or ``None``
-            for plain BCE.
+            the training pixels read from the datamodule's ``pos_weight`` (at every fit, and at validate / test
+            while no fit or checkpoint set it); a number; or ``None`` for plain BCE.
         focal_alpha, focal_gamma: focal-loss weighting of positives and focusing exponent.
         lr, weight_decay: AdamW settings (no decay on biases and PMish β).
 
@@ -85,7 +86,10 @@ class SpectralTargetDetection(pl.LightningModule):
             )
         self.save_hyperparameters()
         self.model = SpectralNN(in_bands, hidden_sizes, dropout, beta_init)
-        initial = 1.0 if pos_weight in (None, "auto", "sqrt") else float(pos_weight)
+        if pos_weight in ("auto", "sqrt"):
+            initial = math.nan  # unset until derived from the data (setup) or restored from a checkpoint
+        else:
+            initial = 1.0 if pos_weight is None else float(pos_weight)
         self.register_buffer("pos_weight", torch.tensor(initial))
         self.val_auroc, self.val_ap = BinaryAUROC(), BinaryAveragePrecision()
         self.test_auroc, self.test_ap = BinaryAUROC(), BinaryAveragePrecision()
@@ -102,14 +106,35 @@ class SpectralTargetDetection(pl.LightningModule):
                 f"the data has {bands} bands but the model was built for {self.hparams.in_bands}; "
                 f"set --model.in_bands {bands}"
             )
-        if self.hparams.pos_weight in ("auto", "sqrt") and stage == "fit":
+        # Every fit derives it from its training data, any other stage while it is unset (validate / test of a model not
+        # fitted in this process logged plain BCE, not comparable with the fit's val/loss). A checkpoint, restored
+        # after setup, still wins.
+        if self.hparams.pos_weight in ("auto", "sqrt") and (stage == "fit" or self.pos_weight.isnan()):
             ratio = getattr(datamodule, "pos_weight", None)
-            if ratio is None:
+            if ratio is not None:
+                self.pos_weight.fill_(float(ratio) ** (0.5 if self.hparams.pos_weight == "sqrt" else 1.0))
+            elif stage == "fit":
                 raise LightningActError(
                     f"pos_weight='{self.hparams.pos_weight}' needs a datamodule with a pos_weight attribute "
                     "(HyperspectralDataModule); pass --model.pos_weight NUMBER instead"
                 )
-            self.pos_weight.fill_(float(ratio) ** (0.5 if self.hparams.pos_weight == "sqrt" else 1.0))
+
+    def on_validation_start(self) -> None:
+        self._fall_back_to_plain_bce("val/loss")
+
+    def on_test_start(self) -> None:
+        self._fall_back_to_plain_bce("test/loss")
+
+    def _fall_back_to_plain_bce(self, key: str) -> None:
+        """Plain BCE, said in one warning, for an evaluation whose ``pos_weight`` neither data nor checkpoint gave
+        (a model never fitted, evaluated on bare dataloaders): √r / r of the training pixels is unknown there."""
+        if self.pos_weight.isnan():
+            rank_zero_warn(
+                f"{key} is plain BCE: pos_weight='{self.hparams.pos_weight}' needs the training pixels' "
+                "background/target ratio, and neither the data (a datamodule with pos_weight, e.g. "
+                "HyperspectralDataModule) nor a checkpoint gave it; pass --model.pos_weight NUMBER to weight it"
+            )
+            self.pos_weight.fill_(1.0)
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
         return self.model(spectra)
