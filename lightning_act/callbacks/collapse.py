@@ -41,16 +41,20 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import (
-    MEASURED, ActivationMonitor, Partials, check_int, check_number, current_tap_key, unmonitored_strategy,
+    MEASURED, ActivationMonitor, Partials, check_int, check_number, current_tap_key, training_step_index,
+    unmonitored_strategy,
 )
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
-from lightning_act.capture.selection import averaged_copy_modules, frozen_copies, module_class, named_modules
+from lightning_act.capture.selection import (
+    averaged_copy_modules, frozen_copies, has_lazy_parameters, module_class, named_modules,
+)
 from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
@@ -138,7 +142,7 @@ def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
             continue  # inside an outer copy
         shapes = [(n, p.shape) for n, p in module.named_parameters()]
         stack_layer = isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)) and any(
-            module_class(sibling) is module_class(module)
+            module_class(sibling) is module_class(module) and not has_lazy_parameters(sibling)
             and [(n, p.shape) for n, p in sibling.named_parameters()] == shapes
             and any(p.requires_grad for p in sibling.parameters())
             for sibling in parent.children()
@@ -336,6 +340,9 @@ class DimensionalCollapse(ActivationMonitor):
         self._sketch_draws: torch.Tensor | None = None
         self._weight_shapes: list[torch.Size] = []  # the shapes of the followed weights in the held snapshots
         self._frozen_copy_weights: list[torch.Tensor] = []  # the weights left out as frozen copies' (_select_params)
+        # the model had uninitialized (lazy) weights at fit start: the weights are chosen once its forward made them
+        self._choose_when_initialized = False
+        self._uninitialized_left_out: list[str] = []  # the candidates _select_params left out as still lazy
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
         # r90 of the kept snapshots, computed when they change (a device tensor until read, then a float)
         self._r90: torch.Tensor | float | None = None
@@ -664,11 +671,16 @@ class DimensionalCollapse(ActivationMonitor):
         shared by several modules (a tied LM head) is followed once, under the first name a glob matched. Keeps the
         weights it leaves out as frozen copies', whose training (:meth:`_trajectory_change`) makes it choose again."""
         self._frozen_copy_weights = []
-        named = _named_parameters(pl_module)
+        # a lazy module's weight before its first forward has no shape yet: left out, and named in
+        # _uninitialized_left_out when it would have been a candidate (see _follow_initialized)
+        lazy = {n: p for n, p in _named_parameters(pl_module).items() if is_lazy(p)}
+        named = {n: p for n, p in _named_parameters(pl_module).items() if not is_lazy(p)}
         forward = _forward_names(pl_module)
         # every name of every parameter: named_parameters() lists a shared one once, under its first name
-        every = [(clean_name(n), p) for n, p in pl_module.named_parameters(remove_duplicate=False)]
+        every = [(clean_name(n), p) for n, p in pl_module.named_parameters(remove_duplicate=False) if not is_lazy(p)]
         if self.param_patterns is not None:
+            self._uninitialized_left_out = [
+                n for n in lazy if any(fnmatch.fnmatchcase(n, g) for g in self.param_patterns)]
             names: list[str] = []
             seen: set[int] = set()
             for n, p in every:
@@ -678,7 +690,7 @@ class DimensionalCollapse(ActivationMonitor):
                 seen.add(id(p))
                 if name not in names:
                     names.append(name)
-            if self.param_patterns and not names:
+            if self.param_patterns and not names and not self._uninitialized_left_out:
                 shown = list(dict.fromkeys(forward.get(n, n) for n, _ in every))[:4]
                 raise ModuleSelectionError(
                     f"DimensionalCollapse: param_patterns={self.param_patterns!r} matched no parameter of "
@@ -694,6 +706,8 @@ class DimensionalCollapse(ActivationMonitor):
         self._frozen_copy_weights = [p for copy in _moving_copies(pl_module) for p in copy.parameters()]
         copies = {id(p) for m in pl_module.modules() if id(m) in averaged for p in m.parameters(recurse=False)}
         copies |= {id(p) for p in self._frozen_copy_weights}
+        self._uninitialized_left_out = [
+            n for n, p in lazy.items() if (not block_params or id(p) in block_params) and id(p) not in copies]
         matrices = list(dict.fromkeys(
             forward.get(n, n) for n, p in named.items()
             if p.dim() >= 2 and (not block_params or id(p) in block_params) and id(p) not in copies
@@ -795,7 +809,9 @@ class DimensionalCollapse(ActivationMonitor):
         if problem is not None:
             raise LightningActError(f"DimensionalCollapse: {problem}")
         # idle under FSDP1 and tensor parallelism, like its activation taps (see subscribe_taps' warning)
-        chosen = [] if unmonitored_strategy(trainer) is not None else self._select_params(pl_module)
+        idle = unmonitored_strategy(trainer) is not None
+        self._choose_when_initialized = not idle and self.param_patterns != [] and has_lazy_parameters(pl_module)
+        chosen = [] if idle or self._choose_when_initialized else self._select_params(pl_module)
         start = _fit_start_step(trainer)
         if self._snapshots and not self._trajectory_continues(pl_module, chosen):
             rank_zero_warn(
@@ -811,6 +827,34 @@ class DimensionalCollapse(ActivationMonitor):
         first = self._snapshot(pl_module) if self.param_names and not self._snapshots else None
         if first is not None:
             self._add_snapshot(start - 1, first)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """Choose the weights of a model with lazy modules once its first forward has made them, before the first
+        optimizer step moves them: the trajectory starts at the weights it trains from, as for any other model."""
+        if self._choose_when_initialized:
+            chosen = self._select_params(pl_module)
+            if not self._uninitialized_left_out:
+                self._follow_initialized(pl_module, chosen, training_step_index(trainer, pl_module) - 1)
+        super().on_before_backward(trainer, pl_module, loss)
+
+    def _follow_initialized(self, pl_module: pl.LightningModule, chosen: list[str], before_step: int | None) -> None:
+        """Follow the weights ``chosen`` of a model that had lazy modules at fit start, from a snapshot as of
+        ``before_step`` (the step before the one whose update is to come); None: at a due step's end, after its
+        update, with the weights still uninitialized (a lazy module that has not run) left out, said once."""
+        self._choose_when_initialized = False
+        self.param_names = chosen
+        left_out = self._uninitialized_left_out
+        if left_out:
+            rank_zero_warn(
+                f"DimensionalCollapse: {left_out[:3]}{' ...' if len(left_out) > 3 else ''} are still uninitialized "
+                "(lazy modules that have not run in a training step); params/r90 follows the other weights (run a "
+                "batch through the model in configure_model to include them)",
+                category=UserWarning,
+            )
+        self._weight_shapes = self._shapes(pl_module)
+        first = self._snapshot(pl_module) if self.param_names and before_step is not None else None
+        if first is not None:
+            self._add_snapshot(before_step, first)
 
     def _restart_trajectory(self) -> None:
         self._snapshots, self._snapshot_steps, self._snapshot_seen, self._snapshot_stride = [], [], 0, 1
@@ -876,6 +920,8 @@ class DimensionalCollapse(ActivationMonitor):
 
     def extra_statistics(self, trainer: pl.Trainer, step: int) -> dict[str, torch.Tensor | float]:
         """Snapshot the chosen weights at this due step and report the trajectory's r90."""
+        if self._choose_when_initialized:  # no backward has run yet, or lazy modules that have not run remain
+            self._follow_initialized(trainer.lightning_module, self._select_params(trainer.lightning_module), None)
         if not self.param_names:
             return {}
         if self._snapshot_seen % self._snapshot_stride == 0:

@@ -14,10 +14,13 @@ A *module spec* is one of:
   ``blocks.11``, every ResNet stage, encoder and decoder layers, ``layers``/``h``/``blocks``
   lists), i.e. the residual stream after each block; a stack is a ``ModuleList``/``Sequential`` of
   two or more non-leaf modules of one class (or a run of three or more between a stem and a tail, as
-  torchvision's MobileNet ``features``), and stacks nested inside a chosen stack are skipped; a plain module's
-  children are no stack (timm RegNet's ``s1.b1`` ...: select them by a glob);
+  torchvision's MobileNet ``features``; torchvision's ``IntermediateLayerGetter``, a ``ModuleDict``, is one too), or
+  one cut into bare ``Sequential`` parts (SSDLite's MobileNet), and stacks nested
+  inside a chosen stack are skipped; a plain module's children are no stack (timm RegNet's ``s1.b1`` ...: select
+  them by a glob);
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
-  models, else the last ``nn.Linear`` outside frozen copies of a trained module; a Hugging Face peft adapter layer
+  models, else the last ``nn.Linear`` outside frozen copies of a trained module and, while some parameter trains,
+  outside frozen networks with blocks (a distillation teacher); a Hugging Face peft adapter layer
   wrapping one, such as LoRA's, stands for it, as its input is the layer's input while its own ``lora_A``/``lora_B``
   Linears see the bottleneck), i.e. the penultimate features, named ``<head>-input``;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
@@ -54,6 +57,7 @@ from typing import Literal, Union
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
@@ -96,6 +100,9 @@ _PEFT_PROMPT_ENCODER_NAME = "prompt_encoder"
 # ``ConvReLU2d`` ...) are Sequentials whose activation is a child, tapped as one.
 _FUSED_ACTIVATION_PACKAGE = "torch.ao.nn.intrinsic.qat."
 _FUSED_ACTIVATION_NAME = re.compile(r"(ReLU|Tanh)([123]d)?$")
+# torchvision's ModuleDict that runs a backbone's children in order (see _is_stack_container), matched by name so
+# that torchvision is never imported.
+_ORDERED_DICT_CLASS_NAME = "IntermediateLayerGetter"
 
 PRESETS = ("@activations", "@blocks", "@penultimate")
 
@@ -282,23 +289,59 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
     return children[start:end]
 
 
+def _split_stack_members(parts: list[nn.Module]) -> list[nn.Module]:
+    """The blocks of one stack that a model cuts into bare Sequential/ModuleList parts (torchvision's SSDLite cuts
+    MobileNetV3's ``features`` in two at a feature map it returns): when the parts' runs between a stem and a tail
+    (:func:`_stack_members`) are of one class, that class's blocks in every part, as a part's run may be too short to
+    tell on its own (SSDLite's second half holds two); else none, and a run of parts each a whole stack stays one."""
+    if not parts or any(type(part) not in (nn.Sequential, nn.ModuleList) for part in parts):
+        return []
+    runs = [(part, _stack_members(list(part.children()))) for part in parts]
+    kinds = {module_class(_innermost_wrapped(b)) for part, run in runs if 0 < len(run) < len(part) for b in run}
+    if len(kinds) != 1:
+        return []
+    (kind,) = kinds
+    return [child for part in parts for child in part.children() if module_class(_innermost_wrapped(child)) is kind]
+
+
+def _is_stack_container(module: nn.Module) -> bool:
+    """Whether ``module`` runs its children in their order: a ModuleList/Sequential, or torchvision's
+    ``IntermediateLayerGetter`` (a ModuleDict of a backbone's children, in LRASPP, DeepLabV3 and Faster R-CNN). Other
+    ModuleDicts hold parallel branches as often (a head per task), and timm's ``features_only`` dict keeps its
+    stages' own stacks."""
+    return isinstance(module, (nn.ModuleList, nn.Sequential)) or (
+        isinstance(module, nn.ModuleDict) and type(module).__name__ == _ORDERED_DICT_CLASS_NAME)
+
+
+def _container_blocks(container: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The repeated blocks of one stack container (:func:`_is_stack_container`), under their names relative to it:
+    its children's (:func:`_stack_members`) or, where it holds a stack cut into parts, its grandchildren's
+    (:func:`_split_stack_members`)."""
+    named_children = list(container.named_children())
+    split = {id(c) for c in _split_stack_members([c for _, c in named_children])}
+    if split:
+        return [(f"{part_name}.{n}", c) for part_name, part in named_children for n, c in part.named_children()
+                if id(c) in split]
+    members = {id(c) for c in _stack_members([c for _, c in named_children])}
+    return [(n, c) for n, c in named_children if id(c) in members]
+
+
 def _repeated_blocks(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks (:func:`_stack_members`) of every outermost ModuleList/Sequential that has some."""
+    """The repeated blocks (:func:`_container_blocks`) of every outermost stack container that has some."""
     blocks: list[tuple[str, nn.Module]] = []
     inside: set[int] = set()
     by_name = dict(modules)
     for stack_name, module in modules:
-        if id(module) in inside or not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        if id(module) in inside or not _is_stack_container(module):
             continue
-        named_children = list(module.named_children())
-        members = {id(c) for c in _stack_members([c for _, c in named_children])}
+        members = _container_blocks(module)
         # a wrapped block (checkpoint_wrapper, per-block torch.compile) is tapped as the user's block under its name
-        names = [clean_name(f"{stack_name}.{n}" if stack_name else n) for n, c in named_children if id(c) in members]
+        names = [clean_name(f"{stack_name}.{n}" if stack_name else n) for n, _ in members]
         found = [(name, by_name[name]) for name in names if name in by_name]  # a preset's candidates: hookable ones
         if not found:
             continue
         blocks.extend(found)
-        inside.update(id(m) for _, c in named_children for m in c.modules())
+        inside.update(id(m) for m in module.modules() if m is not module)
     return blocks
 
 
@@ -391,12 +434,20 @@ def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module
     return left_out | _only_inside(model, originals)
 
 
+def has_lazy_parameters(module: nn.Module) -> bool:
+    """Whether a parameter of ``module`` is still uninitialized (a lazy module, ``nn.LazyLinear`` ..., before its first
+    forward): it has no shape yet, and reading one raises."""
+    return any(is_lazy(p) for p in module.parameters())
+
+
 def frozen_copies(modules: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of the modules inside a frozen copy: a module with children none of whose parameters trains, beside one of
     the same class and parameter shapes whose parameters do (a hand-made EMA, a mean or self-distillation teacher).
     As of timm-style models (:func:`_head_owners`), the head of the trained one is the model's."""
     alike: dict[tuple[type, tuple[tuple[str, torch.Size], ...]], list[nn.Module]] = {}
     for _, module in modules:
+        if has_lazy_parameters(module):  # no shape to compare yet (nn.LazyLinear before its first forward)
+            continue
         shapes = tuple((n, p.shape) for n, p in module.named_parameters())
         if shapes and any(True for _ in module.children()):
             alike.setdefault((module_class(module), shapes), []).append(module)
@@ -439,7 +490,30 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_ou
     inside_wrappers = {id(m) for _, w in modules if _peft_wrapped(w) is not None for m in w.modules() if m is not w}
     outside = inside_headless | frozen_copies(modules) | inside_wrappers
     linears = [(n, m) for n, m in modules if isinstance(_innermost_wrapped(m), nn.Linear) and id(m) not in outside]
+    # as of timm-style owners, a Linear of a trained part before one inside a frozen network (a distillation teacher)
+    frozen = _frozen_parts(modules)
+    trained = [(n, m) for n, m in linears if id(m) not in frozen]
+    linears = trained or linears
     return [Tap(f"{linears[-1][0]}{INPUT_TAP_SUFFIX}", linears[-1][1], "input")] if linears else []
+
+
+def _frozen_parts(modules: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of the modules inside a frozen network of a model that trains: a module none of whose parameters trains
+    that holds a stack of blocks (:func:`_container_blocks`; a knowledge-distillation teacher,
+    ``requires_grad_(False)``, of any shape), while some parameter of the model does. A frozen head stays, a single
+    layer or a few (a LoRA-tuned causal LM's ``lm_head``, a masked LM's ``cls.predictions``, a fixed classifier):
+    still the head that the trained features feed."""
+    if not any(p.requires_grad for _, m in modules for p in m.parameters(recurse=False)):
+        return set()
+    frozen: set[int] = set()
+    for _, module in modules:
+        if id(module) in frozen or not any(True for _ in module.children()):
+            continue
+        parameters = list(module.parameters())
+        holds_stack = any(_is_stack_container(m) and _container_blocks(m) for m in module.modules())
+        if parameters and not any(p.requires_grad for p in parameters) and holds_stack:
+            frozen |= {id(m) for m in module.modules()}
+    return frozen
 
 
 def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.Module]] | None = None) -> list[Tap]:
