@@ -16,8 +16,11 @@ a large buffer is not copied, and one a probe wrote in place is said once by nam
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
+import itertools
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,9 +30,15 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
+from lightning_act.data.sampler_padding_index import (
+    distributed_sampler,
+    padding_indices,
+    padding_rows,
+    recording_indices,
+)
 from lightning_act.errors import LightningActError
 from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.reduce import all_gather_packed, distributed_world_size
@@ -62,10 +71,61 @@ def resolve_forward_fn(owner: str, forward_fn: ForwardFn | str | None) -> Forwar
     return forward_fn
 
 
-def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any) -> Any:
-    """``forward_fn(pl_module, batch)``; a failure becomes one line naming the fix."""
+#: Inside :func:`probing`: the seeds of its next forwards, one each, and the CUDA devices its RNG fork holds.
+_forward_seeds: contextvars.ContextVar[tuple[Iterator[int], list[int]] | None] = contextvars.ContextVar(
+    "probe_forward_seeds", default=None
+)
+
+
+@contextlib.contextmanager
+def forward_seeds(seeds: Iterator[int]) -> Iterator[None]:
+    """Inside (and inside :func:`probing`), the probe forwards take their seeds from ``seeds`` instead: a pass of
+    its own random draws, such as SensitiveNeurons' stochastic EigenScore passes."""
+    held = _forward_seeds.get()
+    token = _forward_seeds.set((seeds, [] if held is None else held[1]))
     try:
-        return forward_fn(pl_module, batch)
+        yield
+    finally:
+        _forward_seeds.reset(token)
+
+
+def _seed_forward() -> None:
+    """Seed the global RNG (CPU, and the forked CUDA device) for the next probe forward, inside :func:`probing`'s RNG
+    fork: forward k of a probe pass draws the same noise at every probe (a VAE's sampling in eval mode, a diffusion
+    model's timestep, stochastic depth written with ``torch.rand``), not whatever the training left the RNG at, and
+    a forward ended early by the cutoff does not move the next one's. Not while a CUDA graph is being captured, whose
+    replays draw from the graph's own offsets."""
+    held = _forward_seeds.get()
+    if held is None:
+        return
+    seeds, devices = held
+    if devices and torch.cuda.is_current_stream_capturing():
+        return
+    seed = next(seeds)
+    torch.default_generator.manual_seed(seed)
+    for index in devices:
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
+#: Inside :func:`own_passes`: the cutoff its probe forwards run under.
+_probe_cutoff: contextvars.ContextVar[ForwardCutoff | None] = contextvars.ContextVar("probe_cutoff", default=None)
+
+#: The owners said once to run their probe forwards whole for a model that writes its parameters in a forward.
+_cutoff_off_warned: set[str] = set()
+
+
+def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any) -> Any:
+    """``forward_fn(pl_module, batch)``, seeded where a probe runs it (:func:`_seed_forward`); a failure becomes one
+    line naming the fix. A whole forward of a probe's first pass that writes a parameter in place (a model that swaps
+    its EMA weights in for an eval forward and back after it) turns the probe's cutoff off, said once: an ended forward
+    would skip the code after the last tap that puts them back, and training would go on from the swapped weights."""
+    _seed_forward()
+    cutoff = _probe_cutoff.get()
+    if cutoff is not None and not (cutoff.enabled and cutoff.expected is None):
+        cutoff = None  # no whole forward of a first pass to watch
+    versions = [p._version for p in pl_module.parameters()] if cutoff is not None else []
+    try:
+        output = forward_fn(pl_module, batch)
     except LightningActError:
         raise
     except Exception as error:  # the user's model or function: report it in one line
@@ -74,6 +134,17 @@ def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch:
             f"{owner}: running the model on a probe batch failed ({type(error).__name__}: {first_line}); "
             "pass forward_fn=<a function (pl_module, batch) that runs your model on one validation batch>"
         ) from error
+    if cutoff is not None and versions != [p._version for p in pl_module.parameters()]:
+        cutoff.enabled = False
+        if owner not in _cutoff_off_warned:
+            _cutoff_off_warned.add(owner)
+            rank_zero_warn(
+                f"{owner}: the model's forward writes its parameters in place in eval mode (an EMA swap, say), so "
+                "its probe forwards run whole, not ended after the last tapped module (stop_after_taps has no effect "
+                "for it): an ended forward would skip the code that puts them back",
+                category=UserWarning,
+            )
+    return output
 
 
 #: What a monitor can do without validation data, said where the validation loader is empty.
@@ -83,6 +154,13 @@ PROBE_ALTERNATIVES: dict[str, str] = {
 }
 
 
+#: The dataset indices of each batch a probe last read from a sharded loader (:func:`validation_batches`).
+_indices_read: weakref.WeakKeyDictionary[Any, list[list[int]]] = weakref.WeakKeyDictionary()
+
+#: The owners said once that a sharded loader's padding could not be told by index.
+_unknown_indices_warned: set[str] = set()
+
+
 def validation_batches(
     trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool], loaders: list[Any] | None = None
 ) -> list[Any]:
@@ -90,7 +168,8 @@ def validation_batches(
 
     The batches come from the user's own ``val_dataloader`` (not Lightning's sharded copy), read under
     ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG. The loader they came
-    from is appended to ``loaders`` when given.
+    from is appended to ``loaders`` when given. Where it shards the data with a ``DistributedSampler``, each batch's
+    dataset indices are noted as it is read (:func:`batch_indices`), for telling the sampler's padding by index.
     """
     source = trainer.fit_loop.epoch_loop.val_loop._data_source
     if source.instance is None or not source.is_defined():
@@ -103,33 +182,19 @@ def validation_batches(
         loader = first_loader(source.dataloader())
         if loaders is not None:
             loaders.append(loader)
-        for batch in loader:
-            batches.append(batch)
-            if enough(batches):
-                break
+        with recording_indices(loader) as record:
+            for batch in loader:
+                batches.append(batch)
+                if enough(batches):
+                    break
+    if record is not None:
+        _indices_read[loader] = record[: len(batches)]
     if not batches:
         raise LightningActError(
             f"{owner}: the validation dataloader is empty (a validation split of 0 examples?), so there is nothing to "
             f"probe; give the fit validation data{PROBE_ALTERNATIVES.get(owner, '')}"
         )
     return batches
-
-
-def distributed_sampler(loader: Any) -> DistributedSampler | None:
-    """The ``DistributedSampler`` a loader shards one dataset with (as its sampler or its batch sampler's), if any. A
-    loader without one that still gives each rank other batches reads a dataset of its own per rank (pre-sharded
-    files): its examples are all distinct, none is padding."""
-    for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        if isinstance(sampler, DistributedSampler):
-            return sampler
-    return None
-
-
-def sampled_dataset_size(loader: Any) -> int | None:
-    """Examples in the dataset a loader's ``DistributedSampler`` shards, where it has one (``None`` otherwise): the
-    size of the ranks' union without the sampler's padding."""
-    sampler = distributed_sampler(loader)
-    return None if sampler is None else len(sampler.dataset)  # type: ignore[arg-type]
 
 
 def first_batch_tensor(batch: Any) -> torch.Tensor | None:
@@ -143,49 +208,88 @@ def first_batch_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
+def _per_example_lists(batch: Any) -> bool:
+    """Whether a batch is lists of one item per example, the first of tensors (the inputs): ``tuple(zip(*examples))``."""
+    return (
+        isinstance(batch, (list, tuple)) and bool(batch)
+        and all(isinstance(item, (list, tuple)) and not hasattr(item, "_fields") for item in batch)  # not fields
+        and len({len(item) for item in batch}) == 1 and all(isinstance(x, torch.Tensor) for x in batch[0])
+    )
+
+
 def num_examples(batch: Any, axis: int = 0) -> int:
-    """Examples in a batch: the length of its first tensor (the inputs) along ``axis``."""
+    """Examples in a batch: the length of its first tensor (the inputs) along ``axis``; in a batch of per-example lists
+    (``collate_fn=lambda b: tuple(zip(*b))``, as torchvision's detection models take a list of images of any size)
+    the lists' length (before round 23 the first image's channels were counted)."""
+    if _per_example_lists(batch):
+        return len(batch[0])
     tensor = first_batch_tensor(batch)
     if tensor is None:
         return 0
     return tensor.shape[axis] if tensor.dim() > axis else 1
 
 
+def batch_indices(batches: list[Any], loader: Any) -> list[list[int]] | None:
+    """The dataset indices of each of ``batches``, the first batches read from ``loader``: as noted while
+    :func:`validation_batches` read them, else (batches read by the caller, under ``fork_rng`` from the global RNG state
+    of now) by reading the loader again under ``fork_rng`` from this state, which gives the same batches even from a
+    batch sampler that shuffles per pass (before round 23 a second pass of the batch sampler, outside ``fork_rng``,
+    gave another order and moved the training's RNG). ``None`` where they cannot be known
+    (:func:`~lightning_act.data.sampler_padding_index.recording_indices`)."""
+    record = _indices_read.get(loader) if isinstance(loader, DataLoader) else None
+    if record is not None and len(record) == len(batches):
+        return record
+    with torch.random.fork_rng(devices=[]), recording_indices(loader) as record:
+        if record is None:
+            return None
+        for _ in zip(range(len(batches)), loader, strict=False):
+            pass
+    return record[: len(batches)] if len(record) >= len(batches) else None
+
+
 def without_sampler_padding(batches: list[Any], loader: Any, owner: str) -> list[Any]:
     """This rank's first ``batches`` from a loader that shards the data itself, without the examples its
-    ``DistributedSampler`` repeats to pad a dataset that does not divide among the ranks: this rank's k-th example is
-    the sampler's position k·W + r, a repeat from the dataset's size on. A batch holds the examples its batch sampler
-    put in it, counted by going through the batch sampler once more (the ``DistributedSampler``'s order is fixed for
-    the epoch), not as its tensors' rows: a graph collate makes one batch of 4 graphs ~20 node rows, and a bucketing
-    batch sampler fills batches of 2, 3, 2 under a ``batch_size`` of 4; without a batch sampler over that sampler,
-    its inputs' rows. A batch holding repeats is cut along the first axis of each of
-    its tensors as long as its inputs, where its inputs' first axis has the batch's examples; otherwise (graphs,
-    packed sequences) it is kept whole, said once, its repeats counted twice (before round 22 its node rows were cut,
-    and the probe forward failed on edges naming the nodes cut off). Batches left empty are dropped. A loader without
-    a ``DistributedSampler`` (a dataset per rank) repeats nothing: its batches are kept whole (before round 21 they
-    were cut to the positions a sampler over the rank's own dataset would have kept, about 1/W of each rank's
-    examples)."""
+    ``DistributedSampler`` repeats to pad a dataset that does not divide among the ranks, told by their dataset indices
+    (:func:`batch_indices`; :mod:`lightning_act.data.sampler_padding_index`): a batch sampler that reorders its
+    sampler's indices puts a repeat in any batch (before round 23 the repeats were taken to be the rank's last
+    examples, and a longest-first bucketing sampler measured the repeat and cut a real example). A batch's examples are
+    its indices, not its tensors' rows (a graph collate makes one batch of 4 graphs ~20 node rows). A batch holding
+    repeats is cut along the first axis of each of its tensors as long as its inputs, where its inputs' first axis has
+    the batch's examples; otherwise (graphs, packed sequences) it is kept whole, said once, its repeats counted twice.
+    Batches of repeats alone are dropped. Where the indices cannot be known the batches are kept whole, said once. A
+    loader without a ``DistributedSampler`` (a dataset per rank) repeats nothing: its batches are kept whole."""
     sampler = distributed_sampler(loader)
     if sampler is None or sampler.num_replicas == 1:
         return batches
-    size = min(len(sampler.dataset), sampler.total_size)  # type: ignore[arg-type]  # drop_last: no padding
-    left = len(range(sampler.rank, size, sampler.num_replicas))
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    counts = [len(indices) for indices in batch_sampler] if getattr(batch_sampler, "sampler", None) is sampler else None
+    padding = padding_indices(sampler)
+    if not padding:
+        return batches
+    indices = batch_indices(batches, loader)
+    if indices is None:
+        if owner not in _unknown_indices_warned:
+            _unknown_indices_warned.add(owner)
+            warnings.warn(
+                f"{owner}: rank {sampler.rank}'s probe loader ({type(loader).__name__}) does not tell the dataset "
+                f"indices of its batches, so the {len(padding)} examples its DistributedSampler repeats to pad the "
+                "validation set cannot be told apart: every probe batch is measured whole, the repeats counted twice "
+                "(pass a torch DataLoader with in_order=True, DistributedSampler(..., drop_last=True), or a "
+                "validation set that divides among the ranks)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return batches
     kept: list[Any] = []
-    for index, batch in enumerate(batches):
-        if left <= 0:
-            break
-        rows = num_examples(batch)
-        count = rows if counts is None or index >= len(counts) else counts[index]
-        if count <= left:
+    for batch, repeats in zip(batches, padding_rows(indices, padding), strict=True):
+        count, rows = len(repeats), num_examples(batch)
+        if not any(repeats):
             kept.append(batch)
+        elif all(repeats):
+            continue
         elif rows == count:
-            kept.append(_first_examples(batch, count, left))
+            kept.append(_without_rows(batch, torch.tensor(repeats)))
         else:
             kept.append(batch)
-            _warn_repeats_kept(owner, sampler.rank, count, left, rows)
-        left -= count
+            _warn_repeats_kept(owner, sampler.rank, count, count - sum(repeats), rows)
     return kept
 
 
@@ -202,9 +306,15 @@ def _warn_repeats_kept(owner: str, rank: int, count: int, real: int, rows: int) 
     )
 
 
-def _first_examples(batch: Any, count: int, keep: int) -> Any:
-    """The first ``keep`` of a batch's ``count`` examples: its tensors as long as the inputs, cut."""
-    return apply_to_collection(batch, torch.Tensor, lambda t: t[:keep] if t.dim() and t.shape[0] == count else t)
+def _without_rows(batch: Any, repeats: torch.Tensor) -> Any:
+    """A batch without the examples flagged in ``repeats``: its tensors as long as the inputs, cut; a batch of
+    per-example lists (:func:`num_examples`), each list cut."""
+    keep = ~repeats
+    if _per_example_lists(batch):
+        return type(batch)(type(item)(x for x, kept in zip(item, keep.tolist(), strict=True) if kept) for item in batch)
+    return apply_to_collection(
+        batch, torch.Tensor, lambda t: t[keep.to(t.device)] if t.dim() and t.shape[0] == len(keep) else t
+    )
 
 
 def batch_tensors(batch: Any) -> Iterator[torch.Tensor]:
@@ -263,7 +373,20 @@ def own_passes(
     """A probe's forwards handed to its own monitor alone (:meth:`CaptureRegistry.exclusive`): another monitor armed
     for the training step (a due step's monitors stay armed until its backward, or to its end under manual
     optimization) must not count them. Run each forward through ``cutoff.forward`` to end it after the last tap."""
-    return contextlib.nullcontext() if registry is None else registry.exclusive(subscriber, cutoff)
+    if registry is None:
+        return contextlib.nullcontext()
+    return _with_cutoff(registry.exclusive(subscriber, cutoff), cutoff)
+
+
+@contextlib.contextmanager
+def _with_cutoff(exclusive: contextlib.AbstractContextManager[None], cutoff: ForwardCutoff | None) -> Iterator[None]:
+    """``exclusive``, with ``cutoff`` known to :func:`call_forward` meanwhile."""
+    token = _probe_cutoff.set(cutoff)
+    try:
+        with exclusive:
+            yield
+    finally:
+        _probe_cutoff.reset(token)
 
 
 #: A buffer up to this size is copied before a probe's passes whatever its module: a counter or a small table a
@@ -360,7 +483,8 @@ def _reshard(pl_module: nn.Module) -> None:
 
 @contextlib.contextmanager
 def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, no_grad, the precision context and a forked RNG; every train/eval flag and buffer restored.
+    """Eval mode, no_grad, the precision context and a forked RNG, each forward inside seeded with its place in the
+    pass (:func:`_seed_forward`); every train/eval flag and buffer restored.
 
     PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
     gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
@@ -369,12 +493,15 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     flags = {module: module.training for module in pl_module.modules()}
     fast_path = torch.backends.mha.get_fastpath_enabled()
     context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+    devices = _rng_devices(device)
+    token = _forward_seeds.set((itertools.count(), devices))
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with buffers_kept(pl_module), torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)), context:
+        with buffers_kept(pl_module), torch.no_grad(), torch.random.fork_rng(devices=devices), context:
             pl_module.eval()
             yield
     finally:
+        _forward_seeds.reset(token)
         torch.backends.mha.set_fastpath_enabled(fast_path)
         for module, flag in flags.items():
             module.train(flag)

@@ -23,22 +23,26 @@ passes are identical (so the deterministic pass is reused instead of rerun), Σ 
 score sits near ``(K − 1)/K · log α``.
 
 No perturbation: the passes run under ``torch.no_grad`` and ``torch.random.fork_rng`` (the
-dropout masks come from a seed that depends only on ``seed`` and the checkpoint index), every
+dropout masks come from a seed that depends only on ``seed`` and the checkpoint index; each forward of the
+deterministic pass is seeded with its batch's place, so a model that samples in eval mode, a VAE, draws the same noise
+at every checkpoint), every
 module's train/eval flag is restored, and every buffer is put back (eval mode leaves BatchNorm statistics alone, not
 a quantization-aware model's observers). With
 ``drop=False`` training is bit-for-bit the same as without the callback.
 
 DDP: the tracking set is taken from the validation dataloader itself (not Lightning's
 distributed copy of it), so every rank holds the same inputs; if the user's loader shards the
-data itself, the ranks' inputs are gathered and interleaved into one set (padded batches of different lengths:
-gathered whole, rank by rank). The weights are the
+data itself, the ranks' inputs are gathered without its ``DistributedSampler``'s padding (told by dataset index) and
+put in the sampler's order into one set (padded batches of different lengths: gathered whole, rank by rank). The weights are the
 same on every rank, and rank 0's embeddings are broadcast anyway, so the windows, sets and drop
 masks are identical on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -71,15 +75,16 @@ from lightning_act.callbacks.graphed_pass import GraphedPass, strategy_allows_gr
 from lightning_act.callbacks.history import BoundedSeries
 from lightning_act.callbacks.probe import (
     ForwardFn,
+    batch_indices,
     batch_tensors,
     call_forward,
     first_batch_tensor,
+    forward_seeds,
     num_examples,
     own_passes,
     probing,
     resolve_forward_fn,
     same_on_every_rank,
-    sampled_dataset_size,
     to_device,
     validation_batches,
 )
@@ -93,6 +98,12 @@ from lightning_act.capture.registry import (
     leave_module,
     model_output_field,
     register_monitor_hook,
+)
+from lightning_act.data.sampler_padding_index import (
+    distributed_sampler,
+    padding_indices,
+    padding_rows,
+    real_in_shard,
 )
 from lightning_act.errors import DataFormatError, LightningActError
 from lightning_act.stats.eigenscore import (
@@ -228,6 +239,39 @@ def _drops_anything(module: nn.Module) -> bool:
     return probability is None or float(probability) > 0
 
 
+def _without_padding(
+    local: list[torch.Tensor], axis: int, loader: Any
+) -> tuple[list[torch.Tensor], list[int] | None, int | None]:
+    """This rank's tracking inputs without its ``DistributedSampler``'s padding, each row's position in the sampler's
+    global order (rank r's k-th entry at k·W + r), and the dataset's size; ``(local, None, None)`` without a
+    ``DistributedSampler``. Where the batches' dataset indices cannot be known (:func:`~lightning_act.callbacks.probe.
+    batch_indices`), or a batch's rows are not its examples, the inputs are kept as read, said once."""
+    sampler = distributed_sampler(loader)
+    if sampler is None:
+        return local, None, None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    indices = batch_indices(local, loader)
+    if indices is None or any(len(rows) != x.shape[axis] for rows, x in zip(indices, local, strict=True)):
+        rank_zero_warn(
+            "SensitiveNeurons: the sharded validation loader does not tell the dataset index of each tracking example "
+            "(not a torch DataLoader, in_order=False, or batches whose rows are not examples), so the examples its "
+            "DistributedSampler repeats are taken to be each rank's last and the ranks' examples interleaved in the "
+            "order read (pass tracking_inputs=<tensor> for a set that does not depend on the loader)",
+            category=UserWarning,
+        )
+        return local, None, size
+    own = list(sampler)
+    place = {index: k * sampler.num_replicas + sampler.rank for k, index in enumerate(own[: real_in_shard(sampler)])}
+    kept: list[torch.Tensor] = []
+    positions: list[int] = []
+    for x, rows, repeats in zip(local, indices, padding_rows(indices, padding_indices(sampler)), strict=True):
+        real = [j for j, repeat in enumerate(repeats) if not repeat]
+        if real:
+            kept.append(x if len(real) == len(rows) else x.index_select(axis, torch.tensor(real, device=x.device)))
+            positions += [place[rows[j]] for j in real]
+    return kept, positions, size
+
+
 class FeatureDrop(MonitorHook):
     """Forward (pre-)hooks zeroing fixed feature indices in training mode; a copy of the model (an EMA or teacher
     deep-copied mid-fit, a saved snapshot) carries them detached, and they leave it at its first forward
@@ -341,7 +385,8 @@ class SensitiveNeurons(FitScopedState):
         stop_after_taps: end each tracking forward once every tracked module has run (the first checkpoint's
             pass runs whole and records them; see :class:`~lightning_act.capture.registry.ForwardCutoff`): the head
             after the penultimate features, a language model's vocabulary projection, is not computed. The same
-            values. ``False`` for a model whose forward calls a tracked module a data-dependent number of times.
+            values. A model whose forward writes its parameters in place (EMA weights swapped in and back) runs whole,
+            said once. ``False`` for a model whose forward calls a tracked module a data-dependent number of times.
 
     A "step" is an optimizer step under automatic optimization and a training batch under manual
     optimization, as for every monitor.
@@ -616,7 +661,7 @@ class SensitiveNeurons(FitScopedState):
         self._input_axis = axis
         if same_on_every_rank(inputs, device):
             return self._join([inputs], axis, self.num_samples)
-        return self._union_over_ranks(inputs, axis, sampled_dataset_size(loaders[0]), device)
+        return self._union_over_ranks(inputs, axis, loaders[0], device)
 
     def _whole_validation_batches(
         self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device
@@ -671,44 +716,60 @@ class SensitiveNeurons(FitScopedState):
         )
         return 0
 
-    def _join(self, shards: list[list[torch.Tensor]], axis: int, limit: int) -> list[torch.Tensor]:
+    def _join(
+        self, shards: list[list[torch.Tensor]], axis: int, limit: int, positions: list[list[int]] | None = None
+    ) -> list[torch.Tensor]:
         """The tracking batches from the input batches of each rank (one list: one rank, or every rank the same):
-        the first ``limit`` examples, rank r's k-th at position k·W + r (the order of an unshuffled
-        ``DistributedSampler``).
+        the ``limit`` examples first in the loader's order, ``positions`` giving each rank's rows' places in it (by
+        default rank r's k-th at k·W + r, the order of an unshuffled ``DistributedSampler`` read in its own order).
 
-        Inputs of one shape apart from the sample axis are joined along it, and re-split into ``batch_size``
-        examples. Inputs that are not (a padding collate: each batch as long as its longest sequence) cannot be
-        joined: the batches stay whole, each example with its batch's padding at every checkpoint, cut to the
-        examples kept (then grouped by rank)."""
+        Inputs of one shape apart from the sample axis are joined along it in that order, and re-split into
+        ``batch_size`` examples. Inputs that are not (a padding collate: each batch as long as its longest sequence)
+        cannot be joined: the batches stay whole, each example with its batch's padding at every checkpoint, cut to
+        the examples kept (then grouped by rank)."""
         tensors = [x for shard in shards for x in shard]
+        if positions is None:
+            positions = [
+                [k * len(shards) + rank for k in range(sum(x.shape[axis] for x in shard))]
+                for rank, shard in enumerate(shards)
+            ]
+        first = sorted((place, rank, k) for rank, places in enumerate(positions) for k, place in enumerate(places))
+        first = first[:limit]
         shape = _other_dims(tensors[0], axis)
         if all(_other_dims(x, axis) == shape for x in tensors):
             per_rank = [torch.cat(shard, axis).movedim(axis, 0) for shard in shards]
-            order = [rows[k] for k in range(max(len(rows) for rows in per_rank)) for rows in per_rank if k < len(rows)]
-            return list(torch.stack(order[:limit]).movedim(0, axis).split(self.batch_size, axis))
+            order = [per_rank[rank][k] for _, rank, k in first]
+            return list(torch.stack(order).movedim(0, axis).split(self.batch_size, axis))
+        chosen = {(rank, k) for _, rank, k in first}
         kept: list[torch.Tensor] = []
         for rank, shard in enumerate(shards):
-            left = len(range(rank, limit, len(shards)))  # its examples k with k·W + rank < limit
+            offset = 0
             for x in shard:
-                if left > 0:
-                    kept.append(x.narrow(axis, 0, min(left, x.shape[axis])))
-                    left -= kept[-1].shape[axis]
+                rows = [j for j in range(x.shape[axis]) if (rank, offset + j) in chosen]
+                offset += x.shape[axis]
+                if rows:
+                    kept.append(x if len(rows) == x.shape[axis] else x.index_select(axis, torch.tensor(rows, device=x.device)))
         return kept
 
     def _union_over_ranks(
-        self, local: list[torch.Tensor], axis: int, size: int | None, device: torch.device
+        self, local: list[torch.Tensor], axis: int, loader: Any, device: torch.device
     ) -> list[torch.Tensor]:
         """The same tracking set on every rank from a loader that shards the data itself: the ranks' input batches
         gathered (as objects: padded batches differ in shape) and joined in the original order, the first
-        ``num_samples`` kept. ``size``: the examples of the dataset a ``DistributedSampler`` shards, which pads a
-        dataset that does not divide among the ranks with its first examples again; the set keeps at most ``size``, so
-        it matches a one-process run. ``None``: each rank reads a dataset of its own (pre-sharded files), whose
-        examples are all distinct (before round 21 each rank cut the union to its own dataset's size: the ranks
-        tracked different sets)."""
+        ``num_samples`` kept. A ``DistributedSampler`` pads a dataset that does not divide among the ranks by repeating
+        some of its examples: each rank leaves its repeats out, told by dataset index (:func:`_without_padding`), and
+        places its rows in the sampler's global order, whatever order its batch sampler gave them in (before round
+        23 the repeats were taken to be each rank's last examples: a longest-first bucketing sampler tracked a repeat
+        and lost a real example). Where the indices cannot be known the union is cut at the dataset's size instead.
+        Without a ``DistributedSampler`` each rank reads a dataset of its own (pre-sharded files), whose examples are
+        all distinct."""
+        local, positions, size = _without_padding(local, axis, loader)
         shards: list[Any] = [None] * distributed_world_size()
-        dist.all_gather_object(shards, [x.cpu() for x in local])
-        total = sum(x.shape[axis] for shard in shards for x in shard)
-        joined = self._join(shards, axis, min(self.num_samples, size or total))
+        dist.all_gather_object(shards, ([x.cpu() for x in local], positions))
+        inputs = [shard for shard, _ in shards]
+        total = sum(x.shape[axis] for shard in inputs for x in shard)
+        places = None if any(places is None for _, places in shards) else [places for _, places in shards]
+        joined = self._join(inputs, axis, min(self.num_samples, size or total), places)
         return [x.to(device) for x in joined]
 
     def _batch_inputs(self, batch: Any) -> torch.Tensor:
@@ -725,7 +786,8 @@ class SensitiveNeurons(FitScopedState):
             return batch[self.input_key]
         raise DataFormatError(
             f"SensitiveNeurons: cannot find the model input in a validation batch of type {type(batch).__name__}; "
-            "pass tracking_inputs=<tensor>"
+            "pass forward_fn=<a function (pl_module, batch) that runs your model on one validation batch> (a list of "
+            "images of different sizes, a detection model's), or tracking_inputs=<tensor>"
         )
 
     # ------------------------------------------------------------------ scheduling
@@ -803,14 +865,16 @@ class SensitiveNeurons(FitScopedState):
         def one_pass(seed: int | None = None) -> dict[str, torch.Tensor]:
             collected.clear()
             calls_after: list[dict[int, int]] = []  # per tracking batch, each tap's calls collected after its forward
-            for index, batch in enumerate(self._batches):
-                if seed is not None:
-                    # Each forward of a stochastic pass seeded on its own: its dropout masks do not depend on how far
-                    # the forward before it ran (stop_after_taps ends one before a dropout after the last tap draws).
-                    torch.manual_seed(seed * len(self._batches) + index)
-                forward = functools.partial(call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch)
-                self._cutoff.forward(forward)
-                calls_after.append({i: len(calls) for i, calls in collected.items()})
+            # Each forward seeded on its own (by probing, the clean pass's with its batch's place; a stochastic pass's
+            # here): its draws do not depend on how far the forward before it ran (stop_after_taps ends one before a
+            # dropout after the last tap draws), and the clean pass of a model sampling in eval mode (a VAE) draws
+            # the same at every checkpoint.
+            seeds = contextlib.nullcontext() if seed is None else forward_seeds(itertools.count(seed * len(self._batches)))
+            with seeds:
+                for batch in self._batches:
+                    forward = functools.partial(call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch)
+                    self._cutoff.forward(forward)
+                    calls_after.append({i: len(calls) for i, calls in collected.items()})
             self._cutoff.pass_complete()
             for i, tap in enumerate(self.taps):
                 if i in collected:

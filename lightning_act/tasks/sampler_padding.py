@@ -3,16 +3,33 @@
 Under DDP the sampler pads the dataset to a multiple of the world size by repeating its first indices at the end of
 the global order, then gives rank ``r`` the global positions ``r, r + world, r + 2 world, ...``. Lightning warns about
 this for ``validate``/``test`` only, never during ``fit``, and a repeated example would count twice in the
-validation metrics that ``ModelCheckpoint`` selects on. Masking the positions ``>= len(dataset)`` out of the metric
-updates makes them those of the whole set, each example once.
+validation metrics that ``ModelCheckpoint`` selects on. Masking the padding out of the metric updates makes them those
+of the whole set, each example once.
 """
 
 from __future__ import annotations
 
+import random
+import warnings
+import weakref
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import BatchSampler
+
+from lightning_act.data.sampler_padding_index import (
+    distributed_sampler,
+    padding_indices,
+    padding_rows,
+    real_in_shard,
+)
+
+#: A custom batch sampler's index lists of the current evaluation pass, by loader (made at its batch 0).
+_pass_indices: weakref.WeakKeyDictionary[Any, list[list[int]] | None] = weakref.WeakKeyDictionary()
+
+#: The batch sampler classes said once to leave the padding in the metrics.
+_unknown_warned: set[str] = set()
 
 
 def real_examples(
@@ -21,17 +38,69 @@ def real_examples(
 ) -> torch.Tensor:
     """Boolean mask over the ``batch_size`` examples of batch ``batch_idx`` of the current ``stage`` loader: ``False``
     for the sampler's padding. All ``True`` without a trainer or a ``DistributedSampler`` (one process, or a loader
-    that shards itself otherwise). The padding is at the end of the global order whether or not the sampler shuffles,
-    so this rank's real examples are the first ``len(range(rank, len(dataset), world))`` of its shard; batch
-    ``batch_idx`` starts at ``batch_idx * loader.batch_size`` of it (every batch before the last is full)."""
+    that shards itself otherwise). The ``DistributedSampler`` is the loader's sampler or its batch sampler's (Lightning
+    injects it into a ``BatchSampler`` subclass; a bucketing loader shards itself so; before round 23 only the first
+    was seen, and the padding counted twice). The padding is the end of the rank's share of the sampler's order:
+    a ``BatchSampler`` keeping that order (torch's, or a subclass with its ``__iter__``) puts batch ``batch_idx`` at
+    positions ``batch_idx * batch_size`` on; any other batch sampler's batches are told by their dataset indices
+    (:func:`_custom_pass`)."""
     everything = torch.ones(batch_size, dtype=torch.bool, device=device)
     loaders = None if trainer is None else (trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders)
     if loaders is None:
         return everything
     loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler) or getattr(loader, "batch_size", None) is None:
+    sampler = distributed_sampler(loader)
+    if sampler is None or real_in_shard(sampler) >= sampler.num_samples:
         return everything
-    real_in_shard = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
-    positions = batch_idx * loader.batch_size + torch.arange(batch_size, device=device)
-    return positions < real_in_shard
+    real = real_in_shard(sampler)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is None:  # the sampler's indices one by one, each a whole batch (batch_size=None)
+        return torch.full((batch_size,), batch_idx < real, dtype=torch.bool, device=device)
+    if isinstance(batch_sampler, BatchSampler) and type(batch_sampler).__iter__ is BatchSampler.__iter__:
+        positions = batch_idx * batch_sampler.batch_size + torch.arange(batch_size, device=device)
+        return positions < real
+    if batch_idx == 0 or loader not in _pass_indices:
+        _pass_indices[loader] = _custom_pass(batch_sampler)
+    indices = _pass_indices[loader]
+    if indices is None or batch_idx >= len(indices) or len(indices[batch_idx]) != batch_size:
+        _warn_padding_counted(batch_sampler)
+        return everything
+    repeats = padding_rows([indices[batch_idx]], padding_indices(sampler))[0]
+    return ~torch.tensor(repeats, dtype=torch.bool, device=device)
+
+
+def _custom_pass(batch_sampler: Any) -> list[list[int]] | None:
+    """The index lists a custom batch sampler gives this pass, where a pass does not depend on the global random state:
+    two passes drawn from other seeds of torch's, Python's and NumPy's global generators agree (all three put back
+    after). ``None`` for one that shuffles from them, or from a generator of its own that each pass moves on (these
+    two passes move it too): its order this pass cannot be known."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    passes = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for seed in (0, 1):
+                torch.default_generator.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed)
+                passes.append([[int(i) for i in indices] for indices in batch_sampler])
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return passes[0] if passes[0] == passes[1] else None
+
+
+def _warn_padding_counted(batch_sampler: Any) -> None:
+    """Say once per batch sampler class that its batches' padding stays in the metrics."""
+    name = type(batch_sampler).__name__
+    if name in _unknown_warned:
+        return
+    _unknown_warned.add(name)
+    warnings.warn(
+        f"the evaluation loader's batch sampler {name} gives batches in an order that cannot be replayed (drawn "
+        "from a random state at each pass), so the examples its DistributedSampler repeats to pad the set cannot be "
+        "told apart: they count twice in this stage's metrics (pass DistributedSampler(..., drop_last=True), a set "
+        "that divides among the ranks, or a batch sampler whose order is fixed for the pass, e.g. seeded from the "
+        "epoch as DistributedSampler is)",
+        UserWarning,
+        stacklevel=3,
+    )
