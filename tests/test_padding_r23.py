@@ -1,6 +1,6 @@
-"""Round 23: a ``DistributedSampler``'s padding told by dataset index (MassiveActivations' sharded probe, SensitiveNeurons'
-union of the ranks, the tasks' evaluation masking), probe forwards seeded, a batch of per-example lists counted by
-its length. Rank 1 of 2 over 13 examples whose values are their indices: its real examples are 1, 3, ..., 11 and its
+"""Round 23: a ``DistributedSampler``'s padding told by dataset index (MassiveActivations' sharded probe,
+SensitiveNeurons' union of the ranks, the tasks' evaluation masking), probe forwards seeded, a batch of per-example
+lists counted by its length. Rank 1 of 2 over 13 examples whose values are their indices: its real examples are 1, 3, ..., 11 and its
 padding repeats example 0, worked by hand from the sampler's definition (positions r, r + 2, ... of 0..12, 0)."""
 
 from __future__ import annotations

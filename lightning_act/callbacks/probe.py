@@ -67,7 +67,9 @@ def resolve_forward_fn(owner: str, forward_fn: ForwardFn | str | None) -> Forwar
                 "or its import path 'package.module.function'"
             ) from None
     if not callable(forward_fn):
-        raise LightningActError(f"{owner}: forward_fn={forward_fn!r} is not callable; pass a function (pl_module, batch)")
+        raise LightningActError(
+            f"{owner}: forward_fn={forward_fn!r} is not callable; pass a function (pl_module, batch)"
+        )
     return forward_fn
 
 
@@ -209,7 +211,8 @@ def first_batch_tensor(batch: Any) -> torch.Tensor | None:
 
 
 def _per_example_lists(batch: Any) -> bool:
-    """Whether a batch is lists of one item per example, the first of tensors (the inputs): ``tuple(zip(*examples))``."""
+    """Whether a batch is lists of one item per example, the first of tensors (the inputs):
+    ``tuple(zip(*examples))``."""
     return (
         isinstance(batch, (list, tuple)) and bool(batch)
         and all(isinstance(item, (list, tuple)) and not hasattr(item, "_fields") for item in batch)  # not fields

@@ -76,9 +76,11 @@ class _RecordingSampler:
 def recording_indices(loader: Any) -> Iterator[list[list[int]] | None]:
     """Inside, the dataset indices of each batch read from ``loader``, in the order the batches come out; ``None``
     where they are not needed (no ``DistributedSampler``: nothing is padding) or cannot be known (not a torch
-    ``DataLoader``, or one that yields batches as its workers finish them, ``in_order=False``). The loader's batch sampler (or sampler) is swapped for a recording one and put back after;
-    a persistent-worker iterator that kept the recorder stops recording."""
-    if distributed_sampler(loader) is None or not isinstance(loader, DataLoader) or not getattr(loader, "in_order", True):
+    ``DataLoader``, or one that yields batches as its workers finish them, ``in_order=False``). The loader's batch
+    sampler (or sampler) is swapped for a recording one and put back after; a persistent-worker iterator that kept
+    the recorder stops recording."""
+    unknowable = not isinstance(loader, DataLoader) or not getattr(loader, "in_order", True)
+    if distributed_sampler(loader) is None or unknowable:
         yield None
         return
     batched = loader.batch_sampler is not None
