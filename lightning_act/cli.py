@@ -12,8 +12,8 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   and keeps ``last.ckpt`` current at each epoch end and at Ctrl-C
   (:class:`~lightning_act.checkpointing.LastCheckpoint`), unless the config sets its own;
 - a ``fit`` without ``--ckpt_path`` refuses to overwrite a previous run's checkpoints or config
-  (``--overwrite`` starts over: the previous run's checkpoints, config and CSV version folders are removed, and
-  what checkpoint writes cut short by a kill left, nothing else of the run folder; its checkpoints are the files
+  (``--overwrite`` starts over: the previous run's checkpoints, config and CSV and TensorBoard version folders are
+  removed, and what checkpoint writes cut short by a kill left, nothing else of the run folder; its checkpoints are the files
   the checkpoint callbacks' filename templates name, not other runs' files in their folders, and its config one that
   names this run's folders, not another recipe's in a W&B folder they share; it is refused beside ``--ckpt_path``,
   which resumes); a fit refused or stopped by Ctrl-C before its first step leaves no run in the way of the next;
@@ -240,6 +240,7 @@ _NOT_ACCEPTED = re.compile(r"(?:Option|Key) '([\w.]+)' is not (?:accepted|expect
 _EXPECTED = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Expected a (.+?)\. Got value: (.*)')
 _UNION = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Does not validate against any of the Union subtypes\s*\n\s*Subtypes: \[(.*)\]')
 _GIVEN = re.compile(r"Given value: (.*)")
+_REQUIRED = re.compile(r"the following arguments are required: (.+)")
 _SUBCOMMAND_OPTION = re.compile(r"Subcommand '(\w+)' does not accept option '([\w.]+)'")
 _UNRECOGNIZED = re.compile(r"[Uu]nrecognized arguments: (.*)")
 _DOT_PATH = re.compile(r'Parser key "([\w.]+)":.*?(?:Expected a dot import path string|Import path .*?): ?(\S+)', re.S)
@@ -372,6 +373,12 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
         accepted = [a for a in _init_parameters(class_path) if a != name] if class_path else []
         hint = _did_you_mean(name, accepted) or (f"; accepted: {', '.join(accepted)}" if accepted else "")
         return f"{key}{owner}: unknown argument '{name}'{hint}"
+    if class_path and (match := _REQUIRED.search(scope)):
+        names = [name.strip() for name in match.group(1).split(",")]
+        plural = "s" if len(names) > 1 else ""
+        return (f"{key}{owner}: missing required argument{plural} {', '.join(names)}; add "
+                f"{' '.join(f'--{key}.{name} VALUE' for name in names)} after the class on the command line, or "
+                f"init_args: {{{', '.join(f'{name}: ...' for name in names)}}} to it in the config")
     if match := _EXPECTED.search(scope):
         inner, expected, value = match.groups()
         if class_path and inner != key:
@@ -391,8 +398,11 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
         if class_path and inner != key:
             return f"{key}{owner}: {inner} = {value!r}: expected {_type_names(match.group(2))}"
         return f"{inner} = {value!r}: expected {_type_names(match.group(2))}"
-    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
+    # the class's own block when there is one: the whole text starts with the other alternatives of a Union
+    lines = [line.strip(" -") for line in scope.splitlines() if line.strip(" -")]
     useful = [line for line in lines if not line.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value"))]
+    if class_path and useful:
+        return f"{key}{owner}: " + "; ".join(useful[:3])
     return "; ".join(useful[:3]) if useful else text
 
 
@@ -531,7 +541,7 @@ def _build_cli_class() -> type:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
     from lightning.pytorch.plugins.io import CheckpointIO
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -550,9 +560,25 @@ def _build_cli_class() -> type:
     strict_parser = {"exit_on_error": True, "allow_abbrev": False}
 
     class SaveFitConfig(SaveConfigCallback):
-        """Also keeps the fit's config in each CSV version folder it was not saved to, as ``fit_config.yaml``:
-        LightningCLI saves ``config.yaml`` into the first logger's folder only, and the report reads the CSV logger's
-        (called on rank zero only, after ``config.yaml`` is written)."""
+        """Saves ``config.yaml`` where :func:`_log_dir` says, and also keeps it in each CSV version folder it was not
+        saved to, as ``fit_config.yaml``: LightningCLI saves ``config.yaml`` into the first logger's folder only, and
+        the report reads the CSV logger's (``save_config`` is called on rank zero only, after ``config.yaml`` is
+        written)."""
+
+        def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+            """LightningCLI's, but into :func:`_log_dir` when the first logger keeps no local folder (MLflow with a
+            server or database tracking URI): LightningCLI's asserts that ``trainer.log_dir`` is not None."""
+            if self.already_saved or trainer.log_dir is not None:  # trainer.log_dir broadcasts: every rank asks
+                super().setup(trainer, pl_module, stage)
+                return
+            if trainer.is_global_zero:
+                config = _log_dir(trainer) / self.config_filename
+                config.parent.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, str(config), skip_none=False, overwrite=self.overwrite,
+                                 multifile=self.multifile)
+                self.save_config(trainer, pl_module, stage)
+                self.already_saved = True
+            self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
         def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
             saved = _log_dir(trainer) / self.config_filename
@@ -564,8 +590,9 @@ def _build_cli_class() -> type:
                     shutil.copyfile(saved, partial)
                     os.replace(partial, folder / FIT_CONFIG_NAME)
 
-    def remove_csv_versions(logger: CSVLogger) -> None:
-        """The CSV logger's version folders, for ``--overwrite``: numbered ``version_N`` and its named version. Never
+    def remove_log_versions(logger: CSVLogger | TensorBoardLogger) -> None:
+        """A CSV or TensorBoard logger's version folders, for ``--overwrite``: numbered ``version_N`` and its named
+        version (TensorBoard would show the previous run's event files beside the new run's). Never
         its ``root_dir`` whole: with ``name: ''`` (or null) that is the ``save_dir``, the run folder of every logger
         and of the user's own files."""
         root = Path(logger.root_dir).expanduser()
@@ -836,17 +863,31 @@ def _build_cli_class() -> type:
                     dirpath, names = Path(callback.dirpath), _checkpoint_name_pattern(callback)
                     found += [path for path in sorted(dirpath.rglob("*.ckpt"))
                               if names.fullmatch(path.relative_to(dirpath).as_posix())]
-            config = self._config_file()
-            if config is not None and config.is_file() and self._records_this_run(config):
-                found.append(config)
+            found += [config for config in self._saved_configs() if config.is_file() and self._records_this_run(config)]
             return _unique_files(found)
 
         def _config_file(self) -> Path | None:
-            """Where LightningCLI saves this fit's config: the first logger's folder (None when it saves none, as under
-            fast_dev_run)."""
+            """Where this fit saves its config: :func:`_log_dir` (None when it saves none, as under fast_dev_run)."""
             if not any(isinstance(c, SaveConfigCallback) for c in self.trainer.callbacks):
                 return None
             return _log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")
+
+        def _saved_configs(self) -> list[Path]:
+            """Where a previous fit of this config saved its config: where this fit saves it and, for a CSV or
+            TensorBoard logger, the same place in each of its existing version folders (this fit's is a new
+            ``version_N``, without the previous run's config)."""
+            config = self._config_file()
+            logger = _config_logger(self.trainer)
+            if config is None or not isinstance(logger, (CSVLogger, TensorBoardLogger)):
+                return [config] if config is not None else []
+            root = Path(logger.root_dir).expanduser()
+            try:
+                inside = config.relative_to(root).parts[1:]  # [sub_dir/]config.yaml under the version folder
+            except ValueError:
+                return [config]
+            numbered = [folder for folder in root.glob("version_*") if re.fullmatch(r"version_\d+", folder.name)]
+            versions = sorted(numbered, key=lambda folder: int(folder.name.removeprefix("version_")))
+            return _unique_files([*(folder.joinpath(*inside) for folder in versions), config])
 
         def _records_this_run(self, config: Path) -> bool:
             """Whether ``config`` is this recipe's previous config, not another recipe's whose first logger shares the
@@ -906,8 +947,8 @@ def _build_cli_class() -> type:
                 resume = f"resume it with --ckpt_path {shlex.quote(str(last))}, " if last else ""
                 raise RunExistsError(
                     f"a previous run is in the way ({shown}); {resume}start over with {OVERWRITE_FLAG} "
-                    "(removes its checkpoints, config and CSV logs), or keep it and write this run elsewhere (a copy "
-                    "of the recipe with its runs/ folder changed)"
+                    "(removes its checkpoints, config and CSV and TensorBoard logs), or keep it and write this run "
+                    "elsewhere (a copy of the recipe with its runs/ folder changed)"
                 )
             if self.overwrite:
                 for path in [*previous, *self._half_written_checkpoints()]:
@@ -915,8 +956,8 @@ def _build_cli_class() -> type:
                     self._remove_empty_folders(path.parent)
             if previous:
                 for logger in self.trainer.loggers:
-                    if isinstance(logger, CSVLogger):
-                        remove_csv_versions(logger)
+                    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+                        remove_log_versions(logger)
                         logger._version = None  # chosen while looking for config.yaml; pick again: version_0
             self._config_at_fit_start = self._config_stamp()  # --overwrite may have removed it
 
@@ -944,7 +985,8 @@ def _build_cli_class() -> type:
             try:
                 super()._run_subcommand(subcommand)
             except BaseException as err:
-                refusal = _lightning_refusal(err)
+                refusal = (_lightning_refusal(err) or (_wandb_refusal(err) if self.trainer.global_step == 0 else None)
+                           or self._full_disk_refusal(err))
                 # a Ctrl-C (Lightning ends the fit with SystemExit) as much as a refusal or an unusable output path
                 stopped = isinstance(err, (KeyboardInterrupt, SystemExit)) and self.trainer.interrupted
                 ended_early = refusal or _user_error(err) or _unwritable_output(err) or stopped
@@ -957,6 +999,40 @@ def _build_cli_class() -> type:
                 if refusal is not None:
                     raise refusal from err
                 raise
+
+        def _full_disk_refusal(self, err: BaseException) -> LightningActError | None:
+            """One line naming the run's output folder with the least space left, for a full disk met by a write that
+            names no file (a ``write()`` or ``close()``, as in Lightning's CSV log flush): the error says nothing of
+            where, and the run may write to several disks."""
+            problem = _first_output_problem(err)
+            if problem is None or problem.errno not in (errno.ENOSPC, errno.EDQUOT) or _named_path(problem):
+                return None
+            spaces = []
+            for folder in self._output_folders():
+                existing = next((f for f in [folder, *folder.parents] if f.is_dir()), None)
+                with contextlib.suppress(OSError, TypeError):
+                    spaces.append((shutil.disk_usage(existing).free, folder))
+            if not spaces:
+                return None
+            free, folder = min(spaces, key=lambda space: space[0])
+            return ConfigError(
+                f"no space left on the device while writing the run's files ({problem.strerror}); of the run's output "
+                f"folders, '{folder}' has the least space left ({free / 2**20:.1f} MiB free): free some space there or "
+                f"{OUTPUT_ELSEWHERE}"
+            )
+
+        def _output_folders(self) -> list[Path]:
+            """The local folders the run writes to: the loggers', the checkpoint callbacks', ``default_root_dir``."""
+            folders = [_logger_folder(logger) for logger in self.trainer.loggers]
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, LastCheckpoint):
+                    folders.append(str(callback.path(self.trainer).parent))
+                elif isinstance(callback, ModelCheckpoint):
+                    folders.append(callback.dirpath)
+            folders.append(self.trainer.default_root_dir)
+            local = [Path(folder).expanduser() for folder in folders
+                     if folder is not None and _is_local_file_protocol(str(folder))]
+            return list(dict.fromkeys(local))
 
         def _remove_files_of_a_run_that_never_started(self) -> None:
             """A fit refused, or stopped by Ctrl-C, before its first step (a data file that cannot be read, a module
@@ -1075,59 +1151,93 @@ def _user_error(err: BaseException) -> LightningActError | None:
     return None
 
 
-def _unwritable_output(err: BaseException) -> LightningActError | None:
-    """One line for a path the run may not use: an output folder it cannot write (read-only, not permitted, a file
-    where a folder goes, a name longer than the file system takes), a full disk, or a file it may not read."""
+def _first_output_problem(err: BaseException) -> OSError | None:
+    """The first error behind ``err`` (itself, its cause or its context) that :func:`_output_problem` has a line for."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and (problem := _output_problem(current)) is not None:
-            return ConfigError(f"{problem} {OUTPUT_ELSEWHERE}")
+        if isinstance(current, OSError) and _output_problem(current) is not None:
+            return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def _unwritable_output(err: BaseException) -> LightningActError | None:
+    """One line for a path the run may not use: an output folder it cannot write (read-only, not permitted, a file
+    where a folder goes, a name longer than the file system takes), a full disk, or a file it may not read."""
+    problem = _first_output_problem(err)
+    return ConfigError(_output_problem(problem)) if problem is not None else None
 
 
 OUTPUT_ELSEWHERE = ("point the run's output elsewhere (trainer.default_root_dir, the loggers' save_dir, the checkpoint "
                     "dirpath)")
 
 
+def _free_space(folder: Path) -> str:
+    """`` (12.0 MiB free)``, or nothing where the folder cannot be asked."""
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free)"
+    except OSError:
+        return ""
+
+
+def _named_path(err: OSError) -> str | None:
+    """The path an OSError names: a rename's ``filename2`` (the final file; ``filename`` is the hidden temporary it
+    was written to), else its ``filename``; None for a ``write()`` or ``close()``, which name none."""
+    named_file = err.filename2 if err.filename2 is not None else err.filename
+    return os.fsdecode(named_file) if isinstance(named_file, (str, bytes, os.PathLike)) else None
+
+
 def _output_problem(err: OSError) -> str | None:
-    """What is wrong with the path ``err`` names and its own fix, which ``OUTPUT_ELSEWHERE`` follows; None for an
-    error that is no such problem."""
-    path = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes, os.PathLike)) else None
+    """The line for what is wrong with the path ``err`` names (:func:`_named_path`), with its fix; None for an error
+    that is no such problem."""
+    path = _named_path(err)
     named = f"'{path}': " if path is not None else ""
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
-        return f"{named}{err.strerror}; check that path's permissions, or run from a folder you can write to or"
+        return (f"{named}{err.strerror}; check that path's permissions, or run from a folder you can write to or "
+                f"{OUTPUT_ELSEWHERE}")
     if err.errno == errno.EEXIST and path is not None and os.path.lexists(path) and not os.path.isdir(path):
-        return f"'{path}' is a file where the run needs a folder; move or remove that file, or"
+        return f"'{path}' is a file where the run needs a folder; move or remove that file, or {OUTPUT_ELSEWHERE}"
     if err.errno == errno.ENAMETOOLONG:
-        longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0) if path is not None else 0
+        sizes = [len(os.fsencode(part)) for part in Path(path).parts] if path is not None else []
+        longest = max(sizes, default=0)
+        if sizes and sizes[-1] == longest and path.endswith(".ckpt"):  # a checkpoint callback's filename template
+            return (f"{named}{err.strerror} (the checkpoint's name has {longest} bytes); most file systems take names "
+                    "of up to 255 bytes: shorten the filename template of the ModelCheckpoint that writes it")
         size = f" (a name in it has {longest} bytes)" if longest else ""
         return (f"{named}{err.strerror}{size}; most file systems take names of up to 255 bytes: shorten the run "
-                "folder's name, or")
+                f"folder's name, or {OUTPUT_ELSEWHERE}")
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         if path is None:
-            return f"no space left on the device while writing the run's files ({err.strerror}); free some space or"
+            return (f"no space left on the device while writing the run's files ({err.strerror}); free some space or "
+                    f"{OUTPUT_ELSEWHERE}")
         folder = Path(path).parent
-        try:
-            free = f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free)"
-        except OSError:
-            free = ""
-        return f"no space left in '{folder}'{free} while writing '{Path(path).name}'; free some space or"
+        return (f"no space left in '{folder}'{_free_space(folder)} while writing '{Path(path).name}'; free some space "
+                f"or {OUTPUT_ELSEWHERE}")
     return None
 
 
-def _log_dir(trainer: Any) -> Path:
-    """``trainer.log_dir`` (where LightningCLI saves the config) without its broadcast, which one rank alone would
-    wait on for ever."""
+def _logger_folder(logger: Any) -> str | None:
+    """The folder ``trainer.log_dir`` takes from a logger: a CSV or TensorBoard logger's version folder, another's
+    ``save_dir`` (None for MLflow with a server or database tracking URI: it keeps no local folder)."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    if not trainer.loggers:
-        return Path(trainer.default_root_dir).expanduser()
-    first = trainer.loggers[0]
+    return logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+
+
+def _config_logger(trainer: Any) -> Any:
+    """The logger in whose folder the fit's config is saved: the first one with a folder (None: none has one)."""
+    return next((logger for logger in trainer.loggers if _logger_folder(logger) is not None), None)
+
+
+def _log_dir(trainer: Any) -> Path:
+    """Where the fit's config is saved: ``trainer.log_dir`` (the first logger's folder) without its broadcast, which one
+    rank alone would wait on for ever; when the first logger keeps no local folder (MLflow with a server or database
+    tracking URI), the next logger's that does, else ``default_root_dir``."""
+    logger = _config_logger(trainer)
     # "~/runs/x": Lightning's loggers and config saving (through fsspec) write under $HOME, not in a folder named "~"
-    return Path(first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir).expanduser()
+    return Path(_logger_folder(logger) if logger is not None else trainer.default_root_dir).expanduser()
 
 
 #: Whether this process got as far as running its subcommand (fit, test, ...). An error met before (the command line,
@@ -1183,6 +1293,27 @@ def _lightning_refusal(err: BaseException) -> LightningActError | None:
 
     if isinstance(err, MisconfigurationException) or (isinstance(err, ValueError) and "`val_check_interval`" in str(err)):
         return _unknown_monitor(err) or ConfigError(" ".join(str(err).split()))
+    return None
+
+
+def _wandb_refusal(err: BaseException) -> LightningActError | None:
+    """One line for W&B refusing to start the run (no login on this machine, its server unreachable or refusing), met
+    in Lightning's setup: a long traceback otherwise, for a problem of the machine, not of the run."""
+    wandb_errors = getattr(sys.modules.get("wandb"), "errors", None)  # not imported: no W&B logger
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while wandb_errors is not None and current is not None and id(current) not in seen:
+        if isinstance(current, wandb_errors.Error):
+            first_line = (str(current).strip().splitlines() or [type(current).__name__])[0]
+            offline = ("or log offline (offline: true on the WandbLogger, or WANDB_MODE=offline) and upload the run "
+                       "later with `wandb sync`")
+            if "api key" in first_line.lower() or "wandb login" in first_line.lower():
+                return ConfigError(f"W&B: not logged in ({first_line}); run `wandb login` (or set WANDB_API_KEY), "
+                                   f"{offline}")
+            return ConfigError(f"W&B: could not start the run ({first_line}); check the network and your login, "
+                               f"{offline}")
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None
 
 

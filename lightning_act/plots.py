@@ -102,13 +102,16 @@ def logging_step(trainer: pl.Trainer) -> int:
 
 def save_png_whole(figure: Figure, path: Path, **savefig_kwargs: Any) -> None:
     """``figure.savefig(path)`` as a PNG written under a temporary name in the same folder and renamed: a kill mid-write
-    leaves no truncated picture under its name (and the previous one, of a resumed run, intact)."""
+    leaves no truncated picture under its name (and the previous one, of a resumed run, intact). A failed write (a
+    full disk) that names no file is raised again naming ``path``, so that its one-line message can say where."""
     partial = path.with_name(f".{path.name}.tmp")
     try:
         figure.savefig(partial, format="png", **savefig_kwargs)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as err:
         partial.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

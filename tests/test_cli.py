@@ -544,9 +544,11 @@ def test_the_recipes_documented_variant_runs_work_and_a_second_fit_into_a_run_is
     assert _run_documented(first, tmp_path, *quick) == 0
     assert main(["fit", "--config", "recipes/execution_manifold.yaml", "--model.mlp", "true", *quick]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "lightning_act: error: a previous run is in the way (runs/execution_manifold/checkpoints/last.ckpt); resume it "
+        "lightning_act: error: a previous run is in the way (runs/execution_manifold/checkpoints/last.ckpt, "
+        "runs/execution_manifold/csv/version_0/config.yaml); resume it "
         "with --ckpt_path runs/execution_manifold/checkpoints/last.ckpt, start over with --overwrite (removes its "
-        "checkpoints, config and CSV logs), or keep it and write this run elsewhere (a copy of the recipe with its "
+        "checkpoints, config and CSV and TensorBoard logs), or keep it and write this run elsewhere (a copy of the recipe "
+        "with its "
         "runs/ folder changed)"
     )
     assert _run_documented(control, tmp_path, *quick) == 0
