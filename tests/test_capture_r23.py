@@ -120,6 +120,37 @@ class RecurrentNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+def test_dropout_calls_whose_outputs_the_tap_never_reads_are_not_held_through_the_step():
+    """Before (this round's first per-call fix): every call of the dropouts beside ``linear2`` (an encoder layer's
+    residual ``dropout1``/``dropout2``, whose outputs ``linear2`` never reads) was held with its input until the
+    monitors disarmed: 4 entries per call of a weight-tied layer, 48 for 12 calls (the old code held one per tap)."""
+    from lightning_act.capture.registry import capture_registry
+
+    held = []
+
+    class Looped(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def training_step(self, batch, batch_idx):
+            x = batch[0]
+            for _ in range(6):  # weight-tied: the same layer, 6 calls a forward
+                x = self.layer(x)
+            held.append(sum(len(calls) for calls in capture_registry(self).before_dropout.values()))
+            return F.cross_entropy(self.head(x.mean(1)), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(8, 5, 8), torch.randint(0, 2, (8,)))
+    trainer = quiet_trainer(max_steps=2, callbacks=[ActivationStats(modules="@activations", every_n_steps=1)])
+    trainer.fit(Looped(), DataLoader(data, batch_size=4))
+    assert held == [0, 0]
+
+
 def sequences(n=8):
     g = torch.Generator().manual_seed(0)
     return DataLoader(TensorDataset(torch.randn(n, STEPS, 4, generator=g) * 3, torch.randint(0, 2, (n,), generator=g)),

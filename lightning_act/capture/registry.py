@@ -419,11 +419,25 @@ def _remember_dropout_input(registry: CaptureRegistry, key: tuple[int, str], out
     """Keep ``value`` (``None``: the copy an in-place dropout's pre-hook took) as the input behind ``output``, by the
     output's identity: one dropout may feed the tap several times in a forward (two views dropped before the head
     reads either), and each call of the tap finds its own. With the output's version: changed in place before the
-    tap (a residual added with +=), it is no dropout output. The output is held, so its id is no other tensor's."""
+    tap (a residual added with +=), it is no dropout output."""
     if value is None:
         value = registry.dropout_input_copies.pop(key, None)
     if isinstance(output, torch.Tensor) and value is not None:
-        registry.before_dropout.setdefault(key, {})[id(output)] = (output, value, output._version)
+        _keep_passage(registry.before_dropout.setdefault(key, {}), output, value)
+
+
+def _keep_passage(passages: dict[int, tuple[weakref.ref[torch.Tensor], Any, int]], output: torch.Tensor,
+                  value: Any) -> None:
+    """``passages[id(output)]`` = (output, the input behind it, the output's version), the output held weakly: the
+    entry goes with it, so the calls of dropouts beside the tap whose outputs it never reads (an encoder layer's
+    residual dropouts, run once per layer call) are not held through the step."""
+    identity = id(output)
+
+    def forget(ref: weakref.ref[torch.Tensor]) -> None:
+        if passages.get(identity, (None,))[0] is ref:
+            del passages[identity]
+
+    passages[identity] = (weakref.ref(output, forget), value, output._version)
 
 
 def dropouts_beside(root: nn.Module, module: nn.Module) -> list[nn.Module]:
@@ -550,7 +564,7 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
     if passages:
         received = first_tensor(value)
         passage = None if received is None else passages.pop(id(received), None)  # read once: no step-long hold
-        if passage is not None and received._version == passage[2]:
+        if passage is not None and passage[0]() is received and received._version == passage[2]:
             value = passage[1]  # the tapped module's input came out of a dropout, unchanged since: read what went in
     tensor = first_tensor(value)
     if tensor is None or tensor.numel() == 0:
@@ -616,9 +630,10 @@ class CaptureRegistry:
         self._dropout_handles: dict[tuple[int, str], list[MonitorHookHandle]] = {}
         #: The feature axis decided per (tap, layout) and number of axes, for activations whose shape does not tell.
         self.feature_axes: dict[Any, int] = {}
-        #: Per input tap, the (output, input, output's version) of each call of the dropouts beside it in the current
-        #: training forwards, by ``id(output)``; kept until the tap reads the output or the monitors disarm.
-        self.before_dropout: dict[tuple[int, str], dict[int, tuple[torch.Tensor, Any, int]]] = {}
+        #: Per input tap, the (output (weakly), input, output's version) of each call of the dropouts beside it in the
+        #: current training forwards, by ``id(output)``; kept until the tap reads the output, the output is freed or
+        #: the monitors disarm.
+        self.before_dropout: dict[tuple[int, str], dict[int, tuple[weakref.ref[torch.Tensor], Any, int]]] = {}
         #: Per input tap, the copy of an in-place dropout's input taken by its pre-hook, until its forward hook.
         self.dropout_input_copies: dict[tuple[int, str], torch.Tensor] = {}
         #: Whether the forwards inside a torch.func transform, which are not observed, were said to be.
@@ -684,12 +699,12 @@ class CaptureRegistry:
         transformed alike (the zeroed features), as it would read ``original``'s."""
         passages = self.before_dropout.get(key, {})
         passage = passages.get(id(original))
-        stale = passage is None or original._version != passage[2]
+        stale = passage is None or passage[0]() is not original or original._version != passage[2]
         if stale or not isinstance(replacement, torch.Tensor):
             return
         with torch.no_grad():  # no graph: inside activation checkpointing the recompute, which skips this, must match
             read = transform(passage[1])
-        passages[id(replacement)] = (replacement, read, replacement._version)
+        _keep_passage(passages, replacement, read)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
