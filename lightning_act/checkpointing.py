@@ -164,10 +164,12 @@ class LastCheckpoint(Checkpoint):
     validation only after ``last.ckpt`` was written. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the
     first SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives
     while the fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other
-    save puts it, and stops there, its resume running that validation again from the first batch (single process;
-    Lightning would end the fit after the validation batch, before any training hook); one inside a
-    gradient-accumulation window ends the fit there as an interruption (exit status 1) without a checkpoint of it. Every
-    write follows a batch that took an optimizer step.
+    save puts it, and stops there, its resume running that validation again from the first batch (with this callback
+    in the resuming Trainer, as the CLI has it: without it Lightning reruns it too, but the checkpoints written before
+    the next validation read as stopped inside one); one in the validation after the fit's last step, which no resume
+    would run, lets it finish as a Ctrl-C does (single process; Lightning would end the fit after the validation
+    batch, before any training hook); one inside a gradient-accumulation window ends the fit there as an
+    interruption (exit status 1) without a checkpoint of it. Every write follows a batch that took an optimizer step.
 
     A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there (also one this
     callback wrote for another Trainer; a further fit of the same Trainer continues its run): the first save
@@ -207,6 +209,7 @@ class LastCheckpoint(Checkpoint):
         self._wrote: tuple[Path, weakref.ref[pl.Trainer]] | None = None
         self._told_remote = False  # the fallback from a remote ModelCheckpoint dirpath is said once
         self._saving_mid_validation = False  # the SIGTERM save inside validation: its resume reruns the validation
+        self._sigterm_finishes_validation = False  # a SIGTERM in the validation after the last step lets it finish
         self._reruns_validation = False  # resumed from such a save: the val loop's totals are mended at its start
 
     def __getstate__(self) -> dict[str, Any]:
@@ -269,7 +272,7 @@ class LastCheckpoint(Checkpoint):
         return target
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_requested = self._stop_agreed = False
+        self._stop_requested = self._stop_agreed = self._sigterm_finishes_validation = False
         self._stop_saved = self._changed_after_stop = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
@@ -323,10 +326,10 @@ class LastCheckpoint(Checkpoint):
         finally:
             epoch_loop._batches_that_stepped += counted
 
-    def _save_at_stop(self, trainer: pl.Trainer) -> str | None:
-        """Write ``last.ckpt`` at this step unless it holds it already; what to tell the user (``None``: nothing
-        written, under ``fast_dev_run``)."""
-        if trainer.global_step != self._last_saved_step:
+    def _save_at_stop(self, trainer: pl.Trainer, always: bool = False) -> str | None:
+        """Write ``last.ckpt`` at this step unless it holds it already (``always``: also then); what to tell the user
+        (``None``: nothing written, under ``fast_dev_run``)."""
+        if always or trainer.global_step != self._last_saved_step:
             target = self.save(trainer)
             if target is None:
                 return None
@@ -398,10 +401,16 @@ class LastCheckpoint(Checkpoint):
         if (not trainer.received_sigterm or self._stop_saved or not self._validates_in_fit(trainer)
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
+        if 0 <= trainer.max_steps <= trainer.global_step:
+            # the validation after the fit's last step: a resume would find the fit done and never run it again, so
+            # it finishes, as after a Ctrl-C (taken over from Lightning, which would end the fit after this batch)
+            trainer._signal_connector.received_sigterm = False
+            self._stop_requested = self._sigterm_finishes_validation = True
+            return
         _swap_trained_weights_in(trainer, pl_module)
         self._saving_mid_validation = True
-        try:
-            said = self._save_at_stop(trainer)
+        try:  # written even where last.ckpt holds this step (every_n_train_steps): only this one marks the rerun
+            said = self._save_at_stop(trainer, always=True)
         finally:
             self._saving_mid_validation = False
         if said is not None:
@@ -464,8 +473,9 @@ class LastCheckpoint(Checkpoint):
         elif (trainer.global_step != self._step_at_batch_start  # else: stopped at the window's optimizer step
               and self._stop_agreed_in_validation(trainer)):
             target = self.save(trainer)
+            how = "stopped by SIGTERM" if self._sigterm_finishes_validation else "interrupted"
             if target is not None:
-                rank_zero_info(f"interrupted at step {trainer.global_step} during validation: wrote {target}; resume "
+                rank_zero_info(f"{how} at step {trainer.global_step} during validation: wrote {target}; resume "
                                f"with --ckpt_path {shlex.quote(str(target))}")
             self._stop_saved = self._changed_after_stop = True
 

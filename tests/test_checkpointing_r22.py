@@ -428,3 +428,41 @@ def test_a_sigterm_during_validation_resumes_by_running_that_validation_again(tm
     best = torch.load(root / "best" / "epoch=0-step=8.ckpt", map_location="cpu", weights_only=True)
     totals = best["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]  # saved at the rerun's end
     assert totals == {"ready": 2, "started": 2, "processed": 2, "completed": 2}  # the validation's 2 batches
+
+
+def test_a_sigterm_in_the_validation_after_the_last_step_lets_it_finish(tmp_path, reference):
+    """Before: the SIGTERM save after the fit's last step marked the validation for a rerun that no resume makes (the
+    fit is done at max_steps): the final val/loss and ModelCheckpoint's step-16 file were lost. Now that validation
+    finishes, as after a Ctrl-C, and the fit ends as an interruption."""
+    logged, _ = reference
+    root = tmp_path / "run"
+    with _info_lines() as lines:
+        _stopped_fit(root, SignalAt(signal.SIGTERM, MAX_STEPS, "validation"), _monitors(root))
+    assert _saved_step(root) == MAX_STEPS
+    assert _logged(root, "version_0")["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    assert sorted(p.name for p in (root / "best").iterdir()) == ["epoch=0-step=8.ckpt"]  # val/loss rose at step 16
+    assert any(line.startswith(f"stopped by SIGTERM at step {MAX_STEPS} during validation: wrote ") for line in lines)
+
+
+def test_a_sigterm_in_the_validation_after_a_periodic_save_is_run_again_by_the_resume(tmp_path, reference):
+    """Before: last.ckpt already held the step (``every_n_train_steps``), so the SIGTERM inside the validation wrote
+    nothing and no rerun was marked: the step-8 val/loss was lost and the best file became step 16's."""
+    logged, _ = reference
+
+    def fit(callbacks: list, ckpt_path: str | None = None) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        trainer = _trainer(root, callbacks)
+        next(c for c in trainer.callbacks if isinstance(c, LastCheckpoint)).every_n_train_steps = 8
+        trainer.fit(ToyTask(BlockNet()), ToyData(), ckpt_path=ckpt_path)
+        return trainer
+
+    root = tmp_path / "run"
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit([SignalAt(signal.SIGTERM, 8, "validation"), *_monitors(root)])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    resumed = fit(_monitors(root), ckpt_path=str(root / "ck" / "last.ckpt"))
+    assert _logged(root)["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    assert Path(resumed.checkpoint_callback.best_model_path).name == "epoch=0-step=8.ckpt"
