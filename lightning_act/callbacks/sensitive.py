@@ -850,7 +850,9 @@ class SensitiveNeurons(FitScopedState):
         rank_zero_warn(
             f"SensitiveNeurons: {tap_name} gave no activation in the tracking pass at step {step} (its module did not "
             "run, or what it gives is not a floating-point tensor: a dict, a PackedSequence, integers); nothing is "
-            "logged for it at such checkpoints (tap a module whose output is (B, D), (B, T, D) or (B, C, H, W))",
+            "logged for it at such checkpoints (tap a module whose output is (B, D), (B, T, D) or (B, C, H, W); where "
+            "the model's forward does not run it, as a GAN's discriminator or a BYOL predictor, pass modules= with one "
+            "it runs, or forward_fn= to run it)",
             category=UserWarning,
         )
 
