@@ -1,5 +1,6 @@
-"""Round 23: the presets on lazy modules (``nn.LazyLinear``), on a frozen distillation teacher of another shape, and
-on torchvision's detection/segmentation backbones (``IntermediateLayerGetter``, SSDLite's split MobileNetV3)."""
+"""Round 23: the presets on lazy modules (``nn.LazyLinear``), on a frozen distillation teacher of another shape but
+not on a frozen LM behind a trained projector, on torchvision's detection/segmentation backbones
+(``IntermediateLayerGetter``, SSDLite's split MobileNetV3) but not on hand-written stages of bare Sequentials."""
 
 import warnings
 
@@ -181,3 +182,64 @@ def test_blocks_of_ssdlites_mobilenet_v3_cut_in_two():
     features = [n for n in names(select_taps(model, "@blocks")) if n.startswith("backbone.features.")]
     expected = [f"backbone.features.0.{i}" for i in range(1, 13)] + ["backbone.features.1.1", "backbone.features.1.2"]
     assert features == inverted_residuals(model) == expected
+
+
+# ---------------------------------------------------------------- a frozen network in series with the trained part
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+
+
+class Tower(nn.Module):
+    """A stack of two blocks, with a head of ``head`` outputs if given (an LM's ``lm_head``)."""
+
+    def __init__(self, width, head=None):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(width) for _ in range(2)])
+        if head is not None:
+            self.norm, self.lm_head = nn.LayerNorm(width), nn.Linear(width, head)
+
+
+def test_penultimate_of_a_trained_part_in_front_of_a_frozen_lm_is_the_lms_head():
+    # Before: projector.2-input and language_projection-input (the vision features): every frozen network with
+    # blocks was left out as a distillation teacher, also the LM that holds the model's head
+    llava = nn.Module()  # stage 1: only the projector trains
+    llava.vision = Tower(16).requires_grad_(False)
+    llava.projector = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32))
+    llava.lm = Tower(32, head=100).requires_grad_(False)
+    (tap,) = select_taps(llava, "@penultimate")
+    assert (tap.name, tap.module) == ("lm.lm_head-input", llava.lm.lm_head)
+
+    blip2 = nn.Module()  # a trained Q-Former with blocks and projection between a frozen ViT and a frozen LM
+    blip2.vision_model = Tower(16).requires_grad_(False)
+    blip2.qformer = Tower(24)
+    blip2.language_projection = nn.Linear(24, 32)
+    blip2.language_model = Tower(32, head=100).requires_grad_(False)
+    assert names(select_taps(blip2, "@penultimate")) == ["language_model.lm_head-input"]
+
+    reprogrammed = nn.Module()  # a trained input adapter in front of a frozen classifier over 10 classes
+    reprogrammed.adapter = nn.Linear(8, 8)
+    reprogrammed.classifier = Tower(8, head=10).requires_grad_(False)
+    assert names(select_taps(reprogrammed, "@penultimate")) == ["classifier.lm_head-input"]
+
+
+# ---------------------------------------------------------------- hand-written stages of bare Sequentials
+class Down(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(4, 4, 2, stride=2), nn.BatchNorm2d(4)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+
+def test_blocks_of_hand_written_stages_are_the_stages_whatever_their_depth():
+    # Before: stages of three or more blocks gave each block (0.1, 0.2, 0.3, 1.1 ...), of two the stages: the keys
+    # hinged on the depth; the split-stack rule is torchvision's SSDLite's alone
+    for depths in [(2, 2, 2), (3, 3, 3), (4, 4, 4), (2, 2, 6, 2)]:
+        stages = nn.Sequential(*[nn.Sequential(Down(), *[ConvBlock() for _ in range(k)]) for k in depths])
+        assert names(select_taps(stages, "@blocks")) == [str(i) for i in range(len(depths))], depths

@@ -15,12 +15,12 @@ A *module spec* is one of:
   lists), i.e. the residual stream after each block; a stack is a ``ModuleList``/``Sequential`` of
   two or more non-leaf modules of one class (or a run of three or more between a stem and a tail, as
   torchvision's MobileNet ``features``; torchvision's ``IntermediateLayerGetter``, a ``ModuleDict``, is one too), or
-  one cut into bare ``Sequential`` parts (SSDLite's MobileNet), and stacks nested
+  one of torchvision blocks cut into bare ``Sequential`` parts (SSDLite's MobileNet), and stacks nested
   inside a chosen stack are skipped; a plain module's children are no stack (timm RegNet's ``s1.b1`` ...: select
   them by a glob);
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
-  models, else the last ``nn.Linear`` outside frozen copies of a trained module and, while some parameter trains,
-  outside frozen networks with blocks (a distillation teacher); a Hugging Face peft adapter layer
+  models, else the last ``nn.Linear`` outside frozen copies of a trained module and outside frozen networks with
+  blocks whose last Linear is as wide as a trained one (a distillation teacher); a Hugging Face peft adapter layer
   wrapping one, such as LoRA's, stands for it, as its input is the layer's input while its own ``lora_A``/``lora_B``
   Linears see the bottleneck), i.e. the penultimate features, named ``<head>-input``;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
@@ -103,6 +103,9 @@ _FUSED_ACTIVATION_NAME = re.compile(r"(ReLU|Tanh)([123]d)?$")
 # torchvision's ModuleDict that runs a backbone's children in order (see _is_stack_container), matched by name so
 # that torchvision is never imported.
 _ORDERED_DICT_CLASS_NAME = "IntermediateLayerGetter"
+# The package whose blocks a model cuts into bare Sequential parts (torchvision's SSDLite cuts MobileNetV3's
+# ``features`` in two; see _split_stack_members), matched by module name so that torchvision is never imported.
+_SPLIT_STACK_PACKAGE = "torchvision"
 
 PRESETS = ("@activations", "@blocks", "@penultimate")
 
@@ -290,10 +293,12 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
 
 
 def _split_stack_members(parts: list[nn.Module]) -> list[nn.Module]:
-    """The blocks of one stack that a model cuts into bare Sequential/ModuleList parts (torchvision's SSDLite cuts
+    """The blocks of one stack that torchvision cuts into bare Sequential/ModuleList parts (SSDLite cuts
     MobileNetV3's ``features`` in two at a feature map it returns): when the parts' runs between a stem and a tail
-    (:func:`_stack_members`) are of one class, that class's blocks in every part, as a part's run may be too short to
-    tell on its own (SSDLite's second half holds two); else none, and a run of parts each a whole stack stays one."""
+    (:func:`_stack_members`) are of one torchvision class, that class's blocks in every part, as a part's run may be
+    too short to tell on its own (SSDLite's second half holds two); else none, and a run of parts each a whole stack
+    stays one. Blocks of other packages are not split: hand-written stages ``Sequential(Down, Block, ...)`` stay the
+    stages whatever their depth (a model's keys must not hinge on whether its stages hold two blocks or three)."""
     if not parts or any(type(part) not in (nn.Sequential, nn.ModuleList) for part in parts):
         return []
     runs = [(part, _stack_members(list(part.children()))) for part in parts]
@@ -301,6 +306,8 @@ def _split_stack_members(parts: list[nn.Module]) -> list[nn.Module]:
     if len(kinds) != 1:
         return []
     (kind,) = kinds
+    if kind.__module__.split(".")[0] != _SPLIT_STACK_PACKAGE:
+        return []
     return [child for part in parts for child in part.children() if module_class(_innermost_wrapped(child)) is kind]
 
 
@@ -490,30 +497,37 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_ou
     inside_wrappers = {id(m) for _, w in modules if _peft_wrapped(w) is not None for m in w.modules() if m is not w}
     outside = inside_headless | frozen_copies(modules) | inside_wrappers
     linears = [(n, m) for n, m in modules if isinstance(_innermost_wrapped(m), nn.Linear) and id(m) not in outside]
-    # as of timm-style owners, a Linear of a trained part before one inside a frozen network (a distillation teacher)
-    frozen = _frozen_parts(modules)
-    trained = [(n, m) for n, m in linears if id(m) not in frozen]
-    linears = trained or linears
+    # as of timm-style owners, a Linear of a trained part before one inside a frozen distillation teacher
+    teachers = _frozen_teachers(modules, linears)
+    linears = [(n, m) for n, m in linears if id(m) not in teachers] or linears
     return [Tap(f"{linears[-1][0]}{INPUT_TAP_SUFFIX}", linears[-1][1], "input")] if linears else []
 
 
-def _frozen_parts(modules: list[tuple[str, nn.Module]]) -> set[int]:
-    """Ids of the modules inside a frozen network of a model that trains: a module none of whose parameters trains
-    that holds a stack of blocks (:func:`_container_blocks`; a knowledge-distillation teacher,
-    ``requires_grad_(False)``, of any shape), while some parameter of the model does. A frozen head stays, a single
-    layer or a few (a LoRA-tuned causal LM's ``lm_head``, a masked LM's ``cls.predictions``, a fixed classifier):
-    still the head that the trained features feed."""
-    if not any(p.requires_grad for _, m in modules for p in m.parameters(recurse=False)):
+def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[str, nn.Module]]) -> set[int]:
+    """Ids of the modules inside a frozen parallel teacher (``linears``: the candidate heads): a module none of
+    whose parameters trains that holds a stack of blocks (:func:`_container_blocks`; a knowledge-distillation
+    teacher, ``requires_grad_(False)``, of any width and depth) and whose last Linear gives as many features as a
+    trained one (the student's head, over the same classes). A frozen network in series with the trained part stays:
+    its head is the model's (a LLaVA or BLIP-2 LM's ``lm_head`` over the vocabulary, behind a trained projector of
+    the hidden width; a frozen classifier behind a trained input adapter), and so does a frozen head of a layer or a
+    few without blocks (a LoRA-tuned causal LM's ``lm_head``, a masked LM's ``cls.predictions``)."""
+    trained_widths = {
+        _innermost_wrapped(m).out_features for _, m in linears if any(p.requires_grad for p in m.parameters())}
+    if not trained_widths:
         return set()
-    frozen: set[int] = set()
+    linear_ids = {id(m) for _, m in linears}
+    teachers: set[int] = set()
     for _, module in modules:
-        if id(module) in frozen or not any(True for _ in module.children()):
+        if id(module) in teachers or not any(True for _ in module.children()):
             continue
         parameters = list(module.parameters())
-        holds_stack = any(_is_stack_container(m) and _container_blocks(m) for m in module.modules())
-        if parameters and not any(p.requires_grad for p in parameters) and holds_stack:
-            frozen |= {id(m) for m in module.modules()}
-    return frozen
+        if not parameters or any(p.requires_grad for p in parameters):
+            continue
+        inner_linears = [m for m in module.modules() if id(m) in linear_ids]
+        parallel = bool(inner_linears) and _innermost_wrapped(inner_linears[-1]).out_features in trained_widths
+        if parallel and any(_is_stack_container(m) and _container_blocks(m) for m in module.modules()):
+            teachers |= {id(m) for m in module.modules()}
+    return teachers
 
 
 def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.Module]] | None = None) -> list[Tap]:
