@@ -94,6 +94,43 @@ def test_model_kwargs_the_task_sets_itself_are_refused_in_one_line(extra: dict, 
         ImageClassifier(**{**TINY_KAT, "model_kwargs": {**TINY_KAT["model_kwargs"], **extra}})
 
 
+def test_a_checkpoint_whose_model_kwargs_hold_a_pretrained_config_loads_with_that_config_dropped(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: the refusal above ran also when load_from_checkpoint / `test --ckpt_path` rebuilt the task, so a
+    # checkpoint of an earlier version (which accepted pretrained_cfg_overlay) could not be loaded at all.
+    import yaml
+
+    from lightning_act.cli import main
+
+    torch.manual_seed(0)
+    written = ImageClassifier(**TINY_KAT, in_chans=1, warmup_steps=0).state_dict()
+    hparams = {**TINY_KAT, "in_chans": 1, "warmup_steps": 0,
+               "_class_path": "lightning_act.tasks.image_classification.ImageClassifier",
+               "model_kwargs": {**TINY_KAT["model_kwargs"], "pretrained_cfg_overlay": {"file": "/gone/weights.pth"}}}
+    checkpoint = tmp_path / "old.ckpt"  # as an earlier lightning_act fit wrote it
+    torch.save({"state_dict": written, "hyper_parameters": hparams, "pytorch-lightning_version": pl.__version__},
+               checkpoint)
+    with pytest.warns(UserWarning, match="model_kwargs pretrained_cfg_overlay dropped: the weights come from the "
+                                         "Lightning checkpoint"):
+        loaded = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    assert loaded.hparams.model_kwargs == TINY_KAT["model_kwargs"]  # a re-saved checkpoint no longer holds it
+    assert loaded.state_dict().keys() == written.keys()
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in written.items())
+
+    config = tmp_path / "test.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "limit_test_batches": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"class_path": hparams["_class_path"],  # the earlier fit's config
+                  "init_args": {key: value for key, value in hparams.items() if key != "_class_path"}},
+        "data": {"class_path": "lightning_act.data.images.ImageDataModule",
+                 "init_args": {"image_size": 8, "in_chans": 1, "batch_size": 16}},
+    }))
+    monkeypatch.chdir(tmp_path)
+    assert main(["test", "--config", str(config), "--ckpt_path", str(checkpoint)]) == 0
+    assert "lightning_act: error" not in capsys.readouterr().err
+
+
 def test_checkpoint_path_adapts_an_rgb_first_conv_to_other_channel_counts(tmp_path: Path) -> None:
     # Before: refused with "pass the --model.model_name (and model_kwargs) the checkpoint was trained with".
     torch.manual_seed(0)
@@ -195,3 +232,58 @@ def test_spectral_test_without_data_ratio_warns_that_the_loss_is_plain_bce() -> 
     task.eval()
     with torch.no_grad():
         assert loss == pytest.approx(numpy_weighted_bce(task(spectra), labels, 1.0), rel=1e-5)
+
+
+def test_spectral_loss_is_plain_bce_while_pos_weight_is_unset_and_data_still_sets_it_later() -> None:
+    # Before: compute_loss outside a Trainer (a loop of one's own, Fabric) was NaN, with NaN gradients, and the
+    # plain-BCE fallback of a validation on bare dataloaders wrote 1.0 into the buffer: a later validation with a
+    # datamodule was plain BCE again, without a warning.
+    import warnings
+
+    torch.manual_seed(0)
+    task = SpectralTargetDetection(in_bands=8, hidden_sizes=[8])
+    spectra = torch.randn(16, 8)
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0] * 4)
+    logits = task(spectra)
+    with pytest.warns(UserWarning, match="the loss is plain BCE.*--model.pos_weight NUMBER"):
+        loss = task.compute_loss(logits, labels)
+    assert loss.item() == pytest.approx(numpy_weighted_bce(logits.detach(), labels, 1.0), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in task.parameters() if p.requires_grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.compute_loss(logits.detach(), labels)  # said once
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(spectra, labels), batch_size=16)
+    with pytest.warns(UserWarning, match="val/loss is plain BCE"):
+        bare = _trainer().validate(task, loader, verbose=False)[0]["val/loss"]
+    data = HyperspectralDataModule(**TINY_DATA)
+    with_data = _trainer().validate(task, datamodule=data, verbose=False)[0]["val/loss"]
+    task.eval()
+    with torch.no_grad():
+        assert bare == pytest.approx(numpy_weighted_bce(task(spectra), labels, 1.0), rel=1e-5)
+        val_spectra, val_labels = data.val_set.tensors
+        assert math.sqrt(data.pos_weight) > 2.0
+        assert with_data == pytest.approx(
+            numpy_weighted_bce(task(val_spectra), val_labels, math.sqrt(data.pos_weight)), rel=1e-5)
+
+
+def test_spectral_checkpoint_saved_with_pos_weight_unset_keeps_the_datas_weight(tmp_path: Path) -> None:
+    # Before: a validation on bare dataloaders wrote 1.0 into the buffer, and the checkpoint saved after it replaced
+    # the data's √r when restored: val/loss was plain BCE with the datamodule at hand, without a warning.
+    torch.manual_seed(0)
+    task = SpectralTargetDetection(in_bands=8, hidden_sizes=[8])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(16, 8), torch.tensor([1.0, 0.0, 0.0, 0.0] * 4)), batch_size=16)
+    trainer = _trainer()
+    with pytest.warns(UserWarning, match="val/loss is plain BCE"):
+        trainer.validate(task, loader, verbose=False)
+    trainer.save_checkpoint(tmp_path / "evaluated.ckpt")
+    data = HyperspectralDataModule(**TINY_DATA)
+    fresh = SpectralTargetDetection(in_bands=8, hidden_sizes=[8])
+    loss = _trainer().validate(fresh, datamodule=data, ckpt_path=tmp_path / "evaluated.ckpt",
+                               verbose=False)[0]["val/loss"]
+    fresh.eval()
+    with torch.no_grad():
+        spectra, labels = data.val_set.tensors
+        assert math.sqrt(data.pos_weight) > 2.0
+        assert loss == pytest.approx(numpy_weighted_bce(fresh(spectra), labels, math.sqrt(data.pos_weight)), rel=1e-5)

@@ -122,3 +122,31 @@ def test_following_the_sweep_refusal_keeps_every_trials_test_metrics(
     # a metrics.csv file is read alone, and a test version given alone does not take the next trial's fit
     assert load_run(trial_0 / "metrics.csv").test_metrics() == {}
     assert [p.path.parent.name for p in load_run(tmp_path / "sweep" / "version_1").parts] == ["version_1"]
+
+
+def write_training(folder: Path, steps: list[int], offset: float) -> None:
+    write_csv(folder / "metrics.csv", ["epoch", "step", "train/loss"],
+              [{"epoch": 0, "step": step, "train/loss": offset + step / 1000} for step in steps])
+
+
+def test_a_version_folder_is_read_up_to_a_next_trial_that_first_logs_after_step_0(tmp_path: Path) -> None:
+    # Before: a version was seen as the next run only when it started over at step 0, so with log_every_n_steps=50
+    # (first row at step 49) version_0 was read with version_3 (the next trial): trial 2's losses under trial 1's name.
+    # A resume (its first step after the run's last) and a test version still come along.
+    sweep = tmp_path / "sweep"
+    write_training(sweep / "version_0", [49, 99, 149], 1.0)
+    write_training(sweep / "version_1", [199, 249], 1.0)  # resumed from the step-150 save
+    write_csv(sweep / "version_2" / "metrics.csv", ["epoch", "step", "test/acc"],
+              [{"epoch": 0, "step": 249, "test/acc": 0.25}])
+    write_training(sweep / "version_3", [49, 99, 149], 5.0)
+    write_csv(sweep / "version_4" / "metrics.csv", ["epoch", "step", "test/acc"],
+              [{"epoch": 0, "step": 149, "test/acc": 0.5}])
+    first, second = load_run(sweep / "version_0"), load_run(sweep / "version_3")
+    assert [p.path.parent.name for p in first.parts] == ["version_0", "version_1", "version_2"]
+    assert first.series["train/loss"].steps == [49, 99, 149, 199, 249]
+    assert first.series["train/loss"].values == [1.049, 1.099, 1.149, 1.199, 1.249]
+    assert first.test_metrics() == {"test/acc": 0.25}
+    assert any("read without version_3 and the versions after it: that version logs training from step 49, not after "
+               "this run's last step 249" in note for note in first.notes)
+    assert [p.path.parent.name for p in second.parts] == ["version_3", "version_4"]
+    assert second.series["train/loss"].values == [5.049, 5.099, 5.149] and second.test_metrics() == {"test/acc": 0.5}

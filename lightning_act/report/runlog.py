@@ -451,6 +451,16 @@ def find_configs(version_dirs: list[Path], given: Path) -> tuple[dict[str, tuple
     return configs, notes
 
 
+def _continues_run(follower: CsvPart, run_last_step: float | None) -> bool:
+    """Whether a version written after the one passed belongs to its run: one that logs no training (a ``validate`` /
+    ``test`` of the run's checkpoint), or a resume, whose first step is after the run's last step so far. Any other
+    training version is the next run, also one that first logs after step 0 (``log_every_n_steps``: a sweep's next
+    trial first logs at step 49, within the steps this run logged)."""
+    if not follower.logs_training:
+        return True
+    return follower.first_step is not None and run_last_step is not None and follower.first_step > run_last_step
+
+
 def later_versions(metrics_csv: Path) -> list[Path]:
     """The ``metrics.csv`` files of the versions written after ``metrics_csv``'s in its logger folder, in written
     order (:func:`_in_written_order`)."""
@@ -462,7 +472,7 @@ def load_run(path: str | Path) -> RunLog:
     """Locate and read a run: every CSV version merged, configs, skipped layers, the monitors' saved plots.
 
     A version folder (``csv/version_N``) is read with the versions written after it up to the next run
-    (:func:`run_starts`): a sweep's trial passed as its fit's version keeps its ``validate``/``test`` versions (and
+    (:func:`_continues_run`): a sweep's trial passed as its fit's version keeps its ``validate``/``test`` versions (and
     resumes), which follow it in the logger folder. A ``metrics.csv`` file is read alone.
     """
     given = Path(path)
@@ -483,8 +493,15 @@ def load_run(path: str | Path) -> RunLog:
             earlier_last is not None and bool(steps) and min(steps) > earlier_last
         )
         part = CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training)
-        if csv_path in followers and len(run_starts([*parts, part])) > len(run_starts(parts)):
-            break  # the next run in the logger folder
+        if csv_path in followers and not _continues_run(part, earlier_last):
+            if part.logs_training and part.first_step and earlier_last is not None:
+                notes.append(
+                    f"{given} is read without {part.path.parent.name} and the versions after it: that version logs "
+                    f"training from step {part.first_step:g}, not after this run's last step {earlier_last:g}, "
+                    f"so it is read as the next run (a sweep's next trial); if it resumes this run from an earlier "
+                    f"checkpoint, pass {given.parent} to merge them"
+                )
+            break
         notes += file_notes
         parts.append(part)
         to_merge.append((csv_path, file_series, logs_training))

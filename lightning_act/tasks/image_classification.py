@@ -222,6 +222,18 @@ _PRETRAINED_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay")
 _TASK_KWARGS = ("num_classes", "in_chans")
 
 
+def without_pretrained_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model_kwargs`` but the pretrained settings, dropped in one warning, for a model rebuilt from a Lightning checkpoint
+    (which holds every weight): earlier versions accepted them (timm ignored them), so their checkpoints hold them."""
+    pretrained = [key for key in _PRETRAINED_KWARGS if key in model_kwargs]
+    if pretrained:
+        rank_zero_warn(
+            f"ImageClassifier: model_kwargs {', '.join(pretrained)} dropped: the weights come from the Lightning "
+            "checkpoint being loaded (the task builds the timm model without pretrained weights)"
+        )
+    return {key: value for key, value in model_kwargs.items() if key not in pretrained}
+
+
 def check_model_kwargs(model_kwargs: dict[str, Any]) -> None:
     """One line for ``model_kwargs`` the task sets itself: it builds the timm model with ``pretrained=False`` (timm then
     ignores a ``pretrained_cfg_overlay`` file: training started from random weights without a word, and
@@ -278,6 +290,8 @@ class ImageClassifier(ClassificationTask):
             raise LightningActError(
                 f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 (0 switches it off)"
             )
+        if model_kwargs and restoring_from_checkpoint():
+            model_kwargs = without_pretrained_kwargs(model_kwargs)  # before save_hyperparameters: a re-save is clean
         check_model_kwargs(model_kwargs or {})
         self.save_hyperparameters()
         import timm

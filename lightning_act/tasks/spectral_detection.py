@@ -97,6 +97,7 @@ class SpectralTargetDetection(pl.LightningModule):
         self.val_loss, self.test_loss = mean_loss_metric(), mean_loss_metric()
         self.test_pr = BinaryPrecisionRecallCurve()
         self.test_pr_curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._said_plain_bce: set[str] = set()  # loss names already warned to be plain BCE (unset pos_weight)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -119,33 +120,47 @@ class SpectralTargetDetection(pl.LightningModule):
                     "(HyperspectralDataModule); pass --model.pos_weight NUMBER instead"
                 )
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved while ``pos_weight`` was unset (a model only evaluated, never fitted) gives no weight:
+        it keeps the one the data gave in ``setup`` (which runs before the restore) rather than unsetting it."""
+        state = checkpoint.get("state_dict", {})
+        saved = state.get("pos_weight")
+        if saved is not None and saved.isnan():
+            state["pos_weight"] = self.pos_weight.detach().clone()
+
     def on_validation_start(self) -> None:
-        self._fall_back_to_plain_bce("val/loss")
+        self._say_plain_bce_while_unset("val/loss")
 
     def on_test_start(self) -> None:
-        self._fall_back_to_plain_bce("test/loss")
+        self._say_plain_bce_while_unset("test/loss")
 
-    def _fall_back_to_plain_bce(self, key: str) -> None:
-        """Plain BCE, said in one warning, for an evaluation whose ``pos_weight`` neither data nor checkpoint gave
-        (a model never fitted, evaluated on bare dataloaders): √r / r of the training pixels is unknown there."""
-        if self.pos_weight.isnan():
+    def _say_plain_bce_while_unset(self, loss_name: str) -> None:
+        """One warning per loss name that ``loss_name`` is plain BCE while neither data nor a checkpoint gave
+        ``pos_weight`` (a model never fitted, evaluated on bare dataloaders or used outside a Trainer): √r / r of the
+        training pixels is unknown there. The buffer stays unset, so a later datamodule or checkpoint still sets it."""
+        if loss_name not in self._said_plain_bce and self.pos_weight.isnan():
+            self._said_plain_bce.add(loss_name)
             rank_zero_warn(
-                f"{key} is plain BCE: pos_weight='{self.hparams.pos_weight}' needs the training pixels' "
+                f"{loss_name} is plain BCE: pos_weight='{self.hparams.pos_weight}' needs the training pixels' "
                 "background/target ratio, and neither the data (a datamodule with pos_weight, e.g. "
                 "HyperspectralDataModule) nor a checkpoint gave it; pass --model.pos_weight NUMBER to weight it"
             )
-            self.pos_weight.fill_(1.0)
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
         return self.model(spectra)
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """BCE with ``pos_weight`` or the mean focal loss."""
+        """BCE with ``pos_weight`` (1.0 while unset) or the mean focal loss."""
         if self.hparams.loss == "focal":
             return sigmoid_focal_loss(
                 logits, labels, alpha=self.hparams.focal_alpha, gamma=self.hparams.focal_gamma, reduction="mean"
             )
-        weight = None if self.hparams.pos_weight is None else self.pos_weight
+        if self.hparams.pos_weight is None:
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        if self._trainer is None:  # no setup or start hook ran to say it (a loop of one's own, Fabric)
+            self._say_plain_bce_while_unset("the loss")
+        # nan_to_num rather than a check: no host sync per step on an accelerator
+        weight = torch.nan_to_num(self.pos_weight, nan=1.0)
         return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
