@@ -1,7 +1,7 @@
 """Round 23: a ``DistributedSampler``'s padding told by dataset index (MassiveActivations' sharded probe,
 SensitiveNeurons' union of the ranks, the tasks' evaluation masking), probe forwards seeded, a batch of per-example
-lists counted by its length. Rank 1 of 2 over 13 examples whose values are their indices: its real examples are 1, 3, ..., 11 and its
-padding repeats example 0, worked by hand from the sampler's definition (positions r, r + 2, ... of 0..12, 0)."""
+lists counted by its length. Rank 1 of 2 over 13 examples whose values are their indices: its real examples are
+1, 3, ..., 11 and its padding repeats example 0, worked by hand from the sampler's definition (positions r, r + 2, ... of 0..12, 0)."""
 
 from __future__ import annotations
 
@@ -304,3 +304,165 @@ def test_a_forward_that_writes_its_parameters_runs_whole_in_the_probes() -> None
                     MassiveActivations(modules=["net.2"], every_n_steps=1, probe="val", probe_batches=3)):
         with pytest.warns(UserWarning, match="writes its parameters in place"):
             assert torch.equal(ema_fit([monitor]), plain)
+
+
+def test_a_collated_batch_of_several_inputs_and_targets_counts_its_rows() -> None:
+    # Before: default_collate's [[X_a, X_b], [Y_a, Y_b]] was taken for per-example lists: 2 examples, not 8, and the
+    # sharded probe kept rank 1's repeat of example 0.
+    items = [((torch.full((6,), float(i)), torch.full((3,), 2.0 * i)), (torch.tensor(float(i)), torch.tensor(-i)))
+             for i in range(13)]
+    assert num_examples(next(iter(DataLoader(items, batch_size=8)))) == 8
+    loader = DataLoader(items, sampler=DistributedSampler(items, num_replicas=2, rank=1, shuffle=False), batch_size=4)
+    kept = without_sampler_padding(list(loader), loader, "probe")
+    assert sorted(v for (inputs, _), _ in kept for v in inputs[:, 0].tolist()) == RANK1
+    assert sorted(v for (_, doubled), _ in kept for v in doubled[:, 0].tolist()) == [2 * v for v in RANK1]
+    assert sorted(v for _, (target, _) in kept for v in target.tolist()) == RANK1
+
+
+def probe_trainer(loader: DataLoader) -> types.SimpleNamespace:
+    source = types.SimpleNamespace(instance=object(), is_defined=lambda: True, dataloader=lambda: loader)
+    return types.SimpleNamespace(
+        fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace(val_loop=types.SimpleNamespace(
+            _data_source=source))),
+        strategy=types.SimpleNamespace(root_device=torch.device("cpu")),
+    )
+
+
+def test_the_probe_reads_a_persistent_worker_loader_through_an_iterator_of_its_own() -> None:
+    # Before: the loader's kept iterator was reset and read: no index noted, rank 1's repeat of 0 measured; and the
+    # probe's own iterator stayed in the loader for its next pass.
+    loader = DataLoader(DATA, sampler=shard(1), batch_size=4, num_workers=1, persistent_workers=True)
+    assert values(list(loader)) == [0.0] + RANK1 and loader._iterator is not None  # Lightning's pass: the repeat
+    kept = loader._iterator
+    for _ in range(2):  # the second probe: as a next fit's, after the first probe's read
+        batches = validation_batches(probe_trainer(loader), "probe", lambda read: len(read) >= 2)
+        assert values(without_sampler_padding(batches, loader, "probe")) == RANK1
+        assert loader._iterator is kept
+    fresh = DataLoader(DATA, batch_size=8, num_workers=1, persistent_workers=True)
+    validation_batches(probe_trainer(fresh), "probe", lambda read: True)
+    assert fresh._iterator is None  # its first validation makes the iterator, drawing its seed as without the probe
+
+
+class Dropping(pl.LightningModule):
+    """Dropout in training; a validation loader built once, with a persistent worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        g = torch.Generator().manual_seed(0)
+        self.train_set = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+        self.val = DataLoader(TensorDataset(torch.randn(8, 6, generator=g)), batch_size=8, num_workers=1,
+                              persistent_workers=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: list[torch.Tensor], index: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: list[torch.Tensor], index: int) -> None:
+        self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=8)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.val
+
+
+def test_a_probe_of_a_persistent_worker_loader_leaves_training_alone() -> None:
+    # Before: the first validation reused the iterator the probe made under fork_rng, so it drew no seed from the
+    # global RNG and every later dropout mask moved.
+    def weights(callbacks: list) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = Dropping()
+        pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                   callbacks=callbacks).fit(model)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(weights([MassiveActivations(modules=["net.1"], every_n_steps=2, probe="val")]),
+                           weights([]))
+
+
+class MultiScale(Sampler):
+    """Batches of 4 ``(index, size)`` pairs, as multi-scale detection samplers give them; the dataset takes the pair."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        indices = list(self.sampler)
+        for start in range(0, len(indices), 4):
+            yield [(i, 2 + start // 4 % 2) for i in indices[start:start + 4]]
+
+    def __len__(self) -> int:
+        return 2
+
+
+class Scaled(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 13
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        index, size = item
+        return torch.full((size, size), float(index))
+
+
+def test_a_batch_sampler_of_index_and_size_pairs_is_read_and_its_padding_said_unknown() -> None:
+    # Before: int() of each (index, size) pair raised TypeError out of the probe's read and the evaluation masking.
+    loader = DataLoader(Scaled(), batch_sampler=MultiScale(DistributedSampler(Scaled(), num_replicas=2, rank=1,
+                                                                              shuffle=False)))
+    batches = validation_batches(probe_trainer(loader), "probe pairs", lambda read: len(read) >= 2)
+    assert [b[:, 0, 0].tolist() for b in batches] == [[1.0, 3.0, 5.0, 7.0], [9.0, 11.0, 0.0]]
+    with pytest.warns(UserWarning, match="cannot be told apart"):
+        assert without_sampler_padding(batches, loader, "probe pairs") is batches
+    trainer = types.SimpleNamespace(val_dataloaders=loader)
+    with pytest.warns(UserWarning, match="not dataset indices"):
+        assert all(real_examples(trainer, "val", index, len(b)).all() for index, b in enumerate(batches))
+
+
+class Renormed(pl.LightningModule):
+    """An embedding whose lookups renormalise its rows in place (max_norm), trained with momentum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8, max_norm=1.0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.emb(x).mean(1))
+
+    def training_step(self, batch: list[torch.Tensor], index: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+def test_a_probe_puts_back_the_rows_an_embedding_with_max_norm_renormalises() -> None:
+    # Before: the probe's lookups renormalised the validation tokens' rows in place: training changed (~4e-6).
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorDataset(torch.randint(0, 50, (64, 5), generator=g), torch.randint(0, 3, (64,),
+                                                                                               generator=g)),
+                       batch_size=8)
+    val = DataLoader(TensorDataset(torch.randint(0, 50, (16, 5), generator=g)), batch_size=8)
+
+    def weights(callbacks: list) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = Renormed()
+        pl.Trainer(accelerator="cpu", max_steps=16, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, callbacks=callbacks).fit(model, train, val)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(weights([MassiveActivations(modules=["net.1"], every_n_steps=4, probe="val")]),
+                           weights([]))
+    assert not [w for w in caught if "writes its parameters" in str(w.message)]  # its rows are put back: no EMA swap

@@ -7,7 +7,8 @@ How the model is run is a ``forward_fn(pl_module, batch)``; the default calls
 ``pl_module(batch[0])`` for a tuple/list batch and ``pl_module(batch)`` otherwise. A probe runs in
 eval mode (every module's flag restored afterwards), under ``torch.no_grad``, inside the
 precision plugin's forward context and under ``torch.random.fork_rng``, so BatchNorm statistics,
-the global RNG and the weights are untouched. Buffers a probe forward may change are put back bit for bit
+the global RNG and the weights are untouched (those an ``nn.Embedding(max_norm=...)`` lookup renormalises in place
+are put back). Buffers a probe forward may change are put back bit for bit
 (:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's observers and
 fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a model keeps;
 a large buffer is not copied, and one a probe wrote in place is said once by name.
@@ -120,12 +121,16 @@ def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch:
     """``forward_fn(pl_module, batch)``, seeded where a probe runs it (:func:`_seed_forward`); a failure becomes one
     line naming the fix. A whole forward of a probe's first pass that writes a parameter in place (a model that swaps
     its EMA weights in for an eval forward and back after it) turns the probe's cutoff off, said once: an ended forward
-    would skip the code after the last tap that puts them back, and training would go on from the swapped weights."""
+    would skip the code after the last tap that puts them back, and training would go on from the swapped weights. The
+    rows an ``nn.Embedding(max_norm=...)`` renormalises do not: :func:`probing` puts them back
+    (:func:`renormed_weights`)."""
     _seed_forward()
     cutoff = _probe_cutoff.get()
     if cutoff is not None and not (cutoff.enabled and cutoff.expected is None):
         cutoff = None  # no whole forward of a first pass to watch
-    versions = [p._version for p in pl_module.parameters()] if cutoff is not None else []
+    renormed = {id(weight) for weight in renormed_weights(pl_module)} if cutoff is not None else set()
+    watched = [p for p in pl_module.parameters() if id(p) not in renormed] if cutoff is not None else []
+    versions = [p._version for p in watched]
     try:
         output = forward_fn(pl_module, batch)
     except LightningActError:
@@ -136,7 +141,7 @@ def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch:
             f"{owner}: running the model on a probe batch failed ({type(error).__name__}: {first_line}); "
             "pass forward_fn=<a function (pl_module, batch) that runs your model on one validation batch>"
         ) from error
-    if cutoff is not None and versions != [p._version for p in pl_module.parameters()]:
+    if cutoff is not None and versions != [p._version for p in watched]:
         cutoff.enabled = False
         if owner not in _cutoff_off_warned:
             _cutoff_off_warned.add(owner)
@@ -156,8 +161,9 @@ PROBE_ALTERNATIVES: dict[str, str] = {
 }
 
 
-#: The dataset indices of each batch a probe last read from a sharded loader (:func:`validation_batches`).
-_indices_read: weakref.WeakKeyDictionary[Any, list[list[int]]] = weakref.WeakKeyDictionary()
+#: The dataset indices of each batch a probe last read from a sharded loader (:func:`validation_batches`; ``None`` for
+#: a batch whose items are not indices).
+_indices_read: weakref.WeakKeyDictionary[Any, list[list[int] | None]] = weakref.WeakKeyDictionary()
 
 #: The owners said once that a sharded loader's padding could not be told by index.
 _unknown_indices_warned: set[str] = set()
@@ -169,9 +175,10 @@ def validation_batches(
     """The first validation batches of this fit, until ``enough(batches)``; raises one line if there are none.
 
     The batches come from the user's own ``val_dataloader`` (not Lightning's sharded copy), read under
-    ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG. The loader they came
-    from is appended to ``loaders`` when given. Where it shards the data with a ``DistributedSampler``, each batch's
-    dataset indices are noted as it is read (:func:`batch_indices`), for telling the sampler's padding by index.
+    ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG, through an iterator of the
+    probe's own (:func:`own_iterator`). The loader they came from is appended to ``loaders`` when given. Where it
+    shards the data with a ``DistributedSampler``, each batch's dataset indices are noted as it is read
+    (:func:`batch_indices`), for telling the sampler's padding by index.
     """
     source = trainer.fit_loop.epoch_loop.val_loop._data_source
     if source.instance is None or not source.is_defined():
@@ -184,7 +191,7 @@ def validation_batches(
         loader = first_loader(source.dataloader())
         if loaders is not None:
             loaders.append(loader)
-        with recording_indices(loader) as record:
+        with own_iterator(loader), recording_indices(loader) as record:
             for batch in loader:
                 batches.append(batch)
                 if enough(batches):
@@ -197,6 +204,27 @@ def validation_batches(
             f"probe; give the fit validation data{PROBE_ALTERNATIVES.get(owner, '')}"
         )
     return batches
+
+
+@contextlib.contextmanager
+def own_iterator(loader: Any) -> Iterator[None]:
+    """Inside, a persistent-worker DataLoader (``persistent_workers=True``) makes a new iterator instead of resetting
+    the one it keeps, and after, that iterator's workers are shut down and the kept one (``None`` before the loader's
+    first pass) put back: the loader's next pass is what it is without the probe. Reset, a kept iterator goes through
+    the index sampler it was made with, not the recording one (:func:`recording_indices`), so no index was noted;
+    and one the probe made under ``fork_rng`` and left behind was reused by the first validation, which then did not
+    draw its base seed from the global RNG, and the training's random stream moved."""
+    if not isinstance(loader, DataLoader) or not loader.persistent_workers:
+        yield
+        return
+    kept = loader._iterator
+    loader._iterator = None
+    try:
+        yield
+    finally:
+        made, loader._iterator = loader._iterator, kept
+        if made is not None:
+            made._shutdown_workers()
 
 
 def first_batch_tensor(batch: Any) -> torch.Tensor | None:
@@ -212,12 +240,18 @@ def first_batch_tensor(batch: Any) -> torch.Tensor | None:
 
 def _per_example_lists(batch: Any) -> bool:
     """Whether a batch is lists of one item per example, the first of tensors (the inputs):
-    ``tuple(zip(*examples))``."""
-    return (
+    ``tuple(zip(*examples))``. Not where every item of every list is a tensor and all share one first axis: that is a
+    collated batch of several inputs and targets (``default_collate`` of ``((x_a, x_b), (y_a, y_b))`` items gives
+    ``[[X_a, X_b], [Y_a, Y_b]]``, each ``(B, ...)``), whose lists hold fields, not examples."""
+    if not (
         isinstance(batch, (list, tuple)) and bool(batch)
         and all(isinstance(item, (list, tuple)) and not hasattr(item, "_fields") for item in batch)  # not fields
         and len({len(item) for item in batch}) == 1 and all(isinstance(x, torch.Tensor) for x in batch[0])
-    )
+    ):
+        return False
+    items = [x for item in batch for x in item]
+    collated = all(isinstance(x, torch.Tensor) and x.dim() for x in items) and len({x.shape[0] for x in items}) == 1
+    return not collated
 
 
 def num_examples(batch: Any, axis: int = 0) -> int:
@@ -238,16 +272,19 @@ def batch_indices(batches: list[Any], loader: Any) -> list[list[int]] | None:
     of now) by reading the loader again under ``fork_rng`` from this state, which gives the same batches even from a
     batch sampler that shuffles per pass (before round 23 a second pass of the batch sampler, outside ``fork_rng``,
     gave another order and moved the training's RNG). ``None`` where they cannot be known
-    (:func:`~lightning_act.data.sampler_padding_index.recording_indices`)."""
+    (:func:`~lightning_act.data.sampler_padding_index.recording_indices`; a batch sampler whose items are not dataset
+    indices, such as a multi-scale sampler's ``(index, size)`` pairs)."""
     record = _indices_read.get(loader) if isinstance(loader, DataLoader) else None
     if record is not None and len(record) == len(batches):
-        return record
-    with torch.random.fork_rng(devices=[]), recording_indices(loader) as record:
+        return None if None in record else record
+    with torch.random.fork_rng(devices=[]), own_iterator(loader), recording_indices(loader) as record:
         if record is None:
             return None
         for _ in zip(range(len(batches)), loader, strict=False):
             pass
-    return record[: len(batches)] if len(record) >= len(batches) else None
+    if len(record) < len(batches) or None in record[: len(batches)]:
+        return None
+    return record[: len(batches)]
 
 
 def without_sampler_padding(batches: list[Any], loader: Any, owner: str) -> list[Any]:
@@ -275,8 +312,8 @@ def without_sampler_padding(batches: list[Any], loader: Any, owner: str) -> list
                 f"{owner}: rank {sampler.rank}'s probe loader ({type(loader).__name__}) does not tell the dataset "
                 f"indices of its batches, so the {len(padding)} examples its DistributedSampler repeats to pad the "
                 "validation set cannot be told apart: every probe batch is measured whole, the repeats counted twice "
-                "(pass a torch DataLoader with in_order=True, DistributedSampler(..., drop_last=True), or a "
-                "validation set that divides among the ranks)",
+                "(pass a torch DataLoader with in_order=True whose batch sampler gives dataset indices, "
+                "DistributedSampler(..., drop_last=True), or a validation set that divides among the ranks)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -460,6 +497,29 @@ def buffers_kept(pl_module: nn.Module) -> Iterator[None]:
                 )
 
 
+def renormed_weights(pl_module: nn.Module) -> list[nn.Parameter]:
+    """The weights of the ``nn.Embedding``/``nn.EmbeddingBag`` modules with ``max_norm`` set: a lookup renormalises
+    the rows it reads in place, in eval mode and under ``no_grad`` too (``torch.embedding_renorm_``)."""
+    return [
+        module.weight for module in pl_module.modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+    ]
+
+
+@contextlib.contextmanager
+def renormed_weights_kept(pl_module: nn.Module) -> Iterator[None]:
+    """The weights an embedding lookup renormalises (:func:`renormed_weights`) as they were before, bit for bit, after
+    what runs inside: renormalised at a probe instead of at the next training lookup, rows that the optimizer (momentum,
+    weight decay) moves in between would take other values, and training would change."""
+    kept = [(weight, weight.detach().clone()) for weight in renormed_weights(pl_module)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, before in kept:
+                weight.copy_(before)
+
+
 def forward_is_collective(pl_module: nn.Module) -> bool:
     """Whether a forward of the model communicates between the ranks, so that every rank must run each probe forward
     (one rank alone waits for the others forever): FSDP2 (``fully_shard``) all-gathers each module's parameters. A
@@ -487,7 +547,8 @@ def _reshard(pl_module: nn.Module) -> None:
 @contextlib.contextmanager
 def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
     """Eval mode, no_grad, the precision context and a forked RNG, each forward inside seeded with its place in the
-    pass (:func:`_seed_forward`); every train/eval flag and buffer restored.
+    pass (:func:`_seed_forward`); every train/eval flag and buffer restored, and the weights of embeddings with
+    ``max_norm`` (:func:`renormed_weights_kept`).
 
     PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
     gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
@@ -500,7 +561,8 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     token = _forward_seeds.set((itertools.count(), devices))
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with buffers_kept(pl_module), torch.no_grad(), torch.random.fork_rng(devices=devices), context:
+        with buffers_kept(pl_module), renormed_weights_kept(pl_module), torch.no_grad(), \
+                torch.random.fork_rng(devices=devices), context:
             pl_module.eval()
             yield
     finally:

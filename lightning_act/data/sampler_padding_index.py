@@ -11,6 +11,7 @@ their indices are other ranks' real ones, never this rank's, so an index names t
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -56,16 +57,26 @@ def padding_rows(batch_indices: list[list[int]], padding: list[int]) -> list[lis
     return rows
 
 
-class _RecordingSampler:
-    """A loader's index sampler that notes the indices of each batch it gives (while ``record`` is a list)."""
+def dataset_indices(items: Any) -> list[int] | None:
+    """A batch sampler's batch as dataset indices; ``None`` where an item is not an integer (``operator.index``)."""
+    try:
+        return [operator.index(item) for item in items]
+    except TypeError:
+        return None
 
-    def __init__(self, sampler: Any, record: list[list[int]] | None, batched: bool) -> None:
+
+class _RecordingSampler:
+    """A loader's index sampler that notes the indices of each batch it gives (while ``record`` is a list): ``None``
+    for a batch whose items are not integers (a multi-scale or mosaic sampler's ``(index, size)`` pairs, which the
+    dataset takes whole), whose padding cannot be told by index."""
+
+    def __init__(self, sampler: Any, record: list[list[int] | None] | None, batched: bool) -> None:
         self.sampler, self.record, self.batched = sampler, record, batched
 
     def __iter__(self) -> Iterator[Any]:
         for indices in self.sampler:
             if self.record is not None:
-                self.record.append([int(i) for i in indices] if self.batched else [int(indices)])
+                self.record.append(dataset_indices(indices if self.batched else [indices]))
             yield indices
 
     def __len__(self) -> int:
@@ -73,12 +84,13 @@ class _RecordingSampler:
 
 
 @contextlib.contextmanager
-def recording_indices(loader: Any) -> Iterator[list[list[int]] | None]:
-    """Inside, the dataset indices of each batch read from ``loader``, in the order the batches come out; ``None``
-    where they are not needed (no ``DistributedSampler``: nothing is padding) or cannot be known (not a torch
-    ``DataLoader``, or one that yields batches as its workers finish them, ``in_order=False``). The loader's batch
-    sampler (or sampler) is swapped for a recording one and put back after; a persistent-worker iterator that kept
-    the recorder stops recording."""
+def recording_indices(loader: Any) -> Iterator[list[list[int] | None] | None]:
+    """Inside, the dataset indices of each batch read from ``loader``, in the order the batches come out (``None`` for
+    a batch whose items are not indices); ``None`` where they are not needed (no ``DistributedSampler``: nothing is
+    padding) or cannot be known (not a torch ``DataLoader``, or one that yields batches as its workers finish them,
+    ``in_order=False``). The loader's batch sampler (or sampler) is swapped for a recording one and put back after; only
+    an iterator made inside reads it (a persistent-worker loader resets the iterator it keeps, which goes on with the
+    sampler it was made with: read it through a new one, :func:`~lightning_act.callbacks.probe.own_iterator`)."""
     unknowable = not isinstance(loader, DataLoader) or not getattr(loader, "in_order", True)
     if distributed_sampler(loader) is None or unknowable:
         yield None
@@ -86,7 +98,7 @@ def recording_indices(loader: Any) -> Iterator[list[list[int]] | None]:
     batched = loader.batch_sampler is not None
     attribute = "batch_sampler" if batched else "sampler"
     original = getattr(loader, attribute)
-    record: list[list[int]] = []
+    record: list[list[int] | None] = []
     recorder = _RecordingSampler(original, record, batched)
     object.__setattr__(loader, attribute, recorder)  # DataLoader refuses to set it once built
     try:

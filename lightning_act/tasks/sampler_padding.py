@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import BatchSampler
 
 from lightning_act.data.sampler_padding_index import (
+    dataset_indices,
     distributed_sampler,
     padding_indices,
     padding_rows,
@@ -73,7 +74,8 @@ def _custom_pass(batch_sampler: Any) -> list[list[int]] | None:
     """The index lists a custom batch sampler gives this pass, where a pass does not depend on the global random state:
     two passes drawn from other seeds of torch's, Python's and NumPy's global generators agree (all three put back
     after). ``None`` for one that shuffles from them, or from a generator of its own that each pass moves on (these
-    two passes move it too): its order this pass cannot be known."""
+    two passes move it too): its order this pass cannot be known; and for one whose items are not dataset indices (a
+    multi-scale sampler's ``(index, size)`` pairs)."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     passes = []
     try:
@@ -82,11 +84,13 @@ def _custom_pass(batch_sampler: Any) -> list[list[int]] | None:
                 torch.default_generator.manual_seed(seed)
                 random.seed(seed)
                 np.random.seed(seed)
-                passes.append([[int(i) for i in indices] for indices in batch_sampler])
+                passes.append([dataset_indices(indices) for indices in batch_sampler])
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    return passes[0] if passes[0] == passes[1] else None
+    if None in passes[0] or passes[0] != passes[1]:
+        return None
+    return passes[0]
 
 
 def _warn_padding_counted(batch_sampler: Any) -> None:
@@ -97,10 +101,10 @@ def _warn_padding_counted(batch_sampler: Any) -> None:
     _unknown_warned.add(name)
     warnings.warn(
         f"the evaluation loader's batch sampler {name} gives batches in an order that cannot be replayed (drawn "
-        "from a random state at each pass), so the examples its DistributedSampler repeats to pad the set cannot be "
-        "told apart: they count twice in this stage's metrics (pass DistributedSampler(..., drop_last=True), a set "
-        "that divides among the ranks, or a batch sampler whose order is fixed for the pass, e.g. seeded from the "
-        "epoch as DistributedSampler is)",
+        "from a random state at each pass) or items that are not dataset indices, so the examples its "
+        "DistributedSampler repeats to pad the set cannot be told apart: they count twice in this stage's metrics "
+        "(pass DistributedSampler(..., drop_last=True), a set that divides among the ranks, or a batch sampler of "
+        "dataset indices whose order is fixed for the pass, e.g. seeded from the epoch as DistributedSampler is)",
         UserWarning,
         stacklevel=3,
     )
