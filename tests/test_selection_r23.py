@@ -224,6 +224,26 @@ def test_penultimate_of_a_trained_part_in_front_of_a_frozen_lm_is_the_lms_head()
     assert names(select_taps(reprogrammed, "@penultimate")) == ["classifier.lm_head-input"]
 
 
+class AdaptedBlock(Block):
+    """A block whose own weights are frozen and a low-rank adapter of 3 trains (LoRA's layout)."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.requires_grad_(False)
+        self.adapter_down, self.adapter_up = nn.Linear(width, 3), nn.Linear(3, width)
+
+
+def test_penultimate_of_an_adapted_student_beside_a_frozen_teacher_is_the_students_head():
+    # Before: teacher.lm_head-input: only the adapters train (widths 3 and the model's), so no trained Linear was
+    # as wide as the teacher's head; the student's own frozen lm_head names the width a teacher shares
+    model = nn.Module()
+    model.student = Tower(8, head=50)
+    model.student.layers = nn.ModuleList([AdaptedBlock(8) for _ in range(2)])
+    model.student.lm_head.requires_grad_(False)
+    model.teacher = Tower(16, head=50).requires_grad_(False)
+    assert names(select_taps(model, "@penultimate")) == ["student.lm_head-input"]
+
+
 # ---------------------------------------------------------------- hand-written stages of bare Sequentials
 class Down(nn.Module):
     def __init__(self):

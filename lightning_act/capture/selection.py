@@ -504,30 +504,51 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_ou
 
 
 def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[str, nn.Module]]) -> set[int]:
-    """Ids of the modules inside a frozen parallel teacher (``linears``: the candidate heads): a module none of
-    whose parameters trains that holds a stack of blocks (:func:`_container_blocks`; a knowledge-distillation
-    teacher, ``requires_grad_(False)``, of any width and depth) and whose last Linear gives as many features as a
-    trained one (the student's head, over the same classes). A frozen network in series with the trained part stays:
-    its head is the model's (a LLaVA or BLIP-2 LM's ``lm_head`` over the vocabulary, behind a trained projector of
-    the hidden width; a frozen classifier behind a trained input adapter), and so does a frozen head of a layer or a
-    few without blocks (a LoRA-tuned causal LM's ``lm_head``, a masked LM's ``cls.predictions``)."""
-    trained_widths = {
-        _innermost_wrapped(m).out_features for _, m in linears if any(p.requires_grad for p in m.parameters())}
-    if not trained_widths:
+    """Ids of the modules inside a frozen parallel teacher (``linears``: the candidate heads, in order): a module none
+    of whose parameters trains that holds a stack of blocks (:func:`_container_blocks`; a knowledge-distillation
+    teacher, ``requires_grad_(False)``) and whose last Linear gives as many features as the student's head: a Linear
+    that trains, or the last Linear of a network that trains (one holding a stack of blocks and no such frozen
+    network), frozen or not (a LoRA-tuned student's ``lm_head``). A frozen network in series with the trained part
+    stays: its head is the model's (a LLaVA or BLIP-2 LM's ``lm_head`` over the vocabulary, behind a trained projector
+    of the hidden width; a frozen classifier behind a trained input adapter), and so does a frozen head of a layer or
+    a few without blocks (a LoRA-tuned causal LM's ``lm_head``, a masked LM's ``cls.predictions``). A teacher whose
+    head differs from the student's (other classes, feature distillation) cannot be told from such a network.
+    Decided from the names (a module's ancestors are its name's prefixes), in one pass over the modules."""
+
+    def ancestors(name: str) -> list[str]:
+        parts = name.split(".") if name else []
+        return [".".join(parts[:i]) for i in range(len(parts))]
+
+    holds_stack: set[str] = set()
+    has_parameters: set[str] = set()
+    trains: set[str] = set()
+    with_children: set[str] = set()
+    for name, module in modules:
+        if _is_stack_container(module) and _container_blocks(module):
+            holds_stack.update([name, *ancestors(name)])
+        own = list(module.parameters(recurse=False))
+        if own:
+            has_parameters.update([name, *ancestors(name)])
+        if any(p.requires_grad for p in own):
+            trains.update([name, *ancestors(name)])
+        if next(module.children(), None) is not None:
+            with_children.add(name)
+    frozen = [n for n, _ in modules
+              if n in holds_stack and n in has_parameters and n not in trains and n in with_children]
+    if not frozen:
         return set()
-    linear_ids = {id(m) for _, m in linears}
-    teachers: set[int] = set()
-    for _, module in modules:
-        if id(module) in teachers or not any(True for _ in module.children()):
-            continue
-        parameters = list(module.parameters())
-        if not parameters or any(p.requires_grad for p in parameters):
-            continue
-        inner_linears = [m for m in module.modules() if id(m) in linear_ids]
-        parallel = bool(inner_linears) and _innermost_wrapped(inner_linears[-1]).out_features in trained_widths
-        if parallel and any(_is_stack_container(m) and _container_blocks(m) for m in module.modules()):
-            teachers |= {id(m) for m in module.modules()}
-    return teachers
+    around_frozen = {a for n in frozen for a in ancestors(n)}
+    trained_networks = (holds_stack & trains) - around_frozen
+    widths = {_innermost_wrapped(m).out_features for _, m in linears if any(p.requires_grad for p in m.parameters())}
+    last_width: dict[str, int] = {}  # the last Linear of each network that trains, and of each frozen one
+    frozen_set = set(frozen)
+    for name, module in linears:
+        for owner in ancestors(name):
+            if owner in trained_networks or owner in frozen_set:
+                last_width[owner] = _innermost_wrapped(module).out_features
+    widths |= {width for owner, width in last_width.items() if owner in trained_networks}
+    teachers = {n for n in frozen if last_width.get(n) in widths}
+    return {id(m) for n, m in modules if n in teachers or any(a in teachers for a in ancestors(n))}
 
 
 def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.Module]] | None = None) -> list[Tap]:
