@@ -209,7 +209,6 @@ class LastCheckpoint(Checkpoint):
         self._wrote: tuple[Path, weakref.ref[pl.Trainer]] | None = None
         self._told_remote = False  # the fallback from a remote ModelCheckpoint dirpath is said once
         self._saving_mid_validation = False  # the SIGTERM save inside validation: its resume reruns the validation
-        self._sigterm_finishes_validation = False  # a SIGTERM in the validation after the last step lets it finish
         self._reruns_validation = False  # resumed from such a save: the val loop's totals are mended at its start
 
     def __getstate__(self) -> dict[str, Any]:
@@ -272,7 +271,7 @@ class LastCheckpoint(Checkpoint):
         return target
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_requested = self._stop_agreed = self._sigterm_finishes_validation = False
+        self._stop_requested = self._stop_agreed = False
         self._stop_saved = self._changed_after_stop = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
@@ -402,10 +401,16 @@ class LastCheckpoint(Checkpoint):
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
         if 0 <= trainer.max_steps <= trainer.global_step:
-            # the validation after the fit's last step: a resume would find the fit done and never run it again, so
-            # it finishes, as after a Ctrl-C (taken over from Lightning, which would end the fit after this batch)
+            # The validation after the fit's last step: a resume would find the fit done and never run it again, so it
+            # finishes (taken over from Lightning, which would end the fit after this batch), and last.ckpt is written
+            # at its end with its effects and as the fit ends; written now as well, in case the grace period ends first.
             trainer._signal_connector.received_sigterm = False
-            self._stop_requested = self._sigterm_finishes_validation = True
+            with _trained_weights_swapped_in(trainer, pl_module):
+                said = self._save_at_stop(trainer)
+            if said is not None:
+                rank_zero_info(f"stopped by SIGTERM at step {trainer.global_step} during the validation after the "
+                               f"last step, which finishes first: {said}")
+            self._stop_saved = True
             return
         _swap_trained_weights_in(trainer, pl_module)
         self._saving_mid_validation = True
@@ -473,9 +478,8 @@ class LastCheckpoint(Checkpoint):
         elif (trainer.global_step != self._step_at_batch_start  # else: stopped at the window's optimizer step
               and self._stop_agreed_in_validation(trainer)):
             target = self.save(trainer)
-            how = "stopped by SIGTERM" if self._sigterm_finishes_validation else "interrupted"
             if target is not None:
-                rank_zero_info(f"{how} at step {trainer.global_step} during validation: wrote {target}; resume "
+                rank_zero_info(f"interrupted at step {trainer.global_step} during validation: wrote {target}; resume "
                                f"with --ckpt_path {shlex.quote(str(target))}")
             self._stop_saved = self._changed_after_stop = True
 
@@ -499,7 +503,7 @@ class LastCheckpoint(Checkpoint):
                 rank_zero_info(f"interrupted at step {trainer.global_step}: {said}")
         if self._changed_after_stop:  # with that validation's effects and the epoch's end (as _save_at_batch_start)
             self.save(trainer)
-        if self._stop_saved and trainer.should_stop:  # the validation after the stop ended the fit (EarlyStopping)
+        if self._stop_saved and trainer.should_stop and not _at_a_limit(trainer):  # EarlyStopping ended it after the stop
             rank_zero_info(f"the fit ended at step {trainer.global_step} (should_stop, e.g. EarlyStopping) after the "
                            f"stop: {self.path(trainer)} holds its end; a resume from it would train past that end")
         if self._stop_saved or self._stop_requested:
@@ -508,6 +512,24 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
+
+
+def _at_a_limit(trainer: pl.Trainer) -> bool:
+    """Whether the fit has reached ``max_steps`` or ``max_epochs``: a resume from its end trains no further."""
+    max_epochs = trainer.max_epochs
+    return 0 <= trainer.max_steps <= trainer.global_step or (
+        max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs)
+
+
+@contextmanager
+def _trained_weights_swapped_in(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """The trained weights in the module for a save inside a validation that goes on: swapped in
+    (:func:`_swap_trained_weights_in`), and the average back after (``WeightAveraging`` swaps alike)."""
+    _swap_trained_weights_in(trainer, pl_module)
+    try:
+        yield
+    finally:
+        _swap_trained_weights_in(trainer, pl_module)
 
 
 def _swap_trained_weights_in(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
