@@ -150,3 +150,19 @@ def test_a_version_folder_is_read_up_to_a_next_trial_that_first_logs_after_step_
                "this run's last step 249" in note for note in first.notes)
     assert [p.path.parent.name for p in second.parts] == ["version_3", "version_4"]
     assert second.series["train/loss"].values == [5.049, 5.099, 5.149] and second.test_metrics() == {"test/acc": 0.5}
+
+
+def test_a_version_folder_takes_in_the_resume_of_a_stop_during_validation(tmp_path: Path) -> None:
+    # Before: a SIGTERM during the step-8 validation stopped the run before its val/loss row; the resume runs that
+    # validation again (its first row, val/loss at step 7, the stopped run's last training step) and then trains
+    # from step 8: read as the next trial, the resume and its val/loss were left out of version_0's run.
+    run = tmp_path / "csv"
+    write_training(run / "version_0", list(range(8)), 1.0)
+    columns = ["epoch", "step", "train/loss", "val/loss"]
+    write_csv(run / "version_1" / "metrics.csv", columns,
+              [{"epoch": 0, "step": 7, "val/loss": 0.5},
+               *({"epoch": 1, "step": s, "train/loss": 2.0 + s / 1000} for s in range(8, 16)),
+               {"epoch": 1, "step": 15, "val/loss": 0.4}])
+    log = load_run(run / "version_0")
+    assert [p.path.parent.name for p in log.parts] == ["version_0", "version_1"]
+    assert log.series["val/loss"].steps == [7, 15] and log.series["train/loss"].steps == list(range(16))

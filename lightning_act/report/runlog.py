@@ -213,7 +213,12 @@ def _logs_training(columns: list[str]) -> bool:
     Judged by every column, not by a ``train/`` prefix: a resumed fit that logs ``train_loss`` and no monitor
     statistic (none fell due) is still the fit that replaces the rolled-back steps.
     """
-    return any(not is_index_column(c, columns) and _first_word(c) not in EVALUATION_WORDS for c in columns if c)
+    return bool(_training_columns(columns))
+
+
+def _training_columns(columns: list[str]) -> list[str]:
+    """The columns of a ``metrics.csv`` header that a fit logs and ``validate``/``test`` do not."""
+    return [c for c in columns if c and not is_index_column(c, columns) and _first_word(c) not in EVALUATION_WORDS]
 
 
 def _header(path: Path) -> list[str]:
@@ -347,9 +352,10 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
 def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict[str, Series], list[str]]:
     """Merge the series of a run's CSV versions (oldest first) into one continuous history.
 
-    A later version that logged training (a resumed or restarted fit) starts at some step ``s``;
+    A later version that logged training (a resumed or restarted fit) starts training at some step ``s``;
     what earlier versions logged at steps ``>= s`` was rolled back by the resume, so it is
-    replaced for every non-test key. A version without training (``lightning_act test`` or ``validate``) adds its
+    replaced for every non-test key (a key the version logs earlier, the validation a stop interrupted and the
+    resume runs again at the stopped step, from its first step). A version without training (``lightning_act test`` or ``validate``) adds its
     own keys, and its test keys (:func:`is_test_key`) overwrite an earlier test's from their first step on; but it
     does not replace the fit's curves of other keys: a ``validate`` logs ``val/*`` at step 0, which would cut the
     whole validation curve. Those values are left out, with a note.
@@ -362,6 +368,8 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
             continue
         start = min(firsts.values())
         stop = max(s.steps[-1] for s in series.values() if len(s)) + 1
+        training_firsts = [first for key, first in firsts.items() if _first_word(key) not in EVALUATION_WORDS]
+        rollback = min(training_firsts, default=start)
         replaced = 0
         kept_curves = [] if logs_training else sorted(
             key for key in firsts if not is_test_key(key) and len(merged.get(key, ()))
@@ -374,7 +382,7 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
             series = {key: s for key, s in series.items() if key not in kept_curves}
         for key, old in merged.items():
             if logs_training and not is_test_key(key):
-                cut = start
+                cut = min(rollback, firsts.get(key, rollback))
             elif key in firsts and key not in kept_curves:
                 cut = firsts[key]
             else:
@@ -384,7 +392,8 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
             old.steps, old.values = [s for s, _ in kept], [v for _, v in kept]
             old.spans = [(first, min(end, cut)) for first, end in old.spans if first < cut]
         if replaced and logs_training:
-            notes.append(f"{path} resumes at step {start}: it replaces {replaced} later value(s) of the earlier version(s)")
+            notes.append(
+                f"{path} resumes at step {rollback}: it replaces {replaced} later value(s) of the earlier version(s)")
         for key, new in series.items():
             target = merged.setdefault(key, Series())
             target.steps += new.steps
@@ -451,14 +460,15 @@ def find_configs(version_dirs: list[Path], given: Path) -> tuple[dict[str, tuple
     return configs, notes
 
 
-def _continues_run(follower: CsvPart, run_last_step: float | None) -> bool:
+def _continues_run(follower: CsvPart, first_step: float | None, run_last_step: float | None) -> bool:
     """Whether a version written after the one passed belongs to its run: one that logs no training (a ``validate`` /
-    ``test`` of the run's checkpoint), or a resume, whose first step is after the run's last step so far. Any other
-    training version is the next run, also one that first logs after step 0 (``log_every_n_steps``: a sweep's next
-    trial first logs at step 49, within the steps this run logged)."""
+    ``test`` of the run's checkpoint), or a resume, whose first training row (``first_step``) is after the run's last
+    one so far (a resume from a stop during validation logs that validation again at the stopped run's last step).
+    Any other training version is the next run, also one that first logs after step 0 (``log_every_n_steps``: a
+    sweep's next trial first logs at step 49, within the steps this run logged)."""
     if not follower.logs_training:
         return True
-    return follower.first_step is not None and run_last_step is not None and follower.first_step > run_last_step
+    return first_step is not None and run_last_step is not None and first_step > run_last_step
 
 
 def later_versions(metrics_csv: Path) -> list[Path]:
@@ -482,9 +492,11 @@ def load_run(path: str | Path) -> RunLog:
     to_merge: list[tuple[Path, dict[str, Series], bool]] = []
     columns: list[str] = []
     rows = 0
+    run_last_training: float | None = None  # the last step of a training row so far
     for csv_path in [*paths, *followers]:
         file_columns, file_rows, file_series, file_notes = read_metrics(csv_path)
         steps = [s for series in file_series.values() for s in series.steps]
+        training_steps = [s for c in _training_columns(file_columns) if c in file_series for s in file_series[c].steps]
         earlier_last = max((part.last_step for part in parts if part.last_step is not None), default=None)
         # a resumed fit whose part fell short of log_every_n_steps logs only validation rows; it is still a fit when
         # it logs past every earlier version's last step (a validate/test logs at its checkpoint's step, within the
@@ -493,17 +505,22 @@ def load_run(path: str | Path) -> RunLog:
             earlier_last is not None and bool(steps) and min(steps) > earlier_last
         )
         part = CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training)
-        if csv_path in followers and not _continues_run(part, earlier_last):
-            if part.logs_training and part.first_step and earlier_last is not None:
+        # training rows where there are (a resume's first rows may be the stopped validation's, at the stopped step)
+        first_training = min(training_steps, default=part.first_step)
+        last_training = earlier_last if run_last_training is None else run_last_training
+        if csv_path in followers and not _continues_run(part, first_training, last_training):
+            if part.logs_training and first_training and last_training is not None:
                 notes.append(
                     f"{given} is read without {part.path.parent.name} and the versions after it: that version logs "
-                    f"training from step {part.first_step:g}, not after this run's last step {earlier_last:g}, "
+                    f"training from step {first_training:g}, not after this run's last step {last_training:g}, "
                     f"so it is read as the next run (a sweep's next trial); if it resumes this run from an earlier "
                     f"checkpoint, pass {given.parent} to merge them"
                 )
             break
         notes += file_notes
         parts.append(part)
+        run_last_training = max([*training_steps, *([] if run_last_training is None else [run_last_training])],
+                                default=None)
         to_merge.append((csv_path, file_series, logs_training))
         columns += [c for c in file_columns if c not in columns]
         rows += file_rows
