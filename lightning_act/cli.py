@@ -339,6 +339,29 @@ def _takes_var_keyword(class_path: str) -> bool:
         return False
 
 
+def _enclosing_class(scope: str, position: int) -> tuple[list[str], str | None]:
+    """The class arguments nesting the error line at ``position`` inside a class's error block: their keys, outermost
+    first, and the innermost one's class_path (``(['head'], 'mymods.Head')`` for a model's ``head`` class missing an
+    argument; ``([], None)`` for the block's own class). jsonargparse indents each nested ``Parser key`` and
+    ``Problem with given class_path`` line under its parent."""
+    line_start = scope.rfind("\n", 0, position) + 1
+    indent = len(scope[line_start:position]) - len(scope[line_start:position].lstrip(" -"))
+    nesting: list[str] = []  # the lines the error line is nested in, outermost first
+    for line in reversed(scope[:line_start].splitlines()):
+        depth = len(line) - len(line.lstrip(" -"))
+        if line.strip(" -") and depth < indent:
+            nesting.insert(0, line.strip(" -"))
+            indent = depth
+    keys: list[str] = []
+    inner_class = None
+    for line in nesting:
+        if key := re.match(r'Parser key "([\w.]+)":', line):
+            keys.append(key.group(1))
+        elif given := re.match(r"Problem with given class_path '([\w.]+)':", line):
+            inner_class, inner_keys = given.group(1), list(keys)
+    return (inner_keys, inner_class) if inner_class else ([], None)
+
+
 def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     """One line from a jsonargparse error: the key, the bad value, what is expected, a close name."""
     text = message.strip()
@@ -376,9 +399,14 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     if class_path and (match := _REQUIRED.search(scope)):
         names = [name.strip() for name in match.group(1).split(",")]
         plural = "s" if len(names) > 1 else ""
-        return (f"{key}{owner}: missing required argument{plural} {', '.join(names)}; add "
-                f"{' '.join(f'--{key}.{name} VALUE' for name in names)} after the class on the command line, or "
-                f"init_args: {{{', '.join(f'{name}: ...' for name in names)}}} to it in the config")
+        inner_keys, inner_class = _enclosing_class(scope, match.start())
+        key, class_path = ".".join([key, *inner_keys]), inner_class or class_path
+        owner = f" ({class_path.rsplit('.', 1)[-1]})"
+        missing = f"{key}{owner}: missing required argument{plural} {', '.join(names)}"
+        if not set(names) <= set(_init_parameters(class_path)):  # an option named after them would be refused
+            return missing
+        return (f"{missing}; add {' '.join(f'--{key}.{name} VALUE' for name in names)} after the class on the command "
+                f"line, or init_args: {{{', '.join(f'{name}: ...' for name in names)}}} to it in the config")
     if match := _EXPECTED.search(scope):
         inner, expected, value = match.groups()
         if class_path and inner != key:
@@ -477,6 +505,17 @@ def _run_places(config: Any) -> tuple:
     return trainer.get("default_root_dir"), loggers, callbacks
 
 
+def _saved_run_places(config: Path) -> tuple | None:
+    """:func:`_run_places` of a saved fit config file; None where there is none, or it cannot be read as one."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return _run_places(saved) if isinstance(saved, dict) else None
+
+
 def _file_stamp(path: Path) -> tuple[int, int] | None:
     """The file's inode and modification time (None where there is no file): tells whether it was rewritten."""
     try:
@@ -560,9 +599,10 @@ def _build_cli_class() -> type:
     strict_parser = {"exit_on_error": True, "allow_abbrev": False}
 
     class SaveFitConfig(SaveConfigCallback):
-        """Saves ``config.yaml`` where :func:`_log_dir` says, and also keeps it in each CSV version folder it was not
-        saved to, as ``fit_config.yaml``: LightningCLI saves ``config.yaml`` into the first logger's folder only, and
-        the report reads the CSV logger's (``save_config`` is called on rank zero only, after ``config.yaml`` is
+        """Saves ``config.yaml`` where :func:`_log_dir` says, and also keeps it in each CSV and TensorBoard version
+        folder it was not saved to, as ``fit_config.yaml``: LightningCLI saves ``config.yaml`` into the first logger's
+        folder only, the report reads the CSV logger's, and ``--overwrite`` tells this run's version folders from other
+        runs' in a shared root by it (``save_config`` is called on rank zero only, after ``config.yaml`` is
         written)."""
 
         def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -583,27 +623,24 @@ def _build_cli_class() -> type:
         def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
             saved = _log_dir(trainer) / self.config_filename
             for logger in trainer.loggers:
-                folder = Path(logger.log_dir).expanduser() if isinstance(logger, CSVLogger) else None
+                has_versions = isinstance(logger, (CSVLogger, TensorBoardLogger))
+                folder = Path(logger.log_dir).expanduser() if has_versions else None
                 if folder is not None and folder != saved.parent and saved.is_file():
                     folder.mkdir(parents=True, exist_ok=True)
                     partial = folder / f"{FIT_CONFIG_NAME}.tmp"
                     shutil.copyfile(saved, partial)
                     os.replace(partial, folder / FIT_CONFIG_NAME)
 
-    def remove_log_versions(logger: CSVLogger | TensorBoardLogger) -> None:
-        """A CSV or TensorBoard logger's version folders, for ``--overwrite``: numbered ``version_N`` and its named
-        version (TensorBoard would show the previous run's event files beside the new run's). Never
-        its ``root_dir`` whole: with ``name: ''`` (or null) that is the ``save_dir``, the run folder of every logger
-        and of the user's own files."""
+    def remove_log_versions(logger: CSVLogger | TensorBoardLogger, folders: list[Path]) -> None:
+        """A CSV or TensorBoard logger's version ``folders`` of this run, for ``--overwrite`` (TensorBoard would show
+        the previous run's event files beside the new run's), and its root once empty. Never the root whole: with
+        ``name: ''`` (or null) that is the ``save_dir``, the run folder of every logger and of the user's own files."""
+        for folder in folders:
+            shutil.rmtree(folder)
         root = Path(logger.root_dir).expanduser()
-        if not root.is_dir():
-            return
-        version = logger.version
-        for folder in root.iterdir():
-            if folder.is_dir() and (re.fullmatch(r"version_\d+", folder.name) or folder.name == version):
-                shutil.rmtree(folder)
         # a symlink (to a folder on another disk) is the user's: kept
-        if root != Path(logger.save_dir).expanduser() and not root.is_symlink() and not any(root.iterdir()):
+        if (root.is_dir() and root != Path(logger.save_dir).expanduser() and not root.is_symlink()
+                and not any(root.iterdir())):
             root.rmdir()
 
     class LightningActCLI(LightningCLI):
@@ -893,14 +930,42 @@ def _build_cli_class() -> type:
             """Whether ``config`` is this recipe's previous config, not another recipe's whose first logger shares the
             folder (one W&B save_dir for every run): it names the run folders this config names (loggers, checkpoint
             dirpaths, default_root_dir). One that cannot be read counts as this run's: refused rather than replaced."""
+            saved = _saved_run_places(config)
+            return saved is None or saved == self._this_run_places()
+
+        def _this_run_places(self) -> tuple:
             import yaml
 
-            try:
-                saved = yaml.safe_load(config.read_text())
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                return True
-            this = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
-            return not isinstance(saved, dict) or _run_places(saved) == _run_places(this)
+            return _run_places(yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False)))
+
+        def _log_versions_of_this_run(self, logger: CSVLogger | TensorBoardLogger) -> tuple[list[Path], list[Path]]:
+            """A CSV or TensorBoard logger's version folders (numbered ``version_N`` and its named version) that
+            ``--overwrite`` removes: those holding a config of this run (its ``config.yaml``, or the
+            ``fit_config.yaml`` :class:`SaveFitConfig` keeps) or no file at all; and those whose run cannot be told
+            (files but no readable config): a root shared with other recipes (one TensorBoard logdir for every run)
+            holds their version folders too."""
+            root = Path(logger.root_dir).expanduser()
+            if not root.is_dir():
+                return [], []
+            try:  # [sub_dir] of a TensorBoard logger, under the version folder
+                inside = Path(logger.log_dir).expanduser().relative_to(root).parts[1:]
+            except ValueError:
+                inside = ()
+            names = (self.save_config_kwargs.get("config_filename", "config.yaml"), FIT_CONFIG_NAME)
+            this = self._this_run_places()
+            removable: list[Path] = []
+            untold: list[Path] = []
+            for folder in sorted(root.iterdir()):
+                is_version = re.fullmatch(r"version_\d+", folder.name) or folder.name == logger.version
+                if not folder.is_dir() or not is_version:
+                    continue
+                places = [_saved_run_places(folder.joinpath(*inside, name)) for name in names]
+                empty = not any(path.is_file() for path in folder.rglob("*"))  # removing it loses nothing
+                if this in places or empty:
+                    removable.append(folder)
+                elif not any(places):
+                    untold.append(folder)
+            return removable, untold
 
         def _half_written_checkpoints(self) -> list[Path]:
             """What :class:`AtomicCheckpointIO` left of writes a kill cut short (``.<name>.ckpt.<random>.tmp``), in the
@@ -950,15 +1015,22 @@ def _build_cli_class() -> type:
                     "(removes its checkpoints, config and CSV and TensorBoard logs), or keep it and write this run "
                     "elsewhere (a copy of the recipe with its runs/ folder changed)"
                 )
+            # before the configs that tell this run's version folders are removed
+            log_versions = [(logger, *self._log_versions_of_this_run(logger)) for logger in self.trainer.loggers
+                            if previous and isinstance(logger, (CSVLogger, TensorBoardLogger))]
             if self.overwrite:
                 for path in [*previous, *self._half_written_checkpoints()]:
                     path.unlink()
                     self._remove_empty_folders(path.parent)
-            if previous:
-                for logger in self.trainer.loggers:
-                    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-                        remove_log_versions(logger)
-                        logger._version = None  # chosen while looking for config.yaml; pick again: version_0
+            for logger, removable, _ in log_versions:
+                remove_log_versions(logger, removable)
+                logger._version = None  # chosen while looking for config.yaml; pick again
+            untold = [str(folder) for _, _, folders in log_versions for folder in folders]
+            if untold:
+                print(f"lightning_act: warning: {OVERWRITE_FLAG} left {', '.join(untold[:3])}"
+                      f"{' ...' if len(untold) > 3 else ''}: no config in it tells whether it is this run's or another "
+                      "recipe's sharing the logger's folder; remove it yourself if it is this run's",
+                      file=sys.stderr, flush=True)
             self._config_at_fit_start = self._config_stamp()  # --overwrite may have removed it
 
         def _make_checkpoint_folders(self) -> None:
@@ -985,8 +1057,9 @@ def _build_cli_class() -> type:
             try:
                 super()._run_subcommand(subcommand)
             except BaseException as err:
-                refusal = (_lightning_refusal(err) or (_wandb_refusal(err) if self.trainer.global_step == 0 else None)
-                           or self._full_disk_refusal(err))
+                at_start = self.trainer.global_step == 0
+                wandb_refusal = _wandb_refusal(err, _wandb_online(self.trainer)) if at_start else None
+                refusal = _lightning_refusal(err) or wandb_refusal or self._full_disk_refusal(err)
                 # a Ctrl-C (Lightning ends the fit with SystemExit) as much as a refusal or an unusable output path
                 stopped = isinstance(err, (KeyboardInterrupt, SystemExit)) and self.trainer.interrupted
                 ended_early = refusal or _user_error(err) or _unwritable_output(err) or stopped
@@ -1296,9 +1369,22 @@ def _lightning_refusal(err: BaseException) -> LightningActError | None:
     return None
 
 
-def _wandb_refusal(err: BaseException) -> LightningActError | None:
-    """One line for W&B refusing to start the run (no login on this machine, its server unreachable or refusing), met
-    in Lightning's setup: a long traceback otherwise, for a problem of the machine, not of the run."""
+def _wandb_online(trainer: Any) -> bool:
+    """Whether a W&B logger of the run talks to W&B's server (not offline: true, nor WANDB_MODE offline/disabled,
+    which an earlier offline logger of the same process sets): only such a run can fail on the login or network."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    offline_modes = ("offline", "dryrun", "disabled")
+    if os.environ.get("WANDB_MODE") in offline_modes:
+        return False
+    return any(isinstance(logger, WandbLogger) and not logger._offline
+               and logger._wandb_init.get("mode") not in offline_modes for logger in trainer.loggers)
+
+
+def _wandb_refusal(err: BaseException, online: bool) -> LightningActError | None:
+    """One line for W&B refusing to start the run, met in Lightning's setup (a long traceback otherwise): on an
+    ``online`` run, no login on this machine or its server unreachable (a problem of the machine); else the run's
+    settings (an invalid project name, a run id in use), in W&B's own words."""
     wandb_errors = getattr(sys.modules.get("wandb"), "errors", None)  # not imported: no W&B logger
     seen: set[int] = set()
     current: BaseException | None = err
@@ -1307,11 +1393,14 @@ def _wandb_refusal(err: BaseException) -> LightningActError | None:
             first_line = (str(current).strip().splitlines() or [type(current).__name__])[0]
             offline = ("or log offline (offline: true on the WandbLogger, or WANDB_MODE=offline) and upload the run "
                        "later with `wandb sync`")
-            if "api key" in first_line.lower() or "wandb login" in first_line.lower():
+            no_login = "api key" in first_line.lower() or "wandb login" in first_line.lower()
+            if online and (no_login or isinstance(current, wandb_errors.AuthenticationError)):
                 return ConfigError(f"W&B: not logged in ({first_line}); run `wandb login` (or set WANDB_API_KEY), "
                                    f"{offline}")
-            return ConfigError(f"W&B: could not start the run ({first_line}); check the network and your login, "
-                               f"{offline}")
+            if online and isinstance(current, wandb_errors.CommError):
+                return ConfigError(f"W&B: could not start the run ({first_line}); check the network and your login, "
+                                   f"{offline}")
+            return ConfigError(f"W&B refused the run's settings ({first_line}); fix the WandbLogger's init_args")
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None

@@ -215,7 +215,9 @@ def render(rows: list[tuple[Case, str]]) -> str:
         "- **W&B online (`offline: false`) without a login**: ``lightning_act: error: W&B: not logged in (No API key",
         "  configured. Use `wandb login` to log in.); run `wandb login` (or set WANDB_API_KEY), or log offline",
         "  (offline: true on the WandbLogger, or WANDB_MODE=offline) and upload the run later with `wandb sync` ``;",
-        "  the refused run leaves no files behind (as for any fit refused before its first step).",
+        "  the refused run leaves no files behind (as for any fit refused before its first step). A W&B server that",
+        "  cannot be reached gets the same advice; settings W&B refuses (an invalid project name, offline or not) get",
+        "  `W&B refused the run's settings (<W&B's reason>); fix the WandbLogger's init_args`.",
         "- **Ctrl-C during `fit`**: the first Ctrl-C stops after the optimizer step in progress (under gradient",
         "  accumulation, after the last micro-batch of its window), writes",
         "  `last.ckpt` and prints `interrupted at step N: wrote .../last.ckpt; resume with --ckpt_path ...`;",
@@ -231,7 +233,11 @@ def render(rows: list[tuple[Case, str]]) -> str:
         "  checkpoints are the files the fit's checkpoint callbacks write (`last.ckpt`, a `ModelCheckpoint`'s filename",
         "  template), not other files of their folders; its `config.yaml` is looked for in each version folder of a",
         "  CSV or TensorBoard first logger; a `config.yaml` in a folder the first logger shares with other recipes",
-        "  (one W&B `save_dir` for all runs) is this run's only when it names this run's folders.",
+        "  (one W&B `save_dir` for all runs) is this run's only when it names this run's folders. Its CSV and",
+        "  TensorBoard logs are the version folders that hold its config (each CSV and TensorBoard logger keeps a copy,",
+        "  `fit_config.yaml`) or nothing: other recipes' version folders in a shared root (one TensorBoard logdir for",
+        "  all runs) are kept, and one that holds files but no config (a run of an older version) is left, with a",
+        "  warning naming it.",
         "",
     ]
     return "\n".join(out)

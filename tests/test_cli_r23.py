@@ -201,3 +201,126 @@ def test_a_full_disk_met_by_a_nameless_write_names_the_run_folder_with_the_least
     # a write that names its file keeps its own line
     named = OSError(errno.ENOSPC, "No space left on device", os.fspath(tmp_path / "metrics.csv"))
     assert str(_unwritable_output(named)).startswith(f"no space left in '{tmp_path}' (")
+
+
+# --- r23 review: --overwrite in a logger root shared with other recipes ------------------------------------------------
+
+def _recipe_with_shared_root(folder: Path, runs: str, kind: str) -> Path:
+    """A recipe with its own run folder (CSV log, last.ckpt) and a second logger of ``kind`` in the root every recipe
+    shares (``shared/experiments``)."""
+    config = write_config(folder, runs)
+    return _with_loggers(config, _logger("CSVLogger", save_dir=runs, name="csv"),
+                         _logger(kind, save_dir="shared", name="experiments"))
+
+
+@pytest.mark.parametrize("kind", [
+    "CSVLogger",
+    pytest.param("TensorBoardLogger", marks=pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                                               reason="tensorboard is not installed")),
+])
+def test_overwrite_keeps_other_recipes_version_folders_in_a_shared_logger_root(tmp_path, capsys, monkeypatch, kind):
+    """Before: --overwrite of A removed every version_N of the shared root, B's version_1 (its run) included."""
+    monkeypatch.chdir(tmp_path)
+    a, b = _recipe_with_shared_root(tmp_path, "runs_a", kind), _recipe_with_shared_root(tmp_path, "runs_b", kind)
+    assert main(["fit", "--config", str(a)]) == 0
+    assert main(["fit", "--config", str(b)]) == 0
+    shared = tmp_path / "shared" / "experiments"
+    b_files = sorted(p.name for p in (shared / "version_1").iterdir())
+    (shared / "version_0" / "a_marker").write_text("A's first run")
+    assert main(["fit", "--config", str(a), "--overwrite"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert sorted(p.name for p in shared.iterdir()) == ["version_1", "version_2"]  # B's kept, A's new one beside it
+    assert sorted(p.name for p in (shared / "version_1").iterdir()) == b_files
+    assert yaml.safe_load((shared / "version_2" / "fit_config.yaml").read_text())["trainer"]["default_root_dir"] == "runs_a"
+
+
+def test_overwrite_leaves_a_version_folder_that_holds_no_config_and_says_so(tmp_path, capsys, monkeypatch):
+    """A version folder without any config (a run of an older lightning_act) cannot be told to be this run's: left, in
+    one warning line (before: removed with the others)."""
+    monkeypatch.chdir(tmp_path)
+    config = _recipe_with_shared_root(tmp_path, "runs", "CSVLogger")
+    assert main(["fit", "--config", str(config)]) == 0
+    untold = tmp_path / "shared" / "experiments" / "version_1"
+    untold.mkdir()
+    (untold / "metrics.csv").write_text("step,loss\n0,1.0\n")
+    assert main(["fit", "--config", str(config), "--overwrite"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: --overwrite" in line]
+    assert warnings == [
+        "lightning_act: warning: --overwrite left shared/experiments/version_1: no config in it tells whether it is "
+        "this run's or another recipe's sharing the logger's folder; remove it yourself if it is this run's"]
+    assert (untold / "metrics.csv").read_text() == "step,loss\n0,1.0\n"
+    assert sorted(p.name for p in untold.parent.iterdir()) == ["version_1", "version_2"]
+
+
+# --- r23 review: a missing argument of a class nested in a class's init_args -----------------------------------------
+
+NESTED_MODULE = '''
+import lightning.pytorch as pl
+from torch import nn
+
+
+class Head(nn.Module):
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+
+
+class Net(pl.LightningModule):
+    def __init__(self, head: nn.Module, lr: float = 0.1):
+        super().__init__()
+'''
+
+
+@pytest.mark.parametrize("where", ["yaml", "command line"])
+def test_a_missing_argument_of_a_nested_class_names_that_class(tmp_path, capsys, monkeypatch, where):
+    """Before: 'model (Net): missing required argument classes; add --model.classes VALUE ...', an option Net refuses."""
+    (tmp_path / "nested_r23.py").write_text(NESTED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "runs")
+    settings = yaml.safe_load(config.read_text())
+    head = {"class_path": "nested_r23.Head", "init_args": {"width": 3}}
+    settings["model"] = {"class_path": "nested_r23.Net", "init_args": {"head": head} if where == "yaml" else {}}
+    config.write_text(yaml.safe_dump(settings))
+    extra = ["--model.head", "nested_r23.Head", "--model.head.width", "3"] if where == "command line" else []
+    assert main(["fit", "--config", str(config), *extra]) == 2
+    assert last_error(capsys) == (
+        "lightning_act: error: model.head (Head): missing required argument classes; add --model.head.classes VALUE "
+        "after the class on the command line, or init_args: {classes: ...} to it in the config")
+
+
+def test_a_missing_argument_that_is_not_the_classs_parameter_gets_no_option_advice():
+    """jsonargparse may require a name the class's own signature lacks (resolved through **kwargs into another call):
+    an option named after it would be refused, so the line names the argument alone."""
+    from lightning_act.cli import condense_parse_error
+
+    message = (
+        'Parser key "trainer.callbacks":\n'
+        "  Does not validate against any of the Union subtypes\n"
+        "  Errors:\n"
+        "    - Problem with given class_path 'lightning.pytorch.callbacks.EarlyStopping':\n"
+        "        Parser key \"inner\":\n"
+        "          Problem with given class_path 'lightning.pytorch.callbacks.ModelCheckpoint':\n"
+        "            the following arguments are required: depth\n"
+    )
+    assert condense_parse_error(message) == "trainer.callbacks.inner (ModelCheckpoint): missing required argument depth"
+
+
+# --- r23 review: W&B refusing an offline run's settings ----------------------------------------------------------------
+
+def test_wandb_refusing_an_offline_runs_project_name_names_the_setting_not_the_network(tmp_path):
+    """Before: '...; check the network and your login, or log offline (offline: true ...)' to a run offline already.
+    Run in its own process: W&B keeps a process's first run, whose settings it then does not check again."""
+    config = write_config(tmp_path, "runs", loggers=("wandb", "csv"))
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["logger"][0]["init_args"]["project"] = "my/project"
+    config.write_text(yaml.safe_dump(settings))
+    env = {name: value for name, value in os.environ.items() if name != "WANDB_MODE"}
+    env.update(WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
+               OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run([sys.executable, "-m", "lightning_act", "fit", "--config", str(config)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "lightning_act: error: W&B refused the run's settings (Invalid project name 'my/project': cannot contain "
+        "characters '/,\\\\,#,?,%,:', found '/'); fix the WandbLogger's init_args")
