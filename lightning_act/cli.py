@@ -238,7 +238,12 @@ def check_config_files(argv: Sequence[str]) -> None:
 
 _NOT_ACCEPTED = re.compile(r"(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)")
 _EXPECTED = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Expected a (.+?)\. Got value: (.*)')
-_UNION = re.compile(r'Parser key "([\w.]+)":\s*\n\s*Does not validate against any of the Union subtypes\s*\n\s*Subtypes: \[(.*)\]')
+# a string is first tried as a file path ("Expected a path but abc either not accessible"), then against the union
+_UNION = re.compile(r'Parser key "([\w.]+)":\s*\n(?:\s*- Expected a path but [^\n]*\n)?\s*(?:- )?Does not validate '
+                    r'against any of the Union subtypes\s*\n\s*Subtypes: \[(.*)\]')
+# Argument types whose values are built in Python only: jsonargparse takes a string for them as an import path, a
+# mapping as the class's init_args, neither of which makes one.
+_PYTHON_ONLY_TYPES = {"<class 'torch.Tensor'>": "a tensor"}
 _GIVEN = re.compile(r"Given value: (.*)")
 _REQUIRED = re.compile(r"the following arguments are required: (.+)")
 _SUBCOMMAND_OPTION = re.compile(r"Subcommand '(\w+)' does not accept option '([\w.]+)'")
@@ -362,6 +367,30 @@ def _enclosing_class(scope: str, position: int) -> tuple[list[str], str | None]:
     return (inner_keys, inner_class) if inner_class else ([], None)
 
 
+def _python_only_note(subtypes: str) -> str:
+    """What to do instead when a union's ``subtypes`` hold a type a config cannot give (see _PYTHON_ONLY_TYPES)."""
+    types = _split_types(subtypes)
+    what = next((_PYTHON_ONLY_TYPES[t] for t in types if t in _PYTHON_ONLY_TYPES), None)
+    if what is None:
+        return ""
+    return f" ({what} is given in Python; leave it null in YAML)" if "<class 'NoneType'>" in types else (
+        f" ({what} is given in Python, not in YAML)")
+
+
+def _union_line(scope: str, match: re.Match, key: str, owner: str, class_path: str | None) -> str:
+    """The line for the union ``match`` of the error ``scope``: the argument, the value given, the types expected."""
+    line = scope[scope.rfind("\n", 0, match.end()) + 1:match.end()]
+    indent = line[:len(line) - len(line.lstrip())]  # its own Given value, not that of a list item's union inside
+    given = (re.compile(rf"^{indent}{_GIVEN.pattern}", re.M).search(scope, match.end())
+             or _GIVEN.search(scope, match.end()))
+    value = given.group(1).strip() if given else "?"
+    inner, subtypes = match.groups()
+    expected = f"expected {_type_names(subtypes)}{_python_only_note(subtypes)}"
+    if class_path and inner != key:
+        return f"{key}{owner}: {inner} = {value!r}: {expected}"
+    return f"{inner} = {value!r}: {expected}"
+
+
 def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     """One line from a jsonargparse error: the key, the bad value, what is expected, a close name."""
     text = message.strip()
@@ -391,6 +420,9 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     if class_path and (problem := _import_problem(class_path)):  # same line as check_config_files gives for YAML
         return (f"{key}: unknown class_path '{class_path}' ({problem}); check the spelling, "
                 "or install the package that provides it")
+    unions = list(_UNION.finditer(scope))
+    if python_only := [match for match in unions if _python_only_note(match.group(2))]:
+        return _union_line(scope, python_only[-1], key, owner, class_path)
     if match := _NOT_ACCEPTED.search(scope):
         name = match.group(1)
         accepted = [a for a in _init_parameters(class_path) if a != name] if class_path else []
@@ -415,17 +447,8 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     if not class_path and (match := _DOT_PATH.search(text)):  # the class itself; not an argument's type alternative
         return (f"{match.group(1)} '{match.group(2)}': not a class name or import path of a known class "
                 "(`lightning_act monitors` lists the project's classes)")
-    if unions := list(_UNION.finditer(scope)):
-        match = unions[-1]  # the innermost: a class argument's own union, not the section's (model: a class or None)
-        line = scope[scope.rfind("\n", 0, match.end()) + 1:match.end()]
-        indent = line[:len(line) - len(line.lstrip())]  # its own Given value, not that of a list item's union inside
-        given = (re.compile(rf"^{indent}{_GIVEN.pattern}", re.M).search(scope, match.end())
-                 or _GIVEN.search(scope, match.end()))
-        value = given.group(1).strip() if given else "?"
-        inner = match.group(1)
-        if class_path and inner != key:
-            return f"{key}{owner}: {inner} = {value!r}: expected {_type_names(match.group(2))}"
-        return f"{inner} = {value!r}: expected {_type_names(match.group(2))}"
+    if unions:  # the innermost: a class argument's own union, not the section's (model: a class or None)
+        return _union_line(scope, unions[-1], key, owner, class_path)
     # the class's own block when there is one: the whole text starts with the other alternatives of a Union
     lines = [line.strip(" -") for line in scope.splitlines() if line.strip(" -")]
     useful = [line for line in lines if not line.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value"))]

@@ -44,6 +44,7 @@ import contextlib
 import functools
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,7 +60,6 @@ from lightning_act.callbacks.base import (
     check_axes,
     check_feature_dim,
     check_int,
-    check_number,
     current_tap_key,
     declared_layout,
     module_list,
@@ -430,8 +430,9 @@ class SensitiveNeurons(FitScopedState):
         }
         for name, (value, low) in checks.items():
             check_int("SensitiveNeurons", name, value, low)
-        if check_number("SensitiveNeurons", "alpha", alpha) <= 0.0:  # log det(Σ + αI) of a singular Σ: NaN
-            raise LightningActError(f"SensitiveNeurons: alpha={alpha!r} must be > 0; pass e.g. alpha=1e-3")
+        # log det(Σ + αI) of a singular Σ is NaN at alpha=0: one bound, > 0, for every value refused
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 < alpha < math.inf):
+            raise LightningActError(f"SensitiveNeurons: alpha={alpha!r} must be a finite number > 0; pass e.g. alpha=1e-3")
         if isinstance(top_fraction, bool) or not isinstance(top_fraction, (int, float)) or not 0.0 < top_fraction <= 1.0:
             raise LightningActError(f"SensitiveNeurons: top_fraction={top_fraction!r} must be in (0, 1]; pass e.g. 0.2")
         self.uses_default_modules = modules is None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_act.callbacks.base import (
@@ -17,11 +20,11 @@ from lightning_act.callbacks.base import (
     check_number,
     module_list,
 )
-from lightning_act.capture import ModuleSpec, select_taps, unmatched_specs
+from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.layout import is_hugging_face_conv1d
 from lightning_act.capture.selection import is_peft_adapter_holder
 from lightning_act.capture.weights import forward_tensor
-from lightning_act.errors import LightningActError
+from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.peft.lora import LoRALinear
 from lightning_act.stats.fused import FusedSpec, FusedStats, zero_partials_from, zero_partials_stacked, zero_spec
 from lightning_act.stats.sparsity import (
@@ -203,6 +206,8 @@ class ActivationSparsity(ActivationMonitor):
             )
         globs = list(globs)
         self.zero_modules = zero_modules
+        self.zero_modules_are_default = modules is None
+        self.cett_globs_as_written = globs
         self.cett_modules = [next((g[: -len(end)] for end in (":input", "-input") if g.endswith(end)), g) for g in globs]
         super().__init__(
             modules=zero_modules + [f"{g}:input" for g in self.cett_modules],
@@ -222,11 +227,20 @@ class ActivationSparsity(ActivationMonitor):
         self._cett_row_index: dict[tuple[int, torch.device], torch.Tensor | None] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        owner = type(self).__name__
+        with warnings.catch_warnings():
+            # the taps' one list merges modules and cett_modules: check_spec_lists names the argument of a spec instead
+            warnings.filterwarnings("ignore", message=rf"{owner}: modules \[.*\] match nothing in ", category=UserWarning)
+            try:
+                super().setup(trainer, pl_module, stage)
+            except ModuleSelectionError:  # every spec matched nothing: say which argument the user wrote
+                self.check_spec_lists(pl_module)
+                raise
         if stage != "fit":
             return
+        if self.taps and not self.uses_default_modules:  # the default list alone: subscribe_taps said it
+            self.check_spec_lists(pl_module)
         index = {(id(tap.module), tap.point): i for i, tap in enumerate(self.taps)}
-        owner = type(self).__name__
         self._zero_taps = set()
         self._cett_linear = {}
         if not self.taps:
@@ -253,6 +267,42 @@ class ActivationSparsity(ActivationMonitor):
                     )
                 self._cett_linear[index[(id(tap.module), tap.point)]] = tap.module
         self._cett_grid = {}
+
+    def check_spec_lists(self, pl_module: nn.Module) -> None:
+        """``modules`` and ``cett_modules`` apart: the monitor taps them as one list, which one matching spec keeps
+        from failing, so a list the user wrote that matches nothing would leave its statistic out of the run without
+        a word. Such a list raises; a list matching in part, or a default one matching nothing, warns."""
+        owner, model = type(self).__name__, type(pl_module).__name__
+        cett_specs = [f"{g}:input" for g in self.cett_modules]
+        lists = [  # (argument, as the user wrote it, as tapped, whether it is the default)
+            ("modules", self.zero_modules, self.zero_modules, self.zero_modules_are_default),
+            ("cett_modules", self.cett_globs_as_written, cett_specs, False),
+        ]
+        unmatched = []
+        for _, written, specs, _ in lists:
+            specs_unmatched = unmatched_specs(pl_module, specs)
+            unmatched.append([w for w, spec in zip(written, specs) if spec in specs_unmatched])
+        for (argument, written, specs, default), missing in zip(lists, unmatched):
+            if not specs or len(missing) < len(specs) or default:
+                continue
+            if argument == "modules":
+                select_taps(pl_module, specs, owner=owner)  # matches nothing: raises its one line, closest names and all
+            linears = [clean_name(n) for n, m in pl_module.named_modules() if down_projection_weight(m) is not None]
+            close = [c for glob in written for c in difflib.get_close_matches(glob.replace("*", "0"), linears, n=3,
+                                                                              cutoff=0.4)]
+            shown = list(dict.fromkeys(close))[:3] or linears[:3]
+            raise ModuleSelectionError(
+                f"{owner}: cett_modules={written!r} matched no module of {model}; pass name globs of the MLP "
+                f"down-projections (the layers the activations enter), e.g. {', '.join(map(repr, shown))}"
+            )
+        for (argument, written, specs, default), missing in zip(lists, unmatched):
+            if missing:
+                which = f"its default {argument}" if default else argument
+                rank_zero_warn(
+                    f"{owner}: {which} {missing} match nothing in {model}; only the other specs are tapped"
+                    + (f" (pass {argument}=[...] to choose)" if default else ""),
+                    category=UserWarning,
+                )
 
     def fused_spec(self, tap_index: int) -> FusedSpec | None:
         return zero_spec(self.threshold) if tap_index in self._zero_taps else None
