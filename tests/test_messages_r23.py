@@ -127,3 +127,14 @@ def test_alpha_states_the_one_bound_it_is_held_to(alpha):
         SensitiveNeurons(alpha=alpha)
     assert str(error.value) == f"SensitiveNeurons: alpha={alpha!r} must be a finite number > 0; pass e.g. alpha=1e-3"
     assert SensitiveNeurons(alpha=1e-3).alpha == 1e-3
+
+
+def test_sensitive_neurons_without_validation_data_names_tracking_inputs():
+    """Before: the line named validation data only, though ``tracking_inputs=`` needs none (a GAN's natural fix)."""
+    import pytest
+
+    from lightning_act.errors import LightningActError
+
+    trainer = quiet_trainer(max_steps=1, callbacks=[SensitiveNeurons(every_n_steps=1, num_samples=4)])
+    with pytest.raises(LightningActError, match=r"val_dataloader\(\), or SensitiveNeurons\(tracking_inputs="):
+        trainer.fit(WithCritic(), ToyData().train_dataloader())

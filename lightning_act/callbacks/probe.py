@@ -170,11 +170,13 @@ _unknown_indices_warned: set[str] = set()
 
 
 def validation_batches(
-    trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool], loaders: list[Any] | None = None
+    trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool], loaders: list[Any] | None = None,
+    instead: str = "",
 ) -> list[Any]:
     """The first validation batches of this fit, until ``enough(batches)``; raises one line if there are none.
 
-    The batches come from the user's own ``val_dataloader`` (not Lightning's sharded copy), read under
+    ``instead``: the rest of that line's fix, another way the owner takes its inputs. The batches come from the
+    user's own ``val_dataloader`` (not Lightning's sharded copy), read under
     ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG, through an iterator of the
     probe's own (:func:`own_iterator`). The loader they came from is appended to ``loaders`` when given. Where it
     shards the data with a ``DistributedSampler``, each batch's dataset indices are noted as it is read
@@ -184,7 +186,7 @@ def validation_batches(
     if source.instance is None or not source.is_defined():
         raise LightningActError(
             f"{owner} needs validation batches to probe but this fit has no validation data; "
-            "pass val_dataloaders or a datamodule with val_dataloader()"
+            f"pass val_dataloaders or a datamodule with val_dataloader(){instead}"
         )
     batches: list[Any] = []
     with torch.random.fork_rng(devices=_rng_devices(trainer.strategy.root_device)):

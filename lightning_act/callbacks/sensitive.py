@@ -121,6 +121,8 @@ from lightning_act.stats.reduce import distributed_world_size
 _STOCHASTIC_CLASS_NAMES = {"DropPath", "DropBlock2d"}
 #: Elements of the tracking set fingerprinted at once: float64 copies and positions of 8 MB each, not of the set.
 _FINGERPRINT_CHUNK = 1 << 20
+#: the other source of the tracking set, for a fit without validation data (a GAN's, say)
+_OR_TRACKING_INPUTS = ", or SensitiveNeurons(tracking_inputs=<a tensor of inputs>)"
 
 
 def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
@@ -658,7 +660,7 @@ class SensitiveNeurons(FitScopedState):
             inputs.append(x)
             return sum(x.shape[axis] for x in inputs) >= self.num_samples
 
-        validation_batches(trainer, "SensitiveNeurons", enough, loaders)
+        validation_batches(trainer, "SensitiveNeurons", enough, loaders, instead=_OR_TRACKING_INPUTS)
         self._input_axis = axis
         if same_on_every_rank(inputs, device):
             return self._join([inputs], axis, self.num_samples)
@@ -691,7 +693,7 @@ class SensitiveNeurons(FitScopedState):
                 examples.append(num_examples(batches[-1], axis))
             return sum(examples) >= self.num_samples
 
-        validation_batches(trainer, "SensitiveNeurons", enough)
+        validation_batches(trainer, "SensitiveNeurons", enough, instead=_OR_TRACKING_INPUTS)
         self._input_axis = axis
         return batches, examples
 
