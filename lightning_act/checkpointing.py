@@ -200,6 +200,7 @@ class LastCheckpoint(Checkpoint):
         self._stop_agreed = False
         self._stop_saved = False  # last.ckpt written at the stop's step: the fit ends once it is logged and validated
         self._changed_after_stop = False  # a validation or epoch end ran since: last.ckpt is written again at the end
+        self._change_unsaved = False  # one that no save since holds (the epoch end's)
         self._previous_handler: Any = None
         self._last_saved_step = -1
         self._step_at_batch_start = -1
@@ -272,7 +273,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
-        self._stop_saved = self._changed_after_stop = False
+        self._stop_saved = self._changed_after_stop = self._change_unsaved = False
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
         # a further fit of the same Trainer continues the run whose last.ckpt this is; a new Trainer starts another
@@ -400,13 +401,18 @@ class LastCheckpoint(Checkpoint):
         if (not trainer.received_sigterm or self._stop_saved or not self._validates_in_fit(trainer)
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
-        if 0 <= trainer.max_steps <= trainer.global_step:
+        if _validates_after_the_last_step(trainer):
             # The validation after the fit's last step: a resume would find the fit done and never run it again, so it
             # finishes (taken over from Lightning, which would end the fit after this batch), and last.ckpt is written
-            # at its end with its effects and as the fit ends; written now as well, in case the grace period ends first.
+            # at its end with its effects and as the fit ends; written now as well, in case the grace period ends
+            # first (marked for a rerun, for a resume that trains on with a higher limit).
             trainer._signal_connector.received_sigterm = False
-            with _trained_weights_swapped_in(trainer, pl_module):
-                said = self._save_at_stop(trainer)
+            self._saving_mid_validation = True
+            try:
+                with _trained_weights_swapped_in(trainer, pl_module):
+                    said = self._save_at_stop(trainer, always=True)
+            finally:
+                self._saving_mid_validation = False
             if said is not None:
                 rank_zero_info(f"stopped by SIGTERM at step {trainer.global_step} during the validation after the "
                                f"last step, which finishes first: {said}")
@@ -475,6 +481,7 @@ class LastCheckpoint(Checkpoint):
         if self._stop_saved:
             self._changed_after_stop = True
             self.save(trainer)
+            self._change_unsaved = False
         elif (trainer.global_step != self._step_at_batch_start  # else: stopped at the window's optimizer step
               and self._stop_agreed_in_validation(trainer)):
             target = self.save(trainer)
@@ -491,7 +498,7 @@ class LastCheckpoint(Checkpoint):
         if trainer.global_step != self._last_saved_step:
             self.save(trainer)
         elif self._stop_saved:  # the epoch's end after the stop (ModelCheckpoint's save, EarlyStopping's check)
-            self._changed_after_stop = True
+            self._changed_after_stop = self._change_unsaved = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a stop that found no next batch (the fit's last step) or came after the last training step (a Ctrl-C during
@@ -501,7 +508,10 @@ class LastCheckpoint(Checkpoint):
             said = self._save_at_stop(trainer)
             if said is not None:
                 rank_zero_info(f"interrupted at step {trainer.global_step}: {said}")
-        if self._changed_after_stop:  # with that validation's effects and the epoch's end (as _save_at_batch_start)
+        # with the epoch end's effects (as _save_at_batch_start) where the validation's end has not saved since; not
+        # after a WeightAveraging, whose on_train_end (run before this callback's) put its average in the module's
+        # weights: saved, a resume would train on from the average
+        if self._change_unsaved and not _averages_weights(trainer):
             self.save(trainer)
         if self._stop_saved and trainer.should_stop and not _at_a_limit(trainer):  # EarlyStopping ended it after the stop
             rank_zero_info(f"the fit ended at step {trainer.global_step} (should_stop, e.g. EarlyStopping) after the "
@@ -512,6 +522,21 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
+
+
+def _validates_after_the_last_step(trainer: pl.Trainer) -> bool:
+    """Whether the fit's validation follows its last training step (``max_steps`` reached, or the last batch of the
+    ``max_epochs``-th epoch)."""
+    max_epochs = trainer.max_epochs
+    last_epoch = max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+    return 0 <= trainer.max_steps <= trainer.global_step or (
+        last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def _averages_weights(trainer: pl.Trainer) -> bool:
+    """Whether a ``WeightAveraging`` callback (EMA, SWA) is in the fit: it copies its average into the model as the
+    fit ends."""
+    return any(isinstance(c, lightning_classes("callbacks.WeightAveraging")) for c in trainer.callbacks)
 
 
 def _at_a_limit(trainer: pl.Trainer) -> bool:

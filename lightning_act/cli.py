@@ -528,6 +528,17 @@ def _run_places(config: Any) -> tuple:
     return trainer.get("default_root_dir"), loggers, callbacks
 
 
+def _same_run(this: tuple, saved: tuple | None) -> bool:
+    """Whether a saved config's :func:`_run_places` are this run's: the same run folder (``default_root_dir``) or a
+    checkpoint folder in common, whatever its loggers (an edited recipe that gained or changed a logger writes the
+    same run). Recipes sharing a logger's folder write runs of their own elsewhere."""
+    if saved is None:
+        return False
+    if saved == this:
+        return True
+    return (this[0] is not None and saved[0] == this[0]) or bool(set(this[2]) & set(saved[2]))
+
+
 def _saved_run_places(config: Path) -> tuple | None:
     """:func:`_run_places` of a saved fit config file; None where there is none, or it cannot be read as one."""
     import yaml
@@ -964,7 +975,7 @@ def _build_cli_class() -> type:
         def _log_versions_of_this_run(self, logger: CSVLogger | TensorBoardLogger) -> tuple[list[Path], list[Path]]:
             """A CSV or TensorBoard logger's version folders (numbered ``version_N`` and its named version) that
             ``--overwrite`` removes: those holding a config of this run (its ``config.yaml``, or the
-            ``fit_config.yaml`` :class:`SaveFitConfig` keeps) or no file at all; and those whose run cannot be told
+            ``fit_config.yaml`` :class:`SaveFitConfig` keeps; :func:`_same_run`) or no file at all; and those whose run cannot be told
             (files but no readable config): a root shared with other recipes (one TensorBoard logdir for every run)
             holds their version folders too."""
             root = Path(logger.root_dir).expanduser()
@@ -984,7 +995,7 @@ def _build_cli_class() -> type:
                     continue
                 places = [_saved_run_places(folder.joinpath(*inside, name)) for name in names]
                 empty = not any(path.is_file() for path in folder.rglob("*"))  # removing it loses nothing
-                if this in places or empty:
+                if any(_same_run(this, saved) for saved in places) or empty:
                     removable.append(folder)
                 elif not any(places):
                     untold.append(folder)

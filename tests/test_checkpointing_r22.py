@@ -467,3 +467,34 @@ def test_a_sigterm_in_the_validation_after_a_periodic_save_is_run_again_by_the_r
     resumed = fit(_monitors(root), ckpt_path=str(root / "ck" / "last.ckpt"))
     assert _logged(root)["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
     assert Path(resumed.checkpoint_callback.best_model_path).name == "epoch=0-step=8.ckpt"
+
+
+def test_a_sigterm_in_the_last_validation_with_ema_keeps_the_trained_weights_in_last_ckpt(tmp_path, reference):
+    """Before: last.ckpt was written once more as the fit ended, after EMAWeightAveraging's on_train_end had copied
+    its average over the weights (Lightning runs Checkpoint callbacks last): a resume trained on from the average."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    _, weights = reference  # EMA leaves the trained weights alone: the uninterrupted fit's
+    root = tmp_path / "run"
+    _stopped_fit(root, SignalAt(signal.SIGTERM, MAX_STEPS, "validation"), [EMAWeightAveraging(decay=0.5)])
+    saved = torch.load(root / "ck" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == MAX_STEPS
+    for name, value in weights.items():
+        assert torch.equal(saved["current_model_state"][name], value), name
+
+
+def test_a_sigterm_in_the_validation_after_the_last_epoch_lets_it_finish(tmp_path, reference):
+    """Before: a fit limited by max_epochs (not max_steps) saved inside that validation for a rerun, which the resume
+    logged alone at the stopped step (a report then took it for a validate run and left it out)."""
+    logged, _ = reference
+    root = tmp_path / "run"
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            pl.seed_everything(0, verbose=False)
+            trainer = _trainer(root, [SignalAt(signal.SIGTERM, MAX_STEPS, "validation")])
+            trainer.fit_loop.epoch_loop.max_steps, trainer.fit_loop.max_epochs = -1, 2
+            trainer.fit(ToyTask(BlockNet()), ToyData())
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert _logged(root, "version_0")["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)

@@ -324,3 +324,18 @@ def test_wandb_refusing_an_offline_runs_project_name_names_the_setting_not_the_n
     assert proc.stderr.strip().splitlines()[-1] == (
         "lightning_act: error: W&B refused the run's settings (Invalid project name 'my/project': cannot contain "
         "characters '/,\\\\,#,?,%,:', found '/'); fix the WandbLogger's init_args")
+
+
+def test_overwrite_after_a_recipe_gained_a_logger_removes_the_previous_runs_versions(tmp_path, capsys, monkeypatch):
+    """Before: the previous run's config named other loggers, so its CSV version_0 was taken for another recipe's and
+    kept without a word; the report then merged it with the new run as a resume."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "runs")
+    assert main(["fit", "--config", str(config)]) == 0
+    _with_loggers(config, _logger("CSVLogger", save_dir="runs", name="csv"),
+                  _logger("CSVLogger", save_dir="runs", name="extra"))
+    assert main(["fit", "--config", str(config), "--overwrite"]) == 0
+    assert "warning: --overwrite" not in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs" / "csv").iterdir()) == ["version_0"]
+    saved = yaml.safe_load((tmp_path / "runs" / "csv" / "version_0" / "config.yaml").read_text())
+    assert len(saved["trainer"]["logger"]) == 2  # the new run's, in the folder the old one left
