@@ -244,6 +244,18 @@ def test_penultimate_of_an_adapted_student_beside_a_frozen_teacher_is_the_studen
     assert names(select_taps(model, "@penultimate")) == ["student.lm_head-input"]
 
 
+def test_penultimate_of_an_adapted_student_with_a_frozen_tower_of_its_own_is_the_students_head():
+    # Before: teacher.lm_head-input: the student holds a frozen vision tower, so it counted as no trained network and
+    # its frozen lm_head (beside its adapted layers, as in Hugging Face's LLaVA) named no width
+    model = nn.Module()
+    model.student = nn.Module()
+    model.student.vision = Tower(16).requires_grad_(False)
+    model.student.layers = nn.ModuleList([AdaptedBlock(8) for _ in range(2)])
+    model.student.lm_head = nn.Linear(8, 50).requires_grad_(False)
+    model.teacher = Tower(16, head=50).requires_grad_(False)
+    assert names(select_taps(model, "@penultimate")) == ["student.lm_head-input"]
+
+
 # ---------------------------------------------------------------- hand-written stages of bare Sequentials
 class Down(nn.Module):
     def __init__(self):

@@ -508,8 +508,9 @@ def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[s
     of whose parameters trains that holds a stack of blocks (:func:`_container_blocks`; a knowledge-distillation
     teacher, ``requires_grad_(False)``) and whose last Linear gives as many features as the student's head: a Linear
     that trains, or the last Linear of a network that trains (one holding a stack of blocks and no such frozen
-    network), frozen or not (a LoRA-tuned student's ``lm_head``). A frozen network in series with the trained part
-    stays: its head is the model's (a LLaVA or BLIP-2 LM's ``lm_head`` over the vocabulary, behind a trained projector
+    network), frozen or not (a LoRA-tuned student's ``lm_head``), or the last Linear outside every frozen network
+    where a stack of blocks trains (a student whose head sits beside a frozen tower of its own). A frozen network in
+    series with the trained part stays: its head is the model's (a LLaVA or BLIP-2 LM's ``lm_head`` over the vocabulary, behind a trained projector
     of the hidden width; a frozen classifier behind a trained input adapter), and so does a frozen head of a layer or
     a few without blocks (a LoRA-tuned causal LM's ``lm_head``, a masked LM's ``cls.predictions``). A teacher whose
     head differs from the student's (other classes, feature distillation) cannot be told from such a network.
@@ -520,12 +521,14 @@ def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[s
         return [".".join(parts[:i]) for i in range(len(parts))]
 
     holds_stack: set[str] = set()
+    stacks: list[str] = []
     has_parameters: set[str] = set()
     trains: set[str] = set()
     with_children: set[str] = set()
     for name, module in modules:
         if _is_stack_container(module) and _container_blocks(module):
             holds_stack.update([name, *ancestors(name)])
+            stacks.append(name)
         own = list(module.parameters(recurse=False))
         if own:
             has_parameters.update([name, *ancestors(name)])
@@ -547,6 +550,9 @@ def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[s
             if owner in trained_networks or owner in frozen_set:
                 last_width[owner] = _innermost_wrapped(module).out_features
     widths |= {width for owner, width in last_width.items() if owner in trained_networks}
+    outside = [m for n, m in linears if not any(a in frozen_set for a in [n, *ancestors(n)])]
+    if outside and any(n in trains for n in stacks):  # the model's own head, where a stack of it trains (a LoRA-tuned
+        widths.add(_innermost_wrapped(outside[-1]).out_features)  # student whose head sits beside its frozen tower)
     teachers = {n for n in frozen if last_width.get(n) in widths}
     return {id(m) for n, m in modules if n in teachers or any(a in teachers for a in ancestors(n))}
 
