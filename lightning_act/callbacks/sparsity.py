@@ -287,10 +287,13 @@ class ActivationSparsity(ActivationMonitor):
                 continue
             if argument == "modules":
                 select_taps(pl_module, specs, owner=owner)  # matches nothing: raises its one line, closest names and all
-            linears = [clean_name(n) for n, m in pl_module.named_modules() if down_projection_weight(m) is not None]
-            close = [c for glob in written for c in difflib.get_close_matches(glob.replace("*", "0"), linears, n=3,
-                                                                              cutoff=0.4)]
-            shown = list(dict.fromkeys(close))[:3] or linears[:3]
+            weights = {clean_name(n): w for n, m in pl_module.named_modules()
+                       if (w := down_projection_weight(m)) is not None}
+            close = [c for glob in written for c in difflib.get_close_matches(glob.replace("*", "0"), list(weights),
+                                                                              n=3, cutoff=0.4)]
+            # else layers that narrow, as a down-projection does (d_ff -> d_model): not a ViT's qkv or fc1
+            narrowing = [n for n, w in weights.items() if w.dim() == 2 and w.shape[1] > w.shape[0]]
+            shown = list(dict.fromkeys(close))[:3] or narrowing[:3] or list(weights)[:3]
             raise ModuleSelectionError(
                 f"{owner}: cett_modules={written!r} matched no module of {model}; pass name globs of the MLP "
                 f"down-projections (the layers the activations enter), e.g. {', '.join(map(repr, shown))}"
