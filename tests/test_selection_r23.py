@@ -256,6 +256,15 @@ def test_penultimate_of_an_adapted_student_with_a_frozen_tower_of_its_own_is_the
     assert names(select_taps(model, "@penultimate")) == ["student.lm_head-input"]
 
 
+def test_penultimate_of_a_frozen_network_behind_a_trained_input_adapter_of_its_width_is_its_head():
+    # Before (this round's first rules): adapter-input: the adapter (a Linear that trains) is as wide as the frozen
+    # forecaster's head (8 channels in, 8 out), so the forecaster was taken for a distillation teacher
+    model = nn.Module()
+    model.adapter = nn.Linear(5, 8)
+    model.forecaster = Tower(8, head=8).requires_grad_(False)
+    assert names(select_taps(model, "@penultimate")) == ["forecaster.lm_head-input"]
+
+
 # ---------------------------------------------------------------- hand-written stages of bare Sequentials
 class Down(nn.Module):
     def __init__(self):

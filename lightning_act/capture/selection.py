@@ -506,15 +506,16 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_ou
 def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[str, nn.Module]]) -> set[int]:
     """Ids of the modules inside a frozen parallel teacher (``linears``: the candidate heads, in order): a module none
     of whose parameters trains that holds a stack of blocks (:func:`_container_blocks`; a knowledge-distillation
-    teacher, ``requires_grad_(False)``) and whose last Linear gives as many features as the student's head: a Linear
-    that trains, or the last Linear of a network that trains (one holding a stack of blocks and no such frozen
-    network), frozen or not (a LoRA-tuned student's ``lm_head``), or the last Linear outside every frozen network
-    where a stack of blocks trains (a student whose head sits beside a frozen tower of its own). A frozen network in
-    series with the trained part stays: its head is the model's (a LLaVA or BLIP-2 LM's ``lm_head`` over the vocabulary, behind a trained projector
-    of the hidden width; a frozen classifier behind a trained input adapter), and so does a frozen head of a layer or
-    a few without blocks (a LoRA-tuned causal LM's ``lm_head``, a masked LM's ``cls.predictions``). A teacher whose
-    head differs from the student's (other classes, feature distillation) cannot be told from such a network.
-    Decided from the names (a module's ancestors are its name's prefixes), in one pass over the modules."""
+    teacher, ``requires_grad_(False)``) and whose last Linear gives as many features as the student's head: the last
+    Linear of a network that trains (one holding a stack of blocks and no such frozen network), frozen or not (a
+    LoRA-tuned student's ``lm_head``), or the last Linear outside every frozen network where a stack of blocks
+    trains (a student whose head sits beside a frozen tower of its own). A frozen network in series with the trained
+    part stays (an input adapter, trained, is no student's head): its head is the model's (a LLaVA or BLIP-2 LM's
+    ``lm_head`` over the vocabulary, behind a trained projector of the hidden width; a frozen classifier behind a
+    trained input adapter), and so does a frozen head of a layer or a few without blocks (a LoRA-tuned causal LM's
+    ``lm_head``, a masked LM's ``cls.predictions``). A teacher whose head differs from the student's (other classes,
+    feature distillation) cannot be told from such a network. Decided from the names (a module's ancestors are its
+    name's prefixes), in one pass over the modules."""
 
     def ancestors(name: str) -> list[str]:
         parts = name.split(".") if name else []
@@ -542,7 +543,7 @@ def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[s
         return set()
     around_frozen = {a for n in frozen for a in ancestors(n)}
     trained_networks = (holds_stack & trains) - around_frozen
-    widths = {_innermost_wrapped(m).out_features for _, m in linears if any(p.requires_grad for p in m.parameters())}
+    widths: set[int] = set()  # the student's head: not any Linear that trains (an input adapter feeds a frozen net)
     last_width: dict[str, int] = {}  # the last Linear of each network that trains, and of each frozen one
     frozen_set = set(frozen)
     for name, module in linears:
