@@ -35,6 +35,7 @@ def _logger(kind: str, **init_args) -> dict:
 
 # --- bug 1: MLflow with a server or database tracking URI listed first -----------------------------------------------
 
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
 def test_a_first_logger_without_a_local_folder_leaves_the_config_to_the_next_loggers_folder(tmp_path, capsys,
                                                                                           monkeypatch):
     """Before: TypeError traceback from Path(None) (MLFlowLogger.save_dir is None for any tracking URI but file:), and
