@@ -16,6 +16,7 @@ a large buffer is not copied, and one a probe wrote in place is said once by nam
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import importlib
@@ -282,8 +283,7 @@ def batch_indices(batches: list[Any], loader: Any) -> list[list[int]] | None:
     with torch.random.fork_rng(devices=[]), own_iterator(loader), recording_indices(loader) as record:
         if record is None:
             return None
-        for _ in zip(range(len(batches)), loader, strict=False):
-            pass
+        collections.deque(itertools.islice(loader, len(batches)), maxlen=0)  # read: the recorder notes each batch
     if len(record) < len(batches) or None in record[: len(batches)]:
         return None
     return record[: len(batches)]
