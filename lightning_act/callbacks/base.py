@@ -512,17 +512,34 @@ def resubscribe_replaced(
     replaced: dict[int, nn.Module], declared: Layout, step: int,
 ) -> None:
     """Move ``monitor``'s taps in ``replaced`` (index: new module) to their new modules, in place in ``taps`` and
-    ``layouts``, subscribe it again, and say so once."""
+    ``layouts``, subscribe it again, and say so once, except for a layer only rebuilt (:func:`rebuilds_batch_norm`)."""
+    said = [taps[i].name for i, module in replaced.items() if not rebuilds_batch_norm(taps[i].module, module)]
     for index, module in replaced.items():
         tap = taps[index]
         taps[index] = Tap(tap.name, module, tap.point)
         layouts[index] = tap_layout(declared, module_layout(module_chain(pl_module, module), tap.point))
     registry.subscribe(monitor, taps, layouts, undeclared_layout_warning(type(monitor).__name__, pl_module, declared))
-    rank_zero_warn(
-        f"{type(monitor).__name__}: {[taps[i].name for i in replaced]} were replaced by new modules after the "
-        f"monitor chose its modules (at setup); it observes the new ones from step {step}",
-        category=UserWarning,
-    )
+    if said:
+        rank_zero_warn(
+            f"{type(monitor).__name__}: {said} were replaced by new modules after the monitor chose its modules (at "
+            f"setup); it observes the new ones from step {step}",
+            category=UserWarning,
+        )
+
+
+def rebuilds_batch_norm(old: nn.Module, new: nn.Module) -> bool:
+    """Whether ``new`` is the BatchNorm ``old`` rebuilt as another class on the very same tensors and settings, as
+    ``Trainer(sync_batchnorm=True)`` does after the monitors chose their modules (a SyncBatchNorm in the strategy's
+    setup, a ``_BatchNormXd`` back at the end of fit): the new module computes what the old one did, so following it
+    needs no warning. Sharing the parameter and running-statistics objects is the test, not Lightning's private
+    ``strategy._layer_sync``: no genuine replacement holds them (a new layer has new ones), and one that does is this
+    layer; a stateless one (``affine=False``, no running statistics) with equal settings is the same function."""
+    if not (isinstance(old, nn.modules.batchnorm._BatchNorm) and isinstance(new, nn.modules.batchnorm._BatchNorm)):
+        return False
+    settings = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+    tensors = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    return (all(getattr(old, name) == getattr(new, name) for name in settings)
+            and all(getattr(old, name) is getattr(new, name) for name in tensors))
 
 
 def current_tap_key(key: str) -> str:
@@ -588,6 +605,24 @@ class FitScopedState(Callback):
         # the loggers get them (the default float32 made a top1 of 1e39 inf for EarlyStopping and ModelCheckpoint)
         values = torch.tensor(list(metrics.values()), dtype=torch.float64)
         trainer.callback_metrics.update(zip(metrics, values.unbind()))
+
+    def trains_nothing(self, trainer: pl.Trainer) -> bool:
+        """Whether Lightning runs this training batch without backward: ``StochasticWeightAveraging``'s batch-norm
+        update epoch after ``max_epochs`` forwards the averaged weights through every batch into one optimizer step
+        without gradients. It is no training step, so no due step is measured in it, said once (before round 24 it
+        was logged as one: all its batches in one row, the average in the weight trajectory and the SeND window).
+        ``fit_loop._skip_backward`` is private to Lightning, hence read with a default."""
+        if not getattr(getattr(trainer, "fit_loop", None), "_skip_backward", False):
+            return False
+        if not self.__dict__.get("_said_trains_nothing"):
+            self._said_trains_nothing = True
+            rank_zero_warn(
+                f"{type(self).__name__}: the training batches at step {trainer.global_step} run without backward "
+                "(StochasticWeightAveraging's batch-norm update pass over the averaged weights); they train nothing "
+                "and are not monitored",
+                category=UserWarning,
+            )
+        return True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fit that continues a run (resumed from a checkpoint, or a further ``fit`` of the same ``Trainer``) puts
@@ -896,7 +931,7 @@ class ActivationMonitor(FitScopedState, ABC):
         return False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self.taps and not self.logs_without_taps():
+        if (not self.taps and not self.logs_without_taps()) or self.trains_nothing(trainer):
             return
         step = training_step_index(trainer, pl_module)
         if self._pending_step is None and self.is_due(step):

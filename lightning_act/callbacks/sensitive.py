@@ -143,6 +143,17 @@ def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def decided_by_sensitivity(v: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Which of the top-k ``indices`` the sensitivities ``v`` (D,) put in the set (a float 0/1 mask on ``v``'s device,
+    no host sync): those whose ``V_i`` is above the (k+1)-th largest (above 0 when ``k = D``). The others tie at the
+    cut and are the tie rule's lowest feature indices, not a measurement: every ``V_i`` is 0 when no tracked feature
+    moved over the window (a frozen layer, a backbone before ``BackboneFinetuning`` unfreezes it, a learning rate of
+    0), and the cut ties at 0 when fewer than k features moved (units dead over the tracking set)."""
+    k = indices.numel()
+    cut = torch.topk(v, k + 1).values[k] if k < v.numel() else v.new_zeros(())
+    return (v[indices] > cut).to(v.dtype)
+
+
 def _module_device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
@@ -489,6 +500,7 @@ class SensitiveNeurons(FitScopedState):
         self._low_dim_warned: set[str] = set()
         self._unobserved_warned: set[str] = set()
         self._unknown_warned: set[str] = set()
+        self._undecided_warned: set[str] = set()  # taps whose set ties at its cut (_warn_cut_short)
         self._widths_warned: set[str] = set()
         #: Per tap, the rows of each of its calls in a tracking pass, and the taps whose rows are not the tracking
         #: examples (:meth:`_check_examples`, :meth:`_check_rows`), left out.
@@ -801,7 +813,7 @@ class SensitiveNeurons(FitScopedState):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = training_step_index(trainer, pl_module)
-        if self.taps and self._pending_step is None and self.is_due(step):
+        if self.taps and self._pending_step is None and self.is_due(step) and not self.trains_nothing(trainer):
             self._pending_step = step
             self._follow_replaced_modules(pl_module, step)
 
@@ -842,6 +854,24 @@ class SensitiveNeurons(FitScopedState):
             f"SensitiveNeurons: {tap_name} {'/'.join(stats)} {'is' if len(stats) == 1 else 'are'} unknown at step "
             f"{step} (the tracking set's embeddings are not finite: NaN or inf in the model); a statistic is not "
             "logged at a checkpoint where it is unknown",
+            category=UserWarning,
+        )
+
+    def _warn_cut_short(self, tap_name: str, step: int, decided: int, places: int) -> None:
+        if tap_name in self._undecided_warned:
+            return
+        self._undecided_warned.add(tap_name)
+        outcome = (
+            f"{tap_name} has no sensitive set at step {step}: none is selected or newly dropped, and count/selected are "
+            "not logged at such checkpoints"
+            if decided == 0
+            else f"{tap_name}'s sensitive set at step {step} holds {decided} of its {places} places (count says how many)"
+        )
+        rank_zero_warn(
+            f"SensitiveNeurons: {outcome}. The top_fraction={self.top_fraction} set's last places tie with the next "
+            f"feature (V_i = 0 where features did not change over the last {self.window} checkpoints: a frozen layer, "
+            "a backbone before it is unfrozen, dead units, a learning rate of 0); the tie rule would fill them with the "
+            "lowest feature indices",
             category=UserWarning,
         )
 
@@ -1020,10 +1050,18 @@ class SensitiveNeurons(FitScopedState):
         metrics: dict[str, float] = {}
         unknown_now: dict[str, float] = {}
         for (tap, _), read in zip(derived, self._read(derived), strict=True):
+            cut_short = "decided" in read and read["finite"] == 1.0 and not bool(read["decided"].all())
+            if cut_short:
+                self._warn_cut_short(tap.name, step, int(read["decided"].sum()), len(read["decided"]))
+            if "decided" in read:
+                read["indices"] = read["indices"][read.pop("decided").bool()]
             stats = self._update_selection(tap, read)
             unknown = [stat for stat, value in stats.items() if math.isnan(value)]
-            if unknown:  # a NaN would read like a measurement in every logger
-                self._warn_unknown(tap.name, unknown, step)
+            unexplained = unknown
+            if cut_short and len(read["indices"]) == 0:
+                unexplained = [stat for stat in unknown if stat not in ("count", "selected")]
+            if unexplained:  # a NaN would read like a measurement in every logger
+                self._warn_unknown(tap.name, unexplained, step)
             for stat, value in stats.items():
                 key = f"{self.prefix}/{tap.name}/{stat}"
                 if stat in unknown:
@@ -1058,8 +1096,8 @@ class SensitiveNeurons(FitScopedState):
     def _derive(self, tap: Tap, window: list[torch.Tensor], z: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One tap's values on the device: ``v_mean``, ``v_max`` and the new sensitive set's ``indices`` once the
         window is full (the indices only when a selection is due, with ``finite``: whether every ``V_i`` is, read in
-        the same transfer, for a NaN sorts first and would be "selected"), ``eigenscore`` and ``ees`` of the passes
-        ``z``."""
+        the same transfer, for a NaN sorts first and would be "selected"; and ``decided``: which of them the values
+        choose, see :func:`decided_by_sensitivity`), ``eigenscore`` and ``ees`` of the passes ``z``."""
         values: dict[str, torch.Tensor] = {}
         if len(window) == self.window + 1:
             v = send_sensitivity(torch.stack(window))
@@ -1067,6 +1105,7 @@ class SensitiveNeurons(FitScopedState):
             if not self.drop or self._countdown_left(tap) == 0:
                 values["indices"] = top_fraction_indices(v, self.top_fraction)
                 values["finite"] = torch.isfinite(v).all()
+                values["decided"] = decided_by_sensitivity(v, values["indices"])
         if z is not None:
             # Non-finite embeddings have no spectrum: NaN reaches both scores through the log-det (a failed Cholesky
             # is NaN too), with no host branch. The EigenScore is log det(Σ + αI) / K by Cholesky, its definition,
@@ -1085,7 +1124,8 @@ class SensitiveNeurons(FitScopedState):
 
     @staticmethod
     def _read(derived: list[tuple[Tap, dict[str, torch.Tensor]]]) -> list[dict[str, Any]]:
-        """Every tap's derived values on the host in one transfer: floats, and ``indices`` as a CPU LongTensor."""
+        """Every tap's derived values on the host in one transfer: floats, and ``indices`` and ``decided`` as CPU
+        LongTensors."""
         parts = [value.reshape(-1).to(torch.float64) for _, values in derived for value in values.values()]
         flat: list[float] = torch.cat(parts).tolist() if parts else []
         reads: list[dict[str, Any]] = []
@@ -1095,18 +1135,19 @@ class SensitiveNeurons(FitScopedState):
             for name, value in values.items():
                 piece = flat[offset : offset + value.numel()]
                 offset += value.numel()
-                read[name] = torch.tensor(piece, dtype=torch.int64) if name == "indices" else piece[0]
+                read[name] = torch.tensor(piece, dtype=torch.int64) if name in ("indices", "decided") else piece[0]
             reads.append(read)
         return reads
 
     def _update_selection(self, tap: Tap, read: dict[str, Any]) -> dict[str, float]:
         """Sets, countdowns and drop hooks from one tap's host values; its logged statistics. A selection due from a
-        sensitivity that is not finite (a NaN tracking example makes every ``V_i`` NaN) is not made: the previous set
-        stays, dropped while it was, and ``count`` and ``selected`` are unknown (before round 22 a set of arbitrary
+        sensitivity that is not finite (a NaN tracking example makes every ``V_i`` NaN), or that decides no feature
+        (:func:`decided_by_sensitivity`: none moved), is not made: the previous set stays, dropped while it was, and
+        ``count`` and ``selected`` are unknown (before round 22, and round 24 for the second, a set of arbitrary
         features was selected, and dropped with ``drop=True``)."""
         stats: dict[str, float] = {}
         selected = False
-        unselectable = read.get("finite") == 0.0
+        unselectable = read.get("finite") == 0.0 or ("indices" in read and len(read["indices"]) == 0)
         if "v_mean" in read:
             stats["v_mean"], stats["v_max"] = read["v_mean"], read["v_max"]
             countdown = self._countdown_left(tap)

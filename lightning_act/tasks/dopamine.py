@@ -26,9 +26,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
+from lightning_act.data.rotated_digits import RotatedDigitsDataModule
+from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError, LightningActError
 from lightning_act.nn.dopamine import (
     GateForm,
     adapt_model,
@@ -50,6 +52,9 @@ METHODS: tuple[str, ...] = ("dopamine", "frozen", "full", "lora", "ia3")
 # 256 → 128 → 128 → 10 foundation and the coupled gate; not re-tuned since, see docs/dopamine.md.
 DEFAULT_LR: dict[str, float] = {"dopamine": 3e-2, "frozen": 0.0, "full": 1e-3, "lora": 3e-2, "ia3": 3e-2}
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+#: The RotatedDigitsDataModule settings that choose which digits each split holds (the image size and the rotations do
+#: not); ``test_fraction`` only for the bundled digits (MNIST's test split is its t10k files).
+_SPLIT_SETTINGS: tuple[str, ...] = ("seed", "val_fraction", "test_fraction", "max_samples")
 
 
 def build_mlp(in_features: int, hidden_sizes: list[int], num_classes: int, activation: str = "gelu") -> nn.Sequential:
@@ -141,7 +146,20 @@ def load_foundation(foundation_ckpt: str | Path) -> DopamineFoundation:
         raise DataFormatError(
             f"'{path}' is not a DopamineFoundation checkpoint ({type(error).__name__}); pass the phase-1 last.ckpt"
         ) from error
+    data = checkpoint.get("datamodule_hyper_parameters")
+    #: The foundation's datamodule arguments (None: fitted without a datamodule), for phase 2's split check.
+    foundation.datamodule_settings = dict(data) if isinstance(data, dict) else None
     return foundation
+
+
+def split_differences(foundation: dict[str, Any], phase2: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The split settings (:data:`_SPLIT_SETTINGS`) whose phase-2 value differs from the foundation's, as
+    ``{name: (phase 2's, the foundation's)}``; none when the two draw from different images (bundled digits and
+    MNIST), which share no digit."""
+    if (foundation.get("mnist_dir") is None) != (phase2.get("mnist_dir") is None):
+        return {}
+    names = _SPLIT_SETTINGS if phase2.get("mnist_dir") is None else tuple(n for n in _SPLIT_SETTINGS if n != "test_fraction")
+    return {name: (phase2.get(name), foundation.get(name)) for name in names if phase2.get(name) != foundation.get(name)}
 
 
 class DopamineSpecialisation(_Classifier):
@@ -174,6 +192,8 @@ class DopamineSpecialisation(_Classifier):
             raise LightningActError(f"method {method!r} is unknown; pass one of {list(METHODS)}")
         self.save_hyperparameters()
         foundation = load_foundation(foundation_ckpt)
+        self._foundation_data: dict[str, Any] | None = foundation.datamodule_settings
+        self._split_unchecked_said = False
         # Read from the network, not foundation.hparams: under LightningCLI a module built inside
         # another module's __init__ records the outer module's hyper-parameters.
         self.model = foundation.model
@@ -194,6 +214,36 @@ class DopamineSpecialisation(_Classifier):
             self.model.requires_grad_(False)
         self.trainable_params = count_trainable(self.model)
         self.init_metrics(self.num_classes)
+
+    def setup(self, stage: str) -> None:
+        """Refuse a rotated-digits split other than the foundation's: the digits of each split are drawn from the
+        seed, the fractions and ``max_samples``, so another split tests (and validates) the frozen foundation on
+        digits it was trained on (before round 24, silently: 316 of 629 test digits for seed 1 against seed 0)."""
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, RotatedDigitsDataModule):
+            return
+        foundation = self._foundation_data
+        if foundation is None or not all(name in foundation for name in _SPLIT_SETTINGS):
+            if not self._split_unchecked_said:
+                self._split_unchecked_said = True
+                rank_zero_warn(
+                    f"the foundation checkpoint '{self.hparams.foundation_ckpt}' records no RotatedDigitsDataModule "
+                    "settings (fitted before they were saved, or without that datamodule), so whether this split's "
+                    "validation and test digits are disjoint from its training digits cannot be checked; give both "
+                    "phases the same --data.seed, val_fraction, test_fraction and max_samples",
+                    category=UserWarning,
+                )
+            return
+        differences = split_differences(foundation, dict(datamodule.hparams))
+        if differences:
+            here = ", ".join(f"{name}={mine!r}" for name, (mine, _) in differences.items())
+            theirs = " ".join(f"--data.{name} {'null' if held is None else held}" for name, (_, held) in differences.items())
+            raise ConfigError(
+                f"DopamineSpecialisation: the data split ({here}) is not the foundation's, so its validation and test "
+                f"digits include digits '{self.hparams.foundation_ckpt}' was trained on; pass {theirs} (the "
+                "foundation's), or train a foundation with these data settings"
+            )
 
     def on_train_start(self) -> None:
         self.log("trainable_params", float(self.trainable_params), sync_dist=True)  # a constant: silences Lightning's warning

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_act.errors import LightningActError
-from lightning_act.eval.ranking import ranking_scores
+from lightning_act.eval.ranking import NaNLogitCount, ranking_scores, warn_nan_rank_metrics
 from lightning_act.eval.seizure_alarms import (
     AlarmReport,
     combine_reports,
@@ -50,7 +50,7 @@ from lightning_act.eval.seizure_alarms import (
     raise_alarms,
 )
 from lightning_act.models.stan import STAN
-from lightning_act.tasks.classification import mean_loss_metric
+from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -263,7 +263,9 @@ class SeizureForecaster(pl.LightningModule):
         self.val_auroc = torchmetrics.classification.BinaryAUROC()
         self.test_auroc = torchmetrics.classification.BinaryAUROC()
         self.val_classes, self.test_classes = _ClassCounts(), _ClassCounts()  # AUROC only where both classes were seen
+        self.val_nan_logits, self.test_nan_logits = NaNLogitCount(), NaNLogitCount()  # AUROC undefined if > 0
         self._warned_auroc: set[str] = set()
+        self._warned_nan_logits: set[str] = set()  # stages already warned to log a NaN AUROC for NaN logits
         # weighted by labelled windows, summed over ranks
         self.val_loss, self.test_loss = mean_loss_metric(), mean_loss_metric()
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -368,9 +370,9 @@ class SeizureForecaster(pl.LightningModule):
         self.log("train/adv_loss", adv_loss.detach())
         return loss.detach()
 
-    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and AUROC over the batch's windows but the DDP sampler's padding (see ``real_examples``)."""
-        real = real_examples(self._trainer, "val", batch_idx, len(batch[1]), batch[1].device)
+        real = real_examples(self._trainer, "val", batch_idx, len(batch[1]), batch[1].device, dataloader_idx=dataloader_idx)
         logits, y = self(batch[0])[real], batch[1][real]
         if len(y):  # a batch of padding alone has no loss
             self.val_loss.update(self._classifier_loss(logits, y), weight=len(y))
@@ -380,21 +382,38 @@ class SeizureForecaster(pl.LightningModule):
         # update, not forward: a per-batch AUROC would be computed (and warned about) for batches of one class
         self.val_auroc.update(ranking_scores(logits), y.long())  # a sigmoid ties confident windows (see ranking_scores)
         self.val_classes.update(y)
+        self.val_nan_logits.update(logits)
+
+    def on_validation_start(self) -> None:
+        refuse_several_loaders(self.trainer, "val", "SeizureForecaster")
 
     def on_validation_epoch_start(self) -> None:
         self.val_auroc.reset()
         self.val_classes.reset()
+        self.val_nan_logits.reset()
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
-            self._log_auroc("val", self.val_auroc, self.val_classes, prog_bar=True)
+            self._log_auroc("val", self.val_auroc, self.val_classes, self.val_nan_logits, prog_bar=True)
 
-    def _log_auroc(self, stage: str, auroc: torchmetrics.Metric, classes: _ClassCounts, prog_bar: bool = False) -> None:
+    def _log_auroc(
+        self, stage: str, auroc: torchmetrics.Metric, classes: _ClassCounts, nan_logits: NaNLogitCount,
+        prog_bar: bool = False,
+    ) -> None:
         """``<stage>/auroc`` when the epoch's labelled windows (all ranks) hold both classes; else NaN and one warning
-        (torchmetrics would return 0.0 and warn "No positive samples in targets")."""
+        (torchmetrics would return 0.0 and warn "No positive samples in targets"). NaN too, with one warning, when a
+        labelled window's logit is NaN: an order of NaN scores is the data's, not the model's."""
         if classes.update_count == 0:  # no batch on this rank: an empty update, so compute() does not warn
             classes.update(torch.zeros(0, device=classes.counts.device))
         counts = classes.compute().tolist()
+        nan_count = nan_logits.epoch_total()
+        if nan_count > 0:
+            auroc.reset()
+            if stage not in self._warned_nan_logits:
+                self._warned_nan_logits.add(stage)
+                warn_nan_rank_metrics("SeizureForecaster", stage, nan_count, f"{stage}/auroc")
+            self.log(f"{stage}/auroc", math.nan, prog_bar=prog_bar)
+            return
         if min(counts) > 0:
             self.log(f"{stage}/auroc", auroc, prog_bar=prog_bar)
             return
@@ -408,10 +427,10 @@ class SeizureForecaster(pl.LightningModule):
         if sum(counts) > 0:
             self.log(f"{stage}/auroc", math.nan, prog_bar=prog_bar)
 
-    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms. The DDP
         sampler's padding is left out of both (see ``real_examples``)."""
-        real = real_examples(self._trainer, "test", batch_idx, len(batch[1]), batch[1].device)
+        real = real_examples(self._trainer, "test", batch_idx, len(batch[1]), batch[1].device, dataloader_idx=dataloader_idx)
         logits = self(batch[0])[real]
         batch = tuple(part[real] for part in batch)
         y = batch[1]
@@ -420,21 +439,28 @@ class SeizureForecaster(pl.LightningModule):
         if labelled.any():
             # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches
             self.test_loss.update(self._classifier_loss(logits[labelled], y[labelled]), weight=labelled.sum())
-            self.log("test/loss", self.test_loss)
-            self.test_auroc.update(ranking_scores(logits[labelled]), y[labelled].long())
-            self.test_classes.update(y[labelled])
+        # logged and updated on every batch, labelled windows or none (empty tensors): under DDP a rank whose share
+        # holds no labelled window must still run the epoch-end syncs of the other ranks
+        self.log("test/loss", self.test_loss)
+        self.test_auroc.update(ranking_scores(logits[labelled]), y[labelled].long())
+        self.test_classes.update(y[labelled])
+        self.test_nan_logits.update(logits[labelled])
         if len(batch) == 4:
             self._test_outputs.append((batch[2].cpu().numpy(), batch[3].cpu().numpy(), probs.float().cpu().numpy()))
+
+    def on_test_start(self) -> None:
+        refuse_several_loaders(self.trainer, "test", "SeizureForecaster")
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
         self.test_auroc.reset()
         self.test_classes.reset()
+        self.test_nan_logits.reset()
 
     def on_test_epoch_end(self) -> None:
         """Window AUROC when both classes were seen; continuous-monitoring metrics when the datamodule exposes its
         held-out recordings."""
-        self._log_auroc("test", self.test_auroc, self.test_classes)
+        self._log_auroc("test", self.test_auroc, self.test_classes, self.test_nan_logits)
         datamodule = getattr(self.trainer, "datamodule", None)
         recordings = getattr(datamodule, "recordings", {}).get("test") if datamodule is not None else None
         if not recordings:

@@ -29,10 +29,10 @@ from torchmetrics.classification import (
 from torchvision.ops import sigmoid_focal_loss
 
 from lightning_act.errors import LightningActError
-from lightning_act.eval.ranking import probability_of_score, ranking_scores
+from lightning_act.eval.ranking import NaNLogitCount, probability_of_score, ranking_scores, warn_nan_rank_metrics
 from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
-from lightning_act.tasks.classification import mean_loss_metric
+from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -97,6 +97,8 @@ class SpectralTargetDetection(pl.LightningModule):
         self.val_loss, self.test_loss = mean_loss_metric(), mean_loss_metric()
         self.test_pr = BinaryPrecisionRecallCurve()
         self.test_pr_curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.val_nan_logits, self.test_nan_logits = NaNLogitCount(), NaNLogitCount()  # rank metrics undefined if > 0
+        self._warned_nan_logits: set[str] = set()  # stages already warned to log NaN rank metrics
         self._said_plain_bce: set[str] = set()  # loss names already warned to be plain BCE (unset pos_weight)
 
     def setup(self, stage: str) -> None:
@@ -109,8 +111,9 @@ class SpectralTargetDetection(pl.LightningModule):
             )
         # Every fit derives it from its training data, any other stage while it is unset (validate / test of a model not
         # fitted in this process logged plain BCE, not comparable with the fit's val/loss). A checkpoint, restored
-        # after setup, still wins.
-        if self.hparams.pos_weight in ("auto", "sqrt") and (stage == "fit" or self.pos_weight.isnan()):
+        # after setup, still wins. The focal loss reads no pos_weight: nothing to derive or refuse.
+        weighted_bce = self.hparams.loss == "bce" and self.hparams.pos_weight in ("auto", "sqrt")
+        if weighted_bce and (stage == "fit" or self.pos_weight.isnan()):
             ratio = getattr(datamodule, "pos_weight", None)
             if ratio is not None:
                 self.pos_weight.fill_(float(ratio) ** (0.5 if self.hparams.pos_weight == "sqrt" else 1.0))
@@ -129,16 +132,19 @@ class SpectralTargetDetection(pl.LightningModule):
             state["pos_weight"] = self.pos_weight.detach().clone()
 
     def on_validation_start(self) -> None:
+        refuse_several_loaders(self.trainer, "val", "SpectralTargetDetection")
         self._say_plain_bce_while_unset("val/loss")
 
     def on_test_start(self) -> None:
+        refuse_several_loaders(self.trainer, "test", "SpectralTargetDetection")
         self._say_plain_bce_while_unset("test/loss")
 
     def _say_plain_bce_while_unset(self, loss_name: str) -> None:
         """One warning per loss name that ``loss_name`` is plain BCE while neither data nor a checkpoint gave
         ``pos_weight`` (a model never fitted, evaluated on bare dataloaders or used outside a Trainer): √r / r of the
-        training pixels is unknown there. The buffer stays unset, so a later datamodule or checkpoint still sets it."""
-        if loss_name not in self._said_plain_bce and self.pos_weight.isnan():
+        training pixels is unknown there. The buffer stays unset, so a later datamodule or checkpoint still sets it.
+        Nothing to say for the focal loss, which reads no ``pos_weight``."""
+        if loss_name not in self._said_plain_bce and self.hparams.loss == "bce" and self.pos_weight.isnan():
             self._said_plain_bce.add(loss_name)
             rank_zero_warn(
                 f"{loss_name} is plain BCE: pos_weight='{self.hparams.pos_weight}' needs the training pixels' "
@@ -170,19 +176,19 @@ class SpectralTargetDetection(pl.LightningModule):
         return loss
 
     def _real_spectra(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, stage: str
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, stage: str, dataloader_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, labels)`` of the batch's spectra but the DDP sampler's padding (see ``real_examples``)."""
         spectra, labels = batch
-        real = real_examples(self._trainer, stage, batch_idx, len(labels), labels.device)
+        real = real_examples(self._trainer, stage, batch_idx, len(labels), labels.device, dataloader_idx=dataloader_idx)
         return self(spectra)[real], labels[real]
 
     def _update_loss(self, loss: MeanMetric, logits: torch.Tensor, labels: torch.Tensor) -> None:
         if len(labels):  # a batch of padding alone has no loss
             loss.update(self.compute_loss(logits, labels), weight=len(labels))
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits, labels = self._real_spectra(batch, batch_idx, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits, labels = self._real_spectra(batch, batch_idx, "val", dataloader_idx)
         self._update_loss(self.val_loss, logits, labels)
         self.log("val/loss", self.val_loss)
         # scores in [0, 1] in the logits' order: torchmetrics applies a sigmoid per batch to a batch with a value
@@ -190,19 +196,42 @@ class SpectralTargetDetection(pl.LightningModule):
         scores = ranking_scores(logits)
         self.val_auroc.update(scores, labels.long())
         self.val_ap.update(scores, labels.long())
-        self.log("val/auroc", self.val_auroc)
-        self.log("val/ap", self.val_ap, prog_bar=True)
+        self.val_nan_logits.update(logits)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits, labels = self._real_spectra(batch, batch_idx, "test")
+    def on_validation_epoch_end(self) -> None:
+        self._log_rank_metrics("val", self.val_nan_logits.epoch_total(), self.val_auroc, self.val_ap)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits, labels = self._real_spectra(batch, batch_idx, "test", dataloader_idx)
         self._update_loss(self.test_loss, logits, labels)
         self.log("test/loss", self.test_loss)
         for metric in (self.test_auroc, self.test_ap, self.test_pr):
             metric.update(ranking_scores(logits), labels.long())  # see validation_step
-        self.log("test/auroc", self.test_auroc)
-        self.log("test/ap", self.test_ap)
+        self.test_nan_logits.update(logits)
+
+    def _log_rank_metrics(self, stage: str, nan_logits: int, auroc: BinaryAUROC, ap: BinaryAveragePrecision) -> None:
+        """``<stage>/auroc`` and ``<stage>/ap``; NaN (one warning per stage) when the epoch had NaN logits: an order of
+        NaN scores is the data's, not the model's, and a plausible AP there would hide a diverged run."""
+        if nan_logits == 0:
+            self.log(f"{stage}/auroc", auroc)
+            self.log(f"{stage}/ap", ap, prog_bar=stage == "val")
+            return
+        auroc.reset()
+        ap.reset()
+        if stage not in self._warned_nan_logits:
+            self._warned_nan_logits.add(stage)
+            names = f"{stage}/auroc and {stage}/ap" + (" (and the precision-recall curve)" if stage == "test" else "")
+            warn_nan_rank_metrics("SpectralTargetDetection", stage, nan_logits, names)
+        self.log(f"{stage}/auroc", math.nan)
+        self.log(f"{stage}/ap", math.nan, prog_bar=stage == "val")
 
     def on_test_epoch_end(self) -> None:
+        nan_logits = self.test_nan_logits.epoch_total()
+        self._log_rank_metrics("test", nan_logits, self.test_auroc, self.test_ap)
+        if nan_logits:  # no curve of NaN scores: the one a previous test gave is not this model's either
+            self.test_pr.reset()
+            self.test_pr_curve = None
+            return
         precision, recall, scores = self.test_pr.compute()
         self.test_pr.reset()
         thresholds = probability_of_score(scores)  # the curve's thresholds as probabilities again
