@@ -162,14 +162,16 @@ class LastCheckpoint(Checkpoint):
     ``ModelCheckpoint`` before this callback (as the recipes do, and the CLI puts this one last): Lightning runs the
     ``Checkpoint`` callbacks last, in their listed order, so a ``ModelCheckpoint`` listed after it would record that
     validation only after ``last.ckpt`` was written. SIGTERM (``kill``, ``docker stop``, a scheduler) does what the
-    first SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one that arrives
-    while the fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's average where any other
-    save puts it, and stops there, its resume running that validation again from the first batch (with this callback
-    in the resuming Trainer, as the CLI has it: without it Lightning reruns it too, but the checkpoints written before
-    the next validation read as stopped inside one); one in the validation after the fit's last step, which no resume
-    would run, lets it finish as a Ctrl-C does (single process; Lightning would end the fit after the validation
-    batch, before any training hook); one inside a gradient-accumulation window ends the fit there as an
-    interruption (exit status 1) without a checkpoint of it. Every write follows a batch that took an optimizer step.
+    first SIGINT does (it used to end the fit after the batch as a success, without a checkpoint); one before training
+    starts (during the sanity check) ends the fit there as an interruption, without a checkpoint (nothing was trained
+    yet); one that arrives while the fit validates writes ``last.ckpt`` at the step the validation follows, an EMA's
+    average where any other save puts it, and stops there, its resume running that validation again from the first
+    batch (with this callback in the resuming Trainer, as the CLI has it: without it Lightning reruns it too, but the
+    checkpoints written before the next validation read as stopped inside one); one in the validation after the fit's
+    last step, which no resume would run, lets it finish as a Ctrl-C does (single process; Lightning would end the fit
+    after the validation batch, before any training hook); one inside a gradient-accumulation window ends the fit
+    there as an interruption (exit status 1) without a checkpoint of it. Every write follows a batch that took an
+    optimizer step.
 
     A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there (also one this
     callback wrote for another Trainer; a further fit of the same Trainer continues its run): the first save
@@ -274,6 +276,8 @@ class LastCheckpoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
         self._stop_saved = self._changed_after_stop = self._change_unsaved = False
+        if self._stop_now(trainer):  # a SIGTERM after the sanity check's batches, or with none (on any rank: all end)
+            self._end_fit_before_training(trainer)
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
         # a further fit of the same Trainer continues the run whose last.ckpt this is; a new Trainer starts another
@@ -311,20 +315,38 @@ class LastCheckpoint(Checkpoint):
         self._restore_handler()
         raise KeyboardInterrupt
 
+    def _end_fit_before_training(self, trainer: pl.Trainer) -> None:
+        """End the fit as an interruption for a SIGTERM that came before the first training batch (during the sanity
+        check): Lightning ended it with exit status 0, as a finished run, so a shell loop or a scheduler did not requeue
+        it, where a Ctrl-C there exits with 1. Nothing was trained since the fit or its resume began: no checkpoint."""
+        resume = f"; resume with --ckpt_path {shlex.quote(str(trainer.ckpt_path))}" if trainer.ckpt_path else ""
+        rank_zero_info(f"stopped by SIGTERM before training started (step {trainer.global_step}): nothing was trained, "
+                       f"so no checkpoint was written{resume}")
+        self._end_fit()
+
     def _save_at_batch_start(self, trainer: pl.Trainer) -> None:
         """After a validation that followed the stop's save, write ``last.ckpt`` once more, at the same step, as the
         fit ends at the next batch's start: with that validation's effects and what the epoch's end did after it (the
         callbacks' state: ``ModelCheckpoint``'s best and top-k file, ``EarlyStopping``'s count), so that the resume
-        neither runs it again nor lacks them. Saved with the logger step count Lightning's loops have at a batch's end
-        (one less, unless the batch due accumulates): a resume from a batch's start adds that one, and would otherwise
-        log every step one late."""
+        neither runs it again nor lacks them. Saved with the batch counts Lightning's loops have at the stopped batch's
+        end, which its resume continues from: the batch fetched for this start not ready, the stopped one not completed
+        (else the resume validated one batch early under ``check_val_every_n_epoch=None``, whose intervals count the
+        fit's batches), and the logger step count one less where the stopped batch stepped, as the resume then adds
+        one (else it logged every step one late)."""
         epoch_loop = trainer.fit_loop.epoch_loop
-        counted = int(not epoch_loop._should_accumulate())
+        progress = epoch_loop.batch_progress
+        for counts in (progress.total, progress.current):
+            counts.ready -= 1
+            counts.completed -= 1  # at an epoch's start -1: the resume's completion of the stopped batch makes it 0
+        counted = int(not epoch_loop._should_accumulate())  # as the resume decides it, from the same counts
         epoch_loop._batches_that_stepped -= counted
         try:
             self.save(trainer)
         finally:
             epoch_loop._batches_that_stepped += counted
+            for counts in (progress.total, progress.current):
+                counts.ready += 1
+                counts.completed += 1
 
     def _save_at_stop(self, trainer: pl.Trainer, always: bool = False) -> str | None:
         """Write ``last.ckpt`` at this step unless it holds it already (``always``: also then); what to tell the user
@@ -398,6 +420,10 @@ class LastCheckpoint(Checkpoint):
         # validation follows, unless that batch was a micro-batch of an accumulation window (its gradients would be
         # lost: left to Lightning). Single process only: with several, the ranks would have to agree at each batch.
         # A stop saved at the step this validation follows lets it finish: it is logged, then the fit ends.
+        # One in the sanity check ends the fit at once, on any number of processes (nothing to save): Lightning would
+        # raise SIGTERMException after this batch, a successful exit.
+        if trainer.sanity_checking and trainer.received_sigterm:
+            self._end_fit_before_training(trainer)
         if (not trainer.received_sigterm or self._stop_saved or not self._validates_in_fit(trainer)
                 or trainer.world_size > 1 or trainer.global_step == self._step_at_batch_start):
             return
