@@ -111,11 +111,15 @@ def foundation_line(results: dict[str, Any]) -> str:
     """The capacity check: upright vs rotated accuracy of the foundation on the same test images."""
     upright, rotated = results["foundation"]["upright"], results["foundation"]["rotated"]
     gap = mean_interval([u - r for u, r in zip(upright, rotated)])
-    verdict = "clearly below" if gap[1] > 0 else "NOT clearly below (interval includes 0)"
+    if math.isnan(gap[1]):
+        no_interval = "one seed gives" if len(upright) < 2 else "a seed without a finite accuracy leaves"
+        verdict = f"{no_interval} no interval, so whether rotated is below upright is undecided"
+    else:
+        verdict = f"rotated is {'clearly below' if gap[1] > 0 else 'NOT clearly below (interval includes 0)'} upright"
     return (
         f"Foundation (50/50 mix): upright {format_interval(mean_interval(upright), 1, scale=100)} %, "
         f"rotated {format_interval(mean_interval(rotated), 1, scale=100)} %, upright − rotated "
-        f"{format_interval(gap, 1, signed=True, scale=100)} points: rotated is {verdict} upright."
+        f"{format_interval(gap, 1, signed=True, scale=100)} points: {verdict}."
     )
 
 

@@ -3,6 +3,7 @@
     python scripts/replicate.py                 # the full recipes (six fits; docs/replications.md has their cost)
     python scripts/replicate.py --quick         # CI-sized runs: checks the pipeline, not the science
     python scripts/replicate.py --reuse         # only read runs already under --root and print the table
+    python scripts/replicate.py --only massive_lm  # train these runs only (e.g. in parallel processes), then --reuse
 
 Each recipe's YAML is copied to ``<root>/<name>/recipe.yaml`` with its ``runs/<recipe>`` paths
 pointed at ``<root>/<name>`` (and, with ``--quick``, shrunk), then trained in this process with
@@ -409,12 +410,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help="where runs go (default runs/replicate[_quick])")
     args = parser.parse_args(argv)
     root = args.root or REPO / "runs" / ("replicate_quick" if args.quick else "replicate")
-    figures = root / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
     runs = plan(args.quick)
     unknown = sorted(set(args.only or ()) - set(runs))
     if unknown:
         parser.error(f"--only {' '.join(unknown)}: no such run; the runs are {', '.join(runs)}")
+    if args.reuse and args.only is not None:
+        parser.error("--reuse with --only: --only trains the named runs and stops, --reuse trains nothing and prints "
+                     "the table; run them one after the other")
+    # Reading a run that was never trained fails deep in the log reader, with a hint meant for `report`.
+    untrained = [name for name in runs if not any((root / name).glob("csv/version_*"))] if args.reuse else []
+    if untrained:
+        options = (" --quick" if args.quick else "") + (f" --root {args.root}" if args.root else "")
+        raise SystemExit(
+            f"--reuse: {', '.join(untrained)} not trained under {root}; train them with "
+            f"`python scripts/replicate.py{options} --only {' '.join(untrained)}`"
+        )
+    figures = root / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
     for name, (recipe, edit) in runs.items():
         if args.reuse or (args.only is not None and name not in args.only):
             continue

@@ -258,10 +258,11 @@ def _linear_part(t: np.ndarray, y: np.ndarray, beta: float, tau0: float) -> tupl
 # noise: it explains no more of the variance than 4 free parameters fitted to noise would, so there is no climb to fit.
 _FLAT_ADJUSTED_R2 = 0.05
 _FREE_PARAMETERS = 4  # A, lambda, gamma, t0 (K is the mean)
+_STARTS = 4  # the best grid points tried as starts
 
 
 def fit_emergence(
-    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 2000, good_enough: float = 1e-3
+    steps: np.ndarray, values: np.ndarray, min_points: int = 6, max_evaluations: int = 5000, good_enough: float = 1e-3
 ) -> EmergenceFit:
     """Fit the emergence model to one layer's ratio history, as the Hidden Dynamics paper does.
 
@@ -273,13 +274,16 @@ def fit_emergence(
     fixed grid over ``(beta, tau0)`` with those three solved by linear least squares (no
     randomness); the fit with the lowest squared error is kept, stopping early once it leaves at
     most ``good_enough`` of the variance unexplained. The starts share one budget of ``max_evaluations``
-    model evaluations per layer (each start may use what the earlier ones left; 200 per start stopped scipy early
-    on noisy histories), and a start that uses it up ends the search: a flat or noisy history never reaches
-    ``good_enough`` and took 4 x 5,000 evaluations (seconds per layer) before the budget. A history whose best grid
-    start's adjusted R² is below ``_FLAT_ADJUSTED_R2`` is flat: skipped before any iterative fit.
+    model evaluations per layer, so that a flat or noisy history, which never reaches ``good_enough``, costs at most
+    that; each start gets an equal share of what the earlier ones left (200 per start stopped scipy early on noisy
+    histories), and a start that uses up its share hands on to the next: on curves peaking near 10 % of the run the
+    best-ranked start can spend any budget without converging while the next ones converge in a few hundred
+    (docs/monitors_sparsity_massive.md has the measured rates and costs). A
+    history whose best grid start's adjusted R² is below ``_FLAT_ADJUSTED_R2`` is flat: skipped before any iterative
+    fit.
 
-    Raises ``ValueError`` with the reason when the history cannot be fitted, including scipy's
-    own message when no start converged.
+    Raises ``ValueError`` with the reason when the history cannot be fitted, including, when no start converged, how
+    many starts ran and scipy's own message for each.
     """
     from scipy.optimize import curve_fit
 
@@ -319,17 +323,23 @@ def fit_emergence(
     best: tuple[float, np.ndarray] | None = None
     failures: list[str] = []
     budget_left = max_evaluations
-    for beta, tau0 in ranked[:4]:
+    starts = ranked[:_STARTS]
+    for tried, (beta, tau0) in enumerate(starts):
+        if budget_left <= 0:
+            break
+        # An equal share of what is left (rounded up), so that a start which cannot converge leaves the others theirs.
+        share = -(-budget_left // (len(starts) - tried))
         (a1, a2, k), _ = _linear_part(tn, yn, beta, tau0)
         log_gamma = float(np.clip(a2 / a1, -0.99 * _LOG_GAMMA_BOUND, 0.99 * _LOG_GAMMA_BOUND)) if a1 != 0 else 0.0
         try:
             params, _, info, *_ = curve_fit(
                 _reparametrised_model, tn, yn, p0=[a1, log_gamma, beta, tau0, k], jac=_reparametrised_jacobian,
-                method="trf", bounds=(lower, upper), max_nfev=budget_left, full_output=True,
+                method="trf", bounds=(lower, upper), max_nfev=share, full_output=True,
             )
-        except RuntimeError as error:  # scipy ran out of the evaluations left: the budget is spent
-            failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error} (budget {max_evaluations} in all)")
-            break
+        except RuntimeError as error:  # scipy ran out of this start's share
+            failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error} ({share} evaluations)")
+            budget_left -= share
+            continue
         except (ValueError, np.linalg.LinAlgError) as error:
             failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error}")
             continue
@@ -339,10 +349,13 @@ def fit_emergence(
             failures.append(f"start beta={beta:g}, tau0={tau0:g}: non-finite residual")
         elif best is None or residual < best[0]:
             best = (residual, params)
-        if (best is not None and best[0] <= good_enough * total) or budget_left <= 0:
+        if best is not None and best[0] <= good_enough * total:
             break
     if best is None:
-        raise ValueError("the emergence fit did not converge from any start: " + "; ".join(failures))
+        raise ValueError(
+            f"the emergence fit did not converge from any of the {len(failures)} starts it tried "
+            f"({max_evaluations} evaluations in all): " + "; ".join(failures)
+        )
     a1_n, log_gamma_n, beta_n, tau0_n, k_n = (float(p) for p in best[1])
     gamma_n = math.exp(log_gamma_n)
     lam, t0 = beta_n / gamma_n, tau0_n * gamma_n
