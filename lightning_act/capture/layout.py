@@ -13,10 +13,10 @@ tapped module's layers tell which: the features are the axis (1 or the last) who
 layer writes (the first reads, for an input tap); when both axes have that length, the axis every layer of the
 module acts on (a ``Linear``, ``LayerNorm`` or recurrent layer the last, a convolution, ``BatchNorm``, ``GroupNorm``
 or timm's ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside). An activation module
-has no layers, so the layer its owner is or registers just before it speaks for it. ``feature_dim=`` (1 or -1) overrides
-the inference; where nothing tells the layout of a map of 4 or more axes, the reading above stands, and a monitor
-whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only is an
-unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample axis, and those monitors warn and skip it.
+has no layers, so the layer its owner is or the layers it registers around it speak for it. ``feature_dim=`` (1 or
+-1) overrides the inference; where nothing tells the layout of a map of 4 or more axes, the reading above stands, and
+a monitor whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only
+is an unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample axis, and those monitors warn and skip it.
 """
 
 from __future__ import annotations
@@ -141,10 +141,8 @@ def tap_features(
 ) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
     """``(width, axis, unbatched rank)`` of the tapped tensor's features (:func:`_features_of`) from the tapped
     module's layers or, for a module without one (an activation), from the layer its owner is (timm's
-    ``BatchNormAct2d``) or registers just before it, going up through owners that have neither (timm's ``StarReLU``
-    holds a bare ``ReLU``). An activation registered after every layer of its owner gets the widths of all of them (a
-    tuple): Hugging Face registers ``act_fn`` after ``down_proj``, whose output width (the hidden size) is not the
-    activation's, and a sequence as long as the hidden size was read along its tokens."""
+    ``BatchNormAct2d``) or the layers its owner registers around it (:func:`_sibling_features`), going up through
+    owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``)."""
     found = _features_of(list(chain[0].modules()), point)
     if found is not None:
         return found
@@ -153,20 +151,45 @@ def tap_features(
             return _features_of([owner], "output")
         siblings = list(owner.children())
         index = next((i for i, child in enumerate(siblings) if child is module), 0)
-        earlier = [f for f in (_features_of(list(s.modules()), "output") for s in reversed(siblings[:index])) if f]
-        if not earlier:
-            continue
-        later = any(_features_of(list(s.modules()), "input") for s in siblings[index + 1:])
-        axes = {axis for _, axis, _ in earlier}
-        widths = tuple(dict.fromkeys(width for found in earlier for width in _widths(found[0])))
-        if later or len(widths) == 1 or len(axes) != 1 or None in axes:
-            return earlier[0]
-        # Registered after every layer of its owner (Hugging Face's MLPs: gate_proj, up_proj, down_proj, act_fn),
-        # the order does not tell which layer it follows: any of their widths, on their common axis (and the rank
-        # of an unbatched call only where all of them agree on it).
-        ranks = {rank for _, _, rank in earlier}
-        return widths, axes.pop(), (ranks.pop() if len(ranks) == 1 else None)
+        found = _sibling_features(siblings[:index], siblings[index + 1:])
+        if found is not None:
+            return found
     return None
+
+
+def _sibling_features(
+    earlier: list[nn.Module], later: list[nn.Module]
+) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
+    """Features of an activation from the layers registered before it (their output widths) and after it (their
+    input and output widths) in its owner: any of those widths, on their common axis.
+
+    Why all of them: the registration order does not say which layer feeds the activation. Hugging Face registers
+    ``act_fn`` after ``down_proj`` (Llama's MLP) or ``activation_fn`` before ``fc1`` and ``fc2`` (BART, Whisper,
+    CLIP), so the nearest earlier layer's width is the hidden size, not the activation's, and a sequence as long as
+    the hidden size was read along its tokens. Where the layers' axes differ, the nearest one that sets the width
+    gives the axis, not a norm that keeps it: wav2vec2's feature encoder applies a ``LayerNorm`` between two
+    transposes after its convolution, and its ``(B, C, L)`` maps were read along the frames when ``L == C``. The
+    rank of an unbatched call only where all of them agree on it."""
+    before = [(s, f) for s in reversed(earlier) if (f := _features_of(list(s.modules()), "output"))]
+    after = [(s, f) for s in later for point in ("input", "output") if (f := _features_of(list(s.modules()), point))]
+    around = before + after
+    if not around:
+        return None
+    widths = tuple(dict.fromkeys(width for _, found in around for width in _widths(found[0])))
+    axes = {axis for _, (_, axis, _) in around}
+    if len(axes) == 1:
+        axis = axes.pop()
+    else:
+        axis = next((found[1] for sibling, found in around if not _is_norm(sibling)), around[0][1][1])
+    ranks = {rank for _, (_, _, rank) in around}
+    return widths, axis, (ranks.pop() if len(ranks) == 1 else None)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: it keeps the width of the layer before it, on an axis the block may have permuted
+    there and back."""
+    shape = getattr(module, "normalized_shape", None)
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) or isinstance(shape, (tuple, list))
 
 
 def _widths(width: int | tuple[int, ...]) -> tuple[int, ...]:

@@ -77,6 +77,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.hooks import RemovableHandle
 
 from lightning_act.capture.layout import Layout, looks_unbatched, to_sample_first, with_canonical_features
@@ -411,7 +412,8 @@ class _DropoutInputHook(MonitorHook):
 @torch._dynamo.disable(reason=_FULLGRAPH_REASON)
 def _copy_dropout_input(registry: CaptureRegistry, key: tuple[int, str], value: torch.Tensor) -> None:
     """An in-place dropout is about to overwrite ``value``: a copy for its forward hook."""
-    registry.dropout_input_copies[key] = value.detach().clone()
+    with _outside_dispatch_modes():  # a monitor's copy: not one of the ops a recompute in backward must repeat
+        registry.dropout_input_copies[key] = value.detach().clone()
 
 
 @torch._dynamo.disable(reason=_FULLGRAPH_REASON)
@@ -539,6 +541,18 @@ def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return stack
 
 
+def _outside_dispatch_modes() -> contextlib.AbstractContextManager[Any]:
+    """The monitors' own tensor operations outside the dispatch modes the user's forward runs under: selective
+    activation checkpointing's caching mode numbers the ops of its region and keeps those its policy saves, so a
+    monitor's matmul (CETT's) counted as the model's was handed to the model's recompute in backward (a crash, or
+    wrong gradients where the shapes agree). Nothing to leave in the usual case (~0.1 µs to ask, ~12 to leave)."""
+    if _dispatch_stack_length() == 0 and _pre_dispatch_stack_length() == 0:
+        return contextlib.nullcontext()
+    return _disable_current_modes()
+
+
+_dispatch_stack_length = torch._C._len_torch_dispatch_stack
+_pre_dispatch_stack_length = torch._ops._len_torch_dispatch_stack_pre_dispatch
 _functorch_active = torch._C._are_functorch_transforms_active
 _graph_task_id = torch._C._current_graph_task_id  # -1 outside the autograd engine
 
@@ -569,7 +583,7 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
     tensor = first_tensor(value)
     if tensor is None or tensor.numel() == 0:
         return
-    with torch.no_grad(), _own_precision(tensor.device.type):
+    with torch.no_grad(), _own_precision(tensor.device.type), _outside_dispatch_modes():
         tensor = tensor.detach()
         if tensor.dtype in _FLOAT8_DTYPES:
             tensor = tensor.float()
@@ -702,7 +716,9 @@ class CaptureRegistry:
         stale = passage is None or passage[0]() is not original or original._version != passage[2]
         if stale or not isinstance(replacement, torch.Tensor):
             return
-        with torch.no_grad():  # no graph: inside activation checkpointing the recompute, which skips this, must match
+        # no graph, no op a dispatch mode sees: inside activation checkpointing the recompute, which skips this, must
+        # match
+        with torch.no_grad(), _outside_dispatch_modes():
             read = transform(passage[1])
         _keep_passage(passages, replacement, read)
 
