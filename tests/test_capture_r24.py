@@ -301,3 +301,113 @@ def test_a_conv_activation_after_a_transposed_layer_norm_is_read_along_its_chann
     assert h.shape == (6, C, C)
     rows = h.transpose(0, 2, 1).reshape(-1, C)  # (example, frame) rows, channel columns
     assert values(collapse, f"collapse/{tap}/erank")[0] == pytest.approx(numpy_erank(rows), rel=1e-6)
+
+
+# ---------------------------------------------- siblings that set the width on different axes (R3 of round 24)
+class PvtMlpNet(pl.LightningModule):
+    """timm's own PVT-v2 MLP (fc1, relu, dwconv, act, drop, fc2): ``act`` runs on tokens ``(B, N, hidden)`` after a
+    depthwise convolution, with N (a 4 x 4 grid) equal to the block width."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.pvt_v2 import MlpWithDepthwiseConv
+
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, 16)
+        self.mlp = MlpWithDepthwiseConv(16, 48, 16)
+        self.head = nn.Linear(16, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.mlp(self.embed(batch[0]), [4, 4]).mean(1)).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_pvt_mlp_activation_between_a_depthwise_conv_and_linears_is_read_along_its_hidden_features():
+    # A draft of this round let the depthwise convolution decide the axis ("first"): with N == width the tokens were
+    # read as the features (erank 13.46 for 31.89, top token and feature swapped).
+    tap = "mlp.act"
+    collapse = DimensionalCollapse(modules=[tap], every_n_steps=1, param_patterns=[])
+    massive = MassiveActivations(modules=[tap], every_n_steps=1)
+    recorder = TrainingOutputs(tap)
+    scale = torch.linspace(0.2, 3, 16)[:, None]
+    tokens = torch.randn(8, 16, 3, generator=torch.Generator().manual_seed(1)) * scale
+    quiet_trainer(max_steps=1, callbacks=[collapse, massive, recorder]).fit(
+        PvtMlpNet(), DataLoader(TensorDataset(tokens), batch_size=8))
+    (h,) = recorder.seen
+    assert h.shape == (8, 16, 48)
+    assert values(collapse, f"collapse/{tap}/erank")[0] == pytest.approx(numpy_erank(h.reshape(-1, 48)), rel=1e-6)
+    token, feature = np.unravel_index(np.abs(h).max(0).argmax(), h.shape[1:])
+    assert (values(massive, f"massive/{tap}/top0_token")[0], values(massive, f"massive/{tap}/top0_feature")[0]) == (
+        token, feature)
+
+
+class SharedReluCnn(pl.LightningModule):
+    """A hand-written CNN whose one ``relu`` is registered last, after the Linear head, and applied to a conv map whose
+    width equals its channel count."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+        self.relu = nn.ReLU()
+
+    def training_step(self, batch, batch_idx):
+        return self.fc(self.pool(self.relu(self.conv(batch[0]))).flatten(1)).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_shared_relu_registered_after_the_head_reads_conv_maps_along_their_channels():
+    # The draft let the Linear head decide ("last"): a 16 x 16 map of 16 channels was read along its image columns.
+    collapse = DimensionalCollapse(modules=["relu"], every_n_steps=1, param_patterns=[], projection_dim=None)
+    massive = MassiveActivations(modules=["relu"], every_n_steps=1)
+    recorder = TrainingOutputs("relu")
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, 16)
+    with pytest.warns(UserWarning, match="feature_dim"):  # nothing tells a 4-axis map's layout: said, read (B, C, H, W)
+        quiet_trainer(max_steps=1, callbacks=[collapse, massive, recorder]).fit(
+            SharedReluCnn(), DataLoader(TensorDataset(images), batch_size=2))
+    (h,) = recorder.seen
+    rows = h.transpose(0, 2, 3, 1).reshape(2, -1, 16)  # (example, position, channel)
+    assert values(collapse, "collapse/relu/erank")[0] == pytest.approx(numpy_erank(rows.reshape(-1, 16)), rel=1e-6)
+    assert values(massive, "massive/relu/top0_feature")[0] == np.unravel_index(np.abs(rows).max(0).argmax(), (256, 16))[1]
+
+
+# ------------------------------------------------------------------------- a shape-only forward in a due step
+class ShapeCheckedMlp(pl.LightningModule):
+    def __init__(self, fake_forward):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fake_forward = fake_forward
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def training_step(self, batch, batch_idx):
+        if self.fake_forward:  # a shape check under FakeTensorMode, as shape-inference tools run it
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                assert self(mode.from_tensor(batch[0])).shape == (8, 5, 4)
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_fake_tensor_forward_in_a_due_step_is_not_observed():
+    # Before: the statistics ran on the fake tensors and the fit died at the first host read (a long traceback).
+    def fit(fake_forward):
+        monitors = [ActivationSparsity(modules=["act"], cett_modules=["fc2"], every_n_steps=1),
+                    MassiveActivations(modules=["act"], every_n_steps=1)]
+        data = torch.randn(16, 5, 16, generator=torch.Generator().manual_seed(0))
+        quiet_trainer(max_steps=2, callbacks=monitors).fit(ShapeCheckedMlp(fake_forward), DataLoader(TensorDataset(data), batch_size=8))
+        return {key: list(series.values) for monitor in monitors for key, series in monitor.history.items()}
+
+    plain = fit(False)
+    assert plain and fit(True) == plain

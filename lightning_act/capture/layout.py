@@ -166,10 +166,13 @@ def _sibling_features(
     Why all of them: the registration order does not say which layer feeds the activation. Hugging Face registers
     ``act_fn`` after ``down_proj`` (Llama's MLP) or ``activation_fn`` before ``fc1`` and ``fc2`` (BART, Whisper,
     CLIP), so the nearest earlier layer's width is the hidden size, not the activation's, and a sequence as long as
-    the hidden size was read along its tokens. Where the layers' axes differ, the nearest one that sets the width
-    gives the axis, not a norm that keeps it: wav2vec2's feature encoder applies a ``LayerNorm`` between two
-    transposes after its convolution, and its ``(B, C, L)`` maps were read along the frames when ``L == C``. The
-    rank of an unbatched call only where all of them agree on it."""
+    the hidden size was read along its tokens. Where the layers' axes differ, the layers that set the width decide,
+    not a norm that keeps it (wav2vec2's feature encoder applies a ``LayerNorm`` between two transposes after its
+    convolution, and its ``(B, C, L)`` maps were read along the frames when ``L == C``), and only if they agree: PVT's
+    MLP (a depthwise convolution between two Linear layers, on tokens) and a network's one ``relu`` registered beside
+    its convolutions and its Linear head leave the axis undecided (a round-24 draft took the nearest such layer's, and
+    read those along the tokens or the image columns). The rank of an unbatched call only where all of them agree on
+    it."""
     before = [(s, f) for s in reversed(earlier) if (f := _features_of(list(s.modules()), "output"))]
     after = [(s, f) for s in later for point in ("input", "output") if (f := _features_of(list(s.modules()), point))]
     around = before + after
@@ -177,10 +180,9 @@ def _sibling_features(
         return None
     widths = tuple(dict.fromkeys(width for _, found in around for width in _widths(found[0])))
     axes = {axis for _, (_, axis, _) in around}
-    if len(axes) == 1:
-        axis = axes.pop()
-    else:
-        axis = next((found[1] for sibling, found in around if not _is_norm(sibling)), around[0][1][1])
+    if len(axes) != 1:  # a norm keeps the width; the layers that set it must agree, else nothing decides
+        axes = {found[1] for sibling, found in around if not _is_norm(sibling)}
+    axis = axes.pop() if len(axes) == 1 else None
     ranks = {rank for _, (_, _, rank) in around}
     return widths, axis, (ranks.pop() if len(ranks) == 1 else None)
 

@@ -76,6 +76,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.hooks import RemovableHandle
@@ -581,8 +582,8 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         if passage is not None and passage[0]() is received and received._version == passage[2]:
             value = passage[1]  # the tapped module's input came out of a dropout, unchanged since: read what went in
     tensor = first_tensor(value)
-    if tensor is None or tensor.numel() == 0:
-        return
+    if tensor is None or tensor.numel() == 0 or tensor.is_meta or is_fake(tensor):
+        return  # a shape-only forward (FakeTensorMode, make_fx's fake tracing, meta tensors) has no values to read
     with torch.no_grad(), _own_precision(tensor.device.type), _outside_dispatch_modes():
         tensor = tensor.detach()
         if tensor.dtype in _FLOAT8_DTYPES:
