@@ -148,7 +148,8 @@ def decided_by_sensitivity(v: torch.Tensor, indices: torch.Tensor) -> torch.Tens
     no host sync): those whose ``V_i`` is above the (k+1)-th largest (above 0 when ``k = D``). The others tie at the
     cut and are the tie rule's lowest feature indices, not a measurement: every ``V_i`` is 0 when no tracked feature
     moved over the window (a frozen layer, a backbone before ``BackboneFinetuning`` unfreezes it, a learning rate of
-    0), and the cut ties at 0 when fewer than k features moved (units dead over the tracking set)."""
+    0), the cut ties at 0 when fewer than k features moved (units dead over the tracking set), and at a positive
+    value between duplicated units (copied rows, ``cat([h, h])``)."""
     k = indices.numel()
     cut = torch.topk(v, k + 1).values[k] if k < v.numel() else v.new_zeros(())
     return (v[indices] > cut).to(v.dtype)
@@ -869,9 +870,9 @@ class SensitiveNeurons(FitScopedState):
         )
         rank_zero_warn(
             f"SensitiveNeurons: {outcome}. The top_fraction={self.top_fraction} set's last places tie with the next "
-            f"feature (V_i = 0 where features did not change over the last {self.window} checkpoints: a frozen layer, "
-            "a backbone before it is unfrozen, dead units, a learning rate of 0); the tie rule would fill them with the "
-            "lowest feature indices",
+            f"feature: V_i = 0 where features did not change over the last {self.window} checkpoints (a frozen layer, "
+            "a backbone before it is unfrozen, dead units, a learning rate of 0), or equal V_i of duplicated units; "
+            "the tie rule would fill them with the lowest feature indices",
             category=UserWarning,
         )
 
