@@ -266,7 +266,7 @@ def fit_emergence(
 ) -> EmergenceFit:
     """Fit the emergence model to one layer's ratio history, as the Hidden Dynamics paper does.
 
-    ``scipy.optimize.curve_fit`` with the trust-region-reflective method and the analytic
+    ``scipy.optimize.least_squares`` with the trust-region-reflective method and the analytic
     Jacobian on the paper's reparametrised form (:func:`_reparametrised_model`; ``beta >= 0``, i.e.
     ``lambda >= 0``, and ``t + tau0 > 0``), on normalised data (steps divided by the last step,
     values mapped to [0, 1]) then mapped back to Eq. 9's ``A, lambda, gamma, t0, K`` on the
@@ -278,14 +278,16 @@ def fit_emergence(
     that; each start gets an equal share of what the earlier ones left (200 per start stopped scipy early on noisy
     histories), and a start that uses up its share hands on to the next: on curves peaking near 10 % of the run the
     best-ranked start can spend any budget without converging while the next ones converge in a few hundred
-    (docs/monitors_sparsity_massive.md has the measured rates and costs). A
+    (docs/monitors_sparsity_massive.md has the measured rates and costs). A start that runs out of its share after at
+    least one step still offers the point it reached (the lowest squared error on its path) and competes on that
+    error, so a history is not skipped because each start needed a little more than its share. A
     history whose best grid start's adjusted R² is below ``_FLAT_ADJUSTED_R2`` is flat: skipped before any iterative
     fit.
 
-    Raises ``ValueError`` with the reason when the history cannot be fitted, including, when no start converged, how
-    many starts ran and scipy's own message for each.
+    Raises ``ValueError`` with the reason when the history cannot be fitted, including, when no start took a step (or
+    each failed), how many starts ran, the evaluations they spent and scipy's message or the error for each.
     """
-    from scipy.optimize import curve_fit
+    from scipy.optimize import least_squares
 
     t = np.asarray(steps, dtype=np.float64)
     y = np.asarray(values, dtype=np.float64)
@@ -320,6 +322,13 @@ def fit_emergence(
         )
     lower = [-np.inf, -_LOG_GAMMA_BOUND, 0.0, tau_floor, -np.inf]
     upper = [np.inf, _LOG_GAMMA_BOUND, np.inf, np.inf, np.inf]
+
+    def residuals(params: np.ndarray) -> np.ndarray:
+        return _reparametrised_model(tn, *params) - yn
+
+    def jacobian(params: np.ndarray) -> np.ndarray:
+        return _reparametrised_jacobian(tn, *params)
+
     best: tuple[float, np.ndarray] | None = None
     failures: list[str] = []
     budget_left = max_evaluations
@@ -332,29 +341,37 @@ def fit_emergence(
         (a1, a2, k), _ = _linear_part(tn, yn, beta, tau0)
         log_gamma = float(np.clip(a2 / a1, -0.99 * _LOG_GAMMA_BOUND, 0.99 * _LOG_GAMMA_BOUND)) if a1 != 0 else 0.0
         try:
-            params, _, info, *_ = curve_fit(
-                _reparametrised_model, tn, yn, p0=[a1, log_gamma, beta, tau0, k], jac=_reparametrised_jacobian,
-                method="trf", bounds=(lower, upper), max_nfev=share, full_output=True,
+            # least_squares, not curve_fit (which wraps it): a start that runs out of its share (status 0) still gives
+            # the point it reached, where curve_fit raises and loses it
+            result = least_squares(
+                residuals, [a1, log_gamma, beta, tau0, k], jac=jacobian, method="trf", bounds=(lower, upper),
+                max_nfev=share,
             )
-        except RuntimeError as error:  # scipy ran out of this start's share
-            failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error} ({share} evaluations)")
-            budget_left -= share
-            continue
         except (ValueError, np.linalg.LinAlgError) as error:
             failures.append(f"start beta={beta:g}, tau0={tau0:g}: {error}")
             continue
-        budget_left -= int(info["nfev"])
-        residual = float(np.sum((_reparametrised_model(tn, *params) - yn) ** 2))
+        budget_left -= int(result.nfev)
+        if result.status == 0 and result.njev == 1:  # out of its share before any step lowered the error
+            failures.append(f"start beta={beta:g}, tau0={tau0:g}: {result.message} ({result.nfev} evaluations)")
+            continue
+        # trf takes only steps that lower the squared error, so a start cut short by its share (status 0) offers the
+        # best point it reached; it competes on that error like a converged one (before, it was dropped, and a history
+        # whose every start needed a little more than its share was skipped although each had all but converged). One
+        # that took no step is still at its grid point, a linear solve for fixed (beta, tau0), not a fit.
+        residual = float(np.sum(result.fun**2))
         if not np.isfinite(residual):
             failures.append(f"start beta={beta:g}, tau0={tau0:g}: non-finite residual")
-        elif best is None or residual < best[0]:
-            best = (residual, params)
-        if best is not None and best[0] <= good_enough * total:
+            continue
+        if best is None or residual < best[0]:
+            best = (residual, result.x)
+        # Only a converged start ends the search early: one cut short can sit far along a valley of near-equal error
+        # (A ~1e23, lambda ~49 on a noise-free early peak the next start fits exactly)
+        if result.status > 0 and residual <= good_enough * total:
             break
     if best is None:
         raise ValueError(
-            f"the emergence fit did not converge from any of the {len(failures)} starts it tried "
-            f"({max_evaluations} evaluations in all): " + "; ".join(failures)
+            f"the emergence fit made no usable step from any of the {len(failures)} starts it tried "
+            f"({max_evaluations - budget_left} evaluations in all): " + "; ".join(failures)
         )
     a1_n, log_gamma_n, beta_n, tau0_n, k_n = (float(p) for p in best[1])
     gamma_n = math.exp(log_gamma_n)

@@ -43,7 +43,7 @@ from lightning_act.nn.dopamine import (
 from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
 from lightning_act.plots import save_png_whole, writes_run_files
 from lightning_act.tasks.classification import ClassificationTask
-from lightning_act.tasks.sampler_padding import real_examples
+from lightning_act.tasks.sampler_padding import real_examples, stage_loaders
 from lightning_act.tasks.image_classification import WarmupCosineLR, schedule_steps, start_schedules
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
@@ -217,8 +217,9 @@ class DopamineSpecialisation(_Classifier):
 
     def setup(self, stage: str) -> None:
         """Refuse a rotated-digits split other than the foundation's: the digits of each split are drawn from the
-        seed, the fractions and ``max_samples``, so another split tests (and validates) the frozen foundation on
-        digits it was trained on (before round 24, silently: 316 of 629 test digits for seed 1 against seed 0)."""
+        seed, the fractions and ``max_samples``, so another split validates (and, on the bundled digits, tests) the
+        frozen foundation on digits it was trained on (before round 24, silently: 316 of 629 test digits for seed 1
+        against seed 0)."""
         super().setup(stage)
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, RotatedDigitsDataModule):
@@ -239,10 +240,13 @@ class DopamineSpecialisation(_Classifier):
         if differences:
             here = ", ".join(f"{name}={mine!r}" for name, (mine, _) in differences.items())
             theirs = " ".join(f"--data.{name} {'null' if held is None else held}" for name, (_, held) in differences.items())
+            # MNIST's test digits are its t10k files, never trained on: only the validation digits, cut from the
+            # train files, can overlap there
+            overlapping = "validation and test" if datamodule.hparams.mnist_dir is None else "validation"
             raise ConfigError(
-                f"DopamineSpecialisation: the data split ({here}) is not the foundation's, so its validation and test "
-                f"digits include digits '{self.hparams.foundation_ckpt}' was trained on; pass {theirs} (the "
-                "foundation's), or train a foundation with these data settings"
+                f"DopamineSpecialisation: the data split ({here}) is not the foundation's, so its {overlapping} digits "
+                f"include digits '{self.hparams.foundation_ckpt}' was trained on; pass {theirs} (the foundation's), or "
+                "train a foundation with these data settings"
             )
 
     def on_train_start(self) -> None:
@@ -281,8 +285,7 @@ class DopamineSpecialisation(_Classifier):
         Under DDP each rank holds a share of the inputs: the per-class firing counts and input counts are summed over
         the ranks before dividing, each input counted once (not the sampler's padding, see ``real_examples``), and
         rank 0 alone writes the files."""
-        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
-        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        loaders = stage_loaders(self.trainer, stage)  # in dataloader_idx order, whatever collection was passed
         limits = list(limits or []) + [math.inf] * (len(loaders) - len(limits or []))
         class_counts = torch.zeros(self.num_classes, dtype=torch.float64)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -46,10 +47,12 @@ def real_examples(
     positions ``batch_idx * batch_size`` on; any other batch sampler's batches are told by their dataset indices
     (:func:`_custom_pass`)."""
     everything = torch.ones(batch_size, dtype=torch.bool, device=device)
-    loaders = None if trainer is None else (trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders)
-    if loaders is None:
+    if trainer is None:
         return everything
-    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+    loaders = stage_loaders(trainer, stage)
+    if not loaders:
+        return everything
+    loader = loaders[dataloader_idx]
     sampler = distributed_sampler(loader)
     if sampler is None or real_in_shard(sampler) >= sampler.num_samples:
         return everything
@@ -68,6 +71,25 @@ def real_examples(
         return everything
     repeats = padding_rows([indices[batch_idx]], padding_indices(sampler))[0]
     return ~torch.tensor(repeats, dtype=torch.bool, device=device)
+
+
+def stage_loaders(trainer: Any, stage: Literal["val", "test"]) -> list[Any]:
+    """The ``stage`` loaders as a list indexed by Lightning's ``dataloader_idx``: ``trainer.val_dataloaders`` is the
+    collection the user passed (one loader, a list, a dict, nested ones), which Lightning's ``CombinedLoader``
+    numbers in its flattened order (a dict's values in insertion order). Taken as one loader, a dict hid its loaders'
+    ``DistributedSampler``, and their padding counted (before round 24)."""
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    return [] if loaders is None else _flattened(loaders)
+
+
+def _flattened(loaders: Any) -> list[Any]:
+    """The loaders of a collection in ``CombinedLoader``'s order (a pytree flattening: mappings by their values, lists
+    and tuples by their items, depth first)."""
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        return [loaders]
+    return [loader for item in loaders for loader in _flattened(item)]
 
 
 def _custom_pass(batch_sampler: Any) -> list[list[int]] | None:

@@ -266,6 +266,7 @@ class SeizureForecaster(pl.LightningModule):
         self.val_nan_logits, self.test_nan_logits = NaNLogitCount(), NaNLogitCount()  # AUROC undefined if > 0
         self._warned_auroc: set[str] = set()
         self._warned_nan_logits: set[str] = set()  # stages already warned to log a NaN AUROC for NaN logits
+        self._said_no_labelled_test = False  # that test/loss and test/auroc are not logged without labelled windows
         # weighted by labelled windows, summed over ranks
         self.val_loss, self.test_loss = mean_loss_metric(), mean_loss_metric()
         self._test_outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -399,33 +400,38 @@ class SeizureForecaster(pl.LightningModule):
     def _log_auroc(
         self, stage: str, auroc: torchmetrics.Metric, classes: _ClassCounts, nan_logits: NaNLogitCount,
         prog_bar: bool = False,
-    ) -> None:
+    ) -> list[int]:
         """``<stage>/auroc`` when the epoch's labelled windows (all ranks) hold both classes; else NaN and one warning
         (torchmetrics would return 0.0 and warn "No positive samples in targets"). NaN too, with one warning, when a
-        labelled window's logit is NaN: an order of NaN scores is the data's, not the model's."""
+        labelled window's logit is NaN: an order of NaN scores is the data's, not the model's. Nothing without a
+        labelled window. Returns the labelled windows per class ``(interictal, preictal)`` over all ranks.
+
+        Every branch logs a tensor with the same arguments: Lightning keeps a key's logging arguments across the runs
+        of a loop and refuses another kind of value later (a metric object one epoch, a float NaN the next crashed a
+        fit that diverged, before round 24). The counts are summed over the ranks, so every rank takes the same branch
+        and runs the same syncs (``compute``); the value is the same on every rank, which ``max`` keeps exactly."""
         if classes.update_count == 0:  # no batch on this rank: an empty update, so compute() does not warn
             classes.update(torch.zeros(0, device=classes.counts.device))
         counts = classes.compute().tolist()
         nan_count = nan_logits.epoch_total()
+        value = torch.tensor(math.nan, device=self.device)
         if nan_count > 0:
-            auroc.reset()
             if stage not in self._warned_nan_logits:
                 self._warned_nan_logits.add(stage)
                 warn_nan_rank_metrics("SeizureForecaster", stage, nan_count, f"{stage}/auroc")
-            self.log(f"{stage}/auroc", math.nan, prog_bar=prog_bar)
-            return
-        if min(counts) > 0:
-            self.log(f"{stage}/auroc", auroc, prog_bar=prog_bar)
-            return
-        if stage not in self._warned_auroc and sum(counts) > 0:
+        elif min(counts) > 0:
+            value = auroc.compute()
+        elif stage not in self._warned_auroc and sum(counts) > 0:
             missing = "preictal" if counts[1] == 0 else "interictal"
             rank_zero_warn(
                 f"SeizureForecaster: the {stage} windows hold {counts[1]} preictal and {counts[0]} interictal labelled "
                 f"windows (no {missing} one): {stage}/auroc is undefined and logged as NaN"
             )
             self._warned_auroc.add(stage)
+        auroc.reset()
         if sum(counts) > 0:
-            self.log(f"{stage}/auroc", math.nan, prog_bar=prog_bar)
+            self.log(f"{stage}/auroc", value, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
+        return counts
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms. The DDP
@@ -439,9 +445,8 @@ class SeizureForecaster(pl.LightningModule):
         if labelled.any():
             # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches
             self.test_loss.update(self._classifier_loss(logits[labelled], y[labelled]), weight=labelled.sum())
-        # logged and updated on every batch, labelled windows or none (empty tensors): under DDP a rank whose share
-        # holds no labelled window must still run the epoch-end syncs of the other ranks
-        self.log("test/loss", self.test_loss)
+        # updated on every batch, labelled windows or none (empty tensors): under DDP a rank whose share holds no
+        # labelled window must still run the epoch-end syncs of the other ranks (test/loss: on_test_epoch_end)
         self.test_auroc.update(ranking_scores(logits[labelled]), y[labelled].long())
         self.test_classes.update(y[labelled])
         self.test_nan_logits.update(logits[labelled])
@@ -460,7 +465,8 @@ class SeizureForecaster(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         """Window AUROC when both classes were seen; continuous-monitoring metrics when the datamodule exposes its
         held-out recordings."""
-        self._log_auroc("test", self.test_auroc, self.test_classes, self.test_nan_logits)
+        counts = self._log_auroc("test", self.test_auroc, self.test_classes, self.test_nan_logits)
+        self._log_test_loss(labelled=sum(counts))
         datamodule = getattr(self.trainer, "datamodule", None)
         recordings = getattr(datamodule, "recordings", {}).get("test") if datamodule is not None else None
         if not recordings:
@@ -500,6 +506,25 @@ class SeizureForecaster(pl.LightningModule):
         self.log("test/sensitivity", report.sensitivity, sync_dist=True)
         self.log("test/false_detections_per_hour", report.false_detections_per_hour, sync_dist=True)
         self.log("test/mean_lead_time_min", report.mean_lead_time_s / 60.0, sync_dist=True)
+
+    def _log_test_loss(self, labelled: int) -> None:
+        """``test/loss`` over the ``labelled`` windows of all ranks; with none, neither it nor ``test/auroc`` is logged
+        (a NaN would read like a diverged model), said once. Logged here, not per batch: the branch is the same on
+        every rank, so every rank runs the loss's sync, also one whose share held no labelled window (it gets an empty
+        update, so torchmetrics does not warn of a compute before any update)."""
+        if labelled == 0:
+            if not self._said_no_labelled_test:
+                self._said_no_labelled_test = True
+                rank_zero_warn(
+                    "SeizureForecaster: no test window is labelled (all are ictal, post-ictal or straddle a boundary, "
+                    "y = -1), so test/loss and test/auroc are not logged; test on windows with labels 0/1 for them"
+                )
+            return
+        if self.test_loss.update_count == 0:
+            self.test_loss.update(torch.zeros(0, device=self.device), weight=torch.zeros(0, device=self.device))
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log("test/loss", loss, sync_dist=True, reduce_fx="max")  # the same on every rank: max keeps it exactly
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """Per-window preictal probability."""

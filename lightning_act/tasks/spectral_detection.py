@@ -211,19 +211,25 @@ class SpectralTargetDetection(pl.LightningModule):
 
     def _log_rank_metrics(self, stage: str, nan_logits: int, auroc: BinaryAUROC, ap: BinaryAveragePrecision) -> None:
         """``<stage>/auroc`` and ``<stage>/ap``; NaN (one warning per stage) when the epoch had NaN logits: an order of
-        NaN scores is the data's, not the model's, and a plausible AP there would hide a diverged run."""
+        NaN scores is the data's, not the model's, and a plausible AP there would hide a diverged run.
+
+        Both branches log tensors with the same arguments: Lightning keeps a key's logging arguments across the runs of
+        a loop and refuses another kind of value later (a metric object one epoch, a float NaN the next crashed a fit
+        that diverged, before round 24). ``nan_logits`` is summed over the ranks, so every rank takes the same branch
+        and runs the same syncs (``compute``); the value is the same on every rank, which ``max`` keeps exactly."""
         if nan_logits == 0:
-            self.log(f"{stage}/auroc", auroc)
-            self.log(f"{stage}/ap", ap, prog_bar=stage == "val")
-            return
+            values = auroc.compute(), ap.compute()
+        else:
+            values = torch.tensor(math.nan, device=self.device), torch.tensor(math.nan, device=self.device)
+            if stage not in self._warned_nan_logits:
+                self._warned_nan_logits.add(stage)
+                curve = " (and the precision-recall curve)" if stage == "test" else ""
+                names = f"{stage}/auroc and {stage}/ap{curve}"
+                warn_nan_rank_metrics("SpectralTargetDetection", stage, nan_logits, names)
         auroc.reset()
         ap.reset()
-        if stage not in self._warned_nan_logits:
-            self._warned_nan_logits.add(stage)
-            names = f"{stage}/auroc and {stage}/ap" + (" (and the precision-recall curve)" if stage == "test" else "")
-            warn_nan_rank_metrics("SpectralTargetDetection", stage, nan_logits, names)
-        self.log(f"{stage}/auroc", math.nan)
-        self.log(f"{stage}/ap", math.nan, prog_bar=stage == "val")
+        self.log(f"{stage}/auroc", values[0], sync_dist=True, reduce_fx="max")
+        self.log(f"{stage}/ap", values[1], prog_bar=stage == "val", sync_dist=True, reduce_fx="max")
 
     def on_test_epoch_end(self) -> None:
         nan_logits = self.test_nan_logits.epoch_total()
