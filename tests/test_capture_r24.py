@@ -1,6 +1,6 @@
-"""Round 24: the monitors' statistics outside selective activation checkpointing's dispatch mode, and the feature axis
-of an activation registered before the layers around it (BART's order) or after a norm that a block applies between
-two transposes (wav2vec2's feature encoder). Values are checked against numpy on activations the tests record with
+"""Round 24: the monitors' statistics outside selective activation checkpointing's dispatch mode, the feature axis
+of an activation registered before the layers around it (BART's order) or among layers that act on different axes,
+and shape-only forwards. Values are checked against numpy on activations the tests record with
 their own plain hooks, or against the same fit without the monitor / without checkpointing."""
 
 import functools
@@ -254,56 +254,7 @@ def test_an_activation_registered_before_fc1_is_read_along_its_d_ff_features(lay
         token, feature)
 
 
-# ------------------------------------------------------------------------------ a norm between two transposes
-C = 8  # channels, and frames
-
-
-class LayerNormConvLayer(nn.Module):
-    """wav2vec2's / HuBERT's feature-encoder layer with ``feat_extract_norm="layer"``: conv, layer_norm (applied to
-    the channels between two transposes), activation."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.conv = nn.Conv1d(in_channels, C, 3, padding=1)
-        self.layer_norm = nn.LayerNorm(C)
-        self.activation = nn.GELU()
-
-    def forward(self, x):
-        return self.activation(self.layer_norm(self.conv(x).transpose(-2, -1)).transpose(-2, -1))
-
-
-class ConvEncoder(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv_layers = nn.ModuleList([LayerNormConvLayer(1), LayerNormConvLayer(C)])
-        self.head = nn.Linear(C, 2)
-
-    def training_step(self, batch, batch_idx):
-        x = batch[0].unsqueeze(1)
-        for layer in self.conv_layers:
-            x = layer(x)
-        return self.head(x.mean(-1)).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def test_a_conv_activation_after_a_transposed_layer_norm_is_read_along_its_channels():
-    # Before: the activation took the LayerNorm's last axis, so a (B, C, L) map with L == C was read along its frames.
-    tap = "conv_layers.1.activation"
-    collapse = DimensionalCollapse(modules=[tap], every_n_steps=1, param_patterns=[])
-    recorder = TrainingOutputs(tap)
-    audio = torch.randn(6, C, generator=torch.Generator().manual_seed(1))
-    quiet_trainer(max_steps=1, callbacks=[collapse, recorder]).fit(
-        ConvEncoder(), DataLoader(TensorDataset(audio), batch_size=6))
-    (h,) = recorder.seen
-    assert h.shape == (6, C, C)
-    rows = h.transpose(0, 2, 1).reshape(-1, C)  # (example, frame) rows, channel columns
-    assert values(collapse, f"collapse/{tap}/erank")[0] == pytest.approx(numpy_erank(rows), rel=1e-6)
-
-
-# ---------------------------------------------- siblings that set the width on different axes (R3 of round 24)
+# ---------------------------------------- layers around an activation that act on different axes (R3, R4)
 class PvtMlpNet(pl.LightningModule):
     """timm's own PVT-v2 MLP (fc1, relu, dwconv, act, drop, fc2): ``act`` runs on tokens ``(B, N, hidden)`` after a
     depthwise convolution, with N (a 4 x 4 grid) equal to the block width."""
@@ -411,3 +362,41 @@ def test_a_fake_tensor_forward_in_a_due_step_is_not_observed():
 
     plain = fit(False)
     assert plain and fit(True) == plain
+
+
+class Conv1dSharedRelu(pl.LightningModule):
+    """A hand-written 1-D CNN (time series): conv1, bn1, conv2, bn2, one shared ``relu``, a pool and a Linear head;
+    its ``(B, C, L)`` maps have as many time steps as channels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16)
+        self.conv2, self.bn2 = nn.Conv1d(16, 16, 5, padding=2), nn.BatchNorm1d(16)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def training_step(self, batch, batch_idx):
+        h = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(batch[0]))))))
+        return self.fc(self.pool(h).flatten(1)).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_shared_relu_between_convolutions_and_a_linear_head_reads_1d_maps_along_their_channels():
+    # A draft of this round left the axis undecided where the layers around it disagree: a 3-D map was then read
+    # (B, T, D), along its time steps, without a warning. The convolution registered before it decides (as before).
+    collapse = DimensionalCollapse(modules=["relu"], every_n_steps=1, param_patterns=[], projection_dim=None)
+    massive = MassiveActivations(modules=["relu"], every_n_steps=1)
+    seen: list[np.ndarray] = []
+    model = Conv1dSharedRelu()
+    model.relu.register_forward_hook(lambda module, args, output: seen.append(output.detach().double().numpy()))
+    series = torch.randn(4, 1, 16, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, 16)
+    quiet_trainer(max_steps=1, callbacks=[collapse, massive]).fit(model, DataLoader(TensorDataset(series), batch_size=4))
+    rows = np.concatenate(seen[:2]).transpose(0, 2, 1)  # both calls: (example, time step, channel)
+    assert values(collapse, "collapse/relu/erank")[0] == pytest.approx(numpy_erank(rows.reshape(-1, 16)), rel=1e-6)
+    token, feature = np.unravel_index(np.abs(rows).max(0).argmax(), rows.shape[1:])
+    assert (values(massive, "massive/relu/top0_token")[0], values(massive, "massive/relu/top0_feature")[0]) == (
+        token, feature)

@@ -160,38 +160,36 @@ def tap_features(
 def _sibling_features(
     earlier: list[nn.Module], later: list[nn.Module]
 ) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
-    """Features of an activation from the layers registered before it (their output widths) and after it (their
-    input and output widths) in its owner: any of those widths, on their common axis.
+    """Features of an activation from the layers its owner registers before it (their output widths, nearest first)
+    and after it (their input and output widths).
 
-    Why all of them: the registration order does not say which layer feeds the activation. Hugging Face registers
-    ``act_fn`` after ``down_proj`` (Llama's MLP) or ``activation_fn`` before ``fc1`` and ``fc2`` (BART, Whisper,
-    CLIP), so the nearest earlier layer's width is the hidden size, not the activation's, and a sequence as long as
-    the hidden size was read along its tokens. Where the layers' axes differ, the layers that set the width decide,
-    not a norm that keeps it (wav2vec2's feature encoder applies a ``LayerNorm`` between two transposes after its
-    convolution, and its ``(B, C, L)`` maps were read along the frames when ``L == C``), and only if they agree: PVT's
-    MLP (a depthwise convolution between two Linear layers, on tokens) and a network's one ``relu`` registered beside
-    its convolutions and its Linear head leave the axis undecided (a round-24 draft took the nearest such layer's, and
-    read those along the tokens or the image columns). The rank of an unbatched call only where all of them agree on
-    it."""
-    before = [(s, f) for s in reversed(earlier) if (f := _features_of(list(s.modules()), "output"))]
-    after = [(s, f) for s in later for point in ("input", "output") if (f := _features_of(list(s.modules()), point))]
-    around = before + after
-    if not around:
+    The layer registered just before it speaks for it, as the order usually says what feeds it, unless layers on
+    the same axis follow it: Hugging Face registers ``activation_fn`` after the attention and before ``fc1`` and
+    ``fc2`` (BART, Whisper; CLIP's MLP registers it first), so the nearest earlier layer's width is the hidden size,
+    not the activation's ``d_ff``, and a sequence as long as the hidden size was read along its tokens: then any of
+    their widths, on that axis. An activation registered after every layer (Llama's MLP: ``gate_proj``, ``up_proj``,
+    ``down_proj``, ``act_fn``) takes any of their widths where they share an axis. Layers that disagree on the axis
+    leave it to the nearest earlier one: a depthwise convolution before the activation and a Linear after it (PVT's
+    MLP), a network's one ``relu`` registered beside convolutions and a Linear head (a round-24 draft that let the
+    layers around it vote read those along their tokens or image columns)."""
+    before = [found for found in (_features_of(list(s.modules()), "output") for s in reversed(earlier)) if found]
+    after = [found for s in later for point in ("input", "output") if (found := _features_of(list(s.modules()), point))]
+    if not before:
+        return _on_one_axis(after)
+    return _on_one_axis([before[0], *after] if after else before) or before[0]
+
+
+def _on_one_axis(
+    found: list[tuple[int | tuple[int, ...], str | None, int | None]]
+) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
+    """Any of the layers' widths on the axis they all act on (the rank of an unbatched call only where they agree on
+    it); None when they act on different axes, or on none."""
+    axes = {axis for _, axis, _ in found}
+    if len(axes) != 1 or None in axes:
         return None
-    widths = tuple(dict.fromkeys(width for _, found in around for width in _widths(found[0])))
-    axes = {axis for _, (_, axis, _) in around}
-    if len(axes) != 1:  # a norm keeps the width; the layers that set it must agree, else nothing decides
-        axes = {found[1] for sibling, found in around if not _is_norm(sibling)}
-    axis = axes.pop() if len(axes) == 1 else None
-    ranks = {rank for _, (_, _, rank) in around}
-    return widths, axis, (ranks.pop() if len(ranks) == 1 else None)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """A normalisation layer: it keeps the width of the layer before it, on an axis the block may have permuted
-    there and back."""
-    shape = getattr(module, "normalized_shape", None)
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) or isinstance(shape, (tuple, list))
+    widths = tuple(dict.fromkeys(width for width_of, _, _ in found for width in _widths(width_of)))
+    ranks = {rank for _, _, rank in found}
+    return (widths if len(widths) > 1 else widths[0]), axes.pop(), (ranks.pop() if len(ranks) == 1 else None)
 
 
 def _widths(width: int | tuple[int, ...]) -> tuple[int, ...]:
