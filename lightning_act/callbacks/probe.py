@@ -120,20 +120,26 @@ _cutoff_off_warned: set[str] = set()
 
 def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any) -> Any:
     """``forward_fn(pl_module, batch)``, seeded where a probe runs it (:func:`_seed_forward`); a failure becomes one
-    line naming the fix. A whole forward of a probe's first pass that writes a parameter in place (a model that swaps
-    its EMA weights in for an eval forward and back after it) turns the probe's cutoff off, said once: an ended forward
-    would skip the code after the last tap that puts them back, and training would go on from the swapped weights. The
-    rows an ``nn.Embedding(max_norm=...)`` renormalises do not: :func:`probing` puts them back
-    (:func:`renormed_weights`)."""
+    line naming the fix. A model that swaps its EMA weights in for an eval forward and back after it must not have
+    its probe forwards ended after the last tap: the swap back would be skipped, and training would go on from the
+    swapped weights. So a whole forward of a probe's first pass whose parameters, at the last tapped delivery, are
+    other tensors (``p.data`` rebound) or written in place since the forward began, or written in place by its end,
+    turns the probe's cutoff off, said once (:func:`_whole_forward_watched`); and a forward ended early that left a
+    parameter's ``.data`` rebound (a swap that began after the first pass) gets it back and turns the cutoff off
+    (:func:`_ended_forward_guarded`). The rows an ``nn.Embedding(max_norm=...)`` renormalises do not count:
+    :func:`probing` puts them back (:func:`renormed_weights`)."""
     _seed_forward()
     cutoff = _probe_cutoff.get()
-    if cutoff is not None and not (cutoff.enabled and cutoff.expected is None):
-        cutoff = None  # no whole forward of a first pass to watch
-    renormed = {id(weight) for weight in renormed_weights(pl_module)} if cutoff is not None else set()
-    watched = [p for p in pl_module.parameters() if id(p) not in renormed] if cutoff is not None else []
-    versions = [p._version for p in watched]
+    if cutoff is None or not cutoff.enabled:
+        return _forward(owner, forward_fn, pl_module, batch)
+    if cutoff.expected is None:
+        return _whole_forward_watched(owner, forward_fn, pl_module, batch, cutoff)
+    return _ended_forward_guarded(owner, forward_fn, pl_module, batch, cutoff)
+
+
+def _forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any) -> Any:
     try:
-        output = forward_fn(pl_module, batch)
+        return forward_fn(pl_module, batch)
     except LightningActError:
         raise
     except Exception as error:  # the user's model or function: report it in one line
@@ -142,17 +148,75 @@ def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch:
             f"{owner}: running the model on a probe batch failed ({type(error).__name__}: {first_line}); "
             "pass forward_fn=<a function (pl_module, batch) that runs your model on one validation batch>"
         ) from error
-    if cutoff is not None and versions != [p._version for p in watched]:
-        cutoff.enabled = False
-        if owner not in _cutoff_off_warned:
-            _cutoff_off_warned.add(owner)
-            rank_zero_warn(
-                f"{owner}: the model's forward writes its parameters in place in eval mode (an EMA swap, say), so "
-                "its probe forwards run whole, not ended after the last tapped module (stop_after_taps has no effect "
-                "for it): an ended forward would skip the code that puts them back",
-                category=UserWarning,
-            )
+
+
+def _parameter_states(parameters: list[nn.Parameter]) -> list[tuple[int, int]]:
+    """Each parameter's storage and version: another tensor bound to ``p.data`` moves the first, a write in place
+    the second."""
+    return [(p.data_ptr(), p._version) for p in parameters]
+
+
+def _whole_forward_watched(
+    owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, cutoff: ForwardCutoff
+) -> Any:
+    """A whole forward of a probe's first pass, the parameters' states noted at each delivery to the probe: those at
+    the last one are what a later forward, ended there, would leave (a ``p.data, ema = ema, p.data`` swap moves no
+    version counter and is undone by the forward's end, so only the state there tells it)."""
+    renormed = {id(weight) for weight in renormed_weights(pl_module)}
+    watched = [p for p in pl_module.parameters() if id(p) not in renormed]
+    at_start = _parameter_states(watched)
+    moved_at_last_delivery = False
+
+    def delivered(key: tuple[int, str]) -> None:
+        nonlocal moved_at_last_delivery
+        moved_at_last_delivery = _parameter_states(watched) != at_start
+        type(cutoff).delivered(cutoff, key)
+
+    cutoff.delivered = delivered  # type: ignore[method-assign]  # this forward's deliveries only
+    try:
+        output = _forward(owner, forward_fn, pl_module, batch)
+    finally:
+        del cutoff.delivered
+    versions_at_start = [version for _, version in at_start]
+    if moved_at_last_delivery or versions_at_start != [p._version for p in watched]:
+        _cutoff_off(owner, cutoff, "its probe forwards run whole")
     return output
+
+
+def _ended_forward_guarded(
+    owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, cutoff: ForwardCutoff
+) -> Any:
+    """A forward that the cutoff may end, each parameter's ``.data`` put back if the forward ended with another
+    tensor bound to it (a swap the first pass did not see: one that begins at a later step)."""
+    kept = [(p, p.data) for p in pl_module.parameters()]
+    try:
+        return _forward(owner, forward_fn, pl_module, batch)
+    except BaseException:  # ended after the last tap (or failed): the code after it did not run
+        rebound = [(p, data) for p, data in kept if p.data_ptr() != data.data_ptr()]
+        for p, data in rebound:
+            p.data = data
+        if rebound:
+            _cutoff_off(
+                owner, cutoff, "its parameters were put back after a probe forward ended with other tensors bound to "
+                "them (the copy the forward swapped out, an EMA's, now holds the training weights: pass "
+                "stop_after_taps=False for such a model) and its later probe forwards run whole"
+            )
+        raise
+
+
+def _cutoff_off(owner: str, cutoff: ForwardCutoff, consequence: str) -> None:
+    """The cutoff off for a model whose forward writes or swaps its parameters, said once per owner; its counts
+    dropped, so that no later delivery ends a forward."""
+    cutoff.enabled = False
+    cutoff.expected = None
+    if owner not in _cutoff_off_warned:
+        _cutoff_off_warned.add(owner)
+        rank_zero_warn(
+            f"{owner}: the model's forward writes its parameters in place or rebinds their .data in eval mode (an "
+            f"EMA swap, say), so {consequence}, not ended after the last tapped module (stop_after_taps has no effect "
+            "for it): an ended forward would skip the code that puts them back",
+            category=UserWarning,
+        )
 
 
 #: What a monitor can do without validation data, said where the validation loader is empty.
