@@ -19,7 +19,8 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
   which resumes); a fit refused or stopped by Ctrl-C before its first step leaves no run in the way of the next;
 - ``--trainer.enable_checkpointing false`` leaves the config's ``LastCheckpoint`` out;
 - the fit's config is also kept in the CSV logger's version folder (``fit_config.yaml``) when LightningCLI saved
-  ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it;
+  ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it, and in the version folders of a
+  later ``test``/``validate``, so ``--overwrite`` removes them with the run;
 - ``--ckpt_path`` must be a Lightning checkpoint of the configured model (for ``fit``, not a weights-only one);
   ``--ckpt_path last`` is the run's ``last.ckpt``, the model built from its hyper-parameters as for its path; one
   written from Python (no class recorded) gives the configured class its hyper-parameters; a remote one (an fsspec
@@ -611,7 +612,7 @@ def run_folder_line(trainer: Any, folder: Path) -> str:
 def _build_cli_class() -> type:
     import torch
     from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
-    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+    from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -655,15 +656,32 @@ def _build_cli_class() -> type:
             self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
         def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-            saved = _log_dir(trainer) / self.config_filename
-            for logger in trainer.loggers:
-                has_versions = isinstance(logger, (CSVLogger, TensorBoardLogger))
-                folder = Path(logger.log_dir).expanduser() if has_versions else None
-                if folder is not None and folder != saved.parent and saved.is_file():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    partial = folder / f"{FIT_CONFIG_NAME}.tmp"
-                    shutil.copyfile(saved, partial)
-                    os.replace(partial, folder / FIT_CONFIG_NAME)
+            keep_fit_config(trainer, _log_dir(trainer) / self.config_filename)
+
+    def keep_fit_config(trainer: Trainer, saved: Path) -> None:
+        """Copies the fit's config ``saved`` into each CSV and TensorBoard version folder of ``trainer`` but its own, as
+        ``fit_config.yaml`` (on rank zero)."""
+        for logger in trainer.loggers:
+            has_versions = isinstance(logger, (CSVLogger, TensorBoardLogger))
+            folder = Path(logger.log_dir).expanduser() if has_versions else None
+            if folder is not None and folder != saved.parent and saved.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = folder / f"{FIT_CONFIG_NAME}.tmp"
+                shutil.copyfile(saved, partial)
+                os.replace(partial, folder / FIT_CONFIG_NAME)
+
+    class KeepFitConfig(Callback):
+        """For ``test`` and ``validate``, which save no config (the fit's ``config.yaml`` stays): the fit's config, kept
+        in their CSV and TensorBoard version folders as ``fit_config.yaml``, ties those versions to the run, so that
+        ``fit --overwrite`` removes them with it (the report would show a previous model's test metrics on the new
+        run's page) and tells them from other recipes' in a shared root."""
+
+        def __init__(self, fit_config: Path) -> None:
+            self.fit_config = fit_config
+
+        def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+            if trainer.is_global_zero:  # after Lightning made the loggers' version folders
+                keep_fit_config(trainer, self.fit_config)
 
     def remove_log_versions(logger: CSVLogger | TensorBoardLogger, folders: list[Path]) -> None:
         """A CSV or TensorBoard logger's version ``folders`` of this run, for ``--overwrite`` (TensorBoard would show
@@ -676,6 +694,18 @@ def _build_cli_class() -> type:
         if (root.is_dir() and root != Path(logger.save_dir).expanduser() and not root.is_symlink()
                 and not any(root.iterdir())):
             root.rmdir()
+
+    def remove_wandb_run(run_folder: Path) -> None:
+        """A W&B run folder, the links into it in its ``wandb`` folder (``latest-run``, ``debug.log``,
+        ``debug-internal.log``: they would dangle) and that folder once empty."""
+        wandb_folder, inside = run_folder.parent, run_folder.resolve()
+        for entry in wandb_folder.iterdir():
+            target = entry.resolve() if entry.is_symlink() else None
+            if target is not None and (target == inside or inside in target.parents):
+                entry.unlink()
+        shutil.rmtree(run_folder, ignore_errors=True)
+        if not any(wandb_folder.iterdir()):
+            wandb_folder.rmdir()
 
     class LightningActCLI(LightningCLI):
         """LightningCLI in subclass mode with fault-proof checkpoints and one-line errors."""
@@ -948,9 +978,14 @@ def _build_cli_class() -> type:
             TensorBoard logger, the same place in each of its existing version folders (this fit's is a new
             ``version_N``, without the previous run's config)."""
             config = self._config_file()
+            return self._configs_of_fits(config) if config is not None else []
+
+        def _configs_of_fits(self, config: Path) -> list[Path]:
+            """Where fits of this config saved their configs, oldest first: ``config`` (where :func:`_log_dir` says)
+            and, for a CSV or TensorBoard first logger, the same place in each of its numbered version folders."""
             logger = _config_logger(self.trainer)
-            if config is None or not isinstance(logger, (CSVLogger, TensorBoardLogger)):
-                return [config] if config is not None else []
+            if not isinstance(logger, (CSVLogger, TensorBoardLogger)):
+                return [config]
             root = Path(logger.root_dir).expanduser()
             try:
                 inside = config.relative_to(root).parts[1:]  # [sub_dir/]config.yaml under the version folder
@@ -970,14 +1005,22 @@ def _build_cli_class() -> type:
         def _this_run_places(self) -> tuple:
             import yaml
 
-            return _run_places(yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False)))
+            parser = self._parser(self.subcommand)
+            return _run_places(yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False)))
+
+        def _fit_config_of_this_run(self) -> Path | None:
+            """The config the latest fit of this run saved (:func:`_same_run` as this command's); None without one."""
+            config = _log_dir(self.trainer) / self.save_config_kwargs.get("config_filename", "config.yaml")
+            this = self._this_run_places()
+            return next((saved for saved in reversed(self._configs_of_fits(config))
+                         if saved.is_file() and _same_run(this, _saved_run_places(saved))), None)
 
         def _log_versions_of_this_run(self, logger: CSVLogger | TensorBoardLogger) -> tuple[list[Path], list[Path]]:
             """A CSV or TensorBoard logger's version folders (numbered ``version_N`` and its named version) that
-            ``--overwrite`` removes: those holding a config of this run (its ``config.yaml``, or the
-            ``fit_config.yaml`` :class:`SaveFitConfig` keeps; :func:`_same_run`) or no file at all; and those whose run cannot be told
-            (files but no readable config): a root shared with other recipes (one TensorBoard logdir for every run)
-            holds their version folders too."""
+            ``--overwrite`` removes: those holding a config of this run (its ``config.yaml``, or the ``fit_config.yaml``
+            :class:`SaveFitConfig` and :class:`KeepFitConfig` keep; :func:`_same_run`) or no file at all; and those
+            whose run cannot be told (files but no readable config): a root shared with other recipes (one TensorBoard
+            logdir for every run) holds their version folders too."""
             root = Path(logger.root_dir).expanduser()
             if not root.is_dir():
                 return [], []
@@ -1160,10 +1203,7 @@ def _build_cli_class() -> type:
                 if isinstance(logger, WandbLogger) and logger._experiment is not None:
                     run_folder = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-*/files
                     logger.experiment.finish(exit_code=1)
-                    latest = run_folder.parent / "latest-run"
-                    if latest.is_symlink() and latest.resolve() == run_folder.resolve():
-                        latest.unlink()
-                    shutil.rmtree(run_folder, ignore_errors=True)
+                    remove_wandb_run(run_folder)
                 elif isinstance(logger, CSVLogger):
                     folder = Path(logger.log_dir).expanduser()
                     if folder.is_dir():  # with the files written at setup, before any step
@@ -1178,7 +1218,14 @@ def _build_cli_class() -> type:
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
 
-        before_validate = before_test = before_predict = _check_batch_size
+        def _tie_versions_to_the_fit(self) -> None:
+            self._check_batch_size()
+            fit_config = self._fit_config_of_this_run()
+            if fit_config is not None:
+                self.trainer.callbacks.append(KeepFitConfig(fit_config))
+
+        before_validate = before_test = _tie_versions_to_the_fit
+        before_predict = _check_batch_size
 
         def after_fit(self) -> None:
             if self.trainer.interrupted or self.trainer.fast_dev_run:

@@ -1,0 +1,63 @@
+"""The lightning_act command (r24): `fit --overwrite` removes the run's test versions too (the report showed a previous
+model's test metrics on the new run's page); a fit refused at setup leaves no W&B debug-log links behind."""
+
+import csv
+from pathlib import Path
+
+import yaml
+from test_cli_files_r22 import last_error, write_config
+from test_cli_r23 import _recipe_with_shared_root
+
+from lightning_act.cli import main
+from lightning_act.report.runlog import find_configs, load_run
+
+
+def _test_metrics_written(version: Path) -> dict[str, float]:
+    """The test/... values a test version's metrics.csv holds, read as plain CSV."""
+    with open(version / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: float(value) for row in rows for key, value in row.items() if key.startswith("test/") and value}
+
+
+def test_overwrite_removes_the_runs_test_versions_and_keeps_another_recipes(tmp_path, capsys, monkeypatch):
+    """Before: the test version of A's previous run (no config in it) was left with a warning, and the report of A's
+    new, never tested run showed that test's test/acc. B shares A's second logger root: its fit and test stay."""
+    monkeypatch.chdir(tmp_path)
+    a = _recipe_with_shared_root(tmp_path, "runs_a", "CSVLogger")
+    b = _recipe_with_shared_root(tmp_path, "runs_b", "CSVLogger")
+    test = ["--trainer.limit_test_batches", "1"]
+    assert main(["fit", "--config", str(a)]) == 0
+    assert main(["fit", "--config", str(b)]) == 0
+    assert main(["test", "--config", str(a), "--ckpt_path", "runs_a/checkpoints/last.ckpt", *test]) == 0
+    assert main(["test", "--config", str(b), "--ckpt_path", "runs_b/checkpoints/last.ckpt", *test]) == 0
+    shared = tmp_path / "shared" / "experiments"  # A's fit, B's fit, A's test, B's test
+    b_versions = {name: sorted(p.name for p in (shared / name).iterdir()) for name in ("version_1", "version_3")}
+    b_tested = _test_metrics_written(tmp_path / "runs_b" / "csv" / "version_1")
+    assert set(b_tested) >= {"test/acc", "test/loss"}
+    capsys.readouterr()
+
+    assert main(["fit", "--config", str(a), "--overwrite"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs_a" / "csv").iterdir()) == ["version_0"]
+    assert load_run(tmp_path / "runs_a" / "csv").test_metrics() == {}  # the new model was never tested
+    assert sorted(p.name for p in shared.iterdir()) == ["version_1", "version_3", "version_4"]
+    assert {name: sorted(p.name for p in (shared / name).iterdir()) for name in b_versions} == b_versions
+    # B's fit -> test flow reads as before: its test metrics, its fit's config
+    assert load_run(tmp_path / "runs_b" / "csv").test_metrics() == b_tested
+    configs, notes = find_configs([tmp_path / "runs_b" / "csv" / "version_1"], tmp_path / "runs_b" / "csv")
+    fit_config = yaml.safe_load(configs["fit config"][1])
+    saved = yaml.safe_load((tmp_path / "runs_b" / "csv" / "version_0" / "config.yaml").read_text())
+    assert notes == [] and fit_config == saved
+
+
+def test_a_fit_refused_at_setup_leaves_no_wandb_debug_log_links(tmp_path, capsys, monkeypatch):
+    """Before: runs/wandb/debug.log and debug-internal.log were left, links into the removed offline run."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "runs", loggers=("wandb", "csv"))
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"].append({"class_path": "lightning_act.callbacks.ActivationSparsity",
+                                             "init_args": {"cett_modules": ["model.block.*.mlp.fc2"]}})
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(config)]) == 2
+    assert "cett_modules=['model.block.*.mlp.fc2'] matched no module" in last_error(capsys)
+    assert not (tmp_path / "runs").exists()
