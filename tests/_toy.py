@@ -204,3 +204,18 @@ def power_law_rows(n: int, d: int, exponent: float, shift: str, seed: int = 0) -
     else:
         rows[0, [3, d // 2]] += 1e4
     return rows.astype(np.float32).astype(np.float64)
+
+
+#: A STAN small enough for a test step in milliseconds.
+STAN_TINY = {
+    "in_chans": 3, "window_samples": 32, "segment_samples": 8, "embed_dim": 8, "depth": 1, "num_heads": 2,
+    "mlp_ratio": 2.0, "critic_hidden": 8,
+}
+
+
+def numpy_erank(rows: np.ndarray) -> float:
+    """Effective rank (Roy & Vetterli): entropy of the normalised singular values of the centred rows."""
+    s = np.linalg.svd(rows - rows.mean(0), compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import numpy_erank, quiet_trainer
 from lightning_act.callbacks import ActivationStats, DimensionalCollapse, MassiveActivations, SensitiveNeurons
 
 
@@ -42,14 +42,6 @@ class TrainingOutputs(Callback):
 
 def values(monitor, key):
     return monitor.history[key].values
-
-
-def numpy_erank(rows):
-    """Effective rank (Roy & Vetterli): entropy of the normalised singular values of the centred rows."""
-    s = np.linalg.svd(rows - rows.mean(0), compute_uv=False)
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 # ------------------------------------------------------------------------------ one dropout, two views

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import numpy_erank, quiet_trainer
 from lightning_act.callbacks import ActivationSparsity, ActivationStats, DimensionalCollapse, MassiveActivations
 
 
@@ -36,14 +36,6 @@ class TrainingOutputs(Callback):
 
 def values(monitor, key):
     return monitor.history[key].values
-
-
-def numpy_erank(rows):
-    """Effective rank (Roy & Vetterli): entropy of the normalised singular values of the centred rows."""
-    s = np.linalg.svd(rows - rows.mean(0), compute_uv=False)
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 # ------------------------------------------------------------------------------ selective activation checkpointing

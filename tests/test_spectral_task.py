@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,13 +24,7 @@ from lightning_act.tasks.spectral_detection import SpectralTargetDetection
 TINY_DATA = {"num_scenes": 5, "scene_size": 16, "num_bands": 8, "val_fraction": 0.2, "test_fraction": 0.2, "batch_size": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, especially on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_spectral_nn_structure() -> None:

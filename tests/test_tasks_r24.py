@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,24 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import BinaryAUROC
 
+from _toy import STAN_TINY
 from lightning_act.errors import ConfigError
 from lightning_act.eval.ranking import ranking_scores
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.seizure_forecasting import SeizureForecaster
 from lightning_act.tasks.spectral_detection import SpectralTargetDetection
 
-STAN_TINY = {
-    "in_chans": 3, "window_samples": 32, "segment_samples": 8, "embed_dim": 8, "depth": 1, "num_heads": 2,
-    "mlp_ratio": 2.0, "critic_hidden": 8,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer() -> pl.Trainer:

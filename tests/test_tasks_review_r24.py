@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import STAN_TINY, quiet_trainer
 from lightning_act.data.rotated_digits import RotatedDigitsDataModule
 from lightning_act.errors import ConfigError
 from lightning_act.stats.massive import fit_emergence
@@ -25,18 +24,9 @@ from lightning_act.tasks.sampler_padding import real_examples
 from lightning_act.tasks.seizure_forecasting import SeizureForecaster
 from lightning_act.tasks.spectral_detection import SpectralTargetDetection
 
-STAN_TINY = {
-    "in_chans": 3, "window_samples": 32, "segment_samples": 8, "embed_dim": 8, "depth": 1, "num_heads": 2,
-    "mlp_ratio": 2.0, "critic_hidden": 8,
-}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(**kwargs: object) -> pl.Trainer:
@@ -59,48 +49,51 @@ def _average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------ rank metrics: finite logits, then NaN ones
-class _Logits(SpectralTargetDetection):
-    """Band 0 is the logit; from ``nan_from`` (validation and test passes counted) the first logit is NaN."""
+class _NaNFromPass:
+    """A task whose logit is one input value (``logit_of``); from evaluation pass ``nan_from`` on (validation and test
+    epochs counted) the batch's first logit is NaN."""
+
+    nan_from: int
+    passes: int
+
+    def logit_of(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.logit_of(x) + 0.0 * self.model(x)
+        if self.passes >= self.nan_from:
+            logits = torch.cat([logits.new_tensor([math.nan]), logits[1:]])
+        return logits
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self.passes += 1
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self.passes += 1
+
+
+class _Logits(_NaNFromPass, SpectralTargetDetection):
+    """Band 0 is the logit."""
 
     def __init__(self, nan_from: int) -> None:
         super().__init__(in_bands=4, hidden_sizes=(4,), pos_weight=2.0)
         self.nan_from, self.passes = nan_from, 0
 
-    def forward(self, spectra: torch.Tensor) -> torch.Tensor:
-        logits = spectra[:, 0] + 0.0 * self.model(spectra)
-        if self.passes >= self.nan_from:
-            logits = torch.cat([logits.new_tensor([math.nan]), logits[1:]])
-        return logits
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self.passes += 1
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self.passes += 1
+    def logit_of(self, spectra: torch.Tensor) -> torch.Tensor:
+        return spectra[:, 0]
 
 
-class _StanLogits(SeizureForecaster):
-    """The first sample of channel 0 is the window's logit; from ``nan_from`` (passes counted) the first is NaN."""
+class _StanLogits(_NaNFromPass, SeizureForecaster):
+    """The first sample of channel 0 is the window's logit."""
 
     def __init__(self, nan_from: int) -> None:
         super().__init__(**STAN_TINY)
         self.nan_from, self.passes = nan_from, 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = x[:, 0, 0] + 0.0 * self.model(x)
-        if self.passes >= self.nan_from:
-            logits = torch.cat([logits.new_tensor([math.nan]), logits[1:]])
-        return logits
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self.passes += 1
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self.passes += 1
+    def logit_of(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0, 0]
 
 
 class _EpochValues(pl.Callback):
