@@ -574,6 +574,7 @@ class FitScopedState(Callback):
     #: This fit's setup waits for fit start (:func:`builds_layers_late`); set while that late setup runs.
     _setup_waits = False
     _setting_up_late = False
+    _said_trains_nothing = False  # StochasticWeightAveraging's update pass said (:meth:`trains_nothing`)
 
     #: The arguments that change what a logged statistic means (a threshold, the top-k): a resume with other values
     #: goes on logging the same series, which is said once (see :meth:`load_state_dict`).
@@ -614,7 +615,7 @@ class FitScopedState(Callback):
         ``fit_loop._skip_backward`` is private to Lightning, hence read with a default."""
         if not getattr(getattr(trainer, "fit_loop", None), "_skip_backward", False):
             return False
-        if not self.__dict__.get("_said_trains_nothing"):
+        if not self._said_trains_nothing:
             self._said_trains_nothing = True
             rank_zero_warn(
                 f"{type(self).__name__}: the training batches at step {trainer.global_step} run without backward "
