@@ -713,6 +713,7 @@ def _build_cli_class() -> type:
         def __init__(self, args: Sequence[str] | None = None, overwrite: bool = False) -> None:
             self.overwrite = overwrite
             self._config_at_fit_start: tuple[int, int] | None = None  # _file_stamp of the config when the fit began
+            self._wandb_run_at_fit_start: Any = None  # a W&B run open in this process before the fit (an earlier one's)
             self._made_folders: list[Path] = []  # checkpoint folders this fit made, parents first
             super().__init__(
                 LightningModule,
@@ -1069,6 +1070,8 @@ def _build_cli_class() -> type:
 
         def before_fit(self) -> None:
             self._config_at_fit_start = self._config_stamp()
+            wandb = sys.modules.get("wandb")  # WandbLogger goes on with a run still open in the process (an earlier fit's)
+            self._wandb_run_at_fit_start = getattr(wandb, "run", None)
             self._check_batch_size()
             if not self.config["fit"].get("ckpt_path") and os.environ.get("LOCAL_RANK", "0") == "0":
                 self._refuse_or_remove_previous_run()  # not when resuming, nor in a DDP child (rank 0 has checked)
@@ -1200,7 +1203,8 @@ def _build_cli_class() -> type:
             if not self.trainer.is_global_zero:
                 return
             for logger in self.trainer.loggers:
-                if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                if (isinstance(logger, WandbLogger) and logger._experiment is not None
+                        and logger._experiment is not self._wandb_run_at_fit_start):  # not an earlier fit's run
                     run_folder = Path(logger.experiment.dir).parent  # <save_dir>/wandb/offline-run-*/files
                     logger.experiment.finish(exit_code=1)
                     remove_wandb_run(run_folder)

@@ -61,3 +61,36 @@ def test_a_fit_refused_at_setup_leaves_no_wandb_debug_log_links(tmp_path, capsys
     assert main(["fit", "--config", str(config)]) == 2
     assert "cett_modules=['model.block.*.mlp.fc2'] matched no module" in last_error(capsys)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_fit_refused_after_another_fit_in_the_process_keeps_that_fits_wandb_run(tmp_path, capsys, monkeypatch):
+    """Before: W&B handed the refused fit's WandbLogger the run still open from the earlier fit, and the clean-up of
+    "the refused run" finished that run with exit code 1 and removed its offline run folder."""
+    monkeypatch.chdir(tmp_path)
+    a = write_config(tmp_path, "runs_a", loggers=("wandb", "csv"))
+    b = write_config(tmp_path, "runs_b", loggers=("wandb", "csv"))
+    settings = yaml.safe_load(b.read_text())
+    settings["trainer"]["callbacks"].append({"class_path": "lightning_act.callbacks.ActivationSparsity",
+                                             "init_args": {"cett_modules": ["no_such_module.*"]}})
+    b.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(a)]) == 0
+    runs_of_a = sorted(p.name for p in (tmp_path / "runs_a" / "wandb").glob("offline-run-*"))
+    assert len(runs_of_a) == 1
+    assert main(["fit", "--config", str(b)]) == 2
+    assert sorted(p.name for p in (tmp_path / "runs_a" / "wandb").glob("offline-run-*")) == runs_of_a
+
+
+def test_the_report_shows_a_resumed_fits_config_over_the_copy_a_test_before_it_kept(tmp_path):
+    """Before: every place's fit_config.yaml was looked at before any config.yaml, so after fit (version_0), test
+    (version_1, which keeps a copy of the fit's config) and a resumed fit with other settings (version_2), the page
+    showed the first fit's config."""
+    def version(number: int, name: str, max_steps: int) -> Path:
+        folder = tmp_path / "csv" / f"version_{number}"
+        folder.mkdir(parents=True)
+        (folder / name).write_text(yaml.safe_dump({"trainer": {"max_steps": max_steps}}))
+        return folder
+
+    versions = [version(0, "config.yaml", 2), version(1, "fit_config.yaml", 2), version(2, "config.yaml", 4)]
+    configs, notes = find_configs(versions, tmp_path / "csv")
+    assert configs["fit config"][0] == versions[2] / "config.yaml" and notes == []
+    assert yaml.safe_load(configs["fit config"][1])["trainer"]["max_steps"] == 4

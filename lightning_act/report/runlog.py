@@ -439,15 +439,18 @@ def find_configs(version_dirs: list[Path], given: Path) -> tuple[dict[str, tuple
             text = text[:_CONFIG_MAX_CHARS] + f"\n... (cut at {_CONFIG_MAX_CHARS} characters)\n"
         return text
 
-    for name in (FIT_CONFIG_NAME, "config.yaml"):
-        candidate = next((place / name for place in places if (place / name).is_file()), None)
-        if candidate is None:
+    # Newest place first, and in each the kept copy before a config.yaml: a resumed fit's config.yaml is newer than
+    # the copy a test before it keeps of the first fit's (every copy first showed that older config: round 24)
+    for candidate in (place / name for place in places for name in (FIT_CONFIG_NAME, "config.yaml")):
+        if not candidate.is_file():
             continue
         text = read(candidate)
         command = _command_of(text)
         if command == "fit":
             configs["fit config"] = (candidate, text)
             break
+        if f"{command} config" in configs:
+            continue
         notes.append(
             f"{candidate} was saved by a later `{command}` command, not by the fit, so the fit's own config is "
             f"not shown; it is listed as '{command} config' (the fit's config is kept when the CLI saves "
