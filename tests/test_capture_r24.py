@@ -392,3 +392,37 @@ def test_a_shared_relu_between_convolutions_and_a_linear_head_reads_1d_maps_alon
     token, feature = np.unravel_index(np.abs(rows).max(0).argmax(), rows.shape[1:])
     assert (values(massive, "massive/relu/top0_token")[0], values(massive, "massive/relu/top0_feature")[0]) == (
         token, feature)
+
+
+class MaxVitStage(pl.LightningModule):
+    """torchvision's own MaxViT window-attention layer on a 16 x 16 map of 16 channels: its ``departition_op``,
+    registered before the Linear layers of its owner, gives ``(B, C, H, W)`` maps."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.maxvit import PartitionAttentionLayer
+
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.stage = PartitionAttentionLayer(16, 8, 4, "window", (16, 16), 4, nn.GELU, nn.LayerNorm, 0.0, 0.0, 0.0)
+        self.head = nn.Linear(16, 10)
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.stage(self.stem(batch[0])).mean((2, 3))).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_maxvits_departition_is_read_along_its_channels_where_its_owners_say_so():
+    # R6: a draft took the later Linear layers' reading ("last") for a module with no layer before it, and read the
+    # (B, C, H, W) map along its image columns when W == C (erank 13.42 for 5.54).
+    tap = "stage.departition_op"
+    collapse = DimensionalCollapse(modules=[tap], every_n_steps=1, param_patterns=[], projection_dim=None)
+    recorder = TrainingOutputs(tap)
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.2, 3, 16)
+    quiet_trainer(max_steps=1, callbacks=[collapse, recorder]).fit(
+        MaxVitStage(), DataLoader(TensorDataset(images), batch_size=2))
+    (h,) = recorder.seen
+    rows = h.reshape(2, 16, -1).transpose(0, 2, 1).reshape(-1, 16)  # (example x position, channel)
+    assert values(collapse, f"collapse/{tap}/erank")[0] == pytest.approx(numpy_erank(rows), rel=1e-6)

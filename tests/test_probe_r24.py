@@ -54,17 +54,21 @@ class EMASwapNet(nn.Module):
 class Task(pl.LightningModule):
     """SGD on cross-entropy; swapping in eval forwards from step ``swap_from`` on."""
 
-    def __init__(self, swap_from: int = 0) -> None:
+    def __init__(self, swap_from: int = 0, update_ema: bool = False) -> None:
         super().__init__()
         self.net = EMASwapNet()
         self.net.swapping = swap_from == 0
-        self.swap_from = swap_from
+        self.swap_from, self.update_ema = swap_from, update_ema
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.net.swapping = self.global_step >= self.swap_from
+        if self.update_ema:  # in place, as MoCo/DINO-style EMAs update
+            with torch.no_grad():
+                for average, weight in zip(self.net.ema, self.net.blocks.parameters()):
+                    average.mul_(0.9).add_(weight, alpha=0.1)
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
@@ -75,12 +79,12 @@ class Task(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-def _fit(callback: pl.Callback | None, swap_from: int = 0) -> tuple[torch.Tensor, list[str]]:
+def _fit(callback: pl.Callback | None, swap_from: int = 0, update_ema: bool = False) -> tuple[torch.Tensor, list[str]]:
     """The blocks' final weights after 5 steps, and the warnings said."""
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(48, 16, generator=generator), torch.randint(0, 3, (48,), generator=generator))
     torch.manual_seed(0)
-    task = Task(swap_from)
+    task = Task(swap_from, update_ema)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         quiet_trainer(max_steps=5, limit_val_batches=1, callbacks=[callback] if callback else []).fit(
@@ -125,3 +129,44 @@ def test_a_swap_that_begins_after_the_first_probe_pass_gets_the_parameters_back(
     weights, said = _fit(MassiveActivations(modules=["@blocks"], every_n_steps=1, probe="val"), swap_from=2)
     assert torch.equal(weights, unmonitored)
     assert len(said) == 1 and "parameters were put back" in said[0] and "stop_after_taps=False" in said[0]
+
+
+def test_parameters_put_back_do_not_share_storage_with_the_ema_the_forward_swapped_them_into():
+    """R6: the tensor put back was the one the forward had swapped into the model's EMA list, so every in-place EMA
+    update from then on wrote the training weights (7.7e-3 off after 5 steps)."""
+    weights, said = _fit(MassiveActivations(modules=["@blocks"], every_n_steps=1, probe="val"), swap_from=2,
+                         update_ema=True)
+    assert torch.equal(weights, _fit(None, update_ema=True)[0])
+    assert len(said) == 1 and "parameters were put back" in said[0]
+
+
+class LazyTask(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LazyLinear(16), nn.GELU(), nn.LazyLinear(16), nn.GELU(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_probe_before_lazy_parameters_are_made_runs_and_keeps_its_cutoff():
+    """R6: the first probe pass (at step 0, before any forward made the lazy parameters) asked an uninitialised
+    parameter for its storage, and the fit died with a ValueError traceback."""
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 16, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+    monitor = MassiveActivations(modules=["net.1"], every_n_steps=1, probe="val")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=3, limit_val_batches=2, callbacks=[monitor]).fit(
+            LazyTask(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    assert len(monitor.history["massive/net.1/top1"].values) == 3
+    assert not [w for w in said if "rebinds their .data" in str(w.message)]

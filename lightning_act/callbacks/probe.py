@@ -163,7 +163,7 @@ def _whole_forward_watched(
     the last one are what a later forward, ended there, would leave (a ``p.data, ema = ema, p.data`` swap moves no
     version counter and is undone by the forward's end, so only the state there tells it)."""
     renormed = {id(weight) for weight in renormed_weights(pl_module)}
-    watched = [p for p in pl_module.parameters() if id(p) not in renormed]
+    watched = [p for p in pl_module.parameters() if id(p) not in renormed and not nn.parameter.is_lazy(p)]
     at_start = _parameter_states(watched)
     moved_at_last_delivery = False
 
@@ -188,18 +188,24 @@ def _ended_forward_guarded(
 ) -> Any:
     """A forward that the cutoff may end, each parameter's ``.data`` put back if the forward ended with another
     tensor bound to it (a swap the first pass did not see: one that begins at a later step)."""
-    kept = [(p, p.data) for p in pl_module.parameters()]
+    kept = [(p, p.data, p._version) for p in pl_module.parameters() if not nn.parameter.is_lazy(p)]
     try:
         return _forward(owner, forward_fn, pl_module, batch)
     except BaseException:  # ended after the last tap (or failed): the code after it did not run
-        rebound = [(p, data) for p, data in kept if p.data_ptr() != data.data_ptr()]
+        rebound = [(p, data) for p, data, _ in kept if p.data_ptr() != data.data_ptr()]
         for p, data in rebound:
-            p.data = data
+            p.data = data.clone()  # storage of its own: the tensor swapped out (an EMA's) keeps what it holds
+        written = [p for p, data, version in kept if p.data_ptr() == data.data_ptr() and p._version != version]
         if rebound:
             _cutoff_off(
                 owner, cutoff, "its parameters were put back after a probe forward ended with other tensors bound to "
                 "them (the copy the forward swapped out, an EMA's, now holds the training weights: pass "
                 "stop_after_taps=False for such a model) and its later probe forwards run whole"
+            )
+        elif written:  # a copy in that the ended forward did not copy back: no copy of the weights to undo it from
+            _cutoff_off(
+                owner, cutoff, "a probe forward ended after it wrote them, before it wrote them back, and training goes "
+                "on from what it wrote (pass stop_after_taps=False for such a model); its later probe forwards run whole"
             )
         raise
 

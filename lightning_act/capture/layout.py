@@ -146,14 +146,28 @@ def tap_features(
     found = _features_of(list(chain[0].modules()), point)
     if found is not None:
         return found
-    for module, owner in zip(chain, chain[1:]):
+    return _from_owners(chain)
+
+
+def _from_owners(chain: list[nn.Module]) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
+    """:func:`tap_features` of a module without layers, from its owners (innermost first). An activation registered
+    before every layer of its owner takes the later layers' reading only where its owners above agree on the axis
+    (round 23's reading): CLIP's MLP registers ``activation_fn`` before ``fc1``/``fc2`` (they agree), while
+    torchvision MaxViT's ``departition_op``, registered before Linear layers, gives ``(B, C, H, W)`` maps, read
+    channels-first by its owners above (a draft of round 24 read them along the image columns when ``W == C``)."""
+    for depth, (module, owner) in enumerate(zip(chain, chain[1:])):
         if layer_features(owner) is not None:
             return _features_of([owner], "output")
         siblings = list(owner.children())
         index = next((i for i, child in enumerate(siblings) if child is module), 0)
         found = _sibling_features(siblings[:index], siblings[index + 1:])
-        if found is not None:
-            return found
+        if found is None:
+            continue
+        if not any(_features_of(list(s.modules()), "output") for s in siblings[:index]):
+            above = _from_owners(chain[depth + 1:])
+            if above is not None and above[1] != found[1]:
+                return above
+        return found
     return None
 
 
