@@ -66,6 +66,9 @@ def test_a_fit_refused_at_setup_leaves_no_wandb_debug_log_links(tmp_path, capsys
 def test_a_fit_refused_after_another_fit_in_the_process_keeps_that_fits_wandb_run(tmp_path, capsys, monkeypatch):
     """Before: W&B handed the refused fit's WandbLogger the run still open from the earlier fit, and the clean-up of
     "the refused run" finished that run with exit code 1 and removed its offline run folder."""
+    import wandb
+
+    wandb.finish()  # a run an earlier test left open would be fit A's (WandbLogger goes on with an open run)
     monkeypatch.chdir(tmp_path)
     a = write_config(tmp_path, "runs_a", loggers=("wandb", "csv"))
     b = write_config(tmp_path, "runs_b", loggers=("wandb", "csv"))
