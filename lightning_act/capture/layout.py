@@ -160,10 +160,14 @@ def _from_owners(chain: list[nn.Module]) -> tuple[int | tuple[int, ...], str | N
             return _features_of([owner], "output")
         siblings = list(owner.children())
         index = next((i for i, child in enumerate(siblings) if child is module), 0)
-        found = _sibling_features(siblings[:index], siblings[index + 1:])
+        before = [found for found in (_features_of(list(s.modules()), "output") for s in reversed(siblings[:index]))
+                  if found]
+        after = [found for s in siblings[index + 1:] for point in ("input", "output")
+                 if (found := _features_of(list(s.modules()), point))]
+        found = _sibling_features(before, after)
         if found is None:
             continue
-        if not any(_features_of(list(s.modules()), "output") for s in siblings[:index]):
+        if not before:
             above = _from_owners(chain[depth + 1:])
             if above is not None and above[1] != found[1]:
                 return above
@@ -172,10 +176,11 @@ def _from_owners(chain: list[nn.Module]) -> tuple[int | tuple[int, ...], str | N
 
 
 def _sibling_features(
-    earlier: list[nn.Module], later: list[nn.Module]
+    before: list[tuple[int | tuple[int, ...], str | None, int | None]],
+    after: list[tuple[int | tuple[int, ...], str | None, int | None]],
 ) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
-    """Features of an activation from the layers its owner registers before it (their output widths, nearest first)
-    and after it (their input and output widths).
+    """Features of an activation from those of the layers its owner registers before it (their outputs, nearest
+    first) and after it (their inputs and outputs).
 
     The layer registered just before it speaks for it, as the order usually says what feeds it, unless layers on
     the same axis follow it: Hugging Face registers ``activation_fn`` after the attention and before ``fc1`` and
@@ -186,8 +191,6 @@ def _sibling_features(
     leave it to the nearest earlier one: a depthwise convolution before the activation and a Linear after it (PVT's
     MLP), a network's one ``relu`` registered beside convolutions and a Linear head (a round-24 draft that let the
     layers around it vote read those along their tokens or image columns)."""
-    before = [found for found in (_features_of(list(s.modules()), "output") for s in reversed(earlier)) if found]
-    after = [found for s in later for point in ("input", "output") if (found := _features_of(list(s.modules()), point))]
     if not before:
         return _on_one_axis(after)
     return _on_one_axis([before[0], *after] if after else before) or before[0]
