@@ -20,6 +20,7 @@ from _interpreter import run_interpreted
 from lightning_act.stats.fused import (
     FusedSpec,
     comparable_threshold,
+    exact_median_is_cheaper,
     fused_statistics,
     massive_partials_from,
     massive_spec,
@@ -114,7 +115,7 @@ def numpy_reference(x: torch.Tensor, spec: FusedSpec) -> dict[str, np.ndarray]:
     }
 
 
-def assert_matches_numpy(x: torch.Tensor, stats, spec: FusedSpec) -> None:
+def assert_matches_numpy(x: torch.Tensor, stats, spec: FusedSpec, triton: bool = False) -> None:
     ref = numpy_reference(x, spec)
     assert stats.value("count").item() == ref["count"]
     assert stats.value("nonfinite").item() == ref["nonfinite"]
@@ -128,7 +129,7 @@ def assert_matches_numpy(x: torch.Tensor, stats, spec: FusedSpec) -> None:
     assert stats.value("magnitude_max").item() == ref["magnitude_max"]
     np.testing.assert_array_equal(stats.sample_magnitude_max.numpy(), ref["sample_max"])
     np.testing.assert_array_equal(stats.column_max.double().numpy(), ref["column_max"])
-    assert_median_and_massive_count(x, stats, spec)
+    assert_median_and_massive_count(x, stats, spec, triton)
 
 
 def assert_counts_match_numpy(x: torch.Tensor, stats) -> None:
@@ -141,18 +142,22 @@ def assert_counts_match_numpy(x: torch.Tensor, stats) -> None:
     assert stats.value("magnitude_max").item() == ref["magnitude_max"]
 
 
-def assert_median_and_massive_count(x: torch.Tensor, stats, spec: FusedSpec) -> None:
+def assert_median_and_massive_count(x: torch.Tensor, stats, spec: FusedSpec, triton: bool) -> None:
     """The median is exactly the estimate of the full reference histogram (scatter-add of every entry's bin),
-    within one bin of numpy's median; the massive count is numpy's count at that median."""
+    within one bin of numpy's median, or (the eager fallback's narrow samples) numpy's median to float32
+    rounding; the massive count is numpy's count at that median."""
     bins = spec.median
-    expected = histogram_median(log_magnitude_histogram(x.float(), bins, dim=0), bins).numpy()
     median = stats.sample_median.double().numpy()
-    np.testing.assert_array_equal(median, expected)
     ranked = np.abs(x.double().numpy().reshape(x.shape[0], -1))
     ranked[np.isnan(ranked)] = np.inf
     exact = np.median(ranked, axis=1)
-    known = np.isfinite(median) & (exact > 0) & np.isfinite(exact)
-    assert np.all(np.abs(median[known] / exact[known] - 1) <= bins.relative_width)
+    if not triton and exact_median_is_cheaper(ranked.shape[1], bins):
+        np.testing.assert_allclose(median, exact, rtol=2**-24, atol=0)
+    else:
+        expected = histogram_median(log_magnitude_histogram(x.float(), bins, dim=0), bins).numpy()
+        np.testing.assert_array_equal(median, expected)
+        known = np.isfinite(median) & (exact > 0) & np.isfinite(exact)
+        assert np.all(np.abs(median[known] / exact[known] - 1) <= bins.relative_width)
     abs_threshold, ratio_threshold = spec.massive
     with np.errstate(invalid="ignore"):
         count = ((ranked > abs_threshold) & (ranked >= ratio_threshold * median[:, None])).sum(1).astype(np.float64)
@@ -294,7 +299,7 @@ def test_triton_kernel_matches_float64_numpy_under_interpreter(tmp_path: Path) -
     run_interpreted(TRITON_CHECKER, output)
     for x, fields, (sums, maxima) in torch.load(output):
         stats = FusedStats(SPEC, tuple(x.shape), *fields)
-        assert_matches_numpy(x, stats, SPEC)
+        assert_matches_numpy(x, stats, SPEC, triton=True)
         assert_counts_match_numpy(x, FusedStats(COUNTS_SPEC, tuple(x.shape), sums, maxima))
 
 
@@ -307,7 +312,7 @@ def test_triton_kernel_matches_float64_numpy_on_cuda() -> None:
         fields = (stats.sums, stats.maxima, stats.sample_magnitude_max, stats.sample_median, stats.sample_massive_count,
                   stats.column_max)
         cpu = type(stats)(SPEC, stats.shape, *(t.cpu() for t in fields))
-        assert_matches_numpy(x, cpu, SPEC)
+        assert_matches_numpy(x, cpu, SPEC, triton=True)
         assert_counts_match_numpy(x, fused_statistics(x.cuda(), COUNTS_SPEC, "triton"))
 
 
