@@ -256,8 +256,8 @@ def _coefficient_gradient_kernel(
             mask = (program[:, None] < programs) & term_mask[None, :]
             total += tl.load(partial_ptr + offsets, mask=mask, other=0.0)
     gradient = tl.sum(total, axis=0)
-    coefficient = tl.load(denominator_ptr + set_index * 4 + term, mask=term_mask & (is_denominator == 1), other=0.0)
     if is_denominator == 1:
+        coefficient = tl.load(denominator_ptr + set_index * 4 + term, mask=term_mask, other=0.0)
         signed = tl.where(coefficient < 0.0, -gradient, gradient)
         tl.store(grad_denominator_ptr + set_index * 4 + term, signed.to(grad_denominator_ptr.dtype.element_ty), mask=term_mask)
     else:
