@@ -37,7 +37,9 @@ at three times k rows), so ``k`` must be sized to the rows of one due step.
 
 Cost at ``d = 8192, k = 1040, N = 1024`` (``scripts/bench_stat_kernels.py --collapse``): per forward one
 float32 and one float64 ``N x d x k`` matmul, at flush one float64 ``d x k`` QR factorization, one ``k x k``
-eigendecomposition and one ``k x k`` SVD; 177 MiB of extra peak memory measured, independent of ``d^2``.
+eigendecomposition and one ``k x k`` SVD; 194 MiB of extra peak memory measured (one round), independent of ``d^2``:
+the flush holds one ``d x k`` float64 matrix (built in place and factored where it lies), one forward its rows and
+one result.
 """
 
 from __future__ import annotations
@@ -78,10 +80,17 @@ def sketch_partials(
     # float64 rows, shifted in the same pass (the subtraction promotes float32 rows)
     x = rows.to(torch.float64) if reference is None else rows - reference.to(torch.float64)
     projected = (x.to(torch.float32) @ test_matrix.to(device=rows.device, dtype=torch.float32)).to(torch.float64)
-    head = torch.stack([torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device), x.square().sum()])
-    return torch.cat([
-        head, x.sum(0), projected.sum(0), (x.T @ projected).reshape(-1), (projected.T @ projected).reshape(-1)
-    ])
+    d, k = x.shape[1], projected.shape[1]
+    # each sum is written into its slice of the result: the d x k product, then concatenated, was a second
+    # 8 d k bytes at peak
+    partials = torch.empty(sketch_size(d, k), dtype=torch.float64, device=x.device)
+    partials[0] = float(x.shape[0])
+    partials[1] = x.square().sum()
+    torch.sum(x, 0, out=partials[2 : 2 + d])
+    torch.sum(projected, 0, out=partials[2 + d : 2 + d + k])
+    torch.mm(x.T, projected, out=partials[2 + d + k : 2 + d + k + d * k].view(d, k))
+    torch.mm(projected.T, projected, out=partials[2 + d + k + d * k :].view(k, k))
+    return partials
 
 
 def shift_sketch_partials(partials: torch.Tensor, shift: torch.Tensor, test_matrix: torch.Tensor) -> torch.Tensor:
@@ -120,27 +129,46 @@ def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
         raise ValueError(f"{partials.numel()} numbers are not the sketch of a {d}-wide tap with k={k}; pass the d and k it was built with")
     count, square_total = partials[0].clamp_min(1.0), partials[1]
     total, projected_total = partials[2 : 2 + d], partials[2 + d : 2 + d + k]
-    cross = partials[2 + d + k : 2 + d + k + d * k].reshape(d, k) - torch.outer(total, projected_total) / count
+    # The k x k core first, while no d x k matrix is alive: its eigensolver needs about 4 k² numbers.
     raw_core = partials[2 + d + k + d * k :].reshape(k, k)
     core = raw_core - torch.outer(projected_total, projected_total) / count
-    finite = torch.isfinite(cross).all() & torch.isfinite(core).all() & sketch_resolved(partials, d, k)
-    zero = torch.zeros((), dtype=torch.float64, device=partials.device)
-    cross = torch.where(finite, cross, zero)
-    core = torch.where(finite, 0.5 * (core + core.T), zero)
+    core_known = _all_finite(core) & sketch_resolved(partials, d, k)
+    core = (core + core.T).mul_(0.5).masked_fill_(~core_known, 0.0)
     eps = torch.finfo(torch.float64).eps
     weights, basis = torch.linalg.eigh(core)
+    del core
     floor = torch.maximum(
         k * eps * torch.diagonal(raw_core).amax(), WHITENING_FLOOR * weights[-1]
     ).clamp_min(torch.finfo(torch.float64).tiny)
-    keep = weights > floor
-    whitening = basis * torch.where(keep, weights.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), zero)
+    zero = torch.zeros((), dtype=torch.float64, device=partials.device)
+    scale = torch.where(weights > floor, weights.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), zero)
+    whitening = basis.mul_(scale)
+    # Y = Xᵀ J Z, the one d x k matrix of the flush, built in place and column-major, so that LAPACK factors it where
+    # it lies: its copies (the centring's outer product and difference, the masking, torch.linalg.qr's own copy)
+    # put several times 8 d k bytes on the flush's peak (a fit's extra peak 1467 MiB at d = 8192, k = 4096 in round
+    # 24, 991 MiB since).
+    cross = torch.empty((k, d), dtype=torch.float64, device=partials.device).mT
+    cross.copy_(partials[2 + d + k : 2 + d + k + d * k].reshape(d, k))
+    cross.addr_(total, projected_total / count, alpha=-1)
+    finite = core_known & _all_finite(cross.mT)  # its contiguous view: a strided reduction copied it
+    cross.masked_fill_(~finite, 0.0)
     # The Nyström eigenvalues are the squared singular values of Y W^{-1/2}, which are those of R W^{-1/2} with
     # Y = QR: forming Yᵀ Y instead squares the condition number and lost a collapsed layer's small eigenvalues
-    # (erank 1.05 for 1.01), at the same O(d k²) cost.
-    triangle = torch.linalg.qr(cross, mode="r").R
+    # (erank 1.05 for 1.01), at the same O(d k²) cost. geqrf, given Y as its output, writes R over Y's upper rows:
+    # the R torch.linalg.qr computes on a copy of Y, to the bit.
+    torch.geqrf(cross, out=(cross, torch.empty(min(d, k), dtype=torch.float64, device=partials.device)))
+    triangle = cross[: min(d, k)].triu()
+    del cross
     eigenvalues = torch.linalg.svdvals(triangle @ whitening).square().flip(0)
     eigenvalues = torch.where(eigenvalues > 16 * eps * square_total, eigenvalues, zero)
     return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
+
+
+def _all_finite(matrix: torch.Tensor) -> torch.Tensor:
+    """Whether every entry is finite, a bool tensor (no host sync), from the extremes (``aminmax`` propagates NaN):
+    ``torch.isfinite`` makes an absolute value and masks, 1.4 times a ``d x k`` float64 matrix's bytes."""
+    low, high = torch.aminmax(matrix)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def sketch_resolved(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
