@@ -8,10 +8,10 @@ How the model is run is a ``forward_fn(pl_module, batch)``; the default calls
 eval mode (every module's flag restored afterwards), under ``torch.no_grad``, inside the
 precision plugin's forward context and under ``torch.random.fork_rng``, so BatchNorm statistics,
 the global RNG and the weights are untouched (those an ``nn.Embedding(max_norm=...)`` lookup renormalises in place
-are put back). Buffers a probe forward may change are put back bit for bit
-(:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's observers and
-fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a model keeps;
-a large buffer is not copied, and one a probe wrote in place is said once by name.
+are put back, and those a forward writes in place, :func:`parameters_kept`). Buffers a probe forward may change are
+put back bit for bit (:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's
+observers and fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a
+model keeps; a large buffer is not copied, and one a probe wrote in place is said once by name.
 """
 
 from __future__ import annotations
@@ -118,9 +118,14 @@ _probe_cutoff: contextvars.ContextVar[ForwardCutoff | None] = contextvars.Contex
 _cutoff_off_warned: set[str] = set()
 
 
-def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any) -> Any:
+def call_forward(
+    owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, source: str = "validation"
+) -> Any:
     """``forward_fn(pl_module, batch)``, seeded where a probe runs it (:func:`_seed_forward`); a failure becomes one
-    line naming the fix. A model that swaps its EMA weights in for an eval forward and back after it must not have
+    line naming the likely fixes (:func:`_forward`; ``source``: ``"validation"`` or ``"tracking_inputs"``, where the
+    batch came from).
+
+    A model that swaps its EMA weights in for an eval forward and back after it must not have
     its probe forwards ended after the last tap: the swap back would be skipped, and training would go on from the
     swapped weights. So a whole forward of a probe's first pass whose parameters, at the last tapped delivery, are
     other tensors (``p.data`` rebound) or written in place since the forward began, or written in place by its end,
@@ -131,22 +136,36 @@ def call_forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch:
     _seed_forward()
     cutoff = _probe_cutoff.get()
     if cutoff is None or not cutoff.enabled:
-        return _forward(owner, forward_fn, pl_module, batch)
+        return _forward(owner, forward_fn, pl_module, batch, source)
     if cutoff.expected is None:
-        return _whole_forward_watched(owner, forward_fn, pl_module, batch, cutoff)
-    return _ended_forward_guarded(owner, forward_fn, pl_module, batch, cutoff)
+        return _whole_forward_watched(owner, forward_fn, pl_module, batch, cutoff, source)
+    return _ended_forward_guarded(owner, forward_fn, pl_module, batch, cutoff, source)
 
 
-def _forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any) -> Any:
+def _forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, source: str) -> Any:
+    """``forward_fn(pl_module, batch)``; a failure is one line. The default forward fails most often because the
+    batches are not what the model takes (another recipe's data module: EEG windows given to an image classifier),
+    so that comes first; ``forward_fn=`` only where the model is called otherwise (before round 25 it was the one fix
+    named, and the monitor was blamed for the data)."""
     try:
         return forward_fn(pl_module, batch)
     except LightningActError:
         raise
     except Exception as error:  # the user's model or function: report it in one line
         first_line = str(error).splitlines()[0] if str(error) else ""
+        where, check = (
+            ("a batch of tracking_inputs", "tracking_inputs") if source == "tracking_inputs"
+            else ("a batch of the validation loader", "the data module")
+        )
+        how = "the model" if forward_fn is default_forward else "forward_fn"
+        otherwise = (
+            "the model is called otherwise than pl_module(inputs) and needs forward_fn=<a function (pl_module, batch) "
+            "that runs it on one batch>" if forward_fn is default_forward
+            else "forward_fn does not run it on one batch (it is called as forward_fn(pl_module, batch))"
+        )
         raise LightningActError(
-            f"{owner}: running the model on a probe batch failed ({type(error).__name__}: {first_line}); "
-            "pass forward_fn=<a function (pl_module, batch) that runs your model on one validation batch>"
+            f"{owner}: running {how} on {where} failed ({type(error).__name__}: {first_line}); the batches may not "
+            f"fit the model (check {check}), or {otherwise}"
         ) from error
 
 
@@ -157,7 +176,7 @@ def _parameter_states(parameters: list[nn.Parameter]) -> list[tuple[int, int]]:
 
 
 def _whole_forward_watched(
-    owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, cutoff: ForwardCutoff
+    owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, cutoff: ForwardCutoff, source: str
 ) -> Any:
     """A whole forward of a probe's first pass, the parameters' states noted at each delivery to the probe: those at
     the last one are what a later forward, ended there, would leave (a ``p.data, ema = ema, p.data`` swap moves no
@@ -174,7 +193,7 @@ def _whole_forward_watched(
 
     cutoff.delivered = delivered  # type: ignore[method-assign]  # this forward's deliveries only
     try:
-        output = _forward(owner, forward_fn, pl_module, batch)
+        output = _forward(owner, forward_fn, pl_module, batch, source)
     finally:
         del cutoff.delivered
     versions_at_start = [version for _, version in at_start]
@@ -184,13 +203,13 @@ def _whole_forward_watched(
 
 
 def _ended_forward_guarded(
-    owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, cutoff: ForwardCutoff
+    owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, cutoff: ForwardCutoff, source: str
 ) -> Any:
     """A forward that the cutoff may end, each parameter's ``.data`` put back if the forward ended with another
     tensor bound to it (a swap the first pass did not see: one that begins at a later step)."""
     kept = [(p, p.data, p._version) for p in pl_module.parameters() if not nn.parameter.is_lazy(p)]
     try:
-        return _forward(owner, forward_fn, pl_module, batch)
+        return _forward(owner, forward_fn, pl_module, batch, source)
     except BaseException:  # ended after the last tap (or failed): the code after it did not run
         rebound = [(p, data) for p, data, _ in kept if p.data_ptr() != data.data_ptr()]
         for p, data in rebound:
@@ -616,11 +635,145 @@ def _reshard(pl_module: nn.Module) -> None:
         module.reshard()  # type: ignore[operator]
 
 
+#: Per model, whether a probe forward wrote its parameters in place (Hugging Face RWKV rescales its blocks' weights
+#: in eval mode); absent until its first probe, which finds it out (:func:`parameters_kept`).
+_writes_parameters: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+#: The models said once to keep the parameters one probe wrote (a write that began after their first probe).
+_kept_writes_warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+#: In-place operator methods that are not named ``..._``.
+_IN_PLACE_OPERATORS = frozenset(
+    {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+     "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
+)
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """The address of ``tensor``'s storage (a view, ``p.data``, shares its parameter's), if it has one."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested or storage-less tensor subclasses
+        return None
+
+
+class _CopiedBeforeWrite(torch.overrides.TorchFunctionMode):
+    """Inside, a copy of each of ``parameters`` taken just before the first in-place write to it (``p.div_(...)``,
+    ``p.data.mul_(...)``, ``p[i] = v``, ``out=p``): the probes put back what a forward writes without copying every
+    parameter at each probe."""
+
+    def __init__(self, parameters: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.by_storage: dict[int, list[nn.Parameter]] = {}
+        for p in parameters:
+            address = _storage(p)
+            if address is not None:
+                self.by_storage.setdefault(address, []).append(p)
+        self.copies: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
+        written = [args[0]] if in_place and args else []
+        out = kwargs.get("out")
+        written += list(out) if isinstance(out, (tuple, list)) else [out]
+        for tensor in written:
+            if isinstance(tensor, torch.Tensor):
+                for p in self.by_storage.get(_storage(tensor), ()):
+                    if id(p) not in self.copies:
+                        self.copies[id(p)] = (p, p.detach().clone())
+        return func(*args, **kwargs)
+
+
+def _plain_attributes(pl_module: nn.Module) -> dict[tuple[nn.Module, str], Any]:
+    """Each module's attributes holding a number, string, bool or None (RWKV's ``layers_are_rescaled``), but its
+    train flag, which :func:`probing` restores."""
+    return {
+        (module, name): value for module in pl_module.modules() for name, value in vars(module).items()
+        if name != "training" and (value is None or isinstance(value, (bool, int, float, str)))
+    }
+
+
+@contextlib.contextmanager
+def parameters_kept(pl_module: nn.Module) -> Iterator[None]:
+    """The parameters a forward inside writes in place (Hugging Face RWKV divides its blocks' output weights by powers
+    of 2 in eval mode) as they were before, bit for bit, after it, with the plain attributes (:func:`_plain_attributes`)
+    that changed in the modules holding them and in those modules' owners: RWKV keeps whether its weights are rescaled
+    in a flag of its model, which would rescale the weights put back at the next training forward. Left rescaled (before
+    round 25), a checkpoint or an EMA read at the end of that batch held weights 4x off.
+
+    A model's first probe finds out whether it writes them (:class:`_CopiedBeforeWrite`, copying those it writes before
+    their first write); later probes of a model that does watch the same way, and those of a model that did not just
+    compare the version counters, keeping (said once) what a write that begins later puts there. The weights an
+    embedding with ``max_norm`` renormalises are left to :func:`renormed_weights_kept`."""
+    renormed = {id(weight) for weight in renormed_weights(pl_module)}
+    parameters = [p for p in pl_module.parameters() if id(p) not in renormed and not nn.parameter.is_lazy(p)]
+    if _writes_parameters.get(pl_module) is False:
+        versions = [p._version for p in parameters]
+        yield
+        written = [p for p, version in zip(parameters, versions, strict=True) if p._version != version]
+        if written:
+            _writes_parameters[pl_module] = True
+            _warn_kept_writes(pl_module, written)
+        return
+    attributes = _plain_attributes(pl_module)
+    watch = _CopiedBeforeWrite(parameters)
+    try:
+        with watch:
+            yield
+    finally:
+        _writes_parameters[pl_module] = bool(watch.copies)
+        if watch.copies:
+            _put_back(pl_module, watch.copies, attributes)
+
+
+def _put_back(
+    pl_module: nn.Module, copies: dict[int, tuple[nn.Parameter, torch.Tensor]],
+    attributes: dict[tuple[nn.Module, str], Any],
+) -> None:
+    """The written parameters' values from ``copies``, and the changed ``attributes`` of the modules holding them."""
+    with torch.no_grad():
+        for p, before in copies.values():
+            p.copy_(before)
+    holders = {
+        id(module) for name, p in pl_module.named_parameters(remove_duplicate=False) if id(p) in copies
+        for module in _modules_on_path(pl_module, name)
+    }
+    for (module, name), value in attributes.items():
+        now = vars(module).get(name, value)
+        if id(module) in holders and now is not value and now != value:
+            setattr(module, name, value)
+
+
+def _modules_on_path(pl_module: nn.Module, parameter_name: str) -> list[nn.Module]:
+    """The modules from ``pl_module`` down to the one holding the parameter ``parameter_name``."""
+    modules = [pl_module]
+    for part in parameter_name.split(".")[:-1]:
+        modules.append(getattr(modules[-1], part))
+    return modules
+
+
+def _warn_kept_writes(pl_module: nn.Module, written: list[nn.Parameter]) -> None:
+    if pl_module in _kept_writes_warned:
+        return
+    _kept_writes_warned.add(pl_module)
+    names = [name for name, p in pl_module.named_parameters() if any(p is w for w in written)]
+    rank_zero_warn(
+        f"a probe pass of the monitors (eval mode, no_grad) wrote the parameters {', '.join(names[:3])}"
+        f"{' ...' if len(names) > 3 else ''} in place, which its earlier probes did not: they keep what it wrote this "
+        "once, and later probes put them back (write them in training mode only, `if self.training:`, to keep the "
+        "probes off them)",
+        category=UserWarning,
+    )
+
+
 @contextlib.contextmanager
 def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
     """Eval mode, no_grad, the precision context and a forked RNG, each forward inside seeded with its place in the
-    pass (:func:`_seed_forward`); every train/eval flag and buffer restored, and the weights of embeddings with
-    ``max_norm`` (:func:`renormed_weights_kept`).
+    pass (:func:`_seed_forward`); every train/eval flag and buffer restored, the weights of embeddings with
+    ``max_norm`` (:func:`renormed_weights_kept`) and the parameters a forward writes in place
+    (:func:`parameters_kept`).
 
     PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
     gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
@@ -633,7 +786,7 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     token = _forward_seeds.set((itertools.count(), devices))
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with buffers_kept(pl_module), renormed_weights_kept(pl_module), torch.no_grad(), \
+        with buffers_kept(pl_module), renormed_weights_kept(pl_module), parameters_kept(pl_module), torch.no_grad(), \
                 torch.random.fork_rng(devices=devices), context:
             pl_module.eval()
             yield

@@ -9,12 +9,12 @@ space), and the last C + 1 checkpoints of them are kept. Per neuron i,
 as the paper's text defines it), computed per tracking example and averaged; the top K% are the
 sensitive neurons, ``callback.sensitive[name]`` (LongTensor of feature indices).
 
-``drop=True`` is the SeND training protocol: once selected, the sensitive features of each
-tapped layer are zeroed for the next T checkpoints, then re-selected. The zeroing is a forward
-hook on the tapped module, active only while that module is in training mode (like dropout): for
-an input tap (``@penultimate`` is the head's input) a pre-hook zeroes those features of the
-head's input, which is the same as zeroing the columns of the head's weight that read them; for
-an output tap it zeroes those features of the module's output.
+``drop=True`` is the SeND training protocol: once selected, the sensitive features of each tapped layer are zeroed
+(along the axis the capture read them along, :class:`FeatureDrop`) for the next T checkpoints, then re-selected. The
+zeroing is a forward hook on the tapped module, active only while that module is in training mode (like dropout): for
+an input tap (``@penultimate`` is the head's input) a pre-hook zeroes those features of the head's input, which is the
+same as zeroing the columns of the head's weight that read them; for an output tap it zeroes those features of the
+module's output.
 
 EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
@@ -27,7 +27,8 @@ dropout masks come from a seed that depends only on ``seed`` and the checkpoint 
 deterministic pass is seeded with its batch's place, so a model that samples in eval mode, a VAE, draws the same noise
 at every checkpoint), every
 module's train/eval flag is restored, and every buffer is put back (eval mode leaves BatchNorm statistics alone, not
-a quantization-aware model's observers). With
+a quantization-aware model's observers), and so is every parameter a forward writes in place (Hugging Face RWKV's eval
+rescaling, :func:`~lightning_act.callbacks.probe.parameters_kept`). With
 ``drop=False`` training is bit-for-bit the same as without the callback.
 
 DDP: the tracking set is taken from the validation dataloader itself (not Lightning's
@@ -89,7 +90,7 @@ from lightning_act.callbacks.probe import (
     validation_batches,
 )
 from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
-from lightning_act.capture.layout import feature_axis
+from lightning_act.capture.layout import to_sample_first, with_canonical_features
 from lightning_act.capture.registry import (
     ForwardCutoff,
     MonitorHook,
@@ -286,26 +287,44 @@ def _without_padding(
     return kept, positions, size
 
 
+def _tensor_axis(layout: Layout, ndim: int, dim: int) -> int:
+    """The axis of a tapped tensor of ``ndim`` axes that is axis ``dim`` of its sample-first view
+    (:func:`~lightning_act.capture.layout.to_sample_first`: the samples, then the tokens, then the others in order)."""
+    if layout.batch_dim is None:
+        return dim
+    moved = [layout.batch_dim % ndim] + ([] if layout.token_dim is None else [layout.token_dim % ndim])
+    return [*moved, *(axis for axis in range(ndim) if axis not in moved)][dim]
+
+
 class FeatureDrop(MonitorHook):
     """Forward (pre-)hooks zeroing fixed feature indices in training mode; a copy of the model (an EMA or teacher
     deep-copied mid-fit, a saved snapshot) carries them detached, and they leave it at its first forward
     (:class:`~lightning_act.capture.registry.MonitorHook`): the copy computes what its weights compute.
 
-    Features are where the embeddings took them: the tap's feature axis (:func:`~lightning_act.capture.layout.
-    feature_axis`), else the last dim, or dim 1 of a map of 4 or more dims. The tensor zeroed is the one the capture
-    reads (:func:`~lightning_act.capture.registry.tapped_input` for an input tap): the first positional argument, or
-    the keyword argument ``parameter`` of a module called by keyword.
+    Features are where the embeddings took them: the last dim of a ``(B, D)`` tensor; else the axis the capture reads
+    them along (:func:`~lightning_act.capture.layout.with_canonical_features`, with the axis it decided for the tap
+    and remembers in ``decided_axes``, its registry's ``feature_axes``, under ``slot``: a ``(B, C, L)`` map at a step
+    where ``L`` equals ``C`` is read as the earlier steps were). Where the capture does not know it, nothing is zeroed
+    and ``axis_unknown(shape)`` is told: before round 25 the drop asked for the axis without that memory and, at
+    ``L == C``, zeroed the time steps of a map whose channels the capture had read, with the channels' indices. The
+    tensor zeroed is the one the capture reads (:func:`~lightning_act.capture.registry.tapped_input` for an input
+    tap): the first positional argument, or the keyword argument ``parameter`` of a module called by keyword.
     """
 
-    _not_copied = ("replaced",)  # bound to a capture registry, which is not copied
+    _not_copied = ("replaced", "decided_axes", "axis_unknown")  # bound to a capture registry and a monitor: not copied
 
     def __init__(
         self, indices: torch.Tensor, parameter: str | None = None, layout: Layout = SAMPLE_FIRST,
         replaced: Callable[[Any, Any, Callable[[Any], Any]], None] | None = None,
+        decided_axes: dict[Any, int] | None = None, slot: Any = None,
+        axis_unknown: Callable[[tuple[int, ...]], None] | None = None,
     ) -> None:
         self.indices = indices.to(torch.int64)
         self.parameter = parameter
         self.layout = layout
+        self.decided_axes = {} if decided_axes is None else decided_axes
+        self.slot = slot
+        self.axis_unknown = axis_unknown
         #: Told (original, zeroed, zeroing) of an input it replaced: the capture's dropout read-through follows.
         self.replaced = replaced
 
@@ -316,10 +335,29 @@ class FeatureDrop(MonitorHook):
             return x
         if self.indices.device != x.device:
             self.indices = self.indices.to(x.device)
-        dim = feature_axis(x.shape, self.layout) if x.dim() >= 3 else None
+        dim = self._feature_dim(x)
         if dim is None:
-            dim = 1 if x.dim() >= 4 else x.dim() - 1
+            if self.axis_unknown is not None:
+                self.axis_unknown(tuple(x.shape))
+            return x
         return x.index_fill(dim, self.indices, 0.0)
+
+    def _feature_dim(self, x: torch.Tensor) -> int | None:
+        """The axis of ``x`` the capture reads the features along (see the class docstring), or ``None``: asked of
+        the capture's own reading (:func:`~lightning_act.capture.layout.with_canonical_features`, with its memory), so
+        the two cannot disagree; the view it gives has the features last, or on axis 1 of a map of 4 or more axes it
+        left as it is."""
+        if x.dim() < 3:
+            return x.dim() - 1
+        sample_first = to_sample_first(x, self.layout)
+        view, known = with_canonical_features(sample_first, self.layout, self.decided_axes, self.slot)
+        if not known:
+            return None
+        if view is sample_first:
+            dim = 1 if x.dim() >= 4 else x.dim() - 1
+        else:  # a (B, C, L) map moved to (B, L, C), or a channels-last map flattened to (B, tokens, C)
+            dim = 1 if x.dim() == 3 else x.dim() - 1
+        return _tensor_axis(self.layout, x.dim(), dim)
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Forward pre-hook (``with_kwargs=True``) of an input tap."""
@@ -498,6 +536,7 @@ class SensitiveNeurons(FitScopedState):
         self._pending_step: int | None = None
         self._drop_handles: dict[str, Any] = {}
         self._features_warned: set[str] = set()
+        self._drop_axis_warned: set[str] = set()  # taps whose drop found no feature axis (_warn_drop_axis_unknown)
         self._low_dim_warned: set[str] = set()
         self._unobserved_warned: set[str] = set()
         self._unknown_warned: set[str] = set()
@@ -514,6 +553,11 @@ class SensitiveNeurons(FitScopedState):
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
+
+    @property
+    def _source(self) -> str:
+        """Where the tracking batches come from, for the line of a failing forward (:func:`call_forward`)."""
+        return "validation" if self.tracking_inputs is None else "tracking_inputs"
 
     @property
     def state_key(self) -> str:
@@ -650,7 +694,7 @@ class SensitiveNeurons(FitScopedState):
         self._arm(True)
         try:
             with own_passes(self._registry, self), probing(trainer, pl_module, _module_device(pl_module)):
-                output = call_forward("SensitiveNeurons", self.forward_fn, pl_module, batch)
+                output = call_forward("SensitiveNeurons", self.forward_fn, pl_module, batch, self._source)
             return {index: embeddings[0].shape[0] for index, embeddings in self._collected.items()}, output
         finally:
             self._arm(False)
@@ -908,7 +952,9 @@ class SensitiveNeurons(FitScopedState):
             seeds = contextlib.nullcontext() if seed is None else forward_seeds(itertools.count(seed * len(self._batches)))
             with seeds:
                 for batch in self._batches:
-                    forward = functools.partial(call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch)
+                    forward = functools.partial(
+                        call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch, self._source
+                    )
                     self._cutoff.forward(forward)
                     calls_after.append({i: len(calls) for i, calls in collected.items()})
             self._cutoff.pass_complete()
@@ -1180,17 +1226,33 @@ class SensitiveNeurons(FitScopedState):
         an input tap's zeroing is passed on to the capture's dropout read-through."""
         self._remove_drop(tap.name)
         layout = self._layouts[self.taps.index(tap)]
+        key = (id(tap.module), tap.point)
+        axes = dict(
+            decided_axes=self._registry.feature_axes if self._registry else None, slot=(key, layout),
+            axis_unknown=functools.partial(self._warn_drop_axis_unknown, tap.name),
+        )
         if tap.point == "input":
-            key = (id(tap.module), tap.point)
             replaced = functools.partial(self._registry.input_replaced, key) if self._registry else None
-            drop = FeatureDrop(indices, input_parameter(tap.module), layout, replaced)
+            drop = FeatureDrop(indices, input_parameter(tap.module), layout, replaced, **axes)
             self._drop_handles[tap.name] = register_monitor_hook(
                 tap.module, drop.before, pre=True, with_kwargs=True, prepend=True
             )
         else:
             self._drop_handles[tap.name] = register_monitor_hook(
-                tap.module, FeatureDrop(indices, layout=layout).after, prepend=True
+                tap.module, FeatureDrop(indices, layout=layout, **axes).after, prepend=True
             )
+
+    def _warn_drop_axis_unknown(self, tap_name: str, shape: tuple[int, ...]) -> None:
+        """Say once per tap that a training activation's feature axis is unknown, so its drop zeroed nothing."""
+        if tap_name in self._drop_axis_warned:
+            return
+        self._drop_axis_warned.add(tap_name)
+        rank_zero_warn(
+            f"SensitiveNeurons(drop=True): nothing tells which axis of {tap_name}'s {shape} training activations holds "
+            "the features the sensitive set indexes, so none is zeroed there; pass feature_dim=1 (channels first) or "
+            "feature_dim=-1 (features last)",
+            category=UserWarning,
+        )
 
     def _remove_drop(self, name: str) -> None:
         handle = self._drop_handles.pop(name, None)
@@ -1214,6 +1276,14 @@ class SensitiveNeurons(FitScopedState):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
+
+    def first_logged_step(self, key: str) -> int | None:
+        """``v_mean``/``v_max`` need a full window (``window + 1`` checkpoints), ``jaccard`` a second selection (after
+        ``drop_checkpoints`` dropped ones with ``drop``); the rest are logged from the first due step."""
+        later = {"v_mean": self.window, "v_max": self.window,
+                 "jaccard": self.window + (self.drop_checkpoints if self.drop else 1)}
+        checkpoints = later.get(key.rpartition("/")[2])
+        return None if checkpoints is None else checkpoints * self.every_n_steps
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
