@@ -549,6 +549,98 @@ def current_tap_key(key: str) -> str:
     return re.sub(r":input(?=/|$)", INPUT_TAP_SUFFIX, key)
 
 
+def largest_accumulation(trainer: pl.Trainer) -> int:
+    """The largest gradient accumulation of the fit: a ``GradientAccumulationScheduler`` sets
+    ``trainer.accumulate_grad_batches`` at each epoch start, after the monitors' ``on_train_start``, which read 1."""
+    factors = [trainer.accumulate_grad_batches]
+    for callback in trainer.callbacks:
+        if isinstance(callback, lightning_classes("callbacks.GradientAccumulationScheduler")):
+            factors.extend(callback.scheduling.values())
+    return max(1, *factors)
+
+
+def first_validation_step(trainer: pl.Trainer, accumulate: int) -> int | None:
+    """The optimizer steps a fit from step 0 has taken at its first validation (None: it does not validate); an
+    epoch's last batch steps whatever the accumulation."""
+    if not trainer.enable_validation or trainer.val_check_batch is None:
+        return None
+    batches = int(trainer.num_training_batches)
+    if trainer.check_val_every_n_epoch is None:  # every val_check_batch batches, across epochs
+        return trainer.val_check_batch // accumulate
+    into_epoch = min(trainer.val_check_batch, batches)
+    before = (trainer.check_val_every_n_epoch - 1) * math.ceil(batches / accumulate)
+    return before + into_epoch // accumulate + int(into_epoch == batches and batches % accumulate != 0)
+
+
+@dataclass
+class MetricReader:
+    """A callback or plateau scheduler that reads ``trainer.callback_metrics[key]``: ``between`` optimizer steps
+    between its reads, and when it first reads the key strictly (raising when it is missing; None: never)."""
+
+    name: str
+    key: str
+    between: float
+    first_read: float | None
+    counts_repeats: bool  # reads each value as a new one (a repeat is no improvement)
+    acts_after: str  # what it does after ``patience`` checks without improvement
+    repeats_fix: Callable[[int], str]  # what to pass, given the monitor's every_n_steps, to read each value once
+    late_fix: Callable[[int], str]  # what to do, given the step at which the key first appears
+
+
+def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
+    """The ``EarlyStopping``, ``ModelCheckpoint`` callbacks and ``ReduceLROnPlateau`` schedulers of ``trainer``
+    that read a metric, with how often and from when (for a fit from step 0, at most ``accumulate`` micro-batches a
+    step)."""
+    batches = trainer.num_training_batches
+    steps_per_epoch = batches / accumulate
+    validation = first_validation_step(trainer, accumulate)
+    readers = []
+    for callback in trainer.callbacks:
+        key = str(getattr(callback, "monitor", None))
+        if isinstance(callback, lightning_classes("callbacks.EarlyStopping")):
+            if callback._check_on_train_epoch_end or trainer.val_check_batch is None:
+                between, first = steps_per_epoch, steps_per_epoch
+            elif trainer.check_val_every_n_epoch is None:  # validation every val_check_batch batches, across epochs
+                between, first = trainer.val_check_batch / accumulate, validation
+            else:  # within each check_val_every_n_epoch-th epoch
+                between = min(trainer.val_check_batch, batches) / accumulate * trainer.check_val_every_n_epoch
+                first = validation
+            readers.append(MetricReader(
+                f"EarlyStopping(monitor='{key}')", key, between, first if callback.strict else None, True,
+                f"stop after patience={callback.patience}",
+                lambda every, between=between: f"every_n_steps <= {max(1, int(between))}",
+                lambda step: "pass EarlyStopping(strict=False) to wait for it",
+            ))
+        elif isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.save_top_k != 0:
+            # it raises for a missing key once a validation has run: at that validation's end, or the epoch's end
+            first = validation
+            if first is not None and callback._should_save_on_train_epoch_end(trainer):
+                first = math.ceil(first / steps_per_epoch) * steps_per_epoch
+            readers.append(MetricReader(
+                f"ModelCheckpoint(monitor='{key}')", key, math.inf, first, False, "", lambda every: "",
+                lambda step: (f"validate first after step {step} (val_check_interval, check_val_every_n_epoch) or "
+                              "monitor another key"),
+            ))
+    for config in trainer.lr_scheduler_configs:
+        if not config.reduce_on_plateau:
+            continue
+        stepwise = config.interval == "step"
+        # stepwise: at the batches (of each epoch) that both step the optimizer and are a multiple of frequency
+        between = math.lcm(accumulate, config.frequency) / accumulate if stepwise else config.frequency * steps_per_epoch
+
+        def repeats_fix(every: int, stepwise: bool = stepwise) -> str:
+            frequency = every * accumulate if stepwise else math.ceil(every / steps_per_epoch)
+            return f"'frequency': {frequency} ({'batches' if stepwise else 'epochs'}) in its lr_scheduler config"
+
+        readers.append(MetricReader(
+            f"{type(config.scheduler).__name__}(lr_scheduler monitor='{config.monitor}', interval='{config.interval}', "
+            f"frequency={config.frequency})", str(config.monitor), between, between if config.strict else None, True,
+            f"cut the learning rate after patience={getattr(config.scheduler, 'patience', '?')}", repeats_fix,
+            lambda step: "pass 'strict': False in its lr_scheduler config to wait for it",
+        ))
+    return readers
+
+
 class FitScopedState(Callback):
     """The part of a monitor's state that belongs to one run: its histories (``history``) and whatever else its
     ``state_dict`` holds. Lightning hands a checkpoint's callback states to every callback, for a fit's ``ckpt_path``
@@ -634,34 +726,47 @@ class FitScopedState(Callback):
         published = self.__dict__.get("_published")
         if published:
             self.publish(trainer, published)
-        self._warn_early_stopping_faster_than_measured(trainer)
+        self._warn_metric_readers(trainer)
 
-    def _warn_early_stopping_faster_than_measured(self, trainer: pl.Trainer) -> None:
-        """One warning when an ``EarlyStopping`` on one of this monitor's statistics checks more often than the
-        statistic is measured: it reads the same value at several checks and counts the repeats as no improvement, so
-        it stops after ``patience`` checks on a value measured once."""
+    def first_logged_step(self, key: str) -> int | None:
+        """The step at which this fit first logs ``key``, for a statistic that appears only after several due steps
+        (``SensitiveNeurons``' ``v_mean`` once its window is full); None: from the first due step on. A
+        ``ModelCheckpoint``, ``EarlyStopping(strict=True)`` or strict plateau scheduler that reads it before then
+        ends the fit with Lightning's "not available" error, which :meth:`_warn_metric_readers` says at fit start."""
+        return None
+
+    def _warn_metric_readers(self, trainer: pl.Trainer) -> None:
+        """One warning per reader of one of this monitor's statistics (:func:`metric_readers`) that
+
+        - checks it more often than it is measured (``EarlyStopping``, ``ReduceLROnPlateau``): it reads the same value
+          at several checks and counts the repeats as no improvement, so it stops, or cuts the learning rate, after
+          ``patience`` checks of one measurement;
+        - reads it, strictly, before this fit first logs it (:meth:`first_logged_step`): Lightning then raises at
+          that read, a traceback that ends the fit.
+        """
         every = getattr(self, "every_n_steps", 1)
-        steps_per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
-        if every <= 1 or not math.isfinite(steps_per_epoch):
+        accumulate = largest_accumulation(trainer)
+        if not math.isfinite(trainer.num_training_batches / accumulate):
             return
-        for stopper in trainer.callbacks:
-            key = str(getattr(stopper, "monitor", None))
-            if not isinstance(stopper, lightning_classes("callbacks.EarlyStopping")) or not self.logs_key(key):
+        for reader in metric_readers(trainer, accumulate):
+            if not self.logs_key(reader.key):
                 continue
-            accumulate = max(1, trainer.accumulate_grad_batches)
-            if stopper._check_on_train_epoch_end or trainer.val_check_batch is None:
-                between = steps_per_epoch
-            elif trainer.check_val_every_n_epoch is None:  # validation every val_check_batch batches, across epochs
-                between = trainer.val_check_batch / accumulate
-            else:  # within each check_val_every_n_epoch-th epoch
-                between = min(trainer.val_check_batch, trainer.num_training_batches) / accumulate
-                between *= trainer.check_val_every_n_epoch
-            if every > between:
+            if reader.counts_repeats and every > max(1, reader.between):
                 rank_zero_warn(
-                    f"{type(self).__name__}: EarlyStopping(monitor='{key}') checks every ~{max(1, round(between))} "
-                    f"optimizer steps, but the statistic is measured every {every}: it counts the repeated values as "
-                    f"no improvement and may stop after patience={stopper.patience} checks of one measurement; pass "
-                    f"every_n_steps <= {max(1, int(between))} or a larger patience",
+                    f"{type(self).__name__}: {reader.name} checks every ~{max(1, round(reader.between))} optimizer "
+                    f"steps, but the statistic is measured every {every}: it counts the repeated values as no "
+                    f"improvement and may {reader.acts_after} checks of one measurement; pass "
+                    f"{reader.repeats_fix(every)} or a larger patience",
+                    category=UserWarning,
+                )
+            first = self.first_logged_step(reader.key)
+            late = first is not None and reader.key not in trainer.callback_metrics  # a resumed fit holds its value
+            if late and reader.first_read is not None and trainer.global_step + reader.first_read <= first:
+                rank_zero_warn(
+                    f"{type(self).__name__}: {reader.name} first reads its key after optimizer step "
+                    f"{trainer.global_step + math.floor(reader.first_read)}, but this monitor first logs it at step "
+                    f"{first} (after several due steps): Lightning then ends the fit with the key \"not available\"; "
+                    f"{reader.late_fix(first)}",
                     category=UserWarning,
                 )
 
@@ -1183,10 +1288,12 @@ class ActivationMonitor(FitScopedState, ABC):
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
         unknown: dict[str, list[str]] = {}
+        unknown_extras: dict[str, float] = {}
         pairs = [*zip(names, host_values), *(((None, key), value) for key, value in (extras or {}).items())]
         for (tap_index, stat), value in pairs:
             if tap_index is None and math.isnan(value):
                 self._warn_once(self._unknown_extras_warned, stat, self.unknown_extra(stat, step))
+                unknown_extras[stat] = math.nan
                 continue
             if tap_index is None:
                 key = stat
@@ -1211,8 +1318,10 @@ class ActivationMonitor(FitScopedState, ABC):
                                category=UserWarning)
         self.log_metrics(trainer, metrics, step)
         # callback_metrics say "unknown now" (NaN) rather than keep the last known value: EarlyStopping(check_finite)
-        # and ModelCheckpoint act on it as on a NaN loss; the loggers and histories get no such point
+        # and ModelCheckpoint act on it as on a NaN loss; the loggers and histories get no such point. So do the extra
+        # statistics (a params/r90 of weights gone NaN kept its last finite value there, and EarlyStopping ran on)
         unknown_now = {f"{self.prefix}/{tap}/{stat}": math.nan for tap, names in unknown.items() for stat in names}
+        unknown_now.update(unknown_extras)
         self.publish(trainer, {**metrics, **unknown_now})
         self.on_statistics(trainer, step, stats)
         return metrics
