@@ -6,7 +6,8 @@
   space left.
 - :class:`LastCheckpoint` refreshes ``last.ckpt`` at the end of every training epoch (and every
   ``every_n_train_steps`` if set), whatever a monitored metric does, and on Ctrl-C stops at the
-  next optimizer step (or after the validation in progress) with ``last.ckpt`` written there.
+  next optimizer step (or after the validation in progress) with ``last.ckpt`` written there; its checkpoints hold
+  the random-number states, so that a resume draws what the uninterrupted fit would have.
 - :func:`check_resume_checkpoint` refuses, in one line, a file that is not a Lightning checkpoint,
   a checkpoint of another LightningModule than the one configured, and a weights-only one to resume a fit.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import random
 import shlex
 import shutil
 import signal
@@ -34,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Checkpoint
@@ -46,6 +49,7 @@ from lightning_act.lightning_classes import lightning_classes
 
 LAST_NAME = "last.ckpt"
 _RERUNS_VALIDATION = "lightning_act_reruns_validation"  # written by a SIGTERM inside validation
+_RNG_STATES = "lightning_act_rng_states"  # every rank's random-number states, in rank order
 
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
 
@@ -178,7 +182,16 @@ class LastCheckpoint(Checkpoint):
     replaces it. In Python, Lightning's ``fit(ckpt_path="last")`` looks among ``ModelCheckpoint`` files only and
     starts from scratch; pass the file itself, ``fit(ckpt_path=<dirpath>/last.ckpt)``. ``best_model_path`` is the
     Trainer's first ``ModelCheckpoint``'s (``""`` without one), so ``validate/test(ckpt_path="best")`` works
-    whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback).
+    whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback). A ``ModelCheckpoint``
+    with ``save_last`` in the folder of ``last.ckpt`` no longer writes it (one info line; its ``"link"`` pointed at
+    its top-k file, often an older step): this callback writes it, also at that ``ModelCheckpoint``'s
+    training-step checks, and Lightning's ``ckpt_path="last"`` finds it there.
+
+    Every checkpoint of a fit with this callback holds the random-number states (torch's, the GPU's, numpy's and
+    Python's; every rank's under several processes), set again as the resumed training starts: from a checkpoint at an
+    epoch's end, the resumed fit draws the uninterrupted one's dropout masks, shuffles and augmentations (on CPU its
+    weights are the uninterrupted fit's bit for bit). Resumed with another number of processes, one line says the
+    random streams restart differently; a checkpoint written without them resumes from the current seed.
 
     Args:
         dirpath: local folder of ``last.ckpt`` (``~`` is the home folder); by default the ``dirpath`` of the Trainer's
@@ -213,6 +226,15 @@ class LastCheckpoint(Checkpoint):
         self._told_remote = False  # the fallback from a remote ModelCheckpoint dirpath is said once
         self._saving_mid_validation = False  # the SIGTERM save inside validation: its resume reruns the validation
         self._reruns_validation = False  # resumed from such a save: the val loop's totals are mended at its start
+        # the ModelCheckpoints of last.ckpt's folder whose save_last this callback turned off: it writes last.ckpt
+        # at their checks and saves at a training step instead
+        self._taken_over: list[Any] = []
+        # this process's random-number states where the stop's validation or epoch end left them: the final save at the
+        # next batch's start records them, as that batch's fetch (a new epoch's loader iterator) has drawn from them
+        self._rng_after_stop_change: dict[str, Any] = {}
+        self._resumed_random_states: dict[str, Any] | None = None  # this rank's, from the checkpoint a fit resumes
+        # the states after the resumed fit's first train loader iterator drew from them, and that iterator
+        self._after_first_iterator: tuple[dict[str, Any], Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -236,6 +258,7 @@ class LastCheckpoint(Checkpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model_checkpoint = lightning_classes("callbacks.ModelCheckpoint")
         self._best_source = next((c for c in trainer.callbacks if isinstance(c, model_checkpoint)), None)
+        self._resumed_random_states = self._after_first_iterator = None  # not those of a resume that ended early
 
     def path(self, trainer: pl.Trainer) -> Path:
         """Where ``last.ckpt`` goes for this trainer."""
@@ -276,10 +299,21 @@ class LastCheckpoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_requested = self._stop_agreed = False
         self._stop_saved = self._changed_after_stop = self._change_unsaved = False
+        if self._resumed_random_states is not None:
+            # The train loader's iterator Lightning made before this hook drew its seeds (a shuffle's, the workers')
+            # from the restored states, as the uninterrupted fit's epoch did; by the checkpoint's loop state Lightning
+            # either trains from it or makes another at the epoch's start, which must draw from them too: set again,
+            # and the first batch's start sets those after the first iterator where it is still in use.
+            fetcher = trainer.fit_loop._data_fetcher
+            self._after_first_iterator = (_random_states(trainer.strategy.root_device),
+                                          getattr(fetcher, "iterator", None))
+            _set_random_states(self._resumed_random_states, trainer.strategy.root_device)
+            self._resumed_random_states = None
         if self._stop_now(trainer):  # a SIGTERM after the sanity check's batches, or with none (on any rank: all end)
             self._end_fit_before_training(trainer)
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
+        self._take_over_last_checkpoint(trainer, target)
         # a further fit of the same Trainer continues the run whose last.ckpt this is; a new Trainer starts another
         continues_own_run = self._wrote is not None and self._wrote[0] == target and self._wrote[1]() is trainer
         if trainer.ckpt_path is None and not trainer.fast_dev_run and not continues_own_run and target.is_file():
@@ -296,6 +330,23 @@ class LastCheckpoint(Checkpoint):
                 stale.unlink(missing_ok=True)
         if self.on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _take_over_last_checkpoint(self, trainer: pl.Trainer, target: Path) -> None:
+        """Be the one writer of ``target``: a ``ModelCheckpoint`` of its folder with ``save_last`` wrote it too, with
+        ``"link"`` as a link to its newest top-k file, which may be older than this callback's last save (a kill then
+        resumed from the older step). Its ``save_last`` is turned off, and ``last.ckpt`` is written at each of its
+        checks and saves at a training step instead, so that it is at least as new as before."""
+        folder = target.parent.resolve()
+        same_folder = [c for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.ModelCheckpoint"))
+                       and c.dirpath is not None and _is_local_file_protocol(c.dirpath)
+                       and Path(c.dirpath).expanduser().resolve() == folder]
+        self._taken_over = [c for c in same_folder if c.save_last or c in self._taken_over]
+        for callback in self._taken_over:
+            if callback.save_last:
+                rank_zero_info(f"LastCheckpoint keeps {target}, so the ModelCheckpoint(save_last={callback.save_last!r}) "
+                               "of that folder no longer writes it (its link or copy could hold an older step); "
+                               "last.ckpt is written at its training-step checks instead")
+                callback.save_last = False
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         if self._stop_requested:  # the second Ctrl-C: stop at once
@@ -341,7 +392,8 @@ class LastCheckpoint(Checkpoint):
         counted = int(not epoch_loop._should_accumulate())  # as the resume decides it, from the same counts
         epoch_loop._batches_that_stepped -= counted
         try:
-            self.save(trainer)
+            with _random_states_as(self._rng_after_stop_change, trainer.strategy.root_device):
+                self.save(trainer)
         finally:
             epoch_loop._batches_that_stepped += counted
             for counts in (progress.total, progress.current):
@@ -370,6 +422,12 @@ class LastCheckpoint(Checkpoint):
         return requested
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._after_first_iterator is not None:  # the resumed fit's first batch (see on_train_start)
+            states, first_iterator = self._after_first_iterator
+            self._after_first_iterator = None
+            fetcher = trainer.fit_loop._data_fetcher
+            if first_iterator is not None and getattr(fetcher, "iterator", None) is first_iterator:
+                _set_random_states(states, trainer.strategy.root_device)
         if self._stop_saved:  # the stopped step is saved, logged and validated: no further batch
             if self._changed_after_stop:
                 self._save_at_batch_start(trainer)
@@ -406,9 +464,14 @@ class LastCheckpoint(Checkpoint):
             # is no interruption (a traceback under the CLI) and before the epoch's end
             trainer._signal_connector.received_sigterm = False
             return
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
-            if trainer.global_step != self._last_saved_step:
-                self.save(trainer)
+        due = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
+        # a ModelCheckpoint whose last.ckpt this callback writes checked (it wrote last.ckpt at each check) or saved at
+        # this step, in this hook (it runs before)
+        followed = any(c._last_global_step_saved == trainer.global_step
+                       or (c._every_n_train_steps and trainer.global_step % c._every_n_train_steps == 0)
+                       for c in self._taken_over)
+        if (due or followed) and trainer.global_step != self._last_saved_step:
+            self.save(trainer)
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -455,6 +518,15 @@ class LastCheckpoint(Checkpoint):
         self._end_fit()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Every rank's random-number states (every rank saves: Lightning's save ends in a barrier), so that a resume
+        # draws the dropout masks, shuffles and augmentations the uninterrupted fit would have drawn.
+        state = _random_states(trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            states: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint[_RNG_STATES] = states
         # A save inside validation records the validation as begun and not one batch done, the state Lightning's own
         # resume reruns a validation from (its "restarted mid-evaluation"), from the first batch: as saved, the resume
         # skipped the rest of it, and an epoch-end EarlyStopping check then found no metric (a crash); from the batch
@@ -471,6 +543,18 @@ class LastCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._reruns_validation = bool(checkpoint.get(_RERUNS_VALIDATION, False))
+        # Set now, before the fit makes its train loader's iterator, and again as the training starts (on_train_start).
+        # A checkpoint written before these states were saved holds none: the streams go on from the current seed.
+        states = checkpoint.get(_RNG_STATES)
+        if states is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if len(states) == trainer.world_size:
+            self._resumed_random_states = states[trainer.global_rank]
+            _set_random_states(self._resumed_random_states, trainer.strategy.root_device)
+        else:
+            rank_zero_info(f"LastCheckpoint: the checkpoint holds the random-number states of {len(states)} processes "
+                           f"and this fit runs {trainer.world_size}, so they are not restored: the random streams "
+                           "(dropout, shuffling) restart differently from the saved fit's")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The rerun has begun (Lightning decided it from the saved counts): its loop's totals as before an
@@ -506,6 +590,7 @@ class LastCheckpoint(Checkpoint):
             return
         if self._stop_saved:
             self._changed_after_stop = True
+            self._rng_after_stop_change = _random_states(trainer.strategy.root_device)
             self.save(trainer)
             self._change_unsaved = False
         elif (trainer.global_step != self._step_at_batch_start  # else: stopped at the window's optimizer step
@@ -515,6 +600,7 @@ class LastCheckpoint(Checkpoint):
                 rank_zero_info(f"interrupted at step {trainer.global_step} during validation: wrote {target}; resume "
                                f"with --ckpt_path {shlex.quote(str(target))}")
             self._stop_saved = self._changed_after_stop = True
+            self._rng_after_stop_change = _random_states(trainer.strategy.root_device)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -525,6 +611,7 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
         elif self._stop_saved:  # the epoch's end after the stop (ModelCheckpoint's save, EarlyStopping's check)
             self._changed_after_stop = self._change_unsaved = True
+            self._rng_after_stop_change = _random_states(trainer.strategy.root_device)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a stop that found no next batch (the fit's last step) or came after the last training step (a Ctrl-C during
@@ -548,6 +635,39 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
+
+
+def _random_states(device: torch.device) -> dict[str, Any]:
+    """This process's random-number states: torch's (and ``device``'s where it is a GPU), numpy's and Python's, in
+    types a ``weights_only`` load accepts (numpy's key as a tensor)."""
+    kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (kind, torch.from_numpy(key.astype(np.int64)), position, has_gauss, cached_gaussian)}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_random_states(states: dict[str, Any], device: torch.device) -> None:
+    """Set the states :func:`_random_states` took (a GPU's where this process runs on one and they hold it)."""
+    torch.set_rng_state(states["torch"])
+    version, internal, gaussian = states["python"]
+    random.setstate((version, tuple(internal), gaussian))
+    kind, key, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+@contextmanager
+def _random_states_as(states: dict[str, Any], device: torch.device) -> Iterator[None]:
+    """The random-number states set to ``states`` in this block, and back after."""
+    current = _random_states(device)
+    _set_random_states(states, device)
+    try:
+        yield
+    finally:
+        _set_random_states(current, device)
 
 
 def _validates_after_the_last_step(trainer: pl.Trainer) -> bool:
