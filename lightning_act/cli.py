@@ -20,7 +20,7 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
 - ``--trainer.enable_checkpointing false`` leaves the config's ``LastCheckpoint`` out;
 - the fit's config is also kept in the CSV logger's version folder (``fit_config.yaml``) when LightningCLI saved
   ``config.yaml`` in another logger's folder, so ``lightning_act report`` shows it, and in the version folders of a
-  later ``test``/``validate``, so ``--overwrite`` removes them with the run;
+  later ``test``/``validate``/``predict``, so ``--overwrite`` removes them with the run;
 - ``--ckpt_path`` must be a Lightning checkpoint of the configured model (for ``fit``, not a weights-only one);
   ``--ckpt_path last`` is the run's ``last.ckpt``, the model built from its hyper-parameters as for its path; one
   written from Python (no class recorded) gives the configured class its hyper-parameters; a remote one (an fsspec
@@ -671,10 +671,11 @@ def _build_cli_class() -> type:
                 os.replace(partial, folder / FIT_CONFIG_NAME)
 
     class KeepFitConfig(Callback):
-        """For ``test`` and ``validate``, which save no config (the fit's ``config.yaml`` stays): the fit's config, kept
-        in their CSV and TensorBoard version folders as ``fit_config.yaml``, ties those versions to the run, so that
-        ``fit --overwrite`` removes them with it (the report would show a previous model's test metrics on the new
-        run's page) and tells them from other recipes' in a shared root."""
+        """For ``test``, ``validate`` and ``predict``, which save no config (the fit's ``config.yaml`` stays): the fit's
+        config, kept in their CSV and TensorBoard version folders as ``fit_config.yaml``, ties those versions to the
+        run, so that ``fit --overwrite`` removes them with it (the report would show a previous model's test metrics on
+        the new run's page) and tells them from other recipes' in a shared root (the report gives a test to the run
+        with a fit of that config)."""
 
         def __init__(self, fit_config: Path) -> None:
             self.fit_config = fit_config
@@ -1111,7 +1112,28 @@ def _build_cli_class() -> type:
                       f"{' ...' if len(untold) > 3 else ''}: no config in it tells whether it is this run's or another "
                       "recipe's sharing the logger's folder; remove it yourself if it is this run's",
                       file=sys.stderr, flush=True)
+            if not previous:
+                self._warn_of_evaluations_before_the_fit()
             self._config_at_fit_start = self._config_stamp()  # --overwrite may have removed it
+
+        def _warn_of_evaluations_before_the_fit(self) -> None:
+            """Says once that a CSV logger folder without a fit holds ``test``/``validate`` versions (of a checkpoint
+            evaluated with the recipe before any fit: no fit config to keep, so nothing ties them to a run): the
+            report leaves them out of this run's page, and ``--overwrite`` cannot tell them from another recipe's."""
+            from lightning_act.report.runlog import metrics_csv_logs_training
+
+            found: list[Path] = []
+            for logger in self.trainer.loggers:
+                root = Path(logger.root_dir).expanduser() if isinstance(logger, CSVLogger) else None
+                logs = sorted(root.glob("*/metrics.csv")) if root is not None and root.is_dir() else []
+                if logs and not any(metrics_csv_logs_training(log) for log in logs):
+                    found += [log.parent for log in logs]
+            if found:
+                print(f"lightning_act: warning: {', '.join(map(str, found[:3]))}{' ...' if len(found) > 3 else ''}"
+                      ": test/validate version(s) written before any fit in their logger folder (of another "
+                      "checkpoint); `lightning_act report` leaves them out of this run; remove or move them if they "
+                      "are in the way",
+                      file=sys.stderr, flush=True)
 
         def _make_checkpoint_folders(self) -> None:
             """The local checkpoint folders, now: a path the run cannot use there (a file in the way, a name too long,
@@ -1228,8 +1250,7 @@ def _build_cli_class() -> type:
             if fit_config is not None:
                 self.trainer.callbacks.append(KeepFitConfig(fit_config))
 
-        before_validate = before_test = _tie_versions_to_the_fit
-        before_predict = _check_batch_size
+        before_validate = before_test = before_predict = _tie_versions_to_the_fit
 
         def after_fit(self) -> None:
             if self.trainer.interrupted or self.trainer.fast_dev_run:
@@ -1495,11 +1516,17 @@ def _unknown_monitor(err: BaseException) -> LightningActError | None:
     """One line for a ``ModelCheckpoint``/``EarlyStopping`` whose ``monitor`` names a metric nobody logs (Lightning
     finds out at the first check, after an epoch, and raises a multi-line message with the metrics that were logged)."""
     message = str(err)
-    if "could not find the monitored key" in message or "Early stopping conditioned on metric" in message:
-        # a monitor statistic may exist later only (SensitiveNeurons' v_mean after window + 1 checkpoints)
+    # a monitor statistic may exist later only (SensitiveNeurons' v_mean after window + 1 checkpoints): the way to wait
+    # for it is the failing callback's own (ModelCheckpoint has no strict option, and raises once a validation has run)
+    if "could not find the monitored key" in message:
+        late = ("; for a monitor statistic that appears after a few due steps, run the first validation after it is "
+                "first logged (check_val_every_n_epoch, val_check_interval) or monitor another key: ModelCheckpoint "
+                "has no strict option")
+    elif "Early stopping conditioned on metric" in message:
         late = "; a monitor statistic that appears after a few due steps needs strict: false on EarlyStopping"
-        return ConfigError(" ".join(message.split()) + f" (fix the callback's monitor: in the config{late})")
-    return None
+    else:
+        return None
+    return ConfigError(" ".join(message.split()) + f" (fix the callback's monitor: in the config{late})")
 
 
 def __getattr__(name: str) -> Any:

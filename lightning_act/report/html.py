@@ -30,7 +30,7 @@ from lightning_act.report.content import (
     INDEX_STAT, PerRun, format_count, plan_statistics, unknown_notes, unknown_words, with_unknown,
 )
 from lightning_act.report.runlog import (
-    FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run, without_logger_prefix,
+    FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run, run_groups, without_logger_prefix,
 )
 
 #: A plotly figure as plain data (``{"data": [traces], "layout": {...}}``), drawn by plotly.js in the page.
@@ -681,16 +681,19 @@ def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, RunLog]:
         starts = log.run_starts()
         if len(starts) > 1:
             folders = [str(part.path.parent) for part in starts]
-            firsts = [log.parts.index(start) for start in starts]
-            groups = [log.parts[first:end] for first, end in zip(firsts, [*firsts[1:], len(log.parts)], strict=True)]
-            # a version folder is read with the versions after it up to the next run (load_run): say which, so the
-            # trials' validate/test versions are seen to come along
+            # a version folder is read with the versions after it up to the next run, and the tests that kept its
+            # fit config (load_run): say which, so the trials' validate/test versions are seen to come along
+            groups = run_groups(log.parts)
             with_followers = "; ".join(
                 f"{group[0].path.parent.name} with {', '.join(part.path.parent.name for part in group[1:])}"
                 for group in groups if len(group) > 1
             )
+            position = {part.path: index for index, part in enumerate(log.parts)}
+            past_next_run = any(position[part.path] > position[later.path]
+                                for group, later in zip(groups, starts[1:]) for part in group)
+            tests = " and the tests that kept its fit config" if past_next_run else ""
             advice = (
-                "pass each run's first version folder, read with the versions after it up to the next run "
+                f"pass each run's first version folder, read with the versions after it up to the next run{tests} "
                 f"({with_followers}), to compare them: "
                 if with_followers else "pass each version folder to compare them: "
             )

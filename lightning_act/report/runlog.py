@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from collections.abc import Collection
@@ -68,6 +69,9 @@ class CsvPart:
     first_step: float | None
     last_step: float | None
     logs_training: bool
+    #: The fit config the version holds (:func:`fit_config_key`): a fit's own, or the copy a ``test``/``validate``
+    #: keeps, which tells whose test it is in a logger folder several runs share.
+    config_key: str | None = None
 
 
 @dataclass
@@ -143,6 +147,27 @@ def run_starts(parts: list[CsvPart]) -> list[CsvPart]:
     return starts
 
 
+def run_groups(parts: list[CsvPart]) -> list[list[CsvPart]]:
+    """The versions of each of :func:`run_starts`' runs, in written order: a resume and a config-less ``test`` /
+    ``validate`` go with the run before them; a ``test``/``validate`` holding a fit config with the latest run before
+    it that has a fit of that config (two recipes or seeds sharing one logger folder: fit A, fit B, test A), else with
+    the run before it. Versions before the first run are in none (:func:`load_run` leaves them out)."""
+    starts = run_starts(parts)
+    groups: list[list[CsvPart]] = [[] for _ in starts]
+    current = -1
+    for part in parts:
+        if part in starts:
+            current = starts.index(part)
+        if current < 0:
+            continue
+        owners = [] if part.logs_training or part.config_key is None else [
+            index for index in range(current + 1)
+            if any(member.logs_training and member.config_key == part.config_key for member in groups[index])
+        ]
+        groups[owners[-1] if owners else current].append(part)
+    return groups
+
+
 def natural_key(name: str) -> list[int | str]:
     """Sort key that puts ``blocks.2`` before ``blocks.10`` (module order, not CSV column order)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -214,6 +239,11 @@ def _logs_training(columns: list[str]) -> bool:
     statistic (none fell due) is still the fit that replaces the rolled-back steps.
     """
     return bool(_training_columns(columns))
+
+
+def metrics_csv_logs_training(metrics_csv: Path) -> bool:
+    """Whether a ``metrics.csv``'s header has a column a fit logs (:func:`_logs_training`)."""
+    return _logs_training(_header(metrics_csv))
 
 
 def _training_columns(columns: list[str]) -> list[str]:
@@ -290,7 +320,7 @@ def find_metrics_csvs(path: str | Path) -> tuple[list[Path], list[str]]:
         return next(iter(groups.values())), []
 
     def newest_training(members: list[Path]) -> tuple[bool, float]:
-        training = [p for p in members if _logs_training(_header(p))]
+        training = [p for p in members if metrics_csv_logs_training(p)]
         return bool(training), max(p.stat().st_mtime for p in (training or members))
 
     chosen = max(groups, key=lambda parent: newest_training(groups[parent]))
@@ -463,6 +493,35 @@ def find_configs(version_dirs: list[Path], given: Path) -> tuple[dict[str, tuple
     return configs, notes
 
 
+def fit_config_key(version_dir: Path) -> str | None:
+    """The fit config a version folder holds (the kept ``fit_config.yaml``, else a ``config.yaml`` that a fit saved),
+    as a string to compare, without the top-level ``ckpt_path``: a resume's config and the copy a test keeps of it
+    differ from the first fit's there only. None without one, or one that is not a YAML mapping."""
+    import yaml
+
+    for candidate in (version_dir / FIT_CONFIG_NAME, version_dir / "config.yaml"):
+        if not candidate.is_file():
+            continue
+        text = candidate.read_text(encoding="utf-8", errors="replace")
+        if _command_of(text) != "fit":
+            continue
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return None
+        if not isinstance(config, dict):
+            return None
+        config.pop("ckpt_path", None)
+        return json.dumps(config, sort_keys=True, default=str)
+    return None
+
+
+def _fit_with_config(key: str, candidates: list[Path]) -> Path | None:
+    """The newest of the ``metrics.csv`` ``candidates`` that logs training and holds the fit config ``key``."""
+    return next((csv_path for csv_path in reversed(candidates)
+                 if metrics_csv_logs_training(csv_path) and fit_config_key(csv_path.parent) == key), None)
+
+
 def _continues_run(follower: CsvPart, first_step: float | None, run_last_step: float | None) -> bool:
     """Whether a version written after the one passed belongs to its run: one that logs no training (a ``validate`` /
     ``test`` of the run's checkpoint), or a resume, whose first training row (``first_step``) is after the run's last
@@ -474,11 +533,9 @@ def _continues_run(follower: CsvPart, first_step: float | None, run_last_step: f
     return first_step is not None and run_last_step is not None and first_step > run_last_step
 
 
-def later_versions(metrics_csv: Path) -> list[Path]:
-    """The ``metrics.csv`` files of the versions written after ``metrics_csv``'s in its logger folder, in written
-    order (:func:`_in_written_order`)."""
-    siblings = _in_written_order([p for p in metrics_csv.parent.parent.glob("*/metrics.csv") if p.is_file()])
-    return siblings[siblings.index(metrics_csv) + 1:] if metrics_csv in siblings else []
+def _logger_versions(metrics_csv: Path) -> list[Path]:
+    """The ``metrics.csv`` files of ``metrics_csv``'s logger folder, in written order (:func:`_in_written_order`)."""
+    return _in_written_order([p for p in metrics_csv.parent.parent.glob("*/metrics.csv") if p.is_file()])
 
 
 def load_run(path: str | Path) -> RunLog:
@@ -486,16 +543,26 @@ def load_run(path: str | Path) -> RunLog:
 
     A version folder (``csv/version_N``) is read with the versions written after it up to the next run
     (:func:`_continues_run`): a sweep's trial passed as its fit's version keeps its ``validate``/``test`` versions (and
-    resumes), which follow it in the logger folder. A ``metrics.csv`` file is read alone.
+    resumes), which follow it in the logger folder. A ``test``/``validate`` version holding a fit config
+    (``fit_config.yaml``) goes with the run that has a fit of that config (:func:`run_groups`), also past the next run
+    (two recipes sharing one logger folder: fit A, fit B, test A); a run's folder leaves out the ``test``/``validate``
+    versions written before its first training version (they tested another model: a given checkpoint) and those whose
+    fit config is no fit's in the folder. A ``metrics.csv`` file is read alone.
     """
     given = Path(path)
     paths, notes = find_metrics_csvs(given)
-    followers = later_versions(paths[0]) if given.is_dir() and paths == [given / "metrics.csv"] else []
+    siblings = _logger_versions(paths[0]) if given.is_dir() and paths == [given / "metrics.csv"] else []
+    followers = siblings[siblings.index(paths[0]) + 1:] if paths[0] in siblings else []
+    earlier = siblings[:siblings.index(paths[0])] if paths[0] in siblings else []
+    some_version_trains = any(metrics_csv_logs_training(p) for p in paths)
     parts: list[CsvPart] = []
     to_merge: list[tuple[Path, dict[str, Series], bool]] = []
     columns: list[str] = []
     rows = 0
     run_last_training: float | None = None  # the last step of a training row so far
+    next_run: CsvPart | None = None  # the first version of the next run, once a follower starts one
+    later_runs_fits: set[str | None] = set()  # the fit configs of the versions from the next run on
+    attached_past_next_run: list[str] = []
     for csv_path in [*paths, *followers]:
         file_columns, file_rows, file_series, file_notes = read_metrics(csv_path)
         steps = [s for series in file_series.values() for s in series.steps]
@@ -503,23 +570,51 @@ def load_run(path: str | Path) -> RunLog:
         earlier_last = max((part.last_step for part in parts if part.last_step is not None), default=None)
         # a resumed fit whose part fell short of log_every_n_steps logs only validation rows; it is still a fit when
         # it logs past every earlier version's last step (a validate/test logs at its checkpoint's step, within the
-        # run): its values were left out as a validate's. Judged by steps, not config.yaml: runs from Python have none
+        # run): its values were left out as a validate's. Judged by steps, not config.yaml: runs from Python have none.
+        # Never a version with test metrics: a fit logs none, and a test of another run sharing the logger folder logs
+        # at its own checkpoint's step, which may be past this run's last
         logs_training = _logs_training(file_columns) or (
             earlier_last is not None and bool(steps) and min(steps) > earlier_last
+            and not any(is_test_key(c) for c in file_columns)
         )
-        part = CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training)
-        # training rows where there are (a resume's first rows may be the stopped validation's, at the stopped step)
-        first_training = min(training_steps, default=part.first_step)
-        last_training = earlier_last if run_last_training is None else run_last_training
-        if csv_path in followers and not _continues_run(part, first_training, last_training):
-            if part.logs_training and first_training and last_training is not None:
-                notes.append(
-                    f"{given} is read without {part.path.parent.name} and the versions after it: that version logs "
-                    f"training from step {first_training:g}, not after this run's last step {last_training:g}, "
-                    f"so it is read as the next run (a sweep's next trial); if it resumes this run from an earlier "
-                    f"checkpoint, pass {given.parent} to merge them"
-                )
-            break
+        part = CsvPart(csv_path, file_rows, min(steps, default=None), max(steps, default=None), logs_training,
+                       fit_config_key(csv_path.parent))
+        name = part.path.parent.name
+        run_fits = {p.config_key for p in parts if p.logs_training} - {None}
+        tested_fit = part.config_key if not logs_training else None  # the fit config a test/validate keeps
+        if csv_path in paths and len(paths) > 1 and not logs_training and not parts and some_version_trains:
+            notes.append(
+                f"{name} is left out: its test/validate was written before the run's first training version, so it "
+                "evaluated another model (a given checkpoint), not this run's")
+            continue
+        if next_run is not None:  # past the next run: only this run's tests, by their fit config
+            if tested_fit is not None and tested_fit in run_fits and tested_fit not in later_runs_fits:
+                attached_past_next_run.append(name)
+            else:
+                later_runs_fits.add(part.config_key if logs_training else None)
+                continue
+        elif parts and tested_fit is not None and tested_fit not in run_fits:
+            owner = _fit_with_config(tested_fit, earlier)
+            if owner is not None or run_fits:
+                whose = (f"the fit config of {owner.parent.name}, which it goes with" if owner is not None
+                         else "the config of no fit written before it in this run")
+                notes.append(f"{name} is left out: the fit config its test/validate kept ({FIT_CONFIG_NAME}) is "
+                             f"{whose}")
+                continue
+        elif csv_path in followers:
+            first_training = min(training_steps, default=part.first_step)
+            last_training = earlier_last if run_last_training is None else run_last_training
+            if not _continues_run(part, first_training, last_training):
+                if part.logs_training and first_training and last_training is not None:
+                    notes.append(
+                        f"{given} is read without {name} and the versions after it: that version logs "
+                        f"training from step {first_training:g}, not after this run's last step {last_training:g}, "
+                        f"so it is read as the next run (a sweep's next trial); if it resumes this run from an earlier "
+                        f"checkpoint, pass {given.parent} to merge them"
+                    )
+                next_run = part
+                later_runs_fits.add(part.config_key)
+                continue
         notes += file_notes
         parts.append(part)
         run_last_training = max([*training_steps, *([] if run_last_training is None else [run_last_training])],
@@ -527,10 +622,17 @@ def load_run(path: str | Path) -> RunLog:
         to_merge.append((csv_path, file_series, logs_training))
         columns += [c for c in file_columns if c not in columns]
         rows += file_rows
-    if len(parts) > 1 and followers:
+    before_next_run = [part.path.parent.name for part in parts[1:]
+                       if part.path.parent.name not in attached_past_next_run]
+    if before_next_run and followers:
         notes.append(
             f"{given} is read with the version(s) written after it up to the next run in {given.parent}: "
-            + ", ".join(part.path.parent.name for part in parts[1:])
+            + ", ".join(before_next_run)
+        )
+    if attached_past_next_run:
+        notes.append(
+            f"{given} is also read with {', '.join(attached_past_next_run)}, written after the next run "
+            f"({next_run.path.parent.name}): the fit config its test/validate kept ({FIT_CONFIG_NAME}) is this run's"
         )
     series, merge_notes = merge_parts(to_merge)
     version_dirs = [part.path.parent for part in parts]
