@@ -11,6 +11,7 @@ import torchmetrics
 from torch import nn
 
 from lightning_act.errors import ConfigError
+from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -32,9 +33,13 @@ def refuse_several_loaders(trainer: pl.Trainer, stage: str, task: str) -> None:
 
 
 class ClassificationTask(pl.LightningModule):
-    """``self.model`` maps inputs to logits; subclasses add the training step and the optimiser."""
+    """``self.model`` maps inputs to logits; subclasses add the training step and the optimiser, and narrow the form of
+    their ``(inputs, labels)`` batches."""
 
     model: nn.Module
+    batch_form = BatchForm(
+        (Part("inputs (B, ...)", 1, None, at_least=True), Part("labels (B, ...)", 1, None, at_least=True))
+    )
 
     def init_metrics(self, num_classes: int) -> None:
         """Top-1 accuracy (micro average) for train, val and test; the val and test loss as means weighted by examples,
@@ -68,6 +73,7 @@ class ClassificationTask(pl.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, stage: str, dataloader_idx: int) -> None:
         """Loss and accuracy over the batch's real examples (not the DDP sampler's padding, see ``real_examples``)."""
+        self.batch_form.check(batch, batch_idx, type(self).__name__, stage)
         x, y = batch
         real = real_examples(self._trainer, stage, batch_idx, len(y), y.device, dataloader_idx=dataloader_idx)
         logits, y = self(x)[real], y[real]
@@ -86,4 +92,5 @@ class ClassificationTask(pl.LightningModule):
         self._eval_step(batch, batch_idx, "test", dataloader_idx)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "predict")
         return self(batch[0]).softmax(-1)

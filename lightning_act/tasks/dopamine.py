@@ -42,6 +42,7 @@ from lightning_act.nn.dopamine import (
 )
 from lightning_act.peft.lora import apply_ia3, apply_lora, count_trainable
 from lightning_act.plots import save_png_whole, writes_run_files
+from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.sampler_padding import real_examples, stage_loaders
 from lightning_act.tasks.image_classification import WarmupCosineLR, schedule_steps, start_schedules
@@ -73,7 +74,13 @@ def build_mlp(in_features: int, hidden_sizes: list[int], num_classes: int, activ
 class _Classifier(ClassificationTask):
     """Shared harness of both phases: cross entropy, AdamW on the trainable parameters, cosine LR."""
 
+    batch_form = BatchForm(
+        (Part("images (B, ...)", 2, "float", at_least=True), Part("labels (B,)", 1, "int")),
+        "lightning_act.data.rotated_digits.RotatedDigitsDataModule",
+    )
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "train")
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)

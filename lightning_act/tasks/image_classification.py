@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_act.checkpointing import restoring_from_checkpoint, weights_from_checkpoint
 from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError, LightningActError
+from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import ClassificationTask
 
 
@@ -265,6 +266,11 @@ class ImageClassifier(ClassificationTask):
     way loads (``load_from_checkpoint``, ``lightning_act test --ckpt_path``) without that file: it holds every weight.
     """
 
+    batch_form = BatchForm(
+        (Part("images (B, C, H, W)", 4, "float"), Part("labels (B,)", 1, "int")),
+        "lightning_act.data.images.ImageDataModule",
+    )
+
     def __init__(
         self,
         model_name: str = "vit_tiny_patch16_224",
@@ -366,6 +372,7 @@ class ImageClassifier(ClassificationTask):
             )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "train")
         x, y = batch
         if self.mixup is not None and len(y) > 1:  # a last batch of one has no partner: it trains unmixed below
             if len(y) % 2:

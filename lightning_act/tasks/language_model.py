@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
+from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.image_classification import WarmupCosineLR, check_schedule, schedule_steps, start_schedules
 from lightning_act.tasks.classification import mean_loss_metric
 from lightning_act.tasks.sampler_padding import real_examples
@@ -41,6 +42,11 @@ class CausalLanguageModel(pl.LightningModule):
     Logged: ``train/loss``, ``val/loss`` (nats per token) and ``val/bits_per_token``, both means over every token of
     the validation set, each sequence once under DDP (not the sampler's padding, see ``real_examples``).
     """
+
+    batch_form = BatchForm(
+        (Part("input_ids (B, T)", 2, "int"), Part("targets (B, T)", 2, "int")),
+        "lightning_act.data.stdlib_text.StdlibTextDataModule",
+    )
 
     def __init__(
         self,
@@ -87,12 +93,14 @@ class CausalLanguageModel(pl.LightningModule):
         return losses[targets.reshape(-1) != IGNORE_INDEX]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "train")
         loss = self._token_losses(*batch).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Token losses of the batch's real sequences, averaged over the whole set by the metrics (summed over ranks)."""
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "val")
         input_ids, targets = batch
         real = real_examples(self._trainer, "val", batch_idx, len(targets), targets.device)
         losses = self._token_losses(input_ids[real], targets[real])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
+from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.image_classification import check_schedule, start_schedules
 from lightning_act.tasks.language_model import adamw_warmup_cosine
@@ -31,6 +32,11 @@ class ModularAddition(ClassificationTask):
         lr, weight_decay, warmup_steps: AdamW, warm-up then cosine decay (grokking setups use
             strong weight decay, ~1).
     """
+
+    batch_form = BatchForm(
+        (Part("tokens (B, 3)", 2, "int"), Part("answers (B,)", 1, "int")),
+        "lightning_act.data.modular_addition.ModularAdditionDataModule",
+    )
 
     def __init__(
         self,
@@ -65,6 +71,7 @@ class ModularAddition(ClassificationTask):
         return self.model(tokens)[:, -1, : self.hparams.p]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "train")
         tokens, answers = batch
         logits = self(tokens)
         loss = F.cross_entropy(logits, answers)

@@ -50,6 +50,7 @@ from lightning_act.eval.seizure_alarms import (
     raise_alarms,
 )
 from lightning_act.models.stan import STAN
+from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
 from lightning_act.tasks.sampler_padding import real_examples
 
@@ -207,6 +208,13 @@ class _ClassCounts(torchmetrics.Metric):
 class SeizureForecaster(pl.LightningModule):
     """STAN classifier with a class-conditional domain critic on its embeddings (module doc)."""
 
+    batch_form = BatchForm(
+        (Part("windows (B, C, T)", 3, "float"), Part("labels (B,)", 1, "float")),
+        "lightning_act.data.eeg.EEGSeizureDataModule",
+        extra=2,
+        extra_text=" optionally followed by subjects (B,) or by recordings (B,) and times (B,)",
+    )
+
     def __init__(
         self,
         in_chans: int = 23,
@@ -341,6 +349,7 @@ class SeizureForecaster(pl.LightningModule):
             )
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "train")
         model_opt, critic_opt = self.optimizers()
         x, y = batch[0], batch[1]
         z = self.model.embed(x)
@@ -373,6 +382,7 @@ class SeizureForecaster(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss and AUROC over the batch's windows but the DDP sampler's padding (see ``real_examples``)."""
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "val")
         real = real_examples(self._trainer, "val", batch_idx, len(batch[1]), batch[1].device, dataloader_idx=dataloader_idx)
         logits, y = self(batch[0])[real], batch[1][real]
         if len(y):  # a batch of padding alone has no loss
@@ -436,6 +446,7 @@ class SeizureForecaster(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Labelled windows give test loss/AUROC; with (recording, time) the stream is kept for alarms. The DDP
         sampler's padding is left out of both (see ``real_examples``)."""
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "test")
         real = real_examples(self._trainer, "test", batch_idx, len(batch[1]), batch[1].device, dataloader_idx=dataloader_idx)
         logits = self(batch[0])[real]
         batch = tuple(part[real] for part in batch)
@@ -443,8 +454,10 @@ class SeizureForecaster(pl.LightningModule):
         probs = logits.float().sigmoid()  # the alarms' probabilities, in float32 (bf16 rounds them to 1/256)
         labelled = y >= 0
         if labelled.any():
-            # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches
-            self.test_loss.update(self._classifier_loss(logits[labelled], y[labelled]), weight=labelled.sum())
+            # the objective val/loss reports (pos_weight included), averaged over labelled windows, not whole batches;
+            # a float weight: torchmetrics < 1.6.2 could not take an int64 one with a NaN loss
+            labelled_count = labelled.sum(dtype=torch.float32)
+            self.test_loss.update(self._classifier_loss(logits[labelled], y[labelled]), weight=labelled_count)
         # updated on every batch, labelled windows or none (empty tensors): under DDP a rank whose share holds no
         # labelled window must still run the epoch-end syncs of the other ranks (test/loss: on_test_epoch_end)
         self.test_auroc.update(ranking_scores(logits[labelled]), y[labelled].long())
@@ -528,6 +541,7 @@ class SeizureForecaster(pl.LightningModule):
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """Per-window preictal probability."""
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "predict")
         return self(batch[0]).float().sigmoid()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

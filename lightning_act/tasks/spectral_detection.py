@@ -32,6 +32,7 @@ from lightning_act.errors import LightningActError
 from lightning_act.eval.ranking import NaNLogitCount, probability_of_score, ranking_scores, warn_nan_rank_metrics
 from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
+from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
 from lightning_act.tasks.sampler_padding import real_examples
 
@@ -62,6 +63,11 @@ class SpectralTargetDetection(pl.LightningModule):
     testing, ``test_pr_curve`` holds the precision-recall curve (precision, recall, thresholds),
     also written to ``test_pr_curve.csv`` in the trainer's log directory when there is one.
     """
+
+    batch_form = BatchForm(
+        (Part("spectra (B, bands)", 2, "float"), Part("labels (B,)", 1, "float")),
+        "lightning_act.data.hyperspectral.HyperspectralDataModule",
+    )
 
     def __init__(
         self,
@@ -170,6 +176,7 @@ class SpectralTargetDetection(pl.LightningModule):
         return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "train")
         spectra, labels = batch
         loss = self.compute_loss(self(spectra), labels)
         self.log("train/loss", loss, prog_bar=True)
@@ -179,6 +186,7 @@ class SpectralTargetDetection(pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, stage: str, dataloader_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, labels)`` of the batch's spectra but the DDP sampler's padding (see ``real_examples``)."""
+        self.batch_form.check(batch, batch_idx, type(self).__name__, stage)
         spectra, labels = batch
         real = real_examples(self._trainer, stage, batch_idx, len(labels), labels.device, dataloader_idx=dataloader_idx)
         return self(spectra)[real], labels[real]
@@ -231,22 +239,31 @@ class SpectralTargetDetection(pl.LightningModule):
         self.log(f"{stage}/auroc", values[0], sync_dist=True, reduce_fx="max")
         self.log(f"{stage}/ap", values[1], prog_bar=stage == "val", sync_dist=True, reduce_fx="max")
 
+    def _pr_curve_csv(self) -> Path | None:
+        """Where this rank writes ``test_pr_curve.csv``: the trainer's log directory, on global zero where the run
+        writes files (``None`` elsewhere). Call it on every rank: ``trainer.log_dir`` is a broadcast."""
+        log_dir = self.trainer.log_dir
+        if log_dir is None or not self.trainer.is_global_zero or not writes_run_files(self.trainer):
+            return None
+        return Path(log_dir).expanduser() / "test_pr_curve.csv"  # "~/runs": the loggers write under $HOME
+
     def on_test_epoch_end(self) -> None:
         nan_logits = self.test_nan_logits.epoch_total()
         self._log_rank_metrics("test", nan_logits, self.test_auroc, self.test_ap)
+        csv_path = self._pr_curve_csv()
         if nan_logits:  # no curve of NaN scores: the one a previous test gave is not this model's either
             self.test_pr.reset()
             self.test_pr_curve = None
+            if csv_path is not None:  # nor its file, beside this test's NaN metrics (the same Trainer's log_dir)
+                csv_path.unlink(missing_ok=True)
             return
         precision, recall, scores = self.test_pr.compute()
         self.test_pr.reset()
         thresholds = probability_of_score(scores)  # the curve's thresholds as probabilities again
         self.test_pr_curve = (precision.cpu(), recall.cpu(), thresholds.cpu())
-        log_dir = self.trainer.log_dir
-        if log_dir is not None and self.trainer.is_global_zero and writes_run_files(self.trainer):
-            folder = Path(log_dir).expanduser()  # "~/runs": the loggers write under $HOME
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / "test_pr_curve.csv", "w", newline="") as handle:
+        if csv_path is not None:
+            csv_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(csv_path, "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["threshold_probability", "precision", "recall"])
                 # precision/recall have one more entry than thresholds: the (1, 0) end point.
@@ -254,6 +271,7 @@ class SpectralTargetDetection(pl.LightningModule):
                     writer.writerow([t, p, r])
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.batch_form.check(batch, batch_idx, type(self).__name__, "predict")
         return torch.sigmoid(self(batch[0]).float())  # in float32: bf16 rounds probabilities to 1/256
 
     def configure_optimizers(self) -> Any:
