@@ -128,6 +128,8 @@ CASES = [
     Case("unknown command", ["tset"]),
     Case("`batch_size: 0`", ["fit", "--config", "kat.yaml", "--data.init_args.batch_size", "0"]),
     Case("`num_threads: 0`", ["fit", "--config", "kat.yaml", "--num_threads", "0"]),
+    Case("another task's data module (`--data`)",
+         ["fit", "--config", "kat.yaml", "--data", "lightning_act.data.eeg.EEGSeizureDataModule"]),
     Case("a GPU on a CPU-only machine", ["fit", "--config", "kat.yaml", "--trainer.accelerator", "gpu"], cpu_only=True),
     Case("re-running a fit over a previous run", ["fit", "--config", "kat.yaml"],
          [_checkpoint("runs/kat/checkpoints/last.ckpt", KAT_CLASS)]),

@@ -89,10 +89,13 @@ TAKES = {
 }
 
 
+def _size_and_dtype(t: torch.Tensor) -> str:
+    return f"({', '.join(str(n) for n in t.size())}{',' if t.dim() == 1 else ''}) {str(t.dtype)[6:]}"
+
+
 def _described(batch: list[torch.Tensor]) -> str:
     """The batch as the message should give it, from its tensors' sizes and dtypes read here."""
-    sizes = [f"({', '.join(str(n) for n in t.size())}{',' if t.dim() == 1 else ''}) {str(t.dtype)[6:]}" for t in batch]
-    return f"a list of {len(batch)}: {', '.join(sizes)}"
+    return f"a list of {len(batch)}: {', '.join(_size_and_dtype(t) for t in batch)}"
 
 
 def test_each_task_takes_its_own_data_and_refuses_every_other_tasks_at_its_training_step_in_one_line(batches):
@@ -102,7 +105,7 @@ def test_each_task_takes_its_own_data_and_refuses_every_other_tasks_at_its_train
     for name, task in tasks.items():
         for data, batch in batches.items():
             if data in OWN_DATA[name]:
-                assert task.batch_form.fits(batch, "train" if data != "eeg_test" else "test"), (name, data)
+                assert task.batch_form.fits(batch, inputs_only=False), (name, data)
                 continue
             with pytest.raises(DataFormatError) as refusal:
                 task.training_step(batch, 0)
@@ -125,8 +128,9 @@ def test_the_evaluation_and_predict_steps_refuse_another_tasks_batches(batches, 
         if not hasattr(type(task), step) or getattr(type(task), step) is getattr(pl.LightningModule, step):
             continue  # the task has no such step of its own (the language model's test and predict)
         foreign = batches[{"SeizureForecaster": "images", "DopamineFoundation": "sums"}.get(name, "eeg")]
-        with pytest.raises(DataFormatError, match=rf"^{name} takes batches .* but its {stage} data gives "
-                                                  rf"{re.escape(_described(foreign))}; pass a data module whose "
+        got = (f"the inputs of its predict data are a tensor {re.escape(_size_and_dtype(foreign[0]))}"
+               if stage == "predict" else f"its {stage} data gives {re.escape(_described(foreign))}")
+        with pytest.raises(DataFormatError, match=rf"^{name} takes batches .* but {got}; pass a data module whose "
                                                   rf"batches {wanted}"):
             getattr(task, step)(foreign, 0)
         checked += 1

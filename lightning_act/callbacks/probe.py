@@ -152,6 +152,10 @@ def _forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any
     except LightningActError:
         raise
     except Exception as error:  # the user's model or function: report it in one line
+        form = getattr(pl_module, "batch_form", None)  # the project's tasks say which batches they take
+        if forward_fn is default_forward and source == "validation" and form is not None:
+            inputs = batch if isinstance(batch, (tuple, list)) else (batch,)  # what default_forward reads first
+            form.check(inputs, 0, type(pl_module).__name__, "val", inputs_only=True)
         first_line = str(error).splitlines()[0] if str(error) else ""
         where, check = (
             ("a batch of tracking_inputs", "tracking_inputs") if source == "tracking_inputs"

@@ -61,12 +61,12 @@ class BatchForm:
     def text(self) -> str:
         return "(" + ", ".join(part.text for part in self.parts) + ")" + self.extra_text
 
-    def fits(self, batch: Any, stage: str) -> bool:
-        """Whether ``batch`` has this form; of a predict batch only the inputs (the first part), all that
-        ``predict_step`` reads."""
+    def fits(self, batch: Any, inputs_only: bool) -> bool:
+        """Whether ``batch`` has this form; with ``inputs_only`` (a predict batch: all that ``predict_step`` reads)
+        only its first part."""
         if not isinstance(batch, (tuple, list)) or not batch:
             return False
-        if stage == "predict":
+        if inputs_only:
             return self.parts[0].fits(batch[0])
         if not len(self.parts) <= len(batch) <= len(self.parts) + self.extra:
             return False
@@ -76,15 +76,21 @@ class BatchForm:
             and len({value.shape[0] for value in batch}) == 1  # one batch size B
         )
 
-    def check(self, batch: Any, batch_idx: int, task: str, stage: str) -> None:
-        """Raise ``DataFormatError`` when the first batch of a ``stage`` loader pass is not of this form."""
-        if batch_idx != 0 or self.fits(batch, stage):
+    def check(self, batch: Any, batch_idx: int, task: str, stage: str, inputs_only: bool | None = None) -> None:
+        """Raise ``DataFormatError`` when the first batch of a ``stage`` loader pass is not of this form; of its inputs
+        alone with ``inputs_only`` (by default for predict batches; a probe forward is given the inputs alone)."""
+        inputs_only = stage == "predict" if inputs_only is None else inputs_only
+        if batch_idx != 0 or self.fits(batch, inputs_only):
             return
-        wanted = f"start with {self.parts[0].text}" if stage == "predict" else "have this form"
+        wanted = f"start with {self.parts[0].text}" if inputs_only else "have this form"
         example = f" (e.g. {self.example})" if self.example else ""
+        data = _STAGE_DATA[stage]
+        if inputs_only and isinstance(batch, (tuple, list)) and batch:
+            got = f"the inputs of its {data} data are {describe_batch(batch[0])}"
+        else:
+            got = f"its {data} data gives {describe_batch(batch)}"
         raise DataFormatError(
-            f"{task} takes batches {self.text}, but its {_STAGE_DATA[stage]} data gives {describe_batch(batch)}; "
-            f"pass a data module whose batches {wanted}{example}"
+            f"{task} takes batches {self.text}, but {got}; pass a data module whose batches {wanted}{example}"
         )
 
 
