@@ -99,15 +99,6 @@ def test_send_drop_zeroes_the_channels_the_capture_read_when_a_training_batch_ha
         assert int((x == 0).sum()) == x.shape[0] * len(expected) * x.shape[2]  # nothing else zeroed
 
 
-def test_send_drop_zeroes_nothing_and_says_so_once_where_no_axis_was_ever_told() -> None:
-    # The tracking set has 8 frames == 8 channels too: no shape ever told the axis of this block's outputs, so there is
-    # no reading of the training batches' that the sensitive set's indices are known to index. Before: frames zeroed.
-    seen, said = _send_fit(tracking_length=8)
-    assert all(not bool((x == 0).any()) for _, x in seen)
-    lines = [line for line in said if "SensitiveNeurons(drop=True): nothing tells which axis" in line]
-    assert len(lines) == 1 and "blocks.0" in lines[0] and "feature_dim=" in lines[0]
-
-
 class EvalRescaled(nn.Module):
     """Hugging Face RWKV's eval-mode rescaling in small: the first eval forward divides block i's weight by 2**i in
     place and notes it in a plain attribute; the first training forward after multiplies them back."""

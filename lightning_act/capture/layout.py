@@ -12,13 +12,11 @@ Features: a 3-D activation is read as ``(B, T, D)`` and a 4-D one as ``(B, C, H,
 tapped module's layers tell which: the features are the axis (1 or the last) whose length is the width the last
 layer writes (the first reads, for an input tap); when both axes have that length, the axis every layer of the
 module acts on (a ``Linear``, ``LayerNorm`` or recurrent layer the last, a convolution, ``BatchNorm``, ``GroupNorm``
-or timm's ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside); each layer's
-widths also count on the axis it acts on (:func:`feature_axis`). An activation module has no layers, so the layer its
-owner is or the layers it registers around it speak for it. ``feature_dim=`` (1 or -1) overrides the inference; where
-nothing tells the layout of a map of 4 or more axes (or of 3 axes, unless no layer tells anything or they all act on
-the last axis), the reading above stands, and a monitor whose statistics depend on it warns. A 2-D or 3-D activation
-of such layers with their width on axis 0 only is an unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample
-axis, and those monitors warn and skip it.
+or timm's ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside). An activation module
+has no layers, so the layer its owner is or the layers it registers around it speak for it. ``feature_dim=`` (1 or
+-1) overrides the inference; where nothing tells the layout of a map of 4 or more axes, the reading above stands, and
+a monitor whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only
+is an unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample axis, and those monitors warn and skip it.
 """
 
 from __future__ import annotations
@@ -40,16 +38,13 @@ class Layout:
     the statistics read them (:func:`with_canonical_features`): ``feature_dim`` (1 or -1 of the sample-first
     activation) is declared by the user, ``features`` the inferred ``(width, axis, unbatched rank)`` of the layers at
     the tap (:func:`tap_features`; axis ``"first"``: axis 1, ``"last"``: the last axis, ``None``: they differ; the
-    rank: :func:`unbatched_ndim`). ``axis_widths``: the widths of those layers (or of the layers around an
-    activation whose axes differ) that act on axis 1 and of those that act on the last axis, which check and complete
-    that reading (:func:`feature_axis`)."""
+    rank: :func:`unbatched_ndim`)."""
 
     batch_dim: int | None = None
     token_dim: int | None = None
     reads_features: bool = False
     feature_dim: int | None = None
     features: tuple[int | tuple[int, ...], str | None, int | None] | None = None
-    axis_widths: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def declared(self) -> bool:
@@ -141,94 +136,43 @@ def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None, 
     return width, (axes.pop() if len(axes) == 1 else None), rank
 
 
-Features = tuple[int | tuple[int, ...], str | None, int | None]
-AxisWidths = tuple[tuple[int, ...], tuple[int, ...]]
-#: The reading of layers around an activation that act on different axes, none of them deciding: only their
-#: ``axis_widths`` can tell (a width on exactly one axis whose layers act on it).
-UNDECIDED: Features = ((), None, None)
-
-
-def tap_features(chain: list[nn.Module], point: str) -> tuple[Features | None, AxisWidths | None]:
-    """``(width, axis, unbatched rank)`` of the tapped tensor's features (:func:`_features_of`) and the layers'
-    ``axis_widths`` (:func:`_axis_widths`) from the tapped module's layers or, for a module without one (an
-    activation), from its owners (:func:`_from_owners`)."""
-    layers = list(chain[0].modules())
-    found = _features_of(layers, point)
+def tap_features(
+    chain: list[nn.Module], point: str
+) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
+    """``(width, axis, unbatched rank)`` of the tapped tensor's features (:func:`_features_of`) from the tapped
+    module's layers or, for a module without one (an activation), from the layer its owner is (timm's
+    ``BatchNormAct2d``) or the layers its owner registers around it (:func:`_sibling_features`), going up through
+    owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``)."""
+    found = _features_of(list(chain[0].modules()), point)
     if found is not None:
-        return found, _axis_widths(layers)
+        return found
     return _from_owners(chain)
 
 
-def _axis_widths(layers: list[nn.Module]) -> AxisWidths:
-    """The widths (read and written) of the layers that act on axis 1 and of those that act on the last axis."""
-    on_axis: dict[str, dict[int, None]] = {"first": {}, "last": {}}
-    for layer in layers:
-        found = layer_features(layer)
-        if found is not None:
-            on_axis[found[0]].update(dict.fromkeys(found[1:]))
-    return tuple(on_axis["first"]), tuple(on_axis["last"])
-
-
-def _from_owners(chain: list[nn.Module]) -> tuple[Features | None, AxisWidths | None]:
-    """:func:`tap_features` of a module without layers, from its owners (innermost first): the layer its owner is
-    (timm's ``BatchNormAct2d``), else the layers its owner registers around it (:func:`_owner_reading`), going up
-    through owners that have neither (timm's ``StarReLU`` holds a bare ``ReLU``), but not past one that holds weights
-    of its own (an MLP of ``nn.Parameter`` weights applied with ``F.linear`` or ``einsum``: its block's layers have
-    the width of the MLP's input, not of its hidden activation), whose weights' widths can tell on no particular axis.
-
-    An activation registered before every layer of its owner takes the later layers' reading only where the nearest
-    owner above with a reading of its own agrees on the axis: CLIP's MLP registers ``activation_fn`` before
-    ``fc1``/``fc2`` (they agree), while torchvision MaxViT's ``departition_op``, registered before Linear layers,
-    gives ``(B, C, H, W)`` maps, read channels-first by its owner above (a draft of round 24 read them along the
-    image columns when ``W == C``). Only the nearest one: a conv block registering its activation first, stacked
-    under a model with a Linear head, took the head's reading (round 25)."""
+def _from_owners(chain: list[nn.Module]) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
+    """:func:`tap_features` of a module without layers, from its owners (innermost first). An activation registered
+    before every layer of its owner takes the later layers' reading only where its owners above agree on the axis
+    (round 23's reading): CLIP's MLP registers ``activation_fn`` before ``fc1``/``fc2`` (they agree), while
+    torchvision MaxViT's ``departition_op``, registered before Linear layers, gives ``(B, C, H, W)`` maps, read
+    channels-first by its owners above (a draft of round 24 read them along the image columns when ``W == C``)."""
     for depth, (module, owner) in enumerate(zip(chain, chain[1:])):
         if layer_features(owner) is not None:
-            return _features_of([owner], "output"), None
-        found, widths, before = _owner_reading(module, owner)
+            return _features_of([owner], "output")
+        siblings = list(owner.children())
+        index = next((i for i, child in enumerate(siblings) if child is module), 0)
+        before = [found for found in (_features_of(list(s.modules()), "output") for s in reversed(siblings[:index]))
+                  if found]
+        after = [found for s in siblings[index + 1:] for point in ("input", "output")
+                 if (found := _features_of(list(s.modules()), point))]
+        found = _sibling_features(before, after)
         if found is None:
-            weights = [p for p in owner.parameters(recurse=False) if p.dim() >= 2]
-            if weights:
-                own = tuple(dict.fromkeys(length for weight in weights for length in weight.shape))
-                return (own, None, None), None
             continue
         if not before:
-            above = _nearest_reading(chain[depth + 1:])
+            above = _from_owners(chain[depth + 1:])
             if above is not None and above[1] != found[1]:
-                return above, None
-        return found, widths
-    return None, None
-
-
-def _nearest_reading(chain: list[nn.Module]) -> Features | None:
-    """The reading of the nearest owner in ``chain`` (innermost first) that has one of its own (layers around the
-    module in ``chain[0]`` that decide an axis)."""
-    for module, owner in zip(chain, chain[1:]):
-        found = _owner_reading(module, owner)[0]
-        if found is not None and found is not UNDECIDED:
-            return found
+                return above
+        return found
     return None
-
-
-def _owner_reading(module: nn.Module, owner: nn.Module) -> tuple[Features | None, AxisWidths | None, list[Features]]:
-    """The features of ``module`` (without layers) from ``owner``: the layer the owner is, or its other children's
-    layers (:func:`_sibling_features`); where those act on different axes, also their ``axis_widths``
-    (:data:`UNDECIDED` where none decides). Returned with the readings of the children registered before it."""
-    if layer_features(owner) is not None:
-        return _features_of([owner], "output"), None, []
-    siblings = list(owner.children())
-    index = next((i for i, child in enumerate(siblings) if child is module), 0)
-    before = [found for found in (_features_of(list(s.modules()), "output") for s in reversed(siblings[:index]))
-              if found]
-    after = [found for s in siblings[index + 1:] for point in ("input", "output")
-             if (found := _features_of(list(s.modules()), point))]
-    if not before and not after:
-        return None, None, before
-    found = _sibling_features(before, after)
-    if _on_one_axis([*before, *after]) is not None:
-        return found, None, before
-    around = [layer for i, s in enumerate(siblings) if i != index for layer in s.modules()]
-    return (UNDECIDED if found is None else found), _axis_widths(around), before
 
 
 def _sibling_features(
@@ -272,25 +216,18 @@ def _widths(width: int | tuple[int, ...]) -> tuple[int, ...]:
 def module_layout(chain: list[nn.Module], point: str = "output") -> Layout:
     """Layout of a tap from its module and its owners (innermost first): the nearest ``batch_first`` declaration
     wins; the features from :func:`tap_features`."""
-    features, axis_widths = tap_features(chain, point) if chain else (None, None)
+    features = tap_features(chain, point) if chain else None
     for module in chain:
         batch_first = declared_batch_first(module)
         if batch_first is not None:
-            axes = (0, 1) if batch_first else (1, 0)
-            return Layout(*axes, features=features, axis_widths=axis_widths)
-    return Layout(features=features, axis_widths=axis_widths)
+            return Layout(0, 1, features=features) if batch_first else Layout(1, 0, features=features)
+    return Layout(features=features)
 
 
 def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | None:
     """The axis of the features of a sample-first activation of ``shape`` (3-D or more), 1 or the last: the
     declared one; else the one of the two whose length is one of the tapped layers' widths, or, when both are, the
-    axis those layers act on; ``None`` where nothing tells.
-
-    The ``axis_widths`` check that: where no axis has the width, or both do and the layers differ, the one axis
-    that has the width of a layer acting on it tells (a 1-D CNN's ``relu`` registered after its Linear head, whose
-    classes no axis has); a width of layers acting on the last axis found on axis 1 only, in a module with no layer
-    acting on axis 1, is a coincidence where the last axis has the width of one of them (timm's gMLP gating unit
-    runs its Linear ``proj`` on the transposed tokens; its ``LayerNorm`` has the channels)."""
+    axis those layers act on; ``None`` where nothing tells."""
     ndim = len(shape)
     if layout.feature_dim is not None:
         return layout.feature_dim % ndim
@@ -298,20 +235,11 @@ def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | N
         return None
     widths, axis = _widths(layout.features[0]), layout.features[1]
     first, last = shape[1] in widths, shape[-1] in widths
-    found = None
     if first and last:
-        found = None if axis is None else (1 if axis == "first" else ndim - 1)
-    elif first or last:
-        found = 1 if first else ndim - 1
-    if layout.axis_widths is None:
-        return found
-    on_first, on_last = layout.axis_widths
-    told = {axis for axis, has in ((1, shape[1] in on_first), (ndim - 1, shape[-1] in on_last)) if has}
-    if len(told) != 1:
-        return found
-    if found is None or (found == 1 and not on_first):
-        return told.pop()
-    return found
+        return None if axis is None else (1 if axis == "first" else ndim - 1)
+    if first or last:
+        return 1 if first else ndim - 1
+    return None
 
 
 def _has_width_on_both(shape: tuple[int, ...] | torch.Size, layout: Layout) -> bool:
@@ -321,14 +249,6 @@ def _has_width_on_both(shape: tuple[int, ...] | torch.Size, layout: Layout) -> b
         return False
     widths = _widths(layout.features[0])
     return shape[1] in widths and shape[-1] in widths
-
-
-def _reads_as_tokens(layout: Layout) -> bool:
-    """Whether a 3-D activation whose feature axis nothing tells may be read as it comes, ``(B, T, D)``: where no
-    layer tells anything, or the layers all act on the last axis (diffusers' ``GEGLU``, whose ``proj`` writes twice
-    the width it returns). Layers acting on axis 1, or on different axes, leave it unknown: a ``(B, C, L)`` map of a
-    1-D CNN or of a ConvNeXt-1D block was read along its time steps without a warning before round 25."""
-    return layout.features is None or layout.features[1] == "last"
 
 
 def looks_unbatched(shape: tuple[int, ...] | torch.Size, layout: Layout) -> bool:
@@ -385,11 +305,11 @@ def with_canonical_features(
     Where ``layout.reads_features``: a 3-D ``(B, C, L)`` map becomes ``(B, L, C)`` and a channels-last map
     ``(B, *spatial, C)`` becomes ``(B, tokens, C)`` with the spatial positions flattened in order, which every
     statistic reads as it reads ``(B, C, *spatial)`` (a token is a flattened spatial position; a view, no copy).
-    An activation whose features nothing tells is returned as it is, read as ``(B, C, *spatial)`` or ``(B, T, D)``,
-    with ``False``, except a 3-D one that :func:`_reads_as_tokens`. ``decided`` keeps the axis found for ``slot`` (a
-    tap): a later activation of it whose shape does not tell because both axes have the width (a ``(B, C, L)`` map
-    at a step where ``L`` equals the width ``C``) is read the same way, not flipped; one that neither axis has the
-    width of is not (a ``(B, T, D)`` step at ``T == D`` was remembered and later steps read along their tokens).
+    A map of 4 or more axes whose features nothing tells is returned as it is, read as ``(B, C, *spatial)``, with
+    ``False``. ``decided`` keeps the axis found for ``slot`` (a tap): a later activation of it whose shape does not
+    tell because both axes have the width (a ``(B, C, L)`` map at a step where ``L`` equals the width ``C``) is read
+    the same way, not flipped; one whose axes have neither width is not (round 25: a batch whose tokens happened to
+    have the wrongly inferred width made every later batch be read along its tokens).
     """
     if x.dim() < 3 or not layout.reads_features:
         return x, True
@@ -401,7 +321,7 @@ def with_canonical_features(
         elif _has_width_on_both(x.shape, layout):
             axis = decided.get(remembered)
     if axis is None:
-        return x, x.dim() == 3 and _reads_as_tokens(layout)
+        return x, x.dim() == 3
     if axis == 1:
         return (x.movedim(1, 2) if x.dim() == 3 else x), True
     return (x if x.dim() == 3 else x.flatten(1, -2)), True
