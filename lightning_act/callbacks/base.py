@@ -559,84 +559,69 @@ def largest_accumulation(trainer: pl.Trainer) -> int:
     return max(1, *factors)
 
 
-def first_validation_step(trainer: pl.Trainer, accumulate: int) -> int | None:
-    """The optimizer steps a fit from step 0 has taken at its first validation (None: it does not validate); an
-    epoch's last batch steps whatever the accumulation."""
-    if not trainer.enable_validation or trainer.val_check_batch is None:
-        return None
-    batches = int(trainer.num_training_batches)
-    if trainer.check_val_every_n_epoch is None:  # every val_check_batch batches, across epochs
-        return trainer.val_check_batch // accumulate
-    into_epoch = min(trainer.val_check_batch, batches)
-    before = (trainer.check_val_every_n_epoch - 1) * math.ceil(batches / accumulate)
-    return before + into_epoch // accumulate + int(into_epoch == batches and batches % accumulate != 0)
-
-
 @dataclass
 class MetricReader:
-    """A callback or plateau scheduler that reads ``trainer.callback_metrics[key]``: ``between`` optimizer steps
-    between its reads, and when it first reads the key strictly (raising when it is missing; None: never)."""
+    """A callback or plateau scheduler that reads ``trainer.callback_metrics[key]``: at least ``between`` optimizer
+    steps between two of its reads where that is known (None: unknown, a loader of unknown length, or it never
+    repeats a read); ``strict``: a missing key ends the fit."""
 
     name: str
     key: str
-    between: float
-    first_read: float | None
-    counts_repeats: bool  # reads each value as a new one (a repeat is no improvement)
+    between: float | None
+    strict: bool
     acts_after: str  # what it does after ``patience`` checks without improvement
     repeats_fix: Callable[[int], str]  # what to pass, given the monitor's every_n_steps, to read each value once
-    late_fix: Callable[[int], str]  # what to do, given the step at which the key first appears
+    late_fix: str  # what to do for a key that appears only after a few due steps
 
 
 def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
     """The ``EarlyStopping``, ``ModelCheckpoint`` callbacks and ``ReduceLROnPlateau`` schedulers of ``trainer``
-    that read a metric, with how often and from when (for a fit from step 0, at most ``accumulate`` micro-batches a
-    step)."""
+    that read a metric, with the least number of optimizer steps between two of their reads at ``accumulate``
+    micro-batches a step (an epoch's last batch steps whatever the accumulation)."""
     batches = trainer.num_training_batches
-    steps_per_epoch = batches / accumulate
-    validation = first_validation_step(trainer, accumulate)
+    steps_per_epoch = math.ceil(batches / accumulate) if math.isfinite(batches) else None
     readers = []
     for callback in trainer.callbacks:
         key = str(getattr(callback, "monitor", None))
         if isinstance(callback, lightning_classes("callbacks.EarlyStopping")):
-            if callback._check_on_train_epoch_end or trainer.val_check_batch is None:
-                between, first = steps_per_epoch, steps_per_epoch
-            elif trainer.check_val_every_n_epoch is None:  # validation every val_check_batch batches, across epochs
-                between, first = trainer.val_check_batch / accumulate, validation
-            else:  # within each check_val_every_n_epoch-th epoch
-                between = min(trainer.val_check_batch, batches) / accumulate * trainer.check_val_every_n_epoch
-                first = validation
+            validation = trainer.val_check_batch
+            if callback._check_on_train_epoch_end or validation is None:
+                between = steps_per_epoch
+            elif trainer.check_val_every_n_epoch is None or validation < batches:
+                between = validation / accumulate  # validations every val_check_batch batches (within an epoch)
+            else:  # one validation in each check_val_every_n_epoch-th epoch
+                between = None if steps_per_epoch is None else steps_per_epoch * trainer.check_val_every_n_epoch
             readers.append(MetricReader(
-                f"EarlyStopping(monitor='{key}')", key, between, first if callback.strict else None, True,
+                f"EarlyStopping(monitor='{key}')", key, between, callback.strict,
                 f"stop after patience={callback.patience}",
                 lambda every, between=between: f"every_n_steps <= {max(1, int(between))}",
-                lambda step: "pass EarlyStopping(strict=False) to wait for it",
+                "pass EarlyStopping(strict=False) to wait for it",
             ))
         elif isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.save_top_k != 0:
-            # it raises for a missing key once a validation has run: at that validation's end, or the epoch's end
-            first = validation
-            if first is not None and callback._should_save_on_train_epoch_end(trainer):
-                first = math.ceil(first / steps_per_epoch) * steps_per_epoch
             readers.append(MetricReader(
-                f"ModelCheckpoint(monitor='{key}')", key, math.inf, first, False, "", lambda every: "",
-                lambda step: (f"validate first after step {step} (val_check_interval, check_val_every_n_epoch) or "
-                              "monitor another key"),
+                f"ModelCheckpoint(monitor='{key}')", key, None, True, "", lambda every: "",
+                "save first after that step (every_n_epochs, every_n_train_steps, the validation interval) or monitor "
+                "another key",
             ))
     for config in trainer.lr_scheduler_configs:
         if not config.reduce_on_plateau:
             continue
         stepwise = config.interval == "step"
         # stepwise: at the batches (of each epoch) that both step the optimizer and are a multiple of frequency
-        between = math.lcm(accumulate, config.frequency) / accumulate if stepwise else config.frequency * steps_per_epoch
+        if stepwise:
+            between = math.lcm(accumulate, config.frequency) / accumulate
+        else:
+            between = None if steps_per_epoch is None else config.frequency * steps_per_epoch
 
         def repeats_fix(every: int, stepwise: bool = stepwise) -> str:
-            frequency = every * accumulate if stepwise else math.ceil(every / steps_per_epoch)
+            frequency = every * accumulate if stepwise else math.ceil(every / (steps_per_epoch or 1))
             return f"'frequency': {frequency} ({'batches' if stepwise else 'epochs'}) in its lr_scheduler config"
 
         readers.append(MetricReader(
             f"{type(config.scheduler).__name__}(lr_scheduler monitor='{config.monitor}', interval='{config.interval}', "
-            f"frequency={config.frequency})", str(config.monitor), between, between if config.strict else None, True,
+            f"frequency={config.frequency})", str(config.monitor), between, bool(config.strict),
             f"cut the learning rate after patience={getattr(config.scheduler, 'patience', '?')}", repeats_fix,
-            lambda step: "pass 'strict': False in its lr_scheduler config to wait for it",
+            "pass 'strict': False in its lr_scheduler config to wait for it",
         ))
     return readers
 
@@ -741,17 +726,16 @@ class FitScopedState(Callback):
         - checks it more often than it is measured (``EarlyStopping``, ``ReduceLROnPlateau``): it reads the same value
           at several checks and counts the repeats as no improvement, so it stops, or cuts the learning rate, after
           ``patience`` checks of one measurement;
-        - reads it, strictly, before this fit first logs it (:meth:`first_logged_step`): Lightning then raises at
-          that read, a traceback that ends the fit.
+        - reads it strictly while this fit has not logged it yet (:meth:`first_logged_step`): a read before that step
+          ends the fit with Lightning's "not available" error. When the reader first reads is not foretold (it
+          depends on Lightning's loop schedule): the warning says what happens if it reads before that step.
         """
         every = getattr(self, "every_n_steps", 1)
         accumulate = largest_accumulation(trainer)
-        if not math.isfinite(trainer.num_training_batches / accumulate):
-            return
         for reader in metric_readers(trainer, accumulate):
             if not self.logs_key(reader.key):
                 continue
-            if reader.counts_repeats and every > max(1, reader.between):
+            if reader.between is not None and every > max(1, reader.between):
                 rank_zero_warn(
                     f"{type(self).__name__}: {reader.name} checks every ~{max(1, round(reader.between))} optimizer "
                     f"steps, but the statistic is measured every {every}: it counts the repeated values as no "
@@ -760,13 +744,12 @@ class FitScopedState(Callback):
                     category=UserWarning,
                 )
             first = self.first_logged_step(reader.key)
-            late = first is not None and reader.key not in trainer.callback_metrics  # a resumed fit holds its value
-            if late and reader.first_read is not None and trainer.global_step + reader.first_read <= first:
+            if (reader.strict and first is not None and trainer.global_step < first
+                    and reader.key not in trainer.callback_metrics):  # a resumed fit holds its value
                 rank_zero_warn(
-                    f"{type(self).__name__}: {reader.name} first reads its key after optimizer step "
-                    f"{trainer.global_step + math.floor(reader.first_read)}, but this monitor first logs it at step "
-                    f"{first} (after several due steps): Lightning then ends the fit with the key \"not available\"; "
-                    f"{reader.late_fix(first)}",
+                    f"{type(self).__name__}: {reader.name} reads a statistic this monitor first logs at step {first} "
+                    f"(after several due steps): a read before then ends the fit with Lightning's \"not available\" "
+                    f"error; {reader.late_fix}",
                     category=UserWarning,
                 )
 
@@ -1293,7 +1276,8 @@ class ActivationMonitor(FitScopedState, ABC):
         for (tap_index, stat), value in pairs:
             if tap_index is None and math.isnan(value):
                 self._warn_once(self._unknown_extras_warned, stat, self.unknown_extra(stat, step))
-                unknown_extras[stat] = math.nan
+                if stat in self.history:  # was known: "unknown now" replaces that value; never known stays absent
+                    unknown_extras[stat] = math.nan
                 continue
             if tap_index is None:
                 key = stat
@@ -1319,7 +1303,8 @@ class ActivationMonitor(FitScopedState, ABC):
         self.log_metrics(trainer, metrics, step)
         # callback_metrics say "unknown now" (NaN) rather than keep the last known value: EarlyStopping(check_finite)
         # and ModelCheckpoint act on it as on a NaN loss; the loggers and histories get no such point. So do the extra
-        # statistics (a params/r90 of weights gone NaN kept its last finite value there, and EarlyStopping ran on)
+        # statistics once known (a params/r90 of weights gone NaN kept its last finite value there, and EarlyStopping
+        # ran on); one not known yet (weights frozen since fit start) stays absent, for strict=False to wait for it
         unknown_now = {f"{self.prefix}/{tap}/{stat}": math.nan for tap, names in unknown.items() for stat in names}
         unknown_now.update(unknown_extras)
         self.publish(trainer, {**metrics, **unknown_now})
