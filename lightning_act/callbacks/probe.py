@@ -679,7 +679,7 @@ class _CopiedBeforeWrite(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         in_place = (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_OPERATORS
-        written = [args[0]] if in_place and args else []
+        written = ([*args[0]] if isinstance(args[0], (tuple, list)) else [args[0]]) if in_place and args else []
         out = kwargs.get("out")
         written += list(out) if isinstance(out, (tuple, list)) else [out]
         for tensor in written:
@@ -712,7 +712,8 @@ def parameters_kept(pl_module: nn.Module) -> Iterator[None]:
     compare the version counters, keeping (said once) what a write that begins later puts there. The weights an
     embedding with ``max_norm`` renormalises are left to :func:`renormed_weights_kept`."""
     renormed = {id(weight) for weight in renormed_weights(pl_module)}
-    parameters = [p for p in pl_module.parameters() if id(p) not in renormed and not nn.parameter.is_lazy(p)]
+    parameters = [p for p in pl_module.parameters()  # an empty tensor's storage is at 0, shared with every other one
+                  if id(p) not in renormed and not nn.parameter.is_lazy(p) and p.numel() > 0]
     if _writes_parameters.get(pl_module) is False:
         versions = [p._version for p in parameters]
         yield
@@ -723,13 +724,21 @@ def parameters_kept(pl_module: nn.Module) -> Iterator[None]:
         return
     attributes = _plain_attributes(pl_module)
     watch = _CopiedBeforeWrite(parameters)
+    versions = [p._version for p in parameters]
     try:
         with watch:
             yield
     finally:
-        _writes_parameters[pl_module] = bool(watch.copies)
+        # once a writer, always watched: a probe right after a validation finds the weights already rescaled and
+        # writes nothing, which made the next probe's write stay (before the fix)
+        _writes_parameters[pl_module] = _writes_parameters.get(pl_module, False) or bool(watch.copies)
         if watch.copies:
             _put_back(pl_module, watch.copies, attributes)
+        unseen = [p for p, version in zip(parameters, versions, strict=True)
+                  if p._version != version and id(p) not in watch.copies]
+        if unseen:  # written where no torch function is called (torch.ops.aten, numpy): kept, said once
+            _writes_parameters[pl_module] = True
+            _warn_kept_writes(pl_module, unseen)
 
 
 def _put_back(
@@ -765,9 +774,9 @@ def _warn_kept_writes(pl_module: nn.Module, written: list[nn.Parameter]) -> None
     names = [name for name, p in pl_module.named_parameters() if any(p is w for w in written)]
     rank_zero_warn(
         f"a probe pass of the monitors (eval mode, no_grad) wrote the parameters {', '.join(names[:3])}"
-        f"{' ...' if len(names) > 3 else ''} in place, which its earlier probes did not: they keep what it wrote this "
-        "once, and later probes put them back (write them in training mode only, `if self.training:`, to keep the "
-        "probes off them)",
+        f"{' ...' if len(names) > 3 else ''} in place where no copy of them was taken first (a write that began after "
+        "the model's first probe, or one outside torch functions: torch.ops, numpy): they keep what it wrote (write "
+        "them in training mode only, `if self.training:`, to keep the probes off them)",
         category=UserWarning,
     )
 

@@ -841,7 +841,8 @@ class SensitiveNeurons(FitScopedState):
             if self.input_key is None or self.input_key not in batch:
                 raise DataFormatError(
                     f"SensitiveNeurons: validation batches are dicts with keys {sorted(batch)}; "
-                    "pass input_key=<the key of the model input>"
+                    "pass input_key=<the key of the model input>, or forward_fn=<a function (pl_module, batch) that "
+                    "runs the model on one batch> for a model called with several of them"
                 )
             return batch[self.input_key]
         raise DataFormatError(
