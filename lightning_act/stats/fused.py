@@ -273,7 +273,7 @@ def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Ten
     out = {"maxima": torch.stack([overall, overall]), "sample_max": sample_max}
     if spec.median is not None:
         if exact_median_is_cheaper(work.shape[1], spec.median):
-            median = exact_sample_medians(work.abs() if magnitude is None else magnitude).double()
+            median = exact_sample_medians(work.abs() if magnitude is None else magnitude, torch.float64)
         else:
             keys = _scratch(flat.numel(), "keys").view(torch.int32)
             median = histogram_median(_finite_histogram(work, spec.median, keys), spec.median)
@@ -363,7 +363,7 @@ def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
         out["sample_max"] = ranked.amax(1)
     if spec.median is not None:
         if exact_median_is_cheaper(rows.shape[1], spec.median):
-            median = exact_sample_medians(ranked).double()
+            median = exact_sample_medians(ranked, torch.float64)
         else:
             index = log_magnitude_bin(magnitude, spec.median)
             counts = torch.zeros(rows.shape[0], spec.median.size, dtype=torch.int32, device=work.device)

@@ -54,13 +54,14 @@ def has_token_axis(h: torch.Tensor) -> bool:
     return h.dim() >= 3
 
 
-def sample_medians(magnitude: torch.Tensor) -> torch.Tensor:
+def sample_medians(magnitude: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-row median of ``(B, n)`` magnitudes, numpy's definition (mean of the two middle values), averaged in
-    float64: in float32 two middle values above ~1.7e38 (finite in bf16) summed to inf."""
+    float64 (in float32 two middle values above ~1.7e38, finite in bf16, summed to inf) and returned in ``dtype``
+    (the magnitudes' by default; float64 keeps the mean exact, which a massive count at that median needs)."""
     n = magnitude.shape[1]
     lower = torch.kthvalue(magnitude, (n + 1) // 2, dim=1).values
     upper = torch.kthvalue(magnitude, n // 2 + 1, dim=1).values
-    return ((lower.double() + upper.double()) / 2).to(magnitude.dtype)
+    return ((lower.double() + upper.double()) / 2).to(dtype or magnitude.dtype)
 
 
 def massive_partials(
