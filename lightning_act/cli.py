@@ -1120,13 +1120,13 @@ def _build_cli_class() -> type:
             """Says once that a CSV logger folder without a fit holds ``test``/``validate`` versions (of a checkpoint
             evaluated with the recipe before any fit: no fit config to keep, so nothing ties them to a run): the
             report leaves them out of this run's page, and ``--overwrite`` cannot tell them from another recipe's."""
-            from lightning_act.report.runlog import metrics_csv_logs_training
+            from lightning_act.report.runlog import metrics_csv_logs_training, written_by_fit
 
             found: list[Path] = []
             for logger in self.trainer.loggers:
                 root = Path(logger.root_dir).expanduser() if isinstance(logger, CSVLogger) else None
                 logs = sorted(root.glob("*/metrics.csv")) if root is not None and root.is_dir() else []
-                if logs and not any(metrics_csv_logs_training(log) for log in logs):
+                if logs and not any(metrics_csv_logs_training(log) or written_by_fit(log.parent) for log in logs):
                     found += [log.parent for log in logs]
             if found:
                 print(f"lightning_act: warning: {', '.join(map(str, found[:3]))}{' ...' if len(found) > 3 else ''}"

@@ -79,11 +79,11 @@ OWN_DATA = {
 
 #: What each task says it takes (its batch form), written out here.
 TAKES = {
-    "ImageClassifier": "(images (B, C, H, W) float, labels (B,) int)",
-    "DopamineFoundation": "(images (B, ...) float, labels (B,) int)",
-    "ModularAddition": "(tokens (B, 3) int, answers (B,) int)",
-    "CausalLanguageModel": "(input_ids (B, T) int, targets (B, T) int)",
-    "SpectralTargetDetection": "(spectra (B, bands) float, labels (B,) float)",
+    "ImageClassifier": "(images (B, C, H, W) float, labels (B,) int64)",
+    "DopamineFoundation": "(images (B, ...) float, labels (B,) int64)",
+    "ModularAddition": "(tokens (B, 3) int, answers (B,) int64)",
+    "CausalLanguageModel": "(input_ids (B, T) int, targets (B, T) int64)",
+    "SpectralTargetDetection": "(spectra (B, ..., bands) float, labels (B, ...) float)",
     "SeizureForecaster": "(windows (B, C, T) float, labels (B,) float) optionally followed by subjects (B,) or by "
                          "recordings (B,) and times (B,)",
 }
@@ -127,7 +127,8 @@ def test_the_evaluation_and_predict_steps_refuse_another_tasks_batches(batches, 
     for name, task in _tasks().items():
         if not hasattr(type(task), step) or getattr(type(task), step) is getattr(pl.LightningModule, step):
             continue  # the task has no such step of its own (the language model's test and predict)
-        foreign = batches[{"SeizureForecaster": "images", "DopamineFoundation": "sums"}.get(name, "eeg")]
+        foreign = batches[{"SeizureForecaster": "images", "DopamineFoundation": "sums",
+                            "SpectralTargetDetection": "sums"}.get(name, "eeg")]  # spectra may have any shape
         got = (f"the inputs of its predict data are a tensor {re.escape(_size_and_dtype(foreign[0]))}"
                if stage == "predict" else f"its {stage} data gives {re.escape(_described(foreign))}")
         with pytest.raises(DataFormatError, match=rf"^{name} takes batches .* but {got}; pass a data module whose "
@@ -146,7 +147,7 @@ def test_a_predict_batch_needs_only_its_inputs_and_a_bare_tensor_is_refused():
     spectra = torch.randn(5, 3)
     assert task.predict_step([spectra], 0).shape == (5,)
     with pytest.raises(DataFormatError, match=r"its predict data gives a tensor \(5, 3\) float32; pass a data module "
-                                              r"whose batches start with spectra \(B, bands\) float"):
+                                              r"whose batches start with spectra \(B, \.\.\., bands\) float"):
         task.predict_step(spectra, 0)
 
 
@@ -174,7 +175,7 @@ def test_a_fit_of_the_vit_recipe_on_the_eeg_data_module_stops_with_one_line(tmp_
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
-        "lightning_act: error: ImageClassifier takes batches (images (B, C, H, W) float, labels (B,) int), but its "
+        "lightning_act: error: ImageClassifier takes batches (images (B, C, H, W) float, labels (B,) int64), but its "
         "validation data gives a list of 3: (4, 8, 320) float32, (4,) float32, (4,) int64; pass a data module whose "
         "batches have this form (e.g. lightning_act.data.images.ImageDataModule)"
     )
@@ -201,3 +202,19 @@ def test_a_nan_test_after_a_finite_one_on_the_same_trainer_leaves_no_pr_curve_cs
         metrics = trainer.test(task, loader, verbose=False)[0]
     assert math.isnan(metrics["test/auroc"]) and math.isnan(metrics["test/ap"]) and task.test_pr_curve is None
     assert not curve.exists(), os.listdir(curve.parent)
+
+
+def test_patch_batches_of_spectra_fit_and_int32_class_labels_are_refused_before_the_loss():
+    # R4: Spectral-NN takes spectra (..., bands) with labels of the leading shape (patches): a round-25 draft refused
+    # them; int32 labels passed an integer check and failed in cross_entropy with a traceback.
+    from lightning_act.tasks.image_classification import ImageClassifier
+    from lightning_act.tasks.spectral_detection import SpectralTargetDetection
+
+    task = SpectralTargetDetection(in_bands=3, hidden_sizes=[2], pos_weight=1.0)
+    assert task.batch_form.fits([torch.randn(2, 4, 4, 3), torch.zeros(2, 4, 4)], inputs_only=False)
+    form = ImageClassifier.batch_form
+    images = torch.randn(2, 3, 8, 8)
+    assert form.fits([images, torch.tensor([0, 1])], inputs_only=False)
+    with pytest.raises(DataFormatError, match=r"labels \(B,\) int64\), but its training data gives a list of 2: "
+                                              r"\(2, 3, 8, 8\) float32, \(2,\) int32;"):
+        form.check([images, torch.tensor([0, 1], dtype=torch.int32)], 0, "ImageClassifier", "train")

@@ -246,6 +246,13 @@ def metrics_csv_logs_training(metrics_csv: Path) -> bool:
     return _logs_training(_header(metrics_csv))
 
 
+def written_by_fit(version_dir: Path) -> bool:
+    """Whether a version folder is a fit's: LightningCLI saved a fit's ``config.yaml`` there (a fit shorter than
+    ``log_every_n_steps`` logs validation rows only)."""
+    config = version_dir / "config.yaml"
+    return config.is_file() and _command_of(config.read_text(encoding="utf-8", errors="replace")) == "fit"
+
+
 def _training_columns(columns: list[str]) -> list[str]:
     """The columns of a ``metrics.csv`` header that a fit logs and ``validate``/``test`` do not."""
     return [c for c in columns if c and not is_index_column(c, columns) and _first_word(c) not in EVALUATION_WORDS]
@@ -582,7 +589,8 @@ def load_run(path: str | Path) -> RunLog:
         name = part.path.parent.name
         run_fits = {p.config_key for p in parts if p.logs_training} - {None}
         tested_fit = part.config_key if not logs_training else None  # the fit config a test/validate keeps
-        if csv_path in paths and len(paths) > 1 and not logs_training and not parts and some_version_trains:
+        if (csv_path in paths and len(paths) > 1 and not logs_training and not parts and some_version_trains
+                and not written_by_fit(csv_path.parent)):
             notes.append(
                 f"{name} is left out: its test/validate was written before the run's first training version, so it "
                 "evaluated another model (a given checkpoint), not this run's")

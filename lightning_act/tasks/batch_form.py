@@ -24,11 +24,12 @@ _STAGE_DATA = {"train": "training", "val": "validation", "test": "test", "predic
 class Part:
     """One tensor of a batch: ``name`` what it is and its shape (``"images (B, C, H, W)"``), ``ndim`` its number of
     dimensions (the least number with ``at_least``: an example of any shape), ``kind`` whether its values are
-    floating-point or integers (``None``: either)."""
+    floating-point, integers, or class indices as ``cross_entropy`` takes them (``"int64"``: int64 or uint8; int32
+    labels passed an integer check and failed in the loss), ``None``: either."""
 
     name: str
     ndim: int
-    kind: Literal["float", "int"] | None
+    kind: Literal["float", "int", "int64"] | None
     at_least: bool = False
 
     @property
@@ -44,6 +45,8 @@ class Part:
             return value.is_floating_point()
         if self.kind == "int":
             return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        if self.kind == "int64":
+            return value.dtype in (torch.int64, torch.uint8)
         return True
 
 

@@ -75,7 +75,7 @@ class _Classifier(ClassificationTask):
     """Shared harness of both phases: cross entropy, AdamW on the trainable parameters, cosine LR."""
 
     batch_form = BatchForm(
-        (Part("images (B, ...)", 2, "float", at_least=True), Part("labels (B,)", 1, "int")),
+        (Part("images (B, ...)", 2, "float", at_least=True), Part("labels (B,)", 1, "int64")),
         "lightning_act.data.rotated_digits.RotatedDigitsDataModule",
     )
 

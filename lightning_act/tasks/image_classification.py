@@ -267,7 +267,7 @@ class ImageClassifier(ClassificationTask):
     """
 
     batch_form = BatchForm(
-        (Part("images (B, C, H, W)", 4, "float"), Part("labels (B,)", 1, "int")),
+        (Part("images (B, C, H, W)", 4, "float"), Part("labels (B,)", 1, "int64")),
         "lightning_act.data.images.ImageDataModule",
     )
 

@@ -44,7 +44,7 @@ class CausalLanguageModel(pl.LightningModule):
     """
 
     batch_form = BatchForm(
-        (Part("input_ids (B, T)", 2, "int"), Part("targets (B, T)", 2, "int")),
+        (Part("input_ids (B, T)", 2, "int"), Part("targets (B, T)", 2, "int64")),
         "lightning_act.data.stdlib_text.StdlibTextDataModule",
     )
 

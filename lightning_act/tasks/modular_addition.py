@@ -34,7 +34,7 @@ class ModularAddition(ClassificationTask):
     """
 
     batch_form = BatchForm(
-        (Part("tokens (B, 3)", 2, "int"), Part("answers (B,)", 1, "int")),
+        (Part("tokens (B, 3)", 2, "int"), Part("answers (B,)", 1, "int64")),
         "lightning_act.data.modular_addition.ModularAdditionDataModule",
     )
 

@@ -65,7 +65,7 @@ class SpectralTargetDetection(pl.LightningModule):
     """
 
     batch_form = BatchForm(
-        (Part("spectra (B, bands)", 2, "float"), Part("labels (B,)", 1, "float")),
+        (Part("spectra (B, ..., bands)", 2, "float", at_least=True), Part("labels (B, ...)", 1, "float", at_least=True)),
         "lightning_act.data.hyperspectral.HyperspectralDataModule",
     )
 
