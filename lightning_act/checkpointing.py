@@ -49,7 +49,7 @@ from lightning_act.lightning_classes import lightning_classes
 
 LAST_NAME = "last.ckpt"
 _RERUNS_VALIDATION = "lightning_act_reruns_validation"  # written by a SIGTERM inside validation
-_RNG_STATES = "lightning_act_rng_states"  # every rank's random-number states, in rank order
+_RNG_STATES = "lightning_act_rng_states"  # a one-process fit's random-number states (a list of one)
 
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
 
@@ -182,16 +182,19 @@ class LastCheckpoint(Checkpoint):
     replaces it. In Python, Lightning's ``fit(ckpt_path="last")`` looks among ``ModelCheckpoint`` files only and
     starts from scratch; pass the file itself, ``fit(ckpt_path=<dirpath>/last.ckpt)``. ``best_model_path`` is the
     Trainer's first ``ModelCheckpoint``'s (``""`` without one), so ``validate/test(ckpt_path="best")`` works
-    whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback). A ``ModelCheckpoint``
-    with ``save_last`` in the folder of ``last.ckpt`` no longer writes it (one info line; its ``"link"`` pointed at
-    its top-k file, often an older step): this callback writes it, also at that ``ModelCheckpoint``'s
-    training-step checks, and Lightning's ``ckpt_path="last"`` finds it there.
+    whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback). A
+    ``ModelCheckpoint(save_last="link")`` in the folder of ``last.ckpt`` does not write it during the fit (one info
+    line; its link pointed at its top-k file, often an older step): this callback writes it, also at that
+    ``ModelCheckpoint``'s training-step checks, and Lightning's ``ckpt_path="last"`` finds it there; its
+    ``save_last`` is given back at the fit's end. ``save_last=True`` (a copy of its newest save) is left as it is.
 
-    Every checkpoint of a fit with this callback holds the random-number states (torch's, the GPU's, numpy's and
-    Python's; every rank's under several processes), set again as the resumed training starts: from a checkpoint at an
-    epoch's end, the resumed fit draws the uninterrupted one's dropout masks, shuffles and augmentations (on CPU its
-    weights are the uninterrupted fit's bit for bit). Resumed with another number of processes, one line says the
-    random streams restart differently; a checkpoint written without them resumes from the current seed.
+    Every checkpoint of a one-process fit with this callback holds the random-number states (torch's, the GPU's,
+    numpy's and Python's), set again as the resumed training starts: from a checkpoint at an epoch's end, the resumed
+    fit draws the uninterrupted one's dropout masks, shuffles and augmentations (on CPU its weights are the
+    uninterrupted fit's bit for bit, where the loader draws nothing in the main process at its first batch: a
+    ``shuffle=True`` loader with ``num_workers=0`` draws its order there, before the states are set back). Under
+    several processes none are saved (said once): every rank's would need a collective at each save. A checkpoint
+    written without them resumes from the current seed.
 
     Args:
         dirpath: local folder of ``last.ckpt`` (``~`` is the home folder); by default the ``dirpath`` of the Trainer's
@@ -297,6 +300,9 @@ class LastCheckpoint(Checkpoint):
         return target
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            rank_zero_info("LastCheckpoint: under several processes the checkpoints hold no random-number states, so a "
+                           "resume draws other dropout masks and shuffles than this fit would")
         self._stop_requested = self._stop_agreed = False
         self._stop_saved = self._changed_after_stop = self._change_unsaved = False
         if self._resumed_random_states is not None:
@@ -340,13 +346,12 @@ class LastCheckpoint(Checkpoint):
         same_folder = [c for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.ModelCheckpoint"))
                        and c.dirpath is not None and _is_local_file_protocol(c.dirpath)
                        and Path(c.dirpath).expanduser().resolve() == folder]
-        self._taken_over = [c for c in same_folder if c.save_last or c in self._taken_over]
+        self._taken_over = [c for c in same_folder if c.save_last == "link"]
         for callback in self._taken_over:
-            if callback.save_last:
-                rank_zero_info(f"LastCheckpoint keeps {target}, so the ModelCheckpoint(save_last={callback.save_last!r}) "
-                               "of that folder no longer writes it (its link or copy could hold an older step); "
-                               "last.ckpt is written at its training-step checks instead")
-                callback.save_last = False
+            rank_zero_info(f"LastCheckpoint keeps {target}, so the ModelCheckpoint(save_last='link') of that folder "
+                           "does not write it in this fit (its link pointed at its top-k file, which may be older); "
+                           "last.ckpt is written at its training-step checks instead")
+            callback.save_last = False
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         if self._stop_requested:  # the second Ctrl-C: stop at once
@@ -518,15 +523,11 @@ class LastCheckpoint(Checkpoint):
         self._end_fit()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # Every rank's random-number states (every rank saves: Lightning's save ends in a barrier), so that a resume
-        # draws the dropout masks, shuffles and augmentations the uninterrupted fit would have drawn.
-        state = _random_states(trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            states: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(states, state)
-        else:
-            states = [state]
-        checkpoint[_RNG_STATES] = states
+        # The random-number states, so that a resume draws the dropout masks, shuffles and augmentations the
+        # uninterrupted fit would have drawn; one process's only: every rank's would need a collective at each save,
+        # and a save on one rank (OnExceptionCheckpoint after an error there) then hung before writing anything
+        if trainer.world_size == 1:
+            checkpoint[_RNG_STATES] = [_random_states(trainer.strategy.root_device)]
         # A save inside validation records the validation as begun and not one batch done, the state Lightning's own
         # resume reruns a validation from (its "restarted mid-evaluation"), from the first batch: as saved, the resume
         # skipped the rest of it, and an epoch-end EarlyStopping check then found no metric (a crash); from the batch
@@ -635,6 +636,11 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for callback in self._taken_over:  # the user's ModelCheckpoint as it was given, for a later fit
+            callback.save_last = "link"
+        self._taken_over = []
 
 
 def _random_states(device: torch.device) -> dict[str, Any]:

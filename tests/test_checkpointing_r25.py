@@ -68,12 +68,11 @@ def _info_lines(lines: list[str]) -> Any:
                       lambda message, *args, **kwargs: lines.append(message))
 
 
-@pytest.mark.parametrize("save_last", ["link", True])
-def test_last_ckpt_beside_a_save_last_model_checkpoint_holds_the_newest_step(tmp_path, save_last):
+def test_last_ckpt_beside_a_save_last_link_model_checkpoint_holds_the_newest_step(tmp_path):
     """Before: a ModelCheckpoint(save_last="link") of LastCheckpoint's folder replaced last.ckpt by a link to its older
-    top-k file at each of its checks, so last.ckpt (and ``fit(ckpt_path="last")``) went back to that step; with
-    ``save_last=True`` both wrote last.ckpt, unannounced. Now LastCheckpoint alone writes it, also at the
-    ModelCheckpoint's checks, and says so once."""
+    top-k file at each of its checks, so last.ckpt (and ``fit(ckpt_path="last")``) went back to that step. Now
+    LastCheckpoint alone writes it during the fit, also at the ModelCheckpoint's checks, and says so once."""
+    save_last = "link"
     folder = tmp_path / "ck"
     io = RecordingCheckpointIO()
     look = LastHoldsTheNewest(folder, io)
@@ -91,9 +90,10 @@ def test_last_ckpt_beside_a_save_last_model_checkpoint_holds_the_newest_step(tmp
     # LastCheckpoint's own steps (3, 6, 8 the epoch's end, 9, 10 the fit's end)
     assert sorted(set(io.written_steps)) == [2, 3, 4, 6, 8, 9, 10]
     assert [line for line in lines if "ModelCheckpoint(save_last=" in line] == [
-        f"LastCheckpoint keeps {folder / 'last.ckpt'}, so the ModelCheckpoint(save_last={save_last!r}) of that folder "
-        "no longer writes it (its link or copy could hold an older step); last.ckpt is written at its training-step "
-        "checks instead"]
+        f"LastCheckpoint keeps {folder / 'last.ckpt'}, so the ModelCheckpoint(save_last='link') of that folder does "
+        "not write it in this fit (its link pointed at its top-k file, which may be older); last.ckpt is written at its "
+        "training-step checks instead"]
+    assert saver.save_last == "link"  # given back at the fit's end
     # Lightning's "last" resumes from the newest step written
     start = StartStep()
     resumed = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=12, logger=False,
