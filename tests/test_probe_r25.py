@@ -99,6 +99,50 @@ def test_send_drop_zeroes_the_channels_the_capture_read_when_a_training_batch_ha
         assert int((x == 0).sum()) == x.shape[0] * len(expected) * x.shape[2]  # nothing else zeroed
 
 
+class Block2d(nn.Module):
+    """A ConvNeXt block on (B, C, H, W): its layers act on different axes, so a map with W == C never tells."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pwconv = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pwconv(self.norm(self.dwconv(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+class ConvNext2d(ConvNext1d):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__(c)
+        self.stem = nn.Conv2d(2, c, 1)
+        self.blocks = nn.Sequential(Block2d(c), Block2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_send_drop_zeroes_nothing_and_says_so_once_where_no_axis_was_ever_told() -> None:
+    # Every map, tracking and training, is (B, 4, 4, 4) with 4 channels: no shape tells the axis the sensitive set
+    # indexes, so the drop zeroes nothing (the capture warns that the map's features are unknown).
+    torch.manual_seed(0)
+    model = ConvNext2d()
+    seen: list[torch.Tensor] = []
+    model.blocks[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) if m.training else None)
+    monitor = SensitiveNeurons(
+        modules=["blocks.0"], every_n_steps=1, window=2, drop=True, drop_checkpoints=5, eigenscore_passes=0,
+        tracking_inputs=torch.randn(16, 2, 4, 4), top_fraction=0.25, stop_after_taps=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=6, callbacks=[monitor]).fit(
+            model, DataLoader(TensorDataset(torch.randn(48, 2, 4, 4)), batch_size=8)
+        )
+    assert len(seen) == 6 and all(not bool((x == 0).any()) for x in seen)
+    lines = [str(w.message) for w in caught if "SensitiveNeurons(drop=True): nothing tells which axis" in str(w.message)]
+    assert len(lines) == 1 and "blocks.0" in lines[0] and "feature_dim=" in lines[0]
+
+
 class EvalRescaled(nn.Module):
     """Hugging Face RWKV's eval-mode rescaling in small: the first eval forward divides block i's weight by 2**i in
     place and notes it in a plain attribute; the first training forward after multiplies them back."""
