@@ -183,10 +183,8 @@ class LastCheckpoint(Checkpoint):
     starts from scratch; pass the file itself, ``fit(ckpt_path=<dirpath>/last.ckpt)``. ``best_model_path`` is the
     Trainer's first ``ModelCheckpoint``'s (``""`` without one), so ``validate/test(ckpt_path="best")`` works
     whatever the order of the callbacks (Lightning asks the first ``Checkpoint`` callback). A
-    ``ModelCheckpoint(save_last="link")`` in the folder of ``last.ckpt`` does not write it during the fit (one info
-    line; its link pointed at its top-k file, often an older step): this callback writes it, also at that
-    ``ModelCheckpoint``'s training-step checks, and Lightning's ``ckpt_path="last"`` finds it there; its
-    ``save_last`` is given back at the fit's end. ``save_last=True`` (a copy of its newest save) is left as it is.
+    ``ModelCheckpoint(save_last="link")`` in the folder of ``last.ckpt`` is refused in one line: its link would
+    replace ``last.ckpt`` by its top-k file, often an older step (``save_last=True`` copies its newest save).
 
     Every checkpoint of a one-process fit with this callback holds the random-number states (torch's, the GPU's,
     numpy's and Python's), set again as the resumed training starts: from a checkpoint at an epoch's end, the resumed
@@ -229,9 +227,6 @@ class LastCheckpoint(Checkpoint):
         self._told_remote = False  # the fallback from a remote ModelCheckpoint dirpath is said once
         self._saving_mid_validation = False  # the SIGTERM save inside validation: its resume reruns the validation
         self._reruns_validation = False  # resumed from such a save: the val loop's totals are mended at its start
-        # the ModelCheckpoints of last.ckpt's folder whose save_last this callback turned off: it writes last.ckpt
-        # at their checks and saves at a training step instead
-        self._taken_over: list[Any] = []
         # this process's random-number states where the stop's validation or epoch end left them: the final save at the
         # next batch's start records them, as that batch's fetch (a new epoch's loader iterator) has drawn from them
         self._rng_after_stop_change: dict[str, Any] = {}
@@ -262,6 +257,23 @@ class LastCheckpoint(Checkpoint):
         model_checkpoint = lightning_classes("callbacks.ModelCheckpoint")
         self._best_source = next((c for c in trainer.callbacks if isinstance(c, model_checkpoint)), None)
         self._resumed_random_states = self._after_first_iterator = None  # not those of a resume that ended early
+        if stage == "fit":
+            self._refuse_a_linking_model_checkpoint(trainer)
+
+    def _refuse_a_linking_model_checkpoint(self, trainer: pl.Trainer) -> None:
+        """One line where a ``ModelCheckpoint(save_last="link")`` shares ``last.ckpt``'s folder: at each of its checks it
+        replaces ``last.ckpt`` by a link to its newest top-k file, often an older step than this callback's save, and a
+        kill then resumed from there (round 25; ``save_last=True`` copies its newest save, which is no older)."""
+        target = self.path(trainer)
+        for callback in trainer.callbacks:
+            if (isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.save_last == "link"
+                    and callback.dirpath is not None and _is_local_file_protocol(callback.dirpath)
+                    and Path(callback.dirpath).expanduser().resolve() == target.parent.resolve()):
+                raise ConfigError(
+                    f"ModelCheckpoint(save_last='link') shares {target.parent} with LastCheckpoint: its link would "
+                    f"replace {target.name} with its top-k file, often an older step; pass save_last=True (a copy) or "
+                    "give LastCheckpoint another dirpath"
+                )
 
     def path(self, trainer: pl.Trainer) -> Path:
         """Where ``last.ckpt`` goes for this trainer."""
@@ -319,7 +331,6 @@ class LastCheckpoint(Checkpoint):
             self._end_fit_before_training(trainer)
         self._last_saved_step = trainer.global_step  # a resumed fit's checkpoint holds this step already
         target = self.path(trainer)
-        self._take_over_last_checkpoint(trainer, target)
         # a further fit of the same Trainer continues the run whose last.ckpt this is; a new Trainer starts another
         continues_own_run = self._wrote is not None and self._wrote[0] == target and self._wrote[1]() is trainer
         if trainer.ckpt_path is None and not trainer.fast_dev_run and not continues_own_run and target.is_file():
@@ -336,22 +347,6 @@ class LastCheckpoint(Checkpoint):
                 stale.unlink(missing_ok=True)
         if self.on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-
-    def _take_over_last_checkpoint(self, trainer: pl.Trainer, target: Path) -> None:
-        """Be the one writer of ``target``: a ``ModelCheckpoint`` of its folder with ``save_last`` wrote it too, with
-        ``"link"`` as a link to its newest top-k file, which may be older than this callback's last save (a kill then
-        resumed from the older step). Its ``save_last`` is turned off, and ``last.ckpt`` is written at each of its
-        checks and saves at a training step instead, so that it is at least as new as before."""
-        folder = target.parent.resolve()
-        same_folder = [c for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.ModelCheckpoint"))
-                       and c.dirpath is not None and _is_local_file_protocol(c.dirpath)
-                       and Path(c.dirpath).expanduser().resolve() == folder]
-        self._taken_over = [c for c in same_folder if c.save_last == "link"]
-        for callback in self._taken_over:
-            rank_zero_info(f"LastCheckpoint keeps {target}, so the ModelCheckpoint(save_last='link') of that folder "
-                           "does not write it in this fit (its link pointed at its top-k file, which may be older); "
-                           "last.ckpt is written at its training-step checks instead")
-            callback.save_last = False
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         if self._stop_requested:  # the second Ctrl-C: stop at once
@@ -469,14 +464,9 @@ class LastCheckpoint(Checkpoint):
             # is no interruption (a traceback under the CLI) and before the epoch's end
             trainer._signal_connector.received_sigterm = False
             return
-        due = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
-        # a ModelCheckpoint whose last.ckpt this callback writes checked (it wrote last.ckpt at each check) or saved at
-        # this step, in this hook (it runs before)
-        followed = any(c._last_global_step_saved == trainer.global_step
-                       or (c._every_n_train_steps and trainer.global_step % c._every_n_train_steps == 0)
-                       for c in self._taken_over)
-        if (due or followed) and trainer.global_step != self._last_saved_step:
-            self.save(trainer)
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            if trainer.global_step != self._last_saved_step:
+                self.save(trainer)
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -637,10 +627,6 @@ class LastCheckpoint(Checkpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for callback in self._taken_over:  # the user's ModelCheckpoint as it was given, for a later fit
-            callback.save_last = "link"
-        self._taken_over = []
 
 
 def _random_states(device: torch.device) -> dict[str, Any]:

@@ -1,6 +1,5 @@
-"""Round 25: LastCheckpoint as the one writer of last.ckpt beside a ModelCheckpoint(save_last=...) of its folder; the
-random-number states in its checkpoints, so that a resume with dropout (and numpy/Python draws) equals the
-uninterrupted fit bit for bit."""
+"""Round 25: LastCheckpoint refuses a ModelCheckpoint(save_last="link") of its folder; the random-number states in its
+checkpoints, so that a resume with dropout (and numpy/Python draws) equals the uninterrupted fit bit for bit."""
 
 from __future__ import annotations
 
@@ -20,21 +19,10 @@ from torch import nn
 
 from _toy import ToyData, ToyTask
 from lightning_act.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from lightning_act.errors import ConfigError
 
 EPOCH = 8  # ToyData: 64 samples in batches of 8
 MAX_STEPS = 2 * EPOCH
-
-
-class RecordingCheckpointIO(AtomicCheckpointIO):
-    """Records the step of every checkpoint file written (an observer independent of the callbacks' bookkeeping)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written_steps: list[int] = []
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        super().save_checkpoint(checkpoint, path, storage_options)
-        self.written_steps.append(checkpoint["global_step"])
 
 
 class FallingScoreTask(ToyTask):
@@ -45,63 +33,27 @@ class FallingScoreTask(ToyTask):
         return super().training_step(batch, batch_idx)
 
 
-class LastHoldsTheNewest(pl.Callback):
-    """At each batch start (after the previous step's saves), the step ``last.ckpt`` holds and the newest step written."""
-
-    def __init__(self, folder: Path, io: RecordingCheckpointIO) -> None:
-        self.folder, self.io, self.seen = folder, io, []
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        last = self.folder / "last.ckpt"
-        if last.exists():
-            held = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-            self.seen.append((trainer.global_step, held, max(self.io.written_steps)))
-
-
-class StartStep(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.step = trainer.global_step
-
-
 def _info_lines(lines: list[str]) -> Any:
     return mock.patch("lightning_act.checkpointing.rank_zero_info",
                       lambda message, *args, **kwargs: lines.append(message))
 
 
-def test_last_ckpt_beside_a_save_last_link_model_checkpoint_holds_the_newest_step(tmp_path):
+def test_a_save_last_link_model_checkpoint_in_last_ckpts_folder_is_refused_in_one_line(tmp_path):
     """Before: a ModelCheckpoint(save_last="link") of LastCheckpoint's folder replaced last.ckpt by a link to its older
-    top-k file at each of its checks, so last.ckpt (and ``fit(ckpt_path="last")``) went back to that step. Now
-    LastCheckpoint alone writes it during the fit, also at the ModelCheckpoint's checks, and says so once."""
-    save_last = "link"
+    top-k file at each of its checks, so last.ckpt (and ``fit(ckpt_path="last")``) went back to that step."""
     folder = tmp_path / "ck"
-    io = RecordingCheckpointIO()
-    look = LastHoldsTheNewest(folder, io)
     saver = ModelCheckpoint(dirpath=folder, monitor="score", mode="max", save_top_k=1, every_n_train_steps=2,
-                            save_last=save_last, filename="best-{step}", enable_version_counter=False)
-    lines: list[str] = []
-    pl.seed_everything(0, verbose=False)
+                            save_last="link")
     trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=10, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[look, saver, LastCheckpoint(every_n_train_steps=3)], plugins=[io])
-    with _info_lines(lines):
+                         callbacks=[saver, LastCheckpoint(every_n_train_steps=3)])
+    with pytest.raises(ConfigError) as refusal:
         trainer.fit(FallingScoreTask(nn.Sequential(nn.Flatten(), nn.Linear(256, 4))), ToyData())
-    assert look.seen and all(held == newest for _, held, newest in look.seen), look.seen
-    # written: best-2 (step 2, never bettered); last.ckpt at the ModelCheckpoint's checks (2, 4, 6, 8, 10) and
-    # LastCheckpoint's own steps (3, 6, 8 the epoch's end, 9, 10 the fit's end)
-    assert sorted(set(io.written_steps)) == [2, 3, 4, 6, 8, 9, 10]
-    assert [line for line in lines if "ModelCheckpoint(save_last=" in line] == [
-        f"LastCheckpoint keeps {folder / 'last.ckpt'}, so the ModelCheckpoint(save_last='link') of that folder does "
-        "not write it in this fit (its link pointed at its top-k file, which may be older); last.ckpt is written at its "
-        "training-step checks instead"]
-    assert saver.save_last == "link"  # given back at the fit's end
-    # Lightning's "last" resumes from the newest step written
-    start = StartStep()
-    resumed = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=12, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[start, ModelCheckpoint(dirpath=folder, save_last=save_last), LastCheckpoint()],
-                         plugins=[AtomicCheckpointIO()])
-    resumed.fit(FallingScoreTask(nn.Sequential(nn.Flatten(), nn.Linear(256, 4))), ToyData(), ckpt_path="last")
-    assert start.step == 10
+    assert str(refusal.value) == (
+        f"ModelCheckpoint(save_last='link') shares {folder.resolve()} with LastCheckpoint: its link would replace "
+        "last.ckpt with its top-k file, often an older step; pass save_last=True (a copy) or give LastCheckpoint "
+        "another dirpath")
+    assert not folder.exists() or not any(folder.iterdir())  # refused before any save
 
 
 class DrawingTask(ToyTask):
