@@ -83,7 +83,8 @@ TAKES = {
     "DopamineFoundation": "(images (B, ...) float, labels (B,) int64)",
     "ModularAddition": "(tokens (B, 3) int, answers (B,) int64)",
     "CausalLanguageModel": "(input_ids (B, T) int, targets (B, T) int64)",
-    "SpectralTargetDetection": "(spectra (B, ..., bands) float, labels (B, ...) float)",
+    "SpectralTargetDetection": "(spectra (B, ..., bands) float, labels (B, ...) float) (labels of the spectra's "
+                               "shape without bands)",
     "SeizureForecaster": "(windows (B, C, T) float, labels (B,) float) optionally followed by subjects (B,) or by "
                          "recordings (B,) and times (B,)",
 }
@@ -218,3 +219,18 @@ def test_patch_batches_of_spectra_fit_and_int32_class_labels_are_refused_before_
     with pytest.raises(DataFormatError, match=r"labels \(B,\) int64\), but its training data gives a list of 2: "
                                               r"\(2, 3, 8, 8\) float32, \(2,\) int32;"):
         form.check([images, torch.tensor([0, 1], dtype=torch.int32)], 0, "ImageClassifier", "train")
+
+
+def test_token_ids_of_an_embedding_and_spectra_labels_of_another_shape_are_refused_before_the_layers():
+    # R7: uint8 token ids passed the integer check and failed in the embedding; Spectral-NN labels (B, 1) for spectra
+    # (B, bands) passed and failed in the loss.
+    from lightning_act.tasks.language_model import CausalLanguageModel
+    from lightning_act.tasks.spectral_detection import SpectralTargetDetection
+
+    tokens = torch.zeros(2, 4, dtype=torch.int64)
+    assert CausalLanguageModel.batch_form.fits([tokens.int(), tokens], inputs_only=False)
+    assert not CausalLanguageModel.batch_form.fits([tokens.to(torch.uint8), tokens], inputs_only=False)
+    form = SpectralTargetDetection.batch_form
+    assert form.fits([torch.randn(2, 3), torch.zeros(2)], inputs_only=False)
+    assert not form.fits([torch.randn(2, 3), torch.zeros(2, 1)], inputs_only=False)
+    assert not form.fits([torch.randn(2, 4, 4, 3), torch.zeros(2, 4)], inputs_only=False)

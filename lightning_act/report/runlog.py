@@ -524,9 +524,11 @@ def fit_config_key(version_dir: Path) -> str | None:
 
 
 def _fit_with_config(key: str, candidates: list[Path]) -> Path | None:
-    """The newest of the ``metrics.csv`` ``candidates`` that logs training and holds the fit config ``key``."""
+    """The newest of the ``metrics.csv`` ``candidates`` of a fit (training rows, or a fit's ``config.yaml``) that holds
+    the fit config ``key``."""
     return next((csv_path for csv_path in reversed(candidates)
-                 if metrics_csv_logs_training(csv_path) and fit_config_key(csv_path.parent) == key), None)
+                 if (metrics_csv_logs_training(csv_path) or written_by_fit(csv_path.parent))
+                 and fit_config_key(csv_path.parent) == key), None)
 
 
 def _continues_run(follower: CsvPart, first_step: float | None, run_last_step: float | None) -> bool:
@@ -561,7 +563,7 @@ def load_run(path: str | Path) -> RunLog:
     siblings = _logger_versions(paths[0]) if given.is_dir() and paths == [given / "metrics.csv"] else []
     followers = siblings[siblings.index(paths[0]) + 1:] if paths[0] in siblings else []
     earlier = siblings[:siblings.index(paths[0])] if paths[0] in siblings else []
-    some_version_trains = any(metrics_csv_logs_training(p) for p in paths)
+    some_version_trains = any(metrics_csv_logs_training(p) or written_by_fit(p.parent) for p in paths)
     parts: list[CsvPart] = []
     to_merge: list[tuple[Path, dict[str, Series], bool]] = []
     columns: list[str] = []

@@ -24,8 +24,9 @@ _STAGE_DATA = {"train": "training", "val": "validation", "test": "test", "predic
 class Part:
     """One tensor of a batch: ``name`` what it is and its shape (``"images (B, C, H, W)"``), ``ndim`` its number of
     dimensions (the least number with ``at_least``: an example of any shape), ``kind`` whether its values are
-    floating-point, integers, or class indices as ``cross_entropy`` takes them (``"int64"``: int64 or uint8; int32
-    labels passed an integer check and failed in the loss), ``None``: either."""
+    floating-point, token ids as an embedding takes them (``"int"``: int32 or int64), or class indices as
+    ``cross_entropy`` takes them (``"int64"``: int64 or uint8), ``None``: any (other integer types passed a plain
+    integer check and failed in the embedding or the loss with a traceback)."""
 
     name: str
     ndim: int
@@ -44,7 +45,7 @@ class Part:
         if self.kind == "float":
             return value.is_floating_point()
         if self.kind == "int":
-            return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+            return value.dtype in (torch.int32, torch.int64)
         if self.kind == "int64":
             return value.dtype in (torch.int64, torch.uint8)
         return True
@@ -52,13 +53,16 @@ class Part:
 
 @dataclass(frozen=True)
 class BatchForm:
-    """A task's batches: a tuple (or list) of ``parts``, then up to ``extra`` more ``(B,)`` tensors (``extra_text``
-    says what they are), every tensor with the same ``B``; ``example`` names a data module that gives them, if any."""
+    """A task's batches: a tuple (or list) of ``parts``, then up to ``extra`` more ``(B,)`` tensors, every tensor with
+    the same ``B`` (``extra_text``, added to the form's text, says what the extra tensors are, or a condition); with ``labels_of_leading_shape`` the second part's shape is
+    the first's without its last axis (a pixel's label per spectrum); ``example`` names a data module that gives
+    them, if any."""
 
     parts: tuple[Part, ...]
     example: str = ""
     extra: int = 0
     extra_text: str = ""
+    labels_of_leading_shape: bool = False
 
     @property
     def text(self) -> str:
@@ -77,6 +81,7 @@ class BatchForm:
             all(part.fits(value) for part, value in zip(self.parts, batch))
             and all(isinstance(value, torch.Tensor) and value.ndim == 1 for value in batch[len(self.parts):])
             and len({value.shape[0] for value in batch}) == 1  # one batch size B
+            and (not self.labels_of_leading_shape or batch[1].shape == batch[0].shape[:-1])
         )
 
     def check(self, batch: Any, batch_idx: int, task: str, stage: str, inputs_only: bool | None = None) -> None:

@@ -67,6 +67,8 @@ class SpectralTargetDetection(pl.LightningModule):
     batch_form = BatchForm(
         (Part("spectra (B, ..., bands)", 2, "float", at_least=True), Part("labels (B, ...)", 1, "float", at_least=True)),
         "lightning_act.data.hyperspectral.HyperspectralDataModule",
+        extra_text=" (labels of the spectra's shape without bands)",
+        labels_of_leading_shape=True,
     )
 
     def __init__(
