@@ -141,3 +141,24 @@ def test_sensitive_neurons_announces_the_step_its_late_statistics_first_appear(d
     first = monitor.history[key].steps[0]
     assert first == {("v_mean", False): 6, ("jaccard", False): 8, ("jaccard", True): 10}[stat, drop]
     assert monitor.first_logged_step(key) == first
+
+
+@pytest.mark.parametrize(("every", "warns"), [(6, False), (7, True)])
+def test_validations_across_epochs_are_spaced_in_whole_optimizer_steps(every, warns):
+    # 8 batches an epoch at accumulation 3: 3 optimizer steps an epoch (its last batch steps); a validation every 16
+    # batches is every 6 steps, not 16 / 3 (which warned at every_n_steps=6)
+    monitor = ActivationStats(modules=["net.blocks.0"], every_n_steps=every)
+    stop = EarlyStopping(monitor=RMS, mode="max", strict=False, check_on_train_epoch_end=False)
+    trainer = quiet_trainer(max_steps=1, callbacks=[monitor, stop], limit_val_batches=1, accumulate_grad_batches=3,
+                            check_val_every_n_epoch=None, val_check_interval=16)
+    said = [m for m in fit_and_warnings(trainer, ToyTask(BlockNet()), ToyData()) if "checks every" in m]
+    assert len(said) == (1 if warns else 0)
+
+
+def test_a_model_checkpoint_of_a_fit_without_validation_is_not_warned_about_a_late_statistic():
+    # Lightning's ModelCheckpoint raises for a missing key only once a validation loop has run
+    monitor = LateRms(modules=["net.blocks.0"], every_n_steps=4)
+    checkpoint = ModelCheckpoint(dirpath=tempfile.mkdtemp(), monitor=RMS, mode="max")
+    trainer = quiet_trainer(max_steps=1, callbacks=[monitor, checkpoint], enable_checkpointing=True)
+    said = fit_and_warnings(trainer, ToyTask(BlockNet()), toy_loader())
+    assert not [m for m in said if "first logs at step" in m]

@@ -587,8 +587,11 @@ def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
             validation = trainer.val_check_batch
             if callback._check_on_train_epoch_end or validation is None:
                 between = steps_per_epoch
-            elif trainer.check_val_every_n_epoch is None or validation < batches:
-                between = validation / accumulate  # validations every val_check_batch batches (within an epoch)
+            elif trainer.check_val_every_n_epoch is None:  # every val_check_batch batches, across epochs
+                between = (validation / accumulate if steps_per_epoch is None else
+                           validation // batches * steps_per_epoch + validation % batches // accumulate)
+            elif 2 * validation <= batches:  # several validations in an epoch
+                between = validation / accumulate
             else:  # one validation in each check_val_every_n_epoch-th epoch
                 between = None if steps_per_epoch is None else steps_per_epoch * trainer.check_val_every_n_epoch
             readers.append(MetricReader(
@@ -598,8 +601,8 @@ def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
                 "pass EarlyStopping(strict=False) to wait for it",
             ))
         elif isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.save_top_k != 0:
-            readers.append(MetricReader(
-                f"ModelCheckpoint(monitor='{key}')", key, None, True, "", lambda every: "",
+            readers.append(MetricReader(  # it raises for a missing key only once a validation loop has run
+                f"ModelCheckpoint(monitor='{key}')", key, None, trainer.enable_validation, "", lambda every: "",
                 "save first after that step (every_n_epochs, every_n_train_steps, the validation interval) or monitor "
                 "another key",
             ))
@@ -607,9 +610,12 @@ def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
         if not config.reduce_on_plateau:
             continue
         stepwise = config.interval == "step"
-        # stepwise: at the batches (of each epoch) that both step the optimizer and are a multiple of frequency
-        if stepwise:
+        # stepwise: at the batches (of each epoch) that both step the optimizer and are a multiple of frequency, once
+        # an epoch where two of them do not fit in one
+        if stepwise and (steps_per_epoch is None or 2 * config.frequency <= batches):
             between = math.lcm(accumulate, config.frequency) / accumulate
+        elif stepwise:
+            between = steps_per_epoch if config.frequency <= batches else None  # never stepped: no repeat
         else:
             between = None if steps_per_epoch is None else config.frequency * steps_per_epoch
 

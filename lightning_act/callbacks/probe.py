@@ -643,6 +643,12 @@ def _reshard(pl_module: nn.Module) -> None:
 #: in eval mode); absent until its first probe, which finds it out (:func:`parameters_kept`).
 _writes_parameters: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
+#: Per model, its watched probes that wrote no parameter: one right after a validation finds an eval-mode rescaling
+#: done already (RWKV after Lightning's sanity check), so a model is taken for one that writes nothing only after
+#: ``_QUIET_PROBES_TRUSTED`` of them.
+_quiet_probes: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_QUIET_PROBES_TRUSTED = 3
+
 #: The models said once to keep the parameters one probe wrote (a write that began after their first probe).
 _kept_writes_warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -707,14 +713,15 @@ def parameters_kept(pl_module: nn.Module) -> Iterator[None]:
     in a flag of its model, which would rescale the weights put back at the next training forward. Left rescaled (before
     round 25), a checkpoint or an EMA read at the end of that batch held weights 4x off.
 
-    A model's first probe finds out whether it writes them (:class:`_CopiedBeforeWrite`, copying those it writes before
-    their first write); later probes of a model that does watch the same way, and those of a model that did not just
-    compare the version counters, keeping (said once) what a write that begins later puts there. The weights an
+    A model's first probes find out whether it writes them (:class:`_CopiedBeforeWrite`, copying those it writes before
+    their first write); later probes of a model that does watch the same way, and those of a model whose first
+    ``_QUIET_PROBES_TRUSTED`` probes wrote nothing just compare the version counters, keeping (said once) what a write
+    that begins later puts there. The weights an
     embedding with ``max_norm`` renormalises are left to :func:`renormed_weights_kept`."""
     renormed = {id(weight) for weight in renormed_weights(pl_module)}
     parameters = [p for p in pl_module.parameters()  # an empty tensor's storage is at 0, shared with every other one
                   if id(p) not in renormed and not nn.parameter.is_lazy(p) and p.numel() > 0]
-    if _writes_parameters.get(pl_module) is False:
+    if not _writes_parameters.get(pl_module, False) and _quiet_probes.get(pl_module, 0) >= _QUIET_PROBES_TRUSTED:
         versions = [p._version for p in parameters]
         yield
         written = [p for p, version in zip(parameters, versions, strict=True) if p._version != version]
@@ -732,6 +739,8 @@ def parameters_kept(pl_module: nn.Module) -> Iterator[None]:
         # once a writer, always watched: a probe right after a validation finds the weights already rescaled and
         # writes nothing, which made the next probe's write stay (before the fix)
         _writes_parameters[pl_module] = _writes_parameters.get(pl_module, False) or bool(watch.copies)
+        if not watch.copies:
+            _quiet_probes[pl_module] = _quiet_probes.get(pl_module, 0) + 1
         if watch.copies:
             _put_back(pl_module, watch.copies, attributes)
         unseen = [p for p, version in zip(parameters, versions, strict=True)

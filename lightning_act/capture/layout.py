@@ -242,13 +242,20 @@ def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | N
     return None
 
 
-def _has_width_on_both(shape: tuple[int, ...] | torch.Size, layout: Layout) -> bool:
-    """Whether axis 1 and the last axis of ``shape`` both have the tapped layers' width: a shape that cannot tell
-    (a ``(B, C, L)`` map at ``L == C``), unlike one that neither has (the width is not the activation's)."""
-    if layout.features is None:
+def _memory_serves(shape: tuple[int, ...] | torch.Size, layout: Layout, remembered: int | None) -> bool:
+    """Whether the axis found for a tap at an earlier call (``remembered``) reads a ``shape`` that does not tell: one
+    whose axis 1 and last axis both have the tapped layers' width (a ``(B, C, L)`` map at ``L == C``), or neither
+    (an activation module shared by layers of another width) where the remembered axis is the one the layers act on.
+    Not one remembered against the layers (round 25: a batch whose tokens happened to have a wrongly inferred width
+    made every later batch be read along its tokens)."""
+    if layout.features is None or remembered is None:
         return False
-    widths = _widths(layout.features[0])
-    return shape[1] in widths and shape[-1] in widths
+    widths, acts_on = _widths(layout.features[0]), layout.features[1]
+    first, last = shape[1] in widths, shape[-1] in widths
+    if first and last:
+        return True
+    layers_axis = {"first": 1, "last": len(shape) - 1}.get(acts_on) if acts_on else None
+    return not first and not last and remembered == layers_axis
 
 
 def looks_unbatched(shape: tuple[int, ...] | torch.Size, layout: Layout) -> bool:
@@ -307,9 +314,7 @@ def with_canonical_features(
     statistic reads as it reads ``(B, C, *spatial)`` (a token is a flattened spatial position; a view, no copy).
     A map of 4 or more axes whose features nothing tells is returned as it is, read as ``(B, C, *spatial)``, with
     ``False``. ``decided`` keeps the axis found for ``slot`` (a tap): a later activation of it whose shape does not
-    tell because both axes have the width (a ``(B, C, L)`` map at a step where ``L`` equals the width ``C``) is read
-    the same way, not flipped; one whose axes have neither width is not (round 25: a batch whose tokens happened to
-    have the wrongly inferred width made every later batch be read along its tokens).
+    tell is read the same way (:func:`_memory_serves`).
     """
     if x.dim() < 3 or not layout.reads_features:
         return x, True
@@ -318,7 +323,7 @@ def with_canonical_features(
     if decided is not None:
         if axis is not None:
             decided[remembered] = axis
-        elif _has_width_on_both(x.shape, layout):
+        elif _memory_serves(x.shape, layout, decided.get(remembered)):
             axis = decided.get(remembered)
     if axis is None:
         return x, x.dim() == 3
