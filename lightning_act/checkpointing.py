@@ -6,8 +6,8 @@
   space left.
 - :class:`LastCheckpoint` refreshes ``last.ckpt`` at the end of every training epoch (and every
   ``every_n_train_steps`` if set), whatever a monitored metric does, and on Ctrl-C stops at the
-  next optimizer step (or after the validation in progress) with ``last.ckpt`` written there; its checkpoints hold
-  the random-number states, so that a resume draws what the uninterrupted fit would have.
+  next optimizer step (or after the validation in progress) with ``last.ckpt`` written there; a one-process fit's
+  checkpoints hold the random-number states, so that a resume draws what the uninterrupted fit would have.
 - :func:`check_resume_checkpoint` refuses, in one line, a file that is not a Lightning checkpoint,
   a checkpoint of another LightningModule than the one configured, and a weights-only one to resume a fit.
 
@@ -626,7 +626,6 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
-
 
 
 def _random_states(device: torch.device) -> dict[str, Any]:
