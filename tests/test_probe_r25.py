@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _toy import quiet_trainer
 from lightning_act.callbacks import SensitiveNeurons
 from lightning_act.callbacks.probe import probing
 from lightning_act.errors import LightningActError
-from tests._toy import quiet_trainer
 
 
 class Block1d(nn.Module):
