@@ -190,9 +190,9 @@ class LastCheckpoint(Checkpoint):
     numpy's and Python's), set again as the resumed training starts: from a checkpoint at an epoch's end, the resumed
     fit draws the uninterrupted one's dropout masks, shuffles and augmentations (on CPU its weights are the
     uninterrupted fit's bit for bit, where the loader draws nothing in the main process at its first batch: a
-    ``shuffle=True`` loader with ``num_workers=0`` draws its order there, before the states are set back). Under
-    several processes none are saved (said once): every rank's would need a collective at each save. A checkpoint
-    written without them resumes from the current seed.
+    ``shuffle=True`` order or an augmentation with ``num_workers=0`` is drawn there, before the states are set
+    back). Under several processes none are saved (said once): every rank's would need a collective at each save. A
+    checkpoint written without them resumes from the current seed.
 
     Args:
         dirpath: local folder of ``last.ckpt`` (``~`` is the home folder); by default the ``dirpath`` of the Trainer's
