@@ -639,8 +639,8 @@ def _reshard(pl_module: nn.Module) -> None:
         module.reshard()  # type: ignore[operator]
 
 
-#: Per model, whether a probe forward wrote its parameters in place (Hugging Face RWKV rescales its blocks' weights
-#: in eval mode); absent until its first probe, which finds it out (:func:`parameters_kept`).
+#: The models a probe forward wrote the parameters of in place (Hugging Face RWKV rescales its blocks' weights in eval
+#: mode): their probes stay watched (:func:`parameters_kept`).
 _writes_parameters: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 #: Per model, its watched probes that wrote no parameter: one right after a validation finds an eval-mode rescaling
@@ -738,11 +738,11 @@ def parameters_kept(pl_module: nn.Module) -> Iterator[None]:
     finally:
         # once a writer, always watched: a probe right after a validation finds the weights already rescaled and
         # writes nothing, which made the next probe's write stay (before the fix)
-        _writes_parameters[pl_module] = _writes_parameters.get(pl_module, False) or bool(watch.copies)
-        if not watch.copies:
-            _quiet_probes[pl_module] = _quiet_probes.get(pl_module, 0) + 1
         if watch.copies:
+            _writes_parameters[pl_module] = True
             _put_back(pl_module, watch.copies, attributes)
+        else:
+            _quiet_probes[pl_module] = _quiet_probes.get(pl_module, 0) + 1
         unseen = [p for p, version in zip(parameters, versions, strict=True)
                   if p._version != version and id(p) not in watch.copies]
         if unseen:  # written where no torch function is called (torch.ops.aten, numpy): kept, said once
