@@ -154,10 +154,14 @@ def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
     cross.masked_fill_(~finite, 0.0)
     # The Nyström eigenvalues are the squared singular values of Y W^{-1/2}, which are those of R W^{-1/2} with
     # Y = QR: forming Yᵀ Y instead squares the condition number and lost a collapsed layer's small eigenvalues
-    # (erank 1.05 for 1.01), at the same O(d k²) cost. geqrf, given Y as its output, writes R over Y's upper rows:
-    # the R torch.linalg.qr computes on a copy of Y, to the bit.
-    torch.geqrf(cross, out=(cross, torch.empty(min(d, k), dtype=torch.float64, device=partials.device)))
-    triangle = cross[: min(d, k)].triu()
+    # (erank 1.05 for 1.01), at the same O(d k²) cost. On the CPU geqrf, given Y as its output, writes R over Y's
+    # upper rows: the R torch.linalg.qr computes on a copy of Y, to the bit. Elsewhere (an output aliasing its input
+    # is not checked there: no GPU this round) torch.linalg.qr takes its copy.
+    if cross.device.type == "cpu":
+        torch.geqrf(cross, out=(cross, torch.empty(min(d, k), dtype=torch.float64, device=partials.device)))
+        triangle = cross[: min(d, k)].triu()
+    else:
+        triangle = torch.linalg.qr(cross, mode="r").R
     del cross
     eigenvalues = torch.linalg.svdvals(triangle @ whitening).square().flip(0)
     eigenvalues = torch.where(eigenvalues > 16 * eps * square_total, eigenvalues, zero)
