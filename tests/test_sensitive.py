@@ -336,6 +336,14 @@ def test_feature_drop_acts_only_in_training_mode_on_outputs_and_on_inputs_passed
     torch.testing.assert_close(linear(input=inputs), nn.functional.linear(expected, linear.weight, linear.bias))
 
 
+def _take_a_step(model: nn.Module) -> None:
+    """Moves every weight a little, as a training step would: with weights that never change, every V_i is 0 and
+    the top set ties, so nothing is selected (and no jaccard follows)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter), alpha=0.05)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_checkpoint_on_cuda_reads_the_host_once() -> None:
     # Every tap's statistics and selected indices come back in one transfer (round 12; seven reads before).
@@ -348,7 +356,9 @@ def test_a_checkpoint_on_cuda_reads_the_host_once() -> None:
     monitor.setup(None, model, "fit")  # type: ignore[arg-type]
     monitor.on_fit_start(None, model)  # type: ignore[arg-type]
     for step in range(3):  # the window fills at checkpoint 2 (the first selection); 3 has a jaccard too
+        _take_a_step(model)
         monitor.checkpoint(None, model, step)
+    _take_a_step(model)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
