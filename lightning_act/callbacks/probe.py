@@ -651,6 +651,11 @@ def _reshard(fsdp2_modules: list[nn.Module]) -> None:
 #: mode): their probes stay watched (:func:`parameters_kept`).
 _writes_parameters: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
+def writes_parameters(pl_module: nn.Module) -> bool:
+    """Whether a probe forward of ``pl_module`` has written its parameters in place (:func:`parameters_kept`)."""
+    return _writes_parameters.get(pl_module, False)
+
+
 #: Per model, its watched probes that wrote no parameter: one right after a validation finds an eval-mode rescaling
 #: done already (RWKV after Lightning's sanity check), so a model is taken for one that writes nothing only after
 #: ``_QUIET_PROBES_TRUSTED`` of them.

@@ -88,6 +88,7 @@ from lightning_act.callbacks.probe import (
     same_on_every_rank,
     to_device,
     validation_batches,
+    writes_parameters,
 )
 from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
 from lightning_act.capture.layout import to_sample_first, with_canonical_features
@@ -428,7 +429,9 @@ class SensitiveNeurons(FitScopedState):
             :mod:`lightning_act.callbacks.graphed_pass`): one launch instead of the forward's operations one at a
             time, whose host time was nearly all of this monitor's cost at every step on an H100. The same values;
             captured again when a parameter, buffer or input moves; a forward that cannot be captured (a host read
-            inside it) warns once and runs eagerly. Stochastic EigenScore passes stay eager. The graph keeps the
+            inside it) warns once and runs eagerly, as does the pass of a model whose eval-mode forward writes its
+            parameters (RWKV's rescaling: a replay would repeat the write unseen, said once). Stochastic EigenScore
+            passes stay eager. The graph keeps the
             pass's peak memory reserved for the rest of the fit. Measured on an H100 (``docs/performance.md``,
             round 17): this monitor alone every step 1.46x -> 1.25x a ViT-S step, all four 2.48x -> 2.07x. Off by
             default: a replay also repeats whatever the forward decided from Python state at capture (a flag, the
@@ -973,6 +976,8 @@ class SensitiveNeurons(FitScopedState):
                 for i, tap in taps if i in collected and tap.name not in self._rows_not_examples
             }
 
+        if self._graph_this_fit and device.type == "cuda" and writes_parameters(pl_module):
+            self._refuse_graph_of_a_writer()
         self._arm(True)
         try:
             with own_passes(self._registry, self, self._cutoff), probing(trainer, pl_module, device):
@@ -996,6 +1001,20 @@ class SensitiveNeurons(FitScopedState):
         clean = {name: embedding for name, embedding in clean.items() if name not in self._rows_not_examples}
         stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
         return clean, stochastic
+
+    def _refuse_graph_of_a_writer(self) -> None:
+        """No graph for a model whose probe forward wrote its parameters in place (Hugging Face RWKV's eval-mode
+        rescaling): a replay repeats the write with no torch function called and no version counter moved, so no
+        probe could put the weights back (the eager probes do, :func:`~lightning_act.callbacks.probe.parameters_kept`),
+        and training would go on from the rescaled weights."""
+        self._graph_this_fit = False
+        self._graphed.reset()
+        rank_zero_warn(
+            "SensitiveNeurons: cuda_graph=True is not used for this model: its forward writes its parameters in place "
+            "in eval mode (a rescaling, an EMA swap), which a replayed graph would repeat where no probe can put them "
+            "back; the tracking pass runs eagerly from now on (the same values)",
+            category=UserWarning,
+        )
 
     def _check_examples(self, name: str, rows_per_batch: list[list[int]]) -> None:
         """Each call of a tap gives one row per example of its tracking batch, or one per token of a head run on the
