@@ -30,7 +30,8 @@ from lightning_act.report.content import (
     INDEX_STAT, PerRun, format_count, plan_statistics, unknown_notes, unknown_words, with_unknown,
 )
 from lightning_act.report.runlog import (
-    FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run, run_groups, without_logger_prefix,
+    FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run, loader_index, metric_name, run_groups,
+    without_logger_prefix,
 )
 
 #: A plotly figure as plain data (``{"data": [traces], "layout": {...}}``), drawn by plotly.js in the page.
@@ -77,6 +78,8 @@ DEFAULT_MIN_R2 = 0.5
 
 #: Line styles that tell runs apart when colour tells layers apart.
 RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+#: Dashes of the validation curves, one per loader (``val/loss/dataloader_idx_N``): all dashed, as val/x is.
+VAL_LOADER_DASHES = ("dash", "longdash", "dashdot", "longdashdot")
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": False}
@@ -448,7 +451,7 @@ def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
             note = non_finite_note(key if len(runs) == 1 else f"{run} · {key}", series)
             notes += [note] if note else []
             if any(math.isfinite(v) for v in series.values):
-                groups.setdefault(key.split("/")[-1], []).append((run, key))
+                groups.setdefault(metric_name(key), []).append((run, key))
     said = "".join(f"<p class='muted'>{html.escape(note)}</p>" for note in notes)  # a diverged loss is the news
     if not groups:
         return said or "<p class='muted'>No training metrics were logged.</p>"
@@ -459,10 +462,7 @@ def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
             _line_trace(
                 run, key, runs[run].series[key], len(runs) > 1,
                 _hover(f"{html.escape(run)} · {html.escape(key)}", "step %{x}", "%{y:.5g}"),
-                {"color": RUN_COLOURS[labels.index(run) % len(RUN_COLOURS)],
-                 "dash": {"train": "solid", "val": "dash"}.get(
-                     without_logger_prefix(key).split("/")[0] if "/" in key else "", "dot"
-                 )},
+                {"color": RUN_COLOURS[labels.index(run) % len(RUN_COLOURS)], "dash": _training_dash(key)},
             )
             for run, key in members
         ]
@@ -470,6 +470,14 @@ def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
         _controls(figure, labels)
         parts.append(_figure_html(figure, ids(f"training-{name}")))
     return said + "".join(parts)
+
+
+def _training_dash(key: str) -> str:
+    """train/x solid, val/x dashed (each validation loader its own dash, so their curves stay apart), others dotted."""
+    kind = without_logger_prefix(key).split("/")[0] if "/" in key else ""
+    if kind == "val":
+        return VAL_LOADER_DASHES[(loader_index(key) or 0) % len(VAL_LOADER_DASHES)]
+    return "solid" if kind == "train" else "dot"
 
 
 def test_section(runs: dict[str, RunLog]) -> str:

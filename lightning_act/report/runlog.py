@@ -202,6 +202,24 @@ def without_logger_prefix(key: str) -> str:
     return _LOGGER_PREFIX.sub("", key, count=1)
 
 
+#: Lightning's ``add_dataloader_idx`` suffix: with several validation/test loaders ``self.log("val/loss", ...)`` is
+#: logged as ``val/loss/dataloader_idx_0``, ``val/loss/dataloader_idx_1``, ...
+_LOADER_SUFFIX = re.compile(r"/dataloader_idx_(\d+)$")
+
+
+def metric_name(key: str) -> str:
+    """The metric a training key measures, which its figure (report) or panel (W&B dashboard) is named by:
+    ``"train/loss"``, ``"val/loss"`` and ``"val/loss/dataloader_idx_1"`` → ``"loss"``, so every loader's loss sits
+    beside the training loss and never on one axis with an accuracy."""
+    return _LOADER_SUFFIX.sub("", key).split("/")[-1]
+
+
+def loader_index(key: str) -> int | None:
+    """The loader a key was logged for (``"val/loss/dataloader_idx_1"`` → 1); None without Lightning's suffix."""
+    match = _LOADER_SUFFIX.search(key)
+    return int(match.group(1)) if match else None
+
+
 def is_index_column(column: str, columns: Collection[str]) -> bool:
     """Whether ``column``, one of the logged ``columns``, indexes rows (``step``, ``epoch``), not a metric. Lightning
     logs ``epoch`` with every metric, behind the logger's prefix like them (``fold1-epoch`` beside ``fold1-loss``),
@@ -393,9 +411,10 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
     what earlier versions logged at steps ``>= s`` was rolled back by the resume, so it is
     replaced for every non-test key (a key the version logs earlier, the validation a stop interrupted and the
     resume runs again at the stopped step, from its first step). A version without training (``lightning_act test`` or ``validate``) adds its
-    own keys, and its test keys (:func:`is_test_key`) overwrite an earlier test's from their first step on; but it
-    does not replace the fit's curves of other keys: a ``validate`` logs ``val/*`` at step 0, which would cut the
-    whole validation curve. Those values are left out, with a note.
+    own keys. A version that logs test keys (:func:`is_test_key`) replaces every earlier test key as a whole, also
+    those it does not log (with a note): one test's metrics, such as two loaders', never stand beside another's as
+    one result. A version without training does not replace the fit's curves of other keys: a ``validate`` logs
+    ``val/*`` at step 0, which would cut the whole validation curve. Those values are left out, with a note.
     """
     merged: dict[str, Series] = {}
     notes: list[str] = []
@@ -417,15 +436,26 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
                 "are left out"
             )
             series = {key: s for key, s in series.items() if key not in kept_curves}
+        tests_again = any(is_test_key(key) for key in firsts)
+        earlier_tests_only = sorted(
+            key for key, old in merged.items() if tests_again and is_test_key(key) and len(old) and key not in firsts
+        )
+        if earlier_tests_only:
+            notes.append(
+                f"{path} tests again: it replaces the earlier test's metrics, so {', '.join(earlier_tests_only)} "
+                "(not logged by this test) are left out"
+            )
         for key, old in merged.items():
             if logs_training and not is_test_key(key):
                 cut = min(rollback, firsts.get(key, rollback))
+            elif tests_again and is_test_key(key):
+                cut = -math.inf
             elif key in firsts and key not in kept_curves:
                 cut = firsts[key]
             else:
                 continue
             kept = [(s, v) for s, v in zip(old.steps, old.values, strict=True) if s < cut]
-            replaced += len(old) - len(kept)
+            replaced += 0 if is_test_key(key) else len(old) - len(kept)
             old.steps, old.values = [s for s, _ in kept], [v for _, v in kept]
             old.spans = [(first, min(end, cut)) for first, end in old.spans if first < cut]
         if replaced and logs_training:

@@ -39,6 +39,7 @@ from lightning_act.report.runlog import (
     LOGGER_PREFIX_PATTERN,
     MONITOR_PREFIXES,
     is_index_column,
+    metric_name,
     split_logged_monitor_key,
     without_logger_prefix,
 )
@@ -92,7 +93,8 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
     """The workspace layout for a project that logged ``keys`` (metric and image keys).
 
     Sections: ``training`` (one line plot per metric name, e.g. ``train/loss`` and ``val/loss``
-    together), then one per monitor present, in :data:`MONITOR_PREFIXES` order. Token/feature
+    together, and each loader's ``val/loss/dataloader_idx_N`` with several validation loaders), then one per
+    monitor present, in :data:`MONITOR_PREFIXES` order. Token/feature
     positions get no line plot (an index is not a curve; see ``lightning_act report``); with ``compact``
     (a :class:`~lightning_act.loggers.CompactWandbLogger` run) neither do the top-k values, which it keeps in its
     ``<prefix>/per_layer`` table only: their panels would stay empty. Keys behind a logger prefix
@@ -114,7 +116,7 @@ def dashboard_spec(keys: Iterable[str], compact: bool = False) -> list[SectionSp
             if not INDEX_STAT.match(parts[2]) and not (compact and TOPK_STAT.match(parts[2])):
                 monitor_stats.setdefault(parts[0], set()).add(parts[2])
         else:
-            training.setdefault(key.split("/")[-1], []).append(key)
+            training.setdefault(metric_name(key), []).append(key)
 
     sections: list[SectionSpec] = []
     if training:
