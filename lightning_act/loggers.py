@@ -49,7 +49,15 @@ MONITOR_REDUCTIONS: dict[str, str] = {"massive": "max", "collapse": "min"}
 #: Statistics reduced by max whatever the monitor (counts, flags and maxima: any layer with one shows).
 STAT_REDUCTIONS: dict[str, str] = {"nonfinite": "max", "count": "max", "collapsed": "max", "abs_max": "max"}
 
-_REDUCE = {"mean": lambda values: math.fsum(values) / len(values), "max": max, "min": min}
+
+def _mean(values: list[float]) -> float:
+    """The mean, NaN (unknown) for values holding both +inf and -inf (``fsum`` refuses ``inf - inf``)."""
+    if math.inf in values and -math.inf in values:
+        return math.nan
+    return math.fsum(values) / len(values)
+
+
+_REDUCE = {"mean": _mean, "max": max, "min": min}
 
 
 def reduction_of(prefix: str, stat: str) -> str:
@@ -62,7 +70,9 @@ def compact_metrics(
     """Split one logging call into (keys to log, per-layer detail ``(prefix, layer, stat, value)``).
 
     Monitor statistics logged for several layers become one ``<prefix>/<reduction>/<stat>`` key
-    (over the finite values; none finite → not logged, never a placeholder); the top-k entries
+    (over the known values: NaN, a monitor's "unknown", is left out and ±inf, a measured value, kept, so a blown-up
+    block shows as ``massive/max/top1 = inf``; none known, or a mean of +inf and -inf → not logged, never a
+    placeholder); the top-k entries
     (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) are detail only; of the emergence fits (``fit_*``) only
     the one with the best finite ``fit_r2`` keeps its layer's keys, every parameter from that layer (the others, or
     all when no R² is finite, are detail); all other keys are kept as they are. ``multi_layer`` holds the
@@ -96,10 +106,12 @@ def compact_metrics(
         elif (prefix, stat) not in multi_layer:
             kept[members[0][0]] = members[0][2]
             continue
-        finite = [value for _, _, value in members if math.isfinite(value)]
-        if finite:
+        known = [value for _, _, value in members if not math.isnan(value)]
+        if known:
             reduction = reduction_of(prefix, stat)
-            kept[f"{prefix}/{reduction}/{stat}"] = _REDUCE[reduction](finite)
+            reduced = _REDUCE[reduction](known)
+            if not math.isnan(reduced):
+                kept[f"{prefix}/{reduction}/{stat}"] = reduced
     return kept, detail
 
 

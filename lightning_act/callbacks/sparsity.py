@@ -185,10 +185,16 @@ class ActivationSparsity(ActivationMonitor):
         check_number("ActivationSparsity", "temporal_eps", temporal_eps)
         check_number("ActivationSparsity", "target_cett", target_cett)
         if not 0.0 < target_cett < 1.0:
-            raise LightningActError(f"target_cett={target_cett} is outside (0, 1); pass a CETT such as 0.2")
+            raise LightningActError(
+                f"ActivationSparsity: target_cett={target_cett} is outside (0, 1); pass a CETT such as 0.2"
+            )
         check_int("ActivationSparsity", "cett_max_tokens", cett_max_tokens, 1)
         check_int("ActivationSparsity", "cett_grid_size", cett_grid_size, 2)
-        check_dim("ActivationSparsity", "temporal_dim", temporal_dim)
+        if check_dim("ActivationSparsity", "temporal_dim", temporal_dim) == 0:
+            raise LightningActError(
+                "ActivationSparsity: temporal_dim=0 is the sample axis (temporal_dim counts axes of the sample-first "
+                "view); pass the time axis, e.g. 1 for (batch, time, features)"
+            )
         if isinstance(cett_grid_range, str) or not isinstance(cett_grid_range, Sequence) or len(cett_grid_range) != 2:
             raise LightningActError(
                 f"ActivationSparsity: cett_grid_range={cett_grid_range!r} must be a pair (low, high); pass e.g. (1e-6, 1e3)"
@@ -326,11 +332,31 @@ class ActivationSparsity(ActivationMonitor):
             for tap_index, sums in zip(kept, stacked.unbind()):
                 self.accumulate(tap_index, Partials(sums=sums))
 
+    def _check_temporal_axis(self, tap_index: int, x: torch.Tensor) -> None:
+        """Refuse a ``temporal_dim`` that is no axis of a sample-first activation of 3 or more axes, or is its sample
+        axis (a negative one can be), as ``batch_dim`` is refused: either measured change across examples, or nothing
+        at all, while reading like a time statistic. A ``(B, D)`` tap has no time axis and logs no ``temporal_frac``."""
+        assert self.temporal_dim is not None
+        if x.dim() < 3:
+            return
+        if not -x.dim() <= self.temporal_dim < x.dim():
+            problem = "is not an axis of"
+        elif self.temporal_dim % x.dim() == 0:
+            problem = "is the sample axis of"
+        else:
+            return
+        tap = self.taps[tap_index].name
+        raise LightningActError(
+            f"ActivationSparsity: temporal_dim={self.temporal_dim} {problem} {tap}'s sample-first {tuple(x.shape)} "
+            f"activation; pass its time axis, in [1, {x.dim() - 1}]"
+        )
+
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
         parts = []
         if tap_index in self._zero_taps:
             parts.append(zero_partials(x, self.threshold) if fused is None else zero_partials_from(fused, self.threshold))
             if self.temporal_dim is not None:
+                self._check_temporal_axis(tap_index, x)
                 # the same layout on every rank and step (the reduction adds them): no pair where there is no time axis
                 if has_time_axis(x, self.temporal_dim):
                     parts.append(temporal_partials(x, self.temporal_dim, self.temporal_eps))

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from lightning_act.stats.histogram_median import LogMagnitudeBins, histogram_median, log_magnitude_bin
-from lightning_act.stats.massive import MASSIVE_SUMS
+from lightning_act.stats.massive import MASSIVE_SUMS, known_medians
 from lightning_act.stats.massive import sample_medians as exact_sample_medians
 from lightning_act.stats.moments import MOMENT_SUMS, comparable_threshold
 
@@ -533,7 +533,8 @@ def massive_partials_from(stats: FusedStats) -> tuple[torch.Tensor, torch.Tensor
 
     The per-sample median is the histogram estimate (:func:`histogram_median`, relative error <= the bin
     width, 1.56% by default) and the massive count is exact at the threshold that median gives
-    (:func:`massive_row_thresholds`; NaN for a sample whose median is unknown).
+    (:func:`massive_row_thresholds`). A sample whose median is unknown (NaN) or infinite (half its entries or more
+    NaN or inf) has an unknown median, ratio and count, as in :func:`lightning_act.stats.massive.known_medians`.
     """
     sums, maxima = stacked_massive_partials([stats])
     return sums[0], maxima[0]
@@ -548,9 +549,10 @@ def stacked_massive_partials(stats: Sequence[FusedStats]) -> tuple[torch.Tensor,
         raise ValueError("massive partials need a (batch, ...) tensor and a spec from massive_spec()")
     if len({s.shape for s in stats}) > 1:
         raise ValueError(f"stacked massive partials need passes over one shape, got {sorted({s.shape for s in stats})}")
-    median = torch.stack([s.sample_median for s in stats])  # type: ignore[misc]
+    median = known_medians(torch.stack([s.sample_median for s in stats]))  # type: ignore[misc]
     top1 = torch.stack([s.sample_magnitude_max for s in stats])  # type: ignore[misc]
     count = torch.stack([s.sample_massive_count for s in stats])  # type: ignore[misc]
+    count = torch.where(torch.isnan(median), median, count)
     samples = torch.full((len(stats),), float(stats[0].shape[0]), dtype=torch.float64, device=median.device)
     sums = torch.stack([samples, median.sum(1), (top1 / median).sum(1), count.sum(1)], 1)
     assert sums.shape[1] == len(MASSIVE_SUMS)

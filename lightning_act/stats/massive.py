@@ -70,7 +70,10 @@ def massive_partials(
     """``(sums, maxima)`` of one block output, laid out as ``MASSIVE_SUMS`` / ``MASSIVE_MAXIMA`` (float64).
 
     Non-finite entries count as infinitely large, so a blown-up residual stream shows as an
-    infinite ``top1`` and ``ratio`` instead of disappearing.
+    infinite ``top1`` (and ``ratio`` while its sample's median stays finite) instead of disappearing. A sample
+    whose median is infinite (half its entries or more NaN or inf) has an unknown median, and with it an
+    unknown ``ratio`` and ``count`` (|a| / median >= ratio_threshold is inf / inf there): NaN, see
+    :func:`known_medians`.
     """
     return massive_partials_from_magnitude(block_magnitude(h), abs_threshold, ratio_threshold)
 
@@ -80,6 +83,12 @@ def block_magnitude(h: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(_at_least_float32(_as_samples_tokens_features(h)).abs(), nan=float("inf"), posinf=float("inf"))
 
 
+def known_medians(median: torch.Tensor) -> torch.Tensor:
+    """``median`` with NaN where it is not finite: an infinite median (NaN and inf entries rank as +inf) is not a
+    measurement, and ``|a| / median`` (``ratio``, the massive criterion) is undefined at it."""
+    return torch.where(torch.isfinite(median), median, torch.full_like(median, float("nan")))
+
+
 def massive_partials_from_magnitude(
     magnitude: torch.Tensor, abs_threshold: float = 100.0, ratio_threshold: float = 1000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,14 +96,15 @@ def massive_partials_from_magnitude(
     samples = magnitude.shape[0]
     magnitude = magnitude.flatten(1)
     top1 = magnitude.amax(dim=1)
-    median = sample_medians(magnitude)
+    median = known_medians(sample_medians(magnitude))
     massive = (magnitude > abs_threshold) & (magnitude >= ratio_threshold * median[:, None])
+    count = torch.where(torch.isnan(median), median.to(torch.float64), massive.sum(dim=1, dtype=torch.float64))
     sums = torch.stack(
         [
             torch.full((), float(samples), dtype=torch.float64, device=magnitude.device),
             median.sum(dtype=torch.float64),
             (top1.to(torch.float64) / median.to(torch.float64)).sum(),
-            massive.sum(dtype=torch.float64),
+            count.sum(),
         ]
     )
     return sums, top1.amax().to(torch.float64).reshape(1)
