@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_act.errors import ConfigError
+from lightning_act.data.checks import check_split_fractions
 
 
 def load_digits_arrays(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,11 +32,7 @@ def load_digits_arrays(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic shuffled train / val / test index split."""
-    if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
-        raise ConfigError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum to < 1; pass "
-            "smaller --data.val_fraction / --data.test_fraction"
-        )
+    check_split_fractions(val_fraction, test_fraction)
     order = np.random.default_rng(seed).permutation(n)
     n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
     return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]

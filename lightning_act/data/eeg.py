@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_act.data.checks import check_loader_args, check_real, check_split_fractions, check_whole
 from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError
 
@@ -860,6 +861,23 @@ class EEGSeizureDataModule(SplitDataModule):
                 f"data directory '{data_dir}' does not exist; pass --data.data_dir with a CHB-MIT-style folder, "
                 "or leave it unset to use synthetic recordings"
             )
+        check_whole("n_channels", n_channels, 1, 8)
+        check_real("sampling_rate", sampling_rate, 0.0, 64, above=True, what=" (samples per second)")
+        check_real("window_seconds", window_seconds, 0.0, 5, above=True)
+        if stride_seconds is not None:
+            check_real("stride_seconds", stride_seconds, 0.0, 5, above=True)
+        check_real("recording_minutes", recording_minutes, 0.0, 60, above=True)
+        check_whole("n_train_recordings", n_train_recordings, 1, 6)
+        check_whole("n_val_recordings", n_val_recordings, 0, 3)
+        check_whole("n_test_recordings", n_test_recordings, 0, 12)
+        check_whole("max_seizures_per_recording", max_seizures_per_recording, 1, 2)
+        check_real("horizon_minutes", horizon_minutes, 0.0, 15, above=True)
+        check_real("postictal_minutes", postictal_minutes, 0.0, 10)
+        if interictal_distance_minutes is not None:
+            check_real("interictal_distance_minutes", interictal_distance_minutes, 0.0, 240)
+        check_real("leading_gap_minutes", leading_gap_minutes, 0.0, 60)
+        check_split_fractions(val_fraction, test_fraction)
+        check_loader_args(batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.n_channels = n_channels

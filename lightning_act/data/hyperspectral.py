@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from scipy import ndimage
 from torch.utils.data import TensorDataset
 
+from lightning_act.data.checks import check_loader_args, check_real, check_split_fractions, check_whole
 from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError
 
@@ -584,16 +585,18 @@ class HyperspectralDataModule(SplitDataModule):
         self.save_hyperparameters()
         self.path, self.mask_path, self.cube_key, self.mask_key = path, mask_path, cube_key, mask_key
         self.target_values = target_values
-        if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
-            raise ConfigError(f"crop_size={crop_size!r} must be a whole number of pixels >= 1; pass e.g. --data.crop_size 64")
+        check_whole("crop_size", crop_size, 1, 64, "a whole number of pixels")
         self.crop_size = crop_size
-        if isinstance(scene_size, bool) or not isinstance(scene_size, int) or scene_size < 8:
-            raise ConfigError(f"scene_size={scene_size!r} must be a whole number of pixels >= 8; pass e.g. --data.scene_size 64")
+        check_whole("scene_size", scene_size, 8, 64, "a whole number of pixels")
         if isinstance(num_scenes, bool) or not isinstance(num_scenes, int) or num_scenes < 3:
             raise ConfigError(
                 f"num_scenes={num_scenes!r} must be a whole number >= 3 (a scene each for train, val and test); pass "
                 "e.g. --data.num_scenes 24"
             )
+        check_whole("num_bands", num_bands, 1, 64)
+        check_real("noise_std", noise_std, 0.0, 0.01, what=" (the synthetic sensor noise; 0: none)")
+        check_split_fractions(val_fraction, test_fraction)
+        check_loader_args(batch_size, num_workers, seed)
         self.num_scenes, self.scene_size, self.num_bands, self.noise_std = num_scenes, scene_size, num_bands, noise_std
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

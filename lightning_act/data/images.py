@@ -13,6 +13,7 @@ inside the scikit-learn wheel); a ``data_dir`` is read as
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_act.data.checks import check_flag, check_loader_args, check_split_fractions, check_whole
 from lightning_act.data.digits import load_digits_arrays, split_indices
 from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError, LightningActError
@@ -384,6 +386,13 @@ class ImageDataModule(SplitDataModule):
             raise LightningActError(f"crop_pct={crop_pct} is the centre-crop fraction; pass a value in (0, 1], e.g. 0.875")
         if not 0.0 <= random_erasing <= 1.0:
             raise LightningActError(f"random_erasing={random_erasing} is a probability; pass a value in [0, 1]")
+        check_whole("image_size", image_size, 1, 32, "a whole number of pixels")
+        check_whole("in_chans", in_chans, 1, 3)
+        check_whole("crop_padding", crop_padding, 0, 4, "a whole number of pixels")
+        for flag, value in (("hflip", hflip), ("random_resized_crop", random_resized_crop), ("timm_transforms", timm_transforms)):
+            check_flag(flag, value)
+        check_loader_args(batch_size, num_workers, seed)
+        check_split_fractions(val_fraction, test_fraction)
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.image_size = image_size
@@ -402,6 +411,13 @@ class ImageDataModule(SplitDataModule):
             raise LightningActError(
                 f"mean and std need in_chans={in_chans} values each, got {self.mean} and {self.std}; "
                 "pass --data.mean / --data.std with one value per channel"
+            )
+        if not all(isinstance(value, numbers.Real) and math.isfinite(value) for value in self.mean):
+            raise LightningActError(f"mean={self.mean} must hold finite numbers; pass e.g. --data.mean [0.5,0.5,0.5]")
+        if not all(isinstance(value, numbers.Real) and math.isfinite(value) and value > 0 for value in self.std):
+            raise LightningActError(
+                f"std={self.std} must hold finite numbers > 0 (the images are divided by it); pass e.g. --data.std "
+                "[0.5,0.5,0.5]"
             )
         self.data_format = self._detect_format()
         if (timm_transforms or auto_augment) and (self.data_format != "imagefolder" or in_chans != 3):

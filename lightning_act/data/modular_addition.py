@@ -8,10 +8,13 @@ set, the rest validation. Token ``p`` is ``=``; the target is the answer in ``0 
 
 from __future__ import annotations
 
+import numbers
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_act.data.checks import check_whole
 from lightning_act.data.splits import EpochShuffleSampler
 from lightning_act.errors import ConfigError
 
@@ -36,15 +39,19 @@ class ModularAdditionDataModule(pl.LightningDataModule):
 
     def __init__(self, p: int = 97, train_fraction: float = 0.4, batch_size: int = 512, seed: int = 0) -> None:
         super().__init__()
-        if p < 2:
-            raise ConfigError(f"p={p} must be >= 2")
-        if not 0.0 < train_fraction < 1.0:
-            raise ConfigError(f"train_fraction={train_fraction} must be in (0, 1); the grokking setups use 0.3-0.5")
+        check_whole("p", p, 2, 97)
+        if isinstance(train_fraction, bool) or not isinstance(train_fraction, numbers.Real) or not 0.0 < train_fraction < 1.0:
+            raise ConfigError(
+                f"train_fraction={train_fraction!r} must be in (0, 1); pass e.g. --data.train_fraction 0.4 (the "
+                "grokking setups use 0.3-0.5)"
+            )
         if not 1 <= round(train_fraction * p * p) < p * p:  # the split below: an empty training or validation set
             raise ConfigError(
                 f"train_fraction={train_fraction} of the {p * p} problems of p={p} leaves the training or validation "
                 "set empty; pass a larger p or a train_fraction nearer 0.5"
             )
+        check_whole("batch_size", batch_size, 1, 512)
+        check_whole("seed", seed, 0, 0)
         self.p = p
         self.train_fraction = train_fraction
         self.batch_size = batch_size

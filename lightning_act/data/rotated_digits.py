@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lightning_act.data.checks import check_loader_args, check_real, check_split_fractions, check_whole
 from lightning_act.data.digits import load_digits_arrays, split_indices
 from lightning_act.data.splits import SplitDataModule
 from lightning_act.errors import DataFormatError, DataNotFoundError
@@ -190,8 +191,14 @@ class RotatedDigitsDataModule(SplitDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_real("degrees", degrees, None, 45, what=" (the rotation angle)")
         for mode in (train_rotation, test_rotation):
             rotation_angles(0, mode, degrees, seed)
+        check_whole("image_size", image_size, 1, 16, "a whole number of pixels")
+        if max_samples is not None:
+            check_whole("max_samples", max_samples, 1, 1000, "a whole number of examples")
+        check_loader_args(batch_size, num_workers, seed)
+        check_split_fractions(val_fraction, test_fraction)
         if mnist_dir is not None and not Path(mnist_dir).is_dir():
             raise DataNotFoundError(
                 f"MNIST folder '{mnist_dir}' does not exist; pass --data.mnist_dir to an existing folder or leave it "

@@ -25,8 +25,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_act.data.checks import check_loader_args, check_whole
 from lightning_act.data.splits import EpochShuffleSampler
-from lightning_act.errors import ConfigError, DataNotFoundError
+from lightning_act.errors import DataNotFoundError
 
 _SKIPPED_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -99,10 +100,14 @@ class StdlibTextDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if val_every < 2:
-            raise ConfigError(f"val_every={val_every} must be >= 2 (every val_every-th file is a validation file)")
-        if seq_len < 1:
-            raise ConfigError(f"seq_len={seq_len} must be >= 1 (bytes per training sequence)")
+        check_whole("val_every", val_every, 2, 10)
+        check_whole("seq_len", seq_len, 1, 128, "a whole number of bytes per training sequence")
+        for name, cap in (("max_train_bytes", max_train_bytes), ("max_val_bytes", max_val_bytes)):
+            if cap is not None:
+                check_whole(name, cap, 1, 4_000_000, "a whole number of bytes")
+        if root is not None and not Path(root).is_dir():
+            raise DataNotFoundError(f"root folder '{root}' does not exist; pass --data.root with a folder of Python sources")
+        check_loader_args(batch_size, num_workers, seed)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_every = val_every
