@@ -17,7 +17,6 @@ from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int,
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
-    forward_is_collective,
     own_passes,
     probing,
     resolve_forward_fn,
@@ -60,6 +59,11 @@ log = logging.getLogger(__name__)
 #: Per-position maxima of up to this many positions per sample are kept until the logging step (4 MiB a tap in
 #: float32; a ViT-S block has 75,648); a wider tap takes its top-k in the forward hook.
 DEFERRED_POSITIONS = 1 << 20
+
+#: The largest ``top_k``: each tap logs three series per position and keeps buffers of ``3 * top_k`` numbers per
+#: pass whatever its positions, so ``top_k=10**9`` asked the allocator for 48 GB at the first due step (before round
+#: 26). A ``top_k`` above a tap's positions, up to this, logs the positions it has (said once).
+MAX_TOP_K = 4096
 
 FIT_SCALARS = {"fit_A": "a", "fit_lambda": "lam", "fit_gamma": "gamma", "fit_t0": "t0", "fit_K": "k", "fit_r2": "r2"}
 
@@ -121,15 +125,17 @@ class MassiveActivations(ActivationMonitor):
         stop_after_taps: bool = True,
     ) -> None:
         top_k = check_int("MassiveActivations", "top_k", top_k, 1)
+        if top_k > MAX_TOP_K:
+            raise LightningActError(
+                f"MassiveActivations: top_k={top_k} is above {MAX_TOP_K}; each tap logs 3 series per position and "
+                f"keeps 3 * top_k numbers per pass; pass a top_k of at most {MAX_TOP_K} (default 3)"
+            )
         if probe not in (None, "val"):
             raise LightningActError(f"MassiveActivations: probe={probe!r} is not supported; pass probe='val' or leave it unset")
         check_int("MassiveActivations", "probe_batches", probe_batches, 1)
         check_number("MassiveActivations", "abs_threshold", abs_threshold)
         check_number("MassiveActivations", "ratio_threshold", ratio_threshold)
-        if check_int("MassiveActivations", "min_fit_points", min_fit_points, 0) < 6:
-            raise LightningActError(
-                f"min_fit_points={min_fit_points} is below 6; the five-parameter emergence fit needs at least 6 points"
-            )
+        check_int("MassiveActivations", "min_fit_points", min_fit_points, 6)  # the 5-parameter emergence fit's least
         if check_int("MassiveActivations", "history_size", history_size, 3) < 2 * min_fit_points:  # thinned: half full
             raise LightningActError(
                 f"MassiveActivations: history_size={history_size} must be at least 2 * min_fit_points = "
@@ -223,7 +229,7 @@ class MassiveActivations(ActivationMonitor):
 
     def tap_flags(self) -> dict[int, bool]:
         """Whether each tap has a token axis, which decides how its top-k positions read (a rank that never ran the
-        tap, e.g. beside a probe run on rank 0 alone, decoded a (B, D) tap's top-k as if it had tokens)."""
+        tap, e.g. beside a probe measured on rank 0 alone, decoded a (B, D) tap's top-k as if it had tokens)."""
         return self._has_token
 
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
@@ -278,8 +284,11 @@ class MassiveActivations(ActivationMonitor):
         Identical batches on every rank are measured by rank 0 alone (the one-process numbers). Batches that differ
         between the ranks are each rank's own: every rank measures its own, without the examples a
         ``DistributedSampler`` repeats to pad the dataset (the probe's union is then the one-process probe's examples,
-        each once). Where a forward is a collective (FSDP2's ``fully_shard``) every rank runs every batch it read,
-        measuring nothing of those it leaves out: rank 0's lone forward waited for the others forever."""
+        each once). Every rank runs every batch it read, measuring nothing of those it leaves out: what a forward writes
+        to the model and keeps (a parameter write that begins after its first quiet probes, :func:`parameters_kept`)
+        is written on every rank, so the DDP replicas stay equal (before round 26 rank 0 ran identical batches alone
+        and kept such a write alone), and under FSDP2, whose forward is a collective, rank 0's lone forward waited for
+        the others forever. The other ranks' forwards run while rank 0 runs its own: the step takes no longer."""
         if distributed_world_size() == 1:
             return [(batch, True) for batch in batches]
         if same_on_every_rank(batches, pl_module.device):
@@ -287,7 +296,7 @@ class MassiveActivations(ActivationMonitor):
         else:
             # whole first batches, then one cut, in order
             measured = without_sampler_padding(batches, loader, "MassiveActivations")
-        left_out = batches[len(measured):] if forward_is_collective(pl_module) else []
+        left_out = batches[len(measured):]
         return [(batch, True) for batch in measured] + [(batch, False) for batch in left_out]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

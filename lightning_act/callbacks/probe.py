@@ -11,7 +11,7 @@ the global RNG and the weights are untouched (those an ``nn.Embedding(max_norm=.
 are put back, and those a forward writes in place, :func:`parameters_kept`). Buffers a probe forward may change are
 put back bit for bit (:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's
 observers and fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a
-model keeps; a large buffer is not copied, and one a probe wrote in place is said once by name.
+model keeps; a large buffer is not copied, and one a probe wrote in place is said once per model by name.
 """
 
 from __future__ import annotations
@@ -115,8 +115,10 @@ def _seed_forward() -> None:
 #: Inside :func:`own_passes`: the cutoff its probe forwards run under.
 _probe_cutoff: contextvars.ContextVar[ForwardCutoff | None] = contextvars.ContextVar("probe_cutoff", default=None)
 
-#: The owners said once to run their probe forwards whole for a model that writes its parameters in a forward.
-_cutoff_off_warned: set[str] = set()
+#: The models said once to have their probe forwards run whole, as they write their parameters in a forward (per model:
+#: a new model of a hyper-parameter loop or a re-run cell is told again; before round 26 it was once per monitor class
+#: name per process).
+_cutoff_off_warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def call_forward(
@@ -203,7 +205,7 @@ def _whole_forward_watched(
         del cutoff.delivered
     versions_at_start = [version for _, version in at_start]
     if moved_at_last_delivery or versions_at_start != [p._version for p in watched]:
-        _cutoff_off(owner, cutoff, "its probe forwards run whole")
+        _cutoff_off(owner, pl_module, cutoff, "its probe forwards run whole")
     return output
 
 
@@ -225,25 +227,26 @@ def _ended_forward_guarded(
         written = [p for p, data, version in kept if p.data_ptr() == data.data_ptr() and p._version != version]
         if rebound:
             _cutoff_off(
-                owner, cutoff, "its parameters were put back after a probe forward ended with other tensors bound to "
-                "them (the copy the forward swapped out, an EMA's, now holds the training weights: pass "
+                owner, pl_module, cutoff, "its parameters were put back after a probe forward ended with other tensors "
+                "bound to them (the copy the forward swapped out, an EMA's, now holds the training weights: pass "
                 "stop_after_taps=False for such a model) and its later probe forwards run whole"
             )
         elif written:  # a copy in that the ended forward did not copy back: no copy of the weights to undo it from
             _cutoff_off(
-                owner, cutoff, "a probe forward ended after it wrote them, before it wrote them back, and training goes "
-                "on from what it wrote (pass stop_after_taps=False for such a model); its later probe forwards run whole"
+                owner, pl_module, cutoff, "a probe forward ended after it wrote them, before it wrote them back, and "
+                "training goes on from what it wrote (pass stop_after_taps=False for such a model); its later probe "
+                "forwards run whole"
             )
         raise
 
 
-def _cutoff_off(owner: str, cutoff: ForwardCutoff, consequence: str) -> None:
-    """The cutoff off for a model whose forward writes or swaps its parameters, said once per owner; its counts
+def _cutoff_off(owner: str, pl_module: nn.Module, cutoff: ForwardCutoff, consequence: str) -> None:
+    """The cutoff off for a model whose forward writes or swaps its parameters, said once per model; its counts
     dropped, so that no later delivery ends a forward."""
     cutoff.enabled = False
     cutoff.expected = None
-    if owner not in _cutoff_off_warned:
-        _cutoff_off_warned.add(owner)
+    if pl_module not in _cutoff_off_warned:
+        _cutoff_off_warned.add(pl_module)
         rank_zero_warn(
             f"{owner}: the model's forward writes its parameters in place or rebinds their .data in eval mode (an "
             f"EMA swap, say), so {consequence}, not ended after the last tapped module (stop_after_taps has no effect "
@@ -263,8 +266,9 @@ PROBE_ALTERNATIVES: dict[str, str] = {
 #: a batch whose items are not indices).
 _indices_read: weakref.WeakKeyDictionary[Any, list[list[int] | None]] = weakref.WeakKeyDictionary()
 
-#: The owners said once that a sharded loader's padding could not be told by index.
-_unknown_indices_warned: set[str] = set()
+#: The sharded probe loaders said once not to tell their padding by index (per loader, not per owner's name: a new
+#: fit's loader is told again; before round 26 it was once per process).
+_unknown_indices_warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def validation_batches(
@@ -405,8 +409,8 @@ def without_sampler_padding(batches: list[Any], loader: Any, owner: str) -> list
         return batches
     indices = batch_indices(batches, loader)
     if indices is None:
-        if owner not in _unknown_indices_warned:
-            _unknown_indices_warned.add(owner)
+        if loader not in _unknown_indices_warned:
+            _unknown_indices_warned.add(loader)
             warnings.warn(
                 f"{owner}: rank {sampler.rank}'s probe loader ({type(loader).__name__}) does not tell the dataset "
                 f"indices of its batches, so the {len(padding)} examples its DistributedSampler repeats to pad the "
@@ -533,8 +537,9 @@ def _with_cutoff(exclusive: contextlib.AbstractContextManager[None], cutoff: For
 #: 256 MB KV cache the forward only reads cost 164 ms and its size again in memory at every probe).
 COPIED_BUFFER_BYTES = 1 << 16
 
-#: The buffers said to keep what a probe wrote (once each per process).
-_unrestored_warned: set[str] = set()
+#: Per model, the names of its buffers said to keep what a probe wrote (a new model is told again; before round 26 a
+#: buffer's name was said once per process).
+_unrestored_warned: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _writes_without_version_bump(module: nn.Module) -> bool:
@@ -550,7 +555,8 @@ def buffers_kept(modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
     observers (:func:`_writes_without_version_bump`), small ones (:data:`COPIED_BUFFER_BYTES`) and those whose version
     counter cannot be read (made under inference mode) are copied and put back, by re-assigning the copy where the
     buffer's elements share memory (an expanded grid, which ``copy_`` refuses). Any other buffer written inside (its
-    version counter moved) keeps the new value, said once by name. ``modules``: the model's ``named_modules()``."""
+    version counter moved) keeps the new value, said once per model by name. ``modules``: the model's
+    ``named_modules()``, the model first."""
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     watched: dict[int, tuple[torch.Tensor, int, str]] = {}
     places = []
@@ -586,8 +592,9 @@ def buffers_kept(modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
             if id(buffer) in reassigned:
                 module._buffers[name] = reassigned[id(buffer)]
         for buffer, version, name in watched.values():
-            if buffer._version != version and name not in _unrestored_warned:
-                _unrestored_warned.add(name)
+            said = _unrestored_warned.setdefault(modules[0][1], set())  # per model: modules[0] is the model
+            if buffer._version != version and name not in said:
+                said.add(name)
                 rank_zero_warn(
                     f"a probe pass of the monitors (eval mode, no_grad) wrote the buffer {name!r} in place; it is "
                     f"larger than the {COPIED_BUFFER_BYTES // 1024} KiB the probes copy, so it keeps what the probe "
@@ -621,13 +628,6 @@ def renormed_weights_kept(weights: list[nn.Parameter]) -> Iterator[None]:
         with torch.no_grad():
             for weight, before in kept:
                 weight.copy_(before)
-
-
-def forward_is_collective(pl_module: nn.Module) -> bool:
-    """Whether a forward of the model communicates between the ranks, so that every rank must run each probe forward
-    (one rank alone waits for the others forever): FSDP2 (``fully_shard``) all-gathers each module's parameters. A
-    DDP forward is local. (Under tensor parallelism, whose forward is a collective too, the monitors stay idle.)"""
-    return bool(_fsdp2_modules(pl_module.modules()))
 
 
 def _fsdp2_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:

@@ -511,9 +511,15 @@ class SensitiveNeurons(FitScopedState):
         self.input_key = input_key
         self.seed = seed
         self.history_size = history_size
-        self.cuda_graph = bool(cuda_graph)
-        if not isinstance(stop_after_taps, bool):  # "no" would read as True
-            raise LightningActError(f"SensitiveNeurons: stop_after_taps={stop_after_taps!r} must be True or False")
+        for name, flag in (("drop", drop), ("cuda_graph", cuda_graph), ("stop_after_taps", stop_after_taps)):
+            if not isinstance(flag, bool):  # "no" would read as True: drop="no" zeroed neurons in training
+                raise LightningActError(f"SensitiveNeurons: {name}={flag!r} must be True or False")
+        if input_key is not None and not isinstance(input_key, str):  # a dict batch's keys are strings
+            raise LightningActError(
+                f"SensitiveNeurons: input_key={input_key!r} must be the str key of the model inputs in a dict batch "
+                "(e.g. 'input_ids') or None"
+            )
+        self.cuda_graph = cuda_graph
         if tracking_inputs is not None and not isinstance(tracking_inputs, torch.Tensor):
             raise LightningActError(
                 f"SensitiveNeurons: tracking_inputs is a {type(tracking_inputs).__name__}; pass one tensor of model "
