@@ -98,6 +98,8 @@ def raise_alarms(
         )
     if not 1 <= k <= n:
         raise LightningActError(f"alarm rule needs 1 <= k <= n, got k={k}, n={n}; choose k no larger than n")
+    if not 0.0 <= threshold <= 1.0:  # above 1 (or NaN) no window is positive: no alarm, sensitivity 0 without a word
+        raise LightningActError(f"alarm threshold={threshold} is not a probability in [0, 1]; pass e.g. 0.5")
     if np.any(np.diff(times) < 0):
         raise LightningActError("window times are not in increasing order; sort the windows of a recording by time")
     missing = np.isnan(probs)

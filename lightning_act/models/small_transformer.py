@@ -16,6 +16,7 @@ kernel, so the mask is visible and testable by hand. ``forward(ids)`` returns lo
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -110,6 +111,18 @@ class SmallTransformer(nn.Module):
         causal: bool = True,
     ) -> None:
         super().__init__()
+        # else an empty vocabulary or position table (an IndexError at the first batch), a model of no blocks, or a
+        # ZeroDivisionError for no heads
+        sizes = {"vocab_size": (vocab_size, 256), "max_len": (max_len, 128), "dim": (dim, 128), "depth": (depth, 4),
+                 "num_heads": (num_heads, 4)}
+        for name, (value, example) in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a whole number >= 1; pass e.g. --model.{name} {example}")
+        if mlp and (isinstance(mlp_ratio, bool) or not (math.isfinite(mlp_ratio) and int(dim * mlp_ratio) >= 1)):
+            raise ConfigError(
+                f"mlp_ratio={mlp_ratio!r} must be a finite number with dim * mlp_ratio >= 1 (the MLP's hidden width); "
+                "pass e.g. --model.mlp_ratio 4"
+            )
         self.max_len = max_len
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))

@@ -99,6 +99,11 @@ class STAN(nn.Module):
                 f"window_samples={window_samples} is not a multiple of segment_samples={segment_samples}; "
                 "choose a segment length that divides the window"
             )
+        if num_heads < 1 or embed_dim % num_heads:  # else nn.MultiheadAttention's bare AssertionError
+            raise ConfigError(
+                f"embed_dim={embed_dim} cannot be split into num_heads={num_heads} heads; pick num_heads that divides "
+                "embed_dim"
+            )
         self.in_chans = in_chans
         self.window_samples = window_samples
         self.segment_samples = segment_samples

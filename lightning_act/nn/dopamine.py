@@ -26,6 +26,8 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import itertools
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -69,10 +71,19 @@ class DopamineGate(FrozenModuleAdapter):
         form: GateForm = "independent",
     ) -> None:
         super().__init__()
-        if num_features < 1:
-            raise ModuleSelectionError(f"DopamineGate needs num_features >= 1, got {num_features}; pass the layer width")
-        if slope <= 0:
-            raise ModuleSelectionError(f"DopamineGate slope must be > 0, got {slope}; pass a positive slope such as 5.0")
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ModuleSelectionError(
+                f"DopamineGate needs num_features a whole number >= 1, got {num_features!r}; pass the layer width"
+            )
+        # finite: a NaN slope or threshold makes every output NaN, an infinite threshold never gets a gradient
+        if isinstance(slope, bool) or not (slope > 0 and math.isfinite(slope)):
+            raise ModuleSelectionError(
+                f"DopamineGate slope must be > 0 and finite, got {slope}; pass a positive slope such as 5.0"
+            )
+        if isinstance(tau_init, bool) or not math.isfinite(tau_init):
+            raise ModuleSelectionError(
+                f"DopamineGate tau_init must be a finite number, got {tau_init}; pass a threshold such as 0.0"
+            )
         if form not in GATE_FORMS:
             raise ModuleSelectionError(f"DopamineGate form {form!r} is unknown; pass one of {list(GATE_FORMS)}")
         self.activation = activation

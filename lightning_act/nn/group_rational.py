@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import numbers
 import os
 from typing import Any, NamedTuple
 
@@ -528,7 +529,12 @@ class GroupRational(nn.Module):
         kernel_config: KernelConfig = KernelConfig(),
     ) -> None:
         super().__init__()
-        if groups < 1 or num_channels % groups:
+        for name, value in (("num_channels", num_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise LightningActError(
+                    f"GroupRational: {name}={value!r} must be a whole number >= 1; pass e.g. GroupRational(64, groups=8)"
+                )
+        if num_channels % groups:
             raise LightningActError(
                 f"GroupRational: {num_channels} channels cannot be split into {groups} equal groups; "
                 "pass a groups= that divides num_channels"

@@ -19,6 +19,8 @@ Numerical safety:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -44,10 +46,13 @@ class PMish(nn.Module):
 
     def __init__(self, beta_init: float = 1.0, learnable: bool = True, beta_min: float = 1e-8) -> None:
         super().__init__()
-        if not beta_init > 0:
-            raise ValueError(f"PMish beta_init must be > 0, got {beta_init}; pass a positive value such as 1.0")
-        if not beta_min > 0:
-            raise ValueError(f"PMish beta_min must be > 0, got {beta_min}; pass a small positive value such as 1e-8")
+        # finite too: an infinite β gives inf / inf = NaN outputs
+        if isinstance(beta_init, bool) or not (beta_init > 0 and math.isfinite(beta_init)):
+            raise ValueError(f"PMish beta_init must be > 0 and finite, got {beta_init}; pass a positive value such as 1.0")
+        if isinstance(beta_min, bool) or not (beta_min > 0 and math.isfinite(beta_min)):
+            raise ValueError(
+                f"PMish beta_min must be > 0 and finite, got {beta_min}; pass a small positive value such as 1e-8"
+            )
         self.beta_min = float(beta_min)
         self.beta = nn.Parameter(torch.tensor(float(beta_init)), requires_grad=learnable)
 

@@ -54,6 +54,8 @@ class LoRALinear(FrozenModuleAdapter):
         super().__init__()
         if rank < 1:
             raise ModuleSelectionError(f"LoRA rank must be >= 1, got {rank}; pass lora_rank >= 1")
+        if alpha is not None and not math.isfinite(alpha):  # a NaN scaling made every output NaN
+            raise ModuleSelectionError(f"LoRA alpha must be a finite number or None, got {alpha}; pass e.g. lora_alpha 16")
         self.base = base
         self.rank = rank
         self.scaling = (float(alpha) if alpha is not None else float(rank)) / rank

@@ -45,7 +45,7 @@ from lightning_act.plots import save_png_whole, writes_run_files
 from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import ClassificationTask
 from lightning_act.tasks.sampler_padding import real_examples, stage_loaders
-from lightning_act.tasks.image_classification import WarmupCosineLR, schedule_steps, start_schedules
+from lightning_act.tasks.image_classification import WarmupCosineLR, check_optimizer_args, schedule_steps, start_schedules
 
 Method = Literal["dopamine", "frozen", "full", "lora", "ia3"]
 METHODS: tuple[str, ...] = ("dopamine", "frozen", "full", "lora", "ia3")
@@ -118,6 +118,7 @@ class DopamineFoundation(_Classifier):
         weight_decay: float = 1e-4,
     ) -> None:
         super().__init__()
+        check_optimizer_args(lr, weight_decay)
         self.save_hyperparameters()
         self.model = build_mlp(image_size * image_size, list(hidden_sizes), num_classes, activation)
         self.init_metrics(num_classes)
@@ -197,6 +198,7 @@ class DopamineSpecialisation(_Classifier):
         super().__init__()
         if method not in METHODS:
             raise LightningActError(f"method {method!r} is unknown; pass one of {list(METHODS)}")
+        check_optimizer_args(DEFAULT_LR[method] if lr is None else lr, weight_decay)
         self.save_hyperparameters()
         foundation = load_foundation(foundation_ckpt)
         self._foundation_data: dict[str, Any] | None = foundation.datamodule_settings

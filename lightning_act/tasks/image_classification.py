@@ -11,6 +11,7 @@ import argparse
 import fnmatch
 import importlib
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,28 @@ def check_schedule(warmup_steps: int, min_lr_ratio: float) -> None:
         raise LightningActError(f"warmup_steps={warmup_steps!r} must be a whole number >= 0; pass e.g. --model.warmup_steps 20")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise LightningActError(f"min_lr_ratio={min_lr_ratio!r} must be in [0, 1]; pass e.g. --model.min_lr_ratio 0.1")
+
+
+def check_optimizer_args(lr: Any, weight_decay: Any, lr_name: str = "lr") -> None:
+    """One line for an AdamW setting torch refuses only at fit start (a NaN or negative ``lr``) or never: the tasks put
+    ``weight_decay`` in a parameter group, which torch does not check, and a negative one grows the weights every
+    step."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr >= 0):
+        raise LightningActError(f"{lr_name}={lr!r} must be a finite number >= 0; pass e.g. --model.{lr_name} 1e-3")
+    if (
+        isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
+        or not (math.isfinite(weight_decay) and weight_decay >= 0)
+    ):
+        raise LightningActError(
+            f"weight_decay={weight_decay!r} must be a finite number >= 0 (0 switches it off); pass e.g. "
+            "--model.weight_decay 0.01"
+        )
+
+
+def check_probability(name: str, value: Any) -> None:
+    """One line for ``value`` outside [0, 1] (or NaN, or not a number)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise LightningActError(f"{name}={value!r} must be a probability in [0, 1]; pass e.g. --model.{name} 0.5")
 
 
 def schedule_steps(trainer: Any) -> int:
@@ -290,12 +313,15 @@ class ImageClassifier(ClassificationTask):
     ) -> None:
         super().__init__()
         check_schedule(warmup_steps, min_lr_ratio)
+        check_optimizer_args(lr, weight_decay)
         if not 0.0 <= label_smoothing < 1.0:
             raise LightningActError(f"label_smoothing={label_smoothing} must be in [0, 1); pass e.g. --model.label_smoothing 0.1")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise LightningActError(
                 f"mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 (0 switches it off)"
             )
+        check_probability("mixup_prob", mixup_prob)
+        check_probability("mixup_switch_prob", mixup_switch_prob)
         if model_kwargs and restoring_from_checkpoint():
             model_kwargs = without_pretrained_kwargs(model_kwargs)  # before save_hyperparameters: a re-save is clean
         check_model_kwargs(model_kwargs or {})

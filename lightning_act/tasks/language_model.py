@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.batch_form import BatchForm, Part
-from lightning_act.tasks.image_classification import WarmupCosineLR, check_schedule, schedule_steps, start_schedules
+from lightning_act.tasks.image_classification import (
+    WarmupCosineLR,
+    check_optimizer_args,
+    check_schedule,
+    schedule_steps,
+    start_schedules,
+)
 from lightning_act.tasks.classification import mean_loss_metric
 from lightning_act.tasks.sampler_padding import real_examples
 
@@ -64,6 +70,7 @@ class CausalLanguageModel(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_schedule(warmup_steps, min_lr_ratio)
+        check_optimizer_args(lr, weight_decay)
         self.save_hyperparameters()
         self.model = SmallTransformer(vocab_size, max_len, dim, depth, num_heads, True, mlp_ratio, act, causal=True)
         self.val_loss, self.val_bits_per_token = mean_loss_metric(), mean_loss_metric()

@@ -8,6 +8,7 @@ residues.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from lightning_act.errors import LightningActError
 from lightning_act.models.small_transformer import SmallTransformer
 from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import ClassificationTask
-from lightning_act.tasks.image_classification import check_schedule, start_schedules
+from lightning_act.tasks.image_classification import check_optimizer_args, check_schedule, start_schedules
 from lightning_act.tasks.language_model import adamw_warmup_cosine
 
 
@@ -51,7 +52,10 @@ class ModularAddition(ClassificationTask):
         warmup_steps: int = 10,
     ) -> None:
         super().__init__()
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 2:  # else a torchmetrics or embedding error
+            raise LightningActError(f"p={p!r} must be a whole number >= 2 (the modulus); pass e.g. --model.init_args.p 97")
         check_schedule(warmup_steps, 0.0)
+        check_optimizer_args(lr, weight_decay)
         self.save_hyperparameters()
         self.model = SmallTransformer(p + 1, 3, dim, depth, num_heads, mlp, mlp_ratio, "relu", causal=True)
         self.init_metrics(p)

@@ -31,6 +31,7 @@ interictal features.  Justification and caveats: docs/stan.md.
 from __future__ import annotations
 
 import math
+import numbers
 
 import lightning.pytorch as pl
 import numpy as np
@@ -52,6 +53,7 @@ from lightning_act.eval.seizure_alarms import (
 from lightning_act.models.stan import STAN
 from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
+from lightning_act.tasks.image_classification import check_optimizer_args, check_probability
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -189,6 +191,27 @@ def _scored_span_report(
     return report
 
 
+def check_alarm_rule(threshold: float, k: int, n: int, refractory_minutes: float) -> None:
+    """One line at construction for an alarm rule that cannot work: a threshold outside [0, 1] (or NaN) makes no window
+    positive (sensitivity 0 without a word), and ``k > n`` was refused only by :func:`raise_alarms` after the fit."""
+    check_probability("alarm_threshold", threshold)
+    for name, value in (("alarm_k", k), ("alarm_n", n)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise LightningActError(f"{name}={value!r} must be a whole number >= 1; pass e.g. --model.init_args.{name} 3")
+    if k > n:
+        raise LightningActError(
+            f"alarm_k={k} exceeds alarm_n={n}: the alarm needs k positive windows of the last n; pass alarm_k <= alarm_n"
+        )
+    if (
+        isinstance(refractory_minutes, bool) or not isinstance(refractory_minutes, numbers.Real)
+        or not (math.isfinite(refractory_minutes) and refractory_minutes >= 0)
+    ):
+        raise LightningActError(
+            f"refractory_minutes={refractory_minutes!r} must be a finite number >= 0; pass e.g. "
+            "--model.init_args.refractory_minutes 15"
+        )
+
+
 class _ClassCounts(torchmetrics.Metric):
     """Labelled windows per class ``(interictal, preictal)``, summed over ranks: whether an AUROC is defined."""
 
@@ -254,6 +277,9 @@ class SeizureForecaster(pl.LightningModule):
             raise LightningActError(
                 f"pos_weight={pos_weight!r} must be a positive number (or null); pass e.g. --model.init_args.pos_weight 5"
             )
+        check_optimizer_args(lr, weight_decay)
+        check_optimizer_args(critic_lr, 0.0, lr_name="critic_lr")
+        check_alarm_rule(alarm_threshold, alarm_k, alarm_n, refractory_minutes)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.model = STAN(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
 from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
+from lightning_act.tasks.image_classification import check_optimizer_args
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -44,6 +46,19 @@ def _positive_number(value: object) -> bool:
     except (TypeError, ValueError):
         return False
     return math.isfinite(number) and number > 0
+
+
+def check_focal_args(alpha: object, gamma: object) -> None:
+    """One line at construction for focal-loss settings torchvision refuses only at the first step (an ``alpha`` outside
+    [0, 1] other than its -1, "no weighting") or never: a negative ``gamma`` makes the loss of a correct, confident
+    prediction infinite (``0 ** gamma``), a NaN one every loss NaN."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 <= alpha <= 1.0 or alpha == -1):
+        raise LightningActError(
+            f"focal_alpha={alpha!r} must be in [0, 1] (the positives' weight) or -1 (no weighting); "
+            "pass e.g. --model.focal_alpha 0.25"
+        )
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (math.isfinite(gamma) and gamma >= 0):
+        raise LightningActError(f"focal_gamma={gamma!r} must be a finite number >= 0; pass e.g. --model.focal_gamma 2")
 
 
 class SpectralTargetDetection(pl.LightningModule):
@@ -92,6 +107,9 @@ class SpectralTargetDetection(pl.LightningModule):
                 f"pos_weight must be 'sqrt', 'auto', null or a positive number, got {pos_weight!r}; "
                 "set --model.pos_weight accordingly"
             )
+        if loss == "focal":
+            check_focal_args(focal_alpha, focal_gamma)
+        check_optimizer_args(lr, weight_decay)
         self.save_hyperparameters()
         self.model = SpectralNN(in_bands, hidden_sizes, dropout, beta_init)
         if pos_weight in ("auto", "sqrt"):
