@@ -17,3 +17,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+#: The modules whose once-per-process warnings are said again in each test: their module-level ``*_warned``
+#: containers (sets, weak sets and maps).
+_SAID_ONCE_MODULES = ("lightning_act.callbacks.probe", "lightning_act.tasks.sampler_padding")
+
+
+@pytest.fixture(autouse=True)
+def _said_once_forgotten() -> None:
+    """Each test starts with lightning_act's and Dynamo's once-per-process warnings unsaid: a test asserting a warning
+    (or its absence) passed or failed by which tests had said it before in the process. A module not imported yet
+    has said nothing."""
+    for name in _SAID_ONCE_MODULES:
+        module = sys.modules.get(name)
+        for attribute, said in vars(module).items() if module is not None else ():
+            if attribute.endswith("_warned") and callable(getattr(said, "clear", None)):
+                said.clear()
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
+    if dynamo_utils is not None:
+        dynamo_utils.warn_once_cache.clear()  # Dynamo's warn_once (its lru_cache warning among them)

@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, TensorDataset
 
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
-from lightning_act.callbacks import probe as probe_module
 from lightning_act.callbacks.probe import num_examples, validation_batches, without_sampler_padding
 from lightning_act.errors import DataFormatError
 from lightning_act.tasks.sampler_padding import real_examples
@@ -294,8 +293,7 @@ def ema_fit(callbacks: list) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.net.parameters()])
 
 
-def test_a_forward_that_writes_its_parameters_runs_whole_in_the_probes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(probe_module, "_cutoff_off_warned", set())  # said once per owner: an earlier test's fit said it
+def test_a_forward_that_writes_its_parameters_runs_whole_in_the_probes() -> None:
     # Before: the cutoff ended each later probe forward after the last tap, before the swap back: with 3 probe batches
     # training went on from the EMA weights.
     with warnings.catch_warnings():
@@ -447,11 +445,11 @@ class Renormed(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
 
 
-def test_a_probe_puts_back_the_rows_an_embedding_with_max_norm_renormalises(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_probe_puts_back_the_rows_an_embedding_with_max_norm_renormalises() -> None:
     # Before: the probe's lookups renormalised the validation tokens' rows in place: training changed (~4e-6). Before
     # round 26, a forward ended after the lookup counted the renormalised rows as written and turned the cutoff off
-    # with a false warning, which an earlier test of this file had already said (said once per owner).
-    monkeypatch.setattr(probe_module, "_cutoff_off_warned", set())
+    # with a false warning, which an earlier test of this file had already said (then once per process; conftest.py
+    # now forgets what was said before each test).
     g = torch.Generator().manual_seed(0)
     train = DataLoader(TensorDataset(torch.randint(0, 50, (64, 5), generator=g), torch.randint(0, 3, (64,),
                                                                                                generator=g)),

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _toy import quiet_trainer
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
-from lightning_act.callbacks import probe as probe_module
 
 
 class Block(nn.Module):
@@ -92,11 +91,6 @@ def _fit(callback: pl.Callback | None, swap_from: int = 0, update_ema: bool = Fa
         )
     weights = torch.cat([p.detach().flatten() for p in task.net.blocks.parameters()])
     return weights, [str(w.message) for w in said if "rebinds their .data" in str(w.message)]
-
-
-@pytest.fixture(autouse=True)
-def _nothing_said_yet(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(probe_module, "_cutoff_off_warned", set())
 
 
 @pytest.fixture(scope="module")

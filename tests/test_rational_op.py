@@ -27,6 +27,7 @@ from lightning_act.nn.group_rational import (
     group_rational_backward_op,
     group_rational_op,
     group_rational_reference,
+    triton_available,
 )
 
 CONFIG = list(KernelConfig())
@@ -106,6 +107,11 @@ def test_whole_kat_compiles_fullgraph_on_cpu_with_the_ops_formula_traced_in() ->
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         logits, grads = _logits_and_grads(compiled, images)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+    # the forward calls triton_available() on CUDA only (`x.is_cuda and ...`): a traced call of it must not warn either
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(lambda x: x + triton_available(), backend="eager", fullgraph=True)(images)
     assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
     for _ in range(2):  # eager and compiled calls interleaved: no recompilation (one forward, one backward graph)
         model(images[:2])

@@ -46,7 +46,7 @@ import numbers
 import pickle
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,7 +71,15 @@ from lightning_act.capture import (
     unmatched_specs,
 )
 from lightning_act.capture.layout import declared_batch_first
-from lightning_act.capture.selection import INPUT_TAP_SUFFIX, module_at, resolve_class, saved_copy_original
+from lightning_act.capture.selection import (
+    INPUT_TAP_SUFFIX,
+    ModuleRead,
+    module_at,
+    module_reads,
+    reads_unchanged,
+    resolve_class,
+    saved_copy_original,
+)
 from lightning_act.errors import LightningActError, ModuleSelectionError
 from lightning_act.lightning_classes import lightning_classes
 from lightning_act.stats.fused import FusedSpec, FusedStats, release_cpu_scratch
@@ -114,10 +122,22 @@ def check_axes(owner: str, batch_dim: Any, token_dim: Any) -> tuple[int | None, 
     return batch, token
 
 
-def module_list(modules: ModuleSpec | Sequence[ModuleSpec] | None, default: Sequence[str]) -> list[ModuleSpec]:
+def module_list(
+    modules: ModuleSpec | Sequence[ModuleSpec] | None, default: Sequence[str], owner: str = "lightning_act"
+) -> list[ModuleSpec]:
+    """``modules`` as a list of specs (``default`` for None); anything else is one line at construction, not
+    "'int' object is not iterable" there or a refusal at fit start."""
     if modules is None:
         return list(default)
-    return [modules] if isinstance(modules, (str, type)) else list(modules)
+    if isinstance(modules, (str, type)):
+        return [modules]
+    specs = list(modules) if isinstance(modules, Iterable) else None
+    if specs is None or not all(isinstance(spec, (str, type)) for spec in specs):
+        raise LightningActError(
+            f"{owner}: modules={modules!r} must be a module spec or a list of them: a name glob like "
+            "'blocks.*.mlp.act', a class like torch.nn.GELU or 'torch.nn.GELU', or a preset like '@activations'"
+        )
+    return specs
 
 
 def _warn_once_per_tap(tap_name: str, warned: set[str], message: str) -> None:
@@ -507,6 +527,18 @@ def modules_now_at_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> dict[int, 
     return changed
 
 
+def reads_finding_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> list[ModuleRead] | None:
+    """The child lookups that find every tap's module at its name (:func:`module_reads`, each once), or None when one
+    is not there now: while :func:`reads_unchanged` holds for them, :func:`modules_now_at_taps` is ``{}``."""
+    reads: dict[tuple[int, str], ModuleRead] = {}  # taps share their parents' lookups (by id: a module may not hash)
+    for tap in taps:
+        module, found = module_reads(pl_module, tap.name.removesuffix(INPUT_TAP_SUFFIX))
+        if module is not tap.module:
+            return None
+        reads.update(((id(read[0]), read[1]), read) for read in found)
+    return list(reads.values())
+
+
 def resubscribe_replaced(
     monitor: Any, pl_module: nn.Module, registry: CaptureRegistry, taps: list[Tap], layouts: list[Layout],
     replaced: dict[int, nn.Module], declared: Layout, step: int,
@@ -819,6 +851,14 @@ class FitScopedState(Callback):
             self._resumed_this_fit = False  # set again by on_load_checkpoint when this fit resumes
             self._setup_waits = trainer is not None and not self._setting_up_late and builds_layers_late(pl_module)
 
+    def _forget_warnings(self) -> None:
+        """Let a new run say the once-per-tap warnings again: a reused callback stayed silent about a new model's
+        problem that an earlier model had on a tap of the same name. Every set attribute named ``*_warned`` holds
+        what was said."""
+        for name, said in vars(self).items():
+            if name.endswith("_warned") and isinstance(said, set):
+                said.clear()
+
     def begin_fit_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Finish a setup that waited for the model's layers, then clear the state of an earlier run that this fit
         does not continue (see the class docstring)."""
@@ -835,6 +875,8 @@ class FitScopedState(Callback):
             return
         last = max((series.steps[-1] for series in self.history.values() if series.steps), default=None)
         start = training_step_index(trainer, pl_module)
+        if (start == 0) if last is None else (last >= start):  # a new run (also after a fit that logged nothing)
+            self._forget_warnings()
         if last is not None and last >= start:
             rank_zero_warn(
                 f"{type(self).__name__}: this fit starts at step {start}, but the state this callback holds from an "
@@ -870,6 +912,8 @@ class ActivationMonitor(FitScopedState, ABC):
     heatmap_stat: ClassVar[str | None] = None
     #: Why a tap's step can be unmeasurable (a statistic :data:`MEASURED` below 0.5 says so; see :meth:`summarize`).
     unmeasured_reason: ClassVar[str] = ""
+    #: The taps and the lookups that found their modules (see :meth:`_follow_replaced_modules`), until teardown.
+    _tap_reads: tuple[list[Tap], list[ModuleRead]] | None = None
 
     def __init__(
         self,
@@ -886,7 +930,7 @@ class ActivationMonitor(FitScopedState, ABC):
         self.batch_dim, self.token_dim = check_axes(owner, batch_dim, token_dim)
         self.feature_dim = check_feature_dim(owner, feature_dim)
         self.uses_default_modules = modules is None
-        self.modules = module_list(modules, self.default_modules)
+        self.modules = module_list(modules, self.default_modules, owner)
         self.history: dict[str, BoundedSeries] = {}
         self.taps: list[Tap] = []
         self._tap_layouts: list[Layout] = []  # each tap's layout, as subscribed
@@ -1040,7 +1084,16 @@ class ActivationMonitor(FitScopedState, ABC):
         chose it (``model.blocks[1] = Block(...)`` mid-fit: a layer grown, re-initialised, swapped for a QAT or
         adapter one) to the module now at its name: the hooks are on module objects, so the old one, which no longer
         runs, would be observed instead. A tap whose module is still in the model under another name (wrapped, moved)
-        keeps it; one whose module and name both left the model is said once."""
+        keeps it; one whose module and name both left the model is said once.
+        The lookups that found every tap's module are kept and checked by identity (under 1 µs per tap, where a walk
+        of its name costs ~3): only when one finds another module is it worked out what changed."""
+        held = self._tap_reads
+        if held is not None and held[0] is self.taps and reads_unchanged(held[1]):
+            return
+        reads = reads_finding_taps(pl_module, self.taps)
+        self._tap_reads = None if reads is None else (self.taps, reads)
+        if reads is not None:
+            return
         replaced: dict[int, nn.Module] = {}
         for index, current in modules_now_at_taps(pl_module, self.taps).items():
             if current is None:
@@ -1113,6 +1166,7 @@ class ActivationMonitor(FitScopedState, ABC):
 
     def _unsubscribe(self) -> None:
         self.armed = False
+        self._tap_reads = None  # holds the model's modules
         if self._registry is not None:
             self._registry.unsubscribe(self)
             self._registry = None

@@ -53,7 +53,7 @@ from lightning_act.callbacks.base import (
 )
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import (
-    averaged_copy_modules, frozen_copies, has_lazy_parameters, module_class, named_modules,
+    averaged_copy_modules, frozen_copies, has_lazy_parameters, module_at, module_class, named_modules,
 )
 from lightning_act.capture.weights import forward_tensor
 from lightning_act.errors import LightningActError, ModuleSelectionError
@@ -160,6 +160,12 @@ def _whole(weight: torch.Tensor) -> torch.Tensor:
     return weight if full_tensor is None else full_tensor()
 
 
+def _shapes(weights: list[torch.Tensor] | None) -> list[torch.Size]:
+    """The shapes of the followed weights ``weights`` (:meth:`DimensionalCollapse._chosen_weights`; empty when one
+    is gone)."""
+    return [] if weights is None else [w.shape for w in weights]
+
+
 def _mean_row(rows: torch.Tensor) -> torch.Tensor:
     """A reference row near all of ``rows`` (``(..., N, d)`` → ``(..., d)``, float64; see
     :meth:`DimensionalCollapse._reference`): their mean. In one process the plain mean, one pass (a non-finite row
@@ -172,12 +178,19 @@ def _mean_row(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, rows, 0.0).sum(-2) / finite.sum(-2).clamp_min(1)
 
 
-def _fit_start_step(trainer: pl.Trainer) -> int:
-    """The ``global_step`` this fit starts at, in ``on_fit_start``: a resumed fit's loops are restored after it
-    (``trainer.global_step`` still 0 there), so it is read from the checkpoint Lightning holds until then; a resumed
-    trajectory that restarted labelled its first snapshot step -1 and said "from step 0"."""
+def _fit_start_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """The monitors' step this fit starts at (:func:`~lightning_act.callbacks.base.training_step_index`: optimizer
+    steps, or training batches under manual optimization, where ``global_step`` counts every optimizer's steps), in
+    ``on_fit_start``: a resumed fit's loops are restored after it (still 0 there), so it is read from the checkpoint
+    Lightning holds until then; a resumed trajectory that restarted labelled its first snapshot step -1 and said
+    "from step 0"."""
     loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)  # Lightning's own
-    return int(loaded.get("global_step", trainer.global_step)) if loaded else trainer.global_step
+    if not loaded:
+        return training_step_index(trainer, pl_module)
+    if pl_module.automatic_optimization:
+        return int(loaded.get("global_step", trainer.global_step))
+    epoch_loop = loaded.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(epoch_loop.get("_batches_that_stepped", training_step_index(trainer, pl_module)))
 
 
 class DimensionalCollapse(ActivationMonitor):
@@ -231,13 +244,6 @@ class DimensionalCollapse(ActivationMonitor):
     meaning_settings = ("max_rows", "variance_fraction", "warn_below")
     default_modules = ("@blocks", "@penultimate")
     heatmap_stat = "erank"
-    unmeasured_reason = (
-        "a centred covariance needs 2 rows or more in a due step, and a (B, D) tap at batch size 1 has one; or a wide "
-        "tap's sketch got more rows than the k = max_rows x accumulate_grad_batches x world size it was sized for at "
-        "the start of fit, so it is not exact: lower max_rows or pass wide_dim=None; or a wide tap's mean is over "
-        "~16,000 times its spread from the last step's mean (DDP), which its float32 projection cannot resolve: tap a "
-        "normalised layer or pass wide_dim=None"
-    )
 
     def unknown_cause(self, stats: list[str]) -> str:
         return "the covariance is not finite: NaN or inf activations"
@@ -274,7 +280,8 @@ class DimensionalCollapse(ActivationMonitor):
             token_dim=token_dim, feature_dim=feature_dim,
         )
         check_int("DimensionalCollapse", "max_rows", max_rows, 2)
-        check_int("DimensionalCollapse", "max_snapshots", max_snapshots, 2)
+        # 2 is thinned to the first snapshot at every second one: r90 never logged
+        check_int("DimensionalCollapse", "max_snapshots", max_snapshots, 3)
         check_int("DimensionalCollapse", "seed", seed, 0)
         if projection_dim is not None:
             check_int("DimensionalCollapse", "projection_dim", projection_dim, 2)
@@ -282,12 +289,6 @@ class DimensionalCollapse(ActivationMonitor):
             raise LightningActError(
                 f"DimensionalCollapse: warn_below={warn_below} must be in (0, 1]; pass e.g. warn_below=0.05"
             )
-        if max_snapshots < 3:  # 2 is thinned to the first snapshot at every second one: r90 never logged
-            raise LightningActError(
-                f"DimensionalCollapse: max_snapshots={max_snapshots} must be >= 3; pass e.g. max_snapshots=32"
-            )
-        if projection_dim is not None and projection_dim < 2:
-            raise LightningActError(f"DimensionalCollapse: projection_dim={projection_dim} must be >= 2 or None")
         if not 0.0 < check_number("DimensionalCollapse", "variance_fraction", variance_fraction) <= 1.0:
             raise LightningActError(
                 f"DimensionalCollapse: variance_fraction={variance_fraction} must be in (0, 1]; pass e.g. 0.9"
@@ -296,8 +297,10 @@ class DimensionalCollapse(ActivationMonitor):
             check_int("DimensionalCollapse", "wide_dim", wide_dim, 2)
         if eigensolver not in EIGENSOLVERS:
             raise LightningActError(f"DimensionalCollapse: eigensolver={eigensolver!r}; pass one of {EIGENSOLVERS}")
+        if not isinstance(overlap_spectra, bool):  # "no" would read as True
+            raise LightningActError(f"DimensionalCollapse: overlap_spectra={overlap_spectra!r} must be True or False")
         self.eigensolver = eigensolver
-        self.overlap_spectra = bool(overlap_spectra)
+        self.overlap_spectra = overlap_spectra
         self._spectra_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.wide_dim = wide_dim
         self.max_rows = max_rows
@@ -320,8 +323,15 @@ class DimensionalCollapse(ActivationMonitor):
         self._device = torch.device("cpu")  # the model's, where the references are agreed on
         self.warn_below = warn_below
         # one glob given as a string is one pattern, not one per character ("*" would match every parameter)
-        self.param_patterns = None if param_patterns is None else (
-            [param_patterns] if isinstance(param_patterns, str) else list(param_patterns))
+        patterns = [param_patterns] if isinstance(param_patterns, str) else param_patterns
+        if patterns is not None and (
+            not isinstance(patterns, Sequence) or not all(isinstance(pattern, str) for pattern in patterns)
+        ):  # 5 failed here as "'int' object is not iterable", [5] at fit start inside fnmatch
+            raise LightningActError(
+                f"DimensionalCollapse: param_patterns={param_patterns!r} must be a name glob or a list of them, e.g. "
+                "'blocks.*.weight', or [] for none"
+            )
+        self.param_patterns = None if patterns is None else list(patterns)
         self.max_snapshots = max_snapshots
         self.projection_dim = projection_dim
         self.variance_fraction = variance_fraction
@@ -645,7 +655,43 @@ class DimensionalCollapse(ActivationMonitor):
                 "Bottleneck.relu)",
                 category=UserWarning,
             )
-        super()._warn_unmeasured(step, taps - disputed)
+        for i in sorted(taps - disputed):
+            self._warn_once(self._unmeasured_warned, self.taps[i].name, self._unmeasured_problem(i, step))
+
+    def _unmeasured_problem(self, tap_index: int, step: int) -> str:
+        """Why tap ``tap_index`` was not measured at ``step`` (:meth:`summarize`), with its numbers and the fix that
+        works, from this rank's row count (under DDP the ranks' counts are taken to be alike, and where that does not
+        tell, both causes that remain are said): one warning listed all three causes and told a tap that ran several
+        times in a step to lower ``max_rows``, which lowers the sketch's k with the rows it gets."""
+        rows = self._step_rows.get(tap_index, 0)
+        world = distributed_world_size()
+        on_ranks = f" ({rows} on this rank x {world} ranks)" if world > 1 else ""
+        sketch = self._sketch_dims.get(tap_index)
+        if sketch is not None and rows * world > sketch[1] + 1:
+            d, k = sketch
+            return (
+                f"got {rows * world} rows at step {step}{on_ranks}, more than the k + 1 = {k + 1} that its covariance "
+                f"sketch (it is wider than wide_dim={self.wide_dim}: {d} features) holds exactly, with k = max_rows x "
+                "accumulate_grad_batches x world size at fit start: its module ran more often in the step (several "
+                "forwards per step under manual optimization, a module called more than once per forward, more "
+                "micro-batches than accumulate_grad_batches), so the sketch is not exact and nothing is logged for it "
+                f"at such steps; pass max_rows >= {d} (its width: the exact covariance) or wide_dim=None"
+            )
+        if sketch is None or rows < 2:
+            return (
+                f"gave {rows} row{'' if rows == 1 else 's'} at step {step}{' on this rank' if world > 1 else ''}, too "
+                "few to measure: a centred covariance needs 2 rows or more (a (batch, features) tap at batch size 1 "
+                "has one); nothing is logged for it at such steps (train with batches of 2 or more)"
+            )
+        # under DDP only (in one process the counts above are the reduced ones, and each step's mean is resolved)
+        d, k = sketch
+        return (
+            f"is wider than wide_dim={self.wide_dim} ({d} features) and was not measured at step {step}: its mean was "
+            "over ~16,000 times its spread from the last step's mean, which its sketch's float32 projection cannot "
+            f"resolve (tap a normalised layer or pass wide_dim=None), or another rank got more rows than this one's "
+            f"{rows}, over the k + 1 = {k + 1} its sketch holds exactly (pass max_rows >= {d} or wide_dim=None); "
+            "nothing is logged for it at such steps"
+        )
 
     def on_statistics(self, trainer: pl.Trainer, step: int, stats: dict[str, dict[str, float]]) -> None:
         if self.warn_below is None:
@@ -719,11 +765,8 @@ class DimensionalCollapse(ActivationMonitor):
         return matrices if trains else []
 
     @torch.no_grad()  # records no graph, so the weights need no detach each (an operation per weight)
-    def _snapshot(self, pl_module: pl.LightningModule) -> torch.Tensor | None:
-        """The chosen weights as one vector (count-sketched to ``projection_dim``); None when one left the model."""
-        chosen = self._chosen_weights(pl_module, self.param_names)
-        if chosen is None:
-            return None
+    def _snapshot(self, chosen: list[torch.Tensor]) -> torch.Tensor:
+        """The chosen weights (:meth:`_chosen_weights`) as one vector (count-sketched to ``projection_dim``)."""
         chosen = [_whole(p) for p in chosen]
         total = sum(p.numel() for p in chosen)
         if self.projection_dim is None or total <= self.projection_dim:
@@ -812,7 +855,11 @@ class DimensionalCollapse(ActivationMonitor):
         idle = unmonitored_strategy(trainer) is not None
         self._choose_when_initialized = not idle and self.param_patterns != [] and has_lazy_parameters(pl_module)
         chosen = [] if idle or self._choose_when_initialized else self._select_params(pl_module)
-        start = _fit_start_step(trainer)
+        start = _fit_start_step(trainer, pl_module)
+        if self._snapshots and not self._resumed_this_fit and self._trajectory_reaches() >= start:
+            # an earlier run's that logged nothing (a fit that crashed at its first step, weights frozen), which
+            # begin_fit_state, deciding from the histories, kept: its snapshots are of that run's model
+            self._restart_trajectory()
         if self._snapshots and not self._trajectory_continues(pl_module, chosen):
             rank_zero_warn(
                 "DimensionalCollapse: the weight trajectory it holds (from a checkpoint or an earlier fit) follows "
@@ -823,10 +870,10 @@ class DimensionalCollapse(ActivationMonitor):
             self._restart_trajectory()
         self.param_names = chosen
         self._follows_unrecorded = False  # param_names now says what the snapshots follow
-        self._weight_shapes = self._shapes(pl_module)
-        first = self._snapshot(pl_module) if self.param_names and not self._snapshots else None
-        if first is not None:
-            self._add_snapshot(start - 1, first)
+        weights = self._chosen_weights(pl_module, self.param_names)
+        self._weight_shapes = _shapes(weights)
+        if self.param_names and weights is not None and not self._snapshots:
+            self._add_snapshot(start - 1, self._snapshot(weights))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """Choose the weights of a model with lazy modules once its first forward has made them, before the first
@@ -851,14 +898,20 @@ class DimensionalCollapse(ActivationMonitor):
                 "batch through the model in configure_model to include them)",
                 category=UserWarning,
             )
-        self._weight_shapes = self._shapes(pl_module)
-        first = self._snapshot(pl_module) if self.param_names and before_step is not None else None
-        if first is not None:
-            self._add_snapshot(before_step, first)
+        weights = self._chosen_weights(pl_module, self.param_names)
+        self._weight_shapes = _shapes(weights)
+        if self.param_names and weights is not None and before_step is not None:
+            self._add_snapshot(before_step, self._snapshot(weights))
 
     def _restart_trajectory(self) -> None:
         self._snapshots, self._snapshot_steps, self._snapshot_seen, self._snapshot_stride = [], [], 0, 1
         self._restored_follows, self._follows_unrecorded, self._r90 = None, False, None
+
+    def _trajectory_reaches(self) -> int:
+        """The step the held trajectory reaches, as :meth:`begin_fit_state` reads the histories' last step: its last
+        snapshot's, or the step after a lone one's, which was taken at the start of a fit (labelled the step before
+        it), so that a fit on a new ``Trainer`` after one that crashed at its first step does not continue it."""
+        return self._snapshot_steps[-1] + (len(self._snapshot_steps) == 1)
 
     def _trajectory_continues(self, pl_module: pl.LightningModule, chosen: list[str]) -> bool:
         """Whether the snapshots held stack with this fit's: of the same weights (``chosen``), projected alike. A
@@ -884,25 +937,22 @@ class DimensionalCollapse(ActivationMonitor):
         """The weights ``names`` as the forward uses them, read from their modules
         (:func:`~lightning_act.capture.weights.forward_tensor`): ``torch.nn.utils.prune`` turns ``fc.weight`` into
         ``fc.weight_orig`` and a masked ``fc.weight``, a parametrization into a property (a name looked up in
-        ``named_parameters`` crashed the fit); None when one is gone from the model."""
-        modules = {clean_name(name): module for name, module in pl_module.named_modules()}
+        ``named_parameters`` crashed the fit); None when one is gone from the model. Each module is looked up by its
+        name (:func:`module_at`, a few dictionary reads), not in a map of the whole model, built twice per snapshot
+        before round 26 (~0.7 ms each on a 12-block ViT)."""
         weights = []
         for name in names:
             path, _, attribute = name.rpartition(".")
-            weight = forward_tensor(modules[path], attribute) if path in modules else None
+            module = module_at(pl_module, path)
+            weight = None if module is None else forward_tensor(module, attribute)
             if weight is None:
                 return None
             weights.append(weight)
         return weights
 
-    def _shapes(self, pl_module: torch.nn.Module) -> list[torch.Size]:
-        """The shapes of the followed weights as the model holds them now (empty when one is gone)."""
-        weights = self._chosen_weights(pl_module, self.param_names)
-        return [] if weights is None else [w.shape for w in weights]
-
     def _trajectory_change(self, shapes: list[torch.Size]) -> str | None:
         """Why the held snapshots no longer stack with one of the model now, whose followed weights have ``shapes``
-        (:meth:`_shapes`), else None: a followed weight left the model or changed shape (a head grown for new
+        (:func:`_shapes`), else None: a followed weight left the model or changed shape (a head grown for new
         classes, a widened layer: the snapshots' lengths differ, or, count-sketched, their positions mean other
         weights), or a weight left out as a frozen copy's trains now (a backbone that a ``BaseFinetuning`` callback
         unfreezes was no copy)."""
@@ -926,8 +976,8 @@ class DimensionalCollapse(ActivationMonitor):
             return {}
         if self._snapshot_seen % self._snapshot_stride == 0:
             pl_module = trainer.lightning_module
-            shapes = self._shapes(pl_module)
-            change = self._trajectory_change(shapes)
+            weights = self._chosen_weights(pl_module, self.param_names)  # read once for the check and the snapshot
+            change = self._trajectory_change(_shapes(weights))
             if change is not None:
                 rank_zero_warn(
                     f"DimensionalCollapse: {change} at step {step}; params/r90 follows the weights chosen again "
@@ -936,13 +986,12 @@ class DimensionalCollapse(ActivationMonitor):
                 )
                 self._restart_trajectory()
                 self.param_names = self._select_params(pl_module)
-                shapes = self._shapes(pl_module)
-            snapshot = self._snapshot(pl_module) if self.param_names else None
-            if snapshot is None:
+                weights = self._chosen_weights(pl_module, self.param_names)
+            if not self.param_names or weights is None:
                 return {}
             if not self._snapshots:
-                self._weight_shapes = shapes
-            self._add_snapshot(step, snapshot)
+                self._weight_shapes = _shapes(weights)
+            self._add_snapshot(step, self._snapshot(weights))
             self._r90 = self._trajectory_r90()
         else:
             # A snapshot the thinning would drop is not taken, and the kept ones (hence r90) have not changed:

@@ -491,7 +491,7 @@ class SensitiveNeurons(FitScopedState):
         if isinstance(top_fraction, bool) or not isinstance(top_fraction, (int, float)) or not 0.0 < top_fraction <= 1.0:
             raise LightningActError(f"SensitiveNeurons: top_fraction={top_fraction!r} must be in (0, 1]; pass e.g. 0.2")
         self.uses_default_modules = modules is None
-        self.modules = module_list(modules, self.default_modules)
+        self.modules = module_list(modules, self.default_modules, "SensitiveNeurons")
         self.forward_fn = resolve_forward_fn("SensitiveNeurons", forward_fn)
         self.custom_forward = forward_fn is not None
         self.batch_dim, self.token_dim = check_axes("SensitiveNeurons", batch_dim, token_dim)

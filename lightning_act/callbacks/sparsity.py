@@ -204,7 +204,7 @@ class ActivationSparsity(ActivationMonitor):
             raise LightningActError(
                 f"ActivationSparsity: cett_grid_range={cett_grid_range} is invalid; pass finite 0 < low < high"
             )
-        zero_modules = module_list(modules, self.default_modules)
+        zero_modules = module_list(modules, self.default_modules, "ActivationSparsity")
         globs = [] if cett_modules is None else ([cett_modules] if isinstance(cett_modules, str) else cett_modules)
         if not isinstance(globs, Sequence) or not all(isinstance(glob, str) for glob in globs):
             raise LightningActError(

@@ -651,7 +651,8 @@ class CaptureRegistry:
         self.before_dropout: dict[tuple[int, str], dict[int, tuple[weakref.ref[torch.Tensor], Any, int]]] = {}
         #: Per input tap, the copy of an in-place dropout's input taken by its pre-hook, until its forward hook.
         self.dropout_input_copies: dict[tuple[int, str], torch.Tensor] = {}
-        #: Whether the forwards inside a torch.func transform, which are not observed, were said to be.
+        #: Whether the forwards inside a torch.func transform, which are not observed, were said to be (to the
+        #: subscribers since the registry last had none).
         self.transform_warned = False
         #: Whether observing forwards run eagerly until one training forward has been observed: set when dynamo's
         #: code of a root holding compiled code is forgotten (:meth:`_observe_first_forward_eagerly`).
@@ -727,6 +728,8 @@ class CaptureRegistry:
         """Stop handing activations to ``subscriber``; hooks nobody listens to are removed."""
         if self._remove(subscriber):
             self._forget_compiled_code()
+        if not self._subscribers:  # the registry outlives the fit with its model: the next monitors say it again
+            self.transform_warned = False
         self.refresh()
 
     def _remove(self, subscriber: Subscriber) -> bool:

@@ -218,22 +218,51 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(by_name.items())
 
 
+#: One child lookup of :func:`module_reads`: (parent, child key, the child found there, None where absent).
+ModuleRead = tuple[nn.Module, str, nn.Module | None]
+_WRAPPER_KEYS = tuple(part[:-1] for part in _WRAPPER_PARTS)
+
+
 def module_at(model: nn.Module, name: str) -> nn.Module | None:
     """The module registered at ``name`` (a user's name, as :func:`named_modules` gives it) in ``model`` now, else
     None: a walk down the registered children, through the wrappers that :func:`clean_name` leaves out of names
     (a few dictionary reads, where ``named_modules`` visits the whole model)."""
-    wrappers = [part[:-1] for part in _WRAPPER_PARTS]
+    return module_reads(model, name)[0]
+
+
+def module_reads(model: nn.Module, name: str) -> tuple[nn.Module | None, list[ModuleRead]]:
+    """:func:`module_at`, with every child lookup it made (the wrapper keys found absent too): while
+    :func:`reads_unchanged` holds for them, ``module_at(model, name)`` gives the same module, so a check at every step
+    costs a few identity tests instead of a walk."""
+    reads: list[ModuleRead] = []
 
     def unwrapped(module: nn.Module) -> nn.Module:
-        while (inner := next((module._modules[w] for w in wrappers if module._modules.get(w) is not None), None)):
+        while True:
+            for key in _WRAPPER_KEYS:
+                inner = module._modules.get(key)
+                reads.append((module, key, inner))
+                if inner is not None:
+                    break
+            else:
+                return module
             module = inner
-        return module
 
-    module: nn.Module | None = unwrapped(model)
+    module = unwrapped(model)
     for part in name.split(".") if name else []:
-        child = module._modules.get(part) if module is not None else None
-        module = None if child is None else unwrapped(child)
-    return module
+        child = module._modules.get(part)
+        reads.append((module, part, child))
+        if child is None:
+            return None, reads
+        module = unwrapped(child)
+    return module, reads
+
+
+def reads_unchanged(reads: list[ModuleRead]) -> bool:
+    """Whether every lookup of :func:`module_reads` finds what it found then, by identity."""
+    for parent, key, found in reads:  # a loop: ~2x faster than all() over a generator, for hundreds of reads
+        if parent._modules.get(key) is not found:
+            return False
+    return True
 
 
 def module_aliases(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
