@@ -852,12 +852,13 @@ class FitScopedState(Callback):
             self._setup_waits = trainer is not None and not self._setting_up_late and builds_layers_late(pl_module)
 
     def _forget_warnings(self) -> None:
-        """Let a new run say the once-per-tap warnings again: a reused callback stayed silent about a new model's
-        problem that an earlier model had on a tap of the same name. Every set attribute named ``*_warned`` holds
-        what was said."""
+        """Let a new run or a resume say the once-per-tap warnings again: a reused callback stayed silent about a
+        new model's problem that an earlier model had on a tap of the same name. Every set attribute named
+        ``*_warned`` holds what was said, and one flag: StochasticWeightAveraging's update pass."""
         for name, said in vars(self).items():
             if name.endswith("_warned") and isinstance(said, set):
                 said.clear()
+        self._said_trains_nothing = False
 
     def begin_fit_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Finish a setup that waited for the model's layers, then clear the state of an earlier run that this fit
@@ -871,7 +872,10 @@ class FitScopedState(Callback):
             self._resumed_this_fit = resumed  # restored from a checkpoint between the two setups
         if trainer is not None and next((c for c in trainer.callbacks if isinstance(c, FitScopedState)), None) is self:
             refuse_rank_dependent_monitors(trainer)
-        if trainer is None or self._resumed_this_fit:  # trainer None: driven by hand, outside a Trainer
+        if trainer is None:  # driven by hand, outside a Trainer
+            return
+        if self._resumed_this_fit:  # what was said is in no checkpoint: a resume says it again, as a new process would
+            self._forget_warnings()
             return
         last = max((series.steps[-1] for series in self.history.values() if series.steps), default=None)
         start = training_step_index(trainer, pl_module)

@@ -30,8 +30,8 @@ from lightning_act.report.content import (
     INDEX_STAT, PerRun, format_count, plan_statistics, unknown_notes, unknown_words, with_unknown,
 )
 from lightning_act.report.runlog import (
-    FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, load_run, loader_index, metric_name, run_groups,
-    without_logger_prefix,
+    FIT_PARAMETERS, EmergenceFit, RunLog, Series, emergence_fits, key_kind, load_run, loader_index, metric_name,
+    run_groups,
 )
 
 #: A plotly figure as plain data (``{"data": [traces], "layout": {...}}``), drawn by plotly.js in the page.
@@ -78,7 +78,8 @@ DEFAULT_MIN_R2 = 0.5
 
 #: Line styles that tell runs apart when colour tells layers apart.
 RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
-#: Dashes of the validation curves, one per loader (``val/loss/dataloader_idx_N``): all dashed, as val/x is.
+#: Dashes of the curves of a key logged per loader (``val/loss/dataloader_idx_N``), one per loader (repeating from
+#: the fifth): all dashed, as val/x is.
 VAL_LOADER_DASHES = ("dash", "longdash", "dashdot", "longdashdot")
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
@@ -473,11 +474,12 @@ def training_section(runs: dict[str, RunLog], ids: _Ids) -> str:
 
 
 def _training_dash(key: str) -> str:
-    """train/x solid, val/x dashed (each validation loader its own dash, so their curves stay apart), others dotted."""
-    kind = without_logger_prefix(key).split("/")[0] if "/" in key else ""
-    if kind == "val":
-        return VAL_LOADER_DASHES[(loader_index(key) or 0) % len(VAL_LOADER_DASHES)]
-    return "solid" if kind == "train" else "dot"
+    """train/x (``train_x``) solid, val/x dashed, others dotted; each loader of a key logged per loader
+    (``.../dataloader_idx_N``) its own dash, so that their curves in one figure stay apart."""
+    loader = loader_index(key)
+    if loader is not None:
+        return VAL_LOADER_DASHES[loader % len(VAL_LOADER_DASHES)]
+    return {"train": "solid", "val": "dash"}.get(key_kind(key), "dot")
 
 
 def test_section(runs: dict[str, RunLog]) -> str:

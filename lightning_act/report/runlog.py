@@ -242,10 +242,10 @@ def split_logged_monitor_key(key: str) -> tuple[str, str, str] | None:
 def is_test_key(key: str) -> bool:
     """Whether a metric is a test command's (``test/acc``, Lightning's usual ``test_loss``): shown as a table, not as
     a curve, and merged as a test's (see :func:`merge_parts`)."""
-    return _first_word(key) == "test"
+    return key_kind(key) == "test"
 
 
-def _first_word(key: str) -> str:
+def key_kind(key: str) -> str:
     """The word a key's kind is told by, behind a logger prefix: ``"fold1-val/loss"`` → ``"val"``."""
     return re.split(r"[/_]", without_logger_prefix(key), maxsplit=1)[0]
 
@@ -273,7 +273,7 @@ def written_by_fit(version_dir: Path) -> bool:
 
 def _training_columns(columns: list[str]) -> list[str]:
     """The columns of a ``metrics.csv`` header that a fit logs and ``validate``/``test`` do not."""
-    return [c for c in columns if c and not is_index_column(c, columns) and _first_word(c) not in EVALUATION_WORDS]
+    return [c for c in columns if c and not is_index_column(c, columns) and key_kind(c) not in EVALUATION_WORDS]
 
 
 def _header(path: Path) -> list[str]:
@@ -424,7 +424,7 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
             continue
         start = min(firsts.values())
         stop = max(s.steps[-1] for s in series.values() if len(s)) + 1
-        training_firsts = [first for key, first in firsts.items() if _first_word(key) not in EVALUATION_WORDS]
+        training_firsts = [first for key, first in firsts.items() if key_kind(key) not in EVALUATION_WORDS]
         rollback = min(training_firsts, default=start)
         replaced = 0
         kept_curves = [] if logs_training else sorted(

@@ -30,8 +30,9 @@ from lightning_act.data.sampler_padding_index import (
 #: A custom batch sampler's index lists of the current evaluation pass, by loader (made at its batch 0).
 _pass_indices: weakref.WeakKeyDictionary[Any, list[list[int]] | None] = weakref.WeakKeyDictionary()
 
-#: The batch sampler classes said once to leave the padding in the metrics.
-_unknown_warned: set[str] = set()
+#: The batch samplers said once to leave the padding in the metrics (per sampler, so per loader: a later fit's
+#: loader is told again; before round 26 a sampler class was said once per process).
+_unknown_warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def real_examples(
@@ -116,11 +117,11 @@ def _custom_pass(batch_sampler: Any) -> list[list[int]] | None:
 
 
 def _warn_padding_counted(batch_sampler: Any) -> None:
-    """Say once per batch sampler class that its batches' padding stays in the metrics."""
+    """Say once per batch sampler that its batches' padding stays in the metrics."""
     name = type(batch_sampler).__name__
-    if name in _unknown_warned:
+    if batch_sampler in _unknown_warned:
         return
-    _unknown_warned.add(name)
+    _unknown_warned.add(batch_sampler)
     warnings.warn(
         f"the evaluation loader's batch sampler {name} gives batches in an order that cannot be replayed (drawn "
         "from a random state at each pass) or items that are not dataset indices, so the examples its "

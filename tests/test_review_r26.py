@@ -1,0 +1,131 @@
+"""Round 26's reviews of its own fixes: a reused monitor says its warnings again on a resume and about
+StochasticWeightAveraging's update pass; the evaluation padding warning is said once per batch sampler, not per
+process; the report tells the loaders of an underscore-named key apart."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+
+from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse
+from lightning_act.report.html import _training_dash
+from lightning_act.tasks.sampler_padding import real_examples
+
+
+class Net(pl.LightningModule):
+    def __init__(self, norm: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16) if norm else nn.Identity(), nn.Tanh())
+        self.head = nn.Linear(16, 4)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(self.body(x)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(batch_size: int, examples: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(examples, 8, generator=g), torch.randint(0, 4, (examples,), generator=g))
+    return DataLoader(data, batch_size=batch_size)
+
+
+def said(fit: Any, start: str) -> list[str]:
+    """The warnings ``fit()`` gives that start with ``start``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit()
+    return [str(w.message) for w in caught if str(w.message).startswith(start)]
+
+
+def trainer(root: Path, max_steps: int, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(default_root_dir=root, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=max_steps,
+                      callbacks=callbacks, **kwargs)
+
+
+def test_a_reused_monitor_resuming_another_run_says_what_a_fresh_one_says(tmp_path: Path) -> None:
+    # Before: a resume returned before the warned sets were forgotten, and they are in no checkpoint: the reused
+    # monitor stayed silent about a batch-size-1 tap (one row: no covariance) that a fresh instance names
+    def collapse() -> DimensionalCollapse:
+        return DimensionalCollapse(modules=["body.2"], every_n_steps=1, param_patterns=[])
+
+    start = "DimensionalCollapse: body.2"
+    reused = collapse()
+    assert said(lambda: trainer(tmp_path / "a", 2, [reused]).fit(Net(), loader(1)), start)
+    saving = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer(tmp_path / "b", 2, [collapse(), saving], enable_checkpointing=True).fit(Net(), loader(1))
+    last = str(tmp_path / "b" / "last.ckpt")
+    fresh = said(lambda: trainer(tmp_path / "c", 4, [collapse()]).fit(Net(), loader(1), ckpt_path=last), start)
+    again = said(lambda: trainer(tmp_path / "d", 4, [reused]).fit(Net(), loader(1), ckpt_path=last), start)
+    assert len(fresh) == 1 and again == fresh
+
+
+def test_a_reused_monitor_says_the_averaging_update_pass_again_in_a_new_run(tmp_path: Path) -> None:
+    # Before: the flag of StochasticWeightAveraging's batch-norm update pass was a bool the new run did not reset
+    def run(monitor: ActivationSparsity, root: Path) -> list[str]:
+        averaging = StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=1)
+        fit = trainer(root, -1, [monitor, averaging], max_epochs=2, enable_checkpointing=False)
+        return said(lambda: fit.fit(Net(norm=True), loader(8, 16)), "ActivationSparsity: the training batches")
+
+    reused = ActivationSparsity(modules=["body.2"], every_n_steps=1)
+    first = run(reused, tmp_path / "a")
+    assert len(first) == 1 and "run without backward" in first[0]
+    assert run(reused, tmp_path / "b") == run(ActivationSparsity(modules=["body.2"], every_n_steps=1), tmp_path / "c")
+
+
+class IndexSizePairs(Sampler):
+    """A multi-scale batch sampler: ``(index, size)`` items, not dataset indices."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Any:
+        indices = list(self.sampler)
+        for start in range(0, len(indices), 4):
+            yield [(i, 2) for i in indices[start : start + 4]]
+
+    def __len__(self) -> int:
+        return 2
+
+
+class Sized(Dataset):
+    def __len__(self) -> int:
+        return 13  # rank 1 of 2 gets one repeat
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        return torch.zeros(item[1])
+
+
+def test_the_padding_counted_twice_is_said_for_each_new_evaluation_loader() -> None:
+    # Before: said once per batch sampler class per process: a second fit's metrics counted the repeats unsaid
+    counts = []
+    for _ in range(2):
+        sampler = IndexSizePairs(DistributedSampler(Sized(), num_replicas=2, rank=1, shuffle=False))
+        fit = SimpleNamespace(val_dataloaders=DataLoader(Sized(), batch_sampler=sampler), test_dataloaders=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert bool(real_examples(fit, "val", 0, 4).all())  # kept whole: the repeat counts
+            assert bool(real_examples(fit, "val", 1, 4).all())  # the same pass: not said again
+        counts.append(sum("cannot be told apart" in str(w.message) for w in caught))
+    assert counts == [1, 1]
+
+
+def test_each_loader_of_an_underscore_named_key_gets_its_own_dash() -> None:
+    # Before: val_loss/dataloader_idx_N read as kind "val_loss": every loader dotted, alike in one figure
+    dashes = [_training_dash(f"val_loss/dataloader_idx_{i}") for i in range(4)]
+    assert len(set(dashes)) == 4
+    assert _training_dash("fold1-val/loss/dataloader_idx_1") == dashes[1]
+    assert (_training_dash("train_loss"), _training_dash("train/loss"), _training_dash("val_acc")) == ("solid", "solid", "dash")
+    assert _training_dash("lr-AdamW") == "dot"
