@@ -1,6 +1,7 @@
 """Round 26's reviews of its own fixes: a reused monitor says its warnings again on a resume and about
 StochasticWeightAveraging's update pass; the evaluation padding warning is said once per batch sampler, not per
-process; the report tells the loaders of an underscore-named key apart."""
+process; the report tells the loaders of an underscore-named key apart; a probe ended inside an EMA swap puts back an
+embedding with ``max_norm`` too, and a probe runs a model's ``train()`` override again after it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveragi
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
-from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse
+from _toy import BlockNet, ToyTask, quiet_trainer, toy_dataset
+from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations
 from lightning_act.report.html import _training_dash
 from lightning_act.tasks.sampler_padding import real_examples
 
@@ -129,3 +131,89 @@ def test_each_loader_of_an_underscore_named_key_gets_its_own_dash() -> None:
     assert _training_dash("fold1-val/loss/dataloader_idx_1") == dashes[1]
     assert (_training_dash("train_loss"), _training_dash("train/loss"), _training_dash("val_acc")) == ("solid", "solid", "dash")
     assert _training_dash("lr-AdamW") == "dot"
+
+
+class EmaSwapWithRenormedEmbedding(pl.LightningModule):
+    """From step 3 on, an eval forward swaps EMA weights in by ``p.data`` and back at its end (which a probe ended
+    after its last tap skips), with an embedding whose lookups renormalise its rows (``max_norm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8, max_norm=1.0)
+        self.block0, self.block1, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.ema = [p.detach().clone() for p in self.parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        swap = not self.training and self._trainer is not None and self.trainer.global_step >= 3
+        kept = [p.data for p in self.parameters()]
+        if swap:
+            for p, average in zip(self.parameters(), self.ema, strict=True):
+                p.data = average
+        out = self.head(torch.tanh(self.block1(torch.tanh(self.block0(self.emb(x))))).mean(1))
+        if swap:
+            for p, data in zip(self.parameters(), kept, strict=True):
+                p.data = data
+        return out
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        with torch.no_grad():
+            for average, p in zip(self.ema, self.parameters(), strict=True):
+                average.mul_(0.9).add_(p, alpha=0.1)
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_a_probe_ended_inside_an_ema_swap_puts_back_a_max_norm_embeddings_weight_too() -> None:
+    # Before (this round's first version): the embedding's weight was left out of the rebinding check, stayed bound
+    # to its EMA copy, and the EMA update then wrote the training weight
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 16, (64, 5), generator=g), torch.randint(0, 2, (64,), generator=g))
+
+    def fit(callbacks: list[pl.Callback]) -> EmaSwapWithRenormedEmbedding:
+        torch.manual_seed(0)
+        task = EmaSwapWithRenormedEmbedding()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the cutoff's "runs whole" line
+            quiet_trainer(max_steps=8, callbacks=callbacks).fit(task, DataLoader(data, batch_size=8),
+                                                                DataLoader(data, batch_size=8))
+        return task
+
+    plain, task = fit([]), fit([MassiveActivations(modules=["block0"], every_n_steps=1, probe="val")])
+    assert not [n for (n, p), average in zip(task.named_parameters(), task.ema, strict=True)
+                if p.data_ptr() == average.data_ptr()]
+    for (name, expected), (_, p) in zip(plain.named_parameters(), task.named_parameters(), strict=True):
+        assert torch.equal(p, expected), name
+
+
+class BackboneFrozenOutOfTraining(ToyTask):
+    """A ``train()`` override that does more than set flags: the backbone has gradients in training mode only."""
+
+    def train(self, mode: bool = True) -> BackboneFrozenOutOfTraining:
+        super().train(mode)
+        self.net.blocks.requires_grad_(mode)
+        return self
+
+    def on_validation_model_train(self) -> None:  # Lightning's hook after validation: the override runs again
+        self.train()
+
+
+def test_a_probe_runs_a_train_override_again_after_it_and_training_is_unchanged() -> None:
+    # Before (this round's first version): the probe's eval() froze the backbone, and only the flags were restored
+    def fit(callbacks: list[pl.Callback]) -> BackboneFrozenOutOfTraining:
+        torch.manual_seed(0)
+        task = BackboneFrozenOutOfTraining(BlockNet())
+        quiet_trainer(max_steps=4, callbacks=callbacks, limit_val_batches=1, val_check_interval=2,
+                      num_sanity_val_steps=1).fit(task, DataLoader(toy_dataset(64), batch_size=8),
+                                                  DataLoader(toy_dataset(8, seed=1), batch_size=8))
+        return task
+
+    plain, monitored = fit([]), fit([MassiveActivations(modules=["net.blocks.0"], every_n_steps=1, probe="val")])
+    for (name, expected), (_, p) in zip(plain.named_parameters(), monitored.named_parameters(), strict=True):
+        assert p.requires_grad and torch.equal(p, expected), name

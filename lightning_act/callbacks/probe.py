@@ -213,18 +213,21 @@ def _ended_forward_guarded(
     owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any, cutoff: ForwardCutoff, source: str
 ) -> Any:
     """A forward that the cutoff may end, each parameter's ``.data`` put back if the forward ended with another
-    tensor bound to it (a swap the first pass did not see: one that begins at a later step). The rows an embedding
-    with ``max_norm`` renormalises do not count as written (:func:`probing` puts them back; before round 26 they
-    turned the cutoff off with a false "training goes on from what it wrote")."""
+    tensor bound to it (a swap the first pass did not see: one that begins at a later step), the weights of an
+    embedding with ``max_norm`` too. Their rows, which a lookup renormalises, do not count as written
+    (:func:`probing` puts them back; before round 26 they turned the cutoff off with a false "training goes on from
+    what it wrote")."""
     parts = _probed_parts.get() or _ModelParts.of(pl_module)
-    kept = [(p, p.data, p._version) for p in parts.guarded if not nn.parameter.is_lazy(p)]
+    kept = [(p, p.data, p._version) for p in parts.parameters if not nn.parameter.is_lazy(p)]
     try:
         return _forward(owner, forward_fn, pl_module, batch, source)
     except BaseException:  # ended after the last tap (or failed): the code after it did not run
         rebound = [(p, data) for p, data, _ in kept if p.data_ptr() != data.data_ptr()]
         for p, data in rebound:
             p.data = data.clone()  # storage of its own: the tensor swapped out (an EMA's) keeps what it holds
-        written = [p for p, data, version in kept if p.data_ptr() == data.data_ptr() and p._version != version]
+        renormed = {id(weight) for weight in parts.renormed}
+        written = [p for p, data, version in kept
+                   if id(p) not in renormed and p.data_ptr() == data.data_ptr() and p._version != version]
         if rebound:
             _cutoff_off(
                 owner, pl_module, cutoff, "its parameters were put back after a probe forward ended with other tensors "
@@ -831,7 +834,10 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
         _probed_parts.reset(parts_token)
         _forward_seeds.reset(token)
         torch.backends.mha.set_fastpath_enabled(fast_path)
-        for module, flag in flags.items():  # each module's own flag, as Lightning's _ModuleMode.restore does:
+        for module, flag in flags.items():  # a train() override may do more than set flags (requires_grad_, a cache)
+            if type(module).train is not nn.Module.train:
+                module.train(flag)
+        for module, flag in flags.items():  # then each module's own flag, as Lightning's _ModuleMode.restore does:
             module.training = flag  # train(flag) on each would set every module's subtree again (3.4 ms on a ViT-S)
         _reshard(parts.fsdp2)
 
@@ -842,8 +848,9 @@ class _ModelParts:
     costs ~0.14 ms of host time (2-core VM), and a probe took eight of them before round 26."""
 
     modules: list[tuple[str, nn.Module]]  # named_modules()
+    parameters: list[nn.Parameter]  # parameters(), in its order
     renormed: list[nn.Parameter]  # renormed_weights(): renormed_weights_kept puts them back
-    guarded: list[nn.Parameter]  # parameters(), in its order, but the renormed weights
+    guarded: list[nn.Parameter]  # parameters but the renormed weights: those a forward must not write
     fsdp2: list[nn.Module]
 
     @classmethod
@@ -859,7 +866,7 @@ class _ModelParts:
         plain = [module for _, module in modules]
         renormed = _renormed_among(plain)
         guarded = [p for p in parameters if not any(p is weight for weight in renormed)]
-        return cls(modules, renormed, guarded, _fsdp2_modules(plain))
+        return cls(modules, parameters, renormed, guarded, _fsdp2_modules(plain))
 
 
 #: Inside :func:`probing`: the probed model's parts, read once for its forwards (:func:`_ended_forward_guarded`).

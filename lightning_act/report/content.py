@@ -45,10 +45,14 @@ NOT_EVERY_STEP: dict[str, frozenset[str]] = {"sensitive": frozenset({"jaccard"})
 #: window is full): unknown at a later step without them, not before the first.
 FROM_FIRST_STEP: dict[str, frozenset[str]] = {"sensitive": frozenset({"v_mean", "v_max"})}
 
-#: Statistics a monitor logs for every layer it measures (ActivationStats' moments; ``count``, ``nonfinite`` and
-#: ``zero_frac`` are counted even over NaN entries). A layer that logged others but never one of these, which some
-#: layer of the run logged, had it unknown at every step: without NaN in the log it would vanish from the report.
-EVERY_LAYER: dict[str, frozenset[str]] = {"act": frozenset({"mean", "std", "rms", "abs_mean", "abs_max"})}
+#: Statistics a monitor logs for every layer it measures (ActivationStats' moments, ``count``, ``nonfinite`` and
+#: ``zero_frac`` being counted even over NaN entries; MassiveActivations' median-based statistics, beside ``top1``,
+#: which a blown-up block still has). A layer that logged others but never one of these had it unknown at every
+#: step: without NaN in the log it would vanish from the report.
+EVERY_LAYER: dict[str, frozenset[str]] = {
+    "act": frozenset({"mean", "std", "rms", "abs_mean", "abs_max"}),
+    "massive": frozenset({"median", "ratio", "count", "count_per_sample"}),
+}
 
 
 def format_count(value: float | None) -> str:

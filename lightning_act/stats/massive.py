@@ -149,8 +149,10 @@ def topk_positions_from_magnitude(magnitude: torch.Tensor, k: int) -> torch.Tens
 def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Merge stacked top-k buffers ``(m, 3k)`` into one ``(3k,)``: the ``k`` largest distinct positions.
 
-    A position present in several buffers keeps its largest value; NaN slots are absent. One buffer (one rank)
-    is already merged and is returned as it is.
+    A position present in several buffers keeps its largest value (the first buffer's among equal ones); NaN slots
+    are absent. One buffer (one rank) is already merged and is returned as it is. A sort and a per-position minimum:
+    the pairwise comparison of every candidate with every other it replaced (before round 26) took
+    ``(m k)^2`` memory, 1.3 GB for 4 ranks at ``top_k=4096``.
     """
     if candidates.numel() == 3 * k:
         return candidates.reshape(-1)
@@ -158,16 +160,17 @@ def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
     values, tokens, features = parts[0], parts[1], parts[2]
     present = ~torch.isnan(values)
     score = torch.where(present, values, torch.full_like(values, float("-inf")))
-    same = (tokens[:, None] == tokens[None, :]) & (features[:, None] == features[None, :]) & present[None, :]
+    order = torch.sort(score, descending=True, stable=True).indices  # by value, then by buffer and slot
     index = torch.arange(values.numel(), device=values.device)
-    beaten = same & ((score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (index[None, :] < index[:, None])))
-    score = torch.where(beaten.any(dim=1), torch.full_like(score, float("-inf")), score)
-    take = min(k, score.numel())
-    best, order = score.topk(take)
-    keep = best > float("-inf")
+    absent_key = -1.0 - index.to(tokens.dtype)  # an absent slot is a position of its own
+    positions = torch.stack([torch.where(present, tokens, absent_key), torch.where(present, features, absent_key)], 1)
+    _, group = torch.unique(positions[order], dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), values.numel(), dtype=torch.long, device=values.device)
+    first.scatter_reduce_(0, group, index, reduce="amin")  # each position's first place in the order: its largest
+    kept = order[(first[group] == index) & present[order]][:k]
     out = torch.full((3, k), float("nan"), dtype=torch.float64, device=values.device)
     for row, source in enumerate((values, tokens, features)):
-        out[row, :take] = torch.where(keep, source[order], torch.full_like(best, float("nan")))
+        out[row, : kept.numel()] = source[kept]
     return out.reshape(-1)
 
 
