@@ -37,7 +37,7 @@ REFUSED = [
     (lambda: ImageDataModule(num_workers=-1), "num_workers=-1"),
     (lambda: ImageDataModule(seed=-1), "seed=-1"),
     (lambda: ImageDataModule(val_fraction=NAN), "val_fraction=nan"),
-    (lambda: ImageDataModule(val_fraction=0.6, test_fraction=0.5), "val_fraction=0.6"),
+    (lambda: HyperspectralDataModule(val_fraction=0.6, test_fraction=0.5), "val_fraction=0.6"),
     (lambda: HyperspectralDataModule(noise_std=NAN), "noise_std=nan"),
     (lambda: HyperspectralDataModule(noise_std=INF), "noise_std=inf"),
     (lambda: HyperspectralDataModule(noise_std=-0.1), "noise_std=-0.1"),

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 
 from _toy import BlockNet, ToyTask, quiet_trainer, toy_dataset
 from lightning_act.callbacks import ActivationSparsity, DimensionalCollapse, MassiveActivations
+from lightning_act.errors import LightningActError
 from lightning_act.report.html import _training_dash
 from lightning_act.tasks.sampler_padding import real_examples
 
@@ -217,3 +219,45 @@ def test_a_probe_runs_a_train_override_again_after_it_and_training_is_unchanged(
     plain, monitored = fit([]), fit([MassiveActivations(modules=["net.blocks.0"], every_n_steps=1, probe="val")])
     for (name, expected), (_, p) in zip(plain.named_parameters(), monitored.named_parameters(), strict=True):
         assert p.requires_grad and torch.equal(p, expected), name
+
+
+def test_modules_seeding_torch_alone_take_a_negative_seed() -> None:
+    # Before (this round's first version): refused as if numpy seeded them; torch generators take any whole number
+    from lightning_act.data.modular_addition import ModularAdditionDataModule
+    from lightning_act.data.stdlib_text import StdlibTextDataModule
+
+    assert ModularAdditionDataModule(p=7, seed=-1).seed == -1
+    assert StdlibTextDataModule(seed=-1).seed == -1
+    with pytest.raises(LightningActError, match=r"seed=1.5 must be a whole number; pass"):
+        ModularAdditionDataModule(p=7, seed=1.5)
+
+
+def test_an_unused_test_fraction_is_not_refused_with_the_validation_share() -> None:
+    # Before (this round's first version): val 0.5 + test 0.6 refused at construction, although an image folder with
+    # train/ alone, CIFAR files or an mnist_dir split off no test set; a split that uses both still refuses the sum
+    from lightning_act.data.images import ImageDataModule
+    from lightning_act.data.rotated_digits import RotatedDigitsDataModule
+
+    ImageDataModule(val_fraction=0.5, test_fraction=0.6)
+    RotatedDigitsDataModule(val_fraction=0.5, test_fraction=0.6)
+    with pytest.raises(LightningActError, match="sum to < 1"):
+        ImageDataModule(val_fraction=0.5, test_fraction=0.6).setup("fit")  # the bundled digits: both are used
+
+
+def test_the_std_example_has_one_value_per_channel() -> None:
+    # Before (this round's first version): three values suggested for a one-channel recipe, which then refused them
+    from lightning_act.data.images import ImageDataModule
+
+    with pytest.raises(LightningActError, match=r"pass e.g. --data.std \[0.5\]$"):
+        ImageDataModule(in_chans=1, mean=[0.5], std=[0.0])
+
+
+def test_a_transformer_without_blocks_is_a_baseline_that_trains() -> None:
+    # Before (this round's first version): depth=0 refused; it is embeddings, norm and head
+    from lightning_act.models.small_transformer import SmallTransformer
+
+    model = SmallTransformer(vocab_size=11, max_len=6, dim=8, depth=0, num_heads=2)
+    logits = model(torch.randint(0, 11, (3, 6)))
+    assert logits.shape == (3, 6, 11) and len(model.blocks) == 0
+    logits.sum().backward()
+    assert model.token_embed.weight.grad is not None

@@ -226,7 +226,7 @@ def test_dopamine_gate_with_a_negative_threshold_starts_as_the_activation() -> N
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"depth": 0}, "depth=0 must be a whole number >= 1"), ({"vocab_size": 0}, "vocab_size=0 must be"),
+    [({"depth": -1}, "depth=-1 must be a whole number >= 0"), ({"vocab_size": 0}, "vocab_size=0 must be"),
      ({"max_len": 0}, "max_len=0 must be"), ({"num_heads": 0}, "num_heads=0 must be"), ({"dim": 8.0}, "dim=8.0 must be"),
      ({"mlp_ratio": 0.0}, "mlp_ratio=0.0 must be"), ({"mlp_ratio": math.nan}, "mlp_ratio=nan must be"),
      ({"dim": 8, "mlp_ratio": 0.1}, "mlp_ratio=0.1 must be")],

@@ -13,10 +13,11 @@ from typing import Any
 from lightning_act.errors import ConfigError
 
 
-def check_whole(name: str, value: Any, low: int, example: int, what: str = "a whole number") -> None:
-    """``value`` is an int (not a bool) >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ConfigError(f"{name}={value!r} must be {what} >= {low}; pass e.g. --data.{name} {example}")
+def check_whole(name: str, value: Any, low: int | None, example: int, what: str = "a whole number") -> None:
+    """``value`` is an int (not a bool) >= ``low`` (any int with ``low=None``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ConfigError(f"{name}={value!r} must be {what}{bound}; pass e.g. --data.{name} {example}")
 
 
 def check_real(name: str, value: Any, low: float | None, example: float, above: bool = False, what: str = "") -> None:
@@ -36,18 +37,20 @@ def check_flag(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value!r} must be true or false; pass e.g. --data.{name} true")
 
 
-def check_loader_args(batch_size: Any, num_workers: Any, seed: Any) -> None:
-    """The DataLoader's ``batch_size`` and ``num_workers`` and the split/shuffle ``seed`` (numpy's seeds are >= 0)."""
+def check_loader_args(batch_size: Any, num_workers: Any, seed: Any, numpy_seed: bool = True) -> None:
+    """The DataLoader's ``batch_size`` and ``num_workers`` and the split/shuffle ``seed`` (numpy's seeds are >= 0;
+    a module seeding torch generators alone, ``numpy_seed=False``, takes any whole number, as torch does)."""
     check_whole("batch_size", batch_size, 1, 64)
     check_whole("num_workers", num_workers, 0, 4)
-    check_whole("seed", seed, 0, 0)
+    check_whole("seed", seed, 0 if numpy_seed else None, 0)
 
 
-def check_split_fractions(val_fraction: Any, test_fraction: Any) -> None:
-    """Validation and test shares of the examples: each in [0, 1), leaving some for training."""
+def check_split_fractions(val_fraction: Any, test_fraction: Any, together: bool = True) -> None:
+    """Validation and test shares of the examples: each in [0, 1), leaving some for training (with ``together``
+    False their sum is left to the split, for sources that split off no test set: an image folder without test/)."""
     fractions = (val_fraction, test_fraction)
     if any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in fractions) or not (
-        0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0
+        0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and (not together or val_fraction + test_fraction < 1.0)
     ):
         raise ConfigError(
             f"val_fraction={val_fraction!r} and test_fraction={test_fraction!r} must be in [0, 1) and sum to < 1; "

@@ -392,7 +392,7 @@ class ImageDataModule(SplitDataModule):
         for flag, value in (("hflip", hflip), ("random_resized_crop", random_resized_crop), ("timm_transforms", timm_transforms)):
             check_flag(flag, value)
         check_loader_args(batch_size, num_workers, seed)
-        check_split_fractions(val_fraction, test_fraction)
+        check_split_fractions(val_fraction, test_fraction, together=False)  # a folder with val/ uses neither
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.image_size = image_size
@@ -412,12 +412,13 @@ class ImageDataModule(SplitDataModule):
                 f"mean and std need in_chans={in_chans} values each, got {self.mean} and {self.std}; "
                 "pass --data.mean / --data.std with one value per channel"
             )
+        example = "[" + ",".join(["0.5"] * in_chans) + "]"  # one value per channel
         if not all(isinstance(value, numbers.Real) and math.isfinite(value) for value in self.mean):
-            raise LightningActError(f"mean={self.mean} must hold finite numbers; pass e.g. --data.mean [0.5,0.5,0.5]")
+            raise LightningActError(f"mean={self.mean} must hold finite numbers; pass e.g. --data.mean {example}")
         if not all(isinstance(value, numbers.Real) and math.isfinite(value) and value > 0 for value in self.std):
             raise LightningActError(
                 f"std={self.std} must hold finite numbers > 0 (the images are divided by it); pass e.g. --data.std "
-                "[0.5,0.5,0.5]"
+                f"{example}"
             )
         self.data_format = self._detect_format()
         if (timm_transforms or auto_augment) and (self.data_format != "imagefolder" or in_chans != 3):

@@ -51,7 +51,7 @@ class ModularAdditionDataModule(pl.LightningDataModule):
                 "set empty; pass a larger p or a train_fraction nearer 0.5"
             )
         check_whole("batch_size", batch_size, 1, 512)
-        check_whole("seed", seed, 0, 0)
+        check_whole("seed", seed, None, 0)  # torch generators take any whole number
         self.p = p
         self.train_fraction = train_fraction
         self.batch_size = batch_size

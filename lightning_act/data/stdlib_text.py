@@ -107,7 +107,7 @@ class StdlibTextDataModule(pl.LightningDataModule):
                 check_whole(name, cap, 1, 4_000_000, "a whole number of bytes")
         if root is not None and not Path(root).is_dir():
             raise DataNotFoundError(f"root folder '{root}' does not exist; pass --data.root with a folder of Python sources")
-        check_loader_args(batch_size, num_workers, seed)
+        check_loader_args(batch_size, num_workers, seed, numpy_seed=False)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_every = val_every

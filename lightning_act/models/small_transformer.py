@@ -111,13 +111,13 @@ class SmallTransformer(nn.Module):
         causal: bool = True,
     ) -> None:
         super().__init__()
-        # else an empty vocabulary or position table (an IndexError at the first batch), a model of no blocks, or a
-        # ZeroDivisionError for no heads
-        sizes = {"vocab_size": (vocab_size, 256), "max_len": (max_len, 128), "dim": (dim, 128), "depth": (depth, 4),
-                 "num_heads": (num_heads, 4)}
-        for name, (value, example) in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a whole number >= 1; pass e.g. --model.{name} {example}")
+        # else an empty vocabulary or position table (an IndexError at the first batch) or a ZeroDivisionError for no
+        # heads; depth 0 is a model without blocks (embeddings, norm and head: a no-attention baseline)
+        sizes = {"vocab_size": (vocab_size, 256, 1), "max_len": (max_len, 128, 1), "dim": (dim, 128, 1),
+                 "depth": (depth, 4, 0), "num_heads": (num_heads, 4, 1)}
+        for name, (value, example, low) in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ConfigError(f"{name}={value!r} must be a whole number >= {low}; pass e.g. --model.{name} {example}")
         if mlp and (isinstance(mlp_ratio, bool) or not (math.isfinite(mlp_ratio) and int(dim * mlp_ratio) >= 1)):
             raise ConfigError(
                 f"mlp_ratio={mlp_ratio!r} must be a finite number with dim * mlp_ratio >= 1 (the MLP's hidden width); "
