@@ -159,7 +159,10 @@ class ActivationSparsity(ActivationMonitor):
 
     def unknown_cause(self, stats: list[str]) -> str:
         if stats == ["temporal_frac"]:
-            return f"no two consecutive steps along temporal_dim={self.temporal_dim}: its output has no such axis here"
+            return (
+                f"no two consecutive steps along temporal_dim={self.temporal_dim}: its output has no such axis here, or "
+                "it is the sample axis (a negative temporal_dim counts from the last axis)"
+            )
         if any(stat.startswith("cett") for stat in stats):
             return (f"the token-averaged CETT does not reach target_cett={self.target_cett} inside cett_grid_range="
                     f"{self.cett_grid_range}: widen the range; or no finite activation")
@@ -332,33 +335,21 @@ class ActivationSparsity(ActivationMonitor):
             for tap_index, sums in zip(kept, stacked.unbind()):
                 self.accumulate(tap_index, Partials(sums=sums))
 
-    def _check_temporal_axis(self, tap_index: int, x: torch.Tensor) -> None:
-        """Refuse a ``temporal_dim`` that is no axis of a sample-first activation of 3 or more axes, or is its sample
-        axis (a negative one can be), as ``batch_dim`` is refused: either measured change across examples, or nothing
-        at all, while reading like a time statistic. A ``(B, D)`` tap has no time axis and logs no ``temporal_frac``."""
+    def _has_time_axis(self, x: torch.Tensor) -> bool:
+        """Whether the sample-first ``x`` has two steps or more along ``temporal_dim`` and that axis is not its sample
+        axis, which a negative ``temporal_dim`` can name (-3 of a 3-axis output: change across examples, reading like
+        a time statistic). Without one, ``temporal_frac`` is unknown at the step, said once with the cause: refused in
+        the forward hook, a tap first run after hours of training would have ended the fit."""
         assert self.temporal_dim is not None
-        if x.dim() < 3:
-            return
-        if not -x.dim() <= self.temporal_dim < x.dim():
-            problem = "is not an axis of"
-        elif self.temporal_dim % x.dim() == 0:
-            problem = "is the sample axis of"
-        else:
-            return
-        tap = self.taps[tap_index].name
-        raise LightningActError(
-            f"ActivationSparsity: temporal_dim={self.temporal_dim} {problem} {tap}'s sample-first {tuple(x.shape)} "
-            f"activation; pass its time axis, in [1, {x.dim() - 1}]"
-        )
+        return has_time_axis(x, self.temporal_dim) and self.temporal_dim % x.dim() != 0
 
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials:
         parts = []
         if tap_index in self._zero_taps:
             parts.append(zero_partials(x, self.threshold) if fused is None else zero_partials_from(fused, self.threshold))
             if self.temporal_dim is not None:
-                self._check_temporal_axis(tap_index, x)
                 # the same layout on every rank and step (the reduction adds them): no pair where there is no time axis
-                if has_time_axis(x, self.temporal_dim):
+                if self._has_time_axis(x):
                     parts.append(temporal_partials(x, self.temporal_dim, self.temporal_eps))
                 else:
                     parts.append(x.new_zeros(len(TEMPORAL_SUMS), dtype=torch.float64))
