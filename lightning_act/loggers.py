@@ -51,10 +51,11 @@ STAT_REDUCTIONS: dict[str, str] = {"nonfinite": "max", "count": "max", "collapse
 
 
 def _mean(values: list[float]) -> float:
-    """The mean, NaN (unknown) for values holding both +inf and -inf (``fsum`` refuses ``inf - inf``)."""
+    """The mean, NaN (unknown) for values holding both +inf and -inf (``fsum`` refuses ``inf - inf``); each value
+    divided first, as a sum of finite values past ~1.8e308 raised ``OverflowError`` in the logging call."""
     if math.inf in values and -math.inf in values:
         return math.nan
-    return math.fsum(values) / len(values)
+    return math.fsum(value / len(values) for value in values)
 
 
 _REDUCE = {"mean": _mean, "max": max, "min": min}

@@ -261,3 +261,11 @@ def test_a_transformer_without_blocks_is_a_baseline_that_trains() -> None:
     assert logits.shape == (3, 6, 11) and len(model.blocks) == 0
     logits.sum().backward()
     assert model.token_embed.weight.grad is not None
+
+
+def test_the_compact_mean_of_layer_values_near_the_float_limit_is_their_mean() -> None:
+    # Before: math.fsum of finite values past ~1.8e308 raised OverflowError inside the logging call, ending the fit
+    from lightning_act.loggers import compact_metrics
+
+    kept, _ = compact_metrics({"act/blocks.0/rms": 1e308, "act/blocks.1/rms": 1e308, "act/blocks.2/rms": 4e307})
+    assert kept["act/mean/rms"] == pytest.approx(8e307)  # (1e308 + 1e308 + 4e307) / 3, its sum past the float range
