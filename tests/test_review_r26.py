@@ -1,10 +1,12 @@
 """Round 26's reviews of its own fixes: a reused monitor says its warnings again on a resume and about
 StochasticWeightAveraging's update pass; the evaluation padding warning is said once per batch sampler, not per
 process; the report tells the loaders of an underscore-named key apart; a probe ended inside an EMA swap puts back an
-embedding with ``max_norm`` too, and a probe runs a model's ``train()`` override again after it."""
+embedding with ``max_norm`` too, and a probe undoes what a model's ``train()`` override changed in eval mode without
+calling it again."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint, StochasticWeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
@@ -206,7 +208,7 @@ class BackboneFrozenOutOfTraining(ToyTask):
         self.train()
 
 
-def test_a_probe_runs_a_train_override_again_after_it_and_training_is_unchanged() -> None:
+def test_a_probe_undoes_what_a_train_override_changed_and_training_is_unchanged() -> None:
     # Before (this round's first version): the probe's eval() froze the backbone, and only the flags were restored
     def fit(callbacks: list[pl.Callback]) -> BackboneFrozenOutOfTraining:
         torch.manual_seed(0)
@@ -232,16 +234,18 @@ def test_modules_seeding_torch_alone_take_a_negative_seed() -> None:
         ModularAdditionDataModule(p=7, seed=1.5)
 
 
-def test_an_unused_test_fraction_is_not_refused_with_the_validation_share() -> None:
+def test_an_unused_test_fraction_is_not_refused_with_the_validation_share(tmp_path: Path) -> None:
     # Before (this round's first version): val 0.5 + test 0.6 refused at construction, although an image folder with
     # train/ alone, CIFAR files or an mnist_dir split off no test set; a split that uses both still refuses the sum
     from lightning_act.data.images import ImageDataModule
     from lightning_act.data.rotated_digits import RotatedDigitsDataModule
 
     ImageDataModule(val_fraction=0.5, test_fraction=0.6)
-    RotatedDigitsDataModule(val_fraction=0.5, test_fraction=0.6)
+    RotatedDigitsDataModule(mnist_dir=str(tmp_path), val_fraction=0.5, test_fraction=0.6)
     with pytest.raises(LightningActError, match="sum to < 1"):
         ImageDataModule(val_fraction=0.5, test_fraction=0.6).setup("fit")  # the bundled digits: both are used
+    with pytest.raises(LightningActError, match="sum to < 1"):
+        RotatedDigitsDataModule(val_fraction=0.5, test_fraction=0.6)  # the bundled digits, at construction
 
 
 def test_the_std_example_has_one_value_per_channel() -> None:
@@ -269,3 +273,74 @@ def test_the_compact_mean_of_layer_values_near_the_float_limit_is_their_mean() -
 
     kept, _ = compact_metrics({"act/blocks.0/rms": 1e308, "act/blocks.1/rms": 1e308, "act/blocks.2/rms": 4e307})
     assert kept["act/mean/rms"] == pytest.approx(8e307)  # (1e308 + 1e308 + 4e307) / 3, its sum past the float range
+
+
+class FrozenByFinetuning(pl.LightningModule):
+    """The same override, with Lightning's ``BaseFinetuning`` freezing the backbone (no validation in the fit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.head = nn.Linear(16, 4)
+
+    def train(self, mode: bool = True) -> FrozenByFinetuning:
+        super().train(mode)
+        self.blocks.requires_grad_(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class FreezeBlocks(BaseFinetuning):
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.blocks)
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        pass  # frozen for the whole fit
+
+
+def test_a_probe_leaves_a_backbone_frozen_by_finetuning_frozen() -> None:
+    # Before (this round's second version): the probe called the train() override again with True, which unfroze the
+    # backbone BaseFinetuning had frozen: it trained from the first probe on
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g))
+
+    def fit(callbacks: list[pl.Callback]) -> FrozenByFinetuning:
+        torch.manual_seed(0)
+        task = FrozenByFinetuning()
+        quiet_trainer(max_steps=6, callbacks=[FreezeBlocks(), *callbacks]).fit(
+            task, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+        return task
+
+    plain, monitored = fit([]), fit([MassiveActivations(modules=["blocks.0"], every_n_steps=1, probe="val")])
+    assert not monitored.blocks[0].weight.requires_grad
+    for (name, expected), (_, p) in zip(plain.state_dict().items(), monitored.state_dict().items(), strict=True):
+        assert torch.equal(p, expected), name
+
+
+@dataclasses.dataclass(eq=True)
+class PairsDataclass(Sampler):
+    """The same batch sampler as a dataclass, which does not hash (``eq`` without ``frozen``): keyed by the sampler,
+    this round's second version raised TypeError in the evaluation step."""
+
+    sampler: Sampler
+
+    def __iter__(self) -> Any:
+        return IndexSizePairs(self.sampler).__iter__()
+
+    def __len__(self) -> int:
+        return 2
+
+
+def test_the_padding_warning_takes_a_batch_sampler_that_does_not_hash() -> None:
+    sampler = PairsDataclass(DistributedSampler(Sized(), num_replicas=2, rank=1, shuffle=False))
+    fit = SimpleNamespace(val_dataloaders=DataLoader(Sized(), batch_sampler=sampler), test_dataloaders=None)
+    with pytest.warns(UserWarning, match="cannot be told apart"):
+        assert bool(real_examples(fit, "val", 0, 4).all())

@@ -712,13 +712,22 @@ class _CopiedBeforeWrite(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _plain_attributes(pl_module: nn.Module) -> dict[tuple[nn.Module, str], Any]:
-    """Each module's attributes holding a number, string, bool or None (RWKV's ``layers_are_rescaled``), but its
-    train flag, which :func:`probing` restores."""
+def _plain_attributes(modules: Iterable[nn.Module]) -> dict[tuple[nn.Module, str], Any]:
+    """Each of ``modules``' attributes holding a number, string, bool or None (RWKV's ``layers_are_rescaled``, a LoRA
+    layer's ``merged``), but its train flag, which :func:`probing` restores."""
     return {
-        (module, name): value for module in pl_module.modules() for name, value in vars(module).items()
+        (module, name): value for module in modules for name, value in vars(module).items()
         if name != "training" and (value is None or isinstance(value, (bool, int, float, str)))
     }
+
+
+def _attributes_put_back(attributes: dict[tuple[nn.Module, str], Any], holders: set[int] | None = None) -> None:
+    """The plain ``attributes`` (:func:`_plain_attributes`) that changed set back, of the modules in ``holders`` (ids)
+    only where given."""
+    for (module, name), value in attributes.items():
+        now = vars(module).get(name, value)
+        if (holders is None or id(module) in holders) and now is not value and now != value:
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager
@@ -745,7 +754,7 @@ def parameters_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
             _writes_parameters[pl_module] = True
             _warn_kept_writes(pl_module, written)
         return
-    attributes = _plain_attributes(pl_module)
+    attributes = _plain_attributes(pl_module.modules())
     watch = _CopiedBeforeWrite(parameters)
     versions = [p._version for p in parameters]
     try:
@@ -778,10 +787,7 @@ def _put_back(
         id(module) for name, p in pl_module.named_parameters(remove_duplicate=False) if id(p) in copies
         for module in _modules_on_path(pl_module, name)
     }
-    for (module, name), value in attributes.items():
-        now = vars(module).get(name, value)
-        if id(module) in holders and now is not value and now != value:
-            setattr(module, name, value)
+    _attributes_put_back(attributes, holders)
 
 
 def _modules_on_path(pl_module: nn.Module, parameter_name: str) -> list[nn.Module]:
@@ -809,7 +815,8 @@ def _warn_kept_writes(pl_module: nn.Module, written: list[nn.Parameter]) -> None
 @contextlib.contextmanager
 def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
     """Eval mode, no_grad, the precision context and a forked RNG, each forward inside seeded with its place in the
-    pass (:func:`_seed_forward`); every train/eval flag and buffer restored, the weights of embeddings with
+    pass (:func:`_seed_forward`); every train/eval flag, ``requires_grad`` and buffer restored, and the plain attributes
+    of the modules whose ``train()`` is overridden (what eval mode may have changed), the weights of embeddings with
     ``max_norm`` (:func:`renormed_weights_kept`) and the parameters a forward writes in place
     (:func:`parameters_kept`).
 
@@ -819,6 +826,11 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     (:func:`_reshard`)."""
     parts = _ModelParts.of(pl_module)
     flags = {module: module.training for _, module in parts.modules}
+    # what the eval() below may change beside the flags, through a train() override: requires_grad (a backbone frozen
+    # out of training mode), a module's plain attributes (a LoRA layer's "merged"); Lightning calls no train() in a
+    # fit, so calling the overrides again to undo it (this round's first restore) changed training
+    needs_grad = [(p, p.requires_grad) for p in parts.parameters]
+    overriding = _plain_attributes(module for _, module in parts.modules if type(module).train is not nn.Module.train)
     fast_path = torch.backends.mha.get_fastpath_enabled()
     context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
     devices = _rng_devices(device)
@@ -834,11 +846,12 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
         _probed_parts.reset(parts_token)
         _forward_seeds.reset(token)
         torch.backends.mha.set_fastpath_enabled(fast_path)
-        for module, flag in flags.items():  # a train() override may do more than set flags (requires_grad_, a cache)
-            if type(module).train is not nn.Module.train:
-                module.train(flag)
-        for module, flag in flags.items():  # then each module's own flag, as Lightning's _ModuleMode.restore does:
+        for module, flag in flags.items():  # each module's own flag, as Lightning's _ModuleMode.restore does:
             module.training = flag  # train(flag) on each would set every module's subtree again (3.4 ms on a ViT-S)
+        for p, flag in needs_grad:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        _attributes_put_back(overriding)
         _reshard(parts.fsdp2)
 
 

@@ -198,7 +198,7 @@ class RotatedDigitsDataModule(SplitDataModule):
         if max_samples is not None:
             check_whole("max_samples", max_samples, 1, 1000, "a whole number of examples")
         check_loader_args(batch_size, num_workers, seed)
-        check_split_fractions(val_fraction, test_fraction, together=False)  # an mnist_dir splits no test set
+        check_split_fractions(val_fraction, test_fraction, together=mnist_dir is None)  # an mnist_dir splits no test set
         if mnist_dir is not None and not Path(mnist_dir).is_dir():
             raise DataNotFoundError(
                 f"MNIST folder '{mnist_dir}' does not exist; pass --data.mnist_dir to an existing folder or leave it "

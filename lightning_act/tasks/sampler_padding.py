@@ -30,8 +30,9 @@ from lightning_act.data.sampler_padding_index import (
 #: A custom batch sampler's index lists of the current evaluation pass, by loader (made at its batch 0).
 _pass_indices: weakref.WeakKeyDictionary[Any, list[list[int]] | None] = weakref.WeakKeyDictionary()
 
-#: The batch samplers said once to leave the padding in the metrics (per sampler, so per loader: a later fit's
-#: loader is told again; before round 26 a sampler class was said once per process).
+#: The evaluation loaders said once to leave their padding in the metrics (a later fit's loader is told again; before
+#: round 26 a batch sampler class was said once per process). Keyed by the loader, as :data:`_pass_indices` is: a batch
+#: sampler may not hash (a dataclass) or take a weak reference (``__slots__``).
 _unknown_warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
@@ -68,7 +69,7 @@ def real_examples(
         _pass_indices[loader] = _custom_pass(batch_sampler)
     indices = _pass_indices[loader]
     if indices is None or batch_idx >= len(indices) or len(indices[batch_idx]) != batch_size:
-        _warn_padding_counted(batch_sampler)
+        _warn_padding_counted(loader, batch_sampler)
         return everything
     repeats = padding_rows([indices[batch_idx]], padding_indices(sampler))[0]
     return ~torch.tensor(repeats, dtype=torch.bool, device=device)
@@ -116,12 +117,12 @@ def _custom_pass(batch_sampler: Any) -> list[list[int]] | None:
     return passes[0]
 
 
-def _warn_padding_counted(batch_sampler: Any) -> None:
-    """Say once per batch sampler that its batches' padding stays in the metrics."""
+def _warn_padding_counted(loader: Any, batch_sampler: Any) -> None:
+    """Say once per loader that its batch sampler's padding stays in the metrics."""
     name = type(batch_sampler).__name__
-    if batch_sampler in _unknown_warned:
+    if loader in _unknown_warned:
         return
-    _unknown_warned.add(batch_sampler)
+    _unknown_warned.add(loader)
     warnings.warn(
         f"the evaluation loader's batch sampler {name} gives batches in an order that cannot be replayed (drawn "
         "from a random state at each pass) or items that are not dataset indices, so the examples its "
