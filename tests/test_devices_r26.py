@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import ToyData, ToyTask, quiet_trainer
+from _toy import RescalingTask, StateAtBatchEnd, ToyData, ToyTask, quiet_trainer
 from lightning_act.callbacks import DimensionalCollapse, SensitiveNeurons
 from lightning_act.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from lightning_act.nn.group_rational import GroupRational, group_rational_reference
@@ -143,58 +143,6 @@ def test_a_wide_taps_sketched_erank_and_pr_equal_numpy_float64_of_the_same_activ
 
 
 # --------------------------------------------------------- SensitiveNeurons: a probe of a forward writing its weights
-class EvalRescaled(nn.Module):
-    """Hugging Face RWKV's eval-mode rescaling in small (as in ``test_probe_r25``): the first eval forward divides
-    block i's weight by 2**i in place and notes it in a plain attribute; the first training forward after multiplies
-    them back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
-        self.head = nn.Linear(6, 2)
-        self.layers_are_rescaled = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layers_are_rescaled == self.training:
-            with torch.no_grad():
-                for i, block in enumerate(self.blocks):
-                    if self.training:
-                        block.weight.mul_(2**i)
-                    else:
-                        block.weight.div_(2**i)
-            self.layers_are_rescaled = not self.training
-        for i, block in enumerate(self.blocks):
-            x = torch.tanh(block(x) * (2**i if self.layers_are_rescaled else 1))
-        return self.head(x)
-
-
-class RescalingTask(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = EvalRescaled()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class StateAtBatchEnd(pl.Callback):
-    """Every parameter and the rescaling flag at each training batch end, after the monitor (as a ModelCheckpoint or
-    an EMA reads them)."""
-
-    def __init__(self) -> None:
-        self.states: list[tuple[dict[str, torch.Tensor], bool]] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        params = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
-        self.states.append((params, pl_module.net.layers_are_rescaled))
-
-
 def rescaling_fit(device: str, monitor: SensitiveNeurons | None) -> list[tuple[dict[str, torch.Tensor], bool]]:
     """Four steps of :class:`RescalingTask` on ``device`` with ``monitor`` (if any) before the recorder."""
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import EvalRescaled, RescalingTask, StateAtBatchEnd, quiet_trainer
 from lightning_act.callbacks import SensitiveNeurons
 from lightning_act.callbacks.probe import probing
 from lightning_act.errors import LightningActError
@@ -143,45 +143,6 @@ def test_send_drop_zeroes_nothing_and_says_so_once_where_no_axis_was_ever_told()
     assert len(lines) == 1 and "blocks.0" in lines[0] and "feature_dim=" in lines[0]
 
 
-class EvalRescaled(nn.Module):
-    """Hugging Face RWKV's eval-mode rescaling in small: the first eval forward divides block i's weight by 2**i in
-    place and notes it in a plain attribute; the first training forward after multiplies them back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
-        self.head = nn.Linear(6, 2)
-        self.layers_are_rescaled = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layers_are_rescaled == self.training:
-            with torch.no_grad():
-                for i, block in enumerate(self.blocks):
-                    if self.training:
-                        block.weight.mul_(2**i)
-                    else:
-                        block.weight.div_(2**i)
-            self.layers_are_rescaled = not self.training
-        for i, block in enumerate(self.blocks):
-            x = torch.tanh(block(x) * (2**i if self.layers_are_rescaled else 1))
-        return self.head(x)
-
-
-class RescalingTask(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = EvalRescaled()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_a_probe_puts_back_parameters_and_the_flag_an_eval_forward_rescaled_in_place() -> None:
     # Before: the probe left block 2's weight divided by 4 and the flag set, both at the first probe and the next.
     torch.manual_seed(0)
@@ -198,18 +159,6 @@ def test_a_probe_puts_back_parameters_and_the_flag_an_eval_forward_rescaled_in_p
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)  # a training update between probes
-
-
-class StateAtBatchEnd(pl.Callback):
-    """Every parameter and the rescaling flag at each training batch end, after the monitors (as a ModelCheckpoint or
-    an EMA reads them)."""
-
-    def __init__(self) -> None:
-        self.states: list[tuple[dict[str, torch.Tensor], bool]] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        params = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
-        self.states.append((params, pl_module.net.layers_are_rescaled))
 
 
 def _rescaling_fit(monitored: bool) -> list[tuple[dict[str, torch.Tensor], bool]]:
