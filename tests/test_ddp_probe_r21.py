@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from _toy import BlockNet, ToyTask, toy_dataset
+from _toy import BlockNet, ToyTask, run_on_two_ranks, toy_dataset
 
 HERE = Path(__file__).resolve()
 SHARD_SIZES = (6, 10)  # the validation examples of rank 0 and rank 1 (each its own dataset)
@@ -27,28 +25,10 @@ def validation_shard(rank: int) -> torch.Tensor:
     return torch.randn(SHARD_SIZES[rank], 8, generator=torch.Generator().manual_seed(10 + rank)) + 10 * rank
 
 
-def run_fit(case: str, tmp_path: Path, port_offset: int, timeout: int = 240) -> list[dict]:
-    """Run ``case`` on 2 processes; each rank's JSON (a rank that hangs is killed with its launcher at ``timeout``)."""
-    path = os.pathsep.join([str(HERE.parent), str(HERE.parent.parent)])  # this checkout's lightning_act
-    port = 29500 + (os.getpid() + port_offset) % 1000
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, str(HERE), case, str(tmp_path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks
-        _, stderr = proc.communicate()
-        stderr = f"no end after {timeout} s\n{stderr}"
-    results = [tmp_path / f"{case}.{rank}.json" for rank in range(2)]
-    assert proc.returncode == 0 and all(r.is_file() for r in results), stderr[-4000:]
-    return [json.loads(r.read_text()) for r in results]
-
-
 def test_a_validation_set_pre_sharded_per_rank_is_tracked_and_probed_whole(tmp_path):
     # Before: both monitors took the loader's own dataset for a DistributedSampler's. SensitiveNeurons cut the union to
     # this rank's dataset size (rank 0 tracked 6 examples, rank 1 10, of 16); the probe measured 7 of its 8 examples.
-    ranks = run_fit("pre_sharded", tmp_path, 41)
+    ranks = run_on_two_ranks(HERE, "pre_sharded", tmp_path, 41)
     shards = [validation_shard(rank).double().numpy() for rank in range(2)]
     # the union in the documented order: rank r's k-th example at position k·W + r, then rank 1's remaining ones
     union = np.stack([shard[k] for k in range(max(SHARD_SIZES)) for shard in shards if k < len(shard)])
@@ -66,7 +46,7 @@ def test_a_validation_set_pre_sharded_per_rank_is_tracked_and_probed_whole(tmp_p
 
 @pytest.fixture(scope="module")
 def fsdp2_ranks(tmp_path_factory):
-    return run_fit("fsdp2", tmp_path_factory.mktemp("fsdp2"), 43)
+    return run_on_two_ranks(HERE, "fsdp2", tmp_path_factory.mktemp("fsdp2"), 43)
 
 
 def test_fsdp2_full_checkpoint_resume_with_send_dropping_equals_the_uninterrupted_run(fsdp2_ranks):

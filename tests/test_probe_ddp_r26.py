@@ -6,9 +6,6 @@ this file as the script of its fit (``python test_probe_ddp_r26.py CASE OUT``)."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -22,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
-from _toy import BlockNet, ToyTask, quiet_trainer, toy_dataset
+from _toy import BlockNet, ToyTask, quiet_trainer, run_on_two_ranks, toy_dataset
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
 from lightning_act.callbacks.probe import without_sampler_padding
 from lightning_act.errors import LightningActError
@@ -48,28 +45,10 @@ class LateWriter(BlockNet):
         return super().forward(x)
 
 
-def run_fit(case: str, tmp_path: Path, port_offset: int, timeout: int = 240) -> list[dict]:
-    """Run ``case`` on 2 processes; each rank's JSON (a rank that hangs is killed with its launcher at ``timeout``)."""
-    path = os.pathsep.join([str(HERE.parent), str(HERE.parent.parent)])  # this checkout's lightning_act
-    port = 29500 + (os.getpid() + port_offset) % 1000
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, str(HERE), case, str(tmp_path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks
-        _, stderr = proc.communicate()
-        stderr = f"no end after {timeout} s\n{stderr}"
-    results = [tmp_path / f"{case}.{rank}.json" for rank in range(2)]
-    assert proc.returncode == 0 and all(r.is_file() for r in results), stderr[-4000:]
-    return [json.loads(r.read_text()) for r in results]
-
-
 def test_a_probe_write_that_is_kept_is_kept_on_every_ddp_rank(tmp_path: Path) -> None:
     # Before: identical probe batches ran on rank 0 alone, so the write went to rank 0's head.bias alone (+2 after 5
     # probes) and the DDP replicas silently diverged.
-    rank0, rank1 = run_fit("late_writer", tmp_path, 61)
+    rank0, rank1 = run_on_two_ranks(HERE, "late_writer", tmp_path, 61)
     assert rank0["weights"] == rank1["weights"]  # DDP's invariant: every replica holds the same weights
     assert rank0["evals"] == rank1["evals"] == PROBES  # every probe forward ran on both ranks
     # the 4th probe's write is kept (the 5th's put back: the model writes, so it is watched): +1 on every logit, which
