@@ -344,3 +344,19 @@ def test_the_padding_warning_takes_a_batch_sampler_that_does_not_hash() -> None:
     fit = SimpleNamespace(val_dataloaders=DataLoader(Sized(), batch_sampler=sampler), test_dataloaders=None)
     with pytest.warns(UserWarning, match="cannot be told apart"):
         assert bool(real_examples(fit, "val", 0, 4).all())
+
+
+def test_a_foundation_checkpoint_holding_a_setting_now_refused_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    # Before: a phase-1 checkpoint saved with weight_decay < 0 (accepted before round 26) raised the construction
+    # check's line unwrapped, naming a --model flag that sets phase 2's own argument, not the checkpoint's
+    from lightning_act.errors import DataFormatError
+    from lightning_act.tasks.dopamine import DopamineFoundation, load_foundation
+
+    foundation = DopamineFoundation(image_size=4, hidden_sizes=[4])
+    hyper_parameters = {**dict(foundation.hparams), "weight_decay": -1.0}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": foundation.state_dict(), "hyper_parameters": hyper_parameters}, path)
+    with pytest.raises(DataFormatError, match=r"last.ckpt' holds a phase-1 setting this version refuses \(weight_decay"):
+        load_foundation(path)
+    torch.save({"state_dict": foundation.state_dict(), "hyper_parameters": dict(foundation.hparams)}, path)
+    assert isinstance(load_foundation(path), DopamineFoundation)

@@ -154,6 +154,10 @@ def load_foundation(foundation_ckpt: str | Path) -> DopamineFoundation:
         raise DataFormatError(
             f"'{path}' is not a DopamineFoundation checkpoint ({type(error).__name__}); pass the phase-1 last.ckpt"
         ) from error
+    except LightningActError as error:  # a setting refused since it was saved (a negative weight_decay, round 26)
+        raise DataFormatError(
+            f"'{path}' holds a phase-1 setting this version refuses ({error}); fit phase 1 again with a valid one"
+        ) from None
     data = checkpoint.get("datamodule_hyper_parameters")
     #: The foundation's datamodule arguments (None: fitted without a datamodule), for phase 2's split check.
     foundation.datamodule_settings = dict(data) if isinstance(data, dict) else None
