@@ -72,9 +72,8 @@ def compact_metrics(
 
     Monitor statistics logged for several layers become one ``<prefix>/<reduction>/<stat>`` key
     (over the known values: NaN, a monitor's "unknown", is left out and ±inf, a measured value, kept, so a blown-up
-    block shows as ``massive/max/top1 = inf``; none known, or a mean of +inf and -inf → not logged, never a
-    placeholder); the top-k entries
-    (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) are detail only; of the emergence fits (``fit_*``) only
+    block shows as ``massive/max/top1 = inf``; when none is known, or a mean meets +inf and -inf, the key is not
+    logged at that step); the top-k entries (``top{j}_value``, ``top{j}_token``, ``top{j}_feature``) are detail only; of the emergence fits (``fit_*``) only
     the one with the best finite ``fit_r2`` keeps its layer's keys, every parameter from that layer (the others, or
     all when no R² is finite, are detail); all other keys are kept as they are. ``multi_layer`` holds the
     ``(prefix, stat)`` pairs a run has logged for several layers (updated here): they stay reduced at a step where

@@ -43,20 +43,18 @@ def check_schedule(warmup_steps: int, min_lr_ratio: float) -> None:
         raise LightningActError(f"min_lr_ratio={min_lr_ratio!r} must be in [0, 1]; pass e.g. --model.min_lr_ratio 0.1")
 
 
+def check_non_negative(name: str, value: Any, fix: str, meaning: str = "") -> None:
+    """One line for ``value`` that is no finite number >= 0 (a bool is none): ``fix`` is the flag to pass."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise LightningActError(f"{name}={value!r} must be a finite number >= 0{meaning}; pass e.g. {fix}")
+
+
 def check_optimizer_args(lr: Any, weight_decay: Any, lr_name: str = "lr") -> None:
     """One line for an AdamW setting torch refuses only at fit start (a NaN or negative ``lr``) or never: the tasks put
     ``weight_decay`` in a parameter group, which torch does not check, and a negative one grows the weights every
     step."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr >= 0):
-        raise LightningActError(f"{lr_name}={lr!r} must be a finite number >= 0; pass e.g. --model.{lr_name} 1e-3")
-    if (
-        isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
-        or not (math.isfinite(weight_decay) and weight_decay >= 0)
-    ):
-        raise LightningActError(
-            f"weight_decay={weight_decay!r} must be a finite number >= 0 (0 switches it off); pass e.g. "
-            "--model.weight_decay 0.01"
-        )
+    check_non_negative(lr_name, lr, f"--model.{lr_name} 1e-3")
+    check_non_negative("weight_decay", weight_decay, "--model.weight_decay 0.01", " (0 switches it off)")
 
 
 def check_probability(name: str, value: Any) -> None:

@@ -53,7 +53,7 @@ from lightning_act.eval.seizure_alarms import (
 from lightning_act.models.stan import STAN
 from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
-from lightning_act.tasks.image_classification import check_optimizer_args, check_probability
+from lightning_act.tasks.image_classification import check_non_negative, check_optimizer_args, check_probability
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -202,14 +202,7 @@ def check_alarm_rule(threshold: float, k: int, n: int, refractory_minutes: float
         raise LightningActError(
             f"alarm_k={k} exceeds alarm_n={n}: the alarm needs k positive windows of the last n; pass alarm_k <= alarm_n"
         )
-    if (
-        isinstance(refractory_minutes, bool) or not isinstance(refractory_minutes, numbers.Real)
-        or not (math.isfinite(refractory_minutes) and refractory_minutes >= 0)
-    ):
-        raise LightningActError(
-            f"refractory_minutes={refractory_minutes!r} must be a finite number >= 0; pass e.g. "
-            "--model.init_args.refractory_minutes 15"
-        )
+    check_non_negative("refractory_minutes", refractory_minutes, "--model.init_args.refractory_minutes 15")
 
 
 class _ClassCounts(torchmetrics.Metric):

@@ -35,7 +35,7 @@ from lightning_act.models.spectral_nn import SpectralNN
 from lightning_act.plots import writes_run_files
 from lightning_act.tasks.batch_form import BatchForm, Part
 from lightning_act.tasks.classification import mean_loss_metric, refuse_several_loaders
-from lightning_act.tasks.image_classification import check_optimizer_args
+from lightning_act.tasks.image_classification import check_non_negative, check_optimizer_args
 from lightning_act.tasks.sampler_padding import real_examples
 
 
@@ -57,8 +57,7 @@ def check_focal_args(alpha: object, gamma: object) -> None:
             f"focal_alpha={alpha!r} must be in [0, 1] (the positives' weight) or -1 (no weighting); "
             "pass e.g. --model.focal_alpha 0.25"
         )
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not (math.isfinite(gamma) and gamma >= 0):
-        raise LightningActError(f"focal_gamma={gamma!r} must be a finite number >= 0; pass e.g. --model.focal_gamma 2")
+    check_non_negative("focal_gamma", gamma, "--model.focal_gamma 2")
 
 
 class SpectralTargetDetection(pl.LightningModule):
