@@ -539,6 +539,24 @@ def reads_finding_taps(pl_module: nn.Module, taps: Sequence[Tap]) -> list[Module
     return list(reads.values())
 
 
+#: The taps and the lookups that found their modules (:func:`reads_finding_taps`), as a monitor holds them.
+HeldTapReads = tuple[list[Tap], list[ModuleRead]]
+
+
+def taps_moved_since(
+    pl_module: nn.Module, taps: list[Tap], held: HeldTapReads | None,
+) -> tuple[dict[int, nn.Module | None], HeldTapReads | None]:
+    """:func:`modules_now_at_taps`, answered from ``held`` (the lookups that found every tap's module at the last
+    check) while they still find the same modules: an identity test per lookup (under 1 µs per tap, where a walk of
+    its name costs ~3), so a check at every due step stays cheap. Returns the moved taps and what to hold next."""
+    if held is not None and held[0] is taps and reads_unchanged(held[1]):
+        return {}, held
+    reads = reads_finding_taps(pl_module, taps)
+    if reads is not None:
+        return {}, (taps, reads)
+    return modules_now_at_taps(pl_module, taps), None
+
+
 def resubscribe_replaced(
     monitor: Any, pl_module: nn.Module, registry: CaptureRegistry, taps: list[Tap], layouts: list[Layout],
     replaced: dict[int, nn.Module], declared: Layout, step: int,
@@ -917,7 +935,7 @@ class ActivationMonitor(FitScopedState, ABC):
     #: Why a tap's step can be unmeasurable (a statistic :data:`MEASURED` below 0.5 says so; see :meth:`summarize`).
     unmeasured_reason: ClassVar[str] = ""
     #: The taps and the lookups that found their modules (see :meth:`_follow_replaced_modules`), until teardown.
-    _tap_reads: tuple[list[Tap], list[ModuleRead]] | None = None
+    _tap_reads: HeldTapReads | None = None
 
     def __init__(
         self,
@@ -1088,18 +1106,10 @@ class ActivationMonitor(FitScopedState, ABC):
         chose it (``model.blocks[1] = Block(...)`` mid-fit: a layer grown, re-initialised, swapped for a QAT or
         adapter one) to the module now at its name: the hooks are on module objects, so the old one, which no longer
         runs, would be observed instead. A tap whose module is still in the model under another name (wrapped, moved)
-        keeps it; one whose module and name both left the model is said once.
-        The lookups that found every tap's module are kept and checked by identity (under 1 µs per tap, where a walk
-        of its name costs ~3): only when one finds another module is it worked out what changed."""
-        held = self._tap_reads
-        if held is not None and held[0] is self.taps and reads_unchanged(held[1]):
-            return
-        reads = reads_finding_taps(pl_module, self.taps)
-        self._tap_reads = None if reads is None else (self.taps, reads)
-        if reads is not None:
-            return
+        keeps it; one whose module and name both left the model is said once (:func:`taps_moved_since`)."""
+        moved, self._tap_reads = taps_moved_since(pl_module, self.taps, self._tap_reads)
         replaced: dict[int, nn.Module] = {}
-        for index, current in modules_now_at_taps(pl_module, self.taps).items():
+        for index, current in moved.items():
             if current is None:
                 self._warn_once(
                     self._unobserved_warned, self.taps[index].name,

@@ -58,16 +58,17 @@ from torch import nn
 from lightning_act.callbacks.base import (
     ActivationMonitor,
     FitScopedState,
+    HeldTapReads,
     check_axes,
     check_feature_dim,
     check_int,
     current_tap_key,
     declared_layout,
     module_list,
-    modules_now_at_taps,
     resubscribe_replaced,
     spelling_free_modules,
     subscribe_taps,
+    taps_moved_since,
     training_step_index,
     warn_features_unknown,
     warn_unbatched,
@@ -451,6 +452,8 @@ class SensitiveNeurons(FitScopedState):
     meaning_settings = ("window", "top_fraction", "eigenscore_passes", "num_moments", "num_probes", "alpha")
     default_modules: tuple[str, ...] = ("@penultimate",)
     reads_features = True  # neurons are features
+    #: The taps and the lookups that found their modules (see :meth:`_follow_replaced_modules`), until teardown.
+    _tap_reads: HeldTapReads | None = None
 
     def __init__(
         self,
@@ -877,7 +880,8 @@ class SensitiveNeurons(FitScopedState):
         drop hooks (as :meth:`ActivationMonitor._follow_replaced_modules` does): the hooks on the old object observed
         nothing, and the SeND drop silently stopped applying to the running layer. The tap's rows per call are
         recorded again; a window of another width starts afresh (:meth:`_restart_tap`)."""
-        replaced = {i: module for i, module in modules_now_at_taps(pl_module, self.taps).items() if module is not None}
+        moved, self._tap_reads = taps_moved_since(pl_module, self.taps, self._tap_reads)
+        replaced = {i: module for i, module in moved.items() if module is not None}
         if not replaced or self._registry is None:
             return
         declared = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
@@ -1295,6 +1299,7 @@ class SensitiveNeurons(FitScopedState):
             self._remove_drop(name)
         self._pending_step = None
         self.armed = False
+        self._tap_reads = None  # holds the model's modules
         self._graphed.reset()
         if self._registry is not None:
             self._registry.unsubscribe(self)
