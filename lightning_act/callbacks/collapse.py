@@ -178,19 +178,10 @@ def _mean_row(rows: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, rows, 0.0).sum(-2) / finite.sum(-2).clamp_min(1)
 
 
-def _fit_start_step(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-    """The monitors' step this fit starts at (:func:`~lightning_act.callbacks.base.training_step_index`: optimizer
-    steps, or training batches under manual optimization, where ``global_step`` counts every optimizer's steps), in
-    ``on_fit_start``: a resumed fit's loops are restored after it (still 0 there), so it is read from the checkpoint
-    Lightning holds until then; a resumed trajectory that restarted labelled its first snapshot step -1 and said
-    "from step 0"."""
-    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)  # Lightning's own
-    if not loaded:
-        return training_step_index(trainer, pl_module)
-    if pl_module.automatic_optimization:
-        return int(loaded.get("global_step", trainer.global_step))
-    epoch_loop = loaded.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-    return int(epoch_loop.get("_batches_that_stepped", training_step_index(trainer, pl_module)))
+def _resuming(trainer: pl.Trainer) -> bool:
+    """Whether this fit resumes from a checkpoint: in ``on_fit_start`` its loops are not restored yet (restored after
+    that hook), so the step the fit starts at is known at its first training batch only."""
+    return bool(getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None))  # Lightning's own
 
 
 class DimensionalCollapse(ActivationMonitor):
@@ -352,6 +343,9 @@ class DimensionalCollapse(ActivationMonitor):
         self._frozen_copy_weights: list[torch.Tensor] = []  # the weights left out as frozen copies' (_select_params)
         # the model had uninitialized (lazy) weights at fit start: the weights are chosen once its forward made them
         self._choose_when_initialized = False
+        # a resumed fit's start, known at its first batch (_resuming): the first snapshot to take, the restart to say
+        self._start_waits = False
+        self._restart_unsaid = False
         self._uninitialized_left_out: list[str] = []  # the candidates _select_params left out as still lazy
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
         # r90 of the kept snapshots, computed when they change (a device tensor until read, then a float)
@@ -855,23 +849,52 @@ class DimensionalCollapse(ActivationMonitor):
         idle = unmonitored_strategy(trainer) is not None
         self._choose_when_initialized = not idle and self.param_patterns != [] and has_lazy_parameters(pl_module)
         chosen = [] if idle or self._choose_when_initialized else self._select_params(pl_module)
-        start = _fit_start_step(trainer, pl_module)
-        if self._snapshots and not self._resumed_this_fit and self._trajectory_reaches() >= start:
-            # an earlier run's that logged nothing (a fit that crashed at its first step, weights frozen), which
-            # begin_fit_state, deciding from the histories, kept: its snapshots are of that run's model
+        resuming = _resuming(trainer)
+        start = training_step_index(trainer, pl_module)  # this fit's first step, unless it resumes
+        if not resuming:
+            self._restart_an_earlier_runs_trajectory(start)
+        restarted = bool(self._snapshots) and not self._trajectory_continues(pl_module, chosen)
+        if restarted:
             self._restart_trajectory()
-        if self._snapshots and not self._trajectory_continues(pl_module, chosen):
+        self.param_names = chosen
+        self._follows_unrecorded = False  # param_names now says what the snapshots follow
+        self._weight_shapes = _shapes(self._chosen_weights(pl_module, self.param_names))
+        self._start_waits, self._restart_unsaid = resuming, restarted
+        if not resuming:
+            self._start_trajectory(pl_module, start)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """A resumed fit's start, at its first batch: its step there is Lightning's own count, restored after
+        ``on_fit_start`` (before round 27 it was reconstructed from the checkpoint, one step early for a checkpoint
+        written at a batch's end under manual optimization), and the weights are still the checkpoint's."""
+        if self._start_waits:
+            self._start_waits = False
+            start = training_step_index(trainer, pl_module)
+            self._restart_an_earlier_runs_trajectory(start)
+            self._start_trajectory(pl_module, start)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def _restart_an_earlier_runs_trajectory(self, start: int) -> None:
+        """Drop a trajectory reaching this fit's first step ``start`` that no checkpoint of this fit restored: an earlier
+        run's that logged nothing (a fit that crashed at its first step, weights frozen), which begin_fit_state,
+        deciding from the histories, kept: its snapshots are of that run's model."""
+        if self._snapshots and not self._resumed_this_fit and self._trajectory_reaches() >= start:
+            self._restart_trajectory()
+
+    def _start_trajectory(self, pl_module: pl.LightningModule, start: int) -> None:
+        """Say a restart of the trajectory (:meth:`on_fit_start`), and take its first snapshot, labelled the step
+        before ``start``, the fit's first step, if it holds none."""
+        if self._restart_unsaid:
+            self._restart_unsaid = False
             rank_zero_warn(
                 "DimensionalCollapse: the weight trajectory it holds (from a checkpoint or an earlier fit) follows "
                 "other weights than this fit's (another model or head, or param_patterns, projection_dim or seed "
                 f"changed); params/r90 follows a new trajectory from step {start}",
                 category=UserWarning,
             )
-            self._restart_trajectory()
-        self.param_names = chosen
-        self._follows_unrecorded = False  # param_names now says what the snapshots follow
         weights = self._chosen_weights(pl_module, self.param_names)
-        self._weight_shapes = _shapes(weights)
         if self.param_names and weights is not None and not self._snapshots:
             self._add_snapshot(start - 1, self._snapshot(weights))
 

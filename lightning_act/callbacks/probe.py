@@ -11,7 +11,9 @@ the global RNG and the weights are untouched (those an ``nn.Embedding(max_norm=.
 are put back, and those a forward writes in place, :func:`parameters_kept`). Buffers a probe forward may change are
 put back bit for bit (:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's
 observers and fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a
-model keeps; a large buffer is not copied, and one a probe wrote in place is said once per model by name.
+model keeps; a large buffer is not copied, and one a probe wrote in place is said once per model by name. Lazy modules
+whose weights are still unmade (before the fit's first training forward) run on stand-in weights and stay unmade
+(:func:`lazy_modules_kept`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from torch.utils.data import DataLoader
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
@@ -565,7 +569,7 @@ def buffers_kept(modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
     places = []
     for module_name, module in modules:
         for name, buffer in module._buffers.items():
-            if buffer is None:
+            if buffer is None or nn.parameter.is_lazy(buffer):  # a lazy module's, unmade: lazy_modules_kept's
                 continue
             places.append((module, name, buffer))
             if id(buffer) in held or id(buffer) in watched:  # a buffer shared by several modules is kept once
@@ -818,7 +822,7 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     pass (:func:`_seed_forward`); every train/eval flag, ``requires_grad`` and buffer restored, and the plain attributes
     of the modules whose ``train()`` is overridden (what eval mode may have changed), the weights of embeddings with
     ``max_norm`` (:func:`renormed_weights_kept`) and the parameters a forward writes in place
-    (:func:`parameters_kept`).
+    (:func:`parameters_kept`); lazy modules not made yet are left unmade (:func:`lazy_modules_kept`).
 
     PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
     gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
@@ -838,7 +842,8 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     parts_token = _probed_parts.set(parts)
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with buffers_kept(parts.modules), renormed_weights_kept(parts.renormed), parameters_kept(pl_module, parts), \
+        with lazy_modules_kept(pl_module, parts.modules), buffers_kept(parts.modules), \
+                renormed_weights_kept(parts.renormed), parameters_kept(pl_module, parts), \
                 torch.no_grad(), torch.random.fork_rng(devices=devices), context:
             pl_module.eval()
             yield
@@ -853,6 +858,64 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
                 p.requires_grad_(flag)
         _attributes_put_back(overriding)
         _reshard(parts.fsdp2)
+
+
+#: The models said once to have had a probe run their lazy modules before their first training forward.
+_stand_ins_warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def lazy_modules_kept(pl_module: nn.Module, modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """The lazy modules of ``modules`` (``pl_module``'s) whose weights are still unmade (``nn.LazyLinear`` before the
+    fit's first training forward) run inside on stand-in weights, made there and dropped after it, and stay unmade: the
+    fit's first training forward makes their weights from the random stream it draws them from without the monitors.
+    Made by a probe at fit start (``SensitiveNeurons``' first tracking forward, ``MassiveActivations(probe="val")``'s
+    first probe), under its forked and seeded random state, they started from other values (before round 27).
+    What the probe measured of them, or after them, is of the stand-ins: said once per model."""
+    held = []
+    for name, module in modules:
+        if not (isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()):
+            continue
+        handles = {module._initialize_hook.id, module._load_hook.id}  # the hooks its first forward removes
+        hooks = {key: dict(value) for key, value in vars(module).items()
+                 if isinstance(value, dict) and handles & set(value)}
+        held.append((name, module, type(module), dict(vars(module)), {**module._parameters}, {**module._buffers},
+                     handles, hooks))
+        for key, p in module._parameters.items():
+            if nn.parameter.is_lazy(p):
+                module._parameters[key] = UninitializedParameter(p.requires_grad, p.device, p.dtype)
+        for key, b in module._buffers.items():
+            if nn.parameter.is_lazy(b):
+                module._buffers[key] = UninitializedBuffer(b.requires_grad, b.device, b.dtype)
+    try:
+        yield
+    finally:
+        made = []
+        for name, module, cls, attributes, parameters, buffers, handles, hooks in held:
+            if not any(nn.parameter.is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
+                made.append(name or type(module).__name__)
+            module.__class__ = cls
+            # the hooks' handles it deleted, and the sizes it set (``in_features``)
+            vars(module).update({key: value for key, value in attributes.items()
+                                 if key not in vars(module) or isinstance(value, (bool, int, float, str))})
+            module._parameters.update(parameters)
+            module._buffers.update(buffers)
+            for key, before in hooks.items():  # its hooks back in their place, before those added since
+                after = vars(module)[key]
+                now = dict(after)
+                after.clear()
+                after.update({k: v for k, v in before.items() if k in now or k in handles})
+                after.update(now)
+        if made and pl_module not in _stand_ins_warned:
+            _stand_ins_warned.add(pl_module)
+            rank_zero_warn(
+                f"a probe pass of the monitors ran the lazy modules {', '.join(made[:3])}"
+                f"{' ...' if len(made) > 3 else ''} before the fit's first training forward made their weights: it ran "
+                "them on stand-in weights, dropped after it, so that training makes theirs as without the monitors; "
+                "what it measured of them or after them is of those weights (run one batch through the model before "
+                "the fit, e.g. in configure_model, to probe the trained ones from the start)",
+                category=UserWarning,
+            )
 
 
 @dataclasses.dataclass(frozen=True)
