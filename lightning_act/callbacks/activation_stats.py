@@ -13,7 +13,7 @@ from lightning_act.stats.fused import FusedSpec, FusedStats, moment_partials_fro
 
 
 class ActivationStats(ActivationMonitor):
-    """Mean, std, rms, |mean|, |max|, zero fraction and non-finite count per tapped module.
+    """Entry count, mean, std, rms, mean |a|, max |a|, zero fraction and non-finite count per tapped module.
 
     Logged as ``act/<module>/<stat>``. Default modules: activation functions and the
     residual stream after each block.
