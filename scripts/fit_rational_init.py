@@ -7,9 +7,11 @@ arXiv 2409.10594, with the denominator of the public rational_kat_cu kernels)::
     P(x) = a0 + a1 x + a2 x^2 + a3 x^3 + a4 x^4 + a5 x^5
     Q(x) = 1 + |b0| |x| + |b1| |x|^2 + |b2| |x|^3 + |b3| |x|^4
 
-Each target (identity, Swish = x * sigmoid(x), exact-erf GELU) is fitted by scipy least squares on a
-uniform grid over [-3, 3], starting from several deterministic points; the best fit is printed as
-Python literals to paste into ``rational_coefficients.py``.
+Each target (Swish = x * sigmoid(x), exact-erf GELU) is fitted by scipy least squares on a uniform grid
+over [-3, 3], starting from several deterministic points. A polynomial target (the identity) is not fitted: its
+exact coefficients are kept (P(x) = x, Q(x) = 1), since least squares leaves ~1e-16 noise in the higher powers
+that outgrows the target at large |x|. The coefficients are printed as Python literals to paste into
+``rational_coefficients.py``.
 
 Usage::
 
@@ -26,8 +28,8 @@ from scipy.special import erf
 
 FIT_RANGE = 3.0
 GRID_POINTS = 2001
-# A later start replaces an earlier one only if it lowers the max error by more than this: the identity has a
-# family of exact fits (P = x Q for any even Q); this keeps the first, P(x) = x, Q(x) = 1.
+# A later start replaces an earlier one only if it lowers the max error by more than this: ties within float noise
+# keep the earlier start.
 SIGNIFICANT_IMPROVEMENT = 1e-12
 
 
@@ -47,14 +49,23 @@ TARGETS = {
 }
 
 
-def fit(target: str, extra_starts: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Return (numerator, denominator, max abs error on the grid) of the best least-squares fit.
+# Targets that are polynomials of degree <= 5: their exact numerators (a0..a5), with Q = 1. Fitted, the identity
+# came out with a5 = 1.1e-18, a4 = 5e-17, ..., so F(x) was 1% off x at |x| = 1e4 and 100x off at 1e5.
+POLYNOMIAL_TARGETS = {"identity": (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)}
 
-    Starts: the degree-5 polynomial fit with denominators 0, 0.01, 0.1, 1 (so that a polynomial target
-    is reached exactly), plus ``extra_starts`` (flat arrays a0..a5, b0..b3).
+
+def fit(target: str, extra_starts: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return (numerator, denominator, max abs error on the grid): the exact coefficients of a polynomial target,
+    else the best least-squares fit.
+
+    Starts: the degree-5 polynomial fit with denominators 0, 0.01, 0.1, 1, plus ``extra_starts`` (flat arrays
+    a0..a5, b0..b3).
     """
     x = np.linspace(-FIT_RANGE, FIT_RANGE, GRID_POINTS)
     y = TARGETS[target](x)
+    if target in POLYNOMIAL_TARGETS:
+        numerator, denominator = np.array(POLYNOMIAL_TARGETS[target]), np.zeros(4)
+        return numerator, denominator, float(np.max(np.abs(rational(x, numerator, denominator) - y)))
 
     def residual(theta: np.ndarray) -> np.ndarray:
         return rational(x, theta[:6], theta[6:]) - y

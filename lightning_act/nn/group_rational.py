@@ -664,6 +664,14 @@ class GroupRational(nn.Module):
             return group_rational_op(x3, numerator, denominator, list(self.kernel_config)).view(x.shape)
         return _apply_function(x.contiguous(), numerator, denominator, grouped, self.kernel_config)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Refuse ``torch.jit.script`` in one line: TorchScript cannot compile the forward's dispatch (torch.fx
+        proxies, ``torch.compiler`` checks, autograd Functions) and failed deep inside torch.fx instead."""
+        raise LightningActError(
+            "GroupRational (KAT's rational activation) cannot be compiled by torch.jit.script; "
+            "use torch.jit.trace, torch.export or torch.compile, which all support it"
+        )
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_channels}, groups={self.groups}, init={self.init!r}, channel_dim={self.channel_dim}, "

@@ -2,14 +2,16 @@
 
 Form (the one ``GroupRational`` evaluates): ``F(x) = P(x) / Q(x)`` with
 ``P(x) = a0 + a1 x + ... + a5 x^5`` and ``Q(x) = 1 + |b0| |x| + |b1| |x|^2 + |b2| |x|^3 + |b3| |x|^4``.
-Least squares on 2001 uniform points of [-3, 3]; the max abs error there is given per target. Numerators
+Least squares on 2001 uniform points of [-3, 3]; the max abs error there is given per target. A polynomial
+target (the identity) ships its exact coefficients instead: a least-squares fit leaves ~1e-16 noise in the higher
+powers, which outgrows the target at large ``|x|`` (``a5 = 1e-18`` beats ``x`` from ``|x|`` ~ 1e4). Numerators
 are ``(a0, ..., a5)``, denominators ``(b0, ..., b3)``. Regenerate with ``python scripts/fit_rational_init.py``.
 """
 
 from __future__ import annotations
 
-# identity: max |F - f| on [-3, 3] = 1.776e-15
-IDENTITY_NUMERATOR = (1.062143307160649e-16, 0.9999999999999998, -2.8305671451381064e-16, 3.477234376714814e-17, 4.996428288841289e-17, 1.116486762282266e-18)
+# identity: max |F - f| on [-3, 3] = 0.000e+00
+IDENTITY_NUMERATOR = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)
 IDENTITY_DENOMINATOR = (0.0, 0.0, 0.0, 0.0)
 # swish (x * sigmoid(x)): max |F - f| on [-3, 3] = 1.177e-06
 SWISH_NUMERATOR = (3.0716875116837923e-07, 0.5000007786617003, 0.24999782023536202, 0.05326593025540184, 0.005802868836261501, 0.0002751735547775154)
