@@ -18,6 +18,7 @@ pass ``Trainer(plugins=[AtomicCheckpointIO()], callbacks=[LastCheckpoint()])``.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import pickle
 import random
@@ -39,6 +40,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -233,6 +235,7 @@ class LastCheckpoint(Checkpoint):
         self._resumed_random_states: dict[str, Any] | None = None  # this rank's, from the checkpoint a fit resumes
         # the states after the resumed fit's first train loader iterator drew from them, and that iterator
         self._after_first_iterator: tuple[dict[str, Any], Any] | None = None
+        self._resumed_batches_in_epoch = 0  # the training batches of its epoch the resumed checkpoint's fit had done
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -257,6 +260,7 @@ class LastCheckpoint(Checkpoint):
         model_checkpoint = lightning_classes("callbacks.ModelCheckpoint")
         self._best_source = next((c for c in trainer.callbacks if isinstance(c, model_checkpoint)), None)
         self._resumed_random_states = self._after_first_iterator = None  # not those of a resume that ended early
+        self._resumed_batches_in_epoch = 0
         if stage == "fit":
             self._refuse_a_linking_model_checkpoint(trainer)
 
@@ -317,6 +321,7 @@ class LastCheckpoint(Checkpoint):
                            "resume draws other dropout masks and shuffles than this fit would")
         self._stop_requested = self._stop_agreed = False
         self._stop_saved = self._changed_after_stop = self._change_unsaved = False
+        self._warn_epoch_restarts(trainer)
         if self._resumed_random_states is not None:
             # The train loader's iterator Lightning made before this hook drew its seeds (a shuffle's, the workers')
             # from the restored states, as the uninterrupted fit's epoch did; by the checkpoint's loop state Lightning
@@ -347,6 +352,27 @@ class LastCheckpoint(Checkpoint):
                 stale.unlink(missing_ok=True)
         if self.on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _warn_epoch_restarts(self, trainer: pl.Trainer) -> None:
+        """Say that a fit resumed inside an epoch trains on that epoch's first batches again, where the train loader
+        does not record its position (not ``_Stateful``) and Lightning's own warning does not say it: that one counts
+        optimizer steps, so a manual optimization with two optimizer steps per batch (a GAN's critic and model) or
+        a checkpoint before an accumulation window's step passed silently."""
+        done, self._resumed_batches_in_epoch = self._resumed_batches_in_epoch, 0
+        batches = trainer.num_training_batches
+        if not 0 < done < batches or math.isinf(batches):
+            return
+        loader = trainer.fit_loop._combined_loader
+        if loader is None or all(isinstance(flat, _Stateful) for flat in loader.flattened):
+            return
+        if trainer.global_step % math.ceil(batches / trainer.accumulate_grad_batches) != 0:
+            return  # Lightning warns that the loader is not resumable
+        rank_zero_warn(
+            f"LastCheckpoint: the checkpoint was written after {done} of its epoch's {batches} training batches and "
+            "the train loader does not record its position (no state_dict/load_state_dict), so the resumed epoch "
+            "trains on its first batches again for the batches left in it; resume from an end-of-epoch checkpoint "
+            "to continue exactly"
+        )
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         if self._stop_requested:  # the second Ctrl-C: stop at once
@@ -534,6 +560,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._reruns_validation = bool(checkpoint.get(_RERUNS_VALIDATION, False))
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._resumed_batches_in_epoch = _batches_done_in_epoch(checkpoint)
         # Set now, before the fit makes its train loader's iterator, and again as the training starts (on_train_start).
         # A checkpoint written before these states were saved holds none: the streams go on from the current seed.
         states = checkpoint.get(_RNG_STATES)
@@ -626,6 +654,15 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
+
+
+def _batches_done_in_epoch(checkpoint: dict[str, Any]) -> int:
+    """The training batches of its epoch a checkpoint's fit had run (Lightning's batch progress, whose ``completed``
+    lags one behind for a save at a batch's end)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return 0
 
 
 def _random_states(device: torch.device) -> dict[str, Any]:

@@ -38,6 +38,7 @@ Subclasses implement :meth:`partials` and :meth:`summarize` (pure math lives in
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import logging
@@ -46,7 +47,7 @@ import numbers
 import pickle
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -849,6 +850,10 @@ class FitScopedState(Callback):
         self._keeps_own_state = not fitting and bool(self.history)
         states = checkpoint.get("callbacks") or {}
         kind = type(self).__name__
+        if not {self.state_key, self._legacy_state_key} & set(states):
+            same_modules = self._saved_key_of_same_modules(states)
+            if same_modules is not None:  # Lightning hands the states out by exact key, after this hook
+                states[self.state_key] = states[same_modules]
         if fitting and not {self.state_key, self._legacy_state_key} & set(states):
             # Lightning calls no load_state_dict then: a callback reused from an earlier fit would carry its state
             # into the resumed run (run A's steps, then run B's), which had none for it
@@ -861,6 +866,31 @@ class FitScopedState(Callback):
                     "the checkpoint's run had to continue them)",
                     category=UserWarning,
                 )
+
+    def _saved_key_of_same_modules(self, states: dict[str, Any]) -> str | None:
+        """The key of a saved state of this monitor's kind and modules whatever else the key holds: the first
+        versions keyed the state on ``every_n_steps`` too (``Kind{'modules': [...], 'every_n_steps': 1}``), and a
+        resume of their checkpoints lost every history, with a warning that blamed other modules. Among several, the
+        one whose other entries equal this monitor's settings of those names."""
+        kind = self.__class__.__qualname__
+        modules = getattr(self, "modules", None)
+        if modules is None:
+            return None
+        mine, as_spelled = spelling_free_modules(modules), [str(m) for m in modules]
+        matches: list[tuple[bool, str]] = []
+        for key in states:
+            if not (isinstance(key, str) and key.startswith(kind + "{")):
+                continue
+            try:
+                entries = ast.literal_eval(key[len(kind):])
+            except (ValueError, SyntaxError):
+                continue
+            held = entries.get("modules") if isinstance(entries, dict) else None
+            if not isinstance(held, list) or (held != as_spelled and spelling_free_modules(held) != mine):
+                continue
+            same_rest = all(getattr(self, name, None) == value for name, value in entries.items() if name != "modules")
+            matches.append((not same_rest, key))
+        return min(matches)[1] if matches else None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Subclasses choose their modules here, unless :attr:`_setup_waits`: then :meth:`begin_fit_state` calls
@@ -973,6 +1003,10 @@ class ActivationMonitor(FitScopedState, ABC):
         self._unmeasured_warned: set[str] = set()
         self._low_dim_warned: set[str] = set()
         self._features_warned: set[str] = set()
+        self._padding_warned: set[str] = set()  # said once per run: a due step's batch holds padding
+        #: A due step's padding check on its way to the host: (step, whether its attention_mask holds zeros, the
+        #: CUDA event after which that flag is on the host, or None where it is there at once).
+        self._padding_check: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
 
     # ------------------------------------------------------------------ for subclasses
     def fused_spec(self, tap_index: int) -> FusedSpec | None:
@@ -1100,6 +1134,44 @@ class ActivationMonitor(FitScopedState, ABC):
             self._follow_replaced_modules(pl_module, step)
         if self._pending_step is not None and self.observes_training():
             self.arm(True)
+            self._check_padding(batch, self._pending_step)
+            self._read_padding_check()
+
+    def _check_padding(self, batch: Any, step: int) -> None:
+        """Start the check of a due step's training batch for padding (a dict batch, or Hugging Face's
+        ``BatchEncoding``, whose ``attention_mask`` holds zeros): every monitor counts the pad positions' activations
+        like real tokens', which :meth:`_read_padding_check` says once per run. On a GPU the flag reaches the host
+        asynchronously (pinned memory and an event): a host read of it at once would wait for the steps the device
+        still runs, at every due step until it is said."""
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if self._padding_warned or self._padding_check is not None or not isinstance(mask, torch.Tensor):
+            return
+        padded = (mask == 0).any()
+        arrived = None
+        if padded.is_cuda:
+            padded = padded.to("cpu", non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record()
+        self._padding_check = (step, padded, arrived)
+
+    def _read_padding_check(self, wait: bool = False) -> None:
+        """Say the padding a check of :meth:`_check_padding` found, once it reached the host (or at once ``wait``)."""
+        if self._padding_check is None:
+            return
+        step, padded, arrived = self._padding_check
+        if arrived is not None and not wait and not arrived.query():
+            return
+        if arrived is not None:
+            arrived.synchronize()
+        self._padding_check = None
+        if bool(padded):
+            _warn_once_per_tap(
+                "attention_mask", self._padding_warned,
+                f"{type(self).__name__}: the training batch at step {step} holds an attention_mask with zeros: the "
+                "activations at its padding positions enter the statistics like real tokens' (no monitor excludes "
+                "them); pack the sequences without padding, or train on batches of equal-length sequences, for "
+                "statistics of real tokens only",
+            )
 
     def _follow_replaced_modules(self, pl_module: pl.LightningModule, step: int) -> None:
         """Before a due step's forward, move the subscription of each tap whose module was replaced since the monitor
@@ -1169,9 +1241,11 @@ class ActivationMonitor(FitScopedState, ABC):
             self.arm(False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_padding_check(wait=True)
         self._unsubscribe()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._padding_check = None
         self._unsubscribe()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
