@@ -17,8 +17,12 @@ The KPM is only accurate where ``log`` is well approximated by M Chebyshev terms
 the truncation error decays like ``exp(−2M/√κ)`` with ``κ = b/α``, so M = 20 moments need
 ``κ ≲ 1e2``. EigenScore's α = 1e-3 puts κ at 1e4–1e7 for K nearly identical passes, where M = 20
 is off by tens of nats. ``Σ`` is only K×K, so :func:`efficient_eigenscore` takes the exact
-log-det (a Cholesky factorisation, cheaper than one KPM moment) for ``K <= exact_up_to`` and uses
-the KPM only above it, where ``num_moments`` must be chosen for the condition number.
+log-det (one QR factorisation of the d×K passes, about the cost of forming ``Σ`` for the KPM) for
+``K <= exact_up_to`` and uses the KPM only above it, where ``num_moments`` must be chosen for the condition number.
+
+The exact log-det never forms ``Σ``: its entries are rounded by about ``eps·‖Σ‖``, which swamps α once
+the passes' spread ``‖Σ‖ ≳ α/eps`` (~1e10 for α = 1e-3; a Cholesky of the formed ``Σ + αI`` of 8 identical
+passes was 1% off at ``‖Σ‖`` = 4e12 and NaN at 5e15). See :func:`logdet_gram_plus_alpha`.
 
 SeND sensitivity (same paper): with ``e_i^t`` neuron i's embedding at checkpoint t,
 ``V_i = Var_t(e_i) · Σ_{t=T−C+1..T} |e_i^t − e_i^{t−1}|`` over the last C checkpoints; the
@@ -35,19 +39,41 @@ import torch
 DEFAULT_ALPHA = 1e-3
 
 
-def eigenscore_matrix(z: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
-    """``Σ + αI = Zᵀ J_d Z + αI`` (…, K, K) in float64 for embeddings ``z`` of shape (…, d, K)."""
+def centred_passes(z: torch.Tensor) -> torch.Tensor:
+    """``J_d Z`` in float64 for embeddings ``z`` of shape (…, d, K): each pass minus its mean over the d features."""
     z = z.to(torch.float64)
-    centred = z - z.mean(dim=-2, keepdim=True)
+    return z - z.mean(dim=-2, keepdim=True)
+
+
+def eigenscore_matrix(z: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
+    """``Σ + αI = Zᵀ J_d Z + αI`` (…, K, K) in float64 for embeddings ``z`` of shape (…, d, K).
+
+    Formed explicitly, it loses α once ``‖Σ‖ ≳ α/eps``: exact log-dets use :func:`logdet_gram_plus_alpha`.
+    """
+    centred = centred_passes(z)
     sigma = centred.transpose(-1, -2) @ centred
     eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
     return sigma + alpha * eye
 
 
+def logdet_gram_plus_alpha(m: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``log det(MᵀM + αI_n)`` for ``m`` of shape (…, r, n) in float64, without forming ``MᵀM``.
+
+    The R factor of the QR of ``[M; √α I_n]`` has ``RᵀR = MᵀM + αI_n``, so the log-det is ``2 Σ log |R_ii|``.
+    Householder QR keeps α to float64 precision where forming ``MᵀM`` first rounds it away (once
+    ``‖M‖² ≳ α/eps``). NaN or inf in ``m`` gives NaN, not an exception, and, unlike an SVD or eigensolver, QR
+    has no convergence check that reads the host, so a monitor calling this neither stops a fit nor syncs.
+    """
+    m = m.to(torch.float64)
+    n = m.shape[-1]
+    root_alpha = math.sqrt(alpha) * torch.eye(n, dtype=torch.float64, device=m.device).expand(*m.shape[:-2], n, n)
+    factor = torch.linalg.qr(torch.cat([m, root_alpha], dim=-2), mode="r").R
+    return 2.0 * factor.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+
+
 def eigenscore(z: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
     """Exact EigenScore ``(1/K) log det(Zᵀ J_d Z + αI)`` for ``z`` of shape (…, d, K)."""
-    eigenvalues = torch.linalg.eigvalsh(eigenscore_matrix(z, alpha))
-    return eigenvalues.clamp_min(torch.finfo(torch.float64).tiny).log().mean(-1)
+    return logdet_gram_plus_alpha(centred_passes(z), alpha) / z.shape[-1]
 
 
 def gershgorin_upper_bound(matrix: torch.Tensor) -> torch.Tensor:
@@ -141,7 +167,8 @@ def logdet_spd(matrix: torch.Tensor) -> torch.Tensor:
     """Exact ``log det`` of SPD matrices (…, n, n) in float64 via Cholesky: ``2 Σ log diag(L)``.
 
     A matrix that is not positive definite (non-finite embeddings) gives NaN, not an exception,
-    so a monitor calling this never stops a fit.
+    so a monitor calling this never stops a fit. A formed ``Σ + αI`` has lost α once ``‖Σ‖ ≳ α/eps``: take
+    EigenScore's log-det with :func:`logdet_gram_plus_alpha` instead.
     """
     factor, info = torch.linalg.cholesky_ex(matrix.to(torch.float64))
     logdet = 2.0 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
@@ -159,25 +186,27 @@ def efficient_eigenscore(
 ) -> torch.Tensor:
     """Efficient EigenScore ``(1/K) log det(Zᵀ J_d Z + αI)`` for ``z`` of shape (…, d, K).
 
-    For ``K <= exact_up_to`` passes the K×K log-det is exact (Cholesky): at EigenScore's
+    For ``K <= exact_up_to`` passes the K×K log-det is exact (:func:`logdet_gram_plus_alpha`): at EigenScore's
     condition numbers (1e4–1e7 with α = 1e-3) the KPM needs hundreds of moments, each costing a
     K×K matrix product, so the exact factorisation is both cheaper and right. With more passes than
     features (``d <= exact_up_to < K``) the d×d dual is exact too: ``J_d Z Zᵀ J_d`` has the nonzero eigenvalues
     of ``Zᵀ J_d Z``, so ``log det(Σ + αI_K) = log det(J_d Z Zᵀ J_d + αI_d) + (K − d) log α`` (the KPM smeared
     that point mass of K − d eigenvalues at α: 17% off at κ = 13). Above both,
     :func:`logdet_kpm` with ``num_moments`` Chebyshev moments and ``num_probes`` probes, accurate
-    when ``num_moments ≳ √κ`` (κ the condition number of ``Σ + αI``).
+    when ``num_moments ≳ √κ`` (κ the condition number of ``Σ + αI``). The KPM needs ``Σ + αI`` formed, whose
+    eigenvalues near α are only known to about ``K·eps·b`` (``b`` its Gershgorin bound): where that exceeds 1% of
+    α the estimate is NaN (unknown), not a number that α no longer shapes.
     """
     d, k = z.shape[-2], z.shape[-1]
-    if k > exact_up_to and d <= exact_up_to:
-        z = z.to(torch.float64)
-        centred = z - z.mean(dim=-2, keepdim=True)
-        dual = centred @ centred.transpose(-1, -2) + alpha * torch.eye(d, dtype=torch.float64, device=z.device)
-        return (logdet_spd(dual) + (k - d) * math.log(alpha)) / k
-    matrix = eigenscore_matrix(z, alpha)
     if k <= exact_up_to:
-        return logdet_spd(matrix) / k
-    return logdet_kpm(matrix, alpha, num_moments, num_probes, generator, probe) / k
+        return eigenscore(z, alpha)
+    if d <= exact_up_to:
+        dual = logdet_gram_plus_alpha(centred_passes(z).transpose(-1, -2), alpha)
+        return (dual + (k - d) * math.log(alpha)) / k
+    matrix = eigenscore_matrix(z, alpha)
+    unresolved = k * torch.finfo(torch.float64).eps * gershgorin_upper_bound(matrix) > 1e-2 * alpha
+    estimate = logdet_kpm(matrix, alpha, num_moments, num_probes, generator, probe) / k
+    return torch.where(unresolved, torch.full_like(estimate, float("nan")), estimate)
 
 
 def send_sensitivity(embeddings: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ class FusedStats:
 def _sample_rows(x: torch.Tensor, spec: FusedSpec) -> torch.Tensor:
     """``x`` as ``(samples, entries)`` when per-sample statistics are asked for, else as one row."""
     if spec.per_sample and x.dim() >= 2:
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1, which a batch of 0 samples leaves undefined
     return x.reshape(1, -1)
 
 
@@ -374,7 +374,10 @@ def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
             thresholds = massive_row_thresholds(median, spec.massive, work.dtype)
             out["massive_count"] = _massive_count(ranked, thresholds, median)
     if spec.column_max:
-        out["column_max"] = ranked.amax(0)
+        if rows.shape[0] == 0:
+            out["column_max"] = torch.zeros(rows.shape[1], dtype=work.dtype, device=work.device)
+        else:
+            out["column_max"] = ranked.amax(0)
     return out
 
 
@@ -556,6 +559,8 @@ def stacked_massive_partials(stats: Sequence[FusedStats]) -> tuple[torch.Tensor,
     samples = torch.full((len(stats),), float(stats[0].shape[0]), dtype=torch.float64, device=median.device)
     sums = torch.stack([samples, median.sum(1), (top1 / median).sum(1), count.sum(1)], 1)
     assert sums.shape[1] == len(MASSIVE_SUMS)
+    if top1.shape[1] == 0:  # a batch of no samples adds nothing; 0 is the maximum's neutral value for magnitudes
+        return sums, top1.new_zeros(len(stats), 1)
     return sums, top1.amax(1, keepdim=True)
 
 

@@ -107,6 +107,8 @@ def massive_partials_from_magnitude(
             count.sum(),
         ]
     )
+    if samples == 0:  # a batch of no samples adds nothing; 0 is the maximum's neutral value for magnitudes
+        return sums, torch.zeros(1, dtype=torch.float64, device=magnitude.device)
     return sums, top1.amax().to(torch.float64).reshape(1)
 
 
