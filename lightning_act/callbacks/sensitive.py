@@ -3,8 +3,9 @@
 A fixed *tracking set* (the first ``num_samples`` inputs of the validation dataloader at fit
 start, or ``tracking_inputs``) goes through the model (``pl_module(x)``, or ``forward_fn``) at each due step, a
 *checkpoint*, after that step's optimizer update. Each tapped layer gives one embedding per
-example (2-D (B, D) outputs as they are, (B, T, D) averaged over tokens, (B, C, H, W) averaged over
-space), and the last C + 1 checkpoints of them are kept. Per neuron i,
+example (2-D (B, D) outputs as they are, (B, T, D) averaged over tokens, a padded dict batch's over the real tokens
+its ``attention_mask`` tells, (B, C, H, W) averaged over space), and the last C + 1 checkpoints of them are kept. Per
+neuron i,
 ``V_i = Var_t(e_i) · Σ_t |Δe_i^t|`` over the last C checkpoints (the variance across checkpoints,
 as the paper's text defines it), computed per tracking example and averaged; the top K% are the
 sensitive neurons, ``callback.sensitive[name]`` (LongTensor of feature indices).
@@ -92,7 +93,7 @@ from lightning_act.callbacks.probe import (
     writes_parameters,
 )
 from lightning_act.capture import SAMPLE_FIRST, CaptureRegistry, Layout, ModuleSpec, Tap
-from lightning_act.capture.layout import to_sample_first, with_canonical_features
+from lightning_act.capture.layout import declared_batch_first, to_sample_first, with_canonical_features
 from lightning_act.capture.registry import (
     ForwardCutoff,
     MonitorHook,
@@ -113,9 +114,8 @@ from lightning_act.stats.eigenscore import (
     DEFAULT_ALPHA,
     EXACT_LOGDET_UP_TO,
     efficient_eigenscore,
-    eigenscore_matrix,
+    eigenscore,
     jaccard,
-    logdet_spd,
     send_sensitivity,
     top_fraction_indices,
 )
@@ -128,14 +128,19 @@ _FINGERPRINT_CHUNK = 1 << 20
 _OR_TRACKING_INPUTS = ", or SensitiveNeurons(tracking_inputs=<a tensor of inputs>)"
 
 
-def per_example_embedding(x: torch.Tensor) -> torch.Tensor:
+def per_example_embedding(x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, D) embedding of one activation: (B, T, D) → token mean, (B, C, *spatial) → spatial mean (Conv2d and
     Conv3d maps), taken in float32 at least: under bf16 autocast a bf16 mean would round each embedding to 8
     significant bits before the differences between checkpoints that the sensitivity is made of (v_mean 31% off at a
-    small learning rate)."""
+    small learning rate). With a ``(B, T)`` 0/1 ``token_mask`` (a padded batch's ``attention_mask``) matching a
+    (B, T, D) activation, the mean is over each example's real tokens: its pads are not its sequence (before round
+    27 they were averaged in, 72–104% off for padded examples); an example of no real token gives zeros."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.dim() == 2:
         return x
+    if x.dim() == 3 and token_mask is not None and token_mask.shape == x.shape[:2]:
+        weights = token_mask.to(x.dtype)
+        return torch.einsum("btd,bt->bd", x, weights) / weights.sum(1, keepdim=True).clamp_min(1.0)
     if x.dim() == 3:
         return x.mean(1)
     if x.dim() >= 4:
@@ -165,6 +170,23 @@ def _module_device(module: nn.Module) -> torch.device:
 def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
     """The shape of ``x`` without its sample ``axis``."""
     return (*x.shape[:axis], *x.shape[axis + 1 :])
+
+
+def _token_mask(batch: Any, inputs: torch.Tensor | None) -> torch.Tensor | None:
+    """A dict batch's ``attention_mask`` where it is a 0/1 (or bool) mask of its inputs' first two axes, ``(B, T)``:
+    which tokens of each example are real, not padding (:func:`per_example_embedding`); else ``None``. One host read,
+    at fit start."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or inputs is None or inputs.dim() < 2 or mask.shape != inputs.shape[:2]:
+        return None
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    return mask
+
+
+def _has_sequence_first_modules(model: nn.Module) -> bool:
+    """Whether a module of ``model`` declares ``batch_first=False`` (an ``nn.LSTM`` on ``(T, B, F)`` inputs)."""
+    return any(declared_batch_first(module) is False for module in model.modules())
 
 
 def _refuse_unless_same_on_every_rank(batches: list[Any], device: torch.device, problem: str, fix: str) -> None:
@@ -416,7 +438,9 @@ class SensitiveNeurons(FitScopedState):
         alpha: the EigenScore regulariser α.
         batch_size: tracking examples per forward pass (validation batches whose inputs differ in shape, a padding
             collate's, run whole).
-        input_key: key of the model input when validation batches are dicts.
+        input_key: key of the model input when validation batches are dicts; the model is run on it alone (a padded
+            batch's ``attention_mask`` masks the token mean only, said once; ``forward_fn=lambda m, b: m(**b)``
+            passes it).
         seed: seed of the dropout masks of the passes and of the EES probes.
         forward_fn: how to run the model on one tracking batch, ``forward_fn(pl_module, batch)``
             (a callable or its import path), for LightningModules whose ``forward`` is not
@@ -562,6 +586,10 @@ class SensitiveNeurons(FitScopedState):
         #: tracking batch (:meth:`_whole_validation_batches` counts a graph batch's by its embeddings).
         self._input_axis = 0
         self._batch_examples: list[int] = []
+        #: Per tracking batch, the 0/1 (B, T) mask of its real tokens where it holds padding (:func:`_token_mask`),
+        #: and the mask of the batch whose forward runs now, for :meth:`receive`.
+        self._token_masks: list[torch.Tensor | None] = []
+        self._running_mask: torch.Tensor | None = None
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
@@ -627,7 +655,8 @@ class SensitiveNeurons(FitScopedState):
                     category=UserWarning,
                 )
             return
-        self._collected.setdefault(tap_index, []).append(per_example_embedding(x).to(torch.float64, copy=True))
+        embedding = per_example_embedding(x, self._running_mask)
+        self._collected.setdefault(tap_index, []).append(embedding.to(torch.float64, copy=True))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.begin_fit_state(trainer, pl_module)
@@ -638,6 +667,7 @@ class SensitiveNeurons(FitScopedState):
             return
         device = _module_device(pl_module)
         examples: list[int] | None = None
+        masks: list[torch.Tensor | None] | None = None
         if self.tracking_inputs is not None:
             self._batches = list(to_device(self.tracking_inputs, device, trainer).split(self.batch_size))
             _refuse_unless_same_on_every_rank(
@@ -651,12 +681,19 @@ class SensitiveNeurons(FitScopedState):
                 raise _dtype_problem(self._batches[0], pl_module, error.__cause__) or error from error.__cause__
         elif self.custom_forward:
             self._batches, examples = self._whole_validation_batches(trainer, pl_module, device)
+            if self._input_axis == 0:
+                masks = [_token_mask(batch, first_batch_tensor(batch)) for batch in self._batches]
             _refuse_unless_same_on_every_rank(
                 self._batches, device, "SensitiveNeurons(forward_fn=...): the validation loader gives each rank other "
                 "batches (it shards them)", "pass an unsharded validation loader or tracking_inputs=<tensor>",
             )
         else:
-            self._batches = self._from_validation(trainer, pl_module, device)
+            self._batches, masks = self._from_validation(trainer, pl_module, device)
+        # an all-ones mask is the plain token mean's: left out, so unpadded batches give the same bits as before
+        self._token_masks = [
+            None if mask is None or bool(mask.all()) else mask for mask in masks or [None] * len(self._batches)
+        ]
+        self._warn_mask_not_passed()
         self._batch_examples = examples or [num_examples(batch, self._input_axis) for batch in self._batches]
         self._fit_fingerprint = _tracking_fingerprint(self._batches)
         if not _restores_after_fit_start(trainer):
@@ -712,11 +749,16 @@ class SensitiveNeurons(FitScopedState):
             self._arm(False)
             self._collected.clear()
 
-    def _from_validation(self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device) -> list[torch.Tensor]:
+    def _from_validation(
+        self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """The tracking batches: the inputs of the first validation batches holding ``num_samples`` examples, counted
         along the inputs' sample axis (:meth:`_sample_axis`: an ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples,
-        not T), joined or kept whole by :meth:`_join`; from a loader that shards the data itself, the ranks' union."""
+        not T), joined or kept whole by :meth:`_join`; from a loader that shards the data itself, the ranks' union.
+        And their token masks where every batch is a dict holding one (:func:`_token_mask`), joined and cut as the
+        inputs are (of their shape, they are joined the same way), else ``None``."""
         inputs: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []
         loaders: list[Any] = []
         axis = 0
 
@@ -725,15 +767,20 @@ class SensitiveNeurons(FitScopedState):
             x = to_device(self._batch_inputs(batches[-1]), device, trainer)
             if not inputs:
                 tap_rows, _ = self._first_forward(trainer, pl_module, x)
-                axis = self._sample_axis(x, next(iter(tap_rows.values()), None))
+                axis = self._sample_axis(x, next(iter(tap_rows.values()), None), pl_module)
             inputs.append(x)
+            mask = _token_mask(batches[-1], x)
+            masks.append(None if mask is None else mask.to(device))
             return sum(x.shape[axis] for x in inputs) >= self.num_samples
 
         validation_batches(trainer, "SensitiveNeurons", enough, loaders, instead=_OR_TRACKING_INPUTS)
         self._input_axis = axis
+        masked = axis == 0 and all(mask is not None for mask in masks)
         if same_on_every_rank(inputs, device):
-            return self._join([inputs], axis, self.num_samples)
-        return self._union_over_ranks(inputs, axis, loaders[0], device)
+            join = functools.partial(self._join, axis=axis, limit=self.num_samples)
+            return join([inputs]), join([masks]) if masked else None
+        union = functools.partial(self._union_over_ranks, axis=axis, loader=loaders[0], device=device)
+        return union(inputs), union(masks) if masked else None
 
     def _whole_validation_batches(
         self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device
@@ -753,7 +800,8 @@ class SensitiveNeurons(FitScopedState):
             if len(batches) == 1:
                 tap_rows, output = self._first_forward(trainer, pl_module, batches[0])
                 inputs = first_batch_tensor(batches[0])
-                axis = 0 if inputs is None else self._sample_axis(inputs, next(iter(tap_rows.values()), None))
+                samples = next(iter(tap_rows.values()), None)
+                axis = 0 if inputs is None else self._sample_axis(inputs, samples, pl_module)
                 graph_tap = _graph_tap(batches[0], inputs, tap_rows, output)
                 examples.append(num_examples(batches[0], axis) if graph_tap is None else tap_rows[graph_tap])
             elif graph_tap is not None:
@@ -766,12 +814,14 @@ class SensitiveNeurons(FitScopedState):
         self._input_axis = axis
         return batches, examples
 
-    def _sample_axis(self, x: torch.Tensor, samples: int | None) -> int:
+    def _sample_axis(self, x: torch.Tensor, samples: int | None, pl_module: nn.Module) -> int:
         """The axis of the examples in the model inputs ``x``, from the first forward's sample count (the embeddings'
-        rows): the one axis that long (an ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples), else axis 0. Where two
-        readings fit — two axes that long, or one besides the ``B·T`` rows of a head run on flattened tokens (a single
-        ``(1, T)`` sequence) — axis 0 is taken and said once: only the user knows."""
-        if samples is None or x.dim() == 0:
+        rows): the one axis that long (an ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples), else axis 0. Another
+        axis than 0 only where ``batch_dim=`` is declared or a sequence-first module of the model implies one: before
+        round 27 a forward repeating each example (two views, beams) at ``2B == T`` had its ``(B, T)`` token ids cut
+        along the tokens. Where two readings fit — two axes that long, or one besides the ``B·T`` rows of a head run on
+        flattened tokens (a single ``(1, T)`` sequence) — axis 0 is taken and said once: only the user knows."""
+        if samples is None or x.dim() == 0 or not (self.batch_dim or _has_sequence_first_modules(pl_module)):
             return 0
         matching = [axis for axis in range(x.dim()) if x.shape[axis] == samples]
         declared = [layout.batch_dim for layout in self._layouts if layout.batch_dim and layout.batch_dim in matching]
@@ -904,15 +954,33 @@ class SensitiveNeurons(FitScopedState):
         step, self._pending_step = self._pending_step, None
         self.checkpoint(trainer, pl_module, step)
 
+    def _warn_mask_not_passed(self) -> None:
+        """Say at fit start that the default forward runs the model on ``batch[input_key]`` without the padded
+        batches' ``attention_mask``: only the user knows whether the forward takes it, and a model attending to pads
+        gives other states at the real tokens too."""
+        if self.custom_forward or self.input_key is None or all(mask is None for mask in self._token_masks):
+            return
+        rank_zero_warn(
+            f"SensitiveNeurons: the padded validation batches hold an attention_mask beside input_key="
+            f"{self.input_key!r}, and the model is run on batch[{self.input_key!r}] alone, without it (the embeddings "
+            "average each example's real tokens only); pass forward_fn=lambda m, b: m(**b) to run it with the mask",
+            category=UserWarning,
+        )
+
     def _warn_unknown(self, tap_name: str, stats: list[str], step: int) -> None:
+        """Say once per statistic that it is unknown, and why: non-finite embeddings, or for the EigenScore and EES
+        also finite ones spread so far over the passes that the KPM estimate (above 256 passes and 256 features)
+        cannot resolve α."""
         stats = [stat for stat in stats if f"{tap_name}/{stat}" not in self._unknown_warned]
         if not stats:
             return
         self._unknown_warned.update(f"{tap_name}/{stat}" for stat in stats)
+        cause = "the tracking set's embeddings are not finite: NaN or inf in the model"
+        if any(stat in ("eigenscore", "ees") for stat in stats):
+            cause += f", or their spread over the passes is too large for the score's log det(Σ + {self.alpha}·I)"
         rank_zero_warn(
             f"SensitiveNeurons: {tap_name} {'/'.join(stats)} {'is' if len(stats) == 1 else 'are'} unknown at step "
-            f"{step} (the tracking set's embeddings are not finite: NaN or inf in the model); a statistic is not "
-            "logged at a checkpoint where it is unknown",
+            f"{step} ({cause}); a statistic is not logged at a checkpoint where it is unknown",
             category=UserWarning,
         )
 
@@ -965,7 +1033,7 @@ class SensitiveNeurons(FitScopedState):
             # the same at every checkpoint.
             seeds = contextlib.nullcontext() if seed is None else forward_seeds(itertools.count(seed * len(self._batches)))
             with seeds:
-                for batch in self._batches:
+                for batch, self._running_mask in zip(self._batches, self._token_masks, strict=True):
                     forward = functools.partial(
                         call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch, self._source
                     )
@@ -1007,6 +1075,7 @@ class SensitiveNeurons(FitScopedState):
                     passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
         finally:
             self._arm(False)
+            self._running_mask = None
             collected.clear()
         clean = {name: embedding for name, embedding in clean.items() if name not in self._rows_not_examples}
         stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
@@ -1042,8 +1111,10 @@ class SensitiveNeurons(FitScopedState):
             if other is None:
                 continue
             if other > 0 and other % examples == 0:
-                cause = "attention inside windows, such as timm Swin's *.attn, gives one per window"
-                fix = "tap a module whose first axis holds the examples, e.g. the block around it"
+                cause = "several rows per example: attention inside windows, such as timm Swin's *.attn, gives one " \
+                    "per window, and a forward that repeats each example (views, beams) one per repeat"
+                fix = "tap a module whose first axis holds the examples, e.g. the block around the windows, or pass " \
+                    "forward_fn= running each example once"
             else:
                 cause = f"neither one per example nor one per token of its {tokens}: a mixture-of-experts expert " \
                     "gets the tokens routed to it"
@@ -1184,14 +1255,13 @@ class SensitiveNeurons(FitScopedState):
                 values["finite"] = torch.isfinite(v).all()
                 values["decided"] = decided_by_sensitivity(v, values["indices"])
         if z is not None:
-            # Non-finite embeddings have no spectrum: NaN reaches both scores through the log-det (a failed Cholesky
-            # is NaN too), with no host branch. The EigenScore is log det(Σ + αI) / K by Cholesky, its definition,
-            # without an eigensolver, whose error check reads the host; up to EXACT_LOGDET_UP_TO passes the EES is
-            # that same exact log-det.
+            # Non-finite embeddings have no spectrum: NaN reaches both scores through the log-det, with no host
+            # branch. The EigenScore is log det(Σ + αI) / K, its definition, by a QR of the stacked centred passes
+            # [J_d Z; √α I] (no eigensolver, whose error check reads the host, and no formed Σ, which loses α at a
+            # large spread); up to EXACT_LOGDET_UP_TO passes the EES is that same exact log-det.
             generator = torch.Generator(device=z.device).manual_seed(self.seed * 1_000_003 + self.checkpoints)
             ees = efficient_eigenscore(z, self.alpha, self.num_moments, self.num_probes, generator)
-            passes = z.shape[-1]
-            exact = ees if passes <= EXACT_LOGDET_UP_TO else logdet_spd(eigenscore_matrix(z, self.alpha)) / passes
+            exact = ees if z.shape[-1] <= EXACT_LOGDET_UP_TO else eigenscore(z, self.alpha)
             values["eigenscore"], values["ees"] = exact.mean(), ees.mean()
         return values
 
