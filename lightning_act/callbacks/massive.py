@@ -68,6 +68,28 @@ MAX_TOP_K = 4096
 FIT_SCALARS = {"fit_A": "a", "fit_lambda": "lam", "fit_gamma": "gamma", "fit_t0": "t0", "fit_K": "k", "fit_r2": "r2"}
 
 
+def token_grid(x: torch.Tensor) -> tuple[int, ...]:
+    """The token positions of a sample-first activation: ``(T,)`` for ``(B, T, D)``, the spatial shape of
+    ``(B, C, *spatial)``, ``()`` for ``(B, D)`` (no token axis)."""
+    if x.dim() == 2:
+        return ()
+    return tuple(x.shape[1:2]) if x.dim() == 3 else tuple(x.shape[2:])
+
+
+def positions_align(grids: set[tuple[int, ...]]) -> bool:
+    """Whether top-k positions from calls with these token grids (:func:`token_grid`) name the same tokens.
+
+    Sequences of different lengths all start at token 0 (dynamic padding under gradient accumulation, several probe
+    batches), so they align, unless one has a single token: a KV-cache decode step, whose token sits at some later
+    absolute position. A ``(B, D)`` call has no position, and images of different sizes number ``row * W + column``
+    with different ``W``."""
+    if len(grids) == 1:
+        return True
+    if any(len(grid) != 1 for grid in grids):
+        return False
+    return min(length for (length,) in grids) > 1
+
+
 class MassiveActivations(ActivationMonitor):
     """Massive activations (Sun et al. 2024, arXiv 2402.17762) and their emergence (arXiv 2508.03616).
 
@@ -77,7 +99,9 @@ class MassiveActivations(ActivationMonitor):
     papers average over sequences), ``count`` (entries with ``|a| > abs_threshold`` and
     ``|a| / median >= ratio_threshold`` in the step's samples; ``count_per_sample`` divides by the
     sample count) and, for ``j < top_k``, ``top{j}_value``, ``top{j}_token``, ``top{j}_feature``: the
-    largest ``|a|`` at distinct (token position, feature index) positions.
+    largest ``|a|`` at distinct (token position, feature index) positions. A token position is an index along each
+    forward's own token axis: at a step whose forwards of a tap do not align (a one-token KV-cache decode step or a
+    ``(B, D)`` one beside whole sequences, :func:`positions_align`), ``top{j}_token`` is not logged (one warning).
 
     At the end of fit, and whenever :meth:`fit_emergence` is called, the Hidden Dynamics
     emergence model ``f(t) = A exp(-lambda x) log(x) + K``, ``x = gamma t + t0``, is fitted to each
@@ -163,6 +187,11 @@ class MassiveActivations(ActivationMonitor):
         self.fits: dict[str, EmergenceFit] = {}
         self.fit_skipped: dict[str, str] = {}
         self._has_token: dict[int, bool] = {}
+        #: The token grids of each tap's calls in the current step (:func:`token_grid`), and the taps whose calls in
+        #: the step last flushed had grids whose positions do not align (:func:`positions_align`).
+        self._step_grids: dict[int, set[tuple[int, ...]]] = {}
+        self._unaligned: set[int] = set()
+        self._unaligned_warned: set[str] = set()
         #: Bins of the per-sample log-magnitude histogram the median is estimated from (relative error
         #: <= 2**-sub_bits, 1.56%; see lightning_act.stats.histogram_median).
         self.bins = LogMagnitudeBins()
@@ -179,7 +208,7 @@ class MassiveActivations(ActivationMonitor):
         per-position maxima are not kept (an LLM's residual stream has millions)."""
         if not self._measuring or not self._measurable(tap_index, x):
             return
-        self._has_token[tap_index] = has_token_axis(x)
+        self._note_layout(tap_index, x)
         if fused is None:
             fused = fused_statistics(x, self.fused_spec(tap_index))
         assert fused.column_max is not None
@@ -191,6 +220,7 @@ class MassiveActivations(ActivationMonitor):
         """Partials of the activation kept per tap since the last logging step, those of all taps with outputs of one
         shape in one stacked computation (added to the partials of a tap's later forwards in the step)."""
         deferred: dict[int, tuple[FusedStats, torch.Tensor | None]] = self.take_kept()
+        self._take_step_grids()
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for tap_index, (fused, _) in deferred.items():
             by_shape.setdefault(fused.shape, []).append(tap_index)
@@ -220,7 +250,7 @@ class MassiveActivations(ActivationMonitor):
         else:
             merged = torch.stack([merge_topk(candidates, self.top_k) for candidates in gathered.unbind()])
         for with_token in (True, False):
-            members = [j for j, i in enumerate(taps) if self._has_token.get(i, True) == with_token]
+            members = [j for j, i in enumerate(taps) if self._reads_tokens(i) == with_token]
             if members:
                 rows = merged if len(members) == len(taps) else merged[members]
                 names, values = topk_stats_stacked(rows, self.top_k, with_token)
@@ -235,7 +265,7 @@ class MassiveActivations(ActivationMonitor):
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
         if not self._measurable(tap_index, x):
             return None
-        self._has_token[tap_index] = has_token_axis(x)
+        self._note_layout(tap_index, x)
         if fused is None:
             fused = fused_statistics(x, self.fused_spec(tap_index))
         return self._partials_of(fused)
@@ -260,8 +290,36 @@ class MassiveActivations(ActivationMonitor):
     ) -> dict[str, torch.Tensor]:
         assert maxima is not None and samples is not None
         stats = summarize_massive(sums, maxima)
-        stats.update(topk_stats(merge_topk(samples, self.top_k), self.top_k, self._has_token.get(tap_index, True)))
+        stats.update(topk_stats(merge_topk(samples, self.top_k), self.top_k, self._reads_tokens(tap_index)))
         return stats
+
+    def _note_layout(self, tap_index: int, x: torch.Tensor) -> None:
+        """Record whether ``x`` has a token axis (how the tap's top-k positions read) and its token grid in this step
+        (whether the positions of the step's calls name the same tokens, :meth:`_take_step_grids`)."""
+        self._has_token[tap_index] = has_token_axis(x)
+        self._step_grids.setdefault(tap_index, set()).add(token_grid(x))
+
+    def _take_step_grids(self) -> None:
+        """At a logging step: the taps whose calls in the step had token grids that do not align, said once per tap;
+        their ``top{j}_token`` is not logged at the step (a position is an index along each call's own token axis, so
+        a one-token KV-cache decode step read as token 0, the first-token signature of the papers, before round 27)."""
+        grids, self._step_grids = self._step_grids, {}
+        self._unaligned = {i for i, seen in grids.items() if not positions_align(seen)}
+        for i in sorted(self._unaligned):
+            axes = ", ".join("none" if not grid else "x".join(map(str, grid)) for grid in sorted(grids[i]))
+            self._warn_once(
+                self._unaligned_warned, self.taps[i].name,
+                f"ran forwards whose token axes do not align in one step (token axes: {axes}): a one-token forward (a "
+                "KV-cache decode step) or a (B, D) one has no absolute position, and images of different sizes "
+                "number their positions differently, so top{j}_token is not logged at such steps (top{j}_value and "
+                "top{j}_feature are); every forward's rows also count as samples of median, ratio and "
+                "count_per_sample (a decoded token is one). For positions and per-sequence statistics, pass "
+                "probe='val' with a forward_fn that runs whole sequences in one forward",
+            )
+
+    def _reads_tokens(self, tap_index: int) -> bool:
+        """Whether the tap's top-k positions at this logging step name a token (and a feature) or a feature alone."""
+        return self._has_token.get(tap_index, True) and tap_index not in self._unaligned
 
     # ------------------------------------------------------------------ probe
     def observes_training(self) -> bool:
@@ -270,6 +328,7 @@ class MassiveActivations(ActivationMonitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._probed_step = None  # a step probed in an earlier fit is a step of this one to probe again
+        self._step_grids = {}  # what an interrupted step of an earlier fit saw
         if self.probe is None or not self.taps:
             return
         loaders: list[Any] = []
