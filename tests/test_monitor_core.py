@@ -134,9 +134,12 @@ def test_hooks_are_removed_when_training_raises():
 
 
 def test_gradient_accumulation_counts_optimizer_steps():
+    # the same starting weights for both fits, whatever ran before this test
     accumulated = ActivationStats(modules=["net.2"], every_n_steps=2)
+    pl.seed_everything(0)
     fit(ToyTask(tiny_mlp()), [accumulated], max_steps=3, batch_size=8, accumulate_grad_batches=2)
     single = ActivationStats(modules=["net.2"], every_n_steps=2)
+    pl.seed_everything(0)
     fit(ToyTask(tiny_mlp()), [single], max_steps=1, batch_size=16)
     assert accumulated.history["act/net.2/mean"].steps == [0, 2]
     assert accumulated.history["act/net.2/count"].values == [16 * 32, 16 * 32]
