@@ -322,10 +322,12 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from test_group_rational import gradient_penalty_grads
+from test_rational_r27 import identity_outputs_and_grads
 from lightning_act.nn.group_rational import GroupRational
 module = GroupRational(8, 2, "swish", implementation="triton")
 x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-torch.save({"penalty": gradient_penalty_grads("triton"), "float64": module.double()(x).detach()}, sys.argv[2])
+torch.save({"penalty": gradient_penalty_grads("triton"), "float64": module.double()(x).detach(),
+            "identity": [identity_outputs_and_grads("triton", dim) for dim in (-1, 1)]}, sys.argv[2])
 """
 
 
@@ -345,8 +347,11 @@ def gradient_penalty_grads(implementation: str) -> list[torch.Tensor]:
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_path_second_order_gradients_and_float64_inputs(tmp_path: Path) -> None:
     # Before: the kernels' backward carried no graph, so a gradient penalty's gradients through the Triton path
-    # were wrong (and None for the coefficients); float64 inputs were computed in float32 (1e-7 error).
+    # were wrong (and None for the coefficients); float64 inputs were computed in float32 (1e-7 error). In the same
+    # interpreted process (one start-up), the identity init in the kernels: exactly x, gradient exactly 1 (before
+    # round 27, x = 3e4 gave 57171).
     from _interpreter import run_interpreted
+    from test_rational_r27 import assert_exact_identity
 
     output = tmp_path / "second_order.pt"
     run_interpreted(SECOND_ORDER_CHECKER, output)
@@ -360,6 +365,8 @@ def test_triton_path_second_order_gradients_and_float64_inputs(tmp_path: Path) -
     expected = numpy_group_rational(x.numpy(), numerator, denominator, -1)
     assert result["float64"].dtype == torch.float64
     np.testing.assert_allclose(result["float64"].numpy(), expected, rtol=1e-13, atol=1e-15)
+    for identity in result["identity"]:
+        assert_exact_identity(identity)
 
 
 CUDA_CASES = [

@@ -59,25 +59,6 @@ def test_identity_init_is_exactly_x_with_gradient_one_at_large_inputs(implementa
     assert_exact_identity(identity_outputs_and_grads(implementation, channel_dim))
 
 
-INTERPRETED_IDENTITY = """
-import sys
-import torch
-sys.path.insert(0, sys.argv[1])
-from test_rational_r27 import identity_outputs_and_grads
-torch.save([identity_outputs_and_grads("triton", dim) for dim in (-1, 1)], sys.argv[2])
-"""
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_identity_init_is_exactly_x_in_the_triton_kernels_under_interpreter(tmp_path: Path) -> None:
-    from _interpreter import run_interpreted
-
-    output = tmp_path / "identity.pt"
-    run_interpreted(INTERPRETED_IDENTITY, output)
-    for results in torch.load(output):
-        assert_exact_identity(results)
-
-
 def test_fit_script_keeps_exact_coefficients_of_a_polynomial_target(monkeypatch: pytest.MonkeyPatch) -> None:
     # Before: fit("identity") returned the least-squares noise shipped above (its docstring said it kept P = x, Q = 1).
     pytest.importorskip("scipy")
