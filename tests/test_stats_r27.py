@@ -38,6 +38,16 @@ def test_eigenscore_of_identical_passes_of_large_scale_is_exact(scale: float) ->
     assert efficient_eigenscore(z).item() == pytest.approx(exact, rel=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1e13, 1e15, 1e20])
+def test_eigenscore_beyond_what_the_qr_resolves_is_unknown(scale: float) -> None:
+    # the QR's backward error eps·‖M‖ swamps √α there: 1.9271 for 1.9239 at 1e13, 24% off at 1e15 (round 27's
+    # first QR version); a formed Σ's Cholesky gave NaN there before
+    z, _ = identical_passes(16, 8, scale)
+    assert math.isnan(eigenscore(z).item()) and math.isnan(efficient_eigenscore(z).item())
+    z, exact = identical_passes(16, 8, 1e10)  # resolved, just below the cut
+    assert eigenscore(z).item() == pytest.approx(exact, rel=1e-6)
+
+
 def test_eigenscore_of_passes_far_from_the_origin_matches_numpy() -> None:
     # dropout-like passes: a common embedding of scale 1e6 and small per-pass differences, batched (2, d, K)
     generator = torch.Generator().manual_seed(0)
