@@ -6,6 +6,13 @@
    is labelled -1, and the warning names that first step.
 2. A lazy module (``nn.LazyLinear``) first run by a probe at fit start keeps its weights unmade: the fit's first
    training forward makes them, and the trained weights are bitwise those of the fit without the monitor.
+
+Found in this round's review:
+
+3. An unmade lazy weight tied to another module (``b.weight = lazy.weight``): every module holding it runs the probe
+   on the same stand-in (only the lazy module's was replaced, and the probe ended the fit with LightningActError).
+4. A resume with other ``param_patterns`` at ``max_steps`` runs no batch: DimensionalCollapse says the restart of its
+   trajectory at the fit's end (it waited for the first batch, and a later resume had nothing left to say).
 """
 
 from __future__ import annotations
@@ -132,11 +139,11 @@ class LazyTask(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _lazy_fit(callbacks: list[pl.Callback]) -> tuple[LazyTask, list[str]]:
+def _lazy_fit(callbacks: list[pl.Callback], make=LazyTask) -> tuple[pl.LightningModule, list[str]]:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 2, (32,), generator=g))
     torch.manual_seed(0)
-    task = LazyTask()
+    task = make()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_trainer(max_steps=3, callbacks=callbacks).fit(
@@ -186,3 +193,60 @@ def test_a_probe_on_stand_ins_leaves_the_lazy_module_as_it_was() -> None:
     torch.manual_seed(1)
     assert torch.equal(out, reference(x))
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, reference[0].weight)
+
+
+class TiedLazyTask(LazyTask):
+    """``block``'s unmade weight is also ``mirror``'s: the first training forward makes it for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mirror = nn.Linear(6, 8)
+        self.mirror.weight = self.block.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.block(x)) + torch.tanh(self.mirror(x.flip(-1))))
+
+
+@pytest.mark.parametrize("kind", ["massive_val_probe", "sensitive_tracking"])
+def test_a_probe_runs_a_lazy_weight_tied_to_another_module_on_one_stand_in(kind: str) -> None:
+    plain, _ = _lazy_fit([], TiedLazyTask)
+    monitor = (
+        MassiveActivations(modules=["block"], every_n_steps=1, probe="val")
+        if kind == "massive_val_probe"
+        else SensitiveNeurons(modules=["block"], every_n_steps=1, tracking_inputs=_tracking_inputs(),
+                              eigenscore_passes=0, window=2)
+    )
+    monitored, said = _lazy_fit([monitor], TiedLazyTask)  # ended with LightningActError
+    for (name, a), (_, b) in zip(plain.named_parameters(), monitored.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert monitored.mirror.weight is monitored.block.weight  # still tied
+    assert len(said) == 1 and "block" in said[0]
+
+
+def test_a_probe_puts_the_tied_lazy_weight_back_in_every_module() -> None:
+    from lightning_act.callbacks.probe import call_forward, probing
+
+    model = nn.ModuleDict({"lazy": nn.LazyLinear(3), "tied": nn.Linear(5, 3)})
+    weight = model["tied"].weight = model["lazy"].weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with probing(None, model, torch.device("cpu")):
+            call_forward("test", lambda m, x: m["lazy"](x) + m["tied"](x), model, torch.randn(4, 5))
+    assert model["lazy"].weight is weight and model["tied"].weight is weight and nn.parameter.is_lazy(weight)
+
+
+def test_a_restart_at_a_resume_that_runs_no_batch_is_said_at_the_fits_end(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="end", every_n_train_steps=3)
+    quiet_trainer(default_root_dir=tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[
+        DimensionalCollapse(modules=[], every_n_steps=1, param_patterns=["d.*.weight"]), checkpoints,
+    ]).fit(AutoNet(), _gan_loader())
+    first = FirstStep()
+    trainer = quiet_trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[
+        DimensionalCollapse(modules=[], every_n_steps=1, param_patterns=["g.*.weight"]), first])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(AutoNet(), _gan_loader(), ckpt_path=str(tmp_path / "end.ckpt"))  # max_steps reached already
+    said = [str(w.message) for w in caught if "new trajectory" in str(w.message)]
+    assert first.step is None  # no batch ran
+    assert len(said) == 1 and re.search(r"from step (\d+)", said[0]).group(1) == "3"  # the step it would have run

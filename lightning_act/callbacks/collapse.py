@@ -886,6 +886,14 @@ class DimensionalCollapse(ActivationMonitor):
     def _start_trajectory(self, pl_module: pl.LightningModule, start: int) -> None:
         """Say a restart of the trajectory (:meth:`on_fit_start`), and take its first snapshot, labelled the step
         before ``start``, the fit's first step, if it holds none."""
+        self._say_restart(start)
+        weights = self._chosen_weights(pl_module, self.param_names)
+        if self.param_names and weights is not None and not self._snapshots:
+            self._add_snapshot(start - 1, self._snapshot(weights))
+
+    def _say_restart(self, start: int) -> None:
+        """Say, once, that :meth:`on_fit_start` dropped the trajectory held, which a new one from step ``start``
+        replaces."""
         if self._restart_unsaid:
             self._restart_unsaid = False
             rank_zero_warn(
@@ -894,9 +902,12 @@ class DimensionalCollapse(ActivationMonitor):
                 f"changed); params/r90 follows a new trajectory from step {start}",
                 category=UserWarning,
             )
-        weights = self._chosen_weights(pl_module, self.param_names)
-        if self.param_names and weights is not None and not self._snapshots:
-            self._add_snapshot(start - 1, self._snapshot(weights))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say a resumed fit's restart that no first batch said: a resume at ``max_steps`` runs none, and a
+        checkpoint saved after it holds the new trajectory, so no later resume would say it."""
+        super().on_fit_end(trainer, pl_module)
+        self._say_restart(training_step_index(trainer, pl_module))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """Choose the weights of a model with lazy modules once its first forward has made them, before the first

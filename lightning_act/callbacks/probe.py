@@ -873,39 +873,48 @@ def lazy_modules_kept(pl_module: nn.Module, modules: list[tuple[str, nn.Module]]
     first probe), under its forked and seeded random state, they started from other values (before round 27).
     What the probe measured of them, or after them, is of the stand-ins: said once per model."""
     held = []
+    stand_ins: dict[int, torch.Tensor] = {}  # by the id of the unmade tensor they stand in for
     for name, module in modules:
         if not (isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()):
             continue
         handles = {module._initialize_hook.id, module._load_hook.id}  # the hooks its first forward removes
         hooks = {key: dict(value) for key, value in vars(module).items()
                  if isinstance(value, dict) and handles & set(value)}
-        held.append((name, module, type(module), dict(vars(module)), {**module._parameters}, {**module._buffers},
-                     handles, hooks))
-        for key, p in module._parameters.items():
-            if nn.parameter.is_lazy(p):
-                module._parameters[key] = UninitializedParameter(p.requires_grad, p.device, p.dtype)
-        for key, b in module._buffers.items():
-            if nn.parameter.is_lazy(b):
-                module._buffers[key] = UninitializedBuffer(b.requires_grad, b.device, b.dtype)
+        held.append((name, module, type(module), dict(vars(module)), handles, hooks))
+        for p in module._parameters.values():
+            if nn.parameter.is_lazy(p) and id(p) not in stand_ins:
+                stand_ins[id(p)] = UninitializedParameter(p.requires_grad, p.device, p.dtype)
+        for b in module._buffers.values():
+            if nn.parameter.is_lazy(b) and id(b) not in stand_ins:
+                stand_ins[id(b)] = UninitializedBuffer(b.requires_grad, b.device, b.dtype)
+    # every module holding an unmade tensor gets its stand-in, the same one: a weight tied to another module
+    # (``b.weight = lazy.weight``) is made in both by the lazy module's forward, as the original is without the probe
+    originals = []
+    for _, module in modules:
+        for tensors in (module._parameters, module._buffers):
+            for key, t in tensors.items():
+                if t is not None and id(t) in stand_ins:
+                    originals.append((tensors, key, t))
+                    tensors[key] = stand_ins[id(t)]
     try:
         yield
     finally:
         made = []
-        for name, module, cls, attributes, parameters, buffers, handles, hooks in held:
+        for name, module, cls, attributes, handles, hooks in held:
             if not any(nn.parameter.is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
                 made.append(name or type(module).__name__)
             module.__class__ = cls
             # the hooks' handles it deleted, and the sizes it set (``in_features``)
             vars(module).update({key: value for key, value in attributes.items()
                                  if key not in vars(module) or isinstance(value, (bool, int, float, str))})
-            module._parameters.update(parameters)
-            module._buffers.update(buffers)
             for key, before in hooks.items():  # its hooks back in their place, before those added since
                 after = vars(module)[key]
                 now = dict(after)
                 after.clear()
                 after.update({k: v for k, v in before.items() if k in now or k in handles})
                 after.update(now)
+        for tensors, key, original in originals:
+            tensors[key] = original
         if made and pl_module not in _stand_ins_warned:
             _stand_ins_warned.add(pl_module)
             rank_zero_warn(
