@@ -5,11 +5,12 @@ A *module spec* is one of:
 - ``"@activations"``: every activation-function module (``nn.ReLU``, ``nn.GELU``, timm's activation
   layers, Hugging Face's ``transformers.activations`` layers such as BERT's ``GELUActivation`` and Llama's
   ``SiLUActivation``, and the project's ``GroupRational``/``PMish``...); classes can be added with
-  :func:`register_activation_class`. Functional activations (``F.gelu`` inside ``forward``) have no module, so for a recognised MLP
-  without an activation module (timm ``Mlp``-style ``fc1/fc2``, Hugging Face ``up_proj/down_proj``,
-  GPT-2 ``c_fc/c_proj``, ``nn.TransformerEncoderLayer``'s ``linear1/linear2``) the
-  down-projection's input is tapped instead (``<mlp>.fc2:input``, logged as ``<mlp>.fc2-input``): the
-  activations themselves;
+  :func:`register_activation_class`; the project's adapters around an activation ((IA)³'s ``IA3Scale``, a
+  ``DopamineGate``) are tapped in its place, as their output is the adapted layer's activation. Functional
+  activations (``F.gelu`` inside ``forward``) have no module, so for a recognised MLP without an activation module
+  (timm ``Mlp``-style ``fc1/fc2``, Hugging Face ``up_proj/down_proj``, GPT-2 ``c_fc/c_proj``,
+  ``nn.TransformerEncoderLayer``'s ``linear1/linear2``) the down-projection's input is tapped instead
+  (``<mlp>.fc2:input``, logged as ``<mlp>.fc2-input``): the activations themselves;
 - ``"@blocks"``: the repeated blocks of every block stack of the model (a timm ViT's ``blocks.0`` …
   ``blocks.11``, every ResNet stage, encoder and decoder layers, ``layers``/``h``/``blocks``
   lists), i.e. the residual stream after each block; a stack is a ``ModuleList``/``Sequential`` of
@@ -106,6 +107,9 @@ _ORDERED_DICT_CLASS_NAME = "IntermediateLayerGetter"
 # The package whose blocks a model cuts into bare Sequential parts (torchvision's SSDLite cuts MobileNetV3's
 # ``features`` in two; see _split_stack_members), matched by module name so that torchvision is never imported.
 _SPLIT_STACK_PACKAGE = "torchvision"
+# The project's base class of adapters that wrap a frozen module (see _adapts_an_activation), matched by name, as the
+# module that defines it imports this one.
+_ADAPTER_CLASS_NAME, _ADAPTER_MODULE = "FrozenModuleAdapter", "lightning_act.nn.dopamine"
 
 PRESETS = ("@activations", "@blocks", "@penultimate")
 
@@ -124,13 +128,26 @@ def module_class(module: nn.Module) -> type:
 
 
 def is_activation(module: nn.Module) -> bool:
-    """Whether ``module`` is an activation-function layer, or a fused layer whose output is its activation's."""
+    """Whether ``module`` is an activation-function layer, a fused layer whose output is its activation's, or one of
+    the project's adapters around an activation (see :func:`_adapts_an_activation`)."""
     cls = module_class(module)
     return (
         isinstance(module, _TORCH_ACTIVATIONS + tuple(_extra_activation_classes))
         or cls.__name__ in _ACTIVATION_CLASS_NAMES
         or (cls.__module__.startswith(_FUSED_ACTIVATION_PACKAGE) and bool(_FUSED_ACTIVATION_NAME.search(cls.__name__)))
+        or _adapts_an_activation(module)
     )
+
+
+def _adapts_an_activation(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the project's adapters (``FrozenModuleAdapter``: (IA)³'s ``IA3Scale``, a
+    ``DopamineGate``) whose only child is an activation: the model runs the adapter in the activation's place, so its
+    output is the adapted layer's activation ((IA)³ around a ``qkv`` Linear is none). Told by class name, as
+    :mod:`lightning_act.nn.dopamine` imports this module."""
+    if not any(c.__name__ == _ADAPTER_CLASS_NAME and c.__module__ == _ADAPTER_MODULE for c in type(module).__mro__):
+        return False
+    children = list(module.children())
+    return len(children) == 1 and is_activation(children[0])
 
 
 def saved_copy_original(module: nn.Module) -> nn.Module | None:
@@ -606,7 +623,11 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
         modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule) and id(m) not in left_out]
     if spec == "@activations":
         shadowed = _shadowed(modules) | left_out  # nor is a parametrization's Softplus an MLP's activation module
-        taps = [Tap(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
+        activations = [(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
+        # an activation inside another (a DopamineGate's or IA3Scale's wrapped GELU) gives no output the model runs:
+        # the outer one's output is the layer's activation
+        inside = {id(inner) for _, m in activations for inner in m.modules() if inner is not m}
+        taps = [Tap(n, m) for n, m in activations if id(m) not in inside]
         if point == "output":
             return taps + _functional_activation_inputs(modules, shadowed)
     elif spec == "@blocks":

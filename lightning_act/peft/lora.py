@@ -48,14 +48,21 @@ def linear_widths(module: nn.Module) -> tuple[int, int] | None:
 
 class LoRALinear(FrozenModuleAdapter):
     """A frozen ``nn.Linear`` (or Hugging Face ``Conv1D``) plus a trainable rank-``rank`` update scaled by
-    ``alpha / rank`` (in the base weight's dtype and on its device)."""
+    ``alpha / rank`` (in the base weight's dtype and on its device).
+
+    A negative ``alpha`` is accepted: ``B`` starts at zero, so ``-alpha`` trains ``-B`` along the same path as
+    ``alpha`` trains ``B`` (AdamW, whose steps flip sign with the gradient, included): the same adapted model."""
 
     def __init__(self, base: nn.Module, rank: int = 1, alpha: float | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise ModuleSelectionError(f"LoRA rank must be >= 1, got {rank}; pass lora_rank >= 1")
-        if alpha is not None and not math.isfinite(alpha):  # a NaN scaling made every output NaN
-            raise ModuleSelectionError(f"LoRA alpha must be a finite number or None, got {alpha}; pass e.g. lora_alpha 16")
+        # a NaN scaling made every output NaN; a zero one trained nothing (dL/dB and dL/dA are both ∝ α), silently
+        if alpha is not None and (not math.isfinite(alpha) or alpha == 0):
+            raise ModuleSelectionError(
+                f"LoRA alpha must be a finite number other than 0, got {alpha}; pass e.g. lora_alpha 16, or leave it "
+                "unset for alpha = rank"
+            )
         self.base = base
         self.rank = rank
         self.scaling = (float(alpha) if alpha is not None else float(rank)) / rank

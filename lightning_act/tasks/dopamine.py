@@ -26,6 +26,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
@@ -56,6 +57,8 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "s
 #: The RotatedDigitsDataModule settings that choose which digits each split holds (the image size and the rotations do
 #: not); ``test_fraction`` only for the bundled digits (MNIST's test split is its t10k files).
 _SPLIT_SETTINGS: tuple[str, ...] = ("seed", "val_fraction", "test_fraction", "max_samples")
+#: Where a phase-2 checkpoint keeps its foundation's datamodule settings.
+_FOUNDATION_DATA_KEY = "dopamine_foundation_data"
 
 
 def build_mlp(in_features: int, hidden_sizes: list[int], num_classes: int, activation: str = "gelu") -> nn.Sequential:
@@ -104,6 +107,27 @@ class _Classifier(ClassificationTask):
     def on_fit_start(self) -> None:
         start_schedules(self, self._lr())
 
+    def setup(self, stage: str) -> None:
+        """Refuse rotated digits of another size than the network's input: else a bare "mat1 and mat2 shapes cannot
+        be multiplied" at the first batch."""
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, RotatedDigitsDataModule):
+            return
+        data_size = datamodule.hparams.image_size
+        inputs = next(m for m in self.model.modules() if isinstance(m, nn.Linear)).in_features
+        if data_size * data_size != inputs:
+            model_size = math.isqrt(inputs)
+            raise ConfigError(
+                f"{type(self).__name__}: the data gives {data_size} x {data_size} images (--data.image_size "
+                f"{data_size}) but the network takes {model_size} x {model_size} ({inputs} inputs); "
+                f"{self._image_size_fix(data_size, model_size)}"
+            )
+
+    def _image_size_fix(self, data_size: int, model_size: int) -> str:
+        """How to make the data's image size and the network's agree."""
+        raise NotImplementedError
+
 
 class DopamineFoundation(_Classifier):
     """Phase 1: a small MLP pretrained on the 50/50 upright / rotated digit mix."""
@@ -122,6 +146,9 @@ class DopamineFoundation(_Classifier):
         self.save_hyperparameters()
         self.model = build_mlp(image_size * image_size, list(hidden_sizes), num_classes, activation)
         self.init_metrics(num_classes)
+
+    def _image_size_fix(self, data_size: int, model_size: int) -> str:
+        return f"pass the same size to both, --model.image_size {data_size} (or --data.image_size {model_size})"
 
 
 def load_foundation(foundation_ckpt: str | Path) -> DopamineFoundation:
@@ -205,6 +232,8 @@ class DopamineSpecialisation(_Classifier):
         check_optimizer_args(DEFAULT_LR[method] if lr is None else lr, weight_decay)
         self.save_hyperparameters()
         foundation = load_foundation(foundation_ckpt)
+        #: The datamodule settings of the foundation whose weights this module runs: the file's, until a phase-2
+        #: checkpoint restores its own foundation's (see on_load_checkpoint).
         self._foundation_data: dict[str, Any] | None = foundation.datamodule_settings
         self._split_unchecked_said = False
         # Read from the network, not foundation.hparams: under LightningCLI a module built inside
@@ -228,12 +257,51 @@ class DopamineSpecialisation(_Classifier):
         self.trainable_params = count_trainable(self.model)
         self.init_metrics(self.num_classes)
 
-    def setup(self, stage: str) -> None:
+    def _image_size_fix(self, data_size: int, model_size: int) -> str:
+        return (
+            f"pass --data.image_size {model_size}: phase 2 runs the foundation '{self.hparams.foundation_ckpt}', "
+            f"built for {model_size} x {model_size} images"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the foundation's datamodule settings: the checkpoint holds that foundation's weights, while the file at
+        ``foundation_ckpt`` may since have been replaced (a seed sweep over one path)."""
+        checkpoint[_FOUNDATION_DATA_KEY] = self._foundation_data
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the split against the foundation the checkpoint's weights come from (a checkpoint from before
+        round 27 does not record it: the file's, as before)."""
+        if _FOUNDATION_DATA_KEY not in checkpoint:
+            return
+        trained_from = checkpoint[_FOUNDATION_DATA_KEY]
+        if self._foundation_data is not None and trained_from is not None and self._foundation_data != trained_from:
+            changed = ", ".join(
+                f"{name}={self._foundation_data.get(name)!r} (was {trained_from.get(name)!r})"
+                for name in sorted(self._foundation_data.keys() | trained_from.keys())
+                if self._foundation_data.get(name) != trained_from.get(name)
+            )
+            rank_zero_warn(
+                f"'{self.hparams.foundation_ckpt}' now holds a foundation fitted with other data settings ({changed}) "
+                "than the one this checkpoint was specialised from; the checkpoint restores that one's weights, and "
+                "the data split is checked against its settings",
+                category=UserWarning,
+            )
+        self._foundation_data = trained_from
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._check_split()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.VALIDATING:  # in a fit, on_fit_start checked
+            self._check_split()
+
+    def _check_split(self) -> None:
         """Refuse a rotated-digits split other than the foundation's: the digits of each split are drawn from the
         seed, the fractions and ``max_samples``, so another split validates (and, on the bundled digits, tests) the
         frozen foundation on digits it was trained on (before round 24, silently: 316 of 629 test digits for seed 1
-        against seed 0)."""
-        super().setup(stage)
+        against seed 0). Run as a stage starts, not in ``setup``, which Lightning runs before it restores a
+        ``--ckpt_path`` (and with it the foundation's settings)."""
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, RotatedDigitsDataModule):
             return
@@ -266,6 +334,7 @@ class DopamineSpecialisation(_Classifier):
         self.log("trainable_params", float(self.trainable_params), sync_dist=True)  # a constant: silences Lightning's warning
 
     def on_test_start(self) -> None:
+        self._check_split()
         if self.hparams.method == "dopamine" and self.hparams.harden_at_test:
             harden(self.model)
 
