@@ -279,6 +279,12 @@ def read_envi(
         raise DataFormatError(
             f"ENVI header '{header}' has interleave '{meta.get('interleave')}'; set 'interleave' to one of bsq, bil, bip"
         )
+    byte_order = str(meta.get("byte order", "0")).strip()
+    if byte_order not in ("0", "1"):  # spectral reads any value but 0 as big-endian
+        raise DataFormatError(
+            f"ENVI header '{header}' has byte order '{byte_order}'; set 'byte order' to 0 (little-endian) or 1 "
+            "(big-endian)"
+        )
     if str(meta.get("file type", "")).strip().lower() == "envi spectral library":  # spectral returns no image for it
         raise DataFormatError(
             f"ENVI header '{header}' is an ENVI spectral library (a list of spectra), not an image cube; pass the "
@@ -338,13 +344,7 @@ def _reorder_read_as_bsq(cube: np.ndarray, interleave: str) -> np.ndarray:
 def require_ignored_absent(cube: np.ndarray, ignore_value: str, header: Path, path: str | Path) -> None:
     """Refuse pixels holding the header's ``data ignore value`` (a no-data fill such as -9999, e.g. a border around
     the swath), like :func:`require_finite` refuses NaN: read as spectra they would dominate the band statistics."""
-    try:
-        value = float(ignore_value)
-    except (TypeError, ValueError):
-        raise DataFormatError(
-            f"ENVI header '{header}' has a 'data ignore value' that is not a number ({ignore_value!r}); write one "
-            "number or remove it"
-        ) from None
+    value = _ignore_value(ignore_value, header)
     ignored = cube == np.asarray(value).astype(cube.dtype)
     if ignored.any():
         where = np.argwhere(ignored)[0]
@@ -352,6 +352,17 @@ def require_ignored_absent(cube: np.ndarray, ignore_value: str, header: Path, pa
             f"'{path}' has {int(ignored.sum())} values equal to its header's data ignore value {value:g} (first at "
             f"line {where[0]}, sample {where[1]}); crop the no-data pixels out (or replace them) before loading"
         )
+
+
+def _ignore_value(ignore_value: str, header: Path) -> float:
+    """The header's ``data ignore value`` as a number; one line when it is not one."""
+    try:
+        return float(ignore_value)
+    except (TypeError, ValueError):
+        raise DataFormatError(
+            f"ENVI header '{header}' has a 'data ignore value' that is not a number ({ignore_value!r}); write one "
+            "number or remove it"
+        ) from None
 
 
 def _envi_wavelengths(meta: dict, header: Path) -> np.ndarray | None:
@@ -425,11 +436,18 @@ def read_mask(path: str | Path, key: str | None = None) -> np.ndarray:
     file = _existing(path, "mask file", "--data.mask_path")
     suffix = file.suffix.lower()
     if suffix == ".hdr":
-        # a classification map's data ignore value marks unlabelled pixels, which are background here
+        from spectral.io import envi
+
         mask, _ = read_envi(file, dtype=None, refuse_ignored=False)
         if mask.shape[-1] != 1:
             raise DataFormatError(f"ENVI mask '{file}' has {mask.shape[-1]} bands; pass a single-band mask")
-        return mask[..., 0]
+        mask = mask[..., 0]
+        meta = envi.read_envi_header(str(file))  # read_envi parsed it already, so this cannot fail
+        if "data ignore value" in meta:
+            # a classification map's data ignore value marks unlabelled pixels, which are background (0) here, not
+            # targets (load_scene's default: any non-zero value) nor one of target_values
+            mask = np.where(mask == _ignore_value(meta["data ignore value"], file), np.zeros((), mask.dtype), mask)
+        return mask
     if suffix == ".mat":
         return read_mat(file, key, ndim=2)
     if suffix == ".npy":
@@ -636,7 +654,16 @@ class HyperspectralDataModule(SplitDataModule):
                 )
         self.pos_weight = (len(self.train_labels) - positives) / positives
         self.band_mean = self.train_pixels.mean(0)
-        self.band_std = self.train_pixels.std(0).clamp_min(1e-6 * float(self.train_pixels.std().clamp_min(1e-12)))
+        self.band_std = self.train_pixels.std(0)
+        # A band constant in training (a dead or saturated detector band) has no scale to divide by: like scikit-learn's
+        # StandardScaler, scale 1 (a clamp to a tiny std would blow its held-out deviations up a million-fold).
+        constant = self.band_std < 1e-6 * float(self.train_pixels.std().clamp_min(1e-12))
+        if bool(constant.any()):
+            self.band_std = torch.where(constant, torch.ones_like(self.band_std), self.band_std)
+            rank_zero_warn(
+                f"HyperspectralDataModule: band(s) {constant.nonzero().flatten().tolist()} (0-based) are constant in the "
+                "training pixels, so they are centred but not scaled (scale 1); drop them if they are bad bands"
+            )
         self.train_set = TensorDataset(self.standardise(self.train_pixels), self.train_labels)
         self.val_set = TensorDataset(self.standardise(self.val_pixels), self.val_labels)
         self.test_set = TensorDataset(self.standardise(self.test_pixels), self.test_labels)

@@ -18,6 +18,8 @@ for an integer cube (raw ENVI counts: an integer score would truncate every scor
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -110,8 +112,9 @@ class ClassicalDetectors(nn.Module):
 
     def __init__(self, ridge: float = 1e-3) -> None:
         super().__init__()
-        if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}; pass a small non-negative value such as 1e-3")
+        # NaN passes `ridge < 0` and inf makes every matrix inf: fit would then blame the data
+        if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not (math.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}; pass a small value such as 1e-3")
         self.ridge = float(ridge)
         self.register_buffer("target", torch.empty(0, dtype=torch.float64))
         self.register_buffer("mean", torch.empty(0, dtype=torch.float64))
@@ -142,18 +145,33 @@ class ClassicalDetectors(nn.Module):
         mean, covariance = background_covariance(background_pixels)
         covariance = regularise(covariance, self.ridge)
         autocorrelation = regularise(background_autocorrelation(background_pixels), self.ridge)
-        for name, matrix in (("covariance Σ", covariance), ("autocorrelation R", autocorrelation)):
-            if int(torch.linalg.cholesky_ex(matrix).info):  # the scores solve with it: say so here, not mid-score
-                raise ValueError(
-                    f"the background {name} is singular (ridge={self.ridge}; {background_pixels.shape[0]} pixels, "
-                    f"{background_pixels.shape[1]} bands: too few pixels, a constant band or identical pixels); "
-                    "pass ridge > 0 (e.g. 1e-3) or background pixels that vary in every band"
-                )
-        for undefined, equals, direction, metric in (
-            ("MF and ACE", "the background mean", target.double() - mean, covariance),
-            ("SAM and CEM", "zero", target.double(), autocorrelation),
+        pixels, bands = background_pixels.shape
+        eigen = {}
+        for name, matrix, rank_bound in (
+            ("covariance Σ", covariance, pixels - 1),  # N centred pixels span at most N − 1 directions
+            ("autocorrelation R", autocorrelation, pixels),
         ):
-            if not float(direction @ torch.linalg.solve(metric, direction)) > 0:  # their weights' 0/0
+            # The scores solve with it (ACE by Cholesky): say so here, not mid-score. Cholesky alone succeeds on
+            # round-off for a matrix singular by construction, so test the rank bound without a ridge and the numerical
+            # rank (numpy's matrix_rank tolerance) too.
+            values, vectors = torch.linalg.eigh(matrix)
+            if (
+                (self.ridge == 0 and rank_bound < bands)
+                or not values[0] > bands * torch.finfo(values.dtype).eps * values[-1]
+                or int(torch.linalg.cholesky_ex(matrix).info)
+            ):
+                raise ValueError(
+                    f"the background {name} is singular (ridge={self.ridge}; {pixels} pixels, {bands} bands: too few "
+                    "pixels, a constant band or identical pixels); pass ridge > 0 (e.g. 1e-3) or background pixels "
+                    "that vary in every band"
+                )
+            eigen[name] = values, vectors
+        for undefined, equals, direction, name in (
+            ("MF and ACE", "the background mean", target.double() - mean, "covariance Σ"),
+            ("SAM and CEM", "zero", target.double(), "autocorrelation R"),
+        ):
+            values, vectors = eigen[name]
+            if not float(((vectors.T @ direction) ** 2 / values).sum()) > 0:  # dᵀM⁻¹d, their weights' 0/0
                 raise ValueError(
                     f"the target spectrum equals {equals}, so {undefined} are undefined (0/0); "
                     "pass the spectrum of the target material"

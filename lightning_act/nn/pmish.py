@@ -53,6 +53,11 @@ class PMish(nn.Module):
             raise ValueError(
                 f"PMish beta_min must be > 0 and finite, got {beta_min}; pass a small positive value such as 1e-8"
             )
+        if beta_init < beta_min:  # the forward would use beta_min, and the clamped β would get no gradient
+            raise ValueError(
+                f"PMish beta_init={beta_init:g} is below beta_min={beta_min:g}, so β would be clamped and never train; "
+                "pass beta_init >= beta_min"
+            )
         self.beta_min = float(beta_min)
         self.beta = nn.Parameter(torch.tensor(float(beta_init)), requires_grad=learnable)
 

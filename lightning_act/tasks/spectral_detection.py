@@ -60,8 +60,21 @@ def check_focal_args(alpha: object, gamma: object) -> None:
     check_non_negative("focal_gamma", gamma, "--model.focal_gamma 2")
 
 
+class NonBinaryLabelCount(NaNLogitCount):
+    """Labels of an epoch that are neither 0 nor 1, summed over ranks (counted on the device: no host sync per step).
+    AUROC, AP and the precision-recall curve rank 0/1 labels (torchmetrics refuses others); ``long()`` would cut a soft
+    label such as a target's covered fraction 0.7 to background, so the tasks log them as NaN when this is > 0."""
+
+    def update(self, labels: torch.Tensor) -> None:
+        self.count += ((labels != 0) & (labels != 1)).sum()
+
+
 class SpectralTargetDetection(pl.LightningModule):
     """Train :class:`SpectralNN` on (spectrum, 0/1 label) batches; log ROC-AUC and AP.
+
+    Training also takes soft labels in [0, 1] (BCE and the focal loss are defined for them), and so do the validation
+    and test losses; an epoch with labels other than 0/1 logs its AUROC and AP as NaN, with one warning per stage
+    (torchmetrics refuses such labels: they have no ranking).
 
     Args:
         in_bands: spectral bands B (must match the datamodule's ``num_bands``).
@@ -123,7 +136,10 @@ class SpectralTargetDetection(pl.LightningModule):
         self.test_pr = BinaryPrecisionRecallCurve()
         self.test_pr_curve: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.val_nan_logits, self.test_nan_logits = NaNLogitCount(), NaNLogitCount()  # rank metrics undefined if > 0
+        # labels other than 0/1: rank metrics NaN if > 0
+        self.val_non_binary, self.test_non_binary = NonBinaryLabelCount(), NonBinaryLabelCount()
         self._warned_nan_logits: set[str] = set()  # stages already warned to log NaN rank metrics
+        self._warned_non_binary: set[str] = set()  # stages already warned of labels other than 0/1
         self._said_plain_bce: set[str] = set()  # loss names already warned to be plain BCE (unset pos_weight)
 
     def setup(self, stage: str) -> None:
@@ -224,9 +240,12 @@ class SpectralTargetDetection(pl.LightningModule):
         self.val_auroc.update(scores, labels.long())
         self.val_ap.update(scores, labels.long())
         self.val_nan_logits.update(logits)
+        self.val_non_binary.update(labels)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_rank_metrics("val", self.val_nan_logits.epoch_total(), self.val_auroc, self.val_ap)
+        self._log_rank_metrics(
+            "val", self.val_nan_logits.epoch_total(), self.val_non_binary.epoch_total(), self.val_auroc, self.val_ap
+        )
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits, labels = self._real_spectra(batch, batch_idx, "test", dataloader_idx)
@@ -235,24 +254,35 @@ class SpectralTargetDetection(pl.LightningModule):
         for metric in (self.test_auroc, self.test_ap, self.test_pr):
             metric.update(ranking_scores(logits), labels.long())  # see validation_step
         self.test_nan_logits.update(logits)
+        self.test_non_binary.update(labels)
 
-    def _log_rank_metrics(self, stage: str, nan_logits: int, auroc: BinaryAUROC, ap: BinaryAveragePrecision) -> None:
+    def _log_rank_metrics(
+        self, stage: str, nan_logits: int, non_binary: int, auroc: BinaryAUROC, ap: BinaryAveragePrecision
+    ) -> None:
         """``<stage>/auroc`` and ``<stage>/ap``; NaN (one warning per stage) when the epoch had NaN logits: an order of
-        NaN scores is the data's, not the model's, and a plausible AP there would hide a diverged run.
+        NaN scores is the data's, not the model's, and a plausible AP there would hide a diverged run. NaN too (one
+        warning per stage) when it had labels other than 0/1, which these metrics do not define (the loss does).
 
         Both branches log tensors with the same arguments: Lightning keeps a key's logging arguments across the runs of
         a loop and refuses another kind of value later (a metric object one epoch, a float NaN the next crashed a fit
         that diverged, before round 24). ``nan_logits`` is summed over the ranks, so every rank takes the same branch
         and runs the same syncs (``compute``); the value is the same on every rank, which ``max`` keeps exactly."""
-        if nan_logits == 0:
+        if nan_logits == 0 and non_binary == 0:
             values = auroc.compute(), ap.compute()
         else:
             values = torch.tensor(math.nan, device=self.device), torch.tensor(math.nan, device=self.device)
-            if stage not in self._warned_nan_logits:
+            curve = " (and the precision-recall curve)" if stage == "test" else ""
+            names = f"{stage}/auroc and {stage}/ap{curve}"
+            if nan_logits and stage not in self._warned_nan_logits:
                 self._warned_nan_logits.add(stage)
-                curve = " (and the precision-recall curve)" if stage == "test" else ""
-                names = f"{stage}/auroc and {stage}/ap{curve}"
                 warn_nan_rank_metrics("SpectralTargetDetection", stage, nan_logits, names)
+            if non_binary and stage not in self._warned_non_binary:
+                self._warned_non_binary.add(stage)
+                rank_zero_warn(
+                    f"SpectralTargetDetection: {non_binary} {stage} labels are neither 0 nor 1 (soft labels), which "
+                    f"{names} do not rank, so they are logged as NaN; binarise the {stage} labels (e.g. labels >= 0.5) "
+                    "to measure them (training may keep soft labels)"
+                )
         auroc.reset()
         ap.reset()
         self.log(f"{stage}/auroc", values[0], sync_dist=True, reduce_fx="max")
@@ -267,10 +297,10 @@ class SpectralTargetDetection(pl.LightningModule):
         return Path(log_dir).expanduser() / "test_pr_curve.csv"  # "~/runs": the loggers write under $HOME
 
     def on_test_epoch_end(self) -> None:
-        nan_logits = self.test_nan_logits.epoch_total()
-        self._log_rank_metrics("test", nan_logits, self.test_auroc, self.test_ap)
+        nan_logits, non_binary = self.test_nan_logits.epoch_total(), self.test_non_binary.epoch_total()
+        self._log_rank_metrics("test", nan_logits, non_binary, self.test_auroc, self.test_ap)
         csv_path = self._pr_curve_csv()
-        if nan_logits:  # no curve of NaN scores: the one a previous test gave is not this model's either
+        if nan_logits or non_binary:  # no curve then: the one a previous test gave is not this model's either
             self.test_pr.reset()
             self.test_pr_curve = None
             if csv_path is not None:  # nor its file, beside this test's NaN metrics (the same Trainer's log_dir)
