@@ -69,7 +69,8 @@ def test_a_masked_token_mean_is_the_mean_over_each_examples_real_tokens() -> Non
     want = np.stack([x[b].double().numpy()[mask[b].bool().numpy()].mean(0) for b in range(3)])
     np.testing.assert_allclose(per_example_embedding(x, mask).double().numpy(), want, rtol=1e-6)
     np.testing.assert_allclose(per_example_embedding(x, mask.bool()).double().numpy(), want, rtol=1e-6)
-    # a mask that is not the activation's (B, T): the plain token mean, as a (B·beams, T, D) decode gives
+    # a mask that is not the activation's (B, T): the plain token mean, pads included, which the callback says once
+    # per tap (test_a_tap_whose_token_axis_is_not_the_masks_is_said_to_average_the_pads)
     assert torch.equal(per_example_embedding(x, mask[:2]), x.mean(1))
 
 
@@ -143,3 +144,99 @@ def test_an_unknown_eigenscore_names_a_spread_too_large_besides_non_finite_embed
     assert "eigenscore/ees are unknown at step 4" in scores
     assert "NaN or inf in the model" in scores and "spread over the passes is too large" in scores
     assert "NaN or inf in the model" in sensitivity and "spread" not in sensitivity
+
+
+class PrependedCls(TokenHead):
+    """Prepends a learned CLS token: the head's input is (B, T + 1, D), whose positions the (B, T) mask does not fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, WIDTH, generator=torch.Generator().manual_seed(2)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.emb(input_ids)
+        return self.head(self.body(torch.cat([self.cls.expand(h.shape[0], 1, WIDTH), h], 1)))
+
+
+def test_a_tap_whose_token_axis_is_not_the_masks_is_said_to_average_the_pads() -> None:
+    # Before: the mask was dropped at the (B, T + 1, D) tap with no line, while the fit-start line said the
+    # embeddings average each example's real tokens only. Now: the plain mean over all 7 positions, said once per tap.
+    batch = padded_batch()
+    model = PrependedCls()
+    monitor = SensitiveNeurons(modules=["head:input"], every_n_steps=1, num_samples=4, eigenscore_passes=0,
+                               window=2, input_key="input_ids")
+    loader = DataLoader([batch], batch_size=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=2, callbacks=[monitor]).fit(model, loader, loader)
+    said = [str(w.message) for w in caught if "SensitiveNeurons" in str(w.message)]
+    table = model.emb.weight.detach().double().numpy()[batch["input_ids"].numpy()]
+    tokens = np.concatenate([np.broadcast_to(model.cls.detach().double().numpy(), (4, 1, WIDTH)), table], 1)
+    hidden = tokens @ model.body.weight.detach().double().numpy().T + model.body.bias.detach().double().numpy()
+    np.testing.assert_allclose(monitor.embeddings["head-input"][-1].numpy(), hidden.mean(1), rtol=1e-5, atol=1e-7)
+    unmatched = [line for line in said if "pads included" in line]
+    assert len(unmatched) == 1 and "head-input" in unmatched[0] and "7 token positions" in unmatched[0]
+    assert "attention_mask has 6" in unmatched[0]
+    fit_start = [line for line in said if "beside input_key" in line]
+    assert len(fit_start) == 1 and "taps with the mask's token positions" in fit_start[0]
+
+
+class TwoViewsEncoded(TwoViews):
+    """TwoViews with a default (sequence-first) transformer layer the forward feeds ``(T, B, D)`` itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(WIDTH, 1, 8, dropout=0.0)  # batch_first=False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.emb(ids).transpose(0, 1)).transpose(0, 1)
+        return self.head(torch.cat([h, h.flip(1)]).mean(1))
+
+
+def test_a_module_declaring_batch_first_false_does_not_move_the_example_axis_of_the_inputs() -> None:
+    # Before: any module declaring batch_first=False made the (B, T) ids' axis 1 (2B == T rows) the examples: cut to
+    # 4 sequences of 6 tokens, and the head blamed on a mixture-of-experts expert. Now axis 0, said once with batch_dim=.
+    ids = torch.randint(0, VOCAB, (12, 8), generator=torch.Generator().manual_seed(0))
+    monitor = SensitiveNeurons(modules=["head:input"], every_n_steps=1, num_samples=6, eigenscore_passes=0, window=2)
+    loader = DataLoader(TensorDataset(ids), batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=2, callbacks=[monitor]).fit(TwoViewsEncoded(), loader, loader)
+    said = [str(w.message) for w in caught if "SensitiveNeurons" in str(w.message)]
+    assert monitor._input_axis == 0 and torch.equal(torch.cat(list(monitor._batches)), ids[:6])
+    axis_lines = [line for line in said if "taken along axis 0" in line]
+    assert len(axis_lines) == 1 and "batch_dim=1" in axis_lines[0] and "sequence-first" in axis_lines[0]
+    assert not any("mixture-of-experts" in line for line in said)
+
+
+class SequenceFirstTokens(SquaredOutputTask):
+    """A language model on ``(T, B)`` token ids, the PyTorch tutorial's layout: embedding, a sequence-first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, 2)
+        self.encoder = nn.TransformerEncoderLayer(WIDTH, 1, 8, dropout=0.0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.emb(ids)).mean(0))
+
+
+@pytest.mark.parametrize("batch_dim", [None, 1])
+def test_sequence_first_token_ids_take_axis_1_where_batch_dim_declares_it(batch_dim: int | None) -> None:
+    # The ids do not reach the layer as they are, so nothing about them says (T, B): axis 0 and the line naming
+    # batch_dim=1 without it; with batch_dim=1 the 5 whole sequences (columns) of 7 tokens.
+    ids = torch.randint(0, VOCAB, (16, 7), generator=torch.Generator().manual_seed(0))
+    collate = lambda items: torch.stack([item[0] for item in items]).T  # noqa: E731  (T, B)
+    loader = DataLoader(TensorDataset(ids), batch_size=4, collate_fn=collate)
+    monitor = SensitiveNeurons(modules=["head:input"], every_n_steps=1, num_samples=5, eigenscore_passes=0, window=2,
+                               batch_dim=batch_dim)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=1, callbacks=[monitor]).fit(SequenceFirstTokens(), loader, loader)
+    said = [line for line in (str(w.message) for w in caught) if "taken along axis 0" in line]
+    if batch_dim is None:
+        assert monitor._input_axis == 0 and len(said) == 1 and "batch_dim=1" in said[0]
+    else:
+        assert monitor._input_axis == 1 and said == []
+        assert torch.equal(torch.cat(list(monitor._batches), 1), ids[:5].T)

@@ -47,7 +47,7 @@ import functools
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -184,9 +184,33 @@ def _token_mask(batch: Any, inputs: torch.Tensor | None) -> torch.Tensor | None:
     return mask
 
 
-def _has_sequence_first_modules(model: nn.Module) -> bool:
-    """Whether a module of ``model`` declares ``batch_first=False`` (an ``nn.LSTM`` on ``(T, B, F)`` inputs)."""
-    return any(declared_batch_first(module) is False for module in model.modules())
+def _sequence_first_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` (itself included) that declare ``batch_first=False`` (an ``nn.LSTM``)."""
+    return [module for module in model.modules() if declared_batch_first(module) is False]
+
+
+@contextlib.contextmanager
+def _inputs_reaching_sequence_first(model: nn.Module, inputs: torch.Tensor | None) -> Iterator[list[nn.Module]]:
+    """The sequence-first modules of ``model`` that receive a tensor of the model inputs' shape (the inputs
+    themselves, an LSTM's ``(T, B, F)``) in the forwards run inside: evidence that the inputs are sequence-first.
+    A module merely declaring ``batch_first=False`` is none: a transformer layer fed ``h.transpose(0, 1)`` of
+    ``(B, T)`` token ids says nothing of the ids' layout."""
+    receivers: list[nn.Module] = []
+
+    def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        given = (*args, *kwargs.values())
+        if any(isinstance(a, torch.Tensor) and inputs is not None and a.shape == inputs.shape for a in given):
+            receivers.append(module)
+
+    handles = [
+        module.register_forward_pre_hook(check, with_kwargs=True)
+        for module in (_sequence_first_modules(model) if inputs is not None and inputs.dim() > 0 else [])
+    ]
+    try:
+        yield receivers
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _refuse_unless_same_on_every_rank(batches: list[Any], device: torch.device, problem: str, fix: str) -> None:
@@ -578,6 +602,7 @@ class SensitiveNeurons(FitScopedState):
         self._unknown_warned: set[str] = set()
         self._undecided_warned: set[str] = set()  # taps whose set ties at its cut (_warn_cut_short)
         self._widths_warned: set[str] = set()
+        self._mask_unmatched_warned: set[str] = set()  # taps not of the mask's tokens (_warn_mask_not_applied)
         #: Per tap, the rows of each of its calls in a tracking pass, and the taps whose rows are not the tracking
         #: examples (:meth:`_check_examples`, :meth:`_check_rows`), left out.
         self._call_rows: dict[str, tuple[int, ...]] = {}
@@ -655,6 +680,8 @@ class SensitiveNeurons(FitScopedState):
                     category=UserWarning,
                 )
             return
+        if self._running_mask is not None and x.dim() == 3 and x.shape[:2] != self._running_mask.shape:
+            self._warn_mask_not_applied(self.taps[tap_index].name, tuple(x.shape))
         embedding = per_example_embedding(x, self._running_mask)
         self._collected.setdefault(tap_index, []).append(embedding.to(torch.float64, copy=True))
 
@@ -766,8 +793,9 @@ class SensitiveNeurons(FitScopedState):
             nonlocal axis
             x = to_device(self._batch_inputs(batches[-1]), device, trainer)
             if not inputs:
-                tap_rows, _ = self._first_forward(trainer, pl_module, x)
-                axis = self._sample_axis(x, next(iter(tap_rows.values()), None), pl_module)
+                with _inputs_reaching_sequence_first(pl_module, x) as receivers:
+                    tap_rows, _ = self._first_forward(trainer, pl_module, x)
+                axis = self._sample_axis(x, next(iter(tap_rows.values()), None), pl_module, bool(receivers))
             inputs.append(x)
             mask = _token_mask(batches[-1], x)
             masks.append(None if mask is None else mask.to(device))
@@ -798,10 +826,11 @@ class SensitiveNeurons(FitScopedState):
             nonlocal axis, graph_tap
             batches.append(to_device(loaded[-1], device, trainer))
             if len(batches) == 1:
-                tap_rows, output = self._first_forward(trainer, pl_module, batches[0])
                 inputs = first_batch_tensor(batches[0])
+                with _inputs_reaching_sequence_first(pl_module, inputs) as receivers:
+                    tap_rows, output = self._first_forward(trainer, pl_module, batches[0])
                 samples = next(iter(tap_rows.values()), None)
-                axis = 0 if inputs is None else self._sample_axis(inputs, samples, pl_module)
+                axis = 0 if inputs is None else self._sample_axis(inputs, samples, pl_module, bool(receivers))
                 graph_tap = _graph_tap(batches[0], inputs, tap_rows, output)
                 examples.append(num_examples(batches[0], axis) if graph_tap is None else tap_rows[graph_tap])
             elif graph_tap is not None:
@@ -814,14 +843,32 @@ class SensitiveNeurons(FitScopedState):
         self._input_axis = axis
         return batches, examples
 
-    def _sample_axis(self, x: torch.Tensor, samples: int | None, pl_module: nn.Module) -> int:
+    def _sample_axis(
+        self, x: torch.Tensor, samples: int | None, pl_module: nn.Module, reaches_sequence_first: bool
+    ) -> int:
         """The axis of the examples in the model inputs ``x``, from the first forward's sample count (the embeddings'
         rows): the one axis that long (an ``nn.LSTM``'s ``(T, B, F)`` inputs hold B examples), else axis 0. Another
-        axis than 0 only where ``batch_dim=`` is declared or a sequence-first module of the model implies one: before
-        round 27 a forward repeating each example (two views, beams) at ``2B == T`` had its ``(B, T)`` token ids cut
-        along the tokens. Where two readings fit — two axes that long, or one besides the ``B·T`` rows of a head run on
-        flattened tokens (a single ``(1, T)`` sequence) — axis 0 is taken and said once: only the user knows."""
-        if samples is None or x.dim() == 0 or not (self.batch_dim or _has_sequence_first_modules(pl_module)):
+        axis than 0 only where ``batch_dim=`` is declared or the inputs reach a sequence-first module as they are
+        (``reaches_sequence_first``, :func:`_inputs_reaching_sequence_first`): before round 27 a forward repeating
+        each example (two views, beams) at ``2B == T`` had its ``(B, T)`` token ids cut along the tokens, and in
+        round 27 still where any module merely declared ``batch_first=False`` (a transformer layer the forward feeds
+        ``(T, B, D)`` itself). Where two readings fit — two axes that long, one besides the ``B·T`` rows of a head run
+        on flattened tokens (a single ``(1, T)`` sequence), or only another axis in a model with sequence-first
+        modules the inputs do not reach as they are — axis 0 is taken and said once: only the user knows."""
+        if samples is None or x.dim() == 0:
+            return 0
+        if not (self.batch_dim or reaches_sequence_first):
+            others = [axis for axis in range(1, x.dim()) if x.shape[axis] == samples]
+            if others and x.shape[0] != samples and _sequence_first_modules(pl_module):
+                rank_zero_warn(
+                    f"SensitiveNeurons: a first forward of the tracking inputs of shape {tuple(x.shape)} gives "
+                    f"{samples} embeddings, the length of their axis {others[0]}, and the model holds sequence-first "
+                    "(batch_first=False) modules, which the inputs do not reach as they are; the examples are taken "
+                    "along axis 0 (a forward repeating each example, two views or beams, gives more rows than "
+                    f"examples); if they lie along axis {others[0]} (inputs fed sequence-first), pass "
+                    f"batch_dim={others[0]}",
+                    category=UserWarning,
+                )
             return 0
         matching = [axis for axis in range(x.dim()) if x.shape[axis] == samples]
         declared = [layout.batch_dim for layout in self._layouts if layout.batch_dim and layout.batch_dim in matching]
@@ -962,8 +1009,25 @@ class SensitiveNeurons(FitScopedState):
             return
         rank_zero_warn(
             f"SensitiveNeurons: the padded validation batches hold an attention_mask beside input_key="
-            f"{self.input_key!r}, and the model is run on batch[{self.input_key!r}] alone, without it (the embeddings "
-            "average each example's real tokens only); pass forward_fn=lambda m, b: m(**b) to run it with the mask",
+            f"{self.input_key!r}, and the model is run on batch[{self.input_key!r}] alone, without it (taps with the "
+            "mask's token positions average each example's real tokens only); pass forward_fn=lambda m, b: m(**b) to "
+            "run it with the mask",
+            category=UserWarning,
+        )
+
+    def _warn_mask_not_applied(self, tap_name: str, shape: tuple[int, ...]) -> None:
+        """Say once per tap that a padded batch's ``attention_mask`` does not fit its (B, T, D) activations, so their
+        token mean includes the pads: positions the model prepends or appends (a CLS token) or pools cannot be told
+        from the mask's, and are not guessed."""
+        if tap_name in self._mask_unmatched_warned or self._running_mask is None:
+            return
+        self._mask_unmatched_warned.add(tap_name)
+        batch, tokens = self._running_mask.shape
+        rank_zero_warn(
+            f"SensitiveNeurons: {tap_name}'s activations of shape {shape} have {shape[1]} token positions "
+            f"(for {shape[0]} rows) where the padded batch's attention_mask has {tokens} (for {batch} examples), so "
+            "the mask cannot say which are pads: its embeddings average every position, pads included (a CLS or "
+            "other token the model adds is not placed by guess); tap a module whose token axis is the inputs'",
             category=UserWarning,
         )
 
