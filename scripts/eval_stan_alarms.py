@@ -21,17 +21,21 @@ from sklearn.metrics import roc_auc_score
 
 from lightning_act.data.eeg import EEGSeizureDataModule
 from lightning_act.errors import DataNotFoundError
+from lightning_act.eval.ranking import ranking_scores
 from lightning_act.eval.seizure_alarms import evaluate_recordings
 from lightning_act.tasks.seizure_forecasting import SeizureForecaster
 
 
 def predict_stream(task: SeizureForecaster, datamodule: EEGSeizureDataModule) -> tuple[np.ndarray, ...]:
-    """``(recording_index, window_end_s, label, probability)`` for every test window."""
+    """``(recording_index, window_end_s, label, probability, ranking_score)`` for every test window: the float32
+    probability for the alarms, as the task's test step raises them, and the :func:`ranking_scores` of the logits
+    for the AUROC, as the task's ``test/auroc`` (a float32 sigmoid ties every logit above about 16.6 at 1)."""
     parts: list[tuple[np.ndarray, ...]] = []
     task.eval()
     with torch.no_grad():
         for x, y, rec, end in datamodule.test_dataloader():
-            parts.append((rec.numpy(), end.numpy(), y.numpy(), task(x).sigmoid().numpy()))
+            logits = task(x).float()
+            parts.append((rec.numpy(), end.numpy(), y.numpy(), logits.sigmoid().numpy(), ranking_scores(logits).numpy()))
     return tuple(np.concatenate(column) for column in zip(*parts))
 
 
@@ -58,12 +62,12 @@ def main() -> None:
     refractory = args.refractory_minutes if args.refractory_minutes is not None else hp.refractory_minutes
     thresholds = args.thresholds if args.thresholds is not None else [hp.alarm_threshold]
 
-    rec, end, label, prob = predict_stream(task, datamodule)
+    rec, end, label, prob, score = predict_stream(task, datamodule)
     recordings = datamodule.recordings["test"]
     labelled = label >= 0
     print(
         f"held-out recordings: {len(recordings)} ({sum(r.duration_s for r in recordings) / 3600:.1f} h, "
-        f"{sum(len(r.seizures) for r in recordings)} seizures); window AUROC {roc_auc_score(label[labelled], prob[labelled]):.3f}"
+        f"{sum(len(r.seizures) for r in recordings)} seizures); window AUROC {roc_auc_score(label[labelled], score[labelled]):.3f}"
     )
     print(f"alarm rule: {k} of last {n} windows >= threshold, refractory {refractory:g} min, horizon {datamodule.horizon_s / 60:g} min")
     print(f"{'threshold':>9} {'sensitivity':>11} {'FD/h':>7} {'lead (min)':>10} {'predicted':>9} {'false':>6} {'interictal h':>12}")

@@ -56,6 +56,7 @@ from lightning_act.data.eeg import (
     generate_subject_recording,
     label_windows,
 )
+from lightning_act.eval.ranking import ranking_scores
 from lightning_act.eval.seizure_alarms import AlarmReport, evaluate_recordings, proportion_interval, rate_interval
 from lightning_act.tasks.seizure_forecasting import SeizureForecaster
 
@@ -150,11 +151,12 @@ def train_stan(cfg: Config, train: list[EEGRecording], adversarial_weight: float
     return task.eval()
 
 
-def stan_probabilities(task: SeizureForecaster, windows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def stan_logits(task: SeizureForecaster, windows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """STAN's float32 logits of ``windows``: their sigmoid is the alarms' probability, their :func:`ranking_scores`
+    the AUROC's score (a float32 sigmoid ties every logit above about 16.6 at 1)."""
     x = (windows - mean.astype(np.float32)[None, :, None]) / std.astype(np.float32)[None, :, None]
     with torch.inference_mode():
-        return np.concatenate([task(torch.from_numpy(np.ascontiguousarray(x[i : i + 2048]))).sigmoid().numpy()
-                               for i in range(0, len(x), 2048)])
+        return torch.cat([task(torch.from_numpy(np.ascontiguousarray(x[i : i + 2048]))) for i in range(0, len(x), 2048)])
 
 
 def interictal_windows(recordings: list[EEGRecording], window: int) -> list[np.ndarray]:
@@ -182,10 +184,11 @@ def run_seed(cfg: Config, seed: int) -> dict[str, dict]:
         np.concatenate([band_power_ratio(w, cfg.sampling_rate) for w in interictal_windows(train, window)]), 99))}
     calibration_windows = np.concatenate(interictal_windows(calibration, window))
     for name, task in models.items():
-        thresholds[name] = float(np.percentile(stan_probabilities(task, calibration_windows, mean, std), 99))
+        thresholds[name] = float(np.percentile(stan_logits(task, calibration_windows, mean, std).sigmoid().numpy(), 99))
     del train, calibration, calibration_windows
 
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in METHODS}
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in METHODS}  # the alarms' scores
+    rank_scores: dict[str, list[np.ndarray]] = {name: [] for name in METHODS}  # the AUROC's, in the same order
     rec_index, end_times, labels, seizures, durations = [], [], [], [], []
     for i, subject in enumerate(subjects[cfg.n_train + cfg.n_calibration :]):
         rec = generate_subject_recording(subject, [seed, 2, i], f"{subject.name}_test", cfg.test_hours * 60.0,
@@ -198,15 +201,18 @@ def run_seed(cfg: Config, seed: int) -> dict[str, dict]:
         seizures.append(rec.seizures)
         durations.append(rec.duration_s)
         scores[METHODS[0]].append(band_power_ratio(windows, cfg.sampling_rate))
+        rank_scores[METHODS[0]].append(scores[METHODS[0]][-1])
         for name, task in models.items():
-            scores[name].append(stan_probabilities(task, windows, mean, std))
+            logits = stan_logits(task, windows, mean, std)
+            scores[name].append(logits.sigmoid().numpy())
+            rank_scores[name].append(ranking_scores(logits).numpy())
     rec_index, end_times, labels = np.concatenate(rec_index), np.concatenate(end_times), np.concatenate(labels)
     labelled = labels >= 0
     results = {}
     for name in METHODS:
-        score = np.concatenate(scores[name])
+        score, rank_score = np.concatenate(scores[name]), np.concatenate(rank_scores[name])
         report = evaluate_recordings(rec_index, end_times, score, seizures, durations, threshold=thresholds[name], **ALARM)
-        auroc = roc_auc_score(labels[labelled], score[labelled]) if len(np.unique(labels[labelled])) == 2 else math.nan
+        auroc = roc_auc_score(labels[labelled], rank_score[labelled]) if len(np.unique(labels[labelled])) == 2 else math.nan
         results[name] = {"report": report, "auroc": float(auroc), "threshold": thresholds[name]}
     return results
 

@@ -627,6 +627,13 @@ def read_edf(path: str | Path, n_channels: int | None = None) -> tuple[np.ndarra
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"EDF file '{path}' not found; check the file names listed in the summary")
+    with path.open("rb") as file:
+        reserved = file.read(256)[192:197].decode("ascii", "replace")
+    if reserved in ("EDF+D", "BDF+D"):  # pyedflib refuses these too, with a reason that reads like a damaged file
+        raise DataFormatError(
+            f"'{path}' is {reserved} (discontinuous: its records have gaps), which is not read because its samples "
+            "cannot be placed on the summary's seconds; export it as continuous EDF (EDF+C) or split it at the gaps"
+        )
     try:
         reader = pyedflib.EdfReader(str(path))
     except OSError as error:
@@ -959,19 +966,28 @@ class EEGSeizureDataModule(SplitDataModule):
         return loader
 
     def _warn_seizure_free_test(self) -> None:
-        """A seizure-free test split is legitimate (it measures false detections per hour) but has no window AUROC
-        and no sensitivity: say so once per test run instead of letting them read as measurements."""
+        """A test split without a preictal window is legitimate (it measures false detections per hour) but has no
+        window AUROC, and without seizures no sensitivity: say so once per test run instead of letting them read as
+        measurements. Seizures with no window before them (e.g. too close to their file's start) still count in the
+        sensitivity, so then only the AUROC is announced as undefined."""
         dataset = self.datasets.get("test")
         if dataset is None or len(dataset) == 0 or (dataset.labels == 1).any():
             return
         recordings = self.recordings.get("test", [])
         seizures = sum(len(rec.seizures) for rec in recordings)
-        cause = "no seizure file fell in it" if seizures == 0 else f"its {seizures} seizure(s) leave no labelled window before them"
-        rank_zero_warn(
-            f"EEGSeizureDataModule: the test windows ({len(recordings)} recording(s)) hold no preictal window ({cause}): "
-            "test/auroc and test/sensitivity are undefined (NaN), only test/false_detections_per_hour is measured; "
-            "for them, add seizure files or change --data.test_fraction / --data.seed"
-        )
+        start = f"EEGSeizureDataModule: the test windows ({len(recordings)} recording(s)) hold no preictal window"
+        fix = "add seizure files or change --data.test_fraction / --data.seed"
+        if seizures == 0:
+            rank_zero_warn(
+                f"{start} (no seizure file fell in it): test/auroc and test/sensitivity are undefined (NaN), only "
+                f"test/false_detections_per_hour is measured; for them, {fix}"
+            )
+        else:
+            rank_zero_warn(
+                f"{start} (its {seizures} seizure(s) leave no labelled window before them): test/auroc is undefined "
+                f"(NaN), test/sensitivity (over those {seizures} seizure(s)) and test/false_detections_per_hour are "
+                f"measured; for an AUROC, {fix}"
+            )
 
     def _check_preictal_windows(self) -> None:
         """A training or validation set without a preictal window trains one class, or gives an AUROC of nothing;
