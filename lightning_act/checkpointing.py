@@ -354,24 +354,40 @@ class LastCheckpoint(Checkpoint):
             self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
 
     def _warn_epoch_restarts(self, trainer: pl.Trainer) -> None:
-        """Say that a fit resumed inside an epoch trains on that epoch's first batches again, where the train loader
-        does not record its position (not ``_Stateful``) and Lightning's own warning does not say it: that one counts
-        optimizer steps, so a manual optimization with two optimizer steps per batch (a GAN's critic and model) or
-        a checkpoint before an accumulation window's step passed silently."""
+        """Say how a fit resumed from a checkpoint written inside an epoch trains on that epoch's data where
+        Lightning does not say it. Lightning restarts the epoch (``epoch_loop.restarting``, from the checkpoint's loop
+        state: its epoch unfinished, or a ``max_steps`` fit) on the train loader's first batches where the loader does
+        not record its position (not ``_Stateful``); its own warning counts optimizer steps, so a manual optimization
+        with two optimizer steps per batch (a GAN's critic and model) or a checkpoint before an accumulation window's
+        step passed silently, and a loader without a length (an ``IterableDataset``) always. An epoch the checkpoint's
+        fit ended inside (``max_steps``, ``should_stop``) counts as finished: the resume starts the next one, without
+        the batches left in it."""
         done, self._resumed_batches_in_epoch = self._resumed_batches_in_epoch, 0
         batches = trainer.num_training_batches
-        if not 0 < done < batches or math.isinf(batches):
-            return
         loader = trainer.fit_loop._combined_loader
-        if loader is None or all(isinstance(flat, _Stateful) for flat in loader.flattened):
+        if done == 0 or done >= batches or loader is None:
             return
-        if trainer.global_step % math.ceil(batches / trainer.accumulate_grad_batches) != 0:
+        of_batches = f"{done} of its epoch's {batches}" if not math.isinf(batches) else f"{done} of its epoch's"
+        if not trainer.fit_loop.epoch_loop.restarting:
+            rank_zero_warn(
+                f"LastCheckpoint: the checkpoint's fit ended after {of_batches} training batches (max_steps, or "
+                "should_stop as EarlyStopping's) and Lightning counts that epoch finished, so the resumed fit starts "
+                "the next epoch and never trains on the batches left in that one; a fit that ends at an epoch's end "
+                "continues exactly"
+            )
+            return
+        if all(isinstance(flat, _Stateful) for flat in loader.flattened):
+            return
+        if math.isinf(batches):
+            replayed = "trains on the loader's batches from its first again, to its end (its length is unknown)"
+        elif trainer.global_step % math.ceil(batches / trainer.accumulate_grad_batches) != 0:
             return  # Lightning warns that the loader is not resumable
+        else:
+            replayed = "trains on its first batches again for the batches left in it"
         rank_zero_warn(
-            f"LastCheckpoint: the checkpoint was written after {done} of its epoch's {batches} training batches and "
-            "the train loader does not record its position (no state_dict/load_state_dict), so the resumed epoch "
-            "trains on its first batches again for the batches left in it; resume from an end-of-epoch checkpoint "
-            "to continue exactly"
+            f"LastCheckpoint: the checkpoint was written after {of_batches} training batches and the train loader "
+            f"does not record its position (no state_dict/load_state_dict), so the resumed epoch {replayed}; resume "
+            "from an end-of-epoch checkpoint to continue exactly"
         )
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:

@@ -46,6 +46,7 @@ import math
 import numbers
 import pickle
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -145,6 +146,53 @@ def _warn_once_per_tap(tap_name: str, warned: set[str], message: str) -> None:
     if tap_name not in warned:
         warned.add(tap_name)
         rank_zero_warn(message, category=UserWarning)
+
+
+#: An additive float ``attention_mask`` (0 where attended, added to the attention scores) masks a position with a value
+#: at or below this (its softmax weight is 0): Hugging Face's older models added ``-10000.0`` (-9984 in bfloat16), newer
+#: ones the dtype's minimum, others ``-1e9`` or ``-inf``.
+ADDITIVE_MASK_MASKED = -1e3
+
+
+def padding_in_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Whether a batch's ``(batch, tokens)`` ``attention_mask`` (Hugging Face's convention: 1 or True where a token is,
+    0 or False at a pad) masks a position, as a bool tensor on the mask's device (no host sync). A float mask holding
+    only 0 and 1 (at least one 1) is such a mask; any other float mask is additive (0.0 where attended, very negative
+    at pads), whose padding is at values <= :data:`ADDITIVE_MASK_MASKED`: read as 1/0, an additive mask without
+    padding (all 0.0) was said to be padded everywhere. PyTorch's ``key_padding_mask`` (True at pads) is another key
+    and not read. A mask of more axes (``(B, 1, T, T)``) may hold a causal pattern, which is no padding: not read."""
+    if mask.ndim != 2:
+        return torch.zeros((), dtype=torch.bool, device=mask.device)
+    if mask.dtype == torch.bool:
+        return (~mask).any()
+    if not mask.is_floating_point():
+        return (mask == 0).any()
+    keep_mask = ((mask == 0) | (mask == 1)).all() & (mask == 1).any()
+    return torch.where(keep_mask, (mask == 0).any(), (mask <= ADDITIVE_MASK_MASKED).any())
+
+
+def holds_padding(batch: Any) -> bool:
+    """Whether ``batch`` is a dict (or Hugging Face's ``BatchEncoding``) whose ``attention_mask`` masks a position
+    (:func:`padding_in_mask`): the rule of the training batches' check, for batches a monitor reads itself (probes)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return isinstance(mask, torch.Tensor) and bool(padding_in_mask(mask))
+
+
+def warn_padding_once(owner: Any, warned: set[str], which: str) -> None:
+    """Say once per run that ``which`` batches (``"the training batch at step 3"``) hold padding. Each rank checks
+    its own batches, so the rank that sees the padding says it, naming itself: padding on rank 1 alone (length-bucketed
+    or unevenly sharded data) was said by no rank."""
+    if "attention_mask" in warned:
+        return
+    warned.add("attention_mask")
+    rank = f" of rank {torch.distributed.get_rank()}" if distributed_world_size() > 1 else ""
+    warnings.warn(
+        f"{type(owner).__name__}: {which}{rank} holds padding (its attention_mask masks positions): the activations "
+        "at the padding positions enter the statistics like real tokens' (no monitor excludes them); pack the "
+        "sequences without padding, or train on batches of equal-length sequences, for statistics of real tokens only",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def warn_features_unknown(owner: Any, tap_name: str, shape: tuple[int, ...], warned: set[str]) -> None:
@@ -405,6 +453,24 @@ def spelling_free_modules(modules: Sequence[ModuleSpec]) -> list[str]:
                 text, suffix = text[: -len(end)], ":input"
         cls = resolve_class(text)
         canonical.add((cls.__name__ if cls is not None else text) + suffix)
+    return sorted(canonical)
+
+
+def held_spelling_free_modules(held: Sequence[Any], mine: Sequence[str]) -> list[str]:
+    """A checkpoint key's module specs as :func:`spelling_free_modules` writes them, without importing what they name
+    (a checkpoint's keys must not import code, and a spec like ``".Foo"`` made the import raise and the resume crash):
+    a class path (``"torch.nn.ReLU"``, ``"<class 'torch.nn.ReLU'>"``) counts as its class name where that name is among
+    ``mine`` (this monitor's own specs, so spelled)."""
+    canonical = set()
+    for spec in held:
+        text, suffix = str(spec), ""
+        for end in (":input", INPUT_TAP_SUFFIX):
+            if text.endswith(end):
+                text, suffix = text[: -len(end)], ":input"
+        class_repr = re.fullmatch(r"<class '(.+)'>", text)
+        text = class_repr.group(1) if class_repr else text
+        class_name = text.rpartition(".")[2] + suffix
+        canonical.add(class_name if text + suffix not in mine and "." in text and class_name in mine else text + suffix)
     return sorted(canonical)
 
 
@@ -854,6 +920,13 @@ class FitScopedState(Callback):
             same_modules = self._saved_key_of_same_modules(states)
             if same_modules is not None:  # Lightning hands the states out by exact key, after this hook
                 states[self.state_key] = states[same_modules]
+                listed = same_modules not in {callback.state_key for callback in trainer.callbacks}
+                if listed and not self._keeps_own_state:  # Lightning's check of the keys ran before this hook
+                    rank_zero_warn(
+                        f"{kind}: the state Lightning listed above under {same_modules} (\"Please add the following "
+                        "callbacks\") is this monitor's, under the key of its first versions, and is restored for it",
+                        category=UserWarning,
+                    )
         if fitting and not {self.state_key, self._legacy_state_key} & set(states):
             # Lightning calls no load_state_dict then: a callback reused from an earlier fit would carry its state
             # into the resumed run (run A's steps, then run B's), which had none for it
@@ -886,7 +959,7 @@ class FitScopedState(Callback):
             except (ValueError, SyntaxError):
                 continue
             held = entries.get("modules") if isinstance(entries, dict) else None
-            if not isinstance(held, list) or (held != as_spelled and spelling_free_modules(held) != mine):
+            if not isinstance(held, list) or (held != as_spelled and held_spelling_free_modules(held, mine) != mine):
                 continue
             same_rest = all(getattr(self, name, None) == value for name, value in entries.items() if name != "modules")
             matches.append((not same_rest, key))
@@ -1004,7 +1077,7 @@ class ActivationMonitor(FitScopedState, ABC):
         self._low_dim_warned: set[str] = set()
         self._features_warned: set[str] = set()
         self._padding_warned: set[str] = set()  # said once per run: a due step's batch holds padding
-        #: A due step's padding check on its way to the host: (step, whether its attention_mask holds zeros, the
+        #: A due step's padding check on its way to the host: (step, whether its attention_mask masks a position, the
         #: CUDA event after which that flag is on the host, or None where it is there at once).
         self._padding_check: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
 
@@ -1139,14 +1212,15 @@ class ActivationMonitor(FitScopedState, ABC):
 
     def _check_padding(self, batch: Any, step: int) -> None:
         """Start the check of a due step's training batch for padding (a dict batch, or Hugging Face's
-        ``BatchEncoding``, whose ``attention_mask`` holds zeros): every monitor counts the pad positions' activations
-        like real tokens', which :meth:`_read_padding_check` says once per run. On a GPU the flag reaches the host
+        ``BatchEncoding``, whose ``attention_mask`` masks a position: :func:`padding_in_mask`): every monitor counts
+        the pad positions' activations like real tokens', which :meth:`_read_padding_check` says once per run. On a
+        GPU the flag reaches the host
         asynchronously (pinned memory and an event): a host read of it at once would wait for the steps the device
         still runs, at every due step until it is said."""
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if self._padding_warned or self._padding_check is not None or not isinstance(mask, torch.Tensor):
             return
-        padded = (mask == 0).any()
+        padded = padding_in_mask(mask)
         arrived = None
         if padded.is_cuda:
             padded = padded.to("cpu", non_blocking=True)
@@ -1165,13 +1239,13 @@ class ActivationMonitor(FitScopedState, ABC):
             arrived.synchronize()
         self._padding_check = None
         if bool(padded):
-            _warn_once_per_tap(
-                "attention_mask", self._padding_warned,
-                f"{type(self).__name__}: the training batch at step {step} holds an attention_mask with zeros: the "
-                "activations at its padding positions enter the statistics like real tokens' (no monitor excludes "
-                "them); pack the sequences without padding, or train on batches of equal-length sequences, for "
-                "statistics of real tokens only",
-            )
+            warn_padding_once(self, self._padding_warned, f"the training batch at step {step}")
+
+    def warn_padded_probe(self, batches: Iterable[Any]) -> None:
+        """Say once per run that probe batches this monitor measures (instead of the training batch) hold padding
+        (:func:`holds_padding`), as the training batches' check says it."""
+        if not self._padding_warned and any(holds_padding(batch) for batch in batches):
+            warn_padding_once(self, self._padding_warned, "a probe batch")
 
     def _follow_replaced_modules(self, pl_module: pl.LightningModule, step: int) -> None:
         """Before a due step's forward, move the subscription of each tap whose module was replaced since the monitor
