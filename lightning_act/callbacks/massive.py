@@ -13,7 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_act.callbacks.base import ActivationMonitor, Partials, check_int, check_number, training_step_index
+from lightning_act.callbacks.base import (
+    ActivationMonitor,
+    Partials,
+    StagedStatistics,
+    check_int,
+    check_number,
+    training_step_index,
+)
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
@@ -27,6 +34,7 @@ from lightning_act.callbacks.probe import (
 )
 from lightning_act.capture import ModuleSpec
 from lightning_act.capture.registry import ForwardCutoff
+from lightning_act.capture.selection import has_lazy_parameters
 from lightning_act.errors import LightningActError
 from lightning_act.plots import run_dir, writes_run_files
 from lightning_act.report.skipped import record_skipped
@@ -70,24 +78,79 @@ FIT_SCALARS = {"fit_A": "a", "fit_lambda": "lam", "fit_gamma": "gamma", "fit_t0"
 
 def token_grid(x: torch.Tensor) -> tuple[int, ...]:
     """The token positions of a sample-first activation: ``(T,)`` for ``(B, T, D)``, the spatial shape of
-    ``(B, C, *spatial)``, ``()`` for ``(B, D)`` (no token axis)."""
+    ``(B, C, *spatial)`` or of a channels-last map the capture registry flattened to ``(B, tokens, C)``
+    (:func:`flattened_spatial_shape`), ``()`` for ``(B, D)`` (no token axis)."""
     if x.dim() == 2:
         return ()
-    return tuple(x.shape[1:2]) if x.dim() == 3 else tuple(x.shape[2:])
+    if x.dim() == 3:
+        return flattened_spatial_shape(x) or tuple(x.shape[1:2])
+    return tuple(x.shape[2:])
+
+
+def flattened_spatial_shape(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The spatial shape of a channels-last map ``(B, *spatial, C)`` that ``x``, a ``(B, tokens, C)`` view of it
+    (:func:`~lightning_act.capture.layout.with_canonical_features` flattens such maps before a monitor sees them),
+    flattens; None for any other ``x``. Without it, a 3x5 map beside a 4x6 one read as two sequences, which align.
+    The registry detaches each activation (a detached tensor is no view), so a 3-d view of a 4-d or larger base is
+    that flattening; a sample-first view of a map given with ``batch_dim`` is not recognised (read as a sequence)."""
+    base = x._base
+    if base is None or base.dim() < 4:
+        return None
+    spatial = tuple(base.shape[1:-1])
+    flattening = (base.shape[0], math.prod(spatial), base.shape[-1])
+    if tuple(x.shape) != flattening or x.stride() != (base.stride(0), base.stride(-2), base.stride(-1)):
+        return None
+    return spatial
+
+
+#: How the token grids of a tap's forwards in one step relate (:func:`grids_verdict`), from the fingerprint each rank
+#: adds to the tap's maxima (:func:`grid_fingerprint`): positions align; they align as indices along each forward's
+#: own first token axis of different lengths (said once); or they do not align for one of three reasons.
+ALIGNED, LENGTHS_DIFFER, ONE_TOKEN, NO_TOKEN_AXIS, SHAPES_DIFFER = 0.0, 1.0, 2.0, 3.0, 4.0
+
+#: Private statistic carrying each tap's verdict to the host with the values (read and dropped in ``deliver``).
+TOKEN_AXES = "token_axes"
+
+def grid_fingerprint(grids: set[tuple[int, ...]]) -> list[float]:
+    """What :func:`grids_verdict` needs of one rank's token grids of a tap in a step, in fields that a max across ranks
+    merges, so that every rank decides on every rank's grids: whether a ``()`` grid (a ``(B, D)`` call) and whether
+    any other grid was seen, then the largest and the negated smallest number of axes, first size and code of the
+    sizes after the first (-inf: no such grid). That code is 53 bits of their hash (two different shapes sharing
+    one: a 2**-53 chance)."""
+    shaped = [grid for grid in grids if grid]
+    if not shaped:
+        return [float(() in grids), 0.0] + [-math.inf] * 6
+    dims = [len(grid) for grid in shaped]
+    first = [grid[0] for grid in shaped]
+    rest = [hash(grid[1:]) % (1 << 53) for grid in shaped]
+    return [float(() in grids), 1.0, max(dims), -min(dims), max(first), -min(first), max(rest), -min(rest)]
+
+
+def grids_verdict(fingerprints: torch.Tensor) -> torch.Tensor:
+    """The verdict per row of ``fingerprints`` ``(taps, 8)`` (:func:`grid_fingerprint`, reduced over ranks), on
+    their device.
+
+    A ``(B, D)`` call has no position; grids of different numbers of axes, or of different sizes after the first
+    (``row * W + column`` with different ``W``), number positions differently. Grids that differ in their first size
+    alone (sequences of different lengths, maps of different heights, clips of different frame counts) name the
+    same positions when every forward starts at position 0 (dynamic padding, several probe batches), which their
+    shapes cannot tell from a continuation (a KV-cache decode or a chunked prefill); a first size of 1 beside larger
+    ones is taken as a decode step, others as starting at 0 (:data:`LENGTHS_DIFFER`, said once)."""
+    vector, shaped, max_dims, neg_min_dims, max_first, neg_min_first, max_rest, neg_min_rest = fingerprints.unbind(1)
+    shaped = shaped > 0
+    lengths_differ = shaped & (max_first != -neg_min_first)
+    verdict = torch.where(lengths_differ, LENGTHS_DIFFER, ALIGNED)
+    verdict = torch.where(lengths_differ & (-neg_min_first == 1), ONE_TOKEN, verdict)
+    other_shapes = (max_dims != -neg_min_dims) | (max_rest != -neg_min_rest)
+    verdict = torch.where(shaped & other_shapes, SHAPES_DIFFER, verdict)
+    return torch.where(shaped & (vector > 0), NO_TOKEN_AXIS, verdict).to(torch.float64)
 
 
 def positions_align(grids: set[tuple[int, ...]]) -> bool:
-    """Whether top-k positions from calls with these token grids (:func:`token_grid`) name the same tokens.
-
-    Sequences of different lengths all start at token 0 (dynamic padding under gradient accumulation, several probe
-    batches), so they align, unless one has a single token: a KV-cache decode step, whose token sits at some later
-    absolute position. A ``(B, D)`` call has no position, and images of different sizes number ``row * W + column``
-    with different ``W``."""
-    if len(grids) == 1:
-        return True
-    if any(len(grid) != 1 for grid in grids):
-        return False
-    return min(length for (length,) in grids) > 1
+    """Whether top-k positions from calls with these token grids (:func:`token_grid`) name the same tokens (in one
+    process; :func:`grids_verdict`)."""
+    verdict = grids_verdict(torch.tensor([grid_fingerprint(grids)], dtype=torch.float64))
+    return float(verdict[0]) in (ALIGNED, LENGTHS_DIFFER)
 
 
 class MassiveActivations(ActivationMonitor):
@@ -100,8 +163,10 @@ class MassiveActivations(ActivationMonitor):
     ``|a| / median >= ratio_threshold`` in the step's samples; ``count_per_sample`` divides by the
     sample count) and, for ``j < top_k``, ``top{j}_value``, ``top{j}_token``, ``top{j}_feature``: the
     largest ``|a|`` at distinct (token position, feature index) positions. A token position is an index along each
-    forward's own token axis: at a step whose forwards of a tap do not align (a one-token KV-cache decode step or a
-    ``(B, D)`` one beside whole sequences, :func:`positions_align`), ``top{j}_token`` is not logged (one warning).
+    forward's own token axis: at a step whose forwards of a tap, on any rank, do not align (a one-token KV-cache
+    decode step or a ``(B, D)`` one beside whole sequences, maps of different widths, :func:`grids_verdict`),
+    ``top{j}_token`` is not logged (one warning); forwards of different lengths are taken to start at token 0 (said
+    once: a chunked decode or a KV-cache continuation of several tokens is not told apart).
 
     At the end of fit, and whenever :meth:`fit_emergence` is called, the Hidden Dynamics
     emergence model ``f(t) = A exp(-lambda x) log(x) + K``, ``x = gamma t + t0``, is fitted to each
@@ -187,11 +252,12 @@ class MassiveActivations(ActivationMonitor):
         self.fits: dict[str, EmergenceFit] = {}
         self.fit_skipped: dict[str, str] = {}
         self._has_token: dict[int, bool] = {}
-        #: The token grids of each tap's calls in the current step (:func:`token_grid`), and the taps whose calls in
-        #: the step last flushed had grids whose positions do not align (:func:`positions_align`).
+        #: The token grids of each tap's calls in the current step on this rank (:func:`token_grid`); their
+        #: fingerprint joins the tap's maxima at the logging step (:meth:`complete_partials`).
         self._step_grids: dict[int, set[tuple[int, ...]]] = {}
-        self._unaligned: set[int] = set()
         self._unaligned_warned: set[str] = set()
+        self._lengths_warned: set[str] = set()
+        self._lazy_warned: set[str] = set()
         #: Bins of the per-sample log-magnitude histogram the median is estimated from (relative error
         #: <= 2**-sub_bits, 1.56%; see lightning_act.stats.histogram_median).
         self.bins = LogMagnitudeBins()
@@ -220,7 +286,6 @@ class MassiveActivations(ActivationMonitor):
         """Partials of the activation kept per tap since the last logging step, those of all taps with outputs of one
         shape in one stacked computation (added to the partials of a tap's later forwards in the step)."""
         deferred: dict[int, tuple[FusedStats, torch.Tensor | None]] = self.take_kept()
-        self._take_step_grids()
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for tap_index, (fused, _) in deferred.items():
             by_shape.setdefault(fused.shape, []).append(tap_index)
@@ -233,6 +298,23 @@ class MassiveActivations(ActivationMonitor):
                 samples = torch.stack([top for _, top in passes])
             for tap_index, *part in zip(taps, sums.unbind(), maxima.unbind(), samples.unbind()):
                 self.accumulate(tap_index, Partials(*part))
+        self._add_grid_fingerprints()
+
+    def _add_grid_fingerprints(self) -> None:
+        """Append each observed tap's :func:`grid_fingerprint` to its maxima, which the flush reduces with max across
+        ranks: whether positions align is decided on every rank's grids, the same on every rank, in the collective
+        the flush runs anyway (before, each rank decided on its own: the ranks logged different keys, and rank 0
+        logged a position of rank 1's decode step as token 0). One host-to-device copy for all taps."""
+        grids, self._step_grids = self._step_grids, {}
+        taps = sorted(i for i in grids if self._maxima[i] is not None)
+        if not taps:
+            return
+        first = self._maxima[taps[0]]
+        assert first is not None
+        fingerprints = torch.tensor([grid_fingerprint(grids[i]) for i in taps], dtype=torch.float64)
+        fingerprints = fingerprints.to(first.device, non_blocking=True)
+        for i, fingerprint in zip(taps, fingerprints.unbind()):
+            self._maxima[i] = torch.cat([self._maxima[i][:1], fingerprint])  # type: ignore[index]
 
     def summarize_taps(
         self, taps: list[int], sums: dict[int, torch.Tensor], maxima: dict[int, torch.Tensor],
@@ -243,14 +325,15 @@ class MassiveActivations(ActivationMonitor):
         stacked = torch.stack([sums[i] for i in taps])
         top1 = torch.stack([maxima[i] for i in taps])[:, 0]
         names, values = summarize_massive_stacked(stacked, top1)
-        blocks = [(taps, names, values)]
+        verdicts = grids_verdict(torch.stack([maxima[i][1:] for i in taps]))
+        blocks = [(taps, names, values), (taps, [TOKEN_AXES], verdicts[:, None])]
         gathered = torch.stack([samples[i] for i in taps])  # (taps, world, 3k)
         if gathered.shape[1] == 1:  # one rank's buffer is already merged
             merged = gathered[:, 0]
         else:
             merged = torch.stack([merge_topk(candidates, self.top_k) for candidates in gathered.unbind()])
         for with_token in (True, False):
-            members = [j for j, i in enumerate(taps) if self._reads_tokens(i) == with_token]
+            members = [j for j, i in enumerate(taps) if self._has_token.get(i, True) == with_token]
             if members:
                 rows = merged if len(members) == len(taps) else merged[members]
                 names, values = topk_stats_stacked(rows, self.top_k, with_token)
@@ -289,37 +372,64 @@ class MassiveActivations(ActivationMonitor):
         self, tap_index: int, sums: torch.Tensor, maxima: torch.Tensor | None, samples: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         assert maxima is not None and samples is not None
-        stats = summarize_massive(sums, maxima)
-        stats.update(topk_stats(merge_topk(samples, self.top_k), self.top_k, self._reads_tokens(tap_index)))
+        stats = summarize_massive(sums, maxima[:1])
+        stats.update(topk_stats(merge_topk(samples, self.top_k), self.top_k, self._has_token.get(tap_index, True)))
         return stats
 
     def _note_layout(self, tap_index: int, x: torch.Tensor) -> None:
         """Record whether ``x`` has a token axis (how the tap's top-k positions read) and its token grid in this step
-        (whether the positions of the step's calls name the same tokens, :meth:`_take_step_grids`)."""
+        (whether the positions of the step's calls name the same tokens, :meth:`_add_grid_fingerprints`)."""
         self._has_token[tap_index] = has_token_axis(x)
         self._step_grids.setdefault(tap_index, set()).add(token_grid(x))
 
-    def _take_step_grids(self) -> None:
-        """At a logging step: the taps whose calls in the step had token grids that do not align, said once per tap;
-        their ``top{j}_token`` is not logged at the step (a position is an index along each call's own token axis, so
-        a one-token KV-cache decode step read as token 0, the first-token signature of the papers, before round 27)."""
-        grids, self._step_grids = self._step_grids, {}
-        self._unaligned = {i for i, seen in grids.items() if not positions_align(seen)}
-        for i in sorted(self._unaligned):
-            axes = ", ".join("none" if not grid else "x".join(map(str, grid)) for grid in sorted(grids[i]))
-            self._warn_once(
-                self._unaligned_warned, self.taps[i].name,
-                f"ran forwards whose token axes do not align in one step (token axes: {axes}): a one-token forward (a "
-                "KV-cache decode step) or a (B, D) one has no absolute position, and images of different sizes "
-                "number their positions differently, so top{j}_token is not logged at such steps (top{j}_value and "
-                "top{j}_feature are); every forward's rows also count as samples of median, ratio and "
-                "count_per_sample (a decoded token is one). For positions and per-sequence statistics, pass "
-                "probe='val' with a forward_fn that runs whole sequences in one forward",
-            )
+    def deliver(
+        self, trainer: pl.Trainer, staged: StagedStatistics, extras: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """Read each tap's verdict on its token grids (:func:`grids_verdict`, the same on every rank) off the values,
+        drop ``top{j}_token`` of the taps whose positions do not align, say either once per tap, and log the rest."""
+        values = staged.host_values()
+        verdicts = {i: value for (i, stat), value in zip(staged.names, values) if stat == TOKEN_AXES}
+        kept = [
+            j for j, (i, stat) in enumerate(staged.names)
+            if stat != TOKEN_AXES and not (stat.endswith("_token") and verdicts.get(i, ALIGNED) > LENGTHS_DIFFER)
+        ]
+        observed = staged.observed
+        if observed is None:  # counted across ranks: a tap no rank observed has no verdict to say
+            observed = {i for i, count in zip(staged.present, values[len(staged.names):]) if count > 0}
+        for i, verdict in sorted(verdicts.items()):
+            if i in observed and verdict != ALIGNED:
+                self._say_verdict(i, verdict)
+        staged.values = [values[j] for j in kept] + values[len(staged.names):]
+        staged.names = [staged.names[j] for j in kept]
+        return super().deliver(trainer, staged, extras)
 
-    def _reads_tokens(self, tap_index: int) -> bool:
-        """Whether the tap's top-k positions at this logging step name a token (and a feature) or a feature alone."""
-        return self._has_token.get(tap_index, True) and tap_index not in self._unaligned
+    def _say_verdict(self, tap_index: int, verdict: float) -> None:
+        """Say once per tap why its ``top{j}_token`` is not logged, or how it reads for forwards of different lengths."""
+        name = self.taps[tap_index].name
+        if verdict == LENGTHS_DIFFER:
+            self._warn_once(
+                self._lengths_warned, name,
+                "ran forwards of different lengths in one step (on some rank): top{j}_token is an index along each "
+                "forward's own token axis, which names the same token only when every forward starts at token 0 "
+                "(dynamic padding, several probe batches); the positions of a KV-cache continuation or a chunked "
+                "decode of several tokens, which shapes do not tell apart, do not align and are logged as such "
+                "indices; for positions of such steps, pass probe='val' with a forward_fn that runs whole sequences "
+                "in one forward",
+            )
+            return
+        reason = {
+            ONE_TOKEN: "a one-token forward, a KV-cache decode step, beside longer ones",
+            NO_TOKEN_AXIS: "a (B, D) forward, which has no token position, beside ones with a token axis",
+            SHAPES_DIFFER: "maps or token grids of different shapes, which number their positions differently",
+        }[verdict]
+        self._warn_once(
+            self._unaligned_warned, name,
+            f"ran forwards whose token axes do not align in one step ({reason}, on some rank): a position is an index "
+            "along each forward's own token axis (before round 27 a KV-cache decode step's token read as token 0), so "
+            "top{j}_token is not logged at such steps (top{j}_value and top{j}_feature are); every forward's rows also "
+            "count as samples of median, ratio and count_per_sample (a decoded token is one). For positions and "
+            "per-sequence statistics, pass probe='val' with a forward_fn that runs whole sequences in one forward",
+        )
 
     # ------------------------------------------------------------------ probe
     def observes_training(self) -> bool:
@@ -336,6 +446,7 @@ class MassiveActivations(ActivationMonitor):
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # each fit records its probe forwards afresh
         probe_data = [to_device(batch, pl_module.device, trainer) for batch in batches]
         self._probe_plan = self._plan_probe(pl_module, probe_data, loaders[0])
+        self.warn_padded_probe(batch for batch, measured in self._probe_plan if measured)
 
     def _plan_probe(self, pl_module: nn.Module, batches: list[Any], loader: Any) -> list[tuple[Any, bool]]:
         """The probe batches this rank runs, each with whether it measures it.
@@ -365,6 +476,9 @@ class MassiveActivations(ActivationMonitor):
         self._probed_step = self._pending_step
         if not self._probe_plan:
             return
+        if has_lazy_parameters(pl_module):
+            self._skip_lazy_step(pl_module)
+            return
         self.arm(True)
         try:
             with own_passes(self._registry, self, self._cutoff), probing(trainer, pl_module, pl_module.device):
@@ -377,6 +491,22 @@ class MassiveActivations(ActivationMonitor):
         finally:
             self._measuring = True
             self.arm(False)
+
+    def _skip_lazy_step(self, pl_module: nn.Module) -> None:
+        """Measure nothing at a due step whose probe would run before the model's lazy modules are made: the probe
+        would run on stand-in weights (:func:`~lightning_act.callbacks.probe.lazy_modules_kept` keeps training
+        bitwise), whose statistics read like the step's measurement of the trained model. Said once."""
+        step, self._pending_step = self._pending_step, None
+        if self._lazy_warned:
+            return
+        lazy = [name for name, module in pl_module.named_modules()
+                if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False))]
+        self._warn_once(
+            self._lazy_warned, "probe='val'",
+            f"measures nothing at step {step}, nor at a later due step while a lazy module (nn.LazyLinear ...) is "
+            f"unmade ({', '.join(lazy)}): its weights are made by the first training forward that runs it, so a probe "
+            "before would run on stand-in weights; run one batch through the model before the fit to measure step 0",
+        )
 
     # ------------------------------------------------------------------ emergence fits
     def fit_emergence(self, trainer: pl.Trainer | None = None) -> dict[str, EmergenceFit]:

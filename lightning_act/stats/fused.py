@@ -581,7 +581,9 @@ def stacked_topk_positions(stats: Sequence[FusedStats], k: int) -> torch.Tensor:
     if any(s.shape != shape for s in stats):
         raise ValueError(f"stacked top-k positions need passes over one shape, got {sorted({s.shape for s in stats})}")
     column_max = torch.stack([s.column_max for s in stats])  # type: ignore[misc]
-    take = min(k, column_max.shape[1])
+    # a batch of no samples observed no position: no candidates (its column_max of zeros is the sums' neutral value,
+    # which read as value 0 at positions never observed)
+    take = min(k, column_max.shape[1]) if shape[0] > 0 else 0
     values, index = column_max.topk(take, dim=1)
     if len(shape) <= 3:
         features = shape[-1]
