@@ -235,7 +235,8 @@ class LastCheckpoint(Checkpoint):
         self._resumed_random_states: dict[str, Any] | None = None  # this rank's, from the checkpoint a fit resumes
         # the states after the resumed fit's first train loader iterator drew from them, and that iterator
         self._after_first_iterator: tuple[dict[str, Any], Any] | None = None
-        self._resumed_batches_in_epoch = 0  # the training batches of its epoch the resumed checkpoint's fit had done
+        # the training batches of its epoch the resumed checkpoint's fit had done, and whether that was the epoch's last
+        self._resumed_batches_in_epoch: tuple[int, bool] = (0, False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -260,7 +261,7 @@ class LastCheckpoint(Checkpoint):
         model_checkpoint = lightning_classes("callbacks.ModelCheckpoint")
         self._best_source = next((c for c in trainer.callbacks if isinstance(c, model_checkpoint)), None)
         self._resumed_random_states = self._after_first_iterator = None  # not those of a resume that ended early
-        self._resumed_batches_in_epoch = 0
+        self._resumed_batches_in_epoch = (0, False)
         if stage == "fit":
             self._refuse_a_linking_model_checkpoint(trainer)
 
@@ -361,11 +362,12 @@ class LastCheckpoint(Checkpoint):
         with two optimizer steps per batch (a GAN's critic and model) or a checkpoint before an accumulation window's
         step passed silently, and a loader without a length (an ``IterableDataset``) always. An epoch the checkpoint's
         fit ended inside (``max_steps``, ``should_stop``) counts as finished: the resume starts the next one, without
-        the batches left in it."""
-        done, self._resumed_batches_in_epoch = self._resumed_batches_in_epoch, 0
+        the batches left in it. Nothing is said of a checkpoint written at its epoch's last batch, whatever the new
+        fit's loader length (the old count against a new length read as a cut epoch)."""
+        (done, at_epoch_end), self._resumed_batches_in_epoch = self._resumed_batches_in_epoch, (0, False)
         batches = trainer.num_training_batches
         loader = trainer.fit_loop._combined_loader
-        if done == 0 or done >= batches or loader is None:
+        if done == 0 or at_epoch_end or done >= batches or loader is None:
             return
         of_batches = f"{done} of its epoch's {batches}" if not math.isinf(batches) else f"{done} of its epoch's"
         if not trainer.fit_loop.epoch_loop.restarting:
@@ -672,13 +674,14 @@ class LastCheckpoint(Checkpoint):
         self._restore_handler()
 
 
-def _batches_done_in_epoch(checkpoint: dict[str, Any]) -> int:
+def _batches_done_in_epoch(checkpoint: dict[str, Any]) -> tuple[int, bool]:
     """The training batches of its epoch a checkpoint's fit had run (Lightning's batch progress, whose ``completed``
-    lags one behind for a save at a batch's end)."""
+    lags one behind for a save at a batch's end), and whether the last of them was the epoch's last."""
     try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"])
-    except (KeyError, TypeError):
-        return 0
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        return int(progress["current"]["processed"]), bool(progress.get("is_last_batch", False))
+    except (KeyError, TypeError, AttributeError):
+        return 0, False
 
 
 def _random_states(device: torch.device) -> dict[str, Any]:

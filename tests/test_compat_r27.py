@@ -381,3 +381,34 @@ def test_padding_on_a_rank_other_than_zero_is_said_by_that_rank(monkeypatch: Any
             monitor._read_padding_check()
     said = [str(w.message) for w in caught]
     assert said == [said[0]] and said[0].startswith("ActivationSparsity: the training batch at step 0 of rank 1 holds")
+
+
+def test_a_module_name_ending_as_this_monitors_module_is_not_taken_for_it(tmp_path: Path) -> None:
+    """R7: a resumed monitor of ``act1`` took the state saved for ``blocks.act1``-style names (the last part read as
+    a class name), continuing another module's histories; its key was said to be a first-versions one."""
+    fit([ActivationSparsity(modules=["act1"], every_n_steps=1)], save_to=tmp_path / "part")
+    checkpoint = torch.load(tmp_path / "part" / "sstep=4.ckpt", weights_only=False)
+    checkpoint["callbacks"] = {key.replace("'act1'", "'body.act1'"): state for key, state in checkpoint["callbacks"].items()}
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    resumed = ActivationSparsity(modules=["act1"], every_n_steps=1)
+    said = fit([resumed], ckpt=tmp_path / "other.ckpt")
+    assert len([m for m in said if "other modules" in m]) == 1
+    assert all(series.steps == [4, 5, 6, 7] for series in resumed.history.values())
+
+
+def test_an_epoch_that_ended_at_its_last_batch_resumes_without_a_line(tmp_path: Path) -> None:
+    """R7: after an epoch that ended normally, a resume with a loader of another length (or without one) was told
+    that batches were skipped or replayed; the resumed fit trains exactly the next epoch."""
+    quiet_trainer(max_epochs=1, callbacks=[LastCheckpoint(dirpath=tmp_path)], enable_checkpointing=True).fit(
+        OneOptimizerStep(), DataLoader(Unsized(), batch_size=4))
+    resumed = OneOptimizerStep()
+    assert fit_to_said(resumed, tmp_path) == [] and resumed.batches == [0, 1, 2, 3]
+    quiet_trainer(max_epochs=1, callbacks=[LastCheckpoint(dirpath=tmp_path / "sized")], enable_checkpointing=True).fit(
+        OneOptimizerStep(), DataLoader(BatchIndexed(), batch_size=8))  # 2 batches of 8
+    resumed = OneOptimizerStep()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[LastCheckpoint(dirpath=tmp_path / "c")], enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(resumed, DataLoader(BatchIndexed(), batch_size=4), ckpt_path=tmp_path / "sized" / "last.ckpt")
+    assert not [w for w in caught if str(w.message).startswith("LastCheckpoint")]
+    assert resumed.batches == [0, 1, 2, 3]  # epoch 1 whole, in batches of 4

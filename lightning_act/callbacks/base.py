@@ -456,11 +456,24 @@ def spelling_free_modules(modules: Sequence[ModuleSpec]) -> list[str]:
     return sorted(canonical)
 
 
-def held_spelling_free_modules(held: Sequence[Any], mine: Sequence[str]) -> list[str]:
+def _class_spec_name(spec: ModuleSpec) -> str | None:
+    """The class name a module spec selects by (``nn.ReLU``, ``"torch.nn.ReLU"``, ``"ReLU"``), else None (a module
+    name, a glob, a preset)."""
+    if isinstance(spec, type):
+        return spec.__name__
+    text = str(spec).removesuffix(":input").removesuffix(INPUT_TAP_SUFFIX)
+    cls = resolve_class(text)
+    if cls is not None:
+        return cls.__name__
+    return text if text[:1].isupper() and text.isidentifier() else None
+
+
+def held_spelling_free_modules(held: Sequence[Any], classes: set[str]) -> list[str]:
     """A checkpoint key's module specs as :func:`spelling_free_modules` writes them, without importing what they name
     (a checkpoint's keys must not import code, and a spec like ``".Foo"`` made the import raise and the resume crash):
-    a class path (``"torch.nn.ReLU"``, ``"<class 'torch.nn.ReLU'>"``) counts as its class name where that name is among
-    ``mine`` (this monitor's own specs, so spelled)."""
+    a class path (``"torch.nn.ReLU"``, ``"<class 'torch.nn.ReLU'>"``) counts as its class name where that name is one
+    of ``classes``, the classes this monitor's own specs name (a module name's last part, ``blocks.0.act`` beside a
+    monitor of the module ``act``, is no class: taken for one, another module's state was restored)."""
     canonical = set()
     for spec in held:
         text, suffix = str(spec), ""
@@ -470,7 +483,7 @@ def held_spelling_free_modules(held: Sequence[Any], mine: Sequence[str]) -> list
         class_repr = re.fullmatch(r"<class '(.+)'>", text)
         text = class_repr.group(1) if class_repr else text
         class_name = text.rpartition(".")[2] + suffix
-        canonical.add(class_name if text + suffix not in mine and "." in text and class_name in mine else text + suffix)
+        canonical.add(class_name if "." in text and class_name in classes else text + suffix)
     return sorted(canonical)
 
 
@@ -950,6 +963,7 @@ class FitScopedState(Callback):
         if modules is None:
             return None
         mine, as_spelled = spelling_free_modules(modules), [str(m) for m in modules]
+        classes = {name + suffix for name in map(_class_spec_name, modules) if name for suffix in ("", ":input")}
         matches: list[tuple[bool, str]] = []
         for key in states:
             if not (isinstance(key, str) and key.startswith(kind + "{")):
@@ -959,7 +973,7 @@ class FitScopedState(Callback):
             except (ValueError, SyntaxError):
                 continue
             held = entries.get("modules") if isinstance(entries, dict) else None
-            if not isinstance(held, list) or (held != as_spelled and held_spelling_free_modules(held, mine) != mine):
+            if not isinstance(held, list) or (held != as_spelled and held_spelling_free_modules(held, classes) != mine):
                 continue
             same_rest = all(getattr(self, name, None) == value for name, value in entries.items() if name != "modules")
             matches.append((not same_rest, key))
