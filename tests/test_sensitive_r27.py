@@ -193,15 +193,25 @@ class TwoViewsEncoded(TwoViews):
         return self.head(torch.cat([h, h.flip(1)]).mean(1))
 
 
-def test_a_module_declaring_batch_first_false_does_not_move_the_example_axis_of_the_inputs() -> None:
+class TwoViewsEncodedMasked(TwoViewsEncoded):
+    """With the usual ``src_key_padding_mask``, ``(B, T)`` like the ids whatever the layout."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.emb(ids).transpose(0, 1), src_key_padding_mask=ids == -1).transpose(0, 1)
+        return self.head(torch.cat([h, h.flip(1)]).mean(1))
+
+
+@pytest.mark.parametrize("model_class", [TwoViewsEncoded, TwoViewsEncodedMasked])
+def test_a_module_declaring_batch_first_false_does_not_move_the_example_axis_of_the_inputs(model_class: type) -> None:
     # Before: any module declaring batch_first=False made the (B, T) ids' axis 1 (2B == T rows) the examples: cut to
     # 4 sequences of 6 tokens, and the head blamed on a mixture-of-experts expert. Now axis 0, said once with batch_dim=.
+    # R7: the padding mask, shaped like the ids, was taken for the inputs reaching the layer (axis 1 again).
     ids = torch.randint(0, VOCAB, (12, 8), generator=torch.Generator().manual_seed(0))
     monitor = SensitiveNeurons(modules=["head:input"], every_n_steps=1, num_samples=6, eigenscore_passes=0, window=2)
     loader = DataLoader(TensorDataset(ids), batch_size=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(max_steps=2, callbacks=[monitor]).fit(TwoViewsEncoded(), loader, loader)
+        quiet_trainer(max_steps=2, callbacks=[monitor]).fit(model_class(), loader, loader)
     said = [str(w.message) for w in caught if "SensitiveNeurons" in str(w.message)]
     assert monitor._input_axis == 0 and torch.equal(torch.cat(list(monitor._batches)), ids[:6])
     axis_lines = [line for line in said if "taken along axis 0" in line]

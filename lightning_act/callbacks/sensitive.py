@@ -194,12 +194,13 @@ def _inputs_reaching_sequence_first(model: nn.Module, inputs: torch.Tensor | Non
     """The sequence-first modules of ``model`` that receive a tensor of the model inputs' shape (the inputs
     themselves, an LSTM's ``(T, B, F)``) in the forwards run inside: evidence that the inputs are sequence-first.
     A module merely declaring ``batch_first=False`` is none: a transformer layer fed ``h.transpose(0, 1)`` of
-    ``(B, T)`` token ids says nothing of the ids' layout."""
+    ``(B, T)`` token ids says nothing of the ids' layout. Only the sequence a module reads is compared (its first
+    argument): a ``src_key_padding_mask`` is ``(B, T)`` whatever the layout."""
     receivers: list[nn.Module] = []
 
     def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        given = (*args, *kwargs.values())
-        if any(isinstance(a, torch.Tensor) and inputs is not None and a.shape == inputs.shape for a in given):
+        sequence = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(sequence, torch.Tensor) and inputs is not None and sequence.shape == inputs.shape:
             receivers.append(module)
 
     handles = [

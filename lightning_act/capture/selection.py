@@ -624,9 +624,9 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     if spec == "@activations":
         shadowed = _shadowed(modules) | left_out  # nor is a parametrization's Softplus an MLP's activation module
         activations = [(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
-        # an activation inside another (a DopamineGate's or IA3Scale's wrapped GELU) gives no output the model runs:
-        # the outer one's output is the layer's activation
-        inside = {id(inner) for _, m in activations for inner in m.modules() if inner is not m}
+        # the activation an adapter wraps (a DopamineGate's or IA3Scale's GELU) gives no output the model runs: the
+        # adapter's is the layer's activation (an activation inside a user's own, x * self.gate(x), is tapped too)
+        inside = {id(inner) for _, m in activations if _adapts_an_activation(m) for inner in m.children()}
         taps = [Tap(n, m) for n, m in activations if id(m) not in inside]
         if point == "output":
             return taps + _functional_activation_inputs(modules, shadowed)

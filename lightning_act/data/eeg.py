@@ -968,8 +968,8 @@ class EEGSeizureDataModule(SplitDataModule):
     def _warn_seizure_free_test(self) -> None:
         """A test split without a preictal window is legitimate (it measures false detections per hour) but has no
         window AUROC, and without seizures no sensitivity: say so once per test run instead of letting them read as
-        measurements. Seizures with no window before them (e.g. too close to their file's start) still count in the
-        sensitivity, so then only the AUROC is announced as undefined."""
+        measurements. Seizures with no window before them (e.g. too close to their file's start) count in the
+        sensitivity as missed whatever the model (no alarm can come before them): said so beside the undefined AUROC."""
         dataset = self.datasets.get("test")
         if dataset is None or len(dataset) == 0 or (dataset.labels == 1).any():
             return
@@ -985,8 +985,8 @@ class EEGSeizureDataModule(SplitDataModule):
         else:
             rank_zero_warn(
                 f"{start} (its {seizures} seizure(s) leave no labelled window before them): test/auroc is undefined "
-                f"(NaN), test/sensitivity (over those {seizures} seizure(s)) and test/false_detections_per_hour are "
-                f"measured; for an AUROC, {fix}"
+                f"(NaN), and no alarm can come before those seizures, so test/sensitivity counts them as missed "
+                f"whatever the model (0 over them); only test/false_detections_per_hour measures it; {fix}"
             )
 
     def _check_preictal_windows(self) -> None:

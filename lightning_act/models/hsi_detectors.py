@@ -160,10 +160,14 @@ class ClassicalDetectors(nn.Module):
                 or not values[0] > bands * torch.finfo(values.dtype).eps * values[-1]
                 or int(torch.linalg.cholesky_ex(matrix).info)
             ):
+                if not float(torch.diagonal(matrix).sum()) > 0:  # every pixel the same: the ridge scales with tr M
+                    fix = "pass background pixels that vary (they are all the same, which no ridge helps)"
+                else:
+                    fix = (f"pass {'ridge > 0 (e.g. 1e-3)' if self.ridge == 0 else 'a larger ridge (e.g. 1e-3)'} or "
+                           "background pixels that vary in every band")
                 raise ValueError(
                     f"the background {name} is singular (ridge={self.ridge}; {pixels} pixels, {bands} bands: too few "
-                    "pixels, a constant band or identical pixels); pass ridge > 0 (e.g. 1e-3) or background pixels "
-                    "that vary in every band"
+                    f"pixels, a constant band or identical pixels); {fix}"
                 )
             eigen[name] = values, vectors
         for undefined, equals, direction, name in (
