@@ -295,3 +295,59 @@ def run_on_two_ranks(script: Path, case: str, tmp_path: Path, port_offset: int, 
     results = [tmp_path / f"{case}.{rank}.json" for rank in range(2)]
     assert proc.returncode == 0 and all(r.is_file() for r in results), stderr[-4000:]
     return [json.loads(r.read_text()) for r in results]
+
+
+class GAN(pl.LightningModule):
+    """Two optimizers under manual optimization (``global_step`` counts 2 per batch, the monitors' step 1); the
+    discriminator ``d`` runs three times per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, z = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self.g(z)
+        opt_g.zero_grad()
+        self.manual_backward(F.softplus(-self.d(fake)).mean())
+        opt_g.step()
+        d_loss = F.softplus(-self.d(real)).mean() + F.softplus(self.d(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        return torch.optim.SGD(self.g.parameters(), lr=0.05), torch.optim.SGD(self.d.parameters(), lr=0.05)
+
+
+def gan_loader(n: int = 32) -> DataLoader:
+    """``n`` (real, z) pairs for :class:`GAN`, 8 a batch."""
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 8, generator=g) + 2, torch.randn(n, 4, generator=g)), batch_size=8)
+
+
+class ReluClassifier(pl.LightningModule):
+    """``fc1 → act1 (ReLU) → head`` on 16 features, 4 classes, SGD: the checkpoint-compatibility tests' model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act1, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act1(self.fc1(x)))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def relu_classifier_loader() -> DataLoader:
+    """32 seeded examples of 16 features and 4 classes, 8 a batch, for :class:`ReluClassifier`."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
+    return DataLoader(data, batch_size=8)

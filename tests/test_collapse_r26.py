@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_act.callbacks import DimensionalCollapse
 from lightning_act.errors import LightningActError
 
-from _toy import numpy_erank, quiet_trainer
+from _toy import GAN, gan_loader, numpy_erank, quiet_trainer
 
 
 def numpy_r90(rows: list[np.ndarray], fraction: float = 0.9) -> float:
@@ -104,36 +104,6 @@ def test_a_further_fit_of_the_same_trainer_still_continues_the_trajectory() -> N
     trajectory = record.weights[:5] + record.weights[6:]  # the further fit's start: the weights after step 3 again
     np.testing.assert_array_equal(np.stack([s.numpy() for s in monitor._snapshots]), np.stack(trajectory))
     assert monitor.history["collapse/params/r90"].values[-1] == numpy_r90(trajectory)
-
-
-class GAN(pl.LightningModule):
-    """Two optimizers under manual optimization; the discriminator ``d`` runs three times per batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.d = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        real, z = batch
-        opt_g, opt_d = self.optimizers()
-        fake = self.g(z)
-        opt_g.zero_grad()
-        self.manual_backward(F.softplus(-self.d(fake)).mean())
-        opt_g.step()
-        d_loss = F.softplus(-self.d(real)).mean() + F.softplus(self.d(fake.detach())).mean()
-        opt_d.zero_grad()
-        self.manual_backward(d_loss)
-        opt_d.step()
-
-    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        return torch.optim.SGD(self.g.parameters(), lr=0.05), torch.optim.SGD(self.d.parameters(), lr=0.05)
-
-
-def gan_loader(n: int = 32) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 8, generator=g) + 2, torch.randn(n, 4, generator=g)), batch_size=8)
 
 
 def test_a_wide_tap_run_several_times_per_step_says_its_numbers_and_a_fix_that_works() -> None:

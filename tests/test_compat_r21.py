@@ -13,35 +13,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning.pytorch as pl
-from _toy import quiet_trainer
+from _toy import ReluClassifier, quiet_trainer, relu_classifier_loader
 from lightning_act.callbacks import ActivationStats, DimensionalCollapse, SensitiveNeurons
 from lightning_act.callbacks.sensitive import FeatureDrop
 from lightning_act.capture.registry import MonitorHook, register_monitor_hook
 from lightning_act.report.runlog import load_run
-
-
-class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.act1, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act1(self.fc1(x)))
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
-    return DataLoader(data, batch_size=8)
 
 
 def tracking_set(seed: int) -> torch.Tensor:
@@ -56,7 +34,7 @@ def fit(callbacks: list[pl.Callback], tmp_path: Path, ckpt: Path | None = None, 
     trainer = quiet_trainer(max_steps=8, callbacks=[*callbacks, *extra], enable_checkpointing=save)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Net(), loader(), ckpt_path=ckpt)
+        trainer.fit(ReluClassifier(), relu_classifier_loader(), ckpt_path=ckpt)
     return [str(w.message) for w in caught]
 
 

@@ -12,44 +12,23 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 import lightning.pytorch as pl
-from _toy import quiet_trainer
+from _toy import ReluClassifier, quiet_trainer, relu_classifier_loader
 from lightning_act.callbacks import ActivationSparsity, MassiveActivations, SensitiveNeurons
 from lightning_act.checkpointing import LastCheckpoint
 
 
-class Net(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.act1, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act1(self.fc1(x)))
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
-    return DataLoader(data, batch_size=8)
-
-
 def fit(callbacks: list[pl.Callback], ckpt: Path | None = None, save_to: Path | None = None, **trainer: Any) -> list[str]:
-    """8 steps (4 per epoch) of ``Net``; ``save_to``: the checkpoint at step 4 as ``save_to/sstep=4.ckpt``."""
+    """8 steps (4 per epoch) of ``ReluClassifier``; ``save_to``: the checkpoint at step 4 as ``save_to/sstep=4.ckpt``."""
     extra = [ModelCheckpoint(dirpath=save_to, every_n_train_steps=4, save_top_k=-1, filename="s{step}")] if save_to else []
     pl.seed_everything(0, verbose=False)
     options = dict(max_steps=8, callbacks=[*callbacks, *extra], enable_checkpointing=bool(save_to))
     options.update(trainer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(**options).fit(Net(), loader(), ckpt_path=ckpt)
+        quiet_trainer(**options).fit(ReluClassifier(), relu_classifier_loader(), ckpt_path=ckpt)
     return [str(w.message) for w in caught]
 
 

@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _toy import quiet_trainer
+from _toy import GAN, gan_loader, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -45,30 +45,6 @@ class FirstStep(pl.Callback):
             self.step = training_step_index(trainer, pl_module)
 
 
-class GAN(pl.LightningModule):
-    """Two optimizers stepped per batch: ``global_step`` counts 2 per batch, the monitors' step 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
-        self.d = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-
-    def training_step(self, batch, batch_idx) -> None:
-        real, z = batch
-        opt_g, opt_d = self.optimizers()
-        fake = self.g(z)
-        opt_g.zero_grad()
-        self.manual_backward(F.softplus(-self.d(fake)).mean())
-        opt_g.step()
-        opt_d.zero_grad()
-        self.manual_backward(F.softplus(-self.d(real)).mean() + F.softplus(self.d(fake.detach())).mean())
-        opt_d.step()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.g.parameters(), lr=0.05), torch.optim.SGD(self.d.parameters(), lr=0.05)
-
-
 class AutoNet(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -83,11 +59,6 @@ class AutoNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def _gan_loader() -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(64, 8, generator=g) + 2, torch.randn(64, 4, generator=g)), batch_size=8)
-
-
 def _fit_with_checkpoints(tmp_path: Path, make, max_steps: int, patterns: list[str], every: int, ckpt: str | None):
     torch.manual_seed(0)
     collapse = DimensionalCollapse(modules=[], every_n_steps=1, param_patterns=patterns)
@@ -98,7 +69,7 @@ def _fit_with_checkpoints(tmp_path: Path, make, max_steps: int, patterns: list[s
                             enable_checkpointing=True, callbacks=[collapse, sparsity, first, checkpoints])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(make(), _gan_loader(), ckpt_path=ckpt)
+        trainer.fit(make(), gan_loader(64), ckpt_path=ckpt)
     said = [str(w.message) for w in caught if "new trajectory" in str(w.message)]
     return collapse, first.step, said
 
@@ -240,13 +211,13 @@ def test_a_restart_at_a_resume_that_runs_no_batch_is_said_at_the_fits_end(tmp_pa
     checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="end", every_n_train_steps=3)
     quiet_trainer(default_root_dir=tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[
         DimensionalCollapse(modules=[], every_n_steps=1, param_patterns=["d.*.weight"]), checkpoints,
-    ]).fit(AutoNet(), _gan_loader())
+    ]).fit(AutoNet(), gan_loader(64))
     first = FirstStep()
     trainer = quiet_trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[
         DimensionalCollapse(modules=[], every_n_steps=1, param_patterns=["g.*.weight"]), first])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(AutoNet(), _gan_loader(), ckpt_path=str(tmp_path / "end.ckpt"))  # max_steps reached already
+        trainer.fit(AutoNet(), gan_loader(64), ckpt_path=str(tmp_path / "end.ckpt"))  # max_steps reached already
     said = [str(w.message) for w in caught if "new trajectory" in str(w.message)]
     assert first.step is None  # no batch ran
     assert len(said) == 1 and re.search(r"from step (\d+)", said[0]).group(1) == "3"  # the step it would have run
