@@ -1,5 +1,5 @@
-"""Round 27: "@activations" on (IA)³ and Dopamine models, the phase-2 checkpoint's foundation split, the image size of
-both Dopamine phases, LoRA's alpha."""
+"""Round 27: "@activations" on (IA)³ and Dopamine models, the phase-2 checkpoint's foundation split (also under
+strategies that restore a checkpoint after setup), the image size of both Dopamine phases, LoRA's alpha."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from _toy import quiet_trainer
@@ -143,6 +144,67 @@ def test_phase_two_test_ckpt_path_checks_the_split_of_the_foundation_it_restores
         quiet_trainer(limit_val_batches=1).validate(
             module, datamodule=RotatedDigitsDataModule("rotated", "rotated", seed=1, **_KW), ckpt_path=phase2,
             verbose=False)
+
+
+class _RestoresAfterSetup(SingleDeviceStrategy):
+    """What DeepSpeed, FSDP and ModelParallelStrategy set: Lightning restores a --ckpt_path after on_fit_start."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def _checked_foundation_seeds(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The foundation seed each split check compares against, in call order."""
+    seeds: list[object] = []
+    check = DopamineSpecialisation._check_split
+
+    def recording(module: DopamineSpecialisation) -> None:
+        seeds.append((module._foundation_data or {}).get("seed"))
+        check(module)
+
+    monkeypatch.setattr(DopamineSpecialisation, "_check_split", recording)
+    return seeds
+
+
+@pytest.mark.parametrize("strategy", [None, _RestoresAfterSetup], ids=["default", "restore_after_setup"])
+def test_phase_two_fit_ckpt_path_checks_the_split_of_the_restored_foundation_once(
+    replaced_foundation: tuple[Path, Path, torch.Tensor], monkeypatch: pytest.MonkeyPatch, strategy: type | None,
+) -> None:
+    """`lightning_act fit --ckpt_path`: the checkpoint's foundation (seed 0) decides, not the replaced file (seed 1),
+    whether the strategy restores before on_fit_start (the default) or after it (DeepSpeed, FSDP)."""
+    foundation, phase2, _ = replaced_foundation
+    seeds = _checked_foundation_seeds(monkeypatch)
+    def options() -> dict[str, object]:  # a strategy instance serves one trainer
+        return {} if strategy is None else {"strategy": strategy(device="cpu")}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError, match=r"\(seed=1\) is not the foundation's.*pass --data.seed 0"):
+            quiet_trainer(max_steps=2, **options()).fit(
+                DopamineSpecialisation(str(foundation), method="dopamine"),
+                datamodule=RotatedDigitsDataModule("rotated", "rotated", seed=1, **_KW), ckpt_path=phase2)
+        assert seeds == [0]
+        trainer = quiet_trainer(max_steps=2, **options())
+        trainer.fit(DopamineSpecialisation(str(foundation), method="dopamine"),
+                    datamodule=RotatedDigitsDataModule("rotated", "rotated", seed=0, **_KW), ckpt_path=phase2)
+    assert trainer.global_step == 2 and seeds == [0, 0]  # it resumed and trained; one check per fit
+
+
+def test_restore_after_setup_fit_without_ckpt_path_is_refused_before_a_step(
+    replaced_foundation: tuple[Path, Path, torch.Tensor], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no checkpoint to restore, the check on_fit_start leaves runs before the first training step."""
+    foundation, _, _ = replaced_foundation  # now the seed-1 foundation
+    seeds = _checked_foundation_seeds(monkeypatch)
+    module = DopamineSpecialisation(str(foundation), method="dopamine")
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    trainer = quiet_trainer(max_steps=2, strategy=_RestoresAfterSetup(device="cpu"))
+    with warnings.catch_warnings(), pytest.raises(ConfigError, match=r"\(seed=0\) is not the foundation's"):
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=RotatedDigitsDataModule("rotated", "rotated", seed=0, **_KW))
+    assert trainer.global_step == 0 and seeds == [1]
+    assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())
 
 
 def test_image_size_other_than_the_networks_stops_with_one_line_in_both_phases(

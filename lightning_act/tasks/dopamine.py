@@ -236,6 +236,7 @@ class DopamineSpecialisation(_Classifier):
         #: checkpoint restores its own foundation's (see on_load_checkpoint).
         self._foundation_data: dict[str, Any] | None = foundation.datamodule_settings
         self._split_unchecked_said = False
+        self._split_check_left = False  # on_fit_start left the split check to the first hook past the restore
         # Read from the network, not foundation.hparams: under LightningCLI a module built inside
         # another module's __init__ records the outer module's hyper-parameters.
         self.model = foundation.model
@@ -271,9 +272,12 @@ class DopamineSpecialisation(_Classifier):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the split against the foundation the checkpoint's weights come from (a checkpoint from before
         round 27 does not record it: the file's, as before)."""
-        if _FOUNDATION_DATA_KEY not in checkpoint:
-            return
-        trained_from = checkpoint[_FOUNDATION_DATA_KEY]
+        if _FOUNDATION_DATA_KEY in checkpoint:
+            self._restore_foundation_data(checkpoint[_FOUNDATION_DATA_KEY])
+        self._check_split_left_by_fit_start()
+
+    def _restore_foundation_data(self, trained_from: dict[str, Any] | None) -> None:
+        """Take the checkpoint's foundation settings, saying in one line when the file's now differ."""
         if self._foundation_data is not None and trained_from is not None and self._foundation_data != trained_from:
             changed = ", ".join(
                 f"{name}={self._foundation_data.get(name)!r} (was {trained_from.get(name)!r})"
@@ -290,18 +294,31 @@ class DopamineSpecialisation(_Classifier):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self._check_split()
+        # Strategies that restore a --ckpt_path after setup (DeepSpeed, FSDP, ModelParallelStrategy) restore it after
+        # this hook, and with it the checkpoint's foundation settings: check once the restore is past instead.
+        self._split_check_left = self.trainer.strategy.restore_checkpoint_after_setup
+        if not self._split_check_left:
+            self._check_split()
+
+    def _check_split_left_by_fit_start(self) -> None:
+        """Check the split if on_fit_start left it to the first hook past the restore: on_load_checkpoint (with a
+        --ckpt_path), else the sanity check's or the first validation, on_train_start or on_fit_end."""
+        if self._split_check_left and self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+            self._split_check_left = False
+            self._check_split()
 
     def on_validation_start(self) -> None:
-        if self.trainer.state.fn == TrainerFn.VALIDATING:  # in a fit, on_fit_start checked
+        if self.trainer.state.fn == TrainerFn.VALIDATING:
             self._check_split()
+        self._check_split_left_by_fit_start()  # in a fit, on_fit_start checked unless it left the check
 
     def _check_split(self) -> None:
         """Refuse a rotated-digits split other than the foundation's: the digits of each split are drawn from the
         seed, the fractions and ``max_samples``, so another split validates (and, on the bundled digits, tests) the
         frozen foundation on digits it was trained on (before round 24, silently: 316 of 629 test digits for seed 1
         against seed 0). Run as a stage starts, not in ``setup``, which Lightning runs before it restores a
-        ``--ckpt_path`` (and with it the foundation's settings)."""
+        ``--ckpt_path`` (and with it the foundation's settings); in a fit under a strategy that restores after
+        on_fit_start, once past the restore (see _check_split_left_by_fit_start)."""
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, RotatedDigitsDataModule):
             return
@@ -331,6 +348,7 @@ class DopamineSpecialisation(_Classifier):
             )
 
     def on_train_start(self) -> None:
+        self._check_split_left_by_fit_start()
         self.log("trainable_params", float(self.trainable_params), sync_dist=True)  # a constant: silences Lightning's warning
 
     def on_test_start(self) -> None:
@@ -356,6 +374,7 @@ class DopamineSpecialisation(_Classifier):
         soften(self.model)
 
     def on_fit_end(self) -> None:
+        self._check_split_left_by_fit_start()  # a fit that ran no step (max_steps reached) still writes the val firing
         if self.hparams.method == "dopamine" and self.trainer.val_dataloaders is not None:
             self._log_attribution("val", "dopamine_firing_val", self.trainer.num_val_batches)
 
