@@ -143,6 +143,7 @@ def test_whole_sequence_forwards_still_log_their_positions(case: str) -> None:
     assert said == []
     if case == "forwards of different lengths":
         assert len(lengths) == 1 and "KV-cache continuation or a chunked decode" in lengths[0]
+        assert "(on one rank, or on different ranks)" in lengths[0]  # before: "(on some rank)", wrong for DDP
     else:
         assert lengths == []
     for step in range(2):
@@ -338,6 +339,143 @@ def test_under_ddp_positions_align_on_every_rank_s_grids(tmp_path: Path) -> None
     assert (history["massive/conv/top0_value"], history["massive/conv/top0_feature"]) == ([900.0], [2.0])
     assert (history["massive/wide/top0_token"], history["massive/wide/top0_feature"]) == ([2 * 5 + 3], [1.0])
     assert len(rank0["said"]) == 2 and rank1["said"] == []  # said once per tap, by rank 0
+
+
+# ------------------------------------------------------------------------------------ review fixes (R6)
+class ChannelsLastCopies(Maps):
+    """The maps of :class:`Maps`, channels last, but delivered as a tensor that is no view of a ``(B, H, W, C)`` map
+    the registry flattens: a crop of a wider map (the flatten copies) or one made under ``torch.inference_mode`` (no
+    ``_base``). Before, the monitor told the map's spatial shape from ``_base`` and read these as sequences."""
+
+    def __init__(self, sizes: list[tuple[int, int]], mode: str) -> None:
+        super().__init__(sizes, channels_last=True)
+        self.mode = mode
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        height, width = self.sizes[batch_idx % 2]
+        x = torch.randn(2, 4, height, width + 1, generator=torch.Generator().manual_seed(batch_idx))
+        x[0, 2, 1, 4] = 500.0 + 50 * (batch_idx % 2)
+        self.seen.append(x[..., :width].double().numpy())
+        cropped = x.permute(0, 2, 3, 1)[:, :, :width]
+        if self.mode == "crop":
+            h = self.tap(cropped)
+        else:
+            with torch.inference_mode():
+                h = self.tap(cropped.contiguous())
+            h = h.clone()
+        return (h * self.lin.weight).sum()
+
+
+@pytest.mark.parametrize("mode", ["crop", "infer"])
+def test_channels_last_maps_whose_flatten_is_no_view_keep_their_spatial_shape(mode: str) -> None:
+    monitor = MassiveActivations(modules=["tap"], every_n_steps=1, top_k=1, feature_dim=-1)
+    model = ChannelsLastCopies([(3, 5), (4, 6)], mode)
+    trainer = pl.Trainer(
+        max_steps=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", accumulate_grad_batches=2,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1))
+    said = [str(w.message) for w in caught if "do not align" in str(w.message) or "different lengths" in str(w.message)]
+    # 3x5 beside 4x6: row * W + column with two W (before: read as sequences of 15 and 24 tokens, top0_token logged)
+    assert "massive/tap/top0_token" not in monitor.history and len(said) == 1 and "different shapes" in said[0]
+    largest = np.abs(max(model.seen, key=lambda x: np.abs(x).max()))  # numpy float64, (B, C, H, W)
+    channel = np.unravel_index(largest.argmax(), largest.shape)[1]
+    assert monitor.history["massive/tap/top0_value"].values == [pytest.approx(largest.max(), rel=1e-6)]
+    assert monitor.history["massive/tap/top0_feature"].values == [channel] == [2]
+
+
+class AuxLazyTask(LazyTask):
+    """:class:`LazyTask` with ``fc1`` made before the fit, and a lazy head ``aux`` that neither training nor the probe
+    runs (a test-only head)."""
+
+    def __init__(self, fc1_made: bool) -> None:
+        super().__init__()
+        self.aux = nn.LazyLinear(3)
+        if fc1_made:
+            self.fc1 = nn.Linear(6, 16)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for name, p in self.named_parameters() if not name.startswith("aux")], lr=0.0)
+
+
+@pytest.mark.parametrize("fc1_made", [True, False])
+def test_a_lazy_module_the_probe_does_not_run_leaves_the_probe_measuring(fc1_made: bool) -> None:
+    # Before, any unmade lazy module of the model skipped every due step's probe: with aux never made, the fit
+    # logged nothing. Only a probe that ran a lazy module on stand-ins (fc1 unmade, step 0) measures nothing.
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 6, generator=generator), torch.randint(0, 2, (16,), generator=generator))
+    monitor = MassiveActivations(modules=["fc1"], every_n_steps=1, probe="val")
+    task = AuxLazyTask(fc1_made)
+    trainer = pl.Trainer(
+        max_steps=3, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=1,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(task, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    said = [str(w.message) for w in caught if "measures nothing at step" in str(w.message)]
+    weight, bias = (p.detach().double().numpy() for p in (task.fc1.weight, task.fc1.bias))
+    expected = np.abs(data.tensors[0][:8].double().numpy() @ weight.T + bias).max()
+    top1 = monitor.history["massive/fc1/top1"]
+    assert list(top1.steps) == ([0, 1, 2] if fc1_made else [1, 2])
+    assert top1.values == pytest.approx([expected] * len(top1.steps), rel=1e-6)
+    if fc1_made:
+        assert said == []
+    else:  # names the module the probe ran on stand-ins, not aux; one warning (not also probing's own)
+        assert len(said) == 1 and "(fc1)" in said[0]
+        assert [w for w in caught if "stand-in" in str(w.message)] == [w for w in caught if str(w.message) in said]
+    assert not any("produced no activation" in str(w.message) for w in caught)
+
+
+class PaddedLM(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.block = nn.Embedding(20, D), nn.Linear(D, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.block(self.emb(ids))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self(batch).square().mean()
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_probe_of_batches_padded_to_their_own_lengths_logs_positions_without_a_warning() -> None:
+    # Every probe forward is a whole batch of the loader, starting at token 0: positions align. Before, the training
+    # forwards' warning (a KV-cache continuation ..., "pass probe='val'") was said to a user of probe='val'.
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(1, 20, (n,), generator=generator) for n in (5, 5, 9, 9)]
+    loader = DataLoader(sequences, batch_size=2, collate_fn=lambda b: nn.utils.rnn.pad_sequence(b, batch_first=True))
+    monitor = MassiveActivations(modules=["block"], every_n_steps=1, top_k=1, probe="val", probe_batches=2,
+                                 forward_fn=lambda model, ids: model(ids))
+    model = PaddedLM()
+    trainer = pl.Trainer(
+        max_steps=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=2,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader, loader)
+    assert not [w for w in caught if "different lengths" in str(w.message) or "do not align" in str(w.message)]
+    weight, bias = model.block.weight.detach().double().numpy(), model.block.bias.detach().double().numpy()
+    table = model.emb.weight.detach().double().numpy()
+    by_position = np.full((9, D), -np.inf)  # (token, feature) along each batch's own axis, numpy float64
+    for ids in loader:
+        h = np.abs(table[ids.numpy()] @ weight.T + bias).max(0)
+        by_position[: h.shape[0]] = np.maximum(by_position[: h.shape[0]], h)
+    token, feature = np.unravel_index(by_position.argmax(), by_position.shape)
+    assert monitor.history["massive/block/top0_value"].values == [pytest.approx(by_position.max(), rel=1e-6)]
+    assert (monitor.history["massive/block/top0_token"].values, monitor.history["massive/block/top0_feature"].values) \
+        == ([token], [feature])
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from lightning_act.callbacks.probe import (
 )
 from lightning_act.capture import ModuleSpec
 from lightning_act.capture.registry import ForwardCutoff
-from lightning_act.capture.selection import has_lazy_parameters
 from lightning_act.errors import LightningActError
 from lightning_act.plots import run_dir, writes_run_files
 from lightning_act.report.skipped import record_skipped
@@ -76,31 +75,15 @@ MAX_TOP_K = 4096
 FIT_SCALARS = {"fit_A": "a", "fit_lambda": "lam", "fit_gamma": "gamma", "fit_t0": "t0", "fit_K": "k", "fit_r2": "r2"}
 
 
-def token_grid(x: torch.Tensor) -> tuple[int, ...]:
+def token_grid(x: torch.Tensor, flattened_from: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The token positions of a sample-first activation: ``(T,)`` for ``(B, T, D)``, the spatial shape of
-    ``(B, C, *spatial)`` or of a channels-last map the capture registry flattened to ``(B, tokens, C)``
-    (:func:`flattened_spatial_shape`), ``()`` for ``(B, D)`` (no token axis)."""
+    ``(B, C, *spatial)`` or, given as ``flattened_from`` by the capture registry, of the channels-last map it flattened
+    to ``(B, tokens, C)`` (read as a sequence, a 3x5 map beside a 4x6 one aligned), ``()`` for ``(B, D)``."""
     if x.dim() == 2:
         return ()
     if x.dim() == 3:
-        return flattened_spatial_shape(x) or tuple(x.shape[1:2])
+        return flattened_from or tuple(x.shape[1:2])
     return tuple(x.shape[2:])
-
-
-def flattened_spatial_shape(x: torch.Tensor) -> tuple[int, ...] | None:
-    """The spatial shape of a channels-last map ``(B, *spatial, C)`` that ``x``, a ``(B, tokens, C)`` view of it
-    (:func:`~lightning_act.capture.layout.with_canonical_features` flattens such maps before a monitor sees them),
-    flattens; None for any other ``x``. Without it, a 3x5 map beside a 4x6 one read as two sequences, which align.
-    The registry detaches each activation (a detached tensor is no view), so a 3-d view of a 4-d or larger base is
-    that flattening; a sample-first view of a map given with ``batch_dim`` is not recognised (read as a sequence)."""
-    base = x._base
-    if base is None or base.dim() < 4:
-        return None
-    spatial = tuple(base.shape[1:-1])
-    flattening = (base.shape[0], math.prod(spatial), base.shape[-1])
-    if tuple(x.shape) != flattening or x.stride() != (base.stride(0), base.stride(-2), base.stride(-1)):
-        return None
-    return spatial
 
 
 #: How the token grids of a tap's forwards in one step relate (:func:`grids_verdict`), from the fingerprint each rank
@@ -166,7 +149,7 @@ class MassiveActivations(ActivationMonitor):
     forward's own token axis: at a step whose forwards of a tap, on any rank, do not align (a one-token KV-cache
     decode step or a ``(B, D)`` one beside whole sequences, maps of different widths, :func:`grids_verdict`),
     ``top{j}_token`` is not logged (one warning); forwards of different lengths are taken to start at token 0 (said
-    once: a chunked decode or a KV-cache continuation of several tokens is not told apart).
+    once for training forwards: a chunked decode or a KV-cache continuation of several tokens is not told apart).
 
     At the end of fit, and whenever :meth:`fit_emergence` is called, the Hidden Dynamics
     emergence model ``f(t) = A exp(-lambda x) log(x) + K``, ``x = gamma t + t0``, is fitted to each
@@ -258,6 +241,10 @@ class MassiveActivations(ActivationMonitor):
         self._unaligned_warned: set[str] = set()
         self._lengths_warned: set[str] = set()
         self._lazy_warned: set[str] = set()
+        #: The spatial shape the registry flattened the activation it delivers next from (:meth:`flattened_from`).
+        self._delivered_spatial: tuple[int, ...] | None = None
+        #: The last due step whose probe ran lazy modules on stand-in weights, which measured nothing.
+        self._stand_in_step: int | None = None
         #: Bins of the per-sample log-magnitude histogram the median is estimated from (relative error
         #: <= 2**-sub_bits, 1.56%; see lightning_act.stats.histogram_median).
         self.bins = LogMagnitudeBins()
@@ -272,9 +259,10 @@ class MassiveActivations(ActivationMonitor):
         forward); later activations of the step (micro-batches) are turned into partials now, so one per tap is
         kept. A tap of more than ``DEFERRED_POSITIONS`` positions per sample takes its top-k now, so that its
         per-position maxima are not kept (an LLM's residual stream has millions)."""
+        spatial, self._delivered_spatial = self._delivered_spatial, None
         if not self._measuring or not self._measurable(tap_index, x):
             return
-        self._note_layout(tap_index, x)
+        self._note_layout(tap_index, x, spatial)
         if fused is None:
             fused = fused_statistics(x, self.fused_spec(tap_index))
         assert fused.column_max is not None
@@ -346,9 +334,10 @@ class MassiveActivations(ActivationMonitor):
         return self._has_token
 
     def partials(self, tap_index: int, x: torch.Tensor, fused: FusedStats | None = None) -> Partials | None:
+        spatial, self._delivered_spatial = self._delivered_spatial, None
         if not self._measurable(tap_index, x):
             return None
-        self._note_layout(tap_index, x)
+        self._note_layout(tap_index, x, spatial)
         if fused is None:
             fused = fused_statistics(x, self.fused_spec(tap_index))
         return self._partials_of(fused)
@@ -376,11 +365,16 @@ class MassiveActivations(ActivationMonitor):
         stats.update(topk_stats(merge_topk(samples, self.top_k), self.top_k, self._has_token.get(tap_index, True)))
         return stats
 
-    def _note_layout(self, tap_index: int, x: torch.Tensor) -> None:
+    def flattened_from(self, tap_index: int, spatial: tuple[int, ...] | None) -> None:
+        """Called by the capture registry before it delivers an activation: the spatial shape of the channels-last map
+        it flattened that activation from (None: none), its token grid (:func:`token_grid`)."""
+        self._delivered_spatial = spatial
+
+    def _note_layout(self, tap_index: int, x: torch.Tensor, spatial: tuple[int, ...] | None) -> None:
         """Record whether ``x`` has a token axis (how the tap's top-k positions read) and its token grid in this step
         (whether the positions of the step's calls name the same tokens, :meth:`_add_grid_fingerprints`)."""
         self._has_token[tap_index] = has_token_axis(x)
-        self._step_grids.setdefault(tap_index, set()).add(token_grid(x))
+        self._step_grids.setdefault(tap_index, set()).add(token_grid(x, spatial))
 
     def deliver(
         self, trainer: pl.Trainer, staged: StagedStatistics, extras: dict[str, float] | None = None
@@ -404,14 +398,17 @@ class MassiveActivations(ActivationMonitor):
         return super().deliver(trainer, staged, extras)
 
     def _say_verdict(self, tap_index: int, verdict: float) -> None:
-        """Say once per tap why its ``top{j}_token`` is not logged, or how it reads for forwards of different lengths."""
+        """Say once per tap why its ``top{j}_token`` is not logged, or how it reads for training forwards of different
+        lengths (a probe's forwards are whole batches of the validation loader: each starts at token 0)."""
         name = self.taps[tap_index].name
         if verdict == LENGTHS_DIFFER:
+            if self.probe is not None:
+                return
             self._warn_once(
                 self._lengths_warned, name,
-                "ran forwards of different lengths in one step (on some rank): top{j}_token is an index along each "
-                "forward's own token axis, which names the same token only when every forward starts at token 0 "
-                "(dynamic padding, several probe batches); the positions of a KV-cache continuation or a chunked "
+                "ran forwards of different lengths in one step (on one rank, or on different ranks): top{j}_token is "
+                "an index along each forward's own token axis, which names the same token only when every forward "
+                "starts at token 0 (dynamic padding, gradient accumulation); the positions of a KV-cache continuation or a chunked "
                 "decode of several tokens, which shapes do not tell apart, do not align and are logged as such "
                 "indices; for positions of such steps, pass probe='val' with a forward_fn that runs whole sequences "
                 "in one forward",
@@ -424,7 +421,8 @@ class MassiveActivations(ActivationMonitor):
         }[verdict]
         self._warn_once(
             self._unaligned_warned, name,
-            f"ran forwards whose token axes do not align in one step ({reason}, on some rank): a position is an index "
+            f"ran forwards whose token axes do not align in one step ({reason}; on one rank, or on different "
+            "ranks): a position is an index "
             "along each forward's own token axis (before round 27 a KV-cache decode step's token read as token 0), so "
             "top{j}_token is not logged at such steps (top{j}_value and top{j}_feature are); every forward's rows also "
             "count as samples of median, ratio and count_per_sample (a decoded token is one). For positions and "
@@ -476,12 +474,11 @@ class MassiveActivations(ActivationMonitor):
         self._probed_step = self._pending_step
         if not self._probe_plan:
             return
-        if has_lazy_parameters(pl_module):
-            self._skip_lazy_step(pl_module)
-            return
+        buffers = (list(self._sums), list(self._maxima), list(self._samples))  # this step's: reset values, or None
         self.arm(True)
         try:
-            with own_passes(self._registry, self, self._cutoff), probing(trainer, pl_module, pl_module.device):
+            with own_passes(self._registry, self, self._cutoff), \
+                    probing(trainer, pl_module, pl_module.device, say_stand_ins=False) as stand_ins_run:
                 for probe_batch, measured in self._probe_plan:
                     self._measuring = measured
                     self._cutoff.forward(
@@ -491,22 +488,33 @@ class MassiveActivations(ActivationMonitor):
         finally:
             self._measuring = True
             self.arm(False)
+        if stand_ins_run:
+            self._drop_stand_in_probe(self._pending_step, buffers, stand_ins_run)
 
-    def _skip_lazy_step(self, pl_module: nn.Module) -> None:
-        """Measure nothing at a due step whose probe would run before the model's lazy modules are made: the probe
-        would run on stand-in weights (:func:`~lightning_act.callbacks.probe.lazy_modules_kept` keeps training
-        bitwise), whose statistics read like the step's measurement of the trained model. Said once."""
-        step, self._pending_step = self._pending_step, None
-        if self._lazy_warned:
-            return
-        lazy = [name for name, module in pl_module.named_modules()
-                if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False))]
+    def _drop_stand_in_probe(
+        self, step: int, buffers: tuple[list[torch.Tensor | None], ...], stand_ins_run: list[str]
+    ) -> None:
+        """Forget what the probe of due step ``step`` measured: it ran the lazy modules ``stand_ins_run`` before the
+        fit's first training forward made their weights, on stand-ins
+        (:func:`~lightning_act.callbacks.probe.lazy_modules_kept` keeps training bitwise), whose statistics read like
+        the step's measurement of the trained model. This rank's buffers go back to what they held before the probe
+        (it observed nothing), so the step's flush runs the same collectives on every rank and logs only what ranks
+        without stand-ins measured: nothing in one process. Said once."""
+        self._sums, self._maxima, self._samples = (list(held) for held in buffers)
+        self._observed, self._step_grids = set(), {}
+        self.take_kept()
+        self._stand_in_step = step
         self._warn_once(
             self._lazy_warned, "probe='val'",
-            f"measures nothing at step {step}, nor at a later due step while a lazy module (nn.LazyLinear ...) is "
-            f"unmade ({', '.join(lazy)}): its weights are made by the first training forward that runs it, so a probe "
-            "before would run on stand-in weights; run one batch through the model before the fit to measure step 0",
+            f"measures nothing at step {step}, nor at a later due step whose probe runs a lazy module (nn.LazyLinear "
+            f"...) still unmade ({', '.join(stand_ins_run)}): its weights are made by the first training forward that "
+            "runs it, so the probe ran it on stand-in weights; run one batch through the model before the fit to "
+            "measure step 0",
         )
+
+    def _warn_unobserved(self, step: int, observed: set[int]) -> None:
+        if step != self._stand_in_step:  # a probe on stand-ins observed nothing: said by _drop_stand_in_probe
+            super()._warn_unobserved(step, observed)
 
     # ------------------------------------------------------------------ emergence fits
     def fit_emergence(self, trainer: pl.Trainer | None = None) -> dict[str, EmergenceFit]:

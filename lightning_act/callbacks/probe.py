@@ -817,12 +817,16 @@ def _warn_kept_writes(pl_module: nn.Module, written: list[nn.Parameter]) -> None
 
 
 @contextlib.contextmanager
-def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device) -> Iterator[None]:
+def probing(
+    trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device, say_stand_ins: bool = True
+) -> Iterator[list[str]]:
     """Eval mode, no_grad, the precision context and a forked RNG, each forward inside seeded with its place in the
     pass (:func:`_seed_forward`); every train/eval flag, ``requires_grad`` and buffer restored, and the plain attributes
     of the modules whose ``train()`` is overridden (what eval mode may have changed), the weights of embeddings with
     ``max_norm`` (:func:`renormed_weights_kept`) and the parameters a forward writes in place
-    (:func:`parameters_kept`); lazy modules not made yet are left unmade (:func:`lazy_modules_kept`).
+    (:func:`parameters_kept`); lazy modules not made yet are left unmade (:func:`lazy_modules_kept`). It gives the
+    list of the lazy modules the forwards inside ran on stand-in weights, filled as it exits (a caller that drops what
+    they measured says so itself, ``say_stand_ins=False``).
 
     PyTorch's fast path for ``nn.TransformerEncoder``/``MultiheadAttention`` is off meanwhile: in eval mode without
     gradients it would turn padded sequences (``src_key_padding_mask``) into nested tensors, which no statistic can
@@ -842,11 +846,11 @@ def probing(trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.devi
     parts_token = _probed_parts.set(parts)
     try:
         torch.backends.mha.set_fastpath_enabled(False)
-        with lazy_modules_kept(pl_module, parts.modules), buffers_kept(parts.modules), \
-                renormed_weights_kept(parts.renormed), parameters_kept(pl_module, parts), \
+        with lazy_modules_kept(pl_module, parts.modules, say_stand_ins) as stand_ins_run, \
+                buffers_kept(parts.modules), renormed_weights_kept(parts.renormed), parameters_kept(pl_module, parts), \
                 torch.no_grad(), torch.random.fork_rng(devices=devices), context:
             pl_module.eval()
-            yield
+            yield stand_ins_run
     finally:
         _probed_parts.reset(parts_token)
         _forward_seeds.reset(token)
@@ -865,13 +869,16 @@ _stand_ins_warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @contextlib.contextmanager
-def lazy_modules_kept(pl_module: nn.Module, modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
+def lazy_modules_kept(
+    pl_module: nn.Module, modules: list[tuple[str, nn.Module]], say_stand_ins: bool = True
+) -> Iterator[list[str]]:
     """The lazy modules of ``modules`` (``pl_module``'s) whose weights are still unmade (``nn.LazyLinear`` before the
     fit's first training forward) run inside on stand-in weights, made there and dropped after it, and stay unmade: the
     fit's first training forward makes their weights from the random stream it draws them from without the monitors.
     Made by a probe at fit start (``SensitiveNeurons``' first tracking forward, ``MassiveActivations(probe="val")``'s
     first probe), under its forked and seeded random state, they started from other values (before round 27).
-    What the probe measured of them, or after them, is of the stand-ins: said once per model."""
+    What the probe measured of them, or after them, is of the stand-ins: said once per model (``say_stand_ins``). It
+    gives the names of the lazy modules run on stand-ins, filled as it exits."""
     held = []
     stand_ins: dict[int, torch.Tensor] = {}  # by the id of the unmade tensor they stand in for
     for name, module in modules:
@@ -896,10 +903,10 @@ def lazy_modules_kept(pl_module: nn.Module, modules: list[tuple[str, nn.Module]]
                 if t is not None and id(t) in stand_ins:
                     originals.append((tensors, key, t))
                     tensors[key] = stand_ins[id(t)]
+    made: list[str] = []
     try:
-        yield
+        yield made
     finally:
-        made = []
         for name, module, cls, attributes, handles, hooks in held:
             if not any(nn.parameter.is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
                 made.append(name or type(module).__name__)
@@ -915,7 +922,7 @@ def lazy_modules_kept(pl_module: nn.Module, modules: list[tuple[str, nn.Module]]
                 after.update(now)
         for tensors, key, original in originals:
             tensors[key] = original
-        if made and pl_module not in _stand_ins_warned:
+        if say_stand_ins and made and pl_module not in _stand_ins_warned:
             _stand_ins_warned.add(pl_module)
             rank_zero_warn(
                 f"a probe pass of the monitors ran the lazy modules {', '.join(made[:3])}"

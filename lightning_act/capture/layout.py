@@ -330,3 +330,11 @@ def with_canonical_features(
     if axis == 1:
         return (x.movedim(1, 2) if x.dim() == 3 else x), True
     return (x if x.dim() == 3 else x.flatten(1, -2)), True
+
+
+def flattened_spatial_shape(sample_first: torch.Tensor, view: torch.Tensor) -> tuple[int, ...] | None:
+    """The spatial shape of the channels-last map ``sample_first`` ``(B, *spatial, C)`` that
+    :func:`with_canonical_features` flattened into ``view`` ``(B, tokens, C)``; None where it flattened nothing. The
+    view alone cannot tell a 3x5 map from 15 tokens (its ``_base`` is gone where the flatten copies, a crop, or under
+    ``torch.inference_mode``)."""
+    return tuple(sample_first.shape[1:-1]) if sample_first.dim() >= 4 and view.dim() == 3 else None

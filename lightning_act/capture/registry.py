@@ -20,7 +20,9 @@ to every subscribed monitor that is armed, in the sample-first layout that monit
 (:mod:`lightning_act.capture.layout`). A subscriber implements ``receive(tap_index, x)`` and has an
 ``armed`` flag, and may have ``features_unknown(tap_index, shape)``, called when nothing tells which axis of a
 4-D activation holds the features, and ``activations_unbatched(tap_index, shape)``, called instead of ``receive`` for
-an activation without a sample axis (:func:`~lightning_act.capture.layout.looks_unbatched`). One read for all of
+an activation without a sample axis (:func:`~lightning_act.capture.layout.looks_unbatched`), and
+``flattened_from(tap_index, spatial)``, called before each ``receive`` with the spatial shape of the channels-last map
+``(B, *spatial, C)`` its ``(B, tokens, C)`` activation was flattened from (None: none was). One read for all of
 them (issue 17): a subscriber that also has ``fused_spec(tap_index)`` returning a
 :class:`~lightning_act.stats.fused.FusedSpec` gets ``receive(tap_index, x, fused)``, where ``fused`` comes from a single
 :func:`~lightning_act.stats.fused.fused_statistics` pass over the union of the specs of every armed
@@ -81,7 +83,13 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.hooks import RemovableHandle
 
-from lightning_act.capture.layout import Layout, looks_unbatched, to_sample_first, with_canonical_features
+from lightning_act.capture.layout import (
+    Layout,
+    flattened_spatial_shape,
+    looks_unbatched,
+    to_sample_first,
+    with_canonical_features,
+)
 from lightning_act.capture.selection import Tap
 from lightning_act.precision import autocast_off
 from lightning_act.stats.fused import FusedSpec, FusedStats, fused_statistics
@@ -588,9 +596,10 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         tensor = tensor.detach()
         if tensor.dtype in _FLOAT8_DTYPES:
             tensor = tensor.float()
-        views: dict[Layout, tuple[torch.Tensor, bool] | None] = {}  # None: no sample axis
+        # each layout's view, whether its features are known and the spatial shape it flattened; None: no sample axis
+        views: dict[Layout, tuple[torch.Tensor, bool, tuple[int, ...] | None] | None] = {}
         # Subscribers whose layouts give the same view share one fused pass (the usual case: all of them).
-        by_view: dict[tuple[Any, ...], tuple[torch.Tensor, list[tuple[_Subscription, FusedSpec | None]]]] = {}
+        by_view: dict[tuple[Any, ...], tuple[torch.Tensor, list[tuple[_Subscription, FusedSpec | None, Any]]]] = {}
         only = registry.exclusive_subscriber
         for sub in registry.subscriptions.get(key, ()):
             if not sub.subscriber.armed or (only is not None and sub.subscriber is not only):
@@ -600,27 +609,34 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
             if sub.layout not in views:
                 sample_first = to_sample_first(tensor, sub.layout)
                 unbatched = looks_unbatched(sample_first.shape, sub.layout)
-                views[sub.layout] = None if unbatched else with_canonical_features(
-                    sample_first, sub.layout, registry.feature_axes, (key, sub.layout)
-                )
+                if unbatched:
+                    views[sub.layout] = None
+                else:
+                    canonical, known = with_canonical_features(
+                        sample_first, sub.layout, registry.feature_axes, (key, sub.layout)
+                    )
+                    views[sub.layout] = canonical, known, flattened_spatial_shape(sample_first, canonical)
             view = views[sub.layout]
             if view is None:
                 report_unbatched = getattr(sub.subscriber, "activations_unbatched", None)
                 if report_unbatched is not None:
                     report_unbatched(sub.tap_index, tuple(tensor.shape))
                 continue
-            x, features_known = view
+            x, features_known, spatial = view
             report = None if features_known else getattr(sub.subscriber, "features_unknown", None)
             if report is not None:
                 report(sub.tap_index, tuple(x.shape))
             members = by_view.setdefault((tuple(x.shape), x.stride()), (x, []))[1]
-            members.append((sub, _fused_spec(sub)))
+            members.append((sub, _fused_spec(sub), spatial))
         for x, members in by_view.values():
-            specs = [spec for _, spec in members if spec is not None]
+            specs = [spec for _, spec, _ in members if spec is not None]
             fused: FusedStats | None = None
             if specs:
                 fused = fused_statistics(x, specs[0].union(*specs[1:]), registry.fused_implementation)
-            for sub, spec in members:
+            for sub, spec, spatial in members:
+                note_flattened = getattr(sub.subscriber, "flattened_from", None)
+                if note_flattened is not None:
+                    note_flattened(sub.tap_index, spatial)
                 if spec is None:
                     sub.subscriber.receive(sub.tap_index, x)
                 else:
