@@ -449,14 +449,17 @@ class PaddedLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_a_probe_of_batches_padded_to_their_own_lengths_logs_positions_without_a_warning() -> None:
+@pytest.mark.parametrize("forward_fn", [None, lambda model, ids: model(ids)], ids=["default", "forward_fn"])
+def test_a_probe_of_batches_padded_to_their_own_lengths_logs_positions_without_a_warning(forward_fn) -> None:
     # Every probe forward is a whole batch of the loader, starting at token 0: positions align. Before, the training
-    # forwards' warning (a KV-cache continuation ..., "pass probe='val'") was said to a user of probe='val'.
+    # forwards' warning (a KV-cache continuation ..., "pass probe='val'") was said to a user of probe='val'. A
+    # forward_fn may run a batch in chunks (R9: a chunked prefill's positions were logged unsaid), so with one the
+    # probe's own line is said once, naming the fix.
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(1, 20, (n,), generator=generator) for n in (5, 5, 9, 9)]
     loader = DataLoader(sequences, batch_size=2, collate_fn=lambda b: nn.utils.rnn.pad_sequence(b, batch_first=True))
     monitor = MassiveActivations(modules=["block"], every_n_steps=1, top_k=1, probe="val", probe_batches=2,
-                                 forward_fn=lambda model, ids: model(ids))
+                                 forward_fn=forward_fn)
     model = PaddedLM()
     trainer = pl.Trainer(
         max_steps=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -465,7 +468,12 @@ def test_a_probe_of_batches_padded_to_their_own_lengths_logs_positions_without_a
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, loader, loader)
-    assert not [w for w in caught if "different lengths" in str(w.message) or "do not align" in str(w.message)]
+    said = [str(w.message) for w in caught if "different lengths" in str(w.message) or "do not align" in str(w.message)]
+    if forward_fn is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and "of the probe's forward_fn" in said[0] and "run each batch whole" in said[0]
+        assert "pass probe='val'" not in said[0]
     weight, bias = model.block.weight.detach().double().numpy(), model.block.bias.detach().double().numpy()
     table = model.emb.weight.detach().double().numpy()
     by_position = np.full((9, D), -np.inf)  # (token, feature) along each batch's own axis, numpy float64

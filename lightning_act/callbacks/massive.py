@@ -24,6 +24,7 @@ from lightning_act.callbacks.base import (
 from lightning_act.callbacks.probe import (
     ForwardFn,
     call_forward,
+    default_forward,
     own_passes,
     probing,
     resolve_forward_fn,
@@ -398,11 +399,22 @@ class MassiveActivations(ActivationMonitor):
         return super().deliver(trainer, staged, extras)
 
     def _say_verdict(self, tap_index: int, verdict: float) -> None:
-        """Say once per tap why its ``top{j}_token`` is not logged, or how it reads for training forwards of different
-        lengths (a probe's forwards are whole batches of the validation loader: each starts at token 0)."""
+        """Say once per tap why its ``top{j}_token`` is not logged, or how it reads for forwards of different lengths
+        (unsaid for a probe run by the default forward: its forwards are whole batches of the validation loader, each
+        starting at token 0; a ``forward_fn`` may run chunks, as a chunked prefill does)."""
         name = self.taps[tap_index].name
         if verdict == LENGTHS_DIFFER:
+            if self.probe is not None and self.forward_fn is default_forward:
+                return
             if self.probe is not None:
+                self._warn_once(
+                    self._lengths_warned, name,
+                    "ran forwards of different lengths in one step of the probe's forward_fn: top{j}_token is an "
+                    "index along each forward's own token axis, which names the same token only when every forward starts "
+                    "at token 0 (whole batches padded to their own lengths do); a forward_fn that runs a batch in "
+                    "chunks (a chunked prefill with a KV cache) gives each chunk's own indices: run each batch whole "
+                    "in one forward for absolute positions",
+                )
                 return
             self._warn_once(
                 self._lengths_warned, name,
@@ -436,6 +448,7 @@ class MassiveActivations(ActivationMonitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._probed_step = None  # a step probed in an earlier fit is a step of this one to probe again
+        self._stand_in_step = None  # nor is a step an earlier fit's probe ran on stand-ins one of this fit's
         self._step_grids = {}  # what an interrupted step of an earlier fit saw
         if self.probe is None or not self.taps:
             return
