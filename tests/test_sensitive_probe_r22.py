@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
-from _toy import quiet_trainer
-from test_compat_r21 import Net, fit
+from _toy import ReluClassifier, quiet_trainer
+from test_compat_r21 import fit
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
 from lightning_act.callbacks import massive as massive_module
 from lightning_act.callbacks import sensitive as sensitive_module
@@ -315,7 +315,7 @@ def test_no_set_is_selected_or_dropped_from_a_sensitivity_that_is_not_finite() -
     monitor = SensitiveNeurons(modules=["act1"], every_n_steps=1, tracking_inputs=tracking, window=2, drop=True,
                                eigenscore_passes=0)
     pl.seed_everything(0, verbose=False)
-    plain, dropped = Net(), Net()
+    plain, dropped = ReluClassifier(), ReluClassifier()
     dropped.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
@@ -334,7 +334,7 @@ def test_no_set_is_selected_or_dropped_from_a_sensitivity_that_is_not_finite() -
 def test_a_set_selected_before_the_sensitivity_turned_non_finite_is_kept_with_its_drop() -> None:
     monitor = SensitiveNeurons(modules=["act1"], every_n_steps=1, tracking_inputs=torch.randn(4, 16), drop=True,
                                drop_checkpoints=2)
-    model = Net()
+    model = ReluClassifier()
     monitor.setup(quiet_trainer(), model, "fit")
     tap = monitor.taps[0]
     finite = {"v_mean": 1.0, "v_max": 2.0, "finite": 1.0}
