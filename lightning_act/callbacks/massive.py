@@ -95,6 +95,7 @@ ALIGNED, LENGTHS_DIFFER, ONE_TOKEN, NO_TOKEN_AXIS, SHAPES_DIFFER = 0.0, 1.0, 2.0
 #: Private statistic carrying each tap's verdict to the host with the values (read and dropped in ``deliver``).
 TOKEN_AXES = "token_axes"
 
+
 def grid_fingerprint(grids: set[tuple[int, ...]]) -> list[float]:
     """What :func:`grids_verdict` needs of one rank's token grids of a tap in a step, in fields that a max across ranks
     merges, so that every rank decides on every rank's grids: whether a ``()`` grid (a ``(B, D)`` call) and whether
@@ -410,20 +411,20 @@ class MassiveActivations(ActivationMonitor):
                 self._warn_once(
                     self._lengths_warned, name,
                     "ran forwards of different lengths in one step of the probe's forward_fn: top{j}_token is an "
-                    "index along each forward's own token axis, which names the same token only when every forward starts "
-                    "at token 0 (whole batches padded to their own lengths do); a forward_fn that runs a batch in "
-                    "chunks (a chunked prefill with a KV cache) gives each chunk's own indices: run each batch whole "
-                    "in one forward for absolute positions",
+                    "index along each forward's own token axis, which names the same token only when every forward "
+                    "starts at token 0 (whole batches padded to their own lengths do); a forward_fn that runs a batch "
+                    "in chunks (a chunked prefill with a KV cache) gives each chunk's own indices: run each batch "
+                    "whole in one forward for absolute positions",
                 )
                 return
             self._warn_once(
                 self._lengths_warned, name,
                 "ran forwards of different lengths in one step (on one rank, or on different ranks): top{j}_token is "
                 "an index along each forward's own token axis, which names the same token only when every forward "
-                "starts at token 0 (dynamic padding, gradient accumulation); the positions of a KV-cache continuation or a chunked "
-                "decode of several tokens, which shapes do not tell apart, do not align and are logged as such "
-                "indices; for positions of such steps, pass probe='val' with a forward_fn that runs whole sequences "
-                "in one forward",
+                "starts at token 0 (dynamic padding, gradient accumulation); the positions of a KV-cache "
+                "continuation or a chunked decode of several tokens, which shapes do not tell apart, do not align and "
+                "are logged as such indices; for positions of such steps, pass probe='val' with a forward_fn that runs "
+                "whole sequences in one forward",
             )
             return
         reason = {
