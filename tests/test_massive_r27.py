@@ -193,9 +193,8 @@ class Maps(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def fit_maps(sizes: list[tuple[int, int]], channels_last: bool) -> tuple[MassiveActivations, Maps, list[str]]:
-    monitor = MassiveActivations(modules=["tap"], every_n_steps=1, top_k=1, feature_dim=-1 if channels_last else 1)
-    model = Maps(sizes, channels_last)
+def fit_one_step_of_two_micro_batches(model: pl.LightningModule, monitor: MassiveActivations) -> list[str]:
+    """One optimizer step of two micro-batches (the model's forward sees each batch's index); what was said."""
     trainer = pl.Trainer(
         max_steps=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, accelerator="cpu", accumulate_grad_batches=2,
@@ -203,7 +202,14 @@ def fit_maps(sizes: list[tuple[int, int]], channels_last: bool) -> tuple[Massive
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1))
-    return monitor, model, [str(w.message) for w in caught if "do not align in one step" in str(w.message)]
+    return [str(w.message) for w in caught]
+
+
+def fit_maps(sizes: list[tuple[int, int]], channels_last: bool) -> tuple[MassiveActivations, Maps, list[str]]:
+    monitor = MassiveActivations(modules=["tap"], every_n_steps=1, top_k=1, feature_dim=-1 if channels_last else 1)
+    model = Maps(sizes, channels_last)
+    said = fit_one_step_of_two_micro_batches(model, monitor)
+    return monitor, model, [message for message in said if "do not align in one step" in message]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -257,14 +263,13 @@ class LazyTask(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights the first forward makes, at every step
 
 
-def test_a_probe_before_lazy_modules_are_made_measures_nothing_and_says_why() -> None:
-    # Step 0's probe would run on throwaway stand-in weights (training stays bitwise): before, it was logged as the
-    # step's measurement. The later steps measure the weights the first training forward made (numpy float64).
+def fit_with_a_val_probe_of_fc1(task: pl.LightningModule) -> tuple[MassiveActivations, list, float]:
+    """Three steps of ``task`` (lr 0) under ``MassiveActivations(probe="val")`` on ``fc1``: the monitor, the warnings,
+    and the expected ``top1`` of the probe batch, ``max |x Wᵀ + b|`` in numpy float64 from the weights after the fit."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 6, generator=generator), torch.randint(0, 2, (16,), generator=generator))
     monitor = MassiveActivations(modules=["fc1"], every_n_steps=1, probe="val")
-    task = LazyTask()
     trainer = pl.Trainer(
         max_steps=3, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=1,
@@ -272,12 +277,19 @@ def test_a_probe_before_lazy_modules_are_made_measures_nothing_and_says_why() ->
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(task, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    weight, bias = (p.detach().double().numpy() for p in (task.fc1.weight, task.fc1.bias))
+    return monitor, list(caught), float(np.abs(data.tensors[0][:8].double().numpy() @ weight.T + bias).max())
+
+
+def test_a_probe_before_lazy_modules_are_made_measures_nothing_and_says_why() -> None:
+    # Step 0's probe would run on throwaway stand-in weights (training stays bitwise): before, it was logged as the
+    # step's measurement. The later steps measure the weights the first training forward made (numpy float64).
+    task = LazyTask()
+    monitor, caught, expected = fit_with_a_val_probe_of_fc1(task)
     said = [str(w.message) for w in caught if "measures nothing at step" in str(w.message)]
     assert len(said) == 1 and "step 0" in said[0] and "(fc1)" in said[0] and "run one batch" in said[0]
     top1 = monitor.history["massive/fc1/top1"]
     assert list(top1.steps) == [1, 2]
-    weight, bias = (p.detach().double().numpy() for p in (task.fc1.weight, task.fc1.bias))
-    expected = np.abs(data.tensors[0][:8].double().numpy() @ weight.T + bias).max()
     assert top1.values == pytest.approx([expected] * 2, rel=1e-6)
     assert not any("produced no activation" in str(w.message) for w in caught)
 
@@ -370,14 +382,7 @@ class ChannelsLastCopies(Maps):
 def test_channels_last_maps_whose_flatten_is_no_view_keep_their_spatial_shape(mode: str) -> None:
     monitor = MassiveActivations(modules=["tap"], every_n_steps=1, top_k=1, feature_dim=-1)
     model = ChannelsLastCopies([(3, 5), (4, 6)], mode)
-    trainer = pl.Trainer(
-        max_steps=1, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, accelerator="cpu", accumulate_grad_batches=2,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(model, DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1))
-    said = [str(w.message) for w in caught if "do not align" in str(w.message) or "different lengths" in str(w.message)]
+    said = [m for m in fit_one_step_of_two_micro_batches(model, monitor) if "do not align" in m or "different lengths" in m]
     # 3x5 beside 4x6: row * W + column with two W (before: read as sequences of 15 and 24 tokens, top0_token logged)
     assert "massive/tap/top0_token" not in monitor.history and len(said) == 1 and "different shapes" in said[0]
     largest = np.abs(max(model.seen, key=lambda x: np.abs(x).max()))  # numpy float64, (B, C, H, W)
@@ -404,21 +409,8 @@ class AuxLazyTask(LazyTask):
 def test_a_lazy_module_the_probe_does_not_run_leaves_the_probe_measuring(fc1_made: bool) -> None:
     # Before, any unmade lazy module of the model skipped every due step's probe: with aux never made, the fit
     # logged nothing. Only a probe that ran a lazy module on stand-ins (fc1 unmade, step 0) measures nothing.
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 6, generator=generator), torch.randint(0, 2, (16,), generator=generator))
-    monitor = MassiveActivations(modules=["fc1"], every_n_steps=1, probe="val")
-    task = AuxLazyTask(fc1_made)
-    trainer = pl.Trainer(
-        max_steps=3, callbacks=[monitor], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=1,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(task, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    monitor, caught, expected = fit_with_a_val_probe_of_fc1(AuxLazyTask(fc1_made))
     said = [str(w.message) for w in caught if "measures nothing at step" in str(w.message)]
-    weight, bias = (p.detach().double().numpy() for p in (task.fc1.weight, task.fc1.bias))
-    expected = np.abs(data.tensors[0][:8].double().numpy() @ weight.T + bias).max()
     top1 = monitor.history["massive/fc1/top1"]
     assert list(top1.steps) == ([0, 1, 2] if fc1_made else [1, 2])
     assert top1.values == pytest.approx([expected] * len(top1.steps), rel=1e-6)

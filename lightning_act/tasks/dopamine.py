@@ -125,8 +125,8 @@ class _Classifier(ClassificationTask):
             )
 
     def _image_size_fix(self, data_size: int, model_size: int) -> str:
-        """How to make the data's image size and the network's agree."""
-        raise NotImplementedError
+        """How to make the data's image size and the network's agree (a phase may name its own setting too)."""
+        return f"pass --data.image_size {model_size}"
 
 
 class DopamineFoundation(_Classifier):
