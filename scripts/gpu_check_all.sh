@@ -13,15 +13,15 @@
 #   2. scripts/gpu_check_kat.sh --quick (issue 13): the GR-KAN kernels against float64, then the activation,
 #      eager / compiled / reduce-overhead step, host-time and MLP-block tables.
 # Each part keeps its own time-boxed steps and its logs ($OUT/monitors, $OUT/kat; ./gpu_out without $OUT).
-# MONITORS_BUDGET and KAT_BUDGET (seconds, default 380 and 200) split the time; PYTHON picks the interpreter.
+# MONITORS_BUDGET and KAT_BUDGET (seconds, default 340 and 240) split the time; PYTHON picks the interpreter.
 #   PYTHON=python3 bash scripts/gpu_check_all.sh
 set -u
 cd "$(dirname "$0")/.."
 ROOT="${OUT:-./gpu_out}"
 STATUS=0
-OUT="$ROOT/monitors" BUDGET="${MONITORS_BUDGET:-380}" STEPS="${MONITOR_STEPS:-1a 1b 2 2e 3c 3k}" \
+OUT="$ROOT/monitors" BUDGET="${MONITORS_BUDGET:-340}" STEPS="${MONITOR_STEPS:-1a 1b 2 2e 3c 3k}" \
   bash scripts/gpu_check_monitors.sh || STATUS=1
-OUT="$ROOT/kat" GPU_CHECK_BUDGET="${KAT_BUDGET:-200}" bash scripts/gpu_check_kat.sh --quick || STATUS=1
+OUT="$ROOT/kat" GPU_CHECK_BUDGET="${KAT_BUDGET:-240}" bash scripts/gpu_check_kat.sh --quick || STATUS=1
 if [ -n "${OUT:-}" ]; then  # the device tool returns at most 8 files from $OUT: the logs travel as one archive
   tar czf "$ROOT/logs.tgz" -C "$ROOT" monitors kat && rm -rf "$ROOT/monitors" "$ROOT/kat"
 fi
