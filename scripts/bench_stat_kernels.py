@@ -28,7 +28,9 @@ on CUDA it also runs each implementation under ``torch.cuda.set_sync_debug_mode(
 the statistics (which would stall the training step at every tapped tensor) fails the check. ``--sweep`` times the
 Triton kernels under several launch configurations (``lightning_act.stats.triton_fused`` constants), each
 checked first against the eager fallback (which ``--check`` compares with float64). ``--eigh`` times the
-spectra of ``DimensionalCollapse``'s flush on the device and on the host.
+spectra of ``DimensionalCollapse``'s flush on the device and on the host. ``--kernels`` splits a fused pass's time
+per call into its host time and each kernel's device time (a profile of ``--iters`` calls per statistic group), to
+tell which kernel, or the host, makes a pass cost more than the copy.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _profiling import device_kernel_times  # noqa: E402
 
 from lightning_act.stats.covariance_sketch import gaussian_test_matrix, sketch_partials, sketch_rank_statistics  # noqa: E402
 from lightning_act.stats.fused import (  # noqa: E402
@@ -153,6 +158,29 @@ def bench_tensor(name: str, x: torch.Tensor, args: argparse.Namespace) -> None:
                 f"x copy {statistics.median(ratios):8.2f} ({min(ratios):.2f}..{max(ratios):.2f})   "
                 f"speed-up over current {statistics.median(speedups):6.2f} ({min(speedups):.2f}..{max(speedups):.2f})"
             )
+
+
+def profile_kernels(name: str, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """Per statistic group, the fused pass's wall time per call (synchronised once per ``--iters`` calls) beside
+    the device time of each kernel it launched, from one profile of ``--iters`` calls after a warm-up call."""
+    method = "triton" if "triton" in methods_for(x.device, False) else "fused"
+    for group in GROUPS:
+        call(method, x, group)
+        synchronize(x.device)
+        wall = time_call(lambda: call(method, x, group), args.iters, x.device)
+        if x.device.type != "cuda":  # no kernels to profile: the pass is host work throughout
+            print(f"{name} {tuple(x.shape)} {x.dtype} [{group}] {method}: wall {1e3 * wall:.3f} ms per call")
+            continue
+        with torch.profiler.profile() as profiler:
+            for _ in range(args.iters):
+                call(method, x, group)
+            synchronize(x.device)
+        times, launches = device_kernel_times(profiler.events())
+        busy = sum(times.values()) / args.iters
+        print(f"{name} {tuple(x.shape)} {x.dtype} [{group}] {method}: wall {1e3 * wall:.3f} ms per call, "
+              f"device busy {busy / 1e3:.3f} ms per call (sum of kernel times)")
+        for kernel, total in times.most_common(8):
+            print(f"  {total / args.iters:9.1f} us  x{launches[kernel] / args.iters:.0f}  {kernel[:90]}")
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -461,6 +489,8 @@ def main() -> None:
                         help="--eigh: only cuSOLVER float64, the Triton solver and 'auto' (no host, float32, MAGMA)")
     parser.add_argument("--eigh-counts", type=lambda text: [int(c) for c in text.split(",")], default=[13],
                         help="matrices per solve of --eigh (13: a ViT-S's taps), comma-separated")
+    parser.add_argument("--kernels", action="store_true",
+                        help="only the fused pass's host and per-kernel device time per call (a profile)")
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--collapse-rounds", type=int, default=2)
@@ -490,7 +520,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for name, features in (("gelu", 4 * width), ("block", width)):
         x = torch.randn(batch, tokens, features, generator=generator).to(device=device, dtype=torch.bfloat16)
-        bench_tensor(name, x, args)
+        (profile_kernels if args.kernels else bench_tensor)(name, x, args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 #      (tests/test_sensitive.py);
 #   2. the per-tapped-tensor benchmark (copy vs current vs fused eager / Triton);
 #   2b. the Triton launch-configuration sweep (each configuration checked, then timed);
+#   2k. (STEPS="... 2k") the fused pass's wall time per call beside each kernel's device time (a profile), which
+#      tells the host's share from each kernel's;
 #   2e. (STEPS="... 2e") DimensionalCollapse's eigensolvers on the device (cuSOLVER per matrix and batched, the
 #      Triton eigensolver, and "auto", whose row names its choice) for 1 and 13 matrices of width 384, 768 and
 #      1536, with the erank and PR error of each against float64: it checks "auto"'s cost model (its timings are
@@ -27,7 +29,7 @@
 #      PAIRS_ONLY overrides the --only list; PAIRS_ONLY="" runs every row of --per-monitor, ~10 fits); 3k
 #      (STEPS="... 3k") all four with and without cuda_graph=True and all but SensitiveNeurons with
 #      kat_small_patch16_224 (KAT_ONLY overrides the list; KAT_ONLY="" runs every row, each alone too).
-# Steps run in this order: 1a 1b 2 2e 2b 3d 3c 3k 3a 3b.
+# Steps run in this order: 1a 1b 2 2k 2e 2b 3d 3c 3k 3a 3b.
 # Each step is time-boxed; a failing step prints its error and the next one still runs.
 # Logs go to "$OUT" when set, else ./gpu_out. Run from the repository root:
 #   bash scripts/gpu_check_monitors.sh            (PYTHON=python3 to pick the interpreter)
@@ -74,7 +76,7 @@ run_step() {
   git rev-parse HEAD 2>/dev/null
 } | tee "$LOG_DIR/0_environment.log"
 
-# STEPS picks the steps to run (default: 1a 1b 2 3d 3a 3b; 2e, 3c, 3k and 2b on request, as gpu_check_all.sh asks),
+# STEPS picks the steps to run (default: 1a 1b 2 3d 3a 3b; 2k, 2e, 3c, 3k and 2b on request, as gpu_check_all.sh asks),
 # e.g. STEPS="1a 2 3d" for a quick diagnosis.
 STEPS="${STEPS:-1a 1b 2 3d 3a 3b}"  # 2b (the launch-configuration sweep) on request
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -82,6 +84,7 @@ wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
 wants 1b && run_step 1b_cuda_test 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py tests/test_monitor_core.py tests/test_collapse.py tests/test_graphed_pass.py tests/test_sensitive.py tests/test_devices_r26.py tests/test_compat_r27.py -k "cuda or CUDA or replayed or captured"
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
+wants 2k && run_step 2k_profile_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --kernels --iters 10
 wants 2e && run_step 2e_bench_eigensolvers 60 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-device-only --eigh-widths 384,768,1536 --eigh-counts 1,13 --rounds 3
 wants 2b && run_step 2b_sweep_triton_configs 60 "$PYTHON" scripts/bench_stat_kernels.py --sweep --rounds 3 --iters 10 --no-compiled
 # Host syncs inside lightning_act, a 3-step profile of all four monitors every step and the operations each hook
