@@ -48,8 +48,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import (
-    MEASURED, ActivationMonitor, Partials, check_int, check_number, current_tap_key, training_step_index,
-    unmonitored_strategy,
+    MEASURED, ActivationMonitor, Partials, check_int, check_number, current_tap_key, largest_accumulation,
+    metric_readers, training_step_index, unmonitored_strategy,
 )
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import (
@@ -204,10 +204,12 @@ class DimensionalCollapse(ActivationMonitor):
             weights has moved, r90 is undefined and not logged. Weights are read as the forward uses them (a pruned
             one masked, a parametrized one or one under the hook-based ``weight_norm``/``spectral_norm`` computed)
             and named so (``fc.weight``, not ``fc.weight_orig``); a glob matches every name of a shared (tied)
-            parameter, which is followed once. A followed weight that leaves the model or changes shape mid-fit (a
-            head grown for new classes) starts a new trajectory from that step, with a warning. ``[]`` switches it
-            off. Under Lightning's FSDP (FSDP1) and tensor parallelism the whole monitor stays idle; under FSDP2
-            each sharded weight is gathered whole at a snapshot (see ``docs/multi_gpu.md``).
+            parameter, which is followed once. A followed weight that leaves the model, changes shape (a head grown
+            for new classes) or whose module is replaced by a new one (a layer re-created with the same shape; not
+            pruning or a parametrization, which keep the module) mid-fit starts a new trajectory from that step,
+            with a warning; a resumed fit's new model continues its checkpoint's. ``[]`` switches it off. Under
+            Lightning's FSDP (FSDP1) and tensor parallelism the whole monitor stays idle; under FSDP2 each sharded
+            weight is gathered whole at a snapshot (see ``docs/multi_gpu.md``).
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
             taken half as often, so the kept ones span the whole run.
         projection_dim: when the chosen weights hold more numbers than this, each snapshot is
@@ -340,6 +342,8 @@ class DimensionalCollapse(ActivationMonitor):
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
         self._weight_shapes: list[torch.Size] = []  # the shapes of the followed weights in the held snapshots
+        # the modules that held the followed weights at the last snapshot (or fit start): see _trajectory_change
+        self._weight_owners: list[torch.nn.Module] = []
         self._frozen_copy_weights: list[torch.Tensor] = []  # the weights left out as frozen copies' (_select_params)
         # the model had uninitialized (lazy) weights at fit start: the weights are chosen once its forward made them
         self._choose_when_initialized = False
@@ -347,6 +351,8 @@ class DimensionalCollapse(ActivationMonitor):
         self._start_waits = False
         self._restart_unsaid = False
         self._uninitialized_left_out: list[str] = []  # the candidates _select_params left out as still lazy
+        # the readers of params/r90 that end the fit on a missing key, with their fixes (see unknown_extra)
+        self._strict_r90_readers: list[tuple[str, str]] = []
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
         # r90 of the kept snapshots, computed when they change (a device tensor until read, then a float)
         self._r90: torch.Tensor | float | None = None
@@ -858,7 +864,10 @@ class DimensionalCollapse(ActivationMonitor):
             self._restart_trajectory()
         self.param_names = chosen
         self._follows_unrecorded = False  # param_names now says what the snapshots follow
-        self._weight_shapes = _shapes(self._chosen_weights(pl_module, self.param_names))
+        # the modules now: a resumed fit's model is new objects, which continue its checkpoint's trajectory by name
+        followed = self._followed(pl_module, self.param_names)
+        self._weight_shapes = _shapes(None if followed is None else followed[0])
+        self._weight_owners = [] if followed is None else followed[1]
         self._start_waits, self._restart_unsaid = resuming, restarted
         if not resuming:
             self._start_trajectory(pl_module, start)
@@ -932,7 +941,7 @@ class DimensionalCollapse(ActivationMonitor):
                 "batch through the model in configure_model to include them)",
                 category=UserWarning,
             )
-        weights = self._chosen_weights(pl_module, self.param_names)
+        weights, self._weight_owners = self._followed(pl_module, self.param_names) or (None, [])
         self._weight_shapes = _shapes(weights)
         if self.param_names and weights is not None and before_step is not None:
             self._add_snapshot(before_step, self._snapshot(weights))
@@ -966,15 +975,24 @@ class DimensionalCollapse(ActivationMonitor):
         length = total if self.projection_dim is None or total <= self.projection_dim else self.projection_dim
         return all(s.numel() == length for s in self._snapshots)
 
+    @classmethod
+    def _chosen_weights(cls, pl_module: torch.nn.Module, names: list[str]) -> list[torch.Tensor] | None:
+        """The weights ``names`` as the forward uses them (:meth:`_followed`); None when one is gone from the model."""
+        followed = cls._followed(pl_module, names)
+        return None if followed is None else followed[0]
+
     @staticmethod
-    def _chosen_weights(pl_module: torch.nn.Module, names: list[str]) -> list[torch.Tensor] | None:
+    def _followed(
+        pl_module: torch.nn.Module, names: list[str]
+    ) -> tuple[list[torch.Tensor], list[torch.nn.Module]] | None:
         """The weights ``names`` as the forward uses them, read from their modules
         (:func:`~lightning_act.capture.weights.forward_tensor`): ``torch.nn.utils.prune`` turns ``fc.weight`` into
         ``fc.weight_orig`` and a masked ``fc.weight``, a parametrization into a property (a name looked up in
-        ``named_parameters`` crashed the fit); None when one is gone from the model. Each module is looked up by its
-        name (:func:`module_at`, a few dictionary reads), not in a map of the whole model, built twice per snapshot
-        before round 26 (~0.7 ms each on a 12-block ViT)."""
-        weights = []
+        ``named_parameters`` crashed the fit); and those modules, whose identity says whether the weights are still
+        the followed ones (:meth:`_trajectory_change`). None when one is gone from the model. Each module is looked
+        up by its name (:func:`module_at`, a few dictionary reads), not in a map of the whole model, built twice per
+        snapshot before round 26 (~0.7 ms each on a 12-block ViT)."""
+        weights, owners = [], []
         for name in names:
             path, _, attribute = name.rpartition(".")
             module = module_at(pl_module, path)
@@ -982,14 +1000,17 @@ class DimensionalCollapse(ActivationMonitor):
             if weight is None:
                 return None
             weights.append(weight)
-        return weights
+            owners.append(module)
+        return weights, owners
 
-    def _trajectory_change(self, shapes: list[torch.Size]) -> str | None:
+    def _trajectory_change(self, shapes: list[torch.Size], owners: list[torch.nn.Module]) -> str | None:
         """Why the held snapshots no longer stack with one of the model now, whose followed weights have ``shapes``
-        (:func:`_shapes`), else None: a followed weight left the model or changed shape (a head grown for new
-        classes, a widened layer: the snapshots' lengths differ, or, count-sketched, their positions mean other
-        weights), or a weight left out as a frozen copy's trains now (a backbone that a ``BaseFinetuning`` callback
-        unfreezes was no copy)."""
+        (:func:`_shapes`) and are held by the modules ``owners`` (:meth:`_followed`), else None: a followed weight
+        left the model or changed shape (a head grown for new classes, a widened layer: the snapshots' lengths
+        differ, or, count-sketched, their positions mean other weights), or is held by another module than at the
+        last snapshot (a layer re-created with the same shape: the jump to its new weights is no training; pruning,
+        a parametrization or ``weight_norm`` keep the module), or a weight left out as a frozen copy's trains now (a
+        backbone that a ``BaseFinetuning`` callback unfreezes was no copy)."""
         if not shapes:
             return "a weight of the trajectory left the model (a module replaced mid-fit)"
         if self._snapshots and len(shapes) == len(self._weight_shapes) and shapes != self._weight_shapes:
@@ -997,6 +1018,12 @@ class DimensionalCollapse(ActivationMonitor):
                 (n, tuple(a), tuple(b)) for n, a, b in zip(self.param_names, self._weight_shapes, shapes) if a != b)
             return (f"a weight of the trajectory changed shape ({name}: {old} to {new}, a layer grown or widened "
                     "mid-fit)")
+        if self._snapshots and len(owners) == len(self._weight_owners):
+            replaced = next(
+                (n for n, now, was in zip(self.param_names, owners, self._weight_owners) if now is not was), None)
+            if replaced is not None:
+                return (f"the module of a weight of the trajectory was replaced by a new one of the same shape "
+                        f"({replaced}: a layer re-created mid-fit)")
         if any(p.requires_grad for p in self._frozen_copy_weights):
             return ("a weight left out of the trajectory as a frozen copy's trains now (a backbone unfrozen by a "
                     "BaseFinetuning callback)")
@@ -1010,8 +1037,9 @@ class DimensionalCollapse(ActivationMonitor):
             return {}
         if self._snapshot_seen % self._snapshot_stride == 0:
             pl_module = trainer.lightning_module
-            weights = self._chosen_weights(pl_module, self.param_names)  # read once for the check and the snapshot
-            change = self._trajectory_change(_shapes(weights))
+            # read once for the check and the snapshot
+            weights, owners = self._followed(pl_module, self.param_names) or (None, [])
+            change = self._trajectory_change(_shapes(weights), owners)
             if change is not None:
                 rank_zero_warn(
                     f"DimensionalCollapse: {change} at step {step}; params/r90 follows the weights chosen again "
@@ -1020,11 +1048,12 @@ class DimensionalCollapse(ActivationMonitor):
                 )
                 self._restart_trajectory()
                 self.param_names = self._select_params(pl_module)
-                weights = self._chosen_weights(pl_module, self.param_names)
+                weights, owners = self._followed(pl_module, self.param_names) or (None, [])
             if not self.param_names or weights is None:
                 return {}
             if not self._snapshots:
                 self._weight_shapes = _shapes(weights)
+            self._weight_owners = owners
             self._add_snapshot(step, self._snapshot(weights))
             self._r90 = self._trajectory_r90()
         else:
@@ -1035,10 +1064,25 @@ class DimensionalCollapse(ActivationMonitor):
                 self._r90 = self._trajectory_r90()
         return {} if self._r90 is None else {f"{self.prefix}/params/r90": self._r90}
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        key = f"{self.prefix}/params/r90"
+        self._strict_r90_readers = [
+            (reader.name, reader.late_fix) for reader in metric_readers(trainer, largest_accumulation(trainer))
+            if reader.strict and reader.key == key
+        ]
+
     def unknown_extra(self, key: str, step: int) -> str:
+        """Why r90 is not logged, naming the strict readers of a key never logged yet (a ``BackboneFinetuning``
+        backbone frozen at fit start): their first read ends the fit with Lightning's "not available" error."""
+        readers = "" if key in self.history else "".join(
+            f"; {name} reads it: a read before it is logged ends the fit with Lightning's \"not available\" error; "
+            f"{fix}" for name, fix in self._strict_r90_readers
+        )
         return (
             f"is not logged from step {step}: the weights it follows ({len(self.param_names)} tensors) have not moved "
             "since fit start (frozen), or are not finite, so no share of their trajectory's variance is defined"
+            f"{readers}"
         )
 
     def host_extras(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
