@@ -21,7 +21,7 @@ def one_thread() -> Iterator[None]:
 
 #: The modules whose once-per-process warnings are said again in each test: their module-level ``*_warned``
 #: containers (sets, weak sets and maps).
-_SAID_ONCE_MODULES = ("lightning_act.callbacks.probe", "lightning_act.tasks.sampler_padding")
+_SAID_ONCE_MODULES = ("lightning_act.callbacks.probe", "lightning_act.tasks.sampler_padding", "lightning_act._triton")
 
 
 @pytest.fixture(autouse=True)

@@ -40,7 +40,6 @@ about half the host time per call (``docs/kat_kernel.md``).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import numbers
 import os
@@ -52,6 +51,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.autograd import forward_ad as _forward_ad
 
+from lightning_act._triton import triton_import_problem, triton_requirement, triton_usable, warn_triton_unusable
 from lightning_act.errors import LightningActError
 from lightning_act.nn.rational_coefficients import INIT_COEFFICIENTS
 from lightning_act.precision import autocast_off
@@ -128,16 +128,18 @@ def _traced_group_rational(
 
 torch.fx.wrap("_traced_group_rational")
 
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-if _TRITON_INSTALLED:  # imported here (not on first use) so that triton_op finds the kernels the op bodies launch
+# Triton installed and importable (lightning_act._triton: a broken install counts as absent, and says so on CUDA)
+_TRITON_USABLE = triton_usable()
+_TRITON_IMPORT_PROBLEM = triton_import_problem()
+if _TRITON_USABLE:  # imported here (not on first use) so that triton_op finds the kernels the op bodies launch
     from lightning_act.nn.triton_rational import group_rational_backward as triton_backward
     from lightning_act.nn.triton_rational import group_rational_forward as triton_forward
 
 
 def triton_available() -> bool:
-    """True when Triton is installed (it ships with CUDA builds of PyTorch on Linux). A module constant, not a
-    cached function: ``torch.compile`` traces this call, and Dynamo warns on ``lru_cache`` wrappers."""
-    return _TRITON_INSTALLED
+    """True when Triton is installed and imports (it ships with CUDA builds of PyTorch on Linux). A module constant,
+    not a cached function: ``torch.compile`` traces this call, and Dynamo warns on ``lru_cache`` wrappers."""
+    return _TRITON_USABLE
 
 
 class KernelConfig(NamedTuple):
@@ -198,8 +200,9 @@ def check_kernel_config(config: KernelConfig) -> None:
 def _runs_triton(x: torch.Tensor, *coefficients: torch.Tensor) -> bool:
     """Whether the Triton kernels take ``x``: CUDA tensors, and real CPU tensors under ``TRITON_INTERPRET=1``
     (the interpreter runs kernels on data, so a trace's fake CPU tensors take the PyTorch formula). Not float64
-    ones: the kernels compute in float32, and a float64 input (gradcheck) is computed in float64."""
-    if torch.float64 in (x.dtype, *(c.dtype for c in coefficients)):
+    ones: the kernels compute in float32, and a float64 input (gradcheck) is computed in float64. Without a usable
+    Triton, never."""
+    if not _TRITON_USABLE or torch.float64 in (x.dtype, *(c.dtype for c in coefficients)):
         return False
     if x.is_cuda:
         return True
@@ -282,7 +285,7 @@ def _pytorch_backward(
 # ``torch.library.triton_op``, so AOTAutograd traces INTO them (each launch becomes a Triton-kernel node that
 # Inductor launches from its own generated code, capturable by CUDA graphs; on CPU the PyTorch formula is traced
 # and fused); without Triton, ``custom_op`` with the body as its fake kernel.
-_register_op = torch.library.triton_op if _TRITON_INSTALLED else torch.library.custom_op
+_register_op = torch.library.triton_op if _TRITON_USABLE else torch.library.custom_op
 
 
 def _check_op_inputs(x3: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
@@ -335,7 +338,7 @@ group_rational_op = _register_op("lightning_act::group_rational", _group_rationa
 group_rational_backward_op = _register_op(
     "lightning_act::group_rational_backward", _group_rational_backward, mutates_args=()
 )
-if not _TRITON_INSTALLED:  # triton_op registers the body as the fake kernel itself
+if not _TRITON_USABLE:  # triton_op registers the body as the fake kernel itself
     group_rational_op.register_fake(_group_rational_forward)
     group_rational_backward_op.register_fake(_group_rational_backward)
 
@@ -628,9 +631,14 @@ class GroupRational(nn.Module):
     def resolved_implementation(self, x: torch.Tensor) -> str:
         """The implementation ``forward`` uses for ``x``."""
         if self.implementation == "auto":
+            if x.is_cuda and _TRITON_IMPORT_PROBLEM is not None:
+                warn_triton_unusable()
             return "triton" if x.is_cuda and triton_available() else "reference"
         if self.implementation == "triton" and x.is_cuda and not triton_available():
-            raise LightningActError("implementation='triton' on CUDA needs Triton; pip install triton")
+            raise LightningActError(
+                f"implementation='triton' on CUDA needs {triton_requirement()}; "
+                "pass implementation='auto' or 'reference'"
+            )
         return self.implementation
 
     def _grouped_shape(self, x: torch.Tensor) -> tuple[int, int, int] | None:

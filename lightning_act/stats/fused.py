@@ -51,7 +51,6 @@ each allocate a tensor the size of the activation cost a CPU more in page faults
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -60,6 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lightning_act._triton import triton_requirement, warn_triton_unusable
+from lightning_act._triton import triton_usable as triton_available
 from lightning_act.stats.histogram_median import LogMagnitudeBins, histogram_median, log_magnitude_bin
 from lightning_act.stats.massive import MASSIVE_SUMS, known_medians
 from lightning_act.stats.massive import sample_medians as exact_sample_medians
@@ -386,10 +387,6 @@ def _compiled_pass(spec: FusedSpec):  # noqa: ANN202 - a compiled callable
     return torch.compile(functools.partial(_torch_pass, spec=spec))
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 _device_constants: dict[tuple[tuple[float, ...], torch.dtype, str], torch.Tensor] = {}
 
 
@@ -462,14 +459,16 @@ def _resolve(x: torch.Tensor, implementation: str) -> str:
     if implementation != "auto":
         if implementation == "triton":
             if not triton_available():
-                raise ValueError("implementation='triton' needs triton installed; pass 'torch' or 'compiled'")
+                raise ValueError(f"implementation='triton' needs {triton_requirement()}; pass 'torch' or 'compiled'")
             if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("implementation='triton' needs a CUDA tensor (or TRITON_INTERPRET=1); pass 'torch'")
             if x.dtype not in _TRITON_DTYPES:
                 raise ValueError(f"implementation='triton' reads {_TRITON_DTYPES}, got {x.dtype}; pass 'torch'")
         return implementation
-    if x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available():
-        return "triton"
+    if x.is_cuda and x.dtype in _TRITON_DTYPES:
+        if triton_available():
+            return "triton"
+        warn_triton_unusable()
     return "torch"
 
 

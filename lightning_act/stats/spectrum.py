@@ -19,13 +19,14 @@ expectation and is linear, so a trajectory confined to a subspace stays confined
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import warnings
 from collections.abc import Sequence
 
 import torch
+
+from lightning_act._triton import triton_requirement, triton_usable, warn_triton_unusable
 
 
 def feature_rows(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def _log_log_interpolation(points: tuple[tuple[int, float], ...], width: int) ->
 
 
 def auto_eigensolver(device_type: str, count: int, width: int, multiprocessors: int) -> str:
-    """The eigensolver ``"auto"`` stands for: ``"triton"`` when the matrices are on a CUDA device, triton is installed,
+    """The eigensolver ``"auto"`` stands for: ``"triton"`` when the matrices are on a CUDA device, triton imports,
     its kernels have not failed in this process, and it is expected to solve ``count`` (``width``, ``width``)
     matrices sooner than cuSOLVER on a GPU of ``multiprocessors`` streaming multiprocessors; else ``"torch"``.
 
@@ -97,7 +98,10 @@ def auto_eigensolver(device_type: str, count: int, width: int, multiprocessors: 
     matrices at width 384 (a ViT-S's 13 taps: 15.8 against 43 ms), from 19 at 768, from 36 at 1536. Narrower and
     wider than measured, the nearest segment's line is extrapolated.
     """
-    if device_type != "cuda" or importlib.util.find_spec("triton") is None or _AUTO_TRITON_FAILURE:
+    if device_type != "cuda" or _AUTO_TRITON_FAILURE:
+        return "torch"
+    if not triton_usable():
+        warn_triton_unusable()
         return "torch"
     waves = -(-count // max(1, multiprocessors))
     triton_ms = _log_log_interpolation(_TRITON_WAVE_MS, width) * waves
@@ -110,8 +114,8 @@ def eigensolver_problem(eigensolver: str, device: torch.device) -> str | None:
     if eigensolver not in EIGENSOLVERS:
         return f"eigensolver={eigensolver!r}; pass one of {EIGENSOLVERS}"
     if eigensolver == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "eigensolver='triton' needs triton installed; pass eigensolver='auto' or 'torch'"
+        if not triton_usable():
+            return f"eigensolver='triton' needs {triton_requirement()}; pass eigensolver='auto' or 'torch'"
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return (
                 f"eigensolver='triton' needs a CUDA device, the model is on {device}; "
