@@ -13,6 +13,7 @@ import pkgutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+#: recipes/ of the checkout the package runs from (the source tree, an editable install); a wheel has none beside it
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -67,15 +68,29 @@ def catalog_lines() -> list[str]:
                      [(c.__name__, _summary(c)) for c in _classes("lightning_act.tasks", LightningModule)])
     lines += section("data (--data NAME):",
                      [(c.__name__, _summary(c)) for c in _classes("lightning_act.data", LightningDataModule)])
-    recipes = sorted(RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
-    if not recipes:  # a wheel install: the recipes are files of the source tree, not of the package
+    folder = recipe_folder()
+    if folder is None:  # a wheel install run outside a checkout: the recipes are files of the source tree
         return lines + [
             "recipes: none here (this is an installed package; the recipes are the YAML files in recipes/ of the "
-            "source tree: run lightning_act from a checkout, or pass --config with your copy)"
+            "source tree: run lightning_act in a checkout (the folder holding recipes/), or pass --config with "
+            "your copy)"
         ]
-    lines += section("recipes (lightning_act fit --config recipes/NAME.yaml):",
-                     [(p.stem, recipe_summary(p)) for p in recipes])
+    cwd = Path.cwd()
+    shown = folder.relative_to(cwd) if folder.is_relative_to(cwd) else folder  # what --config takes from here
+    lines += section(f"recipes (lightning_act fit --config {shown}/NAME.yaml):",
+                     [(p.stem, recipe_summary(p)) for p in sorted(folder.glob("*.yaml"))])
     return lines[:-1]
+
+
+def recipe_folder() -> Path | None:
+    """Where the recipes are: recipes/ of the checkout the package runs from, else ./recipes (a checkout or a copy
+    of one, with the package installed from a wheel), the folder the README's ``--config recipes/...`` reads.
+    A recipes/ beside an installed package is some other distribution's (site-packages/recipes), not ours."""
+    beside = RECIPES if (RECIPES.parent / "pyproject.toml").is_file() else None
+    for folder in (beside, Path.cwd() / "recipes"):
+        if folder is not None and any(folder.glob("*.yaml")):
+            return folder
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

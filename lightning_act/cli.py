@@ -458,14 +458,45 @@ def condense_parse_error(message: str, option_names: Sequence[str] = ()) -> str:
     return "; ".join(useful[:3]) if useful else text
 
 
+def _union_errors(message: str) -> list[list[str]]:
+    """jsonargparse's ``Errors:`` items, one per type it tried, each as its lines (the ``- `` line, then the indented
+    lines under it, where the reason of a ``Problem with given class_path '...':`` line is)."""
+    items: list[list[str]] = []
+    indent = None
+    for line in message.partition("Errors:")[2].splitlines():
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:  # "Given value: ..." after the items
+            break
+        if depth == indent and line.lstrip().startswith("- "):
+            items.append([line.strip()[2:]])
+        elif items:
+            items[-1].append(line.strip())
+    return items
+
+
 def condense_instantiation_error(message: str) -> str:
-    """One line for a class whose constructor rejected its arguments (jsonargparse lists each try)."""
+    """One line for a class whose constructor rejected its arguments (jsonargparse lists each type of a Union it
+    tried: the line is the try that named a class, with its reason, e.g. a logger's missing package and its pip
+    command, not the other types' "Not a valid subclass" / "Expected a <class 'bool'>")."""
     subtypes = re.search(r"Subtypes: \[(.*)\]", message)
     kinds = subtypes.group(1) if subtypes else ""
     section = ("trainer.callbacks" if "Callback" in kinds else "data" if "DataModule" in kinds
-               else "model" if "LightningModule" in kinds else "trainer" if "Logger" in kinds else "config")
-    first_error = re.search(r"Errors:\s*\n\s*- (.+)", message)
-    problem = first_error.group(1).strip() if first_error else message.strip().splitlines()[0]
+               else "model" if "LightningModule" in kinds else "trainer.logger" if "Logger" in kinds else "config")
+    items = _union_errors(message)
+    for header, *reason in items:
+        if (given := re.match(r"Problem with given class_path '([\w.]+)':", header)) and reason:
+            cause = "; ".join(reason)
+            missing = re.search(r"No module named '([\w.]+)'", cause)
+            if missing and "pip install" not in cause:
+                cause += f"; install the package that provides module '{missing.group(1)}'"
+            return f"{section} ({given.group(1).rsplit('.', 1)[-1]}): {cause}"
+    tried_other_types = ("Not a valid subclass", "Expected a <class")
+    problems = [header for header, *_ in items if not header.startswith(tried_other_types)] or [
+        header for header, *_ in items]
+    problem = problems[0] if problems else message.strip().splitlines()[0]
     return f"{section}: {problem}"
 
 

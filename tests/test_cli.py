@@ -179,6 +179,7 @@ def test_monitors_command_of_an_installed_package_says_where_the_recipes_are(cap
     import lightning_act.catalog as catalog
 
     monkeypatch.setattr(catalog, "RECIPES", tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)  # run outside a checkout: no ./recipes either
     assert main(["monitors"]) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(
         "recipes: none here (this is an installed package; the recipes are the YAML files in recipes/ of the source")
