@@ -206,13 +206,25 @@ def warn_features_unknown(owner: Any, tap_name: str, shape: tuple[int, ...], war
 
 
 def warn_unbatched(owner: Any, tap_name: str, shape: tuple[int, ...], warned: set[str]) -> None:
-    """The one warning of :meth:`ActivationMonitor.activations_unbatched` (SensitiveNeurons' too)."""
-    _warn_once_per_tap(
-        tap_name, warned,
-        f"{type(owner).__name__}: {tap_name} gave a {shape} activation whose axis 0 alone has the width of its "
-        "layers: a call on one example without a batch axis (a convolution's unbatched (channels, ...) input); "
-        "nothing is logged for such calls (call the model on a batch, e.g. x.unsqueeze(0))",
-    )
+    """The one warning of :meth:`ActivationMonitor.activations_unbatched` (SensitiveNeurons' too): a 0-d activation
+    (a scalar, such as a loss the tapped module returns alone) or an unbatched call."""
+    if not shape:
+        problem = (
+            "a 0-d activation (a scalar, e.g. a loss: no sample axis); nothing is logged for it (tap a module whose "
+            "output has a batch axis, e.g. '@blocks')"
+        )
+    else:
+        problem = (
+            f"a {shape} activation whose axis 0 alone has the width of its layers: a call on one example without a "
+            "batch axis (a convolution's unbatched (channels, ...) input); nothing is logged for such calls (call the "
+            "model on a batch, e.g. x.unsqueeze(0))"
+        )
+    _warn_once_per_tap(tap_name, warned, f"{type(owner).__name__}: {tap_name} gave {problem}")
+
+
+def empty_cause(shape: tuple[int, ...]) -> str:
+    """What an activation of ``shape`` with 0 entries means, for the line of a tap that gave only such ones."""
+    return f"e.g. {shape}: 0 entries, as an expert no row was routed to or a sequence of length 0"
 
 
 def training_step_index(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
@@ -1082,6 +1094,7 @@ class ActivationMonitor(FitScopedState, ABC):
         self._maxima: list[torch.Tensor | None] = []
         self._samples: list[torch.Tensor | None] = []
         self._observed: set[int] = set()  # taps that gave this rank a measurable activation in the current step
+        self._ran_empty: dict[int, tuple[int, ...]] = {}  # taps that gave an empty activation since the last report
         self._kept: dict[int, Any] = {}  # what a subclass kept of each tap's first activation this step (see keep)
         self._layout_synced = False
         self._unobserved_warned: set[str] = set()
@@ -1193,6 +1206,11 @@ class ActivationMonitor(FitScopedState, ABC):
         """Warn once per tap that a call gave activations without a sample axis, which the capture registry hands to no
         monitor (see :func:`~lightning_act.capture.layout.looks_unbatched`)."""
         warn_unbatched(self, self.taps[tap_index].name, shape, self._low_dim_warned)
+
+    def activations_empty(self, tap_index: int, shape: tuple[int, ...]) -> None:
+        """Note that a call gave an activation of 0 entries, which the capture registry hands to no monitor, so that a
+        tap that gave only such ones in a step is said to have (:meth:`_warn_unobserved`), not to have not run."""
+        self._ran_empty[tap_index] = shape
 
     def arm(self, armed: bool) -> None:
         """Start or stop receiving activations (the registry's hooks stay attached either way)."""
@@ -1353,6 +1371,7 @@ class ActivationMonitor(FitScopedState, ABC):
     def _reset_buffers(self, n: int) -> None:
         self._sums, self._maxima, self._samples = [None] * n, [None] * n, [None] * n
         self._observed = set()
+        self._ran_empty = {}
         self._kept = {}
         self._layout_synced = False
 
@@ -1570,15 +1589,20 @@ class ActivationMonitor(FitScopedState, ABC):
             rank_zero_warn(f"{type(self).__name__}: {tap_name} {problem}", category=UserWarning)
 
     def _warn_unobserved(self, step: int, observed: set[int]) -> None:
+        ran_empty, self._ran_empty = self._ran_empty, {}
         for i, tap in enumerate(self.taps):
-            if i not in observed and tap.name not in self._low_dim_warned:  # a low-dimensional tap was said already
-                self._warn_once(
-                    self._unobserved_warned, tap.name,
+            if i in observed or tap.name in self._low_dim_warned:  # a low-dimensional tap was said already
+                continue
+            if i in ran_empty:
+                problem = f"gave only empty activations at step {step} ({empty_cause(ran_empty[i])})"
+            else:
+                problem = (
                     f"produced no activation at step {step} (its module did not run in the observed forwards, or what "
                     "it gives is not a floating-point tensor: a dict, a PackedSequence, integers, a sparse tensor, "
                     "or a nested tensor, which nn.TransformerEncoder's fast path makes in eval with a padding mask: "
-                    "pass enable_nested_tensor=False there); nothing is logged for it at such steps",
+                    "pass enable_nested_tensor=False there)"
                 )
+            self._warn_once(self._unobserved_warned, tap.name, f"{problem}; nothing is logged for it at such steps")
 
     def _warn_low_dim(self, tap_index: int, ndim: int) -> None:
         """Warn once per tap that its activations have no feature axis ((B,) or a scalar), so nothing is logged."""

@@ -65,6 +65,7 @@ from lightning_act.callbacks.base import (
     check_int,
     current_tap_key,
     declared_layout,
+    empty_cause,
     module_list,
     resubscribe_replaced,
     spelling_free_modules,
@@ -97,10 +98,10 @@ from lightning_act.capture.layout import declared_batch_first, to_sample_first, 
 from lightning_act.capture.registry import (
     ForwardCutoff,
     MonitorHook,
+    activation_index,
     holds_compiled_code,
     input_parameter,
     leave_module,
-    model_output_field,
     register_monitor_hook,
 )
 from lightning_act.data.sampler_padding_index import (
@@ -345,6 +346,15 @@ def _tensor_axis(layout: Layout, ndim: int, dim: int) -> int:
     return [*moved, *(axis for axis in range(ndim) if axis not in moved)][dim]
 
 
+def _with_item(container: Any, index: Any, item: Any) -> Any:
+    """A copy of a module's output or inputs (tuple, list, namedtuple, Hugging Face ``ModelOutput``) with ``item`` at
+    ``index`` (:func:`~lightning_act.capture.registry.activation_index`)."""
+    if isinstance(index, str):
+        return type(container)(**{**container, index: item})
+    items = [*container[:index], item, *container[index + 1:]]
+    return type(container)(*items) if hasattr(container, "_fields") else type(container)(items)
+
+
 class FeatureDrop(MonitorHook):
     """Forward (pre-)hooks zeroing fixed feature indices in training mode; a copy of the model (an EMA or teacher
     deep-copied mid-fit, a saved snapshot) carries them detached, and they leave it at its first forward
@@ -357,7 +367,9 @@ class FeatureDrop(MonitorHook):
     and ``axis_unknown(shape)`` is told: before round 25 the drop asked for the axis without that memory and, at
     ``L == C``, zeroed the time steps of a map whose channels the capture had read, with the channels' indices. The
     tensor zeroed is the one the capture reads (:func:`~lightning_act.capture.registry.tapped_input` for an input
-    tap): the first positional argument, or the keyword argument ``parameter`` of a module called by keyword.
+    tap): the positional argument, or the keyword argument ``parameter`` of a module called by keyword, and the item
+    of a tuple output, both chosen by :func:`~lightning_act.capture.registry.activation_index` (``(aux_loss,
+    hidden)``'s hidden: before round 28 the drop zeroed the scalar ``aux_loss``).
     """
 
     _not_copied = ("replaced", "decided_axes", "axis_unknown")  # bound to a capture registry and a monitor: not copied
@@ -378,8 +390,9 @@ class FeatureDrop(MonitorHook):
         self.replaced = replaced
 
     def _zero(self, x: Any) -> Any:
-        if isinstance(x, (tuple, list)) and x and not hasattr(x, "_fields"):  # an input (x, mask) as one argument
-            return type(x)([self._zero(x[0]), *x[1:]])
+        index = activation_index(x)  # the item the capture reads: (aux_loss, hidden)'s hidden, (x, mask)'s x
+        if index is not None:
+            return _with_item(x, index, self._zero(x[index]))
         if not isinstance(x, torch.Tensor):
             return x
         if self.indices.device != x.device:
@@ -417,10 +430,11 @@ class FeatureDrop(MonitorHook):
         if not module.training:
             return None
         if args:
-            zeroed = self._zero(args[0])
+            index = activation_index(args)  # the argument the capture reads
+            zeroed = self._zero(args[index])
             if self.replaced is not None:
-                self.replaced(args[0], zeroed, self._zero)
-            return (zeroed, *args[1:]), kwargs
+                self.replaced(args[index], zeroed, self._zero)
+            return _with_item(args, index, zeroed), kwargs
         if self.parameter in kwargs:
             zeroed = self._zero(kwargs[self.parameter])
             if self.replaced is not None:
@@ -436,13 +450,6 @@ class FeatureDrop(MonitorHook):
             return None
         if not module.training:
             return None
-        if isinstance(output, (tuple, list)) and output:
-            if hasattr(output, "_fields"):  # a namedtuple (a PackedSequence too) takes its fields one by one
-                return type(output)(self._zero(output[0]), *output[1:])
-            return type(output)([self._zero(output[0]), *output[1:]])
-        field = model_output_field(output)  # a Hugging Face ModelOutput: the field the capture reads
-        if field is not None:
-            return type(output)(**{**output, field: self._zero(output[field])})
         return self._zero(output)
 
 
@@ -600,6 +607,7 @@ class SensitiveNeurons(FitScopedState):
         self._drop_axis_warned: set[str] = set()  # taps whose drop found no feature axis (_warn_drop_axis_unknown)
         self._low_dim_warned: set[str] = set()
         self._unobserved_warned: set[str] = set()
+        self._ran_empty: dict[str, tuple[int, ...]] = {}  # taps that gave an empty activation in the last passes
         self._unknown_warned: set[str] = set()
         self._undecided_warned: set[str] = set()  # taps whose set ties at its cut (_warn_cut_short)
         self._widths_warned: set[str] = set()
@@ -666,6 +674,11 @@ class SensitiveNeurons(FitScopedState):
 
     def activations_unbatched(self, tap_index: int, shape: tuple[int, ...]) -> None:
         warn_unbatched(self, self.taps[tap_index].name, shape, self._low_dim_warned)
+
+    def activations_empty(self, tap_index: int, shape: tuple[int, ...]) -> None:
+        """Note that a call gave an activation of 0 entries (called by the capture registry instead of ``receive``),
+        so that a tap that gave only such ones at a checkpoint is said to have (:meth:`_warn_unobserved`)."""
+        self._ran_empty[self.taps[tap_index].name] = shape
 
     def receive(self, tap_index: int, x: torch.Tensor) -> None:
         """Keep one activation's per-example embedding (called by the capture registry); a copy: the model may still
@@ -1067,11 +1080,20 @@ class SensitiveNeurons(FitScopedState):
             category=UserWarning,
         )
 
-    def _warn_unobserved(self, tap_name: str, step: int) -> None:
+    def _warn_unobserved(self, tap_name: str, step: int, empty_shape: tuple[int, ...] | None = None) -> None:
+        """Say once that ``tap_name`` gave nothing at a checkpoint; ``empty_shape``: it ran, giving only activations
+        of 0 entries, one of that shape."""
         said = self._unobserved_warned | self._low_dim_warned | self._rows_not_examples
         if tap_name in said:
             return
         self._unobserved_warned.add(tap_name)
+        if empty_shape is not None:
+            rank_zero_warn(
+                f"SensitiveNeurons: {tap_name} gave only empty activations in the tracking pass at step {step} "
+                f"({empty_cause(empty_shape)}); nothing is logged for it at such checkpoints",
+                category=UserWarning,
+            )
+            return
         rank_zero_warn(
             f"SensitiveNeurons: {tap_name} gave no activation in the tracking pass at step {step} (its module did not "
             "run, or what it gives is not a floating-point tensor: a dict, a PackedSequence, integers); nothing is "
@@ -1245,10 +1267,11 @@ class SensitiveNeurons(FitScopedState):
         Every tap's statistics and selected indices are derived on the device and reach the host in one read: one
         host sync per checkpoint, where a read per value made seven (``docs/performance.md``, round 12)."""
         clean, stochastic = self._run_passes(trainer, pl_module)
+        ran_empty, self._ran_empty = self._ran_empty, {}
         derived: list[tuple[Tap, dict[str, torch.Tensor]]] = []
         for tap in self.taps:
             if tap.name not in clean:
-                self._warn_unobserved(tap.name, step)
+                self._warn_unobserved(tap.name, step, ran_empty.get(tap.name))
                 continue
             embedding = self._broadcast(clean[tap.name])
             window = self.embeddings.setdefault(tap.name, [])

@@ -22,7 +22,9 @@ to every subscribed monitor that is armed, in the sample-first layout that monit
 4-D activation holds the features, and ``activations_unbatched(tap_index, shape)``, called instead of ``receive`` for
 an activation without a sample axis (:func:`~lightning_act.capture.layout.looks_unbatched`), and
 ``flattened_from(tap_index, spatial)``, called before each ``receive`` with the spatial shape of the channels-last map
-``(B, *spatial, C)`` its ``(B, tokens, C)`` activation was flattened from (None: none was). One read for all of
+``(B, *spatial, C)`` its ``(B, tokens, C)`` activation was flattened from (None: none was), and
+``activations_empty(tap_index, shape)``, called instead of ``receive`` for an activation of 0 entries (a 0-d one goes
+to ``activations_unbatched``). One read for all of
 them (issue 17): a subscriber that also has ``fused_spec(tap_index)`` returning a
 :class:`~lightning_act.stats.fused.FusedSpec` gets ``receive(tap_index, x, fused)``, where ``fused`` comes from a single
 :func:`~lightning_act.stats.fused.fused_statistics` pass over the union of the specs of every armed
@@ -113,21 +115,34 @@ def model_output_field(output: Any) -> Any:
     return next((key for key, value in output.items() if isinstance(value, torch.Tensor) and value.dim() >= 1), None)
 
 
+def activation_index(value: Any) -> Any:
+    """Where a module's output or inputs hold the activation: the index of the first item of a tuple/list that is a
+    tensor with a sample axis or a nested tuple/list (an MoE or auxiliary-loss layer's ``(aux_loss, hidden)``, a Hugging
+    Face model's ``(loss, logits)`` with ``return_dict=False``: not the scalar), else its first item; a ``ModelOutput``'s
+    field (:func:`model_output_field`); None for anything else (a tensor, a ``PackedSequence``, a plain dict). The
+    capture (:func:`first_tensor`) and SeND's drop (``FeatureDrop``) both ask it, so they read and zero one item."""
+    if isinstance(value, dict):
+        return model_output_field(value)
+    if not isinstance(value, (tuple, list)) or isinstance(value, PackedSequence) or not value:
+        return None
+    for index, item in enumerate(value):
+        if (isinstance(item, torch.Tensor) and item.dim() >= 1) or isinstance(item, (tuple, list)):
+            return index
+    return 0
+
+
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The activation tensor in a module's output or inputs (first tensor of a tuple/list, also nested: a module
-    called with ``(x, mask)`` as one argument; or a Hugging Face ``ModelOutput``'s activation,
-    :func:`model_output_field`), if it can be read as one: a floating-point strided tensor with data (float8 too,
-    which :func:`_deliver` hands over as float32).
+    """The activation tensor in a module's output or inputs (:func:`activation_index`, also nested: a module called
+    with ``(x, mask)`` as one argument), if it can be read as one: a floating-point strided tensor with data (float8
+    too, which :func:`_deliver` hands over as float32).
     Not a ``PackedSequence`` (a tuple whose first field holds the tokens of all sequences, without a sample axis), a
     plain dict, a nested or sparse tensor, a tensor on the meta device (no data), packed float4 (two values per
     element) or integers; the monitors then warn that the tap gave them nothing."""
-    for _ in range(3):  # a module called with a tuple ((x, mask),): its first item's first tensor
-        if isinstance(value, dict) and callable(getattr(value, "to_tuple", None)):  # transformers' ModelOutput
-            field = model_output_field(value)
-            value = None if field is None else value[field]
-        if not isinstance(value, (tuple, list)) or isinstance(value, PackedSequence) or not value:
+    for _ in range(3):  # a module called with a tuple ((x, mask),): its first item's activation
+        index = activation_index(value)
+        if index is None:
             break
-        value = value[0]
+        value = value[index]
     readable = isinstance(value, torch.Tensor) and value.layout == torch.strided and value.dtype in _READABLE_DTYPES
     if readable and not value.is_nested and not value.is_meta:
         return value
@@ -590,8 +605,11 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         if passage is not None and passage[0]() is received and received._version == passage[2]:
             value = passage[1]  # the tapped module's input came out of a dropout, unchanged since: read what went in
     tensor = first_tensor(value)
-    if tensor is None or tensor.numel() == 0 or tensor.is_meta or is_fake(tensor):
+    if tensor is None or tensor.is_meta or is_fake(tensor):
         return  # a shape-only forward (FakeTensorMode, make_fx's fake tracing, meta tensors) has no values to read
+    if tensor.numel() == 0 or tensor.dim() == 0:
+        _report_no_entries(registry, key, tuple(tensor.shape))
+        return
     with torch.no_grad(), _own_precision(tensor.device.type), _outside_dispatch_modes():
         tensor = tensor.detach()
         if tensor.dtype in _FLOAT8_DTYPES:
@@ -643,6 +661,19 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
                     sub.subscriber.receive(sub.tap_index, x, fused)
     if only is not None and registry.cutoff is not None and by_view:
         registry.cutoff.delivered(key)
+
+
+def _report_no_entries(registry: CaptureRegistry, key: tuple[int, str], shape: tuple[int, ...]) -> None:
+    """Tell the armed subscribers of tap ``key`` that it ran but gave nothing to read: a scalar, which has no sample
+    axis (``activations_unbatched``), or an empty activation, 0 entries (``activations_empty``: no row routed to an
+    expert, a sequence of length 0), so that the line they say names what happened, not "did not run"."""
+    only = registry.exclusive_subscriber
+    for sub in registry.subscriptions.get(key, ()):
+        if not sub.subscriber.armed or (only is not None and sub.subscriber is not only):
+            continue
+        report = getattr(sub.subscriber, "activations_empty" if shape else "activations_unbatched", None)
+        if report is not None:
+            report(sub.tap_index, shape)
 
 
 class CaptureRegistry:
