@@ -82,7 +82,7 @@ STEPS="${STEPS:-1a 1b 2 3d 3a 3b}"  # 2b (the launch-configuration sweep) on req
 wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 wants 1a && run_step 1a_check_fused 40 "$PYTHON" scripts/bench_stat_kernels.py --check-only --no-compiled
-wants 1b && run_step 1b_cuda_test 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py tests/test_monitor_core.py tests/test_collapse.py tests/test_graphed_pass.py tests/test_sensitive.py tests/test_devices_r26.py tests/test_compat_r27.py -k "cuda or CUDA or replayed or captured"
+wants 1b && run_step 1b_cuda_test 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fused_stats.py tests/test_triton_eigen.py tests/test_monitor_core.py tests/test_collapse.py tests/test_graphed_pass.py tests/test_sensitive.py tests/test_devices_r26.py tests/test_compat_r27.py tests/test_weights_r28.py -k "cuda or CUDA or replayed or captured"
 wants 2 && run_step 2_bench_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --rounds 3 --iters 10 --no-compiled
 wants 2k && run_step 2k_profile_stat_kernels 40 "$PYTHON" scripts/bench_stat_kernels.py --kernels --iters 10
 wants 2e && run_step 2e_bench_eigensolvers 60 "$PYTHON" scripts/bench_stat_kernels.py --eigh --eigh-device-only --eigh-widths 384,768,1536 --eigh-counts 1,13 --rounds 3
