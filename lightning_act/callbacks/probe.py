@@ -11,8 +11,11 @@ the global RNG and the weights are untouched (those an ``nn.Embedding(max_norm=.
 are put back, and those a forward writes in place, :func:`parameters_kept`). Buffers a probe forward may change are
 put back bit for bit (:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's
 observers and fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a
-model keeps; a large buffer is not copied, and one a probe wrote in place is said once per model by name. Lazy modules
-whose weights are still unmade (before the fit's first training forward) run on stand-in weights and stay unmade
+model keeps; a large buffer is not copied, and one a probe wrote in place is said once per model by name. So are
+the modules' attributes holding tensors, lists or dicts of them, or ``None`` (carried state, ``self.h = out.detach()``;
+a KV cache in a list: :func:`attributes_kept`), and the generators the modules hold and Python's ``random`` are forked
+and seeded with torch's (:func:`random_sources_forked`); numpy's global state is not (its save costs ~0.2 ms). Lazy
+modules whose weights are still unmade (before the fit's first training forward) run on stand-in weights and stay unmade
 (:func:`lazy_modules_kept`).
 """
 
@@ -24,6 +27,7 @@ import contextvars
 import dataclasses
 import importlib
 import itertools
+import random
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -80,10 +84,11 @@ def resolve_forward_fn(owner: str, forward_fn: ForwardFn | str | None) -> Forwar
     return forward_fn
 
 
-#: Inside :func:`probing`: the seeds of its next forwards, one each, and the CUDA devices its RNG fork holds.
-_forward_seeds: contextvars.ContextVar[tuple[Iterator[int], list[int]] | None] = contextvars.ContextVar(
-    "probe_forward_seeds", default=None
-)
+#: Inside :func:`probing`: the seeds of its next forwards, one each, the CUDA devices its RNG fork holds and the
+#: generators the model's modules hold (:func:`random_sources_forked`).
+_forward_seeds: contextvars.ContextVar[
+    tuple[Iterator[int], list[int], list[torch.Generator]] | None
+] = contextvars.ContextVar("probe_forward_seeds", default=None)
 
 
 @contextlib.contextmanager
@@ -91,7 +96,7 @@ def forward_seeds(seeds: Iterator[int]) -> Iterator[None]:
     """Inside (and inside :func:`probing`), the probe forwards take their seeds from ``seeds`` instead: a pass of
     its own random draws, such as SensitiveNeurons' stochastic EigenScore passes."""
     held = _forward_seeds.get()
-    token = _forward_seeds.set((seeds, [] if held is None else held[1]))
+    token = _forward_seeds.set((seeds, *(([], []) if held is None else held[1:])))
     try:
         yield
     finally:
@@ -99,21 +104,25 @@ def forward_seeds(seeds: Iterator[int]) -> Iterator[None]:
 
 
 def _seed_forward() -> None:
-    """Seed the global RNG (CPU, and the forked CUDA device) for the next probe forward, inside :func:`probing`'s RNG
-    fork: forward k of a probe pass draws the same noise at every probe (a VAE's sampling in eval mode, a diffusion
-    model's timestep, stochastic depth written with ``torch.rand``), not whatever the training left the RNG at, and
-    a forward ended early by the cutoff does not move the next one's. Not while a CUDA graph is being captured, whose
-    replays draw from the graph's own offsets."""
+    """Seed the global RNG (CPU, and the forked CUDA device), the generators the model's modules hold and Python's
+    ``random`` for the next probe forward, inside :func:`probing`'s forks of them: forward k
+    of a probe pass draws the same noise at every probe (a VAE's sampling in eval mode, a diffusion model's timestep,
+    stochastic depth written with ``torch.rand``), not whatever the training left the RNG at, and a forward ended
+    early by the cutoff does not move the next one's. Not while a CUDA graph is being captured, whose replays draw
+    from the graph's own offsets."""
     held = _forward_seeds.get()
     if held is None:
         return
-    seeds, devices = held
+    seeds, devices, generators = held
     if devices and torch.cuda.is_current_stream_capturing():
         return
     seed = next(seeds)
     torch.default_generator.manual_seed(seed)
     for index in devices:
         torch.cuda.default_generators[index].manual_seed(seed)
+    for generator in generators:
+        generator.manual_seed(seed)
+    random.seed(seed)
 
 
 #: Inside :func:`own_passes`: the cutoff its probe forwards run under.
@@ -558,7 +567,8 @@ def _writes_without_version_bump(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def buffers_kept(modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
     """The buffers of ``pl_module`` as they were before, bit for bit, after what runs inside, without copying those a
-    forward only reads: a buffer replaced (``module.x = new``) gets its old tensor back; those of the quantization
+    forward only reads: a buffer replaced (``module.x = new``) gets its old tensor back, one registered as ``None`` is
+    ``None`` again (before round 28 the carried state a probe forward put there stayed); those of the quantization
     observers (:func:`_writes_without_version_bump`), small ones (:data:`COPIED_BUFFER_BYTES`) and those whose version
     counter cannot be read (made under inference mode) are copied and put back, by re-assigning the copy where the
     buffer's elements share memory (an expanded grid, which ``copy_`` refuses). Any other buffer written inside (its
@@ -569,7 +579,10 @@ def buffers_kept(modules: list[tuple[str, nn.Module]]) -> Iterator[None]:
     places = []
     for module_name, module in modules:
         for name, buffer in module._buffers.items():
-            if buffer is None or nn.parameter.is_lazy(buffer):  # a lazy module's, unmade: lazy_modules_kept's
+            if buffer is None:  # a slot a forward may fill (``register_buffer("h", None)``): None again after
+                places.append((module, name, buffer))
+                continue
+            if nn.parameter.is_lazy(buffer):  # a lazy module's, unmade: lazy_modules_kept's
                 continue
             places.append((module, name, buffer))
             if id(buffer) in held or id(buffer) in watched:  # a buffer shared by several modules is kept once
@@ -635,6 +648,105 @@ def renormed_weights_kept(weights: list[nn.Parameter]) -> Iterator[None]:
         with torch.no_grad():
             for weight, before in kept:
                 weight.copy_(before)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def attributes_kept(pl_module: nn.Module, attributes: list[tuple[str, nn.Module, str, Any]]) -> Iterator[None]:
+    """The modules' ``attributes`` holding a tensor, a list, tuple or dict, a generator or ``None``
+    (:class:`_ModelParts`) as they were before what runs inside: state a forward carries across batches outside the
+    buffers (TBPTT's ``self.h = out.detach()``, a KV cache kept in a list) that a probe forward left behind started
+    the next training step from the probe's inputs (before round 28). An attribute rebound gets its object back, a
+    list or dict of tensors changed in place its items, and a tensor among them written in place its values where it
+    is small (:data:`COPIED_BUFFER_BYTES`); a larger one keeps what the probe wrote, said once per model by name, as
+    :func:`buffers_kept` does for buffers."""
+    containers: list[tuple[list[Any] | dict[Any, Any], list[Any] | dict[Any, Any]]] = []
+    tensors: dict[int, tuple[torch.Tensor, int, torch.Tensor | None, tuple[str, str, Any]]] = {}
+    for module_name, _, name, value in attributes:
+        if isinstance(value, (list, dict)):
+            containers.append((value, value.copy()))
+        if isinstance(value, torch.Tensor):
+            items: Iterable[tuple[Any, Any]] = ((None, value),)
+        elif isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        else:
+            continue
+        for key, item in items:
+            if (isinstance(item, torch.Tensor) and id(item) not in tensors and not item.is_inference()
+                    and not nn.parameter.is_lazy(item)):  # an inference tensor cannot be written outside inference
+                small = item.numel() * item.element_size() <= COPIED_BUFFER_BYTES
+                tensors[id(item)] = (item, item._version, item.detach().clone() if small else None,
+                                     (module_name, name, key))
+    try:
+        yield
+    finally:
+        for _, module, name, value in attributes:
+            state = vars(module)
+            if state.get(name, _MISSING) is not value:
+                state[name] = value
+        for container, items in containers:
+            if not _same_items(container, items) and _holds_tensors(container, items):
+                if isinstance(container, dict):
+                    container.clear()
+                    container.update(items)
+                else:
+                    container[:] = items
+        with torch.no_grad():
+            for tensor, version, before, where in tensors.values():
+                if tensor._version == version:
+                    continue
+                if before is not None:
+                    if tensor.shape != before.shape:
+                        tensor.resize_(before.shape)
+                    tensor.copy_(before)
+                    continue
+                module_name, name, key = where
+                described = f"{module_name}.{name}".lstrip(".") + ("" if key is None else f"[{key!r}]")
+                said = _unrestored_warned.setdefault(pl_module, set())
+                if described not in said:
+                    said.add(described)
+                    rank_zero_warn(
+                        f"a probe pass of the monitors (eval mode, no_grad) wrote the tensor attribute {described!r} "
+                        f"in place; it is larger than the {COPIED_BUFFER_BYTES // 1024} KiB the probes copy, so it "
+                        "keeps what the probe wrote: write it in training mode only (`if self.training:`) to keep the "
+                        "probes off it",
+                        category=UserWarning,
+                    )
+
+
+def _holds_tensors(container: list[Any] | dict[Any, Any], items: list[Any] | dict[Any, Any]) -> bool:
+    """Whether ``container`` or ``items``, its copy from before, holds a tensor: a cache of them, put back; a list
+    of numbers (a counter the user keeps of the forwards, as of the plain attributes) is left as it is."""
+    return any(isinstance(item, torch.Tensor)
+               for values in (container, items) for item in (values.values() if isinstance(values, dict) else values))
+
+
+def _same_items(container: list[Any] | dict[Any, Any], items: list[Any] | dict[Any, Any]) -> bool:
+    """Whether ``container`` holds the very objects of ``items``, its copy from before."""
+    if isinstance(container, dict):
+        return container.keys() == items.keys() and all(container[key] is item for key, item in items.items())
+    return len(container) == len(items) and all(now is item for now, item in zip(container, items))
+
+
+@contextlib.contextmanager
+def random_sources_forked(generators: list[torch.Generator]) -> Iterator[None]:
+    """The ``generators`` the model's modules hold (``torch.randn(..., generator=self.g)``) and Python's ``random``
+    (an older Hugging Face LayerDrop draws ``random.uniform`` in every mode) as they were before what runs inside, as
+    ``torch.random.fork_rng`` keeps torch's: a probe forward drawing from them moved the draws of the next training
+    forward (before round 28). Not numpy's global state: saving and restoring it costs ~0.2 ms per probe, more than
+    a tenth of a probe's entry and exit on a ViT, for a draw a forward rarely makes."""
+    states = [generator.get_state() for generator in generators]
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+        random.setstate(python_state)
 
 
 def _fsdp2_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
@@ -820,8 +932,10 @@ def _warn_kept_writes(pl_module: nn.Module, written: list[nn.Parameter]) -> None
 def probing(
     trainer: pl.Trainer | None, pl_module: nn.Module, device: torch.device, say_stand_ins: bool = True
 ) -> Iterator[list[str]]:
-    """Eval mode, no_grad, the precision context and a forked RNG, each forward inside seeded with its place in the
-    pass (:func:`_seed_forward`); every train/eval flag, ``requires_grad`` and buffer restored, and the plain attributes
+    """Eval mode, no_grad, the precision context and a forked RNG (torch's, Python's ``random`` and the generators
+    the modules hold, :func:`random_sources_forked`), each forward inside seeded with its place in the
+    pass (:func:`_seed_forward`); every train/eval flag, ``requires_grad`` and buffer restored, the modules' attributes
+    holding tensors, containers or ``None`` (:func:`attributes_kept`), and the plain attributes
     of the modules whose ``train()`` is overridden (what eval mode may have changed), the weights of embeddings with
     ``max_norm`` (:func:`renormed_weights_kept`) and the parameters a forward writes in place
     (:func:`parameters_kept`); lazy modules not made yet are left unmade (:func:`lazy_modules_kept`). It gives the
@@ -842,13 +956,14 @@ def probing(
     fast_path = torch.backends.mha.get_fastpath_enabled()
     context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
     devices = _rng_devices(device)
-    token = _forward_seeds.set((itertools.count(), devices))
+    token = _forward_seeds.set((itertools.count(), devices, parts.generators))
     parts_token = _probed_parts.set(parts)
     try:
         torch.backends.mha.set_fastpath_enabled(False)
         with lazy_modules_kept(pl_module, parts.modules, say_stand_ins) as stand_ins_run, \
-                buffers_kept(parts.modules), renormed_weights_kept(parts.renormed), parameters_kept(pl_module, parts), \
-                torch.no_grad(), torch.random.fork_rng(devices=devices), context:
+                buffers_kept(parts.modules), attributes_kept(pl_module, parts.attributes), \
+                renormed_weights_kept(parts.renormed), parameters_kept(pl_module, parts), torch.no_grad(), \
+                torch.random.fork_rng(devices=devices), random_sources_forked(parts.generators), context:
             pl_module.eval()
             yield stand_ins_run
     finally:
@@ -944,21 +1059,42 @@ class _ModelParts:
     renormed: list[nn.Parameter]  # renormed_weights(): renormed_weights_kept puts them back
     guarded: list[nn.Parameter]  # parameters but the renormed weights: those a forward must not write
     fsdp2: list[nn.Module]
+    attributes: list[tuple[str, nn.Module, str, Any]]  # (module name, module, name, value): attributes_kept's
+    generators: list[torch.Generator]  # those the modules hold as attributes: random_sources_forked's
 
     @classmethod
     def of(cls, pl_module: nn.Module) -> _ModelParts:
         modules = list(pl_module.named_modules())
         seen: set[int] = set()
         parameters = []
-        for _, module in modules:
+        attributes = []
+        generators: dict[int, torch.Generator] = {}
+        for module_name, module in modules:
             for p in module._parameters.values():
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
                     parameters.append(p)
+            state = vars(module)
+            for name in set(state).difference(_MODULE_INTERNALS):  # iterates the module's names, not these
+                value = state[name]
+                if value is None or isinstance(value, _KEPT_ATTRIBUTE_TYPES):
+                    attributes.append((module_name, module, name, value))
+                    if isinstance(value, torch.Generator):
+                        generators[id(value)] = value
         plain = [module for _, module in modules]
         renormed = _renormed_among(plain)
         guarded = [p for p in parameters if not any(p is weight for weight in renormed)]
-        return cls(modules, parameters, renormed, guarded, _fsdp2_modules(plain))
+        return cls(
+            modules, parameters, renormed, guarded, _fsdp2_modules(plain), attributes, list(generators.values())
+        )
+
+
+#: The attributes every ``nn.Module`` and ``LightningModule`` has (their hooks, tables and flags): the module's own
+#: business, not state a forward carries.
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | frozenset(vars(pl.LightningModule()))
+
+#: The attribute values :func:`attributes_kept` puts back (with ``None``): state a forward may carry across batches.
+_KEPT_ATTRIBUTE_TYPES = (torch.Tensor, torch.Generator, list, tuple, dict)
 
 
 #: Inside :func:`probing`: the probed model's parts, read once for its forwards (:func:`_ended_forward_guarded`).

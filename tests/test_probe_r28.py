@@ -1,0 +1,237 @@
+"""Round 28: a probe puts back the state a forward carries outside the buffers and the global RNG: a buffer registered
+as ``None`` that the forward fills, a ``torch.Generator`` a module holds and Python's ``random``, a module's tensor
+and container attributes (TBPTT's ``self.h = out.detach()``, a KV cache in a list). Each fit with a probing monitor
+is compared bitwise with the same fit without it."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _toy import ToyData, ToyTask, quiet_trainer
+from torch import nn
+
+from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
+from lightning_act.callbacks.probe import COPIED_BUFFER_BYTES, call_forward, default_forward, probing
+
+
+class BufferCarry(nn.Module):
+    """A hidden state carried across batches in a buffer registered as ``None``, made by the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.register_buffer("h", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros_like(x) if self.h is None or self.h.shape != x.shape else self.h
+        out = torch.tanh(self.fc(x) + h)
+        self.h = out.detach()
+        return out
+
+
+class AttributeCarry(BufferCarry):
+    """The same state in a plain attribute (TBPTT style), ``None`` until the first forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.h
+        self.h = None
+
+
+class GeneratorNoise(nn.Module):
+    """Noise in every mode from a generator of the module's own (VAE-style sampling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = torch.Generator().manual_seed(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn(x.shape, generator=self.g)
+
+
+class PythonNoise(nn.Module):
+    """A draw of Python's ``random`` in every mode (an older Hugging Face LayerDrop)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + 0.1 * random.gauss(0, 1))
+
+
+class ListCache(nn.Module):
+    """A cache kept in a list attribute, appended at every forward and read back (its mean is added)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x + (torch.stack(self.cache).mean() if self.cache else 0.0)
+        self.cache.append(x.detach().mean())
+        return out
+
+
+def _fit(middle: Callable[[], nn.Module], monitor: pl.Callback | None) -> tuple[dict[str, torch.Tensor], nn.Module]:
+    pl.seed_everything(0, verbose=False)
+    random.seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.GELU(), middle(), nn.Linear(32, 4))
+    task = ToyTask(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer(max_steps=3, callbacks=[monitor] if monitor else [], limit_val_batches=1).fit(
+            task, ToyData(batch_size=8)
+        )
+    return task.state_dict(), net[3]
+
+
+MONITORS = {
+    "sensitive": lambda: SensitiveNeurons(every_n_steps=1, num_samples=8, batch_size=8),
+    "massive_val_probe": lambda: MassiveActivations(modules=["net.2"], every_n_steps=1, probe="val"),
+}
+
+
+def _assert_same_fit(middle: Callable[[], nn.Module], monitor: str) -> tuple[nn.Module, nn.Module]:
+    bare, bare_middle = _fit(middle, None)
+    monitored, monitored_middle = _fit(middle, MONITORS[monitor]())
+    assert bare.keys() == monitored.keys()
+    for name in bare:
+        assert torch.equal(bare[name], monitored[name]), name
+    return bare_middle, monitored_middle
+
+
+@pytest.mark.parametrize("monitor", sorted(MONITORS))
+def test_a_buffer_registered_as_none_is_none_again_after_a_probe(monitor: str) -> None:
+    model = nn.Sequential(nn.Linear(32, 32), BufferCarry())
+    with probing(None, model, torch.device("cpu")):
+        model(torch.randn(8, 32))
+        assert model[1].h is not None  # filled inside
+    assert model[1].h is None and "h" in model[1]._buffers
+    bare, monitored = _assert_same_fit(BufferCarry, monitor)
+    assert torch.equal(bare.h, monitored.h)
+
+
+@pytest.mark.parametrize("monitor", sorted(MONITORS))
+def test_a_tensor_attribute_a_probe_rebinds_gets_its_object_back(monitor: str) -> None:
+    bare, monitored = _assert_same_fit(AttributeCarry, monitor)
+    assert torch.equal(bare.h, monitored.h)
+
+
+def test_a_list_attribute_a_probe_appends_to_holds_its_items_again() -> None:
+    bare, monitored = _assert_same_fit(ListCache, "sensitive")
+    assert len(bare.cache) == len(monitored.cache) == 3  # one per training step, none of the probe's
+    model = ListCache()
+    model.cache.append(torch.tensor(1.0))
+    cache, first = model.cache, model.cache[0]
+    with probing(None, model, torch.device("cpu")):
+        model(torch.randn(4))
+    assert model.cache is cache and len(cache) == 1 and cache[0] is first
+    counted = nn.Sequential(Counted())
+    with probing(None, counted, torch.device("cpu")):
+        counted(torch.randn(4))
+    assert counted[0].calls == [1]  # a list of numbers, not of tensors: left as the plain attributes are
+
+
+class Counted(nn.Module):
+    """Counts its forwards in a list of numbers (as tests/test_probe_ddp_r26.py's LateWriter does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = [0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls[0] += 1
+        return x
+
+
+def test_a_small_tensor_attribute_written_in_place_is_put_back_and_a_large_one_is_said() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.small = torch.zeros(4)
+            self.large = torch.zeros(COPIED_BUFFER_BYTES // 4 + 1)  # float32: one element over the copied size
+            self.table = {"kv": torch.zeros(3)}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.small.add_(1)
+            self.large.add_(1)
+            self.table["kv"].fill_(2)
+            return x
+
+    model = nn.Sequential(InPlace())
+    small, large, kv = model[0].small, model[0].large, model[0].table["kv"]
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            with probing(None, model, torch.device("cpu")):
+                model(torch.randn(2))
+        assert model[0].small is small and torch.equal(small, torch.zeros(4))
+        assert model[0].table["kv"] is kv and torch.equal(kv, torch.zeros(3))
+        assert model[0].large is large  # kept: too large to copy at every probe
+    assert torch.equal(large, torch.full_like(large, 2.0))
+    # said once per model, by name (the second probe said nothing)
+    assert not [w for w in said if "0.large" in str(w.message)]
+    model = nn.Sequential(InPlace())
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with probing(None, model, torch.device("cpu")):
+            model(torch.randn(2))
+    assert len([w for w in said if "'0.large'" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("monitor", sorted(MONITORS))
+def test_a_generator_a_module_holds_is_forked_around_a_probe(monitor: str) -> None:
+    _assert_same_fit(GeneratorNoise, monitor)
+
+
+def test_pythons_random_is_forked_around_a_probe() -> None:
+    _assert_same_fit(PythonNoise, "sensitive")
+
+
+def test_a_probe_forward_draws_the_same_noise_whatever_the_training_left_the_generators_at() -> None:
+    noise, scale = GeneratorNoise(), PythonNoise()
+    model = nn.Sequential(noise, scale)
+    x = torch.zeros(3, 5)
+    outputs = []
+    for training_draws in (0, 7):
+        torch.randn(training_draws, generator=noise.g)
+        random.random()
+        noise_state, python_state = noise.g.get_state(), random.getstate()
+        with probing(None, model, torch.device("cpu")):
+            outputs.append(call_forward("test", default_forward, model, x))
+        assert torch.equal(noise.g.get_state(), noise_state) and random.getstate() == python_state
+    assert torch.equal(outputs[0], outputs[1])
+    # seeded as torch's generator is: forward 0 of a probe draws from seed 0
+    expected = 0.1 * torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    random.seed(0)
+    assert torch.equal(outputs[0], expected * (1 + 0.1 * random.gauss(0, 1)))
+
+
+def test_an_ordinary_models_probe_is_unchanged() -> None:
+    """A model carrying no state: the probe's output is the eval-mode forward's, and every attribute of every module
+    is the very object it was, tuples and lists included; an attribute changed between probes is not undone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.5), nn.Flatten(), nn.Linear(8, 3))
+    model.names = ["conv", "norm"]
+    x = torch.randn(4, 1, 4, 4)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    model.train()
+    attributes = {(name, key): value for name, module in model.named_modules() for key, value in vars(module).items()}
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with probing(None, model, torch.device("cpu")):
+            out = call_forward("test", default_forward, model, x)
+    assert torch.equal(out, expected)
+    after = {(name, key): value for name, module in model.named_modules() for key, value in vars(module).items()}
+    assert after.keys() == attributes.keys() and all(after[key] is value for key, value in attributes.items())
+    assert model.names == ["conv", "norm"] and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    model.names.append("head")  # the user's change between probes stays
+    model[0].padding = (1, 1)
+    with probing(None, model, torch.device("cpu")):
+        pass
+    assert model.names == ["conv", "norm", "head"] and model[0].padding == (1, 1)
