@@ -19,9 +19,11 @@ module's output.
 
 EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
-mode, everything else in eval mode), and averaged. With no active dropout in the model the K
+mode, and timm's fused attention by its own flag, which applies its ``attn_drop``; everything else in eval mode), and
+averaged. With no active dropout in the model the K
 passes are identical (so the deterministic pass is reused instead of rerun), Σ has rank ≤ 1, and the
-score sits near ``(K − 1)/K · log α``.
+score sits near ``(K − 1)/K · log α``; where the model's dropout modules did not run in the passes, that is said, and
+the scores are not logged if none did.
 
 No perturbation: the passes run under ``torch.no_grad`` and ``torch.random.fork_rng`` (the
 dropout masks come from a seed that depends only on ``seed`` and the checkpoint index; each forward of the
@@ -297,11 +299,58 @@ def _is_stochastic(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in _STOCHASTIC_CLASS_NAMES
 
 
+def _applies_child_dropout(module: nn.Module, active: set[int]) -> bool:
+    """Whether ``module`` applies its active ``attn_drop`` child's dropout itself, from its own training flag: timm's
+    attention family (``Attention``, ``EvaAttention``, ``WindowAttention`` ..., 24 classes in timm 1.0), told by its
+    ``fused_attn`` switch, calls ``F.scaled_dot_product_attention(..., dropout_p=self.attn_drop.p if self.training
+    else 0.)`` when fused, and ``attn_drop`` never runs. Their forwards read ``self.training`` for that alone."""
+    return hasattr(module, "fused_attn") and id(getattr(module, "attn_drop", None)) in active
+
+
+@contextlib.contextmanager
+def _stochastic_mode(model: nn.Module, stochastic: list[nn.Module]) -> Iterator[tuple[set[int], set[int]]]:
+    """The stochastic modules in training mode, and the modules applying an active child's dropout from their own
+    flag (:func:`_applies_child_dropout`), by that flag alone: their other children (a BatchNorm among q/k norms) stay
+    in eval mode. Gives the ids of the stochastic modules that ran (a fused ``attn_drop`` when its owner ran) and of
+    those whose parent's forward completed, filled by forward hooks removed on exit (:func:`~lightning_act.callbacks.
+    probe.probing` restores the flags). A TorchScript module's calls inside the script reach no hook: it counts as
+    run, never as completed."""
+    active = {id(m) for m in stochastic}
+    ran = {id(m) for m in stochastic if isinstance(m, torch.jit.ScriptModule)}
+    completed: set[int] = set()
+    handles = []
+    for module in model.modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            continue
+        if _applies_child_dropout(module, active):
+            module.training = True
+            handles.append(module.register_forward_hook(
+                lambda _m, _in, _out, dropout=id(module.attn_drop): ran.add(dropout)
+            ))
+        held = {id(child) for child in module.children()} & active
+        if held:
+            handles.append(module.register_forward_hook(lambda _m, _in, _out, held=held: completed.update(held)))
+    for module in stochastic:
+        module.train()
+        handles.append(module.register_forward_hook(lambda m, _in, _out: ran.add(id(m))))
+    try:
+        yield ran, completed
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _drops_anything(module: nn.Module) -> bool:
     """Whether a stochastic module in training mode changes its input: ``p`` / ``drop_prob`` above 0 (timm
     models hold ``Dropout(p=0)`` modules, which are the identity in either mode); unknown kinds count as active."""
     probability = getattr(module, "p", getattr(module, "drop_prob", None))
     return probability is None or float(probability) > 0
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _without_padding(
@@ -612,6 +661,8 @@ class SensitiveNeurons(FitScopedState):
         self._undecided_warned: set[str] = set()  # taps whose set ties at its cut (_warn_cut_short)
         self._widths_warned: set[str] = set()
         self._mask_unmatched_warned: set[str] = set()  # taps not of the mask's tokens (_warn_mask_not_applied)
+        #: dropout modules said not to run in the stochastic passes; "": that none ran (_warn_no_dropout_ran)
+        self._inert_dropout_warned: set[str] = set()
         #: Per tap, the rows of each of its calls in a tracking pass, and the taps whose rows are not the tracking
         #: examples (:meth:`_check_examples`, :meth:`_check_rows`), left out.
         self._call_rows: dict[str, tuple[int, ...]] = {}
@@ -1107,7 +1158,15 @@ class SensitiveNeurons(FitScopedState):
     def _run_passes(
         self, trainer: pl.Trainer | None, pl_module: nn.Module
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Embeddings (N, D) of the deterministic pass and (N, D, K) of the stochastic passes, per tap."""
+        """Embeddings (N, D) of the deterministic pass and (N, D, K) of the stochastic passes, per tap.
+
+        The stochastic passes put the dropout modules with ``p > 0`` (and timm's ``DropPath``/``DropBlock2d``) in
+        training mode, and a module that applies such a child's dropout from its own training flag, timm's attention
+        with ``fused_attn`` and an ``attn_drop`` (:func:`_applies_child_dropout`), by its own flag only: its forward
+        reads the flag for the dropout alone (before round 28 the fused attention's dropout never acted, and the K
+        passes were the deterministic one, silently). A dropout module that did not run though its parent's forward
+        completed (another module applying it from its own flag) is named once; where no stochastic module ran and the
+        passes equal the deterministic one, no passes are given, said once: EigenScore/EES are not logged there."""
         collected = self._collected
         device = _module_device(pl_module)
 
@@ -1156,10 +1215,16 @@ class SensitiveNeurons(FitScopedState):
                     # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
                     passes = [clean] * self.eigenscore_passes
                 elif self.eigenscore_passes >= 2:
-                    for module in stochastic_modules:
-                        module.train()
                     first = (self.seed * 1_000_003 + self.checkpoints) * self.eigenscore_passes
-                    passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
+                    with _stochastic_mode(pl_module, stochastic_modules) as (ran, completed):
+                        passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
+                    self._warn_dropout_not_run(pl_module, completed - ran)
+                    if not ran and all(
+                        name in p and torch.equal(p[name], embedding)
+                        for p in passes for name, embedding in clean.items()
+                    ):
+                        self._warn_no_dropout_ran(pl_module, stochastic_modules)
+                        passes = []
         finally:
             self._arm(False)
             self._running_mask = None
@@ -1167,6 +1232,36 @@ class SensitiveNeurons(FitScopedState):
         clean = {name: embedding for name, embedding in clean.items() if name not in self._rows_not_examples}
         stochastic = {name: torch.stack([p[name] for p in passes], dim=-1) for name in clean} if passes else {}
         return clean, stochastic
+
+    def _warn_dropout_not_run(self, pl_module: nn.Module, silent: set[int]) -> None:
+        names = [name for name, module in pl_module.named_modules() if id(module) in silent]
+        names = [name for name in names if name not in self._inert_dropout_warned]
+        if not names:
+            return
+        self._inert_dropout_warned.update(names)
+        rank_zero_warn(
+            f"SensitiveNeurons: the dropout module(s) {_some(names)} did not run in the EigenScore/EES stochastic "
+            "passes though their parent's forward did: the parent likely applies their dropout from its own training "
+            "flag (a fused attention: F.scaled_dot_product_attention(dropout_p=self.attn_drop.p if self.training "
+            "else 0.)), which stays in eval mode, so EigenScore/EES leave that dropout out (timm's attention with "
+            "fused_attn is handled; for another, make it run its dropout module, as timm.layers.set_fused_attn(False) "
+            "does for timm's)",
+            category=UserWarning,
+        )
+
+    def _warn_no_dropout_ran(self, pl_module: nn.Module, stochastic: list[nn.Module]) -> None:
+        if "" in self._inert_dropout_warned:
+            return
+        self._inert_dropout_warned.add("")
+        ids = {id(module) for module in stochastic}
+        names = [name for name, module in pl_module.named_modules() if id(module) in ids]
+        rank_zero_warn(
+            f"SensitiveNeurons: none of the model's dropout modules with p > 0 ({_some(names)}) ran in the "
+            "EigenScore/EES stochastic passes, which equal the deterministic pass: eigenscore and ees are not logged "
+            "at such checkpoints (the dropout lies after the tapped modules, or a parent applies it from its own "
+            "training flag, as a fused attention does; give the model a dropout module that runs before the taps)",
+            category=UserWarning,
+        )
 
     def _refuse_graph_of_a_writer(self) -> None:
         """No graph for a model whose probe forward wrote its parameters in place (Hugging Face RWKV's eval-mode

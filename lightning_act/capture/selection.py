@@ -83,7 +83,8 @@ _ACTIVATION_CLASS_NAMES: set[str] = {
 }
 _extra_activation_classes: list[type[nn.Module]] = []
 # Averaged copies a model may keep of itself (EMA, SWA), beside torch's AveragedModel: timm's, matched by name, and
-# ema-pytorch's (lucidrains), matched by name within its package, as "EMA" alone names too many classes.
+# ema-pytorch's (lucidrains), matched by name within its package, as "EMA" alone names too many classes; each along
+# the class's MRO, as training code subclasses them (``class ModelEma(ModelEmaV3)`` with a legacy ``.ema`` alias).
 _AVERAGED_COPY_CLASS_NAMES = {"ModelEmaV2", "ModelEmaV3"}
 _EMA_PYTORCH_CLASS_NAMES = {"EMA", "KarrasEMA", "PostHocEMA", "EMAPytree"}
 # Owners of modules that run on a fixed table, not on the batch, by attribute name: Swin V2's position-bias MLP, run on
@@ -427,19 +428,20 @@ def _functional_activation_inputs(modules: list[tuple[str, nn.Module]], shadowed
 
 
 def _is_averaged_copy(module: nn.Module) -> bool:
-    cls = type(module)
-    return (
-        isinstance(module, AveragedModel)
-        or cls.__name__ in _AVERAGED_COPY_CLASS_NAMES
+    """Whether ``module`` is an averaged copy or a subclass of one (before round 28 a subclass of timm's
+    ``ModelEmaV3`` was not, and its weights entered DimensionalCollapse's default trajectory)."""
+    return isinstance(module, AveragedModel) or any(
+        cls.__name__ in _AVERAGED_COPY_CLASS_NAMES
         or (cls.__name__ in _EMA_PYTORCH_CLASS_NAMES and cls.__module__.split(".")[0] == "ema_pytorch")
+        for cls in type(module).__mro__
     )
 
 
 def averaged_copy_modules(model: nn.Module) -> set[int]:
     """Ids of the modules of the averaged copies a model keeps of itself (torch's ``AveragedModel``, timm's
-    ``ModelEmaV2``/``V3``, ema-pytorch's ``EMA``/``KarrasEMA``/``PostHocEMA``): an EMA or SWA kept for validation,
-    which no training step runs or trains. A module registered also outside them is the model's: ema-pytorch's
-    ``EMA`` registers the trained network itself as its ``online_model``."""
+    ``ModelEmaV2``/``V3``, ema-pytorch's ``EMA``/``KarrasEMA``/``PostHocEMA``, or a subclass of one): an EMA or SWA
+    kept for validation, which no training step runs or trains. A module registered also outside them is the model's:
+    ema-pytorch's ``EMA`` registers the trained network itself as its ``online_model``."""
     return _only_inside(model, {id(m) for m in model.modules() if m is not model and _is_averaged_copy(m)})
 
 
