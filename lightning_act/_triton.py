@@ -22,6 +22,8 @@ _warned: list[str] = []
 def triton_import_problem() -> str | None:
     """Why the installed triton does not import (``"ImportError: ..."``), or None when it imports or is not
     installed. Any exception counts: a mismatched build raises more than ImportError. Tried once per process."""
+    if importlib.util.find_spec("triton") is None:  # not installed, or blocked (``sys.modules["triton"] = None``)
+        return None
     try:
         importlib.import_module("triton.language")  # what the kernels are written in
     except Exception as error:  # noqa: BLE001

@@ -28,8 +28,8 @@ on CUDA it also runs each implementation under ``torch.cuda.set_sync_debug_mode(
 the statistics (which would stall the training step at every tapped tensor) fails the check. ``--sweep`` times the
 Triton kernels under several launch configurations (``lightning_act.stats.triton_fused`` constants), each
 checked first against the eager fallback (which ``--check`` compares with float64). ``--eigh`` times the
-spectra of ``DimensionalCollapse``'s flush on the device and on the host. ``--kernels`` splits a fused pass's time
-per call into its host time and each kernel's device time (a profile of ``--iters`` calls per statistic group), to
+spectra of ``DimensionalCollapse``'s flush on the device and on the host. ``--kernels`` sets a fused pass's wall time
+per call (synchronised once per ``--iters`` calls) beside each kernel's device time (a profile of ``--iters`` calls per statistic group), to
 tell which kernel, or the host, makes a pass cost more than the copy.
 """
 

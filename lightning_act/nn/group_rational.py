@@ -631,8 +631,8 @@ class GroupRational(nn.Module):
     def resolved_implementation(self, x: torch.Tensor) -> str:
         """The implementation ``forward`` uses for ``x``."""
         if self.implementation == "auto":
-            if x.is_cuda and _TRITON_IMPORT_PROBLEM is not None:
-                warn_triton_unusable()
+            if x.is_cuda and _TRITON_IMPORT_PROBLEM is not None and not torch.compiler.is_compiling():
+                warn_triton_unusable()  # not traced: torch.compile refuses its cached call (said by the eager calls)
             return "triton" if x.is_cuda and triton_available() else "reference"
         if self.implementation == "triton" and x.is_cuda and not triton_available():
             raise LightningActError(

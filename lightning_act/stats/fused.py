@@ -88,13 +88,14 @@ class FusedSpec:
         bad = [t for t in self.thresholds if not (math.isfinite(t) and t >= 0)]
         if bad:
             raise ValueError(f"thresholds {bad} must be finite and >= 0; pass magnitudes such as 0.0 or 1e-3")
-        object.__setattr__(self, "thresholds", tuple(sorted(set(float(t) for t in self.thresholds))))
+        # + 0.0: -0.0 is the threshold 0.0 (a union of both kept one of them, and the other's count was missing)
+        object.__setattr__(self, "thresholds", tuple(sorted(set(float(t) + 0.0 for t in self.thresholds))))
         if self.massive is not None:
             if self.median is None:
                 raise ValueError("a massive count needs the median; pass median=LogMagnitudeBins() too")
             if not all(math.isfinite(t) and t >= 0 for t in self.massive):
                 raise ValueError(f"massive thresholds {self.massive} must be finite and >= 0")
-            object.__setattr__(self, "massive", (float(self.massive[0]), float(self.massive[1])))
+            object.__setattr__(self, "massive", (float(self.massive[0]) + 0.0, float(self.massive[1]) + 0.0))
 
     def union(self, *others: FusedSpec) -> FusedSpec:
         """The spec computing everything any of ``self`` and ``others`` asks for (one pass for all monitors)."""
@@ -126,14 +127,29 @@ class FusedSpec:
         return tuple(names + (["sum", "sq_sum", "abs_sum"] if self.moments else []))
 
 
-_specs_made: dict[tuple[tuple[str, str], ...], FusedSpec] = {}
+_specs_made: dict[tuple[tuple[str, object], ...], FusedSpec] = {}
+
+
+def _spec_key(value: object) -> object:
+    """``value`` as a cache key of :func:`_spec_made_once`: plain numbers as floats (``0``, ``0.0`` and ``-0.0`` make
+    one spec), a histogram layout as itself; None for anything else (a tensor, whose ``repr`` rounds)."""
+    if isinstance(value, tuple):
+        keys = tuple(_spec_key(item) for item in value)
+        return None if None in keys else keys
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", float(value) + 0.0)
+    if isinstance(value, (bool, LogMagnitudeBins)):
+        return value
+    return None
 
 
 def _spec_made_once(**fields: object) -> FusedSpec:
-    """``FusedSpec(**fields)``, made once per distinct ``fields`` (compared by ``repr``: ``-0.0`` names another count
-    than ``0.0``). The monitors ask for their spec at every tapped tensor of a due step, and making and checking one
-    cost ~9 µs of a GPU host's time per tap (round 28)."""
-    key = tuple(sorted((name, repr(value)) for name, value in fields.items()))
+    """``FusedSpec(**fields)``, made once per distinct ``fields`` of plain numbers and layouts (anything else is made
+    anew). The monitors ask for their spec at every tapped tensor of a due step, and making and checking one cost ~9 µs
+    of a GPU host's time per tap (round 28)."""
+    key = tuple(sorted((name, _spec_key(value)) for name, value in fields.items()))
+    if any(value is None for _, value in key):
+        return FusedSpec(**fields)  # type: ignore[arg-type]
     spec = _specs_made.get(key)
     if spec is None:
         spec = _specs_made[key] = FusedSpec(**fields)  # type: ignore[arg-type]
@@ -184,7 +200,7 @@ class FusedStats:
 
     def at_most(self, threshold: float) -> torch.Tensor:
         """Count of entries with ``|x| <= threshold`` (the threshold must be in the spec)."""
-        return self.value(f"at_most:{float(threshold)!r}")
+        return self.value(f"at_most:{float(threshold) + 0.0!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the pass
