@@ -56,6 +56,7 @@ from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any, Union
 
+from lightning_act._files import is_temporary_of, written_whole
 from lightning_act.errors import ConfigError, DataNotFoundError, LightningActError, RunExistsError, UnknownClassPathError
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -582,6 +583,20 @@ def _saved_run_places(config: Path) -> tuple | None:
     return _run_places(saved) if isinstance(saved, dict) else None
 
 
+def _killed_while_saving_its_config(folder: Path, names: Sequence[str]) -> bool:
+    """Whether ``folder`` holds files, and nothing but what a fit killed while it saved its config leaves: configs
+    (``names``) that cannot be read, the temporaries of their writes. That fit never trained (it saves its config before
+    its first step): no checkpoint, no log, nothing of a run to keep or to tell whose it was."""
+    found = False
+    for path in folder.rglob("*"):  # up to the first other file: a run folder may hold many
+        if path.is_file():
+            if not any(is_temporary_of(path, name) or (path.name == name and _saved_run_places(path) is None)
+                       for name in names):
+                return False
+            found = True
+    return found
+
+
 def _file_stamp(path: Path) -> tuple[int, int] | None:
     """The file's inode and modification time (None where there is no file): tells whether it was rewritten."""
     try:
@@ -672,16 +687,23 @@ def _build_cli_class() -> type:
         written)."""
 
         def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-            """LightningCLI's, but into :func:`_log_dir` when the first logger keeps no local folder (MLflow with a
-            server or database tracking URI): LightningCLI's asserts that ``trainer.log_dir`` is not None."""
-            if self.already_saved or trainer.log_dir is not None:  # trainer.log_dir broadcasts: every rank asks
-                super().setup(trainer, pl_module, stage)
+            """LightningCLI's, but written whole (:func:`written_whole`: a kill mid-write leaves no half config, which
+            the next fit would take for a previous run's) and into :func:`_log_dir` when the first logger keeps no
+            local folder (MLflow with a server or database tracking URI): LightningCLI's asserts that
+            ``trainer.log_dir`` is not None. An existing config is replaced: ``before_fit`` has refused a previous
+            run's, or removed it under ``--overwrite``."""
+            if self.already_saved:
+                return
+            log_dir = trainer.log_dir  # a broadcast: every rank asks
+            if log_dir is not None and not _is_local_file_protocol(log_dir):
+                super().setup(trainer, pl_module, stage)  # s3://, gs://, ...: jsonargparse writes it through fsspec
                 return
             if trainer.is_global_zero:
                 config = _log_dir(trainer) / self.config_filename
                 config.parent.mkdir(parents=True, exist_ok=True)
-                self.parser.save(self.config, str(config), skip_none=False, overwrite=self.overwrite,
-                                 multifile=self.multifile)
+                with written_whole(config) as partial:
+                    self.parser.save(self.config, str(partial), skip_none=False, overwrite=True,
+                                     multifile=self.multifile)
                 self.save_config(trainer, pl_module, stage)
                 self.already_saved = True
             self.already_saved = trainer.strategy.broadcast(self.already_saved)
@@ -697,9 +719,8 @@ def _build_cli_class() -> type:
             folder = Path(logger.log_dir).expanduser() if has_versions else None
             if folder is not None and folder != saved.parent and saved.is_file():
                 folder.mkdir(parents=True, exist_ok=True)
-                partial = folder / f"{FIT_CONFIG_NAME}.tmp"
-                shutil.copyfile(saved, partial)
-                os.replace(partial, folder / FIT_CONFIG_NAME)
+                with written_whole(folder / FIT_CONFIG_NAME) as partial:
+                    shutil.copyfile(saved, partial)
 
     class KeepFitConfig(Callback):
         """For ``test``, ``validate`` and ``predict``, which save no config (the fit's ``config.yaml`` stays): the fit's
@@ -988,7 +1009,8 @@ def _build_cli_class() -> type:
 
         def _previous_run_files(self) -> list[Path]:
             """The files of a run in the way: its checkpoints and config (not the temporaries of writes a kill cut
-            short, which alone are no run: the fit removes them in its checkpoint folders, ``--overwrite`` in all)."""
+            short, which alone are no run: the fit removes them in its checkpoint folders, ``--overwrite`` in all; nor
+            the half config of a fit killed while it saved it, alone in its folder: that fit never trained)."""
             found: list[Path] = []
             for callback in self.trainer.callbacks:
                 if isinstance(callback, LastCheckpoint):
@@ -997,8 +1019,14 @@ def _build_cli_class() -> type:
                     dirpath, names = Path(callback.dirpath), _checkpoint_name_pattern(callback)
                     found += [path for path in sorted(dirpath.rglob("*.ckpt"))
                               if names.fullmatch(path.relative_to(dirpath).as_posix())]
-            found += [config for config in self._saved_configs() if config.is_file() and self._records_this_run(config)]
+            found += [config for config in self._saved_configs() if config.is_file() and self._records_this_run(config)
+                      and not _killed_while_saving_its_config(config.parent, self._config_names())]
             return _unique_files(found)
+
+        def _config_names(self) -> tuple[str, str]:
+            """The names of the configs a fit saves: ``config.yaml`` where :func:`_log_dir` says, ``fit_config.yaml``
+            in its other CSV and TensorBoard version folders."""
+            return self.save_config_kwargs.get("config_filename", "config.yaml"), FIT_CONFIG_NAME
 
         def _config_file(self) -> Path | None:
             """Where this fit saves its config: :func:`_log_dir` (None when it saves none, as under fast_dev_run)."""
@@ -1061,7 +1089,7 @@ def _build_cli_class() -> type:
                 inside = Path(logger.log_dir).expanduser().relative_to(root).parts[1:]
             except ValueError:
                 inside = ()
-            names = (self.save_config_kwargs.get("config_filename", "config.yaml"), FIT_CONFIG_NAME)
+            names = self._config_names()
             this = self._this_run_places()
             removable: list[Path] = []
             untold: list[Path] = []
@@ -1070,8 +1098,10 @@ def _build_cli_class() -> type:
                 if not folder.is_dir() or not is_version:
                     continue
                 places = [_saved_run_places(folder.joinpath(*inside, name)) for name in names]
-                empty = not any(path.is_file() for path in folder.rglob("*"))  # removing it loses nothing
-                if any(_same_run(this, saved) for saved in places) or empty:
+                # removing it loses nothing: no file, or what a fit killed while it saved its config left
+                empty = not any(path.is_file() for path in folder.rglob("*"))
+                if (any(_same_run(this, saved) for saved in places) or empty
+                        or _killed_while_saving_its_config(folder, names)):
                     removable.append(folder)
                 elif not any(places):
                     untold.append(folder)
@@ -1127,9 +1157,15 @@ def _build_cli_class() -> type:
                     "(removes its checkpoints, config and CSV and TensorBoard logs), or keep it and write this run "
                     "elsewhere (a copy of the recipe with its runs/ folder changed)"
                 )
+            versioned = [logger for logger in self.trainer.loggers
+                         if isinstance(logger, (CSVLogger, TensorBoardLogger))]
             # before the configs that tell this run's version folders are removed
-            log_versions = [(logger, *self._log_versions_of_this_run(logger)) for logger in self.trainer.loggers
-                            if previous and isinstance(logger, (CSVLogger, TensorBoardLogger))]
+            log_versions = [(logger, *self._log_versions_of_this_run(logger)) for logger in versioned if previous]
+            if not previous:  # the version folders of fits killed while they saved their config (they never trained)
+                killed = [(logger, [folder for folder in self._log_versions_of_this_run(logger)[0]
+                                    if _killed_while_saving_its_config(folder, self._config_names())])
+                          for logger in versioned]
+                log_versions = [(logger, folders, []) for logger, folders in killed if folders]
             if self.overwrite:
                 for path in [*previous, *self._half_written_checkpoints()]:
                     path.unlink()

@@ -30,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from lightning_act._files import written_whole
 from lightning_act.data.rotated_digits import RotatedDigitsDataModule
 from lightning_act.errors import ConfigError, DataFormatError, DataNotFoundError, LightningActError
 from lightning_act.nn.dopamine import (
@@ -413,7 +414,8 @@ class DopamineSpecialisation(_Classifier):
                 figure = plot_firing_fractions(fractions, [str(c) for c in range(self.num_classes)],
                                                title=f"{name}: fraction of inputs with z > τ per class")
                 log_figure(self.trainer, figure, folder / f"{name}.png")
-                torch.save(fractions, folder / f"{name}.pt")
+                with written_whole(folder / f"{name}.pt") as partial:  # a kill leaves no file torch.load refuses
+                    torch.save(fractions, partial)
         return float(torch.cat([f.nanmean(dim=0) for f in fractions.values()]).mean())
 
     def _summed_over_ranks(self, fractions: dict[str, torch.Tensor], class_counts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from torchmetrics.classification import (
 )
 from torchvision.ops import sigmoid_focal_loss
 
+from lightning_act._files import written_whole
 from lightning_act.errors import LightningActError
 from lightning_act.eval.ranking import NaNLogitCount, probability_of_score, ranking_scores, warn_nan_rank_metrics
 from lightning_act.models.spectral_nn import SpectralNN
@@ -312,7 +313,8 @@ class SpectralTargetDetection(pl.LightningModule):
         self.test_pr_curve = (precision.cpu(), recall.cpu(), thresholds.cpu())
         if csv_path is not None:
             csv_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(csv_path, "w", newline="") as handle:
+            # whole or not at all: a kill mid-write leaves no curve cut short under its name
+            with written_whole(csv_path) as partial, open(partial, "w", newline="") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["threshold_probability", "precision", "recall"])
                 # precision/recall have one more entry than thresholds: the (1, 0) end point.
