@@ -177,7 +177,10 @@ class LastCheckpoint(Checkpoint):
     last step, which no resume would run, lets it finish as a Ctrl-C does (single process; Lightning would end the fit
     after the validation batch, before any training hook); one inside a gradient-accumulation window ends the fit
     there as an interruption (exit status 1) without a checkpoint of it. Every write follows a batch that took an
-    optimizer step.
+    optimizer step. One in the end-of-fit work after the last step (the monitors' ``on_fit_end``: heatmaps, emergence
+    fits, ``monitors/skipped.json``; Lightning runs it after putting SIGTERM's default handler back, which killed the
+    process without a word) cuts that work as an interruption, a Ctrl-C there too (with ``on_interrupt``), and says
+    so in one line: a resume from ``last.ckpt`` finds the fit done and runs only that work.
 
     A fit that does not resume warns, once, when ``last.ckpt`` of an earlier run is already there (also one this
     callback wrote for another Trainer; a further fit of the same Trainer continues its run): the first save
@@ -220,6 +223,8 @@ class LastCheckpoint(Checkpoint):
         self._changed_after_stop = False  # a validation or epoch end ran since: last.ckpt is written again at the end
         self._change_unsaved = False  # one that no save since holds (the epoch end's)
         self._previous_handler: Any = None
+        self._end_work_handlers: dict[int, Any] = {}  # the handlers the end-of-fit work's cut replaced
+        self._end_work_cut_by: int | None = None  # the signal that cut the end-of-fit work
         self._last_saved_step = -1
         self._step_at_batch_start = -1
         self._best_source: Any = None  # the Trainer's first ModelCheckpoint, for best_model_path
@@ -669,9 +674,55 @@ class LastCheckpoint(Checkpoint):
         if self._stop_saved or self._stop_requested:
             self._end_fit()
         self._restore_handler()
+        self._handle_signals_in_end_of_fit_work(trainer)
+
+    def _handle_signals_in_end_of_fit_work(self, trainer: pl.Trainer) -> None:
+        """SIGTERM (and Ctrl-C, with ``on_interrupt``) in the end-of-fit work — the monitors' ``on_fit_end`` (heatmaps,
+        the emergence fit, ``monitors/skipped.json``) and the teardown hooks — cut it as an interruption and say so
+        (:meth:`on_exception`). Lightning runs that work after its teardown has put back the handlers of the fit's
+        start (SIGTERM's default: the process died without a word, the work lost); the handler is put among those it
+        puts back, and the ones it replaced again at this callback's ``teardown``. Its writers are all-or-nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # Lightning's private table of the handlers its teardown puts back (none in a version without it: then only
+        # until that teardown)
+        put_back = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
+        self._end_work_cut_by = None
+        for signum in (signal.SIGTERM, signal.SIGINT) if self.on_interrupt else (signal.SIGTERM,):
+            previous = put_back.get(signum)
+            self._end_work_handlers[signum] = previous if previous is not None else signal.getsignal(signum)
+            signal.signal(signum, self._cut_end_of_fit_work)
+            if signum in put_back:
+                put_back[signum] = self._cut_end_of_fit_work
+
+    def _cut_end_of_fit_work(self, signum: int, frame: FrameType | None) -> None:
+        self._end_work_cut_by = signum
+        self._restore_end_of_fit_handlers()  # a second signal does what it did before
+        raise KeyboardInterrupt  # Lightning's interrupt: on_exception, then exit status 1
+
+    def _restore_end_of_fit_handlers(self) -> None:
+        for signum, handler in self._end_work_handlers.items():
+            signal.signal(signum, handler)
+        self._end_work_handlers = {}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_end_of_fit_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
+        self._restore_end_of_fit_handlers()
+        if self._end_work_cut_by is not None:
+            how = "stopped by SIGTERM" if self._end_work_cut_by == signal.SIGTERM else "interrupted"
+            self._end_work_cut_by = None
+            target = self.path(trainer)
+            if target.is_file() and self._last_saved_step == trainer.global_step:
+                rerun = (f"resume with --ckpt_path {shlex.quote(str(target))} to write them (the fit is done: only "
+                         "that work runs, into a new log version)")
+            else:
+                rerun = "no checkpoint holds this step to run it again from"
+            rank_zero_info(f"{how} during the end-of-fit work after the fit's last step ({trainer.global_step}): the "
+                           f"monitors' plots, emergence fits and monitors/skipped.json it had not written are missing; "
+                           f"{rerun}")
 
 
 def _batches_done_in_epoch(checkpoint: dict[str, Any]) -> tuple[int, bool]:

@@ -21,19 +21,32 @@ as meaningless lines. :class:`CompactWandbLogger` logs instead, per logging step
 
 ``per_layer=True`` logs every key as :class:`~lightning.pytorch.loggers.WandbLogger` does.
 Everything that is not a monitor statistic (losses, images, tables) passes through unchanged.
+
+:class:`AtomicCSVLogger` is Lightning's ``CSVLogger`` whose ``metrics.csv`` survives a kill: Lightning rewrites the
+whole file (opened with ``"w"``, which empties it first) whenever a new column appears — at the first validation, a
+monitor's first logging step and every fit's end (the emergence fit) — so a kill, an OOM kill or a full disk in that
+rewrite left an empty log beside a ``last.ckpt`` far ahead. The recipes use it.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 import re
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.logger import _add_prefix
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lightning_act.checkpointing import _fsync_folder, _umask
 from lightning_act.report.runlog import split_monitor_key
 
 #: The top-k entries of MassiveActivations (value and position of the j-th largest): table only.
@@ -199,3 +212,58 @@ class CompactWandbLogger(WandbLogger):
         for prefix in list(self._layer_rows):
             self._log_table_part(prefix)
         super().finalize(status)
+
+
+class AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer whose header rewrite (a new column) replaces ``metrics.csv`` whole: the rows and the new
+    header go to a temporary file in the same folder, flushed and fsynced, renamed over ``metrics.csv``. A kill or a
+    full disk in the rewrite leaves the previous file, every row in it; appends are Lightning's (a kill there cuts the
+    last line, which ``lightning_act report`` drops). A remote folder (fsspec) keeps Lightning's rewrite."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if _is_local_file_protocol(self.metrics_file_path):  # what a kill in an earlier rewrite left here
+            for stale in Path(self.log_dir).glob(f".{self.NAME_METRICS_FILE}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        if not _is_local_file_protocol(self.metrics_file_path):
+            super()._rewrite_with_new_header(fieldnames)
+            return
+        target = Path(self.metrics_file_path)
+        with open(target, newline="") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+            header = list(reader.fieldnames or [])
+        temporary = None
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            with os.fdopen(handle, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 -> what Lightning's open() gives
+            os.replace(temporary, target)
+        except BaseException:
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
+            # the file keeps its header, and so does the writer: the next save rewrites again (Lightning had recorded
+            # the new columns already, and its next append put rows of more columns under the old header)
+            self.metrics_keys = header
+            raise
+        _fsync_folder(target.parent)
+
+
+class AtomicCSVLogger(CSVLogger):
+    """:class:`~lightning.pytorch.loggers.CSVLogger` (same arguments, folders, ``hparams.yaml`` and ``metrics.csv``)
+    whose rewrite of ``metrics.csv`` for a new column is all-or-nothing (:class:`AtomicExperimentWriter`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AtomicExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AtomicExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
