@@ -14,10 +14,11 @@ Writing merges into what is there, so several monitors (and a resumed fit) share
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from lightning_act._files import written_whole
 
 #: The file's place under a run's (CSV version) folder.
 SKIPPED_FILE = Path("monitors") / "skipped.json"
@@ -57,9 +58,8 @@ def record_skipped(
     }
     content.setdefault(monitor, {})[what] = others | {str(layer): str(reason) for layer, reason in reasons.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    with written_whole(path) as partial:  # a kill leaves no temporary beside it either (before round 28 it did)
+        partial.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 
