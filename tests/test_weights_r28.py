@@ -1,10 +1,12 @@
-"""Round 28 (B4, B5): a parametrized weight read outside the forward (ActivationSparsity's CETT, DimensionalCollapse's
-parameter trajectory) takes none of the training's random draws and puts back a parametrization buffer that the
-forward rebinds; a stochastic parametrization is read as its noiseless (eval-mode) weight, or as one fixed draw when
-it draws in eval mode too. Fits are compared bitwise with the fit without the monitor, values with numpy float64."""
+"""Round 28 (B4, B5, B2b): a parametrized weight read outside the forward (ActivationSparsity's CETT,
+DimensionalCollapse's parameter trajectory) takes none of the training's random draws (torch's generators, one the
+parametrization holds, Python's ``random``) and puts back a parametrization buffer that the forward rebinds; a
+stochastic parametrization is read as its noiseless (eval-mode) weight, or as one fixed draw when it draws in eval
+mode too. Fits are compared bitwise with the fit without the monitor, values with numpy float64."""
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import lightning.pytorch as pl
@@ -33,6 +35,24 @@ class DropConnect(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * torch.bernoulli(torch.full_like(w, 0.8)) / 0.8 if self.training else w
+
+
+class HeldGeneratorNoise(nn.Module):
+    """Weight noise in training mode, drawn from a generator of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = torch.Generator().manual_seed(5)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + 0.01 * torch.randn(w.shape, generator=self.g) if self.training else w
+
+
+class PythonRandomScale(nn.Module):
+    """A random scale of the weight in training mode, drawn from Python's ``random``."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * (1 + 0.01 * random.gauss(0, 1)) if self.training else w
 
 
 class AlwaysNoisy(nn.Module):
@@ -75,11 +95,14 @@ MONITORS = {
 }
 
 
-@pytest.mark.parametrize("parametrization", [NoisyWeight, DropConnect, ReboundCount])
+@pytest.mark.parametrize(
+    "parametrization", [NoisyWeight, DropConnect, ReboundCount, HeldGeneratorNoise, PythonRandomScale]
+)
 @pytest.mark.parametrize("monitor", list(MONITORS))
 def test_a_parametrized_weight_read_leaves_training_bitwise_identical(parametrization, monitor) -> None:
-    """Before: the read drew from the training's RNG (noise, mask: weights off by 0.003) or kept the counter's extra
-    step (rebound buffer: counter 8 or 9 after 3 steps instead of 4)."""
+    """Before: the read drew from the training's RNG (noise, mask: weights off by 0.003; before B2b also from the
+    parametrization's own generator or Python's ``random``) or kept the counter's extra step (rebound buffer: counter
+    8 or 9 after 3 steps instead of 4)."""
     bare = _fit(parametrization, None)
     watched = _fit(parametrization, MONITORS[monitor]())
     assert bare.keys() == watched.keys()
@@ -98,19 +121,22 @@ def test_a_rebound_parametrization_buffer_is_put_back_bound_and_valued() -> None
     np.testing.assert_allclose(read.double().numpy(), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("parametrization", [NoisyWeight, DropConnect])
+@pytest.mark.parametrize("parametrization", [NoisyWeight, DropConnect, HeldGeneratorNoise, PythonRandomScale])
 def test_a_parametrization_drawing_in_training_is_read_as_its_noiseless_weight(parametrization) -> None:
-    """The trajectory and CETT read the eval-mode weight, the training's RNG untouched and the mode flags kept."""
+    """The trajectory and CETT read the eval-mode weight, the training's RNG (torch's, the parametrization's own
+    generator, Python's ``random``) untouched and the mode flags kept."""
     model = _net(parametrization())
     model.train()
     linear = model[3][0]
     original = linear.parametrizations.weight.original.detach().double().numpy()
-    state = torch.get_rng_state()
+    held = getattr(linear.parametrizations.weight[0], "g", torch.Generator())
+    state, held_state, python_state = torch.get_rng_state(), held.get_state(), random.getstate()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to say: the weight is well-defined
         read = forward_tensor(linear, "weight")
         cett_weight = down_projection_weight(linear)
-    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(held.get_state(), held_state)
+    assert random.getstate() == python_state
     assert all(module.training for module in model.modules())
     np.testing.assert_array_equal(read.detach().double().numpy(), original)
     np.testing.assert_array_equal(cett_weight.detach().double().numpy(), original)
@@ -132,6 +158,41 @@ def test_a_parametrization_drawing_in_eval_mode_too_is_read_as_one_fixed_draw_sa
     assert len([w for w in said if "draws random numbers" in str(w.message)]) == 1
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first, second) and torch.equal(first, expected)
+
+
+class AlwaysHeldGeneratorNoise(HeldGeneratorNoise):
+    """Weight noise from a generator of its own in every mode."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + 0.01 * torch.randn(w.shape, generator=self.g)
+
+
+class AlwaysPythonRandomScale(nn.Module):
+    """A random scale of the weight from Python's ``random`` in every mode."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * (1 + 0.01 * random.gauss(0, 1))
+
+
+def test_a_parametrization_drawing_from_its_own_sources_in_eval_mode_is_read_as_one_fixed_draw() -> None:
+    """Its own generator and Python's ``random`` are seeded with READ_SEED for the read and put back after it
+    (before B2b: each read took the next draw of the fit's sources, no two reads alike, and nothing was said)."""
+    held_linear = _net(AlwaysHeldGeneratorNoise())[3][0]
+    python_linear = _net(AlwaysPythonRandomScale())[3][0]
+    held = held_linear.parametrizations.weight[0].g
+    held_original = held_linear.parametrizations.weight.original.detach().double().numpy()
+    python_original = python_linear.parametrizations.weight.original.detach().double().numpy()
+    noise = torch.randn(held_original.shape, generator=torch.Generator().manual_seed(weights.READ_SEED))
+    held_expected = held_original + 0.01 * noise.double().numpy()
+    python_expected = python_original * (1 + 0.01 * random.Random(weights.READ_SEED).gauss(0, 1))
+    held_state, python_state = held.get_state(), random.getstate()
+    with pytest.warns(UserWarning, match="draws random numbers in eval mode too"):
+        held_reads = [forward_tensor(held_linear, "weight") for _ in range(2)]
+        python_reads = [forward_tensor(python_linear, "weight") for _ in range(2)]
+    assert torch.equal(held.get_state(), held_state) and random.getstate() == python_state
+    assert torch.equal(*held_reads) and torch.equal(*python_reads)
+    np.testing.assert_allclose(held_reads[0].double().numpy(), held_expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(python_reads[0].double().numpy(), python_expected, rtol=1e-6, atol=1e-7)
 
 
 def _numpy_spectral_norm_forward(linear: nn.Module) -> np.ndarray:

@@ -4,8 +4,10 @@ CETT of a down-projection, the parameter trajectory)."""
 from __future__ import annotations
 
 import contextlib
+import random
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -31,7 +33,8 @@ def forward_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     computed value, with the parametrizations' buffers restored after it (their tensors re-bound too, where the
     parametrization replaced one, ``self.n = self.n + 1``): ``spectral_norm``'s power iteration, which runs in
     training mode at each read, would otherwise take a step the fit does not take (and change training). The read
-    runs under a fork of torch's generators (CPU and the devices of the parametrization's tensors), so it never
+    runs under a fork of torch's generators (CPU and the devices of the parametrization's tensors), of those the
+    parametrization's modules hold (``torch.randn(..., generator=self.g)``) and of Python's ``random``, so it never
     takes the training's random draws. A parametrization that draws (weight noise, a DropConnect mask) has no weight
     the next forward uses: it is read in eval mode (the noiseless weight); one that draws in eval mode too is read
     seeded alike at every read (one fixed draw, said once), so successive reads differ only by training's updates.
@@ -56,6 +59,7 @@ def forward_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
 def _parametrized_value(module: nn.Module, name: str) -> torch.Tensor:
     """The parametrized ``module.<name>`` (see :func:`forward_tensor`), read under a fork of the generators."""
     parts = list(module.parametrizations[name].modules())
+    held = _held_generators(parts)
     accelerators: dict[str, set[int]] = {}
     for tensor in [*module.parametrizations[name].parameters(), *module.parametrizations[name].buffers()]:
         if tensor.device.type not in ("cpu", "meta"):
@@ -63,20 +67,21 @@ def _parametrized_value(module: nn.Module, name: str) -> torch.Tensor:
     with contextlib.ExitStack() as forks:
         for device_type, indices in accelerators.items() or [("cpu", set())]:
             forks.enter_context(torch.random.fork_rng(devices=sorted(indices), device_type=device_type))
-        before = _generator_states(accelerators)
+        before = _generator_states(accelerators, held)
+        forks.callback(_put_back, held, before)  # the held generators and `random`; torch's are forked above
         with _buffers_kept(parts):
             value = getattr(module, name)
-        if _same(before, _generator_states(accelerators)):
+        if _same(before, _generator_states(accelerators, held)):
             return value
         training = [part for part in parts if part.training]
         try:
             for part in training:
                 part.training = False
-            _seed(accelerators)
-            seeded = _generator_states(accelerators)
+            _seed(accelerators, held)
+            seeded = _generator_states(accelerators, held)
             with _buffers_kept(parts):
                 value = getattr(module, name)
-            if not _same(seeded, _generator_states(accelerators)) and module not in _drawing_said:
+            if not _same(seeded, _generator_states(accelerators, held)) and module not in _drawing_said:
                 _drawing_said.add(module)
                 rank_zero_warn(
                     f"the parametrization of a {type(module).__name__}'s {name!r} draws random numbers in eval mode "
@@ -89,6 +94,24 @@ def _parametrized_value(module: nn.Module, name: str) -> torch.Tensor:
             for part in training:
                 part.training = True
         return value
+
+
+def _held_generators(modules: list[nn.Module]) -> list[torch.Generator]:
+    """The generators ``modules`` hold as attributes (``self.g = torch.Generator()``), each once. ``type() is``, not
+    ``isinstance``: the latter runs Python code in ``torch.Generator``'s metaclass for every attribute."""
+    held: dict[int, torch.Generator] = {}
+    for module in modules:
+        for value in vars(module).values():
+            if type(value) is torch.Generator:
+                held[id(value)] = value
+    return list(held.values())
+
+
+def _put_back(held: list[torch.Generator], states: _RandomStates) -> None:
+    """The ``held`` generators and Python's ``random`` back to ``states``."""
+    for generator, state in zip(held, states.held, strict=True):
+        generator.set_state(state)
+    random.setstate(states.python)
 
 
 @contextlib.contextmanager
@@ -105,21 +128,30 @@ def _buffers_kept(modules: list[nn.Module]) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
-def _generator_states(accelerators: dict[str, set[int]]) -> list[torch.Tensor]:
-    """The states of the CPU generator and of the default generators of ``accelerators``' devices (host tensors:
-    reading them does not wait for the device)."""
-    states = [torch.get_rng_state()]
+class _RandomStates(NamedTuple):
+    """The states of the random sources a parametrization may draw from (host tensors: reading them does not wait
+    for the device)."""
+
+    default: list[torch.Tensor]  # the CPU generator's and the default generators' of the parametrization's devices
+    held: list[torch.Tensor]  # the generators the parametrization's modules hold
+    python: tuple[object, ...]  # Python's ``random``
+
+
+def _generator_states(accelerators: dict[str, set[int]], held: list[torch.Generator]) -> _RandomStates:
+    default = [torch.get_rng_state()]
     for device_type, indices in accelerators.items():
-        states += [torch.get_device_module(device_type).get_rng_state(index) for index in sorted(indices)]
-    return states
+        default += [torch.get_device_module(device_type).get_rng_state(index) for index in sorted(indices)]
+    return _RandomStates(default, [generator.get_state() for generator in held], random.getstate())
 
 
-def _same(states: list[torch.Tensor], others: list[torch.Tensor]) -> bool:
-    return all(torch.equal(state, other) for state, other in zip(states, others))
+def _same(states: _RandomStates, others: _RandomStates) -> bool:
+    tensors = zip([*states.default, *states.held], [*others.default, *others.held])
+    return all(torch.equal(state, other) for state, other in tensors) and states.python == others.python
 
 
-def _seed(accelerators: dict[str, set[int]]) -> None:
-    """Seed the CPU generator and those of ``accelerators``' devices with :data:`READ_SEED` (inside the fork)."""
+def _seed(accelerators: dict[str, set[int]], held: list[torch.Generator]) -> None:
+    """Seed the CPU generator, those of ``accelerators``' devices, the ``held`` ones and Python's ``random`` with
+    :data:`READ_SEED` (inside the fork)."""
     torch.default_generator.manual_seed(READ_SEED)
     for device_type, indices in accelerators.items():
         device_module = torch.get_device_module(device_type)
@@ -129,3 +161,6 @@ def _seed(accelerators: dict[str, set[int]]) -> None:
                 device_module.manual_seed(READ_SEED)
             else:
                 generators[index].manual_seed(READ_SEED)
+    for generator in held:
+        generator.manual_seed(READ_SEED)
+    random.seed(READ_SEED)
