@@ -4,12 +4,16 @@ of a never-logged ``params/r90`` named in its "not logged" warning."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import pickle
 import warnings
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ModelPruning
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn.utils import parametrizations
 
 from _toy import Block, BlockNet, ToyData, ToyTask, quiet_trainer
@@ -189,3 +193,158 @@ def test_not_logged_r90_names_its_strict_reader(strict):
     assert len(said) == 1 and R90 not in monitor.history
     named = f"EarlyStopping(monitor='{R90}') reads it" in said[0] and "strict=False" in said[0]
     assert named == strict
+
+
+def _prepare_qat(pl_module) -> None:
+    """``prepare_qat`` on block 1 (its ``fc`` becomes a ``torch.ao.nn.qat.Linear`` holding the same weight), with
+    observers and fake quantization off, so that the forward stays as it was."""
+    from torch.ao import quantization
+
+    block = pl_module.net.blocks[1]
+    block.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    quantization.prepare_qat(block, inplace=True)
+    for module in block.modules():
+        if isinstance(module, quantization.FakeQuantizeBase):
+            module.disable_fake_quant()
+            module.disable_observer()
+
+
+def _swap_keeping_the_weight(pl_module) -> None:
+    old = pl_module.net.blocks[1].fc
+    new = torch.nn.Linear(old.in_features, old.out_features)
+    new.weight, new.bias = old.weight, old.bias
+    pl_module.net.blocks[1].fc = new
+
+
+@pytest.mark.parametrize("swap", [_prepare_qat, _swap_keeping_the_weight], ids=["prepare_qat", "new.weight=old"])
+def test_a_module_swapped_for_one_holding_the_same_weight_keeps_the_trajectory(swap):
+    """A new module that holds the followed weight's object (QAT mid-fit, a wrapper swap): no jump, so one
+    trajectory, no warning, r90 numpy's of all the snapshots (round 28's module check restarted it at step 4)."""
+    monitor, snaps, said = fit([AtEpoch1(swap)])
+    assert said == []
+    got = logged(monitor)
+    assert sorted(got) == list(range(12))
+    for step in range(12):
+        assert got[step] == numpy_r90([snaps.rows[s] for s in range(-1, step + 1)]), step
+
+
+def test_a_weight_re_created_in_its_module_restarts_the_trajectory_once():
+    """``fc.weight = nn.Parameter(...)`` at epoch 1 (step 4): the jump to the new values is no training, so r90
+    from step 5 is numpy's of the snapshots from step 4 on, said once (before: the jumping trajectory, silently)."""
+    def reinitialise(pl_module):
+        fc = pl_module.net.blocks[1].fc
+        fc.weight = torch.nn.Parameter(torch.randn_like(fc.weight))
+
+    monitor, snaps, said = fit([AtEpoch1(reinitialise)])
+    assert len(said) == 1 and "new parameter" in said[0] and "net.blocks.1.fc.weight" in said[0] and "step 4" in said[0]
+    got = logged(monitor)
+    assert 4 not in got
+    for step in range(5, 12):
+        assert got[step] == numpy_r90([snaps.rows[s] for s in range(4, step + 1)]), step
+
+
+def _unprune_and_unnorm(pl_module) -> None:
+    """Undoes pruning and the hook-based ``weight_norm`` (at epoch 2): the weight is registered as ``weight`` again
+    (``prune.remove`` keeps the object, ``remove_weight_norm`` makes a new one of the same values)."""
+    if pl_module.trainer.current_epoch == 2:
+        torch.nn.utils.prune.remove(pl_module.net.blocks[0].fc, "weight")
+        torch.nn.utils.remove_weight_norm(pl_module.net.blocks[1].fc)
+
+
+class AtEpochs(Callback):
+    def __init__(self, *changes) -> None:
+        self.changes = changes
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if 0 < trainer.current_epoch <= len(self.changes):
+            self.changes[trainer.current_epoch - 1](pl_module)
+            trainer.strategy.setup_optimizers(trainer)
+
+
+def _prune_and_norm(pl_module) -> None:
+    torch.nn.utils.prune.l1_unstructured(pl_module.net.blocks[0].fc, "weight", amount=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.nn.utils.weight_norm(pl_module.net.blocks[1].fc)
+
+
+def test_pruning_and_weight_norm_applied_then_removed_keep_the_trajectory_silently():
+    """Applied at epoch 1 and removed at epoch 2: the weight moves between its names (``weight_orig``,
+    ``weight_g``/``weight_v``, ``weight``) with its values: one trajectory, no warning."""
+    monitor, snaps, said = fit([AtEpochs(_prune_and_norm, _unprune_and_unnorm)])
+    assert said == []
+    got = logged(monitor)
+    assert sorted(got) == list(range(12))
+    for step in range(12):
+        assert got[step] == numpy_r90([snaps.rows[s] for s in range(-1, step + 1)]), step
+
+
+def test_a_not_logged_r90_read_by_model_checkpoint_says_its_own_error(tmp_path):
+    """Weights frozen from fit start, so r90 is never logged: the warning names ``ModelCheckpoint(monitor=...)``'s
+    own error (a MisconfigurationException "could not find the monitored key" once validation ran, as the fit
+    shows), not EarlyStopping's "not available", and a fix that holds for a key never logged (no "save first after
+    that step")."""
+    torch.manual_seed(0)
+    task = AdamTask(BlockNet(depth=2), lr=0.05)
+    task.net.blocks.requires_grad_(False)
+    monitor = follow_blocks()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor=R90)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(
+        MisconfigurationException, match="could not find the monitored key"
+    ):
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=8, limit_train_batches=4, limit_val_batches=2, enable_checkpointing=True,
+                      callbacks=[monitor, checkpoint]).fit(task, ToyData(batch_size=8, n=32))
+    said = [str(w.message) for w in caught if f"{R90} is not logged" in str(w.message)]
+    assert len(said) == 1
+    assert f"ModelCheckpoint(monitor='{R90}') reads it" in said[0]
+    assert "MisconfigurationException" in said[0] and "could not find the monitored key" in said[0]
+    assert "not available" not in said[0] and "after that step" not in said[0] and "monitor another key" in said[0]
+    # the crashed fit's teardown dropped the weak references to the model, which no pickle holds (ddp_spawn)
+    pickle.dumps({k: v for k, v in vars(monitor).items() if k not in ("log", "log_dict")})
+
+
+def _modules_held(value, seen: set[int]) -> list[torch.nn.Module | torch.nn.Parameter]:
+    """The modules and parameters held by ``value``, through dicts, lists, tuples and sets (not weak references)."""
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, (torch.nn.Module, torch.nn.Parameter)):
+        return [value]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _modules_held(v, seen)]
+    if isinstance(value, (list, tuple, set)):
+        return [x for v in value for x in _modules_held(v, seen)]
+    return []
+
+
+class ReplaceBlock1(Callback):
+    """Replaces block 1 by a new one at epoch 1 and records whether the old ``fc`` is still alive at the next batch
+    (after a ``gc.collect``)."""
+
+    def __init__(self) -> None:
+        self.old = None
+        self.alive_at_next_batch = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.old = weakref.ref(pl_module.net.blocks[1].fc)
+            pl_module.net.blocks[1] = Block(16)
+            trainer.strategy.setup_optimizers(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.old is not None and self.alive_at_next_batch is None:
+            gc.collect()
+            self.alive_at_next_batch = self.old() is not None
+
+
+def test_the_callback_keeps_no_module_of_the_model_alive():
+    """The monitor holds none of the followed layers, neither a replaced one until its next snapshot nor the
+    model's after the fit (a copy or pickle of the callback copied them; Lightning's own ``callback.log``, a
+    bound method of the model, is not the monitor's)."""
+    replace = ReplaceBlock1()
+    monitor, _, said = fit([replace], steps=6)
+    assert len(said) == 1 and replace.alive_at_next_batch is False
+    state = {k: v for k, v in vars(monitor).items() if k not in ("log", "log_dict")}
+    assert [type(x).__name__ for x in _modules_held(state, set())] == []
+    assert isinstance(pickle.loads(pickle.dumps(state)), dict)  # a ddp_spawn fit pickles its callbacks

@@ -35,6 +35,7 @@ variance of the trajectory of the chosen weights (Xu 2026, arXiv 2602.10496).
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import (
     MEASURED, ActivationMonitor, Partials, check_int, check_number, current_tap_key, largest_accumulation,
-    metric_readers, training_step_index, unmonitored_strategy,
+    MetricReader, metric_readers, training_step_index, unmonitored_strategy,
 )
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import (
@@ -160,6 +161,44 @@ def _whole(weight: torch.Tensor) -> torch.Tensor:
     return weight if full_tensor is None else full_tensor()
 
 
+def _weight_sources(module: torch.nn.Module, attribute: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters behind ``module``'s weight ``attribute``, by their names in it: the weight itself, a pruned
+    one's ``<attribute>_orig`` (the same object), a parametrization's ``original*``, the hook-based ``weight_norm``'s
+    ``<attribute>_g``/``_v`` or ``spectral_norm``'s ``<attribute>_orig``. Their objects tell a weight carried over to
+    a new module (a QAT or ``SyncBatchNorm`` swap) from a re-created one (:meth:`DimensionalCollapse._replaced`)."""
+    if parametrize.is_parametrized(module, attribute):
+        return {f"parametrizations.{attribute}.{name}": p
+                for name, p in module.parametrizations[attribute].named_parameters(recurse=False)}
+    names = [attribute]
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == attribute:
+            names = [f"{attribute}_orig"]
+        elif isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == attribute:
+            names = [f"{attribute}_g", f"{attribute}_v"] if isinstance(hook, WeightNorm) else [f"{attribute}_orig"]
+    return {name: module._parameters[name] for name in names if module._parameters.get(name) is not None}
+
+
+def _held_weakly(
+    sources: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]]
+) -> list[tuple[weakref.ref, dict[str, weakref.ref]]]:
+    """``sources`` (:meth:`DimensionalCollapse._followed`) by weak references: the callback keeps no replaced layer
+    alive, and a copy of it copies none of the model's modules (no pickle holds one: dropped at fit end)."""
+    return [(weakref.ref(module), {name: weakref.ref(p) for name, p in params.items()}) for module, params in sources]
+
+
+def _missing_key_read(reader: MetricReader) -> str:
+    """What a strict ``reader`` (:func:`metric_readers`) does on reading a key not logged, in Lightning's words, and
+    a fix that also holds for a key never logged (weights frozen for the whole fit: no saving schedule helps)."""
+    if reader.name.startswith("ModelCheckpoint("):
+        return ("its first save once a validation loop has run ends the fit with MisconfigurationException "
+                "\"... could not find the monitored key\"; monitor another key")
+    if reader.name.startswith("EarlyStopping("):
+        return ("its first check ends the fit with RuntimeError \"Early stopping conditioned on metric ... which is "
+                f"not available\"; {reader.late_fix} or monitor another key")
+    return ("its first scheduler step ends the fit with MisconfigurationException \"ReduceLROnPlateau conditioned on "
+            f"metric ... which is not available\"; {reader.late_fix} or monitor another key")
+
+
 def _shapes(weights: list[torch.Tensor] | None) -> list[torch.Size]:
     """The shapes of the followed weights ``weights`` (:meth:`DimensionalCollapse._chosen_weights`; empty when one
     is gone)."""
@@ -205,9 +244,10 @@ class DimensionalCollapse(ActivationMonitor):
             one masked, a parametrized one or one under the hook-based ``weight_norm``/``spectral_norm`` computed)
             and named so (``fc.weight``, not ``fc.weight_orig``); a glob matches every name of a shared (tied)
             parameter, which is followed once. A followed weight that leaves the model, changes shape (a head grown
-            for new classes) or whose module is replaced by a new one (a layer re-created with the same shape; not
-            pruning or a parametrization, which keep the module) mid-fit starts a new trajectory from that step,
-            with a warning; a resumed fit's new model continues its checkpoint's. ``[]`` switches it off. Under
+            for new classes) or is re-created (its module replaced by a new one that holds none of its parameters,
+            or ``fc.weight = nn.Parameter(...)``; not a QAT or ``SyncBatchNorm`` swap that keeps the weight, nor
+            pruning, a parametrization or ``weight_norm``) mid-fit starts a new trajectory from that step, with a
+            warning; a resumed fit's new model continues its checkpoint's. ``[]`` switches it off. Under
             Lightning's FSDP (FSDP1) and tensor parallelism the whole monitor stays idle; under FSDP2 each sharded
             weight is gathered whole at a snapshot (see ``docs/multi_gpu.md``).
         max_snapshots: snapshots kept; when full every other one is dropped and later ones are
@@ -342,8 +382,9 @@ class DimensionalCollapse(ActivationMonitor):
         self._row_choices: dict[tuple[int, torch.device], torch.Tensor] = {}  # this step's sampled row indices
         self._sketch_draws: torch.Tensor | None = None
         self._weight_shapes: list[torch.Size] = []  # the shapes of the followed weights in the held snapshots
-        # the modules that held the followed weights at the last snapshot (or fit start): see _trajectory_change
-        self._weight_owners: list[torch.nn.Module] = []
+        # the module of each followed weight and the parameters behind it at the last snapshot (or fit start), held
+        # weakly (_held_weakly): see _replaced
+        self._weight_sources: list[tuple[weakref.ref, dict[str, weakref.ref]]] = []
         self._frozen_copy_weights: list[torch.Tensor] = []  # the weights left out as frozen copies' (_select_params)
         # the model had uninitialized (lazy) weights at fit start: the weights are chosen once its forward made them
         self._choose_when_initialized = False
@@ -351,7 +392,7 @@ class DimensionalCollapse(ActivationMonitor):
         self._start_waits = False
         self._restart_unsaid = False
         self._uninitialized_left_out: list[str] = []  # the candidates _select_params left out as still lazy
-        # the readers of params/r90 that end the fit on a missing key, with their fixes (see unknown_extra)
+        # the readers of params/r90 that end the fit on a missing key, with what they do and the fix (unknown_extra)
         self._strict_r90_readers: list[tuple[str, str]] = []
         self._ranks: dict[int, torch.Tensor] = {}  # rank_statistics of each full-covariance tap, per logging step
         # r90 of the kept snapshots, computed when they change (a device tensor until read, then a float)
@@ -867,7 +908,7 @@ class DimensionalCollapse(ActivationMonitor):
         # the modules now: a resumed fit's model is new objects, which continue its checkpoint's trajectory by name
         followed = self._followed(pl_module, self.param_names)
         self._weight_shapes = _shapes(None if followed is None else followed[0])
-        self._weight_owners = [] if followed is None else followed[1]
+        self._weight_sources = [] if followed is None else _held_weakly(followed[1])
         self._start_waits, self._restart_unsaid = resuming, restarted
         if not resuming:
             self._start_trajectory(pl_module, start)
@@ -917,6 +958,13 @@ class DimensionalCollapse(ActivationMonitor):
         checkpoint saved after it holds the new trajectory, so no later resume would say it."""
         super().on_fit_end(trainer, pl_module)
         self._say_restart(training_step_index(trainer, pl_module))
+        self._weight_sources = []  # see on_exception
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Drop the weak references to the model's weights (:func:`_held_weakly`), as at fit end: no pickle can hold
+        them (a later ``ddp_spawn`` fit pickles its callbacks), and the next fit reads its own at its start."""
+        super().on_exception(trainer, pl_module, exception)
+        self._weight_sources = []
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """Choose the weights of a model with lazy modules once its first forward has made them, before the first
@@ -941,8 +989,8 @@ class DimensionalCollapse(ActivationMonitor):
                 "batch through the model in configure_model to include them)",
                 category=UserWarning,
             )
-        weights, self._weight_owners = self._followed(pl_module, self.param_names) or (None, [])
-        self._weight_shapes = _shapes(weights)
+        weights, sources = self._followed(pl_module, self.param_names) or (None, [])
+        self._weight_shapes, self._weight_sources = _shapes(weights), _held_weakly(sources)
         if self.param_names and weights is not None and before_step is not None:
             self._add_snapshot(before_step, self._snapshot(weights))
 
@@ -984,15 +1032,16 @@ class DimensionalCollapse(ActivationMonitor):
     @staticmethod
     def _followed(
         pl_module: torch.nn.Module, names: list[str]
-    ) -> tuple[list[torch.Tensor], list[torch.nn.Module]] | None:
+    ) -> tuple[list[torch.Tensor], list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]]] | None:
         """The weights ``names`` as the forward uses them, read from their modules
         (:func:`~lightning_act.capture.weights.forward_tensor`): ``torch.nn.utils.prune`` turns ``fc.weight`` into
         ``fc.weight_orig`` and a masked ``fc.weight``, a parametrization into a property (a name looked up in
-        ``named_parameters`` crashed the fit); and those modules, whose identity says whether the weights are still
-        the followed ones (:meth:`_trajectory_change`). None when one is gone from the model. Each module is looked
-        up by its name (:func:`module_at`, a few dictionary reads), not in a map of the whole model, built twice per
-        snapshot before round 26 (~0.7 ms each on a 12-block ViT)."""
-        weights, owners = [], []
+        ``named_parameters`` crashed the fit); and each one's module and the parameters behind it
+        (:func:`_weight_sources`), which say whether the weights are still the followed ones (:meth:`_replaced`).
+        None when one is gone from the model. Each module is looked up by its name (:func:`module_at`, a few
+        dictionary reads), not in a map of the whole model, built twice per snapshot before round 26 (~0.7 ms each
+        on a 12-block ViT)."""
+        weights, sources = [], []
         for name in names:
             path, _, attribute = name.rpartition(".")
             module = module_at(pl_module, path)
@@ -1000,17 +1049,41 @@ class DimensionalCollapse(ActivationMonitor):
             if weight is None:
                 return None
             weights.append(weight)
-            owners.append(module)
-        return weights, owners
+            sources.append((module, _weight_sources(module, attribute)))
+        return weights, sources
 
-    def _trajectory_change(self, shapes: list[torch.Size], owners: list[torch.nn.Module]) -> str | None:
+    @staticmethod
+    def _replaced(
+        name: str, now: tuple[torch.nn.Module, dict[str, torch.nn.Parameter]],
+        was: tuple[weakref.ref, dict[str, weakref.ref]],
+    ) -> str | None:
+        """How the followed weight ``name``, behind ``now`` (:meth:`_followed`) and ``was`` at the last snapshot
+        (:func:`_held_weakly`), was re-created, else None: its module replaced by one that holds none of its
+        parameters (a layer re-created; a QAT, ``SyncBatchNorm`` or other wrapper swap keeps the weight's object),
+        or its parameter replaced by a new one under the same name (``fc.weight = nn.Parameter(...)``). Pruning keeps
+        the object; a parametrization or ``weight_norm`` applied or removed re-registers the weight under other
+        names (their values are the weight's), which continues."""
+        module, params = now
+        was_module, was_params = was
+        if any(ref() is p for ref in was_params.values() for p in params.values()):
+            return None
+        if was_module() is not module:
+            return (f"the module of a weight of the trajectory was replaced by a new one of the same shape that holds "
+                    f"none of its parameters ({name}: a layer re-created mid-fit)")
+        if params.keys() == was_params.keys():
+            return (f"a weight of the trajectory was replaced by a new parameter of the same shape ({name}: "
+                    "re-initialised mid-fit)")
+        return None
+
+    def _trajectory_change(
+        self, shapes: list[torch.Size], sources: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]]
+    ) -> str | None:
         """Why the held snapshots no longer stack with one of the model now, whose followed weights have ``shapes``
-        (:func:`_shapes`) and are held by the modules ``owners`` (:meth:`_followed`), else None: a followed weight
-        left the model or changed shape (a head grown for new classes, a widened layer: the snapshots' lengths
-        differ, or, count-sketched, their positions mean other weights), or is held by another module than at the
-        last snapshot (a layer re-created with the same shape: the jump to its new weights is no training; pruning,
-        a parametrization or ``weight_norm`` keep the module), or a weight left out as a frozen copy's trains now (a
-        backbone that a ``BaseFinetuning`` callback unfreezes was no copy)."""
+        (:func:`_shapes`) and ``sources`` (:meth:`_followed`), else None: a followed weight left the model or
+        changed shape (a head grown for new classes, a widened layer: the snapshots' lengths differ, or,
+        count-sketched, their positions mean other weights), or was re-created with the same shape since the last
+        snapshot (:meth:`_replaced`: the jump to its new values is no training), or a weight left out as a frozen
+        copy's trains now (a backbone that a ``BaseFinetuning`` callback unfreezes was no copy)."""
         if not shapes:
             return "a weight of the trajectory left the model (a module replaced mid-fit)"
         if self._snapshots and len(shapes) == len(self._weight_shapes) and shapes != self._weight_shapes:
@@ -1018,12 +1091,11 @@ class DimensionalCollapse(ActivationMonitor):
                 (n, tuple(a), tuple(b)) for n, a, b in zip(self.param_names, self._weight_shapes, shapes) if a != b)
             return (f"a weight of the trajectory changed shape ({name}: {old} to {new}, a layer grown or widened "
                     "mid-fit)")
-        if self._snapshots and len(owners) == len(self._weight_owners):
-            replaced = next(
-                (n for n, now, was in zip(self.param_names, owners, self._weight_owners) if now is not was), None)
+        if self._snapshots and len(sources) == len(self._weight_sources):
+            replaced = next((how for n, now, was in zip(self.param_names, sources, self._weight_sources)
+                             if (how := self._replaced(n, now, was)) is not None), None)
             if replaced is not None:
-                return (f"the module of a weight of the trajectory was replaced by a new one of the same shape "
-                        f"({replaced}: a layer re-created mid-fit)")
+                return replaced
         if any(p.requires_grad for p in self._frozen_copy_weights):
             return ("a weight left out of the trajectory as a frozen copy's trains now (a backbone unfrozen by a "
                     "BaseFinetuning callback)")
@@ -1038,8 +1110,8 @@ class DimensionalCollapse(ActivationMonitor):
         if self._snapshot_seen % self._snapshot_stride == 0:
             pl_module = trainer.lightning_module
             # read once for the check and the snapshot
-            weights, owners = self._followed(pl_module, self.param_names) or (None, [])
-            change = self._trajectory_change(_shapes(weights), owners)
+            weights, sources = self._followed(pl_module, self.param_names) or (None, [])
+            change = self._trajectory_change(_shapes(weights), sources)
             if change is not None:
                 rank_zero_warn(
                     f"DimensionalCollapse: {change} at step {step}; params/r90 follows the weights chosen again "
@@ -1048,12 +1120,12 @@ class DimensionalCollapse(ActivationMonitor):
                 )
                 self._restart_trajectory()
                 self.param_names = self._select_params(pl_module)
-                weights, owners = self._followed(pl_module, self.param_names) or (None, [])
+                weights, sources = self._followed(pl_module, self.param_names) or (None, [])
+            self._weight_sources = _held_weakly(sources)
             if not self.param_names or weights is None:
                 return {}
             if not self._snapshots:
                 self._weight_shapes = _shapes(weights)
-            self._weight_owners = owners
             self._add_snapshot(step, self._snapshot(weights))
             self._r90 = self._trajectory_r90()
         else:
@@ -1067,18 +1139,15 @@ class DimensionalCollapse(ActivationMonitor):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         key = f"{self.prefix}/params/r90"
+        readers = metric_readers(trainer, largest_accumulation(trainer))
         self._strict_r90_readers = [
-            (reader.name, reader.late_fix) for reader in metric_readers(trainer, largest_accumulation(trainer))
-            if reader.strict and reader.key == key
-        ]
+            (reader.name, _missing_key_read(reader)) for reader in readers if reader.strict and reader.key == key]
 
     def unknown_extra(self, key: str, step: int) -> str:
         """Why r90 is not logged, naming the strict readers of a key never logged yet (a ``BackboneFinetuning``
-        backbone frozen at fit start): their first read ends the fit with Lightning's "not available" error."""
+        backbone frozen at fit start), whose first read ends the fit (:func:`_missing_key_read`)."""
         readers = "" if key in self.history else "".join(
-            f"; {name} reads it: a read before it is logged ends the fit with Lightning's \"not available\" error; "
-            f"{fix}" for name, fix in self._strict_r90_readers
-        )
+            f"; {name} reads it: {read}" for name, read in self._strict_r90_readers)
         return (
             f"is not logged from step {step}: the weights it follows ({len(self.param_names)} tensors) have not moved "
             "since fit start (frozen), or are not finite, so no share of their trajectory's variance is defined"
