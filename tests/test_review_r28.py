@@ -38,3 +38,39 @@ def test_a_triton_blocked_in_sys_modules_is_absent_not_broken(monkeypatch) -> No
         assert triton_import_problem() is None
     finally:
         triton_import_problem.cache_clear()
+
+
+def test_only_timms_attention_has_its_dropout_flag_set_for_the_passes() -> None:
+    # review R5: any module with a `fused_attn` attribute was put in training mode, whatever else its forward reads
+    # the flag for (a functional batch norm ran its training branch in the EigenScore passes)
+    import timm
+    from torch import nn
+
+    from lightning_act.callbacks.sensitive import _applies_child_dropout
+
+    class OwnAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fused_attn = True
+            self.attn_drop = nn.Dropout(0.3)
+
+    own = OwnAttention()
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                            attn_drop_rate=0.3, num_classes=2)
+    attention = vit.blocks[0].attn
+    active = {id(own.attn_drop), id(attention.attn_drop)}
+    assert _applies_child_dropout(attention, active)
+    assert not _applies_child_dropout(own, active)
+
+
+def test_every_rank_takes_rank_zeros_decision_on_the_passes(monkeypatch) -> None:
+    # review R5: a rank dropping its identical passes alone left the broadcasts of the passes unpaired (gloo aborted)
+    import lightning_act.callbacks.sensitive as sensitive
+
+    def rank_zero_said_yes(tensor: torch.Tensor, src: int) -> None:
+        assert src == 0
+        tensor.fill_(1.0)
+
+    monkeypatch.setattr(sensitive, "distributed_world_size", lambda: 2)
+    monkeypatch.setattr(sensitive.dist, "broadcast", rank_zero_said_yes)
+    assert sensitive.SensitiveNeurons._rank_zeros(False, torch.device("cpu")) is True

@@ -304,7 +304,11 @@ def _applies_child_dropout(module: nn.Module, active: set[int]) -> bool:
     attention family (``Attention``, ``EvaAttention``, ``WindowAttention`` ..., 24 classes in timm 1.0), told by its
     ``fused_attn`` switch, calls ``F.scaled_dot_product_attention(..., dropout_p=self.attn_drop.p if self.training
     else 0.)`` when fused, and ``attn_drop`` never runs. Their forwards read ``self.training`` for that alone."""
-    return hasattr(module, "fused_attn") and id(getattr(module, "attn_drop", None)) in active
+    return (
+        type(module).__module__.split(".")[0] == "timm"  # another class's forward may read the flag for more
+        and hasattr(module, "fused_attn")
+        and id(getattr(module, "attn_drop", None)) in active
+    )
 
 
 @contextlib.contextmanager
@@ -1219,10 +1223,11 @@ class SensitiveNeurons(FitScopedState):
                     with _stochastic_mode(pl_module, stochastic_modules) as (ran, completed):
                         passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
                     self._warn_dropout_not_run(pl_module, completed - ran)
-                    if not ran and all(
+                    inert = not ran and all(
                         name in p and torch.equal(p[name], embedding)
                         for p in passes for name, embedding in clean.items()
-                    ):
+                    )
+                    if self._rank_zeros(inert, device):  # rank 0's passes are the ones broadcast: its decision
                         self._warn_no_dropout_ran(pl_module, stochastic_modules)
                         passes = []
         finally:
@@ -1347,6 +1352,15 @@ class SensitiveNeurons(FitScopedState):
                 category=UserWarning,
             )
         return torch.cat(kept)
+
+    @staticmethod
+    def _rank_zeros(flag: bool, device: torch.device) -> bool:
+        """Rank 0's ``flag`` on every rank (a rank deciding alone left the broadcasts of the passes unpaired)."""
+        if distributed_world_size() <= 1:
+            return flag
+        held = torch.tensor([float(flag)], device=device)
+        dist.broadcast(held, src=0)
+        return bool(held.item())
 
     @staticmethod
     def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
