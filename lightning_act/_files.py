@@ -26,7 +26,8 @@ def written_whole(path: Path) -> Iterator[Path]:
     """A temporary path in ``path``'s folder to write ``path``'s content to, fsynced and renamed over ``path`` once the
     block ends: a kill or a full disk mid-write leaves no truncated file under its name (and the previous one intact).
     Whatever stops the block (Ctrl-C too) removes the temporary. A failed write that names no file (a full disk met by
-    ``write()``) is raised again naming ``path``, so that its one-line message can say where."""
+    ``write()``) or the temporary (a folder it cannot write) is raised again naming ``path``, so that its one-line
+    message can say where."""
     partial = path.with_name(temporary_name(path.name))
     try:
         yield partial
@@ -36,6 +37,7 @@ def written_whole(path: Path) -> Iterator[Path]:
     except BaseException as err:
         with contextlib.suppress(OSError):  # a read-only folder refuses the removal too
             partial.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
-            raise OSError(err.errno, err.strerror, str(path)) from err
+        named = getattr(err, "filename", None)
+        if isinstance(err, OSError) and err.errno is not None and (named is None or Path(named).name == partial.name):
+            raise OSError(err.errno, err.strerror, str(path)) from err  # the file's name, not the removed temporary's
         raise

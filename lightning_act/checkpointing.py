@@ -224,6 +224,7 @@ class LastCheckpoint(Checkpoint):
         self._change_unsaved = False  # one that no save since holds (the epoch end's)
         self._previous_handler: Any = None
         self._end_work_handlers: dict[int, Any] = {}  # the handlers the end-of-fit work's cut replaced
+        self._end_work_table: dict[int, Any] = {}  # Lightning's table of the handlers its teardown puts back
         self._end_work_cut_by: int | None = None  # the signal that cut the end-of-fit work
         self._last_saved_step = -1
         self._step_at_batch_start = -1
@@ -688,9 +689,14 @@ class LastCheckpoint(Checkpoint):
         # until that teardown)
         put_back = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", {})
         self._end_work_cut_by = None
+        self._end_work_table = put_back
+        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
         for signum in (signal.SIGTERM, signal.SIGINT) if self.on_interrupt else (signal.SIGTERM,):
             previous = put_back.get(signum)
-            self._end_work_handlers[signum] = previous if previous is not None else signal.getsignal(signum)
+            previous = previous if previous is not None else signal.getsignal(signum)
+            if previous is not defaults[signum]:  # the user's own handler runs there, as before
+                continue
+            self._end_work_handlers[signum] = previous
             signal.signal(signum, self._cut_end_of_fit_work)
             if signum in put_back:
                 put_back[signum] = self._cut_end_of_fit_work
@@ -701,8 +707,12 @@ class LastCheckpoint(Checkpoint):
         raise KeyboardInterrupt  # Lightning's interrupt: on_exception, then exit status 1
 
     def _restore_end_of_fit_handlers(self) -> None:
+        """The handlers the cut replaced, in the process and in Lightning's table of those its teardown puts back (an
+        exception before that teardown left the cut in the table: installed for good, it broke later fits' SIGTERM)."""
         for signum, handler in self._end_work_handlers.items():
             signal.signal(signum, handler)
+            if self._end_work_table.get(signum) == self._cut_end_of_fit_work:
+                self._end_work_table[signum] = handler
         self._end_work_handlers = {}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -715,14 +725,17 @@ class LastCheckpoint(Checkpoint):
             how = "stopped by SIGTERM" if self._end_work_cut_by == signal.SIGTERM else "interrupted"
             self._end_work_cut_by = None
             target = self.path(trainer)
-            if target.is_file() and self._last_saved_step == trainer.global_step:
+            if not (target.is_file() and self._last_saved_step == trainer.global_step):
+                rerun = "no checkpoint holds this step to run it again from"
+            elif _at_a_limit(trainer):
                 rerun = (f"resume with --ckpt_path {shlex.quote(str(target))} to write them (the fit is done: only "
                          "that work runs, into a new log version)")
-            else:
-                rerun = "no checkpoint holds this step to run it again from"
-            rank_zero_info(f"{how} during the end-of-fit work after the fit's last step ({trainer.global_step}): the "
-                           f"monitors' plots, emergence fits and monitors/skipped.json it had not written are missing; "
-                           f"{rerun}")
+            else:  # EarlyStopping or max_time ended it: the checkpoint does not hold that stop, a resume trains on
+                rerun = (f"a resume from {shlex.quote(str(target))} would train on (the fit stopped before its "
+                         "max_steps/max_epochs), so only a fit to that limit writes them")
+            rank_zero_info(f"{how} during the end-of-fit work after the fit's last step ({trainer.global_step}): what "
+                           f"the callbacks' on_fit_end had not written (the monitors' plots, emergence fits and "
+                           f"monitors/skipped.json) is missing; {rerun}")
 
 
 def _batches_done_in_epoch(checkpoint: dict[str, Any]) -> tuple[int, bool]:

@@ -214,6 +214,12 @@ class CompactWandbLogger(WandbLogger):
         super().finalize(status)
 
 
+def _local_path(path: str) -> Path:
+    """A local path as fsspec, which Lightning's writer goes through, reads it: without ``file://``, ``~`` expanded
+    (opened as given, ``save_dir="~/runs"`` failed at the first new column)."""
+    return Path(path.removeprefix("file://")).expanduser()
+
+
 class AtomicExperimentWriter(ExperimentWriter):
     """Lightning's CSV writer whose header rewrite (a new column) replaces ``metrics.csv`` whole: the rows and the new
     header go to a temporary file in the same folder, flushed and fsynced, renamed over ``metrics.csv``. A kill or a
@@ -223,14 +229,14 @@ class AtomicExperimentWriter(ExperimentWriter):
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
         if _is_local_file_protocol(self.metrics_file_path):  # what a kill in an earlier rewrite left here
-            for stale in Path(self.log_dir).glob(f".{self.NAME_METRICS_FILE}.*.tmp"):
+            for stale in _local_path(self.log_dir).glob(f".{self.NAME_METRICS_FILE}.*.tmp"):
                 stale.unlink(missing_ok=True)
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         if not _is_local_file_protocol(self.metrics_file_path):
             super()._rewrite_with_new_header(fieldnames)
             return
-        target = Path(self.metrics_file_path)
+        target = _local_path(self.metrics_file_path)
         with open(target, newline="") as file:
             reader = csv.DictReader(file)
             rows = list(reader)

@@ -142,8 +142,9 @@ def test_sigterm_in_the_end_of_fit_work_says_it_and_a_resume_writes_what_it_cut(
     last = tmp_path / "checkpoints" / "last.ckpt"
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if "end-of-fit work" in line]
     assert said == [
-        "stopped by SIGTERM during the end-of-fit work after the fit's last step (6): the monitors' plots, emergence "
-        "fits and monitors/skipped.json it had not written are missing; resume with --ckpt_path "
+        "stopped by SIGTERM during the end-of-fit work after the fit's last step (6): what the callbacks' on_fit_end "
+        "had not written (the monitors' plots, emergence fits and monitors/skipped.json) is missing; resume with "
+        "--ckpt_path "
         f"{last} to write them (the fit is done: only that work runs, into a new log version)"
     ]
     first = tmp_path / "csv" / "version_0"

@@ -74,3 +74,90 @@ def test_every_rank_takes_rank_zeros_decision_on_the_passes(monkeypatch) -> None
     monkeypatch.setattr(sensitive, "distributed_world_size", lambda: 2)
     monkeypatch.setattr(sensitive.dist, "broadcast", rank_zero_said_yes)
     assert sensitive.SensitiveNeurons._rank_zeros(False, torch.device("cpu")) is True
+
+
+def _fit_with_last_checkpoint(tmp_path, task, *callbacks) -> None:
+    from _toy import ToyData, quiet_trainer
+
+    from lightning_act.checkpointing import LastCheckpoint
+
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=True,
+                            callbacks=[LastCheckpoint(dirpath=str(tmp_path / "ck")), *callbacks])
+    trainer.fit(task, ToyData(batch_size=8, n=32))
+
+
+def test_a_fit_failing_after_training_leaves_sigterms_handler_as_it_was(tmp_path) -> None:
+    # review R4: an exception between LastCheckpoint's on_train_end and Lightning's teardown left the end-of-fit cut in
+    # the table Lightning's teardown puts back: installed for good, a later SIGTERM raised KeyboardInterrupt
+    import signal
+
+    import pytest
+    from _toy import BlockNet, ToyTask
+
+    class FailingAtTheEnd(ToyTask):
+        def on_train_end(self) -> None:
+            raise ValueError("user code failed at the end of training")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match="failed at the end"):
+        _fit_with_last_checkpoint(tmp_path, FailingAtTheEnd(BlockNet()))
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_users_own_sigterm_handler_runs_in_the_end_of_fit_work(tmp_path) -> None:
+    # review R4: the cut replaced whatever handler Lightning put back, the user's own too
+    import signal
+
+    import lightning.pytorch as pl
+    from _toy import BlockNet, ToyTask
+
+    def users_handler(signum, frame) -> None:  # noqa: ANN001 - a signal handler
+        pass
+
+    seen = []
+
+    class SeeHandler(pl.Callback):
+        def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    previous = signal.signal(signal.SIGTERM, users_handler)
+    try:
+        _fit_with_last_checkpoint(tmp_path, ToyTask(BlockNet()), SeeHandler())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [users_handler]
+
+
+def test_the_atomic_csv_logger_reads_a_save_dir_under_home_and_as_a_file_url(tmp_path, monkeypatch) -> None:
+    # review R4: the rewrite opened the path as given, while Lightning's writes go through fsspec: '~/runs' and
+    # 'file://...' failed at the first new column
+    import csv
+
+    from lightning_act.loggers import AtomicCSVLogger
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for save_dir in ("~/runs", f"file://{tmp_path}/url"):
+        logger = AtomicCSVLogger(save_dir=save_dir, name="csv")
+        logger.log_metrics({"a": 1.0}, step=0)
+        logger.save()
+        logger.log_metrics({"a": 2.0, "b": 3.0}, step=1)  # a new column: the header rewrite
+        logger.save()
+        folder = (tmp_path / "runs") if save_dir.startswith("~") else (tmp_path / "url")
+        with open(folder / "csv" / "version_0" / "metrics.csv", newline="") as stream:
+            rows = list(csv.DictReader(stream))
+        assert [(row["a"], row["b"]) for row in rows] == [("1.0", ""), ("2.0", "3.0")]
+
+
+def test_a_write_refused_in_its_folder_names_the_file_not_its_temporary(tmp_path) -> None:
+    # review R4: the line named written_whole's hidden temporary, removed by then
+    import errno
+
+    import pytest
+
+    from lightning_act._files import written_whole
+
+    target = tmp_path / "config.yaml"
+    with pytest.raises(OSError) as raised, written_whole(target) as partial:
+        raise PermissionError(errno.EACCES, "Permission denied", str(partial))
+    assert raised.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
