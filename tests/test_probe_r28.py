@@ -5,6 +5,7 @@ is compared bitwise with the same fit without it."""
 
 from __future__ import annotations
 
+import collections
 import random
 import warnings
 from collections.abc import Callable
@@ -235,3 +236,127 @@ def test_an_ordinary_models_probe_is_unchanged() -> None:
     with probing(None, model, torch.device("cpu")):
         pass
     assert model.names == ["conv", "norm", "head"] and model[0].padding == (1, 1)
+
+
+class PairCache(nn.Module):
+    """A rolling cache of ``(k, v)`` pairs in a list, as Hugging Face's legacy ``past_key_values``, read back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x + (sum(k.mean() * v.mean() for k, v in self.cache) if self.cache else 0.0)
+        self.cache.append((x.detach().mean(0), x.detach().std(0)))
+        del self.cache[:-2]
+        return out
+
+
+def test_a_cache_of_pairs_in_a_list_holds_its_items_again() -> None:
+    # Before: only a list whose own items were tensors was put back; the probe's pair stayed and the fit differed
+    bare, monitored = _assert_same_fit(PairCache, "sensitive")
+    assert len(bare.cache) == len(monitored.cache) == 2
+    assert all(torch.equal(a, b) for pair, other in zip(bare.cache, monitored.cache) for a, b in zip(pair, other))
+
+
+def test_nested_containers_get_their_items_and_values_back() -> None:
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.recent = collections.deque([torch.zeros(2)], maxlen=2)
+            self.table = collections.defaultdict(list, {"k": [torch.zeros(1)]})
+            self.layers = [[torch.zeros(3)], ({"v": torch.zeros(2)},)]
+            self.noise = [torch.Generator().manual_seed(3)]
+            self.calls = {"n": [0]}  # numbers only: a count of the forwards, left as the plain attributes are
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.recent.append(x.mean())
+            self.table["k"].append(x.mean())
+            self.table["new"].append(x.mean())
+            self.layers[0][0].add_(1)
+            self.layers[1][0]["v"].fill_(5)
+            self.calls["n"][0] += 1
+            return x + torch.randn(x.shape, generator=self.noise[0])
+
+    model = Nested()
+    recent, first, k_list, inner = list(model.recent), model.recent[0], model.table["k"], model.layers[0][0]
+    noise_state = model.noise[0].get_state()
+    with probing(None, model, torch.device("cpu")):
+        out = call_forward("test", default_forward, model, torch.zeros(4))
+    assert [id(t) for t in model.recent] == [id(t) for t in recent] and model.recent[0] is first
+    assert model.recent.maxlen == 2
+    assert model.table["k"] is k_list and len(k_list) == 1 and dict(model.table).keys() == {"k"}
+    assert torch.equal(inner, torch.zeros(3)) and model.layers[0][0] is inner
+    assert torch.equal(model.layers[1][0]["v"], torch.zeros(2))
+    assert torch.equal(model.noise[0].get_state(), noise_state)  # forked, and seeded as torch's generator: seed 0
+    assert torch.equal(out, torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    assert model.calls == {"n": [1]}
+
+
+def test_an_attribute_a_probe_forward_adds_is_removed() -> None:
+    class Lazy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = getattr(self, "h", None)
+            self.h = x.detach() if h is None else h + x.detach()
+            self.seen = getattr(self, "seen", 0) + 1  # a number: left, as the plain attributes are
+            return x
+
+    model = nn.Sequential(Lazy())
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    assert not hasattr(model[0], "h") and model[0].seen == 1
+    model[0].h = torch.zeros(2)  # made by training: a probe's rebinding is undone
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    assert torch.equal(model[0].h, torch.zeros(2))
+
+
+def test_a_name_holding_a_number_at_one_probe_and_a_tensor_at_the_next_is_put_back() -> None:
+    """Guard for the cached attribute names: each probe reads every value, and a name deleted and another added
+    between probes (same count) is seen."""
+
+    class Carry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.h = 0.0
+            self.other = 1
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.h = self.h + x.detach()
+            if hasattr(self, "g"):
+                self.g = self.g + 1
+            return x
+
+    model = Carry()
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    model.h = torch.zeros(2)  # training made it a tensor
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    assert torch.equal(model.h, torch.zeros(2))
+    del model.other
+    model.g = torch.zeros(1)  # as many attributes as before
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    assert torch.equal(model.g, torch.zeros(1))
+
+
+def test_a_large_tensor_attribute_aliasing_a_weight_put_back_is_not_said_to_keep_the_probes_write() -> None:
+    class TiedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(200, 100, max_norm=1.0)  # 80 KB: more than the probes copy
+            self.head_weight = self.embed.weight.detach()  # a tied head kept as a plain attribute
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.embed(ids) @ self.head_weight.T
+
+    torch.manual_seed(0)
+    model = TiedHead()
+    before = model.embed.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with probing(None, model, torch.device("cpu")):
+            model(torch.tensor([[1, 2, 3]]))
+    assert torch.equal(model.embed.weight, before) and torch.equal(model.head_weight, before)  # put back
+    assert not [w for w in said if "keeps what the probe wrote" in str(w.message)]

@@ -12,11 +12,12 @@ are put back, and those a forward writes in place, :func:`parameters_kept`). Buf
 put back bit for bit (:func:`buffers_kept`): eval mode leaves BatchNorm's alone, but not a quantization-aware model's
 observers and fake-quant scales (``torch.ao.quantization.prepare_qat``), which update at every forward, nor counters a
 model keeps; a large buffer is not copied, and one a probe wrote in place is said once per model by name. So are
-the modules' attributes holding tensors, lists or dicts of them, or ``None`` (carried state, ``self.h = out.detach()``;
-a KV cache in a list: :func:`attributes_kept`), and the generators the modules hold and Python's ``random`` are forked
-and seeded with torch's (:func:`random_sources_forked`); numpy's global state is not (its save costs ~0.2 ms). Lazy
-modules whose weights are still unmade (before the fit's first training forward) run on stand-in weights and stay unmade
-(:func:`lazy_modules_kept`).
+the modules' attributes holding tensors, containers of them (nested, within bounds) or ``None`` (carried state,
+``self.h = out.detach()``; a KV cache of ``(k, v)`` pairs in a list), and those a probe forward adds are removed
+(:func:`attributes_kept`; numbers, strings and flags are left as they are), and the generators the modules hold
+and Python's ``random`` are forked and seeded with torch's (:func:`random_sources_forked`); numpy's global state is
+not (its save costs ~0.2 ms). Lazy modules whose weights are still unmade (before the fit's first training forward)
+run on stand-in weights and stay unmade (:func:`lazy_modules_kept`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import contextvars
 import dataclasses
 import importlib
 import itertools
+import operator
 import random
 import warnings
 import weakref
@@ -652,84 +654,159 @@ def renormed_weights_kept(weights: list[nn.Parameter]) -> Iterator[None]:
 
 _MISSING = object()
 
+#: How deep and how many items a probe looks into a module attribute's containers (:func:`_held_in`): a list of
+#: ``(k, v)`` pairs (Hugging Face's legacy ``past_key_values``) is two levels, a dict of such lists three. A container
+#: further down, or the items of one after the first ``_NESTED_ITEMS``, are not looked into: tensors there written in
+#: place keep what the probe wrote (the containers reached still get their items back).
+_NESTED_DEPTH = 4
+_NESTED_ITEMS = 1024
+
+#: Attribute values that are plain (numbers, strings, flags, dtypes, devices): left as a probe leaves them, told by
+#: ``type()`` alone (an ``isinstance`` against ``torch.Generator`` runs Python code in torch 2.14, ~0.75 us a miss).
+_PLAIN_TYPES = frozenset({int, float, bool, complex, str, bytes, torch.dtype, torch.device, torch.layout})
+
+#: The containers a probe looks into and, where mutable, puts the items of back.
+_CONTAINER_TYPES = (list, tuple, dict, collections.deque)
+
+
+def _held_in(
+    value: list[Any] | tuple[Any, ...] | dict[Any, Any] | collections.deque[Any], where: tuple[Any, ...],
+    held: list[tuple[Any, tuple[Any, ...]]], generators: dict[int, torch.Generator],
+) -> None:
+    """The mutable containers and the tensors in ``value`` (itself included), at most ``_NESTED_DEPTH`` levels and
+    ``_NESTED_ITEMS`` items down, appended to ``held`` with their place (``where`` and their keys), and the
+    generators among them added to ``generators``."""
+    stack = [(value, where, 0)]
+    budget = _NESTED_ITEMS
+    while stack:
+        container, place, depth = stack.pop()
+        if not isinstance(container, tuple):
+            held.append((container, place))
+        for key, item in container.items() if isinstance(container, dict) else enumerate(container):
+            budget -= 1
+            if budget < 0:
+                return
+            kind = type(item)
+            if kind in _PLAIN_TYPES or item is None:
+                continue
+            if kind is torch.Generator:
+                generators[id(item)] = item
+            elif isinstance(item, torch.Tensor):
+                held.append((item, (*place, key)))
+            elif depth < _NESTED_DEPTH and isinstance(item, _CONTAINER_TYPES):
+                stack.append((item, (*place, key), depth + 1))
+
 
 @contextlib.contextmanager
-def attributes_kept(pl_module: nn.Module, attributes: list[tuple[str, nn.Module, str, Any]]) -> Iterator[None]:
-    """The modules' ``attributes`` holding a tensor, a list, tuple or dict, a generator or ``None``
+def attributes_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
+    """The modules' attributes holding a tensor, a list, tuple, dict or deque, a generator or ``None``
     (:class:`_ModelParts`) as they were before what runs inside: state a forward carries across batches outside the
-    buffers (TBPTT's ``self.h = out.detach()``, a KV cache kept in a list) that a probe forward left behind started
-    the next training step from the probe's inputs (before round 28). An attribute rebound gets its object back, a
-    list or dict of tensors changed in place its items, and a tensor among them written in place its values where it
-    is small (:data:`COPIED_BUFFER_BYTES`); a larger one keeps what the probe wrote, said once per model by name, as
-    :func:`buffers_kept` does for buffers."""
-    containers: list[tuple[list[Any] | dict[Any, Any], list[Any] | dict[Any, Any]]] = []
-    tensors: dict[int, tuple[torch.Tensor, int, torch.Tensor | None, tuple[str, str, Any]]] = {}
-    for module_name, _, name, value in attributes:
-        if isinstance(value, (list, dict)):
-            containers.append((value, value.copy()))
-        if isinstance(value, torch.Tensor):
-            items: Iterable[tuple[Any, Any]] = ((None, value),)
-        elif isinstance(value, dict):
-            items = value.items()
-        elif isinstance(value, (list, tuple)):
-            items = enumerate(value)
-        else:
-            continue
-        for key, item in items:
-            if (isinstance(item, torch.Tensor) and id(item) not in tensors and not item.is_inference()
-                    and not nn.parameter.is_lazy(item)):  # an inference tensor cannot be written outside inference
-                small = item.numel() * item.element_size() <= COPIED_BUFFER_BYTES
-                tensors[id(item)] = (item, item._version, item.detach().clone() if small else None,
-                                     (module_name, name, key))
+    buffers (TBPTT's ``self.h = out.detach()``, a KV cache of ``(k, v)`` pairs in a list) that a probe forward left
+    behind started the next training step from the probe's inputs (before round 28). An attribute rebound gets its
+    object back, one the forward added (``getattr(self, "h", None)``) is removed, a list, dict or deque holding
+    tensors (nested ones too, :data:`_NESTED_DEPTH`) changed in place its items, and a tensor among them written in
+    place its values where it is small (:data:`COPIED_BUFFER_BYTES`); a larger one keeps what the probe wrote, said
+    once per model by name, as :func:`buffers_kept` does for buffers, unless it shares a parameter's or buffer's
+    storage (a tied head's ``embed.weight.detach()``), which those keepers put back. Attributes holding numbers,
+    strings or flags, and those a forward adds holding them, are left as they are (a counter of the forwards)."""
+    containers: dict[int, tuple[Any, list[Any] | dict[Any, Any]]] = {}
+    tensors: dict[int, tuple[torch.Tensor, int, torch.Tensor | None, tuple[Any, ...]]] = {}
+    for value, where in parts.held:
+        if not isinstance(value, torch.Tensor):
+            if id(value) not in containers:
+                containers[id(value)] = (value, dict(value) if isinstance(value, dict) else list(value))
+        elif id(value) not in tensors and not value.is_inference() and not nn.parameter.is_lazy(value):
+            small = value.numel() * value.element_size() <= COPIED_BUFFER_BYTES  # inference ones: not writable here
+            tensors[id(value)] = (value, value._version, value.detach().clone() if small else None, where)
     try:
         yield
     finally:
-        for _, module, name, value in attributes:
+        for module, count, names in parts.names:
+            state = vars(module)
+            if len(state) != count:
+                for name in set(state).difference(_MODULE_INTERNALS, names):
+                    if type(state[name]) not in _PLAIN_TYPES:
+                        del state[name]
+        for _, module, name, value in parts.attributes:
             state = vars(module)
             if state.get(name, _MISSING) is not value:
                 state[name] = value
-        for container, items in containers:
+        for container, items in containers.values():
             if not _same_items(container, items) and _holds_tensors(container, items):
                 if isinstance(container, dict):
                     container.clear()
                     container.update(items)
+                elif isinstance(container, collections.deque):
+                    container.clear()
+                    container.extend(items)
                 else:
                     container[:] = items
-        with torch.no_grad():
-            for tensor, version, before, where in tensors.values():
-                if tensor._version == version:
-                    continue
-                if before is not None:
-                    if tensor.shape != before.shape:
-                        tensor.resize_(before.shape)
-                    tensor.copy_(before)
-                    continue
-                module_name, name, key = where
-                described = f"{module_name}.{name}".lstrip(".") + ("" if key is None else f"[{key!r}]")
-                said = _unrestored_warned.setdefault(pl_module, set())
-                if described not in said:
-                    said.add(described)
-                    rank_zero_warn(
-                        f"a probe pass of the monitors (eval mode, no_grad) wrote the tensor attribute {described!r} "
-                        f"in place; it is larger than the {COPIED_BUFFER_BYTES // 1024} KiB the probes copy, so it "
-                        "keeps what the probe wrote: write it in training mode only (`if self.training:`) to keep the "
-                        "probes off it",
-                        category=UserWarning,
-                    )
+        _tensor_attributes_put_back(pl_module, parts, tensors.values())
 
 
-def _holds_tensors(container: list[Any] | dict[Any, Any], items: list[Any] | dict[Any, Any]) -> bool:
-    """Whether ``container`` or ``items``, its copy from before, holds a tensor: a cache of them, put back; a list
-    of numbers (a counter the user keeps of the forwards, as of the plain attributes) is left as it is."""
-    return any(isinstance(item, torch.Tensor)
-               for values in (container, items) for item in (values.values() if isinstance(values, dict) else values))
+def _tensor_attributes_put_back(
+    pl_module: nn.Module, parts: _ModelParts,
+    tensors: Iterable[tuple[torch.Tensor, int, torch.Tensor | None, tuple[Any, ...]]],
+) -> None:
+    """The small tensor attributes written in place back to their values; a large one said once per model by name,
+    but one sharing a parameter's or buffer's storage (their keepers' business)."""
+    kept_elsewhere: set[int | None] | None = None
+    with torch.no_grad():
+        for tensor, version, before, where in tensors:
+            if tensor._version == version:
+                continue
+            if before is not None:
+                if tensor.shape != before.shape:
+                    tensor.resize_(before.shape)
+                tensor.copy_(before)
+                continue
+            if kept_elsewhere is None:  # read only here: a probe writing a large attribute is rare
+                kept_elsewhere = {
+                    _storage(t) for _, module in parts.modules
+                    for t in (*module._parameters.values(), *module._buffers.values())
+                    if t is not None and not nn.parameter.is_lazy(t)
+                }
+                kept_elsewhere.discard(None)
+            if _storage(tensor) in kept_elsewhere:
+                continue
+            module_name, name, *keys = where
+            described = f"{module_name}.{name}".lstrip(".") + "".join(f"[{key!r}]" for key in keys)
+            said = _unrestored_warned.setdefault(pl_module, set())
+            if described not in said:
+                said.add(described)
+                rank_zero_warn(
+                    f"a probe pass of the monitors (eval mode, no_grad) wrote the tensor attribute {described!r} "
+                    f"in place; it is larger than the {COPIED_BUFFER_BYTES // 1024} KiB the probes copy, so it "
+                    "keeps what the probe wrote: write it in training mode only (`if self.training:`) to keep the "
+                    "probes off it",
+                    category=UserWarning,
+                )
 
 
-def _same_items(container: list[Any] | dict[Any, Any], items: list[Any] | dict[Any, Any]) -> bool:
+def _holds_tensors(*containers: Any) -> bool:
+    """Whether any of ``containers`` (a container and its copy from before) holds a tensor, nested ones looked into
+    as :func:`_held_in` does: a cache of them, put back; a list of numbers (a counter the user keeps of the forwards,
+    as of the plain attributes) is left as it is."""
+    stack = [(container, 0) for container in containers]
+    budget = _NESTED_ITEMS
+    while stack:
+        container, depth = stack.pop()
+        for item in container.values() if isinstance(container, dict) else container:
+            budget -= 1
+            if budget < 0:
+                return False
+            if isinstance(item, torch.Tensor):
+                return True
+            if depth < _NESTED_DEPTH and isinstance(item, _CONTAINER_TYPES):
+                stack.append((item, depth + 1))
+    return False
+
+
+def _same_items(container: Any, items: list[Any] | dict[Any, Any]) -> bool:
     """Whether ``container`` holds the very objects of ``items``, its copy from before."""
     if isinstance(container, dict):
         return container.keys() == items.keys() and all(container[key] is item for key, item in items.items())
-    return len(container) == len(items) and all(now is item for now, item in zip(container, items))
+    return len(container) == len(items) and all(map(operator.is_, container, items))
 
 
 @contextlib.contextmanager
@@ -935,9 +1012,9 @@ def probing(
     """Eval mode, no_grad, the precision context and a forked RNG (torch's, Python's ``random`` and the generators
     the modules hold, :func:`random_sources_forked`), each forward inside seeded with its place in the
     pass (:func:`_seed_forward`); every train/eval flag, ``requires_grad`` and buffer restored, the modules' attributes
-    holding tensors, containers or ``None`` (:func:`attributes_kept`), and the plain attributes
-    of the modules whose ``train()`` is overridden (what eval mode may have changed), the weights of embeddings with
-    ``max_norm`` (:func:`renormed_weights_kept`) and the parameters a forward writes in place
+    holding tensors, containers or ``None``, those a forward adds removed (:func:`attributes_kept`), and the plain
+    attributes of the modules whose ``train()`` is overridden (what eval mode may have changed), the weights of
+    embeddings with ``max_norm`` (:func:`renormed_weights_kept`) and the parameters a forward writes in place
     (:func:`parameters_kept`); lazy modules not made yet are left unmade (:func:`lazy_modules_kept`). It gives the
     list of the lazy modules the forwards inside ran on stand-in weights, filled as it exits (a caller that drops what
     they measured says so itself, ``say_stand_ins=False``).
@@ -961,7 +1038,7 @@ def probing(
     try:
         torch.backends.mha.set_fastpath_enabled(False)
         with lazy_modules_kept(pl_module, parts.modules, say_stand_ins) as stand_ins_run, \
-                buffers_kept(parts.modules), attributes_kept(pl_module, parts.attributes), \
+                buffers_kept(parts.modules), attributes_kept(pl_module, parts), \
                 renormed_weights_kept(parts.renormed), parameters_kept(pl_module, parts), torch.no_grad(), \
                 torch.random.fork_rng(devices=devices), random_sources_forked(parts.generators), context:
             pl_module.eval()
@@ -1060,6 +1137,8 @@ class _ModelParts:
     guarded: list[nn.Parameter]  # parameters but the renormed weights: those a forward must not write
     fsdp2: list[nn.Module]
     attributes: list[tuple[str, nn.Module, str, Any]]  # (module name, module, name, value): attributes_kept's
+    held: list[tuple[Any, tuple[Any, ...]]]  # the tensors and mutable containers in them, with their places (_held_in)
+    names: list[tuple[nn.Module, int, tuple[str, ...]]]  # each module's attribute count and own names (_own_names_seen)
     generators: list[torch.Generator]  # those the modules hold as attributes: random_sources_forked's
 
     @classmethod
@@ -1068,6 +1147,8 @@ class _ModelParts:
         seen: set[int] = set()
         parameters = []
         attributes = []
+        held: list[tuple[Any, tuple[Any, ...]]] = []
+        names = []
         generators: dict[int, torch.Generator] = {}
         for module_name, module in modules:
             for p in module._parameters.values():
@@ -1075,17 +1156,33 @@ class _ModelParts:
                     seen.add(id(p))
                     parameters.append(p)
             state = vars(module)
-            for name in set(state).difference(_MODULE_INTERNALS):  # iterates the module's names, not these
+            count, last = len(state), next(reversed(state), "")
+            known = _own_names_seen.get(id(module))
+            if known is None or known[1] != count or known[2] != last or known[0]() is not module:
+                known = _own_names_rescanned(module, state)
+            names.append((module, count, known[3]))
+            for name in known[3]:  # every probe reads each value: a name holding a number may hold a tensor by now
                 value = state[name]
-                if value is None or isinstance(value, _KEPT_ATTRIBUTE_TYPES):
+                kind = type(value)
+                if kind in _PLAIN_TYPES:
+                    continue
+                if value is None or kind is torch.Generator:
                     attributes.append((module_name, module, name, value))
-                    if isinstance(value, torch.Generator):
+                    if value is not None:
                         generators[id(value)] = value
+                elif isinstance(value, torch.Tensor):
+                    attributes.append((module_name, module, name, value))
+                    held.append((value, (module_name, name)))
+                elif isinstance(value, _CONTAINER_TYPES):
+                    attributes.append((module_name, module, name, value))
+                    if not (kind is tuple and _PLAIN_TYPES.issuperset(map(type, value))):  # a conv's kernel_size
+                        _held_in(value, (module_name, name), held, generators)
         plain = [module for _, module in modules]
         renormed = _renormed_among(plain)
         guarded = [p for p in parameters if not any(p is weight for weight in renormed)]
         return cls(
-            modules, parameters, renormed, guarded, _fsdp2_modules(plain), attributes, list(generators.values())
+            modules, parameters, renormed, guarded, _fsdp2_modules(plain), attributes, held, names,
+            list(generators.values()),
         )
 
 
@@ -1093,8 +1190,29 @@ class _ModelParts:
 #: business, not state a forward carries.
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | frozenset(vars(pl.LightningModule()))
 
-#: The attribute values :func:`attributes_kept` puts back (with ``None``): state a forward may carry across batches.
-_KEPT_ATTRIBUTE_TYPES = (torch.Tensor, torch.Generator, list, tuple, dict)
+#: By module id: a weak reference to the module, its attribute count, last attribute name and own attribute names
+#: (not :data:`_MODULE_INTERNALS`) as of its last probe (:func:`_own_names_rescanned`; a plain dict: a
+#: ``WeakKeyDictionary`` lookup makes a weak reference each time, ~0.1 ms a probe on a ViT-S).
+_own_names_seen: dict[int, tuple[weakref.ref[nn.Module], int, str, tuple[str, ...]]] = {}
+
+
+def _own_names_rescanned(
+    module: nn.Module, state: dict[str, Any]
+) -> tuple[weakref.ref[nn.Module], int, str, tuple[str, ...]]:
+    """``module``'s entry of :data:`_own_names_seen` made anew from ``state``, its ``vars()``: read at each probe while
+    its attribute count and last name are the same (a name added changes the count, a name deleted and another added
+    the last name: an added one goes last); sorting every module's names out of the internals at every probe cost
+    ~0.4 ms on a ViT-S."""
+    key = id(module)
+
+    def gone(_: weakref.ref[nn.Module]) -> None:  # the module collected: its id may be another's next
+        _own_names_seen.pop(key, None)
+
+    seen = _own_names_seen[key] = (
+        weakref.ref(module, gone), len(state), next(reversed(state), ""),
+        tuple(set(state).difference(_MODULE_INTERNALS)),
+    )
+    return seen
 
 
 #: Inside :func:`probing`: the probed model's parts, read once for its forwards (:func:`_ended_forward_guarded`).
