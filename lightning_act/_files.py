@@ -38,6 +38,8 @@ def written_whole(path: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):  # a read-only folder refuses the removal too
             partial.unlink(missing_ok=True)
         named = getattr(err, "filename", None)
-        if isinstance(err, OSError) and err.errno is not None and (named is None or Path(named).name == partial.name):
+        if isinstance(err, OSError) and err.errno is not None and (
+            named is None or (isinstance(named, (str, os.PathLike)) and Path(named).name == partial.name)
+        ):
             raise OSError(err.errno, err.strerror, str(path)) from err  # the file's name, not the removed temporary's
         raise

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.logger import _add_prefix
@@ -215,9 +216,9 @@ class CompactWandbLogger(WandbLogger):
 
 
 def _local_path(path: str) -> Path:
-    """A local path as fsspec, which Lightning's writer goes through, reads it: without ``file://``, ``~`` expanded
-    (opened as given, ``save_dir="~/runs"`` failed at the first new column)."""
-    return Path(path.removeprefix("file://")).expanduser()
+    """A local path as fsspec, which Lightning's writer goes through, reads it: without ``file://`` or ``file:``, ``~``
+    expanded (opened as given, ``save_dir="~/runs"`` failed at the first new column)."""
+    return Path(LocalFileSystem._strip_protocol(path))
 
 
 class AtomicExperimentWriter(ExperimentWriter):

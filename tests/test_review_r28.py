@@ -161,3 +161,55 @@ def test_a_write_refused_in_its_folder_names_the_file_not_its_temporary(tmp_path
         raise PermissionError(errno.EACCES, "Permission denied", str(partial))
     assert raised.value.filename == str(target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lora_style_wrapper_keeping_the_weight_continues_the_trajectory() -> None:
+    # review R7: a wrapper exposing its base layer's weight as a property held "none of its parameters" (only
+    # _parameters was read): the trajectory restarted with a false message
+    from test_collapse_r28 import AtEpoch1, fit, logged, numpy_r90
+    from torch import nn
+
+    class Wrapped(nn.Module):  # like peft's LoraLayer: the base layer kept, its weight exposed
+        def __init__(self, base: nn.Module) -> None:
+            super().__init__()
+            self.base_layer = base
+
+        @property
+        def weight(self) -> torch.Tensor:
+            return self.base_layer.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base_layer(x)
+
+    def wrap(module: nn.Module) -> None:
+        module.net.blocks[1].fc = Wrapped(module.net.blocks[1].fc)
+
+    monitor, snapshots, said = fit([AtEpoch1(wrap)])
+    assert not said
+    assert logged(monitor) == {step: numpy_r90([snapshots.rows[k] for k in range(-1, step + 1)]) for step in range(12)}
+
+
+def test_the_atomic_csv_logger_reads_a_file_colon_save_dir(tmp_path) -> None:
+    # review R7: fsspec also strips 'file:' without '//'
+    from lightning_act.loggers import AtomicCSVLogger
+
+    logger = AtomicCSVLogger(save_dir=f"file:{tmp_path}", name="csv")
+    logger.log_metrics({"a": 1.0}, step=0)
+    logger.save()
+    logger.log_metrics({"a": 2.0, "b": 3.0}, step=1)
+    logger.save()
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines() == ["a,b,step", "1.0,,0",
+                                                                                        "2.0,3.0,1"]
+
+
+def test_an_os_error_naming_no_path_passes_through_a_whole_write(tmp_path) -> None:
+    # review R7: an OSError whose filename is a descriptor became a TypeError
+    import errno
+
+    import pytest
+
+    from lightning_act._files import written_whole
+
+    with pytest.raises(OSError) as raised, written_whole(tmp_path / "file.txt"):
+        raise OSError(errno.EBADF, "Bad file descriptor", 987654)
+    assert raised.value.errno == errno.EBADF

@@ -175,7 +175,12 @@ def _weight_sources(module: torch.nn.Module, attribute: str) -> dict[str, torch.
             names = [f"{attribute}_orig"]
         elif isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == attribute:
             names = [f"{attribute}_g", f"{attribute}_v"] if isinstance(hook, WeightNorm) else [f"{attribute}_orig"]
-    return {name: module._parameters[name] for name in names if module._parameters.get(name) is not None}
+    held = {name: module._parameters[name] for name in names if module._parameters.get(name) is not None}
+    if not held:  # a wrapper's weight property (a LoRA layer's ``weight``, its ``base_layer``'s): the object it gives
+        value = getattr(module, attribute, None)
+        if isinstance(value, torch.nn.Parameter):
+            held = {attribute: value}
+    return held
 
 
 def _held_weakly(
