@@ -54,12 +54,17 @@ def test_only_timms_attention_has_its_dropout_flag_set_for_the_passes() -> None:
             self.fused_attn = True
             self.attn_drop = nn.Dropout(0.3)
 
+    class KeepsTimmsForward(type(timm.create_model("vit_tiny_patch16_224", depth=1).blocks[0].attn)):
+        pass  # a user's subclass keeping timm's forward (R6): its flag is set too
+
     own = OwnAttention()
+    subclass = KeepsTimmsForward(24, num_heads=2, attn_drop=0.3)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
                             attn_drop_rate=0.3, num_classes=2)
     attention = vit.blocks[0].attn
-    active = {id(own.attn_drop), id(attention.attn_drop)}
+    active = {id(own.attn_drop), id(attention.attn_drop), id(subclass.attn_drop)}
     assert _applies_child_dropout(attention, active)
+    assert _applies_child_dropout(subclass, active)
     assert not _applies_child_dropout(own, active)
 
 

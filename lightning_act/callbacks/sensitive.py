@@ -305,7 +305,8 @@ def _applies_child_dropout(module: nn.Module, active: set[int]) -> bool:
     ``fused_attn`` switch, calls ``F.scaled_dot_product_attention(..., dropout_p=self.attn_drop.p if self.training
     else 0.)`` when fused, and ``attn_drop`` never runs. Their forwards read ``self.training`` for that alone."""
     return (
-        type(module).__module__.split(".")[0] == "timm"  # another class's forward may read the flag for more
+        # timm's forward (a subclass keeping it too): another class's forward may read the flag for more
+        getattr(type(module).forward, "__module__", "").split(".")[0] == "timm"
         and hasattr(module, "fused_attn")
         and id(getattr(module, "attn_drop", None)) in active
     )
