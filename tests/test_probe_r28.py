@@ -360,3 +360,122 @@ def test_a_large_tensor_attribute_aliasing_a_weight_put_back_is_not_said_to_keep
             model(torch.tensor([[1, 2, 3]]))
     assert torch.equal(model.embed.weight, before) and torch.equal(model.head_weight, before)  # put back
     assert not [w for w in said if "keeps what the probe wrote" in str(w.message)]
+
+
+def test_names_deleted_and_as_many_added_with_the_last_re_added_are_read_anew() -> None:
+    # Before: the cached names (same count, same last name) still held "a": the probe died with KeyError 'a'
+    class Carry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.zeros(2)
+            self.h = torch.zeros(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.h = self.h + x
+            if hasattr(self, "b"):
+                self.b = self.b + x
+            return x
+
+    model = Carry()
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    del model.a, model.h
+    model.b = torch.zeros(2)
+    model.h = torch.zeros(2)  # re-made last: as many names as before, the same last one
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    assert torch.equal(model.h, torch.zeros(2)) and torch.equal(model.b, torch.zeros(2))
+
+
+class NumberCarry(nn.Module):
+    """A state started at ``0.0`` and a warm-up counter of the forwards, both scaling the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = 0.0
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.h = 0.5 * self.h + 0.5 * x.detach().mean(0)
+        self.calls += 1
+        return x * min(self.calls, 4) / 4 + self.h
+
+
+def test_a_number_attribute_a_probe_rebinds_gets_its_object_back() -> None:
+    # Before: numbers were left as the probe left them: h a tensor of the probe's inputs, calls one more
+    model = NumberCarry()
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(3, 2))
+    assert model.h == 0.0 and type(model.h) is float and model.calls == 0
+
+
+def test_a_fit_with_a_number_state_and_a_counter_is_the_fit_without_the_monitor() -> None:
+    bare, monitored = _assert_same_fit(NumberCarry, "sensitive")
+    assert bare.calls == monitored.calls == 3 and torch.equal(bare.h, monitored.h)
+
+
+def test_a_large_container_of_numbers_is_not_copied_but_loses_a_tensor_a_probe_appends() -> None:
+    from lightning_act.callbacks.probe import _ModelParts
+
+    class History(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.losses = [float(i) for i in range(1000)]
+            self.vocab = {f"w{i}": i for i in range(1000)}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.losses.append(x.mean())
+            self.vocab["new"] = x.mean()
+            return x
+
+    model = History()
+    parts = _ModelParts.of(model)
+    assert not [entry for entry in parts.held if entry[0] is model.losses or entry[0] is model.vocab]  # not copied
+    with probing(None, model, torch.device("cpu")):
+        model(torch.ones(2))
+    assert model.losses == [float(i) for i in range(1000)] and model.vocab == {f"w{i}": i for i in range(1000)}
+
+
+def test_a_tensor_in_place_in_a_long_list_of_outputs_is_said_once_by_name() -> None:
+    # Lightning's documented training_step_outputs: 1000 tensors, not copied at each probe (~7.6 ms before)
+    class Outputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.step_outputs = [torch.zeros(2) for _ in range(1000)]
+            self.few = [torch.zeros(2) for _ in range(3)]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for t in (*self.step_outputs[:5], *self.few):
+                t.add_(1)
+            return x
+
+    model = Outputs()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with probing(None, model, torch.device("cpu")):
+            model(torch.ones(2))
+    kept = [str(w.message) for w in said if "keeps what the probe wrote" in str(w.message)]
+    assert len(kept) == 1 and "'step_outputs'" in kept[0] and "more than the 64 items" in kept[0]
+    assert all(torch.equal(t, torch.zeros(2)) for t in model.few)  # a short list: put back
+
+
+def test_records_past_the_walks_budget_are_put_back_and_the_cut_is_said() -> None:
+    # Before: the budget ran out on the outer list, "no tensors" was read, and the probe's record stayed
+    class Records(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records = [(step, torch.zeros(1)) for step in range(1100)]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.records.append((len(self.records), x.mean()))
+            return x
+
+    model = Records()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with probing(None, model, torch.device("cpu")):
+                model(torch.ones(2))
+    assert len(model.records) == 1100
+    cut = [str(w.message) for w in said if "looks into" in str(w.message)]
+    assert len(cut) == 1 and "'records'" in cut[0]

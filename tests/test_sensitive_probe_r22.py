@@ -170,13 +170,13 @@ class RoutedTokens(pl.LightningModule):
     def __init__(self, routed: int, first_pass: int = 0) -> None:
         super().__init__()
         self.mix, self.expert, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
-        self.routed, self.first_pass, self.eval_passes = routed, first_pass, 0
+        self.routed, self.first_pass, self.passes = routed, first_pass, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mix(x)
-        if not self.training:
-            self.eval_passes += 1
-        if self.training or self.eval_passes > self.first_pass:  # an expert unrouted in the first passes
+        # every forward counts: a probe's count is put back since round 28, training's moves it
+        self.passes += 1
+        if self.training or self.passes > self.first_pass:  # an expert unrouted in the first passes
             flat = h.reshape(-1, 4)
             routed = flat[: self.routed] + self.expert(flat[: self.routed])
             h = torch.cat([routed, flat[self.routed :]]).reshape(h.shape)

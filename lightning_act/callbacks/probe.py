@@ -14,7 +14,8 @@ observers and fake-quant scales (``torch.ao.quantization.prepare_qat``), which u
 model keeps; a large buffer is not copied, and one a probe wrote in place is said once per model by name. So are
 the modules' attributes holding tensors, containers of them (nested, within bounds) or ``None`` (carried state,
 ``self.h = out.detach()``; a KV cache of ``(k, v)`` pairs in a list), and those a probe forward adds are removed
-(:func:`attributes_kept`; numbers, strings and flags are left as they are), and the generators the modules hold
+(:func:`attributes_kept`; numbers, strings and flags a probe rebinds get their objects back, those it adds are
+left), and the generators the modules hold
 and Python's ``random`` are forked and seeded with torch's (:func:`random_sources_forked`); numpy's global state is
 not (its save costs ~0.2 ms). Lazy modules whose weights are still unmade (before the fit's first training forward)
 run on stand-in weights and stay unmade (:func:`lazy_modules_kept`).
@@ -657,11 +658,18 @@ _MISSING = object()
 #: How deep and how many items a probe looks into a module attribute's containers (:func:`_held_in`): a list of
 #: ``(k, v)`` pairs (Hugging Face's legacy ``past_key_values``) is two levels, a dict of such lists three. A container
 #: further down, or the items of one after the first ``_NESTED_ITEMS``, are not looked into: tensors there written in
-#: place keep what the probe wrote (the containers reached still get their items back).
+#: place keep what the probe wrote, said once per model by name (the containers reached still get their items back).
 _NESTED_DEPTH = 4
 _NESTED_ITEMS = 1024
 
-#: Attribute values that are plain (numbers, strings, flags, dtypes, devices): left as a probe leaves them, told by
+#: The most items of a container whose small tensors a probe copies (:func:`attributes_kept`): Lightning's documented
+#: ``training_step_outputs`` list of 1000 tensors cost ~7.6 ms a probe to copy; a tensor of a larger container
+#: written in place keeps what the probe wrote, said once per model by name. A container larger than this holding
+#: no tensor (a vocabulary, a loss history) is not copied either, only its length kept.
+_COPIED_ITEMS = 64
+
+#: Attribute values that are plain (numbers, strings, flags, dtypes, devices): the object each is bound to put back
+#: (a counter or a state started at ``0.0`` that a probe's forward rebinds), told by
 #: ``type()`` alone (an ``isinstance`` against ``torch.Generator`` runs Python code in torch 2.14, ~0.75 us a miss).
 _PLAIN_TYPES = frozenset({int, float, bool, complex, str, bytes, torch.dtype, torch.device, torch.layout})
 
@@ -671,30 +679,45 @@ _CONTAINER_TYPES = (list, tuple, dict, collections.deque)
 
 def _held_in(
     value: list[Any] | tuple[Any, ...] | dict[Any, Any] | collections.deque[Any], where: tuple[Any, ...],
-    held: list[tuple[Any, tuple[Any, ...]]], generators: dict[int, torch.Generator],
-) -> None:
+    held: list[tuple[Any, tuple[Any, ...], bool]], generators: dict[int, torch.Generator],
+) -> tuple[bool, bool]:
     """The mutable containers and the tensors in ``value`` (itself included), at most ``_NESTED_DEPTH`` levels and
-    ``_NESTED_ITEMS`` items down, appended to ``held`` with their place (``where`` and their keys), and the
-    generators among them added to ``generators``."""
+    ``_NESTED_ITEMS`` items down, appended to ``held`` with their place (``where`` and their keys) and, for a tensor,
+    whether its container is small enough to copy it (:data:`_COPIED_ITEMS`), and the generators among them added
+    to ``generators``. It gives whether it found anything but plain values (a tensor, a generator, a container) and
+    whether the budget ran out before the end."""
     stack = [(value, where, 0)]
     budget = _NESTED_ITEMS
+    found = cut = False
+    reached = {id(value)}
     while stack:
         container, place, depth = stack.pop()
         if not isinstance(container, tuple):
-            held.append((container, place))
+            held.append((container, place, False))
+        copied = len(container) <= _COPIED_ITEMS
         for key, item in container.items() if isinstance(container, dict) else enumerate(container):
             budget -= 1
             if budget < 0:
-                return
+                return found, True
             kind = type(item)
             if kind in _PLAIN_TYPES or item is None:
                 continue
             if kind is torch.Generator:
                 generators[id(item)] = item
+                found = True
             elif isinstance(item, torch.Tensor):
-                held.append((item, (*place, key)))
-            elif depth < _NESTED_DEPTH and isinstance(item, _CONTAINER_TYPES):
-                stack.append((item, (*place, key), depth + 1))
+                held.append((item, (*place, key), copied))
+                found = True
+            elif isinstance(item, _CONTAINER_TYPES):
+                found = True
+                if id(item) in reached:  # a cycle (a list holding itself) or one already walked
+                    continue
+                reached.add(id(item))
+                if depth < _NESTED_DEPTH:
+                    stack.append((item, (*place, key), depth + 1))
+                else:
+                    cut = True
+    return found, cut
 
 
 @contextlib.contextmanager
@@ -707,16 +730,19 @@ def attributes_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
     tensors (nested ones too, :data:`_NESTED_DEPTH`) changed in place its items, and a tensor among them written in
     place its values where it is small (:data:`COPIED_BUFFER_BYTES`); a larger one keeps what the probe wrote, said
     once per model by name, as :func:`buffers_kept` does for buffers, unless it shares a parameter's or buffer's
-    storage (a tied head's ``embed.weight.detach()``), which those keepers put back. Attributes holding numbers,
-    strings or flags, and those a forward adds holding them, are left as they are (a counter of the forwards)."""
+    storage (a tied head's ``embed.weight.detach()``), which those keepers put back; so does one in a container of
+    more than :data:`_COPIED_ITEMS` items. An attribute holding a number, string or flag that the forward rebinds
+    gets its object back; one a forward adds holding them, and containers of them, are left as they are (a count of
+    the forwards); a large one of them (:data:`_COPIED_ITEMS`) only loses the tensors a probe appends to it."""
     containers: dict[int, tuple[Any, list[Any] | dict[Any, Any]]] = {}
     tensors: dict[int, tuple[torch.Tensor, int, torch.Tensor | None, tuple[Any, ...]]] = {}
-    for value, where in parts.held:
+    for value, where, copied in parts.held:
         if not isinstance(value, torch.Tensor):
             if id(value) not in containers:
                 containers[id(value)] = (value, dict(value) if isinstance(value, dict) else list(value))
         elif id(value) not in tensors and not value.is_inference() and not nn.parameter.is_lazy(value):
-            small = value.numel() * value.element_size() <= COPIED_BUFFER_BYTES  # inference ones: not writable here
+            # inference ones: not writable here
+            small = copied and value.numel() * value.element_size() <= COPIED_BUFFER_BYTES
             tensors[id(value)] = (value, value._version, value.detach().clone() if small else None, where)
     try:
         yield
@@ -731,6 +757,9 @@ def attributes_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
             state = vars(module)
             if state.get(name, _MISSING) is not value:
                 state[name] = value
+        for state, name, value in parts.plain_values:
+            if state.get(name, _MISSING) is not value:
+                state[name] = value
         for container, items in containers.values():
             if not _same_items(container, items) and _holds_tensors(container, items):
                 if isinstance(container, dict):
@@ -741,6 +770,16 @@ def attributes_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
                     container.extend(items)
                 else:
                     container[:] = items
+        for container, length in parts.sized:
+            if len(container) > length:
+                added = list(itertools.islice(container, length, None))
+                if _holds_tensors(added if not isinstance(container, dict) else [container[key] for key in added]):
+                    if isinstance(container, dict):
+                        for key in added:
+                            del container[key]
+                    else:
+                        for _ in added:
+                            container.pop()
         _tensor_attributes_put_back(pl_module, parts, tensors.values())
 
 
@@ -770,23 +809,27 @@ def _tensor_attributes_put_back(
             if _storage(tensor) in kept_elsewhere:
                 continue
             module_name, name, *keys = where
-            described = f"{module_name}.{name}".lstrip(".") + "".join(f"[{key!r}]" for key in keys)
+            described = f"{module_name}.{name}".lstrip(".")
+            if tensor.numel() * tensor.element_size() > COPIED_BUFFER_BYTES:
+                described += "".join(f"[{key!r}]" for key in keys)
+                why = f"it is larger than the {COPIED_BUFFER_BYTES // 1024} KiB the probes copy"
+            else:  # said once for the attribute, not for each of its many tensors
+                why = f"its tensors are in a container of more than the {_COPIED_ITEMS} items the probes copy"
             said = _unrestored_warned.setdefault(pl_module, set())
             if described not in said:
                 said.add(described)
                 rank_zero_warn(
                     f"a probe pass of the monitors (eval mode, no_grad) wrote the tensor attribute {described!r} "
-                    f"in place; it is larger than the {COPIED_BUFFER_BYTES // 1024} KiB the probes copy, so it "
-                    "keeps what the probe wrote: write it in training mode only (`if self.training:`) to keep the "
-                    "probes off it",
+                    f"in place; {why}, so it keeps what the probe wrote: write it in training mode only "
+                    "(`if self.training:`) to keep the probes off it",
                     category=UserWarning,
                 )
 
 
 def _holds_tensors(*containers: Any) -> bool:
     """Whether any of ``containers`` (a container and its copy from before) holds a tensor, nested ones looked into
-    as :func:`_held_in` does: a cache of them, put back; a list of numbers (a counter the user keeps of the forwards,
-    as of the plain attributes) is left as it is."""
+    as :func:`_held_in` does: a cache of them, put back; a list of numbers (a counter the user keeps of the forwards)
+    is left as it is. One too large to look through is taken to hold some."""
     stack = [(container, 0) for container in containers]
     budget = _NESTED_ITEMS
     while stack:
@@ -794,7 +837,7 @@ def _holds_tensors(*containers: Any) -> bool:
         for item in container.values() if isinstance(container, dict) else container:
             budget -= 1
             if budget < 0:
-                return False
+                return True  # not known: put back, as the walk copied what it reached
             if isinstance(item, torch.Tensor):
                 return True
             if depth < _NESTED_DEPTH and isinstance(item, _CONTAINER_TYPES):
@@ -1137,7 +1180,9 @@ class _ModelParts:
     guarded: list[nn.Parameter]  # parameters but the renormed weights: those a forward must not write
     fsdp2: list[nn.Module]
     attributes: list[tuple[str, nn.Module, str, Any]]  # (module name, module, name, value): attributes_kept's
-    held: list[tuple[Any, tuple[Any, ...]]]  # the tensors and mutable containers in them, with their places (_held_in)
+    plain_values: list[tuple[dict[str, Any], str, Any]]  # (vars(module), name, value) of plain ones: attributes_kept's
+    held: list[tuple[Any, tuple[Any, ...], bool]]  # the tensors and mutable containers in them, places (_held_in)
+    sized: list[tuple[Any, int]]  # the large containers holding no tensor, with their lengths (attributes_kept)
     names: list[tuple[nn.Module, int, tuple[str, ...]]]  # each module's attribute count and own names (_own_names_seen)
     generators: list[torch.Generator]  # those the modules hold as attributes: random_sources_forked's
 
@@ -1147,9 +1192,12 @@ class _ModelParts:
         seen: set[int] = set()
         parameters = []
         attributes = []
-        held: list[tuple[Any, tuple[Any, ...]]] = []
+        held: list[tuple[Any, tuple[Any, ...], bool]] = []
+        sized: list[tuple[Any, int]] = []
+        plain_values: list[tuple[dict[str, Any], str, Any]] = []
         names = []
         generators: dict[int, torch.Generator] = {}
+        cut: dict[str, None] = {}
         for module_name, module in modules:
             for p in module._parameters.values():
                 if p is not None and id(p) not in seen:
@@ -1162,28 +1210,58 @@ class _ModelParts:
                 known = _own_names_rescanned(module, state)
             names.append((module, count, known[3]))
             for name in known[3]:  # every probe reads each value: a name holding a number may hold a tensor by now
-                value = state[name]
+                value = state.get(name, _MISSING)
+                if value is _MISSING:  # deleted, others added (the same count and last name): read the names anew
+                    _own_names_rescanned(module, state)
+                    return cls.of(pl_module)
                 kind = type(value)
                 if kind in _PLAIN_TYPES:
-                    continue
-                if value is None or kind is torch.Generator:
+                    plain_values.append((state, name, value))
+                elif value is None or kind is torch.Generator:
                     attributes.append((module_name, module, name, value))
                     if value is not None:
                         generators[id(value)] = value
                 elif isinstance(value, torch.Tensor):
                     attributes.append((module_name, module, name, value))
-                    held.append((value, (module_name, name)))
+                    held.append((value, (module_name, name), True))
                 elif isinstance(value, _CONTAINER_TYPES):
                     attributes.append((module_name, module, name, value))
-                    if not (kind is tuple and _PLAIN_TYPES.issuperset(map(type, value))):  # a conv's kernel_size
-                        _held_in(value, (module_name, name), held, generators)
+                    if kind is tuple and _PLAIN_TYPES.issuperset(map(type, value)):  # a conv's kernel_size
+                        continue
+                    first = len(held)
+                    found, walk_cut = _held_in(value, (module_name, name), held, generators)
+                    if walk_cut and found:
+                        cut[f"{module_name}.{name}".lstrip(".")] = None
+                    elif not found and len(value) > _COPIED_ITEMS:  # a vocabulary: its length is enough
+                        del held[first:]
+                        if kind is not tuple:
+                            sized.append((value, len(value)))
+        if cut:
+            _say_walk_cut(pl_module, list(cut))
         plain = [module for _, module in modules]
         renormed = _renormed_among(plain)
         guarded = [p for p in parameters if not any(p is weight for weight in renormed)]
         return cls(
-            modules, parameters, renormed, guarded, _fsdp2_modules(plain), attributes, held, names,
+            modules, parameters, renormed, guarded, _fsdp2_modules(plain), attributes, plain_values, held, sized,
+            names,
             list(generators.values()),
         )
+
+
+def _say_walk_cut(pl_module: nn.Module, described: list[str]) -> None:
+    """Said once per model and attribute: containers in it past the walk's reach (:data:`_NESTED_DEPTH`,
+    :data:`_NESTED_ITEMS`) are not copied, so a tensor there that a probe writes in place keeps what it wrote."""
+    said = _unrestored_warned.setdefault(pl_module, set())
+    for name in described:
+        if f"walk {name}" not in said:
+            said.add(f"walk {name}")
+            rank_zero_warn(
+                f"the module attribute {name!r} holds containers past the {_NESTED_ITEMS} items or "
+                f"{_NESTED_DEPTH} levels a probe pass of the monitors looks into: a tensor there that a probe writes "
+                "in place keeps what the probe wrote (a container the walk reached gets its items back); write it "
+                "in training mode only (`if self.training:`) to keep the probes off it",
+                category=UserWarning,
+            )
 
 
 #: The attributes every ``nn.Module`` and ``LightningModule`` has (their hooks, tables and flags): the module's own
@@ -1201,7 +1279,8 @@ def _own_names_rescanned(
 ) -> tuple[weakref.ref[nn.Module], int, str, tuple[str, ...]]:
     """``module``'s entry of :data:`_own_names_seen` made anew from ``state``, its ``vars()``: read at each probe while
     its attribute count and last name are the same (a name added changes the count, a name deleted and another added
-    the last name: an added one goes last); sorting every module's names out of the internals at every probe cost
+    the last name: an added one goes last) and each of its names is there (names deleted and as many added, the last
+    one re-added last, keep both: a name gone makes :meth:`_ModelParts.of` read them anew); sorting every module's names out of the internals at every probe cost
     ~0.4 ms on a ViT-S."""
     key = id(module)
 
