@@ -696,9 +696,10 @@ def test_a_tap_run_on_other_rows_from_pass_to_pass_is_left_out_with_one_warning(
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.hidden(x)
-            if not self.training:  # the tracking passes: each routes another number of rows to the expert
-                self.passes += 1
-            routed = h[: len(h) - self.passes % 2]  # all 16 rows at the first pass, 15 at the second
+            # every forward counts (a probe's count is put back since round 28, training's moves it): each
+            # checkpoint's tracking pass routes another number of rows to the expert
+            self.passes += 1
+            routed = h[: len(h) - self.passes % 2]  # 15 rows at the first checkpoint, all 16 at the second
             return self.head(torch.cat([self.expert(routed), h[len(routed):]]))
 
     monitor = SensitiveNeurons(modules=["expert", "head:input"], every_n_steps=1, num_samples=16, window=2,
