@@ -10,6 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems cannot sync a directory; the file itself was synced before the rename
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def temporary_name(name: str) -> str:
     """The name :func:`written_whole` writes ``name`` under first: hidden, random (two writers of one file each publish
     a whole one), ending in ``.tmp``."""
@@ -24,7 +38,7 @@ def is_temporary_of(path: Path, name: str) -> bool:
 @contextlib.contextmanager
 def written_whole(path: Path) -> Iterator[Path]:
     """A temporary path in ``path``'s folder to write ``path``'s content to, fsynced and renamed over ``path`` once the
-    block ends: a kill or a full disk mid-write leaves no truncated file under its name (and the previous one intact).
+    block ends (the rename fsynced too): a kill or a full disk mid-write leaves no truncated file under its name (and the previous one intact).
     Whatever stops the block (Ctrl-C too) removes the temporary. A failed write that names no file (a full disk met by
     ``write()``) or the temporary (a folder it cannot write) is raised again naming ``path``, so that its one-line
     message can say where."""
@@ -34,6 +48,7 @@ def written_whole(path: Path) -> Iterator[Path]:
         with open(partial, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(partial, path)
+        fsync_folder(path.parent)
     except BaseException as err:
         with contextlib.suppress(OSError):  # a read-only folder refuses the removal too
             partial.unlink(missing_ok=True)

@@ -46,6 +46,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_act._files import fsync_folder
 from lightning_act.errors import CheckpointMismatchError, ConfigError, DiskFullError, NotACheckpointError
 from lightning_act.lightning_classes import lightning_classes
 
@@ -106,7 +107,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     f"(any previous '{target.name}' is intact)"
                 ) from None
             raise
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
 
 
 def _nearest_existing(folder: Path) -> Path:
@@ -136,20 +137,6 @@ def _is_disk_full(err: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return isinstance(err, RuntimeError) and "No space left on device" in str(err)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:  # some filesystems cannot sync a directory; the file itself was synced before the rename
-        pass
-    finally:
-        os.close(descriptor)
 
 
 class LastCheckpoint(Checkpoint):

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lightning_act.checkpointing import _fsync_folder, _umask
+from lightning_act._files import is_temporary_of, written_whole
 from lightning_act.report.runlog import split_monitor_key
 
 #: The top-k entries of MassiveActivations (value and position of the j-th largest): table only.
@@ -231,7 +229,8 @@ class AtomicExperimentWriter(ExperimentWriter):
         super().__init__(log_dir)
         if _is_local_file_protocol(self.metrics_file_path):  # what a kill in an earlier rewrite left here
             for stale in _local_path(self.log_dir).glob(f".{self.NAME_METRICS_FILE}.*.tmp"):
-                stale.unlink(missing_ok=True)
+                if is_temporary_of(stale, self.NAME_METRICS_FILE):
+                    stale.unlink(missing_ok=True)
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         if not _is_local_file_protocol(self.metrics_file_path):
@@ -242,25 +241,16 @@ class AtomicExperimentWriter(ExperimentWriter):
             reader = csv.DictReader(file)
             rows = list(reader)
             header = list(reader.fieldnames or [])
-        temporary = None
         try:
-            handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            with os.fdopen(handle, "w", newline="") as file:
+            with written_whole(target) as partial, open(partial, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=fieldnames)
                 writer.writeheader()
                 writer.writerows(rows)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 -> what Lightning's open() gives
-            os.replace(temporary, target)
         except BaseException:
-            if temporary is not None:
-                Path(temporary).unlink(missing_ok=True)
             # the file keeps its header, and so does the writer: the next save rewrites again (Lightning had recorded
             # the new columns already, and its next append put rows of more columns under the old header)
             self.metrics_keys = header
             raise
-        _fsync_folder(target.parent)
 
 
 class AtomicCSVLogger(CSVLogger):

@@ -5,13 +5,13 @@ matplotlib is imported lazily (Agg backend), so nothing here slows down ``lightn
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 
+from lightning_act._files import written_whole
 from lightning_act.lightning_classes import lightning_classes
 
 if TYPE_CHECKING:
@@ -104,15 +104,8 @@ def save_png_whole(figure: Figure, path: Path, **savefig_kwargs: Any) -> None:
     """``figure.savefig(path)`` as a PNG written under a temporary name in the same folder and renamed: a kill mid-write
     leaves no truncated picture under its name (and the previous one, of a resumed run, intact). A failed write (a
     full disk) that names no file is raised again naming ``path``, so that its one-line message can say where."""
-    partial = path.with_name(f".{path.name}.tmp")
-    try:
+    with written_whole(path) as partial:
         figure.savefig(partial, format="png", **savefig_kwargs)
-        os.replace(partial, path)
-    except BaseException as err:
-        partial.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
 
 
 def log_figure(trainer: pl.Trainer, figure: Figure, name: str) -> Path | None:

@@ -19,7 +19,6 @@ from test_report import figure_for, write_csv
 from lightning_act import plots
 from lightning_act.errors import ConfigError
 from lightning_act.report import build_report, load_run
-from lightning_act.report import html as report_html
 from lightning_act.report.html import main
 
 
@@ -110,7 +109,7 @@ def test_two_reports_of_one_run_at_once_both_write_the_page(
             other_exit[0] = main([str(tmp_path)])
         real_replace(source, target)
 
-    monkeypatch.setattr(report_html.os, "replace", other_report_runs_in_between)
+    monkeypatch.setattr(os, "replace", other_report_runs_in_between)
     assert main([str(tmp_path)]) == 0 and other_exit == [0]
     assert capsys.readouterr().err == ""
     page = tmp_path / "report.html"
@@ -132,7 +131,7 @@ def test_a_ctrl_c_while_writing_the_report_leaves_the_previous_page_and_no_tempo
     def interrupted(source: Any, target: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report_html.os, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         main([str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["report.html"]

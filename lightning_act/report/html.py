@@ -12,12 +12,9 @@ What is drawn for each statistic is decided by :mod:`lightning_act.report.conten
 from __future__ import annotations
 
 import argparse
-import contextlib
 import html
 import json
 import math
-import os
-import secrets
 import shlex
 import sys
 from collections.abc import Sequence
@@ -25,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lightning_act._files import written_whole
 from lightning_act.errors import ConfigError, LightningActError
 from lightning_act.report.content import (
     INDEX_STAT, PerRun, format_count, plan_statistics, unknown_notes, unknown_words, with_unknown,
@@ -733,18 +731,11 @@ def write_report(runs: dict[str, RunLog], output: Path, min_r2: float = DEFAULT_
     destroys the previous one; a folder that cannot be written is one line. The temporary file is this writer's own
     (two reports of one run at once each publish a whole page) and is removed whatever stops the write (Ctrl-C too)."""
     page = render_html(runs, min_r2)
-    # a random name opened with "x" (created, never shared); unlike mkstemp's 0600 it gets a plain open()'s mode
-    partial = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "x", encoding="utf-8") as stream:
+        with written_whole(output) as partial, open(partial, "x", encoding="utf-8") as stream:
             stream.write(page)
-        os.replace(partial, output)
-    except BaseException as error:
-        with contextlib.suppress(OSError):  # a read-only folder refuses the removal too
-            partial.unlink(missing_ok=True)
-        if not isinstance(error, OSError):
-            raise
+    except OSError as error:
         raise ConfigError(
             f"cannot write the report to '{output}' ({error.strerror or error}); pass -o with a writable path"
         ) from None
