@@ -19,7 +19,8 @@ module's output.
 
 EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
-mode, and timm's fused attention by its own flag, which applies its ``attn_drop``; everything else in eval mode), and
+mode, and timm's fused attention and ``nn.MultiheadAttention`` with ``dropout > 0`` by their own flag, which applies
+their attention dropout; everything else in eval mode), and
 averaged. With no active dropout in the model the K
 passes are identical (so the deterministic pass is reused instead of rerun), Σ has rank ≤ 1, and the
 score sits near ``(K − 1)/K · log α``; where the model's dropout modules did not run in the passes, that is said, and
@@ -49,7 +50,7 @@ import functools
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -312,14 +313,22 @@ def _applies_child_dropout(module: nn.Module, active: set[int]) -> bool:
     )
 
 
+def _applies_own_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` applies a dropout of its own from its training flag, with no dropout module to put in
+    training mode: ``nn.MultiheadAttention`` (and its subclasses: ``nn.TransformerEncoderLayer``'s ``self_attn``, the
+    decoder layer's ``multihead_attn``) drops attention weights by ``dropout_p=self.dropout, training=self.training``;
+    its forward reads the flag for that alone (and for its fast path, off in the probes)."""
+    return isinstance(module, nn.MultiheadAttention) and float(module.dropout) > 0
+
+
 @contextlib.contextmanager
 def _stochastic_mode(model: nn.Module, stochastic: list[nn.Module]) -> Iterator[tuple[set[int], set[int]]]:
-    """The stochastic modules in training mode, and the modules applying an active child's dropout from their own
-    flag (:func:`_applies_child_dropout`), by that flag alone: their other children (a BatchNorm among q/k norms) stay
-    in eval mode. Gives the ids of the stochastic modules that ran (a fused ``attn_drop`` when its owner ran) and of
-    those whose parent's forward completed, filled by forward hooks removed on exit (:func:`~lightning_act.callbacks.
-    probe.probing` restores the flags). A TorchScript module's calls inside the script reach no hook: it counts as
-    run, never as completed."""
+    """The stochastic modules in training mode, those applying their own dropout (:func:`_applies_own_dropout`) and
+    those applying an active child's dropout from their own flag (:func:`_applies_child_dropout`) by that flag alone:
+    their other children (a BatchNorm among q/k norms, an attention's ``out_proj``) stay in eval mode. Gives the ids
+    of the stochastic modules that ran (a fused ``attn_drop`` when its owner ran) and of those whose parent's forward
+    completed, filled by forward hooks removed on exit (:func:`~lightning_act.callbacks.probe.probing` restores the
+    flags). A TorchScript module's calls inside the script reach no hook: it counts as run, never as completed."""
     active = {id(m) for m in stochastic}
     ran = {id(m) for m in stochastic if isinstance(m, torch.jit.ScriptModule)}
     completed: set[int] = set()
@@ -336,13 +345,29 @@ def _stochastic_mode(model: nn.Module, stochastic: list[nn.Module]) -> Iterator[
         if held:
             handles.append(module.register_forward_hook(lambda _m, _in, _out, held=held: completed.update(held)))
     for module in stochastic:
-        module.train()
+        if _applies_own_dropout(module):
+            module.training = True
+        else:
+            module.train()
         handles.append(module.register_forward_hook(lambda m, _in, _out: ran.add(id(m))))
     try:
         yield ran, completed
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _paused(drops: Iterable[FeatureDrop]) -> Iterator[None]:
+    """``drops`` off inside (:attr:`FeatureDrop.paused`)."""
+    drops = list(drops)
+    for drop in drops:
+        drop.paused = True
+    try:
+        yield
+    finally:
+        for drop in drops:
+            drop.paused = False
 
 
 def _drops_anything(module: nn.Module) -> bool:
@@ -442,6 +467,9 @@ class FeatureDrop(MonitorHook):
         self.axis_unknown = axis_unknown
         #: Told (original, zeroed, zeroing) of an input it replaced: the capture's dropout read-through follows.
         self.replaced = replaced
+        #: Set while the EigenScore/EES stochastic passes run: they put a tapped attention in training mode for its
+        #: dropout alone, and the tracking passes see all features.
+        self.paused = False
 
     def _zero(self, x: Any) -> Any:
         index = activation_index(x)  # the item the capture reads: (aux_loss, hidden)'s hidden, (x, mask)'s x
@@ -481,7 +509,7 @@ class FeatureDrop(MonitorHook):
             if not torch.compiler.is_compiling():  # a copy's first call compiled traces it to nothing
                 leave_module(module, self)
             return None
-        if not module.training:
+        if not module.training or self.paused:
             return None
         if args:
             index = activation_index(args)  # the argument the capture reads
@@ -502,7 +530,7 @@ class FeatureDrop(MonitorHook):
             if not torch.compiler.is_compiling():  # a copy's first call compiled traces it to nothing
                 leave_module(module, self)
             return None
-        if not module.training:
+        if not module.training or self.paused:
             return None
         return self._zero(output)
 
@@ -657,6 +685,7 @@ class SensitiveNeurons(FitScopedState):
         self._layouts: list[Layout] = []
         self._pending_step: int | None = None
         self._drop_handles: dict[str, Any] = {}
+        self._feature_drops: dict[str, FeatureDrop] = {}  # each tap's drop, whose handle _drop_handles holds
         self._features_warned: set[str] = set()
         self._drop_axis_warned: set[str] = set()  # taps whose drop found no feature axis (_warn_drop_axis_unknown)
         self._low_dim_warned: set[str] = set()
@@ -1166,10 +1195,13 @@ class SensitiveNeurons(FitScopedState):
         """Embeddings (N, D) of the deterministic pass and (N, D, K) of the stochastic passes, per tap.
 
         The stochastic passes put the dropout modules with ``p > 0`` (and timm's ``DropPath``/``DropBlock2d``) in
-        training mode, and a module that applies such a child's dropout from its own training flag, timm's attention
-        with ``fused_attn`` and an ``attn_drop`` (:func:`_applies_child_dropout`), by its own flag only: its forward
-        reads the flag for the dropout alone (before round 28 the fused attention's dropout never acted, and the K
-        passes were the deterministic one, silently). A dropout module that did not run though its parent's forward
+        training mode, and by its own flag only (its forward reads the flag for the dropout alone) a module that
+        applies such a child's dropout from that flag, timm's attention with ``fused_attn`` and an ``attn_drop``
+        (:func:`_applies_child_dropout`), or a dropout of its own, ``nn.MultiheadAttention`` with ``dropout > 0``
+        (:func:`_applies_own_dropout`; a transformer layer's ``self_attn``): before rounds 28 and 29 their dropout
+        never acted, and the K passes were the deterministic one, silently. PyTorch's transformer fast path is off in
+        the passes (:func:`~lightning_act.callbacks.probe.probing`), so an encoder layer runs its ``dropout1``/
+        ``dropout2`` modules and its attention's dropout. A dropout module that did not run though its parent's forward
         completed (another module applying it from its own flag) is named once; where no stochastic module ran and the
         passes equal the deterministic one, no passes are given, said once: EigenScore/EES are not logged there."""
         collected = self._collected
@@ -1215,13 +1247,17 @@ class SensitiveNeurons(FitScopedState):
                 else:
                     clean = one_pass()
                 passes: list[dict[str, torch.Tensor]] = []
-                stochastic_modules = [m for m in pl_module.modules() if _is_stochastic(m) and _drops_anything(m)]
+                stochastic_modules = [
+                    m for m in pl_module.modules()
+                    if (_is_stochastic(m) and _drops_anything(m)) or _applies_own_dropout(m)
+                ]
                 if self.eigenscore_passes >= 2 and not stochastic_modules:
                     # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
                     passes = [clean] * self.eigenscore_passes
                 elif self.eigenscore_passes >= 2:
                     first = (self.seed * 1_000_003 + self.checkpoints) * self.eigenscore_passes
-                    with _stochastic_mode(pl_module, stochastic_modules) as (ran, completed):
+                    with _stochastic_mode(pl_module, stochastic_modules) as (ran, completed), \
+                            _paused(self._feature_drops.values()):
                         passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
                     self._warn_dropout_not_run(pl_module, completed - ran)
                     inert = not ran and all(
@@ -1249,9 +1285,10 @@ class SensitiveNeurons(FitScopedState):
             f"SensitiveNeurons: the dropout module(s) {_some(names)} did not run in the EigenScore/EES stochastic "
             "passes though their parent's forward did: the parent likely applies their dropout from its own training "
             "flag (a fused attention: F.scaled_dot_product_attention(dropout_p=self.attn_drop.p if self.training "
-            "else 0.)), which stays in eval mode, so EigenScore/EES leave that dropout out (timm's attention with "
-            "fused_attn is handled; for another, make it run its dropout module, as timm.layers.set_fused_attn(False) "
-            "does for timm's)",
+            "else 0.)), which stays in eval mode, or computes them from their weights on a fast path of its own, so "
+            "EigenScore/EES leave that dropout out (timm's attention with fused_attn and nn.MultiheadAttention are "
+            "handled; for another, make it run its dropout module, as timm.layers.set_fused_attn(False) does for "
+            "timm's)",
             category=UserWarning,
         )
 
@@ -1262,10 +1299,11 @@ class SensitiveNeurons(FitScopedState):
         ids = {id(module) for module in stochastic}
         names = [name for name, module in pl_module.named_modules() if id(module) in ids]
         rank_zero_warn(
-            f"SensitiveNeurons: none of the model's dropout modules with p > 0 ({_some(names)}) ran in the "
-            "EigenScore/EES stochastic passes, which equal the deterministic pass: eigenscore and ees are not logged "
-            "at such checkpoints (the dropout lies after the tapped modules, or a parent applies it from its own "
-            "training flag, as a fused attention does; give the model a dropout module that runs before the taps)",
+            f"SensitiveNeurons: none of the model's dropout modules with p > 0 or attentions with dropout > 0 "
+            f"({_some(names)}) ran in the EigenScore/EES stochastic passes, which equal the deterministic pass: "
+            "eigenscore and ees are not logged at such checkpoints (the dropout lies after the tapped modules, or a "
+            "parent applies it from its own training flag, as a fused attention does; give the model a dropout "
+            "module that runs before the taps)",
             category=UserWarning,
         )
 
@@ -1536,9 +1574,9 @@ class SensitiveNeurons(FitScopedState):
                 tap.module, drop.before, pre=True, with_kwargs=True, prepend=True
             )
         else:
-            self._drop_handles[tap.name] = register_monitor_hook(
-                tap.module, FeatureDrop(indices, layout=layout, **axes).after, prepend=True
-            )
+            drop = FeatureDrop(indices, layout=layout, **axes)
+            self._drop_handles[tap.name] = register_monitor_hook(tap.module, drop.after, prepend=True)
+        self._feature_drops[tap.name] = drop
 
     def _warn_drop_axis_unknown(self, tap_name: str, shape: tuple[int, ...]) -> None:
         """Say once per tap that a training activation's feature axis is unknown, so its drop zeroed nothing."""
@@ -1553,6 +1591,7 @@ class SensitiveNeurons(FitScopedState):
         )
 
     def _remove_drop(self, name: str) -> None:
+        self._feature_drops.pop(name, None)
         handle = self._drop_handles.pop(name, None)
         if handle is not None:
             handle.remove()
