@@ -294,7 +294,9 @@ def validation_batches(
     trainer: pl.Trainer, owner: str, enough: Callable[[list[Any]], bool], loaders: list[Any] | None = None,
     instead: str = "",
 ) -> list[Any]:
-    """The first validation batches of this fit, until ``enough(batches)``; raises one line if there are none.
+    """The first validation batches of this fit, until ``enough(batches)``, from the first validation loader that
+    holds any (said once where that is not ``dataloader_idx=0``: before round 29 an empty first loader stopped the fit
+    though the others held data); raises one line if there are none.
 
     ``instead``: the rest of that line's fix, another way the owner takes its inputs. The batches come from the
     user's own ``val_dataloader`` (not Lightning's sharded copy), read under
@@ -311,21 +313,34 @@ def validation_batches(
         )
     batches: list[Any] = []
     with torch.random.fork_rng(devices=_rng_devices(trainer.strategy.root_device)):
-        loader = first_loader(source.dataloader())
-        if loaders is not None:
-            loaders.append(loader)
-        with own_iterator(loader), recording_indices(loader) as record:
-            for batch in loader:
-                batches.append(batch)
-                if enough(batches):
-                    break
-    if record is not None:
-        _indices_read[loader] = record[: len(batches)]
+        flattened = flattened_loaders(source.dataloader())
+        for index, loader in enumerate(flattened):
+            with own_iterator(loader), recording_indices(loader) as record:
+                for batch in loader:
+                    batches.append(batch)
+                    if enough(batches):
+                        break
+            if batches:
+                break
     if not batches:
+        which = f"every one of the {len(flattened)} validation dataloaders is" if len(flattened) > 1 else (
+            "the validation dataloader is"
+        )
         raise LightningActError(
-            f"{owner}: the validation dataloader is empty (a validation split of 0 examples?), so there is nothing to "
+            f"{owner}: {which} empty (a validation split of 0 examples?), so there is nothing to "
             f"probe; give the fit validation data{PROBE_ALTERNATIVES.get(owner, '')}"
         )
+    if index:
+        empty = "validation dataloader 0 is" if index == 1 else f"validation dataloaders 0 to {index - 1} are"
+        rank_zero_warn(
+            f"{owner}: {empty} empty, so it takes its batches from validation dataloader {index} "
+            f"(dataloader_idx={index}), the first that holds any",
+            category=UserWarning,
+        )
+    if loaders is not None:
+        loaders.append(loader)
+    if record is not None:
+        _indices_read[loader] = record[: len(batches)]
     return batches
 
 
@@ -505,15 +520,14 @@ def same_on_every_rank(batches: list[Any], device: torch.device) -> bool:
     return bool((everyone == everyone[0]).all())
 
 
-def first_loader(loaders: Any) -> Any:
-    """The loader Lightning numbers ``dataloader_idx=0`` among ``loaders`` (a loader, a list/tuple/dict of them, or a
-    ``CombinedLoader``, flattened as Lightning flattens them), so that a probe reads batches, not the dict's keys or
-    a ``CombinedLoader``'s ``(batch, batch_idx, dataloader_idx)`` triples; ``[]`` for an empty collection."""
+def flattened_loaders(loaders: Any) -> list[Any]:
+    """The loaders among ``loaders`` (a loader, a list/tuple/dict of them, or a ``CombinedLoader``) in the order
+    Lightning numbers them ``dataloader_idx``, so that a probe reads batches, not the dict's keys or a
+    ``CombinedLoader``'s ``(batch, batch_idx, dataloader_idx)`` triples; ``[]`` for an empty collection."""
     combined = loaders
     if not isinstance(loaders, lightning_classes("utilities.CombinedLoader")):
         combined = CombinedLoader(loaders)
-    flattened = combined.flattened
-    return flattened[0] if flattened else []
+    return list(combined.flattened)
 
 
 def to_device(batch: Any, device: torch.device, trainer: pl.Trainer | None = None) -> Any:
@@ -977,15 +991,21 @@ def parameters_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
     A model's first probes find out whether it writes them (:class:`_CopiedBeforeWrite`, copying those it writes before
     their first write); later probes of a model that does watch the same way, and those of a model whose first
     ``_QUIET_PROBES_TRUSTED`` probes wrote nothing just compare the version counters, keeping (said once) what a write
-    that begins later puts there. The weights an
+    that begins later puts there. Every probe binds a parameter that the forward bound to another tensor (``p.data =
+    ...``) back to its own first (:func:`_rebinds_put_back`). The weights an
     embedding with ``max_norm`` renormalises are left to :func:`renormed_weights_kept`. ``parts``: ``pl_module``'s
     (:class:`_ModelParts`)."""
     parameters = [p for p in parts.guarded  # an empty tensor's storage is at 0, shared with every other one
                   if not nn.parameter.is_lazy(p) and p.numel() > 0]
+    bound = [p.data for p in parameters]  # references, no copies
     if not _writes_parameters.get(pl_module, False) and _quiet_probes.get(pl_module, 0) >= _QUIET_PROBES_TRUSTED:
         versions = [p._version for p in parameters]
-        yield
-        written = [p for p, version in zip(parameters, versions, strict=True) if p._version != version]
+        try:
+            yield
+        finally:
+            rebound = _rebinds_put_back(parameters, bound)
+        written = [p for p, version in zip(parameters, versions, strict=True)
+                   if p._version != version and id(p) not in rebound]
         if written:
             _writes_parameters[pl_module] = True
             _warn_kept_writes(pl_module, written)
@@ -997,6 +1017,7 @@ def parameters_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
         with watch:
             yield
     finally:
+        rebound = _rebinds_put_back(parameters, bound)
         # once a writer, always watched: a probe right after a validation finds the weights already rescaled and
         # writes nothing, which made the next probe's write stay (before the fix)
         if watch.copies:
@@ -1005,10 +1026,23 @@ def parameters_kept(pl_module: nn.Module, parts: _ModelParts) -> Iterator[None]:
         else:
             _quiet_probes[pl_module] = _quiet_probes.get(pl_module, 0) + 1
         unseen = [p for p, version in zip(parameters, versions, strict=True)
-                  if p._version != version and id(p) not in watch.copies]
+                  if p._version != version and id(p) not in watch.copies and id(p) not in rebound]
         if unseen:  # written where no torch function is called (torch.ops.aten, numpy): kept, said once
             _writes_parameters[pl_module] = True
             _warn_kept_writes(pl_module, unseen)
+
+
+def _rebinds_put_back(parameters: list[nn.Parameter], bound: list[torch.Tensor]) -> set[int]:
+    """The ids of ``parameters`` bound to another tensor's memory than their ``bound`` one's (``p.data = p.data * m +
+    q.data * (1 - m)``, official MoCo's momentum update in ``forward``: it neither moves a version counter nor calls a
+    torch function on ``p``), each bound back to its own, which writes in place are then put back into. Before round
+    29 each probe forward took a momentum step that stayed. Addresses only (~0.5 us a parameter)."""
+    rebound = set()
+    for p, data in zip(parameters, bound, strict=True):
+        if p.data_ptr() != data.data_ptr():
+            p.data = data
+            rebound.add(id(p))
+    return rebound
 
 
 def _put_back(
