@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_act.callbacks.base import (
@@ -461,6 +462,13 @@ class MassiveActivations(ActivationMonitor):
             return
         loaders: list[Any] = []
         batches = validation_batches(trainer, "MassiveActivations", lambda b: len(b) >= self.probe_batches, loaders)
+        if len(batches) < self.probe_batches:  # the loader ran out: the probe's statistics are of fewer batches
+            rank_zero_warn(
+                f"MassiveActivations: the validation data holds {len(batches)} batch(es), fewer than probe_batches="
+                f"{self.probe_batches}; the probe and its statistics are of those {len(batches)} (pass probe_batches="
+                f"{len(batches)} to silence this)",
+                category=UserWarning,
+            )
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # each fit records its probe forwards afresh
         probe_data = [to_device(batch, pl_module.device, trainer) for batch in batches]
         self._probe_plan = self._plan_probe(pl_module, probe_data, loaders[0])

@@ -21,10 +21,10 @@ EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) a
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
 mode, and timm's fused attention and ``nn.MultiheadAttention`` with ``dropout > 0`` by their own flag, which applies
 their attention dropout; everything else in eval mode), and
-averaged. With no active dropout in the model the K
+averaged. With no active dropout in the model and a deterministic pass that drew no random numbers the K
 passes are identical (so the deterministic pass is reused instead of rerun), Σ has rank ≤ 1, and the
-score sits near ``(K − 1)/K · log α``; where the model's dropout modules did not run in the passes, that is said, and
-the scores are not logged if none did.
+score sits near ``(K − 1)/K · log α``; a forward drawing its own noise (a VAE's sampling) has its K passes run;
+where the model's dropout modules did not run in the passes, that is said, and the scores are not logged if none did.
 
 No perturbation: the passes run under ``torch.no_grad`` and ``torch.random.fork_rng`` (the
 dropout masks come from a seed that depends only on ``seed`` and the checkpoint index; each forward of the
@@ -370,6 +370,28 @@ def _paused(drops: Iterable[FeatureDrop]) -> Iterator[None]:
             drop.paused = False
 
 
+def _drew_random(device: torch.device) -> bool:
+    """Whether the probe forward just run drew from torch's global RNG after :func:`probing` seeded it (a VAE's
+    ``torch.randn_like``, an LDM's ``posterior.sample()``): the CPU generator is no longer in its seed's state, or the
+    model's CUDA device generator's offset moved from the 0 that seeding sets. Both are host-side reads, no sync."""
+    cpu = torch.default_generator
+    if not torch.equal(cpu.get_state(), torch.Generator().manual_seed(cpu.initial_seed()).get_state()):
+        return True
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index].get_offset() != 0
+
+
+def _flattened_tokens(inputs: torch.Tensor) -> int | None:
+    """The rows of a head run on the inputs' flattened ``B·T`` tokens, where the inputs have a token axis: ``(B, T)``
+    token ids or a ``(B, T, D)`` sequence. ``None`` for ``(B, D)`` features and images ``(B, C, H, W)``, whose axis 1
+    holds channels: before round 29 a window attention with as many windows per image as channels (a 4-band image's
+    4 windows) passed for a head on the tokens, and its windows were tracked as examples."""
+    sequence = inputs.dim() == 3 or (inputs.dim() == 2 and not inputs.is_floating_point())
+    return inputs.shape[0] * inputs.shape[1] if sequence else None
+
+
 def _drops_anything(module: nn.Module) -> bool:
     """Whether a stochastic module in training mode changes its input: ``p`` / ``drop_prob`` above 0 (timm
     models hold ``Dropout(p=0)`` modules, which are the identity in either mode); unknown kinds count as active."""
@@ -712,6 +734,9 @@ class SensitiveNeurons(FitScopedState):
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
+        #: Whether the last eagerly run deterministic pass drew random numbers (:func:`_drew_random`): a replayed graph
+        #: draws as its capture did.
+        self._clean_pass_draws = False
 
     @property
     def _source(self) -> str:
@@ -738,6 +763,7 @@ class SensitiveNeurons(FitScopedState):
             self, pl_module, self.modules, self.uses_default_modules, layout
         )
         self._graphed = GraphedPass("SensitiveNeurons")  # each fit tries a capture afresh
+        self._clean_pass_draws = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # and records its forwards afresh
         self._graph_this_fit = self.cuda_graph
         if self.cuda_graph and trainer is not None and not strategy_allows_graphs(trainer.strategy):
@@ -821,6 +847,14 @@ class SensitiveNeurons(FitScopedState):
         ]
         self._warn_mask_not_passed()
         self._batch_examples = examples or [num_examples(batch, self._input_axis) for batch in self._batches]
+        tracked = sum(self._batch_examples)
+        if self.tracking_inputs is None and tracked < self.num_samples:  # the validation data ran out
+            rank_zero_warn(
+                f"SensitiveNeurons: the validation data holds {tracked} example(s), fewer than num_samples="
+                f"{self.num_samples}; the tracking set and its statistics are of those {tracked} (pass num_samples="
+                f"{tracked} or tracking_inputs= to silence this)",
+                category=UserWarning,
+            )
         self._fit_fingerprint = _tracking_fingerprint(self._batches)
         if not _restores_after_fit_start(trainer):
             self._continue_run(device)
@@ -1203,7 +1237,9 @@ class SensitiveNeurons(FitScopedState):
         the passes (:func:`~lightning_act.callbacks.probe.probing`), so an encoder layer runs its ``dropout1``/
         ``dropout2`` modules and its attention's dropout. A dropout module that did not run though its parent's forward
         completed (another module applying it from its own flag) is named once; where no stochastic module ran and the
-        passes equal the deterministic one, no passes are given, said once: EigenScore/EES are not logged there."""
+        passes equal the deterministic one, no passes are given, said once: EigenScore/EES are not logged there. With
+        no stochastic module the passes are the deterministic one, reused, unless that drew random numbers
+        (:func:`_drew_random`: a VAE's ``torch.randn_like``); then they are run (before round 29 they were reused)."""
         collected = self._collected
         device = _module_device(pl_module)
 
@@ -1215,13 +1251,19 @@ class SensitiveNeurons(FitScopedState):
             # dropout after the last tap draws), and the clean pass of a model sampling in eval mode (a VAE) draws
             # the same at every checkpoint.
             seeds = contextlib.nullcontext() if seed is None else forward_seeds(itertools.count(seed * len(self._batches)))
+            # a graph's capture neither seeds nor lets the generators be read: the flag of its eager pass holds
+            watch_draws = seed is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+            draws = False
             with seeds:
                 for batch, self._running_mask in zip(self._batches, self._token_masks, strict=True):
                     forward = functools.partial(
                         call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch, self._source
                     )
                     self._cutoff.forward(forward)
+                    draws = draws or (watch_draws and _drew_random(device))
                     calls_after.append({i: len(calls) for i, calls in collected.items()})
+            if watch_draws:
+                self._clean_pass_draws = draws
             self._cutoff.pass_complete()
             for i, tap in enumerate(self.taps):
                 if i in collected:
@@ -1251,7 +1293,7 @@ class SensitiveNeurons(FitScopedState):
                     m for m in pl_module.modules()
                     if (_is_stochastic(m) and _drops_anything(m)) or _applies_own_dropout(m)
                 ]
-                if self.eigenscore_passes >= 2 and not stochastic_modules:
+                if self.eigenscore_passes >= 2 and not stochastic_modules and not self._clean_pass_draws:
                     # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
                     passes = [clean] * self.eigenscore_passes
                 elif self.eigenscore_passes >= 2:
@@ -1260,7 +1302,9 @@ class SensitiveNeurons(FitScopedState):
                             _paused(self._feature_drops.values()):
                         passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
                     self._warn_dropout_not_run(pl_module, completed - ran)
-                    inert = not ran and all(
+                    # passes differing by the forward's own draws (a VAE's sampling) are not those of an inert dropout;
+                    # with no dropout to blame, passes equal to the deterministic one are its K copies, as above
+                    inert = bool(stochastic_modules) and not ran and all(
                         name in p and torch.equal(p[name], embedding)
                         for p in passes for name, embedding in clean.items()
                     )
@@ -1323,16 +1367,17 @@ class SensitiveNeurons(FitScopedState):
 
     def _check_examples(self, name: str, rows_per_batch: list[list[int]]) -> None:
         """Each call of a tap gives one row per example of its tracking batch, or one per token of a head run on the
-        flattened ``B·T`` tokens. A module inside window attention (timm Swin's ``*.attn``: one row per window of
-        every image) gives several per example, and a mixture-of-experts expert (a Switch layer's) gets the tokens
-        routed to it, a count that is neither: their rows are not examples, and such a tap is left out, said once
-        (before round 22 an expert's rows were tracked as examples while its count held). (An expert given as many
+        flattened ``B·T`` tokens where the inputs have a token axis (:func:`_flattened_tokens`). A module inside window
+        attention (timm Swin's ``*.attn``: one row per window of every image) gives several per example, and a
+        mixture-of-experts expert (a Switch layer's) gets the tokens routed to it, a count that is neither: their rows
+        are not examples, and such a tap is left out, said once (before round 22 an expert's rows were tracked as
+        examples while its count held). (An expert given as many
         rows as the examples is not told apart here; its rows change from pass to pass: :meth:`_check_rows`.)"""
         for batch, examples, rows in zip(self._batches, self._batch_examples, rows_per_batch, strict=True):
             inputs = first_batch_tensor(batch)
             if inputs is None or inputs.dim() == 0 or examples == 0:
                 continue  # nothing tells the examples
-            tokens = inputs.shape[0] * inputs.shape[1] if inputs.dim() >= 2 else examples
+            tokens = _flattened_tokens(inputs)
             other = next((count for count in rows if count not in (examples, tokens)), None)
             if other is None:
                 continue
@@ -1342,8 +1387,8 @@ class SensitiveNeurons(FitScopedState):
                 fix = "tap a module whose first axis holds the examples, e.g. the block around the windows, or pass " \
                     "forward_fn= running each example once"
             else:
-                cause = f"neither one per example nor one per token of its {tokens}: a mixture-of-experts expert " \
-                    "gets the tokens routed to it"
+                per_token = "" if tokens is None else f" nor one per token of its {tokens}"
+                cause = f"neither one per example{per_token}: a mixture-of-experts expert gets the tokens routed to it"
                 fix = "tap a module every example passes through, e.g. the MoE block's output"
             self._leave_out(
                 name, f"SensitiveNeurons: {name} gives {other} rows for a tracking batch of {examples} examples "
