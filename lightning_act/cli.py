@@ -30,7 +30,7 @@ What the CLI adds to LightningCLI, so that every recipe (also a new one) gets it
 - LightningCLI's ``--optimizer`` and ``--lr_scheduler`` are refused in one line: every task builds its own
   optimizer groups and schedule (LightningCLI replaced them, silently, or with a traceback for STAN);
 - ``num_threads: N`` (or ``--num_threads N``) pins ``torch.set_num_threads`` so CPU results do
-  not depend on ``OMP_NUM_THREADS``;
+  not depend on ``OMP_NUM_THREADS``, for that command only (:func:`main` puts the previous count back);
 - with stdout not a terminal, progress is one plain line per epoch instead of a ``\\r`` bar;
 - user errors (bad YAML, unknown or misspelled keys and options, wrong types, a missing file, an
   unusable accelerator, an output path the run cannot use, a full disk, a wrong checkpoint) are printed as one
@@ -933,10 +933,12 @@ def _build_cli_class() -> type:
             return Path(folder).expanduser() / LAST_NAME
 
         def before_instantiate_classes(self) -> None:
+            global _threads_before_run
             threads = self.config[self.subcommand].get("num_threads") if self.subcommand else None
             if threads is not None:
                 if threads < 1:
                     raise ConfigError(f"num_threads = {threads}: expected a positive integer (or null to keep the default)")
+                _threads_before_run = torch.get_num_threads()
                 torch.set_num_threads(threads)
 
         def instantiate_classes(self) -> None:
@@ -1368,7 +1370,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif _subcommand_started:  # possibly met by this rank alone (a file of its data shard): never silent
             print(f"lightning_act: error (rank {rank}): {_worker_message(user_error)}", file=sys.stderr)
         return 2
+    finally:
+        _restore_num_threads()
     return 0
+
+
+def _restore_num_threads() -> None:
+    """Put back the thread count a ``--num_threads`` run replaced: it is for that run only, and main may run several
+    commands in one process (the user's own code after it, too)."""
+    global _threads_before_run
+    if _threads_before_run is not None:
+        import torch
+
+        torch.set_num_threads(_threads_before_run)
+        _threads_before_run = None
 
 
 def _worker_message(err: LightningActError) -> str:
@@ -1490,6 +1505,9 @@ def _log_dir(trainer: Any) -> Path:
 #: the config, building the Trainer) is the same on every rank and printed by rank 0 alone; one met while running may
 #: be a single rank's, which then prints it tagged with its rank.
 _subcommand_started = False
+
+#: ``torch.get_num_threads()`` before a ``--num_threads`` run set its own, put back when :func:`main` returns.
+_threads_before_run: int | None = None
 
 
 def _this_rank() -> int:

@@ -1,6 +1,8 @@
 """Pictures a person would rather look at than CSV columns, saved as PNG and sent to W&B, TensorBoard and MLflow.
 
-matplotlib is imported lazily (Agg backend), so nothing here slows down ``lightning_act --help``.
+matplotlib is imported lazily, so nothing here slows down ``lightning_act --help``. The figures are
+``matplotlib.figure.Figure`` objects made without pyplot: saving one as PNG needs no backend, so the user's (a
+notebook's inline one, an interactive window) is left alone.
 """
 
 from __future__ import annotations
@@ -55,9 +57,7 @@ def writes_run_files(trainer: pl.Trainer) -> bool:
 
 
 def new_figure(width: float, height: float) -> Figure:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    """A figure made without pyplot, so that drawing it leaves the process's matplotlib backend as the user set it."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")

@@ -714,6 +714,9 @@ class MetricReader:
     acts_after: str  # what it does after ``patience`` checks without improvement
     repeats_fix: Callable[[int], str]  # what to pass, given the monitor's every_n_steps, to read each value once
     late_fix: str  # what to do for a key that appears only after a few due steps
+    #: Seconds of wall-clock time between two reads (a time-based ``val_check_interval``): the steps between them are
+    #: unknown, so ``between`` is None and a repeat can only be said to be possible.
+    every_seconds: float | None = None
 
 
 def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
@@ -727,7 +730,12 @@ def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
         key = str(getattr(callback, "monitor", None))
         if isinstance(callback, lightning_classes("callbacks.EarlyStopping")):
             validation = trainer.val_check_batch
-            if callback._check_on_train_epoch_end or validation is None:
+            # Lightning >= 2.6 validates every so many seconds for a timedelta, dict or "DD:HH:MM:SS" interval, and
+            # then sets val_check_batch to None, which otherwise means validation once an epoch
+            seconds = None if callback._check_on_train_epoch_end else getattr(trainer, "_val_check_time_interval", None)
+            if seconds is not None:
+                between = None
+            elif callback._check_on_train_epoch_end or validation is None:
                 between = steps_per_epoch
             elif trainer.check_val_every_n_epoch is None:  # every val_check_batch batches, across epochs
                 between = (validation / accumulate if steps_per_epoch is None else
@@ -739,8 +747,10 @@ def metric_readers(trainer: pl.Trainer, accumulate: int) -> list[MetricReader]:
             readers.append(MetricReader(
                 f"EarlyStopping(monitor='{key}')", key, between, callback.strict,
                 f"stop after patience={callback.patience}",
-                lambda every, between=between: f"every_n_steps <= {max(1, int(between))}",
-                "pass EarlyStopping(strict=False) to wait for it",
+                (lambda every, between=between: f"every_n_steps <= {max(1, int(between))}") if seconds is None else
+                (lambda every: f"val_check_interval in batches (at least every_n_steps x accumulation = "
+                               f"{every * accumulate}), EarlyStopping(check_on_train_epoch_end=True)"),
+                "pass EarlyStopping(strict=False) to wait for it", seconds,
             ))
         elif isinstance(callback, lightning_classes("callbacks.ModelCheckpoint")) and callback.save_top_k != 0:
             readers.append(MetricReader(  # it raises for a missing key only once a validation loop has run
@@ -889,6 +899,15 @@ class FitScopedState(Callback):
                     f"steps, but the statistic is measured every {every}: it counts the repeated values as no "
                     f"improvement and may {reader.acts_after} checks of one measurement; pass "
                     f"{reader.repeats_fix(every)} or a larger patience",
+                    category=UserWarning,
+                )
+            elif reader.every_seconds is not None and every > 1:
+                rank_zero_warn(
+                    f"{type(self).__name__}: {reader.name} checks at each validation, run every "
+                    f"{reader.every_seconds:g} s by a time-based val_check_interval, so the optimizer steps between two "
+                    f"checks are unknown, and the statistic is measured every {every}: if fewer steps lie between "
+                    f"two checks, it counts the repeated values as no improvement and may {reader.acts_after} checks "
+                    f"of one measurement; pass {reader.repeats_fix(every)} or a larger patience",
                     category=UserWarning,
                 )
             first = self.first_logged_step(reader.key)

@@ -361,7 +361,8 @@ def _to_float(cell: str) -> float:
 
 
 def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[str]]:
-    """Parse ``metrics.csv`` into per-column series, skipping what a crash can leave malformed.
+    """Parse ``metrics.csv`` into per-column series, skipping what a crash can leave malformed, with the test keys'
+    values of its last test only (:func:`_last_test_only`).
 
     Returns ``(columns, complete rows, {column: series}, notes about skipped content)``.
     """
@@ -381,6 +382,10 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
     step_index = columns.index("step") if "step" in columns else None
     if step_index is None:
         notes.append(f"{path} has no 'step' column; the row number is used as the step")
+    epoch_indexes = [i for i, name in enumerate(columns) if name != "step" and is_index_column(name, columns)]
+    test_of: dict[str, list[int]] = {  # of each test key's value, which of the file's tests logged it
+        name: [] for name in columns if is_test_key(name) and not is_index_column(name, columns)}
+    tests_ended = 0
     malformed = 0
     complete = 0
     for row_number, record in enumerate(records[1:]):
@@ -393,15 +398,44 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
             continue
         step = int(step) if step.is_integer() else step
         complete += 1
+        holds_test = False
         for name, cell in zip(columns, record, strict=True):
             if cell != "" and not is_index_column(name, columns):
                 series[name].steps.append(step)
                 series[name].values.append(_to_float(cell))
+                if name in test_of:
+                    test_of[name].append(tests_ended)
+                    holds_test = True
+        # Lightning logs a test's end (every loader's epoch metrics) in one row with the epoch, its per-batch rows
+        # before it without: a later row of test keys is another test's (trainer.test twice on one Trainer)
+        if holds_test and any(record[i] != "" for i in epoch_indexes):
+            tests_ended += 1
+    notes += _last_test_only(path, series, test_of, bool(epoch_indexes))
     if malformed:
         notes.append(f"skipped {malformed} malformed row(s) of {path} (wrong number of fields or no step)")
     if complete == 0:
         notes.append(f"{path} has a header but no complete rows yet")
     return columns, complete, {k: v for k, v in series.items() if not is_index_column(k, columns)}, notes
+
+
+def _last_test_only(path: Path, series: dict[str, Series], test_of: dict[str, list[int]], has_epoch: bool) -> list[str]:
+    """Keep only the last test's values of the test keys of one ``metrics.csv`` (``test_of``: the test of each value),
+    as :func:`merge_parts` does across versions: a later test replaces an earlier one's metrics as a whole, so that
+    the test table never mixes two tests. Returns the notes: the keys only an earlier test logged, left out; or, for
+    a file without Lightning's ``epoch`` column, that its tests cannot be told apart."""
+    if not has_epoch:
+        repeated = any(len(of) > 1 for of in test_of.values())
+        return [f"{path} has no 'epoch' column to tell its tests apart: the test table shows each test metric's last "
+                "value, which may be of several tests"] if repeated else []
+    last = max((of[-1] for of in test_of.values() if of), default=0)
+    left_out = []
+    for name, of in test_of.items():
+        kept = [(s, v) for s, v, test in zip(series[name].steps, series[name].values, of, strict=True) if test == last]
+        if of and not kept:
+            left_out.append(name)
+        series[name].steps, series[name].values = [s for s, _ in kept], [v for _, v in kept]
+    return [f"{path} tests again: its last test replaces the earlier test's metrics, so {', '.join(sorted(left_out))} "
+            "(not logged by the last test) are left out"] if left_out else []
 
 
 def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict[str, Series], list[str]]:
@@ -413,8 +447,9 @@ def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict
     resume runs again at the stopped step, from its first step). A version without training (``lightning_act test`` or ``validate``) adds its
     own keys. A version that logs test keys (:func:`is_test_key`) replaces every earlier test key as a whole, also
     those it does not log (with a note): one test's metrics, such as two loaders', never stand beside another's as
-    one result. A version without training does not replace the fit's curves of other keys: a ``validate`` logs
-    ``val/*`` at step 0, which would cut the whole validation curve. Those values are left out, with a note.
+    one result (within one version, :func:`read_metrics` kept its last test only). A version without training does
+    not replace the fit's curves of other keys: a ``validate`` logs ``val/*`` at step 0, which would cut the whole
+    validation curve. Those values are left out, with a note.
     """
     merged: dict[str, Series] = {}
     notes: list[str] = []
