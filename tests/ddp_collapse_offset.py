@@ -3,7 +3,8 @@ spectrum under a common offset of 1e6) and a wide, sketched tap (96 features, a 
 features at 1e4), and the exact tap's rows once more with one NaN row at step 0. Each rank's first micro-batch is summed before the ranks agree on a shared reference row at the
 first flush, so those sums are moved to it. Dumps the history and each step's rows (all ranks, all micro-batches).
 
-Run by tests/test_ddp.py as ``python ddp_collapse_offset.py OUT.json``.
+Run by tests/test_ddp.py as scenario ``collapse_offset`` of ddp_scenarios.py;
+``python ddp_collapse_offset.py OUT.json`` runs it alone.
 """
 
 import json
@@ -48,7 +49,7 @@ class Taps(pl.LightningModule):
         return DataLoader(data, batch_size=8, sampler=DistributedSampler(data, shuffle=False))
 
 
-if __name__ == "__main__":
+def main(out_path: str) -> None:
     monitor = DimensionalCollapse(modules=["exact", "wide", "spoiled"], every_n_steps=1, max_rows=8, wide_dim=64, param_patterns=[])
     trainer = quiet_trainer(max_steps=2, callbacks=[monitor], devices=2, strategy="ddp", accumulate_grad_batches=2,
                             use_distributed_sampler=False)
@@ -56,6 +57,10 @@ if __name__ == "__main__":
     if trainer.is_global_zero:
         history = {key: {"steps": list(s.steps), "values": list(s.values)} for key, s in monitor.history.items()}
         sketched = sorted(monitor._sketch_dims)
-        with open(sys.argv[1], "w") as handle:
+        with open(out_path, "w") as handle:
             json.dump({"history": history, "sketched": sketched}, handle)
     dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -13,7 +13,8 @@ rank 1 gets 1, 3, 5 and 0 again).
 * ``CausalLanguageModel`` validated on 5 token sequences (batches of 2): ``val/loss``, ``val/bits_per_token``.
 
 Dumps the logged metrics and the firing tensor; tests/test_ddp.py compares them with numpy over the whole sets.
-Run as ``python ddp_eval_padding.py OUT.json`` (the foundation checkpoint goes next to ``OUT``).
+Run as scenario ``eval_padding`` of ddp_scenarios.py, or alone as ``python ddp_eval_padding.py OUT.json`` (the
+foundation checkpoint goes next to ``OUT``).
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ def save_foundation(path: Path) -> None:
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
 
 
-if __name__ == "__main__":
+def main(out_path: str) -> None:
     from lightning_act.tasks.dopamine import DopamineSpecialisation
 
-    out = Path(sys.argv[1])
+    out = Path(out_path)
     checkpoint = out.with_name("foundation.ckpt")
     if "LOCAL_RANK" not in os.environ:  # the launching process, rank 0, before Lightning starts rank 1
         save_foundation(checkpoint)
@@ -100,3 +101,7 @@ if __name__ == "__main__":
         firing = torch.load(run / "version_0" / "dopamine_firing.pt")
         result = {"metrics": metrics, "firing": {name: value.tolist() for name, value in firing.items()}}
         out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

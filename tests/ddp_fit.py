@@ -1,6 +1,7 @@
 """Fit BlockNet with monitors in one process or with DDP on 2 CPU processes; dump the histories.
 
-Run by tests/test_ddp.py as ``python ddp_fit.py {single|ddp} OUT.json MONITOR [MONITOR ...]``.
+Run by tests/test_ddp.py as ``python ddp_fit.py single OUT.json MONITOR [MONITOR ...]`` and, for DDP, as scenario
+``fit`` of ddp_scenarios.py (``python ddp_fit.py ddp ...`` runs it alone).
 The single run uses batches of 16, the DDP run 8 per rank over the same data with an unshuffled
 DistributedSampler (rank r gets indices r, r+2, ...), so both see the same global batches.
 (Lightning's own injected training sampler shuffles, hence ``use_distributed_sampler=False``.)
@@ -18,35 +19,6 @@ from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, toy_dataset
 import lightning_act.callbacks as callbacks
 from lightning_act.callbacks.base import ActivationMonitor
 
-mode, out_path, names = sys.argv[1], sys.argv[2], sys.argv[3:]
-collectives = {"calls": 0, "flushes": 0}
-in_flush = [False]
-
-
-def counting(fn):
-    def wrapper(*args, **kwargs):
-        if in_flush[0]:
-            collectives["calls"] += 1
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-dist.all_reduce, dist.all_gather = counting(dist.all_reduce), counting(dist.all_gather)
-original_stage = ActivationMonitor.stage
-
-
-def counted_stage(self, trainer, step, with_extras):
-    """Each due step's reduction (before its backward, or at the end of the step)."""
-    in_flush[0] = True
-    collectives["flushes"] += 1
-    try:
-        return original_stage(self, trainer, step, with_extras)
-    finally:
-        in_flush[0] = False
-
-
-ActivationMonitor.stage = counted_stage
 
 class ShardedToyData(ToyData):
     def _sharded(self, n: int, seed: int) -> DataLoader:
@@ -61,25 +33,62 @@ class ShardedToyData(ToyData):
         return self._sharded(32, seed=1)
 
 
-pl.seed_everything(0)
-task = ToyTask(BlockNet())
-# Non-default options switch on the statistics that are off by default (CETT, temporal sparsity).
-# "Class:probe" runs the class on a fixed probe of validation batches.
-options = {
-    "ActivationSparsity": {"cett_modules": "net.blocks.*.fc", "temporal_dim": 1},
-    "MassiveActivations:probe": {"probe": "val", "probe_batches": 2},
-}
-monitors = [getattr(callbacks, name.partition(":")[0])(every_n_steps=2, **options.get(name, {})) for name in names]
-ddp = mode == "ddp"
-trainer = quiet_trainer(
-    max_steps=4, callbacks=monitors, devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
-    limit_val_batches=1.0, use_distributed_sampler=False,
-)
-trainer.fit(task, ShardedToyData(batch_size=8 if ddp else 16))
-if trainer.is_global_zero:
-    result = {"collectives": collectives, "history": {}}
-    for monitor in monitors:
-        for key, series in monitor.history.items():
-            result["history"][key] = {"steps": series.steps, "values": series.values}
-    with open(out_path, "w") as handle:
-        json.dump(result, handle)
+def main(mode: str, out_path: str, names: list[str]) -> None:
+    """Fit, counting the collectives issued inside each due step's reduction (``stage``); ``dist`` and
+    ``ActivationMonitor`` are restored afterwards, for the fits that follow in the same process."""
+    collectives = {"calls": 0, "flushes": 0}
+    in_flush = [False]
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            if in_flush[0]:
+                collectives["calls"] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    original_stage = ActivationMonitor.stage
+
+    def counted_stage(self, trainer, step, with_extras):
+        """Each due step's reduction (before its backward, or at the end of the step)."""
+        in_flush[0] = True
+        collectives["flushes"] += 1
+        try:
+            return original_stage(self, trainer, step, with_extras)
+        finally:
+            in_flush[0] = False
+
+    originals = dist.all_reduce, dist.all_gather
+    dist.all_reduce, dist.all_gather = counting(dist.all_reduce), counting(dist.all_gather)
+    ActivationMonitor.stage = counted_stage
+    try:
+        pl.seed_everything(0)
+        task = ToyTask(BlockNet())
+        # Non-default options switch on the statistics that are off by default (CETT, temporal sparsity).
+        # "Class:probe" runs the class on a fixed probe of validation batches.
+        options = {
+            "ActivationSparsity": {"cett_modules": "net.blocks.*.fc", "temporal_dim": 1},
+            "MassiveActivations:probe": {"probe": "val", "probe_batches": 2},
+        }
+        monitors = [getattr(callbacks, name.partition(":")[0])(every_n_steps=2, **options.get(name, {}))
+                    for name in names]
+        ddp = mode == "ddp"
+        trainer = quiet_trainer(
+            max_steps=4, callbacks=monitors, devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
+            limit_val_batches=1.0, use_distributed_sampler=False,
+        )
+        trainer.fit(task, ShardedToyData(batch_size=8 if ddp else 16))
+    finally:
+        dist.all_reduce, dist.all_gather = originals
+        ActivationMonitor.stage = original_stage
+    if trainer.is_global_zero:
+        result = {"collectives": collectives, "history": {}}
+        for monitor in monitors:
+            for key, series in monitor.history.items():
+                result["history"][key] = {"steps": series.steps, "values": series.values}
+        with open(out_path, "w") as handle:
+            json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

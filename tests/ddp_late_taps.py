@@ -2,7 +2,8 @@
 only ``a`` and rank 1 only ``b`` (experts of a mixture, say), and only rank 0 a (B, D) ``pooled`` tap. Dumps what each
 rank's taps produced, the history and each rank's MassiveActivations keys.
 
-Run by tests/test_ddp.py as ``python ddp_late_taps.py OUT.json``.
+Run by tests/test_ddp.py as scenario ``late_taps`` of ddp_scenarios.py;
+``python ddp_late_taps.py OUT.json`` runs it alone.
 """
 
 import json
@@ -44,16 +45,22 @@ class Task(ToyTask):
         return super().training_step(batch, batch_idx)
 
 
-torch.manual_seed(0)
-net = Experts()
-monitor = ActivationSparsity(modules=["net.blocks.0.act", "net.a", "net.b"], every_n_steps=2)
-massive = MassiveActivations(modules=["net.pooled"], every_n_steps=2)
-trainer = quiet_trainer(max_steps=5, callbacks=[monitor, massive], devices=2, strategy="ddp")
-trainer.fit(Task(net), ToyData(batch_size=8))
-gathered, massive_keys = [None, None], [None, None]
-dist.all_gather_object(gathered, net.zeros)
-dist.all_gather_object(massive_keys, sorted(massive.history))
-if trainer.is_global_zero:
-    history = {key: {"steps": list(s.steps), "values": list(s.values)} for key, s in monitor.history.items()}
-    with open(sys.argv[1], "w") as handle:
-        json.dump({"zeros": {**gathered[0], **gathered[1]}, "history": history, "massive_keys": massive_keys}, handle)
+def main(out_path: str) -> None:
+    torch.manual_seed(0)
+    net = Experts()
+    monitor = ActivationSparsity(modules=["net.blocks.0.act", "net.a", "net.b"], every_n_steps=2)
+    massive = MassiveActivations(modules=["net.pooled"], every_n_steps=2)
+    trainer = quiet_trainer(max_steps=5, callbacks=[monitor, massive], devices=2, strategy="ddp")
+    trainer.fit(Task(net), ToyData(batch_size=8))
+    gathered, massive_keys = [None, None], [None, None]
+    dist.all_gather_object(gathered, net.zeros)
+    dist.all_gather_object(massive_keys, sorted(massive.history))
+    if trainer.is_global_zero:
+        history = {key: {"steps": list(s.steps), "values": list(s.values)} for key, s in monitor.history.items()}
+        with open(out_path, "w") as handle:
+            json.dump({"zeros": {**gathered[0], **gathered[1]}, "history": history, "massive_keys": massive_keys},
+                      handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -3,7 +3,8 @@ unshuffled ``DistributedSampler``, batches of 8) over 13 examples, which the sam
 Dumps the probe's statistics at step 0 (the initial weights); :func:`probe_statistics` with ``devices=1`` is the
 same probe in one process over the 13 examples in one batch.
 
-Run by tests/test_ddp.py as ``python ddp_probe_padding.py OUT.json``.
+Run by tests/test_ddp.py as scenario ``probe_padding`` of ddp_scenarios.py;
+``python ddp_probe_padding.py OUT.json`` runs it alone.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ def probe_statistics(devices: int) -> dict[str, float]:
     return {key: series.values[0] for key, series in monitor.history.items()}
 
 
-if __name__ == "__main__":
+def main(out_path: str) -> None:
     statistics = probe_statistics(2)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as handle:
+        with open(out_path, "w") as handle:
             json.dump(statistics, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

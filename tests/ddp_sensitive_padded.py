@@ -3,7 +3,8 @@
 pads to 8 with sequence 0 again. Dumps every rank's tracking batches' shapes and last embeddings, and the final
 weights that made them.
 
-Run by tests/test_ddp.py as ``python ddp_sensitive_padded.py OUT.json``.
+Run by tests/test_ddp.py as scenario ``sensitive_padded`` of ddp_scenarios.py;
+``python ddp_sensitive_padded.py OUT.json`` runs it alone.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class PaddedData(pl.LightningDataModule):
         return DataLoader(data, batch_size=4, collate_fn=collate, sampler=DistributedSampler(data, shuffle=False))
 
 
-if __name__ == "__main__":
+def main(out_path: str) -> None:
     pl.seed_everything(0)
     model = MaskedMeanNet()
     monitor = SensitiveNeurons(modules=["pool"], every_n_steps=1, num_samples=8, eigenscore_passes=0, window=2)
@@ -55,5 +56,9 @@ if __name__ == "__main__":
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0:
         weights = {name: p.detach().double().tolist() for name, p in model.named_parameters()}
-        with open(sys.argv[1], "w") as handle:
+        with open(out_path, "w") as handle:
             json.dump({"ranks": everyone, "weights": weights}, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

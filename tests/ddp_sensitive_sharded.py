@@ -2,7 +2,8 @@
 ``DistributedSampler``) over 13 examples, which the sampler pads to 14 with example 0 again. Dumps the tracking set
 the default path took, then what ``forward_fn=`` made of the same loader.
 
-Run by tests/test_ddp.py as ``python ddp_sensitive_sharded.py OUT.json``.
+Run by tests/test_ddp.py as scenario ``sensitive_sharded`` of ddp_scenarios.py;
+``python ddp_sensitive_sharded.py OUT.json`` runs it alone.
 """
 
 import json
@@ -35,12 +36,17 @@ def fit(**options) -> SensitiveNeurons:
     return monitor
 
 
-result = {"tracking": torch.cat(fit()._batches).flatten(1).tolist()}
-try:
-    fit(forward_fn=lambda module, batch: module(batch[0]))
-    result["forward_fn"] = "no error"
-except LightningActError as error:  # Lightning then ends the other rank's process: this is the last fit
-    result["forward_fn"] = str(error)
-if torch.distributed.get_rank() == 0:
-    with open(sys.argv[1], "w") as handle:
-        json.dump(result, handle)
+def main(out_path: str) -> None:
+    result = {"tracking": torch.cat(fit()._batches).flatten(1).tolist()}
+    try:
+        fit(forward_fn=lambda module, batch: module(batch[0]))
+        result["forward_fn"] = "no error"
+    except LightningActError as error:  # Lightning then ends the other rank's process: this is the last fit
+        result["forward_fn"] = str(error)
+    if torch.distributed.get_rank() == 0:
+        with open(out_path, "w") as handle:
+            json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -27,9 +27,28 @@ def run(mode, out, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def scenarios(tmp_path_factory):
+    """The scenarios of ddp_scenarios.py, run in one launch of 2 processes: each test reads its scenario's JSON."""
+    out_dir = tmp_path_factory.mktemp("ddp_scenarios")
+    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() + 3) % 1000))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("ddp_scenarios.py")), str(out_dir), *MONITORS], cwd=out_dir, env=env,
+        capture_output=True, text=True, timeout=900,
+    )
+
+    def result(name):
+        out = out_dir / f"{name}.json"
+        assert out.is_file(), proc.stderr[-4000:]
+        return json.loads(out.read_text())
+
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, scenarios):
     tmp_path = tmp_path_factory.mktemp("ddp")
-    return run("single", tmp_path / "single.json", tmp_path), run("ddp", tmp_path / "ddp.json", tmp_path)
+    return run("single", tmp_path / "single.json", tmp_path), scenarios("fit")
 
 
 def test_ddp_statistics_equal_single_process(runs):
@@ -70,10 +89,10 @@ def run_script(name, tmp_path, port_offset):
     return json.loads(out.read_text())
 
 
-def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(tmp_path):
+def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(scenarios):
     # Before: the ranks agreed on buffer sizes at the first flush only, when neither expert had run: rank 0's `a`
     # was summed into rank 1's `b` (same size), and a tap run on one rank only aborted gloo (sizes differed).
-    result = run_script("ddp_late_taps.py", tmp_path, 7)
+    result = scenarios("late_taps")
     for name in ("a", "b"):
         history = result["history"][f"sparsity/net.{name}/zero_frac"]
         assert history["steps"] == [2, 4]
@@ -86,10 +105,10 @@ def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(tm
     assert not any("token" in key for key in on_rank_0)
 
 
-def test_sensitive_neurons_with_a_self_sharding_validation_loader(tmp_path):
+def test_sensitive_neurons_with_a_self_sharding_validation_loader(scenarios):
     # The 13 validation examples, in order, as one process takes them. Before: 14, example 0 twice (the sampler's
     # padding). With forward_fn= the ranks' batches were not gathered: rank 0's shard (7 examples) was the set.
-    result = run_script("ddp_sensitive_sharded.py", tmp_path, 13)
+    result = scenarios("sensitive_sharded")
     expected = toy_dataset(13, seed=1).tensors[0].flatten(1).numpy()
     np.testing.assert_array_equal(np.array(result["tracking"]), expected)
     assert "gives each rank other batches" in result["forward_fn"]
@@ -121,9 +140,9 @@ def test_an_epoch_end_barrier_under_a_rank_zero_progress_bar_does_not_deadlock(t
     assert ended == ["EpochLineProgress barrier 2", "TQDMProgressBar LastCheckpoint 2"], stderr[-3000:]
 
 
-def test_a_sharded_padding_collate_gives_every_rank_the_dataset_examples_once(tmp_path):
+def test_a_sharded_padding_collate_gives_every_rank_the_dataset_examples_once(scenarios):
     # Before: the ranks' inputs, padded to 9 and 8 tokens, were all-gathered as one shape: gloo aborted the fit.
-    result = run_script("ddp_sensitive_padded.py", tmp_path, 29)
+    result = scenarios("sensitive_padded")
     first, second = result["ranks"]
     assert first == second
     # Each rank's batch of 4 kept whole with its own padding; rank 1's (1, 3, 5, then 0 again) cut before the repeat.
@@ -139,11 +158,11 @@ def test_a_sharded_padding_collate_gives_every_rank_the_dataset_examples_once(tm
     assert len(first["v_mean"]) == 1 and torch.isfinite(torch.tensor(first["v_mean"])).all()
 
 
-def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(tmp_path):
+def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(scenarios):
     # Before: example 0, the DistributedSampler's padding of rank 1's shard, was probed twice: count 896, not 832.
     from ddp_probe_padding import EXAMPLES, probe_statistics
 
-    ddp = run_script("ddp_probe_padding.py", tmp_path, 31)
+    ddp = scenarios("probe_padding")
     single = probe_statistics(devices=1)
     assert ddp["massive/net.blocks.0/count"] == single["massive/net.blocks.0/count"] == EXAMPLES * 4 * 16
     assert set(ddp) == set(single)
@@ -151,7 +170,7 @@ def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(tmp_path
         assert ddp[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler_padding(tmp_path):
+def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler_padding(scenarios):
     # Before: rank 1 evaluated example 0 again (the DistributedSampler's padding of 5 spectra, 7 digits): val/ap 0.4778
     # for 0.4167; the dopamine firing fractions (and test/gate_active_fraction) were rank 0's share of the inputs alone.
     import torch
@@ -168,7 +187,7 @@ def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler
         spectral_model,
     )
 
-    result = run_script("ddp_eval_padding.py", tmp_path, 37)
+    result = scenarios("eval_padding")
     metrics = result["metrics"]
 
     with torch.no_grad():
@@ -260,14 +279,14 @@ def test_a_data_error_only_rank_1_meets_is_its_one_line_and_the_next_fit_is_not_
     assert not list((tmp_path / "runs").rglob("config.yaml"))  # what made the next fit "a previous run in the way"
 
 
-def test_collapse_sums_taken_before_the_ranks_share_a_reference_row_keep_the_spectrum_under_a_large_mean(tmp_path):
+def test_collapse_sums_taken_before_the_ranks_share_a_reference_row_keep_the_spectrum_under_a_large_mean(scenarios):
     # Before round 20 the sums were of the unshifted rows: under an offset of 1e6 the exact tap's erank read 13.76 for
     # 16.54 (the tail under the cut-off), and the sketched tap with two features at 1e4 was 0.45% low at step 1.
     # A NaN row in rank 0's first rows made the shared reference NaN-free but 5e5 from the data for the rest of the
     # fit (-4%), and a reference kept from the first step cost a drifting mean its tail: it now follows the mean.
     from ddp_collapse_offset import EXACT, SPOILED, WIDE
 
-    result = run_script("ddp_collapse_offset.py", tmp_path, 41)
+    result = scenarios("collapse_offset")
     assert result["sketched"] == [1]  # the wide tap takes the sketch path, the other the exact one
     assert result["history"]["collapse/spoiled/erank"]["steps"] == [1]  # step 0 held a NaN: unknown, not logged
     for name, rows, steps in (("exact", EXACT, (0, 1)), ("wide", WIDE, (0, 1)), ("spoiled", SPOILED, (1,))):
