@@ -328,9 +328,14 @@ def subscribe_taps(
     except ModuleSelectionError as error:
         if not defaults:
             raise
+        # A monitor that logs without taps (DimensionalCollapse's weight trajectory) is not idle: say what it logs.
+        if getattr(subscriber, "logs_without_taps", lambda: False)():
+            consequence = "so it taps no activation and logs only its weight trajectory's params/r90"
+        else:
+            consequence = "so it stays idle"
         rank_zero_warn(
-            f"{owner}: its default modules {list(specs)} match nothing in {type(pl_module).__name__}, so it stays "
-            "idle; pass modules=[...] (functional activations such as F.gelu inside forward are reached through "
+            f"{owner}: its default modules {list(specs)} match nothing in {type(pl_module).__name__}, {consequence}; "
+            "pass modules=[...] (functional activations such as F.gelu inside forward are reached through "
             f"the next layer's input, e.g. modules=['*.fc2:input']). ({error})",
             category=UserWarning,
         )

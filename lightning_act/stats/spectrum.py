@@ -222,6 +222,10 @@ def rank_statistics(eigenvalues: torch.Tensor, d: int) -> torch.Tensor:
     return torch.cat([ranks, ranks / d], -1)
 
 
+#: Entries converted to float64 at a time when a count sketch adds a weight (:func:`sketch_with_draws`): 2 MiB.
+SKETCH_BLOCK = 1 << 18
+
+
 def count_sketch_draws(
     numel: int, dim: int, seed: int, offset: int = 0, chunk: int = 1 << 20, device: torch.device | str | None = None
 ) -> torch.Tensor:
@@ -246,10 +250,19 @@ def sketch_vector(x: torch.Tensor, dim: int, seed: int, offset: int = 0, chunk: 
 
     Entry ``j`` of ``x`` (global position ``offset + j``) is added, with a random sign, to a
     random bucket (:func:`count_sketch_draws`), so equal seeds give the same linear map on every call and
-    every rank. ``E[⟨Sx, Sy⟩] = ⟨x, y⟩``.
+    every rank. ``E[⟨Sx, Sy⟩] = ⟨x, y⟩``. The hash is drawn and added one chunk at a time: a 67M-entry ``x`` (the
+    path of every snapshot of a trajectory beyond ``CACHED_HASH_POSITIONS``) then needs a few MiB, not 12 bytes
+    per entry for the whole hash and a float64 copy (round 29); the sums are added in the same order.
     """
     x = x.reshape(-1)
-    return sketch_with_draws([x], count_sketch_draws(x.numel(), dim, seed, offset, chunk, x.device), dim)
+    total = torch.zeros(2 * dim, dtype=torch.float64, device=x.device)
+    start = 0
+    while start < x.numel():
+        stop = min(x.numel(), start + chunk - (offset + start) % chunk)
+        draws = count_sketch_draws(stop - start, dim, seed, offset + start, chunk, x.device)
+        total.index_add_(0, draws, x[start:stop].to(torch.float64))
+        start = stop
+    return total[dim:] - total[:dim]
 
 
 def sketch_with_draws(parts: Sequence[torch.Tensor], draws: torch.Tensor, dim: int) -> torch.Tensor:
@@ -257,16 +270,24 @@ def sketch_with_draws(parts: Sequence[torch.Tensor], draws: torch.Tensor, dim: i
 
     Each entry is added to bucket ``draw`` of ``2 dim`` (one ``index_add_``, no sign product and no
     concatenated copy), and the sketch is the upper half minus the lower half: 2.7M float32 weights take
-    ~10 ms on one CPU core instead of 63 ms for the signed product and the copy (issue 17).
+    ~10 ms on one CPU core instead of 63 ms for the signed product and the copy (issue 17). Each part goes to
+    float64 through one reused buffer of ``SKETCH_BLOCK`` entries, not as a whole copy (8 bytes per weight,
+    page-faulted in anew at every snapshot of an embedding table: round 29); the entries are added in the same
+    order, so the sums are the same to the bit.
     """
     entries = sum(part.numel() for part in parts)
     if entries != draws.numel():
         raise ValueError(f"the parts hold {entries} entries but the hash has {draws.numel()}; draw it for these parts")
     total = torch.zeros(2 * dim, dtype=torch.float64, device=draws.device)
+    # An accelerator takes larger blocks (32 MiB): fewer launches per snapshot for the same bounded memory.
+    block = max(1, min(entries, SKETCH_BLOCK if draws.device.type == "cpu" else SKETCH_BLOCK << 4))
+    buffer = torch.empty(block, dtype=torch.float64, device=draws.device)
     offset = 0
     for part in parts:
         flat = part.reshape(-1)
-        total.index_add_(0, draws[offset : offset + flat.numel()], flat.to(torch.float64))
+        for start in range(0, flat.numel(), block):
+            values = buffer[: min(block, flat.numel() - start)].copy_(flat[start : start + block])
+            total.index_add_(0, draws[offset + start : offset + start + values.numel()], values)
         offset += flat.numel()
     return total[dim:] - total[:dim]
 
