@@ -1333,13 +1333,15 @@ def _build_cli_class() -> type:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning_act`` console script; returns the exit status."""
-    global _subcommand_started
+    global _subcommand_started, _threads_before_run
     _subcommand_started = False  # (main may run several commands in one process)
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else 2
+    # an outer main's saved count is its own to put back; one left by a LightningActCLI run outside main is stale
+    outer_threads, _threads_before_run = _threads_before_run, None
     try:
         if argv[0] in TOOL_COMMANDS:
             tool = importlib.import_module(TOOL_COMMANDS[argv[0]][0])
@@ -1372,6 +1374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _restore_num_threads()
+        _threads_before_run = outer_threads
     return 0
 
 

@@ -213,3 +213,46 @@ def test_one_test_of_several_loaders_is_kept_whole(tmp_path, one_thread):
     expected = {key: value for per_loader in returned for key, value in per_loader.items()}
     assert run.test_metrics() == pytest.approx(expected, rel=1e-6) and len(expected) == 2
     assert not [n for n in run.notes if "test" in n]
+
+
+def test_a_training_row_logging_a_test_named_key_ends_no_test(tmp_path):
+    # Review R2: every training row holds the epoch, so one logging test_acc_proxy counted as a test's end; the real
+    # test before the fit was dropped from the table as "an earlier test" (hand-written Lightning-shaped rows)
+    csv_text = (
+        "epoch,step,test_loss,test_acc_proxy,train_loss\n"
+        "0,0,0.75,,\n"            # trainer.test before the fit: its end row
+        "0,0,,2.5,1.5\n"          # the fit's rows log the proxy beside the training loss
+        "0,1,,2.25,1.25\n"
+    )
+    (tmp_path / "metrics.csv").write_text(csv_text)
+    run = load_run(tmp_path / "metrics.csv")
+    assert run.test_metrics()["test_loss"] == 0.75
+    assert not [n for n in run.notes if "test" in n]
+
+
+def test_a_later_test_that_did_not_finish_leaves_the_finished_ones_metrics(tmp_path):
+    # Review R2: a second trainer.test crashed after one per-batch row; the table showed that batch's loss as the
+    # test's result and dropped the finished test's
+    csv_text = (
+        "epoch,step,test_loss_step,test_loss_epoch,train_loss\n"
+        "0,3,,,0.5\n"
+        ",0,0.25,,\n"             # test 1
+        ",1,0.75,,\n"
+        "0,4,,0.5,\n"             # test 1 ends
+        ",0,0.125,,\n"            # test 2's first batch, then the crash
+    )
+    (tmp_path / "metrics.csv").write_text(csv_text)
+    run = load_run(tmp_path / "metrics.csv")
+    assert run.test_metrics() == {"test_loss_step": 0.75, "test_loss_epoch": 0.5}
+    assert any("a test after its last finished one that wrote no end row" in n for n in run.notes)
+
+
+def test_a_thread_count_saved_outside_main_is_not_put_back_by_a_later_main(one_thread_before):
+    # Review R2: LightningActCLI run directly with --num_threads left its saved count, which a later main() that set
+    # none "put back" over the user's own count
+    from lightning_act.cli import LightningActCLI
+
+    LightningActCLI(args=["fit", "--config", str(one_thread_before), "--num_threads", "2"])
+    torch.set_num_threads(3)
+    assert main(["report", "no_such_run"]) == 2
+    assert torch.get_num_threads() == 3

@@ -398,7 +398,7 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
             continue
         step = int(step) if step.is_integer() else step
         complete += 1
-        holds_test = False
+        holds_test = holds_other = False
         for name, cell in zip(columns, record, strict=True):
             if cell != "" and not is_index_column(name, columns):
                 series[name].steps.append(step)
@@ -406,11 +406,14 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
                 if name in test_of:
                     test_of[name].append(tests_ended)
                     holds_test = True
+                else:
+                    holds_other = True
         # Lightning logs a test's end (every loader's epoch metrics) in one row with the epoch, its per-batch rows
-        # before it without: a later row of test keys is another test's (trainer.test twice on one Trainer)
-        if holds_test and any(record[i] != "" for i in epoch_indexes):
+        # before it without: a later row of test keys is another test's (trainer.test twice on one Trainer). A
+        # training row has the epoch too: one logging a test-named key (test_acc_proxy) beside others ends no test.
+        if holds_test and not holds_other and any(record[i] != "" for i in epoch_indexes):
             tests_ended += 1
-    notes += _last_test_only(path, series, test_of, bool(epoch_indexes))
+    notes += _last_test_only(path, series, test_of, bool(epoch_indexes), tests_ended)
     if malformed:
         notes.append(f"skipped {malformed} malformed row(s) of {path} (wrong number of fields or no step)")
     if complete == 0:
@@ -418,24 +421,35 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
     return columns, complete, {k: v for k, v in series.items() if not is_index_column(k, columns)}, notes
 
 
-def _last_test_only(path: Path, series: dict[str, Series], test_of: dict[str, list[int]], has_epoch: bool) -> list[str]:
+def _last_test_only(
+    path: Path, series: dict[str, Series], test_of: dict[str, list[int]], has_epoch: bool, tests_ended: int
+) -> list[str]:
     """Keep only the last test's values of the test keys of one ``metrics.csv`` (``test_of``: the test of each value),
     as :func:`merge_parts` does across versions: a later test replaces an earlier one's metrics as a whole, so that
-    the test table never mixes two tests. Returns the notes: the keys only an earlier test logged, left out; or, for
-    a file without Lightning's ``epoch`` column, that its tests cannot be told apart."""
+    the test table never mixes two tests. Values after the last of the ``tests_ended`` end rows are of a test that
+    did not finish (a crash; or one logging per step only, which writes no end row): with a finished test before,
+    that one is kept. Returns the notes: the keys only an earlier test logged, left out; a later unfinished test,
+    left out; or, for a file without Lightning's ``epoch`` column, that its tests cannot be told apart."""
     if not has_epoch:
         repeated = any(len(of) > 1 for of in test_of.values())
         return [f"{path} has no 'epoch' column to tell its tests apart: the test table shows each test metric's last "
                 "value, which may be of several tests"] if repeated else []
     last = max((of[-1] for of in test_of.values() if of), default=0)
+    notes = []
+    if last == tests_ended and tests_ended > 0:
+        last -= 1
+        notes.append(f"{path} has a test after its last finished one that wrote no end row (it stopped, or logged "
+                     "per step only): the table shows the finished test's metrics")
     left_out = []
     for name, of in test_of.items():
         kept = [(s, v) for s, v, test in zip(series[name].steps, series[name].values, of, strict=True) if test == last]
-        if of and not kept:
+        if not kept and any(test < last for test in of):
             left_out.append(name)
         series[name].steps, series[name].values = [s for s, _ in kept], [v for _, v in kept]
-    return [f"{path} tests again: its last test replaces the earlier test's metrics, so {', '.join(sorted(left_out))} "
-            "(not logged by the last test) are left out"] if left_out else []
+    if left_out:
+        notes.append(f"{path} tests again: its last test replaces the earlier test's metrics, so "
+                     f"{', '.join(sorted(left_out))} (not logged by the last test) are left out")
+    return notes
 
 
 def merge_parts(parts: list[tuple[Path, dict[str, Series], bool]]) -> tuple[dict[str, Series], list[str]]:
