@@ -19,8 +19,8 @@ at d = 8192, ~3 GiB with the reduction and eigensolver copies) and an ``O(d^3)``
 such taps sum a seeded Nyström sketch instead (:mod:`lightning_act.stats.covariance_sketch`) of
 ``k`` = the rows sampled per due step (``max_rows`` x micro-batches per optimizer step x ranks, the
 most the centred scatter's rank can be); its erank and PR equal the exact ones up to float64
-round-off because that rank is <= k, except on steep spectra, where erank is up to ~1% low (the sketch's
-whitening floor). Its partials take ``8 ((d + 1)(k + 1) + k^2)`` bytes (72 MiB at
+round-off because that rank is <= k, except on steep spectra, where erank is within +0.6% (measured; the energy
+under the sketch's whitening floor is kept as a flat tail, round 29). Its partials take ``8 ((d + 1)(k + 1) + k^2)`` bytes (72 MiB at
 d = 8192, k = 1024) and its peak about ``32 d k`` bytes, under 1 GiB while ``d k <= 2^25``; a tap whose
 sketch would be larger than its exact covariance (k >= d) keeps the exact path.
 

@@ -26,8 +26,9 @@ registers; every comparison is made in float32, or float64 for float64 inputs):
   ``magnitude_max`` with NaN and inf ranked as ``+inf`` (the massive-activation convention);
 - per sample (row ``b`` of ``x.reshape(x.shape[0], -1)``, when a median or the column maximum is asked
   for): ``sample_magnitude_max``, ``sample_median`` (the median of ``|x|`` estimated from a log-magnitude
-  histogram, :mod:`lightning_act.stats.histogram_median`, relative error <= 1.56%; exact on the PyTorch
-  fallback for samples narrower than half the bins, :func:`exact_median_is_cheaper`) and
+  histogram, :mod:`lightning_act.stats.histogram_median`, relative error <= 1.56%, capped at the sample's
+  ``sample_magnitude_max``; exact on the PyTorch fallback for samples narrower than half the bins,
+  :func:`exact_median_is_cheaper`) and
   ``sample_massive_count`` (entries with ``|x| > abs_threshold`` and ``|x| >= ratio_threshold * median``,
   counted exactly at that median). The Triton path builds the histogram in two levels (coarse bins, then
   the fine bins of the two coarse bins holding the middle order statistics), which gives the full
@@ -262,6 +263,14 @@ def massive_row_thresholds(
     return torch.clamp_min(rounded, above_threshold(abs_threshold))
 
 
+def median_within_max(median: torch.Tensor, sample_max: torch.Tensor) -> torch.Tensor:
+    """The per-sample median estimates capped at the samples' exact maximum ``|x|``: the histogram places a median
+    inside its 1.56%-wide bin, which may reach past the largest entry (a constant row of -3.0 read 3.0156, a top-1
+    ratio ``max / median`` below 1, which no data gives). Exact medians and NaN ones are left as they are."""
+    ceiling = sample_max.to(torch.float64)
+    return torch.where(median > ceiling, ceiling, median)
+
+
 def _massive_count(ranked: torch.Tensor, thresholds: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
     """Per row, the count of ``ranked >= thresholds[row]`` (float64), NaN where the median is unknown."""
     count = torch.count_nonzero(ranked >= thresholds[:, None], dim=1).to(torch.float64)
@@ -310,7 +319,7 @@ def _finite_cpu_pass(work: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Ten
         else:
             keys = _scratch(flat.numel(), "keys").view(torch.int32)
             median = histogram_median(_finite_histogram(work, spec.median, keys), spec.median)
-        out["median"] = median
+        median = out["median"] = median_within_max(median, sample_max)
         if spec.massive is not None:
             assert magnitude is not None
             row_thresholds = massive_row_thresholds(median, spec.massive)
@@ -402,7 +411,7 @@ def _torch_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
             counts = torch.zeros(rows.shape[0], spec.median.size, dtype=torch.int32, device=work.device)
             counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
             median = histogram_median(counts, spec.median)
-        out["median"] = median
+        median = out["median"] = median_within_max(median, out["sample_max"])
         if spec.massive is not None:
             thresholds = massive_row_thresholds(median, spec.massive, work.dtype)
             out["massive_count"] = _massive_count(ranked, thresholds, median)
@@ -475,7 +484,11 @@ def _triton_pass(x: torch.Tensor, spec: FusedSpec) -> dict[str, torch.Tensor]:
         ratio = None if spec.massive is None else _device_constant((spec.massive[1],), torch.float64, x.device)
         above_abs = 0.0 if spec.massive is None else above_threshold(spec.massive[0])
         median, row_thresholds = sample_medians(rows, coarse, fine, layout, shift, ratio, above_abs, finish)
-        out["median"] = median
+        median = out["median"] = median_within_max(median, sample_max)
+        # The kernel's thresholds are those of the median before its cap; they count the same entries (none above
+        # the sample's max) unless ratio_threshold <= 1
+        if spec.massive is not None and spec.massive[1] <= 1.0:
+            row_thresholds = massive_row_thresholds(median, spec.massive)
     if counting or spec.column_max:
         column_statistics(rows, row_thresholds, median, column_bits, counts)
         if counts is not None:
