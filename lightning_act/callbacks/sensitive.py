@@ -19,8 +19,9 @@ module's output.
 
 EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
-mode, and timm's fused attention and ``nn.MultiheadAttention`` with ``dropout > 0`` by their own flag, which applies
-their attention dropout; everything else in eval mode), and
+mode, and timm's fused attention, ``nn.MultiheadAttention`` with ``dropout > 0`` and ``nn.LSTM``/``GRU``/``RNN`` with
+``dropout > 0`` between ``num_layers > 1`` layers by their own flag, which applies their dropout; everything else in
+eval mode), and
 averaged. With no active dropout in the model and a deterministic pass that drew no random numbers the K
 passes are identical (so the deterministic pass is reused instead of rerun), Σ has rank ≤ 1, and the
 score sits near ``(K − 1)/K · log α``; a forward drawing its own noise (a VAE's sampling) has its K passes run;
@@ -317,7 +318,12 @@ def _applies_own_dropout(module: nn.Module) -> bool:
     """Whether ``module`` applies a dropout of its own from its training flag, with no dropout module to put in
     training mode: ``nn.MultiheadAttention`` (and its subclasses: ``nn.TransformerEncoderLayer``'s ``self_attn``, the
     decoder layer's ``multihead_attn``) drops attention weights by ``dropout_p=self.dropout, training=self.training``;
-    its forward reads the flag for that alone (and for its fast path, off in the probes)."""
+    its forward reads the flag for that alone (and for its fast path, off in the probes). ``nn.RNN``/``LSTM``/``GRU``
+    (``nn.RNNBase``) drop each layer's output but the last's by ``_VF.lstm(..., self.dropout, self.training, ...)``,
+    the flag's only use (on cuDNN it also keeps a reserve buffer for backward, dropped under ``no_grad``); with one
+    layer torch ignores ``dropout``."""
+    if isinstance(module, nn.RNNBase):
+        return float(module.dropout) > 0 and module.num_layers > 1
     return isinstance(module, nn.MultiheadAttention) and float(module.dropout) > 0
 
 
@@ -1232,7 +1238,8 @@ class SensitiveNeurons(FitScopedState):
         training mode, and by its own flag only (its forward reads the flag for the dropout alone) a module that
         applies such a child's dropout from that flag, timm's attention with ``fused_attn`` and an ``attn_drop``
         (:func:`_applies_child_dropout`), or a dropout of its own, ``nn.MultiheadAttention`` with ``dropout > 0``
-        (:func:`_applies_own_dropout`; a transformer layer's ``self_attn``): before rounds 28 and 29 their dropout
+        (:func:`_applies_own_dropout`; a transformer layer's ``self_attn``), or ``nn.LSTM``/``GRU``/``RNN`` with
+        ``num_layers > 1`` and ``dropout > 0`` (between its layers): before rounds 28 and 29 their dropout
         never acted, and the K passes were the deterministic one, silently. PyTorch's transformer fast path is off in
         the passes (:func:`~lightning_act.callbacks.probe.probing`), so an encoder layer runs its ``dropout1``/
         ``dropout2`` modules and its attention's dropout. A dropout module that did not run though its parent's forward

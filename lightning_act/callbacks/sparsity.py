@@ -256,11 +256,11 @@ class ActivationSparsity(ActivationMonitor):
             return
         cett_specs = [f"{g}:input" for g in self.cett_modules]
         if self.zero_modules and len(unmatched_specs(pl_module, self.zero_modules)) < len(self.zero_modules):
-            zero_taps = select_taps(pl_module, self.zero_modules, owner=owner)
+            zero_taps = select_taps(pl_module, self.zero_modules, owner=owner, warn_aliases=False)  # said in setup
             self._zero_taps = {index[(id(tap.module), tap.point)] for tap in zero_taps}
         if self.cett_modules and len(unmatched_specs(pl_module, cett_specs)) < len(cett_specs):
             inside_lora = lora_parts(pl_module)
-            for tap in select_taps(pl_module, cett_specs, owner=owner):
+            for tap in select_taps(pl_module, cett_specs, owner=owner, warn_aliases=False):
                 if id(tap.module) in inside_lora:
                     layer, what = inside_lora[id(tap.module)]
                     raise LightningActError(

@@ -657,10 +657,13 @@ def unmatched_specs(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec]) 
     return [spec for spec in specs if not _match_one(model, spec, modules)]
 
 
-def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owner: str = "monitor") -> list[Tap]:
+def select_taps(
+    model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owner: str = "monitor", warn_aliases: bool = True
+) -> list[Tap]:
     """Resolve ``specs`` on ``model`` into taps, in module order, without duplicates.
 
-    Raises :class:`ModuleSelectionError` (one line, with the fix) when nothing matches.
+    Raises :class:`ModuleSelectionError` (one line, with the fix) when nothing matches. ``warn_aliases=False`` for a
+    monitor selecting a subset of its taps again: their "registered also as" warning was said at their selection.
     """
     if isinstance(specs, (str, type)):
         specs = [specs]
@@ -688,7 +691,7 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
             f"({', '.join(PRESETS)}); functional activations (F.gelu in forward) are reached through "
             "the next layer's input, e.g. '*.fc2:input'"
         )
-    aliases = module_aliases(model)
+    aliases = module_aliases(model) if warn_aliases else {}
     # A name inside an averaged copy is no second call place: ema-pytorch's EMA registers the trained network as its
     # online_model, which only the training forward runs, under the network's own name.
     copy_names = tuple(
@@ -705,7 +708,9 @@ def select_taps(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owne
             warnings.warn(
                 f"{owner}: {tap.name} is one module object registered also as {', '.join(others[:3])}"
                 f"{' ...' if len(others) > 3 else ''}; its calls from every place are measured together under "
-                f"{tap.name} (give each place its own instance to measure them apart)",
+                f"{tap.name}: if it runs at more than one place in the forward (one activation shared by several "
+                "blocks), give each place its own instance to measure them apart; if it runs at one place (a block "
+                "holding it as an attribute and again in its nn.Sequential), nothing is mixed",
                 UserWarning,
                 stacklevel=2,
             )
