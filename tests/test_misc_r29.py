@@ -217,7 +217,8 @@ def test_one_test_of_several_loaders_is_kept_whole(tmp_path, one_thread):
 
 def test_a_training_row_logging_a_test_named_key_ends_no_test(tmp_path):
     # Review R2: every training row holds the epoch, so one logging test_acc_proxy counted as a test's end; the real
-    # test before the fit was dropped from the table as "an earlier test" (hand-written Lightning-shaped rows)
+    # test before the fit was dropped from the table as "an earlier test" (hand-written Lightning-shaped rows). Test
+    # keys beside others cannot tell the tests apart (review R4: so does a test_step's acc): kept, and said.
     csv_text = (
         "epoch,step,test_loss,test_acc_proxy,train_loss\n"
         "0,0,0.75,,\n"            # trainer.test before the fit: its end row
@@ -227,7 +228,9 @@ def test_a_training_row_logging_a_test_named_key_ends_no_test(tmp_path):
     (tmp_path / "metrics.csv").write_text(csv_text)
     run = load_run(tmp_path / "metrics.csv")
     assert run.test_metrics()["test_loss"] == 0.75
-    assert not [n for n in run.notes if "test" in n]
+    assert [n for n in run.notes if "test" in n] == [
+        f"{tmp_path / 'metrics.csv'} logs test-named keys beside other keys (in training, or a test_step logging keys "
+        "not named test): the test table shows each test metric's last value, which may be of several tests"]
 
 
 def test_a_later_test_that_did_not_finish_leaves_the_finished_ones_metrics(tmp_path):
@@ -256,3 +259,19 @@ def test_a_thread_count_saved_outside_main_is_not_put_back_by_a_later_main(one_t
     torch.set_num_threads(3)
     assert main(["report", "no_such_run"]) == 2
     assert torch.get_num_threads() == 3
+
+
+def test_a_test_step_logging_a_key_not_named_test_is_noted_not_silently_mixed(tmp_path):
+    # Review R4: the first review fix took a test's end row holding `acc` for a training row: two tests (two loaders,
+    # then one) were shown as one result without a note
+    csv_text = (
+        "acc/dataloader_idx_0,acc/dataloader_idx_1,acc,epoch,step,test_loss/dataloader_idx_0,"
+        "test_loss/dataloader_idx_1,test_loss\n"
+        "0.5,0.25,,0,4,1.5,1.25,\n"      # test 1, two loaders
+        ",,0.75,0,4,,,1.75\n"             # test 2, one loader
+    )
+    (tmp_path / "metrics.csv").write_text(csv_text)
+    run = load_run(tmp_path / "metrics.csv")
+    assert run.test_metrics() == {"test_loss/dataloader_idx_0": 1.5, "test_loss/dataloader_idx_1": 1.25,
+                                  "test_loss": 1.75}
+    assert any("logs test-named keys beside other keys" in n and "may be of several tests" in n for n in run.notes)

@@ -383,9 +383,10 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
     if step_index is None:
         notes.append(f"{path} has no 'step' column; the row number is used as the step")
     epoch_indexes = [i for i, name in enumerate(columns) if name != "step" and is_index_column(name, columns)]
-    test_of: dict[str, list[int | None]] = {  # of each test key's value, which of the file's tests logged it
+    test_of: dict[str, list[int]] = {  # of each test key's value, which of the file's tests logged it
         name: [] for name in columns if is_test_key(name) and not is_index_column(name, columns)}
     tests_ended = 0
+    mixed = False  # a row holding test keys beside others: the tests cannot be told apart
     malformed = 0
     complete = 0
     for row_number, record in enumerate(records[1:]):
@@ -400,19 +401,24 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
         complete += 1
         filled = [(name, cell) for name, cell in zip(columns, record, strict=True)
                   if cell != "" and not is_index_column(name, columns)]
-        # A training row, which has the epoch too, logging a test-named key (test_acc_proxy) beside others is of no
-        # test (None): only rows of test keys alone are
-        of_test = tests_ended if all(name in test_of for name, _ in filled) else None
         for name, cell in filled:
             series[name].steps.append(step)
             series[name].values.append(_to_float(cell))
             if name in test_of:
-                test_of[name].append(of_test)
+                test_of[name].append(tests_ended)
+        holds_test = any(name in test_of for name, _ in filled)
+        mixed = mixed or (holds_test and not all(name in test_of for name, _ in filled))
         # Lightning logs a test's end (every loader's epoch metrics) in one row with the epoch, its per-batch rows
         # before it without: a later row of test keys is another test's (trainer.test twice on one Trainer)
-        if filled and of_test is not None and any(record[i] != "" for i in epoch_indexes):
+        if holds_test and any(record[i] != "" for i in epoch_indexes):
             tests_ended += 1
-    notes += _last_test_only(path, series, test_of, bool(epoch_indexes), tests_ended)
+    if not epoch_indexes:
+        why = "has no 'epoch' column to tell its tests apart"
+    elif mixed:  # a training row has the epoch too (test_acc_proxy beside train_loss), as has a test's acc
+        why = "logs test-named keys beside other keys (in training, or a test_step logging keys not named test)"
+    else:
+        why = ""
+    notes += _last_test_only(path, series, test_of, tests_ended, why)
     if malformed:
         notes.append(f"skipped {malformed} malformed row(s) of {path} (wrong number of fields or no step)")
     if complete == 0:
@@ -421,19 +427,19 @@ def read_metrics(path: Path) -> tuple[list[str], int, dict[str, Series], list[st
 
 
 def _last_test_only(
-    path: Path, series: dict[str, Series], test_of: dict[str, list[int | None]], has_epoch: bool, tests_ended: int
+    path: Path, series: dict[str, Series], test_of: dict[str, list[int]], tests_ended: int, unsplittable: str
 ) -> list[str]:
-    """Keep only the last test's values of the test keys of one ``metrics.csv`` (``test_of``: the test of each value,
-    None for a training row's), as :func:`merge_parts` does across versions: a later test replaces an earlier one's metrics as a whole, so that
+    """Keep only the last test's values of the test keys of one ``metrics.csv`` (``test_of``: the test of each value),
+    as :func:`merge_parts` does across versions: a later test replaces an earlier one's metrics as a whole, so that
     the test table never mixes two tests. Values after the last of the ``tests_ended`` end rows are of a test that
     did not finish (a crash; or one logging per step only, which writes no end row): with a finished test before,
-    that one is kept. Returns the notes: the keys only an earlier test logged, left out; a later unfinished test,
-    left out; or, for a file without Lightning's ``epoch`` column, that its tests cannot be told apart."""
-    if not has_epoch:
-        repeated = any(len(of) > 1 for of in test_of.values())
-        return [f"{path} has no 'epoch' column to tell its tests apart: the test table shows each test metric's last "
-                "value, which may be of several tests"] if repeated else []
-    last = max((test for of in test_of.values() for test in of if test is not None), default=0)
+    that one is kept. Where the file's rows cannot tell its tests apart (``unsplittable`` says why), every value is
+    kept and, with test keys in several rows, said. Returns the notes."""
+    if unsplittable:
+        repeated = tests_ended > 1 or any(len(of) > 1 for of in test_of.values())
+        return [f"{path} {unsplittable}: the test table shows each test metric's last value, which may be of several "
+                "tests"] if repeated else []
+    last = max((of[-1] for of in test_of.values() if of), default=0)
     notes = []
     if last == tests_ended and tests_ended > 0:
         last -= 1
@@ -441,9 +447,8 @@ def _last_test_only(
                      "per step only): the table shows the finished test's metrics")
     left_out = []
     for name, of in test_of.items():
-        kept = [(s, v) for s, v, test in zip(series[name].steps, series[name].values, of, strict=True)
-                if test in (last, None)]
-        if not kept and any(test is not None and test < last for test in of):
+        kept = [(s, v) for s, v, test in zip(series[name].steps, series[name].values, of, strict=True) if test == last]
+        if not kept and any(test < last for test in of):
             left_out.append(name)
         series[name].steps, series[name].values = [s for s, _ in kept], [v for _, v in kept]
     if left_out:
