@@ -87,10 +87,11 @@ def resolve_forward_fn(owner: str, forward_fn: ForwardFn | str | None) -> Forwar
     return forward_fn
 
 
-#: Inside :func:`probing`: the seeds of its next forwards, one each, the CUDA devices its RNG fork holds and the
-#: generators the model's modules hold (:func:`random_sources_forked`).
+#: Inside :func:`probing`: the seeds of its next forwards, one each, the CUDA devices its RNG fork holds, the
+#: generators the model's modules hold (:func:`random_sources_forked`) and the seed of the last forward (for
+#: :func:`drew_random`; ``None`` before the first).
 _forward_seeds: contextvars.ContextVar[
-    tuple[Iterator[int], list[int], list[torch.Generator]] | None
+    tuple[Iterator[int], list[int], list[torch.Generator], list[int | None]] | None
 ] = contextvars.ContextVar("probe_forward_seeds", default=None)
 
 
@@ -99,7 +100,7 @@ def forward_seeds(seeds: Iterator[int]) -> Iterator[None]:
     """Inside (and inside :func:`probing`), the probe forwards take their seeds from ``seeds`` instead: a pass of
     its own random draws, such as SensitiveNeurons' stochastic EigenScore passes."""
     held = _forward_seeds.get()
-    token = _forward_seeds.set((seeds, *(([], []) if held is None else held[1:])))
+    token = _forward_seeds.set((seeds, *(([], [], [None]) if held is None else held[1:])))
     try:
         yield
     finally:
@@ -116,7 +117,7 @@ def _seed_forward() -> None:
     held = _forward_seeds.get()
     if held is None:
         return
-    seeds, devices, generators = held
+    seeds, devices, generators, last_seed = held
     if devices and torch.cuda.is_current_stream_capturing():
         return
     seed = next(seeds)
@@ -126,6 +127,31 @@ def _seed_forward() -> None:
     for generator in generators:
         generator.manual_seed(seed)
     random.seed(seed)
+    last_seed[0] = seed
+
+
+def drew_random() -> bool:
+    """Whether the probe forward just run drew random numbers after :func:`_seed_forward` seeded them: torch's CPU
+    generator, a forked CUDA device's (its offset moved from the 0 seeding sets), a generator the model's modules hold
+    (``torch.randn(..., generator=self.gen)``) or Python's ``random`` is no longer in its seed's state (a VAE's
+    ``torch.randn_like``, ``random.gauss``; before round 29 only torch's default generators were read). Host-side
+    reads, no sync; ``False`` outside a probe or before its first forward. numpy's global RNG is neither forked nor
+    seeded by the probes, so not read."""
+    held = _forward_seeds.get()
+    if held is None or held[3][0] is None:
+        return False
+    _, devices, generators, (seed,) = held
+    if any(torch.cuda.default_generators[index].get_offset() != 0 for index in devices):
+        return True
+    for generator in (torch.default_generator, *generators):
+        if generator.device.type == "cuda":
+            if generator.get_offset() != 0:
+                return True
+        elif not torch.equal(
+            generator.get_state(), torch.Generator(generator.device).manual_seed(generator.initial_seed()).get_state()
+        ):
+            return True
+    return random.getstate() != random.Random(seed).getstate()
 
 
 #: Inside :func:`own_passes`: the cutoff its probe forwards run under.
@@ -192,10 +218,16 @@ def _forward(owner: str, forward_fn: ForwardFn, pl_module: nn.Module, batch: Any
         ) from error
 
 
-def _parameter_states(parameters: list[nn.Parameter]) -> list[tuple[int, int]]:
+def _parameter_states(parameters: list[nn.Parameter]) -> list[tuple[int | None, int]]:
     """Each parameter's storage and version: another tensor bound to ``p.data`` moves the first, a write in place
     the second."""
-    return [(p.data_ptr(), p._version) for p in parameters]
+    return [(_address(p), p._version) for p in parameters]
+
+
+def _address(tensor: torch.Tensor) -> int | None:
+    """``tensor.data_ptr()``, which another tensor bound to a parameter's ``.data`` moves; ``None`` for a tensor
+    without strided storage (a sparse parameter, whose ``data_ptr()`` raised in every probe before round 29)."""
+    return tensor.data_ptr() if tensor.layout is torch.strided else None
 
 
 def _whole_forward_watched(
@@ -238,12 +270,12 @@ def _ended_forward_guarded(
     try:
         return _forward(owner, forward_fn, pl_module, batch, source)
     except BaseException:  # ended after the last tap (or failed): the code after it did not run
-        rebound = [(p, data) for p, data, _ in kept if p.data_ptr() != data.data_ptr()]
+        rebound = [(p, data) for p, data, _ in kept if _address(p) != _address(data)]
         for p, data in rebound:
             p.data = data.clone()  # storage of its own: the tensor swapped out (an EMA's) keeps what it holds
         renormed = {id(weight) for weight in parts.renormed}
         written = [p for p, data, version in kept
-                   if id(p) not in renormed and p.data_ptr() == data.data_ptr() and p._version != version]
+                   if id(p) not in renormed and _address(p) == _address(data) and p._version != version]
         if rebound:
             _cutoff_off(
                 owner, pl_module, cutoff, "its parameters were put back after a probe forward ended with other tensors "
@@ -296,7 +328,10 @@ def validation_batches(
 ) -> list[Any]:
     """The first validation batches of this fit, until ``enough(batches)``, from the first validation loader that
     holds any (said once where that is not ``dataloader_idx=0``: before round 29 an empty first loader stopped the fit
-    though the others held data); raises one line if there are none.
+    though the others held data); raises one line if there are none. Under DDP the first that holds any on any rank
+    (:func:`_on_any_rank`: in round 29 each rank took its own, and a loader empty on one rank only mixed two validation
+    sets into one tracking set, silently); a rank whose copy of it is empty gives no batches, and ``enough`` sees no
+    other loader's (collective: every rank must call it).
 
     ``instead``: the rest of that line's fix, another way the owner takes its inputs. The batches come from the
     user's own ``val_dataloader`` (not Lightning's sharded copy), read under
@@ -314,15 +349,17 @@ def validation_batches(
     batches: list[Any] = []
     with torch.random.fork_rng(devices=_rng_devices(trainer.strategy.root_device)):
         flattened = flattened_loaders(source.dataloader())
+        held = False
         for index, loader in enumerate(flattened):
             with own_iterator(loader), recording_indices(loader) as record:
                 for batch in loader:
                     batches.append(batch)
                     if enough(batches):
                         break
-            if batches:
+            held = _on_any_rank(bool(batches), trainer.strategy.root_device)
+            if held:
                 break
-    if not batches:
+    if not held:
         which = f"every one of the {len(flattened)} validation dataloaders is" if len(flattened) > 1 else (
             "the validation dataloader is"
         )
@@ -342,6 +379,16 @@ def validation_batches(
     if record is not None:
         _indices_read[loader] = record[: len(batches)]
     return batches
+
+
+def _on_any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank, by one all-reduce (collective: every rank must call it); ``flag`` in one
+    process."""
+    if distributed_world_size() == 1:
+        return flag
+    anywhere = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(anywhere, op=torch.distributed.ReduceOp.MAX)
+    return bool(anywhere.item())
 
 
 @contextlib.contextmanager
@@ -1039,7 +1086,7 @@ def _rebinds_put_back(parameters: list[nn.Parameter], bound: list[torch.Tensor])
     29 each probe forward took a momentum step that stayed. Addresses only (~0.5 us a parameter)."""
     rebound = set()
     for p, data in zip(parameters, bound, strict=True):
-        if p.data_ptr() != data.data_ptr():
+        if _address(p) != _address(data):
             p.data = data
             rebound.add(id(p))
     return rebound
@@ -1110,7 +1157,7 @@ def probing(
     fast_path = torch.backends.mha.get_fastpath_enabled()
     context = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
     devices = _rng_devices(device)
-    token = _forward_seeds.set((itertools.count(), devices, parts.generators))
+    token = _forward_seeds.set((itertools.count(), devices, parts.generators, [None]))
     parts_token = _probed_parts.set(parts)
     try:
         torch.backends.mha.set_fastpath_enabled(False)

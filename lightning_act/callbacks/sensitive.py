@@ -86,6 +86,7 @@ from lightning_act.callbacks.probe import (
     batch_indices,
     batch_tensors,
     call_forward,
+    drew_random,
     first_batch_tensor,
     forward_seeds,
     num_examples,
@@ -376,26 +377,13 @@ def _paused(drops: Iterable[FeatureDrop]) -> Iterator[None]:
             drop.paused = False
 
 
-def _drew_random(device: torch.device) -> bool:
-    """Whether the probe forward just run drew from torch's global RNG after :func:`probing` seeded it (a VAE's
-    ``torch.randn_like``, an LDM's ``posterior.sample()``): the CPU generator is no longer in its seed's state, or the
-    model's CUDA device generator's offset moved from the 0 that seeding sets. Both are host-side reads, no sync."""
-    cpu = torch.default_generator
-    if not torch.equal(cpu.get_state(), torch.Generator().manual_seed(cpu.initial_seed()).get_state()):
-        return True
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.default_generators[index].get_offset() != 0
-
-
 def _flattened_tokens(inputs: torch.Tensor) -> int | None:
-    """The rows of a head run on the inputs' flattened ``B·T`` tokens, where the inputs have a token axis: ``(B, T)``
-    token ids or a ``(B, T, D)`` sequence. ``None`` for ``(B, D)`` features and images ``(B, C, H, W)``, whose axis 1
+    """The rows of a head run on the inputs' flattened ``B·T`` rows: ``(B, T)`` token ids or series, a ``(B, T, D)``
+    sequence, a video's ``(B, T, C, H, W)`` frames run one by one. ``None`` for images ``(B, C, H, W)``, whose axis 1
     holds channels: before round 29 a window attention with as many windows per image as channels (a 4-band image's
-    4 windows) passed for a head on the tokens, and its windows were tracked as examples."""
-    sequence = inputs.dim() == 3 or (inputs.dim() == 2 and not inputs.is_floating_point())
-    return inputs.shape[0] * inputs.shape[1] if sequence else None
+    4 windows) passed for a head on the tokens, and its windows were tracked as examples (in round 29 a float
+    ``(B, T)`` series' and a video's per-step rows were left out)."""
+    return inputs.shape[0] * inputs.shape[1] if inputs.dim() >= 2 and inputs.dim() != 4 else None
 
 
 def _drops_anything(module: nn.Module) -> bool:
@@ -740,7 +728,7 @@ class SensitiveNeurons(FitScopedState):
         self._graphed = GraphedPass("SensitiveNeurons")
         self._graph_this_fit = False
         self._cutoff = ForwardCutoff(self.stop_after_taps)
-        #: Whether the last eagerly run deterministic pass drew random numbers (:func:`_drew_random`): a replayed graph
+        #: Whether the last eagerly run deterministic pass drew random numbers (:func:`drew_random`): a replayed graph
         #: draws as its capture did.
         self._clean_pass_draws = False
 
@@ -946,8 +934,10 @@ class SensitiveNeurons(FitScopedState):
         if same_on_every_rank(inputs, device):
             join = functools.partial(self._join, axis=axis, limit=self.num_samples)
             return join([inputs]), join([masks]) if masked else None
-        union = functools.partial(self._union_over_ranks, axis=axis, loader=loaders[0], device=device)
-        return union(inputs), union(masks) if masked else None
+        inputs, masks, self._input_axis = self._union_over_ranks(
+            inputs, masks if masked else None, axis, loaders[0], device
+        )
+        return inputs, masks
 
     def _whole_validation_batches(
         self, trainer: pl.Trainer, pl_module: nn.Module, device: torch.device
@@ -1045,7 +1035,7 @@ class SensitiveNeurons(FitScopedState):
         first = first[:limit]
         shape = _other_dims(tensors[0], axis)
         if all(_other_dims(x, axis) == shape for x in tensors):
-            per_rank = [torch.cat(shard, axis).movedim(axis, 0) for shard in shards]
+            per_rank = [torch.cat(shard, axis).movedim(axis, 0) if shard else None for shard in shards]
             order = [per_rank[rank][k] for _, rank, k in first]
             return list(torch.stack(order).movedim(0, axis).split(self.batch_size, axis))
         chosen = {(rank, k) for _, rank, k in first}
@@ -1060,25 +1050,35 @@ class SensitiveNeurons(FitScopedState):
         return kept
 
     def _union_over_ranks(
-        self, local: list[torch.Tensor], axis: int, loader: Any, device: torch.device
-    ) -> list[torch.Tensor]:
+        self, local: list[torch.Tensor], local_masks: list[torch.Tensor] | None, axis: int, loader: Any,
+        device: torch.device,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int]:
         """The same tracking set on every rank from a loader that shards the data itself: the ranks' input batches
         gathered (as objects: padded batches differ in shape) and joined in the original order, the first
-        ``num_samples`` kept. A ``DistributedSampler`` pads a dataset that does not divide among the ranks by repeating
-        some of its examples: each rank leaves its repeats out, told by dataset index (:func:`_without_padding`), and
+        ``num_samples`` kept; their token masks where every rank holding inputs has them (``local_masks``), joined the
+        same way; and the inputs' sample axis. A rank whose shard is empty (a pre-sharded loader with no examples
+        for it) takes the axis and masks of the ranks that read inputs (before round 29 such a rank stopped the fit).
+        A ``DistributedSampler`` pads a dataset that does not divide among the ranks by repeating some of its examples:
+        each rank leaves its repeats out, told by dataset index (:func:`_without_padding`), and
         places its rows in the sampler's global order, whatever order its batch sampler gave them in (before round
         23 the repeats were taken to be each rank's last examples: a longest-first bucketing sampler tracked a repeat
         and lost a real example). Where the indices cannot be known the union is cut at the dataset's size instead.
         Without a ``DistributedSampler`` each rank reads a dataset of its own (pre-sharded files), whose examples are
         all distinct."""
         local, positions, size = _without_padding(local, axis, loader)
+        if local_masks is not None:
+            local_masks = [m.cpu() for m in _without_padding(local_masks, axis, loader)[0]]
         shards: list[Any] = [None] * distributed_world_size()
-        dist.all_gather_object(shards, ([x.cpu() for x in local], positions))
-        inputs = [shard for shard, _ in shards]
+        dist.all_gather_object(shards, ([x.cpu() for x in local], local_masks, positions, axis))
+        read = [shard for shard in shards if shard[0]]
+        axis = read[0][3]
+        inputs = [shard[0] for shard in shards]
         total = sum(x.shape[axis] for shard in inputs for x in shard)
-        places = None if any(places is None for _, places in shards) else [places for _, places in shards]
-        joined = self._join(inputs, axis, min(self.num_samples, size or total), places)
-        return [x.to(device) for x in joined]
+        places = None if any(shard[2] is None for shard in shards) else [shard[2] for shard in shards]
+        join = functools.partial(self._join, axis=axis, limit=min(self.num_samples, size or total), positions=places)
+        masks = [shard[1] or [] for shard in shards] if all(shard[1] is not None for shard in read) else None
+        joined_masks = None if masks is None else [m.to(device) for m in join(masks)]
+        return [x.to(device) for x in join(inputs)], joined_masks, axis
 
     def _batch_inputs(self, batch: Any) -> torch.Tensor:
         if isinstance(batch, torch.Tensor):
@@ -1246,7 +1246,9 @@ class SensitiveNeurons(FitScopedState):
         completed (another module applying it from its own flag) is named once; where no stochastic module ran and the
         passes equal the deterministic one, no passes are given, said once: EigenScore/EES are not logged there. With
         no stochastic module the passes are the deterministic one, reused, unless that drew random numbers
-        (:func:`_drew_random`: a VAE's ``torch.randn_like``); then they are run (before round 29 they were reused)."""
+        (:func:`~lightning_act.callbacks.probe.drew_random`: a VAE's ``torch.randn_like``); then they are run (before
+        round 29 they were reused), on every rank where rank 0's did (each rank deciding alone left the collectives of
+        the passes unpaired)."""
         collected = self._collected
         device = _module_device(pl_module)
 
@@ -1267,7 +1269,7 @@ class SensitiveNeurons(FitScopedState):
                         call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch, self._source
                     )
                     self._cutoff.forward(forward)
-                    draws = draws or (watch_draws and _drew_random(device))
+                    draws = draws or (watch_draws and drew_random())
                     calls_after.append({i: len(calls) for i, calls in collected.items()})
             if watch_draws:
                 self._clean_pass_draws = draws
@@ -1300,7 +1302,11 @@ class SensitiveNeurons(FitScopedState):
                     m for m in pl_module.modules()
                     if (_is_stochastic(m) and _drops_anything(m)) or _applies_own_dropout(m)
                 ]
-                if self.eigenscore_passes >= 2 and not stochastic_modules and not self._clean_pass_draws:
+                # rank 0's passes are the ones broadcast, and every rank must run them or none: its decision
+                reuse = self.eigenscore_passes >= 2 and not stochastic_modules and not (
+                    self._rank_zeros(self._clean_pass_draws, device)
+                )
+                if reuse:
                     # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
                     passes = [clean] * self.eigenscore_passes
                 elif self.eigenscore_passes >= 2:
