@@ -26,7 +26,8 @@ Error. ``Y W^+ Yᵀ = Xᵀ J P J X`` with ``P`` the projection onto ``range(J Z)
 scatter ``S = Xᵀ J X``: the nonzero eigenvalues, the effective rank and the participation ratio are exact
 up to float64 round-off, except that on steep spectra the directions of ``W`` under the whitening floor (``1e-12``
 of its largest eigenvalue) are lost. Their energy is not: the trace of ``S`` is known from ``Σ||y||²`` and ``Σy``,
-and what the kept eigenvalues leave of it is spread evenly over the directions the rows' rank still allows (dropped,
+and what the kept eigenvalues leave of it is spread evenly over the directions the floor dropped, as many as the
+rows' rank still allows (spread over all of those, a floor partly under the whitening floor read +1.04%; dropped,
 it cost erank 2.3% on a nearly collapsed layer at 3584 rows, -0.35% at ``σ_i ∝ i^-2``, ``N = k = 1024``, an
 error growing with the rows). A flat tail is exact for an isotropic floor and overstates a spread one's ``Σ σ``:
 erank within +0.6% measured (+0.15% on power laws, +0.37% and +0.55% on that collapsed layer;
@@ -142,9 +143,10 @@ def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
     eps = torch.finfo(torch.float64).eps
     weights, basis = torch.linalg.eigh(core)
     del core
-    floor = torch.maximum(
-        k * eps * torch.diagonal(raw_core).amax(), WHITENING_FLOOR * weights[-1]
-    ).clamp_min(torch.finfo(torch.float64).tiny)
+    core_round_off = k * eps * torch.diagonal(raw_core).amax()
+    floor = torch.maximum(core_round_off, WHITENING_FLOOR * weights[-1]).clamp_min(torch.finfo(torch.float64).tiny)
+    # the directions the whitening floor drops that hold more than round-off: where the flat tail goes
+    dropped = ((weights > core_round_off) & (weights <= floor)).sum()
     zero = torch.zeros((), dtype=torch.float64, device=partials.device)
     scale = torch.where(weights > floor, weights.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), zero)
     whitening = basis.mul_(scale)
@@ -171,22 +173,25 @@ def sketch_spectrum(partials: torch.Tensor, d: int, k: int) -> torch.Tensor:
     eigenvalues = torch.linalg.svdvals(triangle @ whitening).square().flip(0)
     round_off = 16 * eps * square_total
     eigenvalues = torch.where(eigenvalues > round_off, eigenvalues, zero)
-    eigenvalues = _with_flat_tail(eigenvalues, square_total - total.square().sum() / count, count, d, round_off)
+    eigenvalues = _with_flat_tail(eigenvalues, square_total - total.square().sum() / count, count, d, round_off, dropped)
     return torch.where(finite, eigenvalues, torch.full_like(eigenvalues, float("nan")))
 
 
 def _with_flat_tail(
-    eigenvalues: torch.Tensor, trace: torch.Tensor, count: torch.Tensor, d: int, round_off: torch.Tensor
+    eigenvalues: torch.Tensor, trace: torch.Tensor, count: torch.Tensor, d: int, round_off: torch.Tensor,
+    dropped: torch.Tensor,
 ) -> torch.Tensor:
     """``eigenvalues`` (ascending) with the energy the whitening floor dropped, ``trace(S) − Σ kept`` (the trace
-    from the summed ``Σ||y||²`` and ``Σy``, hence exact under DDP too), spread evenly over the zero slots the rows'
+    from the summed ``Σ||y||²`` and ``Σy``, hence exact under DDP too), spread evenly over the ``dropped``
+    directions (the core's eigenvalues under the floor and above its round-off), as many as the zero slots the rows'
     rank ``min(N − 1, d)`` allows. Dropped, the directions under the floor each carry ~1e-6 of ``Σ σ``, which
     erank weighs by ``log(1/p) ~ 14``: a nearly collapsed layer (one direction and a faint isotropic floor) read
-    erank 2.3% low at 3584 rows, an error growing with the rows. A flat tail is exact for an isotropic floor; a
-    share at round-off level (``round_off``, as for one eigenvalue) is none."""
+    erank 2.3% low at 3584 rows, an error growing with the rows; spread over every slot the rows allow, a floor
+    partly under the whitening floor read +1.0% (review R3). A share at round-off level (``round_off``, as for one
+    eigenvalue) is none."""
     kept = (eigenvalues > 0).sum()
     allowed = torch.clamp(count - 1, max=min(d, eigenvalues.numel()))
-    room = (allowed - kept).clamp_min(0)
+    room = torch.minimum((allowed - kept).clamp_min(0), dropped)
     share = (trace - eigenvalues.sum()).clamp_min(0.0) / room.clamp_min(1)
     slots = torch.arange(eigenvalues.numel(), device=eigenvalues.device)
     filled = (slots >= eigenvalues.numel() - kept - room) & (eigenvalues == 0) & (share > round_off)
