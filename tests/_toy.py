@@ -227,6 +227,17 @@ def numpy_erank(rows: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+def numpy_eigenscore(z: np.ndarray, alpha: float) -> float:
+    """EigenScore (INSIDE, Chen et al. 2024) in float64: the mean over examples of log det(Zᵀ J_d Z + αI) / K, for
+    ``z`` (N, D, K), each example's K passes of a D-wide embedding, J_d centring the features."""
+    scores = []
+    for passes in z:
+        centred = passes - passes.mean(0, keepdims=True)
+        _, logdet = np.linalg.slogdet(centred.T @ centred + alpha * np.eye(passes.shape[1]))
+        scores.append(logdet / passes.shape[1])
+    return float(np.mean(scores))
+
+
 class EvalRescaled(nn.Module):
     """Hugging Face RWKV's eval-mode rescaling in small (tests of the probes' parameter watcher): the first eval forward divides block i's weight by 2**i in
     place and notes it in a plain attribute; the first training forward after multiplies them back."""

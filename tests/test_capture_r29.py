@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import numpy_eigenscore, quiet_trainer
 from lightning_act.callbacks import ActivationSparsity, SensitiveNeurons
 from lightning_act.stats.eigenscore import DEFAULT_ALPHA
 
@@ -60,16 +60,6 @@ class ForecastTask(pl.LightningModule):
 def series(n: int, seed: int) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(torch.randn(n, 6, 3, generator=g), torch.randn(n, 3, generator=g)), batch_size=8)
-
-
-def numpy_eigenscore(z: np.ndarray, alpha: float) -> float:
-    """Mean over examples of log det(Zᵀ J_d Z + αI) / K, Z (D, K) an example's passes, J_d centring the features."""
-    scores = []
-    for passes in z:
-        centred = passes - passes.mean(0, keepdims=True)
-        _, logdet = np.linalg.slogdet(centred.T @ centred + alpha * np.eye(passes.shape[1]))
-        scores.append(logdet / passes.shape[1])
-    return float(np.mean(scores))
 
 
 def head_input(net: Forecaster, x: torch.Tensor) -> np.ndarray:

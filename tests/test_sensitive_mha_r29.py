@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import numpy_eigenscore, quiet_trainer
 from lightning_act.callbacks import SensitiveNeurons
 from lightning_act.stats.eigenscore import DEFAULT_ALPHA
 
@@ -105,17 +105,6 @@ class PassInputs(pl.Callback):
                 self.flags.append({name: m.training for name, m in net.named_modules()})
 
         net.register_forward_pre_hook(record)
-
-
-def numpy_eigenscore(z: np.ndarray, alpha: float) -> float:
-    """Mean over examples of log det(Zᵀ J_d Z + αI) / K, Z (D, K) an example's passes, J_d centring the features."""
-    scores = []
-    for passes in z:
-        d, k = passes.shape
-        centred = passes - passes.mean(0, keepdims=True)
-        _, logdet = np.linalg.slogdet(centred.T @ centred + alpha * np.eye(k))
-        scores.append(logdet / k)
-    return float(np.mean(scores))
 
 
 def head_input(net: AttentionNet, x: torch.Tensor) -> np.ndarray:

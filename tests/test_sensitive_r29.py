@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import numpy_eigenscore, quiet_trainer
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
 from lightning_act.stats.eigenscore import DEFAULT_ALPHA
 
@@ -47,16 +47,6 @@ class Vae(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)  # lr = 0: the passes' weights are the model's after the fit
-
-
-def numpy_eigenscore(z: np.ndarray, alpha: float) -> float:
-    """Mean over examples of log det(Zᵀ J_d Z + αI) / K, Z (D, K) an example's passes, J_d centring the features."""
-    scores = []
-    for passes in z:
-        centred = passes - passes.mean(0, keepdims=True)
-        _, logdet = np.linalg.slogdet(centred.T @ centred + alpha * np.eye(passes.shape[1]))
-        scores.append(logdet / passes.shape[1])
-    return float(np.mean(scores))
 
 
 def decoder_hidden(model: Vae, x: torch.Tensor) -> np.ndarray:

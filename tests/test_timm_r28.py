@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import numpy_eigenscore, quiet_trainer
 from lightning_act.callbacks import DimensionalCollapse, SensitiveNeurons
 from lightning_act.capture.selection import averaged_copy_modules, select_taps
 from lightning_act.stats.eigenscore import DEFAULT_ALPHA
@@ -141,17 +141,6 @@ class PassInputs(pl.Callback):
                 self.forwards.append((torch.get_rng_state(), args[0].clone()))
 
         vit.register_forward_pre_hook(record)
-
-
-def numpy_eigenscore(z: np.ndarray, alpha: float) -> float:
-    """Mean over examples of log det(Zᵀ J_d Z + αI) / K, Z (D, K) an example's passes, J_d centring the features."""
-    scores = []
-    for passes in z:
-        d, k = passes.shape
-        centred = passes - passes.mean(0, keepdims=True)
-        _, logdet = np.linalg.slogdet(centred.T @ centred + alpha * np.eye(k))
-        scores.append(logdet / k)
-    return float(np.mean(scores))
 
 
 def test_eigenscore_passes_apply_timm_fused_attention_dropout_as_the_unfused_path_does() -> None:
