@@ -173,8 +173,9 @@ def test_eigenscore_passes_apply_timm_fused_attention_dropout_as_the_unfused_pat
 
 
 class FunctionalDropout(nn.Module):
-    """A layer whose ``attn_drop`` child's dropout is applied functionally from the layer's own training flag, as a
-    fused attention does (not timm's family: no ``fused_attn``)."""
+    """A layer whose ``attn_drop`` child's dropout is applied inside a fused attention from the layer's own training
+    flag, ``dropout_p=self.attn_drop.p if self.training else 0.0`` (not timm's family: no ``fused_attn``); no
+    dropout call the passes could switch on (round 30 applies ``F.dropout(..., training=self.training)``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,7 +183,8 @@ class FunctionalDropout(nn.Module):
         self.attn_drop = nn.Dropout(0.3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(torch.tanh(self.linear(x.flatten(1))), self.attn_drop.p, self.training)
+        h = torch.tanh(self.linear(x.flatten(1))).unsqueeze(1)  # one token: the attention weight 1, or dropped
+        return F.scaled_dot_product_attention(h, h, h, dropout_p=self.attn_drop.p if self.training else 0.0).squeeze(1)
 
 
 class FusedDropoutNet(nn.Module):

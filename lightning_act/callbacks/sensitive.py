@@ -20,8 +20,8 @@ module's output.
 EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
 mode, and timm's fused attention, ``nn.MultiheadAttention`` with ``dropout > 0`` and ``nn.LSTM``/``GRU``/``RNN`` with
-``dropout > 0`` between ``num_layers > 1`` layers by their own flag, which applies their dropout; everything else in
-eval mode), and
+``dropout > 0`` between ``num_layers > 1`` layers by their own flag, which applies their dropout; a Hugging Face-style
+``F.dropout(h, p, training=self.training)`` applied as in training; everything else in eval mode), and
 averaged. With no active dropout in the model and a deterministic pass that drew no random numbers the K
 passes are identical (so the deterministic pass is reused instead of rerun), Σ has rank ≤ 1, and the
 score sits near ``(K − 1)/K · log α``; a forward drawing its own noise (a VAE's sampling) has its K passes run;
@@ -59,6 +59,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from lightning_act.callbacks.base import (
     ActivationMonitor,
@@ -326,6 +328,33 @@ def _applies_own_dropout(module: nn.Module) -> bool:
     if isinstance(module, nn.RNNBase):
         return float(module.dropout) > 0 and module.num_layers > 1
     return isinstance(module, nn.MultiheadAttention) and float(module.dropout) > 0
+
+
+#: Functional dropouts whose ``training`` defaults to True: ``training=False`` in a call is a module's flag passed on.
+_FUNCTIONAL_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d})
+
+
+class _FunctionalDropout(TorchFunctionMode):
+    """Reads, and with ``force`` applies, the dropout a forward calls as a function from a module's training flag,
+    Hugging Face's ``F.dropout(hidden_states, p=self.dropout, training=self.training)`` (BART, Whisper, OPT, Marian):
+    no dropout module holds it, so eval mode turns it off and training mode on a module would switch its other
+    children too. ``seen``: a call with ``p > 0`` and ``training=False`` ran (in a pass with every dropout module in
+    training mode, or in one of a model without any, only such a call passes False with ``p > 0``); ``force`` makes it
+    drop, as in training."""
+
+    def __init__(self, force: bool) -> None:
+        super().__init__()
+        self.force = force
+        self.seen = False
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        # handle_torch_function hands these functions their arguments by keyword, defaults filled in
+        if func in _FUNCTIONAL_DROPOUTS and kwargs.get("training") is False and float(kwargs.get("p", 0.0)) > 0:
+            self.seen = True
+            if self.force:
+                kwargs = {**kwargs, "training": True}
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -731,6 +760,9 @@ class SensitiveNeurons(FitScopedState):
         #: Whether the last eagerly run deterministic pass drew random numbers (:func:`drew_random`): a replayed graph
         #: draws as its capture did.
         self._clean_pass_draws = False
+        #: Whether the model calls a functional dropout from a module's flag (:class:`_FunctionalDropout`), read at
+        #: the fit's first eager passes; None: not read yet.
+        self._functional_dropout: bool | None = None
 
     @property
     def _source(self) -> str:
@@ -758,6 +790,7 @@ class SensitiveNeurons(FitScopedState):
         )
         self._graphed = GraphedPass("SensitiveNeurons")  # each fit tries a capture afresh
         self._clean_pass_draws = False
+        self._functional_dropout = None
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # and records its forwards afresh
         self._graph_this_fit = self.cuda_graph
         if self.cuda_graph and trainer is not None and not strategy_allows_graphs(trainer.strategy):
@@ -1240,7 +1273,10 @@ class SensitiveNeurons(FitScopedState):
         (:func:`_applies_child_dropout`), or a dropout of its own, ``nn.MultiheadAttention`` with ``dropout > 0``
         (:func:`_applies_own_dropout`; a transformer layer's ``self_attn``), or ``nn.LSTM``/``GRU``/``RNN`` with
         ``num_layers > 1`` and ``dropout > 0`` (between its layers): before rounds 28 and 29 their dropout
-        never acted, and the K passes were the deterministic one, silently. PyTorch's transformer fast path is off in
+        never acted, and the K passes were the deterministic one, silently. A functional dropout called with a
+        module's flag, ``F.dropout(h, p, training=self.training)`` (:class:`_FunctionalDropout`, read at the fit's
+        first passes), drops as in training (before round 30 it did not: a BART/Whisper-style model's K passes were
+        the deterministic one). PyTorch's transformer fast path is off in
         the passes (:func:`~lightning_act.callbacks.probe.probing`), so an encoder layer runs its ``dropout1``/
         ``dropout2`` modules and its attention's dropout. A dropout module that did not run though its parent's forward
         completed (another module applying it from its own flag) is named once; where no stochastic module ran and the
@@ -1293,34 +1329,48 @@ class SensitiveNeurons(FitScopedState):
         self._arm(True)
         try:
             with own_passes(self._registry, self, self._cutoff), probing(trainer, pl_module, device):
-                if self._graph_this_fit and device.type == "cuda":
-                    clean = self._graphed(one_pass, pl_module, self._batches)
-                else:
-                    clean = one_pass()
-                passes: list[dict[str, torch.Tensor]] = []
                 stochastic_modules = [
                     m for m in pl_module.modules()
                     if (_is_stochastic(m) and _drops_anything(m)) or _applies_own_dropout(m)
                 ]
+                if self._graph_this_fit and device.type == "cuda":
+                    clean = self._graphed(one_pass, pl_module, self._batches)
+                else:
+                    # without dropout modules, a call passing training=False with p > 0 is a functional dropout's
+                    reading = self._functional_dropout is None and not stochastic_modules
+                    with _FunctionalDropout(force=False) if reading else contextlib.nullcontext() as functional:
+                        clean = one_pass()
+                    if reading:
+                        self._functional_dropout = functional.seen
+                passes: list[dict[str, torch.Tensor]] = []
                 # rank 0's passes are the ones broadcast, and every rank must run them or none: its decision
                 reuse = self.eigenscore_passes >= 2 and not stochastic_modules and not (
-                    self._rank_zeros(self._clean_pass_draws, device)
+                    self._rank_zeros(self._clean_pass_draws or bool(self._functional_dropout), device)
                 )
                 if reuse:
                     # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
                     passes = [clean] * self.eigenscore_passes
                 elif self.eigenscore_passes >= 2:
                     first = (self.seed * 1_000_003 + self.checkpoints) * self.eigenscore_passes
+                    # read in the fit's first passes (every dropout module then passes training=True), applied after
+                    forcing = (
+                        _FunctionalDropout(force=True) if self._functional_dropout is not False
+                        else contextlib.nullcontext()
+                    )
                     with _stochastic_mode(pl_module, stochastic_modules) as (ran, completed), \
-                            _paused(self._feature_drops.values()):
+                            _paused(self._feature_drops.values()), forcing:
                         passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
+                    functional_ran = isinstance(forcing, _FunctionalDropout) and forcing.seen
+                    if self._functional_dropout is None:
+                        self._functional_dropout = functional_ran
                     self._warn_dropout_not_run(pl_module, completed - ran)
                     # passes differing by the forward's own draws (a VAE's sampling) are not those of an inert dropout;
                     # with no dropout to blame, passes equal to the deterministic one are its K copies, as above
-                    inert = bool(stochastic_modules) and not ran and all(
-                        name in p and torch.equal(p[name], embedding)
-                        for p in passes for name, embedding in clean.items()
-                    )
+                    inert = bool(stochastic_modules or self._functional_dropout) and not ran and not functional_ran \
+                        and all(
+                            name in p and torch.equal(p[name], embedding)
+                            for p in passes for name, embedding in clean.items()
+                        )
                     if self._rank_zeros(inert, device):  # rank 0's passes are the ones broadcast: its decision
                         self._warn_no_dropout_ran(pl_module, stochastic_modules)
                         passes = []
@@ -1355,9 +1405,12 @@ class SensitiveNeurons(FitScopedState):
         self._inert_dropout_warned.add("")
         ids = {id(module) for module in stochastic}
         names = [name for name, module in pl_module.named_modules() if id(module) in ids]
+        if self._functional_dropout:
+            names.append("F.dropout calls with training=self.training")
         rank_zero_warn(
-            f"SensitiveNeurons: none of the model's dropout modules with p > 0 or attentions with dropout > 0 "
-            f"({_some(names)}) ran in the EigenScore/EES stochastic passes, which equal the deterministic pass: "
+            f"SensitiveNeurons: none of the model's dropout modules with p > 0, attentions with dropout > 0 or "
+            f"functional dropouts ({_some(names)}) ran in the EigenScore/EES stochastic passes, which equal the "
+            "deterministic pass: "
             "eigenscore and ees are not logged at such checkpoints (the dropout lies after the tapped modules, or a "
             "parent applies it from its own training flag, as a fused attention does; give the model a dropout "
             "module that runs before the taps)",
