@@ -169,6 +169,17 @@ def verdicts(rows: list[dict[str, Any]], reference: str = "Spectral-NN") -> list
     return [f"Paper claim 'Spectral-NN has the best AP': {ap_claim}.", f"Paper claim 'ACE has the best ROC-AUC': {auc_claim}."]
 
 
+def mixed_share(results: list[dict[str, Any]]) -> str:
+    """The share of positive test pixels only partly covered by a target; unknown when a seed's data has no abundances.
+
+    A loaded cube (``--path``) has only a mask, so its mixed share is not measured: say so rather than print NaN.
+    """
+    fractions = [r["mixed_fraction"] for r in results]
+    if not fractions or any(math.isnan(f) for f in fractions):
+        return "share of them mixed (sub-pixel) unknown (the data has no abundances)"
+    return f"{statistics.fmean(fractions):.0%} of them mixed (sub-pixel)"
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", default=None, help="ENVI .hdr or .mat cube (default: synthetic scenes)")
@@ -208,8 +219,8 @@ def main(argv: list[str] | None = None) -> str:
         markdown_table(rows),
         "",
         f"Seeds {seeds}; per seed {results[0]['test_scenes']} held-out test scenes, {min(positives)}-{max(positives)} "
-        f"positive test pixels (of {results[0]['pixels']}), {statistics.fmean(r['mixed_fraction'] for r in results):.0%} "
-        f"of them mixed (sub-pixel); prevalence {statistics.fmean(p / r['pixels'] for p, r in zip(positives, results)):.4f} "
+        f"positive test pixels (of {results[0]['pixels']}), {mixed_share(results)}; "
+        f"prevalence {statistics.fmean(p / r['pixels'] for p, r in zip(positives, results)):.4f} "
         "(the AP of a random ranking). Intervals: 95 % Student-t over seeds.",
         *verdicts(rows),
         f"Wall time {time.perf_counter() - start:.0f} s.",

@@ -154,16 +154,19 @@ def verdicts(results: dict[str, Any]) -> list[str]:
 
     def decide(interval: tuple[float, float, float]) -> str:
         if math.isnan(interval[1]):
-            return "undecided (one seed)"
+            no_interval = "one seed" if len(methods["frozen"]["acc"]) < 2 else "a seed without a finite accuracy"
+            return f"undecided ({no_interval}: no interval)"
         if interval[1] > 0:
             return "yes"
         return "no, it is lower" if interval[2] < 0 else "not separable (interval includes 0)"
 
     delta = paired("dopamine", "frozen")
+    answer = decide(delta)
+    # Without an interval the claim is neither confirmed nor refuted.
+    label = "REPRODUCED" if answer == "yes" else "UNDECIDED" if answer.startswith("undecided") else "NOT REPRODUCED"
     lines = [
-        f"Paper claim 'Dopamine beats the frozen foundation on the rotated mode': "
-        f"{'REPRODUCED' if decide(delta) == 'yes' else 'NOT REPRODUCED'} "
-        f"({format_interval(delta, 1, signed=True, scale=100)} points, {decide(delta)})."
+        f"Paper claim 'Dopamine beats the frozen foundation on the rotated mode': {label} "
+        f"({format_interval(delta, 1, signed=True, scale=100)} points, {answer})."
     ]
     if "lora" in methods:
         gap = paired("lora", "dopamine")
