@@ -18,23 +18,24 @@ A *module spec* is one of:
   torchvision's MobileNet ``features``; torchvision's ``IntermediateLayerGetter``, a ``ModuleDict``, is one too), or
   one of torchvision blocks cut into bare ``Sequential`` parts (SSDLite's MobileNet), and stacks nested
   inside a chosen stack are skipped; a plain module's children are no stack (timm RegNet's ``s1.b1`` ...: select
-  them by a glob);
+  them by a glob), nor are a quantization fused module's (``LinearReLU``); a scripted block counts as its class;
 - ``"@penultimate"``: the input of the classifier head (``model.get_classifier()`` for timm
   models, else the last ``nn.Linear`` outside frozen copies of a trained module and outside frozen networks with
   blocks whose last Linear is as wide as a trained one (a distillation teacher); a Hugging Face peft adapter layer
   wrapping one, such as LoRA's, stands for it, as its input is the layer's input while its own ``lora_A``/``lora_B``
-  Linears see the bottleneck), i.e. the penultimate features, named ``<head>-input``;
+  Linears see the bottleneck), i.e. the penultimate features, named ``<head>-input``; a last Linear inside a block of
+  a stack is no head (the head is then a parameter: tied, or CLIP's projection), and nothing is tapped, said once;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
   name (``"GELU"``): every module of that class (a parametrized module's by the class it was made as);
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
 
 The presets leave out averaged copies of the model (an EMA's ``AveragedModel``, ema-pytorch's ``EMA``),
-parametrizations and the ``original_module`` that a Hugging Face peft ``ModulesToSaveWrapper`` keeps beside the copy
-it trains, which run on no activation of its forward, and the modules that run on a fixed table, not on the batch:
-position-bias MLPs (Swin V2's ``cpb_mlp``) and peft's prompt encoders (prefix and prompt tuning's
-``prompt_encoder`` of a ``PeftModel``). A ``ModulesToSaveWrapper`` is a block of ``"@blocks"`` where the module it
-wraps is one, and the fused activations of quantization-aware training (``torch.ao.nn.intrinsic.qat``'s
-``ConvBnReLU2d``, ``LinearReLU`` ...) are activation outputs of ``"@activations"``.
+parametrizations, the ``original_module`` that a Hugging Face peft ``ModulesToSaveWrapper`` keeps beside the copy
+it trains and quantization's observers and fake-quants, which run on no activation of its forward, and the modules
+that run on a fixed table, not on the batch: position-bias MLPs (Swin V2's ``cpb_mlp``) and peft's prompt encoders
+(prefix and prompt tuning's ``prompt_encoder`` of a ``PeftModel``). A ``ModulesToSaveWrapper`` is a block of
+``"@blocks"`` where the module it wraps is one, and the fused activations of quantization-aware training
+(``torch.ao.nn.intrinsic.qat``'s ``ConvBnReLU2d``, ``LinearReLU`` ...) are activation outputs of ``"@activations"``.
 
 A string spec may end in ``":input"`` (or ``"-input"``, the name it is logged under: :data:`INPUT_TAP_SUFFIX`) to
 tap the module's first input instead of its output (the activations entering a down-projection, for example); a
@@ -102,6 +103,13 @@ _PEFT_PROMPT_ENCODER_NAME = "prompt_encoder"
 # ``ConvReLU2d`` ...) are Sequentials whose activation is a child, tapped as one.
 _FUSED_ACTIVATION_PACKAGE = "torch.ao.nn.intrinsic.qat."
 _FUSED_ACTIVATION_NAME = re.compile(r"(ReLU|Tanh)([123]d)?$")
+# The fused modules of quantization (``torch.ao.nn.intrinsic``: ``LinearReLU``, ``ConvReLU2d`` ..., float and QAT) are
+# Sequential subclasses that hold one layer, not a stack (see _is_stack_container); and quantization's observers and
+# fake-quants (``weight_fake_quant``, ``activation_post_process``), matched by base class, which run on a weight or
+# copy a layer's output: no activation of their own.
+_FUSED_MODULE_PACKAGE = "torch.ao.nn.intrinsic."
+_QUANTIZATION_PACKAGE = "torch.ao.quantization."
+_QUANTIZATION_OBSERVER_NAMES = {"ObserverBase", "FakeQuantizeBase"}
 # torchvision's ModuleDict that runs a backbone's children in order (see _is_stack_container), matched by name so
 # that torchvision is never imported.
 _ORDERED_DICT_CLASS_NAME = "IntermediateLayerGetter"
@@ -257,7 +265,7 @@ def module_reads(model: nn.Module, name: str) -> tuple[nn.Module | None, list[Mo
     def unwrapped(module: nn.Module) -> nn.Module:
         while True:
             for key in _WRAPPER_KEYS:
-                inner = module._modules.get(key)
+                inner = _registered_child(module, key)
                 reads.append((module, key, inner))
                 if inner is not None:
                     break
@@ -267,7 +275,7 @@ def module_reads(model: nn.Module, name: str) -> tuple[nn.Module | None, list[Mo
 
     module = unwrapped(model)
     for part in name.split(".") if name else []:
-        child = module._modules.get(part)
+        child = _registered_child(module, part)
         reads.append((module, part, child))
         if child is None:
             return None, reads
@@ -278,9 +286,17 @@ def module_reads(model: nn.Module, name: str) -> tuple[nn.Module | None, list[Mo
 def reads_unchanged(reads: list[ModuleRead]) -> bool:
     """Whether every lookup of :func:`module_reads` finds what it found then, by identity."""
     for parent, key, found in reads:  # a loop: ~2x faster than all() over a generator, for hundreds of reads
-        if parent._modules.get(key) is not found:
+        children = parent._modules
+        if (children.get(key) if type(children) is dict else _registered_child(parent, key)) is not found:
             return False
     return True
+
+
+def _registered_child(module: nn.Module, key: str) -> nn.Module | None:
+    """The child registered under ``key``, else None: a ScriptModule's ``_modules`` is torch's ``OrderedModuleDict``,
+    which has no ``.get`` (a scripted block crashed DimensionalCollapse at fit start)."""
+    children = module._modules
+    return children[key] if key in children else None
 
 
 def module_aliases(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
@@ -318,9 +334,14 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
     if len(children) < 2:
         return []
     wrapped = [_innermost_wrapped(c) for c in children]
-    kinds = [module_class(c) for c in wrapped]
+    kinds: list[type | str] = [module_class(c) for c in wrapped]
+    # a scripted or traced block is of the class it was made from, which it names: one scripted block of a stack left
+    # the others no stack (the presets leave out only the scripted one, see _repeated_blocks)
+    eager_kinds = {kind.__name__: kind for c, kind in zip(wrapped, kinds) if not isinstance(c, torch.jit.ScriptModule)}
+    kinds = [eager_kinds.get(c.original_name, kind) if isinstance(c, torch.jit.ScriptModule) else kind
+             for c, kind in zip(wrapped, kinds)]
     if len(set(kinds)) == 1:
-        return children if any(True for _ in wrapped[0].children()) else []
+        return children if _holds_layers(wrapped[0]) else []
     runs: list[tuple[int, int]] = []  # [start, end) of each run of one class
     for i, kind in enumerate(kinds):
         if runs and kinds[runs[-1][0]] is kind:
@@ -329,7 +350,7 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
             runs.append((i, i + 1))
     start, end = max(runs, key=lambda run: run[1] - run[0])
     inner = kinds[start]
-    if end - start < 3 or 2 * (end - start) < len(children) or not any(True for _ in wrapped[start].children()):
+    if end - start < 3 or 2 * (end - start) < len(children) or not _holds_layers(wrapped[start]):
         return []
     if isinstance(wrapped[start], (nn.ModuleList, nn.Sequential)):
         return []
@@ -337,6 +358,20 @@ def _stack_members(children: list[nn.Module]) -> list[nn.Module]:
     if inner in stem_kinds + tail_kinds or len(set(stem_kinds)) > 1 or len(set(tail_kinds)) > 1:
         return []
     return children[start:end]
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    """Whether ``module`` has children other than quantization observers: a QAT-prepared ``nn.Linear`` holds its
+    ``weight_fake_quant`` and is still one layer, no block."""
+    return any(not _is_quantization_observer(child) for child in module.children())
+
+
+def _is_quantization_observer(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantization observer or fake-quant (see ``_QUANTIZATION_OBSERVER_NAMES``)."""
+    return any(
+        c.__name__ in _QUANTIZATION_OBSERVER_NAMES and c.__module__.startswith(_QUANTIZATION_PACKAGE)
+        for c in type(module).__mro__
+    )
 
 
 def _split_stack_members(parts: list[nn.Module]) -> list[nn.Module]:
@@ -362,7 +397,10 @@ def _is_stack_container(module: nn.Module) -> bool:
     """Whether ``module`` runs its children in their order: a ModuleList/Sequential, or torchvision's
     ``IntermediateLayerGetter`` (a ModuleDict of a backbone's children, in LRASPP, DeepLabV3 and Faster R-CNN). Other
     ModuleDicts hold parallel branches as often (a head per task), and timm's ``features_only`` dict keeps its
-    stages' own stacks."""
+    stages' own stacks. A fused module of quantization (``LinearReLU``, a Sequential) is one layer: its QAT form's
+    two fake-quants were taken for a stack, and the fake-quantized weight measured as an activation."""
+    if type(module).__module__.startswith(_FUSED_MODULE_PACKAGE):
+        return False
     return isinstance(module, (nn.ModuleList, nn.Sequential)) or (
         isinstance(module, nn.ModuleDict) and type(module).__name__ == _ORDERED_DICT_CLASS_NAME)
 
@@ -480,8 +518,8 @@ def _not_run_on_activations(model: nn.Module, modules: list[tuple[str, nn.Module
     nn.Linear" and never ran in a training step), parametrizations (``<module>.parametrizations``: functions of a
     parameter; an ``nn.Softplus`` that keeps one positive is no activation layer) and the ``original_module`` of a
     peft ``ModulesToSaveWrapper``, which runs its trained copy instead (the original only with the adapters
-    disabled)."""
-    left_out = averaged_copy_modules(model)
+    disabled), and quantization's observers and fake-quants (a ``weight_fake_quant`` gives the quantized weight)."""
+    left_out = averaged_copy_modules(model) | {id(m) for _, m in modules if _is_quantization_observer(m)}
     for _, module in modules:
         if parametrize.is_parametrized(module):
             left_out |= {id(m) for m in module.parametrizations.modules()}
@@ -495,10 +533,14 @@ def has_lazy_parameters(module: nn.Module) -> bool:
     return any(is_lazy(p) for p in module.parameters())
 
 
-def frozen_copies(modules: list[tuple[str, nn.Module]]) -> set[int]:
+def frozen_copies(modules: list[tuple[str, nn.Module]], optimized: set[int] | None = None) -> set[int]:
     """Ids of the modules inside a frozen copy: a module with children none of whose parameters trains, beside one of
     the same class and parameter shapes whose parameters do (a hand-made EMA, a mean or self-distillation teacher).
-    As of timm-style models (:func:`_head_owners`), the head of the trained one is the model's."""
+    As of timm-style models (:func:`_head_owners`), the head of the trained one is the model's. ``optimized``: the
+    ids of the parameters the fit's optimizers hold, where known (None before they exist, at setup); a parameter
+    trains where it requires grad and one holds it, so a DQN target network (a copy in no optimizer that keeps
+    ``requires_grad=True``, as in Lightning's example and CleanRL) is a copy too. Alike modules none of whose
+    parameters an optimizer holds (FSDP's flattened ones) are told by ``requires_grad`` alone."""
     alike: dict[tuple[type, tuple[tuple[str, torch.Size], ...]], list[nn.Module]] = {}
     for _, module in modules:
         if has_lazy_parameters(module):  # no shape to compare yet (nn.LazyLinear before its first forward)
@@ -508,26 +550,36 @@ def frozen_copies(modules: list[tuple[str, nn.Module]]) -> set[int]:
             alike.setdefault((module_class(module), shapes), []).append(module)
     frozen: set[int] = set()
     for group in alike.values():
-        trains = [any(p.requires_grad for p in m.parameters()) for m in group]
+        held = optimized if optimized and any(id(p) in optimized for m in group for p in m.parameters()) else None
+        trains = [any(p.requires_grad and (held is None or id(p) in held) for p in m.parameters()) for m in group]
         if any(trains):
             frozen |= {id(m) for copy, trained in zip(group, trains) if not trained for m in copy.modules()}
     return frozen
 
 
-def _head_owners(model: nn.Module, left_out: set[int]) -> list[nn.Module]:
+def _head_owners(model: nn.Module, left_out: set[int], optimized: set[int] | None = None) -> list[nn.Module]:
     """The outermost modules with a timm-style ``get_classifier`` (outside ``left_out``); of several (a frozen teacher
-    beside a student), the ones with trainable parameters, or all when none has any."""
+    beside a student), the ones with trainable parameters (``optimized``: see :func:`frozen_copies`), or all when none
+    has any."""
     owners = [m for m in model.modules() if hasattr(m, "get_classifier") and id(m) not in left_out]
     inner = {id(m) for owner in owners for m in owner.modules() if m is not owner}
     outermost = [owner for owner in owners if id(owner) not in inner]
-    trained = [owner for owner in outermost if any(p.requires_grad for p in owner.parameters())]
+    known = optimized and any(id(p) in optimized for owner in outermost for p in owner.parameters())
+    held = optimized if known else None
+    trained = [owner for owner in outermost
+               if any(p.requires_grad and (held is None or id(p) in held) for p in owner.parameters())]
     return trained or outermost
 
 
-def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_out: set[int]) -> list[Tap]:
+def _penultimate(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], left_out: set[int], optimized: set[int] | None = None
+) -> tuple[list[Tap], str | None]:
+    """The ``"@penultimate"`` tap (see the module docstring), and why there is none where the last Linear lies inside
+    a block of a stack (:func:`_repeated_blocks`): no head, but an MLP's layer of the last block (the model's head is a
+    parameter, tied or a projection, which no hook sees). ``optimized``: see :func:`frozen_copies`."""
     taps: list[Tap] = []
     inside_headless: set[int] = set()
-    for head_owner in _head_owners(model, left_out):
+    for head_owner in _head_owners(model, left_out, optimized):
         head = head_owner.get_classifier()
         if isinstance(head, (tuple, list)):  # timm's distilled DeiT: (head, head_dist); the class token's head
             head = head[0] if head else None
@@ -539,16 +591,47 @@ def _penultimate(model: nn.Module, modules: list[tuple[str, nn.Module]], left_ou
         if not found and head_owner is not model:  # a headless backbone (num_classes=0): the head is outside it
             inside_headless |= {id(m) for m in head_owner.modules()}
     if taps:
-        return taps
+        return taps, None
     # a peft wrapper of a Linear stands for it (its input is the layer's); the Linears inside it are the wrapped one
     # and the adapter's own (LoRA's lora_B sees the rank-r bottleneck)
     inside_wrappers = {id(m) for _, w in modules if _peft_wrapped(w) is not None for m in w.modules() if m is not w}
-    outside = inside_headless | frozen_copies(modules) | inside_wrappers
+    outside = inside_headless | frozen_copies(modules, optimized) | inside_wrappers
     linears = [(n, m) for n, m in modules if isinstance(_innermost_wrapped(m), nn.Linear) and id(m) not in outside]
     # as of timm-style owners, a Linear of a trained part before one inside a frozen distillation teacher
     teachers = _frozen_teachers(modules, linears)
     linears = [(n, m) for n, m in linears if id(m) not in teachers] or linears
-    return [Tap(f"{linears[-1][0]}{INPUT_TAP_SUFFIX}", linears[-1][1], "input")] if linears else []
+    if not linears:
+        return [], None
+    name, head = linears[-1]
+    block = next((b for b, _ in _repeated_blocks(modules) if name.startswith(f"{b}.")), None)
+    if block is None:
+        return [Tap(f"{name}{INPUT_TAP_SUFFIX}", head, "input")], None
+    norm = _norm_after(modules, block)
+    fix = (f"modules=[{norm!r}] (the norm after the blocks)" if norm is not None
+           else "modules=['<module>'] naming the module whose output is the penultimate features")
+    return [], (
+        f"'@penultimate' finds no head in {type(model).__name__}: its last nn.Linear, {name}, lies inside the "
+        f"repeated block {block} (the head is a parameter: a tied F.linear(h, wte.weight), x @ embedding.weight.T, "
+        f"CLIP's x @ proj), so it taps nothing; pass {fix}, or modules=['<head>:input'] naming the head module"
+    )
+
+
+def _norm_after(modules: list[tuple[str, nn.Module]], block: str) -> str | None:
+    """The first normalization layer registered after the stack holding ``block``, at its level or above (a
+    transformer's final ``ln``/``norm``/``ln_final``, whose output the head reads), else None: a suggestion only, as
+    registration order need not be the order of the forward."""
+    by_name = dict(modules)
+    child = block.rpartition(".")[0]
+    while child:
+        parent, _, key = child.rpartition(".")
+        owner = by_name.get(parent)
+        children = [] if owner is None else [n for n, _ in owner.named_children()]
+        for later in children[children.index(key) + 1:] if key in children else []:
+            name = f"{parent}.{later}" if parent else later
+            if name in by_name and "Norm" in module_class(by_name[name]).__name__:
+                return name
+        child = parent
+    return None
 
 
 def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[str, nn.Module]]) -> set[int]:
@@ -606,7 +689,10 @@ def _frozen_teachers(modules: list[tuple[str, nn.Module]], linears: list[tuple[s
     return {id(m) for n, m in modules if n in teachers or any(a in teachers for a in ancestors(n))}
 
 
-def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.Module]] | None = None) -> list[Tap]:
+def _match_one(
+    model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.Module]] | None = None,
+    optimized: set[int] | None = None,
+) -> list[Tap]:
     modules = named_modules(model) if modules is None else modules
     if isinstance(spec, type):
         return [Tap(n, m) for n, m in modules if isinstance(m, spec)]
@@ -620,9 +706,8 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     if suffix is not None:
         spec, point = spec[: -len(suffix)], "input"
     left_out: set[int] = set()
-    if spec.startswith("@"):  # a preset picks among the modules that take hooks (see select_taps) and see activations
-        left_out = _not_run_on_activations(model, modules) | _fixed_table_modules(model, modules)  # (of the batch)
-        modules = [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule) and id(m) not in left_out]
+    if spec.startswith("@"):
+        modules, left_out = _preset_candidates(model, modules)
     if spec == "@activations":
         shadowed = _shadowed(modules) | left_out  # nor is a parametrization's Softplus an MLP's activation module
         activations = [(n, m) for n, m in modules if n and is_activation(m) and id(m) not in shadowed]
@@ -635,7 +720,7 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     elif spec == "@blocks":
         taps = [Tap(n, m) for n, m in _repeated_blocks(modules)]
     elif spec == "@penultimate":
-        return _penultimate(model, modules, left_out)
+        return _penultimate(model, modules, left_out, optimized)[0]
     elif spec.startswith("@"):
         raise ModuleSelectionError(f"unknown module preset {spec!r}; use one of {', '.join(PRESETS)}")
     elif (cls := resolve_class(spec)) is not None:
@@ -650,6 +735,15 @@ def _match_one(model: nn.Module, spec: ModuleSpec, modules: list[tuple[str, nn.M
     return taps
 
 
+def _preset_candidates(
+    model: nn.Module, modules: list[tuple[str, nn.Module]]
+) -> tuple[list[tuple[str, nn.Module]], set[int]]:
+    """The modules a preset picks among, those that take hooks (see :func:`select_taps`) and see activations (of the
+    batch), and the ids of the ones left out for running on none."""
+    left_out = _not_run_on_activations(model, modules) | _fixed_table_modules(model, modules)
+    return [(n, m) for n, m in modules if not isinstance(m, torch.jit.ScriptModule) and id(m) not in left_out], left_out
+
+
 def unmatched_specs(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec]) -> list[ModuleSpec]:
     """The specs of ``specs`` that match no module of ``model`` on their own."""
     specs = [specs] if isinstance(specs, (str, type)) else list(specs)
@@ -658,12 +752,16 @@ def unmatched_specs(model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec]) 
 
 
 def select_taps(
-    model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owner: str = "monitor", warn_aliases: bool = True
+    model: nn.Module, specs: ModuleSpec | Sequence[ModuleSpec], owner: str = "monitor", warn_aliases: bool = True,
+    optimized: set[int] | None = None,
 ) -> list[Tap]:
     """Resolve ``specs`` on ``model`` into taps, in module order, without duplicates.
 
-    Raises :class:`ModuleSelectionError` (one line, with the fix) when nothing matches. ``warn_aliases=False`` for a
-    monitor selecting a subset of its taps again: their "registered also as" warning was said at their selection.
+    Raises :class:`ModuleSelectionError` (one line, with the fix) when nothing matches; a ``"@penultimate"`` that
+    finds no head (its last Linear inside a block) says why, in that line or, beside other taps, in a warning.
+    ``warn_aliases=False`` for a monitor selecting a subset of its taps again: their "registered also as" warning was
+    said at their selection. ``optimized``: the ids of the parameters the fit's optimizers hold, where known (see
+    :func:`frozen_copies`; at fit start, a DQN target network in no optimizer is no trained network).
     """
     if isinstance(specs, (str, type)):
         specs = [specs]
@@ -678,11 +776,20 @@ def select_taps(
         )
     taps: list[Tap] = []
     seen: set[tuple[int, str]] = set()
+    headless: str | None = None
     for spec in specs:
-        for tap in _match_one(model, spec, modules):
+        if spec == "@penultimate":
+            matched, headless = _penultimate(model, *_preset_candidates(model, modules), optimized)
+        else:
+            matched = _match_one(model, spec, modules, optimized)
+        for tap in matched:
             if (id(tap.module), tap.point) not in seen:
                 seen.add((id(tap.module), tap.point))
                 taps.append(tap)
+    if headless is not None and not taps:
+        raise ModuleSelectionError(f"{owner}: {headless}")
+    if headless is not None:
+        warnings.warn(f"{owner}: {headless}", UserWarning, stacklevel=2)
     if not taps:
         names = [n for n, _ in modules if n]
         raise ModuleSelectionError(
