@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -287,25 +281,6 @@ class StateAtBatchEnd(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         params = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
         self.states.append((params, pl_module.net.layers_are_rescaled))
-
-
-def run_on_two_ranks(script: Path, case: str, tmp_path: Path, port_offset: int, timeout: int = 240) -> list[dict]:
-    """Run ``script case tmp_path`` (a test file launching a 2-process CPU fit of ``case``); each rank's JSON (a rank
-    that hangs is killed with its launcher at ``timeout``)."""
-    path = os.pathsep.join([str(script.parent), str(script.parent.parent)])  # this checkout's lightning_act
-    port = 29500 + (os.getpid() + port_offset) % 1000
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, str(script), case, str(tmp_path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks
-        _, stderr = proc.communicate()
-        stderr = f"no end after {timeout} s\n{stderr}"
-    results = [tmp_path / f"{case}.{rank}.json" for rank in range(2)]
-    assert proc.returncode == 0 and all(r.is_file() for r in results), stderr[-4000:]
-    return [json.loads(r.read_text()) for r in results]
 
 
 class GAN(pl.LightningModule):

@@ -1,6 +1,9 @@
-"""DDP on 2 CPU processes: a Ctrl-C that reaches rank 1 alone during epoch 0's validation
-(``python ddp_ctrl_c_in_validation.py OUT``). Rank 0 writes how its fit ended and the step of the last.ckpt written
-to ``OUT`` (JSON); it ends rank 1 as it ends an interrupted fit."""
+"""DDP on 2 CPU processes: a Ctrl-C that reaches rank 1 alone during epoch 0's validation. Rank 0 writes how its fit
+ended and the step of the last.ckpt written to ``OUT`` (JSON); it ends rank 1 as it ends an interrupted fit.
+
+Run by tests/test_ddp.py as scenario ``ctrl_c_in_validation`` of ddp_scenarios.py (an ender: the last of its launch);
+``python ddp_ctrl_c_in_validation.py OUT`` runs it alone.
+"""
 
 import json
 import os
@@ -23,7 +26,7 @@ class CtrlCOnRank1InValidation(ToyTask):
         return super().validation_step(batch, batch_idx)
 
 
-if __name__ == "__main__":
+def main(out_path: str) -> None:
     loader = torch.utils.data.DataLoader(toy_dataset(64), batch_size=8)
     trainer = quiet_trainer(max_epochs=2, devices=2, strategy="ddp", limit_val_batches=2, enable_checkpointing=True,
                             callbacks=[LastCheckpoint(dirpath="ck")])
@@ -34,5 +37,9 @@ if __name__ == "__main__":
         ended = f"exit {stop.code}"
     if trainer.is_global_zero:
         saved = torch.load("ck/last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-        with open(sys.argv[1], "w") as handle:
+        with open(out_path, "w") as handle:
             json.dump({"saved_step": saved, "ended": ended}, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

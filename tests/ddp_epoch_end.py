@@ -1,6 +1,8 @@
 """DDP on 2 CPU processes: epochs that end with a torchmetrics value to compute (a collective) and a checkpoint
 write or another barrier, under a rank-0-only progress bar. Each (progress bar, epoch-end barrier) fit that ends is
-appended to the file ``OUT`` (``python ddp_epoch_end.py OUT``); a deadlock leaves the rest out.
+appended to the file ``OUT``; a deadlock leaves the rest out.
+
+Run by tests/test_ddp.py as scenario ``epoch_end`` of ddp_scenarios.py; ``python ddp_epoch_end.py OUT`` runs it alone.
 """
 
 import sys
@@ -36,11 +38,16 @@ class EpochEndBarrier(pl.Callback):
 BARS = {"EpochLineProgress": EpochLineProgress, "TQDMProgressBar": TQDMProgressBar}
 BARRIERS = {"LastCheckpoint": LastCheckpoint, "barrier": EpochEndBarrier}
 
-if __name__ == "__main__":
+
+def main(out_path: str) -> None:
     for bar, barrier in [("EpochLineProgress", "barrier"), ("TQDMProgressBar", "LastCheckpoint")]:
         trainer = quiet_trainer(max_epochs=1, devices=2, strategy="ddp", callbacks=[BARS[bar](), BARRIERS[barrier]()],
                                 enable_progress_bar=True, enable_checkpointing=True, default_root_dir=".")
         trainer.fit(AccuracyTask(), torch.utils.data.DataLoader(toy_dataset(32), batch_size=8))
         if trainer.is_global_zero:
-            with open(sys.argv[1], "a") as handle:
+            with open(out_path, "a") as handle:
                 handle.write(f"{bar} {barrier} {trainer.global_step}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

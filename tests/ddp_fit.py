@@ -1,7 +1,7 @@
 """Fit BlockNet with monitors in one process or with DDP on 2 CPU processes; dump the histories.
 
 Run by tests/test_ddp.py as ``python ddp_fit.py single OUT.json MONITOR [MONITOR ...]`` and, for DDP, as scenario
-``fit`` of ddp_scenarios.py (``python ddp_fit.py ddp ...`` runs it alone).
+``fit`` of ddp_scenarios.py (``ddp``, with ``MONITORS``; ``python ddp_fit.py ddp ...`` runs it alone).
 The single run uses batches of 16, the DDP run 8 per rank over the same data with an unshuffled
 DistributedSampler (rank r gets indices r, r+2, ...), so both see the same global batches.
 (Lightning's own injected training sampler shuffles, hence ``use_distributed_sampler=False``.)
@@ -18,6 +18,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from _toy import BlockNet, ToyData, ToyTask, quiet_trainer, toy_dataset
 import lightning_act.callbacks as callbacks
 from lightning_act.callbacks.base import ActivationMonitor
+
+
+#: The monitors tests/test_ddp.py compares between one process and DDP.
+MONITORS = ["ActivationStats", "ActivationSparsity", "MassiveActivations", "DimensionalCollapse", "SensitiveNeurons"]
 
 
 class ShardedToyData(ToyData):
@@ -88,6 +92,11 @@ def main(mode: str, out_path: str, names: list[str]) -> None:
                 result["history"][key] = {"steps": series.steps, "values": series.values}
         with open(out_path, "w") as handle:
             json.dump(result, handle)
+
+
+def ddp(out_path: str) -> None:
+    """Scenario ``fit`` of ddp_scenarios.py."""
+    main("ddp", out_path, MONITORS)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 stream of 4 synthetic recordings with a fixed per-window score (the log power of the window), so every rank scores
 every window alike. Dumps the fit's step count and the logged test metrics.
 
-Run by tests/test_seizure_task.py as ``python ddp_stan_alarms.py OUT.json``.
+Run by tests/test_seizure_task.py as scenario ``stan_alarms`` of ddp_scenarios.py; ``python ddp_stan_alarms.py
+OUT.json`` runs it alone.
 """
 
 import json
@@ -24,12 +25,16 @@ class LogPower(SeizureForecaster):
         return x.pow(2).mean(dim=(1, 2)).log()
 
 
-if __name__ == "__main__":
+def main(out_path: str) -> None:
     # two training recordings, two domains: each step runs the critic's backward and the encoder's
     fitted = quiet_trainer(devices=2, strategy="ddp", max_steps=2)
     fitted.fit(SeizureForecaster(**MODEL), datamodule=EEGSeizureDataModule(**{**DATA, "n_train_recordings": 2}))
     trainer = quiet_trainer(devices=2, strategy="ddp")
     metrics = trainer.test(LogPower(**MODEL), datamodule=EEGSeizureDataModule(**DATA), verbose=False)[0]
     if trainer.is_global_zero:
-        with open(sys.argv[1], "w") as handle:
+        with open(out_path, "w") as handle:
             json.dump({"fit_steps": fitted.global_step, **{key: float(value) for key, value in metrics.items()}}, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,7 +1,8 @@
 """DDP on 2 CPU processes: ``SensitiveNeurons(tracking_inputs=...)`` with a tensor each process built on its own
 (rank 1's has other rows). Dumps the line the fit stops with.
 
-Run by tests/test_ddp.py as ``python ddp_tracking_inputs.py OUT.json``.
+Run by tests/test_ddp.py as scenario ``tracking_inputs`` of ddp_scenarios.py; ``python ddp_tracking_inputs.py
+OUT.json`` runs it alone.
 """
 
 import json
@@ -20,14 +21,19 @@ class RankDependentInputs(SensitiveNeurons):
         super().on_fit_start(trainer, pl_module)
 
 
-torch.manual_seed(0)
-monitor = RankDependentInputs(modules=["net.head:input"], every_n_steps=1, eigenscore_passes=0,
-                              tracking_inputs=torch.zeros(1))
-result = {"error": "no error"}
-try:
-    quiet_trainer(max_steps=2, callbacks=[monitor], devices=2, strategy="ddp").fit(ToyTask(BlockNet()), ToyData())
-except LightningActError as error:
-    result["error"] = str(error)
-if torch.distributed.get_rank() == 0:
-    with open(sys.argv[1], "w") as handle:
-        json.dump(result, handle)
+def main(out_path: str) -> None:
+    torch.manual_seed(0)
+    monitor = RankDependentInputs(modules=["net.head:input"], every_n_steps=1, eigenscore_passes=0,
+                                  tracking_inputs=torch.zeros(1))
+    result = {"error": "no error"}
+    try:
+        quiet_trainer(max_steps=2, callbacks=[monitor], devices=2, strategy="ddp").fit(ToyTask(BlockNet()), ToyData())
+    except LightningActError as error:
+        result["error"] = str(error)
+    if torch.distributed.get_rank() == 0:
+        with open(out_path, "w") as handle:
+            json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from _toy import toy_dataset
+from ddp_fit import MONITORS
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
-MONITORS = ["ActivationStats", "ActivationSparsity", "MassiveActivations", "DimensionalCollapse", "SensitiveNeurons"]
 
 
 def run(mode, out, tmp_path):
@@ -27,30 +27,17 @@ def run(mode, out, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scenarios(tmp_path_factory):
-    """The scenarios of ddp_scenarios.py, run in one launch of 2 processes: each test reads its scenario's JSON."""
-    out_dir = tmp_path_factory.mktemp("ddp_scenarios")
-    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() + 3) % 1000))
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT.with_name("ddp_scenarios.py")), str(out_dir), *MONITORS], cwd=out_dir, env=env,
-        capture_output=True, text=True, timeout=900,
-    )
-
-    def result(name):
-        out = out_dir / f"{name}.json"
-        assert out.is_file(), proc.stderr[-4000:]
-        return json.loads(out.read_text())
-
-    return result
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, scenarios):
+def single(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
-    return run("single", tmp_path / "single.json", tmp_path), scenarios("fit")
+    return run("single", tmp_path / "single.json", tmp_path)
 
 
+@pytest.fixture
+def runs(single, ddp_scenario):
+    return single, ddp_scenario.json()
+
+
+@pytest.mark.ddp_scenario("fit")
 def test_ddp_statistics_equal_single_process(runs):
     single, ddp = runs
     assert set(single["history"]) == set(ddp["history"])
@@ -66,6 +53,7 @@ def test_ddp_statistics_equal_single_process(runs):
     assert counts == ddp["history"]["act/net.blocks.0/count"]["values"] == [16 * 4 * 16] * 2
 
 
+@pytest.mark.ddp_scenario("fit")
 def test_each_flush_uses_a_few_packed_collectives(runs):
     _, ddp = runs
     calls, flushes = ddp["collectives"]["calls"], ddp["collectives"]["flushes"]
@@ -75,24 +63,11 @@ def test_each_flush_uses_a_few_packed_collectives(runs):
     assert calls <= 3 * flushes + len(MONITORS) + 2
 
 
-def run_script(name, tmp_path, port_offset):
-    """Run ``tests/<name>`` (2 DDP processes) with its output file; its JSON."""
-    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
-    port = 29500 + (os.getpid() + port_offset) % 1000
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(port))
-    out = tmp_path / f"{name}.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT.with_name(name)), str(out)], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.is_file(), proc.stderr[-4000:]
-    return json.loads(out.read_text())
-
-
-def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(scenarios):
+@pytest.mark.ddp_scenario("late_taps")
+def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(ddp_scenario):
     # Before: the ranks agreed on buffer sizes at the first flush only, when neither expert had run: rank 0's `a`
     # was summed into rank 1's `b` (same size), and a tap run on one rank only aborted gloo (sizes differed).
-    result = scenarios("late_taps")
+    result = ddp_scenario.json()
     for name in ("a", "b"):
         history = result["history"][f"sparsity/net.{name}/zero_frac"]
         assert history["steps"] == [2, 4]
@@ -105,44 +80,37 @@ def test_taps_first_run_late_on_different_ranks_are_neither_mixed_nor_a_crash(sc
     assert not any("token" in key for key in on_rank_0)
 
 
-def test_sensitive_neurons_with_a_self_sharding_validation_loader(scenarios):
+@pytest.mark.ddp_scenario("sensitive_sharded")
+def test_sensitive_neurons_with_a_self_sharding_validation_loader(ddp_scenario):
     # The 13 validation examples, in order, as one process takes them. Before: 14, example 0 twice (the sampler's
     # padding). With forward_fn= the ranks' batches were not gathered: rank 0's shard (7 examples) was the set.
-    result = scenarios("sensitive_sharded")
+    result = ddp_scenario.json()
     expected = toy_dataset(13, seed=1).tensors[0].flatten(1).numpy()
     np.testing.assert_array_equal(np.array(result["tracking"]), expected)
     assert "gives each rank other batches" in result["forward_fn"]
 
 
-def test_tracking_inputs_that_differ_between_ranks_are_one_line(tmp_path):
+@pytest.mark.ddp_scenario("tracking_inputs")
+def test_tracking_inputs_that_differ_between_ranks_are_one_line(ddp_scenario):
     # Before: rank 0's embeddings were broadcast into rank 1's buffer of other rows (gloo took a (16, D) tensor into a
     # (24, D) one silently), and a tap found routed on one rank only hung the fit.
-    result = run_script("ddp_tracking_inputs.py", tmp_path, 17)
+    result = ddp_scenario.json()
     assert "the tensor differs between the ranks" in result["error"]
 
 
-def test_an_epoch_end_barrier_under_a_rank_zero_progress_bar_does_not_deadlock(tmp_path):
+@pytest.mark.ddp_scenario("epoch_end")
+def test_an_epoch_end_barrier_under_a_rank_zero_progress_bar_does_not_deadlock(ddp_scenario):
     """Before: the progress bar computed the epoch's torchmetrics accuracy (a collective) on rank 0 alone, which met
     the other rank's barrier (LastCheckpoint's save, the CLI's default): every DDP fit of the CLI hung at epoch 1."""
-    import signal
-
-    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + (os.getpid() + 23) % 1000))
-    out = tmp_path / "ended.txt"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT.with_name("ddp_epoch_end.py")), str(out)], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks
-        _, stderr = proc.communicate()
+    out = ddp_scenario.directory / "out"
     ended = out.read_text().splitlines() if out.is_file() else []
-    assert ended == ["EpochLineProgress barrier 2", "TQDMProgressBar LastCheckpoint 2"], stderr[-3000:]
+    assert ended == ["EpochLineProgress barrier 2", "TQDMProgressBar LastCheckpoint 2"], ddp_scenario.stderr[-3000:]
 
 
-def test_a_sharded_padding_collate_gives_every_rank_the_dataset_examples_once(scenarios):
+@pytest.mark.ddp_scenario("sensitive_padded")
+def test_a_sharded_padding_collate_gives_every_rank_the_dataset_examples_once(ddp_scenario):
     # Before: the ranks' inputs, padded to 9 and 8 tokens, were all-gathered as one shape: gloo aborted the fit.
-    result = scenarios("sensitive_padded")
+    result = ddp_scenario.json()
     first, second = result["ranks"]
     assert first == second
     # Each rank's batch of 4 kept whole with its own padding; rank 1's (1, 3, 5, then 0 again) cut before the repeat.
@@ -158,11 +126,12 @@ def test_a_sharded_padding_collate_gives_every_rank_the_dataset_examples_once(sc
     assert len(first["v_mean"]) == 1 and torch.isfinite(torch.tensor(first["v_mean"])).all()
 
 
-def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(scenarios):
+@pytest.mark.ddp_scenario("probe_padding")
+def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(ddp_scenario):
     # Before: example 0, the DistributedSampler's padding of rank 1's shard, was probed twice: count 896, not 832.
     from ddp_probe_padding import EXAMPLES, probe_statistics
 
-    ddp = scenarios("probe_padding")
+    ddp = ddp_scenario.json()
     single = probe_statistics(devices=1)
     assert ddp["massive/net.blocks.0/count"] == single["massive/net.blocks.0/count"] == EXAMPLES * 4 * 16
     assert set(ddp) == set(single)
@@ -170,7 +139,8 @@ def test_a_massive_probe_over_a_sharded_loader_counts_each_example_once(scenario
         assert ddp[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler_padding(scenarios):
+@pytest.mark.ddp_scenario("eval_padding")
+def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler_padding(ddp_scenario):
     # Before: rank 1 evaluated example 0 again (the DistributedSampler's padding of 5 spectra, 7 digits): val/ap 0.4778
     # for 0.4167; the dopamine firing fractions (and test/gate_active_fraction) were rank 0's share of the inputs alone.
     import torch
@@ -187,7 +157,7 @@ def test_validation_and_test_metrics_count_each_example_once_despite_the_sampler
         spectral_model,
     )
 
-    result = scenarios("eval_padding")
+    result = ddp_scenario.json()
     metrics = result["metrics"]
 
     with torch.no_grad():
@@ -279,14 +249,15 @@ def test_a_data_error_only_rank_1_meets_is_its_one_line_and_the_next_fit_is_not_
     assert not list((tmp_path / "runs").rglob("config.yaml"))  # what made the next fit "a previous run in the way"
 
 
-def test_collapse_sums_taken_before_the_ranks_share_a_reference_row_keep_the_spectrum_under_a_large_mean(scenarios):
+@pytest.mark.ddp_scenario("collapse_offset")
+def test_collapse_sums_taken_before_the_ranks_share_a_reference_row_keep_the_spectrum_under_a_large_mean(ddp_scenario):
     # Before round 20 the sums were of the unshifted rows: under an offset of 1e6 the exact tap's erank read 13.76 for
     # 16.54 (the tail under the cut-off), and the sketched tap with two features at 1e4 was 0.45% low at step 1.
     # A NaN row in rank 0's first rows made the shared reference NaN-free but 5e5 from the data for the rest of the
     # fit (-4%), and a reference kept from the first step cost a drifting mean its tail: it now follows the mean.
     from ddp_collapse_offset import EXACT, SPOILED, WIDE
 
-    result = scenarios("collapse_offset")
+    result = ddp_scenario.json()
     assert result["sketched"] == [1]  # the wide tap takes the sketch path, the other the exact one
     assert result["history"]["collapse/spoiled/erank"]["steps"] == [1]  # step 0 held a NaN: unknown, not logged
     for name, rows, steps in (("exact", EXACT, (0, 1)), ("wide", WIDE, (0, 1)), ("spoiled", SPOILED, (1,))):
@@ -303,11 +274,12 @@ def test_collapse_sums_taken_before_the_ranks_share_a_reference_row_keep_the_spe
                 variances.sum() ** 2 / (variances**2).sum(), rel=1e-8), (name, step)
 
 
-def test_a_ctrl_c_on_one_rank_during_validation_stops_every_rank_at_the_step_it_follows(tmp_path):
+@pytest.mark.ddp_scenario("ctrl_c_in_validation")
+def test_a_ctrl_c_on_one_rank_during_validation_stops_every_rank_at_the_step_it_follows(ddp_scenario):
     # Before: under several processes the ranks agreed on the stop at the next training batch's end only, so a
     # Ctrl-C during an epoch-end validation stopped inside the next epoch (step 5), whose first batch the resume
     # replayed.
     from ddp_ctrl_c_in_validation import STEPS_PER_EPOCH
 
-    result = run_script("ddp_ctrl_c_in_validation.py", tmp_path, 31)
+    result = ddp_scenario.json()
     assert result == {"saved_step": STEPS_PER_EPOCH, "ended": "exit 1"}

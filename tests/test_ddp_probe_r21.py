@@ -1,22 +1,20 @@
 """Probe forwards under 2 CPU processes (gloo): a validation set pre-sharded per rank (DDP), and FSDP2
-(``ModelParallelStrategy`` + ``fully_shard``), whose forward every rank must run. Each test runs this file as the
-script of its fit (``python test_ddp_probe_r21.py CASE OUT``), and checks the ranks' results against numpy float64
-or against an uninterrupted run."""
+(``ModelParallelStrategy`` + ``fully_shard``), whose forward every rank must run. Each test reads its fit, a scenario
+of ddp_scenarios.py (``pre_sharded``, ``fsdp2``), and checks the ranks' results against numpy float64 or against an
+uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _toy import BlockNet, ToyTask, run_on_two_ranks, toy_dataset
+from _toy import BlockNet, ToyTask, toy_dataset
 
-HERE = Path(__file__).resolve()
 SHARD_SIZES = (6, 10)  # the validation examples of rank 0 and rank 1 (each its own dataset)
 
 
@@ -25,10 +23,11 @@ def validation_shard(rank: int) -> torch.Tensor:
     return torch.randn(SHARD_SIZES[rank], 8, generator=torch.Generator().manual_seed(10 + rank)) + 10 * rank
 
 
-def test_a_validation_set_pre_sharded_per_rank_is_tracked_and_probed_whole(tmp_path):
+@pytest.mark.ddp_scenario("pre_sharded")
+def test_a_validation_set_pre_sharded_per_rank_is_tracked_and_probed_whole(ddp_scenario):
     # Before: both monitors took the loader's own dataset for a DistributedSampler's. SensitiveNeurons cut the union to
     # this rank's dataset size (rank 0 tracked 6 examples, rank 1 10, of 16); the probe measured 7 of its 8 examples.
-    ranks = run_on_two_ranks(HERE, "pre_sharded", tmp_path, 41)
+    ranks = [ddp_scenario.json(f"pre_sharded.{rank}.json") for rank in range(2)]
     shards = [validation_shard(rank).double().numpy() for rank in range(2)]
     # the union in the documented order: rank r's k-th example at position k·W + r, then rank 1's remaining ones
     union = np.stack([shard[k] for k in range(max(SHARD_SIZES)) for shard in shards if k < len(shard)])
@@ -44,11 +43,12 @@ def test_a_validation_set_pre_sharded_per_rank_is_tracked_and_probed_whole(tmp_p
         assert result["massive"]["top1"] == pytest.approx(np.abs(probed).max(), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def fsdp2_ranks(tmp_path_factory):
-    return run_on_two_ranks(HERE, "fsdp2", tmp_path_factory.mktemp("fsdp2"), 43)
+@pytest.fixture
+def fsdp2_ranks(ddp_scenario):
+    return [ddp_scenario.json(f"fsdp2.{rank}.json") for rank in range(2)]
 
 
+@pytest.mark.ddp_scenario("fsdp2")
 def test_fsdp2_full_checkpoint_resume_with_send_dropping_equals_the_uninterrupted_run(fsdp2_ranks):
     # Before: the fit-start tracking forward left the FSDP2 root's parameters gathered (plain tensors), and Lightning's
     # restore of the full checkpoint, after on_fit_start under ModelParallelStrategy, failed ("mixed torch.Tensor and
@@ -61,6 +61,7 @@ def test_fsdp2_full_checkpoint_resume_with_send_dropping_equals_the_uninterrupte
         assert resumed["history"][key] == series, key
 
 
+@pytest.mark.ddp_scenario("fsdp2")
 def test_fsdp2_massive_probe_of_identical_batches_runs_on_every_rank_and_counts_them_once(fsdp2_ranks):
     # Before: identical probe batches ran on rank 0 alone; an FSDP2 forward all-gathers on every rank: a hang.
     x = toy_dataset(8, seed=1).tensors[0].double().numpy().reshape(8, 4, 64)
@@ -182,6 +183,3 @@ def fsdp2_probe(out: Path) -> dict:
     count, top1 = (massive.history[f"massive/net.embed/{stat}"] for stat in ("count", "top1"))
     return {"initial": initial, "steps": list(count.steps), "count": count.values[0], "top1": top1.values[0]}
 
-
-if __name__ == "__main__":
-    {"pre_sharded": pre_sharded, "fsdp2": fsdp2}[sys.argv[1]](Path(sys.argv[2]))

@@ -1,19 +1,17 @@
 """Monitors on 2 CPU processes (gloo) when the ranks do not do the same thing, and under FSDP2 / tensor parallelism.
 
-Each test runs this file as a script (``R21_CASE`` names the case) through ``test_ddp.run_script``; the script's
-ranks record their own activations, and the test checks the monitors' values against float64 numpy on the union.
+Each test reads its case's fit, a scenario of ddp_scenarios.py (``ddp_case`` is ``r21_ddp``, ``model_parallel_case``
+``model_parallel``); the ranks record their own activations, and the test checks the monitors' values against float64
+numpy on the union.
 """
 
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from test_ddp import run_script
 
 #: Calls of the looped ``block`` at each step, on rank 0 and rank 1 (a data-dependent number of iterations).
 BLOCK_CALLS = {0: (2, 0), 1: (1, 2)}
@@ -29,11 +27,11 @@ def erank(rows):
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+@pytest.mark.ddp_scenario("r21_ddp")
 def test_collapse_decides_widths_and_sketches_alike_on_every_rank_and_rank_dependent_monitors_are_one_line(
-    tmp_path, monkeypatch
+    ddp_scenario
 ):
-    monkeypatch.setenv("R21_CASE", "ddp")
-    result = run_script(Path(__file__).name, tmp_path, 43)
+    result = ddp_scenario.json()
     first, second = result["ranks"]
     # Before: rank 1 crashed on the wide tap `block` rank 0 alone ran at step 0 (its sketch read as a full
     # covariance); at step 1 rank 0 decided "4 rows x 2 ranks <= k + 1, exact" for the 12 rows of the union, rank 1
@@ -73,15 +71,15 @@ def test_collapse_decides_widths_and_sketches_alike_on_every_rank_and_rank_depen
     )
 
 
-def test_fsdp2_checkpoints_plain_snapshots_and_tensor_parallelism_leaves_the_monitors_idle(tmp_path, monkeypatch):
+@pytest.mark.ddp_scenario("model_parallel")
+def test_fsdp2_checkpoints_plain_snapshots_and_tensor_parallelism_leaves_the_monitors_idle(tmp_path, ddp_scenario):
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
 
     from _toy import BlockNet, ToyTask, toy_dataset
 
-    monkeypatch.setenv("R21_CASE", "model_parallel")
-    result = run_script(Path(__file__).name, tmp_path, 47)
+    result = ddp_scenario.json()
     # FSDP2: the trajectory's first snapshot is the initial weights, whole, as a plain tensor. Before: DTensors (with
     # a DeviceMesh) in the checkpoint, which a one-device fit could not load ("Callable map_location not supported").
     checkpoint = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
@@ -266,7 +264,3 @@ def model_parallel_case(out):
             "tp_warnings": [str(w.message) for w in caught if "tensor parallelism" in str(w.message)],
         }))
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
-    {"ddp": ddp_case, "model_parallel": model_parallel_case}[os.environ["R21_CASE"]](sys.argv[1])

@@ -1,15 +1,14 @@
 """MassiveActivations over forwards whose token axes do not align in one step (round 27): a KV-cache decode step
 ``(B, 1, D)``, or one squeezed to ``(B, D)``, beside a whole-sequence forward. Before, the decode token's positions
 were logged as token 0 (or top{j}_token was dropped or kept by whichever call came last), silently. Also decided on
-every rank's grids under DDP (2 CPU processes, gloo: this file is the script of that fit, ``python
-test_massive_r27.py CASE OUT``), for channels-last maps, for maps of one width, and without measuring a probe of
-stand-in weights of unmade lazy modules."""
+every rank's grids under DDP (2 CPU processes, gloo: that fit is scenario ``rank_grids`` of ddp_scenarios.py), for
+channels-last maps, for maps of one width, and without measuring a probe of stand-in weights of unmade lazy
+modules."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,13 +19,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import run_on_two_ranks
 from lightning_act.callbacks.massive import MassiveActivations
 from lightning_act.stats.fused import fused_statistics, massive_spec, topk_positions_from
 from lightning_act.stats.histogram_median import LogMagnitudeBins
 from lightning_act.stats.massive import merge_topk
 
-HERE = Path(__file__).resolve()
 B, P, D, PLANT, FEATURE = 4, 6, 16, 5000.0, 3
 
 
@@ -340,10 +337,11 @@ def rank_grids(out: Path) -> None:
     (out / f"rank_grids.{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def test_under_ddp_positions_align_on_every_rank_s_grids(tmp_path: Path) -> None:
+@pytest.mark.ddp_scenario("rank_grids")
+def test_under_ddp_positions_align_on_every_rank_s_grids(ddp_scenario) -> None:
     # Before, each rank decided on its own grids: rank 1 dropped block's top0_token and rank 0 logged the decoded
     # token as token 0; rank 0 logged conv's 6x6 position 10 as if on its 8-wide maps.
-    rank0, rank1 = run_on_two_ranks(HERE, "rank_grids", tmp_path, 71)
+    rank0, rank1 = (ddp_scenario.json(f"rank_grids.{rank}.json") for rank in range(2))
     assert rank0["history"] == rank1["history"] and rank0["metrics"] == rank1["metrics"]
     history = rank0["history"]
     assert "massive/block/top0_token" not in history and "massive/conv/top0_token" not in history
@@ -477,6 +475,3 @@ def test_a_probe_of_batches_padded_to_their_own_lengths_logs_positions_without_a
     assert (monitor.history["massive/block/top0_token"].values, monitor.history["massive/block/top0_feature"].values) \
         == ([token], [feature])
 
-
-if __name__ == "__main__":
-    {"rank_grids": rank_grids}[sys.argv[1]](Path(sys.argv[2]))

@@ -1,12 +1,11 @@
 """Round 26: a probe forward's kept parameter write under DDP (2 CPU processes, gloo: every rank runs the probe
 forwards, so the replicas stay equal), the probe warnings said per model or loader instead of once per process, and
-the constructor checks of SensitiveNeurons' flags and input_key and of MassiveActivations' top_k. The DDP test runs
-this file as the script of its fit (``python test_probe_ddp_r26.py CASE OUT``)."""
+the constructor checks of SensitiveNeurons' flags and input_key and of MassiveActivations' top_k. The DDP test reads
+its fit, scenario ``late_writer`` of ddp_scenarios.py."""
 
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
-from _toy import BlockNet, ToyTask, quiet_trainer, run_on_two_ranks, toy_dataset
+from _toy import BlockNet, ToyTask, quiet_trainer, toy_dataset
 from lightning_act.callbacks import MassiveActivations, SensitiveNeurons
 from lightning_act.callbacks.probe import without_sampler_padding
 from lightning_act.errors import LightningActError
 
-HERE = Path(__file__).resolve()
 PROBES = 5  # due steps, one probe forward each; the write begins at the 4th, after the model's 3 quiet probes
 
 
@@ -45,10 +43,11 @@ class LateWriter(BlockNet):
         return super().forward(x)
 
 
-def test_a_probe_write_that_is_kept_is_kept_on_every_ddp_rank(tmp_path: Path) -> None:
+@pytest.mark.ddp_scenario("late_writer")
+def test_a_probe_write_that_is_kept_is_kept_on_every_ddp_rank(ddp_scenario) -> None:
     # Before: identical probe batches ran on rank 0 alone, so the write went to rank 0's head.bias alone (+2 after 5
     # probes) and the DDP replicas silently diverged.
-    rank0, rank1 = run_on_two_ranks(HERE, "late_writer", tmp_path, 61)
+    rank0, rank1 = (ddp_scenario.json(f"late_writer.{rank}.json") for rank in range(2))
     assert rank0["weights"] == rank1["weights"]  # DDP's invariant: every replica holds the same weights
     assert rank0["evals"] == rank1["evals"] == PROBES  # every probe forward ran on both ranks
     # the 4th probe's write is kept (the 5th's put back: the model writes, so it is watched): +1 on every logit, which
@@ -231,6 +230,3 @@ def test_massive_min_fit_points_below_six_names_its_class_and_real_bound() -> No
             MassiveActivations(min_fit_points=value)
     assert MassiveActivations(min_fit_points=6, history_size=12).min_fit_points == 6
 
-
-if __name__ == "__main__":
-    {"late_writer": late_writer}[sys.argv[1]](Path(sys.argv[2]))

@@ -1,28 +1,27 @@
 """Review of round 29 (R1): under DDP every rank takes rank 0's decision on rerunning the EigenScore passes, and the
 ranks agree on the validation loader a probe reads; per-frame and per-step rows of video and float-series inputs are
 tracked again; a forward drawing from a generator of its own or Python's ``random`` has its passes run; a sparse
-parameter no longer crashes the probes. The DDP test runs this file as the script of its fit
-(``python test_review_r29.py CASE OUT``)."""
+parameter no longer crashes the probes. The DDP test reads its fit, scenario ``rank_zero_draws`` of
+ddp_scenarios.py."""
 
 from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import BlockNet, SquaredOutputTask, ToyTask, quiet_trainer, run_on_two_ranks, toy_dataset
+from _toy import BlockNet, SquaredOutputTask, ToyTask, quiet_trainer, toy_dataset
 from lightning_act.callbacks import SensitiveNeurons
 from lightning_act.callbacks.probe import call_forward, probing
 from lightning_act.callbacks.sensitive import _flattened_tokens
 
-HERE = Path(__file__).resolve()
 PASSES = 4
 
 
@@ -57,10 +56,11 @@ class RankShardedFirstLoader(pl.LightningDataModule):
                 DataLoader(TensorDataset(ood, torch.zeros(4, dtype=torch.long)), batch_size=4)]
 
 
-def test_ddp_ranks_agree_on_the_passes_and_on_the_validation_loader(tmp_path: Path) -> None:
+@pytest.mark.ddp_scenario("rank_zero_draws")
+def test_ddp_ranks_agree_on_the_passes_and_on_the_validation_loader(ddp_scenario) -> None:
     # Before: rank 0, whose clean pass drew, ran the K passes and their broadcast alone (gloo aborted); and rank 1,
     # whose loader 0 is empty, took loader 1's OOD examples into the union (-7 beside 1, silently).
-    rank0, rank1 = run_on_two_ranks(HERE, "rank_zero_draws", tmp_path, 29)
+    rank0, rank1 = (ddp_scenario.json(f"rank_zero_draws.{rank}.json") for rank in range(2))
     for result in (rank0, rank1):
         assert result["values"] == [1.0]  # loader 0's examples only, rank 0's 4
         assert result["examples"] == 4
@@ -221,6 +221,3 @@ def test_a_model_with_a_sparse_parameter_is_probed_and_trains_as_without_the_mon
         assert torch.equal(monitored[name], weight), name
     assert monitor.embeddings["body"][-1].shape == (8, 8)
 
-
-if __name__ == "__main__":
-    {"rank_zero_draws": rank_zero_draws}[sys.argv[1]](Path(sys.argv[2]))

@@ -271,15 +271,10 @@ def test_test_loss_is_the_weighted_objective_over_labelled_windows() -> None:
     assert result["test/loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_ddp_trains_the_adversarial_step_and_takes_alarm_metrics_from_the_whole_test_stream(tmp_path) -> None:
+@pytest.mark.ddp_scenario("stan_alarms")
+def test_ddp_trains_the_adversarial_step_and_takes_alarm_metrics_from_the_whole_test_stream(ddp_scenario) -> None:
     """Before: each rank ran the k-of-n alarm rule on its sampler's share, every other window, and rank 0's numbers
     were logged (false detections 3.32/h against 4.06/h for the whole stream)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from ddp_stan_alarms import DATA, MODEL, LogPower
     from lightning_act.data.eeg import EEGSeizureDataModule
     from lightning_act.eval.seizure_alarms import evaluate_recordings
@@ -297,15 +292,7 @@ def test_ddp_trains_the_adversarial_step_and_takes_alarm_metrics_from_the_whole_
         refractory_s=task.hparams.refractory_minutes * 60.0, horizon_s=data.horizon_s, postictal_s=data.postictal_s,
     )
     assert expected.false_detections_per_hour > 0 and 0 < expected.sensitivity
-    script = Path(__file__).with_name("ddp_stan_alarms.py")
-    port = 29500 + (os.getpid() + 17) % 1000
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent), str(script.parent.parent)]),
-               OMP_NUM_THREADS="1", MASTER_PORT=str(port))
-    out = tmp_path / "metrics.json"
-    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert out.is_file(), proc.stderr[-4000:]
-    logged = json.loads(out.read_text())
+    logged = ddp_scenario.json()
     assert logged["fit_steps"] == 2  # before: plain DDP refused the critic's and the encoder's backwards at step 0
     assert logged["test/sensitivity"] == pytest.approx(expected.sensitivity, abs=1e-12)
     assert logged["test/false_detections_per_hour"] == pytest.approx(expected.false_detections_per_hour, rel=1e-6)  # logged as float32
