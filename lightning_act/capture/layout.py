@@ -10,12 +10,13 @@ can say it per monitor (``batch_dim=``, ``token_dim=``), which overrides the inf
 Features: a 3-D activation is read as ``(B, T, D)`` and a 4-D one as ``(B, C, H, W)``, but channels-last maps
 (timm's Swin, TinyViT and MambaOut blocks give ``(B, H, W, C)``) and 1-D conv maps ``(B, C, L)`` exist too. The
 tapped module's layers tell which: the features are the axis (1 or the last) whose length is the width the last
-layer writes (the first reads, for an input tap); when both axes have that length, the axis every layer of the
-module acts on (a ``Linear``, ``LayerNorm`` or recurrent layer the last, a convolution, ``BatchNorm``, ``GroupNorm``
-or timm's ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute inside). An activation module
-has no layers, so the layer its owner is or the layers it registers around it speak for it. ``feature_dim=`` (1 or
--1) overrides the inference; where nothing tells the layout of a map of 4 or more axes, the reading above stands, and
-a monitor whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only
+layer writes (halved by an ``nn.GLU`` after it; the first reads, for an input tap); when both axes have that length,
+the axis every layer of the module acts on (a ``Linear``, ``LayerNorm`` or recurrent layer the last, a convolution,
+``BatchNorm``, ``GroupNorm`` or timm's ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute
+inside). An activation module has no layers, so the layer its owner is or the layers it registers around it speak for
+it. ``feature_dim=`` (1 or -1) overrides the inference; a 3-D map of 1-D convolutions whose axes have none of their
+widths (their outputs joined along the channels) has its features on axis 1; where nothing tells the layout of a map
+of 4 or more axes, the reading above stands, and a monitor whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only
 is an unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample axis, and those monitors warn and skip it.
 """
 
@@ -117,9 +118,16 @@ def unbatched_ndim(layer: nn.Module) -> int | None:
     return None
 
 
+def halves_features(module: nn.Module, axis: str) -> bool:
+    """Whether ``module`` is an ``nn.GLU`` that halves the features on ``axis`` (``"first"``: its ``dim=1``,
+    ``"last"``: ``dim=-1``): Demucs' blocks end ``Conv1d(h, 2h, 1), GLU(dim=1)``, whose ``(B, h, L)`` output has
+    neither axis of the last convolution's width, and were read along their time steps."""
+    return isinstance(module, nn.GLU) and module.dim == {"first": 1, "last": -1}.get(axis)
+
+
 def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None, int | None] | None:
-    """``(width, axis, unbatched rank)`` from ``layers`` in module order: the width the last one writes (the first
-    one reads, for an input) and the rank of that layer's unbatched call (:func:`unbatched_ndim`; ``None`` where an
+    """``(width, axis, unbatched rank)`` from ``layers`` in module order: the width the last one writes
+    (:func:`halves_features`; the first one reads, for an input) and the rank of that layer's unbatched call (:func:`unbatched_ndim`; ``None`` where an
     ``nn.Flatten`` follows it: a batch ``(B, C*L)`` has the rank and, with ``B == C``, the look of an unbatched
     ``(C, L)``), and the axis they all act on (``None`` when they differ: a block that permutes inside)."""
     found = [(index, f) for index, layer in enumerate(layers) if (f := layer_features(layer)) is not None]
@@ -129,11 +137,21 @@ def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None, 
         index, (_, width, _) = found[0]
         rank = unbatched_ndim(layers[index])
     else:
-        index, (_, _, width) = found[-1]
+        index, (axis, _, width) = found[-1]
         flattened = any(isinstance(later, nn.Flatten) for later in layers[index + 1:])
         rank = None if flattened else unbatched_ndim(layers[index])
+        width >>= sum(halves_features(later, axis) for later in layers[index + 1:])
     axes = {axis for _, (axis, _, _) in found}
     return width, (axes.pop() if len(axes) == 1 else None), rank
+
+
+def sample_first_by_its_layers(module: nn.Module, point: str) -> bool:
+    """Whether what ``module`` gives (takes, for an input tap) is sample-first by construction: every layer it holds
+    is a convolution or a batch/instance/group norm, which take their batch on axis 0 (:func:`layer_features` axis
+    ``"first"``). A model's sequence-first LSTM does not make its conv blocks' ``(B, C, L)`` maps ``(T, B, D)``: the
+    advice to pass ``batch_dim=1`` given for them read their channels as samples."""
+    found = _features_of(list(module.modules()), point)
+    return found is not None and found[1] == "first"
 
 
 def tap_features(
@@ -227,19 +245,24 @@ def module_layout(chain: list[nn.Module], point: str = "output") -> Layout:
 def feature_axis(shape: tuple[int, ...] | torch.Size, layout: Layout) -> int | None:
     """The axis of the features of a sample-first activation of ``shape`` (3-D or more), 1 or the last: the
     declared one; else the one of the two whose length is one of the tapped layers' widths, or, when both are, the
-    axis those layers act on; ``None`` where nothing tells."""
+    axis those layers act on; ``None`` where nothing tells.
+
+    A 3-D ``(B, C, L)`` map of 1-D convolutions whose channels are none of their widths (their outputs joined or
+    split after the last one) has its features on axis 1, where every such layer keeps them; it was read along its
+    time steps."""
     ndim = len(shape)
     if layout.feature_dim is not None:
         return layout.feature_dim % ndim
     if layout.features is None:
         return None
-    widths, axis = _widths(layout.features[0]), layout.features[1]
+    width, axis, *rank = layout.features  # a Layout made by hand may give (width, axis) only
+    widths = _widths(width)
     first, last = shape[1] in widths, shape[-1] in widths
     if first and last:
         return None if axis is None else (1 if axis == "first" else ndim - 1)
     if first or last:
         return 1 if first else ndim - 1
-    return None
+    return 1 if ndim == 3 and axis == "first" and rank == [2] else None
 
 
 def _memory_serves(shape: tuple[int, ...] | torch.Size, layout: Layout, remembered: int | None) -> bool:

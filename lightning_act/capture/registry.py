@@ -40,6 +40,11 @@ armed for the step being trained (until its backward, or until the end of the st
 does not count them. Such a pass may also end each forward early (:class:`ForwardCutoff`): once the monitor holds
 every activation it taps, the rest of the model computes nothing it reads.
 
+Forwards of a tapped module with another network's weights bound in place of its parameters (a target network run as
+``torch.func.functional_call(net, target_params, x)``, torchrl's ``params.to_module(net)``) are left out, said once per
+tap (:func:`_rebound_to_other_weights`); a list of per-image or per-level tensors is no activation, said once per tap
+(:func:`is_tensor_list`).
+
 Input taps read a module's first positional argument or, when the module is called by keyword (Hugging Face
 attention modules are called as ``self_attn(hidden_states=h, ...)``), the keyword argument of its ``forward``'s
 first parameter.
@@ -89,10 +94,11 @@ from lightning_act.capture.layout import (
     Layout,
     flattened_spatial_shape,
     looks_unbatched,
+    sample_first_by_its_layers,
     to_sample_first,
     with_canonical_features,
 )
-from lightning_act.capture.selection import Tap
+from lightning_act.capture.selection import Tap, module_chain
 from lightning_act.precision import autocast_off
 from lightning_act.stats.fused import FusedSpec, FusedStats, fused_statistics
 
@@ -119,16 +125,42 @@ def activation_index(value: Any) -> Any:
     """Where a module's output or inputs hold the activation: the index of the first item of a tuple/list that is a
     tensor with a sample axis or a nested tuple/list (an MoE or auxiliary-loss layer's ``(aux_loss, hidden)``, a Hugging
     Face model's ``(loss, logits)`` with ``return_dict=False``: not the scalar), else its first item; a ``ModelOutput``'s
-    field (:func:`model_output_field`); None for anything else (a tensor, a ``PackedSequence``, a plain dict). The
-    capture (:func:`first_tensor`) and SeND's drop (``FeatureDrop``) both ask it, so they read and zero one item."""
+    field (:func:`model_output_field`); None for anything else (a tensor, a ``PackedSequence``, a plain dict, a list of
+    several tensors: :func:`is_tensor_list`). The capture (:func:`first_tensor`) and SeND's drop (``FeatureDrop``) both
+    ask it, so they read and zero one item."""
     if isinstance(value, dict):
         return model_output_field(value)
-    if not isinstance(value, (tuple, list)) or isinstance(value, PackedSequence) or not value:
+    if not isinstance(value, (tuple, list)) or isinstance(value, PackedSequence) or not value or is_tensor_list(value):
         return None
     for index, item in enumerate(value):
         if (isinstance(item, torch.Tensor) and item.dim() >= 1) or isinstance(item, (tuple, list)):
             return index
     return 0
+
+
+def is_tensor_list(value: Any) -> bool:
+    """Whether ``value`` is a Python list of two or more floating-point tensors of one rank: one per image or per
+    level (torchvision's RPN proposals and anchors, its RPN head's per-level maps, a timm ``features_only`` backbone's
+    stages, a detector called with a list of images), not one activation with side items, which models return as
+    tuples (``(x, mask)``, ``(output, (h, c))``) or with items of other kinds. Its first item alone, read as the whole
+    batch, gave image 0's rows or the first level only."""
+    if type(value) is not list or len(value) < 2:
+        return False
+    ranks = {item.dim() if isinstance(item, torch.Tensor) and item.is_floating_point() else -1 for item in value}
+    return len(ranks) == 1 and -1 not in ranks
+
+
+def holds_tensor_list(value: Any) -> bool:
+    """Whether the activation :func:`first_tensor` looks for in ``value`` is a list of tensors (:func:`is_tensor_list`),
+    itself or as the item it reads of a tuple (``([logits per level], [deltas per level])``)."""
+    for _ in range(3):
+        if is_tensor_list(value):
+            return True
+        index = activation_index(value)
+        if index is None:
+            return False
+        value = value[index]
+    return False
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -369,7 +401,9 @@ _JIT_TRACE = getattr(torch.jit, "_trace", None)
 
 
 class _CaptureHook(MonitorHook):
-    """The forward hook of one (module, output): a flag check, then :func:`_deliver`."""
+    """The forward hook of one (module, output): a flag check, then :func:`_deliver`. A hook taken off (its tap moved
+    to a new module) that still runs leaves at once: torch's quantization ``swap_module`` copies a module's hooks onto
+    the module replacing it, beside the one the monitor then puts there."""
 
     _not_copied = ("registry",)
 
@@ -379,25 +413,28 @@ class _CaptureHook(MonitorHook):
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         registry = self.registry
-        if registry is not None and registry.observing and not _making_a_program():
+        if self.attached and registry is not None and registry.observing and not _making_a_program():
             _deliver(registry, self.key, output)
         elif not self.attached and not torch.compiler.is_compiling():
             leave_module(module, self)
 
 
 class _InputCaptureHook(_CaptureHook):
-    """The forward pre-hook (with keyword arguments) of one (module, input)."""
+    """The forward pre-hook (with keyword arguments) of one (module, input). It is also called without them: torch's
+    quantization ``swap_module`` (``prepare_qat``, ``convert``) copies a module's pre-hooks onto the new one without
+    their ``with_kwargs`` flag, and a fit that switched to QAT mid-way, or converted a copy, died on the missing
+    argument."""
 
     def __init__(self, registry: CaptureRegistry, key: tuple[int, str], parameter: str | None) -> None:
         super().__init__(registry, key)
         self.parameter = parameter
 
     def __call__(  # type: ignore[override]
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
     ) -> None:
         registry = self.registry
-        if registry is not None and registry.observing and not _making_a_program():
-            _deliver(registry, self.key, tapped_input(args, kwargs, self.parameter))
+        if self.attached and registry is not None and registry.observing and not _making_a_program():
+            _deliver(registry, self.key, tapped_input(args, kwargs or {}, self.parameter))
         elif not self.attached and not torch.compiler.is_compiling():
             leave_module(module, self)
 
@@ -604,7 +641,14 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         passage = None if received is None else passages.pop(id(received), None)  # read once: no step-long hold
         if passage is not None and passage[0]() is received and received._version == passage[2]:
             value = passage[1]  # the tapped module's input came out of a dropout, unchanged since: read what went in
+    witness = registry.witnesses.get(key)
+    if witness is not None and _rebound_to_other_weights(*witness):
+        registry.other_weights_given(key)
+        return
     tensor = first_tensor(value)
+    if tensor is None and holds_tensor_list(value):
+        registry.tensor_list_given(key)
+        return
     if tensor is None or tensor.is_meta or is_fake(tensor):
         return  # a shape-only forward (FakeTensorMode, make_fx's fake tracing, meta tensors) has no values to read
     if tensor.numel() == 0 or tensor.dim() == 0:
@@ -663,6 +707,31 @@ def _deliver(registry: CaptureRegistry, key: tuple[int, str], value: Any) -> Non
         registry.cutoff.delivered(key)
 
 
+def _rebound_to_other_weights(holder: nn.Module, name: str, parameter: nn.Parameter) -> bool:
+    """Whether a plain tensor that takes no gradient stands in ``holder`` for its trained ``parameter`` (the
+    witness of a tap, :meth:`CaptureRegistry.subscribe`): the forward runs the module with other weights,
+    ``torch.func.functional_call(net, target_params, x)`` or torchrl's ``target_params.to_module(net)`` (a target
+    network), and its activations are not the trained network's. Not a new ``nn.Parameter`` (a layer re-made or
+    loaded with ``assign=True``), fast weights that take gradients (MAML, a hypernetwork's generated weights), whose
+    forwards are the training forwards, nor the parameter's own values detached (same memory). A dict lookup and an
+    identity test where nothing is bound (~0.15 µs a call, on due steps only)."""
+    bound = holder._parameters.get(name)
+    return (bound is not parameter and isinstance(bound, torch.Tensor) and not isinstance(bound, nn.Parameter)
+            and not bound.requires_grad and not is_fake(bound) and bound.data_ptr() != parameter.data_ptr())
+
+
+def _witness(chain: list[nn.Module]) -> tuple[nn.Module, str, nn.Parameter] | None:
+    """``(module, name, parameter)`` of the first trained parameter of the innermost module of ``chain`` (a tapped
+    module and its owners) that holds one: a functional call of the tapped module or of an owner binds other tensors
+    there (:func:`_rebound_to_other_weights`)."""
+    for owner in chain:
+        for holder in owner.modules():
+            for name, parameter in holder._parameters.items():
+                if isinstance(parameter, nn.Parameter) and parameter.requires_grad:
+                    return holder, name, parameter
+    return None
+
+
 def _report_no_entries(registry: CaptureRegistry, key: tuple[int, str], shape: tuple[int, ...]) -> None:
     """Tell the armed subscribers of tap ``key`` that it ran but gave nothing to read: a scalar, which has no sample
     axis (``activations_unbatched``), or an empty activation, 0 entries (``activations_empty``: no row routed to an
@@ -701,6 +770,14 @@ class CaptureRegistry:
         #: Whether the forwards inside a torch.func transform, which are not observed, were said to be (to the
         #: subscribers since the registry last had none).
         self.transform_warned = False
+        #: The name of each tapped (module, point), for the registry's own lines.
+        self.tap_names: dict[tuple[int, str], str] = {}
+        #: The taps said to give a list of tensors (:meth:`tensor_list_given`), since the registry last had no subscriber.
+        self.tensor_lists_said: set[tuple[int, str]] = set()
+        #: Per tap, the trained parameter whose stand-in tells a forward with other weights (:func:`_witness`).
+        self.witnesses: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
+        #: The taps said to run with other weights (:meth:`other_weights_given`), since the registry last had none.
+        self.other_weights_said: set[tuple[int, str]] = set()
         #: Whether observing forwards run eagerly until one training forward has been observed: set when dynamo's
         #: code of a root holding compiled code is forgotten (:meth:`_observe_first_forward_eagerly`).
         self._eager_until_observed = False
@@ -718,14 +795,22 @@ class CaptureRegistry:
         """Hand ``subscriber`` the activations of ``taps`` (index = position in ``taps``) while it is armed.
 
         ``undeclared_layout(tap name, shape)`` is called once for the subscriber, at the first activation of 3 or
-        more axes of a tap whose layout is undeclared: a 2-D ``(B, D)`` tap is read alike in either order, so only the
-        shape tells whether the layout matters."""
+        more axes of a tap whose layout is undeclared and not sample-first by its own layers
+        (:func:`~lightning_act.capture.layout.sample_first_by_its_layers`): a 2-D ``(B, D)`` tap is read alike in
+        either order, so only the shape tells whether the layout matters."""
         hooked = set(self._handles)
         self._remove(subscriber)
         self._subscribers.append(subscriber)
         for index, (tap, layout) in enumerate(zip(taps, layouts, strict=True)):
             key = (id(tap.module), tap.point)
-            notice = None if undeclared_layout is None or layout.declared else functools.partial(
+            self.tap_names[key] = tap.name
+            if key not in self._handles:
+                root = self._root() if self._root is not None else None
+                witness = _witness((module_chain(root, tap.module) if root is not None else []) or [tap.module])
+                if witness is not None:
+                    self.witnesses[key] = witness
+            sample_first = layout.declared or sample_first_by_its_layers(tap.module, tap.point)
+            notice = None if undeclared_layout is None or sample_first else functools.partial(
                 undeclared_layout, tap.name)
             self.subscriptions.setdefault(key, []).append(_Subscription(subscriber, index, layout, notice))
             if key not in self._handles:
@@ -754,6 +839,32 @@ class CaptureRegistry:
         if notice is not None:
             notice(shape)
 
+    def tensor_list_given(self, key: tuple[int, str]) -> None:
+        """Say once that tap ``key`` gives a list of tensors (:func:`is_tensor_list`), which no monitor reads."""
+        if key in self.tensor_lists_said:
+            return
+        self.tensor_lists_said.add(key)
+        warnings.warn(
+            f"lightning_act: {self.tap_names.get(key, 'a tapped module')} gives a list of tensors (one per image or "
+            "per level: a detector's proposals or anchors, a feature pyramid's maps), not one activation, so nothing "
+            "is logged for it; tap a module that gives one of them (a per-level head layer) or one run after they "
+            "are joined",
+            UserWarning, stacklevel=2,
+        )
+
+    def other_weights_given(self, key: tuple[int, str]) -> None:
+        """Say once that tap ``key`` ran with other weights bound in (:func:`_rebound_to_other_weights`), left out."""
+        if key in self.other_weights_said:
+            return
+        self.other_weights_said.add(key)
+        warnings.warn(
+            f"lightning_act: {self.tap_names.get(key, 'a tapped module')} ran with tensors bound in place of the "
+            "model's parameters (torch.func.functional_call, or a torchrl target's params.to_module: another "
+            "network's weights, such as a target network's); those forwards are left out of its statistics, which "
+            "read the trained network's own forwards",
+            UserWarning, stacklevel=2,
+        )
+
     def input_replaced(
         self, key: tuple[int, str], original: Any, replacement: Any, transform: Callable[[Any], Any]
     ) -> None:
@@ -777,6 +888,8 @@ class CaptureRegistry:
             self._forget_compiled_code()
         if not self._subscribers:  # the registry outlives the fit with its model: the next monitors say it again
             self.transform_warned = False
+            self.tensor_lists_said.clear()
+            self.other_weights_said.clear()
         self.refresh()
 
     def _remove(self, subscriber: Subscriber) -> bool:
@@ -789,6 +902,8 @@ class CaptureRegistry:
                 self.subscriptions[key] = remaining
             else:
                 del self.subscriptions[key]
+                self.tap_names.pop(key, None)
+                self.witnesses.pop(key, None)
                 self._handles.pop(key).remove()
                 for dropout_handle in self._dropout_handles.pop(key, []):
                     dropout_handle.remove()
