@@ -76,16 +76,16 @@ def test_eigenscore_of_a_forward_drawing_noise_is_over_its_real_passes(samples: 
         quiet_trainer(max_steps=2, callbacks=[monitor]).fit(
             model, DataLoader(TensorDataset(data), batch_size=4), DataLoader(TensorDataset(data), batch_size=8)
         )
-    assert not [w for w in caught if "SensitiveNeurons" in str(w.message)]
+    said = [str(w.message) for w in caught if "SensitiveNeurons" in str(w.message)]
+    if not samples:  # nothing random: the passes would be the deterministic one, not rerun (round 30: not scored,
+        assert len(forwards) == 1 + 2  # said once); the fit start's first forward, then one per checkpoint
+        assert "sensitive/dec.1/eigenscore" not in monitor.history
+        assert len(said) == 1 and "no active dropout" in said[0]
+        return
+    assert not said
     logged = monitor.history["sensitive/dec.1/eigenscore"].values
     assert len(logged) == 2
     model.eval()
-    if not samples:  # nothing random: the passes are the deterministic one, reused, not rerun
-        assert len(forwards) == 1 + len(logged)  # the fit start's first forward, then one per checkpoint
-        clean = decoder_hidden(model, data[:8])
-        expected = numpy_eigenscore(np.repeat(clean[:, :, None], PASSES, axis=-1), DEFAULT_ALPHA)
-        assert logged == pytest.approx([expected] * 2, rel=1e-6, abs=1e-6)
-        return
     assert len(forwards) == 1 + len(logged) * (1 + PASSES)  # per checkpoint: the clean pass and the K passes
     for index, value in enumerate(logged):
         first = 1 + index * (1 + PASSES) + 1

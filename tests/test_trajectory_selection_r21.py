@@ -388,7 +388,7 @@ def test_sensitive_neurons_follow_a_replaced_module_with_its_drop() -> None:
                              limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0,
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
         trainer.fit(model, loader(), loader())
-    assert sorted(logger.logged("sensitive/stem/eigenscore")) == list(range(6))
+    assert sorted(logger.logged("sensitive/stem/count")) == list(range(6))  # (no eigenscore: no dropout, round 30)
     dropped = monitor.sensitive["stem"].tolist()  # selected at step 2 (the window's 3rd checkpoint), held since
     assert dropped and logger.logged("sensitive/stem/selected") == {s: float(s == 2) for s in range(6)}
     for step in (3, 4, 5):  # the new module's outputs: the dropped features exactly 0, the others not

@@ -20,12 +20,13 @@ module's output.
 EigenScore (INSIDE, Chen et al. 2024) and its kernel-polynomial estimate (EES) are computed per
 tracking example over K stochastic passes (dropout modules and timm ``DropPath`` in training
 mode, and timm's fused attention, ``nn.MultiheadAttention`` with ``dropout > 0`` and ``nn.LSTM``/``GRU``/``RNN`` with
-``dropout > 0`` between ``num_layers > 1`` layers by their own flag, which applies their dropout; a Hugging Face-style
-``F.dropout(h, p, training=self.training)`` applied as in training; everything else in eval mode), and
-averaged. With no active dropout in the model and a deterministic pass that drew no random numbers the K
-passes are identical (so the deterministic pass is reused instead of rerun), Σ has rank ≤ 1, and the
-score sits near ``(K − 1)/K · log α``; a forward drawing its own noise (a VAE's sampling) has its K passes run;
-where the model's dropout modules did not run in the passes, that is said, and the scores are not logged if none did.
+``dropout > 0`` between ``num_layers > 1`` layers by their own flag, which applies their dropout, their
+``torch.jit.script``-compiled modules too; a Hugging Face-style ``F.dropout(h, p, training=self.training)`` applied as
+in training; everything else in eval mode), and averaged. With no active dropout in the model and a deterministic
+pass that drew no random numbers the K passes would be identical, Σ of rank ≤ 1, and the score near
+``(K − 1)/K · log α``, tracking only the embedding norm: they are not run, the scores not logged, said once; a
+forward drawing its own noise (a VAE's sampling) has its K passes run; where the model's dropout modules did not run
+in the passes, that is said, and the scores are not logged if none did.
 
 No perturbation: the passes run under ``torch.no_grad`` and ``torch.random.fork_rng`` (the
 dropout masks come from a seed that depends only on ``seed`` and the checkpoint index; each forward of the
@@ -110,6 +111,7 @@ from lightning_act.capture.registry import (
     input_parameter,
     leave_module,
     register_monitor_hook,
+    tapped_input,
 )
 from lightning_act.data.sampler_padding_index import (
     distributed_sampler,
@@ -181,11 +183,15 @@ def _other_dims(x: torch.Tensor, axis: int) -> tuple[int, ...]:
 
 
 def _token_mask(batch: Any, inputs: torch.Tensor | None) -> torch.Tensor | None:
-    """A dict batch's ``attention_mask`` where it is a 0/1 (or bool) mask of its inputs' first two axes, ``(B, T)``:
-    which tokens of each example are real, not padding (:func:`per_example_embedding`); else ``None``. One host read,
-    at fit start."""
+    """A dict batch's ``attention_mask`` where it is a 0/1 (or bool) mask of its inputs' first two axes, ``(B, T)``,
+    or of their first and last, channels-first audio features' ``(B, n_mels, T)`` (Hugging Face's speech feature
+    extractors; before round 30 their mask was dropped, silently): which tokens of each example are real, not padding
+    (:func:`per_example_embedding`, on each tap's (B, T, D) view, whose T is the mask's); else ``None``. One host
+    read, at fit start."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if not isinstance(mask, torch.Tensor) or inputs is None or inputs.dim() < 2 or mask.shape != inputs.shape[:2]:
+    if not isinstance(mask, torch.Tensor) or inputs is None or inputs.dim() < 2:
+        return None
+    if mask.shape not in (inputs.shape[:2], (inputs.shape[0], inputs.shape[-1])):
         return None
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         return None
@@ -300,8 +306,28 @@ def _same_fingerprint(held: list[float], now: list[float]) -> bool:
     return all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(held, now[: len(held)], strict=True))
 
 
+#: The classes of :func:`_is_stochastic` and :func:`_applies_own_dropout` by name, for their scripted modules.
+_DROPOUT_CLASS_NAMES = frozenset(
+    cls.__name__
+    for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+) | _STOCHASTIC_CLASS_NAMES
+_RNN_CLASS_NAMES = frozenset({"RNN", "LSTM", "GRU"})
+
+
+def _scripted_class(module: nn.Module) -> str | None:
+    """The name of the class a ``torch.jit.script``-compiled module was scripted from (``original_name``): its
+    compiled forward reads the module's training flag when it runs, as the class's does, so the flag can be set like
+    theirs (a scripted ``nn.MultiheadAttention(dropout=0.5)``: before round 30 its dropout never acted in the passes,
+    silently). ``None`` for other modules and for ``torch.jit.trace``'d ones, whose graph holds the flag of the trace
+    as a constant."""
+    return module.original_name if isinstance(module, torch.jit.RecursiveScriptModule) else None
+
+
 def _is_stochastic(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in _STOCHASTIC_CLASS_NAMES
+    return (
+        isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in _STOCHASTIC_CLASS_NAMES
+        or _scripted_class(module) in _DROPOUT_CLASS_NAMES
+    )
 
 
 def _applies_child_dropout(module: nn.Module, active: set[int]) -> bool:
@@ -324,10 +350,12 @@ def _applies_own_dropout(module: nn.Module) -> bool:
     its forward reads the flag for that alone (and for its fast path, off in the probes). ``nn.RNN``/``LSTM``/``GRU``
     (``nn.RNNBase``) drop each layer's output but the last's by ``_VF.lstm(..., self.dropout, self.training, ...)``,
     the flag's only use (on cuDNN it also keeps a reserve buffer for backward, dropped under ``no_grad``); with one
-    layer torch ignores ``dropout``."""
-    if isinstance(module, nn.RNNBase):
+    layer torch ignores ``dropout``. Their scripted modules too (:func:`_scripted_class`); a subclass of another name
+    is not recognised once scripted."""
+    scripted = _scripted_class(module)
+    if isinstance(module, nn.RNNBase) or scripted in _RNN_CLASS_NAMES:
         return float(module.dropout) > 0 and module.num_layers > 1
-    return isinstance(module, nn.MultiheadAttention) and float(module.dropout) > 0
+    return (isinstance(module, nn.MultiheadAttention) or scripted == "MultiheadAttention") and float(module.dropout) > 0
 
 
 #: Functional dropouts whose ``training`` defaults to True: ``training=False`` in a call is a module's flag passed on.
@@ -385,9 +413,46 @@ def _stochastic_mode(model: nn.Module, stochastic: list[nn.Module]) -> Iterator[
             module.training = True
         else:
             module.train()
-        handles.append(module.register_forward_hook(lambda m, _in, _out: ran.add(id(m))))
+        if not isinstance(module, torch.jit.ScriptModule):  # which take no hooks
+            handles.append(module.register_forward_hook(lambda m, _in, _out: ran.add(id(m))))
     try:
         yield ran, completed
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _complex_dtype(value: Any) -> torch.dtype | None:
+    """The dtype of the activation the capture would read in a module's output or arguments ``value`` (found as
+    :func:`~lightning_act.capture.registry.first_tensor` finds it) where it is complex, which the capture does not
+    read; else ``None``."""
+    for _ in range(3):
+        index = activation_index(value)
+        if index is None:
+            break
+        value = value[index]
+    return value.dtype if isinstance(value, torch.Tensor) and value.is_complex() else None
+
+
+@contextlib.contextmanager
+def _complex_taps(taps: list[Tap]) -> Iterator[dict[str, torch.dtype]]:
+    """The taps among ``taps`` whose activation is a complex tensor in the forwards run inside (an STFT's
+    ``return_complex=True``), by name, with its dtype, so that the line saying they gave nothing names it (before
+    round 30 it named every other cause): plain forward hooks, removed on exit."""
+    found: dict[str, torch.dtype] = {}
+
+    def note(tap: Tap, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        read = output if tap.point == "output" else tapped_input(args, kwargs, input_parameter(module))
+        dtype = _complex_dtype(read)
+        if dtype is not None:
+            found[tap.name] = dtype
+
+    handles = [
+        tap.module.register_forward_hook(functools.partial(note, tap), with_kwargs=True)
+        for tap in taps if not isinstance(tap.module, torch.jit.ScriptModule)  # which take no hooks
+    ]
+    try:
+        yield found
     finally:
         for handle in handles:
             handle.remove()
@@ -548,8 +613,11 @@ class FeatureDrop(MonitorHook):
             dim = 1 if x.dim() == 3 else x.dim() - 1
         return _tensor_axis(self.layout, x.dim(), dim)
 
-    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Forward pre-hook (``with_kwargs=True``) of an input tap."""
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+        """Forward pre-hook (``with_kwargs=True``) of an input tap. Also called without ``kwargs``, as torch's
+        quantization ``swap_module`` (``prepare_qat``, ``convert``) registers the hooks it copies to the new module:
+        it then gives the new arguments alone (an ``(args, kwargs)`` pair would be read as the arguments; before round
+        30 the call failed, and with it the fit)."""
         if not self.attached:
             if not torch.compiler.is_compiling():  # a copy's first call compiled traces it to nothing
                 leave_module(module, self)
@@ -561,7 +629,10 @@ class FeatureDrop(MonitorHook):
             zeroed = self._zero(args[index])
             if self.replaced is not None:
                 self.replaced(args[index], zeroed, self._zero)
-            return _with_item(args, index, zeroed), kwargs
+            zeroed_args = _with_item(args, index, zeroed)
+            return zeroed_args if kwargs is None else (zeroed_args, kwargs)
+        if kwargs is None:
+            return None
         if self.parameter in kwargs:
             zeroed = self._zero(kwargs[self.parameter])
             if self.replaced is not None:
@@ -736,6 +807,9 @@ class SensitiveNeurons(FitScopedState):
         self._low_dim_warned: set[str] = set()
         self._unobserved_warned: set[str] = set()
         self._ran_empty: dict[str, tuple[int, ...]] = {}  # taps that gave an empty activation in the last passes
+        #: Taps seen giving a complex tensor (:func:`_complex_taps`, watched until they give an activation or are said
+        #: to give none), and its dtype.
+        self._complex: dict[str, torch.dtype] = {}
         self._unknown_warned: set[str] = set()
         self._undecided_warned: set[str] = set()  # taps whose set ties at its cut (_warn_cut_short)
         self._widths_warned: set[str] = set()
@@ -791,6 +865,7 @@ class SensitiveNeurons(FitScopedState):
         self._graphed = GraphedPass("SensitiveNeurons")  # each fit tries a capture afresh
         self._clean_pass_draws = False
         self._functional_dropout = None
+        self._complex = {}
         self._cutoff = ForwardCutoff(self.stop_after_taps)  # and records its forwards afresh
         self._graph_this_fit = self.cuda_graph
         if self.cuda_graph and trainer is not None and not strategy_allows_graphs(trainer.strategy):
@@ -1252,6 +1327,15 @@ class SensitiveNeurons(FitScopedState):
                 category=UserWarning,
             )
             return
+        if tap_name in self._complex:
+            rank_zero_warn(
+                f"SensitiveNeurons: {tap_name} gives a {str(self._complex[tap_name]).removeprefix('torch.')} tensor in "
+                f"the tracking pass at step {step}, which is not read (the monitors read real floating-point "
+                "activations); nothing is logged for it (tap its magnitude, a module after .abs(), or one after "
+                "torch.view_as_real)",
+                category=UserWarning,
+            )
+            return
         rank_zero_warn(
             f"SensitiveNeurons: {tap_name} gave no activation in the tracking pass at step {step} (its module did not "
             "run, or what it gives is not a floating-point tensor: a dict, a PackedSequence, integers); nothing is "
@@ -1279,9 +1363,11 @@ class SensitiveNeurons(FitScopedState):
         the deterministic one). PyTorch's transformer fast path is off in
         the passes (:func:`~lightning_act.callbacks.probe.probing`), so an encoder layer runs its ``dropout1``/
         ``dropout2`` modules and its attention's dropout. A dropout module that did not run though its parent's forward
-        completed (another module applying it from its own flag) is named once; where no stochastic module ran and the
-        passes equal the deterministic one, no passes are given, said once: EigenScore/EES are not logged there. With
-        no stochastic module the passes are the deterministic one, reused, unless that drew random numbers
+        completed (another module applying it from its own flag) is named once; where no stochastic module ran (a
+        scripted one, which no hook sees, where the passes differ) and the passes equal the deterministic one, no
+        passes are given, said once: EigenScore/EES are not logged there. With no stochastic module the passes would
+        be the deterministic one: none are run or given, said once (before round 30 it was reused K times and its
+        degenerate score logged, silently), unless that drew random numbers
         (:func:`~lightning_act.callbacks.probe.drew_random`: a VAE's ``torch.randn_like``); then they are run (before
         round 29 they were reused), on every rank where rank 0's did (each rank deciding alone left the collectives of
         the passes unpaired)."""
@@ -1333,23 +1419,27 @@ class SensitiveNeurons(FitScopedState):
                     m for m in pl_module.modules()
                     if (_is_stochastic(m) and _drops_anything(m)) or _applies_own_dropout(m)
                 ]
-                if self._graph_this_fit and device.type == "cuda":
-                    clean = self._graphed(one_pass, pl_module, self._batches)
-                else:
-                    # without dropout modules, a call passing training=False with p > 0 is a functional dropout's
-                    reading = self._functional_dropout is None and not stochastic_modules
-                    with _FunctionalDropout(force=False) if reading else contextlib.nullcontext() as functional:
-                        clean = one_pass()
-                    if reading:
-                        self._functional_dropout = functional.seen
+                said = self._unobserved_warned | self._low_dim_warned | self._rows_not_examples
+                unread = [tap for tap in self.taps if tap.name not in self._call_rows and tap.name not in said]
+                with _complex_taps(unread) as complex_taps:
+                    if self._graph_this_fit and device.type == "cuda":
+                        clean = self._graphed(one_pass, pl_module, self._batches)
+                    else:
+                        # without dropout modules, a call passing training=False with p > 0 is a functional dropout's
+                        reading = self._functional_dropout is None and not stochastic_modules
+                        with _FunctionalDropout(force=False) if reading else contextlib.nullcontext() as functional:
+                            clean = one_pass()
+                        if reading:
+                            self._functional_dropout = functional.seen
+                self._complex.update(complex_taps)
                 passes: list[dict[str, torch.Tensor]] = []
                 # rank 0's passes are the ones broadcast, and every rank must run them or none: its decision
                 reuse = self.eigenscore_passes >= 2 and not stochastic_modules and not (
                     self._rank_zeros(self._clean_pass_draws or bool(self._functional_dropout), device)
                 )
                 if reuse:
-                    # Every pass would equal the deterministic one, bit for bit: reuse it instead of rerunning it.
-                    passes = [clean] * self.eigenscore_passes
+                    # Every pass would equal the deterministic one, bit for bit: not rerun, and not scored, said once
+                    self._warn_no_dropout(pl_module)
                 elif self.eigenscore_passes >= 2:
                     first = (self.seed * 1_000_003 + self.checkpoints) * self.eigenscore_passes
                     # read in the fit's first passes (every dropout module then passes training=True), applied after
@@ -1365,8 +1455,11 @@ class SensitiveNeurons(FitScopedState):
                         self._functional_dropout = functional_ran
                     self._warn_dropout_not_run(pl_module, completed - ran)
                     # passes differing by the forward's own draws (a VAE's sampling) are not those of an inert dropout;
-                    # with no dropout to blame, passes equal to the deterministic one are its K copies, as above
-                    inert = bool(stochastic_modules or self._functional_dropout) and not ran and not functional_ran \
+                    # with no dropout to blame, passes equal to the deterministic one are its K copies, as above. A
+                    # scripted module counts as run, unseen (no hook reaches it): told by the passes alone.
+                    scripted = {id(m) for m in stochastic_modules if isinstance(m, torch.jit.ScriptModule)}
+                    inert = bool(stochastic_modules or self._functional_dropout) and not ran - scripted \
+                        and not functional_ran \
                         and all(
                             name in p and torch.equal(p[name], embedding)
                             for p in passes for name, embedding in clean.items()
@@ -1408,12 +1501,39 @@ class SensitiveNeurons(FitScopedState):
         if self._functional_dropout:
             names.append("F.dropout calls with training=self.training")
         rank_zero_warn(
-            f"SensitiveNeurons: none of the model's dropout modules with p > 0, attentions with dropout > 0 or "
-            f"functional dropouts ({_some(names)}) ran in the EigenScore/EES stochastic passes, which equal the "
-            "deterministic pass: "
-            "eigenscore and ees are not logged at such checkpoints (the dropout lies after the tapped modules, or a "
-            "parent applies it from its own training flag, as a fused attention does; give the model a dropout "
-            "module that runs before the taps)",
+            f"SensitiveNeurons: none of the model's dropout modules with p > 0, attentions or multi-layer RNNs with "
+            f"dropout > 0 or functional dropouts ({_some(names)}) ran in the EigenScore/EES stochastic passes, which "
+            "equal the deterministic pass: eigenscore and ees are not logged at such checkpoints (the dropout lies "
+            "after the tapped modules, or a parent applies it from its own training flag, as a fused attention does; "
+            "give the model a dropout module, or an attention or RNN of 2 or more layers with dropout > 0 (an RNN's "
+            "acts between its layers), that runs before the taps)",
+            category=UserWarning,
+        )
+
+    def _warn_no_dropout(self, pl_module: nn.Module) -> None:
+        """Say once that the model has no active dropout and its forward draws no random numbers, so the K passes
+        would be K copies of the deterministic pass: their Σ has rank ≤ 1 and the score, ``(log(K‖c‖² + α) + (K − 1)
+        log α) / K``, tracks only the embedding norm, a placeholder that reads like a measurement (before round 30 it
+        was logged, with no line: every Llama-style model's at the default ``eigenscore_passes=8``)."""
+        if "" in self._inert_dropout_warned:
+            return
+        self._inert_dropout_warned.add("")
+        traced = [
+            name for name, module in pl_module.named_modules()
+            if isinstance(module, torch.jit.ScriptModule) and _scripted_class(module) is None
+        ]
+        traced = [name for name in traced if not any(name.startswith(f"{outer}.") for outer in traced)]
+        unseen = (
+            f"; the torch.jit.trace'd {_some(traced)} are not looked into, their dropout fixed on or off when traced: "
+            "script them instead, or trace after the fit" if traced else ""
+        )
+        rank_zero_warn(
+            f"SensitiveNeurons: the model has no active dropout (no dropout module with p > 0, attention or "
+            f"multi-layer RNN with dropout > 0, or functional dropout{unseen}) and its tracking pass draws no random "
+            f"numbers, so the {self.eigenscore_passes} EigenScore/EES passes would all equal the deterministic pass "
+            "(a rank-1 Σ whose score tracks only the embedding norm): eigenscore and ees are not logged; give the "
+            "model dropout before the taps (nn.Dropout(p > 0), attention_dropout > 0) for a meaningful score, or pass "
+            "eigenscore_passes=0 to silence this",
             category=UserWarning,
         )
 
