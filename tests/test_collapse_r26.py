@@ -150,9 +150,10 @@ def test_a_tap_with_one_row_says_so_with_its_count() -> None:
         quiet_trainer(max_steps=2, callbacks=[monitor]).fit(task, loader)
     said = [str(w.message) for w in caught if str(w.message).startswith("DimensionalCollapse: body.1 ")]
     assert said == [
-        "DimensionalCollapse: body.1 gave 1 row at step 0, too few to measure: a centred covariance needs 2 rows or "
-        "more (a (batch, features) tap at batch size 1 has one); nothing is logged for it at such steps (train with "
-        "batches of 2 or more)"
+        "DimensionalCollapse: body.1 gave 1 row at step 0: too few rows reached it to measure (a centred covariance "
+        "needs 2 rows or more; a (batch, features) tap at batch size 1 gets one, an expert of a mixture of experts "
+        "the tokens routed to it); nothing is logged for it at such steps (train with batches of 2 or more; an "
+        "expert is measured at the steps its router sends it 2 tokens or more)"
     ]
     assert "collapse/body.1/erank" not in monitor.history
 
@@ -226,21 +227,19 @@ def test_overlap_spectra_takes_a_bool_only_and_max_snapshots_names_its_bound() -
     assert DimensionalCollapse(max_snapshots=3).max_snapshots == 3
 
 
-def test_under_ddp_the_wide_tap_warning_says_the_causes_this_rank_cannot_tell_apart(
+def test_under_ddp_the_wide_tap_warning_says_the_cause_the_global_row_count_tells(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A rank knows its own rows only: 2 ranks x 3 rows over k + 1 = 5 is an overflow; 2 x 2 rows within it leaves
-    # another rank's overflow or the mean offset, both said (before: all three causes, and "lower max_rows").
+    # The reduced count of all ranks decides: 6 rows over k + 1 = 5 is an overflow; 4 rows within it leaves the mean
+    # offset alone (before: all three causes and "lower max_rows"; until round 30, both causes a rank could not tell
+    # apart from its own count).
     from lightning_act.callbacks import collapse
 
     monkeypatch.setattr(collapse, "distributed_world_size", lambda: 2)
     monitor = DimensionalCollapse(wide_dim=8, max_rows=2)
     monitor._sketch_dims = {0: (16, 4)}
-    monitor._step_rows = {0: 3}
-    overflow = monitor._unmeasured_problem(0, 7)
-    assert overflow.startswith("got 6 rows at step 7 (3 on this rank x 2 ranks), more than the k + 1 = 5")
+    overflow = monitor._unmeasured_problem(0, 7, 6)
+    assert overflow.startswith("got 6 rows at step 7 over 2 ranks, more than the k + 1 = 5")
     assert "float32" not in overflow and "max_rows >= 16" in overflow
-    monitor._step_rows = {0: 2}
-    either = monitor._unmeasured_problem(0, 7)
-    assert "float32 projection" in either and "another rank got more rows than this one's 2" in either
-    assert "max_rows >= 16" in either and "lower max_rows" not in either
+    offset = monitor._unmeasured_problem(0, 7, 4)
+    assert "float32 projection" in offset and "another rank" not in offset and "lower max_rows" not in offset

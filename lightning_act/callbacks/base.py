@@ -76,6 +76,7 @@ from lightning_act.capture.layout import declared_batch_first
 from lightning_act.capture.selection import (
     INPUT_TAP_SUFFIX,
     ModuleRead,
+    copies_only_optimizers_tell,
     module_at,
     module_reads,
     reads_unchanged,
@@ -324,13 +325,14 @@ def subscribe_taps(
             )
         return [], [], registry
     try:
-        taps = select_taps(pl_module, specs, owner=owner)
+        taps = select_taps(pl_module, specs, owner=owner, optimized=optimized_parameters(pl_module))
     except ModuleSelectionError as error:
         if not defaults:
             raise
         # A monitor that logs without taps (DimensionalCollapse's weight trajectory) is not idle: say what it logs.
         if getattr(subscriber, "logs_without_taps", lambda: False)():
-            consequence = "so it taps no activation and logs only its weight trajectory's params/r90"
+            consequence = ("so it taps no activation and logs only its weight trajectory's "
+                           f"{subscriber.prefix}/params/r90")
         else:
             consequence = "so it stays idle"
         rank_zero_warn(
@@ -393,6 +395,7 @@ def refuse_shared_keys(subscriber: Any, trainer: Any, taps: list[Tap]) -> None:
 
 
 #: The name of the statistic by which :meth:`ActivationMonitor.summarize` says whether a tap's step was measurable.
+#: Statistics whose names start with ``_`` are not logged: they reach :meth:`ActivationMonitor._warn_unmeasured`.
 MEASURED = "_measured"
 
 
@@ -502,6 +505,26 @@ def held_spelling_free_modules(held: Sequence[Any], classes: set[str]) -> list[s
         class_name = text.rpartition(".")[2] + suffix
         canonical.add(class_name if "." in text and class_name in classes else text + suffix)
     return sorted(canonical)
+
+
+def optimized_parameters(pl_module: torch.nn.Module) -> set[int] | None:
+    """Ids of the model's parameters that the fit's optimizers hold; None where they hold none of them (no optimizer
+    yet, at setup, one the model makes later, or ``configure_optimizers`` returned None: Lightning's mock one)."""
+    trainer = getattr(pl_module, "_trainer", None)
+    held = {id(p) for optimizer in ([] if trainer is None else trainer.optimizers)
+            for group in optimizer.param_groups for p in group.get("params", [])}
+    return held & {id(p) for p in pl_module.parameters()} or None
+
+
+def chooses_at_fit_start(pl_module: torch.nn.Module, specs: Sequence[ModuleSpec]) -> bool:
+    """Whether a monitor of ``specs`` chooses its taps at fit start rather than in its ``setup``: the model builds
+    layers late (:func:`builds_layers_late`), or ``"@penultimate"``'s head is the trained copy's of two that require
+    grad (a DQN target network beside its Q-network), which only the optimizers tell, made after the callbacks'
+    ``setup`` (:func:`~lightning_act.capture.selection.copies_only_optimizers_tell`; before round 30 the target's head
+    was taken)."""
+    return builds_layers_late(pl_module) or (
+        "@penultimate" in [spec for spec in specs if isinstance(spec, str)] and copies_only_optimizers_tell(pl_module)
+    )
 
 
 def builds_layers_late(pl_module: torch.nn.Module) -> bool:
@@ -1020,7 +1043,8 @@ class FitScopedState(Callback):
         this again at fit start, once the model has its layers."""
         if stage == "fit":
             self._resumed_this_fit = False  # set again by on_load_checkpoint when this fit resumes
-            self._setup_waits = trainer is not None and not self._setting_up_late and builds_layers_late(pl_module)
+            self._setup_waits = trainer is not None and not self._setting_up_late and chooses_at_fit_start(
+                pl_module, getattr(self, "modules", ()))
 
     def _forget_warnings(self) -> None:
         """Let a new run or a resume say the once-per-tap warnings again: a reused callback stayed silent about a
@@ -1154,7 +1178,8 @@ class ActivationMonitor(FitScopedState, ABC):
         """Statistics (0-d tensors) of one tap from its reduced buffers; ``samples`` is (world, n). A statistic
         named :data:`MEASURED` (not logged) below 0.5 says the step gave too little to measure
         (:attr:`unmeasured_reason`): then nothing of the tap is logged at that step, decided on the host with the
-        values, so without a sync of its own."""
+        values, so without a sync of its own; other statistics named ``_...`` are not logged either, and tell
+        :meth:`_warn_unmeasured` why."""
 
     def complete_partials(self) -> None:
         """Called at a logging step before the reduction: a subclass whose ``receive`` deferred its work on each
@@ -1216,6 +1241,7 @@ class ActivationMonitor(FitScopedState, ABC):
         if self._setup_waits:  # chosen at fit start, once the model has its layers (see builds_layers_late)
             self.taps = []
             return
+        self.refuse_settings(trainer, pl_module)
         layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
         self.taps, self._tap_layouts, self._registry = subscribe_taps(
             self, pl_module, self.modules, self.uses_default_modules, layout)
@@ -1253,6 +1279,10 @@ class ActivationMonitor(FitScopedState, ABC):
     def logs_without_taps(self) -> bool:
         """Whether this monitor logs something with no activation tap (``modules=[]``), e.g. a weight trajectory."""
         return False
+
+    def refuse_settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise (one line) on a setting that names nothing in ``pl_module``, before the taps are chosen: a warning
+        about the taps that assumed the setting works came first otherwise (two lines for one mistake)."""
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if (not self.taps and not self.logs_without_taps()) or self.trains_nothing(trainer):
@@ -1544,8 +1574,9 @@ class ActivationMonitor(FitScopedState, ABC):
             counts = host_values[len(names):]
             observed = {i for i, count in zip(staged.present, counts) if count > 0}
         self._warn_unobserved(step, observed)
-        unmeasured = {i for (i, stat), value in zip(names, host_values) if stat == MEASURED and value < 0.5}
-        self._warn_unmeasured(step, unmeasured & observed)
+        unlogged = {(i, stat): value for (i, stat), value in zip(names, host_values) if stat.startswith("_")}
+        unmeasured = {i for (i, stat), value in unlogged.items() if stat == MEASURED and value < 0.5}
+        self._warn_unmeasured(step, unmeasured & observed, unlogged)
 
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
@@ -1560,7 +1591,7 @@ class ActivationMonitor(FitScopedState, ABC):
                 continue
             if tap_index is None:
                 key = stat
-            elif tap_index not in observed or tap_index in unmeasured or stat == MEASURED:
+            elif tap_index not in observed or tap_index in unmeasured or stat.startswith("_"):
                 continue
             else:
                 tap_name = self.taps[tap_index].name
@@ -1622,21 +1653,29 @@ class ActivationMonitor(FitScopedState, ABC):
             else:
                 problem = (
                     f"produced no activation at step {step} (its module did not run in the observed forwards, or what "
-                    "it gives is not a floating-point tensor: a dict, a PackedSequence, integers, a sparse tensor, "
-                    "or a nested tensor, which nn.TransformerEncoder's fast path makes in eval with a padding mask: "
-                    "pass enable_nested_tensor=False there)"
+                    "it gives is not a floating-point tensor: a complex one, such as torch.stft's with "
+                    "return_complex=True (tap a module after .abs() or torch.view_as_real), a dict, a PackedSequence, "
+                    "integers, a sparse tensor, or a nested tensor, which nn.TransformerEncoder's fast path makes in "
+                    "eval with a padding mask: pass enable_nested_tensor=False there)"
                 )
             self._warn_once(self._unobserved_warned, tap.name, f"{problem}; nothing is logged for it at such steps")
 
     def _warn_low_dim(self, tap_index: int, ndim: int) -> None:
-        """Warn once per tap that its activations have no feature axis ((B,) or a scalar), so nothing is logged."""
+        """Warn once per tap that a call's activation has under 2 axes ((B,), a scalar, or one unbatched example),
+        which is left out: its calls with a batch axis in the same step are still measured (an RL policy acting on
+        one observation beside its batched loss forward was told that nothing is logged, and was logged)."""
         self._warn_once(
             self._low_dim_warned, self.taps[tap_index].name,
-            f"outputs a {ndim}-d tensor, not (batch, tokens, features) or (batch, features); nothing is logged for it "
-            "(tap e.g. '@blocks')",
+            f"outputs a {ndim}-d tensor in a call, not (batch, tokens, features) or (batch, features): an unbatched "
+            "call (one example, e.g. a policy acting on one observation), a (batch,) output without features or a "
+            "scalar; such calls are left out of its statistics, its calls with a batch axis are measured, and a step "
+            "with none logs nothing for it (call it on a batch, e.g. x.unsqueeze(0), or tap a module with features, "
+            "e.g. '@blocks')",
         )
 
-    def _warn_unmeasured(self, step: int, taps: set[int]) -> None:
+    def _warn_unmeasured(self, step: int, taps: set[int], unlogged: dict[tuple[int, str], float]) -> None:
+        """Say once per tap of ``taps`` that it was not measured at ``step``; ``unlogged``: the step's statistics
+        named ``_...`` by (tap, name), which a subclass reads the reason from."""
         for i in sorted(taps):
             self._warn_once(
                 self._unmeasured_warned, self.taps[i].name,

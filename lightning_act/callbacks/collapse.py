@@ -50,7 +50,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_act.callbacks.base import (
     MEASURED, ActivationMonitor, Partials, check_int, check_number, current_tap_key, largest_accumulation,
-    MetricReader, metric_readers, training_step_index, unmonitored_strategy,
+    MetricReader, metric_readers, optimized_parameters, training_step_index, unmonitored_strategy,
 )
 from lightning_act.capture import ModuleSpec, clean_name, select_taps, unmatched_specs
 from lightning_act.capture.selection import (
@@ -78,6 +78,9 @@ from lightning_act.stats.spectrum import (
     sketch_with_draws,
     trajectory_r90,
 )
+
+#: The unlogged statistic (see :data:`~lightning_act.callbacks.base.MEASURED`) holding a step's rows over all ranks.
+STEP_ROWS = "_rows"
 
 #: Weight trajectories up to this many positions keep their count-sketch hash (4 bytes per position: an int32
 #: signed bucket); longer ones draw it again at each snapshot, which needs no memory.
@@ -125,14 +128,22 @@ def _trained_later(pl_module: torch.nn.Module) -> set[int]:
     return {id(m) for m in backbone.modules()}
 
 
-def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The frozen copies of a trained part of the model (:func:`~lightning_act.capture.selection.frozen_copies`: a
-    hand-made EMA, a mean or self-distillation teacher, ``deepcopy(student).requires_grad_(False)`` updated in
-    place), outermost ones only; a frozen layer of a stack beside trained layers alike (the first blocks of a partly
-    frozen network) is a layer, not a copy, and stays, and so does a ``BackboneFinetuning`` backbone
-    (:func:`_trained_later`), frozen only until its epoch comes."""
+def _trains(p: torch.nn.Parameter, optimized: set[int] | None) -> bool:
+    """Whether ``p`` trains: it requires grad and, where the optimizers are known (:func:`~lightning_act.callbacks.base.optimized_parameters`), one holds it.
+    A DQN target network (a copy of the Q-network in no optimizer, moved by Polyak updates) keeps
+    ``requires_grad=True`` in Lightning's example and CleanRL, and was taken for a trained part of the model."""
+    return p.requires_grad and (optimized is None or id(p) in optimized)
+
+
+def _moving_copies(model: torch.nn.Module, optimized: set[int] | None) -> list[torch.nn.Module]:
+    """The untrained copies of a trained part of the model (:func:`~lightning_act.capture.selection.frozen_copies`
+    with ``optimized``: a hand-made EMA, a mean or
+    self-distillation teacher, ``deepcopy(student).requires_grad_(False)`` updated in place, a DQN target network in
+    no optimizer), outermost ones only; ``optimized``: :func:`~lightning_act.callbacks.base.optimized_parameters`. An untrained layer of a stack beside
+    trained layers alike (the first blocks of a partly frozen network) is a layer, not a copy, and stays, and so does
+    a ``BackboneFinetuning`` backbone (:func:`_trained_later`), frozen only until its epoch comes."""
     modules = named_modules(model)
-    frozen = frozen_copies(modules) - _trained_later(model)
+    frozen = frozen_copies(modules, optimized) - _trained_later(model)
     by_name = dict(modules)
     copies = []
     for name, module in modules:
@@ -145,7 +156,7 @@ def _moving_copies(model: torch.nn.Module) -> list[torch.nn.Module]:
         stack_layer = isinstance(parent, (torch.nn.ModuleList, torch.nn.Sequential)) and any(
             module_class(sibling) is module_class(module) and not has_lazy_parameters(sibling)
             and [(n, p.shape) for n, p in sibling.named_parameters()] == shapes
-            and any(p.requires_grad for p in sibling.parameters())
+            and any(_trains(p, optimized) for p in sibling.parameters())
             for sibling in parent.children()
         )
         if not stack_layer:
@@ -243,8 +254,9 @@ class DimensionalCollapse(ActivationMonitor):
             has no repeated blocks, frozen ones included while some weight matrix trains (a frozen
             weight that does not move adds nothing to the trajectory's variance, and a backbone frozen at fit
             start may train later), but not the copies of the model that move untrained (an averaged copy, a
-            hand-made frozen EMA teacher: :func:`_moving_copies`; a ``BackboneFinetuning`` backbone is none, and
-            one taken for a copy that starts to train makes the trajectory choose again); while none of the chosen
+            hand-made frozen EMA teacher, a DQN target network that no optimizer holds: :func:`_moving_copies`; a
+            ``BackboneFinetuning`` backbone is none, and one taken for a copy that starts to train makes the
+            trajectory choose again); while none of the chosen
             weights has moved, r90 is undefined and not logged. Weights are read as the forward uses them (a pruned
             one masked, a parametrized one or one under the hook-based ``weight_norm``/``spectral_norm`` computed)
             and named so (``fc.weight``, not ``fc.weight_orig``); a glob matches every name of a shared (tied)
@@ -288,6 +300,12 @@ class DimensionalCollapse(ActivationMonitor):
 
     def logs_key(self, key: str) -> bool:
         return super().logs_key(key) or (key == f"{self.prefix}/params/r90" and self.param_patterns != [])
+
+    def refuse_settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``param_patterns`` that match no parameter raise here, before default modules that match nothing warn that
+        it logs only ``collapse/params/r90``: that line came first, then the error (:meth:`_select_params`)."""
+        if self.param_patterns and unmonitored_strategy(trainer) is None:
+            self._select_params(pl_module)
 
     def logs_without_taps(self) -> bool:
         """The weight trajectory's ``r90`` needs no activation tap: ``modules=[]`` logs it alone."""
@@ -684,13 +702,14 @@ class DimensionalCollapse(ActivationMonitor):
         stats = {"erank": erank, "pr": pr, "erank_frac": erank_frac, "pr_frac": pr_frac}
         if measured is not None:
             stats[MEASURED] = measured
+            stats[STEP_ROWS] = sums[0]  # the rows of all ranks, for the warning (_unmeasured_problem): not logged
         if self.warn_below is not None:
             # unknown where erank_frac is (a NaN compares False: it logged "not collapsed" for a NaN spectrum)
             below = (erank_frac < self.warn_below).to(torch.float64)
             stats["collapsed"] = torch.where(erank_frac.isnan(), erank_frac, below)
         return stats
 
-    def _warn_unmeasured(self, step: int, taps: set[int]) -> None:
+    def _warn_unmeasured(self, step: int, taps: set[int], unlogged: dict[tuple[int, str], float]) -> None:
         """A tap whose first width differed between ranks is said as such, not as one that gave too little."""
         disputed, self._width_disputed = self._width_disputed, set()
         for i in sorted(disputed):
@@ -701,22 +720,23 @@ class DimensionalCollapse(ActivationMonitor):
                 "Bottleneck.relu)",
                 category=UserWarning,
             )
-        for i in sorted(taps - disputed):
-            self._warn_once(self._unmeasured_warned, self.taps[i].name, self._unmeasured_problem(i, step))
+        for i in sorted(taps - disputed):  # STEP_ROWS comes with every MEASURED (summarize)
+            self._warn_once(self._unmeasured_warned, self.taps[i].name,
+                            self._unmeasured_problem(i, step, round(unlogged[(i, STEP_ROWS)])))
 
-    def _unmeasured_problem(self, tap_index: int, step: int) -> str:
+    def _unmeasured_problem(self, tap_index: int, step: int, rows: int) -> str:
         """Why tap ``tap_index`` was not measured at ``step`` (:meth:`summarize`), with its numbers and the fix that
-        works, from this rank's row count (under DDP the ranks' counts are taken to be alike, and where that does not
-        tell, both causes that remain are said): one warning listed all three causes and told a tap that ran several
-        times in a step to lower ``max_rows``, which lowers the sketch's k with the rows it gets."""
-        rows = self._step_rows.get(tap_index, 0)
+        works, from ``rows``, the step's rows over all ranks, the count that decided it: one warning listed all three
+        causes and told a tap that ran several times in a step to lower ``max_rows``, which lowers the sketch's k with
+        the rows it gets; under DDP, one gave this rank's own count (0 rows of a mixture-of-experts expert that got 1
+        on another rank) and the fix for batch size 1, which does not reach routing."""
         world = distributed_world_size()
-        on_ranks = f" ({rows} on this rank x {world} ranks)" if world > 1 else ""
+        over = f" over {world} ranks" if world > 1 else ""
         sketch = self._sketch_dims.get(tap_index)
-        if sketch is not None and rows * world > sketch[1] + 1:
+        if sketch is not None and rows > sketch[1] + 1:
             d, k = sketch
             return (
-                f"got {rows * world} rows at step {step}{on_ranks}, more than the k + 1 = {k + 1} that its covariance "
+                f"got {rows} rows at step {step}{over}, more than the k + 1 = {k + 1} that its covariance "
                 f"sketch (it is wider than wide_dim={self.wide_dim}: {d} features) holds exactly, with k = max_rows x "
                 "accumulate_grad_batches x world size at fit start: its module ran more often in the step (several "
                 "forwards per step under manual optimization, a module called more than once per forward, more "
@@ -725,18 +745,18 @@ class DimensionalCollapse(ActivationMonitor):
             )
         if sketch is None or rows < 2:
             return (
-                f"gave {rows} row{'' if rows == 1 else 's'} at step {step}{' on this rank' if world > 1 else ''}, too "
-                "few to measure: a centred covariance needs 2 rows or more (a (batch, features) tap at batch size 1 "
-                "has one); nothing is logged for it at such steps (train with batches of 2 or more)"
+                f"gave {rows} row{'' if rows == 1 else 's'} at step {step}{over}: too few rows reached it to measure "
+                "(a centred covariance needs 2 rows or more; a (batch, features) tap at batch size 1 gets one, an "
+                "expert of a mixture of experts the tokens routed to it); nothing is logged for it at such steps "
+                "(train with batches of 2 or more; an expert is measured at the steps its router sends it 2 tokens "
+                "or more)"
             )
-        # under DDP only (in one process the counts above are the reduced ones, and each step's mean is resolved)
-        d, k = sketch
+        # under DDP only: in one process each step's rows are shifted by their own mean (_reference)
+        d = sketch[0]
         return (
             f"is wider than wide_dim={self.wide_dim} ({d} features) and was not measured at step {step}: its mean was "
             "over ~16,000 times its spread from the last step's mean, which its sketch's float32 projection cannot "
-            f"resolve (tap a normalised layer or pass wide_dim=None), or another rank got more rows than this one's "
-            f"{rows}, over the k + 1 = {k + 1} its sketch holds exactly (pass max_rows >= {d} or wide_dim=None); "
-            "nothing is logged for it at such steps"
+            "resolve; nothing is logged for it at such steps (tap a normalised layer or pass wide_dim=None)"
         )
 
     def on_statistics(self, trainer: pl.Trainer, step: int, stats: dict[str, dict[str, float]]) -> None:
@@ -795,7 +815,8 @@ class DimensionalCollapse(ActivationMonitor):
         # An EMA/SWA copy of the model moves with it but is not trained: its weights are not the trajectory's. Nor are
         # those of a hand-made frozen copy (an EMA teacher updated in place, which moves too), see _moving_copies.
         averaged = averaged_copy_modules(pl_module)
-        self._frozen_copy_weights = [p for copy in _moving_copies(pl_module) for p in copy.parameters()]
+        optimized = optimized_parameters(pl_module)
+        self._frozen_copy_weights = [p for copy in _moving_copies(pl_module, optimized) for p in copy.parameters()]
         copies = {id(p) for m in pl_module.modules() if id(m) in averaged for p in m.parameters(recurse=False)}
         copies |= {id(p) for p in self._frozen_copy_weights}
         self._uninitialized_left_out = [
@@ -807,7 +828,7 @@ class DimensionalCollapse(ActivationMonitor):
         # Frozen ones too, while some weight matrix of the model trains: a BackboneFinetuning backbone is frozen at
         # fit start (or left frozen by Tuner.lr_find) and trained later, and a frozen weight adds nothing to the
         # trajectory's variance; none trains (a PEFT model whose adapters are vectors): no trajectory.
-        trains = any(p.requires_grad and p.dim() >= 2 for p in named.values())
+        trains = any(_trains(p, optimized) and p.dim() >= 2 for p in named.values())
         return matrices if trains else []
 
     @torch.no_grad()  # records no graph, so the weights need no detach each (an operation per weight)
@@ -1081,9 +1102,10 @@ class DimensionalCollapse(ActivationMonitor):
         return None
 
     def _trajectory_change(
-        self, shapes: list[torch.Size], sources: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]]
+        self, pl_module: torch.nn.Module, shapes: list[torch.Size],
+        sources: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]],
     ) -> str | None:
-        """Why the held snapshots no longer stack with one of the model now, whose followed weights have ``shapes``
+        """Why the held snapshots no longer stack with ``pl_module`` now, whose followed weights have ``shapes``
         (:func:`_shapes`) and ``sources`` (:meth:`_followed`), else None: a followed weight left the model or
         changed shape (a head grown for new classes, a widened layer: the snapshots' lengths differ, or,
         count-sketched, their positions mean other weights), or was re-created with the same shape since the last
@@ -1101,7 +1123,8 @@ class DimensionalCollapse(ActivationMonitor):
                              if (how := self._replaced(n, now, was)) is not None), None)
             if replaced is not None:
                 return replaced
-        if any(p.requires_grad for p in self._frozen_copy_weights):
+        optimized = optimized_parameters(pl_module) if self._frozen_copy_weights else None
+        if any(_trains(p, optimized) for p in self._frozen_copy_weights):
             return ("a weight left out of the trajectory as a frozen copy's trains now (a backbone unfrozen by a "
                     "BaseFinetuning callback)")
         return None
@@ -1116,7 +1139,7 @@ class DimensionalCollapse(ActivationMonitor):
             pl_module = trainer.lightning_module
             # read once for the check and the snapshot
             weights, sources = self._followed(pl_module, self.param_names) or (None, [])
-            change = self._trajectory_change(_shapes(weights), sources)
+            change = self._trajectory_change(pl_module, _shapes(weights), sources)
             if change is not None:
                 rank_zero_warn(
                     f"DimensionalCollapse: {change} at step {step}; params/r90 follows the weights chosen again "

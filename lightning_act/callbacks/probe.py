@@ -44,7 +44,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_act.capture.registry import CaptureRegistry, ForwardCutoff, Subscriber
 from lightning_act.data.sampler_padding_index import (
@@ -338,7 +338,9 @@ def validation_batches(
     ``fork_rng`` because creating a DataLoader iterator draws a seed from the global RNG, through an iterator of the
     probe's own (:func:`own_iterator`). The loader they came from is appended to ``loaders`` when given. Where it
     shards the data with a ``DistributedSampler``, each batch's dataset indices are noted as it is read
-    (:func:`batch_indices`), for telling the sampler's padding by index.
+    (:func:`batch_indices`), for telling the sampler's padding by index. An ``IterableDataset`` cannot be rewound:
+    reading it is said once (an RL evaluation stream whose environment carries on gave every later validation other
+    episodes, silently).
     """
     source = trainer.fit_loop.epoch_loop.val_loop._data_source
     if source.instance is None or not source.is_defined():
@@ -372,6 +374,15 @@ def validation_batches(
         rank_zero_warn(
             f"{owner}: {empty} empty, so it takes its batches from validation dataloader {index} "
             f"(dataloader_idx={index}), the first that holds any",
+            category=UserWarning,
+        )
+    if isinstance(getattr(loader, "dataset", None), IterableDataset):
+        rank_zero_warn(
+            f"{owner} read {len(batches)} batch(es) of validation dataloader {index} at fit start, whose dataset is "
+            "an IterableDataset: a stream that cannot be rewound, so where its iteration moves state of its own (RL "
+            "evaluation episodes played in an environment that carries on, a generator it keeps), every validation "
+            "of the fit sees other items than without the monitor; give the fit a map-style validation Dataset"
+            f"{PROBE_ALTERNATIVES.get(owner, '')}",
             category=UserWarning,
         )
     if loaders is not None:

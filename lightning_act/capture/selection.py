@@ -533,6 +533,18 @@ def has_lazy_parameters(module: nn.Module) -> bool:
     return any(is_lazy(p) for p in module.parameters())
 
 
+def _alike_modules(modules: list[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+    """The modules with children grouped by class and parameter names and shapes: copies of one another."""
+    alike: dict[tuple[type, tuple[tuple[str, torch.Size], ...]], list[tuple[str, nn.Module]]] = {}
+    for name, module in modules:
+        if has_lazy_parameters(module):  # no shape to compare yet (nn.LazyLinear before its first forward)
+            continue
+        shapes = tuple((n, p.shape) for n, p in module.named_parameters())
+        if shapes and any(True for _ in module.children()):
+            alike.setdefault((module_class(module), shapes), []).append((name, module))
+    return list(alike.values())
+
+
 def frozen_copies(modules: list[tuple[str, nn.Module]], optimized: set[int] | None = None) -> set[int]:
     """Ids of the modules inside a frozen copy: a module with children none of whose parameters trains, beside one of
     the same class and parameter shapes whose parameters do (a hand-made EMA, a mean or self-distillation teacher).
@@ -541,20 +553,26 @@ def frozen_copies(modules: list[tuple[str, nn.Module]], optimized: set[int] | No
     trains where it requires grad and one holds it, so a DQN target network (a copy in no optimizer that keeps
     ``requires_grad=True``, as in Lightning's example and CleanRL) is a copy too. Alike modules none of whose
     parameters an optimizer holds (FSDP's flattened ones) are told by ``requires_grad`` alone."""
-    alike: dict[tuple[type, tuple[tuple[str, torch.Size], ...]], list[nn.Module]] = {}
-    for _, module in modules:
-        if has_lazy_parameters(module):  # no shape to compare yet (nn.LazyLinear before its first forward)
-            continue
-        shapes = tuple((n, p.shape) for n, p in module.named_parameters())
-        if shapes and any(True for _ in module.children()):
-            alike.setdefault((module_class(module), shapes), []).append(module)
     frozen: set[int] = set()
-    for group in alike.values():
-        held = optimized if optimized and any(id(p) in optimized for m in group for p in m.parameters()) else None
-        trains = [any(p.requires_grad and (held is None or id(p) in held) for p in m.parameters()) for m in group]
+    for group in _alike_modules(modules):
+        held = optimized if optimized and any(id(p) in optimized for _, m in group for p in m.parameters()) else None
+        trains = [any(p.requires_grad and (held is None or id(p) in held) for p in m.parameters()) for _, m in group]
         if any(trains):
-            frozen |= {id(m) for copy, trained in zip(group, trains) if not trained for m in copy.modules()}
+            frozen |= {id(m) for (_, copy), trained in zip(group, trains) if not trained for m in copy.modules()}
     return frozen
+
+
+def copies_only_optimizers_tell(model: nn.Module) -> bool:
+    """Whether ``model`` holds copies of one network that all require grad outside a stack of blocks (a DQN target
+    network beside its Q-network, which no optimizer holds): which one trains, and so ``"@penultimate"``'s head,
+    only the fit's optimizers tell (:func:`frozen_copies` with ``optimized``)."""
+    modules = named_modules(model)
+    by_name = dict(modules)
+    for group in _alike_modules(modules):
+        loose = [m for name, m in group if not _is_stack_container(by_name.get(name.rpartition(".")[0], model))]
+        if sum(any(p.requires_grad for p in m.parameters()) for m in loose) >= 2:
+            return True
+    return False
 
 
 def _head_owners(model: nn.Module, left_out: set[int], optimized: set[int] | None = None) -> list[nn.Module]:
