@@ -807,9 +807,14 @@ def test_resnet18_blocks_match_numpy():
     np.testing.assert_allclose(values(stats, "act/net.layer3.1/mean")[0], h.mean(), rtol=1e-5)
     h_btd = h.reshape(h.shape[0], h.shape[1], -1).transpose(0, 2, 1)  # (B, H*W, C)
     want = massive_numpy(h_btd)
-    for stat in ("ratio", "median", "top0_token", "top0_feature"):
-        rtol = MEDIAN_RTOL if stat in ("ratio", "median") else 1e-5  # the median is a histogram estimate
+    for stat in ("median", "top0_token", "top0_feature"):
+        rtol = MEDIAN_RTOL if stat == "median" else 1e-5  # the median is a histogram estimate
         np.testing.assert_allclose(values(massive, f"massive/net.layer3.1/{stat}")[0], want[stat], rtol=rtol, err_msg=stat)
+    # each BasicBlock ends in a ReLU: a sample with more than half its entries 0 has median 0, and its ratio is unknown
+    if np.isfinite(want["ratio"]):
+        np.testing.assert_allclose(values(massive, "massive/net.layer3.1/ratio")[0], want["ratio"], rtol=MEDIAN_RTOL)
+    else:
+        assert "massive/net.layer3.1/ratio" not in massive.history  # before round 30: inf, logged
 
 
 # ---------------------------------------------------------------------------------------------- r90 of conv weights

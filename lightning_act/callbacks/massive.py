@@ -175,12 +175,28 @@ class MassiveActivations(ActivationMonitor):
     reads_features = True  # the top-k positions name a token and a feature
 
     def unknown_cause(self, stats: list[str]) -> str:
-        if all(stat.startswith("top") and "_" in stat for stat in stats):
-            return f"the output has fewer (token, feature) positions than top_k={self.top_k}"
-        return (
-            "a sample's median |a| is unknown: NaN or inf activations (counted as infinitely large), or a median "
-            "outside the range of the median's histogram (see bins); or, for the ratio, a sample is all zero (0/0)"
-        )
+        positions = [stat for stat in stats if stat.startswith("top") and "_" in stat]
+        causes = []
+        if "median" in stats or "count" in stats:
+            causes.append(
+                "a sample's median |a| is unknown: NaN or inf activations (counted as infinitely large), or a median "
+                "outside the range of the median's histogram (see bins); or, for the ratio, a sample's median is 0"
+            )
+        elif "ratio" in stats:
+            causes.append(
+                "more than half of a sample's entries are exactly zero (a ReLU's or a closed gate's output, or a "
+                "sample all zero), so its median |a| is 0 and max / median is undefined; median, top1 and count are "
+                "logged; tap the residual stream (the blocks' outputs) for a ratio"
+            )
+        if any(stat.endswith("_value") for stat in positions):
+            causes.append(f"the output has fewer (token, feature) positions than top_k={self.top_k}")
+        if any(stat.rsplit("_", 1)[0] + "_value" not in stats for stat in positions):
+            causes.append(
+                "a top-k slot of value 0 has no position: every position of value 0 ties with every other (an "
+                "all-zero output such as a closed gate's, or fewer than top_k nonzero positions), so the one found is "
+                "arbitrary; its top{j}_value (0) is logged"
+            )
+        return "; ".join(causes)
 
     def __init__(
         self,
@@ -548,13 +564,18 @@ class MassiveActivations(ActivationMonitor):
     def fit_emergence(self, trainer: pl.Trainer | None = None) -> dict[str, EmergenceFit]:
         """Fit the emergence model to every layer's ``ratio`` history; returns ``{module: fit}``.
 
-        Layers with fewer than ``min_fit_points`` points, or whose fit fails, are left out and
-        their reason is logged and kept in :attr:`fit_skipped`. With a ``trainer``, the fits are
+        Layers with fewer than ``min_fit_points`` points (none at all: a post-ReLU tap, whose ratio is unknown at
+        every step), or whose fit fails, are left out and their reason is logged and kept in :attr:`fit_skipped`. With a ``trainer``, the fits are
         also logged (scalars, figure, W&B table) from global rank zero.
         """
         fits: dict[str, EmergenceFit] = {}
-        skipped: dict[str, str] = {}
-        for layer, series in self.series("ratio").items():
+        histories = self.series("ratio")
+        # a post-ReLU tap's ratio is unknown at every due step (a median of 0): said here too, not left out unsaid
+        skipped = {
+            tap.name: "no ratio point: the ratio was unknown (see its warning) or the tap unobserved at every due step"
+            for tap in self.taps if tap.name not in histories
+        }
+        for layer, series in histories.items():
             if len(series) < self.min_fit_points:
                 skipped[layer] = f"{len(series)} ratio points, the fit needs at least {self.min_fit_points}"
                 continue

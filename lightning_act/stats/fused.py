@@ -63,7 +63,7 @@ import torch
 from lightning_act._triton import triton_requirement, warn_triton_unusable
 from lightning_act._triton import triton_usable as triton_available
 from lightning_act.stats.histogram_median import LogMagnitudeBins, histogram_median, log_magnitude_bin
-from lightning_act.stats.massive import MASSIVE_SUMS, known_medians
+from lightning_act.stats.massive import MASSIVE_SUMS, clear_zero_positions, known_medians, sample_ratios
 from lightning_act.stats.massive import sample_medians as exact_sample_medians
 from lightning_act.stats.moments import MOMENT_SUMS, comparable_threshold
 
@@ -585,7 +585,8 @@ def massive_partials_from(stats: FusedStats) -> tuple[torch.Tensor, torch.Tensor
     The per-sample median is the histogram estimate (:func:`histogram_median`, relative error <= the bin
     width, 1.56% by default) and the massive count is exact at the threshold that median gives
     (:func:`massive_row_thresholds`). A sample whose median is unknown (NaN) or infinite (half its entries or more
-    NaN or inf) has an unknown median, ratio and count, as in :func:`lightning_act.stats.massive.known_medians`.
+    NaN or inf) has an unknown median, ratio and count, as in :func:`lightning_act.stats.massive.known_medians`; one
+    whose median is 0 an unknown ratio (:func:`lightning_act.stats.massive.sample_ratios`).
     """
     sums, maxima = stacked_massive_partials([stats])
     return sums[0], maxima[0]
@@ -605,7 +606,7 @@ def stacked_massive_partials(stats: Sequence[FusedStats]) -> tuple[torch.Tensor,
     count = torch.stack([s.sample_massive_count for s in stats])  # type: ignore[misc]
     count = torch.where(torch.isnan(median), median, count)
     samples = torch.full((len(stats),), float(stats[0].shape[0]), dtype=torch.float64, device=median.device)
-    sums = torch.stack([samples, median.sum(1), (top1 / median).sum(1), count.sum(1)], 1)
+    sums = torch.stack([samples, median.sum(1), sample_ratios(top1, median).sum(1), count.sum(1)], 1)
     assert sums.shape[1] == len(MASSIVE_SUMS)
     if top1.shape[1] == 0:  # a batch of no samples adds nothing; 0 is the maximum's neutral value for magnitudes
         return sums, top1.new_zeros(len(stats), 1)
@@ -616,7 +617,8 @@ def topk_positions_from(stats: FusedStats, k: int) -> torch.Tensor:
     """The buffer of :func:`lightning_act.stats.massive.topk_positions`: ``[values, tokens, features]`` (3k).
 
     Positions follow the massive-activation layout: ``(B, D)`` has one token, ``(B, T, D)`` tokens ``T``,
-    ``(B, C, *spatial)`` features ``C`` and tokens the flattened spatial positions.
+    ``(B, C, *spatial)`` features ``C`` and tokens the flattened spatial positions. A slot of value 0 has no position
+    (NaN token and feature, :func:`lightning_act.stats.massive.clear_zero_positions`).
     """
     return stacked_topk_positions([stats], k)[0]
 
@@ -640,6 +642,7 @@ def stacked_topk_positions(stats: Sequence[FusedStats], k: int) -> torch.Tensor:
         spatial = math.prod(shape[2:])
         token, feature = index % spatial, torch.div(index, spatial, rounding_mode="floor")
     out = torch.stack([values.to(torch.float64), token.to(torch.float64), feature.to(torch.float64)], 1)
+    out = clear_zero_positions(out)
     if take < k:  # fewer positions than k: NaN slots
         out = torch.nn.functional.pad(out, (0, k - take), value=float("nan"))
     return out.reshape(len(stats), 3 * k)

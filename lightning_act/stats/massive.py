@@ -70,10 +70,10 @@ def massive_partials(
     """``(sums, maxima)`` of one block output, laid out as ``MASSIVE_SUMS`` / ``MASSIVE_MAXIMA`` (float64).
 
     Non-finite entries count as infinitely large, so a blown-up residual stream shows as an
-    infinite ``top1`` (and ``ratio`` while its sample's median stays finite) instead of disappearing. A sample
-    whose median is infinite (half its entries or more NaN or inf) has an unknown median, and with it an
+    infinite ``top1`` (and ``ratio`` while its sample's median stays finite and above 0) instead of disappearing. A
+    sample whose median is infinite (half its entries or more NaN or inf) has an unknown median, and with it an
     unknown ``ratio`` and ``count`` (|a| / median >= ratio_threshold is inf / inf there): NaN, see
-    :func:`known_medians`.
+    :func:`known_medians`. A sample whose median is 0 has an unknown ``ratio`` (:func:`sample_ratios`).
     """
     return massive_partials_from_magnitude(block_magnitude(h), abs_threshold, ratio_threshold)
 
@@ -87,6 +87,17 @@ def known_medians(median: torch.Tensor) -> torch.Tensor:
     """``median`` with NaN where it is not finite: an infinite median (NaN and inf entries rank as +inf) is not a
     measurement, and ``|a| / median`` (``ratio``, the massive criterion) is undefined at it."""
     return torch.where(torch.isfinite(median), median, torch.full_like(median, float("nan")))
+
+
+def sample_ratios(top1: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``ratio_b = top1_b / median_b``, NaN where ``median_b`` is 0 or unknown (NaN).
+
+    A median of exactly 0 (more than half a sample's entries exactly zero: a ReLU's or a closed gate's output) is a
+    measurement, but ``max / 0`` is not one: it was logged as ``inf`` on every post-ReLU tap (before round 30), where
+    0/0 (an all-zero sample) and a median below the histogram's window were already unknown. The layer's mean ratio
+    is then unknown at that step (not logged, said once), as for those; ``median``, ``top1`` and ``count`` stay.
+    Two operations after the division, ~4 µs of host time (a ``where`` with a tensor of NaN took 17 µs)."""
+    return (top1 / median).masked_fill_(median == 0, float("nan"))
 
 
 def massive_partials_from_magnitude(
@@ -103,7 +114,7 @@ def massive_partials_from_magnitude(
         [
             torch.full((), float(samples), dtype=torch.float64, device=magnitude.device),
             median.sum(dtype=torch.float64),
-            (top1.to(torch.float64) / median.to(torch.float64)).sum(),
+            sample_ratios(top1.to(torch.float64), median.to(torch.float64)).sum(),
             count.sum(),
         ]
     )
@@ -130,7 +141,8 @@ def summarize_massive_stacked(sums: torch.Tensor, top1: torch.Tensor) -> tuple[l
 def topk_positions(h: torch.Tensor, k: int) -> torch.Tensor:
     """Top-``k`` distinct (token, feature) positions of ``h`` by max ``|a|`` over samples.
 
-    Returns ``[values (k), tokens (k), features (k)]`` as float64; unused slots are NaN.
+    Returns ``[values (k), tokens (k), features (k)]`` as float64; unused slots are NaN, and so are the token and
+    feature of a slot whose value is 0 (:func:`clear_zero_positions`).
     """
     return topk_positions_from_magnitude(block_magnitude(h), k)
 
@@ -145,14 +157,27 @@ def topk_positions_from_magnitude(magnitude: torch.Tensor, k: int) -> torch.Tens
     out[0, :take] = values.to(torch.float64)
     out[1, :take] = torch.div(index, features, rounding_mode="floor").to(torch.float64)
     out[2, :take] = (index % features).to(torch.float64)
-    return out.reshape(-1)
+    return clear_zero_positions(out).reshape(-1)
+
+
+def clear_zero_positions(buffer: torch.Tensor) -> torch.Tensor:
+    """Set NaN token and feature where the value is 0 in a top-k buffer ``(..., 3, k)``, in place (~7 µs of host
+    time; a copy took 30 µs); returns it.
+
+    Every position of value 0 ties with every other, so the one ``topk`` names is arbitrary (a closed gate's all-zero
+    output read as a massive activation at "token 3, feature 15" before round 30): no position is a measurement
+    there. The value 0 is one (the ``j``-th largest ``|a|`` is 0, as ``top1`` is) and stays; :func:`merge_topk` treats
+    such a slot as a position of its own."""
+    buffer[..., 1:, :].masked_fill_(buffer[..., :1, :] == 0, float("nan"))
+    return buffer
 
 
 def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Merge stacked top-k buffers ``(m, 3k)`` into one ``(3k,)``: the ``k`` largest distinct positions.
 
     A position present in several buffers keeps its largest value (the first buffer's among equal ones); NaN slots
-    are absent. One buffer (one rank) is already merged and is returned as it is. A sort and a per-position minimum:
+    are absent, and a slot of no position (a value of 0, :func:`clear_zero_positions`) is a position of its own. One
+    buffer (one rank) is already merged and is returned as it is. A sort and a per-position minimum:
     the pairwise comparison of every candidate with every other it replaced (before round 26) took
     ``(m k)^2`` memory, 1.3 GB for 4 ranks at ``top_k=4096``.
     """
@@ -164,8 +189,9 @@ def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
     score = torch.where(present, values, torch.full_like(values, float("-inf")))
     order = torch.sort(score, descending=True, stable=True).indices  # by value, then by buffer and slot
     index = torch.arange(values.numel(), device=values.device)
-    absent_key = -1.0 - index.to(tokens.dtype)  # an absent slot is a position of its own
-    positions = torch.stack([torch.where(present, tokens, absent_key), torch.where(present, features, absent_key)], 1)
+    absent_key = -1.0 - index.to(tokens.dtype)  # an absent slot, or one of no position, is a position of its own
+    placed = present & ~torch.isnan(features)
+    positions = torch.stack([torch.where(placed, tokens, absent_key), torch.where(placed, features, absent_key)], 1)
     _, group = torch.unique(positions[order], dim=0, return_inverse=True)
     first = torch.full((int(group.max()) + 1,), values.numel(), dtype=torch.long, device=values.device)
     first.scatter_reduce_(0, group, index, reduce="amin")  # each position's first place in the order: its largest
