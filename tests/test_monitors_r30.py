@@ -1,4 +1,4 @@
-"""Round 30: the r90 trajectory of a model with a DQN target network, the fit-start read of a validation stream, and
+"""Round 30: the r90 trajectory and the ``@penultimate`` head of a model with a DQN target network, the fit-start read of a validation stream, and
 the lines of unbatched calls, of a tap too few rows reached under DDP, of unmatched ``param_patterns`` and of a complex
 tap."""
 
@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from _toy import quiet_trainer
+from _toy import numpy_erank, quiet_trainer
 from lightning_act.callbacks import DimensionalCollapse, MassiveActivations, SensitiveNeurons
+from lightning_act.capture.selection import copies_only_optimizers_tell
 
 
 def q_network() -> nn.Sequential:
@@ -345,3 +346,35 @@ def test_a_complex_tap_is_named_with_its_fix() -> None:
     assert len(said) == 2
     assert all("complex" in line and "torch.view_as_real" in line and ".abs()" in line for line in said)
     assert not any(key.startswith(("massive/stft", "collapse/stft")) for m in monitors for key in m.history)
+
+
+@pytest.mark.parametrize("target", ["deepcopy", "second instance"])
+def test_penultimate_of_a_dqn_is_the_q_networks_head_not_the_targets(target: str) -> None:
+    # before: the target's head input (target.4-input) for both monitors; SensitiveNeurons logged nothing
+    torch.manual_seed(0)
+    task = DQN(target)
+    head_inputs: list[np.ndarray] = []
+    task.net[4].register_forward_pre_hook(
+        lambda _m, args: head_inputs.append(args[0].detach().double().numpy()) if task.training else None)
+    collapse = DimensionalCollapse(every_n_steps=1)
+    sensitive = SensitiveNeurons(every_n_steps=1, tracking_inputs=torch.randn(6, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer(max_steps=3, callbacks=[collapse, sensitive]).fit(
+            task, DataLoader(TensorDataset(torch.zeros(16, 1)), batch_size=1))
+    assert [tap.name for tap in collapse.taps] == [tap.name for tap in sensitive.taps] == ["net.4-input"]
+    assert "sensitive/net.4-input/count" in sensitive.history
+    logged = collapse.history["collapse/net.4-input/erank"].values
+    assert logged == pytest.approx([numpy_erank(rows) for rows in head_inputs], rel=1e-6)
+
+
+def test_only_copies_outside_a_stack_that_all_require_grad_wait_for_the_optimizers() -> None:
+    twins = nn.Module()
+    twins.net, twins.target = q_network(), q_network()
+    assert copies_only_optimizers_tell(twins)
+    twins.target.requires_grad_(False)  # a frozen copy: requires_grad tells at setup
+    assert not copies_only_optimizers_tell(twins)
+    stack = nn.Module()
+    stack.blocks = nn.ModuleList(q_network() for _ in range(3))  # blocks of one stack are no copies
+    stack.head = nn.Linear(2, 2)
+    assert not copies_only_optimizers_tell(stack)
