@@ -149,19 +149,22 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     if "frozen" not in methods or "dopamine" not in methods:
         return []
 
-    def paired(a: str, b: str) -> tuple[float, float, float]:
-        return mean_interval([x - y for x, y in zip(methods[a]["acc"], methods[b]["acc"])])
+    def pairs(a: str, b: str) -> list[float]:
+        return [x - y for x, y in zip(methods[a]["acc"], methods[b]["acc"])]
 
-    def decide(interval: tuple[float, float, float]) -> str:
-        if math.isnan(interval[1]):
-            no_interval = "one seed" if len(methods["frozen"]["acc"]) < 2 else "a seed without a finite accuracy"
+    def paired(a: str, b: str) -> tuple[float, float, float]:
+        return mean_interval(pairs(a, b))
+
+    def decide(interval: tuple[float, float, float], a: str, b: str) -> str:
+        if math.isnan(interval[1]):  # the reason from the pairs decided (a method run with fewer seeds than another)
+            no_interval = "one seed" if len(pairs(a, b)) < 2 else "a seed without a finite accuracy"
             return f"undecided ({no_interval}: no interval)"
         if interval[1] > 0:
             return "yes"
         return "no, it is lower" if interval[2] < 0 else "not separable (interval includes 0)"
 
     delta = paired("dopamine", "frozen")
-    answer = decide(delta)
+    answer = decide(delta, "dopamine", "frozen")
     # Without an interval the claim is neither confirmed nor refuted.
     label = "REPRODUCED" if answer == "yes" else "UNDECIDED" if answer.startswith("undecided") else "NOT REPRODUCED"
     lines = [
@@ -172,7 +175,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         gap = paired("lora", "dopamine")
         lines.append(
             f"Paper claim 'somewhat below LoRA': LoRA − Dopamine {format_interval(gap, 1, signed=True, scale=100)} points "
-            f"(LoRA better: {decide(gap)}); parameters {int(methods['dopamine']['params'][0]):,} vs "
+            f"(LoRA better: {decide(gap, 'lora', 'dopamine')}); parameters {int(methods['dopamine']['params'][0]):,} vs "
             f"{int(methods['lora']['params'][0]):,}."
         )
     return lines

@@ -42,6 +42,7 @@ MANIFOLD_R90 = 4
 MANIFOLD_EARLY = 0.3
 SEND_SEEDS = (0, 1, 2)
 LAZY_END_POINTS = 3
+LAZY_MIN_POINTS = 2 * LAZY_END_POINTS  # the start apart from the end's points, and differences to read the noise from
 LAZY_NOISE_SDS = 3.0
 NORMAL_MEDIAN_ABS = 0.6744897501960817  # median of |Z| for a standard normal Z
 
@@ -216,18 +217,24 @@ def massive_row(run: Path, figures: Path) -> Row:
     )
 
 
-def lazy_fall(nonzero: np.ndarray) -> tuple[float, float, float]:
+def lazy_fall(nonzero: np.ndarray) -> tuple[float, float, float] | None:
     """``(start, end, margin)`` of one layer's logged nonzero fractions; the layer falls when ``start − end > margin``.
+    None for fewer than ``LAZY_MIN_POINTS`` points, too few to tell a fall from noise (with 3 the end's mean held the
+    start, and no drop passed the margin).
 
     ``end`` is the mean of the last ``LAZY_END_POINTS`` points. The points are single training batches, so the
     fraction moves from batch to batch even when nothing trains (an lr = 0 run "fell" 0.03 points). The margin is
     ``LAZY_NOISE_SDS`` standard deviations of ``start − end`` under that noise alone, ``σ·√(1 + 1/3)``, with σ
-    estimated from the successive differences Δ as ``median|Δ| / (0.6745·√2)`` (exact for independent Gaussian
-    noise). The median ignores the few large steps of a real fall, which a mean of Δ² would count as noise.
+    estimated from the successive differences Δ as ``median|Δ − median Δ| / (0.6745·√2)`` (exact for independent
+    Gaussian noise). The medians ignore the few large steps of a real fall, which a mean of Δ² would count as noise,
+    and the steady slope of a gradual one, which ``median|Δ|`` read as noise.
     """
     nonzero = np.asarray(nonzero, dtype=np.float64)
+    if len(nonzero) < LAZY_MIN_POINTS:
+        return None
     start, end = float(nonzero[0]), float(np.mean(nonzero[-LAZY_END_POINTS:]))
-    sigma = float(np.median(np.abs(np.diff(nonzero)))) / (NORMAL_MEDIAN_ABS * math.sqrt(2))
+    steps = np.diff(nonzero)
+    sigma = float(np.median(np.abs(steps - np.median(steps)))) / (NORMAL_MEDIAN_ABS * math.sqrt(2))
     return start, end, LAZY_NOISE_SDS * sigma * math.sqrt(1 + 1 / LAZY_END_POINTS)
 
 
@@ -239,10 +246,15 @@ def lazy_row(run: Path, figures: Path) -> Row:
         if len(values) < 2:
             continue
         nonzero = 1.0 - values
-        start, end, margin = lazy_fall(nonzero)
-        falls.append(start - end > margin)
+        fall = lazy_fall(nonzero)
         short = layer.replace("model.", "").replace(".mlp.act", "")
-        parts.append(f"{short}: {100 * start:.1f}% → {100 * end:.1f}% (noise margin {100 * margin:.1f} points)")
+        if fall is None:
+            falls.append(False)
+            parts.append(f"{short}: {len(values)} points, too few to tell a fall from noise (needs {LAZY_MIN_POINTS})")
+        else:
+            start, end, margin = fall
+            falls.append(start - end > margin)
+            parts.append(f"{short}: {100 * start:.1f}% → {100 * end:.1f}% (noise margin {100 * margin:.1f} points)")
         curves[short] = (steps, 100 * nonzero)
     _figure(figures / "lazy_neuron_nonzero.png", "nonzero % of ReLU MLP activations", curves, "nonzero %")
     return Row(

@@ -96,7 +96,10 @@ def test_a_tuple_whose_first_item_is_an_aux_loss_is_read_by_its_hidden_state():
     assert values(sparsity, "sparsity/moe/zero_frac")[0] == pytest.approx((h == 0).mean(), abs=1e-12)
     assert values(massive, "massive/moe/top1")[0] == pytest.approx(np.abs(h).max(), rel=1e-6)
     assert values(collapse, "collapse/moe/erank")[0] == pytest.approx(numpy_erank(h.reshape(-1, 6)), rel=1e-6)
-    assert not any(said_about(caught, monitor, "moe") for monitor in monitors)
+    # the hidden state is a ReLU's output: its samples' median is 0, so only MassiveActivations' ratio is unknown
+    # (round 30; logged as inf before)
+    said = [m for monitor in monitors for m in said_about(caught, monitor, "moe")]
+    assert len(said) == 1 and said[0].startswith("MassiveActivations: moe ratio is unknown")
 
 
 def test_sends_drop_zeroes_the_hidden_state_of_an_aux_loss_tuple_not_the_loss():

@@ -34,7 +34,7 @@ from lightning_act.stats.fused import (
     massive_spec,
     topk_positions_from,
 )
-from lightning_act.stats.massive import massive_partials, merge_topk, summarize_massive, topk_positions
+from lightning_act.stats.massive import massive_partials, merge_topk, summarize_massive, topk_positions, topk_stats
 
 K = 4
 SPEC = massive_spec()
@@ -111,10 +111,12 @@ def assert_massive_matches(x: torch.Tensor, sums: torch.Tensor, maxima: torch.Te
 
 
 def assert_topk_matches(x: torch.Tensor, buffer: torch.Tensor, path: str) -> None:
+    """The top-k statistics the monitor logs from ``buffer`` (:func:`topk_stats`) against numpy's."""
     expected = numpy_topk(x, K)
-    got = buffer.double().numpy()
+    stats = topk_stats(buffer, K)
+    got = np.array([float(stats[f"top{j}_{field}"]) for field in ("value", "token", "feature") for j in range(K)])
     values, positions = expected[:K], expected[K:]
-    assert np.array_equal(got[:K], values.astype(np.float32).astype(np.float64)), (path, got)
+    assert np.array_equal(got[:K], values.astype(np.float32).astype(np.float64), equal_nan=True), (path, got)
     assert np.array_equal(got[K:], positions, equal_nan=True), (path, got)  # before: topk's picks among zeros
 
 
@@ -185,6 +187,15 @@ def test_split_batches_merge_to_the_whole_batchs_statistics() -> None:
         sums = sum(part[0] for part in parts)
         maxima = torch.stack([part[1] for part in parts]).amax(0)
         assert_massive_matches(narrow, sums, maxima, rel=1e-12, path="split")  # type: ignore[arg-type]
+
+
+def test_zero_slots_of_a_tap_with_fewer_positions_than_k_merge_as_one_process() -> None:
+    # review R4: positions cleared before the merge were each a position of their own: the zero slots of two ranks
+    # did not merge, and a tap of 2 positions logged [5, 3, 0, 0] where one process (numpy) gives [5, 3, NaN, NaN]
+    x = torch.tensor([[[5.0, 0.0]], [[0.0, 3.0]]])  # (B, T=1, D=2): 2 positions, k = 4
+    for split in ([x[:1], x[1:]], [x, x[:0]]):
+        parts = [topk_positions(part, K) for part in split if len(part)]
+        assert_topk_matches(x, merge_topk(torch.stack(parts), K), "merged")
 
 
 class Recorder(Logger):

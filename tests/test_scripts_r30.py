@@ -48,6 +48,13 @@ def test_one_seed_leaves_the_dopamine_claim_undecided() -> None:
     assert line.endswith(": UNDECIDED (+20.0 points, undecided (one seed: no interval)).")
 
 
+def test_the_reason_for_no_interval_is_read_from_the_pair_decided() -> None:
+    # review R3: a one-seed Dopamine run beside three frozen seeds was said "a seed without a finite accuracy"
+    verdicts = load_script("dopamine_table").verdicts
+    line = verdicts(dopamine_results([0.90], [0.70, 0.72, 0.71]))[0]
+    assert "undecided (one seed: no interval)" in line
+
+
 def test_a_seed_without_a_finite_accuracy_is_named_not_called_one_seed() -> None:
     verdicts = load_script("dopamine_table").verdicts
     line = verdicts(dopamine_results([0.90, math.nan, 0.80], [0.70, 0.70, 0.70]))[0]
@@ -86,6 +93,22 @@ def test_an_untrained_run_does_not_fall_and_a_trained_one_does() -> None:
                         39.2, 38.9, 39.1, 39.3, 39.4, 39.8, 40.0, 40.5, 40.7, 40.7, 40.7, 40.7]) / 100
     start, end, margin = replicate.lazy_fall(trained)
     assert start - end > margin and margin < 0.02
+
+
+def test_too_few_points_are_no_verdict_and_a_gradual_fall_is_no_noise() -> None:
+    # review R3: with 2-3 points the end's mean held the start and no drop passed the margin (a verdict "no"); a
+    # steady fall's differences were read as noise (median|Δ| is its slope)
+    lazy_fall = load_script("replicate").lazy_fall
+    for short in ([0.9, 0.1], [0.9, 0.1, 0.1], [0.95, 0.5, 0.05, 0.05, 0.05]):
+        assert lazy_fall(np.array(short)) is None
+    steady = np.linspace(0.50, 0.45, 6)  # a noise-free fall of 5 points: Δ = -0.01 each, no spread around it
+    start, end, margin = lazy_fall(steady)
+    assert math.isclose(start - end, 0.04, rel_tol=1e-9) and margin == 0.0
+    # a fall with noise: Δ = -0.03, -0.01, -0.02, -0.02, -0.01, -0.03 -> median -0.02, |Δ + 0.02| median 0.01
+    noisy = np.array([0.60, 0.57, 0.56, 0.54, 0.52, 0.51, 0.48])
+    start, end, margin = lazy_fall(noisy)
+    assert math.isclose(margin, 3 * 0.01 / (0.6744897501960817 * math.sqrt(2)) * math.sqrt(4 / 3), rel_tol=1e-9)
+    assert start - end > margin
 
 
 # ------------------------------------------------------------------------------ detectors' mixed share

@@ -175,7 +175,7 @@ def test_penultimate_refuses_a_linear_inside_a_block_and_names_the_norm_after_th
     naming the block and the fix; beside other specs, one warning, and the others are tapped."""
     with pytest.raises(ModuleSelectionError, match=rf"finds no head.*{block}.*modules=\['{norm}'\]"):
         select_taps(model, "@penultimate", owner="DimensionalCollapse")
-    with pytest.warns(UserWarning, match=rf"{block}.mlp.2, lies inside the repeated block {block} ") as said:
+    with pytest.warns(UserWarning, match=rf"{block}.mlp.2, is the last projection of the repeated block {block},") as said:
         taps = select_taps(model, ["@blocks", "@penultimate"], owner="DimensionalCollapse")
     assert names(taps) == [block.replace(".1", ".0"), block]
     assert len([w for w in said if "finds no head" in str(w.message)]) == 1

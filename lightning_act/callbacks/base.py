@@ -331,8 +331,9 @@ def subscribe_taps(
             raise
         # A monitor that logs without taps (DimensionalCollapse's weight trajectory) is not idle: say what it logs.
         if getattr(subscriber, "logs_without_taps", lambda: False)():
-            consequence = ("so it taps no activation and logs only its weight trajectory's "
-                           f"{subscriber.prefix}/params/r90")
+            consequence = "so it taps no activation" + (
+                f" and logs only its weight trajectory's {subscriber.prefix}/params/r90"
+                if subscriber.follows_weights(pl_module) else "")
         else:
             consequence = "so it stays idle"
         rank_zero_warn(
@@ -1241,7 +1242,6 @@ class ActivationMonitor(FitScopedState, ABC):
         if self._setup_waits:  # chosen at fit start, once the model has its layers (see builds_layers_late)
             self.taps = []
             return
-        self.refuse_settings(trainer, pl_module)
         layout = declared_layout(self.batch_dim, self.token_dim, self.feature_dim, self.reads_features)
         self.taps, self._tap_layouts, self._registry = subscribe_taps(
             self, pl_module, self.modules, self.uses_default_modules, layout)
@@ -1279,10 +1279,6 @@ class ActivationMonitor(FitScopedState, ABC):
     def logs_without_taps(self) -> bool:
         """Whether this monitor logs something with no activation tap (``modules=[]``), e.g. a weight trajectory."""
         return False
-
-    def refuse_settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raise (one line) on a setting that names nothing in ``pl_module``, before the taps are chosen: a warning
-        about the taps that assumed the setting works came first otherwise (two lines for one mistake)."""
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if (not self.taps and not self.logs_without_taps()) or self.trains_nothing(trainer):

@@ -301,11 +301,17 @@ class DimensionalCollapse(ActivationMonitor):
     def logs_key(self, key: str) -> bool:
         return super().logs_key(key) or (key == f"{self.prefix}/params/r90" and self.param_patterns != [])
 
-    def refuse_settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``param_patterns`` that match no parameter raise here, before default modules that match nothing warn that
-        it logs only ``collapse/params/r90``: that line came first, then the error (:meth:`_select_params`)."""
-        if self.param_patterns and unmonitored_strategy(trainer) is None:
-            self._select_params(pl_module)
+    def follows_weights(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the weight trajectory has weights of ``pl_module`` to follow as it is now (the default's, or a
+        ``param_patterns`` glob's; one matching nothing is refused at fit start, :meth:`_select_params`, and a later
+        callback may still add what it names): the line for default modules that match nothing says it logs
+        ``collapse/params/r90`` only where it has (it said so, then the fit stopped on the patterns)."""
+        if self.param_patterns is None:
+            return True
+        forward = _forward_names(pl_module)  # as _select_params matches: a pruned fc.weight_orig is fc.weight too
+        names = {m for n, _ in pl_module.named_parameters(remove_duplicate=False) for m in (clean_name(n), forward.get(
+            clean_name(n), clean_name(n)))}
+        return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in self.param_patterns)
 
     def logs_without_taps(self) -> bool:
         """The weight trajectory's ``r90`` needs no activation tap: ``modules=[]`` logs it alone."""

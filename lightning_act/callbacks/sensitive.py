@@ -368,7 +368,8 @@ class _FunctionalDropout(TorchFunctionMode):
     no dropout module holds it, so eval mode turns it off and training mode on a module would switch its other
     children too. ``seen``: a call with ``p > 0`` and ``training=False`` ran (in a pass with every dropout module in
     training mode, or in one of a model without any, only such a call passes False with ``p > 0``); ``force`` makes it
-    drop, as in training."""
+    drop, as in training, out of place (an in-place input dropout, ``F.dropout(x, p, self.training, inplace=True)``,
+    zeroed the tracking batch the monitor keeps, pass after pass)."""
 
     def __init__(self, force: bool) -> None:
         super().__init__()
@@ -381,7 +382,7 @@ class _FunctionalDropout(TorchFunctionMode):
         if func in _FUNCTIONAL_DROPOUTS and kwargs.get("training") is False and float(kwargs.get("p", 0.0)) > 0:
             self.seen = True
             if self.force:
-                kwargs = {**kwargs, "training": True}
+                kwargs = {**kwargs, "training": True, "inplace": False}
         return func(*args, **kwargs)
 
 
@@ -392,8 +393,11 @@ def _stochastic_mode(model: nn.Module, stochastic: list[nn.Module]) -> Iterator[
     their other children (a BatchNorm among q/k norms, an attention's ``out_proj``) stay in eval mode. Gives the ids
     of the stochastic modules that ran (a fused ``attn_drop`` when its owner ran) and of those whose parent's forward
     completed, filled by forward hooks removed on exit (:func:`~lightning_act.callbacks.probe.probing` restores the
-    flags). A TorchScript module's calls inside the script reach no hook: it counts as run, never as completed."""
+    flags). A TorchScript module's calls inside the script reach no hook: it counts as run, never as completed.
+    In-place dropout modules drop out of place inside: in training mode, ``nn.Dropout(inplace=True)`` on the model's
+    input zeroed the tracking batch the monitor keeps, a little more at every pass and checkpoint."""
     active = {id(m) for m in stochastic}
+    in_place = [m for m in stochastic if isinstance(m, nn.modules.dropout._DropoutNd) and m.inplace]
     ran = {id(m) for m in stochastic if isinstance(m, torch.jit.ScriptModule)}
     completed: set[int] = set()
     handles = []
@@ -415,9 +419,13 @@ def _stochastic_mode(model: nn.Module, stochastic: list[nn.Module]) -> Iterator[
             module.train()
         if not isinstance(module, torch.jit.ScriptModule):  # which take no hooks
             handles.append(module.register_forward_hook(lambda m, _in, _out: ran.add(id(m))))
+    for module in in_place:
+        module.inplace = False
     try:
         yield ran, completed
     finally:
+        for module in in_place:
+            module.inplace = True
         for handle in handles:
             handle.remove()
 
@@ -1421,16 +1429,17 @@ class SensitiveNeurons(FitScopedState):
                 ]
                 said = self._unobserved_warned | self._low_dim_warned | self._rows_not_examples
                 unread = [tap for tap in self.taps if tap.name not in self._call_rows and tap.name not in said]
-                with _complex_taps(unread) as complex_taps:
+                # without dropout modules, a call passing training=False with p > 0 is a functional dropout's; read in
+                # the first pass, which runs its Python on the graph path too (its capture)
+                reading = self._functional_dropout is None and not stochastic_modules
+                with _complex_taps(unread) as complex_taps, \
+                        _FunctionalDropout(force=False) if reading else contextlib.nullcontext() as functional:
                     if self._graph_this_fit and device.type == "cuda":
                         clean = self._graphed(one_pass, pl_module, self._batches)
                     else:
-                        # without dropout modules, a call passing training=False with p > 0 is a functional dropout's
-                        reading = self._functional_dropout is None and not stochastic_modules
-                        with _FunctionalDropout(force=False) if reading else contextlib.nullcontext() as functional:
-                            clean = one_pass()
-                        if reading:
-                            self._functional_dropout = functional.seen
+                        clean = one_pass()
+                if reading:
+                    self._functional_dropout = functional.seen
                 self._complex.update(complex_taps)
                 passes: list[dict[str, torch.Tensor]] = []
                 # rank 0's passes are the ones broadcast, and every rank must run them or none: its decision
@@ -1532,7 +1541,9 @@ class SensitiveNeurons(FitScopedState):
             f"multi-layer RNN with dropout > 0, or functional dropout{unseen}) and its tracking pass draws no random "
             f"numbers, so the {self.eigenscore_passes} EigenScore/EES passes would all equal the deterministic pass "
             "(a rank-1 Σ whose score tracks only the embedding norm): eigenscore and ees are not logged; give the "
-            "model dropout before the taps (nn.Dropout(p > 0), attention_dropout > 0) for a meaningful score, or pass "
+            "model dropout before the taps for a meaningful score (an nn.Dropout(p > 0) or an F.dropout(h, p, "
+            "training=self.training); an attention that passes dropout_p=p if self.training else 0.0, as Hugging "
+            "Face's Llama does, has p = 0 in the passes and cannot be applied there), or pass "
             "eigenscore_passes=0 to silence this",
             category=UserWarning,
         )

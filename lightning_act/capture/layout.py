@@ -125,9 +125,12 @@ def halves_features(module: nn.Module, axis: str) -> bool:
     return isinstance(module, nn.GLU) and module.dim == {"first": 1, "last": -1}.get(axis)
 
 
-def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None, int | None] | None:
-    """``(width, axis, unbatched rank)`` from ``layers`` in module order: the width the last one writes
-    (:func:`halves_features`; the first one reads, for an input) and the rank of that layer's unbatched call (:func:`unbatched_ndim`; ``None`` where an
+def _features_of(
+    layers: list[nn.Module], point: str
+) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
+    """``(width, axis, unbatched rank)`` from ``layers`` in module order: the width the last one writes (and its
+    halves by the ``nn.GLU`` registered after it, :func:`halves_features`: registration order is not the forward's,
+    a GLU registered last may run before the layer, so both are candidates; the first one reads, for an input) and the rank of that layer's unbatched call (:func:`unbatched_ndim`; ``None`` where an
     ``nn.Flatten`` follows it: a batch ``(B, C*L)`` has the rank and, with ``B == C``, the look of an unbatched
     ``(C, L)``), and the axis they all act on (``None`` when they differ: a block that permutes inside)."""
     found = [(index, f) for index, layer in enumerate(layers) if (f := layer_features(layer)) is not None]
@@ -140,7 +143,9 @@ def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None, 
         index, (axis, _, width) = found[-1]
         flattened = any(isinstance(later, nn.Flatten) for later in layers[index + 1:])
         rank = None if flattened else unbatched_ndim(layers[index])
-        width >>= sum(halves_features(later, axis) for later in layers[index + 1:])
+        halvings = sum(halves_features(later, axis) for later in layers[index + 1:])
+        if halvings:
+            width = tuple(dict.fromkeys(width >> k for k in range(halvings + 1)))
     axes = {axis for _, (axis, _, _) in found}
     return width, (axes.pop() if len(axes) == 1 else None), rank
 
@@ -148,10 +153,12 @@ def _features_of(layers: list[nn.Module], point: str) -> tuple[int, str | None, 
 def sample_first_by_its_layers(module: nn.Module, point: str) -> bool:
     """Whether what ``module`` gives (takes, for an input tap) is sample-first by construction: every layer it holds
     is a convolution or a batch/instance/group norm, which take their batch on axis 0 (:func:`layer_features` axis
-    ``"first"``). A model's sequence-first LSTM does not make its conv blocks' ``(B, C, L)`` maps ``(T, B, D)``: the
-    advice to pass ``batch_dim=1`` given for them read their channels as samples."""
-    found = _features_of(list(module.modules()), point)
-    return found is not None and found[1] == "first"
+    ``"first"``), and one is a convolution. A model's sequence-first LSTM does not make its conv blocks' ``(B, C, L)``
+    maps ``(T, B, D)``: the advice to pass ``batch_dim=1`` given for them read their channels as samples. A norm alone
+    is often run on a reshaped view (DeepSpeech2's ``SequenceWise(BatchNorm1d)`` takes and gives ``(T, N, H)``)."""
+    modules = list(module.modules())
+    found = _features_of(modules, point)
+    return found is not None and found[1] == "first" and any(isinstance(m, nn.modules.conv._ConvNd) for m in modules)
 
 
 def tap_features(

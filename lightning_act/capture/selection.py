@@ -24,7 +24,8 @@ A *module spec* is one of:
   blocks whose last Linear is as wide as a trained one (a distillation teacher); a Hugging Face peft adapter layer
   wrapping one, such as LoRA's, stands for it, as its input is the layer's input while its own ``lora_A``/``lora_B``
   Linears see the bottleneck), i.e. the penultimate features, named ``<head>-input``; a last Linear inside a block of
-  a stack is no head (the head is then a parameter: tied, or CLIP's projection), and nothing is tapped, said once;
+  a stack that writes the width the block reads (a residual block's last projection) is no head (the head is then a
+  parameter: tied, or CLIP's projection), and nothing is tapped, said once;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
   name (``"GELU"``): every module of that class (a parametrized module's by the class it was made as);
 - any other string: a glob (``fnmatch``) on the qualified module name, e.g. ``"blocks.*.mlp.act"``.
@@ -63,6 +64,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
+from lightning_act.capture.layout import layer_features
 from lightning_act.errors import ModuleSelectionError
 
 ModuleSpec = Union[str, type]
@@ -621,17 +623,28 @@ def _penultimate(
     if not linears:
         return [], None
     name, head = linears[-1]
-    block = next((b for b, _ in _repeated_blocks(modules) if name.startswith(f"{b}.")), None)
+    block = next((b for b, m in _repeated_blocks(modules) if name.startswith(f"{b}.") and _writes_what_it_reads(m, head)),
+                 None)
     if block is None:
         return [Tap(f"{name}{INPUT_TAP_SUFFIX}", head, "input")], None
     norm = _norm_after(modules, block)
     fix = (f"modules=[{norm!r}] (the norm after the blocks)" if norm is not None
            else "modules=['<module>'] naming the module whose output is the penultimate features")
     return [], (
-        f"'@penultimate' finds no head in {type(model).__name__}: its last nn.Linear, {name}, lies inside the "
-        f"repeated block {block} (the head is a parameter: a tied F.linear(h, wte.weight), x @ embedding.weight.T, "
-        f"CLIP's x @ proj), so it taps nothing; pass {fix}, or modules=['<head>:input'] naming the head module"
+        f"'@penultimate' finds no head in {type(model).__name__}: its last nn.Linear, {name}, is the last projection "
+        f"of the repeated block {block}, writing the width the block reads (the model's head is likely a parameter: a "
+        f"tied F.linear(h, wte.weight), x @ embedding.weight.T, CLIP's x @ proj), so it taps nothing; pass {fix}, or "
+        "modules=['<head>:input'] naming the head module"
     )
+
+
+def _writes_what_it_reads(block: nn.Module, linear: nn.Module) -> bool:
+    """Whether ``linear`` writes as many features as ``block`` reads (its first layer's input width): a residual
+    block's last projection (a transformer's MLP down-projection), no head. An output layer inside a block (the last
+    of a ModuleList of dense blocks, a head per task, N-BEATS' theta) writes another width and stays the head."""
+    first = next((found for m in block.modules() if (found := layer_features(m)) is not None), None)
+    written = layer_features(_innermost_wrapped(linear))
+    return first is not None and written is not None and written[2] == first[1]
 
 
 def _norm_after(modules: list[tuple[str, nn.Module]], block: str) -> str | None:

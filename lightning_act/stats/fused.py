@@ -63,7 +63,7 @@ import torch
 from lightning_act._triton import triton_requirement, warn_triton_unusable
 from lightning_act._triton import triton_usable as triton_available
 from lightning_act.stats.histogram_median import LogMagnitudeBins, histogram_median, log_magnitude_bin
-from lightning_act.stats.massive import MASSIVE_SUMS, clear_zero_positions, known_medians, sample_ratios
+from lightning_act.stats.massive import MASSIVE_SUMS, known_medians, sample_ratios
 from lightning_act.stats.massive import sample_medians as exact_sample_medians
 from lightning_act.stats.moments import MOMENT_SUMS, comparable_threshold
 
@@ -617,8 +617,7 @@ def topk_positions_from(stats: FusedStats, k: int) -> torch.Tensor:
     """The buffer of :func:`lightning_act.stats.massive.topk_positions`: ``[values, tokens, features]`` (3k).
 
     Positions follow the massive-activation layout: ``(B, D)`` has one token, ``(B, T, D)`` tokens ``T``,
-    ``(B, C, *spatial)`` features ``C`` and tokens the flattened spatial positions. A slot of value 0 has no position
-    (NaN token and feature, :func:`lightning_act.stats.massive.clear_zero_positions`).
+    ``(B, C, *spatial)`` features ``C`` and tokens the flattened spatial positions.
     """
     return stacked_topk_positions([stats], k)[0]
 
@@ -642,7 +641,6 @@ def stacked_topk_positions(stats: Sequence[FusedStats], k: int) -> torch.Tensor:
         spatial = math.prod(shape[2:])
         token, feature = index % spatial, torch.div(index, spatial, rounding_mode="floor")
     out = torch.stack([values.to(torch.float64), token.to(torch.float64), feature.to(torch.float64)], 1)
-    out = clear_zero_positions(out)
     if take < k:  # fewer positions than k: NaN slots
         out = torch.nn.functional.pad(out, (0, k - take), value=float("nan"))
     return out.reshape(len(stats), 3 * k)

@@ -141,8 +141,9 @@ def summarize_massive_stacked(sums: torch.Tensor, top1: torch.Tensor) -> tuple[l
 def topk_positions(h: torch.Tensor, k: int) -> torch.Tensor:
     """Top-``k`` distinct (token, feature) positions of ``h`` by max ``|a|`` over samples.
 
-    Returns ``[values (k), tokens (k), features (k)]`` as float64; unused slots are NaN, and so are the token and
-    feature of a slot whose value is 0 (:func:`clear_zero_positions`).
+    Returns ``[values (k), tokens (k), features (k)]`` as float64; unused slots are NaN. A slot of value 0 keeps the
+    position ``topk`` gave, so that buffers merge as one process's would (:func:`merge_topk`); :func:`topk_stats`
+    clears it.
     """
     return topk_positions_from_magnitude(block_magnitude(h), k)
 
@@ -157,7 +158,7 @@ def topk_positions_from_magnitude(magnitude: torch.Tensor, k: int) -> torch.Tens
     out[0, :take] = values.to(torch.float64)
     out[1, :take] = torch.div(index, features, rounding_mode="floor").to(torch.float64)
     out[2, :take] = (index % features).to(torch.float64)
-    return clear_zero_positions(out).reshape(-1)
+    return out.reshape(-1)
 
 
 def clear_zero_positions(buffer: torch.Tensor) -> torch.Tensor:
@@ -166,8 +167,10 @@ def clear_zero_positions(buffer: torch.Tensor) -> torch.Tensor:
 
     Every position of value 0 ties with every other, so the one ``topk`` names is arbitrary (a closed gate's all-zero
     output read as a massive activation at "token 3, feature 15" before round 30): no position is a measurement
-    there. The value 0 is one (the ``j``-th largest ``|a|`` is 0, as ``top1`` is) and stays; :func:`merge_topk` treats
-    such a slot as a position of its own."""
+    there. The value 0 is one (the ``j``-th largest ``|a|`` is 0, as ``top1`` is) and stays. Applied to merged buffers
+    only (:func:`topk_stats_stacked`): cleared before the merge, the zero slots of two ranks or micro-batches were
+    positions of their own and did not merge, and a tap with fewer positions than ``k`` logged zero slots one process
+    leaves empty."""
     buffer[..., 1:, :].masked_fill_(buffer[..., :1, :] == 0, float("nan"))
     return buffer
 
@@ -176,7 +179,7 @@ def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Merge stacked top-k buffers ``(m, 3k)`` into one ``(3k,)``: the ``k`` largest distinct positions.
 
     A position present in several buffers keeps its largest value (the first buffer's among equal ones); NaN slots
-    are absent, and a slot of no position (a value of 0, :func:`clear_zero_positions`) is a position of its own. One
+    are absent. One
     buffer (one rank) is already merged and is returned as it is. A sort and a per-position minimum:
     the pairwise comparison of every candidate with every other it replaced (before round 26) took
     ``(m k)^2`` memory, 1.3 GB for 4 ranks at ``top_k=4096``.
@@ -189,9 +192,8 @@ def merge_topk(candidates: torch.Tensor, k: int) -> torch.Tensor:
     score = torch.where(present, values, torch.full_like(values, float("-inf")))
     order = torch.sort(score, descending=True, stable=True).indices  # by value, then by buffer and slot
     index = torch.arange(values.numel(), device=values.device)
-    absent_key = -1.0 - index.to(tokens.dtype)  # an absent slot, or one of no position, is a position of its own
-    placed = present & ~torch.isnan(features)
-    positions = torch.stack([torch.where(placed, tokens, absent_key), torch.where(placed, features, absent_key)], 1)
+    absent_key = -1.0 - index.to(tokens.dtype)  # an absent slot is a position of its own
+    positions = torch.stack([torch.where(present, tokens, absent_key), torch.where(present, features, absent_key)], 1)
     _, group = torch.unique(positions[order], dim=0, return_inverse=True)
     first = torch.full((int(group.max()) + 1,), values.numel(), dtype=torch.long, device=values.device)
     first.scatter_reduce_(0, group, index, reduce="amin")  # each position's first place in the order: its largest
@@ -209,9 +211,10 @@ def topk_stats(merged: torch.Tensor, k: int, with_token: bool = True) -> dict[st
 
 
 def topk_stats_stacked(merged: torch.Tensor, k: int, with_token: bool = True) -> tuple[list[str], torch.Tensor]:
-    """:func:`topk_stats` of ``n`` merged buffers ``(n, 3k)`` at once: the names and their values ``(n, 2k or 3k)``."""
+    """:func:`topk_stats` of ``n`` merged buffers ``(n, 3k)`` at once: the names and their values ``(n, 2k or 3k)``;
+    a slot of value 0 has no token or feature (:func:`clear_zero_positions`)."""
     fields = ("value", "token", "feature") if with_token else ("value", "feature")
-    by_position = merged.reshape(-1, 3, k)
+    by_position = clear_zero_positions(merged.reshape(-1, 3, k).clone())
     if not with_token:
         by_position = by_position[:, 0::2]  # values and features
     names = [f"top{j}_{field}" for j in range(k) for field in fields]
