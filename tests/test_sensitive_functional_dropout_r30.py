@@ -174,26 +174,39 @@ def test_the_fit_with_the_passes_trains_the_weights_of_the_fit_without_the_monit
 
 
 class InputDropoutNet(nn.Module):
-    """An MLP dropping its input in place, by ``F.dropout(..., inplace=True)`` or ``nn.Dropout(inplace=True)``."""
+    """An MLP dropping its input in place: ``F.dropout(..., inplace=True)``, ``nn.Dropout(inplace=True)``, a scripted
+    one, or timm's ``DropBlock2d(inplace=True)`` on the input seen as a 1-channel image."""
 
-    def __init__(self, module: bool) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
-        self.drop = nn.Dropout(0.3, inplace=True) if module else None
+        self.kind = kind
+        if kind == "dropblock":
+            from timm.layers import DropBlock2d
+
+            self.drop: nn.Module | None = DropBlock2d(0.3, block_size=3, inplace=True)
+        elif kind != "functional":
+            drop = nn.Dropout(0.3, inplace=True)
+            self.drop = torch.jit.script(drop) if kind == "scripted" else drop
         self.embed, self.head = nn.Linear(20, 8), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dropblock":
+            x = self.drop(x.unsqueeze(1))
         x = x.flatten(1)  # a view of the batch
-        x = self.drop(x) if self.drop is not None else F.dropout(x, p=0.3, training=self.training, inplace=True)
+        if self.kind == "functional":
+            x = F.dropout(x, p=0.3, training=self.training, inplace=True)
+        elif self.kind != "dropblock":
+            x = self.drop(x)
         return self.head(torch.tanh(self.embed(x)))
 
 
-@pytest.mark.parametrize("module", [False, True])
-def test_an_in_place_input_dropout_leaves_the_tracking_batch_as_it_was(module: bool) -> None:
-    # review R2: forced on in the passes, an in-place dropout zeroed the batch the monitor keeps, a little more at every
-    # pass: the clean embeddings of later checkpoints were those of a zeroed, rescaled tracking set
+@pytest.mark.parametrize("kind", ["functional", "module", "scripted", "dropblock"])
+def test_an_in_place_input_dropout_leaves_the_tracking_batch_as_it_was(kind: str) -> None:
+    # reviews R2, R6: in training mode in the passes, an in-place dropout zeroed the batch the monitor keeps, a little
+    # more at every pass: the clean embeddings of later checkpoints were those of a zeroed, rescaled tracking set
     torch.manual_seed(0)
     task = Task(lr=0.0, p=0.0)
-    task.model = InputDropoutNet(module)
+    task.model = InputDropoutNet(kind)
     sensitive = monitor()
     fit(task, [sensitive], max_steps=3)
     x = next(iter(tokens(8, seed=1)))[0]
@@ -202,5 +215,5 @@ def test_an_in_place_input_dropout_leaves_the_tracking_batch_as_it_was(module: b
     assert len(embeddings) == 3
     for embedding in embeddings:
         np.testing.assert_allclose(embedding.double().numpy(), expected, rtol=0, atol=1e-6)
-    if module:
+    if kind == "module":
         assert task.model.drop.inplace  # put back after the passes

@@ -59,6 +59,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
@@ -428,6 +429,14 @@ def _stochastic_mode(model: nn.Module, stochastic: list[nn.Module]) -> Iterator[
             module.inplace = True
         for handle in handles:
             handle.remove()
+
+
+def _writes_its_input(module: nn.Module) -> bool:
+    """Whether a stochastic module may drop its input in place in the passes, where :func:`_stochastic_mode` cannot
+    turn that off: timm's ``DropBlock2d(inplace=True)``, a scripted dropout (its ``inplace`` is a constant of the
+    script). On the model's input it zeroed the tracking batch the monitor keeps, a little more at every pass and
+    checkpoint; each forward of such passes gets a copy of its batch."""
+    return isinstance(module, torch.jit.ScriptModule) or bool(getattr(module, "inplace", False))
 
 
 def _complex_dtype(value: Any) -> torch.dtype | None:
@@ -1382,7 +1391,9 @@ class SensitiveNeurons(FitScopedState):
         collected = self._collected
         device = _module_device(pl_module)
 
-        def one_pass(seed: int | None = None) -> dict[str, torch.Tensor]:
+        def one_pass(seed: int | None = None, copied: bool = False) -> dict[str, torch.Tensor]:
+            """One pass over the tracking batches; ``copied``: each forward gets a copy of its batch (see
+            :func:`_writes_its_input`)."""
             collected.clear()
             calls_after: list[dict[int, int]] = []  # per tracking batch, each tap's calls collected after its forward
             # Each forward seeded on its own (by probing, the clean pass's with its batch's place; a stochastic pass's
@@ -1395,6 +1406,8 @@ class SensitiveNeurons(FitScopedState):
             draws = False
             with seeds:
                 for batch, self._running_mask in zip(self._batches, self._token_masks, strict=True):
+                    if copied:
+                        batch = apply_to_collection(batch, torch.Tensor, torch.clone)
                     forward = functools.partial(
                         call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch, self._source
                     )
@@ -1458,7 +1471,8 @@ class SensitiveNeurons(FitScopedState):
                     )
                     with _stochastic_mode(pl_module, stochastic_modules) as (ran, completed), \
                             _paused(self._feature_drops.values()), forcing:
-                        passes = [one_pass(first + index) for index in range(self.eigenscore_passes)]
+                        copied = any(_writes_its_input(m) for m in stochastic_modules)
+                        passes = [one_pass(first + index, copied) for index in range(self.eigenscore_passes)]
                     functional_ran = isinstance(forcing, _FunctionalDropout) and forcing.seen
                     if self._functional_dropout is None:
                         self._functional_dropout = functional_ran
