@@ -8,7 +8,7 @@
 Each recipe's YAML is copied to ``<root>/<name>/recipe.yaml`` with its ``runs/<recipe>`` paths
 pointed at ``<root>/<name>`` (and, with ``--quick``, shrunk), then trained in this process with
 ``lightning_act fit --config``. The logged metrics are read back from the CSV logs; the table
-(paper, claim, measured, reproduced yes/no) is printed as Markdown and written with the figures
+(paper, claim, measured, reproduced yes/no/undecided) is printed as Markdown and written with the figures
 (PNG) to ``<root>/replications.md``. The claims are the papers' (see docs/replications.md); a
 recipe that misses one is reported as not reproduced, with its numbers.
 """
@@ -52,7 +52,7 @@ class Row:
     paper: str
     claim: str
     measured: str
-    reproduced: bool
+    reproduced: bool | None  # None: undecided (too few points to tell)
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -249,7 +249,7 @@ def lazy_row(run: Path, figures: Path) -> Row:
         fall = lazy_fall(nonzero)
         short = layer.replace("model.", "").replace(".mlp.act", "")
         if fall is None:
-            falls.append(False)
+            falls.append(None)
             parts.append(f"{short}: {len(values)} points, too few to tell a fall from noise (needs {LAZY_MIN_POINTS})")
         else:
             start, end, margin = fall
@@ -262,7 +262,8 @@ def lazy_row(run: Path, figures: Path) -> Row:
         f"nonzero fraction of ReLU MLP activations falls during training (every layer), by more than "
         f"{LAZY_NOISE_SDS:g} sd of its batch-to-batch noise",
         f"nonzero (start → mean of last {LAZY_END_POINTS}): " + "; ".join(parts) if parts else "no sparsity logged",
-        bool(falls) and all(falls),
+        # a layer that did not fall decides; too few points to tell are no refutation (None: undecided)
+        False if not falls or False in falls else None if None in falls else True,
     )
 
 
@@ -403,7 +404,8 @@ def send_row(root: Path, seeds: list[int], figures: Path) -> Row:
 # ------------------------------------------------------------------------------------ main
 def table(rows: list[Row]) -> str:
     lines = ["| paper | claim | measured | reproduced |", "|---|---|---|---|"]
-    lines += [f"| {r.paper} | {r.claim} | {r.measured} | {'yes' if r.reproduced else 'no'} |" for r in rows]
+    verdict = {True: "yes", False: "no", None: "undecided"}
+    lines += [f"| {r.paper} | {r.claim} | {r.measured} | {verdict[r.reproduced]} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -16,6 +17,7 @@ from lightning_act.callbacks import DimensionalCollapse
 from lightning_act.capture.layout import feature_axis, module_layout, sample_first_by_its_layers
 from lightning_act.capture.registry import is_tensor_list
 from lightning_act.capture.selection import select_taps
+from lightning_act.errors import ModuleSelectionError
 
 
 class GatedFeedForward(nn.Module):
@@ -52,6 +54,7 @@ def test_a_norm_on_a_reshaped_view_is_not_sample_first_by_its_layers_a_conv_bloc
     # R1: SequenceWise(BatchNorm1d) takes and gives (T, N, H); read as sample-first, its time steps were samples
     assert not sample_first_by_its_layers(SequenceWise(nn.BatchNorm1d(8)), "output")
     assert sample_first_by_its_layers(nn.Sequential(nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8)), "output")
+    assert sample_first_by_its_layers(nn.BatchNorm2d(8), "output")  # R5: takes 4-D batches only (a CRNN's)
 
 
 class DenseBlock(nn.Module):
@@ -75,11 +78,37 @@ def test_an_output_layer_inside_a_repeated_block_stays_the_head() -> None:
     assert [tap.name for tap in select_taps(multi_task, "@penultimate")] == ["heads.2.2-input"]
 
 
-def test_a_tuple_of_pyramid_levels_is_no_activation_an_attentions_pair_is() -> None:
-    levels = (torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4))  # MMDetection's FPN
-    assert is_tensor_list(levels)
+def test_a_list_of_levels_is_no_activation_a_tuple_of_maps_is_read_by_its_first() -> None:
+    # R5: a shape rule for tuples of pyramid levels (R1) took a U-Net block's (skip, pooled) for levels, and logged
+    # nothing where d2a53b4 read the skip
+    sizes = (torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4))
+    assert is_tensor_list(list(sizes))  # torchvision's per-level lists
+    assert not is_tensor_list(sizes[:2])  # (skip, pool(skip)); MMDetection's tuple(outs) alike: read by level 0
     assert not is_tensor_list((torch.randn(2, 5, 8), torch.randn(2, 5, 5)))  # nn.MultiheadAttention's output, weights
-    assert not is_tensor_list((torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)))  # two maps of one shape
+
+
+class ConditionedBlock(nn.Module):
+    """A tied LM's block that registers a conditioning Linear of another width first (R5), then its MLP."""
+
+    def __init__(self, width: int, condition: int) -> None:
+        super().__init__()
+        self.modulation = nn.Linear(condition, 2 * width)
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.modulation(c).chunk(2, -1)
+        return x + self.fc2(torch.relu(self.fc1(x * (1 + scale) + shift)))
+
+
+def test_a_tied_lm_whose_blocks_register_a_conditioning_linear_first_has_no_head() -> None:
+    # R5: the block's first layer reads the conditioning width, so its MLP down-projection did not "write what the
+    # block reads", and @penultimate took the last block's fc2 input again; the final norm tells a tied LM
+    model = nn.Module()
+    model.embed = nn.Embedding(50, 8)
+    model.blocks = nn.ModuleList(ConditionedBlock(8, 4) for _ in range(3))
+    model.norm = nn.LayerNorm(8)
+    with pytest.raises(ModuleSelectionError, match=r"blocks\.2\.fc2, is the last projection .* modules=\['norm'\]"):
+        select_taps(model, "@penultimate")
 
 
 class AddsAdapter(pl.Callback):

@@ -111,6 +111,23 @@ def test_too_few_points_are_no_verdict_and_a_gradual_fall_is_no_noise() -> None:
     assert start - end > margin
 
 
+def test_a_lazy_row_of_too_few_points_is_undecided_not_a_no(monkeypatch, tmp_path) -> None:
+    # review R5: "too few to tell" was written beside a "no" (a refutation from data it called too few)
+    replicate = load_script("replicate")
+    points = {"short": np.array([0.1, 0.5, 0.9, 0.9, 0.9]), "flat": np.full(8, 0.5),
+              "falls": np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9])}  # zero fractions: nonzero falls 90 -> 10 %
+    monkeypatch.setattr(replicate, "_figure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(replicate, "_points", lambda name: (np.arange(len(points[name])), points[name]))
+
+    def verdict(*layers: str) -> str:
+        monkeypatch.setattr(replicate, "series_by_layer", lambda *args: {f"model.blocks.{n}.mlp.act": n for n in layers})
+        return replicate.table([replicate.lazy_row(tmp_path, tmp_path)]).splitlines()[-1].rsplit("|", 2)[-2].strip()
+
+    assert verdict("short", "falls") == "undecided"
+    assert verdict("short", "flat") == "no"  # a layer that does not fall decides
+    assert verdict("falls") == "yes"
+
+
 # ------------------------------------------------------------------------------ detectors' mixed share
 def test_the_mixed_share_is_unknown_without_abundances() -> None:
     mixed_share = load_script("detectors_table").mixed_share

@@ -150,15 +150,21 @@ def _features_of(
     return width, (axes.pop() if len(axes) == 1 else None), rank
 
 
+#: Norms that also take a 2-D ``(N, C)``: run on a reshaped view as often as on a batch (see sample_first_by_its_layers).
+_FLAT_INPUT_NORMS = (nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm)
+
+
 def sample_first_by_its_layers(module: nn.Module, point: str) -> bool:
     """Whether what ``module`` gives (takes, for an input tap) is sample-first by construction: every layer it holds
     is a convolution or a batch/instance/group norm, which take their batch on axis 0 (:func:`layer_features` axis
-    ``"first"``), and one is a convolution. A model's sequence-first LSTM does not make its conv blocks' ``(B, C, L)``
-    maps ``(T, B, D)``: the advice to pass ``batch_dim=1`` given for them read their channels as samples. A norm alone
-    is often run on a reshaped view (DeepSpeech2's ``SequenceWise(BatchNorm1d)`` takes and gives ``(T, N, H)``)."""
+    ``"first"``), not all norms that take a 2-D ``(N, C)`` as well. A model's sequence-first LSTM does not make its
+    conv blocks' ``(B, C, L)`` maps ``(T, B, D)``: the advice to pass ``batch_dim=1`` given for them read their channels
+    as samples. A ``BatchNorm1d``/``InstanceNorm1d``/``GroupNorm`` alone is often run on a reshaped view
+    (DeepSpeech2's ``SequenceWise(BatchNorm1d)`` takes and gives ``(T, N, H)``); a ``BatchNorm2d`` is not."""
     modules = list(module.modules())
     found = _features_of(modules, point)
-    return found is not None and found[1] == "first" and any(isinstance(m, nn.modules.conv._ConvNd) for m in modules)
+    return found is not None and found[1] == "first" and not all(
+        isinstance(m, _FLAT_INPUT_NORMS) for m in modules if layer_features(m) is not None)
 
 
 def tap_features(

@@ -142,19 +142,14 @@ def is_tensor_list(value: Any) -> bool:
     """Whether ``value`` is a Python list of two or more floating-point tensors of one rank: one per image or per
     level (torchvision's RPN proposals and anchors, its RPN head's per-level maps, a timm ``features_only`` backbone's
     stages, a detector called with a list of images), not one activation with side items, which models return as
-    tuples (``(x, mask)``, ``(output, (h, c))``) or with items of other kinds; or a tuple of feature-pyramid levels,
-    maps of 4 or more axes of one batch and width and of several sizes (MMDetection's FPN returns ``tuple(outs)``).
-    Its first item alone, read as the whole batch, gave image 0's rows or the first level only."""
-    if not isinstance(value, (tuple, list)) or len(value) < 2 or isinstance(value, PackedSequence):
+    tuples (``(x, mask)``, ``(output, (h, c))``, a U-Net block's ``(skip, pooled)``) or with items of other kinds.
+    Its first item alone, read as the whole batch, gave image 0's rows or the first level only. A tuple of pyramid
+    levels (MMDetection's ``tuple(outs)``) is read by its first level, as a tuple is (a shape rule took U-Net blocks
+    for pyramids)."""
+    if type(value) is not list or len(value) < 2:
         return False
-    if not all(isinstance(item, torch.Tensor) and item.is_floating_point() for item in value):
-        return False
-    if type(value) is list:
-        return len({item.dim() for item in value}) == 1
-    # a tuple of feature-pyramid levels (MMDetection's backbones and necks): maps of one batch and width, of several
-    # sizes; not an attention's (output, weights), of other ranks, nor a pair of same-shape maps
-    return (all(item.dim() >= 4 and item.shape[:2] == value[0].shape[:2] for item in value)
-            and len({item.shape for item in value}) > 1)
+    ranks = {item.dim() if isinstance(item, torch.Tensor) and item.is_floating_point() else -1 for item in value}
+    return len(ranks) == 1 and -1 not in ranks
 
 
 def holds_tensor_list(value: Any) -> bool:

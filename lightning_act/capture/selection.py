@@ -623,8 +623,8 @@ def _penultimate(
     if not linears:
         return [], None
     name, head = linears[-1]
-    block = next((b for b, m in _repeated_blocks(modules) if name.startswith(f"{b}.") and _writes_what_it_reads(m, head)),
-                 None)
+    block = next((b for b, m in _repeated_blocks(modules) if name.startswith(f"{b}.") and (
+        _writes_what_it_reads(m, head) or _norm_after(modules, b) is not None)), None)
     if block is None:
         return [Tap(f"{name}{INPUT_TAP_SUFFIX}", head, "input")], None
     norm = _norm_after(modules, block)
@@ -639,9 +639,11 @@ def _penultimate(
 
 
 def _writes_what_it_reads(block: nn.Module, linear: nn.Module) -> bool:
-    """Whether ``linear`` writes as many features as ``block`` reads (its first layer's input width): a residual
-    block's last projection (a transformer's MLP down-projection), no head. An output layer inside a block (the last
-    of a ModuleList of dense blocks, a head per task, N-BEATS' theta) writes another width and stays the head."""
+    """Whether ``linear`` writes as many features as ``block`` reads (its first layer's input width, in registration
+    order): a residual block's last projection (a transformer's MLP down-projection), no head. An output layer inside
+    a block (the last of a ModuleList of dense blocks, a head per task, N-BEATS' theta) writes another width and stays
+    the head, unless a norm follows the stack (:func:`_norm_after`: a tied LM's, CLIP's or DiT's final norm, whose
+    blocks may register a conditioning Linear of another width first)."""
     first = next((found for m in block.modules() if (found := layer_features(m)) is not None), None)
     written = layer_features(_innermost_wrapped(linear))
     return first is not None and written is not None and written[2] == first[1]
