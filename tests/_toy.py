@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import tempfile
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -337,3 +341,12 @@ def relu_classifier_loader() -> DataLoader:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
     return DataLoader(data, batch_size=8)
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` of this checkout, imported as a module (the scripts are no package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -3,25 +3,16 @@ foundation line with one seed, and docs/kat.md's training-set size."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _toy import load_script
 from lightning_act.stats.massive import fit_emergence
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------ emergence fit
