@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _toy import quiet_trainer
-from lightning_act.callbacks import DimensionalCollapse
+from _toy import ToyTask, quiet_trainer, toy_loader
+from lightning_act.callbacks import DimensionalCollapse, SensitiveNeurons
 from lightning_act.capture.layout import feature_axis, module_layout, sample_first_by_its_layers
 from lightning_act.capture.registry import is_tensor_list
 from lightning_act.capture.selection import select_taps
@@ -145,3 +145,63 @@ def test_param_patterns_of_weights_a_later_callback_adds_are_followed() -> None:
             Adapted(), DataLoader(TensorDataset(torch.randn(32, 8)), batch_size=8))
     assert list(monitor.param_names) == ["adapter.weight", "adapter.bias"]
     assert monitor.history["collapse/params/r90"].steps
+
+
+def test_a_norm_registered_after_the_heads_leaves_a_head_per_task_the_head() -> None:
+    # R7: refused once a norm was registered anywhere after the stack (it writes 3, no layer of its block reads 3)
+    model = nn.Module()
+    model.body = nn.Linear(4, 8)
+    model.heads = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3))
+    model.norm = nn.LayerNorm(8)
+    assert [tap.name for tap in select_taps(model, "@penultimate")] == ["heads.2.2-input"]
+
+
+def test_a_sync_batch_norm_wrapper_keeps_its_layout_advice() -> None:
+    # R7: Trainer(sync_batchnorm=True) turns SequenceWise(BatchNorm1d) into SequenceWise(SyncBatchNorm), (T, N, H)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(SequenceWise(nn.BatchNorm1d(8)))
+    assert not sample_first_by_its_layers(converted, "output")
+
+
+def test_activations_takes_the_shrink_activations_and_names_the_registry_for_ones_of_your_own() -> None:
+    # K: nn.Hardshrink/Softshrink were missed; a model of user-defined activations got no pointer to the fix
+    shrinking = nn.Sequential(nn.Linear(4, 4), nn.Hardshrink(), nn.Linear(4, 4), nn.Softshrink())
+    assert [tap.name for tap in select_taps(shrinking, "@activations")] == ["1", "3"]
+
+    class SquaredReLU(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x) ** 2
+
+    with pytest.raises(ModuleSelectionError, match="register_activation_class"):
+        select_taps(nn.Sequential(nn.Linear(4, 4), SquaredReLU()), "@activations")
+
+
+def test_an_s4d_output_glu_on_dim_minus_2_halves_the_channels() -> None:
+    # S: state-spaces' S4D ends Conv1d(H, 2H, 1), GLU(dim=-2): at L == 2H its (B, H, L) output was read along time
+    output_linear = nn.Sequential(nn.Conv1d(4, 8, 1), nn.GLU(dim=-2))
+    shape = tuple(output_linear(torch.randn(2, 4, 8)).shape)  # (B, H=4, L=8)
+    assert feature_axis(shape, module_layout([output_linear], "output")) == 1
+
+
+class DropoutNd(nn.Module):
+    """A dropout of another library (state-spaces' ``DropoutNd``, simplified): a mask drawn in training mode."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * (torch.rand_like(x) < 1.0 - self.p) / (1.0 - self.p)
+
+
+def test_another_librarys_dropout_module_runs_in_the_eigenscore_passes() -> None:
+    # S: it stayed in eval mode, and the model was said to have no dropout module with p > 0 (no EigenScore)
+    torch.manual_seed(0)
+    task = ToyTask(nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.ReLU(), DropoutNd(0.3), nn.Linear(16, 4)))
+    monitor = SensitiveNeurons(modules=["net.4:input"], every_n_steps=1, num_samples=8, batch_size=8, eigenscore_passes=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=2, limit_val_batches=1, callbacks=[monitor]).fit(task, toy_loader(16), toy_loader(8))
+    assert not [w for w in caught if "no active dropout" in str(w.message)]
+    assert len(monitor.history["sensitive/net.4-input/eigenscore"].values) == 2

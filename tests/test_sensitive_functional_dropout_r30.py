@@ -5,6 +5,7 @@ one reused and a degenerate score was logged, silently."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -217,3 +218,47 @@ def test_an_in_place_input_dropout_leaves_the_tracking_batch_as_it_was(kind: str
         np.testing.assert_allclose(embedding.double().numpy(), expected, rtol=0, atol=1e-6)
     if kind == "module":
         assert task.model.drop.inplace  # put back after the passes
+
+
+class CustomBatch:
+    """A batch object of the user's, no collection (moved whole by its ``to``), as detection and graph code writes."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def to(self, *args: Any, **kwargs: Any) -> CustomBatch:
+        return CustomBatch(self.x.to(*args, **kwargs), self.y.to(*args, **kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBatch:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def to(self, *args: Any, **kwargs: Any) -> FrozenBatch:
+        return FrozenBatch(self.x.to(*args, **kwargs), self.y.to(*args, **kwargs))
+
+
+class BatchTask(Task):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch.x), batch.y)
+
+
+@pytest.mark.parametrize("kind", [CustomBatch, FrozenBatch])
+def test_the_passes_copy_a_batch_object_of_the_users_too(kind: type) -> None:
+    # review R7: the copy entered collections only: a batch object was not copied (a scripted in-place dropout
+    # zeroed it), and a frozen dataclass stopped the fit in the passes
+    def batches(n: int, seed: int) -> DataLoader:
+        x, y = next(iter(tokens(n, seed)))
+        return DataLoader(list(zip(x, y)), batch_size=8,
+                          collate_fn=lambda items: kind(torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])))
+
+    torch.manual_seed(0)
+    task = BatchTask(lr=0.0, p=0.0)
+    task.model = InputDropoutNet("scripted")
+    sensitive = SensitiveNeurons(modules=["model.head:input"], every_n_steps=1, num_samples=8, batch_size=8,
+                                 eigenscore_passes=PASSES, forward_fn=lambda model, batch: model(batch.x))
+    quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[sensitive]).fit(task, batches(16, 0), batches(8, 1))
+    expected = head_input(task.model.eval(), next(iter(tokens(8, seed=1)))[0])
+    for embedding in sensitive.embeddings["model.head-input"]:
+        np.testing.assert_allclose(embedding.double().numpy(), expected, rtol=0, atol=1e-6)

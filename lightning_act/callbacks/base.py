@@ -339,7 +339,8 @@ def subscribe_taps(
         rank_zero_warn(
             f"{owner}: its default modules {list(specs)} match nothing in {type(pl_module).__name__}, {consequence}; "
             "pass modules=[...] (functional activations such as F.gelu inside forward are reached through "
-            f"the next layer's input, e.g. modules=['*.fc2:input']). ({error})",
+            "the next layer's input, e.g. modules=['*.fc2:input']; an activation module of your own joins "
+            f"'@activations' by lightning_act.capture.register_activation_class(cls)). ({error})",
             category=UserWarning,
         )
         return [], [], registry

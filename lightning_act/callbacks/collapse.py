@@ -839,8 +839,10 @@ class DimensionalCollapse(ActivationMonitor):
 
     @torch.no_grad()  # records no graph, so the weights need no detach each (an operation per weight)
     def _snapshot(self, chosen: list[torch.Tensor]) -> torch.Tensor:
-        """The chosen weights (:meth:`_chosen_weights`) as one vector (count-sketched to ``projection_dim``)."""
-        chosen = [_whole(p) for p in chosen]
+        """The chosen weights (:meth:`_chosen_weights`) as one vector (count-sketched to ``projection_dim``); a complex
+        weight (an S4D layer's ``C``) as its real and imaginary parts, ℂⁿ as ℝ²ⁿ, which keeps every distance (its
+        imaginary part was dropped by the cast to float64, silently, before round 30)."""
+        chosen = [torch.view_as_real(w) if w.is_complex() else w for w in map(_whole, chosen)]
         total = sum(p.numel() for p in chosen)
         if self.projection_dim is None or total <= self.projection_dim:
             return torch.cat([p.reshape(-1).to(torch.float64) for p in chosen])

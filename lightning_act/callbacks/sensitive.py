@@ -48,6 +48,7 @@ masks are identical on every rank.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import math
@@ -325,9 +326,15 @@ def _scripted_class(module: nn.Module) -> str | None:
 
 
 def _is_stochastic(module: nn.Module) -> bool:
+    """A dropout module: torch's, timm's ``DropPath``/``DropBlock2d``, a scripted one, or a dropout of another
+    library's with a drop probability ``p`` and no children (state-spaces' ``DropoutNd``, AWD-LSTM's
+    ``LockedDropout``: before round 30 not put in training mode, and the model said to have no dropout)."""
+    name = type(module).__name__
     return (
-        isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in _STOCHASTIC_CLASS_NAMES
+        isinstance(module, nn.modules.dropout._DropoutNd) or name in _STOCHASTIC_CLASS_NAMES
         or _scripted_class(module) in _DROPOUT_CLASS_NAMES
+        or ("Dropout" in name and isinstance(getattr(module, "p", None), numbers.Real)
+            and not any(True for _ in module.children()))
     )
 
 
@@ -437,6 +444,17 @@ def _writes_its_input(module: nn.Module) -> bool:
     script). On the model's input it zeroed the tracking batch the monitor keeps, a little more at every pass and
     checkpoint; each forward of such passes gets a copy of its batch."""
     return isinstance(module, torch.jit.ScriptModule) or bool(getattr(module, "inplace", False))
+
+
+def _copied(batch: Any) -> Any:
+    """A copy of a tracking batch whose tensors an in-place dropout may write (:func:`_writes_its_input`): a deep copy,
+    which enters a batch class of the user's (a frozen dataclass, an object with ``.to()``), where
+    ``apply_to_collection`` passed one by or refused it; a batch that cannot be deep-copied has its collections'
+    tensors cloned."""
+    try:
+        return copy.deepcopy(batch)
+    except (TypeError, RuntimeError):  # an item that cannot be copied (a generator, a handle): clone what can be
+        return apply_to_collection(batch, torch.Tensor, torch.clone, allow_frozen=True)
 
 
 def _complex_dtype(value: Any) -> torch.dtype | None:
@@ -1407,7 +1425,7 @@ class SensitiveNeurons(FitScopedState):
             with seeds:
                 for batch, self._running_mask in zip(self._batches, self._token_masks, strict=True):
                     if copied:
-                        batch = apply_to_collection(batch, torch.Tensor, torch.clone)
+                        batch = _copied(batch)
                     forward = functools.partial(
                         call_forward, "SensitiveNeurons", self.forward_fn, pl_module, batch, self._source
                     )

@@ -118,11 +118,16 @@ def unbatched_ndim(layer: nn.Module) -> int | None:
     return None
 
 
-def halves_features(module: nn.Module, axis: str) -> bool:
+def halves_features(module: nn.Module, axis: str, rank: int | None = None) -> bool:
     """Whether ``module`` is an ``nn.GLU`` that halves the features on ``axis`` (``"first"``: its ``dim=1``,
-    ``"last"``: ``dim=-1``): Demucs' blocks end ``Conv1d(h, 2h, 1), GLU(dim=1)``, whose ``(B, h, L)`` output has
-    neither axis of the last convolution's width, and were read along their time steps."""
-    return isinstance(module, nn.GLU) and module.dim == {"first": 1, "last": -1}.get(axis)
+    ``"last"``: ``dim=-1``; or, after a layer whose unbatched call has ``rank`` axes, the same axes counted from the
+    other end of a batch: S4D's ``Conv1d(H, 2H, 1), GLU(dim=-2)`` on ``(B, 2H, L)``): Demucs' blocks end
+    ``Conv1d(h, 2h, 1), GLU(dim=1)``, whose ``(B, h, L)`` output has neither axis of the last convolution's width, and
+    were read along their time steps."""
+    if not isinstance(module, nn.GLU):
+        return False
+    dims = {"first": {1} | ({-rank} if rank else set()), "last": {-1} | ({rank} if rank else set())}
+    return module.dim in dims.get(axis, set())
 
 
 def _features_of(
@@ -143,7 +148,7 @@ def _features_of(
         index, (axis, _, width) = found[-1]
         flattened = any(isinstance(later, nn.Flatten) for later in layers[index + 1:])
         rank = None if flattened else unbatched_ndim(layers[index])
-        halvings = sum(halves_features(later, axis) for later in layers[index + 1:])
+        halvings = sum(halves_features(later, axis, rank) for later in layers[index + 1:])
         if halvings:
             width = tuple(dict.fromkeys(width >> k for k in range(halvings + 1)))
     axes = {axis for _, (axis, _, _) in found}
@@ -151,7 +156,8 @@ def _features_of(
 
 
 #: Norms that also take a 2-D ``(N, C)``: run on a reshaped view as often as on a batch (see sample_first_by_its_layers).
-_FLAT_INPUT_NORMS = (nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm)
+_FLAT_INPUT_NORMS = (nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm, nn.LazyBatchNorm1d, nn.LazyInstanceNorm1d,
+                     nn.SyncBatchNorm)  # Trainer(sync_batchnorm=True) converts every batch norm to this one
 
 
 def sample_first_by_its_layers(module: nn.Module, point: str) -> bool:
@@ -159,7 +165,8 @@ def sample_first_by_its_layers(module: nn.Module, point: str) -> bool:
     is a convolution or a batch/instance/group norm, which take their batch on axis 0 (:func:`layer_features` axis
     ``"first"``), not all norms that take a 2-D ``(N, C)`` as well. A model's sequence-first LSTM does not make its
     conv blocks' ``(B, C, L)`` maps ``(T, B, D)``: the advice to pass ``batch_dim=1`` given for them read their channels
-    as samples. A ``BatchNorm1d``/``InstanceNorm1d``/``GroupNorm`` alone is often run on a reshaped view
+    as samples. A ``BatchNorm1d``/``InstanceNorm1d``/``GroupNorm`` (or a ``SyncBatchNorm``, which may be any) alone is
+    often run on a reshaped view
     (DeepSpeech2's ``SequenceWise(BatchNorm1d)`` takes and gives ``(T, N, H)``); a ``BatchNorm2d`` is not."""
     modules = list(module.modules())
     found = _features_of(modules, point)

@@ -72,13 +72,14 @@ ModuleSpec = Union[str, type]
 _TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
     nn.CELU, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU, nn.GLU, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.RReLU, nn.Threshold,
+    nn.Tanhshrink, nn.LogSigmoid, nn.RReLU, nn.Threshold, nn.Hardshrink, nn.Softshrink,
 )
 # Class names of activation layers in timm, in Hugging Face ``transformers.activations`` (what ``ACT2FN``
 # builds; ``LinearActivation`` is the identity, not one) and in this project, matched by name so that selecting
 # them never imports the libraries that define them.
 _ACTIVATION_CLASS_NAMES: set[str] = {
     "GELU", "GELUTanh", "QuickGELU", "Swish", "SiLU", "Mish", "HardSwish", "HardSigmoid", "HardMish",
+    "SwishMe", "MishMe", "HardSigmoidMe", "HardSwishMe", "HardMishMe",  # timm's memory-efficient ones
     "Sigmoid", "Tanh", "PReLU", "ReLU", "ReLU6", "GroupRational", "PMish", "DopamineGate",
     "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "ClippedGELUActivation",
     "AccurateGELUActivation", "PytorchGELUTanh", "SiLUActivation", "MishActivation", "LaplaceActivation",
@@ -126,7 +127,8 @@ PRESETS = ("@activations", "@blocks", "@penultimate")
 
 
 def register_activation_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """Make ``"@activations"`` include ``cls`` (usable as a class decorator)."""
+    """Make ``"@activations"`` include ``cls`` (usable as a class decorator): an activation module of your own
+    (``class SquaredReLU(nn.Module)``, a learnable Swish, a KAN layer), which the preset does not know by class."""
     _extra_activation_classes.append(cls)
     return cls
 
@@ -623,8 +625,8 @@ def _penultimate(
     if not linears:
         return [], None
     name, head = linears[-1]
-    block = next((b for b, m in _repeated_blocks(modules) if name.startswith(f"{b}.") and (
-        _writes_what_it_reads(m, head) or _norm_after(modules, b) is not None)), None)
+    block = next((b for b, m in _repeated_blocks(modules) if name.startswith(f"{b}.") and _writes_what_it_reads(m, head)),
+                 None)
     if block is None:
         return [Tap(f"{name}{INPUT_TAP_SUFFIX}", head, "input")], None
     norm = _norm_after(modules, block)
@@ -639,14 +641,16 @@ def _penultimate(
 
 
 def _writes_what_it_reads(block: nn.Module, linear: nn.Module) -> bool:
-    """Whether ``linear`` writes as many features as ``block`` reads (its first layer's input width, in registration
-    order): a residual block's last projection (a transformer's MLP down-projection), no head. An output layer inside
-    a block (the last of a ModuleList of dense blocks, a head per task, N-BEATS' theta) writes another width and stays
-    the head, unless a norm follows the stack (:func:`_norm_after`: a tied LM's, CLIP's or DiT's final norm, whose
-    blocks may register a conditioning Linear of another width first)."""
-    first = next((found for m in block.modules() if (found := layer_features(m)) is not None), None)
+    """Whether ``linear`` writes as many features as another layer of ``block`` reads: a residual block's last
+    projection (a transformer's MLP down-projection writes the width its norm and attention read; a block that
+    registers a conditioning Linear of another width first is one too), no head. An output layer inside a block (the
+    last of a ModuleList of dense blocks, a head per task) writes a width no layer of its block reads and stays the
+    head, whatever norms the model registers after the stack."""
     written = layer_features(_innermost_wrapped(linear))
-    return first is not None and written is not None and written[2] == first[1]
+    return written is not None and any(
+        found[1] == written[2] for m in block.modules()
+        if m is not linear and m is not _innermost_wrapped(linear) and (found := layer_features(m)) is not None
+    )
 
 
 def _norm_after(modules: list[tuple[str, nn.Module]], block: str) -> str | None:
@@ -830,6 +834,8 @@ def select_taps(
             f"use name globs or classes that exist (e.g. {_examples(names, specs)}) or a preset "
             f"({', '.join(PRESETS)}); functional activations (F.gelu in forward) are reached through "
             "the next layer's input, e.g. '*.fc2:input'"
+            + ("; an activation module of your own joins '@activations' by "
+               "lightning_act.capture.register_activation_class(cls)" if "@activations" in specs else "")
         )
     aliases = module_aliases(model) if warn_aliases else {}
     # A name inside an averaged copy is no second call place: ema-pytorch's EMA registers the trained network as its
