@@ -24,7 +24,7 @@ A *module spec* is one of:
   blocks whose last Linear is as wide as a trained one (a distillation teacher); a Hugging Face peft adapter layer
   wrapping one, such as LoRA's, stands for it, as its input is the layer's input while its own ``lora_A``/``lora_B``
   Linears see the bottleneck), i.e. the penultimate features, named ``<head>-input``; a last Linear inside a block of
-  a stack that writes the width the block reads (a residual block's last projection) is no head (the head is then a
+  a stack that writes a width another layer of its block reads (a residual block's last projection) is no head (the head is then a
   parameter: tied, or CLIP's projection), and nothing is tapped, said once;
 - an ``nn.Module`` subclass, or its import path as a string (``"torch.nn.GELU"``), or a bare class
   name (``"GELU"``): every module of that class (a parametrized module's by the class it was made as);
