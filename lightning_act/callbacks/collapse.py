@@ -129,19 +129,20 @@ def _trained_later(pl_module: torch.nn.Module) -> set[int]:
 
 
 def _trains(p: torch.nn.Parameter, optimized: set[int] | None) -> bool:
-    """Whether ``p`` trains: it requires grad and, where the optimizers are known (:func:`~lightning_act.callbacks.base.optimized_parameters`), one holds it.
-    A DQN target network (a copy of the Q-network in no optimizer, moved by Polyak updates) keeps
-    ``requires_grad=True`` in Lightning's example and CleanRL, and was taken for a trained part of the model."""
+    """Whether ``p`` trains: it requires grad and, where the optimizers are known
+    (:func:`~lightning_act.callbacks.base.optimized_parameters`), one holds it. A DQN target network (a copy of the
+    Q-network in no optimizer, moved by Polyak updates) keeps ``requires_grad=True`` in Lightning's example and CleanRL,
+    and was taken for a trained part of the model."""
     return p.requires_grad and (optimized is None or id(p) in optimized)
 
 
 def _moving_copies(model: torch.nn.Module, optimized: set[int] | None) -> list[torch.nn.Module]:
     """The untrained copies of a trained part of the model (:func:`~lightning_act.capture.selection.frozen_copies`
-    with ``optimized``: a hand-made EMA, a mean or
+    with ``optimized``, :func:`~lightning_act.callbacks.base.optimized_parameters`: a hand-made EMA, a mean or
     self-distillation teacher, ``deepcopy(student).requires_grad_(False)`` updated in place, a DQN target network in
-    no optimizer), outermost ones only; ``optimized``: :func:`~lightning_act.callbacks.base.optimized_parameters`. An untrained layer of a stack beside
-    trained layers alike (the first blocks of a partly frozen network) is a layer, not a copy, and stays, and so does
-    a ``BackboneFinetuning`` backbone (:func:`_trained_later`), frozen only until its epoch comes."""
+    no optimizer), outermost ones only. An untrained layer of a stack beside trained layers alike (the first blocks of
+    a partly frozen network) is a layer, not a copy, and stays, and so does a ``BackboneFinetuning`` backbone
+    (:func:`_trained_later`), frozen only until its epoch comes."""
     modules = named_modules(model)
     frozen = frozen_copies(modules, optimized) - _trained_later(model)
     by_name = dict(modules)

@@ -565,8 +565,8 @@ class MassiveActivations(ActivationMonitor):
         """Fit the emergence model to every layer's ``ratio`` history; returns ``{module: fit}``.
 
         Layers with fewer than ``min_fit_points`` points (none at all: a post-ReLU tap, whose ratio is unknown at
-        every step), or whose fit fails, are left out and their reason is logged and kept in :attr:`fit_skipped`. With a ``trainer``, the fits are
-        also logged (scalars, figure, W&B table) from global rank zero.
+        every step), or whose fit fails, are left out and their reason is logged and kept in :attr:`fit_skipped`.
+        With a ``trainer``, the fits are also logged (scalars, figure, W&B table) from global rank zero.
         """
         fits: dict[str, EmergenceFit] = {}
         histories = self.series("ratio")

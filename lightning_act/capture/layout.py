@@ -10,14 +10,15 @@ can say it per monitor (``batch_dim=``, ``token_dim=``), which overrides the inf
 Features: a 3-D activation is read as ``(B, T, D)`` and a 4-D one as ``(B, C, H, W)``, but channels-last maps
 (timm's Swin, TinyViT and MambaOut blocks give ``(B, H, W, C)``) and 1-D conv maps ``(B, C, L)`` exist too. The
 tapped module's layers tell which: the features are the axis (1 or the last) whose length is the width the last
-layer writes (halved by an ``nn.GLU`` after it; the first reads, for an input tap); when both axes have that length,
+layer writes (or its half by an ``nn.GLU`` after it; the first reads, for an input tap); when both axes have that length,
 the axis every layer of the module acts on (a ``Linear``, ``LayerNorm`` or recurrent layer the last, a convolution,
 ``BatchNorm``, ``GroupNorm`` or timm's ``LayerNorm2d`` axis 1) decides, unless they differ (ConvNeXt's blocks permute
 inside). An activation module has no layers, so the layer its owner is or the layers it registers around it speak for
 it. ``feature_dim=`` (1 or -1) overrides the inference; a 3-D map of 1-D convolutions whose axes have none of their
 widths (their outputs joined along the channels) has its features on axis 1; where nothing tells the layout of a map
-of 4 or more axes, the reading above stands, and a monitor whose statistics depend on it warns. A 2-D or 3-D activation of such layers with their width on axis 0 only
-is an unbatched call (``(C, H, W)``, ``(C, L)``): it has no sample axis, and those monitors warn and skip it.
+of 4 or more axes, the reading above stands, and a monitor whose statistics depend on it warns. A 2-D or 3-D
+activation of such layers with their width on axis 0 only is an unbatched call (``(C, H, W)``, ``(C, L)``): it has
+no sample axis, and those monitors warn and skip it.
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def _features_of(
 ) -> tuple[int | tuple[int, ...], str | None, int | None] | None:
     """``(width, axis, unbatched rank)`` from ``layers`` in module order: the width the last one writes (and its
     halves by the ``nn.GLU`` registered after it, :func:`halves_features`: registration order is not the forward's,
-    a GLU registered last may run before the layer, so both are candidates; the first one reads, for an input) and the rank of that layer's unbatched call (:func:`unbatched_ndim`; ``None`` where an
-    ``nn.Flatten`` follows it: a batch ``(B, C*L)`` has the rank and, with ``B == C``, the look of an unbatched
+    a GLU registered last may run before the layer, so both are candidates; the first one reads, for an input) and
+    the rank of that layer's unbatched call (:func:`unbatched_ndim`; ``None`` where an ``nn.Flatten`` follows it: a batch ``(B, C*L)`` has the rank and, with ``B == C``, the look of an unbatched
     ``(C, L)``), and the axis they all act on (``None`` when they differ: a block that permutes inside)."""
     found = [(index, f) for index, layer in enumerate(layers) if (f := layer_features(layer)) is not None]
     if not found:
