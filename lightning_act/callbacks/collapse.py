@@ -128,6 +128,12 @@ def _trained_later(pl_module: torch.nn.Module) -> set[int]:
     return {id(m) for m in backbone.modules()}
 
 
+def _named_by(patterns: Sequence[str], name: str, forward: dict[str, str]) -> bool:
+    """Whether a glob of ``patterns`` matches a parameter's ``name`` or the name the forward reads it by
+    (:func:`_forward_names`: a pruned ``fc.weight_orig`` is ``fc.weight`` too)."""
+    return any(fnmatch.fnmatchcase(m, g) for m in (forward.get(name, name), name) for g in patterns)
+
+
 def _trains(p: torch.nn.Parameter, optimized: set[int] | None) -> bool:
     """Whether ``p`` trains: it requires grad and, where the optimizers are known
     (:func:`~lightning_act.callbacks.base.optimized_parameters`), one holds it. A DQN target network (a copy of the
@@ -309,10 +315,9 @@ class DimensionalCollapse(ActivationMonitor):
         ``collapse/params/r90`` only where it has (it said so, then the fit stopped on the patterns)."""
         if self.param_patterns is None:
             return True
-        forward = _forward_names(pl_module)  # as _select_params matches: a pruned fc.weight_orig is fc.weight too
-        names = {m for n, _ in pl_module.named_parameters(remove_duplicate=False) for m in (clean_name(n), forward.get(
-            clean_name(n), clean_name(n)))}
-        return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in self.param_patterns)
+        forward = _forward_names(pl_module)
+        return any(_named_by(self.param_patterns, clean_name(n), forward)
+                   for n, _ in pl_module.named_parameters(remove_duplicate=False))
 
     def logs_without_taps(self) -> bool:
         """The weight trajectory's ``r90`` needs no activation tap: ``modules=[]`` logs it alone."""
@@ -804,7 +809,7 @@ class DimensionalCollapse(ActivationMonitor):
             seen: set[int] = set()
             for n, p in every:
                 name = forward.get(n, n)
-                if id(p) in seen or not any(fnmatch.fnmatchcase(m, g) for m in (name, n) for g in self.param_patterns):
+                if id(p) in seen or not _named_by(self.param_patterns, n, forward):
                     continue
                 seen.add(id(p))
                 if name not in names:
